@@ -1,0 +1,79 @@
+"""Request tiers and classes: how a request is labelled before it is scheduled.
+
+Classes follow FREESH: prompt short/long x response short/long ("SS", "SL",
+"LS", "LL"). The response boundary defaults to FREESH's 444 tokens; the
+prompt boundary default (1024 tokens, about the Azure conversation trace's
+median prompt) is an assumption, and both are configurable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Tier(StrEnum):
+    """JouleSched tiers: interactive keeps its deadline; bulk goes to the cheapest joules."""
+
+    INTERACTIVE = "interactive"
+    BULK = "bulk"
+
+
+CLASS_NAMES: tuple[str, ...] = ("SS", "SL", "LS", "LL")
+
+
+@dataclass(frozen=True)
+class ClassBoundaries:
+    """Token counts at which a prompt or a response counts as long (inclusive)."""
+
+    prompt_tokens: int = 1024
+    response_tokens: int = 444
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.response_tokens < 1:
+            raise ValueError("class boundaries must be >= 1 token")
+
+    def classify(self, input_tokens: int, output_tokens: int) -> str:
+        """Class name of one request, e.g. ``"LS"`` for a long prompt, short answer."""
+        p = "L" if input_tokens >= self.prompt_tokens else "S"
+        r = "L" if output_tokens >= self.response_tokens else "S"
+        return p + r
+
+    def classify_many(
+        self, input_tokens: npt.ArrayLike, output_tokens: npt.ArrayLike
+    ) -> npt.NDArray[np.int64]:
+        """Index into :data:`CLASS_NAMES` for each request (vectorised)."""
+        long_p = np.asarray(input_tokens) >= self.prompt_tokens
+        long_r = np.asarray(output_tokens) >= self.response_tokens
+        return np.asarray(long_p.astype(np.int64) * 2 + long_r.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Latency targets of a request class, in seconds."""
+
+    ttft_s: float
+    tpot_s: float
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.ttft_s <= 0 or self.tpot_s <= 0:
+            raise ValueError("SLO targets must be positive")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise ValueError("deadline must be positive")
+
+    def deadline_for(self, output_tokens: float, slack_factor: float = 1.0) -> float:
+        """End-to-end deadline: explicit, or k * (TTFT + tokens * TPOT)."""
+        if self.deadline_s is not None:
+            return self.deadline_s
+        return slack_factor * (self.ttft_s + output_tokens * self.tpot_s)
+
+
+def freesh_slo(class_name: str) -> SLO:
+    """FREESH's SLO bounds: TTFT 300 ms (short prompt) / 600 ms (long), TBT 150 ms."""
+    if class_name not in CLASS_NAMES:
+        raise ValueError(f"unknown request class {class_name!r}; expected one of {CLASS_NAMES}")
+    return SLO(ttft_s=0.6 if class_name[0] == "L" else 0.3, tpot_s=0.15)

@@ -1,0 +1,134 @@
+"""Feedback controllers: PI for JouleSched's lambda, MIAD for GPU clocks."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+@dataclass
+class PIController:
+    """Tunes lambda so the deadline-miss rate tracks ``target`` (JouleSched 3.2).
+
+        lambda += Kp * (rho_t - rho*) + Ki * sum_tau (rho_tau - rho*)
+
+    clamped to [lam_min, lam_max]. Anti-windup: the error sum stops growing
+    while lambda sits on a bound and the error pushes further past it, so
+    lambda leaves a bound as soon as the miss rate crosses the target.
+    """
+
+    kp: float = 50.0
+    ki: float = 5.0
+    target: float = 0.01
+    lam_min: float = 0.0
+    lam_max: float = 1e4
+    lam: float = 10.0
+    integral: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lam_min <= self.lam_max:
+            raise ValueError("lam_min must be <= lam_max")
+        if not 0.0 <= self.target <= 1.0:
+            raise ValueError("target miss rate must be in [0, 1]")
+        self.lam = min(max(self.lam, self.lam_min), self.lam_max)
+
+    def update(self, miss_rate: float) -> float:
+        """Feed one period's observed miss rate; return the new lambda."""
+        err = float(miss_rate) - self.target
+        at_max = self.lam >= self.lam_max and err > 0
+        at_min = self.lam <= self.lam_min and err < 0
+        if not (at_max or at_min):
+            self.integral += err
+        raw = self.lam + self.kp * err + self.ki * self.integral
+        self.lam = min(max(raw, self.lam_min), self.lam_max)
+        return self.lam
+
+
+class Direction(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    HOLD = "hold"
+
+
+@dataclass(frozen=True)
+class SLOSignal:
+    """What MIAD looks at each period: tail latencies and the waiting queue."""
+
+    ttft_tail_s: float | None
+    tpot_tail_s: float | None
+    waiting: int
+
+
+@dataclass
+class MIADController:
+    """FREESH's MIAD clock control: multiplicative increase, additive decrease.
+
+    At risk (tail TTFT or TPOT above target * (1 - margin), or anything
+    waiting): f <- min(f_max, f * k_inc). Otherwise f <- max(f_min, f - step).
+    The result is snapped to a supported clock: up when raising, down when
+    lowering, so a decision always moves at least one supported step.
+    """
+
+    supported_mhz: Sequence[float]
+    ttft_target_s: float
+    tpot_target_s: float
+    k_inc: float = 1.5
+    step_mhz: float = 30.0
+    margin: float = 0.1
+    f_min_mhz: float | None = None
+    f_max_mhz: float | None = None
+    clocks: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.supported_mhz:
+            raise ValueError("MIAD needs at least one supported clock")
+        if self.k_inc <= 1.0 or self.step_mhz <= 0 or not 0.0 <= self.margin < 1.0:
+            raise ValueError("need k_inc > 1, step > 0 and 0 <= margin < 1")
+        lo = self.f_min_mhz if self.f_min_mhz is not None else min(self.supported_mhz)
+        hi = self.f_max_mhz if self.f_max_mhz is not None else max(self.supported_mhz)
+        self.clocks = sorted({float(c) for c in self.supported_mhz if lo <= c <= hi})
+        if not self.clocks:
+            raise ValueError(f"no supported clock within [{lo}, {hi}] MHz")
+
+    @property
+    def lowest(self) -> float:
+        return self.clocks[0]
+
+    @property
+    def highest(self) -> float:
+        return self.clocks[-1]
+
+    def snap_up(self, f: float) -> float:
+        i = bisect.bisect_left(self.clocks, f - 1e-9)
+        return self.clocks[min(i, len(self.clocks) - 1)]
+
+    def snap_down(self, f: float) -> float:
+        i = bisect.bisect_right(self.clocks, f + 1e-9) - 1
+        return self.clocks[max(i, 0)]
+
+    def at_risk(self, signal: SLOSignal) -> bool:
+        limit = 1.0 - self.margin
+        if signal.waiting > 0:
+            return True
+        if signal.ttft_tail_s is not None and signal.ttft_tail_s > self.ttft_target_s * limit:
+            return True
+        return signal.tpot_tail_s is not None and signal.tpot_tail_s > self.tpot_target_s * limit
+
+    def step(self, current_mhz: float, signal: SLOSignal) -> tuple[float, Direction]:
+        """One control period: the next clock and which way it moved."""
+        f = min(max(current_mhz, self.lowest), self.highest)
+        if self.at_risk(signal):
+            nxt = self.snap_up(min(self.highest, f * self.k_inc))
+            if nxt <= f and f < self.highest:
+                nxt = self.snap_up(f + 1e-6)
+        else:
+            nxt = self.snap_down(max(self.lowest, f - self.step_mhz))
+            if nxt >= f and f > self.lowest:
+                nxt = self.snap_down(f - 1e-6) if self.snap_down(f - 1e-6) < f else self.lowest
+        if nxt > current_mhz:
+            return nxt, Direction.UP
+        if nxt < current_mhz:
+            return nxt, Direction.DOWN
+        return nxt, Direction.HOLD

@@ -1,0 +1,138 @@
+"""The JouleSched cost, once, vectorised over endpoints.
+
+    ETA(n, r)  = (q_n + t_r) / mu_n
+    cost(n, r) = eps_n * t_r + lambda * max(0, ETA(n, r) - D_r)
+
+The request router, the scheduler extender (pod placement form) and the
+simulator all call these functions; none of them re-derives the formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from joulepool.core.classes import Tier
+
+FloatArray = npt.NDArray[np.float64]
+
+#: Bulk requests weigh lateness this much less, so they chase the cheapest joules.
+BULK_LAMBDA_FACTOR = 0.05
+MAX_SCORE = 10  # kube-scheduler's MaxExtenderPriority
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """Per-endpoint terms of the cost, for explanations and metrics."""
+
+    eta_s: FloatArray
+    energy_j: FloatArray
+    slack_s: FloatArray
+    lam: float
+    cost: FloatArray
+
+    def best(self) -> int:
+        return argmin_stable(self.cost)
+
+    def ranking(self) -> list[int]:
+        """Endpoint indices from best to worst, ties by index."""
+        return [int(i) for i in np.argsort(self.cost, kind="stable")]
+
+
+def effective_lambda(lam: float, tier: Tier | str, bulk_factor: float = BULK_LAMBDA_FACTOR) -> float:
+    """Tiering: bulk requests trade lateness for energy far more readily."""
+    return lam * bulk_factor if Tier(tier) is Tier.BULK else lam
+
+
+def joulesched_cost(
+    eps_j_per_token: npt.ArrayLike,
+    queue_tokens: npt.ArrayLike,
+    throughput_tps: npt.ArrayLike,
+    tokens: float,
+    deadline_s: float,
+    lam: float,
+) -> CostBreakdown:
+    """Cost of sending a request of ``tokens`` to each endpoint.
+
+    Endpoints with zero or negative throughput get an infinite ETA and so an
+    infinite cost whenever lambda > 0 (they cannot serve).
+    """
+    eps = np.asarray(eps_j_per_token, dtype=np.float64)
+    q = np.asarray(queue_tokens, dtype=np.float64)
+    mu = np.asarray(throughput_tps, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta = np.where(mu > 0, (q + tokens) / np.where(mu > 0, mu, 1.0), np.inf)
+    slack = np.maximum(0.0, eta - deadline_s)
+    energy = eps * tokens
+    with np.errstate(invalid="ignore"):
+        penalty = np.where(slack > 0, lam * slack, 0.0)
+    return CostBreakdown(eta, energy, slack, float(lam), energy + penalty)
+
+
+def argmin_stable(cost: npt.ArrayLike) -> int:
+    """Index of the lowest cost; the first one on ties (deterministic)."""
+    c = np.asarray(cost, dtype=np.float64)
+    if c.size == 0:
+        raise ValueError("no endpoints to choose from")
+    return int(np.argmin(c))
+
+
+def choose_endpoint(
+    eps_j_per_token: npt.ArrayLike,
+    queue_tokens: npt.ArrayLike,
+    throughput_tps: npt.ArrayLike,
+    tokens: float,
+    deadline_s: float,
+    lam: float,
+    tier: Tier | str = Tier.INTERACTIVE,
+) -> int:
+    """n* = argmin cost, with the tier's effective lambda."""
+    lam_eff = effective_lambda(lam, tier)
+    return joulesched_cost(
+        eps_j_per_token, queue_tokens, throughput_tps, tokens, deadline_s, lam_eff
+    ).best()
+
+
+def placement_cost(
+    eps_j_per_token: npt.ArrayLike,
+    load_tps: npt.ArrayLike,
+    capacity_tps: npt.ArrayLike,
+    replica_tps: float,
+    max_utilisation: float,
+    lam: float,
+) -> CostBreakdown:
+    """Pod-placement form of the same cost.
+
+    A replica that will carry ``replica_tps`` tokens/s is placed on a node
+    whose GPUs can do ``capacity_tps`` and already carry ``load_tps``: one
+    second of the replica's tokens is the "request", the node's load its
+    queue, and the utilisation ceiling its deadline. The energy term ranks
+    efficient nodes first; the slack term pushes away from nodes that would
+    run hotter than ``max_utilisation``.
+    """
+    return joulesched_cost(
+        eps_j_per_token, load_tps, capacity_tps, replica_tps, max_utilisation, lam
+    )
+
+
+def scores_from_costs(cost: npt.ArrayLike, max_score: int = MAX_SCORE) -> list[int]:
+    """Map costs to integer scores 0..max_score, best (lowest cost) = max_score.
+
+    Linear in cost between the best and the worst finite cost; infinite costs
+    score 0. Equal costs get equal scores, so ties stay deterministic.
+    """
+    c = np.asarray(cost, dtype=np.float64)
+    if c.size == 0:
+        return []
+    finite = np.isfinite(c)
+    if not finite.any():
+        return [0] * int(c.size)
+    lo, hi = float(c[finite].min()), float(c[finite].max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        scores = np.where(finite, max_score, 0)
+    else:
+        scaled = max_score * (hi - np.where(finite, c, hi)) / (hi - lo)
+        scores = np.where(finite, np.rint(scaled), 0)
+    return [int(s) for s in scores]
