@@ -14,12 +14,13 @@ class PIController:
 
         lambda += Kp * (rho_t - rho*) + Ki * sum_tau (rho_tau - rho*)
 
-    clamped to [lam_min, lam_max]. Anti-windup: the error sum stops growing
-    while lambda sits on a bound and the error pushes further past it, so
-    lambda leaves a bound as soon as the miss rate crosses the target.
+    clamped to [lam_min, lam_max]. Anti-windup: while lambda sits on a bound
+    and the error pushes further past it, the error sum neither grows nor
+    keeps any push in that direction, so lambda leaves the bound as soon as
+    the miss rate crosses the target.
     """
 
-    kp: float = 50.0
+    kp: float = 200.0
     ki: float = 5.0
     target: float = 0.01
     lam_min: float = 0.0
@@ -39,7 +40,11 @@ class PIController:
         err = float(miss_rate) - self.target
         at_max = self.lam >= self.lam_max and err > 0
         at_min = self.lam <= self.lam_min and err < 0
-        if not (at_max or at_min):
+        if at_max:
+            self.integral = min(self.integral, 0.0)
+        elif at_min:
+            self.integral = max(self.integral, 0.0)
+        else:
             self.integral += err
         raw = self.lam + self.kp * err + self.ki * self.integral
         self.lam = min(max(raw, self.lam_min), self.lam_max)
@@ -82,7 +87,7 @@ class MIADController:
     clocks: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.supported_mhz:
+        if len(self.supported_mhz) == 0:
             raise ValueError("MIAD needs at least one supported clock")
         if self.k_inc <= 1.0 or self.step_mhz <= 0 or not 0.0 <= self.margin < 1.0:
             raise ValueError("need k_inc > 1, step > 0 and 0 <= margin < 1")

@@ -1,0 +1,265 @@
+"""pydantic v2 models of joulepool's custom resources (group joulepool.dev, v1alpha1).
+
+These models are the single source of truth: ``joulepool crds`` generates the
+CRD OpenAPI schemas from them, and the operator, extender and CLI validate
+with them, so a field means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from joulepool.core.classes import SLO, Tier
+
+GROUP = "joulepool.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Objective = Literal["energy", "carbon"]
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, alias_generator=None, frozen=False
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata joulepool reads; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+
+
+# --------------------------------------------------------------------------
+# InferencePool
+# --------------------------------------------------------------------------
+class SLOSpec(_Model):
+    """Latency targets of the pool's requests."""
+
+    ttft_seconds: float = Field(alias="ttftSeconds", gt=0, le=600,
+                                description="time-to-first-token target")
+    tpot_seconds: float = Field(alias="tpotSeconds", gt=0, le=60,
+                                description="time-per-output-token (inter-token) target")
+    deadline_seconds: float | None = Field(
+        default=None, alias="deadlineSeconds", gt=0, le=86400,
+        description="end-to-end deadline; default k*(TTFT + tokens*TPOT)",
+    )
+
+    def to_core(self) -> SLO:
+        return SLO(self.ttft_seconds, self.tpot_seconds, self.deadline_seconds)
+
+
+class DemandSpec(_Model):
+    """Forecast load: a constant rate or a series of per-step rates."""
+
+    requests_per_second: float = Field(alias="requestsPerSecond", ge=0, le=1e6)
+    mean_input_tokens: float = Field(alias="meanInputTokens", gt=0, le=1e6)
+    mean_output_tokens: float = Field(alias="meanOutputTokens", gt=0, le=1e6)
+    series: list[float] | None = Field(
+        default=None, max_length=288,
+        description="per-step req/s over the planning window; overrides requestsPerSecond",
+    )
+    step_seconds: float = Field(default=300, alias="stepSeconds", gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _series_non_negative(self) -> DemandSpec:
+        if self.series is not None and any(v < 0 for v in self.series):
+            raise ValueError("series: request rates must be >= 0")
+        return self
+
+    def forecast(self, steps: int) -> list[float]:
+        """Per-step req/s for a window of ``steps`` steps (series padded with its last value)."""
+        if not self.series:
+            return [self.requests_per_second] * steps
+        s = list(self.series[:steps])
+        return s + [s[-1]] * (steps - len(s))
+
+
+class InferencePoolSpec(_Model):
+    model: str = Field(min_length=1, max_length=128, description="served model, e.g. llama-3.1-8b")
+    tier: Tier = Field(default=Tier.INTERACTIVE, description="interactive or bulk")
+    request_class: str | None = Field(default=None, alias="requestClass", max_length=63)
+    slo: SLOSpec
+    demand: DemandSpec
+    objective: Objective | None = Field(
+        default=None, description="energy or carbon; default from EnergyPolicy"
+    )
+    gpu_products: list[str] = Field(
+        default_factory=list, alias="gpuProducts",
+        description="allowed GPU products (e.g. H100); empty allows all",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="serving port of the engine")
+    template: dict[str, Any] = Field(
+        default_factory=dict, description="pod template of the serving Deployment",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = Field(default=None, alias="lastTransitionTime")
+
+
+class AssignmentStatus(_Model):
+    site: str
+    node: str
+    gpu_product: str = Field(alias="gpuProduct")
+    mode: str
+    gpus: int = Field(ge=0)
+    instances: int = Field(ge=0)
+
+
+class InferencePoolStatus(_Model):
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: list[Condition] = Field(default_factory=list)
+    assignments: list[AssignmentStatus] = Field(default_factory=list)
+    replicas: int | None = None
+    expected_power_watts: float | None = Field(default=None, alias="expectedPowerWatts")
+    joules_per_token: float | None = Field(default=None, alias="joulesPerToken")
+    grams_co2_per_hour: float | None = Field(default=None, alias="gramsCO2PerHour")
+    last_plan_time: datetime | None = Field(default=None, alias="lastPlanTime")
+
+
+class InferencePool(_Model):
+    api_version: Literal["joulepool.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["InferencePool"] = "InferencePool"
+    metadata: ObjectMeta
+    spec: InferencePoolSpec
+    status: InferencePoolStatus | None = None
+
+
+# --------------------------------------------------------------------------
+# GPUProfile
+# --------------------------------------------------------------------------
+class BatchPointSpec(_Model):
+    batch: int = Field(ge=1, le=65536)
+    inter_token_latency_seconds: float = Field(alias="interTokenLatencySeconds", gt=0)
+    power_watts: float = Field(alias="powerWatts", gt=0)
+    source: str = Field(default="", description="where the number came from, or 'assumed: why'")
+
+
+class ClockSpec(_Model):
+    min_mhz: float = Field(alias="minMHz", gt=0)
+    max_mhz: float = Field(alias="maxMHz", gt=0)
+    step_mhz: float = Field(default=15, alias="stepMHz", gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClockSpec:
+        if self.min_mhz > self.max_mhz:
+            raise ValueError("clock.minMHz must be <= clock.maxMHz")
+        return self
+
+
+class GPUProfileSpec(_Model):
+    product: str = Field(min_length=1, description="GPU product, e.g. H100")
+    model: str = Field(min_length=1)
+    gpus: int = Field(default=1, ge=1, le=64, description="GPUs per instance (TP degree)")
+    idle_watts: float = Field(alias="idleWatts", gt=0, description="idle power per GPU")
+    batch_points: list[BatchPointSpec] = Field(alias="batchPoints", min_length=1)
+    max_batch: int = Field(alias="maxBatch", ge=1)
+    prefill_tokens_per_second: float = Field(alias="prefillTokensPerSecond", gt=0)
+    clock: ClockSpec
+    gamma: float = Field(default=2.0, gt=0, le=5)
+    beta_decode: float = Field(default=0.3, alias="betaDecode", ge=0, le=2)
+    beta_prefill: float = Field(default=1.0, alias="betaPrefill", ge=0, le=2)
+
+    @model_validator(mode="after")
+    def _batches_ascending(self) -> GPUProfileSpec:
+        b = [p.batch for p in self.batch_points]
+        if b != sorted(set(b)):
+            raise ValueError("batchPoints: batch sizes must be distinct and ascending")
+        return self
+
+
+class MeasuredProfile(_Model):
+    joules_per_token: float = Field(alias="joulesPerToken", ge=0)
+    samples: int = Field(ge=0)
+    node: str = ""
+    updated_at: datetime | None = Field(default=None, alias="updatedAt")
+
+
+class GPUProfileStatus(_Model):
+    measured: list[MeasuredProfile] = Field(default_factory=list)
+
+
+class GPUProfile(_Model):
+    api_version: Literal["joulepool.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["GPUProfile"] = "GPUProfile"
+    metadata: ObjectMeta
+    spec: GPUProfileSpec
+    status: GPUProfileStatus | None = None
+
+
+# --------------------------------------------------------------------------
+# EnergyPolicy
+# --------------------------------------------------------------------------
+class SiteCarbon(_Model):
+    site: str = Field(min_length=1)
+    grams_per_kwh: float | None = Field(default=None, alias="gramsPerKWh", ge=0)
+    series: list[float] | None = Field(default=None, max_length=288)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> SiteCarbon:
+        if (self.grams_per_kwh is None) == (self.series is None):
+            raise ValueError("carbon: give exactly one of gramsPerKWh or series")
+        if self.series is not None and any(v < 0 for v in self.series):
+            raise ValueError("carbon.series: intensities must be >= 0")
+        return self
+
+    def values(self) -> list[float]:
+        return list(self.series) if self.series is not None else [float(self.grams_per_kwh or 0)]
+
+
+class PISpec(_Model):
+    kp: float = Field(default=200.0, ge=0)
+    ki: float = Field(default=5.0, ge=0)
+    target_miss_rate: float = Field(default=0.01, alias="targetMissRate", ge=0, le=1)
+    lambda_min: float = Field(default=0.0, alias="lambdaMin", ge=0)
+    lambda_max: float = Field(default=1e4, alias="lambdaMax", gt=0)
+
+
+class MIADSpec(_Model):
+    k_inc: float = Field(default=1.5, alias="kInc", gt=1, le=4)
+    step_mhz: float = Field(default=30, alias="stepMHz", gt=0, le=1000)
+    margin: float = Field(default=0.1, ge=0, lt=1)
+    period_seconds: float = Field(default=1.0, alias="periodSeconds", gt=0, le=60)
+
+
+class EnergyPolicySpec(_Model):
+    plan_interval_seconds: float = Field(default=1800, alias="planIntervalSeconds", ge=10)
+    objective: Objective = "energy"
+    alpha: float = Field(default=1.1, ge=1, le=10, description="demand headroom")
+    window_steps: int = Field(default=6, alias="windowSteps", ge=1, le=288)
+    step_seconds: float = Field(default=300, alias="stepSeconds", gt=0)
+    carbon: list[SiteCarbon] = Field(default_factory=list)
+    pi: PISpec = Field(default_factory=PISpec)
+    miad: MIADSpec = Field(default_factory=MIADSpec)
+    bulk_lambda_factor: float = Field(default=0.05, alias="bulkLambdaFactor", ge=0, le=1)
+
+
+class EnergyPolicy(_Model):
+    api_version: Literal["joulepool.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["EnergyPolicy"] = "EnergyPolicy"
+    metadata: ObjectMeta
+    spec: EnergyPolicySpec = Field(default_factory=EnergyPolicySpec)
+
+
+RESOURCES: dict[str, type[_Model]] = {
+    "InferencePool": InferencePool,
+    "GPUProfile": GPUProfile,
+    "EnergyPolicy": EnergyPolicy,
+}

@@ -1,0 +1,80 @@
+"""The plan document: what the operator publishes in ConfigMap ``joulepool-plan``.
+
+The extender's filter and node cache and the node agents' SLO targets read
+this one model, so writer and readers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PLAN_CONFIGMAP = "joulepool-plan"
+PLAN_KEY = "plan.json"
+POOL_LABEL = "joulepool.dev/pool"  # value: "<namespace>.<name>"
+
+
+def pool_key(namespace: str, name: str) -> str:
+    """Pool identity used in the plan and in the pool label (label-safe)."""
+    return f"{namespace}.{name}"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+class PlannedSLO(_Wire):
+    ttft_seconds: float = Field(alias="ttftSeconds")
+    tpot_seconds: float = Field(alias="tpotSeconds")
+    deadline_seconds: float | None = Field(default=None, alias="deadlineSeconds")
+
+
+class PlannedInstance(_Wire):
+    node: str
+    site: str
+    product: str
+    mode: str
+    instances: int
+    gpus: int
+    gpus_per_instance: int = Field(alias="gpusPerInstance")
+
+
+class PlannedPool(_Wire):
+    namespace: str
+    name: str
+    model: str
+    tier: str
+    slo: PlannedSLO
+    replicas: int
+    assignments: list[PlannedInstance] = Field(default_factory=list)
+    joules_per_token: float | None = Field(default=None, alias="joulesPerToken")
+    expected_power_watts: float | None = Field(default=None, alias="expectedPowerWatts")
+
+    def nodes(self) -> set[str]:
+        return {a.node for a in self.assignments if a.instances > 0}
+
+
+class PlannedNode(_Wire):
+    site: str
+    product: str
+    gpus: int
+    #: GPUs the plan gives each pool on this node
+    pools: dict[str, int] = Field(default_factory=dict)
+
+
+class PlanDocument(_Wire):
+    version: int = 0
+    generated_at: datetime | None = Field(default=None, alias="generatedAt")
+    objective: str = "energy"
+    feasible: bool = True
+    message: str = ""
+    pools: dict[str, PlannedPool] = Field(default_factory=dict)
+    nodes: dict[str, PlannedNode] = Field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PlanDocument:
+        return cls.model_validate_json(text)

@@ -1,0 +1,46 @@
+"""``joulepool bench NAME``: run a benchmark script from benchmarks/ (speed claims live there)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _bench_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _available() -> dict[str, Path]:
+    d = _bench_dir()
+    return {p.stem.removeprefix("bench_"): p for p in sorted(d.glob("bench_*.py"))}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="benchmark name (e.g. planner, sim, extender, operator) "
+                                     "or 'all'")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER,
+                        help="arguments passed to the benchmark script")
+
+
+def run(args: argparse.Namespace) -> int:
+    from joulepool.cli import UsageError
+
+    found = _available()
+    if not found:
+        raise UsageError(f"no benchmarks found in {_bench_dir()} (run from a source checkout)")
+    names = list(found) if args.name == "all" else [args.name]
+    for name in names:
+        if name not in found:
+            raise UsageError(f"unknown benchmark {name!r}; choose from {sorted(found)} or all")
+    rc = 0
+    for name in names:
+        print(f"== bench {name} ==", flush=True)
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", found[name])
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        rc = max(rc, int(module.main(list(args.bench_args)) or 0))
+    return rc

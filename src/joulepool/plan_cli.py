@@ -1,0 +1,86 @@
+"""``joulepool plan``: plan InferencePools on a cluster file, without Kubernetes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-f", "--filename", required=True, action="append",
+                        help="YAML with InferencePools (and optionally an EnergyPolicy and "
+                             "GPUProfiles); repeatable")
+    parser.add_argument("--cluster", help="cluster YAML (default: the bundled example cluster)")
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+
+
+def _default_cluster() -> Path:
+    return Path(str(resources.files("joulepool") / "examples" / "cluster.yaml"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from joulepool.api.cluster import load_cluster
+    from joulepool.api.load import ResourceError, load_manifests, profile_from_resource
+    from joulepool.api.models import EnergyPolicy, EnergyPolicySpec, GPUProfile, InferencePool
+    from joulepool.cli import UsageError
+    from joulepool.core.profiles import DEFAULT_PROFILES
+    from joulepool.pooling import nodes_from_cluster, plan_pools
+
+    try:
+        resources_ = [r for f in args.filename for r in load_manifests(f)]
+        cluster = load_cluster(args.cluster or _default_cluster())
+    except ResourceError as exc:
+        raise UsageError(str(exc)) from None
+    pools = [r for r in resources_ if isinstance(r, InferencePool)]
+    if not pools:
+        raise UsageError(f"{', '.join(args.filename)}: no InferencePool found")
+    policies = [r for r in resources_ if isinstance(r, EnergyPolicy)]
+    policy = policies[0].spec if policies else EnergyPolicySpec()
+    if not policy.carbon and cluster.carbon:
+        policy = policy.model_copy(update={"carbon": cluster.carbon})
+    profiles = (*DEFAULT_PROFILES,
+                *(profile_from_resource(r) for r in resources_ if isinstance(r, GPUProfile)))
+    plan = plan_pools(pools, nodes_from_cluster(cluster.expanded()), policy, profiles)
+    if args.output == "json":
+        print(json.dumps({
+            "feasible": plan.result.feasible,
+            "status": plan.result.status,
+            "objective": plan.objective,
+            "objectiveValue": plan.result.objective,
+            "solveSeconds": plan.result.solve_time_s,
+            "binding": list(plan.result.binding),
+            "plan": json.loads(plan.document.to_json()),
+        }, indent=2))
+    else:
+        print(render_table(plan))
+    return 0 if plan.result.feasible else 1
+
+
+def render_table(plan: object) -> str:
+    from joulepool.pooling import PoolPlan
+
+    assert isinstance(plan, PoolPlan)
+    res = plan.result
+    unit = "gCO2" if plan.objective == "carbon" else "J"
+    lines = [
+        f"plan: {res.status}, objective {plan.objective} = {res.objective:.4g} {unit} per window, "
+        f"solved in {res.solve_time_s * 1e3:.0f} ms",
+        "",
+        f"{'POOL':<28} {'REPLICAS':>8} {'POWER W':>9} {'J/TOKEN':>8} {'gCO2/h':>8}  PLACEMENT",
+    ]
+    for key, out in plan.outcomes.items():
+        where = ", ".join(f"{a.instances}x{a.mode}@{a.node}" for a in out.assignments) or "-"
+        jpt = f"{out.joules_per_token:.3f}" if out.joules_per_token is not None else "-"
+        co2 = f"{out.grams_co2_per_hour:.0f}" if out.grams_co2_per_hour is not None else "-"
+        lines.append(
+            f"{key:<28} {out.replicas:>8} {out.expected_power_w:>9.0f} {jpt:>8} {co2:>8}  {where}"
+        )
+    if not res.feasible:
+        lines += ["", "cannot be met:"]
+        lines += [f"  {k}: {o.message}" for k, o in plan.outcomes.items() if not o.planned]
+        lines += [f"  {b}" for b in res.binding]
+    lines += ["", "capacity used (site/product: used/total GPUs):"]
+    lines += [f"  {s}/{p}: {u}/{t}" for (s, p), (u, t) in sorted(res.capacity.items())]
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""From resources to a plan and back: the one translation the CLI and the operator share.
+
+``plan_pools`` turns InferencePools, GPU nodes, an EnergyPolicy and serving
+profiles into a core :class:`~joulepool.core.planner.PlanProblem`, solves it
+jointly (so no two pools can book the same GPU) and turns the result into
+per-pool outcomes and the plan document the extender and node agents read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from joulepool.api.models import AssignmentStatus, EnergyPolicySpec, InferencePool
+from joulepool.api.plan import (
+    PlanDocument,
+    PlannedInstance,
+    PlannedNode,
+    PlannedPool,
+    PlannedSLO,
+    pool_key,
+)
+from joulepool.core.energy import grams_co2_per_hour, joules_per_token
+from joulepool.core.planner import Mode, PlanNode, PlanProblem, PlanResult, solve
+from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, product_for_label
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A GPU node as the planner needs it (from a Node object or a cluster file)."""
+
+    name: str
+    site: str
+    product: str  # core product name when known, else the raw label
+    gpus: int
+
+    @classmethod
+    def from_label(cls, name: str, site: str, product_label: str, gpus: int) -> NodeInfo:
+        product = product_for_label(product_label)
+        return cls(name, site, product.name if product else product_label, gpus)
+
+
+@dataclass(frozen=True)
+class PoolOutcome:
+    """What the plan means for one pool: its status fields."""
+
+    key: str
+    replicas: int
+    assignments: tuple[AssignmentStatus, ...]
+    expected_power_w: float
+    joules_per_token: float | None
+    grams_co2_per_hour: float | None
+    planned: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    result: PlanResult
+    document: PlanDocument
+    outcomes: dict[str, PoolOutcome] = field(default_factory=dict)
+    objective: str = "energy"
+
+
+def _modes(profiles: Sequence[ServingProfile], products: set[str]) -> tuple[Mode, ...]:
+    seen: dict[str, Mode] = {}
+    for p in profiles:
+        if p.product.name in products:
+            seen.setdefault(p.mode, Mode(p.mode, p.product.name, p.gpus))
+    return tuple(sorted(seen.values(), key=lambda m: (m.product, m.gpus)))
+
+
+def _profile_for(
+    profiles: Sequence[ServingProfile], model: str, mode: Mode
+) -> ServingProfile | None:
+    # user-supplied profiles come last in the sequence and win
+    found = None
+    for p in profiles:
+        if p.model == model and p.product.name == mode.product and p.gpus == mode.gpus:
+            found = p
+    return found
+
+
+def _objective(pools: Sequence[InferencePool], policy: EnergyPolicySpec) -> str:
+    wanted = {p.spec.objective for p in pools if p.spec.objective}
+    return wanted.pop() if len(wanted) == 1 else policy.objective
+
+
+def build_problem(
+    pools: Sequence[InferencePool],
+    nodes: Sequence[NodeInfo],
+    policy: EnergyPolicySpec,
+    profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
+) -> PlanProblem:
+    """The joint MILP for every pool over every GPU node."""
+    products = {n.product for n in nodes}
+    modes = _modes(profiles, products)
+    R, M, T = len(pools), len(modes), policy.window_steps
+    power = np.zeros((R, M))
+    cap = np.zeros((R, M))
+    forecast = np.zeros((R, T))
+    for r, pool in enumerate(pools):
+        s = pool.spec
+        allowed = set(s.gpu_products)
+        forecast[r] = s.demand.forecast(T)
+        for m, mode in enumerate(modes):
+            if allowed and mode.product not in allowed:
+                continue
+            prof = _profile_for(profiles, s.model, mode)
+            if prof is None:
+                continue
+            power[r, m], cap[r, m] = prof.operating_point(
+                s.demand.mean_input_tokens, s.demand.mean_output_tokens,
+                s.slo.ttft_seconds, s.slo.tpot_seconds,
+            )
+    objective = _objective(pools, policy)
+    carbon = {c.site: c.values() for c in policy.carbon} or None
+    if objective == "carbon" and carbon is not None:
+        worst = max(max(v) for v in carbon.values())
+        for site in {n.site for n in nodes} - set(carbon):
+            carbon[site] = [worst]  # unknown site: assume the dirtiest known grid
+    if objective == "carbon" and carbon is None:
+        objective = "energy"  # no carbon data: energy is the honest proxy
+    return PlanProblem(
+        classes=tuple(pool_key(p.metadata.namespace or "default", p.metadata.name) for p in pools),
+        modes=modes,
+        nodes=tuple(PlanNode(n.name, n.site, n.product, n.gpus) for n in nodes if n.gpus > 0),
+        power_w=power,
+        capacity_rps=cap,
+        forecast_rps=forecast,
+        step_s=policy.step_seconds,
+        alpha=policy.alpha,
+        objective="carbon" if objective == "carbon" else "energy",
+        carbon_g_per_kwh=carbon,
+    )
+
+
+def plan_pools(
+    pools: Sequence[InferencePool],
+    nodes: Sequence[NodeInfo],
+    policy: EnergyPolicySpec,
+    profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
+    version: int = 1,
+    now: datetime | None = None,
+) -> PoolPlan:
+    """Plan every pool jointly and describe the result per pool and per node."""
+    now = now or datetime.now(UTC)
+    problem = build_problem(pools, nodes, policy, profiles)
+    result = solve(problem)
+    return describe(problem, result, pools, nodes, version, now)
+
+
+def _carbon_now(problem: PlanProblem, site: str) -> float | None:
+    if not problem.carbon_g_per_kwh or site not in problem.carbon_g_per_kwh:
+        return None
+    return float(problem.carbon_g_per_kwh[site][0])
+
+
+def describe(
+    problem: PlanProblem,
+    result: PlanResult,
+    pools: Sequence[InferencePool],
+    nodes: Sequence[NodeInfo],
+    version: int,
+    now: datetime,
+) -> PoolPlan:
+    """Per-pool outcomes and the plan document for a solved problem."""
+    mode_by_name = {m.name: m for m in problem.modes}
+    mode_index = {m.name: i for i, m in enumerate(problem.modes)}
+    short = {s.cls: s for s in result.shortfalls}
+    doc = PlanDocument(
+        version=version, generated_at=now, objective=problem.objective,
+        feasible=result.feasible, message="; ".join(result.binding),
+        nodes={n.name: PlannedNode(site=n.site, product=n.product, gpus=n.gpus) for n in nodes},
+    )
+    outcomes: dict[str, PoolOutcome] = {}
+    for r, pool in enumerate(pools):
+        key = problem.classes[r]
+        mine = [a for a in result.assignments if a.cls == key and a.instances > 0]
+        power = tokens_per_s = 0.0
+        co2: float | None = 0.0
+        for a in mine:
+            m = mode_index[a.mode]
+            p_inst = float(problem.power_w[r, m]) * a.instances
+            power += p_inst
+            tokens_per_s += (
+                float(problem.capacity_rps[r, m]) * a.instances
+                * pool.spec.demand.mean_output_tokens
+            )
+            c = _carbon_now(problem, a.site)
+            co2 = None if c is None or co2 is None else co2 + grams_co2_per_hour(p_inst, c)
+            node = doc.nodes.get(a.node)
+            if node is not None:
+                node.pools[key] = node.pools.get(key, 0) + a.gpus
+        replicas = sum(a.instances for a in mine)
+        gap = short.get(key)
+        message = (
+            f"unmet demand {gap.shortfall_rps:.3g} req/s of {gap.demand_rps:.3g} "
+            f"at step {gap.step}: {gap.reason}" if gap else f"{replicas} instance(s) planned"
+        )
+        assignments = tuple(
+            AssignmentStatus(site=a.site, node=a.node, gpuProduct=a.product, mode=a.mode,
+                             gpus=a.gpus, instances=a.instances)
+            for a in mine
+        )
+        jpt = joules_per_token(power, tokens_per_s) if tokens_per_s > 0 else None
+        outcomes[key] = PoolOutcome(
+            key=key, replicas=replicas, assignments=assignments, expected_power_w=power,
+            joules_per_token=jpt, grams_co2_per_hour=co2 if mine else None,
+            planned=gap is None, message=message,
+        )
+        s = pool.spec
+        doc.pools[key] = PlannedPool(
+            namespace=pool.metadata.namespace or "default", name=pool.metadata.name,
+            model=s.model, tier=str(s.tier),
+            slo=PlannedSLO(ttftSeconds=s.slo.ttft_seconds, tpotSeconds=s.slo.tpot_seconds,
+                           deadlineSeconds=s.slo.deadline_seconds),
+            replicas=replicas, joulesPerToken=jpt, expectedPowerWatts=power,
+            assignments=[
+                PlannedInstance(node=a.node, site=a.site, product=a.product, mode=a.mode,
+                                instances=a.instances, gpus=a.gpus,
+                                gpusPerInstance=mode_by_name[a.mode].gpus)
+                for a in mine
+            ],
+        )
+    return PoolPlan(result=result, document=doc, outcomes=outcomes, objective=problem.objective)
+
+
+def nodes_from_cluster(expanded: Sequence[tuple[str, str, str, int]]) -> list[NodeInfo]:
+    return [NodeInfo.from_label(n, site, product, gpus) for n, site, product, gpus in expanded]
+
+
+def by_key(pools: Sequence[InferencePool]) -> Mapping[str, InferencePool]:
+    return {pool_key(p.metadata.namespace or "default", p.metadata.name): p for p in pools}

@@ -1,0 +1,93 @@
+"""PI lambda control and MIAD clock control."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from joulepool.core.controllers import Direction, MIADController, PIController, SLOSignal
+from joulepool.core.profiles import H100
+
+
+def test_pi_brings_toy_queueing_plant_to_one_percent():
+    """Plant: more lambda -> fewer requests on the slow efficient server -> fewer misses."""
+    rng = np.random.default_rng(7)
+    pi = PIController()
+    rates = []
+    for _ in range(400):
+        p_miss = 0.3 * np.exp(-pi.lam / 50.0)
+        miss = rng.binomial(2000, p_miss) / 2000
+        rates.append(miss)
+        pi.update(miss)
+    assert abs(np.mean(rates[-150:]) - 0.01) <= 0.005
+
+
+def test_pi_clamps_and_unwinds_quickly():
+    pi = PIController(lam_max=100.0, lam=50.0)
+    for _ in range(200):
+        pi.update(1.0)  # miss everything: lambda pinned at the top
+    assert pi.lam == 100.0
+    integral_at_bound = pi.integral
+    pi.update(0.0)
+    pi.update(0.0)
+    assert pi.lam < 100.0  # anti-windup: leaves the bound at once
+    assert pi.integral <= integral_at_bound
+
+
+def test_pi_rejects_bad_bounds():
+    with pytest.raises(ValueError):
+        PIController(lam_min=2, lam_max=1)
+
+
+CLOCKS = H100.supported_clocks()
+
+
+def _miad(**kw):
+    return MIADController(CLOCKS, ttft_target_s=0.3, tpot_target_s=0.05, **kw)
+
+
+violate = SLOSignal(ttft_tail_s=0.5, tpot_tail_s=0.02, waiting=0)
+calm = SLOSignal(ttft_tail_s=0.1, tpot_tail_s=0.02, waiting=0)
+
+
+@given(st.floats(500, 2500), st.booleans(), st.integers(0, 3))
+def test_miad_stays_in_bounds_on_supported_clocks(f, risky, waiting):
+    m = _miad()
+    sig = violate if risky else SLOSignal(0.1, 0.02, waiting)
+    nxt, _ = m.step(f, sig)
+    assert m.lowest <= nxt <= m.highest
+    assert nxt in set(CLOCKS.tolist())
+
+
+def test_miad_multiplicative_up_additive_down():
+    m = _miad()
+    f, d = m.step(1200.0, violate)
+    assert d is Direction.UP and f == m.snap_up(1800.0) and f >= 1200 * 1.5
+    f2, d2 = m.step(1800.0, calm)
+    assert d2 is Direction.DOWN and 1800 - 30 - 15 < f2 <= 1770
+    assert m.step(m.highest, violate) == (m.highest, Direction.HOLD)
+    assert m.step(m.lowest, calm) == (m.lowest, Direction.HOLD)
+
+
+def test_miad_margin_and_queue_count_as_risk():
+    m = _miad(margin=0.1)
+    assert m.at_risk(SLOSignal(0.28, None, 0))  # above 0.3 * 0.9
+    assert not m.at_risk(SLOSignal(0.26, None, 0))
+    assert m.at_risk(SLOSignal(None, None, 1))
+
+
+def test_miad_walks_down_to_floor_then_recovers():
+    m = _miad()
+    f = m.highest
+    for _ in range(100):
+        f, _ = m.step(f, calm)
+    assert f == m.lowest
+    f, d = m.step(f, violate)
+    assert d is Direction.UP and f >= m.lowest * 1.5 - 15
+
+
+def test_miad_validates_parameters():
+    with pytest.raises(ValueError):
+        _miad(k_inc=1.0)
+    with pytest.raises(ValueError):
+        MIADController([], 0.3, 0.05)
