@@ -71,7 +71,7 @@ def render_table(plan: object) -> str:
         f"{'POOL':<28} {'REPLICAS':>8} {'POWER W':>9} {'J/TOKEN':>8} {'gCO2/h':>8}  PLACEMENT",
     ]
     for key, out in plan.outcomes.items():
-        where = ", ".join(f"{a.instances}x{a.mode}@{a.node}" for a in out.assignments) or "-"
+        where = ", ".join(f"{a.instances} x {a.mode} on {a.node}" for a in out.assignments) or "-"
         jpt = f"{out.joules_per_token:.3f}" if out.joules_per_token is not None else "-"
         co2 = f"{out.grams_co2_per_hour:.0f}" if out.grams_co2_per_hour is not None else "-"
         lines.append(

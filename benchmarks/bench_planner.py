@@ -1,0 +1,163 @@
+"""Pool planner (FREESH MILP) solve time at three sizes.
+
+    python benchmarks/bench_planner.py [--repeats 5] [--objective carbon] [--sizes a,b,c]
+
+(a) the published FREESH size: 3 sites, 24 A100 + 6 H100, 4 types, 4 modes, 6 steps;
+(b) 320 GPUs (160 A100, 128 H100, 32 L4) over 3 sites, 10 classes, 6 modes;
+(c) 10,000 GPUs (5000 A100, 4000 H100, 1000 L4) over 10 sites, 50 classes, 6 modes.
+
+(b) and (c) are synthetic and seeded: per-class power and req/s are the
+published FREESH figures of the class's type scaled by assumed random factors;
+8xH100 and 1xL4 figures are assumptions; nodes have 8 GPUs of which a random
+few are already taken (free 8/6/4/2/0), demand is sized to about 55 % of the
+free GPUs at each class's most GPU-efficient mode, and carbon intensity per
+site and step is random (50-600 gCO2/kWh). The time is the wall time of
+``solve()`` (model build, HiGHS, decomposition), median over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from joulepool.core.planner import (
+    FREESH_CAPACITY_RPS,
+    FREESH_MODES,
+    FREESH_POWER_W,
+    Mode,
+    PlanNode,
+    PlanProblem,
+    freesh_published_problem,
+    solve,
+)
+
+MODES: tuple[Mode, ...] = (*FREESH_MODES, Mode("8xH100", "H100", 8), Mode("1xL4", "L4", 1))
+#: target seconds per size, from the design brief
+TARGETS = {"a": 0.1, "b": 1.0, "c": 30.0}
+
+
+def _type_tables() -> tuple[np.ndarray, np.ndarray]:
+    """[4 types, 6 modes] power W and req/s: FREESH's published 4 modes + 2 assumed."""
+    power = np.zeros((4, len(MODES)))
+    rps = np.zeros((4, len(MODES)))
+    power[:, :4] = FREESH_POWER_W
+    rps[:, :4] = FREESH_CAPACITY_RPS
+    # assumed: 8xH100 draws 1.9x and serves 1.8x a 4xH100 (or 0.8x an 8xA100 if 4xH100 can't)
+    power[:, 4] = 1.9 * FREESH_POWER_W[:, 3]
+    rps[:, 4] = np.where(
+        FREESH_CAPACITY_RPS[:, 3] > 0, 1.8 * FREESH_CAPACITY_RPS[:, 3], 0.8 * FREESH_CAPACITY_RPS[:, 2]
+    )
+    # assumed: one L4 (72 W TDP) serves only short-short requests, slowly
+    power[:, 5] = 72.0
+    rps[:, 5] = [0.6, 0.0, 0.0, 0.0]
+    return power, rps
+
+
+def synthetic_problem(
+    gpus: int, sites: int, classes: int, seed: int = 0, objective: str = "carbon", steps: int = 6
+) -> PlanProblem:
+    rng = np.random.default_rng(seed)
+    site_names = [f"site-{i}" for i in range(sites)]
+    share = {"A100": 0.5, "H100": 0.4, "L4": 0.1}
+    free_choices = np.array([8, 6, 4, 2, 0])
+    free_probs = np.array([0.70, 0.08, 0.10, 0.07, 0.05])
+    site_weights = rng.dirichlet(np.full(sites, 4.0))
+    nodes: list[PlanNode] = []
+    for product, frac in share.items():
+        n_nodes = round(gpus * frac / 8)
+        site_of = rng.choice(sites, size=n_nodes, p=site_weights)
+        free = rng.choice(free_choices, size=n_nodes, p=free_probs)
+        for i in range(n_nodes):
+            name = f"{site_names[site_of[i]]}-{product.lower()}-{i}"
+            nodes.append(PlanNode(name, site_names[site_of[i]], product, int(free[i])))
+
+    base_p, base_l = _type_tables()
+    kind = np.arange(classes) % 4
+    power = base_p[kind] * rng.lognormal(0.0, 0.1, size=(classes, len(MODES)))
+    rps = base_l[kind] * rng.lognormal(0.0, 0.15, size=(classes, len(MODES)))
+    rps[rng.random(rps.shape) < 0.05] = 0.0  # some modes miss some classes' SLOs
+    rps[np.arange(classes), np.argmax(rps, axis=1)] = np.max(rps, axis=1)  # keep one eligible
+
+    free_total = sum(n.gpus for n in nodes)
+    per_gpu = (rps / np.array([m.gpus for m in MODES])).max(axis=1)
+    weight = rng.lognormal(0.0, 1.0, size=classes)
+    peak = 0.55 * free_total * per_gpu * weight / weight.sum()  # demand alpha * forecast at peak
+    phase = rng.uniform(0, 2 * np.pi, size=classes)
+    shape = 1.0 + 0.2 * np.sin(phase[:, None] + 2 * np.pi * np.arange(steps)[None, :] / steps)
+    alpha = 1.1
+    forecast = peak[:, None] / alpha * shape / shape.max(axis=1, keepdims=True)
+
+    carbon = {
+        s: tuple(rng.uniform(50, 600) * (1 + 0.1 * np.sin(rng.uniform(0, 6) + np.arange(steps))))
+        for s in site_names
+    }
+    return PlanProblem(
+        classes=tuple(f"class-{i}" for i in range(classes)),
+        modes=MODES,
+        nodes=tuple(nodes),
+        power_w=power,
+        capacity_rps=rps,
+        forecast_rps=forecast,
+        alpha=alpha,
+        objective="carbon" if objective == "carbon" else "energy",
+        carbon_g_per_kwh=carbon,
+    )
+
+
+def _problems(objective: str) -> dict[str, tuple[str, Callable[[], PlanProblem]]]:
+    return {
+        "a": (
+            "FREESH published: 30 GPUs, 3 sites, 4 classes, 4 modes",
+            lambda: freesh_published_problem(objective="carbon" if objective == "carbon" else "energy"),
+        ),
+        "b": (
+            "320 GPUs, 3 sites, 10 classes, 6 modes",
+            lambda: synthetic_problem(320, 3, 10, seed=1, objective=objective),
+        ),
+        "c": (
+            "10,000 GPUs, 10 sites, 50 classes, 6 modes",
+            lambda: synthetic_problem(10_000, 10, 50, seed=2, objective=objective),
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--objective", choices=("carbon", "energy"), default="carbon")
+    parser.add_argument("--sizes", default="a,b,c", help="comma list of a, b, c")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+    problems = _problems(args.objective)
+    missed = False
+    print(f"objective={args.objective} repeats={args.repeats}")
+    print(f"{'size':4} {'median_s':>9} {'min_s':>8} {'max_s':>8} {'target_s':>8}  status  detail")
+    for key in [k.strip() for k in args.sizes.split(",") if k.strip()]:
+        label, build = problems[key]
+        problem = build()
+        times: list[float] = []
+        result = None
+        for _ in range(max(1, args.repeats)):
+            t0 = time.perf_counter()
+            result = solve(problem)
+            times.append(time.perf_counter() - t0)
+        assert result is not None
+        med = statistics.median(times)
+        ok = result.feasible and med < TARGETS[key]
+        missed |= not ok
+        gpus = sum(n.gpus for n in problem.nodes)
+        print(
+            f"({key}) {med:9.4f} {min(times):8.4f} {max(times):8.4f} {TARGETS[key]:8.1f}  "
+            f"{result.status:7} {label}; {len(problem.nodes)} nodes, {gpus} free GPUs; "
+            f"feasible={result.feasible} gap={result.mip_gap:.1e} "
+            f"objective={result.objective:.6g} {result.unit}"
+        )
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
