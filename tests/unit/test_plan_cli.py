@@ -1,0 +1,97 @@
+"""`joulepool plan` and the pooling bridge it shares with the operator."""
+
+import json
+from pathlib import Path
+
+import yaml
+
+from joulepool.api.load import load_manifests
+from joulepool.api.models import EnergyPolicySpec, InferencePool
+from joulepool.cli import main
+from joulepool.pooling import NodeInfo, plan_pools
+
+ROOT = Path(__file__).resolve().parents[2]
+POOLS = str(ROOT / "examples" / "pools.yaml")
+
+
+def _pool(name, rps, model="llama-3.1-8b", **spec):
+    return InferencePool.model_validate({
+        "kind": "InferencePool", "metadata": {"name": name, "namespace": "ns"},
+        "spec": {"model": model, "slo": {"ttftSeconds": 0.6, "tpotSeconds": 0.1},
+                 "demand": {"requestsPerSecond": rps, "meanInputTokens": 500,
+                            "meanOutputTokens": 200}, **spec},
+    })
+
+
+def test_plan_table(capsys):
+    assert main(["plan", "-f", POOLS]) == 0
+    out = capsys.readouterr().out
+    assert "default.chat" in out and "capacity used" in out and "optimal" in out
+
+
+def test_plan_json_is_a_plan_document(capsys):
+    assert main(["plan", "-f", POOLS, "-o", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["feasible"] is True
+    pools = data["plan"]["pools"]
+    assert set(pools) == {"default.chat", "default.rag", "default.batch-summaries"}
+    assert all(p["replicas"] >= 1 for p in pools.values())
+
+
+def test_bad_yaml_exits_2_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: InferencePool\n  metadata: [\n")
+    assert main(["plan", "-f", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "invalid YAML" in err
+
+
+def test_schema_violation_exits_2_naming_the_field(tmp_path, capsys):
+    docs = list(yaml.safe_load_all(Path(POOLS).read_text()))
+    docs[1]["spec"]["demand"]["meanOutputTokens"] = "lots"
+    f = tmp_path / "pools.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    assert main(["plan", "-f", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.demand.meanOutputTokens" in err and "pools.yaml (document 2)" in err
+
+
+def test_missing_file_exits_2(capsys):
+    assert main(["plan", "-f", "/nonexistent/pools.yaml"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_infeasible_plan_says_what_cannot_be_met(tmp_path, capsys):
+    docs = list(yaml.safe_load_all(Path(POOLS).read_text()))
+    docs[2]["spec"]["demand"]["requestsPerSecond"] = 5000  # far beyond the cluster
+    f = tmp_path / "pools.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    assert main(["plan", "-f", str(f)]) == 1
+    out = capsys.readouterr().out
+    assert "cannot be met" in out and "default.rag" in out and "unmet demand" in out
+
+
+def test_joint_plan_never_double_books_gpus():
+    nodes = [NodeInfo("h1", "east", "H100", 8), NodeInfo("a1", "east", "A100", 8)]
+    pools = [_pool(f"p{i}", 20) for i in range(4)]
+    plan = plan_pools(pools, nodes, EnergyPolicySpec())
+    used: dict[str, int] = {}
+    for out in plan.outcomes.values():
+        for a in out.assignments:
+            used[a.node] = used.get(a.node, 0) + a.gpus
+    assert all(used[n.name] <= n.gpus for n in nodes if n.name in used)
+    assert sum(plan.document.nodes["h1"].pools.values()) == used.get("h1", 0)
+
+
+def test_allowed_products_and_missing_profiles_are_respected():
+    nodes = [NodeInfo("h1", "east", "H100", 8), NodeInfo.from_label("l1", "west", "NVIDIA-L4", 4)]
+    plan = plan_pools([_pool("only-l4", 1, gpuProducts=["L4"])], nodes, EnergyPolicySpec())
+    assert {a.gpu_product for a in plan.outcomes["ns.only-l4"].assignments} == {"L4"}
+    plan = plan_pools([_pool("big", 1, model="llama-3.1-70b", gpuProducts=["L4"])], nodes,
+                      EnergyPolicySpec())
+    assert not plan.result.feasible and not plan.outcomes["ns.big"].planned
+
+
+def test_example_policy_is_carbon():
+    pols = [r for r in load_manifests(POOLS) if type(r).__name__ == "EnergyPolicy"]
+    assert pols[0].spec.objective == "carbon"
