@@ -172,7 +172,7 @@ def describe(
     mode_index = {m.name: i for i, m in enumerate(problem.modes)}
     short = {s.cls: s for s in result.shortfalls}
     doc = PlanDocument(
-        version=version, generated_at=now, objective=problem.objective,
+        version=version, generatedAt=now, objective=problem.objective,
         feasible=result.feasible, message="; ".join(result.binding),
         nodes={n.name: PlannedNode(site=n.site, product=n.product, gpus=n.gpus) for n in nodes},
     )

@@ -1,5 +1,7 @@
 """Least-laxity-first queue."""
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ def test_pops_in_non_decreasing_laxity(items, tps):
         lax[i] = laxity(d, 0.0, tokens, tps)
     popped = [q.pop() for _ in range(len(q))]
     values = [lax[i] for i in popped]
-    assert all(a <= b + 1e-9 for a, b in zip(values, values[1:], strict=False))
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(values))
 
 
 def test_ties_pop_in_push_order_and_empty_raises():

@@ -21,7 +21,7 @@ from joulepool.core.profiles import (
 
 
 class ResourceError(ValueError):
-    """A resource failed validation; ``field`` is its dotted path (e.g. ``spec.slo.ttftSeconds``)."""
+    """A resource failed validation; ``field`` is its dotted path, e.g. spec.slo.ttftSeconds."""
 
     def __init__(self, message: str, field: str = "", source: str = "") -> None:
         self.field = field

@@ -135,7 +135,9 @@ class InferencePoolStatus(_Model):
 
 
 class InferencePool(_Model):
-    api_version: Literal["joulepool.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["joulepool.dev/v1alpha1"] = Field(
+        "joulepool.dev/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["InferencePool"] = "InferencePool"
     metadata: ObjectMeta
     spec: InferencePoolSpec
@@ -197,7 +199,9 @@ class GPUProfileStatus(_Model):
 
 
 class GPUProfile(_Model):
-    api_version: Literal["joulepool.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["joulepool.dev/v1alpha1"] = Field(
+        "joulepool.dev/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["GPUProfile"] = "GPUProfile"
     metadata: ObjectMeta
     spec: GPUProfileSpec
@@ -252,7 +256,9 @@ class EnergyPolicySpec(_Model):
 
 
 class EnergyPolicy(_Model):
-    api_version: Literal["joulepool.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["joulepool.dev/v1alpha1"] = Field(
+        "joulepool.dev/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["EnergyPolicy"] = "EnergyPolicy"
     metadata: ObjectMeta
     spec: EnergyPolicySpec = Field(default_factory=EnergyPolicySpec)

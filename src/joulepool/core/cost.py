@@ -41,7 +41,9 @@ class CostBreakdown:
         return [int(i) for i in np.argsort(self.cost, kind="stable")]
 
 
-def effective_lambda(lam: float, tier: Tier | str, bulk_factor: float = BULK_LAMBDA_FACTOR) -> float:
+def effective_lambda(
+    lam: float, tier: Tier | str, bulk_factor: float = BULK_LAMBDA_FACTOR
+) -> float:
     """Tiering: bulk requests trade lateness for energy far more readily."""
     return lam * bulk_factor if Tier(tier) is Tier.BULK else lam
 

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
-ArrayLike = float | Sequence[float] | npt.NDArray[np.floating]  # type: ignore[type-arg]
+ArrayLike = float | Sequence[float] | npt.NDArray[np.floating] | npt.NDArray[np.integer]
 
 ASSUMED = "assumed"
 
@@ -219,7 +219,9 @@ class ServingProfile:
         pts = tuple(
             BatchPoint(
                 p.batch,
-                Figure(p.itl_ms.value / speedup.value, f"derived from {self.key}; {speedup.source}"),
+                Figure(
+                    p.itl_ms.value / speedup.value, f"derived from {self.key}; {speedup.source}"
+                ),
                 Figure(p.power_w.value * scale, f"derived from {self.key}: power x {scale:g}"),
             )
             for p in self.points
@@ -333,7 +335,8 @@ def _derive_a100(h100: ServingProfile, max_batch: Figure) -> ServingProfile:
     def slowdown(batch: int) -> float:
         # log2-batch interpolation from batch 8 (memory bound) to 512 (compute heavy)
         w = min(max((np.log2(batch) - 3.0) / 6.0, 0.0), 1.0)
-        return float(A100_SLOWDOWN.value + w * (A100_SLOWDOWN_LARGE_BATCH.value - A100_SLOWDOWN.value))
+        lo, hi = A100_SLOWDOWN.value, A100_SLOWDOWN_LARGE_BATCH.value
+        return float(lo + w * (hi - lo))
 
     pts = tuple(
         BatchPoint(
