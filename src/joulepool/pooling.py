@@ -145,12 +145,20 @@ def plan_pools(
     profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
     version: int = 1,
     now: datetime | None = None,
+    partial: bool = False,
 ) -> PoolPlan:
-    """Plan every pool jointly and describe the result per pool and per node."""
+    """Plan every pool jointly and describe the result per pool and per node.
+
+    ``partial``: when the plan is infeasible, describe the planner's best
+    partial plan (``result.partial_assignments``) instead of no assignments;
+    the document still says ``feasible: false`` and each short pool's outcome
+    says what is unmet.  The operator uses it when it has no earlier feasible
+    plan to keep serving.
+    """
     now = now or datetime.now(UTC)
     problem = build_problem(pools, nodes, policy, profiles)
     result = solve(problem)
-    return describe(problem, result, pools, nodes, version, now)
+    return describe(problem, result, pools, nodes, version, now, partial=partial)
 
 
 def _carbon_now(problem: PlanProblem, site: str) -> float | None:
@@ -166,8 +174,9 @@ def describe(
     nodes: Sequence[NodeInfo],
     version: int,
     now: datetime,
+    partial: bool = False,
 ) -> PoolPlan:
-    """Per-pool outcomes and the plan document for a solved problem."""
+    """Per-pool outcomes and the plan document for a solved problem (see ``plan_pools``)."""
     mode_by_name = {m.name: m for m in problem.modes}
     mode_index = {m.name: i for i, m in enumerate(problem.modes)}
     short = {s.cls: s for s in result.shortfalls}
@@ -179,7 +188,8 @@ def describe(
     outcomes: dict[str, PoolOutcome] = {}
     for r, pool in enumerate(pools):
         key = problem.classes[r]
-        mine = [a for a in result.assignments if a.cls == key and a.instances > 0]
+        mine = [a for a in (result.plan if partial else result.assignments)
+                if a.cls == key and a.instances > 0]
         power = tokens_per_s = 0.0
         co2: float | None = 0.0
         for a in mine:

@@ -53,6 +53,8 @@ LAWS = {
     "clock_decode": "decode step time scales with (f_max/f)**beta_decode (assumed, memory bound)",
     "clock_prefill": "prefill time scales with (f_max/f)**beta_prefill (assumed, compute bound)",
     "batch": "step time and power interpolated in log2(batch) between calibration points",
+    "prefill_power": "prefill (compute bound) draws the power of the largest batch at that clock "
+                     "(assumed: no published prefill power)",
 }
 
 
@@ -169,6 +171,10 @@ class ServingProfile:
         busy = self._interp(np.maximum(b, 1.0), [p.power_w.value for p in self.points])
         dyn = np.maximum(busy - self.idle_w, 0.0) * self._clock_ratio(clock_mhz) ** self.gamma.value
         return np.asarray(np.where(b > 0, self.idle_w + dyn, self.idle_w), dtype=np.float64)
+
+    def prefill_power_w(self, clock_mhz: ArrayLike | None = None) -> FloatArray:
+        """Board power of the whole instance while it prefills (``LAWS["prefill_power"]``)."""
+        return self.power_w(self.max_batch.value, clock_mhz)
 
     def joules_per_token(
         self, batch: ArrayLike, clock_mhz: ArrayLike | None = None

@@ -21,7 +21,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": ["joulepool.dev"],
         "resources": ["inferencepools/status"],
-        "verbs": ["get", "patch"],
+        "verbs": ["patch"],
     },
     # Read only: kept in kopf indexes, never written.
     {
@@ -48,3 +48,41 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
         "verbs": ["get", "create", "patch"],
     },
 ]
+
+
+def rbac_objects(
+    namespace: str = "joulepool-system",
+    service_account: str = "joulepool-operator",
+    name: str = "joulepool-operator",
+) -> list[dict[str, Any]]:
+    """ClusterRole + binding and Role + binding for the operator's service account."""
+    subject = [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]
+    labels = {"app.kubernetes.io/name": "joulepool", "app.kubernetes.io/component": "operator"}
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": name, "labels": labels},
+         "rules": [dict(r) for r in CLUSTER_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": name, "labels": labels},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": name},
+         "subjects": subject},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace, "labels": labels},
+         "rules": [dict(r) for r in NAMESPACE_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace, "labels": labels},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": subject},
+    ]
+
+
+def rbac_manifest(
+    namespace: str = "joulepool-system",
+    service_account: str = "joulepool-operator",
+    name: str = "joulepool-operator",
+) -> str:
+    """The RBAC objects as a multi-document YAML string (``joulepool operator rbac``)."""
+    import yaml
+
+    return yaml.safe_dump_all(rbac_objects(namespace, service_account, name), sort_keys=False)

@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# One image for every joulepool component: `joulepool <command>` (operator,
+# extender, sidecar, device-plugin, fake-engine, ...).
+#
+#   docker build -t joulepool:dev .
+#   docker run --rm joulepool:dev --help
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- build: install the package and its dependencies into a venv ----------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/joulepool
+WORKDIR /src
+# dependencies first (cached while only the sources change)
+COPY pyproject.toml README.md ./
+RUN mkdir -p src/joulepool && touch src/joulepool/__init__.py \
+ && /opt/joulepool/bin/pip install . \
+ && /opt/joulepool/bin/pip uninstall -y joulepool
+COPY src ./src
+RUN /opt/joulepool/bin/pip install --no-deps . \
+ && /opt/joulepool/bin/joulepool --help >/dev/null
+
+# ---- runtime: the venv on a clean slim base, as a non-root user -----------
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="joulepool" \
+      org.opencontainers.image.description="Energy- and carbon-aware LLM inference pools on heterogeneous GPU clusters" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/joulepool/joulepool"
+RUN groupadd --system --gid 65532 joulepool \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /tmp \
+      --shell /usr/sbin/nologin joulepool
+COPY --from=build /opt/joulepool /opt/joulepool
+ENV PATH=/opt/joulepool/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib
+# the chart runs every container with a read-only root filesystem and /tmp
+# as its only writable directory
+WORKDIR /tmp
+USER 65532:65532
+ENTRYPOINT ["joulepool"]
+CMD ["--help"]

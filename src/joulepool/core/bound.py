@@ -1,0 +1,240 @@
+"""Energy floor: the least energy any schedule could spend on a given amount of work.
+
+A linear program over operating points. Every GPU draws its idle power for
+the whole horizon whatever the schedule does; on top of that, the work is
+split over columns
+
+* decode: one instance of serving profile p at SM clock f running a steady
+  batch b, for x instance-seconds: makes ``x * tps(b, f)`` output tokens and
+  costs ``x * (P(b, f) - P_idle)`` joules;
+* prefill: y instance-seconds at clock f: ``y / prefill_s(1, f)`` prompt
+  tokens for ``y * (P_prefill(f) - P_idle)`` joules;
+
+subject to, per request class, enough decode and prefill tokens, per (site,
+product) the GPU-seconds available (``sum gpus(p) * (x + y) <= GPUs * T``),
+and SLO eligibility: a decode column must meet the class's TPOT
+(``itl(b, f) <= tpot``), a prefill column its TTFT for the class's mean prompt.
+
+It relaxes everything a real schedule must also get right (arrival timing,
+queueing, integral batches and instances, prefill stalling decode, one
+clock per GPU at a time), so every schedule of the same work under the same
+profiles spends at least this much: a physical floor, not a target.
+All numbers come from :class:`~joulepool.core.profiles.ServingProfile`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from joulepool.core.profiles import ServingProfile
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class FloorDemand:
+    """Work of one request class over the horizon."""
+
+    name: str
+    output_tokens: float
+    input_tokens: float
+    mean_input_tokens: float
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        for what in ("output_tokens", "input_tokens", "mean_input_tokens"):
+            v = getattr(self, what)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{self.name}: {what} must be finite and >= 0")
+        if self.ttft_s <= 0 or self.tpot_s <= 0:
+            raise ValueError(f"{self.name}: SLO targets must be positive")
+
+
+@dataclass(frozen=True)
+class FloorGPUs:
+    """``count`` GPUs of ``product`` at ``site``."""
+
+    site: str
+    product: str
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError("GPU count must be >= 0")
+
+
+@dataclass(frozen=True)
+class FloorResult:
+    feasible: bool
+    status: str
+    energy_j: float  # idle_j + dynamic_j; NaN when infeasible
+    idle_j: float
+    dynamic_j: float
+    output_tokens: float
+    horizon_s: float
+    #: classes with no SLO-feasible operating point: their floor ignores the SLO
+    slo_relaxed: tuple[str, ...] = ()
+    #: profile key -> share of the horizon's GPU-seconds the floor uses on it
+    usage: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def joules_per_token(self) -> float:
+        return self.energy_j / self.output_tokens if self.output_tokens > 0 else math.nan
+
+    @property
+    def mean_power_w(self) -> float:
+        return self.energy_j / self.horizon_s
+
+
+#: decode batches tried at each clock besides the largest one meeting the TPOT
+_BATCH_GRID = tuple(2**k for k in range(0, 11))
+
+
+def _decode_columns(
+    p: ServingProfile, tpot_s: float, enforce: bool
+) -> tuple[FloatArray, FloatArray]:
+    """(tokens per instance-second, dynamic joules per instance-second) per column."""
+    clocks = p.product.supported_clocks()
+    max_b = int(p.max_batch.value)
+    tps_cols: list[float] = []
+    dyn_cols: list[float] = []
+    for f in clocks:
+        b_star = p.best_batch(tpot_s, float(f)) if enforce else max_b
+        if b_star <= 0:
+            continue
+        batches = np.array(sorted({b for b in _BATCH_GRID if b <= b_star} | {b_star}), float)
+        tps = p.decode_tokens_per_s(batches, float(f))
+        dyn = p.power_w(batches, float(f)) - p.idle_w
+        tps_cols.extend(float(v) for v in tps)
+        dyn_cols.extend(float(v) for v in dyn)
+    return np.array(tps_cols), np.array(dyn_cols)
+
+
+def _prefill_columns(
+    p: ServingProfile, mean_input: float, ttft_s: float, enforce: bool
+) -> tuple[FloatArray, FloatArray]:
+    clocks = p.product.supported_clocks()
+    per_token = p.prefill_s(1.0, clocks)
+    ok = (p.prefill_s(mean_input, clocks) <= ttft_s) if enforce else np.ones(clocks.size, bool)
+    tps = 1.0 / per_token[ok]
+    dyn = p.prefill_power_w(clocks[ok]) - p.idle_w
+    return np.asarray(tps, np.float64), np.asarray(dyn, np.float64)
+
+
+def energy_floor(
+    demands: Sequence[FloorDemand],
+    gpus: Sequence[FloorGPUs],
+    profiles: Sequence[ServingProfile],
+    horizon_s: float,
+    idle_w: dict[str, float] | None = None,
+) -> FloorResult:
+    """Least energy (J) to do ``demands`` on ``gpus`` within ``horizon_s``.
+
+    ``profiles`` are the serving modes allowed (one model); ``idle_w``
+    overrides the per-GPU idle power by product (default: the profiles').
+    """
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    if horizon_s <= 0:
+        raise ValueError("horizon must be positive")
+    idle_by_product: dict[str, float] = {p.product.name: p.product.idle_w.value for p in profiles}
+    if idle_w:
+        idle_by_product.update(idle_w)
+    idle_j = 0.0
+    for g in gpus:
+        if g.count and g.product not in idle_by_product:
+            raise ValueError(f"no idle power known for GPU product {g.product!r}")
+        idle_j += g.count * idle_by_product.get(g.product, 0.0) * horizon_s
+    out_total = float(sum(d.output_tokens for d in demands))
+
+    groups = [g for g in gpus if g.count > 0]
+    # columns: (group, profile, class, kind) blocks
+    costs: list[FloatArray] = []
+    rows_i: list[FloatArray] = []  # row index per nonzero
+    cols_j: list[FloatArray] = []
+    vals: list[FloatArray] = []
+    col_key: list[FloatArray] = []  # profile index per column (for usage)
+    n_cols = 0
+    R = len(demands)
+    # rows 0..2R-1: demand (decode r at 2r, prefill r at 2r+1) as -tokens <= -demand
+    # rows 2R..: capacity per group
+    relaxed: list[str] = []
+    for ri, d in enumerate(demands):
+        enforce = True
+        if d.output_tokens > 0 or d.input_tokens > 0:
+            has_dec = any(
+                _decode_columns(p, d.tpot_s, True)[0].size
+                for g in groups for p in profiles if p.product.name == g.product
+            )
+            has_pre = any(
+                _prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)[0].size
+                for g in groups for p in profiles if p.product.name == g.product
+            )
+            if not (has_dec and has_pre):
+                enforce = False
+                relaxed.append(d.name)
+        for gi, g in enumerate(groups):
+            for pi, p in enumerate(profiles):
+                if p.product.name != g.product:
+                    continue
+                for kind, (tps, dyn) in enumerate(
+                    (
+                        _decode_columns(p, d.tpot_s, enforce),
+                        _prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce),
+                    )
+                ):
+                    k = tps.size
+                    if k == 0:
+                        continue
+                    js = np.arange(n_cols, n_cols + k, dtype=np.float64)
+                    costs.append(dyn)
+                    # demand row: produces tps tokens per instance-second
+                    rows_i.append(np.full(k, 2 * ri + kind, np.float64))
+                    cols_j.append(js)
+                    vals.append(-tps)
+                    # capacity row: gpus GPU-seconds per instance-second
+                    rows_i.append(np.full(k, 2 * R + gi, np.float64))
+                    cols_j.append(js)
+                    vals.append(np.full(k, float(p.gpus)))
+                    col_key.append(np.full(k, pi, np.float64))
+                    n_cols += k
+    need = np.array([[d.output_tokens, d.input_tokens] for d in demands], np.float64).ravel()
+    if n_cols == 0:
+        ok = not np.any(need > 0)
+        status = "no work" if ok else "no operating point"
+        return FloorResult(ok, status, idle_j if ok else math.nan, idle_j, 0.0, out_total,
+                           horizon_s, tuple(relaxed))
+    rows = np.concatenate(rows_i).astype(int)
+    cols = np.concatenate(cols_j).astype(int)
+    a = sparse.csr_matrix(
+        (np.concatenate(vals), (rows, cols)), shape=(2 * R + len(groups), n_cols)
+    )
+    b = np.concatenate([-need, [g.count * horizon_s for g in groups]])
+    c = np.concatenate(costs)
+    res = linprog(c, A_ub=a, b_ub=b, bounds=(0, None), method="highs")
+    if res.status != 0 or res.x is None:
+        if res.status == 2:
+            status = "infeasible: the work does not fit the GPUs in the horizon"
+        else:
+            status = f"solver: {res.message}"
+        return FloorResult(False, status, math.nan, idle_j, math.nan, out_total, horizon_s,
+                           tuple(relaxed))
+    x = np.asarray(res.x)
+    keys = np.concatenate(col_key).astype(int)
+    gpu_s = x * np.asarray(a[2 * R:].sum(axis=0)).ravel()
+    total_gpu_s = sum(g.count for g in groups) * horizon_s
+    usage: dict[str, float] = {}
+    for pi, p in enumerate(profiles):
+        used = float(gpu_s[keys == pi].sum())
+        if used > 0:
+            usage[p.key] = used / total_gpu_s
+    dyn_j = float(c @ x)
+    return FloorResult(True, "optimal", idle_j + dyn_j, idle_j, dyn_j, out_total, horizon_s,
+                       tuple(relaxed), usage)

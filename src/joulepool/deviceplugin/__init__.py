@@ -1,0 +1,1 @@
+"""Fake kubelet device plugin (v1beta1) for kind."""

@@ -1,0 +1,377 @@
+"""kube-scheduler extender verbs: filter by the plan and GPUs, prioritize by placement cost.
+
+Filter, for a pod labelled ``joulepool.dev/pool=<namespace>.<name>``:
+  * node not assigned to the pool by the plan            -> FailedAndUnresolvableNodes
+  * the pool would exceed the GPUs the plan gives it here -> FailedAndUnresolvableNodes
+  * node unknown to the node cache (NodeNames form)       -> FailedNodes
+  * fewer free ``nvidia.com/gpu`` than the pod requests    -> FailedNodes
+    (free = allocatable - GPUs requested by non-terminal pods bound to the node)
+Plan reasons are unresolvable: evicting pods (preemption) cannot change the
+plan. A GPU shortage is resolvable. Pods without the label pass untouched.
+
+Prioritize: :func:`joulepool.core.cost.placement_cost` per node, mapped to
+0..10 by :func:`joulepool.core.cost.scores_from_costs` (best = 10, ties equal).
+Nodes the plan does not assign to the pool, unknown nodes and products
+without a profile score 0. Unlabelled pods get 0 everywhere (no opinion).
+
+Protocol errors (no Pod, no node list, cache or plan not loaded yet) are
+answered with HTTP 200: filter puts the message in ``Error`` (kube-scheduler
+then retries the pod later); prioritize answers a neutral all-zero list,
+because kube-scheduler ignores prioritize errors anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import repeat
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from joulepool.api.plan import PlannedPool
+from joulepool.core.cost import placement_cost, scores_from_costs
+from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
+from joulepool.core.routing import (
+    ReplicaPoint,
+    node_capacity_tps,
+    node_load_tps,
+    replica_demand_tps,
+    replica_point,
+)
+from joulepool.extender.metrics import Metrics
+from joulepool.extender.router import Router
+from joulepool.extender.state import ClusterState, NodeRecord, NodeTable, host_prefix
+from joulepool.extender.wire import (
+    MAX_EXTENDER_PRIORITY,
+    ExtenderArgs,
+    ExtenderFilterResult,
+    Node,
+    Pod,
+)
+
+FloatArray = npt.NDArray[np.float64]
+_SCORE_SUFFIX = [f"{s}}}" for s in range(MAX_EXTENDER_PRIORITY + 1)]
+
+
+class ProtocolError(ValueError):
+    """A well-formed request the extender cannot answer; goes in ``Error``."""
+
+
+@dataclass(frozen=True)
+class PlacementSettings:
+    lam: float = 1e4
+    max_utilisation: float = 0.9
+    replica_utilisation: float = 0.9
+    queue_horizon_s: float = 10.0
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class Scheduler:
+    def __init__(
+        self, state: ClusterState, router: Router | None = None,
+        settings: PlacementSettings | None = None, metrics: Metrics | None = None,
+        profiles: tuple[ServingProfile, ...] = DEFAULT_PROFILES,
+    ) -> None:
+        self.state = state
+        self.router = router
+        self.s = settings or PlacementSettings()
+        self.metrics = metrics
+        self.profiles = profiles
+        self._points: dict[tuple[str, str, int, float], ReplicaPoint | None] = {}
+        #: per (pool, plan version): assigned nodes, their listing, replica tokens/s
+        self._pool_cache: dict[str, tuple[int, set[str], str, float]] = {}
+        #: per (pool, plan version, node table): which table rows the plan assigns
+        self._mask_cache: dict[str, tuple[int, NodeTable, npt.NDArray[np.bool_]]] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _check(args: ExtenderArgs) -> Pod:
+        if args.pod is None:
+            raise ProtocolError("ExtenderArgs.Pod is missing")
+        if args.nodes is None and args.node_names is None:
+            raise ProtocolError("ExtenderArgs has neither Nodes nor NodeNames")
+        return args.pod
+
+    def _need_plan(self) -> None:
+        if not self.state.synced["plan"]:
+            raise ProtocolError("the plan ConfigMap has not been loaded yet")
+
+    def _need_cache(self) -> None:
+        missing = [s for s in ("nodes", "pods") if not self.state.synced[s]]
+        if missing:
+            raise ProtocolError(f"node cache not synced yet ({', '.join(missing)})")
+
+    def point(self, product: str | None, pool: PlannedPool, gpus: int) -> ReplicaPoint | None:
+        if not product:
+            return None
+        key = (product, pool.model, gpus, pool.slo.tpot_seconds)
+        if key not in self._points:
+            prof = find_profile(product, pool.model, gpus, self.profiles)
+            self._points[key] = (
+                replica_point(prof, pool.slo.tpot_seconds) if prof is not None else None
+            )
+        return self._points[key]
+
+    def _pool_facts(self, key: str, pool: PlannedPool) -> tuple[set[str], str, float]:
+        """Assigned nodes, a short listing of them, and the replica's tokens/s (cached)."""
+        version = self.state.plan_version
+        hit = self._pool_cache.get(key)
+        if hit is None or hit[0] != version:
+            allowed = pool.nodes()
+            hit = (version, allowed, _listing(sorted(allowed)) or "none",
+                   self._replica_tps(pool))
+            self._pool_cache[key] = hit
+        return hit[1], hit[2], hit[3]
+
+    def _plan_mask(self, key: str, allowed: set[str], table: NodeTable
+                   ) -> npt.NDArray[np.bool_]:
+        version = self.state.plan_version
+        hit = self._mask_cache.get(key)
+        if hit is None or hit[0] != version or hit[1] is not table:
+            mask = np.zeros(len(table.names) + 1, dtype=bool)  # last slot: unknown nodes
+            for name in allowed:
+                i = table.index.get(name)
+                if i is not None:
+                    mask[i] = True
+            hit = (version, table, mask)
+            self._mask_cache[key] = hit
+        return hit[2]
+
+    def _gpus_per_instance(self, pod: Pod, pool: PlannedPool) -> int:
+        g = pod.gpu_request()
+        if g > 0:
+            return g
+        per = [a.gpus_per_instance for a in pool.assignments if a.gpus_per_instance > 0]
+        return min(per) if per else 1
+
+    # -- filter ------------------------------------------------------------------------------
+    def filter(self, args: ExtenderArgs, raw: dict[str, Any]) -> ExtenderFilterResult:
+        pod = self._check(args)
+        pool_key = pod.pool
+        full = args.nodes is not None
+        items: list[Node] = (args.nodes.items or []) if args.nodes is not None else []
+        names: list[str] = (
+            [n.metadata.name for n in items] if full else list(args.node_names or [])
+        )
+        if pool_key is None:  # not ours: everything passes untouched
+            return self._filter_result(args, raw, names, [True] * len(names), {}, {})
+        if not full:
+            self._need_cache()
+        self._need_plan()
+        state = self.state
+        request = pod.gpu_request()
+        planned = state.pool_plan(pool_key)
+        failed: dict[str, str] = {}
+        unresolvable: dict[str, str] = {}
+        ok: list[bool] = []
+        version = state.plan.version if state.plan else 0
+        allowed, listing = (self._pool_facts(pool_key, planned)[:2] if planned
+                            else (set(), "none"))
+        for i, name in enumerate(names):
+            reason, hard = self._node_verdict(
+                name, items[i] if full else None, pool_key, planned, allowed, listing, request,
+                version,
+            )
+            if reason is None:
+                ok.append(True)
+                continue
+            ok.append(False)
+            (unresolvable if hard else failed)[name] = reason
+            if self.metrics is not None:
+                self.metrics.filtered_out.labels("plan" if hard else "capacity").inc()
+        return self._filter_result(args, raw, names, ok, failed, unresolvable)
+
+    def _node_verdict(
+        self, name: str, node: Node | None, pool_key: str, planned: PlannedPool | None,
+        allowed: set[str], listing: str, request: int, version: int,
+    ) -> tuple[str | None, bool]:
+        state = self.state
+        if state.plan is None:
+            return "no joulepool plan has been published yet", True
+        if planned is None:
+            return f"plan v{version} has no assignment for pool {pool_key}", True
+        if name not in allowed:
+            return (
+                f"plan v{version} does not assign pool {pool_key} to this node "
+                f"(assigned: {listing})", True
+            )
+        if node is not None:
+            alloc = node.allocatable_gpus()
+        else:
+            rec = state.nodes.get(name)
+            if rec is None:
+                return "node not in the extender's node cache yet", False
+            alloc = rec.allocatable_gpus
+        used = state.used_gpus.get(name, 0)
+        if request > 0 and alloc - used < request:
+            return (
+                f"insufficient nvidia.com/gpu: pod requests {request}, {max(alloc - used, 0)} "
+                f"free ({alloc} allocatable, {used} requested by bound pods)", False
+            )
+        share = state.planned_share(pool_key, name)
+        pool_used = state.pool_gpus.get((name, pool_key), 0)
+        if share is not None and request > 0 and pool_used + request > share:
+            return (
+                f"pool {pool_key} would hold {pool_used + request} GPUs here; "
+                f"plan v{version} gives it {share}", True
+            )
+        return None, False
+
+    @staticmethod
+    def _filter_result(
+        args: ExtenderArgs, raw: dict[str, Any], names: list[str], ok: list[bool],
+        failed: dict[str, str], unresolvable: dict[str, str],
+    ) -> ExtenderFilterResult:
+        nodes_out: dict[str, Any] | None = None
+        if args.nodes is not None:
+            raw_nodes = raw.get("Nodes") or {}
+            raw_items = raw_nodes.get("items") or []
+            nodes_out = {k: v for k, v in raw_nodes.items() if k != "items"}
+            nodes_out["items"] = [it for it, good in zip(raw_items, ok, strict=False) if good]
+        names_out = None
+        if args.node_names is not None:
+            names_out = [n for n, good in zip(names, ok, strict=True) if good]
+        return ExtenderFilterResult(
+            Nodes=nodes_out, NodeNames=names_out, FailedNodes=failed,
+            FailedAndUnresolvableNodes=unresolvable,
+        )
+
+    # -- prioritize --------------------------------------------------------------------------
+    def candidate_names(self, args: ExtenderArgs) -> list[str]:
+        if args.node_names is not None:
+            return list(args.node_names)
+        if args.nodes is not None:
+            return [n.metadata.name for n in args.nodes.items or []]
+        return []
+
+    def prioritize(self, args: ExtenderArgs) -> tuple[str, list[int]]:
+        """(JSON HostPriorityList, scores) for the candidates, in request order."""
+        pod = self._check(args)
+        names = self.candidate_names(args)
+        pool_key = pod.pool
+        if pool_key is None or not names:
+            return self.encode(names, None, [0] * len(names)), [0] * len(names)
+        if args.nodes is None:
+            self._need_cache()
+        self._need_plan()
+        planned = self.state.pool_plan(pool_key)
+        if planned is None:
+            return self.encode(names, None, [0] * len(names)), [0] * len(names)
+        table = self.state.table()
+        allowed, _, replica = self._pool_facts(pool_key, planned)
+        if args.nodes is not None:
+            idx, eps, cap, load = self._inputs_full(args.nodes.items or [], pod, planned, table)
+            in_plan = np.fromiter((n in allowed for n in names), dtype=bool, count=len(names))
+        else:
+            idx, eps, cap, load = self._inputs_cached(names, pod, planned, table)
+            in_plan = self._plan_mask(pool_key, allowed, table)[idx]  # idx -1: the last slot
+        with np.errstate(invalid="ignore", divide="ignore"):
+            breakdown = placement_cost(
+                eps, load, cap, replica, self.s.max_utilisation, self.s.lam
+            )
+        cost = np.where(in_plan & (cap > 0), breakdown.cost, np.inf)
+        scores = scores_from_costs(cost)
+        return self.encode(names, idx if args.node_names is not None else None, scores), scores
+
+    def _product_luts(
+        self, table: NodeTable, pool: PlannedPool, gpi: int
+    ) -> tuple[FloatArray, FloatArray]:
+        """eps and instance tokens/s per product id (index 0: unknown product)."""
+        eps = np.full(len(table.products) + 1, np.inf)
+        tps = np.zeros(len(table.products) + 1)
+        for i, product in enumerate(table.products):
+            pt = self.point(product, pool, gpi)
+            if pt is not None:
+                eps[i + 1], tps[i + 1] = pt.eps, pt.tps
+        return eps, tps
+
+    def _replica_tps(self, pool: PlannedPool) -> float:
+        tps, n = [], []
+        for a in pool.assignments:
+            pt = self.point(a.product, pool, a.gpus_per_instance)
+            if pt is not None:
+                tps.append(pt.tps)
+                n.append(a.instances)
+        return replica_demand_tps(tps, n, self.s.replica_utilisation)
+
+    def _queue(self, table: NodeTable) -> FloatArray:
+        if self.router is None:
+            return np.zeros(len(table.names))
+        return self.router.node_queue_tokens(table)
+
+    def _inputs_cached(
+        self, names: list[str], pod: Pod, planned: PlannedPool, table: NodeTable
+    ) -> tuple[npt.NDArray[np.int64], FloatArray, FloatArray, FloatArray]:
+        gpi = self._gpus_per_instance(pod, planned)
+        idx = np.fromiter(map(table.index.get, names, repeat(-1)), dtype=np.int64,
+                          count=len(names))
+        known = idx >= 0
+        safe = np.where(known, idx, 0)
+        eps_lut, tps_lut = self._product_luts(table, planned, gpi)
+        pid = table.product_ids[safe] + 1 if len(table.names) else np.zeros(len(names), np.int64)
+        pid = np.where(known, pid, 0)
+        eps = eps_lut[pid]
+        inst = tps_lut[pid]
+        alloc = np.where(known, table.allocatable[safe] if len(table.names) else 0.0, 0.0)
+        used = np.where(known, table.used[safe] if len(table.names) else 0.0, 0.0)
+        queue_all = self._queue(table)
+        queue = np.where(known, queue_all[safe] if len(table.names) else 0.0, 0.0)
+        cap = node_capacity_tps(alloc, gpi, inst)
+        load = node_load_tps(used, gpi, inst, self.s.replica_utilisation, queue,
+                             self.s.queue_horizon_s)
+        return idx, eps, cap, load
+
+    def _inputs_full(
+        self, nodes: list[Node], pod: Pod, planned: PlannedPool, table: NodeTable
+    ) -> tuple[npt.NDArray[np.int64], FloatArray, FloatArray, FloatArray]:
+        gpi = self._gpus_per_instance(pod, planned)
+        n = len(nodes)
+        eps = np.full(n, np.inf)
+        inst = np.zeros(n)
+        alloc = np.zeros(n)
+        used = np.zeros(n)
+        queue = np.zeros(n)
+        queue_all = self._queue(table)
+        for i, node in enumerate(nodes):
+            rec = NodeRecord.from_node(node)
+            pt = self.point(rec.product, planned, gpi)
+            if pt is not None:
+                eps[i], inst[i] = pt.eps, pt.tps
+            alloc[i] = rec.allocatable_gpus
+            used[i] = self.state.used_gpus.get(rec.name, 0)
+            j = table.index.get(rec.name)
+            if j is not None:
+                queue[i] = queue_all[j]
+        cap = node_capacity_tps(alloc, gpi, inst)
+        load = node_load_tps(used, gpi, inst, self.s.replica_utilisation, queue,
+                             self.s.queue_horizon_s)
+        idx = np.full(n, -1, dtype=np.int64)
+        return idx, eps, cap, load
+
+    def encode(
+        self, names: list[str], idx: npt.NDArray[np.int64] | None, scores: list[int]
+    ) -> str:
+        """HostPriorityList JSON, built from pre-encoded host prefixes when known."""
+        suffix = _SCORE_SUFFIX
+        if idx is not None and (idx.size == 0 or int(idx.min()) >= 0):
+            encoded = self.state.table().host_scores()[idx, np.asarray(scores, dtype=np.int64)]
+            return "[" + ",".join(encoded.tolist()) + "]"
+        if idx is not None:
+            prefixes = self.state.table().host_prefix
+            parts = [
+                (prefixes[i] if i >= 0 else host_prefix(n)) + suffix[s]
+                for n, i, s in zip(names, idx.tolist(), scores, strict=True)
+            ]
+        else:
+            parts = [host_prefix(n) + suffix[s] for n, s in zip(names, scores, strict=True)]
+        return "[" + ",".join(parts) + "]"
+
+
+def neutral_priorities(names: list[str]) -> str:
+    return json.dumps([{"Host": n, "Score": 0} for n in names])

@@ -1,0 +1,326 @@
+"""The node cache: Nodes, Pods (GPU accounting, endpoints) and the plan.
+
+Fed by the Kubernetes watches (``watch.py``), by static files (``files.py``)
+or directly by tests. Every mutation runs on the event loop thread (the watch
+threads hand events over with ``call_soon_threadsafe``), so readers never see
+a half-applied event and need no locks.
+
+Hot paths (prioritize over thousands of nodes) read :class:`NodeTable`, a
+columnar snapshot rebuilt only when nodes or pods change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import ValidationError
+
+from joulepool.api.plan import PlanDocument, PlannedPool
+from joulepool.core.profiles import product_for_label
+from joulepool.extender.wire import (
+    GPU_PRODUCT_LABEL,
+    MAX_EXTENDER_PRIORITY,
+    REGION_LABEL,
+    Node,
+    Pod,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("nodes", "pods", "plan")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    product: str | None  # core product name (H100, A100, L4) or None if unknown
+    product_label: str
+    site: str
+    allocatable_gpus: int
+
+    @classmethod
+    def from_node(cls, node: Node) -> NodeRecord:
+        label = node.label(GPU_PRODUCT_LABEL)
+        product = product_for_label(label) if label else None
+        return cls(
+            name=node.metadata.name,
+            product=product.name if product else None,
+            product_label=label,
+            site=node.label(REGION_LABEL),
+            allocatable_gpus=node.allocatable_gpus(),
+        )
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    key: str
+    node: str
+    pool: str | None
+    gpus: int
+    ready: bool
+    ip: str
+    port: int
+
+    @classmethod
+    def from_pod(cls, pod: Pod, default_port: int) -> PodRecord:
+        return cls(
+            key=pod.key,
+            node=pod.spec.node_name,
+            pool=pod.pool,
+            gpus=pod.gpu_request(),
+            ready=pod.ready,
+            ip=pod.status.pod_ip,
+            port=pod.serving_port(default_port),
+        )
+
+    @property
+    def holds_gpus(self) -> bool:
+        return bool(self.node) and self.gpus > 0
+
+
+@dataclass
+class NodeTable:
+    """Columnar snapshot of the node cache for vectorised scoring."""
+
+    names: list[str]
+    index: dict[str, int]
+    allocatable: npt.NDArray[np.float64]
+    used: npt.NDArray[np.float64]
+    product_ids: npt.NDArray[np.int64]  # into ``products``; -1 unknown
+    products: list[str]
+    #: pre-encoded ``{"Host":"<name>","Score":`` per node, for fast responses
+    host_prefix: list[str] = field(repr=False)
+    _host_scores: npt.NDArray[np.object_] | None = field(default=None, repr=False)
+
+    def host_scores(self) -> npt.NDArray[np.object_]:
+        """``{"Host":"<name>","Score":<s>}`` for every node (rows) and score 0..10 (columns)."""
+        if self._host_scores is None:
+            table = np.empty((len(self.names), MAX_EXTENDER_PRIORITY + 1), dtype=object)
+            for i, prefix in enumerate(self.host_prefix):
+                table[i, :] = [f"{prefix}{s}}}" for s in range(MAX_EXTENDER_PRIORITY + 1)]
+            self._host_scores = table
+        return self._host_scores
+
+
+def host_prefix(name: str) -> str:
+    return '{"Host":' + json.dumps(name) + ',"Score":'
+
+
+class ClusterState:
+    """Everything the extender knows about the cluster, and when it last changed."""
+
+    def __init__(self, default_port: int = 8000) -> None:
+        self.default_port = default_port
+        self.nodes: dict[str, NodeRecord] = {}
+        self.pods: dict[str, PodRecord] = {}
+        self.plan: PlanDocument | None = None
+        self.synced: dict[str, bool] = dict.fromkeys(SOURCES, False)
+        self.plan_error: str = ""
+        self.node_version = 0
+        self.pod_version = 0
+        self.plan_version = 0
+        # aggregates kept incrementally from pod events
+        self.used_gpus: dict[str, int] = {}
+        self.pool_gpus: dict[tuple[str, str], int] = {}
+        self.pool_pods: dict[str, set[str]] = {}
+        #: pools whose endpoints changed since the router last looked (None: all)
+        self._dirty_pools: set[str] | None = None
+        self._table: NodeTable | None = None
+        self._table_versions = (-1, -1)
+
+    # -- readiness -----------------------------------------------------------
+    def mark_synced(self, source: str, synced: bool = True) -> None:
+        if source not in self.synced:
+            raise ValueError(f"unknown source {source!r}")
+        self.synced[source] = synced
+
+    @property
+    def ready(self) -> bool:
+        return all(self.synced.values())
+
+    def not_synced(self) -> list[str]:
+        return [s for s, ok in self.synced.items() if not ok]
+
+    # -- nodes -----------------------------------------------------------------
+    def upsert_node(self, obj: Node | Mapping[str, Any]) -> None:
+        node = obj if isinstance(obj, Node) else Node.model_validate(obj)
+        if not node.metadata.name:
+            return
+        rec = NodeRecord.from_node(node)
+        if self.nodes.get(rec.name) != rec:
+            self.nodes[rec.name] = rec
+            self._node_changed()
+
+    def delete_node(self, name: str) -> None:
+        if self.nodes.pop(name, None) is not None:
+            self._node_changed()
+
+    def replace_nodes(self, objs: Iterable[Node | Mapping[str, Any]]) -> None:
+        """A fresh list (initial list or re-list after 410): forget nodes not in it."""
+        recs: dict[str, NodeRecord] = {}
+        for obj in objs:
+            try:
+                node = obj if isinstance(obj, Node) else Node.model_validate(obj)
+            except ValidationError as exc:
+                log.warning("ignoring malformed Node: %s", exc.errors()[0]["msg"])
+                continue
+            if node.metadata.name:
+                recs[node.metadata.name] = NodeRecord.from_node(node)
+        if recs != self.nodes:
+            self.nodes = recs
+            self._node_changed()
+
+    def _node_changed(self) -> None:
+        self.node_version += 1
+        self._dirty_pools = None
+
+    # -- pods ------------------------------------------------------------------
+    def _account(self, rec: PodRecord, sign: int) -> None:
+        if rec.holds_gpus:
+            self.used_gpus[rec.node] = self.used_gpus.get(rec.node, 0) + sign * rec.gpus
+            if self.used_gpus[rec.node] == 0:
+                del self.used_gpus[rec.node]
+            if rec.pool:
+                k = (rec.node, rec.pool)
+                self.pool_gpus[k] = self.pool_gpus.get(k, 0) + sign * rec.gpus
+                if self.pool_gpus[k] == 0:
+                    del self.pool_gpus[k]
+        if rec.pool:
+            members = self.pool_pods.setdefault(rec.pool, set())
+            if sign > 0:
+                members.add(rec.key)
+            else:
+                members.discard(rec.key)
+                if not members:
+                    del self.pool_pods[rec.pool]
+            if self._dirty_pools is not None:
+                self._dirty_pools.add(rec.pool)
+
+    def upsert_pod(self, obj: Pod | Mapping[str, Any]) -> None:
+        pod = obj if isinstance(obj, Pod) else Pod.model_validate(obj)
+        if not pod.metadata.name:
+            return
+        if pod.terminal:  # Succeeded/Failed pods hold no resources
+            self.delete_pod(pod.key)
+            return
+        rec = PodRecord.from_pod(pod, self.default_port)
+        old = self.pods.get(rec.key)
+        if old == rec:
+            return
+        if old is not None:
+            self._account(old, -1)
+        self.pods[rec.key] = rec
+        self._account(rec, +1)
+        self.pod_version += 1
+
+    def delete_pod(self, key: str) -> None:
+        old = self.pods.pop(key, None)
+        if old is not None:
+            self._account(old, -1)
+            self.pod_version += 1
+
+    def replace_pods(self, objs: Iterable[Pod | Mapping[str, Any]]) -> None:
+        fresh: dict[str, PodRecord] = {}
+        for obj in objs:
+            try:
+                pod = obj if isinstance(obj, Pod) else Pod.model_validate(obj)
+            except ValidationError as exc:
+                log.warning("ignoring malformed Pod: %s", exc.errors()[0]["msg"])
+                continue
+            if pod.metadata.name and not pod.terminal:
+                fresh[pod.key] = PodRecord.from_pod(pod, self.default_port)
+        if fresh == self.pods:
+            return
+        self.pods = {}
+        self.used_gpus.clear()
+        self.pool_gpus.clear()
+        self.pool_pods.clear()
+        for rec in fresh.values():
+            self.pods[rec.key] = rec
+            self._account(rec, +1)
+        self.pod_version += 1
+        self._dirty_pools = None
+
+    # -- plan --------------------------------------------------------------------
+    def set_plan(self, plan: PlanDocument | None) -> None:
+        self.plan = plan
+        self.plan_error = ""
+        self.plan_version += 1
+        self._dirty_pools = None
+
+    def set_plan_json(self, text: str | None) -> bool:
+        """Load the plan from ConfigMap/file text; on bad input keep the last good plan."""
+        if text is None:
+            self.set_plan(None)
+            return True
+        try:
+            plan = PlanDocument.from_json(text)
+        except (ValidationError, ValueError) as exc:
+            msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            self.plan_error = f"invalid plan, keeping the previous one: {msg}"
+            log.error("%s", self.plan_error)
+            return False
+        self.set_plan(plan)
+        return True
+
+    def pool_plan(self, pool: str) -> PlannedPool | None:
+        return self.plan.pools.get(pool) if self.plan else None
+
+    def planned_share(self, pool: str, node: str) -> int | None:
+        """GPUs the plan gives ``pool`` on ``node`` (None when the plan says nothing)."""
+        if self.plan is None:
+            return None
+        pn = self.plan.nodes.get(node)
+        if pn is not None and pool in pn.pools:
+            return pn.pools[pool]
+        pp = self.plan.pools.get(pool)
+        if pp is None:
+            return None
+        total = [a.gpus for a in pp.assignments if a.node == node and a.instances > 0]
+        return sum(total) if total else None
+
+    # -- derived -------------------------------------------------------------------
+    def take_dirty_pools(self) -> set[str] | None:
+        """Pools whose endpoints may have changed (None: all of them); resets the set."""
+        dirty = self._dirty_pools
+        self._dirty_pools = set()
+        return dirty
+
+    def table(self) -> NodeTable:
+        versions = (self.node_version, self.pod_version)
+        if self._table is not None and self._table_versions == versions:
+            return self._table
+        old = self._table
+        if old is not None and self._table_versions[0] == self.node_version:
+            used = np.fromiter(
+                (self.used_gpus.get(n, 0) for n in old.names), dtype=np.float64,
+                count=len(old.names),
+            )
+            self._table = NodeTable(
+                old.names, old.index, old.allocatable, used, old.product_ids, old.products,
+                old.host_prefix, old._host_scores,
+            )
+        else:
+            names = sorted(self.nodes)
+            products = sorted({r.product for r in self.nodes.values() if r.product})
+            pid = {p: i for i, p in enumerate(products)}
+            recs = [self.nodes[n] for n in names]
+            self._table = NodeTable(
+                names=names,
+                index={n: i for i, n in enumerate(names)},
+                allocatable=np.array([r.allocatable_gpus for r in recs], dtype=np.float64),
+                used=np.array([self.used_gpus.get(n, 0) for n in names], dtype=np.float64),
+                product_ids=np.array(
+                    [pid[r.product] if r.product else -1 for r in recs], dtype=np.int64
+                ),
+                products=products,
+                host_prefix=[host_prefix(n) for n in names],
+            )
+        self._table_versions = versions
+        return self._table

@@ -1,0 +1,68 @@
+"""Assemble and run the operator: kopf settings, registry, planner, client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import kopf
+
+from joulepool.operator.config import ANNOTATION_PREFIX, FINALIZER, OperatorConfig
+from joulepool.operator.handlers import build_registry
+from joulepool.operator.kube import KubeClient
+from joulepool.operator.planning import Planner
+
+
+def make_settings(config: OperatorConfig) -> kopf.OperatorSettings:
+    """kopf settings: standalone, no CRD/namespace scanning, state in our annotations."""
+    settings = kopf.OperatorSettings()
+    # One replica by design (see the package docstring): no peering objects, no RBAC for them.
+    settings.peering.standalone = True
+    # Resources are discovered once at start-up through API discovery (no RBAC needed);
+    # watching CRDs and listing namespaces would need cluster-wide read access to both.
+    settings.scanning.disabled = True
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    # Events only for what a user must see (invalid specs, failures), not every handler run.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = config.watch_server_timeout
+    settings.watching.client_timeout = config.watch_client_timeout
+    settings.watching.reconnect_backoff = 1.0
+    settings.networking.request_timeout = config.request_timeout
+    return settings
+
+
+class Operator:
+    """One operator instance: planner + kopf registry + settings, runnable in any loop."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self.client = KubeClient(retry_delays=config.retry_delays,
+                                 request_timeout=config.request_timeout)
+        self.planner = Planner(config, self.client)
+        self.registry = build_registry(self.planner, config)
+        self.settings = make_settings(config)
+
+    def run(
+        self, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None,
+    ) -> Awaitable[None]:
+        namespaces = list(self.config.watch_namespaces)
+        kwargs: dict[str, Any] = {}
+        if self.config.liveness_port is not None:
+            kwargs["liveness_endpoint"] = f"http://0.0.0.0:{self.config.liveness_port}/healthz"
+        return kopf.operator(
+            registry=self.registry,
+            settings=self.settings,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            memo=kopf.Memo(),
+            **kwargs,
+        )

@@ -1,0 +1,54 @@
+"""Settings of ``joulepool operator`` (one dataclass; the CLI and tests fill it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_SCHEDULER = "joulepool-scheduler"
+DEFAULT_NAMESPACE = "joulepool-system"
+FINALIZER = "joulepool.dev/finalizer"
+ANNOTATION_PREFIX = "joulepool.dev"
+
+
+def default_namespace() -> str:
+    """The operator's own namespace: ``POD_NAMESPACE``, else the service account's, else a default."""
+    env = os.environ.get("POD_NAMESPACE")
+    if env:
+        return env
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace", encoding="utf-8") as f:
+            return f.read().strip() or DEFAULT_NAMESPACE
+    except OSError:
+        return DEFAULT_NAMESPACE
+
+
+@dataclass
+class OperatorConfig:
+    #: where the plan ConfigMap ``joulepool-plan`` lives
+    namespace: str = field(default_factory=default_namespace)
+    #: namespaces whose InferencePools and Deployments are served; empty = all (cluster-wide)
+    watch_namespaces: tuple[str, ...] = ()
+    scheduler_name: str = DEFAULT_SCHEDULER
+    #: quiet time after the last change before the joint plan runs
+    debounce_seconds: float = 1.0
+    #: a steady stream of changes cannot postpone a plan longer than this
+    max_delay_seconds: float = 10.0
+    #: periodic re-plan when no EnergyPolicy says otherwise (EnergyPolicy.planIntervalSeconds)
+    plan_interval_seconds: float | None = None
+    #: port of kopf's liveness endpoint (``/healthz``); None: no endpoint
+    liveness_port: int | None = None
+    #: concurrent API writes of one reconcile pass
+    write_concurrency: int = 16
+    #: delays between retries of one failed API call (5xx, 409, 429, timeouts)
+    retry_delays: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0, 5.0)
+    #: per-request timeout of the operator's own API calls, seconds
+    request_timeout: float = 30.0
+    #: after a reconcile pass that could not write everything, try again after this
+    resync_after_error_seconds: float = 5.0
+    #: a ``kopf.ConnectionInfo`` to use instead of in-cluster / kubeconfig login (tests)
+    connection: Any = None
+    #: kopf watch-stream timeouts (server side, client side), seconds
+    watch_server_timeout: float | None = 300.0
+    watch_client_timeout: float | None = 330.0

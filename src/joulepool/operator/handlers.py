@@ -1,0 +1,208 @@
+"""kopf handlers: thin translations from watch events to indexes and plan triggers.
+
+Nothing here plans or writes status.  Indexes keep the in-memory view of
+pools, GPU nodes, GPU profiles, the energy policy and the operator's own
+Deployments (kopf fills them from the initial listings before any handler
+runs, so the first plan after a restart sees the whole cluster); handlers
+post Events for bad input and call :meth:`Planner.trigger`.  The one handler
+that waits is the InferencePool finalizer: it holds the pool until a plan
+without it is published and its Deployments are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from joulepool.api.load import ResourceError
+from joulepool.api.models import GROUP, VERSION
+from joulepool.api.plan import POOL_LABEL
+from joulepool.operator.config import OperatorConfig
+from joulepool.operator.planning import POLICY_NAME, Planner
+from joulepool.operator.resources import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    deployment_from_body,
+    node_from_body,
+    parse_policy,
+    parse_pool,
+    parse_profile,
+)
+
+log = logging.getLogger("joulepool.operator.handlers")
+
+POOLS = (GROUP, VERSION, "inferencepools")
+PROFILES = (GROUP, VERSION, "gpuprofiles")
+POLICIES = (GROUP, VERSION, "energypolicies")
+NODES = ("v1", "nodes")
+DEPLOYMENTS = ("apps", "v1", "deployments")
+OWNED = {MANAGED_BY_LABEL: MANAGED_BY, POOL_LABEL: kopf.PRESENT}
+
+#: how long the finalizer waits for a plan without the pool before kopf retries it
+RELEASE_TIMEOUT_S = 120.0
+
+
+def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorRegistry:
+    """A fresh kopf registry with every handler bound to ``planner``."""
+    registry = kopf.OperatorRegistry()
+    state: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- login
+    async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if config.connection is not None:
+            return config.connection  # type: ignore[no-any-return]
+        info: kopf.ConnectionInfo | None = None
+        try:  # the official client understands every kubeconfig (exec plugins, OIDC, ...)
+            info = await asyncio.to_thread(kopf.login_via_client, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - fall back to kopf's own readers
+            log.debug("login via the kubernetes client failed: %s", exc)
+        if info is None:
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return info
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = await _login(**kwargs)
+        if info is not None:
+            state["login_kwargs"] = kwargs
+            planner.client.set_connection(info)
+        return info
+
+    async def relogin() -> Any:
+        return await _login(**state.get("login_kwargs", {}))
+
+    planner.client.relogin = relogin
+
+    # ---------------------------------------------------------------- lifecycle
+    @kopf.on.startup(registry=registry)
+    async def startup(memo: kopf.Memo, **kwargs: Any) -> None:
+        planner.sources.pools = kwargs["jp_pools"]
+        planner.sources.nodes = kwargs["jp_nodes"]
+        planner.sources.profiles = kwargs["jp_profiles"]
+        planner.sources.policies = kwargs["jp_policies"]
+        planner.sources.deployments = kwargs["jp_deployments"]
+        memo["planning_task"] = asyncio.get_running_loop().create_task(
+            planner.run(), name="joulepool planning loop")
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        task = memo.get("planning_task")
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await planner.client.close()
+
+    # ---------------------------------------------------------------- indexes
+    @kopf.index(*POOLS, id="jp_pools", registry=registry)
+    def jp_pools(body: kopf.Body, **_: Any) -> dict[str, Any]:
+        entry = parse_pool(body)
+        return {entry.key: entry}
+
+    @kopf.index(*NODES, id="jp_nodes", registry=registry)
+    def jp_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+        return {name: node_from_body(body)}  # None values: not a GPU node (kept as None)
+
+    @kopf.index(*PROFILES, id="jp_profiles", registry=registry)
+    def jp_profiles(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+        try:
+            return {name: parse_profile(body)}
+        except ResourceError as exc:
+            return {name: exc}
+
+    @kopf.index(*POLICIES, id="jp_policies", registry=registry)
+    def jp_policies(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+        try:
+            return {name: (name, parse_policy(body))}
+        except ResourceError as exc:
+            return {name: (name, exc)}
+
+    @kopf.index(*DEPLOYMENTS, labels=OWNED, id="jp_deployments", registry=registry)
+    def jp_deployments(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): deployment_from_body(body)}
+
+    # ---------------------------------------------------------------- InferencePools
+    @kopf.on.resume(*POOLS, registry=registry)
+    @kopf.on.create(*POOLS, registry=registry)
+    @kopf.on.update(*POOLS, registry=registry)
+    async def pool_changed(body: kopf.Body, **_: Any) -> None:
+        entry = parse_pool(body)
+        if not entry.valid:
+            kopf.warn(body, reason="InvalidSpec", message=entry.error or "invalid spec")
+        planner.trigger(f"InferencePool {entry.key}")
+
+    @kopf.on.delete(*POOLS, registry=registry)
+    async def pool_deleted(body: kopf.Body, **_: Any) -> None:
+        entry = parse_pool(body)
+        ticket = planner.trigger(f"InferencePool {entry.key} deleted")
+        try:
+            ok = await planner.wait_for_pass(ticket, timeout=RELEASE_TIMEOUT_S)
+        except TimeoutError:
+            ok = False
+        published = planner.published
+        if not ok or (published is not None and entry.key in published.pools):
+            raise kopf.TemporaryError(
+                "waiting for a plan without this pool to be published",
+                delay=config.resync_after_error_seconds)
+        try:
+            await planner.delete_deployments_of(entry.key)
+        except Exception as exc:
+            raise kopf.TemporaryError(f"deleting Deployments: {exc}",
+                                      delay=config.resync_after_error_seconds) from exc
+        log.info("InferencePool %s released", entry.key)
+
+    # ---------------------------------------------------------------- other inputs
+    @kopf.on.event(*NODES, registry=registry)
+    async def node_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
+        info = None if type == "DELETED" else node_from_body(body)
+        if planner.changed(("node", name), info):
+            planner.trigger(f"Node {name}")
+
+    @kopf.on.event(*PROFILES, registry=registry)
+    async def profile_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
+        spec = None if type == "DELETED" else dict(body.get("spec") or {})
+        if not planner.changed(("profile", name), repr(spec) if spec is not None else None):
+            return
+        if spec is not None:
+            try:
+                parse_profile(body)
+            except ResourceError as exc:
+                kopf.warn(body, reason="InvalidSpec", message=f"{exc}; profile ignored")
+        planner.trigger(f"GPUProfile {name}")
+
+    @kopf.on.event(*POLICIES, registry=registry)
+    async def policy_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
+        spec = None if type == "DELETED" else dict(body.get("spec") or {})
+        if not planner.changed(("policy", name), repr(spec) if spec is not None else None):
+            return
+        if spec is not None and name != POLICY_NAME:
+            kopf.warn(body, reason="Ignored",
+                      message=f"only the EnergyPolicy named {POLICY_NAME!r} is used")
+            return
+        if spec is not None:
+            try:
+                parse_policy(body)
+            except ResourceError as exc:
+                kopf.warn(body, reason="InvalidSpec",
+                          message=f"{exc}; keeping the last valid policy")
+        planner.trigger(f"EnergyPolicy {name}")
+
+    @kopf.on.event(*DEPLOYMENTS, labels=OWNED, registry=registry)
+    async def deployment_event(
+        type: str | None, body: kopf.Body, namespace: str, name: str, **_: Any,
+    ) -> None:
+        if type == "DELETED":
+            planner.forget_deployment(namespace, name)
+            info = None
+        else:
+            d = deployment_from_body(body)
+            info = (d.replicas, d.ready_replicas, d.spec_hash)
+        if planner.changed(("deployment", namespace, name), info):
+            planner.trigger(f"Deployment {namespace}/{name}")
+
+    return registry

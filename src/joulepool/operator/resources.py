@@ -1,0 +1,593 @@
+"""Pure translations between Kubernetes objects and the operator's view of them.
+
+No I/O, no kopf: every function here takes dicts/models and returns
+dicts/models, so the unit tests cover them without an API server.  The
+planning itself (problem, solve, per-pool outcomes) lives in
+:mod:`joulepool.pooling` and :mod:`joulepool.core.planner`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from joulepool.api.load import ResourceError, from_validation_error
+from joulepool.api.models import (
+    API_VERSION,
+    EnergyPolicy,
+    EnergyPolicySpec,
+    GPUProfile,
+    InferencePool,
+)
+from joulepool.api.plan import POOL_LABEL, PlanDocument, PlannedPool, pool_key
+from joulepool.operator.config import FINALIZER
+from joulepool.pooling import NodeInfo, PoolOutcome
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+REGION_LABEL = "topology.kubernetes.io/region"
+DEFAULT_SITE = "default"
+MODE_LABEL = "joulepool.dev/mode"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "joulepool-operator"
+SPEC_HASH_ANNOTATION = "joulepool.dev/spec-hash"
+PLAN_VERSION_ANNOTATION = "joulepool.dev/plan-version"
+PLAN_VERSION_LABEL = "joulepool.dev/plan-version"
+MAX_LABEL_VALUE = 63
+
+# condition types
+PLANNED, READY, INFEASIBLE, INVALID = "Planned", "Ready", "Infeasible", "Invalid"
+CONDITION_TYPES = (PLANNED, READY, INFEASIBLE, INVALID)
+
+
+# ---------------------------------------------------------------------------
+# InferencePools
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolEntry:
+    """One InferencePool as the operator sees it: identity, parsed spec or the error."""
+
+    key: str
+    namespace: str
+    name: str
+    uid: str | None
+    generation: int | None
+    deleting: bool
+    pool: InferencePool | None  # the validated resource, None when invalid
+    error: str | None  # message naming the field, when invalid
+    field: str | None
+    status: Mapping[str, Any]  # current status as last seen from the API
+    finalized: bool = False  # carries the operator's finalizer (kopf has adopted it)
+
+    @property
+    def valid(self) -> bool:
+        return self.pool is not None
+
+    def ref(self) -> dict[str, Any]:
+        """A minimal body for events (kopf.warn) about this pool."""
+        return {
+            "apiVersion": API_VERSION, "kind": "InferencePool",
+            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid},
+        }
+
+
+def _meta_subset(meta: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("name", "namespace", "generation", "labels", "annotations", "uid")
+    return {k: meta[k] for k in keep if meta.get(k) is not None}
+
+
+def parse_pool(body: Mapping[str, Any]) -> PoolEntry:
+    """Validate an InferencePool object (as watched) into a :class:`PoolEntry`.
+
+    Validation is the pydantic model's (the same the CRD schema is generated
+    from) plus what a schema cannot say: the pool label must fit a label value,
+    and a non-empty pod template must be a pod template.
+    """
+    meta = body.get("metadata") or {}
+    namespace = str(meta.get("namespace") or "default")
+    name = str(meta.get("name") or "")
+    key = pool_key(namespace, name)
+    doc = {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body.get("kind", "InferencePool"),
+        "metadata": {**_meta_subset(meta), "namespace": namespace},
+        "spec": body.get("spec"),
+    }
+    pool: InferencePool | None = None
+    error: ResourceError | None = None
+    try:
+        pool = InferencePool.model_validate(doc)
+        error = _extra_checks(pool, key)
+    except ValidationError as exc:
+        error = from_validation_error(exc)
+    if error is not None:
+        pool = None
+    status = body.get("status")
+    return PoolEntry(
+        key=key, namespace=namespace, name=name, uid=meta.get("uid"),
+        generation=meta.get("generation"), deleting=bool(meta.get("deletionTimestamp")),
+        pool=pool, error=str(error) if error else None,
+        field=error.field if error else None,
+        status=status if isinstance(status, Mapping) else {},
+        finalized=FINALIZER in (meta.get("finalizers") or ()),
+    )
+
+
+def _extra_checks(pool: InferencePool, key: str) -> ResourceError | None:
+    if len(key) > MAX_LABEL_VALUE:
+        return ResourceError(
+            f"namespace + '.' + name is {len(key)} characters; the pool label "
+            f"{POOL_LABEL} allows {MAX_LABEL_VALUE}", "metadata.name")
+    tpl = pool.spec.template
+    if not tpl:
+        return None
+    spec = tpl.get("spec")
+    if spec is None:
+        return None if set(tpl) <= {"metadata"} else ResourceError(
+            "a pod template has only 'metadata' and 'spec'", "spec.template")
+    if not isinstance(spec, Mapping):
+        return ResourceError("must be a pod spec (a mapping)", "spec.template.spec")
+    containers = spec.get("containers", [])
+    if not isinstance(containers, list):
+        return ResourceError("must be a list", "spec.template.spec.containers")
+    for i, c in enumerate(containers):
+        where = f"spec.template.spec.containers[{i}]"
+        if not isinstance(c, Mapping):
+            return ResourceError("must be a container (a mapping)", where)
+        if not c.get("name") or not c.get("image"):
+            return ResourceError("a container needs 'name' and 'image'", where)
+    return None
+
+
+def has_containers(pool: InferencePool) -> bool:
+    spec = pool.spec.template.get("spec") or {}
+    return bool(spec.get("containers"))
+
+
+# ---------------------------------------------------------------------------
+# Nodes, GPU profiles, energy policy
+# ---------------------------------------------------------------------------
+def parse_quantity(value: Any) -> int:
+    """A whole-device count from a Kubernetes quantity ("8", 8, "8000m"); 0 if unreadable."""
+    if value is None:
+        return 0
+    text = str(value).strip()
+    try:
+        if text.endswith("m"):
+            return int(float(text[:-1]) / 1000)
+        return int(float(text))
+    except ValueError:
+        return 0
+
+
+def node_from_body(body: Mapping[str, Any]) -> NodeInfo | None:
+    """The GPU node as the planner sees it, or None (no GPU label, no GPUs, cordoned)."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    product = labels.get(GPU_PRODUCT_LABEL)
+    if not product:
+        return None
+    status = body.get("status") or {}
+    gpus = parse_quantity((status.get("allocatable") or {}).get(GPU_RESOURCE))
+    if gpus <= 0:
+        gpus = parse_quantity((status.get("capacity") or {}).get(GPU_RESOURCE))
+    if gpus <= 0 or (body.get("spec") or {}).get("unschedulable"):
+        return None
+    site = labels.get(REGION_LABEL) or DEFAULT_SITE
+    return NodeInfo.from_label(str(meta.get("name")), str(site), str(product), gpus)
+
+
+def parse_profile(body: Mapping[str, Any]) -> GPUProfile:
+    """Validate a GPUProfile; raises ResourceError naming the field."""
+    try:
+        return GPUProfile.model_validate(_resource_doc(body, "GPUProfile"))
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def parse_policy(body: Mapping[str, Any]) -> EnergyPolicySpec:
+    """Validate an EnergyPolicy; raises ResourceError naming the field."""
+    try:
+        return EnergyPolicy.model_validate(_resource_doc(body, "EnergyPolicy")).spec
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _resource_doc(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body.get("kind", kind),
+        "metadata": _meta_subset(body.get("metadata") or {}),
+    }
+    if body.get("spec") is not None:
+        doc["spec"] = body["spec"]
+    return doc
+
+
+# ---------------------------------------------------------------------------
+# The published plan
+# ---------------------------------------------------------------------------
+def plan_without(doc: PlanDocument, keep: Iterable[str]) -> PlanDocument:
+    """The plan document restricted to the pools in ``keep`` (others' GPUs released)."""
+    keep_set = set(keep)
+    out = doc.model_copy(deep=True)
+    out.pools = {k: p for k, p in out.pools.items() if k in keep_set}
+    for node in out.nodes.values():
+        node.pools = {k: g for k, g in node.pools.items() if k in keep_set}
+    return out
+
+
+def plan_content(doc: PlanDocument) -> str:
+    """The plan without version and time: two plans with equal content serve the same."""
+    data = json.loads(doc.to_json())
+    data.pop("version", None)
+    data.pop("generatedAt", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def plan_configmap(
+    doc: PlanDocument, name: str, namespace: str, latest_feasible: bool, latest_message: str,
+) -> dict[str, Any]:
+    """The ConfigMap body publishing ``doc`` (version in a label and an annotation too)."""
+    from joulepool.api.plan import PLAN_KEY
+
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                MANAGED_BY_LABEL: MANAGED_BY,
+                PLAN_VERSION_LABEL: str(doc.version),
+            },
+            "annotations": {
+                PLAN_VERSION_ANNOTATION: str(doc.version),
+                "joulepool.dev/generated-at": doc.generated_at.isoformat()
+                if doc.generated_at else "",
+                "joulepool.dev/plan-feasible": "true" if doc.feasible else "false",
+                "joulepool.dev/latest-plan-feasible": "true" if latest_feasible else "false",
+                "joulepool.dev/latest-plan-message": latest_message[:1024],
+            },
+        },
+        "data": {PLAN_KEY: doc.to_json()},
+    }
+
+
+def version_of(configmap: Mapping[str, Any] | None) -> int:
+    """The plan version a published ConfigMap carries (0 if none or unreadable)."""
+    if not configmap:
+        return 0
+    from joulepool.api.plan import PLAN_KEY
+
+    ann = (configmap.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(ann.get(PLAN_VERSION_ANNOTATION, ""))
+    except ValueError:
+        pass
+    try:
+        return PlanDocument.from_json((configmap.get("data") or {}).get(PLAN_KEY, "")).version
+    except ValueError:
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# Deployments
+# ---------------------------------------------------------------------------
+_NOT_DNS = re.compile(r"[^a-z0-9-]+")
+
+
+def mode_slug(mode: str) -> str:
+    """A serving mode as a DNS-label fragment: ``2xH100`` -> ``2xh100``."""
+    return _NOT_DNS.sub("-", mode.lower()).strip("-") or "mode"
+
+
+def deployment_name(pool_name: str, mode: str) -> str:
+    """``<pool>-<mode lowercased>``, shortened with a hash if it would exceed 63 characters."""
+    name = f"{pool_name}-{mode_slug(mode)}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """A Deployment the operator owns, as last seen on the watch."""
+
+    namespace: str
+    name: str
+    pool: str  # pool key
+    mode: str
+    replicas: int
+    ready_replicas: int
+    spec_hash: str
+
+
+def deployment_from_body(body: Mapping[str, Any]) -> DeploymentInfo:
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = body.get("status") or {}
+    spec = body.get("spec") or {}
+    return DeploymentInfo(
+        namespace=str(meta.get("namespace") or "default"),
+        name=str(meta.get("name")),
+        pool=str(labels.get(POOL_LABEL, "")),
+        mode=str(labels.get(MODE_LABEL, "")),
+        replicas=int(spec.get("replicas") or 0),
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        spec_hash=str((meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")),
+    )
+
+
+def _gpu_container_index(containers: Sequence[Mapping[str, Any]]) -> int:
+    """The container that gets the GPUs: one already asking for them, else the first."""
+    for i, c in enumerate(containers):
+        res = c.get("resources") or {}
+        if GPU_RESOURCE in (res.get("limits") or {}) or GPU_RESOURCE in (res.get("requests") or {}):
+            return i
+    return 0
+
+
+def build_deployment(
+    entry: PoolEntry, pool: InferencePool, mode: str, replicas: int, gpus_per_instance: int,
+    scheduler_name: str,
+) -> dict[str, Any]:
+    """The serving Deployment of one pool and one serving mode, from ``spec.template``.
+
+    Owner reference to the pool (garbage-collected with it), joulepool's
+    scheduler, the pool and mode labels on selector and pods, ``nvidia.com/gpu``
+    requests = limits = the mode's GPUs per instance on the GPU container,
+    replicas = the plan's instances of that mode.
+    """
+    template = copy.deepcopy(pool.spec.template)
+    tmeta = template.setdefault("metadata", {})
+    selector = {POOL_LABEL: entry.key, MODE_LABEL: mode}
+    tmeta["labels"] = {**(tmeta.get("labels") or {}), **selector}
+    spec = template.setdefault("spec", {})
+    spec["schedulerName"] = scheduler_name
+    containers = spec.get("containers") or []
+    if containers:
+        c = containers[_gpu_container_index(containers)]
+        res = c.setdefault("resources", {})
+        res.setdefault("limits", {})[GPU_RESOURCE] = str(gpus_per_instance)
+        res.setdefault("requests", {})[GPU_RESOURCE] = str(gpus_per_instance)
+        env = c.setdefault("env", [])
+        have = {e.get("name") for e in env if isinstance(e, Mapping)}
+        for k, v in (("JOULEPOOL_POOL", entry.key), ("JOULEPOOL_MODE", mode),
+                     ("JOULEPOOL_GPUS", str(gpus_per_instance))):
+            if k not in have:
+                env.append({"name": k, "value": v})
+    name = deployment_name(entry.name, mode)
+    body: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": entry.namespace,
+            "labels": {**selector, MANAGED_BY_LABEL: MANAGED_BY},
+            "annotations": {},
+            "ownerReferences": [{
+                "apiVersion": API_VERSION, "kind": "InferencePool", "name": entry.name,
+                "uid": entry.uid or "", "controller": True, "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": dict(selector)},
+            # GPUs are planned to the instance: a surge pod would have no GPU to land on.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": template,
+        },
+    }
+    body["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(body)
+    return body
+
+
+def spec_hash(body: Mapping[str, Any]) -> str:
+    """Fingerprint of what the operator sets on a Deployment (labels, owner, spec)."""
+    meta = body.get("metadata") or {}
+    data = {"labels": meta.get("labels"), "owners": meta.get("ownerReferences"),
+            "spec": body.get("spec")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def desired_deployments(
+    entry: PoolEntry, pool: InferencePool, planned: PlannedPool, scheduler_name: str,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every Deployment a pool's planned instances need, one per serving mode."""
+    if not has_containers(pool):
+        return {}
+    by_mode: dict[str, tuple[int, int]] = {}
+    for a in planned.assignments:
+        if a.instances <= 0:
+            continue
+        n, g = by_mode.get(a.mode, (0, a.gpus_per_instance))
+        by_mode[a.mode] = (n + a.instances, g)
+    out = {}
+    for mode, (replicas, gpus) in sorted(by_mode.items()):
+        body = build_deployment(entry, pool, mode, replicas, gpus, scheduler_name)
+        out[(entry.namespace, body["metadata"]["name"])] = body
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------
+def now_utc() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """What one reconcile pass knows about the plans, for the status of any pool."""
+
+    #: the plan in force (published); None before the first plan
+    in_force: PlanDocument | None
+    in_force_outcomes: Mapping[str, PoolOutcome]
+    in_force_feasible: bool
+    #: the newest plan attempt (may be the same plan, or an infeasible one kept back)
+    latest_feasible: bool
+    latest_outcomes: Mapping[str, PoolOutcome]
+    latest_binding: str
+    #: pools that were part of the newest attempt
+    latest_pools: frozenset[str]
+
+    @property
+    def kept(self) -> bool:
+        """The newest plan was infeasible and an older feasible plan is still served."""
+        return not self.latest_feasible and self.in_force_feasible
+
+
+def _cond(type_: str, status: bool, reason: str, message: str) -> dict[str, Any]:
+    return {"type": type_, "status": "True" if status else "False",
+            "reason": reason, "message": message}
+
+
+def _placement(outcome: PoolOutcome | None) -> str:
+    if outcome is None or not outcome.assignments:
+        return "no instances"
+    return ", ".join(f"{a.instances}x{a.mode}@{a.node}" for a in outcome.assignments)
+
+
+def pool_conditions(
+    entry: PoolEntry, view: PlanView, ready_replicas: int, deployable: bool,
+) -> list[dict[str, Any]]:
+    """The four conditions of a pool, without transition times (see :func:`with_times`)."""
+    key = entry.key
+    conds = []
+    # Invalid: the spec as written now
+    if entry.valid:
+        conds.append(_cond(INVALID, False, "Valid", "spec is valid"))
+    else:
+        conds.append(_cond(INVALID, True, "InvalidSpec", entry.error or "invalid spec"))
+    in_plan = view.in_force is not None and key in view.in_force.pools
+    served = view.in_force_outcomes.get(key) if in_plan else None
+    latest = view.latest_outcomes.get(key) if key in view.latest_pools else None
+    stale = "" if entry.valid else "; serving the last valid spec"
+    version = view.in_force.version if view.in_force is not None else 0
+    # Planned: reflects the plan in force
+    if served is not None and view.kept:
+        conds.append(_cond(PLANNED, True, "LastFeasiblePlan",
+                           f"newest plan is infeasible; serving the last feasible plan "
+                           f"v{version}: {_placement(served)}{stale}"))
+    elif served is not None and served.planned:
+        conds.append(_cond(PLANNED, True, "Planned",
+                           f"plan v{version}: {_placement(served)}{stale}"))
+    elif served is not None:
+        conds.append(_cond(PLANNED, False, "PartiallyPlanned",
+                           f"no feasible plan yet; best-effort plan v{version}: "
+                           f"{_placement(served)}; {served.message}"))
+    elif not entry.valid and key not in view.latest_pools:
+        conds.append(_cond(PLANNED, False, "InvalidSpec", "not planned: the spec is invalid"))
+    elif view.kept:
+        conds.append(_cond(PLANNED, False, "NoFeasiblePlan",
+                           "not in the last feasible plan; waiting for a feasible plan"))
+    else:
+        conds.append(_cond(PLANNED, False, "NotPlanned", "not in the plan"))
+    # Infeasible: this pool's unmet demand in the newest attempt
+    if latest is not None and not latest.planned:
+        conds.append(_cond(INFEASIBLE, True, "UnmetDemand", latest.message))
+    elif latest is not None and not view.latest_feasible:
+        conds.append(_cond(INFEASIBLE, False, "Feasible",
+                           "this pool's demand can be met, other pools' cannot: "
+                           f"{view.latest_binding}"[:1024]))
+    elif latest is not None:
+        conds.append(_cond(INFEASIBLE, False, "Feasible", "demand met with headroom"))
+    else:
+        conds.append(_cond(INFEASIBLE, False, "NotPlanned", "not part of the newest plan"))
+    # Ready: the Deployments' ready replicas vs the plan in force
+    want = served.replicas if served is not None else 0
+    if want <= 0:
+        conds.append(_cond(READY, False, "NoReplicasPlanned", "no instances planned"))
+    elif not deployable:
+        conds.append(_cond(READY, False, "NoTemplate",
+                           "spec.template has no containers: planned, nothing to deploy"))
+    elif ready_replicas >= want:
+        conds.append(_cond(READY, True, "ReplicasReady",
+                           f"{ready_replicas}/{want} replicas ready"))
+    else:
+        conds.append(_cond(READY, False, "ReplicasNotReady",
+                           f"{ready_replicas}/{want} replicas ready"))
+    return conds
+
+
+def pool_status(
+    entry: PoolEntry, view: PlanView, ready_replicas: int, deployable: bool,
+) -> dict[str, Any]:
+    """The pool's status without times: conditions, assignments and figures."""
+    key = entry.key
+    in_plan = view.in_force is not None and key in view.in_force.pools
+    served = view.in_force_outcomes.get(key) if in_plan else None
+    status: dict[str, Any] = {
+        "observedGeneration": entry.generation,
+        "conditions": pool_conditions(entry, view, ready_replicas, deployable),
+        "assignments": [a.model_dump(by_alias=True, mode="json")
+                        for a in (served.assignments if served else ())],
+        "replicas": served.replicas if served else 0,
+        "expectedPowerWatts": _round(served.expected_power_w) if served else None,
+        "joulesPerToken": _round(served.joules_per_token) if served else None,
+        "gramsCO2PerHour": _round(served.grams_co2_per_hour) if served else None,
+    }
+    return status
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.6g}")
+
+
+def _strip_times(status: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in status.items() if v is not None and k != "lastPlanTime"}
+    out["conditions"] = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"}
+        for c in status.get("conditions") or [] if isinstance(c, Mapping)
+    ]
+    out.setdefault("assignments", [])
+    return out
+
+
+def same_status(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Equal apart from times (and None vs absent)."""
+    return _strip_times(a) == _strip_times(b)
+
+
+def with_times(
+    status: dict[str, Any], previous: Mapping[str, Any], now: datetime, force: bool = False,
+) -> dict[str, Any]:
+    """Add ``lastTransitionTime`` (kept while a condition's status holds) and ``lastPlanTime``
+    (kept while nothing else changes, unless ``force``: a periodic re-plan stamps it)."""
+    prev_conds = {c.get("type"): c for c in previous.get("conditions") or []
+                  if isinstance(c, Mapping)}
+    stamp = _iso(now)
+    for c in status["conditions"]:
+        old = prev_conds.get(c["type"])
+        if old is not None and old.get("status") == c["status"] and old.get("lastTransitionTime"):
+            c["lastTransitionTime"] = old["lastTransitionTime"]
+        else:
+            c["lastTransitionTime"] = stamp
+    unchanged = same_status(status, previous) and previous.get("lastPlanTime")
+    status["lastPlanTime"] = previous["lastPlanTime"] if unchanged and not force else stamp
+    return status
+
+
+def status_patch(status: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge patch for the status subresource: every field set; None (JSON null) unsets."""
+    return {"status": dict(status)}
+
+
+def fingerprint(parts: Sequence[Any]) -> str:
+    """Stable digest of the planning inputs (skip a solve when nothing changed)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

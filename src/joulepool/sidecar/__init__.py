@@ -1,0 +1,1 @@
+"""Node agent (MIAD clock control over NVML), simulated NVML and the fake vLLM engine."""

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one node agent, in its own registry (tests never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+GPU_LABELS = ("gpu", "product", "node")
+
+
+class AgentMetrics:
+    def __init__(self, node: str, registry: CollectorRegistry | None = None) -> None:
+        self.node = node
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.energy = Counter(
+            "joulepool_gpu_energy_joules", "GPU energy since the agent started (NVML counter)",
+            GPU_LABELS, registry=r)
+        self.power = Gauge("joulepool_gpu_power_watts", "GPU board power", GPU_LABELS, registry=r)
+        self.sm_clock = Gauge("joulepool_gpu_sm_clock_mhz", "current SM clock", GPU_LABELS,
+                              registry=r)
+        self.target_clock = Gauge(
+            "joulepool_gpu_target_clock_mhz",
+            "clock MIAD locked the GPU to (0: not locked, the driver decides)",
+            GPU_LABELS, registry=r)
+        self.decisions = Counter(
+            "joulepool_miad_decisions", "MIAD decisions by direction",
+            (*GPU_LABELS, "direction"), registry=r)
+        self.eps = Gauge(
+            "joulepool_gpu_joules_per_token",
+            "online estimate of this GPU's energy per output token of the engine(s) it serves",
+            (*GPU_LABELS, "model"), registry=r)
+        self.control_errors = Counter(
+            "joulepool_control_errors", "failed NVML control or read calls (gpu=all: agent-wide)",
+            GPU_LABELS, registry=r)
+        self.gpu_lost = Gauge("joulepool_gpu_lost", "1 while the GPU is lost", GPU_LABELS,
+                              registry=r)
+        self.monitor_only = Gauge(
+            "joulepool_sidecar_monitor_only",
+            "1 when the agent cannot lock clocks (no privilege) and only measures",
+            ("node",), registry=r)
+        self.controllable = Gauge(
+            "joulepool_gpu_clock_control_supported",
+            "1 if the agent can lock this GPU's clocks", GPU_LABELS, registry=r)
+        self.tick_lag = Histogram(
+            "joulepool_sidecar_tick_lag_seconds", "control loop start lag behind its schedule",
+            ("node",), registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.tick_seconds = Histogram(
+            "joulepool_sidecar_tick_seconds", "time one control period took",
+            ("node",), registry=r,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.scrape_errors = Counter(
+            "joulepool_engine_scrape_errors", "failed scrapes of a serving engine's /metrics",
+            ("node", "engine"), registry=r)
+        self.published = Counter(
+            "joulepool_profile_publications", "eps estimates written to GPUProfile status",
+            ("node", "result"), registry=r)
+        self.monitor_only.labels(node).set(0)
+
+    def gpu(self, index: int, product: str) -> tuple[str, str, str]:
+        return (str(index), product, self.node)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

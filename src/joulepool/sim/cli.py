@@ -1,0 +1,230 @@
+"""``joulepool simulate``: replay a trace on a simulated cluster and compare policies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Replay a production LLM trace on a simulated heterogeneous GPU cluster and compare "
+        "scheduling policies on energy, carbon, latency and SLOs. With no arguments: the "
+        "joulesched-320 cluster, the bundled Azure 2023 conversation trace, every policy."
+    )
+    parser.add_argument("--cluster", default="joulesched-320", metavar="NAME|FILE",
+                        help="built-in cluster (joulesched-320, freesh-3site) or a cluster YAML "
+                             "(default: %(default)s)")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="trace CSV with TIMESTAMP,ContextTokens,GeneratedTokens "
+                             "(default: the bundled Azure 2023 conversation trace)")
+    parser.add_argument("--policies", default="all",
+                        help="comma-separated policies: round-robin, least-loaded, joulesched, "
+                             "freesh, combined, max-clock, miad-only, planner-only (default: all)")
+    parser.add_argument("--duration", type=float, metavar="SECONDS",
+                        help="simulated window in seconds (default: the cluster's, "
+                             "600 for joulesched-320, 3600 for freesh-3site)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--load", type=float, metavar="F",
+                      help="offered load as a fraction of the rate at which round-robin "
+                           "saturates the slowest static instance (default 0.8 on "
+                           "joulesched-320; freesh-3site defaults to --scale 1)")
+    load.add_argument("--rate", type=float, metavar="RPS",
+                      help="mean arrival rate, req/s (NHPP with the trace's per-minute shape)")
+    load.add_argument("--scale", type=float, metavar="X",
+                      help="multiply the trace's per-minute rates by X (NHPP)")
+    load.add_argument("--replay", action="store_true",
+                      help="replay the trace's own timestamps and tokens as they are")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="independent repeats (seeds seed..seed+N-1) for 95%% confidence "
+                             "intervals (default 1)")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="parallel processes (default: CPUs available)")
+    parser.add_argument("--out", default="results", metavar="DIR",
+                        help="directory for the JSON result and PNG plots (default: results/)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--mix", default="0.64,0.28,0.08", metavar="CHAT,RAG,BATCH",
+                        help="workload shares (default JouleSched's 0.64,0.28,0.08)")
+    parser.add_argument("--predictor-mae", type=float, default=0.12, metavar="F",
+                        help="response-length predictor error (default JouleSched's 0.12)")
+    parser.add_argument("--bulk-slack", type=float, default=10.0, metavar="K",
+                        help="bulk tier SLOs and deadlines are K x the interactive ones "
+                             "(default 10, assumed)")
+    parser.add_argument("--alpha", type=float, default=1.1,
+                        help="planner demand headroom (default FREESH's 1.1)")
+    parser.add_argument("--eps-at-clock", action="store_true",
+                        help="JouleSched reads eps at each GPU's current clock, not f_max "
+                             "(with MIAD the router then chases down-clocked GPUs)")
+    parser.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
+                        help="sensitivity: override an assumed profile figure: gamma, "
+                             "beta_decode, beta_prefill, prefill_scale, idle_w.<PRODUCT> "
+                             "(repeatable)")
+
+
+def _fail(msg: str) -> Any:
+    from joulepool.cli import UsageError
+
+    raise UsageError(msg)
+
+
+def _parse_args(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    try:
+        mix = tuple(float(x) for x in str(args.mix).split(","))
+    except ValueError:
+        _fail(f"--mix {args.mix!r}: expected three numbers like 0.64,0.28,0.08")
+    if len(mix) != 3 or any(x < 0 for x in mix) or abs(sum(mix) - 1.0) > 1e-6 or mix[2] >= 1:
+        _fail(f"--mix {args.mix!r}: three non-negative shares summing to 1 (batch below 1)")
+    out["mix"] = mix
+    assumptions: dict[str, float] = {}
+    for item in args.assume:
+        key, sep, value = str(item).partition("=")
+        try:
+            assumptions[key.strip()] = float(value)
+        except ValueError:
+            _fail(f"--assume {item!r}: expected KEY=NUMBER")
+        if not sep:
+            _fail(f"--assume {item!r}: expected KEY=NUMBER")
+    out["assume"] = assumptions
+    for name in ("duration", "load", "rate", "scale"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and v < float("inf")):
+            _fail(f"--{name} must be a positive number, got {v}")
+    if args.repeat < 1:
+        _fail("--repeat must be >= 1")
+    if args.jobs is not None and args.jobs < 1:
+        _fail("--jobs must be >= 1")
+    if not 0 <= args.predictor_mae < 5:
+        _fail("--predictor-mae must be in [0, 5)")
+    if args.bulk_slack < 1:
+        _fail("--bulk-slack must be >= 1")
+    if args.alpha < 1:
+        _fail("--alpha must be >= 1")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from joulepool.sim.cluster import ClusterError, resolve_cluster
+    from joulepool.sim.engine import EngineParams
+    from joulepool.sim.policies import parse_policies
+    from joulepool.sim.runner import (
+        Experiment,
+        apply_assumptions,
+        default_jobs,
+        run_experiment,
+        summarise_floor,
+    )
+    from joulepool.sim.trace import ATTRIBUTION, TraceError, load_trace, vendored_trace_path
+
+    t0 = time.perf_counter()
+    extra = _parse_args(args)
+    try:
+        policies = parse_policies(args.policies)
+    except ValueError as exc:
+        _fail(f"--policies: {exc}")
+    try:
+        cluster = resolve_cluster(args.cluster)
+    except ClusterError as exc:
+        _fail(str(exc))
+    if extra["assume"]:
+        try:
+            cluster = replace(cluster, profiles=apply_assumptions(cluster.profiles,
+                                                                  extra["assume"]))
+        except ValueError as exc:
+            _fail(f"--assume: {exc}")
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as exc:
+        _fail(str(exc))
+    if args.replay:
+        mode, value = "replay", 1.0
+    elif args.rate is not None:
+        mode, value = "rate", args.rate
+    elif args.scale is not None:
+        mode, value = "scale", args.scale
+    elif args.load is not None:
+        mode, value = "load", args.load
+    else:
+        mode, value = cluster.default_arrival
+    duration = args.duration or cluster.duration_s
+    jobs = args.jobs or default_jobs()
+    exp = Experiment(
+        cluster=cluster, trace=trace, duration_s=duration, arrival_mode=mode,  # type: ignore[arg-type]
+        arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat, jobs=jobs,
+        mix=extra["mix"], predictor_mae=args.predictor_mae, bulk_slack=args.bulk_slack,
+        alpha=args.alpha, params=EngineParams(eps_at_current_clock=args.eps_at_clock),
+    )
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--out {out_dir}: cannot create: {exc.strerror or exc}")
+
+    show = not args.quiet and sys.stderr.isatty()
+    bar: Any = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=round(duration * len(policies) * args.repeat), unit="sim-s",
+                   desc="simulating", file=sys.stderr, leave=False)
+
+    def progress(done: float, total: float) -> None:
+        if bar is not None:
+            bar.n = min(round(done), bar.total)
+            bar.refresh()
+
+    try:
+        res = run_experiment(exp, progress=progress)
+    except ValueError as exc:
+        _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    from joulepool.sim.report import legend, render_table, result_document, summarise, write_json
+
+    summary = summarise(res)
+    trace_name = "bundled Azure LLM inference trace 2023 (conversation)" if args.trace is None \
+        else str(args.trace)
+    print(f"joulepool simulate: {cluster.name}, {duration:g} s simulated, "
+          f"{len(policies)} policies x {args.repeat} repeat(s), seed {args.seed}")
+    print(f"trace: {trace_name}")
+    for line in res.description:
+        print(f"  {line}")
+    print()
+    print(render_table(res, summary))
+    for line in legend(res):
+        print(line)
+    print()
+    print(summarise_floor(res.repeats[0].floor))
+    for plan in res.repeats[0].plans:
+        print(plan.describe())
+    for policy, runs in summary.runs.items():
+        for note in runs[0]["notes"]:
+            if not note.startswith("plan @"):
+                print(f"{policy}: {note}")
+    stem = cluster.name
+    files: list[str] = []
+    if not args.no_plots:
+        from joulepool.sim.plots import write_plots
+
+        files += [str(p) for p in write_plots(res, summary, out_dir, stem)]
+    json_path = out_dir / f"{stem}-result.json"
+    argv = ["joulepool", "simulate", *sys.argv[2:]] if len(sys.argv) > 1 else []
+    write_json(json_path, result_document(res, summary, files, argv))
+    files.append(str(json_path))
+    rps = [s["sim_requests_per_s"].mean for s in summary.stats.values()]
+    print()
+    print(f"simulated {min(rps):,.0f}-{max(rps):,.0f} requests per wall-clock second per policy; "
+          f"{jobs} process(es); wall time {time.perf_counter() - t0:.1f} s")
+    print("results: " + "  ".join(files))
+    if args.trace is None or Path(args.trace).resolve() == vendored_trace_path().resolve():
+        print(f"trace data: {ATTRIBUTION}")
+    return 0

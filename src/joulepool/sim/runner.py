@@ -1,0 +1,327 @@
+"""Runs every (policy, repeat) of an experiment, in parallel processes when asked.
+
+Each repeat draws its own workload from ``seed + repeat``; all policies of a
+repeat serve that same workload (common random numbers), so their
+differences are not sampling noise. Planner windows and the energy floor
+depend only on the workload and are computed once per repeat.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
+from joulepool.core.classes import CLASS_NAMES, freesh_slo
+from joulepool.core.profiles import ServingProfile, assumed
+from joulepool.sim.cluster import SimCluster
+from joulepool.sim.engine import EngineParams, RunResult, simulate, static_deployment
+from joulepool.sim.planning import PLAN_ALPHA, WindowPlan, plan_windows
+from joulepool.sim.policies import POLICIES
+from joulepool.sim.tables import ProfileTable, build_table
+from joulepool.sim.trace import Trace
+from joulepool.sim.workload import (
+    DEFAULT_BULK_SLACK,
+    DEFAULT_MIX,
+    DEFAULT_PREDICTOR_MAE,
+    Workload,
+    build_workload,
+)
+
+#: the tightest TPOT of any class (FREESH: 150 ms): fixes each profile's operating batch
+TPOT_TARGET_S = 0.15
+#: default offered load: this fraction of the rate at which round-robin saturates
+#: the slowest static instance (so the baseline is stable and comparisons are at iso-work)
+DEFAULT_LOAD = 0.8
+
+ArrivalMode = Literal["replay", "scale", "rate", "load"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    cluster: SimCluster
+    trace: Trace
+    duration_s: float
+    arrival_mode: ArrivalMode = "load"
+    arrival_value: float = DEFAULT_LOAD
+    policies: tuple[str, ...] = tuple(POLICIES)
+    seed: int = 0
+    repeat: int = 1
+    jobs: int = 1
+    mix: tuple[float, float, float] = DEFAULT_MIX
+    predictor_mae: float = DEFAULT_PREDICTOR_MAE
+    bulk_slack: float = DEFAULT_BULK_SLACK
+    alpha: float = PLAN_ALPHA
+    params: EngineParams = field(default_factory=EngineParams)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Sustainable request rates of the static deployment at the trace's mean tokens."""
+
+    per_mode_rps: dict[str, float]
+    instances: dict[str, int]
+    total_rps: float
+    rr_stable_rps: float  # instances x slowest instance's rate
+
+
+@dataclass
+class RepeatData:
+    seed: int
+    workload: Workload
+    plans: list[WindowPlan]
+    floor: FloorResult
+
+
+@dataclass
+class ExperimentResult:
+    experiment: Experiment
+    tables: dict[str, ProfileTable]
+    capacity: Capacity
+    repeats: list[RepeatData]
+    runs: dict[str, list[RunResult]]  # policy -> one per repeat
+    description: list[str]
+    wall_s: float
+
+
+# ------------------------------------------------------------------ sensitivity
+SENSITIVE = ("gamma", "beta_decode", "beta_prefill", "prefill_scale", "idle_w.<PRODUCT>")
+
+
+def apply_assumptions(
+    profiles: Sequence[ServingProfile], settings: dict[str, float]
+) -> tuple[ServingProfile, ...]:
+    """Profiles with assumed figures replaced (CALIBRATION.md's sensitivity option).
+
+    Keys: ``gamma``, ``beta_decode``, ``beta_prefill`` (the clock laws),
+    ``prefill_scale`` (multiplies every prefill rate) and ``idle_w.H100`` etc.
+    """
+    out = []
+    for p in profiles:
+        q = p
+        for key, value in settings.items():
+            why = f"sensitivity run: {key}={value:g}"
+            if key == "gamma":
+                q = replace(q, gamma=assumed(value, why))
+            elif key == "beta_decode":
+                q = replace(q, beta_decode=assumed(value, why))
+            elif key == "beta_prefill":
+                q = replace(q, beta_prefill=assumed(value, why))
+            elif key == "prefill_scale":
+                q = replace(q, prefill_tokens_per_s=assumed(
+                    q.prefill_tokens_per_s.value * value, why))
+            elif key.startswith("idle_w."):
+                if key.split(".", 1)[1] == q.product.name:
+                    q = replace(q, product=replace(q.product, idle_w=assumed(value, why)))
+            else:
+                raise ValueError(f"unknown assumption {key!r}; known: {', '.join(SENSITIVE)}")
+        out.append(q)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ building blocks
+def model_tables(cluster: SimCluster) -> dict[str, ProfileTable]:
+    modes: dict[str, ProfileTable] = {}
+    for p in cluster.profiles:
+        if p.model == cluster.model:
+            modes[p.mode] = build_table(p, TPOT_TARGET_S)  # later profiles win
+    return modes
+
+
+def static_capacity(cluster: SimCluster, mean_in: float, mean_out: float,
+                    tables: dict[str, ProfileTable]) -> Capacity:
+    per_mode: dict[str, float] = {}
+    instances: dict[str, int] = {}
+    for _, mode, count in static_deployment(cluster, tables):
+        prof = tables[mode].profile
+        # throughput capacity: TPOT-limited batch, prefill included, TTFT not binding
+        per_mode[mode] = prof.operating_point(mean_in, mean_out, math.inf, TPOT_TARGET_S)[1]
+        instances[mode] = instances.get(mode, 0) + count
+    if not instances:
+        return Capacity({}, {}, 0.0, 0.0)
+    total = sum(per_mode[m] * n for m, n in instances.items())
+    n_inst = sum(instances.values())
+    slowest = min(per_mode[m] for m in instances)
+    return Capacity(per_mode, instances, total, n_inst * slowest)
+
+
+def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
+    demands = []
+    for ci, name in enumerate(CLASS_NAMES):
+        base = freesh_slo(name)
+        for bulk in (False, True):
+            sel = (workload.cls == ci) & (workload.bulk == bulk)
+            if not sel.any():
+                continue
+            k = workload.tpot_slo_s[sel][0] / base.tpot_s
+            demands.append(FloorDemand(
+                name=f"{name}/{'bulk' if bulk else 'interactive'}",
+                output_tokens=float(workload.output_tokens[sel].sum()),
+                input_tokens=float(workload.input_tokens[sel].sum()),
+                mean_input_tokens=float(workload.input_tokens[sel].mean()),
+                ttft_s=base.ttft_s * k,
+                tpot_s=base.tpot_s * k,
+            ))
+    gpus = [FloorGPUs(s, p, n) for (s, p), n in cluster.gpu_counts().items()]
+    profiles = [p for p in cluster.profiles if p.model == cluster.model]
+    idle = {p: cluster.idle_w(p) for (_, p) in cluster.gpu_counts()}
+    return energy_floor(demands, gpus, profiles, workload.duration_s, idle_w=idle)
+
+
+def resolve_rate(exp: Experiment, capacity: Capacity) -> tuple[Literal["replay", "scale", "rate"],
+                                                                  float, list[str]]:
+    notes = []
+    if exp.arrival_mode == "load":
+        rate = exp.arrival_value * capacity.rr_stable_rps
+        if rate <= 0:
+            raise ValueError("the cluster has no static instance to size the load by")
+        slow = min(capacity.per_mode_rps, key=lambda m: capacity.per_mode_rps[m])
+        notes.append(
+            f"load {exp.arrival_value:g} x round-robin-stable rate "
+            f"({sum(capacity.instances.values())} static instances x "
+            f"{capacity.per_mode_rps[slow]:.2f} req/s, the slowest ({slow}) instance's rate) "
+            f"= {rate:.1f} req/s; the static deployment sustains {capacity.total_rps:.0f} req/s "
+            f"in all, so the cluster runs at {100 * rate / capacity.total_rps:.1f} % of capacity"
+        )
+        return "rate", rate, notes
+    return exp.arrival_mode, exp.arrival_value, notes
+
+
+# ------------------------------------------------------------------ parallel plumbing
+_SHARED: dict[str, object] = {}
+
+
+def _run_task(task: tuple[str, int]) -> tuple[str, int, RunResult]:
+    policy, r = task
+    exp = _SHARED["exp"]
+    tables = _SHARED["tables"]
+    repeats = _SHARED["repeats"]
+    capacity = _SHARED["capacity"]
+    progress_q = _SHARED.get("progress")
+    assert isinstance(exp, Experiment) and isinstance(repeats, list)
+    assert isinstance(tables, dict) and isinstance(capacity, Capacity)
+    rep = repeats[r]
+    assert isinstance(rep, RepeatData)
+    last = [0.0]
+
+    def progress(t: float) -> None:
+        if progress_q is not None:
+            progress_q.put(t - last[0])  # type: ignore[attr-defined]
+        last[0] = t
+
+    res = simulate(
+        exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans, exp.params,
+        seed=rep.seed, progress=progress, static_capacity_rps=capacity.per_mode_rps,
+    )
+    if progress_q is not None:
+        progress_q.put(exp.duration_s - last[0])  # type: ignore[attr-defined]
+    return policy, r, res
+
+
+def run_experiment(
+    exp: Experiment,
+    progress: Callable[[float, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Run everything; ``progress(done_sim_s, total_sim_s)`` is called as runs advance."""
+    t0 = time.perf_counter()
+    tables = model_tables(exp.cluster)
+    cap = static_capacity(exp.cluster, float(exp.trace.input_tokens.mean()),
+                          float(exp.trace.output_tokens.mean()), tables)
+    mode, value, notes = resolve_rate(exp, cap)
+    description = exp.cluster.describe() + notes
+    need_plans = any(POLICIES[p].uses_planner for p in exp.policies)
+    repeats: list[RepeatData] = []
+    for r in range(exp.repeat):
+        seed = exp.seed + r
+        wl = build_workload(
+            exp.trace, exp.duration_s, mode=mode, value=value, seed=seed, mix=exp.mix,
+            predictor_mae=exp.predictor_mae, bulk_slack=exp.bulk_slack,
+        )
+        plans = plan_windows(exp.cluster, wl, alpha=exp.alpha) if need_plans else []
+        repeats.append(RepeatData(seed, wl, plans, floor_for(exp.cluster, wl)))
+        if r == 0:
+            description += list(wl.description)
+    tasks = [(p, r) for r in range(exp.repeat) for p in exp.policies]
+    total = exp.duration_s * len(tasks)
+    done = 0.0
+    runs: dict[str, list[RunResult | None]] = {p: [None] * exp.repeat for p in exp.policies}
+    _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=cap)
+    jobs = max(1, min(exp.jobs, len(tasks)))
+    try:
+        if jobs == 1:
+            _SHARED["progress"] = None
+            for k, (policy, r) in enumerate(tasks):
+                base = k * exp.duration_s
+
+                def step(t: float, base: float = base) -> None:
+                    if progress:
+                        progress(base + t, total)
+
+                rep = repeats[r]
+                res = simulate(exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans,
+                               exp.params, seed=rep.seed, progress=step,
+                               static_capacity_rps=cap.per_mode_rps)
+                runs[policy][r] = res
+                if progress:
+                    progress(base + exp.duration_s, total)
+                if log:
+                    log(f"{policy} (repeat {r}): {rep.workload.requests / res.wall_s:,.0f} "
+                        f"simulated req/s")
+        else:
+            ctx = mp.get_context("fork")
+            pq = ctx.Queue()
+            _SHARED["progress"] = pq
+            with ctx.Pool(jobs) as pool:
+                pending = [pool.apply_async(_run_task, (task,)) for task in tasks]
+                while pending:
+                    try:
+                        while True:
+                            done += float(pq.get(timeout=0.2))
+                            if progress:
+                                progress(min(done, total), total)
+                    except queue.Empty:
+                        pass
+                    still = []
+                    for a in pending:
+                        if a.ready():
+                            policy, r, res = a.get()
+                            runs[policy][r] = res
+                            if log:
+                                log(f"{policy} (repeat {r}): "
+                                    f"{repeats[r].workload.requests / res.wall_s:,.0f} "
+                                    "simulated req/s")
+                        else:
+                            still.append(a)
+                    pending = still
+    finally:
+        _SHARED.clear()
+    final = {p: [x for x in v if x is not None] for p, v in runs.items()}
+    return ExperimentResult(exp, tables, cap, repeats, final, description,
+                            time.perf_counter() - t0)
+
+
+def default_jobs() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+def summarise_floor(floor: FloorResult) -> str:
+    if not floor.feasible:
+        return f"energy floor: none ({floor.status})"
+    use = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(floor.usage.items()))
+    relaxed = f"; SLO relaxed for {', '.join(floor.slo_relaxed)}" if floor.slo_relaxed else ""
+    return (
+        f"energy floor (LP): {floor.energy_j / floor.horizon_s * 3600 / 1e6:.1f} MJ/h, "
+        f"{floor.joules_per_token:.3f} J/token, of which idle "
+        f"{100 * floor.idle_j / floor.energy_j:.0f} %; GPU-time used: {use or 'none'}{relaxed}"
+    )

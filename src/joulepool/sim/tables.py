@@ -1,0 +1,78 @@
+"""Core's performance and power model, tabulated once per serving profile.
+
+The event loop must not call numpy per event, so every quantity it needs is
+evaluated here by :mod:`joulepool.core.profiles` over the whole grid (every
+supported SM clock x every batch 0..max) and read back by index. Nothing is
+derived here: each table entry is a core function value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from joulepool.core.profiles import ServingProfile
+
+
+@dataclass(frozen=True)
+class ProfileTable:
+    profile: ServingProfile
+    clocks: tuple[float, ...]  # ascending supported SM clocks, MHz
+    itl_s: tuple[tuple[float, ...], ...]  # [clock][batch]; batch 0 holds batch 1's value
+    power_w: tuple[tuple[float, ...], ...]  # [clock][batch]; batch 0 = idle
+    tps: tuple[tuple[float, ...], ...]  # decode tokens/s [clock][batch]; batch 0 = batch 1's
+    prefill_s_per_token: tuple[float, ...]  # [clock]
+    prefill_power_w: tuple[float, ...]  # [clock]
+    eps_j_per_token: tuple[float, ...]  # [clock]: J/token at the operating batch
+    operating_batch: tuple[int, ...]  # [clock]: largest batch meeting the TPOT target
+    max_batch: int
+    gpus: int
+    gpu_idle_w: float
+
+    @property
+    def top(self) -> int:
+        """Index of f_max."""
+        return len(self.clocks) - 1
+
+    @property
+    def mode(self) -> str:
+        return self.profile.mode
+
+    def clock_index(self, mhz: float) -> int:
+        return int(np.argmin(np.abs(np.asarray(self.clocks) - mhz)))
+
+
+def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
+    """Tabulate ``profile``; ``tpot_target_s`` fixes the operating batch behind eps."""
+    clocks = profile.product.supported_clocks()
+    max_b = int(profile.max_batch.value)
+    batches = np.arange(0, max_b + 1, dtype=np.float64)
+    b1 = np.maximum(batches, 1.0)
+    f = clocks[:, None]
+    itl = profile.itl_s(b1[None, :], f)
+    power = profile.power_w(batches[None, :], f)
+    tps = profile.decode_tokens_per_s(b1[None, :], f)
+    pf = profile.prefill_s(1.0, clocks)
+    pf_power = profile.prefill_power_w(clocks)
+    op = [max(profile.best_batch(tpot_target_s, float(c)), 1) for c in clocks]
+    eps = [float(profile.joules_per_token(b, float(c))) for b, c in zip(op, clocks, strict=True)]
+
+    def rows(a: np.ndarray) -> tuple[tuple[float, ...], ...]:
+        full = np.broadcast_to(a, (clocks.size, max_b + 1))
+        return tuple(tuple(float(v) for v in r) for r in full)
+
+    return ProfileTable(
+        profile=profile,
+        clocks=tuple(float(c) for c in clocks),
+        itl_s=rows(itl),
+        power_w=rows(power),
+        tps=rows(tps),
+        prefill_s_per_token=tuple(float(v) for v in np.broadcast_to(pf, clocks.shape)),
+        prefill_power_w=tuple(float(v) for v in np.broadcast_to(pf_power, clocks.shape)),
+        eps_j_per_token=tuple(eps),
+        operating_batch=tuple(op),
+        max_batch=max_b,
+        gpus=profile.gpus,
+        gpu_idle_w=profile.product.idle_w.value,
+    )

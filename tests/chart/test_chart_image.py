@@ -1,0 +1,63 @@
+"""The container image: one slim, non-root image whose entrypoint is `joulepool`."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from chartlib import ROOT
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+IGNORE = (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    ins = _instructions()
+    last_from = max(i for i, (w, _) in enumerate(ins) if w == "FROM")
+    return ins[last_from:]
+
+
+def test_slim_python_base() -> None:
+    args = dict(r.split("=", 1) for w, r in _instructions() if w == "ARG" and "=" in r)
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    froms = [r for w, r in _instructions() if w == "FROM"]
+    assert froms and all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
+
+
+def test_runs_as_a_numeric_non_root_user() -> None:
+    users = [r for w, r in _final_stage() if w == "USER"]
+    assert users, "no USER in the final stage"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+    assert uid == "65532"  # the chart's runAsUser
+
+
+def test_entrypoint_is_joulepool() -> None:
+    (entry,) = [r for w, r in _final_stage() if w == "ENTRYPOINT"]
+    assert json.loads(entry) == ["joulepool"]
+
+
+def test_final_stage_copies_only_the_venv() -> None:
+    copies = [r for w, r in _final_stage() if w == "COPY"]
+    assert copies == ["--from=build /opt/joulepool /opt/joulepool"]
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    assert IGNORE[0] == "# Only pyproject.toml, README.md and src/ are needed to build the image."
+    rules = [r for r in IGNORE if r and not r.startswith("#")]
+    assert rules[0] == "**"  # everything out, then only what the build copies
+    allowed = {r[1:] for r in rules if r.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "src/"}
+    copied = {r.split()[0] for w, r in _instructions() if w == "COPY" and "--from" not in r}
+    assert copied <= {"pyproject.toml", "src"}

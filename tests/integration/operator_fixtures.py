@@ -1,0 +1,363 @@
+"""Test harness for the operator: a kmock API server (HTTP, real watch streams) and
+the real operator (kopf.operator in a task of the same event loop) talking to it.
+
+Kept operator-specific and out of conftest.py; the benchmark reuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import attrs
+import jsonpatch
+import kmock
+from kmock._internal.k8s import KubernetesError
+
+from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
+from joulepool.operator.app import Operator
+from joulepool.operator.config import OperatorConfig
+
+OP_NAMESPACE = "joulepool-system"
+API = "joulepool.dev/v1alpha1"
+
+RESOURCES: dict[str, kmock.ResourceInfo] = {
+    "joulepool.dev/v1alpha1/inferencepools": kmock.ResourceInfo(
+        kind="InferencePool", singular="inferencepool", namespaced=True,
+        shortnames={"jpool"}, subresources={"status"},
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}),
+    "joulepool.dev/v1alpha1/gpuprofiles": kmock.ResourceInfo(
+        kind="GPUProfile", singular="gpuprofile", namespaced=False,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}),
+    "joulepool.dev/v1alpha1/energypolicies": kmock.ResourceInfo(
+        kind="EnergyPolicy", singular="energypolicy", namespaced=False,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}),
+    "v1/nodes": kmock.ResourceInfo(
+        kind="Node", singular="node", namespaced=False,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}),
+    "v1/configmaps": kmock.ResourceInfo(
+        kind="ConfigMap", singular="configmap", namespaced=True,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}),
+    "v1/events": kmock.ResourceInfo(
+        kind="Event", singular="event", namespaced=True, verbs={"create", "list"}),
+    "v1/namespaces": kmock.ResourceInfo(
+        kind="Namespace", singular="namespace", namespaced=False,
+        verbs={"get", "list", "watch"}),
+    "apps/v1/deployments": kmock.ResourceInfo(
+        kind="Deployment", singular="deployment", namespaced=True,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"}),
+}
+
+
+@dataclass
+class Fault:
+    """Answer matching requests with an error, before the emulator touches any state."""
+
+    method: str
+    path_contains: str
+    status: int
+    times: int = 1
+    hits: int = 0
+
+    def matches(self, request: Any) -> bool:
+        return (self.hits < self.times and str(request.method).upper().endswith(self.method)
+                and self.path_contains in str(request.url.path))
+
+
+@attrs.define(kw_only=True)
+class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
+    """kmock's emulator, a little closer to a real API server, with injectable faults.
+
+    * ``metadata.resourceVersion`` on every write, ``uid``/``generation``/
+      ``creationTimestamp`` on create, ``generation`` bumped when a patch
+      touches ``spec`` (kopf's JSON patches test the resourceVersion; a failed
+      test is answered 422, as kube-apiserver does);
+    * ``faults``: answer matching requests with an error *before* any state
+      changes (a real API server that answers 409 or 500 has applied nothing).
+    """
+
+    faults: list[Fault] = attrs.field(factory=list)
+    _last_rv: int = 1000
+
+    def _next_rv(self) -> str:
+        self._last_rv += 1
+        return str(self._last_rv)
+
+    async def _serve_list(self, request: Any) -> Any:
+        rv = str(self._last_rv)  # before the snapshot: a change in between is replayed, not lost
+        result = await super()._serve_list(request)
+        result["metadata"]["resourceVersion"] = rv
+        return result
+
+    async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
+        """Like kmock's, but a watch from a resourceVersion replays only newer objects
+        (kmock replays every object, so kopf would see stale bodies after its own patches)."""
+        yield b""
+        since = str(request.params.get("resourceVersion") or "")
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            events = []
+            for (res, ns, _name), obj in self.objects.items():
+                if res != request.resource or obj.deleted:
+                    continue
+                if request.namespace is not None and ns != request.namespace:
+                    continue
+                raw = obj.raw
+                rv = str((raw.get("metadata") or {}).get("resourceVersion") or "0")
+                if since.isdigit() and rv.isdigit() and int(rv) <= int(since):
+                    continue
+                events.append({"type": "ADDED", "object": raw})
+        try:
+            for event in events:
+                yield event
+            async for event in bus.stream(since=marker):
+                ns = ((event.get("object") or {}).get("metadata") or {}).get("namespace")
+                if request.namespace is None or ns == request.namespace:
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    async def _handle(self, request: Any) -> Any:
+        for f in self.faults:
+            if f.matches(request):
+                f.hits += 1
+                reason = {409: "Conflict", 500: "InternalError", 503: "ServiceUnavailable"}
+                return await self._render_error(KubernetesError(
+                    status=f.status, reason=reason.get(f.status, "Injected"),
+                    message=f"injected fault {f.status}", details={}))
+        if request.resource is not None and request.data is not None:
+            request = self._stamp(request)
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:  # a failed "test" op: 422, as kube-apiserver
+            return await self._render_error(KubernetesError(
+                status=422, reason="Invalid", message=str(exc), details={}))
+
+    def _stamp(self, request: Any) -> Any:
+        rv = self._next_rv()
+        data = copy.deepcopy(request.data)
+        if request.action == kmock.action.CREATE and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("generation", 1)
+            meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            meta["resourceVersion"] = rv
+        elif request.action == kmock.action.UPDATE:
+            key = (request.resource, request.namespace, request.name)
+            current = self.objects[key] if key in self.objects else None
+            gen = None
+            if current is not None and not current.deleted:
+                gen = int((current.get("metadata") or {}).get("generation") or 1)
+            if isinstance(data, dict):
+                meta = data.setdefault("metadata", {}) or {}
+                data["metadata"] = meta
+                meta["resourceVersion"] = rv
+                if gen is not None and not request.subresource and "spec" in data:
+                    meta["generation"] = gen + 1
+            elif isinstance(data, list):
+                data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
+                if gen is not None and any(str(op.get("path", "")).startswith("/spec")
+                                           for op in data):
+                    data.append({"op": "add", "path": "/metadata/generation", "value": gen + 1})
+        else:
+            return request
+        # kmock matches reactions by the recorded request object: amend it in place
+        object.__setattr__(request, "data", data)
+        return request
+
+
+def node(name: str, product: str = "NVIDIA-H100-80GB-HBM3", gpus: int = 8,
+         site: str = "us-east") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "nvidia.com/gpu.product": product, "topology.kubernetes.io/region": site}},
+        "status": {"allocatable": {"nvidia.com/gpu": str(gpus)},
+                   "capacity": {"nvidia.com/gpu": str(gpus)}},
+    }
+
+
+def pool(name: str, namespace: str = "default", rps: float = 4.0, *,
+         model: str = "llama-3.1-8b", uid: str | None = None, generation: int = 1,
+         template: bool = True, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": API, "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-{namespace}-{name}",
+                     "generation": generation},
+        "spec": {
+            "model": model,
+            "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
+            "demand": {"requestsPerSecond": rps, "meanInputTokens": 1000,
+                       "meanOutputTokens": 200},
+            **spec,
+        },
+    }
+    if template:
+        body["spec"]["template"] = {
+            "metadata": {"labels": {"app": name}},
+            "spec": {"containers": [{"name": "engine", "image": "vllm/vllm-openai:v0.6.0"}]},
+        }
+    return body
+
+
+def collection(obj: dict[str, Any]) -> str:
+    """The URL to POST ``obj`` to."""
+    api = obj["apiVersion"]
+    base = "/api/v1" if api == "v1" else f"/apis/{api}"
+    plural = {"InferencePool": "inferencepools", "GPUProfile": "gpuprofiles",
+              "EnergyPolicy": "energypolicies", "Node": "nodes", "ConfigMap": "configmaps",
+              "Deployment": "deployments"}[obj["kind"]]
+    ns = obj["metadata"].get("namespace")
+    return f"{base}/namespaces/{ns}/{plural}" if ns else f"{base}/{plural}"
+
+
+def url_of(obj: dict[str, Any]) -> str:
+    return f"{collection(obj)}/{obj['metadata']['name']}"
+
+
+class Cluster:
+    """Client side of a test: talks HTTP to the kmock server like kubectl would."""
+
+    def __init__(self, server: FaultyEmulator, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        async with self.session.post(collection(obj), json=obj) as r:
+            assert r.status < 300, await r.text()
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def patch(self, obj_or_url: dict[str, Any] | str, body: dict[str, Any]) -> Any:
+        url = obj_or_url if isinstance(obj_or_url, str) else url_of(obj_or_url)
+        async with self.session.patch(url, json=body, headers={
+                "Content-Type": "application/merge-patch+json"}) as r:
+            assert r.status < 300, await r.text()
+            return await r.json()
+
+    async def delete(self, obj_or_url: dict[str, Any] | str) -> None:
+        url = obj_or_url if isinstance(obj_or_url, str) else url_of(obj_or_url)
+        async with self.session.delete(url) as r:
+            assert r.status < 300, await r.text()
+
+    async def get(self, url: str) -> dict[str, Any] | None:
+        async with self.session.get(url) as r:
+            if r.status == 404:
+                return None
+            assert r.status < 300, await r.text()
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def items(self, url: str) -> list[dict[str, Any]]:
+        async with self.session.get(url) as r:
+            if r.status == 404:
+                return []
+            return list((await r.json()).get("items", []))
+
+    # shortcuts
+    async def pool(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return await self.get(f"/apis/{API}/namespaces/{namespace}/inferencepools/{name}")
+
+    async def deployments(self, namespace: str = "default") -> dict[str, dict[str, Any]]:
+        items = await self.items(f"/apis/apps/v1/namespaces/{namespace}/deployments")
+        return {d["metadata"]["name"]: d for d in items}
+
+    async def plan(self) -> tuple[dict[str, Any] | None, PlanDocument | None]:
+        cm = await self.get(f"/api/v1/namespaces/{OP_NAMESPACE}/configmaps/{PLAN_CONFIGMAP}")
+        if cm is None:
+            return None, None
+        return cm, PlanDocument.from_json(cm["data"][PLAN_KEY])
+
+    async def events(self) -> list[dict[str, Any]]:
+        # events are cluster-wide listable in kmock (all namespaces)
+        return await self.items("/api/v1/events")
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return c  # type: ignore[no-any-return]
+    return None
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "",
+) -> Any:
+    """Poll an (async) check until it returns a truthy value; fail with its last result."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last!r}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def emulator() -> AsyncIterator[FaultyEmulator]:
+    """A kmock Kubernetes emulator on a local HTTP port with joulepool's resources declared."""
+    async with FaultyEmulator() as server, kmock.Server(server):
+        for key, info in RESOURCES.items():
+            server.resources[key] = info
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def operator_running(
+    server: FaultyEmulator, **overrides: Any,
+) -> AsyncIterator[Operator]:
+    """Run the real operator against ``server`` until the context exits.
+
+    The operator gets its own thread and event loop (as in production, it shares
+    nothing with the API server but HTTP); kopf's shutdown would otherwise wait
+    for, and then cancel, the emulator's open watch-stream tasks.
+    """
+    import kopf
+
+    settings: dict[str, Any] = {
+        "namespace": OP_NAMESPACE, "debounce_seconds": 0.2, "max_delay_seconds": 2.0,
+        "retry_delays": (0.05, 0.1, 0.2, 0.4), "resync_after_error_seconds": 0.5,
+        "connection": kopf.ConnectionInfo(server=str(server.url).rstrip("/")),
+    }
+    config = OperatorConfig(**{**settings, **overrides})
+    op = Operator(config)
+    op.settings.queueing.exit_timeout = 0.5
+    stop, ready = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(op.run(stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=main, name="joulepool-operator", daemon=True)
+    thread.start()
+    try:
+        if not await asyncio.to_thread(ready.wait, 20):
+            raise AssertionError(f"operator did not start: {errors}")
+        yield op
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 20)
+    assert not thread.is_alive(), "operator did not stop"
+    assert not errors, errors
+
+
+@contextlib.asynccontextmanager
+async def cluster_and_operator(**overrides: Any) -> AsyncIterator[tuple[Cluster, Operator]]:
+    async with emulator() as server, aiohttp.ClientSession(
+        base_url=str(server.url)
+    ) as session, operator_running(server, **overrides) as op:
+        yield Cluster(server, session), op

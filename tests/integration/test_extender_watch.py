@@ -1,0 +1,178 @@
+"""The cluster watches against a stand-in API server, with the real kubernetes client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from joulepool.extender import testing as T
+from joulepool.extender.app import EXTENDER, create_app
+from joulepool.extender.settings import Settings
+
+
+class FakeAPI:
+    """Just enough of the Kubernetes API: list and watch of nodes, pods, one ConfigMap."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, list[dict[str, Any]]] = {"nodes": [], "pods": [],
+                                                          "configmaps": []}
+        self.queues: dict[str, list[asyncio.Queue[dict[str, Any] | None]]] = {
+            k: [] for k in self.objects}
+        self.lists: dict[str, int] = dict.fromkeys(self.objects, 0)
+        self.queries: list[dict[str, str]] = []
+        self.rv = 100
+        app = web.Application()
+        app.router.add_get("/api/v1/nodes", self.handler("nodes"))
+        app.router.add_get("/api/v1/pods", self.handler("pods"))
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps", self.handler("configmaps"))
+        self.app = app
+
+    def handler(self, kind: str) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.queries.append({"kind": kind, **request.query})
+            if request.query.get("watch") not in ("true", "True", "1"):
+                self.lists[kind] += 1
+                return web.json_response({"kind": "List", "metadata": {
+                    "resourceVersion": str(self.rv)}, "items": self.objects[kind]})
+            resp = web.StreamResponse()
+            resp.content_type = "application/json"
+            await resp.prepare(request)
+            q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+            self.queues[kind].append(q)
+            try:
+                while True:
+                    # streams end after a short while, as a server-side watch timeout
+                    # does: the watcher must resume from the last resourceVersion
+                    try:
+                        ev = await asyncio.wait_for(q.get(), 0.5)
+                    except TimeoutError:
+                        break
+                    if ev is None:
+                        break
+                    await resp.write(json.dumps(ev).encode() + b"\n")
+            finally:
+                self.queues[kind].remove(q)
+            return resp
+
+        return handle
+
+    def send(self, kind: str, typ: str, obj: dict[str, Any]) -> None:
+        self.rv += 1
+        if typ != "ERROR":
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
+            name = obj["metadata"]["name"]
+            self.objects[kind] = [o for o in self.objects[kind]
+                                  if o["metadata"]["name"] != name]
+            if typ != "DELETED":
+                self.objects[kind].append(obj)
+        for q in self.queues[kind]:
+            q.put_nowait({"type": typ, "object": obj})
+
+
+async def _until(cond: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not await cond():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_watches_feed_the_cache(aiohttp_client: Any, tmp_path: Path) -> None:
+    api = FakeAPI()
+    api.objects["nodes"] = [T.node("h0", "H100", 8)]
+    api.objects["pods"] = [T.pod("chat-0", node_name="h0", gpus=6, ready=True, ip="10.0.0.5")]
+    plan = T.plan({"default.chat": [("h0", "H100", 8), ("h1", "H100", 8)]})
+    api.objects["configmaps"] = [{"kind": "ConfigMap", "metadata": {
+        "name": "joulepool-plan", "namespace": "jp"}, "data": {"plan.json": plan.to_json()}}]
+    api_client = await aiohttp_client(api.app)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{api_client.port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    app = create_app(Settings(kubeconfig=kubeconfig, namespace="jp", scrape_interval_seconds=0,
+                              watch_timeout_seconds=30))
+    client: TestClient = await aiohttp_client(app)
+    ext = app[EXTENDER]
+    for w in ext.watchers:
+        w.backoff_initial = w.backoff_max = 0.05
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+
+    await _until(ready)
+    selectors = {q["kind"]: q.get("fieldSelector") for q in api.queries}
+    assert selectors["configmaps"] == "metadata.name=joulepool-plan"
+    assert selectors["pods"] == "status.phase!=Succeeded,status.phase!=Failed"
+    await _until(lambda: _watching(api))
+
+    args = T.extender_args(T.pod("chat-1", gpus=4), names=["h0", "h1"])
+
+    async def filter_names() -> list[str]:
+        return list((await (await client.post("/scheduler/filter", json=args)).json())
+                    ["NodeNames"])
+
+    # h0 has 2 free GPUs, h1 is not known yet
+    assert await filter_names() == []
+    api.send("nodes", "ADDED", T.node("h1", "H100", 8))
+
+    async def h1_in() -> bool:
+        return await filter_names() == ["h1"]
+
+    await _until(h1_in)
+    api.send("pods", "DELETED", T.pod("chat-0", node_name="h0", gpus=6))
+    deleted_rv = str(api.rv)
+
+    async def both() -> bool:
+        return await filter_names() == ["h0", "h1"]
+
+    await _until(both)
+    # the endpoint of the deleted pod is gone from the router too
+    out = await client.post("/v1/route", json={"pool": "default.chat", "outputTokens": 5})
+    assert out.status == 503
+
+    # 410 Gone on the node watch: the watcher lists again
+    lists_before = api.lists["nodes"]
+    api.send("nodes", "ERROR", {"kind": "Status", "code": 410, "reason": "Expired",
+                                "message": "too old"})
+
+    async def relisted() -> bool:
+        return api.lists["nodes"] > lists_before
+
+    await _until(relisted)
+    assert "expired" in next(w for w in ext.watchers if w.name == "nodes").restarts
+    # a broken plan update keeps the last good plan
+    api.send("configmaps", "MODIFIED", {"kind": "ConfigMap", "metadata": {
+        "name": "joulepool-plan", "namespace": "jp"}, "data": {"plan.json": "{oops"}})
+
+    async def plan_error() -> bool:
+        return bool(ext.state.plan_error)
+
+    await _until(plan_error)
+    assert await filter_names() == ["h0", "h1"]
+    # watches resumed from the versions they had seen, not from scratch
+    def pod_watches() -> list[dict[str, str]]:
+        return [q for q in api.queries if q["kind"] == "pods" and q.get("watch")]
+
+    async def rewatched() -> bool:
+        return len(pod_watches()) >= 2
+
+    await _until(rewatched)
+    assert pod_watches()[0]["resourceVersion"] == "100"  # from the list
+    assert pod_watches()[1]["resourceVersion"] == deleted_rv  # from the last event
+    assert api.lists["pods"] == 1
+    ext.stop.set()
+    for kind in api.queues:
+        for q in list(api.queues[kind]):
+            q.put_nowait(None)
+
+
+async def _watching(api: FakeAPI) -> bool:
+    return all(api.queues[k] for k in ("nodes", "pods", "configmaps"))

@@ -1,0 +1,136 @@
+"""API errors, watch restarts and operator restarts: retried, and no update is lost.
+
+Faults are injected in the emulated API server (``FaultyEmulator.faults``):
+a matching request is answered with the error before any state changes, as
+a real API server does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from operator_fixtures import (
+    Cluster,
+    Fault,
+    cluster_and_operator,
+    condition,
+    emulator,
+    eventually,
+    node,
+    operator_running,
+    pool,
+)
+
+STATUS = "/inferencepools/chat/status"
+
+
+async def _replicas(c: Cluster, n: int, name: str = "chat") -> Any:
+    obj = await c.pool(name)
+    cond = condition(obj, "Planned")
+    if obj and cond and cond["status"] == "True" and obj["status"].get("replicas") == n:
+        return obj
+    return None
+
+
+async def test_409_and_500_on_status_patch_are_retried() -> None:
+    async with cluster_and_operator() as (c, op):
+        c.server.faults += [Fault("PATCH", STATUS, 500, times=2), Fault("PATCH", STATUS, 409)]
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=20))
+        obj = await eventually(lambda: _replicas(c, 2), what="status written")
+        assert [f.hits for f in c.server.faults] == [2, 1]
+        assert op.client.retries >= 2  # the two 500s, retried with backoff inside the call
+        assert obj["status"]["assignments"][0]["instances"] == 2
+
+
+async def test_5xx_and_409_on_deployment_and_configmap_writes() -> None:
+    async with cluster_and_operator() as (c, _op):
+        c.server.faults += [
+            Fault("POST", "/namespaces/joulepool-system/configmaps", 503, times=2),
+            Fault("POST", "/namespaces/default/deployments", 500, times=1),
+            # a 409 on create that is not "already exists": the patch that follows finds
+            # nothing (404), the pass reports it, and the next pass creates it
+            Fault("POST", "/namespaces/default/deployments", 409, times=1),
+        ]
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=20))
+        await eventually(lambda: _replicas(c, 2))
+
+        async def deployed() -> Any:
+            dep = (await c.deployments()).get("chat-1xh100")
+            return dep if dep and dep["spec"]["replicas"] == 2 else None
+
+        await eventually(deployed, what="Deployment created despite the faults")
+        _, doc = await c.plan()
+        assert doc is not None and "default.chat" in doc.pools
+        assert [f.hits for f in c.server.faults] == [2, 1, 1]
+
+
+async def test_persistent_failure_is_resynced_later_and_no_update_lost() -> None:
+    async with cluster_and_operator() as (c, op):
+        await c.create(node("gpu-a"))
+        p = await c.create(pool("chat", rps=4))
+        await eventually(lambda: _replicas(c, 1))
+        # every retry inside one pass fails: the pass is incomplete, a later pass writes it
+        c.server.faults.append(Fault("PATCH", STATUS, 500, times=12))
+        await c.patch(p, {"spec": {"demand": {"requestsPerSecond": 40}}})
+        obj = await eventually(lambda: _replicas(c, 4), timeout=30, what="4 replicas after 12 500s")
+        assert c.server.faults[0].hits == 12
+        assert obj["status"]["observedGeneration"] == 2
+        assert op.planner.last_report.ok
+
+
+async def test_500_on_kopfs_own_patch_is_retried_by_kopf() -> None:
+    async with cluster_and_operator() as (c, _op):
+        c.server.faults.append(Fault("PATCH", "/inferencepools/chat", 500, times=2))
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=4))
+        obj = await eventually(lambda: _replicas(c, 1), what="planned")
+        assert obj["metadata"]["finalizers"] == ["joulepool.dev/finalizer"]
+        assert c.server.faults[0].hits == 2
+
+
+async def test_watch_restarts_lose_no_update() -> None:
+    # client-side watch timeout of 0.3 s: kopf's watch streams end and restart all the time
+    async with cluster_and_operator(watch_server_timeout=0.2,
+                                    watch_client_timeout=0.3) as (c, _op):
+        await c.create(node("gpu-a"))
+        p = await c.create(pool("chat", rps=4))
+        await eventually(lambda: _replicas(c, 1))
+        for rps, n in ((20, 2), (40, 4), (4, 1)):
+            await c.patch(p, {"spec": {"demand": {"requestsPerSecond": rps}}})
+            await eventually(lambda n=n: _replicas(c, n), what=f"{n} replicas")  # type: ignore[misc]
+
+
+async def test_restart_resumes_and_continues_the_plan_version() -> None:
+    async with emulator() as server, aiohttp.ClientSession(base_url=str(server.url)) as s:
+        c = Cluster(server, s)
+        await c.create(node("gpu-a"))
+        p = await c.create(pool("chat", rps=4))
+        async with operator_running(server):
+            await eventually(lambda: _replicas(c, 1))
+            _, doc1 = await c.plan()
+        # changed while no operator runs
+        await c.patch(p, {"spec": {"demand": {"requestsPerSecond": 40}}})
+        await c.create(pool("rag", rps=4))
+        async with operator_running(server) as op2:
+            await eventually(lambda: _replicas(c, 4), what="resumed chat re-planned")
+            await eventually(lambda: _replicas(c, 1, "rag"), what="rag planned")
+            _, doc2 = await c.plan()
+            assert doc1 is not None and doc2 is not None and doc2.version > doc1.version
+            deps = await c.deployments()
+            assert set(deps) == {"chat-1xh100", "rag-1xa100"} or len(deps) == 2
+            assert op2.planner.solves >= 1
+
+
+async def test_periodic_replan_without_changes() -> None:
+    async with cluster_and_operator(plan_interval_seconds=0.3) as (c, op):
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=4))
+        await eventually(lambda: _replicas(c, 1))
+        solves = op.planner.solves
+        await eventually(lambda: op.planner.solves >= solves + 3, what="periodic re-plans")
+        _, doc = await c.plan()
+        assert doc is not None and doc.version == 1  # the same plan is not republished

@@ -1,0 +1,266 @@
+"""The real operator (kopf + planning loop) against kmock's API server over HTTP.
+
+Every test starts an emulated API server, runs ``kopf.operator`` with
+joulepool's registry in the same event loop, and drives it like a user would:
+HTTP requests to the API server, then waits for the operator's writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from joulepool.api.plan import POOL_LABEL
+from operator_fixtures import (
+    Cluster,
+    cluster_and_operator,
+    condition,
+    eventually,
+    node,
+    pool,
+)
+
+H100 = "NVIDIA-H100-80GB-HBM3"
+A100 = "NVIDIA-A100-SXM4-80GB"
+
+
+async def _cond(c: Cluster, name: str, type_: str, status: str = "True",
+                reason: str | None = None, namespace: str = "default") -> dict[str, Any] | None:
+    obj = await c.pool(name, namespace)
+    cond = condition(obj, type_)
+    if cond and cond["status"] == status and (reason is None or cond["reason"] == reason):
+        return obj
+    return None
+
+
+async def _until(c: Cluster, name: str, type_: str, status: str = "True",
+                 reason: str | None = None, namespace: str = "default") -> dict[str, Any]:
+    return await eventually(  # type: ignore[no-any-return]
+        lambda: _cond(c, name, type_, status, reason, namespace),
+        what=f"{namespace}/{name} {type_}={status} {reason or ''}")
+
+
+async def test_create_pool_plans_publishes_and_deploys() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 8, "us-east"))
+        await c.create(pool("chat", rps=20))
+        obj = await _until(c, "chat", "Planned")
+        st = obj["status"]
+        assert st["observedGeneration"] == obj["metadata"]["generation"]
+        assert st["replicas"] == 2  # 20 req/s * 1.1 headroom over 14.2 req/s per 1xH100
+        assert st["assignments"] == [{"site": "us-east", "node": "gpu-a", "gpuProduct": "H100",
+                                      "mode": "1xH100", "gpus": 2, "instances": 2}]
+        assert st["expectedPowerWatts"] > 0 and st["joulesPerToken"] > 0
+        assert st["lastPlanTime"].endswith("Z")
+        assert condition(obj, "Infeasible")["status"] == "False"  # type: ignore[index]
+        assert condition(obj, "Invalid")["status"] == "False"  # type: ignore[index]
+        assert condition(obj, "Ready")["reason"] == "ReplicasNotReady"  # type: ignore[index]
+        assert obj["metadata"]["finalizers"] == ["joulepool.dev/finalizer"]
+
+        cm, doc = await eventually(lambda: _plan_with(c, "default.chat"))
+        assert doc.version >= 1 and doc.feasible
+        assert cm["metadata"]["labels"]["joulepool.dev/plan-version"] == str(doc.version)
+        assert cm["metadata"]["annotations"]["joulepool.dev/plan-version"] == str(doc.version)
+        assert doc.nodes["gpu-a"].pools == {"default.chat": 2}
+
+        deps = await eventually(c.deployments)
+        dep = deps["chat-1xh100"]
+        assert dep["spec"]["replicas"] == 2
+        labels = {POOL_LABEL: "default.chat", "joulepool.dev/mode": "1xH100"}
+        assert dep["spec"]["selector"]["matchLabels"] == labels
+        tpl = dep["spec"]["template"]
+        assert tpl["metadata"]["labels"] == {"app": "chat", **labels}
+        assert tpl["spec"]["schedulerName"] == "joulepool-scheduler"
+        res = tpl["spec"]["containers"][0]["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
+        owner = dep["metadata"]["ownerReferences"][0]
+        assert owner["kind"] == "InferencePool" and owner["name"] == "chat"
+        assert owner["uid"] == obj["metadata"]["uid"] and owner["controller"] is True
+
+        # the Deployment becomes ready (as kube-controller-manager would report): Ready=True
+        await c.patch(
+            "/apis/apps/v1/namespaces/default/deployments/chat-1xh100",
+            {"status": {"replicas": 2, "readyReplicas": 2}})
+        ready = await _until(c, "chat", "Ready", "True")
+        assert condition(ready, "Ready")["message"] == "2/2 replicas ready"  # type: ignore[index]
+
+
+async def _plan_with(c: Cluster, key: str, absent: bool = False) -> Any:
+    cm, doc = await c.plan()
+    if doc is None:
+        return None
+    return (cm, doc) if (key in doc.pools) != absent else None
+
+
+async def test_demand_change_replans_with_new_replicas() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 8))
+        p = await c.create(pool("chat", rps=4))
+        await _until(c, "chat", "Planned")
+        _, doc1 = await c.plan()
+        assert (await c.deployments())["chat-1xh100"]["spec"]["replicas"] == 1
+
+        await c.patch(p, {"spec": {"demand": {"requestsPerSecond": 40}}})
+
+        async def replanned() -> Any:
+            obj = await c.pool("chat")
+            return obj if obj and obj["status"].get("replicas") == 4 else None
+
+        obj = await eventually(replanned, what="4 replicas")
+        assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 2
+        deps = await eventually(
+            lambda: _replicas(c, "chat-1xh100", 4), what="Deployment scaled to 4")
+        assert deps
+        _, doc2 = await c.plan()
+        assert doc2.version > doc1.version
+        assert doc2.pools["default.chat"].replicas == 4
+
+
+async def _replicas(c: Cluster, name: str, n: int) -> bool:
+    dep = (await c.deployments()).get(name)
+    return bool(dep and dep["spec"]["replicas"] == n)
+
+
+async def test_gpu_node_added_and_removed_replans() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 8))
+        # 150 req/s * 1.1 needs 12 H100 instances: one 8-GPU node is not enough
+        await c.create(pool("big", rps=150))
+        obj = await _until(c, "big", "Infeasible", "True")
+        assert "unmet demand" in condition(obj, "Infeasible")["message"]  # type: ignore[index]
+        # no feasible plan yet: the best partial plan serves (all 8 GPUs)
+        assert condition(obj, "Planned")["reason"] == "PartiallyPlanned"  # type: ignore[index]
+        assert obj["status"]["replicas"] == 8
+
+        await c.create(node("gpu-b", H100, 8))
+        obj = await _until(c, "big", "Planned", "True", "Planned")
+        assert condition(obj, "Infeasible")["status"] == "False"  # type: ignore[index]
+        assert obj["status"]["replicas"] == 12
+        assert {a["node"] for a in obj["status"]["assignments"]} == {"gpu-a", "gpu-b"}
+        _, doc = await c.plan()
+        assert doc.feasible and sum(doc.nodes[n].pools["default.big"] for n in doc.nodes) == 12
+
+        # losing a node makes the new plan infeasible: the last feasible plan keeps serving
+        await c.delete("/api/v1/nodes/gpu-b")
+        obj = await _until(c, "big", "Planned", "True", "LastFeasiblePlan")
+        assert condition(obj, "Infeasible")["status"] == "True"  # type: ignore[index]
+        assert obj["status"]["replicas"] == 12
+        cm, kept = await c.plan()
+        assert kept.feasible and kept.version == doc.version  # nothing republished
+        assert cm["metadata"]["annotations"]["joulepool.dev/latest-plan-feasible"] == "false"
+        assert (await c.deployments())["big-1xh100"]["spec"]["replicas"] == 12
+
+        # a bigger node arrives: feasible again, the plan moves
+        await c.create(node("gpu-c", H100, 8))
+        obj = await _until(c, "big", "Planned", "True", "Planned")
+        assert {a["node"] for a in obj["status"]["assignments"]} <= {"gpu-a", "gpu-c"}
+
+
+async def test_mixed_modes_get_one_deployment_each() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("h100-0", H100, 2))
+        await c.create(node("a100-0", A100, 8))
+        # 40 req/s * 1.1 = 44: two H100 instances (28.4) and four A100 (20) instances
+        await c.create(pool("chat", rps=40))
+        obj = await _until(c, "chat", "Planned", "True", "Planned")
+        modes = {a["mode"]: a["instances"] for a in obj["status"]["assignments"]}
+        assert set(modes) == {"1xH100", "1xA100"}
+        deps = await eventually(lambda: _names(c, {"chat-1xh100", "chat-1xa100"}))
+        assert deps["chat-1xh100"]["spec"]["replicas"] == modes["1xH100"]
+        assert deps["chat-1xa100"]["spec"]["replicas"] == modes["1xA100"]
+        # demand drops to one instance: one mode is no longer planned, its Deployment goes away
+        await c.patch("/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/chat",
+                      {"spec": {"demand": {"requestsPerSecond": 4}}})
+
+        async def one_left() -> Any:
+            deps = await c.deployments()
+            return deps if len(deps) == 1 else None
+
+        deps = await eventually(one_left, what="one Deployment left")
+        (left,) = deps.values()
+        obj = await c.pool("chat")
+        (a,) = obj["status"]["assignments"]  # type: ignore[index]
+        assert left["metadata"]["labels"]["joulepool.dev/mode"] == a["mode"]
+        assert left["spec"]["replicas"] == a["instances"] == 1
+
+
+async def _names(c: Cluster, names: set[str]) -> Any:
+    deps = await c.deployments()
+    return deps if set(deps) == names else None
+
+
+async def test_delete_releases_gpus_and_cleans_up() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("chat", rps=60))  # 5 instances
+        await c.create(pool("rag", rps=60))  # 5 instances: only 8 GPUs, so one is short
+        await _until(c, "rag", "Infeasible", "True")
+        await _until(c, "chat", "Infeasible", "True")
+
+        await c.delete("/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/chat")
+        # the finalizer holds the pool until a plan without it is published, then lets go
+        await eventually(lambda: _gone(c, "chat"), what="pool chat deleted")
+        cm, doc = await eventually(lambda: _plan_with(c, "default.chat", absent=True))
+        assert "default.rag" in doc.pools
+        assert all("default.chat" not in n.pools for n in doc.nodes.values())
+        deps = await eventually(lambda: _names(c, {"rag-1xh100"}), what="chat Deployment gone")
+        # the others were re-planned with the released GPUs: rag is now fully served
+        obj = await _until(c, "rag", "Planned", "True", "Planned")
+        assert obj["status"]["replicas"] == 5 and deps["rag-1xh100"]["spec"]["replicas"] == 5
+        assert condition(obj, "Infeasible")["status"] == "False"  # type: ignore[index]
+
+
+async def _gone(c: Cluster, name: str) -> bool:
+    return await c.pool(name) is None
+
+
+async def test_invalid_spec_is_reported_and_others_stay_planned() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("good", rps=4))
+        bad = pool("bad", rps=4)
+        bad["spec"]["slo"]["ttftSeconds"] = -1  # the CRD schema would refuse it; kmock does not
+        await c.create(bad)
+        obj = await _until(c, "bad", "Invalid", "True")
+        cond = condition(obj, "Invalid")
+        assert cond["reason"] == "InvalidSpec"  # type: ignore[index]
+        assert "spec.slo.ttftSeconds" in cond["message"]  # type: ignore[index]
+        assert condition(obj, "Planned")["status"] == "False"  # type: ignore[index]
+        good = await _until(c, "good", "Planned", "True")
+        assert condition(good, "Invalid")["status"] == "False"  # type: ignore[index]
+
+        async def warned() -> Any:
+            return [e for e in await c.events() if e.get("reason") == "InvalidSpec"
+                    and e["involvedObject"]["name"] == "bad"]
+
+        events = await eventually(warned, what="an InvalidSpec event")
+        assert events[0]["type"] == "Warning"
+        assert "spec.slo.ttftSeconds" in events[0]["message"]
+        assert set(await c.deployments()) == {"good-1xh100"}
+
+        # a spec the schema cannot judge: a template container without an image
+        await c.patch(good, {"spec": {"template": {"spec": {"containers": [{"name": "x"}]}}}})
+        obj = await _until(c, "good", "Invalid", "True")
+        assert "spec.template.spec.containers[0]" in condition(obj, "Invalid")["message"]  # type: ignore[index]
+        # ...the pool keeps being served from its last valid spec
+        assert condition(obj, "Planned")["status"] == "True"  # type: ignore[index]
+        assert set(await c.deployments()) == {"good-1xh100"}
+
+        # fixing the bad pool plans it
+        await c.patch(bad, {"spec": {"slo": {"ttftSeconds": 1.0}}})
+        await _until(c, "bad", "Planned", "True")
+        await _until(c, "bad", "Invalid", "False")
+
+
+async def test_watch_namespace_and_scheduler_name() -> None:
+    async with cluster_and_operator(watch_namespaces=("team-a",),
+                                    scheduler_name="custom-sched") as (c, _op):
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("mine", namespace="team-a", rps=4))
+        await c.create(pool("theirs", namespace="team-b", rps=4))
+        await _until(c, "mine", "Planned", namespace="team-a")
+        dep = (await eventually(lambda: c.deployments("team-a")))["mine-1xh100"]
+        assert dep["spec"]["template"]["spec"]["schedulerName"] == "custom-sched"
+        theirs = await c.pool("theirs", "team-b")
+        assert theirs is not None and not theirs.get("status")
+        _, doc = await c.plan()
+        assert set(doc.pools) == {"team-a.mine"}

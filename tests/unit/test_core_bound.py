@@ -1,0 +1,73 @@
+"""core.bound: the LP energy floor against brute force and simple cases."""
+
+import math
+
+import numpy as np
+import pytest
+
+from joulepool.core.bound import FloorDemand, FloorGPUs, energy_floor
+from joulepool.core.profiles import A100_8B, H100_8B, L4_8B
+
+
+def _brute_dynamic_j_per_token(profile, tpot_s):
+    """Cheapest decode J/token above idle over every clock and feasible batch."""
+    best = math.inf
+    for f in profile.product.supported_clocks():
+        b = np.arange(1, int(profile.max_batch.value) + 1)
+        ok = profile.itl_s(b, f) <= tpot_s
+        if not ok.any():
+            continue
+        dyn = (profile.power_w(b[ok], f) - profile.idle_w) / profile.decode_tokens_per_s(b[ok], f)
+        best = min(best, float(dyn.min()))
+    return best
+
+
+def _brute_prefill_j_per_token(profile, mean_in, ttft_s):
+    f = profile.product.supported_clocks()
+    ok = profile.prefill_s(mean_in, f) <= ttft_s
+    dyn = (profile.prefill_power_w(f[ok]) - profile.idle_w) * profile.prefill_s(1.0, f[ok])
+    return float(dyn.min())
+
+
+def test_uncapacitated_floor_is_idle_plus_cheapest_tokens():
+    d = FloorDemand("c", output_tokens=1e5, input_tokens=5e5, mean_input_tokens=500,
+                    ttft_s=0.6, tpot_s=0.15)
+    res = energy_floor([d], [FloorGPUs("s", "H100", 8)], [H100_8B], horizon_s=3600)
+    assert res.feasible and res.status == "optimal"
+    idle = 8 * 75.0 * 3600
+    dec = _brute_dynamic_j_per_token(H100_8B, 0.15) * 1e5
+    pre = _brute_prefill_j_per_token(H100_8B, 500, 0.6) * 5e5
+    assert res.idle_j == pytest.approx(idle)
+    # the LP's batch grid may only match the brute force, never beat it
+    assert res.dynamic_j == pytest.approx(dec + pre, rel=0.02)
+    assert res.dynamic_j >= (dec + pre) * (1 - 1e-9)
+    assert res.joules_per_token == pytest.approx(res.energy_j / 1e5)
+
+
+def test_floor_picks_the_cheapest_product_and_respects_capacity():
+    d = FloorDemand("c", output_tokens=2e6, input_tokens=0, mean_input_tokens=100,
+                    ttft_s=1.0, tpot_s=0.15)
+    gpus = [FloorGPUs("s", "H100", 1), FloorGPUs("s", "A100", 4), FloorGPUs("s", "L4", 4)]
+    profiles = [H100_8B, A100_8B, L4_8B]
+    loose = energy_floor([d], gpus, profiles, horizon_s=3600)
+    tight = energy_floor([d], gpus, profiles, horizon_s=200)  # H100 alone cannot do it
+    assert loose.feasible and tight.feasible
+    assert set(loose.usage) == {H100_8B.key}
+    assert len(tight.usage) > 1
+    too_much = energy_floor([d], gpus, profiles, horizon_s=5)
+    assert not too_much.feasible and "infeasible" in too_much.status
+    assert math.isnan(too_much.energy_j)
+
+
+def test_slo_that_nothing_meets_is_relaxed_and_said():
+    d = FloorDemand("strict", output_tokens=1e4, input_tokens=1e4, mean_input_tokens=4000,
+                    ttft_s=0.01, tpot_s=0.001)
+    res = energy_floor([d], [FloorGPUs("s", "L4", 2)], [L4_8B], horizon_s=3600)
+    assert res.feasible and res.slo_relaxed == ("strict",)
+
+
+def test_no_work_costs_idle_only():
+    res = energy_floor([], [FloorGPUs("s", "A100", 3)], [A100_8B], horizon_s=10)
+    assert res.feasible and res.energy_j == pytest.approx(3 * 60.0 * 10)
+    with pytest.raises(ValueError):
+        FloorDemand("x", -1, 0, 0, 1, 1)

@@ -1,0 +1,93 @@
+"""The node cache: GPU accounting from pods, plan handling, the columnar table."""
+
+from __future__ import annotations
+
+from joulepool.extender import testing as T
+from joulepool.extender.state import ClusterState
+
+
+def _state() -> ClusterState:
+    s = ClusterState()
+    s.replace_nodes([T.node("h0", "H100", 8), T.node("a0", "A100", 4), T.node("x0", "Mystery")])
+    return s
+
+
+def test_node_records_map_product_labels() -> None:
+    s = _state()
+    assert s.nodes["h0"].product == "H100"
+    assert s.nodes["a0"].product == "A100" and s.nodes["a0"].allocatable_gpus == 4
+    assert s.nodes["x0"].product is None
+    v = s.node_version
+    s.upsert_node(T.node("h0", "H100", 8))  # heartbeat: nothing we use changed
+    assert s.node_version == v
+    s.delete_node("x0")
+    assert "x0" not in s.nodes and s.node_version == v + 1
+
+
+def test_gpu_accounting_follows_pod_lifecycle() -> None:
+    s = _state()
+    s.upsert_pod(T.pod("p1", gpus=2, node_name="h0"))
+    s.upsert_pod(T.pod("p2", gpus=1, node_name="h0", pool=None))
+    s.upsert_pod(T.pod("p3", gpus=4))  # pending: holds nothing
+    assert s.used_gpus == {"h0": 3}
+    assert s.pool_gpus == {("h0", "default.chat"): 2}
+    s.upsert_pod(T.pod("p1", gpus=2, node_name="h0", phase="Succeeded"))
+    assert s.used_gpus == {"h0": 1}
+    assert "default/p1" not in s.pods
+    s.delete_pod("default/p2")
+    assert s.used_gpus == {}
+    s.replace_pods([T.pod("q", gpus=1, node_name="a0")])
+    assert s.used_gpus == {"a0": 1} and set(s.pods) == {"default/q"}
+
+
+def test_bad_plan_keeps_previous() -> None:
+    s = _state()
+    good = T.plan({"default.chat": [("h0", "H100", 4)]})
+    assert s.set_plan_json(good.to_json())
+    assert s.plan is not None and s.plan.version == 7
+    assert not s.set_plan_json('{"pools": {"x": {"name": 3}}}')
+    assert not s.set_plan_json("not json")
+    assert s.plan is not None and "default.chat" in s.plan.pools
+    assert "keeping the previous" in s.plan_error
+
+
+def test_planned_share_from_nodes_or_assignments() -> None:
+    s = _state()
+    p = T.plan({"default.chat": [("h0", "H100", 4)]})
+    s.set_plan(p)
+    assert s.planned_share("default.chat", "h0") == 4
+    assert s.planned_share("default.chat", "a0") is None
+    p.nodes.clear()
+    s.set_plan(p)
+    assert s.planned_share("default.chat", "h0") == 4  # from the assignments
+
+
+def test_table_is_cached_and_tracks_pods() -> None:
+    s = _state()
+    t1 = s.table()
+    assert t1.names == ["a0", "h0", "x0"]
+    assert s.table() is t1
+    s.upsert_pod(T.pod("p", gpus=3, node_name="h0"))
+    t2 = s.table()
+    assert t2 is not t1 and t2.names is t1.names
+    assert t2.used.tolist() == [0.0, 3.0, 0.0]
+    assert t2.products == ["A100", "H100"] and t2.product_ids.tolist() == [0, 1, -1]
+    assert t2.host_prefix[1] == '{"Host":"h0","Score":'
+
+
+def test_dirty_pools() -> None:
+    s = _state()
+    assert s.take_dirty_pools() is None  # everything, initially
+    s.upsert_pod(T.pod("p", pool="ns.a", node_name="h0", ready=True, ip="1.2.3.4"))
+    assert s.take_dirty_pools() == {"ns.a"}
+    assert s.take_dirty_pools() == set()
+    s.set_plan(T.plan({"ns.a": [("h0", "H100", 1)]}))
+    assert s.take_dirty_pools() is None
+
+
+def test_readiness_needs_every_source() -> None:
+    s = ClusterState()
+    assert not s.ready and s.not_synced() == ["nodes", "pods", "plan"]
+    for src in ("nodes", "pods", "plan"):
+        s.mark_synced(src)
+    assert s.ready
