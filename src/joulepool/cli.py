@@ -77,4 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m joulepool.cli` loads this file as __main__; call the installed module's
+    # main so UsageError is the same class the commands raise.
+    from joulepool.cli import main as _main
+
+    sys.exit(_main())

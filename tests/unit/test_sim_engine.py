@@ -223,3 +223,15 @@ def test_eps_at_current_clock_option_changes_routing(small_run):
                     params=EngineParams(eps_at_current_clock=True),
                     static_capacity_rps=cap.per_mode_rps)
     assert not np.array_equal(base.t_done, live.t_done, equal_nan=True)
+
+
+def test_every_policy_spends_at_least_the_energy_floor(small_run):
+    from joulepool.sim.runner import floor_for
+
+    cl, wl, tables, cap = small_run
+    floor = floor_for(cl, wl)
+    assert floor.feasible
+    plans = plan_windows(cl, wl)
+    for name in ("round-robin", "joulesched", "freesh", "combined", "miad-only"):
+        r = simulate(cl, wl, POLICIES[name], tables, plans, static_capacity_rps=cap.per_mode_rps)
+        assert r.energy_j / r.tokens_in_window >= floor.joules_per_token

@@ -76,8 +76,11 @@ Objective = Literal["energy", "carbon"]
 
 #: joules per kWh: gCO2 = W * s / J_PER_KWH * gCO2/kWh
 J_PER_KWH = 3.6e6
-#: relative MIP gap at which HiGHS may stop (its default, made explicit)
-MIP_REL_GAP = 1e-4
+#: default relative MIP gap: a plan proven within 1 % of the optimum. Demand
+#: already carries 10 % headroom, and at 10,000 GPUs the last 0.5 % takes HiGHS
+#: from seconds to minutes (benchmarks/bench_planner.py); small windows usually
+#: close to 0 anyway. Pass mip_rel_gap=0 for an exact plan.
+DEFAULT_MIP_REL_GAP = 1e-2
 #: demand counts as met when short by at most this fraction (HiGHS tolerances are ~1e-7)
 DEMAND_TOL_REL = 1e-6
 #: slack penalty per req/s, in units of the dearest cost per req/s: any partial
@@ -143,6 +146,7 @@ class PlanProblem:
     objective: Objective = "energy"
     carbon_g_per_kwh: Mapping[str, Sequence[float]] | None = None
     time_limit_s: float = 30.0
+    mip_rel_gap: float = DEFAULT_MIP_REL_GAP
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -166,6 +170,9 @@ class PlanProblem:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        gap = self.mip_rel_gap
+        if not isinstance(gap, int | float) or not math.isfinite(gap) or not 0 <= gap < 1:
+            raise ValueError(f"mip_rel_gap must be in [0, 1), got {gap!r}")
         if self.objective not in ("energy", "carbon"):
             raise ValueError(f"objective must be 'energy' or 'carbon', got {self.objective!r}")
         carbon = _carbon(self.carbon_g_per_kwh, forecast.shape[1])
@@ -351,21 +358,27 @@ class PlanResult:
 
 # ------------------------------------------------------------------------- the model
 
+_Key = tuple[int, str, int]  # (cost zone, product, free GPUs per node)
+
 
 @dataclass
 class _Group:
-    """k identical nodes (same site, product, free GPUs) planned as one."""
+    """k identical nodes (same cost zone, product and free GPUs) planned as one."""
 
-    site: str
+    zone: int
     product: str
     gpus: int
     nodes: list[int]  # indices into problem.nodes
     sizes: tuple[int, ...] = ()  # distinct active mode sizes, descending
     patterns: IntArray | None = None  # [P, len(sizes)] slot counts, when not volume-exact
 
+    @property
+    def key(self) -> _Key:
+        return (self.zone, self.product, self.gpus)
+
 
 def _volume_exact(gpus: int, count: int, sizes: tuple[int, ...]) -> bool:
-    """True when ``sum size * y <= count * gpus`` alone guarantees a packing.
+    """True when ``sum size * w <= count * gpus`` alone guarantees a packing.
 
     One node: trivially. Several: when sizes (descending) form a divisibility
     chain that divides the node size, first-fit decreasing never strands space.
@@ -415,9 +428,21 @@ class _Solve:
 
 
 class _Model:
-    """Variables and constraints of one planning MILP (vectorised build)."""
+    """Variables and constraints of one planning MILP (vectorised build).
 
-    def __init__(self, problem: PlanProblem, split: frozenset[tuple[str, str, int]]) -> None:
+    Sites whose carbon over the window is equal (all sites, for energy) form
+    one cost zone: their nodes are interchangeable, so classes are planned per
+    zone and only mode slots are planned per node group. That keeps the class
+    decisions free of node-group symmetry, which is what makes HiGHS fast.
+
+    Variables, in order:
+      y[zone, r, m]  instances of m serving r in the zone (the cost)
+      w[group, s]    instance slots of size s opened in a node group
+      z[group, p]    nodes of a pattern group that run pattern p
+      s[r]           unmet req/s of r (partial-plan model only)
+    """
+
+    def __init__(self, problem: PlanProblem, split: frozenset[_Key]) -> None:
         self.p = problem
         R, M = len(problem.classes), len(problem.modes)
         self.demand = problem.demand_rps.max(axis=1) if R else np.zeros(0)  # peak, [R]
@@ -426,13 +451,18 @@ class _Model:
         active = (L > 0) & (self.demand[:, None] > 0)  # [R, M]
         mode_active: npt.NDArray[np.bool_] = np.asarray(active.any(axis=0))
 
-        # --- groups of identical nodes
-        by_key: dict[tuple[str, str, int], list[int]] = {}
+        # --- cost zones and groups of identical nodes
+        factors = sorted({problem.site_factor(n.site) for n in problem.nodes})
+        zone_of_factor = {f: i for i, f in enumerate(factors)}
+        self.zone_factor = np.array(factors, dtype=np.float64)
+        by_key: dict[_Key, list[int]] = {}
         for i, node in enumerate(problem.nodes):
             if node.gpus > 0:
-                by_key.setdefault((node.site, node.product, node.gpus), []).append(i)
+                zone = zone_of_factor[problem.site_factor(node.site)]
+                by_key.setdefault((zone, node.product, node.gpus), []).append(i)
         groups: list[_Group] = []
-        for (site, product, gpus), members in by_key.items():
+        for key, members in by_key.items():
+            zone, product, gpus = key
             sizes = tuple(
                 sorted(
                     {
@@ -446,163 +476,174 @@ class _Model:
             if not sizes:
                 continue
             patterns = None
-            if (site, product, gpus) not in split and not _volume_exact(gpus, len(members), sizes):
+            if key not in split and not _volume_exact(gpus, len(members), sizes):
                 found = _maximal_patterns(gpus, sizes, MAX_PATTERNS)
                 if found is None:
-                    split = split | {(site, product, gpus)}
+                    split = split | {key}
                 else:
                     patterns = np.array(found, dtype=np.int64)
-            if (site, product, gpus) in split and len(members) > 1:
-                groups.extend(_Group(site, product, gpus, [i], sizes) for i in members)
+            if key in split and len(members) > 1:
+                groups.extend(_Group(zone, product, gpus, [i], sizes) for i in members)
             else:
-                groups.append(_Group(site, product, gpus, members, sizes, patterns))
+                groups.append(_Group(zone, product, gpus, members, sizes, patterns))
         self.groups = groups
-        n_groups = len(groups)
-        self.g_count = np.array([len(g.nodes) for g in groups], dtype=np.int64)
-        self.g_gpus = np.array([g.gpus for g in groups], dtype=np.int64)
-        sites = sorted({g.site for g in groups})
-        factor = {s: problem.site_factor(s) for s in sites}
-        self.g_factor = np.array([factor[g.site] for g in groups], dtype=np.float64)
 
-        # --- y[g, r, m]: instances of m for r in group g
-        fit = np.zeros((n_groups, M), dtype=bool)
+        # --- w[group, size]: slots; a link row per (zone, product, size)
+        link_of: dict[tuple[int, str, int], int] = {}
+        w_group: list[int] = []
+        w_size: list[int] = []
+        w_link: list[int] = []
+        w_ub: list[int] = []
         for gi, grp in enumerate(groups):
-            fit[gi] = [m.product == grp.product and m.gpus <= grp.gpus for m in problem.modes]
-        cube = fit[:, None, :] & active[None, :, :]
-        self.vg, self.vr, self.vm = (a.astype(np.int64) for a in np.nonzero(cube))
-        vg, vr, vm = self.vg, self.vr, self.vm
-        self.n_y = len(vg)
-        self.cost_y = problem.power_w[vr, vm] * problem.step_s * self.g_factor[vg]
+            for size in grp.sizes:
+                link = link_of.setdefault((grp.zone, grp.product, size), len(link_of))
+                w_group.append(gi)
+                w_size.append(size)
+                w_link.append(link)
+                w_ub.append(len(grp.nodes) * (grp.gpus // size))
+        self.n_link = len(link_of)
+        self.link_of = link_of
+        self.w_group = np.array(w_group, dtype=np.int64)
+        self.w_size = np.array(w_size, dtype=np.int64)
+        self.w_link = np.array(w_link, dtype=np.int64)
+        self.w_ub = np.array(w_ub, dtype=np.float64)
+        self.n_w = len(w_group)
+        room = np.zeros(max(self.n_link, 1))  # slots a link could open at most
+        np.add.at(room, self.w_link, self.w_ub)
+
+        # --- y[zone, r, m]
+        n_zones = len(factors)
+        zm_link = np.full((n_zones, M), -1, dtype=np.int64)
+        for (zone, product, size), link in link_of.items():
+            for j, m in enumerate(problem.modes):
+                if m.product == product and m.gpus == size:
+                    zm_link[zone, j] = link
+        cube = (zm_link >= 0)[:, None, :] & active[None, :, :]
+        self.vz, self.vr, self.vm = (a.astype(np.int64) for a in np.nonzero(cube))
+        vz, vr, vm = self.vz, self.vr, self.vm
+        self.y_link = zm_link[vz, vm]
+        self.n_y = len(vz)
+        self.cost_y = problem.power_w[vr, vm] * problem.step_s * self.zone_factor[vz]
         with np.errstate(divide="ignore", invalid="ignore"):
             by_demand = np.ceil(self.demand[vr] / L[vr, vm])
-        by_room = self.g_count[vg] * (self.g_gpus[vg] // self.mode_gpus[vm])
-        self.ub_y = np.minimum(by_room, by_demand).astype(np.float64)
+        self.ub_y = np.minimum(room[self.y_link] if self.n_y else 0.0, by_demand)
         self.coverable = np.zeros(R, dtype=bool)
         self.coverable[vr] = True
 
-        # --- z[g, p]: nodes of group g running pattern p
+        # --- z[group, p]
         self.z_group: list[int] = []
-        self.z_pattern: list[int] = []
         for gi, grp in enumerate(groups):
             if grp.patterns is not None:
                 self.z_group.extend([gi] * len(grp.patterns))
-                self.z_pattern.extend(range(len(grp.patterns)))
         self.n_z = len(self.z_group)
+
+    @property
+    def n_int(self) -> int:
+        return self.n_y + self.n_w + self.n_z
 
     # ------------------------------------------------------------------ build
 
     def _constraints(self, slack: bool) -> tuple[sparse.csr_array, FloatArray, FloatArray]:
-        R = len(self.p.classes)
-        vg, vr, vm = self.vg, self.vr, self.vm
+        vr, vm = self.vr, self.vm
         rows: list[IntArray] = []
         cols: list[IntArray] = []
         vals: list[FloatArray] = []
-        lo: list[float] = []
-        hi: list[float] = []
-        y_idx = np.arange(self.n_y, dtype=np.int64)
+        lo: list[FloatArray] = []
+        hi: list[FloatArray] = []
+        y0, w0, z0 = 0, self.n_y, self.n_y + self.n_w
+
+        def block(r: IntArray, c: IntArray, v: npt.ArrayLike) -> None:
+            rows.append(np.asarray(r, dtype=np.int64))
+            cols.append(np.asarray(c, dtype=np.int64))
+            vals.append(np.broadcast_to(np.asarray(v, dtype=np.float64), np.shape(r)))
+
+        def bounds(low: npt.ArrayLike, high: npt.ArrayLike, n: int) -> None:
+            lo.append(np.broadcast_to(np.asarray(low, dtype=np.float64), (n,)))
+            hi.append(np.broadcast_to(np.asarray(high, dtype=np.float64), (n,)))
 
         # demand: one row per class at its peak step (x is constant over the window)
-        dem_rows = np.flatnonzero(self.demand > 0)
-        row_of_class = np.full(R, -1, dtype=np.int64)
-        row_of_class[dem_rows] = np.arange(len(dem_rows))
-        rows.append(row_of_class[vr])
-        cols.append(y_idx)
-        vals.append(self.p.capacity_rps[vr, vm])
-        lo.extend(self.demand[dem_rows].tolist())
-        hi.extend([np.inf] * len(dem_rows))
+        dem = np.flatnonzero(self.demand > 0)
+        row_of_class = np.full(len(self.demand), -1, dtype=np.int64)
+        row_of_class[dem] = np.arange(len(dem))
+        y_idx = np.arange(self.n_y, dtype=np.int64)
+        block(row_of_class[vr], y0 + y_idx, self.p.capacity_rps[vr, vm])
         if slack:
-            s0 = self.n_y + self.n_z
-            rows.append(np.arange(len(dem_rows), dtype=np.int64))
-            cols.append(s0 + np.arange(len(dem_rows), dtype=np.int64))
-            vals.append(np.ones(len(dem_rows)))
-        nrow = len(dem_rows)
+            block(np.arange(len(dem)), self.n_int + np.arange(len(dem)), 1.0)
+        bounds(self.demand[dem], np.inf, len(dem))
+        nrow = len(dem)
 
-        # volume rows for volume-exact groups
-        vol_groups = [gi for gi, g in enumerate(self.groups) if g.patterns is None]
+        # link: instances of a (zone, product, size) <= slots opened in its groups
+        w_idx = np.arange(self.n_w, dtype=np.int64)
+        block(nrow + self.y_link, y0 + y_idx, 1.0)
+        block(nrow + self.w_link, w0 + w_idx, -1.0)
+        bounds(-np.inf, 0.0, self.n_link)
+        nrow += self.n_link
+
+        # volume rows (volume-exact groups): sum size * w <= k * G
+        vol = np.array([g.patterns is None for g in self.groups], dtype=bool)
+        vol_groups = np.flatnonzero(vol)
         row_of_group = np.full(len(self.groups), -1, dtype=np.int64)
         row_of_group[vol_groups] = nrow + np.arange(len(vol_groups))
-        mask = row_of_group[vg] >= 0
-        rows.append(row_of_group[vg][mask])
-        cols.append(y_idx[mask])
-        vals.append(self.mode_gpus[vm][mask].astype(np.float64))
-        lo.extend([-np.inf] * len(vol_groups))
-        hi.extend((self.g_count[vol_groups] * self.g_gpus[vol_groups]).astype(float).tolist())
+        on_vol = vol[self.w_group] if self.n_w else np.zeros(0, dtype=bool)
+        block(row_of_group[self.w_group[on_vol]], w0 + w_idx[on_vol], self.w_size[on_vol])
+        caps = [len(self.groups[g].nodes) * self.groups[g].gpus for g in vol_groups]
+        bounds(-np.inf, caps, len(vol_groups))
         nrow += len(vol_groups)
 
-        # pattern groups: instances of each size <= slots of that size; patterns <= nodes
-        if self.n_z:
-            size_row = np.full((len(self.groups), int(self.mode_gpus.max()) + 1), -1, np.int64)
-            z_rows: list[int] = []
-            z_cols: list[int] = []
-            z_vals: list[float] = []
-            z0 = self.n_y
-            zi = 0
-            for gi, grp in enumerate(self.groups):
-                if grp.patterns is None:
-                    continue
-                for si, size in enumerate(grp.sizes):
-                    size_row[gi, size] = nrow + si
-                count_row = nrow + len(grp.sizes)
-                for pattern in grp.patterns:
-                    for si, n in enumerate(pattern):
-                        if n:
-                            z_rows.append(nrow + si)
-                            z_cols.append(z0 + zi)
-                            z_vals.append(-float(n))
-                    z_rows.append(count_row)
-                    z_cols.append(z0 + zi)
-                    z_vals.append(1.0)
-                    zi += 1
-                lo.extend([-np.inf] * (len(grp.sizes) + 1))
-                hi.extend([0.0] * len(grp.sizes) + [float(len(grp.nodes))])
-                nrow += len(grp.sizes) + 1
-            r_y = size_row[vg, self.mode_gpus[vm]]
-            mask = r_y >= 0
-            rows.append(r_y[mask])
-            cols.append(y_idx[mask])
-            vals.append(np.ones(int(mask.sum())))
-            rows.append(np.array(z_rows, dtype=np.int64))
-            cols.append(np.array(z_cols, dtype=np.int64))
-            vals.append(np.array(z_vals, dtype=np.float64))
+        # pattern groups: slots of each size <= those the patterns provide; patterns <= nodes
+        zi = 0
+        for gi, grp in enumerate(self.groups):
+            if grp.patterns is None:
+                continue
+            n_s = len(grp.sizes)
+            mine = np.flatnonzero(self.w_group == gi)
+            block(nrow + np.searchsorted(-np.array(grp.sizes), -self.w_size[mine]), w0 + mine, 1.0)
+            n_p = len(grp.patterns)
+            pr, pc = np.nonzero(grp.patterns)  # pattern, size index
+            block(nrow + pc, z0 + zi + pr, -grp.patterns[pr, pc])
+            block(np.full(n_p, nrow + n_s), z0 + zi + np.arange(n_p), 1.0)
+            bounds(-np.inf, [0.0] * n_s + [float(len(grp.nodes))], n_s + 1)
+            nrow += n_s + 1
+            zi += n_p
 
-        n_var = self.n_y + self.n_z + (len(dem_rows) if slack else 0)
+        n_var = self.n_int + (len(dem) if slack else 0)
         a = sparse.csr_array(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
             shape=(nrow, n_var),
         )
-        return a, np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+        return a, np.concatenate(lo), np.concatenate(hi)
 
     def solve(self, slack: bool, time_limit_s: float) -> _Solve:
         """One HiGHS run; ``slack`` adds a penalised shortfall variable per class."""
-        dem_rows = np.flatnonzero(self.demand > 0)
-        n_s = len(dem_rows) if slack else 0
-        n_var = self.n_y + self.n_z + n_s
+        dem = np.flatnonzero(self.demand > 0)
+        n_s = len(dem) if slack else 0
+        n_var = self.n_int + n_s
         if n_var == 0:
-            ok = not dem_rows.size
+            ok = not dem.size
             return _Solve(np.zeros(0), 0 if ok else 2, 0.0, "nothing to decide")
-        scale = float(self.cost_y.max()) if self.n_y and self.cost_y.max() > 0 else 1.0
-        cost_y = self.cost_y / scale  # keep coefficients O(1) for HiGHS
+        top = float(self.cost_y.max()) if self.n_y else 0.0
+        cost_y = self.cost_y / (top if top > 0 else 1.0)  # keep coefficients O(1) for HiGHS
         c = np.zeros(n_var)
         c[: self.n_y] = cost_y
-        lb = np.zeros(n_var)
         ub = np.empty(n_var)
         ub[: self.n_y] = self.ub_y
-        ub[self.n_y : self.n_y + self.n_z] = [len(self.groups[g].nodes) for g in self.z_group]
+        ub[self.n_y : self.n_y + self.n_w] = self.w_ub
+        ub[self.n_y + self.n_w : self.n_int] = [len(self.groups[g].nodes) for g in self.z_group]
         integrality = np.ones(n_var, dtype=np.uint8)
         if slack:
             per_rps = cost_y / self.p.capacity_rps[self.vr, self.vm] if self.n_y else np.ones(1)
-            c[self.n_y + self.n_z :] = SLACK_WEIGHT * max(float(per_rps.max()), 1.0)
-            ub[self.n_y + self.n_z :] = self.demand[dem_rows]
-            integrality[self.n_y + self.n_z :] = 0
+            c[self.n_int :] = SLACK_WEIGHT * max(float(per_rps.max()), 1.0)
+            ub[self.n_int :] = self.demand[dem]
+            integrality[self.n_int :] = 0
         a, row_lo, row_hi = self._constraints(slack)
         res = milp(
             c,
             integrality=integrality,
-            bounds=Bounds(lb, ub),
+            bounds=Bounds(np.zeros(n_var), ub),
             constraints=LinearConstraint(a, row_lo, row_hi) if a.shape[0] else None,
             options={
                 "time_limit": max(time_limit_s, 1e-3),
-                "mip_rel_gap": MIP_REL_GAP,
+                "mip_rel_gap": self.p.mip_rel_gap,
                 "presolve": True,
                 "disp": False,
             },
@@ -613,39 +654,57 @@ class _Model:
 
     # ------------------------------------------------------------- decompose
 
-    def decompose(
-        self, x: FloatArray
-    ) -> tuple[dict[tuple[int, int, int], int], set[tuple[str, str, int]]]:
+    def decompose(self, x: FloatArray) -> tuple[dict[tuple[int, int, int], int], set[_Key]]:
         """Per-node instance counts {(node, r, m): n} and the groups that failed to pack."""
-        y = np.rint(x[: self.n_y]).astype(np.int64) if self.n_y else np.zeros(0, np.int64)
-        z = np.rint(x[self.n_y : self.n_y + self.n_z]).astype(np.int64)
+        xi = np.rint(x[: self.n_int]).astype(np.int64) if self.n_int else np.zeros(0, np.int64)
+        y = xi[: self.n_y]
+        w = xi[self.n_y : self.n_y + self.n_w]
+        z = xi[self.n_y + self.n_w :]
+        # 1. spread each link's class instances over the slots its groups opened
+        items: list[list[tuple[int, int, int, int]]] = [[] for _ in self.groups]
+        failed: set[_Key] = set()
+        slots_of_link: dict[int, list[list[int]]] = {}
+        for k in range(self.n_w):
+            if w[k] > 0:
+                slots_of_link.setdefault(int(self.w_link[k]), []).append(
+                    [int(self.w_group[k]), int(w[k])]
+                )
+        order = np.lexsort((self.vr, self.vm, self.y_link))
+        for j in order[y[order] > 0]:
+            link, r, m, n = int(self.y_link[j]), int(self.vr[j]), int(self.vm[j]), int(y[j])
+            slots = slots_of_link.get(link, [])
+            while n > 0 and slots:
+                gi, free = slots[0]
+                q = min(free, n)
+                items[gi].append((int(self.mode_gpus[m]), m, r, q))
+                n -= q
+                slots[0][1] -= q
+                if slots[0][1] == 0:
+                    slots.pop(0)
+            if n > 0:  # more instances than slots: only after a numerically odd solve
+                failed.update(g.key for g in self.groups if (g.zone, g.product) == self._zp(link))
+        # 2. pack each group's instances onto its nodes
         placed: dict[tuple[int, int, int], int] = {}
-        failed: set[tuple[str, str, int]] = set()
-        bounds = np.searchsorted(self.vg, np.arange(len(self.groups) + 1))
         z_at = 0
         for gi, grp in enumerate(self.groups):
-            sel = range(int(bounds[gi]), int(bounds[gi + 1]))
-            items = sorted(
-                (
-                    (int(self.mode_gpus[self.vm[j]]), int(self.vm[j]), int(self.vr[j]), int(y[j]))
-                    for j in sel
-                    if y[j] > 0
-                ),
-                key=lambda it: (-it[0], it[1], it[2]),
-            )
+            mine = sorted(items[gi], key=lambda it: (-it[0], it[1], it[2]))
             if grp.patterns is None:
-                out = _first_fit(grp.gpus, len(grp.nodes), items)
+                out = _first_fit(grp.gpus, len(grp.nodes), mine)
             else:
                 n_pat = len(grp.patterns)
-                out = _fill_patterns(grp, z[z_at : z_at + n_pat], items)
+                out = _fill_patterns(grp, z[z_at : z_at + n_pat], mine)
                 z_at += n_pat
             if out is None:
-                failed.add((grp.site, grp.product, grp.gpus))
+                failed.add(grp.key)
                 continue
             for local, r, m, n in out:
                 key = (grp.nodes[local], r, m)
                 placed[key] = placed.get(key, 0) + n
         return placed, failed
+
+    def _zp(self, link: int) -> tuple[int, str]:
+        zone, product, _ = next(k for k, v in self.link_of.items() if v == link)
+        return zone, product
 
 
 def _first_fit(
@@ -711,11 +770,11 @@ def solve(problem: PlanProblem) -> PlanResult:
     """Plan one window. Never raises for an unservable window: see PlanResult."""
     t0 = time.perf_counter()
     deadline = t0 + problem.time_limit_s
-    split: frozenset[tuple[str, str, int]] = frozenset()
+    split: frozenset[_Key] = frozenset()
     while True:
         model = _Model(problem, split)
         run, from_hard, proven = _optimise(model, deadline, problem.time_limit_s)
-        x = run.x if run.x is not None else np.zeros(model.n_y + model.n_z)
+        x = run.x if run.x is not None else np.zeros(model.n_int)
         placed, failed = model.decompose(x)
         if not failed or failed <= split:
             break

@@ -23,8 +23,8 @@ because kube-scheduler ignores prioritize errors anyway.
 from __future__ import annotations
 
 import json
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,8 @@ class Scheduler:
         self._pool_cache: dict[str, tuple[int, set[str], str, float]] = {}
         #: per (pool, plan version, node table): which table rows the plan assigns
         self._mask_cache: dict[str, tuple[int, NodeTable, npt.NDArray[np.bool_]]] = {}
+        self._arrays_cache: dict[str, tuple[tuple[int, int], NodeTable, npt.NDArray[np.float64],
+                                            npt.NDArray[np.float64]]] = {}
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod
@@ -173,6 +175,11 @@ class Scheduler:
         version = state.plan.version if state.plan else 0
         allowed, listing = (self._pool_facts(pool_key, planned)[:2] if planned
                             else (set(), "none"))
+        if not full and planned is not None and state.plan is not None:
+            ok, failed, unresolvable = self._filter_names(
+                names, pool_key, allowed, listing, request, version
+            )
+            return self._filter_result(args, raw, names, ok, failed, unresolvable)
         for i, name in enumerate(names):
             reason, hard = self._node_verdict(
                 name, items[i] if full else None, pool_key, planned, allowed, listing, request,
@@ -186,6 +193,87 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.filtered_out.labels("plan" if hard else "capacity").inc()
         return self._filter_result(args, raw, names, ok, failed, unresolvable)
+
+    def _pool_arrays(self, pool_key: str, table: NodeTable
+                     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """(planned GPU share or NaN, GPUs the pool holds) per table row."""
+        key = f"share:{pool_key}"
+        state = self.state
+        versions = (state.plan_version, state.pod_version)
+        hit = self._arrays_cache.get(key)
+        if hit is None or hit[0] != versions or hit[1] is not table:
+            share = np.full(len(table.names), np.nan)
+            held = np.zeros(len(table.names))
+            for i, name in enumerate(table.names):
+                s = state.planned_share(pool_key, name)
+                if s is not None:
+                    share[i] = s
+            for (node, pool), gpus in state.pool_gpus.items():
+                j = table.index.get(node)
+                if pool == pool_key and j is not None:
+                    held[j] = gpus
+            hit = (versions, table, share, held)
+            self._arrays_cache[key] = hit
+        return hit[2], hit[3]
+
+    def _filter_names(
+        self, names: list[str], pool_key: str, allowed: set[str], listing: str, request: int,
+        version: int,
+    ) -> tuple[list[bool], dict[str, str], dict[str, str]]:
+        """The NodeNames form, vectorised over the node table; same verdicts as
+        :meth:`_node_verdict`, messages built only for rejected nodes."""
+        table = self.state.table()
+        n = len(names)
+        idx = np.fromiter(map(table.index.get, names, repeat(-1)), dtype=np.int64, count=n)
+        known = idx >= 0
+        safe = np.where(known, idx, 0)
+        mask = self._plan_mask(pool_key, allowed, table)
+        in_plan = mask[idx]
+        unknown_rows = np.flatnonzero(~known)
+        for j in unknown_rows.tolist():  # nodes the plan names but the cache has not seen
+            in_plan[j] = names[j] in allowed
+        if len(table.names):
+            alloc, used = table.allocatable[safe], table.used[safe]
+            share_all, held_all = self._pool_arrays(pool_key, table)
+            share, held = share_all[safe], held_all[safe]
+        else:
+            alloc = used = held = np.zeros(n)
+            share = np.full(n, np.nan)
+        short = known & (request > 0) & (alloc - used < request)
+        over = known & (request > 0) & ~np.isnan(share) & (held + request > share)
+        bad_plan = ~in_plan
+        bad_cache = in_plan & ~known
+        bad_cap = in_plan & known & short
+        bad_share = in_plan & known & ~short & over
+        ok_arr = ~(bad_plan | bad_cache | bad_cap | bad_share)
+        failed: dict[str, str] = {}
+        unresolvable: dict[str, str] = {}
+        if bad_plan.any():
+            msg = (f"plan v{version} does not assign pool {pool_key} to this node "
+                   f"(assigned: {listing})")
+            unresolvable.update(dict.fromkeys([names[i] for i in np.flatnonzero(bad_plan)], msg))
+        if bad_cache.any():
+            failed.update(dict.fromkeys([names[i] for i in np.flatnonzero(bad_cache)],
+                                        "node not in the extender's node cache yet"))
+        for i in np.flatnonzero(bad_cap).tolist():
+            a, u = int(alloc[i]), int(used[i])
+            failed[names[i]] = (
+                f"insufficient nvidia.com/gpu: pod requests {request}, {max(a - u, 0)} "
+                f"free ({a} allocatable, {u} requested by bound pods)"
+            )
+        for i in np.flatnonzero(bad_share).tolist():
+            unresolvable[names[i]] = (
+                f"pool {pool_key} would hold {int(held[i]) + request} GPUs here; "
+                f"plan v{version} gives it {int(share[i])}"
+            )
+        if self.metrics is not None:
+            hard, soft = int(bad_plan.sum() + bad_share.sum()), int(bad_cache.sum() + bad_cap.sum())
+            if hard:
+                self.metrics.filtered_out.labels("plan").inc(hard)
+            if soft:
+                self.metrics.filtered_out.labels("capacity").inc(soft)
+        ok: list[bool] = ok_arr.tolist()
+        return ok, failed, unresolvable
 
     def _node_verdict(
         self, name: str, node: Node | None, pool_key: str, planned: PlannedPool | None,

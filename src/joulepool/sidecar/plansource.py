@@ -177,7 +177,7 @@ class EnergyPolicySource:
             if getattr(exc, "status", None) == 404:
                 return None
             raise
-        return dict(obj) if obj else None
+        return dict(obj) if isinstance(obj, dict) and obj else None
 
     async def refresh(self) -> None:
         now = self.monotonic()

@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if show:
         from tqdm import tqdm
 
+        tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
         bar = tqdm(total=round(duration * len(policies) * args.repeat), unit="sim-s",
                    desc="simulating", file=sys.stderr, leave=False)
 

@@ -26,6 +26,7 @@ from joulepool.sim.engine import RunResult
 from joulepool.sim.policies import POLICIES
 from joulepool.sim.runner import ExperimentResult, summarise_floor
 from joulepool.sim.tables import ProfileTable
+from joulepool.sim.trace import ATTRIBUTION, VENDORED_NAME
 from joulepool.sim.workload import Workload
 
 FloatArray = npt.NDArray[np.float64]
@@ -233,6 +234,8 @@ def result_document(
     return _jsonable({
         "tool": "joulepool simulate",
         "argv": list(argv),
+        "trace": exp.trace.name,
+        "attribution": ATTRIBUTION if exp.trace.name == VENDORED_NAME else None,
         "cluster": exp.cluster.name,
         "model": exp.cluster.model,
         "duration_s": exp.duration_s,

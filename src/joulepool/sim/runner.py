@@ -254,6 +254,8 @@ def run_experiment(
     runs: dict[str, list[RunResult | None]] = {p: [None] * exp.repeat for p in exp.policies}
     _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=cap)
     jobs = max(1, min(exp.jobs, len(tasks)))
+    if "fork" not in mp.get_all_start_methods():
+        jobs = 1  # workers inherit the workloads by fork; elsewhere run in-process
     try:
         if jobs == 1:
             _SHARED["progress"] = None
