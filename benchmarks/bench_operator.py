@@ -117,7 +117,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 total, done = _written(server, fx)
                 if total == args.pools and done == total:
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.25)
             elapsed = time.perf_counter() - t0
             _, doc = await fx.Cluster(server, s).plan()
             planner = op.planner
@@ -137,7 +137,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "last_solve_s": round(latest.solve_time_s, 3) if latest else None,
                 "deployments": deployments,
                 "operator_api_calls": op.client.calls, "operator_api_retries": op.client.retries,
-                "api_requests_served": len(server),
+                "api_requests_served": server.requests_served,
             }
 
 

@@ -49,7 +49,9 @@ def _type_tables() -> tuple[np.ndarray, np.ndarray]:
     # assumed: 8xH100 draws 1.9x and serves 1.8x a 4xH100 (or 0.8x an 8xA100 if 4xH100 can't)
     power[:, 4] = 1.9 * FREESH_POWER_W[:, 3]
     rps[:, 4] = np.where(
-        FREESH_CAPACITY_RPS[:, 3] > 0, 1.8 * FREESH_CAPACITY_RPS[:, 3], 0.8 * FREESH_CAPACITY_RPS[:, 2]
+        FREESH_CAPACITY_RPS[:, 3] > 0,
+        1.8 * FREESH_CAPACITY_RPS[:, 3],
+        0.8 * FREESH_CAPACITY_RPS[:, 2],
     )
     # assumed: one L4 (72 W TDP) serves only short-short requests, slowly
     power[:, 5] = 72.0
@@ -79,8 +81,9 @@ def synthetic_problem(
     kind = np.arange(classes) % 4
     power = base_p[kind] * rng.lognormal(0.0, 0.1, size=(classes, len(MODES)))
     rps = base_l[kind] * rng.lognormal(0.0, 0.15, size=(classes, len(MODES)))
-    rps[rng.random(rps.shape) < 0.05] = 0.0  # some modes miss some classes' SLOs
-    rps[np.arange(classes), np.argmax(rps, axis=1)] = np.max(rps, axis=1)  # keep one eligible
+    drop = rng.random(rps.shape) < 0.05  # some modes miss some classes' SLOs ...
+    drop[np.arange(classes), np.argmax(rps, axis=1)] = False  # ... but never the best one
+    rps[drop] = 0.0
 
     free_total = sum(n.gpus for n in nodes)
     per_gpu = (rps / np.array([m.gpus for m in MODES])).max(axis=1)
@@ -112,7 +115,9 @@ def _problems(objective: str) -> dict[str, tuple[str, Callable[[], PlanProblem]]
     return {
         "a": (
             "FREESH published: 30 GPUs, 3 sites, 4 classes, 4 modes",
-            lambda: freesh_published_problem(objective="carbon" if objective == "carbon" else "energy"),
+            lambda: freesh_published_problem(
+                objective="carbon" if objective == "carbon" else "energy"
+            ),
         ),
         "b": (
             "320 GPUs, 3 sites, 10 classes, 6 modes",

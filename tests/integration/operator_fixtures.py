@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import aiohttp
 import attrs
 import jsonpatch
 import kmock
-from kmock._internal.k8s import KubernetesError
+from kmock._internal.k8s import KubernetesError, KubernetesObjectNotFoundError
 
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
 from joulepool.operator.app import Operator
@@ -72,6 +73,9 @@ class Fault:
                 and self.path_contains in str(request.url.path))
 
 
+_CURRENT_REQUEST: contextvars.ContextVar[Any] = contextvars.ContextVar("kmock_request")
+
+
 @attrs.define(kw_only=True)
 class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """kmock's emulator, a little closer to a real API server, with injectable faults.
@@ -85,7 +89,17 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """
 
     faults: list[Fault] = attrs.field(factory=list)
+    requests_served: int = 0
     _last_rv: int = 1000
+
+    def __iter__(self) -> Iterator[Any]:
+        # kmock 0.8 matches every request against its reactions by scanning the whole
+        # request history (O(n) per request, O(n^2) in all: minutes for a few thousand
+        # requests). The reactions here are only the emulator's own fallbacks, which need
+        # just the request at hand: the one this task is serving.
+        current = _CURRENT_REQUEST.get(None)
+        if current is not None:
+            yield current
 
     def _next_rv(self) -> str:
         self._last_rv += 1
@@ -96,6 +110,30 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         result = await super()._serve_list(request)
         result["metadata"]["resourceVersion"] = rv
         return result
+
+    # kmock 0.8 finds the one object of a fetch/create/patch/delete by scanning all objects;
+    # these look it up by key (same answers, O(1)).
+    def _lookup(self, request: Any, namespace: str | None, name: str | None) -> Any:
+        key = (request.resource, namespace, name)
+        obj = self.objects[key] if key in self.objects else None
+        if obj is None or (obj.deleted and request.action == kmock.action.FETCH):
+            raise KubernetesObjectNotFoundError()
+        return obj
+
+    async def _serve_fetch(self, request: Any) -> Any:
+        return self._lookup(request, request.namespace, request.name).raw
+
+    async def _serve_create(self, request: Any) -> Any:
+        meta = (request.data or {}).get("metadata") or {}
+        obj = self._lookup(request, request.namespace or meta.get("namespace"),
+                           request.name or meta.get("name"))
+        return obj.raw
+
+    async def _serve_update(self, request: Any) -> Any:
+        return self._lookup(request, request.namespace, request.name).last.raw
+
+    async def _serve_delete(self, request: Any) -> Any:
+        return self._lookup(request, request.namespace, request.name).last.raw
 
     async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
         """Like kmock's, but a watch from a resourceVersion replays only newer objects
@@ -127,6 +165,8 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             await bus.unmark(marker)
 
     async def _handle(self, request: Any) -> Any:
+        _CURRENT_REQUEST.set(request)
+        self.requests_served += 1
         for f in self.faults:
             if f.matches(request):
                 f.hits += 1

@@ -297,3 +297,50 @@ def test_tls(tmp_path: Path) -> None:
         # plain HTTP to the TLS port gets nowhere
         with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
             srv.request("GET", "/healthz")
+
+
+def test_slow_body_times_out_without_blocking_others() -> None:
+    import socket
+
+    s = Settings(cluster=False, scrape_interval_seconds=0, read_timeout_seconds=0.3)
+    with LiveServer(s) as srv:
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        slow.sendall(b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        # others are served while the slow body trickles
+        assert srv.request("GET", "/healthz")[0] == 200
+        answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"not received" in answer
+        slow.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_mutual_tls(tmp_path: Path) -> None:
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (tmp_path / f"{name}.ext").write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    s = Settings(cluster=False, scrape_interval_seconds=0, tls_cert=tmp_path / "server.crt",
+                 tls_key=tmp_path / "server.key", tls_client_ca=tmp_path / "ca.crt")
+    with LiveServer(s) as srv:
+        def get(with_cert: bool) -> int:
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+            if with_cert:
+                ctx.load_cert_chain(str(tmp_path / "client.crt"), str(tmp_path / "client.key"))
+            conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=10)
+            try:
+                conn.request("GET", "/readyz")
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        assert get(with_cert=True) == 200
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            get(with_cert=False)

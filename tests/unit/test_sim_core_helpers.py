@@ -29,3 +29,13 @@ def test_prefill_power_is_the_busiest_point_at_that_clock():
     assert H100_8B.idle_w < lo < float(H100_8B.prefill_power_w())
     clocks = H100_8B.product.supported_clocks()
     assert np.all(np.diff(H100_8B.prefill_power_w(clocks)) >= 0)
+
+
+def test_best_by_eta_small_and_large_paths_agree():
+    rng = np.random.default_rng(0)
+    for n in (3, 600):
+        eps = rng.choice([0.1, 0.2], size=n)
+        q = rng.integers(0, 5, size=n) * 100.0
+        cb = joulesched_cost(eps, q, np.full(n, 1000.0), 200, 30, 10)
+        order = sorted(range(n), key=lambda i: (cb.cost[i], cb.eta_s[i], i))
+        assert cb.best_by_eta() == order[0]

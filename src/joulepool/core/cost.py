@@ -46,6 +46,8 @@ class CostBreakdown:
         c = self.cost
         if c.size == 0:
             raise ValueError("no endpoints to choose from")
+        if c.size <= 512:  # a stable sort by (cost, ETA) is the cheaper call when small
+            return int(np.lexsort((self.eta_s, c))[0])
         lo = c.min()
         tied = c == lo
         if np.count_nonzero(tied) == 1:

@@ -11,30 +11,36 @@ because a tensor-parallel instance must fit on one node:
                sum_{r, m} x[n, r, m] * gpus(m)  <= free GPUs of node n      all n
                x[n, r, m] = 0 unless product(m) == product(n) and L[r, m] > 0
 
-Why it stays fast at 10,000 GPUs: identical nodes (same site, product and
-free GPUs) are aggregated into groups, so the model grows with the number of
+Why it stays fast at 10,000 GPUs: the model grows with the number of
 distinct node shapes, not with the number of nodes.
 
-* If every mode size used in a group divides the next larger one and the
-  node size (powers of two, the normal case), a volume constraint
-  ``sum gpus(m) * y <= k * G`` is exact: items whose sizes form a
-  divisibility chain pack into k bins of size G whenever their volume fits,
-  and first-fit decreasing finds that packing.
-* Otherwise the group uses per-node packing patterns (maximal multisets of
-  mode sizes that fit one node): ``z[p]`` nodes run pattern p and each
-  mode's instances must fit the slots the patterns provide. That is exact
-  for any sizes. Should patterns explode, the group is split into
-  single nodes, where the volume constraint is again exact.
+* Sites whose carbon over the window is equal (every site, for energy) form
+  one cost zone. Classes are planned per zone: y[zone, r, m] instances.
+* Identical nodes of a zone (same product and free GPUs, k of them with G
+  GPUs each) form a group that opens w[group, size] instance slots; each
+  zone's instances of a (product, size) must fit the slots its groups open.
+  Class decisions therefore carry no node-group symmetry.
+* A group's slots are exact by volume, ``sum size * w <= k * G``, when its
+  sizes form a divisibility chain dividing G (powers of two, the normal
+  case): such items pack into k bins whenever their volume fits, and
+  first-fit decreasing finds the packing. Otherwise the group uses per-node
+  patterns (maximal multisets of sizes that fit one node), ``z[p]`` nodes
+  running pattern p, which is exact for any sizes; should patterns explode,
+  the group is split into single nodes, where volume is exact again. If a
+  volume group ever fails to pack, it is re-planned node by node.
 
 x is constant over the window, so the per-step demand rows reduce to one row
-per class at its peak step; that is the same feasible set with T times fewer
-rows. Per-step shortfalls are reported from the plan afterwards.
+per class at its peak step: the same feasible set with T times fewer rows.
+Per-step shortfalls are reported from the plan afterwards.
 
-Infeasibility is never an exception: a hard-demand model is solved first (so
-a feasible plan is exactly cost-optimal); if HiGHS proves it infeasible, or
-runs out of time without any plan, a second model with slack on every demand
-row and a dominant penalty gives the best partial plan, reported apart from
-``assignments`` with per-class shortfalls and the binding capacities.
+HiGHS stops once the plan is proven within ``mip_rel_gap`` of the optimum
+(default 1 %; see DEFAULT_MIP_REL_GAP) or at ``time_limit_s``.
+
+Infeasibility is never an exception: a hard-demand model is solved first; if
+HiGHS proves it infeasible, or runs out of time without any plan, a second
+model with slack on every demand row and a dominant penalty gives the best
+partial plan, reported apart from ``assignments`` with per-class shortfalls
+and the binding capacities.
 """
 
 from __future__ import annotations
@@ -56,10 +62,13 @@ from joulepool.core.classes import CLASS_NAMES
 __all__ = [
     "ASSUMED_FREESH_CARBON_G_PER_KWH",
     "ASSUMED_FREESH_FORECAST_RPS",
+    "DEFAULT_MIP_REL_GAP",
     "FREESH_CAPACITY_RPS",
     "FREESH_MODES",
     "FREESH_NODES",
     "FREESH_POWER_W",
+    "J_PER_KWH",
+    "NO_ELIGIBLE_MODE",
     "Assignment",
     "Mode",
     "PlanNode",
@@ -83,8 +92,8 @@ J_PER_KWH = 3.6e6
 DEFAULT_MIP_REL_GAP = 1e-2
 #: demand counts as met when short by at most this fraction (HiGHS tolerances are ~1e-7)
 DEMAND_TOL_REL = 1e-6
-#: slack penalty per req/s, in units of the dearest cost per req/s: any partial
-#: plan serves everything the cluster can before it saves energy
+#: slack penalty per req/s, as a multiple of the dearest cost per req/s of any
+#: instance, so a partial plan serves all it can before it saves energy or carbon
 SLACK_WEIGHT = 1e4
 #: above this many per-node patterns a group is split into single nodes
 MAX_PATTERNS = 256

@@ -16,6 +16,7 @@ verbs (the extender's own field), ``{"error": msg}`` elsewhere.
     400  body is not JSON, not an object, or has a field of the wrong type/range
          (kube-scheduler never sends such a body; the status tells other clients)
     401  bearer token missing or wrong (--token-file)
+    408  body not received within --read-timeout-seconds (slow clients hold no worker)
     404  unknown path, or /v1 request for a pool the router does not know
     405  wrong method
     413  body over --max-body-bytes, or more than --max-nodes candidate nodes
@@ -238,14 +239,18 @@ def _validation_message(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}{more}" if loc else f"{err['msg']}{more}"
 
 
-async def _body(request: web.Request, limit: int) -> bytes:
+async def _body(request: web.Request) -> bytes:
+    s = request.app[EXTENDER].settings
+    limit = s.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(413, f"body of {request.content_length} bytes is over the "
                               f"{limit}-byte limit")
     try:
-        return await request.read()
+        return await asyncio.wait_for(request.read(), s.read_timeout_seconds)
     except web.HTTPRequestEntityTooLarge:
         raise BadRequest(413, f"body is over the {limit}-byte limit") from None
+    except TimeoutError:
+        raise BadRequest(408, f"body not received within {s.read_timeout_seconds:g}s") from None
 
 
 def _clock() -> tuple[float, float]:
@@ -262,19 +267,19 @@ def _timed(request: web.Request, verb: str, t0: tuple[float, float], resp: web.R
 
 
 def _extender_args(body: bytes, max_nodes: int) -> tuple[ExtenderArgs, dict[str, Any]]:
+    """Validated args, and the raw JSON object when full Nodes must be echoed back."""
     try:
-        raw = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise BadRequest(400, "ExtenderArgs must be a JSON object")
-    try:
-        args = ExtenderArgs.model_validate(raw)
+        args = ExtenderArgs.model_validate_json(body)
     except ValidationError as exc:
+        if exc.errors()[0]["type"] == "model_type":
+            raise BadRequest(400, "ExtenderArgs must be a JSON object") from None
         raise BadRequest(400, _validation_message(exc)) from None
     n = max(len(args.node_names or []), len(args.nodes.items or []) if args.nodes else 0)
     if n > max_nodes:
         raise BadRequest(413, f"{n} candidate nodes is over the --max-nodes limit {max_nodes}")
+    raw: dict[str, Any] = {}
+    if args.nodes is not None:  # second parse only in the (slow anyway) full-Nodes form
+        raw = json.loads(body)
     return args, raw
 
 
@@ -283,7 +288,7 @@ def _extender_args(body: bytes, max_nodes: int) -> tuple[ExtenderArgs, dict[str,
 # --------------------------------------------------------------------------
 async def handle_filter(request: web.Request) -> web.Response:
     ext = request.app[EXTENDER]
-    body = await _body(request, ext.settings.max_body_bytes)
+    body = await _body(request)
     t0 = _clock()
     args, raw = _extender_args(body, ext.settings.max_nodes)
     try:
@@ -295,7 +300,7 @@ async def handle_filter(request: web.Request) -> web.Response:
 
 async def handle_prioritize(request: web.Request) -> web.Response:
     ext = request.app[EXTENDER]
-    body = await _body(request, ext.settings.max_body_bytes)
+    body = await _body(request)
     t0 = _clock()
     args, _ = _extender_args(body, ext.settings.max_nodes)
     try:
@@ -309,7 +314,7 @@ async def handle_prioritize(request: web.Request) -> web.Response:
 
 async def handle_route(request: web.Request) -> web.Response:
     ext = request.app[EXTENDER]
-    body = await _body(request, ext.settings.max_body_bytes)
+    body = await _body(request)
     t0 = _clock()
     try:
         req = RouteRequest.model_validate_json(body)
@@ -326,7 +331,7 @@ async def handle_route(request: web.Request) -> web.Response:
 
 async def handle_complete(request: web.Request) -> web.Response:
     ext = request.app[EXTENDER]
-    body = await _body(request, ext.settings.max_body_bytes)
+    body = await _body(request)
     t0 = _clock()
     try:
         rep = CompleteRequest.model_validate_json(body)
@@ -437,6 +442,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
     async def tick() -> None:
         ext.router.tick(time.monotonic())
+        if ext.state.synced["nodes"]:
+            ext.state.table().host_scores()  # warm the prioritize encoder after node changes
 
     tasks.append(asyncio.create_task(_every(1.0, tick, ext)))
 

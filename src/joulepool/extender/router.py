@@ -69,8 +69,10 @@ MAX_TOKENS = 10_000_000
 class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     pool: str = Field(min_length=1, max_length=253)
-    input_tokens: int = Field(default=0, alias="inputTokens", ge=0, le=MAX_TOKENS)
-    output_tokens: int = Field(alias="outputTokens", ge=0, le=MAX_TOKENS)
+    # estimates (a length predictor may give fractions): numbers, not strings
+    input_tokens: float = Field(default=0, alias="inputTokens", ge=0, le=MAX_TOKENS,
+                                allow_inf_nan=False)
+    output_tokens: float = Field(alias="outputTokens", ge=0, le=MAX_TOKENS, allow_inf_nan=False)
     tier: Tier | None = None
     deadline_seconds: float | None = Field(
         default=None, alias="deadlineSeconds", gt=0, le=7 * 86400, allow_inf_nan=False
@@ -88,7 +90,8 @@ class CompleteRequest(BaseModel):
     e2e_seconds: float | None = Field(
         default=None, alias="e2eSeconds", ge=0, le=7 * 86400, allow_inf_nan=False
     )
-    output_tokens: int = Field(default=0, alias="outputTokens", ge=0, le=MAX_TOKENS)
+    output_tokens: float = Field(default=0, alias="outputTokens", ge=0, le=MAX_TOKENS,
+                                 allow_inf_nan=False)
     deadline_met: bool = Field(alias="deadlineMet")
     joules: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
 
@@ -259,7 +262,8 @@ class PoolRouter:
             if old is not None:
                 old.model, old.node, old.metrics_url = ep.model, ep.node, ep.metrics_url
                 if ep.source == "file":
-                    old.waiting, old.running = ep.waiting, ep.running
+                    if old.scraped_at is None:  # scraped numbers beat the file's
+                        old.waiting, old.running = ep.waiting, ep.running
                     old.static_queue = ep.static_queue
                 old.source = ep.source
                 fresh.append(old)
@@ -338,8 +342,6 @@ class PoolRouter:
             if rep.joules is not None and rep.output_tokens > 0:
                 ep.eps_est.observe(rep.joules, rep.output_tokens, float(self.eps_model[i]), now)
             self._refresh(i)
-        if rep.output_tokens > 0:
-            self.mean_out.update(rep.output_tokens)
         missed = not rep.deadline_met
         self.window.add(now, missed)
         self.period_n += 1

@@ -67,9 +67,13 @@ class PlacementSettings:
     queue_horizon_s: float = 10.0
 
 
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _listing(names: list[str], limit: int = 3) -> str:
+    """Short: kube-scheduler groups nodes by identical reason, so keep it the same for all."""
+    if not names:
+        return "it assigns the pool no nodes"
+    if len(names) <= limit:
+        return "assigned: " + ", ".join(names)
+    return f"{len(names)} nodes assigned"
 
 
 class Scheduler:
@@ -88,6 +92,8 @@ class Scheduler:
         self._pool_cache: dict[str, tuple[int, set[str], str, float]] = {}
         #: per (pool, plan version, node table): which table rows the plan assigns
         self._mask_cache: dict[str, tuple[int, NodeTable, npt.NDArray[np.bool_]]] = {}
+        self._table_cache: dict[str, tuple[int, NodeTable, FloatArray, FloatArray,
+                                           FloatArray]] = {}
         self._arrays_cache: dict[str, tuple[tuple[int, int], NodeTable, npt.NDArray[np.float64],
                                             npt.NDArray[np.float64]]] = {}
 
@@ -126,7 +132,7 @@ class Scheduler:
         hit = self._pool_cache.get(key)
         if hit is None or hit[0] != version:
             allowed = pool.nodes()
-            hit = (version, allowed, _listing(sorted(allowed)) or "none",
+            hit = (version, allowed, _listing(sorted(allowed)),
                    self._replica_tps(pool))
             self._pool_cache[key] = hit
         return hit[1], hit[2], hit[3]
@@ -174,7 +180,7 @@ class Scheduler:
         ok: list[bool] = []
         version = state.plan.version if state.plan else 0
         allowed, listing = (self._pool_facts(pool_key, planned)[:2] if planned
-                            else (set(), "none"))
+                            else (set(), ""))
         if not full and planned is not None and state.plan is not None:
             ok, failed, unresolvable = self._filter_names(
                 names, pool_key, allowed, listing, request, version
@@ -250,7 +256,7 @@ class Scheduler:
         unresolvable: dict[str, str] = {}
         if bad_plan.any():
             msg = (f"plan v{version} does not assign pool {pool_key} to this node "
-                   f"(assigned: {listing})")
+                   f"({listing})")
             unresolvable.update(dict.fromkeys([names[i] for i in np.flatnonzero(bad_plan)], msg))
         if bad_cache.any():
             failed.update(dict.fromkeys([names[i] for i in np.flatnonzero(bad_cache)],
@@ -287,7 +293,7 @@ class Scheduler:
         if name not in allowed:
             return (
                 f"plan v{version} does not assign pool {pool_key} to this node "
-                f"(assigned: {listing})", True
+                f"({listing})", True
             )
         if node is not None:
             alloc = node.allocatable_gpus()
@@ -357,7 +363,7 @@ class Scheduler:
             idx, eps, cap, load = self._inputs_full(args.nodes.items or [], pod, planned, table)
             in_plan = np.fromiter((n in allowed for n in names), dtype=bool, count=len(names))
         else:
-            idx, eps, cap, load = self._inputs_cached(names, pod, planned, table)
+            idx, eps, cap, load = self._inputs_cached(names, pod, pool_key, planned, table)
             in_plan = self._plan_mask(pool_key, allowed, table)[idx]  # idx -1: the last slot
         with np.errstate(invalid="ignore", divide="ignore"):
             breakdown = placement_cost(
@@ -393,27 +399,34 @@ class Scheduler:
             return np.zeros(len(table.names))
         return self.router.node_queue_tokens(table)
 
+    def _table_arrays(
+        self, pool_key: str, planned: PlannedPool, gpi: int, table: NodeTable
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """eps, instance tokens/s and capacity per table row, plus a last row for
+        unknown nodes (eps inf, capacity 0); cached per pool, plan and table."""
+        key = f"{pool_key}/{gpi}"
+        hit = self._table_cache.get(key)
+        if hit is None or hit[0] != self.state.plan_version or hit[1] is not table:
+            eps_lut, tps_lut = self._product_luts(table, planned, gpi)
+            pid = np.append(table.product_ids + 1, 0)  # product 0: unknown
+            eps, inst = eps_lut[pid], tps_lut[pid]
+            cap = node_capacity_tps(np.append(table.allocatable, 0.0), gpi, inst)
+            hit = (self.state.plan_version, table, eps, inst, cap)
+            self._table_cache[key] = hit
+        return hit[2], hit[3], hit[4]
+
     def _inputs_cached(
-        self, names: list[str], pod: Pod, planned: PlannedPool, table: NodeTable
+        self, names: list[str], pod: Pod, pool_key: str, planned: PlannedPool, table: NodeTable
     ) -> tuple[npt.NDArray[np.int64], FloatArray, FloatArray, FloatArray]:
         gpi = self._gpus_per_instance(pod, planned)
         idx = np.fromiter(map(table.index.get, names, repeat(-1)), dtype=np.int64,
-                          count=len(names))
-        known = idx >= 0
-        safe = np.where(known, idx, 0)
-        eps_lut, tps_lut = self._product_luts(table, planned, gpi)
-        pid = table.product_ids[safe] + 1 if len(table.names) else np.zeros(len(names), np.int64)
-        pid = np.where(known, pid, 0)
-        eps = eps_lut[pid]
-        inst = tps_lut[pid]
-        alloc = np.where(known, table.allocatable[safe] if len(table.names) else 0.0, 0.0)
-        used = np.where(known, table.used[safe] if len(table.names) else 0.0, 0.0)
-        queue_all = self._queue(table)
-        queue = np.where(known, queue_all[safe] if len(table.names) else 0.0, 0.0)
-        cap = node_capacity_tps(alloc, gpi, inst)
-        load = node_load_tps(used, gpi, inst, self.s.replica_utilisation, queue,
-                             self.s.queue_horizon_s)
-        return idx, eps, cap, load
+                          count=len(names))  # -1 (unknown) reads the sentinel last row
+        eps_t, inst_t, cap_t = self._table_arrays(pool_key, planned, gpi, table)
+        queue_t = np.append(self._queue(table), 0.0)
+        used_t = np.append(table.used, 0.0)
+        load_t = node_load_tps(used_t, gpi, inst_t, self.s.replica_utilisation, queue_t,
+                               self.s.queue_horizon_s)
+        return idx, eps_t[idx], cap_t[idx], load_t[idx]
 
     def _inputs_full(
         self, nodes: list[Node], pod: Pod, planned: PlannedPool, table: NodeTable

@@ -55,6 +55,9 @@ class Settings(BaseModel):
     )
     max_body_bytes: int = Field(32 * MiB, ge=1024, description="largest request body (413 above)")
     max_nodes: int = Field(20000, ge=1, description="most candidate nodes per call (413 above)")
+    read_timeout_seconds: float = Field(
+        30.0, gt=0, description="longest wait for a request body (408 after)"
+    )
 
     # -- sources ------------------------------------------------------------------------------
     cluster: bool = Field(

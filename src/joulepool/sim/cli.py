@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default: the bundled Azure 2023 conversation trace)")
     parser.add_argument("--policies", default="all",
                         help="comma-separated policies: round-robin, least-loaded, joulesched, "
-                             "freesh, combined, max-clock, miad-only, planner-only (default: all)")
+                             "freesh, combined, max-clock, miad-only, planner-only (default: all "
+                             "of these); also joulesched-router, the extender router's rule")
     parser.add_argument("--duration", type=float, metavar="SECONDS",
                         help="simulated window in seconds (default: the cluster's, "
                              "600 for joulesched-320, 3600 for freesh-3site)")
@@ -223,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
     files.append(str(json_path))
     rps = [s["sim_requests_per_s"].mean for s in summary.stats.values()]
     print()
-    print(f"simulated {min(rps):,.0f}-{max(rps):,.0f} requests per wall-clock second per policy; "
-          f"{jobs} process(es); wall time {time.perf_counter() - t0:.1f} s")
+    print(f"engine speed in this run: {min(rps):,.0f}-{max(rps):,.0f} simulated requests per "
+          f"wall-clock second per policy run ({jobs} process(es) sharing the CPUs; "
+          "`joulepool bench sim` measures it alone); "
+          f"wall time {time.perf_counter() - t0:.1f} s")
     print("results: " + "  ".join(files))
     if args.trace is None or Path(args.trace).resolve() == vendored_trace_path().resolve():
         print(f"trace data: {ATTRIBUTION}")

@@ -484,13 +484,15 @@ def simulate(
     if unused:
         notes.append(f"{unused} of {G} GPUs hold no instance at t=0 and draw idle power")
 
-    # sample GPUs for the clock/power plots: one busy GPU per product (then any)
+    # sample GPUs for the clock/power plots: one per (site, product), busy ones first
     sample_ids: list[int] = []
-    for prod in products:
-        held = [g for g in range(G) if gpu_product[g] == prod and gpu_holder[g] is not None]
-        pick = held[0] if held else gpu_product.index(prod)
-        sample_ids.append(pick)
-    sample_ids = sample_ids[: prm.sample_gpus]
+    pairs = list(dict.fromkeys(zip(gpu_site, gpu_product, strict=True)))
+    for site, prod in pairs:
+        ids = [g for g in range(G) if gpu_site[g] == site and gpu_product[g] == prod]
+        held = [g for g in ids if gpu_holder[g] is not None]
+        sample_ids.append((held or ids)[0])
+    sample_ids.sort(key=lambda g: (gpu_holder[g] is None, g))
+    sample_ids = sorted(sample_ids[: prm.sample_gpus])
     sample_names = [f"GPU {g} ({gpu_product[g]}, {gpu_site[g]})" for g in sample_ids]
     samples_t: list[float] = []
     samples_clock: list[list[float]] = [[] for _ in sample_ids]

@@ -49,6 +49,9 @@ class WindowPlan:
     problems: tuple[str, ...]  # binding reasons / shortfalls when infeasible
     #: mode -> sustainable req/s of one instance per class (the planner's L[r, m])
     capacity_rps: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: busiest minute of any class over its step's forecast (the planner sees step means)
+    peak_minute_ratio: float = 1.0
+    alpha: float = PLAN_ALPHA
 
     def describe(self) -> str:
         counts: dict[tuple[str, str], int] = {}
@@ -58,7 +61,9 @@ class WindowPlan:
         body = ", ".join(f"{c}: {n} x {m}" for (c, m), n in sorted(counts.items())) or "nothing"
         head = f"plan @{self.start_s:.0f}s ({self.status}, {self.solve_time_s * 1e3:.0f} ms): "
         tail = "" if self.feasible else "; NOT FEASIBLE: " + "; ".join(self.problems)
-        return head + body + tail
+        burst = (f"; busiest minute {self.peak_minute_ratio:.2f} x its step's forecast "
+                 f"(headroom alpha {self.alpha:g})")
+        return head + body + burst + tail
 
 
 def plan_problem(
@@ -116,6 +121,24 @@ def plan_problem(
     )
 
 
+def peak_minute_ratio(problem: PlanProblem, workload: Workload, start_s: float) -> float:
+    """Largest (class, minute) arrival rate over the forecast of the step holding it."""
+    steps = problem.steps
+    step_s = problem.step_s
+    t = workload.arrival_s
+    sel = (t >= start_s) & (t < start_s + steps * step_s)
+    minute = ((t[sel] - start_s) // 60.0).astype(np.int64)
+    n_min = math.ceil(steps * step_s / 60.0)
+    counts = np.zeros((len(CLASS_NAMES), n_min))
+    np.add.at(counts, (workload.cls[sel], minute), 1.0)
+    lengths = np.clip(workload.duration_s - (start_s + 60.0 * np.arange(n_min)), 0.0, 60.0)
+    rates = np.divide(counts, lengths, out=np.zeros_like(counts), where=lengths > 0)
+    step_of = np.minimum((60.0 * np.arange(n_min)) // step_s, steps - 1).astype(np.int64)
+    fc = problem.forecast_rps[:, step_of]
+    ratio = np.divide(rates, fc, out=np.zeros_like(rates), where=fc > 0)
+    return float(ratio.max()) if ratio.size else 1.0
+
+
 def plan_windows(
     cluster: SimCluster,
     workload: Workload,
@@ -150,6 +173,8 @@ def plan_windows(
                     m.name: tuple(float(v) for v in problem.capacity_rps[:, j])
                     for j, m in enumerate(problem.modes)
                 },
+                peak_minute_ratio=peak_minute_ratio(problem, workload, start),
+                alpha=alpha,
             )
         )
         start += interval_s
