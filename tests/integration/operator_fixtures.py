@@ -81,7 +81,7 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """kmock's emulator, a little closer to a real API server, with injectable faults.
 
     * ``metadata.resourceVersion`` on every write, ``uid``/``generation``/
-      ``creationTimestamp`` on create, ``generation`` bumped when a patch
+      ``creationTimestamp`` (and a name from ``generateName``) on create, ``generation`` bumped when a patch
       touches ``spec`` (kopf's JSON patches test the resourceVersion; a failed
       test is answered 422, as kube-apiserver does);
     * ``faults``: answer matching requests with an error *before* any state
@@ -115,7 +115,7 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     # these look it up by key (same answers, O(1)).
     def _lookup(self, request: Any, namespace: str | None, name: str | None) -> Any:
         key = (request.resource, namespace, name)
-        obj = self.objects[key] if key in self.objects else None
+        obj = self.objects[key] if key in self.objects else None  # noqa: SIM401 (no .get)
         if obj is None or (obj.deleted and request.action == kmock.action.FETCH):
             raise KubernetesObjectNotFoundError()
         return obj
@@ -187,13 +187,15 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         data = copy.deepcopy(request.data)
         if request.action == kmock.action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):  # e.g. kopf's Events
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("generation", 1)
             meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             meta["resourceVersion"] = rv
         elif request.action == kmock.action.UPDATE:
             key = (request.resource, request.namespace, request.name)
-            current = self.objects[key] if key in self.objects else None
+            current = self.objects[key] if key in self.objects else None  # noqa: SIM401
             gen = None
             if current is not None and not current.deleted:
                 gen = int((current.get("metadata") or {}).get("generation") or 1)
@@ -340,7 +342,8 @@ async def eventually(
         if last:
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last!r}")
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or check}: {last!r}")
         await asyncio.sleep(interval)
 
 
@@ -379,7 +382,7 @@ async def operator_running(
     def main() -> None:
         try:
             asyncio.run(op.run(stop_flag=stop, ready_flag=ready))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=main, name="joulepool-operator", daemon=True)

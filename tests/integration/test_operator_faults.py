@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-
 from operator_fixtures import (
     Cluster,
     Fault,
@@ -134,3 +133,19 @@ async def test_periodic_replan_without_changes() -> None:
         await eventually(lambda: op.planner.solves >= solves + 3, what="periodic re-plans")
         _, doc = await c.plan()
         assert doc is not None and doc.version == 1  # the same plan is not republished
+
+
+async def test_liveness_endpoint_reports_the_planning_loop() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with cluster_and_operator(liveness_port=port) as (c, _op):
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=4))
+        await eventually(lambda: _replicas(c, 1))
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+            assert r.status == 200
+            body = await r.json()
+        assert body["planning"]["planVersion"] == 1 and body["planning"]["lastPassOk"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from joulepool.api.plan import POOL_LABEL
 from operator_fixtures import (
     Cluster,
     cluster_and_operator,
@@ -18,6 +17,8 @@ from operator_fixtures import (
     node,
     pool,
 )
+
+from joulepool.api.plan import POOL_LABEL
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 A100 = "NVIDIA-A100-SXM4-80GB"
@@ -199,7 +200,7 @@ async def test_delete_releases_gpus_and_cleans_up() -> None:
         await c.delete("/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/chat")
         # the finalizer holds the pool until a plan without it is published, then lets go
         await eventually(lambda: _gone(c, "chat"), what="pool chat deleted")
-        cm, doc = await eventually(lambda: _plan_with(c, "default.chat", absent=True))
+        _, doc = await eventually(lambda: _plan_with(c, "default.chat", absent=True))
         assert "default.rag" in doc.pools
         assert all("default.chat" not in n.pools for n in doc.nodes.values())
         deps = await eventually(lambda: _names(c, {"rag-1xh100"}), what="chat Deployment gone")
@@ -264,3 +265,59 @@ async def test_watch_namespace_and_scheduler_name() -> None:
         assert theirs is not None and not theirs.get("status")
         _, doc = await c.plan()
         assert set(doc.pools) == {"team-a.mine"}
+
+
+T4_PROFILE = {
+    "apiVersion": "joulepool.dev/v1alpha1", "kind": "GPUProfile", "metadata": {"name": "t4-8b"},
+    "spec": {"product": "Tesla-T4", "model": "llama-3.1-8b", "gpus": 1, "idleWatts": 20,
+             "batchPoints": [{"batch": 1, "interTokenLatencySeconds": 0.03, "powerWatts": 50},
+                             {"batch": 8, "interTokenLatencySeconds": 0.05, "powerWatts": 70}],
+             "maxBatch": 8, "prefillTokensPerSecond": 2000,
+             "clock": {"minMHz": 300, "maxMHz": 1590}},
+}
+
+
+def _policy(name: str = "default", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "joulepool.dev/v1alpha1", "kind": "EnergyPolicy",
+            "metadata": {"name": name}, "spec": spec}
+
+
+async def test_gpu_profiles_and_the_energy_policy_drive_the_plan() -> None:
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("t4-0", "Tesla-T4", 4))
+        await c.create(pool("chat", rps=0.5))
+        obj = await _until(c, "chat", "Infeasible", "True")
+        assert "no eligible mode" in condition(obj, "Infeasible")["message"]  # type: ignore[index]
+
+        # a GPUProfile for the unknown product makes it servable
+        await c.create(T4_PROFILE)
+        obj = await _until(c, "chat", "Planned", "True", "Planned")
+        assert obj["status"]["assignments"][0]["mode"] == "1xTesla-T4"
+        assert obj["status"]["replicas"] == 1
+        await eventually(lambda: _names(c, {"chat-1xtesla-t4"}))
+
+        # the EnergyPolicy's headroom: 0.5 req/s * 3 over 0.57 req/s per instance = 3
+        await c.create(_policy(alpha=3))
+        await eventually(lambda: _replicas_of(c, "chat", 3), what="3 replicas")
+
+        # an invalid policy is reported and the last valid one stays in force
+        await c.patch("/apis/joulepool.dev/v1alpha1/energypolicies/default",
+                      {"spec": {"alpha": 0.5}})
+        await c.create(_policy("other"))
+
+        async def warned() -> Any:
+            reasons = {(e["involvedObject"]["name"], e["reason"]) for e in await c.events()}
+            return {("default", "InvalidSpec"), ("other", "Ignored")} <= reasons
+
+        await eventually(warned, what="events about both policies")
+        assert (await c.pool("chat"))["status"]["replicas"] == 3  # type: ignore[index]
+
+        # without the profile the new plan is infeasible: the last feasible one keeps serving
+        await c.delete("/apis/joulepool.dev/v1alpha1/gpuprofiles/t4-8b")
+        obj = await _until(c, "chat", "Planned", "True", "LastFeasiblePlan")
+        assert obj["status"]["replicas"] == 3
+
+
+async def _replicas_of(c: Cluster, name: str, n: int) -> bool:
+    obj = await c.pool(name)
+    return bool(obj and (obj.get("status") or {}).get("replicas") == n)

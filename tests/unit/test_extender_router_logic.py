@@ -132,8 +132,7 @@ def test_misses_raise_lambda_until_the_miss_rate_recovers() -> None:
         r.complete(_done(EFFICIENT, met=False), now=float(k))
     assert pool.pi_updates == 2 and pool.pi.lam > 10.0
     assert pool.window.rate(5.0) == 1.0
-    # the paper's PI (lambda += Kp*e + Ki*sum e) keeps integrating: lambda peaks,
-    # then falls once the accumulated error turns, after ~2*0.99/0.01 on-time periods
+    # velocity-form PI: lambda peaks with the misses, then falls every on-time period
     trace = []
     for k in range(300):
         r.complete(_done(EFFICIENT, met=True), now=10.0 + k)

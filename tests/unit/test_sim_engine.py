@@ -235,3 +235,15 @@ def test_every_policy_spends_at_least_the_energy_floor(small_run):
     for name in ("round-robin", "joulesched", "freesh", "combined", "miad-only"):
         r = simulate(cl, wl, POLICIES[name], tables, plans, static_capacity_rps=cap.per_mode_rps)
         assert r.energy_j / r.tokens_in_window >= floor.joules_per_token
+
+
+def test_a_plan_with_no_instances_drops_requests_without_crashing():
+    from joulepool.sim.planning import WindowPlan
+
+    cl = cluster([("n", "H100", 2)])
+    wl = workload([0.1, 0.2], [100, 100], [5, 5], duration=1.0)
+    empty = WindowPlan(0.0, (), False, "infeasible", 0.0, "J", 0.0, (0.0,) * 4, ("nothing",))
+    r = _run(cl, wl, POLICIES["planner-only"], [empty])
+    assert np.isnan(r.t_done).all()
+    assert any("never served" in n for n in r.notes)
+    assert r.energy_j == pytest.approx(2 * 75.0)

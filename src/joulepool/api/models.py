@@ -229,8 +229,8 @@ class SiteCarbon(_Model):
 
 
 class PISpec(_Model):
-    kp: float = Field(default=200.0, ge=0)
-    ki: float = Field(default=5.0, ge=0)
+    kp: float = Field(default=20.0, ge=0)
+    ki: float = Field(default=200.0, ge=0)
     target_miss_rate: float = Field(default=0.01, alias="targetMissRate", ge=0, le=1)
     lambda_min: float = Field(default=0.0, alias="lambdaMin", ge=0)
     lambda_max: float = Field(default=1e4, alias="lambdaMax", gt=0)

@@ -12,41 +12,41 @@ from enum import StrEnum
 class PIController:
     """Tunes lambda so the deadline-miss rate tracks ``target`` (JouleSched 3.2).
 
-        lambda += Kp * (rho_t - rho*) + Ki * sum_tau (rho_tau - rho*)
+    Velocity (incremental) form of a PI controller:
 
-    clamped to [lam_min, lam_max]. Anti-windup: while lambda sits on a bound
-    and the error pushes further past it, the error sum neither grows nor
-    keeps any push in that direction, so lambda leaves the bound as soon as
-    the miss rate crosses the target.
+        lambda += Kp * (e_t - e_{t-1}) + Ki * e_t,   e = rho - rho*
+
+    clamped to [lam_min, lam_max]. This is the textbook discrete PI
+    (lambda = Kp*e + Ki*sum(e)) written as an update. JouleSched prints
+    ``lambda += Kp*e_t + Ki*sum(e)``, which integrates the error twice: two
+    periods of misses then push lambda up for hundreds of on-time periods.
+    The velocity form keeps no error sum, so clamping lambda is all the
+    anti-windup it needs: lambda leaves a bound the period the error turns.
     """
 
-    kp: float = 200.0
-    ki: float = 5.0
+    kp: float = 20.0
+    ki: float = 200.0
     target: float = 0.01
     lam_min: float = 0.0
     lam_max: float = 1e4
     lam: float = 10.0
-    integral: float = 0.0
+    last_error: float | None = None
 
     def __post_init__(self) -> None:
         if not self.lam_min <= self.lam_max:
             raise ValueError("lam_min must be <= lam_max")
         if not 0.0 <= self.target <= 1.0:
             raise ValueError("target miss rate must be in [0, 1]")
+        if self.kp < 0 or self.ki < 0:
+            raise ValueError("PI gains must be >= 0")
         self.lam = min(max(self.lam, self.lam_min), self.lam_max)
 
     def update(self, miss_rate: float) -> float:
         """Feed one period's observed miss rate; return the new lambda."""
         err = float(miss_rate) - self.target
-        at_max = self.lam >= self.lam_max and err > 0
-        at_min = self.lam <= self.lam_min and err < 0
-        if at_max:
-            self.integral = min(self.integral, 0.0)
-        elif at_min:
-            self.integral = max(self.integral, 0.0)
-        else:
-            self.integral += err
-        raw = self.lam + self.kp * err + self.ki * self.integral
+        prev = err if self.last_error is None else self.last_error
+        raw = self.lam + self.kp * (err - prev) + self.ki * err
+        self.last_error = err
         self.lam = min(max(raw, self.lam_min), self.lam_max)
         return self.lam
 

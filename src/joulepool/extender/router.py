@@ -99,8 +99,8 @@ class CompleteRequest(BaseModel):
 @dataclass(frozen=True)
 class RouterSettings:
     fallbacks: int = 3
-    kp: float = 50.0
-    ki: float = 5.0
+    kp: float = PIController.kp
+    ki: float = PIController.ki
     target_miss_rate: float = 0.01
     lambda_min: float = 0.0
     lambda_max: float = 1e4

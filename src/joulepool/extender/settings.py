@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from joulepool.api.plan import PLAN_CONFIGMAP
+from joulepool.core.controllers import PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
 from joulepool.extender.wire import DEFAULT_PORT, DEFAULT_PREFIX
 
@@ -95,8 +96,8 @@ class Settings(BaseModel):
         8000, ge=1, le=65535, description="serving port when a pod names none"
     )
     fallbacks: int = Field(3, ge=0, le=100, description="fallback endpoints per answer")
-    pi_kp: float = Field(50.0, ge=0, description="PI proportional gain")
-    pi_ki: float = Field(5.0, ge=0, description="PI integral gain")
+    pi_kp: float = Field(PIController.kp, ge=0, description="PI proportional gain")
+    pi_ki: float = Field(PIController.ki, ge=0, description="PI integral gain")
     target_miss_rate: float = Field(0.01, ge=0, le=1, description="deadline-miss target rho*")
     lambda_min: float = Field(0.0, ge=0, description="lower clamp of lambda")
     lambda_max: float = Field(1e4, gt=0, description="upper clamp of lambda")

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any
 
 import kopf
@@ -48,9 +47,9 @@ class Operator:
         self.registry = build_registry(self.planner, config)
         self.settings = make_settings(config)
 
-    def run(
-        self, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None,
-    ) -> Awaitable[None]:
+    def run(self, stop_flag: Any = None, ready_flag: Any = None) -> Coroutine[Any, Any, None]:
+        """The operator as a coroutine; ``stop_flag``/``ready_flag``: asyncio or threading
+        Events (or futures), as ``kopf.operator`` accepts."""
         namespaces = list(self.config.watch_namespaces)
         kwargs: dict[str, Any] = {}
         if self.config.liveness_port is not None:

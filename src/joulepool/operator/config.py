@@ -13,7 +13,7 @@ ANNOTATION_PREFIX = "joulepool.dev"
 
 
 def default_namespace() -> str:
-    """The operator's own namespace: ``POD_NAMESPACE``, else the service account's, else a default."""
+    """The operator's namespace: ``POD_NAMESPACE``, else the service account's, else a default."""
     env = os.environ.get("POD_NAMESPACE")
     if env:
         return env

@@ -12,6 +12,7 @@ without it is published and its Deployments are gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -39,7 +40,8 @@ PROFILES = (GROUP, VERSION, "gpuprofiles")
 POLICIES = (GROUP, VERSION, "energypolicies")
 NODES = ("v1", "nodes")
 DEPLOYMENTS = ("apps", "v1", "deployments")
-OWNED = {MANAGED_BY_LABEL: MANAGED_BY, POOL_LABEL: kopf.PRESENT}
+OWNED: dict[str, Any] = {
+    MANAGED_BY_LABEL: MANAGED_BY, POOL_LABEL: kopf.PRESENT}
 
 #: how long the finalizer waits for a plan without the pool before kopf retries it
 RELEASE_TIMEOUT_S = 120.0
@@ -53,11 +55,11 @@ def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorReg
     # ---------------------------------------------------------------- login
     async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         if config.connection is not None:
-            return config.connection  # type: ignore[no-any-return]
+            return config.connection
         info: kopf.ConnectionInfo | None = None
         try:  # the official client understands every kubeconfig (exec plugins, OIDC, ...)
             info = await asyncio.to_thread(kopf.login_via_client, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - fall back to kopf's own readers
+        except Exception as exc:
             log.debug("login via the kubernetes client failed: %s", exc)
         if info is None:
             info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
@@ -87,15 +89,24 @@ def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorReg
         memo["planning_task"] = asyncio.get_running_loop().create_task(
             planner.run(), name="joulepool planning loop")
 
+    @kopf.on.probe(id="planning", registry=registry)
+    async def planning_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+        """Part of kopf's liveness answer (``/healthz``); fails if the loop has died."""
+        task = memo.get("planning_task")
+        if task is not None and task.done():
+            raise RuntimeError("the planning loop has stopped")
+        published = planner.published
+        return {"passes": planner.passes, "solves": planner.solves,
+                "planVersion": published.version if published is not None else None,
+                "lastPassOk": planner.last_report.ok}
+
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task = memo.get("planning_task")
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         await planner.client.close()
 
     # ---------------------------------------------------------------- indexes
@@ -123,7 +134,9 @@ def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorReg
             return {name: (name, exc)}
 
     @kopf.index(*DEPLOYMENTS, labels=OWNED, id="jp_deployments", registry=registry)
-    def jp_deployments(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, Any]:
+    def jp_deployments(
+        body: kopf.Body, namespace: str | None, name: str, **_: Any,
+    ) -> dict[Any, Any]:
         return {(namespace, name): deployment_from_body(body)}
 
     # ---------------------------------------------------------------- InferencePools
@@ -194,8 +207,9 @@ def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorReg
 
     @kopf.on.event(*DEPLOYMENTS, labels=OWNED, registry=registry)
     async def deployment_event(
-        type: str | None, body: kopf.Body, namespace: str, name: str, **_: Any,
+        type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any,
     ) -> None:
+        namespace = namespace or ""
         if type == "DELETED":
             planner.forget_deployment(namespace, name)
             info = None

@@ -135,14 +135,15 @@ class KubeClient:
                     if resp.status < 400:
                         return json.loads(text) if text else None
                     error = _api_error(resp.status, text)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 error = ApiError(0, type(exc).__name__, str(exc))
             if error.status == 401 and self.relogin is not None and not relogged:
                 relogged = True
                 log.info("API answered 401; logging in again")
                 self.set_connection(await self.relogin())
                 continue
-            if (error.status in RETRYABLE or error.status == 0) and attempt < len(self.retry_delays):
+            retryable = error.status in RETRYABLE or error.status == 0
+            if retryable and attempt < len(self.retry_delays):
                 delay = self.retry_delays[attempt] * (1 + 0.2 * random.random())
                 attempt += 1
                 self.retries += 1

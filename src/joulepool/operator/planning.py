@@ -161,7 +161,7 @@ class Planner:
             self._seen.pop(key, None)
         else:
             self._seen[key] = value
-        return old is missing and value is not None or (old is not missing and old != value)
+        return (old is missing and value is not None) or (old is not missing and old != value)
 
     async def wait_for_pass(self, ticket: int, timeout: float | None = None) -> bool:
         """Wait until a pass that started after ``ticket`` was requested has finished; its ok."""

@@ -9,38 +9,52 @@ from __future__ import annotations
 
 from typing import Any
 
-#: ClusterRole rules (pools and Deployments live in any watched namespace).
+#: ClusterRole rules: pools, Deployments and Events live in any watched namespace;
+#: nodes and joulepool's cluster-scoped resources are cluster-wide.
 CLUSTER_RULES: list[dict[str, Any]] = [
-    # kopf watches InferencePools and patches them: finalizer, its
-    # last-handled-configuration annotation; the operator patches the status.
+    # kopf lists/watches pools and patches them (its finalizer and its annotations
+    # joulepool.dev/last-handled-configuration and handler progress); the operator
+    # re-reads one (get) after a 409 on its status patch.
     {
         "apiGroups": ["joulepool.dev"],
         "resources": ["inferencepools"],
         "verbs": ["get", "list", "watch", "patch"],
     },
+    # The planning loop writes every pool's status (merge patch).
     {
         "apiGroups": ["joulepool.dev"],
         "resources": ["inferencepools/status"],
         "verbs": ["patch"],
     },
-    # Read only: kept in kopf indexes, never written.
+    # Read only, kept in kopf indexes: never written, never fetched one by one.
     {
         "apiGroups": ["joulepool.dev"],
         "resources": ["gpuprofiles", "energypolicies"],
-        "verbs": ["get", "list", "watch"],
+        "verbs": ["list", "watch"],
     },
-    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
-    # The serving Deployments of every pool (owned by the pool).
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    # The serving Deployments (owned by their pool): watched for readiness, created,
+    # patched (replicas, template), deleted when no longer planned; get re-reads after a 409.
     {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
-    # kopf.event / kopf.warn post core Events next to the object (any namespace).
+    # kopf.warn / kopf's failure reports: core/v1 Events next to the object (any namespace;
+    # for cluster-scoped objects, in the operator's namespace).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
+# Deliberately absent:
+# * kopfpeerings / clusterkopfpeerings (kopf.dev, zalando.org): peering is disabled
+#   (standalone=True; one replica, see joulepool.operator);
+# * customresourcedefinitions and namespaces: settings.scanning.disabled=True, kopf finds
+#   the resources once through API discovery (/apis, allowed to every authenticated user)
+#   and treats --watch-namespace values as exact names;
+# * leases: no leader election (kopf has none);
+# * pods: readiness comes from the Deployments' status.readyReplicas.
 
-#: Role rules in the operator's namespace: the plan ConfigMap.
+#: Role rules in the operator's own namespace: the plan ConfigMap ``joulepool-plan``
+#: (get: read the last published version on start; create; patch: new versions).
 NAMESPACE_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": [""],

@@ -549,6 +549,7 @@ def simulate(
     mark_i = 0
     next_mark = marks[0][0]
     fallback_routes = 0
+    dropped = 0
     lam_for_pi = math.nan
     lam_tier = (0.0, 0.0)
 
@@ -642,19 +643,17 @@ def simulate(
             rid = i
             i += 1
             t = ta
-            if t <= T:
-                little_area += n_sys * (t - t_sys)
-                t_sys = t
-            n_sys += 1
             p_idx = req_cls[rid] if policy.uses_planner else 0
             pool = pools[p_idx]
             members = pool.members
             if not members:
                 # no instance planned for this class right now: least-loaded over all
-                fallback_routes += 1
                 live = [x for x in instances if x.state == ACTIVE]
                 if not live:
-                    raise RuntimeError("no active instance to serve a request")
+                    dropped += 1  # nothing runs at all: never served, counted as missed
+                    done += 1
+                    continue
+                fallback_routes += 1
                 inst = min(live, key=lambda x: ((x.n_out + 1) * x.inv_cap, x.idx))
             elif use_js:
                 if lam_for_pi != pi.lam:  # tiers: bulk weighs lateness less (core)
@@ -669,6 +668,10 @@ def simulate(
             else:
                 inst = members[pool.rr % len(members)]
                 pool.rr += 1
+            if t <= T:
+                little_area += n_sys * (t - t_sys)
+                t_sys = t
+            n_sys += 1
             where[rid] = inst.idx
             inst.n_out += 1
             inst.q_tok += pred[rid]
@@ -745,6 +748,9 @@ def simulate(
     if fallback_routes:
         notes.append(f"{fallback_routes} requests found their class pool empty and went to "
                      "the least-loaded instance of any pool")
+    if dropped:
+        notes.append(f"{dropped} requests arrived when no instance was running at all and "
+                     "were never served: counted as SLO and deadline misses")
     unfinished = N - done
     if unfinished:
         notes.append(f"{unfinished} requests unfinished {prm.drain_s:.0f} s after the window: "

@@ -1,0 +1,412 @@
+"""Pure helpers of the operator: parsing, Deployments, plan document, conditions, RBAC, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import yaml
+
+from joulepool.api.models import AssignmentStatus, InferencePool
+from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedNode, PlannedPool, PlannedSLO
+from joulepool.operator import rbac
+from joulepool.operator.resources import (
+    DeploymentInfo,
+    PlanView,
+    build_deployment,
+    deployment_from_body,
+    deployment_name,
+    desired_deployments,
+    mode_slug,
+    node_from_body,
+    parse_pool,
+    parse_quantity,
+    plan_configmap,
+    plan_content,
+    plan_without,
+    pool_conditions,
+    pool_status,
+    same_status,
+    spec_hash,
+    version_of,
+    with_times,
+)
+from joulepool.pooling import PoolOutcome
+
+
+def pool_body(name: str = "chat", ns: str = "default", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "joulepool.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": ns, "uid": "u1", "generation": 3,
+                     "finalizers": ["joulepool.dev/finalizer"], "resourceVersion": "9",
+                     "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"model": "llama-3.1-8b", "slo": {"ttftSeconds": 1, "tpotSeconds": 0.1},
+                 "demand": {"requestsPerSecond": 4, "meanInputTokens": 1000,
+                            "meanOutputTokens": 200},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": "engine", "image": "img"}]}}},
+        "status": {"kopf": {"anything": 1}},
+    }
+    body["spec"].update(spec)
+    return body
+
+
+# ---------------------------------------------------------------- pools
+def test_parse_valid_pool_ignores_status_and_extra_metadata() -> None:
+    e = parse_pool(pool_body())
+    assert e.valid and e.key == "default.chat" and e.uid == "u1" and e.generation == 3
+    assert e.finalized and not e.deleting and e.error is None
+    assert isinstance(e.pool, InferencePool)
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"slo": {"ttftSeconds": -1, "tpotSeconds": 0.1}}, "spec.slo.ttftSeconds"),
+    ({"demand": {"requestsPerSecond": 1}}, "spec.demand.meanInputTokens"),
+    ({"bogus": 1}, "spec.bogus"),
+    ({"template": {"spec": {"containers": [{"name": "x"}]}}}, "spec.template.spec.containers[0]"),
+    ({"template": {"spec": {"containers": "x"}}}, "spec.template.spec.containers"),
+    ({"template": {"spec": 3}}, "spec.template.spec"),
+    ({"template": {"kind": "Pod"}}, "spec.template"),
+])
+def test_invalid_pool_names_the_field(patch: dict[str, Any], field: str) -> None:
+    e = parse_pool(pool_body(**patch))
+    assert not e.valid and e.field == field
+    assert e.error is not None and e.error.startswith(field + ":")
+
+
+def test_pool_key_must_fit_a_label_value() -> None:
+    e = parse_pool(pool_body(name="p" * 60, ns="a-long-namespace"))
+    assert not e.valid and e.field == "metadata.name" and "63" in (e.error or "")
+
+
+def test_deleting_and_unadopted_pools() -> None:
+    b = pool_body()
+    b["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    b["metadata"]["finalizers"] = []
+    e = parse_pool(b)
+    assert e.deleting and not e.finalized
+
+
+def test_pool_without_template_is_valid_but_not_deployable() -> None:
+    b = pool_body()
+    del b["spec"]["template"]
+    e = parse_pool(b)
+    assert e.valid
+    planned = _planned_pool([("1xH100", 2, 1)])
+    assert desired_deployments(e, e.pool, planned, "s") == {}  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- nodes
+def node_body(**kw: Any) -> dict[str, Any]:
+    b: dict[str, Any] = {
+        "metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                              "topology.kubernetes.io/region": "eu"}},
+        "status": {"allocatable": {"nvidia.com/gpu": "6"}, "capacity": {"nvidia.com/gpu": "8"}},
+    }
+    b.update(kw)
+    return b
+
+
+def test_node_from_body_reads_product_site_and_allocatable() -> None:
+    n = node_from_body(node_body())
+    assert n is not None and (n.name, n.site, n.product, n.gpus) == ("n1", "eu", "H100", 6)
+
+
+def test_node_capacity_fallback_default_site_and_exclusions() -> None:
+    b = node_body(status={"capacity": {"nvidia.com/gpu": 8}})
+    del b["metadata"]["labels"]["topology.kubernetes.io/region"]
+    n = node_from_body(b)
+    assert n is not None and n.gpus == 8 and n.site == "default"
+    assert node_from_body(node_body(spec={"unschedulable": True})) is None
+    assert node_from_body({"metadata": {"name": "cpu", "labels": {}}}) is None
+    assert node_from_body(node_body(status={})) is None
+    unknown = node_from_body(node_body(metadata={"name": "x", "labels": {
+        "nvidia.com/gpu.product": "Tesla-T4"}}))
+    assert unknown is not None and unknown.product == "Tesla-T4"
+
+
+@pytest.mark.parametrize(("q", "n"), [("8", 8), (4, 4), ("8000m", 8), ("x", 0), (None, 0),
+                                      ("2.0", 2)])
+def test_parse_quantity(q: Any, n: int) -> None:
+    assert parse_quantity(q) == n
+
+
+# ---------------------------------------------------------------- deployments
+def _planned_pool(modes: list[tuple[str, int, int]]) -> PlannedPool:
+    return PlannedPool(
+        namespace="default", name="chat", model="llama-3.1-8b", tier="interactive",
+        slo=PlannedSLO(ttftSeconds=1, tpotSeconds=0.1), replicas=sum(m[1] for m in modes),
+        assignments=[PlannedInstance(node=f"n{i}", site="s", product=m.split("x")[1], mode=m,
+                                     instances=k, gpus=k * g, gpusPerInstance=g)
+                     for i, (m, k, g) in enumerate(modes)])
+
+
+def test_mode_slug_and_deployment_name() -> None:
+    assert mode_slug("2xH100") == "2xh100"
+    assert mode_slug("1x RTX_6000") == "1x-rtx-6000"
+    assert deployment_name("chat", "4xA100") == "chat-4xa100"
+    long = deployment_name("p" * 70, "4xA100")
+    assert len(long) <= 63 and long != deployment_name("p" * 71, "4xA100")
+
+
+def test_build_deployment_wires_scheduler_labels_gpus_and_owner() -> None:
+    e = parse_pool(pool_body())
+    assert e.pool is not None
+    before = copy.deepcopy(e.pool.spec.template)
+    d = build_deployment(e, e.pool, "2xH100", 3, 2, "joulepool-scheduler")
+    assert e.pool.spec.template == before  # the pool's template is not mutated
+    sel = {"joulepool.dev/pool": "default.chat", "joulepool.dev/mode": "2xH100"}
+    assert d["metadata"]["name"] == "chat-2xh100" and d["metadata"]["namespace"] == "default"
+    assert d["spec"]["replicas"] == 3 and d["spec"]["selector"]["matchLabels"] == sel
+    tpl = d["spec"]["template"]
+    assert tpl["metadata"]["labels"] == {"app": "chat", **sel}
+    assert tpl["spec"]["schedulerName"] == "joulepool-scheduler"
+    c = tpl["spec"]["containers"][0]
+    gpu = {"nvidia.com/gpu": "2"}
+    assert c["resources"] == {"limits": gpu, "requests": gpu}
+    assert {"name": "JOULEPOOL_MODE", "value": "2xH100"} in c["env"]
+    (owner,) = d["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "joulepool.dev/v1alpha1", "kind": "InferencePool",
+                     "name": "chat", "uid": "u1", "controller": True, "blockOwnerDeletion": True}
+    assert d["metadata"]["annotations"]["joulepool.dev/spec-hash"] == spec_hash(d)
+    info = deployment_from_body({**d, "status": {"readyReplicas": 2}})
+    assert info == DeploymentInfo("default", "chat-2xh100", "default.chat", "2xH100", 3, 2,
+                                  spec_hash(d))
+
+
+def test_gpus_go_to_the_container_that_asks_for_them() -> None:
+    b = pool_body(template={"spec": {"containers": [
+        {"name": "proxy", "image": "p"},
+        {"name": "engine", "image": "e", "resources": {"limits": {"nvidia.com/gpu": 1}},
+         "env": [{"name": "JOULEPOOL_GPUS", "value": "mine"}]}]}})
+    e = parse_pool(b)
+    d = build_deployment(e, e.pool, "4xA100", 1, 4, "s")  # type: ignore[arg-type]
+    proxy, engine = d["spec"]["template"]["spec"]["containers"]
+    assert "resources" not in proxy
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {"name": "JOULEPOOL_GPUS", "value": "mine"} in engine["env"]  # user's value kept
+
+
+def test_one_deployment_per_mode_with_that_modes_gpus() -> None:
+    e = parse_pool(pool_body(model="llama-3.1-70b"))
+    planned = _planned_pool([("4xH100", 1, 4), ("2xA100", 2, 2), ("2xA100", 1, 2)])
+    out = desired_deployments(e, e.pool, planned, "s")  # type: ignore[arg-type]
+    assert set(out) == {("default", "chat-4xh100"), ("default", "chat-2xa100")}
+    a100 = out[("default", "chat-2xa100")]
+    assert a100["spec"]["replicas"] == 3
+    gpu = a100["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == "2"
+
+
+# ---------------------------------------------------------------- plan document
+def _doc() -> PlanDocument:
+    return PlanDocument(
+        version=4, generated_at=datetime(2026, 1, 1, tzinfo=UTC),
+        pools={"default.a": _planned_pool([("1xH100", 1, 1)]),
+               "default.b": _planned_pool([("1xH100", 2, 1)])},
+        nodes={"n0": PlannedNode(site="s", product="H100", gpus=8,
+                                 pools={"default.a": 1, "default.b": 2})})
+
+
+def test_plan_without_releases_the_pools_gpus() -> None:
+    doc = _doc()
+    out = plan_without(doc, ["default.b"])
+    assert set(out.pools) == {"default.b"} and out.nodes["n0"].pools == {"default.b": 2}
+    assert set(doc.pools) == {"default.a", "default.b"}  # original untouched
+
+
+def test_plan_content_ignores_version_and_time() -> None:
+    a = _doc()
+    b = a.model_copy(update={"version": 9, "generated_at": datetime(2027, 1, 1, tzinfo=UTC)})
+    assert plan_content(a) == plan_content(b)
+    assert plan_content(a) != plan_content(plan_without(a, ["default.a"]))
+
+
+def test_plan_configmap_is_versioned() -> None:
+    cm = plan_configmap(_doc(), "joulepool-plan", "ops", False, "no room")
+    assert cm["metadata"]["labels"]["joulepool.dev/plan-version"] == "4"
+    ann = cm["metadata"]["annotations"]
+    assert ann["joulepool.dev/plan-version"] == "4"
+    assert ann["joulepool.dev/latest-plan-feasible"] == "false"
+    assert ann["joulepool.dev/latest-plan-message"] == "no room"
+    assert PlanDocument.from_json(cm["data"]["plan.json"]).version == 4
+    assert version_of(cm) == 4 and version_of(None) == 0
+    del cm["metadata"]["annotations"]
+    assert version_of(cm) == 4
+
+
+# ---------------------------------------------------------------- conditions
+def _outcome(key: str, planned: bool = True, replicas: int = 2) -> PoolOutcome:
+    a = AssignmentStatus(site="s", node="n0", gpuProduct="H100", mode="1xH100",
+                         gpus=replicas, instances=replicas)
+    return PoolOutcome(key=key, replicas=replicas, assignments=(a,) if replicas else (),
+                       expected_power_w=100.0 * replicas, joules_per_token=0.2,
+                       grams_co2_per_hour=None, planned=planned,
+                       message="2 instance(s) planned" if planned else "unmet demand 3 req/s")
+
+
+def _view(in_force: dict[str, PoolOutcome], latest: dict[str, PoolOutcome],
+          in_force_feasible: bool = True, latest_feasible: bool = True) -> PlanView:
+    doc = PlanDocument(version=5, pools={k: _planned_pool([("1xH100", o.replicas, 1)])
+                                         for k, o in in_force.items()})
+    return PlanView(in_force=doc, in_force_outcomes=in_force,
+                    in_force_feasible=in_force_feasible, latest_feasible=latest_feasible,
+                    latest_outcomes=latest, latest_binding="H100 capacity at us-east",
+                    latest_pools=frozenset(latest))
+
+
+def _by_type(conds: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in conds}
+
+
+def test_conditions_planned_and_ready() -> None:
+    e = parse_pool(pool_body())
+    v = _view({e.key: _outcome(e.key)}, {e.key: _outcome(e.key)})
+    c = _by_type(pool_conditions(e, v, ready_replicas=1, deployable=True))
+    assert c == {"Invalid": ("False", "Valid"), "Planned": ("True", "Planned"),
+                 "Infeasible": ("False", "Feasible"), "Ready": ("False", "ReplicasNotReady")}
+    c = _by_type(pool_conditions(e, v, ready_replicas=2, deployable=True))
+    assert c["Ready"] == ("True", "ReplicasReady")
+    c = _by_type(pool_conditions(e, v, ready_replicas=0, deployable=False))
+    assert c["Ready"] == ("False", "NoTemplate")
+
+
+def test_conditions_when_the_newest_plan_is_infeasible() -> None:
+    e = parse_pool(pool_body())
+    other = "default.other"
+    # kept: this pool is short in the newest attempt, the last feasible plan serves it
+    v = _view({e.key: _outcome(e.key)}, {e.key: _outcome(e.key, planned=False)},
+              latest_feasible=False)
+    conds = pool_conditions(e, v, 0, True)
+    c = _by_type(conds)
+    assert c["Planned"] == ("True", "LastFeasiblePlan")
+    assert c["Infeasible"] == ("True", "UnmetDemand")
+    assert "unmet demand" in next(x for x in conds if x["type"] == "Infeasible")["message"]
+    # kept, this pool's demand is fine but another's is not
+    v = _view({e.key: _outcome(e.key)}, {e.key: _outcome(e.key), other: _outcome(other, False)},
+              latest_feasible=False)
+    c = _by_type(pool_conditions(e, v, 0, True))
+    assert c["Planned"] == ("True", "LastFeasiblePlan") and c["Infeasible"] == ("False", "Feasible")
+    # a new pool that the last feasible plan does not know
+    v = _view({}, {e.key: _outcome(e.key, planned=False)}, latest_feasible=False)
+    c = _by_type(pool_conditions(e, v, 0, True))
+    assert c["Planned"] == ("False", "NoFeasiblePlan") and c["Ready"][1] == "NoReplicasPlanned"
+    # never a feasible plan: the partial plan serves
+    v = _view({e.key: _outcome(e.key, planned=False)}, {e.key: _outcome(e.key, planned=False)},
+              in_force_feasible=False, latest_feasible=False)
+    c = _by_type(pool_conditions(e, v, 0, True))
+    assert c["Planned"] == ("False", "PartiallyPlanned") and c["Infeasible"][0] == "True"
+
+
+def test_conditions_of_an_invalid_pool() -> None:
+    e = parse_pool(pool_body(slo={"ttftSeconds": 0, "tpotSeconds": 0.1}))
+    v = _view({}, {})
+    conds = pool_conditions(e, v, 0, False)
+    c = _by_type(conds)
+    assert c["Invalid"] == ("True", "InvalidSpec") and c["Planned"] == ("False", "InvalidSpec")
+    assert "spec.slo.ttftSeconds" in conds[0]["message"]
+    # served from its last valid spec
+    v = _view({e.key: _outcome(e.key)}, {e.key: _outcome(e.key)})
+    conds = pool_conditions(e, v, 0, True)
+    assert _by_type(conds)["Planned"] == ("True", "Planned")
+    assert "last valid spec" in next(x for x in conds if x["type"] == "Planned")["message"]
+
+
+def test_status_fields_and_times() -> None:
+    e = parse_pool(pool_body())
+    v = _view({e.key: _outcome(e.key)}, {e.key: _outcome(e.key)})
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    s1 = with_times(pool_status(e, v, 0, True), {}, t0)
+    assert s1["observedGeneration"] == 3 and s1["replicas"] == 2
+    assert s1["assignments"][0]["gpuProduct"] == "H100" and s1["expectedPowerWatts"] == 200.0
+    assert s1["gramsCO2PerHour"] is None  # JSON null: removed by the merge patch
+    assert s1["lastPlanTime"] == "2026-01-01T00:00:00Z"
+    # nothing changes: times are kept
+    t1 = t0 + timedelta(minutes=5)
+    s2 = with_times(pool_status(e, v, 0, True), s1, t1)
+    assert s2 == s1 and same_status(s1, s2)
+    # a periodic re-plan stamps lastPlanTime, conditions keep their transition times
+    s3 = with_times(pool_status(e, v, 0, True), s1, t1, force=True)
+    assert s3["lastPlanTime"] == "2026-01-01T00:05:00Z"
+    assert all(c["lastTransitionTime"] == "2026-01-01T00:00:00Z" for c in s3["conditions"])
+    # Ready flips: only its transition time moves
+    s4 = with_times(pool_status(e, v, 2, True), s1, t1)
+    times = {c["type"]: c["lastTransitionTime"] for c in s4["conditions"]}
+    assert times["Ready"] == "2026-01-01T00:05:00Z" and times["Planned"] == "2026-01-01T00:00:00Z"
+    assert not same_status(s4, s1)
+
+
+# ---------------------------------------------------------------- RBAC
+def test_rbac_rules_are_exact_and_least_privilege() -> None:
+    for rule in rbac.CLUSTER_RULES + rbac.NAMESPACE_RULES:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}
+        for k in ("apiGroups", "resources", "verbs"):
+            assert rule[k] and "*" not in rule[k]
+        assert not {"update", "deletecollection", "escalate", "bind"} & set(rule["verbs"])
+    resources = {r for rule in rbac.CLUSTER_RULES for r in rule["resources"]}
+    assert not resources & {"secrets", "kopfpeerings", "clusterkopfpeerings", "leases",
+                            "customresourcedefinitions", "namespaces", "pods"}
+    by = {res: rule["verbs"] for rule in rbac.CLUSTER_RULES for res in rule["resources"]}
+    assert by["inferencepools/status"] == ["patch"]
+    assert by["nodes"] == ["list", "watch"] and by["events"] == ["create"]
+    assert by["gpuprofiles"] == by["energypolicies"] == ["list", "watch"]
+    assert rbac.NAMESPACE_RULES == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]}]
+
+
+def test_rbac_manifest_renders_the_same_rules() -> None:
+    docs = list(yaml.safe_load_all(rbac.rbac_manifest("ops", "sa", "jp")))
+    assert [d["kind"] for d in docs] == ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+    assert docs[0]["rules"] == rbac.CLUSTER_RULES and docs[2]["rules"] == rbac.NAMESPACE_RULES
+    assert docs[2]["metadata"]["namespace"] == "ops"
+    assert docs[1]["subjects"] == [{"kind": "ServiceAccount", "name": "sa", "namespace": "ops"}]
+
+
+# ---------------------------------------------------------------- CLI
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from joulepool.operator import cli
+
+    p = argparse.ArgumentParser()
+    cli.configure(p)
+    return p.parse_args(argv)
+
+
+def test_cli_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from joulepool.operator.cli import config_from_args
+    from joulepool.operator.config import OperatorConfig
+
+    monkeypatch.setenv("POD_NAMESPACE", "jp-system")
+    monkeypatch.setenv("WATCH_NAMESPACE", "a, b")
+    cfg = config_from_args(_parse([]))
+    assert isinstance(cfg, OperatorConfig)
+    assert cfg.namespace == "jp-system" and cfg.watch_namespaces == ("a", "b")
+    assert cfg.scheduler_name == "joulepool-scheduler" and cfg.debounce_seconds == 1.0
+    assert cfg.liveness_port == 8080
+    cfg = config_from_args(_parse(["--namespace", "x", "--watch-namespace", "c",
+                                   "--watch-namespace", "d,c", "--scheduler-name", "s",
+                                   "--debounce-seconds", "0.5", "--liveness", "0"]))
+    assert isinstance(cfg, OperatorConfig)
+    assert (cfg.namespace, cfg.watch_namespaces, cfg.scheduler_name, cfg.debounce_seconds,
+            cfg.liveness_port) == ("x", ("c", "d"), "s", 0.5, None)
+
+
+def test_cli_rejects_bad_values() -> None:
+    from joulepool.cli import UsageError
+    from joulepool.operator.cli import config_from_args
+
+    with pytest.raises(UsageError):
+        config_from_args(_parse(["--debounce-seconds", "-1"]))
+    with pytest.raises(UsageError):
+        config_from_args(_parse(["--liveness", "70000"]))
+
+
+def test_cli_rbac_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from joulepool.cli import main
+
+    assert main(["operator", "--namespace", "ops", "rbac"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert docs[0]["rules"] == rbac.CLUSTER_RULES
+    assert docs[2]["metadata"]["namespace"] == "ops"
