@@ -154,15 +154,14 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 if since.isdigit() and rv.isdigit() and int(rv) <= int(since):
                     continue
                 events.append({"type": "ADDED", "object": raw})
-        try:
-            for event in events:
+        # No explicit bus.unmark(): awaiting in a closing generator's finally can fail when the
+        # server shuts down; the mark is released when the generator is garbage-collected.
+        for event in events:
+            yield event
+        async for event in bus.stream(since=marker):
+            ns = ((event.get("object") or {}).get("metadata") or {}).get("namespace")
+            if request.namespace is None or ns == request.namespace:
                 yield event
-            async for event in bus.stream(since=marker):
-                ns = ((event.get("object") or {}).get("metadata") or {}).get("namespace")
-                if request.namespace is None or ns == request.namespace:
-                    yield event
-        finally:
-            await bus.unmark(marker)
 
     async def _handle(self, request: Any) -> Any:
         _CURRENT_REQUEST.set(request)

@@ -219,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
 
         files += [str(p) for p in write_plots(res, summary, out_dir, stem)]
     json_path = out_dir / f"{stem}-result.json"
-    argv = ["joulepool", "simulate", *sys.argv[2:]] if len(sys.argv) > 1 else []
-    write_json(json_path, result_document(res, summary, files, argv))
+    options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    write_json(json_path, result_document(res, summary, files, options))
     files.append(str(json_path))
     rps = [s["sim_requests_per_s"].mean for s in summary.stats.values()]
     print()

@@ -228,12 +228,12 @@ def _jsonable(x: Any) -> Any:
 
 
 def result_document(
-    res: ExperimentResult, summary: Summary, files: Sequence[str], argv: Sequence[str]
+    res: ExperimentResult, summary: Summary, files: Sequence[str], options: dict[str, Any]
 ) -> dict[str, Any]:
     exp = res.experiment
     return _jsonable({
         "tool": "joulepool simulate",
-        "argv": list(argv),
+        "options": options,
         "trace": exp.trace.name,
         "attribution": ATTRIBUTION if exp.trace.name == VENDORED_NAME else None,
         "cluster": exp.cluster.name,
