@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 ## The whole test suite, lint and type check included.
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -316,3 +316,18 @@ def test_node_heartbeat_is_no_change() -> None:
     body["metadata"]["resourceVersion"] = "2"
     body["status"]["conditions"] = [{"t": 2}]
     assert not planner.changed(("node", "n"), node_from_body(body))
+
+
+def test_plan_pools_partial_describes_the_best_partial_plan() -> None:
+    from joulepool.api.models import EnergyPolicySpec
+    from joulepool.pooling import plan_pools
+
+    e = parse_pool(pool("big", 150))
+    nodes = [NodeInfo.from_label("n1", "s1", "H100", 8)]
+    strict = plan_pools([e.pool], nodes, EnergyPolicySpec())  # type: ignore[list-item]
+    best = plan_pools([e.pool], nodes, EnergyPolicySpec(), partial=True)  # type: ignore[list-item]
+    assert not strict.result.feasible and not best.result.feasible
+    assert strict.outcomes["default.big"].replicas == 0  # the CLI's view: nothing planned
+    out = best.outcomes["default.big"]
+    assert out.replicas == 8 and not out.planned and "unmet demand" in out.message
+    assert not best.document.feasible and best.document.pools["default.big"].replicas == 8

@@ -98,9 +98,16 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("joulepool").setLevel(
             min(logging.getLogger().getEffectiveLevel(), logging.INFO))
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    import sys
+
+    import kopf
+
     operator = Operator(config)
     try:
         asyncio.run(operator.run())
     except KeyboardInterrupt:
         return 130
+    except kopf.LoginError as exc:
+        print(f"joulepool operator: error: cannot log in to Kubernetes: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -62,7 +62,13 @@ def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorReg
         except Exception as exc:
             log.debug("login via the kubernetes client failed: %s", exc)
         if info is None:
-            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+            try:
+                info = (kopf.login_with_service_account(**kwargs)
+                        or kopf.login_with_kubeconfig(**kwargs))
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("no Kubernetes credentials: not in a pod and no usable kubeconfig "
+                          "(%s)", exc)
+                return None
         return info
 
     @kopf.on.login(registry=registry)

@@ -6,6 +6,7 @@ import argparse
 import os
 import socket
 
+from joulepool.core.controllers import MIADController
 from joulepool.sidecar import envflags as ef
 
 DEFAULT_NAMESPACE = "joulepool-system"
@@ -38,11 +39,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     c = parser.add_argument_group("control")
     ef.add(c, "--interval", "JOULEPOOL_INTERVAL", 1.0, type=float,
            help="control period, seconds")
-    ef.add(c, "--k-inc", "JOULEPOOL_MIAD_K_INC", 1.5, type=float,
+    ef.add(c, "--k-inc", "JOULEPOOL_MIAD_K_INC", MIADController.k_inc, type=float,
            help="MIAD multiplicative increase factor")
-    ef.add(c, "--step-mhz", "JOULEPOOL_MIAD_STEP_MHZ", 30.0, type=float,
+    ef.add(c, "--step-mhz", "JOULEPOOL_MIAD_STEP_MHZ", MIADController.step_mhz, type=float,
            help="MIAD additive decrease step, MHz")
-    ef.add(c, "--margin", "JOULEPOOL_MIAD_MARGIN", 0.1, type=float,
+    ef.add(c, "--margin", "JOULEPOOL_MIAD_MARGIN", MIADController.margin, type=float,
            help="MIAD safety margin: at risk above target*(1-margin)")
     ef.add(c, "--tail-quantile", "JOULEPOOL_TAIL_QUANTILE", 0.9, type=float,
            help="latency quantile MIAD compares with the SLO")
