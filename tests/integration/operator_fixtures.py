@@ -81,9 +81,12 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """kmock's emulator, a little closer to a real API server, with injectable faults.
 
     * ``metadata.resourceVersion`` on every write, ``uid``/``generation``/
-      ``creationTimestamp`` (and a name from ``generateName``) on create, ``generation`` bumped when a patch
-      touches ``spec`` (kopf's JSON patches test the resourceVersion; a failed
-      test is answered 422, as kube-apiserver does);
+      ``creationTimestamp`` (and a name from ``generateName``) on create,
+      ``generation`` bumped when a patch touches ``spec`` (kopf's JSON patches
+      test the resourceVersion; a failed test is answered 422, as kube-apiserver
+      does); a watch from a resourceVersion replays only newer objects;
+    * O(1) per request (kmock 0.8 scans its whole request history and every
+      object on each request: minutes for the benchmark);
     * ``faults``: answer matching requests with an error *before* any state
       changes (a real API server that answers 409 or 500 has applied nothing).
     """
