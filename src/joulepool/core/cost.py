@@ -37,7 +37,8 @@ class CostBreakdown:
         return argmin_stable(self.cost)
 
     def best_by_eta(self) -> int:
-        """Lowest cost; among equal costs the lowest ETA, then the first index.
+        """Lowest cost; among equal costs the lowest ETA, then the first index
+        (NaN costs last). :func:`joulepool.core.routing.rank_endpoints` uses it.
 
         With identical devices every energy term is equal and nothing is late,
         so the cost alone ties everywhere; the ETA then spreads load as a
@@ -46,9 +47,11 @@ class CostBreakdown:
         c = self.cost
         if c.size == 0:
             raise ValueError("no endpoints to choose from")
-        if c.size <= 512:  # a stable sort by (cost, ETA) is the cheaper call when small
+        if c.size <= 224:  # a stable sort by (cost, ETA) is the cheaper call when small
             return int(np.lexsort((self.eta_s, c))[0])
         lo = c.min()
+        if lo != lo:  # a NaN cost: the sort puts NaN last, min() would return it
+            return int(np.lexsort((self.eta_s, c))[0])
         tied = c == lo
         if np.count_nonzero(tied) == 1:
             return int(np.argmax(tied))
@@ -63,7 +66,8 @@ def effective_lambda(
     lam: float, tier: Tier | str, bulk_factor: float = BULK_LAMBDA_FACTOR
 ) -> float:
     """Tiering: bulk requests trade lateness for energy far more readily."""
-    return lam * bulk_factor if Tier(tier) is Tier.BULK else lam
+    bulk = tier is Tier.BULK or (tier is not Tier.INTERACTIVE and Tier(tier) is Tier.BULK)
+    return lam * bulk_factor if bulk else lam
 
 
 def joulesched_cost(
@@ -82,13 +86,26 @@ def joulesched_cost(
     eps = np.asarray(eps_j_per_token, dtype=np.float64)
     q = np.asarray(queue_tokens, dtype=np.float64)
     mu = np.asarray(throughput_tps, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        eta = np.where(mu > 0, (q + tokens) / np.where(mu > 0, mu, 1.0), np.inf)
-    slack = np.maximum(0.0, eta - deadline_s)
+    # divisions and products only where they are defined, so no floating-point
+    # warnings to silence (np.errstate is a slow context manager on this hot path)
+    work = q + tokens
+    shape = work.shape if work.shape == mu.shape else np.broadcast_shapes(work.shape, mu.shape)
+    eta = np.empty(shape)
+    eta.fill(np.inf)  # where mu <= 0 (or NaN): cannot serve
+    np.divide(work, mu, out=eta, where=mu > 0)
+    slack = np.maximum(eta - deadline_s, 0.0)  # NaN stays NaN
     energy = eps * tokens
-    with np.errstate(invalid="ignore"):
-        penalty = np.where(slack > 0, lam * slack, 0.0)
-    return CostBreakdown(eta, energy, slack, float(lam), energy + penalty)
+    if lam == 0.0:
+        # 0 x an infinite slack is NaN: an endpoint that cannot serve stays unusable
+        cost = np.where(slack == np.inf, np.nan, 0.0)
+    else:
+        # lambda * slack where late, 0 elsewhere (a NaN slack is not late)
+        cost = np.multiply(slack, lam, out=np.zeros(np.shape(slack)), where=slack > 0)
+    if cost.shape == energy.shape:
+        cost += energy
+    else:  # eps broadcast against scalar queue and throughput
+        cost = cost + energy
+    return CostBreakdown(eta, energy, slack, float(lam), cost)
 
 
 def argmin_stable(cost: npt.ArrayLike) -> int:

@@ -1,18 +1,23 @@
 """Request router: picks an endpoint per request by the JouleSched cost, learns online.
 
 State per pool is columnar (numpy arrays over endpoints) so one decision is
-a handful of vector operations: eps, queue and throughput arrays go to
-:func:`joulepool.core.cost.joulesched_cost` and
-:func:`joulepool.core.routing.rank_endpoints`.
+a handful of vector operations. The scoring rule is core's, the one the
+simulator evaluates (:mod:`joulepool.core.routing`):
+:func:`core.routing.score_endpoints` then :func:`core.routing.rank_endpoints`
+(lowest cost, then lowest ETA, then index).
 
 Per endpoint:
-  * queue: the larger of the scraped estimate (``vllm:num_requests_waiting`` /
-    ``_running`` via :func:`core.routing.queue_tokens_estimate`) and the router's
+  * eps and throughput: the serving profile at the endpoint's operating batch,
+    the largest meeting the pool's TPOT SLO (:class:`core.routing.EndpointModel`),
+    eps scaled by the online estimator (:class:`core.online.EpsEstimator`) from
+    reported joules, measured against eps at the batch the endpoint ran;
+  * decode queue: the larger of the scraped estimate (``vllm:num_requests_waiting``
+    / ``_running`` via :func:`core.routing.queue_tokens_estimate`) and the router's
     ledger of tokens it routed there that are not yet reported complete
     (entries expire after ``inflight_ttl_s``, so lost completions do not leak);
-  * eps and throughput: the serving profile at the batch a new request would
-    join (:class:`core.routing.EndpointModel`), eps scaled by the online
-    estimator (:class:`core.online.EpsEstimator`) from reported joules.
+  * prompt work ahead: requests waiting for admission (scraped, or implied by the
+    ledger beyond the engine's batch limit) x the mean prompt seen, plus the
+    request's own prompt, as decode-token equivalents of their prefill time.
 
 Per pool: the sliding-window miss ratio (:class:`core.online.SlidingWindowRate`)
 and lambda from :class:`core.controllers.PIController`, updated every
@@ -35,15 +40,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from joulepool.core.classes import Tier
 from joulepool.core.controllers import PIController
-from joulepool.core.cost import BULK_LAMBDA_FACTOR, effective_lambda, joulesched_cost
+from joulepool.core.cost import BULK_LAMBDA_FACTOR, effective_lambda
 from joulepool.core.online import EpsEstimator, ExpSmoothed, SlidingWindowRate
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
 from joulepool.core.routing import (
     EndpointModel,
     default_deadline,
-    queue_tokens_estimate,
+    endpoint_queue_tokens,
+    queued_responses,
     rank_endpoints,
     request_tokens,
+    score_endpoints,
+    waiting_requests_estimate,
 )
 from joulepool.extender.files import EndpointsFile
 from joulepool.extender.metrics import Metrics
@@ -112,6 +120,7 @@ class RouterSettings:
     hard_deadline: bool = False
     input_token_weight: float = 0.0
     mean_output_tokens: float = 256.0
+    mean_input_tokens: float = 0.0  # prompt of a waiting request until requests tell
     eps_half_life_s: float = 120.0
     eps_min_tokens: float = 1000.0
     inflight_ttl_s: float = 300.0
@@ -130,8 +139,8 @@ class Endpoint:
     """One serving engine (``ip:port``) and what the router learned about it."""
 
     __slots__ = (
-        "address", "eps_est", "ledger", "metrics_url", "model", "node", "running",
-        "scraped_at", "source", "static_queue", "waiting",
+        "address", "eps_est", "ledger", "ledger_tokens", "metrics_url", "model", "node",
+        "running", "scraped_at", "source", "static_queue", "waiting",
     )
 
     def __init__(
@@ -152,6 +161,16 @@ class Endpoint:
         self.eps_est = EpsEstimator(half_life_s=eps_half_life_s, min_tokens=eps_min_tokens)
         #: request id -> (expiry time, tokens), oldest first
         self.ledger: dict[str, tuple[float, float]] = {}
+        self.ledger_tokens = 0.0  # sum of the ledger's tokens, kept as it changes
+
+    def add_routed(self, rid: str, expiry: float, tokens: float) -> None:
+        self.ledger[rid] = (expiry, tokens)
+        self.ledger_tokens += tokens
+
+    def drop_routed(self, rid: str) -> None:
+        _, tokens = self.ledger.pop(rid)
+        # exact zero when empty, so float residue never builds up
+        self.ledger_tokens = self.ledger_tokens - tokens if self.ledger else 0.0
 
 
 _ids = itertools.count(1)
@@ -214,6 +233,7 @@ class PoolRouter:
         )
         self.window = SlidingWindowRate(settings.miss_window_s)
         self.mean_out = ExpSmoothed(0.05)
+        self.mean_in = ExpSmoothed(0.05)
         self.period_n = 0
         self.period_miss = 0
         self.last_pi_t: float | None = None
@@ -228,27 +248,35 @@ class PoolRouter:
 
     # -- arrays ------------------------------------------------------------------
     def _alloc(self, n: int) -> None:
-        self.eps_model = np.zeros(n)
-        self.tps = np.zeros(n)
+        self.eps_model = np.zeros(n)  # eps_n before the online scale: operating batch
+        self.tps = np.zeros(n)  # mu_n: operating batch
+        self.weight = np.zeros(n)  # w_n: decode tokens per prompt token prefilled
+        self.max_batch = np.ones(n)
         self.scale = np.ones(n)
         self.waiting = np.zeros(n)
         self.running = np.zeros(n)
+        self._responses: FloatArray | None = None  # queued_responses(waiting, running)
         self.static_q = np.zeros(n)
         self.ledger_tokens = np.zeros(n)
         self.ledger_count = np.zeros(n)
 
+    def _set_model(self, i: int) -> None:
+        m = self.endpoints[i].model
+        self.eps_model[i] = m.op_eps
+        self.tps[i] = m.op_tps
+        self.weight[i] = m.weight
+        self.max_batch[i] = m.max_batch
+
     def _refresh(self, i: int) -> None:
         ep = self.endpoints[i]
-        in_flight = max(ep.waiting + ep.running, float(len(ep.ledger)))
-        eps, tps = ep.model.at(in_flight)
-        self.eps_model[i] = eps
-        self.tps[i] = tps
         self.scale[i] = ep.eps_est.scale
-        self.waiting[i] = ep.waiting
-        self.running[i] = ep.running
+        if self.waiting[i] != ep.waiting or self.running[i] != ep.running:
+            self.waiting[i] = ep.waiting
+            self.running[i] = ep.running
+            self._responses = None
         self.static_q[i] = ep.static_queue
         self.ledger_count[i] = len(ep.ledger)
-        self.ledger_tokens[i] = sum(t for _, t in ep.ledger.values())
+        self.ledger_tokens[i] = ep.ledger_tokens
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -274,6 +302,7 @@ class PoolRouter:
         self.index = {e.address: i for i, e in enumerate(fresh)}
         self._alloc(len(fresh))
         for i in range(len(fresh)):
+            self._set_model(i)
             self._refresh(i)
         self._node_idx = None
         if self.metrics is not None:
@@ -281,9 +310,24 @@ class PoolRouter:
 
     # -- the decision -------------------------------------------------------------
     def queue_tokens(self) -> FloatArray:
-        m = self.mean_out.get(self.s.mean_output_tokens)
-        q = queue_tokens_estimate(self.waiting, self.running, m) + self.static_q
-        return np.maximum(q, self.ledger_tokens)
+        """Decode tokens ahead on each endpoint."""
+        # core.routing.queue_tokens_estimate, its per-endpoint factor kept by _refresh
+        if self._responses is None:  # scraped counts changed
+            self._responses = queued_responses(self.waiting, self.running)
+        m = max(self.mean_out.get(self.s.mean_output_tokens), 0.0)
+        q = self._responses * m
+        q += self.static_q
+        return np.maximum(q, self.ledger_tokens, out=q)
+
+    def eta_queue_tokens(self) -> FloatArray:
+        """q_n of the scoring rule: decode tokens ahead plus the prefill of the
+        prompts waiting for admission, in decode-token equivalents."""
+        q = self.queue_tokens()
+        m_in = self.mean_in.get(self.s.mean_input_tokens)
+        if m_in <= 0.0:  # no prompt seen yet: nothing to add
+            return q
+        waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
+        return endpoint_queue_tokens(q, waiting * m_in, self.weight)
 
     def deadline_for(self, output_tokens: float) -> float:
         if self.deadline_s is not None:
@@ -291,14 +335,21 @@ class PoolRouter:
         return default_deadline(output_tokens, self.ttft_s, self.tpot_s)
 
     def route(self, req: RouteRequest, now: float) -> RouteDecision:
+        return self.decide(req.output_tokens, req.input_tokens, req.tier, req.deadline_seconds,
+                           now)
+
+    def decide(self, output_tokens: float, input_tokens: float, tier: Tier | None,
+               deadline_seconds: float | None, now: float) -> RouteDecision:
+        """:meth:`route` from the request's numbers (the simulator calls this directly)."""
         if not self.endpoints:
             raise NoEndpoints(f"pool {self.key!r} has no ready endpoints")
-        tier = req.tier or self.tier
-        tokens = request_tokens(req.output_tokens, req.input_tokens, self.s.input_token_weight)
-        deadline = req.deadline_seconds or self.deadline_for(req.output_tokens)
+        tier = tier or self.tier
+        tokens = request_tokens(output_tokens, input_tokens, self.s.input_token_weight)
+        deadline = deadline_seconds or self.deadline_for(output_tokens)
         lam = effective_lambda(self.pi.lam, tier, self.s.bulk_lambda_factor)
-        breakdown = joulesched_cost(
-            self.eps_model * self.scale, self.queue_tokens(), self.tps, tokens, deadline, lam
+        breakdown = score_endpoints(
+            self.eps_model * self.scale, self.eta_queue_tokens(), self.tps, self.weight,
+            tokens, input_tokens, deadline, lam,
         )
         hard = self.s.hard_deadline and tier is Tier.INTERACTIVE
         ranked = rank_endpoints(breakdown, self.s.fallbacks + 1, hard_deadline=hard)
@@ -307,10 +358,12 @@ class PoolRouter:
         best = ranked[0]
         ep = self.endpoints[best]
         rid = _next_id()
-        ep.ledger[rid] = (now + self.s.inflight_ttl_s, tokens)
+        ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens)
         self._refresh(best)
-        if req.output_tokens > 0:
-            self.mean_out.update(req.output_tokens)
+        if output_tokens > 0:
+            self.mean_out.update(output_tokens)
+        if input_tokens > 0:
+            self.mean_in.update(input_tokens)
         decision = RouteDecision(
             pool=self.key,
             endpoint=ep.address,
@@ -331,18 +384,28 @@ class PoolRouter:
 
     # -- feedback --------------------------------------------------------------------
     def complete(self, rep: CompleteRequest, now: float) -> dict[str, Any]:
-        i = self.index.get(rep.endpoint)
+        return self.report(rep.endpoint, rep.request_id, rep.output_tokens, rep.deadline_met,
+                           rep.joules, now)
+
+    def report(self, endpoint: str, request_id: str | None, output_tokens: float,
+               deadline_met: bool, joules: float | None, now: float) -> dict[str, Any]:
+        """:meth:`complete` from the report's numbers (the simulator calls this directly)."""
+        i = self.index.get(endpoint)
         known = i is not None
         if i is not None:
             ep = self.endpoints[i]
-            if rep.request_id is not None and rep.request_id in ep.ledger:
-                del ep.ledger[rep.request_id]
-            elif rep.request_id is None and ep.ledger:
-                del ep.ledger[next(iter(ep.ledger))]
-            if rep.joules is not None and rep.output_tokens > 0:
-                ep.eps_est.observe(rep.joules, rep.output_tokens, float(self.eps_model[i]), now)
+            if joules is not None and output_tokens > 0:
+                # drift reference: the profile's eps at the batch the endpoint ran at (this
+                # request and the others in flight), not the rule's operating batch
+                others = max(ep.waiting + ep.running, float(len(ep.ledger))) - 1.0
+                modelled, _ = ep.model.at(others)
+                ep.eps_est.observe(joules, output_tokens, modelled, now)
+            if request_id is not None and request_id in ep.ledger:
+                ep.drop_routed(request_id)
+            elif request_id is None and ep.ledger:
+                ep.drop_routed(next(iter(ep.ledger)))
             self._refresh(i)
-        missed = not rep.deadline_met
+        missed = not deadline_met
         self.window.add(now, missed)
         self.period_n += 1
         self.period_miss += missed
@@ -354,8 +417,8 @@ class PoolRouter:
         if self.metrics is not None:
             self.metrics.miss_ratio.labels(self.key).set(ratio or 0.0)
             self.metrics.completions.labels(self.key, "missed" if missed else "met").inc()
-            if rep.joules is not None:
-                self.metrics.measured_joules.labels(self.key).inc(rep.joules)
+            if joules is not None:
+                self.metrics.measured_joules.labels(self.key).inc(joules)
         return {
             "pool": self.key,
             "endpointKnown": known,
@@ -384,7 +447,7 @@ class PoolRouter:
             expired = [rid for rid, (exp, _) in ep.ledger.items() if exp <= now]
             if expired:
                 for rid in expired:
-                    del ep.ledger[rid]
+                    ep.drop_routed(rid)
                 self._refresh(i)
         if (
             self.period_n > 0 and self.last_pi_t is not None
@@ -458,7 +521,7 @@ class Router:
         self.pools: dict[str, PoolRouter] = {}
         self.static: EndpointsFile | None = None
         self.static_synced = True
-        self._models: dict[tuple[str | None, str | None, int], EndpointModel] = {}
+        self._models: dict[tuple[str | None, str | None, int, float], EndpointModel] = {}
         self._static_dirty = False
 
     # -- sources -------------------------------------------------------------------------
@@ -469,11 +532,14 @@ class Router:
 
     def endpoint_model(
         self, product: str | None, model: str | None, gpus: int,
-        eps: float | None = None, tps: float | None = None,
+        eps: float | None = None, tps: float | None = None, tpot_s: float | None = None,
     ) -> EndpointModel:
+        """The endpoint's profile; its operating batch is the largest meeting ``tpot_s``
+        (the pool's TPOT SLO; the router's default TPOT when None)."""
         if eps is not None and tps is not None:
             return EndpointModel.constant(eps, tps)
-        key = (product, model, gpus)
+        tpot = self.s.default_tpot_s if tpot_s is None else float(tpot_s)
+        key = (product, model, gpus, tpot)
         em = self._models.get(key)
         if em is None:
             prof = None
@@ -482,7 +548,7 @@ class Router:
                     product, model, None, self.profiles
                 )
             em = (
-                EndpointModel.from_profile(prof) if prof is not None
+                EndpointModel.from_profile(prof, tpot) if prof is not None
                 else EndpointModel.constant(self.s.default_eps, self.s.default_tps)
             )
             self._models[key] = em
@@ -490,7 +556,7 @@ class Router:
             # one number given: override it across the profile's batch table
             e = em.eps if eps is None else np.full_like(em.eps, eps)
             t = em.tps if tps is None else np.full_like(em.tps, tps)
-            return EndpointModel(e, t)
+            return EndpointModel(e, t, em.batch, em.prefill_s_per_token)
         return em
 
     def _metrics_url(self, ip: str, port: int) -> str:
@@ -543,7 +609,7 @@ class Router:
             for e in entry.endpoints:
                 model = self.endpoint_model(
                     e.product, e.model or pool.model, e.gpus, e.joules_per_token,
-                    e.tokens_per_second,
+                    e.tokens_per_second, pool.tpot_s,
                 )
                 eps_list.append(Endpoint(
                     e.address, model, e.node, e.metrics_url, source="file",
@@ -558,7 +624,8 @@ class Router:
                     continue
                 node = state.nodes.get(rec.node)
                 model = self.endpoint_model(
-                    node.product if node else None, pool.model, max(rec.gpus, 1)
+                    node.product if node else None, pool.model, max(rec.gpus, 1),
+                    tpot_s=pool.tpot_s,
                 )
                 host = f"[{rec.ip}]" if ":" in rec.ip else rec.ip
                 eps_list.append(Endpoint(

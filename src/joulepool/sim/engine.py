@@ -35,21 +35,29 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from joulepool.core.classes import Tier
 from joulepool.core.controllers import MIADController, PIController, SLOSignal
-from joulepool.core.cost import effective_lambda, joulesched_cost
+from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import LLFQueue, llf_deadline
-from joulepool.core.routing import EndpointModel, rank_endpoints
+from joulepool.core.routing import (
+    endpoint_queue_tokens,
+    prefill_weight,
+    rank_endpoints,
+    score_endpoints,
+)
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.planning import WindowPlan
 from joulepool.sim.policies import PolicySpec
 from joulepool.sim.tables import ProfileTable
 from joulepool.sim.workload import Workload
+
+if TYPE_CHECKING:
+    from joulepool.sim.production import ProductionRouter
 
 FloatArray = npt.NDArray[np.float64]
 INF = math.inf
@@ -118,9 +126,9 @@ class _Inst:
     __slots__ = (
         "V", "b", "busy_t", "ci", "cls", "energy", "eps", "eps_live", "gpu_ids", "gpus", "heap",
         "idx", "inv_cap", "itl", "itl_row", "last_t", "maxb", "mu", "n_out", "node", "nwait",
-        "pf_pow", "pf_tok", "pool", "pos", "pow_row", "power", "prefill_end", "prefill_rid",
-        "q_tok", "req_tps", "site", "state", "table", "tp_max", "tps_row", "tt_max", "version",
-        "waiting",
+        "pf_pow", "pf_tok", "pf_w", "pool", "pos", "pow_row", "power", "prefill_end",
+        "prefill_rid", "q_tok", "req_tps", "site", "state", "table", "tp_max", "tps_row",
+        "tt_max", "version", "wait_in", "waiting",
     )
 
     def __init__(self, idx: int, table: ProfileTable, node: str, site: str, cls: int,
@@ -150,7 +158,8 @@ class _Inst:
         self.prefill_end = INF
         self.version = 0
         self.n_out = 0
-        self.q_tok = 0.0
+        self.q_tok = 0.0  # predicted decode tokens of the requests routed here, unfinished
+        self.wait_in = 0.0  # prompt tokens of the requests waiting for admission
         self.tt_max = -1.0
         self.tp_max = -1.0
         self.set_clock(table.top)
@@ -166,17 +175,21 @@ class _Inst:
         self.pf_tok = t.prefill_s_per_token[ci]
         self.pf_pow = t.prefill_power_w[ci]
         op = t.operating_batch[ci]
-        # JouleSched's mu_n: the device's profiled throughput (at its operating batch)
+        # core.routing's rule: mu_n = profiled tokens/s at the operating batch (largest
+        # meeting TPOT) at the current clock; eps_n = profiled J/token at the operating
+        # batch, at f_max unless asked to follow the clock (then the router chases MIAD's
+        # down-clocked GPUs; see EngineParams); w_n converts prompt tokens to decode tokens
         self.mu = self.tps_row[op]
-        # eps_n: profiled J/token at the operating batch, at f_max unless asked to follow
-        # the clock (then the router chases MIAD's down-clocked GPUs; see EngineParams)
         self.eps = t.eps_j_per_token[ci if self.eps_live else t.top]
+        self.pf_w = prefill_weight(self.mu, self.pf_tok)
         # LLF: a request is served at the per-request rate of the operating batch
         self.req_tps = 1.0 / self.itl_row[op]
 
 
 class _Pool:
-    __slots__ = ("eps", "members", "mu", "out", "q", "rr")
+    """Columns of core.routing's scoring rule over a pool's instances."""
+
+    __slots__ = ("eps", "members", "mu", "out", "q", "rr", "w")
 
     def __init__(self, members: list[_Inst]) -> None:
         self.members = members
@@ -185,13 +198,20 @@ class _Pool:
         self.q = np.zeros(n)
         self.mu = np.zeros(n)
         self.eps = np.zeros(n)
+        self.w = np.zeros(n)
         self.rr = 0
         for pos, inst in enumerate(members):
             inst.pos = pos
             self.out[pos] = (inst.n_out + 1) * inst.inv_cap
-            self.q[pos] = inst.q_tok
-            self.mu[pos] = inst.mu
-            self.eps[pos] = inst.eps
+            self.set_rule(inst)
+
+    def set_rule(self, inst: _Inst) -> None:
+        """eps_n, mu_n, w_n and q_n of ``inst`` (after a clock change or a rebuild)."""
+        pos = inst.pos
+        self.eps[pos] = inst.eps
+        self.mu[pos] = inst.mu
+        self.w[pos] = inst.pf_w
+        self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
 
 
 def static_deployment(
@@ -231,7 +251,7 @@ def simulate(
     T = workload.duration_s
     llf = policy.queue == "llf"
     use_router = policy.routing == "joulesched-router"
-    use_js = policy.routing == "joulesched" or use_router
+    use_js = policy.routing == "joulesched"
     use_ll = policy.routing == "least-loaded"
     use_miad = policy.clock == "miad"
     if policy.uses_planner and not plans:
@@ -297,15 +317,11 @@ def simulate(
                 supported_mhz=tab.clocks, ttft_target_s=1.0, tpot_target_s=1.0,
                 k_inc=prm.miad_k_inc, step_mhz=prm.miad_step_mhz, margin=prm.miad_margin,
             )
-    # the extender router's endpoint model: eps and tps at the batch a request joins
-    router_models: dict[str, tuple[list[float], list[float], list[int]]] = {}
-    if use_router:
-        for mode, tab in tables.items():
-            em = EndpointModel.from_profile(tab.profile)
-            joins = em.batch_for(np.arange(0, tab.max_batch + 1)).tolist()
-            router_models[mode] = (em.eps.tolist(), em.tps.tolist(), joins)
     pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target, lam=prm.pi_lam0)
     lam_series: list[tuple[float, float]] = [(0.0, pi.lam)] if use_js else []
+    if use_router and policy.uses_planner:
+        raise ValueError("joulesched-router drives one production router pool: static only")
+    prouter: ProductionRouter | None = None
 
     # ------------------------------------------------------------ instance ops
     def settle(inst: _Inst, t: float) -> None:
@@ -340,6 +356,7 @@ def simulate(
     def start_prefill(inst: _Inst, t: float) -> None:
         rid = inst.waiting.pop() if llf else inst.waiting.popleft()
         inst.nwait -= 1
+        inst.wait_in -= inp[rid]
         inst.prefill_rid = rid
         inst.prefill_end = t + inst.pf_tok * inp[rid]
 
@@ -350,12 +367,7 @@ def simulate(
         p = pools[inst.pool]
         p.out[pos] = (inst.n_out + 1) * inst.inv_cap
         if use_js:
-            p.q[pos] = inst.q_tok
-            if use_router:
-                em_eps, em_tps, em_batch = router_models[inst.table.mode]
-                bb = em_batch[min(inst.n_out, inst.maxb)]
-                p.eps[pos] = em_eps[bb]
-                p.mu[pos] = em_tps[bb]
+            p.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
 
     def activate(inst: _Inst, t: float) -> bool:
         free = node_free[inst.node]
@@ -406,9 +418,6 @@ def simulate(
             rr = pools[p].rr
             pools[p] = _Pool(members[p])
             pools[p].rr = rr
-            if use_router:
-                for inst in members[p]:
-                    sync(inst)
 
     def inv_capacity(mode: str, cls: int) -> float:
         if policy.uses_planner:
@@ -480,6 +489,23 @@ def simulate(
             for _ in range(count):
                 new_instance(node, mode, 0, 0.0)
         rebuild_pools()
+    if use_router:  # the extender's router itself, over the static instances
+        from joulepool.sim.production import ProductionRouter
+
+        interactive = ~workload.bulk
+        slo_from = interactive if interactive.any() else np.ones(N, dtype=np.bool_)
+        prouter = ProductionRouter(
+            [(x.idx, x.node, x.table.profile) for x in pools[0].members],
+            ttft_s=float(workload.ttft_slo_s[slo_from].max()) if N else 1.0,
+            tpot_s=float(workload.tpot_slo_s[slo_from].min()) if N else 0.15,
+        )
+        lam_series.append((0.0, prouter.lam))
+        notes.append("the production request router "
+                     "(extender.router.PoolRouter, default settings) routed every request")
+
+        def engine_counts(idx: int) -> tuple[float, float]:
+            x = instances[idx]  # vLLM counts a prefilling request as running
+            return float(x.nwait), float(x.b + (x.prefill_rid >= 0))
     unused = sum(1 for h in gpu_holder if h is None)
     if unused:
         notes.append(f"{unused} of {G} GPUs hold no instance at t=0 and draw idle power")
@@ -614,16 +640,17 @@ def simulate(
                         set_power(inst)
                         resched(inst, t)
                         if inst.state == ACTIVE and inst.pos >= 0:
-                            p = pools[inst.pool]
-                            if not use_router:
-                                p.eps[inst.pos] = inst.eps
-                                p.mu[inst.pos] = inst.mu
+                            pools[inst.pool].set_rule(inst)
             if use_js and tick_k % pi_every == 0:
                 if period_done:
                     pi.update(period_miss / period_done)
                     lam_series.append((t, pi.lam))
                 period_done = 0
                 period_miss = 0
+            if prouter is not None:
+                prouter.tick(t, engine_counts)
+                if tick_k % pi_every == 0:
+                    lam_series.append((t, prouter.lam))
             if t <= T:
                 samples_t.append(t)
                 for k, g in enumerate(sample_ids):
@@ -660,9 +687,13 @@ def simulate(
                     lam_for_pi = pi.lam
                     lam_tier = (effective_lambda(pi.lam, Tier.INTERACTIVE),
                                 effective_lambda(pi.lam, Tier.BULK))
-                cb = joulesched_cost(pool.eps, pool.q, pool.mu, pred[rid], route_deadline[rid],
-                                     lam_tier[bulk[rid]])
-                inst = members[rank_endpoints(cb, 1)[0] if use_router else cb.best_by_eta()]
+                # core.routing's rule, as the production router scores endpoints
+                cb = score_endpoints(pool.eps, pool.q, pool.mu, pool.w, pred[rid], inp[rid],
+                                     route_deadline[rid], lam_tier[bulk[rid]])
+                inst = members[rank_endpoints(cb, 1)[0]]
+            elif prouter is not None:
+                inst = instances[prouter.route(rid, inp[rid], pred[rid], route_deadline[rid],
+                                            bulk[rid], t)]
             elif use_ll:
                 inst = members[int(pool.out.argmin())]
             else:
@@ -675,6 +706,7 @@ def simulate(
             where[rid] = inst.idx
             inst.n_out += 1
             inst.q_tok += pred[rid]
+            inst.wait_in += inp[rid]
             if llf:
                 inst.waiting.push(rid, llf_dl[rid], pred[rid], inst.req_tps)
             else:
@@ -730,18 +762,22 @@ def simulate(
             if t - arr[rid] > deadline[rid]:
                 period_miss += 1
             period_done += 1
+            if prouter is not None:
+                prouter.complete(rid, o, t - arr[rid] <= deadline[rid], t)
             if t <= T:
                 little_area += n_sys * (t - t_sys)
                 t_sys = t
             n_sys -= 1
+        admitted = False
         if inst.nwait and inst.prefill_rid < 0 and inst.b < inst.maxb:
             start_prefill(inst, t)
+            admitted = True
         set_power(inst)
         resched(inst, t)
-        if completed:
+        if completed or admitted:  # admission moves a prompt out of q_n's prefill term
             sync(inst)
-            if inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
-                release(inst, t)
+        if completed and inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
+            release(inst, t)
         if ended and done == N:
             break
 

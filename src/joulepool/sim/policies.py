@@ -5,12 +5,17 @@
   class every plan interval; unplanned GPUs idle);
 * routing inside a pool: ``round-robin``, ``least-loaded`` (fewest
   outstanding requests per req/s the instance sustains) or ``joulesched``
-  (core's cost with the PI-tuned lambda and the bulk tier's lower lambda;
+  (core's cost with the PI-tuned lambda and the bulk tier's lower lambda,
+  scored by core.routing's endpoint rule, the one the production router uses:
   eps_n and mu_n are the device's profiled J/token and tokens/s at its
   operating batch, the largest meeting the TPOT SLO, as in the paper's
   offline profiles; eps at f_max so the router does not chase the clock
-  controller, mu at the current clock; ties go to the lowest ETA);
-  ``joulesched-router`` evaluates the extender router's variant instead;
+  controller, mu at the current clock; q_n counts the prefill of the prompts
+  ahead and of the request's own; ties go to the lowest ETA, then index);
+  ``joulesched-router`` puts the production request router itself
+  (extender.router.PoolRouter, default settings) in the loop: the same rule
+  fed by the router's own inputs (ledger of routed tokens, scraped counts,
+  PI step per 50 completions or 10 s) instead of the simulator's exact state;
 * queue on each instance: ``fcfs`` or ``llf`` (core's least-laxity-first);
 * clock: ``max`` (locked at f_max) or ``miad`` (core's MIAD controller,
   every second, per GPU instance).
@@ -55,10 +60,10 @@ POLICIES: dict[str, PolicySpec] = {
                    "ablation: least-loaded with MIAD clocks, nothing else"),
         PolicySpec("planner-only", "planner", "least-loaded", "fcfs", "max",
                    "ablation: planner pools, least-loaded in pool, FCFS, max clock"),
-        # not in the default set: the extender's router rule, to see what it does
+        # not in the default set: the production router (extender) driven by the simulator
         PolicySpec("joulesched-router", "static", "joulesched-router", "fcfs", "max",
-                   "the extender router's rule: eps and mu at the live batch "
-                   "(core.routing.EndpointModel), ties by index (rank_endpoints)"),
+                   "JouleSched through the production request router "
+                   "(extender.router.PoolRouter); max clock"),
     )
 }
 

@@ -1,0 +1,92 @@
+"""The production request router, driven by the simulator (the ``joulesched-router`` policy).
+
+The simulator's ``joulesched`` policy scores instances with core's rule
+(:func:`joulepool.core.routing.score_endpoints` and
+:func:`~joulepool.core.routing.rank_endpoints`) from the simulator's exact
+state. ``joulesched-router`` instead puts the extender's own
+:class:`joulepool.extender.router.PoolRouter` in the loop, unchanged and with
+its production defaults (:class:`~joulepool.extender.router.RouterSettings`,
+the same as the extender's settings): every arrival is a ``route`` call, every
+completion a ``complete`` report (request id, deadline met), entered through
+``decide`` and ``report``, what ``route`` and ``complete`` call with the HTTP
+body's fields (no pydantic object per request); the router ticks
+every simulated second as the extender does, and every ``scrape_every_s`` it
+reads each engine's waiting and running counts as the extender scrapes
+vLLM's metrics. So it evaluates the router's own inputs: its ledger of routed
+tokens, its learned mean prompt and response, its PI step every 50 completions
+or 10 s. Completion reports carry no joules (the simulator's profiles are the
+truth, so the online eps scale has nothing to correct).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from joulepool.core.classes import Tier
+from joulepool.core.profiles import ServingProfile
+from joulepool.core.routing import EndpointModel
+from joulepool.extender.router import Endpoint, PoolRouter, RouterSettings
+
+POOL = "sim/default"
+#: the extender's default scrape interval (``Settings.scrape_interval_seconds``)
+SCRAPE_EVERY_S = 2.0
+
+
+class ProductionRouter:
+    """One production router pool over the simulator's static instances."""
+
+    def __init__(
+        self,
+        members: Sequence[tuple[int, str, ServingProfile]],
+        ttft_s: float,
+        tpot_s: float,
+        settings: RouterSettings | None = None,
+        scrape_every_s: float = SCRAPE_EVERY_S,
+    ) -> None:
+        """``members``: (instance index, node, serving profile) of each instance."""
+        self.pool = PoolRouter(POOL, settings or RouterSettings())
+        self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
+        models: dict[int, EndpointModel] = {}
+        endpoints: list[Endpoint] = []
+        self.instance_of: dict[str, int] = {}
+        for idx, node, profile in members:
+            key = id(profile)
+            if key not in models:
+                models[key] = EndpointModel.from_profile(profile, tpot_s)
+            address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way
+            endpoints.append(Endpoint(address, models[key], node,
+                                      eps_half_life_s=self.pool.s.eps_half_life_s,
+                                      eps_min_tokens=self.pool.s.eps_min_tokens))
+            self.instance_of[address] = idx
+        self.pool.set_endpoints(endpoints)
+        self.scrape_every_s = scrape_every_s
+        self.next_scrape = 0.0
+        self.routed: dict[int, tuple[str, str]] = {}  # simulator request -> (address, id)
+
+    @property
+    def lam(self) -> float:
+        return self.pool.pi.lam
+
+    def route(self, rid: int, input_tokens: float, output_tokens: float, deadline_s: float,
+              bulk: bool, now: float) -> int:
+        """Route simulator request ``rid``; returns the chosen instance's index."""
+        # PoolRouter.route(RouteRequest) is decide() on the request's fields
+        d = self.pool.decide(float(output_tokens), float(input_tokens),
+                             Tier.BULK if bulk else Tier.INTERACTIVE, float(deadline_s), now)
+        self.routed[rid] = (d.endpoint, d.request_id)
+        return self.instance_of[d.endpoint]
+
+    def complete(self, rid: int, output_tokens: float, met: bool, now: float) -> None:
+        address, request_id = self.routed.pop(rid)
+        # PoolRouter.complete(CompleteRequest) is report() on the report's fields
+        self.pool.report(address, request_id, float(output_tokens), met, None, now)
+
+    def tick(self, now: float, counts: Callable[[int], tuple[float, float]]) -> None:
+        """The extender's 1 s housekeeping, and a scrape when one is due:
+        ``counts(instance)`` gives (waiting, running) as vLLM's metrics would."""
+        self.pool.tick(now)
+        if now >= self.next_scrape:
+            self.next_scrape = now + self.scrape_every_s
+            for address, idx in self.instance_of.items():
+                waiting, running = counts(idx)
+                self.pool.apply_scrape(address, waiting, running, now)
