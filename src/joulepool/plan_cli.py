@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             "objectiveValue": plan.result.objective,
             "solveSeconds": plan.result.solve_time_s,
             "binding": list(plan.result.binding),
+            "headroom": plan.headroom_note or None,
             "plan": json.loads(plan.document.to_json()),
         }, indent=2))
     else:
@@ -77,6 +78,8 @@ def render_table(plan: object) -> str:
         lines.append(
             f"{key:<28} {out.replicas:>8} {out.expected_power_w:>9.0f} {jpt:>8} {co2:>8}  {where}"
         )
+    if plan.headroom_note:
+        lines += ["", f"note: {plan.headroom_note}"]
     if not res.feasible:
         lines += ["", "cannot be met:"]
         lines += [f"  {k}: {o.message}" for k, o in plan.outcomes.items() if not o.planned]

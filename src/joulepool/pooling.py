@@ -4,6 +4,15 @@
 profiles into a core :class:`~joulepool.core.planner.PlanProblem`, solves it
 jointly (so no two pools can book the same GPU) and turns the result into
 per-pool outcomes and the plan document the extender and node agents read.
+
+Each pool's L[r, m] is core's sustainable rate *with queueing headroom*
+(:meth:`~joulepool.core.profiles.ServingProfile.operating_point` with
+:class:`~joulepool.core.profiles.Headroom`), sized through
+:func:`~joulepool.core.sizing.plan_with_headroom`, which keeps the full
+headroom unless the cluster cannot carry the demand with it (then the plan
+says how much it kept). The demand is the pool's forecast as given, times
+the EnergyPolicy's alpha: give the step's peak rate (e.g. its busiest
+minute), not its mean, as the simulator's planner does.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from joulepool.api.plan import (
     pool_key,
 )
 from joulepool.core.energy import grams_co2_per_hour, joules_per_token
-from joulepool.core.planner import Mode, PlanNode, PlanProblem, PlanResult, solve
-from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, product_for_label
+from joulepool.core.planner import Mode, PlanNode, PlanProblem, PlanResult
+from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile, product_for_label
+from joulepool.core.sizing import plan_with_headroom
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class PoolPlan:
     document: PlanDocument
     outcomes: dict[str, PoolOutcome] = field(default_factory=dict)
     objective: str = "energy"
+    #: empty, or how far the queueing headroom had to be relaxed to fit (core.sizing)
+    headroom_note: str = ""
 
 
 def _modes(profiles: Sequence[ServingProfile], products: set[str]) -> tuple[Mode, ...]:
@@ -94,8 +106,13 @@ def build_problem(
     nodes: Sequence[NodeInfo],
     policy: EnergyPolicySpec,
     profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
+    headroom: Headroom | None = None,
 ) -> PlanProblem:
-    """The joint MILP for every pool over every GPU node."""
+    """The joint MILP for every pool over every GPU node.
+
+    P[r, m] and L[r, m] come from core's ``operating_point`` with ``headroom``
+    (default :data:`~joulepool.core.profiles.DEFAULT_HEADROOM`).
+    """
     products = {n.product for n in nodes}
     modes = _modes(profiles, products)
     R, M, T = len(pools), len(modes), policy.window_steps
@@ -114,7 +131,7 @@ def build_problem(
                 continue
             power[r, m], cap[r, m] = prof.operating_point(
                 s.demand.mean_input_tokens, s.demand.mean_output_tokens,
-                s.slo.ttft_seconds, s.slo.tpot_seconds,
+                s.slo.ttft_seconds, s.slo.tpot_seconds, headroom=headroom,
             )
     objective = _objective(pools, policy)
     carbon = {c.site: c.values() for c in policy.carbon} or None
@@ -156,9 +173,9 @@ def plan_pools(
     plan to keep serving.
     """
     now = now or datetime.now(UTC)
-    problem = build_problem(pools, nodes, policy, profiles)
-    result = solve(problem)
-    return describe(problem, result, pools, nodes, version, now, partial=partial)
+    sized = plan_with_headroom(lambda hr: build_problem(pools, nodes, policy, profiles, hr))
+    return describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
+                    headroom_note=sized.note())
 
 
 def _carbon_now(problem: PlanProblem, site: str) -> float | None:
@@ -175,14 +192,20 @@ def describe(
     version: int,
     now: datetime,
     partial: bool = False,
+    headroom_note: str = "",
 ) -> PoolPlan:
-    """Per-pool outcomes and the plan document for a solved problem (see ``plan_pools``)."""
+    """Per-pool outcomes and the plan document for a solved problem (see ``plan_pools``).
+
+    ``headroom_note`` (from :meth:`~joulepool.core.sizing.SizedPlan.note`) is
+    added to the document's message and every planned pool's message.
+    """
     mode_by_name = {m.name: m for m in problem.modes}
     mode_index = {m.name: i for i, m in enumerate(problem.modes)}
     short = {s.cls: s for s in result.shortfalls}
     doc = PlanDocument(
         version=version, generatedAt=now, objective=problem.objective,
-        feasible=result.feasible, message="; ".join(result.binding),
+        feasible=result.feasible,
+        message="; ".join([*result.binding, *([headroom_note] if headroom_note else [])]),
         nodes={n.name: PlannedNode(site=n.site, product=n.product, gpus=n.gpus) for n in nodes},
     )
     outcomes: dict[str, PoolOutcome] = {}
@@ -211,6 +234,8 @@ def describe(
             f"unmet demand {gap.shortfall_rps:.3g} req/s of {gap.demand_rps:.3g} "
             f"at step {gap.step}: {gap.reason}" if gap else f"{replicas} instance(s) planned"
         )
+        if headroom_note and mine:
+            message += f" ({headroom_note})"
         assignments = tuple(
             AssignmentStatus(site=a.site, node=a.node, gpuProduct=a.product, mode=a.mode,
                              gpus=a.gpus, instances=a.instances)
@@ -236,7 +261,8 @@ def describe(
                 for a in mine
             ],
         )
-    return PoolPlan(result=result, document=doc, outcomes=outcomes, objective=problem.objective)
+    return PoolPlan(result=result, document=doc, outcomes=outcomes, objective=problem.objective,
+                    headroom_note=headroom_note)
 
 
 def nodes_from_cluster(expanded: Sequence[tuple[str, str, str, int]]) -> list[NodeInfo]:

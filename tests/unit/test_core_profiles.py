@@ -9,12 +9,15 @@ from joulepool.core.classes import CLASS_NAMES, ClassBoundaries, freesh_slo
 from joulepool.core.energy import grams_co2, grams_co2_per_hour, joules_per_token
 from joulepool.core.profiles import (
     A100_8B,
+    DEFAULT_HEADROOM,
     DEFAULT_PROFILES,
     H100,
     H100_8B,
     H100_70B,
     L4_8B,
     Figure,
+    Headroom,
+    assumed,
     find_profile,
     product_for_label,
 )
@@ -80,6 +83,143 @@ def test_operating_point_respects_slo():
     assert float(H100_8B.itl_s(H100_8B.best_batch(0.05))) <= 0.05
     assert H100_8B.operating_point(1000, 200, 0.01, 0.05)[1] == 0.0  # prefill too slow
     assert L4_8B.operating_point(1000, 200, 1.0, 0.01)[1] == 0.0  # no batch meets TPOT
+
+
+def test_throughput_is_the_saturation_rate_with_the_tpot_batch():
+    """1 / (prefill + o * itl(b*) / b*): H100 8B, 2000-token prompt (0.1 s), 200 tokens."""
+    b = H100_8B.best_batch(0.15)
+    assert b == 512
+    expect = 1.0 / (0.1 + 200 * float(H100_8B.itl_s(512)) / 512)
+    assert H100_8B.throughput_rps(2000, 200, 0.15) == pytest.approx(expect)
+    assert L4_8B.throughput_rps(1000, 200, 0.01) == 0.0
+
+
+def test_ttft_bound_rate_solves_the_m_m_1_tail_by_hand():
+    """Prefill 0.1 s (2000 tokens at 20,000 tok/s), TTFT 0.6 s, SCV 1: the rate is rho / S
+    with rho * exp(-(1 - rho) * (0.6 - 0.1) / 0.1) = 0.01, i.e. rho = 0.3119 (M/M/1)."""
+    from scipy.optimize import brentq
+
+    rho = brentq(lambda r: r * np.exp(-(1 - r) * 5.0) - 0.01, 1e-6, 0.99)
+    assert rho == pytest.approx(0.3119, abs=1e-4)
+    sp = H100_8B.serving_point(2000, 200, 0.6, 0.15)
+    assert sp.binding == "ttft"
+    assert sp.rps == pytest.approx(rho / 0.1, rel=1e-4)
+    assert sp.prefill_utilisation == pytest.approx(rho, rel=1e-4)
+    assert sp.ttft_miss == pytest.approx(0.01, rel=1e-3)
+    # lower prompt-length variability: a shorter wait tail, a higher sustainable rate
+    calm = H100_8B.serving_point(2000, 200, 0.6, 0.15,
+                                 headroom=Headroom(prefill_scv=assumed(0.0, "test")))
+    assert calm.rps > sp.rps
+
+
+def test_serving_point_keeps_every_headroom_bound():
+    for prof in DEFAULT_PROFILES:
+        for name in CLASS_NAMES:
+            slo = freesh_slo(name)
+            mean_in = 2000 if name[0] == "L" else 400
+            mean_out = 600 if name[1] == "L" else 150
+            sp = prof.serving_point(mean_in, mean_out, slo.ttft_s, slo.tpot_s)
+            if sp.rps == 0.0:
+                continue
+            assert 0.0 < sp.rps <= sp.throughput_rps * (1 + 1e-9), prof.key
+            assert 0.0 < sp.utilisation <= 1.0 + 1e-9
+            assert sp.ttft_miss <= DEFAULT_HEADROOM.ttft_miss.value * (1 + 1e-6)
+            assert sp.tpot_s <= 0.9 * slo.tpot_s * (1 + 1e-6)
+            assert sp.batch + 2.3263 * np.sqrt(sp.batch) <= prof.max_batch.value + 1e-3
+            # prefill pauses decoding: the TPOT a request sees is itl(b) / (1 - rho)
+            assert sp.tpot_s == pytest.approx(
+                float(prof.itl_s(sp.batch)) / (1 - sp.prefill_utilisation), rel=1e-6)
+            busiest = float(prof.power_w(np.arange(1, prof.max_batch.value + 1)).max())
+            assert prof.idle_w <= sp.power_w <= busiest + 1e-9
+            # (power, rate) for the planner are the serving point's
+            assert prof.operating_point(mean_in, mean_out, slo.ttft_s, slo.tpot_s) == (
+                sp.power_w, sp.rps)
+
+
+def _brute_force_rate(prof, mean_in, mean_out, ttft, tpot, hr):
+    """The largest lam whose exact state meets every bound, by bisection on lam itself
+    (independent of serving_point's busy-curve table)."""
+    from statistics import NormalDist
+
+    S = float(prof.prefill_s(mean_in))
+    eps, cap = hr.ttft_miss.value, (1 - hr.tpot_margin.value) * tpot
+    z = NormalDist().inv_cdf(1 - eps) if eps < 0.5 else 0.0
+    B = prof.max_batch.value
+    grid = np.arange(1.0, B + 1)
+    tps = np.maximum.accumulate(grid / prof.itl_s(grid))
+
+    def ok(lam):
+        rho = lam * S
+        if rho >= 1:
+            return False
+        need = lam * mean_out / (1 - rho)  # decode tokens/s while decoding
+        if need > tps[-1]:
+            return False
+        b = float(np.interp(need, tps, grid))
+        n = lam * mean_out * float(prof.itl_s(b)) / (1 - rho)  # Little: requests decoding
+        tail = rho * np.exp(-2 * (1 - rho) * (ttft - S) / (S * (1 + hr.prefill_scv.value)))
+        return (float(prof.itl_s(b)) / (1 - rho) <= cap and (eps >= 1 or tail <= eps)
+                and n + z * np.sqrt(n) <= B)
+
+    if not ok(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0 / S
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.0])
+def test_serving_point_matches_a_brute_force_search(scale):
+    hr = DEFAULT_HEADROOM.scaled(scale)
+    for prof in DEFAULT_PROFILES:
+        for mean_in, mean_out, ttft, tpot in ((430, 140, 0.3, 0.15), (970, 520, 0.3, 0.15),
+                                               (2050, 210, 0.6, 0.15), (1120, 530, 0.6, 0.15),
+                                               (500, 200, 1.0, 0.05)):
+            sp = prof.serving_point(mean_in, mean_out, ttft, tpot, headroom=hr)
+            if sp.rps == 0.0 and sp.binding.startswith("prefill alone"):
+                continue
+            want = _brute_force_rate(prof, mean_in, mean_out, ttft, tpot, hr)
+            assert sp.rps == pytest.approx(want, rel=2e-3, abs=1e-9), (prof.key, mean_in)
+
+
+def test_less_headroom_sustains_more():
+    rates = [H100_8B.serving_point(2000, 200, 0.6, 0.15, headroom=DEFAULT_HEADROOM.scaled(s)).rps
+             for s in (1.0, 0.5, 0.0)]
+    assert rates[0] < rates[1] < rates[2]
+    none = H100_8B.serving_point(2000, 200, 0.6, 0.15, headroom=Headroom.none())
+    # no headroom: the fluid model's TPOT limit, just under the saturation throughput
+    # (decode pauses for prefill, so TPOT binds before the batch is full)
+    assert none.binding == "tpot" and none.tpot_s == pytest.approx(0.15, rel=1e-4)
+    assert rates[0] < none.rps < H100_8B.throughput_rps(2000, 200, 0.15)
+
+
+def test_headroom_scaling_and_validation():
+    hr = DEFAULT_HEADROOM
+    assert hr.scaled(1.0) is hr and hr.scaled(2.0) is hr
+    zero = hr.scaled(0.0)
+    assert zero.ttft_miss.value == 1.0 and zero.tpot_margin.value == 0.0
+    half = hr.scaled(0.5)
+    assert half.ttft_miss.value == pytest.approx(0.1) and half.tpot_margin.value == 0.05
+    assert half.prefill_scv is hr.prefill_scv and "50% of the headroom" in half.ttft_miss.source
+    assert hr.ttft_miss.assumed and hr.tpot_margin.assumed and hr.prefill_scv.assumed
+    assert "P(wait > TTFT SLO - prefill) <= 0.01" in hr.describe()
+    for bad in ({"ttft_miss": assumed(0.0, "x")}, {"tpot_margin": assumed(1.0, "x")},
+                {"prefill_scv": assumed(-1.0, "x")}):
+        with pytest.raises(ValueError):
+            Headroom(**bad)
+
+
+def test_not_eligible_says_why():
+    sp = H100_8B.serving_point(1000, 200, 0.01, 0.05)
+    assert sp.rps == 0.0 and "prefill" in sp.binding
+    sp = L4_8B.serving_point(1000, 200, 1.0, 0.01)
+    assert sp.rps == 0.0 and "TPOT" in sp.binding
+    # the L4's batch-1 step (53 ms) meets a 55 ms TPOT, but not 90 % of it
+    sp = L4_8B.serving_point(200, 100, 1.0, 0.055)
+    assert sp.rps == 0.0 and "headroom" in sp.binding
+    assert L4_8B.serving_point(200, 100, 1.0, 0.055, headroom=Headroom.none()).rps > 0
 
 
 def test_classes_and_slos():

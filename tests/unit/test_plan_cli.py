@@ -1,6 +1,7 @@
 """`joulepool plan` and the pooling bridge it shares with the operator."""
 
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -95,3 +96,46 @@ def test_allowed_products_and_missing_profiles_are_respected():
 def test_example_policy_is_carbon():
     pols = [r for r in load_manifests(POOLS) if type(r).__name__ == "EnergyPolicy"]
     assert pols[0].spec.objective == "carbon"
+
+
+def test_pools_are_sized_with_cores_queueing_headroom():
+    """L[r, m] is core's operating point with the default headroom: the same call the
+    simulator's planner makes, not the instance's saturation throughput."""
+    from joulepool.core.profiles import DEFAULT_HEADROOM, H100_8B
+    from joulepool.pooling import build_problem
+
+    nodes = [NodeInfo("h1", "east", "H100", 8)]
+    problem = build_problem([_pool("chat", 10)], nodes, EnergyPolicySpec())
+    power, rps = H100_8B.operating_point(500, 200, 0.6, 0.1, headroom=DEFAULT_HEADROOM)
+    assert problem.capacity_rps[0, 0] == rps and problem.power_w[0, 0] == power
+    assert rps < H100_8B.throughput_rps(500, 200, 0.1)
+    plan = plan_pools([_pool("chat", 10)], nodes, EnergyPolicySpec())
+    assert plan.result.feasible and plan.headroom_note == ""
+    assert plan.outcomes["ns.chat"].replicas == math.ceil(10 * 1.1 / rps)
+
+
+def test_a_cluster_short_of_headroom_plans_with_less_and_says_so(tmp_path, capsys):
+    """2000-token prompts, TTFT 0.6 s: 3.1 req/s per H100 with the full headroom, so 8 H100s
+    fall short of 30 * 1.1 req/s; with less headroom they carry it, and the plan says so."""
+    body = {
+        "apiVersion": "joulepool.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": "rag", "namespace": "ns"},
+        "spec": {"model": "llama-3.1-8b", "slo": {"ttftSeconds": 0.6, "tpotSeconds": 0.15},
+                 "demand": {"requestsPerSecond": 30, "meanInputTokens": 2000,
+                            "meanOutputTokens": 200}},
+    }
+    nodes = [NodeInfo("h1", "east", "H100", 8)]
+    plan = plan_pools([InferencePool.model_validate(body)], nodes, EnergyPolicySpec())
+    assert plan.result.feasible and "queueing headroom" in plan.headroom_note
+    assert plan.headroom_note in plan.document.message
+    assert plan.headroom_note in plan.outcomes["ns.rag"].message
+    f = tmp_path / "rag.yaml"
+    f.write_text(yaml.safe_dump(body))
+    cl = tmp_path / "cluster.yaml"
+    cl.write_text(yaml.safe_dump({"name": "one", "nodes": [
+        {"name": "h1", "site": "east", "product": "H100", "gpus": 8}]}))
+    assert main(["plan", "-f", str(f), "--cluster", str(cl), "-o", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert "queueing headroom" in data["headroom"]
+    assert main(["plan", "-f", str(f), "--cluster", str(cl)]) == 0
+    assert "note: the cluster cannot carry" in capsys.readouterr().out

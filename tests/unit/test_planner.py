@@ -512,6 +512,25 @@ def test_class_without_eligible_mode_is_named() -> None:
     assert result.served_rps("SS") >= 5.5  # the servable class is still planned
 
 
+def test_without_partial_an_infeasible_window_has_no_partial_plan() -> None:
+    """core.sizing's probes only ask whether a window fits: no second (slack) solve."""
+    power, rps = freesh_rows(SS_ROW)
+    nodes = (PlanNode("h0", "eu-west", "H100", 4),)
+    problem = make(("SS",), (H4,), nodes, power[:, 3:], rps[:, 3:], [[10.0, 30.0, 20.0]])
+    result = solve(problem, partial=False)
+    assert not result.feasible and result.status == "infeasible"
+    assert result.partial_assignments == () and result.assignments == ()
+    assert result.shortfalls[0].shortfall_rps == pytest.approx(33.0)  # nothing placed
+    fits = make(("SS",), (H4,), nodes, power[:, 3:], rps[:, 3:], [[10.0]])
+    assert solve(fits, partial=False).feasible  # a window that fits is planned as usual
+    power2, rps2 = freesh_rows(0, 3)  # LL cannot run on 4xH100: trivially infeasible
+    trivial = make(("SS", "LL"), (H4,), (PlanNode("h0", "s", "H100", 8),),
+                   power2[:, 3:], rps2[:, 3:], [[5.0], [1.0]])
+    result = solve(trivial, partial=False)
+    assert not result.feasible and result.partial_assignments == ()
+    assert {s.cls for s in result.shortfalls} == {"SS", "LL"}
+
+
 def test_eight_gpu_mode_stays_off_four_gpu_nodes() -> None:
     power, rps = planner.FREESH_POWER_W[[3]], planner.FREESH_CAPACITY_RPS[[3]]  # LL
     rps = rps * np.array([[0, 0, 1, 0]])  # only 8xA100 eligible

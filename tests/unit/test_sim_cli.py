@@ -38,6 +38,9 @@ def test_simulate_small_cluster_writes_table_json_and_plots(small_file, tmp_path
     assert rc == 0
     assert "policy" in text and "joulesched" in text and "energy floor" in text
     assert "arrivals: non-homogeneous Poisson" in text and "chat 6" in text
+    # the planner's forecast and queueing headroom are stated with the run
+    assert "planner: forecast per 300-s step = each class's busiest 60-s rate" in text
+    assert "queueing headroom: P(wait > TTFT SLO - prefill) <= 0.01" in text
     assert "±" in text  # confidence intervals with --repeat 2
     doc = json.loads((out / "tiny-result.json").read_text())
     assert set(doc["policies"]) == {"round-robin", "joulesched", "freesh"}
@@ -74,6 +77,7 @@ def test_parallel_jobs_give_the_same_numbers(small_file, tmp_path, capsys):
         (["--assume", "gamma"], "KEY=NUMBER"),
         (["--assume", "zeta=2"], "unknown assumption"),
         (["--repeat", "0"], "--repeat"),
+        (["--headroom", "1.5"], "--headroom must be in [0, 1]"),
     ],
 )
 def test_bad_arguments_exit_2(argv, words, tmp_path, capsys):

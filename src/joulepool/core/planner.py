@@ -775,14 +775,19 @@ def _fill_patterns(
 # ---------------------------------------------------------------------------- solve
 
 
-def solve(problem: PlanProblem) -> PlanResult:
-    """Plan one window. Never raises for an unservable window: see PlanResult."""
+def solve(problem: PlanProblem, *, partial: bool = True) -> PlanResult:
+    """Plan one window. Never raises for an unservable window: see PlanResult.
+
+    ``partial=False`` skips the second (slack) model when the window is
+    infeasible: the result then says so with no partial plan. For callers
+    that only ask whether a window fits (``core.sizing``'s probes).
+    """
     t0 = time.perf_counter()
     deadline = t0 + problem.time_limit_s
     split: frozenset[_Key] = frozenset()
     while True:
         model = _Model(problem, split)
-        run, from_hard, proven = _optimise(model, deadline, problem.time_limit_s)
+        run, from_hard, proven = _optimise(model, deadline, problem.time_limit_s, partial)
         x = run.x if run.x is not None else np.zeros(model.n_int)
         placed, failed = model.decompose(x)
         if not failed or failed <= split:
@@ -793,11 +798,14 @@ def solve(problem: PlanProblem) -> PlanResult:
     return _result(problem, model, run, placed, from_hard, proven, time.perf_counter() - t0)
 
 
-def _optimise(model: _Model, deadline: float, limit: float) -> tuple[_Solve, bool, bool]:
+def _optimise(
+    model: _Model, deadline: float, limit: float, partial: bool = True
+) -> tuple[_Solve, bool, bool]:
     """Hard demand first; slack model only if that is infeasible or timed out empty.
 
     Returns the run to use, whether it is the hard one, and whether
-    infeasibility was proven.
+    infeasibility was proven. Without ``partial`` an infeasible hard run is
+    returned as it is (no plan), and a trivially infeasible model is not solved.
     """
     trivially_infeasible = bool(((model.demand > 0) & ~model.coverable).any())
     if not trivially_infeasible:
@@ -805,8 +813,12 @@ def _optimise(model: _Model, deadline: float, limit: float) -> tuple[_Solve, boo
         if hard.x is not None and hard.status in (0, 1):
             return hard, True, False
         proven = hard.status == 2
+        if not partial:
+            return _Solve(None, hard.status, hard.gap, hard.message), False, proven
     else:
         proven = True
+        if not partial:
+            return _Solve(None, 2, math.inf, "a class has no mode that can serve it"), False, True
     remaining = max(deadline - time.perf_counter(), min(MIN_SECOND_SOLVE_S, limit))
     soft = model.solve(slack=True, time_limit_s=remaining)
     return soft, False, proven

@@ -12,12 +12,20 @@ The model (all laws labelled in ``LAWS``):
   (memory bound) and prefill by ``(f_max/f)**beta_prefill`` (compute bound);
 * busy power at max clock is interpolated like the step time; the part above
   idle power scales with ``(f/f_max)**gamma``.
+
+What one instance *sustains* for a request class (the planner's L[r, m]) is
+:meth:`ServingProfile.serving_point`: a queueing model of a continuous-batching
+engine with its queueing headroom (:class:`Headroom`), not its saturation
+throughput (:meth:`ServingProfile.throughput_rps`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
@@ -55,7 +63,100 @@ LAWS = {
     "batch": "step time and power interpolated in log2(batch) between calibration points",
     "prefill_power": "prefill (compute bound) draws the power of the largest batch at that clock "
                      "(assumed: no published prefill power)",
+    "serving": "one instance under Poisson arrivals: prefill-first continuous batching; prefill "
+               "is an M/G/1 queue, decode runs in the time prefill leaves and its steps pause "
+               "for every prefill (fluid mean-value model, ServingProfile.serving_point)",
 }
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """How much queueing headroom "sustainable" keeps (see :meth:`ServingProfile.serving_point`).
+
+    An instance loaded to its saturation throughput meets TTFT only when no
+    request ever waits for another's prefill, and TPOT only when no prefill
+    ever pauses its decode steps: at 90 % of saturation most requests miss.
+    The sustainable rate is instead the largest Poisson arrival rate at which
+
+    * ``ttft_miss``: the predicted share of requests whose wait for other
+      prefills pushes TTFT past its SLO stays at or below this (M/G/1 prefill
+      queue, see ``serving_point``);
+    * ``tpot_margin``: the mean effective TPOT, prefill pauses included, stays
+      at or below ``(1 - tpot_margin) x`` the TPOT SLO;
+    * ``prefill_scv``: squared coefficient of variation of prefill time
+      (= of prompt length, prefill being linear in tokens) in that queue.
+    """
+
+    ttft_miss: Figure = field(default_factory=lambda: assumed(
+        0.01, "JouleSched's target deadline-miss rate rho* = 1 %, applied to TTFT per instance"))
+    tpot_margin: Figure = field(default_factory=lambda: assumed(
+        0.1, "FREESH MIAD margin (ARCHITECTURE.md 1.2): TPOT above target x (1 - 0.1) is at risk"))
+    prefill_scv: Figure = field(default_factory=lambda: assumed(
+        1.0, "exponential prompt lengths; the bundled Azure 2023 conversation trace's prompt "
+             "SCV over all requests is 0.92"))
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ttft_miss.value <= 1.0:
+            raise ValueError("ttft_miss must be in (0, 1]")
+        if not 0.0 <= self.tpot_margin.value < 1.0:
+            raise ValueError("tpot_margin must be in [0, 1)")
+        if not self.prefill_scv.value >= 0.0:
+            raise ValueError("prefill_scv must be >= 0")
+
+    @classmethod
+    def none(cls) -> Headroom:
+        """No headroom: the fluid model's SLO limits only (TPOT at its SLO, TTFT unbounded)."""
+        why = "no headroom: the fluid model's limit"
+        return cls(ttft_miss=Figure(1.0, why), tpot_margin=Figure(0.0, why),
+                   prefill_scv=Figure(0.0, why))
+
+    def scaled(self, s: float) -> Headroom:
+        """A share ``s`` in [0, 1] of this headroom: 1 is itself, 0 is none.
+
+        The TTFT miss target moves log-linearly from 1 (no bound) to
+        ``ttft_miss``, the TPOT margin linearly from 0; the SCV is kept.
+        Used to plan with the most headroom a cluster can carry
+        (:func:`joulepool.core.sizing.plan_with_headroom`).
+        """
+        s = min(max(float(s), 0.0), 1.0)
+        if s == 1.0:
+            return self
+        why = f"{s:.0%} of the headroom"
+        return Headroom(
+            ttft_miss=Figure(self.ttft_miss.value ** s, f"{why}; {self.ttft_miss.source}"),
+            tpot_margin=Figure(self.tpot_margin.value * s, f"{why}; {self.tpot_margin.source}"),
+            prefill_scv=self.prefill_scv,
+        )
+
+    def describe(self) -> str:
+        return (f"P(wait > TTFT SLO - prefill) <= {self.ttft_miss.value:.3g} (M/G/1 prefill "
+                f"queue at the mean prompt, prefill SCV "
+                f"{self.prefill_scv.value:g}), mean effective TPOT <= "
+                f"{1 - self.tpot_margin.value:.3g} x SLO")
+
+
+#: the headroom the planner sizes pools with unless told otherwise
+DEFAULT_HEADROOM = Headroom()
+
+
+@dataclass(frozen=True)
+class ServingPoint:
+    """One instance of a mode serving one request class at its sustainable rate."""
+
+    rps: float  # sustainable requests/s (0: not eligible for this class)
+    power_w: float  # time-average board power of the instance at that rate
+    throughput_rps: float  # saturation throughput (``ServingProfile.throughput_rps``)
+    batch: float  # mean decode batch
+    prefill_utilisation: float  # share of time prefilling (rho of the M/G/1 queue)
+    busy: float  # share of time prefilling or decoding
+    tpot_s: float  # mean effective TPOT, prefill pauses included
+    ttft_miss: float  # predicted share whose prefill wait pushes TTFT past the SLO
+    binding: str  # what stops a higher rate: ttft, tpot, batch, prefill; or why not eligible
+
+    @property
+    def utilisation(self) -> float:
+        """The sustainable rate as a share of the saturation throughput."""
+        return self.rps / self.throughput_rps if self.throughput_rps > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +292,83 @@ class ServingProfile:
         ok = self.itl_s(batches, clock_mhz) <= tpot_slo_s
         return int(batches[ok].max()) if ok.any() else 0
 
+    def throughput_rps(
+        self,
+        mean_input_tokens: float,
+        mean_output_tokens: float,
+        tpot_slo_s: float,
+        clock_mhz: float | None = None,
+    ) -> float:
+        """Saturation throughput, requests/s: never idle, decoding at :meth:`best_batch`.
+
+        Each request occupies the engine for its prefill plus its share of a
+        decode batch of the largest size whose step meets TPOT. Queueing and
+        the pauses prefill puts into decoding are ignored: an instance loaded
+        to this rate misses its SLOs (see :meth:`serving_point`). 0 when no
+        batch meets TPOT.
+        """
+        b = self.best_batch(tpot_slo_s, clock_mhz)
+        if b == 0:
+            return 0.0
+        prefill = float(self.prefill_s(mean_input_tokens, clock_mhz))
+        decode_share = mean_output_tokens * float(self.itl_s(b, clock_mhz)) / b
+        return 1.0 / (decode_share + prefill)
+
+    def serving_point(
+        self,
+        mean_input_tokens: float,
+        mean_output_tokens: float,
+        ttft_slo_s: float,
+        tpot_slo_s: float,
+        clock_mhz: float | None = None,
+        headroom: Headroom | None = None,
+    ) -> ServingPoint:
+        """The sustainable rate of one instance for a request class, with queueing headroom.
+
+        Model (``LAWS["serving"]``), for Poisson arrivals at rate lam, prefill
+        time S = ``prefill_s(mean prompt)``, o mean output tokens and step
+        time itl(b) at decode batch b:
+
+        * prefill-first continuous batching (vLLM's default scheduler, and the
+          simulator's engine): prefills are served one at a time, FCFS, as
+          soon as the previous one ends: an M/G/1 queue with utilisation
+          rho = lam * S;
+        * decoding runs in the remaining 1 - rho of the time; in steady state
+          the mean batch b solves  lam * o = (1 - rho) * b / itl(b)  (the
+          engine is never idle); when even b = 1 keeps up, the engine idles
+          part of the time and decodes at b = 1;
+        * every prefill pauses the decode steps of the running batch, so the
+          mean TPOT a request sees is  itl(b) / (1 - rho);
+        * the M/G/1 waiting time W has P(W > 0) = rho and, given a wait, an
+          approximately exponential tail with the Pollaczek-Khinchine mean
+          S (1 + c^2) / (2 (1 - rho))  (exact for M/M/1), so the share of
+          requests whose wait pushes TTFT = W + S past the SLO T is
+          P(W > T - S) ~= rho * exp(-2 (1 - rho) (T - S) / (S (1 + c^2))),
+          c^2 = ``headroom.prefill_scv``. (A request's own prefill is taken at
+          the mean prompt: FREESH's eligibility rule; a class whose mean
+          prefill is close to its TTFT SLO still misses for its longer
+          prompts, which this does not count.)
+
+        The sustainable rate is the largest lam with P(W > T - S) <=
+        ``headroom.ttft_miss``, mean TPOT <= (1 - ``headroom.tpot_margin``) x
+        SLO and the batch slots rarely full: the decoding requests are an
+        M/G/infinity population, Poisson with mean b, so b + z sqrt(b) <=
+        ``max_batch`` with z the normal quantile of 1 - ``headroom.ttft_miss``
+        (a full batch stops admission, and the prefill queue then waits).
+        Every one of them tightens as lam grows, so the rate is found by
+        bisection. Not eligible (rps 0) when prefill alone
+        exceeds TTFT or no batch meets TPOT. Power is the time average:
+        prefill power for rho, decode power at b while decoding, idle power
+        otherwise.
+        """
+        hr = headroom or DEFAULT_HEADROOM
+        key = (self, float(mean_input_tokens), float(mean_output_tokens), float(ttft_slo_s),
+               float(tpot_slo_s), None if clock_mhz is None else float(clock_mhz), hr)
+        try:
+            return _cached_serving_point(key)
+        except TypeError:  # a profile built with unhashable parts: compute without the cache
+            return _serving_point(*key)
+
     def operating_point(
         self,
         mean_input_tokens: float,
@@ -198,21 +376,19 @@ class ServingProfile:
         ttft_slo_s: float,
         tpot_slo_s: float,
         clock_mhz: float | None = None,
+        headroom: Headroom | None = None,
     ) -> tuple[float, float]:
         """(power W, sustainable requests/s) of one instance for a request class.
 
-        Runs at the largest batch that meets TPOT; each request also occupies
-        the engine for its prefill. Returns (power, 0.0) when the mode cannot
-        meet the SLO at all (prefill alone exceeds TTFT, or no batch meets TPOT):
-        the planner reads 0 as "not eligible".
+        The planner's P[r, m] and L[r, m]: :meth:`serving_point`'s rate, with
+        the queueing headroom of ``headroom`` (default :data:`DEFAULT_HEADROOM`),
+        and the instance's mean power at that rate. Returns (power, 0.0) when
+        the mode cannot meet the SLO at all (prefill alone exceeds TTFT, or no
+        batch meets TPOT): the planner reads 0 as "not eligible".
         """
-        b = self.best_batch(tpot_slo_s, clock_mhz)
-        prefill = float(self.prefill_s(mean_input_tokens, clock_mhz))
-        if b == 0 or prefill > ttft_slo_s:
-            return float(self.power_w(1, clock_mhz)), 0.0
-        decode_share = mean_output_tokens * float(self.itl_s(b, clock_mhz)) / b
-        rps = 1.0 / (decode_share + prefill)
-        return float(self.power_w(b, clock_mhz)), rps
+        sp = self.serving_point(mean_input_tokens, mean_output_tokens, ttft_slo_s, tpot_slo_s,
+                                clock_mhz, headroom)
+        return sp.power_w, sp.rps
 
     def with_gpus(
         self, gpus: int, speedup: Figure, max_batch: Figure | None = None
@@ -242,6 +418,127 @@ class ServingProfile:
                 f"derived from {self.key}; {speedup.source}",
             ),
         )
+
+
+def _ttft_rho(eps: float, k: float) -> float:
+    """The rho in (0, 1) with rho * exp(-k (1 - rho)) = eps (k >= 0, 0 < eps < 1).
+
+    The left side rises from 0 to 1 over (0, 1), so the root is unique. Newton on
+    f(rho) = log(rho) + k rho - log(eps) - k, concave and rising, from rho = eps
+    (where f <= 0) climbs to it without overshooting.
+    """
+    target = math.log(eps) + k
+    rho = eps
+    for _ in range(100):
+        step = (target - math.log(rho) - k * rho) / (1.0 / rho + k)
+        rho = min(rho + step, 1.0)
+        if step <= 1e-15 * rho:
+            break
+    return rho
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_table(
+    prof: ServingProfile, clock_mhz: float | None
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """(batches 1..max, their step times, and the engine's reachable (batch, step time)).
+
+    The engine runs the smallest batch that keeps up, so only batches whose
+    throughput is a new record are states it settles in.
+    """
+    batches = np.arange(1.0, float(int(prof.max_batch.value)) + 1.0)
+    itl_all = np.maximum.accumulate(prof.itl_s(batches, clock_mhz))  # searchable
+    tps = batches / itl_all
+    keep = tps >= np.maximum.accumulate(tps)
+    return batches, itl_all, batches[keep], itl_all[keep]
+
+
+def _serving_point(
+    prof: ServingProfile,
+    mean_input_tokens: float,
+    mean_output_tokens: float,
+    ttft_slo_s: float,
+    tpot_slo_s: float,
+    clock_mhz: float | None,
+    hr: Headroom,
+) -> ServingPoint:
+    """:meth:`ServingProfile.serving_point`: each bound on lam in closed form, the least wins.
+
+    Along the engine's busy curve (never idle) lam, rho, TPOT and the mean
+    batch are all functions of the batch b, tabulated at every integer b;
+    each SLO bound is read off that table (or solved for when it binds below
+    b = 1, where the engine idles part of the time).
+    """
+    S = float(prof.prefill_s(mean_input_tokens, clock_mhz))
+    o = max(float(mean_output_tokens), 0.0)
+    batches, itl_all, b_c, itl_c = _decode_table(prof, clock_mhz)
+    meets = int(np.searchsorted(itl_all, tpot_slo_s, side="right"))  # best_batch
+    # == throughput_rps(), from the table already at hand
+    throughput = 0.0 if meets == 0 else 1.0 / (
+        o * float(itl_all[meets - 1]) / float(batches[meets - 1]) + S)
+
+    def not_eligible(why: str) -> ServingPoint:
+        return ServingPoint(0.0, float(prof.power_w(1, clock_mhz)), throughput, 0.0, 0.0, 0.0,
+                            float(itl_all[0]), 1.0, why)
+
+    if ttft_slo_s < S:
+        return not_eligible("prefill alone exceeds TTFT")
+    if throughput == 0.0:
+        return not_eligible("no batch meets TPOT")
+    cap = (1.0 - hr.tpot_margin.value) * tpot_slo_s
+    eps = hr.ttft_miss.value
+    # P(W > T - S) = rho exp(-k (1 - rho)) with k = 2 (T - S) / (S (1 + c^2))
+    k = 2.0 * (ttft_slo_s - S) / (S * (1.0 + hr.prefill_scv.value)) if S > 0.0 else math.inf
+
+    lam_c = 1.0 / (S + o * itl_c / b_c)  # busy curve: rises with b
+    tpot_c = np.maximum.accumulate(itl_c / (1.0 - lam_c * S))
+    itl1, lam1 = float(itl_c[0]), float(lam_c[0])
+
+    bounds: dict[str, float] = {"batch": float(lam_c[-1])}  # decode keeps up at best
+    if S > 0.0:
+        bounds["prefill"] = (1.0 - 1e-9) / S
+        if eps < 1.0:
+            bounds["ttft"] = _ttft_rho(eps, k) / S
+    # decoding requests are an M/G/infinity population, Poisson with mean N (N = b on
+    # the busy curve): P(all batch slots full) <= ttft_miss for N + z sqrt(N) <= max_batch
+    z = NormalDist().inv_cdf(1.0 - eps) if eps < 0.5 else 0.0
+    n_max = ((-z + math.sqrt(z * z + 4.0 * float(batches[-1]))) / 2.0) ** 2
+    if n_max >= 1.0:
+        bounds["batch"] = min(bounds["batch"], float(np.interp(n_max, b_c, lam_c)))
+    else:  # idling engine at b = 1: N = lam o itl(1) / (1 - rho)
+        bounds["batch"] = n_max / (o * itl1 + n_max * S)
+    if float(tpot_c[0]) <= cap:
+        bounds["tpot"] = float(np.interp(cap, tpot_c, lam_c))
+    elif itl1 <= cap and S > 0.0:  # idling engine at b = 1: itl(1) / (1 - lam S) <= cap
+        bounds["tpot"] = (1.0 - itl1 / cap) / S
+    else:
+        return not_eligible("no batch meets TPOT with the headroom")
+    binding = min(bounds, key=lambda name: bounds[name])
+    lam = bounds[binding]
+
+    rho = lam * S
+    if lam <= lam1:  # the engine idles part of the time and decodes at b = 1
+        b, it = 1.0, itl1
+        dec = min(lam * o * itl1, 1.0 - rho)
+    else:
+        b = float(np.interp(lam, lam_c, b_c))
+        it = float(prof.itl_s(b, clock_mhz))
+        dec = 1.0 - rho
+    ttft = rho * math.exp(-k * (1.0 - rho)) if S > 0.0 and rho > 0.0 else 0.0
+    power = (rho * float(prof.prefill_power_w(clock_mhz)) + dec * float(prof.power_w(b, clock_mhz))
+             + max(1.0 - rho - dec, 0.0) * prof.idle_w)
+    return ServingPoint(
+        rps=lam, power_w=power, throughput_rps=throughput, batch=b, prefill_utilisation=rho,
+        busy=min(rho + dec, 1.0), tpot_s=it / (1.0 - rho), ttft_miss=ttft, binding=binding,
+    )
+
+
+@functools.lru_cache(maxsize=16384)
+def _cached_serving_point(
+    key: tuple[ServingProfile, float, float, float, float, float | None, Headroom],
+) -> ServingPoint:
+    """Pools re-planned with unchanged demand ask the same question every window."""
+    return _serving_point(*key)
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="all",
                         help="comma-separated policies: round-robin, least-loaded, joulesched, "
                              "freesh, combined, max-clock, miad-only, planner-only (default: all "
-                             "of these); also joulesched-router, the extender router's rule")
+                             "of these); also joulesched-router, JouleSched through the "
+                             "production request router itself")
     parser.add_argument("--duration", type=float, metavar="SECONDS",
                         help="simulated window in seconds (default: the cluster's, "
                              "600 for joulesched-320, 3600 for freesh-3site)")
@@ -58,6 +59,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default 10, assumed)")
     parser.add_argument("--alpha", type=float, default=1.1,
                         help="planner demand headroom (default FREESH's 1.1)")
+    parser.add_argument("--headroom", type=float, default=1.0, metavar="F",
+                        help="share of core's queueing headroom the planner sizes pools with: "
+                             "1 (default) keeps P(prefill wait > TTFT SLO - prefill) <= 1 %% "
+                             "and mean TPOT <= 90 %% of its SLO; 0 plans to the fluid model's "
+                             "SLO limits (sensitivity)")
     parser.add_argument("--eps-at-clock", action="store_true",
                         help="JouleSched reads eps at each GPU's current clock, not f_max "
                              "(with MIAD the router then chases down-clocked GPUs)")
@@ -106,6 +112,8 @@ def _parse_args(args: argparse.Namespace) -> dict[str, Any]:
         _fail("--bulk-slack must be >= 1")
     if args.alpha < 1:
         _fail("--alpha must be >= 1")
+    if not 0 <= args.headroom <= 1:
+        _fail("--headroom must be in [0, 1]")
     return out
 
 
@@ -160,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         cluster=cluster, trace=trace, duration_s=duration, arrival_mode=mode,  # type: ignore[arg-type]
         arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat, jobs=jobs,
         mix=extra["mix"], predictor_mae=args.predictor_mae, bulk_slack=args.bulk_slack,
-        alpha=args.alpha, params=EngineParams(eps_at_current_clock=args.eps_at_clock),
+        alpha=args.alpha, headroom_scale=args.headroom,
+        params=EngineParams(eps_at_current_clock=args.eps_at_clock),
     )
     out_dir = Path(args.out)
     try:

@@ -3,29 +3,61 @@
 Each window (default 30 min, 6 steps of 5 min) gets a
 :class:`~joulepool.core.planner.PlanProblem`: classes SS/SL/LS/LL, the
 cluster's plan modes and nodes, per (class, mode) the power and sustainable
-rate from :meth:`ServingProfile.operating_point` at the class's mean prompt
-and predicted response and FREESH's SLO, the forecast per 5-min step and the
-sites' carbon. The forecast is the run's own arrival counts per step
-(a perfect forecast: an assumption in the planner's favour, stated in the
-output). A window the planner cannot serve is reported with its binding
-reason and the best partial plan is used.
+rate from :meth:`ServingProfile.operating_point` (core's queueing model with
+its default :class:`~joulepool.core.profiles.Headroom`, the same call
+``joulepool plan`` and the operator make) at the class's mean prompt and
+predicted response and FREESH's SLO, the forecast per 5-min step and the
+sites' carbon.
+
+The forecast of a step is what a per-minute forecaster that provisions for
+the peak would give: the busiest minute of each class inside the step
+(:data:`FORECAST_BIN_S`). With NHPP arrivals (the default) that is the
+busiest minute of the process's own expected rate times the class's share of
+the run, a perfect forecast (an assumption in the planner's favour, stated in
+the output) that leaves the Poisson noise within a minute to the queueing
+headroom; with replayed arrivals it is the busiest minute of the realised
+arrivals. FREESH's alpha = 1.1 stays on top as headroom for forecast error.
+Planning to the step mean instead leaves the busiest minute (about 1.26 x the
+5-min mean on the default run) over capacity. A window the planner cannot
+serve is reported with its binding reason and the best partial plan is used.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from joulepool.core.classes import CLASS_NAMES, freesh_slo
-from joulepool.core.planner import Mode, PlanNode, PlanProblem, solve
+from joulepool.core.planner import Mode, PlanNode, PlanProblem
+from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom, ServingPoint
+from joulepool.core.sizing import SizedPlan, plan_with_headroom
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.workload import Workload
+
+FloatArray = npt.NDArray[np.float64]
 
 PLAN_INTERVAL_S = 1800.0  # FREESH: pools re-planned every 30 min
 PLAN_STEP_S = 300.0  # FREESH: 6 steps of 5 min per window
 PLAN_ALPHA = 1.1  # FREESH headroom
+#: forecast resolution: a step's forecast is the rate of its busiest bin of this length
+#: (assumed: per-minute rates, the finest the bundled trace's shape is given at)
+FORECAST_BIN_S = 60.0
+
+
+def planner_assumptions(alpha: float = PLAN_ALPHA, headroom: Headroom | None = None) -> str:
+    """One line for the run's printed assumptions."""
+    hr = headroom or DEFAULT_HEADROOM
+    return (
+        f"planner: forecast per {PLAN_STEP_S:g}-s step = each class's busiest "
+        f"{FORECAST_BIN_S:g}-s rate in the step (the arrival process's expected rate x the "
+        "class's share; the realised arrivals when a trace is replayed): a perfect peak "
+        f"forecast, in the planner's favour; demand = alpha {alpha:g} x forecast; L[r, m] = "
+        f"core operating_point with queueing headroom: {hr.describe()}"
+    )
 
 
 @dataclass(frozen=True)
@@ -49,21 +81,89 @@ class WindowPlan:
     problems: tuple[str, ...]  # binding reasons / shortfalls when infeasible
     #: mode -> sustainable req/s of one instance per class (the planner's L[r, m])
     capacity_rps: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    #: busiest minute of any class over its step's forecast (the planner sees step means)
-    peak_minute_ratio: float = 1.0
+    #: largest forecast (the step's busiest minute) over its step's mean rate, any class
+    peak_to_mean: float = 1.0
     alpha: float = PLAN_ALPHA
+    #: mode -> per class: core's serving point behind L[r, m] (rate, utilisation, binding)
+    serving: dict[str, tuple[ServingPoint, ...]] = field(default_factory=dict)
+    #: share of the queueing headroom the plan kept (core.sizing: 1 = all of it)
+    headroom_scale: float = 1.0
+    headroom_note: str = ""
 
     def describe(self) -> str:
-        counts: dict[tuple[str, str], int] = {}
+        counts: dict[tuple[int, str], int] = {}
         for pi in self.instances:
-            key = (CLASS_NAMES[pi.cls], pi.mode)
+            key = (pi.cls, pi.mode)
             counts[key] = counts.get(key, 0) + pi.count
-        body = ", ".join(f"{c}: {n} x {m}" for (c, m), n in sorted(counts.items())) or "nothing"
+        parts = []
+        for (c, m), n in sorted(counts.items()):
+            part = f"{CLASS_NAMES[c]}: {n} x {m}"
+            sp = self.serving.get(m)
+            if sp is not None and c < len(sp):
+                part += (f" ({sp[c].rps:.2f} req/s each, {sp[c].utilisation:.0%} of throughput, "
+                         f"{sp[c].binding}-bound)")
+            parts.append(part)
+        body = ", ".join(parts) or "nothing"
         head = f"plan @{self.start_s:.0f}s ({self.status}, {self.solve_time_s * 1e3:.0f} ms): "
         tail = "" if self.feasible else "; NOT FEASIBLE: " + "; ".join(self.problems)
-        burst = (f"; busiest minute {self.peak_minute_ratio:.2f} x its step's forecast "
-                 f"(headroom alpha {self.alpha:g})")
+        if self.headroom_note:
+            tail = f"; {self.headroom_note}{tail}"
+        burst = (f"; forecast = busiest minute, up to {self.peak_to_mean:.2f} x its step's mean; "
+                 f"alpha {self.alpha:g}")
         return head + body + burst + tail
+
+
+def _step_edges(start_s: float, end_s: float, step_s: float, steps: int) -> list[FloatArray]:
+    """Per step, edges of its forecast bins: FORECAST_BIN_S long, a short tail merged back."""
+    out = []
+    for k in range(steps):
+        lo = start_s + k * step_s
+        hi = min(lo + step_s, end_s) if k < steps - 1 else end_s
+        hi = max(hi, lo + 1e-9)
+        edges = [float(x) for x in np.arange(lo, hi, FORECAST_BIN_S)]
+        edges.append(hi)
+        if len(edges) > 2 and edges[-1] - edges[-2] < FORECAST_BIN_S / 2:
+            del edges[-2]  # a bin under half a minute would make a noisy rate
+        out.append(np.asarray(edges, dtype=np.float64))
+    return out
+
+
+def step_forecast(
+    workload: Workload, start_s: float, end_s: float, step_s: float, steps: int
+) -> tuple[FloatArray, FloatArray]:
+    """(forecast, mean) req/s per class and step: the step's busiest minute, and its mean.
+
+    With NHPP arrivals the forecaster knows the expected rate of every minute
+    (``workload.minute_rate_rps``) and each class's share of the run: the
+    forecast is the busiest minute of that rate, free of the Poisson noise
+    the queueing headroom already covers. With replayed arrivals only the
+    realised ones are known: the busiest minute of the realised counts.
+    """
+    R = len(CLASS_NAMES)
+    peak = np.zeros((R, steps))
+    mean = np.zeros((R, steps))
+    t = workload.arrival_s
+    intensity = workload.minute_rate_rps
+    if intensity is not None:
+        share = np.bincount(workload.cls, minlength=R)[:R] / max(workload.requests, 1)
+    for k, edges in enumerate(_step_edges(start_s, end_s, step_s, steps)):
+        lo, hi = float(edges[0]), float(edges[-1])
+        if intensity is not None and intensity.size:
+            first = min(int(lo // 60.0), intensity.size - 1)
+            last = min(max(math.ceil(hi / 60.0 - 1e-9), first + 1), intensity.size)
+            mins = np.arange(first, last)
+            overlap = np.minimum(hi, 60.0 * (mins + 1)) - np.maximum(lo, 60.0 * mins)
+            rates = intensity[mins]
+            total_mean = float(np.sum(rates * np.maximum(overlap, 0.0)) / max(hi - lo, 1e-9))
+            peak[:, k] = share * float(rates.max())
+            mean[:, k] = share * total_mean
+            continue
+        sel = (t >= lo) & (t < hi)
+        for r in range(R):
+            counts, _ = np.histogram(t[sel & (workload.cls == r)], bins=edges)
+            peak[r, k] = float((counts / np.diff(edges)).max())
+            mean[r, k] = float(counts.sum()) / (hi - lo)
+    return peak, mean
 
 
 def plan_problem(
@@ -74,7 +174,24 @@ def plan_problem(
     step_s: float = PLAN_STEP_S,
     alpha: float = PLAN_ALPHA,
     time_limit_s: float = 10.0,
+    headroom: Headroom | None = None,
 ) -> PlanProblem:
+    """The window's MILP; its forecast is each step's busiest minute (module docstring)."""
+    problem, _, _ = _plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
+                                  time_limit_s, headroom)
+    return problem
+
+
+def _plan_problem(
+    cluster: SimCluster,
+    workload: Workload,
+    start_s: float,
+    interval_s: float,
+    step_s: float,
+    alpha: float,
+    time_limit_s: float,
+    headroom: Headroom | None,
+) -> tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]:
     end = min(start_s + interval_s, workload.duration_s)
     steps = max(1, math.ceil((end - start_s) / step_s - 1e-9))
     modes = tuple(
@@ -86,27 +203,26 @@ def plan_problem(
     R, M = len(CLASS_NAMES), len(modes)
     power = np.zeros((R, M))
     cap = np.zeros((R, M))
-    for r, name in enumerate(CLASS_NAMES):
-        slo = freesh_slo(name)
-        for m, mode in enumerate(modes):
-            prof = cluster.mode_profile(mode.name)
-            assert prof is not None
-            if mean_out[r] <= 0:
-                power[r, m], cap[r, m] = float(prof.power_w(1)), 0.0
-                continue
-            power[r, m], cap[r, m] = prof.operating_point(
-                float(mean_in[r]), float(mean_out[r]), slo.ttft_s, slo.tpot_s
-            )
-    t = workload.arrival_s
-    sel = (t >= start_s) & (t < start_s + steps * step_s)
-    step_idx = np.minimum(((t[sel] - start_s) // step_s).astype(np.int64), steps - 1)
-    counts = np.zeros((R, steps))
-    np.add.at(counts, (workload.cls[sel], step_idx), 1.0)
-    # the last step may be cut short by the end of the run
-    lengths = np.minimum(step_s, np.maximum(end - (start_s + step_s * np.arange(steps)), 1e-9))
-    forecast = counts / lengths[None, :]
+    serving: dict[str, tuple[ServingPoint, ...]] = {}
+    for m, mode in enumerate(modes):
+        prof = cluster.mode_profile(mode.name)
+        assert prof is not None
+        points = []
+        for r, name in enumerate(CLASS_NAMES):
+            slo = freesh_slo(name)
+            if mean_out[r] <= 0:  # nobody in the class: nothing to serve
+                sp = ServingPoint(0.0, float(prof.power_w(1)), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0,
+                                  "no requests in the class")
+            else:
+                sp = prof.serving_point(float(mean_in[r]), float(mean_out[r]), slo.ttft_s,
+                                        slo.tpot_s, headroom=headroom)
+            points.append(sp)
+            power[r, m], cap[r, m] = sp.power_w, sp.rps
+        serving[mode.name] = tuple(points)
+    forecast, mean = step_forecast(workload, start_s, end, step_s, steps)
+    ratio = np.divide(forecast, mean, out=np.ones_like(forecast), where=mean > 0)
     carbon = {s: cluster.carbon_window(s, start_s, steps, step_s) for s in cluster.sites}
-    return PlanProblem(
+    problem = PlanProblem(
         classes=CLASS_NAMES,
         modes=modes,
         nodes=tuple(PlanNode(n.name, n.site, n.product, n.gpus) for n in cluster.nodes),
@@ -119,24 +235,29 @@ def plan_problem(
         carbon_g_per_kwh=carbon,
         time_limit_s=time_limit_s,
     )
+    return problem, serving, float(ratio.max()) if ratio.size else 1.0
 
 
-def peak_minute_ratio(problem: PlanProblem, workload: Workload, start_s: float) -> float:
-    """Largest (class, minute) arrival rate over the forecast of the step holding it."""
-    steps = problem.steps
-    step_s = problem.step_s
-    t = workload.arrival_s
-    sel = (t >= start_s) & (t < start_s + steps * step_s)
-    minute = ((t[sel] - start_s) // 60.0).astype(np.int64)
-    n_min = math.ceil(steps * step_s / 60.0)
-    counts = np.zeros((len(CLASS_NAMES), n_min))
-    np.add.at(counts, (workload.cls[sel], minute), 1.0)
-    lengths = np.clip(workload.duration_s - (start_s + 60.0 * np.arange(n_min)), 0.0, 60.0)
-    rates = np.divide(counts, lengths, out=np.zeros_like(counts), where=lengths > 0)
-    step_of = np.minimum((60.0 * np.arange(n_min)) // step_s, steps - 1).astype(np.int64)
-    fc = problem.forecast_rps[:, step_of]
-    ratio = np.divide(rates, fc, out=np.zeros_like(rates), where=fc > 0)
-    return float(ratio.max()) if ratio.size else 1.0
+def _sized_window(
+    cluster: SimCluster,
+    workload: Workload,
+    start_s: float,
+    interval_s: float,
+    step_s: float,
+    alpha: float,
+    headroom: Headroom | None,
+) -> tuple[SizedPlan, dict[str, tuple[ServingPoint, ...]], float]:
+    """Core's sizing (the most queueing headroom that fits) on this window's problem."""
+    built: list[tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]] = []
+
+    def build(hr: Headroom) -> PlanProblem:
+        built.append(_plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
+                                   10.0, hr))
+        return built[-1][0]
+
+    sized = plan_with_headroom(build, headroom)
+    serving, peak_to_mean = next((sv, pk) for pb, sv, pk in built if pb is sized.problem)
+    return sized, serving, peak_to_mean
 
 
 def plan_windows(
@@ -145,13 +266,17 @@ def plan_windows(
     interval_s: float = PLAN_INTERVAL_S,
     step_s: float = PLAN_STEP_S,
     alpha: float = PLAN_ALPHA,
+    headroom: Headroom | None = None,
 ) -> list[WindowPlan]:
     """One plan per window that starts inside the run."""
     plans: list[WindowPlan] = []
     start = 0.0
     while start < workload.duration_s:
-        problem = plan_problem(cluster, workload, start, interval_s, step_s, alpha)
-        res = solve(problem)
+        t0 = time.perf_counter()
+        sized, serving, peak_to_mean = _sized_window(cluster, workload, start, interval_s,
+                                                     step_s, alpha, headroom)
+        sizing_s = time.perf_counter() - t0
+        problem, res = sized.problem, sized.result
         chosen = res.plan
         problems = [f"{s.cls}: short {s.shortfall_rps:.2f} of {s.demand_rps:.2f} req/s "
                     f"({s.reason})" for s in res.shortfalls] + list(res.binding)
@@ -166,15 +291,18 @@ def plan_windows(
                 status=res.status,
                 objective=res.objective,
                 unit=res.unit,
-                solve_time_s=res.solve_time_s,
+                solve_time_s=sizing_s if sized.solves > 1 else res.solve_time_s,
                 forecast_peak_rps=tuple(float(v) for v in problem.forecast_rps.max(axis=1)),
                 problems=tuple(problems),
                 capacity_rps={
                     m.name: tuple(float(v) for v in problem.capacity_rps[:, j])
                     for j, m in enumerate(problem.modes)
                 },
-                peak_minute_ratio=peak_minute_ratio(problem, workload, start),
+                peak_to_mean=peak_to_mean,
                 alpha=alpha,
+                serving=serving,
+                headroom_scale=sized.scale,
+                headroom_note=sized.note(),
             )
         )
         start += interval_s

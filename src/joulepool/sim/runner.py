@@ -8,7 +8,6 @@ depend only on the workload and are computed once per repeat.
 
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -19,10 +18,10 @@ from typing import Literal
 
 from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
 from joulepool.core.classes import CLASS_NAMES, freesh_slo
-from joulepool.core.profiles import ServingProfile, assumed
+from joulepool.core.profiles import DEFAULT_HEADROOM, ServingProfile, assumed
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.engine import EngineParams, RunResult, simulate, static_deployment
-from joulepool.sim.planning import PLAN_ALPHA, WindowPlan, plan_windows
+from joulepool.sim.planning import PLAN_ALPHA, WindowPlan, plan_windows, planner_assumptions
 from joulepool.sim.policies import POLICIES
 from joulepool.sim.tables import ProfileTable, build_table
 from joulepool.sim.trace import Trace
@@ -58,6 +57,8 @@ class Experiment:
     predictor_mae: float = DEFAULT_PREDICTOR_MAE
     bulk_slack: float = DEFAULT_BULK_SLACK
     alpha: float = PLAN_ALPHA
+    #: share of core's default queueing headroom the planner sizes pools with (1 = all)
+    headroom_scale: float = 1.0
     params: EngineParams = field(default_factory=EngineParams)
 
 
@@ -140,8 +141,9 @@ def static_capacity(cluster: SimCluster, mean_in: float, mean_out: float,
     instances: dict[str, int] = {}
     for _, mode, count in static_deployment(cluster, tables):
         prof = tables[mode].profile
-        # throughput capacity: TPOT-limited batch, prefill included, TTFT not binding
-        per_mode[mode] = prof.operating_point(mean_in, mean_out, math.inf, TPOT_TARGET_S)[1]
+        # saturation throughput (TPOT-limited batch, prefill included, no queueing
+        # headroom): sizes the offered load and weighs least-loaded routing
+        per_mode[mode] = prof.throughput_rps(mean_in, mean_out, TPOT_TARGET_S)
         instances[mode] = instances.get(mode, 0) + count
     if not instances:
         return Capacity({}, {}, 0.0, 0.0)
@@ -244,10 +246,14 @@ def run_experiment(
             exp.trace, exp.duration_s, mode=mode, value=value, seed=seed, mix=exp.mix,
             predictor_mae=exp.predictor_mae, bulk_slack=exp.bulk_slack,
         )
-        plans = plan_windows(exp.cluster, wl, alpha=exp.alpha) if need_plans else []
+        headroom = DEFAULT_HEADROOM.scaled(exp.headroom_scale)
+        plans = plan_windows(exp.cluster, wl, alpha=exp.alpha,
+                             headroom=headroom) if need_plans else []
         repeats.append(RepeatData(seed, wl, plans, floor_for(exp.cluster, wl)))
         if r == 0:
             description += list(wl.description)
+            if need_plans:
+                description.append(planner_assumptions(exp.alpha, headroom))
     tasks = [(p, r) for r in range(exp.repeat) for p in exp.policies]
     total = exp.duration_s * len(tasks)
     done = 0.0

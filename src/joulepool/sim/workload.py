@@ -59,6 +59,9 @@ class Workload:
     duration_s: float
     scale: float  # arrival rate / trace rate
     description: tuple[str, ...] = field(default=())
+    #: expected arrivals/s in each minute of the run (the NHPP's rate, minute k from 60 k s);
+    #: None when arrivals replay a trace: then only the realised arrivals are known
+    minute_rate_rps: FloatArray | None = None
 
     @property
     def requests(self) -> int:
@@ -99,16 +102,20 @@ def predictor_sigma(mae: float) -> float:
     return float(optimize.brentq(err, 1e-9, 10.0))
 
 
+def minute_intensity(trace: Trace, duration_s: float, scale: float) -> FloatArray:
+    """The NHPP's rate in each minute of a run: ``scale * trace_rate[k mod M]``, req/s."""
+    shape = trace.minute_rates_rps()
+    n_min = math.ceil(duration_s / 60.0)
+    return np.asarray(scale * shape[np.arange(n_min) % shape.size], dtype=np.float64)
+
+
 def _nhpp_arrivals(
     trace: Trace, duration_s: float, scale: float, rng: np.random.Generator
 ) -> FloatArray:
     """Piecewise-constant NHPP: minute k has rate ``scale * trace_rate[k mod M]``."""
-    shape = trace.minute_rates_rps()
-    m = shape.size
-    n_min = math.ceil(duration_s / 60.0)
-    starts = 60.0 * np.arange(n_min)
+    rates = minute_intensity(trace, duration_s, scale)
+    starts = 60.0 * np.arange(rates.size)
     lengths = np.minimum(60.0, duration_s - starts)
-    rates = scale * shape[np.arange(n_min) % m]
     counts = rng.poisson(rates * lengths)
     t = np.repeat(starts, counts) + rng.random(int(counts.sum())) * np.repeat(lengths, counts)
     t.sort(kind="stable")
@@ -247,4 +254,5 @@ def build_workload(
         duration_s=float(duration_s),
         scale=float(scale),
         description=tuple(desc),
+        minute_rate_rps=None if mode == "replay" else minute_intensity(trace, duration_s, scale),
     )
