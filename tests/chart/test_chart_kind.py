@@ -129,9 +129,9 @@ def up_sh_matches(lines: list[str]) -> bool:
 def test_readme_quick_start_is_what_up_sh_does() -> None:
     """The README shows `kind/up.sh` and, in order, exactly the commands it runs."""
     readme = ROOT / "README.md"
-    lines = readme_quick_start(readme.read_text() if readme.exists() else "")
-    if lines is None:
-        pytest.skip("README.md has no 'Try it on kind' section yet")
+    assert readme.exists(), "README.md is missing"
+    lines = readme_quick_start(readme.read_text())
+    assert lines is not None, "README.md lost its 'Try it on kind' section"
     assert up_sh_matches(lines), "README's kind quick start differs from `kind/up.sh --dry-run`"
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter, defaultdict
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from sim_helpers import cluster, workload
@@ -16,6 +20,7 @@ from joulepool.sim.trace import load_trace
 from joulepool.sim.workload import build_workload
 
 RR, LL, JS = POLICIES["round-robin"], POLICIES["least-loaded"], POLICIES["joulesched"]
+RECORD = EngineParams(record_power=True)
 
 
 def _run(cl, wl, policy, plans=None, **kw):
@@ -86,6 +91,86 @@ def test_table_prefill_is_core_prefill():
                 float(tab.profile.prefill_s(tokens, tab.clocks[ci])), rel=1e-12)
 
 
+# ------------------------------------------------------------------ independent ledger
+# The engine integrates each instance's draw as it settles and adds idle power for free
+# GPUs when they change hands; its per-GPU, per-site and carbon totals all come from that
+# one ledger. The checks below recompute every GPU's energy another way: from the engine's
+# log of power settings and GPU hand-overs alone, with idle power taken from the cluster,
+# each GPU's draw rebuilt as a step function and integrated over any interval.
+def _gpu_power_steps(r, cl):
+    """Per GPU: [(t, W)], W drawn from t until the next entry (later entries win ties)."""
+    assert r.power_log is not None and r.holder_log is not None, "run with record_power"
+    draws = defaultdict(list)
+    for t, k, w in r.power_log:
+        draws[k].append((t, w))
+    share = Counter(k for _, _, k in r.holder_log if k >= 0)  # each instance activates once
+    hands = defaultdict(list)
+    for t, g, k in r.holder_log:
+        hands[g].append((t, k))
+    steps = []
+    for g, product in enumerate(r.gpu_product):
+        idle = cl.idle_w(product)
+        pts = [(0.0, idle)]
+        for j, (t, k) in enumerate(hands[g]):
+            if k < 0:
+                pts.append((t, idle))
+                continue
+            end = hands[g][j + 1][0] if j + 1 < len(hands[g]) else math.inf
+            pts += [(ts, w / share[k]) for ts, w in draws[k] if t <= ts < end]
+        assert all(a[0] <= b[0] for a, b in pairwise(pts))
+        steps.append(pts)
+    return steps
+
+
+def _integrate(pts, lo, hi):
+    total = 0.0
+    for (t0, w), (t1, _) in zip(pts, [*pts[1:], (math.inf, 0.0)], strict=True):
+        a, b = max(t0, lo), min(t1, hi)
+        if b > a:
+            total += w * (b - a)
+    return total
+
+
+def _never_held(r):
+    held = {g for _, g, k in r.holder_log if k >= 0}
+    return [g for g in range(len(r.gpu_product)) if g not in held]
+
+
+def _peak_w_per_gpu(tab):
+    return max(max(max(row) for row in tab.power_w), *tab.prefill_power_w) / tab.gpus
+
+
+def assert_energy_ledger(r, cl, tables):
+    T = r.duration_s
+    steps = _gpu_power_steps(r, cl)
+    per_gpu = np.array([_integrate(p, 0.0, T) for p in steps])
+    # 1. every GPU's energy, recomputed, is what the engine reports
+    assert r.gpu_energy_j == pytest.approx(per_gpu, rel=1e-9, abs=1e-6)
+    # 2. per site and carbon step, recomputed on the step boundaries
+    edges = [k * cl.carbon_step_s for k in range(math.ceil(T / cl.carbon_step_s))] + [T]
+    carbon = 0.0
+    for site in cl.sites:
+        ids = [g for g, s in enumerate(r.gpu_site) if s == site]
+        buckets = [sum(_integrate(steps[g], a, b) for g in ids)
+                   for a, b in pairwise(edges)]
+        assert r.site_energy_j[site] == pytest.approx(buckets, rel=1e-9, abs=1e-6)
+        carbon += sum(e * cl.carbon_at(site, a) / 3.6e6
+                      for e, a in zip(buckets, edges, strict=False))
+    assert r.carbon_g == pytest.approx(carbon, rel=1e-9)
+    # 3. bounds: idle power x T <= each GPU <= its hungriest profiled draw x T
+    for g, product in enumerate(r.gpu_product):
+        peak = max([_peak_w_per_gpu(tab) for tab in tables.values()
+                    if tab.profile.product.name == product] + [cl.idle_w(product)])
+        assert cl.idle_w(product) * T - 1e-6 <= r.gpu_energy_j[g] <= peak * T + 1e-6
+    # 4. GPUs that never held an instance drew exactly idle power for the whole window
+    idle_ids = _never_held(r)
+    idle_sum = sum(cl.idle_w(r.gpu_product[g]) for g in idle_ids) * T
+    assert r.gpu_energy_j[idle_ids].sum() == pytest.approx(idle_sum, rel=1e-12)
+    # 5. and the total is the sum of the per-GPU energies computed the other way
+    assert r.energy_j == pytest.approx(per_gpu.sum(), rel=1e-9)
+    return idle_ids
+
+
 # ------------------------------------------------------------------ invariants
 @pytest.fixture(scope="module")
 def small_run():
@@ -101,12 +186,10 @@ def small_run():
 @pytest.mark.parametrize("policy", ["round-robin", "joulesched", "miad-only"])
 def test_energy_conservation_and_littles_law(small_run, policy):
     cl, wl, tables, cap = small_run
-    r = simulate(cl, wl, POLICIES[policy], tables, static_capacity_rps=cap.per_mode_rps)
-    # sum over GPUs == sum over sites and carbon steps (two separate ledgers)
-    assert r.energy_j == pytest.approx(sum(v.sum() for v in r.site_energy_j.values()), rel=1e-9)
-    # every GPU draws at least idle power, none more than its TDP-ish busy power
-    idle = np.array([cl.idle_w(p) for p in r.gpu_product]) * wl.duration_s
-    assert np.all(r.gpu_energy_j >= idle - 1e-6)
+    r = simulate(cl, wl, POLICIES[policy], tables, params=RECORD,
+                 static_capacity_rps=cap.per_mode_rps)
+    # per GPU, per site and step, carbon: recomputed from the power log (see above)
+    assert_energy_ledger(r, cl, tables)
     # the engine's own count of requests in the system, integrated over the window,
     # agrees with the arrival and completion times it recorded ...
     sojourn = r.t_done - wl.arrival_s
@@ -123,12 +206,34 @@ def test_unused_gpus_draw_exactly_idle_power():
     # freesh-3site has 2 H100 at site-2 that no 70B mode fits: they idle all run long
     cl = freesh_3site()
     wl = build_workload(load_trace(), 120.0, mode="rate", value=2.0, seed=1)
-    r = _run(cl, wl, RR)
+    r = _run(cl, wl, RR, params=RECORD)
     idle_ids = [g for g, (s, p) in enumerate(zip(r.gpu_site, r.gpu_product, strict=True))
                 if s == "site-2" and p == "H100"]
     assert len(idle_ids) == 2
     assert r.gpu_energy_j[idle_ids] == pytest.approx([75.0 * 120.0] * 2, rel=1e-12)
-    assert r.energy_j == pytest.approx(sum(v.sum() for v in r.site_energy_j.values()), rel=1e-9)
+    assert assert_energy_ledger(r, cl, model_tables(cl)) == idle_ids
+
+
+def test_planner_policies_pass_the_ledger_with_idle_gpus(small_run):
+    # the planner leaves GPUs unheld (idle power only) and hands GPUs over at replans
+    cl, _, tables, cap = small_run
+    wl = build_workload(load_trace(), 180.0, mode="rate", value=15.0, seed=2)
+    plans = plan_windows(cl, wl, interval_s=60.0)
+    for name in ("freesh", "combined", "planner-only"):
+        r = simulate(cl, wl, POLICIES[name], tables, plans, params=RECORD,
+                     static_capacity_rps=cap.per_mode_rps)
+        idle_ids = assert_energy_ledger(r, cl, tables)
+        assert idle_ids, name  # the idle-only check above was not vacuous
+
+
+def test_recording_power_changes_nothing(small_run):
+    cl, wl, tables, cap = small_run
+    a = simulate(cl, wl, JS, tables, static_capacity_rps=cap.per_mode_rps)
+    b = simulate(cl, wl, JS, tables, params=RECORD, static_capacity_rps=cap.per_mode_rps)
+    assert a.power_log is None and a.holder_log is None
+    assert np.array_equal(a.t_done, b.t_done, equal_nan=True)
+    assert np.array_equal(a.gpu_energy_j, b.gpu_energy_j)
+    assert a.carbon_g == b.carbon_g
 
 
 def test_deterministic_for_a_seed(small_run):
@@ -189,12 +294,13 @@ def test_planner_policy_uses_only_planned_gpus_and_replans(small_run):
     wl = build_workload(load_trace(), 180.0, mode="rate", value=15.0, seed=2)
     plans = plan_windows(cl, wl, interval_s=60.0)
     assert len(plans) == 3
-    r = simulate(cl, wl, POLICIES["freesh"], tables, plans, static_capacity_rps=cap.per_mode_rps)
+    r = simulate(cl, wl, POLICIES["freesh"], tables, plans, params=RECORD,
+                 static_capacity_rps=cap.per_mode_rps)
     planned_gpus = sum(p.count for p in plans[0].instances)  # 1-GPU modes
     assert sum(1 for n in r.notes if n.startswith("plan @")) == 3
     assert f"{10 - planned_gpus} of 10 GPUs hold no instance" in " ".join(r.notes)
     assert not np.isnan(r.t_done).any()
-    assert r.energy_j == pytest.approx(sum(v.sum() for v in r.site_energy_j.values()), rel=1e-9)
+    assert_energy_ledger(r, cl, tables)
 
 
 def test_replan_with_multi_gpu_modes_drains_and_conserves_energy():
@@ -205,13 +311,48 @@ def test_replan_with_multi_gpu_modes_drains_and_conserves_energy():
     tables = model_tables(cl)
     wl = build_workload(load_trace(), 180.0, mode="rate", value=1.5, seed=4)
     plans = plan_windows(cl, wl, interval_s=60.0)
-    r = simulate(cl, wl, POLICIES["combined"], tables, plans)
-    assert r.energy_j == pytest.approx(sum(v.sum() for v in r.site_energy_j.values()), rel=1e-9)
+    r = simulate(cl, wl, POLICIES["combined"], tables, plans, params=RECORD)
+    assert_energy_ledger(r, cl, tables)
+    assert max(Counter(k for _, _, k in r.holder_log if k >= 0).values()) > 1  # multi-GPU
     # carbon follows the site series step by step
     s2 = r.site_energy_j["s2"]
     expected = sum(e * (100.0 if k % 2 == 0 else 500.0) for k, e in enumerate(s2)) / 3.6e6
     expected += r.site_energy_j["s1"].sum() * 300.0 / 3.6e6
     assert r.carbon_g == pytest.approx(expected, rel=1e-9)
+
+
+def test_ledger_across_drains_and_pending_instances():
+    """Hand-made plans that force hand-overs: 4 x 2xA100, then 1 x 8xA100 (pending until
+    all four drain) with the H100 node joining, then 2 x 4xA100 and the H100s idle again."""
+    from joulepool.sim.planning import PlannedInstances, WindowPlan
+
+    nodes = (SimNode("a0", "s1", "A100", 8), SimNode("h0", "s2", "H100", 4))
+    cl = SimCluster("t", "llama-3.1-70b", nodes, {"s1": (300.0,), "s2": (100.0, 500.0)}, 45.0,
+                    {"A100": 4, "H100": 4}, ("2xA100", "4xA100", "8xA100", "4xH100"), "carbon",
+                    180.0)
+    tables = model_tables(cl)
+    wl = build_workload(load_trace(), 180.0, mode="rate", value=2.0, seed=4)
+
+    def plan(t, *inst):
+        return WindowPlan(t, tuple(PlannedInstances(*x) for x in inst), True, "hand", 0.0, "J",
+                          0.0, (0.0,) * 4, ())
+
+    plans = [
+        plan(0.0, ("a0", "2xA100", 0, 1), ("a0", "2xA100", 1, 1), ("a0", "2xA100", 2, 1),
+             ("a0", "2xA100", 3, 1)),
+        plan(60.0, ("a0", "8xA100", 0, 1), ("h0", "4xH100", 2, 1)),
+        plan(120.0, ("a0", "4xA100", 0, 1), ("a0", "4xA100", 2, 1)),
+    ]
+    r = simulate(cl, wl, POLICIES["planner-only"], tables, plans, params=RECORD)
+    assert_energy_ledger(r, cl, tables)
+    log = r.holder_log
+    released = [t for t, _, k in log if k < 0]
+    assert min(released) == 60.0 and max(released) > 60.0  # idle ones at once, busy drain
+    eight = {k for _, _, k in log if k >= 0 and Counter(kk for _, _, kk in log)[k] == 8}
+    assert eight  # the 8xA100 instance started, once its GPUs were free
+    started = min(t for t, _, k in log if k in eight)
+    assert 60.0 < started < 120.0
+    assert any(t > 120.0 for t, _, k in log if k < 0)  # and it drained at 120 s in turn
 
 
 def test_eps_at_current_clock_option_changes_routing(small_run):

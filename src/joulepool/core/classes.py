@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import overload
 
 import numpy as np
 import numpy.typing as npt
@@ -65,11 +66,52 @@ class SLO:
         if self.deadline_s is not None and self.deadline_s <= 0:
             raise ValueError("deadline must be positive")
 
-    def deadline_for(self, output_tokens: float, slack_factor: float = 1.0) -> float:
-        """End-to-end deadline: explicit, or k * (TTFT + tokens * TPOT)."""
+    @overload
+    def deadline_for(self, output_tokens: float, slack_factor: float = 1.0) -> float: ...
+    @overload
+    def deadline_for(
+        self, output_tokens: npt.NDArray[np.float64] | npt.NDArray[np.int64],
+        slack_factor: float = 1.0,
+    ) -> float | npt.NDArray[np.float64]: ...
+    def deadline_for(
+        self, output_tokens: float | npt.NDArray[np.float64] | npt.NDArray[np.int64],
+        slack_factor: float = 1.0,
+    ) -> float | npt.NDArray[np.float64]:
+        """End-to-end deadline: explicit, or :func:`default_deadline` of this SLO."""
         if self.deadline_s is not None:
             return self.deadline_s
-        return slack_factor * (self.ttft_s + output_tokens * self.tpot_s)
+        return default_deadline(output_tokens, self.ttft_s, self.tpot_s, slack_factor)
+
+
+@overload
+def default_deadline(
+    output_tokens: float, ttft_s: float, tpot_s: float, slack_factor: float = 1.0
+) -> float: ...
+@overload
+def default_deadline(
+    output_tokens: npt.NDArray[np.float64] | npt.NDArray[np.int64],
+    ttft_s: float | npt.NDArray[np.float64],
+    tpot_s: float | npt.NDArray[np.float64],
+    slack_factor: float = 1.0,
+) -> npt.NDArray[np.float64]: ...
+def default_deadline(
+    output_tokens: float | npt.NDArray[np.float64] | npt.NDArray[np.int64],
+    ttft_s: float | npt.NDArray[np.float64],
+    tpot_s: float | npt.NDArray[np.float64],
+    slack_factor: float = 1.0,
+) -> float | npt.NDArray[np.float64]:
+    """FREESH's end-to-end deadline when none is given: k * (TTFT + tokens * TPOT).
+
+    The one place this formula lives: scalars (the extender's router) give a float,
+    arrays (the simulator's workloads, elementwise) an array. Negative token counts
+    count as 0.
+    """
+    if isinstance(output_tokens, np.ndarray) or isinstance(ttft_s, np.ndarray) or isinstance(
+        tpot_s, np.ndarray
+    ):
+        tokens = np.maximum(np.asarray(output_tokens, dtype=np.float64), 0.0)
+        return np.asarray(slack_factor * (ttft_s + tokens * tpot_s), dtype=np.float64)
+    return slack_factor * (float(ttft_s) + max(float(output_tokens), 0.0) * float(tpot_s))
 
 
 def freesh_slo(class_name: str) -> SLO:

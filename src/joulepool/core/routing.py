@@ -64,6 +64,9 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
+# default_deadline lives in core.classes (next to SLO.deadline_for); re-exported here
+# for the extender's router and older callers
+from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import CostBreakdown, joulesched_cost
 from joulepool.core.profiles import ServingProfile
 
@@ -133,13 +136,6 @@ def score_endpoints(
     if input_tokens > 0:
         q = q + input_tokens * np.asarray(weight, dtype=np.float64)
     return joulesched_cost(eps_j_per_token, q, throughput_tps, tokens, deadline_s, lam)
-
-
-def default_deadline(
-    output_tokens: float, ttft_s: float, tpot_s: float, slack_factor: float = 1.0
-) -> float:
-    """FREESH's end-to-end deadline when none is given: k * (TTFT + tokens * TPOT)."""
-    return slack_factor * (ttft_s + max(float(output_tokens), 0.0) * tpot_s)
 
 
 def request_tokens(

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.classes import Tier
+from joulepool.core.classes import Tier, default_deadline
 from joulepool.core.controllers import MIADController, PIController, SLOSignal
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import LLFQueue, llf_deadline
@@ -83,6 +83,8 @@ class EngineParams:
     #: evaluate JouleSched's eps at each GPU's current clock instead of f_max: with MIAD
     #: the router then prefers the GPUs MIAD slowed down (a finding; off by default)
     eps_at_current_clock: bool = False
+    #: keep RunResult.power_log and holder_log (for tests: an independent energy ledger)
+    record_power: bool = False
 
 
 @dataclass
@@ -114,6 +116,11 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     events: int = 0
+    #: with EngineParams.record_power: (t, instance, W) each time an instance's draw is
+    #: set (its GPUs share it equally), and (t, GPU, instance or -1 for none) each time a
+    #: GPU changes hands; a free GPU draws its product's idle power
+    power_log: list[tuple[float, int, float]] | None = None
+    holder_log: list[tuple[float, int, int]] | None = None
 
     @property
     def energy_j(self) -> float:
@@ -266,8 +273,9 @@ def simulate(
     ttft_slo = workload.ttft_slo_s.tolist()
     tpot_slo = workload.tpot_slo_s.tolist()
     deadline = workload.deadline_s.tolist()
-    route_deadline = (
-        workload.ttft_slo_s + workload.predicted_tokens * workload.tpot_slo_s
+    # the router's deadline is core's default one, from the predicted response length
+    route_deadline = default_deadline(
+        workload.predicted_tokens, workload.ttft_slo_s, workload.tpot_slo_s
     ).tolist()
     bulk = workload.bulk.tolist()
     req_cls = workload.cls.tolist()
@@ -322,6 +330,8 @@ def simulate(
     if use_router and policy.uses_planner:
         raise ValueError("joulesched-router drives one production router pool: static only")
     prouter: ProductionRouter | None = None
+    plog: list[tuple[float, int, float]] | None = [] if prm.record_power else None
+    hlog: list[tuple[float, int, int]] | None = [] if prm.record_power else None
 
     # ------------------------------------------------------------ instance ops
     def settle(inst: _Inst, t: float) -> None:
@@ -335,7 +345,7 @@ def simulate(
                 inst.busy_t += dt
             inst.last_t = t
 
-    def set_power(inst: _Inst) -> None:
+    def set_power(inst: _Inst, t: float) -> None:
         if inst.prefill_rid >= 0:
             inst.power = inst.pf_pow
             inst.itl = 0.0
@@ -345,6 +355,8 @@ def simulate(
         else:
             inst.power = inst.pow_row[0]
             inst.itl = 0.0
+        if plog is not None:
+            plog.append((t, inst.idx, inst.power))
 
     def resched(inst: _Inst, t: float) -> None:
         inst.version += 1
@@ -381,6 +393,9 @@ def simulate(
         inst.gpu_ids = ids
         inst.state = ACTIVE
         inst.last_t = t
+        if plog is not None and hlog is not None:
+            plog.append((t, inst.idx, inst.power))
+            hlog.extend((t, g, inst.idx) for g in ids)
         return True
 
     def release(inst: _Inst, t: float) -> None:
@@ -392,6 +407,8 @@ def simulate(
             gpu_busy[g] += busy
             gpu_holder[g] = None
             gpu_free_since[g] = t
+        if hlog is not None:
+            hlog.extend((t, g, -1) for g in inst.gpu_ids)
         free = node_free[inst.node]
         free.extend(inst.gpu_ids)
         free.sort()
@@ -637,7 +654,7 @@ def simulate(
                         inst.set_clock(inst.table.clocks.index(nxt))
                         if inst.prefill_rid >= 0:
                             inst.prefill_end = t + (inst.prefill_end - t) * inst.pf_tok / old_pf
-                        set_power(inst)
+                        set_power(inst, t)
                         resched(inst, t)
                         if inst.state == ACTIVE and inst.pos >= 0:
                             pools[inst.pool].set_rule(inst)
@@ -715,7 +732,7 @@ def simulate(
             if inst.prefill_rid < 0 and inst.b < inst.maxb:
                 settle(inst, t)
                 start_prefill(inst, t)
-                set_power(inst)
+                set_power(inst, t)
                 resched(inst, t)
             sync(inst)
             continue
@@ -772,7 +789,7 @@ def simulate(
         if inst.nwait and inst.prefill_rid < 0 and inst.b < inst.maxb:
             start_prefill(inst, t)
             admitted = True
-        set_power(inst)
+        set_power(inst, t)
         resched(inst, t)
         if completed or admitted:  # admission moves a prompt out of q_n's prefill term
             sync(inst)
@@ -824,4 +841,6 @@ def simulate(
         notes=notes,
         wall_s=time.perf_counter() - wall0,
         events=events,
+        power_log=plog,
+        holder_log=hlog,
     )

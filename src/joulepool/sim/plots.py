@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from joulepool.core.energy import megajoules_per_hour
 from joulepool.sim.report import BASELINE, Summary
 from joulepool.sim.runner import ExperimentResult
 
@@ -34,7 +35,7 @@ def energy_plot(res: ExperimentResult, summary: Summary, path: Path) -> None:
     bars = ax.bar(names, means, yerr=errs, capsize=4, color=colors)
     floors = [r.floor for r in res.repeats if r.floor.feasible]
     if floors:
-        floor = float(np.mean([f.energy_j / f.horizon_s * 3600 / 1e6 for f in floors]))
+        floor = float(np.mean([megajoules_per_hour(f.energy_j, f.horizon_s) for f in floors]))
         ax.axhline(floor, color="#c0392b", linestyle="--", linewidth=1.2)
         ax.text(len(names) - 0.5, floor, f" energy floor {floor:.0f}", va="bottom", ha="right",
                 color="#c0392b", fontsize=8)

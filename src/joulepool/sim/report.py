@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from joulepool.core.bound import FloorResult
 from joulepool.core.classes import CLASS_NAMES
+from joulepool.core.energy import megajoules, megajoules_per_hour, per_hour
 from joulepool.core.metrics import (
     MeanCI,
     class_mean_slowdown,
@@ -109,7 +110,7 @@ def run_metrics(
         "finished": int(finished.sum()),
         "tokens_in_window": run.tokens_in_window,
         "energy_j": energy,
-        "energy_mj_per_h": energy / T * 3600.0 / 1e6,
+        "energy_mj_per_h": megajoules_per_hour(energy, T),
         "j_per_token": jpt,
         "p50_ms": p50,
         "p99_ms": p99,
@@ -118,7 +119,7 @@ def run_metrics(
         "deadline_miss_rate": float(np.mean(e2e > workload.deadline_s)) if n else math.nan,
         "jain_fairness": jain_index(per_class),
         "class_mean_slowdown": {c: float(v) for c, v in zip(CLASS_NAMES, per_class, strict=True)},
-        "gco2_per_h": run.carbon_g / T * 3600.0,
+        "gco2_per_h": per_hour(run.carbon_g, T),
         "x_floor": jpt / floor.joules_per_token if floor.feasible else math.nan,
         "utilisation": {p: busy[p] / (gpus[p] * T) for p in busy},
         "token_share": share_tokens,
@@ -127,7 +128,7 @@ def run_metrics(
         "little_lambda_w": n / T * mean_w,
         "wall_s": run.wall_s,
         "sim_requests_per_s": n / run.wall_s if run.wall_s > 0 else math.nan,
-        "site_energy_mj": {s: float(v.sum() / 1e6) for s, v in run.site_energy_j.items()},
+        "site_energy_mj": {s: megajoules(float(v.sum())) for s, v in run.site_energy_j.items()},
         "notes": list(run.notes),
     }
 
@@ -189,7 +190,7 @@ def render_table(res: ExperimentResult, summary: Summary) -> str:
             f" {x:>{w}}" for x, w in zip(cells, widths, strict=True)))
     floors = [r.floor for r in res.repeats]
     if all(f.feasible for f in floors):
-        mj = mean_ci([f.energy_j / f.horizon_s * 3600 / 1e6 for f in floors])
+        mj = mean_ci([megajoules_per_hour(f.energy_j, f.horizon_s) for f in floors])
         jpt = mean_ci([f.joules_per_token for f in floors])
         cells = ["-"] * len(COLUMNS)
         cells[0] = f"{mj.mean:.1f}"
@@ -257,7 +258,7 @@ def result_document(
                 "floor": {
                     "feasible": r.floor.feasible,
                     "status": r.floor.status,
-                    "energy_mj_per_h": r.floor.energy_j / r.floor.horizon_s * 3600 / 1e6,
+                    "energy_mj_per_h": megajoules_per_hour(r.floor.energy_j, r.floor.horizon_s),
                     "j_per_token": r.floor.joules_per_token,
                     "idle_share": r.floor.idle_j / r.floor.energy_j if r.floor.feasible else None,
                     "usage": r.floor.usage,

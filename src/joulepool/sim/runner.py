@@ -18,6 +18,7 @@ from typing import Literal
 
 from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
 from joulepool.core.classes import CLASS_NAMES, freesh_slo
+from joulepool.core.energy import megajoules_per_hour
 from joulepool.core.profiles import DEFAULT_HEADROOM, ServingProfile, assumed
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.engine import EngineParams, RunResult, simulate, static_deployment
@@ -329,7 +330,7 @@ def summarise_floor(floor: FloorResult) -> str:
     use = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(floor.usage.items()))
     relaxed = f"; SLO relaxed for {', '.join(floor.slo_relaxed)}" if floor.slo_relaxed else ""
     return (
-        f"energy floor (LP): {floor.energy_j / floor.horizon_s * 3600 / 1e6:.1f} MJ/h, "
+        f"energy floor (LP): {megajoules_per_hour(floor.energy_j, floor.horizon_s):.1f} MJ/h, "
         f"{floor.joules_per_token:.3f} J/token, of which idle "
         f"{100 * floor.idle_j / floor.energy_j:.0f} %; GPU-time used: {use or 'none'}{relaxed}"
     )
