@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the kubelet device plugin v1beta1 Python stubs from
-# src/joulepool/deviceplugin/proto/api.proto. The generated files are committed:
+# src/joulepool/deviceplugin/proto/api.proto, and the kubelet pod resources v1
+# stubs (used by the node agent) from .../podresources.proto. The generated
+# files are committed:
 # the runtime needs grpcio and protobuf only, never grpcio-tools.
 #
 #   scripts/gen_proto.sh            # uses .venv/bin/python (pip install -e '.[test]')
@@ -18,5 +20,6 @@ PYTHON="${PYTHON:-.venv/bin/python}"
   --python_out=src \
   --pyi_out=src \
   --grpc_python_out=src \
-  src/joulepool/deviceplugin/proto/api.proto
-echo "generated: $(ls src/joulepool/deviceplugin/proto/api_pb2*)"
+  src/joulepool/deviceplugin/proto/api.proto \
+  src/joulepool/deviceplugin/proto/podresources.proto
+echo "generated: $(ls src/joulepool/deviceplugin/proto/*_pb2*)"

@@ -383,7 +383,8 @@ class FakePolicyApi:
     def __init__(self, obj=None) -> None:
         self.obj = obj
 
-    def get_cluster_custom_object(self, group, version, plural, name):
+    def get_cluster_custom_object(self, group, version, plural, name, **kw):
+        assert kw.get("_request_timeout")  # never an unbounded API call
         assert (group, version, plural, name) == (
             "joulepool.dev", "v1alpha1", "energypolicies", "default")
         if self.obj is None:

@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import logging
+from datetime import UTC, datetime, timedelta
 
 from joulepool.api.models import GPUProfileStatus
 from joulepool.sidecar.publisher import KubeProfilePublisher, Measurement, RateLimited
+
+
+class NotFound(Exception):
+    status = 404
 
 
 class FakeCustomObjects:
     def __init__(self, items) -> None:
         self.items = items
         self.patches: list[tuple] = []
+        self.lists = 0
+        self.gets: list[str] = []
 
-    def list_cluster_custom_object(self, group, version, plural):
+    def list_cluster_custom_object(self, group, version, plural, **kw):
+        assert kw.get("_request_timeout")
         assert (group, version, plural) == ("joulepool.dev", "v1alpha1", "gpuprofiles")
+        self.lists += 1
         return {"items": self.items}
 
-    def patch_cluster_custom_object_status(self, group, version, plural, name, body):
+    def get_cluster_custom_object(self, group, version, plural, name, **kw):
+        assert kw.get("_request_timeout")
+        assert (group, version, plural) == ("joulepool.dev", "v1alpha1", "gpuprofiles")
+        self.gets.append(name)
+        for obj in self.items:
+            if obj["metadata"]["name"] == name:
+                return obj
+        raise NotFound(name)
+
+    def patch_cluster_custom_object_status(self, group, version, plural, name, body, **kw):
+        assert kw.get("_request_timeout")
         self.patches.append((name, body))
+        for obj in self.items:  # the API server applies it
+            if obj["metadata"]["name"] == name:
+                obj["status"] = body["status"]
         return body
 
 
@@ -95,3 +117,76 @@ def test_rate_limited_per_kind():
     t["now"] = 60.0
     assert pub.publish(m())
     assert inner.n == 3
+
+
+def test_stale_entries_of_other_nodes_are_pruned_and_the_list_is_capped():
+    def at(minutes_ago: float) -> str:
+        return (NOW - timedelta(minutes=minutes_ago)).isoformat().replace("+00:00", "Z")
+
+    measured = [{"joulesPerToken": 0.5, "samples": 1, "node": "gone", "updatedAt": at(11)},
+                {"joulesPerToken": 0.5, "samples": 1, "node": "n0", "updatedAt": at(1)},
+                {"joulesPerToken": 0.5, "samples": 1, "node": "legacy"}]  # no timestamp
+    measured += [{"joulesPerToken": 0.5, "samples": 1, "node": f"x{i:03d}",
+                  "updatedAt": at(i / 100)} for i in range(200)]
+    api = FakeCustomObjects([profile("h100-8b", "H100", "llama-3.1-8b", measured=measured)])
+    pub = KubeProfilePublisher(api, now=lambda: NOW, max_age_s=600.0, max_entries=10)
+    assert pub.publish(m())
+    out = api.patches[-1][1]["status"]["measured"]
+    nodes = [e["node"] for e in out]
+    assert len(out) == 10
+    assert "n1" in nodes  # ours, always
+    assert "gone" not in nodes  # not updated for 11 min > 10 min
+    assert "legacy" not in nodes  # undated entries go first when over the cap
+    assert set(nodes) - {"n1"} == {f"x{i:03d}" for i in range(9)}  # the freshest
+    assert nodes == sorted(nodes)
+    GPUProfileStatus.model_validate(api.patches[-1][1]["status"])
+    # growth is bounded over many nodes publishing
+    for i in range(50):
+        pub.publish(m(node=f"n{i + 100}"))
+    assert len(api.items[0]["status"]["measured"]) == 10
+
+
+def test_default_bound_keeps_recent_untimestamped_entries_under_the_cap():
+    api = FakeCustomObjects([profile("h100-8b", "H100", "llama-3.1-8b", measured=[
+        {"joulesPerToken": 0.5, "samples": 10, "node": "n0"}])])
+    assert KubeProfilePublisher(api, now=lambda: NOW).publish(m())
+    assert [e["node"] for e in api.patches[-1][1]["status"]["measured"]] == ["n0", "n1"]
+
+
+def test_the_matching_profile_is_listed_once_then_read_by_name():
+    items = [profile("a100-8b", "A100", "llama-3.1-8b"),
+             profile("h100-8b", "H100", "llama-3.1-8b")]
+    api = FakeCustomObjects(items)
+    pub = KubeProfilePublisher(api, now=lambda: NOW)
+    for _ in range(5):
+        assert pub.publish(m())
+    assert api.lists == 1
+    assert api.gets == ["h100-8b"] * 4
+    assert [n for n, _ in api.patches] == ["h100-8b"] * 5
+    # deleted and recreated under another name: found again by LIST
+    items[1] = profile("h100-8b-v2", "H100", "llama-3.1-8b")
+    assert pub.publish(m())
+    assert api.lists == 2 and api.patches[-1][0] == "h100-8b-v2"
+    # its spec changed to another model: not written to, LIST again, nothing matches
+    items[1]["spec"]["model"] = "other"
+    assert not pub.publish(m())
+    assert api.lists == 3 and len(api.patches) == 6
+
+
+def test_no_matching_profile_is_said_once_at_info_with_how_to_create_one(caplog):
+    caplog.set_level(logging.DEBUG, logger="joulepool.sidecar.publisher")
+    api = FakeCustomObjects([profile("a100-8b", "A100", "llama-3.1-8b")])
+    pub = KubeProfilePublisher(api, now=lambda: NOW)
+    for _ in range(3):
+        assert not pub.publish(m())
+    said = [r for r in caplog.records if "no GPUProfile" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO
+    text = said[0].getMessage()
+    assert "will not be published" in text and "create a GPUProfile" in text
+    assert "spec.product: H100" in text and "spec.model: llama-3.1-8b" in text
+    # once one exists it is published, and a later loss is said again
+    api.items.append(profile("h100-8b", "H100", "llama-3.1-8b"))
+    assert pub.publish(m())
+    api.items.pop()
+    assert not pub.publish(m())
+    assert len([r for r in caplog.records if "no GPUProfile" in r.getMessage()]) == 2

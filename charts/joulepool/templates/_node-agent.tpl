@@ -16,6 +16,7 @@ agent measures without locking clocks (monitor-only).
 {{- $privileged := and (not $simulated) $a.clockControl }}
 {{- $ctx := dict "ctx" $ "component" "node-agent" }}
 {{- $stateDir := "/var/run/joulepool/gpus" }}
+{{- $podResourcesDir := "/var/lib/kubelet/pod-resources" }}
 apiVersion: apps/v1
 kind: DaemonSet
 metadata:
@@ -150,12 +151,23 @@ spec:
             {{- toYaml $a.resources | nindent 12 }}
           volumeMounts:
             {{- include "joulepool.tmpMount" $ | nindent 12 }}
+            # the kubelet's PodResources socket: which GPUs (UUIDs) each engine
+            # pod was allocated, so each GPU gets its own engines' signals
+            - name: pod-resources
+              mountPath: {{ $podResourcesDir }}
+              readOnly: true
             {{- if $simulated }}
             - name: gpu-state
               mountPath: {{ $stateDir }}
             {{- end }}
       volumes:
         {{- include "joulepool.tmpVolume" $ | nindent 8 }}
+        # OrCreate: a node with another kubelet root dir must still get its agent
+        # (clock safety); there the socket is missing and the agent says so
+        - name: pod-resources
+          hostPath:
+            path: {{ $podResourcesDir }}
+            type: DirectoryOrCreate
         {{- if $simulated }}
         {{- include "joulepool.gpuStateVolume" $ | nindent 8 }}
         {{- end }}

@@ -13,10 +13,18 @@ GPU safety, which is the point of this module:
 
 * clocks are reset on start (a crashed predecessor may have left them
   locked), on stop (SIGTERM / SIGINT), after any control error, and whenever
-  a GPU has no engine signal or no SLO (no signal, no control);
+  a GPU has no engine signal or no SLO (no signal, no control); on stop every
+  GPU's reset is tried, whatever the agent believes about it, and a failure on
+  one GPU never skips the others;
 * without privilege (NO_PERMISSION) the agent goes monitor-only: it says so
   once in the log and in ``joulepool_sidecar_monitor_only``, keeps measuring,
-  and never exits for it;
+  and never exits for it; clocks it had already locked on other GPUs (the
+  permission can differ per GPU) are reset on the way in;
+* nothing from the API server can stall control: plan / policy refreshes run
+  in the background (a period waits for them only briefly and otherwise uses
+  the last good copy), each period is bounded in time (an overrun counts as a
+  control error and resets the clocks), and SIGTERM / SIGINT interrupt a
+  period in progress so the reset on stop is prompt;
 * a lost GPU is reported (``joulepool_gpu_lost``, one log line), probed again
   every ``lost_retry_s``, and never stops the other GPUs' control;
 * a GPU that cannot lock clocks (NOT_SUPPORTED) is measured only; one whose
@@ -41,6 +49,7 @@ from joulepool.core.estimators import (
 )
 from joulepool.core.profiles import GPUProduct, product_for_label
 from joulepool.sidecar.backend import DeviceInfo, GPUBackend, GPUError, GPUErrorKind
+from joulepool.sidecar.background import Background
 from joulepool.sidecar.metrics import AgentMetrics
 from joulepool.sidecar.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
 from joulepool.sidecar.publisher import Measurement, ProfilePublisher
@@ -61,10 +70,25 @@ class AgentConfig:
     tpot_slo_s: float | None = None
     lost_retry_s: float = 30.0
     eps_half_life_s: float = 120.0
+    #: a control period longer than this is abandoned (None: 3 periods, at least 2 s)
+    tick_timeout_s: float | None = None
+
+    @property
+    def tick_timeout(self) -> float:
+        if self.tick_timeout_s is not None:
+            return self.tick_timeout_s
+        return max(3.0 * self.interval_s, 2.0)
+
+    @property
+    def refresh_wait_s(self) -> float:
+        """How long a period waits for a plan / policy refresh it started."""
+        return min(0.2 * self.interval_s, 0.5)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError("interval must be > 0")
+        if self.tick_timeout_s is not None and self.tick_timeout_s <= 0:
+            raise ValueError("tick timeout must be > 0")
         if (self.ttft_slo_s is None) != (self.tpot_slo_s is None):
             raise ValueError("give both TTFT and TPOT fallback SLOs, or neither")
         if self.ttft_slo_s is not None and (self.ttft_slo_s <= 0 or (self.tpot_slo_s or 0) <= 0):
@@ -135,6 +159,8 @@ class NodeAgent:
         self.ticks = 0
         self._publishing: asyncio.Task[None] | None = None
         self._logged: set[str] = set()
+        self._refresher = Background(self._refresh_sources, self.config.refresh_wait_s)
+        self._stopping = False  # set by stop(): no clock is locked after it
 
     # ------------------------------------------------------------------ helpers
     def _labels(self, gpu: GPU) -> tuple[str, str, str]:
@@ -154,6 +180,9 @@ class NodeAgent:
                         "Run the agent with CAP_SYS_ADMIN (or as root) to control clocks.",
                         reason)
         for gpu in self.gpus:
+            if gpu.locked_mhz is not None and not gpu.lost:
+                # we locked it before the permission failed (elsewhere): hand it back now
+                self._try_reset(gpu, self.monotonic())
             gpu.locked_mhz = None
             self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
 
@@ -207,6 +236,7 @@ class NodeAgent:
     def start(self) -> None:
         """Find the GPUs and reset their clocks. Raises GPUError if the backend cannot start."""
         self.backend.init()
+        self._stopping = False
         now = self.monotonic()
         self.gpus = []
         for info in self.backend.devices():
@@ -239,33 +269,53 @@ class NodeAgent:
                  ", ".join(f"{g.index}={g.product_name}" for g in self.gpus),
                  " (monitor-only)" if self.monitor_only else "")
 
+    def _try_reset(self, gpu: GPU, now: float) -> bool:
+        """Reset one GPU's clocks whatever we believe about it; never raises.
+
+        NO_PERMISSION / NOT_SUPPORTED / a lost GPU are expected here (said once
+        per GPU and kind); anything else is logged as a warning.
+        """
+        try:
+            self.backend.reset_locked_clocks(gpu.index)
+        except GPUError as exc:
+            expected = (GPUErrorKind.NO_PERMISSION, GPUErrorKind.NOT_SUPPORTED,
+                        GPUErrorKind.LOST)
+            level = logging.INFO if exc.kind in expected else logging.WARNING
+            self._once(f"reset:{gpu.index}:{exc.kind.value}", level,
+                       "GPU %d: reset of locked clocks failed: %s", gpu.index, exc)
+            if exc.kind is GPUErrorKind.LOST and not gpu.lost:
+                self._mark_lost(gpu, exc, now)
+            return False
+        except Exception as exc:  # a backend bug must not skip the other GPUs
+            self._once(f"reset:{gpu.index}:{type(exc).__name__}", logging.WARNING,
+                       "GPU %d: reset of locked clocks failed: %r", gpu.index, exc)
+            return False
+        gpu.locked_mhz = None
+        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        return True
+
     def reset_all(self) -> int:
-        """Unlock every GPU we may have locked; returns how many were reset."""
+        """Try to unlock every GPU (each one, whatever the agent's state); returns how many."""
         now = self.monotonic()
         done = 0
         for gpu in self.gpus:
-            if self.monitor_only or not gpu.controllable or gpu.lost:
-                continue
-            try:
-                self.backend.reset_locked_clocks(gpu.index)
+            if self._try_reset(gpu, now):
                 done += 1
-            except GPUError as exc:
-                log.warning("GPU %d: reset of locked clocks failed: %s", gpu.index, exc)
-                if exc.kind is GPUErrorKind.LOST:
-                    self._mark_lost(gpu, exc, now)
             gpu.locked_mhz = None
             self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
         return done
 
     async def stop(self) -> None:
         """Reset every GPU's clocks and let go of the backend (safe to call twice)."""
+        self._stopping = True
+        n = self.reset_all()  # first: nothing below may delay it
+        await self._refresher.cancel()
         if self._publishing is not None and not self._publishing.done():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._publishing), timeout=2.0)
-        n = self.reset_all()
         log.info("node agent stopping: clocks reset on %d GPU(s)", n)
         with contextlib.suppress(Exception):
-            await self.source.close()
+            await asyncio.wait_for(self.source.close(), timeout=2.0)
         with contextlib.suppress(Exception):
             self.backend.shutdown()
 
@@ -372,7 +422,7 @@ class NodeAgent:
         return gpu.controller
 
     def _control(self, gpu: GPU, readings: Sequence[EngineReading], now: float) -> None:
-        if self.monitor_only or not gpu.controllable or gpu.lost:
+        if self._stopping or self.monitor_only or not gpu.controllable or gpu.lost:
             return
         live = [r for r in readings if not r.stale]
         slo = self._slo(live) if live else None
@@ -416,15 +466,22 @@ class NodeAgent:
         if not self.monitor_only:
             self._reset(gpu, now)
 
-    async def tick(self, now: float | None = None) -> None:
-        """One control period (``now``: monotonic seconds, injectable for tests)."""
-        t = self.monotonic() if now is None else now
+    async def _refresh_sources(self) -> None:
         try:
             await self.plan.refresh()
             if self.policy is not None:
                 await self.policy.refresh()
         except Exception as exc:
             self._once("plan", logging.WARNING, "plan / policy refresh failed: %s", exc)
+
+    async def tick(self, now: float | None = None) -> None:
+        """One control period (``now``: monotonic seconds, injectable for tests)."""
+        t = self.monotonic() if now is None else now
+        # in the background: a hung API call leaves the last good plan / policy in use
+        await self._refresher.poke()
+        if self._refresher.running:
+            self._once("plan-slow", logging.WARNING,
+                       "plan / policy refresh is slow; controlling with the last good copy")
         readings = await self.source.read(t)
         by_gpu = self._assign(readings)
         for gpu in self.gpus:
@@ -504,16 +561,30 @@ class NodeAgent:
         """Tick every ``interval_s`` until ``stop`` is set, then reset every GPU."""
         interval = self.config.interval_s
         next_t = self.monotonic()
+        stopping = asyncio.ensure_future(stop.wait())
+        ticking: asyncio.Future[None] | None = None
         try:
             while not stop.is_set():
                 start = self.monotonic()
                 lag = max(start - next_t, 0.0)
                 self.lags.append(lag)
                 self.metrics.tick_lag.labels(self.config.node).observe(lag)
-                try:
-                    await self.tick(start)
-                except Exception:
-                    log.exception("control period failed; resetting every GPU's clocks")
+                ticking = asyncio.ensure_future(self.tick(start))
+                await asyncio.wait({ticking, stopping}, timeout=self.config.tick_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not ticking.done():  # stopping, or the period hangs: abandon it
+                    ticking.cancel()
+                    await asyncio.wait({ticking}, timeout=1.0)
+                    if stop.is_set():
+                        break
+                    log.error("control period took over %.1f s; resetting every GPU's clocks",
+                              self.config.tick_timeout)
+                    self.metrics.control_errors.labels("all", "", self.config.node).inc()
+                    self.reset_all()
+                elif ticking.cancelled() or ticking.exception() is not None:
+                    exc = None if ticking.cancelled() else ticking.exception()
+                    log.error("control period failed; resetting every GPU's clocks",
+                              exc_info=exc)
                     self.metrics.control_errors.labels("all", "", self.config.node).inc()
                     self.reset_all()
                 self.metrics.tick_seconds.labels(self.config.node).observe(
@@ -521,7 +592,9 @@ class NodeAgent:
                 next_t += interval
                 if next_t < self.monotonic():  # overran: skip the missed periods
                     next_t = self.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(next_t - self.monotonic(), 0.0))
+                await asyncio.wait({stopping}, timeout=max(next_t - self.monotonic(), 0.0))
         finally:
+            stopping.cancel()
+            if ticking is not None and not ticking.done():
+                ticking.cancel()
             await self.stop()

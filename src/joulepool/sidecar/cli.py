@@ -64,6 +64,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
            choices=("auto", "pods", "off"),
            help="find engines from pods on this node labelled joulepool.dev/pool (auto: in a "
                 "cluster and no --engine-url)")
+    ef.add(e, "--pod-resources-socket", "JOULEPOOL_POD_RESOURCES_SOCKET",
+           "/var/lib/kubelet/pod-resources/kubelet.sock",
+           help="kubelet PodResources socket: maps discovered engines to the GPUs allocated "
+                "to their pods (nvidia.com/gpu device IDs = GPU UUIDs); 'off' to rely on the "
+                "joulepool.dev/gpus annotation only")
     ef.add(e, "--pool", "JOULEPOOL_POOL", None,
            help="pool key (namespace.name) of the --engine-url engines")
     ef.add(e, "--plan-file", "JOULEPOOL_PLAN_FILE", None,

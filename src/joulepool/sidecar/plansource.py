@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, MIADSpec
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument, PlannedPool
+from joulepool.sidecar.background import API_TIMEOUT
 
 log = logging.getLogger("joulepool.sidecar.plan")
 
@@ -104,7 +105,8 @@ class ConfigMapPlanSource(_Cached):
             from kubernetes import client
 
             self._api = client.CoreV1Api()
-        cm = self._api.read_namespaced_config_map(self.name, self.namespace)
+        cm = self._api.read_namespaced_config_map(self.name, self.namespace,
+                                                  _request_timeout=API_TIMEOUT)
         data = getattr(cm, "data", None) or {}
         return data.get(PLAN_KEY)
 
@@ -172,7 +174,8 @@ class EnergyPolicySource:
 
             self._api = client.CustomObjectsApi()
         try:
-            obj = self._api.get_cluster_custom_object(GROUP, VERSION, "energypolicies", self.name)
+            obj = self._api.get_cluster_custom_object(GROUP, VERSION, "energypolicies", self.name,
+                                                      _request_timeout=API_TIMEOUT)
         except Exception as exc:
             if getattr(exc, "status", None) == 404:
                 return None

@@ -153,8 +153,13 @@ def run_sidecar(args: argparse.Namespace) -> int:
     discover = None
     if discovery:
         from joulepool.sidecar.discovery import PodDiscovery
+        from joulepool.sidecar.podresources import PodResourcesClient
 
-        discover = PodDiscovery(node)
+        socket_path = args.pod_resources_socket or ""
+        pod_resources = None
+        if socket_path and socket_path.lower() not in ("off", "none"):
+            pod_resources = PodResourcesClient(socket_path)
+        discover = PodDiscovery(node, pod_resources=pod_resources)
     source = PrometheusSignalSource(
         endpoints, discover=discover, quantile=args.tail_quantile, window_s=args.window,
         timeout_s=min(max(0.8 * args.interval, 0.2), 5.0), stale_s=args.stale_after,
@@ -168,7 +173,10 @@ def run_sidecar(args: argparse.Namespace) -> int:
         plan = NoPlan()
     publisher: ProfilePublisher | None = None
     if kube and args.publish:
-        publisher = RateLimited(KubeProfilePublisher(), args.publish_interval)
+        # another node's entry is dropped once it misses ~10 publications (at least 10 min)
+        publisher = RateLimited(
+            KubeProfilePublisher(max_age_s=max(600.0, 10.0 * args.publish_interval)),
+            args.publish_interval)
     policy = None
     if kube and args.energy_policy and args.energy_policy.lower() not in ("none", "off"):
         from joulepool.sidecar.plansource import EnergyPolicySource
@@ -177,4 +185,7 @@ def run_sidecar(args: argparse.Namespace) -> int:
     backend = build_backend(args, node)
     agent = NodeAgent(backend, source, config, plan=plan, publisher=publisher, metrics=metrics,
                       monotonic=time.monotonic, policy=policy)
+    if discover is not None:
+        # engines -> GPUs: the kubelet's device IDs are GPU UUIDs; the agent knows the indices
+        discover.gpu_uuids = lambda: {g.info.uuid: g.index for g in agent.gpus}
     return asyncio.run(_main(args, agent))

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
+from joulepool.sidecar.background import Background
 
 log = logging.getLogger("joulepool.sidecar.signals")
 
@@ -206,6 +207,7 @@ class PrometheusSignalSource:
         discover_interval_s: float = 15.0,
         on_error: Callable[[str], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        discover_wait_s: float = 0.2,
     ) -> None:
         if not 0.0 < quantile <= 1.0:
             raise ValueError("quantile must be in (0, 1]")
@@ -220,6 +222,8 @@ class PrometheusSignalSource:
         self.monotonic = monotonic
         self.discovered: list[EngineEndpoint] = []
         self._next_discovery = 0.0
+        # discovery runs in the background: a hung API call never holds up a read
+        self._discovery = Background(self._discover_once, discover_wait_s)
         self._windows: dict[str, EngineWindow] = {}
         self._last_ok: dict[str, float] = {}
         self._last_reading: dict[str, EngineReading] = {}
@@ -233,12 +237,21 @@ class PrometheusSignalSource:
         return list(seen.values())
 
     async def _maybe_discover(self) -> None:
-        if self.discover is None:
+        if self.discover is None or self._discovery.running:
             return
         now = self.monotonic()
         if now < self._next_discovery:
             return
         self._next_discovery = now + self.discover_interval_s
+        await self._discovery.poke()
+        if self._discovery.running and "discover:slow" not in self._warned:
+            self._warned.add("discover:slow")
+            log.warning("engine discovery is slow; scraping the %d known engines meanwhile",
+                        len(self.discovered))
+
+    async def _discover_once(self) -> None:
+        if self.discover is None:
+            return
         try:
             self.discovered = list(await self.discover())
         except Exception as exc:  # keep the last list; say so once per kind of failure
@@ -306,6 +319,7 @@ class PrometheusSignalSource:
         return reading
 
     async def close(self) -> None:
+        await self._discovery.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
