@@ -11,6 +11,8 @@ aiohttp client, ``--concurrency`` connections, loopback only) sends:
     prioritize   ExtenderArgs with a full Pod and NodeNames of all nodes
                  (the nodeCacheCapable form)
     filter       the same body to the filter verb
+    filter+mode  filter for a pod that also carries the serving mode label (1xH100):
+                 judged against that (pool, mode)'s nodes and GPU shares
     route        POST /v1/route, mixed tiers and token counts
     route+complete   route, then POST /v1/complete for it (the feedback loop)
 
@@ -208,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             sched_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1),
                                                     names=names)).encode()
+            mode_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1, mode="1xH100"),
+                                                   names=names)).encode()
             route_bodies = [
                 json.dumps({"pool": POOL, "inputTokens": rng.randint(50, 4000),
                             "outputTokens": rng.randint(20, 800),
@@ -220,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             def filt(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
                 return [("/scheduler/filter", sched_body, "filter")]
+
+            def filt_mode(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+                return [("/scheduler/filter", mode_body, "filter")]
 
             def route(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
                 return [("/v1/route", route_bodies[i % len(route_bodies)], "route")]
@@ -239,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scenarios = [
                 ("prioritize", prio, args.prioritize_requests, 30),
                 ("filter", filt, max(args.prioritize_requests // 3, 1), 10),
+                ("filter+mode", filt_mode, max(args.prioritize_requests // 3, 1), 10),
                 ("route", route, args.route_requests, 500),
                 ("route+complete", RouteThenComplete, args.route_requests // 2, 200),
             ]

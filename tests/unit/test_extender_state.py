@@ -91,3 +91,31 @@ def test_readiness_needs_every_source() -> None:
     for src in ("nodes", "pods", "plan"):
         s.mark_synced(src)
     assert s.ready
+
+
+def test_mode_accounting_and_shares() -> None:
+    s = _state()
+    s.upsert_pod(T.pod("m1", gpus=4, node_name="h0", mode="4xH100"))
+    s.upsert_pod(T.pod("m2", gpus=1, node_name="h0", mode="1xH100"))
+    s.upsert_pod(T.pod("m3", gpus=1, node_name="h0"))  # pool label only
+    s.upsert_pod(T.pod("m4", gpus=2, node_name="h0", pool=None, mode="2xH100"))  # no pool
+    s.upsert_pod(T.pod("m5", gpus=4, mode="4xH100"))  # pending
+    assert s.pool_gpus == {("h0", "default.chat"): 6}
+    assert s.mode_gpus == {("h0", "default.chat", "4xH100"): 4,
+                           ("h0", "default.chat", "1xH100"): 1}
+    assert s.pods["default/m1"].mode == "4xH100" and s.pods["default/m4"].mode is None
+    s.delete_pod("default/m1")
+    assert s.mode_gpus == {("h0", "default.chat", "1xH100"): 1}
+    s.replace_pods([T.pod("q", gpus=2, node_name="a0", mode="2xA100")])
+    assert s.mode_gpus == {("a0", "default.chat", "2xA100"): 2}
+
+    assert s.mode_shares("default.chat", "4xH100") == {}  # no plan yet
+    s.set_plan(T.plan({"default.chat": [("h0", "H100", 1, 4), ("h0", "H100", 2, 1),
+                                        ("a0", "A100", 1, 4), ("x0", "H100", 0, 4)]}))
+    assert s.mode_shares("default.chat", "4xH100") == {"h0": 4}  # x0: no instances
+    assert s.mode_shares("default.chat", "1xH100") == {"h0": 2}
+    assert s.mode_shares("default.chat", "4xA100") == {"a0": 4}
+    assert s.mode_shares("default.chat", "8xL4") == {}
+    assert s.mode_shares("other.pool", "4xH100") == {}
+    s.set_plan(T.plan({"default.chat": [("a0", "H100", 2, 4)]}))
+    assert s.mode_shares("default.chat", "4xH100") == {"a0": 8}  # follows the new plan

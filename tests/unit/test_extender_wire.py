@@ -11,6 +11,7 @@ from joulepool.extender import testing as T
 from joulepool.extender.wire import (
     DEFAULT_PORT,
     DEFAULT_PREFIX,
+    MODE_LABEL,
     VERBS,
     ExtenderArgs,
     ExtenderFilterResult,
@@ -24,6 +25,15 @@ from joulepool.extender.wire import (
 
 def test_constants_the_chart_renders() -> None:
     assert (DEFAULT_PORT, DEFAULT_PREFIX, VERBS) == (8888, "/scheduler", ("filter", "prioritize"))
+
+
+def test_mode_label_is_the_operators() -> None:
+    from joulepool.operator import resources
+
+    assert MODE_LABEL == resources.MODE_LABEL == "joulepool.dev/mode"
+    pod = Pod.model_validate(T.pod("p", mode="4xH100"))
+    assert pod.mode == "4xH100"
+    assert Pod.model_validate(T.pod("p")).mode is None
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,17 @@ Per pool: the sliding-window miss ratio (:class:`core.online.SlidingWindowRate`)
 and lambda from :class:`core.controllers.PIController`, updated every
 ``pi_every`` completions or ``pi_period_s`` seconds, whichever comes first,
 with the miss rate of the completions since the last update.
+
+All of this state is per process (per router replica) and is not shared: the
+in-flight ledger, the PI controller's lambda and the online eps scale learn
+only from the requests this replica routed and the ``/v1/complete`` reports it
+receives. A completion that reaches another replica is learnt from by the
+wrong one (its eps scale and miss ratio; without a ``requestId`` it also drops
+an unrelated ledger entry there), while the routing replica keeps counting the
+request's tokens as queued until the ledger entry expires. The Helm chart
+therefore runs one router replica by default and sets ``sessionAffinity:
+ClientIP`` on the router Service, so that with more replicas a client's route
+and complete calls (same source IP) reach the same replica.
 """
 
 from __future__ import annotations

@@ -9,6 +9,14 @@ Filter, for a pod labelled ``joulepool.dev/pool=<namespace>.<name>``:
 Plan reasons are unresolvable: evicting pods (preemption) cannot change the
 plan. A GPU shortage is resolvable. Pods without the label pass untouched.
 
+A pod that also carries ``joulepool.dev/mode=<mode>`` (the operator runs one
+Deployment per pool and serving mode) is held to that mode's part of the plan:
+only the nodes with an assignment of that (pool, mode) with instances > 0, and
+the share there is that mode's instances x gpusPerInstance, counted against the
+GPUs held by the pool's bound pods of the same mode. Otherwise a 4xH100 pod
+could take the GPUs the plan keeps for the pool's 8xA100 instance. A pod with a
+pool label and no mode label gets the pool-level checks above.
+
 Prioritize: :func:`joulepool.core.cost.placement_cost` per node, mapped to
 0..10 by :func:`joulepool.core.cost.scores_from_costs` (best = 10, ties equal).
 Nodes the plan does not assign to the pool, unknown nodes and products
@@ -53,6 +61,8 @@ from joulepool.extender.wire import (
 
 FloatArray = npt.NDArray[np.float64]
 _SCORE_SUFFIX = [f"{s}}}" for s in range(MAX_EXTENDER_PRIORITY + 1)]
+#: entries per filter cache (pool and pool/mode keys) before it is cleared
+_CACHE_LIMIT = 1024
 
 
 class ProtocolError(ValueError):
@@ -67,10 +77,22 @@ class PlacementSettings:
     queue_horizon_s: float = 10.0
 
 
-def _listing(names: list[str], limit: int = 3) -> str:
+@dataclass(frozen=True)
+class FilterScope:
+    """What a filter call checks a pod against: its pool, or its (pool, mode)."""
+
+    key: str  #: cache key: the pool key, or ``<pool>|<mode>``
+    pool: str
+    mode: str | None
+    what: str  #: ``pool <key>`` or ``pool <key> mode <mode>``, for reasons
+    allowed: set[str]  #: nodes the plan assigns to it
+    listing: str
+
+
+def _listing(names: list[str], limit: int = 3, unit: str = "pool") -> str:
     """Short: kube-scheduler groups nodes by identical reason, so keep it the same for all."""
     if not names:
-        return "it assigns the pool no nodes"
+        return f"it assigns the {unit} no nodes"
     if len(names) <= limit:
         return "assigned: " + ", ".join(names)
     return f"{len(names)} nodes assigned"
@@ -90,6 +112,8 @@ class Scheduler:
         self._points: dict[tuple[str, str, int, float], ReplicaPoint | None] = {}
         #: per (pool, plan version): assigned nodes, their listing, replica tokens/s
         self._pool_cache: dict[str, tuple[int, set[str], str, float]] = {}
+        #: per (pool, mode, plan version): assigned nodes and their listing
+        self._mode_cache: dict[tuple[str, str], tuple[int, set[str], str]] = {}
         #: per (pool, plan version, node table): which table rows the plan assigns
         self._mask_cache: dict[str, tuple[int, NodeTable, npt.NDArray[np.bool_]]] = {}
         self._table_cache: dict[str, tuple[int, NodeTable, FloatArray, FloatArray,
@@ -137,6 +161,32 @@ class Scheduler:
             self._pool_cache[key] = hit
         return hit[1], hit[2], hit[3]
 
+    def _scope(self, pool_key: str, mode: str | None, planned: PlannedPool | None
+               ) -> FilterScope:
+        if mode is None:
+            allowed, listing = (self._pool_facts(pool_key, planned)[:2] if planned
+                                else (set(), ""))
+            return FilterScope(pool_key, pool_key, None, f"pool {pool_key}", allowed, listing)
+        version = self.state.plan_version
+        hit = self._mode_cache.get((pool_key, mode))
+        if hit is None or hit[0] != version:
+            allowed = set(self.state.mode_shares(pool_key, mode))
+            hit = (version, allowed, _listing(sorted(allowed), unit="mode"))
+            if len(self._mode_cache) > _CACHE_LIMIT:
+                self._mode_cache.clear()
+            self._mode_cache[(pool_key, mode)] = hit
+        return FilterScope(f"{pool_key}|{mode}", pool_key, mode,
+                           f"pool {pool_key} mode {mode}", hit[1], hit[2])
+
+    def _share_here(self, scope: FilterScope, node: str) -> tuple[int | None, int]:
+        """(GPUs the plan gives the scope on ``node`` or None, GPUs it holds there)."""
+        state = self.state
+        if scope.mode is None:
+            return (state.planned_share(scope.pool, node),
+                    state.pool_gpus.get((node, scope.pool), 0))
+        return (state.mode_shares(scope.pool, scope.mode).get(node),
+                state.mode_gpus.get((node, scope.pool, scope.mode), 0))
+
     def _plan_mask(self, key: str, allowed: set[str], table: NodeTable
                    ) -> npt.NDArray[np.bool_]:
         version = self.state.plan_version
@@ -148,6 +198,8 @@ class Scheduler:
                 if i is not None:
                     mask[i] = True
             hit = (version, table, mask)
+            if len(self._mask_cache) > _CACHE_LIMIT:  # keys come from pod labels: bound them
+                self._mask_cache.clear()
             self._mask_cache[key] = hit
         return hit[2]
 
@@ -179,17 +231,13 @@ class Scheduler:
         unresolvable: dict[str, str] = {}
         ok: list[bool] = []
         version = state.plan.version if state.plan else 0
-        allowed, listing = (self._pool_facts(pool_key, planned)[:2] if planned
-                            else (set(), ""))
+        scope = self._scope(pool_key, pod.mode, planned)
         if not full and planned is not None and state.plan is not None:
-            ok, failed, unresolvable = self._filter_names(
-                names, pool_key, allowed, listing, request, version
-            )
+            ok, failed, unresolvable = self._filter_names(names, scope, request, version)
             return self._filter_result(args, raw, names, ok, failed, unresolvable)
         for i, name in enumerate(names):
             reason, hard = self._node_verdict(
-                name, items[i] if full else None, pool_key, planned, allowed, listing, request,
-                version,
+                name, items[i] if full else None, scope, planned, request, version,
             )
             if reason is None:
                 ok.append(True)
@@ -200,31 +248,44 @@ class Scheduler:
                 self.metrics.filtered_out.labels("plan" if hard else "capacity").inc()
         return self._filter_result(args, raw, names, ok, failed, unresolvable)
 
-    def _pool_arrays(self, pool_key: str, table: NodeTable
-                     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        """(planned GPU share or NaN, GPUs the pool holds) per table row."""
-        key = f"share:{pool_key}"
+    def _share_arrays(self, scope: FilterScope, table: NodeTable
+                      ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """(planned GPU share or NaN, GPUs held) per table row, for the pool or the
+        (pool, mode) of ``scope``."""
+        key = f"share:{scope.key}"
         state = self.state
         versions = (state.plan_version, state.pod_version)
         hit = self._arrays_cache.get(key)
         if hit is None or hit[0] != versions or hit[1] is not table:
             share = np.full(len(table.names), np.nan)
             held = np.zeros(len(table.names))
-            for i, name in enumerate(table.names):
-                s = state.planned_share(pool_key, name)
-                if s is not None:
-                    share[i] = s
-            for (node, pool), gpus in state.pool_gpus.items():
-                j = table.index.get(node)
-                if pool == pool_key and j is not None:
-                    held[j] = gpus
+            pool_key, mode = scope.pool, scope.mode
+            if mode is None:
+                for i, name in enumerate(table.names):
+                    s = state.planned_share(pool_key, name)
+                    if s is not None:
+                        share[i] = s
+                for (node, pool), gpus in state.pool_gpus.items():
+                    j = table.index.get(node)
+                    if pool == pool_key and j is not None:
+                        held[j] = gpus
+            else:
+                for name, s in state.mode_shares(pool_key, mode).items():
+                    j = table.index.get(name)
+                    if j is not None:
+                        share[j] = s
+                for (node, pool, m), gpus in state.mode_gpus.items():
+                    j = table.index.get(node)
+                    if pool == pool_key and m == mode and j is not None:
+                        held[j] = gpus
             hit = (versions, table, share, held)
+            if len(self._arrays_cache) > _CACHE_LIMIT:
+                self._arrays_cache.clear()
             self._arrays_cache[key] = hit
         return hit[2], hit[3]
 
     def _filter_names(
-        self, names: list[str], pool_key: str, allowed: set[str], listing: str, request: int,
-        version: int,
+        self, names: list[str], scope: FilterScope, request: int, version: int,
     ) -> tuple[list[bool], dict[str, str], dict[str, str]]:
         """The NodeNames form, vectorised over the node table; same verdicts as
         :meth:`_node_verdict`, messages built only for rejected nodes."""
@@ -233,14 +294,15 @@ class Scheduler:
         idx = np.fromiter(map(table.index.get, names, repeat(-1)), dtype=np.int64, count=n)
         known = idx >= 0
         safe = np.where(known, idx, 0)
-        mask = self._plan_mask(pool_key, allowed, table)
+        allowed = scope.allowed
+        mask = self._plan_mask(scope.key, allowed, table)
         in_plan = mask[idx]
         unknown_rows = np.flatnonzero(~known)
         for j in unknown_rows.tolist():  # nodes the plan names but the cache has not seen
             in_plan[j] = names[j] in allowed
         if len(table.names):
             alloc, used = table.allocatable[safe], table.used[safe]
-            share_all, held_all = self._pool_arrays(pool_key, table)
+            share_all, held_all = self._share_arrays(scope, table)
             share, held = share_all[safe], held_all[safe]
         else:
             alloc = used = held = np.zeros(n)
@@ -255,8 +317,8 @@ class Scheduler:
         failed: dict[str, str] = {}
         unresolvable: dict[str, str] = {}
         if bad_plan.any():
-            msg = (f"plan v{version} does not assign pool {pool_key} to this node "
-                   f"({listing})")
+            msg = (f"plan v{version} does not assign {scope.what} to this node "
+                   f"({scope.listing})")
             unresolvable.update(dict.fromkeys([names[i] for i in np.flatnonzero(bad_plan)], msg))
         if bad_cache.any():
             failed.update(dict.fromkeys([names[i] for i in np.flatnonzero(bad_cache)],
@@ -269,7 +331,7 @@ class Scheduler:
             )
         for i in np.flatnonzero(bad_share).tolist():
             unresolvable[names[i]] = (
-                f"pool {pool_key} would hold {int(held[i]) + request} GPUs here; "
+                f"{scope.what} would hold {int(held[i]) + request} GPUs here; "
                 f"plan v{version} gives it {int(share[i])}"
             )
         if self.metrics is not None:
@@ -282,18 +344,18 @@ class Scheduler:
         return ok, failed, unresolvable
 
     def _node_verdict(
-        self, name: str, node: Node | None, pool_key: str, planned: PlannedPool | None,
-        allowed: set[str], listing: str, request: int, version: int,
+        self, name: str, node: Node | None, scope: FilterScope, planned: PlannedPool | None,
+        request: int, version: int,
     ) -> tuple[str | None, bool]:
         state = self.state
         if state.plan is None:
             return "no joulepool plan has been published yet", True
         if planned is None:
-            return f"plan v{version} has no assignment for pool {pool_key}", True
-        if name not in allowed:
+            return f"plan v{version} has no assignment for pool {scope.pool}", True
+        if name not in scope.allowed:
             return (
-                f"plan v{version} does not assign pool {pool_key} to this node "
-                f"({listing})", True
+                f"plan v{version} does not assign {scope.what} to this node "
+                f"({scope.listing})", True
             )
         if node is not None:
             alloc = node.allocatable_gpus()
@@ -308,11 +370,10 @@ class Scheduler:
                 f"insufficient nvidia.com/gpu: pod requests {request}, {max(alloc - used, 0)} "
                 f"free ({alloc} allocatable, {used} requested by bound pods)", False
             )
-        share = state.planned_share(pool_key, name)
-        pool_used = state.pool_gpus.get((name, pool_key), 0)
+        share, pool_used = self._share_here(scope, name)
         if share is not None and request > 0 and pool_used + request > share:
             return (
-                f"pool {pool_key} would hold {pool_used + request} GPUs here; "
+                f"{scope.what} would hold {pool_used + request} GPUs here; "
                 f"plan v{version} gives it {share}", True
             )
         return None, False

@@ -66,6 +66,8 @@ class PodRecord:
     ready: bool
     ip: str
     port: int
+    #: serving mode label (``4xH100``); None when absent. Last field: keeps positional order
+    mode: str | None = None
 
     @classmethod
     def from_pod(cls, pod: Pod, default_port: int) -> PodRecord:
@@ -77,6 +79,7 @@ class PodRecord:
             ready=pod.ready,
             ip=pod.status.pod_ip,
             port=pod.serving_port(default_port),
+            mode=pod.mode if pod.pool else None,
         )
 
     @property
@@ -128,7 +131,11 @@ class ClusterState:
         # aggregates kept incrementally from pod events
         self.used_gpus: dict[str, int] = {}
         self.pool_gpus: dict[tuple[str, str], int] = {}
+        #: GPUs held per (node, pool, mode), for pods carrying both labels
+        self.mode_gpus: dict[tuple[str, str, str], int] = {}
         self.pool_pods: dict[str, set[str]] = {}
+        #: per (pool, mode): plan version and the GPUs the plan gives it per node
+        self._mode_shares: dict[tuple[str, str], tuple[int, dict[str, int]]] = {}
         #: pools whose endpoints changed since the router last looked (None: all)
         self._dirty_pools: set[str] | None = None
         self._table: NodeTable | None = None
@@ -191,6 +198,11 @@ class ClusterState:
                 self.pool_gpus[k] = self.pool_gpus.get(k, 0) + sign * rec.gpus
                 if self.pool_gpus[k] == 0:
                     del self.pool_gpus[k]
+                if rec.mode:
+                    m = (rec.node, rec.pool, rec.mode)
+                    self.mode_gpus[m] = self.mode_gpus.get(m, 0) + sign * rec.gpus
+                    if self.mode_gpus[m] == 0:
+                        del self.mode_gpus[m]
         if rec.pool:
             members = self.pool_pods.setdefault(rec.pool, set())
             if sign > 0:
@@ -240,6 +252,7 @@ class ClusterState:
         self.pods = {}
         self.used_gpus.clear()
         self.pool_gpus.clear()
+        self.mode_gpus.clear()
         self.pool_pods.clear()
         for rec in fresh.values():
             self.pods[rec.key] = rec
@@ -284,6 +297,25 @@ class ClusterState:
             return None
         total = [a.gpus for a in pp.assignments if a.node == node and a.instances > 0]
         return sum(total) if total else None
+
+    def mode_shares(self, pool: str, mode: str) -> dict[str, int]:
+        """GPUs the plan gives ``(pool, mode)`` per node: instances x gpusPerInstance
+        summed over that mode's assignments with instances > 0 (cached per plan).
+
+        Its keys are the nodes the plan lets pods of that mode use; empty when the
+        plan or the pool is missing or the pool has no such mode."""
+        hit = self._mode_shares.get((pool, mode))
+        if hit is not None and hit[0] == self.plan_version:
+            return hit[1]
+        shares: dict[str, int] = {}
+        pp = self.pool_plan(pool)
+        for a in pp.assignments if pp is not None else ():
+            if a.mode == mode and a.instances > 0:
+                shares[a.node] = shares.get(a.node, 0) + a.instances * a.gpus_per_instance
+        if len(self._mode_shares) > 4096:  # pools and modes churn with plans: bound it
+            self._mode_shares.clear()
+        self._mode_shares[(pool, mode)] = (self.plan_version, shares)
+        return shares
 
     # -- derived -------------------------------------------------------------------
     def take_dirty_pools(self) -> set[str] | None:

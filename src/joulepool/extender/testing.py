@@ -12,7 +12,7 @@ from joulepool.api.plan import (
     PlannedPool,
     PlannedSLO,
 )
-from joulepool.extender.wire import GPU_PRODUCT_LABEL, GPU_RESOURCE, REGION_LABEL
+from joulepool.extender.wire import GPU_PRODUCT_LABEL, GPU_RESOURCE, MODE_LABEL, REGION_LABEL
 
 PRODUCT_LABELS = {
     "H100": "NVIDIA-H100-80GB-HBM3",
@@ -69,11 +69,16 @@ def node(name: str, product: str = "H100", gpus: int = 8, region: str = "eu-west
 
 def pod(name: str, namespace: str = "default", pool: str | None = "default.chat",
         gpus: int = 1, node_name: str = "", ready: bool = False, ip: str = "",
-        port: int = 8000, phase: str | None = None, init_gpus: int = 0) -> dict[str, Any]:
-    """A serving Pod as kube-scheduler sends it (pending) or as the watch sees it."""
+        port: int = 8000, phase: str | None = None, init_gpus: int = 0,
+        mode: str | None = None) -> dict[str, Any]:
+    """A serving Pod as kube-scheduler sends it (pending) or as the watch sees it.
+
+    ``mode`` adds the operator's ``joulepool.dev/mode`` label (e.g. ``4xH100``)."""
     labels = {"app.kubernetes.io/name": "vllm", "pod-template-hash": "5d8c7b9f4"}
     if pool:
         labels[POOL_LABEL] = pool
+    if mode:
+        labels[MODE_LABEL] = mode
     containers = [
         {
             "name": "vllm",
@@ -138,19 +143,26 @@ def pod(name: str, namespace: str = "default", pool: str | None = "default.chat"
     }
 
 
-def plan(pools: dict[str, list[tuple[str, str, int]]], model: str = "llama-3.1-8b",
+Assignment = tuple[str, str, int] | tuple[str, str, int, int]
+
+
+def plan(pools: dict[str, list[Assignment]], model: str = "llama-3.1-8b",
          tpot_s: float = 0.05, ttft_s: float = 0.5, version: int = 7,
          tier: str = "interactive", node_gpus: dict[str, int] | None = None) -> PlanDocument:
-    """A plan: pool key -> [(node, product, gpus)], 1-GPU instances."""
+    """A plan: pool key -> [(node, product, gpus)], 1-GPU instances of mode ``1x<product>``;
+    or [(node, product, instances, gpus per instance)], mode ``<gpus per instance>x<product>``."""
     planned: dict[str, PlannedPool] = {}
     nodes: dict[str, PlannedNode] = {}
     for key, assignments in pools.items():
         ns, _, name = key.partition(".")
         items = []
-        for node_name, product, gpus in assignments:
+        for entry in assignments:
+            node_name, product, instances = entry[0], entry[1], entry[2]
+            per = entry[3] if len(entry) == 4 else 1
+            gpus = instances * per
             items.append(PlannedInstance(
-                node=node_name, site="eu-west", product=product, mode=f"1x{product}",
-                instances=gpus, gpus=gpus, gpusPerInstance=1,
+                node=node_name, site="eu-west", product=product, mode=f"{per}x{product}",
+                instances=instances, gpus=gpus, gpusPerInstance=per,
             ))
             pn = nodes.setdefault(node_name, PlannedNode(
                 site="eu-west", product=product, gpus=(node_gpus or {}).get(node_name, 8)

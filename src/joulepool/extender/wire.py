@@ -39,6 +39,9 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 REGION_LABEL = "topology.kubernetes.io/region"
 #: optional pod annotation naming the serving port the router sends requests to
 PORT_ANNOTATION = "joulepool.dev/port"
+#: serving mode of a pool's pod (e.g. ``4xH100``), set by the operator next to the pool
+#: label, one Deployment per (pool, mode); same value as ``operator.resources.MODE_LABEL``
+MODE_LABEL = "joulepool.dev/mode"
 
 Quantity = str | int | float
 
@@ -112,6 +115,13 @@ class Pod(_K8s):
         """The pool key from the ``joulepool.dev/pool`` label, if any."""
         labels = self.metadata.labels or {}
         value = labels.get(POOL_LABEL)
+        return value or None
+
+    @property
+    def mode(self) -> str | None:
+        """The serving mode from the ``joulepool.dev/mode`` label, if any."""
+        labels = self.metadata.labels or {}
+        value = labels.get(MODE_LABEL)
         return value or None
 
     def gpu_request(self) -> int:
