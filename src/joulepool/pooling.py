@@ -265,6 +265,27 @@ def describe(
                     headroom_note=headroom_note)
 
 
+def outcomes_from_document(doc: PlanDocument) -> dict[str, PoolOutcome]:
+    """Per-pool outcomes of a published plan document (an operator restart reads its plan
+    in force back from the ConfigMap). Figures are the ones the document carries;
+    gCO2/h is not in it and is left unknown (None) until the next plan."""
+    out: dict[str, PoolOutcome] = {}
+    for key, p in doc.pools.items():
+        mine = [a for a in p.assignments if a.instances > 0]
+        out[key] = PoolOutcome(
+            key=key, replicas=sum(a.instances for a in mine),
+            assignments=tuple(
+                AssignmentStatus(site=a.site, node=a.node, gpuProduct=a.product, mode=a.mode,
+                                 gpus=a.gpus, instances=a.instances)
+                for a in mine),
+            expected_power_w=float(p.expected_power_watts or 0.0),
+            joules_per_token=p.joules_per_token, grams_co2_per_hour=None,
+            planned=doc.feasible,
+            message=f"{sum(a.instances for a in mine)} instance(s) planned",
+        )
+    return out
+
+
 def nodes_from_cluster(expanded: Sequence[tuple[str, str, str, int]]) -> list[NodeInfo]:
     return [NodeInfo.from_label(n, site, product, gpus) for n, site, product, gpus in expanded]
 

@@ -125,6 +125,40 @@ async def test_restart_resumes_and_continues_the_plan_version() -> None:
             assert op2.planner.solves >= 1
 
 
+async def test_restart_with_an_infeasible_pool_keeps_the_healthy_pools_deployment() -> None:
+    """The plan in force is read back from the ConfigMap: a pool that became infeasible
+    while no operator ran cannot make the restarted one drop the healthy pool's plan."""
+    async with emulator() as server, aiohttp.ClientSession(base_url=str(server.url)) as s:
+        c = Cluster(server, s)
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=20))
+        async with operator_running(server):
+            await eventually(lambda: _replicas(c, 2))
+            _, doc1 = await c.plan()
+            dep1 = (await c.deployments())["chat-1xh100"]
+        assert doc1 is not None and doc1.feasible
+        await c.create(pool("greedy", rps=5000))  # far beyond the cluster
+        async with operator_running(server) as op2:
+            async def greedy_seen() -> Any:
+                obj = await c.pool("greedy")
+                cond = condition(obj, "Planned")
+                return obj if cond and cond["reason"] == "NoFeasiblePlan" else None
+
+            await eventually(greedy_seen, what="greedy planned as infeasible")
+            obj = await c.pool("chat")
+            assert condition(obj, "Planned")["reason"] == "LastFeasiblePlan"  # type: ignore[index]
+            assert obj["status"]["replicas"] == 2  # type: ignore[index]
+            cm, doc2 = await c.plan()
+            assert doc2 is not None and doc2.version == doc1.version and doc2.feasible
+            assert set(doc2.pools) == {"default.chat"}
+            assert cm["metadata"]["annotations"][  # type: ignore[index]
+                "joulepool.dev/latest-plan-feasible"] == "false"
+            deps = await c.deployments()
+            assert set(deps) == {"chat-1xh100"}
+            assert deps["chat-1xh100"]["spec"] == dep1["spec"]
+            assert op2.planner.in_force_feasible and op2.planner.solves >= 1
+
+
 async def test_periodic_replan_without_changes() -> None:
     async with cluster_and_operator(plan_interval_seconds=0.3) as (c, op):
         await c.create(node("gpu-a"))

@@ -140,8 +140,10 @@ async def test_gpu_node_added_and_removed_replans() -> None:
         _, doc = await c.plan()
         assert doc.feasible and sum(doc.nodes[n].pools["default.big"] for n in doc.nodes) == 12
 
-        # losing a node makes the new plan infeasible: the last feasible plan keeps serving
-        await c.delete("/api/v1/nodes/gpu-b")
+        # demand beyond the cluster makes the new plan infeasible: the last feasible plan
+        # keeps serving while every node it uses is still there
+        big = await c.pool("big")
+        await c.patch(big, {"spec": {"demand": {"requestsPerSecond": 400}}})  # type: ignore[arg-type]
         obj = await _until(c, "big", "Planned", "True", "LastFeasiblePlan")
         assert condition(obj, "Infeasible")["status"] == "True"  # type: ignore[index]
         assert obj["status"]["replicas"] == 12
@@ -149,6 +151,21 @@ async def test_gpu_node_added_and_removed_replans() -> None:
         assert kept.feasible and kept.version == doc.version  # nothing republished
         assert cm["metadata"]["annotations"]["joulepool.dev/latest-plan-feasible"] == "false"
         assert (await c.deployments())["big-1xh100"]["spec"]["replicas"] == 12
+        await c.patch(big, {"spec": {"demand": {"requestsPerSecond": 150}}})  # type: ignore[arg-type]
+        await _until(c, "big", "Planned", "True", "Planned")
+
+        # a node of the plan dies (unreachable taint): the kept plan is dropped, the best
+        # partial plan serves on what is left; the Deployment is scaled, never deleted
+        await c.patch("/api/v1/nodes/gpu-b", {"spec": {"taints": [
+            {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}})
+        obj = await _until(c, "big", "Planned", "False", "PartiallyPlanned")
+        assert obj["status"]["replicas"] == 8
+        assert {a["node"] for a in obj["status"]["assignments"]} == {"gpu-a"}
+        _, partial = await c.plan()
+        assert not partial.feasible and partial.version > doc.version
+        assert partial.pools["default.big"].nodes() == {"gpu-a"}
+        await eventually(lambda: _replicas(c, "big-1xh100", 8), what="scaled to the partial plan")
+        await c.delete("/api/v1/nodes/gpu-b")
 
         # a bigger node arrives: feasible again, the plan moves
         await c.create(node("gpu-c", H100, 8))

@@ -176,7 +176,10 @@ async def test_infeasible_plan_keeps_the_last_feasible_one() -> None:
     await reconcile(planner, world)
     v1 = plan(api)
     assert v1.feasible and v1.pools["default.big"].replicas == 12
-    del world.nodes["n2"]
+    # demand grows beyond the cluster; every node of the kept plan is still there
+    big = api.objects["/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/big"]
+    big["spec"]["demand"]["requestsPerSecond"] = 400
+    world.refresh_pools()
     report = await reconcile(planner, world)
     assert report.ok and report.feasible is False and report.published_version is None
     assert plan(api).version == v1.version  # not republished
@@ -331,3 +334,151 @@ def test_plan_pools_partial_describes_the_best_partial_plan() -> None:
     out = best.outcomes["default.big"]
     assert out.replicas == 8 and not out.planned and "unmet demand" in out.message
     assert not best.document.feasible and best.document.pools["default.big"].replicas == 8
+
+
+DEP = "/apis/apps/v1/namespaces/default/deployments/"
+
+
+async def test_kept_plan_is_dropped_when_one_of_its_nodes_is_gone() -> None:
+    """A last feasible plan on a dead node serves nobody: the best partial plan replaces it."""
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_node("n2")
+    world.add_pool(pool("big", 150))  # 12 instances of 1xH100
+    await reconcile(planner, world)
+    assert plan(api).feasible and plan(api).pools["default.big"].replicas == 12
+    del world.nodes["n2"]  # gone (a NotReady / unreachable node leaves the index the same way)
+    report = await reconcile(planner, world)
+    assert report.ok and report.feasible is False and report.published_version == 2
+    doc = plan(api)
+    assert not doc.feasible and doc.pools["default.big"].nodes() == {"n1"}
+    assert doc.pools["default.big"].replicas == 8
+    assert conds(api, "big")["Planned"] == ("False", "PartiallyPlanned")
+    assert api.objects[DEP + "big-1xh100"]["spec"]["replicas"] == 8  # scaled, not deleted
+
+
+async def test_kept_plan_is_dropped_when_its_node_shrinks() -> None:
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_node("n2")
+    world.add_pool(pool("big", 150))
+    await reconcile(planner, world)
+    world.add_node("n2", gpus=2)  # fewer GPUs than the kept plan books there
+    await reconcile(planner, world)
+    doc = plan(api)
+    assert not doc.feasible and doc.version == 2
+    assert sum(n.pools.get("default.big", 0) for n in doc.nodes.values()) == 10
+
+
+async def test_an_infeasible_plan_scales_a_live_pools_deployment_to_zero_never_deletes() -> None:
+    planner, api, world = make_planner()
+    world.add_node("h1")
+    world.add_node("a1", product="A100")
+    world.add_pool(pool("chat", 20, uid="u-chat"))
+    only_a100 = pool("a100", 4)
+    only_a100["spec"]["gpuProducts"] = ["A100"]
+    world.add_pool(only_a100)
+    await reconcile(planner, world)
+    assert plan(api).feasible
+    (a100_dep,) = [p for p in api.objects if p.startswith(DEP + "a100-")]
+    replicas = api.objects[a100_dep]["spec"]["replicas"]
+    assert replicas >= 1
+    del world.nodes["a1"]  # a100 cannot be served at all now; the kept plan used a1
+    report = await reconcile(planner, world)
+    assert report.ok and report.deployments_deleted == 0 and report.deployments_scaled_down == 1
+    dep = api.objects[a100_dep]  # still there, with no pods
+    assert dep["spec"]["replicas"] == 0
+    assert api.objects[DEP + "chat-1xh100"]["spec"]["replicas"] == 2
+    n = len(api.writes("/deployments"))
+    await reconcile(planner, world, force=True)
+    assert len(api.writes("/deployments")) == n  # scaled once, not again every pass
+    world.add_node("a1", product="A100")  # back: a feasible plan restores the Deployment
+    await reconcile(planner, world)
+    assert plan(api).feasible and api.objects[a100_dep]["spec"]["replicas"] == replicas
+    # a feasible plan (or a deleted pool) still deletes what it no longer plans
+    path = "/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/a100"
+    api.objects[path]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    world.refresh_pools()
+    await reconcile(planner, world)
+    assert a100_dep not in api.objects
+
+
+async def test_restart_restores_the_feasible_plan_in_force_from_the_configmap() -> None:
+    """A new process (empty memory) with an infeasible pool present keeps serving the
+    published feasible plan instead of replacing it with a partial plan."""
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_pool(pool("chat", 20))
+    await reconcile(planner, world)
+    v1 = plan(api)
+    chat_dep = json.loads(json.dumps(api.objects[DEP + "chat-1xh100"]))
+    # the operator is down; a pool far beyond the cluster appears; the operator restarts
+    planner2 = Planner(planner.config, api, clock=planner.clock)
+    planner2.sources = planner.sources
+    world.add_pool(pool("greedy", 5000))
+    n = len(api.writes("/deployments"))
+    report = await reconcile(planner2, world)
+    assert report.ok and report.feasible is False and report.published_version is None
+    doc = plan(api)
+    assert doc.version == v1.version and doc.feasible and set(doc.pools) == {"default.chat"}
+    assert api.objects[DEP + "chat-1xh100"] == chat_dep  # untouched
+    assert len(api.writes("/deployments")) == n
+    assert conds(api, "chat")["Planned"] == ("True", "LastFeasiblePlan")
+    assert status(api, "chat")["replicas"] == 2
+    assert conds(api, "greedy")["Planned"] == ("False", "NoFeasiblePlan")
+    assert api.objects[CM]["metadata"]["annotations"][
+        "joulepool.dev/latest-plan-feasible"] == "false"
+    # once the greedy pool shrinks to fit, the new feasible plan replaces the restored one
+    path = "/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/greedy"
+    api.objects[path]["spec"]["demand"]["requestsPerSecond"] = 4
+    world.refresh_pools()
+    report = await reconcile(planner2, world)
+    assert report.feasible and plan(api).version == v1.version + 1
+    assert set(plan(api).pools) == {"default.chat", "default.greedy"}
+
+
+async def test_restart_with_an_infeasible_published_plan_only_continues_the_version() -> None:
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_pool(pool("big", 150))
+    await reconcile(planner, world)
+    assert not plan(api).feasible
+    planner2 = Planner(planner.config, api, clock=planner.clock)
+    planner2.sources = planner.sources
+    report = await reconcile(planner2, world)
+    assert report.ok and report.published_version is None  # same partial plan: no new version
+    assert planner2.in_force is not None and not planner2.in_force_feasible
+    assert conds(api, "big")["Planned"] == ("False", "PartiallyPlanned")
+
+
+async def test_restart_waits_when_the_configmap_cannot_be_read() -> None:
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_pool(pool("chat", 4))
+    api.fail.append(("GET", "/configmaps/joulepool-plan", 500))
+    report = await reconcile(planner, world)
+    assert not report.ok and not api.writes()  # nothing written without the plan in force
+    assert not api.fail
+    report = await reconcile(planner, world)
+    assert report.ok and plan(api).version == 1
+
+
+async def test_scaled_down_deployment_is_restored_even_if_the_index_lags() -> None:
+    planner, api, world = make_planner()
+    world.add_node("h1")
+    world.add_node("a1", product="A100")
+    only_a100 = pool("a100", 4)
+    only_a100["spec"]["gpuProducts"] = ["A100"]
+    world.add_pool(only_a100)
+    world.add_pool(pool("chat", 20))
+    await reconcile(planner, world)
+    before = world.deployments()  # the index as it was, with the full spec hash
+    (a100_dep,) = [p for p in api.objects if p.startswith(DEP + "a100-")]
+    replicas = api.objects[a100_dep]["spec"]["replicas"]
+    del world.nodes["a1"]
+    await reconcile(planner, world)
+    assert api.objects[a100_dep]["spec"]["replicas"] == 0
+    world.add_node("a1", product="A100")
+    planner.sources.deployments = before  # the scale-down's watch event not seen yet
+    await planner.reconcile()
+    assert api.objects[a100_dep]["spec"]["replicas"] == replicas

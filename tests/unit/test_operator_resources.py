@@ -14,6 +14,7 @@ from joulepool.api.models import AssignmentStatus, InferencePool
 from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedNode, PlannedPool, PlannedSLO
 from joulepool.operator import rbac
 from joulepool.operator.resources import (
+    SCALED_DOWN,
     DeploymentInfo,
     PlanView,
     build_deployment,
@@ -30,6 +31,7 @@ from joulepool.operator.resources import (
     pool_conditions,
     pool_status,
     same_status,
+    scale_down_patch,
     spec_hash,
     version_of,
     with_times,
@@ -128,6 +130,27 @@ def test_node_capacity_fallback_default_site_and_exclusions() -> None:
     assert unknown is not None and unknown.product == "Tesla-T4"
 
 
+@pytest.mark.parametrize(("spec", "conditions", "kept"), [
+    ({}, [{"type": "Ready", "status": "True"}], True),
+    ({}, [{"type": "MemoryPressure", "status": "False"}], True),  # no Ready condition yet
+    ({}, [{"type": "Ready", "status": "False"}], False),
+    ({}, [{"type": "Ready", "status": "Unknown"}], False),
+    ({"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}, [], False),
+    ({"taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}]}, [], False),
+    ({"taints": [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]}, [], False),
+    ({"taints": [{"key": "node.kubernetes.io/not-ready", "effect": "PreferNoSchedule"}]}, [],
+     True),
+    ({"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]}, [], True),  # tolerated
+    ({"unschedulable": True}, [{"type": "Ready", "status": "True"}], False),
+])
+def test_dead_or_not_ready_nodes_have_no_gpus(
+    spec: dict[str, Any], conditions: list[dict[str, Any]], kept: bool,
+) -> None:
+    b = node_body(spec=spec)
+    b["status"]["conditions"] = conditions
+    assert (node_from_body(b) is not None) == kept
+
+
 @pytest.mark.parametrize(("q", "n"), [("8", 8), (4, 4), ("8000m", 8), ("x", 0), (None, 0),
                                       ("2.0", 2)])
 def test_parse_quantity(q: Any, n: int) -> None:
@@ -199,6 +222,50 @@ def test_one_deployment_per_mode_with_that_modes_gpus() -> None:
     assert a100["spec"]["replicas"] == 3
     gpu = a100["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "2"
+    # each mode's pods may only land on the nodes the plan gives that mode
+    assert _required_names(a100) == [["n1", "n2"]]
+    assert _required_names(out[("default", "chat-4xh100")]) == [["n0"]]
+
+
+def _required_names(d: dict[str, Any]) -> list[list[str]]:
+    aff = d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    terms = aff["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    out = []
+    for t in terms:
+        (expr,) = [f for f in t["matchFields"] if f["key"] == "metadata.name"]
+        assert expr["operator"] == "In"
+        out.append(expr["values"])
+    return out
+
+
+def test_node_affinity_is_anded_with_the_templates_own_terms() -> None:
+    zone = {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}
+    own = {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [zone]}, {"matchExpressions": [dict(zone, values=["b"])]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {}}]}}
+    b = pool_body(template={"spec": {"affinity": own,
+                                     "containers": [{"name": "e", "image": "i"}]}})
+    e = parse_pool(b)
+    assert e.pool is not None
+    before = copy.deepcopy(e.pool.spec.template)
+    d = build_deployment(e, e.pool, "2xH100", 2, 2, "s", ["h2", "h1", "h2"])
+    assert e.pool.spec.template == before
+    assert _required_names(d) == [["h1", "h2"], ["h1", "h2"]]  # added to every term
+    aff = d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    terms = aff["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert [t["matchExpressions"][0]["values"] for t in terms] == [["a"], ["b"]]
+    assert aff["preferredDuringSchedulingIgnoredDuringExecution"] == [
+        {"weight": 1, "preference": {}}]
+    # the node list is part of the spec hash: a moved instance rewrites the Deployment
+    moved = build_deployment(e, e.pool, "2xH100", 2, 2, "s", ["h3"])
+    assert spec_hash(moved) != spec_hash(d)
+
+
+def test_scale_down_patch_keeps_the_deployment_and_marks_its_hash() -> None:
+    p = scale_down_patch()
+    assert p["spec"] == {"replicas": 0}
+    assert p["metadata"]["annotations"]["joulepool.dev/spec-hash"] == SCALED_DOWN
 
 
 # ---------------------------------------------------------------- plan document

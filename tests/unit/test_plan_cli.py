@@ -139,3 +139,34 @@ def test_a_cluster_short_of_headroom_plans_with_less_and_says_so(tmp_path, capsy
     assert "queueing headroom" in data["headroom"]
     assert main(["plan", "-f", str(f), "--cluster", str(cl)]) == 0
     assert "note: the cluster cannot carry" in capsys.readouterr().out
+
+
+def test_an_oversized_pool_does_not_take_the_gpus_of_a_pool_that_fits_alone():
+    """Example cluster: chat (40 req/s) fits on its own; greedy (5000 req/s) never can.
+
+    The partial plan must still serve chat in full instead of giving greedy every GPU.
+    """
+    from joulepool.api.cluster import load_cluster
+    from joulepool.pooling import nodes_from_cluster
+
+    cluster = load_cluster(ROOT / "src" / "joulepool" / "examples" / "cluster.yaml")
+    nodes = nodes_from_cluster(cluster.expanded())
+
+    def pool(ns, name, rps):
+        return InferencePool.model_validate({
+            "kind": "InferencePool", "metadata": {"name": name, "namespace": ns},
+            "spec": {"model": "llama-3.1-8b", "tier": "interactive",
+                     "slo": {"ttftSeconds": 0.3, "tpotSeconds": 0.05},
+                     "demand": {"requestsPerSecond": rps, "meanInputTokens": 1020,
+                                "meanOutputTokens": 130}},
+        })
+
+    chat, greedy = pool("default", "chat", 40), pool("team-b", "greedy", 5000)
+    assert plan_pools([chat], nodes, EnergyPolicySpec()).result.feasible  # fits alone
+    plan = plan_pools([chat, greedy], nodes, EnergyPolicySpec(), partial=True)
+    assert not plan.result.feasible
+    assert plan.outcomes["default.chat"].planned and plan.outcomes["default.chat"].replicas > 0
+    assert plan.result.served_rps("default.chat") >= 44.0 - 1e-6  # alpha * 40
+    assert not plan.outcomes["team-b.greedy"].planned
+    assert plan.outcomes["team-b.greedy"].replicas > 0  # the rest serves greedy
+    assert [s.cls for s in plan.result.shortfalls] == ["team-b.greedy"]

@@ -497,6 +497,23 @@ def test_demand_beyond_capacity_reports_shortfall_without_raising() -> None:
     assert result.instances("SS") == 1  # describes the partial plan
 
 
+def test_partial_plan_keeps_a_class_that_fits_alone_beside_an_oversized_one() -> None:
+    """The slack model weighs relative shortfall: a 100x larger class cannot starve a small one.
+
+    Minimising total unmet req/s gave every GPU to the big class (each instance
+    cuts the same req/s whichever class it serves); the small class fits alone.
+    """
+    power, rps = freesh_rows(SS_ROW, SS_ROW)
+    nodes = (PlanNode("h0", "s", "H100", 8),)
+    problem = make(("small", "huge"), (H4,), nodes, power[:, 3:], rps[:, 3:], [[10.0], [1000.0]])
+    result = solve(problem)
+    check_plan(problem, result)
+    assert not result.feasible
+    assert [s.cls for s in result.shortfalls] == ["huge"]
+    assert result.served_rps("small") >= 11.0  # alpha * 10, met in full
+    assert result.instances("huge") == 1  # the rest still serves the oversized class
+
+
 def test_class_without_eligible_mode_is_named() -> None:
     power, rps = freesh_rows(0, 3)  # SS and LL; LL cannot run on 4xH100
     problem = make(

@@ -40,7 +40,9 @@ Infeasibility is never an exception: a hard-demand model is solved first; if
 HiGHS proves it infeasible, or runs out of time without any plan, a second
 model with slack on every demand row and a dominant penalty gives the best
 partial plan, reported apart from ``assignments`` with per-class shortfalls
-and the binding capacities.
+and the binding capacities. That model penalises each class's shortfall
+relative to its demand (:func:`slack_weights`), so one oversized class cannot
+take the GPUs of a class that would fit on its own.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ DEMAND_TOL_REL = 1e-6
 #: slack penalty per req/s, as a multiple of the dearest cost per req/s of any
 #: instance, so a partial plan serves all it can before it saves energy or carbon
 SLACK_WEIGHT = 1e4
+#: a partial plan weighs a class's unmet req/s by 1 / its demand (relative shortfall),
+#: with at most this ratio between the largest and the smallest class's weight so
+#: HiGHS's objective coefficients stay in range
+MAX_SLACK_WEIGHT_RATIO = 1e6
 #: above this many per-node patterns a group is split into single nodes
 MAX_PATTERNS = 256
 #: the partial-plan solve always gets at least this long (or the whole limit if shorter)
@@ -330,7 +336,7 @@ class PlanResult:
 
     ``assignments`` is empty unless ``feasible``: a partial plan is never
     handed out as if it were one. When infeasible, the best partial plan
-    (serve as much as the cluster can, then cheapest) is in
+    (least total shortfall relative to each class's demand, then cheapest) is in
     ``partial_assignments`` so callers can choose between it and their last
     feasible plan. ``objective``, ``capacity`` and the methods describe
     :attr:`plan`, i.e. the assignments when feasible and the partial plan
@@ -641,7 +647,7 @@ class _Model:
         integrality = np.ones(n_var, dtype=np.uint8)
         if slack:
             per_rps = cost_y / self.p.capacity_rps[self.vr, self.vm] if self.n_y else np.ones(1)
-            c[self.n_int :] = SLACK_WEIGHT * max(float(per_rps.max()), 1.0)
+            c[self.n_int :] = slack_weights(self.demand[dem], float(per_rps.max()))
             ub[self.n_int :] = self.demand[dem]
             integrality[self.n_int :] = 0
         a, row_lo, row_hi = self._constraints(slack)
@@ -714,6 +720,28 @@ class _Model:
     def _zp(self, link: int) -> tuple[int, str]:
         zone, product, _ = next(k for k, v in self.link_of.items() if v == link)
         return zone, product
+
+
+def slack_weights(demand: FloatArray, per_rps_max: float) -> FloatArray:
+    """Objective weight per unmet req/s of each class in the partial-plan model.
+
+    The penalty is on each class's *relative* shortfall (unmet / demand): the
+    partial plan maximises the sum of the shares of demand served, so each
+    instance goes where it covers the largest share of a class's demand.
+    Classes with small demand are served in full before large ones, and a
+    class that fits on its own is not starved to shave a little off one
+    oversized class's shortfall (minimising total unmet req/s gave every GPU
+    to whichever class could absorb it, typically the biggest). The
+    largest class keeps ``SLACK_WEIGHT`` x the dearest cost per req/s, smaller
+    classes weigh more, so every class's unmet req/s still dominates energy
+    or carbon.
+    """
+    if demand.size == 0:
+        return np.zeros(0)
+    top = float(demand.max())
+    floor = top / MAX_SLACK_WEIGHT_RATIO
+    ratio = top / np.maximum(demand, floor)
+    return np.asarray(SLACK_WEIGHT * max(per_rps_max, 1.0) * ratio, dtype=np.float64)
 
 
 def _first_fit(

@@ -11,12 +11,18 @@ runs one reconcile pass:
    the inputs changed or the periodic re-plan is due, so Node heartbeats and
    Deployment status changes cost no solve;
 2. decide the plan *in force*: a feasible plan replaces it; an infeasible one
-   does not (the last feasible plan keeps serving, minus pools that are gone);
-   with no feasible plan yet, the planner's best partial plan serves;
+   does not (the last feasible plan keeps serving, minus pools that are gone)
+   unless the kept plan uses a node that is gone, unschedulable or smaller
+   now; with no usable feasible plan, the planner's best partial plan serves;
 3. publish it: the versioned ConfigMap ``joulepool-plan`` (only when its
    content changes), every pool's Deployments (create / patch when the spec
-   hash differs / delete those no longer planned), every pool's status
-   (only when it changes).
+   hash differs / delete those no longer planned; while the plan in force is
+   infeasible, a live pool's unplanned Deployments are scaled to 0, never
+   deleted), every pool's status (only when it changes).
+
+The plan in force survives a restart: the first pass reads the published
+ConfigMap back (version and plan) and, when that plan was feasible, keeps it
+in force exactly as if this process had planned it.
 
 Writes that fail after the client's own retries leave the pass "not ok"; the
 loop runs another pass after ``resync_after_error_seconds``, and since every
@@ -36,11 +42,12 @@ from typing import Any
 
 from joulepool.api.load import ResourceError, profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
-from joulepool.api.plan import PLAN_CONFIGMAP, PlanDocument
+from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, POOL_LABEL, PlanDocument
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
 from joulepool.operator.resources import (
+    SCALED_DOWN,
     SPEC_HASH_ANNOTATION,
     DeploymentInfo,
     PlanView,
@@ -54,11 +61,18 @@ from joulepool.operator.resources import (
     plan_without,
     pool_status,
     same_status,
+    scale_down_patch,
     status_patch,
     version_of,
     with_times,
 )
-from joulepool.pooling import NodeInfo, PoolOutcome, PoolPlan, plan_pools
+from joulepool.pooling import (
+    NodeInfo,
+    PoolOutcome,
+    PoolPlan,
+    outcomes_from_document,
+    plan_pools,
+)
 
 log = logging.getLogger("joulepool.operator.planning")
 
@@ -86,6 +100,43 @@ class Sources:
     deployments: Mapping[Any, Iterable[DeploymentInfo]] | None = None
 
 
+@dataclass(frozen=True)
+class InForcePlan:
+    """The plan in force: solved by this process, or read back from the ConfigMap."""
+
+    document: PlanDocument
+    outcomes: Mapping[str, PoolOutcome]
+
+    @classmethod
+    def of(cls, plan: PoolPlan) -> InForcePlan:
+        return cls(plan.document, plan.outcomes)
+
+
+def unusable_nodes(doc: PlanDocument, pools: Iterable[str], nodes: Iterable[NodeInfo]) -> list[str]:
+    """Nodes the plan gives GPUs to (for ``pools``) that cannot carry them now.
+
+    Gone, unschedulable (left out of ``nodes``: see ``resources.node_schedulable``),
+    another GPU product, or fewer GPUs than the plan books there.
+    """
+    now = {n.name: n for n in nodes}
+    wanted = set(pools)
+    use: dict[str, int] = {}
+    product: dict[str, str] = {}
+    for key, p in doc.pools.items():
+        if key not in wanted:
+            continue
+        for a in p.assignments:
+            if a.instances > 0:
+                use[a.node] = use.get(a.node, 0) + a.gpus
+                product[a.node] = a.product
+    bad = []
+    for name, gpus in sorted(use.items()):
+        n = now.get(name)
+        if n is None or n.product != product[name] or n.gpus < gpus:
+            bad.append(name)
+    return bad
+
+
 @dataclass
 class PassReport:
     """What one reconcile pass did (logged; counted by tests and the benchmark)."""
@@ -97,6 +148,7 @@ class PassReport:
     deployments_created: int = 0
     deployments_patched: int = 0
     deployments_deleted: int = 0
+    deployments_scaled_down: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -126,8 +178,9 @@ class Planner:
         # plans
         self.latest: PoolPlan | None = None
         self.latest_pools: frozenset[str] = frozenset()
-        self.in_force: PoolPlan | None = None
+        self.in_force: InForcePlan | None = None
         self.in_force_feasible = False
+        self._restored = False  # the published plan has been read back (once per process)
         self.published: PlanDocument | None = None
         self._published_content: str | None = None
         self._published_latest: tuple[bool, str] | None = None
@@ -138,6 +191,7 @@ class Planner:
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._deploy_written: dict[tuple[str, str], str] = {}
+        self._deploy_pool: dict[tuple[str, str], str] = {}  # pool of each Deployment written
         self._seen: dict[Any, Any] = {}
         # counters
         self.passes = 0
@@ -173,6 +227,7 @@ class Planner:
 
     def forget_deployment(self, namespace: str, name: str) -> None:
         self._deploy_written.pop((namespace, name), None)
+        self._deploy_pool.pop((namespace, name), None)
 
     # ------------------------------------------------------------ the loop
     def plan_interval(self) -> float:
@@ -299,6 +354,13 @@ class Planner:
             [(n.name, n.site, n.product, n.gpus) for n in nodes],
             profile_keys, policy.model_dump_json(),
         ])
+        if not self._restored:
+            try:
+                await self._restore()
+            except ApiError as exc:
+                # without the plan in force we could undo it (delete healthy Deployments)
+                report.errors.append(f"reading ConfigMap {PLAN_CONFIGMAP}: {exc}")
+                return report
         if force or inputs != self._inputs or self.latest is None:
             await self._solve(list(plannable.values()), nodes, profiles, policy, now)
             self._inputs = inputs
@@ -327,10 +389,10 @@ class Planner:
         await self._write_statuses(live, plannable, view, now, force, report, sem)
         log.info(
             "reconciled: %d pools, %d nodes, plan v%s %s%s; %d statuses, deployments "
-            "+%d ~%d -%d, %d errors", len(live), len(nodes), published.version,
+            "+%d ~%d -%d 0x%d, %d errors", len(live), len(nodes), published.version,
             "feasible" if report.feasible else "INFEASIBLE", " (solved)" if report.solved else "",
             report.statuses_written, report.deployments_created, report.deployments_patched,
-            report.deployments_deleted, len(report.errors))
+            report.deployments_deleted, report.deployments_scaled_down, len(report.errors))
         return report
 
     async def _solve(
@@ -346,10 +408,46 @@ class Planner:
         log.info("plan solved: %s, %d pools, %.3fs%s", r.status, len(pools), r.solve_time_s,
                  "" if r.feasible else f"; unmet: {'; '.join(r.binding)}")
         if r.feasible:
-            self.in_force, self.in_force_feasible = plan, True
-        elif not self.in_force_feasible:
-            self.in_force, self.in_force_feasible = plan, False  # best effort, nothing better
-        # else: keep the last feasible plan in force
+            self.in_force, self.in_force_feasible = InForcePlan.of(plan), True
+            return
+        if self.in_force_feasible and self.in_force is not None:
+            bad = unusable_nodes(self.in_force.document, plan.outcomes, nodes)
+            if not bad:
+                return  # keep the last feasible plan in force
+            log.warning("dropping the last feasible plan: node(s) %s gone, unschedulable "
+                        "or smaller; the best partial plan serves", ", ".join(bad))
+        self.in_force, self.in_force_feasible = InForcePlan.of(plan), False  # best effort
+
+    async def _restore(self) -> None:
+        """Read the published plan back after a (re)start: its version always, and the
+        plan itself as the plan in force when it was feasible. 404: nothing published."""
+        try:
+            cm = await self.client.get(self.configmap_path)
+        except ApiError as exc:
+            if not exc.not_found:
+                raise
+            cm = None
+        self._restored = True
+        if self._version is None:
+            self._version = version_of(cm)
+        text = ((cm or {}).get("data") or {}).get(PLAN_KEY)
+        if not text:
+            return
+        try:
+            doc = PlanDocument.from_json(text)
+        except ValueError as exc:
+            log.warning("published plan unreadable, planning from scratch: %s", exc)
+            return
+        ann = ((cm or {}).get("metadata") or {}).get("annotations") or {}
+        self.published = doc
+        self._published_content = plan_content(doc)
+        self._published_latest = (ann.get("joulepool.dev/latest-plan-feasible") == "true",
+                                  str(ann.get("joulepool.dev/latest-plan-message", "")))
+        if doc.feasible and self.in_force is None:
+            self.in_force = InForcePlan(doc, outcomes_from_document(doc))
+            self.in_force_feasible = True
+            log.info("restored plan v%d in force (%d pools) from ConfigMap %s",
+                     doc.version, len(doc.pools), PLAN_CONFIGMAP)
 
     # ------------------------------------------------------------ ConfigMap
     @property
@@ -431,6 +529,12 @@ class Planner:
                 desired.update(desired_deployments(
                     entry, pool, planned, self.config.scheduler_name))
         existing = self.deployments()
+        # An infeasible plan in force is a best effort: it never deletes a live pool's
+        # Deployment, only scales it to 0 (a feasible plan brings it back).
+        keep = set() if doc.feasible else {
+            k for k in (set(existing) | set(self._deploy_written)) - set(desired)
+            if _pool_of(k, existing, self._deploy_pool) in plannable
+        }
 
         async def put(k: tuple[str, str], body: dict[str, Any]) -> None:
             async with sem:
@@ -443,6 +547,7 @@ class Planner:
                     report.errors.append(f"Deployment {k[0]}/{k[1]}: {exc}")
                     return
                 self._deploy_written[k] = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+                self._deploy_pool[k] = body["metadata"]["labels"][POOL_LABEL]
                 if done == "created":
                     report.deployments_created += 1
                 else:
@@ -457,17 +562,43 @@ class Planner:
                         report.errors.append(f"Deployment {k[0]}/{k[1]} (delete): {exc}")
                         return
                 self._deploy_written.pop(k, None)
+                self._deploy_pool.pop(k, None)
                 report.deployments_deleted += 1
+
+        async def scale_down(k: tuple[str, str]) -> None:
+            async with sem:
+                try:
+                    await patch_merge_retrying(
+                        self.client, path_for("apps/v1", "deployments", k[0], k[1]),
+                        lambda _cur: scale_down_patch(), None)
+                except ApiError as exc:
+                    if not exc.not_found:
+                        report.errors.append(f"Deployment {k[0]}/{k[1]} (scale to 0): {exc}")
+                    else:  # already gone: nothing to keep
+                        self._deploy_written.pop(k, None)
+                        self._deploy_pool.pop(k, None)
+                    return
+                self._deploy_written[k] = SCALED_DOWN
+                report.deployments_scaled_down += 1
 
         jobs = []
         for k, body in desired.items():
             h = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
             seen = existing.get(k)
-            if (seen is not None and seen.spec_hash == h) or self._deploy_written.get(k) == h:
-                continue
+            written = self._deploy_written.get(k)
+            if written == h or (written != SCALED_DOWN and seen is not None
+                                and seen.spec_hash == h):
+                continue  # (after our scale-down the index may still show the old hash)
             jobs.append(put(k, body))
         stale = set(existing) | set(self._deploy_written)
-        jobs.extend(drop(k) for k in sorted(stale - set(desired)))
+        for k in sorted(stale - set(desired)):
+            if k not in keep:
+                jobs.append(drop(k))
+                continue
+            seen = existing.get(k)
+            done = (seen.replicas == 0 and seen.spec_hash == SCALED_DOWN) if seen else False
+            if not done and self._deploy_written.get(k) != SCALED_DOWN:
+                jobs.append(scale_down(k))
         if jobs:
             await asyncio.gather(*jobs)
 
@@ -481,6 +612,7 @@ class Planner:
                 if not exc.not_found:
                     raise
             self._deploy_written.pop(k, None)
+            self._deploy_pool.pop(k, None)
 
     def ready_replicas(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -541,6 +673,14 @@ class Planner:
         # patch tests the resourceVersion, so a status write now would only make it retry.
         # Its create handler triggers another pass once the finalizer is on.
         await asyncio.gather(*(write(e) for e in live.values() if e.finalized))
+
+
+def _pool_of(
+    k: tuple[str, str], existing: Mapping[tuple[str, str], DeploymentInfo],
+    written: Mapping[tuple[str, str], str],
+) -> str | None:
+    seen = existing.get(k)
+    return seen.pool if seen is not None else written.get(k)
 
 
 def _copy(status: Mapping[str, Any]) -> dict[str, Any]:

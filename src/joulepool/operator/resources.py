@@ -36,6 +36,10 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 REGION_LABEL = "topology.kubernetes.io/region"
 DEFAULT_SITE = "default"
 MODE_LABEL = "joulepool.dev/mode"
+#: node affinity on the node's name (``matchFields``: exact even where the
+#: ``kubernetes.io/hostname`` label differs from the Node's name)
+NODE_NAME_FIELD = "metadata.name"
+REQUIRED_AFFINITY = "requiredDuringSchedulingIgnoredDuringExecution"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "joulepool-operator"
 SPEC_HASH_ANNOTATION = "joulepool.dev/spec-hash"
@@ -168,8 +172,37 @@ def parse_quantity(value: Any) -> int:
         return 0
 
 
+#: taints the node lifecycle controller puts on a node that stopped reporting or is not ready
+DEAD_NODE_TAINTS = frozenset({"node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"})
+_BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+
+
+def node_schedulable(body: Mapping[str, Any]) -> bool:
+    """False for a node no new pod can land on: cordoned, not Ready, or tainted dead.
+
+    Cordoned: ``spec.unschedulable``. Not Ready: a ``Ready`` condition whose
+    status is not ``True`` (``False`` or ``Unknown``: the kubelet stopped
+    reporting); a node with no Ready condition at all has not been judged and
+    counts as ready. Dead: a ``node.kubernetes.io/unreachable`` or
+    ``node.kubernetes.io/not-ready`` taint with effect NoSchedule or NoExecute.
+    """
+    spec = body.get("spec") or {}
+    if spec.get("unschedulable"):
+        return False
+    for t in spec.get("taints") or ():
+        if (isinstance(t, Mapping) and t.get("key") in DEAD_NODE_TAINTS
+                and t.get("effect") in _BLOCKING_EFFECTS):
+            return False
+    for c in (body.get("status") or {}).get("conditions") or ():
+        if isinstance(c, Mapping) and c.get("type") == "Ready":
+            return str(c.get("status")) == "True"
+    return True
+
+
 def node_from_body(body: Mapping[str, Any]) -> NodeInfo | None:
-    """The GPU node as the planner sees it, or None (no GPU label, no GPUs, cordoned)."""
+    """The GPU node as the planner sees it, or None: no GPU label, no GPUs, or not
+    schedulable (cordoned, not Ready, unreachable / not-ready taint: :func:`node_schedulable`).
+    """
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
     product = labels.get(GPU_PRODUCT_LABEL)
@@ -179,7 +212,7 @@ def node_from_body(body: Mapping[str, Any]) -> NodeInfo | None:
     gpus = parse_quantity((status.get("allocatable") or {}).get(GPU_RESOURCE))
     if gpus <= 0:
         gpus = parse_quantity((status.get("capacity") or {}).get(GPU_RESOURCE))
-    if gpus <= 0 or (body.get("spec") or {}).get("unschedulable"):
+    if gpus <= 0 or not node_schedulable(body):
         return None
     site = labels.get(REGION_LABEL) or DEFAULT_SITE
     return NodeInfo.from_label(str(meta.get("name")), str(site), str(product), gpus)
@@ -337,16 +370,40 @@ def _gpu_container_index(containers: Sequence[Mapping[str, Any]]) -> int:
     return 0
 
 
+def _require_nodes(spec: dict[str, Any], nodes: Sequence[str]) -> None:
+    """Add a required nodeAffinity: Node ``metadata.name`` In ``nodes``, ANDed with the
+    template's own required terms (added to each of them, since terms are ORed)."""
+    expr = {"key": NODE_NAME_FIELD, "operator": "In", "values": sorted(set(nodes))}
+    affinity = spec.get("affinity")
+    affinity = dict(affinity) if isinstance(affinity, Mapping) else {}
+    node_aff = affinity.get("nodeAffinity")
+    node_aff = dict(node_aff) if isinstance(node_aff, Mapping) else {}
+    required = node_aff.get(REQUIRED_AFFINITY)
+    required = dict(required) if isinstance(required, Mapping) else {}
+    terms = [dict(t) for t in required.get("nodeSelectorTerms") or () if isinstance(t, Mapping)]
+    if not terms:
+        terms = [{}]
+    for t in terms:
+        t["matchFields"] = [*(t.get("matchFields") or ()), dict(expr)]
+    required["nodeSelectorTerms"] = terms
+    node_aff[REQUIRED_AFFINITY] = required
+    affinity["nodeAffinity"] = node_aff
+    spec["affinity"] = affinity
+
+
 def build_deployment(
     entry: PoolEntry, pool: InferencePool, mode: str, replicas: int, gpus_per_instance: int,
-    scheduler_name: str,
+    scheduler_name: str, nodes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The serving Deployment of one pool and one serving mode, from ``spec.template``.
 
     Owner reference to the pool (garbage-collected with it), joulepool's
     scheduler, the pool and mode labels on selector and pods, ``nvidia.com/gpu``
     requests = limits = the mode's GPUs per instance on the GPU container,
-    replicas = the plan's instances of that mode.
+    replicas = the plan's instances of that mode, and a required nodeAffinity
+    on the Node name In ``nodes`` (the nodes the plan gives this pool's
+    instances of this mode), so a pod can never land on a node planned for
+    another mode whatever the scheduler does.
     """
     template = copy.deepcopy(pool.spec.template)
     tmeta = template.setdefault("metadata", {})
@@ -354,6 +411,8 @@ def build_deployment(
     tmeta["labels"] = {**(tmeta.get("labels") or {}), **selector}
     spec = template.setdefault("spec", {})
     spec["schedulerName"] = scheduler_name
+    if nodes:
+        _require_nodes(spec, nodes)
     containers = spec.get("containers") or []
     if containers:
         c = containers[_gpu_container_index(containers)]
@@ -408,16 +467,32 @@ def desired_deployments(
     if not has_containers(pool):
         return {}
     by_mode: dict[str, tuple[int, int]] = {}
+    nodes: dict[str, set[str]] = {}
     for a in planned.assignments:
         if a.instances <= 0:
             continue
         n, g = by_mode.get(a.mode, (0, a.gpus_per_instance))
         by_mode[a.mode] = (n + a.instances, g)
+        nodes.setdefault(a.mode, set()).add(a.node)
     out = {}
     for mode, (replicas, gpus) in sorted(by_mode.items()):
-        body = build_deployment(entry, pool, mode, replicas, gpus, scheduler_name)
+        body = build_deployment(entry, pool, mode, replicas, gpus, scheduler_name,
+                                sorted(nodes[mode]))
         out[(entry.namespace, body["metadata"]["name"])] = body
     return out
+
+
+SCALED_DOWN = "scaled-to-zero"
+
+
+def scale_down_patch() -> dict[str, Any]:
+    """Merge patch that keeps a Deployment but runs none of its pods.
+
+    The spec-hash annotation is overwritten so the full body is written again
+    once the pool's mode is planned again.
+    """
+    return {"metadata": {"annotations": {SPEC_HASH_ANNOTATION: SCALED_DOWN}},
+            "spec": {"replicas": 0}}
 
 
 # ---------------------------------------------------------------------------
@@ -489,7 +564,7 @@ def pool_conditions(
                            f"plan v{version}: {_placement(served)}{stale}"))
     elif served is not None:
         conds.append(_cond(PLANNED, False, "PartiallyPlanned",
-                           f"no feasible plan yet; best-effort plan v{version}: "
+                           f"no usable feasible plan; best-effort plan v{version}: "
                            f"{_placement(served)}; {served.message}"))
     elif not entry.valid and key not in view.latest_pools:
         conds.append(_cond(PLANNED, False, "InvalidSpec", "not planned: the spec is invalid"))
