@@ -60,6 +60,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from joulepool.core.classes import CLASS_NAMES
+from joulepool.core.energy import J_PER_KWH
 
 __all__ = [
     "ASSUMED_FREESH_CARBON_G_PER_KWH",
@@ -85,8 +86,6 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Objective = Literal["energy", "carbon"]
 
-#: joules per kWh: gCO2 = W * s / J_PER_KWH * gCO2/kWh
-J_PER_KWH = 3.6e6
 #: default relative MIP gap: a plan proven within 1 % of the optimum. Demand
 #: already carries 10 % headroom, and at 10,000 GPUs the last 0.5 % takes HiGHS
 #: from seconds to minutes (benchmarks/bench_planner.py); small windows usually

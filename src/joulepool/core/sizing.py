@@ -70,7 +70,10 @@ class SizedPlan:
 
 
 def _unmet(result: PlanResult) -> float:
-    return 0.0 if result.feasible else float(sum(s.shortfall_rps for s in result.shortfalls))
+    """Unmet demand as the planner's partial model counts it: shares of each class's demand."""
+    if result.feasible:
+        return 0.0
+    return float(sum(s.shortfall_rps / s.demand_rps for s in result.shortfalls if s.demand_rps > 0))
 
 
 def plan_with_headroom(
@@ -96,9 +99,8 @@ def plan_with_headroom(
     # with result0 feasible, probes only need to know whether they fit; otherwise even
     # no headroom leaves demand unmet: serve as much as that, with the most headroom
     # that still does (probes then need their partial plans to compare)
-    total = float(problem0.forecast_rps.max(axis=1).sum()) * problem0.alpha
     floor = _unmet(result0)
-    tol = SHORTFALL_TOL_REL * floor + 1e-6 * total + 1e-9
+    tol = SHORTFALL_TOL_REL * floor + 1e-6 * len(problem0.classes) + 1e-9
 
     def good(r: PlanResult) -> bool:
         return r.feasible if result0.feasible else _unmet(r) <= floor + tol
