@@ -69,11 +69,11 @@ class SizedPlan:
         return f"{why}: planned with {self.scale:.0%} of it ({self.headroom.describe()})"
 
 
-def _unmet(result: PlanResult) -> float:
-    """Unmet demand as the planner's partial model counts it: shares of each class's demand."""
+def _unmet(result: PlanResult) -> dict[str, float]:
+    """Each short class's unmet share of its demand (the planner's partial-model measure)."""
     if result.feasible:
-        return 0.0
-    return float(sum(s.shortfall_rps / s.demand_rps for s in result.shortfalls if s.demand_rps > 0))
+        return {}
+    return {s.cls: s.shortfall_rps / s.demand_rps for s in result.shortfalls if s.demand_rps > 0}
 
 
 def plan_with_headroom(
@@ -100,10 +100,16 @@ def plan_with_headroom(
     # no headroom leaves demand unmet: serve as much as that, with the most headroom
     # that still does (probes then need their partial plans to compare)
     floor = _unmet(result0)
-    tol = SHORTFALL_TOL_REL * floor + 1e-6 * len(problem0.classes) + 1e-9
 
     def good(r: PlanResult) -> bool:
-        return r.feasible if result0.feasible else _unmet(r) <= floor + tol
+        # no class may be shorter than with no headroom at all (within the MILP's gap):
+        # a pool that fits must not lose capacity to another pool's headroom
+        if result0.feasible:
+            return r.feasible
+        return all(
+            share <= floor.get(cls, 0.0) * (1 + SHORTFALL_TOL_REL) + 1e-6
+            for cls, share in _unmet(r).items()
+        )
 
     if not result0.feasible:
         result = solve(problem)  # again, with its partial plan
