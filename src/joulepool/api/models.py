@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from joulepool.core.classes import SLO, Tier
+from joulepool.core.controllers import MIADController, PIController
+from joulepool.core.cost import BULK_LAMBDA_FACTOR
 
 GROUP = "joulepool.dev"
 VERSION = "v1alpha1"
@@ -229,17 +231,17 @@ class SiteCarbon(_Model):
 
 
 class PISpec(_Model):
-    kp: float = Field(default=20.0, ge=0)
-    ki: float = Field(default=200.0, ge=0)
-    target_miss_rate: float = Field(default=0.01, alias="targetMissRate", ge=0, le=1)
-    lambda_min: float = Field(default=0.0, alias="lambdaMin", ge=0)
-    lambda_max: float = Field(default=1e4, alias="lambdaMax", gt=0)
+    kp: float = Field(default=PIController.kp, ge=0)
+    ki: float = Field(default=PIController.ki, ge=0)
+    target_miss_rate: float = Field(default=PIController.target, alias="targetMissRate", ge=0, le=1)
+    lambda_min: float = Field(default=PIController.lam_min, alias="lambdaMin", ge=0)
+    lambda_max: float = Field(default=PIController.lam_max, alias="lambdaMax", gt=0)
 
 
 class MIADSpec(_Model):
-    k_inc: float = Field(default=1.5, alias="kInc", gt=1, le=4)
-    step_mhz: float = Field(default=30, alias="stepMHz", gt=0, le=1000)
-    margin: float = Field(default=0.1, ge=0, lt=1)
+    k_inc: float = Field(default=MIADController.k_inc, alias="kInc", gt=1, le=4)
+    step_mhz: float = Field(default=MIADController.step_mhz, alias="stepMHz", gt=0, le=1000)
+    margin: float = Field(default=MIADController.margin, ge=0, lt=1)
     period_seconds: float = Field(default=1.0, alias="periodSeconds", gt=0, le=60)
 
 
@@ -252,7 +254,9 @@ class EnergyPolicySpec(_Model):
     carbon: list[SiteCarbon] = Field(default_factory=list)
     pi: PISpec = Field(default_factory=PISpec)
     miad: MIADSpec = Field(default_factory=MIADSpec)
-    bulk_lambda_factor: float = Field(default=0.05, alias="bulkLambdaFactor", ge=0, le=1)
+    bulk_lambda_factor: float = Field(
+        default=BULK_LAMBDA_FACTOR, alias="bulkLambdaFactor", ge=0, le=1
+    )
 
 
 class EnergyPolicy(_Model):

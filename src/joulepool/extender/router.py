@@ -120,10 +120,10 @@ class RouterSettings:
     fallbacks: int = 3
     kp: float = PIController.kp
     ki: float = PIController.ki
-    target_miss_rate: float = 0.01
-    lambda_min: float = 0.0
-    lambda_max: float = 1e4
-    lambda_initial: float = 10.0
+    target_miss_rate: float = PIController.target
+    lambda_min: float = PIController.lam_min
+    lambda_max: float = PIController.lam_max
+    lambda_initial: float = PIController.lam
     pi_every: int = 50
     pi_period_s: float = 10.0
     miss_window_s: float = 60.0

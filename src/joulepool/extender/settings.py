@@ -98,10 +98,12 @@ class Settings(BaseModel):
     fallbacks: int = Field(3, ge=0, le=100, description="fallback endpoints per answer")
     pi_kp: float = Field(PIController.kp, ge=0, description="PI proportional gain")
     pi_ki: float = Field(PIController.ki, ge=0, description="PI integral gain")
-    target_miss_rate: float = Field(0.01, ge=0, le=1, description="deadline-miss target rho*")
-    lambda_min: float = Field(0.0, ge=0, description="lower clamp of lambda")
-    lambda_max: float = Field(1e4, gt=0, description="upper clamp of lambda")
-    lambda_initial: float = Field(10.0, ge=0, description="lambda before any feedback")
+    target_miss_rate: float = Field(
+        PIController.target, ge=0, le=1, description="deadline-miss target rho*"
+    )
+    lambda_min: float = Field(PIController.lam_min, ge=0, description="lower clamp of lambda")
+    lambda_max: float = Field(PIController.lam_max, gt=0, description="upper clamp of lambda")
+    lambda_initial: float = Field(PIController.lam, ge=0, description="lambda before any feedback")
     pi_every: int = Field(50, ge=1, description="PI step after this many completions")
     pi_period_seconds: float = Field(10.0, gt=0, description="or after this long")
     miss_window_seconds: float = Field(60.0, gt=0, description="sliding miss-ratio window")

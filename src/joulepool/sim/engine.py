@@ -70,9 +70,9 @@ ACTIVE, DRAINING, PENDING, RETIRED = 0, 1, 2, 3
 class EngineParams:
     tick_s: float = 1.0  # FREESH: MIAD every 1 s
     pi_period_s: float = 10.0  # assumed: JouleSched does not give its PI period
-    miad_k_inc: float = 1.5  # FREESH defaults (ARCHITECTURE.md 1.2)
-    miad_step_mhz: float = 30.0
-    miad_margin: float = 0.1
+    miad_k_inc: float = MIADController.k_inc  # FREESH defaults (ARCHITECTURE.md 1.2)
+    miad_step_mhz: float = MIADController.step_mhz
+    miad_margin: float = MIADController.margin
     drain_s: float = 600.0
     sample_gpus: int = 4
     progress_every_s: float = 10.0
