@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from joulepool.api.vllm import RUNNING, WAITING
+
 log = logging.getLogger(__name__)
 
-WAITING = "vllm:num_requests_waiting"
-RUNNING = "vllm:num_requests_running"
 _WANTED = (WAITING, RUNNING)
 MAX_METRICS_BYTES = 8 << 20
 

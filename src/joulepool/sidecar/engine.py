@@ -35,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from joulepool.api import vllm
 from joulepool.core.profiles import ServingProfile
 from joulepool.sidecar.backend import GPUError
 from joulepool.sidecar.simulated import SimulatedGPUs
@@ -55,16 +56,16 @@ class EngineMetrics:
         self.registry = registry or CollectorRegistry()
         r, labels = self.registry, ("model_name",)
         self.model = model
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be processed",
+        self.waiting = Gauge(vllm.WAITING, "Requests waiting to be processed",
                              labels, registry=r)
-        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch",
+        self.running = Gauge(vllm.RUNNING, "Requests in the running batch",
                              labels, registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token",
+        self.ttft = Histogram(vllm.TTFT, "Time to first token",
                               labels, buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token",
+        self.tpot = Histogram(vllm.TPOT, "Time per output token",
                               labels, buckets=TPOT_BUCKETS, registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens",
-                                         labels, registry=r)
+        self.generation_tokens = Counter(vllm.GENERATION_TOKENS.removesuffix("_total"),
+                                         "Generated tokens", labels, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens",
                                      labels, registry=r)
         self.success = Counter("vllm:request_success", "Finished requests",

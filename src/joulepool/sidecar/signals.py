@@ -25,16 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from joulepool.api.vllm import GENERATION_TOKENS, RUNNING, TPOT, TTFT, WAITING
 from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
 from joulepool.sidecar.background import Background
 
 log = logging.getLogger("joulepool.sidecar.signals")
 
-TTFT = "vllm:time_to_first_token_seconds"
-TPOT = "vllm:time_per_output_token_seconds"
-WAITING = "vllm:num_requests_waiting"
-RUNNING = "vllm:num_requests_running"
-GENERATION_TOKENS = "vllm:generation_tokens_total"
 GPU_INFO = "joulepool_engine_gpu_info"
 MODEL_LABEL = "model_name"
 
