@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every joulepool component: `joulepool <command>` (operator,
-# extender, sidecar, device-plugin, fake-engine, ...).
+# extender, node-agent, device-plugin, fake-engine, ...).
 #
 #   docker build -t joulepool:dev .
 #   docker run --rm joulepool:dev --help

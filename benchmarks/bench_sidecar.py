@@ -34,8 +34,8 @@ async def _serve_engines(state: str, n: int) -> None:
     from aiohttp import web
 
     from joulepool.core.profiles import H100_8B
-    from joulepool.sidecar.engine import FakeEngine, build_app
-    from joulepool.sidecar.simulated import SimulatedGPUs
+    from joulepool.fakes.engine import FakeEngine, build_app
+    from joulepool.fakes.gpus import SimulatedGPUs
 
     ports, runners = [], []
     for i in range(n):
@@ -65,9 +65,9 @@ async def _serve_engines(state: str, n: int) -> None:
 
 
 async def _measure(state: Path, ports: list[int], seconds: float, interval: float) -> dict:
-    from joulepool.sidecar.agent import AgentConfig, NodeAgent
-    from joulepool.sidecar.signals import PrometheusSignalSource, parse_engine_spec
-    from joulepool.sidecar.simulated import SimulatedBackend, SimulatedGPUs
+    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
+    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+    from joulepool.nodeagent.signals import PrometheusSignalSource, parse_engine_spec
 
     backend = SimulatedBackend(SimulatedGPUs.open(state))
     source = PrometheusSignalSource(
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve_engines(args.serve_engines, args.gpus))
         return 0
 
-    from joulepool.sidecar.simulated import SimulatedGPUs
+    from joulepool.fakes.gpus import SimulatedGPUs
 
     with tempfile.TemporaryDirectory(prefix="jp-bench-") as d:
         state = Path(d) / "gpu-state.json"

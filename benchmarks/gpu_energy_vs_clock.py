@@ -5,7 +5,7 @@
 
 Needs an NVIDIA GPU, its driver, root or CAP_SYS_ADMIN (to lock clocks) and
 torch or cupy for the load. It goes through joulepool's own NVML backend
-(``joulepool.sidecar.nvml``), so it also checks that code path on hardware:
+(``joulepool.nodeagent.nvml``), so it also checks that code path on hardware:
 
 1. reads energy, power and the supported clocks, and idles a few seconds to
    measure idle power;
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
+    from joulepool.core.device import GPUError, GPUErrorKind
     from joulepool.core.profiles import product_for_label
-    from joulepool.sidecar.backend import GPUError, GPUErrorKind
-    from joulepool.sidecar.nvml import NvmlBackend
+    from joulepool.nodeagent.nvml import NvmlBackend
 
     nvml = NvmlBackend()
     try:

@@ -23,9 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("joulepool.sim.cli", "replay a trace on a simulated cluster, compare policies"),
     "operator": ("joulepool.operator.cli", "run the kopf operator that plans InferencePools"),
     "extender": ("joulepool.extender.cli", "run the scheduler extender and request router"),
-    "sidecar": ("joulepool.sidecar.cli", "run the node agent: MIAD clock control and energy"),
-    "device-plugin": ("joulepool.deviceplugin.cli", "run the fake GPU kubelet device plugin"),
-    "fake-engine": ("joulepool.sidecar.engine_cli", "run a stand-in vLLM server on a fake GPU"),
+    "node-agent": ("joulepool.nodeagent.cli", "run the node agent: MIAD clock control and energy"),
+    "sidecar": ("joulepool.nodeagent.cli", "alias of node-agent (the name of earlier releases)"),
+    "device-plugin": ("joulepool.fakes.deviceplugin_cli", "run the fake GPU kubelet device plugin"),
+    "fake-engine": ("joulepool.fakes.engine_cli", "run a stand-in vLLM server on a fake GPU"),
     "bench": ("joulepool.bench", "run the benchmarks in benchmarks/"),
 }
 

@@ -489,7 +489,7 @@ def _validate_extender(args: Any) -> None:
 
 
 def _validate_sidecar(args: Any) -> None:
-    from joulepool.sidecar.runner import build_config
+    from joulepool.nodeagent.runner import build_config
 
     build_config(args, "node-a")
 

@@ -17,7 +17,7 @@ def test_the_e2e_pool_is_valid() -> None:
 
 
 def test_metric_names_are_the_node_agents() -> None:
-    metrics = pytest.importorskip("joulepool.sidecar.metrics",
+    metrics = pytest.importorskip("joulepool.nodeagent.metrics",
                                   reason="the node agent is not in this build")
     m = metrics.AgentMetrics("node-a")
     labels = m.gpu(0, "H100")

@@ -7,11 +7,11 @@ import types
 import pynvml
 import pytest
 
-from joulepool.sidecar.agent import AgentConfig, NodeAgent
-from joulepool.sidecar.backend import GPUError, GPUErrorKind
-from joulepool.sidecar.metrics import AgentMetrics
-from joulepool.sidecar.nvml import NvmlBackend
-from joulepool.sidecar.signals import EngineReading, StaticSignalSource
+from joulepool.core.device import GPUError, GPUErrorKind
+from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+from joulepool.nodeagent.metrics import AgentMetrics
+from joulepool.nodeagent.nvml import NvmlBackend
+from joulepool.nodeagent.signals import EngineReading, StaticSignalSource
 
 
 class FakeNVML:

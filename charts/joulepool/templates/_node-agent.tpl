@@ -84,7 +84,7 @@ spec:
           args:
             - --log-level
             - {{ $.Values.logLevel | quote }}
-            - sidecar
+            - node-agent
             - --backend
             - {{ $a.backend }}
             - --metrics-port

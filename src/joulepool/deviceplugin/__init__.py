@@ -1,1 +1,0 @@
-"""Fake kubelet device plugin (v1beta1) for kind."""

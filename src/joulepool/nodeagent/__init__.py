@@ -1,0 +1,1 @@
+"""Node agent (``joulepool node-agent``): MIAD GPU clock control over NVML, energy metering."""

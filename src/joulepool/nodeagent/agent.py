@@ -1,0 +1,600 @@
+"""The node agent: per-GPU MIAD clock control, energy metering and J/token estimates.
+
+Every period (default 1 s), for each GPU:
+
+1. read the energy counter, power and SM clock; feed the J/token estimator
+   with the energy delta and the new output tokens of the engine(s) on it;
+2. build the SLO signal from those engines (tail TTFT / TPOT over the recent
+   window, waiting requests) and the pool's SLO from the plan;
+3. ask ``core.controllers.MIADController`` for the next clock and lock it
+   (``min = lowest supported``, ``max = f``: the GPU may still idle lower).
+
+GPU safety, which is the point of this module:
+
+* clocks are reset on start (a crashed predecessor may have left them
+  locked), on stop (SIGTERM / SIGINT), after any control error, and whenever
+  a GPU has no engine signal or no SLO (no signal, no control); on stop every
+  GPU's reset is tried, whatever the agent believes about it, and a failure on
+  one GPU never skips the others;
+* without privilege (NO_PERMISSION) the agent goes monitor-only: it says so
+  once in the log and in ``joulepool_sidecar_monitor_only``, keeps measuring,
+  and never exits for it; clocks it had already locked on other GPUs (the
+  permission can differ per GPU) are reset on the way in;
+* nothing from the API server can stall control: plan / policy refreshes run
+  in the background (a period waits for them only briefly and otherwise uses
+  the last good copy), each period is bounded in time (an overrun counts as a
+  control error and resets the clocks), and SIGTERM / SIGINT interrupt a
+  period in progress so the reset on stop is prompt;
+* a lost GPU is reported (``joulepool_gpu_lost``, one log line), probed again
+  every ``lost_retry_s``, and never stops the other GPUs' control;
+* a GPU that cannot lock clocks (NOT_SUPPORTED) is measured only; one whose
+  energy counter is not supported is metered by integrating power.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from joulepool.core.controllers import Direction, MIADController, SLOSignal
+from joulepool.core.device import DeviceInfo, GPUBackend, GPUError, GPUErrorKind
+from joulepool.core.estimators import (
+    EnergyPerTokenEstimator,
+    counter_delta,
+    trapezoid_energy_j,
+)
+from joulepool.core.profiles import GPUProduct, product_for_label
+from joulepool.nodeagent.background import Background
+from joulepool.nodeagent.metrics import AgentMetrics
+from joulepool.nodeagent.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
+from joulepool.nodeagent.publisher import Measurement, ProfilePublisher
+from joulepool.nodeagent.signals import EngineReading, SignalSource
+
+log = logging.getLogger("joulepool.nodeagent")
+
+
+@dataclass
+class AgentConfig:
+    node: str = "node"
+    interval_s: float = 1.0
+    k_inc: float = 1.5
+    step_mhz: float = 30.0
+    margin: float = 0.1
+    #: SLO used when the plan names none for an engine's pool (None: no control)
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    lost_retry_s: float = 30.0
+    eps_half_life_s: float = 120.0
+    #: a control period longer than this is abandoned (None: 3 periods, at least 2 s)
+    tick_timeout_s: float | None = None
+
+    @property
+    def tick_timeout(self) -> float:
+        if self.tick_timeout_s is not None:
+            return self.tick_timeout_s
+        return max(3.0 * self.interval_s, 2.0)
+
+    @property
+    def refresh_wait_s(self) -> float:
+        """How long a period waits for a plan / policy refresh it started."""
+        return min(0.2 * self.interval_s, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError("interval must be > 0")
+        if self.tick_timeout_s is not None and self.tick_timeout_s <= 0:
+            raise ValueError("tick timeout must be > 0")
+        if (self.ttft_slo_s is None) != (self.tpot_slo_s is None):
+            raise ValueError("give both TTFT and TPOT fallback SLOs, or neither")
+        if self.ttft_slo_s is not None and (self.ttft_slo_s <= 0 or (self.tpot_slo_s or 0) <= 0):
+            raise ValueError("SLO targets must be > 0")
+        # MIAD's own validation (k_inc > 1, step > 0, 0 <= margin < 1) runs here too
+        MIADController([1.0], 1.0, 1.0, self.k_inc, self.step_mhz, self.margin)
+
+
+@dataclass
+class GPU:
+    """What the agent knows about one GPU."""
+
+    info: DeviceInfo
+    product: GPUProduct | None
+    supported: list[float] = field(default_factory=list)
+    controllable: bool = True
+    lost: bool = False
+    locked_mhz: float | None = None  # the cap we locked, None when unlocked
+    energy_counter: bool = True
+    last_energy_mj: float | None = None
+    last_power_w: float | None = None
+    last_t: float | None = None
+    next_probe: float = 0.0
+    eps: EnergyPerTokenEstimator = field(default_factory=EnergyPerTokenEstimator)
+    model: str | None = None
+    group: frozenset[int] = frozenset()  # GPUs of the instance(s) this GPU serves
+    group_mapped: bool = False  # an engine named the group's GPUs (so it is one instance)
+    controller: MIADController | None = None
+    controller_slo: tuple[float, float] | None = None
+    controller_params: tuple[float, float, float] | None = None
+    power_w: float = 0.0
+    sm_clock_mhz: float = 0.0
+
+    @property
+    def index(self) -> int:
+        return self.info.index
+
+    @property
+    def product_name(self) -> str:
+        return self.product.name if self.product else self.info.name
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        backend: GPUBackend,
+        source: SignalSource,
+        config: AgentConfig | None = None,
+        plan: PlanSource | None = None,
+        publisher: ProfilePublisher | None = None,
+        metrics: AgentMetrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        policy: PolicySource | None = None,
+    ) -> None:
+        self.backend = backend
+        self.policy = policy
+        self.source = source
+        self.config = config or AgentConfig()
+        self.plan: PlanSource = plan or NoPlan()
+        self.publisher = publisher
+        self.metrics = metrics or AgentMetrics(self.config.node)
+        self.monotonic = monotonic
+        self.gpus: list[GPU] = []
+        self.monitor_only = False
+        self.monitor_only_reason = ""
+        self.last_tick: float | None = None
+        self.lags: deque[float] = deque(maxlen=100_000)
+        self.ticks = 0
+        self._publishing: asyncio.Task[None] | None = None
+        self._logged: set[str] = set()
+        self._refresher = Background(self._refresh_sources, self.config.refresh_wait_s)
+        self._stopping = False  # set by stop(): no clock is locked after it
+
+    # ------------------------------------------------------------------ helpers
+    def _labels(self, gpu: GPU) -> tuple[str, str, str]:
+        return self.metrics.gpu(gpu.index, gpu.product_name)
+
+    def _once(self, key: str, level: int, msg: str, *args: object) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.log(level, msg, *args)
+
+    def _enter_monitor_only(self, reason: str) -> None:
+        if not self.monitor_only:
+            self.monitor_only = True
+            self.monitor_only_reason = reason
+            self.metrics.monitor_only.labels(self.config.node).set(1)
+            log.warning("monitor-only: cannot lock GPU clocks (%s); measuring energy only. "
+                        "Run the agent with CAP_SYS_ADMIN (or as root) to control clocks.",
+                        reason)
+        for gpu in self.gpus:
+            if gpu.locked_mhz is not None and not gpu.lost:
+                # we locked it before the permission failed (elsewhere): hand it back now
+                self._try_reset(gpu, self.monotonic())
+            gpu.locked_mhz = None
+            self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+
+    def _mark_lost(self, gpu: GPU, exc: GPUError, now: float) -> None:
+        if not gpu.lost:
+            log.error("GPU %d (%s, %s) is lost: %s; the other GPUs stay under control",
+                      gpu.index, gpu.product_name, gpu.info.uuid, exc)
+        gpu.lost = True
+        gpu.locked_mhz = None
+        gpu.next_probe = now + self.config.lost_retry_s
+        self.metrics.gpu_lost.labels(*self._labels(gpu)).set(1)
+        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+
+    def _on_error(self, gpu: GPU, exc: GPUError, now: float, what: str) -> None:
+        """React to a failed backend call on one GPU (never raises)."""
+        if exc.kind is GPUErrorKind.LOST:
+            self._mark_lost(gpu, exc, now)
+        elif exc.kind is GPUErrorKind.NO_PERMISSION:
+            self._enter_monitor_only(str(exc))
+        elif exc.kind is GPUErrorKind.NOT_SUPPORTED and what in ("lock", "reset"):
+            gpu.controllable = False
+            gpu.locked_mhz = None
+            self.metrics.controllable.labels(*self._labels(gpu)).set(0)
+            self._once(f"nosupport:{gpu.index}", logging.WARNING,
+                       "GPU %d cannot lock clocks (%s): measuring only", gpu.index, exc)
+        else:
+            self.metrics.control_errors.labels(*self._labels(gpu)).inc()
+            key = f"err:{gpu.index}:{what}"
+            level = logging.DEBUG if key in self._logged else logging.WARNING
+            self._logged.add(key)  # a persistent fault: the metric counts, the log says it once
+            log.log(level, "GPU %d: %s failed: %s; resetting its clocks", gpu.index, what, exc)
+            if what != "reset":
+                self._reset(gpu, now)
+
+    def _reset(self, gpu: GPU, now: float) -> bool:
+        """Unlock one GPU's clocks; True when it is known to be unlocked."""
+        if not gpu.controllable or gpu.lost:
+            return False
+        try:
+            self.backend.reset_locked_clocks(gpu.index)
+        except GPUError as exc:
+            if self.monitor_only and exc.kind is GPUErrorKind.NO_PERMISSION:
+                return False
+            self._on_error(gpu, exc, now, "reset")
+            return False
+        gpu.locked_mhz = None
+        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        return True
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Find the GPUs and reset their clocks. Raises GPUError if the backend cannot start."""
+        self.backend.init()
+        self._stopping = False
+        now = self.monotonic()
+        self.gpus = []
+        for info in self.backend.devices():
+            gpu = GPU(info, product_for_label(info.name),
+                      eps=EnergyPerTokenEstimator(half_life_s=self.config.eps_half_life_s))
+            self.gpus.append(gpu)
+            labels = self._labels(gpu)
+            self.metrics.gpu_lost.labels(*labels).set(0)
+            self.metrics.target_clock.labels(*labels).set(0)
+            self.metrics.controllable.labels(*labels).set(1)
+            for d in Direction:
+                self.metrics.decisions.labels(*labels, d.value)
+            self.metrics.control_errors.labels(*labels)
+            try:
+                gpu.supported = sorted(self.backend.supported_clocks_mhz(info.index))
+                if not gpu.supported:
+                    raise GPUError(GPUErrorKind.NOT_SUPPORTED, "no supported clocks", info.index)
+            except GPUError as exc:
+                if exc.kind is GPUErrorKind.LOST:
+                    self._mark_lost(gpu, exc, now)
+                    continue
+                gpu.controllable = False
+                self.metrics.controllable.labels(*labels).set(0)
+                self._once(f"nosupport:{gpu.index}", logging.WARNING,
+                           "GPU %d: no lockable clocks (%s): measuring only", info.index, exc)
+                continue
+            if not self.monitor_only:
+                self._reset(gpu, now)  # safety: a predecessor may have left clocks locked
+        log.info("node agent on %s: %d GPU(s): %s%s", self.config.node, len(self.gpus),
+                 ", ".join(f"{g.index}={g.product_name}" for g in self.gpus),
+                 " (monitor-only)" if self.monitor_only else "")
+
+    def _try_reset(self, gpu: GPU, now: float) -> bool:
+        """Reset one GPU's clocks whatever we believe about it; never raises.
+
+        NO_PERMISSION / NOT_SUPPORTED / a lost GPU are expected here (said once
+        per GPU and kind); anything else is logged as a warning.
+        """
+        try:
+            self.backend.reset_locked_clocks(gpu.index)
+        except GPUError as exc:
+            expected = (GPUErrorKind.NO_PERMISSION, GPUErrorKind.NOT_SUPPORTED,
+                        GPUErrorKind.LOST)
+            level = logging.INFO if exc.kind in expected else logging.WARNING
+            self._once(f"reset:{gpu.index}:{exc.kind.value}", level,
+                       "GPU %d: reset of locked clocks failed: %s", gpu.index, exc)
+            if exc.kind is GPUErrorKind.LOST and not gpu.lost:
+                self._mark_lost(gpu, exc, now)
+            return False
+        except Exception as exc:  # a backend bug must not skip the other GPUs
+            self._once(f"reset:{gpu.index}:{type(exc).__name__}", logging.WARNING,
+                       "GPU %d: reset of locked clocks failed: %r", gpu.index, exc)
+            return False
+        gpu.locked_mhz = None
+        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        return True
+
+    def reset_all(self) -> int:
+        """Try to unlock every GPU (each one, whatever the agent's state); returns how many."""
+        now = self.monotonic()
+        done = 0
+        for gpu in self.gpus:
+            if self._try_reset(gpu, now):
+                done += 1
+            gpu.locked_mhz = None
+            self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        return done
+
+    async def stop(self) -> None:
+        """Reset every GPU's clocks and let go of the backend (safe to call twice)."""
+        self._stopping = True
+        n = self.reset_all()  # first: nothing below may delay it
+        await self._refresher.cancel()
+        if self._publishing is not None and not self._publishing.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._publishing), timeout=2.0)
+        log.info("node agent stopping: clocks reset on %d GPU(s)", n)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.source.close(), timeout=2.0)
+        with contextlib.suppress(Exception):
+            self.backend.shutdown()
+
+    # ------------------------------------------------------------------ one period
+    def _assign(self, readings: Sequence[EngineReading]) -> dict[int, list[EngineReading]]:
+        """Engines per GPU: mapped ones where they say, the rest on every unclaimed GPU."""
+        by_gpu: dict[int, list[EngineReading]] = {g.index: [] for g in self.gpus}
+        claimed: set[int] = set()
+        for r in readings:
+            if r.gpus is not None:
+                for i in r.gpus:
+                    if i in by_gpu:
+                        by_gpu[i].append(r)
+                        claimed.add(i)
+        unclaimed = [i for i in by_gpu if i not in claimed]
+        for r in readings:
+            if r.gpus is None:
+                for i in unclaimed:
+                    by_gpu[i].append(r)
+        for gpu in self.gpus:
+            rs = by_gpu[gpu.index]
+            mapped = [r.gpus for r in rs if r.gpus is not None]
+            gpu.group_mapped = bool(mapped)
+            gpu.group = frozenset().union(*mapped) if mapped else frozenset(unclaimed)
+        return by_gpu
+
+    def _slo(self, readings: Sequence[EngineReading]) -> tuple[float, float] | None:
+        """The tightest SLO among the pools of these engines (plan first, then fallback)."""
+        pools = pools_on_node(self.plan.current(), self.config.node)
+        doc = self.plan.current()
+        targets: list[tuple[float, float]] = []
+        for r in readings:
+            pool = None
+            if r.pool and doc is not None and r.pool in doc.pools:
+                pool = doc.pools[r.pool]
+            elif r.pool is None and len(pools) == 1:
+                pool = next(iter(pools.values()))
+            if pool is not None:
+                targets.append((pool.slo.ttft_seconds, pool.slo.tpot_seconds))
+            elif self.config.ttft_slo_s is not None and self.config.tpot_slo_s is not None:
+                targets.append((self.config.ttft_slo_s, self.config.tpot_slo_s))
+        if not targets:
+            return None
+        return min(t[0] for t in targets), min(t[1] for t in targets)
+
+    def _model(self, readings: Sequence[EngineReading]) -> str | None:
+        doc = self.plan.current()
+        for r in readings:
+            if r.model:
+                return r.model
+            if r.pool and doc is not None and r.pool in doc.pools:
+                return doc.pools[r.pool].model
+        return None
+
+    def _measure(self, gpu: GPU, now: float, tokens: float) -> None:
+        labels = self._labels(gpu)
+        power_w = self.backend.power_mw(gpu.index) / 1e3
+        energy_mj: float | None = None
+        if gpu.energy_counter:
+            try:
+                energy_mj = self.backend.energy_mj(gpu.index)
+            except GPUError as exc:
+                if exc.kind is not GPUErrorKind.NOT_SUPPORTED:
+                    raise
+                gpu.energy_counter = False
+                self._once(f"noenergy:{gpu.index}", logging.WARNING,
+                           "GPU %d has no energy counter: integrating power instead", gpu.index)
+        gpu.sm_clock_mhz = self.backend.sm_clock_mhz(gpu.index)
+        gpu.power_w = power_w
+        if gpu.last_t is not None:
+            dt = max(now - gpu.last_t, 0.0)
+            if energy_mj is not None:
+                d_j = counter_delta(energy_mj, gpu.last_energy_mj) / 1e3
+            else:
+                d_j = trapezoid_energy_j(gpu.last_power_w or power_w, power_w, dt)
+            self.metrics.energy.labels(*labels).inc(d_j)
+            gpu.eps.update(d_j, tokens, dt)
+        gpu.last_t, gpu.last_energy_mj, gpu.last_power_w = now, energy_mj, power_w
+        self.metrics.power.labels(*labels).set(power_w)
+        self.metrics.sm_clock.labels(*labels).set(gpu.sm_clock_mhz)
+        if gpu.eps.value is not None and gpu.model:
+            self.metrics.eps.labels(*labels, gpu.model).set(gpu.eps.value)
+
+    def miad_params(self) -> tuple[float, float, float]:
+        """(k_inc, step MHz, margin): the EnergyPolicy's if it sets them, else the flags'."""
+        spec = self.policy.miad() if self.policy is not None else None
+        if spec is not None:
+            return spec.k_inc, spec.step_mhz, spec.margin
+        return self.config.k_inc, self.config.step_mhz, self.config.margin
+
+    def _controller(self, gpu: GPU, slo: tuple[float, float]) -> MIADController:
+        params = self.miad_params()
+        if gpu.controller is None or gpu.controller_slo != slo or \
+                gpu.controller_params != params:
+            lo = gpu.product.f_min_mhz.value if gpu.product else None
+            hi = gpu.product.f_max_mhz.value if gpu.product else None
+            usable = [f for f in gpu.supported
+                      if (lo is None or f >= lo - 1e-6) and (hi is None or f <= hi + 1e-6)]
+            gpu.controller = MIADController(
+                usable or gpu.supported, ttft_target_s=slo[0], tpot_target_s=slo[1],
+                k_inc=params[0], step_mhz=params[1], margin=params[2])
+            gpu.controller_slo = slo
+            gpu.controller_params = params
+        return gpu.controller
+
+    def _control(self, gpu: GPU, readings: Sequence[EngineReading], now: float) -> None:
+        if self._stopping or self.monitor_only or not gpu.controllable or gpu.lost:
+            return
+        live = [r for r in readings if not r.stale]
+        slo = self._slo(live) if live else None
+        if slo is None:  # no engine, no SLO, or engines gone silent: hand the clock back
+            if gpu.locked_mhz is not None:
+                self._reset(gpu, now)
+            return
+        labels = self._labels(gpu)
+        if any(not r.fresh for r in live):  # a missed scrape: hold, decide next period
+            self.metrics.decisions.labels(*labels, Direction.HOLD.value).inc()
+            return
+        ttfts = [r.ttft_tail_s for r in live if r.ttft_tail_s is not None]
+        tpots = [r.tpot_tail_s for r in live if r.tpot_tail_s is not None]
+        signal = SLOSignal(max(ttfts) if ttfts else None, max(tpots) if tpots else None,
+                           sum(max(r.waiting, 0) for r in live))
+        controller = self._controller(gpu, slo)
+        current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
+        target, direction = controller.step(current, signal)
+        if gpu.locked_mhz is None or target != gpu.locked_mhz:
+            try:
+                self.backend.set_locked_clocks(gpu.index, gpu.supported[0], target)
+            except GPUError as exc:
+                self._on_error(gpu, exc, now, "lock")
+                return
+            gpu.locked_mhz = target
+        self.metrics.decisions.labels(*labels, direction.value).inc()
+        self.metrics.target_clock.labels(*labels).set(target)
+
+    def _probe_lost(self, gpu: GPU, now: float) -> None:
+        if now < gpu.next_probe:
+            return
+        gpu.next_probe = now + self.config.lost_retry_s
+        try:
+            self.backend.power_mw(gpu.index)
+        except GPUError:
+            return
+        log.warning("GPU %d (%s) answers again; resuming", gpu.index, gpu.product_name)
+        gpu.lost = False
+        gpu.last_t = gpu.last_energy_mj = None
+        self.metrics.gpu_lost.labels(*self._labels(gpu)).set(0)
+        if not self.monitor_only:
+            self._reset(gpu, now)
+
+    async def _refresh_sources(self) -> None:
+        try:
+            await self.plan.refresh()
+            if self.policy is not None:
+                await self.policy.refresh()
+        except Exception as exc:
+            self._once("plan", logging.WARNING, "plan / policy refresh failed: %s", exc)
+
+    async def tick(self, now: float | None = None) -> None:
+        """One control period (``now``: monotonic seconds, injectable for tests)."""
+        t = self.monotonic() if now is None else now
+        # in the background: a hung API call leaves the last good plan / policy in use
+        await self._refresher.poke()
+        if self._refresher.running:
+            self._once("plan-slow", logging.WARNING,
+                       "plan / policy refresh is slow; controlling with the last good copy")
+        readings = await self.source.read(t)
+        by_gpu = self._assign(readings)
+        for gpu in self.gpus:
+            if gpu.lost:
+                self._probe_lost(gpu, t)
+                if gpu.lost:
+                    continue
+            rs = by_gpu.get(gpu.index, [])
+            fresh = [r for r in rs if r.fresh]
+            gpu.model = self._model(rs) or gpu.model
+            try:
+                self._measure(gpu, t, sum(r.tokens for r in fresh))
+            except GPUError as exc:
+                self._on_error(gpu, exc, t, "read")
+                continue
+            self._control(gpu, rs, t)
+        self.last_tick = self.monotonic()
+        self.ticks += 1
+        self._maybe_publish()
+
+    # ------------------------------------------------------------------ publication
+    def measurements(self) -> list[Measurement]:
+        """Instance J/token per (product, model, GPUs per instance) on this node.
+
+        A GPU's estimate is its energy per output token of the engine(s) it
+        serves, so an instance's J/token is the sum over its GPUs; instances
+        of one kind are averaged weighted by their token counts.
+        """
+        groups: dict[frozenset[int], list[GPU]] = {}
+        for gpu in self.gpus:
+            if gpu.lost or gpu.eps.value is None or not gpu.model or not gpu.group:
+                continue
+            groups.setdefault(gpu.group, []).append(gpu)
+        acc: dict[tuple[str, str, int | None], tuple[float, int]] = {}
+        for group, members in groups.items():
+            if len(members) != len(group):
+                continue  # part of the instance has no estimate yet
+            product = members[0].product_name
+            model = members[0].model or ""
+            eps = sum(m.eps.value or 0.0 for m in members)
+            samples = min(m.eps.samples for m in members)
+            per_instance = len(group) if members[0].group_mapped else None
+            key = (product, model, per_instance)
+            total, n = acc.get(key, (0.0, 0))
+            acc[key] = (total + eps * samples, n + samples)
+        return [
+            Measurement(product=p, model=m, gpus=g, joules_per_token=total / n, samples=n,
+                        node=self.config.node)
+            for (p, m, g), (total, n) in sorted(acc.items(), key=lambda kv: str(kv[0])) if n > 0
+        ]
+
+    def _maybe_publish(self) -> None:
+        if self.publisher is None:
+            return
+        if self._publishing is not None and not self._publishing.done():
+            return
+        ms = self.measurements()
+        if not ms:
+            return
+        publisher = self.publisher
+
+        def work() -> None:
+            for m in ms:
+                try:
+                    ok = publisher.publish(m)
+                    if ok:
+                        self.metrics.published.labels(self.config.node, "ok").inc()
+                except Exception as exc:  # API down, conflict: try again next time
+                    self.metrics.published.labels(self.config.node, "error").inc()
+                    self._once(f"publish:{type(exc).__name__}", logging.WARNING,
+                               "cannot publish J/token to GPUProfile: %s", exc)
+
+        self._publishing = asyncio.get_running_loop().create_task(asyncio.to_thread(work))
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every ``interval_s`` until ``stop`` is set, then reset every GPU."""
+        interval = self.config.interval_s
+        next_t = self.monotonic()
+        stopping = asyncio.ensure_future(stop.wait())
+        ticking: asyncio.Future[None] | None = None
+        try:
+            while not stop.is_set():
+                start = self.monotonic()
+                lag = max(start - next_t, 0.0)
+                self.lags.append(lag)
+                self.metrics.tick_lag.labels(self.config.node).observe(lag)
+                ticking = asyncio.ensure_future(self.tick(start))
+                await asyncio.wait({ticking, stopping}, timeout=self.config.tick_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not ticking.done():  # stopping, or the period hangs: abandon it
+                    ticking.cancel()
+                    await asyncio.wait({ticking}, timeout=1.0)
+                    if stop.is_set():
+                        break
+                    log.error("control period took over %.1f s; resetting every GPU's clocks",
+                              self.config.tick_timeout)
+                    self.metrics.control_errors.labels("all", "", self.config.node).inc()
+                    self.reset_all()
+                elif ticking.cancelled() or ticking.exception() is not None:
+                    exc = None if ticking.cancelled() else ticking.exception()
+                    log.error("control period failed; resetting every GPU's clocks",
+                              exc_info=exc)
+                    self.metrics.control_errors.labels("all", "", self.config.node).inc()
+                    self.reset_all()
+                self.metrics.tick_seconds.labels(self.config.node).observe(
+                    self.monotonic() - start)
+                next_t += interval
+                if next_t < self.monotonic():  # overran: skip the missed periods
+                    next_t = self.monotonic()
+                await asyncio.wait({stopping}, timeout=max(next_t - self.monotonic(), 0.0))
+        finally:
+            stopping.cancel()
+            if ticking is not None and not ticking.done():
+                ticking.cancel()
+            await self.stop()

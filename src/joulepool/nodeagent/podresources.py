@@ -1,0 +1,72 @@
+"""Which GPUs each pod on this node was given, from the kubelet's PodResources API (v1).
+
+The kubelet serves ``PodResourcesLister`` on a unix socket
+(``/var/lib/kubelet/pod-resources/kubelet.sock``). ``List`` says, per pod and
+container, the device IDs of each extended resource it was allocated; for
+``nvidia.com/gpu`` the NVIDIA device plugin (and joulepool's fake one) uses
+the GPU UUIDs, which NVML reports too. This is how the node agent knows
+which engine runs on which GPU without anybody annotating the pods.
+
+Device IDs of shared GPUs (time-slicing replicas, ``<uuid>::<n>``) map to the
+GPU; IDs that are not a GPU's UUID (MIG devices) are not mapped, and the
+engine is then treated as unmapped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+
+DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+GPU_RESOURCE = "nvidia.com/gpu"
+_MAX_MESSAGE = 16 * 1024 * 1024  # a busy node's full listing
+
+PodKey = tuple[str, str]  # (namespace, name)
+
+
+def device_uuid(device_id: str) -> str:
+    """The GPU UUID behind a device plugin device ID (``<uuid>::<replica>`` when shared)."""
+    return device_id.split("::", 1)[0].strip()
+
+
+class PodResourcesClient:
+    """A blocking client (call it from a thread); every call has a deadline."""
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, resource: str = GPU_RESOURCE,
+                 timeout_s: float = 3.0) -> None:
+        self.socket_path = socket_path
+        self.resource = resource
+        self.timeout_s = timeout_s
+
+    def available(self) -> bool:
+        try:
+            return stat.S_ISSOCK(os.stat(self.socket_path).st_mode)
+        except OSError:
+            return False
+
+    def gpu_devices(self) -> dict[PodKey, frozenset[str]]:
+        """GPU UUIDs allocated to each pod (all its containers) on this node."""
+        import grpc
+
+        from joulepool.protos import podresources_pb2, podresources_pb2_grpc
+
+        with grpc.insecure_channel(
+                f"unix://{self.socket_path}",
+                options=[("grpc.max_receive_message_length", _MAX_MESSAGE)]) as channel:
+            stub = podresources_pb2_grpc.PodResourcesListerStub(channel)
+            resp = stub.List(podresources_pb2.ListPodResourcesRequest(), timeout=self.timeout_s)
+        out: dict[PodKey, frozenset[str]] = {}
+        for pod in resp.pod_resources:
+            uuids = {device_uuid(d) for c in pod.containers for devs in c.devices
+                     if devs.resource_name == self.resource for d in devs.device_ids}
+            uuids.discard("")
+            if uuids:
+                out[(pod.namespace, pod.name)] = frozenset(uuids)
+        return out
+
+
+def gpu_indices(uuids: frozenset[str], index_of: Mapping[str, int]) -> frozenset[int] | None:
+    """The node's GPU indices for these UUIDs; None unless every one is a known GPU."""
+    found = {index_of[u] for u in uuids if u in index_of}
+    return frozenset(found) if found and len(found) == len(uuids) else None

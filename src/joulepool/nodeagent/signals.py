@@ -1,0 +1,334 @@
+"""SLO signals from the local serving engines' Prometheus metrics (vLLM names).
+
+Each control period the agent scrapes every engine's ``/metrics`` and turns
+the cumulative histograms into a *recent* tail: the buckets observed over the
+last ``window_s`` seconds, read at ``quantile`` with PromQL's rule
+(``core.estimators.histogram_quantile``). It also counts new output tokens
+(``vllm:generation_tokens_total``) for the online J/token estimate.
+
+Which GPUs an engine uses: given explicitly (``--engine-url 0,1@http://...``),
+or read from the engine's ``joulepool_engine_gpu_info{gpu="..."}`` metric (the
+fake engine exports it from the device plugin's ``JOULEPOOL_GPU_INDEX``);
+otherwise unknown, and the agent applies the engine to every GPU no other
+engine claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from joulepool.api.vllm import GENERATION_TOKENS, RUNNING, TPOT, TTFT, WAITING
+from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
+from joulepool.nodeagent.background import Background
+
+log = logging.getLogger("joulepool.nodeagent.signals")
+
+GPU_INFO = "joulepool_engine_gpu_info"
+MODEL_LABEL = "model_name"
+
+
+@dataclass(frozen=True)
+class Histogram:
+    bounds: tuple[float, ...] = ()
+    counts: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineSample:
+    """One scrape of an engine, cumulative counters as exported."""
+
+    waiting: float = 0.0
+    running: float = 0.0
+    ttft: Histogram = Histogram()
+    tpot: Histogram = Histogram()
+    generation_tokens: float = 0.0
+    model: str | None = None
+    gpus: frozenset[int] | None = None
+
+
+def _histogram(buckets: dict[float, float]) -> Histogram:
+    bounds = tuple(sorted(buckets))
+    return Histogram(bounds, tuple(buckets[b] for b in bounds))
+
+
+def parse_engine_metrics(text: str) -> EngineSample:
+    """Read the vLLM metrics out of a Prometheus text exposition (summed over labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gauges = {WAITING: 0.0, RUNNING: 0.0, GENERATION_TOKENS: 0.0}
+    buckets: dict[str, dict[float, float]] = {TTFT: {}, TPOT: {}}
+    models: set[str] = set()
+    gpus: set[int] = set()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            name, labels, value = s.name, s.labels, float(s.value)
+            if name in gauges:
+                gauges[name] += value
+            elif name.endswith("_bucket") and name[: -len("_bucket")] in buckets:
+                le = float(labels.get("le", "inf"))
+                h = buckets[name[: -len("_bucket")]]
+                h[le] = h.get(le, 0.0) + value
+            elif name == GPU_INFO and value > 0:
+                for part in str(labels.get("gpu", "")).split(","):
+                    if part.strip().isdigit():
+                        gpus.add(int(part))
+            else:
+                continue
+            if MODEL_LABEL in labels:
+                models.add(labels[MODEL_LABEL])
+    return EngineSample(
+        waiting=gauges[WAITING],
+        running=gauges[RUNNING],
+        ttft=_histogram(buckets[TTFT]),
+        tpot=_histogram(buckets[TPOT]),
+        generation_tokens=gauges[GENERATION_TOKENS],
+        model=sorted(models)[0] if models else None,
+        gpus=frozenset(gpus) if gpus else None,
+    )
+
+
+@dataclass(frozen=True)
+class EngineReading:
+    """What the agent uses from one engine in one period."""
+
+    engine: str
+    waiting: int = 0
+    ttft_tail_s: float | None = None
+    tpot_tail_s: float | None = None
+    tokens: float = 0.0  # new output tokens since the previous reading
+    model: str | None = None
+    pool: str | None = None
+    gpus: frozenset[int] | None = None
+    fresh: bool = True  # scraped successfully this period
+    stale: bool = False  # no successful scrape for longer than the stale timeout
+
+
+def tail(q: float, new: Histogram, old: Histogram | None) -> float | None:
+    """The q-quantile of what a histogram observed between two scrapes."""
+    if not new.bounds:
+        return None
+    base = old.counts if old is not None and old.bounds == new.bounds else None
+    counts = bucket_delta(new.counts, base)
+    bounds = list(new.bounds)
+    if not math.isinf(bounds[-1]):
+        bounds.append(math.inf)
+        counts.append(counts[-1])
+    return histogram_quantile(q, bounds, counts)
+
+
+@dataclass
+class EngineWindow:
+    """Recent scrapes of one engine: windowed tails and per-period token deltas."""
+
+    window_s: float = 10.0
+    history: deque[tuple[float, EngineSample]] = field(default_factory=deque)
+    last: EngineSample | None = None
+
+    def add(self, t: float, sample: EngineSample, q: float) -> tuple[float | None, float | None,
+                                                                     float]:
+        """Record a scrape; return (TTFT tail, TPOT tail, new tokens since the last scrape)."""
+        tokens = counter_delta(sample.generation_tokens,
+                               self.last.generation_tokens if self.last else None)
+        if self.last is not None and sample.generation_tokens < self.last.generation_tokens:
+            self.history.clear()  # the engine restarted: old buckets mean nothing now
+        self.last = sample
+        self.history.append((t, sample))
+        # keep one sample at or before the window start as the baseline
+        while len(self.history) >= 2 and self.history[1][0] <= t - self.window_s:
+            self.history.popleft()
+        base = self.history[0][1] if len(self.history) >= 2 else None
+        return tail(q, sample.ttft, base.ttft if base else None), \
+            tail(q, sample.tpot, base.tpot if base else None), tokens
+
+
+@dataclass(frozen=True)
+class EngineEndpoint:
+    url: str  # the engine's metrics URL
+    pool: str | None = None
+    gpus: frozenset[int] | None = None
+
+
+def metrics_url(url: str) -> str:
+    """``http://host:8000`` -> ``http://host:8000/metrics``; a URL with a path is kept."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"engine URL must be http(s)://host:port[/path], got {url!r}")
+    path = parts.path if parts.path not in ("", "/") else "/metrics"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def parse_engine_spec(spec: str, pool: str | None = None) -> EngineEndpoint:
+    """``[GPU[,GPU...]@]URL``, e.g. ``0,1@http://127.0.0.1:8000``."""
+    spec = spec.strip()
+    gpus: frozenset[int] | None = None
+    if "@" in spec and not spec.startswith(("http://", "https://")):
+        head, spec = spec.split("@", 1)
+        try:
+            gpus = frozenset(int(x) for x in head.split(",") if x.strip())
+        except ValueError:
+            raise ValueError(f"GPU list before '@' must be integers, got {head!r}") from None
+        if not gpus or min(gpus) < 0:
+            raise ValueError(f"GPU list before '@' must be non-negative integers, got {head!r}")
+    return EngineEndpoint(metrics_url(spec), pool, gpus)
+
+
+class SignalSource(Protocol):
+    async def read(self, now: float) -> list[EngineReading]: ...
+
+    async def close(self) -> None: ...
+
+
+Discover = Callable[[], Awaitable[Sequence[EngineEndpoint]]]
+
+
+class PrometheusSignalSource:
+    """Scrapes engines' ``/metrics`` over HTTP (aiohttp), concurrently, with a timeout."""
+
+    def __init__(
+        self,
+        endpoints: Iterable[EngineEndpoint] = (),
+        discover: Discover | None = None,
+        quantile: float = 0.9,
+        window_s: float = 10.0,
+        timeout_s: float = 0.8,
+        stale_s: float = 5.0,
+        discover_interval_s: float = 15.0,
+        on_error: Callable[[str], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        discover_wait_s: float = 0.2,
+    ) -> None:
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError("quantile must be in (0, 1]")
+        self.static = list(endpoints)
+        self.discover = discover
+        self.quantile = quantile
+        self.window_s = window_s
+        self.timeout_s = timeout_s
+        self.stale_s = stale_s
+        self.discover_interval_s = discover_interval_s
+        self.on_error = on_error
+        self.monotonic = monotonic
+        self.discovered: list[EngineEndpoint] = []
+        self._next_discovery = 0.0
+        # discovery runs in the background: a hung API call never holds up a read
+        self._discovery = Background(self._discover_once, discover_wait_s)
+        self._windows: dict[str, EngineWindow] = {}
+        self._last_ok: dict[str, float] = {}
+        self._last_reading: dict[str, EngineReading] = {}
+        self._session: Any = None
+        self._warned: set[str] = set()
+
+    def endpoints(self) -> list[EngineEndpoint]:
+        seen: dict[str, EngineEndpoint] = {}
+        for e in [*self.static, *self.discovered]:
+            seen.setdefault(e.url, e)
+        return list(seen.values())
+
+    async def _maybe_discover(self) -> None:
+        if self.discover is None or self._discovery.running:
+            return
+        now = self.monotonic()
+        if now < self._next_discovery:
+            return
+        self._next_discovery = now + self.discover_interval_s
+        await self._discovery.poke()
+        if self._discovery.running and "discover:slow" not in self._warned:
+            self._warned.add("discover:slow")
+            log.warning("engine discovery is slow; scraping the %d known engines meanwhile",
+                        len(self.discovered))
+
+    async def _discover_once(self) -> None:
+        if self.discover is None:
+            return
+        try:
+            self.discovered = list(await self.discover())
+        except Exception as exc:  # keep the last list; say so once per kind of failure
+            key = f"discover:{type(exc).__name__}"
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("engine discovery failed, keeping %d known engines: %s",
+                            len(self.discovered), exc)
+
+    async def _scrape(self, url: str) -> str:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self._session.get(url) as resp:
+            resp.raise_for_status()
+            text: str = await resp.text()
+            return text
+
+    async def read(self, now: float) -> list[EngineReading]:
+        await self._maybe_discover()
+        endpoints = self.endpoints()
+        texts = await asyncio.gather(*(self._scrape(e.url) for e in endpoints),
+                                     return_exceptions=True)
+        live = {e.url for e in endpoints}
+        for url in list(self._windows):
+            if url not in live:  # engine went away
+                self._windows.pop(url, None)
+                self._last_ok.pop(url, None)
+                self._last_reading.pop(url, None)
+        out = []
+        for e, text in zip(endpoints, texts, strict=True):
+            reading = self._reading(e, text, now)
+            out.append(reading)
+        return out
+
+    def _reading(self, e: EngineEndpoint, text: str | BaseException, now: float) -> EngineReading:
+        try:
+            if isinstance(text, BaseException):
+                raise text
+            sample = parse_engine_metrics(text)
+        except Exception as exc:
+            if self.on_error:
+                self.on_error(e.url)
+            if e.url not in self._warned:
+                self._warned.add(e.url)
+                log.warning("cannot scrape engine %s: %r", e.url, exc)
+            last_ok = self._last_ok.get(e.url)
+            stale = last_ok is None or now - last_ok > self.stale_s
+            prev = self._last_reading.get(e.url)
+            return EngineReading(
+                engine=e.url, pool=e.pool,
+                gpus=e.gpus if e.gpus is not None else (prev.gpus if prev else None),
+                model=prev.model if prev else None, fresh=False, stale=stale)
+        self._warned.discard(e.url)
+        window = self._windows.setdefault(e.url, EngineWindow(self.window_s))
+        ttft, tpot, tokens = window.add(now, sample, self.quantile)
+        self._last_ok[e.url] = now
+        reading = EngineReading(
+            engine=e.url, waiting=round(sample.waiting), ttft_tail_s=ttft, tpot_tail_s=tpot,
+            tokens=tokens, model=sample.model, pool=e.pool,
+            gpus=e.gpus if e.gpus is not None else sample.gpus)
+        self._last_reading[e.url] = reading
+        return reading
+
+    async def close(self) -> None:
+        await self._discovery.cancel()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class StaticSignalSource:
+    """Readings handed in by the caller (tests, benchmarks)."""
+
+    def __init__(self, fn: Callable[[float], list[EngineReading]]) -> None:
+        self.fn = fn
+
+    async def read(self, now: float) -> list[EngineReading]:
+        return self.fn(now)
+
+    async def close(self) -> None:
+        return None

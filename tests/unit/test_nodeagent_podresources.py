@@ -1,0 +1,195 @@
+"""Engines -> GPUs through the kubelet PodResources API (v1), against a fake kubelet socket."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import types
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from joulepool.nodeagent.discovery import PodDiscovery
+from joulepool.nodeagent.podresources import PodResourcesClient, device_uuid, gpu_indices
+from joulepool.protos import podresources_pb2 as pb
+
+UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
+INDEX = {u: i for i, u in enumerate(UUIDS)}
+
+
+def container(name: str, *devices: tuple[str, list[str]], cpu_ids: bool = False):
+    c = pb.ContainerResources(name=name, devices=[
+        pb.ContainerDevices(resource_name=r, device_ids=ids) for r, ids in devices])
+    if cpu_ids:  # a newer kubelet's field 3 (cpu_ids, packed int64): unknown to us, skipped
+        c = pb.ContainerResources.FromString(c.SerializeToString() + b"\x1a\x02\x01\x02")
+    return c
+
+
+class FakeKubelet:
+    """Serves /v1.PodResourcesLister/List on a unix socket, by path (not via our stubs)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = directory / "kubelet.sock"
+        self.pods: list[pb.PodResources] = []
+        self.fail: grpc.StatusCode | None = None
+        self.calls = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.method_handlers_generic_handler("v1.PodResourcesLister", {
+            "List": grpc.unary_unary_rpc_method_handler(
+                self._list, request_deserializer=lambda b: b,
+                response_serializer=lambda m: m.SerializeToString())})
+        self.server.add_generic_rpc_handlers((handler,))
+        self.server.add_insecure_port(f"unix://{self.socket}")
+        self.server.start()
+
+    def _list(self, request: bytes, context: grpc.ServicerContext):
+        self.calls += 1
+        if self.fail is not None:
+            context.abort(self.fail, "kubelet says no")
+        return pb.ListPodResourcesResponse(pod_resources=self.pods)
+
+
+@pytest.fixture
+def kubelet() -> Iterator[FakeKubelet]:
+    d = Path(tempfile.mkdtemp(prefix="jp-pr-", dir="/tmp"))  # short: unix socket path limit
+    k = FakeKubelet(d)
+    try:
+        yield k
+    finally:
+        k.server.stop(None)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_device_ids_to_uuids_and_indices():
+    assert device_uuid("GPU-aaaa") == "GPU-aaaa"
+    assert device_uuid("GPU-aaaa::3") == "GPU-aaaa"  # a time-slicing replica
+    assert gpu_indices(frozenset({"GPU-bbbb", "GPU-dddd"}), INDEX) == frozenset({1, 3})
+    assert gpu_indices(frozenset({"MIG-1234"}), INDEX) is None
+    assert gpu_indices(frozenset({"GPU-aaaa", "MIG-1234"}), INDEX) is None  # partly: no
+
+
+def test_client_lists_gpu_devices_per_pod(kubelet: FakeKubelet):
+    kubelet.pods = [
+        pb.PodResources(namespace="ns", name="chat-0", containers=[
+            container("engine", ("nvidia.com/gpu", ["GPU-aaaa", "GPU-bbbb"]),
+                      ("example.com/nic", ["nic0"]), cpu_ids=True),
+            container("sidecar")]),
+        pb.PodResources(namespace="ns", name="shared", containers=[
+            container("engine", ("nvidia.com/gpu", ["GPU-cccc::0", "GPU-cccc::1"]))]),
+        pb.PodResources(namespace="kube-system", name="cpu-only", containers=[container("c")]),
+    ]
+    client = PodResourcesClient(str(kubelet.socket))
+    assert client.available()
+    assert client.gpu_devices() == {
+        ("ns", "chat-0"): frozenset({"GPU-aaaa", "GPU-bbbb"}),
+        ("ns", "shared"): frozenset({"GPU-cccc"}),
+    }
+    assert not PodResourcesClient(str(kubelet.socket) + ".nope").available()
+
+
+def pod(name: str, ns: str = "ns", annotations=None, ip: str = "10.0.0.1"):
+    n = types.SimpleNamespace
+    return n(status=n(pod_ip=ip, phase="Running"),
+             metadata=n(name=name, namespace=ns, labels={"joulepool.dev/pool": "ns.chat"},
+                        annotations=annotations or {}),
+             spec=n(containers=[n(ports=[n(container_port=8000, name="http")])]))
+
+
+class FakeCore:
+    def __init__(self, pods) -> None:
+        self.pods = pods
+
+    def list_pod_for_all_namespaces(self, **kw):
+        assert kw.get("_request_timeout")
+        return types.SimpleNamespace(items=self.pods)
+
+
+async def test_discovery_maps_engines_to_their_allocated_gpus(kubelet: FakeKubelet, caplog):
+    caplog.set_level(logging.INFO, logger="joulepool.nodeagent.discovery")
+    kubelet.pods = [
+        pb.PodResources(namespace="ns", name="tp2", containers=[
+            container("engine", ("nvidia.com/gpu", ["GPU-cccc", "GPU-dddd"]))]),
+        pb.PodResources(namespace="ns", name="one", containers=[
+            container("engine", ("nvidia.com/gpu", ["GPU-aaaa"]))]),
+        pb.PodResources(namespace="ns", name="mig", containers=[
+            container("engine", ("nvidia.com/gpu", ["MIG-0001"]))]),
+        pb.PodResources(namespace="ns", name="annotated", containers=[
+            container("engine", ("nvidia.com/gpu", ["GPU-bbbb"]))]),
+    ]
+    api = FakeCore([pod("tp2", ip="10.0.0.2"), pod("one", ip="10.0.0.3"),
+                    pod("mig", ip="10.0.0.4"), pod("nogpu", ip="10.0.0.5"),
+                    pod("annotated", ip="10.0.0.6", annotations={"joulepool.dev/gpus": "0"})])
+    d = PodDiscovery("n1", api=api, pod_resources=PodResourcesClient(str(kubelet.socket)),
+                     gpu_uuids=lambda: INDEX)
+    got = {e.url.split("//")[1].split(":")[0]: e.gpus for e in await d()}
+    assert got == {
+        "10.0.0.2": frozenset({2, 3}),
+        "10.0.0.3": frozenset({0}),
+        "10.0.0.4": None,  # MIG devices are not this node's GPU UUIDs
+        "10.0.0.5": None,  # no GPU allocated
+        "10.0.0.6": frozenset({0}),  # the annotation wins
+    }
+    assert any("ns/mig" in r.getMessage() for r in caplog.records)
+
+
+async def test_discovery_without_the_kubelet_socket_or_with_errors_stays_unmapped(
+        kubelet: FakeKubelet, caplog):
+    caplog.set_level(logging.INFO, logger="joulepool.nodeagent.discovery")
+    kubelet.pods = [pb.PodResources(namespace="ns", name="one", containers=[
+        container("engine", ("nvidia.com/gpu", ["GPU-aaaa"]))])]
+    api = FakeCore([pod("one")])
+    missing = PodDiscovery("n1", api=api, gpu_uuids=lambda: INDEX,
+                           pod_resources=PodResourcesClient("/nonexistent/kubelet.sock"))
+    for _ in range(2):
+        (e,) = await missing()
+        assert e.gpus is None
+    said = [r for r in caplog.records if "no kubelet pod-resources socket" in r.getMessage()]
+    assert len(said) == 1
+    kubelet.fail = grpc.StatusCode.PERMISSION_DENIED
+    d = PodDiscovery("n1", api=api, gpu_uuids=lambda: INDEX,
+                     pod_resources=PodResourcesClient(str(kubelet.socket)))
+    (e,) = await d()
+    assert e.gpus is None
+    assert any("cannot list pod resources" in r.getMessage() for r in caplog.records)
+    kubelet.fail = None  # the kubelet is back: mapped again
+    (e,) = await d()
+    assert e.gpus == frozenset({0})
+    # no pod without an annotation: the kubelet is not asked at all
+    calls = kubelet.calls
+    d2 = PodDiscovery("n1", api=FakeCore([pod("x", annotations={"joulepool.dev/gpus": "1"})]),
+                      gpu_uuids=lambda: INDEX,
+                      pod_resources=PodResourcesClient(str(kubelet.socket)))
+    (e,) = await d2()
+    assert e.gpus == frozenset({1}) and kubelet.calls == calls
+
+
+def test_the_sidecar_wires_pod_resources_to_the_agents_gpus(monkeypatch):
+    from joulepool.cli import build_parser
+    from joulepool.fakes.gpus import fake_uuid
+    from joulepool.nodeagent import runner
+
+    for k in ("JOULEPOOL_POD_RESOURCES_SOCKET", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(k, raising=False)
+    seen = {}
+
+    async def fake_main(args, agent):
+        agent.start()
+        seen["discover"] = agent.source.discover
+        return 0
+
+    monkeypatch.setattr(runner, "_main", fake_main)
+    monkeypatch.setattr(runner, "load_kube_config", lambda: None)
+    args = build_parser().parse_args(
+        ["sidecar", "--backend", "simulated", "--count", "2", "--node", "n9",
+         "--kubernetes", "on", "--engine-discovery", "pods"])
+    assert runner.run_sidecar(args) == 0
+    d = seen["discover"]
+    assert d.pod_resources.socket_path == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    assert d.gpu_uuids() == {fake_uuid("n9", 0): 0, fake_uuid("n9", 1): 1}
+    args.pod_resources_socket = "off"
+    assert runner.run_sidecar(args) == 0
+    assert seen["discover"].pod_resources is None
