@@ -11,6 +11,7 @@ import yaml
 from chartlib import NAMESPACE, Rendered, name, rendered
 
 wire = pytest.importorskip("joulepool.extender.wire", reason="the extender is not in this build")
+contract = pytest.importorskip("joulepool.api.contract")
 
 
 def _config(r: Rendered) -> dict[str, Any]:
@@ -42,8 +43,8 @@ def test_extender_verbs_port_and_prefix_are_what_the_extender_serves() -> None:
     url = urlsplit(ext["urlPrefix"])
     assert url.scheme == "http" and ext["enableHTTPS"] is False
     assert url.hostname == "127.0.0.1"
-    assert url.port == wire.DEFAULT_PORT
-    assert url.path == wire.DEFAULT_PREFIX
+    assert url.port == contract.EXTENDER_PORT
+    assert url.path == contract.EXTENDER_PREFIX
     verbs = {k: v for k, v in ext.items() if k.endswith("Verb")}
     assert verbs == {"filterVerb": "filter", "prioritizeVerb": "prioritize"}
     assert tuple(verbs.values()) == tuple(wire.VERBS)

@@ -18,7 +18,7 @@ from operator_fixtures import (
     pool,
 )
 
-from joulepool.api.plan import POOL_LABEL
+from joulepool.api.contract import POOL_LABEL
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 A100 = "NVIDIA-A100-SXM4-80GB"

@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 
+from joulepool.api.contract import EXTENDER_PORT as DEFAULT_PORT
+from joulepool.api.contract import EXTENDER_PREFIX as DEFAULT_PREFIX
+from joulepool.api.contract import MODE_LABEL
 from joulepool.extender import testing as T
 from joulepool.extender.wire import (
-    DEFAULT_PORT,
-    DEFAULT_PREFIX,
-    MODE_LABEL,
     VERBS,
     ExtenderArgs,
     ExtenderFilterResult,

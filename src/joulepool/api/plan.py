@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 PLAN_CONFIGMAP = "joulepool-plan"
 PLAN_KEY = "plan.json"
-POOL_LABEL = "joulepool.dev/pool"  # value: "<namespace>.<name>"
 
 
 def pool_key(namespace: str, name: str) -> str:

@@ -19,10 +19,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from joulepool.api.contract import EXTENDER_PORT as DEFAULT_PORT
+from joulepool.api.contract import EXTENDER_PREFIX as DEFAULT_PREFIX
 from joulepool.api.plan import PLAN_CONFIGMAP
 from joulepool.core.controllers import PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
-from joulepool.extender.wire import DEFAULT_PORT, DEFAULT_PREFIX
 
 ENV_PREFIX = "JOULEPOOL_EXTENDER_"
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")

@@ -21,12 +21,11 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
+from joulepool.api.contract import GPU_PRODUCT_LABEL, REGION_LABEL
 from joulepool.api.plan import PlanDocument, PlannedPool
 from joulepool.core.profiles import product_for_label
 from joulepool.extender.wire import (
-    GPU_PRODUCT_LABEL,
     MAX_EXTENDER_PRIORITY,
-    REGION_LABEL,
     Node,
     Pod,
 )

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from joulepool.api.plan import (
+from joulepool.api.contract import (
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    MODE_LABEL,
     POOL_LABEL,
+    REGION_LABEL,
+)
+from joulepool.api.plan import (
     PlanDocument,
     PlannedInstance,
     PlannedNode,
     PlannedPool,
     PlannedSLO,
 )
-from joulepool.extender.wire import GPU_PRODUCT_LABEL, GPU_RESOURCE, MODE_LABEL, REGION_LABEL
 
 PRODUCT_LABELS = {
     "H100": "NVIDIA-H100-80GB-HBM3",

@@ -24,24 +24,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from joulepool.api.plan import POOL_LABEL
+from joulepool.api.contract import (
+    GPU_RESOURCE,
+    MODE_LABEL,
+    POOL_LABEL,
+    PORT_ANNOTATION,
+)
 
-DEFAULT_PORT = 8888
-DEFAULT_PREFIX = "/scheduler"
 #: kube-scheduler posts to ``<urlPrefix>/<verb>``: filterVerb and prioritizeVerb.
 VERBS = ("filter", "prioritize")
 
 MIN_EXTENDER_PRIORITY = 0
 MAX_EXTENDER_PRIORITY = 10
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-REGION_LABEL = "topology.kubernetes.io/region"
-#: optional pod annotation naming the serving port the router sends requests to
-PORT_ANNOTATION = "joulepool.dev/port"
-#: serving mode of a pool's pod (e.g. ``4xH100``), set by the operator next to the pool
-#: label, one Deployment per (pool, mode); same value as ``operator.resources.MODE_LABEL``
-MODE_LABEL = "joulepool.dev/mode"
 
 Quantity = str | int | float
 

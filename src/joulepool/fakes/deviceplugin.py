@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 
+from joulepool.api.contract import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE
 from joulepool.core.profiles import GPUProduct
 from joulepool.fakes.gpus import FAULT_LOST, SimulatedGPUs, fake_uuid
 from joulepool.protos import api_pb2, api_pb2_grpc
@@ -43,7 +44,7 @@ log = logging.getLogger("joulepool.deviceplugin")
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
-DEFAULT_RESOURCE = "nvidia.com/gpu"
+DEFAULT_RESOURCE = GPU_RESOURCE
 DEFAULT_ENDPOINT = "joulepool-fake-gpu.sock"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -316,8 +317,8 @@ def product_and_count_from_node(node: str, api: Any | None = None,
         api = client.CoreV1Api()
     meta = api.read_node(node).metadata
     labels = (meta.labels if meta is not None else None) or {}
-    count = labels.get("nvidia.com/gpu.count")
-    return labels.get("nvidia.com/gpu.product"), int(count) if count and count.isdigit() else None
+    count = labels.get(GPU_COUNT_LABEL)
+    return labels.get(GPU_PRODUCT_LABEL), int(count) if count and count.isdigit() else None
 
 
 Factory = Callable[[], FakeGPUDevicePlugin]

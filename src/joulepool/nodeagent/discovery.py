@@ -14,15 +14,20 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from joulepool.api.plan import POOL_LABEL
+from joulepool.api.contract import (
+    ENGINE_PORT,
+    GPUS_ANNOTATION,
+    METRICS_PATH_ANNOTATION,
+    METRICS_PORT_ANNOTATION,
+    POOL_LABEL,
+)
 from joulepool.nodeagent.background import API_TIMEOUT
 from joulepool.nodeagent.podresources import PodResourcesClient, gpu_indices
 from joulepool.nodeagent.signals import EngineEndpoint
 
-PORT_ANNOTATION = "joulepool.dev/metrics-port"
-PATH_ANNOTATION = "joulepool.dev/metrics-path"
-GPUS_ANNOTATION = "joulepool.dev/gpus"  # optional "0,1": which of the node's GPUs it uses
-DEFAULT_PORT = 8000
+PORT_ANNOTATION = METRICS_PORT_ANNOTATION
+PATH_ANNOTATION = METRICS_PATH_ANNOTATION
+DEFAULT_PORT = ENGINE_PORT
 
 log = logging.getLogger("joulepool.nodeagent.discovery")
 

@@ -18,8 +18,9 @@ import os
 import stat
 from collections.abc import Mapping
 
+from joulepool.api.contract import GPU_RESOURCE
+
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
-GPU_RESOURCE = "nvidia.com/gpu"
 _MAX_MESSAGE = 16 * 1024 * 1024  # a busy node's full listing
 
 PodKey = tuple[str, str]  # (namespace, name)

@@ -8,7 +8,8 @@ from typing import Any
 
 import kopf
 
-from joulepool.operator.config import ANNOTATION_PREFIX, FINALIZER, OperatorConfig
+from joulepool.api.contract import FINALIZER
+from joulepool.operator.config import ANNOTATION_PREFIX, OperatorConfig
 from joulepool.operator.handlers import build_registry
 from joulepool.operator.kube import KubeClient
 from joulepool.operator.planning import Planner

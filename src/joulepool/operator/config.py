@@ -6,10 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from joulepool.api.contract import GROUP
+
 DEFAULT_SCHEDULER = "joulepool-scheduler"
 DEFAULT_NAMESPACE = "joulepool-system"
-FINALIZER = "joulepool.dev/finalizer"
-ANNOTATION_PREFIX = "joulepool.dev"
+
+ANNOTATION_PREFIX = GROUP
 
 
 def default_namespace() -> str:

@@ -18,9 +18,9 @@ from typing import Any
 
 import kopf
 
+from joulepool.api.contract import POOL_LABEL
 from joulepool.api.load import ResourceError
 from joulepool.api.models import GROUP, VERSION
-from joulepool.api.plan import POOL_LABEL
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.planning import POLICY_NAME, Planner
 from joulepool.operator.resources import (

@@ -40,9 +40,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from joulepool.api.contract import (
+    LATEST_PLAN_FEASIBLE_ANNOTATION,
+    LATEST_PLAN_MESSAGE_ANNOTATION,
+    POOL_LABEL,
+)
 from joulepool.api.load import ResourceError, profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
-from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, POOL_LABEL, PlanDocument
+from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
@@ -441,8 +446,8 @@ class Planner:
         ann = ((cm or {}).get("metadata") or {}).get("annotations") or {}
         self.published = doc
         self._published_content = plan_content(doc)
-        self._published_latest = (ann.get("joulepool.dev/latest-plan-feasible") == "true",
-                                  str(ann.get("joulepool.dev/latest-plan-message", "")))
+        self._published_latest = (ann.get(LATEST_PLAN_FEASIBLE_ANNOTATION) == "true",
+                                  str(ann.get(LATEST_PLAN_MESSAGE_ANNOTATION, "")))
         if doc.feasible and self.in_force is None:
             self.in_force = InForcePlan(doc, outcomes_from_document(doc))
             self.in_force_feasible = True

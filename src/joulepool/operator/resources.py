@@ -19,6 +19,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from joulepool.api.contract import (
+    DEFAULT_SITE,
+    FINALIZER,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    LATEST_PLAN_FEASIBLE_ANNOTATION,
+    LATEST_PLAN_MESSAGE_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    MODE_LABEL,
+    PLAN_FEASIBLE_ANNOTATION,
+    PLAN_GENERATED_AT_ANNOTATION,
+    PLAN_VERSION_ANNOTATION,
+    PLAN_VERSION_LABEL,
+    POOL_LABEL,
+    REGION_LABEL,
+    SPEC_HASH_ANNOTATION,
+)
 from joulepool.api.load import ResourceError, from_validation_error
 from joulepool.api.models import (
     API_VERSION,
@@ -27,24 +45,13 @@ from joulepool.api.models import (
     GPUProfile,
     InferencePool,
 )
-from joulepool.api.plan import POOL_LABEL, PlanDocument, PlannedPool, pool_key
-from joulepool.operator.config import FINALIZER
+from joulepool.api.plan import PlanDocument, PlannedPool, pool_key
 from joulepool.pooling import NodeInfo, PoolOutcome
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-REGION_LABEL = "topology.kubernetes.io/region"
-DEFAULT_SITE = "default"
-MODE_LABEL = "joulepool.dev/mode"
 #: node affinity on the node's name (``matchFields``: exact even where the
 #: ``kubernetes.io/hostname`` label differs from the Node's name)
 NODE_NAME_FIELD = "metadata.name"
 REQUIRED_AFFINITY = "requiredDuringSchedulingIgnoredDuringExecution"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY = "joulepool-operator"
-SPEC_HASH_ANNOTATION = "joulepool.dev/spec-hash"
-PLAN_VERSION_ANNOTATION = "joulepool.dev/plan-version"
-PLAN_VERSION_LABEL = "joulepool.dev/plan-version"
 MAX_LABEL_VALUE = 63
 
 # condition types
@@ -284,11 +291,11 @@ def plan_configmap(
             },
             "annotations": {
                 PLAN_VERSION_ANNOTATION: str(doc.version),
-                "joulepool.dev/generated-at": doc.generated_at.isoformat()
+                PLAN_GENERATED_AT_ANNOTATION: doc.generated_at.isoformat()
                 if doc.generated_at else "",
-                "joulepool.dev/plan-feasible": "true" if doc.feasible else "false",
-                "joulepool.dev/latest-plan-feasible": "true" if latest_feasible else "false",
-                "joulepool.dev/latest-plan-message": latest_message[:1024],
+                PLAN_FEASIBLE_ANNOTATION: "true" if doc.feasible else "false",
+                LATEST_PLAN_FEASIBLE_ANNOTATION: "true" if latest_feasible else "false",
+                LATEST_PLAN_MESSAGE_ANNOTATION: latest_message[:1024],
             },
         },
         "data": {PLAN_KEY: doc.to_json()},

@@ -1,0 +1,69 @@
+"""joulepool's Kubernetes contract: every label, annotation, resource name and port, once.
+
+Shells (operator, extender, router, node agent) and the fakes import these
+names; none of them spells a label or a port itself. Engine metric names are
+in :mod:`joulepool.api.vllm`; the plan ConfigMap's name and key in
+:mod:`joulepool.api.plan`.
+"""
+
+from __future__ import annotations
+
+# -- API group and finalizer -------------------------------------------------
+GROUP = "joulepool.dev"
+#: finalizer the operator puts on InferencePools it manages
+FINALIZER = "joulepool.dev/finalizer"
+
+# -- labels joulepool sets on what it creates --------------------------------
+#: the pool a serving pod or Deployment belongs to; value ``<namespace>.<name>``
+POOL_LABEL = "joulepool.dev/pool"
+#: serving mode of a pool's pod (e.g. ``4xH100``): one Deployment per (pool, mode)
+MODE_LABEL = "joulepool.dev/mode"
+#: the plan version a Deployment was written for
+PLAN_VERSION_LABEL = "joulepool.dev/plan-version"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+#: value of :data:`MANAGED_BY_LABEL` on what the operator owns
+MANAGED_BY = "joulepool-operator"
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+# -- annotations ---------------------------------------------------------------
+SPEC_HASH_ANNOTATION = "joulepool.dev/spec-hash"
+PLAN_VERSION_ANNOTATION = "joulepool.dev/plan-version"
+#: on the plan ConfigMap: when the plan in force was made (ISO 8601)
+PLAN_GENERATED_AT_ANNOTATION = "joulepool.dev/generated-at"
+#: on the plan ConfigMap: whether the plan in force met all demand ("true"/"false")
+PLAN_FEASIBLE_ANNOTATION = "joulepool.dev/plan-feasible"
+#: on the plan ConfigMap: whether the latest planning attempt met all demand
+LATEST_PLAN_FEASIBLE_ANNOTATION = "joulepool.dev/latest-plan-feasible"
+#: on the plan ConfigMap: what the latest planning attempt said (<= 1024 chars)
+LATEST_PLAN_MESSAGE_ANNOTATION = "joulepool.dev/latest-plan-message"
+#: optional pod annotation: the serving port the router sends requests to
+PORT_ANNOTATION = "joulepool.dev/port"
+#: optional pod annotation: the engine's metrics port (default: the serving port)
+METRICS_PORT_ANNOTATION = "joulepool.dev/metrics-port"
+#: optional pod annotation: the engine's metrics path (default ``/metrics``)
+METRICS_PATH_ANNOTATION = "joulepool.dev/metrics-path"
+#: optional pod annotation ``"0,1"``: which of the node's GPUs the engine uses
+GPUS_ANNOTATION = "joulepool.dev/gpus"
+
+# -- well-known Kubernetes and NVIDIA names ------------------------------------
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+#: site of a node without a region label
+DEFAULT_SITE = "default"
+
+# -- ports -------------------------------------------------------------------------
+#: the scheduler extender / router service
+EXTENDER_PORT = 8888
+#: URL prefix of the scheduler extender verbs
+EXTENDER_PREFIX = "/scheduler"
+#: an engine's serving (and default metrics) port when a pod names none (vLLM's default)
+ENGINE_PORT = 8000
+#: the node agent's /metrics and /healthz
+NODE_AGENT_METRICS_PORT = 9400
+#: the operator's liveness endpoint /healthz
+OPERATOR_LIVENESS_PORT = 8080
