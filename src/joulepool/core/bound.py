@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -127,6 +128,99 @@ def _prefill_columns(
     return np.asarray(tps, np.float64), np.asarray(dyn, np.float64)
 
 
+def _idle_energy(
+    gpus: Sequence[FloorGPUs],
+    profiles: Sequence[ServingProfile],
+    idle_w: dict[str, float] | None,
+    horizon_s: float,
+) -> float:
+    """J every GPU draws idle over the horizon, whatever the schedule."""
+    idle_by_product: dict[str, float] = {p.product.name: p.product.idle_w.value for p in profiles}
+    if idle_w:
+        idle_by_product.update(idle_w)
+    idle_j = 0.0
+    for g in gpus:
+        if g.count and g.product not in idle_by_product:
+            raise ValueError(f"no idle power known for GPU product {g.product!r}")
+        idle_j += g.count * idle_by_product.get(g.product, 0.0) * horizon_s
+    return idle_j
+
+
+def _slo_feasible(
+    d: FloorDemand, groups: Sequence[FloorGPUs], profiles: Sequence[ServingProfile]
+) -> bool:
+    """Whether some GPU group offers a decode and a prefill column meeting d's SLO."""
+    has_dec = any(
+        _decode_columns(p, d.tpot_s, True)[0].size
+        for g in groups for p in profiles if p.product.name == g.product
+    )
+    has_pre = any(
+        _prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)[0].size
+        for g in groups for p in profiles if p.product.name == g.product
+    )
+    return has_dec and has_pre
+
+
+class _Columns:
+    """The LP's columns in sparse blocks.
+
+    Rows 0..2R-1 are demand (decode of class r at 2r, prefill at 2r+1) as
+    -tokens <= -demand; rows 2R.. are GPU-seconds per group.
+    """
+
+    def __init__(self, n_classes: int) -> None:
+        self.R = n_classes
+        self.costs: list[FloatArray] = []
+        self.rows_i: list[FloatArray] = []  # row index per nonzero
+        self.cols_j: list[FloatArray] = []
+        self.vals: list[FloatArray] = []
+        self.col_key: list[FloatArray] = []  # profile index per column (for usage)
+        self.n_cols = 0
+
+    def add(self, ri: int, kind: int, gi: int, pi: int, p: ServingProfile,
+            tps: FloatArray, dyn: FloatArray) -> None:
+        """Columns of profile ``pi`` on group ``gi`` for class ``ri``'s ``kind`` (0 decode,
+        1 prefill): ``tps`` tokens and ``dyn`` dynamic J per instance-second."""
+        k = tps.size
+        if k == 0:
+            return
+        js = np.arange(self.n_cols, self.n_cols + k, dtype=np.float64)
+        self.costs.append(dyn)
+        # demand row: produces tps tokens per instance-second
+        self.rows_i.append(np.full(k, 2 * ri + kind, np.float64))
+        self.cols_j.append(js)
+        self.vals.append(-tps)
+        # capacity row: gpus GPU-seconds per instance-second
+        self.rows_i.append(np.full(k, 2 * self.R + gi, np.float64))
+        self.cols_j.append(js)
+        self.vals.append(np.full(k, float(p.gpus)))
+        self.col_key.append(np.full(k, pi, np.float64))
+        self.n_cols += k
+
+    def matrix(self, n_groups: int) -> Any:
+        from scipy import sparse
+
+        rows = np.concatenate(self.rows_i).astype(int)
+        cols = np.concatenate(self.cols_j).astype(int)
+        return sparse.csr_matrix(
+            (np.concatenate(self.vals), (rows, cols)), shape=(2 * self.R + n_groups, self.n_cols)
+        )
+
+
+def _usage(
+    profiles: Sequence[ServingProfile], x: FloatArray, cols: _Columns, a: Any, total_gpu_s: float
+) -> dict[str, float]:
+    """Profile key -> share of the horizon's GPU-seconds the solution uses on it."""
+    keys = np.concatenate(cols.col_key).astype(int)
+    gpu_s = x * np.asarray(a[2 * cols.R:].sum(axis=0)).ravel()
+    usage: dict[str, float] = {}
+    for pi, p in enumerate(profiles):
+        used = float(gpu_s[keys == pi].sum())
+        if used > 0:
+            usage[p.key] = used / total_gpu_s
+    return usage
+
+
 def energy_floor(
     demands: Sequence[FloorDemand],
     gpus: Sequence[FloorGPUs],
@@ -139,85 +233,38 @@ def energy_floor(
     ``profiles`` are the serving modes allowed (one model); ``idle_w``
     overrides the per-GPU idle power by product (default: the profiles').
     """
-    from scipy import sparse
     from scipy.optimize import linprog
 
     if horizon_s <= 0:
         raise ValueError("horizon must be positive")
-    idle_by_product: dict[str, float] = {p.product.name: p.product.idle_w.value for p in profiles}
-    if idle_w:
-        idle_by_product.update(idle_w)
-    idle_j = 0.0
-    for g in gpus:
-        if g.count and g.product not in idle_by_product:
-            raise ValueError(f"no idle power known for GPU product {g.product!r}")
-        idle_j += g.count * idle_by_product.get(g.product, 0.0) * horizon_s
+    idle_j = _idle_energy(gpus, profiles, idle_w, horizon_s)
     out_total = float(sum(d.output_tokens for d in demands))
-
     groups = [g for g in gpus if g.count > 0]
-    # columns: (group, profile, class, kind) blocks
-    costs: list[FloatArray] = []
-    rows_i: list[FloatArray] = []  # row index per nonzero
-    cols_j: list[FloatArray] = []
-    vals: list[FloatArray] = []
-    col_key: list[FloatArray] = []  # profile index per column (for usage)
-    n_cols = 0
-    R = len(demands)
-    # rows 0..2R-1: demand (decode r at 2r, prefill r at 2r+1) as -tokens <= -demand
-    # rows 2R..: capacity per group
+    cols = _Columns(len(demands))
     relaxed: list[str] = []
     for ri, d in enumerate(demands):
         enforce = True
-        if d.output_tokens > 0 or d.input_tokens > 0:
-            has_dec = any(
-                _decode_columns(p, d.tpot_s, True)[0].size
-                for g in groups for p in profiles if p.product.name == g.product
-            )
-            has_pre = any(
-                _prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)[0].size
-                for g in groups for p in profiles if p.product.name == g.product
-            )
-            if not (has_dec and has_pre):
-                enforce = False
-                relaxed.append(d.name)
+        if (d.output_tokens > 0 or d.input_tokens > 0) and not _slo_feasible(
+            d, groups, profiles
+        ):
+            enforce = False
+            relaxed.append(d.name)
         for gi, g in enumerate(groups):
             for pi, p in enumerate(profiles):
                 if p.product.name != g.product:
                     continue
-                for kind, (tps, dyn) in enumerate(
-                    (
-                        _decode_columns(p, d.tpot_s, enforce),
-                        _prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce),
-                    )
-                ):
-                    k = tps.size
-                    if k == 0:
-                        continue
-                    js = np.arange(n_cols, n_cols + k, dtype=np.float64)
-                    costs.append(dyn)
-                    # demand row: produces tps tokens per instance-second
-                    rows_i.append(np.full(k, 2 * ri + kind, np.float64))
-                    cols_j.append(js)
-                    vals.append(-tps)
-                    # capacity row: gpus GPU-seconds per instance-second
-                    rows_i.append(np.full(k, 2 * R + gi, np.float64))
-                    cols_j.append(js)
-                    vals.append(np.full(k, float(p.gpus)))
-                    col_key.append(np.full(k, pi, np.float64))
-                    n_cols += k
+                cols.add(ri, 0, gi, pi, p, *_decode_columns(p, d.tpot_s, enforce))
+                cols.add(ri, 1, gi, pi, p,
+                         *_prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce))
     need = np.array([[d.output_tokens, d.input_tokens] for d in demands], np.float64).ravel()
-    if n_cols == 0:
+    if cols.n_cols == 0:
         ok = not np.any(need > 0)
         status = "no work" if ok else "no operating point"
         return FloorResult(ok, status, idle_j if ok else math.nan, idle_j, 0.0, out_total,
                            horizon_s, tuple(relaxed))
-    rows = np.concatenate(rows_i).astype(int)
-    cols = np.concatenate(cols_j).astype(int)
-    a = sparse.csr_matrix(
-        (np.concatenate(vals), (rows, cols)), shape=(2 * R + len(groups), n_cols)
-    )
+    a = cols.matrix(len(groups))
     b = np.concatenate([-need, [g.count * horizon_s for g in groups]])
-    c = np.concatenate(costs)
+    c = np.concatenate(cols.costs)
     res = linprog(c, A_ub=a, b_ub=b, bounds=(0, None), method="highs")
     if res.status != 0 or res.x is None:
         if res.status == 2:
@@ -227,14 +274,7 @@ def energy_floor(
         return FloorResult(False, status, math.nan, idle_j, math.nan, out_total, horizon_s,
                            tuple(relaxed))
     x = np.asarray(res.x)
-    keys = np.concatenate(col_key).astype(int)
-    gpu_s = x * np.asarray(a[2 * R:].sum(axis=0)).ravel()
-    total_gpu_s = sum(g.count for g in groups) * horizon_s
-    usage: dict[str, float] = {}
-    for pi, p in enumerate(profiles):
-        used = float(gpu_s[keys == pi].sum())
-        if used > 0:
-            usage[p.key] = used / total_gpu_s
+    usage = _usage(profiles, x, cols, a, sum(g.count for g in groups) * horizon_s)
     dyn_j = float(c @ x)
     return FloorResult(True, "optimal", idle_j + dyn_j, idle_j, dyn_j, out_total, horizon_s,
                        tuple(relaxed), usage)

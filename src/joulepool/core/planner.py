@@ -441,6 +441,50 @@ class _Solve:
     message: str
 
 
+def _node_groups(
+    problem: PlanProblem,
+    factors: list[float],
+    mode_active: npt.NDArray[np.bool_],
+    split: frozenset[_Key],
+) -> list[_Group]:
+    """Groups of identical nodes per cost zone (``factors[zone]``), with the slot sizes
+    of the active modes that fit them; a group whose patterns explode, or that is in
+    ``split``, becomes one group per node."""
+    zone_of_factor = {f: i for i, f in enumerate(factors)}
+    by_key: dict[_Key, list[int]] = {}
+    for i, node in enumerate(problem.nodes):
+        if node.gpus > 0:
+            zone = zone_of_factor[problem.site_factor(node.site)]
+            by_key.setdefault((zone, node.product, node.gpus), []).append(i)
+    groups: list[_Group] = []
+    for key, members in by_key.items():
+        zone, product, gpus = key
+        sizes = tuple(
+            sorted(
+                {
+                    m.gpus
+                    for j, m in enumerate(problem.modes)
+                    if mode_active[j] and m.product == product and m.gpus <= gpus
+                },
+                reverse=True,
+            )
+        )
+        if not sizes:
+            continue
+        patterns = None
+        if key not in split and not _volume_exact(gpus, len(members), sizes):
+            found = _maximal_patterns(gpus, sizes, MAX_PATTERNS)
+            if found is None:
+                split = split | {key}
+            else:
+                patterns = np.array(found, dtype=np.int64)
+        if key in split and len(members) > 1:
+            groups.extend(_Group(zone, product, gpus, [i], sizes) for i in members)
+        else:
+            groups.append(_Group(zone, product, gpus, members, sizes, patterns))
+    return groups
+
+
 class _Model:
     """Variables and constraints of one planning MILP (vectorised build).
 
@@ -458,57 +502,34 @@ class _Model:
 
     def __init__(self, problem: PlanProblem, split: frozenset[_Key]) -> None:
         self.p = problem
-        R, M = len(problem.classes), len(problem.modes)
+        R = len(problem.classes)
         self.demand = problem.demand_rps.max(axis=1) if R else np.zeros(0)  # peak, [R]
-        L = problem.capacity_rps
         self.mode_gpus = np.array([m.gpus for m in problem.modes], dtype=np.int64)
-        active = (L > 0) & (self.demand[:, None] > 0)  # [R, M]
+        active = (problem.capacity_rps > 0) & (self.demand[:, None] > 0)  # [R, M]
         mode_active: npt.NDArray[np.bool_] = np.asarray(active.any(axis=0))
-
-        # --- cost zones and groups of identical nodes
         factors = sorted({problem.site_factor(n.site) for n in problem.nodes})
-        zone_of_factor = {f: i for i, f in enumerate(factors)}
         self.zone_factor = np.array(factors, dtype=np.float64)
-        by_key: dict[_Key, list[int]] = {}
-        for i, node in enumerate(problem.nodes):
-            if node.gpus > 0:
-                zone = zone_of_factor[problem.site_factor(node.site)]
-                by_key.setdefault((zone, node.product, node.gpus), []).append(i)
-        groups: list[_Group] = []
-        for key, members in by_key.items():
-            zone, product, gpus = key
-            sizes = tuple(
-                sorted(
-                    {
-                        m.gpus
-                        for j, m in enumerate(problem.modes)
-                        if mode_active[j] and m.product == product and m.gpus <= gpus
-                    },
-                    reverse=True,
-                )
-            )
-            if not sizes:
-                continue
-            patterns = None
-            if key not in split and not _volume_exact(gpus, len(members), sizes):
-                found = _maximal_patterns(gpus, sizes, MAX_PATTERNS)
-                if found is None:
-                    split = split | {key}
-                else:
-                    patterns = np.array(found, dtype=np.int64)
-            if key in split and len(members) > 1:
-                groups.extend(_Group(zone, product, gpus, [i], sizes) for i in members)
-            else:
-                groups.append(_Group(zone, product, gpus, members, sizes, patterns))
-        self.groups = groups
+        self.groups = _node_groups(problem, factors, mode_active, split)
+        room = self._add_slots()
+        self._add_instances(active, room)
+        # --- z[group, p]
+        self.z_group: list[int] = []
+        for gi, grp in enumerate(self.groups):
+            if grp.patterns is not None:
+                self.z_group.extend([gi] * len(grp.patterns))
+        self.n_z = len(self.z_group)
 
-        # --- w[group, size]: slots; a link row per (zone, product, size)
+    def _add_slots(self) -> FloatArray:
+        """Variables w[group, size] (slots) and one link row per (zone, product, size).
+
+        Returns, per link, the most slots its groups could open.
+        """
         link_of: dict[tuple[int, str, int], int] = {}
         w_group: list[int] = []
         w_size: list[int] = []
         w_link: list[int] = []
         w_ub: list[int] = []
-        for gi, grp in enumerate(groups):
+        for gi, grp in enumerate(self.groups):
             for size in grp.sizes:
                 link = link_of.setdefault((grp.zone, grp.product, size), len(link_of))
                 w_group.append(gi)
@@ -524,11 +545,15 @@ class _Model:
         self.n_w = len(w_group)
         room = np.zeros(max(self.n_link, 1))  # slots a link could open at most
         np.add.at(room, self.w_link, self.w_ub)
+        return room
 
-        # --- y[zone, r, m]
-        n_zones = len(factors)
+    def _add_instances(self, active: npt.NDArray[np.bool_], room: FloatArray) -> None:
+        """Variables y[zone, r, m] with their cost and upper bounds."""
+        problem = self.p
+        L = problem.capacity_rps
+        n_zones, M = len(self.zone_factor), len(problem.modes)
         zm_link = np.full((n_zones, M), -1, dtype=np.int64)
-        for (zone, product, size), link in link_of.items():
+        for (zone, product, size), link in self.link_of.items():
             for j, m in enumerate(problem.modes):
                 if m.product == product and m.gpus == size:
                     zm_link[zone, j] = link
@@ -541,15 +566,8 @@ class _Model:
         with np.errstate(divide="ignore", invalid="ignore"):
             by_demand = np.ceil(self.demand[vr] / L[vr, vm])
         self.ub_y = np.minimum(room[self.y_link] if self.n_y else 0.0, by_demand)
-        self.coverable = np.zeros(R, dtype=bool)
+        self.coverable = np.zeros(len(problem.classes), dtype=bool)
         self.coverable[vr] = True
-
-        # --- z[group, p]
-        self.z_group: list[int] = []
-        for gi, grp in enumerate(groups):
-            if grp.patterns is not None:
-                self.z_group.extend([gi] * len(grp.patterns))
-        self.n_z = len(self.z_group)
 
     @property
     def n_int(self) -> int:
@@ -851,20 +869,15 @@ def _optimise(
     return soft, False, proven
 
 
-def _result(
-    problem: PlanProblem,
-    model: _Model,
-    run: _Solve,
-    placed: dict[tuple[int, int, int], int],
-    from_hard: bool,
-    proven: bool,
-    elapsed: float,
-) -> PlanResult:
-    R = len(problem.classes)
+def _placed_assignments(
+    problem: PlanProblem, placed: dict[tuple[int, int, int], int]
+) -> tuple[list[Assignment], IntArray, FloatArray, float]:
+    """Assignments of ``placed`` (node, class, mode) -> instances, with the GPUs used
+    per node, the req/s served per class and the objective (J or gCO2)."""
     P, L = problem.power_w, problem.capacity_rps
     nodes, modes, classes = problem.nodes, problem.modes, problem.classes
     node_used = np.zeros(len(nodes), dtype=np.int64)
-    served = np.zeros(R)
+    served = np.zeros(len(classes))
     objective = 0.0
     factor: dict[str, float] = {}
     assignments: list[Assignment] = []
@@ -888,11 +901,32 @@ def _result(
                 served_rps=float(n * L[r, m]),
             )
         )
+    return assignments, node_used, served, objective
+
+
+def _site_capacity(
+    problem: PlanProblem, node_used: IntArray
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(site, product) -> (GPUs used, GPUs free for planning)."""
     capacity: dict[tuple[str, str], tuple[int, int]] = {}
-    for ni, node in enumerate(nodes):
+    for ni, node in enumerate(problem.nodes):
         used, total = capacity.get((node.site, node.product), (0, 0))
         capacity[(node.site, node.product)] = (used + int(node_used[ni]), total + node.gpus)
+    return capacity
 
+
+def _result(
+    problem: PlanProblem,
+    model: _Model,
+    run: _Solve,
+    placed: dict[tuple[int, int, int], int],
+    from_hard: bool,
+    proven: bool,
+    elapsed: float,
+) -> PlanResult:
+    R = len(problem.classes)
+    assignments, node_used, served, objective = _placed_assignments(problem, placed)
+    capacity = _site_capacity(problem, node_used)
     demand = problem.demand_rps  # [R, T]
     short = demand - served[:, None] if R else np.zeros((0, 0))
     tol = DEMAND_TOL_REL * np.maximum(1.0, model.demand)
@@ -912,27 +946,7 @@ def _result(
             mip_gap=run.gap,
             unit="J" if problem.objective == "energy" else "gCO2",
         )
-
-    binding_all: list[str] = []
-    shortfalls: list[Shortfall] = []
-    for r in unmet:
-        reason, binding = _reason(problem, r, node_used, unmet)
-        if not proven:
-            reason = f"time limit reached before a feasible plan was found; {reason}"
-        for b in binding:
-            if b not in binding_all:
-                binding_all.append(b)
-        t = int(np.argmax(short[r]))
-        shortfalls.append(
-            Shortfall(
-                cls=classes[r],
-                step=t,
-                demand_rps=float(demand[r, t]),
-                servable_rps=float(served[r]),
-                shortfall_rps=float(short[r, t]),
-                reason=reason,
-            )
-        )
+    shortfalls, binding_all = _shortfalls(problem, unmet, short, served, node_used, proven)
     if run.x is None:
         binding_all.append(f"solver returned no plan: {run.message}")
     elif from_hard:
@@ -950,6 +964,39 @@ def _result(
         partial_assignments=tuple(assignments),
         unit="J" if problem.objective == "energy" else "gCO2",
     )
+
+
+def _shortfalls(
+    problem: PlanProblem,
+    unmet: list[int],
+    short: FloatArray,
+    served: FloatArray,
+    node_used: IntArray,
+    proven: bool,
+) -> tuple[list[Shortfall], list[str]]:
+    """Per unmet class its worst step's shortfall and reason; the binding capacities."""
+    demand = problem.demand_rps
+    binding_all: list[str] = []
+    shortfalls: list[Shortfall] = []
+    for r in unmet:
+        reason, binding = _reason(problem, r, node_used, unmet)
+        if not proven:
+            reason = f"time limit reached before a feasible plan was found; {reason}"
+        for b in binding:
+            if b not in binding_all:
+                binding_all.append(b)
+        t = int(np.argmax(short[r]))
+        shortfalls.append(
+            Shortfall(
+                cls=problem.classes[r],
+                step=t,
+                demand_rps=float(demand[r, t]),
+                servable_rps=float(served[r]),
+                shortfall_rps=float(short[r, t]),
+                reason=reason,
+            )
+        )
+    return shortfalls, binding_all
 
 
 def _reason(
