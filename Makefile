@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck crds bench clean
+.PHONY: venv demo test lint typecheck crds bench clean k8s-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,8 +17,21 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/joulepool simulate
 
+## The real control plane of tests/realk8s (../shared/k8s, when present) needs etcd:
+## as root with apt, install Debian's etcd-server once here (not in parallel inside
+## each test session); without it those tests skip and say why.
+K8S_LOCAL ?= ../shared/k8s
+k8s-deps:
+	@if [ -f "$(K8S_LOCAL)/up.sh" ] && ! command -v etcd >/dev/null 2>&1 \
+	    && [ ! -x /usr/bin/etcd ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing etcd-server with apt-get for tests/realk8s"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends -o DPkg::Lock::Timeout=300 etcd-server; } >/dev/null \
+	    || echo "etcd-server could not be installed: tests/realk8s will skip"; \
+	fi
+
 ## The whole test suite, lint and type check included.
-test: $(STAMP)
+test: $(STAMP) k8s-deps
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -q
