@@ -93,7 +93,7 @@ async def test_500_on_kopfs_own_patch_is_retried_by_kopf() -> None:
 
 async def test_watch_restarts_lose_no_update() -> None:
     # client-side watch timeout of 0.3 s: kopf's watch streams end and restart all the time
-    async with cluster_and_operator(watch_server_timeout=0.2,
+    async with cluster_and_operator(watch_server_timeout=1,
                                     watch_client_timeout=0.3) as (c, _op):
         await c.create(node("gpu-a"))
         p = await c.create(pool("chat", rps=4))

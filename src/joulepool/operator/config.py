@@ -51,6 +51,16 @@ class OperatorConfig:
     resync_after_error_seconds: float = 5.0
     #: a ``kopf.ConnectionInfo`` to use instead of in-cluster / kubeconfig login (tests)
     connection: Any = None
-    #: kopf watch-stream timeouts (server side, client side), seconds
-    watch_server_timeout: float | None = 300.0
+    #: kopf watch-stream timeouts, seconds. The server-side one travels as the watch's
+    #: ``timeoutSeconds`` query parameter, which kube-apiserver parses as an integer
+    #: (``300.0`` is answered 400): a whole number of seconds, at least 1.
+    watch_server_timeout: int | None = 300
     watch_client_timeout: float | None = 330.0
+
+    def __post_init__(self) -> None:
+        timeout = self.watch_server_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                    or timeout < 1):
+            raise ValueError(
+                f"watch_server_timeout must be a whole number of seconds >= 1 (it is sent "
+                f"as the watch's timeoutSeconds), got {timeout!r}")
