@@ -1,9 +1,10 @@
 """One endpoint-scoring rule: the simulator's JouleSched and the production router agree.
 
 The simulator's ``joulesched`` policy scores instances with core.routing's rule;
-``joulesched-router`` drives the extender's PoolRouter itself. Both must pick
-efficient GPUs without piling onto the busiest one (the old router rule read eps
-at the live batch: -70 % energy, 98 % deadline misses on joulesched-320).
+``joulesched-router`` drives core.router.PoolRouter, the routing service's own
+state machine. Both must pick efficient GPUs without piling onto the busiest one
+(the old router rule read eps at the live batch: -70 % energy, 98 % deadline
+misses on joulesched-320).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from sim_helpers import cluster
 
+from joulepool.core.router import PoolRouter
 from joulepool.core.routing import EndpointModel
-from joulepool.extender.router import PoolRouter
 from joulepool.sim.engine import simulate
 from joulepool.sim.policies import POLICIES
 from joulepool.sim.runner import TPOT_TARGET_S, model_tables, static_capacity

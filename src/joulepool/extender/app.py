@@ -59,6 +59,7 @@ from joulepool.extender.router import (
     RouteRequest,
     RouterSettings,
     UnknownPool,
+    decision_to_wire,
 )
 from joulepool.extender.scheduler import (
     PlacementSettings,
@@ -326,7 +327,7 @@ async def handle_route(request: web.Request) -> web.Response:
         raise BadRequest(404, str(exc)) from None
     except NoEndpoints as exc:
         raise BadRequest(503, str(exc)) from None
-    return _timed(request, "route", t0, _json(decision.to_wire()))
+    return _timed(request, "route", t0, _json(decision_to_wire(decision)))
 
 
 async def handle_complete(request: web.Request) -> web.Response:

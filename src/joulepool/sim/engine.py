@@ -44,12 +44,8 @@ from joulepool.core.classes import Tier, default_deadline
 from joulepool.core.controllers import MIADController, PIController, SLOSignal
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import LLFQueue, llf_deadline
-from joulepool.core.routing import (
-    endpoint_queue_tokens,
-    prefill_weight,
-    rank_endpoints,
-    score_endpoints,
-)
+from joulepool.core.routing import endpoint_queue_tokens, prefill_weight
+from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.planning import WindowPlan
 from joulepool.sim.policies import PolicySpec
@@ -194,22 +190,24 @@ class _Inst:
 
 
 class _Pool:
-    """Columns of core.routing's scoring rule over a pool's instances."""
+    """A pool's instances as core.scoring's endpoint columns, and its routing profile
+    (core's plugins, the ones the routing service runs)."""
 
-    __slots__ = ("eps", "members", "mu", "out", "q", "rr", "w")
+    __slots__ = ("eps", "members", "mu", "out", "profile", "q", "state", "w")
 
-    def __init__(self, members: list[_Inst]) -> None:
+    def __init__(self, members: list[_Inst], profile: RoutingProfile) -> None:
         self.members = members
-        n = len(members)
-        self.out = np.zeros(n)
-        self.q = np.zeros(n)
-        self.mu = np.zeros(n)
-        self.eps = np.zeros(n)
-        self.w = np.zeros(n)
-        self.rr = 0
+        self.profile = profile
+        self.state = st = EndpointState(len(members))
+        self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
+        self.q = st.queue_tokens
+        self.mu = st.tps
+        self.eps = st.eps_j_per_token
+        self.w = st.prefill_weight
         for pos, inst in enumerate(members):
             inst.pos = pos
-            self.out[pos] = (inst.n_out + 1) * inst.inv_cap
+            self.out[pos] = inst.n_out
+            st.inv_capacity[pos] = inst.inv_cap
             self.set_rule(inst)
 
     def set_rule(self, inst: _Inst) -> None:
@@ -259,7 +257,6 @@ def simulate(
     llf = policy.queue == "llf"
     use_router = policy.routing == "joulesched-router"
     use_js = policy.routing == "joulesched"
-    use_ll = policy.routing == "least-loaded"
     use_miad = policy.clock == "miad"
     if policy.uses_planner and not plans:
         raise ValueError(f"policy {policy.name} needs planner windows")
@@ -311,7 +308,9 @@ def simulate(
 
     instances: list[_Inst] = []
     n_pools = 4 if policy.uses_planner else 1
-    pools: list[_Pool] = [_Pool([]) for _ in range(n_pools)]
+    routing = "joulesched" if use_router else policy.routing
+    pools: list[_Pool] = [_Pool([], routing_profile(routing)) for _ in range(n_pools)]
+    no_request = RequestInfo(0.0, 0.0, 0.0, INF, 0.0)  # least-loaded and round-robin
 
     evq: list[tuple[float, int, int]] = []
     heappush = heapq.heappush
@@ -377,7 +376,7 @@ def simulate(
         if inst.state != ACTIVE or pos < 0:
             return
         p = pools[inst.pool]
-        p.out[pos] = (inst.n_out + 1) * inst.inv_cap
+        p.out[pos] = inst.n_out
         if use_js:
             p.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
 
@@ -432,9 +431,7 @@ def simulate(
             else:
                 inst.pos = -1
         for p in range(n_pools):
-            rr = pools[p].rr
-            pools[p] = _Pool(members[p])
-            pools[p].rr = rr
+            pools[p] = _Pool(members[p], pools[p].profile)  # round-robin keeps its turn
 
     def inv_capacity(mode: str, cls: int) -> float:
         if policy.uses_planner:
@@ -699,23 +696,20 @@ def simulate(
                     continue
                 fallback_routes += 1
                 inst = min(live, key=lambda x: ((x.n_out + 1) * x.inv_cap, x.idx))
-            elif use_js:
-                if lam_for_pi != pi.lam:  # tiers: bulk weighs lateness less (core)
-                    lam_for_pi = pi.lam
-                    lam_tier = (effective_lambda(pi.lam, Tier.INTERACTIVE),
-                                effective_lambda(pi.lam, Tier.BULK))
-                # core.routing's rule, as the production router scores endpoints
-                cb = score_endpoints(pool.eps, pool.q, pool.mu, pool.w, pred[rid], inp[rid],
-                                     route_deadline[rid], lam_tier[bulk[rid]])
-                inst = members[rank_endpoints(cb, 1)[0]]
             elif prouter is not None:
                 inst = instances[prouter.route(rid, inp[rid], pred[rid], route_deadline[rid],
                                             bulk[rid], t)]
-            elif use_ll:
-                inst = members[int(pool.out.argmin())]
-            else:
-                inst = members[pool.rr % len(members)]
-                pool.rr += 1
+            else:  # core.scoring's profile, as the routing service picks
+                if use_js:
+                    if lam_for_pi != pi.lam:  # tiers: bulk weighs lateness less (core)
+                        lam_for_pi = pi.lam
+                        lam_tier = (effective_lambda(pi.lam, Tier.INTERACTIVE),
+                                    effective_lambda(pi.lam, Tier.BULK))
+                    req = RequestInfo(pred[rid], inp[rid], pred[rid], route_deadline[rid],
+                                      lam_tier[bulk[rid]])
+                else:
+                    req = no_request
+                inst = members[pool.profile.pick(req, pool.state)[0][0]]
             if t <= T:
                 little_area += n_sys * (t - t_sys)
                 t_sys = t

@@ -1,15 +1,14 @@
-"""The production request router, driven by the simulator (the ``joulesched-router`` policy).
+"""The deployed request router, driven by the simulator (the ``joulesched-router`` policy).
 
-The simulator's ``joulesched`` policy scores instances with core's rule
-(:func:`joulepool.core.routing.score_endpoints` and
-:func:`~joulepool.core.routing.rank_endpoints`) from the simulator's exact
-state. ``joulesched-router`` instead puts the extender's own
-:class:`joulepool.extender.router.PoolRouter` in the loop, unchanged and with
-its production defaults (:class:`~joulepool.extender.router.RouterSettings`,
-the same as the extender's settings): every arrival is a ``route`` call, every
-completion a ``complete`` report (request id, deadline met), entered through
-``decide`` and ``report``, what ``route`` and ``complete`` call with the HTTP
-body's fields (no pydantic object per request); the router ticks
+The simulator's ``joulesched`` policy scores instances with core's
+``joulesched`` routing profile (:mod:`joulepool.core.scoring`) from the
+simulator's exact state. ``joulesched-router`` instead puts the routing
+service's own state machine, :class:`joulepool.core.router.PoolRouter`, in the
+loop, unchanged and with its production defaults
+(:class:`~joulepool.core.router.RouterConfig`, the service's defaults too):
+every arrival is a ``decide`` call, every completion a ``report`` (request id,
+deadline met), exactly what the service's ``/v1/route`` and ``/v1/complete``
+call with the HTTP body's fields; the router ticks
 every simulated second as the extender does, and every ``scrape_every_s`` it
 reads each engine's waiting and running counts as the extender scrapes
 vLLM's metrics. So it evaluates the router's own inputs: its ledger of routed
@@ -24,8 +23,8 @@ from collections.abc import Callable, Sequence
 
 from joulepool.core.classes import Tier
 from joulepool.core.profiles import ServingProfile
+from joulepool.core.router import Endpoint, PoolRouter, RouterConfig
 from joulepool.core.routing import EndpointModel
-from joulepool.extender.router import Endpoint, PoolRouter, RouterSettings
 
 POOL = "sim/default"
 #: the extender's default scrape interval (``Settings.scrape_interval_seconds``)
@@ -40,11 +39,11 @@ class ProductionRouter:
         members: Sequence[tuple[int, str, ServingProfile]],
         ttft_s: float,
         tpot_s: float,
-        settings: RouterSettings | None = None,
+        settings: RouterConfig | None = None,
         scrape_every_s: float = SCRAPE_EVERY_S,
     ) -> None:
         """``members``: (instance index, node, serving profile) of each instance."""
-        self.pool = PoolRouter(POOL, settings or RouterSettings())
+        self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
         endpoints: list[Endpoint] = []
@@ -70,7 +69,7 @@ class ProductionRouter:
     def route(self, rid: int, input_tokens: float, output_tokens: float, deadline_s: float,
               bulk: bool, now: float) -> int:
         """Route simulator request ``rid``; returns the chosen instance's index."""
-        # PoolRouter.route(RouteRequest) is decide() on the request's fields
+        # the service's /v1/route calls decide() with the body's fields
         d = self.pool.decide(float(output_tokens), float(input_tokens),
                              Tier.BULK if bulk else Tier.INTERACTIVE, float(deadline_s), now)
         self.routed[rid] = (d.endpoint, d.request_id)
@@ -78,7 +77,7 @@ class ProductionRouter:
 
     def complete(self, rid: int, output_tokens: float, met: bool, now: float) -> None:
         address, request_id = self.routed.pop(rid)
-        # PoolRouter.complete(CompleteRequest) is report() on the report's fields
+        # the service's /v1/complete calls report() with the body's fields
         self.pool.report(address, request_id, float(output_tokens), met, None, now)
 
     def tick(self, now: float, counts: Callable[[int], tuple[float, float]]) -> None:

@@ -1,0 +1,512 @@
+"""The per-pool request router as a pure state machine: route, report, tick, scrape.
+
+No HTTP, no Kubernetes, no Prometheus here: the routing service
+(:mod:`joulepool.router`) and the simulator's ``joulesched-router`` policy drive
+the same :class:`PoolRouter`, so what the simulator evaluates is the deployed
+router's code. Metrics leave through a :class:`RouterObserver` the caller
+implements; time comes in as ``now`` (seconds, any monotonic origin).
+
+State per pool is columnar (a :class:`core.scoring.EndpointState` over the
+endpoints) so one decision is a handful of vector operations; the endpoint is
+chosen by a routing profile of :mod:`joulepool.core.scoring` (``joulesched``
+by default: core.routing's rule). Per endpoint:
+
+  * eps and throughput: the serving profile at the endpoint's operating batch,
+    the largest meeting the pool's TPOT SLO (:class:`core.routing.EndpointModel`),
+    eps scaled by the online estimator (:class:`core.online.EpsEstimator`) from
+    reported joules, measured against eps at the batch the endpoint ran;
+  * decode queue: the larger of the scraped estimate (waiting / running request
+    counts via :func:`core.routing.queued_responses` x the mean response seen) and
+    the ledger of tokens routed there that are not yet reported complete
+    (entries expire after ``inflight_ttl_s``, so lost completions do not leak);
+  * prompt work ahead: requests waiting for admission (scraped, or implied by the
+    ledger beyond the engine's batch limit) x the mean prompt seen, plus the
+    request's own prompt, as decode-token equivalents of their prefill time.
+
+Per pool: the sliding-window miss ratio (:class:`core.online.SlidingWindowRate`)
+and lambda from :class:`core.controllers.PIController`, stepped every
+``pi_every`` completions or ``pi_period_s`` seconds, whichever comes first, with
+the miss rate of the completions since the last step; bulk requests see lambda x
+``bulk_lambda_factor``.
+
+This state is per instance of the class (per router replica): it learns only
+from the requests it routed and the completions reported to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from joulepool.core.classes import Tier
+from joulepool.core.controllers import PIController
+from joulepool.core.cost import BULK_LAMBDA_FACTOR, effective_lambda
+from joulepool.core.online import EpsEstimator, ExpSmoothed, SlidingWindowRate
+from joulepool.core.routing import (
+    EndpointModel,
+    default_deadline,
+    endpoint_queue_tokens,
+    queued_responses,
+    request_tokens,
+    waiting_requests_estimate,
+)
+from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
+
+FloatArray = npt.NDArray[np.float64]
+
+#: defaults of the PI step cadence, the miss window and the online eps estimate
+PI_EVERY = 50
+PI_PERIOD_S = 10.0
+MISS_WINDOW_S = 60.0
+EPS_HALF_LIFE_S = 120.0
+EPS_MIN_TOKENS = 1000.0
+INFLIGHT_TTL_S = 300.0
+
+
+class UnknownPool(LookupError):
+    """The pool is not known to the router."""
+
+
+class NoEndpoints(RuntimeError):
+    """The pool exists but has no endpoint that can serve."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Tunables of one pool's router (seconds, tokens, joules; lambda in J per s late)."""
+
+    fallbacks: int = 3
+    kp: float = PIController.kp
+    ki: float = PIController.ki
+    target_miss_rate: float = PIController.target
+    lambda_min: float = PIController.lam_min
+    lambda_max: float = PIController.lam_max
+    lambda_initial: float = PIController.lam
+    pi_every: int = PI_EVERY
+    pi_period_s: float = PI_PERIOD_S
+    miss_window_s: float = MISS_WINDOW_S
+    bulk_lambda_factor: float = BULK_LAMBDA_FACTOR
+    hard_deadline: bool = False
+    input_token_weight: float = 0.0
+    mean_output_tokens: float = 256.0
+    mean_input_tokens: float = 0.0  # prompt of a waiting request until requests tell
+    eps_half_life_s: float = EPS_HALF_LIFE_S
+    eps_min_tokens: float = EPS_MIN_TOKENS
+    inflight_ttl_s: float = INFLIGHT_TTL_S
+    default_eps: float = 1.0
+    default_tps: float = 1000.0
+    default_ttft_s: float = 1.0
+    default_tpot_s: float = 0.1
+    #: routing profile of core.scoring (joulesched, least-loaded, round-robin)
+    routing: str = "joulesched"
+
+
+class RouterObserver(Protocol):
+    """What a shell learns as the router works (e.g. to export Prometheus metrics)."""
+
+    def endpoints_changed(self, pool: str, count: int) -> None: ...
+
+    def lambda_changed(self, pool: str, lam: float) -> None: ...
+
+    def routed(self, pool: str, decision: RouteDecision) -> None: ...
+
+    def completed(self, pool: str, missed: bool, joules: float | None, miss_ratio: float
+                  ) -> None: ...
+
+    def ticked(self, pool: str, miss_ratio: float) -> None: ...
+
+
+class Endpoint:
+    """One serving engine (``ip:port``) and what the router learned about it."""
+
+    __slots__ = (
+        "address", "eps_est", "ledger", "ledger_tokens", "metrics_url", "model", "node",
+        "running", "scraped_at", "source", "static_queue", "waiting",
+    )
+
+    def __init__(
+        self, address: str, model: EndpointModel, node: str = "", metrics_url: str | None = None,
+        source: str = "cluster", waiting: float = 0.0, running: float = 0.0,
+        static_queue: float = 0.0, eps_half_life_s: float = EPS_HALF_LIFE_S,
+        eps_min_tokens: float = EPS_MIN_TOKENS,
+    ) -> None:
+        self.address = address
+        self.model = model
+        self.node = node
+        self.metrics_url = metrics_url
+        self.source = source
+        self.waiting = waiting
+        self.running = running
+        self.static_queue = static_queue
+        self.scraped_at: float | None = None
+        self.eps_est = EpsEstimator(half_life_s=eps_half_life_s, min_tokens=eps_min_tokens)
+        #: request id -> (expiry time, tokens), oldest first
+        self.ledger: dict[str, tuple[float, float]] = {}
+        self.ledger_tokens = 0.0  # sum of the ledger's tokens, kept as it changes
+
+    def add_routed(self, rid: str, expiry: float, tokens: float) -> None:
+        self.ledger[rid] = (expiry, tokens)
+        self.ledger_tokens += tokens
+
+    def drop_routed(self, rid: str) -> None:
+        _, tokens = self.ledger.pop(rid)
+        # exact zero when empty, so float residue never builds up
+        self.ledger_tokens = self.ledger_tokens - tokens if self.ledger else 0.0
+
+
+_ids = itertools.count(1)
+_ID_PREFIX = os.urandom(3).hex()
+
+
+def _next_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ids):x}"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """One routing decision: the endpoint, its fallbacks and the cost terms of the pick
+    (seconds, joules, lambda in J per s late)."""
+
+    pool: str
+    endpoint: str
+    fallbacks: list[str]
+    request_id: str
+    tier: Tier
+    deadline_s: float
+    tokens: float
+    eta_s: float
+    energy_j: float
+    slack_s: float
+    lam: float
+    cost: float
+
+
+@dataclass(frozen=True)
+class CompletionOutcome:
+    """What a completion report changed: the pool's lambda and miss ratio now, and the
+    endpoint's eps scale (None when the endpoint is unknown)."""
+
+    pool: str
+    endpoint_known: bool
+    lam: float
+    miss_ratio: float
+    eps_scale: float | None
+
+
+class PoolRouter:
+    """Endpoints, lambda and miss rate of one pool."""
+
+    def __init__(self, key: str, config: RouterConfig | None = None,
+                 observer: RouterObserver | None = None) -> None:
+        self.key = key
+        self.s = config = config or RouterConfig()
+        self.observer = observer
+        self.profile: RoutingProfile = routing_profile(config.routing)
+        self.model: str | None = None
+        self.tier = Tier.INTERACTIVE
+        self.ttft_s = config.default_ttft_s
+        self.tpot_s = config.default_tpot_s
+        self.deadline_s: float | None = None
+        self.pi = PIController(
+            kp=config.kp, ki=config.ki, target=config.target_miss_rate,
+            lam_min=config.lambda_min, lam_max=config.lambda_max, lam=config.lambda_initial,
+        )
+        self.window = SlidingWindowRate(config.miss_window_s)
+        self.mean_out = ExpSmoothed(0.05)
+        self.mean_in = ExpSmoothed(0.05)
+        self.period_n = 0
+        self.period_miss = 0
+        self.last_pi_t: float | None = None
+        self.pi_updates = 0
+        self.endpoints: list[Endpoint] = []
+        self.index: dict[str, int] = {}
+        self._alloc(0)
+        self._node_idx: npt.NDArray[np.int64] | None = None
+        self._node_idx_of: Mapping[str, int] | None = None
+        if observer is not None:
+            observer.lambda_changed(key, self.pi.lam)
+
+    # -- arrays ------------------------------------------------------------------
+    def _alloc(self, n: int) -> None:
+        self.state = EndpointState(n)  # the scoring plugins' input
+        self.eps_model = np.zeros(n)  # eps_n before the online scale: operating batch
+        self.max_batch = np.ones(n)
+        self.scale = np.ones(n)
+        self.waiting = self.state.waiting
+        self.running = self.state.running
+        self._responses: FloatArray | None = None  # queued_responses(waiting, running)
+        self.static_q = np.zeros(n)
+        self.ledger_tokens = np.zeros(n)
+        self.ledger_count = self.state.outstanding
+
+    @property
+    def tps(self) -> FloatArray:
+        """mu_n of every endpoint: tokens/s at the operating batch."""
+        return self.state.tps
+
+    @property
+    def weight(self) -> FloatArray:
+        """w_n of every endpoint: decode tokens forgone per prompt token prefilled."""
+        return self.state.prefill_weight
+
+    def _set_model(self, i: int) -> None:
+        m = self.endpoints[i].model
+        self.eps_model[i] = m.op_eps
+        self.state.tps[i] = m.op_tps
+        self.state.prefill_weight[i] = m.weight
+        self.max_batch[i] = m.max_batch
+
+    def _refresh(self, i: int) -> None:
+        ep = self.endpoints[i]
+        self.scale[i] = ep.eps_est.scale
+        self.state.eps_j_per_token[i] = self.eps_model[i] * self.scale[i]
+        if self.waiting[i] != ep.waiting or self.running[i] != ep.running:
+            self.waiting[i] = ep.waiting
+            self.running[i] = ep.running
+            self._responses = None
+        self.static_q[i] = ep.static_queue
+        self.ledger_count[i] = len(ep.ledger)
+        self.ledger_tokens[i] = ep.ledger_tokens
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        """Replace the endpoint set, keeping what was learned about known addresses."""
+        fresh: list[Endpoint] = []
+        seen: set[str] = set()
+        for ep in endpoints:
+            if ep.address in seen:
+                continue
+            seen.add(ep.address)
+            old = self.endpoints[self.index[ep.address]] if ep.address in self.index else None
+            if old is not None:
+                old.model, old.node, old.metrics_url = ep.model, ep.node, ep.metrics_url
+                if ep.source == "file":
+                    if old.scraped_at is None:  # scraped numbers beat the file's
+                        old.waiting, old.running = ep.waiting, ep.running
+                    old.static_queue = ep.static_queue
+                old.source = ep.source
+                fresh.append(old)
+            else:
+                fresh.append(ep)
+        fresh.sort(key=lambda e: e.address)
+        self.endpoints = fresh
+        self.index = {e.address: i for i, e in enumerate(fresh)}
+        self._alloc(len(fresh))
+        self.state.models = tuple(e.model for e in fresh)
+        for i in range(len(fresh)):
+            self._set_model(i)
+            self._refresh(i)
+        self._node_idx = None
+        if self.observer is not None:
+            self.observer.endpoints_changed(self.key, len(fresh))
+
+    # -- the decision -------------------------------------------------------------
+    def queue_tokens(self) -> FloatArray:
+        """Decode tokens ahead on each endpoint."""
+        # core.routing.queue_tokens_estimate, its per-endpoint factor kept by _refresh
+        if self._responses is None:  # scraped counts changed
+            self._responses = queued_responses(self.waiting, self.running)
+        m = max(self.mean_out.get(self.s.mean_output_tokens), 0.0)
+        q = self._responses * m
+        q += self.static_q
+        return np.maximum(q, self.ledger_tokens, out=q)
+
+    def eta_queue_tokens(self) -> FloatArray:
+        """q_n of the scoring rule: decode tokens ahead plus the prefill of the
+        prompts waiting for admission, in decode-token equivalents."""
+        q = self.queue_tokens()
+        m_in = self.mean_in.get(self.s.mean_input_tokens)
+        if m_in <= 0.0:  # no prompt seen yet: nothing to add
+            return q
+        waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
+        return endpoint_queue_tokens(q, waiting * m_in, self.weight)
+
+    def deadline_for(self, output_tokens: float) -> float:
+        """The pool's deadline, or core's default from its TTFT and TPOT SLOs."""
+        if self.deadline_s is not None:
+            return self.deadline_s
+        return default_deadline(output_tokens, self.ttft_s, self.tpot_s)
+
+    def decide(self, output_tokens: float, input_tokens: float, tier: Tier | None,
+               deadline_seconds: float | None, now: float) -> RouteDecision:
+        """Route one request (token counts, tier, deadline in s or None for the pool's):
+        picks by the routing profile, records it in the ledger; NoEndpoints if none."""
+        if not self.endpoints:
+            raise NoEndpoints(f"pool {self.key!r} has no ready endpoints")
+        tier = tier or self.tier
+        tokens = request_tokens(output_tokens, input_tokens, self.s.input_token_weight)
+        deadline = deadline_seconds or self.deadline_for(output_tokens)
+        lam = effective_lambda(self.pi.lam, tier, self.s.bulk_lambda_factor)
+        self.state.queue_tokens = self.eta_queue_tokens()
+        request = RequestInfo(tokens, float(input_tokens), float(output_tokens), deadline, lam,
+                              self.s.hard_deadline and tier is Tier.INTERACTIVE)
+        ranked, scores = self.profile.pick(request, self.state, self.s.fallbacks + 1)
+        if not ranked:
+            raise NoEndpoints(f"pool {self.key!r} has no endpoint that can serve")
+        best = ranked[0]
+        ep = self.endpoints[best]
+        rid = _next_id()
+        ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens)
+        self._refresh(best)
+        if output_tokens > 0:
+            self.mean_out.update(output_tokens)
+        if input_tokens > 0:
+            self.mean_in.update(input_tokens)
+        cb = scores.breakdown
+        decision = RouteDecision(
+            pool=self.key,
+            endpoint=ep.address,
+            fallbacks=[self.endpoints[i].address for i in ranked[1:]],
+            request_id=rid,
+            tier=tier,
+            deadline_s=float(deadline),
+            tokens=tokens,
+            eta_s=_finite(cb.eta_s[best]) if cb is not None else math.nan,
+            energy_j=_finite(cb.energy_j[best]) if cb is not None else math.nan,
+            slack_s=_finite(cb.slack_s[best]) if cb is not None else math.nan,
+            lam=lam,
+            cost=_finite(scores.cost[best]),
+        )
+        if self.observer is not None:
+            self.observer.routed(self.key, decision)
+        return decision
+
+    # -- feedback --------------------------------------------------------------------
+    def report(self, endpoint: str, request_id: str | None, output_tokens: float,
+               deadline_met: bool, joules: float | None, now: float) -> CompletionOutcome:
+        """A completed request: drops its ledger entry (the oldest one of the endpoint
+        without ``request_id``), learns eps from ``joules`` and the miss ratio."""
+        i = self.index.get(endpoint)
+        if i is not None:
+            self._learn(i, request_id, output_tokens, joules, now)
+        missed = not deadline_met
+        self.window.add(now, missed)
+        self.period_n += 1
+        self.period_miss += missed
+        if self.last_pi_t is None:
+            self.last_pi_t = now
+        if self.period_n >= self.s.pi_every:
+            self.update_lambda(now)
+        ratio = self.window.rate(now) or 0.0
+        if self.observer is not None:
+            self.observer.completed(self.key, missed, joules, ratio)
+        return CompletionOutcome(
+            self.key, i is not None, self.pi.lam, ratio,
+            self.endpoints[i].eps_est.scale if i is not None else None,
+        )
+
+    def _learn(self, i: int, request_id: str | None, output_tokens: float,
+               joules: float | None, now: float) -> None:
+        ep = self.endpoints[i]
+        if joules is not None and output_tokens > 0:
+            # drift reference: the profile's eps at the batch the endpoint ran at (this
+            # request and the others in flight), not the rule's operating batch
+            others = max(ep.waiting + ep.running, float(len(ep.ledger))) - 1.0
+            modelled, _ = ep.model.at(others)
+            ep.eps_est.observe(joules, output_tokens, modelled, now)
+        if request_id is not None and request_id in ep.ledger:
+            ep.drop_routed(request_id)
+        elif request_id is None and ep.ledger:
+            ep.drop_routed(next(iter(ep.ledger)))
+        self._refresh(i)
+
+    def update_lambda(self, now: float) -> float:
+        """One PI step with the miss rate of the completions since the last step."""
+        if self.period_n > 0:
+            self.pi.update(self.period_miss / self.period_n)
+            self.pi_updates += 1
+        self.period_n = 0
+        self.period_miss = 0
+        self.last_pi_t = now
+        if self.observer is not None:
+            self.observer.lambda_changed(self.key, self.pi.lam)
+        return self.pi.lam
+
+    def tick(self, now: float) -> None:
+        """Housekeeping: expire lost ledger entries, time-based PI step."""
+        for i, ep in enumerate(self.endpoints):
+            if not ep.ledger:
+                continue
+            expired = [rid for rid, (exp, _) in ep.ledger.items() if exp <= now]
+            if expired:
+                for rid in expired:
+                    ep.drop_routed(rid)
+                self._refresh(i)
+        if (
+            self.period_n > 0 and self.last_pi_t is not None
+            and now - self.last_pi_t >= self.s.pi_period_s
+        ):
+            self.update_lambda(now)
+        if self.observer is not None:
+            self.observer.ticked(self.key, self.window.rate(now) or 0.0)
+
+    def apply_scrape(self, address: str, waiting: float, running: float, now: float) -> bool:
+        """The engine's waiting and running request counts; False if unknown address."""
+        i = self.index.get(address)
+        if i is None:
+            return False
+        ep = self.endpoints[i]
+        ep.waiting, ep.running, ep.scraped_at = waiting, running, now
+        self._refresh(i)
+        return True
+
+    def node_index(self, index: Mapping[str, int]) -> npt.NDArray[np.int64]:
+        """Each endpoint's row in ``index`` (node name -> row; -1 if absent), cached per
+        mapping object."""
+        if self._node_idx is None or self._node_idx_of is not index:
+            self._node_idx = np.array(
+                [index.get(e.node, -1) for e in self.endpoints], dtype=np.int64
+            )
+            self._node_idx_of = index
+        return self._node_idx
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """What the router knows about the pool, for people (JSON-able)."""
+        q = self.queue_tokens()
+        return {
+            "pool": self.key,
+            "model": self.model,
+            "tier": str(self.tier),
+            "routing": self.profile.name,
+            "lambda": self.pi.lam,
+            "missRatio": self.window.rate(now),
+            "piUpdates": self.pi_updates,
+            "endpoints": [
+                {
+                    "address": e.address,
+                    "node": e.node,
+                    "joulesPerToken": float(self.eps_model[i] * self.scale[i]),
+                    "tokensPerSecond": float(self.tps[i]),
+                    "queueTokens": float(q[i]),
+                    "epsScale": e.eps_est.scale,
+                    "inFlight": len(e.ledger),
+                }
+                for i, e in enumerate(self.endpoints)
+            ],
+        }
+
+
+def node_queue_tokens(pools: Iterable[PoolRouter], index: Mapping[str, int], n: int
+                      ) -> FloatArray:
+    """Decode tokens queued on each of ``n`` nodes (``index``: node name -> row), summed
+    over the endpoints of ``pools`` there: the scheduler extender's view of load."""
+    total = np.zeros(n)
+    for p in pools:
+        if not p.endpoints:
+            continue
+        idx = p.node_index(index)
+        ok = idx >= 0
+        if ok.any():
+            total += np.bincount(idx[ok], weights=p.queue_tokens()[ok], minlength=n)
+    return total
+
+
+def _finite(x: Any) -> float:
+    v = float(x)
+    return v if math.isfinite(v) else 1e300

@@ -1,0 +1,316 @@
+"""Endpoint picking as small plugins registered by name: Filter, Scorer, Picker.
+
+Modelled on the Gateway API Inference Extension's endpoint-picker framework
+(one interface per extension point, each plugin small, a scheduling profile
+that runs filters, then weighted scorers, then one picker). joulepool's
+scores are *costs*: lower is better (the JouleSched cost is in joules), and a
+NaN or infinite cost means the endpoint cannot serve the request.
+
+Every plugin sees the same two inputs, whatever it reads from them:
+
+* :class:`RequestInfo`: the request's numbers (tokens, prompt, deadline,
+  effective lambda);
+* :class:`EndpointState`: one row per endpoint of the pool, one column per
+  quantity (numpy arrays the caller owns and updates in place: the router's
+  state machine :mod:`joulepool.core.router` and the simulator both keep one).
+
+So a new term (e.g. the marginal energy of one more request at the
+endpoint's live batch and clock, or the KV-cache usage an engine reports) is a
+new scorer reading columns that are already there (``running``, ``clock_mhz``,
+``kv_cache_usage``, ``models``) or a new entry of ``extra``; the signature
+``score(request, endpoints) -> Scores`` does not change.
+
+Registered names (:data:`SCORERS`, :data:`PICKERS`, :data:`PROFILES`):
+
+    scorers   joulesched    core.routing's rule: eps_n * t_r + lambda * late (ETA tie-break)
+              least-loaded  (outstanding requests + 1) / req/s the endpoint sustains
+    pickers   lowest-cost   lowest cost, then lowest ETA, then lowest index
+              round-robin   the next endpoint in turn, ignoring scores
+    profiles  joulesched, least-loaded, round-robin: one scorer (or none) + one picker
+
+A profile object holds its plugins' state (round-robin's turn): make one per
+pool with :func:`routing_profile`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from joulepool.core.cost import CostBreakdown
+from joulepool.core.routing import rank_endpoints, score_endpoints
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+class RequestInfo(NamedTuple):
+    """What the plugins know about one request (units in each field's name)."""
+
+    tokens: float  #: t_r: JouleSched's token estimate (output + input weight x prompt)
+    input_tokens: float  #: prompt tokens
+    output_tokens: float  #: predicted output tokens
+    deadline_s: float  #: end-to-end deadline, s from arrival
+    lam: float  #: effective lambda (the tier's), J per s of lateness
+    hard_deadline: bool = False  #: rank endpoints predicted on time before late ones
+
+
+class EndpointState:
+    """A pool's endpoints as columns: row ``i`` is endpoint ``i`` in the caller's order.
+
+    Columns every caller fills (arrays of length ``n``):
+
+    ``eps_j_per_token``  eps_n, J per output token at the operating batch (online scale in)
+    ``tps``              mu_n, decode tokens/s at the operating batch
+    ``prefill_weight``   w_n, decode tokens forgone per prompt token prefilled
+    ``queue_tokens``     q_n, decode tokens ahead + w_n x prompt tokens ahead
+    ``outstanding``      requests routed there and not finished
+    ``inv_capacity``     1 / requests per second it sustains (1 where unknown)
+
+    Columns a caller fills when it knows them (NaN otherwise), for scorers to come:
+
+    ``running``          requests in the engine's batch now
+    ``waiting``          requests waiting for admission now
+    ``clock_mhz``        the GPU's SM clock now
+    ``kv_cache_usage``   fraction of the engine's KV cache in use, 0..1
+
+    ``models`` (per-endpoint serving profiles, e.g. :class:`core.routing.EndpointModel`)
+    and ``extra`` (named columns of plugins not listed here) are free for new scorers.
+    """
+
+    __slots__ = (
+        "clock_mhz", "eps_j_per_token", "extra", "inv_capacity", "kv_cache_usage", "models",
+        "outstanding", "prefill_weight", "queue_tokens", "running", "tps", "waiting",
+    )
+
+    def __init__(self, n: int) -> None:
+        self.eps_j_per_token: FloatArray = np.zeros(n)
+        self.tps: FloatArray = np.zeros(n)
+        self.prefill_weight: FloatArray = np.zeros(n)
+        self.queue_tokens: FloatArray = np.zeros(n)
+        self.outstanding: FloatArray = np.zeros(n)
+        self.inv_capacity: FloatArray = np.ones(n)
+        self.running: FloatArray = np.full(n, np.nan)
+        self.waiting: FloatArray = np.full(n, np.nan)
+        self.clock_mhz: FloatArray = np.full(n, np.nan)
+        self.kv_cache_usage: FloatArray = np.full(n, np.nan)
+        self.models: Sequence[Any] = ()
+        self.extra: dict[str, FloatArray] = {}
+
+    def __len__(self) -> int:
+        return int(self.tps.size)
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """A scorer's verdict: ``cost`` per endpoint (lower is better; NaN/inf: cannot serve),
+    ``eta_s`` the tie-break among equal costs (None: index order), and the JouleSched
+    terms where the scorer computed them (for the decision's explanation)."""
+
+    cost: FloatArray
+    eta_s: FloatArray | None = None
+    breakdown: CostBreakdown | None = None
+
+
+class Filter(Protocol):
+    """Endpoints a request may go to: a boolean mask, or None for all of them."""
+
+    name: ClassVar[str]
+
+    def filter(self, request: RequestInfo, endpoints: EndpointState) -> BoolArray | None: ...
+
+
+class Scorer(Protocol):
+    """Cost of the request on every endpoint; the one signature every scorer has."""
+
+    name: ClassVar[str]
+
+    def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores: ...
+
+
+class Picker(Protocol):
+    """The ``k`` best endpoint indices, best first, from the (summed) scores."""
+
+    name: ClassVar[str]
+
+    def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]: ...
+
+
+# --------------------------------------------------------------------------
+# Plugins
+# --------------------------------------------------------------------------
+class JouleSchedScorer:
+    """core.routing's endpoint rule (:func:`~joulepool.core.routing.score_endpoints`):
+    eps_n * t_r + lambda * max(0, ETA - D), ETA = (q_n + w_n * prompt + t_r) / mu_n."""
+
+    name: ClassVar[str] = "joulesched"
+
+    def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
+        cb = score_endpoints(
+            endpoints.eps_j_per_token, endpoints.queue_tokens, endpoints.tps,
+            endpoints.prefill_weight, request.tokens, request.input_tokens,
+            request.deadline_s, request.lam,
+        )
+        return Scores(cb.cost, cb.eta_s, cb)
+
+
+class LeastLoadedScorer:
+    """Weighted least-connections: (outstanding + 1) x 1 / capacity (req/s); on identical
+    endpoints simply the fewest outstanding requests."""
+
+    name: ClassVar[str] = "least-loaded"
+
+    def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
+        return Scores((endpoints.outstanding + 1.0) * endpoints.inv_capacity)
+
+
+class LowestCostPicker:
+    """Lowest cost, then lowest ETA (when the scores have one), then lowest index;
+    endpoints with a NaN or infinite cost are never picked. With the request's
+    ``hard_deadline``, endpoints predicted on time rank before late ones."""
+
+    name: ClassVar[str] = "lowest-cost"
+
+    def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]:
+        if scores.breakdown is not None:
+            return rank_endpoints(scores.breakdown, k, hard_deadline=request.hard_deadline)
+        cost = scores.cost
+        if cost.size == 0 or k <= 0:
+            return []
+        if k == 1:
+            best = int(cost.argmin())  # first on ties; argmin returns a NaN if any
+            return [best] if np.isfinite(cost[best]) else _ranked(cost, scores.eta_s, 1)
+        return _ranked(cost, scores.eta_s, k)
+
+
+def _ranked(cost: FloatArray, eta: FloatArray | None, k: int) -> list[int]:
+    idx = np.flatnonzero(np.isfinite(cost))
+    order = np.lexsort((eta[idx], cost[idx])) if eta is not None else np.argsort(
+        cost[idx], kind="stable")
+    out: list[int] = idx[order[:k]].tolist()
+    return out
+
+
+class RoundRobinPicker:
+    """Each endpoint in turn (the turn is this picker's state), then the next ones as
+    fallbacks; scores are not read."""
+
+    name: ClassVar[str] = "round-robin"
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+    def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]:
+        n = int(scores.cost.size)
+        if n == 0 or k <= 0:
+            return []
+        first = self.turn % n
+        self.turn += 1
+        return [(first + j) % n for j in range(min(k, n))]
+
+
+class NoScorer:
+    """Zero cost everywhere: for pickers that ignore scores."""
+
+    name: ClassVar[str] = "none"
+
+    def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
+        return Scores(np.zeros(len(endpoints)))
+
+
+# --------------------------------------------------------------------------
+# Profiles and registries
+# --------------------------------------------------------------------------
+@dataclass
+class RoutingProfile:
+    """Filters, then scorers (costs summed with their weights), then a picker."""
+
+    name: str
+    scorers: Sequence[tuple[Scorer, float]]
+    picker: Picker
+    filters: Sequence[Filter] = field(default_factory=tuple)
+
+    def scores(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
+        """The summed costs (a single unit-weight scorer's Scores as they are), with
+        filtered-out endpoints at an infinite cost."""
+        if len(self.scorers) == 1 and self.scorers[0][1] == 1.0:
+            out = self.scorers[0][0].score(request, endpoints)
+        else:
+            out = _weighted(request, endpoints, self.scorers)
+        if self.filters:
+            out = _apply_filters(request, endpoints, self.filters, out)
+        return out
+
+    def pick(self, request: RequestInfo, endpoints: EndpointState, k: int = 1
+             ) -> tuple[list[int], Scores]:
+        """The ``k`` best endpoints, best first, and the scores they were picked by."""
+        scores = self.scores(request, endpoints)
+        return self.picker.pick(request, scores, k), scores
+
+
+def _weighted(request: RequestInfo, endpoints: EndpointState,
+              scorers: Sequence[tuple[Scorer, float]]) -> Scores:
+    total = np.zeros(len(endpoints))
+    eta: FloatArray | None = None
+    breakdown: CostBreakdown | None = None
+    for scorer, weight in scorers:
+        s = scorer.score(request, endpoints)
+        total += weight * s.cost
+        if eta is None and s.eta_s is not None:
+            eta, breakdown = s.eta_s, s.breakdown
+    if breakdown is not None:
+        breakdown = CostBreakdown(breakdown.eta_s, breakdown.energy_j, breakdown.slack_s,
+                                  breakdown.lam, total)
+    return Scores(total, eta, breakdown)
+
+
+def _apply_filters(request: RequestInfo, endpoints: EndpointState, filters: Sequence[Filter],
+                   scores: Scores) -> Scores:
+    keep: BoolArray | None = None
+    for f in filters:
+        mask = f.filter(request, endpoints)
+        if mask is not None:
+            keep = mask if keep is None else keep & mask
+    if keep is None or keep.all():
+        return scores
+    cost = np.where(keep, scores.cost, np.inf)
+    cb = scores.breakdown
+    if cb is not None:
+        cb = CostBreakdown(cb.eta_s, cb.energy_j, cb.slack_s, cb.lam, cost)
+    return Scores(cost, scores.eta_s, cb)
+
+
+#: scorer and picker factories by name
+SCORERS: dict[str, Callable[[], Scorer]] = {
+    JouleSchedScorer.name: JouleSchedScorer,
+    LeastLoadedScorer.name: LeastLoadedScorer,
+    NoScorer.name: NoScorer,
+}
+PICKERS: dict[str, Callable[[], Picker]] = {
+    LowestCostPicker.name: LowestCostPicker,
+    RoundRobinPicker.name: RoundRobinPicker,
+}
+#: routing profile name -> ((scorer name, weight), ...), picker name
+PROFILES: dict[str, tuple[tuple[tuple[str, float], ...], str]] = {
+    "joulesched": ((("joulesched", 1.0),), "lowest-cost"),
+    "least-loaded": ((("least-loaded", 1.0),), "lowest-cost"),
+    "round-robin": ((("none", 1.0),), "round-robin"),
+}
+
+
+def register_scorer(factory: Callable[[], Scorer], name: str | None = None) -> None:
+    """Make a scorer available to profiles by its ``name``."""
+    SCORERS[name or factory().name] = factory
+
+
+def routing_profile(name: str) -> RoutingProfile:
+    """A fresh profile (its own picker state) of a registered name; ValueError if unknown."""
+    spec = PROFILES.get(name)
+    if spec is None:
+        raise ValueError(f"unknown routing {name!r}; choose from {', '.join(sorted(PROFILES))}")
+    scorers, picker = spec
+    return RoutingProfile(name, tuple((SCORERS[s](), w) for s, w in scorers), PICKERS[picker]())

@@ -1,0 +1,114 @@
+"""core.scoring: the Filter / Scorer / Picker plugins and their registry."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from joulepool.core.routing import rank_endpoints, score_endpoints
+from joulepool.core.scoring import (
+    PROFILES,
+    SCORERS,
+    EndpointState,
+    RequestInfo,
+    RoutingProfile,
+    Scores,
+    register_scorer,
+    routing_profile,
+)
+
+
+def _state(n: int, **cols: list[float]) -> EndpointState:
+    st = EndpointState(n)
+    for name, values in cols.items():
+        setattr(st, name, np.asarray(values, dtype=np.float64))
+    return st
+
+
+REQ = RequestInfo(tokens=100.0, input_tokens=50.0, output_tokens=100.0, deadline_s=2.0,
+                  lam=10.0)
+
+
+def test_registered_profiles_by_name() -> None:
+    assert {"joulesched", "least-loaded", "round-robin"} <= set(PROFILES)
+    with pytest.raises(ValueError, match=r"unknown routing 'fastest'.*joulesched"):
+        routing_profile("fastest")
+
+
+def test_joulesched_profile_is_core_routing_rule() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(1, 12))
+        st = _state(n, eps_j_per_token=rng.uniform(0.1, 1.0, n).tolist(),
+                    tps=rng.uniform(50, 2000, n).tolist(),
+                    prefill_weight=rng.uniform(0, 0.5, n).tolist(),
+                    queue_tokens=rng.uniform(0, 5000, n).tolist())
+        req = REQ._replace(lam=float(rng.uniform(0, 50)))
+        cb = score_endpoints(st.eps_j_per_token, st.queue_tokens, st.tps, st.prefill_weight,
+                             req.tokens, req.input_tokens, req.deadline_s, req.lam)
+        for k in (1, 3):
+            got, scores = routing_profile("joulesched").pick(req, st, k)
+            assert got == rank_endpoints(cb, k)
+            assert np.array_equal(scores.cost, cb.cost)
+
+
+def test_least_loaded_fewest_outstanding_per_capacity_first_on_ties() -> None:
+    prof = routing_profile("least-loaded")
+    st = _state(3, outstanding=[2, 1, 1])
+    assert prof.pick(REQ, st, 3)[0] == [1, 2, 0]
+    # a faster endpoint (twice the req/s) carries twice the requests before it loses
+    st = _state(2, outstanding=[3, 1], inv_capacity=[0.5, 1.0])
+    assert prof.pick(REQ, st)[0] == [0]  # (3+1)/2 = 2 ties (1+1)/1 = 2: the first
+    st = _state(2, outstanding=[4, 1], inv_capacity=[0.5, 1.0])
+    assert prof.pick(REQ, st)[0] == [1]  # 2.5 > 2
+
+
+def test_least_loaded_never_picks_an_endpoint_that_cannot_serve() -> None:
+    st = _state(3, outstanding=[0, 4, 5], inv_capacity=[np.nan, 1.0, 1.0])
+    assert routing_profile("least-loaded").pick(REQ, st, 3)[0] == [1, 2]
+
+
+def test_round_robin_takes_turns_and_offers_the_next_as_fallbacks() -> None:
+    prof = routing_profile("round-robin")
+    st = EndpointState(3)
+    assert [prof.pick(REQ, st)[0][0] for _ in range(5)] == [0, 1, 2, 0, 1]
+    assert prof.pick(REQ, st, 3)[0] == [2, 0, 1]
+    assert routing_profile("round-robin").pick(REQ, st)[0] == [0]  # its own turn
+
+
+class _KVScorer:
+    """A scorer added later, reading a column every caller may fill: no signature change."""
+
+    name: ClassVar[str] = "kv-test"
+
+    def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
+        return Scores(np.nan_to_num(endpoints.kv_cache_usage, nan=0.0) * 100.0)
+
+
+class _NotFull:
+    name: ClassVar[str] = "kv-not-full"
+
+    def filter(self, request: RequestInfo, endpoints: EndpointState) -> np.ndarray:
+        return ~(endpoints.kv_cache_usage >= 0.99)
+
+
+def test_new_scorer_and_filter_plug_in_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(SCORERS, "kv-test", _KVScorer)
+    register_scorer(_KVScorer)
+    assert SCORERS["kv-test"] is _KVScorer
+    js, kv = SCORERS["joulesched"](), SCORERS["kv-test"]()
+    st = _state(3, eps_j_per_token=[0.1, 0.2, 0.3], tps=[1000.0] * 3,
+                kv_cache_usage=[1.0, 0.5, 0.0])
+    joulesched_only = RoutingProfile("js", ((js, 1.0),), routing_profile("joulesched").picker)
+    assert joulesched_only.pick(REQ, st)[0] == [0]  # 10 J < 20 J < 30 J
+    with_kv = RoutingProfile("js+kv", ((js, 1.0), (kv, 0.5)),
+                             routing_profile("joulesched").picker)
+    # costs 10 + 50, 20 + 25, 30 + 0 J: the emptier cache wins
+    got, scores = with_kv.pick(REQ, st, 3)
+    assert got == [2, 1, 0]
+    assert scores.breakdown is not None and np.allclose(scores.breakdown.cost, [60, 45, 30])
+    filtered = RoutingProfile("js|kv", ((js, 1.0),), routing_profile("joulesched").picker,
+                              filters=(_NotFull(),))
+    assert filtered.pick(REQ, st, 3)[0] == [1, 2]  # the full one is never offered
