@@ -1,8 +1,7 @@
-"""Queue depth of serving engines from their Prometheus metrics (vLLM names).
+"""Queue depth of serving engines, scraped from their Prometheus pages.
 
-Only the two gauges the router needs are parsed; the other lines of a vLLM
-``/metrics`` page (hundreds of histogram buckets) are dropped before the
-Prometheus text parser sees them, which keeps a scrape of 1,000 engines cheap.
+The page is read by the one engine-metrics parser
+(:func:`joulepool.api.enginemetrics.parse_queue`), the node agent's too.
 """
 
 from __future__ import annotations
@@ -13,13 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
-from joulepool.api.vllm import RUNNING, WAITING
+from joulepool.api.enginemetrics import parse_queue
 
 log = logging.getLogger(__name__)
 
-_WANTED = (WAITING, RUNNING)
 MAX_METRICS_BYTES = 8 << 20
 
 
@@ -29,28 +26,6 @@ class QueueSample:
     address: str
     waiting: float
     running: float
-
-
-def parse_queue(text: str) -> tuple[float, float] | None:
-    """(waiting, running) summed over label sets; None when neither gauge is present."""
-    lines = [
-        ln for ln in text.splitlines()
-        if ln.startswith(_WANTED) or (ln.startswith("#") and any(w in ln for w in _WANTED))
-    ]
-    if not lines:
-        return None
-    totals = {WAITING: 0.0, RUNNING: 0.0}
-    seen = False
-    try:
-        for family in text_string_to_metric_families("\n".join(lines) + "\n"):
-            for sample in family.samples:
-                if sample.name in totals and sample.value == sample.value:  # skip NaN
-                    totals[sample.name] += max(float(sample.value), 0.0)
-                    seen = True
-    except ValueError as exc:
-        log.debug("unparsable metrics: %s", exc)
-        return None
-    return (totals[WAITING], totals[RUNNING]) if seen else None
 
 
 async def fetch_queue(

@@ -25,75 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from joulepool.api.vllm import GENERATION_TOKENS, RUNNING, TPOT, TTFT, WAITING
+# the one engine-metrics parser, the routing service's too
+from joulepool.api.enginemetrics import EngineSample, Histogram, parse_engine_metrics
 from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
 from joulepool.nodeagent.background import Background
 
 log = logging.getLogger("joulepool.nodeagent.signals")
-
-GPU_INFO = "joulepool_engine_gpu_info"
-MODEL_LABEL = "model_name"
-
-
-@dataclass(frozen=True)
-class Histogram:
-    bounds: tuple[float, ...] = ()
-    counts: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class EngineSample:
-    """One scrape of an engine, cumulative counters as exported."""
-
-    waiting: float = 0.0
-    running: float = 0.0
-    ttft: Histogram = Histogram()
-    tpot: Histogram = Histogram()
-    generation_tokens: float = 0.0
-    model: str | None = None
-    gpus: frozenset[int] | None = None
-
-
-def _histogram(buckets: dict[float, float]) -> Histogram:
-    bounds = tuple(sorted(buckets))
-    return Histogram(bounds, tuple(buckets[b] for b in bounds))
-
-
-def parse_engine_metrics(text: str) -> EngineSample:
-    """Read the vLLM metrics out of a Prometheus text exposition (summed over labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    gauges = {WAITING: 0.0, RUNNING: 0.0, GENERATION_TOKENS: 0.0}
-    buckets: dict[str, dict[float, float]] = {TTFT: {}, TPOT: {}}
-    models: set[str] = set()
-    gpus: set[int] = set()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            name, labels, value = s.name, s.labels, float(s.value)
-            if name in gauges:
-                gauges[name] += value
-            elif name.endswith("_bucket") and name[: -len("_bucket")] in buckets:
-                le = float(labels.get("le", "inf"))
-                h = buckets[name[: -len("_bucket")]]
-                h[le] = h.get(le, 0.0) + value
-            elif name == GPU_INFO and value > 0:
-                for part in str(labels.get("gpu", "")).split(","):
-                    if part.strip().isdigit():
-                        gpus.add(int(part))
-            else:
-                continue
-            if MODEL_LABEL in labels:
-                models.add(labels[MODEL_LABEL])
-    return EngineSample(
-        waiting=gauges[WAITING],
-        running=gauges[RUNNING],
-        ttft=_histogram(buckets[TTFT]),
-        tpot=_histogram(buckets[TPOT]),
-        generation_tokens=gauges[GENERATION_TOKENS],
-        model=sorted(models)[0] if models else None,
-        gpus=frozenset(gpus) if gpus else None,
-    )
-
 
 @dataclass(frozen=True)
 class EngineReading:

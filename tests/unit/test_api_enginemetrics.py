@@ -1,8 +1,11 @@
-"""Queue depth from vLLM's Prometheus page."""
+"""The one engine-metrics parser: queue depth (router) and the full sample (node agent)."""
 
 from __future__ import annotations
 
-from joulepool.extender.scrape import parse_queue
+import pytest
+
+from joulepool.api.enginemetrics import parse_engine_metrics, parse_queue
+from joulepool.nodeagent import signals
 
 VLLM_PAGE = """\
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
@@ -39,3 +42,15 @@ def test_parse_missing_or_broken() -> None:
     assert parse_queue("vllm:num_requests_running 4\n") == (0.0, 4.0)
     assert parse_queue("vllm:num_requests_running -4\nvllm:num_requests_waiting NaN\n") == (
         0.0, 0.0)
+
+
+def test_router_and_node_agent_read_a_page_by_the_same_rules() -> None:
+    assert signals.parse_engine_metrics is parse_engine_metrics
+    full = parse_engine_metrics(VLLM_PAGE)
+    assert (full.waiting, full.running) == parse_queue(VLLM_PAGE) == (5.0, 12.0)
+    assert full.ttft.counts == (0.0, 17.0) and full.queue_seen
+    page = "vllm:num_requests_running -4\nvllm:num_requests_waiting NaN\n"
+    assert (parse_engine_metrics(page).waiting, parse_engine_metrics(page).running) == (
+        0.0, 0.0) == parse_queue(page)
+    with pytest.raises(ValueError):
+        parse_engine_metrics("vllm:num_requests_waiting{oops 3\n")
