@@ -75,3 +75,32 @@ def test_slo_deadline_for_uses_the_core_formula():
     assert arr.tolist() == pytest.approx([0.6 + 1.5, 0.6 + 3.0])
     # an explicit deadline wins over the formula
     assert SLO(0.3, 0.15, deadline_s=9.0).deadline_for(10_000) == 9.0
+
+
+# ------------------------------------------------------------ carbon intensity units and grid
+def test_intensity_units_normalise_to_grams_per_kwh():
+    from joulepool.core.energy import G_PER_LB, grams_per_kwh
+
+    assert grams_per_kwh(1000, "lbsPerMWh") == pytest.approx(453.59237)
+    assert grams_per_kwh(0.4, "kgPerKWh") == pytest.approx(400)
+    assert grams_per_kwh(400_000, "gPerMWh") == pytest.approx(400)
+    assert grams_per_kwh(400, "kgPerMWh") == 400 and grams_per_kwh(7, "gPerKWh") == 7
+    assert G_PER_LB / 1000 * 2.2046226 == pytest.approx(1, rel=1e-6)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            grams_per_kwh(bad, "gPerKWh")
+    with pytest.raises(ValueError, match="unknown carbon intensity unit"):
+        grams_per_kwh(1, "tonsPerYear")
+
+
+def test_resample_weights_by_overlap_and_holds_beyond_the_data():
+    from joulepool.core.energy import IntensityPoint, horizon_s, resample_intensity
+
+    pts = [IntensityPoint(0, 300, 100), IntensityPoint(300, 300, 300)]
+    assert resample_intensity(pts, 0, 600, 1) == [200]
+    assert resample_intensity(pts, 150, 300, 3) == [200, 300, 300]
+    assert resample_intensity(list(reversed(pts)), -600, 300, 2) == [100, 100]  # before: first
+    assert resample_intensity([IntensityPoint(0, 3600, 50)], 7200, 300, 2) == [50, 50]
+    assert horizon_s(pts, 100) == 500 and horizon_s(pts, 900) == 0
+    with pytest.raises(ValueError):
+        resample_intensity([], 0, 300, 1)

@@ -213,20 +213,133 @@ class GPUProfile(_Model):
 # --------------------------------------------------------------------------
 # EnergyPolicy
 # --------------------------------------------------------------------------
+CarbonProvider = Literal[
+    "configMap", "carbonAwareSDK", "electricityMaps", "wattTime", "prometheus",
+]
+CarbonSignal = Literal["average", "marginal"]
+CarbonUnit = Literal["gPerKWh", "kgPerKWh", "gPerMWh", "kgPerMWh", "lbsPerMWh"]
+
+
+class SecretKeyRef(_Model):
+    """A Secret the operator reads a credential from (in the operator's namespace unless given)."""
+
+    name: str = Field(min_length=1, max_length=253, description="name of the Secret")
+    namespace: str | None = Field(
+        default=None, max_length=63,
+        description="namespace of the Secret; default: the operator's namespace",
+    )
+
+
+class ConfigMapRef(_Model):
+    """A ConfigMap in the carbon-intensity-exporter shape (EmissionsData JSON under ``key``)."""
+
+    name: str = Field(min_length=1, max_length=253, description="name of the ConfigMap")
+    namespace: str = Field(default="kube-system", max_length=63,
+                           description="namespace of the ConfigMap")
+    key: str = Field(default="data", min_length=1, max_length=253,
+                     description="binaryData (or data) key holding the EmissionsData JSON array")
+
+
+class CarbonSourceSpec(_Model):
+    """Where one site's live carbon intensity comes from; see docs/carbon-sources.md."""
+
+    provider: CarbonProvider = Field(description=(
+        "configMap (Azure kubernetes-carbon-intensity-exporter / Carbon Aware SDK "
+        "EmissionsData), carbonAwareSDK (Web API /emissions/forecasts/current), "
+        "electricityMaps (/v3/carbon-intensity latest + forecast), wattTime (v3 forecast, "
+        "marginal co2_moer) or prometheus (an instant query for on-site meters)"))
+    url: str | None = Field(
+        default=None, max_length=2048, pattern=r"^https?://",
+        description=("base URL of the service (for prometheus: of the Prometheus server); "
+                     "default: the provider's public API (none for carbonAwareSDK and "
+                     "prometheus, which need it)"))
+    location: str | None = Field(
+        default=None, max_length=253,
+        description=("the grid location: Carbon Aware SDK location, Electricity Maps zone, "
+                     "WattTime region"))
+    latitude: float | None = Field(default=None, ge=-90, le=90,
+                                   description="Electricity Maps: latitude instead of a zone")
+    longitude: float | None = Field(default=None, ge=-180, le=180,
+                                    description="Electricity Maps: longitude instead of a zone")
+    config_map: ConfigMapRef | None = Field(
+        default=None, alias="configMap", description="configMap provider: the ConfigMap to read")
+    query: str | None = Field(
+        default=None, max_length=4096,
+        description="prometheus provider: PromQL whose first sample is the intensity now")
+    unit: CarbonUnit | None = Field(
+        default=None,
+        description=("unit of the values the source returns; default: the provider's own "
+                     "(lbsPerMWh for wattTime, gPerKWh otherwise); normalised to gCO2/kWh"))
+    signal: CarbonSignal | None = Field(
+        default=None,
+        description=("average or marginal emissions; default: marginal for wattTime, average "
+                     "otherwise (set it for carbonAwareSDK to match its backend)"))
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, alias="tokenSecretRef",
+        description=("Secret holding the credentials: key 'token' (Electricity Maps "
+                     "auth-token, prometheus/SDK bearer token) or keys 'username' and "
+                     "'password' (WattTime login)"))
+    refresh_seconds: float = Field(
+        default=300, alias="refreshSeconds", ge=10, le=86400,
+        description="seconds between fetches (a 429's Retry-After can make it longer)")
+    stale_after_seconds: float = Field(
+        default=3600, alias="staleAfterSeconds", ge=10, le=7 * 86400,
+        description=("after this many seconds without a successful fetch the last data is "
+                     "stale and fallbackGramsPerKWh is used"))
+    fallback_grams_per_kwh: float | None = Field(
+        default=None, alias="fallbackGramsPerKWh", ge=0,
+        description=("gCO2/kWh planned with while the source has no fresh data; unset: the "
+                     "site counts as the dirtiest known site"))
+    timeout_seconds: float = Field(
+        default=10, alias="timeoutSeconds", gt=0, le=60,
+        description="bound on one fetch (connect + read of every request it makes)")
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> CarbonSourceSpec:
+        p = self.provider
+        if p == "configMap" and self.config_map is None:
+            raise ValueError("carbon source configMap: give configMap.name")
+        if p in ("carbonAwareSDK", "prometheus") and not self.url:
+            raise ValueError(f"carbon source {p}: give url")
+        if p == "prometheus" and not self.query:
+            raise ValueError("carbon source prometheus: give query")
+        if p in ("carbonAwareSDK", "wattTime") and not self.location:
+            raise ValueError(f"carbon source {p}: give location")
+        if p == "electricityMaps" and not self.location and (
+                self.latitude is None or self.longitude is None):
+            raise ValueError("carbon source electricityMaps: give location (zone) or "
+                             "latitude and longitude")
+        if p in ("electricityMaps", "wattTime") and self.token_secret_ref is None:
+            raise ValueError(f"carbon source {p}: give tokenSecretRef")
+        return self
+
+
 class SiteCarbon(_Model):
-    site: str = Field(min_length=1)
-    grams_per_kwh: float | None = Field(default=None, alias="gramsPerKWh", ge=0)
-    series: list[float] | None = Field(default=None, max_length=288)
+    """One site's grid carbon intensity: a constant, a fixed series, or a live source."""
+
+    site: str = Field(min_length=1, description="site name (the nodes' site label)")
+    grams_per_kwh: float | None = Field(default=None, alias="gramsPerKWh", ge=0,
+                                        description="constant intensity, gCO2/kWh")
+    series: list[float] | None = Field(
+        default=None, max_length=288,
+        description="intensity per planning step (gCO2/kWh), windowSteps values or one")
+    source: CarbonSourceSpec | None = Field(
+        default=None, description="a live source, refreshed by the operator")
 
     @model_validator(mode="after")
     def _one_of(self) -> SiteCarbon:
-        if (self.grams_per_kwh is None) == (self.series is None):
-            raise ValueError("carbon: give exactly one of gramsPerKWh or series")
+        given = [v is not None for v in (self.grams_per_kwh, self.series, self.source)]
+        if sum(given) != 1:
+            raise ValueError("carbon: give exactly one of gramsPerKWh, series or source")
         if self.series is not None and any(v < 0 for v in self.series):
             raise ValueError("carbon.series: intensities must be >= 0")
         return self
 
     def values(self) -> list[float]:
+        """The static intensities (a live source is resolved by ``joulepool.carbon`` first)."""
+        if self.source is not None:
+            raise ValueError(f"carbon of site {self.site!r} comes from a live source; "
+                             "resolve it with joulepool.carbon before planning")
         return list(self.series) if self.series is not None else [float(self.grams_per_kwh or 0)]
 
 
@@ -251,12 +364,53 @@ class EnergyPolicySpec(_Model):
     alpha: float = Field(default=1.1, ge=1, le=10, description="demand headroom")
     window_steps: int = Field(default=6, alias="windowSteps", ge=1, le=288)
     step_seconds: float = Field(default=300, alias="stepSeconds", gt=0)
-    carbon: list[SiteCarbon] = Field(default_factory=list)
+    carbon: list[SiteCarbon] = Field(
+        default_factory=list,
+        description="grid carbon intensity per site (one entry per site)")
     pi: PISpec = Field(default_factory=PISpec)
     miad: MIADSpec = Field(default_factory=MIADSpec)
     bulk_lambda_factor: float = Field(
         default=BULK_LAMBDA_FACTOR, alias="bulkLambdaFactor", ge=0, le=1
     )
+
+    @model_validator(mode="after")
+    def _one_entry_per_site(self) -> EnergyPolicySpec:
+        sites = [c.site for c in self.carbon]
+        dup = sorted({x for x in sites if sites.count(x) > 1})
+        if dup:
+            raise ValueError(f"carbon: site(s) {dup} listed more than once")
+        return self
+
+
+class SiteCarbonStatus(_Model):
+    """What the operator last planned with for one site's live carbon source."""
+
+    site: str = Field(description="site name")
+    provider: str = Field(description="the source's provider")
+    signal: CarbonSignal = Field(description="average or marginal emissions")
+    grams_per_kwh: float | None = Field(
+        default=None, alias="gramsPerKWh",
+        description="intensity now (first planning step), gCO2/kWh; null: none known")
+    horizon_seconds: float = Field(
+        default=0, alias="horizonSeconds",
+        description="seconds ahead the last fetched data covers")
+    last_success_time: datetime | None = Field(
+        default=None, alias="lastSuccessTime", description="time of the last successful fetch")
+    stale: bool = Field(default=False,
+                        description="no successful fetch within staleAfterSeconds")
+    using_fallback: bool = Field(default=False, alias="usingFallback",
+                                 description="planned with fallbackGramsPerKWh")
+    message: str = Field(default="", description="the last error, if the last fetch failed")
+
+
+class EnergyPolicyStatus(_Model):
+    """Written by the operator."""
+
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="CarbonSourcesReady: every live source has fresh data")
+    carbon: list[SiteCarbonStatus] = Field(
+        default_factory=list, description="per-site state of the live carbon sources")
 
 
 class EnergyPolicy(_Model):
@@ -266,6 +420,7 @@ class EnergyPolicy(_Model):
     kind: Literal["EnergyPolicy"] = "EnergyPolicy"
     metadata: ObjectMeta
     spec: EnergyPolicySpec = Field(default_factory=EnergyPolicySpec)
+    status: EnergyPolicyStatus | None = None
 
 
 RESOURCES: dict[str, type[_Model]] = {
