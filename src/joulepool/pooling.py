@@ -18,7 +18,7 @@ minute), not its mean, as the simulator's planner does.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -75,6 +75,8 @@ class PoolPlan:
     objective: str = "energy"
     #: empty, or how far the queueing headroom had to be relaxed to fit (core.sizing)
     headroom_note: str = ""
+    #: share of the asked-for queueing headroom the plan carries (core.sizing.SizedPlan.scale)
+    headroom_scale: float = 1.0
 
 
 def _modes(profiles: Sequence[ServingProfile], products: set[str]) -> tuple[Mode, ...]:
@@ -134,7 +136,9 @@ def build_problem(
                 s.slo.ttft_seconds, s.slo.tpot_seconds, headroom=headroom,
             )
     objective = _objective(pools, policy)
-    carbon = {c.site: c.values() for c in policy.carbon} or None
+    # live sources are resolved to series by joulepool.carbon first (the operator does);
+    # one still live here counts as an unknown site
+    carbon = {c.site: c.values() for c in policy.carbon if c.source is None} or None
     if objective == "carbon" and carbon is not None:
         worst = max(max(v) for v in carbon.values())
         for site in {n.site for n in nodes} - set(carbon):
@@ -174,8 +178,9 @@ def plan_pools(
     """
     now = now or datetime.now(UTC)
     sized = plan_with_headroom(lambda hr: build_problem(pools, nodes, policy, profiles, hr))
-    return describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
+    plan = describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
                     headroom_note=sized.note())
+    return replace(plan, headroom_scale=sized.scale)
 
 
 def _carbon_now(problem: PlanProblem, site: str) -> float | None:

@@ -49,6 +49,8 @@ def exporter_configmap(points: list[dict[str, Any]]) -> dict[str, Any]:
 @dataclass
 class FakeGrid:
     sdk_values: list[float] = field(default_factory=lambda: [400.0, 300.0, 200.0])
+    #: per-location forecasts (else sdk_values)
+    sdk_by_location: dict[str, list[float]] = field(default_factory=dict)
     em_latest: float = 250.0
     em_forecast: list[float] = field(default_factory=lambda: [240.0, 230.0])
     wt_lbs: list[float] = field(default_factory=lambda: [1000.0, 900.0])
@@ -93,11 +95,12 @@ class FakeGrid:
         if (bad := await self._fault(request)) is not None:
             return bad
         loc = request.query.get("location", "")
+        values = self.sdk_by_location.get(loc, self.sdk_values)
         return web.json_response([{
             "generatedAt": iso(NOW), "requestedAt": iso(NOW), "location": loc,
             "dataStartAt": iso(NOW), "dataEndAt": iso(NOW + timedelta(minutes=15)),
-            "windowSize": 5, "optimalDataPoints": emissions_data(loc, [min(self.sdk_values)]),
-            "forecastData": emissions_data(loc, self.sdk_values),
+            "windowSize": 5, "optimalDataPoints": emissions_data(loc, [min(values)]),
+            "forecastData": emissions_data(loc, values),
         }])
 
     def _em_auth(self, request: web.Request) -> web.Response | None:

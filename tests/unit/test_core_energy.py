@@ -85,7 +85,7 @@ def test_intensity_units_normalise_to_grams_per_kwh():
     assert grams_per_kwh(0.4, "kgPerKWh") == pytest.approx(400)
     assert grams_per_kwh(400_000, "gPerMWh") == pytest.approx(400)
     assert grams_per_kwh(400, "kgPerMWh") == 400 and grams_per_kwh(7, "gPerKWh") == 7
-    assert G_PER_LB / 1000 * 2.2046226 == pytest.approx(1, rel=1e-6)
+    assert pytest.approx(1, rel=1e-6) == G_PER_LB / 1000 * 2.2046226
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="finite"):
             grams_per_kwh(bad, "gPerKWh")

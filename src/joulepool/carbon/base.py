@@ -17,7 +17,7 @@ import aiohttp
 from joulepool.core.energy import IntensityPoint, grams_per_kwh
 
 #: reads one Kubernetes object by API path (the operator's ``KubeClient.get``)
-ObjectReader = Callable[[str], Awaitable[Mapping[str, Any]]]
+ObjectReader = Callable[[str], Awaitable[Mapping[str, Any] | None]]
 
 #: a Retry-After larger than this is treated as this (seconds)
 MAX_RETRY_AFTER_S = 3600.0

@@ -19,10 +19,10 @@ metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -96,28 +96,62 @@ class CarbonFeed:
 
     def __init__(
         self, read_object: ObjectReader | None = None, namespace: str = "joulepool",
-        metrics: CarbonMetrics | None = None, clock: Callable[[], float] = time.time,
+        metrics: CarbonMetrics | None = None, wait_s: float = 5.0,
+        on_update: Callable[[], object] | None = None,
     ) -> None:
         self.read_object = read_object
         self.namespace = namespace
         self.metrics = metrics or CarbonMetrics()
-        self.clock = clock
+        #: how long one planning pass waits for due fetches before it plans without them
+        self.wait_s = wait_s
+        #: called when fetches a pass stopped waiting for have finished (plan again)
+        self.on_update = on_update
         self._sites: dict[str, _SiteState] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._gave_up_waiting = False
         self.last: ResolvedCarbon | None = None
 
     async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     # ------------------------------------------------------------ the one call
     async def planning_policy(self, policy: EnergyPolicySpec, now: datetime) -> EnergyPolicySpec:
-        """Refresh what is due, then the policy with every live source resolved."""
+        """The policy with every live source resolved, after fetching what is due.
+
+        Due fetches run in a task; the pass waits for it at most :attr:`wait_s`
+        and otherwise plans with the data it has (a slow provider never holds
+        the planner up); :attr:`on_update` is called when that task finishes.
+        """
         now_s = now.timestamp()
-        await self.refresh(policy, now_s)
+        if (self._task is None or self._task.done()) and self._due(policy, now_s):
+            self._gave_up_waiting = False
+            self._task = asyncio.get_running_loop().create_task(
+                self.refresh(policy, now_s), name="joulepool carbon refresh")
+            self._task.add_done_callback(self._finished)
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.wait_s)
+            except TimeoutError:
+                self._gave_up_waiting = True
+                log.info("carbon sources still fetching after %.1fs: planning without them",
+                         self.wait_s)
         self.last = self.resolve(policy, now_s)
         return self.last.policy
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if self._gave_up_waiting and not task.cancelled() and self.on_update is not None:
+            self.on_update()
+
+    def _due(self, policy: EnergyPolicySpec, now_s: float) -> bool:
+        return any(self._state(c.site, c.source).next_fetch_s <= now_s
+                   for c in policy.carbon if c.source is not None)
 
     # ------------------------------------------------------------ fetching
     def _state(self, site: str, source: CarbonSourceSpec) -> _SiteState:
@@ -263,3 +297,21 @@ def _conditions(statuses: list[SiteCarbonStatus]) -> tuple[Condition, ...]:
                  "live sources mix average and marginal emissions; sites are not comparable"),
     )
     return ready, consistent
+
+
+def policy_status(
+    resolved: ResolvedCarbon, previous: Mapping[str, Any] | None, now: datetime,
+) -> dict[str, Any]:
+    """The EnergyPolicy ``status`` for ``resolved`` (wire form); a condition keeps its
+    lastTransitionTime from ``previous`` while its status is unchanged."""
+    before = {c.get("type"): c for c in (previous or {}).get("conditions") or []}
+    conditions = []
+    for c in resolved.conditions:
+        old = before.get(c.type)
+        since = (old.get("lastTransitionTime") if old and old.get("status") == c.status
+                 else None) or now.isoformat().replace("+00:00", "Z")
+        wire = c.model_dump(by_alias=True, mode="json", exclude={"last_transition_time"})
+        conditions.append({**wire, "lastTransitionTime": since})
+    return {"conditions": conditions,
+            "carbon": [s.model_dump(by_alias=True, mode="json", exclude_none=True)
+                       for s in resolved.statuses]}

@@ -48,9 +48,11 @@ from joulepool.api.contract import (
 from joulepool.api.load import ResourceError, profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
+from joulepool.carbon.feed import CarbonFeed, policy_status
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
+from joulepool.operator.metrics import OperatorMetrics
 from joulepool.operator.resources import (
     SCALED_DOWN,
     SPEC_HASH_ANNOTATION,
@@ -166,10 +168,16 @@ class Planner:
 
     def __init__(
         self, config: OperatorConfig, client: KubeClient,
-        clock: Callable[[], datetime] = now_utc,
+        clock: Callable[[], datetime] = now_utc, metrics: OperatorMetrics | None = None,
     ) -> None:
         self.config = config
         self.client = client
+        self.metrics = metrics or OperatorMetrics()
+        #: live carbon intensity per site (EnergyPolicy carbon[].source)
+        self.carbon = CarbonFeed(read_object=client.get, namespace=config.namespace,
+                                 metrics=self.metrics.carbon,
+                                 on_update=lambda: self.trigger("carbon sources fetched"))
+        self._policy_status: dict[str, Any] | None = None
         self.sources = Sources()
         self.clock = clock
         # loop bookkeeping
@@ -353,7 +361,7 @@ class Planner:
         plannable = {k: p for k, e in live.items() if (p := self.planned_pool(e)) is not None}
         nodes = self.nodes()
         profiles, profile_keys = self.profiles()
-        policy = self.policy()
+        policy = await self.carbon.planning_policy(self.policy(), now)
         inputs = fingerprint([
             [(k, live[k].uid, p.spec.model_dump_json()) for k, p in plannable.items()],
             [(n.name, n.site, n.product, n.gpus) for n in nodes],
@@ -392,6 +400,10 @@ class Planner:
         sem = asyncio.Semaphore(self.config.write_concurrency)
         await self._apply_deployments(live, plannable, published, report, sem)
         await self._write_statuses(live, plannable, view, now, force, report, sem)
+        await self._write_policy_status(now, report)
+        self.metrics.pools(
+            {k: sum(a.instances for a in p.assignments) for k, p in published.pools.items()},
+            {k: n for k, n in self.ready_replicas().items() if k in live})
         log.info(
             "reconciled: %d pools, %d nodes, plan v%s %s%s; %d statuses, deployments "
             "+%d ~%d -%d 0x%d, %d errors", len(live), len(nodes), published.version,
@@ -407,6 +419,7 @@ class Planner:
         plan = await asyncio.to_thread(
             plan_pools, pools, nodes, policy, profiles, 0, now, partial=True)
         self.solves += 1
+        self.metrics.solved(plan)
         self.latest = plan
         self.latest_pools = frozenset(plan.outcomes)
         r = plan.result
@@ -414,6 +427,7 @@ class Planner:
                  "" if r.feasible else f"; unmet: {'; '.join(r.binding)}")
         if r.feasible:
             self.in_force, self.in_force_feasible = InForcePlan.of(plan), True
+            self.metrics.in_force_feasible.set(1)
             return
         if self.in_force_feasible and self.in_force is not None:
             bad = unusable_nodes(self.in_force.document, plan.outcomes, nodes)
@@ -422,6 +436,7 @@ class Planner:
             log.warning("dropping the last feasible plan: node(s) %s gone, unschedulable "
                         "or smaller; the best partial plan serves", ", ".join(bad))
         self.in_force, self.in_force_feasible = InForcePlan.of(plan), False  # best effort
+        self.metrics.in_force_feasible.set(0)
 
     async def _restore(self) -> None:
         """Read the published plan back after a (re)start: its version always, and the
@@ -496,6 +511,8 @@ class Planner:
             report.errors.append(f"ConfigMap {PLAN_CONFIGMAP}: {exc}")
             return
         self._version = version
+        self.metrics.version.set(version)
+        self.metrics.changes.inc()
         self._published_content = content
         self._published_latest = latest
         self.published = doc
@@ -521,6 +538,25 @@ class Planner:
                 raise
         await self.client.create(collection, body)  # gone since we last saw it
         return "created"
+
+    # ------------------------------------------------------------ EnergyPolicy status
+    async def _write_policy_status(self, now: datetime, report: PassReport) -> None:
+        """The live carbon sources' state on EnergyPolicy ``default`` (only when it changes)."""
+        resolved = self.carbon.last
+        exists = any(name == POLICY_NAME for name, _ in index_values(self.sources.policies))
+        if resolved is None or not resolved.statuses or not exists:
+            return
+        body = policy_status(resolved, self._policy_status, now)
+        if body == self._policy_status:
+            return
+        path = path_for("joulepool.dev/v1alpha1", "energypolicies", None, POLICY_NAME, "status")
+        try:
+            await self.client.patch(path, {"status": body})
+        except ApiError as exc:
+            if not exc.not_found:
+                report.errors.append(f"EnergyPolicy {POLICY_NAME} status: {exc}")
+            return
+        self._policy_status = body
 
     # ------------------------------------------------------------ Deployments
     async def _apply_deployments(
@@ -704,3 +740,4 @@ async def running(planner: Planner) -> Any:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await planner.carbon.close()

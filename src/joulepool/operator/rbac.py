@@ -26,6 +26,12 @@ CLUSTER_RULES: list[dict[str, Any]] = [
         "resources": ["inferencepools/status"],
         "verbs": ["patch"],
     },
+    # The planning loop writes EnergyPolicy default's status: its live carbon sources.
+    {
+        "apiGroups": ["joulepool.dev"],
+        "resources": ["energypolicies/status"],
+        "verbs": ["patch"],
+    },
     # Read only, kept in kopf indexes: never written, never fetched one by one.
     {
         "apiGroups": ["joulepool.dev"],
@@ -61,6 +67,9 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
         "resources": ["configmaps"],
         "verbs": ["get", "create", "patch"],
     },
+    # Credentials of the live carbon sources (EnergyPolicy carbon[].source.tokenSecretRef),
+    # read one by one when a source is fetched; a Secret elsewhere needs a Role there.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
 ]
 
 

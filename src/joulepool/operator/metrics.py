@@ -1,0 +1,77 @@
+"""Prometheus metrics of the operator: the planner's gauges and the carbon sources.
+
+Served on ``--metrics-port`` (``/metrics``), scraped through the chart's
+ServiceMonitor.  Names follow Prometheus conventions; the chart's dashboard
+and PrometheusRule use exactly these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from joulepool.carbon.metrics import CarbonMetrics
+from joulepool.pooling import PoolPlan
+
+SOLVE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class OperatorMetrics:
+    """The operator's metrics in one registry (private unless given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.carbon = CarbonMetrics(r)
+        self.feasible = Gauge(
+            "joulepool_plan_feasible", "1 if the latest solve met every pool's demand",
+            registry=r)
+        self.in_force_feasible = Gauge(
+            "joulepool_plan_in_force_feasible", "1 if the plan in force is a feasible plan",
+            registry=r)
+        self.version = Gauge("joulepool_plan_version", "version of the published plan",
+                             registry=r)
+        self.objective = Gauge(
+            "joulepool_plan_objective",
+            "objective of the latest solve over its window (J for energy, gCO2 for carbon)",
+            ("objective",), registry=r)
+        self.headroom = Gauge(
+            "joulepool_plan_headroom_ratio",
+            "share of the asked-for queueing headroom the latest plan carries (1: all)",
+            registry=r)
+        self.solve_seconds = Histogram(
+            "joulepool_plan_solve_seconds", "wall time of one MILP solve",
+            buckets=SOLVE_BUCKETS, registry=r)
+        self.changes = Counter(
+            "joulepool_plan_changes", "new plan versions published", registry=r)
+        self.planned = Gauge(
+            "joulepool_pool_planned_instances", "instances the plan in force gives the pool",
+            ("pool",), registry=r)
+        self.ready = Gauge(
+            "joulepool_pool_ready_instances", "ready instances of the pool's Deployments",
+            ("pool",), registry=r)
+        self.gpus_used = Gauge(
+            "joulepool_plan_gpus", "GPUs by site and product: used by the latest plan, total",
+            ("site", "product", "kind"), registry=r)
+
+    def solved(self, plan: PoolPlan) -> None:
+        """Record one solve."""
+        r = plan.result
+        self.feasible.set(1 if r.feasible else 0)
+        self.objective.clear()
+        self.objective.labels(plan.objective).set(r.objective)
+        self.headroom.set(plan.headroom_scale)
+        self.solve_seconds.observe(r.solve_time_s)
+        self.gpus_used.clear()
+        for (site, product), (used, total) in r.capacity.items():
+            self.gpus_used.labels(site, product, "used").set(used)
+            self.gpus_used.labels(site, product, "total").set(total)
+
+    def pools(self, planned: Mapping[str, int], ready: Mapping[str, int]) -> None:
+        """Planned vs ready instances of every pool (pools gone are dropped)."""
+        self.planned.clear()
+        self.ready.clear()
+        for pool in sorted(set(planned) | set(ready)):
+            self.planned.labels(pool).set(planned.get(pool, 0))
+            self.ready.labels(pool).set(ready.get(pool, 0))
