@@ -420,8 +420,11 @@ def test_rbac_rules_are_exact_and_least_privilege() -> None:
     assert by["inferencepools/status"] == ["patch"]
     assert by["nodes"] == ["list", "watch"] and by["events"] == ["create"]
     assert by["gpuprofiles"] == by["energypolicies"] == ["list", "watch"]
+    assert by["energypolicies/status"] == ["patch"]  # live carbon source status
     assert rbac.NAMESPACE_RULES == [
-        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]}]
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+        # carbon source credentials: read only, and only in the operator's namespace
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
 
 
 def test_rbac_manifest_renders_the_same_rules() -> None:
