@@ -69,6 +69,8 @@ class LiveServer:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        if body is not None:  # the JSON endpoints read application/json bodies only
+            headers = {"Content-Type": "application/json", **(headers or {})}
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
@@ -201,6 +203,7 @@ def test_size_limits(server: LiveServer) -> None:
     # chunked upload without Content-Length is cut off at the limit too
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     conn.putrequest("POST", "/v1/route")
+    conn.putheader("Content-Type", "application/json")
     conn.putheader("Transfer-Encoding", "chunked")
     conn.endheaders()
     for _ in range(20):
@@ -290,7 +293,8 @@ def test_tls(tmp_path: Path) -> None:
         ctx = ssl.create_default_context(cafile=str(cert))
         conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=10)
         body = json.dumps(T.extender_args(T.pod("p"), names=["n0", "n1"]))
-        conn.request("POST", "/scheduler/filter", body=body)
+        conn.request("POST", "/scheduler/filter", body=body,
+                     headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 200 and json.loads(resp.read())["NodeNames"] == ["n0", "n1"]
         conn.close()
@@ -305,7 +309,8 @@ def test_slow_body_times_out_without_blocking_others() -> None:
     s = Settings(cluster=False, scrape_interval_seconds=0, read_timeout_seconds=0.3)
     with LiveServer(s) as srv:
         slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-        slow.sendall(b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        slow.sendall(b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                     b"Content-Type: application/json\r\n\r\n{")
         # others are served while the slow body trickles
         assert srv.request("GET", "/healthz")[0] == 200
         answer = slow.recv(4096)

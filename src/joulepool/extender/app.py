@@ -13,10 +13,13 @@ Routes (``<prefix>`` defaults to ``/scheduler``):
 Status codes. Every error body is JSON: ``{"Error": msg}`` on the scheduler
 verbs (the extender's own field), ``{"error": msg}`` elsewhere.
 
-    400  body is not JSON, not an object, or has a field of the wrong type/range
+    400  body is not JSON (RFC 8259: no NaN/Infinity, finite numbers, nesting <= 64),
+         not an object, or has a field of the wrong type/range (a resource quantity
+         that is not one, or over 2^63)
          (kube-scheduler never sends such a body; the status tells other clients)
     401  bearer token missing or wrong (--token-file)
     408  body not received within --read-timeout-seconds (slow clients hold no worker)
+    415  a POST body that is not ``Content-Type: application/json``
     404  unknown path, or /v1 request for a pool the router does not know
     405  wrong method
     413  body over --max-body-bytes, or more than --max-nodes candidate nodes
@@ -37,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import ssl
 import threading
@@ -50,6 +52,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from joulepool import httpserve
 from joulepool.extender import files
 from joulepool.extender.metrics import Metrics
 from joulepool.extender.router import (
@@ -77,7 +80,6 @@ log = logging.getLogger(__name__)
 SCHEDULER_VERBS = ("filter", "prioritize")
 ROUTER_PREFIXES = ("/v1/", "/metrics", "/debug")
 OPEN_PATHS = ("/healthz", "/readyz")
-JSON = "application/json"
 
 
 class Extender:
@@ -214,8 +216,7 @@ EXTENDER = web.AppKey("extender", Extender)
 # Helpers
 # --------------------------------------------------------------------------
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    text = payload if isinstance(payload, str) else json.dumps(payload)
-    return web.Response(text=text, status=status, content_type=JSON, headers=headers)
+    return httpserve.json_response(payload, status, headers)
 
 
 def _error(verb: str, status: int, message: str, headers: dict[str, str] | None = None
@@ -224,11 +225,8 @@ def _error(verb: str, status: int, message: str, headers: dict[str, str] | None 
     return _json({key: message}, status, headers)
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+#: a refused request (status and message); the middleware answers it in the verb's shape
+BadRequest = httpserve.HTTPProblem
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -241,17 +239,10 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 async def _body(request: web.Request) -> bytes:
+    """The request's body: application/json only, size and time bounded (httpserve)."""
     s = request.app[EXTENDER].settings
-    limit = s.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(413, f"body of {request.content_length} bytes is over the "
-                              f"{limit}-byte limit")
-    try:
-        return await asyncio.wait_for(request.read(), s.read_timeout_seconds)
-    except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(413, f"body is over the {limit}-byte limit") from None
-    except TimeoutError:
-        raise BadRequest(408, f"body not received within {s.read_timeout_seconds:g}s") from None
+    httpserve.require_json(request)
+    return await httpserve.read_body(request, s.max_body_bytes, s.read_timeout_seconds)
 
 
 def _clock() -> tuple[float, float]:
@@ -269,8 +260,9 @@ def _timed(request: web.Request, verb: str, t0: tuple[float, float], resp: web.R
 
 def _extender_args(body: bytes, max_nodes: int) -> tuple[ExtenderArgs, dict[str, Any]]:
     """Validated args, and the raw JSON object when full Nodes must be echoed back."""
+    obj = httpserve.parse_json(body)
     try:
-        args = ExtenderArgs.model_validate_json(body)
+        args = ExtenderArgs.model_validate(obj)
     except ValidationError as exc:
         if exc.errors()[0]["type"] == "model_type":
             raise BadRequest(400, "ExtenderArgs must be a JSON object") from None
@@ -278,9 +270,7 @@ def _extender_args(body: bytes, max_nodes: int) -> tuple[ExtenderArgs, dict[str,
     n = max(len(args.node_names or []), len(args.nodes.items or []) if args.nodes else 0)
     if n > max_nodes:
         raise BadRequest(413, f"{n} candidate nodes is over the --max-nodes limit {max_nodes}")
-    raw: dict[str, Any] = {}
-    if args.nodes is not None:  # second parse only in the (slow anyway) full-Nodes form
-        raw = json.loads(body)
+    raw: dict[str, Any] = obj if args.nodes is not None else {}
     return args, raw
 
 
@@ -318,6 +308,7 @@ async def handle_route(request: web.Request) -> web.Response:
     body = await _body(request)
     t0 = _clock()
     try:
+        httpserve.parse_json(body)  # RFC 8259 only: no NaN/Infinity, bounded depth
         req = RouteRequest.model_validate_json(body)
     except ValidationError as exc:
         raise BadRequest(400, _validation_message(exc)) from None
@@ -335,6 +326,7 @@ async def handle_complete(request: web.Request) -> web.Response:
     body = await _body(request)
     t0 = _clock()
     try:
+        httpserve.parse_json(body)
         rep = CompleteRequest.model_validate_json(body)
     except ValidationError as exc:
         raise BadRequest(400, _validation_message(exc)) from None

@@ -23,12 +23,11 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from aiohttp import web
-
     from joulepool.cli import UsageError
     from joulepool.extender.app import EXTENDER, create_app, ssl_context
     from joulepool.extender.files import FileError
     from joulepool.extender.settings import SettingsError, load_settings
+    from joulepool.httpserve import start_server
 
     log = logging.getLogger("joulepool.extender")
     try:
@@ -58,11 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"TLS: {exc}") from None
 
     async def serve() -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ctx,
-                           reuse_address=True)
-        await site.start()
+        runner = await start_server(app, settings.host, settings.port, ssl_context=ctx,
+                                    header_timeout_s=settings.header_timeout_seconds)
         scheme = "https" if ctx else "http"
         urls = [
             f"{scheme}://{'[' + a[0] + ']' if ':' in a[0] else a[0]}:{a[1]}"

@@ -60,6 +60,10 @@ class Settings(BaseModel):
     read_timeout_seconds: float = Field(
         30.0, gt=0, description="longest wait for a request body (408 after)"
     )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="longest wait for a complete request head, and longest "
+        "idle keep-alive (the connection is closed after)"
+    )
 
     # -- sources ------------------------------------------------------------------------------
     cluster: bool = Field(

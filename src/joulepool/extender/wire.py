@@ -18,11 +18,12 @@ from :data:`DEFAULT_PORT`, :data:`DEFAULT_PREFIX` and :data:`VERBS`.
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from joulepool.api.contract import (
     GPU_RESOURCE,
@@ -39,6 +40,86 @@ MAX_EXTENDER_PRIORITY = 10
 
 
 Quantity = str | int | float
+
+
+# --------------------------------------------------------------------------
+# Quantities
+# --------------------------------------------------------------------------
+_QUANTITY = re.compile(
+    r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+)
+_SUFFIX = {
+    "": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+    "P": Decimal("1e15"), "E": Decimal("1e18"),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}
+
+
+#: longest quantity string accepted (Kubernetes' own are far shorter)
+MAX_QUANTITY_CHARS = 64
+#: largest magnitude of a quantity: Kubernetes stores quantities as int64 (milli-units
+#: and up), so nothing larger can come from a real API server
+MAX_QUANTITY = Decimal(2**63 - 1)
+
+
+def parse_quantity(value: Quantity) -> Decimal:
+    """A Kubernetes resource quantity (``"8"``, ``"500m"``, ``"1Gi"``) as a finite Decimal.
+
+    ValueError for anything else, including magnitudes over :data:`MAX_QUANTITY` and
+    strings over :data:`MAX_QUANTITY_CHARS` (checked before any arithmetic, so a value
+    like ``1e999999`` is refused at once instead of being expanded into a million digits).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid quantity {value!r}")
+    if isinstance(value, int):
+        if abs(value) > MAX_QUANTITY:
+            raise ValueError("quantity out of range")
+        return Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_QUANTITY:
+            raise ValueError(f"quantity out of range: {value!r}")
+        return Decimal(str(value))
+    if len(value) > MAX_QUANTITY_CHARS:
+        raise ValueError(f"invalid quantity {value[:MAX_QUANTITY_CHARS]!r}...: too long")
+    m = _QUANTITY.match(value.strip())
+    if not m:
+        raise ValueError(f"invalid quantity {value!r}")
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation:
+        raise ValueError(f"invalid quantity {value!r}") from None
+    # adjusted(): exponent of the leading digit; bounds the magnitude without expanding it
+    if number and number.adjusted() > 30:
+        raise ValueError(f"quantity out of range: {value!r}")
+    q = number * _SUFFIX[m.group(2) or ""]
+    if abs(q) > MAX_QUANTITY:
+        raise ValueError(f"quantity out of range: {value!r}")
+    return q
+
+
+def quantity_to_int(value: Quantity) -> int:
+    """Whole units of a countable resource such as GPUs (fractions round up; bad, negative
+    or out-of-range values are 0: the wire models refuse them on input, see
+    :data:`CheckedQuantity`)."""
+    try:
+        q = parse_quantity(value)
+    except ValueError:
+        return 0
+    if q <= 0:
+        return 0
+    return int(q.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def _checked_quantity(value: Quantity) -> Quantity:
+    parse_quantity(value)
+    return value
+
+
+#: a resource quantity as it appears in Kubernetes JSON, validated on input
+CheckedQuantity = Annotated[Quantity, AfterValidator(_checked_quantity)]
+
 
 
 class _K8s(BaseModel):
@@ -61,8 +142,8 @@ class ObjectMeta(_K8s):
 
 
 class ResourceRequirements(_K8s):
-    requests: dict[str, Quantity] | None = None
-    limits: dict[str, Quantity] | None = None
+    requests: dict[str, CheckedQuantity] | None = None
+    limits: dict[str, CheckedQuantity] | None = None
 
 
 class ContainerPort(_K8s):
@@ -80,7 +161,7 @@ class Container(_K8s):
 class PodSpec(_K8s):
     containers: list[Container] | None = None
     init_containers: list[Container] | None = Field(default=None, alias="initContainers")
-    overhead: dict[str, Quantity] | None = None
+    overhead: dict[str, CheckedQuantity] | None = None
     node_name: str = Field(default="", alias="nodeName")
     scheduler_name: str = Field(default="", alias="schedulerName")
 
@@ -155,8 +236,8 @@ class NodeSpec(_K8s):
 
 
 class NodeStatus(_K8s):
-    allocatable: dict[str, Quantity] | None = None
-    capacity: dict[str, Quantity] | None = None
+    allocatable: dict[str, CheckedQuantity] | None = None
+    capacity: dict[str, CheckedQuantity] | None = None
     conditions: list[Condition] | None = None
 
 
@@ -215,50 +296,8 @@ class HostPriority(BaseModel):
 
 
 # --------------------------------------------------------------------------
-# Quantities and pod requests
+# Pod requests
 # --------------------------------------------------------------------------
-_QUANTITY = re.compile(
-    r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
-)
-_SUFFIX = {
-    "": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
-    "P": Decimal("1e15"), "E": Decimal("1e18"),
-    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}
-
-
-def parse_quantity(value: Quantity) -> Decimal:
-    """A Kubernetes resource quantity (``"8"``, ``"500m"``, ``"1Gi"``) as a Decimal."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid quantity {value!r}")
-    if isinstance(value, int | float):
-        try:
-            return Decimal(str(value))
-        except InvalidOperation:
-            raise ValueError(f"invalid quantity {value!r}") from None
-    m = _QUANTITY.match(value.strip())
-    if not m:
-        raise ValueError(f"invalid quantity {value!r}")
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation:
-        raise ValueError(f"invalid quantity {value!r}") from None
-    return number * _SUFFIX[m.group(2) or ""]
-
-
-def quantity_to_int(value: Quantity) -> int:
-    """Whole units of a countable resource such as GPUs (fractions round up; bad values are 0)."""
-    try:
-        q = parse_quantity(value)
-    except ValueError:
-        return 0
-    if not q.is_finite() or q <= 0:
-        return 0
-    return int(q.to_integral_value(rounding="ROUND_CEILING"))
-
-
 def _container_gpus(c: Container) -> int:
     res = c.resources
     if res is None:
