@@ -490,14 +490,24 @@ def _validate_extender(args: Any) -> None:
 
 def _validate_sidecar(args: Any) -> None:
     from joulepool.nodeagent.runner import build_config
+    from joulepool.nodeagent.settings import NodeAgentSettings
+    from joulepool.settings import load
 
-    build_config(args, "node-a")
+    build_config(load(NodeAgentSettings, args, environ={}), "node-a")
+
+
+def _validate_device_plugin(args: Any) -> None:
+    from joulepool.fakes.settings import DevicePluginSettings
+    from joulepool.settings import load
+
+    load(DevicePluginSettings, args, environ={})
 
 
 #: the command's own validation of parsed arguments, where it has one that
 #: needs no cluster (what `run` checks before it starts serving)
 VALIDATE = {"operator": _validate_operator, "extender": _validate_extender,
-            "sidecar": _validate_sidecar}
+            "sidecar": _validate_sidecar, "node-agent": _validate_sidecar,
+            "device-plugin": _validate_device_plugin}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -15,7 +15,9 @@ import pytest
 
 from joulepool.nodeagent.discovery import PodDiscovery
 from joulepool.nodeagent.podresources import PodResourcesClient, device_uuid, gpu_indices
+from joulepool.nodeagent.settings import NodeAgentSettings
 from joulepool.protos import podresources_pb2 as pb
+from joulepool.settings import load
 
 UUIDS = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
 INDEX = {u: i for i, u in enumerate(UUIDS)}
@@ -183,9 +185,9 @@ def test_the_sidecar_wires_pod_resources_to_the_agents_gpus(monkeypatch):
 
     monkeypatch.setattr(runner, "_main", fake_main)
     monkeypatch.setattr(runner, "load_kube_config", lambda: None)
-    args = build_parser().parse_args(
+    args = load(NodeAgentSettings, build_parser().parse_args(
         ["sidecar", "--backend", "simulated", "--count", "2", "--node", "n9",
-         "--kubernetes", "on", "--engine-discovery", "pods"])
+         "--kubernetes", "on", "--engine-discovery", "pods"]))
     assert runner.run_sidecar(args) == 0
     d = seen["discover"]
     assert d.pod_resources.socket_path == "/var/lib/kubelet/pod-resources/kubelet.sock"

@@ -13,6 +13,13 @@ GROUP = "joulepool.dev"
 #: finalizer the operator puts on InferencePools it manages
 FINALIZER = "joulepool.dev/finalizer"
 
+#: namespace of joulepool's own components and plan ConfigMap when none is given
+DEFAULT_NAMESPACE = "joulepool-system"
+#: scheduler name of serving pods (the second profile of kube-scheduler with the extender)
+DEFAULT_SCHEDULER = "joulepool-scheduler"
+#: the file in every pod that holds its own namespace
+SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
 # -- labels joulepool sets on what it creates --------------------------------
 #: the pool a serving pod or Deployment belongs to; value ``<namespace>.<name>``
 POOL_LABEL = "joulepool.dev/pool"
@@ -67,3 +74,7 @@ ENGINE_PORT = 8000
 NODE_AGENT_METRICS_PORT = 9400
 #: the operator's liveness endpoint /healthz
 OPERATOR_LIVENESS_PORT = 8080
+#: the fake device plugin's and NVIDIA's kubelet device plugin directory
+DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+#: the kubelet PodResources API socket the node agent maps engines to GPUs with
+POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"

@@ -78,6 +78,10 @@ def trapezoid_energy_j(power0_w: float, power1_w: float, dt_s: float) -> float:
     return 0.5 * (power0_w + power1_w) * dt_s
 
 
+#: half-life of online J/token estimates (node agent and router), seconds
+EPS_HALF_LIFE_S = 120.0
+
+
 @dataclass
 class EnergyPerTokenEstimator:
     """eps = smoothed energy / smoothed tokens, forgetting with a half-life.
@@ -89,7 +93,7 @@ class EnergyPerTokenEstimator:
     the profile's idle power carries it) but still age the sums.
     """
 
-    half_life_s: float = 120.0
+    half_life_s: float = EPS_HALF_LIFE_S
     min_tokens: float = 1.0
     energy_j: float = 0.0
     tokens: float = 0.0

@@ -17,7 +17,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from joulepool.core.estimators import EnergyPerTokenEstimator
+from joulepool.core.estimators import EPS_HALF_LIFE_S, EnergyPerTokenEstimator
 
 
 @dataclass
@@ -96,7 +96,7 @@ class EpsEstimator:
     have been reported the scale is 1 (the profile is the prior).
     """
 
-    half_life_s: float = 120.0
+    half_life_s: float = EPS_HALF_LIFE_S
     min_tokens: float = 1000.0
     min_scale: float = 0.2
     max_scale: float = 5.0

@@ -65,8 +65,8 @@ FloatArray = npt.NDArray[np.float64]
 PI_EVERY = 50
 PI_PERIOD_S = 10.0
 MISS_WINDOW_S = 60.0
-EPS_HALF_LIFE_S = 120.0
-EPS_MIN_TOKENS = 1000.0
+EPS_HALF_LIFE_S = EpsEstimator.half_life_s  # core.estimators.EPS_HALF_LIFE_S
+EPS_MIN_TOKENS = EpsEstimator.min_tokens
 INFLIGHT_TTL_S = 300.0
 
 

@@ -1,5 +1,7 @@
 """Settings of ``joulepool extender``: flags > environment > ``--config`` YAML > defaults.
 
+The layering is :mod:`joulepool.settings`, shared by every component.
+
 Every setting ``foo_bar`` is
   * the flag ``--foo-bar`` (booleans also ``--no-foo-bar``),
   * the environment variable ``JOULEPOOL_EXTENDER_FOO_BAR``,
@@ -9,34 +11,36 @@ Every setting ``foo_bar`` is
 from __future__ import annotations
 
 import argparse
-import os
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
+from joulepool import settings as settings_base
+from joulepool.api.contract import (
+    DEFAULT_NAMESPACE,
+    ENGINE_PORT,
+    SERVICE_ACCOUNT_NAMESPACE_FILE,
+)
 from joulepool.api.contract import EXTENDER_PORT as DEFAULT_PORT
 from joulepool.api.contract import EXTENDER_PREFIX as DEFAULT_PREFIX
 from joulepool.api.plan import PLAN_CONFIGMAP
-from joulepool.core.controllers import PIController
-from joulepool.core.cost import BULK_LAMBDA_FACTOR
+from joulepool.extender.router import RouterSettings
+from joulepool.settings import ComponentSettings, SettingsError
 
-ENV_PREFIX = "JOULEPOOL_EXTENDER_"
-SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-DEFAULT_NAMESPACE = "joulepool-system"
+SA_NAMESPACE_FILE = Path(SERVICE_ACCOUNT_NAMESPACE_FILE)
 MiB = 1 << 20
+#: the router's defaults, written once in :class:`RouterSettings`
+_R = RouterSettings()
 
 
-class SettingsError(ValueError):
-    """Bad flag, environment variable or config file value."""
+class Settings(ComponentSettings):
+    """Settings of the scheduler extender and router service."""
 
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    ENV_PREFIX: ClassVar[str] = "JOULEPOOL_EXTENDER_"
+    STRICT_ENV: ClassVar[bool] = True
+    CONFIG_ENV: ClassVar[str] = "JOULEPOOL_EXTENDER_CONFIG"
 
     # -- serving --------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address to listen on")
@@ -94,51 +98,57 @@ class Settings(BaseModel):
     )
     scrape_timeout_seconds: float = Field(1.0, gt=0, description="timeout of one scrape")
     scrape_concurrency: int = Field(64, ge=1, le=4096, description="scrapes in flight at once")
-    metrics_path: str = Field("/metrics", description="path of the engines' metrics")
-    metrics_port: int = Field(0, ge=0, le=65535, description="engines' metrics port "
+    metrics_path: str = Field(_R.metrics_path, description="path of the engines' metrics")
+    metrics_port: int = Field(_R.metrics_port, ge=0, le=65535, description="engines' metrics port "
                               "(0: the serving port)")
     endpoint_port: int = Field(
-        8000, ge=1, le=65535, description="serving port when a pod names none"
+        ENGINE_PORT, ge=1, le=65535, description="serving port when a pod names none"
     )
-    fallbacks: int = Field(3, ge=0, le=100, description="fallback endpoints per answer")
-    pi_kp: float = Field(PIController.kp, ge=0, description="PI proportional gain")
-    pi_ki: float = Field(PIController.ki, ge=0, description="PI integral gain")
+    fallbacks: int = Field(_R.fallbacks, ge=0, le=100, description="fallback endpoints per answer")
+    pi_kp: float = Field(_R.kp, ge=0, description="PI proportional gain")
+    pi_ki: float = Field(_R.ki, ge=0, description="PI integral gain")
     target_miss_rate: float = Field(
-        PIController.target, ge=0, le=1, description="deadline-miss target rho*"
+        _R.target_miss_rate, ge=0, le=1, description="deadline-miss target rho*"
     )
-    lambda_min: float = Field(PIController.lam_min, ge=0, description="lower clamp of lambda")
-    lambda_max: float = Field(PIController.lam_max, gt=0, description="upper clamp of lambda")
-    lambda_initial: float = Field(PIController.lam, ge=0, description="lambda before any feedback")
-    pi_every: int = Field(50, ge=1, description="PI step after this many completions")
-    pi_period_seconds: float = Field(10.0, gt=0, description="or after this long")
-    miss_window_seconds: float = Field(60.0, gt=0, description="sliding miss-ratio window")
+    lambda_min: float = Field(_R.lambda_min, ge=0, description="lower clamp of lambda")
+    lambda_max: float = Field(_R.lambda_max, gt=0, description="upper clamp of lambda")
+    lambda_initial: float = Field(_R.lambda_initial, ge=0, description="lambda before any feedback")
+    pi_every: int = Field(_R.pi_every, ge=1, description="PI step after this many completions")
+    pi_period_seconds: float = Field(_R.pi_period_s, gt=0, description="or after this long")
+    miss_window_seconds: float = Field(
+        _R.miss_window_s, gt=0, description="sliding miss-ratio window"
+    )
     bulk_lambda_factor: float = Field(
-        BULK_LAMBDA_FACTOR, ge=0, le=1, description="bulk tier's lambda multiplier"
+        _R.bulk_lambda_factor, ge=0, le=1, description="bulk tier's lambda multiplier"
     )
     hard_deadline: bool = Field(
-        False, description="interactive requests go to endpoints predicted to meet the "
+        _R.hard_deadline, description="interactive requests go to endpoints predicted to meet the "
         "deadline before any that would miss it (default: the paper's soft cost)",
     )
     input_token_weight: float = Field(
-        0.0, ge=0, description="prompt tokens counted into t_r (0: t_r = output tokens)"
+        _R.input_token_weight, ge=0,
+        description="prompt tokens counted into t_r (0: t_r = output tokens)"
     )
     mean_output_tokens: float = Field(
-        256.0, gt=0, description="assumed mean output tokens before any traffic"
+        _R.mean_output_tokens, gt=0, description="assumed mean output tokens before any traffic"
     )
     eps_half_life_seconds: float = Field(
-        120.0, gt=0, description="half-life of the online eps correction (measured joules)"
+        _R.eps_half_life_s, gt=0,
+        description="half-life of the online eps correction (measured joules)"
     )
     eps_min_tokens: float = Field(
-        1000.0, gt=0, description="reported tokens before measured joules correct the profile"
+        _R.eps_min_tokens, gt=0,
+        description="reported tokens before measured joules correct the profile"
     )
     inflight_ttl_seconds: float = Field(
-        300.0, gt=0, description="forget routed requests never reported complete after this"
+        _R.inflight_ttl_s, gt=0,
+        description="forget routed requests never reported complete after this"
     )
     default_joules_per_token: float = Field(
-        1.0, gt=0, description="eps of endpoints without a profile (assumed)"
+        _R.default_eps, gt=0, description="eps of endpoints without a profile (assumed)"
     )
     default_tokens_per_second: float = Field(
-        1000.0, gt=0, description="throughput of endpoints without a profile (assumed)"
+        _R.default_tps, gt=0, description="throughput of endpoints without a profile (assumed)"
     )
 
     # -- placement ----------------------------------------------------------------------------
@@ -188,103 +198,13 @@ class Settings(BaseModel):
             return DEFAULT_NAMESPACE
 
 
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; defaults stay None so other layers can fill them."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flag names)")
-    for name, field in Settings.model_fields.items():
-        default = field.default
-        shown = f" (default: {default})" if default is not None else ""
-        help_text = (field.description or "") + shown
-        if _is_bool(field.annotation):
-            parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                help=help_text,
-            )
-        else:
-            metavar = _metavar(field.annotation)
-            parser.add_argument(
-                _flag(name), dest=name, default=None, metavar=metavar, help=help_text
-            )
-
-
-def _metavar(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return "{" + ",".join(str(a) for a in typing.get_args(annotation)) + "}"
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0] if args else str
-    return {int: "N", float: "X", Path: "PATH"}.get(annotation, "TEXT")
-
-
-def _config_layer(path: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise SettingsError(f"--config {path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"--config {path}: invalid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise SettingsError(f"--config {path}: expected a mapping of setting: value")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in Settings.model_fields:
-            raise SettingsError(
-                f"--config {path}: unknown setting {key!r} "
-                f"(known: {', '.join(sorted(n.replace('_', '-') for n in Settings.model_fields))})"
-            )
-        out[name] = value
-    return out
-
-
-def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        name = key[len(ENV_PREFIX):].lower()
-        if name == "config":
-            continue
-        if name not in Settings.model_fields:
-            raise SettingsError(f"unknown environment variable {key}")
-        out[name] = value
-    return out
+    """One flag per setting (see :mod:`joulepool.settings`)."""
+    settings_base.add_arguments(parser, Settings)
 
 
 def load_settings(
     args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Merge the layers and validate; errors name the setting."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    config = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG")
-    if config:
-        for k, v in _config_layer(config).items():
-            values[k], sources[k] = v, f"--config {config}"
-    for k, v in _env_layer(env).items():
-        values[k], sources[k] = v, ENV_PREFIX + k.upper()
-    if args is not None:
-        for k in Settings.model_fields:
-            v = getattr(args, k, None)
-            if v is not None:
-                values[k], sources[k] = v, _flag(k)
-    try:
-        return Settings.model_validate(values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = str(err["loc"][0]) if err["loc"] else ""
-        where = sources.get(loc, _flag(loc) if loc else "settings")
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        raise SettingsError(f"{where}: {msg}") from None
+    """Merge the layers and validate; errors name the flag, variable or file key."""
+    return settings_base.load(Settings, args, environ)

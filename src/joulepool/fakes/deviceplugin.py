@@ -34,21 +34,26 @@ from typing import Any
 
 import grpc
 
-from joulepool.api.contract import GPU_COUNT_LABEL, GPU_PRODUCT_LABEL, GPU_RESOURCE
+from joulepool.api.contract import (
+    DEVICE_PLUGIN_DIR,
+    GPU_COUNT_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+)
 from joulepool.core.profiles import GPUProduct
 from joulepool.fakes.gpus import FAULT_LOST, SimulatedGPUs, fake_uuid
+from joulepool.fakes.settings import PLUGIN_ENDPOINT, STATE_MOUNT_DIR
 from joulepool.protos import api_pb2, api_pb2_grpc
 
 log = logging.getLogger("joulepool.deviceplugin")
 
 API_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
-DEFAULT_KUBELET_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_KUBELET_DIR = DEVICE_PLUGIN_DIR
 DEFAULT_RESOURCE = GPU_RESOURCE
-DEFAULT_ENDPOINT = "joulepool-fake-gpu.sock"
+DEFAULT_ENDPOINT = PLUGIN_ENDPOINT
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
-STATE_MOUNT_DIR = "/var/run/joulepool-gpu"
 
 
 @dataclass

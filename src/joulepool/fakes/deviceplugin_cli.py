@@ -5,37 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from joulepool import envflags as ef
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from joulepool.fakes.settings import DevicePluginSettings
+    from joulepool.settings import add_arguments
+
     parser.description = (
         "Fake kubelet device plugin (v1beta1, gRPC on a unix socket): advertises N fake GPUs "
         "of a product, streams health changes, and allocates simulated GPUs to containers."
     )
-    ef.add(parser, "--product", "JOULEPOOL_GPU_PRODUCT", None,
-           help="GPU product, e.g. H100 (default: node label nvidia.com/gpu.product)")
-    ef.add(parser, "--count", "JOULEPOOL_GPU_COUNT", None, type=int,
-           help="number of fake GPUs (default: node label nvidia.com/gpu.count)")
-    ef.add(parser, "--resource-name", "JOULEPOOL_RESOURCE_NAME", "nvidia.com/gpu",
-           help="extended resource to advertise")
-    ef.add(parser, "--kubelet-dir", "JOULEPOOL_KUBELET_DIR", "/var/lib/kubelet/device-plugins",
-           help="kubelet device plugin directory (holds kubelet.sock)")
-    ef.add(parser, "--endpoint", "JOULEPOOL_PLUGIN_ENDPOINT", "joulepool-fake-gpu.sock",
-           help="this plugin's socket file name inside --kubelet-dir")
-    ef.add(parser, "--node", "JOULEPOOL_NODE", os.environ.get("NODE_NAME") or None,
-           help="node name (default $NODE_NAME; needed to read node labels)")
-    ef.add(parser, "--gpu-state", "JOULEPOOL_GPU_STATE", None,
-           help="shared simulated-GPU state file (created if missing); lost GPUs turn Unhealthy")
-    ef.add(parser, "--gpu-state-host-path", "JOULEPOOL_GPU_STATE_HOST_PATH", None,
-           help="the state file's path on the host, for the containers' mount "
-                "(default --gpu-state)")
-    ef.add(parser, "--state-mount-dir", "JOULEPOOL_STATE_MOUNT_DIR", "/var/run/joulepool-gpu",
-           help="where Allocate mounts the state directory in containers")
-    ef.add(parser, "--watch-interval", "JOULEPOOL_WATCH_INTERVAL", 1.0, type=float,
-           help="seconds between checks of kubelet.sock and device health")
-    ef.add(parser, "--kubernetes", "JOULEPOOL_KUBERNETES", "auto", choices=("auto", "on", "off"),
-           help="read node labels from the API (auto: when running in a cluster)")
+    add_arguments(parser, DevicePluginSettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +25,17 @@ def run(args: argparse.Namespace) -> int:
     from joulepool.cli import UsageError
     from joulepool.fakes.deviceplugin import FakeGPUDevicePlugin, product_and_count_from_node
     from joulepool.fakes.gpus import SimulatedGPUs, resolve_product
+    from joulepool.fakes.settings import DevicePluginSettings
+    from joulepool.settings import SettingsError, load
 
-    node = args.node or socket.gethostname()
-    product_name, count = args.product, args.count
-    kube = args.kubernetes == "on" or (
-        args.kubernetes == "auto" and bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
+    try:
+        settings = load(DevicePluginSettings, args)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    node = settings.node or socket.gethostname()
+    product_name, count = settings.product, settings.count
+    kube = settings.kubernetes == "on" or (
+        settings.kubernetes == "auto" and bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
     if (product_name is None or count is None) and kube:
         from joulepool.nodeagent.runner import load_kube_config
 
@@ -70,17 +55,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not 1 <= count <= 64:
         raise UsageError("--count must be in [1, 64]")
-    if args.watch_interval <= 0:
-        raise UsageError("--watch-interval must be > 0")
     gpus = None
-    if args.gpu_state:
-        gpus = SimulatedGPUs.open(args.gpu_state, product.name, count, node=node)
+    if settings.gpu_state:
+        gpus = SimulatedGPUs.open(settings.gpu_state, product.name, count, node=node)
     try:
         plugin = FakeGPUDevicePlugin(
-            product, count, node=node, resource_name=args.resource_name,
-            kubelet_dir=args.kubelet_dir, endpoint=args.endpoint, gpu_state=gpus,
-            gpu_state_host_path=args.gpu_state_host_path or args.gpu_state,
-            state_mount_dir=args.state_mount_dir, watch_interval_s=args.watch_interval)
+            product, count, node=node, resource_name=settings.resource_name,
+            kubelet_dir=settings.kubelet_dir, endpoint=settings.endpoint, gpu_state=gpus,
+            gpu_state_host_path=settings.gpu_state_host_path or settings.gpu_state,
+            state_mount_dir=settings.state_mount_dir, watch_interval_s=settings.watch_interval)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -89,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        print(f"joulepool device-plugin: {count} x {product.name} as {args.resource_name} "
-              f"on {node}, kubelet dir {args.kubelet_dir}", flush=True)
+        print(f"joulepool device-plugin: {count} x {product.name} as {settings.resource_name} "
+              f"on {node}, kubelet dir {settings.kubelet_dir}", flush=True)
         await plugin.run(stop)
         return 0
 

@@ -3,39 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import os
+from typing import TYPE_CHECKING
 
-from joulepool import envflags as ef
+if TYPE_CHECKING:
+    from joulepool.fakes.settings import FakeEngineSettings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from joulepool.fakes.settings import FakeEngineSettings
+    from joulepool.settings import add_arguments
+
     parser.description = (
         "A stand-in vLLM server: OpenAI /v1/completions (streaming and not), /metrics with vLLM "
         "names, /health. Tokens come at the speed the simulated GPU allows at its current clock "
         "and batch (core profiles); the clock is read from the GPU state file the node agent "
         "controls."
     )
-    ef.add(parser, "--host", "JOULEPOOL_ENGINE_HOST", "0.0.0.0", help="listen address")
-    ef.add(parser, "--port", "JOULEPOOL_ENGINE_PORT", 8000, type=int, help="listen port")
-    ef.add(parser, "--product", "JOULEPOOL_GPU_PRODUCT", None,
-           help="GPU product (default: the GPU's in --gpu-state, else H100)")
-    ef.add(parser, "--model", "JOULEPOOL_MODEL", "llama-3.1-8b",
-           help="served model whose profile sets the speed")
-    ef.add(parser, "--served-model-name", "JOULEPOOL_SERVED_MODEL_NAME", None,
-           help="model name in the API (default --model)")
-    ef.add(parser, "--gpu-state", "JOULEPOOL_GPU_STATE", None,
-           help="shared simulated-GPU state file (the sidecar's --gpu-state); without it the "
-                "engine runs at the product's maximum clock")
-    ef.add(parser, "--gpu-index", "JOULEPOOL_GPU_INDEX", None,
-           help="this engine's GPUs in the state, e.g. 0 or 0,1 (default 0 with --gpu-state; "
-                "the device plugin's Allocate sets JOULEPOOL_GPU_INDEX)")
-    ef.add(parser, "--max-batch", "JOULEPOOL_MAX_BATCH", None, type=int,
-           help="most requests in the running batch (default: the profile's)")
-    ef.add(parser, "--node", "JOULEPOOL_NODE", os.environ.get("NODE_NAME") or "node",
-           help="node name written if the engine creates the state file")
+    add_arguments(parser, FakeEngineSettings)
 
 
 def run(args: argparse.Namespace) -> int:
+    from joulepool.cli import UsageError
+    from joulepool.fakes.settings import FakeEngineSettings
+    from joulepool.settings import SettingsError, load
+
+    try:
+        settings = load(FakeEngineSettings, args)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    return serve(settings)
+
+
+def serve(args: FakeEngineSettings) -> int:
+    """Build the fake engine the settings describe and serve it until interrupted."""
     from aiohttp import web
 
     from joulepool.cli import UsageError
@@ -43,19 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from joulepool.fakes.engine import FakeEngine, build_app
     from joulepool.fakes.gpus import SimulatedGPUs, resolve_product
 
-    if not 1 <= args.port <= 65535:
-        raise UsageError("--port must be in [1, 65535]")
-    indices: list[int] = []
-    if args.gpu_index:
-        try:
-            indices = sorted({int(x) for x in str(args.gpu_index).split(",") if x.strip()})
-        except ValueError:
-            raise UsageError(f"--gpu-index must be integers like 0 or 0,1, got "
-                             f"{args.gpu_index!r}") from None
-        if any(i < 0 for i in indices):
-            raise UsageError("--gpu-index must be >= 0")
-    elif args.gpu_state:
-        indices = [0]
+    indices: list[int] = list(args.gpu_index or ([0] if args.gpu_state else []))
     gpus = None
     product_name = args.product
     if args.gpu_state:
@@ -78,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
     if profile is None:
         known = sorted({p.model for p in DEFAULT_PROFILES if p.product.name == product.name})
         raise UsageError(f"no profile for model {args.model!r} on {product.name}; known: {known}")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise UsageError("--max-batch must be >= 1")
     engine = FakeEngine(profile, gpus, indices, max_batch=args.max_batch)
     app = build_app(engine, args.served_model_name)
     print(f"joulepool fake-engine: {profile.model} on {profile.mode} "

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from joulepool.core.controllers import Direction, MIADController, SLOSignal
 from joulepool.core.device import DeviceInfo, GPUBackend, GPUError, GPUErrorKind
 from joulepool.core.estimators import (
+    EPS_HALF_LIFE_S,
     EnergyPerTokenEstimator,
     counter_delta,
     trapezoid_energy_j,
@@ -62,14 +63,14 @@ log = logging.getLogger("joulepool.nodeagent")
 class AgentConfig:
     node: str = "node"
     interval_s: float = 1.0
-    k_inc: float = 1.5
-    step_mhz: float = 30.0
-    margin: float = 0.1
+    k_inc: float = MIADController.k_inc
+    step_mhz: float = MIADController.step_mhz
+    margin: float = MIADController.margin
     #: SLO used when the plan names none for an engine's pool (None: no control)
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     lost_retry_s: float = 30.0
-    eps_half_life_s: float = 120.0
+    eps_half_life_s: float = EPS_HALF_LIFE_S
     #: a control period longer than this is abandoned (None: 3 periods, at least 2 s)
     tick_timeout_s: float | None = None
 

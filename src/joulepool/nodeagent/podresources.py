@@ -18,9 +18,9 @@ import os
 import stat
 from collections.abc import Mapping
 
-from joulepool.api.contract import GPU_RESOURCE
+from joulepool.api.contract import GPU_RESOURCE, POD_RESOURCES_SOCKET
 
-DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+DEFAULT_SOCKET = POD_RESOURCES_SOCKET
 _MAX_MESSAGE = 16 * 1024 * 1024  # a busy node's full listing
 
 PodKey = tuple[str, str]  # (namespace, name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -11,7 +10,6 @@ import sys
 import time
 from typing import Any
 
-from joulepool import envflags as ef
 from joulepool.cli import UsageError
 from joulepool.core.device import GPUBackend, GPUError
 from joulepool.nodeagent.agent import AgentConfig, NodeAgent
@@ -19,6 +17,7 @@ from joulepool.nodeagent.cli import _node_default
 from joulepool.nodeagent.metrics import AgentMetrics
 from joulepool.nodeagent.plansource import ConfigMapPlanSource, FilePlanSource, NoPlan, PlanSource
 from joulepool.nodeagent.publisher import KubeProfilePublisher, ProfilePublisher, RateLimited
+from joulepool.nodeagent.settings import NodeAgentSettings
 from joulepool.nodeagent.signals import EngineEndpoint, PrometheusSignalSource, parse_engine_spec
 
 log = logging.getLogger("joulepool.nodeagent")
@@ -37,7 +36,7 @@ def load_kube_config() -> None:
         config.load_kube_config()
 
 
-def build_backend(args: argparse.Namespace, node: str) -> GPUBackend:
+def build_backend(args: NodeAgentSettings, node: str) -> GPUBackend:
     if args.backend == "simulated":
         from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
 
@@ -51,17 +50,8 @@ def build_backend(args: argparse.Namespace, node: str) -> GPUBackend:
     return NvmlBackend()
 
 
-def build_config(args: argparse.Namespace, node: str) -> AgentConfig:
-    for bad in ef.env_errors(args):
-        raise UsageError(bad)
-    if args.interval <= 0 or args.window <= 0 or args.stale_after <= 0:
-        raise UsageError("--interval, --window and --stale-after must be > 0")
-    if not 0 < args.tail_quantile <= 1:
-        raise UsageError("--tail-quantile must be in (0, 1]")
-    if args.count < 1:
-        raise UsageError("--count must be >= 1")
-    if not 0 <= args.metrics_port <= 65535:
-        raise UsageError("--metrics-port must be in [0, 65535]")
+def build_config(args: NodeAgentSettings, node: str) -> AgentConfig:
+    """The agent's control configuration (ranges were checked when the settings loaded)."""
     try:
         return AgentConfig(
             node=node, interval_s=args.interval, k_inc=args.k_inc, step_mhz=args.step_mhz,
@@ -96,7 +86,7 @@ async def serve_metrics(agent: NodeAgent, host: str, port: int) -> Any:
     return runner
 
 
-async def _main(args: argparse.Namespace, agent: NodeAgent) -> int:
+async def _main(args: NodeAgentSettings, agent: NodeAgent) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -130,13 +120,13 @@ async def _main(args: argparse.Namespace, agent: NodeAgent) -> int:
             await runner.cleanup()
 
 
-def run_sidecar(args: argparse.Namespace) -> int:
+def run_sidecar(args: NodeAgentSettings) -> int:
     node = args.node or _node_default()
     config = build_config(args, node)
     kube = args.kubernetes == "on" or (args.kubernetes == "auto" and in_cluster())
     try:
         endpoints: list[EngineEndpoint] = [
-            parse_engine_spec(s, args.pool) for s in ef.list_value(args, "--engine-url")]
+            parse_engine_spec(s, args.pool) for s in args.engine_url]
     except ValueError as exc:
         raise UsageError(f"--engine-url: {exc}") from None
     discovery = args.engine_discovery == "pods" or (

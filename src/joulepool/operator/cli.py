@@ -1,52 +1,24 @@
 """``joulepool operator``: run the kopf operator, or print its RBAC (``joulepool operator rbac``).
 
-Flags and their environment variables (the Helm chart sets these):
-
-==========================  =========================  =====================================
-flag                        env                        default
-==========================  =========================  =====================================
-``--namespace``             ``POD_NAMESPACE``          the service account's namespace,
-                                                       else ``joulepool-system``
-``--watch-namespace`` (rep.) ``WATCH_NAMESPACE`` (a,b)  all namespaces (cluster-wide)
-``--scheduler-name``        ``JOULEPOOL_SCHEDULER``    ``joulepool-scheduler``
-``--debounce-seconds``      ``JOULEPOOL_DEBOUNCE``     ``1.0``
-``--liveness``              ``JOULEPOOL_LIVENESS``     ``8080`` (``/healthz``; 0 disables)
-``--verbose``                                          off
-==========================  =========================  =====================================
+Its flags and their environment variables (the Helm chart sets these) are
+:class:`joulepool.operator.settings.OperatorSettings`; ``joulepool operator --help``
+lists them.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+from typing import TYPE_CHECKING
 
-
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
+if TYPE_CHECKING:
+    from joulepool.operator.settings import OperatorSettings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--namespace", default=None,
-        help="namespace of the plan ConfigMap joulepool-plan (env POD_NAMESPACE; default: "
-             "the service account's namespace, else joulepool-system)")
-    parser.add_argument(
-        "--watch-namespace", action="append", default=None, metavar="NS",
-        help="serve InferencePools only in NS (repeatable, or comma-separated; env "
-             "WATCH_NAMESPACE); default: all namespaces")
-    parser.add_argument(
-        "--scheduler-name", default=os.environ.get("JOULEPOOL_SCHEDULER", "joulepool-scheduler"),
-        help="schedulerName of the serving pods (default joulepool-scheduler)")
-    parser.add_argument(
-        "--debounce-seconds", type=float, default=_env_float("JOULEPOOL_DEBOUNCE", 1.0),
-        help="quiet time after the last change before the joint plan runs (default 1.0)")
-    parser.add_argument(
-        "--liveness", type=int, default=int(os.environ.get("JOULEPOOL_LIVENESS", "8080")),
-        metavar="PORT", help="port of the liveness endpoint /healthz (default 8080; 0: none)")
-    parser.add_argument("--verbose", action="store_true", help="log every handler and request")
+    from joulepool.operator.settings import OperatorSettings
+    from joulepool.settings import add_arguments
+
+    add_arguments(parser, OperatorSettings)
     sub = parser.add_subparsers(dest="operator_command", metavar="SUBCOMMAND")
     rbac = sub.add_parser("rbac", help="print the RBAC objects the operator needs (YAML)")
     rbac.add_argument("--service-account", default="joulepool-operator")
@@ -54,24 +26,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="name of the ClusterRole/Role and their bindings")
 
 
-def config_from_args(args: argparse.Namespace) -> object:
+def load_operator_settings(args: argparse.Namespace) -> OperatorSettings:
+    """Flags > env > ``--config`` file > defaults; a bad value is a usage error naming it."""
     from joulepool.cli import UsageError
+    from joulepool.operator.settings import OperatorSettings
+    from joulepool.settings import SettingsError, load
+
+    try:
+        return load(OperatorSettings, args)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    """The operator's configuration (an ``OperatorConfig``) from its settings."""
     from joulepool.operator.config import OperatorConfig, default_namespace
 
-    watch: list[str] = []
-    for item in args.watch_namespace or [os.environ.get("WATCH_NAMESPACE", "")]:
-        watch.extend(ns.strip() for ns in item.split(",") if ns.strip())
-    if args.debounce_seconds < 0:
-        raise UsageError("--debounce-seconds must be >= 0")
-    if not 0 <= args.liveness <= 65535:
-        raise UsageError("--liveness must be a port number (0 disables it)")
+    settings = load_operator_settings(args)
     return OperatorConfig(
-        namespace=args.namespace or default_namespace(),
-        watch_namespaces=tuple(dict.fromkeys(watch)),
-        scheduler_name=args.scheduler_name,
-        debounce_seconds=args.debounce_seconds,
-        max_delay_seconds=max(10.0, 10 * args.debounce_seconds),
-        liveness_port=args.liveness or None,
+        namespace=settings.namespace or default_namespace(),
+        watch_namespaces=tuple(settings.watch_namespace),
+        scheduler_name=settings.scheduler_name,
+        debounce_seconds=settings.debounce_seconds,
+        max_delay_seconds=max(10.0, 10 * settings.debounce_seconds),
+        liveness_port=settings.liveness or None,
     )
 
 
@@ -92,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     assert isinstance(config, OperatorConfig)
-    if args.verbose:
+    if load_operator_settings(args).verbose:
         logging.getLogger().setLevel(logging.DEBUG)
     else:
         logging.getLogger("joulepool").setLevel(

@@ -6,10 +6,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from joulepool.api.contract import GROUP
-
-DEFAULT_SCHEDULER = "joulepool-scheduler"
-DEFAULT_NAMESPACE = "joulepool-system"
+from joulepool.api.contract import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_SCHEDULER,
+    GROUP,
+    SERVICE_ACCOUNT_NAMESPACE_FILE,
+)
+from joulepool.operator.settings import DEBOUNCE_SECONDS
 
 ANNOTATION_PREFIX = GROUP
 
@@ -20,7 +23,7 @@ def default_namespace() -> str:
     if env:
         return env
     try:
-        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace", encoding="utf-8") as f:
+        with open(SERVICE_ACCOUNT_NAMESPACE_FILE, encoding="utf-8") as f:
             return f.read().strip() or DEFAULT_NAMESPACE
     except OSError:
         return DEFAULT_NAMESPACE
@@ -34,7 +37,7 @@ class OperatorConfig:
     watch_namespaces: tuple[str, ...] = ()
     scheduler_name: str = DEFAULT_SCHEDULER
     #: quiet time after the last change before the joint plan runs
-    debounce_seconds: float = 1.0
+    debounce_seconds: float = DEBOUNCE_SECONDS
     #: a steady stream of changes cannot postpone a plan longer than this
     max_delay_seconds: float = 10.0
     #: periodic re-plan when no EnergyPolicy says otherwise (EnergyPolicy.planIntervalSeconds)

@@ -42,6 +42,7 @@ import numpy.typing as npt
 
 from joulepool.core.classes import Tier, default_deadline
 from joulepool.core.controllers import MIADController, PIController, SLOSignal
+from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import LLFQueue, llf_deadline
 from joulepool.core.routing import endpoint_queue_tokens, prefill_weight
@@ -65,7 +66,7 @@ ACTIVE, DRAINING, PENDING, RETIRED = 0, 1, 2, 3
 @dataclass(frozen=True)
 class EngineParams:
     tick_s: float = 1.0  # FREESH: MIAD every 1 s
-    pi_period_s: float = 10.0  # assumed: JouleSched does not give its PI period
+    pi_period_s: float = PI_PERIOD_S
     miad_k_inc: float = MIADController.k_inc  # FREESH defaults (ARCHITECTURE.md 1.2)
     miad_step_mhz: float = MIADController.step_mhz
     miad_margin: float = MIADController.margin
