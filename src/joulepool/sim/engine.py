@@ -42,9 +42,9 @@ import numpy.typing as npt
 
 from joulepool.core.classes import Tier, default_deadline
 from joulepool.core.controllers import MIADController, PIController, SLOSignal
-from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import LLFQueue, llf_deadline
+from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.routing import endpoint_queue_tokens, prefill_weight
 from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
 from joulepool.sim.cluster import SimCluster
