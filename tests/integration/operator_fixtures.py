@@ -177,12 +177,26 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                     status=f.status, reason=reason.get(f.status, "Injected"),
                     message=f"injected fault {f.status}", details={}))
         if request.resource is not None and request.data is not None:
+            self._apply_as_create(request)
             request = self._stamp(request)
         try:
             return await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as exc:  # a failed "test" op: 422, as kube-apiserver
             return await self._render_error(KubernetesError(
                 status=422, reason="Invalid", message=str(exc), details={}))
+
+    def _apply_as_create(self, request: Any) -> None:
+        """Server-side apply (``application/apply-patch+yaml``) of an absent object creates
+        it, as kube-apiserver does; of a present one it is served as a merge (kmock has no
+        field managers: enough for the operator, which always applies whole objects)."""
+        ctype = str(request.headers.get("Content-Type", ""))
+        if request.action != kmock.action.UPDATE or not ctype.startswith(
+                "application/apply-patch"):
+            return
+        key = (request.resource, request.namespace, request.name)
+        current = self.objects[key] if key in self.objects else None  # noqa: SIM401
+        if current is None or current.deleted:
+            object.__setattr__(request, "action", kmock.action.CREATE)
 
     def _stamp(self, request: Any) -> Any:
         rv = self._next_rv()

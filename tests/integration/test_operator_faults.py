@@ -47,18 +47,18 @@ async def test_409_and_500_on_status_patch_are_retried() -> None:
 async def test_5xx_and_409_on_deployment_and_configmap_writes() -> None:
     async with cluster_and_operator() as (c, _op):
         c.server.faults += [
-            Fault("POST", "/namespaces/joulepool-system/configmaps", 503, times=2),
-            Fault("POST", "/namespaces/default/deployments", 500, times=1),
-            # a 409 on create that is not "already exists": the patch that follows finds
-            # nothing (404), the pass reports it, and the next pass creates it
-            Fault("POST", "/namespaces/default/deployments", 409, times=1),
+            Fault("PATCH", "/namespaces/joulepool-system/configmaps", 503, times=2),
+            Fault("PATCH", "/namespaces/default/deployments", 500, times=1),
+            # a 409 on the apply (e.g. a conflict the server could not resolve): the pass
+            # reports it, and the next pass applies it again
+            Fault("PATCH", "/namespaces/default/deployments", 409, times=1),
         ]
         await c.create(node("gpu-a"))
         await c.create(pool("chat", rps=20))
         await eventually(lambda: _replicas(c, 2))
 
         async def deployed() -> Any:
-            dep = (await c.deployments()).get("chat-1xh100")
+            dep = (await c.deployments()).get("chat-1xh100-gpu-a")
             return dep if dep and dep["spec"]["replicas"] == 2 else None
 
         await eventually(deployed, what="Deployment created despite the faults")
@@ -120,8 +120,8 @@ async def test_restart_resumes_and_continues_the_plan_version() -> None:
             _, doc2 = await c.plan()
             assert doc1 is not None and doc2 is not None and doc2.version > doc1.version
             deps = await c.deployments()
-            assert set(deps) == {"chat-1xh100", "rag-1xh100"}
-            assert deps["chat-1xh100"]["spec"]["replicas"] == 4
+            assert set(deps) == {"chat-1xh100-gpu-a", "rag-1xh100-gpu-a"}
+            assert deps["chat-1xh100-gpu-a"]["spec"]["replicas"] == 4
             assert op2.planner.solves >= 1
 
 
@@ -135,7 +135,7 @@ async def test_restart_with_an_infeasible_pool_keeps_the_healthy_pools_deploymen
         async with operator_running(server):
             await eventually(lambda: _replicas(c, 2))
             _, doc1 = await c.plan()
-            dep1 = (await c.deployments())["chat-1xh100"]
+            dep1 = (await c.deployments())["chat-1xh100-gpu-a"]
         assert doc1 is not None and doc1.feasible
         await c.create(pool("greedy", rps=5000))  # far beyond the cluster
         async with operator_running(server) as op2:
@@ -154,8 +154,8 @@ async def test_restart_with_an_infeasible_pool_keeps_the_healthy_pools_deploymen
             assert cm["metadata"]["annotations"][  # type: ignore[index]
                 "joulepool.dev/latest-plan-feasible"] == "false"
             deps = await c.deployments()
-            assert set(deps) == {"chat-1xh100"}
-            assert deps["chat-1xh100"]["spec"] == dep1["spec"]
+            assert set(deps) == {"chat-1xh100-gpu-a"}
+            assert deps["chat-1xh100-gpu-a"]["spec"] == dep1["spec"]
             assert op2.planner.in_force_feasible and op2.planner.solves >= 1
 
 

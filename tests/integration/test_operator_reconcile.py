@@ -64,9 +64,10 @@ async def test_create_pool_plans_publishes_and_deploys() -> None:
         assert doc.nodes["gpu-a"].pools == {"default.chat": 2}
 
         deps = await eventually(c.deployments)
-        dep = deps["chat-1xh100"]
+        dep = deps["chat-1xh100-gpu-a"]
         assert dep["spec"]["replicas"] == 2
-        labels = {POOL_LABEL: "default.chat", "joulepool.dev/mode": "1xH100"}
+        labels = {POOL_LABEL: "default.chat", "joulepool.dev/mode": "1xH100",
+                  "joulepool.dev/placement": "chat-1xh100-gpu-a"}
         assert dep["spec"]["selector"]["matchLabels"] == labels
         tpl = dep["spec"]["template"]
         assert tpl["metadata"]["labels"] == {"app": "chat", **labels}
@@ -79,7 +80,7 @@ async def test_create_pool_plans_publishes_and_deploys() -> None:
 
         # the Deployment becomes ready (as kube-controller-manager would report): Ready=True
         await c.patch(
-            "/apis/apps/v1/namespaces/default/deployments/chat-1xh100",
+            "/apis/apps/v1/namespaces/default/deployments/chat-1xh100-gpu-a",
             {"status": {"replicas": 2, "readyReplicas": 2}})
         ready = await _until(c, "chat", "Ready", "True")
         assert condition(ready, "Ready")["message"] == "2/2 replicas ready"  # type: ignore[index]
@@ -98,7 +99,7 @@ async def test_demand_change_replans_with_new_replicas() -> None:
         p = await c.create(pool("chat", rps=4))
         await _until(c, "chat", "Planned")
         _, doc1 = await c.plan()
-        assert (await c.deployments())["chat-1xh100"]["spec"]["replicas"] == 1
+        assert (await c.deployments())["chat-1xh100-gpu-a"]["spec"]["replicas"] == 1
 
         await c.patch(p, {"spec": {"demand": {"requestsPerSecond": 40}}})
 
@@ -109,11 +110,15 @@ async def test_demand_change_replans_with_new_replicas() -> None:
         obj = await eventually(replanned, what="4 replicas")
         assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"] == 2
         deps = await eventually(
-            lambda: _replicas(c, "chat-1xh100", 4), what="Deployment scaled to 4")
+            lambda: _replicas(c, "chat-1xh100-gpu-a", 4), what="Deployment scaled to 4")
         assert deps
         _, doc2 = await c.plan()
         assert doc2.version > doc1.version
         assert doc2.pools["default.chat"].replicas == 4
+
+
+def _per_node(obj: Any) -> dict[str, int]:
+    return {a["node"]: a["instances"] for a in obj["status"]["assignments"]}
 
 
 async def _replicas(c: Cluster, name: str, n: int) -> bool:
@@ -150,7 +155,10 @@ async def test_gpu_node_added_and_removed_replans() -> None:
         cm, kept = await c.plan()
         assert kept.feasible and kept.version == doc.version  # nothing republished
         assert cm["metadata"]["annotations"]["joulepool.dev/latest-plan-feasible"] == "false"
-        assert (await c.deployments())["big-1xh100"]["spec"]["replicas"] == 12
+        deps = await c.deployments()
+        assert {n: d["spec"]["replicas"] for n, d in deps.items()} == {
+            f"big-1xh100-{n}": k for n, k in _per_node(obj).items()}
+        assert sum(_per_node(obj).values()) == 12
         await c.patch(big, {"spec": {"demand": {"requestsPerSecond": 150}}})  # type: ignore[arg-type]
         await _until(c, "big", "Planned", "True", "Planned")
 
@@ -164,7 +172,9 @@ async def test_gpu_node_added_and_removed_replans() -> None:
         _, partial = await c.plan()
         assert not partial.feasible and partial.version > doc.version
         assert partial.pools["default.big"].nodes() == {"gpu-a"}
-        await eventually(lambda: _replicas(c, "big-1xh100", 8), what="scaled to the partial plan")
+        await eventually(lambda: _replicas(c, "big-1xh100-gpu-a", 8), what="scaled to the plan")
+        # gpu-b's Deployment is scaled to 0, not deleted, while the plan is infeasible
+        await eventually(lambda: _replicas(c, "big-1xh100-gpu-b", 0), what="gpu-b's to 0")
         await c.delete("/api/v1/nodes/gpu-b")
 
         # a bigger node arrives: feasible again, the plan moves
@@ -183,9 +193,9 @@ async def test_mixed_modes_get_one_deployment_each() -> None:
         obj = await _until(c, "chat", "Planned", "True", "Planned")
         modes = {a["mode"]: a["instances"] for a in obj["status"]["assignments"]}
         assert set(modes) == {"1xH100", "1xA100"}
-        deps = await eventually(lambda: _names(c, {"chat-1xh100", "chat-1xa100"}))
-        assert deps["chat-1xh100"]["spec"]["replicas"] == modes["1xH100"]
-        assert deps["chat-1xa100"]["spec"]["replicas"] == modes["1xA100"]
+        deps = await eventually(lambda: _names(c, {"chat-1xh100-h100-0", "chat-1xa100-a100-0"}))
+        assert deps["chat-1xh100-h100-0"]["spec"]["replicas"] == modes["1xH100"]
+        assert deps["chat-1xa100-a100-0"]["spec"]["replicas"] == modes["1xA100"]
         # demand drops to 4.4 req/s: two A100 instances (2 x 326 W) beat one H100 (688 W),
         # so the H100 mode is no longer planned and its Deployment goes away
         await c.patch("/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/chat",
@@ -222,10 +232,10 @@ async def test_delete_releases_gpus_and_cleans_up() -> None:
         _, doc = await eventually(lambda: _plan_with(c, "default.chat", absent=True))
         assert "default.rag" in doc.pools
         assert all("default.chat" not in n.pools for n in doc.nodes.values())
-        deps = await eventually(lambda: _names(c, {"rag-1xh100"}), what="chat Deployment gone")
+        deps = await eventually(lambda: _names(c, {"rag-1xh100-gpu-a"}), what="chat Deployment gone")
         # the others were re-planned with the released GPUs: rag is now fully served
         obj = await _until(c, "rag", "Planned", "True", "Planned")
-        assert obj["status"]["replicas"] == 5 and deps["rag-1xh100"]["spec"]["replicas"] == 5
+        assert obj["status"]["replicas"] == 5 and deps["rag-1xh100-gpu-a"]["spec"]["replicas"] == 5
         assert condition(obj, "Infeasible")["status"] == "False"  # type: ignore[index]
 
 
@@ -255,7 +265,7 @@ async def test_invalid_spec_is_reported_and_others_stay_planned() -> None:
         events = await eventually(warned, what="an InvalidSpec event")
         assert events[0]["type"] == "Warning"
         assert "spec.slo.ttftSeconds" in events[0]["message"]
-        assert set(await c.deployments()) == {"good-1xh100"}
+        assert set(await c.deployments()) == {"good-1xh100-gpu-a"}
 
         # a spec the schema cannot judge: a template container without an image
         await c.patch(good, {"spec": {"template": {"spec": {"containers": [{"name": "x"}]}}}})
@@ -263,7 +273,7 @@ async def test_invalid_spec_is_reported_and_others_stay_planned() -> None:
         assert "spec.template.spec.containers[0]" in condition(obj, "Invalid")["message"]  # type: ignore[index]
         # ...the pool keeps being served from its last valid spec
         assert condition(obj, "Planned")["status"] == "True"  # type: ignore[index]
-        assert set(await c.deployments()) == {"good-1xh100"}
+        assert set(await c.deployments()) == {"good-1xh100-gpu-a"}
 
         # fixing the bad pool plans it
         await c.patch(bad, {"spec": {"slo": {"ttftSeconds": 1.0}}})
@@ -278,7 +288,7 @@ async def test_watch_namespace_and_scheduler_name() -> None:
         await c.create(pool("mine", namespace="team-a", rps=4))
         await c.create(pool("theirs", namespace="team-b", rps=4))
         await _until(c, "mine", "Planned", namespace="team-a")
-        dep = (await eventually(lambda: c.deployments("team-a")))["mine-1xh100"]
+        dep = (await eventually(lambda: c.deployments("team-a")))["mine-1xh100-gpu-a"]
         assert dep["spec"]["template"]["spec"]["schedulerName"] == "custom-sched"
         theirs = await c.pool("theirs", "team-b")
         assert theirs is not None and not theirs.get("status")
@@ -315,7 +325,7 @@ async def test_gpu_profiles_and_the_energy_policy_drive_the_plan() -> None:
         obj = await _until(c, "chat", "Planned", "True", "Planned")
         assert obj["status"]["assignments"][0]["mode"] == "1xTesla-T4"
         assert obj["status"]["replicas"] == 1
-        await eventually(lambda: _names(c, {"chat-1xtesla-t4"}))
+        await eventually(lambda: _names(c, {"chat-1xtesla-t4-t4-0"}))
 
         # the EnergyPolicy's alpha: 0.3 req/s * 3 over 0.40 req/s per instance (core's
         # sustainable rate: 8 batch slots, rarely all full) = 3 instances

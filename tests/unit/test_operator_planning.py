@@ -11,7 +11,7 @@ import pytest
 
 from joulepool.api.plan import PlanDocument
 from joulepool.operator.config import OperatorConfig
-from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying
+from joulepool.operator.kube import APPLY_PATCH, ApiError, KubeClient, patch_merge_retrying
 from joulepool.operator.planning import Planner, index_values
 from joulepool.operator.resources import deployment_from_body, node_from_body, parse_pool
 from joulepool.pooling import NodeInfo
@@ -27,6 +27,7 @@ class FakeAPI(KubeClient):
         self.objects: dict[str, dict[str, Any]] = {}
         self.log: list[tuple[str, str]] = []
         self.fail: list[tuple[str, str, int]] = []  # (method, path fragment, status) once each
+        self.rv = 100
 
     async def request(self, method: str, path: str, body: Any = None, params: Any = None,
                       content_type: str = "") -> dict[str, Any] | None:
@@ -45,17 +46,29 @@ class FakeAPI(KubeClient):
                 raise ApiError(409, "AlreadyExists")
             self.objects[url] = json.loads(json.dumps(body))
             return self.objects[url]
+        if method == "PATCH" and content_type == APPLY_PATCH:  # server-side apply: upsert
+            assert params == {"fieldManager": "joulepool-operator", "force": "true"}
+            if path not in self.objects:
+                self.objects[path] = {}
+            _merge(self.objects[path], body)
+            self._stamp(self.objects[path])
+            return self.objects[path]
         if method == "PATCH":
             base = path.removesuffix("/status")
             if base not in self.objects:
                 raise ApiError(404, "NotFound")
             _merge(self.objects[base], body)
+            self._stamp(self.objects[base])
             return self.objects[base]
         if method == "DELETE":
             if self.objects.pop(path, None) is None:
                 raise ApiError(404, "NotFound")
             return {}
         raise AssertionError(method)
+
+    def _stamp(self, obj: dict[str, Any]) -> None:
+        self.rv += 1
+        obj.setdefault("metadata", {})["resourceVersion"] = str(self.rv)
 
     def writes(self, fragment: str = "") -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.log if m != "GET" and fragment in p]
@@ -156,10 +169,10 @@ async def test_one_pass_publishes_deploys_and_writes_status() -> None:
     world.add_pool(pool("chat", 20))
     report = await reconcile(planner, world)
     assert report.ok and report.solved and report.published_version == 1
-    assert report.deployments_created == 1 and report.statuses_written == 1
+    assert report.deployments_applied == 1 and report.statuses_written == 1
     doc = plan(api)
     assert doc.version == 1 and doc.pools["default.chat"].replicas == 2
-    dep = api.objects["/apis/apps/v1/namespaces/default/deployments/chat-1xh100"]
+    dep = api.objects["/apis/apps/v1/namespaces/default/deployments/chat-1xh100-n1"]
     assert dep["spec"]["replicas"] == 2
     assert conds(api, "chat")["Planned"] == ("True", "Planned")
     # nothing changed: no solve, no writes
@@ -189,8 +202,7 @@ async def test_infeasible_plan_keeps_the_last_feasible_one() -> None:
     assert c["Planned"] == ("True", "LastFeasiblePlan")
     assert c["Infeasible"] == ("True", "UnmetDemand")
     assert status(api, "big")["replicas"] == 12
-    assert api.objects["/apis/apps/v1/namespaces/default/deployments/big-1xh100"]["spec"][
-        "replicas"] == 12
+    assert replicas_of(api, "big-1xh100-") == {"n1": 8, "n2": 4}
     # a new pool while infeasible: not served, says why
     world.add_pool(pool("small", 1))
     await reconcile(planner, world)
@@ -245,18 +257,18 @@ async def test_plan_version_continues_from_the_published_configmap() -> None:
     world.add_pool(pool("chat", 4))
     report = await reconcile(planner, world)
     assert report.published_version == 42 and plan(api).version == 42
-    assert ("POST", "/api/v1/namespaces/ops/configmaps") not in api.log  # patched in place
+    assert ("POST", "/api/v1/namespaces/ops/configmaps") not in api.log  # applied in place
 
 
 async def test_failed_writes_are_reported_and_redone_next_pass() -> None:
     planner, api, world = make_planner()
     world.add_node("n1")
     world.add_pool(pool("chat", 4))
-    api.fail += [("PATCH", "/status", 500), ("POST", "/deployments", 503)]
+    api.fail += [("PATCH", "/status", 500), ("PATCH", "/deployments", 503)]
     report = await reconcile(planner, world)
     assert not report.ok and len(report.errors) == 2
     report = await reconcile(planner, world)
-    assert report.ok and report.statuses_written == 1 and report.deployments_created == 1
+    assert report.ok and report.statuses_written == 1 and report.deployments_applied == 1
 
 
 async def test_status_conflict_rereads_the_object() -> None:
@@ -339,6 +351,12 @@ def test_plan_pools_partial_describes_the_best_partial_plan() -> None:
 DEP = "/apis/apps/v1/namespaces/default/deployments/"
 
 
+def replicas_of(api: FakeAPI, prefix: str) -> dict[str, int]:
+    """spec.replicas of the Deployments named ``prefix<node>``, by node (one per node)."""
+    return {p.removeprefix(DEP + prefix): d["spec"]["replicas"]
+            for p, d in api.objects.items() if p.startswith(DEP + prefix)}
+
+
 async def test_kept_plan_is_dropped_when_one_of_its_nodes_is_gone() -> None:
     """A last feasible plan on a dead node serves nobody: the best partial plan replaces it."""
     planner, api, world = make_planner()
@@ -354,7 +372,8 @@ async def test_kept_plan_is_dropped_when_one_of_its_nodes_is_gone() -> None:
     assert not doc.feasible and doc.pools["default.big"].nodes() == {"n1"}
     assert doc.pools["default.big"].replicas == 8
     assert conds(api, "big")["Planned"] == ("False", "PartiallyPlanned")
-    assert api.objects[DEP + "big-1xh100"]["spec"]["replicas"] == 8  # scaled, not deleted
+    # n1's Deployment keeps its 8; n2's is scaled to 0, not deleted (the plan is infeasible)
+    assert replicas_of(api, "big-1xh100-") == {"n1": 8, "n2": 0}
 
 
 async def test_kept_plan_is_dropped_when_its_node_shrinks() -> None:
@@ -388,7 +407,7 @@ async def test_an_infeasible_plan_scales_a_live_pools_deployment_to_zero_never_d
     assert report.ok and report.deployments_deleted == 0 and report.deployments_scaled_down == 1
     dep = api.objects[a100_dep]  # still there, with no pods
     assert dep["spec"]["replicas"] == 0
-    assert api.objects[DEP + "chat-1xh100"]["spec"]["replicas"] == 2
+    assert api.objects[DEP + "chat-1xh100-h1"]["spec"]["replicas"] == 2
     n = len(api.writes("/deployments"))
     await reconcile(planner, world, force=True)
     assert len(api.writes("/deployments")) == n  # scaled once, not again every pass
@@ -411,7 +430,7 @@ async def test_restart_restores_the_feasible_plan_in_force_from_the_configmap() 
     world.add_pool(pool("chat", 20))
     await reconcile(planner, world)
     v1 = plan(api)
-    chat_dep = json.loads(json.dumps(api.objects[DEP + "chat-1xh100"]))
+    chat_dep = json.loads(json.dumps(api.objects[DEP + "chat-1xh100-n1"]))
     # the operator is down; a pool far beyond the cluster appears; the operator restarts
     planner2 = Planner(planner.config, api, clock=planner.clock)
     planner2.sources = planner.sources
@@ -421,7 +440,7 @@ async def test_restart_restores_the_feasible_plan_in_force_from_the_configmap() 
     assert report.ok and report.feasible is False and report.published_version is None
     doc = plan(api)
     assert doc.version == v1.version and doc.feasible and set(doc.pools) == {"default.chat"}
-    assert api.objects[DEP + "chat-1xh100"] == chat_dep  # untouched
+    assert api.objects[DEP + "chat-1xh100-n1"] == chat_dep  # untouched
     assert len(api.writes("/deployments")) == n
     assert conds(api, "chat")["Planned"] == ("True", "LastFeasiblePlan")
     assert status(api, "chat")["replicas"] == 2

@@ -170,19 +170,24 @@ def _planned_pool(modes: list[tuple[str, int, int]]) -> PlannedPool:
 def test_mode_slug_and_deployment_name() -> None:
     assert mode_slug("2xH100") == "2xh100"
     assert mode_slug("1x RTX_6000") == "1x-rtx-6000"
-    assert deployment_name("chat", "4xA100") == "chat-4xa100"
-    long = deployment_name("p" * 70, "4xA100")
-    assert len(long) <= 63 and long != deployment_name("p" * 71, "4xA100")
+    assert deployment_name("chat", "4xA100", "gpu-1") == "chat-4xa100-gpu-1"
+    long = deployment_name("p" * 70, "4xA100", "n")
+    assert len(long) <= 63 and long != deployment_name("p" * 71, "4xA100", "n")
+    # long node names: distinct nodes give distinct names within the label-value limit
+    a = deployment_name("chat", "1xL4", "ip-10-0-0-1.eu-west-1.compute.internal.example")
+    b = deployment_name("chat", "1xL4", "ip-10-0-0-2.eu-west-1.compute.internal.example")
+    assert a != b and len(a) <= 63 and len(b) <= 63
 
 
 def test_build_deployment_wires_scheduler_labels_gpus_and_owner() -> None:
     e = parse_pool(pool_body())
     assert e.pool is not None
     before = copy.deepcopy(e.pool.spec.template)
-    d = build_deployment(e, e.pool, "2xH100", 3, 2, "joulepool-scheduler")
+    d = build_deployment(e, e.pool, "2xH100", 3, 2, "joulepool-scheduler", "h1")
     assert e.pool.spec.template == before  # the pool's template is not mutated
-    sel = {"joulepool.dev/pool": "default.chat", "joulepool.dev/mode": "2xH100"}
-    assert d["metadata"]["name"] == "chat-2xh100" and d["metadata"]["namespace"] == "default"
+    sel = {"joulepool.dev/pool": "default.chat", "joulepool.dev/mode": "2xH100",
+           "joulepool.dev/placement": "chat-2xh100-h1"}
+    assert d["metadata"]["name"] == "chat-2xh100-h1" and d["metadata"]["namespace"] == "default"
     assert d["spec"]["replicas"] == 3 and d["spec"]["selector"]["matchLabels"] == sel
     tpl = d["spec"]["template"]
     assert tpl["metadata"]["labels"] == {"app": "chat", **sel}
@@ -196,7 +201,7 @@ def test_build_deployment_wires_scheduler_labels_gpus_and_owner() -> None:
                      "name": "chat", "uid": "u1", "controller": True, "blockOwnerDeletion": True}
     assert d["metadata"]["annotations"]["joulepool.dev/spec-hash"] == spec_hash(d)
     info = deployment_from_body({**d, "status": {"readyReplicas": 2}})
-    assert info == DeploymentInfo("default", "chat-2xh100", "default.chat", "2xH100", 3, 2,
+    assert info == DeploymentInfo("default", "chat-2xh100-h1", "default.chat", "2xH100", 3, 2,
                                   spec_hash(d))
 
 
@@ -206,25 +211,33 @@ def test_gpus_go_to_the_container_that_asks_for_them() -> None:
         {"name": "engine", "image": "e", "resources": {"limits": {"nvidia.com/gpu": 1}},
          "env": [{"name": "JOULEPOOL_GPUS", "value": "mine"}]}]}})
     e = parse_pool(b)
-    d = build_deployment(e, e.pool, "4xA100", 1, 4, "s")  # type: ignore[arg-type]
+    d = build_deployment(e, e.pool, "4xA100", 1, 4, "s", "a1")  # type: ignore[arg-type]
     proxy, engine = d["spec"]["template"]["spec"]["containers"]
     assert "resources" not in proxy
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert {"name": "JOULEPOOL_GPUS", "value": "mine"} in engine["env"]  # user's value kept
 
 
-def test_one_deployment_per_mode_with_that_modes_gpus() -> None:
+def test_one_deployment_per_mode_and_node_with_that_modes_gpus() -> None:
     e = parse_pool(pool_body(model="llama-3.1-70b"))
     planned = _planned_pool([("4xH100", 1, 4), ("2xA100", 2, 2), ("2xA100", 1, 2)])
     out = desired_deployments(e, e.pool, planned, "s")  # type: ignore[arg-type]
-    assert set(out) == {("default", "chat-4xh100"), ("default", "chat-2xa100")}
-    a100 = out[("default", "chat-2xa100")]
-    assert a100["spec"]["replicas"] == 3
+    assert set(out) == {("default", "chat-4xh100-n0"), ("default", "chat-2xa100-n1"),
+                        ("default", "chat-2xa100-n2")}
+    a100 = out[("default", "chat-2xa100-n1")]
+    assert a100["spec"]["replicas"] == 2 and out[("default", "chat-2xa100-n2")]["spec"][
+        "replicas"] == 1
     gpu = a100["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "2"
-    # each mode's pods may only land on the nodes the plan gives that mode
-    assert _required_names(a100) == [["n1", "n2"]]
-    assert _required_names(out[("default", "chat-4xh100")]) == [["n0"]]
+    # each Deployment's pods may only land on its one node: the per-node shares hold by
+    # construction, and the affinity has the one value kube-apiserver accepts
+    assert _required_names(a100) == [["n1"]]
+    assert _required_names(out[("default", "chat-2xa100-n2")]) == [["n2"]]
+    assert _required_names(out[("default", "chat-4xh100-n0")]) == [["n0"]]
+    # the selectors do not overlap: no Deployment can adopt another's pods
+    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items()))
+                 for d in out.values()]
+    assert len(set(selectors)) == len(selectors)
 
 
 def _required_names(d: dict[str, Any]) -> list[list[str]]:
@@ -249,16 +262,16 @@ def test_node_affinity_is_anded_with_the_templates_own_terms() -> None:
     e = parse_pool(b)
     assert e.pool is not None
     before = copy.deepcopy(e.pool.spec.template)
-    d = build_deployment(e, e.pool, "2xH100", 2, 2, "s", ["h2", "h1", "h2"])
+    d = build_deployment(e, e.pool, "2xH100", 2, 2, "s", "h1")
     assert e.pool.spec.template == before
-    assert _required_names(d) == [["h1", "h2"], ["h1", "h2"]]  # added to every term
+    assert _required_names(d) == [["h1"], ["h1"]]  # added to every term
     aff = d["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     terms = aff["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert [t["matchExpressions"][0]["values"] for t in terms] == [["a"], ["b"]]
     assert aff["preferredDuringSchedulingIgnoredDuringExecution"] == [
         {"weight": 1, "preference": {}}]
-    # the node list is part of the spec hash: a moved instance rewrites the Deployment
-    moved = build_deployment(e, e.pool, "2xH100", 2, 2, "s", ["h3"])
+    # the node is part of the spec hash
+    moved = build_deployment(e, e.pool, "2xH100", 2, 2, "s", "h3")
     assert spec_hash(moved) != spec_hash(d)
 
 

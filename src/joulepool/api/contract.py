@@ -23,8 +23,11 @@ SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/
 # -- labels joulepool sets on what it creates --------------------------------
 #: the pool a serving pod or Deployment belongs to; value ``<namespace>.<name>``
 POOL_LABEL = "joulepool.dev/pool"
-#: serving mode of a pool's pod (e.g. ``4xH100``): one Deployment per (pool, mode)
+#: serving mode of a pool's pod (e.g. ``4xH100``)
 MODE_LABEL = "joulepool.dev/mode"
+#: the operator's Deployment a serving pod belongs to: one Deployment per (pool, mode, node),
+#: pinned to its node, so each node's share of the plan holds by construction
+PLACEMENT_LABEL = "joulepool.dev/placement"
 #: the plan version a Deployment was written for
 PLAN_VERSION_LABEL = "joulepool.dev/plan-version"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

@@ -15,6 +15,8 @@ from joulepool.api.contract import (
 from joulepool.operator.settings import DEBOUNCE_SECONDS
 
 ANNOTATION_PREFIX = GROUP
+#: the operator's field manager (server-side apply; ``metadata.managedFields``)
+FIELD_MANAGER = "joulepool-operator"
 
 
 def default_namespace() -> str:
@@ -52,6 +54,8 @@ class OperatorConfig:
     request_timeout: float = 30.0
     #: after a reconcile pass that could not write everything, try again after this
     resync_after_error_seconds: float = 5.0
+    #: ... doubled after each failed pass in a row, up to this
+    max_resync_after_error_seconds: float = 300.0
     #: a ``kopf.ConnectionInfo`` to use instead of in-cluster / kubeconfig login (tests)
     connection: Any = None
     #: kopf watch-stream timeouts, seconds. The server-side one travels as the watch's

@@ -7,8 +7,13 @@ this client, over the same credentials kopf logged in with (a
 
 Every call is retried with backoff on what a real API server does under load
 or during a control-plane restart: HTTP 5xx, 429, connection errors and
-timeouts.  409 Conflict and 404 are the caller's to handle (re-read and
-retry, or create instead), see :func:`patch_merge_retrying`.
+timeouts; a ``Retry-After`` header (429, 503) is honoured as the least delay.
+409 Conflict and 404 are the caller's to handle (re-read and retry, or create
+instead), see :func:`patch_merge_retrying`.
+
+Owned objects are written with server-side apply (:meth:`KubeClient.apply`):
+the operator's field manager owns every field it sets, and ``force`` takes
+back a field someone else changed (a hand-made ``kubectl scale`` or edit).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -23,20 +29,38 @@ from urllib.parse import quote
 
 import aiohttp
 
+from joulepool.operator.config import FIELD_MANAGER
+
 log = logging.getLogger("joulepool.operator.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
+#: the longest ``Retry-After`` the client waits for inside one call, seconds
+MAX_RETRY_AFTER_S = 30.0
 
 
 class ApiError(Exception):
     """A Kubernetes API call failed (after retries where retrying made sense)."""
 
-    def __init__(self, status: int, reason: str = "", message: str = "") -> None:
+    def __init__(self, status: int, reason: str = "", message: str = "",
+                 retry_after: float | None = None) -> None:
         self.status = status
         self.reason = reason
         self.message = message
+        #: the server's ``Retry-After``, seconds (429/503), None when absent or unreadable
+        self.retry_after = retry_after
         super().__init__(f"HTTP {status} {reason}: {message}".strip())
+
+    @property
+    def rejected(self) -> bool:
+        """The API refused the request itself (400, 403, 422): retrying it as is cannot help."""
+        return self.status in (400, 403, 422)
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """403 because the namespace is being deleted: nothing may be created in it."""
+        return self.status == 403 and "being terminated" in self.message
 
     @property
     def conflict(self) -> bool:
@@ -134,7 +158,7 @@ class KubeClient:
                     text = await resp.text()
                     if resp.status < 400:
                         return json.loads(text) if text else None
-                    error = _api_error(resp.status, text)
+                    error = _api_error(resp.status, text, resp.headers.get("Retry-After"))
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 error = ApiError(0, type(exc).__name__, str(exc))
             if error.status == 401 and self.relogin is not None and not relogged:
@@ -145,6 +169,8 @@ class KubeClient:
             retryable = error.status in RETRYABLE or error.status == 0
             if retryable and attempt < len(self.retry_delays):
                 delay = self.retry_delays[attempt] * (1 + 0.2 * random.random())
+                if error.retry_after is not None:
+                    delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER_S))
                 attempt += 1
                 self.retries += 1
                 log.warning("%s %s failed (%s); retry %d in %.2fs",
@@ -160,7 +186,15 @@ class KubeClient:
         return await self.request("POST", path, body)
 
     async def patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        return await self.request("PATCH", path, body, content_type=MERGE_PATCH)
+        return await self.request("PATCH", path, body, content_type=MERGE_PATCH,
+                                  params={"fieldManager": FIELD_MANAGER})
+
+    async def apply(self, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Server-side apply ``body`` (a full object: apiVersion, kind, metadata.name) at
+        ``path`` as :data:`FIELD_MANAGER`, forcing conflicts: creates the object if absent,
+        and takes back every field the operator sets that another manager changed."""
+        return await self.request("PATCH", path, body, content_type=APPLY_PATCH,
+                                  params={"fieldManager": FIELD_MANAGER, "force": "true"})
 
     async def delete(self, path: str) -> dict[str, Any] | None:
         return await self.request(
@@ -168,14 +202,27 @@ class KubeClient:
         )
 
 
-def _api_error(status: int, text: str) -> ApiError:
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header as seconds (the delta-seconds form kube-apiserver sends);
+    None when absent or not a non-negative number."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _api_error(status: int, text: str, retry_after: str | None = None) -> ApiError:
+    wait = retry_after_seconds(retry_after)
     try:
         doc = json.loads(text)
     except ValueError:
         doc = None
     if isinstance(doc, dict):
-        return ApiError(status, str(doc.get("reason", "")), str(doc.get("message", "")))
-    return ApiError(status, "", text[:200])
+        return ApiError(status, str(doc.get("reason", "")), str(doc.get("message", "")), wait)
+    return ApiError(status, "", text[:200], wait)
 
 
 async def patch_merge_retrying(

@@ -25,8 +25,11 @@ ConfigMap back (version and plan) and, when that plan was feasible, keeps it
 in force exactly as if this process had planned it.
 
 Writes that fail after the client's own retries leave the pass "not ok"; the
-loop runs another pass after ``resync_after_error_seconds``, and since every
-pass recomputes the desired state from scratch nothing is lost.
+loop runs another pass after ``resync_after_error_seconds`` (doubled for each
+failed pass in a row, up to ``max_resync_after_error_seconds``), and since every
+pass recomputes the desired state from scratch nothing is lost.  A pool whose
+Deployment the API rejects says so in its status (``Planned=False``,
+``DeploymentFailed``); pools in a namespace being deleted are not planned.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from typing import Any
 from joulepool.api.contract import (
     LATEST_PLAN_FEASIBLE_ANNOTATION,
     LATEST_PLAN_MESSAGE_ANNOTATION,
-    POOL_LABEL,
 )
 from joulepool.api.load import ResourceError, profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
@@ -51,11 +53,10 @@ from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
 from joulepool.carbon.feed import CarbonFeed, policy_status
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
+from joulepool.operator.deployments import DeploymentWriter
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
 from joulepool.operator.metrics import OperatorMetrics
 from joulepool.operator.resources import (
-    SCALED_DOWN,
-    SPEC_HASH_ANNOTATION,
     DeploymentInfo,
     PlanView,
     PoolEntry,
@@ -68,7 +69,6 @@ from joulepool.operator.resources import (
     plan_without,
     pool_status,
     same_status,
-    scale_down_patch,
     status_patch,
     version_of,
     with_times,
@@ -152,11 +152,12 @@ class PassReport:
     feasible: bool | None = None
     published_version: int | None = None
     statuses_written: int = 0
-    deployments_created: int = 0
-    deployments_patched: int = 0
+    deployments_applied: int = 0
     deployments_deleted: int = 0
     deployments_scaled_down: int = 0
     errors: list[str] = field(default_factory=list)
+    #: pool key -> the API's answer to a failed write of one of its Deployments
+    pool_errors: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -187,6 +188,7 @@ class Planner:
         self._finished = 0
         self._finished_ok = True
         self._retry_at: float | None = None
+        self._failed_passes = 0
         self._last_periodic: float | None = None
         # plans
         self.latest: PoolPlan | None = None
@@ -203,8 +205,9 @@ class Planner:
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
-        self._deploy_written: dict[tuple[str, str], str] = {}
-        self._deploy_pool: dict[tuple[str, str], str] = {}  # pool of each Deployment written
+        self.writer = DeploymentWriter(client)
+        #: namespaces the API said are being deleted; their pools are not planned
+        self.terminating: set[str] = set()
         self._seen: dict[Any, Any] = {}
         # counters
         self.passes = 0
@@ -239,8 +242,7 @@ class Planner:
         return await asyncio.wait_for(_wait(), timeout)
 
     def forget_deployment(self, namespace: str, name: str) -> None:
-        self._deploy_written.pop((namespace, name), None)
-        self._deploy_pool.pop((namespace, name), None)
+        self.writer.forget((namespace, name))
 
     # ------------------------------------------------------------ the loop
     def plan_interval(self) -> float:
@@ -276,16 +278,27 @@ class Planner:
                 report = PassReport(errors=[f"{type(exc).__name__}: {exc}"])
             self.last_report = report
             if not report.ok:
-                self._retry_at = loop.time() + self.config.resync_after_error_seconds
-                log.warning("reconcile pass incomplete (%d errors), again in %.0fs: %s",
-                            len(report.errors), self.config.resync_after_error_seconds,
-                            "; ".join(report.errors[:3]))
+                delay = self.resync_delay()
+                self._retry_at = loop.time() + delay
+                log.warning("reconcile pass incomplete (%d errors), again in %.1fs: %s",
+                            len(report.errors), delay, "; ".join(report.errors[:3]))
+            else:
+                self._failed_passes = 0
             if force:
                 self._last_periodic = loop.time()
             async with self._done:
                 self._finished = max(self._finished, ticket)
                 self._finished_ok = report.ok
                 self._done.notify_all()
+
+    def resync_delay(self) -> float:
+        """Delay before the next pass after a failed one: ``resync_after_error_seconds``,
+        doubled for every failed pass in a row, at most ``max_resync_after_error_seconds``
+        (a write the API keeps rejecting is not retried every few seconds forever)."""
+        self._failed_passes += 1
+        base = self.config.resync_after_error_seconds
+        return float(min(base * 2 ** min(self._failed_passes - 1, 30),
+                         max(base, self.config.max_resync_after_error_seconds)))
 
     async def _debounce(self) -> None:
         loop = asyncio.get_running_loop()
@@ -346,12 +359,18 @@ class Planner:
         return None
 
     # ------------------------------------------------------------ one pass
+    def _live_entries(self) -> dict[str, PoolEntry]:
+        """Pools that are not being deleted, nor in a namespace being deleted."""
+        entries = self.entries()
+        self.terminating &= {e.namespace for e in entries.values()}  # gone: forget
+        return {k: e for k, e in sorted(entries.items())
+                if not e.deleting and e.namespace not in self.terminating}
+
     async def reconcile(self, force: bool = False) -> PassReport:
         self.passes += 1
         report = PassReport()
         now = self.clock()
-        entries = self.entries()
-        live = {k: e for k, e in sorted(entries.items()) if not e.deleting}
+        live = self._live_entries()
         for k, e in live.items():
             if e.pool is not None:
                 self.last_valid[k] = (e.uid, e.pool)
@@ -406,10 +425,11 @@ class Planner:
             {k: n for k, n in self.ready_replicas().items() if k in live})
         log.info(
             "reconciled: %d pools, %d nodes, plan v%s %s%s; %d statuses, deployments "
-            "+%d ~%d -%d 0x%d, %d errors", len(live), len(nodes), published.version,
-            "feasible" if report.feasible else "INFEASIBLE", " (solved)" if report.solved else "",
-            report.statuses_written, report.deployments_created, report.deployments_patched,
-            report.deployments_deleted, report.deployments_scaled_down, len(report.errors))
+            "applied %d, deleted %d, scaled to 0 %d; %d errors", len(live), len(nodes),
+            published.version, "feasible" if report.feasible else "INFEASIBLE",
+            " (solved)" if report.solved else "", report.statuses_written,
+            report.deployments_applied, report.deployments_deleted,
+            report.deployments_scaled_down, len(report.errors))
         return report
 
     async def _solve(
@@ -484,10 +504,7 @@ class Planner:
                 body = plan_configmap(self.published, PLAN_CONFIGMAP, self.config.namespace,
                                       *latest)
                 try:
-                    await patch_merge_retrying(
-                        self.client, self.configmap_path,
-                        lambda _cur: {"metadata": {"annotations": body["metadata"]["annotations"]}},
-                        None)
+                    await self.client.apply(self.configmap_path, body)
                 except ApiError as exc:
                     report.errors.append(f"ConfigMap {PLAN_CONFIGMAP}: {exc}")
                     return
@@ -504,9 +521,7 @@ class Planner:
             version = self._version + 1
             doc = doc.model_copy(update={"version": version})
             body = plan_configmap(doc, PLAN_CONFIGMAP, self.config.namespace, *latest)
-            await self._upsert(self.configmap_path,
-                               path_for("v1", "configmaps", self.config.namespace), body,
-                               exists=self._published_content is not None or version > 1)
+            await self.client.apply(self.configmap_path, body)
         except ApiError as exc:
             report.errors.append(f"ConfigMap {PLAN_CONFIGMAP}: {exc}")
             return
@@ -518,26 +533,6 @@ class Planner:
         self.published = doc
         report.published_version = version
         log.info("published plan v%d (%d pools)", version, len(doc.pools))
-
-    async def _upsert(
-        self, path: str, collection: str, body: Mapping[str, Any], exists: bool,
-    ) -> str:
-        """Create or merge-patch one object; 404 on patch -> create, 409 on create -> patch."""
-        if not exists:
-            try:
-                await self.client.create(collection, body)
-                return "created"
-            except ApiError as exc:
-                if not exc.conflict:  # 409 AlreadyExists: created meanwhile, patch it
-                    raise
-        try:
-            await patch_merge_retrying(self.client, path, lambda _cur: body, None)
-            return "patched"
-        except ApiError as exc:
-            if not exc.not_found or not exists:
-                raise
-        await self.client.create(collection, body)  # gone since we last saw it
-        return "created"
 
     # ------------------------------------------------------------ EnergyPolicy status
     async def _write_policy_status(self, now: datetime, report: PassReport) -> None:
@@ -573,87 +568,23 @@ class Planner:
         # An infeasible plan in force is a best effort: it never deletes a live pool's
         # Deployment, only scales it to 0 (a feasible plan brings it back).
         keep = set() if doc.feasible else {
-            k for k in (set(existing) | set(self._deploy_written)) - set(desired)
-            if _pool_of(k, existing, self._deploy_pool) in plannable
+            k for k in (set(existing) | set(self.writer.written)) - set(desired)
+            if self.writer.pool_of(k, existing) in plannable
         }
-
-        async def put(k: tuple[str, str], body: dict[str, Any]) -> None:
-            async with sem:
-                path = path_for("apps/v1", "deployments", k[0], k[1])
-                exists = k in existing or k in self._deploy_written
-                try:
-                    done = await self._upsert(
-                        path, path_for("apps/v1", "deployments", k[0]), body, exists)
-                except ApiError as exc:
-                    report.errors.append(f"Deployment {k[0]}/{k[1]}: {exc}")
-                    return
-                self._deploy_written[k] = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-                self._deploy_pool[k] = body["metadata"]["labels"][POOL_LABEL]
-                if done == "created":
-                    report.deployments_created += 1
-                else:
-                    report.deployments_patched += 1
-
-        async def drop(k: tuple[str, str]) -> None:
-            async with sem:
-                try:
-                    await self.client.delete(path_for("apps/v1", "deployments", k[0], k[1]))
-                except ApiError as exc:
-                    if not exc.not_found:
-                        report.errors.append(f"Deployment {k[0]}/{k[1]} (delete): {exc}")
-                        return
-                self._deploy_written.pop(k, None)
-                self._deploy_pool.pop(k, None)
-                report.deployments_deleted += 1
-
-        async def scale_down(k: tuple[str, str]) -> None:
-            async with sem:
-                try:
-                    await patch_merge_retrying(
-                        self.client, path_for("apps/v1", "deployments", k[0], k[1]),
-                        lambda _cur: scale_down_patch(), None)
-                except ApiError as exc:
-                    if not exc.not_found:
-                        report.errors.append(f"Deployment {k[0]}/{k[1]} (scale to 0): {exc}")
-                    else:  # already gone: nothing to keep
-                        self._deploy_written.pop(k, None)
-                        self._deploy_pool.pop(k, None)
-                    return
-                self._deploy_written[k] = SCALED_DOWN
-                report.deployments_scaled_down += 1
-
-        jobs = []
-        for k, body in desired.items():
-            h = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-            seen = existing.get(k)
-            written = self._deploy_written.get(k)
-            if written == h or (written != SCALED_DOWN and seen is not None
-                                and seen.spec_hash == h):
-                continue  # (after our scale-down the index may still show the old hash)
-            jobs.append(put(k, body))
-        stale = set(existing) | set(self._deploy_written)
-        for k in sorted(stale - set(desired)):
-            if k not in keep:
-                jobs.append(drop(k))
-                continue
-            seen = existing.get(k)
-            done = (seen.replicas == 0 and seen.spec_hash == SCALED_DOWN) if seen else False
-            if not done and self._deploy_written.get(k) != SCALED_DOWN:
-                jobs.append(scale_down(k))
-        if jobs:
-            await asyncio.gather(*jobs)
+        out = await self.writer.reconcile(desired, existing, keep, sem)
+        report.deployments_applied += out.created_or_applied
+        report.deployments_deleted += out.deleted
+        report.deployments_scaled_down += out.scaled_down
+        report.errors.extend(out.errors)
+        report.pool_errors.update(out.pool_errors)
+        if out.terminating - self.terminating:
+            log.info("namespace(s) %s being deleted: their pools are not planned any more",
+                     ", ".join(sorted(out.terminating - self.terminating)))
+        self.terminating |= out.terminating
 
     async def delete_deployments_of(self, key: str) -> None:
         """Delete every Deployment of one pool (finalizer path); 404 counts as done."""
-        known = {k for k, d in self.deployments().items() if d.pool == key}
-        for k in sorted(known):
-            try:
-                await self.client.delete(path_for("apps/v1", "deployments", k[0], k[1]))
-            except ApiError as exc:
-                if not exc.not_found:
-                    raise
-            self._deploy_written.pop(k, None)
-            self._deploy_pool.pop(k, None)
+        await self.writer.delete_pool(key, self.deployments())
 
     def ready_replicas(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -675,7 +606,8 @@ class Planner:
         async def write(entry: PoolEntry) -> None:
             pool = plannable.get(entry.key)
             base = pool_status(entry, view, ready.get(entry.key, 0),
-                               deployable=pool is not None and has_containers(pool))
+                               deployable=pool is not None and has_containers(pool),
+                               write_error=report.pool_errors.get(entry.key))
             written = self._status_written.get(entry.key)
             previous: Mapping[str, Any] = (
                 written[1] if written is not None and written[0] == entry.uid else entry.status
@@ -714,14 +646,6 @@ class Planner:
         # patch tests the resourceVersion, so a status write now would only make it retry.
         # Its create handler triggers another pass once the finalizer is on.
         await asyncio.gather(*(write(e) for e in live.values() if e.finalized))
-
-
-def _pool_of(
-    k: tuple[str, str], existing: Mapping[tuple[str, str], DeploymentInfo],
-    written: Mapping[tuple[str, str], str],
-) -> str | None:
-    seen = existing.get(k)
-    return seen.pool if seen is not None else written.get(k)
 
 
 def _copy(status: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Pure translations between Kubernetes objects and the operator's view of them.
 
-No I/O, no kopf: every function here takes dicts/models and returns
-dicts/models, so the unit tests cover them without an API server.  The
+No I/O (kopf only for its pure ``adopt`` helper): every function here takes
+dicts/models and returns dicts/models, so the unit tests cover them without an
+API server.  The
 planning itself (problem, solve, per-pool outcomes) lives in
 :mod:`joulepool.pooling` and :mod:`joulepool.core.planner`.
 """
@@ -14,9 +15,11 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import kopf
 from pydantic import ValidationError
 
 from joulepool.api.contract import (
@@ -29,6 +32,7 @@ from joulepool.api.contract import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     MODE_LABEL,
+    PLACEMENT_LABEL,
     PLAN_FEASIBLE_ANNOTATION,
     PLAN_GENERATED_AT_ANNOTATION,
     PLAN_VERSION_ANNOTATION,
@@ -46,6 +50,7 @@ from joulepool.api.models import (
     InferencePool,
 )
 from joulepool.api.plan import PlanDocument, PlannedPool, pool_key
+from joulepool.operator.config import FIELD_MANAGER
 from joulepool.pooling import NodeInfo, PoolOutcome
 
 #: node affinity on the node's name (``matchFields``: exact even where the
@@ -77,6 +82,7 @@ class PoolEntry:
     field: str | None
     status: Mapping[str, Any]  # current status as last seen from the API
     finalized: bool = False  # carries the operator's finalizer (kopf has adopted it)
+    labels: Mapping[str, str] = dc_field(default_factory=dict)
 
     @property
     def valid(self) -> bool:
@@ -86,7 +92,8 @@ class PoolEntry:
         """A minimal body for events (kopf.warn) about this pool."""
         return {
             "apiVersion": API_VERSION, "kind": "InferencePool",
-            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid},
+            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid,
+                         "labels": dict(self.labels)},
         }
 
 
@@ -129,6 +136,7 @@ def parse_pool(body: Mapping[str, Any]) -> PoolEntry:
         field=error.field if error else None,
         status=status if isinstance(status, Mapping) else {},
         finalized=FINALIZER in (meta.get("finalizers") or ()),
+        labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
     )
 
 
@@ -330,13 +338,14 @@ def mode_slug(mode: str) -> str:
     return _NOT_DNS.sub("-", mode.lower()).strip("-") or "mode"
 
 
-def deployment_name(pool_name: str, mode: str) -> str:
-    """``<pool>-<mode lowercased>``, shortened with a hash if it would exceed 63 characters."""
-    name = f"{pool_name}-{mode_slug(mode)}"
-    if len(name) <= 63:
+def deployment_name(pool_name: str, mode: str, node: str) -> str:
+    """``<pool>-<mode>-<node>`` (lowercased, DNS-safe), shortened with a digest of the whole
+    so it is at most 63 characters (it is also the value of :data:`PLACEMENT_LABEL`)."""
+    name = f"{pool_name}-{mode_slug(mode)}-{mode_slug(node)}"
+    if len(name) <= MAX_LABEL_VALUE:
         return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{name[:54].rstrip('-')}-{digest}"
+    digest = hashlib.sha1(f"{pool_name}\0{mode}\0{node}".encode()).hexdigest()[:10]
+    return f"{name[:52].rstrip('-')}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -350,6 +359,22 @@ class DeploymentInfo:
     replicas: int
     ready_replicas: int
     spec_hash: str
+    #: another field manager owns a field under ``spec`` (a hand-made scale or edit)
+    foreign_spec: bool = False
+    resource_version: str = ""
+
+
+def foreign_spec_owner(meta: Mapping[str, Any]) -> bool:
+    """True when a field manager other than the operator's owns a field under ``spec``
+    (``metadata.managedFields``; status writers excluded): someone scaled or edited it."""
+    for entry in meta.get("managedFields") or ():
+        if not isinstance(entry, Mapping) or entry.get("manager") == FIELD_MANAGER:
+            continue
+        if entry.get("subresource") == "status":
+            continue
+        if "f:spec" in (entry.get("fieldsV1") or {}):
+            return True
+    return False
 
 
 def deployment_from_body(body: Mapping[str, Any]) -> DeploymentInfo:
@@ -365,7 +390,14 @@ def deployment_from_body(body: Mapping[str, Any]) -> DeploymentInfo:
         replicas=int(spec.get("replicas") or 0),
         ready_replicas=int(status.get("readyReplicas") or 0),
         spec_hash=str((meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, "")),
+        foreign_spec=foreign_spec_owner(meta),
+        resource_version=str(meta.get("resourceVersion") or ""),
     )
+
+
+def drifted(seen: DeploymentInfo, desired_hash: str, replicas: int) -> bool:
+    """The live Deployment differs from what the operator would apply."""
+    return seen.spec_hash != desired_hash or seen.replicas != replicas or seen.foreign_spec
 
 
 def _gpu_container_index(containers: Sequence[Mapping[str, Any]]) -> int:
@@ -377,10 +409,15 @@ def _gpu_container_index(containers: Sequence[Mapping[str, Any]]) -> int:
     return 0
 
 
-def _require_nodes(spec: dict[str, Any], nodes: Sequence[str]) -> None:
-    """Add a required nodeAffinity: Node ``metadata.name`` In ``nodes``, ANDed with the
-    template's own required terms (added to each of them, since terms are ORed)."""
-    expr = {"key": NODE_NAME_FIELD, "operator": "In", "values": sorted(set(nodes))}
+def _require_node(spec: dict[str, Any], node: str) -> None:
+    """Add a required nodeAffinity: Node ``metadata.name`` In ``[node]``, ANDed with the
+    template's own required terms (added to each of them, since terms are ORed).
+
+    One value only: kube-apiserver rejects a ``matchFields`` ``In`` with several values
+    (422, "must be only one value when 'operator' is 'In' or 'NotIn' for node field
+    selector"); a mode planned on several nodes gets one Deployment per node instead.
+    """
+    expr = {"key": NODE_NAME_FIELD, "operator": "In", "values": [node]}
     affinity = spec.get("affinity")
     affinity = dict(affinity) if isinstance(affinity, Mapping) else {}
     node_aff = affinity.get("nodeAffinity")
@@ -398,41 +435,47 @@ def _require_nodes(spec: dict[str, Any], nodes: Sequence[str]) -> None:
     spec["affinity"] = affinity
 
 
+def _wire_gpu_container(spec: dict[str, Any], entry: PoolEntry, mode: str, gpus: int) -> None:
+    """``nvidia.com/gpu`` requests = limits on the GPU container, and joulepool's env."""
+    containers = spec.get("containers") or []
+    if not containers:
+        return
+    c = containers[_gpu_container_index(containers)]
+    res = c.setdefault("resources", {})
+    res.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+    res.setdefault("requests", {})[GPU_RESOURCE] = str(gpus)
+    env = c.setdefault("env", [])
+    have = {e.get("name") for e in env if isinstance(e, Mapping)}
+    for k, v in (("JOULEPOOL_POOL", entry.key), ("JOULEPOOL_MODE", mode),
+                 ("JOULEPOOL_GPUS", str(gpus))):
+        if k not in have:
+            env.append({"name": k, "value": v})
+
+
 def build_deployment(
     entry: PoolEntry, pool: InferencePool, mode: str, replicas: int, gpus_per_instance: int,
-    scheduler_name: str, nodes: Sequence[str] = (),
+    scheduler_name: str, node: str,
 ) -> dict[str, Any]:
-    """The serving Deployment of one pool and one serving mode, from ``spec.template``.
+    """The serving Deployment of one pool, one serving mode and one node, from
+    ``spec.template``: a full object for server-side apply.
 
-    Owner reference to the pool (garbage-collected with it), joulepool's
-    scheduler, the pool and mode labels on selector and pods, ``nvidia.com/gpu``
-    requests = limits = the mode's GPUs per instance on the GPU container,
-    replicas = the plan's instances of that mode, and a required nodeAffinity
-    on the Node name In ``nodes`` (the nodes the plan gives this pool's
-    instances of this mode), so a pod can never land on a node planned for
-    another mode whatever the scheduler does.
+    Adopted by the pool (``kopf.adopt``: controller owner reference, garbage-collected
+    with it, the pool's labels), joulepool's scheduler, the pool, mode and placement
+    labels on selector and pods, ``nvidia.com/gpu`` requests = limits = the mode's GPUs
+    per instance on the GPU container, replicas = the plan's instances of that mode on
+    that node, and a required nodeAffinity on that Node's name: every pod lands on its
+    planned node whatever the scheduler does, so the per-node shares of the plan hold
+    under kube-scheduler's asynchronous binding.
     """
+    name = deployment_name(entry.name, mode, node)
     template = copy.deepcopy(pool.spec.template)
     tmeta = template.setdefault("metadata", {})
-    selector = {POOL_LABEL: entry.key, MODE_LABEL: mode}
+    selector = {POOL_LABEL: entry.key, MODE_LABEL: mode, PLACEMENT_LABEL: name}
     tmeta["labels"] = {**(tmeta.get("labels") or {}), **selector}
     spec = template.setdefault("spec", {})
     spec["schedulerName"] = scheduler_name
-    if nodes:
-        _require_nodes(spec, nodes)
-    containers = spec.get("containers") or []
-    if containers:
-        c = containers[_gpu_container_index(containers)]
-        res = c.setdefault("resources", {})
-        res.setdefault("limits", {})[GPU_RESOURCE] = str(gpus_per_instance)
-        res.setdefault("requests", {})[GPU_RESOURCE] = str(gpus_per_instance)
-        env = c.setdefault("env", [])
-        have = {e.get("name") for e in env if isinstance(e, Mapping)}
-        for k, v in (("JOULEPOOL_POOL", entry.key), ("JOULEPOOL_MODE", mode),
-                     ("JOULEPOOL_GPUS", str(gpus_per_instance))):
-            if k not in have:
-                env.append({"name": k, "value": v})
-    name = deployment_name(entry.name, mode)
+    _require_node(spec, node)
+    _wire_gpu_container(spec, entry, mode, gpus_per_instance)
     body: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -441,10 +484,6 @@ def build_deployment(
             "namespace": entry.namespace,
             "labels": {**selector, MANAGED_BY_LABEL: MANAGED_BY},
             "annotations": {},
-            "ownerReferences": [{
-                "apiVersion": API_VERSION, "kind": "InferencePool", "name": entry.name,
-                "uid": entry.uid or "", "controller": True, "blockOwnerDeletion": True,
-            }],
         },
         "spec": {
             "replicas": replicas,
@@ -455,6 +494,7 @@ def build_deployment(
             "template": template,
         },
     }
+    kopf.adopt(body, owner=kopf.Body(cast(Any, entry.ref())))
     body["metadata"]["annotations"][SPEC_HASH_ANNOTATION] = spec_hash(body)
     return body
 
@@ -470,21 +510,18 @@ def spec_hash(body: Mapping[str, Any]) -> str:
 def desired_deployments(
     entry: PoolEntry, pool: InferencePool, planned: PlannedPool, scheduler_name: str,
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Every Deployment a pool's planned instances need, one per serving mode."""
+    """Every Deployment a pool's planned instances need: one per (serving mode, node)."""
     if not has_containers(pool):
         return {}
-    by_mode: dict[str, tuple[int, int]] = {}
-    nodes: dict[str, set[str]] = {}
+    placements: dict[tuple[str, str], tuple[int, int]] = {}
     for a in planned.assignments:
         if a.instances <= 0:
             continue
-        n, g = by_mode.get(a.mode, (0, a.gpus_per_instance))
-        by_mode[a.mode] = (n + a.instances, g)
-        nodes.setdefault(a.mode, set()).add(a.node)
+        n, g = placements.get((a.mode, a.node), (0, a.gpus_per_instance))
+        placements[(a.mode, a.node)] = (n + a.instances, g)
     out = {}
-    for mode, (replicas, gpus) in sorted(by_mode.items()):
-        body = build_deployment(entry, pool, mode, replicas, gpus, scheduler_name,
-                                sorted(nodes[mode]))
+    for (mode, node), (replicas, gpus) in sorted(placements.items()):
+        body = build_deployment(entry, pool, mode, replicas, gpus, scheduler_name, node)
         out[(entry.namespace, body["metadata"]["name"])] = body
     return out
 
@@ -547,8 +584,14 @@ def _placement(outcome: PoolOutcome | None) -> str:
 
 def pool_conditions(
     entry: PoolEntry, view: PlanView, ready_replicas: int, deployable: bool,
+    write_error: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The four conditions of a pool, without transition times (see :func:`with_times`)."""
+    """The four conditions of a pool, without transition times (see :func:`with_times`).
+
+    ``write_error``: the API's answer to a failed write of one of the pool's Deployments
+    in this pass; the pool is then not ``Planned`` (reason ``DeploymentFailed``) until a
+    write succeeds, whatever the plan says.
+    """
     key = entry.key
     conds = []
     # Invalid: the spec as written now
@@ -561,8 +604,12 @@ def pool_conditions(
     latest = view.latest_outcomes.get(key) if key in view.latest_pools else None
     stale = "" if entry.valid else "; serving the last valid spec"
     version = view.in_force.version if view.in_force is not None else 0
-    # Planned: reflects the plan in force
-    if served is not None and view.kept:
+    # Planned: reflects the plan in force, and that its Deployments could be written
+    if served is not None and write_error:
+        conds.append(_cond(PLANNED, False, "DeploymentFailed",
+                           f"plan v{version}: {_placement(served)}; the API refused a "
+                           f"write: {write_error}"[:1024]))
+    elif served is not None and view.kept:
         conds.append(_cond(PLANNED, True, "LastFeasiblePlan",
                            f"newest plan is infeasible; serving the last feasible plan "
                            f"v{version}: {_placement(served)}{stale}"))
@@ -609,6 +656,7 @@ def pool_conditions(
 
 def pool_status(
     entry: PoolEntry, view: PlanView, ready_replicas: int, deployable: bool,
+    write_error: str | None = None,
 ) -> dict[str, Any]:
     """The pool's status without times: conditions, assignments and figures."""
     key = entry.key
@@ -616,7 +664,7 @@ def pool_status(
     served = view.in_force_outcomes.get(key) if in_plan else None
     status: dict[str, Any] = {
         "observedGeneration": entry.generation,
-        "conditions": pool_conditions(entry, view, ready_replicas, deployable),
+        "conditions": pool_conditions(entry, view, ready_replicas, deployable, write_error),
         "assignments": [a.model_dump(by_alias=True, mode="json")
                         for a in (served.assignments if served else ())],
         "replicas": served.replicas if served else 0,
