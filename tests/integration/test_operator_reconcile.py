@@ -232,7 +232,8 @@ async def test_delete_releases_gpus_and_cleans_up() -> None:
         _, doc = await eventually(lambda: _plan_with(c, "default.chat", absent=True))
         assert "default.rag" in doc.pools
         assert all("default.chat" not in n.pools for n in doc.nodes.values())
-        deps = await eventually(lambda: _names(c, {"rag-1xh100-gpu-a"}), what="chat Deployment gone")
+        deps = await eventually(lambda: _names(c, {"rag-1xh100-gpu-a"}),
+                                what="chat Deployment gone")
         # the others were re-planned with the released GPUs: rag is now fully served
         obj = await _until(c, "rag", "Planned", "True", "Planned")
         assert obj["status"]["replicas"] == 5 and deps["rag-1xh100-gpu-a"]["spec"]["replicas"] == 5
