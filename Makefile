@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck crds bench clean k8s-deps
+.PHONY: venv demo test lint typecheck crds bench clean k8s-deps monitoring-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,21 @@ k8s-deps:
 	    || echo "etcd-server could not be installed: tests/realk8s will skip"; \
 	fi
 
+## promtool and prometheus (Debian's 'prometheus' package) check and unit-test the
+## chart's alert rules and evaluate the dashboard's queries against live components
+## (tests/chart/test_chart_monitoring.py, tests/integration/test_prometheus_dashboard.py):
+## as root with apt, installed once here; without them those tests skip and say why.
+monitoring-deps:
+	@if ! command -v promtool >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing prometheus (promtool) with apt-get for the monitoring tests"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends -o DPkg::Lock::Timeout=300 prometheus; } >/dev/null \
+	    || echo "prometheus could not be installed: the promtool/Prometheus tests will skip"; \
+	fi
+
 ## The whole test suite, lint and type check included.
-test: $(STAMP) k8s-deps
+test: $(STAMP) k8s-deps monitoring-deps
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/pytest -q

@@ -18,7 +18,8 @@ VERSION = KUBE_VERSION.lstrip("v")
 kubernetes_validate.utils.schema_contents = functools.cache(
     kubernetes_validate.utils.schema_contents)
 #: kinds kubernetes-validate has no schema for (not core Kubernetes)
-NOT_CORE = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NOT_CORE = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+            ("monitoring.coreos.com/v1", "PrometheusRule")}  # promtool checks its rules
 
 
 def _validate(obj: dict[str, Any]) -> None:

@@ -232,7 +232,8 @@ def test_operator_liveness_is_on_kopfs_health_port(default_render: Rendered) -> 
     c = _container(default_render, "Deployment", name("operator"), "operator")
     port = _flag(c["args"], "--liveness")
     assert port == "8080"
-    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9402, "protocol": "TCP"}]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
@@ -420,7 +421,7 @@ def test_service_monitor_needs_the_api_and_the_switch() -> None:
                 if sm["spec"]["selector"]["matchLabels"].items()
                 <= s["metadata"]["labels"].items()]
     assert sorted(s["metadata"]["name"] for s in selected) == [
-        name("node-agent"), name("router")]
+        name("node-agent"), name("operator"), name("router")]
     off = Rendered(render_raw({"metrics": {"serviceMonitor": {"enabled": False}}},
                               api_versions=(PROMETHEUS_API,)))
     assert "ServiceMonitor" not in off.kinds()

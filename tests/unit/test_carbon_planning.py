@@ -56,6 +56,10 @@ async def test_forecast_crossing_moves_the_pool_to_the_cleaner_site(aiohttp_serv
     assert reg.get_sample_value("joulepool_plan_changes_total") == 2
     assert reg.get_sample_value("joulepool_plan_feasible") == 1
     assert reg.get_sample_value("joulepool_pool_planned_instances", {"pool": "default.chat"}) >= 1
+    assert reg.get_sample_value("joulepool_policy_target_miss_ratio") == spec.pi.target_miss_rate
+    jpt = reg.get_sample_value("joulepool_pool_planned_joules_per_token",
+                               {"pool": "default.chat", "model": "llama-3.1-8b"})
+    assert jpt == plan(api).pools["default.chat"].joules_per_token and jpt > 0
     assert reg.get_sample_value("joulepool_carbon_intensity_grams_per_kwh",
                                 {"site": "west"}) == 500.0
 

@@ -77,6 +77,8 @@ ENGINE_PORT = 8000
 NODE_AGENT_METRICS_PORT = 9400
 #: the operator's liveness endpoint /healthz
 OPERATOR_LIVENESS_PORT = 8080
+#: the operator's Prometheus endpoint /metrics (plan, pools, carbon sources)
+OPERATOR_METRICS_PORT = 9402
 #: the fake device plugin's and NVIDIA's kubelet device plugin directory
 DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 #: the kubelet PodResources API socket the node agent maps engines to GPUs with

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from joulepool.core.attribution import Work, attribute
 
@@ -33,6 +33,9 @@ class PoolMeter:
         self.output_tokens = Counter(
             "joulepool_pool_output_tokens", "output tokens the pool's engines generated",
             WORK_LABELS, registry=registry)
+        self.gpu_engines = Gauge(
+            "joulepool_gpu_engines", "serving engines using the GPU (0: idle)",
+            ("gpu", "product", "node"), registry=registry)
         self.idle = Counter(
             "joulepool_gpu_idle_energy_joules", "energy of GPUs no engine uses",
             ("site",), registry=registry)
@@ -47,6 +50,10 @@ class PoolMeter:
             self.carbon.labels(*labels).inc(share.grams_co2)
         if idle:
             self.idle.labels(site).inc(idle)
+
+    def engines(self, gpu: tuple[str, str, str], n: int) -> None:
+        """How many engines use the GPU labelled (gpu, product, node) now."""
+        self.gpu_engines.labels(*gpu).set(n)
 
     def tokens(self, work: Work, n: float) -> None:
         """Count ``n`` new output tokens of one engine (negative: ignored, a counter reset)."""

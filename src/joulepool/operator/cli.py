@@ -50,6 +50,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         debounce_seconds=settings.debounce_seconds,
         max_delay_seconds=max(10.0, 10 * settings.debounce_seconds),
         liveness_port=settings.liveness or None,
+        metrics_port=settings.metrics_port or None,
     )
 
 
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     operator = Operator(config)
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, registry=operator.planner.metrics.registry)
     try:
         asyncio.run(operator.run())
     except KeyboardInterrupt:

@@ -46,6 +46,8 @@ class OperatorConfig:
     plan_interval_seconds: float | None = None
     #: port of kopf's liveness endpoint (``/healthz``); None: no endpoint
     liveness_port: int | None = None
+    #: port of the Prometheus endpoint ``/metrics`` (planner and carbon sources); None: none
+    metrics_port: int | None = None
     #: concurrent API writes of one reconcile pass
     write_concurrency: int = 16
     #: delays between retries of one failed API call (5xx, 409, 429, timeouts)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from joulepool.api.models import EnergyPolicySpec
+from joulepool.api.plan import PlanDocument
 from joulepool.carbon.metrics import CarbonMetrics
 from joulepool.pooling import PoolPlan
 
@@ -51,6 +53,13 @@ class OperatorMetrics:
         self.ready = Gauge(
             "joulepool_pool_ready_instances", "ready instances of the pool's Deployments",
             ("pool",), registry=r)
+        self.planned_jpt = Gauge(
+            "joulepool_pool_planned_joules_per_token",
+            "J/token the plan in force expects of the pool (its profile at the operating point)",
+            ("pool", "model"), registry=r)
+        self.target_miss = Gauge(
+            "joulepool_policy_target_miss_ratio",
+            "deadline-miss ratio the EnergyPolicy targets (pi.targetMissRate)", registry=r)
         self.gpus_used = Gauge(
             "joulepool_plan_gpus", "GPUs by site and product: used by the latest plan, total",
             ("site", "product", "kind"), registry=r)
@@ -68,10 +77,16 @@ class OperatorMetrics:
             self.gpus_used.labels(site, product, "used").set(used)
             self.gpus_used.labels(site, product, "total").set(total)
 
-    def pools(self, planned: Mapping[str, int], ready: Mapping[str, int]) -> None:
-        """Planned vs ready instances of every pool (pools gone are dropped)."""
-        self.planned.clear()
-        self.ready.clear()
-        for pool in sorted(set(planned) | set(ready)):
-            self.planned.labels(pool).set(planned.get(pool, 0))
-            self.ready.labels(pool).set(ready.get(pool, 0))
+    def pools(self, plan: PlanDocument, ready: Mapping[str, int],
+              policy: EnergyPolicySpec) -> None:
+        """Per pool of the plan in force: planned vs ready instances and expected J/token
+        (pools gone are dropped); the policy's miss-ratio target."""
+        for g in (self.planned, self.ready, self.planned_jpt):
+            g.clear()
+        for key, p in sorted(plan.pools.items()):
+            self.planned.labels(key).set(sum(a.instances for a in p.assignments))
+            if p.joules_per_token is not None:
+                self.planned_jpt.labels(key, p.model).set(p.joules_per_token)
+        for key, n in sorted(ready.items()):
+            self.ready.labels(key).set(n)
+        self.target_miss.set(policy.pi.target_miss_rate)

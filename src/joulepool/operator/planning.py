@@ -420,9 +420,8 @@ class Planner:
         await self._apply_deployments(live, plannable, published, report, sem)
         await self._write_statuses(live, plannable, view, now, force, report, sem)
         await self._write_policy_status(now, report)
-        self.metrics.pools(
-            {k: sum(a.instances for a in p.assignments) for k, p in published.pools.items()},
-            {k: n for k, n in self.ready_replicas().items() if k in live})
+        self.metrics.pools(published, {k: n for k, n in self.ready_replicas().items()
+                                       if k in live}, policy)
         log.info(
             "reconciled: %d pools, %d nodes, plan v%s %s%s; %d statuses, deployments "
             "applied %d, deleted %d, scaled to 0 %d; %d errors", len(live), len(nodes),

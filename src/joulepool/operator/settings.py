@@ -11,7 +11,11 @@ from typing import ClassVar
 
 from pydantic import field_validator
 
-from joulepool.api.contract import DEFAULT_SCHEDULER, OPERATOR_LIVENESS_PORT
+from joulepool.api.contract import (
+    DEFAULT_SCHEDULER,
+    OPERATOR_LIVENESS_PORT,
+    OPERATOR_METRICS_PORT,
+)
 from joulepool.settings import ComponentSettings, setting
 
 #: the operator's default debounce (quiet time before a joint plan), seconds
@@ -36,6 +40,9 @@ class OperatorSettings(ComponentSettings):
         env="JOULEPOOL_DEBOUNCE", ge=0)
     liveness: int = setting(OPERATOR_LIVENESS_PORT, "port of the liveness endpoint /healthz "
                             "(0: none)", env="JOULEPOOL_LIVENESS", ge=0, le=65535)
+    metrics_port: int = setting(
+        OPERATOR_METRICS_PORT, "port of the Prometheus endpoint /metrics (0: none)",
+        env="JOULEPOOL_METRICS_PORT", ge=0, le=65535)
     verbose: bool = setting(False, "log every handler and request", env="JOULEPOOL_VERBOSE")
 
     @field_validator("watch_namespace", mode="after")
