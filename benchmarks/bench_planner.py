@@ -18,6 +18,7 @@ site and step is random (50-600 gCO2/kWh). The time is the wall time of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -136,14 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objective", choices=("carbon", "energy"), default="carbon")
     parser.add_argument("--sizes", default="a,b,c", help="comma list of a, b, c")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--gap", type=float, default=None,
+                        help="relative MIP gap (default: the planner's DEFAULT_MIP_REL_GAP)")
     args = parser.parse_args(argv)
     problems = _problems(args.objective)
     missed = False
-    print(f"objective={args.objective} repeats={args.repeats}")
+    gap = problems["a"][1]().mip_rel_gap if args.gap is None else args.gap
+    print(f"objective={args.objective} repeats={args.repeats} mip_rel_gap={gap:g}")
     print(f"{'size':4} {'median_s':>9} {'min_s':>8} {'max_s':>8} {'target_s':>8}  status  detail")
     for key in [k.strip() for k in args.sizes.split(",") if k.strip()]:
         label, build = problems[key]
         problem = build()
+        if args.gap is not None:
+            problem = dataclasses.replace(problem, mip_rel_gap=args.gap)
         times: list[float] = []
         result = None
         for _ in range(max(1, args.repeats)):

@@ -156,6 +156,7 @@ def build_problem(
         alpha=policy.alpha,
         objective="carbon" if objective == "carbon" else "energy",
         carbon_g_per_kwh=carbon,
+        mip_rel_gap=policy.mip_rel_gap,
     )
 
 

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 from joulepool.api.load import load_manifests
@@ -170,3 +171,24 @@ def test_an_oversized_pool_does_not_take_the_gpus_of_a_pool_that_fits_alone():
     assert not plan.outcomes["team-b.greedy"].planned
     assert plan.outcomes["team-b.greedy"].replicas > 0  # the rest serves greedy
     assert [s.cls for s in plan.result.shortfalls] == ["team-b.greedy"]
+
+
+def test_energy_policy_gap_and_negative_carbon_reach_the_planner():
+    """mipRelGap is the planner's gap; a negative marginal intensity is accepted."""
+    from joulepool.core.planner import DEFAULT_MIP_REL_GAP
+    from joulepool.pooling import build_problem
+
+    nodes = [NodeInfo("h1", "east", "H100", 8)]
+    assert build_problem([_pool("chat", 10)], nodes, EnergyPolicySpec()).mip_rel_gap == (
+        DEFAULT_MIP_REL_GAP)
+    policy = EnergyPolicySpec.model_validate(
+        {"mipRelGap": 0, "objective": "carbon",
+         "carbon": [{"site": "east", "series": [-40.0, 10.0, 5.0, 5.0, 5.0, 5.0]}]})
+    problem = build_problem([_pool("chat", 10)], nodes, policy)
+    assert problem.mip_rel_gap == 0.0 and problem.objective == "carbon"
+    plan = plan_pools([_pool("chat", 10)], nodes, policy)
+    assert plan.result.feasible and plan.result.status == "optimal"
+    with pytest.raises(ValueError, match=r"mipRelGap|mip_rel_gap"):
+        EnergyPolicySpec.model_validate({"mipRelGap": 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        EnergyPolicySpec.model_validate({"carbon": [{"site": "a", "series": [float("nan")]}]})

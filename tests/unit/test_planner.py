@@ -492,7 +492,13 @@ def test_demand_beyond_capacity_reports_shortfall_without_raising() -> None:
     assert short.servable_rps == pytest.approx(16.38)
     assert short.shortfall_rps == pytest.approx(33.0 - 16.38)
     assert "site eu-west H100: 4/4 GPUs used" in short.reason
-    assert result.binding == ("site eu-west H100: 4/4 GPUs used",)
+    assert short.sites == ("eu-west",)
+    assert result.max_alpha == pytest.approx(16.38 / 30.0)  # one instance, peak forecast 30
+    assert result.binding == (
+        "site eu-west H100: 4/4 GPUs used",
+        "the forecast itself does not fit (largest alpha that fits: 0.546 < 1), "
+        "whatever the headroom alpha 1.1",
+    )
     assert [(a.node, a.instances) for a in result.partial_assignments] == [("h0", 1)]
     assert result.instances("SS") == 1  # describes the partial plan
 
@@ -579,9 +585,10 @@ def test_fragmented_capacity_is_reported_as_binding() -> None:
     result = solve(problem)
     check_plan(problem, result)
     assert not result.feasible
-    assert result.binding == (
-        "site s A100: 8/12 GPUs used, no node has 4 free GPUs for another instance",
+    assert result.binding[0] == (
+        "site s A100: 8/12 GPUs used, no node has 4 free GPUs for another instance"
     )
+    assert result.max_alpha == pytest.approx(2.0 / (3.0 / 1.1))  # two instances fit
 
 
 # ------------------------------------------------------------------- edge cases
@@ -647,7 +654,9 @@ def test_time_limit_without_incumbent_falls_back_to_slack_model() -> None:
     problem = freesh_published_problem()
     with fake_time_limit(drop_hard_incumbent=True) as seen:
         result = solve(problem)
-    assert len(seen) == 2  # the slack model ran, and found slack 0: a proven optimum
+    # the hard model, 3 bisection probes over the 4 class demands, the water level,
+    # the partial plan (which found slack 0: a proven optimum) and the largest alpha
+    assert len(seen) == 7
     assert result.feasible and result.status == "optimal"
     check_plan(problem, result)
 
@@ -707,7 +716,7 @@ def _base(**over: Any) -> dict[str, Any]:
         ({"objective": "carbon"}, "needs carbon_g_per_kwh"),
         ({"objective": "carbon", "carbon_g_per_kwh": {"x": [1.0]}}, "no series for site"),
         ({"objective": "carbon", "carbon_g_per_kwh": {"s": [1.0, 2.0, 3.0]}}, "need 1 or 2"),
-        ({"carbon_g_per_kwh": {"s": [-1.0]}}, "finite and >= 0"),
+        ({"carbon_g_per_kwh": {"s": [float("nan")]}}, "must be finite"),
         ({"objective": "joules"}, "objective must be"),
         ({"step_s": 0.0}, "step_s"),
         ({"alpha": -1.0}, "alpha"),
@@ -736,3 +745,111 @@ def test_problem_arrays_are_frozen_copies() -> None:
     assert problem.forecast_rps[0, 0] == 1.0
     with pytest.raises(ValueError):
         problem.forecast_rps[0, 0] = 5.0
+
+
+# ------------------------------------------- fairness, SLO mask, gaps, negative carbon
+
+
+def test_partial_plan_gives_the_only_slot_to_the_large_class_not_the_tiny_one() -> None:
+    """One instance fits; a class with 0.2 % of the demand must not take it from one with 62 %.
+
+    Weighting shortfall relative to demand (the previous model) gave the slot to
+    the tiny class: it covers 100 % of that class's demand. Neither class can be
+    served while the other is, so max-min share is 0 either way and the fewest
+    unmet req/s decides.
+    """
+    nodes = (PlanNode("h0", "s", "H100", 4),)
+    problem = make(("tiny", "big"), (H4,), nodes, [[900.0], [900.0]], [[2.0], [2.0]],
+                   [[0.005], [1.55]])  # fmt: skip
+    result = solve(problem)
+    check_plan(problem, result)
+    assert not result.feasible
+    assert result.instances("big") == 1 and result.instances("tiny") == 0
+    assert result.max_alpha == 0.0  # no alpha > 0 serves both classes at once
+
+
+def test_partial_plan_serves_the_max_min_fair_floor_first() -> None:
+    """Three slots, a 20x larger class: fewest unmet req/s alone gives it all three.
+
+    The max-min fair floor serves the small class in full (its 1.1 req/s is
+    below the water level) and the big one at the level, 2 slots = 4 req/s.
+    """
+    nodes = (PlanNode("h0", "s", "H100", 4), PlanNode("h1", "s", "H100", 8))
+    problem = make(("small", "big"), (H4,), nodes, [[900.0], [900.0]], [[2.0], [2.0]],
+                   [[1.0], [20.0]])  # fmt: skip
+    result = solve(problem)
+    check_plan(problem, result)
+    assert not result.feasible
+    assert (result.instances("small"), result.instances("big")) == (1, 2)
+    assert [s.cls for s in result.shortfalls] == ["big"]
+    assert result.shortfalls[0].sites == ("s",)
+
+
+def test_infeasible_window_says_when_the_headroom_is_the_cause() -> None:
+    """The forecast fits, alpha = 1.1 times it does not: max_alpha says how much does."""
+    power, rps = freesh_rows(SS_ROW)
+    nodes = (PlanNode("h0", "eu", "H100", 4),)
+    problem = make(("SS",), (H4,), nodes, power[:, 3:], rps[:, 3:], [[15.0, 15.6]])
+    result = solve(problem)
+    assert not result.feasible
+    (short,) = result.shortfalls
+    assert (short.cls, short.step, short.sites) == ("SS", 1, ("eu",))
+    assert result.max_alpha == pytest.approx(16.38 / 15.6)
+    assert result.binding[-1] == ("the headroom is the cause: alpha 1.1 does not fit, "
+                                  "alpha 1.05 is the largest that does")
+    smaller = make(("SS",), (H4,), nodes, power[:, 3:], rps[:, 3:], [[15.0, 15.6]],
+                   alpha=result.max_alpha)  # fmt: skip
+    assert solve(smaller).feasible
+
+
+def test_slo_mask_makes_a_mode_ineligible_whatever_its_rate() -> None:
+    modes = (A4, H4)
+    nodes = (PlanNode("a", "s", "A100", 4), PlanNode("h", "s", "H100", 4))
+    power = [[500.0, 900.0], [500.0, 900.0]]
+    rps = [[10.0, 10.0], [10.0, 10.0]]
+    # class "fast" needs TTFT 0.1 s: only the H100 mode meets it; "slow" meets both
+    mask = planner.slo_mask([[0.2, 0.05], [0.2, 0.05]], [[0.03, 0.02], [0.03, 0.02]],
+                            [0.1, 0.5], [0.05, 0.05])
+    assert mask.tolist() == [[False, True], [True, True]]
+    problem = make(("fast", "slow"), modes, nodes, power, rps, [[1.0], [1.0]], eligible=mask)
+    result = solve(problem)
+    check_plan(problem, result)
+    assert result.feasible
+    assert {(a.cls, a.mode) for a in result.plan} == {("fast", "4xH100"), ("slow", "4xA100")}
+    unmasked = solve(make(("fast", "slow"), modes, nodes, power, rps, [[1.0], [1.0]]))
+    assert {(a.cls, a.mode) for a in unmasked.plan} != {(a.cls, a.mode) for a in result.plan}
+    none = np.zeros((2, 2), dtype=bool)
+    blocked = solve(make(("fast", "slow"), modes, nodes, power, rps, [[1.0], [1.0]],
+                         eligible=none))  # fmt: skip
+    assert {s.reason for s in blocked.shortfalls} == {NO_ELIGIBLE_MODE}
+    with pytest.raises(ValueError, match="eligible must be a boolean array"):
+        make(("fast", "slow"), modes, nodes, power, rps, [[1.0], [1.0]], eligible=[[True]])
+
+
+def test_plan_stopped_at_a_positive_gap_is_not_called_optimal() -> None:
+    real = planner.milp
+
+    def at_gap(c: Any, **kw: Any) -> Any:
+        res = real(c, **kw)
+        res.mip_gap = 0.004
+        return res
+
+    with mock.patch.object(planner, "milp", at_gap):
+        result = solve(freesh_published_problem())
+    assert result.feasible and result.status == "within_gap"
+    assert result.mip_gap == pytest.approx(0.004)
+    exact = solve(freesh_published_problem())
+    assert exact.status == "optimal" and exact.mip_gap <= planner.OPTIMAL_GAP
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiny_problems(), st.lists(st.integers(-600, 600), min_size=3, max_size=3))
+def test_negative_carbon_plans_are_valid_and_optimal(
+    problem: PlanProblem, series: list[int]
+) -> None:
+    """Negative marginal intensities (per step or over the window) keep the model bounded."""
+    carbon = {"s0": series[: problem.steps], "s1": [-abs(v) for v in series[: problem.steps]]}
+    problem = make(problem.classes, problem.modes, problem.nodes, problem.power_w,
+                   problem.capacity_rps, problem.forecast_rps, objective="carbon",
+                   carbon_g_per_kwh=carbon, mip_rel_gap=0.0)  # fmt: skip
+    assert_matches_brute_force(problem)

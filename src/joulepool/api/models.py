@@ -7,6 +7,7 @@ with them, so a field means the same thing everywhere.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from joulepool.core.classes import SLO, Tier
 from joulepool.core.controllers import MIADController, PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
+from joulepool.core.planner import DEFAULT_MIP_REL_GAP
 
 GROUP = "joulepool.dev"
 VERSION = "v1alpha1"
@@ -318,11 +320,13 @@ class SiteCarbon(_Model):
     """One site's grid carbon intensity: a constant, a fixed series, or a live source."""
 
     site: str = Field(min_length=1, description="site name (the nodes' site label)")
-    grams_per_kwh: float | None = Field(default=None, alias="gramsPerKWh", ge=0,
-                                        description="constant intensity, gCO2/kWh")
+    grams_per_kwh: float | None = Field(
+        default=None, alias="gramsPerKWh",
+        description="constant intensity, gCO2/kWh (a marginal intensity may be negative)")
     series: list[float] | None = Field(
         default=None, max_length=288,
-        description="intensity per planning step (gCO2/kWh), windowSteps values or one")
+        description="intensity per planning step (gCO2/kWh), windowSteps values or one; "
+                    "marginal intensities may be negative")
     source: CarbonSourceSpec | None = Field(
         default=None, description="a live source, refreshed by the operator")
 
@@ -331,8 +335,10 @@ class SiteCarbon(_Model):
         given = [v is not None for v in (self.grams_per_kwh, self.series, self.source)]
         if sum(given) != 1:
             raise ValueError("carbon: give exactly one of gramsPerKWh, series or source")
-        if self.series is not None and any(v < 0 for v in self.series):
-            raise ValueError("carbon.series: intensities must be >= 0")
+        static = [*(self.series or []), *([self.grams_per_kwh] if self.grams_per_kwh is not None
+                                          else [])]
+        if not all(math.isfinite(v) for v in static):
+            raise ValueError("carbon: intensities must be finite numbers")
         return self
 
     def values(self) -> list[float]:
@@ -363,6 +369,12 @@ class EnergyPolicySpec(_Model):
     objective: Objective = "energy"
     alpha: float = Field(default=1.1, ge=1, le=10, description="demand headroom")
     window_steps: int = Field(default=6, alias="windowSteps", ge=1, le=288)
+    mip_rel_gap: float = Field(
+        default=DEFAULT_MIP_REL_GAP, alias="mipRelGap", ge=0, lt=1,
+        description="relative MIP gap the planner stops at: a plan within this share of the "
+                    "optimum is reported 'within_gap', 0 asks for a proven optimum "
+                    "('optimal'); the default is exact at FREESH's size and keeps a "
+                    "10,000-GPU window within 30 s")
     step_seconds: float = Field(default=300, alias="stepSeconds", gt=0)
     carbon: list[SiteCarbon] = Field(
         default_factory=list,

@@ -34,15 +34,25 @@ per class at its peak step: the same feasible set with T times fewer rows.
 Per-step shortfalls are reported from the plan afterwards.
 
 HiGHS stops once the plan is proven within ``mip_rel_gap`` of the optimum
-(default 1 %; see DEFAULT_MIP_REL_GAP) or at ``time_limit_s``.
+(default DEFAULT_MIP_REL_GAP) or at ``time_limit_s``. A plan is reported
+``"optimal"`` only when its proven gap is at most OPTIMAL_GAP; a plan that
+stopped at a positive gap is ``"within_gap"`` and says its gap.
+
+Carbon intensities may be negative (marginal intensities are, at times):
+only each site's sum over the window enters the objective, and every
+instance occupies GPUs, so the model stays bounded. A site whose window sum
+is not positive is one where running an instance does not cost, so its
+instances are bounded by its GPUs only, as in the published model.
 
 Infeasibility is never an exception: a hard-demand model is solved first; if
-HiGHS proves it infeasible, or runs out of time without any plan, a second
-model with slack on every demand row and a dominant penalty gives the best
-partial plan, reported apart from ``assignments`` with per-class shortfalls
-and the binding capacities. That model penalises each class's shortfall
-relative to its demand (:func:`slack_weights`), so one oversized class cannot
-take the GPUs of a class that would fit on its own.
+HiGHS proves it infeasible, or runs out of time without any plan, the best
+partial plan is found lexicographically (docs/planner.md): first a max-min
+fair floor in req/s (the largest level u such that every class gets
+min(its demand, u): classes below the level are served in full, no class is
+starved for a smaller one), then, keeping every floor, the fewest unmet
+requests per second, then the least energy or carbon. It is reported apart
+from ``assignments`` with per-class shortfalls, the sites whose capacity
+binds, and ``max_alpha``, the largest headroom alpha that fits.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -66,12 +76,14 @@ __all__ = [
     "ASSUMED_FREESH_CARBON_G_PER_KWH",
     "ASSUMED_FREESH_FORECAST_RPS",
     "DEFAULT_MIP_REL_GAP",
+    "DEFAULT_TIME_LIMIT_S",
     "FREESH_CAPACITY_RPS",
     "FREESH_MODES",
     "FREESH_NODES",
     "FREESH_POWER_W",
     "J_PER_KWH",
     "NO_ELIGIBLE_MODE",
+    "OPTIMAL_GAP",
     "Assignment",
     "Mode",
     "PlanNode",
@@ -79,27 +91,37 @@ __all__ = [
     "PlanResult",
     "Shortfall",
     "freesh_published_problem",
+    "slo_mask",
     "solve",
 ]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
 Objective = Literal["energy", "carbon"]
 
-#: default relative MIP gap: a plan proven within 1 % of the optimum. Demand
-#: already carries 10 % headroom, and at 10,000 GPUs the last 0.5 % takes HiGHS
-#: from seconds to minutes (benchmarks/bench_planner.py); small windows usually
-#: close to 0 anyway. Pass mip_rel_gap=0 for an exact plan.
-DEFAULT_MIP_REL_GAP = 1e-2
+#: default relative MIP gap (EnergyPolicy ``mipRelGap``), see docs/planner.md: at
+#: FREESH's size (30 GPUs) every published window ends at the exact optimum
+#: (tests/unit/test_planner_freesh.py); at 10,000 GPUs the energy objective closes
+#: it in about a second, while the carbon objective stops at DEFAULT_TIME_LIMIT_S
+#: with its gap reported (HiGHS's own 1 % default labelled plans 0.4 % off the
+#: optimum "optimal"). Pass 0 for a proven optimum.
+DEFAULT_MIP_REL_GAP = 1e-4
+#: default solve time bound, s: what bounds a 10,000-GPU carbon window, inside the
+#: 30-s target of ``joulepool bench planner`` with the model build and decomposition
+DEFAULT_TIME_LIMIT_S = 20.0
+#: a plan whose proven gap is at most this is reported "optimal" (HiGHS's own
+#: feasibility tolerances are ~1e-7 relative); above it, "within_gap"
+OPTIMAL_GAP = 1e-6
 #: demand counts as met when short by at most this fraction (HiGHS tolerances are ~1e-7)
 DEMAND_TOL_REL = 1e-6
-#: slack penalty per req/s, as a multiple of the dearest cost per req/s of any
-#: instance, so a partial plan serves all it can before it saves energy or carbon
+#: slack penalty per unmet req/s (any class), as a multiple of the dearest cost per
+#: req/s of any instance, so a partial plan serves all it can before it saves energy
+#: or carbon (second stage of the lexicographic partial plan)
 SLACK_WEIGHT = 1e4
-#: a partial plan weighs a class's unmet req/s by 1 / its demand (relative shortfall),
-#: with at most this ratio between the largest and the smallest class's weight so
-#: HiGHS's objective coefficients stay in range
-MAX_SLACK_WEIGHT_RATIO = 1e6
+#: the partial plan keeps every class's served req/s within this share of its
+#: max-min fair floor (HiGHS's feasibility tolerances are ~1e-7)
+FAIR_SHARE_TOL = 1e-7
 #: above this many per-node patterns a group is split into single nodes
 MAX_PATTERNS = 256
 #: the partial-plan solve always gets at least this long (or the whole limit if shorter)
@@ -144,6 +166,11 @@ class PlanNode:
 class PlanProblem:
     """One planning window. Arrays are validated and frozen on construction.
 
+    A mode m may serve class r only when ``capacity_rps[r, m] > 0`` and, if
+    ``eligible`` is given, ``eligible[r, m]``: the SLO eligibility mask
+    (:func:`slo_mask`), False where the mode cannot meet the class's TTFT or
+    TPOT SLO. ``carbon_g_per_kwh`` may hold negative (marginal) intensities.
+
     Malformed input (shapes, negative or non-finite numbers, missing carbon
     series) raises ValueError here: that is a caller bug, not infeasibility.
     ``eq=False`` because numpy arrays have no truth value for ``==``.
@@ -159,8 +186,9 @@ class PlanProblem:
     alpha: float = 1.1
     objective: Objective = "energy"
     carbon_g_per_kwh: Mapping[str, Sequence[float]] | None = None
-    time_limit_s: float = 30.0
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
     mip_rel_gap: float = DEFAULT_MIP_REL_GAP
+    eligible: BoolArray | None = None  # [R, M] SLO mask; None: every mode with L > 0
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -203,10 +231,19 @@ class PlanProblem:
         object.__setattr__(self, "power_w", power)
         object.__setattr__(self, "capacity_rps", capacity)
         object.__setattr__(self, "carbon_g_per_kwh", carbon)
+        object.__setattr__(self, "eligible", _mask(self.eligible, len(classes), len(modes)))
 
     @property
     def steps(self) -> int:
         return int(self.forecast_rps.shape[1])
+
+    @property
+    def servable(self) -> BoolArray:
+        """[R, M] True where mode m may serve class r: L > 0 and within the SLO mask."""
+        ok = self.capacity_rps > 0
+        if self.eligible is not None:
+            ok = ok & self.eligible
+        return np.asarray(ok, dtype=np.bool_)
 
     @property
     def demand_rps(self) -> FloatArray:
@@ -273,6 +310,40 @@ def _matrix(name: str, value: Any, labels: tuple[str, ...], cols: int | None) ->
     return arr
 
 
+def _mask(value: Any, rows: int, cols: int) -> BoolArray | None:
+    """A read-only bool [rows, cols] copy of the SLO mask, or a clear ValueError."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.shape != (rows, cols) or arr.dtype.kind not in "bi":
+        raise ValueError(
+            f"eligible must be a boolean array of shape ({rows}, {cols}), got "
+            f"{arr.dtype} {arr.shape}"
+        )
+    out = np.array(arr, dtype=np.bool_)
+    out.setflags(write=False)
+    return out
+
+
+def slo_mask(
+    ttft_s: npt.ArrayLike,
+    tpot_s: npt.ArrayLike,
+    ttft_slo_s: npt.ArrayLike,
+    tpot_slo_s: npt.ArrayLike,
+) -> BoolArray:
+    """[R, M] SLO eligibility: mode m meets class r's TTFT and TPOT SLOs at its operating point.
+
+    ``ttft_s`` and ``tpot_s`` are [R, M] (seconds, of one instance of m serving r);
+    the SLOs are [R] (seconds). NaN latencies (unknown) are not eligible.
+    """
+    ttft = np.asarray(ttft_s, dtype=np.float64)
+    tpot = np.asarray(tpot_s, dtype=np.float64)
+    t_slo = np.asarray(ttft_slo_s, dtype=np.float64)[:, None]
+    p_slo = np.asarray(tpot_slo_s, dtype=np.float64)[:, None]
+    with np.errstate(invalid="ignore"):
+        return np.asarray((ttft <= t_slo) & (tpot <= p_slo), dtype=np.bool_)
+
+
 def _carbon(
     value: Mapping[str, Sequence[float]] | None, steps: int
 ) -> dict[str, tuple[float, ...]] | None:
@@ -289,8 +360,8 @@ def _carbon(
                 f"carbon_g_per_kwh[{site!r}] has {arr.size} values; "
                 f"need 1 or {steps} (one per step)"
             )
-        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise ValueError(f"carbon_g_per_kwh[{site!r}] must be finite and >= 0")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"carbon_g_per_kwh[{site!r}] must be finite")
         out[str(site)] = tuple(float(v) for v in arr)
     return out
 
@@ -319,7 +390,11 @@ class Assignment:
 
 @dataclass(frozen=True)
 class Shortfall:
-    """An unmet class at its worst step: demand = alpha * forecast, in req/s."""
+    """An unmet class at its worst step: demand = alpha * forecast, in req/s.
+
+    ``sites``: the sites whose GPUs of a product this class could use are all
+    taken (empty when the class has no eligible mode or no node can host one).
+    """
 
     cls: str
     step: int
@@ -327,6 +402,7 @@ class Shortfall:
     servable_rps: float
     shortfall_rps: float
     reason: str
+    sites: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,15 +411,23 @@ class PlanResult:
 
     ``assignments`` is empty unless ``feasible``: a partial plan is never
     handed out as if it were one. When infeasible, the best partial plan
-    (least total shortfall relative to each class's demand, then cheapest) is in
-    ``partial_assignments`` so callers can choose between it and their last
-    feasible plan. ``objective``, ``capacity`` and the methods describe
-    :attr:`plan`, i.e. the assignments when feasible and the partial plan
-    otherwise.
+    (a max-min fair floor of req/s for every class, then the fewest unmet
+    req/s, then the cheapest) is in ``partial_assignments`` so callers can
+    choose between it and their last feasible plan. ``objective``,
+    ``capacity`` and the methods describe :attr:`plan`, i.e. the assignments
+    when feasible and the partial plan otherwise.
+
+    ``status``: "optimal" (proven gap <= OPTIMAL_GAP), "within_gap" (stopped at
+    the problem's ``mip_rel_gap``; ``mip_gap`` says how close), "time_limit"
+    (stopped by ``time_limit_s``) or "infeasible". ``max_alpha``, for an
+    infeasible window whose partial plan was solved: the largest demand
+    headroom alpha (demand = alpha x forecast) the cluster can carry, so a
+    value >= 1 means the headroom, not the forecast, is what does not fit;
+    0 when some class has no mode that can serve it.
     """
 
     feasible: bool
-    status: str  # "optimal" | "time_limit" | "infeasible"
+    status: str  # "optimal" | "within_gap" | "time_limit" | "infeasible"
     objective: float  # J (energy) or gCO2 (carbon) over the window
     assignments: tuple[Assignment, ...]
     shortfalls: tuple[Shortfall, ...]
@@ -353,6 +437,7 @@ class PlanResult:
     mip_gap: float
     partial_assignments: tuple[Assignment, ...] = ()
     unit: str = "J"
+    max_alpha: float | None = None
 
     @property
     def plan(self) -> tuple[Assignment, ...]:
@@ -498,6 +583,7 @@ class _Model:
       w[group, s]    instance slots of size s opened in a node group
       z[group, p]    nodes of a pattern group that run pattern p
       s[r]           unmet req/s of r (partial-plan model only)
+      v              largest unmet share of any class (partial-plan model only)
     """
 
     def __init__(self, problem: PlanProblem, split: frozenset[_Key]) -> None:
@@ -505,7 +591,7 @@ class _Model:
         R = len(problem.classes)
         self.demand = problem.demand_rps.max(axis=1) if R else np.zeros(0)  # peak, [R]
         self.mode_gpus = np.array([m.gpus for m in problem.modes], dtype=np.int64)
-        active = (problem.capacity_rps > 0) & (self.demand[:, None] > 0)  # [R, M]
+        active = problem.servable & (self.demand[:, None] > 0)  # [R, M]
         mode_active: npt.NDArray[np.bool_] = np.asarray(active.any(axis=0))
         factors = sorted({problem.site_factor(n.site) for n in problem.nodes})
         self.zone_factor = np.array(factors, dtype=np.float64)
@@ -565,7 +651,10 @@ class _Model:
         self.cost_y = problem.power_w[vr, vm] * problem.step_s * self.zone_factor[vz]
         with np.errstate(divide="ignore", invalid="ignore"):
             by_demand = np.ceil(self.demand[vr] / L[vr, vm])
-        self.ub_y = np.minimum(room[self.y_link] if self.n_y else 0.0, by_demand)
+        # where an instance costs (window carbon sum > 0, or energy) no plan needs more
+        # than its class's demand; elsewhere only the GPUs bound it
+        room_y = room[self.y_link] if self.n_y else np.zeros(0)
+        self.ub_y = np.where(self.zone_factor[vz] > 0, np.minimum(room_y, by_demand), room_y)
         self.coverable = np.zeros(len(problem.classes), dtype=bool)
         self.coverable[vr] = True
 
@@ -575,7 +664,13 @@ class _Model:
 
     # ------------------------------------------------------------------ build
 
-    def _constraints(self, slack: bool) -> tuple[sparse.csr_array, FloatArray, FloatArray]:
+    def _constraints(
+        self, slack: bool, need: FloatArray, per_t: FloatArray | None
+    ) -> tuple[sparse.csr_array, FloatArray, FloatArray]:
+        """Rows over y, w, z (then s[dem] with ``slack``, then t when ``per_t`` is given).
+
+        Demand row of each class with demand: served + s - per_t * t >= need.
+        """
         vr, vm = self.vr, self.vm
         rows: list[IntArray] = []
         cols: list[IntArray] = []
@@ -599,9 +694,12 @@ class _Model:
         row_of_class[dem] = np.arange(len(dem))
         y_idx = np.arange(self.n_y, dtype=np.int64)
         block(row_of_class[vr], y0 + y_idx, self.p.capacity_rps[vr, vm])
+        n_slack = len(dem) if slack else 0
         if slack:
             block(np.arange(len(dem)), self.n_int + np.arange(len(dem)), 1.0)
-        bounds(self.demand[dem], np.inf, len(dem))
+        if per_t is not None:
+            block(np.arange(len(dem)), np.full(len(dem), self.n_int + n_slack), -per_t)
+        bounds(need, np.inf, len(dem))
         nrow = len(dem)
 
         # link: instances of a (zone, product, size) <= slots opened in its groups
@@ -638,40 +736,26 @@ class _Model:
             nrow += n_s + 1
             zi += n_p
 
-        n_var = self.n_int + (len(dem) if slack else 0)
+        n_var = self.n_int + n_slack + (1 if per_t is not None else 0)
         a = sparse.csr_array(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
             shape=(nrow, n_var),
         )
         return a, np.concatenate(lo), np.concatenate(hi)
 
-    def solve(self, slack: bool, time_limit_s: float) -> _Solve:
-        """One HiGHS run; ``slack`` adds a penalised shortfall variable per class."""
-        dem = np.flatnonzero(self.demand > 0)
-        n_s = len(dem) if slack else 0
-        n_var = self.n_int + n_s
-        if n_var == 0:
-            ok = not dem.size
-            return _Solve(np.zeros(0), 0 if ok else 2, 0.0, "nothing to decide")
-        top = float(self.cost_y.max()) if self.n_y else 0.0
-        cost_y = self.cost_y / (top if top > 0 else 1.0)  # keep coefficients O(1) for HiGHS
-        c = np.zeros(n_var)
-        c[: self.n_y] = cost_y
-        ub = np.empty(n_var)
-        ub[: self.n_y] = self.ub_y
-        ub[self.n_y : self.n_y + self.n_w] = self.w_ub
-        ub[self.n_y + self.n_w : self.n_int] = [len(self.groups[g].nodes) for g in self.z_group]
-        integrality = np.ones(n_var, dtype=np.uint8)
-        if slack:
-            per_rps = cost_y / self.p.capacity_rps[self.vr, self.vm] if self.n_y else np.ones(1)
-            c[self.n_int :] = slack_weights(self.demand[dem], float(per_rps.max()))
-            ub[self.n_int :] = self.demand[dem]
-            integrality[self.n_int :] = 0
-        a, row_lo, row_hi = self._constraints(slack)
+    def _run(
+        self, c: FloatArray, ub: FloatArray, slack: bool, time_limit_s: float,
+        need: FloatArray | None = None, per_t: FloatArray | None = None,
+    ) -> _Solve:
+        """One HiGHS run; see :meth:`_constraints` for ``need`` (default: the demand) and t."""
+        dem = self.demand[self.demand > 0]
+        a, row_lo, row_hi = self._constraints(slack, dem if need is None else need, per_t)
+        integrality = np.zeros(len(c), dtype=np.uint8)
+        integrality[: self.n_int] = 1
         res = milp(
             c,
             integrality=integrality,
-            bounds=Bounds(np.zeros(n_var), ub),
+            bounds=Bounds(np.zeros(len(c)), ub),
             constraints=LinearConstraint(a, row_lo, row_hi) if a.shape[0] else None,
             options={
                 "time_limit": max(time_limit_s, 1e-3),
@@ -683,6 +767,98 @@ class _Model:
         x = None if res.x is None else np.asarray(res.x, dtype=np.float64)
         gap = getattr(res, "mip_gap", None)
         return _Solve(x, int(res.status), float(gap) if gap is not None else 0.0, str(res.message))
+
+    def _base(self, n_extra: int) -> tuple[FloatArray, FloatArray]:
+        """Cost (scaled to O(1) for HiGHS) and upper bounds of y, w, z, then ``n_extra`` more."""
+        top = float(np.abs(self.cost_y).max()) if self.n_y else 0.0
+        c = np.zeros(self.n_int + n_extra)
+        c[: self.n_y] = self.cost_y / (top if top > 0 else 1.0)
+        ub = np.full(self.n_int + n_extra, np.inf)
+        ub[: self.n_y] = self.ub_y
+        ub[self.n_y : self.n_y + self.n_w] = self.w_ub
+        ub[self.n_y + self.n_w : self.n_int] = [len(self.groups[g].nodes) for g in self.z_group]
+        return c, ub
+
+    def solve(self, time_limit_s: float) -> _Solve:
+        """The hard-demand model: every class's peak demand met, least cost."""
+        if self.n_int == 0:
+            ok = not (self.demand > 0).any()
+            return _Solve(np.zeros(0), 0 if ok else 2, 0.0, "nothing to decide")
+        c, ub = self._base(0)
+        return self._run(c, ub, False, time_limit_s)
+
+    def _max_t(
+        self, need: FloatArray, per_t: FloatArray, t_max: float, time_limit_s: float
+    ) -> float | None:
+        """The largest t in [0, t_max] with served >= need + per_t * t (None: no plan found)."""
+        _, ub = self._base(1)
+        c = np.zeros(len(ub))
+        c[-1] = -1.0
+        ub[-1] = t_max
+        run = self._run(c, ub, False, time_limit_s, need, per_t)
+        return None if run.x is None or run.status not in (0, 1) else float(run.x[-1])
+
+    def _fits(self, need: FloatArray, time_limit_s: float) -> bool:
+        """Whether some plan serves ``need`` req/s (per class with demand)."""
+        _, ub = self._base(0)
+        run = self._run(np.zeros(len(ub)), ub, False, time_limit_s, need)
+        return run.x is not None and run.status in (0, 1)
+
+    def fair_floor(self, time_limit_s: float) -> FloatArray:
+        """Max-min fair served req/s per class with demand (docs/planner.md).
+
+        The water level u is the largest rate such that every class some mode can
+        serve gets min(demand, u): classes below u are served in full, the others
+        at least u. Found by bisection over the sorted demands (each probe asks
+        whether demand capped at a level fits), then one solve for u between them.
+        """
+        dem = self.demand[self.demand > 0]
+        cov = self.coverable[self.demand > 0]
+        levels = np.unique(dem[cov])
+        if not levels.size or self.n_int == 0:
+            return np.zeros(len(dem))
+        t0 = time.perf_counter()
+        probe = max(time_limit_s / (2 * (math.ceil(math.log2(levels.size + 1)) + 1)), 1e-3)
+        lo, hi = -1, levels.size  # levels[lo] fits (-1: none does), levels[hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._fits(np.where(cov, np.minimum(dem, levels[mid]), 0.0), probe):
+                lo = mid
+            else:
+                hi = mid
+        base = 0.0 if lo < 0 else float(levels[lo])
+        top = float(levels[hi]) if hi < levels.size else base
+        full = cov & (dem <= base)
+        rest = cov & ~full
+        left = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
+        u = self._max_t(np.where(full, dem, 0.0), rest.astype(np.float64), top, left)
+        level = base if u is None else max(u, base)
+        return np.where(cov, np.minimum(dem, level), 0.0)
+
+    def max_alpha(self, alpha: float, time_limit_s: float) -> float:
+        """The largest headroom a <= alpha with a x forecast served (0: a class has no mode)."""
+        dem = self.demand[self.demand > 0]
+        if not self.coverable[self.demand > 0].all():
+            return 0.0
+        if self.n_int == 0 or not dem.size:
+            return alpha
+        found = self._max_t(np.zeros(len(dem)), dem / alpha, alpha, time_limit_s)
+        return 0.0 if found is None else found
+
+    def solve_partial(self, floor: FloatArray, time_limit_s: float) -> _Solve:
+        """The fewest unmet req/s, then the least cost, with each class served >= ``floor``.
+
+        Unmet req/s (at each class's peak step) weigh SLACK_WEIGHT x the dearest cost
+        per req/s, the same for every class, so they dominate energy or carbon.
+        """
+        dem = self.demand[self.demand > 0]
+        c, ub = self._base(len(dem))
+        if self.n_int == 0:
+            return _Solve(dem.copy(), 2 if dem.size else 0, 0.0, "nothing to decide")
+        ub[self.n_int :] = dem - floor * (1.0 - FAIR_SHARE_TOL)
+        per_rps = np.abs(c[: self.n_y]) / self.p.capacity_rps[self.vr, self.vm]
+        c[self.n_int :] = SLACK_WEIGHT * max(float(per_rps.max(initial=0.0)), 1.0)
+        return self._run(c, ub, True, time_limit_s)
 
     # ------------------------------------------------------------- decompose
 
@@ -737,28 +913,6 @@ class _Model:
     def _zp(self, link: int) -> tuple[int, str]:
         zone, product, _ = next(k for k, v in self.link_of.items() if v == link)
         return zone, product
-
-
-def slack_weights(demand: FloatArray, per_rps_max: float) -> FloatArray:
-    """Objective weight per unmet req/s of each class in the partial-plan model.
-
-    The penalty is on each class's *relative* shortfall (unmet / demand): the
-    partial plan maximises the sum of the shares of demand served, so each
-    instance goes where it covers the largest share of a class's demand.
-    Classes with small demand are served in full before large ones, and a
-    class that fits on its own is not starved to shave a little off one
-    oversized class's shortfall (minimising total unmet req/s gave every GPU
-    to whichever class could absorb it, typically the biggest). The
-    largest class keeps ``SLACK_WEIGHT`` x the dearest cost per req/s, smaller
-    classes weigh more, so every class's unmet req/s still dominates energy
-    or carbon.
-    """
-    if demand.size == 0:
-        return np.zeros(0)
-    top = float(demand.max())
-    floor = top / MAX_SLACK_WEIGHT_RATIO
-    ratio = top / np.maximum(demand, floor)
-    return np.asarray(SLACK_WEIGHT * max(per_rps_max, 1.0) * ratio, dtype=np.float64)
 
 
 def _first_fit(
@@ -832,7 +986,8 @@ def solve(problem: PlanProblem, *, partial: bool = True) -> PlanResult:
     split: frozenset[_Key] = frozenset()
     while True:
         model = _Model(problem, split)
-        run, from_hard, proven = _optimise(model, deadline, problem.time_limit_s, partial)
+        run, from_hard, proven, max_alpha = _optimise(
+            model, deadline, problem.time_limit_s, partial)
         x = run.x if run.x is not None else np.zeros(model.n_int)
         placed, failed = model.decompose(x)
         if not failed or failed <= split:
@@ -840,33 +995,61 @@ def solve(problem: PlanProblem, *, partial: bool = True) -> PlanResult:
         # Volume aggregation did not pack (cannot happen for divisible sizes):
         # re-plan those groups node by node, where the volume row is exact.
         split = split | failed
-    return _result(problem, model, run, placed, from_hard, proven, time.perf_counter() - t0)
+    result = _result(problem, model, run, placed, from_hard, proven, time.perf_counter() - t0)
+    if max_alpha is None or result.feasible:
+        return result
+    return replace(result, max_alpha=max_alpha,
+                   binding=(*result.binding, _alpha_line(problem.alpha, max_alpha)))
+
+
+def _alpha_line(alpha: float, max_alpha: float) -> str:
+    """Whether the demand headroom alpha is what does not fit."""
+    if max_alpha <= 0.0:
+        return "a class has no eligible mode: no headroom alpha fits"
+    if max_alpha >= 1.0:
+        return (f"the headroom is the cause: alpha {alpha:g} does not fit, "
+                f"alpha {max_alpha:.4g} is the largest that does")
+    return (f"the forecast itself does not fit (largest alpha that fits: {max_alpha:.4g} "
+            f"< 1), whatever the headroom alpha {alpha:g}")
 
 
 def _optimise(
     model: _Model, deadline: float, limit: float, partial: bool = True
-) -> tuple[_Solve, bool, bool]:
-    """Hard demand first; slack model only if that is infeasible or timed out empty.
+) -> tuple[_Solve, bool, bool, float | None]:
+    """Hard demand first; the partial plan only if that is infeasible or timed out empty.
 
-    Returns the run to use, whether it is the hard one, and whether
-    infeasibility was proven. Without ``partial`` an infeasible hard run is
-    returned as it is (no plan), and a trivially infeasible model is not solved.
+    Returns the run to use, whether it is the hard one, whether infeasibility
+    was proven, and the largest headroom alpha that fits (None without a partial plan).
+    Without ``partial`` an infeasible hard run is returned as it is (no plan),
+    and a trivially infeasible model is not solved.
     """
     trivially_infeasible = bool(((model.demand > 0) & ~model.coverable).any())
     if not trivially_infeasible:
-        hard = model.solve(slack=False, time_limit_s=deadline - time.perf_counter())
+        hard = model.solve(time_limit_s=deadline - time.perf_counter())
         if hard.x is not None and hard.status in (0, 1):
-            return hard, True, False
+            return hard, True, False, None
         proven = hard.status == 2
         if not partial:
-            return _Solve(None, hard.status, hard.gap, hard.message), False, proven
+            return _Solve(None, hard.status, hard.gap, hard.message), False, proven, None
     else:
         proven = True
         if not partial:
-            return _Solve(None, 2, math.inf, "a class has no mode that can serve it"), False, True
-    remaining = max(deadline - time.perf_counter(), min(MIN_SECOND_SOLVE_S, limit))
-    soft = model.solve(slack=True, time_limit_s=remaining)
-    return soft, False, proven
+            no_mode = _Solve(None, 2, math.inf, "a class has no mode that can serve it")
+            return no_mode, False, True, None
+    def share() -> float:  # a third of what is left: fair floor, partial plan, max alpha
+        left = max(deadline - time.perf_counter(), min(MIN_SECOND_SOLVE_S, limit))
+        return left / 3.0
+
+    floor = model.fair_floor(share())
+    soft = model.solve_partial(floor, time_limit_s=share() * 1.5)
+    return soft, False, proven, model.max_alpha(model.p.alpha, share() * 3.0)
+
+
+def _status(run: _Solve) -> str:
+    """A feasible plan's status: proven optimal, stopped at the gap, or at the time limit."""
+    if run.status != 0:
+        return "time_limit"
+    return "optimal" if run.gap <= OPTIMAL_GAP else "within_gap"
 
 
 def _placed_assignments(
@@ -933,10 +1116,9 @@ def _result(
     unmet = [r for r in range(R) if float(short[r].max()) > tol[r]]
     feasible = not unmet and run.x is not None
     if feasible:
-        status = "optimal" if run.status == 0 else "time_limit"
         return PlanResult(
             feasible=True,
-            status=status,
+            status=_status(run),
             objective=float(objective),
             assignments=tuple(assignments),
             shortfalls=(),
@@ -979,7 +1161,7 @@ def _shortfalls(
     binding_all: list[str] = []
     shortfalls: list[Shortfall] = []
     for r in unmet:
-        reason, binding = _reason(problem, r, node_used, unmet)
+        reason, binding, sites = _reason(problem, r, node_used)
         if not proven:
             reason = f"time limit reached before a feasible plan was found; {reason}"
         for b in binding:
@@ -994,19 +1176,23 @@ def _shortfalls(
                 servable_rps=float(served[r]),
                 shortfall_rps=float(short[r, t]),
                 reason=reason,
+                sites=sites,
             )
         )
     return shortfalls, binding_all
 
 
 def _reason(
-    problem: PlanProblem, r: int, node_used: IntArray, unmet: list[int]
-) -> tuple[str, list[str]]:
-    """Why class r is short: no eligible mode, no node that fits one, or full capacity."""
-    L = problem.capacity_rps
-    eligible = [m for j, m in enumerate(problem.modes) if L[r, j] > 0]
+    problem: PlanProblem, r: int, node_used: IntArray
+) -> tuple[str, list[str], tuple[str, ...]]:
+    """Why class r is short: no eligible mode, no node that fits one, or full capacity.
+
+    Returns the reason, the binding (site, product) capacities as text, and their sites.
+    """
+    servable = problem.servable
+    eligible = [m for j, m in enumerate(problem.modes) if servable[r, j]]
     if not eligible:
-        return NO_ELIGIBLE_MODE, []
+        return NO_ELIGIBLE_MODE, [], ()
     largest: dict[tuple[str, str], int] = {}
     free: dict[tuple[str, str], int] = {}
     for ni, node in enumerate(problem.nodes):
@@ -1018,7 +1204,7 @@ def _reason(
     ]
     if not placeable:
         needs = ", ".join(f"{m.name} needs {m.gpus} {m.product} GPUs on one node" for m in eligible)
-        return f"no node can host an eligible mode ({needs})", []
+        return f"no node can host an eligible mode ({needs})", [], ()
     # a (site, product) binds when no node there has room for another instance
     # of a mode that this class could use there
     used_total: dict[tuple[str, str], tuple[int, int]] = {}
@@ -1026,6 +1212,7 @@ def _reason(
         u, t = used_total.get((node.site, node.product), (0, 0))
         used_total[(node.site, node.product)] = (u + int(node_used[ni]), t + node.gpus)
     binding: list[str] = []
+    sites: list[str] = []
     for key in sorted(largest):
         site, product = key
         sizes = [m.gpus for m in placeable if m.product == product and m.gpus <= largest[key]]
@@ -1036,9 +1223,11 @@ def _reason(
         if used < total:
             text += f", no node has {min(sizes)} free GPUs for another instance"
         binding.append(text)
+        if site not in sites:
+            sites.append(site)
     if not binding:
-        return "capacity of the eligible GPU products is exhausted", []
-    return "capacity: " + "; ".join(binding), binding
+        return "capacity of the eligible GPU products is exhausted", [], ()
+    return "capacity: " + "; ".join(binding), binding, tuple(sites)
 
 
 # ------------------------------------------------------------- published FREESH size
