@@ -87,6 +87,6 @@ class OperatorMetrics:
             self.planned.labels(key).set(sum(a.instances for a in p.assignments))
             if p.joules_per_token is not None:
                 self.planned_jpt.labels(key, p.model).set(p.joules_per_token)
-        for key, n in sorted(ready.items()):
-            self.ready.labels(key).set(n)
+        for key in sorted(set(plan.pools) | set(ready)):  # a planned pool with none ready: 0
+            self.ready.labels(key).set(ready.get(key, 0))
         self.target_miss.set(policy.pi.target_miss_rate)
