@@ -416,3 +416,38 @@ async def test_energy_policy_miad_parameters_override_the_flags():
     api.obj = {"spec": {"miad": {"kInc": 9}}}  # invalid (kInc <= 4): keep what we had
     await rig.ticks(5)
     assert rig.agent.miad_params() == (1.5, 30.0, 0.1)
+
+
+async def test_energy_policy_miad_period_sets_the_control_period():
+    """miad.periodSeconds replaces the configured interval while the policy exists."""
+    import asyncio
+
+    from joulepool.nodeagent.plansource import EnergyPolicySource
+
+    rig = Rig(dt=30.0)  # configured: one period every 30 s
+    api = FakePolicyApi({"apiVersion": "joulepool.dev/v1alpha1", "kind": "EnergyPolicy",
+                         "metadata": {"name": "default"},
+                         "spec": {"miad": {"periodSeconds": 0.02}}})
+    rig.agent.policy = EnergyPolicySource(api=api, refresh_s=0.0, monotonic=rig.clock)
+    assert rig.agent.control_interval() == 30.0  # nothing read yet
+    await rig.agent.policy.refresh()
+    assert rig.agent.control_interval() == 0.02
+    ticks = 0
+    real_tick = rig.agent.tick
+
+    async def counting_tick(now: float) -> None:
+        nonlocal ticks
+        ticks += 1
+        await real_tick(now)
+
+    rig.agent.tick = counting_tick  # type: ignore[method-assign]
+    rig.agent.start()
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(rig.agent.run(stop))
+    await asyncio.sleep(0.5)
+    stop.set()
+    await runner
+    assert ticks >= 5  # 30 s periods would have given one
+    api.obj = None  # policy deleted: back to the configured interval
+    await rig.agent.policy.refresh()
+    assert rig.agent.control_interval() == 30.0

@@ -493,3 +493,21 @@ def test_cli_rbac_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert docs[0]["rules"] == rbac.CLUSTER_RULES
     assert docs[2]["metadata"]["namespace"] == "ops"
+
+
+def test_pool_port_reaches_the_router_through_the_pod_annotation() -> None:
+    """spec.port is consumed: the operator annotates the pods, the router reads the port."""
+    from joulepool.extender.wire import Pod
+
+    def served_port(**spec: Any) -> int:
+        body = pool_body(**spec)
+        body["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+            {"name": "http", "containerPort": 8000}]
+        e = parse_pool(body)
+        assert e.pool is not None
+        tpl = build_deployment(e, e.pool, "1xH100", 1, 1, "s")["spec"]["template"]
+        pod = Pod.model_validate({**tpl, "metadata": {"name": "p", **tpl["metadata"]}})
+        return pod.serving_port(1)
+
+    assert served_port(port=9000) == 9000
+    assert served_port() == 8000  # unset: the container port named http

@@ -15,6 +15,8 @@ import yaml
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, GPUProfile, InferencePool
 
 _DROP = {"title", "discriminator"}
+_API_VERSION_DOC = "Versioned schema of this representation of an object (joulepool.dev/v1alpha1)."
+_KIND_DOC = "The REST resource this object represents."
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -73,15 +75,14 @@ def structural_schema(model: type) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")  # type: ignore[attr-defined]
     schema = _inline(raw, raw.get("$defs", {}))
     props = schema["properties"]
-    # apiVersion/kind/metadata are the API server's business
+    # apiVersion/kind/metadata are the API server's business (their schema is its own)
     schema["properties"] = {
-        "apiVersion": {"type": "string"},
-        "kind": {"type": "string"},
-        "metadata": {"type": "object"},
+        "apiVersion": {"type": "string", "description": _API_VERSION_DOC},
+        "kind": {"type": "string", "description": _KIND_DOC},
+        "metadata": {"type": "object", "description": "Standard object metadata."},
         **{k: v for k, v in props.items() if k not in {"apiVersion", "kind", "metadata"}},
     }
     schema["required"] = [r for r in schema.get("required", []) if r not in {"metadata"}]
-    schema.pop("description", None)
     schema.pop("additionalProperties", None)
     return schema
 

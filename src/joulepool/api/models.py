@@ -37,12 +37,13 @@ class ObjectMeta(BaseModel):
     """The parts of metadata joulepool reads; the rest passes through."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
-    name: str = Field(min_length=1, max_length=253)
-    namespace: str | None = None
-    generation: int | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-    uid: str | None = None
+    name: str = Field(min_length=1, max_length=253, description="object name")
+    namespace: str | None = Field(default=None, description="object namespace")
+    generation: int | None = Field(default=None, description="spec generation (API server)")
+    labels: dict[str, str] = Field(default_factory=dict, description="object labels")
+    annotations: dict[str, str] = Field(default_factory=dict,
+                                        description="object annotations")
+    uid: str | None = Field(default=None, description="object UID (API server)")
 
 
 # --------------------------------------------------------------------------
@@ -51,13 +52,20 @@ class ObjectMeta(BaseModel):
 class SLOSpec(_Model):
     """Latency targets of the pool's requests."""
 
-    ttft_seconds: float = Field(alias="ttftSeconds", gt=0, le=600,
-                                description="time-to-first-token target")
-    tpot_seconds: float = Field(alias="tpotSeconds", gt=0, le=60,
-                                description="time-per-output-token (inter-token) target")
+    ttft_seconds: float = Field(
+        alias="ttftSeconds", gt=0, le=600,
+        description=("time-to-first-token target, seconds: the planner sizes replicas so "
+                     "queueing plus prefill stay under it; the node agent's MIAD raises the "
+                     "clock when the engines' tail TTFT nears it"))
+    tpot_seconds: float = Field(
+        alias="tpotSeconds", gt=0, le=60,
+        description=("time-per-output-token (inter-token latency) target, seconds: bounds "
+                     "the batch each GPU mode may run (planner) and the clock (MIAD)"))
     deadline_seconds: float | None = Field(
         default=None, alias="deadlineSeconds", gt=0, le=86400,
-        description="end-to-end deadline; default k*(TTFT + tokens*TPOT)",
+        description=("end-to-end deadline of a request, seconds, used by the router's "
+                     "JouleSched cost and the deadline-miss rate its PI controller tracks; "
+                     "default k*(TTFT + outputTokens*TPOT) per request"),
     )
 
     def to_core(self) -> SLO:
@@ -67,14 +75,22 @@ class SLOSpec(_Model):
 class DemandSpec(_Model):
     """Forecast load: a constant rate or a series of per-step rates."""
 
-    requests_per_second: float = Field(alias="requestsPerSecond", ge=0, le=1e6)
-    mean_input_tokens: float = Field(alias="meanInputTokens", gt=0, le=1e6)
-    mean_output_tokens: float = Field(alias="meanOutputTokens", gt=0, le=1e6)
+    requests_per_second: float = Field(
+        alias="requestsPerSecond", ge=0, le=1e6,
+        description="forecast request rate, requests per second (before the policy's alpha)")
+    mean_input_tokens: float = Field(
+        alias="meanInputTokens", gt=0, le=1e6,
+        description="mean prompt length, tokens: sizes prefill work per request")
+    mean_output_tokens: float = Field(
+        alias="meanOutputTokens", gt=0, le=1e6,
+        description="mean generated length, tokens: sizes decode work and energy per request")
     series: list[float] | None = Field(
         default=None, max_length=288,
         description="per-step req/s over the planning window; overrides requestsPerSecond",
     )
-    step_seconds: float = Field(default=300, alias="stepSeconds", gt=0, le=86400)
+    step_seconds: float = Field(
+        default=300, alias="stepSeconds", gt=0, le=86400,
+        description="seconds each value of series covers")
 
     @model_validator(mode="after")
     def _series_non_negative(self) -> DemandSpec:
@@ -91,77 +107,119 @@ class DemandSpec(_Model):
 
 
 class InferencePoolSpec(_Model):
-    model: str = Field(min_length=1, max_length=128, description="served model, e.g. llama-3.1-8b")
-    tier: Tier = Field(default=Tier.INTERACTIVE, description="interactive or bulk")
-    request_class: str | None = Field(default=None, alias="requestClass", max_length=63)
-    slo: SLOSpec
-    demand: DemandSpec
+    """A pool of LLM serving instances the operator plans, deploys and the router serves."""
+
+    model: str = Field(
+        min_length=1, max_length=128,
+        description="served model, e.g. llama-3.1-8b; selects the GPUProfiles it is planned with")
+    tier: Tier = Field(
+        default=Tier.INTERACTIVE,
+        description=("interactive or bulk: the router weighs a bulk request's lateness by "
+                     "EnergyPolicy bulkLambdaFactor times lambda"))
+    slo: SLOSpec = Field(description="latency targets of the pool's requests")
+    demand: DemandSpec = Field(description="forecast load the planner sizes the pool for")
     objective: Objective | None = Field(
-        default=None, description="energy or carbon; default from EnergyPolicy"
+        default=None,
+        description=("what the planner minimises: energy (joules) or carbon (gCO2 = energy "
+                     "times the site's intensity); default from EnergyPolicy"),
     )
     gpu_products: list[str] = Field(
         default_factory=list, alias="gpuProducts",
         description="allowed GPU products (e.g. H100); empty allows all",
     )
-    port: int = Field(default=8000, ge=1, le=65535, description="serving port of the engine")
+    port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description=("serving port of the engine: the operator annotates the pods with it "
+                     "(joulepool.dev/port) for the router; default: the container port named "
+                     "http, else the first container port, else 8000"))
     template: dict[str, Any] = Field(
-        default_factory=dict, description="pod template of the serving Deployment",
+        default_factory=dict,
+        description=("pod template of the serving Deployments (one per planned GPU mode); "
+                     "the operator adds labels, GPU requests and node affinity"),
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
 
 
 class Condition(_Model):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    last_transition_time: datetime | None = Field(default=None, alias="lastTransitionTime")
+    """A Kubernetes status condition."""
+
+    type: str = Field(description="condition type, e.g. Planned, Ready")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
+    reason: str = Field(default="", description="machine-readable reason (CamelCase)")
+    message: str = Field(default="", description="human-readable detail")
+    last_transition_time: datetime | None = Field(
+        default=None, alias="lastTransitionTime", description="when status last changed")
 
 
 class AssignmentStatus(_Model):
-    site: str
-    node: str
-    gpu_product: str = Field(alias="gpuProduct")
-    mode: str
-    gpus: int = Field(ge=0)
-    instances: int = Field(ge=0)
+    """Instances of the pool the plan puts on one node in one serving mode."""
+
+    site: str = Field(description="site of the node (topology.kubernetes.io/region)")
+    node: str = Field(description="node name")
+    gpu_product: str = Field(alias="gpuProduct", description="GPU product of the node")
+    mode: str = Field(description="serving mode, e.g. 2xH100 (GPUs per instance x product)")
+    gpus: int = Field(ge=0, description="GPUs of the node given to the pool")
+    instances: int = Field(ge=0, description="serving instances on the node")
 
 
 class InferencePoolStatus(_Model):
-    observed_generation: int | None = Field(default=None, alias="observedGeneration")
-    conditions: list[Condition] = Field(default_factory=list)
-    assignments: list[AssignmentStatus] = Field(default_factory=list)
-    replicas: int | None = None
-    expected_power_watts: float | None = Field(default=None, alias="expectedPowerWatts")
-    joules_per_token: float | None = Field(default=None, alias="joulesPerToken")
-    grams_co2_per_hour: float | None = Field(default=None, alias="gramsCO2PerHour")
-    last_plan_time: datetime | None = Field(default=None, alias="lastPlanTime")
+    """Written by the operator after each plan."""
+
+    observed_generation: int | None = Field(
+        default=None, alias="observedGeneration", description="spec generation last planned")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Planned, Deployed, Ready and their reasons")
+    assignments: list[AssignmentStatus] = Field(
+        default_factory=list, description="where the plan puts the pool's instances")
+    replicas: int | None = Field(default=None, description="planned serving instances")
+    expected_power_watts: float | None = Field(
+        default=None, alias="expectedPowerWatts",
+        description="planned power of the pool's GPUs at the forecast load, watts")
+    joules_per_token: float | None = Field(
+        default=None, alias="joulesPerToken",
+        description="planned energy per output token, joules")
+    grams_co2_per_hour: float | None = Field(
+        default=None, alias="gramsCO2PerHour", description="planned emissions, gCO2 per hour")
+    last_plan_time: datetime | None = Field(
+        default=None, alias="lastPlanTime", description="when the plan in force was made")
 
 
 class InferencePool(_Model):
+    """An LLM serving pool (short name jpool)."""
+
     api_version: Literal["joulepool.dev/v1alpha1"] = Field(
-        "joulepool.dev/v1alpha1", alias="apiVersion"
+        "joulepool.dev/v1alpha1", alias="apiVersion", description="joulepool.dev/v1alpha1"
     )
-    kind: Literal["InferencePool"] = "InferencePool"
-    metadata: ObjectMeta
-    spec: InferencePoolSpec
-    status: InferencePoolStatus | None = None
+    kind: Literal["InferencePool"] = Field("InferencePool", description="InferencePool")
+    metadata: ObjectMeta = Field(description="standard object metadata")
+    spec: InferencePoolSpec = Field(description="what to serve, how fast, for how much load")
+    status: InferencePoolStatus | None = Field(default=None,
+                                               description="the operator's plan for the pool")
 
 
 # --------------------------------------------------------------------------
 # GPUProfile
 # --------------------------------------------------------------------------
 class BatchPointSpec(_Model):
-    batch: int = Field(ge=1, le=65536)
-    inter_token_latency_seconds: float = Field(alias="interTokenLatencySeconds", gt=0)
-    power_watts: float = Field(alias="powerWatts", gt=0)
+    """One measured operating point of an instance at the maximum clock."""
+
+    batch: int = Field(ge=1, le=65536, description="running batch size, requests")
+    inter_token_latency_seconds: float = Field(
+        alias="interTokenLatencySeconds", gt=0,
+        description="time per output token at this batch, seconds")
+    power_watts: float = Field(alias="powerWatts", gt=0,
+                               description="power of one GPU at this batch, watts")
     source: str = Field(default="", description="where the number came from, or 'assumed: why'")
 
 
 class ClockSpec(_Model):
-    min_mhz: float = Field(alias="minMHz", gt=0)
-    max_mhz: float = Field(alias="maxMHz", gt=0)
-    step_mhz: float = Field(default=15, alias="stepMHz", gt=0)
+    """SM clock range the node agent may lock (MIAD) and the clock law is fitted over."""
+
+    min_mhz: float = Field(alias="minMHz", gt=0, description="lowest usable SM clock, MHz")
+    max_mhz: float = Field(alias="maxMHz", gt=0,
+                           description="highest SM clock (where batchPoints were measured), MHz")
+    step_mhz: float = Field(default=15, alias="stepMHz", gt=0,
+                            description="spacing of the supported clocks, MHz")
 
     @model_validator(mode="after")
     def _ordered(self) -> ClockSpec:
@@ -172,16 +230,27 @@ class ClockSpec(_Model):
 
 class GPUProfileSpec(_Model):
     product: str = Field(min_length=1, description="GPU product, e.g. H100")
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="served model, as in InferencePool spec.model")
     gpus: int = Field(default=1, ge=1, le=64, description="GPUs per instance (TP degree)")
-    idle_watts: float = Field(alias="idleWatts", gt=0, description="idle power per GPU")
-    batch_points: list[BatchPointSpec] = Field(alias="batchPoints", min_length=1)
-    max_batch: int = Field(alias="maxBatch", ge=1)
-    prefill_tokens_per_second: float = Field(alias="prefillTokensPerSecond", gt=0)
-    clock: ClockSpec
-    gamma: float = Field(default=2.0, gt=0, le=5)
-    beta_decode: float = Field(default=0.3, alias="betaDecode", ge=0, le=2)
-    beta_prefill: float = Field(default=1.0, alias="betaPrefill", ge=0, le=2)
+    idle_watts: float = Field(alias="idleWatts", gt=0, description="idle power per GPU, watts")
+    batch_points: list[BatchPointSpec] = Field(
+        alias="batchPoints", min_length=1,
+        description="latency and power per batch size at the maximum clock, ascending batches")
+    max_batch: int = Field(alias="maxBatch", ge=1,
+                           description="largest running batch the engine admits")
+    prefill_tokens_per_second: float = Field(
+        alias="prefillTokensPerSecond", gt=0,
+        description="prompt tokens one instance prefills per second at the maximum clock")
+    clock: ClockSpec = Field(description="SM clock range and step")
+    gamma: float = Field(
+        default=2.0, gt=0, le=5,
+        description="clock law: dynamic power scales as (f/fmax)^gamma")
+    beta_decode: float = Field(
+        default=0.3, alias="betaDecode", ge=0, le=2,
+        description="clock law: decode time scales as (fmax/f)^betaDecode (memory bound: small)")
+    beta_prefill: float = Field(
+        default=1.0, alias="betaPrefill", ge=0, le=2,
+        description="clock law: prefill time scales as (fmax/f)^betaPrefill (compute bound)")
 
     @model_validator(mode="after")
     def _batches_ascending(self) -> GPUProfileSpec:
@@ -192,24 +261,34 @@ class GPUProfileSpec(_Model):
 
 
 class MeasuredProfile(_Model):
-    joules_per_token: float = Field(alias="joulesPerToken", ge=0)
-    samples: int = Field(ge=0)
-    node: str = ""
-    updated_at: datetime | None = Field(default=None, alias="updatedAt")
+    """One node agent's online estimate of energy per token."""
+
+    joules_per_token: float = Field(alias="joulesPerToken", ge=0,
+                                    description="measured energy per output token, joules")
+    samples: int = Field(ge=0, description="output tokens the estimate is based on")
+    node: str = Field(default="", description="node whose agent measured it")
+    updated_at: datetime | None = Field(default=None, alias="updatedAt",
+                                        description="when the agent last published it")
 
 
 class GPUProfileStatus(_Model):
-    measured: list[MeasuredProfile] = Field(default_factory=list)
+    """Written by the node agents."""
+
+    measured: list[MeasuredProfile] = Field(
+        default_factory=list, description="per-node measured J/token of this product and model")
 
 
 class GPUProfile(_Model):
+    """How one GPU product serves one model: latency and power per batch, clock law."""
+
     api_version: Literal["joulepool.dev/v1alpha1"] = Field(
-        "joulepool.dev/v1alpha1", alias="apiVersion"
+        "joulepool.dev/v1alpha1", alias="apiVersion", description="joulepool.dev/v1alpha1"
     )
-    kind: Literal["GPUProfile"] = "GPUProfile"
-    metadata: ObjectMeta
-    spec: GPUProfileSpec
-    status: GPUProfileStatus | None = None
+    kind: Literal["GPUProfile"] = Field("GPUProfile", description="GPUProfile")
+    metadata: ObjectMeta = Field(description="standard object metadata")
+    spec: GPUProfileSpec = Field(description="the profile the planner and router use")
+    status: GPUProfileStatus | None = Field(default=None,
+                                            description="measurements by the node agents")
 
 
 # --------------------------------------------------------------------------
@@ -350,39 +429,73 @@ class SiteCarbon(_Model):
 
 
 class PISpec(_Model):
-    kp: float = Field(default=PIController.kp, ge=0)
-    ki: float = Field(default=PIController.ki, ge=0)
-    target_miss_rate: float = Field(default=PIController.target, alias="targetMissRate", ge=0, le=1)
-    lambda_min: float = Field(default=PIController.lam_min, alias="lambdaMin", ge=0)
-    lambda_max: float = Field(default=PIController.lam_max, alias="lambdaMax", gt=0)
+    """The router's PI controller of lambda (velocity form, stepped per pool)."""
+
+    kp: float = Field(default=PIController.kp, ge=0,
+                      description="proportional gain, lambda per unit change of the miss rate")
+    ki: float = Field(default=PIController.ki, ge=0,
+                      description="integral gain, lambda per unit miss-rate error per step")
+    target_miss_rate: float = Field(
+        default=PIController.target, alias="targetMissRate", ge=0, le=1,
+        description="deadline-miss rate the controller holds each pool at (fraction)")
+    lambda_min: float = Field(default=PIController.lam_min, alias="lambdaMin", ge=0,
+                              description="lower clamp of lambda, joules per second late")
+    lambda_max: float = Field(default=PIController.lam_max, alias="lambdaMax", gt=0,
+                              description="upper clamp of lambda, joules per second late")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PISpec:
+        if self.lambda_min > self.lambda_max:
+            raise ValueError("pi.lambdaMin must be <= pi.lambdaMax")
+        return self
 
 
 class MIADSpec(_Model):
-    k_inc: float = Field(default=MIADController.k_inc, alias="kInc", gt=1, le=4)
-    step_mhz: float = Field(default=MIADController.step_mhz, alias="stepMHz", gt=0, le=1000)
-    margin: float = Field(default=MIADController.margin, ge=0, lt=1)
-    period_seconds: float = Field(default=1.0, alias="periodSeconds", gt=0, le=60)
+    """The node agents' per-GPU clock controller (multiplicative increase, additive decrease)."""
+
+    k_inc: float = Field(default=MIADController.k_inc, alias="kInc", gt=1, le=4,
+                         description="clock multiplier when latency is at risk (> 1)")
+    step_mhz: float = Field(default=MIADController.step_mhz, alias="stepMHz", gt=0, le=1000,
+                            description="clock decrease per calm control period, MHz")
+    margin: float = Field(default=MIADController.margin, ge=0, lt=1,
+                          description="at risk above target*(1-margin) (fraction)")
+    period_seconds: float = Field(
+        default=1.0, alias="periodSeconds", gt=0, le=60,
+        description="control period of the node agents, seconds (overrides --interval)")
 
 
 class EnergyPolicySpec(_Model):
-    plan_interval_seconds: float = Field(default=1800, alias="planIntervalSeconds", ge=10)
-    objective: Objective = "energy"
-    alpha: float = Field(default=1.1, ge=1, le=10, description="demand headroom")
-    window_steps: int = Field(default=6, alias="windowSteps", ge=1, le=288)
+    """Cluster-wide planning and control parameters (the EnergyPolicy named default)."""
+
+    plan_interval_seconds: float = Field(
+        default=1800, alias="planIntervalSeconds", ge=10,
+        description="the operator re-plans at least this often, seconds")
+    objective: Objective = Field(
+        default="energy",
+        description="what the planner minimises unless a pool says otherwise: energy or carbon")
+    alpha: float = Field(default=1.1, ge=1, le=10,
+                         description="demand headroom: pools are planned for alpha times "
+                         "their forecast rate")
+    window_steps: int = Field(default=6, alias="windowSteps", ge=1, le=288,
+                              description="planning window length, in steps")
     mip_rel_gap: float = Field(
         default=DEFAULT_MIP_REL_GAP, alias="mipRelGap", ge=0, lt=1,
         description="relative MIP gap the planner stops at: a plan within this share of the "
                     "optimum is reported 'within_gap', 0 asks for a proven optimum "
                     "('optimal'); the default is exact at FREESH's size and keeps a "
                     "10,000-GPU window within 30 s")
-    step_seconds: float = Field(default=300, alias="stepSeconds", gt=0)
+    step_seconds: float = Field(default=300, alias="stepSeconds", gt=0,
+                                description="length of one planning step, seconds")
     carbon: list[SiteCarbon] = Field(
         default_factory=list,
         description="grid carbon intensity per site (one entry per site)")
-    pi: PISpec = Field(default_factory=PISpec)
-    miad: MIADSpec = Field(default_factory=MIADSpec)
+    pi: PISpec = Field(default_factory=PISpec,
+                       description="the router's lambda controller (JouleSched's PI)")
+    miad: MIADSpec = Field(default_factory=MIADSpec,
+                           description="the node agents' clock controller")
     bulk_lambda_factor: float = Field(
-        default=BULK_LAMBDA_FACTOR, alias="bulkLambdaFactor", ge=0, le=1
+        default=BULK_LAMBDA_FACTOR, alias="bulkLambdaFactor", ge=0, le=1,
+        description="the router weighs a bulk request's lateness by this times lambda"
     )
 
     @model_validator(mode="after")
@@ -426,13 +539,17 @@ class EnergyPolicyStatus(_Model):
 
 
 class EnergyPolicy(_Model):
+    """Cluster-scoped planning and control parameters; only the one named default is used."""
+
     api_version: Literal["joulepool.dev/v1alpha1"] = Field(
-        "joulepool.dev/v1alpha1", alias="apiVersion"
+        "joulepool.dev/v1alpha1", alias="apiVersion", description="joulepool.dev/v1alpha1"
     )
-    kind: Literal["EnergyPolicy"] = "EnergyPolicy"
-    metadata: ObjectMeta
-    spec: EnergyPolicySpec = Field(default_factory=EnergyPolicySpec)
-    status: EnergyPolicyStatus | None = None
+    kind: Literal["EnergyPolicy"] = Field("EnergyPolicy", description="EnergyPolicy")
+    metadata: ObjectMeta = Field(description="standard object metadata")
+    spec: EnergyPolicySpec = Field(default_factory=EnergyPolicySpec,
+                                   description="planning and control parameters")
+    status: EnergyPolicyStatus | None = Field(default=None,
+                                              description="live carbon sources' state")
 
 
 RESOURCES: dict[str, type[_Model]] = {

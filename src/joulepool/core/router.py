@@ -428,6 +428,20 @@ class PoolRouter:
             self.observer.lambda_changed(self.key, self.pi.lam)
         return self.pi.lam
 
+    def reconfigure(self, config: RouterConfig) -> None:
+        """Adopt new tunables (e.g. the EnergyPolicy's PI gains and bulk factor).
+
+        Gains, target and clamps apply from the next PI step; lambda is kept, clamped
+        into the new [lambda_min, lambda_max]; the bulk factor applies to the next request.
+        """
+        self.s = config
+        pi = self.pi
+        pi.kp, pi.ki, pi.target = config.kp, config.ki, config.target_miss_rate
+        pi.lam_min, pi.lam_max = config.lambda_min, config.lambda_max
+        pi.lam = min(max(pi.lam, pi.lam_min), pi.lam_max)
+        if self.observer is not None:
+            self.observer.lambda_changed(self.key, pi.lam)
+
     def tick(self, now: float) -> None:
         """Housekeeping: expire lost ledger entries, time-based PI step."""
         for i, ep in enumerate(self.endpoints):

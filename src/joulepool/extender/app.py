@@ -479,6 +479,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         )
         for w in ext.watchers:
             w.start()
+        if s.policy_poll_seconds > 0:
+            from kubernetes import client
+
+            from joulepool.extender.policy import EnergyPolicyPoller
+
+            poller = EnergyPolicyPoller(client.CustomObjectsApi(ext.api_client), ext.router)
+            tasks.append(asyncio.create_task(_every(s.policy_poll_seconds, poller.poll, ext)))
     try:
         yield
     finally:

@@ -22,13 +22,14 @@ and complete calls (same source IP) reach the same replica.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
+from joulepool.api.models import EnergyPolicySpec
 from joulepool.core.classes import Tier
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
 from joulepool.core.router import (
@@ -165,6 +166,8 @@ class Router:
         profiles: tuple[ServingProfile, ...] = DEFAULT_PROFILES,
     ) -> None:
         self.s = settings or RouterSettings()
+        #: the settings without any EnergyPolicy (flags > env > file > defaults)
+        self.base_settings = self.s
         self.state = state
         self.metrics = metrics
         self.observer = MetricsObserver(metrics) if metrics is not None else None
@@ -176,6 +179,21 @@ class Router:
         self._static_dirty = False
 
     # -- sources -------------------------------------------------------------------------
+    def apply_policy(self, spec: EnergyPolicySpec | None) -> None:
+        """EnergyPolicy ``spec.pi`` and ``bulkLambdaFactor`` override the base settings while
+        the policy exists (None: it does not); every pool adopts them at once."""
+        new = self.base_settings
+        if spec is not None:
+            pi = spec.pi
+            new = replace(new, kp=pi.kp, ki=pi.ki, target_miss_rate=pi.target_miss_rate,
+                          lambda_min=pi.lambda_min, lambda_max=pi.lambda_max,
+                          bulk_lambda_factor=spec.bulk_lambda_factor)
+        if new == self.s:
+            return
+        self.s = new
+        for pool in self.pools.values():
+            pool.reconfigure(new)
+
     def set_static(self, doc: EndpointsFile | None) -> None:
         self.static = doc
         self._static_dirty = True

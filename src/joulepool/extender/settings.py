@@ -88,6 +88,11 @@ class Settings(ComponentSettings):
     file_poll_seconds: float = Field(
         2.0, ge=0, description="re-read changed files this often (0: read once)"
     )
+    policy_poll_seconds: float = Field(
+        30.0, ge=0, description="read EnergyPolicy/default (its pi gains and bulkLambdaFactor "
+        "override the --pi-*/--lambda-*/--target-miss-rate/--bulk-lambda-factor settings while "
+        "it exists) this often (0: never)",
+    )
     watch_timeout_seconds: int = Field(
         300, ge=10, le=3600, description="server-side timeout of each watch request"
     )

@@ -407,6 +407,12 @@ class NodeAgent:
             return spec.k_inc, spec.step_mhz, spec.margin
         return self.config.k_inc, self.config.step_mhz, self.config.margin
 
+    def control_interval(self) -> float:
+        """Seconds between control periods: the EnergyPolicy's miad.periodSeconds if it
+        exists, else the configured interval."""
+        spec = self.policy.miad() if self.policy is not None else None
+        return spec.period_seconds if spec is not None else self.config.interval_s
+
     def _controller(self, gpu: GPU, slo: tuple[float, float]) -> MIADController:
         params = self.miad_params()
         if gpu.controller is None or gpu.controller_slo != slo or \
@@ -560,7 +566,6 @@ class NodeAgent:
     # ------------------------------------------------------------------ the loop
     async def run(self, stop: asyncio.Event) -> None:
         """Tick every ``interval_s`` until ``stop`` is set, then reset every GPU."""
-        interval = self.config.interval_s
         next_t = self.monotonic()
         stopping = asyncio.ensure_future(stop.wait())
         ticking: asyncio.Future[None] | None = None
@@ -590,7 +595,7 @@ class NodeAgent:
                     self.reset_all()
                 self.metrics.tick_seconds.labels(self.config.node).observe(
                     self.monotonic() - start)
-                next_t += interval
+                next_t += self.control_interval()
                 if next_t < self.monotonic():  # overran: skip the missed periods
                     next_t = self.monotonic()
                 await asyncio.wait({stopping}, timeout=max(next_t - self.monotonic(), 0.0))

@@ -38,6 +38,7 @@ from joulepool.api.contract import (
     PLAN_VERSION_ANNOTATION,
     PLAN_VERSION_LABEL,
     POOL_LABEL,
+    PORT_ANNOTATION,
     REGION_LABEL,
     SPEC_HASH_ANNOTATION,
 )
@@ -472,6 +473,9 @@ def build_deployment(
     tmeta = template.setdefault("metadata", {})
     selector = {POOL_LABEL: entry.key, MODE_LABEL: mode, PLACEMENT_LABEL: name}
     tmeta["labels"] = {**(tmeta.get("labels") or {}), **selector}
+    if pool.spec.port is not None:  # tells the router where requests go
+        tmeta["annotations"] = {**(tmeta.get("annotations") or {}),
+                                PORT_ANNOTATION: str(pool.spec.port)}
     spec = template.setdefault("spec", {})
     spec["schedulerName"] = scheduler_name
     _require_node(spec, node)
