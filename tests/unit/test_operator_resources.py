@@ -505,7 +505,7 @@ def test_pool_port_reaches_the_router_through_the_pod_annotation() -> None:
             {"name": "http", "containerPort": 8000}]
         e = parse_pool(body)
         assert e.pool is not None
-        tpl = build_deployment(e, e.pool, "1xH100", 1, 1, "s")["spec"]["template"]
+        tpl = build_deployment(e, e.pool, "1xH100", 1, 1, "s", "n1")["spec"]["template"]
         pod = Pod.model_validate({**tpl, "metadata": {"name": "p", **tpl["metadata"]}})
         return pod.serving_port(1)
 
