@@ -184,3 +184,12 @@ async def test_liveness_endpoint_reports_the_planning_loop() -> None:
             assert r.status == 200
             body = await r.json()
         assert body["planning"]["planVersion"] == 1 and body["planning"]["lastPassOk"]
+        # bound to the configured address only (default loopback 127.0.0.1), not to every
+        # interface: another local address of the machine is refused (old code: 0.0.0.0)
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.get(f"http://127.0.0.2:{port}/healthz") as r:
+                    reached = r.status
+            except aiohttp.ClientConnectionError:
+                reached = None
+        assert reached is None

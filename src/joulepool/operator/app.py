@@ -37,6 +37,12 @@ def make_settings(config: OperatorConfig) -> kopf.OperatorSettings:
     return settings
 
 
+def liveness_endpoint(address: str, port: int) -> str:
+    """kopf's liveness URL for ``address`` (IPv6 literals bracketed) and ``port``."""
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    return f"http://{host}:{port}/healthz"
+
+
 class Operator:
     """One operator instance: planner + kopf registry + settings, runnable in any loop."""
 
@@ -54,7 +60,8 @@ class Operator:
         namespaces = list(self.config.watch_namespaces)
         kwargs: dict[str, Any] = {}
         if self.config.liveness_port is not None:
-            kwargs["liveness_endpoint"] = f"http://0.0.0.0:{self.config.liveness_port}/healthz"
+            kwargs["liveness_endpoint"] = liveness_endpoint(self.config.liveness_address,
+                                                            self.config.liveness_port)
         return kopf.operator(
             registry=self.registry,
             settings=self.settings,

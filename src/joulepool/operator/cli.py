@@ -51,6 +51,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         max_delay_seconds=max(10.0, 10 * settings.debounce_seconds),
         liveness_port=settings.liveness or None,
         metrics_port=settings.metrics_port or None,
+        liveness_address=settings.liveness_address,
     )
 
 

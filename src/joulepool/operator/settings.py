@@ -43,6 +43,10 @@ class OperatorSettings(ComponentSettings):
     metrics_port: int = setting(
         OPERATOR_METRICS_PORT, "port of the Prometheus endpoint /metrics (0: none)",
         env="JOULEPOOL_METRICS_PORT", ge=0, le=65535)
+    liveness_address: str = setting(
+        "127.0.0.1", "address the liveness endpoint binds: the pod's IP in a pod (the chart "
+        "passes status.podIP), loopback elsewhere; never all interfaces unless asked",
+        env="JOULEPOOL_LIVENESS_ADDRESS", min_length=1)
     verbose: bool = setting(False, "log every handler and request", env="JOULEPOOL_VERBOSE")
 
     @field_validator("watch_namespace", mode="after")
