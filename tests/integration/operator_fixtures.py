@@ -185,6 +185,27 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             return await self._render_error(KubernetesError(
                 status=422, reason="Invalid", message=str(exc), details={}))
 
+    def vanish(self, plural: str, namespace: str | None, name: str) -> None:
+        """Delete an object with no watch event: as if deleted while the watch was down."""
+        for (res, ns, n), obj in list(self.objects.items()):
+            if res.plural == plural and ns == namespace and n == name and not obj.deleted:
+                obj.delete()
+                return
+        raise KeyError((plural, namespace, name))
+
+    async def expire_watches(self, plural: str) -> int:
+        """End every open watch of ``plural`` with ``410 Gone`` (resource version too old):
+        clients must list again. Returns how many resources' streams were ended."""
+        gone = {"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410,
+            "reason": "Expired", "message": "too old resource version"}}
+        ended = 0
+        for res, bus in list(self._buses.items()):
+            if res.plural == plural:
+                await bus.put(gone)
+                ended += 1
+        return ended
+
     def _apply_as_create(self, request: Any) -> None:
         """Server-side apply (``application/apply-patch+yaml``) of an absent object creates
         it, as kube-apiserver does; of a present one it is served as a merge (kmock has no

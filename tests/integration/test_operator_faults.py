@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 from operator_fixtures import (
     Cluster,
     Fault,
@@ -193,3 +194,68 @@ async def test_liveness_endpoint_reports_the_planning_loop() -> None:
             except aiohttp.ClientConnectionError:
                 reached = None
         assert reached is None
+
+
+POOL_URL = "/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/chat"
+
+
+@pytest.mark.parametrize("status", [409, 422])
+async def test_finalizer_patch_failing_during_deletion_does_not_leave_the_pool_stuck(
+        status: int) -> None:
+    """kopf's PATCH that removes the finalizer answered 409/422 once: old code left the
+    pool in Terminating forever (no new watch event, nothing retried it)."""
+    async with cluster_and_operator(release_retry_seconds=1.0) as (c, _op):
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=4))
+        await eventually(lambda: _replicas(c, 1))
+        c.server.faults.append(Fault("PATCH", "/inferencepools/chat", status, times=1))
+        await c.delete(POOL_URL)
+
+        async def gone() -> bool:
+            return await c.pool("chat") is None
+
+        await eventually(gone, timeout=30, what="pool released despite the failed PATCH")
+        assert c.server.faults[0].hits == 1
+
+
+async def test_deployment_deleted_during_a_410_gap_is_recreated() -> None:
+    """Old code: after 410 Gone kopf re-lists but its index keeps the vanished Deployment,
+    so the operator believed it existed and never wrote it again. The re-listing is empty
+    (no event at all): the operator's periodic listing check finds the gap."""
+    async with cluster_and_operator(listing_check_seconds=1.0) as (c, op):
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=20))
+        await eventually(lambda: _replicas(c, 2))
+        await eventually(lambda: _deployment(c, "chat-1xh100-gpu-a", 2), what="deployed")
+        c.server.vanish("deployments", "default", "chat-1xh100-gpu-a")
+        assert await c.server.expire_watches("deployments") >= 1
+        await eventually(lambda: _deployment(c, "chat-1xh100-gpu-a", 2), timeout=30,
+                         what="Deployment recreated after the gap")
+        assert op.planner.gone.marked >= 1
+
+
+async def test_node_deleted_during_a_410_gap_leaves_the_plan() -> None:
+    async with cluster_and_operator() as (c, op):
+        await c.create(node("gpu-a"))
+        await c.create(node("gpu-b"))
+        await c.create(pool("chat", rps=150))  # 12 instances of 1xH100: both nodes
+        obj = await eventually(lambda: _replicas(c, 12))
+        assert {a["node"] for a in obj["status"]["assignments"]} == {"gpu-a", "gpu-b"}
+        c.server.vanish("nodes", None, "gpu-b")
+        assert await c.server.expire_watches("nodes") >= 1
+
+        async def replanned() -> Any:
+            o = await c.pool("chat")
+            nodes = {a["node"] for a in ((o or {}).get("status") or {}).get("assignments", [])}
+            return o if nodes == {"gpu-a"} else None
+
+        obj = await eventually(replanned, timeout=30, what="gpu-b out of the plan")
+        assert obj["status"]["replicas"] == 8
+        _, doc = await c.plan()
+        assert doc is not None and "gpu-b" not in doc.nodes
+        assert op.planner.gone.marked >= 1
+
+
+async def _deployment(c: Cluster, name: str, replicas: int) -> Any:
+    dep = (await c.deployments()).get(name)
+    return dep if dep and dep["spec"]["replicas"] == replicas else None

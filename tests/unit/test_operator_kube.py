@@ -122,3 +122,55 @@ async def test_delete_asks_for_background_propagation(server: tuple[Script, str]
     await c.delete("/x")
     assert script.seen[0][:2] == ("DELETE", "/x")
     await c.close()
+
+
+async def test_retry_after_on_429_is_honoured() -> None:
+    """kube-apiserver's 429 says how long to back off; the client waits at least that
+    (old code retried after its own 10 ms, hammering an overloaded server)."""
+    import time
+
+    calls: list[float] = []  # a 429 with a Retry-After header: a server of its own
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return web.json_response({"reason": "TooManyRequests", "message": "slow down"},
+                                     status=429, headers={"Retry-After": "1"})
+        return web.json_response({"ok": True})
+
+    inner = web.Application()
+    inner.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(inner)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        c = client(f"http://127.0.0.1:{port}")
+        assert await c.get("/api/v1/nodes") == {"ok": True}
+        await c.close()
+    finally:
+        await runner.cleanup()
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.95
+
+
+def test_retry_after_header_parsing() -> None:
+    from joulepool.operator.kube import retry_after_seconds
+
+    assert retry_after_seconds("3") == 3.0
+    assert retry_after_seconds(" 0 ") == 0.0
+    assert retry_after_seconds(None) is None
+    for bad in ("soon", "-1", "nan", "inf", "Wed, 21 Oct 2015 07:28:00 GMT"):
+        assert retry_after_seconds(bad) is None
+
+
+async def test_apply_is_server_side_apply_with_the_field_manager(
+        server: tuple[Script, str]) -> None:
+    script, url = server
+    c = client(url)
+    await c.apply("/apis/apps/v1/namespaces/ns/deployments/d",
+                  {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}})
+    await c.close()
+    method, path, ctype, _ = script.seen[-1]
+    assert (method, path, ctype) == ("PATCH", "/apis/apps/v1/namespaces/ns/deployments/d",
+                                     "application/apply-patch+yaml")

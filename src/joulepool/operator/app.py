@@ -9,8 +9,8 @@ from typing import Any
 import kopf
 
 from joulepool.api.contract import FINALIZER
+from joulepool.operator import handlers
 from joulepool.operator.config import ANNOTATION_PREFIX, OperatorConfig
-from joulepool.operator.handlers import build_registry
 from joulepool.operator.kube import KubeClient
 from joulepool.operator.planning import Planner
 
@@ -49,10 +49,15 @@ class Operator:
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
         self.client = KubeClient(retry_delays=config.retry_delays,
-                                 request_timeout=config.request_timeout)
+                                 request_timeout=config.request_timeout,
+                                 relogin=self._relogin)
         self.planner = Planner(config, self.client)
-        self.registry = build_registry(self.planner, config)
+        self.memo = handlers.OperatorMemo(planner=self.planner, config=config)
+        self.registry = handlers.registry
         self.settings = make_settings(config)
+
+    async def _relogin(self) -> kopf.ConnectionInfo | None:
+        return await self.memo.relogin()
 
     def run(self, stop_flag: Any = None, ready_flag: Any = None) -> Coroutine[Any, Any, None]:
         """The operator as a coroutine; ``stop_flag``/``ready_flag``: asyncio or threading
@@ -70,6 +75,6 @@ class Operator:
             namespaces=namespaces,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
-            memo=kopf.Memo(),
+            memo=self.memo,
             **kwargs,
         )

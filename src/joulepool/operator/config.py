@@ -58,6 +58,11 @@ class OperatorConfig:
     request_timeout: float = 30.0
     #: after a reconcile pass that could not write everything, try again after this
     resync_after_error_seconds: float = 5.0
+    #: every listing is checked this often for objects deleted while a watch was down
+    #: (kopf's re-listing after 410 Gone keeps them in its indexes), seconds
+    listing_check_seconds: float = 300.0
+    #: a pool held by the finalizer this long is touched so kopf runs its deletion again
+    release_retry_seconds: float = 10.0
     #: ... doubled after each failed pass in a row, up to this
     max_resync_after_error_seconds: float = 300.0
     #: a ``kopf.ConnectionInfo`` to use instead of in-cluster / kubeconfig login (tests)

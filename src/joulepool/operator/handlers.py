@@ -1,11 +1,17 @@
 """kopf handlers: thin translations from watch events to indexes and plan triggers.
 
-Nothing here plans or writes status.  Indexes keep the in-memory view of
-pools, GPU nodes, GPU profiles, the energy policy and the operator's own
-Deployments (kopf fills them from the initial listings before any handler
-runs, so the first plan after a restart sees the whole cluster); handlers
-post Events for bad input and call :meth:`Planner.trigger`.  The one handler
-that waits is the InferencePool finalizer: it holds the pool until a plan
+Module-level handlers in one :data:`registry` (several operators in one process share
+it: the handlers keep no state), with their state in a typed memo
+(:class:`OperatorMemo`, given to ``kopf.operator(memo=...)``; kopf hands every handler
+a shallow copy, so all of them share the one planner).
+
+Nothing here plans or writes status.  Indexes keep the in-memory view of pools, GPU
+nodes, GPU profiles, the energy policy and the operator's own Deployments (kopf fills
+them from the initial listings before any handler runs, so the first plan after a
+restart sees the whole cluster); handlers post Events for bad input and call
+:meth:`Planner.trigger`.  Every (re)listing (events of type ``None``) also asks the
+planner to check for objects deleted while the watch was down (:mod:`.listings`).  The
+one handler that waits is the InferencePool finalizer: it holds the pool until a plan
 without it is published and its Deployments are gone.
 """
 
@@ -14,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -46,183 +54,220 @@ OWNED: dict[str, Any] = {
 #: how long the finalizer waits for a plan without the pool before kopf retries it
 RELEASE_TIMEOUT_S = 120.0
 
+#: the registry every handler below is registered in (``kopf.operator(registry=...)``)
+registry = kopf.OperatorRegistry()
 
-def build_registry(planner: Planner, config: OperatorConfig) -> kopf.OperatorRegistry:
-    """A fresh kopf registry with every handler bound to ``planner``."""
-    registry = kopf.OperatorRegistry()
-    state: dict[str, Any] = {}
 
-    # ---------------------------------------------------------------- login
-    async def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if config.connection is not None:
-            return config.connection
-        info: kopf.ConnectionInfo | None = None
-        try:  # the official client understands every kubeconfig (exec plugins, OIDC, ...)
-            info = await asyncio.to_thread(kopf.login_via_client, **kwargs)
-        except Exception as exc:
-            log.debug("login via the kubernetes client failed: %s", exc)
-        if info is None:
-            try:
-                info = (kopf.login_with_service_account(**kwargs)
-                        or kopf.login_with_kubeconfig(**kwargs))
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("no Kubernetes credentials: not in a pod and no usable kubeconfig "
-                          "(%s)", exc)
-                return None
-        return info
+@dataclass
+class OperatorMemo:
+    """What the handlers share: the planner (and its client), the settings, the login
+    arguments for a re-login, and the planning loop's task."""
 
-    @kopf.on.login(registry=registry)
-    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        info = await _login(**kwargs)
-        if info is not None:
-            state["login_kwargs"] = kwargs
-            planner.client.set_connection(info)
-        return info
+    planner: Planner
+    config: OperatorConfig
+    login_kwargs: dict[str, Any] = field(default_factory=dict)
+    planning_task: asyncio.Task[None] | None = None
 
-    async def relogin() -> Any:
-        return await _login(**state.get("login_kwargs", {}))
+    async def relogin(self) -> kopf.ConnectionInfo | None:
+        """Log in again with the arguments of the last login (the client's 401 path)."""
+        return await login_info(self.config, **self.login_kwargs)
 
-    planner.client.relogin = relogin
 
-    # ---------------------------------------------------------------- lifecycle
-    @kopf.on.startup(registry=registry)
-    async def startup(memo: kopf.Memo, **kwargs: Any) -> None:
-        planner.sources.pools = kwargs["jp_pools"]
-        planner.sources.nodes = kwargs["jp_nodes"]
-        planner.sources.profiles = kwargs["jp_profiles"]
-        planner.sources.policies = kwargs["jp_policies"]
-        planner.sources.deployments = kwargs["jp_deployments"]
-        memo["planning_task"] = asyncio.get_running_loop().create_task(
-            planner.run(), name="joulepool planning loop")
-
-    @kopf.on.probe(id="planning", registry=registry)
-    async def planning_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
-        """Part of kopf's liveness answer (``/healthz``); fails if the loop has died."""
-        task = memo.get("planning_task")
-        if task is not None and task.done():
-            raise RuntimeError("the planning loop has stopped")
-        published = planner.published
-        return {"passes": planner.passes, "solves": planner.solves,
-                "planVersion": published.version if published is not None else None,
-                "lastPassOk": planner.last_report.ok}
-
-    @kopf.on.cleanup(registry=registry)
-    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        task = memo.get("planning_task")
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await planner.client.close()
-
-    # ---------------------------------------------------------------- indexes
-    @kopf.index(*POOLS, id="jp_pools", registry=registry)
-    def jp_pools(body: kopf.Body, **_: Any) -> dict[str, Any]:
-        entry = parse_pool(body)
-        return {entry.key: entry}
-
-    @kopf.index(*NODES, id="jp_nodes", registry=registry)
-    def jp_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
-        return {name: node_from_body(body)}  # None values: not a GPU node (kept as None)
-
-    @kopf.index(*PROFILES, id="jp_profiles", registry=registry)
-    def jp_profiles(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+# ---------------------------------------------------------------- login
+async def login_info(config: OperatorConfig, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials: the configured connection (tests), else the official client's view of
+    the kubeconfig / service account, else kopf's own readers; None when there are none."""
+    if config.connection is not None:
+        return config.connection
+    info: kopf.ConnectionInfo | None = None
+    try:  # the official client understands every kubeconfig (exec plugins, OIDC, ...)
+        info = await asyncio.to_thread(kopf.login_via_client, **kwargs)
+    except Exception as exc:
+        log.debug("login via the kubernetes client failed: %s", exc)
+    if info is None:
         try:
-            return {name: parse_profile(body)}
+            info = (kopf.login_with_service_account(**kwargs)
+                    or kopf.login_with_kubeconfig(**kwargs))
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("no Kubernetes credentials: not in a pod and no usable kubeconfig "
+                      "(%s)", exc)
+            return None
+    return info
+
+
+@kopf.on.login(registry=registry)
+async def login(memo: OperatorMemo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    info = await login_info(memo.config, **kwargs)
+    if info is not None:
+        memo.login_kwargs.clear()
+        memo.login_kwargs.update(kwargs)
+        memo.planner.client.set_connection(info)
+    return info
+
+
+# ---------------------------------------------------------------- lifecycle
+@kopf.on.startup(registry=registry)
+async def startup(memo: OperatorMemo, **kwargs: Any) -> None:
+    sources = memo.planner.sources
+    sources.pools = kwargs["jp_pools"]
+    sources.nodes = kwargs["jp_nodes"]
+    sources.profiles = kwargs["jp_profiles"]
+    sources.policies = kwargs["jp_policies"]
+    sources.deployments = kwargs["jp_deployments"]
+    memo.planning_task = asyncio.get_running_loop().create_task(
+        memo.planner.run(), name="joulepool planning loop")
+
+
+@kopf.on.probe(id="planning", registry=registry)
+async def planning_probe(memo: OperatorMemo, **_: Any) -> dict[str, Any]:
+    """Part of kopf's liveness answer (``/healthz``); fails if the loop has died."""
+    task, planner = memo.planning_task, memo.planner
+    if task is not None and task.done():
+        raise RuntimeError("the planning loop has stopped")
+    published = planner.published
+    return {"passes": planner.passes, "solves": planner.solves,
+            "planVersion": published.version if published is not None else None,
+            "lastPassOk": planner.last_report.ok}
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(memo: OperatorMemo, **_: Any) -> None:
+    task = memo.planning_task
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await memo.planner.carbon.close()
+    await memo.planner.client.close()
+
+
+# ---------------------------------------------------------------- indexes
+@kopf.index(*POOLS, id="jp_pools", registry=registry)
+def jp_pools(body: kopf.Body, **_: Any) -> dict[str, Any]:
+    entry = parse_pool(body)
+    return {entry.key: entry}
+
+
+@kopf.index(*NODES, id="jp_nodes", registry=registry)
+def jp_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+    return {name: node_from_body(body)}  # None values: not a GPU node (kept as None)
+
+
+@kopf.index(*PROFILES, id="jp_profiles", registry=registry)
+def jp_profiles(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+    try:
+        return {name: parse_profile(body)}
+    except ResourceError as exc:
+        return {name: exc}
+
+
+@kopf.index(*POLICIES, id="jp_policies", registry=registry)
+def jp_policies(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+    try:
+        return {name: (name, parse_policy(body))}
+    except ResourceError as exc:
+        return {name: (name, exc)}
+
+
+@kopf.index(*DEPLOYMENTS, labels=OWNED, id="jp_deployments", registry=registry)
+def jp_deployments(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): deployment_from_body(body)}
+
+
+# ---------------------------------------------------------------- InferencePools
+@kopf.on.resume(*POOLS, registry=registry)
+@kopf.on.create(*POOLS, registry=registry)
+@kopf.on.update(*POOLS, registry=registry)
+async def pool_changed(body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
+    entry = parse_pool(body)
+    if not entry.valid:
+        kopf.warn(body, reason="InvalidSpec", message=entry.error or "invalid spec")
+    memo.planner.trigger(f"InferencePool {entry.key}")
+
+
+@kopf.on.delete(*POOLS, registry=registry)
+async def pool_deleted(body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
+    """Hold the pool until a plan without it is published and its Deployments are gone."""
+    planner, retry = memo.planner, memo.config.resync_after_error_seconds
+    entry = parse_pool(body)
+    ticket = planner.trigger(f"InferencePool {entry.key} deleted")
+    try:
+        ok = await planner.wait_for_pass(ticket, timeout=RELEASE_TIMEOUT_S)
+    except TimeoutError:
+        ok = False
+    published = planner.published
+    if not ok or (published is not None and entry.key in published.pools):
+        raise kopf.TemporaryError("waiting for a plan without this pool to be published",
+                                  delay=retry)
+    try:
+        await planner.delete_deployments_of(entry.key)
+    except Exception as exc:
+        raise kopf.TemporaryError(f"deleting Deployments: {exc}", delay=retry) from exc
+    log.info("InferencePool %s released", entry.key)
+
+
+# ---------------------------------------------------------------- other inputs
+def _listing(memo: OperatorMemo, kind: str, type_: str | None, key: Hashable) -> None:
+    """Book-keeping common to every watched input: an event for ``key`` was seen; a
+    ``None`` event means kopf is (re)listing ``kind``."""
+    memo.planner.gone.seen(kind, key)
+    if type_ is None:
+        memo.planner.relisted(kind)
+
+
+@kopf.on.event(*NODES, registry=registry)
+async def node_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
+                     **_: Any) -> None:
+    _listing(memo, "nodes", type, name)
+    info = None if type == "DELETED" else node_from_body(body)
+    if memo.planner.changed(("node", name), info):
+        memo.planner.trigger(f"Node {name}")
+
+
+@kopf.on.event(*PROFILES, registry=registry)
+async def profile_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
+                        **_: Any) -> None:
+    _listing(memo, "profiles", type, name)
+    spec = None if type == "DELETED" else dict(body.get("spec") or {})
+    if not memo.planner.changed(("profile", name), repr(spec) if spec is not None else None):
+        return
+    if spec is not None:
+        try:
+            parse_profile(body)
         except ResourceError as exc:
-            return {name: exc}
+            kopf.warn(body, reason="InvalidSpec", message=f"{exc}; profile ignored")
+    memo.planner.trigger(f"GPUProfile {name}")
 
-    @kopf.index(*POLICIES, id="jp_policies", registry=registry)
-    def jp_policies(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
+
+@kopf.on.event(*POLICIES, registry=registry)
+async def policy_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
+                       **_: Any) -> None:
+    _listing(memo, "policies", type, name)
+    spec = None if type == "DELETED" else dict(body.get("spec") or {})
+    if not memo.planner.changed(("policy", name), repr(spec) if spec is not None else None):
+        return
+    if spec is not None and name != POLICY_NAME:
+        kopf.warn(body, reason="Ignored",
+                  message=f"only the EnergyPolicy named {POLICY_NAME!r} is used")
+        return
+    if spec is not None:
         try:
-            return {name: (name, parse_policy(body))}
+            parse_policy(body)
         except ResourceError as exc:
-            return {name: (name, exc)}
+            kopf.warn(body, reason="InvalidSpec", message=f"{exc}; keeping the last valid policy")
+    memo.planner.trigger(f"EnergyPolicy {name}")
 
-    @kopf.index(*DEPLOYMENTS, labels=OWNED, id="jp_deployments", registry=registry)
-    def jp_deployments(
-        body: kopf.Body, namespace: str | None, name: str, **_: Any,
-    ) -> dict[Any, Any]:
-        return {(namespace, name): deployment_from_body(body)}
 
-    # ---------------------------------------------------------------- InferencePools
-    @kopf.on.resume(*POOLS, registry=registry)
-    @kopf.on.create(*POOLS, registry=registry)
-    @kopf.on.update(*POOLS, registry=registry)
-    async def pool_changed(body: kopf.Body, **_: Any) -> None:
-        entry = parse_pool(body)
-        if not entry.valid:
-            kopf.warn(body, reason="InvalidSpec", message=entry.error or "invalid spec")
-        planner.trigger(f"InferencePool {entry.key}")
-
-    @kopf.on.delete(*POOLS, registry=registry)
-    async def pool_deleted(body: kopf.Body, **_: Any) -> None:
-        entry = parse_pool(body)
-        ticket = planner.trigger(f"InferencePool {entry.key} deleted")
-        try:
-            ok = await planner.wait_for_pass(ticket, timeout=RELEASE_TIMEOUT_S)
-        except TimeoutError:
-            ok = False
-        published = planner.published
-        if not ok or (published is not None and entry.key in published.pools):
-            raise kopf.TemporaryError(
-                "waiting for a plan without this pool to be published",
-                delay=config.resync_after_error_seconds)
-        try:
-            await planner.delete_deployments_of(entry.key)
-        except Exception as exc:
-            raise kopf.TemporaryError(f"deleting Deployments: {exc}",
-                                      delay=config.resync_after_error_seconds) from exc
-        log.info("InferencePool %s released", entry.key)
-
-    # ---------------------------------------------------------------- other inputs
-    @kopf.on.event(*NODES, registry=registry)
-    async def node_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
-        info = None if type == "DELETED" else node_from_body(body)
-        if planner.changed(("node", name), info):
-            planner.trigger(f"Node {name}")
-
-    @kopf.on.event(*PROFILES, registry=registry)
-    async def profile_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
-        spec = None if type == "DELETED" else dict(body.get("spec") or {})
-        if not planner.changed(("profile", name), repr(spec) if spec is not None else None):
-            return
-        if spec is not None:
-            try:
-                parse_profile(body)
-            except ResourceError as exc:
-                kopf.warn(body, reason="InvalidSpec", message=f"{exc}; profile ignored")
-        planner.trigger(f"GPUProfile {name}")
-
-    @kopf.on.event(*POLICIES, registry=registry)
-    async def policy_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
-        spec = None if type == "DELETED" else dict(body.get("spec") or {})
-        if not planner.changed(("policy", name), repr(spec) if spec is not None else None):
-            return
-        if spec is not None and name != POLICY_NAME:
-            kopf.warn(body, reason="Ignored",
-                      message=f"only the EnergyPolicy named {POLICY_NAME!r} is used")
-            return
-        if spec is not None:
-            try:
-                parse_policy(body)
-            except ResourceError as exc:
-                kopf.warn(body, reason="InvalidSpec",
-                          message=f"{exc}; keeping the last valid policy")
-        planner.trigger(f"EnergyPolicy {name}")
-
-    @kopf.on.event(*DEPLOYMENTS, labels=OWNED, registry=registry)
-    async def deployment_event(
-        type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any,
-    ) -> None:
-        namespace = namespace or ""
-        if type == "DELETED":
-            planner.forget_deployment(namespace, name)
-            info = None
-        else:
-            d = deployment_from_body(body)
-            info = (d.replicas, d.ready_replicas, d.spec_hash)
-        if planner.changed(("deployment", namespace, name), info):
-            planner.trigger(f"Deployment {namespace}/{name}")
-
-    return registry
+@kopf.on.event(*DEPLOYMENTS, labels=OWNED, registry=registry)
+async def deployment_event(type: str | None, body: kopf.Body, namespace: str | None, name: str,
+                           memo: OperatorMemo, **_: Any) -> None:
+    namespace = namespace or ""
+    _listing(memo, "deployments", type, (namespace, name))
+    if type == "DELETED":
+        memo.planner.forget_deployment(namespace, name)
+        info = None
+    else:
+        d = deployment_from_body(body)
+        info = (d.replicas, d.ready_replicas, d.spec_hash, d.foreign_spec)
+    if memo.planner.changed(("deployment", namespace, name), info):
+        memo.planner.trigger(f"Deployment {namespace}/{name}")

@@ -39,13 +39,17 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from joulepool.api.contract import (
     LATEST_PLAN_FEASIBLE_ANNOTATION,
     LATEST_PLAN_MESSAGE_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    RELEASE_RETRY_ANNOTATION,
 )
 from joulepool.api.load import ResourceError, profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
@@ -55,6 +59,7 @@ from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.deployments import DeploymentWriter
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
+from joulepool.operator.listings import GoneObjects, Listed
 from joulepool.operator.metrics import OperatorMetrics
 from joulepool.operator.resources import (
     DeploymentInfo,
@@ -86,14 +91,29 @@ log = logging.getLogger("joulepool.operator.planning")
 POLICY_NAME = "default"
 
 
-def index_values(index: Mapping[Any, Iterable[Any]] | None) -> Iterator[Any]:
-    """Every value of a kopf index (key -> store of values); None values skipped."""
+def index_values(
+    index: Mapping[Any, Iterable[Any]] | None, skip: AbstractSet[Any] = frozenset(),
+) -> Iterator[Any]:
+    """Every value of a kopf index (key -> store of values); None values and the keys in
+    ``skip`` (objects known to be gone, see :mod:`.listings`) skipped."""
     if index is None:
         return
-    for store in list(index.values()):
+    for key, store in list(index.items()):
+        if key in skip:
+            continue
         for value in store:
             if value is not None:
                 yield value
+
+
+#: the indexed resources whose objects can vanish during a watch gap (see :mod:`.listings`)
+LISTED = {
+    "nodes": Listed("nodes", "v1", "nodes"),
+    "deployments": Listed("deployments", "apps/v1", "deployments", namespaced=True,
+                          label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}"),
+    "profiles": Listed("profiles", "joulepool.dev/v1alpha1", "gpuprofiles"),
+    "policies": Listed("policies", "joulepool.dev/v1alpha1", "energypolicies"),
+}
 
 
 @dataclass
@@ -189,6 +209,8 @@ class Planner:
         self._finished_ok = True
         self._retry_at: float | None = None
         self._failed_passes = 0
+        #: pool key -> (uid, loop time) of pools held by the finalizer (see _retry_stuck_releases)
+        self._deleting_since: dict[str, tuple[str | None, float]] = {}
         self._last_periodic: float | None = None
         # plans
         self.latest: PoolPlan | None = None
@@ -206,6 +228,9 @@ class Planner:
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self.writer = DeploymentWriter(client)
+        #: objects deleted while a watch was down, still in kopf's indexes (see .listings)
+        self.gone = GoneObjects()
+        self._listed_at = math.inf  # loop time of the last check of every listing (run() sets)
         #: namespaces the API said are being deleted; their pools are not planned
         self.terminating: set[str] = set()
         self._seen: dict[Any, Any] = {}
@@ -253,10 +278,11 @@ class Planner:
     async def run(self) -> None:
         """Forever: wait for a trigger (or the periodic re-plan), debounce, reconcile."""
         loop = asyncio.get_running_loop()
-        self._last_periodic = loop.time()
+        self._last_periodic = self._listed_at = loop.time()
         while True:
             periodic_at = self._last_periodic + self.plan_interval()
-            wake_at = min(periodic_at, self._retry_at if self._retry_at is not None else math.inf)
+            wake_at = min(periodic_at, self._retry_at if self._retry_at is not None else math.inf,
+                          self._listed_at + self.config.listing_check_seconds)
             triggered = True
             if not self._wake.is_set():
                 try:
@@ -277,9 +303,10 @@ class Planner:
                 log.exception("reconcile pass failed")
                 report = PassReport(errors=[f"{type(exc).__name__}: {exc}"])
             self.last_report = report
+            self._retry_at = self._next_release_retry()
             if not report.ok:
                 delay = self.resync_delay()
-                self._retry_at = loop.time() + delay
+                self._retry_at = min(loop.time() + delay, self._retry_at or math.inf)
                 log.warning("reconcile pass incomplete (%d errors), again in %.1fs: %s",
                             len(report.errors), delay, "; ".join(report.errors[:3]))
             else:
@@ -290,6 +317,40 @@ class Planner:
                 self._finished = max(self._finished, ticket)
                 self._finished_ok = report.ok
                 self._done.notify_all()
+
+    def _next_release_retry(self) -> float | None:
+        """When a pool being deleted is due for :meth:`_retry_stuck_releases` (loop time)."""
+        if not self._deleting_since:
+            return None
+        return min(t for _uid, t in self._deleting_since.values()) + \
+            self.config.release_retry_seconds
+
+    async def _retry_stuck_releases(self, report: PassReport) -> None:
+        """Touch every pool that has been held by our finalizer for ``release_retry_seconds``.
+
+        kopf removes the finalizer with one PATCH after the deletion handler succeeded; if
+        the API answers it 409 or 422 (or kopf's progress PATCH fails), kopf gets no new
+        event and never tries again: the pool would stay Terminating forever. The touch
+        (an annotation) is a new event, so kopf runs the (idempotent) deletion again.
+        """
+        now = asyncio.get_running_loop().time()
+        dying = {k: e for k, e in self.entries().items() if e.deleting and e.finalized}
+        for k in list(self._deleting_since):
+            if k not in dying or self._deleting_since[k][0] != dying[k].uid:
+                del self._deleting_since[k]
+        for k, e in dying.items():
+            uid, since = self._deleting_since.setdefault(k, (e.uid, now))
+            if now - since < self.config.release_retry_seconds:
+                continue
+            path = path_for("joulepool.dev/v1alpha1", "inferencepools", e.namespace, e.name)
+            touch = {"metadata": {"annotations": {RELEASE_RETRY_ANNOTATION: _iso_now()}}}
+            try:
+                await self.client.patch(path, touch)
+                log.info("InferencePool %s still held by the finalizer: asked kopf again", k)
+            except ApiError as exc:
+                if not exc.not_found:
+                    report.errors.append(f"InferencePool {k} (release retry): {exc}")
+            self._deleting_since[k] = (uid, now)
 
     def resync_delay(self) -> float:
         """Delay before the next pass after a failed one: ``resync_after_error_seconds``,
@@ -318,14 +379,16 @@ class Planner:
         return {e.key: e for e in index_values(self.sources.pools)}
 
     def nodes(self) -> list[NodeInfo]:
-        return sorted(index_values(self.sources.nodes), key=lambda n: n.name)
+        return sorted(index_values(self.sources.nodes, self.gone.skip("nodes")),
+                      key=lambda n: n.name)
 
     def profiles(self) -> tuple[list[ServingProfile], list[str]]:
         """Default profiles, then every valid GPUProfile (by name: user profiles win)."""
         out: list[ServingProfile] = list(DEFAULT_PROFILES)
         keys: list[str] = []
         for res in sorted(
-            (v for v in index_values(self.sources.profiles) if isinstance(v, GPUProfile)),
+            (v for v in index_values(self.sources.profiles, self.gone.skip("profiles"))
+             if isinstance(v, GPUProfile)),
             key=lambda r: r.metadata.name,
         ):
             try:
@@ -338,7 +401,7 @@ class Planner:
 
     def policy(self) -> EnergyPolicySpec:
         """The EnergyPolicy named ``default``; its last valid spec while it is invalid."""
-        for name, spec in index_values(self.sources.policies):
+        for name, spec in index_values(self.sources.policies, self.gone.skip("policies")):
             if name == POLICY_NAME and isinstance(spec, EnergyPolicySpec):
                 self._last_policy = spec
                 return spec
@@ -347,7 +410,38 @@ class Planner:
         return EnergyPolicySpec()
 
     def deployments(self) -> dict[tuple[str, str], DeploymentInfo]:
-        return {(d.namespace, d.name): d for d in index_values(self.sources.deployments)}
+        return {(d.namespace, d.name): d
+                for d in index_values(self.sources.deployments, self.gone.skip("deployments"))}
+
+    def _index_of(self, kind: str) -> Mapping[Any, Iterable[Any]] | None:
+        return {"nodes": self.sources.nodes, "deployments": self.sources.deployments,
+                "profiles": self.sources.profiles, "policies": self.sources.policies}[kind]
+
+    def relisted(self, kind: str) -> None:
+        """kopf (re)lists ``kind`` (a ``None`` event): check the listing for objects that
+        were deleted while the watch was down (:mod:`.listings`) in the next pass."""
+        if self.gone.relisted(kind):
+            self.trigger(f"{kind} listed")
+
+    async def _check_listings(self, report: PassReport) -> None:
+        """Check the listings kopf re-made (and all of them every ``listing_check_seconds``:
+        a re-listing that came back empty shows as no event at all)."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._listed_at + self.config.listing_check_seconds:
+            self.gone.pending |= set(LISTED)
+            self._listed_at = now
+        for kind in sorted(self.gone.pending):
+            index = self._index_of(kind)
+            try:
+                newly = await self.gone.check(self.client, LISTED[kind], list(index or ()),
+                                              self.config.watch_namespaces)
+            except ApiError as exc:
+                report.errors.append(f"listing {kind}: {exc}")
+                continue
+            if kind == "deployments":
+                for key in newly:
+                    if isinstance(key, tuple):
+                        self.writer.forget(key)
 
     def planned_pool(self, entry: PoolEntry) -> InferencePool | None:
         """The spec a pool is planned with: its own, or its last valid one while invalid."""
@@ -370,6 +464,7 @@ class Planner:
         self.passes += 1
         report = PassReport()
         now = self.clock()
+        await self._check_listings(report)
         live = self._live_entries()
         for k, e in live.items():
             if e.pool is not None:
@@ -420,6 +515,7 @@ class Planner:
         await self._apply_deployments(live, plannable, published, report, sem)
         await self._write_statuses(live, plannable, view, now, force, report, sem)
         await self._write_policy_status(now, report)
+        await self._retry_stuck_releases(report)
         self.metrics.pools(published, {k: n for k, n in self.ready_replicas().items()
                                        if k in live}, policy)
         log.info(
@@ -645,6 +741,10 @@ class Planner:
         # patch tests the resourceVersion, so a status write now would only make it retry.
         # Its create handler triggers another pass once the finalizer is on.
         await asyncio.gather(*(write(e) for e in live.values() if e.finalized))
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _copy(status: Mapping[str, Any]) -> dict[str, Any]:
