@@ -6,6 +6,10 @@ import argparse
 import json
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from joulepool.api.models import EnergyPolicySpec
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +22,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _default_cluster() -> Path:
     return Path(str(resources.files("joulepool") / "examples" / "cluster.yaml"))
+
+
+def _without_live_carbon(policy: EnergyPolicySpec) -> EnergyPolicySpec:
+    """``joulepool plan`` fetches no live carbon source: each plans as the operator does
+    before its first fetch (fallbackGramsPerKWh, else the dirtiest known site); says so."""
+    import sys
+    from datetime import UTC, datetime
+
+    from joulepool.carbon import CarbonFeed
+
+    if not any(c.source is not None for c in policy.carbon):
+        return policy
+    resolved = CarbonFeed().resolve(policy, datetime.now(UTC).timestamp())
+    for s in resolved.statuses:
+        how = (f"fallback {s.grams_per_kwh:g} gCO2/kWh" if s.using_fallback
+               else "the dirtiest known site's intensity")
+        print(f"joulepool plan: site {s.site}: live carbon source ({s.provider}) not fetched; "
+              f"planned with {how}", file=sys.stderr)
+    return resolved.policy
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     policy = policies[0].spec if policies else EnergyPolicySpec()
     if not policy.carbon and cluster.carbon:
         policy = policy.model_copy(update={"carbon": cluster.carbon})
+    policy = _without_live_carbon(policy)
     profiles = (*DEFAULT_PROFILES,
                 *(profile_from_resource(r) for r in resources_ if isinstance(r, GPUProfile)))
     plan = plan_pools(pools, nodes_from_cluster(cluster.expanded()), policy, profiles)

@@ -192,3 +192,30 @@ def test_energy_policy_gap_and_negative_carbon_reach_the_planner():
         EnergyPolicySpec.model_validate({"mipRelGap": 1.0})
     with pytest.raises(ValueError, match="finite"):
         EnergyPolicySpec.model_validate({"carbon": [{"site": "a", "series": [float("nan")]}]})
+
+
+def test_live_carbon_sources_plan_with_their_fallback_and_say_so(tmp_path, capsys):
+    docs = [d for d in yaml.safe_load_all(Path(POOLS).read_text())
+            if d["kind"] != "EnergyPolicy"]
+    docs.append({"apiVersion": "joulepool.dev/v1alpha1", "kind": "EnergyPolicy",
+                 "metadata": {"name": "default"},
+                 "spec": {"objective": "carbon", "carbon": [
+                     {"site": "us-east", "source": {
+                         "provider": "carbonAwareSDK", "url": "http://127.0.0.1:9",
+                         "location": "eastus", "fallbackGramsPerKWh": 321}}]}})
+    f = tmp_path / "pools.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    assert main(["plan", "-f", str(f)]) == 0
+    err = capsys.readouterr().err
+    assert "site us-east: live carbon source (carbonAwareSDK) not fetched" in err
+    assert "fallback 321 gCO2/kWh" in err
+
+
+def test_a_cluster_file_rejects_live_carbon_sources(tmp_path, capsys):
+    cluster = yaml.safe_load((ROOT / "examples" / "cluster.yaml").read_text())
+    cluster["carbon"] = [{"site": "a", "source": {"provider": "configMap",
+                                                  "configMap": {"name": "ci"}}}]
+    f = tmp_path / "cluster.yaml"
+    f.write_text(yaml.safe_dump(cluster))
+    assert main(["plan", "-f", POOLS, "--cluster", str(f)]) == 2
+    assert "live sources belong in the EnergyPolicy" in capsys.readouterr().err

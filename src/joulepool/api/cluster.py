@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from joulepool.api.load import ResourceError, from_validation_error
 from joulepool.api.models import SiteCarbon, _Model
@@ -33,6 +33,14 @@ class ClusterSpec(_Model):
     nodes: list[NodeGroup] = Field(min_length=1)
     carbon: list[SiteCarbon] = Field(default_factory=list)
     step_seconds: float = Field(default=300, alias="stepSeconds", gt=0)
+
+    @model_validator(mode="after")
+    def _static_carbon(self) -> ClusterSpec:
+        live = [c.site for c in self.carbon if c.source is not None]
+        if live:
+            raise ValueError(f"carbon of site(s) {live}: a cluster file takes gramsPerKWh or "
+                             "series; live sources belong in the EnergyPolicy")
+        return self
 
     def expanded(self) -> list[tuple[str, str, str, int]]:
         """(node name, site, product, gpus) for every node."""
