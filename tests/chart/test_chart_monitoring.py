@@ -118,7 +118,7 @@ def test_promtool_checks_the_rules() -> None:
     out = subprocess.run([str(PROMTOOL), "check", "rules", str(RULES)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 12 rules found" in out.stdout
+    assert "SUCCESS: 13 rules found" in out.stdout
 
 
 @NEEDS_PROMTOOL
@@ -145,3 +145,18 @@ def test_promtool_rule_tests_can_fail(tmp_path: Path) -> None:
     out = subprocess.run([str(PROMTOOL), "test", "rules", "t.yaml"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "JoulepoolPoolMissRateAboveTarget" in out.stdout + out.stderr
+
+
+def test_carbon_configmaps_get_a_role_limited_to_their_name() -> None:
+    assert not [r for r in rendered("default").all("Role")
+                if r["metadata"]["namespace"] == "kube-system"]
+    r = Rendered(render_raw({"operator": {"carbonConfigMaps": [
+        {"namespace": "kube-system", "name": "carbonintensity"}]}}))
+    role = r.get("Role", name("operator-carbon-carbonintensity"))
+    assert role["metadata"]["namespace"] == "kube-system"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                              "resourceNames": ["carbonintensity"], "verbs": ["get"]}]
+    binding = r.get("RoleBinding", name("operator-carbon-carbonintensity"))
+    assert binding["subjects"][0]["namespace"] == "joulepool-system"
+    with pytest.raises(Exception, match="carbonConfigMaps"):
+        render_raw({"operator": {"carbonConfigMaps": [{"name": "x"}]}})

@@ -340,3 +340,16 @@ def test_source_spec_validation_names_what_is_missing():
     with pytest.raises(ValidationError, match="more than once"):
         EnergyPolicySpec.model_validate({"carbon": [{"site": "a", "gramsPerKWh": 1},
                                                     {"site": "a", "gramsPerKWh": 2}]})
+
+
+def test_the_live_carbon_example_is_a_valid_energy_policy():
+    from pathlib import Path
+
+    from joulepool.api.load import load_manifests
+    from joulepool.api.models import EnergyPolicy
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "energypolicy-live-carbon.yaml"
+    (policy,) = load_manifests(str(path))
+    assert isinstance(policy, EnergyPolicy)
+    providers = [c.source.provider for c in policy.spec.carbon if c.source]
+    assert providers == ["electricityMaps", "configMap"]
