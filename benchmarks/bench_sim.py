@@ -1,7 +1,7 @@
 """Simulator speed: simulated requests per wall-clock second, per policy, default scale.
 
     python benchmarks/bench_sim.py [--runs 3] [--policies all] [--cluster joulesched-320]
-                                   [--duration S] [--check]
+                                   [--duration S] [--check] [--against GIT_REF]
 
 Default scale is what ``joulepool simulate`` runs with no arguments: the
 joulesched-320 cluster (320 GPUs, llama-3.1-8b), the bundled Azure 2023
@@ -12,70 +12,192 @@ the figure is the median of (requests simulated / wall seconds of the
 engine run). Workload generation, planning and the energy floor are done
 once beforehand and are not timed (they are the same for every policy).
 Target: >= 20,000 simulated requests per wall-clock second per policy.
+
+``--against GIT_REF`` measures this checkout's simulator side by side with
+the one at GIT_REF (e.g. ``main`` or a commit): the ref's ``src/`` is
+extracted with ``git archive`` and each side runs in its own worker process
+(set up once), the two taking turns run by run and policy by policy (the
+order flipping every run), so both see the same machine load. It prints
+each side's median and the ratio of medians (this checkout / ref).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
 
 TARGET_RPS = 20_000.0
+REPO = Path(__file__).resolve().parents[1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    from joulepool.sim.cluster import resolve_cluster
-    from joulepool.sim.engine import simulate
-    from joulepool.sim.planning import plan_windows
-    from joulepool.sim.policies import POLICIES, parse_policies
-    from joulepool.sim.runner import Experiment, model_tables, resolve_rate, static_capacity
-    from joulepool.sim.trace import load_trace
-    from joulepool.sim.workload import build_workload
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per policy (median)")
     parser.add_argument("--policies", default="all")
     parser.add_argument("--cluster", default="joulesched-320")
     parser.add_argument("--duration", type=float, help="simulated seconds (default: cluster's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="exit 1 if a policy misses target")
-    args = parser.parse_args(argv)
+    parser.add_argument("--against", metavar="GIT_REF",
+                        help="also time the simulator at GIT_REF, interleaved with this one")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
-    cluster = resolve_cluster(args.cluster)
-    duration = args.duration or cluster.duration_s
-    trace = load_trace()
-    tables = model_tables(cluster)
-    cap = static_capacity(cluster, float(trace.input_tokens.mean()),
-                          float(trace.output_tokens.mean()), tables)
-    kind, value = cluster.default_arrival
-    exp = Experiment(cluster, trace, duration, arrival_mode=kind,  # type: ignore[arg-type]
-                     arrival_value=value)
-    mode, rate, _ = resolve_rate(exp, cap)
-    t0 = time.perf_counter()
-    wl = build_workload(trace, duration, mode=mode, value=rate, seed=args.seed)
-    plans = plan_windows(cluster, wl)
-    setup = time.perf_counter() - t0
-    print(f"cluster={cluster.name} duration={duration:g}s requests={wl.requests} "
-          f"({wl.mean_rate_rps:.0f} req/s) runs={args.runs} setup={setup:.2f}s "
+
+class _Setup:
+    """The benchmark's scenario, built once: cluster, workload, plans, capacities."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from joulepool.sim.cluster import resolve_cluster
+        from joulepool.sim.planning import plan_windows
+        from joulepool.sim.runner import Experiment, model_tables, resolve_rate, static_capacity
+        from joulepool.sim.trace import load_trace
+        from joulepool.sim.workload import build_workload
+
+        self.seed = args.seed
+        self.cluster = resolve_cluster(args.cluster)
+        self.duration = args.duration or self.cluster.duration_s
+        trace = load_trace()
+        self.tables = model_tables(self.cluster)
+        self.cap = static_capacity(self.cluster, float(trace.input_tokens.mean()),
+                                   float(trace.output_tokens.mean()), self.tables)
+        kind, value = self.cluster.default_arrival
+        exp = Experiment(self.cluster, trace, self.duration,
+                         arrival_mode=kind,  # type: ignore[arg-type]
+                         arrival_value=value)
+        mode, rate, _ = resolve_rate(exp, self.cap)
+        t0 = time.perf_counter()
+        self.wl = build_workload(trace, self.duration, mode=mode, value=rate, seed=args.seed)
+        self.plans = plan_windows(self.cluster, self.wl)
+        self.setup_s = time.perf_counter() - t0
+
+    def time_one(self, name: str) -> float:
+        """Wall seconds of one engine run of policy ``name``."""
+        from joulepool.sim.engine import simulate
+        from joulepool.sim.policies import POLICIES
+
+        r0 = time.perf_counter()
+        simulate(self.cluster, self.wl, POLICIES[name], self.tables, self.plans, seed=self.seed,
+                 static_capacity_rps=self.cap.per_mode_rps)
+        return time.perf_counter() - r0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Line protocol for --against: 'ready <requests>', then one wall time per policy name."""
+    setup = _Setup(args)
+    print(f"ready {setup.wl.requests}", flush=True)
+    for line in sys.stdin:
+        print(f"{setup.time_one(line.strip()):.9f}", flush=True)
+    return 0
+
+
+def _header(setup: _Setup, args: argparse.Namespace) -> None:
+    wl = setup.wl
+    print(f"cluster={setup.cluster.name} duration={setup.duration:g}s requests={wl.requests} "
+          f"({wl.mean_rate_rps:.0f} req/s) runs={args.runs} setup={setup.setup_s:.2f}s "
           f"python={platform.python_version()}")
+
+
+def _single(args: argparse.Namespace, names: tuple[str, ...]) -> bool:
+    """Time this checkout alone; True if some policy is below target."""
+    setup = _Setup(args)
+    _header(setup, args)
     print(f"{'policy':14} {'median req/s':>13} {'min':>9} {'max':>9} {'wall s':>7}  status")
     missed = False
-    for name in parse_policies(args.policies):
-        rates: list[float] = []
-        walls: list[float] = []
-        for _ in range(max(1, args.runs)):
-            r0 = time.perf_counter()
-            simulate(cluster, wl, POLICIES[name], tables, plans, seed=args.seed,
-                     static_capacity_rps=cap.per_mode_rps)
-            wall = time.perf_counter() - r0
-            walls.append(wall)
-            rates.append(wl.requests / wall)
+    for name in names:
+        walls = [setup.time_one(name) for _ in range(max(1, args.runs))]
+        rates = [setup.wl.requests / w for w in walls]
         med = statistics.median(rates)
         ok = med >= TARGET_RPS
         missed |= not ok
         print(f"{name:14} {med:13,.0f} {min(rates):9,.0f} {max(rates):9,.0f} "
               f"{statistics.median(walls):7.2f}  {'ok' if ok else 'BELOW TARGET'}")
+    return missed
+
+
+def _extract(ref: str, into: Path) -> Path:
+    """``src/`` of ``ref`` (a git ref of this repository) under ``into``."""
+    blob = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref, "src"],
+                          check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(blob)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "src"
+
+
+def _spawn(src: Path, argv: list[str]) -> tuple[Any, int]:
+    env = dict(os.environ, PYTHONPATH=str(src))
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", *argv], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready = proc.stdout.readline().split()
+    if not ready or ready[0] != "ready":
+        raise SystemExit(f"benchmark worker for {src} failed to start")
+    return proc, int(ready[1])
+
+
+def _ask(proc: Any, name: str) -> float:
+    proc.stdin.write(name + "\n")
+    proc.stdin.flush()
+    return float(proc.stdout.readline())
+
+
+def _against(args: argparse.Namespace, argv: list[str], names: tuple[str, ...]) -> bool:
+    """Time this checkout and ``args.against`` interleaved; True if ours is below target."""
+    worker_argv = [a for a in argv if a != "--check"]
+    if "--against" in worker_argv:
+        i = worker_argv.index("--against")
+        del worker_argv[i:i + 2]
+    worker_argv = [a for a in worker_argv if not a.startswith("--against=")]
+    with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
+        sides = {"this": REPO / "src", args.against: _extract(args.against, Path(tmp))}
+        procs = {k: _spawn(src, worker_argv) for k, src in sides.items()}
+        print(f"side by side: this checkout vs {args.against}; requests "
+              + ", ".join(f"{k}={n}" for k, (_, n) in procs.items())
+              + f"; runs={args.runs}; python={platform.python_version()}")
+        walls: dict[tuple[str, str], list[float]] = {}
+        order = list(sides)
+        for run in range(max(1, args.runs)):
+            for name in names:
+                for side in order if run % 2 == 0 else order[::-1]:
+                    walls.setdefault((side, name), []).append(_ask(procs[side][0], name))
+        for proc, _ in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    return _report_pairs(walls, {k: n for k, (_, n) in procs.items()}, names, args.against)
+
+
+def _report_pairs(walls: dict[tuple[str, str], list[float]], requests: dict[str, int],
+                  names: tuple[str, ...], ref: str) -> bool:
+    print(f"{'policy':14} {'this req/s':>11} {ref[:11] + ' req/s':>17} {'ratio':>6}  status")
+    missed = False
+    for name in names:
+        med = {s: statistics.median(requests[s] / w for w in walls[(s, name)]) for s in requests}
+        ok = med["this"] >= TARGET_RPS
+        missed |= not ok
+        print(f"{name:14} {med['this']:11,.0f} {med[ref]:17,.0f} "
+              f"{med['this'] / med[ref]:6.3f}  {'ok' if ok else 'BELOW TARGET'}")
+    return missed
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    from joulepool.sim.policies import parse_policies
+
+    names = parse_policies(args.policies)
+    missed = _against(args, argv, names) if args.against else _single(args, names)
     print(f"target: >= {TARGET_RPS:,.0f} simulated requests per wall-clock second per policy")
     return 1 if (args.check and missed) else 0
 
