@@ -6,7 +6,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from joulepool.sim.cluster import SimCluster
+    from joulepool.sim.report import Summary
+    from joulepool.sim.runner import Experiment, ExperimentResult
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -117,73 +122,76 @@ def _parse_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def _arrival(args: argparse.Namespace, cluster: SimCluster) -> tuple[str, float]:
+    """(arrival mode, value) from --replay/--rate/--scale/--load or the cluster's default."""
+    if args.replay:
+        return "replay", 1.0
+    if args.rate is not None:
+        return "rate", args.rate
+    if args.scale is not None:
+        return "scale", args.scale
+    if args.load is not None:
+        return "load", args.load
+    return cluster.default_arrival
+
+
+def _cluster(args: argparse.Namespace, assume: dict[str, float]) -> SimCluster:
+    """The cluster named by --cluster, with --assume's profile overrides."""
     from dataclasses import replace
 
     from joulepool.sim.cluster import ClusterError, resolve_cluster
+    from joulepool.sim.runner import apply_assumptions
+
+    try:
+        cluster = resolve_cluster(args.cluster)
+    except ClusterError as exc:
+        _fail(str(exc))
+    if assume:
+        try:
+            cluster = replace(cluster, profiles=apply_assumptions(cluster.profiles, assume))
+        except ValueError as exc:
+            _fail(f"--assume: {exc}")
+    return cluster
+
+
+def _experiment(args: argparse.Namespace) -> Experiment:
+    """The experiment the arguments describe (bad input: UsageError, exit 2)."""
     from joulepool.sim.engine import EngineParams
     from joulepool.sim.policies import parse_policies
-    from joulepool.sim.runner import (
-        Experiment,
-        apply_assumptions,
-        default_jobs,
-        run_experiment,
-        summarise_floor,
-    )
-    from joulepool.sim.trace import ATTRIBUTION, TraceError, load_trace, vendored_trace_path
+    from joulepool.sim.runner import Experiment, default_jobs
+    from joulepool.sim.trace import TraceError, load_trace
 
-    t0 = time.perf_counter()
     extra = _parse_args(args)
     try:
         policies = parse_policies(args.policies)
     except ValueError as exc:
         _fail(f"--policies: {exc}")
-    try:
-        cluster = resolve_cluster(args.cluster)
-    except ClusterError as exc:
-        _fail(str(exc))
-    if extra["assume"]:
-        try:
-            cluster = replace(cluster, profiles=apply_assumptions(cluster.profiles,
-                                                                  extra["assume"]))
-        except ValueError as exc:
-            _fail(f"--assume: {exc}")
+    cluster = _cluster(args, extra["assume"])
     try:
         trace = load_trace(args.trace)
     except TraceError as exc:
         _fail(str(exc))
-    if args.replay:
-        mode, value = "replay", 1.0
-    elif args.rate is not None:
-        mode, value = "rate", args.rate
-    elif args.scale is not None:
-        mode, value = "scale", args.scale
-    elif args.load is not None:
-        mode, value = "load", args.load
-    else:
-        mode, value = cluster.default_arrival
-    duration = args.duration or cluster.duration_s
-    jobs = args.jobs or default_jobs()
-    exp = Experiment(
-        cluster=cluster, trace=trace, duration_s=duration, arrival_mode=mode,  # type: ignore[arg-type]
-        arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat, jobs=jobs,
-        mix=extra["mix"], predictor_mae=args.predictor_mae, bulk_slack=args.bulk_slack,
-        alpha=args.alpha, headroom_scale=args.headroom,
+    mode, value = _arrival(args, cluster)
+    return Experiment(
+        cluster=cluster, trace=trace, duration_s=args.duration or cluster.duration_s,
+        arrival_mode=mode,  # type: ignore[arg-type]
+        arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat,
+        jobs=args.jobs or default_jobs(), mix=extra["mix"], predictor_mae=args.predictor_mae,
+        bulk_slack=args.bulk_slack, alpha=args.alpha, headroom_scale=args.headroom,
         params=EngineParams(eps_at_current_clock=args.eps_at_clock),
     )
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        _fail(f"--out {out_dir}: cannot create: {exc.strerror or exc}")
 
-    show = not args.quiet and sys.stderr.isatty()
+
+def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:
+    """Run ``exp`` with a progress bar on a terminal (unless ``quiet``)."""
+    from joulepool.sim.runner import run_experiment
+
     bar: Any = None
-    if show:
+    if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
 
         tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
-        bar = tqdm(total=round(duration * len(policies) * args.repeat), unit="sim-s",
+        bar = tqdm(total=round(exp.duration_s * len(exp.policies) * exp.repeat), unit="sim-s",
                    desc="simulating", file=sys.stderr, leave=False)
 
     def progress(done: float, total: float) -> None:
@@ -192,20 +200,23 @@ def run(args: argparse.Namespace) -> int:
             bar.refresh()
 
     try:
-        res = run_experiment(exp, progress=progress)
+        return run_experiment(exp, progress=progress)
     except ValueError as exc:
-        _fail(str(exc))
+        return _fail(str(exc))
     finally:
         if bar is not None:
             bar.close()
 
-    from joulepool.sim.report import legend, render_table, result_document, summarise, write_json
 
-    summary = summarise(res)
+def _print_report(args: argparse.Namespace, exp: Experiment, res: ExperimentResult,
+                  summary: Summary) -> None:
+    from joulepool.sim.report import legend, render_table
+    from joulepool.sim.runner import summarise_floor
+
     trace_name = "bundled Azure LLM inference trace 2023 (conversation)" if args.trace is None \
         else str(args.trace)
-    print(f"joulepool simulate: {cluster.name}, {duration:g} s simulated, "
-          f"{len(policies)} policies x {args.repeat} repeat(s), seed {args.seed}")
+    print(f"joulepool simulate: {exp.cluster.name}, {exp.duration_s:g} s simulated, "
+          f"{len(exp.policies)} policies x {args.repeat} repeat(s), seed {args.seed}")
     print(f"trace: {trace_name}")
     for line in res.description:
         print(f"  {line}")
@@ -221,7 +232,13 @@ def run(args: argparse.Namespace) -> int:
         for note in runs[0]["notes"]:
             if not note.startswith("plan @"):
                 print(f"{policy}: {note}")
-    stem = cluster.name
+
+
+def _write_outputs(args: argparse.Namespace, out_dir: Path, stem: str, res: ExperimentResult,
+                   summary: Summary) -> list[str]:
+    """Plots (unless --no-plots) and the JSON result; returns the files written."""
+    from joulepool.sim.report import result_document, write_json
+
     files: list[str] = []
     if not args.no_plots:
         from joulepool.sim.plots import write_plots
@@ -231,10 +248,28 @@ def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     write_json(json_path, result_document(res, summary, files, options))
     files.append(str(json_path))
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    from joulepool.sim.report import summarise
+    from joulepool.sim.trace import ATTRIBUTION, vendored_trace_path
+
+    t0 = time.perf_counter()
+    exp = _experiment(args)
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--out {out_dir}: cannot create: {exc.strerror or exc}")
+    res = _run_with_progress(exp, args.quiet)
+    summary = summarise(res)
+    _print_report(args, exp, res, summary)
+    files = _write_outputs(args, out_dir, exp.cluster.name, res, summary)
     rps = [s["sim_requests_per_s"].mean for s in summary.stats.values()]
     print()
     print(f"engine speed in this run: {min(rps):,.0f}-{max(rps):,.0f} simulated requests per "
-          f"wall-clock second per policy run ({jobs} process(es) sharing the CPUs; "
+          f"wall-clock second per policy run ({exp.jobs} process(es) sharing the CPUs; "
           "`joulepool bench sim` measures it alone); "
           f"wall time {time.perf_counter() - t0:.1f} s")
     print("results: " + "  ".join(files))

@@ -227,18 +227,17 @@ def _run_task(task: tuple[str, int]) -> tuple[str, int, RunResult]:
     return policy, r, res
 
 
-def run_experiment(
-    exp: Experiment,
-    progress: Callable[[float, float], None] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> ExperimentResult:
-    """Run everything; ``progress(done_sim_s, total_sim_s)`` is called as runs advance."""
-    t0 = time.perf_counter()
-    tables = model_tables(exp.cluster)
-    cap = static_capacity(exp.cluster, float(exp.trace.input_tokens.mean()),
-                          float(exp.trace.output_tokens.mean()), tables)
-    mode, value, notes = resolve_rate(exp, cap)
-    description = exp.cluster.describe() + notes
+_Progress = Callable[[float, float], None] | None
+_Log = Callable[[str], None] | None
+_Runs = dict[str, list[RunResult | None]]
+
+
+def _prepare_repeats(
+    exp: Experiment, mode: Literal["replay", "scale", "rate"], value: float,
+    description: list[str],
+) -> list[RepeatData]:
+    """Workload, plans (if a policy needs them) and energy floor of every repeat; the
+    first repeat's workload and planner assumptions are appended to ``description``."""
     need_plans = any(POLICIES[p].uses_planner for p in exp.policies)
     repeats: list[RepeatData] = []
     for r in range(exp.repeat):
@@ -255,10 +254,81 @@ def run_experiment(
             description += list(wl.description)
             if need_plans:
                 description.append(planner_assumptions(exp.alpha, headroom))
-    tasks = [(p, r) for r in range(exp.repeat) for p in exp.policies]
+    return repeats
+
+
+def _run_in_process(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs,
+                    shared: tuple[dict[str, ProfileTable], Capacity, list[RepeatData]],
+                    progress: _Progress, log: _Log) -> None:
+    """Run ``tasks`` (policy, repeat) one after another in this process."""
+    tables, cap, repeats = shared
+    total = exp.duration_s * len(tasks)
+    for k, (policy, r) in enumerate(tasks):
+        base = k * exp.duration_s
+
+        def step(t: float, base: float = base) -> None:
+            if progress:
+                progress(base + t, total)
+
+        rep = repeats[r]
+        res = simulate(exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans,
+                       exp.params, seed=rep.seed, progress=step,
+                       static_capacity_rps=cap.per_mode_rps)
+        runs[policy][r] = res
+        if progress:
+            progress(base + exp.duration_s, total)
+        if log:
+            log(f"{policy} (repeat {r}): {rep.workload.requests / res.wall_s:,.0f} "
+                f"simulated req/s")
+
+
+def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, jobs: int,
+                 repeats: list[RepeatData], progress: _Progress, log: _Log) -> None:
+    """Run ``tasks`` (policy, repeat) in ``jobs`` forked workers (they read ``_SHARED``)."""
     total = exp.duration_s * len(tasks)
     done = 0.0
-    runs: dict[str, list[RunResult | None]] = {p: [None] * exp.repeat for p in exp.policies}
+    ctx = mp.get_context("fork")
+    pq = ctx.Queue()
+    _SHARED["progress"] = pq
+    with ctx.Pool(jobs) as pool:
+        pending = [pool.apply_async(_run_task, (task,)) for task in tasks]
+        while pending:
+            try:
+                while True:
+                    done += float(pq.get(timeout=0.2))
+                    if progress:
+                        progress(min(done, total), total)
+            except queue.Empty:
+                pass
+            still = []
+            for a in pending:
+                if a.ready():
+                    policy, r, res = a.get()
+                    runs[policy][r] = res
+                    if log:
+                        log(f"{policy} (repeat {r}): "
+                            f"{repeats[r].workload.requests / res.wall_s:,.0f} "
+                            "simulated req/s")
+                else:
+                    still.append(a)
+            pending = still
+
+
+def run_experiment(
+    exp: Experiment,
+    progress: Callable[[float, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Run everything; ``progress(done_sim_s, total_sim_s)`` is called as runs advance."""
+    t0 = time.perf_counter()
+    tables = model_tables(exp.cluster)
+    cap = static_capacity(exp.cluster, float(exp.trace.input_tokens.mean()),
+                          float(exp.trace.output_tokens.mean()), tables)
+    mode, value, notes = resolve_rate(exp, cap)
+    description = exp.cluster.describe() + notes
+    repeats = _prepare_repeats(exp, mode, value, description)
+    tasks = [(p, r) for r in range(exp.repeat) for p in exp.policies]
+    runs: _Runs = {p: [None] * exp.repeat for p in exp.policies}
     _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=cap)
     jobs = max(1, min(exp.jobs, len(tasks)))
     if "fork" not in mp.get_all_start_methods():
@@ -266,49 +336,9 @@ def run_experiment(
     try:
         if jobs == 1:
             _SHARED["progress"] = None
-            for k, (policy, r) in enumerate(tasks):
-                base = k * exp.duration_s
-
-                def step(t: float, base: float = base) -> None:
-                    if progress:
-                        progress(base + t, total)
-
-                rep = repeats[r]
-                res = simulate(exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans,
-                               exp.params, seed=rep.seed, progress=step,
-                               static_capacity_rps=cap.per_mode_rps)
-                runs[policy][r] = res
-                if progress:
-                    progress(base + exp.duration_s, total)
-                if log:
-                    log(f"{policy} (repeat {r}): {rep.workload.requests / res.wall_s:,.0f} "
-                        f"simulated req/s")
+            _run_in_process(exp, tasks, runs, (tables, cap, repeats), progress, log)
         else:
-            ctx = mp.get_context("fork")
-            pq = ctx.Queue()
-            _SHARED["progress"] = pq
-            with ctx.Pool(jobs) as pool:
-                pending = [pool.apply_async(_run_task, (task,)) for task in tasks]
-                while pending:
-                    try:
-                        while True:
-                            done += float(pq.get(timeout=0.2))
-                            if progress:
-                                progress(min(done, total), total)
-                    except queue.Empty:
-                        pass
-                    still = []
-                    for a in pending:
-                        if a.ready():
-                            policy, r, res = a.get()
-                            runs[policy][r] = res
-                            if log:
-                                log(f"{policy} (repeat {r}): "
-                                    f"{repeats[r].workload.requests / res.wall_s:,.0f} "
-                                    "simulated req/s")
-                        else:
-                            still.append(a)
-                    pending = still
+            _run_in_pool(exp, tasks, runs, jobs, repeats, progress, log)
     finally:
         _SHARED.clear()
     final = {p: [x for x in v if x is not None] for p, v in runs.items()}

@@ -131,6 +131,95 @@ def mean_shape_rate(trace: Trace, duration_s: float) -> float:
     return float(np.sum(shape[np.arange(n_min) % shape.size] * lengths) / duration_s)
 
 
+def _check_workload_args(
+    duration_s: float, mix: tuple[float, float, float], bulk_slack: float
+) -> None:
+    if duration_s <= 0:
+        raise ValueError("duration must be positive")
+    if len(mix) != 3 or any(x < 0 for x in mix) or not math.isclose(sum(mix), 1.0, abs_tol=1e-6):
+        raise ValueError("mix must be three non-negative shares (chat, RAG, batch) summing to 1")
+    if mix[2] >= 1.0:
+        raise ValueError("the batch share must be below 1")
+    if bulk_slack < 1:
+        raise ValueError("bulk slack must be >= 1")
+
+
+def _arrivals(
+    trace: Trace, duration_s: float, mode: ArrivalMode, value: float, rng: np.random.Generator
+) -> tuple[FloatArray, IntArray, float, str]:
+    """(arrival times s, index of each request's trace row, scale, description)."""
+    if mode == "replay":
+        span = trace.span_s
+        loops = math.ceil(duration_s / span)
+        t = np.concatenate([trace.arrival_s + k * span for k in range(loops)])
+        idx = np.tile(np.arange(trace.requests), loops)
+        keep = t < duration_s
+        return t[keep], idx[keep], 1.0, (
+            f"arrivals: trace replayed as is ({trace.name}, {trace.requests} requests over "
+            f"{span / 60:.1f} min{', looped' if loops > 1 else ''}); scale x1"
+        )
+    base_rate = mean_shape_rate(trace, duration_s)
+    if mode == "scale":
+        scale = float(value)
+    elif mode == "rate":
+        scale = float(value) / base_rate
+    else:
+        raise ValueError(f"unknown arrival mode {mode!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError("the arrival scale must be positive")
+    arrival = _nhpp_arrivals(trace, duration_s, scale, rng)
+    idx = rng.integers(0, trace.requests, size=arrival.size)
+    return arrival, idx, scale, (
+        f"arrivals: non-homogeneous Poisson, per-minute rate shape of {trace.name} x "
+        f"{scale:.2f} (trace mean {base_rate:.2f} req/s over these minutes -> "
+        f"{scale * base_rate:.1f} req/s); (prompt, response) tokens resampled jointly"
+    )
+
+
+def _slo_columns(
+    cls: IntArray, is_batch: npt.NDArray[np.bool_], out: IntArray, bulk_slack: float
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Per request: FREESH's TTFT and TPOT for its class (x ``bulk_slack`` for bulk) and
+    its deadline, s."""
+    n = cls.size
+    ttft = np.empty(n)
+    tpot = np.empty(n)
+    deadline = np.empty(n)
+    for ci, name in enumerate(CLASS_NAMES):
+        base = freesh_slo(name)
+        for bulk in (False, True):
+            k = bulk_slack if bulk else 1.0
+            slo = SLO(ttft_s=base.ttft_s * k, tpot_s=base.tpot_s * k)
+            sel = (cls == ci) & (is_batch == bulk)
+            ttft[sel] = slo.ttft_s
+            tpot[sel] = slo.tpot_s
+            deadline[sel] = slo.deadline_for(out[sel])
+    return ttft, tpot, deadline
+
+
+def _mix_text(category: IntArray, batch_share: float, rag_threshold: float,
+              rag_of_rest: float) -> str:
+    shares = np.bincount(category, minlength=3) / max(category.size, 1)
+    return (
+        "tiers: chat {:.1f} % / RAG {:.1f} % / batch {:.1f} % (batch = seeded random {:.0f} %, "
+        "tier bulk; RAG = prompt >= {} tokens, the trace's longest {:.0f} % of the rest; "
+        "chat = the rest; chat and RAG are tier interactive)".format(
+            100 * shares[0], 100 * shares[1], 100 * shares[2], 100 * batch_share,
+            "inf" if math.isinf(rag_threshold) else f"{rag_threshold:.0f}", 100 * rag_of_rest,
+        )
+    )
+
+
+def _classes_text(cls: IntArray, bounds: ClassBoundaries, predictor_mae: float) -> str:
+    cshares = np.bincount(cls, minlength=4) / max(cls.size, 1)
+    return (
+        "classes (FREESH, on predicted response): "
+        + ", ".join(f"{c} {100 * s:.1f} %" for c, s in zip(CLASS_NAMES, cshares, strict=True))
+        + f"; long prompt >= {bounds.prompt_tokens}, long response >= {bounds.response_tokens} "
+        f"tokens; response predictor MAE {100 * predictor_mae:.0f} % (lognormal noise)"
+    )
+
+
 def build_workload(
     trace: Trace,
     duration_s: float,
@@ -149,46 +238,10 @@ def build_workload(
     ``value`` ignored), ``scale`` (NHPP at ``value`` x the trace's rate shape)
     or ``rate`` (NHPP scaled to a mean of ``value`` req/s over the run).
     """
-    if duration_s <= 0:
-        raise ValueError("duration must be positive")
-    if len(mix) != 3 or any(x < 0 for x in mix) or not math.isclose(sum(mix), 1.0, abs_tol=1e-6):
-        raise ValueError("mix must be three non-negative shares (chat, RAG, batch) summing to 1")
-    if mix[2] >= 1.0:
-        raise ValueError("the batch share must be below 1")
-    if bulk_slack < 1:
-        raise ValueError("bulk slack must be >= 1")
+    _check_workload_args(duration_s, mix, bulk_slack)
     bounds = boundaries or ClassBoundaries()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6A6F756C]))
-    desc: list[str] = []
-    base_rate = mean_shape_rate(trace, duration_s)
-    if mode == "replay":
-        span = trace.span_s
-        loops = math.ceil(duration_s / span)
-        t = np.concatenate([trace.arrival_s + k * span for k in range(loops)])
-        idx = np.tile(np.arange(trace.requests), loops)
-        keep = t < duration_s
-        arrival, idx = t[keep], idx[keep]
-        scale = 1.0
-        desc.append(
-            f"arrivals: trace replayed as is ({trace.name}, {trace.requests} requests over "
-            f"{span / 60:.1f} min{', looped' if loops > 1 else ''}); scale x1"
-        )
-    else:
-        if mode == "scale":
-            scale = float(value)
-        elif mode == "rate":
-            scale = float(value) / base_rate
-        else:
-            raise ValueError(f"unknown arrival mode {mode!r}")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError("the arrival scale must be positive")
-        arrival = _nhpp_arrivals(trace, duration_s, scale, rng)
-        idx = rng.integers(0, trace.requests, size=arrival.size)
-        desc.append(
-            f"arrivals: non-homogeneous Poisson, per-minute rate shape of {trace.name} x "
-            f"{scale:.2f} (trace mean {base_rate:.2f} req/s over these minutes -> "
-            f"{scale * base_rate:.1f} req/s); (prompt, response) tokens resampled jointly"
-        )
+    arrival, idx, scale, arrivals_text = _arrivals(trace, duration_s, mode, value, rng)
     n = int(arrival.size)
     inp = trace.input_tokens[idx].astype(np.int64)
     out = trace.output_tokens[idx].astype(np.int64)
@@ -207,39 +260,14 @@ def build_workload(
     is_rag = ~is_batch & (inp >= rag_threshold)
     category = np.where(is_batch, 2, np.where(is_rag, 1, 0)).astype(np.int64)
     cls = bounds.classify_many(inp, pred).astype(np.int64)
-
-    ttft = np.empty(n)
-    tpot = np.empty(n)
-    deadline = np.empty(n)
-    for ci, name in enumerate(CLASS_NAMES):
-        base = freesh_slo(name)
-        for bulk in (False, True):
-            k = bulk_slack if bulk else 1.0
-            slo = SLO(ttft_s=base.ttft_s * k, tpot_s=base.tpot_s * k)
-            sel = (cls == ci) & (is_batch == bulk)
-            ttft[sel] = slo.ttft_s
-            tpot[sel] = slo.tpot_s
-            deadline[sel] = slo.deadline_for(out[sel])
-    shares = np.bincount(category, minlength=3) / max(n, 1)
-    desc.append(
-        "tiers: chat {:.1f} % / RAG {:.1f} % / batch {:.1f} % (batch = seeded random {:.0f} %, "
-        "tier bulk; RAG = prompt >= {} tokens, the trace's longest {:.0f} % of the rest; "
-        "chat = the rest; chat and RAG are tier interactive)".format(
-            100 * shares[0], 100 * shares[1], 100 * shares[2], 100 * batch_share,
-            "inf" if math.isinf(rag_threshold) else f"{rag_threshold:.0f}", 100 * rag_of_rest,
-        )
-    )
-    cshares = np.bincount(cls, minlength=4) / max(n, 1)
-    desc.append(
-        "classes (FREESH, on predicted response): "
-        + ", ".join(f"{c} {100 * s:.1f} %" for c, s in zip(CLASS_NAMES, cshares, strict=True))
-        + f"; long prompt >= {bounds.prompt_tokens}, long response >= {bounds.response_tokens} "
-        f"tokens; response predictor MAE {100 * predictor_mae:.0f} % (lognormal noise)"
-    )
-    desc.append(
+    ttft, tpot, deadline = _slo_columns(cls, is_batch, out, bulk_slack)
+    desc = [
+        arrivals_text,
+        _mix_text(category, batch_share, rag_threshold, rag_of_rest),
+        _classes_text(cls, bounds, predictor_mae),
         "SLOs: FREESH TTFT 300 ms (short prompt) / 600 ms (long), TPOT 150 ms; deadline = "
-        f"TTFT + tokens x TPOT; bulk x{bulk_slack:g} on all three"
-    )
+        f"TTFT + tokens x TPOT; bulk x{bulk_slack:g} on all three",
+    ]
     return Workload(
         arrival_s=np.asarray(arrival, dtype=np.float64),
         input_tokens=inp,
