@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -35,6 +35,9 @@ from joulepool.core.profiles import (
     ServingProfile,
     product_for_label,
 )
+
+if TYPE_CHECKING:
+    from joulepool.api.cluster import ClusterSpec
 
 #: JouleSched section 6: marginal grid intensity 0.42 kgCO2/kWh
 JOULESCHED_G_PER_KWH = 420.0
@@ -239,14 +242,19 @@ BUILTIN: dict[str, Any] = {"joulesched-320": joulesched_320, "freesh-3site": fre
 
 
 # ------------------------------------------------------------------ files
-def load_cluster_file(path: str | Path) -> SimCluster:
+_ARRIVAL_KEYS = ("load", "scale", "rate", "replay")
+_SIMULATOR_KEYS = {"model", "staticModes", "planModes", "objective", "durationSeconds",
+                   *_ARRIVAL_KEYS}
+
+
+def _read_cluster_yaml(p: Path) -> tuple[ClusterSpec, dict[str, Any]]:
+    """The file's ClusterSpec and its ``simulator`` mapping (ClusterError if invalid)."""
     import yaml
     from pydantic import ValidationError
 
     from joulepool.api.cluster import ClusterSpec
     from joulepool.api.load import from_validation_error
 
-    p = Path(path)
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -262,11 +270,15 @@ def load_cluster_file(path: str | Path) -> SimCluster:
         spec = ClusterSpec.model_validate(data)
     except ValidationError as exc:
         raise ClusterError(str(from_validation_error(exc, str(p)))) from None
-    arrival_keys = ("load", "scale", "rate", "replay")
-    known = {"model", "staticModes", "planModes", "objective", "durationSeconds", *arrival_keys}
-    unknown = sorted(set(sim) - known)
+    unknown = sorted(set(sim) - _SIMULATOR_KEYS)
     if unknown:
-        raise ClusterError(f"{p}: simulator: unknown key(s) {unknown}; known: {sorted(known)}")
+        raise ClusterError(
+            f"{p}: simulator: unknown key(s) {unknown}; known: {sorted(_SIMULATOR_KEYS)}"
+        )
+    return spec, sim
+
+
+def _file_nodes(p: Path, spec: ClusterSpec) -> list[SimNode]:
     nodes = []
     for name, site, label, gpus in spec.expanded():
         product = product_for_label(label)
@@ -275,15 +287,16 @@ def load_cluster_file(path: str | Path) -> SimCluster:
                 f"{p}: node {name!r}: unknown GPU product {label!r}; known: {sorted(PRODUCTS)}"
             )
         nodes.append(SimNode(name, site, product.name, gpus))
-    model = str(sim.get("model", LLAMA_8B))
-    profiles = [q for q in DEFAULT_PROFILES if q.model == model]
-    if not profiles:
-        models = sorted({q.model for q in DEFAULT_PROFILES})
-        raise ClusterError(f"{p}: simulator.model {model!r} has no profiles; known: {models}")
-    products = {n.product for n in nodes}
+    return nodes
+
+
+def _file_modes(
+    p: Path, sim: dict[str, Any], profiles: list[ServingProfile], products: set[str]
+) -> tuple[dict[str, int], tuple[str, ...]]:
+    """simulator.staticModes (default: smallest profiled degree per product) and
+    simulator.planModes (default: every profiled mode of a product present)."""
     static_raw = sim.get("staticModes")
     if static_raw is None:
-        # smallest profiled degree per product
         static: dict[str, int] = {}
         for q in sorted(profiles, key=lambda q: q.gpus, reverse=True):
             if q.product.name in products:
@@ -303,30 +316,42 @@ def load_cluster_file(path: str | Path) -> SimCluster:
         plan = tuple(str(m) for m in plan_raw)
     else:
         raise ClusterError(f"{p}: simulator.planModes: expected a list such as [4xA100]")
-    objective = sim.get("objective", "energy")
-    if objective not in ("energy", "carbon"):
-        raise ClusterError(f"{p}: simulator.objective must be energy or carbon")
+    return static, plan
+
+
+def _file_duration(p: Path, sim: dict[str, Any]) -> float:
     try:
         duration = float(sim.get("durationSeconds", 600.0))
     except (TypeError, ValueError):
         raise ClusterError(f"{p}: simulator.durationSeconds must be a number") from None
     if not math.isfinite(duration) or duration <= 0:
         raise ClusterError(f"{p}: simulator.durationSeconds must be positive")
-    given = [k for k in arrival_keys if k in sim]
+    return duration
+
+
+def _file_arrival(p: Path, sim: dict[str, Any]) -> tuple[str, float]:
+    """At most one of simulator.load/scale/rate/replay (default load 0.8)."""
+    given = [k for k in _ARRIVAL_KEYS if k in sim]
     if len(given) > 1:
-        raise ClusterError(f"{p}: simulator: give at most one of {', '.join(arrival_keys)}")
-    arrival: tuple[str, float] = ("load", 0.8)
-    if given:
-        key = given[0]
-        try:
-            value = 1.0 if key == "replay" else float(sim[key])
-        except (TypeError, ValueError):
-            raise ClusterError(f"{p}: simulator.{key} must be a number") from None
-        if key == "replay" and sim[key] is not True:
-            raise ClusterError(f"{p}: simulator.replay must be true when given")
-        if not (math.isfinite(value) and value > 0):
-            raise ClusterError(f"{p}: simulator.{key} must be positive")
-        arrival = (key, value)
+        raise ClusterError(f"{p}: simulator: give at most one of {', '.join(_ARRIVAL_KEYS)}")
+    if not given:
+        return ("load", 0.8)
+    key = given[0]
+    try:
+        value = 1.0 if key == "replay" else float(sim[key])
+    except (TypeError, ValueError):
+        raise ClusterError(f"{p}: simulator.{key} must be a number") from None
+    if key == "replay" and sim[key] is not True:
+        raise ClusterError(f"{p}: simulator.replay must be true when given")
+    if not (math.isfinite(value) and value > 0):
+        raise ClusterError(f"{p}: simulator.{key} must be positive")
+    return (key, value)
+
+
+def _file_carbon(
+    spec: ClusterSpec, nodes: list[SimNode]
+) -> tuple[dict[str, tuple[float, ...]], list[str]]:
+    """Carbon series per site; a site without one gets the highest given (noted)."""
     carbon = {s: tuple(float(v) for v in vals) for s, vals in spec.carbon_by_site().items()}
     sites = dict.fromkeys(n.site for n in nodes)
     fallback = max((max(v) for v in carbon.values()), default=JOULESCHED_G_PER_KWH)
@@ -335,6 +360,27 @@ def load_cluster_file(path: str | Path) -> SimCluster:
         if site not in carbon:
             carbon[site] = (fallback,)
             notes.append(f"site {site}: no carbon given, assumed {fallback:.0f} gCO2/kWh")
+    return carbon, notes
+
+
+def load_cluster_file(path: str | Path) -> SimCluster:
+    """A cluster from a YAML file: an ``api.cluster.ClusterSpec`` plus an optional
+    ``simulator`` mapping; any problem raises ClusterError naming the file and key."""
+    p = Path(path)
+    spec, sim = _read_cluster_yaml(p)
+    nodes = _file_nodes(p, spec)
+    model = str(sim.get("model", LLAMA_8B))
+    profiles = [q for q in DEFAULT_PROFILES if q.model == model]
+    if not profiles:
+        models = sorted({q.model for q in DEFAULT_PROFILES})
+        raise ClusterError(f"{p}: simulator.model {model!r} has no profiles; known: {models}")
+    static, plan = _file_modes(p, sim, profiles, {n.product for n in nodes})
+    objective = sim.get("objective", "energy")
+    if objective not in ("energy", "carbon"):
+        raise ClusterError(f"{p}: simulator.objective must be energy or carbon")
+    duration = _file_duration(p, sim)
+    arrival = _file_arrival(p, sim)
+    carbon, notes = _file_carbon(spec, nodes)
     try:
         return SimCluster(
             name=spec.name,
