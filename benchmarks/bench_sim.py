@@ -18,7 +18,9 @@ the one at GIT_REF (e.g. ``main`` or a commit): the ref's ``src/`` is
 extracted with ``git archive`` and each side runs in its own worker process
 (set up once), the two taking turns run by run and policy by policy (the
 order flipping every run), so both see the same machine load. It prints
-each side's median and the ratio of medians (this checkout / ref).
+each side's median requests per wall-clock second and per CPU second of its
+process, and the ratios of medians (this checkout / ref); on a shared,
+loaded machine the CPU-second figures are the steadier comparison.
 """
 
 from __future__ import annotations
@@ -81,23 +83,24 @@ class _Setup:
         self.plans = plan_windows(self.cluster, self.wl)
         self.setup_s = time.perf_counter() - t0
 
-    def time_one(self, name: str) -> float:
-        """Wall seconds of one engine run of policy ``name``."""
+    def time_one(self, name: str) -> tuple[float, float]:
+        """(wall, CPU) seconds of one engine run of policy ``name`` (CPU: this process's)."""
         from joulepool.sim.engine import simulate
         from joulepool.sim.policies import POLICIES
 
-        r0 = time.perf_counter()
+        c0, r0 = time.process_time(), time.perf_counter()
         simulate(self.cluster, self.wl, POLICIES[name], self.tables, self.plans, seed=self.seed,
                  static_capacity_rps=self.cap.per_mode_rps)
-        return time.perf_counter() - r0
+        return time.perf_counter() - r0, time.process_time() - c0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """Line protocol for --against: 'ready <requests>', then one wall time per policy name."""
+    """Line protocol for --against: 'ready <requests>', then 'wall cpu' per policy name."""
     setup = _Setup(args)
     print(f"ready {setup.wl.requests}", flush=True)
     for line in sys.stdin:
-        print(f"{setup.time_one(line.strip()):.9f}", flush=True)
+        wall, cpu = setup.time_one(line.strip())
+        print(f"{wall:.9f} {cpu:.9f}", flush=True)
     return 0
 
 
@@ -115,7 +118,7 @@ def _single(args: argparse.Namespace, names: tuple[str, ...]) -> bool:
     print(f"{'policy':14} {'median req/s':>13} {'min':>9} {'max':>9} {'wall s':>7}  status")
     missed = False
     for name in names:
-        walls = [setup.time_one(name) for _ in range(max(1, args.runs))]
+        walls = [setup.time_one(name)[0] for _ in range(max(1, args.runs))]
         rates = [setup.wl.requests / w for w in walls]
         med = statistics.median(rates)
         ok = med >= TARGET_RPS
@@ -145,10 +148,11 @@ def _spawn(src: Path, argv: list[str]) -> tuple[Any, int]:
     return proc, int(ready[1])
 
 
-def _ask(proc: Any, name: str) -> float:
+def _ask(proc: Any, name: str) -> tuple[float, float]:
     proc.stdin.write(name + "\n")
     proc.stdin.flush()
-    return float(proc.stdout.readline())
+    wall, cpu = proc.stdout.readline().split()
+    return float(wall), float(cpu)
 
 
 def _against(args: argparse.Namespace, argv: list[str], names: tuple[str, ...]) -> bool:
@@ -164,7 +168,7 @@ def _against(args: argparse.Namespace, argv: list[str], names: tuple[str, ...]) 
         print(f"side by side: this checkout vs {args.against}; requests "
               + ", ".join(f"{k}={n}" for k, (_, n) in procs.items())
               + f"; runs={args.runs}; python={platform.python_version()}")
-        walls: dict[tuple[str, str], list[float]] = {}
+        walls: dict[tuple[str, str], list[tuple[float, float]]] = {}
         order = list(sides)
         for run in range(max(1, args.runs)):
             for name in names:
@@ -176,16 +180,26 @@ def _against(args: argparse.Namespace, argv: list[str], names: tuple[str, ...]) 
     return _report_pairs(walls, {k: n for k, (_, n) in procs.items()}, names, args.against)
 
 
-def _report_pairs(walls: dict[tuple[str, str], list[float]], requests: dict[str, int],
-                  names: tuple[str, ...], ref: str) -> bool:
-    print(f"{'policy':14} {'this req/s':>11} {ref[:11] + ' req/s':>17} {'ratio':>6}  status")
+def _report_pairs(times: dict[tuple[str, str], list[tuple[float, float]]],
+                  requests: dict[str, int], names: tuple[str, ...], ref: str) -> bool:
+    """Per policy and side the median requests per wall and per CPU second, and the
+    ratios this / ref (the CPU figure is the one a loaded, shared machine disturbs least)."""
+    r = ref[:10]
+    print(f"{'':14} {'per wall-clock second':^37} {'per CPU second':^37}")
+    print(f"{'policy':14} {'this':>10} {r:>10} {'this/ref':>9}   "
+          f"{'this':>10} {r:>10} {'this/ref':>9}   status")
     missed = False
     for name in names:
-        med = {s: statistics.median(requests[s] / w for w in walls[(s, name)]) for s in requests}
-        ok = med["this"] >= TARGET_RPS
+        med = {
+            (s, k): statistics.median(requests[s] / t[k] for t in times[(s, name)])
+            for s in requests for k in (0, 1)
+        }
+        ok = med[("this", 0)] >= TARGET_RPS
         missed |= not ok
-        print(f"{name:14} {med['this']:11,.0f} {med[ref]:17,.0f} "
-              f"{med['this'] / med[ref]:6.3f}  {'ok' if ok else 'BELOW TARGET'}")
+        print(f"{name:14} {med[('this', 0)]:10,.0f} {med[(ref, 0)]:10,.0f} "
+              f"{med[('this', 0)] / med[(ref, 0)]:9.3f}   {med[('this', 1)]:10,.0f} "
+              f"{med[(ref, 1)]:10,.0f} {med[('this', 1)] / med[(ref, 1)]:9.3f}   "
+              f"{'ok' if ok else 'BELOW TARGET'}")
     return missed
 
 

@@ -29,12 +29,12 @@ latency figures.
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +45,7 @@ from joulepool.core.controllers import MIADController, PIController, SLOSignal
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import llf_deadline
 from joulepool.core.router import PI_PERIOD_S
+from joulepool.core.routing import endpoint_queue_tokens
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -209,7 +210,8 @@ class Simulator:
 
     * a :class:`Mark` (carbon step, plan window, window end): :meth:`_on_mark`;
     * the control tick every ``tick_s`` (MIAD, PI, the production router's
-      housekeeping, plot samples): :meth:`_on_tick`;
+      housekeeping, plot samples): :meth:`_on_tick` (marks and ticks are both
+      dispatched by :meth:`_on_control`);
     * a request's arrival: :meth:`_on_arrival` (routing in :meth:`_pick_instance`);
     * an instance's next event, a prefill's end or decode completions:
       :meth:`_on_instance_event`.
@@ -273,6 +275,7 @@ class Simulator:
         self.marks = self._marks()
         self.mark_i = 0
         self.next_mark = self.marks[0][0]
+        self.next_control = min(self.next_mark, self.next_tick)  # next mark or tick
 
     def _init_counters(self) -> None:
         prm = self.prm
@@ -356,23 +359,34 @@ class Simulator:
     # ------------------------------------------------------------------- loop
     def run(self) -> RunResult:
         """Run to the end of the drain and return the raw outcome."""
-        arrival, n, evq = self.req.arrival, self.req.n, self.evq
+        arrival, n, evq, instances = self.req.arrival, self.req.n, self.evq, self.instances
+        on_arrival, on_instance_event = self._on_arrival, self._on_instance_event
         while True:
             i = self.next_rid
             ta = arrival[i] if i < n else INF
             te = evq[0][0] if evq else INF
-            next_mark, next_tick = self.next_mark, self.next_tick
-            if next_mark <= ta and next_mark <= te and next_mark <= next_tick:
-                if self._on_mark():
-                    break
-            elif next_tick <= ta and next_tick <= te:
-                if self._on_tick(next_tick):
+            tc = self.next_control
+            if tc <= ta and tc <= te:
+                if self._on_control():
                     break
             elif ta <= te:
-                self._on_arrival(i, ta)
-            elif self._on_instance_event():
-                break
+                on_arrival(i, ta)
+            else:
+                _, idx, version = heappop(evq)
+                inst = instances[idx]
+                # an event is stale once its instance was re-timed (version bumped)
+                if version == inst.version and on_instance_event(inst, te):
+                    break
         return self._result()
+
+    def _on_control(self) -> bool:
+        """The next mark or tick (a mark first at equal times); True when the run is over."""
+        if self.next_mark <= self.next_tick:
+            over = self._on_mark()
+        else:
+            over = self._on_tick(self.next_tick)
+        self.next_control = min(self.next_mark, self.next_tick)
+        return over
 
     # ------------------------------------------------------------------ marks
     def _on_mark(self) -> bool:
@@ -490,7 +504,7 @@ class Simulator:
         req.where[rid] = inst.idx
         inst.enqueue(rid, req.input[rid], req.predicted[rid],
                      req.llf_deadline[rid] if self.llf else 0.0)
-        if inst.can_admit():
+        if inst.prefill_rid < 0 and inst.b < inst.maxb:  # room: admit it now
             inst.settle(t)
             inst.start_prefill(t, req.input)
             inst.set_power(t)
@@ -532,17 +546,19 @@ class Simulator:
 
     def _sync(self, inst: Instance) -> None:
         """Refresh ``inst``'s routing columns after its load changed."""
-        if inst.state != ACTIVE or inst.pos < 0:
+        pos = inst.pos
+        if inst.state != ACTIVE or pos < 0:
             return
-        self.pools[inst.pool].sync(inst, self.use_js)
+        pool = self.pools[inst.pool]
+        pool.out[pos] = inst.n_out
+        if self.use_js:
+            pool.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
 
     # --------------------------------------------------------- instance event
-    def _on_instance_event(self) -> bool:
-        """Pop the earliest instance event and handle it; True when the run is over."""
-        t, idx, ver = heapq.heappop(self.evq)
-        inst = self.instances[idx]
-        if ver != inst.version:
-            return False  # stale: the instance was re-timed since
+    def _on_instance_event(self, inst: Instance, t: float) -> bool:
+        """``inst``'s next event is due at ``t``: its prefill ends (first token) or
+        decoding requests finish; then admit the next waiting request if there is room.
+        True when the run is over."""
         self.events += 1
         inst.settle(t)
         if inst.prefill_rid >= 0:
@@ -552,7 +568,7 @@ class Simulator:
         for rid in completed:
             self._complete(inst, rid, t)
         admitted = False
-        if inst.nwait and inst.can_admit():
+        if inst.nwait and inst.prefill_rid < 0 and inst.b < inst.maxb:
             inst.start_prefill(t, self.req.input)
             admitted = True
         inst.set_power(t)
@@ -576,7 +592,7 @@ class Simulator:
         o = req.output[rid]
         if o <= 1:
             return [rid]
-        heapq.heappush(inst.heap, (inst.V + (o - 1), rid))
+        heappush(inst.heap, (inst.V + (o - 1), rid))
         inst.b += 1
         return _NOTHING
 
@@ -589,7 +605,7 @@ class Simulator:
         lim = inst.V + 1e-7
         completed = []
         while rh and rh[0][0] <= lim:
-            completed.append(heapq.heappop(rh)[1])
+            completed.append(heappop(rh)[1])
         inst.b -= len(completed)
         return completed
 

@@ -8,11 +8,11 @@ times per run; units are in the comments of :meth:`Instance.__init__`.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from collections.abc import Sequence
 from enum import IntEnum
+from heapq import heappush
 from typing import Any
 
 from joulepool.core.llf import LLFQueue
@@ -143,10 +143,9 @@ class Instance:
         pushed before is now stale (its version no longer matches)."""
         self.version += 1
         if self.prefill_rid >= 0:
-            heapq.heappush(evq, (self.prefill_end, self.idx, self.version))
+            heappush(evq, (self.prefill_end, self.idx, self.version))
         elif self.b > 0:
-            heapq.heappush(evq, (t + (self.heap[0][0] - self.V) * self.itl, self.idx,
-                                 self.version))
+            heappush(evq, (t + (self.heap[0][0] - self.V) * self.itl, self.idx, self.version))
 
     def enqueue(self, rid: int, input_tokens: float, predicted_tokens: float,
                 llf_deadline_s: float) -> None:
@@ -159,10 +158,6 @@ class Instance:
         else:
             self.waiting.append(rid)
         self.nwait += 1
-
-    def can_admit(self) -> bool:
-        """Nothing prefilling and the batch has room."""
-        return self.prefill_rid < 0 and self.b < self.maxb
 
     def start_prefill(self, t: float, input_tokens: Sequence[float]) -> None:
         """Admit the next waiting request and start its prefill at ``t``."""
@@ -212,10 +207,3 @@ class Pool:
         self.mu[pos] = inst.mu
         self.w[pos] = inst.pf_w
         self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
-
-    def sync(self, inst: Instance, queue_tokens: bool) -> None:
-        """Refresh ``inst``'s load columns (``queue_tokens``: q_n too, for JouleSched)."""
-        pos = inst.pos
-        self.out[pos] = inst.n_out
-        if queue_tokens:
-            self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
