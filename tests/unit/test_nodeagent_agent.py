@@ -102,7 +102,7 @@ def gpu_labels(i: int = 0, product: str = "H100") -> dict[str, str]:
 
 async def test_light_load_walks_the_clock_down_and_energy_per_token_falls():
     rig = Rig(eps_half_life_s=3.0)
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0], batch=4)
     await rig.ticks(3)
     eps_early = rig.agent.gpus[0].eps.value
@@ -130,7 +130,7 @@ async def test_light_load_walks_the_clock_down_and_energy_per_token_falls():
 
 async def test_slo_violation_steps_up_multiplicatively():
     rig = Rig()
-    rig.agent.start()
+    await rig.agent.start()
     e = rig.engine([0], batch=4)
     await rig.ticks(40)
     assert rig.locked(0) == 990.0
@@ -149,7 +149,7 @@ async def test_slo_violation_steps_up_multiplicatively():
 async def test_no_permission_runs_monitor_only_without_crashing(caplog):
     caplog.set_level(logging.WARNING, logger="joulepool.nodeagent")
     rig = Rig(count=2, privileged=False)
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0, 1], batch=8)
     await rig.ticks(5)
     assert rig.agent.monitor_only
@@ -166,7 +166,7 @@ async def test_no_permission_runs_monitor_only_without_crashing(caplog):
 async def test_lost_gpu_is_reported_and_the_others_keep_being_controlled(caplog):
     caplog.set_level(logging.ERROR, logger="joulepool.nodeagent")
     rig = Rig(count=3, lost_retry_s=5.0)
-    rig.agent.start()
+    await rig.agent.start()
     for i in range(3):
         rig.engine([i], batch=2)
     await rig.ticks(3)
@@ -189,7 +189,7 @@ async def test_stop_resets_every_gpu_and_start_clears_stale_locks():
     rig = Rig(count=4)
     for i in range(4):
         rig.gpus.set_locked(i, 990.0, 1200.0)  # a crashed predecessor left these
-    rig.agent.start()
+    await rig.agent.start()
     assert all(rig.locked(i) is None for i in range(4))
     rig.engine([0, 1, 2, 3], batch=4, mapped=False)
     await rig.ticks(5)
@@ -201,7 +201,7 @@ async def test_stop_resets_every_gpu_and_start_clears_stale_locks():
 async def test_not_supported_gpu_is_measured_only():
     rig = Rig(count=2)
     rig.gpus.set_fault(1, "not_supported")
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0, 1], batch=4, mapped=False)
     await rig.ticks(5)
     assert rig.locked(0) is not None
@@ -225,7 +225,7 @@ class FlakyBackend(SimulatedBackend):
 async def test_control_error_resets_the_clock_and_counts():
     rig = Rig()
     rig.agent.backend = rig.backend = FlakyBackend(rig.gpus, fail_locks=0)
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0], batch=4)
     await rig.ticks(5)
     assert rig.locked(0) is not None
@@ -239,7 +239,7 @@ async def test_control_error_resets_the_clock_and_counts():
 
 async def test_no_signal_hands_the_clock_back_and_a_missed_scrape_holds():
     rig = Rig()
-    rig.agent.start()
+    await rig.agent.start()
     e = rig.engine([0], batch=4)
     await rig.ticks(5)
     held = rig.locked(0)
@@ -255,7 +255,7 @@ async def test_no_signal_hands_the_clock_back_and_a_missed_scrape_holds():
 
 async def test_without_any_slo_the_agent_does_not_lock():
     rig = Rig(slo=(None, None))
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0], batch=4)
     await rig.ticks(5)
     assert rig.locked(0) is None
@@ -275,7 +275,7 @@ async def test_pool_slo_comes_from_the_plan(tmp_path):
     path.write_text(json.dumps(plan))
     rig = Rig(slo=(None, None))
     rig.agent.plan = FilePlanSource(path, monotonic=rig.clock)
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0], batch=4)  # TPOT ~7 ms > 5 ms * 0.9: at risk under the plan's SLO
     await rig.ticks(3)
     assert rig.locked(0) == H100.f_max_mhz.value
@@ -300,7 +300,7 @@ async def test_eps_is_published_per_instance():
     rig = Rig(count=4, eps_half_life_s=5.0, product="A100", slo=(5.0, 0.2))
     pub = RecordingPublisher()
     rig.agent.publisher = pub
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0, 1], batch=8, profile=A100_70B_TP2)  # one 2-GPU instance
     await rig.ticks(5)
     if rig.agent._publishing is not None:
@@ -324,7 +324,7 @@ async def test_run_loop_survives_an_exception_and_resets_on_stop():
     rig = Rig(count=2)
     rig.agent.config.interval_s = 0.01
     rig.agent.monotonic = __import__("time").monotonic
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0, 1], batch=4, mapped=False)
     calls = {"n": 0}
     real = rig.agent.source.fn
@@ -367,7 +367,7 @@ async def test_publication_rate_is_bounded_and_failures_do_not_stop_control():
     rig = Rig(count=1)
     inner = Flaky()
     rig.agent.publisher = RateLimited(inner, 60.0, monotonic=rig.clock)
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0], batch=4)
     for _ in range(130):  # 130 s of 1 s periods
         await rig.ticks(1)
@@ -402,7 +402,7 @@ async def test_energy_policy_miad_parameters_override_the_flags():
                          "metadata": {"name": "default"},
                          "spec": {"miad": {"kInc": 2.0, "stepMHz": 90, "margin": 0.2}}})
     rig.agent.policy = EnergyPolicySource(api=api, refresh_s=5.0, monotonic=rig.clock)
-    rig.agent.start()
+    await rig.agent.start()
     rig.engine([0], batch=4)
     await rig.ticks(1)
     assert rig.agent.miad_params() == (2.0, 90.0, 0.2)

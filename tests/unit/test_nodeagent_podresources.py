@@ -179,7 +179,7 @@ def test_the_sidecar_wires_pod_resources_to_the_agents_gpus(monkeypatch):
     seen = {}
 
     async def fake_main(args, agent):
-        agent.start()
+        await agent.start()
         seen["discover"] = agent.source.discover
         return 0
 

@@ -66,7 +66,7 @@ def locked(gpus: SimulatedGPUs, i: int):
 async def test_no_permission_on_one_gpu_hands_back_the_others_clocks(caplog):
     caplog.set_level(logging.INFO, logger="joulepool.nodeagent")
     agent, gpus, backend, clock, _ = make_agent(count=2)
-    agent.start()
+    await agent.start()
     for _ in range(3):
         clock.t += 1.0
         await agent.tick(clock.t)
@@ -87,7 +87,7 @@ async def test_no_permission_on_one_gpu_hands_back_the_others_clocks(caplog):
 
 async def test_reset_all_tries_every_gpu_whatever_the_agents_state():
     agent, gpus, backend, clock, _ = make_agent(count=3)
-    agent.start()
+    await agent.start()
     for _ in range(3):
         clock.t += 1.0
         await agent.tick(clock.t)
@@ -98,11 +98,11 @@ async def test_reset_all_tries_every_gpu_whatever_the_agents_state():
     agent.gpus[1].lost = True
     agent.gpus[2].controllable = False
     backend.denied = {0}
-    assert agent.reset_all() == 2
+    assert await agent.reset_all() == 2
     assert locked(gpus, 1) is None and locked(gpus, 2) is None
     backend.denied = set()
     gpus.set_fault(1, "lost")
-    assert agent.reset_all() == 2  # GPUs 0 and 2; the lost one is tolerated
+    assert await agent.reset_all() == 2  # GPUs 0 and 2; the lost one is tolerated
     assert locked(gpus, 0) is None
 
 
@@ -125,7 +125,7 @@ async def test_hanging_plan_refresh_does_not_freeze_control_and_stop_resets():
     plan = HangingPlan()
     agent, gpus, _, _, _ = make_agent(count=2, backend_cls=SimulatedBackend,
                                       clock=time.monotonic, interval=0.02, plan=plan)
-    agent.start()
+    await agent.start()
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     for _ in range(300):
@@ -159,7 +159,7 @@ async def test_a_hung_period_is_bounded_counted_and_interrupted_by_stop():
     agent, gpus, _, _, metrics = make_agent(count=2, backend_cls=SimulatedBackend,
                                             clock=time.monotonic, interval=0.02, source=src)
     agent.config.tick_timeout_s = 0.1
-    agent.start()
+    await agent.start()
     gpus.set_locked(0, 990.0, 1200.0)  # as if a period had locked it before hanging
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))

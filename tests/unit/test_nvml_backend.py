@@ -195,7 +195,7 @@ async def test_agent_over_nvml_controls_a100_and_resets_on_stop():
     fake = FakeNVML()
     fake.locked[0] = (1005, 1005)  # left locked by a crashed predecessor
     agent, _ = _agent(fake)
-    agent.start()
+    await agent.start()
     assert fake.locked == {0: None, 1: None}
     assert [g.product_name for g in agent.gpus] == ["A100", "A100"]
     for t in range(1, 4):
@@ -210,7 +210,7 @@ async def test_agent_over_nvml_controls_a100_and_resets_on_stop():
 async def test_agent_over_unprivileged_nvml_is_monitor_only():
     fake = FakeNVML(privileged=False)
     agent, metrics = _agent(fake)
-    agent.start()
+    await agent.start()
     for t in range(1, 4):
         await agent.tick(float(t))
     assert agent.monitor_only
@@ -224,7 +224,7 @@ async def test_agent_over_unprivileged_nvml_is_monitor_only():
 async def test_agent_keeps_other_gpu_when_one_is_lost_over_nvml():
     fake = FakeNVML()
     agent, metrics = _agent(fake)
-    agent.start()
+    await agent.start()
     await agent.tick(1.0)
     fake.lost.add(1)
     for t in range(2, 6):

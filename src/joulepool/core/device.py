@@ -18,6 +18,7 @@ class GPUErrorKind(StrEnum):
     NOT_SUPPORTED = "not_supported"  # the GPU or driver cannot do this
     LOST = "lost"  # the GPU fell off the bus
     UNAVAILABLE = "unavailable"  # no driver / library: the backend cannot start
+    TIMEOUT = "timeout"  # the call did not return within its time bound (a hung driver)
     OTHER = "other"
 
 

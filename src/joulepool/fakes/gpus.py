@@ -19,6 +19,10 @@ and replace the file atomically; readers never see a half-written file.
 Faults are injectable per GPU in the state (``"fault": "lost"`` or
 ``"not_supported"``) and per backend (``privileged=False`` answers
 NO_PERMISSION to clock changes, like an agent without CAP_SYS_ADMIN).
+Transient driver faults are injectable for a time span, from another process
+too (:meth:`SimulatedGPUs.inject`): until ``hang_until`` every call on that GPU
+blocks (a hung NVML call), until ``error_until`` every call fails with an
+unknown NVML error. Both are monotonic times, so they end on their own.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ STATE_VERSION = 1
 FAULT_LOST = "lost"
 FAULT_NOT_SUPPORTED = "not_supported"
 FAULTS = (FAULT_LOST, FAULT_NOT_SUPPORTED)
+#: transient faults for :meth:`SimulatedGPUs.inject`: state key of each one's end time
+TRANSIENT_FAULTS = {"hang": "hang_until", "error": "error_until"}
 
 State = dict[str, Any]
 
@@ -306,6 +312,16 @@ class SimulatedGPUs:
     def reset(self, index: int) -> None:
         self._mutate([index], lambda g: g.__setitem__("locked", None))
 
+    def inject(self, index: int, fault: str, seconds: float) -> None:
+        """Make every call on GPU ``index`` hang (``"hang"``) or fail (``"error"``) for
+        ``seconds`` from now (0 ends an injected fault now)."""
+        key = TRANSIENT_FAULTS.get(fault)
+        if key is None:
+            raise ValueError(f"unknown transient fault {fault!r}; expected one of "
+                             f"{sorted(TRANSIENT_FAULTS)}")
+        until = self.clock() + max(seconds, 0.0)
+        self._mutate([index], lambda g: g.__setitem__(key, until))
+
     def set_fault(self, index: int, fault: str | None) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
@@ -324,9 +340,24 @@ class SimulatedBackend:
         self._last_energy: dict[int, float] = {}
 
     def _live(self, index: int) -> dict[str, Any]:
-        gpu = self.gpus.gpu(index)
+        gpu = self._transient_faults(index, self.gpus.gpu(index))
         if gpu.get("fault") == FAULT_LOST:
             raise GPUError(GPUErrorKind.LOST, "GPU is lost", index)
+        return gpu
+
+    def _transient_faults(self, index: int, gpu: dict[str, Any]) -> dict[str, Any]:
+        """Block while a hang is injected (at most its span in real time), then fail
+        while an error is injected."""
+        left = float(gpu.get("hang_until") or 0.0) - self.gpus.clock()
+        if left > 0:
+            give_up = time.monotonic() + left
+            while time.monotonic() < give_up:
+                time.sleep(min(0.01, left))
+                gpu = self.gpus.gpu(index)  # the injector may end it early
+                if float(gpu.get("hang_until") or 0.0) <= self.gpus.clock():
+                    break
+        if float(gpu.get("error_until") or 0.0) > self.gpus.clock():
+            raise GPUError(GPUErrorKind.OTHER, "Unknown Error (injected)", index)
         return gpu
 
     def init(self) -> None:

@@ -11,11 +11,18 @@ Every period (default 1 s), for each GPU:
 
 GPU safety, which is the point of this module:
 
+* every backend (NVML) call runs on one worker thread, bounded in time
+  (:mod:`joulepool.nodeagent.gpuio`): a hung driver never stops the event
+  loop, so ``/healthz`` keeps answering and SIGTERM is handled at once; a
+  call past its bound is a failed call (``TIMEOUT``);
 * clocks are reset on start (a crashed predecessor may have left them
   locked), on stop (SIGTERM / SIGINT), after any control error, and whenever
-  a GPU has no engine signal or no SLO (no signal, no control); on stop every
-  GPU's reset is tried, whatever the agent believes about it, and a failure on
-  one GPU never skips the others;
+  a GPU has no engine signal or no SLO (no signal, no control); a GPU counts
+  as unlocked only once a reset succeeded: a failed reset (at start too) is
+  retried every period with backoff; on stop every GPU's reset is tried,
+  whatever the agent believes about it, retried with backoff until it
+  succeeds or ``reset_grace_s`` (inside the pod's termination grace period)
+  runs out, and a failure on one GPU never skips the others;
 * without privilege (NO_PERMISSION) the agent goes monitor-only: it says so
   once in the log and in ``joulepool_sidecar_monitor_only``, keeps measuring,
   and never exits for it; clocks it had already locked on other GPUs (the
@@ -51,6 +58,7 @@ from joulepool.core.estimators import (
 )
 from joulepool.core.profiles import GPUProduct, product_for_label
 from joulepool.nodeagent.background import Background
+from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
 from joulepool.nodeagent.metrics import AgentMetrics
 from joulepool.nodeagent.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
 from joulepool.nodeagent.publisher import Measurement, ProfilePublisher
@@ -73,12 +81,18 @@ class AgentConfig:
     eps_half_life_s: float = EPS_HALF_LIFE_S
     #: a control period longer than this is abandoned (None: 3 periods, at least 2 s)
     tick_timeout_s: float | None = None
+    #: longest wait for one GPU backend (NVML) call; longer is a failed call
+    call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    #: on stop, failed resets are retried with backoff for at most this long (seconds);
+    #: keep it below the pod's terminationGracePeriodSeconds
+    reset_grace_s: float = 20.0
 
     @property
     def tick_timeout(self) -> float:
         if self.tick_timeout_s is not None:
             return self.tick_timeout_s
-        return max(3.0 * self.interval_s, 2.0)
+        # room for one GPU call to run into its bound without abandoning the period
+        return max(3.0 * self.interval_s, 2.0, self.call_timeout_s + 1.0)
 
     @property
     def refresh_wait_s(self) -> float:
@@ -90,6 +104,10 @@ class AgentConfig:
             raise ValueError("interval must be > 0")
         if self.tick_timeout_s is not None and self.tick_timeout_s <= 0:
             raise ValueError("tick timeout must be > 0")
+        if self.call_timeout_s <= 0:
+            raise ValueError("GPU call timeout must be > 0")
+        if self.reset_grace_s < 0:
+            raise ValueError("reset grace must be >= 0")
         if (self.ttft_slo_s is None) != (self.tpot_slo_s is None):
             raise ValueError("give both TTFT and TPOT fallback SLOs, or neither")
         if self.ttft_slo_s is not None and (self.ttft_slo_s <= 0 or (self.tpot_slo_s or 0) <= 0):
@@ -107,7 +125,12 @@ class GPU:
     supported: list[float] = field(default_factory=list)
     controllable: bool = True
     lost: bool = False
-    locked_mhz: float | None = None  # the cap we locked, None when unlocked
+    locked_mhz: float | None = None  # the cap we locked, None when not (or no longer) ours
+    #: clocks may be locked: True from start (a predecessor may have locked them) and
+    #: after each lock, False only once a reset succeeded
+    needs_reset: bool = True
+    next_reset: float = 0.0  # monotonic time of the next retry of a failed reset
+    reset_backoff_s: float = 0.0
     energy_counter: bool = True
     last_energy_mj: float | None = None
     last_power_w: float | None = None
@@ -133,6 +156,14 @@ class GPU:
 
 
 class NodeAgent:
+    @property
+    def backend(self) -> GPUBackend:
+        return self.gpu_io.backend
+
+    @backend.setter
+    def backend(self, backend: GPUBackend) -> None:
+        self.gpu_io.backend = backend
+
     def __init__(
         self,
         backend: GPUBackend,
@@ -144,10 +175,12 @@ class NodeAgent:
         monotonic: Callable[[], float] = time.monotonic,
         policy: PolicySource | None = None,
     ) -> None:
-        self.backend = backend
         self.policy = policy
         self.source = source
         self.config = config or AgentConfig()
+        #: every backend call goes through here: off the event loop, bounded in time
+        self.gpu_io = GPUCalls(backend, timeout_s=self.config.call_timeout_s)
+        self.reset_count = 0  # GPUs the last stop() reset
         self.plan: PlanSource = plan or NoPlan()
         self.publisher = publisher
         self.metrics = metrics or AgentMetrics(self.config.node)
@@ -172,7 +205,7 @@ class NodeAgent:
             self._logged.add(key)
             log.log(level, msg, *args)
 
-    def _enter_monitor_only(self, reason: str) -> None:
+    async def _enter_monitor_only(self, reason: str) -> None:
         if not self.monitor_only:
             self.monitor_only = True
             self.monitor_only_reason = reason
@@ -183,7 +216,7 @@ class NodeAgent:
         for gpu in self.gpus:
             if gpu.locked_mhz is not None and not gpu.lost:
                 # we locked it before the permission failed (elsewhere): hand it back now
-                self._try_reset(gpu, self.monotonic())
+                await self._try_reset(gpu, self.monotonic())
             gpu.locked_mhz = None
             self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
 
@@ -197,18 +230,23 @@ class NodeAgent:
         self.metrics.gpu_lost.labels(*self._labels(gpu)).set(1)
         self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
 
-    def _on_error(self, gpu: GPU, exc: GPUError, now: float, what: str) -> None:
+    def _not_controllable(self, gpu: GPU, exc: GPUError) -> None:
+        gpu.controllable = False
+        gpu.locked_mhz = None
+        gpu.needs_reset = False  # a GPU that cannot lock clocks has none locked
+        self._set_reset_pending(gpu)
+        self.metrics.controllable.labels(*self._labels(gpu)).set(0)
+        self._once(f"nosupport:{gpu.index}", logging.WARNING,
+                   "GPU %d cannot lock clocks (%s): measuring only", gpu.index, exc)
+
+    async def _on_error(self, gpu: GPU, exc: GPUError, now: float, what: str) -> None:
         """React to a failed backend call on one GPU (never raises)."""
         if exc.kind is GPUErrorKind.LOST:
             self._mark_lost(gpu, exc, now)
         elif exc.kind is GPUErrorKind.NO_PERMISSION:
-            self._enter_monitor_only(str(exc))
+            await self._enter_monitor_only(str(exc))
         elif exc.kind is GPUErrorKind.NOT_SUPPORTED and what in ("lock", "reset"):
-            gpu.controllable = False
-            gpu.locked_mhz = None
-            self.metrics.controllable.labels(*self._labels(gpu)).set(0)
-            self._once(f"nosupport:{gpu.index}", logging.WARNING,
-                       "GPU %d cannot lock clocks (%s): measuring only", gpu.index, exc)
+            self._not_controllable(gpu, exc)
         else:
             self.metrics.control_errors.labels(*self._labels(gpu)).inc()
             key = f"err:{gpu.index}:{what}"
@@ -216,109 +254,163 @@ class NodeAgent:
             self._logged.add(key)  # a persistent fault: the metric counts, the log says it once
             log.log(level, "GPU %d: %s failed: %s; resetting its clocks", gpu.index, what, exc)
             if what != "reset":
-                self._reset(gpu, now)
+                await self._reset(gpu, now)
 
-    def _reset(self, gpu: GPU, now: float) -> bool:
+    def _set_reset_pending(self, gpu: GPU) -> None:
+        self.metrics.reset_pending.labels(*self._labels(gpu)).set(1 if gpu.needs_reset else 0)
+
+    def _reset_failed(self, gpu: GPU, now: float) -> None:
+        """Schedule the next try of a failed reset: 0.1 s doubling to 10 s (or the period)."""
+        cap = max(10.0, self.config.interval_s)
+        gpu.reset_backoff_s = min(max(2.0 * gpu.reset_backoff_s, 0.1), cap)
+        gpu.next_reset = now + gpu.reset_backoff_s
+        self._set_reset_pending(gpu)
+
+    def _reset_done(self, gpu: GPU) -> None:
+        gpu.locked_mhz = None
+        gpu.needs_reset = False
+        gpu.reset_backoff_s = 0.0
+        self._set_reset_pending(gpu)
+        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+
+    async def _reset(self, gpu: GPU, now: float) -> bool:
         """Unlock one GPU's clocks; True when it is known to be unlocked."""
         if not gpu.controllable or gpu.lost:
             return False
         try:
-            self.backend.reset_locked_clocks(gpu.index)
+            await self.gpu_io.reset_locked_clocks(gpu.index, wait_if_hung=False)
         except GPUError as exc:
+            self._reset_failed(gpu, now)
             if self.monitor_only and exc.kind is GPUErrorKind.NO_PERMISSION:
                 return False
-            self._on_error(gpu, exc, now, "reset")
+            await self._on_error(gpu, exc, now, "reset")
             return False
-        gpu.locked_mhz = None
-        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        self._reset_done(gpu)
         return True
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        """Find the GPUs and reset their clocks. Raises GPUError if the backend cannot start."""
-        self.backend.init()
+    async def start(self) -> None:
+        """Find the GPUs and reset their clocks. Raises GPUError if the backend cannot start.
+
+        A reset that fails here leaves the GPU marked ``needs_reset``: every period
+        retries it (with backoff) until it succeeds."""
+        await self.gpu_io.init()
         self._stopping = False
         now = self.monotonic()
         self.gpus = []
-        for info in self.backend.devices():
+        for info in await self.gpu_io.devices():
             gpu = GPU(info, product_for_label(info.name),
                       eps=EnergyPerTokenEstimator(half_life_s=self.config.eps_half_life_s))
             self.gpus.append(gpu)
-            labels = self._labels(gpu)
-            self.metrics.gpu_lost.labels(*labels).set(0)
-            self.metrics.target_clock.labels(*labels).set(0)
-            self.metrics.controllable.labels(*labels).set(1)
-            for d in Direction:
-                self.metrics.decisions.labels(*labels, d.value)
-            self.metrics.control_errors.labels(*labels)
+            self._init_metrics(gpu)
             try:
-                gpu.supported = sorted(self.backend.supported_clocks_mhz(info.index))
+                gpu.supported = sorted(await self.gpu_io.supported_clocks_mhz(info.index))
                 if not gpu.supported:
                     raise GPUError(GPUErrorKind.NOT_SUPPORTED, "no supported clocks", info.index)
             except GPUError as exc:
                 if exc.kind is GPUErrorKind.LOST:
                     self._mark_lost(gpu, exc, now)
-                    continue
-                gpu.controllable = False
-                self.metrics.controllable.labels(*labels).set(0)
-                self._once(f"nosupport:{gpu.index}", logging.WARNING,
-                           "GPU %d: no lockable clocks (%s): measuring only", info.index, exc)
+                elif exc.kind in (GPUErrorKind.NOT_SUPPORTED, GPUErrorKind.NO_PERMISSION):
+                    self._not_controllable(gpu, exc)
+                else:  # a transient fault: measure for now, keep trying to reset it
+                    gpu.controllable = False
+                    self._once(f"noclocks:{gpu.index}", logging.WARNING,
+                               "GPU %d: cannot list its clocks (%s): measuring only",
+                               info.index, exc)
                 continue
             if not self.monitor_only:
-                self._reset(gpu, now)  # safety: a predecessor may have left clocks locked
+                await self._reset(gpu, now)  # safety: a predecessor may have left clocks locked
         log.info("node agent on %s: %d GPU(s): %s%s", self.config.node, len(self.gpus),
                  ", ".join(f"{g.index}={g.product_name}" for g in self.gpus),
                  " (monitor-only)" if self.monitor_only else "")
 
-    def _try_reset(self, gpu: GPU, now: float) -> bool:
+    def _init_metrics(self, gpu: GPU) -> None:
+        labels = self._labels(gpu)
+        self.metrics.gpu_lost.labels(*labels).set(0)
+        self.metrics.target_clock.labels(*labels).set(0)
+        self.metrics.controllable.labels(*labels).set(1)
+        self.metrics.reset_pending.labels(*labels).set(1)
+        for d in Direction:
+            self.metrics.decisions.labels(*labels, d.value)
+        self.metrics.control_errors.labels(*labels)
+
+    async def _try_reset(self, gpu: GPU, now: float, patient: bool = False) -> bool | None:
         """Reset one GPU's clocks whatever we believe about it; never raises.
 
-        NO_PERMISSION / NOT_SUPPORTED / a lost GPU are expected here (said once
-        per GPU and kind); anything else is logged as a warning.
+        ``patient``: wait (up to the call bound) for a reset queued behind a hung call.
+
+        True: unlocked. None: nothing to retry (no privilege, not supported, a
+        lost GPU: said once per GPU and kind). False: a failure worth retrying.
         """
         try:
-            self.backend.reset_locked_clocks(gpu.index)
+            await self.gpu_io.reset_locked_clocks(gpu.index, wait_if_hung=patient)
         except GPUError as exc:
-            expected = (GPUErrorKind.NO_PERMISSION, GPUErrorKind.NOT_SUPPORTED,
-                        GPUErrorKind.LOST)
-            level = logging.INFO if exc.kind in expected else logging.WARNING
+            final = (GPUErrorKind.NO_PERMISSION, GPUErrorKind.NOT_SUPPORTED,
+                     GPUErrorKind.LOST)
+            level = logging.INFO if exc.kind in final else logging.WARNING
             self._once(f"reset:{gpu.index}:{exc.kind.value}", level,
                        "GPU %d: reset of locked clocks failed: %s", gpu.index, exc)
             if exc.kind is GPUErrorKind.LOST and not gpu.lost:
                 self._mark_lost(gpu, exc, now)
-            return False
+            if exc.kind is GPUErrorKind.NOT_SUPPORTED:
+                gpu.needs_reset = False  # it cannot lock clocks, so none are locked
+            self._reset_failed(gpu, now)
+            return None if exc.kind in final else False
         except Exception as exc:  # a backend bug must not skip the other GPUs
             self._once(f"reset:{gpu.index}:{type(exc).__name__}", logging.WARNING,
                        "GPU %d: reset of locked clocks failed: %r", gpu.index, exc)
+            self._reset_failed(gpu, now)
             return False
-        gpu.locked_mhz = None
-        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        self._reset_done(gpu)
         return True
 
-    def reset_all(self) -> int:
-        """Try to unlock every GPU (each one, whatever the agent's state); returns how many."""
-        now = self.monotonic()
+    async def reset_all(self, grace_s: float = 0.0) -> int:
+        """Try to unlock every GPU (each one, whatever the agent's state); returns how many.
+
+        Failures worth retrying (an unknown error, a timeout) are retried with
+        backoff (0.05 s doubling to 1 s) for at most ``grace_s`` seconds of wall time.
+        """
+        deadline = time.monotonic() + grace_s
+        todo = list(self.gpus)
         done = 0
-        for gpu in self.gpus:
-            if self._try_reset(gpu, now):
-                done += 1
-            gpu.locked_mhz = None
-            self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        backoff = 0.05
+        while True:
+            # all at once: they queue on the one worker, and a hung driver costs one
+            # call bound per round, not one per GPU
+            outcomes = await asyncio.gather(
+                *(self._try_reset(gpu, self.monotonic(), patient=grace_s > 0) for gpu in todo))
+            retry = []
+            for gpu, outcome in zip(todo, outcomes, strict=True):
+                if outcome:
+                    done += 1
+                elif outcome is False:
+                    retry.append(gpu)
+                gpu.locked_mhz = None
+                self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+            todo = retry
+            if not todo or time.monotonic() + backoff > deadline:
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 1.0)
+        for gpu in todo:
+            log.error("GPU %d (%s): clocks may still be locked: reset kept failing; the next "
+                      "agent on this node (or 'joulepool node-agent --reset-and-exit') resets "
+                      "them", gpu.index, gpu.info.uuid)
         return done
 
     async def stop(self) -> None:
         """Reset every GPU's clocks and let go of the backend (safe to call twice)."""
         self._stopping = True
-        n = self.reset_all()  # first: nothing below may delay it
+        n = await self.reset_all(self.config.reset_grace_s)  # first: nothing may delay it
         await self._refresher.cancel()
         if self._publishing is not None and not self._publishing.done():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._publishing), timeout=2.0)
-        log.info("node agent stopping: clocks reset on %d GPU(s)", n)
+        log.info("node agent stopping: clocks reset on %d of %d GPU(s)", n, len(self.gpus))
+        self.reset_count = n
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.source.close(), timeout=2.0)
-        with contextlib.suppress(Exception):
-            self.backend.shutdown()
+        await self.gpu_io.shutdown()
 
     # ------------------------------------------------------------------ one period
     def _assign(self, readings: Sequence[EngineReading]) -> dict[int, list[EngineReading]]:
@@ -371,20 +463,20 @@ class NodeAgent:
                 return doc.pools[r.pool].model
         return None
 
-    def _measure(self, gpu: GPU, now: float, tokens: float) -> None:
+    async def _measure(self, gpu: GPU, now: float, tokens: float) -> None:
         labels = self._labels(gpu)
-        power_w = self.backend.power_mw(gpu.index) / 1e3
+        power_w = await self.gpu_io.power_mw(gpu.index) / 1e3
         energy_mj: float | None = None
         if gpu.energy_counter:
             try:
-                energy_mj = self.backend.energy_mj(gpu.index)
+                energy_mj = await self.gpu_io.energy_mj(gpu.index)
             except GPUError as exc:
                 if exc.kind is not GPUErrorKind.NOT_SUPPORTED:
                     raise
                 gpu.energy_counter = False
                 self._once(f"noenergy:{gpu.index}", logging.WARNING,
                            "GPU %d has no energy counter: integrating power instead", gpu.index)
-        gpu.sm_clock_mhz = self.backend.sm_clock_mhz(gpu.index)
+        gpu.sm_clock_mhz = await self.gpu_io.sm_clock_mhz(gpu.index)
         gpu.power_w = power_w
         if gpu.last_t is not None:
             dt = max(now - gpu.last_t, 0.0)
@@ -428,14 +520,14 @@ class NodeAgent:
             gpu.controller_params = params
         return gpu.controller
 
-    def _control(self, gpu: GPU, readings: Sequence[EngineReading], now: float) -> None:
+    async def _control(self, gpu: GPU, readings: Sequence[EngineReading], now: float) -> None:
         if self._stopping or self.monitor_only or not gpu.controllable or gpu.lost:
             return
         live = [r for r in readings if not r.stale]
         slo = self._slo(live) if live else None
         if slo is None:  # no engine, no SLO, or engines gone silent: hand the clock back
-            if gpu.locked_mhz is not None:
-                self._reset(gpu, now)
+            if gpu.locked_mhz is not None or (gpu.needs_reset and now >= gpu.next_reset):
+                await self._reset(gpu, now)
             return
         labels = self._labels(gpu)
         if any(not r.fresh for r in live):  # a missed scrape: hold, decide next period
@@ -449,21 +541,23 @@ class NodeAgent:
         current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
         target, direction = controller.step(current, signal)
         if gpu.locked_mhz is None or target != gpu.locked_mhz:
+            gpu.needs_reset = True  # from the moment it is sent: a timed-out lock may land
+            self._set_reset_pending(gpu)
             try:
-                self.backend.set_locked_clocks(gpu.index, gpu.supported[0], target)
+                await self.gpu_io.set_locked_clocks(gpu.index, gpu.supported[0], target)
             except GPUError as exc:
-                self._on_error(gpu, exc, now, "lock")
+                await self._on_error(gpu, exc, now, "lock")
                 return
             gpu.locked_mhz = target
         self.metrics.decisions.labels(*labels, direction.value).inc()
         self.metrics.target_clock.labels(*labels).set(target)
 
-    def _probe_lost(self, gpu: GPU, now: float) -> None:
+    async def _probe_lost(self, gpu: GPU, now: float) -> None:
         if now < gpu.next_probe:
             return
         gpu.next_probe = now + self.config.lost_retry_s
         try:
-            self.backend.power_mw(gpu.index)
+            await self.gpu_io.power_mw(gpu.index)
         except GPUError:
             return
         log.warning("GPU %d (%s) answers again; resuming", gpu.index, gpu.product_name)
@@ -471,7 +565,13 @@ class NodeAgent:
         gpu.last_t = gpu.last_energy_mj = None
         self.metrics.gpu_lost.labels(*self._labels(gpu)).set(0)
         if not self.monitor_only:
-            self._reset(gpu, now)
+            await self._reset(gpu, now)
+
+    async def _retry_reset(self, gpu: GPU, now: float) -> None:
+        """Retry a failed reset (also one from start-up) of a GPU we are not controlling."""
+        if (gpu.needs_reset and gpu.locked_mhz is None and not gpu.controllable
+                and not self.monitor_only and not self._stopping and now >= gpu.next_reset):
+            await self._try_reset(gpu, now)
 
     async def _refresh_sources(self) -> None:
         try:
@@ -493,18 +593,19 @@ class NodeAgent:
         by_gpu = self._assign(readings)
         for gpu in self.gpus:
             if gpu.lost:
-                self._probe_lost(gpu, t)
+                await self._probe_lost(gpu, t)
                 if gpu.lost:
                     continue
             rs = by_gpu.get(gpu.index, [])
             fresh = [r for r in rs if r.fresh]
             gpu.model = self._model(rs) or gpu.model
             try:
-                self._measure(gpu, t, sum(r.tokens for r in fresh))
+                await self._measure(gpu, t, sum(r.tokens for r in fresh))
             except GPUError as exc:
-                self._on_error(gpu, exc, t, "read")
+                await self._on_error(gpu, exc, t, "read")
                 continue
-            self._control(gpu, rs, t)
+            await self._retry_reset(gpu, t)
+            await self._control(gpu, rs, t)
         self.last_tick = self.monotonic()
         self.ticks += 1
         self._maybe_publish()
@@ -586,13 +687,13 @@ class NodeAgent:
                     log.error("control period took over %.1f s; resetting every GPU's clocks",
                               self.config.tick_timeout)
                     self.metrics.control_errors.labels("all", "", self.config.node).inc()
-                    self.reset_all()
+                    await self.reset_all()
                 elif ticking.cancelled() or ticking.exception() is not None:
                     exc = None if ticking.cancelled() else ticking.exception()
                     log.error("control period failed; resetting every GPU's clocks",
                               exc_info=exc)
                     self.metrics.control_errors.labels("all", "", self.config.node).inc()
-                    self.reset_all()
+                    await self.reset_all()
                 self.metrics.tick_seconds.labels(self.config.node).observe(
                     self.monotonic() - start)
                 next_t += self.control_interval()

@@ -34,4 +34,12 @@ def run(args: argparse.Namespace) -> int:
         settings = load(NodeAgentSettings, args)
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
+    if settings.hold and not settings.reset_and_exit:
+        from joulepool.nodeagent.uninstall import hold
+
+        return hold()
+    if settings.await_pods_gone or settings.await_daemonset:
+        from joulepool.nodeagent.uninstall import run_await
+
+        return run_await(settings)
     return run_sidecar(settings)

@@ -32,6 +32,10 @@ class AgentMetrics:
         self.control_errors = Counter(
             "joulepool_control_errors", "failed NVML control or read calls (gpu=all: agent-wide)",
             GPU_LABELS, registry=r)
+        self.reset_pending = Gauge(
+            "joulepool_gpu_clock_reset_pending",
+            "1 while the GPU's clocks may be locked and no reset has succeeded yet "
+            "(from start, after a lock, after a failed reset)", GPU_LABELS, registry=r)
         self.gpu_lost = Gauge("joulepool_gpu_lost", "1 while the GPU is lost", GPU_LABELS,
                               registry=r)
         self.monitor_only = Gauge(

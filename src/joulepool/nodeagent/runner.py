@@ -56,7 +56,8 @@ def build_config(args: NodeAgentSettings, node: str) -> AgentConfig:
         return AgentConfig(
             node=node, interval_s=args.interval, k_inc=args.k_inc, step_mhz=args.step_mhz,
             margin=args.margin, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo,
-            lost_retry_s=args.lost_retry)
+            lost_retry_s=args.lost_retry, call_timeout_s=args.call_timeout,
+            reset_grace_s=args.reset_grace)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -86,6 +87,42 @@ async def serve_metrics(agent: NodeAgent, host: str, port: int) -> Any:
     return runner
 
 
+async def _start(args: NodeAgentSettings, agent: NodeAgent) -> bool:
+    try:
+        await agent.start()
+    except GPUError as exc:
+        print(f"joulepool node-agent: error: cannot use the {args.backend} GPU backend: {exc}",
+              file=sys.stderr)
+        if args.backend == "nvml":
+            print("joulepool node-agent: hint: on nodes without NVIDIA GPUs (kind) run with "
+                  "--backend simulated", file=sys.stderr)
+        return False
+    return True
+
+
+async def reset_and_exit(args: NodeAgentSettings, agent: NodeAgent) -> int:
+    """``--reset-and-exit``: unlock every GPU (retried for the reset grace); 0 when none
+    is left locked. With ``--hold``, then wait for SIGTERM / SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not await _start(args, agent):
+        return 1
+    await agent.stop()  # start() already tried once; stop() retries until the grace ends
+    left = [g for g in agent.gpus if g.needs_reset and not g.lost]
+    lost = [g for g in agent.gpus if g.lost]
+    print(f"joulepool node-agent: reset {agent.reset_count} of {len(agent.gpus)} GPU(s) on "
+          f"{agent.config.node}"
+          + (f"; still possibly locked: {', '.join(str(g.index) for g in left)}" if left else "")
+          + (f"; lost: {', '.join(str(g.index) for g in lost)}" if lost else ""), flush=True)
+    if left:
+        return 1
+    if args.hold:
+        await stop.wait()
+    return 0
+
+
 async def _main(args: NodeAgentSettings, agent: NodeAgent) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,14 +130,7 @@ async def _main(args: NodeAgentSettings, agent: NodeAgent) -> int:
         loop.add_signal_handler(sig, stop.set)
     runner = None
     try:
-        try:
-            agent.start()
-        except GPUError as exc:
-            print(f"joulepool sidecar: error: cannot use the {args.backend} GPU backend: {exc}",
-                  file=sys.stderr)
-            if args.backend == "nvml":
-                print("joulepool sidecar: hint: on nodes without NVIDIA GPUs (kind) run with "
-                      "--backend simulated", file=sys.stderr)
+        if not await _start(args, agent):
             return 1
         if args.metrics_port:
             try:
@@ -123,6 +153,10 @@ async def _main(args: NodeAgentSettings, agent: NodeAgent) -> int:
 def run_sidecar(args: NodeAgentSettings) -> int:
     node = args.node or _node_default()
     config = build_config(args, node)
+    if args.reset_and_exit:
+        agent = NodeAgent(build_backend(args, node), PrometheusSignalSource([]), config,
+                          metrics=AgentMetrics(node))
+        return asyncio.run(reset_and_exit(args, agent))
     kube = args.kubernetes == "on" or (args.kubernetes == "auto" and in_cluster())
     try:
         endpoints: list[EngineEndpoint] = [

@@ -21,6 +21,7 @@ from joulepool.nodeagent.agent import AgentConfig
 from joulepool.settings import ComponentSettings, setting
 
 GPUS, CONTROL, ENGINES, METRICS = "GPUs", "control", "engines and plan", "metrics"
+ONE_SHOT = "one-shot modes (uninstall)"
 
 
 class NodeAgentSettings(ComponentSettings):
@@ -68,6 +69,15 @@ class NodeAgentSettings(ComponentSettings):
         None, "fallback TPOT target, seconds (give both or neither)", group=CONTROL, gt=0)
     lost_retry: float = setting(AgentConfig.lost_retry_s, "seconds between probes of a lost GPU",
                                 env="JOULEPOOL_LOST_RETRY_SECONDS", group=CONTROL, gt=0)
+    call_timeout: float = setting(
+        AgentConfig.call_timeout_s,
+        "longest wait for one NVML call, seconds; a longer one counts as a failed call",
+        env="JOULEPOOL_GPU_CALL_TIMEOUT_SECONDS", group=CONTROL, gt=0)
+    reset_grace: float = setting(
+        AgentConfig.reset_grace_s,
+        "on stop, retry failed clock resets with backoff for at most this many seconds (keep "
+        "below the pod's terminationGracePeriodSeconds)",
+        env="JOULEPOOL_RESET_GRACE_SECONDS", group=CONTROL, ge=0)
 
     # -- engines and plan -----------------------------------------------------------------------
     engine_url: list[str] = setting(
@@ -100,6 +110,24 @@ class NodeAgentSettings(ComponentSettings):
     publish: bool = setting(
         True, "publish J/token estimates to GPUProfile status (needs the Kubernetes API)",
         group=ENGINES)
+
+    # -- one-shot modes (the chart's uninstall hooks) ---------------------------------------------
+    reset_and_exit: bool = setting(
+        False, "reset every GPU's clocks (retried for --reset-grace), then exit: 0 when none is "
+        "left locked, 1 otherwise", group=ONE_SHOT)
+    hold: bool = setting(
+        False, "wait for SIGTERM / SIGINT, then exit 0 (after a successful reset with "
+        "--reset-and-exit; alone: touches no GPU); keeps the uninstall reset DaemonSet's pods "
+        "Ready", group=ONE_SHOT)
+    await_pods_gone: str | None = setting(
+        None, "wait until no pod with this label selector is left in --namespace, then exit",
+        group=ONE_SHOT)
+    await_daemonset: str | None = setting(
+        None, "wait until every pod of these DaemonSets (comma-separated) in --namespace is "
+        "ready, then exit", group=ONE_SHOT)
+    await_timeout: float = setting(
+        120.0, "give up waiting after this many seconds (exit 1)",
+        env="JOULEPOOL_AWAIT_TIMEOUT_SECONDS", group=ONE_SHOT, gt=0)
 
     # -- metrics --------------------------------------------------------------------------------
     metrics_host: str = setting("0.0.0.0", "address for /metrics and /healthz", group=METRICS)
