@@ -188,7 +188,7 @@ async def test_stop_gives_up_at_the_grace_and_says_which_gpu_may_be_locked(caplo
 
 
 async def test_a_reset_that_fails_at_start_is_retried_not_taken_as_done():
-    agent, gpus, backend = make(count=2, backend_cls=lambda g: FailingResets(g, fail=2),
+    agent, gpus, _ = make(count=2, backend_cls=lambda g: FailingResets(g, fail=2),
                                 source=none)
     gpus.set_locked(0, 990.0, 1005.0)  # left by a predecessor killed with SIGKILL
     gpus.set_locked(1, 990.0, 1005.0)
