@@ -130,6 +130,8 @@ def test_service_accounts_exist(any_render: Rendered) -> None:
 ROOT_ALLOWED = {
     # CAP_SYS_ADMIN to lock clocks is only effective for a root process
     ("node-agent", "agent"),
+    # the uninstall hook's reset of locked clocks needs the same privilege
+    ("node-agent-reset", "reset"),
     # chmod of the simulated GPUs' hostPath directory (owned by root)
     ("node-agent", "gpu-state-dir"),
     ("device-plugin", "gpu-state-dir"),
@@ -178,12 +180,13 @@ def _added_caps(r: Rendered) -> dict[str, list[str]]:
 
 def test_only_the_node_agent_gets_sys_admin(any_render: Rendered) -> None:
     caps = _added_caps(any_render)
-    assert set(caps) <= {"node-agent/agent"}
+    assert set(caps) <= {"node-agent/agent", "node-agent-reset/reset"}
     assert all(v == ["SYS_ADMIN"] for v in caps.values())
 
 
 def test_sys_admin_only_to_lock_real_clocks() -> None:
-    assert _added_caps(rendered("default")) == {"node-agent/agent": ["SYS_ADMIN"]}
+    assert _added_caps(rendered("default")) == {"node-agent/agent": ["SYS_ADMIN"],
+                                                "node-agent-reset/reset": ["SYS_ADMIN"]}
     ds = rendered("default").get("DaemonSet", name("node-agent"))
     assert _pod_sc(ds)["runAsUser"] == 0
     for key in ("simulated", "monitor-only", "kind"):
@@ -199,6 +202,8 @@ def test_only_daemonsets_mount_host_paths(any_render: Rendered) -> None:
                  if "hostPath" in v}
         if _component(w) == "device-plugin":
             assert paths == {"/var/lib/kubelet/device-plugins", "/var/run/joulepool/gpus"}
+        elif _component(w) == "node-agent-reset":  # the simulated GPUs' state only
+            assert paths <= {"/var/run/joulepool/gpus"}
         elif _component(w) == "node-agent":
             assert paths <= {"/var/run/joulepool/gpus", "/var/lib/kubelet/pod-resources"}
             # the kubelet's PodResources socket (engines -> GPUs), read-only

@@ -23,6 +23,7 @@ condition holds, 1 on timeout.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -79,6 +80,19 @@ def wait_until(check: Callable[[], str | None], timeout_s: float, what: str,
         sleep(min(POLL_S, max(deadline - monotonic(), 0.0)))
 
 
+def hold() -> int:
+    """Wait for SIGTERM / SIGINT, then return 0."""
+    import signal
+
+    got: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: got.append(signum))
+    print("joulepool node-agent: holding until SIGTERM", flush=True)
+    while not got:
+        signal.pause()
+    return 0
+
+
 def run_await(args: NodeAgentSettings) -> int:
     from kubernetes import client
 
@@ -98,7 +112,8 @@ def run_await(args: NodeAgentSettings) -> int:
             args.await_timeout, f"node agent pods ({selector}) gone")
     if ok and args.await_daemonset:
         apps = client.AppsV1Api()
-        name = args.await_daemonset
-        ok = wait_until(lambda: daemonset_not_ready(apps, args.namespace, name),
-                        args.await_timeout, f"GPU clocks reset on every node ({name})")
+        for name in [n for n in args.await_daemonset.split(",") if n]:
+            ok = ok and wait_until(
+                functools.partial(daemonset_not_ready, apps, args.namespace, name),
+                args.await_timeout, f"GPU clocks reset on every node ({name})")
     return 0 if ok else 1
