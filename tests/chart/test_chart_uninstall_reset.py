@@ -8,6 +8,8 @@ import pytest
 from chartlib import Rendered, name, render_raw, rendered
 
 from joulepool.cli import build_parser
+from joulepool.nodeagent.settings import NodeAgentSettings
+from joulepool.settings import load
 
 HOOK = "helm.sh/hook"
 WEIGHT = "helm.sh/hook-weight"
@@ -24,6 +26,11 @@ def component(o: dict[str, Any]) -> str:
 def agent_args(c: dict[str, Any]) -> list[str]:
     args = list(c["args"])
     return args[args.index("node-agent"):]
+
+
+def settings(args: list[str]) -> NodeAgentSettings:
+    """The node agent's settings from these arguments, as the command loads them."""
+    return load(NodeAgentSettings, build_parser().parse_args(args))
 
 
 @pytest.mark.parametrize("key", ["default", "simulated", "kind", "monitor-only"])
@@ -65,10 +72,8 @@ def test_post_delete_hooks_in_order(key: str) -> None:
         assert spec["serviceAccountName"] == name("node-agent-reset")
         assert spec["restartPolicy"] == "Never"
         assert job["spec"]["activeDeadlineSeconds"] > 300  # outlives its own wait
-    parser = build_parser()
     for args in (gone_args, done_args):
-        parsed = parser.parse_args(args)
-        assert parsed.await_timeout == 300
+        assert settings(args).await_timeout == 300
 
 
 @pytest.mark.parametrize("key", ["default", "simulated", "kind", "monitor-only"])
@@ -77,7 +82,6 @@ def test_reset_daemonsets_cover_the_agents_nodes_with_the_agents_backend(key: st
     agents = {w["metadata"]["name"]: w for w in r.all("DaemonSet") if component(w) == "node-agent"}
     resets = [w for w in r.all("DaemonSet") if component(w) == "node-agent-reset"]
     assert len(resets) == len(agents)
-    parser = build_parser()
     for reset in resets:
         agent = agents[reset["metadata"]["name"].replace("-node-agent-reset", "-node-agent")]
         a, b = agent["spec"]["template"]["spec"], reset["spec"]["template"]["spec"]
@@ -87,9 +91,8 @@ def test_reset_daemonsets_cover_the_agents_nodes_with_the_agents_backend(key: st
         assert b["automountServiceAccountToken"] is False
         (init,) = b["initContainers"]
         (hold,) = b["containers"]
-        reset_args = parser.parse_args(agent_args(init))
-        run_args = parser.parse_args(agent_args(next(
-            c for c in a["containers"] if c["name"] == "agent")))
+        reset_args = settings(agent_args(init))
+        run_args = settings(agent_args(next(c for c in a["containers"] if c["name"] == "agent")))
         assert reset_args.reset_and_exit is True and not reset_args.hold
         for flag in ("backend", "gpu_state", "product", "count", "sim_unprivileged",
                      "reset_grace"):
