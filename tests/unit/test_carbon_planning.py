@@ -116,3 +116,39 @@ async def test_a_slow_source_is_waited_for_briefly_then_plans_again_when_it_answ
     finally:
         await planner.carbon.close()
     assert planner.trigger() > before + 1  # ... and asked for another pass
+
+
+def test_metrics_endpoint_serves_the_registry_and_a_taken_port_is_not_fatal(caplog):
+    import socket
+    import urllib.request
+
+    from joulepool.operator.metrics import OperatorMetrics, serve
+
+    metrics = OperatorMetrics()
+    metrics.target_miss.set(0.05)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = serve(metrics, "127.0.0.1", port)
+    assert server is not None
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"joulepool_policy_target_miss_ratio 0.05" in body
+        assert serve(OperatorMetrics(), "127.0.0.1", port) is None  # taken: logged, no crash
+        assert "cannot serve /metrics" in caplog.text
+    finally:
+        server.shutdown()
+
+
+def test_operator_cli_metrics_flags():
+    import argparse
+
+    from joulepool.operator import cli
+
+    p = argparse.ArgumentParser()
+    cli.configure(p)
+    cfg = cli.config_from_args(p.parse_args(["--metrics-port", "9999",
+                                             "--metrics-address", "10.0.0.7"]))
+    assert (cfg.metrics_port, cfg.metrics_address) == (9999, "10.0.0.7")
+    cfg = cli.config_from_args(p.parse_args(["--metrics-port", "0"]))
+    assert cfg.metrics_port is None

@@ -51,6 +51,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         max_delay_seconds=max(10.0, 10 * settings.debounce_seconds),
         liveness_port=settings.liveness or None,
         metrics_port=settings.metrics_port or None,
+        metrics_address=settings.metrics_address,
         liveness_address=settings.liveness_address,
     )
 
@@ -84,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     operator = Operator(config)
     if config.metrics_port:
-        from prometheus_client import start_http_server
+        from joulepool.operator.metrics import serve
 
-        start_http_server(config.metrics_port, registry=operator.planner.metrics.registry)
+        serve(operator.planner.metrics, config.metrics_address, config.metrics_port)
     try:
         asyncio.run(operator.run())
     except KeyboardInterrupt:

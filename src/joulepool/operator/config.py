@@ -48,6 +48,8 @@ class OperatorConfig:
     liveness_port: int | None = None
     #: port of the Prometheus endpoint ``/metrics`` (planner and carbon sources); None: none
     metrics_port: int | None = None
+    #: address the ``/metrics`` endpoint binds
+    metrics_address: str = "127.0.0.1"
     #: address the liveness endpoint binds (an IPv4/IPv6 address or host name)
     liveness_address: str = "127.0.0.1"
     #: concurrent API writes of one reconcile pass

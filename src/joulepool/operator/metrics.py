@@ -7,14 +7,18 @@ and PrometheusRule use exactly these.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from joulepool.api.models import EnergyPolicySpec
 from joulepool.api.plan import PlanDocument
 from joulepool.carbon.metrics import CarbonMetrics
 from joulepool.pooling import PoolPlan
+
+log = logging.getLogger("joulepool.operator.metrics")
 
 SOLVE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -90,3 +94,16 @@ class OperatorMetrics:
         for key in sorted(set(plan.pools) | set(ready)):  # a planned pool with none ready: 0
             self.ready.labels(key).set(ready.get(key, 0))
         self.target_miss.set(policy.pi.target_miss_rate)
+
+
+def serve(metrics: OperatorMetrics, address: str, port: int) -> Any:
+    """Serve ``/metrics`` on ``address:port`` in a thread; the server, or None when the
+    port cannot be bound (logged: losing metrics never stops the planner)."""
+    try:
+        server, _thread = start_http_server(port, addr=address, registry=metrics.registry)
+    except OSError as exc:
+        log.error("cannot serve /metrics on %s:%d: %s (the operator runs without it)",
+                  address, port, exc)
+        return None
+    log.info("serving /metrics on %s:%d", address, port)
+    return server

@@ -43,6 +43,10 @@ class OperatorSettings(ComponentSettings):
     metrics_port: int = setting(
         OPERATOR_METRICS_PORT, "port of the Prometheus endpoint /metrics (0: none)",
         env="JOULEPOOL_METRICS_PORT", ge=0, le=65535)
+    metrics_address: str = setting(
+        "127.0.0.1", "address the /metrics endpoint binds: the pod's IP in a pod (the chart "
+        "passes status.podIP), loopback elsewhere", env="JOULEPOOL_METRICS_ADDRESS",
+        min_length=1)
     liveness_address: str = setting(
         "127.0.0.1", "address the liveness endpoint binds: the pod's IP in a pod (the chart "
         "passes status.podIP), loopback elsewhere; never all interfaces unless asked",
