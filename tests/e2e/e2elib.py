@@ -45,19 +45,29 @@ class Cluster:
     context: str | None
 
     def proxy(self, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
-        """A raw call through the API server (service/pod proxy): (status, text)."""
+        """A raw call through the API server (service/pod proxy): (status, text).
+
+        Any status comes back as the first item (errors are not raised), so callers can
+        wait on 404/503 while the service starts."""
         from kubernetes.client.exceptions import ApiException
 
+        headers = {"Content-Type": "application/json", "Accept": "*/*"}
         try:
-            resp = self.api_client.call_api(
-                path, method, body=body, header_params={"Content-Type": "application/json",
-                                                        "Accept": "*/*"},
-                auth_settings=["BearerToken"], _preload_content=False,
-                _request_timeout=timeout)
+            if hasattr(self.api_client, "param_serialize"):  # client >= 30 (OpenAPI gen. 7)
+                params = self.api_client.param_serialize(
+                    method=method, resource_path=path, header_params=headers, body=body,
+                    auth_settings=["BearerToken"])
+                resp = self.api_client.call_api(*params, _request_timeout=timeout)
+                data = resp.read()
+            else:  # older clients: call_api(path, method, ...) -> (response, status, headers)
+                resp = self.api_client.call_api(
+                    path, method, body=body, header_params=headers,
+                    auth_settings=["BearerToken"], _preload_content=False,
+                    _request_timeout=timeout)[0]
+                data = resp.data
         except ApiException as exc:
             return exc.status, exc.body.decode() if isinstance(exc.body, bytes) else exc.body
-        r = resp[0]
-        return r.status, r.data.decode()
+        return resp.status, data.decode() if isinstance(data, bytes) else str(data)
 
 
 def pool_manifest(namespace: str, name: str) -> dict[str, Any]:

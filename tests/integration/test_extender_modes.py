@@ -28,7 +28,8 @@ NAMES = [n["metadata"]["name"] for n in NODES]
 
 @pytest.fixture
 async def client(aiohttp_client: Any) -> TestClient:
-    app = create_app(Settings(cluster=False, scrape_interval_seconds=0))
+    app = create_app(Settings(cluster=False, scrape_interval_seconds=0,
+                              reserve_placements=False))
     ext = app[EXTENDER]
     ext.state.replace_nodes(NODES)
     ext.state.replace_pods([])

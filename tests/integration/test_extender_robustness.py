@@ -86,7 +86,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     ep.write_text(json.dumps({"pools": {"ns.p": {"endpoints": [
         {"address": "10.9.0.1:8000", "joulesPerToken": 0.2, "tokensPerSecond": 500}]}}}))
     s = Settings(cluster=False, endpoints_file=ep, scrape_interval_seconds=0,
-                 max_body_bytes=64 * 1024, max_nodes=1000)
+                 max_body_bytes=64 * 1024, max_nodes=1000, reserve_placements=False)
     with LiveServer(s) as srv:
         yield srv
 
@@ -288,7 +288,8 @@ def test_tls(tmp_path: Path) -> None:
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )
-    s = Settings(cluster=False, scrape_interval_seconds=0, tls_cert=cert, tls_key=key)
+    s = Settings(cluster=False, scrape_interval_seconds=0, tls_cert=cert, tls_key=key,
+                 reserve_placements=False)
     with LiveServer(s) as srv:
         ctx = ssl.create_default_context(cafile=str(cert))
         conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=10)

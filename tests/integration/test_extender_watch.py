@@ -98,7 +98,7 @@ async def test_watches_feed_the_cache(aiohttp_client: Any, tmp_path: Path) -> No
         "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
     }))
     app = create_app(Settings(kubeconfig=kubeconfig, namespace="jp", scrape_interval_seconds=0,
-                              watch_timeout_seconds=30))
+                              watch_timeout_seconds=30, reserve_placements=False))
     client: TestClient = await aiohttp_client(app)
     ext = app[EXTENDER]
     for w in ext.watchers:

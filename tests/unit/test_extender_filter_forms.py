@@ -9,9 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from joulepool.extender import testing as T
-from joulepool.extender.scheduler import Scheduler
+from joulepool.extender.scheduler import PlacementSettings, Scheduler
 from joulepool.extender.state import ClusterState
 from joulepool.extender.wire import ExtenderArgs
+
+#: every node that passes is answered (no one-node reservation): the forms are compared
+ALL_PASSING = PlacementSettings(reserve=False)
 
 POOLS = ["ns.a", "ns.b"]
 PRODUCTS = ["H100", "A100", "L4"]
@@ -55,7 +58,7 @@ def test_names_form_matches_full_form(cluster: tuple, mode: str | None) -> None:
     state.set_plan_json(json.dumps(plan, default=str))
     for src in ("nodes", "pods", "plan"):
         state.mark_synced(src)
-    sched = Scheduler(state)
+    sched = Scheduler(state, settings=ALL_PASSING)
     pod = T.pod("new", pool=pool, gpus=request, mode=mode)
     names = [n["metadata"]["name"] for n in nodes]
     by_name = sched.filter(ExtenderArgs.model_validate(T.extender_args(pod, names=names)), {})
@@ -76,7 +79,7 @@ def test_mode_pods_are_judged_by_their_mode_in_both_forms() -> None:
     state.set_plan(T.plan({"ns.rag": [("h0", "H100", 1, 4), ("a0", "A100", 1, 8)]}))
     for src in ("nodes", "pods", "plan"):
         state.mark_synced(src)
-    sched = Scheduler(state)
+    sched = Scheduler(state, settings=ALL_PASSING)
     for mode, gpus, where in (("4xH100", 4, ["h0"]), ("8xA100", 8, ["a0"]),
                               (None, 4, ["h0", "a0"])):
         pod = T.pod("new", pool="ns.rag", gpus=gpus, mode=mode)

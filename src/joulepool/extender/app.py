@@ -206,6 +206,7 @@ def placement_settings(s: Settings) -> PlacementSettings:
     return PlacementSettings(
         lam=s.placement_lambda, max_utilisation=s.max_utilisation,
         replica_utilisation=s.replica_utilisation, queue_horizon_s=s.queue_horizon_seconds,
+        reserve=s.reserve_placements,
     )
 
 

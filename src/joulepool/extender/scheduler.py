@@ -49,6 +49,7 @@ from joulepool.core.routing import (
     replica_point,
 )
 from joulepool.extender.metrics import Metrics
+from joulepool.extender.reservations import Reservations
 from joulepool.extender.router import Router
 from joulepool.extender.state import ClusterState, NodeRecord, NodeTable, host_prefix
 from joulepool.extender.wire import (
@@ -75,6 +76,10 @@ class PlacementSettings:
     max_utilisation: float = 0.9
     replica_utilisation: float = 0.9
     queue_horizon_s: float = 10.0
+    #: answer a pool pod's filter with one node and reserve its GPUs there until the
+    #: binding shows (:mod:`joulepool.extender.reservations`); False: every node that
+    #: passes is returned and only bound pods count against the plan's shares
+    reserve: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,8 @@ class Scheduler:
         self._mask_cache: dict[str, tuple[int, NodeTable, npt.NDArray[np.bool_]]] = {}
         self._table_cache: dict[str, tuple[int, NodeTable, FloatArray, FloatArray,
                                            FloatArray]] = {}
+        #: placements sent to kube-scheduler whose binding the watch has not shown yet
+        self.reservations = Reservations()
         self._arrays_cache: dict[str, tuple[tuple[int, int], NodeTable, npt.NDArray[np.float64],
                                             npt.NDArray[np.float64]]] = {}
 
@@ -232,12 +239,22 @@ class Scheduler:
         ok: list[bool] = []
         version = state.plan.version if state.plan else 0
         scope = self._scope(pool_key, pod.mode, planned)
+        reserving = (self.s.reserve and request > 0 and planned is not None
+                     and state.plan is not None)
+        reserved: dict[str, int] = {}
+        if reserving:  # this pod's earlier reservation (a retry) no longer holds
+            self.reservations.prune(state)
+            self.reservations.drop(pod.key)
+            reserved = self.reservations.held(scope.pool, scope.mode)
         if not full and planned is not None and state.plan is not None:
-            ok, failed, unresolvable = self._filter_names(names, scope, request, version)
+            ok, failed, unresolvable = self._filter_names(names, scope, request, version,
+                                                          reserved)
+            if reserving:
+                self._reserve_one(pod, scope, names, ok, failed, reserved)
             return self._filter_result(args, raw, names, ok, failed, unresolvable)
         for i, name in enumerate(names):
             reason, hard = self._node_verdict(
-                name, items[i] if full else None, scope, planned, request, version,
+                name, items[i] if full else None, scope, planned, request, version, reserved,
             )
             if reason is None:
                 ok.append(True)
@@ -246,7 +263,34 @@ class Scheduler:
             (unresolvable if hard else failed)[name] = reason
             if self.metrics is not None:
                 self.metrics.filtered_out.labels("plan" if hard else "capacity").inc()
+        if reserving:
+            self._reserve_one(pod, scope, names, ok, failed, reserved)
         return self._filter_result(args, raw, names, ok, failed, unresolvable)
+
+    def _reserve_one(self, pod: Pod, scope: FilterScope, names: list[str], ok: list[bool],
+                     failed: dict[str, str], reserved: dict[str, int]) -> None:
+        """Keep only the passing node with the most room left in the scope's planned share
+        (first in request order on ties) and reserve the pod's GPUs there, so that the
+        next pod's filter counts them before the binding shows in the watch
+        (:mod:`joulepool.extender.reservations`). Edits ``ok`` and ``failed`` in place."""
+        best, best_room = -1, 0.0
+        for i, passed in enumerate(ok):
+            if not passed:
+                continue
+            share, held = self._share_here(scope, names[i])
+            room = (float("inf") if share is None
+                    else share - held - reserved.get(names[i], 0))
+            if best < 0 or room > best_room:
+                best, best_room = i, room
+        if best < 0:
+            return
+        chosen = names[best]
+        for i, passed in enumerate(ok):
+            if passed and i != best:
+                ok[i] = False
+                failed[names[i]] = (f"{scope.what}: this pod is reserved a place on "
+                                    f"{chosen}, the node with most room in its share")
+        self.reservations.add(pod.key, chosen, scope.pool, scope.mode, pod.gpu_request())
 
     def _share_arrays(self, scope: FilterScope, table: NodeTable
                       ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -286,9 +330,11 @@ class Scheduler:
 
     def _filter_names(
         self, names: list[str], scope: FilterScope, request: int, version: int,
+        reserved: dict[str, int],
     ) -> tuple[list[bool], dict[str, str], dict[str, str]]:
         """The NodeNames form, vectorised over the node table; same verdicts as
-        :meth:`_node_verdict`, messages built only for rejected nodes."""
+        :meth:`_node_verdict`, messages built only for rejected nodes. ``reserved``:
+        GPUs of the scope reserved per node (placements not yet seen bound)."""
         table = self.state.table()
         n = len(names)
         idx = np.fromiter(map(table.index.get, names, repeat(-1)), dtype=np.int64, count=n)
@@ -304,6 +350,9 @@ class Scheduler:
             alloc, used = table.allocatable[safe], table.used[safe]
             share_all, held_all = self._share_arrays(scope, table)
             share, held = share_all[safe], held_all[safe]
+            if reserved:
+                held = held + np.fromiter((reserved.get(name, 0) for name in names),
+                                          dtype=np.float64, count=n)
         else:
             alloc = used = held = np.zeros(n)
             share = np.full(n, np.nan)
@@ -345,7 +394,7 @@ class Scheduler:
 
     def _node_verdict(
         self, name: str, node: Node | None, scope: FilterScope, planned: PlannedPool | None,
-        request: int, version: int,
+        request: int, version: int, reserved: dict[str, int],
     ) -> tuple[str | None, bool]:
         state = self.state
         if state.plan is None:
@@ -371,6 +420,7 @@ class Scheduler:
                 f"free ({alloc} allocatable, {used} requested by bound pods)", False
             )
         share, pool_used = self._share_here(scope, name)
+        pool_used += reserved.get(name, 0)
         if share is not None and request > 0 and pool_used + request > share:
             return (
                 f"{scope.what} would hold {pool_used + request} GPUs here; "

@@ -161,6 +161,11 @@ class Settings(ComponentSettings):
         1e4, ge=0, description="placement cost of utilisation above the ceiling (W per unit)"
     )
     max_utilisation: float = Field(0.9, gt=0, le=1, description="node utilisation ceiling")
+    reserve_placements: bool = Field(
+        True, description="filter sends a pool pod to one node and reserves its GPUs there "
+        "until the binding shows in the watch, so a plan's per-node share holds while "
+        "kube-scheduler binds asynchronously (--no-reserve-placements: every passing node)",
+    )
     replica_utilisation: float = Field(
         0.9, gt=0, le=1, description="load a replica carries, as a share of its capacity"
     )
