@@ -240,3 +240,112 @@ def test_energy_conversions():
     assert grams_co2_per_hour(1000, 400) == pytest.approx(400)
     with pytest.raises(ValueError):
         joules_per_token(1, 0)
+
+
+# ------------------------------------------- calibration against published measurements
+#: ML.ENERGY leaderboard v3, Llama-3.1-8B on one H100 80GB, bf16, chat, default clocks:
+#: batch -> (J/token, median ITL ms or None, output tok/s or None)
+MLENERGY_H100_8B = {
+    8: (0.455, 7.3, 1070.0),
+    64: (0.119, 11.5, 5147.0),
+    256: (0.077, None, 9010.0),
+    512: (0.070, None, None),
+}
+
+
+def _without(profile, batch):
+    return dataclasses.replace(profile, points=tuple(p for p in profile.points
+                                                     if p.batch != batch))
+
+
+@pytest.mark.parametrize("batch", sorted(MLENERGY_H100_8B))
+def test_h100_8b_matches_ml_energy_at_every_measured_batch(batch):
+    jpt, itl_ms, tok_s = MLENERGY_H100_8B[batch]
+    assert float(H100_8B.joules_per_token(batch)) == pytest.approx(jpt, rel=0.10)
+    if itl_ms is not None:
+        assert float(H100_8B.itl_s(batch)) * 1e3 == pytest.approx(itl_ms, rel=0.10)
+    if tok_s is not None:
+        assert float(H100_8B.decode_tokens_per_s(batch)) == pytest.approx(tok_s, rel=0.10)
+
+
+@pytest.mark.parametrize("held_out", [64, 256])
+def test_h100_8b_predicts_held_out_batches_within_ten_percent(held_out):
+    """Drop a measured batch from the calibration points: the batch laws predict it.
+
+    Step time linear in batch (weights read once per step, KV per sequence) gets the
+    b=64 point within 5 % from b=8 and b=256; interpolating it in log2(batch), as the
+    profile did before, put it 74 % too high.
+    """
+    prof = _without(H100_8B, held_out)
+    jpt, itl_ms, tok_s = MLENERGY_H100_8B[held_out]
+    assert float(prof.joules_per_token(held_out)) == pytest.approx(jpt, rel=0.10)
+    if itl_ms is not None:
+        assert float(prof.itl_s(held_out)) * 1e3 == pytest.approx(itl_ms, rel=0.10)
+    if tok_s is not None:
+        assert float(prof.decode_tokens_per_s(held_out)) == pytest.approx(tok_s, rel=0.10)
+
+
+def test_h100_8b_between_measured_batches_follows_the_affine_step_time():
+    """Between measured batches the step time is the line through its neighbours."""
+    for lo, hi in ((8, 64), (64, 256), (256, 512)):
+        mid = (lo + hi) // 2
+        t_lo, t_hi = float(H100_8B.itl_s(lo)), float(H100_8B.itl_s(hi))
+        want = t_lo + (t_hi - t_lo) * (mid - lo) / (hi - lo)
+        assert float(H100_8B.itl_s(mid)) == pytest.approx(want, rel=1e-12)
+
+
+def _saving(profile, batch):
+    clocks = profile.product.supported_clocks()
+    ratio = profile.joules_per_token(batch, clocks) / profile.joules_per_token(batch)
+    return clocks, ratio
+
+
+@pytest.mark.parametrize("batch", [8, 64, 256])
+def test_h100_decode_dvfs_saving_is_in_the_published_band_and_u_shaped(batch):
+    """Best-clock saving 25-45 % (published: 32-44 %); the lowest clock is past the minimum."""
+    clocks, ratio = _saving(H100_8B, batch)
+    best = int(np.argmin(ratio))
+    assert 0.25 <= 1 - ratio[best] <= 0.45
+    assert clocks[0] < clocks[best] < clocks[-1]  # an interior minimum: U-shaped
+    assert ratio[0] > ratio[best] * 1.02
+    assert np.all(np.diff(ratio[best:]) > 0)  # above it, a higher clock always costs more
+
+
+def test_a100_energy_per_token_is_u_shaped_inside_its_dvfs_sweep():
+    """VoltanaLLM measures a U-shaped energy-vs-clock curve on A100 (1005-1410 MHz)."""
+    clocks, ratio = _saving(A100_8B, 64)
+    best = int(np.argmin(ratio))
+    assert clocks[0] < clocks[best] < clocks[-1]
+    assert 0.1 <= 1 - ratio[best] <= 0.36
+
+
+def test_prefill_is_more_clock_sensitive_than_decode():
+    for prof in (H100_8B, A100_8B, L4_8B):
+        f_min = prof.product.f_min_mhz.value
+        assert float(prof.prefill_stretch(f_min)) > float(prof.decode_stretch(f_min)) > 1.0
+        assert float(prof.prefill_s(1000, f_min)) / float(prof.prefill_s(1000)) == (
+            pytest.approx(prof.f_max / f_min))
+
+
+def test_clock_law_at_f_max_is_the_calibration_and_power_falls_with_the_clock():
+    clocks = H100.supported_clocks()
+    for b in (1, 8, 64, 512):
+        assert float(H100_8B.power_w(b, H100.f_max_mhz.value)) == pytest.approx(
+            float(H100_8B.power_w(b)))
+        power = H100_8B.power_w(b, clocks)
+        assert np.all(np.diff(power) > 0)
+        assert np.all(power > H100.idle_w.value)
+    prefill = H100_8B.prefill_power_w(clocks)
+    assert np.all(np.diff(prefill) > 0)
+    assert float(prefill[-1]) == pytest.approx(688)
+
+
+def test_clock_law_parameters_are_labelled_and_tunable():
+    from joulepool.sim.runner import apply_assumptions
+
+    for fig in (H100_8B.gamma, H100_8B.beta_decode, H100_8B.beta_prefill,
+                H100_8B.memory_power_share, H100.voltage_knee_ratio, H100.bandwidth_clock_ratio):
+        assert fig is not None and fig.assumed and len(fig.source) > 20
+    (flat,) = apply_assumptions([H100_8B], {"memory_power_share": 0.0, "gamma": 3.0})
+    assert flat.memory_power_share.value == 0.0 and flat.gamma.value == 3.0
+    assert float(flat.power_w(64, 1200)) < float(H100_8B.power_w(64, 1200))

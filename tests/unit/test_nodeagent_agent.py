@@ -118,8 +118,9 @@ async def test_light_load_walks_the_clock_down_and_energy_per_token_falls():
     assert all(b >= a for a, b in itertools.pairwise(energy))  # energy only grows
     eps_late = rig.agent.gpus[0].eps.value
     assert eps_early is not None and eps_late is not None
-    # physics: at the floor J/token is well below what it is at f_max
-    assert eps_late < 0.75 * eps_early
+    # physics: at the floor J/token is well below what it is at f_max (core's clock law,
+    # docs/clock-law.md: about 24 % less at batch 4, past the law's U-shaped minimum)
+    assert eps_late < 0.8 * eps_early
     assert eps_late == pytest.approx(
         float(H100_8B.joules_per_token(4, H100.f_min_mhz.value)), rel=0.05)
     assert rig.metric("joulepool_miad_decisions_total", direction="down", **gpu_labels()) >= 30

@@ -31,31 +31,31 @@ def _run(cl, wl, policy, plans=None, **kw):
 # ------------------------------------------------------------------ known answers
 def test_one_gpu_two_requests_by_hand():
     """H100, llama-3.1-8b, f_max. Profile numbers: prefill 20,000 tok/s at 688 W (the
-    b=512 point); decode b=1: 6.6 ms at 420 W; b=2 (log2 interpolation to b=8's
-    7.3 ms / 486 W): 6.8333 ms at 442 W; idle 75 W.
+    b=512 point); decode b=1: 6.775 ms at 420 W; b=2 (step time linear in batch to
+    b=8's 7.3 ms, power linear in log2(batch) to its 486 W): 6.85 ms at 442 W; idle 75 W.
 
     A (1000 in, 10 out) at 0: prefill 0 -> 0.05, first token at 0.05.
     B (500 in, 5 out) at 0.01 waits; prefill 0.05 -> 0.075 (A's decoding paused).
-    Both decode at b=2 from 0.075: B's 4 tokens end at 0.075 + 4 x 6.8333 ms = 0.102333;
-    A's last 5 at b=1: 0.102333 + 5 x 6.6 ms = 0.135333.
-    Energy to 1 s: 688 x 0.075 + 442 x 0.0273333 + 420 x 0.033 + 75 x 0.864667 = 142.3913 J.
+    Both decode at b=2 from 0.075: B's 4 tokens end at 0.075 + 4 x 6.85 ms = 0.1024;
+    A's last 5 at b=1: 0.1024 + 5 x 6.775 ms = 0.136275.
+    Energy to 1 s: 688 x 0.075 + 442 x 0.0274 + 420 x 0.033875 + 75 x 0.863725 = 142.717675 J.
     """
     cl = cluster([("n", "H100", 1)])
     wl = workload([0.0, 0.01], [1000, 500], [10, 5], duration=1.0)
     r = _run(cl, wl, RR)
     assert r.t_first == pytest.approx([0.05, 0.075], abs=1e-9)
-    assert r.t_done == pytest.approx([0.135333333, 0.102333333], abs=1e-8)
-    assert r.energy_j == pytest.approx(142.391333, abs=1e-4)
+    assert r.t_done == pytest.approx([0.136275, 0.1024], abs=1e-8)
+    assert r.energy_j == pytest.approx(142.717675, abs=1e-4)
     assert r.tokens_in_window == pytest.approx(15)
-    assert r.gpu_busy_s[0] == pytest.approx(0.135333333, abs=1e-8)
+    assert r.gpu_busy_s[0] == pytest.approx(0.136275, abs=1e-8)
 
 
 def test_two_gpu_types_one_request_by_hand():
     """An L4 (listed first) and an H100; one request (200 in, 3 out) at t = 0.1, T = 1 s.
 
     JouleSched: eps at the operating batch is 0.07 J/token on the H100 vs 0.16 on the L4,
-    so the H100 serves it: prefill 0.01 s at 688 W, 2 tokens x 6.6 ms at 420 W, idle 75 W
-    otherwise; the L4 idles at 16 W: 7.5 + 6.88 + 5.544 + 65.76 + 16 = 101.684 J.
+    so the H100 serves it: prefill 0.01 s at 688 W, 2 tokens x 6.775 ms at 420 W, idle 75 W
+    otherwise; the L4 idles at 16 W: 7.5 + 6.88 + 5.691 + 65.73375 + 16 = 101.80475 J.
     Round-robin takes the first instance, the L4: prefill 200/2500 = 0.08 s at 71 W,
     2 x 53.333 ms at 45 W, 16 W idle otherwise; the H100 idles at 75 W:
     1.6 + 5.68 + 4.8 + 16 x 0.713333 + 75 = 98.4933 J.
@@ -64,8 +64,8 @@ def test_two_gpu_types_one_request_by_hand():
     wl = workload([0.1], [200], [3], duration=1.0)
     js = _run(cl, wl, JS)
     assert js.products[js.instance_product[0]] == "H100"
-    assert js.t_done[0] - 0.1 == pytest.approx(0.01 + 2 * 0.0066, abs=1e-9)
-    assert js.energy_j == pytest.approx(101.684, abs=1e-6)
+    assert js.t_done[0] - 0.1 == pytest.approx(0.01 + 2 * 0.006775, abs=1e-9)
+    assert js.energy_j == pytest.approx(101.80475, abs=1e-6)
     rr = _run(cl, wl, RR)
     assert rr.products[rr.instance_product[0]] == "L4"
     assert rr.t_done[0] - 0.1 == pytest.approx(0.08 + 2 * 16.0 / 300.0, abs=1e-9)
@@ -76,7 +76,8 @@ def test_profile_numbers_used_by_hand_tests():
     # guard: the hand computations above rest on these core values
     assert float(H100_8B.prefill_s(1000)) == pytest.approx(0.05)
     assert float(H100_8B.prefill_power_w()) == pytest.approx(688)
-    assert float(H100_8B.itl_s(2)) == pytest.approx(0.0068333333)
+    assert float(H100_8B.itl_s(1)) == pytest.approx(0.006775)
+    assert float(H100_8B.itl_s(2)) == pytest.approx(0.00685)
     assert float(H100_8B.power_w(2)) == pytest.approx(442)
     assert float(L4_8B.itl_s(1)) == pytest.approx(16 / 300)
     assert float(L4_8B.prefill_power_w()) == pytest.approx(71)

@@ -93,6 +93,8 @@ def profile_from_resource(res: GPUProfile) -> ServingProfile:
         clock_step_mhz=Figure(spec.clock.step_mhz, src),
         memory_gb=known.memory_gb if known else assumed(0, "unknown product"),
         aliases=known.aliases if known else (),
+        voltage_knee_ratio=known.voltage_knee_ratio if known else None,
+        bandwidth_clock_ratio=known.bandwidth_clock_ratio if known else None,
     )
     return ServingProfile(
         product=product,

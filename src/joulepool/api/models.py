@@ -17,6 +17,7 @@ from joulepool.core.classes import SLO, Tier
 from joulepool.core.controllers import MIADController, PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
 from joulepool.core.planner import DEFAULT_MIP_REL_GAP
+from joulepool.core.profiles import DEFAULT_BETA_DECODE, DEFAULT_BETA_PREFILL, DEFAULT_GAMMA
 
 GROUP = "joulepool.dev"
 VERSION = "v1alpha1"
@@ -243,13 +244,14 @@ class GPUProfileSpec(_Model):
         description="prompt tokens one instance prefills per second at the maximum clock")
     clock: ClockSpec = Field(description="SM clock range and step")
     gamma: float = Field(
-        default=2.0, gt=0, le=5,
-        description="clock law: dynamic power scales as (f/fmax)^gamma")
+        default=DEFAULT_GAMMA.value, gt=0, le=5,
+        description="clock law: SM power scales as (f/fmax)^gamma above the voltage floor "
+                    "(docs/clock-law.md)")
     beta_decode: float = Field(
-        default=0.3, alias="betaDecode", ge=0, le=2,
+        default=DEFAULT_BETA_DECODE.value, alias="betaDecode", ge=0, le=2,
         description="clock law: decode time scales as (fmax/f)^betaDecode (memory bound: small)")
     beta_prefill: float = Field(
-        default=1.0, alias="betaPrefill", ge=0, le=2,
+        default=DEFAULT_BETA_PREFILL.value, alias="betaPrefill", ge=0, le=2,
         description="clock law: prefill time scales as (fmax/f)^betaPrefill (compute bound)")
 
     @model_validator(mode="after")

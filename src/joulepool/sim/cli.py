@@ -74,8 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(with MIAD the router then chases down-clocked GPUs)")
     parser.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
                         help="sensitivity: override an assumed profile figure: gamma, "
-                             "beta_decode, beta_prefill, prefill_scale, idle_w.<PRODUCT> "
-                             "(repeatable)")
+                             "beta_decode, beta_prefill, memory_power_share, voltage_knee, "
+                             "bandwidth_clock (ratios of f_max), prefill_scale, "
+                             "idle_w.<PRODUCT> (repeatable)")
 
 
 def _fail(msg: str) -> Any:

@@ -93,7 +93,8 @@ class ExperimentResult:
 
 
 # ------------------------------------------------------------------ sensitivity
-SENSITIVE = ("gamma", "beta_decode", "beta_prefill", "prefill_scale", "idle_w.<PRODUCT>")
+SENSITIVE = ("gamma", "beta_decode", "beta_prefill", "memory_power_share", "voltage_knee",
+             "bandwidth_clock", "prefill_scale", "idle_w.<PRODUCT>")
 
 
 def apply_assumptions(
@@ -101,7 +102,9 @@ def apply_assumptions(
 ) -> tuple[ServingProfile, ...]:
     """Profiles with assumed figures replaced (CALIBRATION.md's sensitivity option).
 
-    Keys: ``gamma``, ``beta_decode``, ``beta_prefill`` (the clock laws),
+    Keys: ``gamma``, ``beta_decode``, ``beta_prefill``, ``memory_power_share``,
+    ``voltage_knee`` and ``bandwidth_clock`` (ratios of f_max, every product) (the clock
+    law, docs/clock-law.md),
     ``prefill_scale`` (multiplies every prefill rate) and ``idle_w.H100`` etc.
     """
     out = []
@@ -115,6 +118,13 @@ def apply_assumptions(
                 q = replace(q, beta_decode=assumed(value, why))
             elif key == "beta_prefill":
                 q = replace(q, beta_prefill=assumed(value, why))
+            elif key == "memory_power_share":
+                q = replace(q, memory_power_share=assumed(value, why))
+            elif key == "voltage_knee":
+                q = replace(q, product=replace(q.product, voltage_knee_ratio=assumed(value, why)))
+            elif key == "bandwidth_clock":
+                q = replace(q, product=replace(q.product,
+                                               bandwidth_clock_ratio=assumed(value, why)))
             elif key == "prefill_scale":
                 q = replace(q, prefill_tokens_per_s=assumed(
                     q.prefill_tokens_per_s.value * value, why))
