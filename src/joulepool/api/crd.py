@@ -79,7 +79,8 @@ def structural_schema(model: type) -> dict[str, Any]:
     schema["properties"] = {
         "apiVersion": {"type": "string", "description": _API_VERSION_DOC},
         "kind": {"type": "string", "description": _KIND_DOC},
-        "metadata": {"type": "object", "description": "Standard object metadata."},
+        # the API server forbids anything but the type on metadata (it owns the schema)
+        "metadata": {"type": "object"},
         **{k: v for k, v in props.items() if k not in {"apiVersion", "kind", "metadata"}},
     }
     schema["required"] = [r for r in schema.get("required", []) if r not in {"metadata"}]
