@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-import numpy as np
-
 from joulepool.api.models import AssignmentStatus, EnergyPolicySpec, InferencePool
 from joulepool.api.plan import (
     PlanDocument,
@@ -34,23 +32,10 @@ from joulepool.api.plan import (
 )
 from joulepool.core.energy import grams_co2_per_hour, joules_per_token
 from joulepool.core.planner import Mode, PlanNode, PlanProblem, PlanResult
-from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile, product_for_label
+from joulepool.core.problem import ServiceClass, node_from_label
+from joulepool.core.problem import build_problem as build_core_problem
+from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile
 from joulepool.core.sizing import plan_with_headroom
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """A GPU node as the planner needs it (from a Node object or a cluster file)."""
-
-    name: str
-    site: str
-    product: str  # core product name when known, else the raw label
-    gpus: int
-
-    @classmethod
-    def from_label(cls, name: str, site: str, product_label: str, gpus: int) -> NodeInfo:
-        product = product_for_label(product_label)
-        return cls(name, site, product.name if product else product_label, gpus)
 
 
 @dataclass(frozen=True)
@@ -103,39 +88,17 @@ def _objective(pools: Sequence[InferencePool], policy: EnergyPolicySpec) -> str:
     return wanted.pop() if len(wanted) == 1 else policy.objective
 
 
-def build_problem(
-    pools: Sequence[InferencePool],
-    nodes: Sequence[NodeInfo],
-    policy: EnergyPolicySpec,
-    profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
-    headroom: Headroom | None = None,
-) -> PlanProblem:
-    """The joint MILP for every pool over every GPU node.
+def _service_class(pool: InferencePool, steps: int) -> ServiceClass:
+    s = pool.spec
+    return ServiceClass(
+        pool_key(pool.metadata.namespace or "default", pool.metadata.name),
+        s.demand.mean_input_tokens, s.demand.mean_output_tokens,
+        s.slo.ttft_seconds, s.slo.tpot_seconds, s.demand.forecast(steps))
 
-    P[r, m] and L[r, m] come from core's ``operating_point`` with ``headroom``
-    (default :data:`~joulepool.core.profiles.DEFAULT_HEADROOM`).
-    """
-    products = {n.product for n in nodes}
-    modes = _modes(profiles, products)
-    R, M, T = len(pools), len(modes), policy.window_steps
-    power = np.zeros((R, M))
-    cap = np.zeros((R, M))
-    forecast = np.zeros((R, T))
-    for r, pool in enumerate(pools):
-        s = pool.spec
-        allowed = set(s.gpu_products)
-        forecast[r] = s.demand.forecast(T)
-        for m, mode in enumerate(modes):
-            if allowed and mode.product not in allowed:
-                continue
-            prof = _profile_for(profiles, s.model, mode)
-            if prof is None:
-                continue
-            power[r, m], cap[r, m] = prof.operating_point(
-                s.demand.mean_input_tokens, s.demand.mean_output_tokens,
-                s.slo.ttft_seconds, s.slo.tpot_seconds, headroom=headroom,
-            )
-    objective = _objective(pools, policy)
+
+def _carbon(policy: EnergyPolicySpec, nodes: Sequence[PlanNode], objective: str
+            ) -> dict[str, list[float]] | None:
+    """Intensity per site; a site without data counts as the dirtiest known one."""
     # live sources are resolved to series by joulepool.carbon first (the operator does);
     # one still live here counts as an unknown site
     carbon = {c.site: c.values() for c in policy.carbon if c.source is None} or None
@@ -143,26 +106,45 @@ def build_problem(
         worst = max(max(v) for v in carbon.values())
         for site in {n.site for n in nodes} - set(carbon):
             carbon[site] = [worst]  # unknown site: assume the dirtiest known grid
+    return carbon
+
+
+def build_problem(
+    pools: Sequence[InferencePool],
+    nodes: Sequence[PlanNode],
+    policy: EnergyPolicySpec,
+    profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
+    headroom: Headroom | None = None,
+) -> PlanProblem:
+    """The joint MILP for every pool over every GPU node (core's one builder).
+
+    P[r, m] and L[r, m] come from core's serving model with ``headroom``
+    (default :data:`~joulepool.core.profiles.DEFAULT_HEADROOM`); a pool may use
+    the modes of its ``gpuProducts`` that have a profile of its model.
+    """
+    modes = _modes(profiles, {n.product for n in nodes})
+
+    def profile_for(r: int, mode: Mode) -> ServingProfile | None:
+        allowed = set(pools[r].spec.gpu_products)
+        if allowed and mode.product not in allowed:
+            return None
+        return _profile_for(profiles, pools[r].spec.model, mode)
+
+    objective = _objective(pools, policy)
+    carbon = _carbon(policy, nodes, objective)
     if objective == "carbon" and carbon is None:
         objective = "energy"  # no carbon data: energy is the honest proxy
-    return PlanProblem(
-        classes=tuple(pool_key(p.metadata.namespace or "default", p.metadata.name) for p in pools),
-        modes=modes,
-        nodes=tuple(PlanNode(n.name, n.site, n.product, n.gpus) for n in nodes if n.gpus > 0),
-        power_w=power,
-        capacity_rps=cap,
-        forecast_rps=forecast,
-        step_s=policy.step_seconds,
-        alpha=policy.alpha,
+    return build_core_problem(
+        [_service_class(p, policy.window_steps) for p in pools], modes, nodes, profile_for,
+        step_s=policy.step_seconds, alpha=policy.alpha,
         objective="carbon" if objective == "carbon" else "energy",
-        carbon_g_per_kwh=carbon,
-        mip_rel_gap=policy.mip_rel_gap,
-    )
+        carbon_g_per_kwh=carbon, headroom=headroom, mip_rel_gap=policy.mip_rel_gap,
+    ).problem
 
 
 def plan_pools(
     pools: Sequence[InferencePool],
-    nodes: Sequence[NodeInfo],
+    nodes: Sequence[PlanNode],
     policy: EnergyPolicySpec,
     profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
     version: int = 1,
@@ -194,7 +176,7 @@ def describe(
     problem: PlanProblem,
     result: PlanResult,
     pools: Sequence[InferencePool],
-    nodes: Sequence[NodeInfo],
+    nodes: Sequence[PlanNode],
     version: int,
     now: datetime,
     partial: bool = False,
@@ -292,8 +274,9 @@ def outcomes_from_document(doc: PlanDocument) -> dict[str, PoolOutcome]:
     return out
 
 
-def nodes_from_cluster(expanded: Sequence[tuple[str, str, str, int]]) -> list[NodeInfo]:
-    return [NodeInfo.from_label(n, site, product, gpus) for n, site, product, gpus in expanded]
+def nodes_from_cluster(expanded: Sequence[tuple[str, str, str, int]]) -> list[PlanNode]:
+    """The nodes of a cluster file (``ClusterSpec.expanded()``), products from their labels."""
+    return [node_from_label(n, site, product, gpus) for n, site, product, gpus in expanded]
 
 
 def by_key(pools: Sequence[InferencePool]) -> Mapping[str, InferencePool]:

@@ -192,12 +192,12 @@ def run_operator_planning(prom_url: str, port: int) -> Any:
     from test_operator_planning import make_planner, pool, reconcile
 
     from joulepool.api.models import EnergyPolicySpec
-    from joulepool.pooling import NodeInfo
+    from joulepool.core.planner import PlanNode
 
     planner, _api, world = make_planner()
     planner.clock = lambda: datetime.now(UTC)
-    world.nodes["n1"] = [NodeInfo("n1", "east", "H100", 2)]
-    world.nodes["w1"] = [NodeInfo("w1", "west", "H100", 2)]
+    world.nodes["n1"] = [PlanNode("n1", "east", "H100", 2)]
+    world.nodes["w1"] = [PlanNode("w1", "west", "H100", 2)]
     world.add_pool(pool("chat", 2))
     world.policies["default"] = [("default", EnergyPolicySpec.model_validate({
         "objective": "carbon",

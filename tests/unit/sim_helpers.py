@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from joulepool.core.classes import CLASS_NAMES, ClassBoundaries, freesh_slo
-from joulepool.sim.cluster import SimCluster, SimNode
+from joulepool.core.planner import PlanNode
+from joulepool.sim.cluster import SimCluster
 from joulepool.sim.workload import Workload
 
 
@@ -17,7 +18,7 @@ def cluster(nodes: list[tuple[str, str, int]], model: str = "llama-3.1-8b",
     return SimCluster(
         name="test",
         model=model,
-        nodes=tuple(SimNode(n, site, p, g) for n, p, g in nodes),
+        nodes=tuple(PlanNode(n, site, p, g) for n, p, g in nodes),
         carbon_g_per_kwh={site: (carbon,)},
         carbon_step_s=300.0,
         static_modes=static or dict.fromkeys(products, 1),

@@ -9,7 +9,7 @@ from carbon_fakes import NOW, FakeGrid
 from test_operator_planning import make_planner, plan, pool, reconcile
 
 from joulepool.api.models import EnergyPolicySpec
-from joulepool.pooling import NodeInfo
+from joulepool.core.planner import PlanNode
 
 POLICY = "/apis/joulepool.dev/v1alpha1/energypolicies/default"
 
@@ -25,8 +25,8 @@ async def test_forecast_crossing_moves_the_pool_to_the_cleaner_site(aiohttp_serv
     planner, api, world = make_planner()
     now = [NOW]
     planner.clock = lambda: now[0]
-    world.nodes["e1"] = [NodeInfo("e1", "east", "H100", 8)]
-    world.nodes["w1"] = [NodeInfo("w1", "west", "H100", 8)]
+    world.nodes["e1"] = [PlanNode("e1", "east", "H100", 8)]
+    world.nodes["w1"] = [PlanNode("w1", "west", "H100", 8)]
     world.add_pool(pool("chat", 5))
     src = {"provider": "carbonAwareSDK", "url": url, "refreshSeconds": 60}
     spec = EnergyPolicySpec.model_validate({
@@ -68,7 +68,7 @@ async def test_a_dead_source_never_stops_the_planner():
     planner, api, world = make_planner()
     planner.clock = lambda: NOW
     planner.carbon.wait_s = 0.5
-    world.nodes["e1"] = [NodeInfo("e1", "east", "H100", 8)]
+    world.nodes["e1"] = [PlanNode("e1", "east", "H100", 8)]
     world.add_pool(pool("chat", 5))
     spec = EnergyPolicySpec.model_validate({
         "objective": "carbon",
@@ -98,7 +98,7 @@ async def test_a_slow_source_is_waited_for_briefly_then_plans_again_when_it_answ
     planner, api, world = make_planner()
     planner.clock = lambda: NOW
     planner.carbon.wait_s = 0.2
-    world.nodes["e1"] = [NodeInfo("e1", "east", "H100", 8)]
+    world.nodes["e1"] = [PlanNode("e1", "east", "H100", 8)]
     world.add_pool(pool("chat", 5))
     world.policies["default"] = [("default", EnergyPolicySpec.model_validate({
         "objective": "carbon", "carbon": [{"site": "east", "source": {

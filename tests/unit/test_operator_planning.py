@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from joulepool.api.plan import PlanDocument
+from joulepool.core.problem import node_from_label
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.kube import APPLY_PATCH, ApiError, KubeClient, patch_merge_retrying
 from joulepool.operator.planning import Planner, index_values
 from joulepool.operator.resources import deployment_from_body, node_from_body, parse_pool
-from joulepool.pooling import NodeInfo
 
 CM = "/api/v1/namespaces/ops/configmaps/joulepool-plan"
 
@@ -118,7 +118,7 @@ class World:
                 self.pools[k] = [parse_pool(self.api.objects[path])]
 
     def add_node(self, name: str, gpus: int = 8, product: str = "H100") -> None:
-        self.nodes[name] = [NodeInfo.from_label(name, "s1", product, gpus)]
+        self.nodes[name] = [node_from_label(name, "s1", product, gpus)]
 
     def deployments(self) -> dict[Any, list[Any]]:
         return {p: [deployment_from_body(b)] for p, b in self.api.objects.items()
@@ -338,7 +338,7 @@ def test_plan_pools_partial_describes_the_best_partial_plan() -> None:
     from joulepool.pooling import plan_pools
 
     e = parse_pool(pool("big", 150))
-    nodes = [NodeInfo.from_label("n1", "s1", "H100", 8)]
+    nodes = [node_from_label("n1", "s1", "H100", 8)]
     strict = plan_pools([e.pool], nodes, EnergyPolicySpec())  # type: ignore[list-item]
     best = plan_pools([e.pool], nodes, EnergyPolicySpec(), partial=True)  # type: ignore[list-item]
     assert not strict.result.feasible and not best.result.feasible

@@ -10,7 +10,9 @@ import yaml
 from joulepool.api.load import load_manifests
 from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.cli import main
-from joulepool.pooling import NodeInfo, plan_pools
+from joulepool.core.planner import PlanNode
+from joulepool.core.problem import node_from_label
+from joulepool.pooling import plan_pools
 
 ROOT = Path(__file__).resolve().parents[2]
 POOLS = str(ROOT / "examples" / "pools.yaml")
@@ -74,7 +76,7 @@ def test_infeasible_plan_says_what_cannot_be_met(tmp_path, capsys):
 
 
 def test_joint_plan_never_double_books_gpus():
-    nodes = [NodeInfo("h1", "east", "H100", 8), NodeInfo("a1", "east", "A100", 8)]
+    nodes = [PlanNode("h1", "east", "H100", 8), PlanNode("a1", "east", "A100", 8)]
     pools = [_pool(f"p{i}", 20) for i in range(4)]
     plan = plan_pools(pools, nodes, EnergyPolicySpec())
     used: dict[str, int] = {}
@@ -86,7 +88,7 @@ def test_joint_plan_never_double_books_gpus():
 
 
 def test_allowed_products_and_missing_profiles_are_respected():
-    nodes = [NodeInfo("h1", "east", "H100", 8), NodeInfo.from_label("l1", "west", "NVIDIA-L4", 4)]
+    nodes = [PlanNode("h1", "east", "H100", 8), node_from_label("l1", "west", "NVIDIA-L4", 4)]
     plan = plan_pools([_pool("only-l4", 1, gpuProducts=["L4"])], nodes, EnergyPolicySpec())
     assert {a.gpu_product for a in plan.outcomes["ns.only-l4"].assignments} == {"L4"}
     plan = plan_pools([_pool("big", 1, model="llama-3.1-70b", gpuProducts=["L4"])], nodes,
@@ -105,7 +107,7 @@ def test_pools_are_sized_with_cores_queueing_headroom():
     from joulepool.core.profiles import DEFAULT_HEADROOM, H100_8B
     from joulepool.pooling import build_problem
 
-    nodes = [NodeInfo("h1", "east", "H100", 8)]
+    nodes = [PlanNode("h1", "east", "H100", 8)]
     problem = build_problem([_pool("chat", 10)], nodes, EnergyPolicySpec())
     power, rps = H100_8B.operating_point(500, 200, 0.6, 0.1, headroom=DEFAULT_HEADROOM)
     assert problem.capacity_rps[0, 0] == rps and problem.power_w[0, 0] == power
@@ -125,7 +127,7 @@ def test_a_cluster_short_of_headroom_plans_with_less_and_says_so(tmp_path, capsy
                  "demand": {"requestsPerSecond": 30, "meanInputTokens": 2000,
                             "meanOutputTokens": 200}},
     }
-    nodes = [NodeInfo("h1", "east", "H100", 8)]
+    nodes = [PlanNode("h1", "east", "H100", 8)]
     plan = plan_pools([InferencePool.model_validate(body)], nodes, EnergyPolicySpec())
     assert plan.result.feasible and "queueing headroom" in plan.headroom_note
     assert plan.headroom_note in plan.document.message
@@ -178,7 +180,7 @@ def test_energy_policy_gap_and_negative_carbon_reach_the_planner():
     from joulepool.core.planner import DEFAULT_MIP_REL_GAP
     from joulepool.pooling import build_problem
 
-    nodes = [NodeInfo("h1", "east", "H100", 8)]
+    nodes = [PlanNode("h1", "east", "H100", 8)]
     assert build_problem([_pool("chat", 10)], nodes, EnergyPolicySpec()).mip_rel_gap == (
         DEFAULT_MIP_REL_GAP)
     policy = EnergyPolicySpec.model_validate(

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sim_helpers import cluster, workload
 
+from joulepool.core.planner import PlanNode
 from joulepool.core.profiles import H100_8B, L4_8B
-from joulepool.sim.cluster import SimCluster, SimNode, freesh_3site
+from joulepool.sim.cluster import SimCluster, freesh_3site
 from joulepool.sim.engine import EngineParams, simulate
 from joulepool.sim.planning import plan_windows
 from joulepool.sim.policies import POLICIES
@@ -305,7 +306,7 @@ def test_planner_policy_uses_only_planned_gpus_and_replans(small_run):
 
 
 def test_replan_with_multi_gpu_modes_drains_and_conserves_energy():
-    nodes = (SimNode("a0", "s1", "A100", 8), SimNode("h0", "s2", "H100", 4))
+    nodes = (PlanNode("a0", "s1", "A100", 8), PlanNode("h0", "s2", "H100", 4))
     cl = SimCluster("t", "llama-3.1-70b", nodes, {"s1": (300.0,), "s2": (100.0, 500.0)}, 60.0,
                     {"A100": 4, "H100": 4}, ("2xA100", "4xA100", "8xA100", "4xH100"), "carbon",
                     180.0)
@@ -327,7 +328,7 @@ def test_ledger_across_drains_and_pending_instances():
     all four drain) with the H100 node joining, then 2 x 4xA100 and the H100s idle again."""
     from joulepool.sim.planning import PlannedInstances, WindowPlan
 
-    nodes = (SimNode("a0", "s1", "A100", 8), SimNode("h0", "s2", "H100", 4))
+    nodes = (PlanNode("a0", "s1", "A100", 8), PlanNode("h0", "s2", "H100", 4))
     cl = SimCluster("t", "llama-3.1-70b", nodes, {"s1": (300.0,), "s2": (100.0, 500.0)}, 45.0,
                     {"A100": 4, "H100": 4}, ("2xA100", "4xA100", "8xA100", "4xH100"), "carbon",
                     180.0)

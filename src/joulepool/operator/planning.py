@@ -55,6 +55,7 @@ from joulepool.api.load import ResourceError, profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
 from joulepool.carbon.feed import CarbonFeed, policy_status
+from joulepool.core.planner import PlanNode
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.deployments import DeploymentWriter
@@ -79,7 +80,6 @@ from joulepool.operator.resources import (
     with_times,
 )
 from joulepool.pooling import (
-    NodeInfo,
     PoolOutcome,
     PoolPlan,
     outcomes_from_document,
@@ -121,7 +121,7 @@ class Sources:
     """Where the planner reads its inputs: kopf indexes (or plain mappings in tests)."""
 
     pools: Mapping[Any, Iterable[PoolEntry]] | None = None
-    nodes: Mapping[Any, Iterable[NodeInfo | None]] | None = None
+    nodes: Mapping[Any, Iterable[PlanNode | None]] | None = None
     profiles: Mapping[Any, Iterable[Any]] | None = None  # GPUProfile | ResourceError
     policies: Mapping[Any, Iterable[Any]] | None = None  # (name, EnergyPolicySpec | error)
     deployments: Mapping[Any, Iterable[DeploymentInfo]] | None = None
@@ -139,7 +139,7 @@ class InForcePlan:
         return cls(plan.document, plan.outcomes)
 
 
-def unusable_nodes(doc: PlanDocument, pools: Iterable[str], nodes: Iterable[NodeInfo]) -> list[str]:
+def unusable_nodes(doc: PlanDocument, pools: Iterable[str], nodes: Iterable[PlanNode]) -> list[str]:
     """Nodes the plan gives GPUs to (for ``pools``) that cannot carry them now.
 
     Gone, unschedulable (left out of ``nodes``: see ``resources.node_schedulable``),
@@ -378,7 +378,7 @@ class Planner:
     def entries(self) -> dict[str, PoolEntry]:
         return {e.key: e for e in index_values(self.sources.pools)}
 
-    def nodes(self) -> list[NodeInfo]:
+    def nodes(self) -> list[PlanNode]:
         return sorted(index_values(self.sources.nodes, self.gone.skip("nodes")),
                       key=lambda n: n.name)
 
@@ -528,7 +528,7 @@ class Planner:
         return report
 
     async def _solve(
-        self, pools: list[InferencePool], nodes: list[NodeInfo],
+        self, pools: list[InferencePool], nodes: list[PlanNode],
         profiles: list[ServingProfile], policy: EnergyPolicySpec, now: datetime,
     ) -> None:
         plan = await asyncio.to_thread(

@@ -51,8 +51,10 @@ from joulepool.api.models import (
     InferencePool,
 )
 from joulepool.api.plan import PlanDocument, PlannedPool, pool_key
+from joulepool.core.planner import PlanNode
+from joulepool.core.problem import node_from_label
 from joulepool.operator.config import FIELD_MANAGER
-from joulepool.pooling import NodeInfo, PoolOutcome
+from joulepool.pooling import PoolOutcome
 
 #: node affinity on the node's name (``matchFields``: exact even where the
 #: ``kubernetes.io/hostname`` label differs from the Node's name)
@@ -215,7 +217,7 @@ def node_schedulable(body: Mapping[str, Any]) -> bool:
     return True
 
 
-def node_from_body(body: Mapping[str, Any]) -> NodeInfo | None:
+def node_from_body(body: Mapping[str, Any]) -> PlanNode | None:
     """The GPU node as the planner sees it, or None: no GPU label, no GPUs, or not
     schedulable (cordoned, not Ready, unreachable / not-ready taint: :func:`node_schedulable`).
     """
@@ -231,7 +233,7 @@ def node_from_body(body: Mapping[str, Any]) -> NodeInfo | None:
     if gpus <= 0 or not node_schedulable(body):
         return None
     site = labels.get(REGION_LABEL) or DEFAULT_SITE
-    return NodeInfo.from_label(str(meta.get("name")), str(site), str(product), gpus)
+    return node_from_label(str(meta.get("name")), str(site), str(product), gpus)
 
 
 def parse_profile(body: Mapping[str, Any]) -> GPUProfile:

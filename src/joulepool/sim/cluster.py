@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from joulepool.core.planner import ASSUMED_FREESH_CARBON_G_PER_KWH, FREESH_NODES
+from joulepool.core.planner import ASSUMED_FREESH_CARBON_G_PER_KWH, FREESH_NODES, PlanNode
 from joulepool.core.profiles import (
     DEFAULT_PROFILES,
     LLAMA_8B,
@@ -48,18 +48,10 @@ class ClusterError(ValueError):
 
 
 @dataclass(frozen=True)
-class SimNode:
-    name: str
-    site: str
-    product: str
-    gpus: int
-
-
-@dataclass(frozen=True)
 class SimCluster:
     name: str
     model: str
-    nodes: tuple[SimNode, ...]
+    nodes: tuple[PlanNode, ...]
     carbon_g_per_kwh: Mapping[str, tuple[float, ...]]  # per site, one value per step
     carbon_step_s: float
     static_modes: Mapping[str, int]  # product -> GPUs per instance
@@ -171,9 +163,9 @@ def _carbon_text(series: Sequence[float]) -> str:
 # ------------------------------------------------------------------ built-ins
 def joulesched_320() -> SimCluster:
     nodes = (
-        *(SimNode(f"a100-{i}", "site-1", "A100", 8) for i in range(20)),
-        *(SimNode(f"h100-{i}", "site-1", "H100", 8) for i in range(16)),
-        *(SimNode(f"l4-{i}", "site-1", "L4", 8) for i in range(4)),
+        *(PlanNode(f"a100-{i}", "site-1", "A100", 8) for i in range(20)),
+        *(PlanNode(f"h100-{i}", "site-1", "H100", 8) for i in range(16)),
+        *(PlanNode(f"l4-{i}", "site-1", "L4", 8) for i in range(4)),
     )
     return SimCluster(
         name="joulesched-320",
@@ -214,7 +206,7 @@ def _freesh_carbon() -> dict[str, tuple[float, ...]]:
 
 
 def freesh_3site() -> SimCluster:
-    nodes = tuple(SimNode(n.name, n.site, n.product, n.gpus) for n in FREESH_NODES)
+    nodes = tuple(FREESH_NODES)
     return SimCluster(
         name="freesh-3site",
         model=LLAMA_70B,
@@ -286,7 +278,7 @@ def _file_nodes(p: Path, spec: ClusterSpec) -> list[SimNode]:
             raise ClusterError(
                 f"{p}: node {name!r}: unknown GPU product {label!r}; known: {sorted(PRODUCTS)}"
             )
-        nodes.append(SimNode(name, site, product.name, gpus))
+        nodes.append(PlanNode(name, site, product.name, gpus))
     return nodes
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.core.classes import CLASS_NAMES, freesh_slo
-from joulepool.core.planner import Mode, PlanNode, PlanProblem
+from joulepool.core.planner import Mode, PlanProblem
+from joulepool.core.problem import ServiceClass, build_problem
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom, ServingPoint
 from joulepool.core.sizing import SizedPlan, plan_with_headroom
 from joulepool.sim.cluster import SimCluster
@@ -200,41 +201,23 @@ def _plan_problem(
         if (p := cluster.mode_profile(m)) is not None
     )
     mean_in, mean_out = workload.class_means()
-    R, M = len(CLASS_NAMES), len(modes)
-    power = np.zeros((R, M))
-    cap = np.zeros((R, M))
-    serving: dict[str, tuple[ServingPoint, ...]] = {}
-    for m, mode in enumerate(modes):
-        prof = cluster.mode_profile(mode.name)
-        assert prof is not None
-        points = []
-        for r, name in enumerate(CLASS_NAMES):
-            slo = freesh_slo(name)
-            if mean_out[r] <= 0:  # nobody in the class: nothing to serve
-                sp = ServingPoint(0.0, float(prof.power_w(1)), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0,
-                                  "no requests in the class")
-            else:
-                sp = prof.serving_point(float(mean_in[r]), float(mean_out[r]), slo.ttft_s,
-                                        slo.tpot_s, headroom=headroom)
-            points.append(sp)
-            power[r, m], cap[r, m] = sp.power_w, sp.rps
-        serving[mode.name] = tuple(points)
     forecast, mean = step_forecast(workload, start_s, end, step_s, steps)
-    ratio = np.divide(forecast, mean, out=np.ones_like(forecast), where=mean > 0)
-    carbon = {s: cluster.carbon_window(s, start_s, steps, step_s) for s in cluster.sites}
-    problem = PlanProblem(
-        classes=CLASS_NAMES,
-        modes=modes,
-        nodes=tuple(PlanNode(n.name, n.site, n.product, n.gpus) for n in cluster.nodes),
-        power_w=power,
-        capacity_rps=cap,
-        forecast_rps=forecast,
-        step_s=step_s,
-        alpha=alpha,
-        objective=cluster.objective,
-        carbon_g_per_kwh=carbon,
-        time_limit_s=time_limit_s,
+    classes = []
+    for r, name in enumerate(CLASS_NAMES):
+        slo = freesh_slo(name)
+        classes.append(ServiceClass(name, float(mean_in[r]), float(mean_out[r]), slo.ttft_s,
+                                    slo.tpot_s, tuple(float(v) for v in forecast[r])))
+    built = build_problem(
+        classes, modes, cluster.nodes, lambda r, mode: cluster.mode_profile(mode.name),
+        step_s=step_s, alpha=alpha, objective=cluster.objective,
+        carbon_g_per_kwh={s: cluster.carbon_window(s, start_s, steps, step_s)
+                          for s in cluster.sites},
+        headroom=headroom, time_limit_s=time_limit_s,
     )
+    serving = {m: tuple(sp for sp in points if sp is not None)
+               for m, points in built.serving.items()}
+    ratio = np.divide(forecast, mean, out=np.ones_like(forecast), where=mean > 0)
+    problem = built.problem
     return problem, serving, float(ratio.max()) if ratio.size else 1.0
 
 
