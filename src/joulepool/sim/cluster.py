@@ -270,7 +270,7 @@ def _read_cluster_yaml(p: Path) -> tuple[ClusterSpec, dict[str, Any]]:
     return spec, sim
 
 
-def _file_nodes(p: Path, spec: ClusterSpec) -> list[SimNode]:
+def _file_nodes(p: Path, spec: ClusterSpec) -> list[PlanNode]:
     nodes = []
     for name, site, label, gpus in spec.expanded():
         product = product_for_label(label)
@@ -341,7 +341,7 @@ def _file_arrival(p: Path, sim: dict[str, Any]) -> tuple[str, float]:
 
 
 def _file_carbon(
-    spec: ClusterSpec, nodes: list[SimNode]
+    spec: ClusterSpec, nodes: list[PlanNode]
 ) -> tuple[dict[str, tuple[float, ...]], list[str]]:
     """Carbon series per site; a site without one gets the highest given (noted)."""
     carbon = {s: tuple(float(v) for v in vals) for s, vals in spec.carbon_by_site().items()}
