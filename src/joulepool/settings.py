@@ -138,8 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[ComponentSettings
 
 
 def _config_layer(model: type[ComponentSettings], path: str) -> dict[str, Any]:
+    from joulepool.api.load import load_yaml
+
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
     except OSError as exc:
         raise SettingsError(f"--config {path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:

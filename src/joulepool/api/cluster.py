@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from joulepool.api.load import ResourceError, from_validation_error
+from joulepool.api.load import ResourceError, from_validation_error, load_yaml
 from joulepool.api.models import SiteCarbon, _Model
 
 
@@ -53,7 +53,7 @@ class ClusterSpec(_Model):
 def load_cluster(path: str | Path) -> ClusterSpec:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text())
     except OSError as exc:
         raise ResourceError(f"cannot read: {exc.strerror}", "", str(p)) from None
     except yaml.YAMLError as exc:

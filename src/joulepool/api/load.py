@@ -31,6 +31,20 @@ class ResourceError(ValueError):
         super().__init__(f"{where}{at}{message}")
 
 
+def load_yaml(text: str, all_documents: bool = False) -> Any:
+    """``yaml.safe_load`` (``safe_load_all`` as a list when ``all_documents``) that reports
+    nesting too deep for the parser as a ``yaml.YAMLError`` (the parser recurses once per
+    level; a few hundred levels overflow Python's stack), so callers' YAML error handling
+    covers it: a clear message and exit status 2 instead of a RecursionError traceback."""
+    try:
+        if all_documents:
+            return list(yaml.safe_load_all(text))
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply to parse (more levels than any "
+                             "joulepool resource has)") from None
+
+
 def _dotted(loc: Iterable[Any]) -> str:
     out = ""
     for part in loc:
@@ -69,7 +83,7 @@ def load_manifests(path: str | Path) -> list[BaseModel]:
     except OSError as exc:
         raise ResourceError(f"cannot read: {exc.strerror}", "", str(p)) from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in load_yaml(text, all_documents=True) if d is not None]
     except yaml.YAMLError as exc:
         raise ResourceError(f"invalid YAML: {exc}", "", str(p)) from None
     out = []

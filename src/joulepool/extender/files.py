@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from joulepool.api.load import load_yaml
 from joulepool.api.plan import PlannedSLO
 from joulepool.core.classes import Tier
 
@@ -97,10 +98,10 @@ def read_structured(path: str | Path) -> Any:
         raise FileError(f"{p}: cannot read: {exc.strerror}") from None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         raise FileError(f"{p}: neither JSON nor YAML: {exc}") from None
 

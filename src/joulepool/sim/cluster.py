@@ -245,10 +245,10 @@ def _read_cluster_yaml(p: Path) -> tuple[ClusterSpec, dict[str, Any]]:
     from pydantic import ValidationError
 
     from joulepool.api.cluster import ClusterSpec
-    from joulepool.api.load import from_validation_error
+    from joulepool.api.load import from_validation_error, load_yaml
 
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ClusterError(f"{p}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:

@@ -24,6 +24,8 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+#: longest trace accepted, seconds (366 days: per-minute arrays of ~0.5 M entries)
+MAX_SPAN_S = 366 * 86400
 VENDORED_NAME = "azure_conv_2023.csv"
 ATTRIBUTION = (
     'Patel et al., "Splitwise: Efficient generative LLM inference using phase splitting", '
@@ -50,6 +52,12 @@ class Trace:
             raise TraceError(f"{self.name}: the trace has no requests")
         if self.input_tokens.size != n or self.output_tokens.size != n:
             raise TraceError(f"{self.name}: columns have different lengths")
+        span = float(self.arrival_s[-1] - self.arrival_s[0]) if n else 0.0
+        if not math.isfinite(span) or span > MAX_SPAN_S:
+            raise TraceError(
+                f"{self.name}: the trace spans {span / 86400:.0f} days; at most "
+                f"{MAX_SPAN_S // 86400} days are supported (the simulator keeps per-minute "
+                "arrays of the whole span): check the TIMESTAMP column")
 
     @property
     def requests(self) -> int:

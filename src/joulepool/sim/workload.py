@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.core.classes import CLASS_NAMES, SLO, ClassBoundaries, Tier, freesh_slo
-from joulepool.sim.trace import Trace
+from joulepool.sim.trace import MAX_SPAN_S, Trace
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -134,8 +134,9 @@ def mean_shape_rate(trace: Trace, duration_s: float) -> float:
 def _check_workload_args(
     duration_s: float, mix: tuple[float, float, float], bulk_slack: float
 ) -> None:
-    if duration_s <= 0:
-        raise ValueError("duration must be positive")
+    if not 0 < duration_s <= MAX_SPAN_S:
+        raise ValueError(f"duration must be positive and at most {MAX_SPAN_S // 86400} days "
+                         f"({MAX_SPAN_S} s), got {duration_s:g} s")
     if len(mix) != 3 or any(x < 0 for x in mix) or not math.isclose(sum(mix), 1.0, abs_tol=1e-6):
         raise ValueError("mix must be three non-negative shares (chat, RAG, batch) summing to 1")
     if mix[2] >= 1.0:
