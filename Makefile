@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck crds bench clean k8s-deps monitoring-deps
+.PHONY: venv demo test lint typecheck imports crds bench clean k8s-deps monitoring-deps
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,7 +47,12 @@ monitoring-deps:
 test: $(STAMP) k8s-deps monitoring-deps
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+## The import graph between joulepool's packages, against the layer contracts (pyproject).
+imports: $(STAMP)
+	$(BIN)/lint-imports
 
 crds: $(STAMP)
 	$(BIN)/joulepool crds --out crds

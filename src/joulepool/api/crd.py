@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, GPUProfile, InferencePool
 
@@ -71,9 +72,10 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def structural_schema(model: type) -> dict[str, Any]:
-    raw = model.model_json_schema(by_alias=True, mode="validation")  # type: ignore[attr-defined]
-    schema = _inline(raw, raw.get("$defs", {}))
+def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The CRD's structural OpenAPI v3 schema of ``model`` (module docstring)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    schema: dict[str, Any] = _inline(raw, raw.get("$defs", {}))
     props = schema["properties"]
     # apiVersion/kind/metadata are the API server's business (their schema is its own)
     schema["properties"] = {

@@ -98,9 +98,10 @@ def waiting_requests_estimate(
     """Requests not yet admitted to the batch: the scraped waiting count, or what
     the requests in flight (e.g. the router's ledger) imply beyond the engine's
     batch limit, if more."""
-    over = np.asarray(np.subtract(in_flight, max_batch, dtype=np.float64))
+    over: FloatArray = np.asarray(np.subtract(in_flight, max_batch, dtype=np.float64))
     np.maximum(over, waiting, out=over)
-    return np.maximum(over, 0.0, out=over)
+    np.maximum(over, 0.0, out=over)
+    return over
 
 
 def prefill_weight(tps: Num, prefill_s_per_token: Num) -> Num:

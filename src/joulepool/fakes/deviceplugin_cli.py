@@ -37,10 +37,13 @@ def run(args: argparse.Namespace) -> int:
     kube = settings.kubernetes == "on" or (
         settings.kubernetes == "auto" and bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
     if (product_name is None or count is None) and kube:
-        from joulepool.nodeagent.runner import load_kube_config
+        from kubernetes import config
 
         try:
-            load_kube_config()
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
             label_product, label_count = product_and_count_from_node(node)
         except Exception as exc:
             raise UsageError(f"cannot read labels of node {node!r}: {exc}") from None
