@@ -22,7 +22,9 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import pydantic_core
@@ -164,3 +166,37 @@ async def start_server(app: web.Application, host: str, port: int, *,
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
     await site.start()
     return runner
+
+
+def urls(runner: web.AppRunner, tls: bool = False) -> list[str]:
+    """``http(s)://host:port`` of every address ``runner`` listens on."""
+    scheme = "https" if tls else "http"
+    out = []
+    for addr in runner.addresses:
+        host, port = addr[0], addr[1]
+        out.append(f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}")
+    return out
+
+
+async def serve_until_signalled(app: web.Application, host: str, port: int, *,
+                                ssl_context: ssl.SSLContext | None = None,
+                                header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                                on_started: Callable[[web.AppRunner], None] | None = None
+                                ) -> None:
+    """:func:`start_server`, call ``on_started(runner)``, serve until SIGINT or SIGTERM,
+    then stop (in-flight requests get the runner's shutdown timeout). OSError when the
+    address cannot be bound."""
+    runner = await start_server(app, host, port, ssl_context=ssl_context,
+                                header_timeout_s=header_timeout_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if on_started is not None:
+            on_started(runner)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

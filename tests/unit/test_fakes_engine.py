@@ -93,7 +93,8 @@ async def test_bad_requests_get_openai_errors(payload, status):
     client = await client_for(FakeEngine(H100_8B))
     try:
         if isinstance(payload, str):
-            r = await client.post("/v1/completions", data=payload)
+            r = await client.post("/v1/completions", data=payload,
+                                  headers={"Content-Type": "application/json"})
         else:
             r = await client.post("/v1/completions", json=payload)
         assert r.status == status
@@ -199,3 +200,22 @@ async def test_max_batch_queues_requests():
     await asyncio.gather(*(one() for _ in range(5)))
     assert max(seen_waiting) >= 1  # three had to wait for a slot
     await engine.close()
+
+
+@pytest.mark.parametrize(("body", "headers", "status"), [
+    (b'{"prompt": "x"}', {"Content-Type": "text/plain"}, 415),
+    (b'{"prompt": "x"}', {}, 415),
+    (b'{"prompt": "x", "max_tokens": NaN}', {"Content-Type": "application/json"}, 400),
+    (b'{"prompt": "x", "temperature": 1e999}', {"Content-Type": "application/json"}, 400),
+])
+async def test_json_only_as_application_json_and_rfc8259(body, headers, status):
+    """Cross-site posts (text/plain, untyped) never reach the engine; NaN/Infinity are
+    not JSON (httpserve's contract, as on every joulepool service)."""
+    client = await client_for(FakeEngine(H100_8B))
+    try:
+        r = await client.post("/v1/completions", data=body, headers=headers,
+                              skip_auto_headers=["Content-Type"])
+        assert r.status == status
+        assert "message" in (await r.json())["error"]
+    finally:
+        await client.close()

@@ -6,6 +6,7 @@ Light module: heavy imports (aiohttp, numpy, kubernetes) happen in :func:`run`.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +22,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    import signal
 
     from joulepool.cli import UsageError
     from joulepool.extender.app import EXTENDER, create_app, ssl_context
     from joulepool.extender.files import FileError
     from joulepool.extender.settings import SettingsError, load_settings
-    from joulepool.httpserve import start_server
+    from joulepool.httpserve import serve_until_signalled, urls
 
     log = logging.getLogger("joulepool.extender")
     try:
@@ -56,27 +56,15 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise UsageError(f"TLS: {exc}") from None
 
-    async def serve() -> None:
-        runner = await start_server(app, settings.host, settings.port, ssl_context=ctx,
-                                    header_timeout_s=settings.header_timeout_seconds)
-        scheme = "https" if ctx else "http"
-        urls = [
-            f"{scheme}://{'[' + a[0] + ']' if ':' in a[0] else a[0]}:{a[1]}"
-            for a in runner.addresses
-        ]
-        print(f"joulepool extender listening on {' '.join(urls)}", flush=True)
-        log.info("listening on %s", urls)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
+    def started(runner: Any) -> None:
+        listening = urls(runner, tls=ctx is not None)
+        print(f"joulepool extender listening on {' '.join(listening)}", flush=True)
+        log.info("listening on %s", listening)
 
     try:
-        asyncio.run(serve())
+        asyncio.run(serve_until_signalled(
+            app, settings.host, settings.port, ssl_context=ctx,
+            header_timeout_s=settings.header_timeout_seconds, on_started=started))
     except OSError as exc:
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
     return 0

@@ -35,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from joulepool import httpserve
 from joulepool.api import vllm
 from joulepool.core.device import GPUError
 from joulepool.core.profiles import ServingProfile
@@ -48,6 +49,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 MAX_TOKENS_LIMIT = 8192
+#: largest request body (a prompt of ~1 M tokens at 4 characters per token)
+MAX_BODY_BYTES = 4 << 20
 
 
 class EngineMetrics:
@@ -263,7 +266,7 @@ def count_prompt_tokens(prompt: Any) -> int:
 
 
 def _error(status: int, message: str, etype: str = "invalid_request_error") -> web.Response:
-    return web.json_response(
+    return httpserve.json_response(
         {"error": {"message": message, "type": etype, "code": status}}, status=status)
 
 
@@ -273,13 +276,13 @@ def token_text(i: int) -> str:
 
 def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Application:
     model_name = served_model or engine.profile.model
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "request body must be JSON")
+        try:  # application/json only, bounded, RFC 8259 (no NaN/Infinity)
+            body = await httpserve.read_json(request, MAX_BODY_BYTES)
+        except httpserve.HTTPProblem as exc:
+            return _error(exc.status, exc.message)
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object")
         model = body.get("model", model_name)

@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
 def serve(args: FakeEngineSettings) -> int:
     """Build the fake engine the settings describe and serve it until interrupted."""
-    from aiohttp import web
+    import asyncio
 
     from joulepool.cli import UsageError
     from joulepool.core.profiles import DEFAULT_PROFILES, find_profile
     from joulepool.fakes.engine import FakeEngine, build_app
     from joulepool.fakes.gpus import SimulatedGPUs, resolve_product
+    from joulepool.httpserve import serve_until_signalled
 
     indices: list[int] = list(args.gpu_index or ([0] if args.gpu_state else []))
     gpus = None
@@ -70,5 +71,8 @@ def serve(args: FakeEngineSettings) -> int:
     app = build_app(engine, args.served_model_name)
     print(f"joulepool fake-engine: {profile.model} on {profile.mode} "
           f"(GPUs {indices or 'none'}) at http://{args.host}:{args.port}", flush=True)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        asyncio.run(serve_until_signalled(app, args.host, args.port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     return 0

@@ -66,6 +66,8 @@ async def serve_metrics(agent: NodeAgent, host: str, port: int) -> Any:
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST
 
+    from joulepool.httpserve import start_server
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=agent.metrics.render(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -80,11 +82,7 @@ async def serve_metrics(agent: NodeAgent, host: str, port: int) -> Any:
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner
+    return await start_server(app, host, port)
 
 
 async def _start(args: NodeAgentSettings, agent: NodeAgent) -> bool:
