@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ValidationError
 
-from joulepool.api.contract import GPU_PRODUCT_LABEL, REGION_LABEL
+from joulepool.api.contract import ENGINE_PORT, GPU_PRODUCT_LABEL, REGION_LABEL
 from joulepool.api.plan import PlanDocument, PlannedPool
 from joulepool.core.profiles import product_for_label
 from joulepool.extender.wire import (
@@ -117,7 +117,7 @@ def host_prefix(name: str) -> str:
 class ClusterState:
     """Everything the extender knows about the cluster, and when it last changed."""
 
-    def __init__(self, default_port: int = 8000) -> None:
+    def __init__(self, default_port: int = ENGINE_PORT) -> None:
         self.default_port = default_port
         self.nodes: dict[str, NodeRecord] = {}
         self.pods: dict[str, PodRecord] = {}

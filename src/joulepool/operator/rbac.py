@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from joulepool.api.contract import COMPONENT_LABEL, DEFAULT_NAMESPACE, GROUP, NAME_LABEL
+
 #: ClusterRole rules: pools, Deployments and Events live in any watched namespace;
 #: nodes and joulepool's cluster-scoped resources are cluster-wide.
 CLUSTER_RULES: list[dict[str, Any]] = [
@@ -16,25 +18,25 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     # joulepool.dev/last-handled-configuration and handler progress); the operator
     # re-reads one (get) after a 409 on its status patch.
     {
-        "apiGroups": ["joulepool.dev"],
+        "apiGroups": [GROUP],
         "resources": ["inferencepools"],
         "verbs": ["get", "list", "watch", "patch"],
     },
     # The planning loop writes every pool's status (merge patch).
     {
-        "apiGroups": ["joulepool.dev"],
+        "apiGroups": [GROUP],
         "resources": ["inferencepools/status"],
         "verbs": ["patch"],
     },
     # The planning loop writes EnergyPolicy default's status: its live carbon sources.
     {
-        "apiGroups": ["joulepool.dev"],
+        "apiGroups": [GROUP],
         "resources": ["energypolicies/status"],
         "verbs": ["patch"],
     },
     # Read only, kept in kopf indexes: never written, never fetched one by one.
     {
-        "apiGroups": ["joulepool.dev"],
+        "apiGroups": [GROUP],
         "resources": ["gpuprofiles", "energypolicies"],
         "verbs": ["list", "watch"],
     },
@@ -74,13 +76,13 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
 
 
 def rbac_objects(
-    namespace: str = "joulepool-system",
+    namespace: str = DEFAULT_NAMESPACE,
     service_account: str = "joulepool-operator",
     name: str = "joulepool-operator",
 ) -> list[dict[str, Any]]:
     """ClusterRole + binding and Role + binding for the operator's service account."""
     subject = [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}]
-    labels = {"app.kubernetes.io/name": "joulepool", "app.kubernetes.io/component": "operator"}
+    labels = {NAME_LABEL: "joulepool", COMPONENT_LABEL: "operator"}
     return [
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
          "metadata": {"name": name, "labels": labels},
@@ -101,7 +103,7 @@ def rbac_objects(
 
 
 def rbac_manifest(
-    namespace: str = "joulepool-system",
+    namespace: str = DEFAULT_NAMESPACE,
     service_account: str = "joulepool-operator",
     name: str = "joulepool-operator",
 ) -> str:
