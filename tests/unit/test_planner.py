@@ -853,3 +853,24 @@ def test_negative_carbon_plans_are_valid_and_optimal(
                    problem.capacity_rps, problem.forecast_rps, objective="carbon",
                    carbon_g_per_kwh=carbon, mip_rel_gap=0.0)  # fmt: skip
     assert_matches_brute_force(problem)
+
+
+def test_partial_plan_falls_back_to_the_fair_floor_plan_when_its_solve_finds_none() -> None:
+    """The fewest-unmet solve ran out of time with no plan: the floor's own plan serves."""
+    nodes = (PlanNode("h0", "s", "H100", 4), PlanNode("h1", "s", "H100", 8))
+    problem = make(("small", "big"), (H4,), nodes, [[900.0], [900.0]], [[2.0], [2.0]],
+                   [[1.0], [20.0]])  # fmt: skip
+    real = planner.milp
+
+    def no_partial_plan(c: Any, **kw: Any) -> Any:
+        res = real(c, **kw)
+        if int((kw["integrality"] == 0).sum()) == 2:  # the slack model: one s per class
+            res.x, res.status = None, 1
+        return res
+
+    with mock.patch.object(planner, "milp", no_partial_plan):
+        result = solve(problem)
+    check_plan(problem, result)
+    assert not result.feasible and result.partial_assignments
+    assert result.served_rps("small") >= 1.1  # the floor: small in full, big at the level
+    assert result.served_rps("big") >= 1.1

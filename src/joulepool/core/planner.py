@@ -126,6 +126,10 @@ FAIR_SHARE_TOL = 1e-7
 MAX_PATTERNS = 256
 #: the partial-plan solve always gets at least this long (or the whole limit if shorter)
 MIN_SECOND_SOLVE_S = 1.0
+#: shares of what is left of the time limit, cumulative, by which the partial plan's
+#: max-min floor and its fewest-unmet-demand plan are due (the largest alpha that fits
+#: gets the rest): the plan itself matters most, the alpha diagnosis least
+PARTIAL_SHARES = (0.35, 0.85)
 
 NO_ELIGIBLE_MODE = "no eligible mode within SLO"
 
@@ -789,14 +793,17 @@ class _Model:
 
     def _max_t(
         self, need: FloatArray, per_t: FloatArray, t_max: float, time_limit_s: float
-    ) -> float | None:
-        """The largest t in [0, t_max] with served >= need + per_t * t (None: no plan found)."""
+    ) -> FloatArray | None:
+        """A plan with the largest t in [0, t_max] and served >= need + per_t * t.
+
+        Returns its variables (t last), or None when HiGHS found no plan in time.
+        """
         _, ub = self._base(1)
         c = np.zeros(len(ub))
         c[-1] = -1.0
         ub[-1] = t_max
         run = self._run(c, ub, False, time_limit_s, need, per_t)
-        return None if run.x is None or run.status not in (0, 1) else float(run.x[-1])
+        return None if run.x is None or run.status not in (0, 1) else run.x
 
     def _fits(self, need: FloatArray, time_limit_s: float) -> bool:
         """Whether some plan serves ``need`` req/s (per class with demand)."""
@@ -804,21 +811,23 @@ class _Model:
         run = self._run(np.zeros(len(ub)), ub, False, time_limit_s, need)
         return run.x is not None and run.status in (0, 1)
 
-    def fair_floor(self, time_limit_s: float) -> FloatArray:
-        """Max-min fair served req/s per class with demand (docs/planner.md).
+    def fair_floor(self, time_limit_s: float) -> tuple[FloatArray, FloatArray | None]:
+        """Max-min fair served req/s per class with demand (docs/planner.md), and a plan.
 
         The water level u is the largest rate such that every class some mode can
         serve gets min(demand, u): classes below u are served in full, the others
         at least u. Found by bisection over the sorted demands (each probe asks
-        whether demand capped at a level fits), then one solve for u between them.
+        whether demand capped at a level fits; one that finds no plan in time
+        counts as not fitting, so the floor errs low), then one solve for u
+        between them, whose plan (None if it found none) serves the floor.
         """
         dem = self.demand[self.demand > 0]
         cov = self.coverable[self.demand > 0]
         levels = np.unique(dem[cov])
         if not levels.size or self.n_int == 0:
-            return np.zeros(len(dem))
+            return np.zeros(len(dem)), None
         t0 = time.perf_counter()
-        probe = max(time_limit_s / (2 * (math.ceil(math.log2(levels.size + 1)) + 1)), 1e-3)
+        probe = max(time_limit_s / (math.ceil(math.log2(levels.size + 1)) + 2), 1e-3)
         lo, hi = -1, levels.size  # levels[lo] fits (-1: none does), levels[hi] does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -831,19 +840,23 @@ class _Model:
         full = cov & (dem <= base)
         rest = cov & ~full
         left = max(time_limit_s - (time.perf_counter() - t0), 1e-3)
-        u = self._max_t(np.where(full, dem, 0.0), rest.astype(np.float64), top, left)
-        level = base if u is None else max(u, base)
-        return np.where(cov, np.minimum(dem, level), 0.0)
+        x = self._max_t(np.where(full, dem, 0.0), rest.astype(np.float64), top, left)
+        level = base if x is None else max(float(x[-1]), base)
+        return np.where(cov, np.minimum(dem, level), 0.0), x
 
-    def max_alpha(self, alpha: float, time_limit_s: float) -> float:
-        """The largest headroom a <= alpha with a x forecast served (0: a class has no mode)."""
+    def max_alpha(self, alpha: float, time_limit_s: float) -> float | None:
+        """The largest headroom a <= alpha with a x forecast served.
+
+        0 when a class has no mode that can serve it; None when HiGHS found no plan
+        in time; at the time limit, the best a found so far (a lower bound).
+        """
         dem = self.demand[self.demand > 0]
         if not self.coverable[self.demand > 0].all():
             return 0.0
         if self.n_int == 0 or not dem.size:
             return alpha
-        found = self._max_t(np.zeros(len(dem)), dem / alpha, alpha, time_limit_s)
-        return 0.0 if found is None else found
+        x = self._max_t(np.zeros(len(dem)), dem / alpha, alpha, time_limit_s)
+        return None if x is None else float(x[-1])
 
     def solve_partial(self, floor: FloatArray, time_limit_s: float) -> _Solve:
         """The fewest unmet req/s, then the least cost, with each class served >= ``floor``.
@@ -1036,13 +1049,17 @@ def _optimise(
         if not partial:
             no_mode = _Solve(None, 2, math.inf, "a class has no mode that can serve it")
             return no_mode, False, True, None
-    def share() -> float:  # a third of what is left: fair floor, partial plan, max alpha
-        left = max(deadline - time.perf_counter(), min(MIN_SECOND_SOLVE_S, limit))
-        return left / 3.0
+    budget = max(deadline - time.perf_counter(), min(MIN_SECOND_SOLVE_S, limit))
+    start = time.perf_counter()
 
-    floor = model.fair_floor(share())
-    soft = model.solve_partial(floor, time_limit_s=share() * 1.5)
-    return soft, False, proven, model.max_alpha(model.p.alpha, share() * 3.0)
+    def until(share: float) -> float:  # time left until ``share`` of the budget is spent
+        return max(start + share * budget - time.perf_counter(), 0.1 * budget)
+
+    floor, floor_x = model.fair_floor(until(PARTIAL_SHARES[0]))
+    soft = model.solve_partial(floor, time_limit_s=until(PARTIAL_SHARES[1]))
+    if soft.x is None and floor_x is not None:  # no better plan in time: the floor's own
+        soft = _Solve(floor_x, 1, math.inf, "partial plan: the max-min floor's plan")
+    return soft, False, proven, model.max_alpha(model.p.alpha, until(1.0))
 
 
 def _status(run: _Solve) -> str:
