@@ -1,12 +1,13 @@
-"""Benchmark of ``joulepool extender``: scheduler verbs over 5,000 nodes, routing over 1,000
-endpoints.
+"""Benchmark of ``joulepool extender`` (scheduler verbs over 5,000 nodes) and ``joulepool
+router`` (routing over 1,000 endpoints).
 
-The service runs as its own process (``joulepool extender --no-cluster``) fed
-from generated files: a NodeList of ``--nodes`` GPU nodes (H100 / A100 / L4
-thirds), ``--endpoints`` ready serving pods bound to them (the router's
-endpoints, modelled with the default serving profiles) and a plan that assigns
-the pool to every H100 and A100 node. A load generator in this process (an
-aiohttp client, ``--concurrency`` connections, loopback only) sends:
+Each service runs as its own process (``joulepool extender --no-cluster``,
+``joulepool router --no-cluster``) fed from the same generated files: a NodeList
+of ``--nodes`` GPU nodes (H100 / A100 / L4 thirds), ``--endpoints`` ready serving
+pods bound to them (the router's endpoints, modelled with the default serving
+profiles) and a plan that assigns the pool to every H100 and A100 node. A load
+generator in this process (an aiohttp client, ``--concurrency`` connections,
+loopback only) sends:
 
     prioritize   ExtenderArgs with a full Pod and NodeNames of all nodes
                  (the nodeCacheCapable form)
@@ -54,7 +55,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from joulepool.extender import testing as T
+from joulepool.kube import testing as T
 
 POOL = "default.chat"
 TARGETS_MS = {"prioritize": 5.0, "route": 1.0}
@@ -90,12 +91,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
-def start_server(nodes_file: Path, plan_file: Path) -> tuple[subprocess.Popen[str], str]:
+def start_server(nodes_file: Path, plan_file: Path, command: str = "extender"
+                 ) -> tuple[subprocess.Popen[str], str]:
+    extra = ["--max-nodes", "20000"] if command == "extender" else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "joulepool.cli", "extender", "--no-cluster",
+        [sys.executable, "-m", "joulepool.cli", command, "--no-cluster",
          "--nodes-file", str(nodes_file), "--plan-file", str(plan_file),
          "--host", "127.0.0.1", "--port", "0", "--scrape-interval-seconds", "0",
-         "--file-poll-seconds", "0", "--max-nodes", "20000"],
+         "--file-poll-seconds", "0", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -103,7 +106,7 @@ def start_server(nodes_file: Path, plan_file: Path) -> tuple[subprocess.Popen[st
     if "listening on" not in line:
         err = proc.stderr.read() if proc.stderr else ""
         proc.kill()
-        raise RuntimeError(f"extender did not start: {line}{err}")
+        raise RuntimeError(f"{command} did not start: {line}{err}")
     return proc, line.split()[-1]
 
 
@@ -207,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_start = time.perf_counter()
         proc, base = start_server(nodes_file, plan_file)
         startup_s = time.perf_counter() - t_start
+        router_proc, router_base = start_server(nodes_file, plan_file, "router")
         try:
             sched_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1),
                                                     names=names)).encode()
@@ -244,23 +248,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     yield "/v1/complete", json.dumps(done).encode(), "complete"
 
             scenarios = [
-                ("prioritize", prio, args.prioritize_requests, 30),
-                ("filter", filt, max(args.prioritize_requests // 3, 1), 10),
-                ("filter+mode", filt_mode, max(args.prioritize_requests // 3, 1), 10),
-                ("route", route, args.route_requests, 500),
-                ("route+complete", RouteThenComplete, args.route_requests // 2, 200),
+                ("prioritize", prio, args.prioritize_requests, 30, proc, base),
+                ("filter", filt, max(args.prioritize_requests // 3, 1), 10, proc, base),
+                ("filter+mode", filt_mode, max(args.prioritize_requests // 3, 1), 10, proc,
+                 base),
+                ("route", route, args.route_requests, 500, router_proc, router_base),
+                ("route+complete", RouteThenComplete, args.route_requests // 2, 200,
+                 router_proc, router_base),
             ]
-            for name, make, budget, warmup in scenarios:
-                res = asyncio.run(run_scenario(name, base, proc.pid, make, budget, warmup,
+            for name, make, budget, warmup, server, url in scenarios:
+                res = asyncio.run(run_scenario(name, url, server.pid, make, budget, warmup,
                                                args.concurrency, args.time_limit))
                 results.append(res)
                 print(_line(res), flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for p in (proc, router_proc):
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
 
     verdicts = []
     for verb, target in TARGETS_MS.items():

@@ -269,6 +269,8 @@ def test_router_service_and_pdb(default_render: Rendered) -> None:
     assert svc["spec"]["ports"] == [
         {"name": "http", "port": 8888, "targetPort": "http", "protocol": "TCP"}]
     c = _container(default_render, "Deployment", name("router"), "router")
+    # the routing service's own command (no longer the extender's)
+    assert c["args"][c["args"].index("--log-level") + 2] == "router"
     assert c["ports"][0] == {"name": "http", "containerPort": 8888, "protocol": "TCP"}
     assert _flag(c["args"], "--port") == "8888"
     assert _flag(c["args"], "--host") == "0.0.0.0"
@@ -494,6 +496,12 @@ def _validate_extender(args: Any) -> None:
     load_settings(args, environ={})
 
 
+def _validate_router(args: Any) -> None:
+    from joulepool.router.settings import load_settings
+
+    load_settings(args, environ={})
+
+
 def _validate_sidecar(args: Any) -> None:
     from joulepool.nodeagent.runner import build_config
     from joulepool.nodeagent.settings import NodeAgentSettings
@@ -512,6 +520,7 @@ def _validate_device_plugin(args: Any) -> None:
 #: the command's own validation of parsed arguments, where it has one that
 #: needs no cluster (what `run` checks before it starts serving)
 VALIDATE = {"operator": _validate_operator, "extender": _validate_extender,
+            "router": _validate_router,
             "sidecar": _validate_sidecar, "node-agent": _validate_sidecar,
             "device-plugin": _validate_device_plugin}
 

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from joulepool.extender import testing as T
+from joulepool.kube import testing as T
 
 
 def test_cli_serves_from_files_and_stops_on_sigterm(tmp_path: Path) -> None:

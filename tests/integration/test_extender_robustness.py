@@ -1,4 +1,8 @@
-"""Bad input never gives a 5xx or a stuck worker; auth, TLS, size limits, concurrency."""
+"""Bad input never gives a 5xx or a stuck worker; auth, TLS, size limits, concurrency.
+
+Both cluster services: the scheduler extender (``/scheduler/*``) and the routing
+service (``/v1/*``), which share their HTTP plumbing (:mod:`joulepool.kube.service`).
+"""
 
 from __future__ import annotations
 
@@ -20,20 +24,28 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from joulepool.extender import testing as T
-from joulepool.extender.app import EXTENDER, create_app, ssl_context
+from joulepool.extender.app import create_app
 from joulepool.extender.settings import Settings
+from joulepool.kube import testing as T
+from joulepool.kube.service import SERVICE, ssl_context
+from joulepool.router import app as router_app
+from joulepool.router import settings as router_settings
 
 POST_PATHS = ["/scheduler/filter", "/scheduler/prioritize", "/v1/route", "/v1/complete"]
 
 
 class LiveServer:
-    """The extender on a real loopback port, served from a thread with its own loop."""
+    """A service (the extender unless ``settings`` are the router's) on a real loopback
+    port, served from a thread with its own loop."""
 
-    def __init__(self, settings: Settings, seed: bool = True) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings | router_settings.Settings, seed: bool = True
+                 ) -> None:
+        if isinstance(settings, router_settings.Settings):
+            self.app = router_app.create_app(settings)
+        else:
+            self.app = create_app(settings)
         if seed:
-            st_ = self.app[EXTENDER].state
+            st_ = self.app[SERVICE].state
             st_.replace_nodes([T.node("n0", "H100"), T.node("n1", "A100")])
             st_.replace_pods([T.pod("p0", node_name="n0", ready=True, ip="10.0.0.1")])
             st_.set_plan(T.plan({"default.chat": [("n0", "H100", 4), ("n1", "A100", 4)]}))
@@ -79,16 +91,32 @@ class LiveServer:
             conn.close()
 
 
+class Services:
+    """The extender and the router side by side; a request goes to the one serving its
+    path (``/v1/*``: the router)."""
+
+    def __init__(self, extender: LiveServer, router: LiveServer) -> None:
+        self.extender = extender
+        self.router = router
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+        srv = self.router if path.startswith("/v1/") else self.extender
+        return srv.request(method, path, body, headers)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     tmp = tmp_path_factory.mktemp("ep")
     ep = tmp / "ep.json"
     ep.write_text(json.dumps({"pools": {"ns.p": {"endpoints": [
         {"address": "10.9.0.1:8000", "joulesPerToken": 0.2, "tokensPerSecond": 500}]}}}))
     s = Settings(cluster=False, endpoints_file=ep, scrape_interval_seconds=0,
                  max_body_bytes=64 * 1024, max_nodes=1000, reserve_placements=False)
-    with LiveServer(s) as srv:
-        yield srv
+    rs = router_settings.Settings(cluster=False, endpoints_file=ep, scrape_interval_seconds=0,
+                                  max_body_bytes=64 * 1024)
+    with LiveServer(s) as ext, LiveServer(rs) as router:
+        yield Services(ext, router)
 
 
 def _check(status: int, body: bytes, path: str) -> None:
@@ -120,7 +148,7 @@ near_wire = st.recursive(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(POST_PATHS), body=near_wire)
-def test_generated_json_never_5xx(server: LiveServer, path: str, body: Any) -> None:
+def test_generated_json_never_5xx(server: Services, path: str, body: Any) -> None:
     status, raw, _ = server.request("POST", path, json.dumps(body).encode(),
                                     {"Content-Type": "application/json"})
     _check(status, raw, path)
@@ -128,7 +156,7 @@ def test_generated_json_never_5xx(server: LiveServer, path: str, body: Any) -> N
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=st.sampled_from(POST_PATHS), body=st.binary(max_size=300))
-def test_generated_bytes_never_5xx(server: LiveServer, path: str, body: bytes) -> None:
+def test_generated_bytes_never_5xx(server: Services, path: str, body: bytes) -> None:
     status, raw, _ = server.request("POST", path, body)
     _check(status, raw, path)
 
@@ -151,7 +179,7 @@ def test_generated_bytes_never_5xx(server: LiveServer, path: str, body: bytes) -
     names=st.none() | st.lists(st.sampled_from(["n0", "n1", "nx", "", "ñ\"\\"]) | st.text(
         max_size=6), max_size=6),
 )
-def test_generated_extender_args_never_5xx(server: LiveServer, pod: Any, names: Any) -> None:
+def test_generated_extender_args_never_5xx(server: Services, pod: Any, names: Any) -> None:
     for verb in ("filter", "prioritize"):
         body = json.dumps({"Pod": pod, "Nodes": None, "NodeNames": names}).encode()
         status, raw, _ = server.request("POST", f"/scheduler/{verb}", body)
@@ -185,13 +213,13 @@ def test_generated_extender_args_never_5xx(server: LiveServer, pod: Any, names: 
         ("/v1/complete", b'{"pool": "ns.p", "endpoint": "x", "deadlineMet": true}', 200),
     ],
 )
-def test_malformed_bodies(server: LiveServer, path: str, body: bytes, status: int) -> None:
+def test_malformed_bodies(server: Services, path: str, body: bytes, status: int) -> None:
     got, raw, _ = server.request("POST", path, body)
     assert got == status, raw
     _check(got, raw, path)
 
 
-def test_size_limits(server: LiveServer) -> None:
+def test_size_limits(server: Services) -> None:
     big = json.dumps({"Pod": {}, "NodeNames": ["n" * 100] * 1000}).encode()
     status, raw, _ = server.request("POST", "/scheduler/filter", big)
     assert status == 413 and "limit" in json.loads(raw)["Error"]
@@ -201,7 +229,7 @@ def test_size_limits(server: LiveServer) -> None:
     status, raw, _ = server.request("POST", "/v1/route", b"x" * 70000)
     assert status == 413
     # chunked upload without Content-Length is cut off at the limit too
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", server.router.port, timeout=10)
     conn.putrequest("POST", "/v1/route")
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Transfer-Encoding", "chunked")
@@ -217,20 +245,22 @@ def test_size_limits(server: LiveServer) -> None:
     resp = conn.getresponse()
     assert resp.status == 413
     conn.close()
-    # the service is still healthy afterwards
-    assert server.request("GET", "/healthz")[0] == 200
+    # the services are still healthy afterwards
+    assert server.extender.request("GET", "/healthz")[0] == 200
+    assert server.router.request("GET", "/healthz")[0] == 200
 
 
-def test_wrong_method_and_path(server: LiveServer) -> None:
+def test_wrong_method_and_path(server: Services) -> None:
     status, raw, headers = server.request("GET", "/scheduler/filter")
     assert status == 405 and json.loads(raw)["Error"] and "POST" in headers.get("Allow", "")
     status, raw, _ = server.request("GET", "/nope")
     assert status == 404 and json.loads(raw)["error"]
 
 
-async def test_concurrent_requests_are_consistent(server: LiveServer) -> None:
-    base = f"http://127.0.0.1:{server.port}"
-    pool = server.app[EXTENDER].router.pool("ns.p")
+async def test_concurrent_requests_are_consistent(server: Services) -> None:
+    base = f"http://127.0.0.1:{server.extender.port}"
+    router_base = f"http://127.0.0.1:{server.router.port}"
+    pool = server.router.app[SERVICE].router.pool("ns.p")
     before = sum(len(e.ledger) for e in pool.endpoints)
     filt = T.extender_args(T.pod("c", gpus=1), names=["n0", "n1", "n2"])
     prio = T.extender_args(T.pod("c", gpus=1), names=["n0", "n1"])
@@ -238,7 +268,8 @@ async def test_concurrent_requests_are_consistent(server: LiveServer) -> None:
 
         async def one(i: int) -> int:
             if i % 3 == 0:
-                r = await s.post(base + "/v1/route", json={"pool": "ns.p", "outputTokens": 10})
+                r = await s.post(router_base + "/v1/route",
+                                 json={"pool": "ns.p", "outputTokens": 10})
             elif i % 3 == 1:
                 r = await s.post(base + "/scheduler/filter", json=filt)
                 assert (await r.json())["NodeNames"] == ["n0", "n1"]
@@ -277,6 +308,17 @@ def test_bearer_token(tmp_path: Path) -> None:
         body = json.dumps(T.extender_args(T.pod("p"), names=["n0"])).encode()
         assert srv.request("POST", "/scheduler/filter", body)[0] == 200
         assert srv.request("POST", "/v1/route", b"{}")[0] == 401
+    # the routing service: every path but /healthz and /readyz needs the token
+    rs = router_settings.Settings(cluster=False, scrape_interval_seconds=0, token_file=token)
+    with LiveServer(rs) as srv:
+        assert srv.request("POST", "/v1/route", b"{}")[0] == 401
+        assert srv.request("POST", "/v1/route", b"{}",
+                           {"Authorization": "Bearer wrong"})[0] == 401
+        assert srv.request("GET", "/metrics")[0] == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert srv.request("POST", "/v1/route", b'{"pool": "x", "outputTokens": 1}', ok)[0] == 404
+        assert srv.request("GET", "/metrics", None, ok)[0] == 200
+        assert srv.request("GET", "/healthz")[0] == 200
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
@@ -307,7 +349,8 @@ def test_tls(tmp_path: Path) -> None:
 def test_slow_body_times_out_without_blocking_others() -> None:
     import socket
 
-    s = Settings(cluster=False, scrape_interval_seconds=0, read_timeout_seconds=0.3)
+    s = router_settings.Settings(cluster=False, scrape_interval_seconds=0,
+                                 read_timeout_seconds=0.3)
     with LiveServer(s) as srv:
         slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         slow.sendall(b"POST /v1/route HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from joulepool.extender import testing as T
 from joulepool.extender.app import EXTENDER, Extender, create_app
 from joulepool.extender.settings import Settings
+from joulepool.kube import testing as T
 
 POOL = "default.chat"
 NODES = [

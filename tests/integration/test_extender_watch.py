@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from joulepool.extender import testing as T
+from joulepool.core.router import NoEndpoints
 from joulepool.extender.app import EXTENDER, create_app
 from joulepool.extender.settings import Settings
+from joulepool.kube import testing as T
 
 
 class FakeAPI:
@@ -134,9 +136,12 @@ async def test_watches_feed_the_cache(aiohttp_client: Any, tmp_path: Path) -> No
         return await filter_names() == ["h0", "h1"]
 
     await _until(both)
-    # the endpoint of the deleted pod is gone from the router too
-    out = await client.post("/v1/route", json={"pool": "default.chat", "outputTokens": 5})
-    assert out.status == 503
+    # the endpoint of the deleted pod is gone from the pools' state too (the queue the
+    # placement cost reads; the routing service builds the same kube.pools.Router)
+    pool = ext.router.pool("default.chat")
+    assert pool.endpoints == []
+    with pytest.raises(NoEndpoints):
+        pool.decide(5, 0, None, None, now=0.0)
 
     # 410 Gone on the node watch: the watcher lists again
     lists_before = api.lists["nodes"]

@@ -17,20 +17,23 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from test_extender_robustness import LiveServer
+from test_extender_robustness import LiveServer, Services
 
 from joulepool import httpserve
-from joulepool.extender import testing as T
 from joulepool.extender.settings import Settings
+from joulepool.kube import testing as T
+from joulepool.router import settings as router_settings
 
 POST_PATHS = ["/scheduler/filter", "/scheduler/prioritize", "/v1/route", "/v1/complete"]
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
+def server() -> Iterator[Services]:
     with LiveServer(Settings(cluster=False, scrape_interval_seconds=0, max_nodes=1000,
-                             max_body_bytes=65536)) as srv:
-        yield srv
+                             max_body_bytes=65536)) as ext, \
+            LiveServer(router_settings.Settings(cluster=False, scrape_interval_seconds=0,
+                                                max_body_bytes=65536)) as router:
+        yield Services(ext, router)
 
 
 def _gpu_pod(quantity: Any) -> dict[str, Any]:
@@ -46,7 +49,7 @@ HUGE_QUANTITIES = ["1e999999", "1E999999", "9" * 64, "1e30Ei", "9999999999999999
 
 @pytest.mark.parametrize("quantity", HUGE_QUANTITIES, ids=lambda q: q[:16])
 @pytest.mark.parametrize("verb", ["filter", "prioritize"])
-def test_huge_gpu_quantity_is_400_at_once(server: LiveServer, verb: str, quantity: str) -> None:
+def test_huge_gpu_quantity_is_400_at_once(server: Services, verb: str, quantity: str) -> None:
     body = json.dumps(T.extender_args(_gpu_pod(quantity), names=["n0", "n1"])).encode()
     t0 = time.perf_counter()
     status, raw, _ = server.request("POST", f"/scheduler/{verb}", body)
@@ -57,7 +60,7 @@ def test_huge_gpu_quantity_is_400_at_once(server: LiveServer, verb: str, quantit
 
 
 @pytest.mark.parametrize("number", [b"1e999999", b"1e400", b"-1e309", b"NaN", b"Infinity"])
-def test_non_finite_json_numbers_are_400(server: LiveServer, number: bytes) -> None:
+def test_non_finite_json_numbers_are_400(server: Services, number: bytes) -> None:
     """Numbers that are not finite doubles (the JSON grammar has no NaN/Infinity;
     1e999999 overflows) are refused wherever they appear."""
     pod = json.dumps(_gpu_pod("PLACEHOLDER")).replace('"PLACEHOLDER"', number.decode())
@@ -69,7 +72,7 @@ def test_non_finite_json_numbers_are_400(server: LiveServer, number: bytes) -> N
     assert server.request("POST", "/v1/complete", complete)[0] == 400
 
 
-def test_huge_allocatable_in_full_nodes_form_is_400(server: LiveServer) -> None:
+def test_huge_allocatable_in_full_nodes_form_is_400(server: Services) -> None:
     node = T.node("n9")
     node["status"]["allocatable"]["nvidia.com/gpu"] = "1e999999"
     body = json.dumps(T.extender_args(T.pod("p"), nodes=[node])).encode()
@@ -79,7 +82,7 @@ def test_huge_allocatable_in_full_nodes_form_is_400(server: LiveServer) -> None:
     assert time.perf_counter() - t0 < 1.0
 
 
-def test_nan_is_never_echoed(server: LiveServer) -> None:
+def test_nan_is_never_echoed(server: Services) -> None:
     """The full-Nodes form echoes the Node objects it keeps: a NaN inside one was sent
     back verbatim, which no JSON parser (kube-scheduler's included) accepts."""
     node = json.dumps(T.node("n0")).replace('"annotations": {',
@@ -97,7 +100,7 @@ def test_dumps_never_writes_nan() -> None:
         "a": None, "b": [None, None, 1.5]}
 
 
-def test_deep_nesting_is_400(server: LiveServer) -> None:
+def test_deep_nesting_is_400(server: Services) -> None:
     for depth in (65, 1000, 30000):
         body = b'{"Pod": ' + b"[" * depth + b"]" * depth + b"}"
         status, raw, _ = server.request("POST", "/scheduler/filter", body)
@@ -107,18 +110,19 @@ def test_deep_nesting_is_400(server: LiveServer) -> None:
 @pytest.mark.parametrize("path", POST_PATHS)
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
                                           "multipart/form-data; boundary=x", "text/json"])
-def test_json_only_as_application_json(server: LiveServer, path: str,
+def test_json_only_as_application_json(server: Services, path: str,
                                        content_type: str | None) -> None:
     """Browsers send text/plain, form and untyped bodies cross-site without a preflight:
     none of them may reach a handler."""
     body = json.dumps({"pool": "default.chat", "endpoint": "10.0.0.1:8000",
                        "deadlineMet": True}).encode()
     headers = {"Content-Type": content_type} if content_type else {}
-    conn_status = _raw_post(server.port, path, body, headers)
+    srv = server.router if path.startswith("/v1/") else server.extender
+    conn_status = _raw_post(srv.port, path, body, headers)
     assert conn_status == 415
 
 
-def test_application_json_with_charset_is_accepted(server: LiveServer) -> None:
+def test_application_json_with_charset_is_accepted(server: Services) -> None:
     body = json.dumps(T.extender_args(T.pod("p"), names=["n0"])).encode()
     status, _, _ = server.request("POST", "/scheduler/filter", body,
                                   {"Content-Type": "application/json; charset=utf-8"})
@@ -169,14 +173,16 @@ async def test_start_server_closes_half_sent_heads() -> None:
         await runner.cleanup()
 
 
-def test_extender_process_closes_half_sent_heads_and_keeps_serving(tmp_path: Any) -> None:
-    """The running service (``joulepool extender``) cuts off slow heads while others are
-    served; before, such a connection was held for as long as the client liked."""
-    env = {**os.environ, "JOULEPOOL_EXTENDER_CLUSTER": "false"}
+@pytest.mark.parametrize("command", ["extender", "router"])
+def test_process_closes_half_sent_heads_and_keeps_serving(tmp_path: Any, command: str) -> None:
+    """The running services (``joulepool extender``, ``joulepool router``) cut off slow
+    heads while others are served; before, such a connection was held for as long as
+    the client liked."""
+    env = {**os.environ, f"JOULEPOOL_{command.upper()}_CLUSTER": "false"}
     plan = tmp_path / "plan.json"
     plan.write_text(T.plan({"default.chat": [("h0", "H100", 2)]}).to_json())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "joulepool.cli", "extender", "--host", "127.0.0.1",
+        [sys.executable, "-m", "joulepool.cli", command, "--host", "127.0.0.1",
          "--plan-file", str(plan),
          "--port", "0", "--scrape-interval-seconds", "0", "--header-timeout-seconds", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -2,7 +2,7 @@
 
 Running: a fake engine (``joulepool fake-engine``) on two simulated H100s, the
 node agent (``joulepool node-agent``, simulated NVML) controlling them, the
-router (``joulepool extender`` without a cluster) routing requests that really
+router (``joulepool router`` without a cluster) routing requests that really
 go to the engine, and the operator's planning loop (in this process, against
 an in-memory API) with a live carbon source that is this very Prometheus.
 Prometheus (Debian's ``prometheus`` package, as ``make test`` installs it)
@@ -147,7 +147,7 @@ class Stack:
                            "product": "H100", "model": "llama-3.1-8b", "gpus": 2,
                            "metricsUrl": f"{engine}/metrics"}]}}}))
         self.procs.append(spawn([
-            *PY, "extender", "--no-cluster", "--host", "127.0.0.1",
+            *PY, "router", "--no-cluster", "--host", "127.0.0.1",
             "--port", str(self.ports["router"]), "--endpoints-file", str(endpoints),
             "--scrape-interval-seconds", "0.5"], self.tmp / "router.log"))
         wait_for(lambda: http(f"http://127.0.0.1:{self.ports['agent']}/metrics"), 30,

@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient
 
 from joulepool.core.profiles import find_profile
 from joulepool.core.router import PoolRouter
-from joulepool.extender.app import EXTENDER, create_app
-from joulepool.extender.settings import Settings
+from joulepool.router.app import ROUTER, create_app
+from joulepool.router.settings import Settings
 from joulepool.sim.production import ProductionRouter
 
 MODEL = "llama-3.1-8b"
@@ -114,7 +114,7 @@ async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path)
                 "outputTokens": 100, "deadlineMet": met})
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["lambda"] == sim.lam
-    service_pool = app[EXTENDER].router.pools[POOL]
+    service_pool = app[ROUTER].router.pools[POOL]
     assert type(service_pool) is type(sim.pool) is PoolRouter
     assert service_pool.pi_updates == sim.pool.pi_updates >= 2
     assert len(lambdas) >= 3  # lambda moved, and both followed it alike

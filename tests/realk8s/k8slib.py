@@ -365,7 +365,7 @@ def gpu_node(name: str, product: str = "L4", gpus: int = 4, region: str = "eu-we
         REGION_LABEL,
         ZONE_LABEL,
     )
-    from joulepool.extender.testing import PRODUCT_LABELS
+    from joulepool.kube.testing import PRODUCT_LABELS
 
     resources = {"cpu": "64", "memory": "512Gi", "pods": "110", GPU_RESOURCE: str(gpus)}
     return {

@@ -22,7 +22,7 @@ from k8slib import Components, ControlPlane
 
 from joulepool.api.contract import GPU_RESOURCE, MODE_LABEL, POOL_LABEL
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
-from joulepool.extender import testing as T
+from joulepool.kube import testing as T
 
 SCHEDULER_NAME = "joulepool-scheduler"
 

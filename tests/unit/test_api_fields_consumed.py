@@ -25,7 +25,7 @@ SRC = Path(joulepool.__file__).parent
 POOLING = ("pooling.py",)
 PROFILES = ("api/load.py",)
 CARBON = ("carbon/feed.py", "carbon/providers.py")
-ROUTER = ("extender/router.py",)
+ROUTER = ("kube/pools.py",)
 AGENT = ("nodeagent/agent.py",)
 
 #: "Model.field" -> modules (relative to the package), one of which reads ``.field``

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from joulepool.extender.files import EndpointsFile
-from joulepool.extender.policy import EnergyPolicyPoller
-from joulepool.extender.router import CompleteRequest, Router, RouteRequest, RouterSettings
+from joulepool.kube.files import EndpointsFile
+from joulepool.kube.policy import EnergyPolicyPoller
+from joulepool.kube.pools import Router, RouterSettings
+from joulepool.router.models import CompleteRequest, RouteRequest, complete, route
 
 EP = "10.0.0.1:8000"
 
@@ -49,11 +50,11 @@ def _router() -> Router:
 def _route(r: Router, tier: str) -> float:
     req = RouteRequest.model_validate({"pool": "ns.p", "outputTokens": 10, "tier": tier},
                                       strict=False)
-    return r.route(req, now=0.0).lam
+    return route(r, req, now=0.0).lam
 
 
 def _miss(r: Router, now: float) -> None:
-    r.complete(CompleteRequest.model_validate(
+    complete(r, CompleteRequest.model_validate(
         {"pool": "ns.p", "endpoint": EP, "deadlineMet": False, "outputTokens": 10},
         strict=False), now=now)
 

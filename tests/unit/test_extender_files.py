@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from joulepool.extender import testing as T
-from joulepool.extender.files import (
+from joulepool.kube import testing as T
+from joulepool.kube.files import (
     FileError,
     load_endpoints_file,
     load_objects,

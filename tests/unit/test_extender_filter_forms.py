@@ -8,10 +8,10 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from joulepool.extender import testing as T
 from joulepool.extender.scheduler import PlacementSettings, Scheduler
-from joulepool.extender.state import ClusterState
 from joulepool.extender.wire import ExtenderArgs
+from joulepool.kube import testing as T
+from joulepool.kube.state import ClusterState
 
 #: every node that passes is answered (no one-node reservation): the forms are compared
 ALL_PASSING = PlacementSettings(reserve=False)

@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_extender_filter_forms import MODE_NAMES, clusters
 
-from joulepool.extender import testing as T
 from joulepool.extender.reservations import Reservations
 from joulepool.extender.scheduler import Scheduler
-from joulepool.extender.state import ClusterState
 from joulepool.extender.wire import ExtenderArgs
+from joulepool.kube import testing as T
+from joulepool.kube.state import ClusterState
 
 
 def _state(plan: dict[str, list[T.Assignment]], nodes: list[dict]) -> ClusterState:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from joulepool.extender import testing as T
-from joulepool.extender.state import ClusterState
+from joulepool.kube import testing as T
+from joulepool.kube.state import ClusterState
 
 
 def _state() -> ClusterState:

@@ -6,9 +6,9 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from joulepool.extender import testing as T
-from joulepool.extender.state import ClusterState
-from joulepool.extender.watch import Watcher, node_handlers, plan_handlers, pod_handlers
+from joulepool.kube import testing as T
+from joulepool.kube.state import ClusterState
+from joulepool.kube.watch import Watcher, node_handlers, plan_handlers, pod_handlers
 
 
 def _direct(fn: Callable[..., None], *args: Any) -> None:

@@ -1,4 +1,5 @@
-"""Extender wire types: Go field names, Kubernetes quantities, pod GPU requests."""
+"""Extender wire types (Go field names) and the Kubernetes objects in them (kube.objects:
+quantities, pod GPU requests)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from joulepool.api.contract import EXTENDER_PORT as DEFAULT_PORT
 from joulepool.api.contract import EXTENDER_PREFIX as DEFAULT_PREFIX
 from joulepool.api.contract import MODE_LABEL
-from joulepool.extender import testing as T
 from joulepool.extender.wire import (
     VERBS,
     ExtenderArgs,
@@ -18,9 +18,9 @@ from joulepool.extender.wire import (
     HostPriority,
     Node,
     Pod,
-    parse_quantity,
-    quantity_to_int,
 )
+from joulepool.kube import testing as T
+from joulepool.kube.objects import parse_quantity, quantity_to_int
 
 
 def test_constants_the_chart_renders() -> None:

@@ -70,8 +70,10 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_SITE = "default"
 
 # -- ports -------------------------------------------------------------------------
-#: the scheduler extender / router service
+#: the scheduler extender
 EXTENDER_PORT = 8888
+#: the request routing service (``joulepool router``)
+ROUTER_PORT = 8888
 #: URL prefix of the scheduler extender verbs
 EXTENDER_PREFIX = "/scheduler"
 #: an engine's serving (and default metrics) port when a pod names none (vLLM's default)

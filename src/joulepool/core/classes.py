@@ -102,7 +102,7 @@ def default_deadline(
 ) -> float | npt.NDArray[np.float64]:
     """FREESH's end-to-end deadline when none is given: k * (TTFT + tokens * TPOT).
 
-    The one place this formula lives: scalars (the extender's router) give a float,
+    The one place this formula lives: scalars (the router) give a float,
     arrays (the simulator's workloads, elementwise) an array. Negative token counts
     count as 0.
     """

@@ -2,7 +2,7 @@
 
 These are the small formulas the request router and the scheduler extender
 need around :mod:`joulepool.core.cost`; they live here so the simulator uses
-the same ones. The request router (``extender/router.py``) and the
+the same ones. The request router (``core/router.py``, run by ``joulepool router``) and the
 simulator's JouleSched policies (``sim/engine.py``) both score endpoints with
 :func:`score_endpoints` and pick with :func:`rank_endpoints`: one rule.
 
@@ -65,7 +65,7 @@ import numpy as np
 import numpy.typing as npt
 
 # default_deadline lives in core.classes (next to SLO.deadline_for); re-exported here
-# for the extender's router and older callers
+# for the router and older callers
 from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import CostBreakdown, joulesched_cost
 from joulepool.core.profiles import ServingProfile

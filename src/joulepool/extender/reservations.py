@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from joulepool.extender.state import ClusterState
+from joulepool.kube.state import ClusterState
 
 #: seconds a reservation outlives a binding the watch never shows (failed bind, deleted pod)
 DEFAULT_TTL_S = 30.0

@@ -50,8 +50,6 @@ from joulepool.core.routing import (
 )
 from joulepool.extender.metrics import Metrics
 from joulepool.extender.reservations import Reservations
-from joulepool.extender.router import Router
-from joulepool.extender.state import ClusterState, NodeRecord, NodeTable, host_prefix
 from joulepool.extender.wire import (
     MAX_EXTENDER_PRIORITY,
     ExtenderArgs,
@@ -59,6 +57,8 @@ from joulepool.extender.wire import (
     Node,
     Pod,
 )
+from joulepool.kube.pools import Router
+from joulepool.kube.state import ClusterState, NodeRecord, NodeTable, host_prefix
 
 FloatArray = npt.NDArray[np.float64]
 _SCORE_SUFFIX = [f"{s}}}" for s in range(MAX_EXTENDER_PRIORITY + 1)]

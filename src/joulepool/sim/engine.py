@@ -332,7 +332,7 @@ class Simulator:
         return []
 
     def _start_router(self) -> None:
-        """The extender's router itself, over the static instances."""
+        """The routing service's state machine itself, over the static instances."""
         from joulepool.sim.production import ProductionRouter
 
         wl, n = self.workload, self.req.n
@@ -345,7 +345,7 @@ class Simulator:
         )
         self.lam_series.append((0.0, self.prouter.lam))
         self.notes.append("the production request router "
-                          "(extender.router.PoolRouter, default settings) routed every request")
+                          "(core.router.PoolRouter, default settings) routed every request")
 
     def _marks(self) -> list[tuple[float, Mark]]:
         T, step = self.T, self.cluster.carbon_step_s

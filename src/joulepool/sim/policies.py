@@ -13,7 +13,7 @@
   controller, mu at the current clock; q_n counts the prefill of the prompts
   ahead and of the request's own; ties go to the lowest ETA, then index);
   ``joulesched-router`` puts the production request router itself
-  (extender.router.PoolRouter, default settings) in the loop: the same rule
+  (core.router.PoolRouter, the routing service's, default settings) in the loop: the same rule
   fed by the router's own inputs (ledger of routed tokens, scraped counts,
   PI step per 50 completions or 10 s) instead of the simulator's exact state;
 * queue on each instance: ``fcfs`` or ``llf`` (core's least-laxity-first);
@@ -60,10 +60,10 @@ POLICIES: dict[str, PolicySpec] = {
                    "ablation: least-loaded with MIAD clocks, nothing else"),
         PolicySpec("planner-only", "planner", "least-loaded", "fcfs", "max",
                    "ablation: planner pools, least-loaded in pool, FCFS, max clock"),
-        # not in the default set: the production router (extender) driven by the simulator
+        # not in the default set: the production router (core.router) driven by the simulator
         PolicySpec("joulesched-router", "static", "joulesched-router", "fcfs", "max",
                    "JouleSched through the production request router "
-                   "(extender.router.PoolRouter); max clock"),
+                   "(core.router.PoolRouter, as joulepool router runs it); max clock"),
     )
 }
 

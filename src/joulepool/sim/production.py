@@ -9,8 +9,8 @@ loop, unchanged and with its production defaults
 every arrival is a ``decide`` call, every completion a ``report`` (request id,
 deadline met), exactly what the service's ``/v1/route`` and ``/v1/complete``
 call with the HTTP body's fields; the router ticks
-every simulated second as the extender does, and every ``scrape_every_s`` it
-reads each engine's waiting and running counts as the extender scrapes
+every simulated second as the routing service does, and every ``scrape_every_s`` it
+reads each engine's waiting and running counts as the routing service scrapes
 vLLM's metrics. So it evaluates the router's own inputs: its ledger of routed
 tokens, its learned mean prompt and response, its PI step every 50 completions
 or 10 s. Completion reports carry no joules (the simulator's profiles are the
@@ -27,7 +27,7 @@ from joulepool.core.router import Endpoint, PoolRouter, RouterConfig
 from joulepool.core.routing import EndpointModel
 
 POOL = "sim/default"
-#: the extender's default scrape interval (``Settings.scrape_interval_seconds``)
+#: the routing service's default scrape interval (``Settings.scrape_interval_seconds``)
 SCRAPE_EVERY_S = 2.0
 
 
@@ -81,7 +81,7 @@ class ProductionRouter:
         self.pool.report(address, request_id, float(output_tokens), met, None, now)
 
     def tick(self, now: float, counts: Callable[[int], tuple[float, float]]) -> None:
-        """The extender's 1 s housekeeping, and a scrape when one is due:
+        """The routing service's 1 s housekeeping, and a scrape when one is due:
         ``counts(instance)`` gives (waiting, running) as vLLM's metrics would."""
         self.pool.tick(now)
         if now >= self.next_scrape:

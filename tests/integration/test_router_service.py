@@ -1,4 +1,4 @@
-"""Router API over real HTTP: route/complete loop, PI lambda, scraping, static files."""
+"""The routing service over real HTTP: route/complete loop, PI lambda, scraping, static files."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from joulepool.extender import testing as T
-from joulepool.extender.app import EXTENDER, create_app
-from joulepool.extender.settings import Settings
+from joulepool.extender import app as extender_app
+from joulepool.extender import settings as extender_settings
+from joulepool.kube import testing as T
+from joulepool.router.app import ROUTER, create_app
+from joulepool.router.settings import Settings
 
 EFFICIENT, FAST = "10.0.0.1:8000", "10.0.0.2:8000"
 
@@ -182,6 +184,7 @@ async def test_scraped_queue_steers_routing(aiohttp_client: Any, tmp_path: Path)
 
 
 async def test_files_mode_with_plan_nodes_and_reload(aiohttp_client: Any, tmp_path: Path) -> None:
+    """The router and the scheduler extender read the same plan and nodes files."""
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(T.plan({"default.chat": [("h0", "H100", 2)]}).to_json())
     nodes_path = tmp_path / "nodes.json"
@@ -189,21 +192,23 @@ async def test_files_mode_with_plan_nodes_and_reload(aiohttp_client: Any, tmp_pa
         T.node("h0", "H100"), T.node("a0", "A100"),
         T.pod("chat-0", node_name="h0", ready=True, ip="10.1.0.1"),
     ]}))
-    client = await aiohttp_client(create_app(Settings(
-        cluster=False, plan_file=plan_path, nodes_file=nodes_path, file_poll_seconds=0.05,
-        scrape_interval_seconds=0)))
+    files = {"cluster": False, "plan_file": plan_path, "nodes_file": nodes_path,
+             "file_poll_seconds": 0.05, "scrape_interval_seconds": 0}
+    client = await aiohttp_client(create_app(Settings(**files)))
+    ext = await aiohttp_client(extender_app.create_app(extender_settings.Settings(**files)))
     assert (await client.get("/readyz")).status == 200
+    assert (await ext.get("/readyz")).status == 200
     out = await (await client.post("/v1/route", json={"pool": "default.chat",
                                                       "outputTokens": 10})).json()
     assert out["endpoint"] == "10.1.0.1:8000"
     args = T.extender_args(T.pod("chat-1"), names=["h0", "a0"])
-    out = await (await client.post("/scheduler/filter", json=args)).json()
+    out = await (await ext.post("/scheduler/filter", json=args)).json()
     assert out["NodeNames"] == ["h0"]
     # the operator moves the pool to a0; the new plan file is picked up
     plan_path.write_text(T.plan({"default.chat": [("a0", "A100", 2)]}, version=8).to_json())
     os.utime(plan_path, ns=(1, 10**18))
     for _ in range(100):
-        out = await (await client.post("/scheduler/filter", json=args)).json()
+        out = await (await ext.post("/scheduler/filter", json=args)).json()
         if out["NodeNames"] == ["a0"]:
             break
         await asyncio.sleep(0.02)
@@ -212,10 +217,17 @@ async def test_files_mode_with_plan_nodes_and_reload(aiohttp_client: Any, tmp_pa
     plan_path.write_text("{broken")
     os.utime(plan_path, ns=(1, 2 * 10**18))
     await asyncio.sleep(0.2)
-    out = await (await client.post("/scheduler/filter", json=args)).json()
+    out = await (await ext.post("/scheduler/filter", json=args)).json()
     assert out["NodeNames"] == ["a0"]
-    text = await (await client.get("/metrics")).text()
+    text = await (await ext.get("/metrics")).text()
     assert "joulepool_extender_plan_errors_total 1.0" in text
+    # the router kept the last good plan (version 8) too; the ready pod still serves
+    out = await (await client.post("/v1/route", json={"pool": "default.chat",
+                                                      "outputTokens": 10})).json()
+    assert out["endpoint"] == "10.1.0.1:8000"
+    text = await (await client.get("/metrics")).text()
+    assert "joulepool_router_plan_errors_total 1.0" in text
+    assert "joulepool_router_plan_version 8.0" in text
 
 
 async def test_readyz_waits_for_sources(aiohttp_client: Any) -> None:
@@ -226,5 +238,5 @@ async def test_readyz_waits_for_sources(aiohttp_client: Any) -> None:
     assert (await resp.json())["waitingFor"] == ["nodes", "pods", "plan"]
     assert (await client.get("/healthz")).status == 200
     for src in ("nodes", "pods", "plan"):
-        app[EXTENDER].state.mark_synced(src)
+        app[ROUTER].state.mark_synced(src)
     assert (await client.get("/readyz")).status == 200

@@ -1,21 +1,16 @@
-"""Router decisions and online learning, without HTTP."""
+"""Router decisions and online learning over the cluster's pools, without HTTP."""
 
 from __future__ import annotations
 
 import pytest
 
 from joulepool.core.classes import Tier
-from joulepool.extender import testing as T
-from joulepool.extender.files import EndpointsFile
-from joulepool.extender.router import (
-    CompleteRequest,
-    NoEndpoints,
-    Router,
-    RouteRequest,
-    RouterSettings,
-    UnknownPool,
-)
-from joulepool.extender.state import ClusterState
+from joulepool.core.router import NoEndpoints, UnknownPool
+from joulepool.kube import testing as T
+from joulepool.kube.files import EndpointsFile
+from joulepool.kube.pools import Router, RouterSettings
+from joulepool.kube.state import ClusterState
+from joulepool.router.models import CompleteRequest, RouteRequest, complete, route
 
 EFFICIENT, FAST = "10.0.0.1:8000", "10.0.0.2:8000"
 
@@ -52,7 +47,7 @@ def _done(endpoint: str, met: bool, **kw: object) -> CompleteRequest:
 
 def test_light_load_goes_to_the_efficient_endpoint() -> None:
     r = _router()
-    d = r.route(_req(), now=0.0)
+    d = route(r, _req(), now=0.0)
     assert d.endpoint == EFFICIENT and d.fallbacks == [FAST]
     assert d.energy_j == pytest.approx(10.0) and d.slack_s == 0.0
     assert d.eta_s == pytest.approx(1.0) and d.lam == 10.0
@@ -60,7 +55,7 @@ def test_light_load_goes_to_the_efficient_endpoint() -> None:
 
 def test_queue_on_the_efficient_endpoint_tips_to_the_fast_one() -> None:
     r = _router()
-    chosen = [r.route(_req(), now=0.0).endpoint for _ in range(8)]
+    chosen = [route(r, _req(), now=0.0).endpoint for _ in range(8)]
     # each routed request adds 100 tokens to the ledger: the efficient endpoint's ETA
     # grows 1 s, 2 s, 3 s ...; past the 2 s deadline lateness costs 10 J/s, and at 6 s
     # (4 s late: 10 + 40 J) it ties with the fast endpoint's 50 J of energy: equal costs
@@ -71,10 +66,10 @@ def test_queue_on_the_efficient_endpoint_tips_to_the_fast_one() -> None:
 def test_bulk_goes_to_efficient_even_when_late() -> None:
     r = _router()
     for _ in range(6):
-        assert r.route(_req(tier="bulk"), now=0.0).endpoint == EFFICIENT
+        assert route(r, _req(tier="bulk"), now=0.0).endpoint == EFFICIENT
     # interactive now avoids the queued efficient endpoint, bulk still prefers it
-    assert r.route(_req(), now=0.0).endpoint == FAST
-    d = r.route(_req(tier="bulk"), now=0.0)
+    assert route(r, _req(), now=0.0).endpoint == FAST
+    d = route(r, _req(tier="bulk"), now=0.0)
     assert d.endpoint == EFFICIENT and d.tier is Tier.BULK and d.slack_s > 0
     assert d.lam == pytest.approx(10.0 * 0.05)
 
@@ -83,31 +78,31 @@ def test_hard_deadline_option() -> None:
     soft = _router(lambda_initial=0.001)
     hard = _router(lambda_initial=0.001, hard_deadline=True)
     for r in (soft, hard):
-        r.route(_req(), now=0.0)
-        r.route(_req(), now=0.0)
-    assert soft.route(_req(), now=0.0).endpoint == EFFICIENT  # lateness nearly free
-    assert hard.route(_req(), now=0.0).endpoint == FAST
+        route(r, _req(), now=0.0)
+        route(r, _req(), now=0.0)
+    assert route(soft, _req(), now=0.0).endpoint == EFFICIENT  # lateness nearly free
+    assert route(hard, _req(), now=0.0).endpoint == FAST
 
 
 def test_completion_clears_the_ledger_by_request_id_or_oldest() -> None:
     r = _router()
-    d1 = r.route(_req(), now=0.0)
-    d2 = r.route(_req(), now=0.0)
+    d1 = route(r, _req(), now=0.0)
+    d2 = route(r, _req(), now=0.0)
     pool = r.pools["ns.p"]
     i = pool.index[EFFICIENT]
     assert d1.endpoint == d2.endpoint == EFFICIENT
     assert pool.ledger_tokens[i] == 200
-    r.complete(_done(EFFICIENT, True, requestId=d2.request_id), now=1.0)
+    complete(r, _done(EFFICIENT, True, requestId=d2.request_id), now=1.0)
     assert list(pool.endpoints[i].ledger) == [d1.request_id]
-    r.complete(_done(EFFICIENT, True), now=1.0)
+    complete(r, _done(EFFICIENT, True), now=1.0)
     assert pool.ledger_tokens[i] == 0
-    r.complete(_done(EFFICIENT, True), now=1.0)  # nothing left: harmless
+    complete(r, _done(EFFICIENT, True), now=1.0)  # nothing left: harmless
     assert pool.ledger_tokens[i] == 0
 
 
 def test_lost_completions_expire() -> None:
     r = _router(inflight_ttl_s=5.0)
-    r.route(_req(), now=0.0)
+    route(r, _req(), now=0.0)
     pool = r.pools["ns.p"]
     r.tick(4.0)
     assert pool.ledger_tokens.sum() == 100
@@ -120,7 +115,7 @@ def test_meets_lower_lambda() -> None:
     r.sync()
     pool = r.pools["ns.p"]
     for k in range(30):
-        r.complete(_done(EFFICIENT, met=True), now=float(k))
+        complete(r, _done(EFFICIENT, met=True), now=float(k))
     assert pool.pi_updates == 3 and pool.pi.lam < 10.0
     assert pool.window.rate(30.0) == 0.0
 
@@ -130,13 +125,13 @@ def test_misses_raise_lambda_until_the_miss_rate_recovers() -> None:
     r.sync()
     pool = r.pools["ns.p"]
     for k in range(2):
-        r.complete(_done(EFFICIENT, met=False), now=float(k))
+        complete(r, _done(EFFICIENT, met=False), now=float(k))
     assert pool.pi_updates == 2 and pool.pi.lam > 10.0
     assert pool.window.rate(5.0) == 1.0
     # velocity-form PI: lambda peaks with the misses, then falls every on-time period
     trace = []
     for k in range(300):
-        r.complete(_done(EFFICIENT, met=True), now=10.0 + k)
+        complete(r, _done(EFFICIENT, met=True), now=10.0 + k)
         trace.append(pool.pi.lam)
     peak = max(trace)
     assert trace[-1] < peak
@@ -148,7 +143,7 @@ def test_time_based_pi_step() -> None:
     r = _router(pi_every=1000, pi_period_s=5.0)
     r.sync()
     pool = r.pools["ns.p"]
-    r.complete(_done(FAST, met=False), now=0.0)
+    complete(r, _done(FAST, met=False), now=0.0)
     r.tick(1.0)
     assert pool.pi_updates == 0
     r.tick(6.0)
@@ -161,11 +156,11 @@ def test_reported_joules_correct_eps() -> None:
     pool = r.pools["ns.p"]
     i = pool.index[EFFICIENT]
     # measured 0.2 J/token against a modelled 0.1; after 100 tokens the profile still rules
-    r.complete(_done(EFFICIENT, True, joules=20.0), now=0.0)
+    complete(r, _done(EFFICIENT, True, joules=20.0), now=0.0)
     assert pool.scale[i] == 1.0
-    r.complete(_done(EFFICIENT, True, joules=20.0), now=1.0)
+    complete(r, _done(EFFICIENT, True, joules=20.0), now=1.0)
     assert pool.scale[i] == pytest.approx(2.0)
-    d = r.route(_req(deadline=100.0), now=0.0)
+    d = route(r, _req(deadline=100.0), now=0.0)
     # twice the J/token: the efficient endpoint costs 20 J now, still below the fast one's 50
     assert d.endpoint == EFFICIENT and d.energy_j == pytest.approx(20.0)
 
@@ -173,10 +168,10 @@ def test_reported_joules_correct_eps() -> None:
 def test_unknown_pool_and_empty_pool() -> None:
     r = _router()
     with pytest.raises(UnknownPool):
-        r.route(RouteRequest.model_validate({"pool": "nope", "outputTokens": 1}), now=0.0)
+        route(r, RouteRequest.model_validate({"pool": "nope", "outputTokens": 1}), now=0.0)
     r.set_static(EndpointsFile.model_validate({"pools": {"ns.empty": {}}}))
     with pytest.raises(NoEndpoints):
-        r.route(RouteRequest.model_validate({"pool": "ns.empty", "outputTokens": 1}), now=0.0)
+        route(r, RouteRequest.model_validate({"pool": "ns.empty", "outputTokens": 1}), now=0.0)
 
 
 def test_cluster_endpoints_from_ready_pods_with_profiles() -> None:
@@ -196,7 +191,7 @@ def test_cluster_endpoints_from_ready_pods_with_profiles() -> None:
     # the H100 endpoint is modelled with the H100 profile (faster than the L4)
     assert pool.tps[0] > pool.tps[1]
     # a pod turning ready joins without losing the others' state
-    d = r.route(RouteRequest.model_validate({"pool": "default.chat", "outputTokens": 10}), 0.0)
+    d = route(r, RouteRequest.model_validate({"pool": "default.chat", "outputTokens": 10}), 0.0)
     s.upsert_pod(T.pod("c", node_name="l0", ready=True, ip="10.0.0.3"))
     pool = r.pool("default.chat")
     assert len(pool.endpoints) == 3
@@ -217,4 +212,4 @@ def test_scrape_updates_queue_and_batch() -> None:
     assert not r.apply_scrape("ns.p", "10.9.9.9:1", 1, 1, now=0.0)
     i = pool.index[EFFICIENT]
     assert pool.queue_tokens()[i] == pytest.approx(4 * 256 + 2 * 128)
-    assert r.route(_req(), now=0.0).endpoint == FAST
+    assert route(r, _req(), now=0.0).endpoint == FAST

@@ -1,93 +1,39 @@
-"""The request router's shell: HTTP bodies, Prometheus observer, pools from the cluster.
+"""The cluster's pools as core router state: one :class:`core.router.PoolRouter` per pool.
 
-The routing itself is core's per-pool state machine
-(:class:`joulepool.core.router.PoolRouter`, scoring plugins of
-:mod:`joulepool.core.scoring`), the same object the simulator's
-``joulesched-router`` policy drives. This module adds what is not pure: the
-pydantic bodies of ``/v1/route`` and ``/v1/complete``, the metrics observer,
-and :class:`Router`, which keeps one :class:`PoolRouter` per pool in step with
-the cluster state (plan + ready pods) and a static endpoints file.
-
-All of this state is per process (per router replica) and is not shared: the
-in-flight ledger, the PI controller's lambda and the online eps scale learn
-only from the requests this replica routed and the ``/v1/complete`` reports it
-receives. A completion that reaches another replica is learnt from by the
-wrong one (its eps scale and miss ratio; without a ``requestId`` it also drops
-an unrelated ledger entry there), while the routing replica keeps counting the
-request's tokens as queued until the ledger entry expires. The Helm chart
-therefore runs one router replica by default and sets ``sessionAffinity:
-ClientIP`` on the router Service, so that with more replicas a client's route
-and complete calls (same source IP) reach the same replica.
+:class:`Router` keeps the pools in step with what the cluster says (the plan's
+pools and their ready pods, from :class:`kube.state.ClusterState`) and with a
+static endpoints file (:mod:`kube.files`): each endpoint's serving profile from
+its node's GPU product and the pool's model, its metrics URL, what was learned
+about addresses that stay. Both services build on it: the routing service
+(:mod:`joulepool.router`) routes through its pools; the scheduler extender reads
+the tokens queued on each node (:meth:`Router.node_queue_tokens`) for placement.
+Neither imports the other; this module imports neither.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
 
 from joulepool.api.models import EnergyPolicySpec
 from joulepool.core.classes import Tier
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
 from joulepool.core.router import (
-    CompletionOutcome,
     Endpoint,
-    NoEndpoints,
     PoolRouter,
-    RouteDecision,
     RouterConfig,
+    RouterObserver,
     UnknownPool,
     node_queue_tokens,
 )
 from joulepool.core.routing import EndpointModel
-from joulepool.extender.files import EndpointsFile
-from joulepool.extender.metrics import Metrics
-from joulepool.extender.state import ClusterState, NodeTable
+from joulepool.kube.files import EndpointsFile
+from joulepool.kube.state import ClusterState, NodeTable
 
 FloatArray = npt.NDArray[np.float64]
-
-__all__ = [
-    "CompleteRequest", "Endpoint", "MetricsObserver", "NoEndpoints", "PoolRouter",
-    "RouteDecision", "RouteRequest", "Router", "RouterSettings", "UnknownPool",
-    "decision_to_wire", "outcome_to_wire",
-]
-
-
-# HTTP bodies of /v1/route and /v1/complete
-MAX_TOKENS = 10_000_000
-
-
-class RouteRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
-    pool: str = Field(min_length=1, max_length=253)
-    # estimates (a length predictor may give fractions): numbers, not strings
-    input_tokens: float = Field(default=0, alias="inputTokens", ge=0, le=MAX_TOKENS,
-                                allow_inf_nan=False)
-    output_tokens: float = Field(alias="outputTokens", ge=0, le=MAX_TOKENS, allow_inf_nan=False)
-    tier: Tier | None = None
-    deadline_seconds: float | None = Field(
-        default=None, alias="deadlineSeconds", gt=0, le=7 * 86400, allow_inf_nan=False
-    )
-
-
-class CompleteRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
-    pool: str = Field(min_length=1, max_length=253)
-    endpoint: str = Field(min_length=1, max_length=300)
-    request_id: str | None = Field(default=None, alias="requestId", max_length=64)
-    ttft_seconds: float | None = Field(
-        default=None, alias="ttftSeconds", ge=0, le=7 * 86400, allow_inf_nan=False
-    )
-    e2e_seconds: float | None = Field(
-        default=None, alias="e2eSeconds", ge=0, le=7 * 86400, allow_inf_nan=False
-    )
-    output_tokens: float = Field(default=0, alias="outputTokens", ge=0, le=MAX_TOKENS,
-                                 allow_inf_nan=False)
-    deadline_met: bool = Field(alias="deadlineMet")
-    joules: float | None = Field(default=None, ge=0, le=1e12, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -98,79 +44,25 @@ class RouterSettings(RouterConfig):
     metrics_port: int = 0
 
 
-def decision_to_wire(d: RouteDecision) -> dict[str, Any]:
-    """The ``/v1/route`` response body."""
-    return {
-        "pool": d.pool,
-        "endpoint": d.endpoint,
-        "fallbacks": d.fallbacks,
-        "requestId": d.request_id,
-        "tier": str(d.tier),
-        "deadlineSeconds": d.deadline_s,
-        "cost": {
-            "energyJoules": d.energy_j,
-            "slackSeconds": d.slack_s,
-            "lambda": d.lam,
-            "etaSeconds": d.eta_s,
-            "total": d.cost,
-        },
-    }
+class PoolObserver(RouterObserver, Protocol):
+    """core.router's observer, told also when a pool disappears."""
+
+    def pool_removed(self, pool: str) -> None: ...
 
 
-def outcome_to_wire(o: CompletionOutcome) -> dict[str, Any]:
-    """The ``/v1/complete`` response body."""
-    return {
-        "pool": o.pool,
-        "endpointKnown": o.endpoint_known,
-        "lambda": o.lam,
-        "missRatio": o.miss_ratio,
-        "epsScale": o.eps_scale,
-    }
-
-
-class MetricsObserver:
-    """core.router's observer, exporting to the service's Prometheus metrics."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.m = metrics
-
-    def endpoints_changed(self, pool: str, count: int) -> None:
-        self.m.endpoints.labels(pool).set(count)
-
-    def lambda_changed(self, pool: str, lam: float) -> None:
-        self.m.lam.labels(pool).set(lam)
-
-    def routed(self, pool: str, decision: RouteDecision) -> None:
-        self.m.predicted_joules.labels(pool, str(decision.tier)).observe(decision.energy_j)
-
-    def completed(self, pool: str, missed: bool, joules: float | None, miss_ratio: float
-                  ) -> None:
-        self.m.miss_ratio.labels(pool).set(miss_ratio)
-        self.m.completions.labels(pool, "missed" if missed else "met").inc()
-        if joules is not None:
-            self.m.measured_joules.labels(pool).inc(joules)
-
-    def ticked(self, pool: str, miss_ratio: float) -> None:
-        self.m.miss_ratio.labels(pool).set(miss_ratio)
-
-
-# --------------------------------------------------------------------------
-# All pools
-# --------------------------------------------------------------------------
 class Router:
     """Pools from the cluster (plan + ready pods) and from a static endpoints file."""
 
     def __init__(
         self, settings: RouterSettings | None = None, state: ClusterState | None = None,
-        metrics: Metrics | None = None,
+        observer: PoolObserver | None = None,
         profiles: tuple[ServingProfile, ...] = DEFAULT_PROFILES,
     ) -> None:
         self.s = settings or RouterSettings()
         #: the settings without any EnergyPolicy (flags > env > file > defaults)
         self.base_settings = self.s
         self.state = state
-        self.metrics = metrics
-        self.observer = MetricsObserver(metrics) if metrics is not None else None
+        self.observer = observer
         self.profiles = profiles
         self.pools: dict[str, PoolRouter] = {}
         self.static: EndpointsFile | None = None
@@ -247,8 +139,8 @@ class Router:
             keys |= set(state.pool_pods)
         for gone in set(self.pools) - keys:
             del self.pools[gone]
-            if self.metrics is not None:
-                self.metrics.forget_pool(gone)
+            if self.observer is not None:
+                self.observer.pool_removed(gone)
         todo = keys if dirty is None or self._static_dirty else (dirty & keys) | (
             keys - set(self.pools)
         )
@@ -311,17 +203,6 @@ class Router:
         if pool is None:
             raise UnknownPool(f"unknown pool {key!r}")
         return pool
-
-    def route(self, req: RouteRequest, now: float) -> RouteDecision:
-        """Route a ``/v1/route`` body (UnknownPool, NoEndpoints)."""
-        return self.pool(req.pool).decide(req.output_tokens, req.input_tokens, req.tier,
-                                          req.deadline_seconds, now)
-
-    def complete(self, rep: CompleteRequest, now: float) -> dict[str, Any]:
-        """Learn from a ``/v1/complete`` body; the response body (UnknownPool)."""
-        out = self.pool(rep.pool).report(rep.endpoint, rep.request_id, rep.output_tokens,
-                                         rep.deadline_met, rep.joules, now)
-        return outcome_to_wire(out)
 
     def tick(self, now: float) -> None:
         self.sync()

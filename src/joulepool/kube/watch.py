@@ -11,7 +11,7 @@ client in a daemon thread:
 
 Events are applied on the event loop thread (``call_soon_threadsafe``), so the
 cache is only ever mutated there. Objects are handled as raw JSON dicts
-(``_preload_content=False``) and validated by the extender's own wire models.
+(``_preload_content=False``) and validated by :mod:`joulepool.kube.objects`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from joulepool.api.plan import PLAN_KEY
-from joulepool.extender.metrics import Metrics
-from joulepool.extender.state import ClusterState
+from joulepool.kube.metrics import ServiceMetrics as Metrics
+from joulepool.kube.state import ClusterState
 
 log = logging.getLogger(__name__)
 

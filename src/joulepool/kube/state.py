@@ -23,12 +23,9 @@ from pydantic import ValidationError
 
 from joulepool.api.contract import ENGINE_PORT, GPU_PRODUCT_LABEL, REGION_LABEL
 from joulepool.api.plan import PlanDocument, PlannedPool
+from joulepool.core.cost import MAX_SCORE as MAX_EXTENDER_PRIORITY
 from joulepool.core.profiles import product_for_label
-from joulepool.extender.wire import (
-    MAX_EXTENDER_PRIORITY,
-    Node,
-    Pod,
-)
+from joulepool.kube.objects import Node, Pod
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +112,7 @@ def host_prefix(name: str) -> str:
 
 
 class ClusterState:
-    """Everything the extender knows about the cluster, and when it last changed."""
+    """Everything a service knows about the cluster, and when it last changed."""
 
     def __init__(self, default_port: int = ENGINE_PORT) -> None:
         self.default_port = default_port

@@ -1,7 +1,7 @@
 """The EnergyPolicy's router tunables (PI gains, target, clamps, bulk factor) for the router.
 
 The router service polls ``EnergyPolicy/default`` (cluster scoped; RBAC: ``get`` on that
-one object) and hands its spec to :meth:`joulepool.extender.router.Router.apply_policy`.
+one object) and hands its spec to :meth:`joulepool.kube.pools.Router.apply_policy`.
 While the policy exists its values override the command-line settings; when it is
 deleted the router returns to them. An unreadable or invalid policy keeps the values
 in force and is logged once.
@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, EnergyPolicySpec
 
-log = logging.getLogger("joulepool.extender.policy")
+log = logging.getLogger("joulepool.kube.policy")
 
 #: the only EnergyPolicy joulepool uses
 POLICY_NAME = "default"

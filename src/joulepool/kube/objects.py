@@ -1,0 +1,270 @@
+"""The parts of core/v1 Pod and Node that joulepool reads, as pydantic models.
+
+Used for the objects the cluster cache watches (:mod:`kube.state`) and for the
+Pods and Nodes kube-scheduler sends the extender (:mod:`extender.wire`). Unknown
+keys are ignored, as Go's decoder does; resource quantities are validated and
+bounded on input (:func:`parse_quantity`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from joulepool.api.contract import (
+    GPU_RESOURCE,
+    MODE_LABEL,
+    POOL_LABEL,
+    PORT_ANNOTATION,
+)
+
+Quantity = str | int | float
+
+
+# --------------------------------------------------------------------------
+# Quantities
+# --------------------------------------------------------------------------
+_QUANTITY = re.compile(
+    r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
+)
+_SUFFIX = {
+    "": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
+    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+    "P": Decimal("1e15"), "E": Decimal("1e18"),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}
+
+
+#: longest quantity string accepted (Kubernetes' own are far shorter)
+MAX_QUANTITY_CHARS = 64
+#: largest magnitude of a quantity: Kubernetes stores quantities as int64 (milli-units
+#: and up), so nothing larger can come from a real API server
+MAX_QUANTITY = Decimal(2**63 - 1)
+
+
+def parse_quantity(value: Quantity) -> Decimal:
+    """A Kubernetes resource quantity (``"8"``, ``"500m"``, ``"1Gi"``) as a finite Decimal.
+
+    ValueError for anything else, including magnitudes over :data:`MAX_QUANTITY` and
+    strings over :data:`MAX_QUANTITY_CHARS` (checked before any arithmetic, so a value
+    like ``1e999999`` is refused at once instead of being expanded into a million digits).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid quantity {value!r}")
+    if isinstance(value, int):
+        if abs(value) > MAX_QUANTITY:
+            raise ValueError("quantity out of range")
+        return Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_QUANTITY:
+            raise ValueError(f"quantity out of range: {value!r}")
+        return Decimal(str(value))
+    if len(value) > MAX_QUANTITY_CHARS:
+        raise ValueError(f"invalid quantity {value[:MAX_QUANTITY_CHARS]!r}...: too long")
+    m = _QUANTITY.match(value.strip())
+    if not m:
+        raise ValueError(f"invalid quantity {value!r}")
+    try:
+        number = Decimal(m.group(1))
+    except InvalidOperation:
+        raise ValueError(f"invalid quantity {value!r}") from None
+    # adjusted(): exponent of the leading digit; bounds the magnitude without expanding it
+    if number and number.adjusted() > 30:
+        raise ValueError(f"quantity out of range: {value!r}")
+    q = number * _SUFFIX[m.group(2) or ""]
+    if abs(q) > MAX_QUANTITY:
+        raise ValueError(f"quantity out of range: {value!r}")
+    return q
+
+
+def quantity_to_int(value: Quantity) -> int:
+    """Whole units of a countable resource such as GPUs (fractions round up; bad, negative
+    or out-of-range values are 0: the wire models refuse them on input, see
+    :data:`CheckedQuantity`)."""
+    try:
+        q = parse_quantity(value)
+    except ValueError:
+        return 0
+    if q <= 0:
+        return 0
+    return int(q.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def _checked_quantity(value: Quantity) -> Quantity:
+    parse_quantity(value)
+    return value
+
+
+#: a resource quantity as it appears in Kubernetes JSON, validated on input
+CheckedQuantity = Annotated[Quantity, AfterValidator(_checked_quantity)]
+
+
+
+class _K8s(BaseModel):
+    """Kubernetes JSON: camelCase keys, unknown keys ignored (as Go does)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------
+# The parts of core/v1 Pod and Node that joulepool reads
+# --------------------------------------------------------------------------
+class ObjectMeta(_K8s):
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    resource_version: str = Field(default="", alias="resourceVersion")
+    deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
+
+
+class ResourceRequirements(_K8s):
+    requests: dict[str, CheckedQuantity] | None = None
+    limits: dict[str, CheckedQuantity] | None = None
+
+
+class ContainerPort(_K8s):
+    name: str = ""
+    container_port: int = Field(default=0, alias="containerPort")
+    protocol: str = "TCP"
+
+
+class Container(_K8s):
+    name: str = ""
+    resources: ResourceRequirements | None = None
+    ports: list[ContainerPort] | None = None
+
+
+class PodSpec(_K8s):
+    containers: list[Container] | None = None
+    init_containers: list[Container] | None = Field(default=None, alias="initContainers")
+    overhead: dict[str, CheckedQuantity] | None = None
+    node_name: str = Field(default="", alias="nodeName")
+    scheduler_name: str = Field(default="", alias="schedulerName")
+
+
+class Condition(_K8s):
+    type: str = ""
+    status: str = ""
+
+
+class PodStatus(_K8s):
+    phase: str = ""
+    pod_ip: str = Field(default="", alias="podIP")
+    conditions: list[Condition] | None = None
+
+
+class Pod(_K8s):
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: PodSpec = Field(default_factory=PodSpec)
+    status: PodStatus = Field(default_factory=PodStatus)
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+    @property
+    def pool(self) -> str | None:
+        """The pool key from the ``joulepool.dev/pool`` label, if any."""
+        labels = self.metadata.labels or {}
+        value = labels.get(POOL_LABEL)
+        return value or None
+
+    @property
+    def mode(self) -> str | None:
+        """The serving mode from the ``joulepool.dev/mode`` label, if any."""
+        labels = self.metadata.labels or {}
+        value = labels.get(MODE_LABEL)
+        return value or None
+
+    def gpu_request(self) -> int:
+        return pod_gpu_request(self)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.phase in ("Succeeded", "Failed")
+
+    @property
+    def ready(self) -> bool:
+        """Running, Ready condition True, not being deleted, and with an IP."""
+        if self.metadata.deletion_timestamp or self.status.phase != "Running":
+            return False
+        if not self.status.pod_ip:
+            return False
+        return any(c.type == "Ready" and c.status == "True" for c in self.status.conditions or [])
+
+    def serving_port(self, default: int) -> int:
+        """Port for requests: annotation, else a container port named http, else the first."""
+        ann = (self.metadata.annotations or {}).get(PORT_ANNOTATION, "")
+        if ann.isdigit() and 0 < int(ann) < 65536:
+            return int(ann)
+        ports = [p for c in self.spec.containers or [] for p in c.ports or []]
+        for p in ports:
+            if p.name == "http" and 0 < p.container_port < 65536:
+                return p.container_port
+        for p in ports:
+            if 0 < p.container_port < 65536:
+                return p.container_port
+        return default
+
+
+class NodeSpec(_K8s):
+    unschedulable: bool = False
+
+
+class NodeStatus(_K8s):
+    allocatable: dict[str, CheckedQuantity] | None = None
+    capacity: dict[str, CheckedQuantity] | None = None
+    conditions: list[Condition] | None = None
+
+
+class Node(_K8s):
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+    status: NodeStatus = Field(default_factory=NodeStatus)
+
+    def allocatable_gpus(self) -> int:
+        """``status.allocatable`` (capacity when absent) of ``nvidia.com/gpu``."""
+        res = self.status.allocatable
+        if res is None or GPU_RESOURCE not in res:
+            res = self.status.capacity or {}
+        return quantity_to_int(res.get(GPU_RESOURCE, 0))
+
+    def label(self, key: str) -> str:
+        return (self.metadata.labels or {}).get(key, "")
+
+
+class NodeList(_K8s):
+    items: list[Node] | None = None
+
+
+# --------------------------------------------------------------------------
+# Pod requests
+# --------------------------------------------------------------------------
+def _container_gpus(c: Container) -> int:
+    res = c.resources
+    if res is None:
+        return 0
+    # extended resources: requests must equal limits; a limit alone implies the request
+    for source in (res.requests, res.limits):
+        if source and GPU_RESOURCE in source:
+            return quantity_to_int(source[GPU_RESOURCE])
+    return 0
+
+
+def pod_gpu_request(pod: Pod) -> int:
+    """Effective ``nvidia.com/gpu`` request, as the scheduler computes it.
+
+    max(sum over app containers, max over init containers) + pod overhead.
+    """
+    spec = pod.spec
+    app = sum(_container_gpus(c) for c in spec.containers or [])
+    init = max((_container_gpus(c) for c in spec.init_containers or []), default=0)
+    overhead = quantity_to_int((spec.overhead or {}).get(GPU_RESOURCE, 0))
+    return max(app, init) + overhead

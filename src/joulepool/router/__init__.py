@@ -1,0 +1,1 @@
+"""The request routing service: picks an endpoint per request (``joulepool router``)."""

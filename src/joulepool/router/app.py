@@ -1,0 +1,140 @@
+"""The aiohttp service of the request router: routing API and operations endpoints.
+
+Routes:
+
+    POST /v1/route             {pool, inputTokens?, outputTokens, tier?, deadlineSeconds?}
+                               -> {pool, endpoint, fallbacks, requestId, tier,
+                                   deadlineSeconds, cost: {energyJoules, slackSeconds,
+                                   lambda, etaSeconds, total}}
+    POST /v1/complete          {pool, endpoint, requestId?, ttftSeconds?, e2eSeconds?,
+                                outputTokens?, deadlineMet, joules?}
+                               -> {pool, endpointKnown, lambda, missRatio, epsScale}
+    GET  /v1/pools[/{pool}]    what the router knows (debugging)
+    GET  /metrics  /healthz  /readyz
+
+Each pool is a :class:`joulepool.core.router.PoolRouter`, the object the
+simulator's ``joulesched-router`` policy drives; the pools follow the cluster
+(plan + ready pods) or a static endpoints file (:mod:`joulepool.kube.pools`).
+The cluster cache, engine scrapes, auth, readiness and background work are
+:mod:`joulepool.kube.service`'s, shared with the scheduler extender.
+
+Status codes (every error body is JSON ``{"error": msg}``):
+
+    400  body is not JSON (RFC 8259), not an object, or has a field of the wrong
+         type or range
+    401  bearer token missing or wrong (--token-file)
+    404  unknown path, or a pool the router does not know
+    405  wrong method
+    408  body not received within --read-timeout-seconds
+    413  body over --max-body-bytes
+    415  a POST body that is not ``Content-Type: application/json``
+    503  /v1/route: the pool has no endpoint that can serve; /readyz: not synced
+
+Each decision's server time is in the ``Server-Timing`` header and the
+``joulepool_router_decision_seconds`` histogram.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from joulepool import httpserve
+from joulepool.core.router import NoEndpoints, UnknownPool
+from joulepool.kube import service
+from joulepool.kube.service import (
+    BadRequest,
+    clock,
+    json_response,
+    read_body,
+    timed,
+    validation_message,
+)
+from joulepool.router import models
+from joulepool.router.metrics import Metrics, MetricsObserver
+from joulepool.router.settings import Settings
+
+
+class RouterService(service.ClusterService):
+    """Everything one running router holds; tests reach in through ``app[ROUTER]``."""
+
+    metrics: Metrics
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        m = metrics or Metrics()
+        super().__init__(settings, m, settings.router_settings(), MetricsObserver(m))
+        self.settings: Settings = settings
+
+
+ROUTER = web.AppKey("router", RouterService)
+
+
+async def handle_route(request: web.Request) -> web.Response:
+    svc = request.app[ROUTER]
+    body = await read_body(request)
+    t0 = clock()
+    try:
+        httpserve.parse_json(body)  # RFC 8259 only: no NaN/Infinity, bounded depth
+        req = models.RouteRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise BadRequest(400, validation_message(exc)) from None
+    try:
+        decision = models.route(svc.router, req, time.monotonic())
+    except UnknownPool as exc:
+        raise BadRequest(404, str(exc)) from None
+    except NoEndpoints as exc:
+        raise BadRequest(503, str(exc)) from None
+    return timed(request, "route", t0, json_response(models.decision_to_wire(decision)))
+
+
+async def handle_complete(request: web.Request) -> web.Response:
+    svc = request.app[ROUTER]
+    body = await read_body(request)
+    t0 = clock()
+    try:
+        httpserve.parse_json(body)
+        rep = models.CompleteRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise BadRequest(400, validation_message(exc)) from None
+    try:
+        out = models.complete(svc.router, rep, time.monotonic())
+    except UnknownPool as exc:
+        raise BadRequest(404, str(exc)) from None
+    return timed(request, "complete", t0, json_response(out))
+
+
+async def handle_pools(request: web.Request) -> web.Response:
+    svc = request.app[ROUTER]
+    svc.router.sync()
+    now = time.monotonic()
+    name = request.match_info.get("pool")
+    if name is not None:
+        pool = svc.router.pools.get(name)
+        if pool is None:
+            raise BadRequest(404, f"unknown pool {name!r}")
+        return json_response(pool.describe(now))
+    return json_response({
+        "pools": {
+            k: {"lambda": p.pi.lam, "missRatio": p.window.rate(now), "endpoints": len(p.endpoints),
+                "model": p.model, "tier": str(p.tier), "routing": p.profile.name}
+            for k, p in sorted(svc.router.pools.items())
+        }
+    })
+
+
+def create_app(settings: Settings, *, background: bool = True,
+               metrics: Metrics | None = None) -> web.Application:
+    """The service. Files given in ``settings`` are loaded now (FileError if unreadable)."""
+    svc = RouterService(settings, metrics)
+    app = service.new_app(svc, service.make_middleware())
+    app[ROUTER] = svc
+    app.router.add_post("/v1/route", handle_route, name="route")
+    app.router.add_post("/v1/complete", handle_complete, name="complete")
+    app.router.add_get("/v1/pools", handle_pools, name="pools")
+    app.router.add_get("/v1/pools/{pool}", handle_pools, name="pool")
+    service.add_operations_routes(app)
+    if background:
+        app.cleanup_ctx.append(service.background)
+    return app

@@ -1,0 +1,37 @@
+"""``joulepool router``: the request routing service.
+
+Light module: heavy imports (aiohttp, numpy, kubernetes) happen in :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from joulepool.router.settings import add_arguments
+
+    parser.epilog = (
+        "Every flag --foo-bar can also be set as JOULEPOOL_ROUTER_FOO_BAR or as 'foo-bar:' "
+        "in the --config YAML file; flags win over the environment, which wins over the file."
+    )
+    add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from joulepool.cli import UsageError
+    from joulepool.kube.files import FileError
+    from joulepool.kube.service import ServeError, serve
+    from joulepool.router.app import create_app
+    from joulepool.router.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args)
+        settings.check_sources()
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        serve(create_app(settings), "router")
+    except (FileError, ServeError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0

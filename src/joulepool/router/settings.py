@@ -1,0 +1,60 @@
+"""Settings of ``joulepool router``: flags > environment > ``--config`` YAML > defaults.
+
+The layering is :mod:`joulepool.settings`; the fields both cluster services take
+are :class:`joulepool.kube.settings.ServiceSettings`'s. Every setting ``foo_bar``
+is the flag ``--foo-bar``, the environment variable ``JOULEPOOL_ROUTER_FOO_BAR``
+and the key ``foo-bar`` of the ``--config`` YAML mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from joulepool import settings as settings_base
+from joulepool.api.contract import ROUTER_PORT
+from joulepool.core.scoring import PROFILES, routing_profile
+from joulepool.kube.pools import RouterSettings
+from joulepool.kube.settings import ServiceSettings
+from joulepool.settings import SettingsError
+
+__all__ = ["Settings", "SettingsError", "add_arguments", "load_settings"]
+
+
+class Settings(ServiceSettings):
+    """Settings of the request routing service."""
+
+    ENV_PREFIX: ClassVar[str] = "JOULEPOOL_ROUTER_"
+    STRICT_ENV: ClassVar[bool] = True
+    CONFIG_ENV: ClassVar[str] = "JOULEPOOL_ROUTER_CONFIG"
+
+    port: int = Field(ROUTER_PORT, ge=0, le=65535, description="port to listen on (0: any)")
+    routing: str = Field(
+        RouterSettings.routing, description="routing profile of every pool: "
+        + ", ".join(sorted(PROFILES)),
+    )
+
+    @field_validator("routing")
+    @classmethod
+    def _known_routing(cls, value: str) -> str:
+        routing_profile(value)  # ValueError naming the choices
+        return value
+
+    def router_settings(self) -> RouterSettings:
+        return dataclasses.replace(super().router_settings(), routing=self.routing)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (see :mod:`joulepool.settings`)."""
+    settings_base.add_arguments(parser, Settings)
+
+
+def load_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Merge the layers and validate; errors name the flag, variable or file key."""
+    return settings_base.load(Settings, args, environ)
