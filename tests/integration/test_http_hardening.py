@@ -207,3 +207,14 @@ def test_process_closes_half_sent_heads_and_keeps_serving(tmp_path: Any, command
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_prioritize_with_both_node_forms_reads_nodes_like_filter(server: LiveServer) -> None:
+    """Found by the fuzzer: ``Nodes`` present but empty and ``NodeNames`` given made
+    prioritize score one list with the other's arrays (500)."""
+    body = json.dumps({"Pod": T.pod("p"), "Nodes": {}, "NodeNames": ["n0", "n1"]}).encode()
+    status, raw, _ = server.request("POST", "/scheduler/prioritize", body)
+    assert status == 200, raw
+    assert json.loads(raw) == []
+    status, raw, _ = server.request("POST", "/scheduler/filter", body)
+    assert status == 200 and json.loads(raw)["Nodes"]["items"] == [], raw

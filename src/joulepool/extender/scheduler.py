@@ -449,10 +449,13 @@ class Scheduler:
 
     # -- prioritize --------------------------------------------------------------------------
     def candidate_names(self, args: ExtenderArgs) -> list[str]:
-        if args.node_names is not None:
-            return list(args.node_names)
+        """The candidates, read as filter reads them: ``Nodes`` when it is present (even
+        alongside ``NodeNames``, which kube-scheduler never sends together), else
+        ``NodeNames``."""
         if args.nodes is not None:
             return [n.metadata.name for n in args.nodes.items or []]
+        if args.node_names is not None:
+            return list(args.node_names)
         return []
 
     def prioritize(self, args: ExtenderArgs) -> tuple[str, list[int]]:
