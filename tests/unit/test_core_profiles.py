@@ -349,3 +349,16 @@ def test_clock_law_parameters_are_labelled_and_tunable():
     (flat,) = apply_assumptions([H100_8B], {"memory_power_share": 0.0, "gamma": 3.0})
     assert flat.memory_power_share.value == 0.0 and flat.gamma.value == 3.0
     assert float(flat.power_w(64, 1200)) < float(H100_8B.power_w(64, 1200))
+
+
+def test_a100_8b_single_stream_decode_agrees_with_a_published_measurement():
+    """Cross-check of the derived A100 profile (no A100 figure entered it).
+
+    Published: J. Musgrave, "vLLM throughput-latency sweep on NVIDIA A100" (blog, 2025):
+    Llama-3.1-8B-Instruct bf16, vLLM 0.23, one A100 40GB, ~75 output tok/s at one
+    request in flight. Memory-bound decode at batch 1 scales with HBM bandwidth:
+    A100 40GB SXM 1,555 GB/s, A100 80GB SXM 2,039 GB/s (vendor specs).
+    """
+    itl_40gb_s = 1 / 75.0
+    itl_80gb_s = itl_40gb_s * 1555 / 2039
+    assert float(A100_8B.itl_s(1)) == pytest.approx(itl_80gb_s, rel=0.10)
