@@ -92,6 +92,10 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """
 
     faults: list[Fault] = attrs.field(factory=list)
+    #: seeded random faults (operator_chaos.Chaos): ``verdict(request)`` -> None,
+    #: ("error", status), ("after", status): applied, then answered with the error, or
+    #: ("slow", seconds)
+    chaos: Any = None
     requests_served: int = 0
     _last_rv: int = 1000
 
@@ -166,24 +170,39 @@ class FaultyEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             if request.namespace is None or ns == request.namespace:
                 yield event
 
+    async def _error(self, status: int) -> Any:
+        reason = {409: "Conflict", 422: "Invalid", 429: "TooManyRequests",
+                  500: "InternalError", 503: "ServiceUnavailable"}
+        resp = await self._render_error(KubernetesError(
+            status=status, reason=reason.get(status, "Injected"),
+            message=f"injected fault {status}", details={}))
+        if status == 429:
+            resp.headers["Retry-After"] = "1"
+        return resp
+
     async def _handle(self, request: Any) -> Any:
         _CURRENT_REQUEST.set(request)
         self.requests_served += 1
         for f in self.faults:
             if f.matches(request):
                 f.hits += 1
-                reason = {409: "Conflict", 500: "InternalError", 503: "ServiceUnavailable"}
-                return await self._render_error(KubernetesError(
-                    status=f.status, reason=reason.get(f.status, "Injected"),
-                    message=f"injected fault {f.status}", details={}))
+                return await self._error(f.status)
+        verdict = self.chaos.verdict(request) if self.chaos is not None else None
+        if verdict is not None and verdict[0] == "error":
+            return await self._error(verdict[1])
+        if verdict is not None and verdict[0] == "slow":
+            await asyncio.sleep(verdict[1])
         if request.resource is not None and request.data is not None:
             self._apply_as_create(request)
             request = self._stamp(request)
         try:
-            return await super()._handle(request)
+            response = await super()._handle(request)
         except jsonpatch.JsonPatchTestFailed as exc:  # a failed "test" op: 422, as kube-apiserver
             return await self._render_error(KubernetesError(
                 status=422, reason="Invalid", message=str(exc), details={}))
+        if verdict is not None and verdict[0] == "after":  # applied, then the answer is lost
+            return await self._error(verdict[1])
+        return response
 
     def vanish(self, plural: str, namespace: str | None, name: str) -> None:
         """Delete an object with no watch event: as if deleted while the watch was down."""

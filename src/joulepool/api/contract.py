@@ -38,8 +38,9 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 
 # -- annotations ---------------------------------------------------------------
 SPEC_HASH_ANNOTATION = "joulepool.dev/spec-hash"
-#: on an InferencePool being deleted: the operator touched it so kopf runs its deletion
-#: again (kopf's own PATCH removing the finalizer failed and nothing else would retry it)
+#: on an InferencePool kopf left half-done (finalizer not added, or not removed after
+#: deletion: kopf's own PATCH failed and nothing else would retry it): the operator
+#: touched it so kopf runs its handlers again
 RELEASE_RETRY_ANNOTATION = "joulepool.dev/release-retry"
 PLAN_VERSION_ANNOTATION = "joulepool.dev/plan-version"
 #: on the plan ConfigMap: when the plan in force was made (ISO 8601)

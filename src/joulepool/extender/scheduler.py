@@ -10,7 +10,7 @@ Plan reasons are unresolvable: evicting pods (preemption) cannot change the
 plan. A GPU shortage is resolvable. Pods without the label pass untouched.
 
 A pod that also carries ``joulepool.dev/mode=<mode>`` (the operator runs one
-Deployment per pool and serving mode) is held to that mode's part of the plan:
+Deployment per pool, serving mode and node) is held to that mode's part of the plan:
 only the nodes with an assignment of that (pool, mode) with instances > 0, and
 the share there is that mode's instances x gpusPerInstance, counted against the
 GPUs held by the pool's bound pods of the same mode. Otherwise a 4xH100 pod

@@ -63,7 +63,8 @@ class OperatorConfig:
     #: every listing is checked this often for objects deleted while a watch was down
     #: (kopf's re-listing after 410 Gone keeps them in its indexes), seconds
     listing_check_seconds: float = 300.0
-    #: a pool held by the finalizer this long is touched so kopf runs its deletion again
+    #: a pool kopf left half-done this long (finalizer not added, or not removed after
+    #: deletion) is touched so kopf runs its handlers again
     release_retry_seconds: float = 10.0
     #: ... doubled after each failed pass in a row, up to this
     max_resync_after_error_seconds: float = 300.0

@@ -30,6 +30,7 @@ from joulepool.api.contract import POOL_LABEL
 from joulepool.api.load import ResourceError
 from joulepool.api.models import GROUP, VERSION
 from joulepool.operator.config import OperatorConfig
+from joulepool.operator.listings import Indexed
 from joulepool.operator.planning import POLICY_NAME, Planner
 from joulepool.operator.resources import (
     MANAGED_BY,
@@ -145,33 +146,33 @@ async def cleanup(memo: OperatorMemo, **_: Any) -> None:
 @kopf.index(*POOLS, id="jp_pools", registry=registry)
 def jp_pools(body: kopf.Body, **_: Any) -> dict[str, Any]:
     entry = parse_pool(body)
-    return {entry.key: entry}
+    return {entry.key: Indexed.of(body, entry)}
 
 
 @kopf.index(*NODES, id="jp_nodes", registry=registry)
 def jp_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
-    return {name: node_from_body(body)}  # None values: not a GPU node (kept as None)
+    return {name: Indexed.of(body, node_from_body(body))}  # None: not a GPU node
 
 
 @kopf.index(*PROFILES, id="jp_profiles", registry=registry)
 def jp_profiles(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
     try:
-        return {name: parse_profile(body)}
+        return {name: Indexed.of(body, parse_profile(body))}
     except ResourceError as exc:
-        return {name: exc}
+        return {name: Indexed.of(body, exc)}
 
 
 @kopf.index(*POLICIES, id="jp_policies", registry=registry)
 def jp_policies(body: kopf.Body, name: str, **_: Any) -> dict[str, Any]:
     try:
-        return {name: (name, parse_policy(body))}
+        return {name: Indexed.of(body, (name, parse_policy(body)))}
     except ResourceError as exc:
-        return {name: (name, exc)}
+        return {name: Indexed.of(body, (name, exc))}
 
 
 @kopf.index(*DEPLOYMENTS, labels=OWNED, id="jp_deployments", registry=registry)
 def jp_deployments(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): deployment_from_body(body)}
+    return {(namespace, name): Indexed.of(body, deployment_from_body(body))}
 
 
 # ---------------------------------------------------------------- InferencePools
@@ -183,6 +184,12 @@ async def pool_changed(body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
     if not entry.valid:
         kopf.warn(body, reason="InvalidSpec", message=entry.error or "invalid spec")
     memo.planner.trigger(f"InferencePool {entry.key}")
+
+
+@kopf.on.event(*POOLS, registry=registry)
+async def pool_event(type: str | None, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
+    """Listing book-keeping only: pools are planned from their create/update handlers."""
+    _listing(memo, "pools", type, parse_pool(body).key, body)
 
 
 @kopf.on.delete(*POOLS, registry=registry)
@@ -207,10 +214,11 @@ async def pool_deleted(body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
 
 
 # ---------------------------------------------------------------- other inputs
-def _listing(memo: OperatorMemo, kind: str, type_: str | None, key: Hashable) -> None:
+def _listing(memo: OperatorMemo, kind: str, type_: str | None, key: Hashable,
+             body: kopf.Body) -> None:
     """Book-keeping common to every watched input: an event for ``key`` was seen; a
     ``None`` event means kopf is (re)listing ``kind``."""
-    memo.planner.gone.seen(kind, key)
+    memo.planner.gone.seen(kind, key, str(body.get("metadata", {}).get("uid") or ""))
     if type_ is None:
         memo.planner.relisted(kind)
 
@@ -218,7 +226,7 @@ def _listing(memo: OperatorMemo, kind: str, type_: str | None, key: Hashable) ->
 @kopf.on.event(*NODES, registry=registry)
 async def node_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
                      **_: Any) -> None:
-    _listing(memo, "nodes", type, name)
+    _listing(memo, "nodes", type, name, body)
     info = None if type == "DELETED" else node_from_body(body)
     if memo.planner.changed(("node", name), info):
         memo.planner.trigger(f"Node {name}")
@@ -227,7 +235,7 @@ async def node_event(type: str | None, body: kopf.Body, name: str, memo: Operato
 @kopf.on.event(*PROFILES, registry=registry)
 async def profile_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
                         **_: Any) -> None:
-    _listing(memo, "profiles", type, name)
+    _listing(memo, "profiles", type, name, body)
     spec = None if type == "DELETED" else dict(body.get("spec") or {})
     if not memo.planner.changed(("profile", name), repr(spec) if spec is not None else None):
         return
@@ -242,7 +250,7 @@ async def profile_event(type: str | None, body: kopf.Body, name: str, memo: Oper
 @kopf.on.event(*POLICIES, registry=registry)
 async def policy_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
                        **_: Any) -> None:
-    _listing(memo, "policies", type, name)
+    _listing(memo, "policies", type, name, body)
     spec = None if type == "DELETED" else dict(body.get("spec") or {})
     if not memo.planner.changed(("policy", name), repr(spec) if spec is not None else None):
         return
@@ -262,7 +270,7 @@ async def policy_event(type: str | None, body: kopf.Body, name: str, memo: Opera
 async def deployment_event(type: str | None, body: kopf.Body, namespace: str | None, name: str,
                            memo: OperatorMemo, **_: Any) -> None:
     namespace = namespace or ""
-    _listing(memo, "deployments", type, (namespace, name))
+    _listing(memo, "deployments", type, (namespace, name), body)
     if type == "DELETED":
         memo.planner.forget_deployment(namespace, name)
         info = None

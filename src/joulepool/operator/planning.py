@@ -39,7 +39,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -60,7 +59,7 @@ from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.deployments import DeploymentWriter
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
-from joulepool.operator.listings import GoneObjects, Listed
+from joulepool.operator.listings import GoneObjects, Listed, current_values
 from joulepool.operator.metrics import OperatorMetrics
 from joulepool.operator.resources import (
     DeploymentInfo,
@@ -91,23 +90,14 @@ log = logging.getLogger("joulepool.operator.planning")
 POLICY_NAME = "default"
 
 
-def index_values(
-    index: Mapping[Any, Iterable[Any]] | None, skip: AbstractSet[Any] = frozenset(),
-) -> Iterator[Any]:
-    """Every value of a kopf index (key -> store of values); None values and the keys in
-    ``skip`` (objects known to be gone, see :mod:`.listings`) skipped."""
-    if index is None:
-        return
-    for key, store in list(index.items()):
-        if key in skip:
-            continue
-        for value in store:
-            if value is not None:
-                yield value
+def index_values(index: Mapping[Any, Iterable[Any]] | None) -> Iterator[Any]:
+    """Every value of a kopf index (see :func:`.listings.current_values`)."""
+    return current_values(index)
 
 
 #: the indexed resources whose objects can vanish during a watch gap (see :mod:`.listings`)
 LISTED = {
+    "pools": Listed("pools", "joulepool.dev/v1alpha1", "inferencepools", namespaced=True),
     "nodes": Listed("nodes", "v1", "nodes"),
     "deployments": Listed("deployments", "apps/v1", "deployments", namespaced=True,
                           label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}"),
@@ -209,8 +199,8 @@ class Planner:
         self._finished_ok = True
         self._retry_at: float | None = None
         self._failed_passes = 0
-        #: pool key -> (uid, loop time) of pools held by the finalizer (see _retry_stuck_releases)
-        self._deleting_since: dict[str, tuple[str | None, float]] = {}
+        #: pool key -> (uid, loop time) of pools kopf left half-done (see _retry_stuck_pools)
+        self._waiting_since: dict[str, tuple[str | None, float]] = {}
         self._last_periodic: float | None = None
         # plans
         self.latest: PoolPlan | None = None
@@ -319,38 +309,40 @@ class Planner:
                 self._done.notify_all()
 
     def _next_release_retry(self) -> float | None:
-        """When a pool being deleted is due for :meth:`_retry_stuck_releases` (loop time)."""
-        if not self._deleting_since:
+        """When a pool kopf has not finished with is due for :meth:`_retry_stuck_pools`."""
+        if not self._waiting_since:
             return None
-        return min(t for _uid, t in self._deleting_since.values()) + \
+        return min(t for _uid, t in self._waiting_since.values()) + \
             self.config.release_retry_seconds
 
-    async def _retry_stuck_releases(self, report: PassReport) -> None:
-        """Touch every pool that has been held by our finalizer for ``release_retry_seconds``.
+    async def _retry_stuck_pools(self, report: PassReport) -> None:
+        """Touch every pool kopf has left half-done for ``release_retry_seconds``: one
+        being deleted that still carries the finalizer, or a live one that never got it.
 
-        kopf removes the finalizer with one PATCH after the deletion handler succeeded; if
-        the API answers it 409 or 422 (or kopf's progress PATCH fails), kopf gets no new
-        event and never tries again: the pool would stay Terminating forever. The touch
-        (an annotation) is a new event, so kopf runs the (idempotent) deletion again.
+        kopf adds and removes the finalizer with one PATCH each; if the API answers it 409
+        or 422 (or kopf's progress PATCH fails), kopf gets no new event and never tries
+        again: the pool would stay Terminating forever, or never be served. The touch (an
+        annotation) is a new event, so kopf runs its (idempotent) handlers again.
         """
         now = asyncio.get_running_loop().time()
-        dying = {k: e for k, e in self.entries().items() if e.deleting and e.finalized}
-        for k in list(self._deleting_since):
-            if k not in dying or self._deleting_since[k][0] != dying[k].uid:
-                del self._deleting_since[k]
-        for k, e in dying.items():
-            uid, since = self._deleting_since.setdefault(k, (e.uid, now))
+        waiting = {k: e for k, e in self.entries().items() if e.deleting == e.finalized}
+        for k in list(self._waiting_since):
+            if k not in waiting or self._waiting_since[k][0] != waiting[k].uid:
+                del self._waiting_since[k]
+        for k, e in waiting.items():
+            uid, since = self._waiting_since.setdefault(k, (e.uid, now))
             if now - since < self.config.release_retry_seconds:
                 continue
             path = path_for("joulepool.dev/v1alpha1", "inferencepools", e.namespace, e.name)
             touch = {"metadata": {"annotations": {RELEASE_RETRY_ANNOTATION: _iso_now()}}}
             try:
                 await self.client.patch(path, touch)
-                log.info("InferencePool %s still held by the finalizer: asked kopf again", k)
+                log.info("InferencePool %s: kopf has not %s it; asked again", k,
+                         "released" if e.deleting else "adopted")
             except ApiError as exc:
                 if not exc.not_found:
-                    report.errors.append(f"InferencePool {k} (release retry): {exc}")
-            self._deleting_since[k] = (uid, now)
+                    report.errors.append(f"InferencePool {k} (retry): {exc}")
+            self._waiting_since[k] = (uid, now)
 
     def resync_delay(self) -> float:
         """Delay before the next pass after a failed one: ``resync_after_error_seconds``,
@@ -376,10 +368,10 @@ class Planner:
 
     # ------------------------------------------------------------ inputs
     def entries(self) -> dict[str, PoolEntry]:
-        return {e.key: e for e in index_values(self.sources.pools)}
+        return {e.key: e for e in current_values(self.sources.pools, self.gone.skip("pools"))}
 
     def nodes(self) -> list[PlanNode]:
-        return sorted(index_values(self.sources.nodes, self.gone.skip("nodes")),
+        return sorted(current_values(self.sources.nodes, self.gone.skip("nodes")),
                       key=lambda n: n.name)
 
     def profiles(self) -> tuple[list[ServingProfile], list[str]]:
@@ -387,7 +379,7 @@ class Planner:
         out: list[ServingProfile] = list(DEFAULT_PROFILES)
         keys: list[str] = []
         for res in sorted(
-            (v for v in index_values(self.sources.profiles, self.gone.skip("profiles"))
+            (v for v in current_values(self.sources.profiles, self.gone.skip("profiles"))
              if isinstance(v, GPUProfile)),
             key=lambda r: r.metadata.name,
         ):
@@ -401,7 +393,7 @@ class Planner:
 
     def policy(self) -> EnergyPolicySpec:
         """The EnergyPolicy named ``default``; its last valid spec while it is invalid."""
-        for name, spec in index_values(self.sources.policies, self.gone.skip("policies")):
+        for name, spec in current_values(self.sources.policies, self.gone.skip("policies")):
             if name == POLICY_NAME and isinstance(spec, EnergyPolicySpec):
                 self._last_policy = spec
                 return spec
@@ -411,10 +403,12 @@ class Planner:
 
     def deployments(self) -> dict[tuple[str, str], DeploymentInfo]:
         return {(d.namespace, d.name): d
-                for d in index_values(self.sources.deployments, self.gone.skip("deployments"))}
+                for d in current_values(self.sources.deployments,
+                                           self.gone.skip("deployments"))}
 
     def _index_of(self, kind: str) -> Mapping[Any, Iterable[Any]] | None:
-        return {"nodes": self.sources.nodes, "deployments": self.sources.deployments,
+        return {"pools": self.sources.pools, "nodes": self.sources.nodes,
+                "deployments": self.sources.deployments,
                 "profiles": self.sources.profiles, "policies": self.sources.policies}[kind]
 
     def relisted(self, kind: str) -> None:
@@ -433,7 +427,7 @@ class Planner:
         for kind in sorted(self.gone.pending):
             index = self._index_of(kind)
             try:
-                newly = await self.gone.check(self.client, LISTED[kind], list(index or ()),
+                newly = await self.gone.check(self.client, LISTED[kind], index,
                                               self.config.watch_namespaces)
             except ApiError as exc:
                 report.errors.append(f"listing {kind}: {exc}")
@@ -515,7 +509,7 @@ class Planner:
         await self._apply_deployments(live, plannable, published, report, sem)
         await self._write_statuses(live, plannable, view, now, force, report, sem)
         await self._write_policy_status(now, report)
-        await self._retry_stuck_releases(report)
+        await self._retry_stuck_pools(report)
         self.metrics.pools(published, {k: n for k, n in self.ready_replicas().items()
                                        if k in live}, policy)
         log.info(
