@@ -1249,7 +1249,7 @@ def _reason(
 
 # ------------------------------------------------------------- published FREESH size
 
-#: FREESH's serving modes (CALIBRATION.md, FREESH pool profiles).
+#: FREESH's serving modes (docs/calibration.md, FREESH pool profiles).
 FREESH_MODES: tuple[Mode, ...] = (
     Mode("2xA100", "A100", 2),
     Mode("4xA100", "A100", 4),
@@ -1264,7 +1264,7 @@ def _frozen(rows: list[list[float]]) -> FloatArray:
     return arr
 
 
-#: Published: W per instance by type (rows SS, SL, LS, LL) and mode (CALIBRATION.md).
+#: Published: W per instance by type (rows SS, SL, LS, LL) and mode (docs/calibration.md).
 FREESH_POWER_W = _frozen(
     [
         [746, 1466, 2423, 1295],
@@ -1273,7 +1273,7 @@ FREESH_POWER_W = _frozen(
         [710, 1286, 2202, 972],
     ]
 )
-#: Published: sustainable req/s per instance; 0 = mode misses the type's SLO (CALIBRATION.md).
+#: Published: sustainable req/s per instance; 0 = mode misses the type's SLO (docs/calibration.md).
 FREESH_CAPACITY_RPS = _frozen(
     [
         [5.49, 11.25, 14.85, 16.38],

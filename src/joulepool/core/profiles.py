@@ -2,7 +2,7 @@
 
 Every default number is a :class:`Figure` that names its source, or says
 "assumed" and why, so users can see which parts of a result rest on
-measurement (see ``shared/design/CALIBRATION.md``).
+measurement (see ``docs/calibration.md``).
 
 The model (all laws labelled in ``LAWS``):
 
@@ -120,7 +120,8 @@ class Headroom:
     ttft_miss: Figure = field(default_factory=lambda: assumed(
         0.01, "JouleSched's target deadline-miss rate rho* = 1 %, applied to TTFT per instance"))
     tpot_margin: Figure = field(default_factory=lambda: assumed(
-        0.1, "FREESH MIAD margin (ARCHITECTURE.md 1.2): TPOT above target x (1 - 0.1) is at risk"))
+        0.1, "FREESH MIAD margin (docs/architecture.md 1.5): TPOT above target x (1 - 0.1) "
+        "is at risk"))
     prefill_scv: Figure = field(default_factory=lambda: assumed(
         1.0, "exponential prompt lengths; the bundled Azure 2023 conversation trace's prompt "
              "SCV over all requests is 0.92"))
@@ -614,15 +615,15 @@ def _cached_serving_point(
 
 
 # --------------------------------------------------------------------------
-# Defaults from CALIBRATION.md
+# Defaults from docs/calibration.md
 # --------------------------------------------------------------------------
 _MLE = "ML.ENERGY leaderboard v3, H100 80GB bf16 chat"
-_CAL = "CALIBRATION.md"
+_CAL = "docs/calibration.md"
 
 H100 = GPUProduct(
     name="H100",
     tdp_w=measured(700, "vendor spec, H100 SXM TDP"),
-    idle_w=assumed(75, "H100 idle, CALIBRATION.md"),
+    idle_w=assumed(75, "H100 idle, docs/calibration.md"),
     f_max_mhz=measured(1980, "vendor spec, H100 SXM max SM clock"),
     f_min_mhz=assumed(990, "half of max: below it decode SLOs fail in practice"),
     clock_step_mhz=assumed(15, "NVML reports H100/A100 SM clocks in 15 MHz steps"),
@@ -636,9 +637,9 @@ H100 = GPUProduct(
 A100 = GPUProduct(
     name="A100",
     tdp_w=measured(400, "vendor spec, A100 SXM TDP"),
-    idle_w=measured(60, "published idle measurement on A100-80GB, CALIBRATION.md"),
+    idle_w=measured(60, "published idle measurement on A100-80GB, docs/calibration.md"),
     f_max_mhz=measured(1410, "vendor spec, A100 max SM clock"),
-    f_min_mhz=measured(1005, "lowest clock of published A100 DVFS sweeps, CALIBRATION.md"),
+    f_min_mhz=measured(1005, "lowest clock of published A100 DVFS sweeps, docs/calibration.md"),
     clock_step_mhz=assumed(15, "NVML reports H100/A100 SM clocks in 15 MHz steps"),
     memory_gb=measured(80, "vendor spec, A100-80GB"),
     aliases=("NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe", "NVIDIA A100-SXM4-80GB"),
@@ -651,7 +652,7 @@ A100 = GPUProduct(
 L4 = GPUProduct(
     name="L4",
     tdp_w=measured(72, "vendor spec, L4 TDP"),
-    idle_w=assumed(16, "L4 idle, CALIBRATION.md"),
+    idle_w=assumed(16, "L4 idle, docs/calibration.md"),
     f_max_mhz=measured(2040, "vendor spec, L4 max SM clock"),
     f_min_mhz=assumed(1020, "half of max, as for H100"),
     clock_step_mhz=assumed(15, "same step as the other products"),

@@ -100,7 +100,7 @@ SENSITIVE = ("gamma", "beta_decode", "beta_prefill", "memory_power_share", "volt
 def apply_assumptions(
     profiles: Sequence[ServingProfile], settings: dict[str, float]
 ) -> tuple[ServingProfile, ...]:
-    """Profiles with assumed figures replaced (CALIBRATION.md's sensitivity option).
+    """Profiles with assumed figures replaced (docs/calibration.md: the sensitivity option).
 
     Keys: ``gamma``, ``beta_decode``, ``beta_prefill``, ``memory_power_share``,
     ``voltage_knee`` and ``bandwidth_clock`` (ratios of f_max, every product) (the clock
