@@ -13,11 +13,13 @@ from joulepool.extender.settings import Settings as ExtenderSettings
 from joulepool.fakes.settings import DevicePluginSettings, FakeEngineSettings
 from joulepool.nodeagent.settings import NodeAgentSettings
 from joulepool.operator.settings import OperatorSettings
+from joulepool.router.settings import Settings as RouterServiceSettings
 from joulepool.settings import ComponentSettings, SettingsError, add_arguments, load
 
 #: command, its settings model, a float/int setting, and a value the model rejects
 COMPONENTS = [
     ("extender", ExtenderSettings, "port", "70000"),
+    ("router", RouterServiceSettings, "port", "70000"),
     ("node-agent", NodeAgentSettings, "interval", "-1"),
     ("fake-engine", FakeEngineSettings, "port", "0"),
     ("device-plugin", DevicePluginSettings, "watch_interval", "0"),
