@@ -26,11 +26,19 @@ def _names() -> dict[str, str]:
     return out
 
 
-def _literals(path: Path) -> list[tuple[int, str]]:
-    found = []
+def _ports() -> dict[int, str]:
+    """port -> constant name, for the contract's ports."""
+    return {value: name for name, value in vars(contract).items()
+            if name.endswith("_PORT") and isinstance(value, int)}
+
+
+def _literals(path: Path) -> list[tuple[int, str | int]]:
+    found: list[tuple[int, str | int]] = []
     tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
     for tok in tokens:
-        if tok.type == tokenize.STRING:
+        if tok.type == tokenize.NUMBER and tok.string.isdigit():
+            found.append((tok.start[0], int(tok.string)))
+        elif tok.type == tokenize.STRING:
             try:
                 value = ast.literal_eval(tok.string)
             except (ValueError, SyntaxError):
@@ -40,9 +48,9 @@ def _literals(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-def test_no_shell_spells_a_contract_name() -> None:
-    names = _names()
-    assert "joulepool.dev/pool" in names and "nvidia.com/gpu" in names
+def test_no_shell_spells_a_contract_name_or_port() -> None:
+    names: dict[str | int, str] = {**_names(), **_ports()}
+    assert "joulepool.dev/pool" in names and "nvidia.com/gpu" in names and 8000 in names
     spelled = []
     for shell in SHELLS:
         for path in sorted((SRC / shell).rglob("*.py")) if (SRC / shell).is_dir() else []:
