@@ -36,10 +36,6 @@ RULES = ROOT / "charts" / "joulepool" / "files" / "prometheus-rules.yaml"
 PROMETHEUS = shutil.which("prometheus")
 PY = [sys.executable, "-c", "import sys; from joulepool.cli import main; sys.exit(main())"]
 POOL = "default.chat"
-#: dashboard queries over the node agent's per-pool counters (PoolMeter), which the
-#: agent does not feed yet (see docs/observability.md): evaluated, not required to have data
-NEEDS_POOL_METER = ("joulepool_pool_energy_joules_total", "joulepool_pool_carbon_grams_total",
-                    "joulepool_pool_output_tokens_total")
 
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
@@ -248,10 +244,6 @@ def test_prometheus_scrapes_every_component(stack: Stack) -> None:
 
 @pytest.mark.parametrize("expr", dashboard_queries())
 def test_every_dashboard_query_returns_data(stack: Stack, expr: str) -> None:
-    if any(m in expr for m in NEEDS_POOL_METER):
-        result = query(stack, expr)  # valid PromQL over the live server ...
-        assert isinstance(result, list)
-        pytest.xfail("the node agent does not feed PoolMeter yet: no per-pool series")
     result = wait_for(lambda: query(stack, expr), 40, f"data for {expr}", every=1.0)
     assert all(float(r["value"][1]) == float(r["value"][1]) for r in result)  # not NaN
 
@@ -266,6 +258,16 @@ def test_the_pool_shows_up_in_router_and_planner_series(stack: Stack) -> None:
     assert east and float(east[0]["value"][1]) == 250.0  # read from Prometheus itself
     clocks = query(stack, "joulepool_gpu_target_clock_mhz > 0")
     assert clocks, "the node agent locked the simulated GPUs' clocks"
+    # every joule the agent metered is some pool's or idle, none twice
+    metered = query(stack, "sum(joulepool_gpu_energy_joules_total)")
+    split = query(stack, "sum(joulepool_pool_energy_joules_total)"
+                         " + sum(joulepool_gpu_idle_energy_joules_total or vector(0))")
+    # (a scrape may land inside a control period: at most one period's energy, 0.2 s, apart)
+    watts = float(query(stack, "sum(joulepool_gpu_power_watts)")[0]["value"][1])
+    assert abs(float(split[0]["value"][1]) - float(metered[0]["value"][1])) <= 0.2 * watts + 1e-6
+    jpt = query(stack, f'sum(joulepool_pool_energy_joules_total{{pool="{POOL}"}})'
+                       f' / sum(joulepool_pool_output_tokens_total{{pool="{POOL}"}})')
+    assert 0 < float(jpt[0]["value"][1]) < 100  # J per output token of the fake engine
 
 
 def test_recording_rules_evaluate(stack: Stack) -> None:

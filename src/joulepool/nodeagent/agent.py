@@ -45,9 +45,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from joulepool.core.attribution import Work
 from joulepool.core.controllers import Direction, MIADController, SLOSignal
 from joulepool.core.device import DeviceInfo, GPUBackend, GPUError, GPUErrorKind
 from joulepool.core.estimators import (
@@ -61,6 +62,7 @@ from joulepool.nodeagent.background import Background
 from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
 from joulepool.nodeagent.metrics import AgentMetrics
 from joulepool.nodeagent.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
+from joulepool.nodeagent.poolmeter import PoolMeter
 from joulepool.nodeagent.publisher import Measurement, ProfilePublisher
 from joulepool.nodeagent.signals import EngineReading, SignalSource
 
@@ -145,6 +147,7 @@ class GPU:
     controller_params: tuple[float, float, float] | None = None
     power_w: float = 0.0
     sm_clock_mhz: float = 0.0
+    period_joules: float = 0.0  # metered since the pools were last credited
 
     @property
     def index(self) -> int:
@@ -184,6 +187,7 @@ class NodeAgent:
         self.plan: PlanSource = plan or NoPlan()
         self.publisher = publisher
         self.metrics = metrics or AgentMetrics(self.config.node)
+        self.pool_meter = PoolMeter(self.metrics.registry)
         self.monotonic = monotonic
         self.gpus: list[GPU] = []
         self.monitor_only = False
@@ -486,6 +490,7 @@ class NodeAgent:
                 d_j = trapezoid_energy_j(gpu.last_power_w or power_w, power_w, dt)
             self.metrics.energy.labels(*labels).inc(d_j)
             gpu.eps.update(d_j, tokens, dt)
+            gpu.period_joules += d_j
         gpu.last_t, gpu.last_energy_mj, gpu.last_power_w = now, energy_mj, power_w
         self.metrics.power.labels(*labels).set(power_w)
         self.metrics.sm_clock.labels(*labels).set(gpu.sm_clock_mhz)
@@ -609,6 +614,34 @@ class NodeAgent:
         self.last_tick = self.monotonic()
         self.ticks += 1
         self._maybe_publish()
+        self._meter_pools(by_gpu)
+
+    # ------------------------------------------------------------------ per-pool energy
+    def _meter_pools(self, by_gpu: Mapping[int, Sequence[EngineReading]]) -> None:
+        """Credit this period's GPU energy and new output tokens to the engines' pools,
+        models and site (PoolMeter; split rule in core.attribution)."""
+        doc = self.plan.current()
+        planned = doc.nodes.get(self.config.node) if doc is not None else None
+        site = planned.site if planned is not None else ""
+        carbon = getattr(self.policy, "carbon", None)
+        g_per_kwh = carbon(site) if carbon is not None and site else None
+        only = list(pools_on_node(doc, self.config.node)) if doc is not None else []
+        joules: dict[str, float] = {}
+        users: dict[str, list[Work]] = {}
+        engines: dict[str, tuple[Work, float]] = {}
+        for gpu in self.gpus:
+            joules[str(gpu.index)], gpu.period_joules = gpu.period_joules, 0.0
+            live = [r for r in by_gpu.get(gpu.index, ()) if not r.stale]
+            self.pool_meter.engines(self._labels(gpu), len(live))
+            users[str(gpu.index)] = []
+            for r in live:
+                pool = r.pool or (only[0] if len(only) == 1 else "unknown")
+                work = Work(pool, r.model or gpu.model or "unknown", site)
+                users[str(gpu.index)].append(work)
+                engines[r.engine] = (work, r.tokens if r.fresh else 0.0)
+        self.pool_meter.record(joules, users, site, g_per_kwh)
+        for work, tokens in engines.values():
+            self.pool_meter.tokens(work, tokens)
 
     # ------------------------------------------------------------------ publication
     def measurements(self) -> list[Measurement]:

@@ -152,6 +152,16 @@ class PolicySource(Protocol):
     def miad(self) -> MIADSpec | None: ...
 
 
+def site_intensities(policy: EnergyPolicy) -> dict[str, float]:
+    """gCO2/kWh per site now: static entries of the spec, then what the operator resolved
+    for live sources (``status.carbon``)."""
+    out = {c.site: c.values()[0] for c in policy.spec.carbon if c.source is None}
+    for s in policy.status.carbon if policy.status is not None else ():
+        if s.grams_per_kwh is not None:
+            out[s.site] = s.grams_per_kwh
+    return out
+
+
 class EnergyPolicySource:
     """``EnergyPolicy/default`` (cluster scoped) via CustomObjectsApi, refreshed periodically."""
 
@@ -162,11 +172,16 @@ class EnergyPolicySource:
         self.refresh_s = refresh_s
         self.monotonic = monotonic
         self._miad: MIADSpec | None = None
+        self._carbon: dict[str, float] = {}
         self._next = 0.0
         self._warned = False
 
     def miad(self) -> MIADSpec | None:
         return self._miad
+
+    def carbon(self, site: str) -> float | None:
+        """The site's grid intensity now (gCO2/kWh), None when the policy gives none."""
+        return self._carbon.get(site)
 
     def _read(self) -> dict[str, Any] | None:
         if self._api is None:
@@ -189,7 +204,9 @@ class EnergyPolicySource:
         self._next = now + self.refresh_s
         try:
             obj = await asyncio.to_thread(self._read)
-            self._miad = EnergyPolicy.model_validate(obj).spec.miad if obj else None
+            policy = EnergyPolicy.model_validate(obj) if obj else None
+            self._miad = policy.spec.miad if policy is not None else None
+            self._carbon = site_intensities(policy) if policy is not None else {}
             self._warned = False
         except Exception as exc:  # unreadable or invalid: keep the last parameters
             if not self._warned:
