@@ -87,6 +87,9 @@ class FakeGrid:
             return web.Response(body=b"\x00\xffnot json<html>", content_type="text/html")
         if mode == "wrongshape":
             return web.json_response({"unexpected": [1, 2, 3]})
+        if mode == "huge":
+            return web.Response(body=b"[" + b"1," * (3 << 20) + b"1]",
+                                content_type="application/json")
         if mode == "slow":
             await asyncio.sleep(30)
         return None

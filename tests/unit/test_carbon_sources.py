@@ -183,6 +183,7 @@ async def test_prometheus_query_for_on_site_meters_with_unit(grid):
 # ------------------------------------------------------------ failures
 @pytest.mark.parametrize("mode,reason", [
     ("500", "http"), ("garbage", "garbage"), ("wrongshape", "garbage"), ("401", "auth"),
+    ("huge", "garbage"),
 ])
 async def test_failures_are_status_and_metric_never_exceptions(grid, mode, reason):
     fake, url = grid

@@ -21,6 +21,8 @@ ObjectReader = Callable[[str], Awaitable[Mapping[str, Any] | None]]
 
 #: a Retry-After larger than this is treated as this (seconds)
 MAX_RETRY_AFTER_S = 3600.0
+#: the largest answer read (a 24 h forecast at 5-minute points is ~30 KiB)
+MAX_BODY_BYTES = 4 << 20
 
 
 class SourceError(Exception):
@@ -107,7 +109,9 @@ async def get_json(
     try:
         async with ctx.session.get(url, params=params, headers=headers,
                                    timeout=timeout, allow_redirects=False) as resp:
-            body = await resp.read()
+            body = await resp.content.read(MAX_BODY_BYTES + 1)
+            if len(body) > MAX_BODY_BYTES:
+                raise SourceError("garbage", f"{url}: answer larger than {MAX_BODY_BYTES} bytes")
             if resp.status == 429:
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))
                 raise RateLimited(wait if wait is not None else 0.0,
