@@ -81,6 +81,8 @@ async def test_carbon_aware_sdk_forecast_becomes_the_planning_series(grid):
     assert fake.requests[0][1] == {"location": "eastus"}
     (status,) = res.statuses
     assert status.signal == "average" and not status.stale and status.horizon_seconds == 900
+    assert status.message == ("data cover 15 of the planning window's 30 min ahead; "
+                              "the last value holds")
     assert [c.status for c in res.conditions] == ["True", "True"]
     assert metric(feed, "joulepool_carbon_intensity_grams_per_kwh", site="east") == 400.0
 

@@ -264,6 +264,10 @@ class CarbonFeed:
         if not fresh and not message:
             message = ("no data yet" if st.last_success_s is None
                        else "data older than staleAfterSeconds")
+        window_end = start + policy.step_seconds * policy.window_steps
+        if fresh and not message and now_s + horizon < window_end:
+            message = (f"data cover {horizon / 60:.0f} of the planning window's "
+                       f"{(window_end - now_s) / 60:.0f} min ahead; the last value holds")
         status = SiteCarbonStatus.model_validate({
             "site": site, "provider": source.provider,
             "signal": reading.signal if reading is not None else signal_of(source),
