@@ -262,7 +262,8 @@ def test_the_pool_shows_up_in_router_and_planner_series(stack: Stack) -> None:
     metered = query(stack, "sum(joulepool_gpu_energy_joules_total)")
     split = query(stack, "sum(joulepool_pool_energy_joules_total)"
                          " + sum(joulepool_gpu_idle_energy_joules_total or vector(0))")
-    # (a scrape may land inside a control period: at most one period's energy, 0.2 s, apart)
+    # (credited in the same step as the GPU counter; the slack only covers a scrape
+    # racing the agent between the two increments)
     watts = float(query(stack, "sum(joulepool_gpu_power_watts)")[0]["value"][1])
     assert abs(float(split[0]["value"][1]) - float(metered[0]["value"][1])) <= 0.2 * watts + 1e-6
     jpt = query(stack, f'sum(joulepool_pool_energy_joules_total{{pool="{POOL}"}})'

@@ -68,7 +68,6 @@ async def test_pool_carbon_uses_the_sites_intensity():
 
     rig = Rig(count=1)
     rig.agent.policy = Policy()
-    rig.agent._meter_pools({})  # nothing yet
     from joulepool.api.plan import PlanDocument, PlannedNode
 
     doc = PlanDocument(nodes={"n1": PlannedNode(site="east", product="H100", gpus=1)})

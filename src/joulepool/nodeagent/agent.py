@@ -147,7 +147,7 @@ class GPU:
     controller_params: tuple[float, float, float] | None = None
     power_w: float = 0.0
     sm_clock_mhz: float = 0.0
-    period_joules: float = 0.0  # metered since the pools were last credited
+    work: tuple[Work, ...] = ()  # pool, model and site of each engine using it this period
 
     @property
     def index(self) -> int:
@@ -188,6 +188,9 @@ class NodeAgent:
         self.publisher = publisher
         self.metrics = metrics or AgentMetrics(self.config.node)
         self.pool_meter = PoolMeter(self.metrics.registry)
+        self._site = ""
+        self._g_per_kwh: float | None = None
+        self._only_pool: str | None = None
         self.monotonic = monotonic
         self.gpus: list[GPU] = []
         self.monitor_only = False
@@ -490,7 +493,9 @@ class NodeAgent:
                 d_j = trapezoid_energy_j(gpu.last_power_w or power_w, power_w, dt)
             self.metrics.energy.labels(*labels).inc(d_j)
             gpu.eps.update(d_j, tokens, dt)
-            gpu.period_joules += d_j
+            # credited with the GPU's own counter, so a scrape never sees one without the other
+            self.pool_meter.record({str(gpu.index): d_j}, {str(gpu.index): list(gpu.work)},
+                                   self._site, self._g_per_kwh)
         gpu.last_t, gpu.last_energy_mj, gpu.last_power_w = now, energy_mj, power_w
         self.metrics.power.labels(*labels).set(power_w)
         self.metrics.sm_clock.labels(*labels).set(gpu.sm_clock_mhz)
@@ -596,6 +601,7 @@ class NodeAgent:
                        "plan / policy refresh is slow; controlling with the last good copy")
         readings = await self.source.read(t)
         by_gpu = self._assign(readings)
+        self._locate()
         for gpu in self.gpus:
             if gpu.lost:
                 await self._probe_lost(gpu, t)
@@ -604,6 +610,7 @@ class NodeAgent:
             rs = by_gpu.get(gpu.index, [])
             fresh = [r for r in rs if r.fresh]
             gpu.model = self._model(rs) or gpu.model
+            gpu.work = self._work(gpu, rs)
             try:
                 await self._measure(gpu, t, sum(r.tokens for r in fresh))
             except GPUError as exc:
@@ -614,32 +621,37 @@ class NodeAgent:
         self.last_tick = self.monotonic()
         self.ticks += 1
         self._maybe_publish()
-        self._meter_pools(by_gpu)
+        self._count_tokens(by_gpu)
 
     # ------------------------------------------------------------------ per-pool energy
-    def _meter_pools(self, by_gpu: Mapping[int, Sequence[EngineReading]]) -> None:
-        """Credit this period's GPU energy and new output tokens to the engines' pools,
-        models and site (PoolMeter; split rule in core.attribution)."""
+    def _locate(self) -> None:
+        """This node's site (from the plan) and its grid intensity now (from the policy)."""
         doc = self.plan.current()
         planned = doc.nodes.get(self.config.node) if doc is not None else None
-        site = planned.site if planned is not None else ""
+        self._site = planned.site if planned is not None else ""
         carbon = getattr(self.policy, "carbon", None)
-        g_per_kwh = carbon(site) if carbon is not None and site else None
-        only = list(pools_on_node(doc, self.config.node)) if doc is not None else []
-        joules: dict[str, float] = {}
-        users: dict[str, list[Work]] = {}
+        self._g_per_kwh = carbon(self._site) if carbon is not None and self._site else None
+        self._only_pool = None
+        if doc is not None:
+            pools = list(pools_on_node(doc, self.config.node))
+            self._only_pool = pools[0] if len(pools) == 1 else None
+
+    def _work(self, gpu: GPU, readings: Sequence[EngineReading]) -> tuple[Work, ...]:
+        """Pool, model and site of each live engine on ``gpu`` (PoolMeter's split rule)."""
+        return tuple(
+            Work(r.pool or self._only_pool or "unknown", r.model or gpu.model or "unknown",
+                 self._site)
+            for r in readings if not r.stale)
+
+    def _count_tokens(self, by_gpu: Mapping[int, Sequence[EngineReading]]) -> None:
+        """New output tokens per engine (once, however many GPUs it spans) and engines
+        per GPU, for PoolMeter; GPU energy is credited as it is metered (``_measure``)."""
         engines: dict[str, tuple[Work, float]] = {}
         for gpu in self.gpus:
-            joules[str(gpu.index)], gpu.period_joules = gpu.period_joules, 0.0
             live = [r for r in by_gpu.get(gpu.index, ()) if not r.stale]
             self.pool_meter.engines(self._labels(gpu), len(live))
-            users[str(gpu.index)] = []
-            for r in live:
-                pool = r.pool or (only[0] if len(only) == 1 else "unknown")
-                work = Work(pool, r.model or gpu.model or "unknown", site)
-                users[str(gpu.index)].append(work)
+            for r, work in zip(live, self._work(gpu, live), strict=True):
                 engines[r.engine] = (work, r.tokens if r.fresh else 0.0)
-        self.pool_meter.record(joules, users, site, g_per_kwh)
         for work, tokens in engines.values():
             self.pool_meter.tokens(work, tokens)
 
