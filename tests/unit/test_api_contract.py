@@ -23,6 +23,8 @@ def _names() -> dict[str, str]:
     for name, value in vars(contract).items():
         if name.isupper() and isinstance(value, str) and ("/" in value or "." in value):
             out[value] = name
+    for name in ("INFERENCEPOOLS", "GPUPROFILES", "ENERGYPOLICIES"):  # plural resource names
+        out[getattr(contract, name)] = name
     return out
 
 

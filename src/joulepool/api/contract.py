@@ -8,8 +8,16 @@ in :mod:`joulepool.api.vllm`; the plan ConfigMap's name and key in
 
 from __future__ import annotations
 
-# -- API group and finalizer -------------------------------------------------
+# -- API group, version, resources and finalizer ------------------------------
 GROUP = "joulepool.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+#: plural resource names of the three kinds (URLs, RBAC rules, CRD names)
+INFERENCEPOOLS = "inferencepools"
+GPUPROFILES = "gpuprofiles"
+ENERGYPOLICIES = "energypolicies"
+#: the one EnergyPolicy joulepool uses (cluster scoped)
+POLICY_NAME = "default"
 #: finalizer the operator puts on InferencePools it manages
 FINALIZER = "joulepool.dev/finalizer"
 

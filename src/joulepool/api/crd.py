@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from joulepool.api.contract import ENERGYPOLICIES, GPUPROFILES, INFERENCEPOOLS
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, GPUProfile, InferencePool
 
 _DROP = {"title", "discriminator"}
@@ -92,7 +93,7 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 _CRDS: list[dict[str, Any]] = [
     {
-        "model": InferencePool, "plural": "inferencepools", "singular": "inferencepool",
+        "model": InferencePool, "plural": INFERENCEPOOLS, "singular": "inferencepool",
         "scope": "Namespaced", "short": ["jpool"], "categories": ["joulepool"],
         "columns": [
             {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
@@ -106,7 +107,7 @@ _CRDS: list[dict[str, Any]] = [
         ],
     },
     {
-        "model": GPUProfile, "plural": "gpuprofiles", "singular": "gpuprofile",
+        "model": GPUProfile, "plural": GPUPROFILES, "singular": "gpuprofile",
         "scope": "Cluster", "short": ["gpuprof"], "categories": ["joulepool"],
         "columns": [
             {"name": "Product", "type": "string", "jsonPath": ".spec.product"},
@@ -116,7 +117,7 @@ _CRDS: list[dict[str, Any]] = [
         ],
     },
     {
-        "model": EnergyPolicy, "plural": "energypolicies", "singular": "energypolicy",
+        "model": EnergyPolicy, "plural": ENERGYPOLICIES, "singular": "energypolicy",
         "scope": "Cluster", "short": ["epol"], "categories": ["joulepool"],
         "columns": [
             {"name": "Objective", "type": "string", "jsonPath": ".spec.objective"},

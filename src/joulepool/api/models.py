@@ -13,15 +13,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# the API group and version are part of the contract; re-exported for the models' users
+from joulepool.api.contract import API_VERSION as API_VERSION
+from joulepool.api.contract import GROUP as GROUP
+from joulepool.api.contract import VERSION as VERSION
 from joulepool.core.classes import SLO, Tier
 from joulepool.core.controllers import MIADController, PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
 from joulepool.core.planner import DEFAULT_MIP_REL_GAP
 from joulepool.core.profiles import DEFAULT_BETA_DECODE, DEFAULT_BETA_PREFILL, DEFAULT_GAMMA
-
-GROUP = "joulepool.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
 
 Objective = Literal["energy", "carbon"]
 

@@ -15,12 +15,12 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from joulepool.api.contract import ENERGYPOLICIES, POLICY_NAME
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, EnergyPolicySpec
 
 log = logging.getLogger("joulepool.kube.policy")
 
 #: the only EnergyPolicy joulepool uses
-POLICY_NAME = "default"
 #: bound on one API call, seconds
 API_TIMEOUT_S = 10.0
 
@@ -41,7 +41,7 @@ class EnergyPolicyPoller:
     def _read(self) -> dict[str, Any] | None:
         try:
             obj = self.api.get_cluster_custom_object(
-                GROUP, VERSION, "energypolicies", self.name, _request_timeout=API_TIMEOUT_S)
+                GROUP, VERSION, ENERGYPOLICIES, self.name, _request_timeout=API_TIMEOUT_S)
         except Exception as exc:
             if getattr(exc, "status", None) == 404:
                 return None

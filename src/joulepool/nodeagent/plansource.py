@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from joulepool.api.contract import ENERGYPOLICIES
 from joulepool.api.models import GROUP, VERSION, EnergyPolicy, MIADSpec
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument, PlannedPool
 from joulepool.nodeagent.background import API_TIMEOUT
@@ -189,7 +190,7 @@ class EnergyPolicySource:
 
             self._api = client.CustomObjectsApi()
         try:
-            obj = self._api.get_cluster_custom_object(GROUP, VERSION, "energypolicies", self.name,
+            obj = self._api.get_cluster_custom_object(GROUP, VERSION, ENERGYPOLICIES, self.name,
                                                       _request_timeout=API_TIMEOUT)
         except Exception as exc:
             if getattr(exc, "status", None) == 404:

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from joulepool.api.contract import GPUPROFILES
 from joulepool.api.models import GROUP, VERSION, MeasuredProfile
 from joulepool.core.profiles import product_for_label
 from joulepool.nodeagent.background import API_TIMEOUT
 
 log = logging.getLogger("joulepool.nodeagent.publisher")
 
-PLURAL = "gpuprofiles"
+PLURAL = GPUPROFILES
 
 
 @dataclass(frozen=True)

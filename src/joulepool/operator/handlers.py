@@ -26,7 +26,7 @@ from typing import Any
 
 import kopf
 
-from joulepool.api.contract import POOL_LABEL
+from joulepool.api.contract import ENERGYPOLICIES, GPUPROFILES, INFERENCEPOOLS, POOL_LABEL
 from joulepool.api.load import ResourceError
 from joulepool.api.models import GROUP, VERSION
 from joulepool.operator.config import OperatorConfig
@@ -44,9 +44,9 @@ from joulepool.operator.resources import (
 
 log = logging.getLogger("joulepool.operator.handlers")
 
-POOLS = (GROUP, VERSION, "inferencepools")
-PROFILES = (GROUP, VERSION, "gpuprofiles")
-POLICIES = (GROUP, VERSION, "energypolicies")
+POOLS = (GROUP, VERSION, INFERENCEPOOLS)
+PROFILES = (GROUP, VERSION, GPUPROFILES)
+POLICIES = (GROUP, VERSION, ENERGYPOLICIES)
 NODES = ("v1", "nodes")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 OWNED: dict[str, Any] = {

@@ -44,10 +44,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from joulepool.api.contract import (
+    API_VERSION,
+    ENERGYPOLICIES,
+    GPUPROFILES,
+    INFERENCEPOOLS,
     LATEST_PLAN_FEASIBLE_ANNOTATION,
     LATEST_PLAN_MESSAGE_ANNOTATION,
     MANAGED_BY,
     MANAGED_BY_LABEL,
+    POLICY_NAME,
     RELEASE_RETRY_ANNOTATION,
 )
 from joulepool.api.load import ResourceError, profile_from_resource
@@ -87,7 +92,6 @@ from joulepool.pooling import (
 
 log = logging.getLogger("joulepool.operator.planning")
 
-POLICY_NAME = "default"
 
 
 def index_values(index: Mapping[Any, Iterable[Any]] | None) -> Iterator[Any]:
@@ -97,12 +101,12 @@ def index_values(index: Mapping[Any, Iterable[Any]] | None) -> Iterator[Any]:
 
 #: the indexed resources whose objects can vanish during a watch gap (see :mod:`.listings`)
 LISTED = {
-    "pools": Listed("pools", "joulepool.dev/v1alpha1", "inferencepools", namespaced=True),
+    "pools": Listed("pools", API_VERSION, INFERENCEPOOLS, namespaced=True),
     "nodes": Listed("nodes", "v1", "nodes"),
     "deployments": Listed("deployments", "apps/v1", "deployments", namespaced=True,
                           label_selector=f"{MANAGED_BY_LABEL}={MANAGED_BY}"),
-    "profiles": Listed("profiles", "joulepool.dev/v1alpha1", "gpuprofiles"),
-    "policies": Listed("policies", "joulepool.dev/v1alpha1", "energypolicies"),
+    "profiles": Listed("profiles", API_VERSION, GPUPROFILES),
+    "policies": Listed("policies", API_VERSION, ENERGYPOLICIES),
 }
 
 
@@ -333,7 +337,7 @@ class Planner:
             uid, since = self._waiting_since.setdefault(k, (e.uid, now))
             if now - since < self.config.release_retry_seconds:
                 continue
-            path = path_for("joulepool.dev/v1alpha1", "inferencepools", e.namespace, e.name)
+            path = path_for(API_VERSION, INFERENCEPOOLS, e.namespace, e.name)
             touch = {"metadata": {"annotations": {RELEASE_RETRY_ANNOTATION: _iso_now()}}}
             try:
                 await self.client.patch(path, touch)
@@ -633,7 +637,7 @@ class Planner:
         body = policy_status(resolved, self._policy_status, now)
         if body == self._policy_status:
             return
-        path = path_for("joulepool.dev/v1alpha1", "energypolicies", None, POLICY_NAME, "status")
+        path = path_for(API_VERSION, ENERGYPOLICIES, None, POLICY_NAME, "status")
         try:
             await self.client.patch(path, {"status": body})
         except ApiError as exc:
@@ -717,7 +721,7 @@ class Planner:
                     final = with_times(_copy(base), current.get("status") or {}, now, force)
                 return status_patch(final)
 
-            path = path_for("joulepool.dev/v1alpha1", "inferencepools", entry.namespace,
+            path = path_for(API_VERSION, INFERENCEPOOLS, entry.namespace,
                             entry.name, "status")
             async with sem:
                 try:

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from joulepool.api.contract import COMPONENT_LABEL, DEFAULT_NAMESPACE, GROUP, NAME_LABEL
+from joulepool.api.contract import (
+    COMPONENT_LABEL,
+    DEFAULT_NAMESPACE,
+    ENERGYPOLICIES,
+    GPUPROFILES,
+    GROUP,
+    INFERENCEPOOLS,
+    NAME_LABEL,
+)
 
 #: ClusterRole rules: pools, Deployments and Events live in any watched namespace;
 #: nodes and joulepool's cluster-scoped resources are cluster-wide.
@@ -19,7 +27,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     # re-reads one (get) after a 409 on its status patch.
     {
         "apiGroups": [GROUP],
-        "resources": ["inferencepools"],
+        "resources": [INFERENCEPOOLS],
         "verbs": ["get", "list", "watch", "patch"],
     },
     # The planning loop writes every pool's status (merge patch).
@@ -37,7 +45,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     # Read only, kept in kopf indexes: never written, never fetched one by one.
     {
         "apiGroups": [GROUP],
-        "resources": ["gpuprofiles", "energypolicies"],
+        "resources": [GPUPROFILES, ENERGYPOLICIES],
         "verbs": ["list", "watch"],
     },
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
