@@ -144,6 +144,13 @@ class Scenario:
             return obj
         return wait_for(check, timeout, what=f"pool {name} planned ({replicas}, {reason})")  # type: ignore[no-any-return]
 
+    def infeasible(self, name: str) -> dict[str, Any] | None:
+        """The pool once it says Infeasible=True."""
+        self.alive()
+        obj = self.pool(name)
+        cond = condition(obj, "Infeasible")
+        return obj if cond is not None and cond["status"] == "True" else None
+
     def release_all(self) -> None:
         """Delete every pool of the scenario and wait until the operator released them."""
         for p in self.pools():

@@ -105,3 +105,95 @@ def test_deployment_the_api_rejects_is_a_condition_not_planned(scenario: Scenari
         {"name": "engine", "image": "vllm/vllm-openai:v0.6.0"}]}}}})
     s.planned("chat", replicas=1, timeout=90)
     wait_for(s.deployments, what="the Deployment")
+
+
+def test_two_modes_each_on_its_own_node(scenario: Scenario) -> None:
+    s = scenario
+    h100, a100 = s.node("h100", "H100", gpus=2), s.node("a100", "A100", gpus=8)
+    s.create_pool("chat", rps=40)  # two H100 instances and the rest on A100
+    obj = s.planned("chat")
+    modes = {a["mode"] for a in obj["status"]["assignments"]}
+    assert modes == {"1xH100", "1xA100"}
+    per_node = planned_per_node(obj)
+    assert set(per_node) == {h100, a100}
+    deps = wait_for(lambda: (d := s.deployments()) and len(d) == 2 and d, what="2 Deployments")
+    assert {d.metadata.labels["joulepool.dev/mode"] for d in deps.values()} == modes
+    assert wait_for(lambda: s.shares_hold("chat"), what="shares") == per_node
+
+
+def test_infeasible_demand_is_served_partially_and_said(scenario: Scenario) -> None:
+    """Infeasible demand says so (Infeasible=True, UnmetDemand, Planned=False). While an
+    earlier feasible plan is in force (an earlier scenario's) the pool waits for a
+    feasible plan; otherwise the best partial plan serves it, on every GPU there is."""
+    s = scenario
+    node = s.node("h100", gpus=2)
+    s.create_pool("chat", rps=400)  # far beyond two GPUs
+    obj = wait_for(lambda: s.infeasible("chat"), what="chat infeasible")
+    assert condition(obj, "Infeasible")["reason"] == "UnmetDemand"  # type: ignore[index]
+    planned = condition(obj, "Planned")
+    assert planned is not None and planned["status"] == "False"
+    assert planned["reason"] in ("PartiallyPlanned", "NoFeasiblePlan")
+    if planned["reason"] == "PartiallyPlanned":
+        assert planned_per_node(obj) == {node: 2}
+        assert wait_for(lambda: s.shares_hold("chat"), what="partial plan bound") == {node: 2}
+    else:
+        assert not planned_per_node(obj) and not s.pods_per_node("chat")
+
+
+def test_pool_deletion_releases_its_gpus_and_deployments(scenario: Scenario) -> None:
+    s = scenario
+    node = s.node("h100", gpus=2)
+    s.create_pool("chat", rps=20)
+    s.planned("chat", replicas=2)
+    wait_for(s.deployments, what="Deployment")
+    s.create_pool("rag", rps=20)  # no room left: waits for chat's GPUs
+    wait_for(lambda: s.infeasible("rag"), what="rag waiting for GPUs")
+    s.delete_pool("chat")
+    wait_for(lambda: s.pool("chat") is None, what="chat released")
+    obj = s.planned("rag", replicas=2, reason="Planned")
+    assert planned_per_node(obj) == {node: 2}
+    wait_for(lambda: all(n.startswith("rag-") for n in s.deployments()),
+             what="chat's Deployments gone")
+    assert wait_for(lambda: s.shares_hold("rag"), what="rag bound") == {node: 2}
+    assert not s.pods_per_node("chat")
+
+
+def test_node_not_ready_then_deleted_moves_the_plan(scenario: Scenario) -> None:
+    s = scenario
+    a, b = s.node("h100-a", gpus=2), s.node("h100-b", gpus=2)
+    s.create_pool("chat", rps=40)
+    s.planned("chat", replicas=4)
+    assert wait_for(lambda: s.shares_hold("chat"), what="shares") == {a: 2, b: 2}
+    s.cp.set_node_ready(b, False)
+    obj = s.planned("chat", reason="PartiallyPlanned")
+    assert planned_per_node(obj) == {a: 2}
+    # b's Deployment is scaled to 0 (never deleted while the plan is infeasible)
+    assert wait_for(lambda: s.shares_hold("chat"), what="pods off b") == {a: 2}
+    s.cp.delete_nodes([b])
+    c = s.node("h100-c", gpus=2)
+    obj = s.planned("chat", replicas=4, reason="Planned")
+    assert planned_per_node(obj) == {a: 2, c: 2}
+    assert wait_for(lambda: s.shares_hold("chat"), what="shares on a and c") == {a: 2, c: 2}
+
+
+def test_operator_restart_mid_way_resumes(scenario: Scenario) -> None:
+    """Stopped with a pool planned; demand changed and a pool added while it is down; the
+    restarted operator plans both and the plan version continues."""
+    s = scenario
+    s.node("h100", gpus=8)
+    s.create_pool("chat", rps=4)
+    s.planned("chat", replicas=1)
+    before = s.cp.core.read_namespaced_config_map("joulepool-plan", "joulepool-system")
+    s.op.stop()
+    try:
+        s.patch_pool("chat", {"spec": {"demand": {"requestsPerSecond": 40}}})
+        s.create_pool("rag", rps=4)
+    finally:
+        s.op.start()
+    s.planned("chat", replicas=4)
+    s.planned("rag", replicas=1)
+    after = s.cp.core.read_namespaced_config_map("joulepool-plan", "joulepool-system")
+    version = "joulepool.dev/plan-version"
+    assert int(after.metadata.annotations[version]) > int(before.metadata.annotations[version])
+    assert wait_for(lambda: s.shares_hold("chat"), what="chat bound")
+    assert wait_for(lambda: s.shares_hold("rag"), what="rag bound")
