@@ -46,7 +46,10 @@ def test_cli_routes_from_files_and_stops_on_sigterm(tmp_path: Path) -> None:
             data=json.dumps({"pool": "default.chat", "outputTokens": 10}).encode(),
             headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
-            assert json.loads(resp.read())["endpoint"] == "10.0.0.9:8000"
+            out = json.loads(resp.read())
+        assert out["endpoint"] == "10.0.0.9:8000"
+        # least-loaded has no energy term: null, not a made-up number
+        assert out["cost"]["energyJoules"] is None and out["cost"]["total"] == 1.0
         with urllib.request.urlopen(base + "/v1/pools", timeout=10) as resp:
             pools = json.loads(resp.read())["pools"]
         assert pools["default.chat"]["routing"] == "least-loaded"  # from the environment

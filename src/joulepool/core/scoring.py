@@ -34,6 +34,8 @@ pool with :func:`routing_profile`.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
@@ -105,8 +107,7 @@ class EndpointState:
         return int(self.tps.size)
 
 
-@dataclass(frozen=True, slots=True)
-class Scores:
+class Scores(NamedTuple):
     """A scorer's verdict: ``cost`` per endpoint (lower is better; NaN/inf: cannot serve),
     ``eta_s`` the tie-break among equal costs (None: index order), and the JouleSched
     terms where the scorer computed them (for the decision's explanation)."""
@@ -133,9 +134,13 @@ class Scorer(Protocol):
 
 
 class Picker(Protocol):
-    """The ``k`` best endpoint indices, best first, from the (summed) scores."""
+    """The ``k`` best endpoint indices, best first, from the (summed) scores.
+
+    A picker with ``reads_scores = False`` (round-robin) is handed zero costs and
+    the profile skips its scorers."""
 
     name: ClassVar[str]
+    reads_scores: ClassVar[bool]
 
     def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]: ...
 
@@ -165,7 +170,8 @@ class LeastLoadedScorer:
     name: ClassVar[str] = "least-loaded"
 
     def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
-        return Scores((endpoints.outstanding + 1.0) * endpoints.inv_capacity)
+        cost = np.add(endpoints.outstanding, 1.0)
+        return Scores(np.multiply(cost, endpoints.inv_capacity, out=cost))
 
 
 class LowestCostPicker:
@@ -174,6 +180,7 @@ class LowestCostPicker:
     ``hard_deadline``, endpoints predicted on time rank before late ones."""
 
     name: ClassVar[str] = "lowest-cost"
+    reads_scores: ClassVar[bool] = True
 
     def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]:
         if scores.breakdown is not None:
@@ -181,9 +188,10 @@ class LowestCostPicker:
         cost = scores.cost
         if cost.size == 0 or k <= 0:
             return []
-        if k == 1:
+        if k == 1 and scores.eta_s is None:
             best = int(cost.argmin())  # first on ties; argmin returns a NaN if any
-            return [best] if np.isfinite(cost[best]) else _ranked(cost, scores.eta_s, 1)
+            if math.isfinite(cost[best]):
+                return [best]
         return _ranked(cost, scores.eta_s, k)
 
 
@@ -200,6 +208,7 @@ class RoundRobinPicker:
     fallbacks; scores are not read."""
 
     name: ClassVar[str] = "round-robin"
+    reads_scores: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.turn = 0
@@ -210,6 +219,8 @@ class RoundRobinPicker:
             return []
         first = self.turn % n
         self.turn += 1
+        if k == 1:
+            return [first]
         return [(first + j) % n for j in range(min(k, n))]
 
 
@@ -219,7 +230,7 @@ class NoScorer:
     name: ClassVar[str] = "none"
 
     def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
-        return Scores(np.zeros(len(endpoints)))
+        return _zero_scores(len(endpoints))
 
 
 # --------------------------------------------------------------------------
@@ -248,8 +259,18 @@ class RoutingProfile:
     def pick(self, request: RequestInfo, endpoints: EndpointState, k: int = 1
              ) -> tuple[list[int], Scores]:
         """The ``k`` best endpoints, best first, and the scores they were picked by."""
-        scores = self.scores(request, endpoints)
+        if self.picker.reads_scores:
+            scores = self.scores(request, endpoints)
+        else:
+            scores = _zero_scores(len(endpoints))
         return self.picker.pick(request, scores, k), scores
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_scores(n: int) -> Scores:
+    cost = np.zeros(n)
+    cost.flags.writeable = False  # shared between calls
+    return Scores(cost)
 
 
 def _weighted(request: RequestInfo, endpoints: EndpointState,

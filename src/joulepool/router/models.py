@@ -6,6 +6,7 @@ that does not validate is a 400 naming the field.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,8 +49,13 @@ class CompleteRequest(BaseModel):
 
 
 
+def _number(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def decision_to_wire(d: RouteDecision) -> dict[str, Any]:
-    """The ``/v1/route`` response body."""
+    """The ``/v1/route`` response body; cost terms the routing profile does not compute
+    (e.g. energy under ``least-loaded``) are null."""
     return {
         "pool": d.pool,
         "endpoint": d.endpoint,
@@ -58,10 +64,10 @@ def decision_to_wire(d: RouteDecision) -> dict[str, Any]:
         "tier": str(d.tier),
         "deadlineSeconds": d.deadline_s,
         "cost": {
-            "energyJoules": d.energy_j,
-            "slackSeconds": d.slack_s,
+            "energyJoules": _number(d.energy_j),
+            "slackSeconds": _number(d.slack_s),
             "lambda": d.lam,
-            "etaSeconds": d.eta_s,
+            "etaSeconds": _number(d.eta_s),
             "total": d.cost,
         },
     }
