@@ -22,7 +22,9 @@ crash costs the time to restart: all state is rebuilt from the API server
 continues from the published ConfigMap).
 
 Modules: :mod:`.rbac` (the RBAC rules, one place), :mod:`.config`,
-:mod:`.kube` (client for the operator's own writes, with retries),
-:mod:`.resources` (pure translations), :mod:`.planning` (the loop),
-:mod:`.handlers` (kopf), :mod:`.app` (assembly), :mod:`.cli`.
+:mod:`.kube` (client for the operator's own writes, with retries and
+server-side apply), :mod:`.resources` (pure translations), :mod:`.deployments`
+(which Deployments to apply, delete or scale to 0), :mod:`.listings` (objects
+deleted while a watch was down), :mod:`.planning` (the loop), :mod:`.handlers`
+(kopf, module-level, typed memo), :mod:`.app` (assembly), :mod:`.cli`.
 """

@@ -49,8 +49,9 @@ CLUSTER_RULES: list[dict[str, Any]] = [
         "verbs": ["list", "watch"],
     },
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
-    # The serving Deployments (owned by their pool): watched for readiness, created,
-    # patched (replicas, template), deleted when no longer planned; get re-reads after a 409.
+    # The serving Deployments (owned by their pool): watched for readiness, listed after a
+    # watch gap, written by server-side apply (patch; create when the apply creates one),
+    # scaled to 0 (patch), deleted when no longer planned; get re-reads after a 409.
     {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
