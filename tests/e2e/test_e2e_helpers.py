@@ -22,12 +22,15 @@ def test_metric_names_are_the_node_agents() -> None:
     m = metrics.AgentMetrics("node-a")
     labels = m.gpu(0, "H100")
     m.decisions.labels(*labels, "down").inc(3)
-    m.energy.labels(*labels).inc(12.5)
-    m.target_clock.labels(*labels).set(1500)
+    m.gpu_samples = lambda: [metrics.GPUSample(
+        ("0", "GPU-1", "NVIDIA H100 80GB HBM3", "H100", "node-a", "", "", ""), 700.0, 12.5,
+        1.98e9)]
+    m.target_clock.labels(*labels).set(1.5e9)
     text = m.render().decode()
     assert metric_sum(text, "joulepool_miad_decisions_total") == 3
     assert metric_sum(text, "joulepool_gpu_energy_joules_total") == 12.5
-    assert metric_sum(text, "joulepool_gpu_target_clock_mhz") == 1500
+    assert metric_sum(text, "joulepool_gpu_target_clock_hertz") == 1.5e9
+    assert metric_sum(text, "joulepool_gpu_sm_clock_hertz") == 1.98e9
     assert metric_sum(text, "joulepool_sidecar_monitor_only") == 0
 
 

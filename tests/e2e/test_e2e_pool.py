@@ -219,7 +219,7 @@ def test_node_agents_make_clock_decisions(run: PoolRun) -> None:
 
         text = wait_for(f"MIAD decisions on {node}", decided, timeout=90)
         assert metric_sum(text, "joulepool_gpu_energy_joules_total") > 0
-        assert metric_sum(text, "joulepool_gpu_target_clock_mhz") > 0
+        assert metric_sum(text, "joulepool_gpu_target_clock_hertz") > 0
         assert metric_sum(text, "joulepool_sidecar_monitor_only") == 0
 
 

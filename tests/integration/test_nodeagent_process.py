@@ -113,7 +113,7 @@ def test_agent_walks_clocks_down_then_signal_resets_every_gpu(node, sig):
             what="clocks locked below f_max on all GPUs")
         assert len(locked) == 3
         metrics = wait_for(lambda: http_get(f"http://127.0.0.1:{port}/metrics"))
-        assert 'joulepool_gpu_target_clock_mhz{gpu="2",node=' in metrics
+        assert 'joulepool_gpu_target_clock_hertz{gpu="2",node=' in metrics
         assert "joulepool_sidecar_monitor_only" in metrics
         assert http_get(f"http://127.0.0.1:{port}/healthz").startswith("ok controlling")
     finally:
@@ -144,7 +144,8 @@ def test_unprivileged_agent_runs_monitor_only_and_keeps_running(node):
         metrics = wait_for(
             lambda: (m := http_get(f"http://127.0.0.1:{port}/metrics"))
             and "joulepool_sidecar_monitor_only{node=" in m
-            and 'joulepool_gpu_energy_joules_total{gpu="0"' in m and m,
+            and any(x.startswith("joulepool_gpu_energy_joules_total{") and 'gpu="0"' in x
+                    for x in m.splitlines()) and m,
             what="agent metrics")
         line = [x for x in metrics.splitlines()
                 if x.startswith("joulepool_sidecar_monitor_only{")]

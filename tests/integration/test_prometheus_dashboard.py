@@ -256,7 +256,7 @@ def test_the_pool_shows_up_in_router_and_planner_series(stack: Stack) -> None:
     assert planned and float(planned[0]["value"][1]) >= 1
     east = query(stack, 'joulepool_carbon_intensity_grams_per_kwh{site="east"}')
     assert east and float(east[0]["value"][1]) == 250.0  # read from Prometheus itself
-    clocks = query(stack, "joulepool_gpu_target_clock_mhz > 0")
+    clocks = query(stack, "joulepool_gpu_target_clock_hertz > 0")
     assert clocks, "the node agent locked the simulated GPUs' clocks"
     # every joule the agent metered is some pool's or idle, none twice
     metered = query(stack, "sum(joulepool_gpu_energy_joules_total)")

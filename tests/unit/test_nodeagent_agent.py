@@ -93,7 +93,15 @@ class Rig:
         return None if lk is None else lk[1]
 
     def metric(self, name: str, **labels) -> float | None:
-        return self.metrics.registry.get_sample_value(name, labels)
+        """The one sample of ``name`` whose labels include ``labels`` (None: none)."""
+        return sample(self.metrics.registry, name, labels)
+
+
+def sample(registry, name: str, labels: dict[str, str]) -> float | None:
+    found = [s.value for m in registry.collect() for s in m.samples
+             if s.name == name and labels.items() <= s.labels.items()]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else None
 
 
 def gpu_labels(i: int = 0, product: str = "H100") -> dict[str, str]:
@@ -251,7 +259,7 @@ async def test_no_signal_hands_the_clock_back_and_a_missed_scrape_holds():
     e.stale = True  # silent for too long: unlock
     await rig.ticks(1)
     assert rig.locked(0) is None
-    assert rig.metric("joulepool_gpu_target_clock_mhz", **gpu_labels()) == 0.0
+    assert rig.metric("joulepool_gpu_target_clock_hertz", **gpu_labels()) == 0.0
 
 
 async def test_without_any_slo_the_agent_does_not_lock():
@@ -442,7 +450,7 @@ async def test_energy_policy_miad_period_sets_the_control_period():
         await real_tick(now)
 
     rig.agent.tick = counting_tick  # type: ignore[method-assign]
-    rig.agent.start()
+    await rig.agent.start()
     stop = asyncio.Event()
     runner = asyncio.ensure_future(rig.agent.run(stop))
     await asyncio.sleep(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import tempfile
@@ -195,3 +196,58 @@ def test_the_sidecar_wires_pod_resources_to_the_agents_gpus(monkeypatch):
     args.pod_resources_socket = "off"
     assert runner.run_sidecar(args) == 0
     assert seen["discover"].pod_resources is None
+
+
+# ------------------------------------------------------------------ DCGM labels of the metrics
+async def test_gpu_metrics_carry_the_dcgm_labels_of_the_container_using_the_gpu(kubelet):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs, fake_uuid
+    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+    from joulepool.nodeagent.podresources import GPUOwner, GPUWorkloads
+    from joulepool.nodeagent.signals import StaticSignalSource
+
+    t = {"now": 0.0}
+    gpus = SimulatedGPUs.open(None, "H100", 2, node="n1")
+    u0, u1 = fake_uuid("n1", 0), fake_uuid("n1", 1)
+    kubelet.pods = [
+        pb.PodResources(name="llama-0", namespace="serving", containers=[
+            container("vllm", ("nvidia.com/gpu", [u1])), container("sidecar")]),
+        pb.PodResources(name="other", namespace="batch", containers=[
+            container("main", ("cpu", ["0"]))]),
+    ]
+    client = PodResourcesClient(str(kubelet.socket))
+    assert client.gpu_owners() == {u1: GPUOwner("serving", "llama-0", "vllm")}
+    workloads = GPUWorkloads(client, refresh_s=10.0, monotonic=lambda: t["now"])
+    agent = NodeAgent(SimulatedBackend(gpus), StaticSignalSource(lambda now: []),
+                      AgentConfig(node="n1"), workloads=workloads)
+    await agent.start()
+    for i in range(3):
+        await agent.tick(float(i))
+        await asyncio.sleep(0.05)  # the background refresh
+    families = {f.name: f for f in text_string_to_metric_families(agent.metrics.render().decode())}
+    assert families["joulepool_gpu_energy_joules"].type == "counter"
+    assert families["joulepool_gpu_power_watts"].type == "gauge"
+    for name in ("joulepool_gpu_power_watts", "joulepool_gpu_energy_joules",
+                 "joulepool_gpu_sm_clock_hertz"):
+        by_gpu = {s.labels["gpu"]: s for s in families[name].samples
+                  if not s.name.endswith("_created")}
+        assert set(by_gpu) == {"0", "1"}, name
+        assert by_gpu["1"].labels == {
+            "gpu": "1", "UUID": u1, "modelName": "NVIDIA H100 80GB HBM3", "product": "H100",
+            "node": "n1", "pod": "llama-0", "namespace": "serving", "container": "vllm"}
+        assert by_gpu["0"].labels["UUID"] == u0
+        assert (by_gpu["0"].labels["pod"], by_gpu["0"].labels["container"]) == ("", "")
+    clock = next(s for s in families["joulepool_gpu_sm_clock_hertz"].samples)
+    assert clock.value == pytest.approx(1.98e9)  # H100 f_max, in Hz
+    # the pod goes, another comes: one series per GPU, relabelled, none left behind
+    kubelet.pods = [pb.PodResources(name="mistral-0", namespace="serving", containers=[
+        container("vllm", ("nvidia.com/gpu", [u0]))])]
+    t["now"] = 20.0
+    await agent.tick(20.0)
+    await asyncio.sleep(0.1)
+    text = agent.metrics.render().decode()
+    power = [s for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == "joulepool_gpu_power_watts"]
+    assert {(s.labels["gpu"], s.labels["pod"]) for s in power} == {("0", "mistral-0"), ("1", "")}
+    await agent.stop()

@@ -215,8 +215,11 @@ async def test_agent_over_unprivileged_nvml_is_monitor_only():
         await agent.tick(float(t))
     assert agent.monitor_only
     assert metrics.registry.get_sample_value("joulepool_sidecar_monitor_only", {"node": "n1"}) == 1
-    assert metrics.registry.get_sample_value(
-        "joulepool_gpu_power_watts", {"gpu": "0", "product": "A100", "node": "n1"}) == 250.5
+    (power,) = [s for m in metrics.registry.collect() for s in m.samples
+                if s.name == "joulepool_gpu_power_watts" and s.labels["gpu"] == "0"]
+    assert power.value == 250.5
+    assert (power.labels["product"], power.labels["node"]) == ("A100", "n1")
+    assert power.labels["modelName"].startswith("NVIDIA A100")
     assert not [c for c in fake.calls if c[0] == "lock"]
     await agent.stop()
 

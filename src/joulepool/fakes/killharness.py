@@ -211,9 +211,10 @@ class KillHarness:
         proc, port = self.start_agent(with_engine=True)
         try:
             health = f"http://127.0.0.1:{port}/healthz"
+            # generous: start-up on a loaded 2-core machine can take tens of seconds
             up = _wait_for(lambda: proc.poll() is not None or (_get(health) or (0,))[0] == 200,
-                           30.0)
-            locked = up and _wait_for(lambda: self.locked() or proc.poll() is not None, 30.0)
+                           60.0)
+            locked = up and _wait_for(lambda: self.locked() or proc.poll() is not None, 60.0)
             if not locked or proc.poll() is not None:
                 self.report.bad_exits.append(f"trial {i}: the agent never came up and locked "
                                              "a clock")

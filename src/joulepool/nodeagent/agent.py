@@ -60,9 +60,10 @@ from joulepool.core.estimators import (
 from joulepool.core.profiles import GPUProduct, product_for_label
 from joulepool.nodeagent.background import Background
 from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
-from joulepool.nodeagent.metrics import AgentMetrics
+from joulepool.nodeagent.metrics import AgentMetrics, GPUSample
 from joulepool.nodeagent.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
 from joulepool.nodeagent.poolmeter import PoolMeter
+from joulepool.nodeagent.podresources import GPUWorkloads
 from joulepool.nodeagent.publisher import Measurement, ProfilePublisher
 from joulepool.nodeagent.signals import EngineReading, SignalSource
 
@@ -148,6 +149,7 @@ class GPU:
     power_w: float = 0.0
     sm_clock_mhz: float = 0.0
     work: tuple[Work, ...] = ()  # pool, model and site of each engine using it this period
+    energy_j: float = 0.0  # metered since the agent started
 
     @property
     def index(self) -> int:
@@ -177,8 +179,11 @@ class NodeAgent:
         metrics: AgentMetrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         policy: PolicySource | None = None,
+        workloads: GPUWorkloads | None = None,
     ) -> None:
         self.policy = policy
+        #: which container each GPU is allocated to (the DCGM labels of the measurements)
+        self.workloads = workloads
         self.source = source
         self.config = config or AgentConfig()
         #: every backend call goes through here: off the event loop, bounded in time
@@ -191,6 +196,7 @@ class NodeAgent:
         self._site = ""
         self._g_per_kwh: float | None = None
         self._only_pool: str | None = None
+        self.metrics.gpu_samples = self.gpu_samples
         self.monotonic = monotonic
         self.gpus: list[GPU] = []
         self.monitor_only = False
@@ -491,14 +497,12 @@ class NodeAgent:
                 d_j = counter_delta(energy_mj, gpu.last_energy_mj) / 1e3
             else:
                 d_j = trapezoid_energy_j(gpu.last_power_w or power_w, power_w, dt)
-            self.metrics.energy.labels(*labels).inc(d_j)
+            gpu.energy_j += d_j
             gpu.eps.update(d_j, tokens, dt)
             # credited with the GPU's own counter, so a scrape never sees one without the other
             self.pool_meter.record({str(gpu.index): d_j}, {str(gpu.index): list(gpu.work)},
                                    self._site, self._g_per_kwh)
         gpu.last_t, gpu.last_energy_mj, gpu.last_power_w = now, energy_mj, power_w
-        self.metrics.power.labels(*labels).set(power_w)
-        self.metrics.sm_clock.labels(*labels).set(gpu.sm_clock_mhz)
         if gpu.eps.value is not None and gpu.model:
             self.metrics.eps.labels(*labels, gpu.model).set(gpu.eps.value)
 
@@ -560,7 +564,7 @@ class NodeAgent:
                 return
             gpu.locked_mhz = target
         self.metrics.decisions.labels(*labels, direction.value).inc()
-        self.metrics.target_clock.labels(*labels).set(target)
+        self.metrics.target_clock.labels(*labels).set(target * 1e6)
 
     async def _probe_lost(self, gpu: GPU, now: float) -> None:
         if now < gpu.next_probe:
@@ -590,6 +594,21 @@ class NodeAgent:
                 await self.policy.refresh()
         except Exception as exc:
             self._once("plan", logging.WARNING, "plan / policy refresh failed: %s", exc)
+        if self.workloads is not None:
+            await self.workloads.refresh()  # never raises
+
+    def gpu_samples(self) -> list[GPUSample]:
+        """Each measured GPU's latest power, energy and clock with the DCGM label set."""
+        out = []
+        for gpu in self.gpus:
+            if gpu.lost or gpu.last_t is None:
+                continue
+            owner = self.workloads.owner(gpu.info.uuid) if self.workloads else None
+            labels = (str(gpu.index), gpu.info.uuid, gpu.info.name, gpu.product_name,
+                      self.config.node, owner.pod if owner else "",
+                      owner.namespace if owner else "", owner.container if owner else "")
+            out.append(GPUSample(labels, gpu.power_w, gpu.energy_j, gpu.sm_clock_mhz * 1e6))
+        return out
 
     async def tick(self, now: float | None = None) -> None:
         """One control period (``now``: monotonic seconds, injectable for tests)."""

@@ -2,9 +2,51 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: labels of the agent's control metrics of one GPU
 GPU_LABELS = ("gpu", "product", "node")
+#: labels of the GPU measurements: the DCGM exporter's (``gpu``, ``UUID``, ``modelName`` and
+#: the ``pod`` / ``namespace`` / ``container`` the GPU is allocated to, "" when none) and ours
+DCGM_LABELS = ("gpu", "UUID", "modelName", "product", "node", "pod", "namespace", "container")
+
+
+@dataclass(frozen=True)
+class GPUSample:
+    """One GPU's latest measurement, labelled as in :data:`DCGM_LABELS`."""
+
+    labels: tuple[str, str, str, str, str, str, str, str]
+    power_w: float
+    energy_j: float  # since the agent started
+    sm_clock_hz: float
+
+
+class GPUCollector(Collector):
+    """The GPU measurement families, built at each scrape from the agent's last readings,
+    so a GPU that changes hands is one series per owner, with no stale series left."""
+
+    def __init__(self, samples: Callable[[], Sequence[GPUSample]]) -> None:
+        self.samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        power = GaugeMetricFamily("joulepool_gpu_power_watts", "GPU board power",
+                                  labels=DCGM_LABELS)
+        energy = CounterMetricFamily(
+            "joulepool_gpu_energy_joules",
+            "GPU energy since the agent started (NVML counter, else integrated power)",
+            labels=DCGM_LABELS)
+        clock = GaugeMetricFamily("joulepool_gpu_sm_clock_hertz", "current SM clock",
+                                  labels=DCGM_LABELS)
+        for s in self.samples():
+            power.add_metric(s.labels, s.power_w)
+            energy.add_metric(s.labels, s.energy_j)
+            clock.add_metric(s.labels, s.sm_clock_hz)
+        yield from (power, energy, clock)
 
 
 class AgentMetrics:
@@ -12,15 +54,12 @@ class AgentMetrics:
         self.node = node
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.energy = Counter(
-            "joulepool_gpu_energy_joules", "GPU energy since the agent started (NVML counter)",
-            GPU_LABELS, registry=r)
-        self.power = Gauge("joulepool_gpu_power_watts", "GPU board power", GPU_LABELS, registry=r)
-        self.sm_clock = Gauge("joulepool_gpu_sm_clock_mhz", "current SM clock", GPU_LABELS,
-                              registry=r)
+        #: the agent points this at its GPUs' latest measurements
+        self.gpu_samples: Callable[[], Sequence[GPUSample]] = list
+        r.register(GPUCollector(lambda: self.gpu_samples()))
         self.target_clock = Gauge(
-            "joulepool_gpu_target_clock_mhz",
-            "clock MIAD locked the GPU to (0: not locked, the driver decides)",
+            "joulepool_gpu_target_clock_hertz",
+            "SM clock MIAD locked the GPU to (0: not locked, the driver decides)",
             GPU_LABELS, registry=r)
         self.decisions = Counter(
             "joulepool_miad_decisions", "MIAD decisions by direction",

@@ -16,6 +16,7 @@ from joulepool.nodeagent.agent import AgentConfig, NodeAgent
 from joulepool.nodeagent.cli import _node_default
 from joulepool.nodeagent.metrics import AgentMetrics
 from joulepool.nodeagent.plansource import ConfigMapPlanSource, FilePlanSource, NoPlan, PlanSource
+from joulepool.nodeagent.podresources import GPUWorkloads, PodResourcesClient
 from joulepool.nodeagent.publisher import KubeProfilePublisher, ProfilePublisher, RateLimited
 from joulepool.nodeagent.settings import NodeAgentSettings
 from joulepool.nodeagent.signals import EngineEndpoint, PrometheusSignalSource, parse_engine_spec
@@ -172,15 +173,16 @@ def run_sidecar(args: NodeAgentSettings) -> int:
             raise UsageError(f"cannot configure the Kubernetes client: {exc}") from None
 
     metrics = AgentMetrics(node)
+    socket_path = args.pod_resources_socket or ""
+    pod_resources = workloads = None
+    if socket_path and socket_path.lower() not in ("off", "none"):
+        # which container each GPU is allocated to: engines -> GPUs, and the DCGM labels
+        pod_resources = PodResourcesClient(socket_path)
+        workloads = GPUWorkloads(pod_resources)
     discover = None
     if discovery:
         from joulepool.nodeagent.discovery import PodDiscovery
-        from joulepool.nodeagent.podresources import PodResourcesClient
 
-        socket_path = args.pod_resources_socket or ""
-        pod_resources = None
-        if socket_path and socket_path.lower() not in ("off", "none"):
-            pod_resources = PodResourcesClient(socket_path)
         discover = PodDiscovery(node, pod_resources=pod_resources)
     source = PrometheusSignalSource(
         endpoints, discover=discover, quantile=args.tail_quantile, window_s=args.window,
@@ -206,7 +208,7 @@ def run_sidecar(args: NodeAgentSettings) -> int:
         policy = EnergyPolicySource(name=args.energy_policy)
     backend = build_backend(args, node)
     agent = NodeAgent(backend, source, config, plan=plan, publisher=publisher, metrics=metrics,
-                      monotonic=time.monotonic, policy=policy)
+                      monotonic=time.monotonic, policy=policy, workloads=workloads)
     if discover is not None:
         # engines -> GPUs: the kubelet's device IDs are GPU UUIDs; the agent knows the indices
         discover.gpu_uuids = lambda: {g.info.uuid: g.index for g in agent.gpus}
