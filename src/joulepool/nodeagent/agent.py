@@ -62,8 +62,8 @@ from joulepool.nodeagent.background import Background
 from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
 from joulepool.nodeagent.metrics import AgentMetrics, GPUSample
 from joulepool.nodeagent.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
-from joulepool.nodeagent.poolmeter import PoolMeter
 from joulepool.nodeagent.podresources import GPUWorkloads
+from joulepool.nodeagent.poolmeter import PoolMeter
 from joulepool.nodeagent.publisher import Measurement, ProfilePublisher
 from joulepool.nodeagent.signals import EngineReading, SignalSource
 
