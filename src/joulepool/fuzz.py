@@ -314,51 +314,63 @@ async def run(base: str, endpoints: Sequence[Endpoint], per_endpoint: int, seed:
     return FuzzReport(results, status == 200 and took <= max_latency_s, took)
 
 
-# -- the extender's endpoints ---------------------------------------------------------------
+# -- the services' endpoints ----------------------------------------------------------------
+
+def _operations() -> list[Endpoint]:
+    return [Endpoint("metrics", "GET", "/metrics"), Endpoint("healthz", "GET", "/healthz"),
+            Endpoint("readyz", "GET", "/readyz")]
+
 
 def extender_endpoints(pool: str, node_names: Sequence[str],
                        prefix: str = "/scheduler") -> list[Endpoint]:
     """Every endpoint of ``joulepool extender`` with a valid example body each."""
-    from joulepool.extender import testing as T
+    from joulepool.kube import testing as T
 
     pod = T.pod("fuzz-0", pool=pool, gpus=1, mode="1xH100")
     names = list(node_names)
     full = T.extender_args(pod, nodes=[T.node(n) for n in names[:3]])
+    return [
+        Endpoint("filter", "POST", f"{prefix}/filter", T.extender_args(pod, names=names)),
+        Endpoint("filter-full-nodes", "POST", f"{prefix}/filter", full),
+        Endpoint("prioritize", "POST", f"{prefix}/prioritize",
+                 T.extender_args(pod, names=names)),
+        *_operations(),
+    ]
+
+
+def router_endpoints(pool: str) -> list[Endpoint]:
+    """Every endpoint of ``joulepool router`` with a valid example body each."""
     route = {"pool": pool, "inputTokens": 512, "outputTokens": 128, "tier": "interactive",
              "deadlineSeconds": 2.5}
     complete = {"pool": pool, "endpoint": "10.0.0.1:8000", "requestId": "r-1",
                 "ttftSeconds": 0.2, "e2eSeconds": 1.5, "outputTokens": 128,
                 "deadlineMet": True, "joules": 12.5}
     return [
-        Endpoint("filter", "POST", f"{prefix}/filter", T.extender_args(pod, names=names)),
-        Endpoint("filter-full-nodes", "POST", f"{prefix}/filter", full),
-        Endpoint("prioritize", "POST", f"{prefix}/prioritize",
-                 T.extender_args(pod, names=names)),
         Endpoint("route", "POST", "/v1/route", route),
         Endpoint("complete", "POST", "/v1/complete", complete),
         Endpoint("pools", "GET", "/v1/pools"),
         Endpoint("pool", "GET", f"/v1/pools/{pool}"),
-        Endpoint("metrics", "GET", "/metrics"),
-        Endpoint("healthz", "GET", "/healthz"),
-        Endpoint("readyz", "GET", "/readyz"),
+        *_operations(),
     ]
 
 
 def write_extender_inputs(workdir: Any, pool: str = "default.chat", n_nodes: int = 30
                           ) -> tuple[list[str], list[str]]:
-    """Files for ``joulepool extender --no-cluster``: GPU nodes (H100/A100/L4), ready
-    serving pods of ``pool`` on them (the router's endpoints) and a plan giving the pool
-    the H100 and A100 nodes. Returns (extender arguments, node names)."""
+    """Files for ``joulepool extender --no-cluster`` (and ``joulepool router``, which takes
+    the same arguments): GPU nodes (H100/A100/L4), ready serving pods of ``pool`` on them
+    (the router's endpoints) and a plan giving the pool the H100 and A100 nodes. Returns
+    (service arguments, node names)."""
     from pathlib import Path
 
-    from joulepool.extender import testing as T
+    from joulepool.kube import testing as T
 
     work = Path(workdir)
     products = ("H100", "A100", "L4")
     nodes = [T.node(f"gpu-{products[i % 3].lower()}-{i:03d}", products[i % 3],
                     gpus=4 if i % 3 == 2 else 8) for i in range(n_nodes)]
     names = [n["metadata"]["name"] for n in nodes]
-    planned = [(n, products[i % 3], 2, 1) for i, n in enumerate(names) if i % 3 < 2]
+    planned: list[tuple[str, str, int] | tuple[str, str, int, int]] = [
+        (str(n), products[i % 3], 2, 1) for i, n in enumerate(names) if i % 3 < 2]
     pods = []
     for k in range(min(20, len(planned))):
         node, product = planned[k][0], planned[k][1]
