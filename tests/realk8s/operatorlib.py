@@ -89,7 +89,7 @@ class Scenario:
         self.cp, self.ns, self.made_nodes, self.op = cp, ns, nodes, operator
 
     def node(self, name: str, product: str = "H100", gpus: int = 8) -> str:
-        name = f"{self.ns[-12:]}-{name}"
+        name = f"{self.ns[-12:].strip('-')}-{name}"
         self.made_nodes.append(name)
         self.cp.create_node(k8slib.gpu_node(name, product, gpus))
         return name

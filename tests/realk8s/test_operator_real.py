@@ -7,6 +7,7 @@ joint plan holds only the scenario's pools. Pods are bound by the real default s
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import k8slib
@@ -197,3 +198,34 @@ def test_operator_restart_mid_way_resumes(scenario: Scenario) -> None:
     assert int(after.metadata.annotations[version]) > int(before.metadata.annotations[version])
     assert wait_for(lambda: s.shares_hold("chat"), what="chat bound")
     assert wait_for(lambda: s.shares_hold("rag"), what="rag bound")
+
+
+def test_namespace_deletion_releases_its_pools_without_retry_storms(
+        cluster: ControlPlane, operator: k8slib.Component, nodes: list[str]) -> None:
+    """Deleting a namespace with a planned pool: the pool is released (the namespace goes
+    away), and the operator does not keep re-planning and retrying writes into it."""
+    ns = f"t-doomed-{k8slib.free_port() % 10000}"
+    cluster.ensure_namespace(ns)
+    s = Scenario(cluster, ns, nodes, operator)
+    node = s.node("h100", gpus=2)
+    s.create_pool("chat", rps=20)
+    s.planned("chat", replicas=2)
+    assert wait_for(lambda: s.shares_hold("chat"), what="bound") == {node: 2}
+    mark = len(operator.log())
+    cluster.core.delete_namespace(ns)
+
+    def namespace_gone() -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            cluster.core.read_namespace(ns)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(namespace_gone, timeout=90, what="namespace deleted")
+    time.sleep(3)  # would-be retries show up in the log within a few seconds
+    tail = operator.log()[mark:]
+    failed = [line for line in tail.splitlines() if "reconcile pass incomplete" in line]
+    assert len(failed) <= 1, "\n".join(failed)
+    s.alive()

@@ -125,8 +125,8 @@ class World:
                 if "/deployments/" in p}
 
 
-def make_planner(**cfg: Any) -> tuple[Planner, FakeAPI, World]:
-    api = FakeAPI()
+def make_planner(api: FakeAPI | None = None, **cfg: Any) -> tuple[Planner, FakeAPI, World]:
+    api = api or FakeAPI()
     config = OperatorConfig(namespace="ops", debounce_seconds=0.01, max_delay_seconds=0.2,
                             resync_after_error_seconds=0.05, **cfg)
     planner = Planner(config, api, clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
@@ -501,3 +501,31 @@ async def test_scaled_down_deployment_is_restored_even_if_the_index_lags() -> No
     planner.sources.deployments = before  # the scale-down's watch event not seen yet
     await planner.reconcile()
     assert api.objects[a100_dep]["spec"]["replicas"] == replicas
+
+
+class TerminatingAPI(FakeAPI):
+    """Namespace ``default`` is being deleted: creating content there is refused."""
+
+    async def request(self, method: str, path: str, body: Any = None, params: Any = None,
+                      content_type: str = "") -> dict[str, Any] | None:
+        if method == "PATCH" and "/deployments/" in path:
+            raise ApiError(403, "Forbidden", 'deployments "x" is forbidden: unable to create '
+                           "new content in namespace default because it is being terminated")
+        return await super().request(method, path, body, params, content_type)
+
+
+async def test_pool_in_a_namespace_being_deleted_is_not_planned_nor_retried() -> None:
+    """The API refuses new content in a terminating namespace (403 "being terminated"):
+    not an error to retry every few seconds, and the namespace's pools leave the plan."""
+    planner, api, world = make_planner(TerminatingAPI())
+    world.add_node("n1")
+    world.add_pool(pool("chat", 20))
+    report = await reconcile(planner, world)
+    assert report.ok and planner.terminating == {"default"}
+    assert planner.resync_delay() == pytest.approx(0.05)  # no failed pass counted before
+    report = await reconcile(planner, world)
+    assert report.ok and "default.chat" not in plan(api).pools
+    # once the namespace's pools are gone, the namespace is forgotten
+    world.pools.clear()
+    await reconcile(planner, world)
+    assert planner.terminating == set()
