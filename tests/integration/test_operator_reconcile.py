@@ -328,9 +328,10 @@ async def test_gpu_profiles_and_the_energy_policy_drive_the_plan() -> None:
         assert obj["status"]["replicas"] == 1
         await eventually(lambda: _names(c, {"chat-1xtesla-t4-t4-0"}))
 
-        # the EnergyPolicy's alpha: 0.3 req/s * 3 over 0.40 req/s per instance (core's
-        # sustainable rate: 8 batch slots, rarely all full) = 3 instances
-        await c.create(_policy(alpha=3))
+        # the EnergyPolicy's alpha: 0.3 req/s * 4 over 0.45 req/s per instance (core's
+        # sustainable rate: 8 batch slots, rarely all full; step time linear in batch
+        # between the profile's points) = 3 instances
+        await c.create(_policy(alpha=4))
         await eventually(lambda: _replicas_of(c, "chat", 3), what="3 replicas")
 
         # an invalid policy is reported and the last valid one stays in force

@@ -103,7 +103,7 @@ Objective = Literal["energy", "carbon"]
 #: default relative MIP gap (EnergyPolicy ``mipRelGap``), see docs/planner.md: at
 #: FREESH's size (30 GPUs) every published window ends at the exact optimum
 #: (tests/unit/test_planner_freesh.py); at 10,000 GPUs the energy objective closes
-#: it in about a second, while the carbon objective stops at DEFAULT_TIME_LIMIT_S
+#: it in 1-2 s, while the carbon objective stops at DEFAULT_TIME_LIMIT_S
 #: with its gap reported (HiGHS's own 1 % default labelled plans 0.4 % off the
 #: optimum "optimal"). Pass 0 for a proven optimum.
 DEFAULT_MIP_REL_GAP = 1e-4
