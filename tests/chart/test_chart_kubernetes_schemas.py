@@ -63,6 +63,11 @@ def test_service_monitor_shape() -> None:
     (sm,) = rendered("prometheus").all("ServiceMonitor")
     assert set(sm["spec"]) == {"selector", "namespaceSelector", "endpoints"}
     for ep in sm["spec"]["endpoints"]:
-        assert set(ep) <= {"port", "path", "interval", "relabelings"}
+        assert set(ep) <= {"port", "path", "interval", "relabelings", "bearerTokenSecret"}
+        if "bearerTokenSecret" in ep:  # a SecretKeySelector of a Secret the chart renders
+            assert set(ep["bearerTokenSecret"]) == {"name", "key"}
+            (secret,) = [s for s in rendered("prometheus").all("Secret")
+                         if s["metadata"]["name"] == ep["bearerTokenSecret"]["name"]]
+            assert ep["bearerTokenSecret"]["key"] in secret["data"]
         for rl in ep.get("relabelings", []):
             assert set(rl) <= {"sourceLabels", "targetLabel", "action", "regex", "replacement"}

@@ -147,3 +147,8 @@ writers' lock file 0666 before any of them can create it with their umask.
     path: {{ .Values.nodeAgent.simulatedStateDir }}
     type: DirectoryOrCreate
 {{- end }}
+
+{{/* The Secret holding the router's bearer token (router.auth). */}}
+{{- define "joulepool.routerTokenSecret" -}}
+{{- .Values.router.auth.existingSecret | default (printf "%s-router-token" (include "joulepool.fullname" .)) }}
+{{- end }}
