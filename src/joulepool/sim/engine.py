@@ -504,9 +504,7 @@ class Simulator:
         req.where[rid] = inst.idx
         inst.enqueue(rid, req.input[rid], req.predicted[rid],
                      req.llf_deadline[rid] if self.llf else 0.0)
-        if inst.prefill_rid < 0 and inst.b < inst.maxb:  # room: admit it now
-            inst.settle(t)
-            inst.start_prefill(t, req.input)
+        if inst.admit_next(t, req.input):
             inst.set_power(t)
             inst.schedule(t, self.evq)
         self._sync(inst)
@@ -567,10 +565,7 @@ class Simulator:
             completed = self._decode_completions(inst)
         for rid in completed:
             self._complete(inst, rid, t)
-        admitted = False
-        if inst.nwait and inst.prefill_rid < 0 and inst.b < inst.maxb:
-            inst.start_prefill(t, self.req.input)
-            admitted = True
+        admitted = inst.admit_next(t, self.req.input)
         inst.set_power(t)
         inst.schedule(t, self.evq)
         if completed or admitted:  # admission moves a prompt out of q_n's prefill term

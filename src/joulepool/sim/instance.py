@@ -159,13 +159,19 @@ class Instance:
             self.waiting.append(rid)
         self.nwait += 1
 
-    def start_prefill(self, t: float, input_tokens: Sequence[float]) -> None:
-        """Admit the next waiting request and start its prefill at ``t``."""
+    def admit_next(self, t: float, input_tokens: Sequence[float]) -> bool:
+        """The admission rule, in this one place: if a request waits, nothing is
+        prefilling and the batch has room, settle to ``t`` and start prefilling the next
+        waiting request (FCFS or LLF order). Returns whether one was admitted."""
+        if not self.nwait or self.prefill_rid >= 0 or self.b >= self.maxb:
+            return False
+        self.settle(t)  # a no-op when the caller settled at t already
         rid = self.waiting.pop() if self.llf else self.waiting.popleft()
         self.nwait -= 1
         self.wait_in -= input_tokens[rid]
         self.prefill_rid = rid
         self.prefill_end = t + self.pf_tok * input_tokens[rid]
+        return True
 
     def change_clock(self, ci: int, t: float, evq: list[tuple[float, int, int]]) -> None:
         """Move to clock index ``ci`` at ``t``: a running prefill stretches or shrinks
