@@ -219,6 +219,65 @@ class Simulator:
     Single use: build it, call :meth:`run` once.
     """
 
+    __slots__ = (
+        "T",
+        "cluster",
+        "controllers",
+        "done",
+        "dropped",
+        "ended",
+        "events",
+        "evq",
+        "fallback_routes",
+        "gpus",
+        "hlog",
+        "instances",
+        "lam_for_pi",
+        "lam_series",
+        "lam_tier",
+        "little_area",
+        "llf",
+        "mark_i",
+        "marks",
+        "n_pools",
+        "n_sys",
+        "next_control",
+        "next_mark",
+        "next_rid",
+        "next_tick",
+        "notes",
+        "period_done",
+        "period_miss",
+        "pi",
+        "pi_every",
+        "plan_capacity",
+        "plan_queue",
+        "planner_pools",
+        "plog",
+        "policy",
+        "pools",
+        "prm",
+        "prog_every",
+        "progress",
+        "prouter",
+        "req",
+        "samples",
+        "seed",
+        "site_buckets",
+        "static_capacity",
+        "stop_at",
+        "t_sys",
+        "tables",
+        "tick_k",
+        "tokens_window",
+        "use_js",
+        "use_miad",
+        "wall0",
+        "window_busy",
+        "window_gpu_energy",
+        "workload",
+    )
+
     def __init__(
         self,
         cluster: SimCluster,
@@ -505,8 +564,7 @@ class Simulator:
         inst.enqueue(rid, req.input[rid], req.predicted[rid],
                      req.llf_deadline[rid] if self.llf else 0.0)
         if inst.admit_next(t, req.input):
-            inst.set_power(t)
-            inst.schedule(t, self.evq)
+            inst.retime(t, self.evq)
         self._sync(inst)
 
     def _pick_instance(self, rid: int, t: float) -> Instance | None:
@@ -559,15 +617,12 @@ class Simulator:
         True when the run is over."""
         self.events += 1
         inst.settle(t)
-        if inst.prefill_rid >= 0:
-            completed = self._first_token(inst, t)
-        else:
-            completed = self._decode_completions(inst)
-        for rid in completed:
-            self._complete(inst, rid, t)
-        admitted = inst.admit_next(t, self.req.input)
-        inst.set_power(t)
-        inst.schedule(t, self.evq)
+        # a prefill ends (first token), or decoding requests reach their last token
+        completed = self._first_token(inst, t) if inst.prefill_rid >= 0 else inst.pop_finished()
+        if completed:
+            self._complete(inst, completed, t)
+        admitted = inst.nwait > 0 and inst.admit_next(t, self.req.input)  # someone waits
+        inst.retime(t, self.evq)
         if completed or admitted:  # admission moves a prompt out of q_n's prefill term
             self._sync(inst)
         if completed and inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
@@ -591,40 +646,32 @@ class Simulator:
         inst.b += 1
         return _NOTHING
 
-    @staticmethod
-    def _decode_completions(inst: Instance) -> list[int]:
-        """The requests whose last token is due now (the token clock reached them)."""
-        rh = inst.heap
-        if rh[0][0] > inst.V:
-            inst.V = rh[0][0]
-        lim = inst.V + 1e-7
-        completed = []
-        while rh and rh[0][0] <= lim:
-            completed.append(heappop(rh)[1])
-        inst.b -= len(completed)
-        return completed
-
-    def _complete(self, inst: Instance, rid: int, t: float) -> None:
-        """Request ``rid`` finishes on ``inst`` at ``t``: latency, SLO and load accounts."""
+    def _complete(self, inst: Instance, completed: Sequence[int], t: float) -> None:
+        """Requests ``completed`` finish on ``inst`` at ``t``: latency, SLO and load
+        accounts, the PI period's counts, the core router's completion reports."""
         req = self.req
-        req.t_done[rid] = t
-        self.done += 1
-        inst.n_out -= 1
-        inst.q_tok -= req.predicted[rid]
-        o = req.output[rid]
-        if o > 1:
-            r = (t - req.t_first[rid]) / (o - 1) / req.tpot_slo[rid]
-            if r > inst.tp_max:
-                inst.tp_max = r
-        if t - req.arrival[rid] > req.deadline[rid]:
-            self.period_miss += 1
-        self.period_done += 1
-        if self.prouter is not None:
-            self.prouter.complete(rid, o, t - req.arrival[rid] <= req.deadline[rid], t)
-        if t <= self.T:
-            self.little_area += self.n_sys * (t - self.t_sys)
-            self.t_sys = t
-        self.n_sys -= 1
+        t_done, t_first, arrival, deadline = req.t_done, req.t_first, req.arrival, req.deadline
+        in_window = t <= self.T
+        for rid in completed:
+            t_done[rid] = t
+            inst.n_out -= 1
+            inst.q_tok -= req.predicted[rid]
+            o = req.output[rid]
+            if o > 1:
+                r = (t - t_first[rid]) / (o - 1) / req.tpot_slo[rid]
+                if r > inst.tp_max:
+                    inst.tp_max = r
+            if t - arrival[rid] > deadline[rid]:
+                self.period_miss += 1
+            if self.prouter is not None:
+                self.prouter.complete(rid, o, t - arrival[rid] <= deadline[rid], t)
+            if in_window:
+                self.little_area += self.n_sys * (t - self.t_sys)
+                self.t_sys = t
+            self.n_sys -= 1
+        n = len(completed)
+        self.done += n
+        self.period_done += n
 
     # ------------------------------------------------------- instance life cycle
     def _inv_capacity(self, mode: str, cls: int) -> float:

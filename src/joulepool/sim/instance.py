@@ -12,7 +12,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from enum import IntEnum
-from heapq import heappush
+from heapq import heappop, heappush
 from typing import Any
 
 from joulepool.core.llf import LLFQueue
@@ -124,8 +124,11 @@ class Instance:
                 self.busy_t += dt
             self.last_t = t
 
-    def set_power(self, t: float) -> None:
-        """Draw and token interval for what it does now (prefill, decode or idle)."""
+    def retime(self, t: float, evq: list[tuple[float, int, int]]) -> None:
+        """After a change at ``t``: draw and token interval for what it does now
+        (prefill, decode or idle), and its next event (prefill end or next completion)
+        pushed on ``evq``; any event pushed before is now stale (its version no longer
+        matches)."""
         if self.prefill_rid >= 0:
             self.power = self.pf_pow
             self.itl = 0.0
@@ -137,15 +140,24 @@ class Instance:
             self.itl = 0.0
         if self.plog is not None:
             self.plog.append((t, self.idx, self.power))
-
-    def schedule(self, t: float, evq: list[tuple[float, int, int]]) -> None:
-        """Push its next event (prefill end or next completion) on ``evq``; any event
-        pushed before is now stale (its version no longer matches)."""
         self.version += 1
         if self.prefill_rid >= 0:
             heappush(evq, (self.prefill_end, self.idx, self.version))
         elif self.b > 0:
             heappush(evq, (t + (self.heap[0][0] - self.V) * self.itl, self.idx, self.version))
+
+    def pop_finished(self) -> list[int]:
+        """The decoding requests whose last token is due now (the token clock reached
+        them), taken out of the batch."""
+        rh = self.heap
+        if rh[0][0] > self.V:
+            self.V = rh[0][0]
+        lim = self.V + 1e-7
+        done = []
+        while rh and rh[0][0] <= lim:
+            done.append(heappop(rh)[1])
+        self.b -= len(done)
+        return done
 
     def enqueue(self, rid: int, input_tokens: float, predicted_tokens: float,
                 llf_deadline_s: float) -> None:
@@ -181,8 +193,7 @@ class Instance:
         self.set_clock(ci)
         if self.prefill_rid >= 0:
             self.prefill_end = t + (self.prefill_end - t) * self.pf_tok / old_pf
-        self.set_power(t)
-        self.schedule(t, evq)
+        self.retime(t, evq)
 
 
 class Pool:
