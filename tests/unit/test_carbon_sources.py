@@ -356,3 +356,42 @@ def test_the_live_carbon_example_is_a_valid_energy_policy():
     assert isinstance(policy, EnergyPolicy)
     providers = [c.source.provider for c in policy.spec.carbon if c.source]
     assert providers == ["electricityMaps", "configMap"]
+
+
+def _source_for(provider: str, url: str) -> SiteCarbon:
+    return live(**{
+        "carbonAwareSDK": {"provider": "carbonAwareSDK", "url": url, "location": "x"},
+        "electricityMaps": {"provider": "electricityMaps", "url": url, "location": "DE",
+                            "tokenSecretRef": {"name": "em"}},
+        "wattTime": {"provider": "wattTime", "url": url, "location": "CAISO_NORTH",
+                     "tokenSecretRef": {"name": "wt"}},
+        "prometheus": {"provider": "prometheus", "url": url, "query": "q"},
+    }[provider], refreshSeconds=30, fallbackGramsPerKWh=111)
+
+
+@pytest.mark.parametrize("provider,path", [
+    ("carbonAwareSDK", "/emissions/forecasts/current"),
+    ("electricityMaps", "/v3/carbon-intensity/latest"),
+    ("wattTime", "/login"),
+    ("wattTime", "/v3/forecast"),
+    ("prometheus", "/api/v1/query"),
+])
+@pytest.mark.parametrize("mode", ["429", "garbage", "wrongshape", "500"])
+async def test_every_provider_survives_rate_limits_and_garbage(grid, provider, path, mode):
+    fake, url = grid
+    fake.mode[path] = mode
+    fake.retry_after = "600"
+    feed = CarbonFeed(read_object=reader(SECRETS))
+    pol = policy(_source_for(provider, url), steps=2)
+    try:
+        res = await resolved(feed, pol)
+        assert series(res) == [111.0] and res.statuses[0].using_fallback
+        assert res.conditions[0].status == "False"
+        asked = len(fake.requests)
+        await resolved(feed, pol, NOW_S + 60)  # retried 60 s after an error, not after a 429
+        assert (len(fake.requests) == asked) == (mode == "429")
+        fake.mode.clear()
+        res = await resolved(feed, pol, NOW_S + 601)  # the service recovered: fresh data
+        assert not res.statuses[0].stale and not res.statuses[0].using_fallback
+    finally:
+        await feed.close()
