@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from joulepool.api.contract import API_VERSION as API_VERSION
 from joulepool.api.contract import GROUP as GROUP
 from joulepool.api.contract import VERSION as VERSION
-from joulepool.core.classes import SLO, Tier
+from joulepool.core.classes import (
+    PLAN_ALPHA,
+    PLAN_INTERVAL_S,
+    PLAN_STEP_S,
+    PLAN_WINDOW_STEPS,
+    SLO,
+    Tier,
+)
 from joulepool.core.controllers import MIADController, PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
 from joulepool.core.planner import DEFAULT_MIP_REL_GAP
@@ -470,15 +477,15 @@ class EnergyPolicySpec(_Model):
     """Cluster-wide planning and control parameters (the EnergyPolicy named default)."""
 
     plan_interval_seconds: float = Field(
-        default=1800, alias="planIntervalSeconds", ge=10,
+        default=PLAN_INTERVAL_S, alias="planIntervalSeconds", ge=10,
         description="the operator re-plans at least this often, seconds")
     objective: Objective = Field(
         default="energy",
         description="what the planner minimises unless a pool says otherwise: energy or carbon")
-    alpha: float = Field(default=1.1, ge=1, le=10,
+    alpha: float = Field(default=PLAN_ALPHA, ge=1, le=10,
                          description="demand headroom: pools are planned for alpha times "
                          "their forecast rate")
-    window_steps: int = Field(default=6, alias="windowSteps", ge=1, le=288,
+    window_steps: int = Field(default=PLAN_WINDOW_STEPS, alias="windowSteps", ge=1, le=288,
                               description="planning window length, in steps")
     mip_rel_gap: float = Field(
         default=DEFAULT_MIP_REL_GAP, alias="mipRelGap", ge=0, lt=1,
@@ -486,7 +493,7 @@ class EnergyPolicySpec(_Model):
                     "optimum is reported 'within_gap', 0 asks for a proven optimum "
                     "('optimal'); the default is exact at FREESH's size and keeps a "
                     "10,000-GPU window within 30 s")
-    step_seconds: float = Field(default=300, alias="stepSeconds", gt=0,
+    step_seconds: float = Field(default=PLAN_STEP_S, alias="stepSeconds", gt=0,
                                 description="length of one planning step, seconds")
     carbon: list[SiteCarbon] = Field(
         default_factory=list,

@@ -25,6 +25,15 @@ class Tier(StrEnum):
 
 CLASS_NAMES: tuple[str, ...] = ("SS", "SL", "LS", "LL")
 
+# FREESH's planning cadence (defaults of EnergyPolicy, the planner and the simulator)
+#: pools are re-planned every 30 min ...
+PLAN_INTERVAL_S = 1800.0
+#: ... over a window of 6 steps of 5 min
+PLAN_STEP_S = 300.0
+PLAN_WINDOW_STEPS = 6
+#: demand headroom: plan for alpha x the forecast
+PLAN_ALPHA = 1.1
+
 
 @dataclass(frozen=True)
 class ClassBoundaries:

@@ -69,7 +69,7 @@ import numpy.typing as npt
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from joulepool.core.classes import CLASS_NAMES
+from joulepool.core.classes import CLASS_NAMES, PLAN_ALPHA, PLAN_STEP_S
 from joulepool.core.energy import J_PER_KWH
 
 __all__ = [
@@ -186,8 +186,8 @@ class PlanProblem:
     power_w: FloatArray  # [R, M] W drawn by one instance of m serving r
     capacity_rps: FloatArray  # [R, M] sustainable req/s of one instance; 0 = ineligible
     forecast_rps: FloatArray  # [R, T]
-    step_s: float = 300.0
-    alpha: float = 1.1
+    step_s: float = PLAN_STEP_S
+    alpha: float = PLAN_ALPHA
     objective: Objective = "energy"
     carbon_g_per_kwh: Mapping[str, Sequence[float]] | None = None
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
@@ -1308,8 +1308,8 @@ def freesh_published_problem(
     *,
     objective: Objective = "energy",
     carbon_g_per_kwh: Mapping[str, Sequence[float]] | None = None,
-    step_s: float = 300.0,
-    alpha: float = 1.1,
+    step_s: float = PLAN_STEP_S,
+    alpha: float = PLAN_ALPHA,
 ) -> PlanProblem:
     """The published FREESH planning size: 3 sites, 24 A100 + 6 H100, 4 types, 4 modes.
 

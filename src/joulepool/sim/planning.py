@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.classes import CLASS_NAMES, freesh_slo
+from joulepool.core.classes import (
+    CLASS_NAMES,
+    PLAN_ALPHA,
+    PLAN_INTERVAL_S,
+    PLAN_STEP_S,
+    freesh_slo,
+)
 from joulepool.core.planner import Mode, PlanProblem
 from joulepool.core.problem import ServiceClass, build_problem
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom, ServingPoint
@@ -41,9 +47,6 @@ from joulepool.sim.workload import Workload
 
 FloatArray = npt.NDArray[np.float64]
 
-PLAN_INTERVAL_S = 1800.0  # FREESH: pools re-planned every 30 min
-PLAN_STEP_S = 300.0  # FREESH: 6 steps of 5 min per window
-PLAN_ALPHA = 1.1  # FREESH headroom
 #: forecast resolution: a step's forecast is the rate of its busiest bin of this length
 #: (assumed: per-minute rates, the finest the bundled trace's shape is given at)
 FORECAST_BIN_S = 60.0
