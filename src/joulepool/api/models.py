@@ -25,7 +25,7 @@ from joulepool.core.classes import (
     SLO,
     Tier,
 )
-from joulepool.core.controllers import MIADController, PIController
+from joulepool.core.controllers import MIAD_PERIOD_S, MIADController, PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR
 from joulepool.core.planner import DEFAULT_MIP_REL_GAP
 from joulepool.core.profiles import DEFAULT_BETA_DECODE, DEFAULT_BETA_PREFILL, DEFAULT_GAMMA
@@ -469,7 +469,7 @@ class MIADSpec(_Model):
     margin: float = Field(default=MIADController.margin, ge=0, lt=1,
                           description="at risk above target*(1-margin) (fraction)")
     period_seconds: float = Field(
-        default=1.0, alias="periodSeconds", gt=0, le=60,
+        default=MIAD_PERIOD_S, alias="periodSeconds", gt=0, le=60,
         description="control period of the node agents, seconds (overrides --interval)")
 
 

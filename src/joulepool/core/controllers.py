@@ -65,6 +65,9 @@ class SLOSignal:
     tpot_tail_s: float | None
     waiting: int
 
+#: FREESH's MIAD control period, seconds (the node agent's default)
+MIAD_PERIOD_S = 1.0
+
 
 @dataclass
 class MIADController:

@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from joulepool.core.attribution import Work
-from joulepool.core.controllers import Direction, MIADController, SLOSignal
+from joulepool.core.controllers import MIAD_PERIOD_S, Direction, MIADController, SLOSignal
 from joulepool.core.device import DeviceInfo, GPUBackend, GPUError, GPUErrorKind
 from joulepool.core.estimators import (
     EPS_HALF_LIFE_S,
@@ -73,7 +73,7 @@ log = logging.getLogger("joulepool.nodeagent")
 @dataclass
 class AgentConfig:
     node: str = "node"
-    interval_s: float = 1.0
+    interval_s: float = MIAD_PERIOD_S
     k_inc: float = MIADController.k_inc
     step_mhz: float = MIADController.step_mhz
     margin: float = MIADController.margin
