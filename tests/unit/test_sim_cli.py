@@ -76,6 +76,8 @@ def test_parallel_jobs_give_the_same_numbers(small_file, tmp_path, capsys):
         (["--mix", "0.5,0.5"], "--mix"),
         (["--assume", "gamma"], "KEY=NUMBER"),
         (["--assume", "zeta=2"], "unknown assumption"),
+        (["--assume", "memory_power_share=1.5"], "memory_power_share must be in [0, 1]"),
+        (["--assume", "bandwidth_clock=0"], "bandwidth_clock_ratio must be in (0, 1]"),
         (["--repeat", "0"], "--repeat"),
         (["--headroom", "1.5"], "--headroom must be in [0, 1]"),
     ],

@@ -246,6 +246,12 @@ class ServingProfile:
             raise ValueError("batch points must be distinct, ascending and >= 1")
         if self.gpus < 1:
             raise ValueError("gpus must be >= 1")
+        if not 0.0 <= self.memory_power_share.value <= 1.0:
+            raise ValueError("memory_power_share must be in [0, 1]")
+        for name in ("voltage_knee_ratio", "bandwidth_clock_ratio"):
+            ratio = getattr(self.product, name)
+            if ratio is not None and not 0.0 < ratio.value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1] (a share of f_max)")
 
     # -- identity -------------------------------------------------------------
     @property
