@@ -124,6 +124,15 @@ class Stack:
         state = self.tmp / "gpu-state.json"
         SimulatedGPUs.open(state, "H100", 2, node="n1")
         engine = f"http://127.0.0.1:{self.ports['engine']}"
+        # the plan puts this node in site "east" (the site the operator prices below)
+        plan = self.tmp / "plan.json"
+        plan.write_text(json.dumps({
+            "version": 1, "objective": "carbon", "feasible": True,
+            "pools": {POOL: {"namespace": "default", "name": "chat", "model": "llama-3.1-8b",
+                             "tier": "interactive", "replicas": 1,
+                             "slo": {"ttftSeconds": 2, "tpotSeconds": 0.2}}},
+            "nodes": {"n1": {"site": "east", "product": "H100", "gpus": 2,
+                             "pools": {POOL: 2}}}}))
         self.procs.append(spawn([
             *PY, "fake-engine", "--host", "127.0.0.1", "--port", str(self.ports["engine"]),
             "--gpu-state", str(state), "--gpu-index", "0,1", "--model", "llama-3.1-8b"],
@@ -132,6 +141,7 @@ class Stack:
         self.procs.append(spawn([
             *PY, "node-agent", "--backend", "simulated", "--gpu-state", str(state),
             "--node", "n1", "--kubernetes", "off", "--interval", "0.2",
+            "--plan-file", str(plan),
             "--engine-url", f"{engine}/metrics", "--pool", POOL,
             "--ttft-slo", "2", "--tpot-slo", "0.2",
             "--metrics-host", "127.0.0.1", "--metrics-port", str(self.ports["agent"])],
@@ -266,6 +276,8 @@ def test_the_pool_shows_up_in_router_and_planner_series(stack: Stack) -> None:
     # racing the agent between the two increments)
     watts = float(query(stack, "sum(joulepool_gpu_power_watts)")[0]["value"][1])
     assert abs(float(split[0]["value"][1]) - float(metered[0]["value"][1])) <= 0.2 * watts + 1e-6
+    # the agent took its site from the plan: pool energy is east's, priced at east's 250 g/kWh
+    assert query(stack, f'joulepool_pool_energy_joules_total{{pool="{POOL}",site="east"}}')
     jpt = query(stack, f'sum(joulepool_pool_energy_joules_total{{pool="{POOL}"}})'
                        f' / sum(joulepool_pool_output_tokens_total{{pool="{POOL}"}})')
     assert 0 < float(jpt[0]["value"][1]) < 100  # J per output token of the fake engine
