@@ -65,7 +65,7 @@ class OperatorConfig:
     listing_check_seconds: float = 300.0
     #: a pool kopf left half-done this long (finalizer not added, or not removed after
     #: deletion) is touched so kopf runs its handlers again
-    release_retry_seconds: float = 10.0
+    release_retry_seconds: float = 30.0
     #: ... doubled after each failed pass in a row, up to this
     max_resync_after_error_seconds: float = 300.0
     #: a ``kopf.ConnectionInfo`` to use instead of in-cluster / kubeconfig login (tests)

@@ -204,7 +204,8 @@ class Planner:
         self._retry_at: float | None = None
         self._failed_passes = 0
         #: pool key -> (uid, loop time) of pools kopf left half-done (see _retry_stuck_pools)
-        self._waiting_since: dict[str, tuple[str | None, float]] = {}
+        self._waiting_since: dict[str, tuple[str | None, float]] = {}  # (uid, next touch)
+        self._touches: dict[str, int] = {}  # touches so far, per pool waiting
         self._last_periodic: float | None = None
         # plans
         self.latest: PoolPlan | None = None
@@ -316,11 +317,11 @@ class Planner:
         """When a pool kopf has not finished with is due for :meth:`_retry_stuck_pools`."""
         if not self._waiting_since:
             return None
-        return min(t for _uid, t in self._waiting_since.values()) + \
-            self.config.release_retry_seconds
+        return min(t for _uid, t in self._waiting_since.values())
 
     async def _retry_stuck_pools(self, report: PassReport) -> None:
-        """Touch every pool kopf has left half-done for ``release_retry_seconds``: one
+        """Touch every pool kopf has left half-done for ``release_retry_seconds`` (then
+        twice as long after each touch, up to 5 min): one
         being deleted that still carries the finalizer, or a live one that never got it.
 
         kopf adds and removes the finalizer with one PATCH each; if the API answers it 409
@@ -333,11 +334,13 @@ class Planner:
         for k in list(self._waiting_since):
             if k not in waiting or self._waiting_since[k][0] != waiting[k].uid:
                 del self._waiting_since[k]
+                self._touches.pop(k, None)
+        first = self.config.release_retry_seconds
         for k, e in waiting.items():
-            uid, since = self._waiting_since.setdefault(k, (e.uid, now))
-            if now - since < self.config.release_retry_seconds:
+            uid, due = self._waiting_since.setdefault(k, (e.uid, now + first))
+            if now < due:
                 continue
-            path = path_for(API_VERSION, INFERENCEPOOLS, e.namespace, e.name)
+            path = path_for("joulepool.dev/v1alpha1", "inferencepools", e.namespace, e.name)
             touch = {"metadata": {"annotations": {RELEASE_RETRY_ANNOTATION: _iso_now()}}}
             try:
                 await self.client.patch(path, touch)
@@ -346,7 +349,9 @@ class Planner:
             except ApiError as exc:
                 if not exc.not_found:
                     report.errors.append(f"InferencePool {k} (retry): {exc}")
-            self._waiting_since[k] = (uid, now)
+            n = self._touches[k] = self._touches.get(k, 0) + 1
+            # a busy kopf is not hurried along: each touch waits twice as long, up to 5 min
+            self._waiting_since[k] = (uid, now + min(first * 2 ** n, 300.0))
 
     def resync_delay(self) -> float:
         """Delay before the next pass after a failed one: ``resync_after_error_seconds``,
