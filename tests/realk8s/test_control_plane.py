@@ -78,7 +78,10 @@ def test_second_scheduler_runs_on_its_service_account(
     from kubernetes import client
 
     coord = client.CoordinationV1Api(cluster.api_client())
-    lease = k8slib.wait_for("the scheduler's lease", lambda: coord.read_namespaced_lease(
-        "joulepool-scheduler", k8slib.RELEASE_NAMESPACE), timeout=30)
+    # (a scheduler of an earlier test may have released the lease: wait for a holder)
+    lease = k8slib.wait_for("the scheduler to hold its lease", lambda: (
+        lease if (lease := coord.read_namespaced_lease(
+            "joulepool-scheduler", k8slib.RELEASE_NAMESPACE)).spec.holder_identity else None),
+        timeout=40)
     assert lease.spec.holder_identity
     assert sched.forbidden_lines() == []
