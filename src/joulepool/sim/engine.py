@@ -25,6 +25,9 @@ JouleSched's lambda every ``pi_period_s``, samples of a few GPUs for the
 plots. Energy is reported for the window [0, duration]; requests that
 arrived in it are served to completion (up to ``drain_s`` longer) for the
 latency figures.
+
+:class:`Simulator` runs it, one handler per event kind; :func:`simulate` is the
+entry point. How it is built and what a change must keep: docs/simulator.md.
 """
 
 from __future__ import annotations
