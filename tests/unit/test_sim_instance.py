@@ -1,0 +1,99 @@
+"""The simulator's state objects: one instance's admission, timing and energy; the GPU
+ledger's conservation; the order of marks the engine relies on."""
+
+from __future__ import annotations
+
+import pytest
+from sim_helpers import cluster
+
+from joulepool.core.profiles import H100_8B
+from joulepool.sim.engine import Mark
+from joulepool.sim.instance import Instance, InstanceState
+from joulepool.sim.ledger import GPULedger
+from joulepool.sim.tables import build_table
+
+TABLE = build_table(H100_8B, 0.15)
+INPUT = [1000.0, 500.0, 200.0]
+
+
+def _instance(llf: bool = False) -> Instance:
+    return Instance(0, TABLE, "n", "s1", 0, llf, 1.0, False)
+
+
+def test_admission_rule_one_prefill_at_a_time_fcfs():
+    inst = _instance()
+    assert not inst.admit_next(0.0, INPUT)  # nobody waits
+    inst.enqueue(0, INPUT[0], 10, 0.0)
+    inst.enqueue(1, INPUT[1], 5, 0.0)
+    assert inst.admit_next(0.0, INPUT)
+    assert inst.prefill_rid == 0 and inst.nwait == 1
+    assert inst.prefill_end == pytest.approx(TABLE.prefill_s_per_token[TABLE.top] * 1000.0)
+    assert inst.wait_in == pytest.approx(500.0)  # only request 1's prompt still waits
+    assert not inst.admit_next(0.01, INPUT)  # a prefill is running
+    inst.prefill_rid = -1
+    inst.b = inst.maxb
+    assert not inst.admit_next(0.01, INPUT)  # the batch is full
+    inst.b = 0
+    assert inst.admit_next(0.05, INPUT) and inst.prefill_rid == 1
+
+
+def test_retime_makes_earlier_events_stale_and_times_the_next_one():
+    inst = _instance()
+    evq: list[tuple[float, int, int]] = []
+    inst.enqueue(0, INPUT[0], 10, 0.0)
+    inst.admit_next(0.0, INPUT)
+    inst.retime(0.0, evq)
+    assert evq == [(inst.prefill_end, 0, inst.version)]
+    assert inst.power == TABLE.prefill_power_w[TABLE.top] and inst.itl == 0.0
+    first = inst.version
+    # the prefill ends; the request decodes 9 more tokens at batch 1
+    inst.settle(inst.prefill_end)
+    t = inst.prefill_end
+    inst.prefill_rid = -1
+    inst.heap.append((inst.V + 9, 0))
+    inst.b = 1
+    inst.retime(t, evq)
+    assert inst.version == first + 1  # the prefill-end event in evq is now stale
+    itl = TABLE.itl_s[TABLE.top][1]
+    assert evq[-1] == (pytest.approx(t + 9 * itl), 0, inst.version)
+    assert inst.power == TABLE.power_w[TABLE.top][1]
+
+
+def test_settle_integrates_energy_busy_time_and_token_clock():
+    inst = _instance()
+    evq: list[tuple[float, int, int]] = []
+    inst.heap.append((5.0, 7))
+    inst.b = 1
+    inst.retime(0.0, evq)
+    inst.settle(2 * inst.itl)
+    token_clock = inst.V
+    assert token_clock == pytest.approx(2.0)
+    assert inst.busy_t == pytest.approx(2 * inst.itl)
+    assert inst.energy == pytest.approx(TABLE.power_w[TABLE.top][1] * 2 * inst.itl)
+    inst.settle(5 * inst.itl)
+    assert inst.pop_finished() == [7] and inst.b == 0
+
+
+def test_ledger_conserves_energy_when_gpus_change_hands():
+    cl = cluster([("n", "H100", 2)])
+    gpus = GPULedger(cl)
+    idle = gpus.idle[0]
+    two = Instance(0, build_table(H100_8B, 0.15), "n", "s1", 0, False, 1.0, False)
+    two.gpus = 2
+    assert gpus.take(two, 10.0) == (0, 1)
+    two.gpu_ids = (0, 1)
+    two.state = InstanceState.ACTIVE
+    two.last_t = 10.0
+    assert gpus.take(two, 10.0) is None  # no GPU left on the node
+    two.power = 300.0
+    two.settle(20.0)
+    gpus.give_back(two, 20.0)
+    # 10 s idle each, then half of the instance's 3000 J each, then idle again
+    for g in (0, 1):
+        assert gpus.cumulative_j(g, 30.0) == pytest.approx(idle * 10 + 1500.0 + idle * 10)
+    assert gpus.node_free["n"] == [0, 1]
+
+
+def test_marks_at_equal_times_run_carbon_step_then_plan_then_window_end():
+    marks = sorted([(60.0, Mark.WINDOW_END), (60.0, Mark.PLAN_WINDOW), (60.0, Mark.CARBON_STEP)])
+    assert [k for _, k in marks] == [Mark.CARBON_STEP, Mark.PLAN_WINDOW, Mark.WINDOW_END]
