@@ -94,8 +94,8 @@ def test_reset_daemonsets_cover_the_agents_nodes_with_the_agents_backend(key: st
         reset_args = settings(agent_args(init))
         run_args = settings(agent_args(next(c for c in a["containers"] if c["name"] == "agent")))
         assert reset_args.reset_and_exit is True and not reset_args.hold
-        for flag in ("backend", "gpu_state", "product", "count", "sim_unprivileged",
-                     "reset_grace"):
+        for flag in ("backend", "control", "gpu_state", "product", "count",
+                     "sim_unprivileged", "reset_grace"):
             assert getattr(reset_args, flag) == getattr(run_args, flag), flag
         # the holding container touches no GPU and has no privilege
         assert agent_args(hold) == ["node-agent", "--hold"]
@@ -115,6 +115,15 @@ def test_reset_grace_fits_the_termination_grace_period() -> None:
         args = agent_args(spec["containers"][0])
         reset_grace = float(args[args.index("--reset-grace") + 1])
         assert 0 < reset_grace <= grace - 5
+
+
+def test_power_limit_mode_reaches_the_agent_and_the_uninstall_reset() -> None:
+    r = Rendered(render_raw({"nodeAgent": {"control": "power"}}))
+    for ds in r.all("DaemonSet"):
+        spec = ds["spec"]["template"]["spec"]
+        c = (spec.get("initContainers") or spec["containers"])[0] \
+            if component(ds) == "node-agent-reset" else spec["containers"][0]
+        assert settings(agent_args(c)).control == "power", ds["metadata"]["name"]
 
 
 def test_uninstall_reset_can_be_turned_off() -> None:

@@ -16,6 +16,12 @@ def test_kill_harness_leaves_no_gpu_locked(tmp_path):
     assert report.ok(), summary
 
 
+def test_kill_harness_in_power_limit_mode_leaves_no_limit_set(tmp_path):
+    report = run_kill_harness(tmp_path, KillSettings(trials=3, seed=11, control="power"))
+    assert report.trials == 3 and sum(report.faults.values()) >= 3
+    assert report.ok(), report.as_dict()
+
+
 def test_kill_harness_sees_locked_gpus_when_resets_are_not_retried(tmp_path):
     """The harness can fail: with no reset grace, faults outlast the single try."""
     report = run_kill_harness(tmp_path, KillSettings(trials=3, seed=2, reset_grace_s=0.0,

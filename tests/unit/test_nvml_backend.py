@@ -89,6 +89,25 @@ class FakeNVML:
         self.calls.append(("reset", h))
         self.locked[h] = None
 
+    # power limits, milliwatts, as pynvml speaks them (A100 SXM: 100-400 W, default 400 W)
+    limits: dict[int, int]
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, h):
+        return [100000, 400000]
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, h):
+        return 400000
+
+    def nvmlDeviceGetPowerManagementLimit(self, h):
+        return self.__dict__.setdefault("limits", {}).get(self._h(h), 400000)
+
+    def nvmlDeviceSetPowerManagementLimit(self, h, mw):
+        self._h(h)
+        if not self.privileged:
+            raise self.NVMLError(self.NVML_ERROR_NO_PERMISSION)
+        self.calls.append(("power limit", h, mw))
+        self.__dict__.setdefault("limits", {})[h] = mw
+
 
 def test_readings_and_control_are_translated():
     fake = FakeNVML()
@@ -255,3 +274,19 @@ def test_module_shape_matches_pynvml():
     assert (pynvml.NVML_ERROR_NO_PERMISSION, pynvml.NVML_ERROR_NOT_SUPPORTED,
             pynvml.NVML_ERROR_GPU_IS_LOST) == (4, 3, 15)
     assert isinstance(pynvml, types.ModuleType)
+
+
+def test_power_limit_calls_speak_milliwatts_and_reset_restores_the_default():
+    fake = FakeNVML()
+    be = NvmlBackend(fake)
+    be.init()
+    assert be.power_limit_constraints_w(0) == (100.0, 400.0)
+    be.set_power_limit_w(1, 250.4)
+    assert fake.calls[-1] == ("power limit", 1, 250400)
+    assert be.power_limit_w(1) == 250.4
+    be.reset_power_limit(1)
+    assert fake.calls[-1] == ("power limit", 1, 400000) and be.power_limit_w(1) == 400.0
+    fake.privileged = False
+    with pytest.raises(GPUError) as err:
+        be.set_power_limit_w(0, 200)
+    assert err.value.kind is GPUErrorKind.NO_PERMISSION

@@ -169,6 +169,8 @@ the daemonSet's dict. */}}
 {{- $a := .ctx.Values.nodeAgent }}
 - --backend
 - {{ $a.backend }}
+- --control
+- {{ $a.control }}
 - --reset-grace
 - {{ include "joulepool.nodeAgent.resetGrace" .ctx | quote }}
 {{- if eq $a.backend "simulated" }}

@@ -64,3 +64,19 @@ class GPUBackend(Protocol):
     def set_locked_clocks(self, index: int, min_mhz: float, max_mhz: float) -> None: ...
 
     def reset_locked_clocks(self, index: int) -> None: ...
+
+    def power_limit_constraints_w(self, index: int) -> tuple[float, float]:
+        """(min, max) power limit the GPU accepts, watts."""
+        ...
+
+    def power_limit_w(self, index: int) -> float:
+        """The power limit in force, watts."""
+        ...
+
+    def set_power_limit_w(self, index: int, watts: float) -> None:
+        """Cap board power (needs the same privilege as locking clocks)."""
+        ...
+
+    def reset_power_limit(self, index: int) -> None:
+        """Back to the GPU's default power limit."""
+        ...

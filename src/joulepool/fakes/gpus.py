@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from joulepool.core.device import DeviceInfo, GPUError, GPUErrorKind
+from joulepool.core.powercap import clock_under_power_cap, power_limit_range_w
 from joulepool.core.profiles import (
     DEFAULT_PROFILES,
     PRODUCTS,
@@ -259,13 +260,30 @@ class SimulatedGPUs:
         return mine[0]
 
     def effective_clock(self, gpu: dict[str, Any]) -> float:
-        """The SM clock the GPU runs at: its locked maximum, else f_max."""
+        """The SM clock the GPU runs at: its locked maximum (else f_max), lowered further
+        until the instance's power fits its GPUs' power limits (``core.powercap``)."""
         product = self.product(gpu)
         locked = gpu.get("locked")
         f_max = product.f_max_mhz.value
+        f = float(f_max)
         if locked:
-            return float(min(max(float(locked[1]), product.f_min_mhz.value), f_max))
-        return float(f_max)
+            f = float(min(max(float(locked[1]), product.f_min_mhz.value), f_max))
+        cap = gpu.get("power_limit_w")
+        if cap is not None:
+            profile = self.profile(gpu)
+            batch = float(gpu.get("batch") or 0.0)
+            f = clock_under_power_cap(profile, batch, float(cap) * profile.gpus, f)
+        return f
+
+    def power_limit_w(self, gpu: dict[str, Any]) -> float:
+        """The GPU's power limit in force: the one set, else its default (the TDP)."""
+        cap = gpu.get("power_limit_w")
+        return float(cap) if cap is not None else float(self.product(gpu).tdp_w.value)
+
+    def set_power_limit(self, index: int, watts: float | None) -> None:
+        """Cap the GPU's board power (None: back to the default)."""
+        self._mutate([index], lambda g: g.__setitem__(
+            "power_limit_w", None if watts is None else float(watts)))
 
     def power_w(self, gpu: dict[str, Any]) -> float:
         profile = self.profile(gpu)
@@ -410,3 +428,22 @@ class SimulatedBackend:
     def reset_locked_clocks(self, index: int) -> None:
         self._check_control(index)
         self.gpus.reset(index)
+
+    def power_limit_constraints_w(self, index: int) -> tuple[float, float]:
+        gpu = self._live(index)
+        return power_limit_range_w(self.gpus.product(gpu).tdp_w.value)
+
+    def power_limit_w(self, index: int) -> float:
+        return self.gpus.power_limit_w(self._live(index))
+
+    def set_power_limit_w(self, index: int, watts: float) -> None:
+        gpu = self._check_control(index)
+        lo, hi = power_limit_range_w(self.gpus.product(gpu).tdp_w.value)
+        if not lo - 1e-6 <= watts <= hi + 1e-6:
+            raise GPUError(GPUErrorKind.OTHER,
+                           f"Invalid Argument: power limit {watts} W outside {lo}-{hi} W", index)
+        self.gpus.set_power_limit(index, watts)
+
+    def reset_power_limit(self, index: int) -> None:
+        self._check_control(index)
+        self.gpus.set_power_limit(index, None)

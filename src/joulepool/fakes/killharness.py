@@ -53,6 +53,8 @@ class KillSettings:
     #: injected faults last at most this long, so a reset retried within the grace succeeds
     max_fault_s: float = 1.5
     max_faults_per_trial: int = 2
+    #: what the agent steers: "clocks" or "power" (then a set power limit counts as locked)
+    control: str = "clocks"
 
 
 @dataclass
@@ -128,7 +130,9 @@ class KillHarness:
         self.engine_url = ""
 
     def locked(self) -> list[int]:
-        return [g["index"] for g in json.loads(self.state.read_text())["gpus"] if g["locked"]]
+        """GPUs with locked clocks or a power limit set."""
+        return [g["index"] for g in json.loads(self.state.read_text())["gpus"]
+                if g["locked"] or g.get("power_limit_w") is not None]
 
     @contextmanager
     def engine(self) -> Iterator[None]:
@@ -150,7 +154,7 @@ class KillHarness:
         return [*PY, "node-agent", "--backend", "simulated", "--gpu-state", str(self.state),
                 "--kubernetes", "off", "--interval", str(self.s.interval_s),
                 "--call-timeout", str(self.s.call_timeout_s),
-                "--reset-grace", str(self.s.reset_grace_s), *extra]
+                "--reset-grace", str(self.s.reset_grace_s), "--control", self.s.control, *extra]
 
     def start_agent(self, with_engine: bool) -> tuple[subprocess.Popen[str], int]:
         port = _free_port()

@@ -7,7 +7,11 @@ Every period (default 1 s), for each GPU:
 2. build the SLO signal from those engines (tail TTFT / TPOT over the recent
    window, waiting requests) and the pool's SLO from the plan;
 3. ask ``core.controllers.MIADController`` for the next clock and lock it
-   (``min = lowest supported``, ``max = f``: the GPU may still idle lower).
+   (``min = lowest supported``, ``max = f``: the GPU may still idle lower);
+   in power mode (``control="power"``) MIAD steers the GPU's power limit
+   instead (levels 5 W apart within the device's constraints, additive
+   decrease ``power_step_w``), and "reset" below means restoring the default
+   limit.
 
 GPU safety, which is the point of this module:
 
@@ -69,6 +73,17 @@ from joulepool.nodeagent.signals import EngineReading, SignalSource
 
 log = logging.getLogger("joulepool.nodeagent")
 
+#: what the agent can steer on a GPU: locked SM clocks, or the power limit
+CONTROL_MODES = ("clocks", "power")
+#: power mode: the power limits MIAD chooses among are this many watts apart
+POWER_LEVEL_W = 5.0
+
+
+def power_levels(lo_w: float, hi_w: float) -> list[float]:
+    """The power limits (W) MIAD steers among: ``lo_w`` to ``hi_w`` in POWER_LEVEL_W steps."""
+    n = max(int((hi_w - lo_w) // POWER_LEVEL_W), 0)
+    return sorted({*(lo_w + i * POWER_LEVEL_W for i in range(n + 1)), hi_w})
+
 
 @dataclass
 class AgentConfig:
@@ -84,6 +99,10 @@ class AgentConfig:
     eps_half_life_s: float = EPS_HALF_LIFE_S
     #: a control period longer than this is abandoned (None: 3 periods, at least 2 s)
     tick_timeout_s: float | None = None
+    #: what MIAD steers: "clocks" (locked SM clocks) or "power" (the GPU's power limit)
+    control: str = "clocks"
+    #: power mode: MIAD's additive decrease step, watts
+    power_step_w: float = 10.0
     #: longest wait for one GPU backend (NVML) call; longer is a failed call
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     #: on stop, failed resets are retried with backoff for at most this long (seconds);
@@ -107,6 +126,10 @@ class AgentConfig:
             raise ValueError("interval must be > 0")
         if self.tick_timeout_s is not None and self.tick_timeout_s <= 0:
             raise ValueError("tick timeout must be > 0")
+        if self.control not in CONTROL_MODES:
+            raise ValueError(f"control must be one of {CONTROL_MODES}, got {self.control!r}")
+        if self.power_step_w <= 0:
+            raise ValueError("power step must be > 0")
         if self.call_timeout_s <= 0:
             raise ValueError("GPU call timeout must be > 0")
         if self.reset_grace_s < 0:
@@ -128,7 +151,9 @@ class GPU:
     supported: list[float] = field(default_factory=list)
     controllable: bool = True
     lost: bool = False
-    locked_mhz: float | None = None  # the cap we locked, None when not (or no longer) ours
+    #: the cap we set, None when not (or no longer) ours: a clock (MHz) in clocks mode,
+    #: a power limit (W) in power mode
+    locked_mhz: float | None = None
     #: clocks may be locked: True from start (a predecessor may have locked them) and
     #: after each lock, False only once a reset succeeded
     needs_reset: bool = True
@@ -231,7 +256,7 @@ class NodeAgent:
                 # we locked it before the permission failed (elsewhere): hand it back now
                 await self._try_reset(gpu, self.monotonic())
             gpu.locked_mhz = None
-            self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+            self._show_target(gpu, 0)
 
     def _mark_lost(self, gpu: GPU, exc: GPUError, now: float) -> None:
         if not gpu.lost:
@@ -241,7 +266,7 @@ class NodeAgent:
         gpu.locked_mhz = None
         gpu.next_probe = now + self.config.lost_retry_s
         self.metrics.gpu_lost.labels(*self._labels(gpu)).set(1)
-        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        self._show_target(gpu, 0)
 
     def _not_controllable(self, gpu: GPU, exc: GPUError) -> None:
         gpu.controllable = False
@@ -284,14 +309,14 @@ class NodeAgent:
         gpu.needs_reset = False
         gpu.reset_backoff_s = 0.0
         self._set_reset_pending(gpu)
-        self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+        self._show_target(gpu, 0)
 
     async def _reset(self, gpu: GPU, now: float) -> bool:
         """Unlock one GPU's clocks; True when it is known to be unlocked."""
         if not gpu.controllable or gpu.lost:
             return False
         try:
-            await self.gpu_io.reset_locked_clocks(gpu.index, wait_if_hung=False)
+            await self.gpu_io.hand_back(gpu.index, self.config.control, wait_if_hung=False)
         except GPUError as exc:
             self._reset_failed(gpu, now)
             if self.monitor_only and exc.kind is GPUErrorKind.NO_PERMISSION:
@@ -317,7 +342,7 @@ class NodeAgent:
             self.gpus.append(gpu)
             self._init_metrics(gpu)
             try:
-                gpu.supported = sorted(await self.gpu_io.supported_clocks_mhz(info.index))
+                gpu.supported = await self._levels(info.index)
                 if not gpu.supported:
                     raise GPUError(GPUErrorKind.NOT_SUPPORTED, "no supported clocks", info.index)
             except GPUError as exc:
@@ -333,14 +358,32 @@ class NodeAgent:
                 continue
             if not self.monitor_only:
                 await self._reset(gpu, now)  # safety: a predecessor may have left clocks locked
+                if self.config.control == "power":  # and one in clocks mode locked clocks
+                    with contextlib.suppress(GPUError):
+                        await self.gpu_io.reset_locked_clocks(gpu.index, wait_if_hung=False)
         log.info("node agent on %s: %d GPU(s): %s%s", self.config.node, len(self.gpus),
                  ", ".join(f"{g.index}={g.product_name}" for g in self.gpus),
                  " (monitor-only)" if self.monitor_only else "")
+
+    async def _levels(self, index: int) -> list[float]:
+        """What MIAD chooses among: lockable clocks (MHz), or power limits (W)."""
+        if self.config.control == "power":
+            lo, hi = await self.gpu_io.power_limit_constraints_w(index)
+            return power_levels(lo, hi)
+        return sorted(await self.gpu_io.supported_clocks_mhz(index))
+
+    def _show_target(self, gpu: GPU, value: float) -> None:
+        """The cap in force on the metrics (0: none, the driver decides)."""
+        labels = self._labels(gpu)
+        power = self.config.control == "power"
+        self.metrics.target_clock.labels(*labels).set(0 if power else value * 1e6)
+        self.metrics.target_power_limit.labels(*labels).set(value if power else 0)
 
     def _init_metrics(self, gpu: GPU) -> None:
         labels = self._labels(gpu)
         self.metrics.gpu_lost.labels(*labels).set(0)
         self.metrics.target_clock.labels(*labels).set(0)
+        self.metrics.target_power_limit.labels(*labels).set(0)
         self.metrics.controllable.labels(*labels).set(1)
         self.metrics.reset_pending.labels(*labels).set(1)
         for d in Direction:
@@ -356,7 +399,7 @@ class NodeAgent:
         lost GPU: said once per GPU and kind). False: a failure worth retrying.
         """
         try:
-            await self.gpu_io.reset_locked_clocks(gpu.index, wait_if_hung=patient)
+            await self.gpu_io.hand_back(gpu.index, self.config.control, wait_if_hung=patient)
         except GPUError as exc:
             final = (GPUErrorKind.NO_PERMISSION, GPUErrorKind.NOT_SUPPORTED,
                      GPUErrorKind.LOST)
@@ -399,7 +442,7 @@ class NodeAgent:
                 elif outcome is False:
                     retry.append(gpu)
                 gpu.locked_mhz = None
-                self.metrics.target_clock.labels(*self._labels(gpu)).set(0)
+                self._show_target(gpu, 0)
             todo = retry
             if not todo or time.monotonic() + backoff > deadline:
                 break
@@ -509,9 +552,12 @@ class NodeAgent:
     def miad_params(self) -> tuple[float, float, float]:
         """(k_inc, step MHz, margin): the EnergyPolicy's if it sets them, else the flags'."""
         spec = self.policy.miad() if self.policy is not None else None
+        k_inc, step, margin = self.config.k_inc, self.config.step_mhz, self.config.margin
         if spec is not None:
-            return spec.k_inc, spec.step_mhz, spec.margin
-        return self.config.k_inc, self.config.step_mhz, self.config.margin
+            k_inc, step, margin = spec.k_inc, spec.step_mhz, spec.margin
+        if self.config.control == "power":
+            step = self.config.power_step_w  # MIAD's additive step is in watts there
+        return k_inc, step, margin
 
     def control_interval(self) -> float:
         """Seconds between control periods: the EnergyPolicy's miad.periodSeconds if it
@@ -523,8 +569,9 @@ class NodeAgent:
         params = self.miad_params()
         if gpu.controller is None or gpu.controller_slo != slo or \
                 gpu.controller_params != params:
-            lo = gpu.product.f_min_mhz.value if gpu.product else None
-            hi = gpu.product.f_max_mhz.value if gpu.product else None
+            clocks = self.config.control == "clocks"
+            lo = gpu.product.f_min_mhz.value if gpu.product and clocks else None
+            hi = gpu.product.f_max_mhz.value if gpu.product and clocks else None
             usable = [f for f in gpu.supported
                       if (lo is None or f >= lo - 1e-6) and (hi is None or f <= hi + 1e-6)]
             gpu.controller = MIADController(
@@ -558,13 +605,16 @@ class NodeAgent:
             gpu.needs_reset = True  # from the moment it is sent: a timed-out lock may land
             self._set_reset_pending(gpu)
             try:
-                await self.gpu_io.set_locked_clocks(gpu.index, gpu.supported[0], target)
+                if self.config.control == "power":
+                    await self.gpu_io.set_power_limit_w(gpu.index, target)
+                else:
+                    await self.gpu_io.set_locked_clocks(gpu.index, gpu.supported[0], target)
             except GPUError as exc:
                 await self._on_error(gpu, exc, now, "lock")
                 return
             gpu.locked_mhz = target
         self.metrics.decisions.labels(*labels, direction.value).inc()
-        self.metrics.target_clock.labels(*labels).set(target * 1e6)
+        self._show_target(gpu, target)
 
     async def _probe_lost(self, gpu: GPU, now: float) -> None:
         if now < gpu.next_probe:

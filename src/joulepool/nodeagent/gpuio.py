@@ -60,7 +60,7 @@ class GPUCalls:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._busy: tuple[str, float] | None = None  # (what, monotonic start) of the running call
-        self._resets: dict[int, concurrent.futures.Future[Any]] = {}
+        self._resets: dict[tuple[str, int], concurrent.futures.Future[Any]] = {}
         self._lock = threading.RLock()
         self.timeouts = 0  # calls that exceeded their bound (for tests and metrics)
 
@@ -155,19 +155,34 @@ class GPUCalls:
         await self.call("lock clocks", self.backend.set_locked_clocks, index, min_mhz, max_mhz,
                         index=index)
 
+    async def power_limit_constraints_w(self, index: int) -> tuple[float, float]:
+        return await self.call("power limit constraints", self.backend.power_limit_constraints_w,
+                               index, index=index)
+
+    async def set_power_limit_w(self, index: int, watts: float) -> None:
+        await self.call("set power limit", self.backend.set_power_limit_w, index, watts,
+                        index=index)
+
     async def reset_locked_clocks(self, index: int, wait_if_hung: bool = True) -> None:
-        """Queued even behind a hung call (one pending reset per GPU, shared by callers),
-        so it runs as soon as the driver answers. The caller waits at most the bound,
-        or (``wait_if_hung=False``) not at all while another call hangs."""
+        await self.hand_back(index, "clocks", wait_if_hung)
+
+    async def hand_back(self, index: int, control: str = "clocks",
+                        wait_if_hung: bool = True) -> None:
+        """Undo what the agent controls on a GPU: reset its locked clocks (``clocks``) or
+        restore its default power limit (``power``).
+
+        Queued even behind a hung call (one pending reset per GPU and kind, shared by
+        callers), so it runs as soon as the driver answers. The caller waits at most the
+        bound, or (``wait_if_hung=False``) not at all while another call hangs."""
+        what, fn = (("reset power limit", self.backend.reset_power_limit) if control == "power"
+                    else ("reset clocks", self.backend.reset_locked_clocks))
         with self._lock:
-            future = self._resets.get(index)
+            future = self._resets.get((control, index))
             if future is None or future.done():
-                future = self._submit("reset clocks",
-                                      lambda: self.backend.reset_locked_clocks(index))
-                self._resets[index] = future
+                future = self._submit(what, lambda: fn(index))
+                self._resets[(control, index)] = future
         hung = self.hung()
         if hung is not None and not wait_if_hung:
             raise GPUError(GPUErrorKind.TIMEOUT,
-                           f"reset clocks: queued behind {hung[0]}, hung for {hung[1]:.1f} s",
-                           index)
-        await self._wait("reset clocks", future, index, self.timeout_s, cancel_on_timeout=False)
+                           f"{what}: queued behind {hung[0]}, hung for {hung[1]:.1f} s", index)
+        await self._wait(what, future, index, self.timeout_s, cancel_on_timeout=False)

@@ -61,6 +61,10 @@ class AgentMetrics:
             "joulepool_gpu_target_clock_hertz",
             "SM clock MIAD locked the GPU to (0: not locked, the driver decides)",
             GPU_LABELS, registry=r)
+        self.target_power_limit = Gauge(
+            "joulepool_gpu_target_power_limit_watts",
+            "power limit MIAD set on the GPU in power mode (0: not set, the default applies)",
+            GPU_LABELS, registry=r)
         self.decisions = Counter(
             "joulepool_miad_decisions", "MIAD decisions by direction",
             (*GPU_LABELS, "direction"), registry=r)

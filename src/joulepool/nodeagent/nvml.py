@@ -156,3 +156,31 @@ class NvmlBackend:
         nvml = self.nvml
         self._call(index, "nvmlDeviceResetGpuLockedClocks",
                    nvml.nvmlDeviceResetGpuLockedClocks, self._handle(index))
+
+    # -- power limit (NVML speaks milliwatts) -----------------------------------
+    def power_limit_constraints_w(self, index: int) -> tuple[float, float]:
+        nvml = self.nvml
+        lo, hi = self._call(index, "nvmlDeviceGetPowerManagementLimitConstraints",
+                            nvml.nvmlDeviceGetPowerManagementLimitConstraints,
+                            self._handle(index))
+        return float(lo) / 1e3, float(hi) / 1e3
+
+    def power_limit_w(self, index: int) -> float:
+        nvml = self.nvml
+        return float(self._call(index, "nvmlDeviceGetPowerManagementLimit",
+                                nvml.nvmlDeviceGetPowerManagementLimit,
+                                self._handle(index))) / 1e3
+
+    def set_power_limit_w(self, index: int, watts: float) -> None:
+        nvml = self.nvml
+        self._call(index, "nvmlDeviceSetPowerManagementLimit",
+                   nvml.nvmlDeviceSetPowerManagementLimit, self._handle(index),
+                   round(watts * 1e3))
+
+    def reset_power_limit(self, index: int) -> None:
+        nvml = self.nvml
+        handle = self._handle(index)
+        default = self._call(index, "nvmlDeviceGetPowerManagementDefaultLimit",
+                             nvml.nvmlDeviceGetPowerManagementDefaultLimit, handle)
+        self._call(index, "nvmlDeviceSetPowerManagementLimit",
+                   nvml.nvmlDeviceSetPowerManagementLimit, handle, int(default))

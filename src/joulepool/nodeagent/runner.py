@@ -58,6 +58,7 @@ def build_config(args: NodeAgentSettings, node: str) -> AgentConfig:
             node=node, interval_s=args.interval, k_inc=args.k_inc, step_mhz=args.step_mhz,
             margin=args.margin, ttft_slo_s=args.ttft_slo, tpot_slo_s=args.tpot_slo,
             lost_retry_s=args.lost_retry, call_timeout_s=args.call_timeout,
+            control=args.control, power_step_w=args.power_step,
             reset_grace_s=args.reset_grace)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -69,6 +69,13 @@ class NodeAgentSettings(ComponentSettings):
         None, "fallback TPOT target, seconds (give both or neither)", group=CONTROL, gt=0)
     lost_retry: float = setting(AgentConfig.lost_retry_s, "seconds between probes of a lost GPU",
                                 env="JOULEPOOL_LOST_RETRY_SECONDS", group=CONTROL, gt=0)
+    control: Literal["clocks", "power"] = setting(
+        "clocks", "what MIAD steers: locked SM clocks (nvmlDeviceSetGpuLockedClocks), or the "
+        "GPU's power limit (nvmlDeviceSetPowerManagementLimit, within the device's "
+        "constraints); either is reset on stop and by --reset-and-exit", group=CONTROL)
+    power_step: float = setting(
+        AgentConfig.power_step_w, "power mode: MIAD additive decrease step, watts",
+        env="JOULEPOOL_MIAD_POWER_STEP_WATTS", group=CONTROL, gt=0)
     call_timeout: float = setting(
         AgentConfig.call_timeout_s,
         "longest wait for one NVML call, seconds; a longer one counts as a failed call",
