@@ -35,8 +35,9 @@ class Settings(ServiceSettings):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="port to listen on (0: any)")
     prefix: str = Field(DEFAULT_PREFIX, description="URL prefix of the scheduler verbs")
     token_scope: Literal["all", "router"] = Field(
-        "all", description="paths the token guards: all, or router (/v1/*, /metrics, /debug) "
-        "-- kube-scheduler cannot send tokens, so use 'router' (and TLS) with it",
+        "all", description="paths the token guards: all, or router (/metrics, /debug: all "
+        "but the scheduler verbs) -- kube-scheduler cannot send tokens, so use 'router' "
+        "(and TLS) with it",
     )
     max_nodes: int = Field(20000, ge=1, description="most candidate nodes per call (413 above)")
 
