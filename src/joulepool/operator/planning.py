@@ -340,7 +340,7 @@ class Planner:
             uid, due = self._waiting_since.setdefault(k, (e.uid, now + first))
             if now < due:
                 continue
-            path = path_for("joulepool.dev/v1alpha1", "inferencepools", e.namespace, e.name)
+            path = path_for(API_VERSION, INFERENCEPOOLS, e.namespace, e.name)
             touch = {"metadata": {"annotations": {RELEASE_RETRY_ANNOTATION: _iso_now()}}}
             try:
                 await self.client.patch(path, touch)
