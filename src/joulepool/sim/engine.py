@@ -223,62 +223,15 @@ class Simulator:
     """
 
     __slots__ = (
-        "T",
-        "cluster",
-        "controllers",
-        "done",
-        "dropped",
-        "ended",
-        "events",
-        "evq",
-        "fallback_routes",
-        "gpus",
-        "hlog",
-        "instances",
-        "lam_for_pi",
-        "lam_series",
-        "lam_tier",
-        "little_area",
-        "llf",
-        "mark_i",
-        "marks",
-        "n_pools",
-        "n_sys",
-        "next_control",
-        "next_mark",
-        "next_rid",
-        "next_tick",
-        "notes",
-        "period_done",
-        "period_miss",
-        "pi",
-        "pi_every",
-        "plan_capacity",
-        "plan_queue",
-        "planner_pools",
-        "plog",
-        "policy",
-        "pools",
-        "prm",
-        "prog_every",
-        "progress",
-        "prouter",
-        "req",
-        "samples",
-        "seed",
-        "site_buckets",
-        "static_capacity",
-        "stop_at",
-        "t_sys",
-        "tables",
-        "tick_k",
-        "tokens_window",
-        "use_js",
-        "use_miad",
-        "wall0",
-        "window_busy",
-        "window_gpu_energy",
-        "workload",
+        "T", "cluster", "controllers", "done", "dropped", "ended", "events", "evq",
+        "fallback_routes", "gpus", "hlog", "instances", "lam_for_pi", "lam_series",
+        "lam_tier", "little_area", "llf", "load_columns", "mark_i", "marks", "n_pools",
+        "n_sys", "next_control", "next_mark", "next_rid", "next_tick", "notes",
+        "period_done", "period_miss", "pi", "pi_every", "plan_capacity", "plan_queue",
+        "planner_pools", "plog", "policy", "pools", "prm", "prog_every", "progress",
+        "prouter", "req", "samples", "seed", "site_buckets", "static_capacity", "stop_at",
+        "t_sys", "tables", "tick_k", "tokens_window", "use_js", "use_miad", "wall0",
+        "window_busy", "window_gpu_energy", "workload",
     )
 
     def __init__(
@@ -314,6 +267,8 @@ class Simulator:
         self.n_pools = len(CLASS_NAMES) if self.planner_pools else 1
         routing = "joulesched" if use_router else policy.routing
         self.pools: list[Pool] = [Pool([], routing_profile(routing)) for _ in range(self.n_pools)]
+        #: whether routing reads the pools' load columns (round-robin's picker does not)
+        self.load_columns = self.pools[0].profile.picker.reads_scores
         self.evq: list[tuple[float, int, int]] = []  # (t, instance, instance version)
         self.controllers = self._miad_controllers()
         self.pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target,
@@ -568,7 +523,8 @@ class Simulator:
                      req.llf_deadline[rid] if self.llf else 0.0)
         if inst.admit_next(t, req.input):
             inst.retime(t, self.evq)
-        self._sync(inst)
+        if self.load_columns:
+            self._sync(inst)
 
     def _pick_instance(self, rid: int, t: float) -> Instance | None:
         """The instance the policy routes request ``rid`` to (None: dropped, nothing runs)."""
@@ -626,8 +582,8 @@ class Simulator:
             self._complete(inst, completed, t)
         admitted = inst.nwait > 0 and inst.admit_next(t, self.req.input)  # someone waits
         inst.retime(t, self.evq)
-        if completed or admitted:  # admission moves a prompt out of q_n's prefill term
-            self._sync(inst)
+        if (completed or admitted) and self.load_columns:
+            self._sync(inst)  # admission moves a prompt out of q_n's prefill term
         if completed and inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
             self._release(inst, t)
         return self.ended and self.done == self.req.n
