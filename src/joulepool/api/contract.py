@@ -97,3 +97,30 @@ OPERATOR_METRICS_PORT = 9402
 DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 #: the kubelet PodResources API socket the node agent maps engines to GPUs with
 POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+
+# -- request headers the routing proxy reads (OpenAI-compatible /v1/completions etc.) --
+#: names the pool outright (otherwise the body's ``model`` chooses it)
+POOL_HEADER = "x-joulepool-pool"
+#: ``interactive`` or ``bulk``
+TIER_HEADER = "x-joulepool-tier"
+#: end-to-end deadline of the request, milliseconds
+DEADLINE_HEADER = "x-joulepool-deadline-ms"
+#: llm-d's per-request SLO headers (milliseconds), accepted as well
+LLMD_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
+LLMD_TPOT_HEADER = "x-llm-d-slo-tpot-ms"
+
+# -- Gateway API Inference Extension (GIE) --------------------------------------------
+#: the endpoint picker's gRPC (Envoy ext_proc) port: GIE's conventional 9002
+EPP_PORT = 9002
+#: GIE's pool kind, served by gateways: group, version, plural
+GIE_GROUP = "inference.networking.k8s.io"
+GIE_VERSION = "v1"
+GIE_API_VERSION = f"{GIE_GROUP}/{GIE_VERSION}"
+GIE_POOL_KIND = "InferencePool"
+GIE_POOL_PLURAL = "inferencepools"
+#: endpoint picker protocol (GIE proposal 004): headers and metadata keys
+EPP_DESTINATION_HEADER = "x-gateway-destination-endpoint"
+EPP_SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+EPP_SERVED_KEY = "x-gateway-destination-endpoint-served"
+EPP_LB_NAMESPACE = "envoy.lb"
+EPP_SUBSET_NAMESPACE = "envoy.lb.subset_hint"

@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -334,11 +334,16 @@ class PoolRouter:
         return default_deadline(output_tokens, self.ttft_s, self.tpot_s)
 
     def decide(self, output_tokens: float, input_tokens: float, tier: Tier | None,
-               deadline_seconds: float | None, now: float) -> RouteDecision:
+               deadline_seconds: float | None, now: float,
+               subset: Collection[str] | None = None) -> RouteDecision:
         """Route one request (token counts, tier, deadline in s or None for the pool's):
-        picks by the routing profile, records it in the ledger; NoEndpoints if none."""
+        picks by the routing profile, records it in the ledger; NoEndpoints if none.
+
+        ``subset``: only these addresses may be picked (a gateway's subset hint);
+        NoEndpoints when none of them is an endpoint of the pool."""
         if not self.endpoints:
             raise NoEndpoints(f"pool {self.key!r} has no ready endpoints")
+        eligible = self._eligible(subset) if subset is not None else None
         tier = tier or self.tier
         tokens = request_tokens(output_tokens, input_tokens, self.s.input_token_weight)
         deadline = deadline_seconds or self.deadline_for(output_tokens)
@@ -346,7 +351,7 @@ class PoolRouter:
         self.state.queue_tokens = self.eta_queue_tokens()
         request = RequestInfo(tokens, float(input_tokens), float(output_tokens), deadline, lam,
                               self.s.hard_deadline and tier is Tier.INTERACTIVE)
-        ranked, scores = self.profile.pick(request, self.state, self.s.fallbacks + 1)
+        ranked, scores = self.profile.pick(request, self.state, self.s.fallbacks + 1, eligible)
         if not ranked:
             raise NoEndpoints(f"pool {self.key!r} has no endpoint that can serve")
         best = ranked[0]
@@ -377,7 +382,52 @@ class PoolRouter:
             self.observer.routed(self.key, decision)
         return decision
 
+    def saturated(self, subset: Collection[str] | None = None) -> bool:
+        """Every (eligible) endpoint has requests waiting for admission to its batch
+        (scraped, or implied by the ledger beyond its batch limit): a new request can
+        only queue. False when there is no endpoint (that is NoEndpoints' case)."""
+        if not self.endpoints:
+            return False
+        waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
+        if subset is not None:
+            keep = np.array([a in subset for a in (e.address for e in self.endpoints)])
+            waiting = waiting[keep]
+        return bool(waiting.size) and bool((waiting > 0).all())
+
+    def _eligible(self, subset: Collection[str]) -> npt.NDArray[np.bool_]:
+        keep = np.zeros(len(self.endpoints), dtype=bool)
+        for address in subset:
+            i = self.index.get(address)
+            if i is not None:
+                keep[i] = True
+        if not keep.any():
+            raise NoEndpoints(f"pool {self.key!r} has no ready endpoint in the subset")
+        return keep
+
     # -- feedback --------------------------------------------------------------------
+    def move_routed(self, request_id: str, picked: str, served: str) -> bool:
+        """The request ``request_id`` routed to ``picked`` was served by ``served`` (a
+        gateway's fallback): its ledger entry moves; False if either is unknown."""
+        i, j = self.index.get(picked), self.index.get(served)
+        if i is None or j is None or request_id not in self.endpoints[i].ledger:
+            return False
+        expiry, tokens = self.endpoints[i].ledger[request_id]
+        self.endpoints[i].drop_routed(request_id)
+        self.endpoints[j].add_routed(request_id, expiry, tokens)
+        self._refresh(i)
+        self._refresh(j)
+        return True
+
+    def cancel(self, endpoint: str, request_id: str) -> bool:
+        """Forget a routed request that will never complete (shed, or aborted before
+        the engine answered) without counting it as a completion; False if unknown."""
+        i = self.index.get(endpoint)
+        if i is None or request_id not in self.endpoints[i].ledger:
+            return False
+        self.endpoints[i].drop_routed(request_id)
+        self._refresh(i)
+        return True
+
     def report(self, endpoint: str, request_id: str | None, output_tokens: float,
                deadline_met: bool, joules: float | None, now: float) -> CompletionOutcome:
         """A completed request: drops its ledger entry (the oldest one of the endpoint

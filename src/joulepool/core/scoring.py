@@ -205,7 +205,8 @@ def _ranked(cost: FloatArray, eta: FloatArray | None, k: int) -> list[int]:
 
 class RoundRobinPicker:
     """Each endpoint in turn (the turn is this picker's state), then the next ones as
-    fallbacks; scores are not read."""
+    fallbacks; scores are not read, except that rows at a non-finite cost (outside a
+    subset) are skipped."""
 
     name: ClassVar[str] = "round-robin"
     reads_scores: ClassVar[bool] = False
@@ -217,6 +218,13 @@ class RoundRobinPicker:
         n = int(scores.cost.size)
         if n == 0 or k <= 0:
             return []
+        if not np.isfinite(scores.cost).all():
+            rows = np.flatnonzero(np.isfinite(scores.cost))
+            if rows.size == 0:
+                return []
+            start = self.turn % rows.size
+            self.turn += 1
+            return [int(rows[(start + j) % rows.size]) for j in range(min(k, rows.size))]
         first = self.turn % n
         self.turn += 1
         if k == 1:
@@ -256,13 +264,16 @@ class RoutingProfile:
             out = _apply_filters(request, endpoints, self.filters, out)
         return out
 
-    def pick(self, request: RequestInfo, endpoints: EndpointState, k: int = 1
-             ) -> tuple[list[int], Scores]:
-        """The ``k`` best endpoints, best first, and the scores they were picked by."""
+    def pick(self, request: RequestInfo, endpoints: EndpointState, k: int = 1,
+             eligible: BoolArray | None = None) -> tuple[list[int], Scores]:
+        """The ``k`` best endpoints, best first, and the scores they were picked by;
+        with ``eligible`` (a mask, e.g. a gateway's subset hint) only those rows."""
         if self.picker.reads_scores:
             scores = self.scores(request, endpoints)
         else:
             scores = _zero_scores(len(endpoints))
+        if eligible is not None:
+            scores = _masked(scores, eligible)
         return self.picker.pick(request, scores, k), scores
 
 
@@ -289,6 +300,15 @@ def _weighted(request: RequestInfo, endpoints: EndpointState,
     return Scores(total, eta, breakdown)
 
 
+def _masked(scores: Scores, keep: BoolArray) -> Scores:
+    """``scores`` with the rows outside ``keep`` at an infinite cost (never picked)."""
+    cost = np.where(keep, scores.cost, np.inf)
+    cb = scores.breakdown
+    if cb is not None:
+        cb = CostBreakdown(cb.eta_s, cb.energy_j, cb.slack_s, cb.lam, cost)
+    return Scores(cost, scores.eta_s, cb)
+
+
 def _apply_filters(request: RequestInfo, endpoints: EndpointState, filters: Sequence[Filter],
                    scores: Scores) -> Scores:
     keep: BoolArray | None = None
@@ -298,11 +318,7 @@ def _apply_filters(request: RequestInfo, endpoints: EndpointState, filters: Sequ
             keep = mask if keep is None else keep & mask
     if keep is None or keep.all():
         return scores
-    cost = np.where(keep, scores.cost, np.inf)
-    cb = scores.breakdown
-    if cb is not None:
-        cb = CostBreakdown(cb.eta_s, cb.energy_j, cb.slack_s, cb.lam, cost)
-    return Scores(cost, scores.eta_s, cb)
+    return _masked(scores, keep)
 
 
 #: scorer and picker factories by name

@@ -12,6 +12,11 @@ Routes:
     GET  /v1/pools[/{pool}]    what the router knows (debugging)
     GET  /metrics  /healthz  /readyz
 
+With ``--epp-port``, the same process also serves the Gateway API Inference
+Extension's endpoint picker (Envoy ext_proc over gRPC, :mod:`joulepool.router.epp`)
+on the same event loop and the same per-pool routers, so what a gateway routes and
+what ``/v1/route`` routes share one ledger, one lambda and one eps estimate.
+
 Each pool is a :class:`joulepool.core.router.PoolRouter`, the object the
 simulator's ``joulesched-router`` policy drives; the pools follow the cluster
 (plan + ready pods) or a static endpoints file (:mod:`joulepool.kube.pools`).
@@ -36,7 +41,10 @@ Each decision's server time is in the ``Server-Timing`` header and the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -69,6 +77,8 @@ class RouterService(service.ClusterService):
 
 
 ROUTER = web.AppKey("router", RouterService)
+#: the endpoint picker's bound gRPC port, once listening
+EPP_PORT = web.AppKey("epp_port", int)
 
 
 async def handle_route(request: web.Request) -> web.Response:
@@ -137,4 +147,25 @@ def create_app(settings: Settings, *, background: bool = True,
     service.add_operations_routes(app)
     if background:
         app.cleanup_ctx.append(service.background)
+    if settings.epp_port >= 0:
+        app.cleanup_ctx.append(endpoint_picker)
     return app
+
+
+async def endpoint_picker(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: the GIE endpoint picker's gRPC listener (--epp-port) on
+    this service's event loop and router; its bound port in ``app[EPP_PORT]``."""
+    from joulepool.router import epp
+
+    svc = app[ROUTER]
+    server, port, status = await epp.start_server(
+        svc.router, lambda: svc.ready, svc.settings.host, svc.settings.epp_port)
+    app[EPP_PORT] = port
+    health = asyncio.create_task(epp.keep_health(status))
+    try:
+        yield
+    finally:
+        health.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health
+        await server.stop(grace=1.0)

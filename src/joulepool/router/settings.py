@@ -16,7 +16,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from joulepool import settings as settings_base
-from joulepool.api.contract import ROUTER_PORT
+from joulepool.api.contract import EPP_PORT, ROUTER_PORT
 from joulepool.core.scoring import PROFILES, routing_profile
 from joulepool.kube.pools import RouterSettings
 from joulepool.kube.settings import ServiceSettings
@@ -33,6 +33,11 @@ class Settings(ServiceSettings):
     CONFIG_ENV: ClassVar[str] = "JOULEPOOL_ROUTER_CONFIG"
 
     port: int = Field(ROUTER_PORT, ge=0, le=65535, description="port to listen on (0: any)")
+    epp_port: int = Field(
+        -1, ge=-1, le=65535,
+        description=f"gRPC port of the GIE endpoint picker (Envoy ext_proc; GIE's usual "
+        f"{EPP_PORT}; 0: any; -1: off)",
+    )
     routing: str = Field(
         RouterSettings.routing, description="routing profile of every pool: "
         + ", ".join(sorted(PROFILES)),

@@ -1,0 +1,421 @@
+"""GIE endpoint picker: Envoy ``ext_proc`` v3 over gRPC, picking with the core router.
+
+The Gateway API Inference Extension's endpoint picker protocol (GIE proposal
+004): a conformant gateway streams each request's headers and body to the picker;
+the picker answers the chosen ``ip:port`` plus ordered fallbacks
+(``a:p,b:p,...``) in the ``x-gateway-destination-endpoint`` request header AND
+in the ``envoy.lb`` dynamic metadata (the same value in both). Per request:
+
+* pool: the ``x-joulepool-pool`` header, else the pool holding the gateway's
+  subset hint's endpoints, else the pool serving the body's ``model``, else the
+  only pool; none -> ImmediateResponse 404;
+* subset hint: filter metadata ``envoy.lb.subset_hint`` /
+  ``x-gateway-destination-endpoint-subset`` (a list of ``ip:port``): only those may
+  be picked; an empty list or one with no endpoint of the pool -> 503;
+* no ready endpoint -> 503; a ``bulk`` request while every eligible endpoint
+  already queues requests for admission -> 429 (shed before interactive);
+* fail-open: a body that is not JSON is still routed (with the pool's mean
+  request); the gateway's own fail-open on an unreachable picker is the
+  InferencePool's ``endpointPickerRef.failureMode``;
+* learning: the served endpoint the gateway reports in the metadata context
+  (``envoy.lb`` / ``x-gateway-destination-endpoint-served``) moves the ledger
+  entry; the response (status, SSE events, ``usage``) gives the tokens and the
+  end-to-end time, reported to the pool once at the end of the response, so the PI
+  lambda and eps learn with no ``/v1/complete`` callback. A stream that ends
+  without a response, or an error status, is forgotten, not counted.
+
+Body modes: ``BUFFERED`` and ``STREAMED`` (one reply per message) and
+``FULL_DUPLEX_STREAMED`` (announced by ``protocol_config``: the headers' reply
+waits for the whole request body, which is then sent back as a streamed body
+mutation; response chunks are echoed back). gRPC health (``grpc.health.v1``):
+``liveness`` always SERVING; ``readiness``, the ext_proc service name and ``""``
+SERVING once the router has synced with the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from joulepool.api import contract
+from joulepool.core.classes import Tier, default_deadline
+from joulepool.core.router import NoEndpoints, PoolRouter, UnknownPool
+from joulepool.kube.pools import Router
+from joulepool.router.flight import Flight, RequestShape, output_estimate, parse_request
+
+log = logging.getLogger("joulepool.router.epp")
+
+#: the ext_proc service's name, also a health service name (GIE proposal 004)
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+LIVENESS = "liveness"
+READINESS = "readiness"
+_FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+
+class Refusal(Exception):
+    """The picker answers the request itself (an ImmediateResponse) with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------
+# Reading the gateway's messages
+# --------------------------------------------------------------------------
+def header_map(headers: base_pb2.HeaderMap) -> dict[str, str]:
+    """Lower-cased header names to values (``raw_value`` when the gateway sends bytes)."""
+    out: dict[str, str] = {}
+    for h in headers.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        out[h.key.lower()] = value
+    return out
+
+
+def _metadata_field(md: base_pb2.Metadata, namespace: str, key: str
+                    ) -> struct_pb2.Value | None:
+    if namespace not in md.filter_metadata:
+        return None
+    fields = md.filter_metadata[namespace].fields
+    return fields.get(key)
+
+
+def subset_hint(md: base_pb2.Metadata) -> frozenset[str] | None:
+    """The gateway's subset (``ip:port`` strings), or None when it sent none."""
+    value = _metadata_field(md, contract.EPP_SUBSET_NAMESPACE, contract.EPP_SUBSET_KEY)
+    if value is None:
+        return None
+    if value.HasField("list_value"):
+        return frozenset(v.string_value for v in value.list_value.values if v.string_value)
+    if value.HasField("string_value"):  # tolerate a comma-separated string
+        return frozenset(a.strip() for a in value.string_value.split(",") if a.strip())
+    return frozenset()
+
+
+def served_endpoint(md: base_pb2.Metadata) -> str | None:
+    """The endpoint the gateway reports it sent the request to, if it says."""
+    value = _metadata_field(md, contract.EPP_LB_NAMESPACE, contract.EPP_SERVED_KEY)
+    if value is None or not value.string_value:
+        return None
+    return value.string_value.split(",")[0].strip()
+
+
+def request_slo(headers: dict[str, str], output_tokens: float
+                ) -> tuple[Tier | None, float | None]:
+    """Tier and end-to-end deadline (s) from the request headers (Refusal 400 if bad):
+    ``x-joulepool-tier``, ``x-joulepool-deadline-ms``, or llm-d's TTFT/TPOT SLO headers
+    (deadline = TTFT + tokens x TPOT, core's formula)."""
+    tier: Tier | None = None
+    raw_tier = headers.get(contract.TIER_HEADER)
+    if raw_tier:
+        try:
+            tier = Tier(raw_tier.strip().lower())
+        except ValueError:
+            choices = ", ".join(t.value for t in Tier)
+            raise Refusal(400, f"{contract.TIER_HEADER}: {raw_tier!r} is not one of "
+                               f"{choices}") from None
+    deadline_ms = _ms_header(headers, contract.DEADLINE_HEADER)
+    if deadline_ms is not None:
+        return tier, deadline_ms / 1000.0
+    ttft_ms = _ms_header(headers, contract.LLMD_TTFT_HEADER)
+    tpot_ms = _ms_header(headers, contract.LLMD_TPOT_HEADER)
+    if ttft_ms is not None and tpot_ms is not None:
+        return tier, default_deadline(output_tokens, ttft_ms / 1000.0, tpot_ms / 1000.0)
+    return tier, None
+
+
+def _ms_header(headers: dict[str, str], name: str) -> float | None:
+    raw = headers.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 7 * 86400 * 1000:  # also rejects NaN and inf
+        raise Refusal(400, f"{name}: {raw!r} is not a number of milliseconds in "
+                           "(0, 7 days]")
+    return value
+
+
+def choose_pool(router: Router, headers: dict[str, str], shape: RequestShape,
+                subset: frozenset[str] | None) -> PoolRouter:
+    """The pool the request is for (Refusal 404 when none can be told)."""
+    named = headers.get(contract.POOL_HEADER)
+    if named:
+        try:
+            return router.pool(named)
+        except UnknownPool as exc:
+            raise Refusal(404, str(exc)) from None
+    router.sync()
+    pools = [router.pools[k] for k in sorted(router.pools)]
+    if subset:
+        for pool in pools:
+            if any(a in pool.index for a in subset):
+                return pool
+    if shape.model is not None:
+        for pool in pools:
+            if pool.model == shape.model:
+                return pool
+        if len(pools) != 1:
+            raise Refusal(404, f"no pool serves model {shape.model!r}")
+    if len(pools) == 1:
+        return pools[0]
+    raise Refusal(404, f"cannot tell the pool: send {contract.POOL_HEADER} or a body "
+                       "with the model of one pool")
+
+
+# --------------------------------------------------------------------------
+# Building the answers
+# --------------------------------------------------------------------------
+def _header_mutation(value: str) -> pb.HeaderMutation:
+    return pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=contract.EPP_DESTINATION_HEADER,
+                                    raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )])
+
+
+def destination_metadata(value: str) -> struct_pb2.Struct:
+    """``{"envoy.lb": {"x-gateway-destination-endpoint": value}}``."""
+    md = struct_pb2.Struct()
+    md.update({contract.EPP_LB_NAMESPACE: {contract.EPP_DESTINATION_HEADER: value}})
+    return md
+
+
+def immediate(status: int, message: str) -> pb.ProcessingResponse:
+    """An OpenAI-style error answered by the picker itself."""
+    kind = {400: "invalid_request_error", 404: "not_found_error",
+            429: "rate_limit_error"}.get(status, "service_unavailable")
+    body = json.dumps({"error": {"message": message, "type": kind, "code": status}})
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
+        )]),
+        body=body.encode(),
+        details=message,
+    ))
+
+
+# --------------------------------------------------------------------------
+# One ext_proc stream = one HTTP request
+# --------------------------------------------------------------------------
+@dataclass
+class Exchange:
+    """The state of one HTTP request's ext_proc stream."""
+
+    router: Router
+    clock: Callable[[], float]
+    headers: dict[str, str] = field(default_factory=dict)
+    body: list[bytes] = field(default_factory=list)
+    subset: frozenset[str] | None = None
+    duplex_request: bool = False
+    duplex_response: bool = False
+    flight: Flight | None = None
+    failed: bool = False
+
+    def handle(self, req: pb.ProcessingRequest) -> Iterator[pb.ProcessingResponse]:
+        """The replies to one message from the gateway (none while buffering in
+        full-duplex mode)."""
+        self._note_metadata(req)
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            self.headers = header_map(req.request_headers.headers)
+            if req.request_headers.end_of_stream:
+                yield from self._decide(headers_only=True)
+            elif not self.duplex_request:
+                yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        elif kind == "request_body":
+            self.body.append(req.request_body.body)
+            if req.request_body.end_of_stream:
+                yield from self._decide(headers_only=False)
+            elif not self.duplex_request:
+                yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+        elif kind == "response_headers":
+            self._response_started(header_map(req.response_headers.headers))
+            if req.response_headers.end_of_stream:
+                self._response_done()
+            yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        elif kind == "response_body":
+            yield from self._response_chunk(req.response_body)
+        elif kind == "request_trailers":
+            yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        elif kind == "response_trailers":
+            self._response_done()
+            yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+    def _note_metadata(self, req: pb.ProcessingRequest) -> None:
+        if req.HasField("protocol_config"):
+            cfg = req.protocol_config
+            self.duplex_request = cfg.request_body_mode == _FULL_DUPLEX
+            self.duplex_response = cfg.response_body_mode == _FULL_DUPLEX
+        if not req.HasField("metadata_context"):
+            return
+        hint = subset_hint(req.metadata_context)
+        if hint is not None:
+            self.subset = hint
+        served = served_endpoint(req.metadata_context)
+        if served and self.flight is not None:
+            self.flight.served_by(served)
+
+    def _decide(self, headers_only: bool) -> Iterator[pb.ProcessingResponse]:
+        body = b"".join(self.body)
+        try:
+            self.flight = self.pick(body)
+        except Refusal as exc:
+            yield immediate(exc.status, str(exc))
+            return
+        d = self.flight.decision
+        value = ",".join([d.endpoint, *d.fallbacks])
+        common = pb.CommonResponse(header_mutation=_header_mutation(value))
+        md = destination_metadata(value)
+        if headers_only or self.duplex_request:
+            yield pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common),
+                                        dynamic_metadata=md)
+            if not headers_only:  # full duplex: the held body goes on, unchanged
+                yield pb.ProcessingResponse(request_body=pb.BodyResponse(
+                    response=pb.CommonResponse(body_mutation=pb.BodyMutation(
+                        streamed_response=pb.StreamedBodyResponse(body=body,
+                                                                  end_of_stream=True)))))
+            return
+        yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
+                                    dynamic_metadata=md)
+
+    def pick(self, body: bytes) -> Flight:
+        """Route the request with the core router (Refusal: the immediate answer)."""
+        shape = parse_request(body)
+        if self.subset is not None and not self.subset:
+            raise Refusal(503, f"the gateway's subset hint {contract.EPP_SUBSET_KEY} is "
+                               "empty")
+        pool = choose_pool(self.router, self.headers, shape, self.subset)
+        tier, deadline = request_slo(self.headers, output_estimate(pool, shape))
+        if (tier or pool.tier) is Tier.BULK and pool.saturated(self.subset):
+            raise Refusal(429, f"pool {pool.key!r} is at its batch limit on every "
+                               "endpoint: bulk request shed")
+        now = self.clock()
+        try:
+            decision = pool.decide(output_estimate(pool, shape), shape.input_tokens,
+                                   tier, deadline, now, self.subset)
+        except NoEndpoints as exc:
+            raise Refusal(503, str(exc)) from None
+        return Flight(pool, decision, now)
+
+    def _response_started(self, headers: dict[str, str]) -> None:
+        if self.flight is None:
+            return
+        status = headers.get(":status", "200")
+        if not status.isdigit() or int(status) >= 400:
+            self.failed = True
+            self.flight.abandon()
+            return
+        self.flight.meter.streaming = "text/event-stream" in headers.get("content-type", "")
+
+    def _response_chunk(self, chunk: pb.HttpBody) -> Iterator[pb.ProcessingResponse]:
+        if self.flight is not None and not self.failed:
+            self.flight.meter.feed(chunk.body, self.clock())
+        if chunk.end_of_stream:
+            self._response_done()
+        if self.duplex_response:
+            yield pb.ProcessingResponse(response_body=pb.BodyResponse(
+                response=pb.CommonResponse(body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(
+                        body=chunk.body, end_of_stream=chunk.end_of_stream)))))
+        else:
+            yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+    def _response_done(self) -> None:
+        if self.flight is not None and not self.failed and not self.flight.done:
+            self.flight.finish(self.clock())
+
+    def close(self) -> None:
+        """The stream ended: a request that got no complete response is forgotten."""
+        if self.flight is not None:
+            self.flight.abandon()
+
+
+# --------------------------------------------------------------------------
+# The gRPC services
+# --------------------------------------------------------------------------
+class EndpointPicker(pb_grpc.ExternalProcessorServicer):
+    """``envoy.service.ext_proc.v3.ExternalProcessor`` over a :class:`Router`.
+
+    Runs on the router service's event loop (the core router is not thread-safe and
+    needs no lock there)."""
+
+    def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic) -> None:
+        self.router = router
+        self.clock = clock
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        exchange = Exchange(self.router, self.clock)
+        try:
+            async for req in request_iterator:
+                for resp in exchange.handle(req):
+                    yield resp
+        finally:
+            exchange.close()
+
+
+class HealthStatus:
+    """The gRPC health services of GIE proposal 004, following a readiness predicate."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.ready = ready
+        self.last: bool | None = None
+
+    async def refresh(self) -> None:
+        ready = self.ready()
+        if ready == self.last:
+            return
+        self.last = ready
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.servicer.set(LIVENESS, serving)
+        for name in (READINESS, EXT_PROC_SERVICE, ""):
+            await self.servicer.set(name, status)
+
+
+async def start_server(router: Router, ready: Callable[[], bool], host: str, port: int,
+                       clock: Callable[[], float] = time.monotonic
+                       ) -> tuple[grpc.aio.Server, int, HealthStatus]:
+    """A started gRPC server with the picker and health services; the bound port."""
+    server = grpc.aio.server()
+    pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(router, clock), server)
+    status = HealthStatus(ready)
+    health_pb2_grpc.add_HealthServicer_to_server(status.servicer, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address} (gRPC)")
+    await status.refresh()
+    await server.start()
+    log.info("endpoint picker (ext_proc) listening on %s:%d", host, bound)
+    return server, bound, status
+
+
+async def keep_health(status: HealthStatus, period_s: float = 1.0) -> None:
+    """Follow readiness until cancelled."""
+    while True:
+        await asyncio.sleep(period_s)
+        with contextlib.suppress(Exception):
+            await status.refresh()
+

@@ -1,0 +1,291 @@
+"""The GIE endpoint picker over a real gRPC channel on loopback, with Envoy's own
+ext_proc v3 messages: this test plays the gateway's side of the protocol (GIE
+proposal 004) against ``joulepool router --epp-port``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from joulepool.core.router import PoolRouter
+from joulepool.router.app import EPP_PORT, ROUTER, create_app
+from joulepool.router.settings import Settings
+
+EFFICIENT, FAST = "10.0.0.1:8000", "10.0.0.2:8000"
+POOL = "ns.chat"
+DEST = "x-gateway-destination-endpoint"
+DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+
+def _endpoints_file(tmp_path: Path, waiting: float = 0.0) -> Path:
+    doc = {"pools": {POOL: {
+        "tier": "interactive", "model": "llama-3-8b",
+        "slo": {"ttftSeconds": 0.5, "tpotSeconds": 0.05},
+        "endpoints": [
+            {"address": EFFICIENT, "joulesPerToken": 0.1, "tokensPerSecond": 100,
+             "waiting": waiting},
+            {"address": FAST, "joulesPerToken": 0.5, "tokensPerSecond": 1000,
+             "waiting": waiting},
+        ],
+    }}}
+    path = tmp_path / "endpoints.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+class Gateway:
+    """The data plane's side: one ext_proc stream per HTTP request."""
+
+    def __init__(self, channel: grpc.aio.Channel, pool: PoolRouter) -> None:
+        self.stub = pb_grpc.ExternalProcessorStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.pool = pool
+
+    def stream(self) -> Any:
+        return self.stub.Process()
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> AsyncIterator[Gateway]:
+    waiting = getattr(request, "param", 0.0)
+    settings = Settings(cluster=False, endpoints_file=_endpoints_file(tmp_path, waiting),
+                        scrape_interval_seconds=0, pi_every=1, file_poll_seconds=0,
+                        host="127.0.0.1", epp_port=0)
+    client = await aiohttp_client(create_app(settings))
+    app = client.server.app
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app[EPP_PORT]}") as channel:
+        yield Gateway(channel, app[ROUTER].router.pool(POOL))
+
+
+def _headers(extra: dict[str, str] | None = None, end: bool = False
+             ) -> pb.ProcessingRequest:
+    pairs = {":method": "POST", ":path": "/v1/completions", ":authority": "gw",
+             "content-type": "application/json", **(extra or {})}
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs.items()]),
+        end_of_stream=end))
+
+
+def _body(payload: bytes, end: bool = True) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=payload, end_of_stream=end))
+
+
+def _completion(max_tokens: int = 50) -> bytes:
+    return json.dumps({"model": "llama-3-8b", "prompt": "hello " * 40,
+                       "max_tokens": max_tokens, "stream": True}).encode()
+
+
+def _metadata(namespace: str, fields: dict[str, Any]) -> base_pb2.Metadata:
+    md = base_pb2.Metadata()
+    s = struct_pb2.Struct()
+    s.update(fields)
+    md.filter_metadata[namespace].CopyFrom(s)
+    return md
+
+
+def _subset(addresses: list[str]) -> base_pb2.Metadata:
+    return _metadata("envoy.lb.subset_hint",
+                     {"x-gateway-destination-endpoint-subset": addresses})
+
+
+def _destination(resp: pb.ProcessingResponse, part: str) -> tuple[str, str]:
+    """(header value, envoy.lb metadata value) of a reply to ``part``."""
+    common = getattr(resp, part).response
+    header = [o.header for o in common.header_mutation.set_headers if o.header.key == DEST]
+    assert len(header) == 1, resp
+    md = json_format.MessageToDict(resp.dynamic_metadata)
+    return header[0].raw_value.decode(), md["envoy.lb"][DEST]
+
+
+async def _pick(gw: Gateway, extra: dict[str, str] | None = None,
+                metadata: base_pb2.Metadata | None = None, body: bytes | None = None
+                ) -> tuple[Any, pb.ProcessingResponse]:
+    call = gw.stream()
+    first = _headers(extra)
+    if metadata is not None:
+        first.metadata_context.CopyFrom(metadata)
+    await call.write(first)
+    assert (await call.read()).HasField("request_headers")
+    await call.write(_body(_completion() if body is None else body))
+    return call, await call.read()
+
+
+async def test_pick_in_header_and_envoy_lb_metadata(gateway: Gateway) -> None:
+    call, resp = await _pick(gateway)
+    header, md = _destination(resp, "request_body")
+    assert header == md  # the protocol forbids two different values
+    picked = header.split(",")
+    assert sorted(picked) == sorted([EFFICIENT, FAST])  # primary then ordered fallbacks
+    assert len(gateway.pool.endpoints[gateway.pool.index[picked[0]]].ledger) == 1
+    await call.done_writing()
+
+
+async def test_subset_hint_restricts_pick(gateway: Gateway) -> None:
+    picks = set()
+    for _ in range(3):
+        call, resp = await _pick(gateway, metadata=_subset([FAST]))
+        header, md = _destination(resp, "request_body")
+        assert header == md == FAST  # only the subset, no fallback outside it
+        picks.add(header)
+        await call.done_writing()
+    assert picks == {FAST}
+
+
+@pytest.mark.parametrize("subset", [[], ["10.9.9.9:8000"]])
+async def test_empty_or_ineligible_subset_is_503(gateway: Gateway, subset: list[str]
+                                                  ) -> None:
+    call, resp = await _pick(gateway, metadata=_subset(subset))
+    assert resp.immediate_response.status.code == 503
+    assert json.loads(resp.immediate_response.body)["error"]["code"] == 503
+    await call.done_writing()
+
+
+async def test_fail_open_on_unreadable_body(gateway: Gateway) -> None:
+    call, resp = await _pick(gateway, body=b"\x00not json{")
+    header, md = _destination(resp, "request_body")
+    assert header == md and header.split(",")[0] in (EFFICIENT, FAST)
+    await call.done_writing()
+
+
+async def test_headers_only_request_is_routed_on_headers(gateway: Gateway) -> None:
+    call = gateway.stream()
+    await call.write(_headers({":method": "GET"}, end=True))
+    resp = await call.read()
+    header, md = _destination(resp, "request_headers")
+    assert header == md
+    await call.done_writing()
+
+
+async def test_served_report_and_stream_teach_the_pool(gateway: Gateway) -> None:
+    pool = gateway.pool
+    lam0 = pool.pi.lam
+    call, resp = await _pick(gateway, extra={"x-joulepool-deadline-ms": "60000"})
+    picked = _destination(resp, "request_body")[0].split(",")
+    other = picked[1]
+    served = _metadata("envoy.lb", {"x-gateway-destination-endpoint-served": other})
+    msg = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                 base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream")])))
+    msg.metadata_context.CopyFrom(served)
+    await call.write(msg)
+    assert (await call.read()).HasField("response_headers")
+    # the gateway served the fallback: the in-flight entry follows it
+    assert len(pool.endpoints[pool.index[other]].ledger) == 1
+    assert len(pool.endpoints[pool.index[picked[0]]].ledger) == 0
+    events = [{"choices": [{"text": f"t{i}"}]} for i in range(5)]
+    events.append({"choices": [], "usage": {"completion_tokens": 7}})
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=sse[:37])))
+    assert (await call.read()).HasField("response_body")
+    await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(
+        body=sse[37:] + b"data: [DONE]\n\n", end_of_stream=True)))
+    assert (await call.read()).HasField("response_body")
+    await call.done_writing()
+    assert len(pool.endpoints[pool.index[other]].ledger) == 0
+    assert pool.pi_updates == 1 and pool.window.rate(pool.last_pi_t or 0.0) == 0.0
+    assert pool.pi.lam < lam0  # a met deadline lowers lambda: learned with no callback
+
+
+async def test_missed_deadline_raises_lambda(gateway: Gateway) -> None:
+    pool = gateway.pool
+    lam0 = pool.pi.lam
+    call, _ = await _pick(gateway, extra={"x-joulepool-deadline-ms": "0.001"})
+    await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=":status", raw_value=b"200")]))))
+    await call.read()
+    body = json.dumps({"choices": [{"text": "x"}], "usage": {"completion_tokens": 3}})
+    await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(
+        body=body.encode(), end_of_stream=True)))
+    await call.read()
+    await call.done_writing()
+    assert pool.pi_updates == 1 and pool.pi.lam > lam0
+
+
+async def test_request_without_response_is_forgotten(gateway: Gateway) -> None:
+    call, _ = await _pick(gateway)
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 1
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+    assert gateway.pool.pi_updates == 0  # neither met nor missed
+
+
+@pytest.mark.parametrize("gateway", [3.0], indirect=True)
+async def test_bulk_shed_with_429_when_every_endpoint_queues(gateway: Gateway) -> None:
+    call, resp = await _pick(gateway, extra={"x-joulepool-tier": "bulk"})
+    assert resp.immediate_response.status.code == 429
+    await call.done_writing()
+    call, resp = await _pick(gateway, extra={"x-joulepool-tier": "interactive"})
+    assert _destination(resp, "request_body")[0]
+    await call.done_writing()
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    ({"x-joulepool-pool": "ns.nope"}, 404),
+    ({"x-joulepool-tier": "urgent"}, 400),
+    ({"x-llm-d-slo-ttft-ms": "-5", "x-llm-d-slo-tpot-ms": "10"}, 400),
+])
+async def test_bad_requests_get_immediate_errors(gateway: Gateway, extra: dict[str, str],
+                                                  status: int) -> None:
+    call, resp = await _pick(gateway, extra=extra)
+    assert resp.immediate_response.status.code == status
+    assert json.loads(resp.immediate_response.body)["error"]["message"]
+    await call.done_writing()
+
+
+async def test_unknown_model_with_one_pool_routes_there(gateway: Gateway) -> None:
+    body = json.dumps({"model": "gpt-unknown", "prompt": "hi"}).encode()
+    call, resp = await _pick(gateway, body=body)
+    # one pool only: routed to it (fail open) rather than refused
+    assert _destination(resp, "request_body")[0]
+    await call.done_writing()
+
+
+async def test_full_duplex_holds_headers_and_streams_body_back(gateway: Gateway) -> None:
+    call = gateway.stream()
+    first = _headers()
+    first.protocol_config.request_body_mode = DUPLEX
+    first.protocol_config.response_body_mode = DUPLEX
+    await call.write(first)
+    payload = _completion()
+    await call.write(_body(payload[:20], end=False))
+    await call.write(_body(payload[20:], end=True))
+    head = await call.read()
+    header, md = _destination(head, "request_headers")
+    assert header == md
+    body = await call.read()
+    streamed = body.request_body.response.body_mutation.streamed_response
+    assert streamed.body == payload and streamed.end_of_stream
+    await call.write(pb.ProcessingRequest(response_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=":status", raw_value=b"200")]))))
+    await call.read()
+    await call.write(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"{}",
+                                                                    end_of_stream=True)))
+    echoed = (await call.read()).response_body.response.body_mutation.streamed_response
+    assert echoed.body == b"{}" and echoed.end_of_stream
+    await call.done_writing()
+
+
+async def test_health_services(gateway: Gateway) -> None:
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor", ""):
+        resp = await gateway.health.Check(health_pb2.HealthCheckRequest(service=name))
+        assert resp.status == serving, name
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gateway.health.Check(health_pb2.HealthCheckRequest(service="nope"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
