@@ -1,6 +1,7 @@
 """Node-agent kill harness, the large seeded run (issue 14): no GPU left locked.
 
     python benchmarks/bench_nodeagent_kill.py [--trials 60] [--seed 0] [--gpus 2]
+        [--control clocks|power]
     joulepool bench nodeagent_kill -- --trials 90
 
 Real ``joulepool node-agent`` processes on a simulated GPU state file with a
@@ -28,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--control", choices=("clocks", "power"), default="clocks")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="joulepool-kill-") as d:
         report = run_kill_harness(Path(d), KillSettings(trials=args.trials, seed=args.seed,
-                                                        gpus=args.gpus))
-    out = {**report.as_dict(), "seed": args.seed, "gpus": args.gpus,
+                                                        gpus=args.gpus, control=args.control))
+    out = {**report.as_dict(), "seed": args.seed, "gpus": args.gpus, "control": args.control,
            "seconds": round(time.monotonic() - t0, 1)}
     print(json.dumps(out, indent=1))
     return 0 if report.ok() else 1
