@@ -156,3 +156,40 @@ async def test_reset_and_exit_in_power_mode_restores_the_default_limit(capsys):
 def test_control_mode_is_checked():
     with pytest.raises(ValueError, match="control"):
         AgentConfig(control="voltage")
+
+
+async def test_the_energy_policy_switches_a_node_to_power_limit_mode_and_back():
+    from joulepool.api.models import MIADSpec
+
+    class Policy:
+        spec: MIADSpec | None = None
+
+        async def refresh(self) -> None:
+            return None
+
+        def miad(self) -> MIADSpec | None:
+            return self.spec
+
+        def carbon(self, site: str) -> float | None:
+            return None
+
+    t = {"now": 0.0}
+    gpus = SimulatedGPUs.open(None, "H100", 1, node="n1", clock=lambda: t["now"])
+    policy = Policy()
+    agent = NodeAgent(SimulatedBackend(gpus), StaticSignalSource(Engine(gpus, 32)),
+                      AgentConfig(node="n1", ttft_slo_s=5.0, tpot_slo_s=1.0),
+                      metrics=AgentMetrics("n1"), monotonic=lambda: t["now"], policy=policy)
+    await agent.start()
+    await ticks(agent, t, 5)
+    assert gpus.gpu(0)["locked"] is not None and agent.control == "clocks"
+    policy.spec = MIADSpec(control="power")
+    await ticks(agent, t, 5)
+    assert agent.control == "power"
+    assert gpus.gpu(0)["locked"] is None  # the clocks were handed back first
+    assert gpus.gpu(0)["power_limit_w"] is not None and gpus.gpu(0)["power_limit_w"] < 700
+    policy.spec = None  # back to the flag's mode
+    await ticks(agent, t, 2)
+    assert agent.control == "clocks" and gpus.gpu(0)["power_limit_w"] is None
+    assert gpus.gpu(0)["locked"] is not None
+    await agent.stop()
+    assert gpus.gpu(0)["locked"] is None

@@ -471,6 +471,11 @@ class MIADSpec(_Model):
     period_seconds: float = Field(
         default=MIAD_PERIOD_S, alias="periodSeconds", gt=0, le=60,
         description="control period of the node agents, seconds (overrides --interval)")
+    control: Literal["clocks", "power"] | None = Field(
+        default=None,
+        description="what the node agents steer on each GPU: locked SM clocks, or the GPU's "
+                    "power limit (within the device's constraints); unset: each agent's "
+                    "--control")
 
 
 class EnergyPolicySpec(_Model):

@@ -211,6 +211,9 @@ class NodeAgent:
         self.workloads = workloads
         self.source = source
         self.config = config or AgentConfig()
+        #: what MIAD steers now: the EnergyPolicy's miad.control while it sets one, else
+        #: the configured mode (switched only once every GPU is handed back)
+        self.control = self.config.control
         #: every backend call goes through here: off the event loop, bounded in time
         self.gpu_io = GPUCalls(backend, timeout_s=self.config.call_timeout_s)
         self.reset_count = 0  # GPUs the last stop() reset
@@ -316,7 +319,7 @@ class NodeAgent:
         if not gpu.controllable or gpu.lost:
             return False
         try:
-            await self.gpu_io.hand_back(gpu.index, self.config.control, wait_if_hung=False)
+            await self.gpu_io.hand_back(gpu.index, self.control, wait_if_hung=False)
         except GPUError as exc:
             self._reset_failed(gpu, now)
             if self.monitor_only and exc.kind is GPUErrorKind.NO_PERMISSION:
@@ -358,7 +361,7 @@ class NodeAgent:
                 continue
             if not self.monitor_only:
                 await self._reset(gpu, now)  # safety: a predecessor may have left clocks locked
-                if self.config.control == "power":  # and one in clocks mode locked clocks
+                if self.control == "power":  # and one in clocks mode locked clocks
                     with contextlib.suppress(GPUError):
                         await self.gpu_io.reset_locked_clocks(gpu.index, wait_if_hung=False)
         log.info("node agent on %s: %d GPU(s): %s%s", self.config.node, len(self.gpus),
@@ -367,7 +370,7 @@ class NodeAgent:
 
     async def _levels(self, index: int) -> list[float]:
         """What MIAD chooses among: lockable clocks (MHz), or power limits (W)."""
-        if self.config.control == "power":
+        if self.control == "power":
             lo, hi = await self.gpu_io.power_limit_constraints_w(index)
             return power_levels(lo, hi)
         return sorted(await self.gpu_io.supported_clocks_mhz(index))
@@ -375,7 +378,7 @@ class NodeAgent:
     def _show_target(self, gpu: GPU, value: float) -> None:
         """The cap in force on the metrics (0: none, the driver decides)."""
         labels = self._labels(gpu)
-        power = self.config.control == "power"
+        power = self.control == "power"
         self.metrics.target_clock.labels(*labels).set(0 if power else value * 1e6)
         self.metrics.target_power_limit.labels(*labels).set(value if power else 0)
 
@@ -399,7 +402,7 @@ class NodeAgent:
         lost GPU: said once per GPU and kind). False: a failure worth retrying.
         """
         try:
-            await self.gpu_io.hand_back(gpu.index, self.config.control, wait_if_hung=patient)
+            await self.gpu_io.hand_back(gpu.index, self.control, wait_if_hung=patient)
         except GPUError as exc:
             final = (GPUErrorKind.NO_PERMISSION, GPUErrorKind.NOT_SUPPORTED,
                      GPUErrorKind.LOST)
@@ -555,7 +558,7 @@ class NodeAgent:
         k_inc, step, margin = self.config.k_inc, self.config.step_mhz, self.config.margin
         if spec is not None:
             k_inc, step, margin = spec.k_inc, spec.step_mhz, spec.margin
-        if self.config.control == "power":
+        if self.control == "power":
             step = self.config.power_step_w  # MIAD's additive step is in watts there
         return k_inc, step, margin
 
@@ -569,7 +572,7 @@ class NodeAgent:
         params = self.miad_params()
         if gpu.controller is None or gpu.controller_slo != slo or \
                 gpu.controller_params != params:
-            clocks = self.config.control == "clocks"
+            clocks = self.control == "clocks"
             lo = gpu.product.f_min_mhz.value if gpu.product and clocks else None
             hi = gpu.product.f_max_mhz.value if gpu.product and clocks else None
             usable = [f for f in gpu.supported
@@ -605,7 +608,7 @@ class NodeAgent:
             gpu.needs_reset = True  # from the moment it is sent: a timed-out lock may land
             self._set_reset_pending(gpu)
             try:
-                if self.config.control == "power":
+                if self.control == "power":
                     await self.gpu_io.set_power_limit_w(gpu.index, target)
                 else:
                     await self.gpu_io.set_locked_clocks(gpu.index, gpu.supported[0], target)
@@ -630,6 +633,36 @@ class NodeAgent:
         self.metrics.gpu_lost.labels(*self._labels(gpu)).set(0)
         if not self.monitor_only:
             await self._reset(gpu, now)
+
+    def wanted_control(self) -> str:
+        """The control mode asked for: the EnergyPolicy's miad.control, else the flag's."""
+        spec = self.policy.miad() if self.policy is not None else None
+        return spec.control if spec is not None and spec.control else self.config.control
+
+    async def _switch_control(self) -> None:
+        """Follow a change of control mode: hand every GPU back under the old mode first
+        (retried briefly; on failure, stay and try again next period), then steer the new one."""
+        wanted = self.wanted_control()
+        if wanted == self.control or self._stopping:
+            return
+        if not self.monitor_only:
+            left = [g for g in self.gpus if await self._try_reset(g, self.monotonic()) is False]
+            if left:
+                log.warning("control mode %s -> %s waits: %d GPU(s) not handed back yet",
+                            self.control, wanted, len(left))
+                return
+        log.info("control mode %s -> %s", self.control, wanted)
+        self.control = wanted
+        for gpu in self.gpus:
+            gpu.controller = None
+            gpu.locked_mhz = None
+            self._show_target(gpu, 0)
+            if gpu.lost or not gpu.controllable:
+                continue
+            try:
+                gpu.supported = await self._levels(gpu.index)
+            except GPUError as exc:
+                await self._on_error(gpu, exc, self.monotonic(), "levels")
 
     async def _retry_reset(self, gpu: GPU, now: float) -> None:
         """Retry a failed reset (also one from start-up) of a GPU we are not controlling."""
@@ -668,6 +701,7 @@ class NodeAgent:
         if self._refresher.running:
             self._once("plan-slow", logging.WARNING,
                        "plan / policy refresh is slow; controlling with the last good copy")
+        await self._switch_control()
         readings = await self.source.read(t)
         by_gpu = self._assign(readings)
         self._locate()
