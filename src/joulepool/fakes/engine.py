@@ -7,8 +7,9 @@ simulated GPU runs at right now, so when the node agent lowers the clock the
 engine really slows down. The engine writes its batch into the shared GPU
 state, so the simulated power and energy counter follow its load.
 
-HTTP (aiohttp): OpenAI-compatible ``POST /v1/completions`` (``stream`` true
-or false), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` with the
+HTTP (aiohttp): OpenAI-compatible ``POST /v1/completions`` and
+``/v1/chat/completions`` (``stream`` true or false; ``stream_options.include_usage``
+adds vLLM's final usage chunk), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` with the
 vLLM metric names the node agent reads.
 """
 
@@ -274,11 +275,71 @@ def token_text(i: int) -> str:
     return f" tok{i}"
 
 
+def count_message_tokens(messages: Any) -> int:
+    """Prompt tokens of chat ``messages`` (the contents' text by :func:`count_prompt_tokens`)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    text = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: their text
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise ValueError("each message needs a string content")
+        text.append(content)
+    return count_prompt_tokens("\n".join(text))
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The OpenAI object shapes of one response (text completion or chat completion)."""
+
+    chat: bool
+    rid: str
+    created: int
+    model: str
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, text: str | None, finish: str | None, role: bool = False
+              ) -> dict[str, Any]:
+        if not self.chat:
+            out = self._head("text_completion")
+            out["choices"] = [{"index": 0, "text": text or "", "logprobs": None,
+                               "finish_reason": finish}]
+            return out
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+        if text is not None:
+            delta["content"] = text
+        out = self._head("chat.completion.chunk")
+        out["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
+                           "finish_reason": finish}]
+        return out
+
+    def whole(self, text: str) -> dict[str, Any]:
+        if not self.chat:
+            return self.chunk(text, "length")
+        out = self._head("chat.completion")
+        out["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
+                           "logprobs": None, "finish_reason": "length"}]
+        return out
+
+
 def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Application:
     model_name = served_model or engine.profile.model
     app = web.Application(client_max_size=MAX_BODY_BYTES)
 
-    async def completions(request: web.Request) -> web.StreamResponse:
+    async def serve(request: web.Request, chat: bool) -> web.StreamResponse:
         try:  # application/json only, bounded, RFC 8259 (no NaN/Infinity)
             body = await httpserve.read_json(request, MAX_BODY_BYTES)
         except httpserve.HTTPProblem as exc:
@@ -289,45 +350,48 @@ def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Applic
         if model != model_name:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
         try:
-            prompt_tokens = count_prompt_tokens(body.get("prompt", ""))
+            prompt_tokens = (count_message_tokens(body.get("messages")) if chat
+                             else count_prompt_tokens(body.get("prompt", "")))
         except ValueError as exc:
             return _error(400, str(exc))
-        max_tokens = body.get("max_tokens", 16)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16)) if chat \
+            else body.get("max_tokens", 16)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or \
                 not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
             return _error(400, f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}]")
-        stream = bool(body.get("stream", False))
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None,
-                                 "finish_reason": finish}]}
-
-        if not stream:
-            n = 0
-            parts = []
-            async for tok in engine.generate(prompt_tokens, max_tokens):
-                parts.append(token_text(tok))
-                n += 1
-            out = chunk("".join(parts), "length")
-            out["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
-                            "total_tokens": prompt_tokens + n}
+        shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                       int(time.time()), model_name)
+        if not body.get("stream", False):
+            parts = [token_text(tok) async for tok in engine.generate(prompt_tokens, max_tokens)]
+            out = shape.whole("".join(parts))
+            out["usage"] = _usage(prompt_tokens, len(parts))
             return web.json_response(out)
-
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
         n = 0
+        if chat:  # vLLM's first chat chunk carries the role
+            await resp.write(_sse(shape.chunk(None, None, role=True)))
         async for tok in engine.generate(prompt_tokens, max_tokens):
             n += 1
             finish = "length" if n >= max_tokens else None
-            await resp.write(f"data: {json.dumps(chunk(token_text(tok), finish))}\n\n".encode())
+            await resp.write(_sse(shape.chunk(token_text(tok), finish)))
+        if include_usage:
+            last = shape.chunk(None, None)
+            last["choices"] = []
+            last["usage"] = _usage(prompt_tokens, n)
+            await resp.write(_sse(last))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await serve(request, chat=False)
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        return await serve(request, chat=True)
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -348,6 +412,7 @@ def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Applic
         await engine.close()
 
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
