@@ -108,6 +108,8 @@ DEADLINE_HEADER = "x-joulepool-deadline-ms"
 #: llm-d's per-request SLO headers (milliseconds), accepted as well
 LLMD_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 LLMD_TPOT_HEADER = "x-llm-d-slo-tpot-ms"
+#: the answer names the engine that served (``ip:port``) and the request's router id
+SERVED_BY_HEADER = "x-joulepool-endpoint"
 
 # -- Gateway API Inference Extension (GIE) --------------------------------------------
 #: the endpoint picker's gRPC (Envoy ext_proc) port: GIE's conventional 9002

@@ -466,6 +466,24 @@ class PoolRouter:
             ep.drop_routed(next(iter(ep.ledger)))
         self._refresh(i)
 
+    def reassign(self, request_id: str, old: str, new: str, tokens: float, now: float) -> bool:
+        """Move a routed request's ledger entry from endpoint ``old`` to ``new`` (a retry
+        elsewhere); False if ``new`` is unknown (the entry is then just dropped)."""
+        self.release(old, request_id)
+        j = self.index.get(new)
+        if j is None:
+            return False
+        self.endpoints[j].add_routed(request_id, now + self.s.inflight_ttl_s, tokens)
+        self._refresh(j)
+        return True
+
+    def release(self, endpoint: str, request_id: str) -> None:
+        """Forget a routed request that was not served (no outcome to learn from)."""
+        i = self.index.get(endpoint)
+        if i is not None and request_id in self.endpoints[i].ledger:
+            self.endpoints[i].drop_routed(request_id)
+            self._refresh(i)
+
     def update_lambda(self, now: float) -> float:
         """One PI step with the miss rate of the completions since the last step."""
         if self.period_n > 0:

@@ -10,6 +10,9 @@ Routes:
                                 outputTokens?, deadlineMet, joules?}
                                -> {pool, endpointKnown, lambda, missRatio, epsScale}
     GET  /v1/pools[/{pool}]    what the router knows (debugging)
+    POST /v1/completions, /v1/chat/completions, GET /v1/models
+                               the OpenAI-compatible routing proxy
+                               (:mod:`joulepool.router.proxy`; open, OpenAI-shaped errors)
     GET  /metrics  /healthz  /readyz
 
 With ``--epp-port``, the same process also serves the Gateway API Inference
@@ -27,7 +30,8 @@ Status codes (every error body is JSON ``{"error": msg}``):
 
     400  body is not JSON (RFC 8259), not an object, or has a field of the wrong
          type or range
-    401  bearer token missing or wrong (--token-file)
+    401  bearer token missing or wrong (--token-file; every path but the probes and
+         the proxy's)
     404  unknown path, or a pool the router does not know
     405  wrong method
     408  body not received within --read-timeout-seconds
@@ -60,7 +64,7 @@ from joulepool.kube.service import (
     timed,
     validation_message,
 )
-from joulepool.router import models
+from joulepool.router import models, proxy
 from joulepool.router.metrics import Metrics, MetricsObserver
 from joulepool.router.settings import Settings
 
@@ -74,6 +78,18 @@ class RouterService(service.ClusterService):
         m = metrics or Metrics()
         super().__init__(settings, m, settings.router_settings(), MetricsObserver(m))
         self.settings: Settings = settings
+
+    def guarded(self, path: str) -> bool:
+        """The bearer token guards every path but the probes and the OpenAI proxy's."""
+        return path not in proxy.PROXY_PATHS and super().guarded(path)
+
+
+def error_body(verb: str, status: int, message: str, headers: dict[str, str] | None = None
+               ) -> web.Response:
+    """OpenAI-shaped errors on the proxy's routes, ``{"error": msg}`` elsewhere."""
+    if verb in proxy.PROXY_VERBS:
+        return proxy.openai_error(status, message, headers)
+    return service.default_error(verb, status, message, headers)
 
 
 ROUTER = web.AppKey("router", RouterService)
@@ -138,8 +154,9 @@ def create_app(settings: Settings, *, background: bool = True,
                metrics: Metrics | None = None) -> web.Application:
     """The service. Files given in ``settings`` are loaded now (FileError if unreadable)."""
     svc = RouterService(settings, metrics)
-    app = service.new_app(svc, service.make_middleware())
+    app = service.new_app(svc, service.make_middleware(error_body))
     app[ROUTER] = svc
+    proxy.add_routes(app)
     app.router.add_post("/v1/route", handle_route, name="route")
     app.router.add_post("/v1/complete", handle_complete, name="complete")
     app.router.add_get("/v1/pools", handle_pools, name="pools")

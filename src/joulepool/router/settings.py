@@ -43,6 +43,12 @@ class Settings(ServiceSettings):
         + ", ".join(sorted(PROFILES)),
     )
 
+    engine_connect_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="proxy: time to connect to an engine before the "
+        "request is retried on the next endpoint (s)")
+    engine_connections: int = Field(
+        1000, ge=1, le=100_000, description="proxy: most open connections to the engines")
+
     @field_validator("routing")
     @classmethod
     def _known_routing(cls, value: str) -> str:

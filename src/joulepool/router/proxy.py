@@ -1,0 +1,217 @@
+"""The OpenAI-compatible routing proxy of the router service.
+
+Routes:
+
+    POST /v1/completions        OpenAI completions, streamed (SSE) or not
+    POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or not
+    GET  /v1/models             the models the router's pools serve
+
+Per request (:mod:`joulepool.router.requests`): the pool from the
+``x-joulepool-pool`` header or the body's ``model``; the endpoint from the core
+router; the body forwarded unchanged to the engine and the engine's answer
+streamed back unchanged (status, content type, bytes). The proxy measures TTFT,
+output tokens and time per output token as the bytes pass and reports the
+outcome to the pool itself, so the ledger, the miss ratio and the PI lambda
+learn with no ``/v1/complete`` call. An engine that fails before answering
+(connection refused or reset, timeout, 5xx) is retried on the decision's next
+fallback.
+
+Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``:
+400 bad body or header (the reason), 404 no pool serves the model, 429 a bulk
+request shed because every endpoint of the pool is saturated (its engines queue),
+503 no endpoint ready or none answered.
+
+These paths are open (a gateway or client sends plain OpenAI requests); the
+router's bearer token guards the low-level ``/v1/route``, ``/v1/complete``,
+``/v1/pools`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from joulepool import httpserve
+from joulepool.api import contract
+from joulepool.core.classes import Tier
+from joulepool.core.router import NoEndpoints, PoolRouter, RouteDecision, UnknownPool
+from joulepool.kube.service import SERVICE, json_response, read_body
+from joulepool.router import requests
+from joulepool.router.settings import Settings
+
+#: routes of this module (verb names in the request metrics)
+PROXY_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+PROXY_VERBS = ("completions", "chat_completions", "models")
+#: engine statuses that are retried on the next endpoint (nothing was served yet)
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+#: request headers not forwarded to the engine (hop-by-hop, or recomputed)
+_DROP_REQUEST = frozenset({
+    "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+    "upgrade", "proxy-authorization", "proxy-connection", "expect",
+})
+#: response headers passed back to the client
+_PASS_RESPONSE = ("Content-Type", "Content-Encoding", "Cache-Control")
+
+SESSION = web.AppKey("proxy_session", aiohttp.ClientSession)
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                404: "invalid_request_error", 429: "rate_limit_exceeded",
+                503: "service_unavailable"}
+_ERROR_CODES = {404: "model_not_found", 429: "rate_limit_exceeded"}
+
+
+def openai_error(status: int, message: str, headers: dict[str, str] | None = None
+                 ) -> web.Response:
+    """An OpenAI-shaped error answer."""
+    return json_response({"error": {
+        "message": message, "type": _ERROR_TYPES.get(status, "api_error"), "param": None,
+        "code": _ERROR_CODES.get(status),
+    }}, status, headers)
+
+
+def saturated(pool: PoolRouter) -> bool:
+    """Every endpoint of the pool is at its batch limit: its engine reports requests
+    waiting for admission, or the router has more in flight there than its batch."""
+    if not pool.endpoints:
+        return False
+    waiting = (pool.waiting > 0) | (pool.ledger_count > pool.max_batch)
+    return bool(waiting.all())
+
+
+def _forward_headers(request: web.Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST
+            and k.lower() != "authorization"}
+
+
+async def _open(session: aiohttp.ClientSession, pool: PoolRouter, decision: RouteDecision,
+                request: web.Request, body: bytes, timeout: float
+                ) -> tuple[str, aiohttp.ClientResponse] | None:
+    """The first endpoint (decision's, then its fallbacks) that answers; the ledger entry
+    follows the endpoint tried. None if none answered (the entry is released)."""
+    headers = _forward_headers(request)
+    tried = decision.endpoint
+    for ep in [decision.endpoint, *decision.fallbacks]:
+        if ep != tried:
+            pool.reassign(decision.request_id, tried, ep, decision.tokens, time.monotonic())
+            tried = ep
+        try:
+            upstream = await session.post(
+                f"http://{ep}{request.path}", data=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                              sock_read=None),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            continue
+        if upstream.status in RETRY_STATUSES:
+            upstream.release()
+            continue
+        return ep, upstream
+    pool.release(tried, decision.request_id)
+    return None
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, endpoint: str,
+                 meter: requests.ResponseMeter) -> web.StreamResponse:
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for name in _PASS_RESPONSE:
+        if name in upstream.headers:
+            resp.headers[name] = upstream.headers[name]
+    resp.headers[contract.SERVED_BY_HEADER] = endpoint
+    await resp.prepare(request)
+    async for data in _chunks(upstream):
+        meter.feed(data, time.monotonic())
+        await resp.write(data)
+    await resp.write_eof()
+    return resp
+
+
+async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async for data in upstream.content.iter_any():
+        yield data
+
+
+async def handle_completion(request: web.Request, chat: bool) -> web.StreamResponse:
+    """One proxied completion (module docstring)."""
+    svc = request.app[SERVICE]
+    settings = _settings(request.app)
+    start = time.monotonic()
+    body = await read_body(request)
+    spec = requests.read_request(httpserve.parse_json(body), request.headers, chat)
+    try:
+        pool = requests.choose_pool(svc.router, spec)
+    except UnknownPool as exc:
+        raise httpserve.HTTPProblem(404, str(exc).strip("'\"")) from None
+    tier = spec.tier or pool.tier
+    if tier is Tier.BULK and saturated(pool):
+        raise httpserve.HTTPProblem(
+            429, f"pool {pool.key!r} is saturated: bulk requests are shed first")
+    try:
+        decision = requests.pick(pool, spec, start)
+    except NoEndpoints as exc:
+        raise httpserve.HTTPProblem(503, str(exc)) from None
+    opened = await _open(request.app[SESSION], pool, decision, request, body,
+                         settings.engine_connect_timeout_seconds)
+    if opened is None:
+        raise httpserve.HTTPProblem(503, f"no endpoint of pool {pool.key!r} answered")
+    endpoint, upstream = opened
+    meter = requests.ResponseMeter(start, spec.stream)
+    learned = False
+    try:
+        async with upstream:
+            resp = await _relay(request, upstream, endpoint, meter)
+        if upstream.status < 400:
+            requests.learn(pool, endpoint, decision, spec, meter.finish(time.monotonic()),
+                           time.monotonic())
+            learned = True
+        return resp
+    finally:
+        if not learned:  # client error, client gone or engine failed mid-answer
+            pool.release(endpoint, decision.request_id)
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    return await handle_completion(request, chat=False)
+
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    return await handle_completion(request, chat=True)
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    svc.router.sync()
+    names = sorted({p.model or k for k, p in svc.router.pools.items()})
+    return json_response({"object": "list", "data": [
+        {"id": n, "object": "model", "created": 0, "owned_by": "joulepool"} for n in names]})
+
+
+async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: the connection pool to the engines."""
+    app[SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=_settings(app).engine_connections,
+                                       keepalive_timeout=30.0),
+        auto_decompress=False,
+    )
+    try:
+        yield
+    finally:
+        await app[SESSION].close()
+        await asyncio.sleep(0)
+
+
+def _settings(app: web.Application) -> Settings:
+    s = app[SERVICE].settings
+    assert isinstance(s, Settings)  # the router service's
+    return s
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/completions", handle_completions, name="completions")
+    app.router.add_post("/v1/chat/completions", handle_chat_completions,
+                        name="chat_completions")
+    app.router.add_get("/v1/models", handle_models, name="models")
+    app.cleanup_ctx.append(session_ctx)
