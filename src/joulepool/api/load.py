@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from joulepool.api.models import RESOURCES, GPUProfile
+from joulepool.core.feedback import (
+    Correction,
+    FeedbackParams,
+    Measured,
+    corrected_profile,
+    correction,
+)
 from joulepool.core.profiles import (
     PRODUCTS,
     BatchPoint,
@@ -128,3 +136,24 @@ def profile_from_resource(res: GPUProfile) -> ServingProfile:
         beta_decode=Figure(spec.beta_decode, src),
         beta_prefill=Figure(spec.beta_prefill, src),
     )
+
+
+def measurements_from_resource(res: GPUProfile) -> list[Measured]:
+    """The node agents' measurements in ``status.measured``, as core.feedback reads them."""
+    if res.status is None:
+        return []
+    return [
+        Measured(joules_per_token=m.joules_per_token, tokens=float(m.samples), node=m.node,
+                 updated_at=m.updated_at, tokens_per_second=m.tokens_per_second,
+                 clock_mhz=m.clock_mhz)
+        for m in res.status.measured
+    ]
+
+
+def corrected_profile_from_resource(
+    res: GPUProfile, now: datetime, params: FeedbackParams | None = None,
+) -> tuple[ServingProfile, Correction]:
+    """The resource's profile with its measured eps fed back (core.feedback), and how."""
+    profile = profile_from_resource(res)
+    corr = correction(profile, measurements_from_resource(res), now, params)
+    return corrected_profile(profile, corr.scale), corr

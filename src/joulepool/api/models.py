@@ -278,6 +278,14 @@ class MeasuredProfile(_Model):
     node: str = Field(default="", description="node whose agent measured it")
     updated_at: datetime | None = Field(default=None, alias="updatedAt",
                                         description="when the agent last published it")
+    tokens_per_second: float | None = Field(
+        default=None, alias="tokensPerSecond", ge=0,
+        description="operating point of the estimate: mean output tokens per second of one "
+                    "instance over the same window (the planner and router compare the "
+                    "profile at the batch that yields this rate)")
+    clock_mhz: float | None = Field(
+        default=None, alias="clockMHz", ge=0,
+        description="operating point of the estimate: mean SM clock over the same window, MHz")
 
 
 class GPUProfileStatus(_Model):

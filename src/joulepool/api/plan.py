@@ -70,6 +70,9 @@ class PlanDocument(_Wire):
     message: str = ""
     pools: dict[str, PlannedPool] = Field(default_factory=dict)
     nodes: dict[str, PlannedNode] = Field(default_factory=dict)
+    #: measured J/token over the profile's, per profile key (``H100/model/tp1``), where
+    #: the node agents' measurements correct it (core.feedback); the router scales its eps
+    eps_scales: dict[str, float] = Field(default_factory=dict, alias="epsScales")
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)

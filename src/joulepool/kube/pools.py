@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from joulepool.api.models import EnergyPolicySpec
 from joulepool.core.classes import Tier
+from joulepool.core.feedback import corrected_profile
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
 from joulepool.core.router import (
     Endpoint,
@@ -67,7 +68,8 @@ class Router:
         self.pools: dict[str, PoolRouter] = {}
         self.static: EndpointsFile | None = None
         self.static_synced = True
-        self._models: dict[tuple[str | None, str | None, int, float], EndpointModel] = {}
+        self._models: dict[tuple[str | None, str | None, int, float, float],
+                           EndpointModel] = {}
         self._static_dirty = False
 
     # -- sources -------------------------------------------------------------------------
@@ -100,16 +102,18 @@ class Router:
         if eps is not None and tps is not None:
             return EndpointModel.constant(eps, tps)
         tpot = self.s.default_tpot_s if tpot_s is None else float(tpot_s)
-        key = (product, model, gpus, tpot)
+        prof = None
+        if product and model:
+            prof = find_profile(product, model, gpus, self.profiles) or find_profile(
+                product, model, None, self.profiles
+            )
+        scale = self.eps_scale(prof)
+        key = (product, model, gpus, tpot, scale)
         em = self._models.get(key)
         if em is None:
-            prof = None
-            if product and model:
-                prof = find_profile(product, model, gpus, self.profiles) or find_profile(
-                    product, model, None, self.profiles
-                )
             em = (
-                EndpointModel.from_profile(prof, tpot) if prof is not None
+                EndpointModel.from_profile(corrected_profile(prof, scale), tpot)
+                if prof is not None
                 else EndpointModel.constant(self.s.default_eps, self.s.default_tps)
             )
             self._models[key] = em
@@ -119,6 +123,16 @@ class Router:
             t = em.tps if tps is None else np.full_like(em.tps, tps)
             return EndpointModel(e, t, em.batch, em.prefill_s_per_token)
         return em
+
+    def eps_scale(self, profile: ServingProfile | None) -> float:
+        """The plan's measured-over-profile eps scale of ``profile`` (core.feedback), 1 if none.
+
+        The operator computes it from the node agents' measurements and publishes it in
+        the plan (``epsScales``); each endpoint's online estimate learns what remains."""
+        plan = self.state.plan if self.state is not None else None
+        if profile is None or plan is None:
+            return 1.0
+        return plan.eps_scales.get(profile.key, 1.0)
 
     def _metrics_url(self, ip: str, port: int) -> str:
         host = f"[{ip}]" if ":" in ip else ip

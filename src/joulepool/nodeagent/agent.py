@@ -61,6 +61,7 @@ from joulepool.core.estimators import (
     counter_delta,
     trapezoid_energy_j,
 )
+from joulepool.core.feedback import OperatingPointEstimator
 from joulepool.core.profiles import GPUProduct, product_for_label
 from joulepool.nodeagent.background import Background
 from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
@@ -165,6 +166,9 @@ class GPU:
     last_t: float | None = None
     next_probe: float = 0.0
     eps: EnergyPerTokenEstimator = field(default_factory=EnergyPerTokenEstimator)
+    #: tokens/s and clock of the same window as ``eps`` (published with it)
+    op: OperatingPointEstimator = field(
+        default_factory=lambda: OperatingPointEstimator(EPS_HALF_LIFE_S))
     model: str | None = None
     group: frozenset[int] = frozenset()  # GPUs of the instance(s) this GPU serves
     group_mapped: bool = False  # an engine named the group's GPUs (so it is one instance)
@@ -341,7 +345,8 @@ class NodeAgent:
         self.gpus = []
         for info in await self.gpu_io.devices():
             gpu = GPU(info, product_for_label(info.name),
-                      eps=EnergyPerTokenEstimator(half_life_s=self.config.eps_half_life_s))
+                      eps=EnergyPerTokenEstimator(half_life_s=self.config.eps_half_life_s),
+                      op=OperatingPointEstimator(self.config.eps_half_life_s))
             self.gpus.append(gpu)
             self._init_metrics(gpu)
             try:
@@ -545,6 +550,7 @@ class NodeAgent:
                 d_j = trapezoid_energy_j(gpu.last_power_w or power_w, power_w, dt)
             gpu.energy_j += d_j
             gpu.eps.update(d_j, tokens, dt)
+            gpu.op.update(tokens, dt, gpu.sm_clock_mhz)
             # credited with the GPU's own counter, so a scrape never sees one without the other
             self.pool_meter.record({str(gpu.index): d_j}, {str(gpu.index): list(gpu.work)},
                                    self._site, self._g_per_kwh)
@@ -771,7 +777,7 @@ class NodeAgent:
             if gpu.lost or gpu.eps.value is None or not gpu.model or not gpu.group:
                 continue
             groups.setdefault(gpu.group, []).append(gpu)
-        acc: dict[tuple[str, str, int | None], tuple[float, int]] = {}
+        acc: dict[tuple[str, str, int | None], list[float]] = {}
         for group, members in groups.items():
             if len(members) != len(group):
                 continue  # part of the instance has no estimate yet
@@ -779,14 +785,19 @@ class NodeAgent:
             model = members[0].model or ""
             eps = sum(m.eps.value or 0.0 for m in members)
             samples = min(m.eps.samples for m in members)
+            # an instance's GPUs see the same engine's tokens: its rate; their mean clock
+            tps = members[0].op.tokens_per_second or 0.0
+            clock = sum(m.op.clock_mhz or 0.0 for m in members) / len(members)
             per_instance = len(group) if members[0].group_mapped else None
-            key = (product, model, per_instance)
-            total, n = acc.get(key, (0.0, 0))
-            acc[key] = (total + eps * samples, n + samples)
+            sums = acc.setdefault((product, model, per_instance), [0.0, 0.0, 0.0, 0.0])
+            for j, v in enumerate((eps, 1.0, tps, clock)):
+                sums[j] += v * samples
         return [
-            Measurement(product=p, model=m, gpus=g, joules_per_token=total / n, samples=n,
-                        node=self.config.node)
-            for (p, m, g), (total, n) in sorted(acc.items(), key=lambda kv: str(kv[0])) if n > 0
+            Measurement(product=p, model=m, gpus=g, joules_per_token=e / n, samples=round(n),
+                        node=self.config.node, tokens_per_second=(t / n) or None,
+                        clock_mhz=(c / n) or None)
+            for (p, m, g), (e, n, t, c) in sorted(acc.items(), key=lambda kv: str(kv[0]))
+            if n > 0
         ]
 
     def _maybe_publish(self) -> None:

@@ -37,6 +37,9 @@ class Measurement:
     joules_per_token: float
     samples: int
     node: str
+    #: operating point of the estimate (core.feedback): instance tokens/s, SM clock MHz
+    tokens_per_second: float | None = None
+    clock_mhz: float | None = None
 
 
 class ProfilePublisher(Protocol):
@@ -202,7 +205,8 @@ class KubeProfilePublisher:
         self._said_no_match.discard(key)
         entry = MeasuredProfile.model_validate({
             "joulesPerToken": m.joules_per_token, "samples": m.samples, "node": m.node,
-            "updatedAt": self.now(),
+            "updatedAt": self.now(), "tokensPerSecond": m.tokens_per_second,
+            "clockMHz": m.clock_mhz,
         }).model_dump(mode="json", by_alias=True, exclude_none=True)
         measured = self._merge((obj.get("status") or {}).get("measured") or [], entry, m.node)
         meta = obj.get("metadata") or {}

@@ -55,10 +55,11 @@ from joulepool.api.contract import (
     POLICY_NAME,
     RELEASE_RETRY_ANNOTATION,
 )
-from joulepool.api.load import ResourceError, profile_from_resource
+from joulepool.api.load import ResourceError, corrected_profile_from_resource
 from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
 from joulepool.carbon.feed import CarbonFeed, policy_status
+from joulepool.core.feedback import Correction, FeedbackParams
 from joulepool.core.planner import PlanNode
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
@@ -218,6 +219,10 @@ class Planner:
         self._published_latest: tuple[bool, str] | None = None
         self._version: int | None = None
         self._inputs: str | None = None
+        #: how measured J/token corrects the GPUProfiles (core.feedback defaults)
+        self.feedback = FeedbackParams()
+        #: GPUProfile name -> (corrected profile, correction), from the last pass
+        self.corrections: dict[str, tuple[ServingProfile, Correction]] = {}
         # memory of what the cluster said and what we wrote
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
         self._last_policy: EnergyPolicySpec | None = None
@@ -383,22 +388,37 @@ class Planner:
         return sorted(current_values(self.sources.nodes, self.gone.skip("nodes")),
                       key=lambda n: n.name)
 
-    def profiles(self) -> tuple[list[ServingProfile], list[str]]:
-        """Default profiles, then every valid GPUProfile (by name: user profiles win)."""
+    def profiles(self, now: datetime | None = None) -> tuple[list[ServingProfile], list[str]]:
+        """Default profiles, then every valid GPUProfile (by name: user profiles win), each
+        with the node agents' measured J/token fed back (core.feedback; docs/feedback.md).
+
+        ``self.corrections`` holds how each GPUProfile (by name) was corrected."""
+        now = now or datetime.now(UTC)
         out: list[ServingProfile] = list(DEFAULT_PROFILES)
         keys: list[str] = []
+        corrections: dict[str, tuple[ServingProfile, Correction]] = {}
         for res in sorted(
             (v for v in current_values(self.sources.profiles, self.gone.skip("profiles"))
              if isinstance(v, GPUProfile)),
             key=lambda r: r.metadata.name,
         ):
             try:
-                out.append(profile_from_resource(res))
+                profile, corr = corrected_profile_from_resource(res, now, self.feedback)
             except (ValueError, ResourceError) as exc:
                 log.warning("GPUProfile %s unusable: %s", res.metadata.name, exc)
                 continue
-            keys.append(res.model_dump_json())
+            out.append(profile)
+            corrections[res.metadata.name] = (profile, corr)
+            # the scale, not the raw measurements: a re-plan when the correction moves
+            keys.append(res.spec.model_dump_json() + f"{corr.scale:.3f}")
+        self.corrections = corrections
         return out, keys
+
+    def eps_scales(self) -> dict[str, float]:
+        """Applied corrections by profile key, for the router (3 significant digits, so
+        measurement noise does not publish a new plan every period)."""
+        return {p.key: float(f"{c.scale:.3g}") for p, c in self.corrections.values()
+                if c.applied}
 
     def policy(self) -> EnergyPolicySpec:
         """The EnergyPolicy named ``default``; its last valid spec while it is invalid."""
@@ -477,7 +497,7 @@ class Planner:
                 del self.last_valid[k]
         plannable = {k: p for k, e in live.items() if (p := self.planned_pool(e)) is not None}
         nodes = self.nodes()
-        profiles, profile_keys = self.profiles()
+        profiles, profile_keys = self.profiles(now)
         policy = await self.carbon.planning_policy(self.policy(), now)
         inputs = fingerprint([
             [(k, live[k].uid, p.spec.model_dump_json()) for k, p in plannable.items()],
@@ -500,7 +520,8 @@ class Planner:
 
         # the plan in force, restricted to pools that still exist
         keep = [k for k in plannable if k in self.in_force.document.pools]
-        doc = plan_without(self.in_force.document, keep)
+        doc = plan_without(self.in_force.document, keep).model_copy(
+            update={"eps_scales": self.eps_scales()})
         await self._publish(doc, report)
         published = self.published or doc
         outcomes: dict[str, PoolOutcome] = {
