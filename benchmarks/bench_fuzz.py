@@ -36,7 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-latency", type=float, default=1.0, metavar="SECONDS")
     ap.add_argument("--out", type=Path, help="write the summary as JSON here")
+    ap.add_argument("--services", default="extender,router",
+                    help="comma-separated services to fuzz (default: extender,router)")
     args = ap.parse_args(argv)
+    services = {x.strip() for x in args.services.split(",") if x.strip()}
+    if not services <= {"extender", "router"}:
+        ap.error(f"--services: unknown {sorted(services - {'extender', 'router'})}")
     reports: list[tuple[str, fuzz.FuzzReport, int]] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for command, endpoints in (
                 ("extender", fuzz.extender_endpoints("default.chat", names[:12])),
                 ("router", fuzz.router_endpoints("default.chat"))):
+            if command not in services:
+                continue
             got = _fuzz_service(command, svc_args, endpoints, args)
             if got is None:
                 return 1
