@@ -57,7 +57,8 @@ def test_alerts_cover_what_the_issue_asks_for() -> None:
               for r in g["rules"] if "alert" in r}
     assert alerts == {"JoulepoolGPUClockLockedWithoutEngine", "JoulepoolNodeAgentMonitorOnly",
                       "JoulepoolPoolMissRateAboveTarget", "JoulepoolPlanInfeasible",
-                      "JoulepoolCarbonSourceStale", "JoulepoolEnergyPerTokenDrift"}
+                      "JoulepoolCarbonSourceStale", "JoulepoolEnergyPerTokenDrift",
+                      "JoulepoolProfileEpsDrift"}
     tested = yaml.safe_load(RULE_TESTS.read_text())["tests"]
     for alert in alerts:  # each alert: once expected to fire, once expected silent
         cases = [c for t in tested for c in t.get("alert_rule_test", [])
@@ -118,7 +119,7 @@ def test_promtool_checks_the_rules() -> None:
     out = subprocess.run([str(PROMTOOL), "check", "rules", str(RULES)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 13 rules found" in out.stdout
+    assert "SUCCESS: 14 rules found" in out.stdout
 
 
 @NEEDS_PROMTOOL

@@ -79,6 +79,8 @@ _use(_OP, "joulepool.dev", "inferencepools/status", "patch", "operator/planning.
      r"patch_merge_retrying\(self\.client, path, make_patch")
 _use(_OP, "joulepool.dev", "energypolicies/status", "patch", "operator/planning.py",
      r"path_for\(API_VERSION, ENERGYPOLICIES, None, POLICY_NAME, \"status\"\)")
+_use(_OP, "joulepool.dev", "gpuprofiles/status", "patch", "operator/drift.py",
+     r"path_for\(API_VERSION, GPUPROFILES, None, name, \"status\"\)")
 _use(_OP, "joulepool.dev", "gpuprofiles", "list watch", "operator/handlers.py",
      r"@kopf\.index\(\*PROFILES")
 _use(_OP, "joulepool.dev", "energypolicies", "list watch", "operator/handlers.py",

@@ -12,16 +12,25 @@ from test_operator_planning import make_planner, plan, pool, reconcile
 
 from joulepool.api.models import GPUProfile, MeasuredProfile
 from joulepool.core.estimators import EnergyPerTokenEstimator
-from joulepool.core.feedback import OperatingPointEstimator
+from joulepool.core.feedback import Correction, FeedbackParams, OperatingPointEstimator
 from joulepool.core.profiles import H100_8B
 from joulepool.kube import testing as T
 from joulepool.kube.pools import Router, RouterSettings
 from joulepool.kube.state import ClusterState
+from joulepool.operator.drift import verdict
 
 TRUE_SCALE = 1.3  # the GPUs really draw 30 % more than the GPUProfile says
 KEY = H100_8B.key
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PERIOD_S = 60  # the node agent's publication interval
+PROFILE_PATH = "/apis/joulepool.dev/v1alpha1/gpuprofiles/h100-8b"
+
+
+def eps_drift(api: Any) -> tuple[str, str]:
+    """(status, reason) of the GPUProfile's EpsDrift condition, as the API holds it."""
+    (cond,) = api.objects[PROFILE_PATH]["status"]["conditions"]
+    assert cond["type"] == "EpsDrift" and cond["lastTransitionTime"]
+    return cond["status"], cond["reason"]
 
 
 def gpu_profile(measured: list[MeasuredProfile] | None = None) -> GPUProfile:
@@ -80,9 +89,11 @@ async def test_a_profile_30_percent_wrong_is_corrected_in_plan_and_router() -> N
     for n in ("n1", "n2", "n3", "n4"):
         world.add_node(n)
     world.add_pool(pool("chat", 20))
+    api.objects[PROFILE_PATH] = gpu_profile().model_dump(mode="json", by_alias=True)
     planner.sources.profiles = {"h100-8b": [gpu_profile()]}
     planner.clock = lambda: T0
     await reconcile(planner, world)
+    assert eps_drift(api) == ("Unknown", "NotEnoughMeasurements")
     before = plan(api)
     assert before.eps_scales == {}
     jpt0, eps0 = before.pools["default.chat"].joules_per_token, router_eps(before)
@@ -112,6 +123,24 @@ async def test_a_profile_30_percent_wrong_is_corrected_in_plan_and_router() -> N
         assert scale == pytest.approx(TRUE_SCALE, rel=0.03), history
         assert plan_ratio == pytest.approx(scale, rel=1e-3), history  # energy coefficients
         assert router_ratio == pytest.approx(published, rel=1e-9), history  # scoring eps
+    # the drift is told once: a condition, one Warning Event, the alert's gauges
+    assert eps_drift(api) == ("True", "MeasuredEpsDrift")
+    cond = api.objects[PROFILE_PATH]["status"]["conditions"][0]
+    assert "1.3" in cond["message"] and "outliers rejected: n4" in cond["message"]
+    events = [o for p, o in api.objects.items() if p.startswith("/api/v1/namespaces/ops/events/")]
+    assert len(events) == 1
+    assert events[0]["involvedObject"] == {"apiVersion": "joulepool.dev/v1alpha1",
+                                           "kind": "GPUProfile", "name": "h100-8b",
+                                           "uid": "u-prof"}
+    assert (events[0]["type"], events[0]["reason"]) == ("Warning", "MeasuredEpsDrift")
+    # Unknown, then True at each scale the message shows (2 decimals): no other rewrite
+    shown = {f"{h[0]:.2f}" for h in history}
+    assert len(api.writes(PROFILE_PATH + "/status")) == 1 + len(shown) < 1 + len(history)
+    reg = planner.metrics.registry
+    labels = {"profile": "h100-8b", "product": "H100", "model": H100_8B.model}
+    assert reg.get_sample_value("joulepool_profile_eps_drift", labels) == 1
+    assert reg.get_sample_value("joulepool_profile_eps_scale", labels) == pytest.approx(
+        history[-1][0])
 
 
 async def test_stale_measurements_return_the_plan_to_the_profile() -> None:
@@ -119,11 +148,37 @@ async def test_stale_measurements_return_the_plan_to_the_profile() -> None:
     world.add_node("n1")
     world.add_pool(pool("chat", 20))
     measured = Agent("n1", 32, 1980.0).run_period(T0)
+    api.objects[PROFILE_PATH] = gpu_profile().model_dump(mode="json", by_alias=True)
     planner.sources.profiles = {"h100-8b": [gpu_profile([measured])]}
     planner.clock = lambda: T0
     await reconcile(planner, world)
+    assert eps_drift(api) == ("True", "MeasuredEpsDrift")
     assert plan(api).eps_scales[KEY] == pytest.approx(TRUE_SCALE, rel=0.03)
     planner.clock = lambda: T0 + timedelta(seconds=planner.feedback.max_age_s + 1)
     await reconcile(planner, world)  # the agent stopped publishing: its entry went stale
     assert plan(api).eps_scales == {}
     assert planner.corrections["h100-8b"][1].stale == ("n1",)
+    assert eps_drift(api) == ("Unknown", "NotEnoughMeasurements")
+
+
+def test_verdict_within_the_threshold_is_false() -> None:
+    corr = Correction(scale=1.1, tokens=1e5, used=("n1",), reason="")
+    v = verdict(corr, FeedbackParams())
+    assert (v.status, v.reason) == ("False", "WithinThreshold")
+    assert "1.10x" in v.message and "±15%" in v.message
+
+
+async def test_a_failed_condition_write_is_reported_and_retried() -> None:
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_pool(pool("chat", 20))
+    api.objects[PROFILE_PATH] = gpu_profile().model_dump(mode="json", by_alias=True)
+    planner.sources.profiles = {"h100-8b": [gpu_profile(
+        [Agent("n1", 32, 1980.0).run_period(T0)])]}
+    planner.clock = lambda: T0
+    api.fail.append(("PATCH", "gpuprofiles/h100-8b/status", 500))
+    report = await reconcile(planner, world)
+    assert any("EpsDrift" in e for e in report.errors)
+    assert plan(api).eps_scales[KEY] > 1.2  # the plan does not wait for the condition
+    await reconcile(planner, world)
+    assert eps_drift(api) == ("True", "MeasuredEpsDrift")

@@ -289,10 +289,14 @@ class MeasuredProfile(_Model):
 
 
 class GPUProfileStatus(_Model):
-    """Written by the node agents."""
+    """Written by the node agents (measured) and the operator (conditions)."""
 
     measured: list[MeasuredProfile] = Field(
         default_factory=list, description="per-node measured J/token of this product and model")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="written by the operator: EpsDrift (True when the measured J/token is off "
+                    "the profile by more than the drift threshold; docs/feedback.md)")
 
 
 class GPUProfile(_Model):

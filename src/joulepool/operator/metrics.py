@@ -61,6 +61,15 @@ class OperatorMetrics:
             "joulepool_pool_planned_joules_per_token",
             "J/token the plan in force expects of the pool (its profile at the operating point)",
             ("pool", "model"), registry=r)
+        self.profile_eps_scale = Gauge(
+            "joulepool_profile_eps_scale",
+            "measured J/token over the GPUProfile's at the measured operating points, as the "
+            "planner and router apply it (1: the profile as is)",
+            ("profile", "product", "model"), registry=r)
+        self.profile_eps_drift = Gauge(
+            "joulepool_profile_eps_drift",
+            "1 while the GPUProfile's measured J/token is off by more than the drift threshold",
+            ("profile", "product", "model"), registry=r)
         self.target_miss = Gauge(
             "joulepool_policy_target_miss_ratio",
             "deadline-miss ratio the EnergyPolicy targets (pi.targetMissRate)", registry=r)

@@ -64,6 +64,7 @@ from joulepool.core.planner import PlanNode
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.deployments import DeploymentWriter
+from joulepool.operator.drift import DriftReporter
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
 from joulepool.operator.listings import GoneObjects, Listed, current_values
 from joulepool.operator.metrics import OperatorMetrics
@@ -223,6 +224,8 @@ class Planner:
         self.feedback = FeedbackParams()
         #: GPUProfile name -> (corrected profile, correction), from the last pass
         self.corrections: dict[str, tuple[ServingProfile, Correction]] = {}
+        self._profile_uids: dict[str, str | None] = {}
+        self.drift = DriftReporter(client, self.metrics, config.namespace)
         # memory of what the cluster said and what we wrote
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
         self._last_policy: EnergyPolicySpec | None = None
@@ -409,6 +412,7 @@ class Planner:
                 continue
             out.append(profile)
             corrections[res.metadata.name] = (profile, corr)
+            self._profile_uids[res.metadata.name] = res.metadata.uid
             # the scale, not the raw measurements: a re-plan when the correction moves
             keys.append(res.spec.model_dump_json() + f"{corr.scale:.3f}")
         self.corrections = corrections
@@ -539,6 +543,8 @@ class Planner:
         await self._apply_deployments(live, plannable, published, report, sem)
         await self._write_statuses(live, plannable, view, now, force, report, sem)
         await self._write_policy_status(now, report)
+        report.errors.extend(await self.drift.report(
+            self.corrections, self._profile_uids, self.feedback, now))
         await self._retry_stuck_pools(report)
         self.metrics.pools(published, {k: n for k, n in self.ready_replicas().items()
                                        if k in live}, policy)

@@ -39,7 +39,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     # The planning loop writes EnergyPolicy default's status: its live carbon sources.
     {
         "apiGroups": [GROUP],
-        "resources": ["energypolicies/status"],
+        "resources": ["energypolicies/status", f"{GPUPROFILES}/status"],
         "verbs": ["patch"],
     },
     # Read only, kept in kopf indexes: never written, never fetched one by one.
