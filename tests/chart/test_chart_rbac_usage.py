@@ -94,6 +94,9 @@ _use(_OP, "apps", "deployments", "delete", "operator/deployments.py",
      r"await self\.client\.delete\(_path\(k\)\)")
 _use(_OP, "apps", "deployments", "get", "operator/deployments.py",
      r"patch_merge_retrying\(self\.client, _path\(k\)")  # re-read after a 409
+_use(_OP, "inference.networking.k8s.io", "inferencepools", "create patch",
+     "operator/gateway.py",
+     r"await self\.client\.apply\(path_for\(GIE_API_VERSION, GIE_POOL_PLURAL")
 _use(_OP, "", "events", "create", "operator/handlers.py", r"kopf\.warn\(body")
 _use(_OP, "", "configmaps", "get", "operator/planning.py",
      r"await self\.client\.get\(self\.configmap_path\)")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from chartlib import VALUE_SETS, Rendered, name, render_raw, rendered
 
-from joulepool.api.contract import ROUTER_PORT
+from joulepool.api.contract import EPP_PORT, ROUTER_PORT
 
 PEERS_MONITORING = [{"namespaceSelector": {"matchLabels": {
     "kubernetes.io/metadata.name": "monitoring"}}}]
@@ -71,11 +71,17 @@ def test_extender_port_is_reachable_only_inside_the_scheduler_pod(
 def test_router_open_to_its_clients_and_monitoring_only(default_render: Rendered) -> None:
     policy = default_render.get("NetworkPolicy", name("router"))
     ports = _ports(policy)
-    assert set(ports) == {ROUTER_PORT}
+    assert set(ports) == {ROUTER_PORT, EPP_PORT}
     peers = ports[ROUTER_PORT]
-    assert {"namespaceSelector": {"matchLabels": {"joulepool.dev/router-client": "true"}}} in peers
-    assert {"podSelector": {"matchLabels": {"joulepool.dev/router-client": "true"}}} in peers
+    clients = [
+        {"namespaceSelector": {"matchLabels": {"joulepool.dev/router-client": "true"}}},
+        {"podSelector": {"matchLabels": {"joulepool.dev/router-client": "true"}}},
+    ]
+    assert all(c in peers for c in clients)
     assert PEERS_MONITORING[0] in peers
+    # the endpoint picker's unauthenticated gRPC port: the gateway (router clients) only
+    assert all(c in ports[EPP_PORT] for c in clients)
+    assert PEERS_MONITORING[0] not in ports[EPP_PORT]
 
 
 def test_metrics_ports_open_to_monitoring_only(default_render: Rendered) -> None:
@@ -89,7 +95,8 @@ def test_peers_come_from_values_and_empty_peers_open_nothing() -> None:
     gateway = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name":
                                                        "gateway"}}}]
     r = Rendered(render_raw({"networkPolicy": {"routerFrom": gateway, "metricsFrom": []}}))
-    assert _ports(r.get("NetworkPolicy", name("router"))) == {ROUTER_PORT: gateway}
+    assert _ports(r.get("NetworkPolicy", name("router"))) == {ROUTER_PORT: gateway,
+                                                               EPP_PORT: gateway}
     for component in ("operator", "node-agent", "scheduler"):
         policy = r.get("NetworkPolicy", name(component))
         assert policy["spec"]["ingress"] == [], component  # deny all, never allow all

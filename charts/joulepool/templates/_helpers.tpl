@@ -152,3 +152,8 @@ writers' lock file 0666 before any of them can create it with their umask.
 {{- define "joulepool.routerTokenSecret" -}}
 {{- .Values.router.auth.existingSecret | default (printf "%s-router-token" (include "joulepool.fullname" .)) }}
 {{- end }}
+
+{{/* The GIE endpoint picker's Service (router --epp-port), named in GIE pools' endpointPickerRef */}}
+{{- define "joulepool.pickerService" -}}
+{{- printf "%s-epp" (include "joulepool.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}

@@ -40,11 +40,15 @@ def load_operator_settings(args: argparse.Namespace) -> OperatorSettings:
 
 def config_from_args(args: argparse.Namespace) -> object:
     """The operator's configuration (an ``OperatorConfig``) from its settings."""
-    from joulepool.operator.config import OperatorConfig, default_namespace
+    from joulepool.operator.config import OperatorConfig, PickerRef, default_namespace
 
     settings = load_operator_settings(args)
+    namespace = settings.namespace or default_namespace()
+    picker = PickerRef(settings.epp_service, namespace, settings.epp_port,
+                       settings.epp_failure_mode) if settings.epp_service else None
     return OperatorConfig(
-        namespace=settings.namespace or default_namespace(),
+        namespace=namespace,
+        picker=picker,
         watch_namespaces=tuple(settings.watch_namespace),
         scheduler_name=settings.scheduler_name,
         debounce_seconds=settings.debounce_seconds,

@@ -19,6 +19,25 @@ ANNOTATION_PREFIX = GROUP
 FIELD_MANAGER = "joulepool-operator"
 
 
+#: endpointPickerRef.failureMode values of GIE's InferencePool v1
+FAILURE_MODES = ("FailClose", "FailOpen")
+
+
+@dataclass(frozen=True)
+class PickerRef:
+    """Where joulepool's endpoint picker listens: Service name and namespace, gRPC port."""
+
+    service: str
+    namespace: str
+    port: int
+    failure_mode: str = "FailClose"
+
+    def __post_init__(self) -> None:
+        if self.failure_mode not in FAILURE_MODES:
+            raise ValueError(f"failure mode {self.failure_mode!r}: choose "
+                             f"{' or '.join(FAILURE_MODES)}")
+
+
 def default_namespace() -> str:
     """The operator's namespace: ``POD_NAMESPACE``, else the service account's, else a default."""
     env = os.environ.get("POD_NAMESPACE")
@@ -68,6 +87,9 @@ class OperatorConfig:
     release_retry_seconds: float = 30.0
     #: ... doubled after each failed pass in a row, up to this
     max_resync_after_error_seconds: float = 300.0
+    #: joulepool's endpoint picker Service: with it, a GIE InferencePool per pool when
+    #: GIE's CRD is served (operator.gateway); None: none
+    picker: PickerRef | None = None
     #: a ``kopf.ConnectionInfo`` to use instead of in-cluster / kubeconfig login (tests)
     connection: Any = None
     #: kopf watch-stream timeouts, seconds. The server-side one travels as the watch's

@@ -65,6 +65,7 @@ from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.deployments import DeploymentWriter
 from joulepool.operator.drift import DriftReporter
+from joulepool.operator.gateway import GatewayPools
 from joulepool.operator.kube import ApiError, KubeClient, patch_merge_retrying, path_for
 from joulepool.operator.listings import GoneObjects, Listed, current_values
 from joulepool.operator.metrics import OperatorMetrics
@@ -231,6 +232,8 @@ class Planner:
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self.writer = DeploymentWriter(client)
+        #: GIE InferencePools of the pools, when GIE's CRD is served
+        self.gateway = GatewayPools(client, config.picker)
         #: objects deleted while a watch was down, still in kopf's indexes (see .listings)
         self.gone = GoneObjects()
         self._listed_at = math.inf  # loop time of the last check of every listing (run() sets)
@@ -541,6 +544,7 @@ class Planner:
         )
         sem = asyncio.Semaphore(self.config.write_concurrency)
         await self._apply_deployments(live, plannable, published, report, sem)
+        report.errors.extend(await self.gateway.reconcile(live, plannable, sem))
         await self._write_statuses(live, plannable, view, now, force, report, sem)
         await self._write_policy_status(now, report)
         report.errors.extend(await self.drift.report(
@@ -733,6 +737,8 @@ class Planner:
             base = pool_status(entry, view, ready.get(entry.key, 0),
                                deployable=pool is not None and has_containers(pool),
                                write_error=report.pool_errors.get(entry.key))
+            if entry.key in self.gateway.conditions:
+                base["conditions"].append(self.gateway.conditions[entry.key])
             written = self._status_written.get(entry.key)
             previous: Mapping[str, Any] = (
                 written[1] if written is not None and written[0] == entry.uid else entry.status

@@ -13,6 +13,8 @@ from joulepool.api.contract import (
     COMPONENT_LABEL,
     DEFAULT_NAMESPACE,
     ENERGYPOLICIES,
+    GIE_GROUP,
+    GIE_POOL_PLURAL,
     GPUPROFILES,
     GROUP,
     INFERENCEPOOLS,
@@ -56,6 +58,14 @@ CLUSTER_RULES: list[dict[str, Any]] = [
         "apiGroups": ["apps"],
         "resources": ["deployments"],
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    # GIE pools (operator.gateway): one InferencePool of inference.networking.k8s.io per
+    # pool, written by server-side apply (patch; create when the apply creates one).
+    # Whether GIE's CRD is served is read from API discovery (open to every user).
+    {
+        "apiGroups": [GIE_GROUP],
+        "resources": [GIE_POOL_PLURAL],
+        "verbs": ["create", "patch"],
     },
     # kopf.warn / kopf's failure reports: core/v1 Events next to the object (any namespace;
     # for cluster-scoped objects, in the operator's namespace).

@@ -13,6 +13,7 @@ from pydantic import field_validator
 
 from joulepool.api.contract import (
     DEFAULT_SCHEDULER,
+    EPP_PORT,
     OPERATOR_LIVENESS_PORT,
     OPERATOR_METRICS_PORT,
 )
@@ -51,7 +52,24 @@ class OperatorSettings(ComponentSettings):
         "127.0.0.1", "address the liveness endpoint binds: the pod's IP in a pod (the chart "
         "passes status.podIP), loopback elsewhere; never all interfaces unless asked",
         env="JOULEPOOL_LIVENESS_ADDRESS", min_length=1)
+    epp_service: str = setting(
+        "", "Service of joulepool's GIE endpoint picker, in the operator's namespace: with "
+        "it, the operator creates a GIE InferencePool (inference.networking.k8s.io/v1) per "
+        "pool when GIE's CRD is installed; empty: none", env="JOULEPOOL_EPP_SERVICE")
+    epp_port: int = setting(EPP_PORT, "the picker Service's gRPC port",
+                            env="JOULEPOOL_EPP_PORT", ge=1, le=65535)
+    epp_failure_mode: str = setting(
+        "FailClose", "endpointPickerRef.failureMode of the GIE pools: FailClose (the "
+        "gateway refuses requests while the picker is unreachable) or FailOpen (it "
+        "forwards them to any pod)", env="JOULEPOOL_EPP_FAILURE_MODE")
     verbose: bool = setting(False, "log every handler and request", env="JOULEPOOL_VERBOSE")
+
+    @field_validator("epp_failure_mode")
+    @classmethod
+    def _failure_mode(cls, value: str) -> str:
+        if value not in ("FailClose", "FailOpen"):
+            raise ValueError(f"{value!r}: choose FailClose or FailOpen")
+        return value
 
     @field_validator("watch_namespace", mode="after")
     @classmethod
