@@ -60,9 +60,9 @@ if [ "$existing" = 1 ]; then
 fi
 
 run kubectl --context "$CONTEXT" apply -f "$POOL"
-run kubectl --context "$CONTEXT" --namespace default wait inferencepool/chat \
+run kubectl --context "$CONTEXT" --namespace default wait jpool/chat \
   --for=condition=Planned --timeout=120s
-run kubectl --context "$CONTEXT" --namespace default wait inferencepool/chat \
+run kubectl --context "$CONTEXT" --namespace default wait jpool/chat \
   --for=condition=Ready --timeout=300s
 
 if [ "$DRY_RUN" = 0 ]; then
