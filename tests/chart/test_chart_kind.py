@@ -96,14 +96,15 @@ def test_up_does_what_the_issue_asks() -> None:
     assert "charts/joulepool" in install and "--values kind/values.yaml" in install
     assert "--wait" in install
     assert apply.endswith("apply -f examples/kind-chat-pool.yaml")
-    assert "inferencepool/chat" in planned and "--for=condition=Planned" in planned
-    assert "inferencepool/chat" in ready and "--for=condition=Ready" in ready
+    # joulepool's short name: the bare word inferencepool is GIE's kind too
+    assert " jpool/chat " in planned and "--for=condition=Planned" in planned
+    assert " jpool/chat " in ready and "--for=condition=Ready" in ready
     # the image it builds is the one the values install
     image = f"{VALUES['image']['repository']}:{VALUES['image']['tag']}"
     assert image in build and image in load
     # every file it names exists
     for word in " ".join(lines).split():
-        if "/" in word and not word.startswith(("-", "inferencepool/")) and "=" not in word:
+        if "/" in word and not word.startswith(("-", "jpool/")) and "=" not in word:
             assert (ROOT / word).exists(), word
 
 
