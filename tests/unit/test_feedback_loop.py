@@ -57,7 +57,7 @@ class Agent:
         self.node, self.batch, self.clock, self.scale = node, batch, clock, scale
         self.eps = EnergyPerTokenEstimator(half_life_s=300.0)
         self.op = OperatingPointEstimator(300.0)
-        self.rng = np.random.default_rng(abs(hash(node)) % 2**32)
+        self.rng = np.random.default_rng([ord(c) for c in node])  # reproducible
 
     def run_period(self, end: datetime) -> MeasuredProfile:
         tps = float(H100_8B.decode_tokens_per_s(self.batch, self.clock))
@@ -133,9 +133,8 @@ async def test_a_profile_30_percent_wrong_is_corrected_in_plan_and_router() -> N
                                            "kind": "GPUProfile", "name": "h100-8b",
                                            "uid": "u-prof"}
     assert (events[0]["type"], events[0]["reason"]) == ("Warning", "MeasuredEpsDrift")
-    # Unknown, then True at each scale the message shows (2 decimals): no other rewrite
-    shown = {f"{h[0]:.2f}" for h in history}
-    assert len(api.writes(PROFILE_PATH + "/status")) == 1 + len(shown) < 1 + len(history)
+    # Unknown, then True once: a scale moving by < 5 % does not rewrite the condition
+    assert len(api.writes(PROFILE_PATH + "/status")) == 2
     reg = planner.metrics.registry
     labels = {"profile": "h100-8b", "product": "H100", "model": H100_8B.model}
     assert reg.get_sample_value("joulepool_profile_eps_drift", labels) == 1

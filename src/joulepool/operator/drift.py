@@ -13,7 +13,7 @@ reported, never raised: the planner does not stop for them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +24,8 @@ from joulepool.operator.kube import ApiError, KubeClient, path_for
 from joulepool.operator.metrics import OperatorMetrics
 
 CONDITION = "EpsDrift"
+#: relative change of the measured scale that rewrites the condition's message
+SHOWN_SCALE_BAND = 0.05
 COMPONENT = "joulepool-operator"
 
 
@@ -61,8 +63,9 @@ class DriftReporter:
         self.client = client
         self.metrics = metrics
         self.namespace = namespace
-        #: GPUProfile name -> the condition written last
+        #: GPUProfile name -> the condition written last, and the scale its message shows
         self.written: dict[str, dict[str, Any]] = {}
+        self.shown: dict[str, float] = {}
 
     async def report(self, corrections: Mapping[str, tuple[ServingProfile, Correction]],
                      uids: Mapping[str, str | None], params: FeedbackParams,
@@ -74,13 +77,21 @@ class DriftReporter:
         for name in list(self.written):
             if name not in corrections:
                 del self.written[name]
+                self.shown.pop(name, None)
         for name, (profile, corr) in sorted(corrections.items()):
             labels = (name, profile.product.name, profile.model)
             self.metrics.profile_eps_scale.labels(*labels).set(corr.scale)
             self.metrics.profile_eps_drift.labels(*labels).set(1 if corr.drifted else 0)
+            # the message shows the scale; within SHOWN_SCALE_BAND of the one written, the
+            # written one is kept, so measurement noise does not rewrite the condition
+            shown = self.shown.get(name)
+            if shown is not None and abs(corr.scale / shown - 1.0) <= SHOWN_SCALE_BAND:
+                corr = replace(corr, scale=shown)
             err = await self._write(name, uids.get(name), verdict(corr, params), now)
             if err:
                 errors.append(err)
+            else:
+                self.shown[name] = corr.scale
         return errors
 
     async def _write(self, name: str, uid: str | None, v: Verdict,
