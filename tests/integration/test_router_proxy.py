@@ -311,3 +311,35 @@ async def test_token_guards_complete_not_proxy(tmp_path: Path) -> None:
     finally:
         await st.router.close()
         await engine.close()
+
+
+@pytest.mark.parametrize("engine_kind", ["vllm", "sglang"])
+async def test_router_scrapes_current_engine_names(engine_kind: str) -> None:
+    """The fake engine serves vLLM V1's (or SGLang's) names; the router's scrape reads
+    the queue and the KV-cache usage by the pod label's spec or by detection."""
+    from joulepool.fakes.engine import EngineMetrics
+    from joulepool.kube.scrape import scrape_all
+
+    metrics = EngineMetrics(MODEL, [], "H100", engine=engine_kind)
+    engine = FakeEngine(H100_8B, metrics=metrics, kv_cache_tokens=64)
+    server = await _engine(build_app(engine))
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1",
+                                    api_key="x", max_retries=0)
+        busy = asyncio.create_task(client.completions.create(
+            model=MODEL, prompt="y" * 160, max_tokens=2000))
+        for _ in range(200):  # until the request runs (40 prompt tokens of 64 in use)
+            await asyncio.sleep(0.01)
+            if engine.running:
+                break
+        async with aiohttp.ClientSession() as http:
+            for label in (engine_kind, None):
+                samples, failures = await scrape_all(
+                    http, [(POOL, "a:1", url, label)], timeout_s=2.0, concurrency=2)
+                assert failures == 0 and samples[0].running == 1.0
+                assert samples[0].kv_cache is not None and 0.6 < samples[0].kv_cache <= 1.0
+        busy.cancel()
+        await client.close()
+    finally:
+        await server.close()

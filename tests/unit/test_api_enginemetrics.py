@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from joulepool.api.enginemetrics import parse_engine_metrics, parse_queue
+from joulepool.api.enginemetrics import (
+    engine_spec,
+    parse_engine_metrics,
+    parse_queue,
+    parse_queue_sample,
+)
 from joulepool.nodeagent import signals
 
 VLLM_PAGE = """\
@@ -54,3 +59,57 @@ def test_router_and_node_agent_read_a_page_by_the_same_rules() -> None:
         0.0, 0.0) == parse_queue(page)
     with pytest.raises(ValueError):
         parse_engine_metrics("vllm:num_requests_waiting{oops 3\n")
+
+
+V1_AND_LEGACY = """\
+vllm:num_requests_running{model_name="m"} 3.0
+vllm:num_requests_waiting{model_name="m"} 1.0
+vllm:kv_cache_usage_perc{model_name="m"} 0.42
+vllm:gpu_cache_usage_perc{model_name="m"} 0.99
+vllm:inter_token_latency_seconds_bucket{le="0.01",model_name="m"} 4.0
+vllm:inter_token_latency_seconds_bucket{le="+Inf",model_name="m"} 5.0
+vllm:time_per_output_token_seconds_bucket{le="0.01",model_name="m"} 0.0
+vllm:time_per_output_token_seconds_bucket{le="+Inf",model_name="m"} 9.0
+"""
+LEGACY_ONLY = """\
+vllm:num_requests_running{model_name="m"} 3.0
+vllm:gpu_cache_usage_perc{model_name="m"} 0.7
+vllm:time_per_output_token_seconds_bucket{le="0.01",model_name="m"} 2.0
+vllm:time_per_output_token_seconds_bucket{le="+Inf",model_name="m"} 9.0
+"""
+SGLANG_PAGE = """\
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m"} 7.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="m"} 2.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="m"} 0.81
+# TYPE sglang:inter_token_latency_seconds histogram
+sglang:inter_token_latency_seconds_bucket{le="0.02",model_name="m"} 6.0
+sglang:inter_token_latency_seconds_bucket{le="+Inf",model_name="m"} 8.0
+sglang:inter_token_latency_seconds_count{model_name="m"} 8.0
+sglang:inter_token_latency_seconds_sum{model_name="m"} 0.1
+# TYPE sglang:generation_tokens_total counter
+sglang:generation_tokens_total{model_name="m"} 120.0
+"""
+
+
+def test_vllm_v1_names_win_over_the_removed_ones() -> None:
+    s = parse_engine_metrics(V1_AND_LEGACY)
+    assert s.engine == "vllm" and s.kv_cache_usage == pytest.approx(0.42)
+    assert s.tpot.counts == (4.0, 5.0)  # the ITL histogram, not the legacy TPOT one
+    legacy = parse_engine_metrics(LEGACY_ONLY)  # an engine before the rename
+    assert legacy.kv_cache_usage == pytest.approx(0.7) and legacy.tpot.counts == (2.0, 9.0)
+    q = parse_queue_sample(V1_AND_LEGACY)
+    assert q is not None and (q.waiting, q.running, q.kv_cache_usage) == (1.0, 3.0, 0.42)
+
+
+def test_sglang_page_detected_or_named() -> None:
+    s = parse_engine_metrics(SGLANG_PAGE)
+    assert s.engine == "sglang"
+    assert (s.waiting, s.running, s.generation_tokens) == (2.0, 7.0, 120.0)
+    assert s.kv_cache_usage == pytest.approx(0.81) and s.tpot.counts == (6.0, 8.0)
+    assert parse_queue(SGLANG_PAGE, engine_spec("SGLang")) == (2.0, 7.0)
+    # read by the wrong spec, the page has no queue gauges
+    assert parse_queue(SGLANG_PAGE, engine_spec("vllm")) is None
+    assert engine_spec("tgi") is None and engine_spec(None) is None

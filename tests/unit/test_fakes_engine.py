@@ -50,7 +50,7 @@ async def test_completion_non_streaming_and_metrics():
         text = await (await client.get("/metrics")).text()
         for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
                      "vllm:time_to_first_token_seconds_bucket",
-                     "vllm:time_per_output_token_seconds_bucket",
+                     "vllm:inter_token_latency_seconds_bucket", "vllm:kv_cache_usage_perc",
                      "vllm:generation_tokens_total"):
             assert name in text
         s = parse_engine_metrics(text)

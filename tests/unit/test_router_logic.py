@@ -213,3 +213,19 @@ def test_scrape_updates_queue_and_batch() -> None:
     i = pool.index[EFFICIENT]
     assert pool.queue_tokens()[i] == pytest.approx(4 * 256 + 2 * 128)
     assert route(r, _req(), now=0.0).endpoint == FAST
+
+
+def test_full_kv_cache_keeps_requests_off_an_engine() -> None:
+    """The efficient endpoint wins at light load until its engine reports a KV cache
+    >= 95 % full; when every engine is that full, none is filtered."""
+    r = _router()
+    r.sync()
+    pool = r.pools["ns.p"]
+    assert route(r, _req(), now=0.0).endpoint == EFFICIENT
+    assert r.apply_scrape("ns.p", EFFICIENT, waiting=0, running=0, now=0.0, kv_cache=0.97)
+    assert pool.state.kv_cache_usage[pool.index[EFFICIENT]] == pytest.approx(0.97)
+    assert route(r, _req(), now=0.0).endpoint == FAST
+    r.apply_scrape("ns.p", FAST, waiting=0, running=0, now=0.0, kv_cache=0.99)
+    assert route(r, _req(), now=0.0).endpoint == EFFICIENT
+    r.apply_scrape("ns.p", EFFICIENT, waiting=0, running=0, now=1.0, kv_cache=None)
+    assert route(r, _req(), now=1.0).endpoint == EFFICIENT  # unknown usage stays eligible

@@ -33,6 +33,9 @@ SERVICE_ACCOUNT_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/
 POOL_LABEL = "joulepool.dev/pool"
 #: serving mode of a pool's pod (e.g. ``4xH100``)
 MODE_LABEL = "joulepool.dev/mode"
+#: the serving engine of a pod (``vllm`` or ``sglang``): which metric names its page
+#: has (:data:`api.enginemetrics.ENGINE_SPECS`); detected from the page when absent
+ENGINE_LABEL = "joulepool.dev/engine"
 #: the operator's Deployment a serving pod belongs to: one Deployment per (pool, mode, node),
 #: pinned to its node, so each node's share of the plan holds by construction
 PLACEMENT_LABEL = "joulepool.dev/placement"

@@ -1,7 +1,10 @@
-"""The one parser of a serving engine's Prometheus page (vLLM names, :mod:`api.vllm`).
+"""The one parser of a serving engine's Prometheus page (names in :mod:`api.vllm`).
 
-The routing service reads the queue gauges of every engine; the node agent
-reads those, the TTFT / TPOT histograms, the generated-token counter, the
+Engines name their metrics differently (:class:`EngineMetricSpec`: vLLM V1 with
+the pre-rename names as fallbacks, SGLang); the spec comes from the pod's
+``joulepool.dev/engine`` label or is detected from the page. The routing service
+reads the queue gauges and KV-cache usage of every engine; the node agent
+reads those, the TTFT / inter-token latency histograms, the generated-token counter, the
 model and the GPUs. Both call :func:`parse_engine_metrics`, so both read a
 page by the same rules:
 
@@ -26,15 +29,60 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from joulepool.api.vllm import GENERATION_TOKENS, RUNNING, TPOT, TTFT, WAITING
+from joulepool.api import vllm
 
 #: joulepool's own engine info gauge: ``{gpu="0,3"} 1`` names the GPUs an engine uses
 #: (the fake engine exports it from the device plugin's assignment)
 GPU_INFO = "joulepool_engine_gpu_info"
-#: the label vLLM puts the served model's name in
+#: the label vLLM and SGLang put the served model's name in
 MODEL_LABEL = "model_name"
-#: the families the router needs (waiting and running requests)
-QUEUE_METRICS = (WAITING, RUNNING)
+
+
+@dataclass(frozen=True)
+class EngineMetricSpec:
+    """Where one serving engine puts each quantity: family names, preferred first (a
+    later name is read only when no earlier one is on the page)."""
+
+    name: str
+    waiting: tuple[str, ...]
+    running: tuple[str, ...]
+    ttft: tuple[str, ...]
+    itl: tuple[str, ...]  #: time between output tokens (histogram, s)
+    kv_cache: tuple[str, ...]  #: fraction of the KV cache in use, 0..1 (gauge)
+    generation_tokens: tuple[str, ...]
+    prefix: str  #: every family of the engine starts with it (auto-detection)
+
+    def queue_families(self) -> tuple[str, ...]:
+        return (*self.waiting, *self.running, *self.kv_cache)
+
+
+VLLM = EngineMetricSpec(
+    "vllm", (vllm.WAITING,), (vllm.RUNNING,), (vllm.TTFT,), (vllm.ITL, vllm.LEGACY_TPOT),
+    (vllm.KV_CACHE, vllm.LEGACY_KV_CACHE), (vllm.GENERATION_TOKENS,), "vllm:",
+)
+SGLANG = EngineMetricSpec(
+    "sglang", (vllm.SGLANG_WAITING,), (vllm.SGLANG_RUNNING,), (vllm.SGLANG_TTFT,),
+    (vllm.SGLANG_ITL, vllm.SGLANG_LEGACY_TPOT), (vllm.SGLANG_KV_CACHE,),
+    (vllm.SGLANG_GENERATION_TOKENS,), "sglang:",
+)
+#: engine name (the pod label :data:`api.contract.ENGINE_LABEL`) -> its metric names
+ENGINE_SPECS: dict[str, EngineMetricSpec] = {VLLM.name: VLLM, SGLANG.name: SGLANG}
+#: the families the router needs (waiting and running requests, KV-cache usage)
+QUEUE_METRICS = tuple(n for spec in ENGINE_SPECS.values() for n in spec.queue_families())
+
+
+def engine_spec(name: str | None) -> EngineMetricSpec | None:
+    """The spec of an engine name (case-insensitive); None for None or an unknown name
+    (auto-detect then)."""
+    return ENGINE_SPECS.get(name.strip().lower()) if name else None
+
+
+def detect_engine(text: str) -> EngineMetricSpec:
+    """The engine whose families the page carries (vLLM when neither's is there)."""
+    for spec in ENGINE_SPECS.values():
+        if spec.prefix in text:
+            return spec
+    return VLLM
 
 
 @dataclass(frozen=True)
@@ -50,8 +98,11 @@ class EngineSample:
     """One scrape of an engine, cumulative counters as exported.
 
     ``waiting`` and ``running`` are request counts, ``generation_tokens`` the output
-    tokens generated since the engine started; ``queue_seen`` says whether either
-    queue gauge was on the page at all.
+    tokens generated since the engine started; ``tpot`` is the inter-token latency
+    histogram (vLLM V1's ITL, or the pre-rename TPOT); ``kv_cache_usage`` the
+    fraction of the KV cache in use (the fullest of the label sets; None when
+    absent); ``queue_seen`` says whether either queue gauge was on the page at all;
+    ``engine`` the spec the page was read by.
     """
 
     waiting: float = 0.0
@@ -62,6 +113,8 @@ class EngineSample:
     model: str | None = None
     gpus: frozenset[int] | None = None
     queue_seen: bool = False
+    kv_cache_usage: float | None = None
+    engine: str = VLLM.name
 
 
 def _histogram(buckets: dict[float, float]) -> Histogram:
@@ -78,52 +131,90 @@ def _select(text: str, names: Iterable[str]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def parse_engine_metrics(text: str, only: Iterable[str] | None = None) -> EngineSample:
-    """Read the engine metrics out of a Prometheus text exposition (rules above);
-    ``only``: parse just these families. ValueError if the text is not valid."""
+class _Page:
+    """Samples of one page by family name: gauge sums, histogram buckets, KV maxima."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+        self.buckets: dict[str, dict[float, float]] = {}
+        self.models: set[str] = set()
+        self.gpus: set[int] = set()
+
+    def add(self, name: str, labels: dict[str, str], value: float) -> None:
+        if name.endswith("_bucket"):
+            h = self.buckets.setdefault(name[: -len("_bucket")], {})
+            le = float(labels.get("le", "inf"))
+            h[le] = h.get(le, 0.0) + value
+        elif name == GPU_INFO:
+            if value > 0:
+                self.gpus.update(int(p) for p in str(labels.get("gpu", "")).split(",")
+                                 if p.strip().isdigit())
+            return
+        else:
+            v = max(value, 0.0)
+            self.sums[name] = self.sums.get(name, 0.0) + v
+            self.maxima[name] = max(self.maxima.get(name, 0.0), v)
+        if MODEL_LABEL in labels:
+            self.models.add(labels[MODEL_LABEL])
+
+    def first(self, names: tuple[str, ...], table: dict[str, float]) -> float | None:
+        for n in names:
+            if n in table:
+                return table[n]
+        return None
+
+    def histogram(self, names: tuple[str, ...]) -> Histogram:
+        for n in names:
+            if n in self.buckets:
+                return _histogram(self.buckets[n])
+        return Histogram()
+
+
+def parse_engine_metrics(text: str, only: Iterable[str] | None = None,
+                         spec: EngineMetricSpec | None = None) -> EngineSample:
+    """Read the engine metrics out of a Prometheus text exposition (rules above) by
+    ``spec`` (auto-detected from the page when None); ``only``: parse just these
+    families. ValueError if the text is not valid."""
+    spec = spec or detect_engine(text)
     if only is not None:
         text = _select(text, only)
-    gauges = {WAITING: 0.0, RUNNING: 0.0, GENERATION_TOKENS: 0.0}
-    buckets: dict[str, dict[float, float]] = {TTFT: {}, TPOT: {}}
-    models: set[str] = set()
-    gpus: set[int] = set()
-    queue_seen = False
+    page = _Page()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            name, labels, value = s.name, s.labels, float(s.value)
-            if math.isnan(value):
-                continue
-            if name in gauges:
-                gauges[name] += max(value, 0.0)
-                queue_seen = queue_seen or name in QUEUE_METRICS
-            elif name.endswith("_bucket") and name[: -len("_bucket")] in buckets:
-                le = float(labels.get("le", "inf"))
-                h = buckets[name[: -len("_bucket")]]
-                h[le] = h.get(le, 0.0) + value
-            elif name == GPU_INFO and value > 0:
-                gpus.update(int(p) for p in str(labels.get("gpu", "")).split(",")
-                            if p.strip().isdigit())
-            else:
-                continue
-            if MODEL_LABEL in labels:
-                models.add(labels[MODEL_LABEL])
+            value = float(s.value)
+            if not math.isnan(value):
+                page.add(s.name, s.labels, value)
+    waiting = page.first(spec.waiting, page.sums)
+    running = page.first(spec.running, page.sums)
+    kv = page.first(spec.kv_cache, page.maxima)
     return EngineSample(
-        waiting=gauges[WAITING],
-        running=gauges[RUNNING],
-        ttft=_histogram(buckets[TTFT]),
-        tpot=_histogram(buckets[TPOT]),
-        generation_tokens=gauges[GENERATION_TOKENS],
-        model=sorted(models)[0] if models else None,
-        gpus=frozenset(gpus) if gpus else None,
-        queue_seen=queue_seen,
+        waiting=waiting or 0.0,
+        running=running or 0.0,
+        ttft=page.histogram(spec.ttft),
+        tpot=page.histogram(spec.itl),
+        generation_tokens=page.first(spec.generation_tokens, page.sums) or 0.0,
+        model=sorted(page.models)[0] if page.models else None,
+        gpus=frozenset(page.gpus) if page.gpus else None,
+        queue_seen=waiting is not None or running is not None,
+        kv_cache_usage=None if kv is None else min(kv, 1.0),
+        engine=spec.name,
     )
 
 
-def parse_queue(text: str) -> tuple[float, float] | None:
-    """(waiting, running) requests of an engine's page; None when neither gauge is on
-    it or the page is not valid Prometheus text."""
+def parse_queue_sample(text: str, spec: EngineMetricSpec | None = None
+                       ) -> EngineSample | None:
+    """An engine's queue (waiting, running requests; KV-cache usage) from its page; None
+    when neither queue gauge is on it or the page is not valid Prometheus text."""
     try:
-        sample = parse_engine_metrics(text, only=QUEUE_METRICS)
+        sample = parse_engine_metrics(text, only=QUEUE_METRICS, spec=spec)
     except ValueError:
         return None
-    return (sample.waiting, sample.running) if sample.queue_seen else None
+    return sample if sample.queue_seen else None
+
+
+def parse_queue(text: str, spec: EngineMetricSpec | None = None
+                ) -> tuple[float, float] | None:
+    """(waiting, running) requests of an engine's page (:func:`parse_queue_sample`)."""
+    sample = parse_queue_sample(text, spec)
+    return None if sample is None else (sample.waiting, sample.running)

@@ -127,17 +127,21 @@ class Endpoint:
     """One serving engine (``ip:port``) and what the router learned about it."""
 
     __slots__ = (
-        "address", "eps_est", "ledger", "ledger_tokens", "metrics_url", "model", "node",
-        "running", "scraped_at", "source", "static_queue", "waiting",
+        "address", "engine", "eps_est", "kv_cache", "ledger", "ledger_tokens", "metrics_url",
+        "model", "node", "running", "scraped_at", "source", "static_queue", "waiting",
     )
 
     def __init__(
         self, address: str, model: EndpointModel, node: str = "", metrics_url: str | None = None,
         source: str = "cluster", waiting: float = 0.0, running: float = 0.0,
         static_queue: float = 0.0, eps_half_life_s: float = EPS_HALF_LIFE_S,
-        eps_min_tokens: float = EPS_MIN_TOKENS,
+        eps_min_tokens: float = EPS_MIN_TOKENS, engine: str | None = None,
     ) -> None:
         self.address = address
+        #: serving engine (metric names) from the pod label; None: detect from the page
+        self.engine = engine
+        #: fraction of the engine's KV cache in use, 0..1 (NaN until scraped)
+        self.kv_cache = math.nan
         self.model = model
         self.node = node
         self.metrics_url = metrics_url
@@ -272,6 +276,7 @@ class PoolRouter:
             self.running[i] = ep.running
             self._responses = None
         self.static_q[i] = ep.static_queue
+        self.state.kv_cache_usage[i] = ep.kv_cache
         self.ledger_count[i] = len(ep.ledger)
         self.ledger_tokens[i] = ep.ledger_tokens
 
@@ -286,6 +291,7 @@ class PoolRouter:
             old = self.endpoints[self.index[ep.address]] if ep.address in self.index else None
             if old is not None:
                 old.model, old.node, old.metrics_url = ep.model, ep.node, ep.metrics_url
+                old.engine = ep.engine
                 if ep.source == "file":
                     if old.scraped_at is None:  # scraped numbers beat the file's
                         old.waiting, old.running = ep.waiting, ep.running
@@ -528,13 +534,16 @@ class PoolRouter:
         if self.observer is not None:
             self.observer.ticked(self.key, self.window.rate(now) or 0.0)
 
-    def apply_scrape(self, address: str, waiting: float, running: float, now: float) -> bool:
-        """The engine's waiting and running request counts; False if unknown address."""
+    def apply_scrape(self, address: str, waiting: float, running: float, now: float,
+                     kv_cache: float | None = None) -> bool:
+        """The engine's waiting and running request counts and KV-cache usage (0..1;
+        None: not reported); False if unknown address."""
         i = self.index.get(address)
         if i is None:
             return False
         ep = self.endpoints[i]
         ep.waiting, ep.running, ep.scraped_at = waiting, running, now
+        ep.kv_cache = math.nan if kv_cache is None else kv_cache
         self._refresh(i)
         return True
 

@@ -22,11 +22,13 @@ new scorer reading columns that are already there (``running``, ``clock_mhz``,
 
 Registered names (:data:`SCORERS`, :data:`PICKERS`, :data:`PROFILES`):
 
+    filters   kv-cache      off engines whose KV cache is >= 95 % full (while others are not)
     scorers   joulesched    core.routing's rule: eps_n * t_r + lambda * late (ETA tie-break)
               least-loaded  (outstanding requests + 1) / req/s the endpoint sustains
     pickers   lowest-cost   lowest cost, then lowest ETA, then lowest index
               round-robin   the next endpoint in turn, ignoring scores
-    profiles  joulesched, least-loaded, round-robin: one scorer (or none) + one picker
+    profiles  joulesched, least-loaded (each with the kv-cache filter), round-robin: one
+              scorer (or none) + one picker
 
 A profile object holds its plugins' state (round-robin's turn): make one per
 pool with :func:`routing_profile`.
@@ -232,6 +234,24 @@ class RoundRobinPicker:
         return [(first + j) % n for j in range(min(k, n))]
 
 
+class KVCacheFilter:
+    """Keeps requests off engines whose KV cache is nearly full (``kv_cache_usage`` >=
+    :attr:`limit`): a new request there would wait for blocks or evict others. Endpoints
+    that do not report usage (NaN) stay eligible; when every reporting endpoint is over
+    the limit, none is filtered (the caller's admission decides, not the filter)."""
+
+    name: ClassVar[str] = "kv-cache"
+    limit: ClassVar[float] = 0.95
+
+    def filter(self, request: RequestInfo, endpoints: EndpointState) -> BoolArray | None:
+        kv = endpoints.kv_cache_usage
+        full = kv >= self.limit  # NaN compares False: unknown stays eligible
+        if not full.any() or full.all():
+            return None
+        keep: BoolArray = ~full
+        return keep
+
+
 class NoScorer:
     """Zero cost everywhere: for pickers that ignore scores."""
 
@@ -327,6 +347,9 @@ SCORERS: dict[str, Callable[[], Scorer]] = {
     LeastLoadedScorer.name: LeastLoadedScorer,
     NoScorer.name: NoScorer,
 }
+FILTERS: dict[str, Callable[[], Filter]] = {
+    KVCacheFilter.name: KVCacheFilter,
+}
 PICKERS: dict[str, Callable[[], Picker]] = {
     LowestCostPicker.name: LowestCostPicker,
     RoundRobinPicker.name: RoundRobinPicker,
@@ -336,6 +359,11 @@ PROFILES: dict[str, tuple[tuple[tuple[str, float], ...], str]] = {
     "joulesched": ((("joulesched", 1.0),), "lowest-cost"),
     "least-loaded": ((("least-loaded", 1.0),), "lowest-cost"),
     "round-robin": ((("none", 1.0),), "round-robin"),
+}
+#: routing profile name -> its filters' names (run before the scorers)
+PROFILE_FILTERS: dict[str, tuple[str, ...]] = {
+    "joulesched": ("kv-cache",),
+    "least-loaded": ("kv-cache",),
 }
 
 
@@ -350,4 +378,6 @@ def routing_profile(name: str) -> RoutingProfile:
     if spec is None:
         raise ValueError(f"unknown routing {name!r}; choose from {', '.join(sorted(PROFILES))}")
     scorers, picker = spec
-    return RoutingProfile(name, tuple((SCORERS[s](), w) for s, w in scorers), PICKERS[picker]())
+    filters = tuple(FILTERS[f]() for f in PROFILE_FILTERS.get(name, ()))
+    return RoutingProfile(name, tuple((SCORERS[s](), w) for s, w in scorers), PICKERS[picker](),
+                          filters)

@@ -9,8 +9,9 @@ state, so the simulated power and energy counter follow its load.
 
 HTTP (aiohttp): OpenAI-compatible ``POST /v1/completions`` and
 ``/v1/chat/completions`` (``stream`` true or false; ``stream_options.include_usage``
-adds vLLM's final usage chunk), ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` with the
-vLLM metric names the node agent reads.
+adds vLLM's final usage chunk), ``GET /v1/models``, ``GET /health`` and
+``GET /metrics`` with vLLM V1's metric names (``vllm:inter_token_latency_seconds``,
+``vllm:kv_cache_usage_perc``) or, with ``engine="sglang"``, SGLang's.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from prometheus_client import (
 )
 
 from joulepool import httpserve
-from joulepool.api import vllm
+from joulepool.api.enginemetrics import ENGINE_SPECS, VLLM
 from joulepool.core.device import GPUError
 from joulepool.core.profiles import ServingProfile
 from joulepool.fakes.gpus import SimulatedGPUs
@@ -55,31 +56,40 @@ MAX_BODY_BYTES = 4 << 20
 
 
 class EngineMetrics:
+    """The engine's Prometheus page under ``engine``'s names (:data:`ENGINE_SPECS`:
+    vLLM V1's current names, or SGLang's)."""
+
     def __init__(self, model: str, gpus: Sequence[int], product: str,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, engine: str = VLLM.name) -> None:
+        spec = ENGINE_SPECS.get(engine)
+        if spec is None:
+            raise ValueError(f"unknown engine {engine!r}; choose from {sorted(ENGINE_SPECS)}")
         self.registry = registry or CollectorRegistry()
         r, labels = self.registry, ("model_name",)
         self.model = model
-        self.waiting = Gauge(vllm.WAITING, "Requests waiting to be processed",
+        self.engine = spec.name
+        self.waiting = Gauge(spec.waiting[0], "Requests waiting to be processed",
                              labels, registry=r)
-        self.running = Gauge(vllm.RUNNING, "Requests in the running batch",
+        self.running = Gauge(spec.running[0], "Requests in the running batch",
                              labels, registry=r)
-        self.ttft = Histogram(vllm.TTFT, "Time to first token",
+        self.kv_cache = Gauge(spec.kv_cache[0], "Fraction of the KV cache in use (0..1)",
+                              labels, registry=r)
+        self.ttft = Histogram(spec.ttft[0], "Time to first token",
                               labels, buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram(vllm.TPOT, "Time per output token",
+        self.tpot = Histogram(spec.itl[0], "Time between output tokens",
                               labels, buckets=TPOT_BUCKETS, registry=r)
-        self.generation_tokens = Counter(vllm.GENERATION_TOKENS.removesuffix("_total"),
+        self.generation_tokens = Counter(spec.generation_tokens[0].removesuffix("_total"),
                                          "Generated tokens", labels, registry=r)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefilled prompt tokens",
+        self.prompt_tokens = Counter(f"{spec.prefix}prompt_tokens", "Prefilled prompt tokens",
                                      labels, registry=r)
-        self.success = Counter("vllm:request_success", "Finished requests",
+        self.success = Counter(f"{spec.prefix}request_success", "Finished requests",
                                (*labels, "finished_reason"), registry=r)
         self.gpu_info = Gauge("joulepool_engine_gpu_info",
                               "GPUs this engine runs on (from the device plugin)",
                               ("gpu", "product", "model_name"), registry=r)
         self.clock = Gauge("joulepool_engine_gpu_clock_mhz", "SM clock the engine runs at",
                            labels, registry=r)
-        for m in (self.waiting, self.running):
+        for m in (self.waiting, self.running, self.kv_cache):
             m.labels(model).set(0)
         self.ttft.labels(model)
         self.tpot.labels(model)
@@ -110,6 +120,7 @@ class FakeEngine:
         gpu_indices: Sequence[int] = (),
         max_batch: int | None = None,
         metrics: EngineMetrics | None = None,
+        kv_cache_tokens: int | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock_refresh_s: float = 0.05,
@@ -122,6 +133,9 @@ class FakeEngine:
             raise ValueError("max_batch must be >= 1")
         self.metrics = metrics or EngineMetrics(profile.model, self.gpu_indices,
                                                 profile.product.name)
+        #: KV-cache capacity in tokens (prompt + generated of the running requests);
+        #: default 2,048 per batch slot
+        self.kv_cache_tokens = int(kv_cache_tokens or self.max_batch * 2048)
         self.monotonic = monotonic
         self.sleep = sleep
         self.clock_refresh_s = clock_refresh_s
@@ -164,6 +178,8 @@ class FakeEngine:
         m = self.profile.model
         self.metrics.waiting.labels(m).set(len(self.waiting))
         self.metrics.running.labels(m).set(len(self.running))
+        used = sum(r.prompt_tokens + r.generated for r in self.running)
+        self.metrics.kv_cache.labels(m).set(min(used / self.kv_cache_tokens, 1.0))
 
     # -- requests ---------------------------------------------------------------
     def start(self) -> None:

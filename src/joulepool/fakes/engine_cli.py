@@ -67,7 +67,14 @@ def serve(args: FakeEngineSettings) -> int:
     if profile is None:
         known = sorted({p.model for p in DEFAULT_PROFILES if p.product.name == product.name})
         raise UsageError(f"no profile for model {args.model!r} on {product.name}; known: {known}")
-    engine = FakeEngine(profile, gpus, indices, max_batch=args.max_batch)
+    from joulepool.fakes.engine import EngineMetrics
+
+    try:
+        metrics = EngineMetrics(profile.model, indices, profile.product.name,
+                                engine=args.engine)
+    except ValueError as exc:
+        raise UsageError(f"--engine: {exc}") from None
+    engine = FakeEngine(profile, gpus, indices, max_batch=args.max_batch, metrics=metrics)
     app = build_app(engine, args.served_model_name)
     print(f"joulepool fake-engine: {profile.model} on {profile.mode} "
           f"(GPUs {indices or 'none'}) at http://{args.host}:{args.port}", flush=True)

@@ -38,6 +38,7 @@ class FakeEngineSettings(ComponentSettings):
     gpu_index: list[int] | None = setting(
         None, "this engine's GPUs in the state, e.g. 0 or 0,1 (default 0 with --gpu-state; the "
         "device plugin's Allocate sets JOULEPOOL_GPU_INDEX)")
+    engine: str = setting("vllm", "metric names of the page: vllm (V1 names) or sglang")
     max_batch: int | None = setting(None, "most requests in the running batch (default: the "
                                     "profile's)", ge=1)
     node: str = setting("node", "node name written if the engine creates the state file",

@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from joulepool.api.contract import (
+    ENGINE_LABEL,
     GPU_RESOURCE,
     MODE_LABEL,
     POOL_LABEL,
@@ -175,6 +176,12 @@ class Pod(_K8s):
         labels = self.metadata.labels or {}
         value = labels.get(POOL_LABEL)
         return value or None
+
+    @property
+    def engine(self) -> str | None:
+        """The serving engine from the ``joulepool.dev/engine`` label, if any."""
+        labels = self.metadata.labels or {}
+        return labels.get(ENGINE_LABEL) or None
 
     @property
     def mode(self) -> str | None:

@@ -206,7 +206,7 @@ class Router:
                 eps_list.append(Endpoint(
                     f"{host}:{rec.port}", model, rec.node, self._metrics_url(rec.ip, rec.port),
                     eps_half_life_s=self.s.eps_half_life_s,
-                    eps_min_tokens=self.s.eps_min_tokens,
+                    eps_min_tokens=self.s.eps_min_tokens, engine=rec.engine,
                 ))
         pool.set_endpoints(eps_list)
 
@@ -223,18 +223,20 @@ class Router:
         for pool in self.pools.values():
             pool.tick(now)
 
-    def scrape_targets(self) -> list[tuple[str, str, str]]:
-        """(pool, address, metrics URL) of every endpoint that has one."""
+    def scrape_targets(self) -> list[tuple[str, str, str, str | None]]:
+        """(pool, address, metrics URL, engine label or None) of every endpoint that has
+        a metrics URL."""
         self.sync()
         return [
-            (p.key, e.address, e.metrics_url)
+            (p.key, e.address, e.metrics_url, e.engine)
             for p in self.pools.values() for e in p.endpoints if e.metrics_url
         ]
 
     def apply_scrape(self, pool: str, address: str, waiting: float, running: float,
-                     now: float) -> bool:
+                     now: float, kv_cache: float | None = None) -> bool:
         p = self.pools.get(pool)
-        return p.apply_scrape(address, waiting, running, now) if p is not None else False
+        return p.apply_scrape(address, waiting, running, now, kv_cache) if p is not None \
+            else False
 
     def node_queue_tokens(self, table: NodeTable) -> FloatArray:
         """Tokens queued on each node of ``table`` (summed over its endpoints)."""

@@ -331,7 +331,8 @@ async def _scrape(svc: ClusterService, session: aiohttp.ClientSession) -> None:
                                          s.scrape_concurrency)
     now = time.monotonic()
     for smp in samples:
-        svc.router.apply_scrape(smp.pool, smp.address, smp.waiting, smp.running, now)
+        svc.router.apply_scrape(smp.pool, smp.address, smp.waiting, smp.running, now,
+                                smp.kv_cache)
     svc.metrics.scrapes.labels("ok").inc(len(samples))
     svc.metrics.scrapes.labels("failed").inc(failures)
 

@@ -64,6 +64,8 @@ class PodRecord:
     port: int
     #: serving mode label (``4xH100``); None when absent. Last field: keeps positional order
     mode: str | None = None
+    #: serving engine label (``vllm``, ``sglang``); None: detect from the metrics page
+    engine: str | None = None
 
     @classmethod
     def from_pod(cls, pod: Pod, default_port: int) -> PodRecord:
@@ -76,6 +78,7 @@ class PodRecord:
             ip=pod.status.pod_ip,
             port=pod.serving_port(default_port),
             mode=pod.mode if pod.pool else None,
+            engine=pod.engine,
         )
 
     @property
