@@ -149,7 +149,8 @@ async def test_empty_or_ineligible_subset_is_503(gateway: Gateway, subset: list[
                                                   ) -> None:
     call, resp = await _pick(gateway, metadata=_subset(subset))
     assert resp.immediate_response.status.code == 503
-    assert json.loads(resp.immediate_response.body)["error"]["code"] == 503
+    error = json.loads(resp.immediate_response.body)["error"]  # OpenAI-shaped, as the proxy's
+    assert error["type"] == "service_unavailable" and "subset" in error["message"]
     await call.done_writing()
 
 

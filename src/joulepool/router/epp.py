@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -52,10 +53,13 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from joulepool.api import contract
-from joulepool.core.classes import Tier, default_deadline
-from joulepool.core.router import NoEndpoints, PoolRouter, UnknownPool
+from joulepool.core.classes import Tier
+from joulepool.core.router import NoEndpoints, PoolRouter, RouteDecision, UnknownPool
+from joulepool.httpserve import HTTPProblem
 from joulepool.kube.pools import Router
-from joulepool.router.flight import Flight, RequestShape, output_estimate, parse_request
+from joulepool.router import requests
+from joulepool.router.proxy import error_body
+from joulepool.router.requests import RequestSpec, ResponseMeter
 
 log = logging.getLogger("joulepool.router.epp")
 
@@ -64,14 +68,6 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 LIVENESS = "liveness"
 READINESS = "readiness"
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
-
-
-class Refusal(Exception):
-    """The picker answers the request itself (an ImmediateResponse) with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # --------------------------------------------------------------------------
@@ -114,69 +110,49 @@ def served_endpoint(md: base_pb2.Metadata) -> str | None:
     return value.string_value.split(",")[0].strip()
 
 
-def request_slo(headers: dict[str, str], output_tokens: float
-                ) -> tuple[Tier | None, float | None]:
-    """Tier and end-to-end deadline (s) from the request headers (Refusal 400 if bad):
-    ``x-joulepool-tier``, ``x-joulepool-deadline-ms``, or llm-d's TTFT/TPOT SLO headers
-    (deadline = TTFT + tokens x TPOT, core's formula)."""
-    tier: Tier | None = None
-    raw_tier = headers.get(contract.TIER_HEADER)
-    if raw_tier:
-        try:
-            tier = Tier(raw_tier.strip().lower())
-        except ValueError:
-            choices = ", ".join(t.value for t in Tier)
-            raise Refusal(400, f"{contract.TIER_HEADER}: {raw_tier!r} is not one of "
-                               f"{choices}") from None
-    deadline_ms = _ms_header(headers, contract.DEADLINE_HEADER)
-    if deadline_ms is not None:
-        return tier, deadline_ms / 1000.0
-    ttft_ms = _ms_header(headers, contract.LLMD_TTFT_HEADER)
-    tpot_ms = _ms_header(headers, contract.LLMD_TPOT_HEADER)
-    if ttft_ms is not None and tpot_ms is not None:
-        return tier, default_deadline(output_tokens, ttft_ms / 1000.0, tpot_ms / 1000.0)
-    return tier, None
-
-
-def _ms_header(headers: dict[str, str], name: str) -> float | None:
-    raw = headers.get(name)
-    if raw is None or raw == "":
-        return None
+def read_spec(body: bytes, headers: dict[str, str]) -> RequestSpec:
+    """The request as :func:`requests.read_request` reads it (chat by the ``:path``);
+    a body it cannot read is routed on the headers alone (fail-open), keeping a string
+    ``model`` if there is one. HTTPProblem 400 for a bad header."""
+    chat = headers.get(":path", "").split("?")[0].endswith("/chat/completions")
     try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 7 * 86400 * 1000:  # also rejects NaN and inf
-        raise Refusal(400, f"{name}: {raw!r} is not a number of milliseconds in "
-                           "(0, 7 days]")
-    return value
+        doc = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    try:
+        return requests.read_request(doc, headers, chat)
+    except HTTPProblem:
+        spec = requests.headers_only_request(headers)  # raises on a bad header
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return dataclasses.replace(spec, model=model) if isinstance(model, str) else spec
 
 
-def choose_pool(router: Router, headers: dict[str, str], shape: RequestShape,
-                subset: frozenset[str] | None) -> PoolRouter:
-    """The pool the request is for (Refusal 404 when none can be told)."""
-    named = headers.get(contract.POOL_HEADER)
-    if named:
+def choose_pool(router: Router, spec: RequestSpec, subset: frozenset[str] | None
+                ) -> PoolRouter:
+    """The pool the request is for: the header's, else the one holding the subset's
+    endpoints, else the one serving the model (:func:`requests.choose_pool`), else the
+    only pool (fail-open). HTTPProblem 404 when none can be told."""
+    if spec.pool_header:
         try:
-            return router.pool(named)
+            return router.pool(spec.pool_header)
         except UnknownPool as exc:
-            raise Refusal(404, str(exc)) from None
+            raise HTTPProblem(404, str(exc)) from None
     router.sync()
     pools = [router.pools[k] for k in sorted(router.pools)]
     if subset:
         for pool in pools:
             if any(a in pool.index for a in subset):
                 return pool
-    if shape.model is not None:
-        for pool in pools:
-            if pool.model == shape.model:
-                return pool
-        if len(pools) != 1:
-            raise Refusal(404, f"no pool serves model {shape.model!r}")
+    if spec.model is not None:
+        try:
+            return requests.choose_pool(router, spec)
+        except UnknownPool as exc:
+            if len(pools) != 1:
+                raise HTTPProblem(404, str(exc)) from None
     if len(pools) == 1:
         return pools[0]
-    raise Refusal(404, f"cannot tell the pool: send {contract.POOL_HEADER} or a body "
-                       "with the model of one pool")
+    raise HTTPProblem(404, f"cannot tell the pool: send {contract.POOL_HEADER} or a body "
+                           "with the model of one pool")
 
 
 # --------------------------------------------------------------------------
@@ -199,9 +175,7 @@ def destination_metadata(value: str) -> struct_pb2.Struct:
 
 def immediate(status: int, message: str) -> pb.ProcessingResponse:
     """An OpenAI-style error answered by the picker itself."""
-    kind = {400: "invalid_request_error", 404: "not_found_error",
-            429: "rate_limit_error"}.get(status, "service_unavailable")
-    body = json.dumps({"error": {"message": message, "type": kind, "code": status}})
+    body = json.dumps(error_body(status, message))
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status),
         headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
@@ -216,6 +190,41 @@ def immediate(status: int, message: str) -> pb.ProcessingResponse:
 # One ext_proc stream = one HTTP request
 # --------------------------------------------------------------------------
 @dataclass
+class Flight:
+    """One picked request until its outcome is reported once (seconds, one clock):
+    measured and learned by :mod:`joulepool.router.requests`, as the proxy does."""
+
+    pool: PoolRouter
+    spec: RequestSpec
+    decision: RouteDecision
+    started: float
+    served: str = ""
+    meter: ResponseMeter | None = None
+    done: bool = False
+
+    def served_by(self, address: str) -> None:
+        """The gateway sent it to ``address`` (a fallback): the ledger entry follows."""
+        current = self.served or self.decision.endpoint
+        if (address and address != current
+                and self.pool.move_routed(self.decision.request_id, current, address)):
+            self.served = address
+
+    def finish(self, now: float) -> None:
+        if self.done or self.meter is None:
+            return
+        self.done = True
+        measured = self.meter.finish(now)
+        requests.learn(self.pool, self.served or self.decision.endpoint, self.decision,
+                       self.spec, measured, now)
+
+    def abandon(self) -> None:
+        """No (usable) response: forgotten, counted neither met nor missed."""
+        if not self.done:
+            self.done = True
+            self.pool.cancel(self.served or self.decision.endpoint, self.decision.request_id)
+
+
+@dataclass
 class Exchange:
     """The state of one HTTP request's ext_proc stream."""
 
@@ -227,7 +236,6 @@ class Exchange:
     duplex_request: bool = False
     duplex_response: bool = False
     flight: Flight | None = None
-    failed: bool = False
 
     def handle(self, req: pb.ProcessingRequest) -> Iterator[pb.ProcessingResponse]:
         """The replies to one message from the gateway (none while buffering in
@@ -277,7 +285,7 @@ class Exchange:
         body = b"".join(self.body)
         try:
             self.flight = self.pick(body)
-        except Refusal as exc:
+        except HTTPProblem as exc:
             yield immediate(exc.status, str(exc))
             return
         d = self.flight.decision
@@ -297,37 +305,37 @@ class Exchange:
                                     dynamic_metadata=md)
 
     def pick(self, body: bytes) -> Flight:
-        """Route the request with the core router (Refusal: the immediate answer)."""
-        shape = parse_request(body)
+        """Route the request with the core router (HTTPProblem: the immediate answer)."""
+        spec = read_spec(body, self.headers)
         if self.subset is not None and not self.subset:
-            raise Refusal(503, f"the gateway's subset hint {contract.EPP_SUBSET_KEY} is "
-                               "empty")
-        pool = choose_pool(self.router, self.headers, shape, self.subset)
-        tier, deadline = request_slo(self.headers, output_estimate(pool, shape))
-        if (tier or pool.tier) is Tier.BULK and pool.saturated(self.subset):
-            raise Refusal(429, f"pool {pool.key!r} is at its batch limit on every "
-                               "endpoint: bulk request shed")
+            raise HTTPProblem(503, f"the gateway's subset hint {contract.EPP_SUBSET_KEY} is "
+                                   "empty")
+        pool = choose_pool(self.router, spec, self.subset)
+        if (spec.tier or pool.tier) is Tier.BULK and pool.saturated(self.subset):
+            raise HTTPProblem(429, f"pool {pool.key!r} is saturated on every eligible "
+                                   "endpoint: bulk requests are shed first")
         now = self.clock()
         try:
-            decision = pool.decide(output_estimate(pool, shape), shape.input_tokens,
-                                   tier, deadline, now, self.subset)
+            decision = requests.pick(pool, spec, now, self.subset)
         except NoEndpoints as exc:
-            raise Refusal(503, str(exc)) from None
-        return Flight(pool, decision, now)
+            raise HTTPProblem(503, str(exc)) from None
+        return Flight(pool, spec, decision, now)
 
     def _response_started(self, headers: dict[str, str]) -> None:
-        if self.flight is None:
+        flight = self.flight
+        if flight is None:
             return
         status = headers.get(":status", "200")
         if not status.isdigit() or int(status) >= 400:
-            self.failed = True
-            self.flight.abandon()
+            flight.abandon()  # the gateway may retry elsewhere; no latency to learn
             return
-        self.flight.meter.streaming = "text/event-stream" in headers.get("content-type", "")
+        stream = "text/event-stream" in headers.get("content-type", "")
+        flight.meter = ResponseMeter(flight.started, stream)
 
     def _response_chunk(self, chunk: pb.HttpBody) -> Iterator[pb.ProcessingResponse]:
-        if self.flight is not None and not self.failed:
-            self.flight.meter.feed(chunk.body, self.clock())
+        flight = self.flight
+        if flight is not None and flight.meter is not None and not flight.done:
+            flight.meter.feed(chunk.body, self.clock())
         if chunk.end_of_stream:
             self._response_done()
         if self.duplex_response:
@@ -339,7 +347,7 @@ class Exchange:
             yield pb.ProcessingResponse(response_body=pb.BodyResponse())
 
     def _response_done(self) -> None:
-        if self.flight is not None and not self.failed and not self.flight.done:
+        if self.flight is not None:
             self.flight.finish(self.clock())
 
     def close(self) -> None:

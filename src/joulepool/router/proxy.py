@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -64,22 +65,25 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 _ERROR_CODES = {404: "model_not_found", 429: "rate_limit_exceeded"}
 
 
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """The OpenAI-shaped error document (also the endpoint picker's immediate answers)."""
+    return {"error": {
+        "message": message, "type": _ERROR_TYPES.get(status, "api_error"), "param": None,
+        "code": _ERROR_CODES.get(status),
+    }}
+
+
 def openai_error(status: int, message: str, headers: dict[str, str] | None = None
                  ) -> web.Response:
     """An OpenAI-shaped error answer."""
-    return json_response({"error": {
-        "message": message, "type": _ERROR_TYPES.get(status, "api_error"), "param": None,
-        "code": _ERROR_CODES.get(status),
-    }}, status, headers)
+    return json_response(error_body(status, message), status, headers)
 
 
 def saturated(pool: PoolRouter) -> bool:
     """Every endpoint of the pool is at its batch limit: its engine reports requests
-    waiting for admission, or the router has more in flight there than its batch."""
-    if not pool.endpoints:
-        return False
-    waiting = (pool.waiting > 0) | (pool.ledger_count > pool.max_batch)
-    return bool(waiting.all())
+    waiting for admission, or the router has more in flight there than its batch
+    (:meth:`PoolRouter.saturated`, the endpoint picker's rule too)."""
+    return pool.saturated()
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:

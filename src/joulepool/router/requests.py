@@ -122,6 +122,18 @@ def _tier(headers: Mapping[str, str]) -> Tier | None:
                           ) from None
 
 
+def headers_only_request(headers: Mapping[str, str]) -> RequestSpec:
+    """What the headers alone ask for (pool, tier, SLOs; HTTPProblem 400 on a bad one):
+    the endpoint picker's request when the body cannot be read (it fails open)."""
+    return RequestSpec(
+        model=None, pool_header=headers.get(contract.POOL_HEADER), input_tokens=0.0,
+        output_tokens=None, stream=False, tier=_tier(headers),
+        deadline_s=_header_ms(headers, contract.DEADLINE_HEADER),
+        ttft_slo_s=_header_ms(headers, contract.LLMD_TTFT_HEADER),
+        tpot_slo_s=_header_ms(headers, contract.LLMD_TPOT_HEADER),
+    )
+
+
 def read_request(body: Any, headers: Mapping[str, str], chat: bool) -> RequestSpec:
     """The request an OpenAI completions (``chat`` False) or chat completions body asks
     for; header names are :mod:`api.contract`'s. HTTPProblem 400 naming the bad field."""
@@ -190,10 +202,13 @@ def deadline_of(spec: RequestSpec, output_tokens: float) -> float | None:
     return None
 
 
-def pick(pool: PoolRouter, spec: RequestSpec, now: float) -> RouteDecision:
-    """Route ``spec`` through ``pool`` (NoEndpoints when none can serve)."""
+def pick(pool: PoolRouter, spec: RequestSpec, now: float,
+         subset: frozenset[str] | None = None) -> RouteDecision:
+    """Route ``spec`` through ``pool``, among ``subset`` (``ip:port``s; None: every
+    endpoint) when a gateway restricts it (NoEndpoints when none can serve)."""
     out = output_tokens_estimate(pool, spec)
-    return pool.decide(out, spec.input_tokens, spec.tier, deadline_of(spec, out), now)
+    return pool.decide(out, spec.input_tokens, spec.tier, deadline_of(spec, out), now,
+                       subset)
 
 
 # --------------------------------------------------------------------------
