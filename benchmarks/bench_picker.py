@@ -1,0 +1,241 @@
+"""Benchmark of the GIE endpoint picker (``joulepool router --epp-port``) at 1,000 endpoints.
+
+The router runs as its own process (``joulepool router --no-cluster``) with one pool of
+``--endpoints`` endpoints from a generated endpoints file (joules per token and tokens
+per second spread over three GPU kinds). A load generator in this process plays the
+gateway over a real gRPC channel on loopback with Envoy's ext_proc v3 messages, one
+stream per request: request headers, request body (an OpenAI completions body) ->
+the pick; response headers and a JSON body with ``usage`` -> the router learns. So each
+decision also pays for its learning.
+
+Figures per run (``--runs`` runs of ``--seconds`` each; medians quoted):
+
+    decisions/s            completed exchanges per wall-clock second
+    decisions/s per core   exchanges / CPU seconds of the router process (user + system
+                           from /proc): the rate one core sustains, whatever else the
+                           machine runs
+    pick p50/p99 ms        client-side time from sending the request body to reading the
+                           answer with x-gateway-destination-endpoint (gRPC both ways)
+    request_only_*         the same with the response not sent to the picker (a gateway
+                           whose processing mode skips the response; nothing learned)
+    in-process pick p50/p99 ms
+                           the picker's own work per decision (read body, choose pool,
+                           core router decide, answer built), no gRPC: a loop in this
+                           process over the same 1,000 endpoints
+
+Targets (issue 12): >= 2,500 decisions/s per core, p99 <= 2 ms at 1,000 endpoints.
+
+    .venv/bin/joulepool bench picker [--runs 3 --seconds 5 --concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POOL = "default.chat"
+KINDS = ((0.12, 2400.0), (0.2, 1500.0), (0.45, 700.0))  # (J/token, tokens/s): H100, A100, L4
+
+
+def endpoints_file(path: Path, n: int) -> None:
+    eps = [{"address": f"10.{i // 65000}.{(i // 250) % 250}.{i % 250 + 1}:8000",
+            "joulesPerToken": KINDS[i % 3][0], "tokensPerSecond": KINDS[i % 3][1]}
+           for i in range(n)]
+    doc = {"pools": {POOL: {"model": "llama-3-8b", "tier": "interactive",
+                            "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
+                            "endpoints": eps}}}
+    path.write_text(json.dumps(doc))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _messages(i: int) -> tuple[Any, Any, Any, Any]:
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    body = json.dumps({"model": "llama-3-8b", "prompt": "word " * (50 + i % 400),
+                       "max_tokens": 64 + (i * 37) % 512}).encode()
+    headers = pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in (
+            (":method", "POST"), (":path", "/v1/completions"),
+            ("content-type", "application/json"),
+            ("x-joulepool-tier", "bulk" if i % 4 == 0 else "interactive"))])))
+    req_body = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+    resp_headers = pb.ProcessingRequest(response_headers=pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(headers=[
+            base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+            base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])))
+    resp_body = pb.ProcessingRequest(response_body=pb.HttpBody(
+        body=json.dumps({"choices": [{"text": "x"}],
+                         "usage": {"completion_tokens": 64}}).encode(),
+        end_of_stream=True))
+    return headers, req_body, resp_headers, resp_body
+
+
+async def _load(port: int, seconds: float, concurrency: int, respond: bool = True
+                ) -> tuple[int, list[float]]:
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    prepared = [_messages(i) for i in range(256)]
+    latencies: list[float] = []
+    done = 0
+    stop = time.perf_counter() + seconds
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+
+        async def worker(w: int) -> None:
+            nonlocal done
+            i = w
+            while time.perf_counter() < stop:
+                h, b, rh, rb = prepared[i % len(prepared)]
+                i += concurrency
+                call = stub.Process()
+                await call.write(h)
+                await call.read()
+                t0 = time.perf_counter()
+                await call.write(b)
+                answer = await call.read()
+                latencies.append(time.perf_counter() - t0)
+                if answer.HasField("immediate_response") or not respond:
+                    await call.done_writing()
+                    done += 1
+                    continue
+                await call.write(rh)
+                await call.read()
+                await call.write(rb)
+                await call.read()
+                await call.done_writing()
+                done += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return done, latencies
+
+
+def _in_process_router(path: Path) -> Any:
+    from joulepool.router.app import ROUTER, create_app
+    from joulepool.router.settings import Settings
+
+    app = create_app(Settings(cluster=False, endpoints_file=path, scrape_interval_seconds=0,
+                              file_poll_seconds=0), background=False)
+    return app[ROUTER].router
+
+
+def in_process_pick(path: Path, decisions: int) -> tuple[float, float, float]:
+    """p50, p99 (ms, wall clock) and p99 (ms, CPU time of this thread: without the time
+    the process sat preempted on a busy machine) of reading the request and answering the
+    pick (Exchange.handle on headers and body), no gRPC."""
+    from joulepool.router.epp import Exchange
+
+    router = _in_process_router(path)
+    prepared = [_messages(i) for i in range(256)]
+    times, cpu = [], []
+    for i in range(decisions):
+        h, b, _, _ = prepared[i % len(prepared)]
+        ex = Exchange(router, time.monotonic)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        replies = list(ex.handle(h)) + list(ex.handle(b))
+        cpu.append(time.thread_time() - c0)
+        times.append(time.perf_counter() - t0)
+        assert replies[-1].HasField("request_body") or replies[-1].HasField(
+            "immediate_response")
+        if ex.flight is not None:
+            ex.flight.abandon()
+    arr = np.array(times) * 1000
+    return (float(np.percentile(arr, 50)), float(np.percentile(arr, 99)),
+            float(np.percentile(np.array(cpu) * 1000, 99)))
+
+
+def one_run(path: Path, seconds: float, concurrency: int, respond: bool
+            ) -> dict[str, float]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("joulepool")), "router", "--no-cluster",
+         "--host", "127.0.0.1",
+         "--port", str(_free_port()), "--epp-port", str(port), "--endpoints-file", str(path),
+         "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"router did not start: {line}{proc.stdout.read()[:2000]}")
+        asyncio.run(_load(port, 0.5, concurrency, respond))  # warm up
+        cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+        done, lat = asyncio.run(_load(port, seconds, concurrency, respond))
+        cpu, wall = _cpu_seconds(proc.pid) - cpu0, time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    arr = np.array(lat) * 1000
+    return {"decisions": done, "decisions_per_s": done / wall,
+            "decisions_per_core_s": done / cpu if cpu > 0 else float("nan"),
+            "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="joulepool bench picker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--endpoints", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "endpoints.json"
+        endpoints_file(path, args.endpoints)
+        runs = []
+        for r in range(args.runs):
+            res = one_run(path, args.seconds, args.concurrency, respond=True)
+            req_only = one_run(path, args.seconds, args.concurrency, respond=False)
+            res.update({f"request_only_{k}": v for k, v in req_only.items()})
+            (res["in_process_p50_ms"], res["in_process_p99_ms"],
+             res["in_process_cpu_p99_ms"]) = in_process_pick(path, 3000)
+            runs.append(res)
+            print(f"run {r + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in res.items()),
+                  flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"median of {args.runs} runs at {args.endpoints} endpoints, concurrency "
+          f"{args.concurrency}: {med['decisions_per_s']:.0f} decisions/s, "
+          f"{med['decisions_per_core_s']:.0f} per core, pick p50 {med['p50_ms']:.2f} ms "
+          f"p99 {med['p99_ms']:.2f} ms (gRPC round trip); request-only exchanges (response "
+          f"not sent to the picker): {med['request_only_decisions_per_core_s']:.0f} per core, "
+          f"p99 {med['request_only_p99_ms']:.2f} ms; in-process pick p50 "
+          f"{med['in_process_p50_ms']:.3f} ms p99 {med['in_process_p99_ms']:.3f} ms wall, "
+          f"{med['in_process_cpu_p99_ms']:.3f} ms CPU")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"runs": runs, "median": med,
+                                        "endpoints": args.endpoints}, indent=2))
+    missed = med["decisions_per_core_s"] < 2500 or med["p99_ms"] > 2.0
+    if missed:
+        print("target missed: >= 2,500 decisions/s per core and p99 <= 2 ms")
+    return 1 if (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
