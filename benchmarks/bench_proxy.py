@@ -1,0 +1,234 @@
+"""Benchmark of the router's OpenAI-compatible proxy: overhead vs calling the engine directly.
+
+Processes (loopback only): ``--engines`` instant OpenAI engines (this script with
+``--serve-engine``: an aiohttp server answering ``/v1/completions`` at once with a
+fixed completion and ``usage``, or ``--stream-tokens`` SSE chunks) and one
+``joulepool router --no-cluster`` whose endpoints file lists them. The engines
+answer instantly so the difference measured is the proxy's own work.
+
+A load generator in this process (aiohttp, ``--concurrency`` connections) sends
+the same OpenAI request in rounds: one round straight to an engine, one through
+the proxy, alternating, ``--runs`` times each (side by side in one run, so machine
+noise hits both alike). Figures per mode (non-streaming, streaming):
+
+    direct p50 / proxied p50    client round trip, median over the runs of each run's p50
+    added p50                   proxied p50 - direct p50 (median over runs of the paired
+                                difference)
+    proxied req/s per core      requests / CPU seconds the router process used
+                                (user + system, /proc): the rate one core sustains
+    router CPU ms per request   its inverse: the proxy's own work per request, which
+                                bounds the added latency on an idle machine
+
+On a shared, loaded machine the latency figures carry the machine's scheduling
+noise; the CPU figures do not.
+
+Targets from issue 12: added p50 <= 1 ms; >= 1,000 proxied req/s per core
+(non-streaming). ``--check`` makes a missed target exit 1.
+
+    joulepool bench proxy [--runs 5] [--requests 1000] [--out results/bench_proxy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+MODEL = "llama-3.1-8b"
+POOL = "default.chat"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+# --------------------------------------------------------------------------
+# The instant engine (a child process)
+# --------------------------------------------------------------------------
+def serve_engine(stream_tokens: int) -> None:
+    from aiohttp import web
+
+    whole = json.dumps({
+        "id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL,
+        "choices": [{"index": 0, "text": " hi", "logprobs": None, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }).encode()
+    chunk = (b'data: {"id":"cmpl-1","object":"text_completion","created":0,"model":"'
+             + MODEL.encode() + b'","choices":[{"index":0,"text":" t","logprobs":null,'
+             b'"finish_reason":null}]}\n\n')
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.Response(body=whole, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(stream_tokens):
+            await resp.write(chunk)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        print(f"listening on 127.0.0.1:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        err = proc.stderr.read() if proc.stderr else ""
+        proc.kill()
+        raise RuntimeError(f"{args[:4]} did not start: {line}{err}")
+    return proc, line.split()[-1].removeprefix("http://")
+
+
+# --------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------
+async def one_round(session: aiohttp.ClientSession, url: str, body: bytes, n: int,
+                    concurrency: int) -> list[float]:
+    """``n`` requests at ``concurrency``; each request's round trip in ms."""
+    times: list[float] = []
+    counter = iter(range(n))
+
+    async def worker() -> None:
+        for _ in counter:
+            t0 = time.perf_counter()
+            async with session.post(url, data=body,
+                                    headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status} from {url}")
+            times.append((time.perf_counter() - t0) * 1e3)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return times
+
+
+async def measure(engine: str, router: str, router_pid: int, stream: bool, runs: int,
+                  requests: int, concurrency: int) -> dict[str, Any]:
+    body = json.dumps({"model": MODEL, "prompt": "hello world", "max_tokens": 16,
+                       "stream": stream}).encode()
+    direct_url = f"http://{engine}/v1/completions"
+    proxy_url = f"http://{router}/v1/completions"
+    direct_p50: list[float] = []
+    proxied_p50: list[float] = []
+    per_core: list[float] = []
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await one_round(session, direct_url, body, 200, concurrency)  # warm up
+        await one_round(session, proxy_url, body, 200, concurrency)
+        for _ in range(runs):
+            d = await one_round(session, direct_url, body, requests, concurrency)
+            cpu0 = cpu_seconds(router_pid)
+            p = await one_round(session, proxy_url, body, requests, concurrency)
+            cpu = cpu_seconds(router_pid) - cpu0
+            direct_p50.append(float(np.percentile(d, 50)))
+            proxied_p50.append(float(np.percentile(p, 50)))
+            per_core.append(requests / cpu if cpu > 0 else float("nan"))
+    added = [p - d for p, d in zip(proxied_p50, direct_p50, strict=True)]
+    return {
+        "mode": "streaming" if stream else "non-streaming",
+        "runs": runs, "requests_per_run": requests, "concurrency": concurrency,
+        "direct_p50_ms": round(statistics.median(direct_p50), 3),
+        "proxied_p50_ms": round(statistics.median(proxied_p50), 3),
+        "added_p50_ms": round(statistics.median(added), 3),
+        "added_p50_ms_runs": [round(x, 3) for x in added],
+        "proxied_req_per_s_per_core": round(statistics.median(per_core), 1),
+        "router_cpu_ms_per_request": round(1e3 / statistics.median(per_core), 3),
+    }
+
+
+def _write_endpoints(path: Path, engines: list[str]) -> None:
+    path.write_text(json.dumps({"pools": {POOL: {
+        "model": MODEL, "tier": "interactive",
+        "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
+        "endpoints": [{"address": e, "joulesPerToken": 0.1 + 0.01 * i,
+                       "tokensPerSecond": 1000} for i, e in enumerate(engines)],
+    }}}))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench_proxy",
+                                 description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=1000, help="requests per round")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="connections (1: latency without queueing in the router)")
+    ap.add_argument("--engines", type=int, default=2)
+    ap.add_argument("--stream-tokens", type=int, default=16)
+    ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+    if args.serve_engine:
+        serve_engine(args.stream_tokens)
+        return 0
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        engines = []
+        for _ in range(args.engines):
+            proc, addr = _spawn([sys.executable, __file__, "--serve-engine",
+                                 "--stream-tokens", str(args.stream_tokens)])
+            procs.append(proc)
+            engines.append(addr)
+        with tempfile.TemporaryDirectory() as tmp:
+            ep_file = Path(tmp) / "endpoints.json"
+            _write_endpoints(ep_file, engines)
+            router, router_addr = _spawn([
+                sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
+                "--endpoints-file", str(ep_file), "--host", "127.0.0.1", "--port", "0",
+                "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"])
+            procs.append(router)
+            results = [asyncio.run(measure(engines[0], router_addr, router.pid, stream,
+                                           args.runs, args.requests, args.concurrency))
+                       for stream in (False, True)]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+           "results": results}
+    for r in results:
+        print(f"{r['mode']:>13}: direct p50 {r['direct_p50_ms']:.3f} ms, proxied p50 "
+              f"{r['proxied_p50_ms']:.3f} ms, added p50 {r['added_p50_ms']:.3f} ms "
+              f"(runs {r['added_p50_ms_runs']}), proxied {r['proxied_req_per_s_per_core']:.0f}"
+              f" req/s per core ({r['router_cpu_ms_per_request']:.3f} ms CPU per request)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+    plain = results[0]
+    missed = plain["added_p50_ms"] > 1.0 or plain["proxied_req_per_s_per_core"] < 1000
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
