@@ -354,6 +354,20 @@ def router_endpoints(pool: str) -> list[Endpoint]:
     ]
 
 
+def proxy_endpoints(model: str) -> list[Endpoint]:
+    """The OpenAI-compatible proxy of ``joulepool router`` (a pool serving ``model`` must
+    have a live engine behind it: the proxy forwards what it accepts)."""
+    completion = {"model": model, "prompt": "Say hello", "max_tokens": 8, "stream": False}
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+            "max_completion_tokens": 8, "stream": True,
+            "stream_options": {"include_usage": True}}
+    return [
+        Endpoint("completions", "POST", "/v1/completions", completion),
+        Endpoint("chat-completions", "POST", "/v1/chat/completions", chat),
+        Endpoint("models", "GET", "/v1/models"),
+    ]
+
+
 def write_extender_inputs(workdir: Any, pool: str = "default.chat", n_nodes: int = 30
                           ) -> tuple[list[str], list[str]]:
     """Files for ``joulepool extender --no-cluster`` (and ``joulepool router``, which takes

@@ -343,3 +343,47 @@ async def test_router_scrapes_current_engine_names(engine_kind: str) -> None:
         await client.close()
     finally:
         await server.close()
+
+
+def _instant_engine() -> web.Application:
+    """An engine that answers every OpenAI request at once (streamed when asked)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("stream") is not True:
+            return web.json_response({"object": "text_completion", "choices": [
+                {"index": 0, "text": " hi", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"text":" hi"}]}\n\ndata: [DONE]\n\n')
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", answer)
+    app.router.add_post("/v1/chat/completions", answer)
+    return app
+
+
+async def test_proxy_survives_the_fuzzer(tmp_path: Path) -> None:
+    """Mutated OpenAI requests: never a 5xx (the engine behind is healthy), never slow,
+    and plausible mutations are still served."""
+    from joulepool import fuzz
+
+    engine = await _engine(_instant_engine())
+    st = await _stack(tmp_path, [engine])
+    try:
+        endpoints = fuzz.proxy_endpoints(MODEL)
+        report = await fuzz.run(st.base_url.removesuffix("/v1"), endpoints, 100, 12,
+                                concurrency=8, max_latency_s=1.0)
+        assert report.total == 100 * len(endpoints)
+        assert report.ok, report.describe_violations()
+        by_name = {r.name: r for r in report.results}
+        for name in ("completions", "chat-completions"):
+            statuses = by_name[name].statuses
+            assert statuses[200] > 0 and statuses[400] > 0, (name, statuses)
+        assert all(not e.ledger for e in st.pool.endpoints)  # nothing leaked
+    finally:
+        await st.router.close()
+        await engine.close()
