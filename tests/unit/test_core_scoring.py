@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from joulepool.core.routing import rank_endpoints, score_endpoints
+from joulepool.core.routing import rank_endpoints, score_endpoints, slo_infeasible
 from joulepool.core.scoring import (
     PROFILES,
     SCORERS,
@@ -44,14 +44,22 @@ def test_joulesched_profile_is_core_routing_rule() -> None:
         st = _state(n, eps_j_per_token=rng.uniform(0.1, 1.0, n).tolist(),
                     tps=rng.uniform(50, 2000, n).tolist(),
                     prefill_weight=rng.uniform(0, 0.5, n).tolist(),
-                    queue_tokens=rng.uniform(0, 5000, n).tolist())
-        req = REQ._replace(lam=float(rng.uniform(0, 50)))
+                    queue_tokens=rng.uniform(0, 5000, n).tolist(),
+                    prefill_j_per_token=rng.uniform(0, 0.1, n).tolist(),
+                    prefill_backlog_s=rng.uniform(0, 0.5, n).tolist(),
+                    batch_room=rng.integers(0, 3, n).astype(float).tolist())
+        req = REQ._replace(lam=float(rng.uniform(0, 50)), ttft_slo_s=0.3)
         cb = score_endpoints(st.eps_j_per_token, st.queue_tokens, st.tps, st.prefill_weight,
-                             req.tokens, req.input_tokens, req.deadline_s, req.lam)
+                             req.tokens, req.input_tokens, req.deadline_s, req.lam,
+                             st.prefill_j_per_token, req.output_tokens)
+        late = slo_infeasible(st.prefill_backlog_s, st.prefill_weight / st.tps,
+                              st.batch_room, req.input_tokens, req.ttft_slo_s)
         for k in (1, 3):
             got, scores = routing_profile("joulesched").pick(req, st, k)
-            assert got == rank_endpoints(cb, k)
+            assert got == rank_endpoints(cb, k, late=late)
             assert np.array_equal(scores.cost, cb.cost)
+            feasible = [i for i in got if not late[i]]
+            assert got[:len(feasible)] == feasible  # SLO-feasible endpoints first
 
 
 def test_least_loaded_fewest_outstanding_per_capacity_first_on_ties() -> None:

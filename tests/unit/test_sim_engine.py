@@ -54,19 +54,21 @@ def test_one_gpu_two_requests_by_hand():
 def test_two_gpu_types_one_request_by_hand():
     """An L4 (listed first) and an H100; one request (200 in, 3 out) at t = 0.1, T = 1 s.
 
-    JouleSched: eps at the operating batch is 0.07 J/token on the H100 vs 0.16 on the L4,
-    so the H100 serves it: prefill 0.01 s at 688 W, 2 tokens x 6.775 ms at 420 W, idle 75 W
+    On the H100: prefill 0.01 s at 688 W, 2 tokens x 6.775 ms at 420 W, idle 75 W
     otherwise; the L4 idles at 16 W: 7.5 + 6.88 + 5.691 + 65.73375 + 16 = 101.80475 J.
-    Round-robin takes the first instance, the L4: prefill 200/2500 = 0.08 s at 71 W,
-    2 x 53.333 ms at 45 W, 16 W idle otherwise; the H100 idles at 75 W:
-    1.6 + 5.68 + 4.8 + 16 x 0.713333 + 75 = 98.4933 J.
+    On the L4: prefill 200/2500 = 0.08 s at 71 W, 2 x 53.333 ms at 45 W, 16 W idle
+    otherwise; the H100 idles at 75 W: 1.6 + 5.68 + 4.8 + 16 x 0.713333 + 75 = 98.4933 J.
+    JouleSched's marginal energy (above idle) sees that the L4 adds less: (71 - 16) x
+    0.08 + (45 - 16) x 0.10667 = 7.49 J vs (688 - 75) x 0.01 + (420 - 75) x 0.01355 =
+    10.80 J, and picks it, as round-robin does by turn.
     """
     cl = cluster([("a-l4", "L4", 1), ("b-h100", "H100", 1)])
     wl = workload([0.1], [200], [3], duration=1.0)
     js = _run(cl, wl, JS)
-    assert js.products[js.instance_product[0]] == "H100"
-    assert js.t_done[0] - 0.1 == pytest.approx(0.01 + 2 * 0.006775, abs=1e-9)
-    assert js.energy_j == pytest.approx(101.80475, abs=1e-6)
+    assert js.products[js.instance_product[0]] == "L4"
+    assert js.t_done[0] - 0.1 == pytest.approx(0.08 + 2 * 16.0 / 300.0, abs=1e-9)
+    assert js.energy_j == pytest.approx(98.493333, abs=1e-5)
+    assert js.energy_j < 101.80475  # the H100 alternative, by hand above
     rr = _run(cl, wl, RR)
     assert rr.products[rr.instance_product[0]] == "L4"
     assert rr.t_done[0] - 0.1 == pytest.approx(0.08 + 2 * 16.0 / 300.0, abs=1e-9)
@@ -252,21 +254,22 @@ def test_deterministic_for_a_seed(small_run):
     assert a.energy_j != c.energy_j
 
 
-def test_identical_gpus_joulesched_matches_least_loaded():
+def test_identical_gpus_joulesched_consolidates_at_the_same_slo():
+    """Identical GPUs: joining a running batch costs a fraction of waking an idle one
+    (core.routing's marginal energy), so JouleSched fills running instances up to the
+    batch they carry within the SLO instead of spreading as least-loaded does: less
+    energy, deadline misses within max(1 %, least-loaded's + 0.5 pp)."""
     cl = cluster([("h", "H100", 8)])
     tables = model_tables(cl)
     wl = build_workload(load_trace(), 300.0, mode="rate", value=40.0, seed=5)
     js = simulate(cl, wl, JS, tables)
     ll = simulate(cl, wl, LL, tables)
-    assert js.energy_j == pytest.approx(ll.energy_j, rel=0.01)
-    e2e_js = js.t_done - wl.arrival_s
-    e2e_ll = ll.t_done - wl.arrival_s
-    assert e2e_js.mean() == pytest.approx(e2e_ll.mean(), rel=0.05)
-    assert np.percentile(e2e_js, 99) == pytest.approx(np.percentile(e2e_ll, 99), rel=0.05)
-    # (the medians differ by ~8 %: JouleSched balances outstanding tokens, least-loaded
-    # outstanding requests, so JouleSched packs short requests a little tighter)
-    # and JouleSched did spread the load: every GPU served a similar share
-    assert js.gpu_busy_s.min() > 0.8 * js.gpu_busy_s.max()
+    miss_js = float(np.mean(~(js.t_done - wl.arrival_s <= wl.deadline_s)))
+    miss_ll = float(np.mean(~(ll.t_done - wl.arrival_s <= wl.deadline_s)))
+    assert js.energy_j < 0.95 * ll.energy_j
+    assert miss_js <= max(0.01, miss_ll + 0.005)
+    # consolidated: the busiest GPU worked clearly longer than the least busy one
+    assert js.gpu_busy_s.min() < 0.8 * js.gpu_busy_s.max()
 
 
 def test_heterogeneous_joulesched_prefers_efficient_gpus(small_run):

@@ -80,15 +80,21 @@ def test_both_paths_save_energy_without_piling_on(mixed):
     pr = simulate(cl, wl, POLICIES["joulesched-router"], tables,
                   static_capacity_rps=cap.per_mode_rps)
     h100 = js.products.index("H100")
+    ll = simulate(cl, wl, POLICIES["least-loaded"], tables, static_capacity_rps=cap.per_mode_rps)
     for r in (js, pr):
-        assert r.energy_j < 0.8 * rr.energy_j
+        # the marginal-energy rule fills running batches only up to what they carry
+        # within the SLO (core.routing.sustainable_batch): on this small cluster that
+        # saves less than the old fixed-eps rule did (-6 % / -20 % vs round-robin)
+        assert r.energy_j < 0.95 * rr.energy_j and r.energy_j < 0.95 * ll.energy_j
         assert _miss(r, wl) <= 0.015  # the PI target is 1 %
         assert (r.instance_product == h100).mean() > 0.9
         # no pile-on: both H100s carry a similar share of the work
         h_busy = [b for b, p in zip(r.gpu_busy_s, r.gpu_product, strict=True) if p == "H100"]
         assert min(h_busy) > 0.8 * max(h_busy)
-    # same rule, different inputs (exact state vs the router's ledger and scrapes)
-    assert pr.energy_j == pytest.approx(js.energy_j, rel=0.03)
+    # same rule, different inputs (exact state vs the router's ledger and scrapes: the
+    # router estimates the prefill queued from counts x the mean prompt, so it packs
+    # tighter than the simulator's exact backlog allows)
+    assert pr.energy_j == pytest.approx(js.energy_j, rel=0.2)
 
 
 def test_router_policy_is_deterministic_and_static_only(mixed):

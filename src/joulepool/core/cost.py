@@ -1,7 +1,11 @@
 """The JouleSched cost, once, vectorised over endpoints.
 
     ETA(n, r)  = (q_n + t_r) / mu_n
-    cost(n, r) = eps_n * t_r + lambda * max(0, ETA(n, r) - D_r)
+    cost(n, r) = E_n(r) + lambda * max(0, ETA(n, r) - D_r)
+
+E_n(r) is the energy the request adds on endpoint n now (its marginal energy,
+:func:`joulepool.core.routing.marginal_energy_j`); the paper's eps_n * t_r is
+the special case of a fixed J/token and no prefill term.
 
 The request router, the scheduler extender (pod placement form) and the
 simulator all call these functions; none of them re-derives the formula.
@@ -77,9 +81,12 @@ def joulesched_cost(
     tokens: float,
     deadline_s: float,
     lam: float,
+    energy_j: npt.ArrayLike | None = None,
 ) -> CostBreakdown:
     """Cost of sending a request of ``tokens`` to each endpoint.
 
+    ``energy_j`` (J per endpoint), when given, is the energy term as it is
+    (the marginal energy); otherwise it is ``eps_j_per_token * tokens``.
     Endpoints with zero or negative throughput get an infinite ETA and so an
     infinite cost whenever lambda > 0 (they cannot serve).
     """
@@ -94,7 +101,7 @@ def joulesched_cost(
     eta.fill(np.inf)  # where mu <= 0 (or NaN): cannot serve
     np.divide(work, mu, out=eta, where=mu > 0)
     slack = np.maximum(eta - deadline_s, 0.0)  # NaN stays NaN
-    energy = eps * tokens
+    energy = eps * tokens if energy_j is None else np.asarray(energy_j, dtype=np.float64)
     if lam == 0.0:
         # 0 x an infinite slack is NaN: an endpoint that cannot serve stays unusable
         cost = np.where(slack == np.inf, np.nan, 0.0)

@@ -11,10 +11,14 @@ endpoints) so one decision is a handful of vector operations; the endpoint is
 chosen by a routing profile of :mod:`joulepool.core.scoring` (``joulesched``
 by default: core.routing's rule). Per endpoint:
 
-  * eps and throughput: the serving profile at the endpoint's operating batch,
-    the largest meeting the pool's TPOT SLO (:class:`core.routing.EndpointModel`),
-    eps scaled by the online estimator (:class:`core.online.EpsEstimator`) from
-    reported joules, measured against eps at the batch the endpoint ran;
+  * energy: core.routing's marginal energy of joining the requests in flight
+    there now (the ledger or the scraped counts, whichever is more), decode per
+    output token plus prefill per prompt token, from the endpoint's serving
+    profile (:class:`core.routing.EndpointModel`), scaled by the online estimator
+    (:class:`core.online.EpsEstimator`) from reported joules, measured against eps
+    at the batch the endpoint ran;
+  * throughput: the profile's at the endpoint's operating batch, the largest
+    meeting the pool's TPOT SLO;
   * decode queue: the larger of the scraped estimate (waiting / running request
     counts via :func:`core.routing.queued_responses` x the mean response seen) and
     the ledger of tokens routed there that are not yet reported complete
@@ -242,6 +246,8 @@ class PoolRouter:
         self.state = EndpointState(n)  # the scoring plugins' input
         self.eps_model = np.zeros(n)  # eps_n before the online scale: operating batch
         self.max_batch = np.ones(n)
+        self.op_batch = np.ones(n)  # b*_n: the TPOT-meeting batch of the endpoint's profile
+        self.prefill_s = np.zeros(n)  # s per prompt token prefilled
         self.scale = np.ones(n)
         self.waiting = self.state.waiting
         self.running = self.state.running
@@ -266,11 +272,12 @@ class PoolRouter:
         self.state.tps[i] = m.op_tps
         self.state.prefill_weight[i] = m.weight
         self.max_batch[i] = m.max_batch
+        self.op_batch[i] = m.batch_limit
+        self.prefill_s[i] = m.prefill_s_per_token
 
     def _refresh(self, i: int) -> None:
         ep = self.endpoints[i]
         self.scale[i] = ep.eps_est.scale
-        self.state.eps_j_per_token[i] = self.eps_model[i] * self.scale[i]
         if self.waiting[i] != ep.waiting or self.running[i] != ep.running:
             self.waiting[i] = ep.waiting
             self.running[i] = ep.running
@@ -279,6 +286,12 @@ class PoolRouter:
         self.state.kv_cache_usage[i] = ep.kv_cache
         self.ledger_count[i] = len(ep.ledger)
         self.ledger_tokens[i] = ep.ledger_tokens
+        # core.routing's marginal energy: joining the requests in flight now (the
+        # router's ledger or the engine's scraped counts, whichever is more)
+        scraped = ep.waiting + ep.running
+        in_flight = max(float(len(ep.ledger)), scraped if scraped == scraped else 0.0)
+        self.state.eps_j_per_token[i] = ep.model.marginal_eps(in_flight) * self.scale[i]
+        self.state.prefill_j_per_token[i] = ep.model.prefill_excess * self.scale[i]
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -331,7 +344,16 @@ class PoolRouter:
         if m_in <= 0.0:  # no prompt seen yet: nothing to add
             return q
         waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
+        # the SLO-feasibility inputs of the rule (core.routing.slo_infeasible)
+        self.state.prefill_backlog_s = waiting * m_in * self.prefill_s
         return endpoint_queue_tokens(q, waiting * m_in, self.weight)
+
+    def _batch_room(self) -> FloatArray:
+        """Requests each endpoint can still take within b*_n: the ledger or the scraped
+        counts, whichever is more, are in flight."""
+        scraped = np.nan_to_num(self.waiting + self.running, nan=0.0)
+        room: FloatArray = self.op_batch - np.maximum(self.ledger_count, scraped)
+        return room
 
     def deadline_for(self, output_tokens: float) -> float:
         """The pool's deadline, or core's default from its TTFT and TPOT SLOs."""
@@ -355,8 +377,10 @@ class PoolRouter:
         deadline = deadline_seconds or self.deadline_for(output_tokens)
         lam = effective_lambda(self.pi.lam, tier, self.s.bulk_lambda_factor)
         self.state.queue_tokens = self.eta_queue_tokens()
+        self.state.batch_room = self._batch_room()
+        ttft = self.ttft_s if tier is Tier.INTERACTIVE else math.inf  # bulk: no TTFT SLO
         request = RequestInfo(tokens, float(input_tokens), float(output_tokens), deadline, lam,
-                              self.s.hard_deadline and tier is Tier.INTERACTIVE)
+                              self.s.hard_deadline and tier is Tier.INTERACTIVE, ttft)
         ranked, scores = self.profile.pick(request, self.state, self.s.fallbacks + 1, eligible)
         if not ranked:
             raise NoEndpoints(f"pool {self.key!r} has no endpoint that can serve")
@@ -573,6 +597,8 @@ class PoolRouter:
                     "address": e.address,
                     "node": e.node,
                     "joulesPerToken": float(self.eps_model[i] * self.scale[i]),
+                    "marginalJoulesPerToken": float(self.state.eps_j_per_token[i]),
+                    "prefillJoulesPerToken": float(self.state.prefill_j_per_token[i]),
                     "tokensPerSecond": float(self.tps[i]),
                     "queueTokens": float(q[i]),
                     "epsScale": e.eps_est.scale,

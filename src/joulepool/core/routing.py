@@ -10,7 +10,20 @@ Endpoint scoring rule (request routing):
     b*_n    = the endpoint's operating batch: the largest batch meeting the pool's
               TPOT SLO (at least 1), the batch the planner and the extender's
               placement size replicas at (:func:`replica_point`)
-    eps_n   = scale_n * profile.joules_per_token(b*_n)    (scale: core.online.EpsEstimator)
+    X_n(b)  = (P_n(b) - P_idle,n) * s_n(b): the energy one decode step at batch b
+              draws above idle (P power, s step time, both from the profile at the
+              endpoint's clock now; X_n(0) = 0)          (:func:`excess_step_j`)
+    k_n     = requests in flight there now (routed, unfinished)
+    eps_n   = the marginal decode energy per output token of joining now
+              (:func:`marginal_decode_j_per_token`):
+                  X_n(k+1) - X_n(k)      while k < b*_n (join the running batch;
+                                         k = 0 wakes an idle instance: X_n(1))
+                  X_n(b*_n) / b*_n       once the batch is full (the request waits
+                                         for a slot and takes its share of a full step)
+              x scale_n (core.online.EpsEstimator)
+    pi_n    = (P_prefill,n - P_idle,n) * prefill s per prompt token: the prefill
+              energy per prompt token (:func:`prefill_excess_j_per_token`)
+    E_n(r)  = eps_n * output_r + pi_n * prompt_r      (:func:`marginal_energy_j`)
     mu_n    = profile.decode_tokens_per_s(b*_n)           (at the current clock where known)
     w_n     = mu_n * prefill_s_per_token_n                (:func:`prefill_weight`: decode
               tokens the endpoint forgoes while it prefills one prompt token)
@@ -18,24 +31,24 @@ Endpoint scoring rule (request routing):
               + w_n * the request's own prompt            (:func:`endpoint_queue_tokens`,
                                                            :func:`score_endpoints`)
     t_r     = output_tokens + input_weight * input_tokens (input_weight = 0: the paper's t_r)
-    ETA     = (q_n + t_r) / mu_n, cost as in :func:`joulepool.core.cost.joulesched_cost`
+    ETA     = (q_n + t_r) / mu_n, cost = E_n(r) + lambda * max(0, ETA - D_r)
+              (:func:`joulepool.core.cost.joulesched_cost`)
     choice  = lowest cost, then lowest ETA, then lowest index  (:func:`rank_endpoints`)
 
-Why the operating batch and not the batch the endpoint runs at now: J/token
-falls steeply with batch, so eps read at the live batch makes the busiest
-endpoint look cheapest and every request piles onto it (positive feedback:
-on the simulator's joulesched-320 that rule saved about 70 % of the energy
-vs round-robin and missed about 98 % of the deadlines). A marginal-energy
-eps (the extra joules of one more request) has the same fault, only
-stronger: the power curve is concave in batch. eps at b*_n is what a token
-costs when the endpoint runs as planned; it does not move with load, so load
-only enters through the ETA, where more of it means later, not cheaper. mu_n
-at b*_n likewise: the rate at which an endpoint drains its work while it
-meets TPOT (read at the live batch, mu grew with the queue, so a crowded
-endpoint's ETA grew only with its step time and the lateness term never
-fired). With the energy term equal across identical endpoints, the ETA
-tie-break spreads their load as least-loaded would, and the index makes the
-choice deterministic.
+Why above idle: an instance holds its GPUs whether or not it serves, so what a
+request adds is the draw above idle for as long as it keeps the instance
+busier; prefill pauses the batch, which then ends that much later, so the
+paused decode costs nothing extra. Summed over the requests of a run these
+increments telescope to the instance's busy energy above idle (the simulator's
+ledger checks this, ``tests/unit/test_marginal_energy.py``).
+
+Why the marginal energy cannot pile every request onto the busiest endpoint
+(the fault of eps read at the live batch): the decrement stops at b*_n, past
+which a request pays its full share of a full step, and mu_n stays the
+operating batch's rate, so a crowded endpoint's ETA grows with its queue and
+the lateness term takes over. Below b*_n joining a running batch is genuinely
+cheaper than waking an idle instance, which is what consolidation exploits.
+See docs/marginal-energy.md.
 
 The decode tokens ahead are the router's ledger of routed, unfinished tokens
 or the estimate from scraped request counts (:func:`queue_tokens_estimate`),
@@ -58,6 +71,7 @@ Node (pod placement, the form :func:`joulepool.core.cost.placement_cost` takes):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,7 +82,7 @@ import numpy.typing as npt
 # for the router and older callers
 from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import CostBreakdown, joulesched_cost
-from joulepool.core.profiles import ServingProfile
+from joulepool.core.profiles import Headroom, ServingProfile
 
 FloatArray = npt.NDArray[np.float64]
 #: a float or an array of them: the small formulas below are plain arithmetic so the
@@ -117,6 +131,45 @@ def endpoint_queue_tokens(decode_tokens: Num, prompt_tokens: Num, weight: Num) -
     return decode_tokens + weight * prompt_tokens
 
 
+def excess_step_j(power_w: npt.ArrayLike, idle_w: float, step_s: npt.ArrayLike) -> FloatArray:
+    """X(b): joules one decode step draws above idle, (P(b) - P_idle) * s(b)."""
+    p = np.asarray(power_w, dtype=np.float64)
+    return np.asarray((p - idle_w) * np.asarray(step_s, dtype=np.float64), dtype=np.float64)
+
+
+def prefill_excess_j_per_token(prefill_power_w: npt.ArrayLike, idle_w: float,
+                               prefill_s_per_token: npt.ArrayLike) -> FloatArray:
+    """pi: joules above idle per prompt token prefilled."""
+    p = np.asarray(prefill_power_w, dtype=np.float64)
+    return np.asarray((p - idle_w) * np.asarray(prefill_s_per_token, dtype=np.float64),
+                      dtype=np.float64)
+
+
+def marginal_decode_j_per_token(excess: Sequence[float] | FloatArray, in_flight: float,
+                                op_batch: int) -> float:
+    """eps_n: decode joules per output token a request adds joining ``in_flight`` others.
+
+    ``excess[b]`` is :func:`excess_step_j` at batch b (``excess[0]`` = 0, idle),
+    ``op_batch`` the batch the endpoint runs at most while meeting TPOT. Below it
+    the request joins the running batch: X(k+1) - X(k) per step it stays (k = 0:
+    waking an idle instance costs X(1)); from it on the request waits for a slot
+    and takes its share of a full step, X(b*) / b*. Scalar, for the event loop.
+    """
+    k = int(in_flight) if in_flight > 0 else 0
+    if k < op_batch:
+        return float(excess[k + 1] - (excess[k] if k > 0 else 0.0))
+    return float(excess[op_batch] / op_batch)
+
+
+def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.ArrayLike,
+                      output_tokens: float, input_tokens: float) -> FloatArray:
+    """E_n(r) = eps_n * output + pi_n * prompt: joules the request adds on each endpoint."""
+    e = np.multiply(eps_j_per_token, max(float(output_tokens), 0.0), dtype=np.float64)
+    if input_tokens > 0:
+        e = e + np.multiply(prefill_j_per_token, float(input_tokens), dtype=np.float64)
+    return np.asarray(e, dtype=np.float64)
+
+
 def score_endpoints(
     eps_j_per_token: npt.ArrayLike,
     queue_tokens: npt.ArrayLike,
@@ -126,17 +179,25 @@ def score_endpoints(
     input_tokens: float,
     deadline_s: float,
     lam: float,
+    prefill_j_per_token: npt.ArrayLike | None = None,
+    output_tokens: float | None = None,
 ) -> CostBreakdown:
     """The JouleSched cost of a request on every endpoint under the rule above.
 
-    ``eps_j_per_token`` and ``throughput_tps`` are eps_n and mu_n at the operating
-    batch, ``queue_tokens`` q_n from :func:`endpoint_queue_tokens`, ``weight`` w_n;
-    the request's own prompt of ``input_tokens`` is added to q_n here.
+    ``eps_j_per_token`` is eps_n (J per output token), ``throughput_tps`` mu_n at the
+    operating batch, ``queue_tokens`` q_n from :func:`endpoint_queue_tokens`, ``weight``
+    w_n; the request's own prompt of ``input_tokens`` is added to q_n here. With
+    ``prefill_j_per_token`` (pi_n) the energy term is :func:`marginal_energy_j` of
+    ``output_tokens`` (default ``tokens``) and the prompt; without it eps_n * t_r.
     """
     q = np.asarray(queue_tokens, dtype=np.float64)
     if input_tokens > 0:
         q = q + input_tokens * np.asarray(weight, dtype=np.float64)
-    return joulesched_cost(eps_j_per_token, q, throughput_tps, tokens, deadline_s, lam)
+    energy = None
+    if prefill_j_per_token is not None:
+        out = tokens if output_tokens is None else output_tokens
+        energy = marginal_energy_j(eps_j_per_token, prefill_j_per_token, out, input_tokens)
+    return joulesched_cost(eps_j_per_token, q, throughput_tps, tokens, deadline_s, lam, energy)
 
 
 def request_tokens(
@@ -148,32 +209,62 @@ def request_tokens(
     )
 
 
-def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False) -> list[int]:
+def slo_infeasible(
+    prefill_backlog_s: npt.ArrayLike,
+    prefill_s_per_token: npt.ArrayLike,
+    batch_room: npt.ArrayLike,
+    input_tokens: float,
+    ttft_slo_s: float,
+) -> npt.NDArray[np.bool_]:
+    """Endpoints predicted to break the request's SLO: its first token later than
+    ``ttft_slo_s`` (the prefill queued there, s, plus its own prompt's prefill), or no
+    room left in the batch it can carry within the SLO (joining would stretch every
+    step past TPOT, or the request waits for a slot).
+
+    The marginal energy ranks only the endpoints predicted to keep the SLO; this is
+    what stops it from filling the cheapest running batch past what it can serve.
+    (Lateness against the end-to-end deadline stays a priced, soft term: lambda.)
+    """
+    first = np.add(prefill_backlog_s, np.multiply(prefill_s_per_token, float(input_tokens)))
+    late: npt.NDArray[np.bool_] = first > ttft_slo_s
+    late |= np.asarray(batch_room, dtype=np.float64) < 1.0
+    return late
+
+
+def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False,
+                   late: npt.NDArray[np.bool_] | None = None) -> list[int]:
     """The ``k`` best endpoint indices, best first: lowest cost, then lowest ETA, then
     lowest index (deterministic).
 
     With ``hard_deadline`` every endpoint predicted to meet the deadline ranks
-    before every endpoint predicted to miss it; cost, ETA and index order within
-    each group. Endpoints with a NaN or infinite cost (cannot serve) are left out.
+    before every endpoint predicted to miss it; with ``late`` (e.g.
+    :func:`slo_infeasible`) every endpoint not marked ranks before every one marked;
+    cost, ETA and index order within each group. Endpoints with a NaN or infinite
+    cost (cannot serve) are left out.
     """
     cost = np.asarray(breakdown.cost, dtype=np.float64)
     if cost.size == 0 or k <= 0:
         return []
-    if k == 1 and not hard_deadline:
+    slack = np.asarray(breakdown.slack_s, dtype=np.float64)
+    worse = late
+    if hard_deadline:
+        worse = slack > 0 if worse is None else (worse | (slack > 0))
+    if worse is not None and (worse.all() or not worse.any()):
+        worse = None  # one group: the plain ranking
+    if k == 1 and worse is None:
         best = breakdown.best_by_eta()  # the simulator's per-request path: no sort
         return [best] if math.isfinite(cost[best]) else []
     eta = np.asarray(breakdown.eta_s, dtype=np.float64)
-    slack = np.asarray(breakdown.slack_s, dtype=np.float64)
     usable = np.isfinite(cost)
     if usable.all():  # the usual case: rank the arrays as they are
-        keys = (eta, cost, slack > 0) if hard_deadline else (eta, cost)
+        keys = (eta, cost, worse) if worse is not None else (eta, cost)
         top: list[int] = np.lexsort(keys)[:k].tolist()
         return top
     idx = np.flatnonzero(usable)
     if idx.size == 0:
         return []
     c, e = cost[idx], eta[idx]
-    order = np.lexsort((e, c, slack[idx] > 0) if hard_deadline else (e, c))
+    order = np.lexsort((e, c, worse[idx]) if worse is not None else (e, c))
     top = idx[order[:k]].tolist()
     return top
 
@@ -193,19 +284,38 @@ class EndpointModel:
     tps: FloatArray
     batch: int = 1
     prefill_s_per_token: float = 0.0
+    #: X(b), J above idle per decode step at batch b (index 0: 0); None: eps[b] * b
+    #: (every joule counts, as for an endpoint described by fixed numbers)
+    excess: FloatArray | None = None
+    #: pi, J above idle per prompt token prefilled
+    prefill_excess: float = 0.0
+    #: b*_n of the marginal rule: requests it carries at once within the SLO
+    #: (:func:`sustainable_batch`); 0: the operating batch
+    carry: int = 0
 
     @classmethod
     def from_profile(
-        cls, profile: ServingProfile, tpot_slo_s: float, clock_mhz: float | None = None
+        cls, profile: ServingProfile, tpot_slo_s: float, clock_mhz: float | None = None,
+        serving: tuple[float, float, float] | None = None,
     ) -> EndpointModel:
-        """Tables of ``profile``; the operating batch is the largest meeting ``tpot_slo_s``."""
+        """Tables of ``profile``; the operating batch is the largest meeting ``tpot_slo_s``.
+        ``serving`` = (mean prompt, mean response tokens, TTFT SLO s) sets b*_n to
+        :func:`sustainable_batch` (else b*_n is the operating batch)."""
         max_b = max(int(profile.max_batch.value), 1)
         b = np.arange(0, max_b + 1, dtype=np.float64)
         b[0] = 1.0
         eps = np.asarray(profile.joules_per_token(b, clock_mhz), dtype=np.float64)
         tps = np.asarray(profile.decode_tokens_per_s(b, clock_mhz), dtype=np.float64)
         op = replica_point(profile, tpot_slo_s, clock_mhz).batch
-        return cls(eps, tps, op, float(profile.prefill_s(1.0, clock_mhz)))
+        excess = excess_step_j(profile.power_w(b, clock_mhz), profile.idle_w,
+                               profile.itl_s(b, clock_mhz))
+        excess[0] = 0.0
+        pf = float(profile.prefill_s(1.0, clock_mhz))
+        pi = float(prefill_excess_j_per_token(float(profile.prefill_power_w(clock_mhz)),
+                                        profile.idle_w, pf))
+        carry = 0 if serving is None else sustainable_batch(
+            profile, serving[0], serving[1], serving[2], tpot_slo_s, clock_mhz)
+        return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry)
 
     @classmethod
     def constant(cls, eps: float, tps: float) -> EndpointModel:
@@ -236,6 +346,31 @@ class EndpointModel:
         """w_n: decode tokens forgone per prompt token prefilled (:func:`prefill_weight`)."""
         return prefill_weight(self.op_tps, self.prefill_s_per_token)
 
+    @property
+    def excess_table(self) -> FloatArray:
+        """X(b) for b = 0..max_batch (see :func:`excess_step_j`)."""
+        if self.excess is not None:
+            return self.excess
+        x = self.eps * np.arange(self.eps.size, dtype=np.float64)
+        return np.asarray(x, dtype=np.float64)
+
+    @property
+    def batch_limit(self) -> float:
+        """Requests it carries at once within the SLO (:attr:`carry_batch`), or infinite
+        for an endpoint described by fixed numbers (no batch model)."""
+        if self.excess is None:
+            return math.inf
+        return float(self.carry_batch)
+
+    @property
+    def carry_batch(self) -> int:
+        """b*_n: :attr:`carry` within the tables, else the operating batch."""
+        return min(self.carry, self.max_batch) if self.carry > 0 else self.op_batch
+
+    def marginal_eps(self, in_flight: float) -> float:
+        """eps_n joining ``in_flight`` others (:func:`marginal_decode_j_per_token`)."""
+        return marginal_decode_j_per_token(self.excess_table, in_flight, self.carry_batch)
+
     def batch_for(self, in_flight: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """The batch a new request joins, given requests already in flight."""
         n = np.asarray(in_flight, dtype=np.float64)
@@ -248,6 +383,21 @@ class EndpointModel:
         return float(self.eps[b]), float(self.tps[b])
 
 
+def sustainable_batch(profile: ServingProfile, mean_input_tokens: float,
+                      mean_output_tokens: float, ttft_slo_s: float, tpot_slo_s: float,
+                      clock_mhz: float | None = None,
+                      headroom: Headroom | None = None) -> int:
+    """Requests one instance carries at once while it keeps the SLO: the mean decode
+    batch at :meth:`ServingProfile.serving_point`'s sustainable rate (prefill pauses
+    and the queueing headroom included: the point the planner sizes pools at), at
+    least 1. The marginal rule's b*_n in the simulator: past it a request waits or
+    breaks TPOT, however cheap joining looks.
+    """
+    sp = profile.serving_point(mean_input_tokens, mean_output_tokens, ttft_slo_s,
+                               tpot_slo_s, clock_mhz, headroom)
+    return max(int(sp.batch), 1)
+
+
 @dataclass(frozen=True)
 class ReplicaPoint:
     """Where a serving replica runs: its batch, J/token and tokens/s."""
@@ -255,6 +405,9 @@ class ReplicaPoint:
     batch: int
     eps: float
     tps: float
+    #: J above idle per token a replica adds at this batch: its share of a full step,
+    #: the marginal rule's X(b*) / b* (what the extender's placement cost charges)
+    marginal_eps: float = math.nan
 
 
 def replica_point(
@@ -262,10 +415,13 @@ def replica_point(
 ) -> ReplicaPoint:
     """The replica's operating point: the largest batch meeting TPOT (at least 1)."""
     b = max(profile.best_batch(tpot_slo_s, clock_mhz), 1)
+    full = float(excess_step_j(float(profile.power_w(b, clock_mhz)), profile.idle_w,
+                               float(profile.itl_s(b, clock_mhz))))
     return ReplicaPoint(
         b,
         float(profile.joules_per_token(b, clock_mhz)),
         float(profile.decode_tokens_per_s(b, clock_mhz)),
+        marginal_decode_j_per_token([0.0] * b + [full], b, b),
     )
 
 

@@ -14,16 +14,15 @@ Every plugin sees the same two inputs, whatever it reads from them:
   quantity (numpy arrays the caller owns and updates in place: the router's
   state machine :mod:`joulepool.core.router` and the simulator both keep one).
 
-So a new term (e.g. the marginal energy of one more request at the
-endpoint's live batch and clock, or the KV-cache usage an engine reports) is a
-new scorer reading columns that are already there (``running``, ``clock_mhz``,
+So a new term (e.g. the KV-cache usage an engine reports) is a new scorer
+reading columns that are already there (``running``, ``clock_mhz``,
 ``kv_cache_usage``, ``models``) or a new entry of ``extra``; the signature
 ``score(request, endpoints) -> Scores`` does not change.
 
 Registered names (:data:`SCORERS`, :data:`PICKERS`, :data:`PROFILES`):
 
     filters   kv-cache      off engines whose KV cache is >= 95 % full (while others are not)
-    scorers   joulesched    core.routing's rule: eps_n * t_r + lambda * late (ETA tie-break)
+    scorers   joulesched    core.routing's rule: marginal joules + lambda * late (ETA tie-break)
               least-loaded  (outstanding requests + 1) / req/s the endpoint sustains
     pickers   lowest-cost   lowest cost, then lowest ETA, then lowest index
               round-robin   the next endpoint in turn, ignoring scores
@@ -46,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.core.cost import CostBreakdown
-from joulepool.core.routing import rank_endpoints, score_endpoints
+from joulepool.core.routing import rank_endpoints, score_endpoints, slo_infeasible
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -61,6 +60,7 @@ class RequestInfo(NamedTuple):
     deadline_s: float  #: end-to-end deadline, s from arrival
     lam: float  #: effective lambda (the tier's), J per s of lateness
     hard_deadline: bool = False  #: rank endpoints predicted on time before late ones
+    ttft_slo_s: float = math.inf  #: time-to-first-token SLO, s (inf: none)
 
 
 class EndpointState:
@@ -68,7 +68,9 @@ class EndpointState:
 
     Columns every caller fills (arrays of length ``n``):
 
-    ``eps_j_per_token``  eps_n, J per output token at the operating batch (online scale in)
+    ``eps_j_per_token``  eps_n, marginal decode J per output token of joining now
+                         (core.routing's rule; online scale in)
+    ``prefill_j_per_token`` pi_n, J above idle per prompt token prefilled
     ``tps``              mu_n, decode tokens/s at the operating batch
     ``prefill_weight``   w_n, decode tokens forgone per prompt token prefilled
     ``queue_tokens``     q_n, decode tokens ahead + w_n x prompt tokens ahead
@@ -81,18 +83,24 @@ class EndpointState:
     ``waiting``          requests waiting for admission now
     ``clock_mhz``        the GPU's SM clock now
     ``kv_cache_usage``   fraction of the engine's KV cache in use, 0..1
+    ``prefill_backlog_s`` s of prefill queued before a new request's prefill could
+                         start (0 where unknown)
+    ``batch_room``       requests it can still take within its operating batch
+                         (inf where unknown)
 
     ``models`` (per-endpoint serving profiles, e.g. :class:`core.routing.EndpointModel`)
     and ``extra`` (named columns of plugins not listed here) are free for new scorers.
     """
 
     __slots__ = (
-        "clock_mhz", "eps_j_per_token", "extra", "inv_capacity", "kv_cache_usage", "models",
-        "outstanding", "prefill_weight", "queue_tokens", "running", "tps", "waiting",
+        "batch_room", "clock_mhz", "eps_j_per_token", "extra", "inv_capacity",
+        "kv_cache_usage", "models", "outstanding", "prefill_backlog_s", "prefill_j_per_token",
+        "prefill_weight", "queue_tokens", "running", "tps", "waiting",
     )
 
     def __init__(self, n: int) -> None:
         self.eps_j_per_token: FloatArray = np.zeros(n)
+        self.prefill_j_per_token: FloatArray = np.zeros(n)
         self.tps: FloatArray = np.zeros(n)
         self.prefill_weight: FloatArray = np.zeros(n)
         self.queue_tokens: FloatArray = np.zeros(n)
@@ -102,6 +110,8 @@ class EndpointState:
         self.waiting: FloatArray = np.full(n, np.nan)
         self.clock_mhz: FloatArray = np.full(n, np.nan)
         self.kv_cache_usage: FloatArray = np.full(n, np.nan)
+        self.prefill_backlog_s: FloatArray = np.zeros(n)
+        self.batch_room: FloatArray = np.full(n, np.inf)
         self.models: Sequence[Any] = ()
         self.extra: dict[str, FloatArray] = {}
 
@@ -111,12 +121,15 @@ class EndpointState:
 
 class Scores(NamedTuple):
     """A scorer's verdict: ``cost`` per endpoint (lower is better; NaN/inf: cannot serve),
-    ``eta_s`` the tie-break among equal costs (None: index order), and the JouleSched
-    terms where the scorer computed them (for the decision's explanation)."""
+    ``eta_s`` the tie-break among equal costs (None: index order), the JouleSched
+    terms where the scorer computed them (for the decision's explanation), and
+    ``late``: endpoints predicted to break the request's SLO, ranked after the rest
+    (None: no prediction)."""
 
     cost: FloatArray
     eta_s: FloatArray | None = None
     breakdown: CostBreakdown | None = None
+    late: BoolArray | None = None
 
 
 class Filter(Protocol):
@@ -152,7 +165,9 @@ class Picker(Protocol):
 # --------------------------------------------------------------------------
 class JouleSchedScorer:
     """core.routing's endpoint rule (:func:`~joulepool.core.routing.score_endpoints`):
-    eps_n * t_r + lambda * max(0, ETA - D), ETA = (q_n + w_n * prompt + t_r) / mu_n."""
+    E_n(r) + lambda * max(0, ETA - D), E_n(r) = eps_n * output + pi_n * prompt (the
+    marginal energy), ETA = (q_n + w_n * prompt + t_r) / mu_n; endpoints predicted to
+    break the SLO (:func:`~joulepool.core.routing.slo_infeasible`) are marked late."""
 
     name: ClassVar[str] = "joulesched"
 
@@ -160,9 +175,14 @@ class JouleSchedScorer:
         cb = score_endpoints(
             endpoints.eps_j_per_token, endpoints.queue_tokens, endpoints.tps,
             endpoints.prefill_weight, request.tokens, request.input_tokens,
-            request.deadline_s, request.lam,
+            request.deadline_s, request.lam, endpoints.prefill_j_per_token,
+            request.output_tokens,
         )
-        return Scores(cb.cost, cb.eta_s, cb)
+        pf_s = np.divide(endpoints.prefill_weight, endpoints.tps,
+                         out=np.zeros(len(endpoints)), where=endpoints.tps > 0)
+        late = slo_infeasible(endpoints.prefill_backlog_s, pf_s,
+                              endpoints.batch_room, request.input_tokens, request.ttft_slo_s)
+        return Scores(cb.cost, cb.eta_s, cb, late)
 
 
 class LeastLoadedScorer:
@@ -186,7 +206,8 @@ class LowestCostPicker:
 
     def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]:
         if scores.breakdown is not None:
-            return rank_endpoints(scores.breakdown, k, hard_deadline=request.hard_deadline)
+            return rank_endpoints(scores.breakdown, k, hard_deadline=request.hard_deadline,
+                                  late=scores.late)
         cost = scores.cost
         if cost.size == 0 or k <= 0:
             return []
@@ -309,15 +330,18 @@ def _weighted(request: RequestInfo, endpoints: EndpointState,
     total = np.zeros(len(endpoints))
     eta: FloatArray | None = None
     breakdown: CostBreakdown | None = None
+    late: BoolArray | None = None
     for scorer, weight in scorers:
         s = scorer.score(request, endpoints)
         total += weight * s.cost
         if eta is None and s.eta_s is not None:
             eta, breakdown = s.eta_s, s.breakdown
+        if s.late is not None:
+            late = s.late if late is None else (late | s.late)
     if breakdown is not None:
         breakdown = CostBreakdown(breakdown.eta_s, breakdown.energy_j, breakdown.slack_s,
                                   breakdown.lam, total)
-    return Scores(total, eta, breakdown)
+    return Scores(total, eta, breakdown, late)
 
 
 def _masked(scores: Scores, keep: BoolArray) -> Scores:
@@ -326,7 +350,7 @@ def _masked(scores: Scores, keep: BoolArray) -> Scores:
     cb = scores.breakdown
     if cb is not None:
         cb = CostBreakdown(cb.eta_s, cb.energy_j, cb.slack_s, cb.lam, cost)
-    return Scores(cost, scores.eta_s, cb)
+    return Scores(cost, scores.eta_s, cb, scores.late)
 
 
 def _apply_filters(request: RequestInfo, endpoints: EndpointState, filters: Sequence[Filter],

@@ -121,7 +121,8 @@ class Router:
             # one number given: override it across the profile's batch table
             e = em.eps if eps is None else np.full_like(em.eps, eps)
             t = em.tps if tps is None else np.full_like(em.tps, tps)
-            return EndpointModel(e, t, em.batch, em.prefill_s_per_token)
+            return EndpointModel(e, t, em.batch, em.prefill_s_per_token,
+                                 None if eps is not None else em.excess, em.prefill_excess)
         return em
 
     def eps_scale(self, profile: ServingProfile | None) -> float:

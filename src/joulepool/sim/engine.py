@@ -48,7 +48,7 @@ from joulepool.core.controllers import MIADController, PIController, SLOSignal
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import llf_deadline
 from joulepool.core.router import PI_PERIOD_S
-from joulepool.core.routing import endpoint_queue_tokens
+from joulepool.core.routing import endpoint_queue_tokens, sustainable_batch
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -229,7 +229,8 @@ class Simulator:
         "n_sys", "next_control", "next_mark", "next_rid", "next_tick", "notes",
         "period_done", "period_miss", "pi", "pi_every", "plan_capacity", "plan_queue",
         "planner_pools", "plog", "policy", "pools", "prm", "prog_every", "progress",
-        "prouter", "req", "samples", "seed", "site_buckets", "static_capacity", "stop_at",
+        "prouter", "req", "samples", "seed", "site_buckets", "slo_batches", "static_capacity",
+        "stop_at",
         "t_sys", "tables", "tick_k", "tokens_window", "use_js", "use_miad", "wall0",
         "window_busy", "window_gpu_energy", "workload",
     )
@@ -254,6 +255,7 @@ class Simulator:
         if use_router and policy.uses_planner:
             raise ValueError("joulesched-router drives one production router pool: static only")
         self.cluster, self.workload, self.policy, self.tables = cluster, workload, policy, tables
+        self.slo_batches: dict[tuple[str, int], int] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
         self.llf = policy.queue == "llf"
@@ -359,6 +361,8 @@ class Simulator:
             [(x.idx, x.node, x.table.profile) for x in self.pools[0].members],
             ttft_s=float(wl.ttft_slo_s[slo_from].max()) if n else 1.0,
             tpot_s=float(wl.tpot_slo_s[slo_from].min()) if n else 0.15,
+            mean_tokens=(float(wl.input_tokens.mean()), float(wl.predicted_tokens.mean()))
+            if n else None,
         )
         self.lam_series.append((0.0, self.prouter.lam))
         self.notes.append("the production request router "
@@ -524,7 +528,7 @@ class Simulator:
         if inst.admit_next(t, req.input):
             inst.retime(t, self.evq)
         if self.load_columns:
-            self._sync(inst)
+            self._sync(inst, t)
 
     def _pick_instance(self, rid: int, t: float) -> Instance | None:
         """The instance the policy routes request ``rid`` to (None: dropped, nothing runs)."""
@@ -544,7 +548,8 @@ class Simulator:
                 self.lam_tier = (effective_lambda(lam, Tier.INTERACTIVE),
                                  effective_lambda(lam, Tier.BULK))
             info = RequestInfo(req.predicted[rid], req.input[rid], req.predicted[rid],
-                               req.route_deadline[rid], self.lam_tier[req.bulk[rid]])
+                               req.route_deadline[rid], self.lam_tier[req.bulk[rid]],
+                               False, req.ttft_slo[rid])
         else:
             info = _NO_REQUEST
         return members[pool.profile.pick(info, pool.state)[0][0]]
@@ -559,7 +564,7 @@ class Simulator:
         self.fallback_routes += 1
         return min(live, key=lambda x: ((x.n_out + 1) * x.inv_cap, x.idx))
 
-    def _sync(self, inst: Instance) -> None:
+    def _sync(self, inst: Instance, t: float) -> None:
         """Refresh ``inst``'s routing columns after its load changed."""
         pos = inst.pos
         if inst.state != ACTIVE or pos < 0:
@@ -568,6 +573,12 @@ class Simulator:
         pool.out[pos] = inst.n_out
         if self.use_js:
             pool.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
+            pool.eps[pos] = inst.marginal_eps()
+            pool.room[pos] = inst.opb - inst.n_out
+            # prefill queued before a new prompt's: what is left of the running one
+            # (as of this event; an over-estimate until the next) and the waiting ones
+            pool.backlog[pos] = inst.wait_in * inst.pf_tok + (
+                inst.prefill_end - t if inst.prefill_rid >= 0 else 0.0)
 
     # --------------------------------------------------------- instance event
     def _on_instance_event(self, inst: Instance, t: float) -> bool:
@@ -583,7 +594,7 @@ class Simulator:
         admitted = inst.nwait > 0 and inst.admit_next(t, self.req.input)  # someone waits
         inst.retime(t, self.evq)
         if (completed or admitted) and self.load_columns:
-            self._sync(inst)  # admission moves a prompt out of q_n's prefill term
+            self._sync(inst, t)  # admission moves a prompt out of q_n's prefill term
         if completed and inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
             self._release(inst, t)
         return self.ended and self.done == self.req.n
@@ -647,9 +658,28 @@ class Simulator:
         inst = Instance(len(self.instances), self.tables[mode], node, self.gpus.node_site[node],
                         cls, self.llf, self._inv_capacity(mode, cls),
                         self.prm.eps_at_current_clock, self.plog)
+        inst.opb = self._sustainable_batch(mode, cls)
         self.instances.append(inst)
         if not self._activate(inst, t):
             self.gpus.node_pending[node].append(inst)
+
+    def _sustainable_batch(self, mode: str, cls: int) -> int:
+        """core.routing.sustainable_batch of ``mode`` for the requests its pool serves
+        (the class's under planner pools, all otherwise): their mean prompt and
+        predicted response, the interactive ones' mean TTFT and tightest TPOT SLO."""
+        key = (mode, cls)
+        hit = self.slo_batches.get(key)
+        if hit is None:
+            wl = self.workload
+            mine = (wl.cls == cls) if self.planner_pools else np.ones(wl.cls.size, dtype=bool)
+            if not mine.any():
+                mine = np.ones(wl.cls.size, dtype=bool)
+            slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
+            hit = self.slo_batches[key] = sustainable_batch(
+                self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
+                float(wl.predicted_tokens[mine].mean()), float(wl.ttft_slo_s[slo].mean()),
+                float(wl.tpot_slo_s[slo].min()))
+        return hit
 
     def _activate(self, inst: Instance, t: float) -> bool:
         """Start ``inst`` on free GPUs of its node at ``t``; False if too few are free."""

@@ -16,7 +16,11 @@ from heapq import heappop, heappush
 from typing import Any
 
 from joulepool.core.llf import LLFQueue
-from joulepool.core.routing import endpoint_queue_tokens, prefill_weight
+from joulepool.core.routing import (
+    endpoint_queue_tokens,
+    marginal_decode_j_per_token,
+    prefill_weight,
+)
 from joulepool.core.scoring import EndpointState, RoutingProfile
 from joulepool.sim.tables import ProfileTable
 
@@ -47,11 +51,52 @@ class Instance:
     """
 
     __slots__ = (
-        "V", "b", "busy_t", "ci", "cls", "energy", "eps", "eps_live", "gpu_ids", "gpus", "heap",
-        "idx", "inv_cap", "itl", "itl_row", "last_t", "llf", "maxb", "mu", "n_out", "node",
-        "nwait", "pf_pow", "pf_tok", "pf_w", "plog", "pool", "pos", "pow_row", "power",
-        "prefill_end", "prefill_rid", "q_tok", "req_tps", "site", "state", "table", "tp_max",
-        "tps_row", "tt_max", "version", "wait_in", "waiting",
+        "V",
+        "b",
+        "busy_t",
+        "ci",
+        "cls",
+        "energy",
+        "eps",
+        "eps_live",
+        "gpu_ids",
+        "gpus",
+        "heap",
+        "idx",
+        "inv_cap",
+        "itl",
+        "itl_row",
+        "last_t",
+        "llf",
+        "maxb",
+        "mu",
+        "n_out",
+        "node",
+        "nwait",
+        "opb",
+        "pf_e",
+        "pf_pow",
+        "pf_tok",
+        "pf_w",
+        "plog",
+        "pool",
+        "pos",
+        "pow_row",
+        "power",
+        "prefill_end",
+        "prefill_rid",
+        "q_tok",
+        "req_tps",
+        "site",
+        "state",
+        "table",
+        "tp_max",
+        "tps_row",
+        "tt_max",
+        "version",
+        "wait_in",
+        "waiting",
+        "xs",
     )
 
     def __init__(self, idx: int, table: ProfileTable, node: str, site: str, cls: int,
@@ -88,6 +133,9 @@ class Instance:
         self.tt_max = -1.0  # worst TTFT / SLO since the last MIAD step (-1: none)
         self.tp_max = -1.0  # worst TPOT / SLO since the last MIAD step (-1: none)
         self.plog = plog
+        # b*_n of the marginal rule: requests it carries at once within the SLO (the
+        # engine sets core.routing.sustainable_batch; the TPOT operating batch until then)
+        self.opb = table.operating_batch[table.top]
         self.set_clock(table.top)
         self.power = self.pow_row[0]  # W, all its GPUs
         self.itl = 0.0  # s per token while decoding, 0 otherwise
@@ -107,10 +155,20 @@ class Instance:
         # batch, at f_max unless asked to follow the clock (then the router chases MIAD's
         # down-clocked GPUs; see EngineParams); w_n converts prompt tokens to decode tokens
         self.mu = self.tps_row[op]
-        self.eps = t.eps_j_per_token[ci if self.eps_live else t.top]
+        # the marginal energy (core.routing): X(b) and pi at the current clock if asked
+        # to follow it (then the router chases MIAD's down-clocked GPUs; see
+        # EngineParams), else at f_max; eps_n follows the requests in flight
+        ce = ci if self.eps_live else t.top
+        self.xs = t.excess_step_j[ce]
+        self.pf_e = t.prefill_excess_j[ce]
+        self.eps = self.marginal_eps()
         self.pf_w = prefill_weight(self.mu, self.pf_tok)
         # LLF: a request is served at the per-request rate of the operating batch
         self.req_tps = 1.0 / self.itl_row[op]
+
+    def marginal_eps(self) -> float:
+        """eps_n: decode J per output token a request adds joining the ones in flight."""
+        return marginal_decode_j_per_token(self.xs, self.n_out, self.opb)
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
@@ -200,7 +258,8 @@ class Pool:
     """A pool's instances as core.scoring's endpoint columns, and its routing profile
     (core's plugins, the ones the routing service runs)."""
 
-    __slots__ = ("eps", "members", "mu", "out", "profile", "q", "state", "w")
+    __slots__ = ("backlog", "eps", "members", "mu", "out", "pf_e", "profile", "q", "room",
+                 "state", "w")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile) -> None:
         self.members = members
@@ -210,6 +269,9 @@ class Pool:
         self.q = st.queue_tokens  # q_n, decode tokens ahead
         self.mu = st.tps
         self.eps = st.eps_j_per_token
+        self.pf_e = st.prefill_j_per_token
+        self.backlog = st.prefill_backlog_s
+        self.room = st.batch_room
         self.w = st.prefill_weight
         for pos, inst in enumerate(members):
             inst.pos = pos
@@ -218,9 +280,10 @@ class Pool:
             self.set_rule(inst)
 
     def set_rule(self, inst: Instance) -> None:
-        """eps_n, mu_n, w_n and q_n of ``inst`` (after a clock change or a rebuild)."""
+        """eps_n, pi_n, mu_n, w_n and q_n of ``inst`` (after a clock change or a rebuild)."""
         pos = inst.pos
-        self.eps[pos] = inst.eps
+        self.eps[pos] = inst.marginal_eps()
+        self.pf_e[pos] = inst.pf_e
         self.mu[pos] = inst.mu
         self.w[pos] = inst.pf_w
         self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)

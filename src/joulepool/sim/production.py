@@ -41,8 +41,10 @@ class ProductionRouter:
         tpot_s: float,
         settings: RouterConfig | None = None,
         scrape_every_s: float = SCRAPE_EVERY_S,
+        mean_tokens: tuple[float, float] | None = None,
     ) -> None:
-        """``members``: (instance index, node, serving profile) of each instance."""
+        """``members``: (instance index, node, serving profile) of each instance;
+        ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing)."""
         self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
@@ -51,7 +53,8 @@ class ProductionRouter:
         for idx, node, profile in members:
             key = id(profile)
             if key not in models:
-                models[key] = EndpointModel.from_profile(profile, tpot_s)
+                serving = None if mean_tokens is None else (*mean_tokens, float(ttft_s))
+                models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving)
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way
             endpoints.append(Endpoint(address, models[key], node,
                                       eps_half_life_s=self.pool.s.eps_half_life_s,

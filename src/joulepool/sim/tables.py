@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from joulepool.core.profiles import ServingProfile
+from joulepool.core.routing import excess_step_j, prefill_excess_j_per_token
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class ProfileTable:
     prefill_power_w: tuple[float, ...]  # [clock]
     eps_j_per_token: tuple[float, ...]  # [clock]: J/token at the operating batch
     operating_batch: tuple[int, ...]  # [clock]: largest batch meeting the TPOT target
+    excess_step_j: tuple[tuple[float, ...], ...]  # [clock][batch]: J above idle per step
+    prefill_excess_j: tuple[float, ...]  # [clock]: J above idle per prompt token
     max_batch: int
     gpus: int
     gpu_idle_w: float
@@ -57,6 +60,9 @@ def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
     pf_power = profile.prefill_power_w(clocks)
     op = [max(profile.best_batch(tpot_target_s, float(c)), 1) for c in clocks]
     eps = [float(profile.joules_per_token(b, float(c))) for b, c in zip(op, clocks, strict=True)]
+    excess = excess_step_j(power, profile.idle_w, itl)
+    excess[:, 0] = 0.0
+    pf_excess = prefill_excess_j_per_token(pf_power, profile.idle_w, pf)
 
     def rows(a: np.ndarray) -> tuple[tuple[float, ...], ...]:
         full = np.broadcast_to(a, (clocks.size, max_b + 1))
@@ -72,6 +78,8 @@ def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
         prefill_power_w=tuple(float(v) for v in np.broadcast_to(pf_power, clocks.shape)),
         eps_j_per_token=tuple(eps),
         operating_batch=tuple(op),
+        excess_step_j=rows(excess),
+        prefill_excess_j=tuple(float(v) for v in np.broadcast_to(pf_excess, clocks.shape)),
         max_batch=max_b,
         gpus=profile.gpus,
         gpu_idle_w=profile.product.idle_w.value,

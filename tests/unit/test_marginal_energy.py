@@ -1,0 +1,110 @@
+"""core.routing's marginal energy: its properties, and the simulator's ledger agreeing with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sim_helpers import cluster
+
+from joulepool.core.profiles import DEFAULT_PROFILES
+from joulepool.core.routing import (
+    EndpointModel,
+    marginal_decode_j_per_token,
+    marginal_energy_j,
+    sustainable_batch,
+)
+from joulepool.sim.engine import Simulator
+from joulepool.sim.policies import POLICIES
+from joulepool.sim.runner import model_tables
+from joulepool.sim.trace import load_trace
+from joulepool.sim.workload import build_workload
+
+PROFILE = st.sampled_from(DEFAULT_PROFILES)
+TOKENS = st.floats(min_value=0.0, max_value=32_000.0, allow_nan=False)
+
+
+def _model(profile, clock_share: float) -> EndpointModel:
+    clock = profile.f_min + clock_share * (profile.f_max - profile.f_min)
+    return EndpointModel.from_profile(profile, 0.15, clock)
+
+
+@settings(max_examples=60, deadline=None)
+@given(PROFILE, st.floats(0.0, 1.0), st.integers(0, 600), TOKENS, TOKENS, TOKENS)
+def test_monotone_in_prompt_and_output_tokens(profile, clock_share, in_flight, base_in,
+                                              base_out, more) -> None:
+    m = _model(profile, clock_share)
+    eps, pi = m.marginal_eps(in_flight), m.prefill_excess
+    assert eps > 0 and pi > 0
+    e = float(marginal_energy_j(eps, pi, base_out, base_in))
+    assert float(marginal_energy_j(eps, pi, base_out + more, base_in)) >= e
+    assert float(marginal_energy_j(eps, pi, base_out, base_in + more)) >= e
+    if more >= 1.0:
+        assert float(marginal_energy_j(eps, pi, base_out + more, base_in)) > e
+        assert float(marginal_energy_j(eps, pi, base_out, base_in + more)) > e
+
+
+@pytest.mark.parametrize("profile", DEFAULT_PROFILES, ids=lambda p: p.key)
+def test_waking_an_idle_instance_costs_more_than_joining_a_running_batch(profile) -> None:
+    m = EndpointModel.from_profile(profile, 0.15)
+    wake, join = m.marginal_eps(0), m.marginal_eps(1)
+    x = m.excess_table
+    assert wake == pytest.approx(x[1]) and join == pytest.approx(x[2] - x[1])
+    assert wake > 3 * join  # the step's fixed cost (weights read once) is the wake's
+    # past b*_n a request waits and pays its share of a full step
+    full = m.carry_batch
+    assert m.marginal_eps(full + 5) == pytest.approx(x[full] / full)
+
+
+def test_marginal_decode_by_hand() -> None:
+    x = [0.0, 10.0, 12.0, 13.0]
+    assert marginal_decode_j_per_token(x, 0, 3) == 10.0
+    assert marginal_decode_j_per_token(x, 1, 3) == 2.0
+    assert marginal_decode_j_per_token(x, 2, 3) == 1.0
+    assert marginal_decode_j_per_token(x, 3, 3) == pytest.approx(13.0 / 3)
+    assert marginal_decode_j_per_token(x, 7, 3) == pytest.approx(13.0 / 3)
+
+
+def test_sustainable_batch_is_the_planners_serving_point() -> None:
+    for p in DEFAULT_PROFILES[:3]:
+        sp = p.serving_point(1000.0, 200.0, 0.45, 0.15)
+        assert sustainable_batch(p, 1000.0, 200.0, 0.45, 0.15) == max(int(sp.batch), 1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap (issue 11 item 1): the join-time marginal charges the wake cost X(1) only "
+    "to the request that wakes an instance, but the busy period lasts as long as its "
+    "longest request, so the sum of predictions is ~37 % below the ledger here; charging "
+    "the tail beyond the batch's remaining steps at X(1) agreed within 10 % but, as a "
+    "routing signal, raised deadline misses (docs/marginal-energy.md)"))
+def test_predicted_increments_agree_with_the_simulators_ledger() -> None:
+    """Every request JouleSched routes is charged its predicted marginal energy (the
+    columns it was scored on, with the tokens it really had); summed over the run that
+    must match what the simulator's independent ledger measured above idle within 10 %."""
+    cl = cluster([("h", "H100", 2), ("l", "L4", 2)])
+    tables = model_tables(cl)
+    wl = build_workload(load_trace(), 60.0, mode="rate", value=12.0, seed=3)
+    wl = wl.__class__(**{**wl.__dict__, "predicted_tokens": wl.output_tokens.copy()})
+    sim = Simulator(cl, wl, POLICIES["joulesched"], tables)
+    seen: list[tuple[float, float]] = []
+    profile = sim.pools[0].profile
+    pick = profile.pick
+
+    def recording_pick(request, endpoints, k=1):
+        ranked, scores = pick(request, endpoints, k)
+        i = ranked[0]
+        seen.append((endpoints.eps_j_per_token[i], endpoints.prefill_j_per_token[i]))
+        return ranked, scores
+
+    profile.pick = recording_pick  # type: ignore[method-assign]
+    result = sim.run()
+    assert len(seen) == wl.requests and np.isfinite(result.t_done).all()
+    predicted = sum(
+        float(marginal_energy_j(e, p, o - 1, i))  # the first token comes with the prefill
+        for (e, p), o, i in zip(seen, wl.output_tokens, wl.input_tokens, strict=True))
+    idle = sum(tables[f"1x{pr}"].profile.idle_w * result.duration_s
+               for pr in result.gpu_product)
+    measured = result.energy_j - idle
+    assert measured > 0
+    assert predicted == pytest.approx(measured, rel=0.10)
