@@ -490,13 +490,14 @@ class Scheduler:
     def _product_luts(
         self, table: NodeTable, pool: PlannedPool, gpi: int
     ) -> tuple[FloatArray, FloatArray]:
-        """eps and instance tokens/s per product id (index 0: unknown product)."""
+        """eps (core.routing's marginal J/token of a replica at its batch) and instance
+        tokens/s per product id (index 0: unknown product)."""
         eps = np.full(len(table.products) + 1, np.inf)
         tps = np.zeros(len(table.products) + 1)
         for i, product in enumerate(table.products):
             pt = self.point(product, pool, gpi)
             if pt is not None:
-                eps[i + 1], tps[i + 1] = pt.eps, pt.tps
+                eps[i + 1], tps[i + 1] = pt.marginal_eps, pt.tps
         return eps, tps
 
     def _replica_tps(self, pool: PlannedPool) -> float:
@@ -557,7 +558,7 @@ class Scheduler:
             rec = NodeRecord.from_node(node)
             pt = self.point(rec.product, planned, gpi)
             if pt is not None:
-                eps[i], inst[i] = pt.eps, pt.tps
+                eps[i], inst[i] = pt.marginal_eps, pt.tps
             alloc[i] = rec.allocatable_gpus
             used[i] = self.state.used_gpus.get(rec.name, 0)
             j = table.index.get(rec.name)
