@@ -122,4 +122,8 @@ async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path)
     assert [len(e.ledger) for e in service_pool.endpoints] == [
         len(e.ledger) for e in sim.pool.endpoints]
     assert np.array_equal(service_pool.eta_queue_tokens(), sim.pool.eta_queue_tokens())
-    assert sum(1 for e in service_pool.endpoints if e.ledger) >= 2  # more than one in use
+    # the marginal-energy rule consolidates: joining a running batch costs a fraction of
+    # waking another endpoint, so (well below the TPOT batch's room) one endpoint holds
+    # the routed work; the queue estimates compared above are not all zero
+    assert sum(1 for e in service_pool.endpoints if e.ledger) >= 1
+    assert float(np.max(service_pool.eta_queue_tokens())) > 0.0
