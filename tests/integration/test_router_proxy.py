@@ -387,3 +387,44 @@ async def test_proxy_survives_the_fuzzer(tmp_path: Path) -> None:
     finally:
         await st.router.close()
         await engine.close()
+
+
+async def test_saturated_pool_holds_interactive_llf_and_sheds_bulk(tmp_path: Path) -> None:
+    """With the engine's batch full, interactive requests wait in the proxy and go in
+    least-laxity order; a bulk request is shed with 429 at once."""
+    engine = await _engine()
+    st = await _stack(tmp_path, [engine])
+    room = st.router.app[ROUTER].room
+    try:
+        pool = st.pool
+        pool.max_batch[:] = 2  # the engine takes two requests at a time
+        client = _async_sdk(st)
+
+        async def ask(deadline_ms: str, tokens: int) -> float:
+            await client.completions.create(
+                model=MODEL, prompt="x", max_tokens=tokens,
+                extra_headers={contract.DEADLINE_HEADER: deadline_ms})
+            return time.monotonic()
+
+        running = [asyncio.create_task(ask("60000", 30)) for _ in range(2)]
+        while sum(len(e.ledger) for e in pool.endpoints) < 2:
+            await asyncio.sleep(0.005)
+        loose = asyncio.create_task(ask("600000", 5))
+        while room.waiting(POOL) < 1:
+            await asyncio.sleep(0.005)
+        tight = asyncio.create_task(ask("20000", 5))
+        while room.waiting(POOL) < 2:
+            await asyncio.sleep(0.005)
+        assert sum(len(e.ledger) for e in pool.endpoints) == 2  # held, not sent
+        with pytest.raises(openai.RateLimitError) as shed:
+            await client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                            extra_headers={contract.TIER_HEADER: "bulk"})
+        assert "bulk" in shed.value.message
+        await asyncio.gather(*running)
+        t_loose, t_tight = await loose, await tight
+        assert t_tight < t_loose  # the tighter deadline went first although it came later
+        assert room.waiting(POOL) == 0 and all(not e.ledger for e in pool.endpoints)
+        await client.close()
+    finally:
+        await st.router.close()
+        await engine.close()

@@ -65,6 +65,7 @@ from joulepool.kube.service import (
     validation_message,
 )
 from joulepool.router import models, proxy
+from joulepool.router.admission import WaitingRoom
 from joulepool.router.metrics import Metrics, MetricsObserver
 from joulepool.router.settings import Settings
 
@@ -78,6 +79,11 @@ class RouterService(service.ClusterService):
         m = metrics or Metrics()
         super().__init__(settings, m, settings.router_settings(), MetricsObserver(m))
         self.settings: Settings = settings
+        self.room = WaitingRoom(settings.proxy_max_waiting, settings.proxy_max_wait_seconds)
+
+    def on_tick(self) -> None:
+        """Let held requests go where pools have room again (e.g. after a scrape)."""
+        self.room.release_all(self.router.pools)
 
     def guarded(self, path: str) -> bool:
         """The bearer token guards every path but the probes and the OpenAI proxy's."""
@@ -156,6 +162,7 @@ def create_app(settings: Settings, *, background: bool = True,
     svc = RouterService(settings, metrics)
     app = service.new_app(svc, service.make_middleware(error_body))
     app[ROUTER] = svc
+    app[proxy.ROOM] = svc.room
     proxy.add_routes(app)
     app.router.add_post("/v1/route", handle_route, name="route")
     app.router.add_post("/v1/complete", handle_complete, name="complete")

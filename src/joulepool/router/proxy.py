@@ -17,9 +17,10 @@ learn with no ``/v1/complete`` call. An engine that fails before answering
 fallback.
 
 Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``:
-400 bad body or header (the reason), 404 no pool serves the model, 429 a bulk
-request shed because every endpoint of the pool is saturated (its engines queue),
-503 no endpoint ready or none answered.
+400 bad body or header (the reason), 404 no pool serves the model, 429 a request
+shed by the waiting room (:mod:`joulepool.router.admission`: while every endpoint
+of the pool is saturated, interactive requests wait least-laxity-first and bulk
+ones are shed), 503 no endpoint ready or none answered.
 
 These paths are open (a gateway or client sends plain OpenAI requests); the
 router's bearer token guards the low-level ``/v1/route``, ``/v1/complete``,
@@ -38,10 +39,10 @@ from aiohttp import web
 
 from joulepool import httpserve
 from joulepool.api import contract
-from joulepool.core.classes import Tier
 from joulepool.core.router import NoEndpoints, PoolRouter, RouteDecision, UnknownPool
 from joulepool.kube.service import SERVICE, json_response, read_body
 from joulepool.router import requests
+from joulepool.router.admission import Shed, WaitingRoom
 from joulepool.router.settings import Settings
 
 #: routes of this module (verb names in the request metrics)
@@ -61,6 +62,8 @@ _PASS_RESPONSE = ("Content-Type", "Content-Encoding", "Cache-Control")
 MAX_BUFFERED_BYTES = 1 << 20
 
 SESSION = web.AppKey("proxy_session", aiohttp.ClientSession)
+#: the per-pool LLF waiting room (the router service's)
+ROOM = web.AppKey("waiting_room", WaitingRoom)
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 404: "invalid_request_error", 429: "rate_limit_exceeded",
@@ -80,13 +83,6 @@ def openai_error(status: int, message: str, headers: dict[str, str] | None = Non
                  ) -> web.Response:
     """An OpenAI-shaped error answer."""
     return json_response(error_body(status, message), status, headers)
-
-
-def saturated(pool: PoolRouter) -> bool:
-    """Every endpoint of the pool is at its batch limit: its engine reports requests
-    waiting for admission, or the router has more in flight there than its batch
-    (:meth:`PoolRouter.saturated`, the endpoint picker's rule too)."""
-    return pool.saturated()
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
@@ -152,7 +148,6 @@ async def _chunks(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 async def handle_completion(request: web.Request, chat: bool) -> web.StreamResponse:
     """One proxied completion (module docstring)."""
     svc = request.app[SERVICE]
-    settings = _settings(request.app)
     start = time.monotonic()
     body = await read_body(request)
     spec = requests.read_request(httpserve.parse_json(body), request.headers, chat)
@@ -160,12 +155,23 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
         pool = requests.choose_pool(svc.router, spec)
     except UnknownPool as exc:
         raise httpserve.HTTPProblem(404, str(exc).strip("'\"")) from None
-    tier = spec.tier or pool.tier
-    if tier is Tier.BULK and saturated(pool):
-        raise httpserve.HTTPProblem(
-            429, f"pool {pool.key!r} is saturated: bulk requests are shed first")
+    room = request.app[ROOM]
+    output_tokens = requests.output_tokens_estimate(pool, spec)
+    deadline = requests.deadline_of(spec, output_tokens) or pool.deadline_for(output_tokens)
     try:
-        decision = requests.pick(pool, spec, start)
+        await room.enter(pool, spec.tier or pool.tier, deadline, output_tokens, start)
+    except Shed as exc:
+        raise httpserve.HTTPProblem(429, str(exc)) from None
+    try:
+        return await _serve(request, svc_settings(request.app), pool, spec, body, start)
+    finally:
+        room.release(pool)
+
+
+async def _serve(request: web.Request, settings: Settings, pool: PoolRouter,
+                 spec: requests.RequestSpec, body: bytes, start: float) -> web.StreamResponse:
+    try:
+        decision = requests.pick(pool, spec, time.monotonic())
     except NoEndpoints as exc:
         raise httpserve.HTTPProblem(503, str(exc)) from None
     opened = await _open(request.app[SESSION], pool, decision, request, body,
@@ -207,7 +213,7 @@ async def handle_models(request: web.Request) -> web.Response:
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: the connection pool to the engines."""
     app[SESSION] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=_settings(app).engine_connections,
+        connector=aiohttp.TCPConnector(limit=svc_settings(app).engine_connections,
                                        keepalive_timeout=30.0),
         auto_decompress=False,
     )
@@ -218,7 +224,7 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.sleep(0)
 
 
-def _settings(app: web.Application) -> Settings:
+def svc_settings(app: web.Application) -> Settings:
     s = app[SERVICE].settings
     assert isinstance(s, Settings)  # the router service's
     return s

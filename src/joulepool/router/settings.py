@@ -49,6 +49,12 @@ class Settings(ServiceSettings):
     engine_connections: int = Field(
         1000, ge=1, le=100_000, description="proxy: most open connections to the engines")
 
+    proxy_max_waiting: int = Field(
+        1000, ge=0, le=1_000_000, description="proxy: most requests held per pool while "
+        "every endpoint is saturated (more are answered 429)")
+    proxy_max_wait_seconds: float = Field(
+        30.0, gt=0, le=3600, description="proxy: longest a request is held before a 429 (s)")
+
     @field_validator("routing")
     @classmethod
     def _known_routing(cls, value: str) -> str:
