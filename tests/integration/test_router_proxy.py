@@ -428,3 +428,79 @@ async def test_saturated_pool_holds_interactive_llf_and_sheds_bulk(tmp_path: Pat
     finally:
         await st.router.close()
         await engine.close()
+
+
+async def test_engine_gone_under_load_costs_no_request(tmp_path: Path) -> None:
+    """One of two engines shuts down while requests stream through the proxy: requests
+    it had finish, later ones (on pooled connections it closed, or refused connections)
+    are retried on the other engine, so every request succeeds and nothing leaks."""
+    engines = [await _engine(), await _engine()]
+    st = await _stack(tmp_path, engines)
+    try:
+        client = _async_sdk(st)
+        done = 0
+        failures = 0
+
+        async def worker() -> None:
+            nonlocal done, failures
+            for _ in range(25):
+                try:
+                    out = await client.completions.create(model=MODEL, prompt="x",
+                                                          max_tokens=3)
+                    assert out.usage.completion_tokens == 3
+                    done += 1
+                except openai.APIError:
+                    failures += 1
+
+        load = [asyncio.create_task(worker()) for _ in range(6)]
+        while done < 40:
+            await asyncio.sleep(0.005)
+        await engines[0].close()  # the cheaper engine, which takes most requests
+        await asyncio.gather(*load)
+        assert failures == 0 and done == 150
+        assert all(not e.ledger for e in st.pool.endpoints)
+        await client.close()
+    finally:
+        await st.router.close()
+        await engines[1].close()
+
+
+async def test_engine_failing_mid_answer(tmp_path: Path) -> None:
+    """A buffered answer cut short is a 502 (nothing was sent yet); a stream cut short
+    ends without [DONE] and counts as a missed deadline."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b'data: {"choices":[{"index":0,"text":"a"}]}\n\n')
+        else:
+            resp = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Length": "1000"})
+            await resp.prepare(request)
+            await resp.write(b'{"choices": [')
+        assert request.transport is not None
+        request.transport.close()  # the engine dies mid-answer
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    engine = await _engine(app)
+    st = await _stack(tmp_path, [engine])
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{st.base_url}/completions",
+                                 json={"model": MODEL, "prompt": "x"}) as r:
+                assert r.status == 502
+                assert "failed while answering" in (await r.json())["error"]["message"]
+            async with http.post(f"{st.base_url}/completions",
+                                 json={"model": MODEL, "prompt": "x", "stream": True}) as r:
+                assert r.status == 200
+                got = await r.read()
+        assert got == b'data: {"choices":[{"index":0,"text":"a"}]}\n\n'
+        assert st.pool.window.rate(time.monotonic()) == 1.0  # the cut stream missed
+        assert all(not e.ledger for e in st.pool.endpoints)
+    finally:
+        await st.router.close()
+        await engine.close()

@@ -20,7 +20,8 @@ Errors are OpenAI-shaped ``{"error": {"message", "type", "param", "code"}}``:
 400 bad body or header (the reason), 404 no pool serves the model, 429 a request
 shed by the waiting room (:mod:`joulepool.router.admission`: while every endpoint
 of the pool is saturated, interactive requests wait least-laxity-first and bulk
-ones are shed), 503 no endpoint ready or none answered.
+ones are shed), 502 the engine failed in the middle of its answer, 503 no endpoint
+ready or none answered.
 
 These paths are open (a gateway or client sends plain OpenAI requests); the
 router's bearer token guards the low-level ``/v1/route``, ``/v1/complete``,
@@ -133,9 +134,12 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, endpoin
     resp = web.StreamResponse(status=upstream.status, reason=upstream.reason,
                               headers=headers)
     await resp.prepare(request)
-    async for data in _chunks(upstream):
-        meter.feed(data, time.monotonic())
-        await resp.write(data)
+    try:
+        async for data in _chunks(upstream):
+            meter.feed(data, time.monotonic())
+            await resp.write(data)
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the engine failed mid-stream: the client's stream ends short (no [DONE])
     await resp.write_eof()
     return resp
 
@@ -183,7 +187,14 @@ async def _serve(request: web.Request, settings: Settings, pool: PoolRouter,
     learned = False
     try:
         async with upstream:
-            resp = await _relay(request, upstream, endpoint, meter)
+            try:
+                resp = await _relay(request, upstream, endpoint, meter)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # the engine failed mid-answer before anything was sent (a buffered
+                # answer); a stream already begun ends short in _relay instead
+                raise httpserve.HTTPProblem(
+                    502, f"engine {endpoint} failed while answering: {type(exc).__name__}"
+                ) from None
         if upstream.status < 400:
             requests.learn(pool, endpoint, decision, spec, meter.finish(time.monotonic()),
                            time.monotonic())
