@@ -290,3 +290,31 @@ async def test_health_services(gateway: Gateway) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gateway.health.Check(health_pb2.HealthCheckRequest(service="nope"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_readiness_follows_the_router_sync() -> None:
+    from joulepool.kube.pools import Router
+    from joulepool.router import epp
+
+    synced = [False]
+    server, port, status = await epp.start_server(Router(), lambda: synced[0],
+                                                  "127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def check(name: str) -> int:
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                return int(resp.status)
+
+            serving = health_pb2.HealthCheckResponse.SERVING
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await check("liveness") == serving  # alive before the sync
+            assert await check("readiness") == not_serving
+            assert await check(epp.EXT_PROC_SERVICE) == not_serving
+            synced[0] = True
+            await status.refresh()
+            assert await check("readiness") == serving
+            assert await check(epp.EXT_PROC_SERVICE) == serving
+    finally:
+        await server.stop(0)
