@@ -36,16 +36,21 @@ def test_one_gpu_two_requests_by_hand():
     b=8's 7.3 ms, power linear in log2(batch) to its 486 W): 6.85 ms at 442 W; idle 75 W.
 
     A (1000 in, 10 out) at 0: prefill 0 -> 0.05, first token at 0.05.
-    B (500 in, 5 out) at 0.01 waits; prefill 0.05 -> 0.075 (A's decoding paused).
-    Both decode at b=2 from 0.075: B's 4 tokens end at 0.075 + 4 x 6.85 ms = 0.1024;
-    A's last 5 at b=1: 0.1024 + 5 x 6.775 ms = 0.136275.
-    Energy to 1 s: 688 x 0.075 + 442 x 0.0274 + 420 x 0.033875 + 75 x 0.863725 = 142.717675 J.
+    B (500 in, 5 out) at 0.01 waits; chunked prefill (budget 8192 tokens per step) mixes
+    all of B's 500 prompt tokens into A's next decode step: 6.775 ms + 500 x 0.05 ms =
+    31.775 ms, B's first token at 0.081775, A has 1 token more (8 to go).
+    Both decode at b=2 from 0.081775: B's 4 tokens end at + 4 x 6.85 ms = 0.109175;
+    A's last 4 at b=1: 0.109175 + 4 x 6.775 ms = 0.136275.
+    Energy to 1 s (the mixed step draws each part's power for its part):
+    688 x 0.05 + (420 x 0.006775 + 688 x 0.025) + 442 x 0.0274 + 420 x 0.0271
+    + 75 x 0.863725 = 142.717675 J (the same as prefill-then-decode: energy adds up).
+    (Before chunked prefill B's prefill paused A: first tokens 0.05, 0.075; physics changed.)
     """
     cl = cluster([("n", "H100", 1)])
     wl = workload([0.0, 0.01], [1000, 500], [10, 5], duration=1.0)
     r = _run(cl, wl, RR)
-    assert r.t_first == pytest.approx([0.05, 0.075], abs=1e-9)
-    assert r.t_done == pytest.approx([0.136275, 0.1024], abs=1e-8)
+    assert r.t_first == pytest.approx([0.05, 0.081775], abs=1e-9)
+    assert r.t_done == pytest.approx([0.136275, 0.109175], abs=1e-8)
     assert r.energy_j == pytest.approx(142.717675, abs=1e-4)
     assert r.tokens_in_window == pytest.approx(15)
     assert r.gpu_busy_s[0] == pytest.approx(0.136275, abs=1e-8)

@@ -46,6 +46,12 @@ class LLFQueue(Generic[T]):
             raise IndexError("pop from an empty LLF queue")
         return heapq.heappop(self._heap)[2]
 
+    def peek(self) -> T:
+        """The most urgent item, left in the queue."""
+        if not self._heap:
+            raise IndexError("peek into an empty LLF queue")
+        return self._heap[0][2]
+
     def peek_laxity(self, now_s: float) -> float:
         """Laxity of the most urgent request at ``now_s``."""
         if not self._heap:

@@ -820,3 +820,122 @@ def profiles_for_model(
     model: str, profiles: Sequence[ServingProfile] = DEFAULT_PROFILES
 ) -> tuple[ServingProfile, ...]:
     return tuple(p for p in profiles if p.model == model)
+
+
+# --------------------------------------------------------------------------
+# The serving engine's memory and start-up (vLLM), per model and GPU product
+# --------------------------------------------------------------------------
+GIB = float(2**30)
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """What the engine's memory model needs of a model's architecture.
+
+    KV cache per token = ``layers`` x ``kv_heads`` x ``head_dim`` x 2 (K and V) x
+    ``kv_bytes`` (over all of an instance's GPUs; tensor parallelism splits it).
+    """
+
+    name: str
+    layers: Figure
+    kv_heads: Figure
+    head_dim: Figure
+    kv_bytes: Figure  # bytes per KV element
+    weights_bytes: Figure  # all weights, over all GPUs
+    context_tokens: Figure  # longest sequence (prompt + output) the model takes
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV-cache bytes one token of one sequence holds (all layers, K and V)."""
+        return (self.layers.value * self.kv_heads.value * self.head_dim.value * 2.0
+                * self.kv_bytes.value)
+
+
+_HF8 = "meta-llama/Llama-3.1-8B config.json"
+_HF70 = "meta-llama/Llama-3.1-70B config.json"
+MODELS: dict[str, ModelArch] = {
+    LLAMA_8B: ModelArch(
+        name=LLAMA_8B,
+        layers=measured(32, f"{_HF8}: num_hidden_layers"),
+        kv_heads=measured(8, f"{_HF8}: num_key_value_heads (GQA)"),
+        head_dim=measured(128, f"{_HF8}: hidden_size 4096 / 32 attention heads"),
+        kv_bytes=measured(2, "vLLM's default kv_cache_dtype 'auto' = model dtype bf16"),
+        weights_bytes=measured(8.03e9 * 2, f"{_HF8}: 8.03 B parameters in bf16"),
+        context_tokens=measured(131072, f"{_HF8}: max_position_embeddings"),
+    ),
+    LLAMA_70B: ModelArch(
+        name=LLAMA_70B,
+        layers=measured(80, f"{_HF70}: num_hidden_layers"),
+        kv_heads=measured(8, f"{_HF70}: num_key_value_heads (GQA)"),
+        head_dim=measured(128, f"{_HF70}: hidden_size 8192 / 64 attention heads"),
+        kv_bytes=measured(2, "vLLM's default kv_cache_dtype 'auto' = model dtype bf16"),
+        weights_bytes=measured(70.6e9 * 2, f"{_HF70}: 70.6 B parameters in bf16"),
+        context_tokens=measured(131072, f"{_HF70}: max_position_embeddings"),
+    ),
+}
+
+#: vLLM's ``gpu_memory_utilization`` default: the share of each GPU's memory the engine
+#: takes for weights, activations and KV cache
+GPU_MEMORY_UTILIZATION = measured(0.9, "vLLM EngineArgs.gpu_memory_utilization default")
+#: share of the KV cache kept free when admitting (no admission into the last blocks, so
+#: a preempted request does not come straight back and thrash)
+KV_WATERMARK = assumed(0.01, "vLLM v0 block manager's watermark default (0.01)")
+#: vLLM V1 (OpenAI API server) ``max_num_batched_tokens`` default by GPU memory
+VLLM_BATCHED_TOKENS_LARGE_GPU = measured(
+    8192, "vLLM V1 EngineArgs default for the OpenAI API server on GPUs with >= 70 GiB")
+VLLM_BATCHED_TOKENS_SMALL_GPU = measured(
+    2048, "vLLM V1 EngineArgs default for the OpenAI API server on GPUs under 70 GiB")
+#: what loading an instance costs when the planner starts one (docs/simulator.md)
+LOAD_BANDWIDTH_BYTES_PER_S = assumed(
+    2e9, "weights read from a node-local cache at ~2 GB/s per GPU (safetensors, NVMe)")
+WARMUP_S = assumed(
+    20.0, "vLLM engine start after the weights: memory profiling run, CUDA graph capture")
+
+
+def model_arch(model: str) -> ModelArch | None:
+    """The architecture figures of ``model`` (None: unknown, no memory model)."""
+    return MODELS.get(model)
+
+
+def kv_capacity_tokens(
+    profile: ServingProfile, memory_utilization: float = GPU_MEMORY_UTILIZATION.value
+) -> float:
+    """Tokens of KV cache one instance holds: (GPUs x memory x utilisation - weights)
+    / KV bytes per token. ``inf`` when the model's architecture is unknown; 0 when
+    the weights do not fit. GPU memory is read in GiB, as NVML reports it."""
+    arch = model_arch(profile.model)
+    mem = profile.product.memory_gb.value
+    if arch is None or mem <= 0:
+        return math.inf
+    room = profile.gpus * mem * GIB * memory_utilization - arch.weights_bytes.value
+    return max(room, 0.0) / arch.kv_bytes_per_token
+
+
+def max_model_len(profile: ServingProfile, kv_tokens: float) -> float:
+    """Longest sequence (prompt + output tokens) the engine takes: the model's context,
+    cut to what the KV cache holds less its watermark (vLLM refuses a max_model_len whose
+    KV does not fit); ``inf`` for an unknown model."""
+    arch = model_arch(profile.model)
+    context = arch.context_tokens.value if arch is not None else math.inf
+    return min(context, math.floor(kv_tokens * (1.0 - KV_WATERMARK.value)))
+
+
+def default_batched_tokens(product: GPUProduct) -> int:
+    """vLLM V1's ``max_num_batched_tokens`` default for ``product`` (OpenAI API server)."""
+    large = product.memory_gb.value >= 70
+    return int((VLLM_BATCHED_TOKENS_LARGE_GPU if large else VLLM_BATCHED_TOKENS_SMALL_GPU).value)
+
+
+def startup(profile: ServingProfile) -> tuple[float, float]:
+    """(seconds, mean W of the whole instance) to start an instance: weights loaded at
+    ``LOAD_BANDWIDTH_BYTES_PER_S`` per GPU at idle power, then ``WARMUP_S`` of warm-up at
+    prefill power (profiling and graph capture run the model). Unknown model: warm-up only."""
+    arch = model_arch(profile.model)
+    load_s = 0.0 if arch is None else (
+        arch.weights_bytes.value / (profile.gpus * LOAD_BANDWIDTH_BYTES_PER_S.value))
+    warm = WARMUP_S.value
+    total = load_s + warm
+    if total <= 0:
+        return 0.0, profile.idle_w
+    energy = load_s * profile.idle_w + warm * float(profile.prefill_power_w())
+    return total, energy / total

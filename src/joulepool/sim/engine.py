@@ -4,11 +4,24 @@ Each serving instance (one model replica on ``gpus`` GPUs) runs continuous
 batching as vLLM does by default:
 
 * a request routed to an instance waits in its queue (FCFS or LLF);
-* whenever fewer than ``max_batch`` requests are decoding and nothing is
-  prefilling, the next queued request is admitted and prefilled; prefill
-  takes ``prefill_s(prompt, clock)`` and pauses decoding (prefill first, as
-  vLLM's default scheduler does); its end produces the first token (TTFT);
-* decoding requests each gain one token per step of ``itl_s(batch, clock)``.
+* whenever fewer than ``max_batch`` requests are decoding, nothing is
+  prefilling and the KV cache has room for the prompt, the next queued
+  request is admitted and prefilled in chunks mixed into the decode steps
+  (vLLM V1's chunked prefill under ``max_num_batched_tokens``): a step
+  carries every decoding request's token and up to the rest of the budget
+  in prompt tokens, and takes ``itl_s(batch) + chunk x prefill_s(1)``; the
+  last chunk's step produces the first token (TTFT);
+* decoding requests each gain one token per step;
+* when the decoding requests' KV cache outgrows the instance's capacity
+  (GPU memory x ``gpu_memory_utilization`` less the weights, over the
+  model's KV bytes per token) the request admitted last is preempted and
+  recomputed later (vLLM V1's default), its prompt and output so far
+  prefilled again;
+* a prompt at or over the model's context (cut to the KV capacity) is
+  rejected, an output that would run past it is truncated;
+* an instance the planner starts after t = 0 loads its model first
+  (``core.profiles.startup``: weights / load bandwidth plus warm-up), holding
+  its GPUs and drawing power while serving nothing.
 
 All decoding requests of an instance advance at the same token rate, so the
 instance keeps a *virtual token clock* V (tokens per request generated so
@@ -47,6 +60,12 @@ from joulepool.core.classes import CLASS_NAMES, Tier, default_deadline
 from joulepool.core.controllers import MIADController, PIController, SLOSignal
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import llf_deadline
+from joulepool.core.profiles import (
+    GPU_MEMORY_UTILIZATION,
+    kv_capacity_tokens,
+    max_model_len,
+    startup,
+)
 from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.routing import endpoint_queue_tokens, sustainable_batch
 from joulepool.core.scoring import RequestInfo, routing_profile
@@ -56,6 +75,7 @@ from joulepool.sim.instance import (
     DRAINING,
     PENDING,
     RETIRED,
+    STARTING,
     Instance,
     InstanceState,
     Pool,
@@ -109,6 +129,21 @@ class EngineParams:
     eps_at_current_clock: bool = False
     #: keep RunResult.power_log and holder_log (for tests: an independent energy ledger)
     record_power: bool = False
+    #: vLLM's max_num_batched_tokens (decode tokens + prompt chunk per step); None: vLLM
+    #: V1's default for the GPU (core.profiles.default_batched_tokens)
+    max_num_batched_tokens: int | None = None
+    #: vLLM's gpu_memory_utilization: share of GPU memory for weights and KV cache
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION.value
+    #: model the KV-cache capacity (admission, preemption) and the context bound
+    kv_cache: bool = True
+    #: instances the planner starts after t = 0 load their model first (time and energy)
+    startup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
 
 
 @dataclass
@@ -127,7 +162,7 @@ class RunResult:
     carbon_g: float
     tokens_in_window: float
     # per request
-    t_first: FloatArray
+    t_first: FloatArray  # NaN: never got a token (rejected, dropped or unfinished)
     t_done: FloatArray
     instance_product: npt.NDArray[np.int64]  # index into products, -1 = never served
     products: tuple[str, ...]
@@ -138,6 +173,12 @@ class RunResult:
     samples_clock: dict[str, FloatArray] = field(default_factory=dict)
     samples_power: dict[str, FloatArray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: engine outcomes: prompts rejected over the context, outputs truncated to it,
+    #: preemptions (KV cache full), instances started with a model load
+    rejected: int = 0
+    truncated: int = 0
+    preemptions: int = 0
+    startups: int = 0
     wall_s: float = 0.0
     events: int = 0
     #: with EngineParams.record_power: (t, instance, W) each time an instance's draw is
@@ -173,13 +214,16 @@ class _Requests:
 
     __slots__ = (
         "arrival", "bulk", "cls", "deadline", "input", "llf_deadline", "n", "output",
-        "predicted", "route_deadline", "t_done", "t_first", "tpot_slo", "ttft_slo", "where",
+        "pf_len", "predicted", "produced", "route_deadline", "t_done", "t_first", "tpot_slo",
+        "ttft_slo", "where",
     )
 
     def __init__(self, workload: Workload, llf: bool) -> None:
         self.arrival: list[float] = workload.arrival_s.tolist()  # s
         self.input: list[float] = workload.input_tokens.tolist()
         self.output: list[float] = workload.output_tokens.tolist()
+        self.pf_len: list[float] = list(self.input)  # tokens to prefill (+ output on recompute)
+        self.produced = [0.0] * len(self.input)  # output tokens before a preemption
         self.predicted: list[float] = workload.predicted_tokens.tolist()
         self.ttft_slo: list[float] = workload.ttft_slo_s.tolist()
         self.tpot_slo: list[float] = workload.tpot_slo_s.tolist()
@@ -201,7 +245,6 @@ class _Requests:
         self.where = [-1] * n  # instance that served it
 
 
-_NOTHING: tuple[int, ...] = ()
 #: what least-loaded and round-robin are told about a request (they read no field of it)
 _NO_REQUEST = RequestInfo(0.0, 0.0, 0.0, INF, 0.0)
 
@@ -224,15 +267,61 @@ class Simulator:
 
     __slots__ = (
         "T", "cluster", "controllers", "done", "dropped", "ended", "events", "evq",
-        "fallback_routes", "gpus", "hlog", "instances", "lam_for_pi", "lam_series",
-        "lam_tier", "little_area", "llf", "load_columns", "mark_i", "marks", "n_pools",
-        "n_sys", "next_control", "next_mark", "next_rid", "next_tick", "notes",
-        "period_done", "period_miss", "pi", "pi_every", "plan_capacity", "plan_queue",
-        "planner_pools", "plog", "policy", "pools", "prm", "prog_every", "progress",
-        "prouter", "req", "samples", "seed", "site_buckets", "slo_batches", "static_capacity",
+        "fallback_routes",
+        "gpus",
+        "hlog",
+        "instances",
+        "lam_for_pi",
+        "lam_series",
+        "lam_tier",
+        "limits",
+        "little_area",
+        "llf",
+        "load_columns",
+        "mark_i",
+        "marks",
+        "n_pools",
+        "n_sys",
+        "next_control",
+        "next_mark",
+        "next_rid",
+        "next_tick",
+        "notes",
+        "period_done",
+        "period_miss",
+        "pi",
+        "pi_every",
+        "plan_capacity",
+        "plan_queue",
+        "planner_pools",
+        "plog",
+        "policy",
+        "pools",
+        "preemptions",
+        "prm",
+        "prog_every",
+        "progress",
+        "prouter",
+        "rejected",
+        "req",
+        "samples",
+        "seed",
+        "site_buckets",
+        "slo_batches",
+        "startups",
+        "static_capacity",
         "stop_at",
-        "t_sys", "tables", "tick_k", "tokens_window", "use_js", "use_miad", "wall0",
-        "window_busy", "window_gpu_energy", "workload",
+        "t_sys",
+        "tables",
+        "tick_k",
+        "tokens_window",
+        "truncated",
+        "use_js",
+        "use_miad",
+        "wall0",
+        "window_busy",
+        "window_gpu_energy",
+        "workload",
     )
 
     def __init__(
@@ -281,6 +370,7 @@ class Simulator:
         self.hlog: list[tuple[float, int, int]] | None = [] if prm.record_power else None
         self.plan_capacity: dict[str, tuple[float, ...]] = {}
         self.static_capacity = dict(static_capacity_rps or {})
+        self.limits = self._engine_limits()
         self._init_counters()
         self.plan_queue = self._deploy(plans)
         if use_router:
@@ -305,6 +395,10 @@ class Simulator:
         self.period_miss = 0  # of which past their deadline
         self.fallback_routes = 0
         self.dropped = 0
+        self.rejected = 0  # prompts at or over the context
+        self.truncated = 0  # outputs cut at the context
+        self.preemptions = 0
+        self.startups = 0
         self.lam_for_pi = NAN  # the PI lambda lam_tier was computed for
         self.lam_tier = (0.0, 0.0)  # effective lambda (interactive, bulk)
         self.little_area = 0.0  # integral of requests in the system over the window
@@ -321,6 +415,22 @@ class Simulator:
         self.prog_every = max(1, round(prm.progress_every_s / prm.tick_s))
 
     # ------------------------------------------------------------------ setup
+    def _engine_limits(self) -> dict[str, tuple[int | None, float, float, tuple[float, float]]]:
+        """Per mode: (token budget per step, KV-cache tokens, longest sequence, start-up
+        (s, W)) from core's engine model and the run's EngineParams."""
+        prm = self.prm
+        out = {}
+        for mode, tab in self.tables.items():
+            kv = (kv_capacity_tokens(tab.profile, prm.gpu_memory_utilization)
+                  if prm.kv_cache else INF)
+            max_len = max_model_len(tab.profile, kv) if prm.kv_cache else INF
+            out[mode] = (prm.max_num_batched_tokens, kv, max_len, startup(tab.profile))
+            if kv <= 0.0:
+                self.notes.append(f"{mode}: the weights of {tab.profile.model} do not fit in "
+                                  f"{prm.gpu_memory_utilization:g} of its GPU memory: it "
+                                  "serves nothing")
+        return out
+
     def _miad_controllers(self) -> dict[str, MIADController]:
         if not self.use_miad:
             return {}
@@ -523,12 +633,29 @@ class Simulator:
         self.n_sys += 1
         req = self.req
         req.where[rid] = inst.idx
+        if req.input[rid] + 1.0 > inst.max_len:  # vLLM answers 400: prompt over the context
+            self._reject(rid, t)
+            return
+        if req.input[rid] + req.output[rid] > inst.max_len:  # finish_reason "length"
+            req.output[rid] = inst.max_len - req.input[rid]
+            self.truncated += 1
         inst.enqueue(rid, req.input[rid], req.predicted[rid],
                      req.llf_deadline[rid] if self.llf else 0.0)
-        if inst.admit_next(t, req.input):
+        if inst.admit_next(t, req.pf_len):
             inst.retime(t, self.evq)
         if self.load_columns:
             self._sync(inst, t)
+
+    def _reject(self, rid: int, t: float) -> None:
+        """The engine rejects request ``rid`` at ``t`` (its prompt is over the context):
+        never served, counted as missed."""
+        self.rejected += 1
+        self.done += 1
+        self.period_done += 1
+        self.period_miss += 1
+        if t <= self.T:
+            self.little_area += self.n_sys * (t - self.t_sys)
+            self.t_sys = t
 
     def _pick_instance(self, rid: int, t: float) -> Instance | None:
         """The instance the policy routes request ``rid`` to (None: dropped, nothing runs)."""
@@ -582,39 +709,75 @@ class Simulator:
 
     # --------------------------------------------------------- instance event
     def _on_instance_event(self, inst: Instance, t: float) -> bool:
-        """``inst``'s next event is due at ``t``: its prefill ends (first token) or
-        decoding requests finish; then admit the next waiting request if there is room.
+        """``inst``'s next event is due at ``t``: decoding requests finish, its prefill's
+        last chunk is done (first token), or its KV cache is full (preemption); or it has
+        loaded its model. Then admit the next waiting request if there is room.
         True when the run is over."""
         self.events += 1
         inst.settle(t)
-        # a prefill ends (first token), or decoding requests reach their last token
-        completed = self._first_token(inst, t) if inst.prefill_rid >= 0 else inst.pop_finished()
+        if inst.state == STARTING:
+            self._started(inst, t)
+            return False
+        completed: list[int] = []
+        if inst.b and inst.dec_end <= t:  # before a first token can join the heap
+            completed = inst.pop_finished()
+        if inst.prefill_rid >= 0 and inst.prefill_end <= t:
+            completed += self._first_token(inst, t)
         if completed:
             self._complete(inst, completed, t)
-        admitted = inst.nwait > 0 and inst.admit_next(t, self.req.input)  # someone waits
+        preempted = inst.kv_end <= t and self._preempt(inst, t)
+        # no admission in a step that preempted (vLLM V1's scheduler)
+        admitted = not preempted and inst.nwait > 0 and inst.admit_next(t, self.req.pf_len)
         inst.retime(t, self.evq)
-        if (completed or admitted) and self.load_columns:
+        if (completed or admitted or preempted) and self.load_columns:
             self._sync(inst, t)  # admission moves a prompt out of q_n's prefill term
         if completed and inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
             self._release(inst, t)
         return self.ended and self.done == self.req.n
 
-    def _first_token(self, inst: Instance, t: float) -> Sequence[int]:
-        """The prefill ends at ``t``: first token; the request joins the decode batch
-        (or is done, with one output token). Returns the requests completed."""
+    def _started(self, inst: Instance, t: float) -> None:
+        """``inst`` has loaded its model at ``t``: it serves from now on."""
+        inst.state = ACTIVE
+        inst.retime(t, self.evq)  # idle draw
+        self._rebuild_pools()
+
+    def _preempt(self, inst: Instance, t: float) -> bool:
+        """``inst``'s KV cache is full at ``t``: preempt the requests admitted last (the
+        prefilling one first) until the next step fits; they wait at the head of the
+        queue to be recomputed (prompt and output so far prefilled again)."""
+        req = self.req
+        n = 0
+        while inst.kv_fixed + inst.b * (inst.V + 1.0) > inst.kv_full and (
+                inst.b > 1 or inst.prefill_rid >= 0):
+            if inst.prefill_rid >= 0:
+                rid = inst.drop_prefill()
+            else:
+                rid = inst.latest_decoding()
+                req.produced[rid] += 1.0 + inst.drop_decoding(rid, req.pf_len[rid])
+                req.pf_len[rid] = req.input[rid] + req.produced[rid]
+            inst.requeue(rid, req.pf_len[rid], req.llf_deadline[rid] if self.llf else 0.0,
+                         req.predicted[rid] - req.produced[rid])
+            n += 1
+        self.preemptions += n
+        return n > 0
+
+    def _first_token(self, inst: Instance, t: float) -> list[int]:
+        """The prefill's last chunk is done at ``t``: a token (the first, unless the
+        request was preempted and recomputed); the request joins the decode batch (or is
+        done). Returns the requests completed."""
         req = self.req
         rid = inst.prefill_rid
-        inst.prefill_rid = -1
-        req.t_first[rid] = t
-        r = (t - req.arrival[rid]) / req.ttft_slo[rid]
-        if r > inst.tt_max:
-            inst.tt_max = r
-        o = req.output[rid]
-        if o <= 1:
+        if req.t_first[rid] != req.t_first[rid]:  # NaN: its first token
+            req.t_first[rid] = t
+            r = (t - req.arrival[rid]) / req.ttft_slo[rid]
+            if r > inst.tt_max:
+                inst.tt_max = r
+        remaining = req.output[rid] - req.produced[rid] - 1.0
+        if remaining <= 0:
+            inst.drop_prefill()
             return [rid]
-        heappush(inst.heap, (inst.V + (o - 1), rid))
-        inst.b += 1
-        return _NOTHING
+        inst.join(rid, req.pf_len[rid], remaining)
+        return []
 
     def _complete(self, inst: Instance, completed: Sequence[int], t: float) -> None:
         """Requests ``completed`` finish on ``inst`` at ``t``: latency, SLO and load
@@ -655,9 +818,10 @@ class Simulator:
         return 1.0 / cap if cap > 0 else 1e9
 
     def _new_instance(self, node: str, mode: str, cls: int, t: float) -> None:
+        budget, kv, max_len, start = self.limits[mode]
         inst = Instance(len(self.instances), self.tables[mode], node, self.gpus.node_site[node],
                         cls, self.llf, self._inv_capacity(mode, cls),
-                        self.prm.eps_at_current_clock, self.plog)
+                        self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start)
         inst.opb = self._sustainable_batch(mode, cls)
         self.instances.append(inst)
         if not self._activate(inst, t):
@@ -687,8 +851,16 @@ class Simulator:
         if ids is None:
             return False
         inst.gpu_ids = ids
-        inst.state = ACTIVE
         inst.last_t = t
+        if t > 0.0 and self.prm.startup and inst.start_s > 0.0:
+            # a re-planned instance loads its model first: GPUs held, nothing served
+            inst.state = STARTING
+            inst.power = inst.start_w
+            inst.version += 1
+            heappush(self.evq, (t + inst.start_s, inst.idx, inst.version))
+            self.startups += 1
+        else:
+            inst.state = ACTIVE
         if self.plog is not None and self.hlog is not None:
             self.plog.append((t, inst.idx, inst.power))
             self.hlog.extend((t, g, inst.idx) for g in ids)
@@ -745,7 +917,7 @@ class Simulator:
             want.setdefault((pi_.node, pi_.mode), []).extend([pi_.cls] * pi_.count)
         have: dict[tuple[str, str], list[Instance]] = {}
         for inst in self.instances:
-            if inst.state in (ACTIVE, PENDING):
+            if inst.state in (ACTIVE, PENDING, STARTING):
                 have.setdefault((inst.node, inst.table.mode), []).append(inst)
         for key in sorted(set(want) | set(have)):
             wanted = sorted(want.get(key, []))
@@ -774,6 +946,17 @@ class Simulator:
         if self.dropped:
             self.notes.append(f"{self.dropped} requests arrived when no instance was running "
                               "at all and were never served: counted as SLO and deadline misses")
+        if self.rejected:
+            self.notes.append(f"{self.rejected} requests had a prompt at or over the model's "
+                              "context (cut to the KV cache) and were rejected: counted as "
+                              "SLO and deadline misses")
+        if self.truncated:
+            self.notes.append(f"{self.truncated} responses were cut at the model's context")
+        if self.preemptions:
+            self.notes.append(f"{self.preemptions} preemptions (KV cache full; recomputed)")
+        if self.startups:
+            self.notes.append(f"{self.startups} instances started during the run, each "
+                              "loading its model before serving")
         unfinished = self.req.n - self.done
         if unfinished:
             self.notes.append(f"{unfinished} requests unfinished {self.prm.drain_s:.0f} s after "
@@ -813,6 +996,10 @@ class Simulator:
             samples_power={n: np.asarray(v)
                            for n, v in zip(samples.names, samples.power, strict=True)},
             notes=self.notes,
+            rejected=self.rejected,
+            truncated=self.truncated,
+            preemptions=self.preemptions,
+            startups=self.startups,
             wall_s=time.perf_counter() - self.wall0,
             events=self.events,
             power_log=self.plog,

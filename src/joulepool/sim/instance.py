@@ -12,7 +12,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from enum import IntEnum
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import Any
 
 from joulepool.core.llf import LLFQueue
@@ -28,18 +28,20 @@ INF = math.inf
 
 
 class InstanceState(IntEnum):
-    """Life cycle: PENDING (waiting for GPUs) -> ACTIVE -> DRAINING -> RETIRED."""
+    """Life cycle: PENDING (waiting for GPUs) -> [STARTING ->] ACTIVE -> DRAINING -> RETIRED."""
 
     ACTIVE = 0  #: holds its GPUs and takes new requests
     DRAINING = 1  #: holds its GPUs, finishes what it has, takes nothing new
     PENDING = 2  #: planned, waiting for its node's GPUs to be released
     RETIRED = 3  #: gone; its GPUs (if it had any) are free
+    STARTING = 4  #: holds its GPUs, loads the model; takes no requests yet
 
 
 ACTIVE = InstanceState.ACTIVE
 DRAINING = InstanceState.DRAINING
 PENDING = InstanceState.PENDING
 RETIRED = InstanceState.RETIRED
+STARTING = InstanceState.STARTING
 
 
 class Instance:
@@ -48,14 +50,24 @@ class Instance:
     Decoding requests all advance at one token per ``itl`` seconds, so the
     instance keeps a virtual token clock ``V`` (tokens generated per request so
     far) and a heap of (V at which the request finishes, request id).
+
+    One request at a time is prefilled, in chunks mixed into the decode steps
+    (vLLM's chunked prefill): each step carries the batch's decode tokens and
+    ``min(budget - b, prompt)`` prompt tokens, so a step takes the decode step
+    time plus the chunk's prefill time (docs/simulator.md). KV cache: the
+    tokens held are ``kv_fixed + b * V`` (each decoding request's prefill
+    length less the V it joined at, plus the prefilling request's whole
+    prefill length, reserved at admission).
     """
 
     __slots__ = (
         "V",
         "b",
+        "budget",
         "busy_t",
         "ci",
         "cls",
+        "dec_end",
         "energy",
         "eps",
         "eps_live",
@@ -66,8 +78,14 @@ class Instance:
         "inv_cap",
         "itl",
         "itl_row",
+        "kv_end",
+        "kv_fixed",
+        "kv_full",
+        "kv_of",
+        "kv_room",
         "last_t",
         "llf",
+        "max_len",
         "maxb",
         "mu",
         "n_out",
@@ -75,7 +93,10 @@ class Instance:
         "nwait",
         "opb",
         "pf_e",
+        "pf_left",
+        "pf_len",
         "pf_pow",
+        "pf_rate",
         "pf_tok",
         "pf_w",
         "plog",
@@ -88,6 +109,8 @@ class Instance:
         "q_tok",
         "req_tps",
         "site",
+        "start_s",
+        "start_w",
         "state",
         "table",
         "tp_max",
@@ -101,7 +124,9 @@ class Instance:
 
     def __init__(self, idx: int, table: ProfileTable, node: str, site: str, cls: int,
                  llf: bool, inv_cap: float, eps_live: bool,
-                 plog: list[tuple[float, int, float]] | None = None) -> None:
+                 plog: list[tuple[float, int, float]] | None = None,
+                 budget: int | None = None, kv_tokens: float = INF, max_len: float = INF,
+                 start: tuple[float, float] = (0.0, 0.0)) -> None:
         self.idx = idx
         self.inv_cap = inv_cap  # 1 / req/s it sustains (least-loaded's weight)
         self.eps_live = eps_live
@@ -125,7 +150,19 @@ class Instance:
         self.waiting: Any = LLFQueue() if llf else deque()
         self.nwait = 0
         self.prefill_rid = -1  # request being prefilled, -1 for none
-        self.prefill_end = INF
+        self.prefill_end = INF  # s, when its last chunk is done (set by retime)
+        self.pf_len = 0.0  # tokens the running prefill has in all
+        self.pf_left = 0.0  # of which still to prefill
+        self.pf_rate = 0.0  # prompt tokens per s at the current step
+        self.budget = table.batched_tokens if budget is None else budget  # tokens per step
+        self.dec_end = INF  # s, the next decode completion
+        self.kv_end = INF  # s, when the KV cache fills before that completion
+        self.kv_full = kv_tokens  # tokens of KV cache
+        self.kv_room = kv_tokens * (1.0 - table.kv_watermark)  # admission limit
+        self.kv_fixed = 0.0  # KV tokens held = kv_fixed + b * V
+        self.kv_of: dict[int, float] = {}  # decoding request: its prefill length - V at join
+        self.max_len = max_len  # longest prompt + output the engine takes, tokens
+        self.start_s, self.start_w = start  # start-up: s, W of the instance
         self.version = 0  # bumps invalidate the instance's scheduled event
         self.n_out = 0  # requests routed here, unfinished
         self.q_tok = 0.0  # predicted decode tokens of the requests routed here, unfinished
@@ -175,34 +212,71 @@ class Instance:
         dt = t - self.last_t
         if dt > 0.0:
             self.energy += self.power * dt
-            if self.itl > 0.0:
-                self.V += dt / self.itl
+            if self.prefill_rid >= 0:
+                self.pf_left -= dt * self.pf_rate
                 self.busy_t += dt
-            elif self.prefill_rid >= 0:
+                if self.itl > 0.0:
+                    self.V += dt / self.itl
+            elif self.itl > 0.0:
+                self.V += dt / self.itl
                 self.busy_t += dt
             self.last_t = t
 
     def retime(self, t: float, evq: list[tuple[float, int, int]]) -> None:
-        """After a change at ``t``: draw and token interval for what it does now
-        (prefill, decode or idle), and its next event (prefill end or next completion)
-        pushed on ``evq``; any event pushed before is now stale (its version no longer
-        matches)."""
+        """After a change at ``t``: draw and step time for what it does now (a mixed
+        prefill-and-decode step, decode or idle), and its next event (prefill end, next
+        completion or the KV cache full) pushed on ``evq``; any event pushed before is
+        now stale (its version no longer matches)."""
+        b = self.b
         if self.prefill_rid >= 0:
-            self.power = self.pf_pow
-            self.itl = 0.0
-        elif self.b > 0:
-            self.power = self.pow_row[self.b]
-            self.itl = self.itl_row[self.b]
+            self._time_prefill(t, b)
+        elif b > 0:
+            self.power = self.pow_row[b]
+            self.itl = self.itl_row[b]
         else:
             self.power = self.pow_row[0]
             self.itl = 0.0
         if self.plog is not None:
             self.plog.append((t, self.idx, self.power))
         self.version += 1
-        if self.prefill_rid >= 0:
-            heappush(evq, (self.prefill_end, self.idx, self.version))
-        elif self.b > 0:
-            heappush(evq, (t + (self.heap[0][0] - self.V) * self.itl, self.idx, self.version))
+        ev = self.prefill_end if self.prefill_rid >= 0 else INF
+        if b > 0:
+            top = self.heap[0][0]
+            full = (self.kv_full - self.kv_fixed) / b  # V at which the KV cache is full
+            if full < top and (b > 1 or self.prefill_rid >= 0):  # someone to preempt
+                self.dec_end = INF
+                self.kv_end = t + max(full - self.V, 0.0) * self.itl
+                if self.kv_end < ev:
+                    ev = self.kv_end
+            else:
+                self.kv_end = INF
+                self.dec_end = t + (top - self.V) * self.itl
+                if self.dec_end < ev:
+                    ev = self.dec_end
+        if ev < INF:
+            heappush(evq, (ev, self.idx, self.version))
+
+    def _time_prefill(self, t: float, b: int) -> None:
+        """A step carries ``b`` decode tokens and a prompt chunk of ``min(budget - b, prefill
+        length)`` tokens; it takes the decode step time plus the chunk's prefill time and
+        draws each part's power for its part of the step (energy adds up)."""
+        chunk = float(self.budget - b)
+        if chunk > self.pf_len:
+            chunk = self.pf_len
+        if chunk < 1.0:
+            chunk = 1.0
+        pf_time = chunk * self.pf_tok
+        if b > 0:
+            dec_time = self.itl_row[b]
+            step = dec_time + pf_time
+            self.power = (dec_time * self.pow_row[b] + pf_time * self.pf_pow) / step
+            self.itl = step
+        else:
+            step = pf_time
+            self.power = self.pf_pow
+            self.itl = 0.0
+        self.pf_rate = chunk / step
+        self.prefill_end = t + max(self.pf_left, 0.0) / self.pf_rate
 
     def pop_finished(self) -> list[int]:
         """The decoding requests whose last token is due now (the token clock reached
@@ -212,10 +286,53 @@ class Instance:
             self.V = rh[0][0]
         lim = self.V + 1e-7
         done = []
+        kv_of = self.kv_of
         while rh and rh[0][0] <= lim:
-            done.append(heappop(rh)[1])
+            rid = heappop(rh)[1]
+            done.append(rid)
+            self.kv_fixed -= kv_of.pop(rid, 0.0)
         self.b -= len(done)
         return done
+
+    def join(self, rid: int, prefill_len: float, remaining: float) -> None:
+        """Request ``rid``'s prefill (``prefill_len`` tokens) ended with a token; it decodes
+        ``remaining`` more tokens in the batch."""
+        self.prefill_rid = -1
+        self.kv_fixed -= self.V  # its KV: prefill_len + (V - V at join), counted in b * V
+        self.kv_of[rid] = prefill_len - self.V
+        heappush(self.heap, (self.V + remaining, rid))
+        self.b += 1
+
+    def drop_prefill(self) -> int:
+        """Stop the running prefill (preempted or finished without decoding); frees its
+        reserved KV. Returns its request."""
+        rid = self.prefill_rid
+        self.prefill_rid = -1
+        self.kv_fixed -= self.pf_len
+        return rid
+
+    def drop_decoding(self, rid: int, prefill_len: float) -> float:
+        """Take decoding request ``rid`` (its prefill was ``prefill_len`` tokens) out of
+        the batch (preempted); frees its KV. Returns the decode tokens it generated
+        (whole steps)."""
+        rh = self.heap
+        k = next(i for i, e in enumerate(rh) if e[1] == rid)
+        rh[k] = rh[-1]
+        rh.pop()
+        heapify(rh)
+        kv = self.kv_of.pop(rid)
+        self.kv_fixed -= kv
+        self.b -= 1
+        return float(math.floor(self.V - (prefill_len - kv) + 1e-7))
+
+    def latest_decoding(self) -> int:
+        """The decoding request that joined last (vLLM preempts the last one it scheduled)."""
+        kv_of = self.kv_of  # joined later = larger V at join; insertion order is join order
+        return next(reversed(kv_of))
+
+    def kv_used(self) -> float:
+        """Tokens of KV cache held now (settled)."""
+        return self.kv_fixed + self.b * self.V
 
     def enqueue(self, rid: int, input_tokens: float, predicted_tokens: float,
                 llf_deadline_s: float) -> None:
@@ -229,28 +346,48 @@ class Instance:
             self.waiting.append(rid)
         self.nwait += 1
 
-    def admit_next(self, t: float, input_tokens: Sequence[float]) -> bool:
+    def admit_next(self, t: float, prefill_len: Sequence[float]) -> bool:
         """The admission rule, in this one place: if a request waits, nothing is
-        prefilling and the batch has room, settle to ``t`` and start prefilling the next
-        waiting request (FCFS or LLF order). Returns whether one was admitted."""
+        prefilling, the batch has room and the KV cache has room for the head of the
+        queue's ``prefill_len`` tokens (below the watermark), settle to ``t`` and start
+        prefilling it (FCFS or LLF order; the head blocks the queue, as in vLLM).
+        Returns whether one was admitted."""
         if not self.nwait or self.prefill_rid >= 0 or self.b >= self.maxb:
             return False
         self.settle(t)  # a no-op when the caller settled at t already
-        rid = self.waiting.pop() if self.llf else self.waiting.popleft()
+        rid = self.waiting.peek() if self.llf else self.waiting[0]
+        need = prefill_len[rid]
+        if self.kv_fixed + self.b * self.V + need > self.kv_room:
+            return False
+        if self.llf:
+            self.waiting.pop()
+        else:
+            self.waiting.popleft()
         self.nwait -= 1
-        self.wait_in -= input_tokens[rid]
+        self.wait_in -= need
         self.prefill_rid = rid
-        self.prefill_end = t + self.pf_tok * input_tokens[rid]
+        self.pf_len = self.pf_left = need
+        self.kv_fixed += need
+        self.prefill_end = t + self.pf_tok * need  # alone; retime re-times it in the batch
         return True
 
+    def requeue(self, rid: int, prefill_len: float, llf_deadline_s: float,
+                remaining_tokens: float) -> None:
+        """A preempted request goes back to the head of the queue (FCFS; by laxity with
+        LLF) to prefill ``prefill_len`` tokens again."""
+        if self.llf:
+            self.waiting.push(rid, llf_deadline_s, remaining_tokens, self.req_tps)
+        else:
+            self.waiting.appendleft(rid)
+        self.nwait += 1
+        self.wait_in += prefill_len
+
     def change_clock(self, ci: int, t: float, evq: list[tuple[float, int, int]]) -> None:
-        """Move to clock index ``ci`` at ``t``: a running prefill stretches or shrinks
-        by the ratio of per-token prefill times; the next event is re-timed."""
+        """Move to clock index ``ci`` at ``t``: the step time, and with it the prefill's
+        and the decode's progress rates, follow the new clock; the next event is
+        re-timed."""
         self.settle(t)
-        old_pf = self.pf_tok
         self.set_clock(ci)
-        if self.prefill_rid >= 0:
-            self.prefill_end = t + (self.prefill_end - t) * self.pf_tok / old_pf
         self.retime(t, evq)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from joulepool.core.profiles import ServingProfile
+from joulepool.core.profiles import KV_WATERMARK, ServingProfile, default_batched_tokens
 from joulepool.core.routing import excess_step_j, prefill_excess_j_per_token
 
 
@@ -32,6 +32,8 @@ class ProfileTable:
     max_batch: int
     gpus: int
     gpu_idle_w: float
+    batched_tokens: int = 8192  # vLLM V1's max_num_batched_tokens default for the GPU
+    kv_watermark: float = KV_WATERMARK.value  # share of the KV cache admission leaves free
 
     @property
     def top(self) -> int:
@@ -83,4 +85,5 @@ def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
         max_batch=max_b,
         gpus=profile.gpus,
         gpu_idle_w=profile.product.idle_w.value,
+        batched_tokens=default_batched_tokens(profile.product),
     )
