@@ -46,6 +46,8 @@ def test_simulate_small_cluster_writes_table_json_and_plots(small_file, tmp_path
     assert set(doc["policies"]) == {"round-robin", "joulesched", "freesh"}
     rr = doc["policies"]["round-robin"]
     assert len(rr["runs"]) == 2 and rr["summary"]["energy_mj_per_h"]["n"] == 2
+    # the engine's counts are in every run's summary
+    assert {"rejected", "truncated", "preemptions", "startups"} <= set(rr["runs"][0])
     assert doc["repeats"][0]["floor"]["feasible"] is True
     for name in ("energy", "latency-cdf", "clock-power"):
         png = out / f"tiny-{name}.png"
@@ -80,6 +82,8 @@ def test_parallel_jobs_give_the_same_numbers(small_file, tmp_path, capsys):
         (["--assume", "bandwidth_clock=0"], "bandwidth_clock_ratio must be in (0, 1]"),
         (["--repeat", "0"], "--repeat"),
         (["--headroom", "1.5"], "--headroom must be in [0, 1]"),
+        (["--max-num-batched-tokens", "0"], "max_num_batched_tokens must be >= 1"),
+        (["--gpu-memory-utilization", "0"], "gpu_memory_utilization must be in (0, 1]"),
     ],
 )
 def test_bad_arguments_exit_2(argv, words, tmp_path, capsys):

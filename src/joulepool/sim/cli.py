@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from joulepool.sim.cluster import SimCluster
+    from joulepool.sim.engine import EngineParams
     from joulepool.sim.report import Summary
     from joulepool.sim.runner import Experiment, ExperimentResult
 
@@ -72,6 +73,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps-at-clock", action="store_true",
                         help="JouleSched reads eps at each GPU's current clock, not f_max "
                              "(with MIAD the router then chases down-clocked GPUs)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                        help="engine: vLLM's token budget per step (decode tokens + prefill "
+                             "chunk); default vLLM V1's: 8192 on GPUs with >= 70 GiB, else 2048")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                        help="engine: vLLM's share of GPU memory for weights and KV cache "
+                             "(default vLLM's 0.9)")
+    parser.add_argument("--no-kv-cache", action="store_true",
+                        help="engine: no KV-cache capacity (no admission limit, preemption or "
+                             "context bound)")
+    parser.add_argument("--no-startup", action="store_true",
+                        help="engine: instances the planner starts serve at once (no model "
+                             "load time or energy)")
     parser.add_argument("--assume", action="append", default=[], metavar="KEY=VALUE",
                         help="sensitivity: override an assumed profile figure: gamma, "
                              "beta_decode, beta_prefill, memory_power_share, voltage_knee, "
@@ -157,7 +170,6 @@ def _cluster(args: argparse.Namespace, assume: dict[str, float]) -> SimCluster:
 
 def _experiment(args: argparse.Namespace) -> Experiment:
     """The experiment the arguments describe (bad input: UsageError, exit 2)."""
-    from joulepool.sim.engine import EngineParams
     from joulepool.sim.policies import parse_policies
     from joulepool.sim.runner import Experiment, default_jobs
     from joulepool.sim.trace import TraceError, load_trace
@@ -179,8 +191,24 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat,
         jobs=args.jobs or default_jobs(), mix=extra["mix"], predictor_mae=args.predictor_mae,
         bulk_slack=args.bulk_slack, alpha=args.alpha, headroom_scale=args.headroom,
-        params=EngineParams(eps_at_current_clock=args.eps_at_clock),
+        params=_engine_params(args),
     )
+
+
+def _engine_params(args: argparse.Namespace) -> EngineParams:
+    """The engine options (bad values: UsageError, exit 2)."""
+    from joulepool.sim.engine import EngineParams
+
+    util = args.gpu_memory_utilization
+    try:
+        return EngineParams(
+            eps_at_current_clock=args.eps_at_clock,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            gpu_memory_utilization=EngineParams.gpu_memory_utilization if util is None else util,
+            kv_cache=not args.no_kv_cache, startup=not args.no_startup,
+        )
+    except ValueError as exc:
+        return _fail(f"engine options: {exc}")
 
 
 def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:

@@ -130,6 +130,12 @@ def run_metrics(
         "sim_requests_per_s": n / run.wall_s if run.wall_s > 0 else math.nan,
         "site_energy_mj": {s: megajoules(float(v.sum())) for s, v in run.site_energy_j.items()},
         "notes": list(run.notes),
+        # the engine's: prompts over the context, outputs cut at it, KV preemptions,
+        # instances started with a model load
+        "rejected": run.rejected,
+        "truncated": run.truncated,
+        "preemptions": run.preemptions,
+        "startups": run.startups,
     }
 
 
