@@ -208,6 +208,9 @@ def static_deployment(
 
 
 
+_NOTHING: tuple[int, ...] = ()
+
+
 class _Requests:
     """The workload as per-request Python lists (the event loop indexes them by id),
     and what happened to each request (NaN / -1 until it does)."""
@@ -718,13 +721,16 @@ class Simulator:
         if inst.state == STARTING:
             self._started(inst, t)
             return False
-        completed: list[int] = []
+        completed: Sequence[int] = _NOTHING
         if inst.b and inst.dec_end <= t:  # before a first token can join the heap
             completed = inst.pop_finished()
-        if inst.prefill_rid >= 0 and inst.prefill_end <= t:
-            completed += self._first_token(inst, t)
-        if completed:
+            if inst.prefill_rid >= 0 and inst.prefill_end <= t:
+                completed += self._first_token(inst, t)
             self._complete(inst, completed, t)
+        elif inst.prefill_rid >= 0 and inst.prefill_end <= t:
+            completed = self._first_token(inst, t)
+            if completed:
+                self._complete(inst, completed, t)
         preempted = inst.kv_end <= t and self._preempt(inst, t)
         # no admission in a step that preempted (vLLM V1's scheduler)
         admitted = not preempted and inst.nwait > 0 and inst.admit_next(t, self.req.pf_len)
@@ -761,7 +767,7 @@ class Simulator:
         self.preemptions += n
         return n > 0
 
-    def _first_token(self, inst: Instance, t: float) -> list[int]:
+    def _first_token(self, inst: Instance, t: float) -> Sequence[int]:
         """The prefill's last chunk is done at ``t``: a token (the first, unless the
         request was preempted and recomputed); the request joins the decode batch (or is
         done). Returns the requests completed."""
@@ -777,7 +783,7 @@ class Simulator:
             inst.drop_prefill()
             return [rid]
         inst.join(rid, req.pf_len[rid], remaining)
-        return []
+        return _NOTHING
 
     def _complete(self, inst: Instance, completed: Sequence[int], t: float) -> None:
         """Requests ``completed`` finish on ``inst`` at ``t``: latency, SLO and load

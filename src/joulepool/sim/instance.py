@@ -226,11 +226,33 @@ class Instance:
         """After a change at ``t``: draw and step time for what it does now (a mixed
         prefill-and-decode step, decode or idle), and its next event (prefill end, next
         completion or the KV cache full) pushed on ``evq``; any event pushed before is
-        now stale (its version no longer matches)."""
+        now stale (its version no longer matches).
+
+        A mixed step carries ``b`` decode tokens and a prompt chunk of ``min(budget - b,
+        prefill length)`` tokens; it takes the decode step time plus the chunk's prefill
+        time and draws each part's power for its part of the step (energy adds up)."""
         b = self.b
+        ev = INF
         if self.prefill_rid >= 0:
-            self._time_prefill(t, b)
-        elif b > 0:
+            chunk = float(self.budget - b)
+            if chunk > self.pf_len:
+                chunk = self.pf_len
+            elif chunk < 1.0:
+                chunk = 1.0
+            pf_time = chunk * self.pf_tok
+            if b:
+                dec_time = self.itl_row[b]
+                step = dec_time + pf_time
+                self.power = (dec_time * self.pow_row[b] + pf_time * self.pf_pow) / step
+                self.itl = step
+            else:
+                step = pf_time
+                self.power = self.pf_pow
+                self.itl = 0.0
+            rate = self.pf_rate = chunk / step
+            left = self.pf_left
+            ev = self.prefill_end = t + left / rate if left > 0.0 else t
+        elif b:
             self.power = self.pow_row[b]
             self.itl = self.itl_row[b]
         else:
@@ -239,44 +261,22 @@ class Instance:
         if self.plog is not None:
             self.plog.append((t, self.idx, self.power))
         self.version += 1
-        ev = self.prefill_end if self.prefill_rid >= 0 else INF
-        if b > 0:
+        if b:
             top = self.heap[0][0]
-            full = (self.kv_full - self.kv_fixed) / b  # V at which the KV cache is full
-            if full < top and (b > 1 or self.prefill_rid >= 0):  # someone to preempt
+            # the KV cache fills before the next completion (and someone can be preempted)
+            if self.kv_fixed + b * top > self.kv_full and (b > 1 or self.prefill_rid >= 0):
+                full = (self.kv_full - self.kv_fixed) / b  # V at which it is full
                 self.dec_end = INF
-                self.kv_end = t + max(full - self.V, 0.0) * self.itl
-                if self.kv_end < ev:
-                    ev = self.kv_end
+                kv_end = self.kv_end = t + (full - self.V) * self.itl if full > self.V else t
+                if kv_end < ev:
+                    ev = kv_end
             else:
                 self.kv_end = INF
-                self.dec_end = t + (top - self.V) * self.itl
-                if self.dec_end < ev:
-                    ev = self.dec_end
+                dec_end = self.dec_end = t + (top - self.V) * self.itl
+                if dec_end < ev:
+                    ev = dec_end
         if ev < INF:
             heappush(evq, (ev, self.idx, self.version))
-
-    def _time_prefill(self, t: float, b: int) -> None:
-        """A step carries ``b`` decode tokens and a prompt chunk of ``min(budget - b, prefill
-        length)`` tokens; it takes the decode step time plus the chunk's prefill time and
-        draws each part's power for its part of the step (energy adds up)."""
-        chunk = float(self.budget - b)
-        if chunk > self.pf_len:
-            chunk = self.pf_len
-        if chunk < 1.0:
-            chunk = 1.0
-        pf_time = chunk * self.pf_tok
-        if b > 0:
-            dec_time = self.itl_row[b]
-            step = dec_time + pf_time
-            self.power = (dec_time * self.pow_row[b] + pf_time * self.pf_pow) / step
-            self.itl = step
-        else:
-            step = pf_time
-            self.power = self.pf_pow
-            self.itl = 0.0
-        self.pf_rate = chunk / step
-        self.prefill_end = t + max(self.pf_left, 0.0) / self.pf_rate
 
     def pop_finished(self) -> list[int]:
         """The decoding requests whose last token is due now (the token clock reached
