@@ -47,10 +47,11 @@ def _endpoints_file(tmp_path: Path, waiting: float = 0.0) -> Path:
 class Gateway:
     """The data plane's side: one ext_proc stream per HTTP request."""
 
-    def __init__(self, channel: grpc.aio.Channel, pool: PoolRouter) -> None:
+    def __init__(self, channel: grpc.aio.Channel, pool: PoolRouter, http: Any) -> None:
         self.stub = pb_grpc.ExternalProcessorStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.pool = pool
+        self.http = http  # the router's aiohttp test client (/metrics)
 
     def stream(self) -> Any:
         return self.stub.Process()
@@ -66,7 +67,7 @@ async def gateway(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRe
     client = await aiohttp_client(create_app(settings))
     app = client.server.app
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app[EPP_PORT]}") as channel:
-        yield Gateway(channel, app[ROUTER].router.pool(POOL))
+        yield Gateway(channel, app[ROUTER].router.pool(POOL), client)
 
 
 def _headers(extra: dict[str, str] | None = None, end: bool = False
@@ -125,6 +126,8 @@ async def _pick(gw: Gateway, extra: dict[str, str] | None = None,
 
 async def test_pick_in_header_and_envoy_lb_metadata(gateway: Gateway) -> None:
     call, resp = await _pick(gateway)
+    metrics = await (await gateway.http.get("/metrics")).text()
+    assert 'joulepool_router_epp_answers_total{code="200"} 1.0' in metrics
     header, md = _destination(resp, "request_body")
     assert header == md  # the protocol forbids two different values
     picked = header.split(",")
@@ -148,6 +151,8 @@ async def test_subset_hint_restricts_pick(gateway: Gateway) -> None:
 async def test_empty_or_ineligible_subset_is_503(gateway: Gateway, subset: list[str]
                                                   ) -> None:
     call, resp = await _pick(gateway, metadata=_subset(subset))
+    metrics = await (await gateway.http.get("/metrics")).text()
+    assert 'joulepool_router_epp_answers_total{code="503"} 1.0' in metrics
     assert resp.immediate_response.status.code == 503
     error = json.loads(resp.immediate_response.body)["error"]  # OpenAI-shaped, as the proxy's
     assert error["type"] == "service_unavailable" and "subset" in error["message"]

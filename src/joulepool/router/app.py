@@ -182,8 +182,10 @@ async def endpoint_picker(app: web.Application) -> AsyncIterator[None]:
     from joulepool.router import epp
 
     svc = app[ROUTER]
+    answers = svc.metrics.epp_answers
     server, port, status = await epp.start_server(
-        svc.router, lambda: svc.ready, svc.settings.host, svc.settings.epp_port)
+        svc.router, lambda: svc.ready, svc.settings.host, svc.settings.epp_port,
+        on_answer=lambda code: answers.labels(str(code)).inc())
     app[EPP_PORT] = port
     health = asyncio.create_task(epp.keep_health(status))
     try:

@@ -236,6 +236,8 @@ class Exchange:
     duplex_request: bool = False
     duplex_response: bool = False
     flight: Flight | None = None
+    #: called with each answer's HTTP status (200: picked), e.g. to count it
+    on_answer: Callable[[int], None] | None = None
 
     def handle(self, req: pb.ProcessingRequest) -> Iterator[pb.ProcessingResponse]:
         """The replies to one message from the gateway (none while buffering in
@@ -286,8 +288,12 @@ class Exchange:
         try:
             self.flight = self.pick(body)
         except HTTPProblem as exc:
+            if self.on_answer is not None:
+                self.on_answer(exc.status)
             yield immediate(exc.status, str(exc))
             return
+        if self.on_answer is not None:
+            self.on_answer(200)
         d = self.flight.decision
         value = ",".join([d.endpoint, *d.fallbacks])
         common = pb.CommonResponse(header_mutation=_header_mutation(value))
@@ -365,15 +371,17 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
     Runs on the router service's event loop (the core router is not thread-safe and
     needs no lock there)."""
 
-    def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic,
+                 on_answer: Callable[[int], None] | None = None) -> None:
         self.router = router
         self.clock = clock
+        self.on_answer = on_answer
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        exchange = Exchange(self.router, self.clock)
+        exchange = Exchange(self.router, self.clock, on_answer=self.on_answer)
         try:
             async for req in request_iterator:
                 for resp in exchange.handle(req):
@@ -403,11 +411,14 @@ class HealthStatus:
 
 
 async def start_server(router: Router, ready: Callable[[], bool], host: str, port: int,
-                       clock: Callable[[], float] = time.monotonic
+                       clock: Callable[[], float] = time.monotonic,
+                       on_answer: Callable[[int], None] | None = None,
                        ) -> tuple[grpc.aio.Server, int, HealthStatus]:
-    """A started gRPC server with the picker and health services; the bound port."""
+    """A started gRPC server with the picker and health services; the bound port.
+    ``on_answer`` sees each answer's HTTP status (200: an endpoint picked)."""
     server = grpc.aio.server()
-    pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(router, clock), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(
+        EndpointPicker(router, clock, on_answer), server)
     status = HealthStatus(ready)
     health_pb2_grpc.add_HealthServicer_to_server(status.servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -45,6 +45,12 @@ class Metrics(ServiceMetrics):
             "joulepool_router_completions", "Completion reports by outcome",
             ["pool", "deadline"], registry=r,
         )
+        self.epp_answers = Counter(
+            "joulepool_router_epp_answers",
+            "GIE endpoint picker answers by HTTP status: 200 an endpoint picked, else the "
+            "ImmediateResponse's (400, 404, 429 bulk shed, 503 no endpoint)",
+            ["code"], registry=r,
+        )
 
     def forget_pool(self, pool: str) -> None:
         for g in (self.lam, self.miss_ratio, self.endpoints):
