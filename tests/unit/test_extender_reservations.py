@@ -113,3 +113,53 @@ def test_forms_agree_with_reservations(cluster: tuple, mode: str | None) -> None
     assert len(by_name.node_names or []) <= (1 if request > 0 else len(names))
     assert by_name.failed_nodes == full.failed_nodes
     assert by_name.failed_and_unresolvable_nodes == full.failed_and_unresolvable_nodes
+
+
+def _terminating(pod: dict) -> dict:
+    pod["metadata"]["deletionTimestamp"] = "2026-12-06T23:00:00Z"
+    return pod
+
+
+def test_deleting_all_of_a_pools_pods_at_once_frees_their_share() -> None:
+    """Plan: 4 on a. Four pods bound; all deleted at once, the ReplicaSet's replacements
+    are filtered while the old pods are still terminating, or after some were deleted
+    before their binding was seen: every replacement gets a place, at most the share."""
+    clock = [0.0]  # node a has 8 GPUs: the share, not the node's capacity, is checked
+    state = _state({"ns.chat": [("a", "L4", 4)]}, [T.node("a", "L4", 8)])
+    sched = Scheduler(state)
+    sched.reservations = Reservations(ttl_s=30, clock=lambda: clock[0])
+    spec = {"pool": "ns.chat", "gpus": 1, "mode": "1xL4"}
+    for i in range(4):
+        state.upsert_pod(T.pod(f"old{i}", node_name="a", **spec))
+    assert _filter(sched, T.pod("extra", **spec), ["a"]) == []  # the share is full
+    for i in range(4):  # deleted at once: terminating, still bound
+        state.upsert_pod(_terminating(T.pod(f"old{i}", node_name="a", **spec)))
+    assert state.used_gpus == {"a": 4}  # still on the node for kube-scheduler's fit
+    assert state.pool_gpus == {} and state.mode_gpus == {}  # but no longer in the share
+    # two replacements reserved; deleted before their binding was seen (a second round)
+    assert _filter(sched, T.pod("new0", **spec), ["a"]) == ["a"]
+    assert _filter(sched, T.pod("new1", **spec), ["a"]) == ["a"]
+    state.upsert_pod(T.pod("new0", **spec))  # seen pending, then deleted
+    state.delete_pod("default/new0")
+    state.upsert_pod(_terminating(T.pod("new1", **spec)))  # terminating before bound
+    assert set(sched.reservations.by_pod) == {"default/new1"}  # new0: released at once
+    for i in range(4):
+        state.delete_pod(f"default/old{i}")
+    answers = [_filter(sched, T.pod(f"rep{i}", **spec), ["a"]) for i in range(5)]
+    assert answers == [["a"]] * 4 + [[]]  # without waiting for any reservation to expire
+    assert clock[0] == 0.0
+
+
+def test_reservation_released_by_the_pods_deletion_event() -> None:
+    state = _state({"ns.chat": [("a", "L4", 1)]}, NODES)
+    sched = Scheduler(state)
+    spec = {"pool": "ns.chat", "gpus": 1, "mode": "1xL4"}
+    assert _filter(sched, T.pod("p0", **spec), ["a"]) == ["a"]
+    assert len(sched.reservations) == 1
+    state.upsert_pod(T.pod("p0", **spec))
+    state.delete_pod("default/p0")
+    assert len(sched.reservations) == 0
+    assert _filter(sched, T.pod("p1", **spec), ["a"]) == ["a"]
+    state.upsert_pod(T.pod("p1", **spec))
+    state.replace_pods([])  # a re-list that no longer has p1 releases it too
+    assert len(sched.reservations) == 0

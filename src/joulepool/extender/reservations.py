@@ -7,7 +7,8 @@ of the pool's planned share on a node (the issue this module exists for: 3 and 4
 bound where the plan said 4 and 3). So the filter sends a pool pod to exactly one node and
 reserves the pod's GPUs there; the reservation counts against the pool's (and mode's)
 share until the watch shows the pod bound (its GPUs are then counted as held), the pod is
-filtered again (a retry replaces it), or ``ttl_s`` passes (binding failed, pod deleted).
+filtered again (a retry replaces it), the watch shows it deleted or terminating (it will
+never bind: its replacement must get the place), or ``ttl_s`` passes (binding failed).
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ class Reservations:
         return len(self.by_pod)
 
     def prune(self, state: ClusterState) -> None:
-        """Drop reservations of pods the cache shows bound (counted there now) or expired."""
+        """Drop reservations of pods the cache shows bound (counted there now) or
+        terminating, and expired ones. (Deleted pods are dropped by :meth:`drop`, which
+        the extender hooks to the cache's pod removals.)"""
         if not self.by_pod:
             return
         now = self.clock()
         for key, r in list(self.by_pod.items()):
             rec = state.pods.get(key)
-            if r.expires <= now or (rec is not None and rec.node):
+            if r.expires <= now or (rec is not None and (rec.node or rec.terminating)):
                 del self.by_pod[key]
 
     def drop(self, pod_key: str) -> None:

@@ -125,10 +125,15 @@ class Scheduler:
                                            FloatArray]] = {}
         #: placements sent to kube-scheduler whose binding the watch has not shown yet
         self.reservations = Reservations()
+        state.pod_gone_hooks.append(self._pod_gone)
         self._arrays_cache: dict[str, tuple[tuple[int, int], NodeTable, npt.NDArray[np.float64],
                                             npt.NDArray[np.float64]]] = {}
 
     # -- helpers -------------------------------------------------------------------------
+    def _pod_gone(self, pod_key: str) -> None:
+        """The watch shows the pod deleted: it will never bind, release its reservation."""
+        self.reservations.drop(pod_key)
+
     @staticmethod
     def _check(args: ExtenderArgs) -> Pod:
         if args.pod is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +66,8 @@ class PodRecord:
     mode: str | None = None
     #: serving engine label (``vllm``, ``sglang``); None: detect from the metrics page
     engine: str | None = None
+    #: deletion requested (``metadata.deletionTimestamp`` set): the pod is going away
+    terminating: bool = False
 
     @classmethod
     def from_pod(cls, pod: Pod, default_port: int) -> PodRecord:
@@ -79,11 +81,20 @@ class PodRecord:
             port=pod.serving_port(default_port),
             mode=pod.mode if pod.pool else None,
             engine=pod.engine,
+            terminating=pod.metadata.deletion_timestamp is not None,
         )
 
     @property
     def holds_gpus(self) -> bool:
+        """Bound and requesting GPUs: counted on its node until it is deleted (as
+        kube-scheduler counts it, terminating or not)."""
         return bool(self.node) and self.gpus > 0
+
+    @property
+    def holds_share(self) -> bool:
+        """Counted against its pool's (and mode's) planned share: bound, requesting GPUs
+        and not terminating, so a replacement of a deleted pod gets its place at once."""
+        return self.holds_gpus and not self.terminating
 
 
 @dataclass
@@ -128,13 +139,18 @@ class ClusterState:
         self.pod_version = 0
         self.plan_version = 0
         # aggregates kept incrementally from pod events
+        #: GPUs requested per node by bound pods, terminating ones included
         self.used_gpus: dict[str, int] = {}
+        #: GPUs held per (node, pool) by bound pods that are not terminating
         self.pool_gpus: dict[tuple[str, str], int] = {}
-        #: GPUs held per (node, pool, mode), for pods carrying both labels
+        #: the same per (node, pool, mode), for pods carrying both labels
         self.mode_gpus: dict[tuple[str, str, str], int] = {}
         self.pool_pods: dict[str, set[str]] = {}
         #: per (pool, mode): plan version and the GPUs the plan gives it per node
         self._mode_shares: dict[tuple[str, str], tuple[int, dict[str, int]]] = {}
+        #: called with the key of every pod that leaves the cache (deleted, terminal,
+        #: missing from a re-list), e.g. to release what was held for it
+        self.pod_gone_hooks: list[Callable[[str], None]] = []
         #: pools whose endpoints changed since the router last looked (None: all)
         self._dirty_pools: set[str] | None = None
         self._table: NodeTable | None = None
@@ -192,16 +208,16 @@ class ClusterState:
             self.used_gpus[rec.node] = self.used_gpus.get(rec.node, 0) + sign * rec.gpus
             if self.used_gpus[rec.node] == 0:
                 del self.used_gpus[rec.node]
-            if rec.pool:
-                k = (rec.node, rec.pool)
-                self.pool_gpus[k] = self.pool_gpus.get(k, 0) + sign * rec.gpus
-                if self.pool_gpus[k] == 0:
-                    del self.pool_gpus[k]
-                if rec.mode:
-                    m = (rec.node, rec.pool, rec.mode)
-                    self.mode_gpus[m] = self.mode_gpus.get(m, 0) + sign * rec.gpus
-                    if self.mode_gpus[m] == 0:
-                        del self.mode_gpus[m]
+        if rec.pool and rec.holds_share:
+            k = (rec.node, rec.pool)
+            self.pool_gpus[k] = self.pool_gpus.get(k, 0) + sign * rec.gpus
+            if self.pool_gpus[k] == 0:
+                del self.pool_gpus[k]
+            if rec.mode:
+                m = (rec.node, rec.pool, rec.mode)
+                self.mode_gpus[m] = self.mode_gpus.get(m, 0) + sign * rec.gpus
+                if self.mode_gpus[m] == 0:
+                    del self.mode_gpus[m]
         if rec.pool:
             members = self.pool_pods.setdefault(rec.pool, set())
             if sign > 0:
@@ -235,6 +251,11 @@ class ClusterState:
         if old is not None:
             self._account(old, -1)
             self.pod_version += 1
+        self._pod_gone(key)
+
+    def _pod_gone(self, key: str) -> None:
+        for hook in self.pod_gone_hooks:
+            hook(key)
 
     def replace_pods(self, objs: Iterable[Pod | Mapping[str, Any]]) -> None:
         fresh: dict[str, PodRecord] = {}
@@ -246,6 +267,8 @@ class ClusterState:
                 continue
             if pod.metadata.name and not pod.terminal:
                 fresh[pod.key] = PodRecord.from_pod(pod, self.default_port)
+        for key in set(self.pods) - set(fresh):
+            self._pod_gone(key)
         if fresh == self.pods:
             return
         self.pods = {}
