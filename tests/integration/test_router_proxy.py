@@ -349,6 +349,8 @@ def _instant_engine() -> web.Application:
     """An engine that answers every OpenAI request at once (streamed when asked)."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") == "Bearer wrong-engine-key":
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
         body = await request.json()
         if body.get("stream") is not True:
             return web.json_response({"object": "text_completion", "choices": [
@@ -501,6 +503,24 @@ async def test_engine_failing_mid_answer(tmp_path: Path) -> None:
         assert got == b'data: {"choices":[{"index":0,"text":"a"}]}\n\n'
         assert st.pool.window.rate(time.monotonic()) == 1.0  # the cut stream missed
         assert all(not e.ledger for e in st.pool.endpoints)
+    finally:
+        await st.router.close()
+        await engine.close()
+
+
+async def test_client_api_key_reaches_the_engine(tmp_path: Path) -> None:
+    """The SDK's API key is the engine's business: forwarded, and the engine's 401 comes
+    back unchanged (not retried, nothing learned)."""
+    engine = await _engine(_instant_engine())
+    st = await _stack(tmp_path, [engine])
+    try:
+        client = openai.AsyncOpenAI(base_url=st.base_url, api_key="wrong-engine-key",
+                                    max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert st.pool.window.rate(time.monotonic()) is None  # no outcome learned
+        assert all(not e.ledger for e in st.pool.endpoints)
+        await client.close()
     finally:
         await st.router.close()
         await engine.close()

@@ -87,8 +87,9 @@ def openai_error(status: int, message: str, headers: dict[str, str] | None = Non
 
 
 def _forward_headers(request: web.Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST
-            and k.lower() != "authorization"}
+    """The client's headers less hop-by-hop ones; ``Authorization`` is the client's
+    API key for the engine (the proxy's paths take no router token) and goes along."""
+    return {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
 
 
 async def _open(session: aiohttp.ClientSession, pool: PoolRouter, decision: RouteDecision,
