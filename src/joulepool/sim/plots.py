@@ -77,7 +77,8 @@ def latency_plot(res: ExperimentResult, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("seconds (log)")
         ax.set_ylabel("share of requests")
-        ax.set_title(f"{title} (seed {res.repeats[0].seed})")
+        ax.set_title(f"{title} (seed {res.repeats[0].seed})\n{scenario_title(res)}",
+                     fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].axvline(0.3, color="grey", linewidth=0.8, linestyle=":")
     axes[1].axvline(0.6, color="grey", linewidth=0.8, linestyle=":")
@@ -112,13 +113,47 @@ def clock_power_plot(res: ExperimentResult, path: Path) -> None:
     plt.close(fig)
 
 
+def scenario_title(res: ExperimentResult) -> str:
+    """Cluster, trace and load of the run, for plot titles."""
+    exp = res.experiment
+    return (f"{exp.cluster.name} | trace {exp.trace.name} | "
+            f"{exp.arrival_mode} {exp.arrival_value:g}")
+
+
+def tradeoff_plot(res: ExperimentResult, summary: Summary, path: Path) -> None:
+    """Energy and carbon against P99 latency per policy (log latency axis), each point
+    labelled with its deadline attainment: the trade-off in one picture."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for policy, st in summary.stats.items():
+        p99_s = st["p99_ms"].mean / 1e3
+        ok = 1.0 - st["deadline_miss_rate"].mean
+        marker = "s" if policy == BASELINE else "o"
+        for ax, key in zip(axes, ("energy_mj_per_h", "gco2_per_h"), strict=True):
+            ax.scatter([p99_s], [st[key].mean], marker=marker, s=50)
+            ax.annotate(f"{policy}\n{ok:.1%} on time", (p99_s, st[key].mean), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    for ax, label in zip(axes, ("energy, MJ/h", "carbon, gCO2/h"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("P99 end-to-end latency, s (log)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"energy and carbon vs tail latency and SLO attainment\n{scenario_title(res)}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(res: ExperimentResult, summary: Summary, out_dir: Path, prefix: str) -> list[Path]:
     paths = [
         out_dir / f"{prefix}-energy.png",
         out_dir / f"{prefix}-latency-cdf.png",
         out_dir / f"{prefix}-clock-power.png",
+        out_dir / f"{prefix}-tradeoff.png",
     ]
     energy_plot(res, summary, paths[0])
     latency_plot(res, paths[1])
     clock_power_plot(res, paths[2])
+    tradeoff_plot(res, summary, paths[3])
     return paths
