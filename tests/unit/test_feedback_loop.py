@@ -127,7 +127,9 @@ async def test_a_profile_30_percent_wrong_is_corrected_in_plan_and_router() -> N
     assert eps_drift(api) == ("True", "MeasuredEpsDrift")
     cond = api.objects[PROFILE_PATH]["status"]["conditions"][0]
     assert "1.3" in cond["message"] and "outliers rejected: n4" in cond["message"]
-    events = [o for p, o in api.objects.items() if p.startswith("/api/v1/namespaces/ops/events/")]
+    # core/v1 Events about a cluster-scoped object: namespace default (API validation)
+    events = [o for p, o in api.objects.items()
+              if p.startswith("/api/v1/namespaces/default/events/")]
     assert len(events) == 1
     assert events[0]["involvedObject"] == {"apiVersion": "joulepool.dev/v1alpha1",
                                            "kind": "GPUProfile", "name": "h100-8b",

@@ -3,8 +3,9 @@
 After each pass the planner knows how the node agents' measurements correct
 every GPUProfile (:mod:`joulepool.core.feedback`). This module writes that
 verdict where people look: a status condition on the GPUProfile (only when it
-changes), a Warning Event when a profile starts drifting (a cluster-scoped
-object's Events live in the operator's namespace), and the gauges
+changes), a Warning Event when a profile starts drifting (in namespace
+``default``: the API server accepts a core/v1 Event about a cluster-scoped object
+only there), and the gauges
 ``joulepool_profile_eps_scale`` / ``joulepool_profile_eps_drift`` that the
 chart's ``JoulepoolProfileEpsDrift`` alert reads. Failures to write are
 reported, never raised: the planner does not stop for them.
@@ -26,6 +27,8 @@ from joulepool.operator.metrics import OperatorMetrics
 CONDITION = "EpsDrift"
 #: relative change of the measured scale that rewrites the condition's message
 SHOWN_SCALE_BAND = 0.05
+#: where core/v1 Events about cluster-scoped objects must be created (API validation)
+EVENT_NAMESPACE = "default"
 COMPONENT = "joulepool-operator"
 
 
@@ -59,10 +62,9 @@ def verdict(c: Correction, params: FeedbackParams) -> Verdict:
 class DriftReporter:
     """Writes each GPUProfile's drift verdict: condition, Event on onset, gauges."""
 
-    def __init__(self, client: KubeClient, metrics: OperatorMetrics, namespace: str) -> None:
+    def __init__(self, client: KubeClient, metrics: OperatorMetrics) -> None:
         self.client = client
         self.metrics = metrics
-        self.namespace = namespace
         #: GPUProfile name -> the condition written last, and the scale its message shows
         self.written: dict[str, dict[str, Any]] = {}
         self.shown: dict[str, float] = {}
@@ -108,7 +110,7 @@ class DriftReporter:
             await self.client.patch(path_for(API_VERSION, GPUPROFILES, None, name, "status"),
                                     {"status": {"conditions": [cond]}})
             if v.status == "True" and (old is None or old["status"] != "True"):
-                await self.client.create(path_for("v1", "events", self.namespace),
+                await self.client.create(path_for("v1", "events", EVENT_NAMESPACE),
                                          self._event(name, uid, v, now))
         except ApiError as exc:
             return f"GPUProfile {name} {CONDITION}: {exc}"
@@ -123,7 +125,7 @@ class DriftReporter:
         return {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{name}.{int(now.timestamp() * 1e3):x}",
-                         "namespace": self.namespace},
+                         "namespace": EVENT_NAMESPACE},
             "involvedObject": obj, "reason": v.reason, "message": v.message,
             "type": "Warning", "source": {"component": COMPONENT},
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,

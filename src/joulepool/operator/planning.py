@@ -226,7 +226,7 @@ class Planner:
         #: GPUProfile name -> (corrected profile, correction), from the last pass
         self.corrections: dict[str, tuple[ServingProfile, Correction]] = {}
         self._profile_uids: dict[str, str | None] = {}
-        self.drift = DriftReporter(client, self.metrics, config.namespace)
+        self.drift = DriftReporter(client, self.metrics)
         # memory of what the cluster said and what we wrote
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
         self._last_policy: EnergyPolicySpec | None = None
