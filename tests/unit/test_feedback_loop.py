@@ -18,6 +18,7 @@ from joulepool.kube import testing as T
 from joulepool.kube.pools import Router, RouterSettings
 from joulepool.kube.state import ClusterState
 from joulepool.operator.drift import verdict
+from joulepool.operator.resources import parse_profile
 
 TRUE_SCALE = 1.3  # the GPUs really draw 30 % more than the GPUProfile says
 KEY = H100_8B.key
@@ -183,3 +184,16 @@ async def test_a_failed_condition_write_is_reported_and_retried() -> None:
     assert plan(api).eps_scales[KEY] > 1.2  # the plan does not wait for the condition
     await reconcile(planner, world)
     assert eps_drift(api) == ("True", "MeasuredEpsDrift")
+
+
+def test_the_operator_keeps_the_measurements_it_watches() -> None:
+    """kopf's index holds parse_profile(body): status.measured must survive it (it did
+    not, and the real-API test caught it); a status that does not validate is dropped,
+    never the profile."""
+    body = gpu_profile([Agent("n1", 32, 1980.0).run_period(T0)]).model_dump(
+        mode="json", by_alias=True)
+    kept = parse_profile(body)
+    assert kept.status is not None and kept.status.measured[0].node == "n1"
+    assert kept.status.measured[0].tokens_per_second is not None
+    body["status"]["measured"][0]["joulesPerToken"] = -1
+    assert parse_profile(body).status is None

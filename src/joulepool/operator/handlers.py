@@ -237,7 +237,11 @@ async def profile_event(type: str | None, body: kopf.Body, name: str, memo: Oper
                         **_: Any) -> None:
     _listing(memo, "profiles", type, name, body)
     spec = None if type == "DELETED" else dict(body.get("spec") or {})
-    if not memo.planner.changed(("profile", name), repr(spec) if spec is not None else None):
+    # the node agents' measurements (status.measured) correct the profile too (feedback);
+    # the operator's own status.conditions do not count, so its writes wake nothing
+    measured = (body.get("status") or {}).get("measured") if spec is not None else None
+    if not memo.planner.changed(("profile", name),
+                                repr((spec, measured)) if spec is not None else None):
         return
     if spec is not None:
         try:

@@ -48,6 +48,7 @@ from joulepool.api.models import (
     EnergyPolicy,
     EnergyPolicySpec,
     GPUProfile,
+    GPUProfileStatus,
     InferencePool,
 )
 from joulepool.api.plan import PlanDocument, PlannedPool, pool_key
@@ -237,11 +238,19 @@ def node_from_body(body: Mapping[str, Any]) -> PlanNode | None:
 
 
 def parse_profile(body: Mapping[str, Any]) -> GPUProfile:
-    """Validate a GPUProfile; raises ResourceError naming the field."""
+    """Validate a GPUProfile; raises ResourceError naming the field.
+
+    The node agents' ``status.measured`` is kept (the planner feeds it back,
+    core.feedback); a status that does not validate is dropped, never the profile."""
     try:
-        return GPUProfile.model_validate(_resource_doc(body, "GPUProfile"))
+        profile = GPUProfile.model_validate(_resource_doc(body, "GPUProfile"))
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+    try:
+        status = GPUProfileStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return profile
+    return profile.model_copy(update={"status": status})
 
 
 def parse_policy(body: Mapping[str, Any]) -> EnergyPolicySpec:
