@@ -179,9 +179,11 @@ def one_run(path: Path, seconds: float, concurrency: int, respond: bool
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "listening" not in line:
-            raise RuntimeError(f"router did not start: {line}{proc.stdout.read()[:2000]}")
+        seen = []
+        while not seen or "listening on" not in seen[-1]:  # the HTTP listener is last up
+            seen.append(proc.stdout.readline())
+            if not seen[-1]:
+                raise RuntimeError("router did not start: " + "".join(seen)[-2000:])
         asyncio.run(_load(port, 0.5, concurrency, respond))  # warm up
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
         done, lat = asyncio.run(_load(port, seconds, concurrency, respond))

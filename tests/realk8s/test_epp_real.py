@@ -84,7 +84,9 @@ def test_picker_with_the_charts_args_routes_to_the_pools_pod(
     args = _chart_router_args(chart, k8slib.free_port(), str(token_file))
     epp_port = k8slib.free_port()
     args[args.index("--epp-port") + 1] = str(epp_port)  # the chart passes it
-    router = procs.joulepool("router", args,
+    # its own log name: logs/<name>.log persists across tests, and "router" has an old
+    # "listening on" from test_router_real
+    router = procs.joulepool("router-epp", args,
                              service_account=k8slib.service_account("router"))
     router.wait_log("listening on", timeout=60)
     header, metadata = asyncio.run(_ready_and_pick(epp_port, pool))

@@ -27,6 +27,8 @@ def _chart_router_args(chart: Any, port: int, token_file: str) -> list[str]:
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = str(port)
     args[args.index("--token-file") + 1] = token_file
+    if "--epp-port" in args:  # the picker's gRPC port: a free one too
+        args[args.index("--epp-port") + 1] = str(k8slib.free_port())
     return args
 
 

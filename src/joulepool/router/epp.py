@@ -427,7 +427,7 @@ async def start_server(router: Router, ready: Callable[[], bool], host: str, por
         raise OSError(f"cannot listen on {address} (gRPC)")
     await status.refresh()
     await server.start()
-    log.info("endpoint picker (ext_proc) listening on %s:%d", host, bound)
+    log.info("endpoint picker (ext_proc) serving gRPC on %s:%d", host, bound)
     return server, bound, status
 
 
