@@ -351,6 +351,40 @@ class _Shape:
         return out
 
 
+def _max_tokens(body: dict[str, Any], chat: bool) -> int | None:
+    """The request's output-token limit (OpenAI's default 16), or None when it is invalid."""
+    value = body.get("max_completion_tokens", body.get("max_tokens", 16)) if chat \
+        else body.get("max_tokens", 16)
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 1 <= value <= MAX_TOKENS_LIMIT:
+        return None
+    return value
+
+
+async def _stream(request: web.Request, engine: FakeEngine, shape: _Shape, prompt_tokens: int,
+                  max_tokens: int, include_usage: bool) -> web.StreamResponse:
+    """Server-sent events as vLLM sends them: role chunk (chat), one chunk per token,
+    an optional usage chunk, then ``[DONE]``."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    n = 0
+    if shape.chat:  # vLLM's first chat chunk carries the role
+        await resp.write(_sse(shape.chunk(None, None, role=True)))
+    async for tok in engine.generate(prompt_tokens, max_tokens):
+        n += 1
+        finish = "length" if n >= max_tokens else None
+        await resp.write(_sse(shape.chunk(token_text(tok), finish)))
+    if include_usage:
+        last = shape.chunk(None, None)
+        last["choices"] = []
+        last["usage"] = _usage(prompt_tokens, n)
+        await resp.write(_sse(last))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
 def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Application:
     model_name = served_model or engine.profile.model
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -370,10 +404,8 @@ def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Applic
                              else count_prompt_tokens(body.get("prompt", "")))
         except ValueError as exc:
             return _error(400, str(exc))
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16)) if chat \
-            else body.get("max_tokens", 16)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or \
-                not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        max_tokens = _max_tokens(body, chat)
+        if max_tokens is None:
             return _error(400, f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}]")
         shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                        int(time.time()), model_name)
@@ -384,24 +416,7 @@ def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Applic
             return web.json_response(out)
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        n = 0
-        if chat:  # vLLM's first chat chunk carries the role
-            await resp.write(_sse(shape.chunk(None, None, role=True)))
-        async for tok in engine.generate(prompt_tokens, max_tokens):
-            n += 1
-            finish = "length" if n >= max_tokens else None
-            await resp.write(_sse(shape.chunk(token_text(tok), finish)))
-        if include_usage:
-            last = shape.chunk(None, None)
-            last["choices"] = []
-            last["usage"] = _usage(prompt_tokens, n)
-            await resp.write(_sse(last))
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        return await _stream(request, engine, shape, prompt_tokens, max_tokens, include_usage)
 
     async def completions(request: web.Request) -> web.StreamResponse:
         return await serve(request, chat=False)
