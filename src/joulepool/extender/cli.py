@@ -22,16 +22,10 @@ def run(args: argparse.Namespace) -> int:
     from joulepool.cli import UsageError
     from joulepool.extender.app import create_app
     from joulepool.extender.settings import SettingsError, load_settings
-    from joulepool.kube.files import FileError
-    from joulepool.kube.service import ServeError, serve
+    from joulepool.kube.service import ServeError, run_service
 
     try:
-        settings = load_settings(args)
-        settings.check_sources()
-    except SettingsError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        serve(create_app(settings), "extender")
-    except (FileError, ServeError) as exc:
+        run_service("extender", lambda: load_settings(args), SettingsError, create_app)
+    except ServeError as exc:
         raise UsageError(str(exc)) from None
     return 0

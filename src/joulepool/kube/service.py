@@ -470,3 +470,23 @@ async def _serve(app: web.Application, name: str, ctx: ssl.SSLContext | None) ->
     await httpserve.serve_until_signalled(app, s.host, s.port, ssl_context=ctx,
                                           header_timeout_s=s.header_timeout_seconds,
                                           on_started=started)
+
+
+def run_service(
+    name: str,
+    load_settings: Callable[[], Any],
+    settings_error: type[Exception],
+    create_app: Callable[[Any], web.Application],
+) -> None:
+    """Load a service's settings, check their source files and serve until signalled.
+
+    The one start-up path of ``joulepool extender`` and ``joulepool router``: bad
+    settings, unreadable source files and a service that cannot start all raise
+    :class:`ServeError` with the message the CLI prints (exit code 2).
+    """
+    try:
+        settings = load_settings()
+        settings.check_sources()
+        serve(create_app(settings), name)
+    except (settings_error, files.FileError) as exc:
+        raise ServeError(str(exc)) from None

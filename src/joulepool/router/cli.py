@@ -20,18 +20,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from joulepool.cli import UsageError
-    from joulepool.kube.files import FileError
-    from joulepool.kube.service import ServeError, serve
+    from joulepool.kube.service import ServeError, run_service
     from joulepool.router.app import create_app
     from joulepool.router.settings import SettingsError, load_settings
 
     try:
-        settings = load_settings(args)
-        settings.check_sources()
-    except SettingsError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        serve(create_app(settings), "router")
-    except (FileError, ServeError) as exc:
+        run_service("router", lambda: load_settings(args), SettingsError, create_app)
+    except ServeError as exc:
         raise UsageError(str(exc)) from None
     return 0
