@@ -15,6 +15,7 @@ from enum import IntEnum
 from heapq import heapify, heappop, heappush
 from typing import Any
 
+from joulepool.core.batching import mixed_step, prefill_chunk_tokens
 from joulepool.core.llf import LLFQueue
 from joulepool.core.routing import (
     endpoint_queue_tokens,
@@ -229,25 +230,20 @@ class Instance:
         now stale (its version no longer matches).
 
         A mixed step carries ``b`` decode tokens and a prompt chunk of ``min(budget - b,
-        prefill length)`` tokens; it takes the decode step time plus the chunk's prefill
-        time and draws each part's power for its part of the step (energy adds up)."""
+        prefill length)`` tokens (:func:`core.batching.prefill_chunk_tokens`); it takes
+        the decode step time plus the chunk's prefill time and draws each part's power
+        for its part of the step (:func:`core.batching.mixed_step`, the formula the
+        serving model sizes instances with)."""
         b = self.b
         ev = INF
         if self.prefill_rid >= 0:
-            chunk = float(self.budget - b)
-            if chunk > self.pf_len:
-                chunk = self.pf_len
-            elif chunk < 1.0:
-                chunk = 1.0
-            pf_time = chunk * self.pf_tok
+            chunk = prefill_chunk_tokens(self.budget, b, self.pf_len)
             if b:
-                dec_time = self.itl_row[b]
-                step = dec_time + pf_time
-                self.power = (dec_time * self.pow_row[b] + pf_time * self.pf_pow) / step
+                step, self.power = mixed_step(self.itl_row[b], self.pow_row[b], chunk,
+                                              self.pf_tok, self.pf_pow)
                 self.itl = step
             else:
-                step = pf_time
-                self.power = self.pf_pow
+                step, self.power = mixed_step(0.0, 0.0, chunk, self.pf_tok, self.pf_pow)
                 self.itl = 0.0
             rate = self.pf_rate = chunk / step
             left = self.pf_left

@@ -1,0 +1,61 @@
+"""One step of a continuous-batching engine with chunked prefill (vLLM V1's scheduler).
+
+A step carries one token for each of the ``batch`` decoding requests and, while a
+prompt is being prefilled, a chunk of that prompt: what is left of the token budget
+(``max_num_batched_tokens``) after the decode tokens. The simulated engine
+(``sim/instance.py``) times every step with these functions and the serving model
+(:meth:`joulepool.core.profiles.ServingProfile.serving_point`) sizes instances with
+them, so the two cannot drift apart. Scalar and allocation-light: the simulator calls
+them once per engine event.
+"""
+
+from __future__ import annotations
+
+
+def prefill_chunk_tokens(budget_tokens: float, batch: float, prompt_tokens: float) -> float:
+    """Prompt tokens one step carries beside ``batch`` decode tokens under a budget of
+    ``budget_tokens`` per step: the budget left, at most the whole prompt, at least 1
+    (a step always makes progress on the prompt, as vLLM's scheduler does)."""
+    chunk = float(budget_tokens - batch)
+    if chunk > prompt_tokens:
+        return prompt_tokens
+    if chunk < 1.0:
+        return 1.0
+    return chunk
+
+
+def mixed_step(decode_s: float, decode_w: float, chunk_tokens: float,
+               prefill_s_per_token: float, prefill_w: float) -> tuple[float, float]:
+    """(seconds, mean W) of one step: a decode step of ``decode_s`` s at ``decode_w`` W
+    (``decode_s`` = 0: nothing decoding) plus a prompt chunk of ``chunk_tokens`` tokens
+    prefilled at ``prefill_s_per_token`` s/token and ``prefill_w`` W.
+
+    The parts add up in time and in energy: the step lasts ``decode_s + chunk x
+    prefill_s_per_token`` and draws each part's power for its part of the step
+    (docs/simulator.md, "A mixed step"). ``chunk_tokens`` = 0 is a pure decode step.
+    """
+    prefill_s = chunk_tokens * prefill_s_per_token
+    if decode_s <= 0.0:
+        return prefill_s, prefill_w
+    step_s = decode_s + prefill_s
+    return step_s, (decode_s * decode_w + prefill_s * prefill_w) / step_s
+
+
+def prefill_steps(budget_tokens: float, batch: float, prompt_tokens: float) -> float:
+    """Steps a prompt of ``prompt_tokens`` takes to prefill beside ``batch`` decoding
+    requests: prompt / chunk, at least 1 (fluid: the last, partial chunk is taken at the
+    same rate, as the simulator does)."""
+    if prompt_tokens <= 0.0:
+        return 0.0
+    return prompt_tokens / prefill_chunk_tokens(budget_tokens, batch, prompt_tokens)
+
+
+def prefill_time_s(budget_tokens: float, batch: float, prompt_tokens: float,
+                   decode_s: float, prefill_s_per_token: float) -> float:
+    """Seconds to prefill ``prompt_tokens`` in mixed steps beside ``batch`` decoding
+    requests whose decode step alone takes ``decode_s`` (ignored when ``batch`` = 0):
+    the prompt's own compute plus one decode step per chunk (TTFT's service time)."""
+    own = prompt_tokens * prefill_s_per_token
+    if batch <= 0.0:
+        return own
+    return own + decode_s * prefill_steps(budget_tokens, batch, prompt_tokens)

@@ -1,0 +1,43 @@
+"""core.batching: one engine step with chunked prefill, by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from joulepool.core.batching import (
+    mixed_step,
+    prefill_chunk_tokens,
+    prefill_steps,
+    prefill_time_s,
+)
+
+
+def test_chunk_is_the_budget_left_capped_by_the_prompt_and_at_least_one() -> None:
+    assert prefill_chunk_tokens(2048, 48, 5000.0) == 2000.0  # budget left
+    assert prefill_chunk_tokens(2048, 48, 700.0) == 700.0  # whole prompt fits
+    assert prefill_chunk_tokens(2048, 2048, 700.0) == 1.0  # batch took the budget
+    assert prefill_chunk_tokens(8192, 0, 9000.0) == 8192.0
+
+
+def test_mixed_step_adds_time_and_energy() -> None:
+    # 20 ms decode step at 400 W + 1000 prompt tokens at 50 us/token (50 ms) at 600 W
+    step, power = mixed_step(0.020, 400.0, 1000.0, 50e-6, 600.0)
+    assert step == pytest.approx(0.070)
+    assert power * step == pytest.approx(0.020 * 400.0 + 0.050 * 600.0)  # 38 J
+    assert power == pytest.approx(38.0 / 0.070)
+    # nothing decoding: the chunk alone at prefill power
+    assert mixed_step(0.0, 0.0, 1000.0, 50e-6, 600.0) == (pytest.approx(0.050), 600.0)
+    # no chunk: a pure decode step
+    assert mixed_step(0.020, 400.0, 0.0, 50e-6, 600.0) == (pytest.approx(0.020), 400.0)
+
+
+def test_prefill_time_is_own_compute_plus_one_decode_step_per_chunk() -> None:
+    # L4-like: budget 2048, 48 decoding, 5000-token prompt in chunks of 2000: 2.5 steps
+    assert prefill_steps(2048, 48, 5000.0) == pytest.approx(2.5)
+    t = prefill_time_s(2048, 48, 5000.0, decode_s=0.060, prefill_s_per_token=0.4e-3)
+    assert t == pytest.approx(5000 * 0.4e-3 + 2.5 * 0.060)  # 2.15 s
+    # a prompt that fits one step pays one decode step
+    assert prefill_time_s(8192, 100, 1000.0, 0.020, 50e-6) == pytest.approx(0.050 + 0.020)
+    # nothing decoding: the prompt's compute only
+    assert prefill_time_s(8192, 0, 1000.0, 0.020, 50e-6) == pytest.approx(0.050)
+    assert prefill_steps(8192, 10, 0.0) == 0.0
