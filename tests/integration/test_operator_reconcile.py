@@ -344,6 +344,12 @@ async def test_gpu_profiles_and_the_energy_policy_drive_the_plan() -> None:
             return {("default", "InvalidSpec"), ("other", "Ignored")} <= reasons
 
         await eventually(warned, what="events about both policies")
+        # Events about cluster-scoped objects: in namespace default, involvedObject without
+        # a namespace (what kube-apiserver accepts and kubectl describe finds)
+        for e in await c.events():
+            if e["involvedObject"]["kind"] == "EnergyPolicy":
+                assert e["metadata"]["namespace"] == "default", e
+                assert "namespace" not in e["involvedObject"], e
         assert (await c.pool("chat"))["status"]["replicas"] == 3  # type: ignore[index]
 
         # without the profile the new plan is infeasible: the last feasible one keeps serving
@@ -355,3 +361,31 @@ async def test_gpu_profiles_and_the_energy_policy_drive_the_plan() -> None:
 async def _replicas_of(c: Cluster, name: str, n: int) -> bool:
     obj = await c.pool(name)
     return bool(obj and (obj.get("status") or {}).get("replicas") == n)
+
+
+async def test_unreadable_gpu_quantity_is_an_event_and_others_stay_planned() -> None:
+    """A Node whose GPU quantity is not one ('1e999' overflowed the operator's old parser
+    inside the watch handler) is left out of the plan with a Warning Event about it; the
+    pool is planned on the readable node."""
+    async with cluster_and_operator() as (c, _op):
+        bad = node("gpu-bad", H100, 8)
+        bad["status"]["allocatable"]["nvidia.com/gpu"] = "1e999"
+        await c.create(bad)
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("chat", rps=4))
+        obj = await _until(c, "chat", "Planned", "True", "Planned")
+        assert {a["node"] for a in obj["status"]["assignments"]} == {"gpu-a"}
+
+        async def warned() -> Any:
+            return [e for e in await c.events() if e.get("reason") == "InvalidGPUQuantity"]
+
+        (event,) = await eventually(warned, what="an InvalidGPUQuantity event")
+        assert event["type"] == "Warning" and event["metadata"]["namespace"] == "default"
+        made = await c.get("/api/v1/nodes/gpu-bad")
+        assert made is not None
+        assert event["involvedObject"] == {"apiVersion": "v1", "kind": "Node",
+                                           "name": "gpu-bad", "uid": made["metadata"]["uid"]}
+        assert "status.allocatable['nvidia.com/gpu']" in event["message"]
+        assert "1e999" in event["message"]
+        _, doc = await c.plan()
+        assert set(doc.nodes) == {"gpu-a"}

@@ -12,13 +12,14 @@ import contextlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import k8slib
 import pytest
 from k8slib import ControlPlane
 from operatorlib import OP_NAMESPACE, Scenario, condition, start_operator, wait_for
 
-from joulepool.api.contract import GPUPROFILES
+from joulepool.api.contract import ENERGYPOLICIES, GPU_RESOURCE, GPUPROFILES
 from joulepool.api.models import GROUP, VERSION
 from joulepool.core.profiles import H100_8B
 
@@ -101,3 +102,42 @@ def test_measured_drift_corrects_the_plan_and_is_a_condition_and_an_event(
     finally:
         with contextlib.suppress(Exception):
             custom.delete_cluster_custom_object(GROUP, VERSION, GPUPROFILES, name)
+
+
+def test_events_about_cluster_scoped_objects_are_recorded_where_kubectl_finds_them(
+        scenario: Scenario, cluster: ControlPlane, nodes: list[str]) -> None:
+    """Warnings about an EnergyPolicy (cluster-scoped) and a Node with an unreadable GPU
+    quantity: the real API server records them in ``default`` with an ``involvedObject``
+    without namespace, which is what ``kubectl describe`` lists (kopf.warn put them in
+    its context's namespace and named that namespace in involvedObject)."""
+    s = scenario
+    custom = cluster.custom
+    policy = f"other-{s.ns}"[:63].strip("-")
+    custom.create_cluster_custom_object(GROUP, VERSION, ENERGYPOLICIES, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "EnergyPolicy",
+        "metadata": {"name": policy}, "spec": {}})
+    bad_node = f"{s.ns}-bad-gpus"[:63]
+    body = k8slib.gpu_node(bad_node, "H100", 8)
+    body["status"]["allocatable"][GPU_RESOURCE] = "1e999"  # kube-apiserver accepts it
+    nodes.append(bad_node)
+    cluster.core.create_node(body)
+    try:
+        def described(kind: str, name: str, reason: str) -> list[Any]:
+            # kubectl describe's query for a cluster-scoped object (all namespaces)
+            found = cluster.core.list_event_for_all_namespaces(field_selector=(
+                f"involvedObject.kind={kind},involvedObject.name={name},"
+                "involvedObject.namespace=")).items
+            return [e for e in found if e.reason == reason]
+
+        (event,) = wait_for(lambda: described("EnergyPolicy", policy, "Ignored"),
+                            what="the Ignored event about the EnergyPolicy")
+        assert event.metadata.namespace == "default" and event.type == "Warning"
+        assert event.involved_object.uid  # tied to this object, as kubectl matches it
+        (event,) = wait_for(lambda: described("Node", bad_node, "InvalidGPUQuantity"),
+                            what="the InvalidGPUQuantity event about the Node")
+        assert event.metadata.namespace == "default" and "1e999" in event.message
+        s.alive()  # the quantity did not crash the operator
+        assert not s.op.forbidden_lines()
+    finally:
+        with contextlib.suppress(Exception):
+            custom.delete_cluster_custom_object(GROUP, VERSION, ENERGYPOLICIES, policy)

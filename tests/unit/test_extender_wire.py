@@ -4,7 +4,6 @@ quantities, pod GPU requests)."""
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 
 import pytest
 
@@ -20,7 +19,6 @@ from joulepool.extender.wire import (
     Pod,
 )
 from joulepool.kube import testing as T
-from joulepool.kube.objects import parse_quantity, quantity_to_int
 
 
 def test_constants_the_chart_renders() -> None:
@@ -34,27 +32,6 @@ def test_mode_label_is_the_operators() -> None:
     pod = Pod.model_validate(T.pod("p", mode="4xH100"))
     assert pod.mode == "4xH100"
     assert Pod.model_validate(T.pod("p")).mode is None
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("8", 8), ("500m", Decimal("0.5")), ("1Gi", 2**30), ("2k", 2000), ("1e3", 1000),
-     ("1E", Decimal("1e18")), (4, 4), (1.5, Decimal("1.5"))],
-)
-def test_parse_quantity(text: str | int | float, value: int | Decimal) -> None:
-    assert parse_quantity(text) == Decimal(value)
-
-
-@pytest.mark.parametrize("bad", ["", "eight", "1.2.3x", "--1", "1Xi"])
-def test_parse_quantity_rejects(bad: str) -> None:
-    with pytest.raises(ValueError):
-        parse_quantity(bad)
-    assert quantity_to_int(bad) == 0
-
-
-def test_quantity_to_int_rounds_fractions_up() -> None:
-    assert quantity_to_int("500m") == 1
-    assert quantity_to_int("-2") == 0
 
 
 def test_pod_gpu_request_follows_scheduler_rules() -> None:

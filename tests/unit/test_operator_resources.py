@@ -24,12 +24,12 @@ from joulepool.operator.resources import (
     mode_slug,
     node_from_body,
     parse_pool,
-    parse_quantity,
     plan_configmap,
     plan_content,
     plan_without,
     pool_conditions,
     pool_status,
+    read_node,
     same_status,
     scale_down_patch,
     spec_hash,
@@ -130,6 +130,23 @@ def test_node_capacity_fallback_default_site_and_exclusions() -> None:
     assert unknown is not None and unknown.product == "Tesla-T4"
 
 
+@pytest.mark.parametrize("bad", ["1e999", "1E999", "-1e999", "1e999999", "x", "1e30Ei"])
+@pytest.mark.parametrize("where", ["allocatable", "capacity"])
+def test_unreadable_gpu_quantity_leaves_the_node_out_with_a_reason(bad: str, where: str
+                                                                     ) -> None:
+    """'1e999' once overflowed (int(float('1e999')): OverflowError out of the watch
+    handler); now the node is left out and the reason names the field and the value."""
+    b = node_body(status={where: {"nvidia.com/gpu": bad}})
+    assert node_from_body(b) is None
+    node, error = read_node(b)
+    assert node is None and error is not None
+    assert f"status.{where}['nvidia.com/gpu']" in error and bad[:10] in error
+    # an allocatable of 0 is none (as kube-scheduler reads it), not "look at capacity"
+    assert node_from_body(node_body(status={"allocatable": {"nvidia.com/gpu": "0"},
+                                            "capacity": {"nvidia.com/gpu": "8"}})) is None
+    assert read_node(node_body()) == (node_from_body(node_body()), None)
+
+
 @pytest.mark.parametrize(("spec", "conditions", "kept"), [
     ({}, [{"type": "Ready", "status": "True"}], True),
     ({}, [{"type": "MemoryPressure", "status": "False"}], True),  # no Ready condition yet
@@ -149,12 +166,6 @@ def test_dead_or_not_ready_nodes_have_no_gpus(
     b = node_body(spec=spec)
     b["status"]["conditions"] = conditions
     assert (node_from_body(b) is not None) == kept
-
-
-@pytest.mark.parametrize(("q", "n"), [("8", 8), (4, 4), ("8000m", 8), ("x", 0), (None, 0),
-                                      ("2.0", 2)])
-def test_parse_quantity(q: Any, n: int) -> None:
-    assert parse_quantity(q) == n
 
 
 # ---------------------------------------------------------------- deployments

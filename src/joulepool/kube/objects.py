@@ -3,14 +3,11 @@
 Used for the objects the cluster cache watches (:mod:`kube.state`) and for the
 Pods and Nodes kube-scheduler sends the extender (:mod:`extender.wire`). Unknown
 keys are ignored, as Go's decoder does; resource quantities are validated and
-bounded on input (:func:`parse_quantity`).
+bounded on input (:func:`joulepool.api.quantity.parse_quantity`).
 """
 
 from __future__ import annotations
 
-import math
-import re
-from decimal import Decimal, InvalidOperation
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -22,78 +19,7 @@ from joulepool.api.contract import (
     POOL_LABEL,
     PORT_ANNOTATION,
 )
-
-Quantity = str | int | float
-
-
-# --------------------------------------------------------------------------
-# Quantities
-# --------------------------------------------------------------------------
-_QUANTITY = re.compile(
-    r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$"
-)
-_SUFFIX = {
-    "": Decimal(1), "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
-    "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
-    "P": Decimal("1e15"), "E": Decimal("1e18"),
-    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}
-
-
-#: longest quantity string accepted (Kubernetes' own are far shorter)
-MAX_QUANTITY_CHARS = 64
-#: largest magnitude of a quantity: Kubernetes stores quantities as int64 (milli-units
-#: and up), so nothing larger can come from a real API server
-MAX_QUANTITY = Decimal(2**63 - 1)
-
-
-def parse_quantity(value: Quantity) -> Decimal:
-    """A Kubernetes resource quantity (``"8"``, ``"500m"``, ``"1Gi"``) as a finite Decimal.
-
-    ValueError for anything else, including magnitudes over :data:`MAX_QUANTITY` and
-    strings over :data:`MAX_QUANTITY_CHARS` (checked before any arithmetic, so a value
-    like ``1e999999`` is refused at once instead of being expanded into a million digits).
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"invalid quantity {value!r}")
-    if isinstance(value, int):
-        if abs(value) > MAX_QUANTITY:
-            raise ValueError("quantity out of range")
-        return Decimal(value)
-    if isinstance(value, float):
-        if not math.isfinite(value) or abs(value) > MAX_QUANTITY:
-            raise ValueError(f"quantity out of range: {value!r}")
-        return Decimal(str(value))
-    if len(value) > MAX_QUANTITY_CHARS:
-        raise ValueError(f"invalid quantity {value[:MAX_QUANTITY_CHARS]!r}...: too long")
-    m = _QUANTITY.match(value.strip())
-    if not m:
-        raise ValueError(f"invalid quantity {value!r}")
-    try:
-        number = Decimal(m.group(1))
-    except InvalidOperation:
-        raise ValueError(f"invalid quantity {value!r}") from None
-    # adjusted(): exponent of the leading digit; bounds the magnitude without expanding it
-    if number and number.adjusted() > 30:
-        raise ValueError(f"quantity out of range: {value!r}")
-    q = number * _SUFFIX[m.group(2) or ""]
-    if abs(q) > MAX_QUANTITY:
-        raise ValueError(f"quantity out of range: {value!r}")
-    return q
-
-
-def quantity_to_int(value: Quantity) -> int:
-    """Whole units of a countable resource such as GPUs (fractions round up; bad, negative
-    or out-of-range values are 0: the wire models refuse them on input, see
-    :data:`CheckedQuantity`)."""
-    try:
-        q = parse_quantity(value)
-    except ValueError:
-        return 0
-    if q <= 0:
-        return 0
-    return int(q.to_integral_value(rounding="ROUND_CEILING"))
+from joulepool.api.quantity import Quantity, parse_quantity, quantity_to_int
 
 
 def _checked_quantity(value: Quantity) -> Quantity:
@@ -103,7 +29,6 @@ def _checked_quantity(value: Quantity) -> Quantity:
 
 #: a resource quantity as it appears in Kubernetes JSON, validated on input
 CheckedQuantity = Annotated[Quantity, AfterValidator(_checked_quantity)]
-
 
 
 class _K8s(BaseModel):

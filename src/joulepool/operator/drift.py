@@ -3,9 +3,9 @@
 After each pass the planner knows how the node agents' measurements correct
 every GPUProfile (:mod:`joulepool.core.feedback`). This module writes that
 verdict where people look: a status condition on the GPUProfile (only when it
-changes), a Warning Event when a profile starts drifting (in namespace
-``default``: the API server accepts a core/v1 Event about a cluster-scoped object
-only there), and the gauges
+changes), a Warning Event when a profile starts drifting (:mod:`joulepool.operator.events`:
+in namespace ``default``, where the API server accepts an Event about a
+cluster-scoped object), and the gauges
 ``joulepool_profile_eps_scale`` / ``joulepool_profile_eps_drift`` that the
 chart's ``JoulepoolProfileEpsDrift`` alert reads. Failures to write are
 reported, never raised: the planner does not stop for them.
@@ -21,15 +21,13 @@ from typing import Any
 from joulepool.api.contract import API_VERSION, GPUPROFILES
 from joulepool.core.feedback import Correction, FeedbackParams
 from joulepool.core.profiles import ServingProfile
+from joulepool.operator.events import post_cluster_event
 from joulepool.operator.kube import ApiError, KubeClient, path_for
 from joulepool.operator.metrics import OperatorMetrics
 
 CONDITION = "EpsDrift"
 #: relative change of the measured scale that rewrites the condition's message
 SHOWN_SCALE_BAND = 0.05
-#: where core/v1 Events about cluster-scoped objects must be created (API validation)
-EVENT_NAMESPACE = "default"
-COMPONENT = "joulepool-operator"
 
 
 @dataclass(frozen=True)
@@ -110,23 +108,11 @@ class DriftReporter:
             await self.client.patch(path_for(API_VERSION, GPUPROFILES, None, name, "status"),
                                     {"status": {"conditions": [cond]}})
             if v.status == "True" and (old is None or old["status"] != "True"):
-                await self.client.create(path_for("v1", "events", EVENT_NAMESPACE),
-                                         self._event(name, uid, v, now))
+                obj = {"apiVersion": API_VERSION, "kind": "GPUProfile", "name": name}
+                if uid:
+                    obj["uid"] = uid
+                await post_cluster_event(self.client, obj, v.reason, v.message, now)
         except ApiError as exc:
             return f"GPUProfile {name} {CONDITION}: {exc}"
         self.written[name] = cond
         return None
-
-    def _event(self, name: str, uid: str | None, v: Verdict, now: datetime) -> dict[str, Any]:
-        stamp = now.isoformat().replace("+00:00", "Z")
-        obj = {"apiVersion": API_VERSION, "kind": "GPUProfile", "name": name}
-        if uid:
-            obj["uid"] = uid
-        return {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{name}.{int(now.timestamp() * 1e3):x}",
-                         "namespace": EVENT_NAMESPACE},
-            "involvedObject": obj, "reason": v.reason, "message": v.message,
-            "type": "Warning", "source": {"component": COMPONENT},
-            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
-        }

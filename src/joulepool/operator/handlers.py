@@ -29,6 +29,7 @@ import kopf
 from joulepool.api.contract import ENERGYPOLICIES, GPUPROFILES, INFERENCEPOOLS, POOL_LABEL
 from joulepool.api.load import ResourceError
 from joulepool.api.models import GROUP, VERSION
+from joulepool.operator import events
 from joulepool.operator.config import OperatorConfig
 from joulepool.operator.listings import Indexed
 from joulepool.operator.planning import POLICY_NAME, Planner
@@ -40,6 +41,7 @@ from joulepool.operator.resources import (
     parse_policy,
     parse_pool,
     parse_profile,
+    read_node,
 )
 
 log = logging.getLogger("joulepool.operator.handlers")
@@ -227,8 +229,11 @@ def _listing(memo: OperatorMemo, kind: str, type_: str | None, key: Hashable,
 async def node_event(type: str | None, body: kopf.Body, name: str, memo: OperatorMemo,
                      **_: Any) -> None:
     _listing(memo, "nodes", type, name, body)
-    info = None if type == "DELETED" else node_from_body(body)
-    if memo.planner.changed(("node", name), info):
+    info, error = (None, None) if type == "DELETED" else read_node(body)
+    if memo.planner.changed(("node", name), info if error is None else error):
+        if error is not None:
+            log.warning("Node %s: %s", name, error)
+            await events.warn(memo.planner.client, body, "InvalidGPUQuantity", error)
         memo.planner.trigger(f"Node {name}")
 
 
@@ -247,7 +252,8 @@ async def profile_event(type: str | None, body: kopf.Body, name: str, memo: Oper
         try:
             parse_profile(body)
         except ResourceError as exc:
-            kopf.warn(body, reason="InvalidSpec", message=f"{exc}; profile ignored")
+            await events.warn(memo.planner.client, body, "InvalidSpec",
+                              f"{exc}; profile ignored")
     memo.planner.trigger(f"GPUProfile {name}")
 
 
@@ -259,14 +265,15 @@ async def policy_event(type: str | None, body: kopf.Body, name: str, memo: Opera
     if not memo.planner.changed(("policy", name), repr(spec) if spec is not None else None):
         return
     if spec is not None and name != POLICY_NAME:
-        kopf.warn(body, reason="Ignored",
-                  message=f"only the EnergyPolicy named {POLICY_NAME!r} is used")
+        await events.warn(memo.planner.client, body, "Ignored",
+                          f"only the EnergyPolicy named {POLICY_NAME!r} is used")
         return
     if spec is not None:
         try:
             parse_policy(body)
         except ResourceError as exc:
-            kopf.warn(body, reason="InvalidSpec", message=f"{exc}; keeping the last valid policy")
+            await events.warn(memo.planner.client, body, "InvalidSpec",
+                              f"{exc}; keeping the last valid policy")
     memo.planner.trigger(f"EnergyPolicy {name}")
 
 

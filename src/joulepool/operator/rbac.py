@@ -67,8 +67,9 @@ CLUSTER_RULES: list[dict[str, Any]] = [
         "resources": [GIE_POOL_PLURAL],
         "verbs": ["create", "patch"],
     },
-    # kopf.warn / kopf's failure reports: core/v1 Events next to the object (any namespace;
-    # for cluster-scoped objects, in the operator's namespace).
+    # kopf.warn / kopf's failure reports: core/v1 Events next to the object (any namespace);
+    # about cluster-scoped objects (GPUProfile, EnergyPolicy, Node, drift): in `default`
+    # (operator.events).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 # Deliberately absent:

@@ -52,6 +52,7 @@ from joulepool.api.models import (
     InferencePool,
 )
 from joulepool.api.plan import PlanDocument, PlannedPool, pool_key
+from joulepool.api.quantity import node_resource_count
 from joulepool.core.planner import PlanNode
 from joulepool.core.problem import node_from_label
 from joulepool.operator.config import FIELD_MANAGER
@@ -178,19 +179,6 @@ def has_containers(pool: InferencePool) -> bool:
 # ---------------------------------------------------------------------------
 # Nodes, GPU profiles, energy policy
 # ---------------------------------------------------------------------------
-def parse_quantity(value: Any) -> int:
-    """A whole-device count from a Kubernetes quantity ("8", 8, "8000m"); 0 if unreadable."""
-    if value is None:
-        return 0
-    text = str(value).strip()
-    try:
-        if text.endswith("m"):
-            return int(float(text[:-1]) / 1000)
-        return int(float(text))
-    except ValueError:
-        return 0
-
-
 #: taints the node lifecycle controller puts on a node that stopped reporting or is not ready
 DEAD_NODE_TAINTS = frozenset({"node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"})
 _BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
@@ -219,22 +207,32 @@ def node_schedulable(body: Mapping[str, Any]) -> bool:
 
 
 def node_from_body(body: Mapping[str, Any]) -> PlanNode | None:
-    """The GPU node as the planner sees it, or None: no GPU label, no GPUs, or not
-    schedulable (cordoned, not Ready, unreachable / not-ready taint: :func:`node_schedulable`).
-    """
+    """The GPU node as the planner sees it, or None: no GPU label, no GPUs, an unreadable
+    GPU quantity, or not schedulable (cordoned, not Ready, unreachable / not-ready taint:
+    :func:`node_schedulable`). :func:`read_node` also says why a GPU node is unusable."""
+    return read_node(body)[0]
+
+
+def read_node(body: Mapping[str, Any]) -> tuple[PlanNode | None, str | None]:
+    """(:func:`node_from_body`, the error that made a GPU-labelled node unusable or None).
+
+    GPUs: ``status.allocatable`` of ``nvidia.com/gpu``, ``capacity`` when the node
+    reports none there (:func:`joulepool.api.quantity.node_resource_count`, the parser
+    the extender and router use too); a quantity that is not one (``1e999``, ``x``) is
+    the error, never an exception out of the watch handler."""
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
     product = labels.get(GPU_PRODUCT_LABEL)
     if not product:
-        return None
-    status = body.get("status") or {}
-    gpus = parse_quantity((status.get("allocatable") or {}).get(GPU_RESOURCE))
-    if gpus <= 0:
-        gpus = parse_quantity((status.get("capacity") or {}).get(GPU_RESOURCE))
+        return None, None
+    try:
+        gpus = node_resource_count(body.get("status") or {}, GPU_RESOURCE)
+    except ValueError as exc:
+        return None, f"GPU count unreadable, node left out of the plan: {exc}"
     if gpus <= 0 or not node_schedulable(body):
-        return None
+        return None, None
     site = labels.get(REGION_LABEL) or DEFAULT_SITE
-    return node_from_label(str(meta.get("name")), str(site), str(product), gpus)
+    return node_from_label(str(meta.get("name")), str(site), str(product), gpus), None
 
 
 def parse_profile(body: Mapping[str, Any]) -> GPUProfile:
