@@ -24,7 +24,7 @@ import logging
 import math
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pydantic_core
@@ -181,11 +181,13 @@ def urls(runner: web.AppRunner, tls: bool = False) -> list[str]:
 async def serve_until_signalled(app: web.Application, host: str, port: int, *,
                                 ssl_context: ssl.SSLContext | None = None,
                                 header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
-                                on_started: Callable[[web.AppRunner], None] | None = None
+                                on_started: Callable[[web.AppRunner], None] | None = None,
+                                on_signal: Callable[[], Awaitable[None]] | None = None,
                                 ) -> None:
     """:func:`start_server`, call ``on_started(runner)``, serve until SIGINT or SIGTERM,
-    then stop (in-flight requests get the runner's shutdown timeout). OSError when the
-    address cannot be bound."""
+    await ``on_signal()`` (still serving: e.g. fail readiness and wait for load
+    balancers to notice), then stop: the listener closes first, requests in flight get
+    the runner's shutdown timeout to finish. OSError when the address cannot be bound."""
     runner = await start_server(app, host, port, ssl_context=ssl_context,
                                 header_timeout_s=header_timeout_s)
     stop = asyncio.Event()
@@ -196,6 +198,8 @@ async def serve_until_signalled(app: web.Application, host: str, port: int, *,
         if on_started is not None:
             on_started(runner)
         await stop.wait()
+        if on_signal is not None:
+            await on_signal()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

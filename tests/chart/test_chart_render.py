@@ -278,7 +278,7 @@ def test_router_service_and_pdb(default_render: Rendered) -> None:
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     pdb = default_render.get("PodDisruptionBudget", name("router"))
     assert pdb["spec"]["maxUnavailable"] == 1
-    assert default_render.get("Deployment", name("router"))["spec"]["replicas"] == 1
+    assert default_render.get("Deployment", name("router"))["spec"]["replicas"] == 2
     assert "PodDisruptionBudget" not in rendered("ignorable-all-pods").kinds()
 
 
@@ -288,13 +288,44 @@ def test_router_replicas_without_client_affinity(default_render: Rendered) -> No
     svc = default_render.get("Service", name("router"))
     assert "sessionAffinity" not in svc["spec"]
     assert svc["spec"]["type"] == "ClusterIP"
-    assert default_render.get("Deployment", name("router"))["spec"]["replicas"] == 1
-    # the PDB stays valid for a single replica and never blocks its eviction
+    assert default_render.get("Deployment", name("router"))["spec"]["replicas"] == 2
+    # the PDB never blocks an eviction (one replica at a time, and a single one too)
     pdb = default_render.get("PodDisruptionBudget", name("router"))["spec"]
     assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
     scaled = Rendered(render_raw({"router": {"replicas": 3}}))
     assert scaled.get("Deployment", name("router"))["spec"]["replicas"] == 3
     assert "sessionAffinity" not in scaled.get("Service", name("router"))["spec"]
+    single = Rendered(render_raw({"router": {"replicas": 1}}))
+    assert single.get("Deployment", name("router"))["spec"]["replicas"] == 1
+
+
+def test_router_replicas_share_counts_through_their_own_leases(default_render: Rendered
+                                                               ) -> None:
+    """Each replica publishes its counts in a Lease named after (and owned by) its Pod:
+    the pod's name and UID come from the downward API; the Role allows leases in the
+    release namespace only, and no verb the sharing does not use."""
+    c = _container(default_render, "Deployment", name("router"), "router")
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in c["env"]}
+    assert env["JOULEPOOL_ROUTER_REPLICA_NAME"] == "metadata.name"
+    assert env["JOULEPOOL_ROUTER_REPLICA_UID"] == "metadata.uid"
+    assert float(_flag(c["args"], "--replica-sync-seconds")) > 0
+    assert float(_flag(c["args"], "--replica-ttl-seconds")) > float(
+        _flag(c["args"], "--replica-sync-seconds"))
+    role = default_render.get("Role", name("router-replicas"))
+    assert role["metadata"]["namespace"] == default_render.get(
+        "Deployment", name("router"))["metadata"]["namespace"]
+    assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                              "verbs": ["list", "create", "patch"]}]
+    binding = default_render.get("RoleBinding", name("router-replicas"))
+    assert binding["roleRef"]["name"] == name("router-replicas")
+    assert [s["name"] for s in binding["subjects"]] == [
+        default_render.get("Deployment", name("router"))["spec"]["template"]["spec"][
+            "serviceAccountName"]]
+    # SIGTERM: readiness fails for --drain-seconds, then in-flight requests get 10 s
+    pod = default_render.get("Deployment", name("router"))["spec"]["template"]["spec"]
+    drain = float(_flag(c["args"], "--drain-seconds"))
+    assert drain > 0 and pod["terminationGracePeriodSeconds"] >= drain + 10
 
 
 # --------------------------------------------------------------------------

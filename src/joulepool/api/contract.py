@@ -47,7 +47,14 @@ MANAGED_BY = "joulepool-operator"
 NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 
+#: on each router replica's Lease (coordination.k8s.io/v1): the label value the
+#: replicas list each other by (with :data:`COMPONENT_LABEL`)
+ROUTER_REPLICA_COMPONENT = "router-replica"
+
 # -- annotations ---------------------------------------------------------------
+#: on each router replica's Lease: its cumulative per-pool, per-tier completion and
+#: miss counts and its lambdas (JSON; kube.leases), read by the other replicas
+ROUTER_COUNTS_ANNOTATION = "joulepool.dev/router-counts"
 SPEC_HASH_ANNOTATION = "joulepool.dev/spec-hash"
 #: on an InferencePool kopf left half-done (finalizer not added, or not removed after
 #: deletion: kopf's own PATCH failed and nothing else would retry it): the operator

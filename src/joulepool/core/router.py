@@ -33,8 +33,12 @@ and lambda from :class:`core.controllers.PIController`, stepped every
 the miss rate of the completions since the last step; bulk requests see lambda x
 ``bulk_lambda_factor``.
 
-This state is per instance of the class (per router replica): it learns only
-from the requests it routed and the completions reported to it.
+This state is per instance of the class (per router replica): its ledger and eps
+estimates learn only from the requests it routed and the completions reported to
+it. With several replicas, the PI loop also takes the other replicas' completions
+and misses (:meth:`PoolRouter.absorb_peers`, fed by :mod:`core.replicas` from the
+counts the replicas publish) and moves to the replicas' mean lambda at each sync,
+so every replica's lambda follows the pool-wide miss rate.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from joulepool.core.classes import Tier
 from joulepool.core.controllers import PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR, effective_lambda
 from joulepool.core.online import EpsEstimator, ExpSmoothed, SlidingWindowRate
+from joulepool.core.replicas import Counts, consensus_lambda
 from joulepool.core.routing import (
     EndpointModel,
     default_deadline,
@@ -233,6 +238,8 @@ class PoolRouter:
         self.period_miss = 0
         self.last_pi_t: float | None = None
         self.pi_updates = 0
+        #: this replica's cumulative completions and misses per tier (published to peers)
+        self.counts: dict[str, Counts] = {}
         self.endpoints: list[Endpoint] = []
         self.index: dict[str, int] = {}
         self._alloc(0)
@@ -459,13 +466,17 @@ class PoolRouter:
         return True
 
     def report(self, endpoint: str, request_id: str | None, output_tokens: float,
-               deadline_met: bool, joules: float | None, now: float) -> CompletionOutcome:
-        """A completed request: drops its ledger entry (the oldest one of the endpoint
-        without ``request_id``), learns eps from ``joules`` and the miss ratio."""
+               deadline_met: bool, joules: float | None, now: float,
+               tier: Tier | None = None) -> CompletionOutcome:
+        """A completed request of ``tier`` (None: the pool's): drops its ledger entry (the
+        oldest one of the endpoint without ``request_id``), learns eps from ``joules``
+        and the miss ratio."""
         i = self.index.get(endpoint)
         if i is not None:
             self._learn(i, request_id, output_tokens, joules, now)
         missed = not deadline_met
+        key = str(tier or self.tier)
+        self.counts[key] = self.counts.get(key, Counts()) + Counts(1, int(missed))
         self.window.add(now, missed)
         self.period_n += 1
         self.period_miss += missed
@@ -514,8 +525,31 @@ class PoolRouter:
             self.endpoints[i].drop_routed(request_id)
             self._refresh(i)
 
+    def absorb_peers(self, increment: Counts, peer_lambdas: tuple[float, ...], now: float
+                     ) -> None:
+        """One sync with the other replicas: lambda moves to the mean of this replica's
+        and the fresh peers' (``peer_lambdas``), then the peers' completions and misses
+        since the last sync (``increment``) join this PI period, stepping it when full
+        (core.replicas)."""
+        pi = self.pi
+        if peer_lambdas:
+            lam = consensus_lambda(pi.lam, peer_lambdas, pi.lam_min, pi.lam_max)
+            if lam != pi.lam:
+                pi.lam = lam
+                if self.observer is not None:
+                    self.observer.lambda_changed(self.key, lam)
+        if increment.completions <= 0:
+            return
+        self.period_n += increment.completions
+        self.period_miss += min(increment.misses, increment.completions)
+        if self.last_pi_t is None:
+            self.last_pi_t = now
+        if self.period_n >= self.s.pi_every:
+            self.update_lambda(now)
+
     def update_lambda(self, now: float) -> float:
-        """One PI step with the miss rate of the completions since the last step."""
+        """One PI step with the miss rate of the completions since the last step (this
+        replica's and, with several replicas, its peers')."""
         if self.period_n > 0:
             self.pi.update(self.period_miss / self.period_n)
             self.pi_updates += 1

@@ -22,6 +22,7 @@ from joulepool.api.models import EnergyPolicySpec
 from joulepool.core.classes import Tier
 from joulepool.core.feedback import corrected_profile
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
+from joulepool.core.replicas import Counts, PeerIncrements, ReplicaRecord, fresh_peers
 from joulepool.core.router import (
     Endpoint,
     PoolRouter,
@@ -71,6 +72,9 @@ class Router:
         self._models: dict[tuple[str | None, str | None, int, float, float],
                            EndpointModel] = {}
         self._static_dirty = False
+        self.peer_increments = PeerIncrements()
+        #: fresh peer replicas at the last :meth:`absorb_peers`
+        self.peers = 0
 
     # -- sources -------------------------------------------------------------------------
     def apply_policy(self, spec: EnergyPolicySpec | None) -> None:
@@ -238,6 +242,28 @@ class Router:
         p = self.pools.get(pool)
         return p.apply_scrape(address, waiting, running, now, kv_cache) if p is not None \
             else False
+
+    def replica_counts(self) -> tuple[dict[str, dict[str, Counts]], dict[str, float]]:
+        """This replica's cumulative counts per pool and tier, and its lambda per pool
+        (what it publishes to the other replicas; kube.leases)."""
+        self.sync()
+        return ({k: dict(p.counts) for k, p in self.pools.items()},
+                {k: p.pi.lam for k, p in self.pools.items()})
+
+    def absorb_peers(self, records: list[ReplicaRecord], me: str, wall_now: float,
+                     now: float) -> int:
+        """Feed every pool's PI loop the other replicas' completions and misses since
+        the last call and their lambdas (core.replicas), from the fresh records among
+        ``records`` (``wall_now``: the records' clock; ``now``: the pools').
+        Returns how many fresh peers there were."""
+        self.sync()
+        peers = fresh_peers(records, me, wall_now)
+        increments = self.peer_increments.absorb(peers)
+        for key, pool in self.pools.items():
+            lambdas = tuple(r.lambdas[key] for r in peers if key in r.lambdas)
+            pool.absorb_peers(increments.get(key, Counts()), lambdas, now)
+        self.peers = len(peers)
+        return self.peers
 
     def node_queue_tokens(self, table: NodeTable) -> FloatArray:
         """Tokens queued on each node of ``table`` (summed over its endpoints)."""

@@ -54,6 +54,7 @@ class ServiceSettings(Protocol):
     max_body_bytes: int
     read_timeout_seconds: float
     header_timeout_seconds: float
+    drain_seconds: float
     cluster: bool
     kubeconfig: Path | None
     plan_configmap: str
@@ -95,6 +96,8 @@ class ClusterService:
         self._token_checked = 0.0
         self._file_mtimes: dict[str, float | None] = {}
         self.background_errors = 0
+        #: set on SIGTERM: /readyz fails while requests still get served (drain_seconds)
+        self.draining = False
 
     # -- static sources ---------------------------------------------------------------
     def load_files(self, initial: bool = False) -> None:
@@ -143,10 +146,11 @@ class ClusterService:
 
     @property
     def ready(self) -> bool:
-        return self.state.ready and self.router.static_synced
+        return self.state.ready and self.router.static_synced and not self.draining
 
     def not_ready_reasons(self) -> list[str]:
-        return self.state.not_synced() + ([] if self.router.static_synced else ["endpoints"])
+        return (self.state.not_synced() + ([] if self.router.static_synced else ["endpoints"])
+                + (["shutdown"] if self.draining else []))
 
     def on_tick(self) -> None:
         """Work of the 1 s tick besides the router's housekeeping (services override)."""
@@ -467,9 +471,17 @@ async def _serve(app: web.Application, name: str, ctx: ssl.SSLContext | None) ->
         print(f"joulepool {name} listening on {' '.join(listening)}", flush=True)
         logging.getLogger(f"joulepool.{name}").info("listening on %s", listening)
 
+    async def drain() -> None:
+        svc = app[SERVICE]
+        svc.draining = True
+        if s.drain_seconds > 0:
+            logging.getLogger(f"joulepool.{name}").info(
+                "stopping: not ready, serving %.1f s more before closing", s.drain_seconds)
+            await asyncio.sleep(s.drain_seconds)
+
     await httpserve.serve_until_signalled(app, s.host, s.port, ssl_context=ctx,
                                           header_timeout_s=s.header_timeout_seconds,
-                                          on_started=started)
+                                          on_started=started, on_signal=drain)
 
 
 def run_service(

@@ -45,6 +45,11 @@ class ServiceSettings(ComponentSettings):
     read_timeout_seconds: float = Field(
         30.0, gt=0, description="longest wait for a request body (408 after)"
     )
+    drain_seconds: float = Field(
+        0.0, ge=0, le=300, description="on SIGTERM, answer /readyz 503 but keep serving "
+        "this long (so Services and gateways stop sending), then stop accepting and let "
+        "requests in flight finish (s)"
+    )
     header_timeout_seconds: float = Field(
         10.0, gt=0, description="longest wait for a complete request head, and longest "
         "idle keep-alive (the connection is closed after)"

@@ -64,7 +64,7 @@ from joulepool.kube.service import (
     timed,
     validation_message,
 )
-from joulepool.router import models, proxy
+from joulepool.router import models, proxy, replicas
 from joulepool.router.admission import WaitingRoom
 from joulepool.router.metrics import Metrics, MetricsObserver
 from joulepool.router.settings import Settings
@@ -171,6 +171,8 @@ def create_app(settings: Settings, *, background: bool = True,
     service.add_operations_routes(app)
     if background:
         app.cleanup_ctx.append(service.background)
+    if background:
+        app.cleanup_ctx.append(replicas.replica_sharing)
     if settings.epp_port >= 0:
         app.cleanup_ctx.append(endpoint_picker)
     return app

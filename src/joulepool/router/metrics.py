@@ -52,6 +52,12 @@ class Metrics(ServiceMetrics):
             ["code"], registry=r,
         )
 
+        self.replica_peers = Gauge(
+            "joulepool_router_replica_peers",
+            "Other router replicas whose counts are fresh (their Leases, read last sync)",
+            registry=r,
+        )
+
     def forget_pool(self, pool: str) -> None:
         for g in (self.lam, self.miss_ratio, self.endpoints):
             with contextlib.suppress(KeyError):

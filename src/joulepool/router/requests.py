@@ -337,5 +337,6 @@ def learn(pool: PoolRouter, endpoint: str, decision: RouteDecision, spec: Reques
     """Report the measured outcome to the pool (ledger, miss ratio, PI lambda); returns
     whether the deadline was met."""
     met = deadline_met(decision, spec, m)
-    pool.report(endpoint, decision.request_id, m.output_tokens, met, None, now)
+    pool.report(endpoint, decision.request_id, m.output_tokens, met, None, now,
+                decision.tier)
     return met

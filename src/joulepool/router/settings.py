@@ -55,6 +55,21 @@ class Settings(ServiceSettings):
     proxy_max_wait_seconds: float = Field(
         30.0, gt=0, le=3600, description="proxy: longest a request is held before a 429 (s)")
 
+    replica_name: str | None = Field(
+        None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="this replica's name, and its Lease's (default: the host name; the "
+        "chart passes the pod name)")
+    replica_uid: str | None = Field(
+        None, description="UID of this replica's Pod: its Lease is owned by the Pod and "
+        "deleted with it (the chart passes it)")
+    replica_sync_seconds: float = Field(
+        2.0, ge=0, le=300, description="with --cluster: publish this replica's completion "
+        "and miss counts in its Lease and read the other replicas' this often, so every "
+        "replica's PI lambda follows the pool-wide miss rate (0: off, local counts only)")
+    replica_ttl_seconds: float = Field(
+        10.0, gt=0, le=3600, description="a replica whose Lease was not renewed for this "
+        "long is left out of the pool-wide counts (s)")
+
     @field_validator("routing")
     @classmethod
     def _known_routing(cls, value: str) -> str:

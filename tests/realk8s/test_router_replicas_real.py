@@ -1,0 +1,162 @@
+"""Two ``joulepool router`` replicas with the chart's arguments, on the chart's router
+ServiceAccount, against the real API server: each publishes its completion and miss
+counts in a Lease of its own and reads the other's, so misses reported to one replica
+only move both lambdas, to the same value; the chart's Role is all they need."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import k8slib
+from k8slib import Components, ControlPlane
+
+from joulepool.api.contract import (
+    COMPONENT_LABEL,
+    MODE_LABEL,
+    POOL_LABEL,
+    ROUTER_COUNTS_ANNOTATION,
+    ROUTER_REPLICA_COMPONENT,
+)
+from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
+from joulepool.kube import testing as T
+
+
+def _args(chart: Any, port: int, token_file: str) -> list[str]:
+    """The chart's router args made local, sharing every 0.3 s and stepping PI every
+    10 completions (so the test is short)."""
+    (container,) = chart.get("Deployment", k8slib.service_account("router"))[
+        "spec"]["template"]["spec"]["containers"]
+    args = [a.replace("$(POD_NAMESPACE)", k8slib.RELEASE_NAMESPACE) for a in container["args"]]
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port)),
+                        ("--token-file", token_file), ("--replica-sync-seconds", "0.3"),
+                        ("--replica-ttl-seconds", "3")):
+        args[args.index(flag) + 1] = value
+    if "--epp-port" in args:
+        args[args.index("--epp-port") + 1] = str(k8slib.free_port())
+    return [*args, "--pi-every", "10"]
+
+
+def _call(base: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, headers=headers,
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def _serving_pool(cluster: ControlPlane, namespace: str, nodes: list[str]) -> str:
+    node = f"replicas-h100-{k8slib.free_port()}"
+    nodes.append(node)
+    cluster.create_node(k8slib.gpu_node(node, "H100", 8))
+    pool = f"{namespace}.chat"
+    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": PLAN_CONFIGMAP, "namespace": k8slib.RELEASE_NAMESPACE},
+                   "data": {PLAN_KEY: T.plan({pool: [(node, "H100", 1)]}, version=901)
+                            .to_json()}})
+    cluster.core.create_namespaced_pod(namespace, {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "chat-0", "labels": {POOL_LABEL: pool, MODE_LABEL: "1xH100"}},
+        "spec": {"nodeName": node, "containers": [{
+            "name": "engine", "image": "engine:test",
+            "ports": [{"name": "http", "containerPort": 8000}],
+            "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}})
+    return pool
+
+
+def test_two_replicas_share_miss_counts_through_their_leases(
+        cluster: ControlPlane, chart: Any, procs: Components, namespace: str,
+        nodes: list[str]) -> None:
+    secret = chart.get("Secret", k8slib.service_account("router") + "-token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    token_file = cluster.run_dir / "replicas-token"
+    token_file.write_text(token)
+    pool = _serving_pool(cluster, namespace, nodes)
+    names = [f"router-{namespace[-4:]}-a", f"router-{namespace[-4:]}-b"]
+    bases, routers = [], []
+    for name in names:
+        port = k8slib.free_port()
+        routers.append(procs.joulepool(
+            f"router-{name[-1]}", _args(chart, port, str(token_file)),
+            service_account=k8slib.service_account("router"),
+            env={"JOULEPOOL_ROUTER_REPLICA_NAME": name}))
+        bases.append(f"http://127.0.0.1:{port}")
+    for r in routers:
+        r.wait_log("listening on", timeout=60)
+
+    def decision(base: str) -> Any:
+        status, answer = _call(base, "/v1/route", token,
+                               {"pool": pool, "inputTokens": 64, "outputTokens": 32})
+        return answer if status == 200 else None
+
+    endpoint = k8slib.wait_for("a routing decision", lambda: decision(bases[0]),
+                               timeout=30, interval=0.3)["endpoint"]
+    k8slib.wait_for("the second replica to route", lambda: decision(bases[1]), timeout=30)
+
+    def lam(base: str) -> float:
+        status, answer = _call(base, f"/v1/pools/{pool}", token)
+        assert status == 200, answer
+        return float(answer["lambda"])
+
+    def pool_state(base: str) -> Any:
+        status, answer = _call(base, f"/v1/pools/{pool}", token)
+        assert status == 200, answer
+        return answer
+
+    lam0 = lam(bases[1])
+    # each replica's Lease, named after it; each replica sees the other before the
+    # misses start (its baseline)
+    k8slib.wait_for("both Leases", lambda: len(_leases(cluster, names)) == 2, timeout=20)
+    k8slib.wait_for("replica b to see a", lambda: _peers(bases[1], token) >= 1, timeout=20)
+    time.sleep(1.0)  # a few more syncs: b's baseline of a is a's count before the misses
+    assert pool_state(bases[1])["piUpdates"] == 0
+    # 60 completions, 40 % late, reported to replica a only
+    for i in range(60):
+        status, _ = _call(bases[0], "/v1/complete", token, {
+            "pool": pool, "endpoint": endpoint, "deadlineMet": i % 5 >= 2,
+            "outputTokens": 32, "e2eSeconds": 0.5})
+        assert status == 200
+
+    def converged() -> tuple[float, float] | None:
+        a, b = lam(bases[0]), lam(bases[1])
+        return (a, b) if b > lam0 + 100 and abs(a - b) <= 1e-6 * a else None
+
+    a, b = k8slib.wait_for("both lambdas to rise to one value", converged, timeout=30,
+                           interval=0.3)
+    assert a == b or abs(a - b) <= 1e-6 * a
+    # b stepped its own PI loop on a's counts (consensus alone never steps)
+    assert pool_state(bases[1])["piUpdates"] >= 1
+    (lease_a,) = [x for x in _leases(cluster, names) if x.spec.holder_identity == names[0]]
+    doc = json.loads(lease_a.metadata.annotations[ROUTER_COUNTS_ANNOTATION])
+    assert doc["pools"][pool]["interactive"] == {"completions": 60, "misses": 24}
+    for r in routers:
+        assert r.forbidden_lines() == []
+
+
+def _leases(cluster: ControlPlane, names: list[str]) -> list[Any]:
+    """The router-replica Leases of ``names`` in the release namespace."""
+    from kubernetes import client
+
+    api = client.CoordinationV1Api(cluster.api_client())
+    return [x for x in api.list_namespaced_lease(
+        k8slib.RELEASE_NAMESPACE,
+        label_selector=f"{COMPONENT_LABEL}={ROUTER_REPLICA_COMPONENT}").items
+        if x.metadata.name in names]
+
+
+def _peers(base: str, token: str) -> float:
+    req = urllib.request.Request(base + "/metrics",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("joulepool_router_replica_peers "):
+                return float(line.split()[1])
+    return -1.0
