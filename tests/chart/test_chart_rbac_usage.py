@@ -44,6 +44,13 @@ _use(_SERVICES, "", "configmaps", "list watch", "kube/watch.py",
      r"field_selector=f\"metadata\.name=")
 _use(_SERVICES, "joulepool.dev", "energypolicies", "get", "kube/policy.py",
      r"get_cluster_custom_object\(\s*GROUP, VERSION, ENERGYPOLICIES")
+# the router replicas' counts, one Lease each (kube/leases.py)
+_use(("router",), "coordination.k8s.io", "leases", "create", "kube/leases.py",
+     r"self\.api\.create_namespaced_lease\(self\.namespace, body\)")
+_use(("router",), "coordination.k8s.io", "leases", "patch", "kube/leases.py",
+     r"self\.api\.patch_namespaced_lease\(self\.replica, self\.namespace, body\)")
+_use(("router",), "coordination.k8s.io", "leases", "list", "kube/leases.py",
+     r"self\.api\.list_namespaced_lease\(\s*self\.namespace, label_selector=")
 # kube-scheduler itself (not our code): leader election on its own lease
 _use(("scheduler",), "coordination.k8s.io", "leases", "create get update",
      "charts/joulepool/templates/scheduler-configmap.yaml", r"leaderElect: \{\{ \$le\.enabled")
@@ -206,6 +213,9 @@ CLIENT_CALLS: dict[str, tuple[str, str, str]] = {
     "read_namespaced_config_map": ("", "configmaps", "get"),
     "read_namespaced_daemon_set_status": ("apps", "daemonsets/status", "get"),
     "read_node": ("", "nodes", "get"),
+    "create_namespaced_lease": ("coordination.k8s.io", "leases", "create"),
+    "patch_namespaced_lease": ("coordination.k8s.io", "leases", "patch"),
+    "list_namespaced_lease": ("coordination.k8s.io", "leases", "list"),
 }
 #: ClusterState methods that share a name with a client method (the cache, not the API)
 CACHE_METHODS = {"delete_node", "delete_pod"}
@@ -226,7 +236,8 @@ def _api_methods() -> set[str]:
 #: modules per component whose kubernetes-client calls must all be in USES
 MODULES = {
     "scheduler": ["kube/watch.py", "kube/policy.py", "kube/service.py", "extender/app.py"],
-    "router": ["kube/watch.py", "kube/policy.py", "kube/service.py", "router/app.py"],
+    "router": ["kube/watch.py", "kube/policy.py", "kube/service.py", "router/app.py",
+               "kube/leases.py", "router/replicas.py"],
     "node-agent": ["nodeagent/discovery.py", "nodeagent/plansource.py",
                    "nodeagent/publisher.py", "nodeagent/runner.py", "nodeagent/agent.py"],
     "node-agent-reset": ["nodeagent/uninstall.py"],
@@ -259,12 +270,14 @@ def test_every_client_call_has_a_grant(component: str) -> None:
 
 def test_deliberately_absent(all_grants: tuple[set[Grant], Any]) -> None:
     """No component may read Secrets but the operator (carbon source credentials), and
-    none but the operator writes outside its own status."""
+    none but the operator writes outside its own status, its own Leases (the router's
+    replica counts, kube-scheduler's leader election) excepted."""
     grants = all_grants[0]
     assert {c for (c, _g, r, _v) in grants if r == "secrets"} == {"operator"}
     writes = {(c, r) for (c, _g, r, v) in grants
               if v in ("create", "update", "patch", "delete") and c != "operator"}
-    assert writes == {("node-agent", "gpuprofiles/status"), ("scheduler", "leases")}
+    assert writes == {("node-agent", "gpuprofiles/status"), ("scheduler", "leases"),
+                      ("router", "leases")}
 
 
 def test_uses_table_paths_exist() -> None:
