@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from joulepool.core.classes import SLO_SETS
+    from joulepool.sim.cluster import DEFAULT_LOAD
+
     parser.description = (
         "Replay a production LLM trace on a simulated heterogeneous GPU cluster and compare "
         "scheduling policies on energy, carbon, latency and SLOs. With no arguments: the "
@@ -37,15 +40,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "600 for joulesched-320, 3600 for freesh-3site)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--load", type=float, metavar="F",
-                      help="offered load as a fraction of the rate at which round-robin "
-                           "saturates the slowest static instance (default 0.8 on "
-                           "joulesched-320; freesh-3site defaults to --scale 1)")
+                      help="offered load as a fraction of the cluster's capacity at SLO: the "
+                           "req/s its static deployment serves within the SLOs under "
+                           "least-loaded (core's serving_point at the trace's mean request, "
+                           "summed over instances), so 0.5 = half of what it can serve "
+                           f"(default {DEFAULT_LOAD:g} on joulesched-320; freesh-3site "
+                           "defaults to --scale 1; every run prints its share of capacity)")
     load.add_argument("--rate", type=float, metavar="RPS",
                       help="mean arrival rate, req/s (NHPP with the trace's per-minute shape)")
     load.add_argument("--scale", type=float, metavar="X",
                       help="multiply the trace's per-minute rates by X (NHPP)")
     load.add_argument("--replay", action="store_true",
                       help="replay the trace's own timestamps and tokens as they are")
+    parser.add_argument("--slos", default="freesh", choices=sorted(SLO_SETS), metavar="SET",
+                        help="interactive-tier SLOs of every class: "
+                             + "; ".join(s.describe() for s in SLO_SETS.values())
+                             + " (default %(default)s); bulk gets --bulk-slack times them")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="independent repeats (seeds seed..seed+N-1) for 95%% confidence "
@@ -170,6 +180,7 @@ def _cluster(args: argparse.Namespace, assume: dict[str, float]) -> SimCluster:
 
 def _experiment(args: argparse.Namespace) -> Experiment:
     """The experiment the arguments describe (bad input: UsageError, exit 2)."""
+    from joulepool.core.classes import slo_set
     from joulepool.sim.policies import parse_policies
     from joulepool.sim.runner import Experiment, default_jobs
     from joulepool.sim.trace import TraceError, load_trace
@@ -191,7 +202,7 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat,
         jobs=args.jobs or default_jobs(), mix=extra["mix"], predictor_mae=args.predictor_mae,
         bulk_slack=args.bulk_slack, alpha=args.alpha, headroom_scale=args.headroom,
-        params=_engine_params(args),
+        params=_engine_params(args), slos=slo_set(args.slos),
     )
 
 

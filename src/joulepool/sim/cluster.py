@@ -10,7 +10,7 @@ groups with name/site/product/gpus/count, optional ``carbon`` per site and
       planModes: [1xA100, 1xH100]      # modes the planner may use (default: all profiled)
       objective: energy                # planner objective: energy | carbon
       durationSeconds: 600             # default --duration
-      load: 0.8                        # default arrivals: one of load, scale, rate, replay
+      load: 0.5                        # default arrivals: one of load, scale, rate, replay
 
 Sites without a carbon entry get the dirtiest listed intensity (as the
 planner does), or 420 gCO2/kWh if none is listed.
@@ -47,6 +47,12 @@ class ClusterError(ValueError):
     """A cluster description that cannot be simulated."""
 
 
+#: default offered load: this fraction of the static deployment's capacity at SLO
+#: (``sim.runner.capacity_at_slo``), the utilisation of a cluster sized for its peaks
+#: (docs/simulator.md, "Offered load")
+DEFAULT_LOAD = 0.5
+
+
 @dataclass(frozen=True)
 class SimCluster:
     name: str
@@ -59,9 +65,9 @@ class SimCluster:
     objective: Literal["energy", "carbon"]
     duration_s: float
     notes: tuple[str, ...] = ()
-    #: default arrivals: ("load", fraction of the round-robin-stable rate), ("scale", x trace
+    #: default arrivals: ("load", fraction of the capacity at SLO), ("scale", x trace
     #: rate), ("rate", req/s) or ("replay", 1)
-    default_arrival: tuple[str, float] = ("load", 0.8)
+    default_arrival: tuple[str, float] = ("load", DEFAULT_LOAD)
     profiles: tuple[ServingProfile, ...] = field(default=DEFAULT_PROFILES, repr=False)
 
     def __post_init__(self) -> None:
@@ -322,12 +328,12 @@ def _file_duration(p: Path, sim: dict[str, Any]) -> float:
 
 
 def _file_arrival(p: Path, sim: dict[str, Any]) -> tuple[str, float]:
-    """At most one of simulator.load/scale/rate/replay (default load 0.8)."""
+    """At most one of simulator.load/scale/rate/replay (default load DEFAULT_LOAD)."""
     given = [k for k in _ARRIVAL_KEYS if k in sim]
     if len(given) > 1:
         raise ClusterError(f"{p}: simulator: give at most one of {', '.join(_ARRIVAL_KEYS)}")
     if not given:
-        return ("load", 0.8)
+        return ("load", DEFAULT_LOAD)
     key = given[0]
     try:
         value = 1.0 if key == "replay" else float(sim[key])

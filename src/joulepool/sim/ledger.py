@@ -105,12 +105,18 @@ class SiteBuckets:
             self.cum_prev[s] = per_site[s]
         self.starts.append(t)
 
+    def carbon_series_g(self, cluster: SimCluster) -> dict[str, list[float]]:
+        """Per site, gCO2 of each closed bucket at the site's intensity at the bucket's
+        start (bucket k spans ``starts[k]`` to ``starts[k + 1]``)."""
+        return {s: [grams_co2(e, cluster.carbon_at(s, self.starts[k]))
+                    for k, e in enumerate(self.buckets[s])] for s in self.sites}
+
     def carbon_g(self, cluster: SimCluster) -> float:
-        """gCO2 of the closed buckets at each site's intensity at each bucket's start."""
+        """gCO2 of the closed buckets: the sum of :meth:`carbon_series_g`."""
         carbon = 0.0
-        for s in self.sites:
-            for k, e in enumerate(self.buckets[s]):
-                carbon += grams_co2(e, cluster.carbon_at(s, self.starts[k]))
+        for series in self.carbon_series_g(cluster).values():
+            for g in series:
+                carbon += g
         return carbon
 
 

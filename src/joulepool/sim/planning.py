@@ -6,8 +6,8 @@ cluster's plan modes and nodes, per (class, mode) the power and sustainable
 rate from :meth:`ServingProfile.operating_point` (core's queueing model with
 its default :class:`~joulepool.core.profiles.Headroom`, the same call
 ``joulepool plan`` and the operator make) at the class's mean prompt and
-predicted response and FREESH's SLO, the forecast per 5-min step and the
-sites' carbon.
+predicted response and the workload's SLO set (FREESH's by default), the
+forecast per 5-min step and the sites' carbon.
 
 The forecast of a step is what a per-minute forecaster that provisions for
 the peak would give: the busiest minute of each class inside the step
@@ -36,7 +36,6 @@ from joulepool.core.classes import (
     PLAN_ALPHA,
     PLAN_INTERVAL_S,
     PLAN_STEP_S,
-    freesh_slo,
 )
 from joulepool.core.planner import Mode, PlanProblem
 from joulepool.core.problem import ServiceClass, build_problem
@@ -207,7 +206,7 @@ def _plan_problem(
     forecast, mean = step_forecast(workload, start_s, end, step_s, steps)
     classes = []
     for r, name in enumerate(CLASS_NAMES):
-        slo = freesh_slo(name)
+        slo = workload.slos.for_class(name)
         classes.append(ServiceClass(name, float(mean_in[r]), float(mean_out[r]), slo.ttft_s,
                                     slo.tpot_s, tuple(float(v) for v in forecast[r])))
     built = build_problem(

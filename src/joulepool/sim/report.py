@@ -254,7 +254,12 @@ def result_document(
             "per_instance_rps": res.capacity.per_mode_rps,
             "total_rps": res.capacity.total_rps,
             "round_robin_stable_rps": res.capacity.rr_stable_rps,
+            "per_instance_slo_rps": res.capacity.per_mode_slo_rps,
+            "slo_rps": res.capacity.slo_rps,
         },
+        "slos": {"name": exp.slos.name, "ttft_short_prompt_s": exp.slos.ttft_short_prompt_s,
+                 "ttft_long_prompt_s": exp.slos.ttft_long_prompt_s,
+                 "tpot_s": exp.slos.tpot_s, "source": exp.slos.source},
         "repeats": [
             {
                 "seed": r.seed,

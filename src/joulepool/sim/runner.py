@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
-from joulepool.core.classes import CLASS_NAMES, freesh_slo
+from joulepool.core.classes import CLASS_NAMES, FREESH_SLOS, ClassBoundaries, SLOSet
 from joulepool.core.energy import megajoules_per_hour
 from joulepool.core.profiles import DEFAULT_HEADROOM, ServingProfile, assumed
-from joulepool.sim.cluster import SimCluster
+from joulepool.sim.cluster import DEFAULT_LOAD, SimCluster
 from joulepool.sim.engine import EngineParams, RunResult, simulate, static_deployment
 from joulepool.sim.planning import PLAN_ALPHA, WindowPlan, plan_windows, planner_assumptions
 from joulepool.sim.policies import POLICIES
@@ -34,11 +34,9 @@ from joulepool.sim.workload import (
     build_workload,
 )
 
-#: the tightest TPOT of any class (FREESH: 150 ms): fixes each profile's operating batch
-TPOT_TARGET_S = 0.15
-#: default offered load: this fraction of the rate at which round-robin saturates
-#: the slowest static instance (so the baseline is stable and comparisons are at iso-work)
-DEFAULT_LOAD = 0.8
+#: the tightest TPOT of any class under FREESH's SLOs (150 ms): fixes each profile's
+#: operating batch unless an experiment's SLO set says otherwise
+TPOT_TARGET_S = FREESH_SLOS.tpot_s
 
 ArrivalMode = Literal["replay", "scale", "rate", "load"]
 
@@ -61,16 +59,22 @@ class Experiment:
     #: share of core's default queueing headroom the planner sizes pools with (1 = all)
     headroom_scale: float = 1.0
     params: EngineParams = field(default_factory=EngineParams)
+    #: interactive-tier SLO targets of every class (deadlines, attainment, planner,
+    #: routers, the operating batch behind eps, the capacity ``load`` is relative to)
+    slos: SLOSet = FREESH_SLOS
 
 
 @dataclass(frozen=True)
 class Capacity:
     """Sustainable request rates of the static deployment at the trace's mean tokens."""
 
-    per_mode_rps: dict[str, float]
+    per_mode_rps: dict[str, float]  # saturation throughput per instance (TPOT-bound batch)
     instances: dict[str, int]
     total_rps: float
     rr_stable_rps: float  # instances x slowest instance's rate
+    #: per instance, req/s it sustains within SLO (:func:`capacity_at_slo`)
+    per_mode_slo_rps: dict[str, float] = field(default_factory=dict)
+    slo_rps: float = 0.0  # the whole static deployment's capacity at SLO, req/s
 
 
 @dataclass
@@ -138,36 +142,67 @@ def apply_assumptions(
 
 
 # ------------------------------------------------------------------ building blocks
-def model_tables(cluster: SimCluster) -> dict[str, ProfileTable]:
+def model_tables(cluster: SimCluster, tpot_s: float = TPOT_TARGET_S) -> dict[str, ProfileTable]:
+    """Each mode's table; ``tpot_s`` (the tightest TPOT SLO) fixes the batch behind eps."""
     modes: dict[str, ProfileTable] = {}
     for p in cluster.profiles:
         if p.model == cluster.model:
-            modes[p.mode] = build_table(p, TPOT_TARGET_S)  # later profiles win
+            modes[p.mode] = build_table(p, tpot_s)  # later profiles win
     return modes
 
 
+def capacity_at_slo(profile: ServingProfile, mean_input_tokens: float,
+                    mean_output_tokens: float, slos: SLOSet = FREESH_SLOS,
+                    boundaries: ClassBoundaries | None = None) -> float:
+    """Requests/s one instance of ``profile`` sustains within ``slos`` for requests of these
+    mean token counts: core's ``ServingProfile.serving_point`` (the planner's L[r, m],
+    queueing headroom included) at the SLO of the class such a request falls in.
+
+    Summed over a deployment this is what least-loaded can serve at SLO, the rate
+    ``--load`` is a fraction of (docs/simulator.md, "Offered load").
+    """
+    bounds = boundaries or ClassBoundaries()
+    slo = slos.for_class(bounds.classify(round(mean_input_tokens), round(mean_output_tokens)))
+    return profile.serving_point(mean_input_tokens, mean_output_tokens, slo.ttft_s,
+                                 slo.tpot_s).rps
+
+
 def static_capacity(cluster: SimCluster, mean_in: float, mean_out: float,
-                    tables: dict[str, ProfileTable]) -> Capacity:
+                    tables: dict[str, ProfileTable], slos: SLOSet = FREESH_SLOS) -> Capacity:
+    """The static deployment's rates at these mean token counts: saturation throughput at
+    ``slos``'s TPOT (weighs least-loaded routing) and the capacity within ``slos``."""
     per_mode: dict[str, float] = {}
+    per_mode_slo: dict[str, float] = {}
     instances: dict[str, int] = {}
     for _, mode, count in static_deployment(cluster, tables):
         prof = tables[mode].profile
         # saturation throughput (TPOT-limited batch, prefill included, no queueing
-        # headroom): sizes the offered load and weighs least-loaded routing
-        per_mode[mode] = prof.throughput_rps(mean_in, mean_out, TPOT_TARGET_S)
+        # headroom): weighs least-loaded routing
+        per_mode[mode] = prof.throughput_rps(mean_in, mean_out, slos.tpot_s)
+        per_mode_slo[mode] = capacity_at_slo(prof, mean_in, mean_out, slos)
         instances[mode] = instances.get(mode, 0) + count
     if not instances:
         return Capacity({}, {}, 0.0, 0.0)
     total = sum(per_mode[m] * n for m, n in instances.items())
     n_inst = sum(instances.values())
     slowest = min(per_mode[m] for m in instances)
-    return Capacity(per_mode, instances, total, n_inst * slowest)
+    slo_total = sum(per_mode_slo[m] * n for m, n in instances.items())
+    return Capacity(per_mode, instances, total, n_inst * slowest, per_mode_slo, slo_total)
+
+
+def trace_capacity(cluster: SimCluster, trace: Trace, slos: SLOSet = FREESH_SLOS,
+                   tables: dict[str, ProfileTable] | None = None) -> Capacity:
+    """:func:`static_capacity` of ``cluster`` at ``trace``'s mean prompt and response."""
+    return static_capacity(cluster, float(trace.input_tokens.mean()),
+                           float(trace.output_tokens.mean()),
+                           tables if tables is not None else model_tables(cluster, slos.tpot_s),
+                           slos)
 
 
 def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
     demands = []
     for ci, name in enumerate(CLASS_NAMES):
-        base = freesh_slo(name)
+        base = workload.slos.for_class(name)
         for bulk in (False, True):
             sel = (workload.cls == ci) & (workload.bulk == bulk)
             if not sel.any():
@@ -189,21 +224,34 @@ def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
 
 def resolve_rate(exp: Experiment, capacity: Capacity) -> tuple[Literal["replay", "scale", "rate"],
                                                                   float, list[str]]:
+    """(arrival mode, value, notes): ``load`` F becomes the rate F x ``capacity.slo_rps``."""
     notes = []
     if exp.arrival_mode == "load":
-        rate = exp.arrival_value * capacity.rr_stable_rps
+        rate = exp.arrival_value * capacity.slo_rps
         if rate <= 0:
-            raise ValueError("the cluster has no static instance to size the load by")
-        slow = min(capacity.per_mode_rps, key=lambda m: capacity.per_mode_rps[m])
+            raise ValueError(
+                "no static instance of the cluster serves the trace's mean request within "
+                f"the SLOs ({exp.slos.describe()}), so there is no capacity to size --load "
+                "by: give --rate or --scale")
+        per = ", ".join(f"{n} x {m} at {capacity.per_mode_slo_rps[m]:.2f}"
+                        for m, n in sorted(capacity.instances.items()))
         notes.append(
-            f"load {exp.arrival_value:g} x round-robin-stable rate "
-            f"({sum(capacity.instances.values())} static instances x "
-            f"{capacity.per_mode_rps[slow]:.2f} req/s, the slowest ({slow}) instance's rate) "
-            f"= {rate:.1f} req/s; the static deployment sustains {capacity.total_rps:.0f} req/s "
-            f"in all, so the cluster runs at {100 * rate / capacity.total_rps:.1f} % of capacity"
+            f"load {exp.arrival_value:g} x the static deployment's capacity at SLO "
+            f"({per} req/s = {capacity.slo_rps:.1f} req/s, core's serving_point at the "
+            f"trace's mean request) = {rate:.1f} req/s"
         )
         return "rate", rate, notes
     return exp.arrival_mode, exp.arrival_value, notes
+
+
+def utilisation_note(workload: Workload, capacity: Capacity) -> str:
+    """The run's mean offered rate as a share of the capacity at SLO, for every mode."""
+    if capacity.slo_rps <= 0:
+        return (f"offered {workload.mean_rate_rps:.1f} req/s; no static instance serves the "
+                "trace's mean request within the SLOs")
+    return (f"offered {workload.mean_rate_rps:.1f} req/s on average = "
+            f"{workload.mean_rate_rps / capacity.slo_rps:.0%} of the static deployment's "
+            f"capacity at SLO ({capacity.slo_rps:.1f} req/s)")
 
 
 # ------------------------------------------------------------------ parallel plumbing
@@ -254,7 +302,7 @@ def _prepare_repeats(
         seed = exp.seed + r
         wl = build_workload(
             exp.trace, exp.duration_s, mode=mode, value=value, seed=seed, mix=exp.mix,
-            predictor_mae=exp.predictor_mae, bulk_slack=exp.bulk_slack,
+            predictor_mae=exp.predictor_mae, bulk_slack=exp.bulk_slack, slos=exp.slos,
         )
         headroom = DEFAULT_HEADROOM.scaled(exp.headroom_scale)
         plans = plan_windows(exp.cluster, wl, alpha=exp.alpha,
@@ -331,12 +379,12 @@ def run_experiment(
 ) -> ExperimentResult:
     """Run everything; ``progress(done_sim_s, total_sim_s)`` is called as runs advance."""
     t0 = time.perf_counter()
-    tables = model_tables(exp.cluster)
-    cap = static_capacity(exp.cluster, float(exp.trace.input_tokens.mean()),
-                          float(exp.trace.output_tokens.mean()), tables)
+    tables = model_tables(exp.cluster, exp.slos.tpot_s)
+    cap = trace_capacity(exp.cluster, exp.trace, exp.slos, tables)
     mode, value, notes = resolve_rate(exp, cap)
     description = exp.cluster.describe() + notes
     repeats = _prepare_repeats(exp, mode, value, description)
+    description.append(utilisation_note(repeats[0].workload, cap))
     tasks = [(p, r) for r in range(exp.repeat) for p in exp.policies]
     runs: _Runs = {p: [None] * exp.repeat for p in exp.policies}
     _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=cap)

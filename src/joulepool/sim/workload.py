@@ -24,7 +24,14 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.classes import CLASS_NAMES, SLO, ClassBoundaries, Tier, freesh_slo
+from joulepool.core.classes import (
+    CLASS_NAMES,
+    FREESH_SLOS,
+    SLO,
+    ClassBoundaries,
+    SLOSet,
+    Tier,
+)
 from joulepool.sim.trace import MAX_SPAN_S, Trace
 
 FloatArray = npt.NDArray[np.float64]
@@ -62,6 +69,9 @@ class Workload:
     #: expected arrivals/s in each minute of the run (the NHPP's rate, minute k from 60 k s);
     #: None when arrivals replay a trace: then only the realised arrivals are known
     minute_rate_rps: FloatArray | None = None
+    #: the SLO set behind ttft_slo_s, tpot_slo_s and deadline_s (interactive tier; bulk
+    #: requests have it times the bulk slack); the planner and the floor read it too
+    slos: SLOSet = FREESH_SLOS
 
     @property
     def requests(self) -> int:
@@ -178,16 +188,17 @@ def _arrivals(
 
 
 def _slo_columns(
-    cls: IntArray, is_batch: npt.NDArray[np.bool_], out: IntArray, bulk_slack: float
+    cls: IntArray, is_batch: npt.NDArray[np.bool_], out: IntArray, bulk_slack: float,
+    slos: SLOSet = FREESH_SLOS,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Per request: FREESH's TTFT and TPOT for its class (x ``bulk_slack`` for bulk) and
-    its deadline, s."""
+    """Per request: the TTFT and TPOT of ``slos`` for its class (x ``bulk_slack`` for
+    bulk) and its deadline, s."""
     n = cls.size
     ttft = np.empty(n)
     tpot = np.empty(n)
     deadline = np.empty(n)
     for ci, name in enumerate(CLASS_NAMES):
-        base = freesh_slo(name)
+        base = slos.for_class(name)
         for bulk in (False, True):
             k = bulk_slack if bulk else 1.0
             slo = SLO(ttft_s=base.ttft_s * k, tpot_s=base.tpot_s * k)
@@ -232,12 +243,14 @@ def build_workload(
     predictor_mae: float = DEFAULT_PREDICTOR_MAE,
     bulk_slack: float = DEFAULT_BULK_SLACK,
     boundaries: ClassBoundaries | None = None,
+    slos: SLOSet = FREESH_SLOS,
 ) -> Workload:
     """Requests for one run.
 
     ``mode``: ``replay`` (trace timestamps, looped if the run is longer;
     ``value`` ignored), ``scale`` (NHPP at ``value`` x the trace's rate shape)
-    or ``rate`` (NHPP scaled to a mean of ``value`` req/s over the run).
+    or ``rate`` (NHPP scaled to a mean of ``value`` req/s over the run). ``slos``:
+    the interactive tier's TTFT/TPOT targets per class (deadline = TTFT + tokens x TPOT).
     """
     _check_workload_args(duration_s, mix, bulk_slack)
     bounds = boundaries or ClassBoundaries()
@@ -261,13 +274,13 @@ def build_workload(
     is_rag = ~is_batch & (inp >= rag_threshold)
     category = np.where(is_batch, 2, np.where(is_rag, 1, 0)).astype(np.int64)
     cls = bounds.classify_many(inp, pred).astype(np.int64)
-    ttft, tpot, deadline = _slo_columns(cls, is_batch, out, bulk_slack)
+    ttft, tpot, deadline = _slo_columns(cls, is_batch, out, bulk_slack, slos)
     desc = [
         arrivals_text,
         _mix_text(category, batch_share, rag_threshold, rag_of_rest),
         _classes_text(cls, bounds, predictor_mae),
-        "SLOs: FREESH TTFT 300 ms (short prompt) / 600 ms (long), TPOT 150 ms; deadline = "
-        f"TTFT + tokens x TPOT; bulk x{bulk_slack:g} on all three",
+        f"SLOs {slos.describe()}; deadline = TTFT + tokens x TPOT; bulk x{bulk_slack:g} on "
+        "all three",
     ]
     return Workload(
         arrival_s=np.asarray(arrival, dtype=np.float64),
@@ -284,4 +297,5 @@ def build_workload(
         scale=float(scale),
         description=tuple(desc),
         minute_rate_rps=None if mode == "replay" else minute_intensity(trace, duration_s, scale),
+        slos=slos,
     )
