@@ -44,8 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "req/s its static deployment serves within the SLOs under "
                            "least-loaded (core's serving_point at the trace's mean request, "
                            "summed over instances), so 0.5 = half of what it can serve "
-                           f"(default {DEFAULT_LOAD:g} on joulesched-320; freesh-3site "
-                           "defaults to --scale 1; every run prints its share of capacity)")
+                           f"(default {DEFAULT_LOAD:g} on the built-in clusters; every run "
+                           "prints its offered rate's share of that capacity)")
     load.add_argument("--rate", type=float, metavar="RPS",
                       help="mean arrival rate, req/s (NHPP with the trace's per-minute shape)")
     load.add_argument("--scale", type=float, metavar="X",

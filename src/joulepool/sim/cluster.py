@@ -223,10 +223,11 @@ def freesh_3site() -> SimCluster:
         plan_modes=("2xA100", "4xA100", "8xA100", "4xH100"),
         objective="carbon",
         duration_s=3600.0,
-        default_arrival=("scale", 1.0),
         notes=(
-            "FREESH served a 1-hour production workload: by default the trace at its own rate "
-            "(x1, NHPP so repeats differ); "
+            "FREESH served a 1-hour production workload at the trace's own rate (--scale 1: "
+            "about twice what this cluster serves within SLO with a 70B model, by "
+            f"sim.runner.capacity_at_slo); by default {DEFAULT_LOAD:g} of the capacity at "
+            "SLO, as every built-in cluster; "
             "FREESH's 3 sites, (A100, H100) = (4, 4), (12, 2), (8, 0), and its four modes "
             "2x/4x/8xA100 and 4xH100; served model llama-3.1-70b (FREESH's pool profiles "
             "point to a 70B model; our profiles, not FREESH's table, are used); "

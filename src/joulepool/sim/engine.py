@@ -173,8 +173,6 @@ class RunResult:
     #: step k starts at ``carbon_step_starts_s[k]``
     site_carbon_g: dict[str, FloatArray] = field(default_factory=dict)
     carbon_step_starts_s: FloatArray = field(default_factory=lambda: np.zeros(0))
-    #: planner policies: (t, the plan's instances per class of CLASS_NAMES) per window
-    class_instances: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
     samples_t: FloatArray = field(default_factory=lambda: np.zeros(0))
     samples_clock: dict[str, FloatArray] = field(default_factory=dict)
     samples_power: dict[str, FloatArray] = field(default_factory=dict)
@@ -275,8 +273,7 @@ class Simulator:
     """
 
     __slots__ = (
-        "T", "class_instances", "cluster", "controllers", "done", "dropped", "ended", "events",
-        "evq",
+        "T", "cluster", "controllers", "done", "dropped", "ended", "events", "evq",
         "fallback_routes",
         "gpus",
         "hlog",
@@ -379,8 +376,6 @@ class Simulator:
         self.plog: list[tuple[float, int, float]] | None = [] if prm.record_power else None
         self.hlog: list[tuple[float, int, int]] | None = [] if prm.record_power else None
         self.plan_capacity: dict[str, tuple[float, ...]] = {}
-        #: (t, instances per class) each time a plan window is applied (planner pools)
-        self.class_instances: list[tuple[float, tuple[int, ...]]] = []
         self.static_capacity = dict(static_capacity_rps or {})
         self.limits = self._engine_limits()
         self._init_counters()
@@ -928,11 +923,8 @@ class Simulator:
         self.plan_capacity.clear()
         self.plan_capacity.update(plan.capacity_rps)
         want: dict[tuple[str, str], list[int]] = {}
-        per_class = [0] * len(CLASS_NAMES)
         for pi_ in plan.instances:
             want.setdefault((pi_.node, pi_.mode), []).extend([pi_.cls] * pi_.count)
-            per_class[pi_.cls] += pi_.count
-        self.class_instances.append((t, tuple(per_class)))
         have: dict[tuple[str, str], list[Instance]] = {}
         for inst in self.instances:
             if inst.state in (ACTIVE, PENDING, STARTING):
@@ -1011,7 +1003,6 @@ class Simulator:
             site_carbon_g={s: np.asarray(v) for s, v in
                            self.site_buckets.carbon_series_g(self.cluster).items()},
             carbon_step_starts_s=np.asarray(self.site_buckets.starts[:-1], dtype=np.float64),
-            class_instances=self.class_instances,
             samples_t=np.asarray(samples.t),
             samples_clock={n: np.asarray(v)
                            for n, v in zip(samples.names, samples.clock, strict=True)},

@@ -1,4 +1,9 @@
-"""PNG plots of a run (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of a run (matplotlib, Agg backend: no display needed).
+
+Each plot function draws one figure and returns it after saving (closed, so it
+holds no display resources): tests inspect its axes and lines, not pixels.
+Titles name the cluster, trace, load and SLO set (:func:`scenario_title`).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from joulepool.core.classes import CLASS_NAMES, Tier
+from joulepool.core.cost import effective_lambda
 from joulepool.core.energy import megajoules_per_hour
-from joulepool.sim.report import BASELINE, Summary
+from joulepool.sim.report import BASELINE, Summary, plan_class_series
 from joulepool.sim.runner import ExperimentResult
 
 MAX_CDF_POINTS = 4000
@@ -24,7 +31,7 @@ def _plt() -> Any:
     return plt
 
 
-def energy_plot(res: ExperimentResult, summary: Summary, path: Path) -> None:
+def energy_plot(res: ExperimentResult, summary: Summary, path: Path) -> Any:
     plt = _plt()
     names = list(summary.stats)
     means = [summary.stats[p]["energy_mj_per_h"].mean for p in names]
@@ -50,6 +57,7 @@ def energy_plot(res: ExperimentResult, summary: Summary, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def _cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +69,7 @@ def _cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v, np.arange(1, v.size + 1) / max(n_all, 1)
 
 
-def latency_plot(res: ExperimentResult, path: Path) -> None:
+def latency_plot(res: ExperimentResult, path: Path) -> Any:
     plt = _plt()
     wl = res.repeats[0].workload
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -80,15 +88,16 @@ def latency_plot(res: ExperimentResult, path: Path) -> None:
         ax.set_title(f"{title} (seed {res.repeats[0].seed})\n{scenario_title(res)}",
                      fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].axvline(0.3, color="grey", linewidth=0.8, linestyle=":")
-    axes[1].axvline(0.6, color="grey", linewidth=0.8, linestyle=":")
+    for slo_s in _ttft_slos(res):
+        axes[1].axvline(slo_s, color="grey", linewidth=0.8, linestyle=":")
     axes[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
-def clock_power_plot(res: ExperimentResult, path: Path) -> None:
+def clock_power_plot(res: ExperimentResult, path: Path) -> Any:
     plt = _plt()
     policies = list(res.runs)
     fig, axes = plt.subplots(len(policies), 2, figsize=(12, 1.9 * len(policies) + 0.8),
@@ -111,16 +120,21 @@ def clock_power_plot(res: ExperimentResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def scenario_title(res: ExperimentResult) -> str:
-    """Cluster, trace and load of the run, for plot titles."""
+    """Cluster, trace, load (share of the capacity at SLO and req/s) and SLO set."""
     exp = res.experiment
-    return (f"{exp.cluster.name} | trace {exp.trace.name} | "
-            f"{exp.arrival_mode} {exp.arrival_value:g}")
+    rate = res.repeats[0].workload.mean_rate_rps if res.repeats else math.nan
+    cap = res.capacity.slo_rps
+    load = f"load {rate / cap:.0%} of capacity at SLO" if cap > 0 else \
+        f"{exp.arrival_mode} {exp.arrival_value:g}"
+    return (f"{exp.cluster.name} | trace {exp.trace.name} | {load} ({rate:.3g} req/s) | "
+            f"SLOs {exp.slos.name}")
 
 
-def tradeoff_plot(res: ExperimentResult, summary: Summary, path: Path) -> None:
+def tradeoff_plot(res: ExperimentResult, summary: Summary, path: Path) -> Any:
     """Energy and carbon against P99 latency per policy (log latency axis), each point
     labelled with its deadline attainment: the trade-off in one picture."""
     plt = _plt()
@@ -143,17 +157,160 @@ def tradeoff_plot(res: ExperimentResult, summary: Summary, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
+
+
+def _ttft_slos(res: ExperimentResult) -> tuple[float, ...]:
+    slos = res.experiment.slos
+    return tuple(sorted({slos.ttft_short_prompt_s, slos.ttft_long_prompt_s}))
+
+
+def tail_share(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, share of all requests above x) at each finite value, for a log-log tail plot;
+    infinite values (never served) stay in every share. Shares of 0 are left out."""
+    v = np.sort(values[np.isfinite(values)])
+    n_all = max(values.size, 1)
+    above = (n_all - np.arange(1, v.size + 1)) / n_all
+    keep = above > 0
+    v, above = v[keep], above[keep]
+    if v.size > MAX_CDF_POINTS:
+        idx = np.unique(np.geomspace(1, v.size, MAX_CDF_POINTS).astype(int) - 1)
+        return v[idx], above[idx]
+    return v, above
+
+
+def tail_latency_plot(res: ExperimentResult, path: Path) -> Any:
+    """Share of requests slower than x against x, both log scales: the tail of end-to-end
+    latency and of TTFT per policy (unserved requests count as slower than any x)."""
+    plt = _plt()
+    wl = res.repeats[0].workload
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for policy, runs in res.runs.items():
+        run = runs[0]
+        e2e = np.where(np.isnan(run.t_done), np.inf, run.t_done - wl.arrival_s)
+        ttft = np.where(np.isnan(run.t_first), np.inf, run.t_first - wl.arrival_s)
+        style = "--" if policy == BASELINE else "-"
+        for ax, vals in zip(axes, (e2e, ttft), strict=True):
+            x, y = tail_share(vals)
+            ax.plot(np.maximum(x, 1e-3), y, style, label=policy, linewidth=1.2)
+    for ax, what in zip(axes, ("end-to-end latency", "time to first token"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{what}, s (log)")
+        ax.set_ylabel("share of requests slower (log)")
+        ax.axhline(0.01, color="grey", linewidth=0.8, linestyle="--")
+        ax.text(ax.get_xlim()[0], 0.01, " P99", va="bottom", fontsize=7, color="grey")
+        ax.grid(True, which="both", alpha=0.3)
+    for slo_s in _ttft_slos(res):
+        axes[1].axvline(slo_s, color="grey", linewidth=0.8, linestyle=":")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"tail latency (seed {res.repeats[0].seed}; dotted: TTFT SLOs)\n"
+                 f"{scenario_title(res)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def carbon_sites_plot(res: ExperimentResult, path: Path) -> Any:
+    """Per site over the run: its carbon intensity (top) and each policy's emissions
+    there, gCO2/h in each carbon step (one panel per site)."""
+    plt = _plt()
+    cluster = res.experiment.cluster
+    sites = cluster.sites
+    fig, axes = plt.subplots(len(sites) + 1, 1, figsize=(11, 2.2 * (len(sites) + 1) + 0.8),
+                             sharex=True, squeeze=False)
+    ax0 = axes[0][0]
+    for policy, runs in res.runs.items():
+        run = runs[0]
+        starts = run.carbon_step_starts_s
+        ends = np.append(starts[1:], run.duration_s)
+        hours = np.maximum(ends - starts, 1e-9) / 3600.0
+        for k, site in enumerate(sites):
+            g_per_h = run.site_carbon_g[site] / hours
+            axes[k + 1][0].step(starts, g_per_h, where="post", label=policy, linewidth=1.1,
+                                linestyle="--" if policy == BASELINE else "-")
+    some = next(iter(res.runs.values()))[0]
+    for site in sites:
+        ax0.step(some.carbon_step_starts_s,
+                 [cluster.carbon_at(site, t) for t in some.carbon_step_starts_s],
+                 where="post", label=site, linewidth=1.2)
+    ax0.set_ylabel("gCO2/kWh", fontsize=8)
+    ax0.set_title(f"carbon per site over time\n{scenario_title(res)}", fontsize=10)
+    ax0.legend(fontsize=7, loc="upper right")
+    for k, site in enumerate(sites):
+        axes[k + 1][0].set_ylabel(f"{site}\ngCO2/h", fontsize=8)
+    axes[1][0].legend(fontsize=7, loc="upper right", ncol=2)
+    for row in axes:
+        row[0].grid(True, alpha=0.3)
+        row[0].tick_params(labelsize=7)
+    axes[-1][0].set_xlabel("simulated seconds (carbon steps of "
+                           f"{cluster.carbon_step_s:g} s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def classes_plot(res: ExperimentResult, path: Path) -> Any:
+    """Over the run: JouleSched's PI lambda per policy that routes with it (at each PI
+    update), and the planner's instances and GPUs per request class (each window)."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(11, 8.2), sharex=True)
+    T = res.experiment.duration_s
+    for policy, runs in res.runs.items():
+        lam = runs[0].lam_series
+        if lam:
+            t, v = zip(*lam, strict=True)
+            axes[0].step([*t, T], [*v, v[-1]], where="post", label=policy, linewidth=1.1)
+    bulk = effective_lambda(1.0, Tier.BULK)
+    axes[0].set_ylabel("lambda, J per s late\n(interactive)", fontsize=8)
+    axes[0].set_title(f"JouleSched lambda (bulk requests weigh it x{bulk:g}) and the "
+                      f"planner's instances per class\n{scenario_title(res)}", fontsize=10)
+    if axes[0].lines:
+        axes[0].legend(fontsize=7, loc="upper right")
+    series = plan_class_series(res)
+    widths = np.diff(np.append(series.start_s, T))
+    for ax, counts, unit in ((axes[1], series.instances, "instances"),
+                             (axes[2], series.gpus, "GPUs")):
+        if series.start_s.size:
+            bottom = np.zeros(series.start_s.size)
+            for r, name in enumerate(CLASS_NAMES):
+                ax.bar(series.start_s, counts[:, r], width=widths, bottom=bottom, align="edge",
+                       label=name, edgecolor="white", linewidth=0.5)
+                bottom = bottom + counts[:, r]
+            ax.legend(fontsize=7, loc="upper right", ncol=4)
+        else:
+            ax.text(0.5, 0.5, "no planner policy in this run: every instance serves every "
+                    "class", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_ylabel(f"planned {unit} per\nclass (stacked)", fontsize=8)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel("simulated seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
 
 
 def write_plots(res: ExperimentResult, summary: Summary, out_dir: Path, prefix: str) -> list[Path]:
+    """Every plot of the run; the carbon-per-site plot only for clusters of several sites."""
     paths = [
         out_dir / f"{prefix}-energy.png",
         out_dir / f"{prefix}-latency-cdf.png",
+        out_dir / f"{prefix}-tail-latency.png",
         out_dir / f"{prefix}-clock-power.png",
         out_dir / f"{prefix}-tradeoff.png",
+        out_dir / f"{prefix}-lambda-classes.png",
     ]
     energy_plot(res, summary, paths[0])
     latency_plot(res, paths[1])
-    clock_power_plot(res, paths[2])
-    tradeoff_plot(res, summary, paths[3])
+    tail_latency_plot(res, paths[2])
+    clock_power_plot(res, paths[3])
+    tradeoff_plot(res, summary, paths[4])
+    classes_plot(res, paths[5])
+    if len(res.experiment.cluster.sites) > 1:
+        paths.append(out_dir / f"{prefix}-carbon-sites.png")
+        carbon_sites_plot(res, paths[-1])
     return paths

@@ -295,3 +295,27 @@ def result_document(
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class ClassSeries:
+    """The planner's allocation over a run, one row per plan window (by start time)."""
+
+    start_s: FloatArray  # [W] window starts, s
+    instances: npt.NDArray[np.int64]  # [W, R] instances planned for each class
+    gpus: npt.NDArray[np.int64]  # [W, R] GPUs those instances hold
+
+
+def plan_class_series(res: ExperimentResult, repeat: int = 0) -> ClassSeries:
+    """Instances and GPUs per class (:data:`CLASS_NAMES`) in each plan window of
+    ``repeat`` (empty arrays when no policy used the planner)."""
+    plans = sorted(res.repeats[repeat].plans, key=lambda p: p.start_s)
+    n = len(CLASS_NAMES)
+    inst = np.zeros((len(plans), n), dtype=np.int64)
+    gpus = np.zeros((len(plans), n), dtype=np.int64)
+    for w, plan in enumerate(plans):
+        for pi in plan.instances:
+            profile = res.experiment.cluster.mode_profile(pi.mode)
+            inst[w, pi.cls] += pi.count
+            gpus[w, pi.cls] += pi.count * (profile.gpus if profile is not None else 1)
+    return ClassSeries(np.array([p.start_s for p in plans], dtype=np.float64), inst, gpus)

@@ -1,0 +1,116 @@
+"""``joulepool bench energy``: the matrix its arguments ask for, cells sized by a minimum
+request count, the iso-SLO verdict and summary, and bad arguments exiting 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from joulepool.cli import main as cli_main
+from joulepool.sim.cluster import freesh_3site
+from joulepool.sim.runner import trace_capacity
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_energy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_energy_under_test", BENCH)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--slos", "freesh,fast"], "--slos: unknown fast; known: freesh, interactive"),
+        (["--traces", "bundled,tiny"], "--traces: unknown tiny"),
+        (["--clusters", ""], "--clusters: unknown (none given)"),
+        (["--loads", "0.2,high"], "--loads '0.2,high': numbers"),
+        (["--loads", "0,0.5"], "each in (0, 1.5]"),
+        (["--min-requests", "-1"], "--min-requests >= 0"),
+        (["--duration", "nan"], "--duration must be > 0"),
+        (["--jobs", "0"], "--jobs >= 1"),
+        (["--policies", "least-loaded,fastest"], "unknown policy fastest"),
+    ],
+)
+def test_bad_arguments_exit_2(bench, argv, words, capsys):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench energy: ") and words in err
+
+
+def test_bad_arguments_exit_2_through_the_cli(capsys):
+    assert cli_main(["bench", "energy", "--slos", "none"]) == 2
+    assert "--slos: unknown none" in capsys.readouterr().err
+
+
+def test_the_default_matrix(bench):
+    cells = bench.cells_from(bench._parse([]))
+    assert len(cells) == 3 * 3 * 2 * 2
+    assert {(c.trace, c.load, c.cluster, c.slos) for c in cells} == {
+        (t, x, c, s) for t in ("bundled", "prefill-heavy", "decode-heavy")
+        for x in (0.2, 0.5, 0.8) for c in ("joulesched-320", "freesh-3site")
+        for s in ("freesh", "interactive")}
+    assert all(c.min_requests == bench.MIN_REQUESTS == 3000 for c in cells)
+    assert cells[0].policies[0] == "least-loaded"
+    # least-loaded is always run: it is the reference of the iso-SLO test
+    one = bench.cells_from(bench._parse(["--policies", "combined"]))
+    assert one[0].policies == ("least-loaded", "combined")
+
+
+def test_cell_duration_holds_the_minimum_request_count(bench):
+    cell = bench.Cell("bundled", 0.2, "freesh-3site", "freesh", 60.0, 3000, ("least-loaded",), 0)
+    assert bench.cell_duration(cell, 0.5) == 6000.0  # 3,000 requests at 0.5 req/s
+    assert bench.cell_duration(cell, 100.0) == 60.0  # --duration already holds more
+
+
+def _row(miss=0.0, ttft=0.99, tpot=1.0, energy=100.0):
+    return {"energy_j": energy, "gco2_per_h": energy, "deadline_miss_rate": miss,
+            "ttft_attainment": ttft, "tpot_attainment": tpot, "p99_ms": 1.0, "x_floor": 1.0}
+
+
+def test_verdict_and_summary_line(bench):
+    def out(trace, combined, **others):
+        cell = bench.Cell(trace, 0.5, "joulesched-320", "freesh", 60.0, 0, (), 0)
+        rows = {"least-loaded": _row(), "combined": combined, **others}
+        return {"cell": cell, "rows": rows, "objective": "energy", "requests": 10}
+
+    ok = out("bundled", _row(ttft=0.986, energy=70.0))
+    late = out("prefill-heavy", _row(ttft=0.98, energy=60.0))  # 1 pp below least-loaded
+    beaten = out("decode-heavy", _row(energy=80.0), freesh=_row(energy=75.0))
+    assert bench.verdict(ok) == "ok"
+    assert bench.verdict(late) == "FAIL: misses SLO"
+    assert bench.verdict(beaten) == "FAIL: dominated by freesh"
+    skipped = {"cell": ok["cell"], "rows": {}, "objective": "energy", "requests": 0,
+               "error": "x"}
+    line = bench.summary_line([ok, late, beaten, skipped])
+    assert line.startswith("summary: combined meets iso-SLO in 2/3 cells (1 not run)")
+    assert ("joulesched-320/bundled/0.5/freesh 0.70; joulesched-320/prefill-heavy/0.5/"
+            "freesh 0.60!; joulesched-320/decode-heavy/0.5/freesh 0.80") in line
+
+
+def test_a_small_matrix_runs_and_prints_request_counts(bench, capsys):
+    rc = bench.main(["--clusters", "freesh-3site", "--traces", "prefill-heavy", "--loads", "0.2",
+                     "--slos", "freesh,interactive", "--policies", "least-loaded,combined",
+                     "--duration", "10", "--min-requests", "120", "--jobs", "1"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    cap = trace_capacity(freesh_3site(), bench.trace_named("prefill-heavy")).slo_rps
+    duration = 120 / (0.2 * cap)  # --min-requests at the cell's rate, not --duration
+    heads = [line for line in text.splitlines() if line.startswith("== freesh-3site")]
+    assert len(heads) == 2 and "SLOs freesh" in heads[0] and "SLOs interactive" in heads[1]
+    for head in heads:
+        assert f"over {duration:,.0f} s" in head and "requests over" in head
+        count = int(head.split(" requests over")[0].rsplit("| ", 1)[1].replace(",", ""))
+        assert 80 <= count <= 160  # Poisson around 120
+    assert "2 cells" in text
+    assert text.strip().splitlines()[-1].startswith("summary: combined meets iso-SLO in ")
+    assert "/2 cells (0 not run)" in text
