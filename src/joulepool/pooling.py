@@ -238,7 +238,7 @@ def describe(
         s = pool.spec
         doc.pools[key] = PlannedPool(
             namespace=pool.metadata.namespace or "default", name=pool.metadata.name,
-            model=s.model, tier=str(s.tier),
+            model=s.model, tier=str(s.tier), servedModelNames=list(s.served_model_names),
             slo=PlannedSLO(ttftSeconds=s.slo.ttft_seconds, tpotSeconds=s.slo.tpot_seconds,
                            deadlineSeconds=s.slo.deadline_seconds),
             replicas=replicas, joulesPerToken=jpt, expectedPowerWatts=power,

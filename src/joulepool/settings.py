@@ -67,13 +67,18 @@ class ComponentSettings(BaseModel):
 
 
 def setting(default: Any = None, description: str = "", *, env: str | Sequence[str] | None = None,
-            group: str | None = None, **constraints: Any) -> Any:
-    """A settings field: ``Field`` plus its environment variable(s) and ``--help`` group."""
+            group: str | None = None, variadic: bool = False, **constraints: Any) -> Any:
+    """A settings field: ``Field`` plus its environment variable(s) and ``--help`` group.
+
+    ``variadic`` (list settings): one flag may take several values, ``--foo a b``, as
+    well as being repeated (the form another program's flag has, e.g. vLLM's)."""
     extra: dict[str, Any] = {}
     if env is not None:
         extra["env"] = env if isinstance(env, str) else list(env)
     if group is not None:
         extra["group"] = group
+    if variadic:
+        extra["variadic"] = True
     return Field(default, description=description, json_schema_extra=extra or None,
                  **constraints)
 
@@ -127,6 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[ComponentSettings
         if _inner(field.annotation) is bool:
             target.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif _is_list(field.annotation) and _extra(field).get("variadic"):
+            target.add_argument(flag(name), dest=name, action="extend", nargs="+",
+                                default=None, metavar=_metavar(field.annotation),
+                                help=help_text + " (one or more values, repeatable; in the "
+                                "environment separated by spaces or ';')")
         elif _is_list(field.annotation):
             target.add_argument(flag(name), dest=name, action="append", default=None,
                                 metavar=_metavar(field.annotation),

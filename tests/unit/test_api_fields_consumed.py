@@ -6,7 +6,9 @@ reads the attribute. Behaviour tests of the fields that were once read by nothin
 ``test_energy_policy_router`` (spec.pi, bulkLambdaFactor -> router),
 ``test_nodeagent_agent::test_energy_policy_miad_period_sets_the_control_period``
 (miad.periodSeconds -> node agent), ``test_operator_resources::
-test_pool_port_reaches_the_router_through_the_pod_annotation`` (spec.port).
+test_pool_port_reaches_the_router_through_the_pod_annotation`` (spec.port),
+``test_operator_resources::test_served_model_names_reach_the_engine_args_and_the_plan``
+and ``tests/integration/test_router_served_names.py`` (spec.servedModelNames).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ CONSUMERS: dict[str, tuple[str, ...]] = {
     "InferencePoolSpec.slo": POOLING, "InferencePoolSpec.demand": POOLING,
     "InferencePoolSpec.objective": POOLING, "InferencePoolSpec.gpu_products": POOLING,
     "InferencePoolSpec.port": ("operator/resources.py",),
+    "InferencePoolSpec.served_model_names": ("pooling.py", "operator/resources.py"),
     "InferencePoolSpec.template": ("operator/resources.py",),
     "SLOSpec.ttft_seconds": ("api/models.py",), "SLOSpec.tpot_seconds": ("api/models.py",),
     "SLOSpec.deadline_seconds": ("api/models.py", "pooling.py"),

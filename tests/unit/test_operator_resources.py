@@ -522,3 +522,53 @@ def test_pool_port_reaches_the_router_through_the_pod_annotation() -> None:
 
     assert served_port(port=9000) == 9000
     assert served_port() == 8000  # unset: the container port named http
+
+
+def test_served_model_names_reach_the_engine_args_and_the_plan() -> None:
+    """spec.servedModelNames is consumed: the GPU container gets vLLM's
+    ``--served-model-name`` with every name (SGLang's one name), unless the template
+    names the flag itself; the plan carries the names to the router."""
+    import json
+
+    from joulepool.api.models import EnergyPolicySpec
+    from joulepool.core.planner import PlanNode
+    from joulepool.pooling import plan_pools
+
+    def args(template_labels: dict[str, str] | None = None, **container: Any) -> list[str]:
+        body = pool_body(servedModelNames=["meta-llama/Llama-3.1-8B-Instruct", "chat"])
+        c = body["spec"]["template"]["spec"]["containers"][0]
+        c.update(container)
+        if template_labels:
+            body["spec"]["template"]["metadata"]["labels"].update(template_labels)
+        e = parse_pool(body)
+        assert e.pool is not None
+        d = build_deployment(e, e.pool, "1xH100", 1, 1, "s", "n1")
+        return list(d["spec"]["template"]["spec"]["containers"][0].get("args", []))
+
+    assert args() == ["--served-model-name", "meta-llama/Llama-3.1-8B-Instruct", "chat"]
+    assert args(args=["--model", "m"]) == [
+        "--model", "m", "--served-model-name", "meta-llama/Llama-3.1-8B-Instruct", "chat"]
+    assert args({"joulepool.dev/engine": "sglang"}) == [
+        "--served-model-name", "meta-llama/Llama-3.1-8B-Instruct"]
+    assert args(args=["--served-model-name=own"]) == ["--served-model-name=own"]
+    assert args(command=["vllm", "serve", "--served-model-name", "x"]) == []
+    e = parse_pool(pool_body())  # no names: the template is left alone
+    assert e.pool is not None
+    d = build_deployment(e, e.pool, "1xH100", 1, 1, "s", "n1")
+    assert "args" not in d["spec"]["template"]["spec"]["containers"][0]
+    named = parse_pool(pool_body(servedModelNames=["chat", "org/m"])).pool
+    assert named is not None
+    doc = plan_pools([named, e.pool.model_copy(update={"metadata": e.pool.metadata.model_copy(
+        update={"name": "plain"})})], [PlanNode("h1", "east", "H100", 8)],
+        EnergyPolicySpec()).document
+    assert doc.pools["default.chat"].served_model_names == ["chat", "org/m"]
+    assert doc.pools["default.plain"].served_model_names == []
+    assert json.loads(doc.to_json())["pools"]["default.chat"]["servedModelNames"] == [
+        "chat", "org/m"]
+
+
+def test_served_model_names_are_distinct_and_bounded() -> None:
+    for bad in (["a", "a"], [""], ["x" * 257], [f"m{i}" for i in range(17)]):
+        e = parse_pool(pool_body(servedModelNames=bad))
+        assert not e.valid and e.error is not None
+        assert "servedModelNames" in str(e.error) or "spec" in str(e.error)

@@ -108,6 +108,13 @@ DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 #: the kubelet PodResources API socket the node agent maps engines to GPUs with
 POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 
+# -- serving engine arguments -----------------------------------------------------
+#: the engine flag naming the models it answers to (vLLM: one or more names after it,
+#: SGLang: one); the operator appends a pool's servedModelNames with it
+SERVED_MODEL_NAME_FLAG = "--served-model-name"
+#: engines whose flag takes a single name
+SINGLE_SERVED_NAME_ENGINES = frozenset({"sglang"})
+
 # -- request headers the routing proxy reads (OpenAI-compatible /v1/completions etc.) --
 #: names the pool outright (otherwise the body's ``model`` chooses it)
 POOL_HEADER = "x-joulepool-pool"

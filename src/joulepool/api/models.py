@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 # the API group and version are part of the contract; re-exported for the models' users
 from joulepool.api.contract import API_VERSION as API_VERSION
@@ -120,6 +120,16 @@ class InferencePoolSpec(_Model):
     model: str = Field(
         min_length=1, max_length=128,
         description="served model, e.g. llama-3.1-8b; selects the GPUProfiles it is planned with")
+    served_model_names: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] = (
+        Field(
+            default_factory=list, alias="servedModelNames", max_length=16,
+            description=("the names clients send as an OpenAI request's model for this pool "
+                         "(e.g. meta-llama/Llama-3.1-8B-Instruct); the router sends a request "
+                         "to the pool listing its model and lists them on GET /v1/models, and "
+                         "the operator passes them to the engine as --served-model-name "
+                         "(vLLM, SGLang); empty: the pool's model"),
+            json_schema_extra={"x-kubernetes-list-type": "set"},
+        ))
     tier: Tier = Field(
         default=Tier.INTERACTIVE,
         description=("interactive or bulk: the router weighs a bulk request's lateness by "
@@ -146,6 +156,17 @@ class InferencePoolSpec(_Model):
                      "the operator adds labels, GPU requests and node affinity"),
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+
+    @model_validator(mode="after")
+    def _distinct_served_names(self) -> InferencePoolSpec:
+        names = self.served_model_names
+        if len(set(names)) != len(names):
+            raise ValueError("servedModelNames must not repeat a name")
+        return self
+
+    def served_names(self) -> list[str]:
+        """The model names the pool answers to: ``servedModelNames``, else ``[model]``."""
+        return list(self.served_model_names) or [self.model]
 
 
 class Condition(_Model):

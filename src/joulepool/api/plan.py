@@ -46,6 +46,8 @@ class PlannedPool(_Wire):
     tier: str
     slo: PlannedSLO
     replicas: int
+    #: the names requests may give as ``model`` (the pool's servedModelNames; empty: model)
+    served_model_names: list[str] = Field(default_factory=list, alias="servedModelNames")
     assignments: list[PlannedInstance] = Field(default_factory=list)
     joules_per_token: float | None = Field(default=None, alias="joulesPerToken")
     expected_power_watts: float | None = Field(default=None, alias="expectedPowerWatts")

@@ -223,6 +223,8 @@ class PoolRouter:
         self.observer = observer
         self.profile: RoutingProfile = routing_profile(config.routing)
         self.model: str | None = None
+        #: the names requests may give as ``model`` (the pool's servedModelNames)
+        self.served_names: tuple[str, ...] = ()
         self.tier = Tier.INTERACTIVE
         self.ttft_s = config.default_ttft_s
         self.tpot_s = config.default_tpot_s
@@ -262,6 +264,13 @@ class PoolRouter:
         self.static_q = np.zeros(n)
         self.ledger_tokens = np.zeros(n)
         self.ledger_count = self.state.outstanding
+
+    def model_names(self) -> tuple[str, ...]:
+        """The model names the pool answers to: its served names, else its model (none
+        when it has neither)."""
+        if self.served_names:
+            return self.served_names
+        return (self.model,) if self.model else ()
 
     @property
     def tps(self) -> FloatArray:
@@ -621,6 +630,7 @@ class PoolRouter:
         return {
             "pool": self.key,
             "model": self.model,
+            "servedModelNames": list(self.served_names),
             "tier": str(self.tier),
             "routing": self.profile.name,
             "lambda": self.pi.lam,

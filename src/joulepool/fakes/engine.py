@@ -385,8 +385,13 @@ async def _stream(request: web.Request, engine: FakeEngine, shape: _Shape, promp
     return resp
 
 
-def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Application:
-    model_name = served_model or engine.profile.model
+def build_app(engine: FakeEngine, served_model: str | Sequence[str] | None = None
+              ) -> web.Application:
+    """The engine's HTTP API; it answers to ``served_model`` (a name or several, as vLLM's
+    ``--served-model-name``; responses name the first), default the profile's model."""
+    names = [served_model] if isinstance(served_model, str) else list(served_model or ())
+    names = names or [engine.profile.model]
+    model_name = names[0]
     app = web.Application(client_max_size=MAX_BODY_BYTES)
 
     async def serve(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -397,7 +402,7 @@ def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Applic
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object")
         model = body.get("model", model_name)
-        if model != model_name:
+        if model not in names:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
         try:
             prompt_tokens = (count_message_tokens(body.get("messages")) if chat
@@ -426,7 +431,7 @@ def build_app(engine: FakeEngine, served_model: str | None = None) -> web.Applic
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
-            {"id": model_name, "object": "model", "owned_by": "joulepool-fake-engine"}]})
+            {"id": n, "object": "model", "owned_by": "joulepool-fake-engine"} for n in names]})
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")

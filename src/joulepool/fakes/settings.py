@@ -31,7 +31,9 @@ class FakeEngineSettings(ComponentSettings):
     product: str | None = setting(None, "GPU product (default: the GPU's in --gpu-state, else "
                                   "H100)", env="JOULEPOOL_GPU_PRODUCT")
     model: str = setting(DEFAULT_MODEL, "served model whose profile sets the speed")
-    served_model_name: str | None = setting(None, "model name in the API (default --model)")
+    served_model_name: list[str] | None = setting(
+        None, "model names the API answers to, as vLLM's flag: --served-model-name a b "
+        "(responses name the first; default --model)", variadic=True)
     gpu_state: str | None = setting(
         None, "shared simulated-GPU state file (the node agent's --gpu-state); without it the "
         "engine runs at the product's maximum clock")

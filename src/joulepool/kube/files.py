@@ -80,6 +80,8 @@ class EndpointEntry(_File):
 
 class PoolEntry(_File):
     model: str | None = None
+    #: the names requests may give as ``model`` (empty: ``model``)
+    served_model_names: list[str] = Field(default_factory=list, alias="servedModelNames")
     tier: Tier = Tier.INTERACTIVE
     slo: PlannedSLO | None = None
     endpoints: list[EndpointEntry] = Field(default_factory=list)

@@ -175,6 +175,9 @@ class Router:
         planned = state.pool_plan(key) if state is not None else None
         entry = self.static.pools.get(key) if self.static else None
         pool.model = (planned.model if planned else None) or (entry.model if entry else None)
+        pool.served_names = tuple(
+            (planned.served_model_names if planned else None)
+            or (entry.served_model_names if entry else None) or ())
         tier_name = planned.tier if planned else (entry.tier if entry else Tier.INTERACTIVE)
         try:
             pool.tier = Tier(tier_name)

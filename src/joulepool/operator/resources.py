@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from joulepool.api.contract import (
     DEFAULT_SITE,
+    ENGINE_LABEL,
     FINALIZER,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
@@ -40,6 +41,8 @@ from joulepool.api.contract import (
     POOL_LABEL,
     PORT_ANNOTATION,
     REGION_LABEL,
+    SERVED_MODEL_NAME_FLAG,
+    SINGLE_SERVED_NAME_ENGINES,
     SPEC_HASH_ANNOTATION,
 )
 from joulepool.api.load import ResourceError, from_validation_error
@@ -462,6 +465,26 @@ def _wire_gpu_container(spec: dict[str, Any], entry: PoolEntry, mode: str, gpus:
             env.append({"name": k, "value": v})
 
 
+def _pass_served_names(spec: dict[str, Any], labels: Mapping[str, str],
+                       names: Sequence[str]) -> None:
+    """Append ``--served-model-name NAME...`` to the GPU container's args, so the engine
+    answers to the model names the router sends it (vLLM takes several; an engine of
+    :data:`SINGLE_SERVED_NAME_ENGINES`, by the pod label ``joulepool.dev/engine``, gets
+    the first). Nothing when there are no names or the container's command or args
+    name the flag already (the template's own choice stands)."""
+    containers = spec.get("containers") or []
+    if not names or not containers:
+        return
+    c = containers[_gpu_container_index(containers)]
+    words = [str(w) for w in [*(c.get("command") or ()), *(c.get("args") or ())]]
+    flag = SERVED_MODEL_NAME_FLAG
+    if any(w == flag or w.startswith(flag + "=") for w in words):
+        return
+    engine = str(labels.get(ENGINE_LABEL) or "").strip().lower()
+    given = list(names[:1]) if engine in SINGLE_SERVED_NAME_ENGINES else list(names)
+    c["args"] = [*(c.get("args") or ()), flag, *given]
+
+
 def build_deployment(
     entry: PoolEntry, pool: InferencePool, mode: str, replicas: int, gpus_per_instance: int,
     scheduler_name: str, node: str,
@@ -489,6 +512,7 @@ def build_deployment(
     spec["schedulerName"] = scheduler_name
     _require_node(spec, node)
     _wire_gpu_container(spec, entry, mode, gpus_per_instance)
+    _pass_served_names(spec, tmeta["labels"], pool.spec.served_model_names)
     body: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -217,7 +217,7 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
 async def handle_models(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     svc.router.sync()
-    names = sorted({p.model or k for k, p in svc.router.pools.items()})
+    names = sorted({n for k, p in svc.router.pools.items() for n in p.model_names() or (k,)})
     return json_response({"object": "list", "data": [
         {"id": n, "object": "model", "created": 0, "owned_by": "joulepool"} for n in names]})
 

@@ -164,9 +164,10 @@ def read_request(body: Any, headers: Mapping[str, str], chat: bool) -> RequestSp
 
 
 def pools_serving(router: Router, model: str) -> list[PoolRouter]:
-    """The pools that serve ``model`` (their model, or their name), by name."""
+    """The pools that serve ``model`` (one of their served model names, else their
+    model, or their name), by name."""
     router.sync()
-    return [p for k, p in sorted(router.pools.items()) if model in (p.model, k)]
+    return [p for k, p in sorted(router.pools.items()) if model == k or model in p.model_names()]
 
 
 def choose_pool(router: Router, spec: RequestSpec) -> PoolRouter:
