@@ -27,6 +27,7 @@ class FakeAPI:
             k: [] for k in self.objects}
         self.lists: dict[str, int] = dict.fromkeys(self.objects, 0)
         self.queries: list[dict[str, str]] = []
+        self.node_reads: list[str] = []
         self.rv = 100
         app = web.Application()
         app.router.add_get("/api/v1/nodes", self.handler("nodes"))
@@ -38,9 +39,15 @@ class FakeAPI:
         async def handle(request: web.Request) -> web.StreamResponse:
             self.queries.append({"kind": kind, **request.query})
             if request.query.get("watch") not in ("true", "True", "1"):
-                self.lists[kind] += 1
+                items = self.objects[kind]
+                node = request.query.get("fieldSelector", "").partition("spec.nodeName=")[2]
+                if node:  # filter's fresh read of one node's pods (extender.freshness)
+                    self.node_reads.append(node)
+                    items = [o for o in items if o["spec"].get("nodeName") == node]
+                else:
+                    self.lists[kind] += 1
                 return web.json_response({"kind": "List", "metadata": {
-                    "resourceVersion": str(self.rv)}, "items": self.objects[kind]})
+                    "resourceVersion": str(self.rv)}, "items": items})
             resp = web.StreamResponse()
             resp.content_type = "application/json"
             await resp.prepare(request)
@@ -123,6 +130,7 @@ async def test_watches_feed_the_cache(aiohttp_client: Any, tmp_path: Path) -> No
 
     # h0 has 2 free GPUs, h1 is not known yet
     assert await filter_names() == []
+    assert api.node_reads == ["h0"]  # the pods filling h0 re-read: they are still there
     api.send("nodes", "ADDED", T.node("h1", "H100", 8))
 
     async def h1_in() -> bool:

@@ -119,3 +119,36 @@ def test_mode_accounting_and_shares() -> None:
     assert s.mode_shares("other.pool", "4xH100") == {}
     s.set_plan(T.plan({"default.chat": [("a0", "H100", 2, 4)]}))
     assert s.mode_shares("default.chat", "4xH100") == {"a0": 8}  # follows the new plan
+
+
+def test_confirm_pods_applies_a_read_newer_than_the_watch() -> None:
+    s = _state()
+    for name in ("gone", "going", "stays"):
+        s.upsert_pod(T.pod(name, gpus=2, node_name="h0"))
+    assert s.used_gpus == {"h0": 6} and s.pool_gpus == {("h0", "default.chat"): 6}
+    seen = s.pods_holding_gpus("h0")
+    assert seen == {f"default/{n}": f"uid-default-{n}" for n in ("gone", "going", "stays")}
+    going = T.pod("going", gpus=2, node_name="h0")
+    going["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
+    # a pod the watch delivers after the read was issued is not the read's to judge
+    s.upsert_pod(T.pod("late", gpus=1, node_name="h0"))
+    v = s.pod_version
+    assert s.confirm_pods(seen, [going, T.pod("stays", gpus=2, node_name="h0")]) == 2
+    assert "default/gone" not in s.pods and s.pods["default/going"].terminating
+    assert s.used_gpus == {"h0": 5}  # the terminating pod still holds its node's GPUs
+    assert s.pool_gpus == {("h0", "default.chat"): 3}  # ...but not the pool's share
+    assert s.pod_version > v
+    # the watch catches up late: its older events cannot bring either back
+    s.upsert_pod(T.pod("gone", gpus=2, node_name="h0"))
+    s.upsert_pod(T.pod("going", gpus=2, node_name="h0"))
+    assert "default/gone" not in s.pods and s.pods["default/going"].terminating
+    s.delete_pod("default/going")
+    s.delete_pod("default/gone")
+    assert s.used_gpus == {"h0": 3}
+    # a later pod of the same name (new uid) is a different pod
+    again = T.pod("gone", gpus=2, node_name="h0")
+    again["metadata"]["uid"] = "uid-2"
+    s.upsert_pod(again)
+    assert s.pods["default/gone"].uid == "uid-2"
+    assert s.confirm_pods({"default/gone": "uid-default-gone"}, []) == 0
+    assert "default/gone" in s.pods

@@ -43,6 +43,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from joulepool import httpserve
+from joulepool.extender.freshness import PodFreshness
 from joulepool.extender.metrics import Metrics
 from joulepool.extender.scheduler import (
     PlacementSettings,
@@ -54,6 +55,7 @@ from joulepool.extender.settings import Settings
 from joulepool.extender.wire import ExtenderArgs, ExtenderFilterResult
 from joulepool.kube import service
 from joulepool.kube.service import BadRequest, clock, read_body, timed, validation_message
+from joulepool.kube.watch import node_pods_lister
 
 SCHEDULER_VERBS = ("filter", "prioritize")
 
@@ -70,6 +72,15 @@ class Extender(service.ClusterService):
         self.scheduler = Scheduler(
             self.state, self.router, placement_settings(settings), self.metrics
         )
+        #: re-reads the pods of nodes a filter finds full (cluster mode, once the
+        #: watches start; :mod:`joulepool.extender.freshness`)
+        self.freshness: PodFreshness | None = None
+
+    def on_watches_started(self) -> None:
+        t = self.settings.fresh_read_timeout_seconds
+        if t > 0 and self.api_client is not None:
+            self.freshness = PodFreshness(self.state, node_pods_lister(self.api_client, t),
+                                          timeout_s=t, metrics=self.metrics)
 
     def on_tick(self) -> None:
         if self.state.synced["nodes"]:
@@ -136,6 +147,10 @@ async def handle_filter(request: web.Request) -> web.Response:
     args, raw = _extender_args(body, ext.settings.max_nodes)
     try:
         result = ext.scheduler.filter(args, raw)
+        full = ext.scheduler.refused_for_gpus(args, result)
+        if (full and ext.freshness is not None and args.pod is not None
+                and await ext.freshness.refresh(args.pod.key, full)):
+            result = ext.scheduler.filter(args, raw)  # the watch was behind: decide again
     except ProtocolError as exc:
         result = ExtenderFilterResult(Error=str(exc))
     return timed(request, "filter", t0, _json(result.to_wire()))

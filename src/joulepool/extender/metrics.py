@@ -17,3 +17,10 @@ class Metrics(ServiceMetrics):
             "Nodes rejected by filter, by reason class",
             ["reason"], registry=self.registry,
         )
+        self.fresh_reads = Counter(
+            "joulepool_extender_fresh_pod_reads",
+            "Re-reads of a node's pods from the API server when filter found every "
+            "candidate full, by result: current (the watch was up to date), corrected "
+            "(it was behind: pods already deleted or terminating), failed",
+            ["result"], registry=self.registry,
+        )

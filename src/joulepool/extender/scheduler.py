@@ -272,6 +272,24 @@ class Scheduler:
             self._reserve_one(pod, scope, names, ok, failed, reserved)
         return self._filter_result(args, raw, names, ok, failed, unresolvable)
 
+    def refused_for_gpus(self, args: ExtenderArgs, result: ExtenderFilterResult) -> list[str]:
+        """The candidates ``result`` refuses only for the GPUs counted there (the node's,
+        or the plan's share of the pod's pool or mode), when it refuses every candidate:
+        nodes the plan assigns and the node cache knows. Empty for pods that are not a
+        pool's, and when some node passes (the pod is placed anyway)."""
+        pod = args.pod
+        if pod is None or pod.pool is None or result.error:
+            return []
+        if result.node_names or (result.nodes and result.nodes.get("items")):
+            return []
+        state = self.state
+        planned = state.pool_plan(pod.pool)
+        if planned is None or state.plan is None:
+            return []
+        allowed = self._scope(pod.pool, pod.mode, planned).allowed
+        refused = [*result.failed_nodes, *result.failed_and_unresolvable_nodes]
+        return [n for n in refused if n in allowed and n in state.nodes]
+
     def _reserve_one(self, pod: Pod, scope: FilterScope, names: list[str], ok: list[bool],
                      failed: dict[str, str], reserved: dict[str, int]) -> None:
         """Keep only the passing node with the most room left in the scope's planned share

@@ -51,6 +51,12 @@ class Settings(ServiceSettings):
         "until the binding shows in the watch, so a plan's per-node share holds while "
         "kube-scheduler binds asynchronously (--no-reserve-placements: every passing node)",
     )
+    fresh_read_timeout_seconds: float = Field(
+        2.0, ge=0, description="when filter finds every candidate full while the pod "
+        "watch counts pods there, re-read those nodes' pods from the API server (at most "
+        "this long) and decide again: the watch may not have delivered a deletion yet "
+        "(0: never)",
+    )
     replica_utilisation: float = Field(
         0.9, gt=0, le=1, description="load a replica carries, as a share of its capacity"
     )

@@ -155,6 +155,9 @@ class ClusterService:
     def on_tick(self) -> None:
         """Work of the 1 s tick besides the router's housekeeping (services override)."""
 
+    def on_watches_started(self) -> None:
+        """Called once the watches run and :attr:`api_client` is set (services override)."""
+
     # -- auth -------------------------------------------------------------------------------
     def token(self) -> str | None:
         path = self.settings.token_file
@@ -354,6 +357,7 @@ def _start_watches(svc: ClusterService) -> None:
     )
     for w in svc.watchers:
         w.start()
+    svc.on_watches_started()
 
 
 def _policy_poller(svc: ClusterService) -> Any:

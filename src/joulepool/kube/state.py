@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,8 @@ from joulepool.kube.objects import Node, Pod
 log = logging.getLogger(__name__)
 
 SOURCES = ("nodes", "pods", "plan")
+#: pods remembered as confirmed gone or terminating (:meth:`ClusterState.confirm_pods`)
+_CONFIRMED_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class PodRecord:
     engine: str | None = None
     #: deletion requested (``metadata.deletionTimestamp`` set): the pod is going away
     terminating: bool = False
+    #: ``metadata.uid``: tells this pod from a later one of the same name
+    uid: str = ""
 
     @classmethod
     def from_pod(cls, pod: Pod, default_port: int) -> PodRecord:
@@ -82,6 +86,7 @@ class PodRecord:
             mode=pod.mode if pod.pool else None,
             engine=pod.engine,
             terminating=pod.metadata.deletion_timestamp is not None,
+            uid=pod.metadata.uid,
         )
 
     @property
@@ -151,6 +156,10 @@ class ClusterState:
         #: called with the key of every pod that leaves the cache (deleted, terminal,
         #: missing from a re-list), e.g. to release what was held for it
         self.pod_gone_hooks: list[Callable[[str], None]] = []
+        #: uid -> what a fresh read of the API server showed about a pod the watch has not
+        #: caught up with yet ("gone" or "terminating"; :meth:`confirm_pods`); older watch
+        #: events about that pod are not allowed to undo it
+        self._confirmed: dict[str, str] = {}
         #: pools whose endpoints changed since the router last looked (None: all)
         self._dirty_pools: set[str] | None = None
         self._table: NodeTable | None = None
@@ -237,6 +246,11 @@ class ClusterState:
             self.delete_pod(pod.key)
             return
         rec = PodRecord.from_pod(pod, self.default_port)
+        seen = self._confirmed.get(rec.uid) if rec.uid else None
+        if seen == "gone":  # an event older than what the API server already said
+            return
+        if seen == "terminating" and not rec.terminating:
+            rec = replace(rec, terminating=True)
         old = self.pods.get(rec.key)
         if old == rec:
             return
@@ -251,7 +265,57 @@ class ClusterState:
         if old is not None:
             self._account(old, -1)
             self.pod_version += 1
+            if self._confirmed.get(old.uid) == "terminating":
+                del self._confirmed[old.uid]
         self._pod_gone(key)
+
+    def pods_holding_gpus(self, node: str) -> dict[str, str]:
+        """key -> uid of the pods the cache counts on ``node``'s GPUs."""
+        return {r.key: r.uid for r in self.pods.values() if r.node == node and r.holds_gpus}
+
+    def confirm_pods(self, seen: Mapping[str, str], fresh: Iterable[Mapping[str, Any]]
+                     ) -> int:
+        """Correct the cache with a read of the API server newer than the watch.
+
+        ``seen``: key -> uid of pods the cache held *before* the read was issued;
+        ``fresh``: the pods the read returned (raw JSON; e.g. every pod bound to one node).
+        A pod of ``seen`` missing from ``fresh`` has been deleted, one there with a
+        ``deletionTimestamp`` (or terminal) is going away: the cache drops it, or marks it
+        terminating, now rather than when the watch delivers those events (which stay
+        harmless: events older than the read cannot bring it back). Pods the cache came
+        to hold after the read began are untouched. Returns the number of corrections.
+        """
+        now: dict[str, tuple[bool, bool]] = {}  # uid -> (terminating, terminal)
+        for obj in fresh:
+            meta = obj.get("metadata") or {}
+            uid = str(meta.get("uid") or "")
+            phase = (obj.get("status") or {}).get("phase")
+            now[uid] = (meta.get("deletionTimestamp") is not None,
+                        phase in ("Succeeded", "Failed"))
+        fixed = 0
+        for key, uid in seen.items():
+            rec = self.pods.get(key)
+            if rec is None or not uid or rec.uid != uid:
+                continue  # already gone or replaced by a later pod of the same name
+            terminating, terminal = now.get(uid, (False, True))
+            if terminal:
+                self._remember(uid, "gone")
+                self.delete_pod(key)
+                fixed += 1
+            elif terminating and not rec.terminating:
+                self._remember(uid, "terminating")
+                self._account(rec, -1)
+                rec = replace(rec, terminating=True)
+                self.pods[key] = rec
+                self._account(rec, +1)
+                self.pod_version += 1
+                fixed += 1
+        return fixed
+
+    def _remember(self, uid: str, what: str) -> None:
+        if len(self._confirmed) >= _CONFIRMED_LIMIT:  # forget the oldest
+            del self._confirmed[next(iter(self._confirmed))]
+        self._confirmed[uid] = what
 
     def _pod_gone(self, key: str) -> None:
         for hook in self.pod_gone_hooks:
@@ -267,6 +331,7 @@ class ClusterState:
                 continue
             if pod.metadata.name and not pod.terminal:
                 fresh[pod.key] = PodRecord.from_pod(pod, self.default_port)
+        self._confirmed.clear()  # a full list is newer than every earlier read
         for key in set(self.pods) - set(fresh):
             self._pod_gone(key)
         if fresh == self.pods:

@@ -270,3 +270,20 @@ def cluster_watchers(
         )
         out.append(Watcher("plan", lf, wf, plan_handlers(state, metrics), deliver, stop, metrics))
     return out
+
+
+def node_pods_lister(api_client: Any, timeout_s: float) -> Callable[[str], list[dict[str, Any]]]:
+    """A function listing every pod bound to one node (raw JSON), read from the API
+    server itself (no ``resourceVersion``: a quorum read, newer than any watch event
+    already delivered). Blocking: call it from a thread."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+
+    def list_node(node: str) -> list[dict[str, Any]]:
+        resp: Any = core.list_pod_for_all_namespaces(
+            field_selector=f"spec.nodeName={node}", _preload_content=False,
+            _request_timeout=(timeout_s, timeout_s))
+        return list(json.loads(resp.data).get("items") or [])
+
+    return list_node
