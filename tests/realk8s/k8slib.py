@@ -11,7 +11,10 @@ What the real-API tests build on:
 * :meth:`ControlPlane.kubeconfig_for` (a TokenRequest token of a ServiceAccount written
   into a kubeconfig of its own), so each component runs with only the chart's RBAC;
 * :func:`gpu_node` / :meth:`ControlPlane.create_node` (fake GPU nodes the fake kubelet keeps
-  Ready), :class:`Component` (a joulepool component or a second kube-scheduler as a local
+  Ready), :func:`publish_plan` (the plan ConfigMap as the operator writes it),
+  :func:`serving_pod` / :func:`serving_pool` (a pool's serving pods, bound directly or left
+  to a scheduler), :func:`router_token` / :func:`chart_router_args` (the router as the
+  chart runs it), :class:`Component` (a joulepool component or a second kube-scheduler as a local
   process with its own log), :func:`scheduler_config` (the chart's scheduler configuration
   with the kubeconfig and extender URL made local).
 """
@@ -385,6 +388,89 @@ def gpu_node(name: str, product: str = "L4", gpus: int = 4, region: str = "eu-we
         },
         "status": {"capacity": dict(resources), "allocatable": dict(resources)},
     }
+
+
+# -- plans and serving pods ----------------------------------------------------------------------
+
+def publish_plan(cp: ControlPlane, pools: Mapping[str, list[Any]], version: int) -> None:
+    """Write the plan ConfigMap as the operator does (``kube.testing.plan``'s assignments:
+    ``(node, product, instances[, GPUs per instance])``)."""
+    from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
+    from joulepool.kube import testing as T
+
+    cp.apply({"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": PLAN_CONFIGMAP, "namespace": RELEASE_NAMESPACE},
+              "data": {PLAN_KEY: T.plan(dict(pools), version=version).to_json()}})
+
+
+def serving_pod(name: str, pool: str, mode: str, gpus: int = 1, node: str | None = None,
+                scheduler: str | None = None, port: int = 8000) -> dict[str, Any]:
+    """A pool's serving Pod (pool and mode labels, one engine container asking for
+    ``gpus`` GPUs, an ``http`` port): bound to ``node`` directly when given, else left to
+    ``scheduler`` (``terminationGracePeriodSeconds: 0``: deleted at once)."""
+    from joulepool.api.contract import GPU_RESOURCE, MODE_LABEL, POOL_LABEL
+
+    spec: dict[str, Any] = {"containers": [{
+        "name": "engine", "image": "engine:test",
+        "ports": [{"name": "http", "containerPort": port}],
+        "resources": {"limits": {GPU_RESOURCE: str(gpus)}}}]}
+    if node is not None:
+        spec["nodeName"] = node
+    if scheduler is not None:
+        spec["schedulerName"] = scheduler
+        spec["terminationGracePeriodSeconds"] = 0
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {POOL_LABEL: pool, MODE_LABEL: mode}},
+            "spec": spec}
+
+
+@dataclass(frozen=True)
+class ServingPool:
+    pool: str  #: ``<namespace>.<name>``
+    node: str
+    pod: str
+    ip: str  #: the serving pod's IP (the fake kubelet's)
+
+
+def serving_pool(cp: ControlPlane, namespace: str, nodes: list[str], tag: str,
+                 version: int) -> ServingPool:
+    """Pool ``<namespace>.chat`` with one 1xH100 serving pod ``chat-0`` bound directly to a
+    new fake 8 x H100 node ``<tag>-h100-<n>`` (appended to ``nodes``), in a plan published
+    as ``version``; returns once the pod has its IP."""
+    node = f"{tag}-h100-{free_port()}"
+    nodes.append(node)
+    cp.create_node(gpu_node(node, "H100", 8))
+    pool = f"{namespace}.chat"
+    publish_plan(cp, {pool: [(node, "H100", 1)]}, version)
+    cp.core.create_namespaced_pod(namespace, serving_pod("chat-0", pool, "1xH100", node=node))
+    ip = wait_for("the serving pod's IP", lambda: cp.core.read_namespaced_pod(
+        "chat-0", namespace).status.pod_ip)
+    return ServingPool(pool, node, "chat-0", str(ip))
+
+
+# -- the router with the chart's arguments -----------------------------------------------------
+
+def router_token(rendered: Any) -> str:
+    """The bearer token of the chart's router Secret (what a gateway sends)."""
+    import base64
+
+    secret = rendered.get("Secret", service_account("router") + "-token")
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def chart_router_args(rendered: Any, port: int, token_file: str) -> list[str]:
+    """The router container's args as the chart renders them, made local: loopback
+    address and a free port, the namespace, the token file where the test wrote it, and
+    a free ``--epp-port`` (the picker's gRPC port)."""
+    (container,) = rendered.get("Deployment", service_account("router"))[
+        "spec"]["template"]["spec"]["containers"]
+    args = [a.replace("$(POD_NAMESPACE)", RELEASE_NAMESPACE) for a in container["args"]]
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--token-file") + 1] = token_file
+    if "--epp-port" in args:
+        args[args.index("--epp-port") + 1] = str(free_port())
+    return args
 
 
 # -- local processes -------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ the pool's serving pod found through the real API; no RBAC denial."""
 from __future__ import annotations
 
 import asyncio
-import base64
 from typing import Any
 
 import grpc
@@ -18,11 +17,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8slib import Components, ControlPlane
-from test_router_real import _chart_router_args
 
-from joulepool.api.contract import EPP_DESTINATION_HEADER, MODE_LABEL, POOL_LABEL
-from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
-from joulepool.kube import testing as T
+from joulepool.api.contract import EPP_DESTINATION_HEADER
 
 
 async def _ready_and_pick(port: int, pool: str) -> tuple[str, str]:
@@ -60,28 +56,12 @@ async def _ready_and_pick(port: int, pool: str) -> tuple[str, str]:
 def test_picker_with_the_charts_args_routes_to_the_pools_pod(
         cluster: ControlPlane, chart: Any, procs: Components, namespace: str,
         nodes: list[str]) -> None:
-    secret = chart.get("Secret", k8slib.service_account("router") + "-token")
     token_file = cluster.run_dir / "router-token-epp"
-    token_file.write_text(base64.b64decode(secret["data"]["token"]).decode())
-    node = f"epp-h100-{k8slib.free_port()}"
-    nodes.append(node)
-    cluster.create_node(k8slib.gpu_node(node, "H100", 8))
-    pool = f"{namespace}.chat"
-    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": PLAN_CONFIGMAP, "namespace": k8slib.RELEASE_NAMESPACE},
-                   "data": {PLAN_KEY: T.plan({pool: [(node, "H100", 1)]}, version=901)
-                            .to_json()}})
-    cluster.core.create_namespaced_pod(namespace, {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "chat-0", "labels": {POOL_LABEL: pool, MODE_LABEL: "1xH100"}},
-        "spec": {"nodeName": node, "containers": [{
-            "name": "engine", "image": "engine:test",
-            "ports": [{"name": "http", "containerPort": 8000}],
-            "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}})
-    ip = k8slib.wait_for("the serving pod's IP", lambda: cluster.core.read_namespaced_pod(
-        "chat-0", namespace).status.pod_ip)
+    token_file.write_text(k8slib.router_token(chart))
+    serving = k8slib.serving_pool(cluster, namespace, nodes, "epp", version=901)
+    pool, ip = serving.pool, serving.ip
 
-    args = _chart_router_args(chart, k8slib.free_port(), str(token_file))
+    args = k8slib.chart_router_args(chart, k8slib.free_port(), str(token_file))
     epp_port = k8slib.free_port()
     args[args.index("--epp-port") + 1] = str(epp_port)  # the chart passes it
     # its own log name: logs/<name>.log persists across tests, and "router" has an old

@@ -20,8 +20,6 @@ from k8slib import ControlPlane
 from lagproxy import LaggingProxy
 from test_extender_placement import SCHEDULER_NAME
 
-from joulepool.api.contract import GPU_RESOURCE, MODE_LABEL, POOL_LABEL
-from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
 from joulepool.kube import testing as T
 
 
@@ -52,14 +50,6 @@ def _filter(base: str, pod: dict[str, Any], node: str) -> dict[str, Any]:
         return out
 
 
-def _pod(name: str, pool: str, mode: str, gpus: int) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "labels": {POOL_LABEL: pool, MODE_LABEL: mode}},
-            "spec": {"schedulerName": SCHEDULER_NAME, "terminationGracePeriodSeconds": 0,
-                     "containers": [{"name": "engine", "image": "engine:test",
-                                     "resources": {"limits": {GPU_RESOURCE: str(gpus)}}}]}}
-
-
 def test_replacement_pod_placed_while_the_extenders_watch_is_behind(
         cluster: ControlPlane, chart: Any, namespace: str, nodes: list[str],
         proxy: LaggingProxy) -> None:
@@ -82,13 +72,10 @@ def test_replacement_pod_placed_while_the_extenders_watch_is_behind(
         extender.wait_log("listening on", timeout=60)
         scheduler = k8slib.start_second_scheduler(cluster, procs, chart, base + "/scheduler",
                                                   name="joulepool-scheduler-lag")
-        cluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
-                       "metadata": {"name": PLAN_CONFIGMAP,
-                                    "namespace": k8slib.RELEASE_NAMESPACE},
-                       "data": {PLAN_KEY: T.plan({pool: [(node, "H100", 1, 2)]},
-                                                 version=950).to_json()}})
+        k8slib.publish_plan(cluster, {pool: [(node, "H100", 1, 2)]}, version=950)
         core = cluster.core
-        core.create_namespaced_pod(namespace, _pod("chat-old", pool, mode, 2))
+        core.create_namespaced_pod(namespace, k8slib.serving_pod(
+            "chat-old", pool, mode, 2, scheduler=SCHEDULER_NAME))
         k8slib.wait_for("chat-old bound", lambda: core.read_namespaced_pod(
             "chat-old", namespace).spec.node_name == node, timeout=60)
         # the extender's cache counts chat-old against the mode's 2-GPU share
@@ -100,7 +87,8 @@ def test_replacement_pod_placed_while_the_extenders_watch_is_behind(
         core.delete_namespaced_pod("chat-old", namespace, grace_period_seconds=0)
         k8slib.wait_for("chat-old gone", lambda: not any(
             p.metadata.name == "chat-old" for p in core.list_namespaced_pod(namespace).items))
-        core.create_namespaced_pod(namespace, _pod("chat-new", pool, mode, 2))
+        core.create_namespaced_pod(namespace, k8slib.serving_pod(
+            "chat-new", pool, mode, 2, scheduler=SCHEDULER_NAME))
         # placed while the watch is still held (the old code waited for the watch)
         try:
             k8slib.wait_for("chat-new bound while the extender's watch is behind",

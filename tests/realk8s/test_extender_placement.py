@@ -21,7 +21,6 @@ import pytest
 from k8slib import Components, ControlPlane
 
 from joulepool.api.contract import GPU_RESOURCE, MODE_LABEL, POOL_LABEL
-from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
 from joulepool.kube import testing as T
 
 SCHEDULER_NAME = "joulepool-scheduler"
@@ -49,11 +48,7 @@ class Placement:
         """Write the plan ConfigMap (as the operator does) and wait until the extender
         serves that version; returns the version."""
         self.version += 1
-        doc = T.plan(pools, version=self.version)
-        self.cp.apply({"apiVersion": "v1", "kind": "ConfigMap",
-                       "metadata": {"name": PLAN_CONFIGMAP,
-                                    "namespace": k8slib.RELEASE_NAMESPACE},
-                       "data": {PLAN_KEY: doc.to_json()}})
+        k8slib.publish_plan(self.cp, pools, self.version)
         import urllib.request
 
         def served() -> bool:
@@ -71,13 +66,8 @@ class Placement:
         for i in range(start, start + count):
             name = f"{pool.split('.')[-1]}-{mode.lower()}-{i}"
             self.specs[name] = (pool, mode, gpus)
-            self.cp.core.create_namespaced_pod(namespace, {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "labels": {POOL_LABEL: pool, MODE_LABEL: mode}},
-                "spec": {"schedulerName": SCHEDULER_NAME, "terminationGracePeriodSeconds": 0,
-                         "containers": [{"name": "engine", "image": "engine:test",
-                                         "resources": {"limits": {GPU_RESOURCE: str(gpus)}}}]},
-            })
+            self.cp.core.create_namespaced_pod(namespace, k8slib.serving_pod(
+                name, pool, mode, gpus, scheduler=SCHEDULER_NAME))
             names.append(name)
         return names
 

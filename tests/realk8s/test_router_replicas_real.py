@@ -5,7 +5,6 @@ only move both lambdas, to the same value; the chart's Role is all they need."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import urllib.error
@@ -17,27 +16,17 @@ from k8slib import Components, ControlPlane
 
 from joulepool.api.contract import (
     COMPONENT_LABEL,
-    MODE_LABEL,
-    POOL_LABEL,
     ROUTER_COUNTS_ANNOTATION,
     ROUTER_REPLICA_COMPONENT,
 )
-from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY
-from joulepool.kube import testing as T
 
 
 def _args(chart: Any, port: int, token_file: str) -> list[str]:
     """The chart's router args made local, sharing every 0.3 s and stepping PI every
     10 completions (so the test is short)."""
-    (container,) = chart.get("Deployment", k8slib.service_account("router"))[
-        "spec"]["template"]["spec"]["containers"]
-    args = [a.replace("$(POD_NAMESPACE)", k8slib.RELEASE_NAMESPACE) for a in container["args"]]
-    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port)),
-                        ("--token-file", token_file), ("--replica-sync-seconds", "0.3"),
-                        ("--replica-ttl-seconds", "3")):
+    args = k8slib.chart_router_args(chart, port, token_file)
+    for flag, value in (("--replica-sync-seconds", "0.3"), ("--replica-ttl-seconds", "3")):
         args[args.index(flag) + 1] = value
-    if "--epp-port" in args:
-        args[args.index("--epp-port") + 1] = str(k8slib.free_port())
     return [*args, "--pi-every", "10"]
 
 
@@ -53,33 +42,13 @@ def _call(base: str, path: str, token: str, body: Any = None) -> tuple[int, Any]
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def _serving_pool(cluster: ControlPlane, namespace: str, nodes: list[str]) -> str:
-    node = f"replicas-h100-{k8slib.free_port()}"
-    nodes.append(node)
-    cluster.create_node(k8slib.gpu_node(node, "H100", 8))
-    pool = f"{namespace}.chat"
-    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": PLAN_CONFIGMAP, "namespace": k8slib.RELEASE_NAMESPACE},
-                   "data": {PLAN_KEY: T.plan({pool: [(node, "H100", 1)]}, version=901)
-                            .to_json()}})
-    cluster.core.create_namespaced_pod(namespace, {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "chat-0", "labels": {POOL_LABEL: pool, MODE_LABEL: "1xH100"}},
-        "spec": {"nodeName": node, "containers": [{
-            "name": "engine", "image": "engine:test",
-            "ports": [{"name": "http", "containerPort": 8000}],
-            "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}})
-    return pool
-
-
 def test_two_replicas_share_miss_counts_through_their_leases(
         cluster: ControlPlane, chart: Any, procs: Components, namespace: str,
         nodes: list[str]) -> None:
-    secret = chart.get("Secret", k8slib.service_account("router") + "-token")
-    token = base64.b64decode(secret["data"]["token"]).decode()
+    token = k8slib.router_token(chart)
     token_file = cluster.run_dir / "replicas-token"
     token_file.write_text(token)
-    pool = _serving_pool(cluster, namespace, nodes)
+    pool = k8slib.serving_pool(cluster, namespace, nodes, "replicas", version=901).pool
     names = [f"router-{namespace[-4:]}-a", f"router-{namespace[-4:]}-b"]
     bases, routers = [], []
     for name in names:
