@@ -81,7 +81,7 @@ import numpy.typing as npt
 # default_deadline lives in core.classes (next to SLO.deadline_for); re-exported here
 # for the router and older callers
 from joulepool.core.classes import default_deadline as default_deadline
-from joulepool.core.cost import CostBreakdown, joulesched_cost
+from joulepool.core.cost import CostBreakdown, float_array, joulesched_cost
 from joulepool.core.profiles import Headroom, ServingProfile
 
 FloatArray = npt.NDArray[np.float64]
@@ -164,10 +164,10 @@ def marginal_decode_j_per_token(excess: Sequence[float] | FloatArray, in_flight:
 def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.ArrayLike,
                       output_tokens: float, input_tokens: float) -> FloatArray:
     """E_n(r) = eps_n * output + pi_n * prompt: joules the request adds on each endpoint."""
-    e = np.multiply(eps_j_per_token, max(float(output_tokens), 0.0), dtype=np.float64)
+    e: FloatArray = np.multiply(float_array(eps_j_per_token), max(float(output_tokens), 0.0))
     if input_tokens > 0:
-        e = e + np.multiply(prefill_j_per_token, float(input_tokens), dtype=np.float64)
-    return np.asarray(e, dtype=np.float64)
+        e += np.multiply(float_array(prefill_j_per_token), float(input_tokens))
+    return e
 
 
 def score_endpoints(
@@ -190,9 +190,9 @@ def score_endpoints(
     ``prefill_j_per_token`` (pi_n) the energy term is :func:`marginal_energy_j` of
     ``output_tokens`` (default ``tokens``) and the prompt; without it eps_n * t_r.
     """
-    q = np.asarray(queue_tokens, dtype=np.float64)
+    q = float_array(queue_tokens)
     if input_tokens > 0:
-        q = q + input_tokens * np.asarray(weight, dtype=np.float64)
+        q = q + input_tokens * float_array(weight)
     energy = None
     if prefill_j_per_token is not None:
         out = tokens if output_tokens is None else output_tokens
@@ -227,7 +227,7 @@ def slo_infeasible(
     """
     first = np.add(prefill_backlog_s, np.multiply(prefill_s_per_token, float(input_tokens)))
     late: npt.NDArray[np.bool_] = first > ttft_slo_s
-    late |= np.asarray(batch_room, dtype=np.float64) < 1.0
+    late |= float_array(batch_room) < 1.0
     return late
 
 
@@ -242,17 +242,21 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
     cost, ETA and index order within each group. Endpoints with a NaN or infinite
     cost (cannot serve) are left out.
     """
-    cost = np.asarray(breakdown.cost, dtype=np.float64)
+    cost = float_array(breakdown.cost)
     if cost.size == 0 or k <= 0:
         return []
-    slack = np.asarray(breakdown.slack_s, dtype=np.float64)
     worse = late
     if hard_deadline:
+        slack = np.asarray(breakdown.slack_s, dtype=np.float64)
         worse = slack > 0 if worse is None else (worse | (slack > 0))
+    if k == 1:  # the simulator's per-request path: no sort
+        best = _best_outside(cost, float_array(breakdown.eta_s), worse)
+        if best is not None:
+            return [best]
     if worse is not None and (worse.all() or not worse.any()):
         worse = None  # one group: the plain ranking
     if k == 1 and worse is None:
-        best = breakdown.best_by_eta()  # the simulator's per-request path: no sort
+        best = breakdown.best_by_eta()
         return [best] if math.isfinite(cost[best]) else []
     eta = np.asarray(breakdown.eta_s, dtype=np.float64)
     usable = np.isfinite(cost)
@@ -267,6 +271,21 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
     order = np.lexsort((e, c, worse[idx]) if worse is not None else (e, c))
     top = idx[order[:k]].tolist()
     return top
+
+
+def _best_outside(cost: FloatArray, eta: FloatArray,
+                  worse: npt.NDArray[np.bool_] | None) -> int | None:
+    """:func:`rank_endpoints`' first choice without a sort: the lowest cost among the
+    endpoints not marked ``worse``, then the lowest ETA, then the lowest index. None
+    when that is not plain to see (no unmarked endpoint with a finite cost, a NaN cost
+    or ETA among the candidates): the caller ranks them all then."""
+    c = cost if worse is None else np.where(worse, np.inf, cost)
+    lo = c[c.argmin()]  # argmin: the first lowest, or the first NaN
+    if not math.isfinite(lo):
+        return None
+    tied_eta = np.where(c == lo, eta, np.inf)
+    best = int(tied_eta.argmin())  # the first lowest ETA among the lowest costs
+    return best if tied_eta[best] < math.inf else None
 
 
 @dataclass(frozen=True)

@@ -178,11 +178,17 @@ class JouleSchedScorer:
             request.deadline_s, request.lam, endpoints.prefill_j_per_token,
             request.output_tokens,
         )
-        pf_s = np.divide(endpoints.prefill_weight, endpoints.tps,
-                         out=np.zeros(len(endpoints)), where=endpoints.tps > 0)
+        pf_s = _prefill_s_per_token(endpoints.prefill_weight, endpoints.tps)
         late = slo_infeasible(endpoints.prefill_backlog_s, pf_s,
                               endpoints.batch_room, request.input_tokens, request.ttft_slo_s)
         return Scores(cb.cost, cb.eta_s, cb, late)
+
+
+def _prefill_s_per_token(weight: FloatArray, tps: FloatArray) -> FloatArray:
+    """Prefill s per prompt token from w_n = mu_n x prefill s per token; 0 where mu_n <= 0."""
+    if tps.size and np.minimum.reduce(tps) > 0:  # every endpoint serves: one division
+        return np.divide(weight, tps)
+    return np.divide(weight, tps, out=np.zeros(tps.size), where=tps > 0)
 
 
 class LeastLoadedScorer:
@@ -267,7 +273,7 @@ class KVCacheFilter:
     def filter(self, request: RequestInfo, endpoints: EndpointState) -> BoolArray | None:
         kv = endpoints.kv_cache_usage
         full = kv >= self.limit  # NaN compares False: unknown stays eligible
-        if not full.any() or full.all():
+        if full.size == 0 or not full[full.argmax()] or full.all():  # argmax: a full one if any
             return None
         keep: BoolArray = ~full
         return keep

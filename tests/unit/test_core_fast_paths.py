@@ -1,0 +1,101 @@
+"""The per-request fast paths of the JouleSched rule give exactly the rule's numbers.
+
+The simulator scores every request on every endpoint, so core's cost and ranking
+take shortcuts in the common case (every endpoint serves, a finite positive lambda,
+one endpoint wanted). These tests hold the shortcuts to the rule as documented, on
+random endpoints with the awkward values mixed in: NaN and infinite queues, zero,
+negative and NaN throughputs, lambda 0, negative or infinite, cost ties, SLO-late
+endpoints.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from joulepool.core.cost import joulesched_cost
+from joulepool.core.routing import rank_endpoints, slo_infeasible
+
+AWKWARD = (math.nan, math.inf, 0.0, -1.0)
+
+
+def _column(rng: np.random.Generator, n: int, lo: float, hi: float, odd: float,
+            coarse: bool = True) -> np.ndarray:
+    """Values in [lo, hi] (coarse: few distinct ones, so ties happen), a share ``odd``
+    of them replaced by awkward values."""
+    x = (rng.integers(0, 4, n) * (hi - lo) / 3 + lo) if coarse else rng.uniform(lo, hi, n)
+    bad = rng.random(n) < odd
+    x[bad] = rng.choice(AWKWARD, int(bad.sum()))
+    return x
+
+
+def _by_the_rule(eps: np.ndarray, q: np.ndarray, mu: np.ndarray, tokens: float,
+                 deadline: float, lam: float) -> tuple[list[float], list[float], list[float]]:
+    """ETA, slack and cost one endpoint at a time, as core.cost's docstring states them:
+    ETA = (q + t) / mu (infinite where mu <= 0 or NaN), slack = max(0, ETA - D) (NaN
+    stays NaN), cost = eps * t + lambda * slack where slack > 0 (else + 0); lambda = 0
+    makes an infinite slack NaN (cannot serve)."""
+    etas, slacks, costs = [], [], []
+    for e, qq, m in zip(eps, q, mu, strict=True):
+        eta = (qq + tokens) / m if m > 0 else math.inf
+        slack = eta - deadline
+        slack = slack if (slack != slack or slack > 0) else 0.0
+        if lam == 0.0:
+            late = math.nan if slack == math.inf else 0.0
+        else:
+            late = slack * lam if slack > 0 else 0.0
+        etas.append(eta)
+        slacks.append(slack)
+        costs.append(late + e * tokens)
+    return etas, slacks, costs
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf / inf, as numpy says
+@pytest.mark.parametrize("lam", [0.0, 3.0, 1e-300, -2.0, math.inf])
+@pytest.mark.parametrize("odd", [0.0, 0.2])
+def test_cost_is_the_rule_endpoint_by_endpoint(lam: float, odd: float) -> None:
+    rng = np.random.default_rng(abs(hash((lam, odd))) % 2**32)
+    for _ in range(30):
+        n = int(rng.integers(1, 40))
+        eps = _column(rng, n, 0.1, 0.4, 0.0)
+        q = _column(rng, n, 0.0, 3000.0, odd)
+        mu = _column(rng, n, 100.0, 2000.0, odd)
+        tokens, deadline = float(rng.uniform(1, 400)), float(rng.uniform(0.1, 5))
+        cb = joulesched_cost(eps, q, mu, tokens, deadline, lam)
+        eta, slack, cost = _by_the_rule(eps, q, mu, tokens, deadline, lam)
+        np.testing.assert_array_equal(cb.eta_s, eta)
+        np.testing.assert_array_equal(cb.slack_s, slack)
+        np.testing.assert_array_equal(cb.cost, cost)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("hard_deadline", [False, True])
+def test_first_choice_is_the_full_rankings_first(hard_deadline: bool) -> None:
+    """k = 1 takes no sort; it must name the endpoint the full ranking puts first."""
+    rng = np.random.default_rng(5 + hard_deadline)
+    for trial in range(600):
+        n = int(rng.integers(1, 30))
+        odd = 0.0 if trial % 3 else 0.15
+        eps = _column(rng, n, 0.1, 0.4, 0.0)
+        q = _column(rng, n, 0.0, 3000.0, odd)
+        mu = _column(rng, n, 500.0, 2000.0, odd)
+        lam = float(rng.choice([0.0, 5.0, 40.0]))
+        cb = joulesched_cost(eps, q, mu, 200.0, float(rng.uniform(0.5, 4)), lam)
+        late = None
+        if trial % 2:
+            late = slo_infeasible(_column(rng, n, 0.0, 0.6, 0.0), np.full(n, 1e-4),
+                                  rng.integers(0, 3, n).astype(float), 1000.0, 0.3)
+        full = rank_endpoints(cb, n, hard_deadline=hard_deadline, late=late)
+        first = rank_endpoints(cb, 1, hard_deadline=hard_deadline, late=late)
+        assert first == full[:1], (trial, cb, late)
+        # and the full ranking is the documented order: (late, cost, ETA, index)
+        worse = np.zeros(n, dtype=bool) if late is None else late.copy()
+        if hard_deadline:
+            worse |= cb.slack_s > 0
+        usable = [i for i in range(n) if math.isfinite(cb.cost[i])]
+        eta = cb.eta_s  # NaN sorts last
+        order = sorted(usable, key=lambda i: (worse[i], cb.cost[i], bool(np.isnan(eta[i])),
+                                              0.0 if np.isnan(eta[i]) else eta[i], i))
+        assert full == order
