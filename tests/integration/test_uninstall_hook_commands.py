@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
-from chartlib import Rendered, render_raw  # noqa: E402
+from chartlib import Rendered, render_raw
 
-from joulepool.fakes.gpus import SimulatedGPUs  # noqa: E402
+from joulepool.fakes.gpus import SimulatedGPUs
 
 PY = [sys.executable, "-c", "import sys; from joulepool.cli import main; sys.exit(main())"]
 KIND_VALUES = Path(__file__).resolve().parents[2] / "kind" / "values.yaml"
