@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import k8slib
@@ -141,3 +144,92 @@ def test_events_about_cluster_scoped_objects_are_recorded_where_kubectl_finds_th
     finally:
         with contextlib.suppress(Exception):
             custom.delete_cluster_custom_object(GROUP, VERSION, ENERGYPOLICIES, policy)
+
+
+def _load(url: str, stop: threading.Event) -> None:
+    """Keep the fake engine busy (its tokens are what the node agent measures)."""
+    body = json.dumps({"model": "llama-3.1-8b", "prompt": "hello " * 64,
+                       "max_tokens": 128}).encode()
+    while not stop.is_set():
+        req = urllib.request.Request(url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(req, timeout=30).read()
+
+
+def test_node_agent_publishes_its_operating_point_into_the_next_plan(
+        scenario: Scenario, cluster: ControlPlane, tmp_path: Path) -> None:
+    """End to end over real interfaces: a node agent process (simulated GPU, the chart's
+    node-agent ServiceAccount) measures a fake engine under load and writes
+    ``status.measured`` of the matching GPUProfile with its operating point
+    (``tokensPerSecond``, ``clockMHz``); the operator process uses that entry (the
+    EpsDrift condition counts the node as measured, not as "without operating point")
+    and publishes the correction in the plan's ``epsScales``, which the router and the
+    extender read."""
+    s = scenario
+    node = s.node("h100")
+    s.create_pool("chat", rps=5)
+    s.planned("chat")
+    name = f"op-{s.ns}"[:63].strip("-")
+    custom = cluster.custom
+    custom.create_cluster_custom_object(GROUP, VERSION, GPUPROFILES, profile_body(name))
+    state = tmp_path / "gpus.json"
+    engine_port, metrics_port = k8slib.free_port(), k8slib.free_port()
+    engine_url = f"http://127.0.0.1:{engine_port}"
+    stop = threading.Event()
+    loaders = [threading.Thread(target=_load, args=(engine_url, stop), daemon=True)
+               for _ in range(4)]
+    with k8slib.components(cluster) as procs:
+        try:
+            engine = procs.joulepool("fake-engine-op", [
+                "fake-engine", "--host", "127.0.0.1", "--port", str(engine_port),
+                "--gpu-state", str(state), "--gpu-index", "0", "--node", node])
+            engine.wait_log(f"at {engine_url}", timeout=60)
+            agent = procs.joulepool("node-agent-op", [
+                "node-agent", "--backend", "simulated", "--gpu-state", str(state),
+                "--product", "H100", "--count", "1", "--kubernetes", "on",
+                "--engine-url", f"0@{engine_url}", "--pool", s.key("chat"),
+                "--engine-discovery", "off", "--pod-resources-socket", "off",
+                "--namespace", OP_NAMESPACE, "--energy-policy", "none", "--interval", "0.5",
+                "--publish-interval", "2", "--plan-refresh", "2", "--ttft-slo", "1",
+                "--tpot-slo", "0.1", "--metrics-host", "127.0.0.1",
+                "--metrics-port", str(metrics_port)],
+                service_account=k8slib.service_account("node-agent"),
+                env={"NODE_NAME": node})
+            for t in loaders:
+                t.start()
+
+            def measured() -> dict[str, Any] | None:
+                obj = custom.get_cluster_custom_object(GROUP, VERSION, GPUPROFILES, name)
+                for entry in (obj.get("status") or {}).get("measured") or []:
+                    if entry.get("node") == node and entry.get("samples", 0) >= 2500:
+                        return dict(entry)
+                return None
+
+            entry = wait_for(measured, timeout=120, what="the agent's measured entry")
+            p = H100_8B
+            assert entry["tokensPerSecond"] > 0
+            assert p.f_min <= entry["clockMHz"] <= p.f_max
+            assert entry["joulesPerToken"] > 0
+            datetime.fromisoformat(entry["updatedAt"].replace("Z", "+00:00"))
+
+            def used() -> dict[str, Any] | None:
+                obj = custom.get_cluster_custom_object(GROUP, VERSION, GPUPROFILES, name)
+                c = condition(obj, "EpsDrift")
+                return c if c and "1 node(s) measured" in str(c["message"]) else None
+
+            cond = wait_for(used, what="the operator using the measured operating point")
+            assert "without operating point" not in str(cond["message"])
+
+            def scale() -> float | None:
+                cm = cluster.core.read_namespaced_config_map("joulepool-plan", OP_NAMESPACE)
+                return json.loads(cm.data["plan.json"]).get("epsScales", {}).get(H100_8B.key)
+
+            # the simulated GPU draws the profile's power: the correction stays near 1
+            assert 0.7 < wait_for(scale, what="epsScales in the plan") < 1.4
+            assert agent.running() and not agent.forbidden_lines()
+            assert not s.op.forbidden_lines()
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                custom.delete_cluster_custom_object(GROUP, VERSION, GPUPROFILES, name)
