@@ -37,6 +37,7 @@ least-loaded per cell. Cells run in parallel processes.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import multiprocessing as mp
 import sys
@@ -79,6 +80,7 @@ def synthetic_trace(name: str, mean_in: float, mean_out: float, seed: int = 0) -
     return Trace(name, arrival, inp, out)
 
 
+@functools.cache
 def trace_named(name: str) -> Trace:
     if name == "bundled":
         return load_trace()
@@ -106,12 +108,24 @@ def cell_duration(cell: Cell, rate_rps: float) -> float:
     return max(cell.duration_s, cell.min_requests / rate_rps)
 
 
+@functools.cache
+def capacity_rps(cluster: str, trace: str, slos: str) -> float:
+    """The cluster's capacity at SLO for the trace (``sim.runner.capacity_at_slo``)."""
+    return trace_capacity(CLUSTERS[cluster](), trace_named(trace), slo_set(slos)).slo_rps
+
+
+def expected_requests(cell: Cell) -> float:
+    """Requests the cell will simulate, on average (its share of the matrix's work)."""
+    rate = cell.load * capacity_rps(cell.cluster, cell.trace, cell.slos)
+    return rate * cell_duration(cell, rate) if rate > 0 else 0.0
+
+
 def run_cell(cell: Cell) -> dict[str, Any]:
     t0 = time.perf_counter()
     cluster = CLUSTERS[cell.cluster]()
     trace = trace_named(cell.trace)
     slos = slo_set(cell.slos)
-    rate = cell.load * trace_capacity(cluster, trace, slos).slo_rps
+    rate = cell.load * capacity_rps(cell.cluster, cell.trace, cell.slos)
     if rate <= 0:
         return {"cell": cell, "rate": 0.0, "rows": {}, "objective": cluster.objective,
                 "requests": 0, "duration_s": 0.0, "wall_s": time.perf_counter() - t0,
@@ -257,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         module.__dict__.update(globals())
         sys.modules[__name__] = module
     outs = []
-    with mp.get_context("fork").Pool(a.jobs) as pool:
-        for out in pool.imap(run_cell, cells):
+    with mp.get_context("fork").Pool(a.jobs) as pool:  # the largest cells first
+        for out in pool.imap_unordered(run_cell, sorted(cells, key=expected_requests,
+                                                        reverse=True)):
             outs.append(out)
             print(render(out), flush=True)
+    outs.sort(key=lambda o: cells.index(o["cell"]))
     print(f"{len(cells)} cells, {sum(o['requests'] for o in outs):,} requests per policy, in "
           f"{time.perf_counter() - t0:.0f} s wall ({a.jobs} processes)")
     print(summary_line(outs))
