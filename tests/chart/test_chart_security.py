@@ -85,10 +85,13 @@ def test_router_open_to_its_clients_and_monitoring_only(default_render: Rendered
 
 
 def test_metrics_ports_open_to_monitoring_only(default_render: Rendered) -> None:
+    """... and the node agents' to the router too: it reads each serving pod's GPU energy
+    there (the proxy's measured J/token)."""
     operator = _ports(default_render.get("NetworkPolicy", name("operator")))
     agent = _ports(default_render.get("NetworkPolicy", name("node-agent")))
     assert operator == {9402: PEERS_MONITORING}
-    assert agent == {9400: PEERS_MONITORING}
+    router_pods = default_render.get("Deployment", name("router"))["spec"]["selector"]
+    assert agent == {9400: [*PEERS_MONITORING, {"podSelector": router_pods}]}
 
 
 def test_peers_come_from_values_and_empty_peers_open_nothing() -> None:
@@ -97,9 +100,12 @@ def test_peers_come_from_values_and_empty_peers_open_nothing() -> None:
     r = Rendered(render_raw({"networkPolicy": {"routerFrom": gateway, "metricsFrom": []}}))
     assert _ports(r.get("NetworkPolicy", name("router"))) == {ROUTER_PORT: gateway,
                                                                EPP_PORT: gateway}
-    for component in ("operator", "node-agent", "scheduler"):
+    for component in ("operator", "scheduler"):
         policy = r.get("NetworkPolicy", name(component))
         assert policy["spec"]["ingress"] == [], component  # deny all, never allow all
+    router_pods = r.get("Deployment", name("router"))["spec"]["selector"]
+    assert _ports(r.get("NetworkPolicy", name("node-agent"))) == {
+        9400: [{"podSelector": router_pods}]}  # the router only
     off = Rendered(render_raw({"networkPolicy": {"enabled": False}}))
     assert off.all("NetworkPolicy") == []
 

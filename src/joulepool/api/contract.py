@@ -99,6 +99,9 @@ EXTENDER_PREFIX = "/scheduler"
 ENGINE_PORT = 8000
 #: the node agent's /metrics and /healthz
 NODE_AGENT_METRICS_PORT = 9400
+#: the node agent pods' ``app.kubernetes.io/component`` label (the chart's): the router
+#: reads their GPU energy per serving pod on NODE_AGENT_METRICS_PORT
+NODE_AGENT_COMPONENT = "node-agent"
 #: the operator's liveness endpoint /healthz
 OPERATOR_LIVENESS_PORT = 8080
 #: the operator's Prometheus endpoint /metrics (plan, pools, carbon sources)

@@ -67,8 +67,17 @@ SGLANG = EngineMetricSpec(
 )
 #: engine name (the pod label :data:`api.contract.ENGINE_LABEL`) -> its metric names
 ENGINE_SPECS: dict[str, EngineMetricSpec] = {VLLM.name: VLLM, SGLANG.name: SGLANG}
-#: the families the router needs (waiting and running requests, KV-cache usage)
-QUEUE_METRICS = tuple(n for spec in ENGINE_SPECS.values() for n in spec.queue_families())
+#: the families the router needs (waiting and running requests, KV-cache usage, and the
+#: generated-token counter its measured J/token divides by)
+QUEUE_METRICS = tuple(n for spec in ENGINE_SPECS.values()
+                      for n in (*spec.queue_families(), *spec.generation_tokens))
+
+#: per-GPU energy counters with the pod the GPU is allocated to (``pod``, ``namespace``
+#: labels): the node agent's (joules; family name, samples end in ``_total``) and the
+#: DCGM exporter's (millijoules), with the factor to joules
+GPU_ENERGY = "joulepool_gpu_energy_joules"
+GPU_ENERGY_COUNTERS = ((GPU_ENERGY, 1.0),
+                       ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 1e-3))
 
 
 def engine_spec(name: str | None) -> EngineMetricSpec | None:
@@ -218,3 +227,24 @@ def parse_queue(text: str, spec: EngineMetricSpec | None = None
     """(waiting, running) requests of an engine's page (:func:`parse_queue_sample`)."""
     sample = parse_queue_sample(text, spec)
     return None if sample is None else (sample.waiting, sample.running)
+
+
+def parse_pod_energy(text: str) -> dict[str, float]:
+    """Cumulative GPU energy per serving pod (``namespace/name`` -> joules) from a node
+    agent's or DCGM exporter's page (:data:`GPU_ENERGY_COUNTERS`), summed over the pod's
+    GPUs; GPUs no pod holds are left out. The first counter family on the page is read
+    (both would count the same GPUs twice). ValueError if the text is not valid."""
+    for family_name, to_joules in GPU_ENERGY_COUNTERS:
+        if family_name not in text:
+            continue
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(_select(text, (family_name,))):
+            for s in family.samples:
+                pod, ns = s.labels.get("pod", ""), s.labels.get("namespace", "")
+                value = float(s.value)
+                if not pod or not ns or math.isnan(value) or value < 0:
+                    continue
+                key = f"{ns}/{pod}"
+                out[key] = out.get(key, 0.0) + value * to_joules
+        return out
+    return {}

@@ -140,3 +140,34 @@ class EpsEstimator:
 
     def eps(self, modelled_eps: float) -> float:
         return self.scale * modelled_eps
+
+
+@dataclass
+class IncrementRatio:
+    """The ratio of two cumulative counters' increments (e.g. an engine's GPU joules over
+    its generated tokens = its measured J/token), over spans of at least ``min_span`` of
+    the denominator.
+
+    Each :meth:`update` passes both counters' current values. The first pair is the
+    baseline; once the denominator has grown by ``min_span`` since the baseline, the
+    ratio of the increments becomes :attr:`value` and the pair the next baseline. A
+    counter that went down (its exporter restarted) starts a new baseline; until a span
+    completes, the previous value stands (None before the first).
+    """
+
+    min_span: float = 1.0
+    value: float | None = None
+    _base: tuple[float, float] | None = field(init=False, default=None)
+
+    def update(self, numerator: float, denominator: float) -> float | None:
+        if not (math.isfinite(numerator) and math.isfinite(denominator)):
+            return self.value
+        base = self._base
+        if base is None or numerator < base[0] or denominator < base[1]:
+            self._base = (numerator, denominator)
+            return self.value
+        span = denominator - base[1]
+        if span >= self.min_span and span > 0:
+            self.value = (numerator - base[0]) / span
+            self._base = (numerator, denominator)
+        return self.value

@@ -56,7 +56,7 @@ import numpy.typing as npt
 from joulepool.core.classes import Tier
 from joulepool.core.controllers import PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR, effective_lambda
-from joulepool.core.online import EpsEstimator, ExpSmoothed, SlidingWindowRate
+from joulepool.core.online import EpsEstimator, ExpSmoothed, IncrementRatio, SlidingWindowRate
 from joulepool.core.replicas import Counts, consensus_lambda
 from joulepool.core.routing import (
     EndpointModel,
@@ -77,6 +77,8 @@ MISS_WINDOW_S = 60.0
 EPS_HALF_LIFE_S = EpsEstimator.half_life_s  # core.estimators.EPS_HALF_LIFE_S
 EPS_MIN_TOKENS = EpsEstimator.min_tokens
 INFLIGHT_TTL_S = 300.0
+#: generated tokens over which an endpoint's measured J/token is taken (one span)
+MEASURED_EPS_MIN_TOKENS = 200.0
 
 
 class UnknownPool(LookupError):
@@ -136,8 +138,9 @@ class Endpoint:
     """One serving engine (``ip:port``) and what the router learned about it."""
 
     __slots__ = (
-        "address", "engine", "eps_est", "kv_cache", "ledger", "ledger_tokens", "metrics_url",
-        "model", "node", "running", "scraped_at", "source", "static_queue", "waiting",
+        "address", "engine", "eps_est", "generated_tokens", "kv_cache", "ledger",
+        "ledger_tokens", "measured_eps", "metrics_url", "model", "node", "pod", "running",
+        "scraped_at", "source", "static_queue", "waiting",
     )
 
     def __init__(
@@ -145,8 +148,15 @@ class Endpoint:
         source: str = "cluster", waiting: float = 0.0, running: float = 0.0,
         static_queue: float = 0.0, eps_half_life_s: float = EPS_HALF_LIFE_S,
         eps_min_tokens: float = EPS_MIN_TOKENS, engine: str | None = None,
+        pod: str | None = None,
     ) -> None:
         self.address = address
+        #: ``namespace/name`` of the serving pod: its GPUs' energy is published under it
+        self.pod = pod
+        #: the engine's generated-token counter at the last scrape (None: not read)
+        self.generated_tokens: float | None = None
+        #: J/token measured: GPU energy increments over generated-token increments
+        self.measured_eps = IncrementRatio(MEASURED_EPS_MIN_TOKENS)
         #: serving engine (metric names) from the pod label; None: detect from the page
         self.engine = engine
         #: fraction of the engine's KV cache in use, 0..1 (NaN until scraped)
@@ -320,7 +330,7 @@ class PoolRouter:
             old = self.endpoints[self.index[ep.address]] if ep.address in self.index else None
             if old is not None:
                 old.model, old.node, old.metrics_url = ep.model, ep.node, ep.metrics_url
-                old.engine = ep.engine
+                old.engine, old.pod = ep.engine, ep.pod
                 if ep.source == "file":
                     if old.scraped_at is None:  # scraped numbers beat the file's
                         old.waiting, old.running = ep.waiting, ep.running
@@ -602,17 +612,44 @@ class PoolRouter:
             self.observer.ticked(self.key, self.window.rate(now) or 0.0)
 
     def apply_scrape(self, address: str, waiting: float, running: float, now: float,
-                     kv_cache: float | None = None) -> bool:
-        """The engine's waiting and running request counts and KV-cache usage (0..1;
-        None: not reported); False if unknown address."""
+                     kv_cache: float | None = None, generated_tokens: float | None = None
+                     ) -> bool:
+        """The engine's waiting and running request counts, KV-cache usage (0..1; None:
+        not reported) and generated-token counter (None: not read); False if unknown
+        address."""
         i = self.index.get(address)
         if i is None:
             return False
         ep = self.endpoints[i]
         ep.waiting, ep.running, ep.scraped_at = waiting, running, now
         ep.kv_cache = math.nan if kv_cache is None else kv_cache
+        ep.generated_tokens = generated_tokens
         self._refresh(i)
         return True
+
+    def apply_energy(self, joules_by_pod: Mapping[str, float]) -> int:
+        """The cumulative GPU energy (J) of serving pods (``namespace/name`` -> joules, as
+        the node agents or DCGM publish it), read in the same round as the engines'
+        token counters: each endpoint's measured J/token takes the increments of both.
+        Returns how many endpoints had both."""
+        n = 0
+        for ep in self.endpoints:
+            joules = joules_by_pod.get(ep.pod) if ep.pod else None
+            if joules is None or ep.generated_tokens is None:
+                continue
+            ep.measured_eps.update(joules, ep.generated_tokens)
+            n += 1
+        return n
+
+    def measured_joules(self, endpoint: str, output_tokens: float) -> float | None:
+        """Energy of ``output_tokens`` generated on ``endpoint`` at its measured J/token
+        (:meth:`apply_energy`); None until one was measured, or for an unknown endpoint:
+        what a proxied completion reports as its joules."""
+        i = self.index.get(endpoint)
+        eps = self.endpoints[i].measured_eps.value if i is not None else None
+        if eps is None or output_tokens <= 0:
+            return None
+        return eps * output_tokens
 
     def node_index(self, index: Mapping[str, int]) -> npt.NDArray[np.int64]:
         """Each endpoint's row in ``index`` (node name -> row; -1 if absent), cached per
@@ -646,6 +683,7 @@ class PoolRouter:
                     "tokensPerSecond": float(self.tps[i]),
                     "queueTokens": float(q[i]),
                     "epsScale": e.eps_est.scale,
+                    "measuredJoulesPerToken": e.measured_eps.value,
                     "inFlight": len(e.ledger),
                 }
                 for i, e in enumerate(self.endpoints)

@@ -71,6 +71,8 @@ class EndpointEntry(_File):
     running: int = Field(default=0, ge=0)
     queue_tokens: float = Field(default=0.0, alias="queueTokens", ge=0)
     metrics_url: str | None = Field(default=None, alias="metricsUrl")
+    #: ``namespace/name`` of the serving pod (its GPU energy is published under it)
+    pod: str | None = Field(default=None, pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
 
     @field_validator("address")
     @classmethod

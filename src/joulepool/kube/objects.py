@@ -13,9 +13,11 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from joulepool.api.contract import (
+    COMPONENT_LABEL,
     ENGINE_LABEL,
     GPU_RESOURCE,
     MODE_LABEL,
+    NODE_AGENT_COMPONENT,
     POOL_LABEL,
     PORT_ANNOTATION,
 )
@@ -107,6 +109,12 @@ class Pod(_K8s):
         """The serving engine from the ``joulepool.dev/engine`` label, if any."""
         labels = self.metadata.labels or {}
         return labels.get(ENGINE_LABEL) or None
+
+    @property
+    def node_agent(self) -> bool:
+        """A joulepool node agent (``app.kubernetes.io/component: node-agent``)."""
+        labels = self.metadata.labels or {}
+        return labels.get(COMPONENT_LABEL) == NODE_AGENT_COMPONENT
 
     @property
     def mode(self) -> str | None:

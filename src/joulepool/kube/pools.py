@@ -44,6 +44,12 @@ class RouterSettings(RouterConfig):
 
     metrics_path: str = "/metrics"
     metrics_port: int = 0
+    #: pages publishing GPU energy per serving pod (node agents', DCGM exporters')
+    energy_urls: tuple[str, ...] = ()
+    #: the node agents' metrics port: their pages are read too (0: not discovered)
+    energy_port: int = 0
+    #: only node agents in this namespace (None: any)
+    energy_namespace: str | None = None
 
 
 class PoolObserver(RouterObserver, Protocol):
@@ -195,7 +201,7 @@ class Router:
                     e.tokens_per_second, pool.tpot_s,
                 )
                 eps_list.append(Endpoint(
-                    e.address, model, e.node, e.metrics_url, source="file",
+                    e.address, model, e.node, e.metrics_url, source="file", pod=e.pod,
                     waiting=e.waiting, running=e.running, static_queue=e.queue_tokens,
                     eps_half_life_s=self.s.eps_half_life_s,
                     eps_min_tokens=self.s.eps_min_tokens,
@@ -214,7 +220,7 @@ class Router:
                 eps_list.append(Endpoint(
                     f"{host}:{rec.port}", model, rec.node, self._metrics_url(rec.ip, rec.port),
                     eps_half_life_s=self.s.eps_half_life_s,
-                    eps_min_tokens=self.s.eps_min_tokens, engine=rec.engine,
+                    eps_min_tokens=self.s.eps_min_tokens, engine=rec.engine, pod=pod_key,
                 ))
         pool.set_endpoints(eps_list)
 
@@ -241,10 +247,32 @@ class Router:
         ]
 
     def apply_scrape(self, pool: str, address: str, waiting: float, running: float,
-                     now: float, kv_cache: float | None = None) -> bool:
+                     now: float, kv_cache: float | None = None,
+                     generated_tokens: float | None = None) -> bool:
         p = self.pools.get(pool)
-        return p.apply_scrape(address, waiting, running, now, kv_cache) if p is not None \
-            else False
+        return p.apply_scrape(address, waiting, running, now, kv_cache, generated_tokens) \
+            if p is not None else False
+
+    def energy_urls(self) -> list[str]:
+        """The pages to read serving pods' GPU energy from: the configured ones, and the
+        ready node agents' (in ``energy_namespace``) when ``energy_port`` is set."""
+        urls = list(self.s.energy_urls)
+        state = self.state
+        if state is None or self.s.energy_port <= 0:
+            return urls
+        prefix = f"{self.s.energy_namespace}/" if self.s.energy_namespace else ""
+        for key in sorted(state.node_agents):
+            rec = state.pods.get(key)
+            if rec is None or not rec.ready or not rec.ip or not key.startswith(prefix):
+                continue
+            host = f"[{rec.ip}]" if ":" in rec.ip else rec.ip
+            urls.append(f"http://{host}:{self.s.energy_port}/metrics")
+        return urls
+
+    def apply_energy(self, joules_by_pod: dict[str, float]) -> int:
+        """Serving pods' cumulative GPU energy (``namespace/name`` -> J) to every pool's
+        endpoints (core.router.PoolRouter.apply_energy); how many endpoints took it."""
+        return sum(p.apply_energy(joules_by_pod) for p in self.pools.values())
 
     def replica_counts(self) -> tuple[dict[str, dict[str, Counts]], dict[str, float]]:
         """This replica's cumulative counts per pool and tier, and its lambda per pool

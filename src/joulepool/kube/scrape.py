@@ -1,7 +1,9 @@
-"""Queue depth of serving engines, scraped from their Prometheus pages.
+"""Queue depth and generated tokens of serving engines, and the GPU energy of serving
+pods, scraped from Prometheus pages.
 
-The page is read by the one engine-metrics parser
-(:func:`joulepool.api.enginemetrics.parse_queue_sample`), the node agent's too.
+Engine pages are read by the one engine-metrics parser
+(:func:`joulepool.api.enginemetrics.parse_queue_sample`), the node agent's too; energy
+pages (node agents', or DCGM exporters') by :func:`~joulepool.api.enginemetrics.parse_pod_energy`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from joulepool.api.enginemetrics import engine_spec, parse_queue_sample
+from joulepool.api.enginemetrics import engine_spec, parse_pod_energy, parse_queue_sample
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +29,11 @@ class QueueSample:
     waiting: float
     running: float
     kv_cache: float | None = None
+    generated_tokens: float | None = None
 
 
-async def fetch_queue(
-    session: aiohttp.ClientSession, url: str, timeout_s: float, engine: str | None = None
-) -> tuple[float, float, float | None] | None:
-    """(waiting, running, KV-cache usage or None) of the engine at ``url``, read by the
-    ``engine``'s metric names (detected from the page when None); None on failure."""
+async def _page(session: aiohttp.ClientSession, url: str, timeout_s: float) -> str | None:
+    """The text of a metrics page (at most MAX_METRICS_BYTES); None on failure."""
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
@@ -41,8 +41,40 @@ async def fetch_queue(
             body = await resp.content.read(MAX_METRICS_BYTES)
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
         return None
-    sample = parse_queue_sample(body.decode("utf-8", errors="replace"), engine_spec(engine))
-    return None if sample is None else (sample.waiting, sample.running, sample.kv_cache_usage)
+    return body.decode("utf-8", errors="replace")
+
+
+async def fetch_queue(
+    session: aiohttp.ClientSession, url: str, timeout_s: float, engine: str | None = None
+) -> tuple[float, float, float | None, float] | None:
+    """(waiting, running, KV-cache usage or None, generated tokens) of the engine at
+    ``url``, read by the ``engine``'s metric names (detected from the page when None);
+    None on failure."""
+    text = await _page(session, url, timeout_s)
+    sample = None if text is None else parse_queue_sample(text, engine_spec(engine))
+    if sample is None:
+        return None
+    return sample.waiting, sample.running, sample.kv_cache_usage, sample.generation_tokens
+
+
+async def fetch_energy(session: aiohttp.ClientSession, urls: Iterable[str], timeout_s: float
+                       ) -> tuple[dict[str, float], int]:
+    """Cumulative GPU energy per serving pod (``namespace/name`` -> J) from every page in
+    ``urls`` (node agents, DCGM exporters), and how many pages failed."""
+    texts = await asyncio.gather(*(_page(session, u, timeout_s) for u in urls))
+    out: dict[str, float] = {}
+    failures = 0
+    for text in texts:
+        try:
+            pods = parse_pod_energy(text) if text is not None else None
+        except ValueError:
+            pods = None
+        if pods is None:
+            failures += 1
+            continue
+        for pod, joules in pods.items():  # a pod is on one node: no page overlaps another
+            out[pod] = out.get(pod, 0.0) + joules
+    return out, failures
 
 
 async def scrape_all(
@@ -62,7 +94,7 @@ async def scrape_all(
         if got is None:
             failures += 1
         else:
-            out.append(QueueSample(pool, address, got[0], got[1], got[2]))
+            out.append(QueueSample(pool, address, got[0], got[1], got[2], got[3]))
 
     await asyncio.gather(*(one(p, a, u, e) for p, a, u, e in targets))
     return out, failures

@@ -32,7 +32,7 @@ from joulepool import httpserve
 from joulepool.kube import files
 from joulepool.kube.metrics import ServiceMetrics
 from joulepool.kube.pools import PoolObserver, Router, RouterSettings
-from joulepool.kube.scrape import scrape_all
+from joulepool.kube.scrape import fetch_energy, scrape_all
 from joulepool.kube.state import ClusterState
 
 log = logging.getLogger(__name__)
@@ -330,18 +330,25 @@ async def _every(period: float, fn: Callable[[], Awaitable[None]], svc: ClusterS
 
 
 async def _scrape(svc: ClusterService, session: aiohttp.ClientSession) -> None:
+    """One round: every engine's queue and token counter, and every energy page (node
+    agents', DCGM exporters'), so each endpoint's measured J/token pairs readings of
+    the same moment."""
     s = svc.settings
     targets = svc.router.scrape_targets()
     if not targets:
         return
-    samples, failures = await scrape_all(session, targets, s.scrape_timeout_seconds,
-                                         s.scrape_concurrency)
+    energy_urls = svc.router.energy_urls()
+    (samples, failures), (energy, energy_failures) = await asyncio.gather(
+        scrape_all(session, targets, s.scrape_timeout_seconds, s.scrape_concurrency),
+        fetch_energy(session, energy_urls, s.scrape_timeout_seconds))
     now = time.monotonic()
     for smp in samples:
         svc.router.apply_scrape(smp.pool, smp.address, smp.waiting, smp.running, now,
-                                smp.kv_cache)
-    svc.metrics.scrapes.labels("ok").inc(len(samples))
-    svc.metrics.scrapes.labels("failed").inc(failures)
+                                smp.kv_cache, smp.generated_tokens)
+    if energy:
+        svc.router.apply_energy(energy)
+    svc.metrics.scrapes.labels("ok").inc(len(samples) + len(energy_urls) - energy_failures)
+    svc.metrics.scrapes.labels("failed").inc(failures + energy_failures)
 
 
 def _start_watches(svc: ClusterService) -> None:

@@ -72,6 +72,8 @@ class PodRecord:
     terminating: bool = False
     #: ``metadata.uid``: tells this pod from a later one of the same name
     uid: str = ""
+    #: a joulepool node agent (it publishes the GPU energy of the serving pods)
+    node_agent: bool = False
 
     @classmethod
     def from_pod(cls, pod: Pod, default_port: int) -> PodRecord:
@@ -87,6 +89,7 @@ class PodRecord:
             engine=pod.engine,
             terminating=pod.metadata.deletion_timestamp is not None,
             uid=pod.metadata.uid,
+            node_agent=pod.node_agent,
         )
 
     @property
@@ -151,6 +154,8 @@ class ClusterState:
         #: the same per (node, pool, mode), for pods carrying both labels
         self.mode_gpus: dict[tuple[str, str, str], int] = {}
         self.pool_pods: dict[str, set[str]] = {}
+        #: keys of the node agent pods
+        self.node_agents: set[str] = set()
         #: per (pool, mode): plan version and the GPUs the plan gives it per node
         self._mode_shares: dict[tuple[str, str], tuple[int, dict[str, int]]] = {}
         #: called with the key of every pod that leaves the cache (deleted, terminal,
@@ -227,6 +232,11 @@ class ClusterState:
                 self.mode_gpus[m] = self.mode_gpus.get(m, 0) + sign * rec.gpus
                 if self.mode_gpus[m] == 0:
                     del self.mode_gpus[m]
+        if rec.node_agent:
+            if sign > 0:
+                self.node_agents.add(rec.key)
+            else:
+                self.node_agents.discard(rec.key)
         if rec.pool:
             members = self.pool_pods.setdefault(rec.pool, set())
             if sign > 0:
@@ -341,6 +351,7 @@ class ClusterState:
         self.pool_gpus.clear()
         self.mode_gpus.clear()
         self.pool_pods.clear()
+        self.node_agents.clear()
         for rec in fresh.values():
             self.pods[rec.key] = rec
             self._account(rec, +1)

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from joulepool.api.enginemetrics import GPU_ENERGY
+
 #: labels of the agent's control metrics of one GPU
 GPU_LABELS = ("gpu", "product", "node")
 #: labels of the GPU measurements: the DCGM exporter's (``gpu``, ``UUID``, ``modelName`` and
@@ -37,7 +39,7 @@ class GPUCollector(Collector):
         power = GaugeMetricFamily("joulepool_gpu_power_watts", "GPU board power",
                                   labels=DCGM_LABELS)
         energy = CounterMetricFamily(
-            "joulepool_gpu_energy_joules",
+            GPU_ENERGY,
             "GPU energy since the agent started (NVML counter, else integrated power)",
             labels=DCGM_LABELS)
         clock = GaugeMetricFamily("joulepool_gpu_sm_clock_hertz", "current SM clock",

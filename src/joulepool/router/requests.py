@@ -335,9 +335,13 @@ def deadline_met(decision: RouteDecision, spec: RequestSpec, m: Measured) -> boo
 
 def learn(pool: PoolRouter, endpoint: str, decision: RouteDecision, spec: RequestSpec,
           m: Measured, now: float) -> bool:
-    """Report the measured outcome to the pool (ledger, miss ratio, PI lambda); returns
-    whether the deadline was met."""
+    """Report the measured outcome to the pool (ledger, miss ratio, PI lambda, and the
+    endpoint's eps estimate from the measured tokens x the endpoint's measured J/token
+    once the GPU energy of its pod has been read); returns whether the deadline was
+    met."""
     met = deadline_met(decision, spec, m)
-    pool.report(endpoint, decision.request_id, m.output_tokens, met, None, now,
+    # responses carry no joules: the tokens measured here at the endpoint's measured J/token
+    joules = pool.measured_joules(endpoint, m.output_tokens)
+    pool.report(endpoint, decision.request_id, m.output_tokens, met, joules, now,
                 decision.tier)
     return met

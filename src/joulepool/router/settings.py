@@ -16,7 +16,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from joulepool import settings as settings_base
-from joulepool.api.contract import EPP_PORT, ROUTER_PORT
+from joulepool.api.contract import EPP_PORT, NODE_AGENT_METRICS_PORT, ROUTER_PORT
 from joulepool.core.scoring import PROFILES, routing_profile
 from joulepool.kube.pools import RouterSettings
 from joulepool.kube.settings import ServiceSettings
@@ -70,6 +70,16 @@ class Settings(ServiceSettings):
         10.0, gt=0, le=3600, description="a replica whose Lease was not renewed for this "
         "long is left out of the pool-wide counts (s)")
 
+    energy_metrics_urls: list[str] = Field(
+        default_factory=list, description="pages publishing the GPU energy of serving pods "
+        "(joulepool_gpu_energy_joules or DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION with pod and "
+        "namespace labels), read with each scrape: each endpoint's measured J/token is what "
+        "the proxy learns eps from")
+    energy_metrics_port: int = Field(
+        NODE_AGENT_METRICS_PORT, ge=0, le=65535, description="with --cluster: also read the "
+        "ready node agents' pages (pods labelled app.kubernetes.io/component=node-agent in "
+        "the namespace) on this port (0: only --energy-metrics-urls)")
+
     @field_validator("routing")
     @classmethod
     def _known_routing(cls, value: str) -> str:
@@ -77,7 +87,11 @@ class Settings(ServiceSettings):
         return value
 
     def router_settings(self) -> RouterSettings:
-        return dataclasses.replace(super().router_settings(), routing=self.routing)
+        return dataclasses.replace(
+            super().router_settings(), routing=self.routing,
+            energy_urls=tuple(self.energy_metrics_urls),
+            energy_port=self.energy_metrics_port if self.cluster else 0,
+            energy_namespace=self.plan_namespace() if self.cluster else None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
