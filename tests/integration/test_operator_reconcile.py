@@ -20,6 +20,8 @@ from operator_fixtures import (
 
 from joulepool.api.contract import POOL_LABEL
 
+#: deadline of the timing-sensitive waits, seconds: generous, for a loaded machine
+LOADED = 90.0
 H100 = "NVIDIA-H100-80GB-HBM3"
 A100 = "NVIDIA-A100-SXM4-80GB"
 
@@ -184,16 +186,32 @@ async def test_gpu_node_added_and_removed_replans() -> None:
 
 
 async def test_mixed_modes_get_one_deployment_each() -> None:
+    """Each planned mode gets its own Deployment with the mode's instances.
+
+    Every step waits on the whole condition (the pool's status and its Deployments
+    agreeing), with a generous deadline: under load a Deployment may still carry an
+    earlier pass's replicas when the status already shows the next plan, or the reverse."""
     async with cluster_and_operator() as (c, _op):
         await c.create(node("h100-0", H100, 2))
         await c.create(node("a100-0", A100, 8))
         # 40 req/s * 1.1 = 44: two H100 instances (2 x 13.75 req/s) and seven A100 ones
         # (7 x 2.43 req/s: core's sustainable rates, with queueing headroom)
         await c.create(pool("chat", rps=40))
-        obj = await _until(c, "chat", "Planned", "True", "Planned")
-        modes = {a["mode"]: a["instances"] for a in obj["status"]["assignments"]}
+
+        async def both_modes_deployed() -> Any:
+            obj = await _cond(c, "chat", "Planned", "True", "Planned")
+            if obj is None:
+                return None
+            modes = {a["mode"]: a["instances"] for a in obj["status"]["assignments"]}
+            deps = await c.deployments()
+            replicas = {n: d["spec"]["replicas"] for n, d in deps.items()}
+            wanted = {"chat-1xh100-h100-0": modes.get("1xH100"),
+                      "chat-1xa100-a100-0": modes.get("1xA100")}
+            return (modes, deps) if replicas == wanted else None
+
+        modes, deps = await eventually(both_modes_deployed, timeout=LOADED,
+                                       what="one Deployment per mode, as planned")
         assert set(modes) == {"1xH100", "1xA100"}
-        deps = await eventually(lambda: _names(c, {"chat-1xh100-h100-0", "chat-1xa100-a100-0"}))
         assert deps["chat-1xh100-h100-0"]["spec"]["replicas"] == modes["1xH100"]
         assert deps["chat-1xa100-a100-0"]["spec"]["replicas"] == modes["1xA100"]
         # demand drops to 4.4 req/s: two A100 instances (2 x 326 W) beat one H100 (688 W),
@@ -203,13 +221,19 @@ async def test_mixed_modes_get_one_deployment_each() -> None:
 
         async def one_left() -> Any:
             deps = await c.deployments()
-            return deps if len(deps) == 1 else None
+            obj = await c.pool("chat")
+            assignments = ((obj or {}).get("status") or {}).get("assignments") or []
+            if len(deps) != 1 or len(assignments) != 1:
+                return None
+            (left,) = deps.values()
+            (a,) = assignments
+            if left["metadata"]["labels"]["joulepool.dev/mode"] != a["mode"] or \
+                    left["spec"]["replicas"] != a["instances"]:
+                return None
+            return left, a
 
-        deps = await eventually(one_left, what="one Deployment left")
-        (left,) = deps.values()
-        obj = await c.pool("chat")
-        (a,) = obj["status"]["assignments"]  # type: ignore[index]
-        assert left["metadata"]["labels"]["joulepool.dev/mode"] == a["mode"]
+        left, a = await eventually(one_left, timeout=LOADED, what="one Deployment left")
+        assert left["metadata"]["labels"]["joulepool.dev/mode"] == a["mode"] == "1xA100"
         assert left["spec"]["replicas"] == a["instances"] == 2
 
 
