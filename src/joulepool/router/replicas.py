@@ -1,10 +1,10 @@
 """The router replicas share their completion counts through the API server.
 
-Every ``--replica-sync-seconds`` the service publishes its pools' cumulative
-completions and misses (per tier) and lambdas in its own Lease
-(:class:`kube.leases.LeaseStore`), reads every replica's, and feeds the fresh
-peers' increments and lambdas to its pools' PI loops
-(:meth:`kube.pools.Router.absorb_peers`, :mod:`core.replicas`). Off without
+Every ``--replica-sync-seconds`` the service reads every replica's Lease, feeds the
+fresh peers' increments and lambdas to its pools' PI loops
+(:meth:`kube.pools.Router.absorb_peers`, :mod:`core.replicas`), then publishes its
+pools' cumulative completions and misses (per tier) and its lambdas, as they are
+after that, in its own Lease (:class:`kube.leases.LeaseStore`). Off without
 ``--cluster`` or with ``--replica-sync-seconds 0``: each replica then learns from
 its own traffic only.
 """
@@ -37,12 +37,14 @@ def replica_name(configured: str | None) -> str:
 
 
 async def sync_once(router: Router, store: LeaseStore) -> int:
-    """Publish this replica's counts, read every replica's, feed the pools; returns
-    the number of fresh peers. Raises what the API call raised."""
+    """Read every replica's record and feed the pools, then publish this replica's
+    counts and (new) lambdas; returns the number of fresh peers. Raises what the API
+    call raised (the pools keep what they absorbed)."""
+    records = await asyncio.to_thread(store.read)
+    peers = router.absorb_peers(records, store.replica, time.time(), time.monotonic())
     counts, lambdas = router.replica_counts()
     await asyncio.to_thread(store.publish, counts, lambdas, time.time())
-    records = await asyncio.to_thread(store.read)
-    return router.absorb_peers(records, store.replica, time.time(), time.monotonic())
+    return peers
 
 
 async def _share_forever(router: Router, store: LeaseStore, period_s: float,
