@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 from aiohttp.test_utils import TestClient
 
 from joulepool.core.profiles import find_profile
 from joulepool.core.router import PoolRouter
+from joulepool.router import app as router_app
 from joulepool.router.app import ROUTER, create_app
 from joulepool.router.settings import Settings
 from joulepool.sim.production import ProductionRouter
@@ -68,7 +71,12 @@ def _workload(n: int, seed: int = 11) -> list[dict[str, Any]]:
     return out
 
 
-async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # one clock for both: the service reads time.monotonic(), the simulator is told
+    # (the router's prefill clock makes decisions depend on the time between requests)
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(router_app, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
     settings = Settings(cluster=False, endpoints_file=_service_file(tmp_path),
                         scrape_interval_seconds=0, file_poll_seconds=0)
     app = create_app(settings, background=False)
@@ -88,12 +96,13 @@ async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path)
 
     sim.pool.decide = recording_decide  # type: ignore[method-assign]
     for rid, req in enumerate(_workload(300)):
+        clock["now"] += 0.004  # 250 requests/s
         body = {k: req[k] for k in ("inputTokens", "outputTokens", "tier", "deadlineSeconds")}
         resp = await client.post("/v1/route", json={"pool": POOL, **body})
         assert resp.status == 200, await resp.text()
         got = await resp.json()
         idx = sim.route(rid, body["inputTokens"], body["outputTokens"], body["deadlineSeconds"],
-                        body["tier"] == "bulk", now=0.0)
+                        body["tier"] == "bulk", now=clock["now"])
         assert got["endpoint"] == service_addr[address_of[idx]], f"request {rid}"
         mine = decisions[-1]
         assert got["fallbacks"] == [service_addr[a] for a in mine.fallbacks]
@@ -108,7 +117,7 @@ async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path)
             met = req["met"][k]
             sim_rid = pending_sim.pop(0)
             address = service_addr[sim.routed[sim_rid][0]]
-            sim.complete(sim_rid, 100.0, met, now=0.0)
+            sim.complete(sim_rid, 100.0, met, now=clock["now"])
             resp = await client.post("/v1/complete", json={
                 "pool": POOL, "endpoint": address, "requestId": pending_service.pop(0),
                 "outputTokens": 100, "deadlineMet": met})
@@ -122,8 +131,10 @@ async def test_same_requests_same_decisions(aiohttp_client: Any, tmp_path: Path)
     assert [len(e.ledger) for e in service_pool.endpoints] == [
         len(e.ledger) for e in sim.pool.endpoints]
     assert np.array_equal(service_pool.eta_queue_tokens(), sim.pool.eta_queue_tokens())
-    # the marginal-energy rule consolidates: joining a running batch costs a fraction of
-    # waking another endpoint, so (well below the TPOT batch's room) one endpoint holds
-    # the routed work; the queue estimates compared above are not all zero
-    assert sum(1 for e in service_pool.endpoints if e.ledger) >= 1
+    # the marginal-energy rule consolidates (joining a running batch costs a fraction of
+    # waking another endpoint) until the first-token guard sees the endpoint's prefill
+    # queue pass the TTFT SLO: the work spills over to more than one endpoint, and the
+    # queue estimates compared above are not all zero
+    assert sum(1 for e in service_pool.endpoints if e.ledger) >= 2
+    assert np.array_equal(service_pool.prefilled_at, sim.pool.prefilled_at)
     assert float(np.max(service_pool.eta_queue_tokens())) > 0.0

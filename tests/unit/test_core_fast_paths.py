@@ -83,19 +83,25 @@ def test_first_choice_is_the_full_rankings_first(hard_deadline: bool) -> None:
         mu = _column(rng, n, 500.0, 2000.0, odd)
         lam = float(rng.choice([0.0, 5.0, 40.0]))
         cb = joulesched_cost(eps, q, mu, 200.0, float(rng.uniform(0.5, 4)), lam)
-        late = None
+        late, first_token = None, None
         if trial % 2:
-            late = slo_infeasible(_column(rng, n, 0.0, 0.6, 0.0), np.full(n, 1e-4),
-                                  rng.integers(0, 3, n).astype(float), 1000.0, 0.3)
-        full = rank_endpoints(cb, n, hard_deadline=hard_deadline, late=late)
-        first = rank_endpoints(cb, 1, hard_deadline=hard_deadline, late=late)
+            first_token = _column(rng, n, 0.1, 0.7, 0.0)
+            late = slo_infeasible(first_token, rng.integers(0, 3, n).astype(float), 0.3)
+        full = rank_endpoints(cb, n, hard_deadline=hard_deadline, late=late,
+                              first_token=first_token)
+        first = rank_endpoints(cb, 1, hard_deadline=hard_deadline, late=late,
+                               first_token=first_token)
         assert first == full[:1], (trial, cb, late)
-        # and the full ranking is the documented order: (late, cost, ETA, index)
-        worse = np.zeros(n, dtype=bool) if late is None else late.copy()
-        if hard_deadline:
-            worse |= cb.slack_s > 0
+        # and the full ranking is the documented order: (late, past the deadline, cost
+        # or, if late, first token, ETA, index)
+        marked = np.zeros(n, dtype=bool) if late is None else late
+        over = (cb.slack_s > 0) if hard_deadline else np.zeros(n, dtype=bool)
         usable = [i for i in range(n) if math.isfinite(cb.cost[i])]
         eta = cb.eta_s  # NaN sorts last
-        order = sorted(usable, key=lambda i: (worse[i], cb.cost[i], bool(np.isnan(eta[i])),
-                                              0.0 if np.isnan(eta[i]) else eta[i], i))
-        assert full == order
+
+        def key(i: int) -> tuple[object, ...]:
+            within = first_token[i] if marked[i] and first_token is not None else cb.cost[i]
+            return (marked[i], over[i], within, bool(np.isnan(eta[i])),
+                    0.0 if np.isnan(eta[i]) else eta[i], i)
+
+        assert full == sorted(usable, key=key)

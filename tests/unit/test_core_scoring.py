@@ -7,7 +7,12 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from joulepool.core.routing import rank_endpoints, score_endpoints, slo_infeasible
+from joulepool.core.routing import (
+    first_token_s,
+    rank_endpoints,
+    score_endpoints,
+    slo_infeasible,
+)
 from joulepool.core.scoring import (
     PROFILES,
     SCORERS,
@@ -46,20 +51,27 @@ def test_joulesched_profile_is_core_routing_rule() -> None:
                     prefill_weight=rng.uniform(0, 0.5, n).tolist(),
                     queue_tokens=rng.uniform(0, 5000, n).tolist(),
                     prefill_j_per_token=rng.uniform(0, 0.1, n).tolist(),
-                    prefill_backlog_s=rng.uniform(0, 0.5, n).tolist(),
+                    prefill_wait_s=rng.uniform(0, 0.5, n).tolist(),
+                    prefill_step_s=rng.uniform(0, 0.05, n).tolist(),
+                    prefill_chunk_tokens=rng.uniform(10, 8000, n).tolist(),
+                    prefill_s_per_token=rng.uniform(0, 2e-4, n).tolist(),
                     batch_room=rng.integers(0, 3, n).astype(float).tolist())
         req = REQ._replace(lam=float(rng.uniform(0, 50)), ttft_slo_s=0.3)
         cb = score_endpoints(st.eps_j_per_token, st.queue_tokens, st.tps, st.prefill_weight,
                              req.tokens, req.input_tokens, req.deadline_s, req.lam,
                              st.prefill_j_per_token, req.output_tokens)
-        late = slo_infeasible(st.prefill_backlog_s, st.prefill_weight / st.tps,
-                              st.batch_room, req.input_tokens, req.ttft_slo_s)
+        first = first_token_s(st.prefill_wait_s, st.prefill_step_s, st.prefill_chunk_tokens,
+                              st.prefill_s_per_token, req.input_tokens)
+        late = slo_infeasible(first, st.batch_room, req.ttft_slo_s)
         for k in (1, 3):
             got, scores = routing_profile("joulesched").pick(req, st, k)
-            assert got == rank_endpoints(cb, k, late=late)
+            assert got == rank_endpoints(cb, k, late=late, first_token=first)
             assert np.array_equal(scores.cost, cb.cost)
             feasible = [i for i in got if not late[i]]
             assert got[:len(feasible)] == feasible  # SLO-feasible endpoints first
+            # among the late ones, the soonest first token first (least-loaded's choice)
+            rest = got[len(feasible):]
+            assert [first[i] for i in rest] == sorted(first[i] for i in rest)
 
 
 def test_least_loaded_fewest_outstanding_per_capacity_first_on_ties() -> None:

@@ -73,28 +73,33 @@ def test_router_policy_runs_the_production_router(mixed, monkeypatch):
     assert r.lam_series and r.lam_series[0] == (0.0, 10.0)
 
 
+def _ttft_ok(r, wl) -> float:
+    return float(np.mean(r.t_first - wl.arrival_s <= wl.ttft_slo_s))
+
+
 def test_both_paths_save_energy_without_piling_on(mixed):
     cl, wl, tables, cap = mixed
-    rr = simulate(cl, wl, POLICIES["round-robin"], tables, static_capacity_rps=cap.per_mode_rps)
     js = simulate(cl, wl, POLICIES["joulesched"], tables, static_capacity_rps=cap.per_mode_rps)
     pr = simulate(cl, wl, POLICIES["joulesched-router"], tables,
                   static_capacity_rps=cap.per_mode_rps)
     h100 = js.products.index("H100")
     ll = simulate(cl, wl, POLICIES["least-loaded"], tables, static_capacity_rps=cap.per_mode_rps)
     for r in (js, pr):
-        # the marginal-energy rule fills running batches only up to what they carry
-        # within the SLO (core.routing.sustainable_batch): on this small cluster that
-        # saves less than the old fixed-eps rule did (-6 % / -20 % vs round-robin)
-        assert r.energy_j < 0.95 * rr.energy_j and r.energy_j < 0.95 * ll.energy_j
-        assert _miss(r, wl) <= 0.015  # the PI target is 1 %
-        assert (r.instance_product == h100).mean() > 0.9
+        # at iso-SLO with least-loaded (the test: misses <= max(1 %, LL + 0.5 pp),
+        # TTFT attainment within 0.5 pp): the first-token guard keeps each request off
+        # endpoints whose prefill queue would make it late, so on this small cluster
+        # (two H100s cannot prefill half the load within TTFT) the saving is a few %
+        assert _miss(r, wl) <= max(0.01, _miss(ll, wl) + 0.005)
+        assert _ttft_ok(r, wl) >= _ttft_ok(ll, wl) - 0.005
+        assert r.energy_j < 0.96 * ll.energy_j
+        # consolidation on the efficient GPU, more than least-loaded's
+        assert (r.instance_product == h100).mean() > (ll.instance_product == h100).mean() + 0.05
         # no pile-on: both H100s carry a similar share of the work
         h_busy = [b for b, p in zip(r.gpu_busy_s, r.gpu_product, strict=True) if p == "H100"]
         assert min(h_busy) > 0.8 * max(h_busy)
-    # same rule, different inputs (exact state vs the router's ledger and scrapes: the
-    # router estimates the prefill queued from counts x the mean prompt, so it packs
-    # tighter than the simulator's exact backlog allows)
-    assert pr.energy_j == pytest.approx(js.energy_j, rel=0.2)
+    # same rule, different inputs (exact state vs the router's ledger, prefill clock
+    # and scrapes)
+    assert pr.energy_j == pytest.approx(js.energy_j, rel=0.03)
 
 
 def test_router_policy_is_deterministic_and_static_only(mixed):

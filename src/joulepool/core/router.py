@@ -25,7 +25,14 @@ by default: core.routing's rule). Per endpoint:
     (entries expire after ``inflight_ttl_s``, so lost completions do not leak);
   * prompt work ahead: requests waiting for admission (scraped, or implied by the
     ledger beyond the engine's batch limit) x the mean prompt seen, plus the
-    request's own prompt, as decode-token equivalents of their prefill time.
+    request's own prompt, as decode-token equivalents of their prefill time;
+  * the first token (core.routing.prefill_queue / first_token_s, the engine's
+    one-prefill-at-a-time chunked prefill): when the engine will have prefilled
+    every prompt routed to it, a virtual clock that each routed prompt advances by
+    its prefill time at the endpoint's batch and each scrape resets from the
+    engine's waiting and running counts; plus a wait for a batch slot when the
+    requests in flight fill the engine's batch. Endpoints predicted to miss the
+    request's TTFT rank after the rest, soonest first token first.
 
 Per pool: the sliding-window miss ratio (:class:`core.online.SlidingWindowRate`)
 and lambda from :class:`core.controllers.PIController`, stepped every
@@ -62,6 +69,7 @@ from joulepool.core.routing import (
     EndpointModel,
     default_deadline,
     endpoint_queue_tokens,
+    first_token_s,
     queued_responses,
     request_tokens,
     waiting_requests_estimate,
@@ -274,6 +282,10 @@ class PoolRouter:
         self.static_q = np.zeros(n)
         self.ledger_tokens = np.zeros(n)
         self.ledger_count = self.state.outstanding
+        #: when each engine will have prefilled every prompt routed to it (the router's
+        #: clock, s; core.routing.prefill_queue at each scrape, advanced per route)
+        self.prefilled_at = np.full(n, -math.inf)
+        self.slot_wait = np.zeros(n)  # s waiting for a batch slot (prefill_queue)
 
     def model_names(self) -> tuple[str, ...]:
         """The model names the pool answers to: its served names, else its model (none
@@ -318,6 +330,14 @@ class PoolRouter:
         in_flight = max(float(len(ep.ledger)), scraped if scraped == scraped else 0.0)
         self.state.eps_j_per_token[i] = ep.model.marginal_eps(in_flight) * self.scale[i]
         self.state.prefill_j_per_token[i] = ep.model.prefill_excess * self.scale[i]
+        # the step a new prompt's prefill runs in, at the batch in flight, and the wait
+        # for a batch slot when that fills the engine's batch (core.routing.prefill_queue)
+        m_out = self.mean_out.get(self.s.mean_output_tokens)
+        slot, step, chunk = ep.model.prefill_queue(in_flight, 0.0, 0.0, 0.0, m_out)
+        self.slot_wait[i] = slot
+        self.state.prefill_step_s[i] = step
+        self.state.prefill_chunk_tokens[i] = chunk
+        self.state.prefill_s_per_token[i] = ep.model.prefill_s_per_token
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -370,8 +390,6 @@ class PoolRouter:
         if m_in <= 0.0:  # no prompt seen yet: nothing to add
             return q
         waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
-        # the SLO-feasibility inputs of the rule (core.routing.slo_infeasible)
-        self.state.prefill_backlog_s = waiting * m_in * self.prefill_s
         return endpoint_queue_tokens(q, waiting * m_in, self.weight)
 
     def _batch_room(self) -> FloatArray:
@@ -404,6 +422,10 @@ class PoolRouter:
         lam = effective_lambda(self.pi.lam, tier, self.s.bulk_lambda_factor)
         self.state.queue_tokens = self.eta_queue_tokens()
         self.state.batch_room = self._batch_room()
+        # core.routing.first_token_s's wait: the engine's prefill queue, then a slot
+        wait = np.subtract(self.prefilled_at, now)
+        np.maximum(wait, 0.0, out=wait)
+        self.state.prefill_wait_s = np.add(wait, self.slot_wait, out=wait)
         ttft = self.ttft_s if tier is Tier.INTERACTIVE else math.inf  # bulk: no TTFT SLO
         request = RequestInfo(tokens, float(input_tokens), float(output_tokens), deadline, lam,
                               self.s.hard_deadline and tier is Tier.INTERACTIVE, ttft)
@@ -412,6 +434,10 @@ class PoolRouter:
             raise NoEndpoints(f"pool {self.key!r} has no endpoint that can serve")
         best = ranked[0]
         ep = self.endpoints[best]
+        st = self.state  # its prompt joins the engine's prefill queue
+        own = first_token_s(0.0, st.prefill_step_s[best], st.prefill_chunk_tokens[best],
+                            st.prefill_s_per_token[best], float(input_tokens))
+        self.prefilled_at[best] = max(float(self.prefilled_at[best]), now) + float(own)
         rid = _next_id()
         ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens)
         self._refresh(best)
@@ -624,6 +650,11 @@ class PoolRouter:
         ep.waiting, ep.running, ep.scraped_at = waiting, running, now
         ep.kv_cache = math.nan if kv_cache is None else kv_cache
         ep.generated_tokens = generated_tokens
+        # the engine's prefill queue as scraped: it will have prefilled the waiting
+        # prompts (x the mean prompt seen) after core.routing.prefill_queue's wait
+        m_in = max(self.mean_in.get(self.s.mean_input_tokens), 0.0)
+        wait, _, _ = ep.model.prefill_queue(running, waiting, waiting * m_in)
+        self.prefilled_at[i] = now + wait
         self._refresh(i)
         return True
 

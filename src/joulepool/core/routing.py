@@ -73,7 +73,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -82,7 +82,7 @@ import numpy.typing as npt
 # for the router and older callers
 from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import CostBreakdown, float_array, joulesched_cost
-from joulepool.core.profiles import Headroom, ServingProfile
+from joulepool.core.profiles import Headroom, ServingProfile, default_batched_tokens
 
 FloatArray = npt.NDArray[np.float64]
 #: a float or an array of them: the small formulas below are plain arithmetic so the
@@ -209,66 +209,132 @@ def request_tokens(
     )
 
 
-def slo_infeasible(
-    prefill_backlog_s: npt.ArrayLike,
-    prefill_s_per_token: npt.ArrayLike,
-    batch_room: npt.ArrayLike,
-    input_tokens: float,
-    ttft_slo_s: float,
-) -> npt.NDArray[np.bool_]:
-    """Endpoints predicted to break the request's SLO: its first token later than
-    ``ttft_slo_s`` (the prefill queued there, s, plus its own prompt's prefill), or no
-    room left in the batch it can carry within the SLO (joining would stretch every
-    step past TPOT, or the request waits for a slot).
+def prefill_queue(
+    itl_s: Sequence[float] | FloatArray, prefill_s_per_token: float, budget_tokens: float,
+    running: float, waiting: float, waiting_tokens: float, prefill_left_s: float = 0.0,
+    mean_output_tokens: float = 0.0,
+) -> tuple[float, float, float]:
+    """When a new request's prefill would start on an engine, and the step it runs in.
+
+    The engine (vLLM V1, ``sim/instance.py``) prefills one prompt at a time in chunks
+    mixed into the decode steps: a step carries the batch's decode tokens and up to
+    ``budget - batch`` prompt tokens and takes ``itl(batch) + chunk x prefill_s``, so a
+    prompt of ``l`` tokens at batch ``b`` takes ``max(1, l / (budget - b))`` steps:
+
+        T(l, b) = max(1, l / (budget - b)) * itl(b) + l * prefill_s      (itl(0) = 0)
+
+    Every prompt ahead pays its steps' decode time, not only its own prefill, and
+    joins the batch when done. So, with ``running`` requests in the engine's batch
+    (decoding or prefilling, as vLLM's ``num_requests_running`` counts them),
+    ``waiting`` requests of ``waiting_tokens`` prompt tokens queued before it and
+    ``prefill_left_s`` of the running prefill left:
+
+        b_q    = running + waiting / 2      (the batch while the queue is prefilled)
+        wait   = prefill_left_s + max(waiting, waiting_tokens / (budget - b_q)) * itl(b_q)
+                 + waiting_tokens * prefill_s
+                 + max(0, running + waiting + 1 - max_batch) * mean_output / tps(max_batch)
+                                            (no batch slot: wait for completions)
+
+    ``itl_s[b]`` is the decode step time at batch ``b`` (index 0 unused; its length - 1
+    is the engine's ``max_num_seqs``), ``prefill_s_per_token`` the prefill time per
+    prompt token, ``budget_tokens`` ``max_num_batched_tokens``; ``mean_output_tokens``
+    sizes the wait for a batch slot. Returns (wait s, step s and prompt tokens per
+    step of the request's own prefill, at batch ``running + waiting``), the inputs of
+    :func:`first_token_s`. Scalar: the simulator calls it per instance with its exact
+    state, the router per endpoint with its estimates.
+    """
+    max_b = len(itl_s) - 1
+    b = min(int(running), max_b) if running > 0 else 0  # NaN (not reported): none
+    n = float(waiting) if waiting > 0 else 0.0
+    waiting_tokens = float(waiting_tokens) if waiting_tokens > 0 else 0.0
+    wait = max(float(prefill_left_s), 0.0)
+    if n > 0.0:
+        bq = min(b + int(n // 2), max_b)
+        step = itl_s[bq] if bq > 0 else 0.0
+        chunk = max(budget_tokens - bq, 1.0)
+        wait += max(n, waiting_tokens / chunk) * step + waiting_tokens * prefill_s_per_token
+    over = b + n + 1.0 - max_b
+    if over > 0.0 and mean_output_tokens > 0.0:
+        wait += over * mean_output_tokens * itl_s[max_b] / max_b
+    own = min(b + int(n), max_b)
+    return wait, (itl_s[own] if own > 0 else 0.0), max(budget_tokens - own, 1.0)
+
+
+def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: npt.ArrayLike,
+                  prefill_s_per_token: npt.ArrayLike, input_tokens: float) -> FloatArray:
+    """Predicted delay to a request's first token on each endpoint, s: the wait before
+    its prefill starts plus its own prefill mixed into the decode steps,
+    ``wait + max(1, l / chunk) * step + l * prefill_s`` (:func:`prefill_queue`)."""
+    steps = np.maximum(np.divide(float(input_tokens), chunk_tokens), 1.0)
+    out = np.add(wait_s, np.multiply(steps, step_s))
+    out += np.multiply(prefill_s_per_token, float(input_tokens))
+    return np.asarray(out, dtype=np.float64)
+
+
+def slo_infeasible(first_token: npt.ArrayLike, batch_room: npt.ArrayLike,
+                   ttft_slo_s: float) -> npt.NDArray[np.bool_]:
+    """Endpoints predicted to break the request's SLO: its first token (predicted by
+    :func:`first_token_s`, s) later than ``ttft_slo_s``, or no room left in the batch
+    it can carry within the SLO (joining would stretch every step past TPOT).
 
     The marginal energy ranks only the endpoints predicted to keep the SLO; this is
     what stops it from filling the cheapest running batch past what it can serve.
     (Lateness against the end-to-end deadline stays a priced, soft term: lambda.)
     """
-    first = np.add(prefill_backlog_s, np.multiply(prefill_s_per_token, float(input_tokens)))
-    late: npt.NDArray[np.bool_] = first > ttft_slo_s
+    late: npt.NDArray[np.bool_] = float_array(first_token) > ttft_slo_s
     late |= float_array(batch_room) < 1.0
     return late
 
 
 def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False,
-                   late: npt.NDArray[np.bool_] | None = None) -> list[int]:
+                   late: npt.NDArray[np.bool_] | None = None,
+                   first_token: npt.ArrayLike | None = None) -> list[int]:
     """The ``k`` best endpoint indices, best first: lowest cost, then lowest ETA, then
     lowest index (deterministic).
 
-    With ``hard_deadline`` every endpoint predicted to meet the deadline ranks
-    before every endpoint predicted to miss it; with ``late`` (e.g.
-    :func:`slo_infeasible`) every endpoint not marked ranks before every one marked;
-    cost, ETA and index order within each group. Endpoints with a NaN or infinite
-    cost (cannot serve) are left out.
+    With ``late`` (e.g. :func:`slo_infeasible`) every endpoint not marked ranks
+    before every one marked; with ``hard_deadline``, within each of those groups,
+    every endpoint predicted to meet the deadline ranks before every endpoint
+    predicted to miss it; cost, ETA and index order within each group, except that
+    with ``first_token``
+    (predicted first-token delays, :func:`first_token_s`) the marked ones rank by
+    the earliest first token: when no endpoint keeps the SLO the request goes where
+    least-loaded routing would send it, the one that serves it soonest. Endpoints
+    with a NaN or infinite cost (cannot serve) are left out.
     """
     cost = float_array(breakdown.cost)
     if cost.size == 0 or k <= 0:
         return []
-    worse = late
+    eta = float_array(breakdown.eta_s)
+    some_on_time = late is None or not late.all()
+    over = None
     if hard_deadline:
-        slack = np.asarray(breakdown.slack_s, dtype=np.float64)
-        worse = slack > 0 if worse is None else (worse | (slack > 0))
-    if k == 1:  # the simulator's per-request path: no sort
-        best = _best_outside(cost, float_array(breakdown.eta_s), worse)
+        over = float_array(breakdown.slack_s) > 0
+    if k == 1 and some_on_time:  # the simulator's per-request path: no sort
+        worse = late
+        if over is not None:
+            both = over if worse is None else (worse | over)
+            worse = both if not both.all() else worse
+        best = _best_outside(cost, eta, worse)
         if best is not None:
             return [best]
-    if worse is not None and (worse.all() or not worse.any()):
-        worse = None  # one group: the plain ranking
-    if k == 1 and worse is None:
-        best = breakdown.best_by_eta()
-        return [best] if math.isfinite(cost[best]) else []
-    eta = np.asarray(breakdown.eta_s, dtype=np.float64)
+    # sort keys, least significant first: ETA, the key within a group, then the groups
+    keys: list[npt.NDArray[Any]] = [eta, cost]
+    if late is not None and late.any():
+        if first_token is not None:  # the late group: soonest first token
+            keys[1] = np.where(late, float_array(first_token), cost)
+        if not late.all():
+            keys.append(late)
+    if over is not None and over.any() and not over.all():
+        keys.insert(2, over)  # within the SLO groups: on time first
     usable = np.isfinite(cost)
     if usable.all():  # the usual case: rank the arrays as they are
-        keys = (eta, cost, worse) if worse is not None else (eta, cost)
         top: list[int] = np.lexsort(keys)[:k].tolist()
         return top
     idx = np.flatnonzero(usable)
     if idx.size == 0:
         return []
-    c, e = cost[idx], eta[idx]
-    order = np.lexsort((e, c, worse[idx]) if worse is not None else (e, c))
+    order = np.lexsort([x[idx] for x in keys])
     top = idx[order[:k]].tolist()
     return top
 
@@ -311,6 +377,10 @@ class EndpointModel:
     #: b*_n of the marginal rule: requests it carries at once within the SLO
     #: (:func:`sustainable_batch`); 0: the operating batch
     carry: int = 0
+    #: decode step time by batch, s (index 0 repeats batch 1); None: no step model
+    itl: FloatArray | None = None
+    #: the engine's token budget per step (vLLM's max_num_batched_tokens)
+    budget_tokens: float = math.inf
 
     @classmethod
     def from_profile(
@@ -334,7 +404,9 @@ class EndpointModel:
                                         profile.idle_w, pf))
         carry = 0 if serving is None else sustainable_batch(
             profile, serving[0], serving[1], serving[2], tpot_slo_s, clock_mhz)
-        return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry)
+        itl = np.asarray(profile.itl_s(b, clock_mhz), dtype=np.float64)
+        return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry, itl,
+                   float(default_batched_tokens(profile.product)))
 
     @classmethod
     def constant(cls, eps: float, tps: float) -> EndpointModel:
@@ -389,6 +461,16 @@ class EndpointModel:
     def marginal_eps(self, in_flight: float) -> float:
         """eps_n joining ``in_flight`` others (:func:`marginal_decode_j_per_token`)."""
         return marginal_decode_j_per_token(self.excess_table, in_flight, self.carry_batch)
+
+    def prefill_queue(self, running: float, waiting: float, waiting_tokens: float,
+                      prefill_left_s: float = 0.0, mean_output_tokens: float = 0.0
+                      ) -> tuple[float, float, float]:
+        """:func:`prefill_queue` on this endpoint's engine; (0, 0, inf) without a step
+        model (an endpoint described by fixed numbers: the first token is its prefill)."""
+        if self.itl is None:
+            return 0.0, 0.0, math.inf
+        return prefill_queue(self.itl, self.prefill_s_per_token, self.budget_tokens, running,
+                             waiting, waiting_tokens, prefill_left_s, mean_output_tokens)
 
     def batch_for(self, in_flight: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """The batch a new request joins, given requests already in flight."""

@@ -45,7 +45,12 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.core.cost import CostBreakdown
-from joulepool.core.routing import rank_endpoints, score_endpoints, slo_infeasible
+from joulepool.core.routing import (
+    first_token_s,
+    rank_endpoints,
+    score_endpoints,
+    slo_infeasible,
+)
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -83,8 +88,12 @@ class EndpointState:
     ``waiting``          requests waiting for admission now
     ``clock_mhz``        the GPU's SM clock now
     ``kv_cache_usage``   fraction of the engine's KV cache in use, 0..1
-    ``prefill_backlog_s`` s of prefill queued before a new request's prefill could
-                         start (0 where unknown)
+    ``prefill_wait_s``   s before a new request's prefill could start, and
+    ``prefill_step_s``   the decode step time and
+    ``prefill_chunk_tokens`` prompt tokens per step its prefill would then run at
+                         (core.routing.prefill_queue; 0, 0, inf where unknown: the
+                         first token is the prompt's prefill time)
+    ``prefill_s_per_token`` s per prompt token prefilled (0 where unknown)
     ``batch_room``       requests it can still take within its operating batch
                          (inf where unknown)
 
@@ -94,8 +103,9 @@ class EndpointState:
 
     __slots__ = (
         "batch_room", "clock_mhz", "eps_j_per_token", "extra", "inv_capacity",
-        "kv_cache_usage", "models", "outstanding", "prefill_backlog_s", "prefill_j_per_token",
-        "prefill_weight", "queue_tokens", "running", "tps", "waiting",
+        "kv_cache_usage", "models", "outstanding", "prefill_chunk_tokens", "prefill_j_per_token",
+        "prefill_s_per_token", "prefill_step_s", "prefill_wait_s", "prefill_weight",
+        "queue_tokens", "running", "tps", "waiting",
     )
 
     def __init__(self, n: int) -> None:
@@ -110,7 +120,10 @@ class EndpointState:
         self.waiting: FloatArray = np.full(n, np.nan)
         self.clock_mhz: FloatArray = np.full(n, np.nan)
         self.kv_cache_usage: FloatArray = np.full(n, np.nan)
-        self.prefill_backlog_s: FloatArray = np.zeros(n)
+        self.prefill_wait_s: FloatArray = np.zeros(n)
+        self.prefill_step_s: FloatArray = np.zeros(n)
+        self.prefill_chunk_tokens: FloatArray = np.full(n, np.inf)
+        self.prefill_s_per_token: FloatArray = np.zeros(n)
         self.batch_room: FloatArray = np.full(n, np.inf)
         self.models: Sequence[Any] = ()
         self.extra: dict[str, FloatArray] = {}
@@ -122,14 +135,16 @@ class EndpointState:
 class Scores(NamedTuple):
     """A scorer's verdict: ``cost`` per endpoint (lower is better; NaN/inf: cannot serve),
     ``eta_s`` the tie-break among equal costs (None: index order), the JouleSched
-    terms where the scorer computed them (for the decision's explanation), and
+    terms where the scorer computed them (for the decision's explanation),
     ``late``: endpoints predicted to break the request's SLO, ranked after the rest
-    (None: no prediction)."""
+    (None: no prediction), and ``first_token_s``, the predicted delay to the first
+    token, by which the late ones rank (soonest first)."""
 
     cost: FloatArray
     eta_s: FloatArray | None = None
     breakdown: CostBreakdown | None = None
     late: BoolArray | None = None
+    first_token_s: FloatArray | None = None
 
 
 class Filter(Protocol):
@@ -167,7 +182,8 @@ class JouleSchedScorer:
     """core.routing's endpoint rule (:func:`~joulepool.core.routing.score_endpoints`):
     E_n(r) + lambda * max(0, ETA - D), E_n(r) = eps_n * output + pi_n * prompt (the
     marginal energy), ETA = (q_n + w_n * prompt + t_r) / mu_n; endpoints predicted to
-    break the SLO (:func:`~joulepool.core.routing.slo_infeasible`) are marked late."""
+    break the SLO (:func:`~joulepool.core.routing.slo_infeasible` of the first token
+    :func:`~joulepool.core.routing.first_token_s` predicts) are marked late."""
 
     name: ClassVar[str] = "joulesched"
 
@@ -178,17 +194,12 @@ class JouleSchedScorer:
             request.deadline_s, request.lam, endpoints.prefill_j_per_token,
             request.output_tokens,
         )
-        pf_s = _prefill_s_per_token(endpoints.prefill_weight, endpoints.tps)
-        late = slo_infeasible(endpoints.prefill_backlog_s, pf_s,
-                              endpoints.batch_room, request.input_tokens, request.ttft_slo_s)
-        return Scores(cb.cost, cb.eta_s, cb, late)
+        first = first_token_s(endpoints.prefill_wait_s, endpoints.prefill_step_s,
+                              endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,
+                              request.input_tokens)
+        late = slo_infeasible(first, endpoints.batch_room, request.ttft_slo_s)
+        return Scores(cb.cost, cb.eta_s, cb, late, first)
 
-
-def _prefill_s_per_token(weight: FloatArray, tps: FloatArray) -> FloatArray:
-    """Prefill s per prompt token from w_n = mu_n x prefill s per token; 0 where mu_n <= 0."""
-    if tps.size and np.minimum.reduce(tps) > 0:  # every endpoint serves: one division
-        return np.divide(weight, tps)
-    return np.divide(weight, tps, out=np.zeros(tps.size), where=tps > 0)
 
 
 class LeastLoadedScorer:
@@ -213,7 +224,7 @@ class LowestCostPicker:
     def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]:
         if scores.breakdown is not None:
             return rank_endpoints(scores.breakdown, k, hard_deadline=request.hard_deadline,
-                                  late=scores.late)
+                                  late=scores.late, first_token=scores.first_token_s)
         cost = scores.cost
         if cost.size == 0 or k <= 0:
             return []
@@ -337,6 +348,7 @@ def _weighted(request: RequestInfo, endpoints: EndpointState,
     eta: FloatArray | None = None
     breakdown: CostBreakdown | None = None
     late: BoolArray | None = None
+    first: FloatArray | None = None
     for scorer, weight in scorers:
         s = scorer.score(request, endpoints)
         total += weight * s.cost
@@ -344,10 +356,12 @@ def _weighted(request: RequestInfo, endpoints: EndpointState,
             eta, breakdown = s.eta_s, s.breakdown
         if s.late is not None:
             late = s.late if late is None else (late | s.late)
+        if first is None:
+            first = s.first_token_s
     if breakdown is not None:
         breakdown = CostBreakdown(breakdown.eta_s, breakdown.energy_j, breakdown.slack_s,
                                   breakdown.lam, total)
-    return Scores(total, eta, breakdown, late)
+    return Scores(total, eta, breakdown, late, first)
 
 
 def _masked(scores: Scores, keep: BoolArray) -> Scores:
@@ -356,7 +370,7 @@ def _masked(scores: Scores, keep: BoolArray) -> Scores:
     cb = scores.breakdown
     if cb is not None:
         cb = CostBreakdown(cb.eta_s, cb.energy_j, cb.slack_s, cb.lam, cost)
-    return Scores(cost, scores.eta_s, cb, scores.late)
+    return Scores(cost, scores.eta_s, cb, scores.late, scores.first_token_s)
 
 
 def _apply_filters(request: RequestInfo, endpoints: EndpointState, filters: Sequence[Filter],

@@ -67,7 +67,7 @@ from joulepool.core.profiles import (
     startup,
 )
 from joulepool.core.router import PI_PERIOD_S
-from joulepool.core.routing import endpoint_queue_tokens, sustainable_batch
+from joulepool.core.routing import endpoint_queue_tokens, prefill_queue, sustainable_batch
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -476,7 +476,7 @@ class Simulator:
         slo_from = interactive if interactive.any() else np.ones(n, dtype=np.bool_)
         self.prouter = ProductionRouter(
             [(x.idx, x.node, x.table.profile) for x in self.pools[0].members],
-            ttft_s=float(wl.ttft_slo_s[slo_from].max()) if n else 1.0,
+            ttft_s=float(wl.ttft_slo_s[slo_from].min()) if n else 1.0,
             tpot_s=float(wl.tpot_slo_s[slo_from].min()) if n else 0.15,
             mean_tokens=(float(wl.input_tokens.mean()), float(wl.predicted_tokens.mean()))
             if n else None,
@@ -646,8 +646,11 @@ class Simulator:
         if req.input[rid] + req.output[rid] > inst.max_len:  # finish_reason "length"
             req.output[rid] = inst.max_len - req.input[rid]
             self.truncated += 1
-        inst.enqueue(rid, req.input[rid], req.predicted[rid],
-                     req.llf_deadline[rid] if self.llf else 0.0)
+        if self.llf:
+            inst.enqueue(rid, req.input[rid], req.predicted[rid], req.llf_deadline[rid],
+                         req.arrival[rid] + req.ttft_slo[rid])
+        else:
+            inst.enqueue(rid, req.input[rid], req.predicted[rid], 0.0)
         if inst.admit_next(t, req.pf_len):
             inst.retime(t, self.evq)
         if self.load_columns:
@@ -709,10 +712,14 @@ class Simulator:
             pool.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
             pool.eps[pos] = inst.marginal_eps()
             pool.room[pos] = inst.opb - inst.n_out
-            # prefill queued before a new prompt's: what is left of the running one
-            # (as of this event; an over-estimate until the next) and the waiting ones
-            pool.backlog[pos] = inst.wait_in * inst.pf_tok + (
-                inst.prefill_end - t if inst.prefill_rid >= 0 else 0.0)
+            # when a new prompt's prefill would start and the step it would run in
+            # (core.routing.prefill_queue): the engine's exact queue, the running
+            # prefill's end as of this event (an over-estimate until the next)
+            prefilling = inst.prefill_rid >= 0
+            pool.wait[pos], pool.step[pos], pool.chunk[pos] = prefill_queue(
+                inst.itl_row, inst.pf_tok, inst.budget, inst.b + prefilling, inst.nwait,
+                inst.wait_in, inst.prefill_end - t if prefilling else 0.0,
+                inst.q_tok / inst.n_out if inst.n_out else 0.0)
 
     # --------------------------------------------------------- instance event
     def _on_instance_event(self, inst: Instance, t: float) -> bool:
@@ -765,8 +772,10 @@ class Simulator:
                 rid = inst.latest_decoding()
                 req.produced[rid] += 1.0 + inst.drop_decoding(rid, req.pf_len[rid])
                 req.pf_len[rid] = req.input[rid] + req.produced[rid]
+            first_by = req.arrival[rid] + req.ttft_slo[rid] if req.t_first[rid] != req.t_first[
+                rid] else INF  # NaN: no first token yet
             inst.requeue(rid, req.pf_len[rid], req.llf_deadline[rid] if self.llf else 0.0,
-                         req.predicted[rid] - req.produced[rid])
+                         req.predicted[rid] - req.produced[rid], first_by)
             n += 1
         self.preemptions += n
         return n > 0

@@ -331,13 +331,15 @@ class Instance:
         return self.kv_fixed + self.b * self.V
 
     def enqueue(self, rid: int, input_tokens: float, predicted_tokens: float,
-                llf_deadline_s: float) -> None:
-        """Take request ``rid``, routed here, into the admission queue."""
+                llf_deadline_s: float, first_token_by_s: float = INF) -> None:
+        """Take request ``rid``, routed here, into the admission queue (LLF: by the least
+        laxity of its first token, due by ``first_token_by_s``, and its last token)."""
         self.n_out += 1
         self.q_tok += predicted_tokens
         self.wait_in += input_tokens
         if self.llf:
-            self.waiting.push(rid, llf_deadline_s, predicted_tokens, self.req_tps)
+            self.waiting.push(rid, llf_deadline_s, predicted_tokens, self.req_tps,
+                              first_token_by_s - input_tokens * self.pf_tok)
         else:
             self.waiting.append(rid)
         self.nwait += 1
@@ -368,11 +370,12 @@ class Instance:
         return True
 
     def requeue(self, rid: int, prefill_len: float, llf_deadline_s: float,
-                remaining_tokens: float) -> None:
+                remaining_tokens: float, first_token_by_s: float = INF) -> None:
         """A preempted request goes back to the head of the queue (FCFS; by laxity with
         LLF) to prefill ``prefill_len`` tokens again."""
         if self.llf:
-            self.waiting.push(rid, llf_deadline_s, remaining_tokens, self.req_tps)
+            self.waiting.push(rid, llf_deadline_s, remaining_tokens, self.req_tps,
+                              first_token_by_s - prefill_len * self.pf_tok)
         else:
             self.waiting.appendleft(rid)
         self.nwait += 1
@@ -391,8 +394,8 @@ class Pool:
     """A pool's instances as core.scoring's endpoint columns, and its routing profile
     (core's plugins, the ones the routing service runs)."""
 
-    __slots__ = ("backlog", "eps", "members", "mu", "out", "pf_e", "profile", "q", "room",
-                 "state", "w")
+    __slots__ = ("chunk", "eps", "members", "mu", "out", "pf_e", "pf_s", "profile", "q",
+                 "room", "state", "step", "w", "wait")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile) -> None:
         self.members = members
@@ -403,7 +406,10 @@ class Pool:
         self.mu = st.tps
         self.eps = st.eps_j_per_token
         self.pf_e = st.prefill_j_per_token
-        self.backlog = st.prefill_backlog_s
+        self.wait = st.prefill_wait_s
+        self.step = st.prefill_step_s
+        self.chunk = st.prefill_chunk_tokens
+        self.pf_s = st.prefill_s_per_token
         self.room = st.batch_room
         self.w = st.prefill_weight
         for pos, inst in enumerate(members):
@@ -419,4 +425,5 @@ class Pool:
         self.pf_e[pos] = inst.pf_e
         self.mu[pos] = inst.mu
         self.w[pos] = inst.pf_w
+        self.pf_s[pos] = inst.pf_tok
         self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
