@@ -99,9 +99,7 @@ def test_first_choice_is_the_full_rankings_first(hard_deadline: bool) -> None:
         usable = [i for i in range(n) if math.isfinite(cb.cost[i])]
         eta = cb.eta_s  # NaN sorts last
 
-        def key(i: int) -> tuple[object, ...]:
-            within = first_token[i] if marked[i] and first_token is not None else cb.cost[i]
-            return (marked[i], over[i], within, bool(np.isnan(eta[i])),
-                    0.0 if np.isnan(eta[i]) else eta[i], i)
-
-        assert full == sorted(usable, key=key)
+        within = cb.cost if first_token is None else np.where(marked, first_token, cb.cost)
+        keys = {i: (marked[i], over[i], within[i], bool(np.isnan(eta[i])),
+                    0.0 if np.isnan(eta[i]) else eta[i], i) for i in usable}
+        assert full == sorted(usable, key=keys.__getitem__)

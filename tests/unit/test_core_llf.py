@@ -43,3 +43,24 @@ def test_short_urgent_request_beats_long_early_one():
     # R0: deadline 15, laxity at t=1 is 15-1-10 = 4; R1: deadline 4, laxity 4-1-2 = 1
     assert q.peek_laxity(1.0) == pytest.approx(1.0)
     assert [q.pop(), q.pop()] == ["R1", "R0"]
+
+
+def test_first_token_milestone_orders_the_queue_until_it_has_passed():
+    """A long response (late last-token deadline) that arrived first is admitted
+    before a later short one while its first token can still be on time; once its
+    first-token milestone is past, the ones that can still make theirs go first."""
+    tps = 10.0
+    q: LLFQueue[str] = LLFQueue()
+    # long: arrived at 0, TTFT 0.3 s (prefill must start by 0.25), 600 tokens
+    q.push("long", llf_deadline(0.0, 0.3, 600, 1 / 0.15), 600, tps, start_by_s=0.25)
+    # short: arrived at 0.1, TTFT 0.3 s (start by 0.35), 10 tokens: a far earlier
+    # last-token laxity (0.1 + 0.3 + 1.5 - 1 = 0.9 vs 0.3 + 90 - 60 = 30.3)
+    q.push("short", llf_deadline(0.1, 0.3, 10, 1 / 0.15), 10, tps, start_by_s=0.35)
+    assert q.peek(0.2) == "long"  # keyed on the last token only, "short" would go first
+    q2: LLFQueue[str] = LLFQueue()
+    q2.push("long", llf_deadline(0.0, 0.3, 600, 1 / 0.15), 600, tps, start_by_s=0.25)
+    q2.push("short", llf_deadline(0.1, 0.3, 10, 1 / 0.15), 10, tps, start_by_s=0.35)
+    # at 0.3 "long" can no longer start in time: it is ordered by its last token (30.3)
+    assert q2.pop(0.3) == "short" and q2.pop(0.3) == "long"
+    with pytest.raises(IndexError):
+        q2.peek(1.0)

@@ -18,7 +18,12 @@ Keyed on the last token only, a long response (a late deadline) waits behind
 every shorter arrival and misses its TTFT although its deadline holds; the
 queue order is what decides the first token (once admitted, every request
 decodes at the batch's shared pace), so the first-token milestone usually
-binds (docs/marginal-energy.md).
+binds (docs/marginal-energy.md). Once a request's first-token milestone has
+passed (``now`` later than it, given to :meth:`LLFQueue.peek` / ``pop``), it
+cannot be met any more and the request is ordered by its last token alone:
+deadline order would otherwise let every request that is already late delay
+the ones that can still make it (the domino effect of earliest-deadline-first
+under overload).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def laxity(deadline_s: float, now_s: float, remaining_tokens: float, tps: float)
 class LLFQueue(Generic[T]):
     """Min-laxity priority queue with stable ties."""
 
-    _heap: list[tuple[float, int, T]] = field(default_factory=list)
+    #: (key, push order, item, key once the first-token milestone has passed; NaN: none)
+    _heap: list[tuple[float, int, T, float]] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
 
     def push(self, item: T, deadline_s: float, remaining_tokens: float, tps: float,
@@ -57,18 +63,30 @@ class LLFQueue(Generic[T]):
         inf: no first-token milestone, e.g. a request that has had its first token)."""
         key = deadline_s - remaining_tokens / tps  # laxity + now
         if start_by_s < key:
-            key = start_by_s
-        heapq.heappush(self._heap, (key, next(self._seq), item))
+            heapq.heappush(self._heap, (start_by_s, next(self._seq), item, key))
+        else:
+            heapq.heappush(self._heap, (key, next(self._seq), item, math.nan))
 
-    def pop(self) -> T:
+    def _demote_missed(self, now_s: float) -> None:
+        """Re-key the head while its first-token milestone is past (by its last token)."""
+        h = self._heap
+        while h and h[0][0] < now_s and h[0][3] == h[0][3]:  # NaN: no milestone left
+            _, seq, item, last = h[0]
+            heapq.heapreplace(h, (last, seq, item, math.nan))
+
+    def pop(self, now_s: float = -math.inf) -> T:
+        """The most urgent item, taken out; with ``now_s``, first-token milestones
+        already past no longer count."""
         if not self._heap:
             raise IndexError("pop from an empty LLF queue")
+        self._demote_missed(now_s)
         return heapq.heappop(self._heap)[2]
 
-    def peek(self) -> T:
-        """The most urgent item, left in the queue."""
+    def peek(self, now_s: float = -math.inf) -> T:
+        """The most urgent item, left in the queue (``now_s`` as for :meth:`pop`)."""
         if not self._heap:
             raise IndexError("peek into an empty LLF queue")
+        self._demote_missed(now_s)
         return self._heap[0][2]
 
     def peek_laxity(self, now_s: float) -> float:

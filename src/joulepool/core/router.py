@@ -285,6 +285,9 @@ class PoolRouter:
         #: when each engine will have prefilled every prompt routed to it (the router's
         #: clock, s; core.routing.prefill_queue at each scrape, advanced per route)
         self.prefilled_at = np.full(n, -math.inf)
+        #: when the longest request routed to each engine will be done (the router's
+        #: clock, s): the marginal energy's R_n, the steps the running batch has left
+        self.busy_until = np.full(n, -math.inf)
         self.slot_wait = np.zeros(n)  # s waiting for a batch slot (prefill_queue)
 
     def model_names(self) -> tuple[str, ...]:
@@ -330,6 +333,7 @@ class PoolRouter:
         in_flight = max(float(len(ep.ledger)), scraped if scraped == scraped else 0.0)
         self.state.eps_j_per_token[i] = ep.model.marginal_eps(in_flight) * self.scale[i]
         self.state.prefill_j_per_token[i] = ep.model.prefill_excess * self.scale[i]
+        self.state.wake_j_per_token[i] = ep.model.excess_table[1] * self.scale[i]
         # the step a new prompt's prefill runs in, at the batch in flight, and the wait
         # for a batch slot when that fills the engine's batch (core.routing.prefill_queue)
         m_out = self.mean_out.get(self.s.mean_output_tokens)
@@ -399,6 +403,26 @@ class PoolRouter:
         room: FloatArray = self.op_batch - np.maximum(self.ledger_count, scraped)
         return room
 
+    def _batch_left(self, now: float) -> FloatArray:
+        """R_n: decode steps the requests in flight on each endpoint have left (by the
+        router's busy clock, at the step time of the batch in flight; 0 when idle)."""
+        left = np.subtract(self.busy_until, now)
+        np.maximum(left, 0.0, out=left)
+        step = self.state.prefill_step_s
+        out: FloatArray = np.divide(left, step, out=np.zeros_like(left), where=step > 0)
+        scraped = np.nan_to_num(self.waiting + self.running, nan=0.0)
+        out[(self.ledger_count <= 0) & (scraped <= 0)] = 0.0
+        return out
+
+    def _join_step_s(self, i: int) -> float:
+        """Decode step time at endpoint ``i``'s batch with one more request, s (0: no
+        step model)."""
+        m = self.endpoints[i].model
+        if m.itl is None:
+            return 0.0
+        b = min(int(self.ledger_count[i]) + 1, m.max_batch)
+        return float(m.itl[b])
+
     def deadline_for(self, output_tokens: float) -> float:
         """The pool's deadline, or core's default from its TTFT and TPOT SLOs."""
         if self.deadline_s is not None:
@@ -426,6 +450,7 @@ class PoolRouter:
         wait = np.subtract(self.prefilled_at, now)
         np.maximum(wait, 0.0, out=wait)
         self.state.prefill_wait_s = np.add(wait, self.slot_wait, out=wait)
+        self.state.batch_left_tokens = self._batch_left(now)
         ttft = self.ttft_s if tier is Tier.INTERACTIVE else math.inf  # bulk: no TTFT SLO
         request = RequestInfo(tokens, float(input_tokens), float(output_tokens), deadline, lam,
                               self.s.hard_deadline and tier is Tier.INTERACTIVE, ttft)
@@ -437,7 +462,9 @@ class PoolRouter:
         st = self.state  # its prompt joins the engine's prefill queue
         own = first_token_s(0.0, st.prefill_step_s[best], st.prefill_chunk_tokens[best],
                             st.prefill_s_per_token[best], float(input_tokens))
-        self.prefilled_at[best] = max(float(self.prefilled_at[best]), now) + float(own)
+        self.prefilled_at[best] = first = max(float(self.prefilled_at[best]), now) + float(own)
+        done = first + max(float(output_tokens) - 1.0, 0.0) * self._join_step_s(best)
+        self.busy_until[best] = max(float(self.busy_until[best]), done)
         rid = _next_id()
         ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens)
         self._refresh(best)
@@ -655,6 +682,8 @@ class PoolRouter:
         m_in = max(self.mean_in.get(self.s.mean_input_tokens), 0.0)
         wait, _, _ = ep.model.prefill_queue(running, waiting, waiting * m_in)
         self.prefilled_at[i] = now + wait
+        if not (running > 0 or waiting > 0):  # the engine is idle: its busy period is over
+            self.busy_until[i] = now
         self._refresh(i)
         return True
 

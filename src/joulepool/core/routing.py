@@ -23,7 +23,10 @@ Endpoint scoring rule (request routing):
               x scale_n (core.online.EpsEstimator)
     pi_n    = (P_prefill,n - P_idle,n) * prefill s per prompt token: the prefill
               energy per prompt token (:func:`prefill_excess_j_per_token`)
-    E_n(r)  = eps_n * output_r + pi_n * prompt_r      (:func:`marginal_energy_j`)
+    R_n     = decode steps the requests in flight there have left (the longest; 0 idle)
+    E_n(r)  = eps_n * min(output_r, R_n) + X_n(1) * max(0, output_r - R_n)
+              + pi_n * prompt_r: the steps it runs beyond the running batch's
+              are steps that batch would not have run   (:func:`marginal_energy_j`)
     mu_n    = profile.decode_tokens_per_s(b*_n)           (at the current clock where known)
     w_n     = mu_n * prefill_s_per_token_n                (:func:`prefill_weight`: decode
               tokens the endpoint forgoes while it prefills one prompt token)
@@ -33,14 +36,22 @@ Endpoint scoring rule (request routing):
     t_r     = output_tokens + input_weight * input_tokens (input_weight = 0: the paper's t_r)
     ETA     = (q_n + t_r) / mu_n, cost = E_n(r) + lambda * max(0, ETA - D_r)
               (:func:`joulepool.core.cost.joulesched_cost`)
-    choice  = lowest cost, then lowest ETA, then lowest index  (:func:`rank_endpoints`)
+    first_n = the request's predicted first token: the wait for the engine's prefill
+              queue (one prompt at a time, each in chunked steps that carry the
+              batch's decode) and a batch slot, then its own prefill
+              (:func:`prefill_queue`, :func:`first_token_s`)
+    late_n  = first_n > TTFT SLO, or no room within b*_n   (:func:`slo_infeasible`)
+    choice  = among the endpoints not late: lowest cost, then lowest ETA, then lowest
+              index; when all are late: the soonest first token, as least-loaded
+              would send it                              (:func:`rank_endpoints`)
 
 Why above idle: an instance holds its GPUs whether or not it serves, so what a
 request adds is the draw above idle for as long as it keeps the instance
-busier; prefill pauses the batch, which then ends that much later, so the
-paused decode costs nothing extra. Summed over the requests of a run these
-increments telescope to the instance's busy energy above idle (the simulator's
-ledger checks this, ``tests/unit/test_marginal_energy.py``).
+busier; a prompt chunk lengthens the step it rides in by its own prefill time
+at prefill power, so the decode it rides with costs nothing extra. Summed over
+the requests of a run these increments telescope to the instance's busy energy
+above idle (the simulator's ledger checks this within 10 %,
+``tests/unit/test_marginal_energy.py``).
 
 Why the marginal energy cannot pile every request onto the busiest endpoint
 (the fault of eps read at the live batch): the decrement stops at b*_n, past
@@ -162,9 +173,31 @@ def marginal_decode_j_per_token(excess: Sequence[float] | FloatArray, in_flight:
 
 
 def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.ArrayLike,
-                      output_tokens: float, input_tokens: float) -> FloatArray:
-    """E_n(r) = eps_n * output + pi_n * prompt: joules the request adds on each endpoint."""
-    e: FloatArray = np.multiply(float_array(eps_j_per_token), max(float(output_tokens), 0.0))
+                      output_tokens: float, input_tokens: float,
+                      wake_j_per_token: npt.ArrayLike | None = None,
+                      batch_left_tokens: npt.ArrayLike | None = None) -> FloatArray:
+    """E_n(r): joules the request adds on each endpoint, above idle.
+
+    A decoding request adds to every step it is in the batch; the steps the
+    running batch would run anyway cost it the join increment eps_n, the steps
+    it runs beyond them (the batch would have ended, or the endpoint is idle)
+    the whole step of a batch of one, X_n(1) (the wake):
+
+        E_n(r) = eps_n * min(out, R_n) + X_n(1) * max(0, out - R_n) + pi_n * prompt
+
+    ``batch_left_tokens`` R_n: decode steps the requests in flight there have left
+    (the longest of them; 0 on an idle endpoint); ``wake_j_per_token`` X_n(1).
+    Summed over a run these increments telescope to the busy energy above idle
+    (every step is paid by the requests in it), which the simulator's ledger checks
+    (``tests/unit/test_marginal_energy.py``). Without them: eps_n * out + pi_n * prompt.
+    """
+    out = max(float(output_tokens), 0.0)
+    if wake_j_per_token is None or batch_left_tokens is None:
+        e: FloatArray = np.multiply(float_array(eps_j_per_token), out)
+    else:
+        joined = np.minimum(float_array(batch_left_tokens), out)
+        e = np.multiply(float_array(eps_j_per_token), joined)
+        e += np.multiply(float_array(wake_j_per_token), out - joined)
     if input_tokens > 0:
         e += np.multiply(float_array(prefill_j_per_token), float(input_tokens))
     return e
@@ -181,6 +214,8 @@ def score_endpoints(
     lam: float,
     prefill_j_per_token: npt.ArrayLike | None = None,
     output_tokens: float | None = None,
+    wake_j_per_token: npt.ArrayLike | None = None,
+    batch_left_tokens: npt.ArrayLike | None = None,
 ) -> CostBreakdown:
     """The JouleSched cost of a request on every endpoint under the rule above.
 
@@ -188,7 +223,9 @@ def score_endpoints(
     operating batch, ``queue_tokens`` q_n from :func:`endpoint_queue_tokens`, ``weight``
     w_n; the request's own prompt of ``input_tokens`` is added to q_n here. With
     ``prefill_j_per_token`` (pi_n) the energy term is :func:`marginal_energy_j` of
-    ``output_tokens`` (default ``tokens``) and the prompt; without it eps_n * t_r.
+    ``output_tokens`` (default ``tokens``) and the prompt (with ``wake_j_per_token``
+    X_n(1) and ``batch_left_tokens`` R_n, the steps beyond the running batch's at the
+    wake cost); without it eps_n * t_r.
     """
     q = float_array(queue_tokens)
     if input_tokens > 0:
@@ -196,7 +233,8 @@ def score_endpoints(
     energy = None
     if prefill_j_per_token is not None:
         out = tokens if output_tokens is None else output_tokens
-        energy = marginal_energy_j(eps_j_per_token, prefill_j_per_token, out, input_tokens)
+        energy = marginal_energy_j(eps_j_per_token, prefill_j_per_token, out, input_tokens,
+                                   wake_j_per_token, batch_left_tokens)
     return joulesched_cost(eps_j_per_token, q, throughput_tps, tokens, deadline_s, lam, energy)
 
 

@@ -76,6 +76,10 @@ class EndpointState:
     ``eps_j_per_token``  eps_n, marginal decode J per output token of joining now
                          (core.routing's rule; online scale in)
     ``prefill_j_per_token`` pi_n, J above idle per prompt token prefilled
+    ``wake_j_per_token`` X_n(1), J above idle of a decode step at batch 1: what each
+                         output token beyond the running batch's costs
+    ``batch_left_tokens`` R_n, decode steps the requests in flight have left (0: idle;
+                         inf where unknown: every output token at eps_n)
     ``tps``              mu_n, decode tokens/s at the operating batch
     ``prefill_weight``   w_n, decode tokens forgone per prompt token prefilled
     ``queue_tokens``     q_n, decode tokens ahead + w_n x prompt tokens ahead
@@ -102,15 +106,17 @@ class EndpointState:
     """
 
     __slots__ = (
-        "batch_room", "clock_mhz", "eps_j_per_token", "extra", "inv_capacity",
-        "kv_cache_usage", "models", "outstanding", "prefill_chunk_tokens", "prefill_j_per_token",
-        "prefill_s_per_token", "prefill_step_s", "prefill_wait_s", "prefill_weight",
-        "queue_tokens", "running", "tps", "waiting",
+        "batch_left_tokens", "batch_room", "clock_mhz", "eps_j_per_token", "extra",
+        "inv_capacity", "kv_cache_usage", "models", "outstanding", "prefill_chunk_tokens",
+        "prefill_j_per_token", "prefill_s_per_token", "prefill_step_s", "prefill_wait_s",
+        "prefill_weight", "queue_tokens", "running", "tps", "waiting", "wake_j_per_token",
     )
 
     def __init__(self, n: int) -> None:
         self.eps_j_per_token: FloatArray = np.zeros(n)
         self.prefill_j_per_token: FloatArray = np.zeros(n)
+        self.wake_j_per_token: FloatArray = np.zeros(n)
+        self.batch_left_tokens: FloatArray = np.full(n, np.inf)
         self.tps: FloatArray = np.zeros(n)
         self.prefill_weight: FloatArray = np.zeros(n)
         self.queue_tokens: FloatArray = np.zeros(n)
@@ -192,7 +198,7 @@ class JouleSchedScorer:
             endpoints.eps_j_per_token, endpoints.queue_tokens, endpoints.tps,
             endpoints.prefill_weight, request.tokens, request.input_tokens,
             request.deadline_s, request.lam, endpoints.prefill_j_per_token,
-            request.output_tokens,
+            request.output_tokens, endpoints.wake_j_per_token, endpoints.batch_left_tokens,
         )
         first = first_token_s(endpoints.prefill_wait_s, endpoints.prefill_step_s,
                               endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,

@@ -651,6 +651,8 @@ class Simulator:
                          req.arrival[rid] + req.ttft_slo[rid])
         else:
             inst.enqueue(rid, req.input[rid], req.predicted[rid], 0.0)
+        if self.use_js:
+            inst.extend_busy(t, req.predicted[rid] - 1.0)  # the first comes with the prefill
         if inst.admit_next(t, req.pf_len):
             inst.retime(t, self.evq)
         if self.load_columns:
@@ -711,6 +713,7 @@ class Simulator:
         if self.use_js:
             pool.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
             pool.eps[pos] = inst.marginal_eps()
+            pool.left[pos] = inst.steps_left(t)
             pool.room[pos] = inst.opb - inst.n_out
             # when a new prompt's prefill would start and the step it would run in
             # (core.routing.prefill_queue): the engine's exact queue, the running

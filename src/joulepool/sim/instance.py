@@ -117,6 +117,7 @@ class Instance:
         "tp_max",
         "tps_row",
         "tt_max",
+        "v_busy",
         "version",
         "wait_in",
         "waiting",
@@ -168,6 +169,7 @@ class Instance:
         self.n_out = 0  # requests routed here, unfinished
         self.q_tok = 0.0  # predicted decode tokens of the requests routed here, unfinished
         self.wait_in = 0.0  # prompt tokens of the requests waiting for admission
+        self.v_busy = 0.0  # V by which the longest request in flight is done (predicted)
         self.tt_max = -1.0  # worst TTFT / SLO since the last MIAD step (-1: none)
         self.tp_max = -1.0  # worst TPOT / SLO since the last MIAD step (-1: none)
         self.plog = plog
@@ -207,6 +209,25 @@ class Instance:
     def marginal_eps(self) -> float:
         """eps_n: decode J per output token a request adds joining the ones in flight."""
         return marginal_decode_j_per_token(self.xs, self.n_out, self.opb)
+
+    def v_at(self, t: float) -> float:
+        """The token clock V at ``t`` (s), without settling."""
+        return self.V + (t - self.last_t) / self.itl if self.itl > 0.0 else self.V
+
+    def extend_busy(self, t: float, predicted_tokens: float) -> None:
+        """A request routed here at ``t`` decodes ``predicted_tokens``: the busy period
+        lasts at least that many steps more (the marginal energy's R_n)."""
+        end = self.v_at(t) + predicted_tokens
+        if self.n_out <= 1 or end > self.v_busy:
+            self.v_busy = end
+
+    def steps_left(self, t: float) -> float:
+        """R_n: decode steps the requests in flight here have left at ``t`` (the
+        longest, as predicted when routed; 0 when none is in flight)."""
+        if not self.n_out:
+            return 0.0
+        left = self.v_busy - self.v_at(t)
+        return left if left > 0.0 else 0.0
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
@@ -353,7 +374,7 @@ class Instance:
         if not self.nwait or self.prefill_rid >= 0 or self.b >= self.maxb:
             return False
         self.settle(t)  # a no-op when the caller settled at t already
-        rid = self.waiting.peek() if self.llf else self.waiting[0]
+        rid = self.waiting.peek(t) if self.llf else self.waiting[0]
         need = prefill_len[rid]
         if self.kv_fixed + self.b * self.V + need > self.kv_room:
             return False
@@ -394,8 +415,8 @@ class Pool:
     """A pool's instances as core.scoring's endpoint columns, and its routing profile
     (core's plugins, the ones the routing service runs)."""
 
-    __slots__ = ("chunk", "eps", "members", "mu", "out", "pf_e", "pf_s", "profile", "q",
-                 "room", "state", "step", "w", "wait")
+    __slots__ = ("chunk", "eps", "left", "members", "mu", "out", "pf_e", "pf_s", "profile",
+                 "q", "room", "state", "step", "w", "wait", "wake")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile) -> None:
         self.members = members
@@ -410,6 +431,8 @@ class Pool:
         self.step = st.prefill_step_s
         self.chunk = st.prefill_chunk_tokens
         self.pf_s = st.prefill_s_per_token
+        self.wake = st.wake_j_per_token
+        self.left = st.batch_left_tokens
         self.room = st.batch_room
         self.w = st.prefill_weight
         for pos, inst in enumerate(members):
@@ -426,4 +449,6 @@ class Pool:
         self.mu[pos] = inst.mu
         self.w[pos] = inst.pf_w
         self.pf_s[pos] = inst.pf_tok
+        self.wake[pos] = inst.xs[1]
+        self.left[pos] = 0.0 if not inst.n_out else inst.steps_left(inst.last_t)
         self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
