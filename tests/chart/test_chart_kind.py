@@ -139,3 +139,28 @@ def test_readme_quick_start_is_what_up_sh_does() -> None:
 def test_down_deletes_the_cluster_up_creates() -> None:
     text = (KIND / "down.sh").read_text()
     assert "CLUSTER=joulepool" in text and 'kind delete cluster --name "$CLUSTER"' in text
+
+
+def test_kind_installs_the_router_token_and_the_network_policies() -> None:
+    """kind gets the chart's defaults: the router requires the bearer token of the Secret
+    the chart generates, and every component has its ingress NetworkPolicy."""
+    import base64
+
+    from chartlib import name, rendered
+
+    assert "auth" not in VALUES.get("router", {}) and "networkPolicy" not in VALUES
+    r = rendered("kind")
+    secret = r.get("Secret", name("router-token"))
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) == 48 and token.isalnum()
+    dep = r.get("Deployment", name("router"))
+    spec = dep["spec"]["template"]["spec"]
+    (router,) = [c for c in spec["containers"] if c["name"] == "router"]
+    args = router["args"]
+    assert args[args.index("--token-file") + 1] == "/etc/joulepool/router-token/token"
+    assert any(v.get("secret", {}).get("secretName") == name("router-token")
+               for v in spec["volumes"])
+    policies = {p["metadata"]["name"] for p in r.all("NetworkPolicy")}
+    components = {"router", "scheduler", "operator", "node-agent", "node-agent-reset",
+                  "device-plugin"}
+    assert policies == {name(c) for c in components}

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,16 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest
-from e2elib import CONNECT_TIMEOUT, NAMESPACE, RELEASE, ROOT, Cluster
+from e2elib import (
+    CONNECT_TIMEOUT,
+    NAMESPACE,
+    PROBE_NAMESPACE,
+    PROBE_POD,
+    RELEASE,
+    ROOT,
+    Cluster,
+    probe_pod_manifest,
+)
 
 
 def _maybe_up() -> Iterator[None]:
@@ -79,3 +89,47 @@ def cluster(_kind_cluster: None) -> Cluster:
     if not (dep.status.available_replicas or 0):
         pytest.fail(f"joulepool is installed on {host} but its operator is not available")
     return c
+
+
+@pytest.fixture(scope="session")
+def probe(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster, with the probe pod (e2elib.probe_pod_manifest) Running in namespace
+    monitoring: calls to the router (bearer token) and to the node agents' metrics are
+    made from there (see e2elib's docstring). Removed afterwards, with the namespace if
+    this fixture created it."""
+    from kubernetes.client.exceptions import ApiException
+
+    created_ns = False
+    try:
+        cluster.core.read_namespace(PROBE_NAMESPACE)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        cluster.core.create_namespace({"metadata": {"name": PROBE_NAMESPACE}})
+        created_ns = True
+    try:
+        try:
+            cluster.core.create_namespaced_pod(PROBE_NAMESPACE, probe_pod_manifest())
+        except ApiException as exc:
+            if exc.status != 409:  # left by an earlier run: reuse it
+                raise
+        deadline = time.monotonic() + 120
+        while True:
+            pod = cluster.core.read_namespaced_pod(PROBE_POD, PROBE_NAMESPACE)
+            if pod.status.phase == "Running" and all(
+                    c.ready for c in pod.status.container_statuses or []):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"probe pod {PROBE_NAMESPACE}/{PROBE_POD} not Running: "
+                            f"{pod.status.phase} {pod.status.container_statuses}")
+            time.sleep(1)
+        yield cluster
+    finally:
+        try:
+            if created_ns:
+                cluster.core.delete_namespace(PROBE_NAMESPACE)
+            else:
+                cluster.core.delete_namespaced_pod(PROBE_POD, PROBE_NAMESPACE)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

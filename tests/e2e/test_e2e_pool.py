@@ -197,23 +197,23 @@ def test_pods_are_bound_by_joulepool_scheduler_to_planned_nodes(run: PoolRun) ->
 
 
 def _agent_on(run: PoolRun, node: str) -> str:
+    """The IP of the running node agent on ``node``."""
     pods = run.cluster.core.list_namespaced_pod(
         NAMESPACE, label_selector="app.kubernetes.io/component=node-agent",
         field_selector=f"spec.nodeName={node}").items
-    running = [p.metadata.name for p in pods if p.status.phase == "Running"]
+    running = [p.status.pod_ip for p in pods if p.status.phase == "Running" and p.status.pod_ip]
     assert running, f"no running node agent on {node}"
     return str(running[0])
 
 
-def test_node_agents_make_clock_decisions(run: PoolRun) -> None:
-    """On every node serving the pool, MIAD decides and locks clocks (simulated NVML)."""
+def test_node_agents_make_clock_decisions(run: PoolRun, probe: Cluster) -> None:
+    """On every node serving the pool, MIAD decides and locks clocks (simulated NVML).
+    Read from the probe pod (the chart's NetworkPolicy admits metrics scrapers only)."""
     for node in sorted(run.planned_nodes()):
-        agent = _agent_on(run, node)
-        path = (f"/api/v1/namespaces/{NAMESPACE}/pods/{agent}:{AGENT_METRICS_PORT}"
-                f"/proxy/metrics")
+        url = f"http://{_agent_on(run, node)}:{AGENT_METRICS_PORT}/metrics"
 
-        def decided(path: str = path) -> str | None:
-            status, text = run.cluster.proxy("GET", path)
+        def decided(url: str = url) -> str | None:
+            status, text = probe.http("GET", url)
             assert status == 200, (status, text[:200])
             return text if metric_sum(text, "joulepool_miad_decisions_total") > 0 else None
 
@@ -223,12 +223,17 @@ def test_node_agents_make_clock_decisions(run: PoolRun) -> None:
         assert metric_sum(text, "joulepool_sidecar_monitor_only") == 0
 
 
-def test_router_answers_and_the_engine_serves(run: PoolRun) -> None:
-    svc = f"/api/v1/namespaces/{NAMESPACE}/services/{RELEASE}-router:http/proxy"
+def test_router_answers_and_the_engine_serves(run: PoolRun, probe: Cluster) -> None:
+    """The router (bearer token on, as the chart installs it everywhere) answers from the
+    probe pod, a router client the chart's NetworkPolicy admits; without the token: 401."""
+    svc, token = probe.router_url(), probe.router_token()
     body = {"pool": run.key, "inputTokens": 128, "outputTokens": 32}
+    status, _ = probe.http("POST", f"{svc}/v1/route", body)
+    assert status == 401, status
+    assert probe.http("POST", f"{svc}/v1/route", body, token="not-the-token")[0] == 401
 
     def routed() -> dict[str, Any] | None:
-        status, text = run.cluster.proxy("POST", f"{svc}/v1/route", body)
+        status, text = probe.http("POST", f"{svc}/v1/route", body, token=token)
         if status in (404, 503):  # pool or endpoints not in the router's cache yet
             return None
         assert status == 200, (status, text[:300])
@@ -253,9 +258,9 @@ def test_router_answers_and_the_engine_serves(run: PoolRun) -> None:
     assert completion["choices"] and completion["usage"]["completion_tokens"] == 16
 
     # and the router takes the outcome back
-    status, text = run.cluster.proxy("POST", f"{svc}/v1/complete", {
+    status, text = probe.http("POST", f"{svc}/v1/complete", {
         "pool": run.key, "endpoint": answer["endpoint"], "e2eSeconds": elapsed,
-        "outputTokens": 16, "deadlineMet": True})
+        "outputTokens": 16, "deadlineMet": True}, token=token)
     assert status == 200, (status, text[:300])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import k8slib
 from k8slib import ControlPlane
@@ -52,3 +53,23 @@ def test_proxy_to_a_service_reports_the_api_servers_answer(
     status, text = k8slib.wait_for("the service proxy to know the Service", lambda: (
         answer if (answer := c.proxy("POST", path, body))[0] != 404 else None), timeout=30)
     assert status == 503, (status, text)
+
+
+def test_router_token_url_and_probe_pod_on_the_real_api(
+        cluster: ControlPlane, chart: Any, namespace: str) -> None:
+    """What the e2e router step reads (the chart's router Secret and Service, applied as
+    rendered) and the probe pod it creates (accepted by the API server's validation)."""
+    import base64
+
+    secret = chart.get("Secret", e2elib.RELEASE + "-router-token")
+    svc = chart.get("Service", e2elib.RELEASE + "-router")
+    cluster.apply_all([secret, svc], k8slib.RELEASE_NAMESPACE)
+    c = _cluster(cluster)
+    assert c.router_token() == base64.b64decode(secret["data"]["token"]).decode()
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http")
+    assert c.router_url() == (f"http://{e2elib.RELEASE}-router."
+                              f"{e2elib.NAMESPACE}.svc:{port}")
+    pod = e2elib.probe_pod_manifest()
+    pod["metadata"]["namespace"] = namespace
+    made = cluster.core.create_namespaced_pod(namespace, pod)
+    assert made.metadata.labels[e2elib.ROUTER_CLIENT_LABEL] == "true"
