@@ -199,7 +199,7 @@ def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.A
         e = np.multiply(float_array(eps_j_per_token), joined)
         e += np.multiply(float_array(wake_j_per_token), out - joined)
     if input_tokens > 0:
-        e += np.multiply(float_array(prefill_j_per_token), float(input_tokens))
+        e += np.multiply(prefill_j_per_token, float(input_tokens))
     return e
 
 
@@ -227,9 +227,9 @@ def score_endpoints(
     X_n(1) and ``batch_left_tokens`` R_n, the steps beyond the running batch's at the
     wake cost); without it eps_n * t_r.
     """
-    q = float_array(queue_tokens)
+    q = queue_tokens
     if input_tokens > 0:
-        q = q + input_tokens * float_array(weight)
+        q = np.add(queue_tokens, np.multiply(weight, float(input_tokens)))
     energy = None
     if prefill_j_per_token is not None:
         out = tokens if output_tokens is None else output_tokens
