@@ -13,6 +13,15 @@ engine run). Workload generation, planning and the energy floor are done
 once beforehand and are not timed (they are the same for every policy).
 Target: >= 20,000 simulated requests per wall-clock second per policy.
 
+``--same-results GIT_REF`` checks that a speed change changed no number: this
+checkout and GIT_REF each run every policy (the production router's too, and
+two with the power log recorded) on short runs of both built-in clusters
+(joulesched-320 for 30 s, freesh-3site for 1,800 s, their default load), and
+every RunResult field is compared (wall time and the planner's solve times in
+the notes excepted): bit-identical, or within 1e-9 relative where a sum's
+order changed; exit 1 otherwise. Run it before and after an engine change
+(re-recording against main when main's behaviour moved).
+
 ``--against GIT_REF`` measures this checkout's simulator side by side with
 the one at GIT_REF (e.g. ``main`` or a commit): the ref's ``src/`` is
 extracted with ``git archive`` and each side runs in its own worker process
@@ -26,8 +35,11 @@ loaded machine the CPU-second figures are the steadier comparison.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import pickle
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +49,8 @@ import time
 from io import BytesIO
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 TARGET_RPS = 20_000.0
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +66,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="exit 1 if a policy misses target")
     parser.add_argument("--against", metavar="GIT_REF",
                         help="also time the simulator at GIT_REF, interleaved with this one")
+    parser.add_argument("--same-results", metavar="GIT_REF",
+                        help="check every RunResult field equals GIT_REF's (no timing)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--results-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -203,11 +220,102 @@ def _report_pairs(times: dict[tuple[str, str], list[tuple[float, float]]],
     return missed
 
 
+#: --same-results: cluster -> simulated seconds (short runs at the cluster's default load)
+RESULT_RUNS = {"joulesched-320": 30.0, "freesh-3site": 1800.0}
+#: relative difference allowed where floating-point sums were reordered
+RESULT_RTOL = 1e-9
+
+
+def _results_worker() -> int:
+    """Every RunResult field of every policy on RESULT_RUNS, pickled to stdout as plain
+    data (so the other checkout can read it): {(cluster, policy, power log): fields}."""
+    import dataclasses
+
+    from joulepool.sim.engine import EngineParams, simulate
+    from joulepool.sim.policies import POLICIES
+
+    out = {}
+    for cluster, duration in RESULT_RUNS.items():
+        args = _parse_args(["--cluster", cluster, "--duration", str(duration)])
+        setup = _Setup(args)
+        for name, spec in POLICIES.items():
+            for record in (False, True) if name in ("joulesched", "combined") else (False,):
+                r = simulate(setup.cluster, setup.wl, spec, setup.tables, setup.plans,
+                             EngineParams(record_power=record), seed=setup.seed,
+                             static_capacity_rps=setup.cap.per_mode_rps)
+                fields = {f.name: getattr(r, f.name) for f in dataclasses.fields(r)}
+                del fields["wall_s"]
+                # the planner's solve time, e.g. "(optimal, 157 ms)", is no result
+                fields["notes"] = [re.sub(r"[0-9.]+ m?s\)", "T)", n) for n in r.notes]
+                out[(cluster, name, record)] = fields
+    sys.stdout.buffer.write(pickle.dumps(out))
+    return 0
+
+
+def _run_results(src: Path) -> dict[Any, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--results-worker"],
+                          env=dict(os.environ, PYTHONPATH=str(src)), capture_output=True,
+                          check=False)
+    if proc.returncode:
+        raise SystemExit(f"results worker for {src} failed:\n{proc.stderr.decode()[-2000:]}")
+    data: dict[Any, Any] = pickle.loads(proc.stdout)
+    return data
+
+
+def _difference(a: Any, b: Any) -> float:
+    """Largest relative difference between two results' values (0: bit-identical,
+    NaN where they agree; inf: a structural difference)."""
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or a.keys() != b.keys():
+            return math.inf
+        return max((_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list | tuple) and a and isinstance(a[0], list | tuple | dict | str):
+        if not isinstance(b, list | tuple) or len(a) != len(b):
+            return math.inf
+        return max(_difference(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, str) or a is None:
+        return 0.0 if a == b else math.inf
+    try:
+        x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    except (TypeError, ValueError):
+        return 0.0 if a == b else math.inf
+    if x.shape != y.shape:
+        return math.inf
+    same = (x == y) | (np.isnan(x) & np.isnan(y))
+    if same.all():
+        return 0.0
+    x, y = x[~same], y[~same]
+    return float(np.max(np.abs(x - y) / np.maximum(np.abs(x), np.abs(y))))
+
+
+def _same_results(ref: str) -> bool:
+    """Compare this checkout's results with ``ref``'s; True when all agree."""
+    with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
+        ours, theirs = _run_results(REPO / "src"), _run_results(_extract(ref, Path(tmp)))
+    if ours.keys() != theirs.keys():
+        print(f"different runs: {sorted(ours.keys() ^ theirs.keys())}")
+        return False
+    worst = 0.0
+    for key in ours:
+        d = _difference(ours[key], theirs[key])
+        worst = max(worst, d)
+        status = "bit-identical" if d == 0 else f"max relative difference {d:.3g}"
+        print(f"{key[0]:15} {key[1]:18} {'power log ' if key[2] else '':10} {status}")
+    ok = worst <= RESULT_RTOL
+    print(f"{len(ours)} runs: {'same results' if ok else 'RESULTS DIFFER'} "
+          f"(worst relative difference {worst:.3g}, allowed {RESULT_RTOL:g})")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     if args.worker:
         return _worker(args)
+    if args.results_worker:
+        return _results_worker()
+    if args.same_results:
+        return 0 if _same_results(args.same_results) else 1
     from joulepool.sim.policies import parse_policies
 
     names = parse_policies(args.policies)

@@ -97,3 +97,20 @@ def test_ledger_conserves_energy_when_gpus_change_hands():
 def test_marks_at_equal_times_run_carbon_step_then_plan_then_window_end():
     marks = sorted([(60.0, Mark.WINDOW_END), (60.0, Mark.PLAN_WINDOW), (60.0, Mark.CARBON_STEP)])
     assert [k for _, k in marks] == [Mark.CARBON_STEP, Mark.PLAN_WINDOW, Mark.WINDOW_END]
+
+
+@pytest.mark.parametrize("eps_live", [False, True])
+def test_marginal_eps_table_is_core_rule_at_every_load_and_clock(eps_live: bool):
+    """The instance reads eps_n from a table by requests in flight; it is core's
+    marginal_decode_j_per_token at every load (past b*_n too), clock and b*_n."""
+    from joulepool.core.routing import marginal_decode_j_per_token
+
+    inst = Instance(0, TABLE, "n", "s1", 0, False, 1.0, eps_live)
+    for ci in (0, len(TABLE.clocks) // 2, TABLE.top):
+        inst.set_clock(ci)
+        xs = TABLE.excess_step_j[ci if eps_live else TABLE.top]
+        for carry in (1, 7, TABLE.max_batch):
+            inst.set_carry(carry)
+            for k in range(0, carry + 5):
+                inst.n_out = k
+                assert inst.marginal_eps() == marginal_decode_j_per_token(xs, k, carry)

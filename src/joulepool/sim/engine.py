@@ -844,7 +844,7 @@ class Simulator:
         inst = Instance(len(self.instances), self.tables[mode], node, self.gpus.node_site[node],
                         cls, self.llf, self._inv_capacity(mode, cls),
                         self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start)
-        inst.opb = self._sustainable_batch(mode, cls)
+        inst.set_carry(self._sustainable_batch(mode, cls))
         self.instances.append(inst)
         if not self._activate(inst, t):
             self.gpus.node_pending[node].append(inst)

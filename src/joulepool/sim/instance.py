@@ -19,7 +19,6 @@ from joulepool.core.batching import mixed_step, prefill_chunk_tokens
 from joulepool.core.llf import LLFQueue
 from joulepool.core.routing import (
     endpoint_queue_tokens,
-    marginal_decode_j_per_token,
     prefill_weight,
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
@@ -66,11 +65,13 @@ class Instance:
         "b",
         "budget",
         "busy_t",
+        "ce",
         "ci",
         "cls",
         "dec_end",
         "energy",
         "eps",
+        "eps_k",
         "eps_live",
         "gpu_ids",
         "gpus",
@@ -198,17 +199,27 @@ class Instance:
         # the marginal energy (core.routing): X(b) and pi at the current clock if asked
         # to follow it (then the router chases MIAD's down-clocked GPUs; see
         # EngineParams), else at f_max; eps_n follows the requests in flight
-        ce = ci if self.eps_live else t.top
+        ce = self.ce = ci if self.eps_live else t.top
         self.xs = t.excess_step_j[ce]
+        self.eps_k = t.marginal_eps_row(ce, self.opb)
         self.pf_e = t.prefill_excess_j[ce]
         self.eps = self.marginal_eps()
         self.pf_w = prefill_weight(self.mu, self.pf_tok)
         # LLF: a request is served at the per-request rate of the operating batch
         self.req_tps = 1.0 / self.itl_row[op]
 
+    def set_carry(self, batch: int) -> None:
+        """b*_n = ``batch``: the requests it carries at once within the SLO (the engine's
+        core.routing.sustainable_batch for its pool)."""
+        self.opb = batch
+        self.eps_k = self.table.marginal_eps_row(self.ce, batch)
+
     def marginal_eps(self) -> float:
-        """eps_n: decode J per output token a request adds joining the ones in flight."""
-        return marginal_decode_j_per_token(self.xs, self.n_out, self.opb)
+        """eps_n: decode J per output token a request adds joining the ones in flight
+        (core.routing.marginal_decode_j_per_token, tabulated by requests in flight)."""
+        row = self.eps_k
+        k = self.n_out
+        return row[k] if k < len(row) else row[-1]
 
     def v_at(self, t: float) -> float:
         """The token clock V at ``t`` (s), without settling."""

@@ -8,12 +8,16 @@ derived here: each table entry is a core function value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from joulepool.core.profiles import KV_WATERMARK, ServingProfile, default_batched_tokens
-from joulepool.core.routing import excess_step_j, prefill_excess_j_per_token
+from joulepool.core.routing import (
+    excess_step_j,
+    marginal_decode_j_per_token,
+    prefill_excess_j_per_token,
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,9 @@ class ProfileTable:
     gpu_idle_w: float
     batched_tokens: int = 8192  # vLLM V1's max_num_batched_tokens default for the GPU
     kv_watermark: float = KV_WATERMARK.value  # share of the KV cache admission leaves free
+    #: marginal_eps_row's rows, by (clock index, b*), filled as the run asks for them
+    _marginal: dict[tuple[int, int], tuple[float, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def top(self) -> int:
@@ -43,6 +50,17 @@ class ProfileTable:
     @property
     def mode(self) -> str:
         return self.profile.mode
+
+    def marginal_eps_row(self, ci: int, carry: int) -> tuple[float, ...]:
+        """eps_n (J per output token, core.routing.marginal_decode_j_per_token) at clock
+        index ``ci`` with b*_n = ``carry``, indexed by the requests in flight k = 0..b*_n
+        (from b*_n on it stays at the last entry)."""
+        row = self._marginal.get((ci, carry))
+        if row is None:
+            xs = self.excess_step_j[ci]
+            row = self._marginal[(ci, carry)] = tuple(
+                marginal_decode_j_per_token(xs, k, carry) for k in range(carry + 1))
+        return row
 
     def clock_index(self, mhz: float) -> int:
         return int(np.argmin(np.abs(np.asarray(self.clocks) - mhz)))
