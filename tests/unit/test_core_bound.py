@@ -71,3 +71,20 @@ def test_no_work_costs_idle_only():
     assert res.feasible and res.energy_j == pytest.approx(3 * 60.0 * 10)
     with pytest.raises(ValueError):
         FloorDemand("x", -1, 0, 0, 1, 1)
+
+
+def test_prompts_are_prefilled_on_the_gpus_that_decode_them():
+    """A class with a TPOT (40 ms) no L4 meets (its step at batch 1 is 53 ms) is served
+    on H100s alone, although an L4 prefills a prompt token for fewer joules above idle:
+    the engine keeps a request's KV cache where it was prefilled, so the floor may not
+    prefill on one GPU and decode on another (it did, which no engine here can run)."""
+    d = FloorDemand("c", output_tokens=2e5, input_tokens=2e6, mean_input_tokens=500,
+                    ttft_s=0.6, tpot_s=0.04)
+    assert _brute_prefill_j_per_token(L4_8B, 500, 0.6) < _brute_prefill_j_per_token(
+        H100_8B, 500, 0.6)
+    both = energy_floor([d], [FloorGPUs("s", "H100", 8), FloorGPUs("s", "L4", 8)],
+                        [H100_8B, L4_8B], horizon_s=3600)
+    alone = energy_floor([d], [FloorGPUs("s", "H100", 8)], [H100_8B], horizon_s=3600)
+    assert both.feasible and alone.feasible
+    assert both.dynamic_j == pytest.approx(alone.dynamic_j, rel=1e-9)
+    assert set(both.usage) == {H100_8B.key}

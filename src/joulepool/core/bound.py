@@ -12,8 +12,15 @@ split over columns
 
 subject to, per request class, enough decode and prefill tokens, per (site,
 product) the GPU-seconds available (``sum gpus(p) * (x + y) <= GPUs * T``),
-and SLO eligibility: a decode column must meet the class's TPOT
-(``itl(b, f) <= tpot``), a prefill column its TTFT for the class's mean prompt.
+SLO eligibility: a decode column must meet the class's TPOT
+(``itl(b, f) <= tpot``), a prefill column its TTFT for the class's mean prompt;
+and each class's prompts prefilled on the GPUs that decode them: per class and
+(site, product), prefill tokens = the class's prompt-to-output ratio x decode
+tokens. The engine (vLLM, and the simulator's) keeps a request's KV cache on
+the instance that prefilled it, so a schedule cannot prefill on one kind of GPU
+and decode on another (disaggregated prefill); without that constraint the
+floor prefilled on the L4s what the H100s decoded, a schedule no engine here
+can run.
 
 It relaxes everything a real schedule must also get right (arrival timing,
 queueing, integral batches and instances, prefill stalling decode, one
@@ -168,8 +175,15 @@ class _Columns:
     -tokens <= -demand; rows 2R.. are GPU-seconds per group.
     """
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, n_groups: int = 0,
+                 prompt_ratio: Sequence[float] = ()) -> None:
         self.R = n_classes
+        self.G = n_groups
+        #: per class: prompt tokens per output token (0: no prefill-decode coupling)
+        self.ratio = tuple(prompt_ratio)
+        self.eq_i: list[FloatArray] = []  # coupling row per nonzero: class x group
+        self.eq_j: list[FloatArray] = []
+        self.eq_v: list[FloatArray] = []
         self.costs: list[FloatArray] = []
         self.rows_i: list[FloatArray] = []  # row index per nonzero
         self.cols_j: list[FloatArray] = []
@@ -195,7 +209,23 @@ class _Columns:
         self.cols_j.append(js)
         self.vals.append(np.full(k, float(p.gpus)))
         self.col_key.append(np.full(k, pi, np.float64))
+        if self.G and ri < len(self.ratio) and self.ratio[ri] > 0:
+            # prompts prefilled where they are decoded: prefill - ratio x decode = 0
+            self.eq_i.append(np.full(k, ri * self.G + gi, np.float64))
+            self.eq_j.append(js)
+            self.eq_v.append(tps if kind == 1 else -self.ratio[ri] * tps)
         self.n_cols += k
+
+    def coupling(self) -> Any:
+        """The prefill-where-decoded equalities (rows class x group), or None."""
+        from scipy import sparse
+
+        if not self.eq_v:
+            return None
+        return sparse.csr_matrix(
+            (np.concatenate(self.eq_v),
+             (np.concatenate(self.eq_i).astype(int), np.concatenate(self.eq_j).astype(int))),
+            shape=(self.R * self.G, self.n_cols))
 
     def matrix(self, n_groups: int) -> Any:
         from scipy import sparse
@@ -240,7 +270,9 @@ def energy_floor(
     idle_j = _idle_energy(gpus, profiles, idle_w, horizon_s)
     out_total = float(sum(d.output_tokens for d in demands))
     groups = [g for g in gpus if g.count > 0]
-    cols = _Columns(len(demands))
+    ratio = [d.input_tokens / d.output_tokens if d.output_tokens > 0 else 0.0
+             for d in demands]
+    cols = _Columns(len(demands), len(groups), ratio)
     relaxed: list[str] = []
     for ri, d in enumerate(demands):
         enforce = True
@@ -265,7 +297,9 @@ def energy_floor(
     a = cols.matrix(len(groups))
     b = np.concatenate([-need, [g.count * horizon_s for g in groups]])
     c = np.concatenate(cols.costs)
-    res = linprog(c, A_ub=a, b_ub=b, bounds=(0, None), method="highs")
+    eq = cols.coupling()
+    res = linprog(c, A_ub=a, b_ub=b, A_eq=eq, b_eq=None if eq is None else np.zeros(eq.shape[0]),
+                  bounds=(0, None), method="highs")
     if res.status != 0 or res.x is None:
         if res.status == 2:
             status = "infeasible: the work does not fit the GPUs in the horizon"

@@ -91,6 +91,7 @@ import numpy.typing as npt
 
 # default_deadline lives in core.classes (next to SLO.deadline_for); re-exported here
 # for the router and older callers
+from joulepool.core.batching import prefill_steps
 from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import CostBreakdown, float_array, joulesched_cost
 from joulepool.core.profiles import Headroom, ServingProfile, default_batched_tokens
@@ -289,8 +290,9 @@ def prefill_queue(
     if n > 0.0:
         bq = min(b + int(n // 2), max_b)
         step = itl_s[bq] if bq > 0 else 0.0
-        chunk = max(budget_tokens - bq, 1.0)
-        wait += max(n, waiting_tokens / chunk) * step + waiting_tokens * prefill_s_per_token
+        # core.batching's steps for the queue's prompts, at least one step each
+        steps = max(n, prefill_steps(budget_tokens, bq, waiting_tokens))
+        wait += steps * step + waiting_tokens * prefill_s_per_token
     over = b + n + 1.0 - max_b
     if over > 0.0 and mean_output_tokens > 0.0:
         wait += over * mean_output_tokens * itl_s[max_b] / max_b
@@ -302,7 +304,8 @@ def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: np
                   prefill_s_per_token: npt.ArrayLike, input_tokens: float) -> FloatArray:
     """Predicted delay to a request's first token on each endpoint, s: the wait before
     its prefill starts plus its own prefill mixed into the decode steps,
-    ``wait + max(1, l / chunk) * step + l * prefill_s`` (:func:`prefill_queue`)."""
+    ``wait + max(1, l / chunk) * step + l * prefill_s`` (:func:`prefill_queue`):
+    :func:`joulepool.core.batching.prefill_time_s` over every endpoint at once."""
     steps = np.maximum(np.divide(float(input_tokens), chunk_tokens), 1.0)
     out = np.add(wait_s, np.multiply(steps, step_s))
     out += np.multiply(prefill_s_per_token, float(input_tokens))
