@@ -23,6 +23,7 @@ from joulepool.sim.plots import (
     scenario_title,
     tail_latency_plot,
     tail_share,
+    tradeoff_plot,
     write_plots,
 )
 from joulepool.sim.report import plan_class_series, summarise
@@ -167,6 +168,25 @@ def test_classes_plot(tiny, tmp_path):
         assert [p.get_height() for p in container.patches] == series.instances[:, r].tolist()
     assert [b.get_label() for b in gpu_ax.containers] == list(CLASS_NAMES)
     assert "lambda" in lam_ax.get_ylabel() and scenario_title(res) in lam_ax.get_title()
+
+
+def test_tradeoff_plot_puts_energy_and_carbon_against_p99_and_attainment(tiny, tmp_path):
+    res, summary = tiny
+    fig = tradeoff_plot(res, summary, tmp_path / "t.png")
+    energy, carbon = fig.axes
+    for ax, key in ((energy, "energy_mj_per_h"), (carbon, "gco2_per_h")):
+        assert ax.get_xscale() == "log" and "P99" in ax.get_xlabel()
+        points = {c.get_label(): tuple(c.get_offsets()[0]) for c in ax.collections}
+        assert set(points) == set(POLICIES)
+        for policy, (x, y) in points.items():
+            st = summary.stats[policy]
+            assert x == pytest.approx(st["p99_ms"].mean / 1e3)
+            assert y == pytest.approx(st[key].mean)
+        texts = {t.get_text().split("\n")[0]: t.get_text() for t in ax.texts}
+        ll = summary.stats["least-loaded"]
+        assert f"TTFT {ll['ttft_attainment'].mean:.1%}" in texts["least-loaded"]
+        assert f"TPOT {ll['tpot_attainment'].mean:.1%}" in texts["least-loaded"]
+    assert scenario_title(res) in fig._suptitle.get_text()
 
 
 def test_write_plots_adds_carbon_sites_only_for_several_sites(tiny, tmp_path, monkeypatch):
