@@ -2,7 +2,7 @@
 
     joulepool bench energy [--duration S] [--min-requests N] [--jobs N] [--traces ...]
                            [--loads ...] [--clusters ...] [--slos ...] [--policies ...]
-                           [--seed N]
+                           [--seed N] [--json FILE]
 
 Cells: {bundled Azure 2023 conversation trace, synthetic prefill-heavy
 (prompts ~2,000, responses ~30), synthetic decode-heavy (prompts ~200,
@@ -224,6 +224,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help=f"SLO sets ({', '.join(SLO_SETS)}; default all)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 
 
@@ -280,4 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cells)} cells, {sum(o['requests'] for o in outs):,} requests per policy, in "
           f"{time.perf_counter() - t0:.0f} s wall ({a.jobs} processes)")
     print(summary_line(outs))
+    if a.json:
+        write_json(a.json, outs)
     return 0
+
+
+def write_json(path: str, outs: list[dict[str, Any]]) -> None:
+    """The matrix as JSON: per cell its coordinates, rate, requests, rows and verdict."""
+    import json
+    from dataclasses import asdict
+
+    doc = [{**asdict(o["cell"]), **{k: o[k] for k in ("rate", "requests", "duration_s",
+                                                       "wall_s", "rows")},
+            "error": o.get("error"), "verdict": verdict(o) if o["rows"] else None}
+           for o in outs]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)

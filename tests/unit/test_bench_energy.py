@@ -4,6 +4,7 @@ request count, the iso-SLO verdict and summary, and bad arguments exiting 2."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -97,10 +98,11 @@ def test_verdict_and_summary_line(bench):
             "freesh 0.60!; joulesched-320/decode-heavy/0.5/freesh 0.80") in line
 
 
-def test_a_small_matrix_runs_and_prints_request_counts(bench, capsys):
+def test_a_small_matrix_runs_and_prints_request_counts(bench, capsys, tmp_path):
     rc = bench.main(["--clusters", "freesh-3site", "--traces", "prefill-heavy", "--loads", "0.2",
                      "--slos", "freesh,interactive", "--policies", "least-loaded,combined",
-                     "--duration", "10", "--min-requests", "120", "--jobs", "1"])
+                     "--duration", "10", "--min-requests", "120", "--jobs", "1",
+                     "--json", str(tmp_path / "m.json")])
     text = capsys.readouterr().out
     assert rc == 0
     cap = trace_capacity(freesh_3site(), bench.trace_named("prefill-heavy")).slo_rps
@@ -114,3 +116,8 @@ def test_a_small_matrix_runs_and_prints_request_counts(bench, capsys):
     assert "2 cells" in text
     assert text.strip().splitlines()[-1].startswith("summary: combined meets iso-SLO in ")
     assert "/2 cells (0 not run)" in text
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert [d["slos"] for d in doc] == ["freesh", "interactive"]
+    assert all(set(d["rows"]) == {"least-loaded", "combined"} and d["verdict"] for d in doc)
+    assert [d["requests"] for d in doc] == [
+        int(h.split(" requests over")[0].rsplit("| ", 1)[1].replace(",", "")) for h in heads]
