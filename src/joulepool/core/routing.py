@@ -193,12 +193,13 @@ def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.A
     (``tests/unit/test_marginal_energy.py``). Without them: eps_n * out + pi_n * prompt.
     """
     out = max(float(output_tokens), 0.0)
+    # numpy's ufuncs take the columns as they come (arrays or sequences of numbers)
     if wake_j_per_token is None or batch_left_tokens is None:
-        e: FloatArray = np.multiply(float_array(eps_j_per_token), out)
+        e: FloatArray = np.multiply(eps_j_per_token, out)
     else:
-        joined = np.minimum(float_array(batch_left_tokens), out)
-        e = np.multiply(float_array(eps_j_per_token), joined)
-        e += np.multiply(float_array(wake_j_per_token), out - joined)
+        joined = np.minimum(batch_left_tokens, out)
+        e = np.multiply(eps_j_per_token, joined)
+        e += np.multiply(wake_j_per_token, out - joined)
     if input_tokens > 0:
         e += np.multiply(prefill_j_per_token, float(input_tokens))
     return e
@@ -309,7 +310,7 @@ def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: np
     steps = np.maximum(np.divide(float(input_tokens), chunk_tokens), 1.0)
     out = np.add(wait_s, np.multiply(steps, step_s))
     out += np.multiply(prefill_s_per_token, float(input_tokens))
-    return np.asarray(out, dtype=np.float64)
+    return float_array(out)
 
 
 def slo_infeasible(first_token: npt.ArrayLike, batch_room: npt.ArrayLike,
@@ -322,8 +323,8 @@ def slo_infeasible(first_token: npt.ArrayLike, batch_room: npt.ArrayLike,
     what stops it from filling the cheapest running batch past what it can serve.
     (Lateness against the end-to-end deadline stays a priced, soft term: lambda.)
     """
-    late: npt.NDArray[np.bool_] = float_array(first_token) > ttft_slo_s
-    late |= float_array(batch_room) < 1.0
+    late: npt.NDArray[np.bool_] = np.greater(first_token, ttft_slo_s)
+    late |= np.less(batch_room, 1.0)
     return late
 
 
@@ -347,7 +348,8 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
     if cost.size == 0 or k <= 0:
         return []
     eta = float_array(breakdown.eta_s)
-    some_on_time = late is None or not late.all()
+    # (ufunc reductions: ndarray.all() adds a Python-level call on this per-request path)
+    some_on_time = late is None or not np.logical_and.reduce(late)
     over = None
     if hard_deadline:
         over = float_array(breakdown.slack_s) > 0
