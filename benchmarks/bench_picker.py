@@ -23,9 +23,19 @@ Figures per run (``--runs`` runs of ``--seconds`` each; medians quoted):
                            core router decide, answer built), no gRPC: a loop in this
                            process over the same 1,000 endpoints
 
+With ``--baseline-src DIR`` (the ``src`` folder of another checkout, e.g. ``git
+worktree add /tmp/ref main``), every run also measures a router started from that
+source (same interpreter and packages, ``PYTHONPATH=DIR``), alternating with this
+checkout's, so the two are compared side by side under the same machine load; the
+``baseline_*`` figures and the ratios are that router's.
+
+``--clients N`` spreads the load over N processes (each with ``--concurrency``
+streams), so that one client process's CPU does not cap the wall figures.
+
 Targets (issue 12): >= 2,500 decisions/s per core, p99 <= 2 ms at 1,000 endpoints.
 
-    .venv/bin/joulepool bench picker [--runs 3 --seconds 5 --concurrency 16]
+    .venv/bin/joulepool bench picker [--runs 3 --seconds 5 --concurrency 16 --clients 1]
+        [--baseline-src /tmp/ref/src]
 """
 
 from __future__ import annotations
@@ -168,42 +178,113 @@ def in_process_pick(path: Path, decisions: int) -> tuple[float, float, float]:
             float(np.percentile(np.array(cpu) * 1000, 99)))
 
 
-def one_run(path: Path, seconds: float, concurrency: int, respond: bool
-            ) -> dict[str, float]:
-    port = _free_port()
+def _client(port: int, seconds: float, concurrency: int, respond: bool, out: Path
+            ) -> subprocess.Popen[bytes]:
+    """A load generator in its own process (this script with ``--client``)."""
+    return subprocess.Popen([sys.executable, __file__, "--client", str(port), str(seconds),
+                             str(concurrency), "1" if respond else "0", str(out)])
+
+
+def _run_client(argv: Sequence[str]) -> None:
+    port, seconds, concurrency, respond, out = argv
+    done, lat = asyncio.run(_load(int(port), float(seconds), int(concurrency), respond == "1"))
+    Path(out).write_text(json.dumps({"done": done, "latencies": lat}))
+
+
+def _start_router(path: Path, port: int, src: Path | None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    if src is not None:  # the baseline checkout's source first on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [
+            env.get("PYTHONPATH")])])
     proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("joulepool")), "router", "--no-cluster",
+        [sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
          "--host", "127.0.0.1",
          "--port", str(_free_port()), "--epp-port", str(port), "--endpoints-file", str(path),
          "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    while not seen or "listening on" not in seen[-1]:  # the HTTP listener is last up
+        seen.append(proc.stdout.readline())
+        if not seen[-1]:
+            raise RuntimeError("router did not start: " + "".join(seen)[-2000:])
+    return proc
+
+
+def _drive(port: int, seconds: float, concurrency: int, respond: bool, clients: int,
+           tmp: Path) -> tuple[int, list[float]]:
+    """Load from ``clients`` processes at once; completed exchanges and latencies (s)."""
+    outs = [tmp / f"client{c}.json" for c in range(clients)]
+    procs = [_client(port, seconds, concurrency, respond, out) for out in outs]
+    done, lat = 0, []
+    for proc, out in zip(procs, outs, strict=True):
+        if proc.wait(seconds + 60) != 0:
+            raise RuntimeError(f"load generator exited with {proc.returncode}")
+        res = json.loads(out.read_text())
+        done += res["done"]
+        lat += res["latencies"]
+    return done, lat
+
+
+def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients: int = 1,
+            src: Path | None = None) -> dict[str, float]:
+    """One router (this checkout's, or ``src``'s) under load for ``seconds``."""
+    port = _free_port()
+    proc = _start_router(path, port, src)
     try:
-        assert proc.stdout is not None
-        seen = []
-        while not seen or "listening on" not in seen[-1]:  # the HTTP listener is last up
-            seen.append(proc.stdout.readline())
-            if not seen[-1]:
-                raise RuntimeError("router did not start: " + "".join(seen)[-2000:])
-        asyncio.run(_load(port, 0.5, concurrency, respond))  # warm up
+        _drive(port, 0.5, concurrency, respond, clients, path.parent)  # warm up
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
-        done, lat = asyncio.run(_load(port, seconds, concurrency, respond))
+        done, lat = _drive(port, seconds, concurrency, respond, clients, path.parent)
+        # the clients' start-up (imports) is inside the window: wall rate is a lower bound
         cpu, wall = _cpu_seconds(proc.pid) - cpu0, time.perf_counter() - t0
     finally:
         proc.terminate()
         proc.wait(10)
     arr = np.array(lat) * 1000
-    return {"decisions": done, "decisions_per_s": done / wall,
+    return {"decisions": done, "decisions_per_s": done / min(wall, seconds),
             "decisions_per_core_s": done / cpu if cpu > 0 else float("nan"),
+            "router_cpu_us": 1e6 * cpu / done if done else float("nan"),
             "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
 
 
+def _measure(path: Path, args: argparse.Namespace, src: Path | None) -> dict[str, float]:
+    res = one_run(path, args.seconds, args.concurrency, True, args.clients, src)
+    req_only = one_run(path, args.seconds, args.concurrency, False, args.clients, src)
+    res.update({f"request_only_{k}": v for k, v in req_only.items()})
+    return res
+
+
+def _load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def _summary(med: dict[str, float], prefix: str = "") -> str:
+    g = {k: med[prefix + k] for k in (
+        "decisions_per_s", "decisions_per_core_s", "p50_ms", "p99_ms",
+        "request_only_decisions_per_s", "request_only_decisions_per_core_s",
+        "request_only_p99_ms")}
+    return (f"full exchange {g['decisions_per_s']:.0f} decisions/s wall, "
+            f"{g['decisions_per_core_s']:.0f} per router CPU-second, pick p50 "
+            f"{g['p50_ms']:.2f} ms p99 {g['p99_ms']:.2f} ms; request-only "
+            f"{g['request_only_decisions_per_s']:.0f}/s wall, "
+            f"{g['request_only_decisions_per_core_s']:.0f} per CPU-second, p99 "
+            f"{g['request_only_p99_ms']:.2f} ms")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--client"]:
+        _run_client(argv[1:])
+        return 0
     ap = argparse.ArgumentParser(prog="joulepool bench picker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoints", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=16, help="streams per client")
+    ap.add_argument("--clients", type=int, default=1, help="load generator processes")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also measure a router from this source folder, alternating")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
@@ -212,23 +293,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoints_file(path, args.endpoints)
         runs = []
         for r in range(args.runs):
-            res = one_run(path, args.seconds, args.concurrency, respond=True)
-            req_only = one_run(path, args.seconds, args.concurrency, respond=False)
-            res.update({f"request_only_{k}": v for k, v in req_only.items()})
+            res = {"load_average": _load_avg()}
+            if args.baseline_src is not None:
+                base = _measure(path, args, args.baseline_src.resolve())
+                res.update({f"baseline_{k}": v for k, v in base.items()})
+            res.update(_measure(path, args, None))
             (res["in_process_p50_ms"], res["in_process_p99_ms"],
              res["in_process_cpu_p99_ms"]) = in_process_pick(path, 3000)
             runs.append(res)
             print(f"run {r + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in res.items()),
                   flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    print(f"median of {args.runs} runs at {args.endpoints} endpoints, concurrency "
-          f"{args.concurrency}: {med['decisions_per_s']:.0f} decisions/s, "
-          f"{med['decisions_per_core_s']:.0f} per core, pick p50 {med['p50_ms']:.2f} ms "
-          f"p99 {med['p99_ms']:.2f} ms (gRPC round trip); request-only exchanges (response "
-          f"not sent to the picker): {med['request_only_decisions_per_core_s']:.0f} per core, "
-          f"p99 {med['request_only_p99_ms']:.2f} ms; in-process pick p50 "
+    print(f"median of {args.runs} runs at {args.endpoints} endpoints, {args.clients} "
+          f"client process(es) x {args.concurrency} streams, load average "
+          f"{med['load_average']:.1f}:")
+    print(f"  this checkout: {_summary(med)}; in-process pick p50 "
           f"{med['in_process_p50_ms']:.3f} ms p99 {med['in_process_p99_ms']:.3f} ms wall, "
           f"{med['in_process_cpu_p99_ms']:.3f} ms CPU")
+    if args.baseline_src is not None:
+        print(f"  baseline {args.baseline_src}: {_summary(med, 'baseline_')}")
+        ratios = {k: statistics.median(r[k] / r[f"baseline_{k}"] for r in runs) for k in (
+            "decisions_per_core_s", "request_only_decisions_per_core_s", "p99_ms")}
+        print("  this / baseline (median of per-run ratios): per CPU-second full "
+              f"{ratios['decisions_per_core_s']:.2f}x, request-only "
+              f"{ratios['request_only_decisions_per_core_s']:.2f}x; p99 "
+              f"{ratios['p99_ms']:.2f}x")
+        med.update({f"ratio_{k}": v for k, v in ratios.items()})
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"runs": runs, "median": med,

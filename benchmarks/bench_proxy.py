@@ -20,7 +20,13 @@ noise hits both alike). Figures per mode (non-streaming, streaming):
                                 bounds the added latency on an idle machine
 
 On a shared, loaded machine the latency figures carry the machine's scheduling
-noise; the CPU figures do not.
+noise; the CPU figures much less so.
+
+With ``--baseline-src DIR`` (the ``src`` folder of another checkout, e.g. ``git
+worktree add /tmp/ref main``), a second router runs from that source (same
+interpreter and packages, ``PYTHONPATH=DIR``) and each run measures it right after
+this checkout's, against the same engine, so the ``baseline`` figures and the
+ratios compare the two under the same machine load.
 
 Targets from issue 12: added p50 <= 1 ms; >= 1,000 proxied req/s per core
 (non-streaming). ``--check`` makes a missed target exit 1.
@@ -98,8 +104,10 @@ def serve_engine(stream_tokens: int) -> None:
     asyncio.run(main())
 
 
-def _spawn(args: list[str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _spawn(args: list[str], env: dict[str, str] | None = None
+           ) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if "listening on" not in line:
@@ -132,38 +140,53 @@ async def one_round(session: aiohttp.ClientSession, url: str, body: bytes, n: in
     return times
 
 
-async def measure(engine: str, router: str, router_pid: int, stream: bool, runs: int,
+def _p50_and_cpu(times: list[float], cpu: float, n: int) -> tuple[float, float]:
+    return float(np.percentile(times, 50)), (n / cpu if cpu > 0 else float("nan"))
+
+
+async def measure(engine: str, routers: dict[str, tuple[str, int]], stream: bool, runs: int,
                   requests: int, concurrency: int) -> dict[str, Any]:
+    """Rounds straight to ``engine`` and through each router (name -> (address, pid)),
+    alternating; per router: p50, added p50 and requests per router CPU-second."""
     body = json.dumps({"model": MODEL, "prompt": "hello world", "max_tokens": 16,
                        "stream": stream}).encode()
     direct_url = f"http://{engine}/v1/completions"
-    proxy_url = f"http://{router}/v1/completions"
     direct_p50: list[float] = []
-    proxied_p50: list[float] = []
-    per_core: list[float] = []
+    proxied: dict[str, list[tuple[float, float]]] = {name: [] for name in routers}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await one_round(session, direct_url, body, 200, concurrency)  # warm up
-        await one_round(session, proxy_url, body, 200, concurrency)
+        for addr, _ in routers.values():
+            await one_round(session, f"http://{addr}/v1/completions", body, 200, concurrency)
         for _ in range(runs):
             d = await one_round(session, direct_url, body, requests, concurrency)
-            cpu0 = cpu_seconds(router_pid)
-            p = await one_round(session, proxy_url, body, requests, concurrency)
-            cpu = cpu_seconds(router_pid) - cpu0
             direct_p50.append(float(np.percentile(d, 50)))
-            proxied_p50.append(float(np.percentile(p, 50)))
-            per_core.append(requests / cpu if cpu > 0 else float("nan"))
-    added = [p - d for p, d in zip(proxied_p50, direct_p50, strict=True)]
-    return {
+            for name, (addr, pid) in routers.items():
+                cpu0 = cpu_seconds(pid)
+                p = await one_round(session, f"http://{addr}/v1/completions", body,
+                                    requests, concurrency)
+                proxied[name].append(_p50_and_cpu(p, cpu_seconds(pid) - cpu0, requests))
+    out: dict[str, Any] = {
         "mode": "streaming" if stream else "non-streaming",
         "runs": runs, "requests_per_run": requests, "concurrency": concurrency,
         "direct_p50_ms": round(statistics.median(direct_p50), 3),
-        "proxied_p50_ms": round(statistics.median(proxied_p50), 3),
-        "added_p50_ms": round(statistics.median(added), 3),
-        "added_p50_ms_runs": [round(x, 3) for x in added],
-        "proxied_req_per_s_per_core": round(statistics.median(per_core), 1),
-        "router_cpu_ms_per_request": round(1e3 / statistics.median(per_core), 3),
     }
+    for name, figures in proxied.items():
+        prefix = "" if name == "this" else f"{name}_"
+        added = [p - d for (p, _), d in zip(figures, direct_p50, strict=True)]
+        per_core = statistics.median(c for _, c in figures)
+        out.update({
+            f"{prefix}proxied_p50_ms": round(statistics.median(p for p, _ in figures), 3),
+            f"{prefix}added_p50_ms": round(statistics.median(added), 3),
+            f"{prefix}added_p50_ms_runs": [round(x, 3) for x in added],
+            f"{prefix}proxied_req_per_s_per_core": round(per_core, 1),
+            f"{prefix}router_cpu_ms_per_request": round(1e3 / per_core, 3),
+        })
+    if "baseline" in proxied:
+        out["cpu_ratio_baseline_over_this"] = round(statistics.median(
+            c / b for (_, c), (_, b) in zip(proxied["this"], proxied["baseline"],
+                                            strict=True)), 3)
+    return out
 
 
 def _write_endpoints(path: Path, engines: list[str]) -> None:
@@ -175,6 +198,21 @@ def _write_endpoints(path: Path, engines: list[str]) -> None:
     }}}))
 
 
+def _start_router(ep_file: Path, src: Path | None, procs: list[subprocess.Popen[str]]
+                  ) -> tuple[str, int]:
+    """A router (from ``src`` when given) proxying to the endpoints file; (address, pid)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [
+            env.get("PYTHONPATH")])])
+    router, addr = _spawn([
+        sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
+        "--endpoints-file", str(ep_file), "--host", "127.0.0.1", "--port", "0",
+        "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"], env)
+    procs.append(router)
+    return addr, router.pid
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench_proxy",
                                  description=(__doc__ or "").split("\n\n")[0])
@@ -184,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="connections (1: latency without queueing in the router)")
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--stream-tokens", type=int, default=16)
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also measure a router from this source folder, alternating")
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -192,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_engine(args.stream_tokens)
         return 0
     procs: list[subprocess.Popen[str]] = []
+    load = os.getloadavg()[0]
     try:
         engines = []
         for _ in range(args.engines):
@@ -202,26 +243,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             ep_file = Path(tmp) / "endpoints.json"
             _write_endpoints(ep_file, engines)
-            router, router_addr = _spawn([
-                sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
-                "--endpoints-file", str(ep_file), "--host", "127.0.0.1", "--port", "0",
-                "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"])
-            procs.append(router)
-            results = [asyncio.run(measure(engines[0], router_addr, router.pid, stream,
-                                           args.runs, args.requests, args.concurrency))
+            routers = {"this": _start_router(ep_file, None, procs)}
+            if args.baseline_src is not None:
+                routers["baseline"] = _start_router(ep_file, args.baseline_src.resolve(),
+                                                    procs)
+            results = [asyncio.run(measure(engines[0], routers, stream, args.runs,
+                                           args.requests, args.concurrency))
                        for stream in (False, True)]
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait(timeout=10)
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "load_average": load},
            "results": results}
+    print(f"load average {load:.1f} (1 min, at the start)")
     for r in results:
-        print(f"{r['mode']:>13}: direct p50 {r['direct_p50_ms']:.3f} ms, proxied p50 "
-              f"{r['proxied_p50_ms']:.3f} ms, added p50 {r['added_p50_ms']:.3f} ms "
-              f"(runs {r['added_p50_ms_runs']}), proxied {r['proxied_req_per_s_per_core']:.0f}"
-              f" req/s per core ({r['router_cpu_ms_per_request']:.3f} ms CPU per request)")
+        for prefix, label in (("", "this checkout"), ("baseline_", "baseline")):
+            if f"{prefix}proxied_p50_ms" not in r:
+                continue
+            print(f"{r['mode']:>13} {label}: direct p50 {r['direct_p50_ms']:.3f} ms, proxied "
+                  f"p50 {r[prefix + 'proxied_p50_ms']:.3f} ms, added p50 "
+                  f"{r[prefix + 'added_p50_ms']:.3f} ms (runs "
+                  f"{r[prefix + 'added_p50_ms_runs']}), proxied "
+                  f"{r[prefix + 'proxied_req_per_s_per_core']:.0f} req/s per core "
+                  f"({r[prefix + 'router_cpu_ms_per_request']:.3f} ms CPU per request)")
+        if "cpu_ratio_baseline_over_this" in r:
+            print(f"{r['mode']:>13}: router CPU per request, baseline / this checkout "
+                  f"{r['cpu_ratio_baseline_over_this']:.2f}x (median of per-run ratios)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2))

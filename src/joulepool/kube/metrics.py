@@ -7,6 +7,9 @@ The scheduler extender and the routing service each subclass
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -51,6 +54,24 @@ class ServiceMetrics:
         self.scrapes = Counter(
             f"{p}_scrapes", "Endpoint metric scrapes by result", ["result"], registry=r,
         )
+
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: prometheus_client validates the
+        values and takes a lock on every ``labels`` call, a cost per request served."""
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def forget_children(self, metrics: Iterable[Any], first_label: str) -> None:
+        """Drop the looked-up children of ``metrics`` whose first label value is
+        ``first_label`` (after ``metric.remove``, a new child must be looked up)."""
+        gone = set(metrics)
+        self._children = {k: v for k, v in self._children.items()
+                          if not (k[0] in gone and k[1] == first_label)}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -69,6 +69,9 @@ class ServiceSettings(Protocol):
     scrape_concurrency: int
     endpoint_port: int
 
+    @property
+    def event_loop(self) -> str: ...  # 'auto', 'uvloop' or 'asyncio'
+
     def plan_namespace(self) -> str: ...
 
 
@@ -230,7 +233,8 @@ def timed(request: web.Request, verb: str, t0: tuple[float, float], resp: web.Re
     """Record the decision's server time: histogram and ``Server-Timing`` header."""
     dt = time.perf_counter() - t0[0]
     cpu = time.thread_time() - t0[1]
-    request.app[SERVICE].metrics.decision_seconds.labels(verb).observe(dt)
+    m = request.app[SERVICE].metrics
+    m.child(m.decision_seconds, verb).observe(dt)
     resp.headers["Server-Timing"] = f"app;dur={dt * 1e3:.3f}, cpu;dur={cpu * 1e3:.3f}"
     return resp
 
@@ -308,7 +312,7 @@ def make_middleware(error: ErrorBody = default_error, verb_of: VerbOf = route_ve
         except Exception:
             log.exception("internal error on %s %s", request.method, request.path)
             resp = error(verb, 500, "internal error (logged)", None)
-        svc.metrics.requests.labels(verb, str(resp.status)).inc()
+        svc.metrics.child(svc.metrics.requests, verb, str(resp.status)).inc()
         return resp
 
     return middleware
@@ -450,6 +454,21 @@ class ServeError(Exception):
     """The service cannot start (the CLI's exit code 2)."""
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory of ``--event-loop`` (None: asyncio's default loop).
+    ``uvloop`` and ``auto`` use uvloop when it is installed (``auto`` falls back to
+    asyncio's loop without it; ``uvloop`` raises ServeError)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ServeError("--event-loop uvloop: uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(app: web.Application, name: str) -> None:
     """Run ``app`` until SIGINT or SIGTERM (ServeError if it cannot start)."""
     svc = app[SERVICE]
@@ -469,7 +488,8 @@ def serve(app: web.Application, name: str) -> None:
     except (OSError, ValueError) as exc:
         raise ServeError(f"TLS: {exc}") from None
     try:
-        asyncio.run(_serve(app, name, ctx))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(app, name, ctx))
     except OSError as exc:
         raise ServeError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from None
 

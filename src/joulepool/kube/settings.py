@@ -9,6 +9,7 @@ tunables' defaults are written once, in :class:`core.router.RouterConfig`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -49,6 +50,11 @@ class ServiceSettings(ComponentSettings):
         0.0, ge=0, le=300, description="on SIGTERM, answer /readyz 503 but keep serving "
         "this long (so Services and gateways stop sending), then stop accepting and let "
         "requests in flight finish (s)"
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="event loop of the service: uvloop (libuv; less CPU per "
+        "request and gRPC message), asyncio (the standard library's), or auto (uvloop "
+        "when installed)"
     )
     header_timeout_seconds: float = Field(
         10.0, gt=0, description="longest wait for a complete request head, and longest "

@@ -184,10 +184,10 @@ async def endpoint_picker(app: web.Application) -> AsyncIterator[None]:
     from joulepool.router import epp
 
     svc = app[ROUTER]
-    answers = svc.metrics.epp_answers
+    m = svc.metrics
     server, port, status = await epp.start_server(
         svc.router, lambda: svc.ready, svc.settings.host, svc.settings.epp_port,
-        on_answer=lambda code: answers.labels(str(code)).inc())
+        on_answer=lambda code: m.child(m.epp_answers, str(code)).inc())
     app[EPP_PORT] = port
     health = asyncio.create_task(epp.keep_health(status))
     try:

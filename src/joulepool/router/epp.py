@@ -168,9 +168,20 @@ def _header_mutation(value: str) -> pb.HeaderMutation:
 
 def destination_metadata(value: str) -> struct_pb2.Struct:
     """``{"envoy.lb": {"x-gateway-destination-endpoint": value}}``."""
-    md = struct_pb2.Struct()
-    md.update({contract.EPP_LB_NAMESPACE: {contract.EPP_DESTINATION_HEADER: value}})
-    return md
+    inner = struct_pb2.Struct(fields={
+        contract.EPP_DESTINATION_HEADER: struct_pb2.Value(string_value=value)})
+    return struct_pb2.Struct(fields={
+        contract.EPP_LB_NAMESPACE: struct_pb2.Value(struct_value=inner)})
+
+
+# The replies that change nothing, built once (gRPC serialises a message per send and
+# never changes it, so one instance serves every stream).
+_CONTINUE_REQUEST_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+_CONTINUE_REQUEST_BODY = pb.ProcessingResponse(request_body=pb.BodyResponse())
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+_CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+_CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
 def immediate(status: int, message: str) -> pb.ProcessingResponse:
@@ -249,25 +260,25 @@ class Exchange:
             if req.request_headers.end_of_stream:
                 yield from self._decide(headers_only=True)
             elif not self.duplex_request:
-                yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                yield _CONTINUE_REQUEST_HEADERS
         elif kind == "request_body":
             self.body.append(req.request_body.body)
             if req.request_body.end_of_stream:
                 yield from self._decide(headers_only=False)
             elif not self.duplex_request:
-                yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                yield _CONTINUE_REQUEST_BODY
         elif kind == "response_headers":
             self._response_started(header_map(req.response_headers.headers))
             if req.response_headers.end_of_stream:
                 self._response_done()
-            yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            yield _CONTINUE_RESPONSE_HEADERS
         elif kind == "response_body":
             yield from self._response_chunk(req.response_body)
         elif kind == "request_trailers":
-            yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+            yield _CONTINUE_REQUEST_TRAILERS
         elif kind == "response_trailers":
             self._response_done()
-            yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+            yield _CONTINUE_RESPONSE_TRAILERS
 
     def _note_metadata(self, req: pb.ProcessingRequest) -> None:
         if req.HasField("protocol_config"):
@@ -350,7 +361,7 @@ class Exchange:
                     streamed_response=pb.StreamedBodyResponse(
                         body=chunk.body, end_of_stream=chunk.end_of_stream)))))
         else:
-            yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+            yield _CONTINUE_RESPONSE_BODY
 
     def _response_done(self) -> None:
         if self.flight is not None:
@@ -379,13 +390,16 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> None:
+        """One stream: ``context.read``/``context.write`` rather than iterating
+        ``request_iterator`` and yielding (grpc.aio wraps every message of an async
+        generator in more awaits; the picker's streams are short and many)."""
         exchange = Exchange(self.router, self.clock, on_answer=self.on_answer)
         try:
-            async for req in request_iterator:
+            while (req := await context.read()) is not grpc.aio.EOF:
                 for resp in exchange.handle(req):
-                    yield resp
+                    await context.write(resp)
         finally:
             exchange.close()
 

@@ -62,6 +62,7 @@ class Metrics(ServiceMetrics):
         for g in (self.lam, self.miss_ratio, self.endpoints):
             with contextlib.suppress(KeyError):
                 g.remove(pool)
+        self.forget_children((self.lam, self.miss_ratio, self.endpoints), pool)
 
 
 class MetricsObserver:
@@ -71,24 +72,25 @@ class MetricsObserver:
         self.m = metrics
 
     def endpoints_changed(self, pool: str, count: int) -> None:
-        self.m.endpoints.labels(pool).set(count)
+        self.m.child(self.m.endpoints, pool).set(count)
 
     def lambda_changed(self, pool: str, lam: float) -> None:
-        self.m.lam.labels(pool).set(lam)
+        self.m.child(self.m.lam, pool).set(lam)
 
     def routed(self, pool: str, decision: RouteDecision) -> None:
         if math.isfinite(decision.energy_j):  # routing profiles without an energy term: NaN
-            self.m.predicted_joules.labels(pool, str(decision.tier)).observe(decision.energy_j)
+            self.m.child(self.m.predicted_joules, pool, str(decision.tier)).observe(
+                decision.energy_j)
 
     def completed(self, pool: str, missed: bool, joules: float | None, miss_ratio: float
                   ) -> None:
-        self.m.miss_ratio.labels(pool).set(miss_ratio)
-        self.m.completions.labels(pool, "missed" if missed else "met").inc()
+        self.m.child(self.m.miss_ratio, pool).set(miss_ratio)
+        self.m.child(self.m.completions, pool, "missed" if missed else "met").inc()
         if joules is not None:
-            self.m.measured_joules.labels(pool).inc(joules)
+            self.m.child(self.m.measured_joules, pool).inc(joules)
 
     def ticked(self, pool: str, miss_ratio: float) -> None:
-        self.m.miss_ratio.labels(pool).set(miss_ratio)
+        self.m.child(self.m.miss_ratio, pool).set(miss_ratio)
 
     def pool_removed(self, pool: str) -> None:
         self.m.forget_pool(pool)
