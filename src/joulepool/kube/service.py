@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import ssl
@@ -496,6 +497,11 @@ def serve(app: web.Application, name: str) -> None:
 
 async def _serve(app: web.Application, name: str, ctx: ssl.SSLContext | None) -> None:
     s = app[SERVICE].settings
+    # The ~90k objects of the imports and start-up live as long as the process: a full
+    # collection walking them costs ~60 ms of CPU (a stall of the loop, on every
+    # request in flight). Frozen, they are left out of every later collection.
+    gc.collect()
+    gc.freeze()
 
     def started(runner: web.AppRunner) -> None:
         listening = httpserve.urls(runner, tls=ctx is not None)

@@ -93,10 +93,11 @@ def _forward_headers(request: web.Request) -> dict[str, str]:
 
 
 async def _open(session: aiohttp.ClientSession, pool: PoolRouter, decision: RouteDecision,
-                request: web.Request, body: bytes, timeout: float
+                request: web.Request, body: bytes
                 ) -> tuple[str, aiohttp.ClientResponse] | None:
-    """The first endpoint (decision's, then its fallbacks) that answers; the ledger entry
-    follows the endpoint tried. None if none answered (the entry is released)."""
+    """The first endpoint (decision's, then its fallbacks) that answers (the connect
+    timeout is the session's); the ledger entry follows the endpoint tried. None if none
+    answered (the entry is released)."""
     headers = _forward_headers(request)
     tried = decision.endpoint
     for ep in [decision.endpoint, *decision.fallbacks]:
@@ -104,11 +105,8 @@ async def _open(session: aiohttp.ClientSession, pool: PoolRouter, decision: Rout
             pool.reassign(decision.request_id, tried, ep, decision.tokens, time.monotonic())
             tried = ep
         try:
-            upstream = await session.post(
-                f"http://{ep}{request.path}", data=body, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout,
-                                              sock_read=None),
-            )
+            upstream = await session.post(f"http://{ep}{request.path}", data=body,
+                                          headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError):
             continue
         if upstream.status in RETRY_STATUSES:
@@ -168,19 +166,18 @@ async def handle_completion(request: web.Request, chat: bool) -> web.StreamRespo
     except Shed as exc:
         raise httpserve.HTTPProblem(429, str(exc)) from None
     try:
-        return await _serve(request, svc_settings(request.app), pool, spec, body, start)
+        return await _serve(request, pool, spec, body, start)
     finally:
         room.release(pool)
 
 
-async def _serve(request: web.Request, settings: Settings, pool: PoolRouter,
-                 spec: requests.RequestSpec, body: bytes, start: float) -> web.StreamResponse:
+async def _serve(request: web.Request, pool: PoolRouter, spec: requests.RequestSpec,
+                 body: bytes, start: float) -> web.StreamResponse:
     try:
         decision = requests.pick(pool, spec, time.monotonic())
     except NoEndpoints as exc:
         raise httpserve.HTTPProblem(503, str(exc)) from None
-    opened = await _open(request.app[SESSION], pool, decision, request, body,
-                         settings.engine_connect_timeout_seconds)
+    opened = await _open(request.app[SESSION], pool, decision, request, body)
     if opened is None:
         raise httpserve.HTTPProblem(503, f"no endpoint of pool {pool.key!r} answered")
     endpoint, upstream = opened
@@ -223,11 +220,16 @@ async def handle_models(request: web.Request) -> web.Response:
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: the connection pool to the engines."""
+    """aiohttp cleanup context: the connection pool to the engines (kept alive). No
+    cookie jar: a cookie an engine sets belongs to that request's client, never to the
+    next client's request (the client's own ``Cookie`` header is forwarded)."""
+    s = svc_settings(app)
     app[SESSION] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=svc_settings(app).engine_connections,
-                                       keepalive_timeout=30.0),
+        connector=aiohttp.TCPConnector(limit=s.engine_connections, keepalive_timeout=30.0),
         auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.engine_connect_timeout_seconds,
+                                      sock_read=None),
     )
     try:
         yield
