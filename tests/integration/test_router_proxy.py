@@ -524,3 +524,39 @@ async def test_client_api_key_reaches_the_engine(tmp_path: Path) -> None:
     finally:
         await st.router.close()
         await engine.close()
+
+
+async def test_engine_cookie_never_reaches_another_client(tmp_path: Path) -> None:
+    """A cookie an engine sets is the answer's (relayed to that client at most): the
+    proxy's shared connection pool keeps none, so the next client's request carries
+    only the cookies that client sent."""
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.json_response({"choices": [{"index": 0, "text": "x"}],
+                                  "usage": {"completion_tokens": 1}})
+        resp.set_cookie("engine_session", "client-a-secret")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    engine = await _engine(app)
+    # by host name: aiohttp's default cookie jar would keep this one (not an IP's)
+    st = await _stack(tmp_path, [], extra=[f"localhost:{engine.port}"])
+    st.engines.append(engine)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    try:
+        async with aiohttp.ClientSession() as a, a.post(f"{st.base_url}/completions",
+                                                          json=body) as r:
+            assert r.status == 200
+        async with aiohttp.ClientSession() as b:
+            async with b.post(f"{st.base_url}/completions", json=body) as r:
+                assert r.status == 200
+            async with b.post(f"{st.base_url}/completions", json=body,
+                              headers={"Cookie": "mine=1"}) as r:
+                assert r.status == 200
+        assert seen == [None, None, "mine=1"]
+    finally:
+        await st.router.close()
+        await engine.close()
