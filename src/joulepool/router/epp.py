@@ -158,20 +158,20 @@ def choose_pool(router: Router, spec: RequestSpec, subset: frozenset[str] | None
 # --------------------------------------------------------------------------
 # Building the answers
 # --------------------------------------------------------------------------
-def _header_mutation(value: str) -> pb.HeaderMutation:
-    return pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=contract.EPP_DESTINATION_HEADER,
-                                    raw_value=value.encode()),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )])
-
-
-def destination_metadata(value: str) -> struct_pb2.Struct:
-    """``{"envoy.lb": {"x-gateway-destination-endpoint": value}}``."""
-    inner = struct_pb2.Struct(fields={
-        contract.EPP_DESTINATION_HEADER: struct_pb2.Value(string_value=value)})
-    return struct_pb2.Struct(fields={
-        contract.EPP_LB_NAMESPACE: struct_pb2.Value(struct_value=inner)})
+def destination_answer(value: str, phase: str) -> pb.ProcessingResponse:
+    """The reply to the ``phase`` message (``request_headers`` or ``request_body``) that
+    names the destination ``value`` in the header and in the ``envoy.lb`` metadata
+    (``{"envoy.lb": {"x-gateway-destination-endpoint": value}}``). Filled field by
+    field: about a third of the CPU of building the nested messages from keywords."""
+    resp = pb.ProcessingResponse()
+    common = getattr(resp, phase).response
+    option = common.header_mutation.set_headers.add()
+    option.header.key = contract.EPP_DESTINATION_HEADER
+    option.header.raw_value = value.encode()
+    option.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    lb = resp.dynamic_metadata.fields[contract.EPP_LB_NAMESPACE].struct_value
+    lb.fields[contract.EPP_DESTINATION_HEADER].string_value = value
+    return resp
 
 
 # The replies that change nothing, built once (gRPC serialises a message per send and
@@ -307,19 +307,15 @@ class Exchange:
             self.on_answer(200)
         d = self.flight.decision
         value = ",".join([d.endpoint, *d.fallbacks])
-        common = pb.CommonResponse(header_mutation=_header_mutation(value))
-        md = destination_metadata(value)
         if headers_only or self.duplex_request:
-            yield pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common),
-                                        dynamic_metadata=md)
+            yield destination_answer(value, "request_headers")
             if not headers_only:  # full duplex: the held body goes on, unchanged
                 yield pb.ProcessingResponse(request_body=pb.BodyResponse(
                     response=pb.CommonResponse(body_mutation=pb.BodyMutation(
                         streamed_response=pb.StreamedBodyResponse(body=body,
                                                                   end_of_stream=True)))))
             return
-        yield pb.ProcessingResponse(request_body=pb.BodyResponse(response=common),
-                                    dynamic_metadata=md)
+        yield destination_answer(value, "request_body")
 
     def pick(self, body: bytes) -> Flight:
         """Route the request with the core router (HTTPProblem: the immediate answer)."""
