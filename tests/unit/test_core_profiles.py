@@ -15,10 +15,16 @@ from joulepool.core.profiles import (
     H100_8B,
     H100_70B,
     L4_8B,
+    BatchPoint,
     Figure,
     Headroom,
+    ServingProfile,
+    _serving_model,
+    _violations,
     assumed,
+    default_batched_tokens,
     find_profile,
+    kv_capacity_tokens,
     product_for_label,
 )
 
@@ -86,30 +92,65 @@ def test_operating_point_respects_slo():
 
 
 def test_throughput_is_the_saturation_rate_with_the_tpot_batch():
-    """1 / (prefill + o * itl(b*) / b*): H100 8B, 2000-token prompt (0.1 s), 200 tokens."""
+    """1 / (prefill + (o - 1) * itl(b*) / b*): H100 8B, 2000-token prompt (0.1 s), 200
+    tokens, the first of which the prefill's last step makes."""
     b = H100_8B.best_batch(0.15)
     assert b == 512
-    expect = 1.0 / (0.1 + 200 * float(H100_8B.itl_s(512)) / 512)
+    expect = 1.0 / (0.1 + 199 * float(H100_8B.itl_s(512)) / 512)
     assert H100_8B.throughput_rps(2000, 200, 0.15) == pytest.approx(expect)
     assert L4_8B.throughput_rps(1000, 200, 0.01) == 0.0
 
 
-def test_ttft_bound_rate_solves_the_m_m_1_tail_by_hand():
-    """Prefill 0.1 s (2000 tokens at 20,000 tok/s), TTFT 0.6 s, SCV 1: the rate is rho / S
-    with rho * exp(-(1 - rho) * (0.6 - 0.1) / 0.1) = 0.01, i.e. rho = 0.3119 (M/M/1)."""
-    from scipy.optimize import brentq
+def _flat_profile() -> ServingProfile:
+    """10 ms per decode step at any batch (up to 2), 400 W; 10,000 prompt tokens/s."""
+    return ServingProfile(
+        product=H100, model="flat-test", gpus=1,
+        points=(BatchPoint(1, assumed(10.0, "test"), assumed(400.0, "test")),),
+        max_batch=assumed(2, "test"), prefill_tokens_per_s=assumed(10000, "test"))
 
-    rho = brentq(lambda r: r * np.exp(-(1 - r) * 5.0) - 0.01, 1e-6, 0.99)
-    assert rho == pytest.approx(0.3119, abs=1e-4)
-    sp = H100_8B.serving_point(2000, 200, 0.6, 0.15)
-    assert sp.binding == "ttft"
-    assert sp.rps == pytest.approx(rho / 0.1, rel=1e-4)
-    assert sp.prefill_utilisation == pytest.approx(rho, rel=1e-4)
-    assert sp.ttft_miss == pytest.approx(0.01, rel=1e-3)
-    # lower prompt-length variability: a shorter wait tail, a higher sustainable rate
-    calm = H100_8B.serving_point(2000, 200, 0.6, 0.15,
-                                 headroom=Headroom(prefill_scv=assumed(0.0, "test")))
-    assert calm.rps > sp.rps
+
+def test_serving_model_state_by_hand():
+    """1000-token prompts (0.1 s of compute, one chunk under the 8192-token budget), 11
+    output tokens (10 decoded after the prefill's), 2 req/s, 2 batch slots:
+
+    u = 2 x 0.1 = 0.2; completions/s at k decoding mu_k = k (1 - u) / (10 x 0.01) = 8, 16;
+    birth-death weights 1, 2/8, (2/8)(2/16) = 1/32, queued beyond 2 slots (1/32) 2/14;
+    Z = 1.2857: P(0, 1, 2+) = 0.7778, 0.1944, 0.0278 (= P(an arrival finds them full));
+    S = 0.1 + 0.01 x P(decoding) = 0.102222 (one decode step per chunk); rho = 2 S."""
+    prof = _flat_profile()
+    m = _serving_model(prof, 1000.0, 11.0, 0.6, 0.15, None, DEFAULT_HEADROOM, 8192.0, 1e9)
+    assert not isinstance(m, str) and m.slots == 2
+    s = m.at(2.0)
+    assert s.compute == pytest.approx(0.2)
+    z = 1 + 0.25 + 1 / 32 + (1 / 32) * 2 / 14
+    full = (1 / 32 + (1 / 32) * 2 / 14) / z
+    assert s.batch == pytest.approx((0.25 + 2 * (1 / 32 + (1 / 32) * 2 / 14)) / z)
+    assert s.prefill_s == pytest.approx(0.1 + 0.01 * (1 - 1 / z))
+    assert s.rho == pytest.approx(2.0 * s.prefill_s)
+    # M/G/1 prefill wait tail (prompt SCV 1 on S's compute share) and the slot wait tail
+    c2 = (0.1 / s.prefill_s) ** 2
+    tail = s.rho * np.exp(-2 * (1 - s.rho) * (0.6 - s.prefill_s) / (s.prefill_s * (1 + c2)))
+    assert s.ttft_miss == pytest.approx(tail)
+    assert s.slot_miss == pytest.approx(full * np.exp(-(16 - 2) * (0.6 - s.prefill_s)))
+    # KV held: N requests x (P + o) tokens, and the prompt being prefilled
+    assert s.kv_tokens == pytest.approx(s.batch * 1011 + s.rho * 1000)
+
+
+def test_serving_model_mixed_step_prefill_and_kv_slots():
+    """A 5000-token prompt under a 2048-token budget beside one decoding request takes
+    5000 / 2047 chunks, each with a decode step; a KV cache of 12,000 tokens less the
+    watermark and one prompt holds (12000 x 0.99 - 5000) / 5011 = 1.37 requests: 1 slot."""
+    prof = _flat_profile()
+    m = _serving_model(prof, 5000.0, 11.0, 5.0, 0.15, None, DEFAULT_HEADROOM, 2048.0, 12000.0)
+    assert not isinstance(m, str) and m.slots == 1
+    s = m.at(0.5)
+    busy = s.batch  # one slot: P(decoding) = mean batch
+    assert s.prefill_s == pytest.approx(0.5 + 0.01 * busy * 5000 / 2047)
+    too_small = _serving_model(prof, 5000.0, 11.0, 5.0, 0.15, None, DEFAULT_HEADROOM, 2048.0,
+                               9000.0)
+    assert too_small == "the KV cache cannot hold a mean request"
+    sp = prof.serving_point(5000.0, 11.0, 5.0, 0.15, kv_tokens=9000.0)
+    assert sp.rps == 0.0 and "KV cache" in sp.binding
 
 
 def test_serving_point_keeps_every_headroom_bound():
@@ -124,11 +165,11 @@ def test_serving_point_keeps_every_headroom_bound():
             assert 0.0 < sp.rps <= sp.throughput_rps * (1 + 1e-9), prof.key
             assert 0.0 < sp.utilisation <= 1.0 + 1e-9
             assert sp.ttft_miss <= DEFAULT_HEADROOM.ttft_miss.value * (1 + 1e-6)
+            assert sp.tpot_miss <= DEFAULT_HEADROOM.tpot_miss.value * (1 + 1e-6)
             assert sp.tpot_s <= 0.9 * slo.tpot_s * (1 + 1e-6)
-            assert sp.batch + 2.3263 * np.sqrt(sp.batch) <= prof.max_batch.value + 1e-3
-            # prefill pauses decoding: the TPOT a request sees is itl(b) / (1 - rho)
-            assert sp.tpot_s == pytest.approx(
-                float(prof.itl_s(sp.batch)) / (1 - sp.prefill_utilisation), rel=1e-6)
+            assert 1.0 <= sp.batch <= prof.max_batch.value
+            assert 0.0 < sp.kv_share < 1.0
+            assert sp.prefill_utilisation < 1.0
             busiest = float(prof.power_w(np.arange(1, prof.max_batch.value + 1)).max())
             assert prof.idle_w <= sp.power_w <= busiest + 1e-9
             # (power, rate) for the planner are the serving point's
@@ -136,52 +177,23 @@ def test_serving_point_keeps_every_headroom_bound():
                 sp.power_w, sp.rps)
 
 
-def _brute_force_rate(prof, mean_in, mean_out, ttft, tpot, hr):
-    """The largest lam whose exact state meets every bound, by bisection on lam itself
-    (independent of serving_point's busy-curve table)."""
-    from statistics import NormalDist
-
-    S = float(prof.prefill_s(mean_in))
-    eps, cap = hr.ttft_miss.value, (1 - hr.tpot_margin.value) * tpot
-    z = NormalDist().inv_cdf(1 - eps) if eps < 0.5 else 0.0
-    B = prof.max_batch.value
-    grid = np.arange(1.0, B + 1)
-    tps = np.maximum.accumulate(grid / prof.itl_s(grid))
-
-    def ok(lam):
-        rho = lam * S
-        if rho >= 1:
-            return False
-        need = lam * mean_out / (1 - rho)  # decode tokens/s while decoding
-        if need > tps[-1]:
-            return False
-        b = float(np.interp(need, tps, grid))
-        n = lam * mean_out * float(prof.itl_s(b)) / (1 - rho)  # Little: requests decoding
-        tail = rho * np.exp(-2 * (1 - rho) * (ttft - S) / (S * (1 + hr.prefill_scv.value)))
-        return (float(prof.itl_s(b)) / (1 - rho) <= cap and (eps >= 1 or tail <= eps)
-                and n + z * np.sqrt(n) <= B)
-
-    if not ok(0.0):
-        return 0.0
-    lo, hi = 0.0, 1.0 / S
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
-
-
 @pytest.mark.parametrize("scale", [1.0, 0.5, 0.0])
-def test_serving_point_matches_a_brute_force_search(scale):
+def test_serving_point_is_the_largest_rate_meeting_every_bound(scale):
+    """At the rate the state meets every bound; just above it the binding one breaks."""
     hr = DEFAULT_HEADROOM.scaled(scale)
     for prof in DEFAULT_PROFILES:
         for mean_in, mean_out, ttft, tpot in ((430, 140, 0.3, 0.15), (970, 520, 0.3, 0.15),
                                                (2050, 210, 0.6, 0.15), (1120, 530, 0.6, 0.15),
                                                (500, 200, 1.0, 0.05)):
             sp = prof.serving_point(mean_in, mean_out, ttft, tpot, headroom=hr)
-            if sp.rps == 0.0 and sp.binding.startswith("prefill alone"):
+            if sp.rps == 0.0:
                 continue
-            want = _brute_force_rate(prof, mean_in, mean_out, ttft, tpot, hr)
-            assert sp.rps == pytest.approx(want, rel=2e-3, abs=1e-9), (prof.key, mean_in)
+            m = _serving_model(prof, mean_in, mean_out, ttft, tpot, None, hr,
+                               default_batched_tokens(prof.product), kv_capacity_tokens(prof))
+            assert not isinstance(m, str)
+            assert _violations(m, m.at(sp.rps), hr) == [], (prof.key, mean_in)
+            assert _violations(m, m.at(sp.rps * 1.002), hr), (prof.key, mean_in)
+            assert sp.binding in _violations(m, m.at(sp.rps * (1 + 1e-6)), hr), prof.key
 
 
 def test_less_headroom_sustains_more():
@@ -204,9 +216,10 @@ def test_headroom_scaling_and_validation():
     assert half.ttft_miss.value == pytest.approx(0.1) and half.tpot_margin.value == 0.05
     assert half.prefill_scv is hr.prefill_scv and "50% of the headroom" in half.ttft_miss.source
     assert hr.ttft_miss.assumed and hr.tpot_margin.assumed and hr.prefill_scv.assumed
+    assert hr.tpot_miss.assumed and half.tpot_miss.value == pytest.approx(0.1)
     assert "P(wait > TTFT SLO - prefill) <= 0.01" in hr.describe()
     for bad in ({"ttft_miss": assumed(0.0, "x")}, {"tpot_margin": assumed(1.0, "x")},
-                {"prefill_scv": assumed(-1.0, "x")}):
+                {"prefill_scv": assumed(-1.0, "x")}, {"tpot_miss": assumed(0.0, "x")}):
         with pytest.raises(ValueError):
             Headroom(**bad)
 

@@ -32,10 +32,12 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
+from scipy.special import gammainc
+
+from joulepool.core.batching import prefill_steps
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = float | Sequence[float] | npt.NDArray[np.floating] | npt.NDArray[np.integer]
@@ -73,9 +75,12 @@ LAWS = {
     "prefill_power": "prefill (compute bound) draws the power of the largest batch at f_max, "
                      "scaled to the clock by the clock law with prefill's stretch "
                      "(assumed: no published prefill power)",
-    "serving": "one instance under Poisson arrivals: prefill-first continuous batching; prefill "
-               "is an M/G/1 queue, decode runs in the time prefill leaves and its steps pause "
-               "for every prefill (fluid mean-value model, ServingProfile.serving_point)",
+    "serving": "one instance under Poisson arrivals, as the simulated engine runs it: prompts "
+               "prefilled one at a time in chunks mixed into the decode steps under the "
+               "token budget (core.batching); prefill is an M/G/1 queue whose service time "
+               "is the prompt's compute plus one decode step per chunk; decode steps stretch "
+               "by the prompt compute mixed into them; decoding requests hold their KV cache "
+               "(fluid mean-value model, ServingProfile.serving_point)",
 }
 
 
@@ -110,11 +115,16 @@ class Headroom:
 
     * ``ttft_miss``: the predicted share of requests whose wait for other
       prefills pushes TTFT past its SLO stays at or below this (M/G/1 prefill
-      queue, see ``serving_point``);
-    * ``tpot_margin``: the mean effective TPOT, prefill pauses included, stays
-      at or below ``(1 - tpot_margin) x`` the TPOT SLO;
-    * ``prefill_scv``: squared coefficient of variation of prefill time
-      (= of prompt length, prefill being linear in tokens) in that queue.
+      queue, see ``serving_point``), and so does the share of time the batch
+      slots or the KV cache are full (admission stops, and the queue waits);
+    * ``tpot_margin``: the mean TPOT, prompt chunks mixed into the steps
+      included, stays at or below ``(1 - tpot_margin) x`` the TPOT SLO;
+    * ``tpot_miss``: the predicted share of requests whose own TPOT (their
+      decode steps plus the prompt chunks that land in them) exceeds the TPOT
+      SLO stays at or below this;
+    * ``prefill_scv``: squared coefficient of variation of prompt length
+      (prefill compute being linear in tokens), in the prefill queue and in the
+      prompt compute a request's decode steps carry.
     """
 
     ttft_miss: Figure = field(default_factory=lambda: assumed(
@@ -122,6 +132,9 @@ class Headroom:
     tpot_margin: Figure = field(default_factory=lambda: assumed(
         0.1, "FREESH MIAD margin (docs/architecture.md 1.5): TPOT above target x (1 - 0.1) "
         "is at risk"))
+    tpot_miss: Figure = field(default_factory=lambda: assumed(
+        0.01, "JouleSched's target deadline-miss rate rho* = 1 %, applied to TPOT per "
+              "instance"))
     prefill_scv: Figure = field(default_factory=lambda: assumed(
         1.0, "exponential prompt lengths; the bundled Azure 2023 conversation trace's prompt "
              "SCV over all requests is 0.92"))
@@ -131,21 +144,24 @@ class Headroom:
             raise ValueError("ttft_miss must be in (0, 1]")
         if not 0.0 <= self.tpot_margin.value < 1.0:
             raise ValueError("tpot_margin must be in [0, 1)")
+        if not 0.0 < self.tpot_miss.value <= 1.0:
+            raise ValueError("tpot_miss must be in (0, 1]")
         if not self.prefill_scv.value >= 0.0:
             raise ValueError("prefill_scv must be >= 0")
 
     @classmethod
     def none(cls) -> Headroom:
-        """No headroom: the fluid model's SLO limits only (TPOT at its SLO, TTFT unbounded)."""
+        """No headroom: the fluid model's SLO limits only (mean TPOT at its SLO, TTFT
+        unbounded, batch and KV cache full on average)."""
         why = "no headroom: the fluid model's limit"
         return cls(ttft_miss=Figure(1.0, why), tpot_margin=Figure(0.0, why),
-                   prefill_scv=Figure(0.0, why))
+                   tpot_miss=Figure(1.0, why), prefill_scv=Figure(0.0, why))
 
     def scaled(self, s: float) -> Headroom:
         """A share ``s`` in [0, 1] of this headroom: 1 is itself, 0 is none.
 
-        The TTFT miss target moves log-linearly from 1 (no bound) to
-        ``ttft_miss``, the TPOT margin linearly from 0; the SCV is kept.
+        The miss targets move log-linearly from 1 (no bound) to ``ttft_miss``
+        and ``tpot_miss``, the TPOT margin linearly from 0; the SCV is kept.
         Used to plan with the most headroom a cluster can carry
         (:func:`joulepool.core.sizing.plan_with_headroom`).
         """
@@ -156,14 +172,16 @@ class Headroom:
         return Headroom(
             ttft_miss=Figure(self.ttft_miss.value ** s, f"{why}; {self.ttft_miss.source}"),
             tpot_margin=Figure(self.tpot_margin.value * s, f"{why}; {self.tpot_margin.source}"),
+            tpot_miss=Figure(self.tpot_miss.value ** s, f"{why}; {self.tpot_miss.source}"),
             prefill_scv=self.prefill_scv,
         )
 
     def describe(self) -> str:
         return (f"P(wait > TTFT SLO - prefill) <= {self.ttft_miss.value:.3g} (M/G/1 prefill "
-                f"queue at the mean prompt, prefill SCV "
-                f"{self.prefill_scv.value:g}), mean effective TPOT <= "
-                f"{1 - self.tpot_margin.value:.3g} x SLO")
+                f"queue at the mean prompt, chunked beside the batch, prompt SCV "
+                f"{self.prefill_scv.value:g}; batch slots and KV cache full as rarely), "
+                f"mean TPOT <= {1 - self.tpot_margin.value:.3g} x SLO, "
+                f"P(TPOT > SLO) <= {self.tpot_miss.value:.3g}")
 
 
 #: the headroom the planner sizes pools with unless told otherwise
@@ -177,12 +195,14 @@ class ServingPoint:
     rps: float  # sustainable requests/s (0: not eligible for this class)
     power_w: float  # time-average board power of the instance at that rate
     throughput_rps: float  # saturation throughput (``ServingProfile.throughput_rps``)
-    batch: float  # mean decode batch
-    prefill_utilisation: float  # share of time prefilling (rho of the M/G/1 queue)
+    batch: float  # mean decode batch (requests decoding, Little's law), at least 1
+    prefill_utilisation: float  # share of time a prompt is being prefilled (M/G/1 rho)
     busy: float  # share of time prefilling or decoding
-    tpot_s: float  # mean effective TPOT, prefill pauses included
+    tpot_s: float  # mean TPOT, the prompt chunks mixed into the decode steps included
     ttft_miss: float  # predicted share whose prefill wait pushes TTFT past the SLO
-    binding: str  # what stops a higher rate: ttft, tpot, batch, prefill; or why not eligible
+    binding: str  # what stops a higher rate: ttft, tpot, batch, kv, prefill; or why not eligible
+    kv_share: float = 0.0  # mean KV-cache tokens held / the instance's KV-cache tokens
+    tpot_miss: float = 0.0  # predicted share of requests whose own TPOT exceeds the SLO
 
     @property
     def utilisation(self) -> float:
@@ -381,7 +401,8 @@ class ServingProfile:
         """Saturation throughput, requests/s: never idle, decoding at :meth:`best_batch`.
 
         Each request occupies the engine for its prefill plus its share of a
-        decode batch of the largest size whose step meets TPOT. Queueing and
+        decode batch of the largest size whose step meets TPOT for its output
+        after the first token (which the prefill's last step makes). Queueing and
         the pauses prefill puts into decoding are ignored: an instance loaded
         to this rate misses its SLOs (see :meth:`serving_point`). 0 when no
         batch meets TPOT.
@@ -390,8 +411,9 @@ class ServingProfile:
         if b == 0:
             return 0.0
         prefill = float(self.prefill_s(mean_input_tokens, clock_mhz))
-        decode_share = mean_output_tokens * float(self.itl_s(b, clock_mhz)) / b
-        return 1.0 / (decode_share + prefill)
+        # the prefill's last step makes the first token: o - 1 decode steps follow
+        decode = max(mean_output_tokens - 1.0, 0.0)
+        return 1.0 / (decode * float(self.itl_s(b, clock_mhz)) / b + prefill)
 
     def serving_point(
         self,
@@ -401,48 +423,63 @@ class ServingProfile:
         tpot_slo_s: float,
         clock_mhz: float | None = None,
         headroom: Headroom | None = None,
+        batched_tokens: float | None = None,
+        kv_tokens: float | None = None,
     ) -> ServingPoint:
         """The sustainable rate of one instance for a request class, with queueing headroom.
 
-        Model (``LAWS["serving"]``), for Poisson arrivals at rate lam, prefill
-        time S = ``prefill_s(mean prompt)``, o mean output tokens and step
-        time itl(b) at decode batch b:
+        A model of the simulated engine (``sim/instance.py``, vLLM V1's scheduler;
+        ``LAWS["serving"]``, docs/planner.md "Serving model") for Poisson arrivals at
+        rate lam, mean prompt P, mean output o (n = o - 1 tokens decoded after the
+        prefill's first), prefill p s/token, decode step itl(b) at batch b, token
+        budget B per step (``batched_tokens``, default :func:`default_batched_tokens`)
+        and K tokens of KV cache (``kv_tokens``, default :func:`kv_capacity_tokens`):
 
-        * prefill-first continuous batching (vLLM's default scheduler, and the
-          simulator's engine): prefills are served one at a time, FCFS, as
-          soon as the previous one ends: an M/G/1 queue with utilisation
-          rho = lam * S;
-        * decoding runs in the remaining 1 - rho of the time; in steady state
-          the mean batch b solves  lam * o = (1 - rho) * b / itl(b)  (the
-          engine is never idle); when even b = 1 keeps up, the engine idles
-          part of the time and decodes at b = 1;
-        * every prefill pauses the decode steps of the running batch, so the
-          mean TPOT a request sees is  itl(b) / (1 - rho);
-        * the M/G/1 waiting time W has P(W > 0) = rho and, given a wait, an
-          approximately exponential tail with the Pollaczek-Khinchine mean
-          S (1 + c^2) / (2 (1 - rho))  (exact for M/M/1), so the share of
-          requests whose wait pushes TTFT = W + S past the SLO T is
-          P(W > T - S) ~= rho * exp(-2 (1 - rho) (T - S) / (S (1 + c^2))),
-          c^2 = ``headroom.prefill_scv``. (A request's own prefill is taken at
-          the mean prompt: FREESH's eligibility rule; a class whose mean
-          prefill is close to its TTFT SLO still misses for its longer
-          prompts, which this does not count.)
+        * prompts are admitted one at a time and prefilled in chunks of ``B - b``
+          tokens mixed into the decode steps (:mod:`joulepool.core.batching`): the
+          prefill takes S = P p + itl(b) x P / (B - b) (at least one step) while
+          anything decodes: the service time of an M/G/1 queue with utilisation
+          rho = lam S;
+        * a decode step carries the prompt compute mixed into it, so with
+          u = lam P p of the time spent on prompt tokens the mean TPOT is
+          itl(b) / (1 - u), and the mean batch b (Little) solves
+          lam n = b (1 - u) / itl(b) (when even b = 1 keeps up the engine idles part
+          of the time and decodes at b = 1);
+        * TTFT: the waiting time W has P(W > 0) = rho and an approximately
+          exponential tail with the Pollaczek-Khinchine mean, so
+          P(W > T - S) ~= rho exp(-2 (1 - rho) (T - S) / (S (1 + c^2))), c^2 the
+          prompt SCV on S's compute share (exact for M/M/1). A request's own
+          prefill is taken at the mean prompt (FREESH's eligibility rule: a class
+          whose mean prefill is close to its TTFT SLO still misses for its longer
+          prompts, which this does not count);
+        * TPOT of one request: its n steps plus the prompt compute arriving during
+          its decode life L = n itl / (1 - u), compound Poisson with variance
+          lam L P^2 (1 + c^2) p^2, so its TPOT has standard deviation
+          p P sqrt(lam TPOT (1 + c^2) / n) (normal approximation);
+        * admission stops when the batch slots (``max_batch``) or the KV cache are
+          full: decoding requests are an M/G/infinity population, Poisson with mean
+          b, each holding P + o KV tokens on average (the length-biased mean over a
+          decode life for exponential output lengths), so b + z sqrt(b) must fit
+          ``max_batch`` and (K (1 - watermark) - P) / (P + o), z the normal quantile
+          of 1 - ``headroom.ttft_miss``.
 
-        The sustainable rate is the largest lam with P(W > T - S) <=
-        ``headroom.ttft_miss``, mean TPOT <= (1 - ``headroom.tpot_margin``) x
-        SLO and the batch slots rarely full: the decoding requests are an
-        M/G/infinity population, Poisson with mean b, so b + z sqrt(b) <=
-        ``max_batch`` with z the normal quantile of 1 - ``headroom.ttft_miss``
-        (a full batch stops admission, and the prefill queue then waits).
-        Every one of them tightens as lam grows, so the rate is found by
-        bisection. Not eligible (rps 0) when prefill alone
-        exceeds TTFT or no batch meets TPOT. Power is the time average:
-        prefill power for rho, decode power at b while decoding, idle power
-        otherwise.
+        The sustainable rate is the largest lam with P(W > T - S) <= ``ttft_miss``,
+        mean TPOT <= (1 - ``tpot_margin``) x SLO, P(TPOT > SLO) <= ``tpot_miss``
+        and the batch and KV checks; each tightens as lam grows, so it is found by
+        bisection. ``binding`` names the bound that stops a higher rate. Not eligible
+        (rps 0, ``binding`` says why) when the mean prompt's prefill alone exceeds
+        TTFT, no batch meets TPOT (with the margin), or the KV cache cannot hold a
+        mean request. Power is the time average: prefill power for the prompt
+        compute, decode power at b while decoding, idle power otherwise (a mixed
+        step's energy is its parts', :func:`joulepool.core.batching.mixed_step`).
         """
         hr = headroom or DEFAULT_HEADROOM
+        budget = float(default_batched_tokens(self.product) if batched_tokens is None
+                       else batched_tokens)
+        kv = float(kv_capacity_tokens(self) if kv_tokens is None else kv_tokens)
         key = (self, float(mean_input_tokens), float(mean_output_tokens), float(ttft_slo_s),
-               float(tpot_slo_s), None if clock_mhz is None else float(clock_mhz), hr)
+               float(tpot_slo_s), None if clock_mhz is None else float(clock_mhz), hr,
+               budget, kv)
         try:
             return _cached_serving_point(key)
         except TypeError:  # a profile built with unhashable parts: compute without the cache
@@ -499,37 +536,183 @@ class ServingProfile:
         )
 
 
-def _ttft_rho(eps: float, k: float) -> float:
-    """The rho in (0, 1) with rho * exp(-k (1 - rho)) = eps (k >= 0, 0 < eps < 1).
-
-    The left side rises from 0 to 1 over (0, 1), so the root is unique. Newton on
-    f(rho) = log(rho) + k rho - log(eps) - k, concave and rising, from rho = eps
-    (where f <= 0) climbs to it without overshooting.
-    """
-    target = math.log(eps) + k
-    rho = eps
-    for _ in range(100):
-        step = (target - math.log(rho) - k * rho) / (1.0 / rho + k)
-        rho = min(rho + step, 1.0)
-        if step <= 1e-15 * rho:
-            break
-    return rho
-
-
 @functools.lru_cache(maxsize=256)
 def _decode_table(
     prof: ServingProfile, clock_mhz: float | None
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """(batches 1..max, their step times, and the engine's reachable (batch, step time)).
-
-    The engine runs the smallest batch that keeps up, so only batches whose
-    throughput is a new record are states it settles in.
-    """
+) -> tuple[FloatArray, FloatArray]:
+    """(batches 1..max, their decode step times at ``clock_mhz``, s)."""
     batches = np.arange(1.0, float(int(prof.max_batch.value)) + 1.0)
-    itl_all = np.maximum.accumulate(prof.itl_s(batches, clock_mhz))  # searchable
-    tps = batches / itl_all
-    keep = tps >= np.maximum.accumulate(tps)
-    return batches, itl_all, batches[keep], itl_all[keep]
+    return batches, np.asarray(prof.itl_s(batches, clock_mhz), dtype=np.float64)
+
+
+#: quantiles of an exponential output length at which the TPOT tail is averaged
+_OUTPUT_QUANTILES = -np.log1p(-(np.arange(32) + 0.5) / 32)
+
+
+@dataclass(frozen=True)
+class _Load:
+    """The engine's mean state at one arrival rate (see ``_ServingModel.at``)."""
+
+    lam: float  # requests/s
+    batch: float  # mean decoding requests (time average)
+    compute: float  # u: share of time spent on prompt tokens
+    decoding: float  # share of time a decode step runs
+    decode_w: float  # mean board power while decoding, W
+    prefill_s: float  # S: mean prefill time beside the batch (TTFT's service time)
+    rho: float  # lam x S: the prefill server's utilisation
+    tpot_s: float  # mean TPOT
+    tpot_miss: float  # P(one request's TPOT > SLO)
+    ttft_miss: float  # P(wait for the prefill server > TTFT SLO - S)
+    slot_miss: float  # P(wait for a batch slot / KV room > TTFT SLO - S)
+    kv_tokens: float  # mean KV-cache tokens held
+
+    @classmethod
+    def overloaded(cls, lam: float, u: float) -> _Load:
+        inf = math.inf
+        return cls(lam, inf, u, 0.0, 0.0, inf, inf, inf, 1.0, 1.0, 1.0, inf)
+
+
+@dataclass(frozen=True)
+class _ServingModel:
+    """``LAWS["serving"]`` for one profile, class and engine; ``at(lam)`` is the state."""
+
+    prof: ServingProfile
+    clock: float | None
+    prompt: float  # mean prompt tokens P
+    decode_tokens: float  # n: mean tokens decoded after the first (the prefill's)
+    ttft_slo: float
+    tpot_slo: float
+    budget: float  # tokens per step
+    scv: float  # prompt-length SCV
+    kv_per_seq: float  # mean KV tokens one decoding request holds
+    slots: int  # decoding requests admission lets in: max_batch, or what the KV cache holds
+    pf_tok: float  # prefill s per prompt token
+    itl: FloatArray  # decode step time at batch 1..slots
+    power: FloatArray  # board power while decoding at batch 1..slots
+
+    def at(self, lam: float) -> _Load:
+        """The mean state at ``lam`` requests/s (module doc of ``serving_point``)."""
+        p, n, P = self.pf_tok, self.decode_tokens, self.prompt
+        u = lam * P * p
+        if u >= 1.0:
+            return _Load.overloaded(lam, u)
+        pi, full, wait_rate = self._population(lam, u)
+        if wait_rate <= 0.0:
+            return _Load.overloaded(lam, u)
+        k = np.arange(1.0, self.slots + 1.0)
+        busy = float(pi[1:].sum())  # P(anything decodes)
+        batch = float((k * pi[1:]).sum())
+        # a prompt is prefilled in chunks beside the batch: one decode step per chunk
+        steps = np.array([prefill_steps(self.budget, b, P) for b in k])
+        S = P * p + float((pi[1:] * self.itl * steps).sum())
+        rho = lam * S
+        ttft_miss = self._prefill_tail(S, rho)
+        x = max(self.ttft_slo - S, 0.0)
+        slot_miss = float(full * math.exp(-wait_rate * x))
+        ttft_mean = S + (rho * S * (1.0 + self.scv) / (2.0 * (1.0 - rho)) if rho < 1.0
+                         else math.inf) + full / wait_rate
+        decode_w = float((pi[1:] * self.power).sum()) / busy if busy > 0.0 else 0.0
+        itl = float((pi[1:] * self.itl).sum()) / busy if busy > 0.0 else float(self.itl[0])
+        if n > 0.0:
+            # Little, plus the prompts queued behind a request when it starts decoding
+            tpot = batch / (lam * n) + u * ttft_mean / (n * (1.0 - u)) if lam > 0.0 else itl
+        else:
+            tpot = 0.0
+        return _Load(lam, batch, u, busy * (1.0 - u), decode_w, S, rho, tpot,
+                     self._tpot_tail(lam, itl, ttft_mean), ttft_miss, slot_miss,
+                     batch * self.kv_per_seq + rho * P)
+
+    def _population(self, lam: float, u: float) -> tuple[FloatArray, float, float]:
+        """Decoding requests as a birth-death process: arrivals at ``lam``; at k decoding,
+        (1 - u) / itl(k) steps per second each end one of k requests with probability 1 / n
+        (exponential output lengths). Admission stops at ``slots``; beyond it requests
+        queue. Returns (P(k decoding) for k = 0..slots, P(an arrival finds the slots
+        full), the rate of the full state's wait tail)."""
+        n = self.decode_tokens
+        pi = np.zeros(self.slots + 1)
+        if n <= 0.0 or lam <= 0.0:
+            pi[0] = 1.0
+            return pi, 0.0, math.inf
+        k = np.arange(1.0, self.slots + 1.0)
+        mu = k * (1.0 - u) / (n * self.itl)  # completions/s at k decoding
+        logs = np.concatenate(([0.0], np.cumsum(np.log(lam / mu))))
+        weights = np.exp(logs - logs.max())
+        top = float(mu[-1])
+        if lam >= top:
+            return pi, 1.0, 0.0
+        queued = weights[-1] * lam / (top - lam)  # states with requests waiting for a slot
+        z = float(weights.sum()) + queued
+        pi = weights / z
+        full = float(pi[-1]) + queued / z  # PASTA: arrivals that find every slot taken
+        pi[-1] += queued / z
+        return pi, full, top - lam
+
+    def _prefill_tail(self, S: float, rho: float) -> float:
+        """M/G/1 wait tail: P(W > T - S) ~= rho exp(-2 (1 - rho) (T - S) / (S (1 + c^2)))
+        (exact for M/M/1), c^2 the prefill time's SCV (the prompt's, on its compute share)."""
+        if rho >= 1.0 or self.ttft_slo <= S:
+            return 1.0
+        if rho <= 0.0 or S <= 0.0:
+            return 0.0
+        c2 = self.scv * (self.prompt * self.pf_tok / S) ** 2
+        return rho * math.exp(-2.0 * (1.0 - rho) * (self.ttft_slo - S) / (S * (1.0 + c2)))
+
+    def _tpot_tail(self, lam: float, itl: float, ttft_mean: float) -> float:
+        """P(a request's TPOT > SLO): a request decoding m tokens misses when the prompts
+        arriving while it waits and decodes (Poisson, lam (TTFT + m SLO) expected, each
+        P p seconds of compute in its steps) exceed m (SLO - itl); averaged over an
+        exponential output length. None misses when a step with a whole mean prompt's
+        chunk still meets the SLO (one prompt is prefilled at a time)."""
+        n, tau = self.decode_tokens, self.tpot_slo
+        if n <= 0.0:
+            return 0.0
+        if itl >= tau:
+            return 1.0
+        work = self.prompt * self.pf_tok
+        # a step carries one prompt's chunk at most: if even that leaves the step within
+        # the SLO, no request misses
+        if work <= 0.0 or lam <= 0.0 or itl + work <= tau:
+            return 0.0
+        m = np.maximum(n * _OUTPUT_QUANTILES, 1.0)
+        return float(np.mean(gammainc(m * (tau - itl) / work, lam * (ttft_mean + m * tau))))
+
+
+def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_tokens: float,
+                   ttft_slo_s: float, tpot_slo_s: float, clock_mhz: float | None,
+                   hr: Headroom, budget: float, kv_tokens: float) -> _ServingModel | str:
+    """The model for one class on ``prof``, or why the instance cannot serve it."""
+    batches, itl = _decode_table(prof, clock_mhz)
+    P = max(float(mean_input_tokens), 0.0)
+    per_seq = max(P + max(float(mean_output_tokens), 0.0), 1.0)
+    # decoding requests the KV cache holds below the watermark, beside one prompt admitted
+    kv_seqs = (kv_tokens * (1.0 - KV_WATERMARK.value) - P) / per_seq
+    if kv_seqs < 1.0:
+        return "the KV cache cannot hold a mean request"
+    slots = int(min(float(batches[-1]), math.floor(kv_seqs)))
+    return _ServingModel(
+        prof=prof, clock=clock_mhz, prompt=P,
+        decode_tokens=max(float(mean_output_tokens) - 1.0, 0.0),
+        ttft_slo=float(ttft_slo_s), tpot_slo=float(tpot_slo_s), budget=float(budget),
+        scv=hr.prefill_scv.value, kv_per_seq=per_seq, slots=slots,
+        pf_tok=float(prof.prefill_s(1.0, clock_mhz)), itl=itl[:slots],
+        power=np.asarray(prof.power_w(batches[:slots], clock_mhz), dtype=np.float64))
+
+
+def _violations(m: _ServingModel, s: _Load, hr: Headroom) -> list[str]:
+    """The headroom bounds state ``s`` breaks (empty: sustainable), as
+    ``ServingPoint.binding`` names."""
+    out = []
+    if s.rho >= 1.0 - 1e-9 or not math.isfinite(s.batch):
+        out.append("prefill")
+    if hr.ttft_miss.value < 1.0 and s.ttft_miss + s.slot_miss > hr.ttft_miss.value:
+        if s.slot_miss <= s.ttft_miss:
+            out.append("ttft")
+        else:  # waiting for a batch slot, or for KV room when the cache holds fewer
+            out.append("batch" if m.slots >= int(m.prof.max_batch.value) else "kv")
+    if s.tpot_s > (1.0 - hr.tpot_margin.value) * m.tpot_slo or (
+            hr.tpot_miss.value < 1.0 and s.tpot_miss > hr.tpot_miss.value):
+        out.append("tpot")
+    return out
 
 
 def _serving_point(
@@ -540,81 +723,59 @@ def _serving_point(
     tpot_slo_s: float,
     clock_mhz: float | None,
     hr: Headroom,
+    budget: float,
+    kv_tokens: float,
 ) -> ServingPoint:
-    """:meth:`ServingProfile.serving_point`: each bound on lam in closed form, the least wins.
+    """:meth:`ServingProfile.serving_point`: the largest rate meeting every bound.
 
-    Along the engine's busy curve (never idle) lam, rho, TPOT and the mean
-    batch are all functions of the batch b, tabulated at every integer b;
-    each SLO bound is read off that table (or solved for when it binds below
-    b = 1, where the engine idles part of the time).
+    Every bound tightens as the rate grows, so the rate is found by bisection on
+    the model's state (``_ServingModel.at``); the bound that breaks just above it
+    is the binding one.
     """
-    S = float(prof.prefill_s(mean_input_tokens, clock_mhz))
-    o = max(float(mean_output_tokens), 0.0)
-    batches, itl_all, b_c, itl_c = _decode_table(prof, clock_mhz)
-    meets = int(np.searchsorted(itl_all, tpot_slo_s, side="right"))  # best_batch
-    # == throughput_rps(), from the table already at hand
-    throughput = 0.0 if meets == 0 else 1.0 / (
-        o * float(itl_all[meets - 1]) / float(batches[meets - 1]) + S)
+    throughput = prof.throughput_rps(mean_input_tokens, mean_output_tokens, tpot_slo_s,
+                                     clock_mhz)
+    itl1 = float(prof.itl_s(1, clock_mhz))
 
     def not_eligible(why: str) -> ServingPoint:
         return ServingPoint(0.0, float(prof.power_w(1, clock_mhz)), throughput, 0.0, 0.0, 0.0,
-                            float(itl_all[0]), 1.0, why)
+                            itl1, 1.0, why)
 
-    if ttft_slo_s < S:
+    if ttft_slo_s < float(prof.prefill_s(mean_input_tokens, clock_mhz)):
         return not_eligible("prefill alone exceeds TTFT")
     if throughput == 0.0:
         return not_eligible("no batch meets TPOT")
-    cap = (1.0 - hr.tpot_margin.value) * tpot_slo_s
-    eps = hr.ttft_miss.value
-    # P(W > T - S) = rho exp(-k (1 - rho)) with k = 2 (T - S) / (S (1 + c^2))
-    k = 2.0 * (ttft_slo_s - S) / (S * (1.0 + hr.prefill_scv.value)) if S > 0.0 else math.inf
-
-    lam_c = 1.0 / (S + o * itl_c / b_c)  # busy curve: rises with b
-    tpot_c = np.maximum.accumulate(itl_c / (1.0 - lam_c * S))
-    itl1, lam1 = float(itl_c[0]), float(lam_c[0])
-
-    bounds: dict[str, float] = {"batch": float(lam_c[-1])}  # decode keeps up at best
-    if S > 0.0:
-        bounds["prefill"] = (1.0 - 1e-9) / S
-        if eps < 1.0:
-            bounds["ttft"] = _ttft_rho(eps, k) / S
-    # decoding requests are an M/G/infinity population, Poisson with mean N (N = b on
-    # the busy curve): P(all batch slots full) <= ttft_miss for N + z sqrt(N) <= max_batch
-    z = NormalDist().inv_cdf(1.0 - eps) if eps < 0.5 else 0.0
-    n_max = ((-z + math.sqrt(z * z + 4.0 * float(batches[-1]))) / 2.0) ** 2
-    if n_max >= 1.0:
-        bounds["batch"] = min(bounds["batch"], float(np.interp(n_max, b_c, lam_c)))
-    else:  # idling engine at b = 1: N = lam o itl(1) / (1 - rho)
-        bounds["batch"] = n_max / (o * itl1 + n_max * S)
-    if float(tpot_c[0]) <= cap:
-        bounds["tpot"] = float(np.interp(cap, tpot_c, lam_c))
-    elif itl1 <= cap and S > 0.0:  # idling engine at b = 1: itl(1) / (1 - lam S) <= cap
-        bounds["tpot"] = (1.0 - itl1 / cap) / S
-    else:
+    if itl1 > (1.0 - hr.tpot_margin.value) * tpot_slo_s:
         return not_eligible("no batch meets TPOT with the headroom")
-    binding = min(bounds, key=lambda name: bounds[name])
-    lam = bounds[binding]
-
-    rho = lam * S
-    if lam <= lam1:  # the engine idles part of the time and decodes at b = 1
-        b, it = 1.0, itl1
-        dec = min(lam * o * itl1, 1.0 - rho)
-    else:
-        b = float(np.interp(lam, lam_c, b_c))
-        it = float(prof.itl_s(b, clock_mhz))
-        dec = 1.0 - rho
-    ttft = rho * math.exp(-k * (1.0 - rho)) if S > 0.0 and rho > 0.0 else 0.0
-    power = (rho * float(prof.prefill_power_w(clock_mhz)) + dec * float(prof.power_w(b, clock_mhz))
-             + max(1.0 - rho - dec, 0.0) * prof.idle_w)
+    m = _serving_model(prof, mean_input_tokens, mean_output_tokens, ttft_slo_s, tpot_slo_s,
+                       clock_mhz, hr, budget, kv_tokens)
+    if isinstance(m, str):
+        return not_eligible(m)
+    # no faster than the prompts' compute, or than the full batch decodes
+    hi = math.inf if m.prompt <= 0.0 else 1.0 / (m.prompt * m.pf_tok)
+    if m.decode_tokens > 0.0:
+        hi = min(hi, m.slots / (m.decode_tokens * float(m.itl[-1])))
+    lo = 0.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if _violations(m, m.at(mid), hr) else (mid, hi)
+        if hi - lo <= 1e-7 * hi:
+            break
+    broken = _violations(m, m.at(hi), hr)
+    s = m.at(lo)
+    power = (s.compute * float(prof.prefill_power_w(clock_mhz)) + s.decoding * s.decode_w
+             + max(1.0 - s.compute - s.decoding, 0.0) * prof.idle_w)
     return ServingPoint(
-        rps=lam, power_w=power, throughput_rps=throughput, batch=b, prefill_utilisation=rho,
-        busy=min(rho + dec, 1.0), tpot_s=it / (1.0 - rho), ttft_miss=ttft, binding=binding,
+        rps=lo, power_w=power, throughput_rps=throughput, batch=max(s.batch, 1.0),
+        prefill_utilisation=s.rho, busy=min(s.compute + s.decoding, 1.0), tpot_s=s.tpot_s,
+        ttft_miss=float(s.ttft_miss + s.slot_miss), binding=broken[0] if broken else "prefill",
+        kv_share=s.kv_tokens / kv_tokens, tpot_miss=s.tpot_miss,
     )
 
 
 @functools.lru_cache(maxsize=16384)
 def _cached_serving_point(
-    key: tuple[ServingProfile, float, float, float, float, float | None, Headroom],
+    key: tuple[ServingProfile, float, float, float, float, float | None, Headroom, float,
+               float],
 ) -> ServingPoint:
     """Pools re-planned with unchanged demand ask the same question every window."""
     return _serving_point(*key)

@@ -1,0 +1,85 @@
+"""core's serving model held to the simulated engine.
+
+One instance (``sim`` on a one-GPU cluster, Poisson arrivals) is loaded at the rate
+``ServingProfile.serving_point`` calls sustainable, with the default queueing
+headroom, and must meet its targets there (TTFT and TPOT attainment >= 1 - the miss
+targets, mean TPOT within the margin); at 1.3x that rate it must miss one of them (the
+model is not overly conservative). Prompts vary +-25 % around the mean, outputs are
+exponential (the model's assumption for KV and TPOT tails).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sim_helpers import cluster
+
+from joulepool.core.profiles import DEFAULT_HEADROOM, H100_8B, L4_8B, ServingProfile
+from joulepool.sim.engine import simulate
+from joulepool.sim.policies import POLICIES
+from joulepool.sim.runner import model_tables
+from joulepool.sim.workload import Workload
+
+REQUESTS = 12_000
+
+
+def _engine(prof: ServingProfile, prompt: float, output: float, ttft: float, tpot: float,
+            rate: float) -> tuple[float, float, float]:
+    """(TTFT attainment, TPOT attainment, mean TPOT s) of one simulated instance."""
+    rng = np.random.default_rng(7)
+    arrival = np.cumsum(rng.exponential(1.0 / rate, REQUESTS))
+    arrival -= arrival[0]
+    inp = np.round(rng.uniform(0.75 * prompt, 1.25 * prompt, REQUESTS)).astype(np.int64)
+    out = np.maximum(2, np.round(rng.exponential(output - 1.5, REQUESTS) + 1.5)).astype(np.int64)
+    n = REQUESTS
+    wl = Workload(
+        arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
+        category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
+        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, ttft),
+        tpot_slo_s=np.full(n, tpot), deadline_s=ttft + out * tpot * 10.0,
+        duration_s=float(arrival[-1]), scale=1.0)
+    one = cluster([("n", prof.product.name, prof.gpus)])
+    run = simulate(one, wl, POLICIES["least-loaded"], model_tables(one))
+    warm = arrival > 0.05 * arrival[-1]  # leave out the empty start
+    first, done = run.t_first[warm], run.t_done[warm]
+    decode = (done - first)
+    return (float(np.mean(first - arrival[warm] <= ttft)),
+            float(np.mean(decode / (out[warm] - 1) <= tpot)),
+            float(decode.sum() / (out[warm] - 1).sum()))
+
+
+CONSERVATIVE = pytest.mark.xfail(
+    strict=True, reason="the per-request TPOT tail (Poisson prompt arrivals over an "
+    "exponential output length) is conservative: at 1.3x the engine still meets TPOT")
+CASES = [  # profile, mean prompt, mean output, TTFT SLO, TPOT SLO
+    pytest.param(H100_8B, 200, 600, 0.3, 0.15, id="h100-decode-heavy"),
+    pytest.param(H100_8B, 1000, 250, 0.6, 0.15, id="h100-mixed"),
+    pytest.param(L4_8B, 200, 600, 0.3, 0.15, id="l4-decode-heavy"),
+    pytest.param(L4_8B, 400, 150, 1.0, 0.15, id="l4-tpot-bound"),
+    pytest.param(H100_8B, 2000, 30, 0.3, 0.05, id="h100-prefill-heavy"),
+]
+BEYOND = [c if (c.id.endswith("heavy") and not c.id.endswith("prefill-heavy")) or c.id ==
+          "h100-mixed" else pytest.param(*c.values, id=c.id, marks=CONSERVATIVE) for c in CASES]
+
+
+@pytest.mark.parametrize(("prof", "prompt", "output", "ttft", "tpot"), CASES)
+def test_engine_meets_the_targets_at_the_serving_point(
+        prof: ServingProfile, prompt: float, output: float, ttft: float, tpot: float) -> None:
+    hr = DEFAULT_HEADROOM
+    sp = prof.serving_point(prompt, output, ttft, tpot)
+    assert sp.rps > 0.0, sp.binding
+    ttft_ok, tpot_ok, mean_tpot = _engine(prof, prompt, output, ttft, tpot, sp.rps)
+    assert ttft_ok >= 1.0 - hr.ttft_miss.value, (sp.binding, ttft_ok)
+    assert tpot_ok >= 1.0 - hr.tpot_miss.value, (sp.binding, tpot_ok)
+    assert mean_tpot <= (1.0 - hr.tpot_margin.value) * tpot * 1.03, (sp.tpot_s, mean_tpot)
+    assert mean_tpot == pytest.approx(sp.tpot_s, rel=0.1)  # the model's mean TPOT
+
+
+@pytest.mark.parametrize(("prof", "prompt", "output", "ttft", "tpot"), BEYOND)
+def test_engine_misses_a_target_at_1_3x_the_serving_point(
+        prof: ServingProfile, prompt: float, output: float, ttft: float, tpot: float) -> None:
+    hr = DEFAULT_HEADROOM
+    sp = prof.serving_point(prompt, output, ttft, tpot)
+    ttft_ok, tpot_ok, mean_tpot = _engine(prof, prompt, output, ttft, tpot, 1.3 * sp.rps)
+    assert (ttft_ok < 1.0 - hr.ttft_miss.value or tpot_ok < 1.0 - hr.tpot_miss.value
+            or mean_tpot > (1.0 - hr.tpot_margin.value) * tpot), (sp.binding, ttft_ok, tpot_ok)
