@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from joulepool.cli import main as cli_main
+from joulepool.core.classes import FREESH_SLOS, INTERACTIVE_SLOS
 from joulepool.sim.cluster import freesh_3site
 from joulepool.sim.runner import trace_capacity
 
@@ -105,11 +106,12 @@ def test_a_small_matrix_runs_and_prints_request_counts(bench, capsys, tmp_path):
                      "--json", str(tmp_path / "m.json")])
     text = capsys.readouterr().out
     assert rc == 0
-    cap = trace_capacity(freesh_3site(), bench.trace_named("prefill-heavy")).slo_rps
-    duration = 120 / (0.2 * cap)  # --min-requests at the cell's rate, not --duration
     heads = [line for line in text.splitlines() if line.startswith("== freesh-3site")]
     assert len(heads) == 2 and "SLOs freesh" in heads[0] and "SLOs interactive" in heads[1]
-    for head in heads:
+    for head, slos in zip(heads, (FREESH_SLOS, INTERACTIVE_SLOS), strict=True):
+        # the cell's capacity is at its own SLO set
+        cap = trace_capacity(freesh_3site(), bench.trace_named("prefill-heavy"), slos).slo_rps
+        duration = 120 / (0.2 * cap)  # --min-requests at the cell's rate, not --duration
         assert f"over {duration:,.0f} s" in head and "requests over" in head
         count = int(head.split(" requests over")[0].rsplit("| ", 1)[1].replace(",", ""))
         assert 80 <= count <= 160  # Poisson around 120

@@ -58,8 +58,8 @@ CASES = [  # profile, mean prompt, mean output, TTFT SLO, TPOT SLO
     pytest.param(L4_8B, 400, 150, 1.0, 0.15, id="l4-tpot-bound"),
     pytest.param(H100_8B, 2000, 30, 0.3, 0.05, id="h100-prefill-heavy"),
 ]
-BEYOND = [c if (c.id.endswith("heavy") and not c.id.endswith("prefill-heavy")) or c.id ==
-          "h100-mixed" else pytest.param(*c.values, id=c.id, marks=CONSERVATIVE) for c in CASES]
+BEYOND = [pytest.param(*c.values, id=c.id, marks=CONSERVATIVE) if c.id == "h100-prefill-heavy"
+          else c for c in CASES]
 
 
 @pytest.mark.parametrize(("prof", "prompt", "output", "ttft", "tpot"), CASES)

@@ -674,7 +674,10 @@ class _ServingModel:
         if work <= 0.0 or lam <= 0.0 or itl + work <= tau:
             return 0.0
         m = np.maximum(n * _OUTPUT_QUANTILES, 1.0)
-        return float(np.mean(gammainc(m * (tau - itl) / work, lam * (ttft_mean + m * tau))))
+        # P(Poisson(mu) >= j) = P(j, mu), the regularised lower incomplete gamma function;
+        # more than k prompts' compute means at least floor(k) + 1 prompts
+        need = np.floor(m * (tau - itl) / work) + 1.0
+        return float(np.mean(gammainc(need, lam * (ttft_mean + m * tau))))
 
 
 def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_tokens: float,
