@@ -32,6 +32,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 
 import numpy as np
 import numpy.typing as npt
@@ -586,6 +587,7 @@ class _ServingModel:
     scv: float  # prompt-length SCV
     kv_per_seq: float  # mean KV tokens one decoding request holds
     slots: int  # decoding requests admission lets in: max_batch, or what the KV cache holds
+    z: float  # normal quantile of 1 - ttft_miss: the batch a long prefill queue sees
     pf_tok: float  # prefill s per prompt token
     itl: FloatArray  # decode step time at batch 1..slots
     power: FloatArray  # board power while decoding at batch 1..slots
@@ -606,7 +608,13 @@ class _ServingModel:
         steps = np.array([prefill_steps(self.budget, b, P) for b in k])
         S = P * p + float((pi[1:] * self.itl * steps).sum())
         rho = lam * S
-        ttft_miss = self._prefill_tail(S, rho)
+        # the long waits happen while the batch is large (arrivals that queued join it
+        # one by one): the wait tail is taken with the prefill beside the batch's upper
+        # quantile, N + z sqrt(N)
+        high = min(batch + self.z * math.sqrt(batch), float(self.slots))
+        j = max(math.ceil(high), 1) - 1
+        s_high = P * p + busy * float(self.itl[j]) * prefill_steps(self.budget, j + 1.0, P)
+        ttft_miss = self._prefill_tail(max(s_high, S), lam * max(s_high, S))
         x = max(self.ttft_slo - S, 0.0)
         slot_miss = float(full * math.exp(-wait_rate * x))
         ttft_mean = S + (rho * S * (1.0 + self.scv) / (2.0 * (1.0 - rho)) if rho < 1.0
@@ -659,10 +667,12 @@ class _ServingModel:
 
     def _tpot_tail(self, lam: float, itl: float, ttft_mean: float) -> float:
         """P(a request's TPOT > SLO): a request decoding m tokens misses when the prompts
-        arriving while it waits and decodes (Poisson, lam (TTFT + m SLO) expected, each
-        P p seconds of compute in its steps) exceed m (SLO - itl); averaged over an
-        exponential output length. None misses when a step with a whole mean prompt's
-        chunk still meets the SLO (one prompt is prefilled at a time)."""
+        arriving while it waits and decodes (Poisson, each P p seconds of compute in its
+        steps) exceed m (SLO - itl), i.e. when j = floor(m (SLO - itl) / (P p)) + 1 of
+        them arrive within its TTFT, its m steps and the compute of the j - 1 before the
+        last; averaged over an exponential output length. None misses when a step with
+        a whole mean prompt's chunk still meets the SLO (one prompt is prefilled at a
+        time)."""
         n, tau = self.decode_tokens, self.tpot_slo
         if n <= 0.0:
             return 0.0
@@ -677,7 +687,28 @@ class _ServingModel:
         # P(Poisson(mu) >= j) = P(j, mu), the regularised lower incomplete gamma function;
         # more than k prompts' compute means at least floor(k) + 1 prompts
         need = np.floor(m * (tau - itl) / work) + 1.0
-        return float(np.mean(gammainc(need, lam * (ttft_mean + m * tau))))
+        # the last of them must arrive before the request is done: within its TTFT, its
+        # own m steps and the compute of the ones before it
+        window = ttft_mean + m * itl + (need - 1.0) * work
+        return float(np.mean(gammainc(need, lam * window)))
+
+
+def _kv_slots(room: float, prompt: float, output: float, hr: Headroom) -> float:
+    """Decoding requests a KV cache of ``room`` tokens takes, as batch slots.
+
+    A decoding request holds its prompt and the tokens generated so far: P + o on average
+    over its life (length-biased, exponential outputs), variance o^2 + SCV P^2. The cache
+    fills on the sum over the N decoding requests, Poisson: it overflows at most
+    ``ttft_miss`` of the time while N a + z sqrt(N E[K^2]) <= room (normal), a = P + o;
+    the slots are the count whose own margin (N + z sqrt(N), as for the batch) gives the
+    same N: equal to room / a when every request holds the same.
+    """
+    a = prompt + output
+    second = a * a + output * output + hr.prefill_scv.value * prompt * prompt
+    eps = hr.ttft_miss.value
+    z = NormalDist().inv_cdf(1.0 - eps) if eps < 0.5 else 0.0
+    root = (-z * math.sqrt(second) + math.sqrt(z * z * second + 4.0 * a * room)) / (2.0 * a)
+    return root * root + z * root
 
 
 def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_tokens: float,
@@ -686,17 +717,18 @@ def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_t
     """The model for one class on ``prof``, or why the instance cannot serve it."""
     batches, itl = _decode_table(prof, clock_mhz)
     P = max(float(mean_input_tokens), 0.0)
-    per_seq = max(P + max(float(mean_output_tokens), 0.0), 1.0)
-    # decoding requests the KV cache holds below the watermark, beside one prompt admitted
-    kv_seqs = (kv_tokens * (1.0 - KV_WATERMARK.value) - P) / per_seq
-    if kv_seqs < 1.0:
+    o = max(float(mean_output_tokens), 0.0)
+    per_seq = max(P + o, 1.0)
+    room = kv_tokens * (1.0 - KV_WATERMARK.value) - P  # below the watermark, beside a prompt
+    if room < per_seq:
         return "the KV cache cannot hold a mean request"
-    slots = int(min(float(batches[-1]), math.floor(kv_seqs)))
+    slots = int(min(float(batches[-1]), math.floor(_kv_slots(room, P, o, hr))))
     return _ServingModel(
         prof=prof, clock=clock_mhz, prompt=P,
         decode_tokens=max(float(mean_output_tokens) - 1.0, 0.0),
         ttft_slo=float(ttft_slo_s), tpot_slo=float(tpot_slo_s), budget=float(budget),
         scv=hr.prefill_scv.value, kv_per_seq=per_seq, slots=slots,
+        z=NormalDist().inv_cdf(1.0 - hr.ttft_miss.value) if hr.ttft_miss.value < 0.5 else 0.0,
         pf_tok=float(prof.prefill_s(1.0, clock_mhz)), itl=itl[:slots],
         power=np.asarray(prof.power_w(batches[:slots], clock_mhz), dtype=np.float64))
 
