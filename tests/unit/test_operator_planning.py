@@ -185,10 +185,10 @@ async def test_infeasible_plan_keeps_the_last_feasible_one() -> None:
     planner, api, world = make_planner()
     world.add_node("n1")
     world.add_node("n2")
-    world.add_pool(pool("big", 150))  # 12 instances of 1xH100
+    world.add_pool(pool("big", 150))  # 14 instances of 1xH100 (11.9 req/s each)
     await reconcile(planner, world)
     v1 = plan(api)
-    assert v1.feasible and v1.pools["default.big"].replicas == 12
+    assert v1.feasible and v1.pools["default.big"].replicas == 14
     # demand grows beyond the cluster; every node of the kept plan is still there
     big = api.objects["/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/big"]
     big["spec"]["demand"]["requestsPerSecond"] = 400
@@ -201,8 +201,8 @@ async def test_infeasible_plan_keeps_the_last_feasible_one() -> None:
     c = conds(api, "big")
     assert c["Planned"] == ("True", "LastFeasiblePlan")
     assert c["Infeasible"] == ("True", "UnmetDemand")
-    assert status(api, "big")["replicas"] == 12
-    assert replicas_of(api, "big-1xh100-") == {"n1": 8, "n2": 4}
+    assert status(api, "big")["replicas"] == 14
+    assert replicas_of(api, "big-1xh100-") == {"n1": 8, "n2": 6}
     # a new pool while infeasible: not served, says why
     world.add_pool(pool("small", 1))
     await reconcile(planner, world)
@@ -362,9 +362,9 @@ async def test_kept_plan_is_dropped_when_one_of_its_nodes_is_gone() -> None:
     planner, api, world = make_planner()
     world.add_node("n1")
     world.add_node("n2")
-    world.add_pool(pool("big", 150))  # 12 instances of 1xH100
+    world.add_pool(pool("big", 150))  # 14 instances of 1xH100 (11.9 req/s each)
     await reconcile(planner, world)
-    assert plan(api).feasible and plan(api).pools["default.big"].replicas == 12
+    assert plan(api).feasible and plan(api).pools["default.big"].replicas == 14
     del world.nodes["n2"]  # gone (a NotReady / unreachable node leaves the index the same way)
     report = await reconcile(planner, world)
     assert report.ok and report.feasible is False and report.published_version == 2

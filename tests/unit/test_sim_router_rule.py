@@ -91,15 +91,19 @@ def test_both_paths_save_energy_without_piling_on(mixed):
         # (two H100s cannot prefill half the load within TTFT) the saving is a few %
         assert _miss(r, wl) <= max(0.01, _miss(ll, wl) + 0.005)
         assert _ttft_ok(r, wl) >= _ttft_ok(ll, wl) - 0.005
-        assert r.energy_j < 0.96 * ll.energy_j
+        # (b* from the engine-faithful serving model: one H100 sustains 6.6 req/s of this
+        # trace at 1 % TTFT misses, 99.0 % measured on the engine, where the prefill-first
+        # model's 7.9 req/s measured 97.5 %: less is packed onto the H100s, saving 3.9 %)
+        assert r.energy_j < 0.97 * ll.energy_j
         # consolidation on the efficient GPU, more than least-loaded's
         assert (r.instance_product == h100).mean() > (ll.instance_product == h100).mean() + 0.05
         # no pile-on: both H100s carry a similar share of the work
         h_busy = [b for b, p in zip(r.gpu_busy_s, r.gpu_product, strict=True) if p == "H100"]
         assert min(h_busy) > 0.8 * max(h_busy)
     # same rule, different inputs (exact state vs the router's ledger, prefill clock
-    # and scrapes)
-    assert pr.energy_j == pytest.approx(js.energy_j, rel=0.03)
+    # and scrapes; 3.4 % apart with the engine-faithful b*, which leaves more requests
+    # past b* where the inputs differ)
+    assert pr.energy_j == pytest.approx(js.energy_j, rel=0.04)
 
 
 def test_router_policy_is_deterministic_and_static_only(mixed):
