@@ -33,7 +33,7 @@ STORE = web.AppKey("replica_store", LeaseStore)
 def replica_name(configured: str | None) -> str:
     """This replica's name: the setting (the chart passes the pod name), else the host
     name (a pod's host name is its name)."""
-    return configured or socket.gethostname()
+    return configured or socket.gethostname().lower()
 
 
 async def sync_once(router: Router, store: LeaseStore) -> int:
