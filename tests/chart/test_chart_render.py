@@ -322,6 +322,14 @@ def test_router_replicas_share_counts_through_their_own_leases(default_render: R
     assert [s["name"] for s in binding["subjects"]] == [
         default_render.get("Deployment", name("router"))["spec"]["template"]["spec"][
             "serviceAccountName"]]
+    # the router reads the node agents' energy pages on their metrics port
+    assert _flag(c["args"], "--energy-metrics-port") == "9400"
+    moved = Rendered(render_raw({"nodeAgent": {"metricsPort": 9500}}))
+    assert _flag(_container(moved, "Deployment", name("router"), "router")["args"],
+                 "--energy-metrics-port") == "9500"
+    no_agents = Rendered(render_raw({"nodeAgent": {"enabled": False}}))
+    assert _flag(_container(no_agents, "Deployment", name("router"), "router")["args"],
+                 "--energy-metrics-port") == "0"
     # SIGTERM: readiness fails for --drain-seconds, then in-flight requests get 10 s
     pod = default_render.get("Deployment", name("router"))["spec"]["template"]["spec"]
     drain = float(_flag(c["args"], "--drain-seconds"))
