@@ -129,3 +129,42 @@ def _peers(base: str, token: str) -> float:
             if line.startswith("joulepool_router_replica_peers "):
                 return float(line.split()[1])
     return -1.0
+
+
+def test_a_replicas_lease_is_owned_by_its_pod_and_collected_with_it(
+        cluster: ControlPlane, chart: Any, procs: Components) -> None:
+    """The chart passes the pod's name and UID: the replica's Lease names the Pod as its
+    owner, so kube-controller-manager's garbage collector deletes it with the Pod."""
+    from kubernetes.client.exceptions import ApiException
+
+    token_file = cluster.run_dir / "replicas-gc-token"
+    token_file.write_text(k8slib.router_token(chart))
+    name = f"router-gc-{k8slib.free_port()}"
+    pod = cluster.core.create_namespaced_pod(k8slib.RELEASE_NAMESPACE, {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"nodeName": "nowhere", "containers": [{"name": "router",
+                                                        "image": "joulepool:test"}]}})
+    router = procs.joulepool(
+        "router-gc", _args(chart, k8slib.free_port(), str(token_file)),
+        service_account=k8slib.service_account("router"),
+        env={"JOULEPOOL_ROUTER_REPLICA_NAME": name,
+             "JOULEPOOL_ROUTER_REPLICA_UID": pod.metadata.uid})
+    router.wait_log("listening on", timeout=60)
+    (lease,) = k8slib.wait_for("the replica's Lease", lambda: _leases(cluster, [name]) or None,
+                               timeout=20)
+    (owner,) = lease.metadata.owner_references
+    assert (owner.kind, owner.name, owner.uid) == ("Pod", name, pod.metadata.uid)
+    router.stop()
+    cluster.core.delete_namespaced_pod(name, k8slib.RELEASE_NAMESPACE, grace_period_seconds=0)
+
+    def collected() -> bool:
+        try:
+            cluster.core.read_namespaced_pod(name, k8slib.RELEASE_NAMESPACE)
+            return False
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        return not _leases(cluster, [name])
+
+    k8slib.wait_for("the Lease to be garbage-collected with its Pod", collected, timeout=60)
+    assert router.forbidden_lines() == []
