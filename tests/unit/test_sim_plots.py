@@ -159,7 +159,9 @@ def test_classes_plot(tiny, tmp_path):
     lam_ax, inst_ax, gpu_ax = fig.axes
     assert _labels(lam_ax) == ["joulesched"]  # the policies that route with lambda
     lam = res.runs["joulesched"][0].lam_series
-    assert list(lam_ax.get_lines()[0].get_ydata()[:-1]) == [v for _, v in lam]
+    line = lam_ax.get_lines()[0]
+    held = [(150.0, lam[-1][1])] if lam[-1][0] < 150.0 else []  # held to the window's end
+    assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == lam + held
     series = plan_class_series(res)
     assert series.start_s.size >= 1
     bars = inst_ax.containers

@@ -267,11 +267,16 @@ def classes_plot(res: ExperimentResult, path: Path) -> Any:
     plt = _plt()
     fig, axes = plt.subplots(3, 1, figsize=(11, 8.2), sharex=True)
     T = res.experiment.duration_s
+    styles = ("-", "--", ":", "-.")
     for policy, runs in res.runs.items():
         lam = runs[0].lam_series
         if lam:
             t, v = zip(*lam, strict=True)
-            axes[0].step([*t, T], [*v, v[-1]], where="post", label=policy, linewidth=1.1)
+            if t[-1] < T:  # hold the last value to the window's end
+                t, v = (*t, T), (*v, v[-1])
+            k = len(axes[0].lines)  # trajectories often coincide: tell them apart
+            axes[0].step(t, v, where="post", label=policy, linewidth=2.0 - 0.4 * (k % 4),
+                         linestyle=styles[k % 4])
     bulk = effective_lambda(1.0, Tier.BULK)
     axes[0].set_ylabel("lambda, J per s late\n(interactive)", fontsize=8)
     axes[0].set_title(f"JouleSched lambda (bulk requests weigh it x{bulk:g}) and the "
@@ -288,6 +293,7 @@ def classes_plot(res: ExperimentResult, path: Path) -> Any:
                 ax.bar(series.start_s, counts[:, r], width=widths, bottom=bottom, align="edge",
                        label=name, edgecolor="white", linewidth=0.5)
                 bottom = bottom + counts[:, r]
+            ax.set_ylim(0, 1.2 * max(float(bottom.max()), 1.0))  # room for the legend
             ax.legend(fontsize=7, loc="upper right", ncol=4)
         else:
             ax.text(0.5, 0.5, "no planner policy in this run: every instance serves every "
