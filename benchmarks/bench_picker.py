@@ -29,6 +29,10 @@ source (same interpreter and packages, ``PYTHONPATH=DIR``), alternating with thi
 checkout's, so the two are compared side by side under the same machine load; the
 ``baseline_*`` figures and the ratios are that router's.
 
+``--floor`` also measures, in each run, an ext_proc server that decides nothing
+(every message answered "continue", on grpc.aio and uvloop like the router): what
+gRPC itself costs per exchange on this machine, the ceiling of any Python picker.
+
 ``--clients N`` spreads the load over N processes (each with ``--concurrency``
 streams), so that one client process's CPU does not cap the wall figures.
 
@@ -57,6 +61,8 @@ from typing import Any
 import numpy as np
 
 POOL = "default.chat"
+#: the ``src`` of :func:`_start_router` that starts the do-nothing server instead
+FLOOR = Path("<floor>")
 KINDS = ((0.12, 2400.0), (0.2, 1500.0), (0.45, 700.0))  # (J/token, tokens/s): H100, A100, L4
 
 
@@ -191,7 +197,40 @@ def _run_client(argv: Sequence[str]) -> None:
     Path(out).write_text(json.dumps({"done": done, "latencies": lat}))
 
 
+def _serve_floor(argv: Sequence[str]) -> None:
+    """An ext_proc server that decides nothing (each message answered "continue"), on
+    grpc.aio and uvloop as the router: the gRPC floor of a Python picker."""
+    import grpc
+    import uvloop
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    replies = {kind: pb.ProcessingResponse(**{kind: cls()}) for kind, cls in (
+        ("request_headers", pb.HeadersResponse), ("request_body", pb.BodyResponse),
+        ("response_headers", pb.HeadersResponse), ("response_body", pb.BodyResponse))}
+
+    class Continue(pb_grpc.ExternalProcessorServicer):
+        async def Process(self, request_iterator: Any, context: Any) -> None:
+            while (req := await context.read()) is not grpc.aio.EOF:
+                await context.write(replies[req.WhichOneof("request")])
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_ExternalProcessorServicer_to_server(Continue(), server)
+        server.add_insecure_port(f"127.0.0.1:{argv[0]}")
+        await server.start()
+        print("floor listening on", argv[0], flush=True)
+        await server.wait_for_termination()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
+
+
 def _start_router(path: Path, port: int, src: Path | None) -> subprocess.Popen[str]:
+    if src == FLOOR:
+        cmd = [sys.executable, __file__, "--serve-floor", str(port)]
+        return _started(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
     env = dict(os.environ)
     if src is not None:  # the baseline checkout's source first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [
@@ -202,6 +241,10 @@ def _start_router(path: Path, port: int, src: Path | None) -> subprocess.Popen[s
          "--port", str(_free_port()), "--epp-port", str(port), "--endpoints-file", str(path),
          "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return _started(proc)
+
+
+def _started(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
     assert proc.stdout is not None
     seen: list[str] = []
     while not seen or "listening on" not in seen[-1]:  # the HTTP listener is last up
@@ -276,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--client"]:
         _run_client(argv[1:])
         return 0
+    if argv[:1] == ["--serve-floor"]:
+        _serve_floor(argv[1:])
+        return 0
     ap = argparse.ArgumentParser(prog="joulepool bench picker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoints", type=int, default=1000)
@@ -285,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=1, help="load generator processes")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also measure a router from this source folder, alternating")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure an ext_proc server that decides nothing (gRPC floor)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
@@ -297,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.baseline_src is not None:
                 base = _measure(path, args, args.baseline_src.resolve())
                 res.update({f"baseline_{k}": v for k, v in base.items()})
+            if args.floor:
+                floor = _measure(path, args, FLOOR)
+                res.update({f"floor_{k}": v for k, v in floor.items()})
             res.update(_measure(path, args, None))
             (res["in_process_p50_ms"], res["in_process_p99_ms"],
              res["in_process_cpu_p99_ms"]) = in_process_pick(path, 3000)
@@ -319,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{ratios['request_only_decisions_per_core_s']:.2f}x; p99 "
               f"{ratios['p99_ms']:.2f}x")
         med.update({f"ratio_{k}": v for k, v in ratios.items()})
+    if args.floor:
+        print(f"  gRPC floor (an ext_proc server that decides nothing): "
+              f"{_summary(med, 'floor_')}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"runs": runs, "median": med,
