@@ -722,7 +722,9 @@ def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_t
     room = kv_tokens * (1.0 - KV_WATERMARK.value) - P  # below the watermark, beside a prompt
     if room < per_seq:
         return "the KV cache cannot hold a mean request"
-    slots = int(min(float(batches[-1]), math.floor(_kv_slots(room, P, o, hr))))
+    slots = int(batches[-1])  # an unknown model or GPU memory: no KV limit
+    if math.isfinite(room):
+        slots = min(slots, math.floor(_kv_slots(room, P, o, hr)))
     return _ServingModel(
         prof=prof, clock=clock_mhz, prompt=P,
         decode_tokens=max(float(mean_output_tokens) - 1.0, 0.0),
