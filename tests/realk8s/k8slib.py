@@ -14,7 +14,8 @@ What the real-API tests build on:
   Ready), :func:`publish_plan` (the plan ConfigMap as the operator writes it),
   :func:`serving_pod` / :func:`serving_pool` (a pool's serving pods, bound directly or left
   to a scheduler), :func:`router_token` / :func:`chart_router_args` (the router as the
-  chart runs it), :class:`Component` (a joulepool component or a second kube-scheduler as a local
+  chart runs it), :func:`call_json` (one JSON call to a local service),
+  :class:`Component` (a joulepool component or a second kube-scheduler as a local
   process with its own log), :func:`scheduler_config` (the chart's scheduler configuration
   with the kubeconfig and extender URL made local).
 """
@@ -22,6 +23,7 @@ What the real-API tests build on:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -29,6 +31,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,6 +460,24 @@ def router_token(rendered: Any) -> str:
 
     secret = rendered.get("Secret", service_account("router") + "-token")
     return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def call_json(base: str, path: str, body: Any = None, token: str | None = None
+              ) -> tuple[int, Any]:
+    """One HTTP call to a local service: GET ``base + path``, or POST ``body`` as JSON
+    when given, with ``token`` as the bearer token when given; the status code and the
+    decoded JSON answer (``None`` for an empty one), error statuses included (5 s bound)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, headers=headers,
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
 
 
 def chart_router_args(rendered: Any, port: int, token_file: str) -> list[str]:

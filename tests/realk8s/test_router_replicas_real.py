@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.request
 from typing import Any
 
@@ -30,18 +29,6 @@ def _args(chart: Any, port: int, token_file: str) -> list[str]:
     return [*args, "--pi-every", "10"]
 
 
-def _call(base: str, path: str, token: str, body: Any = None) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, headers=headers,
-                                 method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
 def test_two_replicas_share_miss_counts_through_their_leases(
         cluster: ControlPlane, chart: Any, procs: Components, namespace: str,
         nodes: list[str]) -> None:
@@ -62,8 +49,8 @@ def test_two_replicas_share_miss_counts_through_their_leases(
         r.wait_log("listening on", timeout=60)
 
     def decision(base: str) -> Any:
-        status, answer = _call(base, "/v1/route", token,
-                               {"pool": pool, "inputTokens": 64, "outputTokens": 32})
+        status, answer = k8slib.call_json(
+            base, "/v1/route", {"pool": pool, "inputTokens": 64, "outputTokens": 32}, token)
         return answer if status == 200 else None
 
     endpoint = k8slib.wait_for("a routing decision", lambda: decision(bases[0]),
@@ -71,12 +58,12 @@ def test_two_replicas_share_miss_counts_through_their_leases(
     k8slib.wait_for("the second replica to route", lambda: decision(bases[1]), timeout=30)
 
     def lam(base: str) -> float:
-        status, answer = _call(base, f"/v1/pools/{pool}", token)
+        status, answer = k8slib.call_json(base, f"/v1/pools/{pool}", token=token)
         assert status == 200, answer
         return float(answer["lambda"])
 
     def pool_state(base: str) -> Any:
-        status, answer = _call(base, f"/v1/pools/{pool}", token)
+        status, answer = k8slib.call_json(base, f"/v1/pools/{pool}", token=token)
         assert status == 200, answer
         return answer
 
@@ -89,9 +76,9 @@ def test_two_replicas_share_miss_counts_through_their_leases(
     assert pool_state(bases[1])["piUpdates"] == 0
     # 60 completions, 40 % late, reported to replica a only
     for i in range(60):
-        status, _ = _call(bases[0], "/v1/complete", token, {
+        status, _ = k8slib.call_json(bases[0], "/v1/complete", {
             "pool": pool, "endpoint": endpoint, "deadlineMet": i % 5 >= 2,
-            "outputTokens": 32, "e2eSeconds": 0.5})
+            "outputTokens": 32, "e2eSeconds": 0.5}, token)
         assert status == 200
 
     def converged() -> tuple[float, float] | None:
