@@ -67,7 +67,7 @@ from joulepool.core.profiles import (
     startup,
 )
 from joulepool.core.router import PI_PERIOD_S
-from joulepool.core.routing import endpoint_queue_tokens, prefill_queue, sustainable_batch
+from joulepool.core.routing import endpoint_queue_tokens, sustainable_batch
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -715,14 +715,7 @@ class Simulator:
             pool.eps[pos] = inst.marginal_eps()
             pool.left[pos] = inst.steps_left(t)
             pool.room[pos] = inst.opb - inst.n_out
-            # when a new prompt's prefill would start and the step it would run in
-            # (core.routing.prefill_queue): the engine's exact queue, the running
-            # prefill's end as of this event (an over-estimate until the next)
-            prefilling = inst.prefill_rid >= 0
-            pool.wait[pos], pool.step[pos], pool.chunk[pos] = prefill_queue(
-                inst.itl_row, inst.pf_tok, inst.budget, inst.b + prefilling, inst.nwait,
-                inst.wait_in, inst.prefill_end - t if prefilling else 0.0,
-                inst.q_tok / inst.n_out if inst.n_out else 0.0)
+            pool.wait[pos], pool.step[pos], pool.chunk[pos] = inst.prefill_queue(t)
 
     # --------------------------------------------------------- instance event
     def _on_instance_event(self, inst: Instance, t: float) -> bool:

@@ -19,6 +19,7 @@ from joulepool.core.batching import mixed_step, prefill_chunk_tokens
 from joulepool.core.llf import LLFQueue
 from joulepool.core.routing import (
     endpoint_queue_tokens,
+    prefill_queue,
     prefill_weight,
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
@@ -239,6 +240,16 @@ class Instance:
             return 0.0
         left = self.v_busy - self.v_at(t)
         return left if left > 0.0 else 0.0
+
+    def prefill_queue(self, t: float) -> tuple[float, float, float]:
+        """core.routing.prefill_queue of this engine's exact queue at ``t``: when a new
+        prompt's prefill would start, and the step and chunk it would run at (the
+        running prefill's end as of the last event: an over-estimate until the next)."""
+        prefilling = self.prefill_rid >= 0
+        return prefill_queue(self.itl_row, self.pf_tok, self.budget, self.b + prefilling,
+                             self.nwait, self.wait_in,
+                             self.prefill_end - t if prefilling else 0.0,
+                             self.q_tok / self.n_out if self.n_out else 0.0)
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
@@ -462,4 +473,6 @@ class Pool:
         self.pf_s[pos] = inst.pf_tok
         self.wake[pos] = inst.xs[1]
         self.left[pos] = 0.0 if not inst.n_out else inst.steps_left(inst.last_t)
+        self.room[pos] = inst.opb - inst.n_out
+        self.wait[pos], self.step[pos], self.chunk[pos] = inst.prefill_queue(inst.last_t)
         self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
