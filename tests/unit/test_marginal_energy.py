@@ -31,18 +31,30 @@ def _model(profile, clock_share: float) -> EndpointModel:
 
 
 @settings(max_examples=60, deadline=None)
-@given(PROFILE, st.floats(0.0, 1.0), st.integers(0, 600), TOKENS, TOKENS, TOKENS)
+@given(PROFILE, st.floats(0.0, 1.0), st.integers(0, 600), TOKENS, TOKENS, TOKENS,
+       st.one_of(st.none(), TOKENS))
 def test_monotone_in_prompt_and_output_tokens(profile, clock_share, in_flight, base_in,
-                                              base_out, more) -> None:
+                                              base_out, more, left) -> None:
     m = _model(profile, clock_share)
-    eps, pi = m.marginal_eps(in_flight), m.prefill_excess
+    eps, pi, wake = m.marginal_eps(in_flight), m.prefill_excess, m.excess_table[1]
     assert eps > 0 and pi > 0
-    e = float(marginal_energy_j(eps, pi, base_out, base_in))
-    assert float(marginal_energy_j(eps, pi, base_out + more, base_in)) >= e
-    assert float(marginal_energy_j(eps, pi, base_out, base_in + more)) >= e
+    if left is None:  # no busy-period information: every token at eps
+        wake = None
+    elif in_flight == 0:
+        left = 0.0  # an idle endpoint has no steps left
+
+    def energy(out: float, inp: float) -> float:
+        return float(marginal_energy_j(eps, pi, out, inp, wake, left))
+
+    e = energy(base_out, base_in)
+    assert energy(base_out + more, base_in) >= e
+    assert energy(base_out, base_in + more) >= e
     if more >= 1.0:
-        assert float(marginal_energy_j(eps, pi, base_out + more, base_in)) > e
-        assert float(marginal_energy_j(eps, pi, base_out, base_in + more)) > e
+        assert energy(base_out + more, base_in) > e
+        assert energy(base_out, base_in + more) > e
+    # the steps beyond the running batch's cost at least as much as joining it
+    if wake is not None:
+        assert energy(base_out, base_in) >= float(marginal_energy_j(eps, pi, base_out, base_in))
 
 
 @pytest.mark.parametrize("profile", DEFAULT_PROFILES, ids=lambda p: p.key)
