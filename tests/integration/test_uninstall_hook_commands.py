@@ -7,7 +7,6 @@ ServiceAccount, hook clean-up) is tests/realk8s/test_uninstall_hooks_real.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chart"))
 from chartlib import Rendered, render_raw
 
 from joulepool.fakes.gpus import SimulatedGPUs
+from joulepool.fakes.killharness import PY, child_env
 
-PY = [sys.executable, "-c", "import sys; from joulepool.cli import main; sys.exit(main())"]
 KIND_VALUES = Path(__file__).resolve().parents[2] / "kind" / "values.yaml"
 
 
@@ -52,12 +51,6 @@ def _local(args: list[str], state: Path) -> list[str]:
     return args
 
 
-def _env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("JOULEPOOL_", "KUBERNETES_"))}
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
-
-
 def _gpus(state: Path) -> list[dict[str, Any]]:
     return list(json.loads(state.read_text())["gpus"])
 
@@ -76,7 +69,7 @@ def test_the_rendered_reset_command_restores_every_gpu(tmp_path: Path, control: 
         gpus.set_power_limit(i, 350.0)
     assert all(g["locked"] and g["power_limit_w"] == 350.0 for g in _gpus(state))
 
-    done = subprocess.run([*PY, *_local(init_args, state)], env=_env(), capture_output=True,
+    done = subprocess.run([*PY, *_local(init_args, state)], env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"reset {count} of {count} GPU(s)" in done.stdout
@@ -87,7 +80,7 @@ def test_the_rendered_reset_command_restores_every_gpu(tmp_path: Path, control: 
         assert [g["power_limit_w"] for g in after] == [None] * count
 
     # the holding container: Ready until SIGTERM, then exits 0 (the DaemonSet goes away)
-    hold = subprocess.Popen([*PY, *hold_args], env=_env(), stdout=subprocess.PIPE,
+    hold = subprocess.Popen([*PY, *hold_args], env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 30
@@ -111,7 +104,7 @@ def test_the_rendered_reset_command_fails_while_a_gpu_stays_locked(tmp_path: Pat
     gpus = SimulatedGPUs.open(tmp_path / "state.json", "L4", 4, node="kind-worker")
     gpus.set_locked(1, 990.0, 1005.0)
     gpus.inject(1, "error", 600)  # GPU 1 refuses every call
-    done = subprocess.run([*PY, *args], env=_env(), capture_output=True, text=True,
+    done = subprocess.run([*PY, *args], env=child_env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0, done.stdout + done.stderr
     assert "still possibly locked: 1" in done.stdout

@@ -88,7 +88,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
+    """The environment of a child ``joulepool`` process: this one's without its
+    ``JOULEPOOL_*`` settings and ``KUBERNETES_*`` service variables (so only the
+    child's flags configure it), with unbuffered output."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("JOULEPOOL_", "KUBERNETES_"))}
     e["PYTHONUNBUFFERED"] = "1"
     return e
@@ -141,7 +144,7 @@ class KillHarness:
         proc = subprocess.Popen(
             [*PY, "fake-engine", "--port", str(port), "--host", "127.0.0.1", "--gpu-state",
              str(self.state), "--gpu-index", gpus],
-            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         self.engine_url = f"http://127.0.0.1:{port}"
         try:
             if not _wait_for(lambda: _get(self.engine_url + "/health"), 20.0):
@@ -161,7 +164,7 @@ class KillHarness:
         extra = ["--metrics-host", "127.0.0.1", "--metrics-port", str(port)]
         if with_engine:
             extra += ["--engine-url", self.engine_url, "--ttft-slo", "1", "--tpot-slo", "0.1"]
-        proc = subprocess.Popen(self._agent_args(*extra), env=_env(), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self._agent_args(*extra), env=child_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         return proc, port
 
@@ -190,7 +193,7 @@ class KillHarness:
         if sum(self.report.recoveries.values()) % 2 == 0:
             self.report.recoveries["reset-and-exit"] += 1
             r = subprocess.run(self._agent_args("--reset-and-exit", "--metrics-port", "0"),
-                               env=_env(), capture_output=True, text=True,
+                               env=child_env(), capture_output=True, text=True,
                                timeout=self.s.reset_grace_s + 30)
             if r.returncode != 0:
                 self.report.bad_exits.append(f"trial {trial}: reset-and-exit exited "
