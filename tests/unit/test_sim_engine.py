@@ -398,3 +398,26 @@ def test_a_plan_with_no_instances_drops_requests_without_crashing():
     assert np.isnan(r.t_done).all()
     assert any("never served" in n for n in r.notes)
     assert r.energy_j == pytest.approx(2 * 75.0)
+
+
+def test_an_instance_moved_to_another_class_takes_that_class_b_star():
+    """A plan that moves an instance (same node and mode) to another request class
+    relabels it; its b*_n must then be the new class's sustainable batch, not the old."""
+    from joulepool.sim.engine import Simulator
+    from joulepool.sim.planning import PlannedInstances, WindowPlan
+
+    cl = cluster([("n", "H100", 1)])
+    tables = model_tables(cl)
+    wl = build_workload(load_trace(), 120.0, mode="rate", value=1.0, seed=5)
+    mode = next(iter(tables))
+
+    def plan(t, cls):
+        return WindowPlan(t, (PlannedInstances("n", mode, cls, 1),), True, "hand", 0.0, "J",
+                          0.0, (0.0,) * 4, ())
+
+    sim = Simulator(cl, wl, POLICIES["combined"], tables, [plan(0.0, 0), plan(60.0, 3)])
+    before, after = sim._sustainable_batch(mode, 0), sim._sustainable_batch(mode, 3)
+    assert before != after  # the classes' requests differ, so do their b*
+    sim.run()
+    (inst,) = [i for i in sim.instances if i.cls == 3]
+    assert inst.opb == after

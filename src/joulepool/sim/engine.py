@@ -947,6 +947,7 @@ class Simulator:
                 if wanted:
                     inst.cls = wanted.pop(0)
                     inst.inv_cap = self._inv_capacity(inst.table.mode, inst.cls)
+                    inst.set_carry(self._sustainable_batch(inst.table.mode, inst.cls))
                 else:
                     self._retire(inst, t)
             for c in wanted:
