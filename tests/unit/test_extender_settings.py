@@ -47,6 +47,7 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         (["--plan-file", "/nonexistent/plan.json"], {}, "no such file"),
         (["--lambda-min", "5", "--lambda-max", "1"], {}, "lambda-min"),
         (["--token-scope", "everything"], {}, "--token-scope"),
+        (["--fresh-read-timeout-seconds", "inf"], {}, "--fresh-read-timeout-seconds"),
     ],
 )
 def test_bad_values_name_their_source(argv: list[str], env: dict[str, str], needle: str) -> None:

@@ -77,6 +77,7 @@ class Extender(service.ClusterService):
         self.freshness: PodFreshness | None = None
 
     def on_watches_started(self) -> None:
+        """Cluster mode, once the watches run: filter may re-read full nodes' pods."""
         t = self.settings.fresh_read_timeout_seconds
         if t > 0 and self.api_client is not None:
             self.freshness = PodFreshness(self.state, node_pods_lister(self.api_client, t),

@@ -52,10 +52,10 @@ class Settings(ServiceSettings):
         "kube-scheduler binds asynchronously (--no-reserve-placements: every passing node)",
     )
     fresh_read_timeout_seconds: float = Field(
-        2.0, ge=0, description="when filter finds every candidate full while the pod "
-        "watch counts pods there, re-read those nodes' pods from the API server (at most "
-        "this long) and decide again: the watch may not have delivered a deletion yet "
-        "(0: never)",
+        2.0, ge=0, le=60, description="when filter finds every candidate full while the "
+        "pod watch counts pods there, re-read those nodes' pods from the API server (at "
+        "most this long, s; within kube-scheduler's extender httpTimeout) and decide "
+        "again: the watch may not have delivered a deletion yet (0: never)",
     )
     replica_utilisation: float = Field(
         0.9, gt=0, le=1, description="load a replica carries, as a share of its capacity"
