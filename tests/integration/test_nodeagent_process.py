@@ -7,7 +7,6 @@ both processes share, the SLO signal comes over HTTP from the fake engine.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from joulepool.core.profiles import H100
 from joulepool.fakes.gpus import SimulatedGPUs
+from joulepool.fakes.killharness import child_env
 
 # the console script's code path (``python -m joulepool.cli`` would load joulepool.cli twice,
 # as __main__ and as joulepool.cli, so its UsageError class would not match the commands')
@@ -55,12 +55,6 @@ def http_get(url: str) -> str | None:
         return None
 
 
-def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("JOULEPOOL_", "KUBERNETES_"))}
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
-
-
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -81,7 +75,7 @@ def node(tmp_path_factory) -> Iterator[tuple[Path, str]]:
     engine = subprocess.Popen(
         [*PY, "fake-engine", "--port", str(port), "--host", "127.0.0.1",
          "--gpu-state", str(state), "--gpu-index", "0,1,2"],
-        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_get(url + "/health") == "ok", what="fake engine")
@@ -96,7 +90,7 @@ def start_sidecar(state: Path, *extra: str) -> tuple[subprocess.Popen, int]:
         [*PY, "sidecar", "--backend", "simulated", "--gpu-state", str(state), "--kubernetes",
          "off", "--interval", "0.05", "--metrics-host", "127.0.0.1", "--metrics-port",
          str(port), *extra],
-        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, port
 
 
@@ -194,7 +188,7 @@ def test_nvml_backend_without_a_driver_fails_clearly():
     except Exception:
         pass
     r = subprocess.run([*PY, "sidecar", "--backend", "nvml", "--kubernetes", "off",
-                        "--metrics-port", "0"], env=env(), capture_output=True, text=True,
+                        "--metrics-port", "0"], env=child_env(), capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 1
     assert "cannot use the nvml GPU backend" in r.stderr
@@ -203,12 +197,12 @@ def test_nvml_backend_without_a_driver_fails_clearly():
 
 def test_bad_flags_and_env_exit_2():
     r = subprocess.run([*PY, "sidecar", "--backend", "simulated", "--interval", "0"],
-                       env=env(), capture_output=True, text=True, timeout=30)
+                       env=child_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--interval" in r.stderr
     r = subprocess.run([*PY, "sidecar", "--backend", "simulated"],
-                       env={**env(), "JOULEPOOL_INTERVAL": "soon"}, capture_output=True,
+                       env={**child_env(), "JOULEPOOL_INTERVAL": "soon"}, capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 2 and "JOULEPOOL_INTERVAL" in r.stderr  # names the variable
     r = subprocess.run([*PY, "sidecar", "--backend", "simulated", "--engine-url", "nohost"],
-                       env=env(), capture_output=True, text=True, timeout=30)
+                       env=child_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--engine-url" in r.stderr

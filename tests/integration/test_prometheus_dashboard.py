@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from joulepool.fakes.gpus import SimulatedGPUs
+from joulepool.fakes.killharness import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "charts" / "joulepool" / "files" / "dashboards" / "joulepool.json"
@@ -76,16 +77,8 @@ def wait_for(pred: Any, timeout: float, what: str, every: float = 0.2) -> Any:
     raise AssertionError(f"timed out waiting for {what}; last: {last!r:.500}")
 
 
-def env() -> dict[str, str]:
-    import os
-
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("JOULEPOOL_", "KUBERNETES_"))}
-    e["PYTHONUNBUFFERED"] = "1"
-    return e
-
-
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, env=env(), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(args, env=child_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 def dashboard_queries() -> list[str]:
