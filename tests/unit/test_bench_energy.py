@@ -3,6 +3,7 @@ request count, the iso-SLO verdict and summary, and bad arguments exiting 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -36,7 +37,8 @@ def bench():
         (["--traces", "bundled,tiny"], "--traces: unknown tiny"),
         (["--clusters", ""], "--clusters: unknown (none given)"),
         (["--loads", "0.2,high"], "--loads '0.2,high': numbers"),
-        (["--loads", "0,0.5"], "each in (0, 1.5]"),
+        (["--loads", "0,0.5"], "each in (0, 3]"),
+        (["--loads", "0.5,3.5"], "each in (0, 3]"),
         (["--min-requests", "-1"], "--min-requests >= 0"),
         (["--duration", "nan"], "--duration must be > 0"),
         (["--jobs", "0"], "--jobs >= 1"),
@@ -81,7 +83,8 @@ def _row(miss=0.0, ttft=0.99, tpot=1.0, energy=100.0):
 
 def test_verdict_and_summary_line(bench):
     def out(trace, combined, **others):
-        cell = bench.Cell(trace, 0.5, "joulesched-320", "freesh", 60.0, 0, (), 0)
+        cell = bench.Cell(trace, 0.5, "joulesched-320", "freesh", 60.0, 0,
+                          ("least-loaded", "combined", *others), 0)
         rows = {"least-loaded": _row(), "combined": combined, **others}
         return {"cell": cell, "rows": rows, "objective": "energy", "requests": 10}
 
@@ -93,6 +96,8 @@ def test_verdict_and_summary_line(bench):
     assert bench.verdict(beaten) == "FAIL: dominated by freesh"
     skipped = {"cell": ok["cell"], "rows": {}, "objective": "energy", "requests": 0,
                "error": "x"}
+    no_combined = {**ok, "cell": dataclasses.replace(ok["cell"], policies=("least-loaded",))}
+    assert bench.summary_line([no_combined]) == "summary: combined not among --policies"
     line = bench.summary_line([ok, late, beaten, skipped])
     assert line.startswith("summary: combined meets iso-SLO in 2/3 cells (1 not run)")
     assert ("joulesched-320/bundled/0.5/freesh 0.70; joulesched-320/prefill-heavy/0.5/"
