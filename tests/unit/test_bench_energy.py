@@ -99,7 +99,8 @@ def test_verdict_and_summary_line(bench):
     no_combined = {**ok, "cell": dataclasses.replace(ok["cell"], policies=("least-loaded",))}
     assert bench.summary_line([no_combined]) == "summary: combined not among --policies"
     line = bench.summary_line([ok, late, beaten, skipped])
-    assert line.startswith("summary: combined meets iso-SLO in 2/3 cells (1 not run)")
+    assert line.startswith("summary: combined meets iso-SLO in 2/3 cells (1 not run), and no "
+                           "other policy does so with > 1 % less energy (carbon) in 1 of them")
     assert ("joulesched-320/bundled/0.5/freesh 0.70; joulesched-320/prefill-heavy/0.5/"
             "freesh 0.60!; joulesched-320/decode-heavy/0.5/freesh 0.80") in line
 

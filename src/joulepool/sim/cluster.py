@@ -225,7 +225,7 @@ def freesh_3site() -> SimCluster:
         duration_s=3600.0,
         notes=(
             "FREESH served a 1-hour production workload at the trace's own rate (--scale 1: "
-            "about twice what this cluster serves within SLO with a 70B model, by "
+            "more than twice what this cluster serves within SLO with a 70B model, by "
             f"sim.runner.capacity_at_slo); by default {DEFAULT_LOAD:g} of the capacity at "
             "SLO, as every built-in cluster; "
             "FREESH's 3 sites, (A100, H100) = (4, 4), (12, 2), (8, 0), and its four modes "
