@@ -375,3 +375,12 @@ def test_a100_8b_single_stream_decode_agrees_with_a_published_measurement():
     itl_40gb_s = 1 / 75.0
     itl_80gb_s = itl_40gb_s * 1555 / 2039
     assert float(A100_8B.itl_s(1)) == pytest.approx(itl_80gb_s, rel=0.10)
+
+
+def test_an_unbounded_kv_cache_leaves_the_batch_slots():
+    """A product without GPU memory or an unknown model has no KV limit (inf tokens): the
+    batch slots alone bound admission, as with a cache too large to fill."""
+    free = H100_8B.serving_point(2000, 600, 0.6, 0.15, kv_tokens=float("inf"))
+    huge = H100_8B.serving_point(2000, 600, 0.6, 0.15, kv_tokens=1e12)
+    assert free.rps > 0 and free.rps == pytest.approx(huge.rps, rel=1e-6)
+    assert free.kv_share == 0.0
