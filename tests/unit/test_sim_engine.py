@@ -421,3 +421,22 @@ def test_an_instance_moved_to_another_class_takes_that_class_b_star():
     sim.run()
     (inst,) = [i for i in sim.instances if i.cls == 3]
     assert inst.opb == after
+
+
+def test_miad_keeps_tpot_before_any_request_completes():
+    """Long responses (80 s) finish long after MIAD starts lowering clocks: MIAD must
+    read the steps the batch runs now (as the node agent reads the engine's inter-token
+    latency), not wait for completed requests' mean TPOT, or every one of them misses."""
+    cl = cluster([("n", "H100", 1)])
+    tables = model_tables(cl)
+    profile = tables["1xH100"].profile
+    n = 40
+    wl = workload([0.01 * i for i in range(n)], [100] * n, [8000] * n, duration=60.0)
+    tpot = float(profile.itl_s(n, max(tables["1xH100"].clocks))) / 0.85
+    assert float(profile.itl_s(n, min(tables["1xH100"].clocks))) > tpot  # lowest clock misses
+    wl = wl.__class__(**{**wl.__dict__, "tpot_slo_s": np.full(n, tpot)})
+    r = _run(cl, wl, POLICIES["miad-only"])
+    got = (r.t_done - r.t_first) / (wl.output_tokens - 1)
+    assert np.isfinite(got).all()
+    assert (got <= tpot).mean() >= 0.99
+    assert r.energy_j < _run(cl, wl, POLICIES["least-loaded"]).energy_j  # still lowers clocks

@@ -273,7 +273,14 @@ class Simulator:
     """
 
     __slots__ = (
-        "T", "cluster", "controllers", "done", "dropped", "ended", "events", "evq",
+        "T",
+        "cluster",
+        "controllers",
+        "done",
+        "dropped",
+        "ended",
+        "events",
+        "evq",
         "fallback_routes",
         "gpus",
         "hlog",
@@ -322,6 +329,7 @@ class Simulator:
         "tables",
         "tick_k",
         "tokens_window",
+        "tpot_floor_s",
         "truncated",
         "use_js",
         "use_miad",
@@ -369,6 +377,9 @@ class Simulator:
         self.load_columns = self.pools[0].profile.picker.reads_scores
         self.evq: list[tuple[float, int, int]] = []  # (t, instance, instance version)
         self.controllers = self._miad_controllers()
+        #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
+        #: step time to
+        self.tpot_floor_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
         self.pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target,
                                lam=prm.pi_lam0)
         self.lam_series: list[tuple[float, float]] = [(0.0, self.pi.lam)] if self.use_js else []
@@ -595,14 +606,24 @@ class Simulator:
 
     def _miad_step(self, t: float) -> None:
         """MIAD on every instance with GPUs, from its worst TTFT and TPOT ratios since
-        the last step (fractions of each request's own SLO) and its queue length."""
+        the last step (fractions of each request's own SLO) and its queue length.
+
+        The TPOT side also reads the inter-token latency the instance's batch sees now
+        (its step time, a mixed prefill step included, over the tightest TPOT SLO), as
+        the node agent reads the tail of the engine's inter-token-latency histogram
+        over its last seconds: a request's mean TPOT is known only when it ends, many
+        seconds after lower clocks stretched its steps, too late to keep the SLO."""
+        floor = self.tpot_floor_s
         for inst in self.instances:
             if inst.state != ACTIVE and inst.state != DRAINING:
                 continue
             ctrl = self.controllers[inst.table.mode]
+            tp = inst.tp_max
+            if inst.b and floor > 0.0 and inst.itl / floor > tp:
+                tp = inst.itl / floor
             sig = SLOSignal(
                 inst.tt_max if inst.tt_max >= 0.0 else None,
-                inst.tp_max if inst.tp_max >= 0.0 else None,
+                tp if tp >= 0.0 else None,
                 inst.nwait,
             )
             inst.tt_max = -1.0
