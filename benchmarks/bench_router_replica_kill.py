@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -33,23 +34,54 @@ from joulepool.fakes.replicakill import ReplicaKillReport, ReplicaKillSettings, 
 TARGET = 1e-3
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bench_router_replica_kill",
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="joulepool bench router_replica_kill",
                                  description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=5000)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=6)
+    ap.add_argument("--runs", type=int, default=3,
+                    help="independent runs, each with fresh routers and engines "
+                    "(default %(default)d)")
+    ap.add_argument("--requests", type=int, default=5000,
+                    help="completions sent per run (default %(default)d)")
+    ap.add_argument("--concurrency", type=int, default=32,
+                    help="client connections sending them at once (default %(default)d)")
+    ap.add_argument("--max-tokens", type=int, default=6,
+                    help="tokens each completion asks for (default %(default)d)")
     ap.add_argument("--kill-after", type=float, default=1 / 3,
-                    help="share of the requests done before the SIGKILL")
+                    help="share of the requests done before the SIGKILL, in [0, 1)")
     ap.add_argument("--max-retries", type=int, default=2,
                     help="the OpenAI SDK's max_retries (its default is 2)")
     ap.add_argument("--probe-period", type=float, default=1.0,
                     help="seconds between the Service's readiness probes (0: the dead "
                     "replica stays in rotation for the whole run)")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the machine, the settings and every run's report "
+                    "as JSON to this file")
     ap.add_argument("--check", action="store_true", help="exit 1 when a run loses >= 0.1 %%")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """ValueError naming the first flag whose value cannot make a run (a kill share of 1
+    or more never kills; a negative probe period or no requests or connections hang)."""
+    at_least = [("--runs", args.runs, 1), ("--requests", args.requests, 1),
+                ("--concurrency", args.concurrency, 1), ("--max-tokens", args.max_tokens, 1),
+                ("--max-retries", args.max_retries, 0)]
+    for flag, value, low in at_least:
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, not {value}")
+    if not 0 <= args.kill_after < 1:
+        raise ValueError(f"--kill-after must be in [0, 1), not {args.kill_after:g}")
+    if not 0 <= args.probe_period < math.inf:
+        raise ValueError(f"--probe-period must be >= 0 s and finite, not {args.probe_period:g}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        print(f"bench router_replica_kill: {exc}", file=sys.stderr)
+        return 2
     # the fake engines run in this process: their log of each response the killed
     # router never read ("Error handling request ... Connection lost") is expected
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
