@@ -101,3 +101,19 @@ def test_miad_validates_parameters():
         _miad(k_inc=1.0)
     with pytest.raises(ValueError):
         MIADController([], 0.3, 0.05)
+
+
+def test_prefill_clock_floor_by_hand():
+    from joulepool.core.controllers import prefill_clock_floor
+
+    # prefill of the prompt: 1 s at 1000 MHz, inversely with the clock
+    def at(f):
+        return 1000.0 / f
+
+    clocks = [2000.0, 1000.0, 1250.0, 1600.0]
+    # within 0.9 x 1 s: 1000/f <= 0.9 -> f >= 1111: the lowest such clock is 1250
+    assert prefill_clock_floor(at, clocks, 1.0, 0.1) == 1250.0
+    assert prefill_clock_floor(at, clocks, 2.0, 0.0) == 1000.0  # every clock fits
+    assert prefill_clock_floor(at, clocks, 0.1, 0.1) == 2000.0  # none fits: the highest
+    with pytest.raises(ValueError):
+        prefill_clock_floor(at, [], 1.0)

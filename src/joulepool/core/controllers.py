@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -140,3 +140,25 @@ class MIADController:
         if nxt < current_mhz:
             return nxt, Direction.DOWN
         return nxt, Direction.HOLD
+
+
+def prefill_clock_floor(prefill_s_at: Callable[[float], float], clocks_mhz: Sequence[float],
+                        ttft_s: float, margin: float = 0.1) -> float:
+    """MHz: the lowest of ``clocks_mhz`` at which a prompt still prefills within
+    (1 - ``margin``) x ``ttft_s``, where ``prefill_s_at(f)`` is that prompt's prefill time
+    in s at clock f (MHz); the highest clock when none does.
+
+    MIAD lowers the clock while the latencies it has seen are fine; on sparse traffic
+    the next prompt then prefills at a clock that cannot meet its TTFT, and MIAD only
+    learns it from that miss. Holding MIAD at or above this floor, for the prompt
+    lengths the instance serves, keeps it from trading first tokens for joules.
+    """
+    ordered = sorted(float(c) for c in clocks_mhz)
+    if not ordered:
+        raise ValueError("no clocks")
+    limit = (1.0 - margin) * ttft_s
+    for f in ordered:
+        if prefill_s_at(f) <= limit:
+            return f
+    return ordered[-1]
+

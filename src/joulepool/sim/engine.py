@@ -57,10 +57,16 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.core.classes import CLASS_NAMES, Tier, default_deadline
-from joulepool.core.controllers import MIADController, PIController, SLOSignal
+from joulepool.core.controllers import (
+    MIADController,
+    PIController,
+    SLOSignal,
+    prefill_clock_floor,
+)
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import llf_deadline
 from joulepool.core.profiles import (
+    DEFAULT_HEADROOM,
     GPU_MEMORY_UTILIZATION,
     kv_capacity_tokens,
     max_model_len,
@@ -274,6 +280,7 @@ class Simulator:
 
     __slots__ = (
         "T",
+        "clock_floors",
         "cluster",
         "controllers",
         "done",
@@ -377,6 +384,7 @@ class Simulator:
         self.load_columns = self.pools[0].profile.picker.reads_scores
         self.evq: list[tuple[float, int, int]] = []  # (t, instance, instance version)
         self.controllers = self._miad_controllers()
+        self.clock_floors: dict[tuple[str, int], float] = {}
         #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
         #: step time to
         self.tpot_floor_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
@@ -630,6 +638,8 @@ class Simulator:
             inst.tp_max = -1.0
             cur = inst.table.clocks[inst.ci]
             nxt, _ = ctrl.step(cur, sig)
+            if nxt < inst.clock_floor:
+                nxt = inst.clock_floor
             if nxt != cur:
                 inst.change_clock(inst.table.clocks.index(nxt), t, self.evq)
                 if inst.state == ACTIVE and inst.pos >= 0:
@@ -859,6 +869,7 @@ class Simulator:
                         cls, self.llf, self._inv_capacity(mode, cls),
                         self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start)
         inst.set_carry(self._sustainable_batch(mode, cls))
+        inst.clock_floor = self._clock_floor(mode, cls)
         self.instances.append(inst)
         if not self._activate(inst, t):
             self.gpus.node_pending[node].append(inst)
@@ -879,6 +890,28 @@ class Simulator:
                 self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
                 float(wl.predicted_tokens[mine].mean()), float(wl.ttft_slo_s[slo].mean()),
                 float(wl.tpot_slo_s[slo].min()))
+        return hit
+
+    def _clock_floor(self, mode: str, cls: int) -> float:
+        """MHz below which MIAD does not take ``mode``'s instances serving ``cls`` (all
+        requests outside planner pools): core.controllers.prefill_clock_floor for the
+        prompt at the headroom's TTFT-miss quantile of those requests, at their
+        tightest TTFT SLO; 0 without MIAD."""
+        if not self.use_miad:
+            return 0.0
+        key = (mode, cls)
+        hit = self.clock_floors.get(key)
+        if hit is None:
+            wl = self.workload
+            mine = (wl.cls == cls) if self.planner_pools else np.ones(wl.cls.size, dtype=bool)
+            if not mine.any():
+                mine = np.ones(wl.cls.size, dtype=bool)
+            q = 1.0 - DEFAULT_HEADROOM.ttft_miss.value
+            prompt = float(np.quantile(wl.input_tokens[mine], q))
+            tab = self.tables[mode]
+            hit = self.clock_floors[key] = prefill_clock_floor(
+                lambda f: float(tab.profile.prefill_s(prompt, f)), tab.clocks,
+                float(wl.ttft_slo_s[mine].min()), self.prm.miad_margin)
         return hit
 
     def _activate(self, inst: Instance, t: float) -> bool:
@@ -969,6 +1002,7 @@ class Simulator:
                     inst.cls = wanted.pop(0)
                     inst.inv_cap = self._inv_capacity(inst.table.mode, inst.cls)
                     inst.set_carry(self._sustainable_batch(inst.table.mode, inst.cls))
+                    inst.clock_floor = self._clock_floor(inst.table.mode, inst.cls)
                 else:
                     self._retire(inst, t)
             for c in wanted:

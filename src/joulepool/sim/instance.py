@@ -68,6 +68,7 @@ class Instance:
         "busy_t",
         "ce",
         "ci",
+        "clock_floor",
         "cls",
         "dec_end",
         "energy",
@@ -138,6 +139,7 @@ class Instance:
         self.node = node
         self.site = site
         self.cls = cls  # request class it serves (planner pools), else 0
+        self.clock_floor = 0.0  # MHz: MIAD holds the clock at or above it
         self.gpus = table.gpus
         self.gpu_ids: tuple[int, ...] = ()
         self.state = PENDING
