@@ -121,3 +121,20 @@ def test_bad_boolean_and_choice_name_their_variable() -> None:
         load(NodeAgentSettings, None, environ={"JOULEPOOL_PUBLISH": "maybe"})
     with pytest.raises(SettingsError, match="JOULEPOOL_BACKEND"):
         load(NodeAgentSettings, None, environ={"JOULEPOOL_BACKEND": "cuda"})
+
+
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:9400/metrics", "http://", "http:///m",
+                                 "ftp://host/metrics", "http://host:port/metrics"])
+def test_router_energy_metrics_urls_must_be_http_urls(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # anything else was accepted, then counted as a failed scrape forever
+    assert main(["router", "--no-cluster", "--energy-metrics-urls", url]) == 2
+    assert "--energy-metrics-urls" in (err := capsys.readouterr().err) and repr(url) in err, err
+    monkeypatch.setenv("JOULEPOOL_ROUTER_ENERGY_METRICS_URLS", f"http://ok/metrics {url}")
+    with pytest.raises(SettingsError, match=f"JOULEPOOL_ROUTER_ENERGY_METRICS_URLS=.*{url}"):
+        load(RouterServiceSettings, None)
+    assert load(RouterServiceSettings, None, environ={
+        "JOULEPOOL_ROUTER_ENERGY_METRICS_URLS": "http://127.0.0.1:9400/metrics "
+        "https://dcgm.monitoring:9400/metrics"}).energy_metrics_urls == [
+        "http://127.0.0.1:9400/metrics", "https://dcgm.monitoring:9400/metrics"]

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -84,6 +85,21 @@ class Settings(ServiceSettings):
     @classmethod
     def _known_routing(cls, value: str) -> str:
         routing_profile(value)  # ValueError naming the choices
+        return value
+
+    @field_validator("energy_metrics_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        """Each an absolute ``http(s)://host[:port]/path`` URL (anything else could only
+        ever count as a failed scrape)."""
+        for url in value:
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - ValueError when the port is not a number
+            except ValueError as exc:
+                raise ValueError(f"{url!r}: not a URL ({exc})") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r}: not an http(s)://host/... URL")
         return value
 
     def router_settings(self) -> RouterSettings:
