@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -30,10 +31,26 @@ log = logging.getLogger(__name__)
 STORE = web.AppKey("replica_store", LeaseStore)
 
 
+#: longest Kubernetes object name (a DNS-1123 subdomain)
+MAX_NAME = 253
+
+
 def replica_name(configured: str | None) -> str:
-    """This replica's name: the setting (the chart passes the pod name), else the host
-    name (a pod's host name is its name)."""
-    return configured or socket.gethostname().lower()
+    """This replica's name, and its Lease's: the setting (already validated; the chart
+    passes the pod name), else the host name (a pod's host name is its name) made a
+    DNS-1123 subdomain (:func:`dns_subdomain`)."""
+    return configured or dns_subdomain(socket.gethostname(), fallback="joulepool-router")
+
+
+def dns_subdomain(text: str, fallback: str) -> str:
+    """``text`` as a valid Kubernetes object name: lower case, each character other than
+    ``a-z0-9.-`` replaced by ``-``, each dot-separated label trimmed to start and end
+    alphanumeric (empty labels dropped), at most 253 characters; ``fallback`` when
+    nothing is left (``"My_Host"`` -> ``"my-host"``)."""
+    labels = (re.sub(r"[^a-z0-9-]", "-", label).strip("-")
+              for label in text.lower().split("."))
+    name = ".".join(label for label in labels if label)[:MAX_NAME].rstrip("-.")
+    return name or fallback
 
 
 async def sync_once(router: Router, store: LeaseStore) -> int:
