@@ -142,6 +142,15 @@ class ReplicaKillSettings:
 
 @dataclass
 class ReplicaKillReport:
+    """What one run saw, filled in as it goes. Counts are requests unless named
+    otherwise: ``requests`` to send, ``done`` finished (either way), ``failed`` for good
+    (the SDK gave up, or the completion was wrong; by exception name in ``errors``);
+    ``refused`` and ``connections`` are the balancer's TCP connections (refused by a
+    dead replica; opened to each replica, in start order, the killed one first);
+    ``killed_at`` is ``done`` when the SIGKILL went out (None: never) and
+    ``killed_exit`` the victim's exit status (``-9`` after SIGKILL); ``served_by`` the
+    engines (``ip:port``) that answered; ``elapsed_s`` the load's wall time in seconds."""
+
     requests: int = 0
     done: int = 0
     failed: int = 0
@@ -159,9 +168,15 @@ class ReplicaKillReport:
 
     @property
     def failure_ratio(self) -> float:
+        """Requests lost for good over requests to send, in [0, 1] (0 with none to send);
+        issue 12's target is under 1e-3."""
         return self.failed / self.requests if self.requests else 0.0
 
     def to_json(self) -> dict[str, object]:
+        """The report as a JSON-ready mapping (the benchmark's ``runs`` entries): counts
+        as above, ``failure_ratio`` a fraction, ``refused_connections`` and
+        ``connections`` TCP connections, ``killed_after_requests`` = ``killed_at``,
+        ``elapsed_s`` seconds rounded to 0.01; ``done`` and ``served_by`` are left out."""
         return {"requests": self.requests, "failed": self.failed,
                 "failure_ratio": self.failure_ratio, "retried": self.retried,
                 "refused_connections": self.refused, "connections": self.connections,
