@@ -550,12 +550,7 @@ class PoolRouter:
         key = str(tier or self.tier)
         self.counts[key] = self.counts.get(key, Counts()) + Counts(1, int(missed))
         self.window.add(now, missed)
-        self.period_n += 1
-        self.period_miss += missed
-        if self.last_pi_t is None:
-            self.last_pi_t = now
-        if self.period_n >= self.s.pi_every:
-            self.update_lambda(now)
+        self._count_period(1, int(missed), now)
         ratio = self.window.rate(now) or 0.0
         if self.observer is not None:
             self.observer.completed(self.key, missed, joules, ratio)
@@ -612,8 +607,15 @@ class PoolRouter:
                     self.observer.lambda_changed(self.key, lam)
         if increment.completions <= 0:
             return
-        self.period_n += increment.completions
-        self.period_miss += min(increment.misses, increment.completions)
+        self._count_period(increment.completions,
+                           min(increment.misses, increment.completions), now)
+
+    def _count_period(self, completions: int, misses: int, now: float) -> None:
+        """Add completions and misses (this replica's or its peers') to the current PI
+        period, which starts at the first of them (``now``, s); step lambda once the
+        period holds ``pi_every`` completions."""
+        self.period_n += completions
+        self.period_miss += misses
         if self.last_pi_t is None:
             self.last_pi_t = now
         if self.period_n >= self.s.pi_every:
