@@ -8,6 +8,7 @@ Titles name the cluster, trace, load and SLO set (:func:`scenario_title`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import numpy as np
 from joulepool.core.classes import CLASS_NAMES, Tier
 from joulepool.core.cost import effective_lambda
 from joulepool.core.energy import megajoules_per_hour
+from joulepool.sim.engine import RunResult
 from joulepool.sim.report import BASELINE, Summary, plan_class_series
 from joulepool.sim.runner import ExperimentResult
+from joulepool.sim.workload import Workload
 
 MAX_CDF_POINTS = 4000
 
@@ -69,18 +72,30 @@ def _cdf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v, np.arange(1, v.size + 1) / max(n_all, 1)
 
 
+def _latencies(run: RunResult, workload: Workload) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's end-to-end latency and time to first token in ``run`` (s from its
+    arrival in ``workload``); inf for a request not served (or never started)."""
+    e2e = np.where(np.isnan(run.t_done), np.inf, run.t_done - workload.arrival_s)
+    ttft = np.where(np.isnan(run.t_first), np.inf, run.t_first - workload.arrival_s)
+    return e2e, ttft
+
+
+def _plot_latencies(res: ExperimentResult, axes: Any,
+                    curve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+    """Per policy (first repeat; the baseline dashed) ``curve`` of its end-to-end
+    latencies on ``axes[0]`` and of its TTFTs on ``axes[1]``, x floored at 1 ms."""
+    workload = res.repeats[0].workload
+    for policy, runs in res.runs.items():
+        style = "--" if policy == BASELINE else "-"
+        for ax, vals in zip(axes, _latencies(runs[0], workload), strict=True):
+            x, y = curve(vals)
+            ax.plot(np.maximum(x, 1e-3), y, style, label=policy, linewidth=1.2)
+
+
 def latency_plot(res: ExperimentResult, path: Path) -> Any:
     plt = _plt()
-    wl = res.repeats[0].workload
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    for policy, runs in res.runs.items():
-        run = runs[0]
-        e2e = np.where(np.isnan(run.t_done), np.inf, run.t_done - wl.arrival_s)
-        ttft = np.where(np.isnan(run.t_first), np.inf, run.t_first - wl.arrival_s)
-        style = "--" if policy == BASELINE else "-"
-        for ax, vals in zip(axes, (e2e, ttft), strict=True):
-            x, y = _cdf(vals)
-            ax.plot(np.maximum(x, 1e-3), y, style, label=policy, linewidth=1.2)
+    _plot_latencies(res, axes, _cdf)
     for ax, title in zip(axes, ("end-to-end latency", "time to first token"), strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("seconds (log)")
@@ -192,16 +207,8 @@ def tail_latency_plot(res: ExperimentResult, path: Path) -> Any:
     """Share of requests slower than x against x, both log scales: the tail of end-to-end
     latency and of TTFT per policy (unserved requests count as slower than any x)."""
     plt = _plt()
-    wl = res.repeats[0].workload
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for policy, runs in res.runs.items():
-        run = runs[0]
-        e2e = np.where(np.isnan(run.t_done), np.inf, run.t_done - wl.arrival_s)
-        ttft = np.where(np.isnan(run.t_first), np.inf, run.t_first - wl.arrival_s)
-        style = "--" if policy == BASELINE else "-"
-        for ax, vals in zip(axes, (e2e, ttft), strict=True):
-            x, y = tail_share(vals)
-            ax.plot(np.maximum(x, 1e-3), y, style, label=policy, linewidth=1.2)
+    _plot_latencies(res, axes, tail_share)
     for ax, what in zip(axes, ("end-to-end latency", "time to first token"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
