@@ -230,14 +230,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="requests per cell, at least: a cell simulates max(--duration, "
                          "N / rate) s (default %(default)d)")
     ap.add_argument("--jobs", type=int, default=2, help="cells run in parallel")
-    ap.add_argument("--traces", default=",".join(TRACES))
+    ap.add_argument("--traces", default=",".join(TRACES),
+                    help=f"comma-separated traces ({', '.join(TRACES)}; default all)")
     ap.add_argument("--loads", default="0.2,0.5,0.8",
                     help="fractions of the cluster's capacity at SLO")
-    ap.add_argument("--clusters", default=",".join(CLUSTERS))
+    ap.add_argument("--clusters", default=",".join(CLUSTERS),
+                    help=f"comma-separated clusters ({', '.join(CLUSTERS)}; default all)")
     ap.add_argument("--slos", default=",".join(SLO_SETS),
                     help=f"SLO sets ({', '.join(SLO_SETS)}; default all)")
-    ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help=f"comma-separated routing policies (default {','.join(POLICIES)}); "
+                         "least-loaded, the iso-SLO reference, is always run")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of each cell's workload draw from its trace, the same for "
+                         "every policy (default %(default)d)")
     ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 

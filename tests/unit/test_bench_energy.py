@@ -131,3 +131,14 @@ def test_a_small_matrix_runs_and_prints_request_counts(bench, capsys, tmp_path):
     assert all(set(d["rows"]) == {"least-loaded", "combined"} and d["verdict"] for d in doc)
     assert [d["requests"] for d in doc] == [
         int(h.split(" requests over")[0].rsplit("| ", 1)[1].replace(",", "")) for h in heads]
+
+
+def test_every_option_has_help(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench._parse(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag, words in [("--traces", "comma-separated traces"),
+                        ("--clusters", "comma-separated clusters"),
+                        ("--policies", "comma-separated routing policies"),
+                        ("--seed", "seed of each cell's workload")]:
+        assert f"{flag} " in out and words in out, flag
