@@ -16,14 +16,22 @@ if TYPE_CHECKING:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from joulepool.core.classes import SLO_SETS
-    from joulepool.sim.cluster import DEFAULT_LOAD
-
+    """The ``simulate`` command's description and arguments."""
     parser.description = (
         "Replay a production LLM trace on a simulated heterogeneous GPU cluster and compare "
         "scheduling policies on energy, carbon, latency and SLOs. With no arguments: the "
         "joulesched-320 cluster, the bundled Azure 2023 conversation trace, every policy."
     )
+    _add_scenario_arguments(parser)
+    _add_run_arguments(parser)
+    _add_model_arguments(parser)
+
+
+def _add_scenario_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is simulated: cluster, trace, policies, window, offered load, SLO set."""
+    from joulepool.core.classes import SLO_SETS
+    from joulepool.sim.cluster import DEFAULT_LOAD
+
     parser.add_argument("--cluster", default="joulesched-320", metavar="NAME|FILE",
                         help="built-in cluster (joulesched-320, freesh-3site) or a cluster YAML "
                              "(default: %(default)s)")
@@ -56,6 +64,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="interactive-tier SLOs of every class: "
                              + "; ".join(s.describe() for s in SLO_SETS.values())
                              + " (default %(default)s); bulk gets --bulk-slack times them")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How it is run: seeds and repeats, processes, outputs."""
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="independent repeats (seeds seed..seed+N-1) for 95%% confidence "
@@ -66,6 +78,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="directory for the JSON result and PNG plots (default: results/)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models' assumptions: workload mix, predictor, planner, router, engine."""
     parser.add_argument("--mix", default="0.64,0.28,0.08", metavar="CHAT,RAG,BATCH",
                         help="workload shares (default JouleSched's 0.64,0.28,0.08)")
     parser.add_argument("--predictor-mae", type=float, default=0.12, metavar="F",
