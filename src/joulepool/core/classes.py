@@ -14,6 +14,7 @@ from typing import overload
 
 import numpy as np
 import numpy.typing as npt
+from scipy import stats
 
 
 class Tier(StrEnum):
@@ -59,6 +60,57 @@ class ClassBoundaries:
         long_p = np.asarray(input_tokens) >= self.prompt_tokens
         long_r = np.asarray(output_tokens) >= self.response_tokens
         return np.asarray(long_p.astype(np.int64) * 2 + long_r.astype(np.int64))
+
+
+#: points of a :class:`PromptLengths` (each stands for 1/N of the class's prompts)
+PROMPT_LENGTH_POINTS = 1000
+
+
+@dataclass(frozen=True)
+class PromptLengths:
+    """A class's prompt-length distribution as the planner needs it, in tokens.
+
+    ``tokens[k]`` is the quantile at probability (k + 1/2) / N, N = ``len(tokens)``,
+    ascending: N equally likely prompts, so a share of prompts is a count of points
+    over N (to 1/N). Built from measured prompts (:meth:`from_samples`, the simulator's
+    trace) or from a mean and an assumed squared coefficient of variation
+    (:meth:`assumed`, a gamma distribution; what an operator knows of a pool).
+    """
+
+    tokens: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.tokens, dtype=np.float64)
+        if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError("prompt lengths must be finite, >= 0 and not empty")
+        if np.any(np.diff(arr) < 0):
+            raise ValueError("prompt-length quantiles must be ascending")
+
+    @classmethod
+    def from_samples(cls, prompt_tokens: npt.ArrayLike,
+                     points: int = PROMPT_LENGTH_POINTS) -> PromptLengths | None:
+        """Quantiles of measured prompt lengths; None when there are none."""
+        arr = np.asarray(prompt_tokens, dtype=np.float64).ravel()
+        if arr.size == 0:
+            return None
+        q = np.quantile(arr, (np.arange(points) + 0.5) / points)
+        return cls(tuple(float(v) for v in q))
+
+    @classmethod
+    def assumed(cls, mean_tokens: float, scv: float,
+                points: int = PROMPT_LENGTH_POINTS) -> PromptLengths:
+        """Gamma-distributed prompts of mean ``mean_tokens`` and SCV ``scv`` (1:
+        exponential); every prompt equal to the mean when ``scv`` is 0."""
+        if mean_tokens < 0 or scv < 0:
+            raise ValueError("mean prompt and SCV must be >= 0")
+        probs = (np.arange(points) + 0.5) / points
+        if scv == 0 or mean_tokens == 0:
+            return cls((float(mean_tokens),) * points)
+        q = stats.gamma.ppf(probs, a=1.0 / scv, scale=mean_tokens * scv)
+        return cls(tuple(float(v) for v in q))
+
+    def array(self) -> npt.NDArray[np.float64]:
+        return np.asarray(self.tokens, dtype=np.float64)
 
 
 @dataclass(frozen=True)

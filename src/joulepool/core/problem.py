@@ -12,18 +12,35 @@ fills the planner's matrices from core's serving model:
   class's mean prompt and output lengths and its TTFT/TPOT SLO; 0 where the class may
   not use the mode (no profile, product not allowed);
 * ``forecast_rps[r, t]`` = the class's forecast per step (requests/s).
+
+The serving point sizes a class from its MEAN prompt; a mode whose prefill of the mean
+prompt fits the TTFT may still miss it for a large share of the class's longer prompts.
+:func:`prompt_tail_miss` counts that share from the class's prompt-length distribution
+(:class:`~joulepool.core.classes.PromptLengths`), and :func:`build_problem` keeps a mode
+for a class only where that share fits the headroom's TTFT miss budget, at no more than
+the rate where it still does (docs/planner.md, "Prompt-length tail").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from joulepool.core.batching import prefill_time_s
+from joulepool.core.classes import PromptLengths
 from joulepool.core.planner import Mode, Objective, PlanNode, PlanProblem
-from joulepool.core.profiles import Headroom, ServingPoint, ServingProfile, product_for_label
+from joulepool.core.profiles import (
+    DEFAULT_HEADROOM,
+    Headroom,
+    ServingPoint,
+    ServingProfile,
+    default_batched_tokens,
+    product_for_label,
+)
 
 
 def node_from_label(name: str, site: str, product_label: str, gpus: int) -> PlanNode:
@@ -44,6 +61,16 @@ class ServiceClass:
     tpot_s: float
     #: requests/s per planning step (before the problem's alpha)
     forecast_rps: Sequence[float]
+    #: the prompt-length distribution; None: gamma of the mean prompt with the
+    #: headroom's assumed prompt SCV (``Headroom.prefill_scv``)
+    prompt_tokens: PromptLengths | None = None
+
+    def prompt_lengths(self, headroom: Headroom | None) -> PromptLengths:
+        """The class's prompt lengths: measured, or assumed from the mean prompt."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        hr = headroom or DEFAULT_HEADROOM
+        return PromptLengths.assumed(self.mean_input_tokens, hr.prefill_scv.value)
 
 
 #: (class index, mode) -> the profile serving that class on that mode, or None: not allowed
@@ -65,6 +92,97 @@ def serving_point(profile: ServingProfile, cls: ServiceClass,
                             "no requests in the class")
     return profile.serving_point(cls.mean_input_tokens, cls.mean_output_tokens, cls.ttft_s,
                                  cls.tpot_s, headroom=headroom)
+
+
+def prompt_prefill_s(profile: ServingProfile, prompts: PromptLengths,
+                     batch: float) -> npt.NDArray[np.float64]:
+    """Seconds each prompt point's own prefill takes on one instance of ``profile`` with
+    ``batch`` requests decoding (:func:`joulepool.core.batching.prefill_time_s`, chunked
+    under the product's default token budget)."""
+    budget = float(default_batched_tokens(profile.product))
+    decode_s = float(profile.itl_s(max(batch, 1.0)))
+    per_token = float(profile.prefill_s(1.0))
+    return np.array([prefill_time_s(budget, batch, p, decode_s, per_token)
+                     for p in prompts.tokens], dtype=np.float64)
+
+
+def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float) -> float:
+    """Share of a class's requests whose TTFT exceeds ``ttft_s`` at ``rate_rps`` req/s.
+
+    ``service_s`` are the prefill times of equally likely prompts (:func:`prompt_prefill_s`).
+    The serving model's M/G/1 prefill queue (``ServingProfile.serving_point``) with the
+    class's own prompts: utilisation rho = rate E[S]; a request waits with probability
+    rho, and then for an exponential time of mean E[S^2] / (2 E[S] (1 - rho)) (the
+    Pollaczek-Khinchine mean wait over rho). A request whose own prefill S_i reaches
+    the TTFT misses whatever the wait; otherwise it misses with
+    rho exp(-(T - S_i) / that mean). 1.0 when rho >= 1.
+    """
+    s = np.asarray(service_s, dtype=np.float64)
+    own = s >= ttft_s
+    mean_s = float(s.mean())
+    rho = rate_rps * mean_s
+    if rho >= 1.0:
+        return 1.0
+    if rho <= 0.0 or mean_s <= 0.0:
+        return float(own.mean())
+    wait_mean = float((s * s).mean()) / (2.0 * mean_s * (1.0 - rho))
+    slack = np.where(own, 0.0, ttft_s - s)
+    tail = np.where(own, 1.0, rho * np.exp(-slack / wait_mean))
+    return float(tail.mean())
+
+
+def _tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
+               max_rps: float) -> float:
+    """The largest rate <= ``max_rps`` at which :func:`prompt_tail_miss` <= ``budget``
+    (it grows with the rate); 0 when even an idle instance misses more."""
+    if prompt_tail_miss(service_s, ttft_s, 0.0) > budget:
+        return 0.0
+    if prompt_tail_miss(service_s, ttft_s, max_rps) <= budget:
+        return max_rps
+    lo, hi = 0.0, max_rps
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if prompt_tail_miss(service_s, ttft_s, mid) <= budget else (lo, mid)
+        if hi - lo <= 1e-7 * hi:
+            break
+    return lo
+
+
+def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, ServingPoint]],
+                     headroom: Headroom | None) -> dict[int, ServingPoint]:
+    """Serving points of one class capped by its prompt tail, per mode index.
+
+    The TTFT miss budget (``Headroom.ttft_miss``) is spent on the prompts that could
+    meet the TTFT: those whose own prefill exceeds it on the class's fastest mode
+    miss on every mode and are not charged to any, so a class with prompts too long
+    for every mode keeps its best modes. A mode whose idle share of misses beyond that
+    exceeds the budget is not eligible (rate 0); otherwise its rate is at most the
+    largest at which its misses beyond it stay within the budget.
+    """
+    hr = headroom or DEFAULT_HEADROOM
+    prompts = cls.prompt_lengths(headroom)
+    service = {m: prompt_prefill_s(prof, prompts, sp.batch) for m, (prof, sp) in points.items()
+               if sp.rps > 0}
+    if not service:
+        return {m: sp for m, (_, sp) in points.items()}
+    unavoidable = min(prompt_tail_miss(s, cls.ttft_s, 0.0) for s in service.values())
+    budget = hr.ttft_miss.value + unavoidable
+    out: dict[int, ServingPoint] = {}
+    for m, (_, sp) in points.items():
+        if m not in service:
+            out[m] = sp
+            continue
+        rate = _tail_rate(service[m], cls.ttft_s, budget, sp.rps)
+        if rate >= sp.rps:
+            out[m] = sp
+        elif rate <= 0.0:
+            share = prompt_tail_miss(service[m], cls.ttft_s, 0.0)
+            out[m] = replace(sp, rps=0.0, binding=(
+                f"prompt tail: {100 * share:.1f} % of prompts cannot prefill within TTFT"))
+        else:
+            out[m] = replace(sp, rps=rate, ttft_miss=prompt_tail_miss(
+                service[m], cls.ttft_s, rate), binding="ttft (prompt tail)")
+    return out
 
 
 def build_problem(
@@ -91,13 +209,14 @@ def build_problem(
     power = np.zeros((R, M))
     capacity = np.zeros((R, M))
     serving: dict[str, list[ServingPoint | None]] = {m.name: [None] * R for m in modes}
-    for m, mode in enumerate(modes):
-        for r, cls in enumerate(classes):
+    for r, cls in enumerate(classes):
+        points = {}
+        for m, mode in enumerate(modes):
             profile = profile_for(r, mode)
-            if profile is None:
-                continue
-            sp = serving_point(profile, cls, headroom)
-            serving[mode.name][r] = sp
+            if profile is not None:
+                points[m] = (profile, serving_point(profile, cls, headroom))
+        for m, sp in _fit_prompt_tail(cls, points, headroom).items():
+            serving[modes[m].name][r] = sp
             power[r, m], capacity[r, m] = sp.power_w, sp.rps
     forecast = np.array([list(c.forecast_rps) for c in classes], dtype=np.float64)
     problem = PlanProblem(

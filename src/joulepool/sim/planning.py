@@ -36,6 +36,7 @@ from joulepool.core.classes import (
     PLAN_ALPHA,
     PLAN_INTERVAL_S,
     PLAN_STEP_S,
+    PromptLengths,
 )
 from joulepool.core.planner import Mode, PlanProblem
 from joulepool.core.problem import ServiceClass, build_problem
@@ -208,7 +209,9 @@ def _plan_problem(
     for r, name in enumerate(CLASS_NAMES):
         slo = workload.slos.for_class(name)
         classes.append(ServiceClass(name, float(mean_in[r]), float(mean_out[r]), slo.ttft_s,
-                                    slo.tpot_s, tuple(float(v) for v in forecast[r])))
+                                    slo.tpot_s, tuple(float(v) for v in forecast[r]),
+                                    PromptLengths.from_samples(
+                                        workload.input_tokens[workload.cls == r])))
     built = build_problem(
         classes, modes, cluster.nodes, lambda r, mode: cluster.mode_profile(mode.name),
         step_s=step_s, alpha=alpha, objective=cluster.objective,
