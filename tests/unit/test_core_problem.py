@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from joulepool.api.models import EnergyPolicySpec, InferencePool
+from joulepool.core.classes import PromptLengths
 from joulepool.core.planner import Mode, PlanNode
-from joulepool.core.problem import ServiceClass, build_problem, node_from_label
-from joulepool.core.profiles import DEFAULT_PROFILES, find_profile
+from joulepool.core.problem import (
+    ServiceClass,
+    build_problem,
+    node_from_label,
+    prompt_tail_miss,
+)
+from joulepool.core.profiles import DEFAULT_HEADROOM, DEFAULT_PROFILES, find_profile
 from joulepool.pooling import build_problem as build_pool_problem
 
 H100, A100 = Mode("1xH100", "H100", 1), Mode("1xA100", "A100", 1)
@@ -67,3 +75,73 @@ def test_operator_and_cli_build_through_the_same_builder() -> None:
     assert np.array_equal(from_pool.power_w, direct.power_w)
     assert np.array_equal(from_pool.capacity_rps, direct.capacity_rps)
     assert np.array_equal(from_pool.forecast_rps, direct.forecast_rps)
+
+
+# ------------------------------------------------------------ the prompt-length tail
+
+def test_prompt_lengths_quantiles() -> None:
+    measured = PromptLengths.from_samples(np.arange(1, 1001), points=1000)
+    assert measured is not None and len(measured.tokens) == 1000
+    assert measured.array().mean() == pytest.approx(500.5)
+    assert PromptLengths.from_samples([]) is None
+    exp = PromptLengths.assumed(1000.0, 1.0).array()  # exponential, mean 1000
+    assert exp.mean() == pytest.approx(1000.0, rel=0.01)
+    assert np.mean(exp > 2000.0) == pytest.approx(math.exp(-2.0), abs=0.002)
+    assert PromptLengths.assumed(700.0, 0.0).tokens == (700.0,) * 1000
+    with pytest.raises(ValueError):
+        PromptLengths((3.0, 1.0))
+
+
+def test_prompt_tail_miss_by_hand() -> None:
+    s = [0.1, 0.2, 0.3, 0.8]  # prefill times of four equally likely prompts, T = 0.6
+    assert prompt_tail_miss(s, 0.6, 0.0) == 0.25  # idle: only the 0.8-s prompt misses
+    # rate 1/s: rho = E[S] = 0.35, E[S^2] = 0.195, wait given a wait: 0.195 / (2 0.35 0.65)
+    theta = 0.195 / 0.455
+    expected = (0.35 * (math.exp(-0.5 / theta) + math.exp(-0.4 / theta)
+                        + math.exp(-0.3 / theta)) + 1.0) / 4.0
+    assert prompt_tail_miss(s, 0.6, 1.0) == pytest.approx(expected)
+    assert prompt_tail_miss(s, 0.6, 1.0 / 0.35) == 1.0  # saturated
+
+
+def test_prompt_tail_miss_matches_a_queue_simulation() -> None:
+    """FIFO M/G/1 prefill queue (Lindley's recursion) with lognormal prompts: the share of
+    requests whose wait + own prefill exceeds T is what prompt_tail_miss predicts."""
+    rng = np.random.default_rng(7)
+    service = rng.lognormal(np.log(0.1), 0.5, 200_000)
+    ttft, rate = 0.3, 3.0  # rho ~ 0.34
+    gaps = rng.exponential(1.0 / rate, service.size)
+    wait = np.zeros(service.size)
+    for i in range(1, service.size):
+        wait[i] = max(0.0, wait[i - 1] + service[i - 1] - gaps[i])
+    simulated = float(np.mean(wait + service > ttft))
+    predicted = prompt_tail_miss(service, ttft, rate)
+    assert simulated == pytest.approx(predicted, rel=0.1)
+    assert predicted > prompt_tail_miss(service, ttft, 0.0) > 0.0
+
+
+def test_mode_whose_mean_prefill_fits_is_not_eligible_for_a_long_tail() -> None:
+    """Half the prompts 100 tokens, half 3000 (mean 1550), TTFT 0.35 s: a 1xA100
+    prefills the mean prompt in 0.23 s, so the mean alone calls it eligible, but half
+    the prompts take 0.45 s; a 1xH100 prefills 3000 tokens in 0.15 s."""
+    tail = PromptLengths((100.0,) * 500 + (3000.0,) * 500)
+    cls = ServiceClass("tail", 1550.0, 200.0, 0.35, 0.1, (1.0,), tail)
+    assert _profile(0, A100).serving_point(1550.0, 200.0, 0.35, 0.1).rps > 0
+    built = build_problem([cls], [H100, A100], [PlanNode("n", "s", "H100", 8)], _profile,
+                          step_s=300.0, alpha=1.0, objective="energy")
+    assert built.problem.capacity_rps[0, 1] == 0.0
+    assert built.serving["1xA100"][0] is not None
+    assert "50.0 % of prompts" in built.serving["1xA100"][0].binding  # type: ignore[union-attr]
+    h100 = _profile(0, H100).serving_point(1550.0, 200.0, 0.35, 0.1)
+    assert 0 < built.problem.capacity_rps[0, 0] <= h100.rps
+    served = built.serving["1xH100"][0]
+    assert served is not None and served.ttft_miss <= DEFAULT_HEADROOM.ttft_miss.value + 1e-9
+
+
+def test_misses_no_mode_can_avoid_are_not_charged() -> None:
+    """Prompts too long for every mode (here 3 % at 20,000 tokens) do not make every
+    mode ineligible: the budget counts the misses beyond the fastest mode's."""
+    tail = PromptLengths((200.0,) * 970 + (20_000.0,) * 30)
+    cls = ServiceClass("huge", 794.0, 200.0, 0.5, 0.1, (1.0,), tail)
+    built = build_problem([cls], [H100, A100], [PlanNode("n", "s", "H100", 8)], _profile,
+                          step_s=300.0, alpha=1.0, objective="energy")
+    assert built.problem.capacity_rps[0, 0] > 0 and built.problem.capacity_rps[0, 1] > 0

@@ -137,3 +137,45 @@ def test_nhpp_forecast_is_the_expected_rate_not_the_noisy_count():
     assert noisy[small].max() > peak[small].max()
     replayed = build_workload(load_trace(), 600.0, mode="replay")
     assert replayed.minute_rate_rps is None
+
+
+def test_sl_is_not_given_a_mode_most_of_its_prompts_cannot_prefill_in_time():
+    """docs/marginal-energy.md's finding: on freesh-3site with the bundled trace, SL's mean
+    prompt (~960 tokens) prefills within its 0.3-s TTFT on a 4xA100, but most SL prompts
+    (just under the 1024-token boundary) do not: the window's problem, built with the
+    trace's own prompt lengths, no longer lets SL use 4xA100, and every SL prompt fits
+    the modes it keeps."""
+    from joulepool.core.problem import prompt_prefill_s
+    from joulepool.sim.cluster import freesh_3site
+    from joulepool.sim.trace import load_trace
+    from joulepool.sim.workload import build_workload
+
+    sim = freesh_3site()
+    wl = build_workload(load_trace(), 600.0, mode="replay")
+    sl = CLASS_NAMES.index("SL")
+    prompts = wl.input_tokens[wl.cls == sl]
+    mean_in, mean_out = wl.class_means()
+    slo = freesh_slo("SL")
+    a100 = sim.mode_profile("4xA100")
+    assert a100 is not None
+    at_mean = a100.serving_point(float(mean_in[sl]), float(mean_out[sl]), slo.ttft_s,
+                                 slo.tpot_s)
+    assert at_mean.rps > 0  # the mean prompt alone calls 4xA100 eligible
+    assert np.mean(prompt_prefill_s(a100, _lengths(prompts), at_mean.batch) > slo.ttft_s) > 0.5
+    problem = plan_problem(sim, wl, 0.0)
+    modes = [m.name for m in problem.modes]
+    assert problem.capacity_rps[sl, modes.index("4xA100")] == 0.0
+    kept = [m for j, m in enumerate(modes) if problem.capacity_rps[sl, j] > 0]
+    assert kept and "4xA100" not in kept
+    for name in kept:
+        prof = sim.mode_profile(name)
+        assert prof is not None
+        assert np.all(prompt_prefill_s(prof, _lengths(prompts), 1.0) <= slo.ttft_s)
+
+
+def _lengths(prompts):
+    from joulepool.core.classes import PromptLengths
+
+    lengths = PromptLengths.from_samples(prompts)
+    assert lengths is not None
+    return lengths
