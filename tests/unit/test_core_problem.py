@@ -84,10 +84,8 @@ def test_prompt_lengths_quantiles() -> None:
     assert measured is not None and len(measured.tokens) == 1000
     assert measured.array().mean() == pytest.approx(500.5)
     assert PromptLengths.from_samples([]) is None
-    exp = PromptLengths.assumed(1000.0, 1.0).array()  # exponential, mean 1000
-    assert exp.mean() == pytest.approx(1000.0, rel=0.01)
-    assert np.mean(exp > 2000.0) == pytest.approx(math.exp(-2.0), abs=0.002)
-    assert PromptLengths.assumed(700.0, 0.0).tokens == (700.0,) * 1000
+    q = PromptLengths.from_samples([10.0] * 99 + [1000.0], points=100)
+    assert q is not None and q.tokens[:99] == (10.0,) * 99 and q.tokens[99] > 10.0
     with pytest.raises(ValueError):
         PromptLengths((3.0, 1.0))
 
@@ -135,6 +133,14 @@ def test_mode_whose_mean_prefill_fits_is_not_eligible_for_a_long_tail() -> None:
     assert 0 < built.problem.capacity_rps[0, 0] <= h100.rps
     served = built.serving["1xH100"][0]
     assert served is not None and served.ttft_miss <= DEFAULT_HEADROOM.ttft_miss.value + 1e-9
+
+
+def test_a_class_without_measured_prompts_keeps_its_serving_points() -> None:
+    cls = ServiceClass("mean-only", 1550.0, 200.0, 0.35, 0.1, (1.0,))
+    built = build_problem([cls], [H100, A100], [PlanNode("n", "s", "H100", 8)], _profile,
+                          step_s=300.0, alpha=1.0, objective="energy")
+    at_mean = _profile(0, A100).serving_point(1550.0, 200.0, 0.35, 0.1)
+    assert built.problem.capacity_rps[0, 1] == at_mean.rps > 0
 
 
 def test_misses_no_mode_can_avoid_are_not_charged() -> None:

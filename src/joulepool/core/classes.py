@@ -14,7 +14,6 @@ from typing import overload
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
 
 
 class Tier(StrEnum):
@@ -73,8 +72,7 @@ class PromptLengths:
     ``tokens[k]`` is the quantile at probability (k + 1/2) / N, N = ``len(tokens)``,
     ascending: N equally likely prompts, so a share of prompts is a count of points
     over N (to 1/N). Built from measured prompts (:meth:`from_samples`, the simulator's
-    trace) or from a mean and an assumed squared coefficient of variation
-    (:meth:`assumed`, a gamma distribution; what an operator knows of a pool).
+    trace of the class).
     """
 
     tokens: tuple[float, ...]
@@ -94,19 +92,6 @@ class PromptLengths:
         if arr.size == 0:
             return None
         q = np.quantile(arr, (np.arange(points) + 0.5) / points)
-        return cls(tuple(float(v) for v in q))
-
-    @classmethod
-    def assumed(cls, mean_tokens: float, scv: float,
-                points: int = PROMPT_LENGTH_POINTS) -> PromptLengths:
-        """Gamma-distributed prompts of mean ``mean_tokens`` and SCV ``scv`` (1:
-        exponential); every prompt equal to the mean when ``scv`` is 0."""
-        if mean_tokens < 0 or scv < 0:
-            raise ValueError("mean prompt and SCV must be >= 0")
-        probs = (np.arange(points) + 0.5) / points
-        if scv == 0 or mean_tokens == 0:
-            return cls((float(mean_tokens),) * points)
-        q = stats.gamma.ppf(probs, a=1.0 / scv, scale=mean_tokens * scv)
         return cls(tuple(float(v) for v in q))
 
     def array(self) -> npt.NDArray[np.float64]:

@@ -61,16 +61,9 @@ class ServiceClass:
     tpot_s: float
     #: requests/s per planning step (before the problem's alpha)
     forecast_rps: Sequence[float]
-    #: the prompt-length distribution; None: gamma of the mean prompt with the
-    #: headroom's assumed prompt SCV (``Headroom.prefill_scv``)
+    #: the measured prompt-length distribution; None (only the mean is known, as for
+    #: an InferencePool today): the serving point's mean-prompt TTFT bound alone
     prompt_tokens: PromptLengths | None = None
-
-    def prompt_lengths(self, headroom: Headroom | None) -> PromptLengths:
-        """The class's prompt lengths: measured, or assumed from the mean prompt."""
-        if self.prompt_tokens is not None:
-            return self.prompt_tokens
-        hr = headroom or DEFAULT_HEADROOM
-        return PromptLengths.assumed(self.mean_input_tokens, hr.prefill_scv.value)
 
 
 #: (class index, mode) -> the profile serving that class on that mode, or None: not allowed
@@ -157,12 +150,13 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
     miss on every mode and are not charged to any, so a class with prompts too long
     for every mode keeps its best modes. A mode whose idle share of misses beyond that
     exceeds the budget is not eligible (rate 0); otherwise its rate is at most the
-    largest at which its misses beyond it stay within the budget.
+    largest at which its misses beyond it stay within the budget. A class without
+    measured prompt lengths keeps its serving points.
     """
     hr = headroom or DEFAULT_HEADROOM
-    prompts = cls.prompt_lengths(headroom)
+    prompts = cls.prompt_tokens
     service = {m: prompt_prefill_s(prof, prompts, sp.batch) for m, (prof, sp) in points.items()
-               if sp.rps > 0}
+               if sp.rps > 0} if prompts is not None else {}
     if not service:
         return {m: sp for m, (_, sp) in points.items()}
     unavoidable = min(prompt_tail_miss(s, cls.ttft_s, 0.0) for s in service.values())
