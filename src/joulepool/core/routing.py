@@ -132,7 +132,8 @@ def waiting_requests_estimate(
 
 def prefill_weight(tps: Num, prefill_s_per_token: Num) -> Num:
     """w_n: decode tokens an endpoint running at ``tps`` forgoes while it prefills one
-    prompt token (prefill pauses decoding); prompt tokens x w_n are decode-token
+    prompt token (a prompt chunk lengthens the mixed step every decoding request waits
+    for by its prefill time); prompt tokens x w_n are decode-token
     equivalents, so the cost's ETA = (q + t) / mu counts prefill time too."""
     return tps * prefill_s_per_token
 
@@ -532,8 +533,9 @@ def sustainable_batch(profile: ServingProfile, mean_input_tokens: float,
                       clock_mhz: float | None = None,
                       headroom: Headroom | None = None) -> int:
     """Requests one instance carries at once while it keeps the SLO: the mean decode
-    batch at :meth:`ServingProfile.serving_point`'s sustainable rate (prefill pauses
-    and the queueing headroom included: the point the planner sizes pools at), at
+    batch at :meth:`ServingProfile.serving_point`'s sustainable rate (chunked prefill
+    in mixed steps, the KV cache and the queueing headroom included: the point the
+    planner sizes pools at), at
     least 1. The marginal rule's b*_n in the simulator: past it a request waits or
     breaks TPOT, however cheap joining looks.
     """
