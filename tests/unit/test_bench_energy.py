@@ -4,30 +4,20 @@ request count, the iso-SLO verdict and summary, and bad arguments exiting 2."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_bench
 
 from joulepool.cli import main as cli_main
 from joulepool.core.classes import FREESH_SLOS, INTERACTIVE_SLOS
 from joulepool.sim.cluster import freesh_3site
 from joulepool.sim.runner import trace_capacity
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_energy.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_energy_under_test", BENCH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_bench("bench_energy.py")
 
 
 @pytest.mark.parametrize(

@@ -3,26 +3,15 @@ the flag, before any router or engine starts (they used to hang or time out)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from bench_helpers import load_bench
 
 from joulepool.cli import main as cli_main
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_router_replica_kill.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_replica_kill_under_test", BENCH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_bench("bench_router_replica_kill.py")
 
 
 @pytest.fixture

@@ -874,6 +874,16 @@ class Simulator:
         if not self._activate(inst, t):
             self.gpus.node_pending[node].append(inst)
 
+    def _pool_requests(self, cls: int) -> npt.NDArray[np.bool_]:
+        """Mask of the workload's requests a pool serving ``cls`` gets: the class's under
+        planner pools (all if the class has none), all otherwise."""
+        wl = self.workload
+        if self.planner_pools:
+            mine: npt.NDArray[np.bool_] = wl.cls == cls
+            if mine.any():
+                return mine
+        return np.ones(wl.cls.size, dtype=bool)
+
     def _sustainable_batch(self, mode: str, cls: int) -> int:
         """core.routing.sustainable_batch of ``mode`` for the requests its pool serves
         (the class's under planner pools, all otherwise): their mean prompt and
@@ -882,9 +892,7 @@ class Simulator:
         hit = self.slo_batches.get(key)
         if hit is None:
             wl = self.workload
-            mine = (wl.cls == cls) if self.planner_pools else np.ones(wl.cls.size, dtype=bool)
-            if not mine.any():
-                mine = np.ones(wl.cls.size, dtype=bool)
+            mine = self._pool_requests(cls)
             slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
             hit = self.slo_batches[key] = sustainable_batch(
                 self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
@@ -903,9 +911,7 @@ class Simulator:
         hit = self.clock_floors.get(key)
         if hit is None:
             wl = self.workload
-            mine = (wl.cls == cls) if self.planner_pools else np.ones(wl.cls.size, dtype=bool)
-            if not mine.any():
-                mine = np.ones(wl.cls.size, dtype=bool)
+            mine = self._pool_requests(cls)
             q = 1.0 - DEFAULT_HEADROOM.ttft_miss.value
             prompt = float(np.quantile(wl.input_tokens[mine], q))
             tab = self.tables[mode]
