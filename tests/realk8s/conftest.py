@@ -25,6 +25,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 import k8slib
 from k8slib import Components, ControlPlane, ControlPlaneUnavailable
+from operatorlib import Scenario
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +93,16 @@ def procs(cluster: ControlPlane) -> Iterator[Components]:
     """Start local processes through this; all are stopped (SIGTERM) after the test."""
     with k8slib.components(cluster) as started:
         yield started
+
+
+@pytest.fixture
+def scenario(cluster: ControlPlane, namespace: str, nodes: list[str],
+             operator: k8slib.Component) -> Iterator[Scenario]:
+    """An operator scenario in the test's namespace, released afterwards; ``operator`` is
+    the requesting module's own (module-scoped) operator process fixture."""
+    s = Scenario(cluster, namespace, nodes, operator)
+    try:
+        yield s
+    finally:
+        s.release_all()
+

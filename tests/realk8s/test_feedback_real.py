@@ -35,16 +35,6 @@ def operator(cluster: ControlPlane) -> Iterator[k8slib.Component]:
         yield start_operator(procs)
 
 
-@pytest.fixture
-def scenario(cluster: ControlPlane, namespace: str, nodes: list[str],
-             operator: k8slib.Component) -> Iterator[Scenario]:
-    s = Scenario(cluster, namespace, nodes, operator)
-    try:
-        yield s
-    finally:
-        s.release_all()
-
-
 def profile_body(name: str) -> dict[str, object]:
     p = H100_8B
     return {

@@ -84,16 +84,6 @@ def operator(cluster: ControlPlane) -> Iterator[k8slib.Component]:
     remove_gie_crd(cluster)
 
 
-@pytest.fixture
-def scenario(cluster: ControlPlane, namespace: str, nodes: list[str],
-             operator: k8slib.Component) -> Iterator[Scenario]:
-    s = Scenario(cluster, namespace, nodes, operator)
-    try:
-        yield s
-    finally:
-        s.release_all()
-
-
 def _gateway_condition(s: Scenario, name: str, reason: str) -> dict[str, Any]:
     def check() -> Any:
         s.alive()

@@ -22,16 +22,6 @@ def operator(cluster: ControlPlane) -> Iterator[k8slib.Component]:
         yield start_operator(procs)
 
 
-@pytest.fixture
-def scenario(cluster: ControlPlane, namespace: str, nodes: list[str],
-             operator: k8slib.Component) -> Iterator[Scenario]:
-    s = Scenario(cluster, namespace, nodes, operator)
-    try:
-        yield s
-    finally:
-        s.release_all()
-
-
 def test_operator_starts_stays_up_and_plans_a_pool(scenario: Scenario) -> None:
     """Old code: every watch carried timeoutSeconds=300.0, answered 400; the operator exited."""
     s = scenario
