@@ -13,9 +13,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## The main job: the simulator on its default cluster and trace.
+## The main job: the simulator on its default cluster, trace and load (0.5 of capacity),
+## every policy, over DEMO_DURATION simulated seconds: 300 = one planning step, about
+## 75 CPU-seconds (the CLI's default window for this cluster is 600 s, twice that).
+DEMO_DURATION ?= 300
 demo: $(STAMP)
-	$(BIN)/joulepool simulate
+	$(BIN)/joulepool simulate --duration $(DEMO_DURATION)
 
 ## The real control plane of tests/realk8s (../shared/k8s, when present) needs etcd:
 ## as root with apt, install Debian's etcd-server once here (not in parallel inside

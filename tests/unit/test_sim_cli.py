@@ -69,6 +69,23 @@ def test_parallel_jobs_give_the_same_numbers(small_file, tmp_path, capsys):
         assert a["energy_j"] == b["energy_j"] and a["p99_ms"] == b["p99_ms"]
 
 
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_progress_is_shown_without_a_terminal(small_file, tmp_path, capsys, jobs):
+    """stderr is no terminal here (as in a piped ``make demo``): one line as the run
+    starts and one per finished policy run, counted; --quiet prints none of them."""
+    argv = ["simulate", "--cluster", str(small_file), "--out", str(tmp_path), "--no-plots",
+            "--policies", "round-robin,miad-only", "--jobs", jobs]
+    assert main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == ("simulating 60 s of tiny under 2 policy run(s) in "
+                        f"{jobs} process(es)...")
+    done = sorted(line.split("] ", 1)[1].split(" (", 1)[0] for line in lines[1:])
+    assert done == ["miad-only", "round-robin"]
+    assert [line.split(",")[0].strip() for line in lines[1:]] == ["[1/2", "[2/2"]
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [

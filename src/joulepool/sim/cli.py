@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,16 +240,21 @@ def _engine_params(args: argparse.Namespace) -> EngineParams:
 
 
 def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:
-    """Run ``exp`` with a progress bar on a terminal (unless ``quiet``)."""
+    """Run ``exp``, showing progress on stderr unless ``quiet``: a progress bar on a
+    terminal, else one line as the run starts and one as each policy run ends (a
+    piped or logged ``make demo`` shows it is alive too)."""
     from joulepool.sim.runner import run_experiment
 
     bar: Any = None
+    log = None
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
 
         tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
         bar = tqdm(total=round(exp.duration_s * len(exp.policies) * exp.repeat), unit="sim-s",
                    desc="simulating", file=sys.stderr, leave=False)
+    elif not quiet:
+        log = _progress_lines(exp)
 
     def progress(done: float, total: float) -> None:
         if bar is not None:
@@ -256,12 +262,29 @@ def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:
             bar.refresh()
 
     try:
-        return run_experiment(exp, progress=progress)
+        return run_experiment(exp, progress=progress, log=log)
     except ValueError as exc:
         return _fail(str(exc))
     finally:
         if bar is not None:
             bar.close()
+
+
+def _progress_lines(exp: Experiment) -> Callable[[str], None]:
+    """Announce the run on stderr; the returned callback prints one line per finished
+    policy run (``run_experiment``'s ``log``)."""
+    runs = len(exp.policies) * exp.repeat
+    t0 = time.perf_counter()
+    print(f"simulating {exp.duration_s:g} s of {exp.cluster.name} under {runs} policy "
+          f"run(s) in {min(exp.jobs, runs)} process(es)...", file=sys.stderr, flush=True)
+    done = [0]
+
+    def log(line: str) -> None:
+        done[0] += 1
+        print(f"  [{done[0]}/{runs}, {time.perf_counter() - t0:.0f} s] {line}",
+              file=sys.stderr, flush=True)
+
+    return log
 
 
 def _print_report(args: argparse.Namespace, exp: Experiment, res: ExperimentResult,
