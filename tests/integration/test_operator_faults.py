@@ -236,6 +236,40 @@ async def test_finalizer_patch_failing_during_deletion_does_not_leave_the_pool_s
         assert c.server.faults[0].hits == 1
 
 
+
+async def test_a_failing_handler_is_reported_by_kopf_next_to_the_pool() -> None:
+    """kopf's own report of a failing handler (the release waits while the Deployment's
+    DELETE is answered 500) is a core/v1 Event about the pool in the pool's namespace, from
+    joulepool-operator, where ``kubectl describe jpool`` lists it. kopf 1.4x posts its
+    log messages only with ``settings.posting.loggers`` (older versions always did): old
+    settings left the failure in the operator's log alone."""
+    async with cluster_and_operator(release_retry_seconds=0.5) as (c, _op):
+        await c.create(node("gpu-a"))
+        await c.create(pool("chat", rps=4))
+        await eventually(lambda: _replicas(c, 1))
+        await eventually(lambda: _deployment(c, "chat-1xh100-gpu-a", 1), what="deployed")
+        fault = Fault("DELETE", "/deployments/chat-1xh100-gpu-a", 500, times=10**6)
+        c.server.faults.append(fault)
+        await c.delete(POOL_URL)
+
+        async def reported() -> list[dict[str, Any]]:
+            return [e for e in await c.events()
+                    if "Handler 'pool_deleted' failed temporarily" in e["message"]]
+
+        (event, *_) = await eventually(reported, timeout=LOADED,
+                                       what="kopf's event about the failing release")
+        assert event["type"] == "Error" and event["metadata"]["namespace"] == "default"
+        assert {k: event["involvedObject"][k] for k in ("kind", "namespace", "name")} == {
+            "kind": "InferencePool", "namespace": "default", "name": "chat"}
+        assert event["source"]["component"] == "joulepool-operator"
+        assert await c.pool("chat") is not None  # held while its Deployments stay
+        fault.times = fault.hits  # the API server recovers: the pool is released
+
+        async def gone() -> bool:
+            return await c.pool("chat") is None
+
+        await eventually(gone, timeout=LOADED, what="pool released once DELETE works")
+
 async def test_deployment_deleted_during_a_410_gap_is_recreated() -> None:
     """Old code: after 410 Gone kopf re-lists but its index keeps the vanished Deployment,
     so the operator believed it existed and never wrote it again. The re-listing is empty

@@ -35,3 +35,21 @@ def test_liveness_binds_the_configured_address_never_all_interfaces() -> None:
     assert isinstance(pod, OperatorConfig) and pod.liveness_address == "10.1.2.3"
     assert liveness_endpoint("10.1.2.3", 8080) == "http://10.1.2.3:8080/healthz"
     assert liveness_endpoint("fd00::5", 8080) == "http://[fd00::5]:8080/healthz"
+
+
+def test_kopf_never_posts_events_about_cluster_scoped_objects() -> None:
+    """kopf posts an event about a cluster-scoped object in its context's namespace and
+    names that namespace in involvedObject, where ``kubectl describe`` never finds it
+    (nolar/kopf#949; kopf has no setting for it). It posts only for changing and
+    spawning handlers (create/update/delete/resume, timers, daemons) and kopf.warn &c.;
+    on.event and index failures it only logs. So cluster-scoped kinds get those alone,
+    and joulepool.operator.events posts their Warnings in ``default`` itself."""
+    from joulepool.operator import handlers
+
+    cluster_scoped = {handlers.NODES[-1], handlers.PROFILES[-1], handlers.POLICIES[-1]}
+    registry = handlers.registry
+    posting = [h for reg in (registry._changing, registry._spawning)
+               for h in reg.get_all_handlers()]
+    assert {h.selector.any_name for h in posting} == {handlers.POOLS[-1]}
+    watched = {h.selector.any_name for h in registry._watching.get_all_handlers()}
+    assert cluster_scoped <= watched  # their changes still reach the planner

@@ -9,7 +9,7 @@ from typing import Any
 import kopf
 
 from joulepool.api.contract import FINALIZER
-from joulepool.operator import handlers
+from joulepool.operator import events, handlers
 from joulepool.operator.config import ANNOTATION_PREFIX, OperatorConfig
 from joulepool.operator.kube import KubeClient
 from joulepool.operator.planning import Planner
@@ -28,8 +28,15 @@ def make_settings(config: OperatorConfig) -> kopf.OperatorSettings:
         prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
-    # Events only for what a user must see (invalid specs, failures), not every handler run.
+    # Events only for what a user must see (invalid specs, failures), not every handler run:
+    # kopf.warn and kopf's own reports of failing handlers ("Handler 'pool_deleted' failed
+    # temporarily: ..."), which kopf >= 1.4x posts only with posting.loggers. They are about
+    # InferencePools, next to the pool; kopf posts nothing about cluster-scoped objects here
+    # (their handlers are on.event and indexes, whose failures kopf only logs), and has no
+    # setting for where such events go: joulepool.operator.events posts those itself.
     settings.posting.level = logging.WARNING
+    settings.posting.loggers = True
+    settings.posting.reporting_component = events.COMPONENT
     settings.watching.server_timeout = config.watch_server_timeout
     settings.watching.client_timeout = config.watch_client_timeout
     settings.watching.reconnect_backoff = 1.0

@@ -6,8 +6,9 @@ pod: the operator's own namespace) and copies that namespace into
 ``kubectl describe gpuprofile X`` (which looks for an ``involvedObject`` without a
 namespace) never shows it. kube-apiserver accepts an Event about a cluster-scoped
 object only in namespace ``default`` (or ``kube-system``) when ``involvedObject``
-has no namespace, so that is where these go. kopf keeps the events about
-namespaced objects (InferencePools).
+has no namespace, so that is where these go; kopf has no setting for where its events
+go (its ``settings.posting`` says whether and from which level). kopf keeps the events
+about namespaced objects (InferencePools). docs/operator.md "Events" lists them all.
 """
 
 from __future__ import annotations
