@@ -4,9 +4,9 @@ Engines name their metrics differently (:class:`EngineMetricSpec`: vLLM V1 with
 the pre-rename names as fallbacks, SGLang); the spec comes from the pod's
 ``joulepool.dev/engine`` label or is detected from the page. The routing service
 reads the queue gauges and KV-cache usage of every engine; the node agent
-reads those, the TTFT / inter-token latency histograms, the generated-token counter, the
-model and the GPUs. Both call :func:`parse_engine_metrics`, so both read a
-page by the same rules:
+reads those, the TTFT / inter-token latency histograms, the prompt-length histogram,
+the generated-token counter, the model and the GPUs. Both call
+:func:`parse_engine_metrics`, so both read a page by the same rules:
 
 * samples are summed over label sets (one engine may serve several models or
   LoRA adapters);
@@ -51,6 +51,8 @@ class EngineMetricSpec:
     kv_cache: tuple[str, ...]  #: fraction of the KV cache in use, 0..1 (gauge)
     generation_tokens: tuple[str, ...]
     prefix: str  #: every family of the engine starts with it (auto-detection)
+    #: prompt tokens per finished request (histogram, tokens)
+    prompt_tokens: tuple[str, ...] = ()
 
     def queue_families(self) -> tuple[str, ...]:
         return (*self.waiting, *self.running, *self.kv_cache)
@@ -59,11 +61,12 @@ class EngineMetricSpec:
 VLLM = EngineMetricSpec(
     "vllm", (vllm.WAITING,), (vllm.RUNNING,), (vllm.TTFT,), (vllm.ITL, vllm.LEGACY_TPOT),
     (vllm.KV_CACHE, vllm.LEGACY_KV_CACHE), (vllm.GENERATION_TOKENS,), "vllm:",
+    (vllm.PROMPT_TOKENS,),
 )
 SGLANG = EngineMetricSpec(
     "sglang", (vllm.SGLANG_WAITING,), (vllm.SGLANG_RUNNING,), (vllm.SGLANG_TTFT,),
     (vllm.SGLANG_ITL, vllm.SGLANG_LEGACY_TPOT), (vllm.SGLANG_KV_CACHE,),
-    (vllm.SGLANG_GENERATION_TOKENS,), "sglang:",
+    (vllm.SGLANG_GENERATION_TOKENS,), "sglang:", (vllm.SGLANG_PROMPT_TOKENS,),
 )
 #: engine name (the pod label :data:`api.contract.ENGINE_LABEL`) -> its metric names
 ENGINE_SPECS: dict[str, EngineMetricSpec] = {VLLM.name: VLLM, SGLANG.name: SGLANG}
@@ -96,7 +99,8 @@ def detect_engine(text: str) -> EngineMetricSpec:
 
 @dataclass(frozen=True)
 class Histogram:
-    """A cumulative histogram: upper bounds (s) and counts, summed over label sets."""
+    """A cumulative histogram: upper bounds (in the family's unit: s, tokens) and counts,
+    summed over label sets."""
 
     bounds: tuple[float, ...] = ()
     counts: tuple[float, ...] = ()
@@ -108,7 +112,9 @@ class EngineSample:
 
     ``waiting`` and ``running`` are request counts, ``generation_tokens`` the output
     tokens generated since the engine started; ``tpot`` is the inter-token latency
-    histogram (vLLM V1's ITL, or the pre-rename TPOT); ``kv_cache_usage`` the
+    histogram (vLLM V1's ITL, or the pre-rename TPOT); ``prompt_tokens`` the prompt
+    length of finished requests (tokens; empty bounds when the engine does not publish
+    it); ``kv_cache_usage`` the
     fraction of the KV cache in use (the fullest of the label sets; None when
     absent); ``queue_seen`` says whether either queue gauge was on the page at all;
     ``engine`` the spec the page was read by.
@@ -124,6 +130,7 @@ class EngineSample:
     queue_seen: bool = False
     kv_cache_usage: float | None = None
     engine: str = VLLM.name
+    prompt_tokens: Histogram = Histogram()
 
 
 def _histogram(buckets: dict[float, float]) -> Histogram:
@@ -208,6 +215,7 @@ def parse_engine_metrics(text: str, only: Iterable[str] | None = None,
         queue_seen=waiting is not None or running is not None,
         kv_cache_usage=None if kv is None else min(kv, 1.0),
         engine=spec.name,
+        prompt_tokens=page.histogram(spec.prompt_tokens),
     )
 
 

@@ -16,6 +16,9 @@ ITL = "vllm:inter_token_latency_seconds"
 #: fraction of the KV cache in use, 0..1 (vLLM V1)
 KV_CACHE = "vllm:kv_cache_usage_perc"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
+#: prompt tokens of each finished request (histogram; vLLM's buckets are 1, 2, 5, 10, 20,
+#: 50, ... up to the model's context length); the name is the same in V0 and V1
+PROMPT_TOKENS = "vllm:request_prompt_tokens"
 #: pre-rename vLLM names (removed upstream), read when the V1 ones are absent
 LEGACY_TPOT = "vllm:time_per_output_token_seconds"
 LEGACY_KV_CACHE = "vllm:gpu_cache_usage_perc"
@@ -30,3 +33,6 @@ SGLANG_TTFT = "sglang:time_to_first_token_seconds"
 SGLANG_ITL = "sglang:inter_token_latency_seconds"
 SGLANG_LEGACY_TPOT = "sglang:time_per_output_token_seconds"
 SGLANG_GENERATION_TOKENS = "sglang:generation_tokens_total"
+#: prompt tokens of each finished request (histogram; SGLang serves it only when started
+#: with ``--collect-tokens-histogram``)
+SGLANG_PROMPT_TOKENS = "sglang:prompt_tokens_histogram"

@@ -11,7 +11,9 @@ HTTP (aiohttp): OpenAI-compatible ``POST /v1/completions`` and
 ``/v1/chat/completions`` (``stream`` true or false; ``stream_options.include_usage``
 adds vLLM's final usage chunk), ``GET /v1/models``, ``GET /health`` and
 ``GET /metrics`` with vLLM V1's metric names (``vllm:inter_token_latency_seconds``,
-``vllm:kv_cache_usage_perc``) or, with ``engine="sglang"``, SGLang's.
+``vllm:kv_cache_usage_perc``, ``vllm:request_prompt_tokens`` with vLLM's 1-2-5 buckets)
+or, with ``engine="sglang"``, SGLang's (``sglang:prompt_tokens_histogram`` with SGLang's
+default buckets).
 """
 
 from __future__ import annotations
@@ -51,6 +53,25 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 MAX_TOKENS_LIMIT = 8192
+#: the context length the prompt-length buckets reach (Llama 3.1: 131,072 tokens)
+MAX_MODEL_LEN = 131_072
+#: SGLang's default ``sglang:prompt_tokens_histogram`` buckets (tokens)
+SGLANG_PROMPT_BUCKETS = (100, 300, 500, 700, 1000, 1500, 2000, *range(3000, 10001, 1000),
+                         *range(12500, 30001, 2500), 35000, 40000, 60000, 80000, 100000,
+                         200000)
+
+
+def one_two_five_buckets(limit: int) -> tuple[int, ...]:
+    """vLLM's prompt-length buckets: 1, 2, 5, 10, 20, 50, ... up to ``limit``."""
+    out: list[int] = []
+    exponent = 0
+    while True:
+        for m in (1, 2, 5):
+            value = m * 10**exponent
+            if value > limit:
+                return tuple(out)
+            out.append(value)
+        exponent += 1
 #: largest request body (a prompt of ~1 M tokens at 4 characters per token)
 MAX_BODY_BYTES = 4 << 20
 
@@ -78,6 +99,10 @@ class EngineMetrics:
                               labels, buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram(spec.itl[0], "Time between output tokens",
                               labels, buckets=TPOT_BUCKETS, registry=r)
+        self.prompt_lengths = Histogram(
+            spec.prompt_tokens[0], "Prompt tokens of each finished request", labels,
+            buckets=(SGLANG_PROMPT_BUCKETS if spec.name == "sglang"
+                     else one_two_five_buckets(MAX_MODEL_LEN)), registry=r)
         self.generation_tokens = Counter(spec.generation_tokens[0].removesuffix("_total"),
                                          "Generated tokens", labels, registry=r)
         self.prompt_tokens = Counter(f"{spec.prefix}prompt_tokens", "Prefilled prompt tokens",
@@ -93,6 +118,7 @@ class EngineMetrics:
             m.labels(model).set(0)
         self.ttft.labels(model)
         self.tpot.labels(model)
+        self.prompt_lengths.labels(model)
         self.generation_tokens.labels(model)
         if gpus:
             self.gpu_info.labels(",".join(str(g) for g in gpus), product, model).set(1)
@@ -266,6 +292,8 @@ class FakeEngine:
                     r.out.put_nowait(None)
                     r.cancelled = True
                     self.metrics.success.labels(model, "length").inc()
+                    # as vLLM and SGLang: a request's prompt is counted when it finishes
+                    self.metrics.prompt_lengths.labels(model).observe(r.prompt_tokens)
 
 
 # ---------------------------------------------------------------------------

@@ -51,9 +51,17 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
 
 from joulepool.core.attribution import Work
-from joulepool.core.controllers import MIAD_PERIOD_S, Direction, MIADController, SLOSignal
+from joulepool.core.controllers import (
+    MIAD_PERIOD_S,
+    Direction,
+    MIADController,
+    SLOSignal,
+    prefill_clock_floor,
+)
 from joulepool.core.device import DeviceInfo, GPUBackend, GPUError, GPUErrorKind
 from joulepool.core.estimators import (
     EPS_HALF_LIFE_S,
@@ -62,7 +70,12 @@ from joulepool.core.estimators import (
     trapezoid_energy_j,
 )
 from joulepool.core.feedback import OperatingPointEstimator
-from joulepool.core.profiles import GPUProduct, product_for_label
+from joulepool.core.profiles import (
+    GPUProduct,
+    ServingProfile,
+    find_profile,
+    product_for_label,
+)
 from joulepool.nodeagent.background import Background
 from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
 from joulepool.nodeagent.metrics import AgentMetrics, GPUSample
@@ -78,6 +91,31 @@ log = logging.getLogger("joulepool.nodeagent")
 CONTROL_MODES = ("clocks", "power")
 #: power mode: the power limits MIAD chooses among are this many watts apart
 POWER_LEVEL_W = 5.0
+
+
+class FloorState(StrEnum):
+    """Whether MIAD's prefill clock floor is in force on a GPU, and why not."""
+
+    APPLIED = "applied"
+    NO_HISTOGRAM = "no_histogram"
+    NO_TRAFFIC = "no_traffic"
+    NO_PROFILE = "no_profile"
+    POWER_CONTROL = "power_control"
+
+    @property
+    def reason(self) -> str:
+        return {
+            "applied": "applied",
+            "no_histogram": "the engine publishes no prompt-length histogram "
+                            "(vllm:request_prompt_tokens; SGLang needs --collect-tokens-histogram)",
+            "no_traffic": "no request has finished yet, so no prompt length is known",
+            "no_profile": "no serving profile for this GPU product, model and GPU count",
+            "power_control": "MIAD steers the power limit, not clocks",
+        }[self.value]
+
+
+def _prefill_s(profile: ServingProfile, prompt_tokens: float, clock_mhz: float) -> float:
+    return float(profile.prefill_s(prompt_tokens, clock_mhz))
 
 
 def power_levels(lo_w: float, hi_w: float) -> list[float]:
@@ -175,6 +213,7 @@ class GPU:
     controller: MIADController | None = None
     controller_slo: tuple[float, float] | None = None
     controller_params: tuple[float, float, float] | None = None
+    floor_state: FloorState | None = None  # last prefill-floor state shown (logged on change)
     power_w: float = 0.0
     sm_clock_mhz: float = 0.0
     work: tuple[Work, ...] = ()  # pool, model and site of each engine using it this period
@@ -499,24 +538,89 @@ class NodeAgent:
             gpu.group = frozenset().union(*mapped) if mapped else frozenset(unclaimed)
         return by_gpu
 
+    def _reading_slo(self, r: EngineReading) -> tuple[float, float] | None:
+        """(TTFT, TPOT) targets of one engine's pool: the plan's, else the fallback flags'."""
+        doc = self.plan.current()
+        pool = None
+        if r.pool and doc is not None and r.pool in doc.pools:
+            pool = doc.pools[r.pool]
+        elif r.pool is None:
+            pools = pools_on_node(doc, self.config.node)
+            pool = next(iter(pools.values())) if len(pools) == 1 else None
+        if pool is not None:
+            return pool.slo.ttft_seconds, pool.slo.tpot_seconds
+        if self.config.ttft_slo_s is not None and self.config.tpot_slo_s is not None:
+            return self.config.ttft_slo_s, self.config.tpot_slo_s
+        return None
+
     def _slo(self, readings: Sequence[EngineReading]) -> tuple[float, float] | None:
         """The tightest SLO among the pools of these engines (plan first, then fallback)."""
-        pools = pools_on_node(self.plan.current(), self.config.node)
-        doc = self.plan.current()
-        targets: list[tuple[float, float]] = []
-        for r in readings:
-            pool = None
-            if r.pool and doc is not None and r.pool in doc.pools:
-                pool = doc.pools[r.pool]
-            elif r.pool is None and len(pools) == 1:
-                pool = next(iter(pools.values()))
-            if pool is not None:
-                targets.append((pool.slo.ttft_seconds, pool.slo.tpot_seconds))
-            elif self.config.ttft_slo_s is not None and self.config.tpot_slo_s is not None:
-                targets.append((self.config.ttft_slo_s, self.config.tpot_slo_s))
+        targets = [t for t in (self._reading_slo(r) for r in readings) if t is not None]
         if not targets:
             return None
         return min(t[0] for t in targets), min(t[1] for t in targets)
+
+    def _profile(self, gpu: GPU, r: EngineReading) -> ServingProfile | None:
+        """The built-in serving profile of ``r``'s engine on ``gpu`` (product, the pool's
+        model, else the engine's, and the instance's GPU count when known), as the router
+        finds it; None when there is none."""
+        if gpu.product is None:
+            return None
+        model = self._model([r]) or gpu.model
+        if not model:
+            return None
+        tp = len(gpu.group) if gpu.group_mapped and gpu.group else None
+        return find_profile(gpu.product.name, model, tp) or \
+            find_profile(gpu.product.name, model)
+
+    def _prefill_floor(self, gpu: GPU, readings: Sequence[EngineReading],
+                       controller: MIADController, margin: float) -> float | None:
+        """The clock (MHz) MIAD keeps ``gpu`` at or above: for each engine, the lowest of
+        MIAD's clocks at which the prompt at its recent prompt-length quantile prefills
+        within its pool's TTFT (``core.controllers.prefill_clock_floor``, the simulator's
+        function, on the engine's serving profile); the highest over the engines. None when
+        no engine gives one; why is in ``joulepool_miad_prefill_floor_state``."""
+        if self.control != "clocks":
+            self._floor_state(gpu, FloorState.POWER_CONTROL, None, None)
+            return None
+        floor: float | None = None
+        tail: float | None = None
+        state = FloorState.NO_HISTOGRAM
+        for r in readings:
+            slo = self._reading_slo(r)
+            if r.prompt_tail_tokens is None or slo is None:
+                if r.prompt_histogram and state is FloorState.NO_HISTOGRAM:
+                    state = FloorState.NO_TRAFFIC
+                continue
+            profile = self._profile(gpu, r)
+            if profile is None:
+                state = FloorState.NO_PROFILE if floor is None else state
+                continue
+            f = prefill_clock_floor(partial(_prefill_s, profile, r.prompt_tail_tokens),
+                                    controller.clocks, slo[0], margin)
+            if floor is None or f > floor:
+                floor, tail = f, r.prompt_tail_tokens
+            state = FloorState.APPLIED
+        self._floor_state(gpu, state, floor, tail)
+        return floor
+
+    def _floor_state(self, gpu: GPU, state: FloorState, floor_mhz: float | None,
+                     prompt_tokens: float | None) -> None:
+        """Show the prefill floor and why it is (not) applied; log each change once."""
+        labels = self._labels(gpu)
+        self.metrics.prefill_floor.labels(*labels).set((floor_mhz or 0.0) * 1e6)
+        self.metrics.prefill_floor_prompt.labels(*labels).set(prompt_tokens or 0.0)
+        for st in FloorState:
+            self.metrics.prefill_floor_state.labels(*labels, st.value).set(
+                1 if st is state else 0)
+        if gpu.floor_state is not state:
+            gpu.floor_state = state
+            if state is FloorState.APPLIED:
+                log.info("GPU %d: MIAD keeps the clock at or above the prefill floor (%.0f MHz "
+                         "for prompts of %.0f tokens)", gpu.index, floor_mhz or 0.0,
+                         prompt_tokens or 0.0)
+            else:
+                log.info("GPU %d: no MIAD prefill clock floor: %s", gpu.index, state.reason)
 
     def _model(self, readings: Sequence[EngineReading]) -> str | None:
         doc = self.plan.current()
@@ -610,6 +714,11 @@ class NodeAgent:
         controller = self._controller(gpu, slo)
         current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
         target, direction = controller.step(current, signal)
+        floor = self._prefill_floor(gpu, live, controller, self.miad_params()[2])
+        if floor is not None and target < floor:  # never below it, as the simulator's MIAD
+            target = floor
+            direction = Direction.UP if target > current else \
+                Direction.DOWN if target < current else Direction.HOLD
         if gpu.locked_mhz is None or target != gpu.locked_mhz:
             gpu.needs_reset = True  # from the moment it is sent: a timed-out lock may land
             self._set_reset_pending(gpu)

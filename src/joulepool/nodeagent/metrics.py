@@ -67,6 +67,19 @@ class AgentMetrics:
             "joulepool_gpu_target_power_limit_watts",
             "power limit MIAD set on the GPU in power mode (0: not set, the default applies)",
             GPU_LABELS, registry=r)
+        self.prefill_floor = Gauge(
+            "joulepool_miad_prefill_floor_hertz",
+            "SM clock MIAD keeps the GPU at or above so the prompt at the engine's recent "
+            "prompt-length quantile prefills within its pool's TTFT (0: no floor)",
+            GPU_LABELS, registry=r)
+        self.prefill_floor_prompt = Gauge(
+            "joulepool_miad_prefill_floor_prompt_tokens",
+            "prompt length (tokens) the prefill floor is computed for (0: none known)",
+            GPU_LABELS, registry=r)
+        self.prefill_floor_state = Gauge(
+            "joulepool_miad_prefill_floor_state",
+            "1 for the prefill floor's current state: applied, or why not (no_histogram, "
+            "no_traffic, no_profile, power_control)", (*GPU_LABELS, "state"), registry=r)
         self.decisions = Counter(
             "joulepool_miad_decisions", "MIAD decisions by direction",
             (*GPU_LABELS, "direction"), registry=r)

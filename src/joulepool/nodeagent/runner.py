@@ -187,6 +187,7 @@ def run_sidecar(args: NodeAgentSettings) -> int:
         discover = PodDiscovery(node, pod_resources=pod_resources)
     source = PrometheusSignalSource(
         endpoints, discover=discover, quantile=args.tail_quantile, window_s=args.window,
+        prompt_window_s=args.prompt_window,
         timeout_s=min(max(0.8 * args.interval, 0.2), 5.0), stale_s=args.stale_after,
         on_error=lambda url: metrics.scrape_errors.labels(node, url).inc())
     plan: PlanSource

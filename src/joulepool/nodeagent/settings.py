@@ -18,6 +18,7 @@ from joulepool.api.contract import (
 )
 from joulepool.core.controllers import MIADController
 from joulepool.nodeagent.agent import AgentConfig
+from joulepool.nodeagent.signals import PROMPT_WINDOW_S
 from joulepool.settings import ComponentSettings, setting
 
 GPUS, CONTROL, ENGINES, METRICS = "GPUs", "control", "engines and plan", "metrics"
@@ -59,6 +60,10 @@ class NodeAgentSettings(ComponentSettings):
                                    group=CONTROL, gt=0, le=1)
     window: float = setting(10.0, "seconds of engine histograms the tail is taken over",
                             env="JOULEPOOL_WINDOW_SECONDS", group=CONTROL, gt=0)
+    prompt_window: float = setting(
+        PROMPT_WINDOW_S, "seconds of the engine's prompt-length histogram MIAD's prefill clock "
+        "floor reads its prompt quantile over", env="JOULEPOOL_PROMPT_WINDOW_SECONDS",
+        group=CONTROL, gt=0)
     stale_after: float = setting(
         5.0, "seconds without a good scrape after which an engine's GPUs are unlocked",
         env="JOULEPOOL_STALE_SECONDS", group=CONTROL, gt=0)

@@ -4,7 +4,10 @@ Each control period the agent scrapes every engine's ``/metrics`` and turns
 the cumulative histograms into a *recent* tail: the buckets observed over the
 last ``window_s`` seconds, read at ``quantile`` with PromQL's rule
 (``core.estimators.histogram_quantile``). It also counts new output tokens
-(``vllm:generation_tokens_total``) for the online J/token estimate.
+(``vllm:generation_tokens_total``) for the online J/token estimate, and reads the
+prompt length at the TTFT-miss quantile from the engine's prompt-length histogram
+(``vllm:request_prompt_tokens``, ``sglang:prompt_tokens_histogram``) over a longer
+window (:class:`PromptWindow`), for MIAD's prefill clock floor (docs/node-agent.md).
 
 Which GPUs an engine uses: given explicitly (``--engine-url 0,1@http://...``),
 or read from the engine's ``joulepool_engine_gpu_info{gpu="..."}`` metric (the
@@ -28,6 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 # the one engine-metrics parser, the routing service's too
 from joulepool.api.enginemetrics import EngineSample, Histogram, parse_engine_metrics
 from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
+from joulepool.core.profiles import DEFAULT_HEADROOM
 from joulepool.nodeagent.background import Background
 
 log = logging.getLogger("joulepool.nodeagent.signals")
@@ -46,6 +50,11 @@ class EngineReading:
     gpus: frozenset[int] | None = None
     fresh: bool = True  # scraped successfully this period
     stale: bool = False  # no successful scrape for longer than the stale timeout
+    #: prompt tokens at the prompt quantile of the engine's recent requests (None: no
+    #: histogram on the page, or no request finished yet)
+    prompt_tail_tokens: float | None = None
+    #: whether the page carries a prompt-length histogram at all
+    prompt_histogram: bool = False
 
 
 def tail(q: float, new: Histogram, old: Histogram | None) -> float | None:
@@ -84,6 +93,44 @@ class EngineWindow:
         base = self.history[0][1] if len(self.history) >= 2 else None
         return tail(q, sample.ttft, base.ttft if base else None), \
             tail(q, sample.tpot, base.tpot if base else None), tokens
+
+
+#: the prompt-length quantile MIAD's prefill floor is taken at: the share of first tokens
+#: the planner's headroom lets miss (``Headroom.ttft_miss``), as the simulator's MIAD does
+PROMPT_QUANTILE = 1.0 - DEFAULT_HEADROOM.ttft_miss.value
+#: seconds of prompt-length histogram the quantile is read over (prompts are counted when
+#: their request finishes, so this is much longer than the latency window)
+PROMPT_WINDOW_S = 300.0
+
+
+@dataclass
+class PromptWindow:
+    """Recent scrapes of one engine's prompt-length histogram.
+
+    :meth:`add` returns the q-quantile (tokens) of the prompts counted over the last
+    ``window_s`` seconds; when none finished in the window, of every prompt since the
+    engine started (a pause in traffic does not change what the pool's prompts look
+    like); None while the histogram is empty or absent. A restart of the engine (counts
+    falling) or a new bucket layout starts over.
+    """
+
+    window_s: float = PROMPT_WINDOW_S
+    history: deque[tuple[float, Histogram]] = field(default_factory=deque)
+
+    def add(self, t: float, hist: Histogram, q: float) -> float | None:
+        if not hist.bounds:
+            self.history.clear()
+            return None
+        if self.history:
+            last = self.history[-1][1]
+            if last.bounds != hist.bounds or hist.counts[-1] < last.counts[-1]:
+                self.history.clear()
+        self.history.append((t, hist))
+        while len(self.history) >= 2 and self.history[1][0] <= t - self.window_s:
+            self.history.popleft()
+        base = self.history[0][1] if len(self.history) >= 2 else None
+        recent = tail(q, hist, base)
+        return recent if recent is not None else tail(q, hist, None)
 
 
 @dataclass(frozen=True)
@@ -141,9 +188,15 @@ class PrometheusSignalSource:
         on_error: Callable[[str], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         discover_wait_s: float = 0.2,
+        prompt_quantile: float = PROMPT_QUANTILE,
+        prompt_window_s: float = PROMPT_WINDOW_S,
     ) -> None:
-        if not 0.0 < quantile <= 1.0:
+        if not 0.0 < quantile <= 1.0 or not 0.0 < prompt_quantile <= 1.0:
             raise ValueError("quantile must be in (0, 1]")
+        if prompt_window_s <= 0:
+            raise ValueError("prompt window must be > 0")
+        self.prompt_quantile = prompt_quantile
+        self.prompt_window_s = prompt_window_s
         self.static = list(endpoints)
         self.discover = discover
         self.quantile = quantile
@@ -158,6 +211,7 @@ class PrometheusSignalSource:
         # discovery runs in the background: a hung API call never holds up a read
         self._discovery = Background(self._discover_once, discover_wait_s)
         self._windows: dict[str, EngineWindow] = {}
+        self._prompts: dict[str, PromptWindow] = {}
         self._last_ok: dict[str, float] = {}
         self._last_reading: dict[str, EngineReading] = {}
         self._session: Any = None
@@ -214,6 +268,7 @@ class PrometheusSignalSource:
         for url in list(self._windows):
             if url not in live:  # engine went away
                 self._windows.pop(url, None)
+                self._prompts.pop(url, None)
                 self._last_ok.pop(url, None)
                 self._last_reading.pop(url, None)
         out = []
@@ -243,11 +298,14 @@ class PrometheusSignalSource:
         self._warned.discard(e.url)
         window = self._windows.setdefault(e.url, EngineWindow(self.window_s))
         ttft, tpot, tokens = window.add(now, sample, self.quantile)
+        prompts = self._prompts.setdefault(e.url, PromptWindow(self.prompt_window_s))
+        prompt_tail = prompts.add(now, sample.prompt_tokens, self.prompt_quantile)
         self._last_ok[e.url] = now
         reading = EngineReading(
             engine=e.url, waiting=round(sample.waiting), ttft_tail_s=ttft, tpot_tail_s=tpot,
             tokens=tokens, model=sample.model, pool=e.pool,
-            gpus=e.gpus if e.gpus is not None else sample.gpus)
+            gpus=e.gpus if e.gpus is not None else sample.gpus,
+            prompt_tail_tokens=prompt_tail, prompt_histogram=bool(sample.prompt_tokens.bounds))
         self._last_reading[e.url] = reading
         return reading
 
