@@ -7,7 +7,7 @@ last ``window_s`` seconds, read at ``quantile`` with PromQL's rule
 (``vllm:generation_tokens_total``) for the online J/token estimate, and reads the
 prompt length at the TTFT-miss quantile from the engine's prompt-length histogram
 (``vllm:request_prompt_tokens``, ``sglang:prompt_tokens_histogram``) over a longer
-window (:class:`PromptWindow`), for MIAD's prefill clock floor (docs/node-agent.md).
+window (:class:`PromptWindow`), for MIAD's prefill clock floor (docs/architecture.md 1.5).
 
 Which GPUs an engine uses: given explicitly (``--engine-url 0,1@http://...``),
 or read from the engine's ``joulepool_engine_gpu_info{gpu="..."}`` metric (the
