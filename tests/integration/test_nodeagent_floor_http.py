@@ -28,6 +28,9 @@ from joulepool.nodeagent.signals import PrometheusSignalSource, parse_engine_spe
 TTFT_S, TPOT_S = 0.6, 0.1
 LONG, SHORT = 8000, 100
 PERIOD_S = 0.05
+#: MIAD's margin: the floor leaves 20 % of the TTFT for the queue, the HTTP round trip and
+#: the engine's bucket interpolation (this test runs on a loaded 2-core machine)
+MARGIN = 0.2
 
 
 async def send(session: aiohttp.ClientSession, url: str, prompt_tokens: int,
@@ -64,7 +67,7 @@ async def test_long_prompts_raise_the_floor_and_the_next_long_prompt_meets_ttft(
                                     timeout_s=0.5)
     agent = NodeAgent(SimulatedBackend(gpus), source,
                       AgentConfig(node="n1", interval_s=PERIOD_S, ttft_slo_s=TTFT_S,
-                                  tpot_slo_s=TPOT_S), metrics=metrics)
+                                  tpot_slo_s=TPOT_S, margin=MARGIN), metrics=metrics)
     await agent.start()
     seen: list[tuple[float, float]] = []  # (locked MHz, floor MHz) after every period
     stop = asyncio.Event()
@@ -113,9 +116,9 @@ async def test_long_prompts_raise_the_floor_and_the_next_long_prompt_meets_ttft(
     # the floor is the lowest clock at which the prompt quantile (interpolated inside the
     # engine's bucket that holds the long prompt) prefills within (1 - margin) x TTFT
     assert prompt > 0.8 * LONG
-    assert float(H100_8B.prefill_s(prompt, floor)) <= 0.9 * TTFT_S
+    assert float(H100_8B.prefill_s(prompt, floor)) <= (1 - MARGIN) * TTFT_S
     below = max(f for f in H100.supported_clocks() if f < floor)
-    assert float(H100_8B.prefill_s(prompt, below)) > 0.9 * TTFT_S
+    assert float(H100_8B.prefill_s(prompt, below)) > (1 - MARGIN) * TTFT_S
     assert first[0] > TTFT_S  # before: at the lowest clock the long prompt missed its TTFT
     assert second[0] <= TTFT_S, second  # after: met at the clock MIAD left
     assert all(tpot <= TPOT_S for _, tpot in [*shorts, first, second])
