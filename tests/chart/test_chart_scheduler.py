@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from chartlib import NAMESPACE, Rendered, name, rendered
+from chartlib import NAMESPACE, Rendered, name, render_raw, rendered
 
 wire = pytest.importorskip("joulepool.extender.wire", reason="the extender is not in this build")
 contract = pytest.importorskip("joulepool.api.contract")
@@ -66,6 +66,29 @@ def test_extender_settings() -> None:
     (ext,) = _config(rendered("ignorable-all-pods"))["extenders"]
     assert ext["ignorable"] is True
     assert "managedResources" not in ext
+
+
+def _extender_settings(r: Rendered) -> Any:
+    from joulepool.cli import build_parser
+    from joulepool.extender.settings import load_settings
+
+    args = _containers(r)["extender"]["args"]
+    return load_settings(build_parser().parse_args(args), environ={})
+
+
+def test_fresh_read_values_reach_the_extender() -> None:
+    from joulepool.extender.settings import Settings
+
+    fields = ("fresh_read_timeout_seconds", "fresh_read_max_nodes",
+              "fresh_read_min_interval_seconds", "fresh_reads_per_second")
+    s = _extender_settings(rendered("default"))
+    assert [getattr(s, f) for f in fields] == [Settings.model_fields[f].default for f in fields]
+    (ext,) = _config(rendered("default"))["extenders"]  # reads end within kube-scheduler's
+    assert s.fresh_read_timeout_seconds < float(ext["httpTimeout"].rstrip("s"))  # timeout
+    values = {"timeoutSeconds": 0.5, "maxNodes": 3, "minIntervalSeconds": 4, "perSecond": 2.5}
+    r = Rendered(render_raw({"scheduler": {"extender": {"freshReads": values}}}))
+    s = _extender_settings(r)
+    assert [getattr(s, f) for f in fields] == [0.5, 3, 4.0, 2.5]
 
 
 def test_leader_election_uses_its_own_lease() -> None:

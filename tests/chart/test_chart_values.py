@@ -75,6 +75,9 @@ def test_defaults_and_kind_values_pass() -> None:
     ({"metrics": {"serviceMonitor": {"enabeld": True}}}, "enabeld"),
     ({"scheduler": {"extender": {"httpTimeout": "5 seconds"}}}, "httpTimeout"),
     ({"scheduler": {"extender": {"port": 70000}}}, "port"),
+    ({"scheduler": {"extender": {"freshReads": {"maxNodes": 0}}}}, "maxNodes"),
+    ({"scheduler": {"extender": {"freshReads": {"perSecond": 0}}}}, "perSecond"),
+    ({"scheduler": {"extender": {"freshReads": {"timeoutSecond": 1}}}}, "timeoutSecond"),
     ({"logLevel": "verbose"}, "logLevel"),
     ({"crds": {"templated": "yes"}}, "templated"),
 ])

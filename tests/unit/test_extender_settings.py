@@ -24,6 +24,21 @@ def test_defaults() -> None:
     assert s.max_body_bytes == 32 << 20
 
 
+def test_fresh_read_limits_are_settings() -> None:
+    from joulepool.extender import freshness
+
+    s = load_settings(_parse(), environ={})
+    assert (s.fresh_read_timeout_seconds, s.fresh_read_max_nodes,
+            s.fresh_read_min_interval_seconds, s.fresh_reads_per_second) == (
+        freshness.DEFAULT_TIMEOUT_S, freshness.DEFAULT_MAX_NODES,
+        freshness.DEFAULT_MIN_INTERVAL_S, freshness.DEFAULT_READS_PER_SECOND)
+    s = load_settings(_parse("--fresh-read-max-nodes", "3"), environ={
+        "JOULEPOOL_EXTENDER_FRESH_READ_MIN_INTERVAL_SECONDS": "5",
+        "JOULEPOOL_EXTENDER_FRESH_READS_PER_SECOND": "2.5"})
+    assert (s.fresh_read_max_nodes, s.fresh_read_min_interval_seconds,
+            s.fresh_reads_per_second) == (3, 5.0, 2.5)
+
+
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("port: 9000\nprefix: /from-file\nmax-nodes: 7\nhard_deadline: true\n")
@@ -48,6 +63,11 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         (["--lambda-min", "5", "--lambda-max", "1"], {}, "lambda-min"),
         (["--token-scope", "everything"], {}, "--token-scope"),
         (["--fresh-read-timeout-seconds", "inf"], {}, "--fresh-read-timeout-seconds"),
+        (["--fresh-read-max-nodes", "0"], {}, "--fresh-read-max-nodes"),
+        ([], {"JOULEPOOL_EXTENDER_FRESH_READ_MIN_INTERVAL_SECONDS": "-1"},
+         "JOULEPOOL_EXTENDER_FRESH_READ_MIN_INTERVAL_SECONDS"),
+        (["--fresh-reads-per-second", "0"], {}, "--fresh-reads-per-second"),
+        (["--fresh-reads-per-second", "nan"], {}, "--fresh-reads-per-second"),
     ],
 )
 def test_bad_values_name_their_source(argv: list[str], env: dict[str, str], needle: str) -> None:

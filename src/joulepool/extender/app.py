@@ -78,10 +78,14 @@ class Extender(service.ClusterService):
 
     def on_watches_started(self) -> None:
         """Cluster mode, once the watches run: filter may re-read full nodes' pods."""
-        t = self.settings.fresh_read_timeout_seconds
+        s = self.settings
+        t = s.fresh_read_timeout_seconds
         if t > 0 and self.api_client is not None:
-            self.freshness = PodFreshness(self.state, node_pods_lister(self.api_client, t),
-                                          timeout_s=t, metrics=self.metrics)
+            self.freshness = PodFreshness(
+                self.state, node_pods_lister(self.api_client, t), timeout_s=t,
+                min_interval_s=s.fresh_read_min_interval_seconds,
+                max_nodes=s.fresh_read_max_nodes, reads_per_second=s.fresh_reads_per_second,
+                metrics=self.metrics)
 
     def on_tick(self) -> None:
         if self.state.synced["nodes"]:

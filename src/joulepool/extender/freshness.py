@@ -16,7 +16,8 @@ same node read at most once per ``min_interval_s`` (kube-scheduler retries a ref
 with backoff anyway); at most ``reads_per_second`` reads in all (a token bucket, so a
 cluster that is really full costs the API server little); every read within
 ``timeout_s``. A read that fails, times out or is over budget changes nothing: the first
-answer stands.
+answer stands. The extender's ``--fresh-read-*`` settings set these limits; their
+defaults are the ``DEFAULT_*`` constants here.
 
 The limit is per pod rather than per node on purpose: a read made for another pod just
 before the deletion must not stop the replacement's own read just after it.
@@ -37,13 +38,21 @@ log = logging.getLogger(__name__)
 
 ListNodePods = Callable[[str], list[dict[str, Any]]]
 
+#: default limits (the extender's settings ``fresh_read_*``, ``fresh_reads_per_second``)
+DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_MIN_INTERVAL_S = 1.0
+DEFAULT_MAX_NODES = 8
+DEFAULT_READS_PER_SECOND = 10.0
+
 
 class PodFreshness:
     """Re-reads the pods of nodes that look full; see the module docstring."""
 
     def __init__(self, state: ClusterState, list_node_pods: ListNodePods,
-                 timeout_s: float = 2.0, min_interval_s: float = 1.0, max_nodes: int = 8,
-                 reads_per_second: float = 10.0,
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
+                 max_nodes: int = DEFAULT_MAX_NODES,
+                 reads_per_second: float = DEFAULT_READS_PER_SECOND,
                  clock: Callable[[], float] = time.monotonic,
                  metrics: Metrics | None = None) -> None:
         self.state = state

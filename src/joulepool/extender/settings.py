@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from joulepool import settings as settings_base
 from joulepool.api.contract import EXTENDER_PORT as DEFAULT_PORT
 from joulepool.api.contract import EXTENDER_PREFIX as DEFAULT_PREFIX
+from joulepool.extender import freshness
 from joulepool.kube.settings import ServiceSettings
 from joulepool.settings import SettingsError
 
@@ -52,10 +53,25 @@ class Settings(ServiceSettings):
         "kube-scheduler binds asynchronously (--no-reserve-placements: every passing node)",
     )
     fresh_read_timeout_seconds: float = Field(
-        2.0, ge=0, le=60, description="when filter finds every candidate full while the "
-        "pod watch counts pods there, re-read those nodes' pods from the API server (at "
-        "most this long, s; within kube-scheduler's extender httpTimeout) and decide "
-        "again: the watch may not have delivered a deletion yet (0: never)",
+        freshness.DEFAULT_TIMEOUT_S, ge=0, le=60, description="when filter finds every "
+        "candidate full while the pod watch counts pods there, re-read those nodes' pods "
+        "from the API server (at most this long, s; within kube-scheduler's extender "
+        "httpTimeout) and decide again: the watch may not have delivered a deletion yet "
+        "(0: never)",
+    )
+    fresh_read_max_nodes: int = Field(
+        freshness.DEFAULT_MAX_NODES, ge=1, le=1000,
+        description="most nodes one filter call re-reads (the first candidates)",
+    )
+    fresh_read_min_interval_seconds: float = Field(
+        freshness.DEFAULT_MIN_INTERVAL_S, ge=0, le=3600, description="the same pod's "
+        "question about the same node is re-read at most once per this many seconds "
+        "(kube-scheduler retries a refused pod with backoff anyway)",
+    )
+    fresh_reads_per_second: float = Field(
+        freshness.DEFAULT_READS_PER_SECOND, gt=0, le=10000, description="re-reads in all, "
+        "per second (a token bucket of as many): a cluster that is really full costs the "
+        "API server at most this",
     )
     replica_utilisation: float = Field(
         0.9, gt=0, le=1, description="load a replica carries, as a share of its capacity"
