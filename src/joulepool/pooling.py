@@ -93,7 +93,8 @@ def _service_class(pool: InferencePool, steps: int) -> ServiceClass:
     return ServiceClass(
         pool_key(pool.metadata.namespace or "default", pool.metadata.name),
         s.demand.mean_input_tokens, s.demand.mean_output_tokens,
-        s.slo.ttft_seconds, s.slo.tpot_seconds, s.demand.forecast(steps))
+        s.slo.ttft_seconds, s.slo.tpot_seconds, s.demand.forecast(steps),
+        prompt_tokens=s.demand.prompt_lengths())
 
 
 def _carbon(policy: EnergyPolicySpec, nodes: Sequence[PlanNode], objective: str

@@ -44,6 +44,8 @@ CONSUMERS: dict[str, tuple[str, ...]] = {
     "DemandSpec.requests_per_second": ("api/models.py",),
     "DemandSpec.mean_input_tokens": POOLING, "DemandSpec.mean_output_tokens": POOLING,
     "DemandSpec.series": ("api/models.py",), "DemandSpec.step_seconds": POOLING,
+    "DemandSpec.input_token_quantiles": ("api/models.py",),
+    "TokenQuantile.quantile": ("api/models.py",), "TokenQuantile.tokens": ("api/models.py",),
     # GPUProfile: turned into core ServingProfiles
     **{f"GPUProfileSpec.{f}": PROFILES for f in (
         "product", "model", "gpus", "idle_watts", "batch_points", "max_batch",

@@ -90,6 +90,24 @@ def test_prompt_lengths_quantiles() -> None:
         PromptLengths((3.0, 1.0))
 
 
+def test_prompt_lengths_from_declared_quantiles() -> None:
+    q = PromptLengths.from_quantiles([0.5, 0.9, 0.99], [700.0, 2500.0, 6000.0], points=1000)
+    arr = q.array()
+    # the point at probability (k + 1/2) / N is the declared quantile function there
+    assert arr[700] == pytest.approx(700.0 + (0.7005 - 0.5) / 0.4 * 1800.0)
+    assert arr[950] == pytest.approx(2500.0 + (0.9505 - 0.9) / 0.09 * 3500.0)
+    assert arr[:490].max() == 700.0 and arr.min() == 700.0  # below p50: flat, at p50's
+    assert arr[990:].min() == 6000.0 and arr.max() == 6000.0  # above p99: flat, at p99's
+    assert np.mean(arr > 2500.0) == pytest.approx(0.1, abs=0.002)
+    one = PromptLengths.from_quantiles([0.99], [4000.0], points=10)
+    assert one.tokens == (4000.0,) * 10
+    for probs, toks in (([], []), ([0.5], [1.0, 2.0]), ([0.0], [1.0]), ([1.5], [1.0]),
+                        ([0.9, 0.5], [1.0, 2.0]), ([0.5, 0.5], [1.0, 1.0]),
+                        ([0.5, 0.9], [2.0, 1.0]), ([0.5], [0.0]), ([0.5], [np.inf])):
+        with pytest.raises(ValueError):
+            PromptLengths.from_quantiles(probs, toks)
+
+
 def test_prompt_tail_miss_by_hand() -> None:
     s = [0.1, 0.2, 0.3, 0.8]  # prefill times of four equally likely prompts, T = 0.6
     assert prompt_tail_miss(s, 0.6, 0.0) == 0.25  # idle: only the 0.8-s prompt misses

@@ -7,6 +7,7 @@ with them, so a field means the same thing everywhere.
 
 from __future__ import annotations
 
+import itertools
 import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from joulepool.core.classes import (
     PLAN_STEP_S,
     PLAN_WINDOW_STEPS,
     SLO,
+    PromptLengths,
     Tier,
 )
 from joulepool.core.controllers import MIAD_PERIOD_S, MIADController, PIController
@@ -80,6 +82,23 @@ class SLOSpec(_Model):
         return SLO(self.ttft_seconds, self.tpot_seconds, self.deadline_seconds)
 
 
+class TokenQuantile(_Model):
+    """One point of a prompt-length distribution."""
+
+    quantile: float = Field(
+        gt=0, le=1, description="probability, e.g. 0.99: 99 % of prompts are at most tokens")
+    tokens: float = Field(gt=0, le=1e6, description="prompt length at that quantile, tokens")
+
+
+#: the API server's check of inputTokenQuantiles (pydantic's in DemandSpec says the same)
+_QUANTILE_RULES = [
+    {"rule": "self.all(a, self.exists_one(b, b.quantile == a.quantile))",
+     "message": "each quantile may be given once"},
+    {"rule": "self.all(a, self.all(b, a.quantile < b.quantile ? a.tokens <= b.tokens : true))",
+     "message": "tokens must not fall as the quantile rises"},
+]
+
+
 class DemandSpec(_Model):
     """Forecast load: a constant rate or a series of per-step rates."""
 
@@ -99,12 +118,44 @@ class DemandSpec(_Model):
     step_seconds: float = Field(
         default=300, alias="stepSeconds", gt=0, le=86400,
         description="seconds each value of series covers")
+    input_token_quantiles: list[TokenQuantile] | None = Field(
+        default=None, alias="inputTokenQuantiles", min_length=1, max_length=32,
+        description=(
+            "prompt-length distribution as a few quantiles, e.g. p50/p90/p99: the planner "
+            "keeps the pool off modes that cannot prefill its long prompts within the TTFT "
+            "(linear between quantiles, the lowest and highest extended flat; "
+            "docs/planner.md). Unset: the mean prompt alone, or what the node agents "
+            "observe"),
+        json_schema_extra={"x-kubernetes-validations": _QUANTILE_RULES})
 
     @model_validator(mode="after")
     def _series_non_negative(self) -> DemandSpec:
         if self.series is not None and any(v < 0 for v in self.series):
             raise ValueError("series: request rates must be >= 0")
         return self
+
+    @model_validator(mode="after")
+    def _quantiles_consistent(self) -> DemandSpec:
+        if self.input_token_quantiles is not None:
+            points = sorted(self.input_token_quantiles, key=lambda q: q.quantile)
+            for a, b in itertools.pairwise(points):
+                if a.quantile == b.quantile:
+                    raise ValueError(
+                        f"inputTokenQuantiles: quantile {a.quantile:g} is given twice")
+                if b.tokens < a.tokens:
+                    raise ValueError(
+                        f"inputTokenQuantiles: tokens must not fall as the quantile rises "
+                        f"({a.tokens:g} at {a.quantile:g}, {b.tokens:g} at {b.quantile:g})")
+            self.input_token_quantiles = points
+        return self
+
+    def prompt_lengths(self) -> PromptLengths | None:
+        """The declared prompt-length distribution (core.classes.PromptLengths); None when
+        only the mean is given."""
+        if not self.input_token_quantiles:
+            return None
+        return PromptLengths.from_quantiles([q.quantile for q in self.input_token_quantiles],
+                                            [q.tokens for q in self.input_token_quantiles])
 
     def forecast(self, steps: int) -> list[float]:
         """Per-step req/s for a window of ``steps`` steps (series padded with its last value)."""

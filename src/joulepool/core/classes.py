@@ -72,7 +72,8 @@ class PromptLengths:
     ``tokens[k]`` is the quantile at probability (k + 1/2) / N, N = ``len(tokens)``,
     ascending: N equally likely prompts, so a share of prompts is a count of points
     over N (to 1/N). Built from measured prompts (:meth:`from_samples`, the simulator's
-    trace of the class).
+    trace of the class) or from declared quantiles (:meth:`from_quantiles`, an
+    InferencePool's).
     """
 
     tokens: tuple[float, ...]
@@ -93,6 +94,29 @@ class PromptLengths:
             return None
         q = np.quantile(arr, (np.arange(points) + 0.5) / points)
         return cls(tuple(float(v) for v in q))
+
+    @classmethod
+    def from_quantiles(cls, probabilities: npt.ArrayLike, tokens: npt.ArrayLike,
+                       points: int = PROMPT_LENGTH_POINTS) -> PromptLengths:
+        """The distribution a few declared quantiles describe (an InferencePool's
+        ``demand.inputTokenQuantiles``): ``tokens[i]`` prompt tokens at probability
+        ``probabilities[i]``, linear in between; below the lowest probability every
+        prompt counts as that quantile's length and above the highest as that one's
+        (so the shortest prompts are taken long, which can only overstate prefill
+        work, and nothing beyond the highest declared quantile is invented).
+        ValueError unless the probabilities ascend strictly within (0, 1] and the
+        tokens are finite, > 0 and do not fall."""
+        prob = np.asarray(probabilities, dtype=np.float64).ravel()
+        toks = np.asarray(tokens, dtype=np.float64).ravel()
+        if prob.size == 0 or prob.size != toks.size:
+            raise ValueError("give one token count per quantile, at least one")
+        if not np.all((prob > 0.0) & (prob <= 1.0)) or np.any(np.diff(prob) <= 0.0):
+            raise ValueError("quantiles must ascend strictly within (0, 1]")
+        if not np.all(np.isfinite(toks)) or np.any(toks <= 0.0) or np.any(np.diff(toks) < 0):
+            raise ValueError("token counts must be finite, > 0 and not fall as the quantile "
+                             "rises")
+        at = (np.arange(points) + 0.5) / points
+        return cls(tuple(float(v) for v in np.interp(at, prob, toks)))
 
     def array(self) -> npt.NDArray[np.float64]:
         return np.asarray(self.tokens, dtype=np.float64)
