@@ -12,7 +12,14 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    model_validator,
+)
 
 # the API group and version are part of the contract; re-exported for the models' users
 from joulepool.api.contract import API_VERSION as API_VERSION
@@ -91,7 +98,7 @@ class TokenQuantile(_Model):
 
 
 #: the API server's check of inputTokenQuantiles (pydantic's in DemandSpec says the same)
-_QUANTILE_RULES = [
+_QUANTILE_RULES: list[JsonValue] = [
     {"rule": "self.all(a, self.exists_one(b, b.quantile == a.quantile))",
      "message": "each quantile may be given once"},
     {"rule": "self.all(a, self.all(b, a.quantile < b.quantile ? a.tokens <= b.tokens : true))",
