@@ -16,7 +16,16 @@ import numpy as np
 import pytest
 
 from joulepool.core.cost import joulesched_cost
-from joulepool.core.routing import rank_endpoints, slo_infeasible
+from joulepool.core.routing import (
+    endpoint_late,
+    first_token_s,
+    marginal_energy_floor,
+    marginal_energy_j,
+    rank_endpoints,
+    score_endpoint,
+    score_endpoints,
+    slo_infeasible,
+)
 
 AWKWARD = (math.nan, math.inf, 0.0, -1.0)
 
@@ -103,3 +112,78 @@ def test_first_choice_is_the_full_rankings_first(hard_deadline: bool) -> None:
         keys = {i: (marked[i], over[i], within[i], bool(np.isnan(eta[i])),
                     0.0 if np.isnan(eta[i]) else eta[i], i) for i in usable}
         assert full == sorted(usable, key=keys.__getitem__)
+
+
+# --------------------------------------------------------------------------------------
+# Scalar forms of the rule (one endpoint at a time): bit for bit the vectorised numbers
+# --------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("lam", [0.0, 3.0, 1e-300, -2.0, math.inf, math.nan])
+@pytest.mark.parametrize("odd", [0.0, 0.2])
+def test_score_endpoint_is_score_endpoints_one_endpoint_at_a_time(lam: float,
+                                                                    odd: float) -> None:
+    rng = np.random.default_rng(abs(hash((lam, odd, "one"))) % 2**32)
+    for trial in range(40):
+        n = int(rng.integers(1, 30))
+        eps = _column(rng, n, 0.01, 0.4, odd)
+        q = _column(rng, n, 0.0, 3000.0, odd)
+        mu = _column(rng, n, 100.0, 2000.0, odd)
+        w = _column(rng, n, 0.0, 0.5, odd, coarse=False)
+        pi = _column(rng, n, 0.001, 0.01, odd)
+        wake = _column(rng, n, 0.2, 1.0, odd)
+        left = _column(rng, n, 0.0, 400.0, odd)
+        left[rng.random(n) < 0.1] = 0.0  # idle endpoints
+        prompt = 0.0 if trial % 5 == 0 else float(rng.integers(1, 4000))
+        out = float(rng.integers(1, 600))
+        deadline = float(rng.uniform(0.1, 30))
+        cb = score_endpoints(eps, q, mu, w, out, prompt, deadline, lam, pi, out, wake, left)
+        one = [score_endpoint(*row, out, prompt, deadline, lam, p, out, k, r)
+               for row, p, k, r in zip(zip(eps, q, mu, w, strict=True), pi, wake, left,
+                                      strict=True)]
+        np.testing.assert_array_equal(cb.cost, [c for c, _ in one])
+        np.testing.assert_array_equal(cb.eta_s, [e for _, e in one])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("odd", [0.0, 0.25])
+def test_endpoint_late_is_slo_infeasible_of_first_token_s(odd: float) -> None:
+    rng = np.random.default_rng(17 + int(odd * 100))
+    for trial in range(200):
+        n = int(rng.integers(1, 30))
+        wait = _column(rng, n, 0.0, 0.5, odd)
+        step = _column(rng, n, 0.0, 0.05, odd)
+        chunk = _column(rng, n, 1.0, 8192.0, odd)
+        chunk[rng.random(n) < 0.1] = -0.0
+        pf_s = _column(rng, n, 1e-5, 1e-4, odd)
+        room = _column(rng, n, -1.0, 3.0, odd)
+        prompt = float(rng.choice([0.0, 1.0, float(rng.integers(2, 9000))]))
+        ttft = float(rng.uniform(0.05, 0.7))
+        late = slo_infeasible(first_token_s(wait, step, chunk, pf_s, prompt), room, ttft)
+        one = [endpoint_late(*row, prompt, ttft)
+               for row in zip(wait, step, chunk, pf_s, room, strict=True)]
+        assert late.tolist() == one, trial
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_marginal_energy_floor_is_below_the_energy_at_any_batch_left() -> None:
+    """The bound holds for the numbers marginal_energy_j computes, whatever R_n >= 0,
+    and it is tight: the least energy over R_n is within 1e-8 of the terms' size."""
+    rng = np.random.default_rng(3)
+    for trial in range(2000):
+        eps = float(rng.choice([rng.uniform(-0.1, 2.0), rng.uniform(0.0, 1e-6), 0.0]))
+        wake = float(rng.choice([rng.uniform(0.0, 2.0), eps]))
+        pi = float(rng.uniform(-0.01, 0.05))
+        out = float(rng.choice([0.0, 1.0, float(rng.integers(2, 3000))]))
+        prompt = float(rng.choice([0.0, float(rng.integers(1, 9000))]))
+        left = np.concatenate([[0.0, out, math.inf], rng.uniform(0.0, 2 * out + 1, 20)])
+        energy = marginal_energy_j(np.full(left.size, eps), np.full(left.size, pi), out,
+                                   prompt, np.full(left.size, wake), left)
+        floor = marginal_energy_floor(eps, pi, out, prompt, wake)
+        assert np.all(floor <= energy), (trial, eps, wake, pi, out, prompt)
+        size = max(abs(eps), abs(wake)) * out + abs(pi * prompt)
+        assert energy.min() - floor <= 1e-8 * size
+    assert math.isnan(marginal_energy_floor(math.nan, 0.1, 10.0, 10.0, 0.5))
+    assert math.isnan(marginal_energy_floor(0.1, 0.1, 10.0, 10.0, math.nan))
+    assert math.isnan(marginal_energy_floor(math.inf, 0.1, 10.0, 10.0, math.inf))

@@ -84,7 +84,7 @@ def test_sustainable_batch_is_the_planners_serving_point() -> None:
         assert sustainable_batch(p, 1000.0, 200.0, 0.45, 0.15) == max(int(sp.batch), 1)
 
 
-def test_predicted_increments_agree_with_the_simulators_ledger() -> None:
+def test_predicted_increments_agree_with_the_simulators_ledger(monkeypatch) -> None:
     """Every request JouleSched routes is charged its predicted marginal energy (the
     columns it was scored on, with the tokens it really had); summed over the run that
     must match what the simulator's independent ledger measured above idle within 10 %
@@ -96,18 +96,18 @@ def test_predicted_increments_agree_with_the_simulators_ledger() -> None:
     wl = build_workload(load_trace(), 60.0, mode="rate", value=12.0, seed=3)
     wl = wl.__class__(**{**wl.__dict__, "predicted_tokens": wl.output_tokens.copy()})
     sim = Simulator(cl, wl, POLICIES["joulesched"], tables)
-    seen: list[tuple[float, float]] = []
-    profile = sim.pools[0].profile
-    pick = profile.pick
+    seen: list[tuple[float, float, float, float]] = []
+    pick = Simulator._pick_instance
 
-    def recording_pick(request, endpoints, k=1):
-        ranked, scores = pick(request, endpoints, k)
-        i = ranked[0]
+    def recording_pick(self, rid, t):  # the columns the chosen instance was scored on
+        inst = pick(self, rid, t)
+        endpoints = self.pools[inst.pool].state
+        i = inst.pos
         seen.append((endpoints.eps_j_per_token[i], endpoints.prefill_j_per_token[i],
                      endpoints.wake_j_per_token[i], endpoints.batch_left_tokens[i]))
-        return ranked, scores
+        return inst
 
-    profile.pick = recording_pick  # type: ignore[method-assign]
+    monkeypatch.setattr(Simulator, "_pick_instance", recording_pick)
     result = sim.run()
     assert len(seen) == wl.requests and np.isfinite(result.t_done).all()
     predicted = sum(  # the first token comes with the prefill

@@ -116,6 +116,29 @@ def joulesched_cost(
     return CostBreakdown(eta, energy, slack, float(lam), cost)
 
 
+def joulesched_cost_one(queue_tokens: float, throughput_tps: float, tokens: float,
+                        deadline_s: float, lam: float, energy_j: float) -> tuple[float, float]:
+    """:func:`joulesched_cost` of one endpoint given its energy term: (cost, ETA s).
+
+    The same floating-point operations in the same order as the vectorised form, so
+    the same numbers bit for bit (``tests/unit/test_core_fast_paths.py`` holds them
+    together, NaN and infinities included): for callers that score a few endpoints
+    one at a time, where numpy's fixed cost per call would dominate."""
+    work = queue_tokens + tokens
+    eta = work / throughput_tps if throughput_tps > 0 else math.inf  # _eta_s
+    slack = eta - deadline_s
+    if slack < 0.0:  # np.maximum(slack, 0): NaN stays NaN
+        slack = 0.0
+    # _lateness_j, case by case
+    if lam == 0.0:
+        late = math.nan if slack == math.inf else 0.0
+    elif 0.0 < lam < math.inf:
+        late = (slack if slack == slack else 0.0) * lam  # fmax: NaN -> 0
+    else:
+        late = slack * lam if slack > 0 else 0.0
+    return late + energy_j, eta
+
+
 def _eta_s(work_tokens: FloatArray, mu: FloatArray) -> FloatArray:
     """ETA = work / mu, infinite where mu <= 0 or NaN (cannot serve); ``work_tokens`` is
     the caller's scratch array (overwritten when shapes allow)."""

@@ -93,7 +93,12 @@ import numpy.typing as npt
 # for the router and older callers
 from joulepool.core.batching import prefill_steps
 from joulepool.core.classes import default_deadline as default_deadline
-from joulepool.core.cost import CostBreakdown, float_array, joulesched_cost
+from joulepool.core.cost import (
+    CostBreakdown,
+    float_array,
+    joulesched_cost,
+    joulesched_cost_one,
+)
 from joulepool.core.profiles import Headroom, ServingProfile, default_batched_tokens
 
 FloatArray = npt.NDArray[np.float64]
@@ -204,6 +209,57 @@ def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.A
     if input_tokens > 0:
         e += np.multiply(prefill_j_per_token, float(input_tokens))
     return e
+
+
+def marginal_energy_floor(eps_j_per_token: float, prefill_j_per_token: float,
+                          output_tokens: float, input_tokens: float,
+                          wake_j_per_token: float) -> float:
+    """A lower bound of one endpoint's :func:`marginal_energy_j` whatever its R_n >= 0.
+
+    E_n(r) = eps_n * j + X_n(1) * (out - j) + pi_n * prompt with j = min(R_n, out) in
+    [0, out] is at least min(eps_n, X_n(1)) * out + pi_n * prompt. The bound is lowered
+    by 1e-9 of its terms' magnitude, far more than the rounding of either side, so it
+    stays at or below the value :func:`marginal_energy_j` computes. NaN (no bound) where
+    an input is NaN or the bound is not finite. A caller scoring many endpoints of
+    the same eps_n, X_n(1) and pi_n can skip them all when this exceeds a cost it has.
+    """
+    if eps_j_per_token != eps_j_per_token or wake_j_per_token != wake_j_per_token:
+        return math.nan
+    out = max(float(output_tokens), 0.0)
+    low = eps_j_per_token if eps_j_per_token < wake_j_per_token else wake_j_per_token
+    high = abs(eps_j_per_token) if abs(eps_j_per_token) > abs(wake_j_per_token) else abs(
+        wake_j_per_token)
+    floor = low * out
+    scale = high * out
+    if input_tokens > 0:
+        prompt = prefill_j_per_token * float(input_tokens)
+        floor += prompt
+        scale += abs(prompt)
+    floor -= 1e-9 * scale
+    return floor if math.isfinite(floor) else math.nan
+
+
+def score_endpoint(eps_j_per_token: float, queue_tokens: float, throughput_tps: float,
+                   weight: float, tokens: float, input_tokens: float, deadline_s: float,
+                   lam: float, prefill_j_per_token: float, output_tokens: float,
+                   wake_j_per_token: float, batch_left_tokens: float) -> tuple[float, float]:
+    """:func:`score_endpoints` (with the marginal energy: every column given) for one
+    endpoint: (cost, ETA s).
+
+    The same floating-point operations in the same order as the vectorised form, so
+    the same numbers bit for bit, NaN and infinities included
+    (``tests/unit/test_core_fast_paths.py``): for callers that score a few endpoints
+    one at a time (the simulator's candidate search, ``sim/candidates.py``).
+    """
+    q = queue_tokens + weight * float(input_tokens) if input_tokens > 0 else queue_tokens
+    # marginal_energy_j
+    out = max(float(output_tokens), 0.0)
+    joined = out if out <= batch_left_tokens else batch_left_tokens  # np.minimum: NaN stays
+    energy = eps_j_per_token * joined
+    energy += wake_j_per_token * (out - joined)
+    if input_tokens > 0:
+        energy += prefill_j_per_token * float(input_tokens)
+    return joulesched_cost_one(q, throughput_tps, tokens, deadline_s, lam, energy)
 
 
 def score_endpoints(
@@ -327,6 +383,24 @@ def slo_infeasible(first_token: npt.ArrayLike, batch_room: npt.ArrayLike,
     late: npt.NDArray[np.bool_] = np.greater(first_token, ttft_slo_s)
     late |= np.less(batch_room, 1.0)
     return late
+
+
+def endpoint_late(wait_s: float, step_s: float, chunk_tokens: float,
+                  prefill_s_per_token: float, batch_room: float, input_tokens: float,
+                  ttft_slo_s: float) -> bool:
+    """:func:`slo_infeasible` of :func:`first_token_s` for one endpoint, with the same
+    floating-point operations (so the same verdict bit for bit, NaN included)."""
+    prompt = float(input_tokens)
+    if chunk_tokens:
+        steps = prompt / chunk_tokens
+    else:  # numpy's x / 0
+        steps = math.nan if prompt == 0.0 or prompt != prompt else math.copysign(
+            math.inf, prompt) * math.copysign(1.0, chunk_tokens)
+    if steps < 1.0:  # np.maximum(steps, 1): NaN stays NaN
+        steps = 1.0
+    first = wait_s + steps * step_s
+    first += prefill_s_per_token * prompt
+    return first > ttft_slo_s or batch_room < 1.0
 
 
 def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False,

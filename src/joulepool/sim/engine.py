@@ -73,7 +73,7 @@ from joulepool.core.profiles import (
     startup,
 )
 from joulepool.core.router import PI_PERIOD_S
-from joulepool.core.routing import endpoint_queue_tokens, sustainable_batch
+from joulepool.core.routing import sustainable_batch
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -379,7 +379,8 @@ class Simulator:
         self.instances: list[Instance] = []
         self.n_pools = len(CLASS_NAMES) if self.planner_pools else 1
         routing = "joulesched" if use_router else policy.routing
-        self.pools: list[Pool] = [Pool([], routing_profile(routing)) for _ in range(self.n_pools)]
+        self.pools: list[Pool] = [Pool([], routing_profile(routing), self.use_js)
+                                  for _ in range(self.n_pools)]
         #: whether routing reads the pools' load columns (round-robin's picker does not)
         self.load_columns = self.pools[0].profile.picker.reads_scores
         self.evq: list[tuple[float, int, int]] = []  # (t, instance, instance version)
@@ -720,6 +721,10 @@ class Simulator:
             info = RequestInfo(req.predicted[rid], req.input[rid], req.predicted[rid],
                                req.route_deadline[rid], self.lam_tier[req.bulk[rid]],
                                False, req.ttft_slo[rid])
+            if pool.index is not None:  # the rule's choice from a few candidates
+                best = pool.index.best(info)
+                if best is not None:
+                    return members[best]
         else:
             info = _NO_REQUEST
         return members[pool.profile.pick(info, pool.state)[0][0]]
@@ -736,17 +741,12 @@ class Simulator:
 
     def _sync(self, inst: Instance, t: float) -> None:
         """Refresh ``inst``'s routing columns after its load changed."""
-        pos = inst.pos
-        if inst.state != ACTIVE or pos < 0:
+        if inst.state != ACTIVE or inst.pos < 0:
             return
-        pool = self.pools[inst.pool]
-        pool.out[pos] = inst.n_out
         if self.use_js:
-            pool.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
-            pool.eps[pos] = inst.marginal_eps()
-            pool.left[pos] = inst.steps_left(t)
-            pool.room[pos] = inst.opb - inst.n_out
-            pool.wait[pos], pool.step[pos], pool.chunk[pos] = inst.prefill_queue(t)
+            self.pools[inst.pool].sync(inst, t)
+        else:
+            self.pools[inst.pool].sync_load(inst)
 
     # --------------------------------------------------------- instance event
     def _on_instance_event(self, inst: Instance, t: float) -> bool:
@@ -979,7 +979,8 @@ class Simulator:
             else:
                 inst.pos = -1
         for p in range(self.n_pools):
-            self.pools[p] = Pool(members[p], self.pools[p].profile)  # round-robin keeps its turn
+            # round-robin keeps its turn
+            self.pools[p] = Pool(members[p], self.pools[p].profile, self.use_js)
 
     def _apply_plan(self, plan: WindowPlan, t: float) -> None:
         """Move to ``plan``'s instances at ``t``: keep instances whose (node, mode, class)

@@ -23,6 +23,7 @@ from joulepool.core.routing import (
     prefill_weight,
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
+from joulepool.sim.candidates import CandidateIndex
 from joulepool.sim.tables import ProfileTable
 
 INF = math.inf
@@ -437,14 +438,18 @@ class Instance:
 
 class Pool:
     """A pool's instances as core.scoring's endpoint columns, and its routing profile
-    (core's plugins, the ones the routing service runs)."""
+    (core's plugins, the ones the routing service runs). With ``indexed`` (JouleSched
+    routing) every row written is also put in a :class:`CandidateIndex`, which names
+    the rule's first choice from a few rows."""
 
-    __slots__ = ("chunk", "eps", "left", "members", "mu", "out", "pf_e", "pf_s", "profile",
-                 "q", "room", "state", "step", "w", "wait", "wake")
+    __slots__ = ("chunk", "eps", "index", "left", "members", "mu", "out", "pf_e", "pf_s",
+                 "profile", "q", "room", "state", "step", "w", "wait", "wake")
 
-    def __init__(self, members: list[Instance], profile: RoutingProfile) -> None:
+    def __init__(self, members: list[Instance], profile: RoutingProfile,
+                 indexed: bool = False) -> None:
         self.members = members
         self.profile = profile
+        self.index = CandidateIndex() if indexed else None
         self.state = st = EndpointState(len(members))
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
         self.q = st.queue_tokens  # q_n, decode tokens ahead
@@ -461,20 +466,36 @@ class Pool:
         self.w = st.prefill_weight
         for pos, inst in enumerate(members):
             inst.pos = pos
-            self.out[pos] = inst.n_out
             st.inv_capacity[pos] = inst.inv_cap
             self.set_rule(inst)
 
     def set_rule(self, inst: Instance) -> None:
-        """eps_n, pi_n, mu_n, w_n and q_n of ``inst`` (after a clock change or a rebuild)."""
+        """Every column of ``inst``'s row: pi_n, X_n(1), mu_n, w_n and the prefill time
+        per token (after a clock change or a rebuild), then its load (:meth:`sync`)."""
         pos = inst.pos
-        self.eps[pos] = inst.marginal_eps()
         self.pf_e[pos] = inst.pf_e
         self.mu[pos] = inst.mu
         self.w[pos] = inst.pf_w
         self.pf_s[pos] = inst.pf_tok
         self.wake[pos] = inst.xs[1]
-        self.left[pos] = 0.0 if not inst.n_out else inst.steps_left(inst.last_t)
-        self.room[pos] = inst.opb - inst.n_out
-        self.wait[pos], self.step[pos], self.chunk[pos] = inst.prefill_queue(inst.last_t)
-        self.q[pos] = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
+        self.sync(inst, inst.last_t)
+
+    def sync_load(self, inst: Instance) -> None:
+        """The outstanding requests of ``inst`` (all least-loaded reads)."""
+        self.out[inst.pos] = inst.n_out
+
+    def sync(self, inst: Instance, t: float) -> None:
+        """The load columns of ``inst``'s row at ``t`` (after its load changed): outstanding
+        requests, q_n, eps_n, R_n, batch room and the prefill queue."""
+        pos = inst.pos
+        n_out = inst.n_out
+        self.out[pos] = n_out
+        self.q[pos] = q = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
+        self.eps[pos] = eps = inst.marginal_eps()
+        self.left[pos] = left = inst.steps_left(t)
+        self.room[pos] = room = inst.opb - n_out
+        wait, step, chunk = self.wait[pos], self.step[pos], self.chunk[pos] = (
+            inst.prefill_queue(t))
+        if self.index is not None:
+            self.index.put(pos, (eps, inst.pf_e, inst.xs[1], left, q, inst.mu, inst.pf_w,
+                                 wait, step, chunk, inst.pf_tok, room))

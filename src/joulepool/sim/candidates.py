@@ -1,0 +1,145 @@
+"""The JouleSched rule's first choice in a pool without scoring every endpoint.
+
+The rule (``core/routing.py``) scores a request on every endpoint of its pool and
+takes, among the endpoints predicted to keep the SLO, the lowest cost, then the
+lowest ETA, then the lowest index. Scoring 320 endpoints per request is numpy's
+fixed cost per call many times over, most of a run's time (docs/simulator.md,
+"Speed"). Yet a cost is at least its energy term, and the energy term of the
+endpoints that share eps_n, X_n(1) and pi_n has one lower bound per request
+(:func:`core.routing.marginal_energy_floor`). So :class:`CandidateIndex` keeps the
+pool's rows grouped by those three numbers and, for a request, scores the groups
+one endpoint at a time (core's scalar forms of the rule, bit for bit the vectorised
+numbers) from the lowest bound up, and stops at the first group whose bound is
+above the best cost found: no endpoint left can win or tie.
+
+Two more facts keep the work small. Endpoints with no room in their batch are late
+for every request (:func:`core.routing.slo_infeasible`) and are not indexed.
+Endpoints whose rows are equal (e.g. idle instances of one type at one clock) score
+equally, so only the lowest index among them is scored.
+
+:meth:`CandidateIndex.best` answers None when it cannot name the rule's choice
+cheaply and exactly: no endpoint keeps the SLO (the rule then ranks them by first
+token), a lambda outside [0, inf), a row whose numbers break the bound's
+assumptions (NaN, a negative R_n), or an ETA of NaN. The caller then runs the rule
+on every endpoint (``core.scoring``). ``tests/unit/test_sim_candidates.py`` holds the
+answers to the full rule's on random pools.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import insort
+
+from joulepool.core.routing import (
+    endpoint_late,
+    marginal_energy_floor,
+    score_endpoint,
+)
+from joulepool.core.scoring import RequestInfo
+
+INF = math.inf
+
+#: a pool row as the index reads it: (eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, prefill
+#: wait s, prefill step s, prefill chunk tokens, s per prompt token, batch room), the
+#: columns of core.scoring.EndpointState the JouleSched profile reads
+Row = tuple[float, float, float, float, float, float, float, float, float, float, float,
+            float]
+_Energy = tuple[float, float, float]  # (eps_n, pi_n, X_n(1))
+
+_LATE = 0  # placement of a row with no batch room: late for every request
+_ODD = 1  # placement of a row outside the bound's assumptions
+
+
+class CandidateIndex:
+    """A pool's rows grouped by (eps_n, pi_n, X_n(1)), then by the whole row.
+
+    The owner calls :meth:`put` whenever it writes a row of the pool's columns, with
+    the same numbers; :meth:`best` then names the endpoint the JouleSched profile of
+    ``core.scoring`` picks first (k = 1, no subset, no KV-cache usage reported), or
+    None (see the module doc).
+    """
+
+    __slots__ = ("groups", "odd", "placed")
+
+    def __init__(self) -> None:
+        #: (eps, pi, wake) -> row -> positions holding that row, ascending
+        self.groups: dict[_Energy, dict[Row, list[int]]] = {}
+        #: position -> its (energy key, row), or _LATE / _ODD
+        self.placed: dict[int, tuple[_Energy, Row] | int] = {}
+        self.odd = 0  # positions placed _ODD
+
+    def put(self, pos: int, row: Row) -> None:
+        """Row ``pos`` of the pool's columns now holds ``row``."""
+        old = self.placed.get(pos)
+        if old is not None:
+            self._take(pos, old)
+        eps, pi, wake, left = row[0], row[1], row[2], row[3]
+        if row[11] < 1.0:  # no batch room: late whatever the request (slo_infeasible)
+            self.placed[pos] = _LATE
+        elif eps != eps or pi != pi or wake != wake or not left >= 0.0:
+            self.placed[pos] = _ODD
+            self.odd += 1
+        else:
+            key = (eps, pi, wake)
+            rows = self.groups.get(key)
+            if rows is None:
+                rows = self.groups[key] = {}
+            same = rows.get(row)
+            if same is None:
+                rows[row] = [pos]
+            else:
+                insort(same, pos)
+            self.placed[pos] = (key, row)
+
+    def _take(self, pos: int, where: tuple[_Energy, Row] | int) -> None:
+        if where == _ODD:
+            self.odd -= 1
+            return
+        if where == _LATE:
+            return
+        assert isinstance(where, tuple)
+        key, row = where
+        rows = self.groups[key]
+        same = rows[row]
+        same.remove(pos)
+        if not same:
+            del rows[row]
+            if not rows:
+                del self.groups[key]
+
+    def best(self, r: RequestInfo) -> int | None:
+        """The position the JouleSched rule picks first for request ``r``, or None when
+        the caller must run the rule on every endpoint."""
+        lam = r.lam
+        if self.odd or not 0.0 <= lam < INF:
+            return None
+        tokens, prompt, out, deadline, ttft = (r.tokens, r.input_tokens, r.output_tokens,
+                                               r.deadline_s, r.ttft_slo_s)
+        order = []
+        for key in self.groups:
+            floor = marginal_energy_floor(key[0], key[1], out, prompt, key[2])
+            order.append((floor if floor == floor else -INF, key))
+        order.sort(key=_first)
+        best_cost, best_eta, best_pos = INF, INF, -1
+        groups = self.groups
+        for floor, key in order:
+            if floor > best_cost:
+                break  # this group and every later one cost more than the best
+            for row, same in groups[key].items():
+                eps, pi, wake, left, q, mu, w, wait, step, chunk, pf_s, room = row
+                if endpoint_late(wait, step, chunk, pf_s, room, prompt, ttft):
+                    continue
+                cost, eta = score_endpoint(eps, q, mu, w, tokens, prompt, deadline, lam, pi,
+                                           out, wake, left)
+                if not math.isfinite(cost):
+                    continue  # cannot serve (the rule leaves it out)
+                if eta != eta:
+                    return None  # the rule's ranking puts NaN ETAs last: leave it to it
+                if cost < best_cost or (cost == best_cost and (
+                        eta < best_eta or (eta == best_eta and same[0] < best_pos))):
+                    best_cost, best_eta, best_pos = cost, eta, same[0]
+        return best_pos if best_pos >= 0 else None
+
+
+def _first(item: tuple[float, _Energy]) -> float:
+    return item[0]

@@ -1,0 +1,158 @@
+"""The simulator's candidate search names the endpoint the JouleSched rule picks.
+
+``sim/candidates.py`` scores a few endpoints of a pool, one at a time, and skips the
+rest by a lower bound of their cost; it must name exactly the endpoint the routing
+profile (``core.scoring``, every endpoint scored) puts first, or decline. Pools here
+are random, with the cases that break naive shortcuts: equal rows (idle instances),
+cost and ETA ties, no batch room, every endpoint late, NaN and infinite numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from joulepool.core.scoring import EndpointState, RequestInfo, routing_profile
+from joulepool.sim.candidates import CandidateIndex
+
+#: EndpointState column of each Row field, in Row's order
+COLUMNS = ("eps_j_per_token", "prefill_j_per_token", "wake_j_per_token",
+           "batch_left_tokens", "queue_tokens", "tps", "prefill_weight", "prefill_wait_s",
+           "prefill_step_s", "prefill_chunk_tokens", "prefill_s_per_token", "batch_room")
+
+
+def _row(rng: np.random.Generator, odd: float) -> tuple[float, ...]:
+    """A pool row from few distinct values (so rows and costs tie), a share ``odd`` of
+    its numbers replaced by NaN, inf, 0 or -1."""
+    idle = rng.random() < 0.3
+    kind = int(rng.integers(0, 3))  # the instance type: its energy numbers and rates
+    row = [
+        (0.3, 0.05, 0.02)[kind] * (1.0 if idle else float(rng.choice([0.2, 0.5, 0.7]))),
+        (0.004, 0.006, 0.009)[kind],
+        (0.3, 0.05, 0.02)[kind],
+        0.0 if idle else float(rng.choice([5.0, 80.0, 300.0, math.inf])),
+        0.0 if idle else float(rng.choice([100.0, 900.0, 2500.0])),
+        (900.0, 1500.0, 400.0)[kind],
+        (0.05, 0.03, 0.1)[kind],
+        0.0 if idle else float(rng.choice([0.0, 0.05, 0.3])),
+        0.0 if idle else float(rng.choice([0.01, 0.03])),
+        8192.0 - (0.0 if idle else float(rng.choice([4.0, 30.0]))),
+        (4e-5, 2e-5, 1e-4)[kind],
+        float(rng.choice([1.0, 3.0, 0.0, -1.0])) if not idle else 8.0,
+    ]
+    for i in range(len(row)):
+        if rng.random() < odd:
+            row[i] = float(rng.choice([math.nan, math.inf, 0.0, -1.0]))
+    return tuple(row)
+
+
+def _state(rows: list[tuple[float, ...]]) -> EndpointState:
+    st = EndpointState(len(rows))
+    for j, name in enumerate(COLUMNS):
+        getattr(st, name)[:] = [r[j] for r in rows]
+    return st
+
+
+def _request(rng: np.random.Generator) -> RequestInfo:
+    out = float(rng.choice([1.0, 40.0, 300.0]))
+    return RequestInfo(out, float(rng.choice([0.0, 200.0, 2000.0])), out,
+                       float(rng.choice([0.5, 5.0, 60.0])),
+                       float(rng.choice([0.0, 2.0, 40.0, math.inf, -1.0])), False,
+                       float(rng.choice([0.1, 0.3, 0.6])))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("odd", [0.0, 0.03])
+def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
+    rng = np.random.default_rng(11 + int(odd * 100))
+    answered = 0
+    trials = 300
+    for _ in range(trials):
+        n = int(rng.integers(1, 40))
+        index = CandidateIndex()
+        rows = [_row(rng, odd) for _ in range(n)]
+        for pos in rng.permutation(n):  # rows written in any order, some rewritten
+            if rng.random() < 0.3:
+                index.put(int(pos), _row(rng, odd))
+            index.put(int(pos), rows[pos])
+        st = _state(rows)
+        profile = routing_profile("joulesched")
+        for _ in range(5):
+            r = _request(rng)
+            fast = index.best(r)
+            if fast is None:
+                continue
+            answered += 1
+            assert fast == profile.pick(r, st)[0][0], (rows, r)
+    if odd == 0.0:  # it declines only where the rule has no plain answer
+        assert answered > 0.5 * 5 * trials
+
+
+def test_rows_leave_the_index_when_rewritten() -> None:
+    """An endpoint whose row changes is scored by its new row only; one with no batch
+    room is never the answer; equal rows answer with the lowest position."""
+    index = CandidateIndex()
+    cheap = (0.01, 0.004, 0.3, 100.0, 0.0, 1000.0, 0.04, 0.0, 0.02, 8000.0, 4e-5, 3.0)
+    idle = (0.3, 0.004, 0.3, 0.0, 0.0, 1000.0, 0.04, 0.0, 0.0, 8192.0, 4e-5, 8.0)
+    r = RequestInfo(50.0, 500.0, 50.0, 30.0, 5.0, False, 0.5)
+    for pos in (4, 2, 7):
+        index.put(pos, idle)
+    assert index.best(r) == 2
+    index.put(5, cheap)
+    assert index.best(r) == 5
+    index.put(5, (*cheap[:11], 0.0))  # its batch is full now
+    assert index.best(r) == 2
+    index.put(2, cheap)
+    assert index.best(r) == 2
+    index.put(2, idle)
+    index.put(2, idle)  # rewritten with the same row: still once
+    assert index.best(r) == 2
+    assert index.groups[(0.3, 0.004, 0.3)][idle] == [2, 4, 7]
+    late = RequestInfo(50.0, 500.0, 50.0, 30.0, 5.0, False, 0.001)
+    assert index.best(late) is None  # nobody keeps the SLO: the rule ranks by first token
+    index.put(9, (math.nan, *idle[1:]))
+    assert index.best(r) is None  # a row outside the bound's assumptions
+    index.put(9, idle)
+    assert index.best(r) == 2
+
+
+@pytest.mark.parametrize("policy", ["joulesched", "combined"])
+def test_runs_with_and_without_the_search_are_identical(policy: str, monkeypatch) -> None:
+    """A whole run routes every request where scoring every endpoint would: the same
+    first tokens, completions, instances and energy, bit for bit."""
+    from sim_helpers import cluster
+
+    from joulepool.sim.engine import simulate
+    from joulepool.sim.planning import plan_windows
+    from joulepool.sim.policies import POLICIES
+    from joulepool.sim.runner import model_tables, static_capacity
+    from joulepool.sim.trace import load_trace
+    from joulepool.sim.workload import build_workload
+
+    cl = cluster([("h", "H100", 4), ("a", "A100", 4), ("l", "L4", 2)])
+    tables = model_tables(cl)
+    cap = static_capacity(cl, 1150.0, 210.0, tables)
+    wl = build_workload(load_trace(), 90.0, mode="rate", value=25.0, seed=2)
+    plans = plan_windows(cl, wl) if POLICIES[policy].uses_planner else None
+
+    def run():
+        return simulate(cl, wl, POLICIES[policy], tables, plans,
+                        static_capacity_rps=cap.per_mode_rps)
+
+    answers = []
+    best = CandidateIndex.best
+
+    def counted(self, r):
+        answers.append(best(self, r))
+        return answers[-1]
+
+    monkeypatch.setattr(CandidateIndex, "best", counted)
+    fast = run()
+    monkeypatch.setattr(CandidateIndex, "best", lambda self, r: None)
+    full = run()
+    for name in ("t_first", "t_done", "instance_product", "gpu_energy_j", "gpu_busy_s"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(full, name), err_msg=name)
+    assert sum(a is not None for a in answers) > 0.5 * len(answers) > 0
