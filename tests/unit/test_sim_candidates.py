@@ -82,7 +82,7 @@ def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
         profile = routing_profile("joulesched")
         for _ in range(5):
             r = _request(rng)
-            fast = index.best(r)
+            fast = index.best(r, st)
             if fast is None:
                 continue
             answered += 1
@@ -93,30 +93,50 @@ def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
 
 def test_rows_leave_the_index_when_rewritten() -> None:
     """An endpoint whose row changes is scored by its new row only; one with no batch
-    room is never the answer; equal rows answer with the lowest position."""
+    room is never the answer while another keeps the SLO; equal rows answer with the
+    lowest position; with nobody on time, the soonest first token."""
     index = CandidateIndex()
     cheap = (0.01, 0.004, 0.3, 100.0, 0.0, 1000.0, 0.04, 0.0, 0.02, 8000.0, 4e-5, 3.0)
     idle = (0.3, 0.004, 0.3, 0.0, 0.0, 1000.0, 0.04, 0.0, 0.0, 8192.0, 4e-5, 8.0)
+    busy = (0.01, 0.004, 0.3, 100.0, 900.0, 1000.0, 0.04, 0.2, 0.02, 8000.0, 4e-5, 0.0)
+    rows = [busy] * 10
+
+    def put(pos: int, row: tuple[float, ...]) -> None:
+        rows[pos] = row
+        index.put(pos, row)
+
+    def best(r: RequestInfo) -> int | None:
+        got = index.best(r, _state(rows))
+        assert got is None or got == routing_profile("joulesched").pick(r, _state(rows))[0][0]
+        return got
+
     r = RequestInfo(50.0, 500.0, 50.0, 30.0, 5.0, False, 0.5)
+    for pos in range(10):
+        put(pos, busy)
     for pos in (4, 2, 7):
-        index.put(pos, idle)
-    assert index.best(r) == 2
-    index.put(5, cheap)
-    assert index.best(r) == 5
-    index.put(5, (*cheap[:11], 0.0))  # its batch is full now
-    assert index.best(r) == 2
-    index.put(2, cheap)
-    assert index.best(r) == 2
-    index.put(2, idle)
-    index.put(2, idle)  # rewritten with the same row: still once
-    assert index.best(r) == 2
+        put(pos, idle)
+    assert best(r) == 2
+    put(5, cheap)
+    assert best(r) == 5
+    put(5, (*cheap[:11], 0.0))  # its batch is full now
+    assert best(r) == 2
+    put(2, cheap)
+    assert best(r) == 2
+    put(2, idle)
+    put(2, idle)  # rewritten with the same row: still once
+    assert best(r) == 2
     assert index.groups[(0.3, 0.004, 0.3)][idle] == [2, 4, 7]
     late = RequestInfo(50.0, 500.0, 50.0, 30.0, 5.0, False, 0.001)
-    assert index.best(late) is None  # nobody keeps the SLO: the rule ranks by first token
-    index.put(9, (math.nan, *idle[1:]))
-    assert index.best(r) is None  # a row outside the bound's assumptions
-    index.put(9, idle)
-    assert index.best(r) == 2
+    assert best(late) == 2  # nobody keeps the SLO: the soonest first token (idle ones tie)
+    put(9, (math.nan, *idle[1:]))
+    assert best(r) is None  # a row outside the bound's assumptions
+    put(9, idle)
+    assert best(r) == 2
+    for pos in (2, 4, 5, 7, 9):
+        put(pos, busy)
+    put(6, (*busy[:7], 0.1, *busy[8:]))  # the shortest prefill queue
+    assert best(r) == 6  # every batch full: the soonest first token
+    assert index.groups == {}
 
 
 @pytest.mark.parametrize("policy", ["joulesched", "combined"])
@@ -145,13 +165,13 @@ def test_runs_with_and_without_the_search_are_identical(policy: str, monkeypatch
     answers = []
     best = CandidateIndex.best
 
-    def counted(self, r):
-        answers.append(best(self, r))
+    def counted(self, r, endpoints):
+        answers.append(best(self, r, endpoints))
         return answers[-1]
 
     monkeypatch.setattr(CandidateIndex, "best", counted)
     fast = run()
-    monkeypatch.setattr(CandidateIndex, "best", lambda self, r: None)
+    monkeypatch.setattr(CandidateIndex, "best", lambda self, r, endpoints: None)
     full = run()
     for name in ("t_first", "t_done", "instance_product", "gpu_energy_j", "gpu_busy_s"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(full, name), err_msg=name)

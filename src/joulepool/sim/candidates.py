@@ -18,10 +18,11 @@ Endpoints whose rows are equal (e.g. idle instances of one type at one clock) sc
 equally, so only the lowest index among them is scored.
 
 :meth:`CandidateIndex.best` answers None when it cannot name the rule's choice
-cheaply and exactly: no endpoint keeps the SLO (the rule then ranks them by first
-token), a lambda outside [0, inf), a row whose numbers break the bound's
-assumptions (NaN, a negative R_n), or an ETA of NaN. The caller then runs the rule
-on every endpoint (``core.scoring``). ``tests/unit/test_sim_candidates.py`` holds the
+cheaply and exactly: a lambda outside [0, inf), a row whose numbers break the
+bound's assumptions (NaN, a negative R_n), an ETA of NaN, or, when no endpoint
+keeps the SLO (the rule then takes the soonest first token), a NaN first token
+or none of the soonest able to serve. The caller then runs the rule on every endpoint
+(``core.scoring``). ``tests/unit/test_sim_candidates.py`` holds the
 answers to the full rule's on random pools.
 """
 
@@ -30,12 +31,15 @@ from __future__ import annotations
 import math
 from bisect import insort
 
+import numpy as np
+
 from joulepool.core.routing import (
     endpoint_late,
+    first_token_s,
     marginal_energy_floor,
     score_endpoint,
 )
-from joulepool.core.scoring import RequestInfo
+from joulepool.core.scoring import EndpointState, RequestInfo
 
 INF = math.inf
 
@@ -59,7 +63,7 @@ class CandidateIndex:
     None (see the module doc).
     """
 
-    __slots__ = ("groups", "odd", "placed")
+    __slots__ = ("groups", "odd", "placed", "rows")
 
     def __init__(self) -> None:
         #: (eps, pi, wake) -> row -> positions holding that row, ascending
@@ -67,12 +71,14 @@ class CandidateIndex:
         #: position -> its (energy key, row), or _LATE / _ODD
         self.placed: dict[int, tuple[_Energy, Row] | int] = {}
         self.odd = 0  # positions placed _ODD
+        self.rows: dict[int, Row] = {}  # position -> its row
 
     def put(self, pos: int, row: Row) -> None:
         """Row ``pos`` of the pool's columns now holds ``row``."""
         old = self.placed.get(pos)
         if old is not None:
             self._take(pos, old)
+        self.rows[pos] = row
         eps, pi, wake, left = row[0], row[1], row[2], row[3]
         if row[11] < 1.0:  # no batch room: late whatever the request (slo_infeasible)
             self.placed[pos] = _LATE
@@ -107,9 +113,10 @@ class CandidateIndex:
             if not rows:
                 del self.groups[key]
 
-    def best(self, r: RequestInfo) -> int | None:
-        """The position the JouleSched rule picks first for request ``r``, or None when
-        the caller must run the rule on every endpoint."""
+    def best(self, r: RequestInfo, endpoints: EndpointState) -> int | None:
+        """The position the JouleSched rule picks first for request ``r`` among
+        ``endpoints`` (the pool's columns, every row of which was :meth:`put` here), or
+        None when the caller must run the rule on every endpoint."""
         lam = r.lam
         if self.odd or not 0.0 <= lam < INF:
             return None
@@ -138,6 +145,39 @@ class CandidateIndex:
                 if cost < best_cost or (cost == best_cost and (
                         eta < best_eta or (eta == best_eta and same[0] < best_pos))):
                     best_cost, best_eta, best_pos = cost, eta, same[0]
+        if best_pos >= 0:
+            return best_pos
+        return self._soonest(r, endpoints)
+
+    def _soonest(self, r: RequestInfo, endpoints: EndpointState) -> int | None:
+        """No endpoint keeps the SLO with a finite cost: the rule ranks the endpoints that
+        can serve (finite cost) by their first token, then ETA, then index, as
+        least-loaded routing would send the request. The endpoints at the soonest first
+        token over every row hold that choice if one of them can serve; else None."""
+        first = first_token_s(endpoints.prefill_wait_s, endpoints.prefill_step_s,
+                              endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,
+                              r.input_tokens)
+        if not first.size:
+            return None
+        soonest = first[first.argmin()]  # the first NaN if there is one
+        if soonest != soonest:
+            return None
+        best_eta, best_pos = INF, -1
+        scored: dict[Row, tuple[float, float]] = {}  # equal rows score once
+        for pos in np.flatnonzero(first == soonest).tolist():
+            row = self.rows[pos]
+            got = scored.get(row)
+            if got is None:
+                got = scored[row] = score_endpoint(
+                    row[0], row[4], row[5], row[6], r.tokens, r.input_tokens, r.deadline_s,
+                    r.lam, row[1], r.output_tokens, row[2], row[3])
+            cost, eta = got
+            if not math.isfinite(cost):
+                continue
+            if eta != eta:
+                return None  # NaN ETAs rank last: leave it to the rule
+            if eta < best_eta or best_pos < 0:
+                best_eta, best_pos = eta, pos  # positions ascend: ties keep the first
         return best_pos if best_pos >= 0 else None
 
 
