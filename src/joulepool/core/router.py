@@ -53,6 +53,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -279,6 +280,9 @@ class PoolRouter:
         self.waiting = self.state.waiting
         self.running = self.state.running
         self._responses: FloatArray | None = None  # queued_responses(waiting, running)
+        #: nan_to_num(waiting + running, nan=0): the scraped requests in flight (0 where
+        #: nothing was scraped), kept by _refresh so the decision does not recompute it
+        self.scraped = np.zeros(n)
         self.static_q = np.zeros(n)
         self.ledger_tokens = np.zeros(n)
         self.ledger_count = self.state.outstanding
@@ -323,6 +327,7 @@ class PoolRouter:
             self.waiting[i] = ep.waiting
             self.running[i] = ep.running
             self._responses = None
+            self.scraped[i] = _nan_to_num(ep.waiting + ep.running)
         self.static_q[i] = ep.static_queue
         self.state.kv_cache_usage[i] = ep.kv_cache
         self.ledger_count[i] = len(ep.ledger)
@@ -399,8 +404,7 @@ class PoolRouter:
     def _batch_room(self) -> FloatArray:
         """Requests each endpoint can still take within b*_n: the ledger or the scraped
         counts, whichever is more, are in flight."""
-        scraped = np.nan_to_num(self.waiting + self.running, nan=0.0)
-        room: FloatArray = self.op_batch - np.maximum(self.ledger_count, scraped)
+        room: FloatArray = self.op_batch - np.maximum(self.ledger_count, self.scraped)
         return room
 
     def _batch_left(self, now: float) -> FloatArray:
@@ -410,8 +414,7 @@ class PoolRouter:
         np.maximum(left, 0.0, out=left)
         step = self.state.prefill_step_s
         out: FloatArray = np.divide(left, step, out=np.zeros_like(left), where=step > 0)
-        scraped = np.nan_to_num(self.waiting + self.running, nan=0.0)
-        out[(self.ledger_count <= 0) & (scraped <= 0)] = 0.0
+        out[(self.ledger_count <= 0) & (self.scraped <= 0)] = 0.0
         return out
 
     def _join_step_s(self, i: int) -> float:
@@ -766,6 +769,13 @@ def node_queue_tokens(pools: Iterable[PoolRouter], index: Mapping[str, int], n: 
         if ok.any():
             total += np.bincount(idx[ok], weights=p.queue_tokens()[ok], minlength=n)
     return total
+
+
+def _nan_to_num(x: float) -> float:
+    """``np.nan_to_num(x, nan=0.0)`` of one float (infinities to the largest finite)."""
+    if x != x:
+        return 0.0
+    return max(min(x, sys.float_info.max), -sys.float_info.max)
 
 
 def _finite(x: Any) -> float:
