@@ -2,22 +2,33 @@
 
 The router runs as its own process (``joulepool router --no-cluster``) with one pool of
 ``--endpoints`` endpoints from a generated endpoints file (joules per token and tokens
-per second spread over three GPU kinds). A load generator in this process plays the
-gateway over a real gRPC channel on loopback with Envoy's ext_proc v3 messages, one
+per second spread over three GPU kinds). Load generators in their own processes play
+the gateway over a real gRPC channel on loopback with Envoy's ext_proc v3 messages, one
 stream per request: request headers, request body (an OpenAI completions body) ->
 the pick; response headers and a JSON body with ``usage`` -> the router learns. So each
 decision also pays for its learning.
+
+Two kinds of load, as GIE's own figures are given: throughput at saturation and
+latency at a stated offered rate (p99 at saturation is queueing, not the picker):
+
+* saturated (closed loop): ``--clients`` processes x ``--concurrency`` streams, each
+  starting its next request as soon as the last one ends; full exchanges, then
+  request-only ones (the gateway's processing mode skips the response: nothing
+  learned);
+* offered rate (open loop, ``--rate`` requests/s, Poisson arrivals with seed 0, each
+  request on its own stream whatever the others do): the full exchange, one client.
 
 Figures per run (``--runs`` runs of ``--seconds`` each; medians quoted):
 
     decisions/s            completed exchanges per wall-clock second
     decisions/s per core   exchanges / CPU seconds of the router process (user + system
-                           from /proc): the rate one core sustains, whatever else the
-                           machine runs
-    pick p50/p99 ms        client-side time from sending the request body to reading the
-                           answer with x-gateway-destination-endpoint (gRPC both ways)
-    request_only_*         the same with the response not sent to the picker (a gateway
-                           whose processing mode skips the response; nothing learned)
+                           from /proc; the load generator's CPU is not counted): the
+                           rate one core sustains, whatever else the machine runs
+    wait p50/p99 ms        client-side time from sending the request headers to reading
+                           the answer with x-gateway-destination-endpoint (what a request
+                           waits at the gateway for the picker; gRPC both ways)
+    request_only_*         saturated, the response not sent to the picker
+    paced_*                at the offered rate
     in-process pick p50/p99 ms
                            the picker's own work per decision (read body, choose pool,
                            core router decide, answer built), no gRPC: a loop in this
@@ -32,14 +43,18 @@ checkout's, so the two are compared side by side under the same machine load; th
 ``--floor`` also measures, in each run, an ext_proc server that decides nothing
 (every message answered "continue", on grpc.aio and uvloop like the router): what
 gRPC itself costs per exchange on this machine, the ceiling of any Python picker.
+``--sync-floor`` measures the same server on grpcio's synchronous server (a thread
+pool with a worker per stream, since each ext_proc stream holds its worker until the
+HTTP request ends).
 
 ``--clients N`` spreads the load over N processes (each with ``--concurrency``
 streams), so that one client process's CPU does not cap the wall figures.
 
-Targets (issue 12): >= 2,500 decisions/s per core, p99 <= 2 ms at 1,000 endpoints.
+Targets (issue 12) at 1,000 endpoints: >= 2,500 decisions/s per core (saturated, full
+exchange) and p99 <= 2 ms (at the offered rate; ``--check`` exits 1 when missed).
 
     .venv/bin/joulepool bench picker [--runs 3 --seconds 5 --concurrency 16 --clients 1]
-        [--baseline-src /tmp/ref/src]
+        [--rate 200] [--floor] [--sync-floor] [--baseline-src /tmp/ref/src]
 """
 
 from __future__ import annotations
@@ -63,6 +78,8 @@ import numpy as np
 POOL = "default.chat"
 #: the ``src`` of :func:`_start_router` that starts the do-nothing server instead
 FLOOR = Path("<floor>")
+#: ... the do-nothing server on grpcio's synchronous server (a thread per stream)
+SYNC_FLOOR = Path("<sync-floor>")
 KINDS = ((0.12, 2400.0), (0.2, 1500.0), (0.45, 700.0))  # (J/token, tokens/s): H100, A100, L4
 
 
@@ -222,17 +239,45 @@ def _run_client(argv: Sequence[str]) -> None:
     Path(out).write_text(json.dumps({"done": done, "latencies": lat}))
 
 
+def _continue_replies() -> dict[str, Any]:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    return {kind: pb.ProcessingResponse(**{kind: cls()}) for kind, cls in (
+        ("request_headers", pb.HeadersResponse), ("request_body", pb.BodyResponse),
+        ("response_headers", pb.HeadersResponse), ("response_body", pb.BodyResponse))}
+
+
+def _serve_sync_floor(argv: Sequence[str]) -> None:
+    """The do-nothing ext_proc server on grpcio's synchronous server: a thread pool of
+    ``argv[1]`` workers, each holding one stream (one HTTP request) while it lasts."""
+    from concurrent import futures
+
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    replies = _continue_replies()
+
+    class Continue(pb_grpc.ExternalProcessorServicer):
+        def Process(self, request_iterator: Any, context: Any) -> Any:
+            for req in request_iterator:
+                yield replies[req.WhichOneof("request")]
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(argv[1])))
+    pb_grpc.add_ExternalProcessorServicer_to_server(Continue(), server)
+    server.add_insecure_port(f"127.0.0.1:{argv[0]}")
+    server.start()
+    print("sync floor listening on", argv[0], flush=True)
+    server.wait_for_termination()
+
+
 def _serve_floor(argv: Sequence[str]) -> None:
     """An ext_proc server that decides nothing (each message answered "continue"), on
     grpc.aio and uvloop as the router: the gRPC floor of a Python picker."""
     import grpc
     import uvloop
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-    replies = {kind: pb.ProcessingResponse(**{kind: cls()}) for kind, cls in (
-        ("request_headers", pb.HeadersResponse), ("request_body", pb.BodyResponse),
-        ("response_headers", pb.HeadersResponse), ("response_body", pb.BodyResponse))}
+    replies = _continue_replies()
 
     class Continue(pb_grpc.ExternalProcessorServicer):
         async def Process(self, request_iterator: Any, context: Any) -> None:
@@ -251,9 +296,11 @@ def _serve_floor(argv: Sequence[str]) -> None:
         runner.run(serve())
 
 
-def _start_router(path: Path, port: int, src: Path | None) -> subprocess.Popen[str]:
-    if src == FLOOR:
-        cmd = [sys.executable, __file__, "--serve-floor", str(port)]
+def _start_router(path: Path, port: int, src: Path | None, workers: int = 16
+                  ) -> subprocess.Popen[str]:
+    if src in (FLOOR, SYNC_FLOOR):
+        flag = "--serve-floor" if src == FLOOR else "--serve-sync-floor"
+        cmd = [sys.executable, __file__, flag, str(port), str(workers)]
         return _started(subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True))
     env = dict(os.environ)
@@ -300,7 +347,7 @@ def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients
     """One router (this checkout's, or ``src``'s) under load for ``seconds``: saturated
     (``rate`` 0) or at ``rate`` requests/s offered (one client)."""
     port = _free_port()
-    proc = _start_router(path, port, src)
+    proc = _start_router(path, port, src, concurrency * clients)
     try:
         _drive(port, 0.5, concurrency, respond, clients, path.parent)  # warm up
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
@@ -359,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--serve-floor"]:
         _serve_floor(argv[1:])
         return 0
+    if argv[:1] == ["--serve-sync-floor"]:
+        _serve_sync_floor(argv[1:])
+        return 0
     ap = argparse.ArgumentParser(prog="joulepool bench picker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoints", type=int, default=1000)
@@ -373,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also measure a router from this source folder, alternating")
     ap.add_argument("--floor", action="store_true",
                     help="also measure an ext_proc server that decides nothing (gRPC floor)")
+    ap.add_argument("--sync-floor", action="store_true",
+                    help="also measure that server on grpcio's synchronous server (a "
+                         "thread per stream: as many workers as streams)")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
@@ -388,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.floor:
                 floor = _measure(path, args, FLOOR)
                 res.update({f"floor_{k}": v for k, v in floor.items()})
+            if args.sync_floor:
+                floor = _measure(path, args, SYNC_FLOOR)
+                res.update({f"sync_floor_{k}": v for k, v in floor.items()})
             res.update(_measure(path, args, None))
             (res["in_process_p50_ms"], res["in_process_p99_ms"],
              res["in_process_cpu_p99_ms"]) = in_process_pick(path, 3000)
@@ -416,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.floor:
         print(f"  gRPC floor (an ext_proc server that decides nothing): "
               f"{_summary(med, 'floor_')}")
+    if args.sync_floor:
+        print(f"  the same on grpcio's synchronous server: {_summary(med, 'sync_floor_')}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"runs": runs, "median": med,

@@ -560,3 +560,41 @@ async def test_engine_cookie_never_reaches_another_client(tmp_path: Path) -> Non
     finally:
         await st.router.close()
         await engine.close()
+
+
+async def test_engine_sees_the_clients_headers_and_no_proxy_defaults(tmp_path: Path) -> None:
+    """The engine gets the client's end-to-end headers (less hop-by-hop ones) and none the
+    proxy's HTTP client would add by itself: no ``Accept-Encoding`` the client did not
+    send (so the engine compresses only for clients that asked), no aiohttp
+    ``User-Agent`` or ``Accept``."""
+    seen: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append({k.lower(): v for k, v in request.headers.items()})
+        return web.json_response({"choices": [{"index": 0, "text": "x"}],
+                                  "usage": {"completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    engine = await _engine(app)
+    st = await _stack(tmp_path, [engine])
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode()
+    try:
+        async with aiohttp.ClientSession(skip_auto_headers=["Accept", "Accept-Encoding",
+                                                             "User-Agent"]) as c:
+            async with c.post(f"{st.base_url}/completions", data=body, headers={
+                    "Content-Type": "application/json", "X-Trace": "t-1"}) as r:
+                assert r.status == 200
+            async with c.post(f"{st.base_url}/completions", data=body, headers={
+                    "Content-Type": "application/json", "Accept-Encoding": "gzip",
+                    "User-Agent": "OpenAI/Python 1.0"}) as r:
+                assert r.status == 200
+        first, second = seen
+        assert first["x-trace"] == "t-1"
+        assert first["content-type"] == "application/json"
+        assert not {"accept", "accept-encoding", "user-agent"} & set(first)
+        assert second["accept-encoding"] == "gzip"
+        assert second["user-agent"] == "OpenAI/Python 1.0"
+    finally:
+        await st.router.close()
+        await engine.close()

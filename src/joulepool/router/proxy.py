@@ -56,6 +56,8 @@ _DROP_REQUEST = frozenset({
     "host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
     "upgrade", "proxy-authorization", "proxy-connection", "expect",
 })
+#: request headers aiohttp's client would add when the client sent none
+_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 #: response headers passed back to the client
 _PASS_RESPONSE = ("Content-Type", "Content-Encoding", "Cache-Control")
 
@@ -222,11 +224,15 @@ async def handle_models(request: web.Request) -> web.Response:
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: the connection pool to the engines (kept alive). No
     cookie jar: a cookie an engine sets belongs to that request's client, never to the
-    next client's request (the client's own ``Cookie`` header is forwarded)."""
+    next client's request (the client's own ``Cookie`` header is forwarded). No headers
+    of aiohttp's own (``Accept``, ``Accept-Encoding``, ``User-Agent``): the engine sees
+    the client's, so it compresses only for a client that asked (the answer's bytes are
+    relayed as they are, never decompressed)."""
     s = svc_settings(app)
     app[SESSION] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=s.engine_connections, keepalive_timeout=30.0),
         auto_decompress=False,
+        skip_auto_headers=_NO_AUTO_HEADERS,
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.engine_connect_timeout_seconds,
                                       sock_read=None),

@@ -1,0 +1,46 @@
+"""``joulepool bench picker`` runs end to end on a small pool: the saturated runs and
+the run at an offered rate complete exchanges over real gRPC, the offered rate is
+what paces the open-loop run, and the synchronous-server floor answers the gateway's
+messages (no timing asserted: the speed figures are the benchmark's, not a test's)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from bench_helpers import load_bench
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from load_bench("bench_picker.py")
+
+
+def test_saturated_and_paced_runs_complete(bench, tmp_path: Path) -> None:
+    out = tmp_path / "picker.json"
+    rate, seconds = 40.0, 1.0
+    assert bench.main(["--endpoints", "30", "--runs", "1", "--seconds", str(seconds),
+                       "--concurrency", "4", "--rate", str(rate), "--out", str(out)]) == 0
+    med = json.loads(out.read_text())["median"]
+    assert med["decisions"] > 0
+    assert med["request_only_decisions"] > 0
+    assert med["decisions_per_core_s"] > 0
+    # open loop: about rate x seconds arrivals (Poisson), not as many as fit
+    assert 0 < med["paced_decisions"] <= 3 * rate * seconds
+    assert med["paced_p99_ms"] >= med["paced_p50_ms"] > 0
+    assert med["in_process_p50_ms"] > 0
+
+
+def test_sync_floor_serves_full_exchanges(bench, tmp_path: Path) -> None:
+    path = tmp_path / "endpoints.json"
+    bench.endpoints_file(path, 3)
+    port = bench._free_port()
+    proc = bench._start_router(path, port, bench.SYNC_FLOOR, 4)
+    try:
+        done, waits = asyncio.run(bench._load(port, 0.5, 4, respond=True))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert done == len(waits) > 0
