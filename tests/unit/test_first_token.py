@@ -58,7 +58,7 @@ def test_own_prefill_is_core_batchings_prefill_time(batch: int, prompt: float) -
         prefill_time_s(BUDGET, batch, prompt, ITL[batch] if batch else 0.0, PF))
 
 
-def test_the_engine_serves_the_first_token_no_later_than_predicted() -> None:
+def test_the_engine_serves_the_first_token_no_later_than_predicted(monkeypatch) -> None:
     """JouleSched on a small mixed cluster at half its capacity: every request whose
     predicted first token kept the TTFT SLO met it; the prediction is an upper bound
     (the running prefill is taken as of the last event) but rarely a loose one."""
@@ -70,16 +70,18 @@ def test_the_engine_serves_the_first_token_no_later_than_predicted() -> None:
     wl = build_workload(load_trace(), 120.0, mode="rate", value=0.5 * total, seed=1)
     sim = Simulator(cl, wl, POLICIES["joulesched"], tables,
                     static_capacity_rps=cap.per_mode_rps)
-    profile = sim.pools[0].profile
-    pick = profile.pick
+    pick = Simulator._pick_instance
     predicted: list[float] = []
 
-    def recording_pick(request, endpoints, k=1):  # type: ignore[no-untyped-def]
-        ranked, scores = pick(request, endpoints, k)
-        predicted.append(float(scores.first_token_s[ranked[0]]))
-        return ranked, scores
+    def recording_pick(self, rid, t):  # type: ignore[no-untyped-def]
+        inst = pick(self, rid, t)  # the first token predicted where it went
+        st, i = self.pools[inst.pool].state, inst.pos
+        predicted.append(float(first_token_s(
+            st.prefill_wait_s[i], st.prefill_step_s[i], st.prefill_chunk_tokens[i],
+            st.prefill_s_per_token[i], self.req.input[rid])))
+        return inst
 
-    profile.pick = recording_pick  # type: ignore[method-assign]
+    monkeypatch.setattr(Simulator, "_pick_instance", recording_pick)
     result = sim.run()
     pred = np.asarray(predicted)
     actual = result.t_first - wl.arrival_s

@@ -82,7 +82,7 @@ def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
         profile = routing_profile("joulesched")
         for _ in range(5):
             r = _request(rng)
-            fast = index.best(r, st)
+            fast = index.best(r, lambda st=st: st)
             if fast is None:
                 continue
             answered += 1
@@ -106,7 +106,7 @@ def test_rows_leave_the_index_when_rewritten() -> None:
         index.put(pos, row)
 
     def best(r: RequestInfo) -> int | None:
-        got = index.best(r, _state(rows))
+        got = index.best(r, lambda: _state(rows))
         assert got is None or got == routing_profile("joulesched").pick(r, _state(rows))[0][0]
         return got
 

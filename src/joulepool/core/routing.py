@@ -340,22 +340,38 @@ def prefill_queue(
     :func:`first_token_s`. Scalar: the simulator calls it per instance with its exact
     state, the router per endpoint with its estimates.
     """
+    # (comparisons instead of min()/max() calls: the simulator calls this per event)
     max_b = len(itl_s) - 1
-    b = min(int(running), max_b) if running > 0 else 0  # NaN (not reported): none
+    b = 0  # NaN (not reported): none
+    if running > 0:
+        b = int(running)
+        if b > max_b:
+            b = max_b
     n = float(waiting) if waiting > 0 else 0.0
     waiting_tokens = float(waiting_tokens) if waiting_tokens > 0 else 0.0
-    wait = max(float(prefill_left_s), 0.0)
+    wait = float(prefill_left_s)
+    if wait < 0.0:  # NaN stays
+        wait = 0.0
     if n > 0.0:
-        bq = min(b + int(n // 2), max_b)
+        bq = b + int(n // 2)
+        if bq > max_b:
+            bq = max_b
         step = itl_s[bq] if bq > 0 else 0.0
         # core.batching's steps for the queue's prompts, at least one step each
-        steps = max(n, prefill_steps(budget_tokens, bq, waiting_tokens))
+        steps = prefill_steps(budget_tokens, bq, waiting_tokens)
+        if not steps > n:
+            steps = n
         wait += steps * step + waiting_tokens * prefill_s_per_token
     over = b + n + 1.0 - max_b
     if over > 0.0 and mean_output_tokens > 0.0:
         wait += over * mean_output_tokens * itl_s[max_b] / max_b
-    own = min(b + int(n), max_b)
-    return wait, (itl_s[own] if own > 0 else 0.0), max(budget_tokens - own, 1.0)
+    own = b + int(n)
+    if own > max_b:
+        own = max_b
+    chunk = budget_tokens - own
+    if chunk < 1.0:  # NaN stays
+        chunk = 1.0
+    return wait, (itl_s[own] if own > 0 else 0.0), chunk
 
 
 def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: npt.ArrayLike,

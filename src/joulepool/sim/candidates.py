@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from bisect import insort
+from collections.abc import Callable
 
 import numpy as np
 
@@ -113,10 +114,11 @@ class CandidateIndex:
             if not rows:
                 del self.groups[key]
 
-    def best(self, r: RequestInfo, endpoints: EndpointState) -> int | None:
-        """The position the JouleSched rule picks first for request ``r`` among
-        ``endpoints`` (the pool's columns, every row of which was :meth:`put` here), or
-        None when the caller must run the rule on every endpoint."""
+    def best(self, r: RequestInfo, endpoints: Callable[[], EndpointState]) -> int | None:
+        """The position the JouleSched rule picks first for request ``r``, or None when
+        the caller must run the rule on every endpoint. ``endpoints()`` returns the
+        pool's columns, every row as :meth:`put` here (read only when no endpoint keeps
+        the SLO)."""
         lam = r.lam
         if self.odd or not 0.0 <= lam < INF:
             return None
@@ -147,7 +149,7 @@ class CandidateIndex:
                     best_cost, best_eta, best_pos = cost, eta, same[0]
         if best_pos >= 0:
             return best_pos
-        return self._soonest(r, endpoints)
+        return self._soonest(r, endpoints())
 
     def _soonest(self, r: RequestInfo, endpoints: EndpointState) -> int | None:
         """No endpoint keeps the SLO with a finite cost: the rule ranks the endpoints that

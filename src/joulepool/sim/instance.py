@@ -436,48 +436,56 @@ class Instance:
         self.retime(t, evq)
 
 
+#: EndpointState's columns in the order of a row (sim.candidates.Row)
+ROW_COLUMNS = ("eps_j_per_token", "prefill_j_per_token", "wake_j_per_token",
+               "batch_left_tokens", "queue_tokens", "tps", "prefill_weight", "prefill_wait_s",
+               "prefill_step_s", "prefill_chunk_tokens", "prefill_s_per_token", "batch_room")
+
+
 class Pool:
     """A pool's instances as core.scoring's endpoint columns, and its routing profile
-    (core's plugins, the ones the routing service runs). With ``indexed`` (JouleSched
-    routing) every row written is also put in a :class:`CandidateIndex`, which names
-    the rule's first choice from a few rows."""
+    (core's plugins, the ones the routing service runs).
 
-    __slots__ = ("chunk", "eps", "index", "left", "members", "mu", "out", "pf_e", "pf_s",
-                 "profile", "q", "room", "state", "step", "w", "wait", "wake")
+    With ``indexed`` (JouleSched routing) every row is put in a
+    :class:`CandidateIndex`, which names the rule's first choice from a few rows, and
+    the columns are written from it only when read (:attr:`state`): most requests
+    never read them."""
+
+    __slots__ = ("_state", "columns", "dirty", "index", "members", "out", "profile")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
                  indexed: bool = False) -> None:
         self.members = members
         self.profile = profile
         self.index = CandidateIndex() if indexed else None
-        self.state = st = EndpointState(len(members))
+        self.dirty: set[int] = set()  # rows of the index not yet in the columns
+        self._state = st = EndpointState(len(members))
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
-        self.q = st.queue_tokens  # q_n, decode tokens ahead
-        self.mu = st.tps
-        self.eps = st.eps_j_per_token
-        self.pf_e = st.prefill_j_per_token
-        self.wait = st.prefill_wait_s
-        self.step = st.prefill_step_s
-        self.chunk = st.prefill_chunk_tokens
-        self.pf_s = st.prefill_s_per_token
-        self.wake = st.wake_j_per_token
-        self.left = st.batch_left_tokens
-        self.room = st.batch_room
-        self.w = st.prefill_weight
+        self.columns = tuple(getattr(st, name) for name in ROW_COLUMNS)
         for pos, inst in enumerate(members):
             inst.pos = pos
             st.inv_capacity[pos] = inst.inv_cap
             self.set_rule(inst)
 
+    @property
+    def state(self) -> EndpointState:
+        """The columns, every row as last synced (:meth:`endpoints`)."""
+        return self.endpoints()
+
+    def endpoints(self) -> EndpointState:
+        """The columns, every row as last synced."""
+        if self.dirty:
+            assert self.index is not None
+            rows = self.index.rows
+            columns = self.columns
+            for pos in self.dirty:
+                for column, value in zip(columns, rows[pos], strict=True):
+                    column[pos] = value
+            self.dirty.clear()
+        return self._state
+
     def set_rule(self, inst: Instance) -> None:
-        """Every column of ``inst``'s row: pi_n, X_n(1), mu_n, w_n and the prefill time
-        per token (after a clock change or a rebuild), then its load (:meth:`sync`)."""
-        pos = inst.pos
-        self.pf_e[pos] = inst.pf_e
-        self.mu[pos] = inst.mu
-        self.w[pos] = inst.pf_w
-        self.pf_s[pos] = inst.pf_tok
-        self.wake[pos] = inst.xs[1]
+        """Every column of ``inst``'s row (after a clock change or a rebuild)."""
         self.sync(inst, inst.last_t)
 
     def sync_load(self, inst: Instance) -> None:
@@ -485,17 +493,19 @@ class Pool:
         self.out[inst.pos] = inst.n_out
 
     def sync(self, inst: Instance, t: float) -> None:
-        """The load columns of ``inst``'s row at ``t`` (after its load changed): outstanding
-        requests, q_n, eps_n, R_n, batch room and the prefill queue."""
+        """Every column of ``inst``'s row at ``t`` (after its load or clock changed):
+        outstanding requests, eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, the prefill
+        queue, the prefill time per token and the batch room."""
         pos = inst.pos
         n_out = inst.n_out
         self.out[pos] = n_out
-        self.q[pos] = q = endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w)
-        self.eps[pos] = eps = inst.marginal_eps()
-        self.left[pos] = left = inst.steps_left(t)
-        self.room[pos] = room = inst.opb - n_out
-        wait, step, chunk = self.wait[pos], self.step[pos], self.chunk[pos] = (
-            inst.prefill_queue(t))
+        wait, step, chunk = inst.prefill_queue(t)
+        row = (inst.marginal_eps(), inst.pf_e, inst.xs[1], inst.steps_left(t),
+               endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w), inst.mu,
+               inst.pf_w, wait, step, chunk, inst.pf_tok, inst.opb - n_out)
         if self.index is not None:
-            self.index.put(pos, (eps, inst.pf_e, inst.xs[1], left, q, inst.mu, inst.pf_w,
-                                 wait, step, chunk, inst.pf_tok, room))
+            self.index.put(pos, row)
+            self.dirty.add(pos)
+        else:
+            for column, value in zip(self.columns, row, strict=True):
+                column[pos] = value
