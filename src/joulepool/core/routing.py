@@ -219,24 +219,28 @@ def marginal_energy_floor(eps_j_per_token: float, prefill_j_per_token: float,
     E_n(r) = eps_n * j + X_n(1) * (out - j) + pi_n * prompt with j = min(R_n, out) in
     [0, out] is at least min(eps_n, X_n(1)) * out + pi_n * prompt. The bound is lowered
     by 1e-9 of its terms' magnitude, far more than the rounding of either side, so it
-    stays at or below the value :func:`marginal_energy_j` computes. NaN (no bound) where
-    an input is NaN or the bound is not finite. A caller scoring many endpoints of
+    stays at or below the value :func:`marginal_energy_j` computes. -inf (no bound)
+    where an input is NaN or the bound is not finite. A caller scoring many endpoints of
     the same eps_n, X_n(1) and pi_n can skip them all when this exceeds a cost it has.
     """
-    if eps_j_per_token != eps_j_per_token or wake_j_per_token != wake_j_per_token:
-        return math.nan
-    out = max(float(output_tokens), 0.0)
-    low = eps_j_per_token if eps_j_per_token < wake_j_per_token else wake_j_per_token
-    high = abs(eps_j_per_token) if abs(eps_j_per_token) > abs(wake_j_per_token) else abs(
-        wake_j_per_token)
+    # (comparisons, not min()/max()/abs() calls: the simulator calls this per request)
+    eps, wake = eps_j_per_token, wake_j_per_token
+    if eps != eps or wake != wake:
+        return -math.inf
+    out = float(output_tokens)
+    if out < 0.0:
+        out = 0.0
+    low, high = (eps, wake) if eps < wake else (wake, eps)
+    if -low > high:  # the larger magnitude of the two
+        high = -low
     floor = low * out
     scale = high * out
     if input_tokens > 0:
         prompt = prefill_j_per_token * float(input_tokens)
         floor += prompt
-        scale += abs(prompt)
+        scale += prompt if prompt >= 0.0 else -prompt
     floor -= 1e-9 * scale
-    return floor if math.isfinite(floor) else math.nan
+    return floor if -math.inf < floor < math.inf else -math.inf
 
 
 def score_endpoint(eps_j_per_token: float, queue_tokens: float, throughput_tps: float,

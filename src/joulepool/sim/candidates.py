@@ -76,61 +76,54 @@ class CandidateIndex:
 
     def put(self, pos: int, row: Row) -> None:
         """Row ``pos`` of the pool's columns now holds ``row``."""
-        old = self.placed.get(pos)
-        if old is not None:
-            self._take(pos, old)
+        placed = self.placed
+        old = placed.get(pos)
+        if old is not None:  # take it out of where it was
+            if type(old) is tuple:
+                rows = self.groups[old[0]]
+                same = rows[old[1]]
+                if len(same) == 1:
+                    del rows[old[1]]
+                    if not rows:
+                        del self.groups[old[0]]
+                else:
+                    same.remove(pos)
+            elif old == _ODD:
+                self.odd -= 1
         self.rows[pos] = row
         eps, pi, wake, left = row[0], row[1], row[2], row[3]
         if row[11] < 1.0:  # no batch room: late whatever the request (slo_infeasible)
-            self.placed[pos] = _LATE
+            placed[pos] = _LATE
         elif eps != eps or pi != pi or wake != wake or not left >= 0.0:
-            self.placed[pos] = _ODD
+            placed[pos] = _ODD
             self.odd += 1
         else:
             key = (eps, pi, wake)
-            rows = self.groups.get(key)
-            if rows is None:
-                rows = self.groups[key] = {}
-            same = rows.get(row)
-            if same is None:
-                rows[row] = [pos]
+            group = self.groups.get(key)
+            if group is None:
+                self.groups[key] = {row: [pos]}
             else:
-                insort(same, pos)
-            self.placed[pos] = (key, row)
-
-    def _take(self, pos: int, where: tuple[_Energy, Row] | int) -> None:
-        if where == _ODD:
-            self.odd -= 1
-            return
-        if where == _LATE:
-            return
-        assert isinstance(where, tuple)
-        key, row = where
-        rows = self.groups[key]
-        same = rows[row]
-        same.remove(pos)
-        if not same:
-            del rows[row]
-            if not rows:
-                del self.groups[key]
+                equal = group.get(row)
+                if equal is None:
+                    group[row] = [pos]
+                else:
+                    insort(equal, pos)
+            placed[pos] = (key, row)
 
     def best(self, r: RequestInfo, endpoints: Callable[[], EndpointState]) -> int | None:
         """The position the JouleSched rule picks first for request ``r``, or None when
         the caller must run the rule on every endpoint. ``endpoints()`` returns the
-        pool's columns, every row as :meth:`put` here (read only when no endpoint keeps
-        the SLO)."""
+        pool's columns, at least core.routing.first_token_s's inputs of every row as
+        :meth:`put` here (read only when no endpoint keeps the SLO)."""
         lam = r.lam
         if self.odd or not 0.0 <= lam < INF:
             return None
         tokens, prompt, out, deadline, ttft = (r.tokens, r.input_tokens, r.output_tokens,
                                                r.deadline_s, r.ttft_slo_s)
-        order = []
-        for key in self.groups:
-            floor = marginal_energy_floor(key[0], key[1], out, prompt, key[2])
-            order.append((floor if floor == floor else -INF, key))
-        order.sort(key=_first)
-        best_cost, best_eta, best_pos = INF, INF, -1
         groups = self.groups
+        order = sorted(
+            (marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key) for key in groups)
+        best_cost, best_eta, best_pos = INF, INF, -1
         for floor, key in order:
             if floor > best_cost:
                 break  # this group and every later one cost more than the best
@@ -140,12 +133,12 @@ class CandidateIndex:
                     continue
                 cost, eta = score_endpoint(eps, q, mu, w, tokens, prompt, deadline, lam, pi,
                                            out, wake, left)
-                if not math.isfinite(cost):
-                    continue  # cannot serve (the rule leaves it out)
+                if cost > best_cost or not -INF < cost < INF:
+                    continue  # worse, or cannot serve (the rule leaves it out)
                 if eta != eta:
                     return None  # the rule's ranking puts NaN ETAs last: leave it to it
-                if cost < best_cost or (cost == best_cost and (
-                        eta < best_eta or (eta == best_eta and same[0] < best_pos))):
+                if cost < best_cost or eta < best_eta or (
+                        eta == best_eta and same[0] < best_pos):
                     best_cost, best_eta, best_pos = cost, eta, same[0]
         if best_pos >= 0:
             return best_pos
@@ -183,5 +176,3 @@ class CandidateIndex:
         return best_pos if best_pos >= 0 else None
 
 
-def _first(item: tuple[float, _Energy]) -> float:
-    return item[0]

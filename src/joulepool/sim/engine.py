@@ -722,7 +722,7 @@ class Simulator:
                                req.route_deadline[rid], self.lam_tier[req.bulk[rid]],
                                False, req.ttft_slo[rid])
             if pool.index is not None:  # the rule's choice from a few candidates
-                best = pool.index.best(info, pool.endpoints)
+                best = pool.index.best(info, pool.first_token_endpoints)
                 if best is not None:
                     return members[best]
         else:
@@ -830,25 +830,26 @@ class Simulator:
         accounts, the PI period's counts, the core router's completion reports."""
         req = self.req
         t_done, t_first, arrival, deadline = req.t_done, req.t_first, req.arrival, req.deadline
-        in_window = t <= self.T
+        predicted, output, tpot_slo = req.predicted, req.output, req.tpot_slo
+        prouter = self.prouter
+        n = len(completed)
+        if n and t <= self.T:  # Little's integral up to t (the rest of them add n x 0 s)
+            self.little_area += self.n_sys * (t - self.t_sys)
+            self.t_sys = t
+        self.n_sys -= n
+        inst.n_out -= n
         for rid in completed:
             t_done[rid] = t
-            inst.n_out -= 1
-            inst.q_tok -= req.predicted[rid]
-            o = req.output[rid]
+            inst.q_tok -= predicted[rid]
+            o = output[rid]
             if o > 1:
-                r = (t - t_first[rid]) / (o - 1) / req.tpot_slo[rid]
+                r = (t - t_first[rid]) / (o - 1) / tpot_slo[rid]
                 if r > inst.tp_max:
                     inst.tp_max = r
             if t - arrival[rid] > deadline[rid]:
                 self.period_miss += 1
-            if self.prouter is not None:
-                self.prouter.complete(rid, o, t - arrival[rid] <= deadline[rid], t)
-            if in_window:
-                self.little_area += self.n_sys * (t - self.t_sys)
-                self.t_sys = t
-            self.n_sys -= 1
-        n = len(completed)
+            if prouter is not None:
+                prouter.complete(rid, o, t - arrival[rid] <= deadline[rid], t)
         self.done += n
         self.period_done += n
 
