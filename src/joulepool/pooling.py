@@ -21,7 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from joulepool.api.models import AssignmentStatus, EnergyPolicySpec, InferencePool
+from joulepool.api.models import (
+    AssignmentStatus,
+    EnergyPolicySpec,
+    InferencePool,
+    ObservedPromptLengths,
+)
 from joulepool.api.plan import (
     PlanDocument,
     PlannedInstance,
@@ -30,6 +35,7 @@ from joulepool.api.plan import (
     PlannedSLO,
     pool_key,
 )
+from joulepool.core.classes import PromptLengths
 from joulepool.core.energy import grams_co2_per_hour, joules_per_token
 from joulepool.core.planner import Mode, PlanNode, PlanProblem, PlanResult
 from joulepool.core.problem import ServiceClass, node_from_label
@@ -88,13 +94,49 @@ def _objective(pools: Sequence[InferencePool], policy: EnergyPolicySpec) -> str:
     return wanted.pop() if len(wanted) == 1 else policy.objective
 
 
-def _service_class(pool: InferencePool, steps: int) -> ServiceClass:
+#: observed prompt lengths count once the node agents' fresh entries hold this many prompts
+MIN_OBSERVED_PROMPTS = 200
+#: an agent's entry older than this is ignored (it publishes about once a minute)
+OBSERVED_MAX_AGE_S = 900.0
+
+
+def observed_prompt_lengths(
+    entries: Sequence[ObservedPromptLengths], now: datetime,
+    max_age_s: float = OBSERVED_MAX_AGE_S, min_prompts: float = MIN_OBSERVED_PROMPTS,
+) -> PromptLengths | None:
+    """The prompt lengths the node agents saw a pool's engines serve (its
+    ``status.observedInputTokens``): the fresh entries' histograms summed, over the bucket
+    layout that counts the most prompts (engines of other versions may bucket
+    differently); None with fewer than ``min_prompts`` prompts."""
+    groups: dict[tuple[float, ...], list[float]] = {}
+    for e in entries:
+        t = e.updated_at
+        if t is None or (now - (t if t.tzinfo else t.replace(tzinfo=UTC))).total_seconds() \
+                > max_age_s:
+            continue
+        acc = groups.setdefault(tuple(e.bounds), [0.0] * len(e.counts))
+        for i, c in enumerate(e.counts):
+            acc[i] += c
+    if not groups:
+        return None
+    bounds, counts = max(groups.items(), key=lambda kv: kv[1][-1])
+    if counts[-1] < min_prompts:
+        return None
+    return PromptLengths.from_histogram(bounds, counts)
+
+
+def _service_class(pool: InferencePool, steps: int,
+                   observed: PromptLengths | None = None) -> ServiceClass:
+    """The pool as the planner's class; its prompt lengths are the longer, at each
+    quantile, of the declared (``inputTokenQuantiles``) and the ``observed`` ones."""
     s = pool.spec
+    declared = s.demand.prompt_lengths()
+    prompts = declared.longer(observed) if declared and observed else declared or observed
     return ServiceClass(
         pool_key(pool.metadata.namespace or "default", pool.metadata.name),
         s.demand.mean_input_tokens, s.demand.mean_output_tokens,
         s.slo.ttft_seconds, s.slo.tpot_seconds, s.demand.forecast(steps),
-        prompt_tokens=s.demand.prompt_lengths())
+        prompt_tokens=prompts)
 
 
 def _carbon(policy: EnergyPolicySpec, nodes: Sequence[PlanNode], objective: str
@@ -116,13 +158,16 @@ def build_problem(
     policy: EnergyPolicySpec,
     profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
     headroom: Headroom | None = None,
+    observed: Mapping[str, PromptLengths] | None = None,
 ) -> PlanProblem:
     """The joint MILP for every pool over every GPU node (core's one builder).
 
     P[r, m] and L[r, m] come from core's serving model with ``headroom``
     (default :data:`~joulepool.core.profiles.DEFAULT_HEADROOM`); a pool may use
-    the modes of its ``gpuProducts`` that have a profile of its model.
+    the modes of its ``gpuProducts`` that have a profile of its model. ``observed``:
+    prompt lengths the node agents saw, by pool key (:func:`observed_prompt_lengths`).
     """
+    seen = observed or {}
     modes = _modes(profiles, {n.product for n in nodes})
 
     def profile_for(r: int, mode: Mode) -> ServingProfile | None:
@@ -136,7 +181,9 @@ def build_problem(
     if objective == "carbon" and carbon is None:
         objective = "energy"  # no carbon data: energy is the honest proxy
     return build_core_problem(
-        [_service_class(p, policy.window_steps) for p in pools], modes, nodes, profile_for,
+        [_service_class(p, policy.window_steps,
+                        seen.get(pool_key(p.metadata.namespace or "default", p.metadata.name)))
+         for p in pools], modes, nodes, profile_for,
         step_s=policy.step_seconds, alpha=policy.alpha,
         objective="carbon" if objective == "carbon" else "energy",
         carbon_g_per_kwh=carbon, headroom=headroom, mip_rel_gap=policy.mip_rel_gap,
@@ -151,6 +198,7 @@ def plan_pools(
     version: int = 1,
     now: datetime | None = None,
     partial: bool = False,
+    observed: Mapping[str, PromptLengths] | None = None,
 ) -> PoolPlan:
     """Plan every pool jointly and describe the result per pool and per node.
 
@@ -161,7 +209,8 @@ def plan_pools(
     plan to keep serving.
     """
     now = now or datetime.now(UTC)
-    sized = plan_with_headroom(lambda hr: build_problem(pools, nodes, policy, profiles, hr))
+    sized = plan_with_headroom(
+        lambda hr: build_problem(pools, nodes, policy, profiles, hr, observed))
     plan = describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
                     headroom_note=sized.note())
     return replace(plan, headroom_scale=sized.scale)

@@ -68,6 +68,11 @@ _use(("node-agent",), "joulepool.dev", "gpuprofiles", "list", "nodeagent/publish
      r"list_cluster_custom_object\(\s*GROUP, VERSION, PLURAL")
 _use(("node-agent",), "joulepool.dev", "gpuprofiles/status", "patch",
      "nodeagent/publisher.py", r"patch_cluster_custom_object_status\(GROUP, VERSION, PLURAL")
+_use(("node-agent",), "joulepool.dev", "inferencepools", "get", "nodeagent/publisher.py",
+     r"get_namespaced_custom_object\(\s*GROUP, VERSION, namespace, INFERENCEPOOLS")
+_use(("node-agent",), "joulepool.dev", "inferencepools/status", "patch",
+     "nodeagent/publisher.py",
+     r"patch_namespaced_custom_object_status\(\s*GROUP, VERSION, namespace, INFERENCEPOOLS")
 # the uninstall hook's wait for the agents to be gone
 _use(("node-agent-reset",), "", "pods", "list", "nodeagent/uninstall.py",
      r"list_namespaced_pod\(")
@@ -276,7 +281,8 @@ def test_deliberately_absent(all_grants: tuple[set[Grant], Any]) -> None:
     assert {c for (c, _g, r, _v) in grants if r == "secrets"} == {"operator"}
     writes = {(c, r) for (c, _g, r, v) in grants
               if v in ("create", "update", "patch", "delete") and c != "operator"}
-    assert writes == {("node-agent", "gpuprofiles/status"), ("scheduler", "leases"),
+    assert writes == {("node-agent", "gpuprofiles/status"),
+                      ("node-agent", "inferencepools/status"), ("scheduler", "leases"),
                       ("router", "leases")}
 
 

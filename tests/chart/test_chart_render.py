@@ -612,9 +612,10 @@ def test_plan_configmap_is_the_only_configmap_readers_see(default_render: Render
 
 
 def test_the_only_writes_outside_the_operator(default_render: Rendered) -> None:
-    """Apart from the operator's rules, one write: the node agent patching
-    GPUProfile status. (Leases are the scheduler's own and each router replica's own
-    in the release namespace; events come from the stock system:kube-scheduler role.)"""
+    """Apart from the operator's rules, two writes: the node agent patching GPUProfile
+    status (measured J/token) and InferencePool status (observed prompt lengths). (Leases
+    are the scheduler's own and each router replica's own in the release namespace;
+    events come from the stock system:kube-scheduler role.)"""
     writes = []
     for kind in ("ClusterRole", "Role"):
         for role in default_render.all(kind):
@@ -627,6 +628,7 @@ def test_the_only_writes_outside_the_operator(default_render: Rendered) -> None:
                                    tuple(sorted(verbs))))
     assert sorted(writes) == [
         (name("node-agent"), ("gpuprofiles/status",), ("patch",)),
+        (name("node-agent"), ("inferencepools/status",), ("patch",)),
         (name("router-replicas"), ("leases",), ("create", "patch")),
         (name("scheduler") + "-leader-election", ("leases",), ("create",)),
         (name("scheduler") + "-leader-election", ("leases",), ("update",)),

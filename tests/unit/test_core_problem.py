@@ -108,6 +108,40 @@ def test_prompt_lengths_from_declared_quantiles() -> None:
             PromptLengths.from_quantiles(probs, toks)
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_prompt_lengths_from_a_histogram_read_as_promql_reads_it(seed: int) -> None:
+    from joulepool.core.estimators import histogram_quantile
+
+    rng = np.random.default_rng(seed)
+    prompts = np.round(rng.lognormal(np.log(1200.0), 1.1, 3000))
+    bounds = np.array([1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000],
+                      dtype=float)
+    cum = [float(np.count_nonzero(prompts <= x)) for x in bounds] + [float(prompts.size)]
+    got = PromptLengths.from_histogram(bounds, cum, points=200)
+    assert got is not None
+    for k, v in enumerate(got.tokens):
+        want = histogram_quantile((k + 0.5) / 200, [*bounds, np.inf], cum)
+        assert v == pytest.approx(want, rel=1e-9, abs=1e-9)
+    # the share of prompts above a bucket bound is the histogram's (to one point in 200)
+    assert np.mean(got.array() > 5000.0) == pytest.approx(np.mean(prompts > 5000.0), abs=0.006)
+    assert PromptLengths.from_histogram(bounds, [0.0] * 15) is None
+    with pytest.raises(ValueError):
+        PromptLengths.from_histogram([10.0, 5.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError):
+        PromptLengths.from_histogram([10.0], [3.0, 2.0])
+    # every prompt beyond the last finite bound: the highest bound, as PromQL
+    inf_only = PromptLengths.from_histogram([100.0], [0.0, 4.0], points=4)
+    assert inf_only is not None and inf_only.tokens == (100.0,) * 4
+
+
+def test_the_longer_of_two_prompt_distributions() -> None:
+    a = PromptLengths((1.0, 5.0, 9.0))
+    b = PromptLengths((2.0, 3.0, 20.0))
+    assert a.longer(b).tokens == (2.0, 5.0, 20.0)
+    with pytest.raises(ValueError):
+        a.longer(PromptLengths((1.0,)))
+
+
 def test_prompt_tail_miss_by_hand() -> None:
     s = [0.1, 0.2, 0.3, 0.8]  # prefill times of four equally likely prompts, T = 0.6
     assert prompt_tail_miss(s, 0.6, 0.0) == 0.25  # idle: only the 0.8-s prompt misses

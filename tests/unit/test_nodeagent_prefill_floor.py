@@ -105,10 +105,13 @@ class PromptEngine(ProfileEngine):
         super().__init__(*a, **kw)
         self.prompt = prompt
         self.histogram = histogram
+        self.page = H((1000.0, 10_000.0, INF), (0.0, 0.0, 0.0))  # the scraped histogram
+        self.pool: str | None = None
 
     def reading(self, dt: float):
-        return replace(super().reading(dt), prompt_histogram=self.histogram,
-                       prompt_tail_tokens=self.prompt if self.histogram else None)
+        return replace(super().reading(dt), prompts=self.page if self.histogram else None,
+                       prompt_tail_tokens=self.prompt if self.histogram else None,
+                       pool=self.pool)
 
 
 def add_engine(rig: Rig, **kw) -> PromptEngine:

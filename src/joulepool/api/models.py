@@ -249,8 +249,34 @@ class AssignmentStatus(_Model):
     instances: int = Field(ge=0, description="serving instances on the node")
 
 
+class ObservedPromptLengths(_Model):
+    """One node's count of the prompt lengths its engines of the pool served, by bucket
+    (the engines' prompt-length histograms summed), written by the node agent."""
+
+    node: str = Field(min_length=1, max_length=253, description="node whose agent counted them")
+    bounds: list[float] = Field(
+        min_length=1, max_length=64,
+        description="finite bucket upper bounds, tokens, ascending (the engines' own)")
+    counts: list[float] = Field(
+        min_length=2, max_length=65,
+        description="cumulative prompts at or below each bound, then the total (+Inf)")
+    updated_at: datetime | None = Field(default=None, alias="updatedAt",
+                                        description="when the agent wrote it")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ObservedPromptLengths:
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError("counts needs one value per bound and the total")
+        if any(b <= a for a, b in itertools.pairwise(self.bounds)) or self.bounds[0] <= 0 \
+                or not all(math.isfinite(b) for b in self.bounds):
+            raise ValueError("bounds must be finite, > 0 and ascend strictly")
+        if self.counts[0] < 0 or any(b < a for a, b in itertools.pairwise(self.counts)):
+            raise ValueError("counts must be cumulative: >= 0 and not falling")
+        return self
+
+
 class InferencePoolStatus(_Model):
-    """Written by the operator after each plan."""
+    """Written by the operator after each plan (``observedInputTokens``: by node agents)."""
 
     observed_generation: int | None = Field(
         default=None, alias="observedGeneration", description="spec generation last planned")
@@ -269,6 +295,11 @@ class InferencePoolStatus(_Model):
         default=None, alias="gramsCO2PerHour", description="planned emissions, gCO2 per hour")
     last_plan_time: datetime | None = Field(
         default=None, alias="lastPlanTime", description="when the plan in force was made")
+    observed_input_tokens: list[ObservedPromptLengths] = Field(
+        default_factory=list, alias="observedInputTokens", max_length=256,
+        description=("prompt lengths the node agents saw the pool's engines serve, one entry "
+                     "per node; the planner plans with the longer of these and "
+                     "spec.demand.inputTokenQuantiles (docs/planner.md)"))
 
 
 class InferencePool(_Model):

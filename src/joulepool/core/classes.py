@@ -118,6 +118,47 @@ class PromptLengths:
         at = (np.arange(points) + 0.5) / points
         return cls(tuple(float(v) for v in np.interp(at, prob, toks)))
 
+    @classmethod
+    def from_histogram(cls, bounds: npt.ArrayLike, cumulative: npt.ArrayLike,
+                       points: int = PROMPT_LENGTH_POINTS) -> PromptLengths | None:
+        """The distribution of an engine's prompt-length histogram: ``bounds`` the finite
+        bucket upper bounds (ascending), ``cumulative`` the prompts at or below each, then
+        the total. Each point is the histogram's quantile as PromQL reads it
+        (:func:`joulepool.core.estimators.histogram_quantile`: linear inside a bucket, from
+        0 in the first, the highest finite bound in the +Inf one). None when it counts no
+        prompt. ValueError on a malformed histogram."""
+        b = np.asarray(bounds, dtype=np.float64).ravel()
+        c = np.asarray(cumulative, dtype=np.float64).ravel()
+        if b.size == 0 or c.size != b.size + 1 or np.any(np.diff(b) <= 0) or b[0] <= 0 \
+                or not np.all(np.isfinite(b)) or c[0] < 0 or np.any(np.diff(c) < 0):
+            raise ValueError("a histogram needs ascending finite bounds > 0 and cumulative "
+                             "counts, one per bound and the total")
+        total = float(c[-1])
+        if total <= 0:
+            return None
+        rank = (np.arange(points) + 0.5) / points * total
+        i = np.searchsorted(c, rank, side="left")  # first bucket whose count reaches it
+        lower_count = np.where(i > 0, c[np.maximum(i - 1, 0)], 0.0)
+        lower_bound = np.where(i > 0, b[np.clip(i - 1, 0, b.size - 1)], 0.0)
+        upper_bound = b[np.minimum(i, b.size - 1)]
+        frac = (rank - lower_count) / np.maximum(c[i] - lower_count, 1e-300)
+        value = lower_bound + (upper_bound - lower_bound) * np.clip(frac, 0.0, 1.0)
+        value = np.where(i >= b.size, b[-1], value)  # the +Inf bucket: the highest bound
+        return cls(tuple(float(v) for v in np.maximum.accumulate(value)))
+
+    def longer(self, other: PromptLengths) -> PromptLengths:
+        """At each probability the longer of the two prompt lengths (the distribution
+        whose every quantile is the larger one); both must have the same points."""
+        a, b = self.array(), other.array()
+        if a.size != b.size:
+            raise ValueError("prompt lengths with different numbers of points")
+        return PromptLengths(tuple(float(v) for v in np.maximum(a, b)))
+
+    def quantile(self, q: float) -> float:
+        """Tokens at probability ``q`` (the nearest point)."""
+        n = len(self.tokens)
+        return self.tokens[min(max(int(q * n), 0), n - 1)]
+
     def array(self) -> npt.NDArray[np.float64]:
         return np.asarray(self.tokens, dtype=np.float64)
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -82,7 +83,12 @@ from joulepool.nodeagent.metrics import AgentMetrics, GPUSample
 from joulepool.nodeagent.plansource import NoPlan, PlanSource, PolicySource, pools_on_node
 from joulepool.nodeagent.podresources import GPUWorkloads
 from joulepool.nodeagent.poolmeter import PoolMeter
-from joulepool.nodeagent.publisher import Measurement, ProfilePublisher
+from joulepool.nodeagent.publisher import (
+    Measurement,
+    PoolPromptPublisher,
+    ProfilePublisher,
+    PromptCounts,
+)
 from joulepool.nodeagent.signals import EngineReading, SignalSource
 
 log = logging.getLogger("joulepool.nodeagent")
@@ -248,8 +254,12 @@ class NodeAgent:
         monotonic: Callable[[], float] = time.monotonic,
         policy: PolicySource | None = None,
         workloads: GPUWorkloads | None = None,
+        prompt_publisher: PoolPromptPublisher | None = None,
     ) -> None:
         self.policy = policy
+        #: writes each pool's prompt lengths seen here to its status (the planner's tail)
+        self.prompt_publisher = prompt_publisher
+        self._publishing_prompts: asyncio.Task[None] | None = None
         #: which container each GPU is allocated to (the DCGM labels of the measurements)
         self.workloads = workloads
         self.source = source
@@ -506,9 +516,10 @@ class NodeAgent:
         self._stopping = True
         n = await self.reset_all(self.config.reset_grace_s)  # first: nothing may delay it
         await self._refresher.cancel()
-        if self._publishing is not None and not self._publishing.done():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._publishing), timeout=2.0)
+        for task in (self._publishing, self._publishing_prompts):
+            if task is not None and not task.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
         log.info("node agent stopping: clocks reset on %d of %d GPU(s)", n, len(self.gpus))
         self.reset_count = n
         with contextlib.suppress(Exception):
@@ -840,6 +851,7 @@ class NodeAgent:
         self.ticks += 1
         self._maybe_publish()
         self._count_tokens(by_gpu)
+        self._maybe_publish_prompts(by_gpu)
 
     # ------------------------------------------------------------------ per-pool energy
     def _locate(self) -> None:
@@ -931,6 +943,48 @@ class NodeAgent:
                                "cannot publish J/token to GPUProfile: %s", exc)
 
         self._publishing = asyncio.get_running_loop().create_task(asyncio.to_thread(work))
+
+    def prompt_counts(self, by_gpu: Mapping[int, Sequence[EngineReading]]
+                      ) -> list[PromptCounts]:
+        """Per pool, the prompt-length histograms of its engines on this node, summed
+        (engines whose bucket layout differs from the pool's first one are left out)."""
+        engines = {r.engine: r for rs in by_gpu.values() for r in rs
+                   if r.fresh and not r.stale and r.prompts is not None}
+        sums: dict[str, tuple[tuple[float, ...], list[float]]] = {}
+        for r in engines.values():
+            pool = r.pool or self._only_pool
+            hist = r.prompts
+            if pool is None or "." not in pool or hist is None:
+                continue
+            bounds = tuple(b for b in hist.bounds if math.isfinite(b))
+            if len(bounds) != len(hist.bounds) - 1 or not bounds:
+                continue  # a page without its +Inf bucket
+            have = sums.setdefault(pool, (bounds, [0.0] * len(hist.counts)))
+            if have[0] == bounds:
+                for i, c in enumerate(hist.counts):
+                    have[1][i] += c
+        return [PromptCounts(pool, self.config.node, b, tuple(c))
+                for pool, (b, c) in sorted(sums.items()) if c[-1] > 0]
+
+    def _maybe_publish_prompts(self, by_gpu: Mapping[int, Sequence[EngineReading]]) -> None:
+        publisher = self.prompt_publisher
+        if publisher is None or (self._publishing_prompts is not None
+                                 and not self._publishing_prompts.done()):
+            return
+        due = [c for c in self.prompt_counts(by_gpu) if publisher.due(c.pool)]
+        if not due:
+            return
+
+        def work() -> None:
+            for c in due:
+                try:
+                    publisher.publish(c)
+                except Exception as exc:  # API down, conflict: try again next time
+                    self._once(f"prompts:{type(exc).__name__}", logging.WARNING,
+                               "cannot publish the prompt lengths of pool %s: %s", c.pool, exc)
+
+        self._publishing_prompts = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(work))
 
     # ------------------------------------------------------------------ the loop
     async def run(self, stop: asyncio.Event) -> None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from joulepool.api.contract import GPUPROFILES
-from joulepool.api.models import GROUP, VERSION, MeasuredProfile
+from joulepool.api.contract import GPUPROFILES, INFERENCEPOOLS
+from joulepool.api.models import GROUP, VERSION, MeasuredProfile, ObservedPromptLengths
 from joulepool.core.profiles import product_for_label
 from joulepool.nodeagent.background import API_TIMEOUT
 
@@ -101,6 +101,26 @@ def _updated_at(entry: dict[str, Any]) -> datetime | None:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
+def merge_node_entry(existing: list[dict[str, Any]], entry: dict[str, Any], node: str,
+                     now: datetime, max_age_s: float, max_entries: int) -> list[dict[str, Any]]:
+    """A status list of per-node entries with ``node``'s replaced by ``entry``: other
+    nodes' entries older than ``max_age_s`` dropped, at most ``max_entries`` (the
+    freshest), ordered by node."""
+    kept: list[tuple[datetime | None, dict[str, Any]]] = []
+    for e in existing:
+        if not isinstance(e, dict) or e.get("node") == node:
+            continue
+        t = _updated_at(e)
+        if t is not None and (now - t).total_seconds() > max_age_s:
+            continue  # a node that stopped reporting
+        kept.append((t, e))
+    # the freshest first (no timestamp: oldest), ours always in
+    kept.sort(key=lambda te: te[0].timestamp() if te[0] else float("-inf"), reverse=True)
+    merged = [entry, *(e for _, e in kept[: max_entries - 1])]
+    merged.sort(key=lambda e: str(e.get("node", "")))
+    return merged
+
+
 class KubeProfilePublisher:
     """Patches ``status.measured`` of the matching GPUProfile via CustomObjectsApi.
 
@@ -171,20 +191,8 @@ class KubeProfilePublisher:
 
     def _merge(self, existing: list[dict[str, Any]], entry: dict[str, Any],
                node: str) -> list[dict[str, Any]]:
-        now = self.now()
-        kept: list[tuple[datetime | None, dict[str, Any]]] = []
-        for e in existing:
-            if not isinstance(e, dict) or e.get("node") == node:
-                continue
-            t = _updated_at(e)
-            if t is not None and (now - t).total_seconds() > self.max_age_s:
-                continue  # a node that stopped reporting
-            kept.append((t, e))
-        # the freshest first (no timestamp: oldest), ours always in
-        kept.sort(key=lambda te: te[0].timestamp() if te[0] else float("-inf"), reverse=True)
-        merged = [entry, *(e for _, e in kept[: self.max_entries - 1])]
-        merged.sort(key=lambda e: str(e.get("node", "")))
-        return merged
+        return merge_node_entry(existing, entry, node, self.now(), self.max_age_s,
+                                self.max_entries)
 
     def publish(self, m: Measurement) -> bool:
         obj = self._matching(m)
@@ -214,4 +222,75 @@ class KubeProfilePublisher:
                 "status": {"measured": measured}}
         self.api.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, meta["name"], body,
                                                     _request_timeout=API_TIMEOUT)
+        return True
+
+
+@dataclass(frozen=True)
+class PromptCounts:
+    """The prompt lengths this node's engines of one pool served: their prompt-length
+    histograms summed (cumulative, since each engine started)."""
+
+    pool: str  # pool key, namespace.name
+    node: str
+    bounds: tuple[float, ...]  # finite bucket upper bounds, tokens
+    counts: tuple[float, ...]  # cumulative per bound, then the total
+
+
+class PoolPromptPublisher:
+    """Replaces this node's entry in ``status.observedInputTokens`` of the pool, at most
+    once per ``min_interval_s`` per pool, with the object's ``resourceVersion`` (a 409 is
+    retried at the next opportunity), as :class:`KubeProfilePublisher` does for
+    GPUProfiles; other nodes' entries older than ``max_age_s`` are dropped and the list
+    is capped. The operator plans with them (docs/planner.md, "Prompt-length tail")."""
+
+    def __init__(self, api: Any | None = None,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 min_interval_s: float = 60.0, max_age_s: float = 900.0,
+                 max_entries: int = 64,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._api = api
+        self.now = now
+        self.min_interval_s = min_interval_s
+        self.monotonic = monotonic
+        self.max_age_s = max_age_s
+        self.max_entries = max_entries
+        self._last: dict[str, float] = {}
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            from kubernetes import client
+
+            self._api = client.CustomObjectsApi()
+        return self._api
+
+    def due(self, pool: str) -> bool:
+        last = self._last.get(pool)
+        return last is None or self.monotonic() - last >= self.min_interval_s
+
+    def publish(self, c: PromptCounts) -> bool:
+        """Write one pool's entry when due; True if the pool's status was updated. A pool
+        that does not exist (404) is skipped."""
+        if not self.due(c.pool):
+            return False
+        self._last[c.pool] = self.monotonic()
+        namespace, name = c.pool.split(".", 1)
+        try:
+            obj = self.api.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, INFERENCEPOOLS, name, _request_timeout=API_TIMEOUT)
+        except Exception as exc:
+            if getattr(exc, "status", None) == 404:
+                return False
+            raise
+        entry = ObservedPromptLengths.model_validate({
+            "node": c.node, "bounds": list(c.bounds), "counts": list(c.counts),
+            "updatedAt": self.now()}).model_dump(mode="json", by_alias=True, exclude_none=True)
+        observed = merge_node_entry(
+            (obj.get("status") or {}).get("observedInputTokens") or [], entry, c.node,
+            self.now(), self.max_age_s, self.max_entries)
+        meta = obj.get("metadata") or {}
+        body = {"metadata": {"resourceVersion": meta.get("resourceVersion")},
+                "status": {"observedInputTokens": observed}}
+        self.api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, INFERENCEPOOLS, name, body, _request_timeout=API_TIMEOUT)
         return True

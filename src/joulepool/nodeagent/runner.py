@@ -17,7 +17,12 @@ from joulepool.nodeagent.cli import _node_default
 from joulepool.nodeagent.metrics import AgentMetrics
 from joulepool.nodeagent.plansource import ConfigMapPlanSource, FilePlanSource, NoPlan, PlanSource
 from joulepool.nodeagent.podresources import GPUWorkloads, PodResourcesClient
-from joulepool.nodeagent.publisher import KubeProfilePublisher, ProfilePublisher, RateLimited
+from joulepool.nodeagent.publisher import (
+    KubeProfilePublisher,
+    PoolPromptPublisher,
+    ProfilePublisher,
+    RateLimited,
+)
 from joulepool.nodeagent.settings import NodeAgentSettings
 from joulepool.nodeagent.signals import EngineEndpoint, PrometheusSignalSource, parse_engine_spec
 
@@ -203,6 +208,10 @@ def run_sidecar(args: NodeAgentSettings) -> int:
         publisher = RateLimited(
             KubeProfilePublisher(max_age_s=max(600.0, 10.0 * args.publish_interval)),
             args.publish_interval)
+    prompts = None
+    if kube and args.publish:
+        # each pool's prompt lengths seen on this node, for the planner's prompt tail
+        prompts = PoolPromptPublisher(min_interval_s=args.publish_interval)
     policy = None
     if kube and args.energy_policy and args.energy_policy.lower() not in ("none", "off"):
         from joulepool.nodeagent.plansource import EnergyPolicySource
@@ -210,7 +219,8 @@ def run_sidecar(args: NodeAgentSettings) -> int:
         policy = EnergyPolicySource(name=args.energy_policy)
     backend = build_backend(args, node)
     agent = NodeAgent(backend, source, config, plan=plan, publisher=publisher, metrics=metrics,
-                      monotonic=time.monotonic, policy=policy, workloads=workloads)
+                      monotonic=time.monotonic, policy=policy, workloads=workloads,
+                      prompt_publisher=prompts)
     if discover is not None:
         # engines -> GPUs: the kubelet's device IDs are GPU UUIDs; the agent knows the indices
         discover.gpu_uuids = lambda: {g.info.uuid: g.index for g in agent.gpus}

@@ -53,8 +53,14 @@ class EngineReading:
     #: prompt tokens at the prompt quantile of the engine's recent requests (None: no
     #: histogram on the page, or no request finished yet)
     prompt_tail_tokens: float | None = None
-    #: whether the page carries a prompt-length histogram at all
-    prompt_histogram: bool = False
+    #: the engine's prompt-length histogram as scraped (cumulative since it started;
+    #: None when the page carries none)
+    prompts: Histogram | None = None
+
+    @property
+    def prompt_histogram(self) -> bool:
+        """Whether the page carries a prompt-length histogram at all."""
+        return self.prompts is not None
 
 
 def tail(q: float, new: Histogram, old: Histogram | None) -> float | None:
@@ -305,7 +311,8 @@ class PrometheusSignalSource:
             engine=e.url, waiting=round(sample.waiting), ttft_tail_s=ttft, tpot_tail_s=tpot,
             tokens=tokens, model=sample.model, pool=e.pool,
             gpus=e.gpus if e.gpus is not None else sample.gpus,
-            prompt_tail_tokens=prompt_tail, prompt_histogram=bool(sample.prompt_tokens.bounds))
+            prompt_tail_tokens=prompt_tail,
+            prompts=sample.prompt_tokens if sample.prompt_tokens.bounds else None)
         self._last_reading[e.url] = reading
         return reading
 

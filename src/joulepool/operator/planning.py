@@ -41,7 +41,10 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
+
+from pydantic import ValidationError
 
 from joulepool.api.contract import (
     API_VERSION,
@@ -56,9 +59,15 @@ from joulepool.api.contract import (
     RELEASE_RETRY_ANNOTATION,
 )
 from joulepool.api.load import ResourceError, corrected_profile_from_resource
-from joulepool.api.models import EnergyPolicySpec, GPUProfile, InferencePool
+from joulepool.api.models import (
+    EnergyPolicySpec,
+    GPUProfile,
+    InferencePool,
+    ObservedPromptLengths,
+)
 from joulepool.api.plan import PLAN_CONFIGMAP, PLAN_KEY, PlanDocument
 from joulepool.carbon.feed import CarbonFeed, policy_status
+from joulepool.core.classes import PromptLengths
 from joulepool.core.feedback import Correction, FeedbackParams
 from joulepool.core.planner import PlanNode
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile
@@ -89,6 +98,7 @@ from joulepool.operator.resources import (
 from joulepool.pooling import (
     PoolOutcome,
     PoolPlan,
+    observed_prompt_lengths,
     outcomes_from_document,
     plan_pools,
 )
@@ -229,6 +239,7 @@ class Planner:
         self.drift = DriftReporter(client, self.metrics)
         # memory of what the cluster said and what we wrote
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
+        self._bad_observed: set[str] = set()  # pools whose observed entries were said invalid
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self.writer = DeploymentWriter(client)
@@ -473,6 +484,29 @@ class Planner:
                     if isinstance(key, tuple):
                         self.writer.forget(key)
 
+    def observed_prompts(self, plannable: Mapping[str, InferencePool],
+                         live: Mapping[str, PoolEntry], now: datetime
+                         ) -> dict[str, PromptLengths]:
+        """Per pool, the prompt lengths its node agents report in
+        ``status.observedInputTokens`` (pooling.observed_prompt_lengths); entries that do
+        not validate are skipped (said once per pool)."""
+        out: dict[str, PromptLengths] = {}
+        for key in plannable:
+            raw = live[key].status.get("observedInputTokens") or []
+            entries = []
+            for item in raw if isinstance(raw, list) else []:
+                try:
+                    entries.append(ObservedPromptLengths.model_validate(item))
+                except ValidationError as exc:
+                    if key not in self._bad_observed:
+                        self._bad_observed.add(key)
+                        log.warning("pool %s: an observedInputTokens entry is invalid, "
+                                    "skipped: %s", key, exc.errors()[0].get("msg"))
+            found = observed_prompt_lengths(entries, now)
+            if found is not None:
+                out[key] = found
+        return out
+
     def planned_pool(self, entry: PoolEntry) -> InferencePool | None:
         """The spec a pool is planned with: its own, or its last valid one while invalid."""
         if entry.pool is not None:
@@ -506,10 +540,15 @@ class Planner:
         nodes = self.nodes()
         profiles, profile_keys = self.profiles(now)
         policy = await self.carbon.planning_policy(self.policy(), now)
+        observed = self.observed_prompts(plannable, live, now)
         inputs = fingerprint([
             [(k, live[k].uid, p.spec.model_dump_json()) for k, p in plannable.items()],
             [(n.name, n.site, n.product, n.gpus) for n in nodes],
             profile_keys, policy.model_dump_json(),
+            # the observed tail at two significant digits: a re-plan when it moves, not
+            # at every agent publication
+            sorted((k, [float(f"{v.quantile(q):.2g}") for q in (0.5, 0.9, 0.99)])
+                   for k, v in observed.items()),
         ])
         if not self._restored:
             try:
@@ -519,7 +558,8 @@ class Planner:
                 report.errors.append(f"reading ConfigMap {PLAN_CONFIGMAP}: {exc}")
                 return report
         if force or inputs != self._inputs or self.latest is None:
-            await self._solve(list(plannable.values()), nodes, profiles, policy, now)
+            await self._solve(list(plannable.values()), nodes, profiles, policy, now,
+                              observed)
             self._inputs = inputs
             report.solved = True
         assert self.latest is not None and self.in_force is not None
@@ -564,9 +604,11 @@ class Planner:
     async def _solve(
         self, pools: list[InferencePool], nodes: list[PlanNode],
         profiles: list[ServingProfile], policy: EnergyPolicySpec, now: datetime,
+        observed: Mapping[str, PromptLengths] | None = None,
     ) -> None:
         plan = await asyncio.to_thread(
-            plan_pools, pools, nodes, policy, profiles, 0, now, partial=True)
+            partial(plan_pools, pools, nodes, policy, profiles, 0, now, partial=True,
+                    observed=observed))
         self.solves += 1
         self.metrics.solved(plan)
         self.latest = plan
