@@ -1,18 +1,34 @@
-"""``InferencePool.spec.demand.inputTokenQuantiles`` on the REAL API server: the generated
-CRD's rules reject a quantile given twice and token counts that fall as the quantile
-rises (the API server's CEL, not only pydantic); the operator keeps a long-prompt pool
-off the A100s, which prefill its mean prompt in time but not its tail, while a pool
-with the same mean and no declared tail is planned on them."""
+"""Prompt-length tails on the REAL API server. ``spec.demand.inputTokenQuantiles``: the
+generated CRD's rules reject a quantile given twice and token counts that fall as the
+quantile rises (the API server's CEL, not only pydantic); the operator keeps a
+long-prompt pool off the A100s, which prefill its mean prompt in time but not its tail,
+while a pool with the same mean and no declared tail is planned on them. Observed: a
+node agent process (the chart's node-agent ServiceAccount) writes the prompt lengths a
+fake engine served into the pool's ``status.observedInputTokens``, and the operator
+moves the pool off the A100s."""
 
 from __future__ import annotations
 
+import json
+import threading
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import k8slib
 import pytest
 from k8slib import ControlPlane
-from operatorlib import GROUP, POOLS, VERSION, Scenario, pool_body, start_operator
+from operatorlib import (
+    GROUP,
+    OP_NAMESPACE,
+    POOLS,
+    VERSION,
+    Scenario,
+    pool_body,
+    start_operator,
+    wait_for,
+)
 
 LONG_TAIL = [{"quantile": 0.5, "tokens": 700}, {"quantile": 0.9, "tokens": 3000},
              {"quantile": 0.99, "tokens": 9000}]
@@ -73,3 +89,61 @@ def test_a_long_prompt_pool_is_not_planned_on_a_mode_that_cannot_prefill_its_tai
         assert not operator.forbidden_lines()
     finally:
         s.release_all()
+
+
+def _send(url: str, prompt_tokens: int) -> None:
+    body = json.dumps({"prompt": [1] * prompt_tokens, "max_tokens": 1}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.status == 200
+
+
+def test_the_prompt_tail_a_node_agent_observes_moves_the_pool(
+        scenario: Scenario, cluster: ControlPlane, tmp_path: Path) -> None:
+    s = scenario
+    a100 = s.node("a100", product="A100")
+    s.node("h100", product="H100")
+    s.create_pool("chat", rps=2, demand=demand())
+    assert products(s.planned("chat")) == {"A100"}
+    state = tmp_path / "gpus.json"
+    engine_port = k8slib.free_port()
+    url = f"http://127.0.0.1:{engine_port}"
+    with k8slib.components(cluster) as procs:
+        engine = procs.joulepool("fake-engine-tail", [
+            "fake-engine", "--host", "127.0.0.1", "--port", str(engine_port),
+            "--gpu-state", str(state), "--gpu-index", "0", "--node", a100])
+        engine.wait_log(f"at {url}", timeout=60)
+        agent = procs.joulepool("node-agent-tail", [
+            "node-agent", "--backend", "simulated", "--gpu-state", str(state),
+            "--product", "A100", "--count", "1", "--kubernetes", "on",
+            "--engine-url", f"0@{url}", "--pool", s.key("chat"),
+            "--engine-discovery", "off", "--pod-resources-socket", "off",
+            "--namespace", OP_NAMESPACE, "--energy-policy", "none", "--interval", "0.5",
+            "--publish-interval", "2", "--plan-refresh", "2", "--ttft-slo", "1",
+            "--tpot-slo", "0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0"],
+            service_account=k8slib.service_account("node-agent"), env={"NODE_NAME": a100})
+        # 230 short prompts and 20 of 9,000 tokens (8 %): an A100 prefills 6,667 a second
+        prompts = [100] * 230 + [9000] * 20
+        threads = [threading.Thread(target=lambda n=n: _send(url, n)) for n in prompts]
+        for i in range(0, len(threads), 25):
+            batch = threads[i:i + 25]
+            for t in batch:
+                t.start()
+            for t in batch:
+                t.join(120)
+
+        def observed() -> dict[str, Any] | None:
+            obj = s.pool("chat") or {}
+            for e in (obj.get("status") or {}).get("observedInputTokens") or []:
+                if e.get("node") == a100 and e["counts"][-1] >= len(prompts):
+                    return dict(e)
+            return None
+
+        entry = wait_for(observed, timeout=60, what="the agent's observed prompt lengths")
+        assert entry["bounds"][-1] > 9000 and entry["counts"][-1] == len(prompts)
+        s.planned("chat")
+        wait_for(lambda: products(s.pool("chat") or {}) == {"H100"}, timeout=60,
+                 what="the pool re-planned off the A100")
+        assert agent.running() and not agent.forbidden_lines()
+        assert not s.op.forbidden_lines()

@@ -190,8 +190,12 @@ async def pool_changed(body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
 
 @kopf.on.event(*POOLS, registry=registry)
 async def pool_event(type: str | None, body: kopf.Body, memo: OperatorMemo, **_: Any) -> None:
-    """Listing book-keeping only: pools are planned from their create/update handlers."""
-    _listing(memo, "pools", type, parse_pool(body).key, body)
+    """Listing book-keeping; pools are planned from their create/update handlers, and
+    when the prompt tail their node agents report (status) moves."""
+    entry = parse_pool(body)
+    _listing(memo, "pools", type, entry.key, body)
+    if type != "DELETED" and memo.planner.observed_moved(entry):
+        memo.planner.trigger(f"InferencePool {entry.key} observed prompt lengths")
 
 
 @kopf.on.delete(*POOLS, registry=registry)

@@ -107,6 +107,12 @@ log = logging.getLogger("joulepool.operator.planning")
 
 
 
+def tail_summary(prompts: PromptLengths) -> list[float]:
+    """A pool's observed p50, p90 and p99 prompt lengths at two significant digits: the
+    planning input (a re-plan when it moves, not at every agent publication)."""
+    return [float(f"{prompts.quantile(q):.2g}") for q in (0.5, 0.9, 0.99)]
+
+
 def index_values(index: Mapping[Any, Iterable[Any]] | None) -> Iterator[Any]:
     """Every value of a kopf index (see :func:`.listings.current_values`)."""
     return current_values(index)
@@ -240,6 +246,7 @@ class Planner:
         # memory of what the cluster said and what we wrote
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
         self._bad_observed: set[str] = set()  # pools whose observed entries were said invalid
+        self._observed_seen: dict[str, list[float] | None] = {}  # tail summary per pool
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self.writer = DeploymentWriter(client)
@@ -488,24 +495,39 @@ class Planner:
                          live: Mapping[str, PoolEntry], now: datetime
                          ) -> dict[str, PromptLengths]:
         """Per pool, the prompt lengths its node agents report in
-        ``status.observedInputTokens`` (pooling.observed_prompt_lengths); entries that do
-        not validate are skipped (said once per pool)."""
+        ``status.observedInputTokens`` (pooling.observed_prompt_lengths)."""
         out: dict[str, PromptLengths] = {}
         for key in plannable:
-            raw = live[key].status.get("observedInputTokens") or []
-            entries = []
-            for item in raw if isinstance(raw, list) else []:
-                try:
-                    entries.append(ObservedPromptLengths.model_validate(item))
-                except ValidationError as exc:
-                    if key not in self._bad_observed:
-                        self._bad_observed.add(key)
-                        log.warning("pool %s: an observedInputTokens entry is invalid, "
-                                    "skipped: %s", key, exc.errors()[0].get("msg"))
-            found = observed_prompt_lengths(entries, now)
+            found = self._observed(live[key], now)
             if found is not None:
                 out[key] = found
         return out
+
+    def _observed(self, entry: PoolEntry, now: datetime) -> PromptLengths | None:
+        """One pool's observed prompt lengths; entries that do not validate are skipped
+        (said once per pool)."""
+        raw = entry.status.get("observedInputTokens") or []
+        entries = []
+        for item in raw if isinstance(raw, list) else []:
+            try:
+                entries.append(ObservedPromptLengths.model_validate(item))
+            except ValidationError as exc:
+                if entry.key not in self._bad_observed:
+                    self._bad_observed.add(entry.key)
+                    log.warning("pool %s: an observedInputTokens entry is invalid, "
+                                "skipped: %s", entry.key, exc.errors()[0].get("msg"))
+        return observed_prompt_lengths(entries, now)
+
+    def observed_moved(self, entry: PoolEntry) -> bool:
+        """Whether the pool's observed prompt tail (:func:`tail_summary`) differs from
+        the last one seen for it: the node agents' status writes trigger a pass only then
+        (kopf's update handlers do not fire on status changes)."""
+        found = self._observed(entry, self.clock())
+        summary = tail_summary(found) if found is not None else None
+        if self._observed_seen.get(entry.key) == summary:
+            return False
+        self._observed_seen[entry.key] = summary
+        return True
 
     def planned_pool(self, entry: PoolEntry) -> InferencePool | None:
         """The spec a pool is planned with: its own, or its last valid one while invalid."""
@@ -545,10 +567,7 @@ class Planner:
             [(k, live[k].uid, p.spec.model_dump_json()) for k, p in plannable.items()],
             [(n.name, n.site, n.product, n.gpus) for n in nodes],
             profile_keys, policy.model_dump_json(),
-            # the observed tail at two significant digits: a re-plan when it moves, not
-            # at every agent publication
-            sorted((k, [float(f"{v.quantile(q):.2g}") for q in (0.5, 0.9, 0.99)])
-                   for k, v in observed.items()),
+            sorted((k, tail_summary(v)) for k, v in observed.items()),
         ])
         if not self._restored:
             try:
