@@ -8,7 +8,11 @@ import argparse
 import pytest
 
 from joulepool.core.device import GPUError, GPUErrorKind
-from joulepool.core.powercap import clock_under_power_cap, power_limit_range_w
+from joulepool.core.powercap import (
+    clock_under_power_cap,
+    power_cap_for_clock,
+    power_limit_range_w,
+)
 from joulepool.core.profiles import DEFAULT_PROFILES, H100, H100_8B
 from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
 from joulepool.nodeagent.agent import AgentConfig, NodeAgent, power_levels
@@ -30,6 +34,20 @@ def test_the_clock_under_a_cap_is_the_highest_whose_power_fits(profile):
     assert lo < f < hi
     assert float(profile.power_w(batch, f)) <= cap < float(profile.power_w(batch, f + 1.0))
     assert clock_under_power_cap(profile, batch, cap, f_max_mhz=f - 50) == f - 50
+
+
+@pytest.mark.parametrize("profile", DEFAULT_PROFILES, ids=lambda p: f"{p.product.name}-{p.model}")
+def test_the_cap_for_a_clock_keeps_that_clock_at_every_batch_and_in_prefill(profile):
+    lo, hi = profile.product.f_min_mhz.value, profile.product.f_max_mhz.value
+    for f in (lo, 0.5 * (lo + hi), hi):
+        cap = power_cap_for_clock(profile, f)
+        for batch in (1.0, 8.0, float(profile.max_batch.value)):
+            assert clock_under_power_cap(profile, batch, cap) >= f - 1.0  # bisection's 0.5 MHz
+        assert float(profile.prefill_power_w(f)) <= cap
+        if f > lo:  # and it is the lowest such cap: a little less loses the clock somewhere
+            less = cap - 1.0
+            assert clock_under_power_cap(profile, profile.max_batch.value, less) < f or \
+                float(profile.prefill_power_w(f)) > less
 
 
 def test_power_limit_range_and_levels():

@@ -15,6 +15,7 @@ from test_nodeagent_agent import ProfileEngine, Rig, gpu_labels
 from joulepool.api.enginemetrics import SGLANG, VLLM, parse_engine_metrics
 from joulepool.core.controllers import MIADController, prefill_clock_floor
 from joulepool.core.estimators import histogram_quantile
+from joulepool.core.powercap import clock_under_power_cap, power_cap_for_clock
 from joulepool.core.profiles import H100, H100_8B
 from joulepool.fakes.engine import SGLANG_PROMPT_BUCKETS, one_two_five_buckets
 from joulepool.nodeagent.agent import FloorState
@@ -186,13 +187,29 @@ async def test_without_a_known_prompt_tail_miad_behaves_as_before_and_says_why(
     assert said == [f"GPU 0: no MIAD prefill clock floor: {state.reason}"]  # once
 
 
-async def test_power_control_does_not_apply_the_clock_floor_and_says_so():
-    rig = Rig(slo=(0.6, 0.05), control="power")
+async def test_in_power_mode_the_floor_is_the_lowest_limit_that_keeps_the_floors_clock():
+    ttft = 0.6
+    rig = Rig(slo=(ttft, 0.05), control="power")
     await rig.agent.start()
-    add_engine(rig, prompt=8000.0)
-    await rig.ticks(3)
-    assert rig.metric("joulepool_miad_prefill_floor_state", state="power_control",
+    e = add_engine(rig, prompt=200.0)
+    await rig.ticks(80)  # short prompts, light load: MIAD walks the limit down to its lowest
+    lowest = rig.gpus.gpu(0)["power_limit_w"]
+    assert lowest == rig.agent.gpus[0].controller.lowest
+    e.prompt = 8000.0
+    clock = expected_floor(8000.0, ttft)
+    watts = power_cap_for_clock(H100_8B, clock) / H100_8B.gpus
+    assert watts > lowest
+    await rig.ticks(1)
+    limit = rig.gpus.gpu(0)["power_limit_w"]
+    assert watts <= limit < watts + 5.0  # the lowest 5-W level that keeps the clock
+    for _ in range(20):  # held there; the GPU, even at its largest batch, keeps the clock
+        await rig.ticks(1)
+        assert rig.gpus.gpu(0)["power_limit_w"] == limit
+    assert clock_under_power_cap(H100_8B, H100_8B.max_batch.value, limit) >= clock
+    assert rig.gpus.effective_clock(rig.gpus.gpu(0)) >= clock
+    assert rig.metric("joulepool_miad_prefill_floor_state", state="applied",
                       **gpu_labels()) == 1
+    assert rig.metric("joulepool_miad_prefill_floor_watts", **gpu_labels()) == limit
 
 
 async def test_the_tightest_engine_sets_the_floor():

@@ -43,3 +43,13 @@ def power_limit_range_w(tdp_w: float) -> tuple[float, float]:
     for a product whose constraints we do not know: 30 % of TDP to TDP (H100 SXM: 200-700 W
     per nvidia-smi; A100 SXM: 100-400 W)."""
     return round(0.3 * tdp_w), float(tdp_w)
+
+
+def power_cap_for_clock(profile: ServingProfile, clock_mhz: float) -> float:
+    """The lowest power cap (W, the whole instance's) under which an instance of
+    ``profile`` keeps at least ``clock_mhz`` whatever it runs: decoding at any batch up to
+    its largest, or prefilling (the inverse of :func:`clock_under_power_cap`, power being
+    non-decreasing in the clock and the batch)."""
+    f = float(clock_mhz)
+    return max(float(profile.power_w(profile.max_batch.value, f)),
+               float(profile.prefill_power_w(f)))

@@ -71,6 +71,7 @@ from joulepool.core.estimators import (
     trapezoid_energy_j,
 )
 from joulepool.core.feedback import OperatingPointEstimator
+from joulepool.core.powercap import power_cap_for_clock
 from joulepool.core.profiles import (
     GPUProduct,
     ServingProfile,
@@ -106,7 +107,6 @@ class FloorState(StrEnum):
     NO_HISTOGRAM = "no_histogram"
     NO_TRAFFIC = "no_traffic"
     NO_PROFILE = "no_profile"
-    POWER_CONTROL = "power_control"
 
     @property
     def reason(self) -> str:
@@ -116,7 +116,6 @@ class FloorState(StrEnum):
                             "(vllm:request_prompt_tokens; SGLang needs --collect-tokens-histogram)",
             "no_traffic": "no request has finished yet, so no prompt length is known",
             "no_profile": "no serving profile for this GPU product, model and GPU count",
-            "power_control": "MIAD steers the power limit, not clocks",
         }[self.value]
 
 
@@ -589,11 +588,11 @@ class NodeAgent:
         """The clock (MHz) MIAD keeps ``gpu`` at or above: for each engine, the lowest of
         MIAD's clocks at which the prompt at its recent prompt-length quantile prefills
         within its pool's TTFT (``core.controllers.prefill_clock_floor``, the simulator's
-        function, on the engine's serving profile); the highest over the engines. None when
+        function, on the engine's serving profile); the highest over the engines. In power
+        mode the power limit (W) instead: the lowest of MIAD's levels under which the GPU
+        keeps that clock at any batch and while prefilling (``core.powercap``). None when
         no engine gives one; why is in ``joulepool_miad_prefill_floor_state``."""
-        if self.control != "clocks":
-            self._floor_state(gpu, FloorState.POWER_CONTROL, None, None)
-            return None
+        clocks = self._floor_clocks(gpu, controller)
         floor: float | None = None
         tail: float | None = None
         state = FloorState.NO_HISTOGRAM
@@ -608,18 +607,30 @@ class NodeAgent:
                 state = FloorState.NO_PROFILE if floor is None else state
                 continue
             f = prefill_clock_floor(partial(_prefill_s, profile, r.prompt_tail_tokens),
-                                    controller.clocks, slo[0], margin)
+                                    clocks, slo[0], margin)
+            if self.control == "power":  # the lowest power limit that keeps that clock
+                f = controller.snap_up(power_cap_for_clock(profile, f) / profile.gpus) \
+                    if f > min(clocks) else controller.lowest  # the lowest clock: no limit
             if floor is None or f > floor:
                 floor, tail = f, r.prompt_tail_tokens
             state = FloorState.APPLIED
         self._floor_state(gpu, state, floor, tail)
         return floor
 
+    def _floor_clocks(self, gpu: GPU, controller: MIADController) -> list[float]:
+        """The clocks (MHz) the floor is chosen among: MIAD's, or in power mode (where MIAD
+        steers watts) the product's lockable clocks."""
+        if self.control == "clocks" or gpu.product is None:
+            return list(controller.clocks)
+        return [float(f) for f in gpu.product.supported_clocks()]
+
     def _floor_state(self, gpu: GPU, state: FloorState, floor_mhz: float | None,
                      prompt_tokens: float | None) -> None:
         """Show the prefill floor and why it is (not) applied; log each change once."""
         labels = self._labels(gpu)
-        self.metrics.prefill_floor.labels(*labels).set((floor_mhz or 0.0) * 1e6)
+        power = self.control == "power"
+        self.metrics.prefill_floor.labels(*labels).set(0.0 if power else (floor_mhz or 0.0) * 1e6)
+        self.metrics.prefill_floor_power.labels(*labels).set((floor_mhz or 0.0) if power else 0.0)
         self.metrics.prefill_floor_prompt.labels(*labels).set(prompt_tokens or 0.0)
         for st in FloorState:
             self.metrics.prefill_floor_state.labels(*labels, st.value).set(
@@ -627,9 +638,10 @@ class NodeAgent:
         if gpu.floor_state is not state:
             gpu.floor_state = state
             if state is FloorState.APPLIED:
-                log.info("GPU %d: MIAD keeps the clock at or above the prefill floor (%.0f MHz "
-                         "for prompts of %.0f tokens)", gpu.index, floor_mhz or 0.0,
-                         prompt_tokens or 0.0)
+                log.info("GPU %d: MIAD keeps the %s at or above the prefill floor (%.0f %s "
+                         "for prompts of %.0f tokens)", gpu.index,
+                         "power limit" if power else "clock", floor_mhz or 0.0,
+                         "W" if power else "MHz", prompt_tokens or 0.0)
             else:
                 log.info("GPU %d: no MIAD prefill clock floor: %s", gpu.index, state.reason)
 

@@ -70,8 +70,13 @@ class AgentMetrics:
         self.prefill_floor = Gauge(
             "joulepool_miad_prefill_floor_hertz",
             "SM clock MIAD keeps the GPU at or above so the prompt at the engine's recent "
-            "prompt-length quantile prefills within its pool's TTFT (0: no floor)",
+            "prompt-length quantile prefills within its pool's TTFT (0: no floor, or power "
+            "mode: see joulepool_miad_prefill_floor_watts)",
             GPU_LABELS, registry=r)
+        self.prefill_floor_power = Gauge(
+            "joulepool_miad_prefill_floor_watts",
+            "power mode: the lowest power limit MIAD sets, the one that keeps the prefill "
+            "floor's clock (0: no floor, or clocks mode)", GPU_LABELS, registry=r)
         self.prefill_floor_prompt = Gauge(
             "joulepool_miad_prefill_floor_prompt_tokens",
             "prompt length (tokens) the prefill floor is computed for (0: none known)",
@@ -79,7 +84,7 @@ class AgentMetrics:
         self.prefill_floor_state = Gauge(
             "joulepool_miad_prefill_floor_state",
             "1 for the prefill floor's current state: applied, or why not (no_histogram, "
-            "no_traffic, no_profile, power_control)", (*GPU_LABELS, "state"), registry=r)
+            "no_traffic, no_profile)", (*GPU_LABELS, "state"), registry=r)
         self.decisions = Counter(
             "joulepool_miad_decisions", "MIAD decisions by direction",
             (*GPU_LABELS, "direction"), registry=r)
