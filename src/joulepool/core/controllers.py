@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom
+
 
 @dataclass
 class PIController:
@@ -162,3 +164,10 @@ def prefill_clock_floor(prefill_s_at: Callable[[float], float], clocks_mhz: Sequ
             return f
     return ordered[-1]
 
+
+
+def prefill_floor_quantile(headroom: Headroom = DEFAULT_HEADROOM) -> float:
+    """The quantile of a pool's prompt lengths :func:`prefill_clock_floor` is taken at:
+    all but the share of first tokens the planner's headroom lets miss
+    (``Headroom.ttft_miss``). The simulator's MIAD and the node agent's both use it."""
+    return 1.0 - headroom.ttft_miss.value

@@ -30,8 +30,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 # the one engine-metrics parser, the routing service's too
 from joulepool.api.enginemetrics import EngineSample, Histogram, parse_engine_metrics
+from joulepool.core.controllers import prefill_floor_quantile
 from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
-from joulepool.core.profiles import DEFAULT_HEADROOM
 from joulepool.nodeagent.background import Background
 
 log = logging.getLogger("joulepool.nodeagent.signals")
@@ -101,9 +101,8 @@ class EngineWindow:
             tail(q, sample.tpot, base.tpot if base else None), tokens
 
 
-#: the prompt-length quantile MIAD's prefill floor is taken at: the share of first tokens
-#: the planner's headroom lets miss (``Headroom.ttft_miss``), as the simulator's MIAD does
-PROMPT_QUANTILE = 1.0 - DEFAULT_HEADROOM.ttft_miss.value
+#: the prompt-length quantile MIAD's prefill floor is taken at (the simulator's too)
+PROMPT_QUANTILE = prefill_floor_quantile()
 #: seconds of prompt-length histogram the quantile is read over (prompts are counted when
 #: their request finishes, so this is much longer than the latency window)
 PROMPT_WINDOW_S = 300.0

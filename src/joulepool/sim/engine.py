@@ -62,11 +62,11 @@ from joulepool.core.controllers import (
     PIController,
     SLOSignal,
     prefill_clock_floor,
+    prefill_floor_quantile,
 )
 from joulepool.core.cost import effective_lambda
 from joulepool.core.llf import llf_deadline
 from joulepool.core.profiles import (
-    DEFAULT_HEADROOM,
     GPU_MEMORY_UTILIZATION,
     kv_capacity_tokens,
     max_model_len,
@@ -913,7 +913,7 @@ class Simulator:
         if hit is None:
             wl = self.workload
             mine = self._pool_requests(cls)
-            q = 1.0 - DEFAULT_HEADROOM.ttft_miss.value
+            q = prefill_floor_quantile()
             prompt = float(np.quantile(wl.input_tokens[mine], q))
             tab = self.tables[mode]
             hit = self.clock_floors[key] = prefill_clock_floor(
