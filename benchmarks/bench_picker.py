@@ -398,6 +398,35 @@ def _summary(med: dict[str, float], prefix: str = "") -> str:
     return text
 
 
+def _report(args: argparse.Namespace, runs: list[dict[str, float]]) -> dict[str, float]:
+    """Print the medians (and the ratios to the baseline); the medians, ratios added."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(f"median of {args.runs} runs at {args.endpoints} endpoints; saturated: "
+          f"{args.clients} client process(es) x {args.concurrency} streams; offered rate "
+          f"{args.rate:g} requests/s; load average {med['load_average']:.1f}:")
+    print(f"  this checkout: {_summary(med)}; in-process pick p50 "
+          f"{med['in_process_p50_ms']:.3f} ms p99 {med['in_process_p99_ms']:.3f} ms wall, "
+          f"{med['in_process_cpu_p99_ms']:.3f} ms CPU")
+    if args.baseline_src is not None:
+        print(f"  baseline {args.baseline_src}: {_summary(med, 'baseline_')}")
+        keys = ["decisions_per_core_s", "request_only_decisions_per_core_s", "p99_ms"]
+        keys += ["paced_p99_ms"] if args.rate > 0 else []
+        ratios = {k: statistics.median(r[k] / r[f"baseline_{k}"] for r in runs) for k in keys}
+        print("  this / baseline (median of per-run ratios): per CPU-second full "
+              f"{ratios['decisions_per_core_s']:.2f}x, request-only "
+              f"{ratios['request_only_decisions_per_core_s']:.2f}x; saturated p99 "
+              f"{ratios['p99_ms']:.2f}x" + (f"; p99 at the offered rate "
+                                            f"{ratios['paced_p99_ms']:.2f}x"
+                                            if args.rate > 0 else ""))
+        med.update({f"ratio_{k}": v for k, v in ratios.items()})
+    if args.floor:
+        print(f"  gRPC floor (an ext_proc server that decides nothing): "
+              f"{_summary(med, 'floor_')}")
+    if args.sync_floor:
+        print(f"  the same on grpcio's synchronous server: {_summary(med, 'sync_floor_')}")
+    return med
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--client"]:
@@ -450,30 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(res)
             print(f"run {r + 1}: " + ", ".join(f"{k} {v:.3g}" for k, v in res.items()),
                   flush=True)
-    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    print(f"median of {args.runs} runs at {args.endpoints} endpoints; saturated: "
-          f"{args.clients} client process(es) x {args.concurrency} streams; offered rate "
-          f"{args.rate:g} requests/s; load average {med['load_average']:.1f}:")
-    print(f"  this checkout: {_summary(med)}; in-process pick p50 "
-          f"{med['in_process_p50_ms']:.3f} ms p99 {med['in_process_p99_ms']:.3f} ms wall, "
-          f"{med['in_process_cpu_p99_ms']:.3f} ms CPU")
-    if args.baseline_src is not None:
-        print(f"  baseline {args.baseline_src}: {_summary(med, 'baseline_')}")
-        keys = ["decisions_per_core_s", "request_only_decisions_per_core_s", "p99_ms"]
-        keys += ["paced_p99_ms"] if args.rate > 0 else []
-        ratios = {k: statistics.median(r[k] / r[f"baseline_{k}"] for r in runs) for k in keys}
-        print("  this / baseline (median of per-run ratios): per CPU-second full "
-              f"{ratios['decisions_per_core_s']:.2f}x, request-only "
-              f"{ratios['request_only_decisions_per_core_s']:.2f}x; saturated p99 "
-              f"{ratios['p99_ms']:.2f}x" + (f"; p99 at the offered rate "
-                                            f"{ratios['paced_p99_ms']:.2f}x"
-                                            if args.rate > 0 else ""))
-        med.update({f"ratio_{k}": v for k, v in ratios.items()})
-    if args.floor:
-        print(f"  gRPC floor (an ext_proc server that decides nothing): "
-              f"{_summary(med, 'floor_')}")
-    if args.sync_floor:
-        print(f"  the same on grpcio's synchronous server: {_summary(med, 'sync_floor_')}")
+    med = _report(args, runs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"runs": runs, "median": med,
