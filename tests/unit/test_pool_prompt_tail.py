@@ -83,3 +83,23 @@ def test_a_short_tail_changes_nothing():
     assert (declared > 0).tolist() == (mean_only > 0).tolist()
     out = plan_pools([pool(short)], NODES, EnergyPolicySpec()).outcomes["default.chat"]
     assert {a.mode for a in out.assignments} == {"1xA100"}
+
+
+async def test_quantiles_the_crd_let_through_become_an_invalid_spec_condition():
+    """Where the API server's CRD predates the rules (an older chart), the operator's
+    own validation says what is wrong on the pool and keeps planning its last valid spec."""
+    from test_operator_planning import make_planner, reconcile, status
+    from test_operator_planning import pool as pool_body
+
+    planner, api, world = make_planner()
+    world.add_node("n1")
+    world.add_pool(pool_body("chat", 2))
+    await reconcile(planner, world)
+    path = "/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/chat"
+    api.objects[path]["spec"]["demand"]["inputTokenQuantiles"] = [
+        {"quantile": 0.5, "tokens": 900}, {"quantile": 0.9, "tokens": 400}]
+    world.refresh_pools()
+    await reconcile(planner, world)
+    cond = {c["type"]: c for c in status(api, "chat")["conditions"]}["Invalid"]
+    assert (cond["status"], cond["reason"]) == ("True", "InvalidSpec")
+    assert "inputTokenQuantiles" in cond["message"] and "must not fall" in cond["message"]
