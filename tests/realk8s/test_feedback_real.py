@@ -25,6 +25,7 @@ from operatorlib import OP_NAMESPACE, Scenario, condition, start_operator, wait_
 from joulepool.api.contract import ENERGYPOLICIES, GPU_RESOURCE, GPUPROFILES
 from joulepool.api.models import GROUP, VERSION
 from joulepool.core.profiles import H100_8B
+from joulepool.kube import testing as T
 
 TRUE_SCALE = 1.3
 
@@ -35,20 +36,6 @@ def operator(cluster: ControlPlane) -> Iterator[k8slib.Component]:
         yield start_operator(procs)
 
 
-def profile_body(name: str) -> dict[str, object]:
-    p = H100_8B
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "GPUProfile", "metadata": {"name": name},
-        "spec": {"product": "H100", "model": p.model, "gpus": 1,
-                 "idleWatts": p.product.idle_w.value, "maxBatch": int(p.max_batch.value),
-                 "prefillTokensPerSecond": p.prefill_tokens_per_s.value,
-                 "clock": {"minMHz": p.f_min, "maxMHz": p.f_max},
-                 "batchPoints": [{"batch": b.batch,
-                                  "interTokenLatencySeconds": b.itl_ms.value / 1e3,
-                                  "powerWatts": b.power_w.value} for b in p.points]},
-    }
-
-
 def test_measured_drift_corrects_the_plan_and_is_a_condition_and_an_event(
         scenario: Scenario, cluster: ControlPlane) -> None:
     s = scenario
@@ -57,7 +44,7 @@ def test_measured_drift_corrects_the_plan_and_is_a_condition_and_an_event(
     s.planned("chat")
     name = f"fb-{s.ns}"[:63].strip("-")
     custom = cluster.custom
-    custom.create_cluster_custom_object(GROUP, VERSION, GPUPROFILES, profile_body(name))
+    custom.create_cluster_custom_object(GROUP, VERSION, GPUPROFILES, T.gpu_profile(name, H100_8B))
     try:
         batch, clock = 32, 1700.0
         entry = {"joulesPerToken": TRUE_SCALE * float(H100_8B.joules_per_token(batch, clock)),
@@ -162,7 +149,7 @@ def test_node_agent_publishes_its_operating_point_into_the_next_plan(
     s.planned("chat")
     name = f"op-{s.ns}"[:63].strip("-")
     custom = cluster.custom
-    custom.create_cluster_custom_object(GROUP, VERSION, GPUPROFILES, profile_body(name))
+    custom.create_cluster_custom_object(GROUP, VERSION, GPUPROFILES, T.gpu_profile(name, H100_8B))
     state = tmp_path / "gpus.json"
     engine_port, metrics_port = k8slib.free_port(), k8slib.free_port()
     engine_url = f"http://127.0.0.1:{engine_port}"

@@ -36,18 +36,10 @@ def eps_drift(api: Any) -> tuple[str, str]:
 
 def gpu_profile(measured: list[MeasuredProfile] | None = None) -> GPUProfile:
     """H100_8B's numbers as a GPUProfile resource (the profile under test)."""
-    p = H100_8B
-    return GPUProfile.model_validate({
-        "kind": "GPUProfile", "metadata": {"name": "h100-8b", "uid": "u-prof"},
-        "spec": {"product": "H100", "model": p.model, "gpus": 1,
-                 "idleWatts": p.product.idle_w.value, "maxBatch": int(p.max_batch.value),
-                 "prefillTokensPerSecond": p.prefill_tokens_per_s.value,
-                 "clock": {"minMHz": p.f_min, "maxMHz": p.f_max},
-                 "batchPoints": [{"batch": b.batch,
-                                  "interTokenLatencySeconds": b.itl_ms.value / 1e3,
-                                  "powerWatts": b.power_w.value} for b in p.points]},
-        "status": {"measured": [m.model_dump(by_alias=True) for m in measured or []]},
-    })
+    body = T.gpu_profile("h100-8b", H100_8B)
+    body["metadata"]["uid"] = "u-prof"
+    body["status"] = {"measured": [m.model_dump(by_alias=True) for m in measured or []]}
+    return GPUProfile.model_validate(body)
 
 
 class Agent:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from joulepool.api.contract import (
     GPU_PRODUCT_LABEL,
@@ -11,6 +11,7 @@ from joulepool.api.contract import (
     POOL_LABEL,
     REGION_LABEL,
 )
+from joulepool.api.models import GROUP, VERSION
 from joulepool.api.plan import (
     PlanDocument,
     PlannedInstance,
@@ -18,6 +19,9 @@ from joulepool.api.plan import (
     PlannedPool,
     PlannedSLO,
 )
+
+if TYPE_CHECKING:
+    from joulepool.core.profiles import ServingProfile
 
 PRODUCT_LABELS = {
     "H100": "NVIDIA-H100-80GB-HBM3",
@@ -188,4 +192,20 @@ def extender_args(pod_obj: dict[str, Any], nodes: list[dict[str, Any]] | None = 
         "Pod": pod_obj,
         "Nodes": {"metadata": {}, "items": nodes} if nodes is not None else None,
         "NodeNames": names,
+    }
+
+
+def gpu_profile(name: str, profile: ServingProfile) -> dict[str, Any]:
+    """A GPUProfile resource carrying ``profile``'s figures (one GPU per instance), as a
+    user writes it: metadata.name and spec, no status."""
+    p = profile
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "GPUProfile", "metadata": {"name": name},
+        "spec": {"product": p.product.name, "model": p.model, "gpus": 1,
+                 "idleWatts": p.product.idle_w.value, "maxBatch": int(p.max_batch.value),
+                 "prefillTokensPerSecond": p.prefill_tokens_per_s.value,
+                 "clock": {"minMHz": p.f_min, "maxMHz": p.f_max},
+                 "batchPoints": [{"batch": b.batch,
+                                  "interTokenLatencySeconds": b.itl_ms.value / 1e3,
+                                  "powerWatts": b.power_w.value} for b in p.points]},
     }
