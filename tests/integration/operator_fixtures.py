@@ -385,8 +385,13 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     return None
 
 
+#: deadline of every wait, seconds: generous, because a loaded 2-core machine (load 15)
+#: slows the operator's start and passes many times over; a wait that is met costs nothing
+LOADED = 90.0
+
+
 async def eventually(
-    check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "",
+    check: Callable[[], Any], timeout: float = LOADED, interval: float = 0.1, what: str = "",
 ) -> Any:
     """Poll an (async) check until it returns a truthy value; fail with its last result."""
     deadline = time.monotonic() + timeout

@@ -26,10 +26,6 @@ from operator_fixtures import (
 STATUS = "/inferencepools/chat/status"
 
 
-#: deadline of the waits of the timing tests, seconds: generous, for a loaded machine
-LOADED = 90.0
-
-
 async def _replicas(c: Cluster, n: int, name: str = "chat") -> Any:
     obj = await c.pool(name)
     cond = condition(obj, "Planned")
@@ -80,10 +76,12 @@ async def test_persistent_failure_is_resynced_later_and_no_update_lost() -> None
         # every retry inside one pass fails: the pass is incomplete, a later pass writes it
         c.server.faults.append(Fault("PATCH", STATUS, 500, times=12))
         await c.patch(p, {"spec": {"demand": {"requestsPerSecond": 40}}})
-        obj = await eventually(lambda: _replicas(c, 4), timeout=30, what="4 replicas after 12 500s")
+        obj = await eventually(lambda: _replicas(c, 4), what="4 replicas after 12 500s")
         assert c.server.faults[0].hits == 12
         assert obj["status"]["observedGeneration"] == 2
-        assert op.planner.last_report.ok
+        # the pass that wrote the status completes after the write (on a loaded machine
+        # well after it): until then the last report is the failed pass's
+        await eventually(lambda: op.planner.last_report.ok, what="a complete pass")
 
 
 async def test_500_on_kopfs_own_patch_is_retried_by_kopf() -> None:
@@ -174,15 +172,15 @@ async def test_periodic_replan_without_changes() -> None:
     async with cluster_and_operator(plan_interval_seconds=0.3) as (c, op):
         await c.create(node("gpu-a"))
         await c.create(pool("chat", rps=4))
-        await eventually(lambda: _replicas(c, 1), timeout=LOADED, what="the pool planned")
+        await eventually(lambda: _replicas(c, 1), what="the pool planned")
 
         async def serving_plan() -> Any:
             _, doc = await c.plan()
             return doc if doc is not None and "default.chat" in doc.pools else None
 
-        serving = await eventually(serving_plan, timeout=LOADED, what="the serving plan")
+        serving = await eventually(serving_plan, what="the serving plan")
         solves = op.planner.solves
-        await eventually(lambda: op.planner.solves >= solves + 3, timeout=LOADED,
+        await eventually(lambda: op.planner.solves >= solves + 3,
                          what="periodic re-plans")
         _, doc = await c.plan()
         assert doc is not None and doc.version == serving.version  # not republished
@@ -232,7 +230,7 @@ async def test_finalizer_patch_failing_during_deletion_does_not_leave_the_pool_s
         async def gone() -> bool:
             return await c.pool("chat") is None
 
-        await eventually(gone, timeout=30, what="pool released despite the failed PATCH")
+        await eventually(gone, what="pool released despite the failed PATCH")
         assert c.server.faults[0].hits == 1
 
 
@@ -256,7 +254,7 @@ async def test_a_failing_handler_is_reported_by_kopf_next_to_the_pool() -> None:
             return [e for e in await c.events()
                     if "Handler 'pool_deleted' failed temporarily" in e["message"]]
 
-        (event, *_) = await eventually(reported, timeout=LOADED,
+        (event, *_) = await eventually(reported,
                                        what="kopf's event about the failing release")
         assert event["type"] == "Error" and event["metadata"]["namespace"] == "default"
         assert {k: event["involvedObject"][k] for k in ("kind", "namespace", "name")} == {
@@ -268,7 +266,7 @@ async def test_a_failing_handler_is_reported_by_kopf_next_to_the_pool() -> None:
         async def gone() -> bool:
             return await c.pool("chat") is None
 
-        await eventually(gone, timeout=LOADED, what="pool released once DELETE works")
+        await eventually(gone, what="pool released once DELETE works")
 
 async def test_deployment_deleted_during_a_410_gap_is_recreated() -> None:
     """Old code: after 410 Gone kopf re-lists but its index keeps the vanished Deployment,
@@ -281,7 +279,7 @@ async def test_deployment_deleted_during_a_410_gap_is_recreated() -> None:
         await eventually(lambda: _deployment(c, "chat-1xh100-gpu-a", 2), what="deployed")
         c.server.vanish("deployments", "default", "chat-1xh100-gpu-a")
         assert await c.server.expire_watches("deployments") >= 1
-        await eventually(lambda: _deployment(c, "chat-1xh100-gpu-a", 2), timeout=30,
+        await eventually(lambda: _deployment(c, "chat-1xh100-gpu-a", 2),
                          what="Deployment recreated after the gap")
         assert op.planner.gone.marked >= 1
 
@@ -301,7 +299,7 @@ async def test_node_deleted_during_a_410_gap_leaves_the_plan() -> None:
             nodes = {a["node"] for a in ((o or {}).get("status") or {}).get("assignments", [])}
             return o if nodes == {"gpu-a"} else None
 
-        obj = await eventually(replanned, timeout=30, what="gpu-b out of the plan")
+        obj = await eventually(replanned, what="gpu-b out of the plan")
         assert obj["status"]["replicas"] == 8
         _, doc = await c.plan()
         assert doc is not None and "gpu-b" not in doc.nodes

@@ -20,8 +20,6 @@ from operator_fixtures import (
 
 from joulepool.api.contract import POOL_LABEL
 
-#: deadline of the timing-sensitive waits, seconds: generous, for a loaded machine
-LOADED = 90.0
 H100 = "NVIDIA-H100-80GB-HBM3"
 A100 = "NVIDIA-A100-SXM4-80GB"
 
@@ -210,7 +208,7 @@ async def test_mixed_modes_get_one_deployment_each() -> None:
                       "chat-1xa100-a100-0": modes.get("1xA100")}
             return (modes, deps) if replicas == wanted else None
 
-        modes, deps = await eventually(both_modes_deployed, timeout=LOADED,
+        modes, deps = await eventually(both_modes_deployed,
                                        what="one Deployment per mode, as planned")
         assert set(modes) == {"1xH100", "1xA100"}
         assert deps["chat-1xh100-h100-0"]["spec"]["replicas"] == modes["1xH100"]
@@ -233,7 +231,7 @@ async def test_mixed_modes_get_one_deployment_each() -> None:
                 return None
             return left, a
 
-        left, a = await eventually(one_left, timeout=LOADED, what="one Deployment left")
+        left, a = await eventually(one_left, what="one Deployment left")
         assert left["metadata"]["labels"]["joulepool.dev/mode"] == a["mode"] == "1xA100"
         assert left["spec"]["replicas"] == a["instances"] == 2
 
