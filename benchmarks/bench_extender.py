@@ -187,7 +187,7 @@ async def run_scenario(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="bench_extender", description=(__doc__ or "").split("\n\n")[0]
     )
@@ -202,8 +202,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(list(argv) if argv is not None else None)
     if min(args.nodes, args.endpoints, args.concurrency) < 1:
         ap.error("--nodes, --endpoints and --concurrency must be >= 1")
+    return args
 
+
+Make = Any  # (i, prev) -> iterable of (path, body, verb)
+
+
+def _scenarios(args: argparse.Namespace, names: list[str]) -> list[tuple[str, Make, int, int,
+                                                                            str]]:
+    """(name, request maker, budget, warm-up, server) of each scenario; server is
+    "extender" or "router"."""
     rng = random.Random(42)
+    sched_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1), names=names)).encode()
+    mode_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1, mode="1xH100"),
+                                           names=names)).encode()
+    route_bodies = [
+        json.dumps({"pool": POOL, "inputTokens": rng.randint(50, 4000),
+                    "outputTokens": rng.randint(20, 800),
+                    "tier": "bulk" if rng.random() < 0.1 else "interactive"}).encode()
+        for _ in range(1000)
+    ]
+
+    def prio(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+        return [("/scheduler/prioritize", sched_body, "prioritize")]
+
+    def filt(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+        return [("/scheduler/filter", sched_body, "filter")]
+
+    def filt_mode(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+        return [("/scheduler/filter", mode_body, "filter")]
+
+    def route(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
+        return [("/v1/route", route_bodies[i % len(route_bodies)], "route")]
+
+    class RouteThenComplete:
+        def __init__(self, i: int, prev: dict[str, Any]) -> None:
+            self.i, self.prev = i, prev
+
+        def __iter__(self) -> Any:
+            yield "/v1/route", route_bodies[self.i % len(route_bodies)], "route"
+            done = {"pool": POOL, "endpoint": self.prev["endpoint"],
+                    "requestId": self.prev["requestId"], "ttftSeconds": 0.2,
+                    "e2eSeconds": 4.0, "outputTokens": 300,
+                    "deadlineMet": self.i % 50 != 0, "joules": 30.0}
+            yield "/v1/complete", json.dumps(done).encode(), "complete"
+
+    filters = max(args.prioritize_requests // 3, 1)
+    return [
+        ("prioritize", prio, args.prioritize_requests, 30, "extender"),
+        ("filter", filt, filters, 10, "extender"),
+        ("filter+mode", filt_mode, filters, 10, "extender"),
+        ("route", route, args.route_requests, 500, "router"),
+        ("route+complete", RouteThenComplete, args.route_requests // 2, 200, "router"),
+    ]
+
+
+def _run_all(args: argparse.Namespace) -> tuple[list[dict[str, Any]], float]:
+    """Every scenario against an extender and a router process; (results, the
+    extender's start-up seconds)."""
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-extender-") as tmp:
         nodes_file, plan_file, names = build_inputs(Path(tmp), args.nodes, args.endpoints)
@@ -211,52 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         proc, base = start_server(nodes_file, plan_file)
         startup_s = time.perf_counter() - t_start
         router_proc, router_base = start_server(nodes_file, plan_file, "router")
+        servers = {"extender": (proc, base), "router": (router_proc, router_base)}
         try:
-            sched_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1),
-                                                    names=names)).encode()
-            mode_body = json.dumps(T.extender_args(T.pod("chat-new", gpus=1, mode="1xH100"),
-                                                   names=names)).encode()
-            route_bodies = [
-                json.dumps({"pool": POOL, "inputTokens": rng.randint(50, 4000),
-                            "outputTokens": rng.randint(20, 800),
-                            "tier": "bulk" if rng.random() < 0.1 else "interactive"}).encode()
-                for _ in range(1000)
-            ]
-
-            def prio(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
-                return [("/scheduler/prioritize", sched_body, "prioritize")]
-
-            def filt(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
-                return [("/scheduler/filter", sched_body, "filter")]
-
-            def filt_mode(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
-                return [("/scheduler/filter", mode_body, "filter")]
-
-            def route(i: int, prev: dict[str, Any]) -> list[tuple[str, bytes, str]]:
-                return [("/v1/route", route_bodies[i % len(route_bodies)], "route")]
-
-            class RouteThenComplete:
-                def __init__(self, i: int, prev: dict[str, Any]) -> None:
-                    self.i, self.prev = i, prev
-
-                def __iter__(self) -> Any:
-                    yield "/v1/route", route_bodies[self.i % len(route_bodies)], "route"
-                    done = {"pool": POOL, "endpoint": self.prev["endpoint"],
-                            "requestId": self.prev["requestId"], "ttftSeconds": 0.2,
-                            "e2eSeconds": 4.0, "outputTokens": 300,
-                            "deadlineMet": self.i % 50 != 0, "joules": 30.0}
-                    yield "/v1/complete", json.dumps(done).encode(), "complete"
-
-            scenarios = [
-                ("prioritize", prio, args.prioritize_requests, 30, proc, base),
-                ("filter", filt, max(args.prioritize_requests // 3, 1), 10, proc, base),
-                ("filter+mode", filt_mode, max(args.prioritize_requests // 3, 1), 10, proc,
-                 base),
-                ("route", route, args.route_requests, 500, router_proc, router_base),
-                ("route+complete", RouteThenComplete, args.route_requests // 2, 200,
-                 router_proc, router_base),
-            ]
-            for name, make, budget, warmup, server, url in scenarios:
+            for name, make, budget, warmup, which in _scenarios(args, names):
+                server, url = servers[which]
                 res = asyncio.run(run_scenario(name, url, server.pid, make, budget, warmup,
                                                args.concurrency, args.time_limit))
                 results.append(res)
@@ -268,7 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     p.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     p.kill()
+    return results, startup_s
 
+
+def _verdicts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target of TARGETS_MS against its scenario's server p99, printed."""
     verdicts = []
     for verb, target in TARGETS_MS.items():
         res = next(r for r in results if r["scenario"] == verb)
@@ -276,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ok = p99 <= target
         verdicts.append({"verb": verb, "target_p99_ms": target, "p99_ms": p99, "met": ok})
         print(f"target {verb}: server p99 {p99:.3f} ms <= {target} ms: {'MET' if ok else 'MISSED'}")
+    return verdicts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    results, startup_s = _run_all(args)
+    verdicts = _verdicts(results)
     report = {
         "benchmark": "extender",
         "nodes": args.nodes, "endpoints": args.endpoints, "concurrency": args.concurrency,
@@ -290,7 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     return 1 if args.check and not all(v["met"] for v in verdicts) else 0
-
 
 def _line(res: dict[str, Any]) -> str:
     parts = [f"{res['scenario']:<15} {res['requests']:>6} req {res['req_per_s']:>8} req/s "

@@ -94,7 +94,7 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--clocks", type=int, default=8, help="how many clocks to measure")
@@ -103,89 +103,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", choices=("matmul", "stream"), default="matmul")
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from joulepool.core.device import GPUError, GPUErrorKind
+
+def _pick_clocks(nvml: Any, gpu: int, n_clocks: int) -> tuple[str, list[float]]:
+    """(the GPU's name, the SM clocks to measure, highest first): ``n_clocks`` spread
+    over the supported clocks from the product's floor (else half of max) to max."""
     from joulepool.core.profiles import product_for_label
-    from joulepool.nodeagent.nvml import NvmlBackend
 
-    nvml = NvmlBackend()
-    try:
-        nvml.init()
-    except GPUError as exc:
-        print(f"gpu_energy_vs_clock: no usable NVIDIA GPU here: {exc}", file=sys.stderr)
-        return 2
-    dev = nvml.devices()[args.gpu]
+    dev = nvml.devices()[gpu]
     product = product_for_label(dev.name)
-    supported = sorted(nvml.supported_clocks_mhz(args.gpu))
+    supported = sorted(nvml.supported_clocks_mhz(gpu))
     f_max = supported[-1]
     floor = product.f_min_mhz.value if product else f_max / 2
     usable = [f for f in supported if f >= floor - 1e-6]
-    n = max(2, min(args.clocks, len(usable)))
+    n = max(2, min(n_clocks, len(usable)))
     picks = sorted({usable[round(i * (len(usable) - 1) / (n - 1))] for i in range(n)},
                    reverse=True)
-    print(f"GPU {args.gpu}: {dev.name} ({product.name if product else 'unknown product'}), "
+    print(f"GPU {gpu}: {dev.name} ({product.name if product else 'unknown product'}), "
           f"{len(supported)} supported SM clocks {supported[0]:g}-{f_max:g} MHz; "
           f"measuring {len(picks)} clocks from {picks[-1]:g} to {picks[0]:g} MHz")
+    return str(dev.name), picks
 
-    def reset(*_: Any) -> None:
-        try:
-            nvml.reset_locked_clocks(args.gpu)
-        except GPUError as exc:
-            print(f"reset failed: {exc}", file=sys.stderr)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        reset()
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        reset()
-        e0, t0 = nvml.energy_mj(args.gpu), time.monotonic()
-        time.sleep(args.idle_seconds)
-        idle_w = (nvml.energy_mj(args.gpu) - e0) / 1e3 / (time.monotonic() - t0)
-        print(f"idle power {idle_w:.1f} W (energy counter over {args.idle_seconds:g} s)")
-        work, sync, per_call, unit = _load(args.load, args.size)
-        for _ in range(5):
+def _measure(nvml: Any, gpu: int, f: float, load: tuple[Callable[[], None],
+             Callable[[], None], float, str], seconds: float, idle_w: float) -> dict[str, Any]:
+    """Lock ``f``, run the load ``seconds`` and return the clock's row (power from the
+    energy counter, throughput, energy per unit of work)."""
+    work, sync, per_call, unit = load
+    nvml.set_locked_clocks(gpu, f, f)
+    for _ in range(20):  # settle at the new clock
+        work()
+    sync()
+    clocks, calls = [], 0
+    e0, t0 = nvml.energy_mj(gpu), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        for _ in range(10):
             work()
         sync()
-        rows = []
-        for f in picks:
-            try:
-                nvml.set_locked_clocks(args.gpu, f, f)
-            except GPUError as exc:
-                if exc.kind is GPUErrorKind.NO_PERMISSION:
-                    print("cannot lock clocks: run as root or with CAP_SYS_ADMIN",
-                          file=sys.stderr)
-                    return 2
-                raise
-            for _ in range(20):  # settle at the new clock
-                work()
-            sync()
-            clocks, calls = [], 0
-            e0, t0 = nvml.energy_mj(args.gpu), time.monotonic()
-            while time.monotonic() - t0 < args.seconds:
-                for _ in range(10):
-                    work()
-                sync()
-                calls += 10
-                clocks.append(nvml.sm_clock_mhz(args.gpu))
-            dt = time.monotonic() - t0
-            joules = (nvml.energy_mj(args.gpu) - e0) / 1e3
-            done = calls * per_call
-            rows.append({
-                "locked_mhz": f, "sm_mhz": sum(clocks) / len(clocks), "seconds": dt,
-                "power_w": joules / dt, f"{unit}_per_s": done / dt,
-                f"joules_per_{unit}": joules / done,
-                "dynamic_w": joules / dt - idle_w,
-            })
-            r = rows[-1]
-            print(f"  {f:6.0f} MHz (SM {r['sm_mhz']:6.0f}): {r['power_w']:6.1f} W, "
-                  f"{r[f'{unit}_per_s']:8.2f} {unit}/s, {r[f'joules_per_{unit}']:.4f} J/{unit}")
-    finally:
-        reset()
-        nvml.shutdown()
+        calls += 10
+        clocks.append(nvml.sm_clock_mhz(gpu))
+    dt = time.monotonic() - t0
+    joules = (nvml.energy_mj(gpu) - e0) / 1e3
+    done = calls * per_call
+    r = {"locked_mhz": f, "sm_mhz": sum(clocks) / len(clocks), "seconds": dt,
+         "power_w": joules / dt, f"{unit}_per_s": done / dt,
+         f"joules_per_{unit}": joules / done, "dynamic_w": joules / dt - idle_w}
+    print(f"  {f:6.0f} MHz (SM {r['sm_mhz']:6.0f}): {r['power_w']:6.1f} W, "
+          f"{r[f'{unit}_per_s']:8.2f} {unit}/s, {r[f'joules_per_{unit}']:.4f} J/{unit}")
+    return r
+
+
+def _fit(rows: list[dict[str, Any]], unit: str) -> tuple[float | None, float | None]:
+    """(beta, gamma) fitted over ``rows`` and printed with the clock of least energy."""
     top = rows[0]
     beta = _slope([top["locked_mhz"] / r["locked_mhz"] for r in rows],
                   [top[f"{unit}_per_s"] / r[f"{unit}_per_s"] for r in rows])
@@ -199,12 +169,60 @@ def main(argv: list[str] | None = None) -> int:
           f"{best[f'joules_per_{unit}']:.4f} J/{unit} "
           f"({100 * (1 - best[f'joules_per_{unit}'] / top[f'joules_per_{unit}']):.1f} % below "
           f"{top['locked_mhz']:g} MHz)")
+    return beta, gamma
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    from joulepool.core.device import GPUError, GPUErrorKind
+    from joulepool.nodeagent.nvml import NvmlBackend
+
+    nvml = NvmlBackend()
+    try:
+        nvml.init()
+    except GPUError as exc:
+        print(f"gpu_energy_vs_clock: no usable NVIDIA GPU here: {exc}", file=sys.stderr)
+        return 2
+    name, picks = _pick_clocks(nvml, args.gpu, args.clocks)
+
+    def reset(*_: Any) -> None:
+        try:
+            nvml.reset_locked_clocks(args.gpu)
+        except GPUError as exc:
+            print(f"reset failed: {exc}", file=sys.stderr)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        reset()
+        raise SystemExit(128 + signum)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        reset()
+        e0, t0 = nvml.energy_mj(args.gpu), time.monotonic()
+        time.sleep(args.idle_seconds)
+        idle_w = (nvml.energy_mj(args.gpu) - e0) / 1e3 / (time.monotonic() - t0)
+        print(f"idle power {idle_w:.1f} W (energy counter over {args.idle_seconds:g} s)")
+        load = _load(args.load, args.size)
+        for _ in range(5):
+            load[0]()
+        load[1]()
+        rows = [_measure(nvml, args.gpu, f, load, args.seconds, idle_w) for f in picks]
+    except GPUError as exc:
+        if exc.kind is not GPUErrorKind.NO_PERMISSION:
+            raise
+        print("cannot lock clocks: run as root or with CAP_SYS_ADMIN", file=sys.stderr)
+        return 2
+    finally:
+        reset()
+        nvml.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    beta, gamma = _fit(rows, load[3])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"gpu": dev.name, "load": args.load, "idle_w": idle_w, "rows": rows,
+            json.dump({"gpu": name, "load": args.load, "idle_w": idle_w, "rows": rows,
                        "beta": beta, "gamma": gamma}, fh, indent=2)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -63,11 +65,34 @@ def kubelet_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-async def next_request(kubelet: TestKubelet, timeout: float = 5.0) -> api_pb2.RegisterRequest:
+#: deadline of every wait, seconds: generous, for a loaded machine
+WAIT_S = 30.0
+
+
+async def next_request(kubelet: TestKubelet, timeout: float = WAIT_S
+                       ) -> api_pb2.RegisterRequest:
     return await asyncio.wait_for(kubelet.requests.get(), timeout)
 
 
-async def test_register_list_watch_allocate_and_reregister(kubelet_dir):
+@dataclass
+class Plugged:
+    """A fake device plugin (4 simulated H100s on kind-worker) registered with a test
+    kubelet; ``request`` is its registration."""
+
+    kubelet: TestKubelet
+    plugin: FakeGPUDevicePlugin
+    gpus: SimulatedGPUs
+    state: Path
+    request: api_pb2.RegisterRequest
+    ids: list[str]
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(
+            f"unix://{self.kubelet.directory / self.request.endpoint}")
+
+
+@contextlib.asynccontextmanager
+async def plugged_in(kubelet_dir: Path) -> AsyncIterator[Plugged]:
     kubelet = TestKubelet(kubelet_dir)
     await kubelet.start()
     state = kubelet_dir / "state" / "gpu-state.json"
@@ -79,84 +104,112 @@ async def test_register_list_watch_allocate_and_reregister(kubelet_dir):
     task = asyncio.create_task(plugin.run(stop))
     try:
         req = await next_request(kubelet)
+        yield Plugged(kubelet, plugin, gpus, state, req,
+                      [fake_uuid("kind-worker", i) for i in range(4)])
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT_S)
+        await kubelet.stop()
+
+
+async def test_registers_with_the_kubelet_and_cleans_up(kubelet_dir):
+    async with plugged_in(kubelet_dir) as p:
+        req = p.request
         assert req.version == "v1beta1"
         assert req.resource_name == "nvidia.com/gpu"
         assert req.endpoint == "joulepool-fake-gpu.sock"
         assert req.options.get_preferred_allocation_available
         assert (kubelet_dir / req.endpoint).is_socket()
-
-        ids = [fake_uuid("kind-worker", i) for i in range(4)]
-        async with grpc.aio.insecure_channel(f"unix://{kubelet_dir / req.endpoint}") as ch:
+        async with p.channel() as ch:
             stub = api_pb2_grpc.DevicePluginStub(ch)
-            opts = await stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=5)
+            opts = await stub.GetDevicePluginOptions(api_pb2.Empty(), timeout=WAIT_S)
             assert not opts.pre_start_required
-            stream = stub.ListAndWatch(api_pb2.Empty())
-            first = await asyncio.wait_for(stream.read(), 5)
-            assert [(d.ID, d.health) for d in first.devices] == [(i, "Healthy") for i in ids]
+            await stub.PreStartContainer(api_pb2.PreStartContainerRequest(), timeout=WAIT_S)
+    assert not (kubelet_dir / "joulepool-fake-gpu.sock").exists()  # cleaned up
 
-            gpus.set_fault(2, "lost")  # the simulated GPU falls off the bus
-            second = await asyncio.wait_for(stream.read(), 5)
-            assert [d.health for d in second.devices] == [
-                "Healthy", "Healthy", "Unhealthy", "Healthy"]
-            await plugin.set_health(0, False)  # by hand, too
-            third = await asyncio.wait_for(stream.read(), 5)
-            assert third.devices[0].health == "Unhealthy"
-            await plugin.set_health(0, True)
-            await asyncio.wait_for(stream.read(), 5)
-            stream.cancel()
 
-            resp = await stub.Allocate(api_pb2.AllocateRequest(container_requests=[
-                api_pb2.ContainerAllocateRequest(devices_ids=[ids[3], ids[1]]),
-                api_pb2.ContainerAllocateRequest(devices_ids=[ids[0]]),
-            ]), timeout=5)
-            c0, c1 = resp.container_responses
-            assert c0.envs["JOULEPOOL_GPU_PRODUCT"] == "H100"
-            assert c0.envs["JOULEPOOL_GPU_INDEX"] == "1,3"
-            assert c0.envs["JOULEPOOL_VISIBLE_DEVICES"] == f"{ids[1]},{ids[3]}"
-            assert c0.envs["JOULEPOOL_GPU_STATE"] == "/var/run/joulepool-gpu/gpu-state.json"
-            assert "NVIDIA_VISIBLE_DEVICES" not in c0.envs
-            (mount,) = c0.mounts
-            assert mount.host_path == str(state.parent)
-            assert mount.container_path == "/var/run/joulepool-gpu" and not mount.read_only
-            assert c1.envs["JOULEPOOL_GPU_INDEX"] == "0"
+async def test_list_and_watch_follows_device_health(kubelet_dir):
+    async with plugged_in(kubelet_dir) as p, p.channel() as ch:
+        stream = api_pb2_grpc.DevicePluginStub(ch).ListAndWatch(api_pb2.Empty())
+        first = await asyncio.wait_for(stream.read(), WAIT_S)
+        assert [(d.ID, d.health) for d in first.devices] == [(i, "Healthy") for i in p.ids]
+        p.gpus.set_fault(2, "lost")  # the simulated GPU falls off the bus
+        second = await asyncio.wait_for(stream.read(), WAIT_S)
+        assert [d.health for d in second.devices] == [
+            "Healthy", "Healthy", "Unhealthy", "Healthy"]
+        await p.plugin.set_health(0, False)  # by hand, too
+        third = await asyncio.wait_for(stream.read(), WAIT_S)
+        assert third.devices[0].health == "Unhealthy"
+        await p.plugin.set_health(0, True)
+        await asyncio.wait_for(stream.read(), WAIT_S)
+        stream.cancel()
 
-            with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await stub.Allocate(api_pb2.AllocateRequest(container_requests=[
-                    api_pb2.ContainerAllocateRequest(devices_ids=["GPU-nope"])]), timeout=5)
-            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-            pref = await stub.GetPreferredAllocation(api_pb2.PreferredAllocationRequest(
-                container_requests=[api_pb2.ContainerPreferredAllocationRequest(
-                    available_deviceIDs=ids, must_include_deviceIDs=[ids[3]],
-                    allocation_size=3)]), timeout=5)
-            # the must-include first, then healthy ones by index; the lost GPU 2 last
-            assert list(pref.container_responses[0].deviceIDs) == [ids[3], ids[0], ids[1]]
-            await stub.PreStartContainer(api_pb2.PreStartContainerRequest(), timeout=5)
+async def test_allocate_hands_out_the_simulated_gpus(kubelet_dir):
+    async with plugged_in(kubelet_dir) as p, p.channel() as ch:
+        ids = p.ids
+        stub = api_pb2_grpc.DevicePluginStub(ch)
+        resp = await stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+            api_pb2.ContainerAllocateRequest(devices_ids=[ids[3], ids[1]]),
+            api_pb2.ContainerAllocateRequest(devices_ids=[ids[0]]),
+        ]), timeout=WAIT_S)
+        c0, c1 = resp.container_responses
+        assert c0.envs["JOULEPOOL_GPU_PRODUCT"] == "H100"
+        assert c0.envs["JOULEPOOL_GPU_INDEX"] == "1,3"
+        assert c0.envs["JOULEPOOL_VISIBLE_DEVICES"] == f"{ids[1]},{ids[3]}"
+        assert c0.envs["JOULEPOOL_GPU_STATE"] == "/var/run/joulepool-gpu/gpu-state.json"
+        assert "NVIDIA_VISIBLE_DEVICES" not in c0.envs
+        (mount,) = c0.mounts
+        assert mount.host_path == str(p.state.parent)
+        assert mount.container_path == "/var/run/joulepool-gpu" and not mount.read_only
+        assert c1.envs["JOULEPOOL_GPU_INDEX"] == "0"
 
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.Allocate(api_pb2.AllocateRequest(container_requests=[
+                api_pb2.ContainerAllocateRequest(devices_ids=["GPU-nope"])]), timeout=WAIT_S)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_preferred_allocation_puts_unhealthy_gpus_last(kubelet_dir):
+    async with plugged_in(kubelet_dir) as p, p.channel() as ch:
+        ids = p.ids
+        stub = api_pb2_grpc.DevicePluginStub(ch)
+        stream = stub.ListAndWatch(api_pb2.Empty())
+        await asyncio.wait_for(stream.read(), WAIT_S)
+        p.gpus.set_fault(2, "lost")
+        lost = await asyncio.wait_for(stream.read(), WAIT_S)  # the plugin has seen it
+        assert lost.devices[2].health == "Unhealthy"
+        stream.cancel()
+        pref = await stub.GetPreferredAllocation(api_pb2.PreferredAllocationRequest(
+            container_requests=[api_pb2.ContainerPreferredAllocationRequest(
+                available_deviceIDs=ids, must_include_deviceIDs=[ids[3]],
+                allocation_size=3)]), timeout=WAIT_S)
+        # the must-include first, then healthy ones by index; the lost GPU 2 last
+        assert list(pref.container_responses[0].deviceIDs) == [ids[3], ids[0], ids[1]]
+
+
+async def test_a_kubelet_restart_is_followed_by_a_new_registration(kubelet_dir):
+    async with plugged_in(kubelet_dir) as p:
         # the kubelet restarts: sockets wiped, kubelet.sock recreated -> register again
-        await kubelet.restart()
-        again = await next_request(kubelet)
+        await p.kubelet.restart()
+        again = await next_request(p.kubelet)
         assert again.resource_name == "nvidia.com/gpu" and again.version == "v1beta1"
-        for _ in range(100):  # the Register call returns to the plugin a moment later
-            if plugin.registrations == 2:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while p.plugin.registrations < 2:  # the Register call returns a moment later
+            assert loop.time() < deadline, "the plugin never saw its second registration"
             await asyncio.sleep(0.01)
-        assert plugin.registrations == 2
-        async with grpc.aio.insecure_channel(f"unix://{kubelet_dir / again.endpoint}") as ch:
-            stub = api_pb2_grpc.DevicePluginStub(ch)
-            stream = stub.ListAndWatch(api_pb2.Empty())
-            listed = await asyncio.wait_for(stream.read(), 5)
+        assert p.plugin.registrations == 2
+        p.request = again
+        async with p.channel() as ch:
+            stream = api_pb2_grpc.DevicePluginStub(ch).ListAndWatch(api_pb2.Empty())
+            listed = await asyncio.wait_for(stream.read(), WAIT_S)
             assert len(listed.devices) == 4
             stream.cancel()
         # only kubelet.sock deleted and recreated (our socket untouched): register again too
-        await kubelet.restart(wipe_plugins=False)
-        third = await next_request(kubelet)
+        await p.kubelet.restart(wipe_plugins=False)
+        third = await next_request(p.kubelet)
         assert third.resource_name == "nvidia.com/gpu"
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 5)
-        await kubelet.stop()
-    assert not (kubelet_dir / "joulepool-fake-gpu.sock").exists()  # cleaned up
 
 
 async def test_registers_once_the_kubelet_appears(kubelet_dir):
