@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from extender_http import extender_of, post_verb
 
-from joulepool.extender.app import EXTENDER, Extender, create_app
+from joulepool.extender.app import EXTENDER, create_app
 from joulepool.extender.settings import Settings
 from joulepool.kube import testing as T
 
@@ -41,22 +41,11 @@ async def client(aiohttp_client: Any) -> TestClient:
     return await aiohttp_client(app)
 
 
-def _ext(client: TestClient) -> Extender:
-    return client.server.app[EXTENDER]
-
-
-async def _post(client: TestClient, verb: str, body: Any) -> Any:
-    resp = await client.post(f"/scheduler/{verb}", data=json.dumps(body),
-                             headers={"Content-Type": "application/json"})
-    assert resp.status == 200, await resp.text()
-    assert resp.headers["Content-Type"].startswith("application/json")
-    assert resp.headers["Server-Timing"].startswith("app;dur=")
-    return await resp.json()
 
 
 async def test_filter_full_nodes_honours_plan_and_gpu_capacity(client: TestClient) -> None:
     pod = T.pod("chat-3", gpus=2)
-    out = await _post(client, "filter", T.extender_args(pod, nodes=NODES))
+    out = await post_verb(client, "filter", T.extender_args(pod, nodes=NODES))
     assert set(out) == {"Nodes", "NodeNames", "FailedNodes", "FailedAndUnresolvableNodes",
                         "Error"}
     assert out["Error"] == "" and out["NodeNames"] is None
@@ -76,7 +65,7 @@ async def test_filter_full_nodes_honours_plan_and_gpu_capacity(client: TestClien
 
 async def test_filter_node_names_form(client: TestClient) -> None:
     names = ["h100-a", "h100-b", "a100-a", "l4-a", "ghost"]
-    out = await _post(client, "filter", T.extender_args(T.pod("chat-3", gpus=1), names=names))
+    out = await post_verb(client, "filter", T.extender_args(T.pod("chat-3", gpus=1), names=names))
     assert out["Nodes"] is None
     assert out["NodeNames"] == ["h100-a", "h100-b", "a100-a"]
     assert set(out["FailedAndUnresolvableNodes"]) == {"l4-a", "ghost"}
@@ -85,7 +74,7 @@ async def test_filter_node_names_form(client: TestClient) -> None:
 
 async def test_filter_enforces_the_pools_planned_share(client: TestClient) -> None:
     # a100-a: the plan gives the pool 4 GPUs and it holds 1; a 4-GPU pod would make 5
-    out = await _post(client, "filter", T.extender_args(T.pod("big", gpus=4),
+    out = await post_verb(client, "filter", T.extender_args(T.pod("big", gpus=4),
                                                         names=["a100-a", "h100-a"]))
     assert out["NodeNames"] == ["h100-a"]
     assert out["FailedAndUnresolvableNodes"]["a100-a"] == (
@@ -95,39 +84,39 @@ async def test_filter_enforces_the_pools_planned_share(client: TestClient) -> No
 
 async def test_filter_counts_a_newly_bound_pod(client: TestClient) -> None:
     body = T.extender_args(T.pod("chat-4", gpus=3), names=["h100-a"])
-    assert (await _post(client, "filter", body))["NodeNames"] == ["h100-a"]
+    assert (await post_verb(client, "filter", body))["NodeNames"] == ["h100-a"]
     # the watch reports a pod of the pool bound to h100-a: with it the pool holds 4 of the
     # 6 GPUs the plan gives it there, so 3 more do not fit
-    _ext(client).state.upsert_pod(T.pod("chat-5", node_name="h100-a", gpus=3))
-    out = await _post(client, "filter", body)
+    extender_of(client).state.upsert_pod(T.pod("chat-5", node_name="h100-a", gpus=3))
+    out = await post_verb(client, "filter", body)
     assert out["NodeNames"] == [] and "h100-a" in out["FailedAndUnresolvableNodes"]
 
 
 async def test_unlabelled_pods_pass_untouched(client: TestClient) -> None:
     pod = T.pod("web", pool=None, gpus=0)
-    out = await _post(client, "filter", T.extender_args(pod, nodes=NODES))
+    out = await post_verb(client, "filter", T.extender_args(pod, nodes=NODES))
     assert out["Nodes"]["items"] == NODES
     assert out["FailedNodes"] == {} and out["FailedAndUnresolvableNodes"] == {}
-    out = await _post(client, "filter", T.extender_args(pod, names=["l4-a", "unknown"]))
+    out = await post_verb(client, "filter", T.extender_args(pod, names=["l4-a", "unknown"]))
     assert out["NodeNames"] == ["l4-a", "unknown"]
-    scores = await _post(client, "prioritize", T.extender_args(pod, names=["l4-a", "h100-a"]))
+    scores = await post_verb(client, "prioritize", T.extender_args(pod, names=["l4-a", "h100-a"]))
     assert scores == [{"Host": "l4-a", "Score": 0}, {"Host": "h100-a", "Score": 0}]
 
 
 async def test_pool_missing_from_plan(client: TestClient) -> None:
     pod = T.pod("x", pool="other.pool")
-    out = await _post(client, "filter", T.extender_args(pod, names=["h100-a"]))
+    out = await post_verb(client, "filter", T.extender_args(pod, names=["h100-a"]))
     assert out["NodeNames"] == []
     assert "no assignment for pool other.pool" in out["FailedAndUnresolvableNodes"]["h100-a"]
 
 
 async def test_protocol_errors_use_the_error_field(client: TestClient) -> None:
-    out = await _post(client, "filter", {"Pod": None, "Nodes": None, "NodeNames": ["a"]})
+    out = await post_verb(client, "filter", {"Pod": None, "Nodes": None, "NodeNames": ["a"]})
     assert out["Error"] == "ExtenderArgs.Pod is missing"
-    out = await _post(client, "filter", {"Pod": T.pod("p"), "Nodes": None, "NodeNames": None})
+    out = await post_verb(client, "filter", {"Pod": T.pod("p"), "Nodes": None, "NodeNames": None})
     assert "neither Nodes nor NodeNames" in out["Error"]
-    _ext(client).state.mark_synced("pods", False)
-    out = await _post(client, "filter", T.extender_args(T.pod("p"), names=["h100-a"]))
+    extender_of(client).state.mark_synced("pods", False)
+    out = await post_verb(client, "filter", T.extender_args(T.pod("p"), names=["h100-a"]))
     assert out["Error"] == "node cache not synced yet (pods)"
     resp = await client.post("/scheduler/prioritize",
                              json=T.extender_args(T.pod("p"), names=["h100-a"]))
@@ -137,18 +126,18 @@ async def test_protocol_errors_use_the_error_field(client: TestClient) -> None:
 
 
 async def test_empty_node_lists(client: TestClient) -> None:
-    out = await _post(client, "filter", T.extender_args(T.pod("p"), names=[]))
+    out = await post_verb(client, "filter", T.extender_args(T.pod("p"), names=[]))
     assert out["NodeNames"] == [] and out["Error"] == ""
-    out = await _post(client, "filter", T.extender_args(T.pod("p"), nodes=[]))
+    out = await post_verb(client, "filter", T.extender_args(T.pod("p"), nodes=[]))
     assert out["Nodes"]["items"] == []
-    assert await _post(client, "prioritize", T.extender_args(T.pod("p"), names=[])) == []
+    assert await post_verb(client, "prioritize", T.extender_args(T.pod("p"), names=[])) == []
 
 
 async def test_prioritize_prefers_efficient_node_then_flips_under_queue(
     client: TestClient,
 ) -> None:
     body = T.extender_args(T.pod("chat-9", gpus=1), names=["a100-a", "h100-a", "l4-a"])
-    light = await _post(client, "prioritize", body)
+    light = await post_verb(client, "prioritize", body)
     assert [h["Host"] for h in light] == ["a100-a", "h100-a", "l4-a"]  # request order
     score = {h["Host"]: h["Score"] for h in light}
     # at light load the H100 (fewer J/token at the planned batch) wins; l4-a is not planned
@@ -156,50 +145,51 @@ async def test_prioritize_prefers_efficient_node_then_flips_under_queue(
     # the router sees a deep queue on h100-a's endpoint (2500 waiting x 256 tokens):
     # draining it within the 10 s horizon needs ~64k tokens/s, which pushes h100-a
     # (8 x ~9.6k tokens/s) past the 0.9 utilisation ceiling, and the placement flips
-    router = _ext(client).router
+    router = extender_of(client).router
     assert router.apply_scrape(POOL, "10.0.0.1:8000", waiting=2500, running=64, now=0.0)
-    flipped = {h["Host"]: h["Score"] for h in await _post(client, "prioritize", body)}
+    flipped = {h["Host"]: h["Score"] for h in await post_verb(client, "prioritize", body)}
     assert flipped == {"h100-a": 0, "a100-a": 10, "l4-a": 0}
     # and back when the queue drains
     router.apply_scrape(POOL, "10.0.0.1:8000", waiting=0, running=1, now=1.0)
-    again = {h["Host"]: h["Score"] for h in await _post(client, "prioritize", body)}
+    again = {h["Host"]: h["Score"] for h in await post_verb(client, "prioritize", body)}
     assert again == score
 
 
 async def test_prioritize_full_nodes_form_matches_names_form(client: TestClient) -> None:
     pod = T.pod("chat-9", gpus=1)
-    by_name = await _post(client, "prioritize",
+    by_name = await post_verb(client, "prioritize",
                           T.extender_args(pod, names=["h100-a", "h100-b", "a100-a"]))
-    full = await _post(client, "prioritize", T.extender_args(pod, nodes=NODES[:3]))
+    full = await post_verb(client, "prioritize", T.extender_args(pod, nodes=NODES[:3]))
     assert by_name == full
     s = {h["Host"]: h["Score"] for h in full}
     assert s == {"h100-a": 10, "h100-b": 10, "a100-a": 0}
     assert all(isinstance(h["Score"], int) and 0 <= h["Score"] <= 10 for h in full)
     # a queue on h100-b's endpoint counts in the full-Nodes form too
-    _ext(client).router.apply_scrape(POOL, "10.0.1.1:8000", waiting=3000, running=64, now=0.0)
-    full = await _post(client, "prioritize", T.extender_args(pod, nodes=NODES[:3]))
+    extender_of(client).router.apply_scrape(POOL, "10.0.1.1:8000", waiting=3000, running=64,
+                                            now=0.0)
+    full = await post_verb(client, "prioritize", T.extender_args(pod, nodes=NODES[:3]))
     s = {h["Host"]: h["Score"] for h in full}
     assert s["h100-a"] == 10 and s["h100-b"] < 10
-    assert full == await _post(client, "prioritize",
+    assert full == await post_verb(client, "prioritize",
                                T.extender_args(pod, names=["h100-a", "h100-b", "a100-a"]))
 
 
 async def test_prioritize_is_deterministic_with_ties(client: TestClient) -> None:
-    ext = _ext(client)
+    ext = extender_of(client)
     ext.state.replace_nodes([*NODES, T.node("h100-c", "H100", 8)])
     plan = T.plan({POOL: [("h100-a", "H100", 4), ("h100-c", "H100", 4), ("a100-a", "A100", 4)]})
     ext.state.set_plan(plan)
     ext.state.replace_pods([])
     body = T.extender_args(T.pod("p", gpus=1), names=["h100-c", "a100-a", "h100-a"])
-    first = await _post(client, "prioritize", body)
+    first = await post_verb(client, "prioritize", body)
     assert {h["Host"]: h["Score"] for h in first} == {"h100-c": 10, "h100-a": 10, "a100-a": 0}
     for _ in range(3):
-        assert await _post(client, "prioritize", body) == first
+        assert await post_verb(client, "prioritize", body) == first
 
 
 async def test_metrics_after_decisions(client: TestClient) -> None:
-    await _post(client, "filter", T.extender_args(T.pod("p"), names=["h100-a", "l4-a"]))
-    await _post(client, "prioritize", T.extender_args(T.pod("p"), names=["h100-a"]))
+    await post_verb(client, "filter", T.extender_args(T.pod("p"), names=["h100-a", "l4-a"]))
+    await post_verb(client, "prioritize", T.extender_args(T.pod("p"), names=["h100-a"]))
     text = await (await client.get("/metrics")).text()
     assert 'joulepool_extender_decision_seconds_count{verb="filter"} 1.0' in text
     assert 'joulepool_extender_decision_seconds_count{verb="prioritize"} 1.0' in text
