@@ -47,11 +47,16 @@ monitoring-deps:
 	fi
 
 ## The whole test suite, lint and type check included.
-test: $(STAMP) k8s-deps monitoring-deps
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/mypy
-	$(BIN)/lint-imports
+test: $(STAMP) k8s-deps monitoring-deps lint typecheck imports
 	$(BIN)/pytest -q
+
+## ruff over every Python file of the repository.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+
+## mypy (files and strictness: pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 ## The import graph between joulepool's packages, against the layer contracts (pyproject).
 imports: $(STAMP)
