@@ -5,7 +5,8 @@ state file with a fake engine, so MIAD locks the clocks; injects hung and
 failing NVML calls on random GPUs (``SimulatedGPUs.inject``, shorter than the
 reset grace); checks that ``/healthz`` still answers during them; then sends
 SIGTERM, SIGINT or SIGKILL at a random moment. After SIGTERM / SIGINT the
-agent must exit 0 within its grace period with no GPU locked. After SIGKILL
+agent must exit 0 with no GPU locked (the time it took is reported; past its
+grace plus ``EXIT_TIMEOUT_S`` it is a bad exit). After SIGKILL
 nothing can reset, so recovery does: alternately ``node-agent
 --reset-and-exit`` (must exit 0) or a restarted agent with no engine (must
 reset at start-up). A GPU still locked after a trial's check is counted in
@@ -40,6 +41,13 @@ from joulepool.fakes.gpus import SimulatedGPUs
 # the console script's code path
 PY = [sys.executable, "-c", "import sys; from joulepool.cli import main; sys.exit(main())"]
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGKILL)
+#: longest wait for a child process to start serving, s: generous, as starting Python
+#: and importing joulepool takes tens of seconds on a loaded 2-core machine; a child
+#: that exits is noticed at once
+STARTUP_TIMEOUT_S = 120.0
+#: longest wait for a signalled agent to exit beyond its reset grace, s: a hang guard
+#: (its exit code and the GPUs it leaves are what is checked), generous for the same reason
+EXIT_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -147,7 +155,9 @@ class KillHarness:
             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         self.engine_url = f"http://127.0.0.1:{port}"
         try:
-            if not _wait_for(lambda: _get(self.engine_url + "/health"), 20.0):
+            if not _wait_for(lambda: proc.poll() is not None
+                             or _get(self.engine_url + "/health"), STARTUP_TIMEOUT_S) \
+                    or proc.poll() is not None:
                 raise RuntimeError("the fake engine did not start")
             yield
         finally:
@@ -194,7 +204,7 @@ class KillHarness:
             self.report.recoveries["reset-and-exit"] += 1
             r = subprocess.run(self._agent_args("--reset-and-exit", "--metrics-port", "0"),
                                env=child_env(), capture_output=True, text=True,
-                               timeout=self.s.reset_grace_s + 30)
+                               timeout=STARTUP_TIMEOUT_S + self.s.reset_grace_s)
             if r.returncode != 0:
                 self.report.bad_exits.append(f"trial {trial}: reset-and-exit exited "
                                              f"{r.returncode}: {r.stdout[-300:]}")
@@ -203,14 +213,25 @@ class KillHarness:
         self.report.recoveries["restart"] += 1
         proc, _ = self.start_agent(with_engine=False)
         try:
-            _wait_for(lambda: not self.locked(), self.s.reset_grace_s + 15.0)
+            # it resets once it has started: start-up, then at most the reset grace
+            _wait_for(lambda: not self.locked(), STARTUP_TIMEOUT_S + self.s.reset_grace_s)
             self._check(f"trial {trial} after restart")
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(self.s.reset_grace_s + 10)
+                self._exit_code(proc, f"trial {trial}: the restarted agent")
             finally:
                 _kill(proc)
+
+    def _exit_code(self, proc: subprocess.Popen[str], what: str) -> int | None:
+        """The signalled ``proc``'s exit code; None (a bad exit) if it is still running
+        after its reset grace and :data:`EXIT_TIMEOUT_S`."""
+        try:
+            return proc.wait(self.s.reset_grace_s + EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.report.bad_exits.append(f"{what} did not exit within "
+                                         f"{self.s.reset_grace_s + EXIT_TIMEOUT_S:g} s")
+            return None
 
     def trial(self, i: int, sig: signal.Signals) -> None:
         self.report.trials += 1
@@ -218,10 +239,10 @@ class KillHarness:
         proc, port = self.start_agent(with_engine=True)
         try:
             health = f"http://127.0.0.1:{port}/healthz"
-            # generous: start-up on a loaded 2-core machine can take tens of seconds
             up = _wait_for(lambda: proc.poll() is not None or (_get(health) or (0,))[0] == 200,
-                           60.0)
-            locked = up and _wait_for(lambda: self.locked() or proc.poll() is not None, 60.0)
+                           STARTUP_TIMEOUT_S)
+            locked = up and _wait_for(lambda: self.locked() or proc.poll() is not None,
+                                      STARTUP_TIMEOUT_S)
             if not locked or proc.poll() is not None:
                 self.report.bad_exits.append(f"trial {i}: the agent never came up and locked "
                                              "a clock")
@@ -230,14 +251,14 @@ class KillHarness:
             self.probe_health(port)
             t0 = time.monotonic()
             proc.send_signal(sig)
-            code = proc.wait(self.s.reset_grace_s + 15.0)
+            code = self._exit_code(proc, f"trial {i}: the agent sent {sig.name}")
             self.report.stop_seconds.append(time.monotonic() - t0)
         finally:
             _kill(proc)
         if sig is signal.SIGKILL:
             self.recover(i)
             return
-        if code != 0:
+        if code is not None and code != 0:
             out = proc.stdout.read() if proc.stdout else ""
             self.report.bad_exits.append(f"trial {i}: {sig.name} exit {code}: {out[-300:]}")
         self._check(f"trial {i} after {sig.name}")
