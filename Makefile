@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## The main job: the simulator on its default cluster, trace and load (0.5 of capacity),
-## every policy, over DEMO_DURATION simulated seconds: 300 = one planning step, about
-## 75 CPU-seconds (the CLI's default window for this cluster is 600 s, twice that).
+## every policy, over DEMO_DURATION simulated seconds: 300 = one planning step, about a
+## minute of CPU (the CLI's default window for this cluster is 600 s).
 DEMO_DURATION ?= 300
 demo: $(STAMP)
 	$(BIN)/joulepool simulate --duration $(DEMO_DURATION)
