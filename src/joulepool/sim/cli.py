@@ -78,7 +78,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results", metavar="DIR",
                         help="directory for the JSON result and PNG plots (default: results/)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress on stderr (a bar on a terminal, else a line per "
+                             "finished policy run)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
