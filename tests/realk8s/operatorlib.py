@@ -29,6 +29,32 @@ def start_operator(procs: k8slib.Components, *extra: str) -> k8slib.Component:
         service_account=k8slib.service_account("operator"))
 
 
+def start_engine_and_agent(
+        procs: k8slib.Components, tag: str, *, state: Any, engine_port: int, node: str,
+        product: str, pool: str, metrics_port: int = 0,
+) -> tuple[k8slib.Component, k8slib.Component]:
+    """A fake engine on simulated GPU 0 of ``state`` (a GPU state file) and the node
+    agent of ``node`` for it, on the chart's node-agent ServiceAccount, serving pool
+    ``pool`` (namespace/name) at TTFT 1 s, TPOT 0.1 s and publishing every 2 s; both
+    processes are named ``fake-engine-<tag>`` and ``node-agent-<tag>``."""
+    url = f"http://127.0.0.1:{engine_port}"
+    engine = procs.joulepool(f"fake-engine-{tag}", [
+        "fake-engine", "--host", "127.0.0.1", "--port", str(engine_port),
+        "--gpu-state", str(state), "--gpu-index", "0", "--node", node])
+    engine.wait_log(f"at {url}", timeout=60)
+    agent = procs.joulepool(f"node-agent-{tag}", [
+        "node-agent", "--backend", "simulated", "--gpu-state", str(state),
+        "--product", product, "--count", "1", "--kubernetes", "on",
+        "--engine-url", f"0@{url}", "--pool", pool,
+        "--engine-discovery", "off", "--pod-resources-socket", "off",
+        "--namespace", OP_NAMESPACE, "--energy-policy", "none", "--interval", "0.5",
+        "--publish-interval", "2", "--plan-refresh", "2", "--ttft-slo", "1",
+        "--tpot-slo", "0.1", "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(metrics_port)],
+        service_account=k8slib.service_account("node-agent"), env={"NODE_NAME": node})
+    return engine, agent
+
+
 def pool_body(namespace: str, name: str, rps: float, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "InferencePool",

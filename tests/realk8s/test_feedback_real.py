@@ -20,7 +20,14 @@ from typing import Any
 import k8slib
 import pytest
 from k8slib import ControlPlane
-from operatorlib import OP_NAMESPACE, Scenario, condition, start_operator, wait_for
+from operatorlib import (
+    OP_NAMESPACE,
+    Scenario,
+    condition,
+    start_engine_and_agent,
+    start_operator,
+    wait_for,
+)
 
 from joulepool.api.contract import ENERGYPOLICIES, GPU_RESOURCE, GPUPROFILES
 from joulepool.api.models import GROUP, VERSION
@@ -158,21 +165,9 @@ def test_node_agent_publishes_its_operating_point_into_the_next_plan(
                for _ in range(4)]
     with k8slib.components(cluster) as procs:
         try:
-            engine = procs.joulepool("fake-engine-op", [
-                "fake-engine", "--host", "127.0.0.1", "--port", str(engine_port),
-                "--gpu-state", str(state), "--gpu-index", "0", "--node", node])
-            engine.wait_log(f"at {engine_url}", timeout=60)
-            agent = procs.joulepool("node-agent-op", [
-                "node-agent", "--backend", "simulated", "--gpu-state", str(state),
-                "--product", "H100", "--count", "1", "--kubernetes", "on",
-                "--engine-url", f"0@{engine_url}", "--pool", s.key("chat"),
-                "--engine-discovery", "off", "--pod-resources-socket", "off",
-                "--namespace", OP_NAMESPACE, "--energy-policy", "none", "--interval", "0.5",
-                "--publish-interval", "2", "--plan-refresh", "2", "--ttft-slo", "1",
-                "--tpot-slo", "0.1", "--metrics-host", "127.0.0.1",
-                "--metrics-port", str(metrics_port)],
-                service_account=k8slib.service_account("node-agent"),
-                env={"NODE_NAME": node})
+            _, agent = start_engine_and_agent(
+                procs, "op", state=state, engine_port=engine_port, node=node,
+                product="H100", pool=s.key("chat"), metrics_port=metrics_port)
             for t in loaders:
                 t.start()
 

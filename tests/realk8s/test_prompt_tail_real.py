@@ -21,11 +21,11 @@ import pytest
 from k8slib import ControlPlane
 from operatorlib import (
     GROUP,
-    OP_NAMESPACE,
     POOLS,
     VERSION,
     Scenario,
     pool_body,
+    start_engine_and_agent,
     start_operator,
     wait_for,
 )
@@ -110,19 +110,9 @@ def test_the_prompt_tail_a_node_agent_observes_moves_the_pool(
     engine_port = k8slib.free_port()
     url = f"http://127.0.0.1:{engine_port}"
     with k8slib.components(cluster) as procs:
-        engine = procs.joulepool("fake-engine-tail", [
-            "fake-engine", "--host", "127.0.0.1", "--port", str(engine_port),
-            "--gpu-state", str(state), "--gpu-index", "0", "--node", a100])
-        engine.wait_log(f"at {url}", timeout=60)
-        agent = procs.joulepool("node-agent-tail", [
-            "node-agent", "--backend", "simulated", "--gpu-state", str(state),
-            "--product", "A100", "--count", "1", "--kubernetes", "on",
-            "--engine-url", f"0@{url}", "--pool", s.key("chat"),
-            "--engine-discovery", "off", "--pod-resources-socket", "off",
-            "--namespace", OP_NAMESPACE, "--energy-policy", "none", "--interval", "0.5",
-            "--publish-interval", "2", "--plan-refresh", "2", "--ttft-slo", "1",
-            "--tpot-slo", "0.1", "--metrics-host", "127.0.0.1", "--metrics-port", "0"],
-            service_account=k8slib.service_account("node-agent"), env={"NODE_NAME": a100})
+        _, agent = start_engine_and_agent(
+            procs, "tail", state=state, engine_port=engine_port, node=a100,
+            product="A100", pool=s.key("chat"))
         # 230 short prompts and 20 of 9,000 tokens (8 %): an A100 prefills 6,667 a second
         prompts = [100] * 230 + [9000] * 20
         threads = [threading.Thread(target=lambda n=n: _send(url, n)) for n in prompts]
