@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from joulepool.api.models import EnergyPolicySpec
+    from joulepool.api.models import EnergyPolicySpec, InferencePool
+    from joulepool.core.classes import PromptLengths
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +31,6 @@ def _without_live_carbon(policy: EnergyPolicySpec) -> EnergyPolicySpec:
     """``joulepool plan`` fetches no live carbon source: each plans as the operator does
     before its first fetch (fallbackGramsPerKWh, else the dirtiest known site); says so."""
     import sys
-    from datetime import UTC, datetime
 
     from joulepool.carbon import CarbonFeed
 
@@ -41,6 +43,28 @@ def _without_live_carbon(policy: EnergyPolicySpec) -> EnergyPolicySpec:
         print(f"joulepool plan: site {s.site}: live carbon source ({s.provider}) not fetched; "
               f"planned with {how}", file=sys.stderr)
     return resolved.policy
+
+
+def _observed_prompts(pools: Sequence[InferencePool], now: datetime
+                      ) -> dict[str, PromptLengths]:
+    """The prompt lengths the pools' ``status.observedInputTokens`` report at ``now``
+    (pooling.observed_from_statuses, the operator's rule: the longer of these and the
+    declared quantiles is planned); says on stderr which pools' entries are not used
+    (older than pooling.OBSERVED_MAX_AGE_S or too few prompts)."""
+    import sys
+
+    from joulepool.api.plan import pool_key
+    from joulepool.pooling import MIN_OBSERVED_PROMPTS, OBSERVED_MAX_AGE_S, observed_from_statuses
+
+    observed = observed_from_statuses(pools, now)
+    for p in pools:
+        key = pool_key(p.metadata.namespace or "default", p.metadata.name)
+        if p.status is not None and p.status.observed_input_tokens and key not in observed:
+            print(f"joulepool plan: pool {key}: status.observedInputTokens not used (entries "
+                  f"older than {OBSERVED_MAX_AGE_S:g} s or fewer than "
+                  f"{MIN_OBSERVED_PROMPTS} prompts), as the operator would not",
+                  file=sys.stderr)
+    return observed
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     policy = _without_live_carbon(policy)
     profiles = (*DEFAULT_PROFILES,
                 *(profile_from_resource(r) for r in resources_ if isinstance(r, GPUProfile)))
-    plan = plan_pools(pools, nodes_from_cluster(cluster.expanded()), policy, profiles)
+    observed = _observed_prompts(pools, now=datetime.now(UTC))
+    plan = plan_pools(pools, nodes_from_cluster(cluster.expanded()), policy, profiles,
+                      observed=observed)
     if args.output == "json":
         print(json.dumps({
             "feasible": plan.result.feasible,

@@ -125,6 +125,22 @@ def observed_prompt_lengths(
     return PromptLengths.from_histogram(bounds, counts)
 
 
+def observed_from_statuses(pools: Sequence[InferencePool], now: datetime
+                           ) -> dict[str, PromptLengths]:
+    """Per pool key, :func:`observed_prompt_lengths` of the pool's own
+    ``status.observedInputTokens`` at ``now`` (pools without enough fresh prompts left
+    out): what ``joulepool plan`` passes as ``observed`` to :func:`plan_pools`, as the
+    operator does with the statuses it watches."""
+    out: dict[str, PromptLengths] = {}
+    for p in pools:
+        if p.status is None or not p.status.observed_input_tokens:
+            continue
+        found = observed_prompt_lengths(p.status.observed_input_tokens, now)
+        if found is not None:
+            out[pool_key(p.metadata.namespace or "default", p.metadata.name)] = found
+    return out
+
+
 def _service_class(pool: InferencePool, steps: int,
                    observed: PromptLengths | None = None) -> ServiceClass:
     """The pool as the planner's class; its prompt lengths are the longer, at each

@@ -221,3 +221,46 @@ def test_a_cluster_file_rejects_live_carbon_sources(tmp_path, capsys):
     f.write_text(yaml.safe_dump(cluster))
     assert main(["plan", "-f", POOLS, "--cluster", str(f)]) == 2
     assert "live sources belong in the EnergyPolicy" in capsys.readouterr().err
+
+
+def _observed_pool_file(tmp_path, age_s):
+    """The prompt-tail pool (test_pool_prompt_tail.pool, no declared quantiles) with a
+    node agent's entry of long prompts in status.observedInputTokens, ``age_s`` old."""
+    from datetime import UTC, datetime, timedelta
+
+    from test_pool_observed_prompts import BOUNDS, LONG, counts
+    from test_pool_prompt_tail import pool
+
+    body = pool().model_dump(mode="json", by_alias=True, exclude_none=True)
+    body["status"] = {"observedInputTokens": [{
+        "node": "a", "bounds": list(BOUNDS), "counts": counts(LONG),
+        "updatedAt": (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat()}]}
+    f = tmp_path / "chat.yaml"
+    f.write_text(yaml.safe_dump(body))
+    cl = tmp_path / "cluster.yaml"
+    cl.write_text(yaml.safe_dump({"name": "two", "nodes": [
+        {"name": "a100", "site": "s1", "product": "A100", "gpus": 8},
+        {"name": "h100", "site": "s1", "product": "H100", "gpus": 8}]}))
+    return str(f), str(cl)
+
+
+def _modes_planned(capsys, argv):
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    return {i["mode"] for i in data["plan"]["pools"]["default.chat"]["assignments"]}
+
+
+def test_plan_uses_the_observed_prompt_tail_in_the_pool_status_as_the_operator(
+        tmp_path, capsys):
+    """Fresh observed long prompts keep the pool off the A100 (as the operator plans,
+    test_pool_observed_prompts); entries older than the operator's age limit are not used
+    and the CLI says so."""
+    f, cl = _observed_pool_file(tmp_path, age_s=30.0)
+    assert _modes_planned(capsys, ["plan", "-f", f, "--cluster", cl, "-o", "json"]) == {
+        "1xH100"}
+    f, cl = _observed_pool_file(tmp_path, age_s=3600.0)
+    assert main(["plan", "-f", f, "--cluster", cl, "-o", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert "1xA100" in {i["mode"] for i in
+                        json.loads(out)["plan"]["pools"]["default.chat"]["assignments"]}
+    assert "default.chat: status.observedInputTokens not used" in err
