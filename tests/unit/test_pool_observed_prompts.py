@@ -201,3 +201,43 @@ async def test_the_operator_replans_when_agents_report_a_long_tail():
     assert {a.product for a in second.assignments if a.instances} == {"H100"}
     await reconcile(planner, world)
     assert planner.solves == solves + 1  # the same tail: no new solve
+
+
+async def test_the_operator_forgets_the_observed_tail_of_a_deleted_pool():
+    """The per-pool memory of observed tails (and of invalid entries said) is pruned with
+    the pool, as its written status is: pools that come and go do not grow it."""
+    from test_operator_planning import make_planner, reconcile
+    from test_operator_planning import pool as pool_body
+
+    planner, api, world = make_planner()
+    world.add_node("h1", product="H100")
+    for name in ("chat", "gone"):
+        world.add_pool(pool_body(name, 2))
+    now = datetime(2026, 1, 1, tzinfo=UTC)  # the planner's clock in make_planner
+    for name in ("chat", "gone"):
+        path = f"/apis/joulepool.dev/v1alpha1/namespaces/default/inferencepools/{name}"
+        api.objects[path].setdefault("status", {})["observedInputTokens"] = [
+            entry("a1", LONG).model_copy(update={"updated_at": now}).model_dump(
+                mode="json", by_alias=True), {"node": "bad"}]
+    world.refresh_pools()
+    for (e,) in world.pools.values():
+        assert planner.observed_moved(e)
+    await reconcile(planner, world)
+    assert set(planner.observed_tails) == {"default.chat", "default.gone"}
+    del world.pools["default.gone"]
+    await reconcile(planner, world)
+    assert set(planner.observed_tails) == {"default.chat"}
+    assert planner.invalid_observed == {"default.chat"}  # said once per pool while it lives
+
+
+def test_the_operator_status_comparison_ignores_the_node_agents_entries():
+    """observedInputTokens is the node agents' field: a status the operator would write
+    equals the one there when only that field differs (no write after a restart)."""
+    from joulepool.operator.resources import same_status
+
+    mine = {"replicas": 2, "conditions": [{"type": "Planned", "status": "True"}],
+            "assignments": []}
+    theirs = {**mine, "observedInputTokens": [
+        entry("a1", LONG).model_dump(mode="json", by_alias=True)]}
+    assert same_status(mine, theirs) and same_status(theirs, mine)
+    assert not same_status(mine, {**mine, "replicas": 3})

@@ -245,8 +245,10 @@ class Planner:
         self.drift = DriftReporter(client, self.metrics)
         # memory of what the cluster said and what we wrote
         self.last_valid: dict[str, tuple[str | None, InferencePool]] = {}
-        self._bad_observed: set[str] = set()  # pools whose observed entries were said invalid
-        self._observed_seen: dict[str, list[float] | None] = {}  # tail summary per pool
+        #: pools whose invalid observedInputTokens entries were logged (once per pool)
+        self.invalid_observed: set[str] = set()
+        #: per pool, the observed tail summary last seen (tail_summary; None: none)
+        self.observed_tails: dict[str, list[float] | None] = {}
         self._last_policy: EnergyPolicySpec | None = None
         self._status_written: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self.writer = DeploymentWriter(client)
@@ -495,7 +497,11 @@ class Planner:
                          live: Mapping[str, PoolEntry], now: datetime
                          ) -> dict[str, PromptLengths]:
         """Per pool, the prompt lengths its node agents report in
-        ``status.observedInputTokens`` (pooling.observed_prompt_lengths)."""
+        ``status.observedInputTokens`` (pooling.observed_prompt_lengths); forgets what it
+        remembered of pools no longer ``live``."""
+        for gone in [k for k in self.observed_tails if k not in live]:
+            del self.observed_tails[gone]
+        self.invalid_observed.intersection_update(live)
         out: dict[str, PromptLengths] = {}
         for key in plannable:
             found = self._observed(live[key], now)
@@ -512,8 +518,8 @@ class Planner:
             try:
                 entries.append(ObservedPromptLengths.model_validate(item))
             except ValidationError as exc:
-                if entry.key not in self._bad_observed:
-                    self._bad_observed.add(entry.key)
+                if entry.key not in self.invalid_observed:
+                    self.invalid_observed.add(entry.key)
                     log.warning("pool %s: an observedInputTokens entry is invalid, "
                                 "skipped: %s", entry.key, exc.errors()[0].get("msg"))
         return observed_prompt_lengths(entries, now)
@@ -524,9 +530,9 @@ class Planner:
         (kopf's update handlers do not fire on status changes)."""
         found = self._observed(entry, self.clock())
         summary = tail_summary(found) if found is not None else None
-        if self._observed_seen.get(entry.key) == summary:
+        if self.observed_tails.get(entry.key) == summary:
             return False
-        self._observed_seen[entry.key] = summary
+        self.observed_tails[entry.key] = summary
         return True
 
     def planned_pool(self, entry: PoolEntry) -> InferencePool | None:
