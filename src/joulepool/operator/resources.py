@@ -53,6 +53,7 @@ from joulepool.api.models import (
     GPUProfile,
     GPUProfileStatus,
     InferencePool,
+    InferencePoolStatus,
 )
 from joulepool.api.plan import PlanDocument, PlannedPool, pool_key
 from joulepool.api.quantity import node_resource_count
@@ -716,8 +717,15 @@ def _round(x: float | None) -> float | None:
     return None if x is None else float(f"{x:.6g}")
 
 
+#: status fields other writers own (the node agents' observed prompt lengths): the
+#: operator neither writes nor compares them
+_NOT_OPERATOR_FIELDS = frozenset({
+    InferencePoolStatus.model_fields["observed_input_tokens"].alias})
+
+
 def _strip_times(status: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in status.items() if v is not None and k != "lastPlanTime"}
+    out = {k: v for k, v in status.items()
+           if v is not None and k != "lastPlanTime" and k not in _NOT_OPERATOR_FIELDS}
     out["conditions"] = [
         {k: v for k, v in c.items() if k != "lastTransitionTime"}
         for c in status.get("conditions") or [] if isinstance(c, Mapping)
@@ -727,7 +735,7 @@ def _strip_times(status: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def same_status(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Equal apart from times (and None vs absent)."""
+    """Equal apart from times (and None vs absent) in the fields the operator writes."""
     return _strip_times(a) == _strip_times(b)
 
 
