@@ -241,3 +241,18 @@ def test_the_operator_status_comparison_ignores_the_node_agents_entries():
         entry("a1", LONG).model_dump(mode="json", by_alias=True)]}
     assert same_status(mine, theirs) and same_status(theirs, mine)
     assert not same_status(mine, {**mine, "replicas": 3})
+
+
+def test_the_publisher_remembers_only_the_pools_still_inside_their_interval():
+    """The publisher's per-pool rate-limit memory does not grow with every pool the node
+    ever served: a pool whose interval is over is forgotten at the next publication."""
+    api = FakePools({("default", f"p{i}"): {"metadata": {"name": f"p{i}",
+                                                         "resourceVersion": "1"}}
+                     for i in range(50)})
+    t = [0.0]
+    pub = PoolPromptPublisher(api, now=lambda: NOW, min_interval_s=60.0, monotonic=lambda: t[0])
+    for i in range(50):
+        assert pub.publish(PromptCounts(f"default.p{i}", "n1", BOUNDS, tuple(counts(LONG))))
+        t[0] += 30.0
+    assert len(pub._last) <= 2
+    assert not pub.due("default.p49") and pub.due("default.p0")

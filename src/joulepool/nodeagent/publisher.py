@@ -265,6 +265,7 @@ class PoolPromptPublisher:
         return self._api
 
     def due(self, pool: str) -> bool:
+        """Whether ``pool``'s entry may be written now (``min_interval_s`` since the last)."""
         last = self._last.get(pool)
         return last is None or self.monotonic() - last >= self.min_interval_s
 
@@ -273,7 +274,11 @@ class PoolPromptPublisher:
         that does not exist (404) is skipped."""
         if not self.due(c.pool):
             return False
-        self._last[c.pool] = self.monotonic()
+        now_s = self.monotonic()
+        # pools whose interval is over need no memory (pools this node no longer serves)
+        for pool in [p for p, t in self._last.items() if now_s - t >= self.min_interval_s]:
+            del self._last[pool]
+        self._last[c.pool] = now_s
         namespace, name = c.pool.split(".", 1)
         try:
             obj = self.api.get_namespaced_custom_object(
