@@ -176,3 +176,17 @@ def test_runs_with_and_without_the_search_are_identical(policy: str, monkeypatch
     for name in ("t_first", "t_done", "instance_product", "gpu_energy_j", "gpu_busy_s"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(full, name), err_msg=name)
     assert sum(a is not None for a in answers) > 0.5 * len(answers) > 0
+
+
+def test_only_the_profile_it_answers_for_gets_an_index() -> None:
+    from joulepool.core.scoring import LeastLoadedScorer
+    from joulepool.sim.instance import Pool
+
+    assert CandidateIndex.serves(routing_profile("joulesched"))
+    assert not CandidateIndex.serves(routing_profile("least-loaded"))
+    mixed = routing_profile("joulesched")
+    mixed.scorers = (*mixed.scorers, (LeastLoadedScorer(), 0.5))
+    assert not CandidateIndex.serves(mixed)
+    with pytest.raises(ValueError, match="candidate index"):
+        Pool([], mixed, indexed=True)
+    assert Pool([], routing_profile("least-loaded")).index is None

@@ -40,7 +40,14 @@ from joulepool.core.routing import (
     marginal_energy_floor,
     score_endpoint,
 )
-from joulepool.core.scoring import EndpointState, RequestInfo
+from joulepool.core.scoring import (
+    EndpointState,
+    JouleSchedScorer,
+    KVCacheFilter,
+    LowestCostPicker,
+    RequestInfo,
+    RoutingProfile,
+)
 
 INF = math.inf
 
@@ -73,6 +80,15 @@ class CandidateIndex:
         self.placed: dict[int, tuple[_Energy, Row] | int] = {}
         self.odd = 0  # positions placed _ODD
         self.rows: dict[int, Row] = {}  # position -> its row
+
+    @staticmethod
+    def serves(profile: RoutingProfile) -> bool:
+        """Whether :meth:`best` answers for ``profile``: core's JouleSched scorer alone at
+        weight 1, the lowest-cost picker, and at most the KV-cache filter (which keeps
+        every endpoint while none reports its KV-cache usage, as in the simulator)."""
+        return (len(profile.scorers) == 1 and type(profile.scorers[0][0]) is JouleSchedScorer
+                and profile.scorers[0][1] == 1.0 and type(profile.picker) is LowestCostPicker
+                and all(type(f) is KVCacheFilter for f in profile.filters))
 
     def put(self, pos: int, row: Row) -> None:
         """Row ``pos`` of the pool's columns now holds ``row``."""

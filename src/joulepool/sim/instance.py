@@ -458,6 +458,9 @@ class Pool:
                  indexed: bool = False) -> None:
         self.members = members
         self.profile = profile
+        if indexed and not CandidateIndex.serves(profile):
+            raise ValueError(f"routing profile {profile.name!r} is not the one the candidate "
+                             "index answers for (JouleSched scorer, lowest-cost picker)")
         self.index = CandidateIndex() if indexed else None
         self.dirty: set[int] = set()  # rows of the index not yet in the columns
         self.dirty_first: set[int] = set()  # of which the first-token columns too
