@@ -236,23 +236,30 @@ class Instance:
         if self.n_out <= 1 or end > self.v_busy:
             self.v_busy = end
 
-    def steps_left(self, t: float) -> float:
-        """R_n: decode steps the requests in flight here have left at ``t`` (the
-        longest, as predicted when routed; 0 when none is in flight)."""
-        if not self.n_out:
-            return 0.0
-        left = self.v_busy - self.v_at(t)
-        return left if left > 0.0 else 0.0
-
-    def prefill_queue(self, t: float) -> tuple[float, float, float]:
-        """core.routing.prefill_queue of this engine's exact queue at ``t``: when a new
-        prompt's prefill would start, and the step and chunk it would run at (the
-        running prefill's end as of the last event: an over-estimate until the next)."""
+    def row(self, t: float) -> tuple[float, float, float, float, float, float, float, float,
+                                      float, float, float, float]:
+        """Its row of the pool's routing columns at ``t`` (sim.candidates.Row; the
+        columns in :data:`ROW_COLUMNS`' order): eps_n, pi_n, X_n(1); R_n, the decode
+        steps the requests in flight have left (the longest, as predicted when routed;
+        0 when none is in flight); q_n, mu_n, w_n; core.routing.prefill_queue of this
+        engine's exact queue (when a new prompt's prefill would start, and the step and
+        chunk it would run at; the running prefill's end as of the last event, an
+        over-estimate until the next); the prefill time per token; the batch room."""
+        n_out = self.n_out
+        left = 0.0
+        if n_out:
+            left = self.v_busy - self.v_at(t)
+            if not left > 0.0:
+                left = 0.0
         prefilling = self.prefill_rid >= 0
-        return prefill_queue(self.itl_row, self.pf_tok, self.budget, self.b + prefilling,
-                             self.nwait, self.wait_in,
-                             self.prefill_end - t if prefilling else 0.0,
-                             self.q_tok / self.n_out if self.n_out else 0.0)
+        wait, step, chunk = prefill_queue(self.itl_row, self.pf_tok, self.budget,
+                                          self.b + prefilling, self.nwait, self.wait_in,
+                                          self.prefill_end - t if prefilling else 0.0,
+                                          self.q_tok / n_out if n_out else 0.0)
+        pf_w = self.pf_w
+        return (self.marginal_eps(), self.pf_e, self.xs[1], left,
+                endpoint_queue_tokens(self.q_tok, self.wait_in, pf_w), self.mu, pf_w, wait,
+                step, chunk, self.pf_tok, self.opb - n_out)
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
@@ -515,12 +522,8 @@ class Pool:
         outstanding requests, eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, the prefill
         queue, the prefill time per token and the batch room."""
         pos = inst.pos
-        n_out = inst.n_out
-        self.out[pos] = n_out
-        wait, step, chunk = inst.prefill_queue(t)
-        row = (inst.marginal_eps(), inst.pf_e, inst.xs[1], inst.steps_left(t),
-               endpoint_queue_tokens(inst.q_tok, inst.wait_in, inst.pf_w), inst.mu,
-               inst.pf_w, wait, step, chunk, inst.pf_tok, inst.opb - n_out)
+        self.out[pos] = inst.n_out
+        row = inst.row(t)
         if self.index is not None:
             self.index.put(pos, row)
             self.dirty.add(pos)
