@@ -94,16 +94,15 @@ class CandidateIndex:
         """Row ``pos`` of the pool's columns now holds ``row``."""
         placed = self.placed
         old = placed.get(pos)
-        if old is not None:  # take it out of where it was
+        if old is not None:  # take it out of where it was (each row hashed once)
             if type(old) is tuple:
                 rows = self.groups[old[0]]
-                same = rows[old[1]]
-                if len(same) == 1:
-                    del rows[old[1]]
-                    if not rows:
-                        del self.groups[old[0]]
-                else:
+                same = rows.pop(old[1])
+                if len(same) > 1:
                     same.remove(pos)
+                    rows[old[1]] = same
+                elif not rows:
+                    del self.groups[old[0]]
             elif old == _ODD:
                 self.odd -= 1
         self.rows[pos] = row
@@ -119,10 +118,9 @@ class CandidateIndex:
             if group is None:
                 self.groups[key] = {row: [pos]}
             else:
-                equal = group.get(row)
-                if equal is None:
-                    group[row] = [pos]
-                else:
+                alone = [pos]
+                equal = group.setdefault(row, alone)
+                if equal is not alone:
                     insort(equal, pos)
             placed[pos] = (key, row)
 
