@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from joulepool.core.batching import (
@@ -9,6 +10,7 @@ from joulepool.core.batching import (
     prefill_chunk_tokens,
     prefill_steps,
     prefill_time_s,
+    prefill_times_s,
 )
 
 
@@ -41,3 +43,18 @@ def test_prefill_time_is_own_compute_plus_one_decode_step_per_chunk() -> None:
     # nothing decoding: the prompt's compute only
     assert prefill_time_s(8192, 0, 1000.0, 0.020, 50e-6) == pytest.approx(0.050)
     assert prefill_steps(8192, 10, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prefill_times_over_an_array_equal_the_scalar_ones(seed: int) -> None:
+    """The planner's vectorised form gives :func:`prefill_time_s` prompt by prompt, on
+    random budgets, batches (idle, budget used up, normal) and prompts (empty ones too)."""
+    rng = np.random.default_rng(seed)
+    prompts = np.concatenate([[0.0, 1.0, 0.5], rng.lognormal(6.0, 1.5, 997)])
+    for budget, batch in [(8192.0, 0.0), (8192.0, 8192.5), (2048.0, 2047.5),
+                          (float(rng.uniform(512, 16384)), float(rng.uniform(0.5, 256)))]:
+        decode_s, per_token = float(rng.uniform(0.005, 0.1)), float(rng.uniform(1e-5, 1e-3))
+        got = prefill_times_s(budget, batch, prompts, decode_s, per_token)
+        want = np.array([prefill_time_s(budget, batch, float(p), decode_s, per_token)
+                         for p in prompts])
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0.0)

@@ -14,6 +14,8 @@ from joulepool.core.problem import (
     ServiceClass,
     build_problem,
     node_from_label,
+    PromptTailMiss,
+    prompt_prefill_s,
     prompt_tail_miss,
 )
 from joulepool.core.profiles import DEFAULT_HEADROOM, DEFAULT_PROFILES, find_profile
@@ -203,3 +205,50 @@ def test_misses_no_mode_can_avoid_are_not_charged() -> None:
     built = build_problem([cls], [H100, A100], [PlanNode("n", "s", "H100", 8)], _profile,
                           step_s=300.0, alpha=1.0, objective="energy")
     assert built.problem.capacity_rps[0, 0] > 0 and built.problem.capacity_rps[0, 1] > 0
+
+
+def _tail_miss_one_prompt_at_a_time(service: list[float], ttft: float, rate: float) -> float:
+    """prompt_tail_miss's formula in plain Python, prompt by prompt (the reference)."""
+    n = len(service)
+    mean_s = sum(service) / n
+    rho = rate * mean_s
+    if rho >= 1.0:
+        return 1.0
+    if rho <= 0.0:
+        return sum(1 for x in service if x >= ttft) / n
+    wait_mean = sum(x * x for x in service) / n / (2.0 * mean_s * (1.0 - rho))
+    return sum(1.0 if x >= ttft else rho * math.exp(-(ttft - x) / wait_mean)
+               for x in service) / n
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prompt_tail_miss_vectorised_equals_the_prompt_by_prompt_formula(seed: int) -> None:
+    """On random prefill times, TTFTs and rates (idle, loaded, saturated): the numpy
+    forms (prompt_tail_miss, and PromptTailMiss evaluated rate by rate as the planner's
+    search does) equal the plain formula to 1e-12, and each other exactly."""
+    rng = np.random.default_rng(seed)
+    service = rng.lognormal(-2.0, 1.0, 1000)
+    ttft = float(rng.uniform(0.2, 2.0))
+    curve = PromptTailMiss(service, ttft)
+    for rate in [0.0, *rng.uniform(0.0, 1.2 / service.mean(), 30)]:
+        want = _tail_miss_one_prompt_at_a_time(service.tolist(), ttft, float(rate))
+        got = prompt_tail_miss(service, ttft, float(rate))
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+        assert curve(float(rate)) == got
+
+
+def test_prompt_prefill_times_equal_the_scalar_step_model() -> None:
+    """prompt_prefill_s (one numpy pass) gives core.batching.prefill_time_s of each
+    prompt point on a real profile, at a few batches."""
+    from joulepool.core.batching import prefill_time_s
+    from joulepool.core.profiles import default_batched_tokens
+
+    prof = find_profile("A100", "llama-3.1-8b")
+    assert prof is not None
+    prompts = PromptLengths.from_samples(np.random.default_rng(3).lognormal(6.5, 1.2, 5000))
+    budget = float(default_batched_tokens(prof.product))
+    for batch in (0.0, 1.0, 17.5, 256.0):
+        decode_s, per_token = float(prof.itl_s(max(batch, 1.0))), float(prof.prefill_s(1.0))
+        want = [prefill_time_s(budget, batch, p, decode_s, per_token) for p in prompts.tokens]
+        np.testing.assert_allclose(prompt_prefill_s(prof, prompts, batch), want,
+                                   rtol=1e-12, atol=0.0)

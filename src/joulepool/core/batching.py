@@ -6,10 +6,14 @@ prompt is being prefilled, a chunk of that prompt: what is left of the token bud
 (``sim/instance.py``) times every step with these functions and the serving model
 (:meth:`joulepool.core.profiles.ServingProfile.serving_point`) sizes instances with
 them, so the two cannot drift apart. Scalar and allocation-light: the simulator calls
-them once per engine event.
+them once per engine event; :func:`prefill_times_s` is :func:`prefill_time_s` over an
+array of prompts (the planner's prompt-length points).
 """
 
 from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
 
 
 def prefill_chunk_tokens(budget_tokens: float, batch: float, prompt_tokens: float) -> float:
@@ -59,3 +63,21 @@ def prefill_time_s(budget_tokens: float, batch: float, prompt_tokens: float,
     if batch <= 0.0:
         return own
     return own + decode_s * prefill_steps(budget_tokens, batch, prompt_tokens)
+
+
+def prefill_times_s(budget_tokens: float, batch: float, prompt_tokens: npt.ArrayLike,
+                    decode_s: float, prefill_s_per_token: float) -> npt.NDArray[np.float64]:
+    """:func:`prefill_time_s` (seconds) of each of ``prompt_tokens`` (tokens), in one
+    numpy pass: the same operations per prompt, so the same values (the planner's
+    thousand prompt-length points per class and mode, where a Python loop dominated
+    building the problem)."""
+    prompts = np.asarray(prompt_tokens, dtype=np.float64)
+    own = prompts * prefill_s_per_token
+    if batch <= 0.0:
+        return own
+    chunk = float(budget_tokens - batch)  # prefill_chunk_tokens, prompt by prompt
+    chunks = np.where(chunk > prompts, prompts, 1.0 if chunk < 1.0 else chunk)
+    # prefill_steps: 0 for an empty prompt (NaN stays NaN, as the scalar form)
+    steps = np.divide(prompts, chunks, out=np.zeros_like(prompts), where=~(prompts <= 0.0))
+    out: npt.NDArray[np.float64] = own + decode_s * steps
+    return out

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.batching import prefill_time_s
+from joulepool.core.batching import prefill_times_s
 from joulepool.core.classes import PromptLengths
 from joulepool.core.planner import Mode, Objective, PlanNode, PlanProblem
 from joulepool.core.profiles import (
@@ -95,8 +95,7 @@ def prompt_prefill_s(profile: ServingProfile, prompts: PromptLengths,
     budget = float(default_batched_tokens(profile.product))
     decode_s = float(profile.itl_s(max(batch, 1.0)))
     per_token = float(profile.prefill_s(1.0))
-    return np.array([prefill_time_s(budget, batch, p, decode_s, per_token)
-                     for p in prompts.tokens], dtype=np.float64)
+    return prefill_times_s(budget, batch, prompts.array(), decode_s, per_token)
 
 
 def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float) -> float:
@@ -110,32 +109,49 @@ def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float) -
     the TTFT misses whatever the wait; otherwise it misses with
     rho exp(-(T - S_i) / that mean). 1.0 when rho >= 1.
     """
-    s = np.asarray(service_s, dtype=np.float64)
-    own = s >= ttft_s
-    mean_s = float(s.mean())
-    rho = rate_rps * mean_s
-    if rho >= 1.0:
-        return 1.0
-    if rho <= 0.0 or mean_s <= 0.0:
-        return float(own.mean())
-    wait_mean = float((s * s).mean()) / (2.0 * mean_s * (1.0 - rho))
-    slack = np.where(own, 0.0, ttft_s - s)
-    tail = np.where(own, 1.0, rho * np.exp(-slack / wait_mean))
-    return float(tail.mean())
+    return PromptTailMiss(service_s, ttft_s)(rate_rps)
+
+
+class PromptTailMiss:
+    """:func:`prompt_tail_miss` of one class on one mode as a function of the rate
+    (req/s): what does not depend on the rate (E[S], E[S^2], each prompt's slack) is
+    computed once, so the planner's search for the largest rate within the miss budget
+    pays only the rate's part per evaluation. The same operations as before on the
+    same values, so the same shares bit for bit."""
+
+    def __init__(self, service_s: npt.ArrayLike, ttft_s: float) -> None:
+        s = np.asarray(service_s, dtype=np.float64)
+        self._own = s >= ttft_s
+        self._mean_s = float(s.mean())
+        self._own_share = float(self._own.mean())
+        self._mean_s2 = float((s * s).mean())
+        self._slack = np.where(self._own, 0.0, ttft_s - s)
+
+    def __call__(self, rate_rps: float) -> float:
+        """The share of requests missing the TTFT at ``rate_rps`` req/s, 0..1."""
+        rho = rate_rps * self._mean_s
+        if rho >= 1.0:
+            return 1.0
+        if rho <= 0.0 or self._mean_s <= 0.0:
+            return self._own_share
+        wait_mean = self._mean_s2 / (2.0 * self._mean_s * (1.0 - rho))
+        tail = np.where(self._own, 1.0, rho * np.exp(-self._slack / wait_mean))
+        return float(tail.mean())
 
 
 def _tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
                max_rps: float) -> float:
     """The largest rate <= ``max_rps`` at which :func:`prompt_tail_miss` <= ``budget``
     (it grows with the rate); 0 when even an idle instance misses more."""
-    if prompt_tail_miss(service_s, ttft_s, 0.0) > budget:
+    miss = PromptTailMiss(service_s, ttft_s)
+    if miss(0.0) > budget:
         return 0.0
-    if prompt_tail_miss(service_s, ttft_s, max_rps) <= budget:
+    if miss(max_rps) <= budget:
         return max_rps
     lo, hi = 0.0, max_rps
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if prompt_tail_miss(service_s, ttft_s, mid) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if miss(mid) <= budget else (lo, mid)
         if hi - lo <= 1e-7 * hi:
             break
     return lo
