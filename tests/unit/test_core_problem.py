@@ -11,10 +11,10 @@ from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.core.classes import PromptLengths
 from joulepool.core.planner import Mode, PlanNode
 from joulepool.core.problem import (
+    PromptTailMiss,
     ServiceClass,
     build_problem,
     node_from_label,
-    PromptTailMiss,
     prompt_prefill_s,
     prompt_tail_miss,
 )
