@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+# re-exported: an agent's entry older than this is ignored (api.models, the contract)
+from joulepool.api.models import OBSERVED_MAX_AGE_S as OBSERVED_MAX_AGE_S
 from joulepool.api.models import (
     AssignmentStatus,
     EnergyPolicySpec,
@@ -96,8 +98,6 @@ def _objective(pools: Sequence[InferencePool], policy: EnergyPolicySpec) -> str:
 
 #: observed prompt lengths count once the node agents' fresh entries hold this many prompts
 MIN_OBSERVED_PROMPTS = 200
-#: an agent's entry older than this is ignored (it publishes about once a minute)
-OBSERVED_MAX_AGE_S = 900.0
 
 
 def observed_prompt_lengths(

@@ -256,3 +256,19 @@ def test_the_publisher_remembers_only_the_pools_still_inside_their_interval():
         t[0] += 30.0
     assert len(pub._last) <= 2
     assert not pub.due("default.p49") and pub.due("default.p0")
+
+
+def test_a_long_publish_interval_still_keeps_the_nodes_entry_fresh_for_the_operator():
+    """--publish-interval also paces GPUProfile updates and may be long; a pool's entry is
+    still rewritten within a third of the age after which the operator ignores it."""
+    from joulepool.pooling import OBSERVED_MAX_AGE_S
+
+    api = FakePools({("default", "chat"): {"metadata": {"name": "chat",
+                                                        "resourceVersion": "1"}}})
+    t = [0.0]
+    pub = PoolPromptPublisher(api, now=lambda: NOW, min_interval_s=3600.0,
+                              monotonic=lambda: t[0])
+    c = PromptCounts("default.chat", "n1", BOUNDS, tuple(counts(LONG)))
+    assert pub.publish(c)
+    t[0] += OBSERVED_MAX_AGE_S / 3.0
+    assert pub.publish(c) and len(api.patches) == 2

@@ -249,6 +249,11 @@ class AssignmentStatus(_Model):
     instances: int = Field(ge=0, description="serving instances on the node")
 
 
+#: seconds after its ``updatedAt`` an ObservedPromptLengths entry stops counting: the
+#: operator plans without it and node agents drop other nodes' older entries
+OBSERVED_MAX_AGE_S = 900.0
+
+
 class ObservedPromptLengths(_Model):
     """One node's count of the prompt lengths its engines of the pool served, by bucket
     (the engines' prompt-length histograms summed), written by the node agent."""

@@ -20,7 +20,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from joulepool.api.contract import GPUPROFILES, INFERENCEPOOLS
-from joulepool.api.models import GROUP, VERSION, MeasuredProfile, ObservedPromptLengths
+from joulepool.api.models import (
+    GROUP,
+    OBSERVED_MAX_AGE_S,
+    VERSION,
+    MeasuredProfile,
+    ObservedPromptLengths,
+)
 from joulepool.core.profiles import product_for_label
 from joulepool.nodeagent.background import API_TIMEOUT
 
@@ -241,16 +247,19 @@ class PoolPromptPublisher:
     once per ``min_interval_s`` per pool, with the object's ``resourceVersion`` (a 409 is
     retried at the next opportunity), as :class:`KubeProfilePublisher` does for
     GPUProfiles; other nodes' entries older than ``max_age_s`` are dropped and the list
-    is capped. The operator plans with them (docs/planner.md, "Prompt-length tail")."""
+    is capped. The operator plans with them (docs/planner.md, "Prompt-length tail").
+    The interval is at most a third of ``max_age_s`` (default: the operator's
+    ``OBSERVED_MAX_AGE_S``), so a node's entry stays fresh across a missed write
+    whatever ``--publish-interval`` the GPUProfile updates use."""
 
     def __init__(self, api: Any | None = None,
                  now: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 min_interval_s: float = 60.0, max_age_s: float = 900.0,
+                 min_interval_s: float = 60.0, max_age_s: float = OBSERVED_MAX_AGE_S,
                  max_entries: int = 64,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self._api = api
         self.now = now
-        self.min_interval_s = min_interval_s
+        self.min_interval_s = min(min_interval_s, max_age_s / 3.0)
         self.monotonic = monotonic
         self.max_age_s = max_age_s
         self.max_entries = max_entries

@@ -117,7 +117,9 @@ class NodeAgentSettings(ComponentSettings):
     kubernetes: Literal["auto", "on", "off"] = setting(
         "auto", "use the Kubernetes API (auto: when running in a cluster)", group=ENGINES)
     publish_interval: float = setting(
-        60.0, "minimum seconds between GPUProfile status updates per product/model",
+        60.0, "minimum seconds between GPUProfile status updates per product/model, and "
+        "between updates of a pool's observed prompt lengths (for those capped at 300 s: "
+        "the operator ignores entries older than 900 s)",
         group=ENGINES, gt=0)
     publish: bool = setting(
         True, "publish J/token estimates to GPUProfile status (needs the Kubernetes API)",
