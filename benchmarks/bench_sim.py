@@ -1,12 +1,14 @@
 """Simulator speed: simulated requests per wall-clock second, per policy, default scale.
 
     python benchmarks/bench_sim.py [--runs 3] [--policies all] [--cluster joulesched-320]
-                                   [--duration S] [--check] [--against GIT_REF]
+                                   [--duration S] [--check]
+                                   [--against GIT_REF | --baseline-src DIR]
 
 Default scale is what ``joulepool simulate`` runs with no arguments: the
 joulesched-320 cluster (320 GPUs, llama-3.1-8b), the bundled Azure 2023
-conversation trace as a non-homogeneous Poisson process at 0.8 x the
-round-robin-stable rate (about 270 req/s), 600 simulated seconds, seed 0.
+conversation trace as a non-homogeneous Poisson process at the cluster's
+default load (half its capacity at SLO: about 570 req/s), 600 simulated
+seconds, seed 0.
 Each policy runs ``--runs`` times in this one process, one after another;
 the figure is the median of (requests simulated / wall seconds of the
 engine run). Workload generation, planning and the energy floor are done
@@ -30,6 +32,8 @@ order flipping every run), so both see the same machine load. It prints
 each side's median requests per wall-clock second and per CPU second of its
 process, and the ratios of medians (this checkout / ref); on a shared,
 loaded machine the CPU-second figures are the steadier comparison.
+``--baseline-src DIR`` does the same against the ``src`` folder of another
+checkout (e.g. a worktree with uncommitted changes), as ``bench picker`` does.
 """
 
 from __future__ import annotations
@@ -64,8 +68,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="simulated seconds (default: cluster's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="exit 1 if a policy misses target")
-    parser.add_argument("--against", metavar="GIT_REF",
-                        help="also time the simulator at GIT_REF, interleaved with this one")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--against", metavar="GIT_REF",
+                          help="also time the simulator at GIT_REF, interleaved with this one")
+    baseline.add_argument("--baseline-src", metavar="DIR", type=Path,
+                          help="also time the simulator in DIR (another checkout's src), "
+                               "interleaved with this one")
     parser.add_argument("--same-results", metavar="GIT_REF",
                         help="check every RunResult field equals GIT_REF's (no timing)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -172,17 +180,36 @@ def _ask(proc: Any, name: str) -> tuple[float, float]:
     return float(wall), float(cpu)
 
 
+def _worker_argv(argv: list[str]) -> list[str]:
+    """``argv`` less the options only the parent reads (--check, the baseline's)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--against", "--baseline-src"):
+            skip = True
+        elif a != "--check" and not a.startswith(("--against=", "--baseline-src=")):
+            out.append(a)
+    return out
+
+
 def _against(args: argparse.Namespace, argv: list[str], names: tuple[str, ...]) -> bool:
-    """Time this checkout and ``args.against`` interleaved; True if ours is below target."""
-    worker_argv = [a for a in argv if a != "--check"]
-    if "--against" in worker_argv:
-        i = worker_argv.index("--against")
-        del worker_argv[i:i + 2]
-    worker_argv = [a for a in worker_argv if not a.startswith("--against=")]
+    """Time this checkout and the baseline (``--against`` ref or ``--baseline-src``
+    folder) interleaved; True if ours is below target."""
+    worker_argv = _worker_argv(argv)
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
-        sides = {"this": REPO / "src", args.against: _extract(args.against, Path(tmp))}
+        if args.baseline_src is not None:
+            src = args.baseline_src.resolve()
+            if not (src / "joulepool").is_dir():
+                raise SystemExit(f"--baseline-src {src}: no joulepool package there")
+            ref = "baseline"
+        else:
+            ref = args.against
+            src = _extract(ref, Path(tmp))
+        sides = {"this": REPO / "src", ref: src}
         procs = {k: _spawn(src, worker_argv) for k, src in sides.items()}
-        print(f"side by side: this checkout vs {args.against}; requests "
+        print(f"side by side: this checkout vs {ref if ref != 'baseline' else src}; requests "
               + ", ".join(f"{k}={n}" for k, (_, n) in procs.items())
               + f"; runs={args.runs}; python={platform.python_version()}")
         walls: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -194,7 +221,7 @@ def _against(args: argparse.Namespace, argv: list[str], names: tuple[str, ...]) 
         for proc, _ in procs.values():
             proc.stdin.close()
             proc.wait()
-    return _report_pairs(walls, {k: n for k, (_, n) in procs.items()}, names, args.against)
+    return _report_pairs(walls, {k: n for k, (_, n) in procs.items()}, names, ref)
 
 
 def _report_pairs(times: dict[tuple[str, str], list[tuple[float, float]]],
@@ -319,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     from joulepool.sim.policies import parse_policies
 
     names = parse_policies(args.policies)
-    missed = _against(args, argv, names) if args.against else _single(args, names)
+    baseline = args.against or args.baseline_src is not None
+    missed = _against(args, argv, names) if baseline else _single(args, names)
     print(f"target: >= {TARGET_RPS:,.0f} simulated requests per wall-clock second per policy")
     return 1 if (args.check and missed) else 0
 
