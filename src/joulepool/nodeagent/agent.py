@@ -110,6 +110,7 @@ class FloorState(StrEnum):
 
     @property
     def reason(self) -> str:
+        """The state in words, for the agent's log line."""
         return {
             "applied": "applied",
             "no_histogram": "the engine publishes no prompt-length histogram "
@@ -120,6 +121,8 @@ class FloorState(StrEnum):
 
 
 def _prefill_s(profile: ServingProfile, prompt_tokens: float, clock_mhz: float) -> float:
+    """Seconds one instance of ``profile`` takes to prefill ``prompt_tokens`` at
+    ``clock_mhz`` (prefill_clock_floor's callable, with the prompt bound)."""
     return float(profile.prefill_s(prompt_tokens, clock_mhz))
 
 

@@ -123,6 +123,9 @@ class PromptWindow:
     history: deque[tuple[float, Histogram]] = field(default_factory=deque)
 
     def add(self, t: float, hist: Histogram, q: float) -> float | None:
+        """Record the scrape at ``t`` (monotonic s) of the cumulative prompt-length
+        histogram ``hist`` (tokens); the ``q``-quantile (probability) in tokens, as the
+        class docstring says."""
         if not hist.bounds:
             self.history.clear()
             return None
