@@ -272,3 +272,18 @@ def test_a_long_publish_interval_still_keeps_the_nodes_entry_fresh_for_the_opera
     assert pub.publish(c)
     t[0] += OBSERVED_MAX_AGE_S / 3.0
     assert pub.publish(c) and len(api.patches) == 2
+
+
+def test_lastplantime_holds_when_only_the_node_agents_entries_are_in_the_previous_status():
+    """After an operator restart or a conflict re-read the previous status carries the
+    agents' observedInputTokens; the plan is the same, so lastPlanTime must not move."""
+    from joulepool.operator.resources import with_times
+
+    mine = {"replicas": 2, "conditions": [{"type": "Planned", "status": "True"}],
+            "assignments": []}
+    there = {**mine, "lastPlanTime": "2026-12-07T03:00:00Z",
+             "conditions": [{"type": "Planned", "status": "True",
+                             "lastTransitionTime": "2026-12-07T03:00:00Z"}],
+             "observedInputTokens": [entry("a1", LONG).model_dump(mode="json", by_alias=True)]}
+    out = with_times({**mine, "conditions": [dict(mine["conditions"][0])]}, there, NOW)
+    assert out["lastPlanTime"] == "2026-12-07T03:00:00Z"
