@@ -138,3 +138,26 @@ def test_config_change_rolls_the_scheduler() -> None:
     key = "checksum/config"
     assert a["spec"]["template"]["metadata"]["annotations"][key] != (
         b["spec"]["template"]["metadata"]["annotations"][key])
+
+
+@pytest.mark.parametrize("http_timeout, fresh_s", [("5s", 5), ("5s", 7.5), ("2.5s", 2.5)])
+def test_fresh_reads_longer_than_the_extender_call_are_refused(http_timeout, fresh_s):
+    """The extender's re-reads must end before kube-scheduler abandons the call: helm
+    refuses freshReads.timeoutSeconds >= httpTimeout (given in seconds) with both named."""
+    import helm_python as helm
+
+    values = {"scheduler": {"extender": {"httpTimeout": http_timeout,
+                                         "freshReads": {"timeoutSeconds": fresh_s}}}}
+    with pytest.raises(helm.HelmRenderError,
+                       match=r"freshReads.timeoutSeconds .* must be below .*httpTimeout"):
+        render_raw(values)
+
+
+@pytest.mark.parametrize("http_timeout, fresh_s", [("10s", 5), ("5s", 0), ("1m", 5)])
+def test_fresh_reads_within_the_extender_call_render(http_timeout, fresh_s):
+    """Below httpTimeout, or off (0), renders; other duration forms ("1m") are not
+    compared (kube-scheduler's own parsing decides them)."""
+    values = {"scheduler": {"extender": {"httpTimeout": http_timeout,
+                                         "freshReads": {"timeoutSeconds": fresh_s}}}}
+    s = _extender_settings(Rendered(render_raw(values)))
+    assert s.fresh_read_timeout_seconds == fresh_s
