@@ -2,7 +2,7 @@
 
     joulepool bench energy [--duration S] [--min-requests N] [--jobs N] [--traces ...]
                            [--loads ...] [--clusters ...] [--slos ...] [--policies ...]
-                           [--seed N] [--json FILE]
+                           [--seed N] [--miad-period-signal] [--json FILE]
 
 Cells: {bundled Azure 2023 conversation trace, synthetic prefill-heavy
 (prompts ~2,000, responses ~30), synthetic decode-heavy (prompts ~200,
@@ -58,6 +58,7 @@ import numpy as np
 
 from joulepool.core.classes import SLO_SETS, slo_set
 from joulepool.sim.cluster import freesh_3site, joulesched_320
+from joulepool.sim.engine import EngineParams
 from joulepool.sim.report import summarise
 from joulepool.sim.runner import Experiment, run_experiment, trace_capacity
 from joulepool.sim.trace import Trace, load_trace
@@ -111,6 +112,8 @@ class Cell:
     min_requests: int
     policies: tuple[str, ...]
     seed: int
+    #: the simulator's experimental MIAD signal (EngineParams.miad_period_signal)
+    miad_period_signal: bool = False
 
 
 def cell_duration(cell: Cell, rate_rps: float) -> float:
@@ -148,7 +151,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                          f"{duration:,.0f} s (over {MAX_CELL_S:,.0f})"}
     exp = Experiment(cluster=cluster, trace=trace, duration_s=duration, arrival_mode="load",
                      arrival_value=cell.load, policies=cell.policies, seed=cell.seed, jobs=1,
-                     slos=slos)
+                     slos=slos, params=EngineParams(miad_period_signal=cell.miad_period_signal))
     res = run_experiment(exp)
     summary = summarise(res)
     rows = {p: {k: float(summary.runs[p][0][k]) for k in ROWS} for p in cell.policies}
@@ -244,6 +247,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of each cell's workload draw from its trace, the same for "
                          "every policy (default %(default)d)")
+    ap.add_argument("--miad-period-signal", action="store_true",
+                    help="the simulator's experimental MIAD signal (EngineParams."
+                         "miad_period_signal; docs/marginal-energy.md)")
     ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 
@@ -274,7 +280,8 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
     policies = tuple(parse_policies(a.policies))
     if "least-loaded" not in policies:
         policies = ("least-loaded", *policies)
-    return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed)
+    return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed,
+                 bool(getattr(a, "miad_period_signal", False)))
             for c in _split(a.clusters) for s in _split(a.slos) for t in _split(a.traces)
             for x in loads]
 

@@ -44,6 +44,23 @@ def test_uncapacitated_floor_is_idle_plus_cheapest_tokens():
     assert res.joules_per_token == pytest.approx(res.energy_j / 1e5)
 
 
+def test_floor_splits_its_dynamic_energy_into_decode_and_prefill():
+    """The split the breakdown bench compares a run with: decode + prefill = dynamic,
+    each the brute-force cheapest J/token times its tokens, and the batch it decodes
+    at the largest meeting TPOT at the cheapest clock (512 on an H100 at 150 ms)."""
+    d = FloorDemand("c", output_tokens=1e5, input_tokens=5e5, mean_input_tokens=500,
+                    ttft_s=0.6, tpot_s=0.15)
+    res = energy_floor([d], [FloorGPUs("s", "H100", 8)], [H100_8B], horizon_s=3600)
+    assert res.decode_j + res.prefill_j == pytest.approx(res.dynamic_j, rel=1e-12)
+    assert res.decode_j == pytest.approx(_brute_dynamic_j_per_token(H100_8B, 0.15) * 1e5,
+                                         rel=0.02)
+    assert res.prefill_j == pytest.approx(_brute_prefill_j_per_token(H100_8B, 500, 0.6) * 5e5,
+                                          rel=1e-9)
+    assert res.decode_batch == pytest.approx(512)
+    none = energy_floor([], [FloorGPUs("s", "A100", 3)], [A100_8B], horizon_s=10)
+    assert math.isnan(none.decode_j) and math.isnan(none.decode_batch)
+
+
 def test_floor_picks_the_cheapest_product_and_respects_capacity():
     d = FloorDemand("c", output_tokens=2e6, input_tokens=0, mean_input_tokens=100,
                     ttft_s=1.0, tpot_s=0.15)

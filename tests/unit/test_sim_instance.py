@@ -114,3 +114,18 @@ def test_marginal_eps_table_is_core_rule_at_every_load_and_clock(eps_live: bool)
             for k in range(0, carry + 5):
                 inst.n_out = k
                 assert inst.marginal_eps() == marginal_decode_j_per_token(xs, k, carry)
+
+
+def test_period_step_is_the_mean_step_every_decoding_request_saw():
+    """MIAD's TPOT signal: decoding time over tokens per request since the last call,
+    a long mixed prefill step counted for its share, not for the whole period."""
+    inst = _instance()
+    inst.b, inst.itl = 10, 0.02  # decoding: a token per 20 ms
+    inst.settle(1.0)  # 50 steps
+    inst.prefill_rid, inst.itl, inst.pf_rate = 7, 0.2, 1000.0  # one 200-ms mixed step
+    inst.settle(1.2)
+    assert inst.period_step_s(1.2) == pytest.approx(1.2 / 51)
+    inst.prefill_rid, inst.b, inst.itl = -1, 0, 0.0  # idle: nothing decoded since
+    assert inst.period_step_s(2.0) == -1.0
+    inst.b, inst.itl = 3, 0.01
+    assert inst.period_step_s(2.5) == pytest.approx(0.01)  # settles to the call's time

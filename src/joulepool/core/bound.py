@@ -90,6 +90,11 @@ class FloorResult:
     slo_relaxed: tuple[str, ...] = ()
     #: profile key -> share of the horizon's GPU-seconds the floor uses on it
     usage: dict[str, float] = field(default_factory=dict)
+    #: dynamic_j split: J above idle of the decode columns and of the prefill columns
+    decode_j: float = math.nan
+    prefill_j: float = math.nan
+    #: output-token-weighted mean decode batch of the decode columns it uses
+    decode_batch: float = math.nan
 
     @property
     def joules_per_token(self) -> float:
@@ -106,12 +111,14 @@ _BATCH_GRID = tuple(2**k for k in range(0, 11))
 
 def _decode_columns(
     p: ServingProfile, tpot_s: float, enforce: bool
-) -> tuple[FloatArray, FloatArray]:
-    """(tokens per instance-second, dynamic joules per instance-second) per column."""
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(tokens per instance-second, dynamic joules per instance-second, batch) per
+    column."""
     clocks = p.product.supported_clocks()
     max_b = int(p.max_batch.value)
     tps_cols: list[float] = []
     dyn_cols: list[float] = []
+    batch_cols: list[float] = []
     for f in clocks:
         b_star = p.best_batch(tpot_s, float(f)) if enforce else max_b
         if b_star <= 0:
@@ -121,7 +128,8 @@ def _decode_columns(
         dyn = p.power_w(batches, float(f)) - p.idle_w
         tps_cols.extend(float(v) for v in tps)
         dyn_cols.extend(float(v) for v in dyn)
-    return np.array(tps_cols), np.array(dyn_cols)
+        batch_cols.extend(float(v) for v in batches)
+    return np.array(tps_cols), np.array(dyn_cols), np.array(batch_cols)
 
 
 def _prefill_columns(
@@ -189,15 +197,20 @@ class _Columns:
         self.cols_j: list[FloatArray] = []
         self.vals: list[FloatArray] = []
         self.col_key: list[FloatArray] = []  # profile index per column (for usage)
+        self.col_kind: list[FloatArray] = []  # 0 decode, 1 prefill per column
+        self.col_batch: list[FloatArray] = []  # decode batch per column (0: prefill)
         self.n_cols = 0
 
     def add(self, ri: int, kind: int, gi: int, pi: int, p: ServingProfile,
-            tps: FloatArray, dyn: FloatArray) -> None:
+            tps: FloatArray, dyn: FloatArray, batch: FloatArray | None = None) -> None:
         """Columns of profile ``pi`` on group ``gi`` for class ``ri``'s ``kind`` (0 decode,
-        1 prefill): ``tps`` tokens and ``dyn`` dynamic J per instance-second."""
+        1 prefill): ``tps`` tokens and ``dyn`` dynamic J per instance-second (decode:
+        at ``batch``)."""
         k = tps.size
         if k == 0:
             return
+        self.col_kind.append(np.full(k, float(kind)))
+        self.col_batch.append(np.zeros(k) if batch is None else batch)
         js = np.arange(self.n_cols, self.n_cols + k, dtype=np.float64)
         self.costs.append(dyn)
         # demand row: produces tps tokens per instance-second
@@ -285,7 +298,8 @@ def energy_floor(
             for pi, p in enumerate(profiles):
                 if p.product.name != g.product:
                     continue
-                cols.add(ri, 0, gi, pi, p, *_decode_columns(p, d.tpot_s, enforce))
+                tps, dyn, batch = _decode_columns(p, d.tpot_s, enforce)
+                cols.add(ri, 0, gi, pi, p, tps, dyn, batch)
                 cols.add(ri, 1, gi, pi, p,
                          *_prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce))
     need = np.array([[d.output_tokens, d.input_tokens] for d in demands], np.float64).ravel()
@@ -310,5 +324,11 @@ def energy_floor(
     x = np.asarray(res.x)
     usage = _usage(profiles, x, cols, a, sum(g.count for g in groups) * horizon_s)
     dyn_j = float(c @ x)
+    kind = np.concatenate(cols.col_kind)
+    dec = kind == 0
+    dec_tokens = x[dec] * -np.asarray(a[: 2 * cols.R].sum(axis=0)).ravel()[dec]
+    batch = np.concatenate(cols.col_batch)[dec]
+    mean_b = float(dec_tokens @ batch / dec_tokens.sum()) if dec_tokens.sum() > 0 else math.nan
     return FloorResult(True, "optimal", idle_j + dyn_j, idle_j, dyn_j, out_total, horizon_s,
-                       tuple(relaxed), usage)
+                       tuple(relaxed), usage, decode_j=float(c[dec] @ x[dec]),
+                       prefill_j=float(c[~dec] @ x[~dec]), decode_batch=mean_b)

@@ -144,6 +144,12 @@ class EngineParams:
     kv_cache: bool = True
     #: instances the planner starts after t = 0 load their model first (time and energy)
     startup: bool = True
+    #: MIAD's TPOT signal from the period's mean step and each decoding request's
+    #: projected TPOT instead of the step running at the tick, and (JouleSched) the
+    #: first-token guard at MIAD's margin (1 - miad_margin) x TTFT: an experiment, off by
+    #: default (docs/marginal-energy.md, "Where the joules go": it cuts the headline
+    #: cell's energy but one matrix cell then misses TPOT)
+    miad_period_signal: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -290,6 +296,7 @@ class Simulator:
         "evq",
         "fallback_routes",
         "gpus",
+        "guard_keep",
         "hlog",
         "instances",
         "lam_for_pi",
@@ -426,6 +433,10 @@ class Simulator:
         self.truncated = 0  # outputs cut at the context
         self.preemptions = 0
         self.startups = 0
+        #: share of each TTFT SLO the routing guard fills: with MIAD, its margin is left
+        #: free, or the router packs first tokens into the band where MIAD raises clocks
+        self.guard_keep = (1.0 - self.prm.miad_margin
+                           if self.use_miad and self.prm.miad_period_signal else 1.0)
         self.lam_for_pi = NAN  # the PI lambda lam_tier was computed for
         self.lam_tier = (0.0, 0.0)  # effective lambda (interactive, bulk)
         self.little_area = 0.0  # integral of requests in the system over the window
@@ -621,14 +632,19 @@ class Simulator:
         (its step time, a mixed prefill step included, over the tightest TPOT SLO), as
         the node agent reads the tail of the engine's inter-token-latency histogram
         over its last seconds: a request's mean TPOT is known only when it ends, many
-        seconds after lower clocks stretched its steps, too late to keep the SLO."""
+        seconds after lower clocks stretched its steps, too late to keep the SLO. With
+        ``EngineParams.miad_period_signal`` it reads the period's mean step and each
+        decoding request's projected TPOT instead (:meth:`_period_tpot`)."""
         floor = self.tpot_floor_s
+        period = self.prm.miad_period_signal
         for inst in self.instances:
             if inst.state != ACTIVE and inst.state != DRAINING:
                 continue
             ctrl = self.controllers[inst.table.mode]
             tp = inst.tp_max
-            if inst.b and floor > 0.0 and inst.itl / floor > tp:
+            if period:
+                tp = max(tp, self._period_tpot(inst, t, floor))
+            elif inst.b and floor > 0.0 and inst.itl / floor > tp:
                 tp = inst.itl / floor
             sig = SLOSignal(
                 inst.tt_max if inst.tt_max >= 0.0 else None,
@@ -645,6 +661,44 @@ class Simulator:
                 inst.change_clock(inst.table.clocks.index(nxt), t, self.evq)
                 if inst.state == ACTIVE and inst.pos >= 0:
                     self.pools[inst.pool].set_rule(inst)
+
+    def _period_tpot(self, inst: Instance, t: float, tpot_s: float) -> float:
+        """The worst TPOT / SLO signal of ``inst`` at ``t`` (-1: none): the mean step its
+        decoding requests saw since the last MIAD step over ``tpot_s`` (a request's TPOT
+        is the mean of its steps; one long mixed step of a long prompt's chunk is a small
+        part of it), and each decoding request's projected TPOT (:meth:`_projected_tpot`)."""
+        step = inst.period_step_s(t)
+        tp = step / tpot_s if step > 0.0 and tpot_s > 0.0 else -1.0
+        if inst.b:
+            worst = self._projected_tpot(inst, t, step if step > 0.0 else inst.itl)
+            if worst > tp:
+                tp = worst
+        return tp
+
+    def _projected_tpot(self, inst: Instance, t: float, step_s: float) -> float:
+        """The worst TPOT / SLO the requests decoding on ``inst`` (settled at ``t``) are
+        heading for: each one's time since its first token plus its predicted tokens left
+        at ``step_s`` per token, over its predicted tokens after the first. A request's
+        TPOT is the mean of its own steps: a short response that sat through a long
+        prompt's mixed step needs the rest of its steps faster, which the batch's mean
+        step time does not show."""
+        req = self.req
+        first, pred, pf_len, tpot = req.t_first, req.predicted, req.pf_len, req.tpot_slo
+        v = inst.V
+        kv_of = inst.kv_of
+        worst = -1.0
+        for _, rid in inst.heap:
+            done = v - (pf_len[rid] - kv_of[rid])  # tokens since it joined the batch
+            after_first = pred[rid] - 1.0
+            if after_first < done:
+                after_first = done
+            if after_first < 1.0:
+                continue
+            left = after_first - done
+            r = (t - first[rid] + left * step_s) / after_first / tpot[rid]
+            if r > worst:
+                worst = r
+        return worst
 
     def _pi_step(self, t: float) -> None:
         """JouleSched's PI lambda from the deadline-miss ratio of the period's completions."""
@@ -720,7 +774,7 @@ class Simulator:
                                  effective_lambda(lam, Tier.BULK))
             info = RequestInfo(req.predicted[rid], req.input[rid], req.predicted[rid],
                                req.route_deadline[rid], self.lam_tier[req.bulk[rid]],
-                               False, req.ttft_slo[rid])
+                               False, req.ttft_slo[rid] * self.guard_keep)
             if pool.index is not None:  # the rule's choice from a few candidates
                 best = pool.index.best(info, pool.first_token_endpoints)
                 if best is not None:

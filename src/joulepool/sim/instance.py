@@ -72,6 +72,7 @@ class Instance:
         "clock_floor",
         "cls",
         "dec_end",
+        "dec_t",
         "energy",
         "eps",
         "eps_k",
@@ -92,6 +93,8 @@ class Instance:
         "llf",
         "max_len",
         "maxb",
+        "miad_dec_t",
+        "miad_v",
         "mu",
         "n_out",
         "node",
@@ -152,6 +155,9 @@ class Instance:
         self.last_t = 0.0  # s, when energy, V and busy time were last settled
         self.energy = 0.0  # J drawn since activation (all its GPUs)
         self.busy_t = 0.0  # s spent prefilling or decoding
+        self.dec_t = 0.0  # s spent decoding (mixed prefill-and-decode steps included)
+        self.miad_v = 0.0  # V at the last MIAD step
+        self.miad_dec_t = 0.0  # dec_t at the last MIAD step
         self.heap: list[tuple[float, int]] = []
         self.llf = llf
         self.waiting: Any = LLFQueue() if llf else deque()
@@ -271,10 +277,23 @@ class Instance:
                 self.busy_t += dt
                 if self.itl > 0.0:
                     self.V += dt / self.itl
+                    self.dec_t += dt
             elif self.itl > 0.0:
                 self.V += dt / self.itl
                 self.busy_t += dt
+                self.dec_t += dt
             self.last_t = t
+
+    def period_step_s(self, t: float) -> float:
+        """Mean decode step time (s per token of each decoding request, mixed steps
+        included) since the last call, settled to ``t``; -1 when nothing decoded. This is
+        what every request decoding in the period saw per token: the TPOT it accrued."""
+        self.settle(t)
+        dv = self.V - self.miad_v
+        dd = self.dec_t - self.miad_dec_t
+        self.miad_v = self.V
+        self.miad_dec_t = self.dec_t
+        return dd / dv if dv > 1e-9 else -1.0
 
     def retime(self, t: float, evq: list[tuple[float, int, int]]) -> None:
         """After a change at ``t``: draw and step time for what it does now (a mixed

@@ -1,0 +1,53 @@
+"""``joulepool bench breakdown``: the split of a run's window energy adds up to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+from bench_helpers import load_bench
+from sim_helpers import cluster
+
+from joulepool.sim.runner import Experiment
+from joulepool.sim.trace import load_trace
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    yield from load_bench("bench_breakdown.py")
+
+
+@pytest.mark.parametrize("policy", ["least-loaded", "combined"])
+def test_split_sums_to_the_runs_window_energy(bench: ModuleType, policy: str) -> None:
+    cl = cluster([("h", "H100", 4), ("a", "A100", 2), ("l", "L4", 2)])
+    exp = Experiment(cluster=cl, trace=load_trace(), duration_s=60.0, arrival_mode="rate",
+                     arrival_value=12.0, policies=(policy,), seed=1)
+    res, splits = bench.breakdown(exp)
+    run = res.runs[policy][0]
+    split = splits[policy]
+    parts = split["energy_j"]
+    # idle_free is the rest by construction: check each part against what the run saw
+    assert parts["idle_free"] >= 0.0 and parts["idle_on"] > 0.0
+    assert sum(parts.values()) == pytest.approx(run.energy_j, rel=1e-9)
+    decode_tokens = sum(v[1] for v in split["decode_by_batch"].values())
+    assert decode_tokens == pytest.approx(split["decode_tokens"])
+    # tokens decoded in the window: every request's first token comes with its prefill
+    assert split["decode_tokens"] <= run.tokens_in_window + 1e-6
+    assert split["decode_tokens"] > 0.5 * run.tokens_in_window
+    assert split["prefill_tokens"] > 0.0 and parts["prefill"] > 0.0
+    assert sum(v[0] for v in split["decode_by_batch"].values()) == pytest.approx(
+        parts["decode"])
+    # the GPUs' idle power over the window is all paid, by free GPUs or by instances
+    idle_w = sum(cl.idle_w(n.product) * n.gpus for n in cl.nodes)
+    assert parts["idle_free"] + parts["idle_on"] + parts["startup"] == pytest.approx(
+        idle_w * 60.0, rel=1e-6) or parts["startup"] > 0.0
+    text = bench.render(res, splits)
+    assert "energy floor" in text and policy in text
+
+
+def test_cli_refuses_a_non_positive_load(bench: ModuleType, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--load", "0"])
+    assert e.value.code == 2
+    assert "--load and --duration must be positive" in capsys.readouterr().err
