@@ -181,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="window, s (default 60)")
     ap.add_argument("--policies", default="least-loaded,combined")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--miad-period-signal", action="store_true",
-                    help="the simulator's experimental MIAD signal "
-                         "(EngineParams.miad_period_signal)")
+    ap.add_argument("--miad-period-signal", action=argparse.BooleanOptionalAction,
+                    default=True,
+                    help="the simulator's MIAD period signal "
+                         "(EngineParams.miad_period_signal, on by default)")
     args = ap.parse_args(argv)
     if not args.load > 0 or not args.duration > 0:
         ap.error("--load and --duration must be positive")

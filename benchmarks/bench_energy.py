@@ -2,7 +2,7 @@
 
     joulepool bench energy [--duration S] [--min-requests N] [--jobs N] [--traces ...]
                            [--loads ...] [--clusters ...] [--slos ...] [--policies ...]
-                           [--seed N] [--miad-period-signal] [--json FILE]
+                           [--seed N] [--no-miad-period-signal] [--json FILE]
 
 Cells: {bundled Azure 2023 conversation trace, synthetic prefill-heavy
 (prompts ~2,000, responses ~30), synthetic decode-heavy (prompts ~200,
@@ -112,8 +112,8 @@ class Cell:
     min_requests: int
     policies: tuple[str, ...]
     seed: int
-    #: the simulator's experimental MIAD signal (EngineParams.miad_period_signal)
-    miad_period_signal: bool = False
+    #: the simulator's MIAD period signal (EngineParams.miad_period_signal)
+    miad_period_signal: bool = True
 
 
 def cell_duration(cell: Cell, rate_rps: float) -> float:
@@ -247,9 +247,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of each cell's workload draw from its trace, the same for "
                          "every policy (default %(default)d)")
-    ap.add_argument("--miad-period-signal", action="store_true",
-                    help="the simulator's experimental MIAD signal (EngineParams."
-                         "miad_period_signal; docs/marginal-energy.md)")
+    ap.add_argument("--miad-period-signal", action=argparse.BooleanOptionalAction,
+                    default=True,
+                    help="the simulator's MIAD period signal (EngineParams."
+                         "miad_period_signal, on by default; docs/marginal-energy.md)")
     ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 
@@ -281,7 +282,7 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
     if "least-loaded" not in policies:
         policies = ("least-loaded", *policies)
     return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed,
-                 bool(getattr(a, "miad_period_signal", False)))
+                 bool(getattr(a, "miad_period_signal", True)))
             for c in _split(a.clusters) for s in _split(a.slos) for t in _split(a.traces)
             for x in loads]
 

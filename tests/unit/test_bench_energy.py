@@ -58,10 +58,10 @@ def test_the_default_matrix(bench):
     # least-loaded is always run: it is the reference of the iso-SLO test
     one = bench.cells_from(bench._parse(["--policies", "combined"]))
     assert one[0].policies == ("least-loaded", "combined")
-    # the simulator's experimental MIAD signal is off unless asked for
-    assert not any(c.miad_period_signal for c in cells)
-    on = bench.cells_from(bench._parse(["--miad-period-signal"]))
-    assert all(c.miad_period_signal for c in on)
+    # the simulator's MIAD period signal is on unless turned off
+    assert all(c.miad_period_signal for c in cells)
+    off = bench.cells_from(bench._parse(["--no-miad-period-signal"]))
+    assert not any(c.miad_period_signal for c in off)
 
 
 def test_cell_duration_holds_the_minimum_request_count(bench):

@@ -9,6 +9,7 @@ import pytest
 
 from joulepool.core.routing import (
     first_token_s,
+    overflow_rank,
     rank_endpoints,
     score_endpoints,
     slo_infeasible,
@@ -72,6 +73,32 @@ def test_joulesched_profile_is_core_routing_rule() -> None:
             # among the late ones, the soonest first token first (least-loaded's choice)
             rest = got[len(feasible):]
             assert [first[i] for i in rest] == sorted(first[i] for i in rest)
+
+
+def test_overflow_goes_where_the_batch_keeps_tpot_then_least_loaded() -> None:
+    """Nobody keeps the SLO (every batch past b*): the request goes to an endpoint whose
+    batch still meets TPOT (outstanding + 1 <= tpot_batch) before the soonest first
+    token on a batch past it; when none can, to least-loaded's choice."""
+    prof = routing_profile("joulesched")
+    # endpoint 0: fastest prefill, 240 in flight, TPOT batch 100 (the pile-on)
+    st = _state(3, eps_j_per_token=[0.1, 0.3, 0.3], tps=[2000.0, 500.0, 500.0],
+                prefill_s_per_token=[2e-5, 1e-4, 1e-4], batch_room=[-193.0, 0.0, -1.0],
+                outstanding=[240.0, 4.0, 5.0], tpot_batch=[100.0, 10.0, 5.0],
+                inv_capacity=[0.05, 0.25, 0.25])
+    req = REQ._replace(input_tokens=1000.0, ttft_slo_s=0.3)
+    got, scores = prof.pick(req, st, 3)
+    assert scores.late is not None and scores.late.all()
+    assert scores.first_token_s is not None and scores.first_token_s.argmin() == 0
+    assert got == [1, 0, 2]  # within TPOT first, then the soonest first token
+    assert overflow_rank(st.outstanding, st.tpot_batch, st.inv_capacity).tolist() == [
+        1.0, 0.0, 1.0]
+    # no batch can take it within TPOT: (outstanding + 1) x 1 / capacity, as least-loaded
+    st.tpot_batch[:] = [100.0, 4.0, 5.0]
+    assert prof.pick(req, st, 3)[0] == [1, 2, 0]
+    assert prof.pick(req, st, 1)[0] == routing_profile("least-loaded").pick(req, st, 1)[0]
+    # unknown TPOT batches (inf, the default): the soonest first token, as before
+    st.tpot_batch[:] = np.inf
+    assert prof.pick(req, st, 1)[0] == [0]
 
 
 def test_least_loaded_fewest_outstanding_per_capacity_first_on_ties() -> None:

@@ -48,10 +48,18 @@ def _row(rng: np.random.Generator, odd: float) -> tuple[float, ...]:
     return tuple(row)
 
 
-def _state(rows: list[tuple[float, ...]]) -> EndpointState:
+def _state(rows: list[tuple[float, ...]],
+           rng: np.random.Generator | None = None) -> EndpointState:
+    """The rows' columns; with ``rng`` also random overflow_rank inputs (outstanding
+    requests, TPOT batch, 1 / capacity: columns the index reads, not in its rows)."""
     st = EndpointState(len(rows))
     for j, name in enumerate(COLUMNS):
         getattr(st, name)[:] = [r[j] for r in rows]
+    if rng is not None:
+        n = len(rows)
+        st.outstanding[:] = rng.choice([0.0, 3.0, 8.0, 40.0], n)
+        st.tpot_batch[:] = rng.choice([4.0, 9.0, 50.0, math.inf], n)
+        st.inv_capacity[:] = rng.choice([0.1, 0.25, 1.0], n)
     return st
 
 
@@ -78,7 +86,7 @@ def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
             if rng.random() < 0.3:
                 index.put(int(pos), _row(rng, odd))
             index.put(int(pos), rows[pos])
-        st = _state(rows)
+        st = _state(rows, rng)
         profile = routing_profile("joulesched")
         for _ in range(5):
             r = _request(rng)

@@ -318,6 +318,7 @@ class PoolRouter:
         self.state.prefill_weight[i] = m.weight
         self.max_batch[i] = m.max_batch
         self.op_batch[i] = m.batch_limit
+        self.state.tpot_batch[i] = m.tpot_batch_limit
         self.prefill_s[i] = m.prefill_s_per_token
 
     def _refresh(self, i: int) -> None:

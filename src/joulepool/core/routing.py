@@ -423,9 +423,31 @@ def endpoint_late(wait_s: float, step_s: float, chunk_tokens: float,
     return first > ttft_slo_s or batch_room < 1.0
 
 
+def overflow_rank(outstanding: npt.ArrayLike, tpot_batch: npt.ArrayLike,
+                  inv_capacity: npt.ArrayLike) -> FloatArray:
+    """Where a request goes when no endpoint is predicted to keep its SLO: a key per
+    endpoint, lower first (:func:`rank_endpoints` breaks ties by the first token).
+
+    While some endpoint can take it within its TPOT batch (``outstanding`` + 1 <=
+    ``tpot_batch``: :func:`sustainable_batch` without a TTFT bound, prefill mixed into
+    the decode steps included; late for the first token or for its TTFT-bound b*, but
+    every request's TPOT in time), those rank first (0)
+    and the others after (1): a late first token costs that one request, a batch past
+    what meets TPOT stretches the step of every request in it. When none can, least-loaded's
+    score ``(outstanding + 1) x inv_capacity`` (1 / req/s the endpoint sustains): the
+    overflow spreads in proportion to what each endpoint serves within the SLO, as
+    least-loaded routing would send it, instead of piling onto the fastest prefill."""
+    joined = np.add(outstanding, 1.0)
+    within = np.less_equal(joined, tpot_batch)
+    if within.any():
+        return float_array(np.logical_not(within))
+    return float_array(np.multiply(joined, inv_capacity))
+
+
 def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False,
                    late: npt.NDArray[np.bool_] | None = None,
-                   first_token: npt.ArrayLike | None = None) -> list[int]:
+                   first_token: npt.ArrayLike | None = None,
+                   overflow: npt.ArrayLike | None = None) -> list[int]:
     """The ``k`` best endpoint indices, best first: lowest cost, then lowest ETA, then
     lowest index (deterministic).
 
@@ -435,8 +457,9 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
     predicted to miss it; cost, ETA and index order within each group, except that
     with ``first_token``
     (predicted first-token delays, :func:`first_token_s`) the marked ones rank by
-    the earliest first token: when no endpoint keeps the SLO the request goes where
-    least-loaded routing would send it, the one that serves it soonest. Endpoints
+    the earliest first token, and with ``overflow`` (:func:`overflow_rank`) by it first:
+    when no endpoint keeps the SLO the request goes where least-loaded routing would
+    send it, the one that serves it soonest among those least overloaded. Endpoints
     with a NaN or infinite cost (cannot serve) are left out.
     """
     cost = float_array(breakdown.cost)
@@ -461,6 +484,8 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
     if late is not None and late.any():
         if first_token is not None:  # the late group: soonest first token
             keys[1] = np.where(late, float_array(first_token), cost)
+        if overflow is not None:  # the late group: least overloaded before that
+            keys.insert(2, np.where(late, float_array(overflow), 0.0))
         if not late.all():
             keys.append(late)
     if over is not None and over.any() and not over.all():
@@ -519,6 +544,9 @@ class EndpointModel:
     itl: FloatArray | None = None
     #: the engine's token budget per step (vLLM's max_num_batched_tokens)
     budget_tokens: float = math.inf
+    #: requests it carries at once within TPOT whatever the first token
+    #: (:func:`sustainable_batch` without a TTFT bound); 0: the operating batch
+    tpot_carry: int = 0
 
     @classmethod
     def from_profile(
@@ -540,11 +568,15 @@ class EndpointModel:
         pf = float(profile.prefill_s(1.0, clock_mhz))
         pi = float(prefill_excess_j_per_token(float(profile.prefill_power_w(clock_mhz)),
                                         profile.idle_w, pf))
-        carry = 0 if serving is None else sustainable_batch(
-            profile, serving[0], serving[1], serving[2], tpot_slo_s, clock_mhz)
+        carry = tpot_carry = 0
+        if serving is not None:
+            carry = sustainable_batch(profile, serving[0], serving[1], serving[2],
+                                      tpot_slo_s, clock_mhz)
+            tpot_carry = sustainable_batch(profile, serving[0], serving[1], math.inf,
+                                           tpot_slo_s, clock_mhz)
         itl = np.asarray(profile.itl_s(b, clock_mhz), dtype=np.float64)
         return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry, itl,
-                   float(default_batched_tokens(profile.product)))
+                   float(default_batched_tokens(profile.product)), tpot_carry)
 
     @classmethod
     def constant(cls, eps: float, tps: float) -> EndpointModel:
@@ -590,6 +622,16 @@ class EndpointModel:
         if self.excess is None:
             return math.inf
         return float(self.carry_batch)
+
+    @property
+    def tpot_batch_limit(self) -> float:
+        """Requests it carries at once within TPOT whatever the first token
+        (:attr:`tpot_carry` within the tables, else the operating batch), or infinite for
+        an endpoint described by fixed numbers (:func:`overflow_rank`'s TPOT batch)."""
+        if self.excess is None:
+            return math.inf
+        return float(min(self.tpot_carry, self.max_batch) if self.tpot_carry > 0
+                     else self.op_batch)
 
     @property
     def carry_batch(self) -> int:

@@ -47,6 +47,7 @@ import numpy.typing as npt
 from joulepool.core.cost import CostBreakdown
 from joulepool.core.routing import (
     first_token_s,
+    overflow_rank,
     rank_endpoints,
     score_endpoints,
     slo_infeasible,
@@ -100,6 +101,8 @@ class EndpointState:
     ``prefill_s_per_token`` s per prompt token prefilled (0 where unknown)
     ``batch_room``       requests it can still take within its operating batch
                          (inf where unknown)
+    ``tpot_batch``       requests it carries at once within TPOT whatever the first
+                         token (inf where unknown; core.routing.overflow_rank)
 
     ``models`` (per-endpoint serving profiles, e.g. :class:`core.routing.EndpointModel`)
     and ``extra`` (named columns of plugins not listed here) are free for new scorers.
@@ -109,7 +112,8 @@ class EndpointState:
         "batch_left_tokens", "batch_room", "clock_mhz", "eps_j_per_token", "extra",
         "inv_capacity", "kv_cache_usage", "models", "outstanding", "prefill_chunk_tokens",
         "prefill_j_per_token", "prefill_s_per_token", "prefill_step_s", "prefill_wait_s",
-        "prefill_weight", "queue_tokens", "running", "tps", "waiting", "wake_j_per_token",
+        "prefill_weight", "queue_tokens", "running", "tpot_batch", "tps", "waiting",
+        "wake_j_per_token",
     )
 
     def __init__(self, n: int) -> None:
@@ -131,6 +135,7 @@ class EndpointState:
         self.prefill_chunk_tokens: FloatArray = np.full(n, np.inf)
         self.prefill_s_per_token: FloatArray = np.zeros(n)
         self.batch_room: FloatArray = np.full(n, np.inf)
+        self.tpot_batch: FloatArray = np.full(n, np.inf)
         self.models: Sequence[Any] = ()
         self.extra: dict[str, FloatArray] = {}
 
@@ -143,14 +148,16 @@ class Scores(NamedTuple):
     ``eta_s`` the tie-break among equal costs (None: index order), the JouleSched
     terms where the scorer computed them (for the decision's explanation),
     ``late``: endpoints predicted to break the request's SLO, ranked after the rest
-    (None: no prediction), and ``first_token_s``, the predicted delay to the first
-    token, by which the late ones rank (soonest first)."""
+    (None: no prediction), ``first_token_s``, the predicted delay to the first
+    token, by which the late ones rank (soonest first), and ``overflow``
+    (:func:`~joulepool.core.routing.overflow_rank`), by which they rank before that."""
 
     cost: FloatArray
     eta_s: FloatArray | None = None
     breakdown: CostBreakdown | None = None
     late: BoolArray | None = None
     first_token_s: FloatArray | None = None
+    overflow: FloatArray | None = None
 
 
 class Filter(Protocol):
@@ -204,7 +211,11 @@ class JouleSchedScorer:
                               endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,
                               request.input_tokens)
         late = slo_infeasible(first, endpoints.batch_room, request.ttft_slo_s)
-        return Scores(cb.cost, cb.eta_s, cb, late, first)
+        overflow = None
+        if late.any():
+            overflow = overflow_rank(endpoints.outstanding, endpoints.tpot_batch,
+                                     endpoints.inv_capacity)
+        return Scores(cb.cost, cb.eta_s, cb, late, first, overflow)
 
 
 
@@ -230,7 +241,8 @@ class LowestCostPicker:
     def pick(self, request: RequestInfo, scores: Scores, k: int) -> list[int]:
         if scores.breakdown is not None:
             return rank_endpoints(scores.breakdown, k, hard_deadline=request.hard_deadline,
-                                  late=scores.late, first_token=scores.first_token_s)
+                                  late=scores.late, first_token=scores.first_token_s,
+                                  overflow=scores.overflow)
         cost = scores.cost
         if cost.size == 0 or k <= 0:
             return []

@@ -38,6 +38,7 @@ from joulepool.core.routing import (
     endpoint_late,
     first_token_s,
     marginal_energy_floor,
+    overflow_rank,
     score_endpoint,
 )
 from joulepool.core.scoring import (
@@ -160,16 +161,23 @@ class CandidateIndex:
 
     def _soonest(self, r: RequestInfo, endpoints: EndpointState) -> int | None:
         """No endpoint keeps the SLO with a finite cost: the rule ranks the endpoints that
-        can serve (finite cost) by their first token, then ETA, then index, as
-        least-loaded routing would send the request. The endpoints at the soonest first
-        token over every row hold that choice if one of them can serve; else None."""
+        can serve (finite cost) by core.routing.overflow_rank, then their first token,
+        then ETA, then index, as least-loaded routing would send the request. The
+        endpoints at the soonest first token among the least overloaded rows hold that
+        choice if one of them can serve; else None."""
         first = first_token_s(endpoints.prefill_wait_s, endpoints.prefill_step_s,
                               endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,
                               r.input_tokens)
         if not first.size:
             return None
+        rank = overflow_rank(endpoints.outstanding, endpoints.tpot_batch,
+                             endpoints.inv_capacity)
+        least = rank[rank.argmin()]  # the first NaN if there is one
+        if least != least:
+            return None
+        first = np.where(rank == least, first, INF)
         soonest = first[first.argmin()]  # the first NaN if there is one
-        if soonest != soonest:
+        if not soonest < INF:
             return None
         best_eta, best_pos = INF, -1
         scored: dict[Row, tuple[float, float]] = {}  # equal rows score once

@@ -146,10 +146,10 @@ class EngineParams:
     startup: bool = True
     #: MIAD's TPOT signal from the period's mean step and each decoding request's
     #: projected TPOT instead of the step running at the tick, and (JouleSched) the
-    #: first-token guard at MIAD's margin (1 - miad_margin) x TTFT: an experiment, off by
-    #: default (docs/marginal-energy.md, "Where the joules go": it cuts the headline
-    #: cell's energy but one matrix cell then misses TPOT)
-    miad_period_signal: bool = False
+    #: first-token guard at MIAD's margin (1 - miad_margin) x TTFT; False: the step
+    #: running at the tick and the guard at 1.0 x TTFT (docs/marginal-energy.md,
+    #: "Where the joules go")
+    miad_period_signal: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -373,7 +373,7 @@ class Simulator:
         if use_router and policy.uses_planner:
             raise ValueError("joulesched-router drives one production router pool: static only")
         self.cluster, self.workload, self.policy, self.tables = cluster, workload, policy, tables
-        self.slo_batches: dict[tuple[str, int], int] = {}
+        self.slo_batches: dict[tuple[str, int, bool], int] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
         self.llf = policy.queue == "llf"
@@ -924,6 +924,7 @@ class Simulator:
                         cls, self.llf, self._inv_capacity(mode, cls),
                         self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start)
         inst.set_carry(self._sustainable_batch(mode, cls))
+        inst.tpot_batch = self._sustainable_batch(mode, cls, ttft=False)
         inst.clock_floor = self._clock_floor(mode, cls)
         self.instances.append(inst)
         if not self._activate(inst, t):
@@ -939,11 +940,13 @@ class Simulator:
                 return mine
         return np.ones(wl.cls.size, dtype=bool)
 
-    def _sustainable_batch(self, mode: str, cls: int) -> int:
+    def _sustainable_batch(self, mode: str, cls: int, ttft: bool = True) -> int:
         """core.routing.sustainable_batch of ``mode`` for the requests its pool serves
         (the class's under planner pools, all otherwise): their mean prompt and
-        predicted response, the interactive ones' mean TTFT and tightest TPOT SLO."""
-        key = (mode, cls)
+        predicted response, the interactive ones' mean TTFT and tightest TPOT SLO.
+        Without ``ttft``: the batch it carries within TPOT whatever the first token
+        (core.routing.overflow_rank's TPOT batch)."""
+        key = (mode, cls, ttft)
         hit = self.slo_batches.get(key)
         if hit is None:
             wl = self.workload
@@ -951,7 +954,8 @@ class Simulator:
             slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
             hit = self.slo_batches[key] = sustainable_batch(
                 self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
-                float(wl.predicted_tokens[mine].mean()), float(wl.ttft_slo_s[slo].mean()),
+                float(wl.predicted_tokens[mine].mean()),
+                float(wl.ttft_slo_s[slo].mean()) if ttft else math.inf,
                 float(wl.tpot_slo_s[slo].min()))
         return hit
 
@@ -1064,6 +1068,8 @@ class Simulator:
                     inst.cls = wanted.pop(0)
                     inst.inv_cap = self._inv_capacity(inst.table.mode, inst.cls)
                     inst.set_carry(self._sustainable_batch(inst.table.mode, inst.cls))
+                    inst.tpot_batch = self._sustainable_batch(inst.table.mode, inst.cls,
+                                                              ttft=False)
                     inst.clock_floor = self._clock_floor(inst.table.mode, inst.cls)
                 else:
                     self._retire(inst, t)

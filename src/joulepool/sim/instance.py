@@ -122,6 +122,7 @@ class Instance:
         "state",
         "table",
         "tp_max",
+        "tpot_batch",
         "tps_row",
         "tt_max",
         "v_busy",
@@ -187,6 +188,9 @@ class Instance:
         # b*_n of the marginal rule: requests it carries at once within the SLO (the
         # engine sets core.routing.sustainable_batch; the TPOT operating batch until then)
         self.opb = table.operating_batch[table.top]
+        #: requests it carries within TPOT whatever the first token (the engine sets
+        #: core.routing.sustainable_batch without TTFT; inf until then)
+        self.tpot_batch = math.inf
         self.set_clock(table.top)
         self.power = self.pow_row[0]  # W, all its GPUs
         self.itl = 0.0  # s per token while decoding, 0 otherwise
@@ -496,6 +500,7 @@ class Pool:
         for pos, inst in enumerate(members):
             inst.pos = pos
             st.inv_capacity[pos] = inst.inv_cap
+            st.tpot_batch[pos] = inst.tpot_batch
             self.set_rule(inst)
 
     @property
