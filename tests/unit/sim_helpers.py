@@ -7,6 +7,9 @@ import numpy as np
 from joulepool.core.classes import CLASS_NAMES, ClassBoundaries, freesh_slo
 from joulepool.core.planner import PlanNode
 from joulepool.sim.cluster import SimCluster
+from joulepool.sim.engine import RunResult, simulate
+from joulepool.sim.policies import POLICIES
+from joulepool.sim.runner import model_tables
 from joulepool.sim.workload import Workload
 
 
@@ -52,3 +55,22 @@ def workload(arrival: list[float], inp: list[int], out: list[int], duration: flo
         duration_s=duration,
         scale=1.0,
     )
+
+
+def one_instance_run(product: str, gpus: int, arrival: np.ndarray, inp: np.ndarray,
+                     out: np.ndarray, ttft: float, tpot: float
+                     ) -> tuple[RunResult, np.ndarray]:
+    """One instance of ``product`` x ``gpus`` serving every request (least-loaded, one
+    class, interactive, TTFT ``ttft`` s and TPOT ``tpot`` s each; deadline TTFT plus ten
+    TPOTs per output token): the run and the mask of requests past its first 5 % of
+    arrival time (the empty start left out)."""
+    n = arrival.size
+    wl = Workload(
+        arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
+        category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
+        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, ttft),
+        tpot_slo_s=np.full(n, tpot), deadline_s=ttft + out * tpot * 10.0,
+        duration_s=float(arrival[-1]), scale=1.0)
+    one = cluster([("n", product, gpus)])
+    run = simulate(one, wl, POLICIES["least-loaded"], model_tables(one))
+    return run, arrival > 0.05 * arrival[-1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sim_helpers import cluster
+from sim_helpers import one_instance_run
 
 from joulepool.core.classes import PromptLengths
 from joulepool.core.planner import Mode, PlanNode
@@ -22,10 +22,6 @@ from joulepool.core.problem import (
     prompt_tail_miss,
 )
 from joulepool.core.profiles import DEFAULT_HEADROOM, H100_8B
-from joulepool.sim.engine import simulate
-from joulepool.sim.policies import POLICIES
-from joulepool.sim.runner import model_tables
-from joulepool.sim.workload import Workload
 
 REQUESTS = 20_000
 OUTPUT = 100.0
@@ -44,15 +40,7 @@ def _ttft_attainment(prompts: np.ndarray, ttft: float, rate: float) -> float:
     arrival = np.cumsum(rng.exponential(1.0 / rate, n))
     arrival -= arrival[0]
     out = np.maximum(2, np.round(rng.exponential(OUTPUT - 1.5, n) + 1.5)).astype(np.int64)
-    wl = Workload(
-        arrival_s=arrival, input_tokens=prompts, output_tokens=out, predicted_tokens=out.copy(),
-        category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
-        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, ttft),
-        tpot_slo_s=np.full(n, TPOT), deadline_s=ttft + out * TPOT * 10.0,
-        duration_s=float(arrival[-1]), scale=1.0)
-    one = cluster([("n", "H100", 1)])
-    run = simulate(one, wl, POLICIES["least-loaded"], model_tables(one))
-    warm = arrival > 0.05 * arrival[-1]
+    run, warm = one_instance_run("H100", 1, arrival, prompts, out, ttft, TPOT)
     return float(np.mean(run.t_first[warm] - arrival[warm] <= ttft))
 
 

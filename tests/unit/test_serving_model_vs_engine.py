@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sim_helpers import cluster
+from sim_helpers import one_instance_run
 
 from joulepool.core.profiles import H100_8B, L4_8B, Headroom, ServingProfile, assumed
-from joulepool.sim.engine import simulate
-from joulepool.sim.policies import POLICIES
-from joulepool.sim.runner import model_tables
-from joulepool.sim.workload import Workload
 
 REQUESTS = 20_000
 SPREAD = 0.25  # prompts uniform in mean x [1 - SPREAD, 1 + SPREAD]
@@ -36,16 +32,8 @@ def _engine(prof: ServingProfile, prompt: float, output: float, ttft: float, tpo
     lo, hi = (1.0 - SPREAD) * prompt, (1.0 + SPREAD) * prompt
     inp = np.round(rng.uniform(lo, hi, REQUESTS)).astype(np.int64)
     out = np.maximum(2, np.round(rng.exponential(output - 1.5, REQUESTS) + 1.5)).astype(np.int64)
-    n = REQUESTS
-    wl = Workload(
-        arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
-        category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
-        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, ttft),
-        tpot_slo_s=np.full(n, tpot), deadline_s=ttft + out * tpot * 10.0,
-        duration_s=float(arrival[-1]), scale=1.0)
-    one = cluster([("n", prof.product.name, prof.gpus)])
-    run = simulate(one, wl, POLICIES["least-loaded"], model_tables(one))
-    warm = arrival > 0.05 * arrival[-1]  # leave out the empty start
+    run, warm = one_instance_run(prof.product.name, prof.gpus, arrival, inp, out, ttft,
+                                 tpot)
     first, done = run.t_first[warm], run.t_done[warm]
     decode = (done - first)
     return (float(np.mean(first - arrival[warm] <= ttft)),
