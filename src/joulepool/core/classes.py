@@ -8,12 +8,15 @@ median prompt) is an assumption, and both are configurable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import overload
 
 import numpy as np
 import numpy.typing as npt
+
+from joulepool.core.estimators import histogram_quantile
 
 
 class Tier(StrEnum):
@@ -133,18 +136,13 @@ class PromptLengths:
                 or not np.all(np.isfinite(b)) or c[0] < 0 or np.any(np.diff(c) < 0):
             raise ValueError("a histogram needs ascending finite bounds > 0 and cumulative "
                              "counts, one per bound and the total")
-        total = float(c[-1])
-        if total <= 0:
+        if float(c[-1]) <= 0:
             return None
-        rank = (np.arange(points) + 0.5) / points * total
-        i = np.searchsorted(c, rank, side="left")  # first bucket whose count reaches it
-        lower_count = np.where(i > 0, c[np.maximum(i - 1, 0)], 0.0)
-        lower_bound = np.where(i > 0, b[np.clip(i - 1, 0, b.size - 1)], 0.0)
-        upper_bound = b[np.minimum(i, b.size - 1)]
-        frac = (rank - lower_count) / np.maximum(c[i] - lower_count, 1e-300)
-        value = lower_bound + (upper_bound - lower_bound) * np.clip(frac, 0.0, 1.0)
-        value = np.where(i >= b.size, b[-1], value)  # the +Inf bucket: the highest bound
-        return cls(tuple(float(v) for v in np.maximum.accumulate(value)))
+        upper = [*b.tolist(), math.inf]
+        counts = c.tolist()
+        quantiles = (histogram_quantile((k + 0.5) / points, upper, counts)
+                     for k in range(points))
+        return cls(tuple(0.0 if v is None else v for v in quantiles))  # None: not with c[-1] > 0
 
     def longer(self, other: PromptLengths) -> PromptLengths:
         """At each probability the longer of the two prompt lengths (the distribution
