@@ -61,8 +61,10 @@ class ServiceClass:
     tpot_s: float
     #: requests/s per planning step (before the problem's alpha)
     forecast_rps: Sequence[float]
-    #: the measured prompt-length distribution; None (only the mean is known, as for
-    #: an InferencePool today): the serving point's mean-prompt TTFT bound alone
+    #: the class's prompt-length distribution (the simulator's trace; an InferencePool's
+    #: declared ``inputTokenQuantiles`` or its node agents' observed prompts, the longer
+    #: of the two); None (only the mean is known): the serving point's mean-prompt TTFT
+    #: bound alone
     prompt_tokens: PromptLengths | None = None
 
 
