@@ -17,26 +17,28 @@ site and step is random (50-600 gCO2/kWh). The time is the wall time of
 
 ``--build-pools N`` also times building the operator's problem (pooling.build_problem)
 of N pools with declared prompt tails (p50/p90/p99 700/3,000/9,000 tokens) over the
-example cluster, side by side: "vectorised" (in use: each prompt point's prefill time
-in one numpy pass, core.batching.prefill_times_s, and the TTFT-miss search computing
-its rate-free part once, core.problem.PromptTailMiss) and "before" (a Python loop over
-core.batching.prefill_time_s, and every search step recomputing the whole share),
-medians over the repeats; the two problems must be equal.
+example cluster, median over the repeats; with ``--baseline-src DIR`` (the ``src``
+folder of another checkout, e.g. ``git worktree add /tmp/ref <rev>``) the same build
+in that checkout, in a subprocess, interleaved repeat by repeat, and the two problems'
+capacities must be equal.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from joulepool.core.batching import prefill_time_s
-from joulepool.core.classes import PromptLengths
 from joulepool.core.planner import (
     FREESH_CAPACITY_RPS,
     FREESH_MODES,
@@ -47,7 +49,6 @@ from joulepool.core.planner import (
     freesh_published_problem,
     solve,
 )
-from joulepool.core.profiles import ServingProfile, default_batched_tokens
 
 MODES: tuple[Mode, ...] = (*FREESH_MODES, Mode("8xH100", "H100", 8), Mode("1xL4", "L4", 1))
 #: target seconds per size, from the design brief
@@ -144,73 +145,73 @@ def _problems(objective: str) -> dict[str, tuple[str, Callable[[], PlanProblem]]
     }
 
 
-def _scalar_prompt_prefill_s(profile: ServingProfile, prompts: PromptLengths,
-                             batch: float) -> npt.NDArray[np.float64]:
-    """core.problem.prompt_prefill_s as it was: one prefill_time_s call per point."""
+#: times the build of pooling.build_problem: run by this checkout and, with a
+#: ``sys.path`` pointing at another checkout's ``src``, by that one (public API only)
+_BUILD_TIMER = """
+import json, sys, time
+from importlib import resources
+import joulepool
+from joulepool.api.cluster import load_cluster
+from joulepool.api.models import EnergyPolicySpec, InferencePool
+from joulepool.pooling import build_problem, nodes_from_cluster
 
-    budget = float(default_batched_tokens(profile.product))
-    decode_s = float(profile.itl_s(max(batch, 1.0)))
-    per_token = float(profile.prefill_s(1.0))
-    return np.array([prefill_time_s(budget, batch, p, decode_s, per_token)
-                     for p in prompts.tokens], dtype=np.float64)
+pools, repeats = int(sys.argv[1]), int(sys.argv[2])
+nodes = nodes_from_cluster(load_cluster(
+    str(resources.files("joulepool") / "examples" / "cluster.yaml")).expanded())
+tail = [{"quantile": 0.5, "tokens": 700}, {"quantile": 0.9, "tokens": 3000},
+        {"quantile": 0.99, "tokens": 9000}]
+body = [InferencePool.model_validate({
+    "kind": "InferencePool", "metadata": {"name": f"p{i}", "namespace": "bench"},
+    "spec": {"model": "llama-3.1-8b", "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
+             "demand": {"requestsPerSecond": 2, "meanInputTokens": 1000,
+                        "meanOutputTokens": 200, "inputTokenQuantiles": tail}}})
+    for i in range(pools)]
+build_problem(body, nodes, EnergyPolicySpec())  # warm-up: imports, caches
+times = []
+for _ in range(repeats):
+    t0 = time.perf_counter()
+    problem = build_problem(body, nodes, EnergyPolicySpec())
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times, "module": joulepool.__file__,
+                  "capacity": [[float(x) for x in row] for row in problem.capacity_rps]}))
+"""
 
 
-def _recomputing_tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
-                           max_rps: float) -> float:
-    """core.problem._tail_rate as it was: each evaluation of the bisection recomputes
-    the whole miss share (prompt_tail_miss), E[S] and E[S^2] included."""
-    from joulepool.core.problem import prompt_tail_miss
+def _time_build(pools: int, repeats: int, src: Path | None = None) -> dict[str, Any]:
+    """{"times": seconds of each of ``repeats`` builds of ``pools`` prompt-tail pools'
+    problem, "capacity": its capacity_rps} in a fresh interpreter importing joulepool
+    from ``src`` (None: this checkout's)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    out = subprocess.run([sys.executable, "-c", _BUILD_TIMER, str(pools), str(repeats)],
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"build timer failed ({src or 'this checkout'}): "
+                           f"{out.stderr.strip()[-400:]}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    if src is not None and not Path(result["module"]).resolve().is_relative_to(src.resolve()):
+        raise RuntimeError(f"{src} holds no joulepool package (imported {result['module']})")
+    return result
 
-    if prompt_tail_miss(service_s, ttft_s, 0.0) > budget:
-        return 0.0
-    if prompt_tail_miss(service_s, ttft_s, max_rps) <= budget:
-        return max_rps
-    lo, hi = 0.0, max_rps
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if prompt_tail_miss(service_s, ttft_s, mid) <= budget else (lo, mid)
-        if hi - lo <= 1e-7 * hi:
-            break
-    return lo
 
-
-def build_side_by_side(pools: int, repeats: int) -> dict[str, float]:
+def build_side_by_side(pools: int, repeats: int,
+                       baseline_src: Path | None = None) -> dict[str, float]:
     """Median seconds to build the problem of ``pools`` prompt-tail pools over the
-    example cluster, "vectorised" and "before" (module docstring), interleaved repeat by
-    repeat; the two problems' capacities must be equal."""
-    from importlib import resources
-
-    from joulepool.api.cluster import load_cluster
-    from joulepool.api.models import EnergyPolicySpec, InferencePool
-    from joulepool.core import problem as core_problem
-    from joulepool.pooling import build_problem, nodes_from_cluster
-
-    nodes = nodes_from_cluster(load_cluster(
-        str(resources.files("joulepool") / "examples" / "cluster.yaml")).expanded())
-    tail = [{"quantile": 0.5, "tokens": 700}, {"quantile": 0.9, "tokens": 3000},
-            {"quantile": 0.99, "tokens": 9000}]
-    body = [InferencePool.model_validate({
-        "kind": "InferencePool", "metadata": {"name": f"p{i}", "namespace": "bench"},
-        "spec": {"model": "llama-3.1-8b", "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
-                 "demand": {"requestsPerSecond": 2, "meanInputTokens": 1000,
-                            "meanOutputTokens": 200, "inputTokenQuantiles": tail}}})
-        for i in range(pools)]
-    now = (core_problem.prompt_prefill_s, core_problem._tail_rate)
-    variants = {"vectorised": now,
-                "before": (_scalar_prompt_prefill_s, _recomputing_tail_rate)}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    built = {}
+    example cluster: "this" checkout and, with ``baseline_src``, "baseline", taking
+    turns one repeat at a time; the two problems' capacities must be equal."""
+    runs: dict[str, Path | None] = {"this": None}
+    if baseline_src is not None:
+        runs["baseline"] = baseline_src
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    capacity: dict[str, Any] = {}
     for _ in range(max(1, repeats)):
-        for name, (prefill, tail_rate) in variants.items():
-            core_problem.prompt_prefill_s, core_problem._tail_rate = prefill, tail_rate
-            try:
-                t0 = time.perf_counter()
-                built[name] = build_problem(body, nodes, EnergyPolicySpec())
-                times[name].append(time.perf_counter() - t0)
-            finally:
-                core_problem.prompt_prefill_s, core_problem._tail_rate = now
-    a, b = (np.asarray(p.capacity_rps) for p in built.values())
-    assert np.array_equal(a, b), "the two builds differ"
+        for name, src in runs.items():
+            got = _time_build(pools, 1, src)
+            times[name] += got["times"]
+            capacity[name] = got["capacity"]
+    if len(capacity) == 2:
+        assert capacity["this"] == capacity["baseline"], "the two builds differ"
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -223,15 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=float, default=None,
                         help="relative MIP gap (default: the planner's DEFAULT_MIP_REL_GAP)")
     parser.add_argument("--build-pools", type=int, default=0, metavar="N",
-                        help="also time building N prompt-tail pools' problem, vectorised "
-                             "vs the scalar loop (see the module docstring)")
+                        help="also time building N prompt-tail pools' problem (see the "
+                             "module docstring)")
+    parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                        help="with --build-pools: also time the build in DIR (another "
+                             "checkout's src), side by side")
     args = parser.parse_args(argv)
     if args.build_pools > 0:
-        medians = build_side_by_side(args.build_pools, args.repeats)
-        ratio = medians["before"] / medians["vectorised"]
+        medians = build_side_by_side(args.build_pools, args.repeats,
+                                     args.baseline_src and args.baseline_src.resolve())
+        ratio = (f" (baseline / this: {medians['baseline'] / medians['this']:.2f}x)"
+                 if "baseline" in medians else "")
         print(f"build of {args.build_pools} prompt-tail pools, median of {args.repeats}: "
-              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in medians.items())
-              + f" ({ratio:.1f}x)")
+              + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in medians.items()) + ratio)
     problems = _problems(args.objective)
     missed = False
     gap = problems["a"][1]().mip_rel_gap if args.gap is None else args.gap
