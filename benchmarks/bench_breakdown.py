@@ -21,14 +21,11 @@ tests/unit/test_bench_breakdown.py). Method and findings: docs/marginal-energy.m
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
 from collections import defaultdict
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from joulepool.bench import load_benchmark
 from joulepool.core.classes import SLO_SETS
 from joulepool.sim import engine as sim_engine
 from joulepool.sim.engine import EngineParams
@@ -37,20 +34,6 @@ from joulepool.sim.report import summarise
 from joulepool.sim.runner import Experiment, ExperimentResult, run_experiment
 
 Split = dict[str, Any]
-
-
-def _bench_energy() -> ModuleType:
-    """benchmarks/bench_energy.py (its clusters and traces), imported by path."""
-    name = "bench_energy_for_breakdown"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(
-        "bench_energy.py"))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _instrumented(split: Split, window_s: float) -> type[Instance]:
@@ -171,7 +154,7 @@ def render(res: ExperimentResult, splits: dict[str, Split]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    be = _bench_energy()
+    be = load_benchmark("energy")
     ap = argparse.ArgumentParser(prog="joulepool bench breakdown", description=__doc__.split(
         "\n\n")[0])
     ap.add_argument("--cluster", default="joulesched-320", choices=sorted(be.CLUSTERS))

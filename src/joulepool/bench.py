@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 
 def _bench_dir() -> Path:
@@ -37,10 +38,19 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     for name in names:
         print(f"== bench {name} ==", flush=True)
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", found[name])
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        rc = max(rc, int(module.main(list(args.bench_args)) or 0))
+        rc = max(rc, int(load_benchmark(name).main(list(args.bench_args)) or 0))
     return rc
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/bench_<name>.py imported by path as module ``bench_<name>`` (once per
+    process: a later call returns the same module). KeyError for an unknown name."""
+    module_name = f"bench_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, _available()[name])
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
