@@ -62,6 +62,45 @@ def test_the_crd_rejects_inconsistent_quantiles(cluster: ControlPlane, namespace
     assert message in err.value.body
 
 
+GOOD_ENTRY = {"node": "n1", "bounds": [100, 1000, 10000], "counts": [3, 5, 9, 9],
+              "updatedAt": "2026-12-07T00:00:00Z"}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"counts": [3, 5, 9]}, "counts needs one value per bound and the total"),
+    ({"bounds": [100, 100, 10000]}, "bounds must be finite, > 0 and ascend strictly"),
+    ({"bounds": [1000, 100, 10000]}, "bounds must be finite, > 0 and ascend strictly"),
+    ({"bounds": [0, 100, 10000]}, "bounds must be finite, > 0 and ascend strictly"),
+    ({"counts": [3, 2, 9, 9]}, "counts must be cumulative: >= 0 and not falling"),
+    ({"counts": [-1, 2, 9, 9]}, "counts must be cumulative: >= 0 and not falling"),
+])
+def test_the_crd_rejects_an_observed_entry_the_planner_would_reject(
+        cluster: ControlPlane, namespace: str, change: dict[str, Any], message: str) -> None:
+    """A status write of ``observedInputTokens`` that ObservedPromptLengths' own check
+    refuses is refused by the API server too (so ``joulepool plan`` on a stored pool
+    never meets one), and the same entry well formed is stored."""
+    from kubernetes.client.exceptions import ApiException
+
+    from joulepool.api.models import ObservedPromptLengths
+
+    name = f"obs-{abs(hash(message + str(change))) % 10_000}"
+    cluster.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, POOLS, pool_body(namespace, name, 1.0))
+    bad = {**GOOD_ENTRY, **change}
+    with pytest.raises(ValueError):
+        ObservedPromptLengths.model_validate(bad)
+    with pytest.raises(ApiException) as err:
+        cluster.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, POOLS, name,
+            {"status": {"observedInputTokens": [bad]}})
+    assert err.value.status == 422
+    assert message in json.loads(err.value.body)["message"]
+    stored = cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, POOLS, name,
+        {"status": {"observedInputTokens": [GOOD_ENTRY]}})
+    assert stored["status"]["observedInputTokens"] == [GOOD_ENTRY]
+
+
 @pytest.fixture(scope="module")
 def operator(cluster: ControlPlane) -> Iterator[k8slib.Component]:
     with k8slib.components(cluster) as procs:

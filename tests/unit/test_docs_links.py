@@ -36,3 +36,19 @@ def test_markdown_links_resolve_inside_the_repository() -> None:
                 bad.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert not bad, bad
     assert "docs/architecture.md" in (ROOT / "README.md").read_text()
+
+
+def test_no_paragraph_of_the_docs_is_written_twice() -> None:
+    """A doc says each thing once: a paragraph of three or more lines repeated within a
+    doc is a botched edit (an empty pattern replaced once put one paragraph between
+    every character of docs/planner.md, 96,000 lines)."""
+    repeated = []
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        seen: set[str] = set()
+        for para in doc.read_text().split("\n\n"):
+            if para.count("\n") < 2:
+                continue
+            if para in seen:
+                repeated.append(f"{doc.relative_to(ROOT)}: {para[:60]!r}")
+            seen.add(para)
+    assert not repeated, repeated

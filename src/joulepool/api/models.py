@@ -254,9 +254,25 @@ class AssignmentStatus(_Model):
 OBSERVED_MAX_AGE_S = 900.0
 
 
+#: the API server's form of ObservedPromptLengths._shape, so a status write the planner
+#: would reject never lands (bounds finite: JSON has no infinity)
+_OBSERVED_RULES: list[JsonValue] = [
+    {"rule": "size(self.counts) == size(self.bounds) + 1",
+     "message": "counts needs one value per bound and the total"},
+    {"rule": "self.bounds[0] > 0.0 && self.bounds.isSorted() && "
+             "self.bounds.all(b, self.bounds.indexOf(b) == self.bounds.lastIndexOf(b))",
+     "message": "bounds must be finite, > 0 and ascend strictly"},
+    {"rule": "self.counts[0] >= 0.0 && self.counts.isSorted()",
+     "message": "counts must be cumulative: >= 0 and not falling"},
+]
+
+
 class ObservedPromptLengths(_Model):
     """One node's count of the prompt lengths its engines of the pool served, by bucket
     (the engines' prompt-length histograms summed), written by the node agent."""
+
+    model_config = ConfigDict(**_Model.model_config,
+                              json_schema_extra={"x-kubernetes-validations": _OBSERVED_RULES})
 
     node: str = Field(min_length=1, max_length=253, description="node whose agent counted them")
     bounds: list[float] = Field(
