@@ -41,8 +41,10 @@ checkout's, so the two are compared side by side under the same machine load; th
 ``baseline_*`` figures and the ratios are that router's.
 
 ``--floor`` also measures, in each run, an ext_proc server that decides nothing
-(every message answered "continue", on grpc.aio and uvloop like the router): what
-gRPC itself costs per exchange on this machine, the ceiling of any Python picker.
+(every message answered "continue", on grpc.aio and uvloop like the router, built by
+the picker's own ``epp.new_server`` with its options, and closing the stream after the
+response's last message as the picker does): what gRPC itself costs per exchange on
+this machine, the ceiling of any Python picker.
 ``--sync-floor`` measures the same server on grpcio's synchronous server (a thread
 pool with a worker per stream, since each ext_proc stream holds its worker until the
 HTTP request ends).
@@ -247,6 +249,12 @@ def _continue_replies() -> dict[str, Any]:
         ("response_headers", pb.HeadersResponse), ("response_body", pb.BodyResponse))}
 
 
+def _last_message(req: Any) -> bool:
+    """Whether ``req`` ends the response (the floor then closes the stream, as the
+    picker does: ``epp.Exchange.over``)."""
+    return req.HasField("response_body") and req.response_body.end_of_stream
+
+
 def _serve_sync_floor(argv: Sequence[str]) -> None:
     """The do-nothing ext_proc server on grpcio's synchronous server: a thread pool of
     ``argv[1]`` workers, each holding one stream (one HTTP request) while it lasts."""
@@ -255,14 +263,19 @@ def _serve_sync_floor(argv: Sequence[str]) -> None:
     import grpc
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+    from joulepool.router import epp
+
     replies = _continue_replies()
 
     class Continue(pb_grpc.ExternalProcessorServicer):
         def Process(self, request_iterator: Any, context: Any) -> Any:
             for req in request_iterator:
                 yield replies[req.WhichOneof("request")]
+                if _last_message(req):
+                    return
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(argv[1])))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=int(argv[1])),
+                         options=epp.SERVER_OPTIONS)
     pb_grpc.add_ExternalProcessorServicer_to_server(Continue(), server)
     server.add_insecure_port(f"127.0.0.1:{argv[0]}")
     server.start()
@@ -277,15 +290,19 @@ def _serve_floor(argv: Sequence[str]) -> None:
     import uvloop
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+    from joulepool.router import epp
+
     replies = _continue_replies()
 
     class Continue(pb_grpc.ExternalProcessorServicer):
         async def Process(self, request_iterator: Any, context: Any) -> None:
             while (req := await context.read()) is not grpc.aio.EOF:
                 await context.write(replies[req.WhichOneof("request")])
+                if _last_message(req):
+                    return
 
     async def serve() -> None:
-        server = grpc.aio.server()
+        server = epp.new_server()
         pb_grpc.add_ExternalProcessorServicer_to_server(Continue(), server)
         server.add_insecure_port(f"127.0.0.1:{argv[0]}")
         await server.start()

@@ -4,6 +4,7 @@ proposal 004) against ``joulepool router --epp-port``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -323,3 +324,80 @@ async def test_readiness_follows_the_router_sync() -> None:
             assert await check(epp.EXT_PROC_SERVICE) == serving
     finally:
         await server.stop(0)
+
+
+async def _closed(call: Any) -> bool:
+    """The picker ended the stream (EOF within 10 s, without the gateway's half-close)."""
+    return bool(await asyncio.wait_for(call.read(), 10) == grpc.aio.EOF)
+
+
+def _response_headers() -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                 base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")])))
+
+
+def _usage_body(end: bool) -> pb.ProcessingRequest:
+    body = json.dumps({"choices": [{"text": "x"}], "usage": {"completion_tokens": 3}})
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=body.encode(),
+                                                          end_of_stream=end))
+
+
+async def test_the_picker_closes_the_stream_once_the_response_ended(gateway: Gateway
+                                                                     ) -> None:
+    # Envoy: a stream the server closes cleanly means "proceed without the server";
+    # after the response's last message nothing is left to ask, so the picker does not
+    # wait for the gateway's half-close (one gRPC message event fewer per request)
+    call, _ = await _pick(gateway, extra={"x-joulepool-deadline-ms": "60000"})
+    await call.write(_response_headers())
+    assert (await call.read()).HasField("response_headers")
+    await call.write(_usage_body(end=True))
+    assert (await call.read()).HasField("response_body")
+    assert await _closed(call)  # no done_writing from the gateway
+    assert await call.code() == grpc.StatusCode.OK
+    assert gateway.pool.pi_updates == 1  # learned before closing
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+
+
+async def test_the_stream_stays_open_for_the_response_trailers(gateway: Gateway) -> None:
+    call, _ = await _pick(gateway)
+    await call.write(_response_headers())
+    await call.read()
+    await call.write(_usage_body(end=False))  # trailers follow: not over yet
+    assert (await call.read()).HasField("response_body")
+    await call.write(pb.ProcessingRequest(response_trailers=pb.HttpTrailers()))
+    assert (await call.read()).HasField("response_trailers")
+    assert await _closed(call)
+    assert await call.code() == grpc.StatusCode.OK
+    assert gateway.pool.pi_updates == 1
+
+
+async def test_an_immediate_answer_closes_the_stream(gateway: Gateway) -> None:
+    call, resp = await _pick(gateway, extra={"x-joulepool-tier": "urgent"})
+    assert resp.immediate_response.status.code == 400
+    assert await _closed(call)
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_the_picker_server_is_built_without_channelz() -> None:
+    # grpcio's channelz (on by default) tracks every server, call and stream;
+    # epp.SERVER_OPTIONS turns it off. A plain server shows the check can fail.
+    from grpc._cython import cygrpc
+
+    from joulepool.router import epp
+
+    def servers() -> int:
+        return len(json.loads(cygrpc.channelz_get_servers(0)).get("server", []))
+
+    before = servers()
+    picker = epp.new_server()
+    picker.add_insecure_port("127.0.0.1:0")
+    await picker.start()
+    plain = grpc.aio.server()
+    plain.add_insecure_port("127.0.0.1:0")
+    await plain.start()
+    try:
+        assert servers() == before + 1  # the plain one only
+    finally:
+        await picker.stop(0)
+        await plain.stop(0)

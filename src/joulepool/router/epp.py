@@ -24,6 +24,13 @@ in the ``envoy.lb`` dynamic metadata (the same value in both). Per request:
   lambda and eps learn with no ``/v1/complete`` callback. A stream that ends
   without a response, or an error status, is forgotten, not counted.
 
+The picker closes the stream (status OK) as soon as the exchange is over: after its
+reply to the last message of the response (a body chunk with ``end_of_stream``, the
+trailers, or headers that end the response) and after an immediate response. Envoy's
+protocol reads a clean close as "proceed without consulting the server"; nothing is
+left to consult, and the stream needs one message event fewer than waiting for the
+gateway's half-close.
+
 Body modes: ``BUFFERED`` and ``STREAMED`` (one reply per message) and
 ``FULL_DUPLEX_STREAMED`` (announced by ``protocol_config``: the headers' reply
 waits for the whole request body, which is then sent back as a streamed body
@@ -249,6 +256,9 @@ class Exchange:
     flight: Flight | None = None
     #: called with each answer's HTTP status (200: picked), e.g. to count it
     on_answer: Callable[[int], None] | None = None
+    #: the exchange is over (response ended, or answered immediately): nothing more
+    #: will be asked of the picker, so the stream may close
+    over: bool = False
 
     def handle(self, req: pb.ProcessingRequest) -> Iterator[pb.ProcessingResponse]:
         """The replies to one message from the gateway (none while buffering in
@@ -271,6 +281,7 @@ class Exchange:
             self._response_started(header_map(req.response_headers.headers))
             if req.response_headers.end_of_stream:
                 self._response_done()
+                self.over = True
             yield _CONTINUE_RESPONSE_HEADERS
         elif kind == "response_body":
             yield from self._response_chunk(req.response_body)
@@ -278,6 +289,7 @@ class Exchange:
             yield _CONTINUE_REQUEST_TRAILERS
         elif kind == "response_trailers":
             self._response_done()
+            self.over = True
             yield _CONTINUE_RESPONSE_TRAILERS
 
     def _note_metadata(self, req: pb.ProcessingRequest) -> None:
@@ -301,6 +313,7 @@ class Exchange:
         except HTTPProblem as exc:
             if self.on_answer is not None:
                 self.on_answer(exc.status)
+            self.over = True
             yield immediate(exc.status, str(exc))
             return
         if self.on_answer is not None:
@@ -351,6 +364,7 @@ class Exchange:
             flight.meter.feed(chunk.body, self.clock())
         if chunk.end_of_stream:
             self._response_done()
+            self.over = True
         if self.duplex_response:
             yield pb.ProcessingResponse(response_body=pb.BodyResponse(
                 response=pb.CommonResponse(body_mutation=pb.BodyMutation(
@@ -390,10 +404,12 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
     ) -> None:
         """One stream: ``context.read``/``context.write`` rather than iterating
         ``request_iterator`` and yielding (grpc.aio wraps every message of an async
-        generator in more awaits; the picker's streams are short and many)."""
+        generator in more awaits; the picker's streams are short and many). Returns
+        (status OK) once the exchange is over, without waiting for the gateway's
+        half-close."""
         exchange = Exchange(self.router, self.clock, on_answer=self.on_answer)
         try:
-            while (req := await context.read()) is not grpc.aio.EOF:
+            while not exchange.over and (req := await context.read()) is not grpc.aio.EOF:
                 for resp in exchange.handle(req):
                     await context.write(resp)
         finally:
@@ -420,13 +436,27 @@ class HealthStatus:
             await self.servicer.set(name, status)
 
 
+#: grpc.aio server options of the picker (``docs/gateway.md`` "Performance" measures
+#: them): channelz, on by default in grpcio, records every call and stream of the
+#: server for introspection nobody here reads (~5 % of an exchange's CPU).
+SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.enable_channelz", 0),
+)
+
+
+def new_server() -> grpc.aio.Server:
+    """A grpc.aio server with :data:`SERVER_OPTIONS` (the benchmark's do-nothing
+    server is built here too, so the two are compared on the same settings)."""
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
 async def start_server(router: Router, ready: Callable[[], bool], host: str, port: int,
                        clock: Callable[[], float] = time.monotonic,
                        on_answer: Callable[[int], None] | None = None,
                        ) -> tuple[grpc.aio.Server, int, HealthStatus]:
     """A started gRPC server with the picker and health services; the bound port.
     ``on_answer`` sees each answer's HTTP status (200: an endpoint picked)."""
-    server = grpc.aio.server()
+    server = new_server()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         EndpointPicker(router, clock, on_answer), server)
     status = HealthStatus(ready)
