@@ -49,6 +49,10 @@ this machine, the ceiling of any Python picker.
 pool with a worker per stream, since each ext_proc stream holds its worker until the
 HTTP request ends).
 
+``--cpu N`` runs every router and floor server on CPU N alone (its threads, grpc's
+included, hand over on one core, as a Guaranteed pod with ``cpu: 1`` runs under the
+kubelet's static CPU manager); by default they run where the kernel puts them.
+
 ``--clients N`` spreads the load over N processes (each with ``--concurrency``
 streams), so that one client process's CPU does not cap the wall figures.
 
@@ -56,7 +60,7 @@ Targets (issue 12) at 1,000 endpoints: >= 2,500 decisions/s per core (saturated,
 exchange) and p99 <= 2 ms (at the offered rate; ``--check`` exits 1 when missed).
 
     .venv/bin/joulepool bench picker [--runs 3 --seconds 5 --concurrency 16 --clients 1]
-        [--rate 200] [--floor] [--sync-floor] [--baseline-src /tmp/ref/src]
+        [--rate 200] [--floor] [--sync-floor] [--cpu N] [--baseline-src /tmp/ref/src]
 """
 
 from __future__ import annotations
@@ -313,13 +317,22 @@ def _serve_floor(argv: Sequence[str]) -> None:
         runner.run(serve())
 
 
-def _start_router(path: Path, port: int, src: Path | None, workers: int = 16
-                  ) -> subprocess.Popen[str]:
+def _pin(cpu: int | None) -> Any:
+    """A ``preexec_fn`` confining the child and every thread it starts to ``cpu`` (as the
+    kubelet's static CPU manager confines a Guaranteed pod with ``cpu: 1``); None: free."""
+    if cpu is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
+def _start_router(path: Path, port: int, src: Path | None, workers: int = 16,
+                  cpu: int | None = None) -> subprocess.Popen[str]:
     if src in (FLOOR, SYNC_FLOOR):
         flag = "--serve-floor" if src == FLOOR else "--serve-sync-floor"
         cmd = [sys.executable, __file__, flag, str(port), str(workers)]
         return _started(subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True))
+                                         stderr=subprocess.STDOUT, text=True,
+                                         preexec_fn=_pin(cpu)))
     env = dict(os.environ)
     if src is not None:  # the baseline checkout's source first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [
@@ -329,7 +342,8 @@ def _start_router(path: Path, port: int, src: Path | None, workers: int = 16
          "--host", "127.0.0.1",
          "--port", str(_free_port()), "--epp-port", str(port), "--endpoints-file", str(path),
          "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=_pin(cpu))
     return _started(proc)
 
 
@@ -360,11 +374,13 @@ def _drive(port: int, seconds: float, concurrency: int, respond: bool, clients: 
 
 
 def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients: int = 1,
-            src: Path | None = None, rate: float = 0.0) -> dict[str, float]:
-    """One router (this checkout's, or ``src``'s) under load for ``seconds``: saturated
-    (``rate`` 0) or at ``rate`` requests/s offered (one client)."""
+            src: Path | None = None, rate: float = 0.0, cpu: int | None = None
+            ) -> dict[str, float]:
+    """One router (this checkout's, or ``src``'s; on CPU ``cpu`` alone when given) under
+    load for ``seconds``: saturated (``rate`` 0) or at ``rate`` requests/s offered (one
+    client)."""
     port = _free_port()
-    proc = _start_router(path, port, src, concurrency * clients)
+    proc = _start_router(path, port, src, concurrency * clients, cpu)
     try:
         _drive(port, 0.5, concurrency, respond, clients, path.parent)  # warm up
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
@@ -383,11 +399,14 @@ def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients
 
 def _measure(path: Path, args: argparse.Namespace, src: Path | None) -> dict[str, float]:
     """Saturated, full exchange and request-only; then the full exchange at ``--rate``."""
-    res = one_run(path, args.seconds, args.concurrency, True, args.clients, src)
-    req_only = one_run(path, args.seconds, args.concurrency, False, args.clients, src)
+    res = one_run(path, args.seconds, args.concurrency, True, args.clients, src,
+                  cpu=args.cpu)
+    req_only = one_run(path, args.seconds, args.concurrency, False, args.clients, src,
+                       cpu=args.cpu)
     res.update({f"request_only_{k}": v for k, v in req_only.items()})
     if args.rate > 0:
-        paced = one_run(path, args.seconds, args.concurrency, True, 1, src, args.rate)
+        paced = one_run(path, args.seconds, args.concurrency, True, 1, src, args.rate,
+                        args.cpu)
         res.update({f"paced_{k}": v for k, v in paced.items()})
     return res
 
@@ -419,7 +438,8 @@ def _report(args: argparse.Namespace, runs: list[dict[str, float]]) -> dict[str,
     """Print the medians (and the ratios to the baseline); the medians, ratios added."""
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     offered = f"offered rate {args.rate:g} requests/s" if args.rate > 0 else "no offered-rate run"
-    print(f"median of {args.runs} runs at {args.endpoints} endpoints; saturated: "
+    pinned = f"; routers on CPU {args.cpu} alone" if args.cpu is not None else ""
+    print(f"median of {args.runs} runs at {args.endpoints} endpoints{pinned}; saturated: "
           f"{args.clients} client process(es) x {args.concurrency} streams; {offered}; "
           f"load average {med['load_average']:.1f}:")
     print(f"  this checkout: {_summary(med)}; in-process pick p50 "
@@ -473,6 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sync-floor", action="store_true",
                     help="also measure that server on grpcio's synchronous server (a "
                          "thread per stream: as many workers as streams)")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="run every router and floor server on this CPU alone (as the "
+                         "kubelet's static CPU manager runs a Guaranteed pod with cpu: 1): "
+                         "its threads then hand over on one core")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)

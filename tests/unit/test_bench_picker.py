@@ -44,3 +44,50 @@ def test_sync_floor_serves_full_exchanges(bench, tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
     assert done == len(waits) > 0
+
+
+async def _one_full_exchange_then_eof(port: int, bench) -> object:
+    """A full exchange without the gateway's half-close; what the next read gives."""
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = pb_grpc.ExternalProcessorStub(channel).Process()
+        for msg in bench._messages(0):
+            await call.write(msg)
+            await call.read()
+        return await asyncio.wait_for(call.read(), 10)
+
+
+@pytest.mark.parametrize("which", ["FLOOR", "SYNC_FLOOR"])
+def test_the_floors_close_the_stream_as_the_picker_does(bench, tmp_path: Path,
+                                                        which: str) -> None:
+    import grpc
+
+    path = tmp_path / "endpoints.json"
+    bench.endpoints_file(path, 3)
+    port = bench._free_port()
+    proc = bench._start_router(path, port, getattr(bench, which), 4)
+    try:
+        assert asyncio.run(_one_full_exchange_then_eof(port, bench)) is grpc.aio.EOF
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cpu_confines_the_router_and_all_its_threads(bench, tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "endpoints.json"
+    bench.endpoints_file(path, 3)
+    port = bench._free_port()
+    cpu = max(os.sched_getaffinity(0))
+    proc = bench._start_router(path, port, None, 4, cpu)
+    try:
+        asyncio.run(bench._load(port, 0.3, 2, respond=True))  # gRPC's threads started
+        threads = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(threads) > 1
+        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in threads)
+    finally:
+        proc.terminate()
+        proc.wait(10)
