@@ -48,18 +48,22 @@ def _row(rng: np.random.Generator, odd: float) -> tuple[float, ...]:
     return tuple(row)
 
 
+def _overflow(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
+    """Random overflow_rank inputs of ``n`` endpoints: (outstanding requests, TPOT batch,
+    1 / capacity), columns not in the index's rows (the first two are put with them)."""
+    return (rng.choice([0.0, 3.0, 8.0, 40.0], n), rng.choice([4.0, 9.0, 50.0, math.inf], n),
+            rng.choice([0.1, 0.25, 1.0], n))
+
+
 def _state(rows: list[tuple[float, ...]],
-           rng: np.random.Generator | None = None) -> EndpointState:
-    """The rows' columns; with ``rng`` also random overflow_rank inputs (outstanding
-    requests, TPOT batch, 1 / capacity: columns the index reads, not in its rows)."""
+           overflow: tuple[np.ndarray, ...] | None = None) -> EndpointState:
+    """The rows' columns; with ``overflow`` (:func:`_overflow`) also the outstanding
+    requests, TPOT batch and 1 / capacity."""
     st = EndpointState(len(rows))
     for j, name in enumerate(COLUMNS):
         getattr(st, name)[:] = [r[j] for r in rows]
-    if rng is not None:
-        n = len(rows)
-        st.outstanding[:] = rng.choice([0.0, 3.0, 8.0, 40.0], n)
-        st.tpot_batch[:] = rng.choice([4.0, 9.0, 50.0, math.inf], n)
-        st.inv_capacity[:] = rng.choice([0.1, 0.25, 1.0], n)
+    if overflow is not None:
+        st.outstanding[:], st.tpot_batch[:], st.inv_capacity[:] = overflow
     return st
 
 
@@ -82,11 +86,14 @@ def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
         n = int(rng.integers(1, 40))
         index = CandidateIndex()
         rows = [_row(rng, odd) for _ in range(n)]
-        for pos in rng.permutation(n):  # rows written in any order, some rewritten
-            if rng.random() < 0.3:
-                index.put(int(pos), _row(rng, odd))
-            index.put(int(pos), rows[pos])
-        st = _state(rows, rng)
+        overflow = _overflow(rng, n)
+        outstanding, tpot_batch = overflow[0].tolist(), overflow[1].tolist()
+        for pos in rng.permutation(n).tolist():  # rows written in any order, some rewritten
+            if rng.random() < 0.3:  # a stale row and load first
+                stale_out, stale_tpot, _ = _overflow(rng, 1)
+                index.put(pos, _row(rng, odd), float(stale_out[0]), float(stale_tpot[0]))
+            index.put(pos, rows[pos], outstanding[pos], tpot_batch[pos])
+        st = _state(rows, overflow)
         profile = routing_profile("joulesched")
         for _ in range(5):
             r = _request(rng)
@@ -97,6 +104,87 @@ def test_candidate_search_names_the_rules_first_choice(odd: float) -> None:
             assert fast == profile.pick(r, st)[0][0], (rows, r)
     if odd == 0.0:  # it declines only where the rule has no plain answer
         assert answered > 0.5 * 5 * trials
+
+
+def _late_row(rng: np.random.Generator) -> tuple[float, ...]:
+    """A busy pool row whose first-token inputs (prefill wait, step, chunk, s per prompt
+    token) come from few values, some a rounding error apart, so that first tokens tie
+    exactly and the bound (wait + step) + pi_s x l ties with them."""
+    row = list(_row(rng, 0.0))
+    row[7] = float(rng.choice([0.0, 1e-18, 0.05, 0.05 + 1e-17, 0.3])) if rng.random() < 0.7 \
+        else float(rng.random()) * 0.3
+    row[8] = float(rng.choice([0.0, 0.01, 0.03]))
+    row[9] = float(rng.choice([8188.0, 8162.0, 512.0, 1.0]))
+    row[10] = float(rng.choice([4e-5, 2e-5, 1e-4, 0.0]))
+    return tuple(row)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("odd", [0.0, 0.05])
+def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
+        odd: float) -> None:
+    """With every endpoint late, the index's soonest search (the endpoints within their
+    TPOT batch by a lower bound of their first token) names the rule's choice, ties of
+    first token and ETA included, and reads the pool's columns only when no endpoint is
+    within its TPOT batch or a row's first-token inputs are irregular."""
+    rng = np.random.default_rng(23 + int(odd * 100))
+    answered = read = 0
+    trials = 250
+    for _ in range(trials):
+        n = int(rng.integers(1, 60))
+        rows = [_late_row(rng) for _ in range(n)]
+        for row_no in range(n):  # a share of irregular first-token inputs
+            if rng.random() < odd:
+                field = int(rng.integers(7, 11))
+                value = float(rng.choice([math.nan, math.inf, -1.0, 0.5]))
+                rows[row_no] = (*rows[row_no][:field], value, *rows[row_no][field + 1:])
+        overflow = _overflow(rng, n)
+        if rng.random() < 0.1:  # nobody within the TPOT batch: least-loaded's score
+            overflow[1][:] = 0.0
+        index = CandidateIndex()
+        for pos in rng.permutation(n).tolist():
+            if rng.random() < 0.3:
+                index.put(pos, _late_row(rng), 0.0, math.inf)  # stale, within
+            index.put(pos, rows[pos], float(overflow[0][pos]), float(overflow[1][pos]))
+        st = _state(rows, overflow)
+        regular = all(1.0 <= r[9] < math.inf and 0.0 <= r[8] < math.inf and
+                      math.isfinite(r[7]) and 0.0 <= r[10] < math.inf for r in rows)
+        within = bool((overflow[0] + 1.0 <= overflow[1]).any())
+        profile = routing_profile("joulesched")
+        for _ in range(4):
+            out = float(rng.choice([1.0, 40.0, 300.0]))
+            r = RequestInfo(out, float(rng.choice([0.0, 1.0, 200.0, 2000.0, 9000.0])), out,
+                            float(rng.choice([0.5, 5.0, 60.0])),
+                            float(rng.choice([0.0, 2.0, 40.0])), False,
+                            float(rng.choice([-1.0, 1e-9])))  # every endpoint late
+            reads = []
+            fast = index.best(r, lambda st=st: reads.append(1) or st)
+            read += bool(reads)
+            assert not reads or not (within and regular), "columns read needlessly"
+            if fast is None:
+                continue
+            answered += 1
+            assert fast == profile.pick(r, st)[0][0], (rows, overflow, r)
+    if odd == 0.0:
+        assert answered > 0.8 * 4 * trials
+        assert read < 0.2 * 4 * trials
+
+
+def test_a_negative_prefill_step_is_left_to_the_columns() -> None:
+    """The soonest search's bound needs step >= 0 (then max(1, l / chunk) x step >=
+    step). With a negative step a later row in bound order can come first: the index
+    reads the columns instead, and answers as the rule does."""
+    busy = (0.01, 0.004, 0.3, 100.0, 900.0, 1000.0, 0.04, 0.5, 0.02, 8000.0, 4e-5, 1.0)
+    one_step = (*busy[:8], -1.0, 8000.0, *busy[10:])  # 100 tokens: one step, 0.5 - 1
+    many_steps = (*busy[:8], -0.02, 1.0, *busy[10:])  # 100 steps: 0.5 - 2, bound 0.48
+    rows = [busy, one_step, many_steps]
+    index = CandidateIndex()
+    for pos, row in enumerate(rows):
+        index.put(pos, row)
+    r = RequestInfo(50.0, 100.0, 50.0, 30.0, 5.0, False, -10.0)  # nobody on time
+    read = []
+    assert index.best(r, lambda: read.append(1) or _state(rows)) == 2
+    assert read and routing_profile("joulesched").pick(r, _state(rows))[0][0] == 2
 
 
 def test_rows_leave_the_index_when_rewritten() -> None:

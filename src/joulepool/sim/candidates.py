@@ -17,6 +17,17 @@ for every request (:func:`core.routing.slo_infeasible`) and are not indexed.
 Endpoints whose rows are equal (e.g. idle instances of one type at one clock) score
 equally, so only the lowest index among them is scored.
 
+When no endpoint keeps the SLO the rule takes the soonest first token among the
+least overloaded endpoints (:func:`core.routing.overflow_rank`). While some endpoint
+is within its TPOT batch, those are the least overloaded, whatever the request; the
+index keeps them grouped by their prefill time per token pi_s and, within a group,
+sorted by wait + step. A request's first token on an endpoint,
+``wait + max(1, l / chunk) x step + pi_s x l`` (:func:`core.routing.first_token_s`),
+is at least ``(wait + step) + pi_s x l`` computed in floating point (step >= 0, so
+each rounded operation is monotone), so a group is read in that order only until
+the bound exceeds the soonest first token found: a few endpoints instead of a
+vectorised pass over the pool.
+
 :meth:`CandidateIndex.best` answers None when it cannot name the rule's choice
 cheaply and exactly: a lambda outside [0, inf), a row whose numbers break the
 bound's assumptions (NaN, a negative R_n), an ETA of NaN, or, when no endpoint
@@ -29,7 +40,7 @@ answers to the full rule's on random pools.
 from __future__ import annotations
 
 import math
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Callable
 
 import numpy as np
@@ -63,16 +74,26 @@ _LATE = 0  # placement of a row with no batch room: late for every request
 _ODD = 1  # placement of a row outside the bound's assumptions
 
 
-class CandidateIndex:
-    """A pool's rows grouped by (eps_n, pi_n, X_n(1)), then by the whole row.
+def _first_token_regular(wait: float, step: float, chunk: float, pf_s: float) -> bool:
+    """Whether a row's first-token inputs meet the soonest search's assumptions: every
+    first token finite or +inf (never NaN) for a prompt of 0 <= l < inf tokens, and at
+    least (wait + step) + pf_s x l in floating point (step >= 0, max(1, l / chunk) >= 1)."""
+    return (-INF < wait < INF and 0.0 <= step < INF and 1.0 <= chunk < INF
+            and 0.0 <= pf_s < INF)
 
-    The owner calls :meth:`put` whenever it writes a row of the pool's columns, with
-    the same numbers; :meth:`best` then names the endpoint the JouleSched profile of
-    ``core.scoring`` picks first (k = 1, no subset, no KV-cache usage reported), or
-    None (see the module doc).
+
+class CandidateIndex:
+    """A pool's rows grouped by (eps_n, pi_n, X_n(1)), then by the whole row; and the
+    rows within their TPOT batch by prefill time per token, sorted by wait + step.
+
+    The owner calls :meth:`put` for every position of the pool's columns, and again
+    whenever it writes a row, with the same numbers; :meth:`best` then names the
+    endpoint the JouleSched profile of ``core.scoring`` picks first (k = 1, no subset,
+    no KV-cache usage reported), or None (see the module doc).
     """
 
-    __slots__ = ("groups", "odd", "placed", "rows")
+    __slots__ = ("first_odd", "first_placed", "firsts", "groups", "odd", "placed", "rows",
+                 "within")
 
     def __init__(self) -> None:
         #: (eps, pi, wake) -> row -> positions holding that row, ascending
@@ -81,6 +102,13 @@ class CandidateIndex:
         self.placed: dict[int, tuple[_Energy, Row] | int] = {}
         self.odd = 0  # positions placed _ODD
         self.rows: dict[int, Row] = {}  # position -> its row
+        #: prefill s per token -> (wait + step, position) of the positions within their
+        #: TPOT batch whose first-token inputs are regular, ascending
+        self.firsts: dict[float, list[tuple[float, int]]] = {}
+        #: position within its TPOT batch -> (its key in firsts, its entry), or _ODD
+        self.first_placed: dict[int, tuple[float, tuple[float, int]] | int] = {}
+        self.within = 0  # positions within their TPOT batch
+        self.first_odd = 0  # of which with first-token inputs that are not regular
 
     @staticmethod
     def serves(profile: RoutingProfile) -> bool:
@@ -91,8 +119,11 @@ class CandidateIndex:
                 and profile.scorers[0][1] == 1.0 and type(profile.picker) is LowestCostPicker
                 and all(type(f) is KVCacheFilter for f in profile.filters))
 
-    def put(self, pos: int, row: Row) -> None:
-        """Row ``pos`` of the pool's columns now holds ``row``."""
+    def put(self, pos: int, row: Row, outstanding: float = 0.0,
+            tpot_batch: float = INF) -> None:
+        """Row ``pos`` of the pool's columns now holds ``row``, and its ``outstanding``
+        and ``tpot_batch`` columns (core.routing.overflow_rank's inputs) these numbers
+        (the defaults are EndpointState's)."""
         placed = self.placed
         old = placed.get(pos)
         if old is not None:  # take it out of where it was (each row hashed once)
@@ -124,12 +155,41 @@ class CandidateIndex:
                 if equal is not alone:
                     insort(equal, pos)
             placed[pos] = (key, row)
+        self._put_first(pos, row, outstanding + 1.0 <= tpot_batch)
+
+    def _put_first(self, pos: int, row: Row, within: bool) -> None:
+        """Position ``pos`` in the soonest search: ``within`` its TPOT batch
+        (core.routing.overflow_rank's test, outstanding + 1 <= tpot_batch) or not."""
+        old = self.first_placed.pop(pos, None)
+        if old is not None:
+            self.within -= 1
+            if type(old) is tuple:
+                entries = self.firsts[old[0]]
+                del entries[bisect_left(entries, old[1])]
+            else:
+                self.first_odd -= 1
+        if not within:
+            return
+        self.within += 1
+        wait, step, chunk, pf_s = row[7], row[8], row[9], row[10]
+        if _first_token_regular(wait, step, chunk, pf_s):
+            entry = (wait + step, pos)
+            entries = self.firsts.get(pf_s)
+            if entries is None:
+                self.firsts[pf_s] = [entry]
+            else:
+                insort(entries, entry)
+            self.first_placed[pos] = (pf_s, entry)
+        else:
+            self.first_placed[pos] = _ODD
+            self.first_odd += 1
 
     def best(self, r: RequestInfo, endpoints: Callable[[], EndpointState]) -> int | None:
         """The position the JouleSched rule picks first for request ``r``, or None when
         the caller must run the rule on every endpoint. ``endpoints()`` returns the
-        pool's columns, at least core.routing.first_token_s's inputs of every row as
-        :meth:`put` here (read only when no endpoint keeps the SLO)."""
+        pool's columns, at least core.routing.first_token_s's and overflow_rank's inputs
+        of every row as :meth:`put` here (read only when no endpoint keeps the SLO and
+        the soonest search cannot answer alone)."""
         lam = r.lam
         if self.odd or not 0.0 <= lam < INF:
             return None
@@ -157,14 +217,67 @@ class CandidateIndex:
                     best_cost, best_eta, best_pos = cost, eta, same[0]
         if best_pos >= 0:
             return best_pos
+        if self.within and not self.first_odd and 0.0 <= prompt < INF:
+            return self._soonest_within(r)
         return self._soonest(r, endpoints())
+
+    def _soonest_within(self, r: RequestInfo) -> int | None:
+        """:meth:`_soonest` while some endpoint is within its TPOT batch (those are the
+        least overloaded) and every one of them is in :attr:`firsts`: the soonest first
+        token among them, found group by group in the order of its lower bound."""
+        prompt = float(r.input_tokens)
+        rows = self.rows
+        soonest = INF
+        at: list[int] = []  # the positions whose first token is ``soonest``
+        for pf_s, entries in self.firsts.items():
+            own = pf_s * prompt  # first_token_s: wait + steps x step, then + pf_s x l
+            for low, pos in entries:
+                if low + own > soonest:
+                    break  # this one and every later one in the group come later
+                row = rows[pos]
+                steps = prompt / row[9]
+                if steps < 1.0:
+                    steps = 1.0
+                first = row[7] + steps * row[8]
+                first += own
+                if first < soonest:
+                    soonest = first
+                    at = [pos]
+                elif first == soonest:
+                    at.append(pos)
+        if not soonest < INF:
+            return None
+        at.sort()
+        return self._earliest_eta(r, at)
+
+    def _earliest_eta(self, r: RequestInfo, positions: list[int]) -> int | None:
+        """Among ``positions`` (ascending), the one that can serve (finite cost) with the
+        lowest ETA, the first on ties; None if none can serve or an ETA is NaN."""
+        best_eta, best_pos = INF, -1
+        scored: dict[Row, tuple[float, float]] = {}  # equal rows score once
+        for pos in positions:
+            row = self.rows[pos]
+            got = scored.get(row)
+            if got is None:
+                got = scored[row] = score_endpoint(
+                    row[0], row[4], row[5], row[6], r.tokens, r.input_tokens, r.deadline_s,
+                    r.lam, row[1], r.output_tokens, row[2], row[3])
+            cost, eta = got
+            if not -INF < cost < INF:
+                continue
+            if eta != eta:
+                return None  # NaN ETAs rank last: leave it to the rule
+            if eta < best_eta or best_pos < 0:
+                best_eta, best_pos = eta, pos  # positions ascend: ties keep the first
+        return best_pos if best_pos >= 0 else None
 
     def _soonest(self, r: RequestInfo, endpoints: EndpointState) -> int | None:
         """No endpoint keeps the SLO with a finite cost: the rule ranks the endpoints that
         can serve (finite cost) by core.routing.overflow_rank, then their first token,
         then ETA, then index, as least-loaded routing would send the request. The
         endpoints at the soonest first token among the least overloaded rows hold that
-        choice if one of them can serve; else None."""
+        choice if one of them can serve; else None. (Over the columns, vectorised:
+        :meth:`_soonest_within` answers the usual case without them.)"""
         first = first_token_s(endpoints.prefill_wait_s, endpoints.prefill_step_s,
                               endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,
                               r.input_tokens)
@@ -179,22 +292,4 @@ class CandidateIndex:
         soonest = first[first.argmin()]  # the first NaN if there is one
         if not soonest < INF:
             return None
-        best_eta, best_pos = INF, -1
-        scored: dict[Row, tuple[float, float]] = {}  # equal rows score once
-        for pos in np.flatnonzero(first == soonest).tolist():
-            row = self.rows[pos]
-            got = scored.get(row)
-            if got is None:
-                got = scored[row] = score_endpoint(
-                    row[0], row[4], row[5], row[6], r.tokens, r.input_tokens, r.deadline_s,
-                    r.lam, row[1], r.output_tokens, row[2], row[3])
-            cost, eta = got
-            if not math.isfinite(cost):
-                continue
-            if eta != eta:
-                return None  # NaN ETAs rank last: leave it to the rule
-            if eta < best_eta or best_pos < 0:
-                best_eta, best_pos = eta, pos  # positions ascend: ties keep the first
-        return best_pos if best_pos >= 0 else None
-
-
+        return self._earliest_eta(r, np.flatnonzero(first == soonest).tolist())

@@ -776,7 +776,7 @@ class Simulator:
                                req.route_deadline[rid], self.lam_tier[req.bulk[rid]],
                                False, req.ttft_slo[rid] * self.guard_keep)
             if pool.index is not None:  # the rule's choice from a few candidates
-                best = pool.index.best(info, pool.first_token_endpoints)
+                best = pool.index.best(info, pool.endpoints)
                 if best is not None:
                     return members[best]
         else:

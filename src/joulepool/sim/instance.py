@@ -481,8 +481,7 @@ class Pool:
     the columns are written from it only when read (:attr:`state`): most requests
     never read them."""
 
-    __slots__ = ("_state", "columns", "dirty", "dirty_first", "index", "members", "out",
-                 "profile")
+    __slots__ = ("_state", "columns", "dirty", "index", "members", "out", "profile")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
                  indexed: bool = False) -> None:
@@ -493,7 +492,6 @@ class Pool:
                              "index answers for (JouleSched scorer, lowest-cost picker)")
         self.index = CandidateIndex() if indexed else None
         self.dirty: set[int] = set()  # rows of the index not yet in the columns
-        self.dirty_first: set[int] = set()  # of which the first-token columns too
         self._state = st = EndpointState(len(members))
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
         self.columns = tuple(getattr(st, name) for name in ROW_COLUMNS)
@@ -518,19 +516,6 @@ class Pool:
                 for column, value in zip(columns, rows[pos], strict=True):
                     column[pos] = value
             self.dirty.clear()
-            self.dirty_first.clear()
-        return self._state
-
-    def first_token_endpoints(self) -> EndpointState:
-        """The columns, the first-token ones (prefill wait, step, chunk and time per
-        token: core.routing.first_token_s's inputs) of every row as last synced."""
-        if self.dirty_first:
-            assert self.index is not None
-            rows = self.index.rows
-            wait, step, chunk, pf_s = self.columns[7:11]
-            for pos in self.dirty_first:
-                wait[pos], step[pos], chunk[pos], pf_s[pos] = rows[pos][7:11]
-            self.dirty_first.clear()
         return self._state
 
     def set_rule(self, inst: Instance) -> None:
@@ -549,9 +534,8 @@ class Pool:
         self.out[pos] = inst.n_out
         row = inst.row(t)
         if self.index is not None:
-            self.index.put(pos, row)
+            self.index.put(pos, row, inst.n_out, inst.tpot_batch)
             self.dirty.add(pos)
-            self.dirty_first.add(pos)
         else:
             for column, value in zip(self.columns, row, strict=True):
                 column[pos] = value
