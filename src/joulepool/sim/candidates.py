@@ -26,7 +26,9 @@ sorted by wait + step. A request's first token on an endpoint,
 is at least ``(wait + step) + pi_s x l`` computed in floating point (step >= 0, so
 each rounded operation is monotone), so a group is read in that order only until
 the bound exceeds the soonest first token found: a few endpoints instead of a
-vectorised pass over the pool.
+vectorised pass over the pool. That structure is brought up to date only when a
+request reaches the search, with the rows put since (fewer than the puts: an
+endpoint often changes several times in between).
 
 :meth:`CandidateIndex.best` answers None when it cannot name the rule's choice
 cheaply and exactly: a lambda outside [0, inf), a row whose numbers break the
@@ -93,7 +95,7 @@ class CandidateIndex:
     """
 
     __slots__ = ("first_odd", "first_placed", "firsts", "groups", "odd", "placed", "rows",
-                 "within")
+                 "stale", "within", "within_of")
 
     def __init__(self) -> None:
         #: (eps, pi, wake) -> row -> positions holding that row, ascending
@@ -102,6 +104,11 @@ class CandidateIndex:
         self.placed: dict[int, tuple[_Energy, Row] | int] = {}
         self.odd = 0  # positions placed _ODD
         self.rows: dict[int, Row] = {}  # position -> its row
+        #: position -> whether it is within its TPOT batch (outstanding + 1 <= tpot_batch)
+        self.within_of: dict[int, bool] = {}
+        # The soonest search's structure, brought up to date only when a request needs it
+        # (most never do): the positions put since then are ``stale``.
+        self.stale: set[int] = set()
         #: prefill s per token -> (wait + step, position) of the positions within their
         #: TPOT batch whose first-token inputs are regular, ascending
         self.firsts: dict[float, list[tuple[float, int]]] = {}
@@ -155,17 +162,27 @@ class CandidateIndex:
                 if equal is not alone:
                     insort(equal, pos)
             placed[pos] = (key, row)
-        self._put_first(pos, row, outstanding + 1.0 <= tpot_batch)
+        # core.routing.overflow_rank's test
+        self.within_of[pos] = outstanding + 1.0 <= tpot_batch
+        self.stale.add(pos)
+
+    def _refresh_firsts(self) -> None:
+        """Bring the soonest search's structure up to date with the rows put since."""
+        for pos in self.stale:
+            self._put_first(pos, self.rows[pos], self.within_of[pos])
+        self.stale.clear()
 
     def _put_first(self, pos: int, row: Row, within: bool) -> None:
-        """Position ``pos`` in the soonest search: ``within`` its TPOT batch
-        (core.routing.overflow_rank's test, outstanding + 1 <= tpot_batch) or not."""
+        """Position ``pos`` in the soonest search: ``within`` its TPOT batch or not."""
         old = self.first_placed.pop(pos, None)
         if old is not None:
             self.within -= 1
             if type(old) is tuple:
                 entries = self.firsts[old[0]]
-                del entries[bisect_left(entries, old[1])]
+                if len(entries) > 1:
+                    del entries[bisect_left(entries, old[1])]
+                else:
+                    del self.firsts[old[0]]
             else:
                 self.first_odd -= 1
         if not within:
@@ -217,6 +234,8 @@ class CandidateIndex:
                     best_cost, best_eta, best_pos = cost, eta, same[0]
         if best_pos >= 0:
             return best_pos
+        if self.stale:
+            self._refresh_firsts()
         if self.within and not self.first_odd and 0.0 <= prompt < INF:
             return self._soonest_within(r)
         return self._soonest(r, endpoints())
