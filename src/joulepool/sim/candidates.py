@@ -168,8 +168,9 @@ class CandidateIndex:
 
     def _refresh_firsts(self) -> None:
         """Bring the soonest search's structure up to date with the rows put since."""
+        put_first, rows, within_of = self._put_first, self.rows, self.within_of
         for pos in self.stale:
-            self._put_first(pos, self.rows[pos], self.within_of[pos])
+            put_first(pos, rows[pos], within_of[pos])
         self.stale.clear()
 
     def _put_first(self, pos: int, row: Row, within: bool) -> None:
@@ -213,8 +214,11 @@ class CandidateIndex:
         tokens, prompt, out, deadline, ttft = (r.tokens, r.input_tokens, r.output_tokens,
                                                r.deadline_s, r.ttft_slo_s)
         groups = self.groups
-        order = sorted(
-            (marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key) for key in groups)
+        # (the order only decides how soon the search stops, never its answer)
+        order = [(marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key)
+                 for key in groups]
+        if len(order) > 1:
+            order.sort()
         best_cost, best_eta, best_pos = INF, INF, -1
         for floor, key in order:
             if floor > best_cost:

@@ -255,21 +255,24 @@ class Instance:
         engine's exact queue (when a new prompt's prefill would start, and the step and
         chunk it would run at; the running prefill's end as of the last event, an
         over-estimate until the next); the prefill time per token; the batch room."""
+        # (v_at and marginal_eps written out: this runs after every change of load)
         n_out = self.n_out
+        eps_k = self.eps_k
         left = 0.0
         if n_out:
-            left = self.v_busy - self.v_at(t)
+            itl = self.itl
+            left = self.v_busy - (self.V + (t - self.last_t) / itl if itl > 0.0 else self.V)
             if not left > 0.0:
                 left = 0.0
         prefilling = self.prefill_rid >= 0
-        wait, step, chunk = prefill_queue(self.itl_row, self.pf_tok, self.budget,
-                                          self.b + prefilling, self.nwait, self.wait_in,
+        q_tok, wait_in, pf_tok, pf_w = self.q_tok, self.wait_in, self.pf_tok, self.pf_w
+        wait, step, chunk = prefill_queue(self.itl_row, pf_tok, self.budget,
+                                          self.b + prefilling, self.nwait, wait_in,
                                           self.prefill_end - t if prefilling else 0.0,
-                                          self.q_tok / n_out if n_out else 0.0)
-        pf_w = self.pf_w
-        return (self.marginal_eps(), self.pf_e, self.xs[1], left,
-                endpoint_queue_tokens(self.q_tok, self.wait_in, pf_w), self.mu, pf_w, wait,
-                step, chunk, self.pf_tok, self.opb - n_out)
+                                          q_tok / n_out if n_out else 0.0)
+        return (eps_k[n_out] if n_out < len(eps_k) else eps_k[-1], self.pf_e, self.xs[1], left,
+                endpoint_queue_tokens(q_tok, wait_in, pf_w), self.mu, pf_w, wait,
+                step, chunk, pf_tok, self.opb - n_out)
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
@@ -531,10 +534,11 @@ class Pool:
         outstanding requests, eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, the prefill
         queue, the prefill time per token and the batch room."""
         pos = inst.pos
-        self.out[pos] = inst.n_out
+        n_out = self.out[pos] = inst.n_out
         row = inst.row(t)
-        if self.index is not None:
-            self.index.put(pos, row, inst.n_out, inst.tpot_batch)
+        index = self.index
+        if index is not None:
+            index.put(pos, row, n_out, inst.tpot_batch)
             self.dirty.add(pos)
         else:
             for column, value in zip(self.columns, row, strict=True):
