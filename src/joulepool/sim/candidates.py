@@ -71,6 +71,7 @@ INF = math.inf
 Row = tuple[float, float, float, float, float, float, float, float, float, float, float,
             float]
 _Energy = tuple[float, float, float]  # (eps_n, pi_n, X_n(1))
+_First = tuple[float, int, float, float, float]  # (wait + step, position, wait, step, chunk)
 
 _LATE = 0  # placement of a row with no batch room: late for every request
 _ODD = 1  # placement of a row outside the bound's assumptions
@@ -100,8 +101,9 @@ class CandidateIndex:
     def __init__(self) -> None:
         #: (eps, pi, wake) -> row -> positions holding that row, ascending
         self.groups: dict[_Energy, dict[Row, list[int]]] = {}
-        #: position -> its (energy key, row), or _LATE / _ODD
-        self.placed: dict[int, tuple[_Energy, Row] | int] = {}
+        #: position -> (the group holding it, its row, the group's energy key), or _LATE /
+        #: _ODD
+        self.placed: dict[int, tuple[dict[Row, list[int]], Row, _Energy] | int] = {}
         self.odd = 0  # positions placed _ODD
         self.rows: dict[int, Row] = {}  # position -> its row
         #: position -> whether it is within its TPOT batch (outstanding + 1 <= tpot_batch)
@@ -109,11 +111,12 @@ class CandidateIndex:
         # The soonest search's structure, brought up to date only when a request needs it
         # (most never do): the positions put since then are ``stale``.
         self.stale: set[int] = set()
-        #: prefill s per token -> (wait + step, position) of the positions within their
-        #: TPOT batch whose first-token inputs are regular, ascending
-        self.firsts: dict[float, list[tuple[float, int]]] = {}
+        #: prefill s per token -> (wait + step, position, wait, step, chunk) of the
+        #: positions within their TPOT batch whose first-token inputs are regular,
+        #: ascending (by the first two: positions are unique)
+        self.firsts: dict[float, list[_First]] = {}
         #: position within its TPOT batch -> (its key in firsts, its entry), or _ODD
-        self.first_placed: dict[int, tuple[float, tuple[float, int]] | int] = {}
+        self.first_placed: dict[int, tuple[float, _First] | int] = {}
         self.within = 0  # positions within their TPOT batch
         self.first_odd = 0  # of which with first-token inputs that are not regular
 
@@ -135,13 +138,13 @@ class CandidateIndex:
         old = placed.get(pos)
         if old is not None:  # take it out of where it was (each row hashed once)
             if type(old) is tuple:
-                rows = self.groups[old[0]]
-                same = rows.pop(old[1])
+                rows, old_row, old_key = old
+                same = rows.pop(old_row)
                 if len(same) > 1:
                     same.remove(pos)
-                    rows[old[1]] = same
+                    rows[old_row] = same
                 elif not rows:
-                    del self.groups[old[0]]
+                    del self.groups[old_key]
             elif old == _ODD:
                 self.odd -= 1
         self.rows[pos] = row
@@ -155,13 +158,13 @@ class CandidateIndex:
             key = (eps, pi, wake)
             group = self.groups.get(key)
             if group is None:
-                self.groups[key] = {row: [pos]}
+                group = self.groups[key] = {row: [pos]}
             else:
                 alone = [pos]
                 equal = group.setdefault(row, alone)
                 if equal is not alone:
                     insort(equal, pos)
-            placed[pos] = (key, row)
+            placed[pos] = (group, row, key)
         # core.routing.overflow_rank's test
         self.within_of[pos] = outstanding + 1.0 <= tpot_batch
         self.stale.add(pos)
@@ -175,15 +178,16 @@ class CandidateIndex:
 
     def _put_first(self, pos: int, row: Row, within: bool) -> None:
         """Position ``pos`` in the soonest search: ``within`` its TPOT batch or not."""
+        firsts = self.firsts
         old = self.first_placed.pop(pos, None)
         if old is not None:
             self.within -= 1
             if type(old) is tuple:
-                entries = self.firsts[old[0]]
+                entries = firsts[old[0]]
                 if len(entries) > 1:
                     del entries[bisect_left(entries, old[1])]
                 else:
-                    del self.firsts[old[0]]
+                    del firsts[old[0]]
             else:
                 self.first_odd -= 1
         if not within:
@@ -191,10 +195,10 @@ class CandidateIndex:
         self.within += 1
         wait, step, chunk, pf_s = row[7], row[8], row[9], row[10]
         if _first_token_regular(wait, step, chunk, pf_s):
-            entry = (wait + step, pos)
-            entries = self.firsts.get(pf_s)
+            entry = (wait + step, pos, wait, step, chunk)
+            entries = firsts.get(pf_s)
             if entries is None:
-                self.firsts[pf_s] = [entry]
+                firsts[pf_s] = [entry]
             else:
                 insort(entries, entry)
             self.first_placed[pos] = (pf_s, entry)
@@ -249,19 +253,19 @@ class CandidateIndex:
         least overloaded) and every one of them is in :attr:`firsts`: the soonest first
         token among them, found group by group in the order of its lower bound."""
         prompt = float(r.input_tokens)
-        rows = self.rows
         soonest = INF
         at: list[int] = []  # the positions whose first token is ``soonest``
         for pf_s, entries in self.firsts.items():
             own = pf_s * prompt  # first_token_s: wait + steps x step, then + pf_s x l
-            for low, pos in entries:
+            if entries[0][0] + own > soonest:
+                continue  # the whole group comes later
+            for low, pos, wait, step, chunk in entries:
                 if low + own > soonest:
                     break  # this one and every later one in the group come later
-                row = rows[pos]
-                steps = prompt / row[9]
+                steps = prompt / chunk
                 if steps < 1.0:
                     steps = 1.0
-                first = row[7] + steps * row[8]
+                first = wait + steps * step
                 first += own
                 if first < soonest:
                     soonest = first
@@ -277,14 +281,17 @@ class CandidateIndex:
         """Among ``positions`` (ascending), the one that can serve (finite cost) with the
         lowest ETA, the first on ties; None if none can serve or an ETA is NaN."""
         best_eta, best_pos = INF, -1
+        rows = self.rows
         scored: dict[Row, tuple[float, float]] = {}  # equal rows score once
         for pos in positions:
-            row = self.rows[pos]
-            got = scored.get(row)
+            row = rows[pos]
+            got = scored.get(row) if scored else None
             if got is None:
-                got = scored[row] = score_endpoint(
+                got = score_endpoint(
                     row[0], row[4], row[5], row[6], r.tokens, r.input_tokens, r.deadline_s,
                     r.lam, row[1], r.output_tokens, row[2], row[3])
+                if len(positions) > 1:
+                    scored[row] = got
             cost, eta = got
             if not -INF < cost < INF:
                 continue
