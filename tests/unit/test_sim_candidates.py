@@ -158,7 +158,7 @@ def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
                             float(rng.choice([0.0, 2.0, 40.0])), False,
                             float(rng.choice([-1.0, 1e-9])))  # every endpoint late
             reads = []
-            fast = index.best(r, lambda st=st: reads.append(1) or st)
+            fast = index.best(r, lambda st=st, reads=reads: reads.append(1) or st)
             read += bool(reads)
             assert not reads or not (within and regular), "columns read needlessly"
             if fast is None:
@@ -221,7 +221,7 @@ def test_rows_leave_the_index_when_rewritten() -> None:
     put(2, idle)
     put(2, idle)  # rewritten with the same row: still once
     assert best(r) == 2
-    assert index.groups[(0.3, 0.004, 0.3)][idle] == [2, 4, 7]
+    assert index.groups[(0.3, 0.004, 0.3)][idle] == (idle, [2, 4, 7])  # held once
     late = RequestInfo(50.0, 500.0, 50.0, 30.0, 5.0, False, 0.001)
     assert best(late) == 2  # nobody keeps the SLO: the soonest first token (idle ones tie)
     put(9, (math.nan, *idle[1:]))

@@ -14,8 +14,11 @@ above the best cost found: no endpoint left can win or tie.
 
 Two more facts keep the work small. Endpoints with no room in their batch are late
 for every request (:func:`core.routing.slo_infeasible`) and are not indexed.
-Endpoints whose rows are equal (e.g. idle instances of one type at one clock) score
-equally, so only the lowest index among them is scored.
+Endpoints whose rows are equal (idle instances of one type at one clock) score
+equally, so only the lowest index among them is scored. (Rows of endpoints with work
+queued or in flight practically never repeat: they are kept by position, which
+spares hashing twelve floats twice per row written. Which rows are merged only
+changes how many are scored, never the answer: ties go to the lowest index.)
 
 When no endpoint keeps the SLO the rule takes the soonest first token among the
 least overloaded endpoints (:func:`core.routing.overflow_rank`). While some endpoint
@@ -72,6 +75,9 @@ Row = tuple[float, float, float, float, float, float, float, float, float, float
             float]
 _Energy = tuple[float, float, float]  # (eps_n, pi_n, X_n(1))
 _First = tuple[float, int, float, float, float]  # (wait + step, position, wait, step, chunk)
+#: an energy group: an idle row -> (that row, the positions holding it, ascending), and
+#: a busy row's position -> (its row, [that position])
+_Group = dict[Row | int, tuple[Row, list[int]]]
 
 _LATE = 0  # placement of a row with no batch room: late for every request
 _ODD = 1  # placement of a row outside the bound's assumptions
@@ -99,11 +105,11 @@ class CandidateIndex:
                  "stale", "within", "within_of")
 
     def __init__(self) -> None:
-        #: (eps, pi, wake) -> row -> positions holding that row, ascending
-        self.groups: dict[_Energy, dict[Row, list[int]]] = {}
-        #: position -> (the group holding it, its row, the group's energy key), or _LATE /
-        #: _ODD
-        self.placed: dict[int, tuple[dict[Row, list[int]], Row, _Energy] | int] = {}
+        #: (eps, pi, wake) -> the rows of that energy key (_Group)
+        self.groups: dict[_Energy, _Group] = {}
+        #: position -> (the group holding it, its key there, the group's energy key), or
+        #: _LATE / _ODD
+        self.placed: dict[int, tuple[_Group, Row | int, _Energy] | int] = {}
         self.odd = 0  # positions placed _ODD
         self.rows: dict[int, Row] = {}  # position -> its row
         #: position -> whether it is within its TPOT batch (outstanding + 1 <= tpot_batch)
@@ -139,11 +145,12 @@ class CandidateIndex:
         if old is not None:  # take it out of where it was (each row hashed once)
             if type(old) is tuple:
                 rows, old_row, old_key = old
-                same = rows.pop(old_row)
+                same = rows[old_row][1]
                 if len(same) > 1:
                     same.remove(pos)
-                    rows[old_row] = same
-                elif not rows:
+                else:
+                    del rows[old_row]
+                if not rows:
                     del self.groups[old_key]
             elif old == _ODD:
                 self.odd -= 1
@@ -158,13 +165,17 @@ class CandidateIndex:
             key = (eps, pi, wake)
             group = self.groups.get(key)
             if group is None:
-                group = self.groups[key] = {row: [pos]}
+                group = self.groups[key] = {}
+            if row[4] == 0.0:  # q_n = 0, idle: equal rows held once
+                entry = group.get(row)
+                if entry is None:
+                    group[row] = (row, [pos])
+                else:
+                    insort(entry[1], pos)
+                placed[pos] = (group, row, key)
             else:
-                alone = [pos]
-                equal = group.setdefault(row, alone)
-                if equal is not alone:
-                    insort(equal, pos)
-            placed[pos] = (group, row, key)
+                group[pos] = (row, [pos])
+                placed[pos] = (group, pos, key)
         # core.routing.overflow_rank's test
         self.within_of[pos] = outstanding + 1.0 <= tpot_batch
         self.stale.add(pos)
@@ -196,11 +207,11 @@ class CandidateIndex:
         wait, step, chunk, pf_s = row[7], row[8], row[9], row[10]
         if _first_token_regular(wait, step, chunk, pf_s):
             entry = (wait + step, pos, wait, step, chunk)
-            entries = firsts.get(pf_s)
-            if entries is None:
+            group = firsts.get(pf_s)
+            if group is None:
                 firsts[pf_s] = [entry]
             else:
-                insort(entries, entry)
+                insort(group, entry)
             self.first_placed[pos] = (pf_s, entry)
         else:
             self.first_placed[pos] = _ODD
@@ -227,7 +238,7 @@ class CandidateIndex:
         for floor, key in order:
             if floor > best_cost:
                 break  # this group and every later one cost more than the best
-            for row, same in groups[key].items():
+            for row, same in groups[key].values():
                 eps, pi, wake, left, q, mu, w, wait, step, chunk, pf_s, room = row
                 if endpoint_late(wait, step, chunk, pf_s, room, prompt, ttft):
                     continue
