@@ -440,3 +440,26 @@ def test_miad_keeps_tpot_before_any_request_completes():
     assert np.isfinite(got).all()
     assert (got <= tpot).mean() >= 0.99
     assert r.energy_j < _run(cl, wl, POLICIES["least-loaded"]).energy_j  # still lowers clocks
+
+
+def test_a_request_no_endpoint_can_serve_is_refused_and_the_run_goes_on():
+    """When the routing profile ranks no endpoint of the pool (every cost NaN or
+    infinite: here an infinite lambda and deadlines no endpoint meets), the request is
+    refused, as the router refuses it (core.router.NoEndpoints): never served, counted
+    as missed, named in the notes; the run goes on (it indexed an empty ranking)."""
+    import dataclasses
+
+    from joulepool.sim.engine import Simulator
+
+    cl = cluster([("h", "H100", 2)])
+    tight = dataclasses.replace(workload([0.1, 0.2, 5.0], [100, 2000, 300], [20, 50, 8], 30.0),
+                                ttft_slo_s=np.full(3, 1e-6), tpot_slo_s=np.full(3, 1e-6))
+    sim = Simulator(cl, tight, JS, model_tables(cl))
+    sim.pi.lam = math.inf  # no PI step moves it: no request completes
+    run = sim.run()
+    assert np.isnan(run.t_first).all() and np.isnan(run.t_done).all()
+    assert (run.instance_product == -1).all()
+    assert any(n.startswith("3 requests found no endpoint of their pool") for n in run.notes)
+    assert run.gpu_energy_j.sum() > 0.0  # the idle instances drew power all along
+    served = Simulator(cl, tight, JS, model_tables(cl)).run()  # a finite lambda: served
+    assert not np.isnan(served.t_done).any()

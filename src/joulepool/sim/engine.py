@@ -345,6 +345,7 @@ class Simulator:
         "tokens_window",
         "tpot_floor_s",
         "truncated",
+        "unroutable",
         "use_js",
         "use_miad",
         "wall0",
@@ -429,6 +430,7 @@ class Simulator:
         self.period_miss = 0  # of which past their deadline
         self.fallback_routes = 0
         self.dropped = 0
+        self.unroutable = 0  # requests no endpoint of their pool could serve (refused)
         self.rejected = 0  # prompts at or over the context
         self.truncated = 0  # outputs cut at the context
         self.preemptions = 0
@@ -756,7 +758,10 @@ class Simulator:
             self.t_sys = t
 
     def _pick_instance(self, rid: int, t: float) -> Instance | None:
-        """The instance the policy routes request ``rid`` to (None: dropped, nothing runs)."""
+        """The instance the policy routes request ``rid`` to; None when nothing serves it:
+        no instance runs at all (dropped), or no endpoint of its pool can (the routing
+        profile ranks none: every cost NaN or infinite), which the router refuses
+        (core.router's NoEndpoints) and this counts as refused."""
         req = self.req
         pool = self.pools[req.cls[rid] if self.planner_pools else 0]
         members = pool.members
@@ -781,7 +786,12 @@ class Simulator:
                     return members[best]
         else:
             info = _NO_REQUEST
-        return members[pool.profile.pick(info, pool.state)[0][0]]
+        ranked = pool.profile.pick(info, pool.state)[0]
+        if not ranked:  # never served: counted as missed, as a dropped request
+            self.unroutable += 1
+            self.done += 1
+            return None
+        return members[ranked[0]]
 
     def _fallback_instance(self) -> Instance | None:
         """No instance planned for the request's class right now: least-loaded over all."""
@@ -1085,6 +1095,11 @@ class Simulator:
         if self.dropped:
             self.notes.append(f"{self.dropped} requests arrived when no instance was running "
                               "at all and were never served: counted as SLO and deadline misses")
+        if self.unroutable:
+            self.notes.append(f"{self.unroutable} requests found no endpoint of their pool "
+                              "that could serve them (every routing cost NaN or infinite) and "
+                              "were refused, as the router refuses them (NoEndpoints): "
+                              "counted as SLO and deadline misses")
         if self.rejected:
             self.notes.append(f"{self.rejected} requests had a prompt at or over the model's "
                               "context (cut to the KV cache) and were rejected: counted as "
