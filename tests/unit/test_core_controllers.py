@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from joulepool.core.controllers import Direction, MIADController, PIController, SLOSignal
+from joulepool.core.controllers import (
+    Direction,
+    MIADController,
+    PeriodLatencies,
+    PIController,
+    SLOSignal,
+    miad_signal,
+)
 from joulepool.core.profiles import H100
 
 
@@ -117,3 +124,27 @@ def test_prefill_clock_floor_by_hand():
     assert prefill_clock_floor(at, clocks, 0.1, 0.1) == 2000.0  # none fits: the highest
     with pytest.raises(ValueError):
         prefill_clock_floor(at, [], 1.0)
+
+
+def test_miad_signal_reads_the_period_mean_itl():
+    """TPOT side: the ITL histogram's sum over its count for the period, not its tail;
+    TTFT and queue as observed."""
+    # 100 gaps of 10 ms and one 300-ms mixed step: mean 13 ms, not the step's 300 ms
+    p = PeriodLatencies(itl_sum=100 * 0.01 + 0.3, itl_count=101, ttft_tail=0.2, waiting=3)
+    assert p.mean_itl == pytest.approx(1.3 / 101)
+    assert miad_signal(p) == SLOSignal(0.2, pytest.approx(1.3 / 101), 3)
+    idle = miad_signal(PeriodLatencies(waiting=-2))
+    assert idle == SLOSignal(None, None, 0)  # nothing decoded: no TPOT; a negative gauge is 0
+    assert PeriodLatencies().mean_itl is None
+
+
+def test_miad_on_the_period_signal_holds_through_rare_long_steps():
+    """MIAD fed miad_signal lowers the clock through a long mixed step that a decode-only
+    batch's mean absorbs, and raises it when the mean itself crosses the margin."""
+    ctrl = MIADController(H100.supported_clocks(), ttft_target_s=0.6, tpot_target_s=0.05)
+    f = ctrl.highest
+    rare = PeriodLatencies(itl_sum=99 * 0.02 + 0.4, itl_count=100)  # mean 23.8 ms
+    nxt, d = ctrl.step(f, miad_signal(rare))
+    assert d is Direction.DOWN and nxt < f
+    slow = PeriodLatencies(itl_sum=100 * 0.046, itl_count=100)  # 46 ms > 0.9 x 50 ms
+    assert ctrl.step(nxt, miad_signal(slow))[1] is Direction.UP

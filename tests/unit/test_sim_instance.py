@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sim_helpers import cluster
 
+from joulepool.core.controllers import PeriodLatencies
 from joulepool.core.profiles import H100_8B
 from joulepool.sim.engine import Mark
 from joulepool.sim.instance import Instance, InstanceState
@@ -116,16 +117,38 @@ def test_marginal_eps_table_is_core_rule_at_every_load_and_clock(eps_live: bool)
                 assert inst.marginal_eps() == marginal_decode_j_per_token(xs, k, carry)
 
 
-def test_period_step_is_the_mean_step_every_decoding_request_saw():
-    """MIAD's TPOT signal: decoding time over tokens per request since the last call,
+def _period_mean_itl(inst: Instance, t: float) -> float:
+    """The period's mean ITL from the increments of the ITL histogram's sum and count
+    (core.controllers.PeriodLatencies, as the node agent reads them); -1 when none."""
+    itl_sum, itl_count = inst.period_itl(t)
+    mean = PeriodLatencies(itl_sum=itl_sum, itl_count=itl_count).mean_itl
+    return -1.0 if mean is None else mean
+
+
+def test_period_itl_is_the_mean_step_every_decoding_request_saw():
+    """MIAD's TPOT signal: the ITL histogram's sum over its count since the last call,
     a long mixed prefill step counted for its share, not for the whole period."""
     inst = _instance()
     inst.b, inst.itl = 10, 0.02  # decoding: a token per 20 ms
     inst.settle(1.0)  # 50 steps
     inst.prefill_rid, inst.itl, inst.pf_rate = 7, 0.2, 1000.0  # one 200-ms mixed step
     inst.settle(1.2)
-    assert inst.period_step_s(1.2) == pytest.approx(1.2 / 51)
+    assert _period_mean_itl(inst, 1.2) == pytest.approx(1.2 / 51)
     inst.prefill_rid, inst.b, inst.itl = -1, 0, 0.0  # idle: nothing decoded since
-    assert inst.period_step_s(2.0) == -1.0
+    assert _period_mean_itl(inst, 2.0) == -1.0
     inst.b, inst.itl = 3, 0.01
-    assert inst.period_step_s(2.5) == pytest.approx(0.01)  # settles to the call's time
+    assert _period_mean_itl(inst, 2.5) == pytest.approx(0.01)  # settles to the call's time
+
+
+def test_period_itl_weighs_each_step_by_the_requests_it_gave_a_token():
+    """The engine's ITL histogram gets one gap per decoding request and step: a step of
+    a bigger batch counts more (the plain mean step would be (10 x 0.01 + 10 x 0.05) / 20
+    = 0.03 s; the histogram's mean is (100 x 0.01 + 10 x 0.05) / 110)."""
+    inst = _instance()
+    inst.b, inst.itl = 10, 0.01  # 10 steps of 10 requests
+    inst.settle(0.1)
+    inst.b, inst.itl = 1, 0.05  # 10 steps of 1 request
+    inst.settle(0.6)
+    itl_sum, itl_count = inst.period_itl(0.6)
+    assert itl_count == pytest.approx(110.0) and itl_sum == pytest.approx(1.5)
+    assert _period_mean_itl(inst, 0.6) == -1.0  # nothing since

@@ -67,8 +67,59 @@ class SLOSignal:
     tpot_tail_s: float | None
     waiting: int
 
+
+@dataclass(frozen=True)
+class PeriodLatencies:
+    """What one engine's latency metrics show over one MIAD period: the observables MIAD
+    reads, in one unit (seconds, or fractions of the SLO where the caller divides by it).
+
+    The node agent takes them from the engine's Prometheus page: the increments of the
+    inter-token-latency histogram's ``_sum`` and ``_count`` since the previous scrape, the
+    TTFT histogram's tail over its window, the waiting gauge. The simulator computes the
+    same quantities from its engine state: what those metrics would show.
+    """
+
+    #: increase of the ITL histogram's ``_sum`` over the period (gaps between two output
+    #: tokens of a request, summed)
+    itl_sum: float = 0.0
+    #: increase of its ``_count``: the gaps observed (one per output token after a
+    #: request's first, so a step gives one to every request it decodes)
+    itl_count: float = 0.0
+    #: tail time to first token of the requests that got their first token (None: none)
+    ttft_tail: float | None = None
+    #: requests waiting for admission at the end of the period
+    waiting: int = 0
+
+    @property
+    def mean_itl(self) -> float | None:
+        """The period's mean inter-token latency, ``itl_sum / itl_count`` (None when no
+        token after a first was produced)."""
+        return self.itl_sum / self.itl_count if self.itl_count > 0.0 else None
+
+
+def miad_signal(period: PeriodLatencies) -> SLOSignal:
+    """MIAD's signal from one period's observables (:class:`PeriodLatencies`): TTFT tail
+    and queue as observed; TPOT: the period's mean inter-token latency.
+
+    A request's TPOT is the mean of its own gaps, so the mean gap of the requests
+    decoding in the period is the TPOT they accrue now; one long mixed prefill step is a
+    small part of it, while the ITL histogram's *tail* is that step and holds the clock
+    high for nothing. The simulator's MIAD and the node agent's both call this; why this
+    observable and no other (finished requests' TPOT, per-request projections):
+    docs/architecture.md 1.5.
+    """
+    return SLOSignal(period.ttft_tail, period.mean_itl, max(int(period.waiting), 0))
+
+
 #: FREESH's MIAD control period, seconds (the node agent's default)
 MIAD_PERIOD_S = 1.0
+#: seconds of first tokens MIAD's TTFT tail looks back over (the node agent's
+#: ``--window``, the simulator's ``miad_ttft_window_s``); 0, or anything up to one
+#: period: the first tokens since the previous period, as the TPOT side
+MIAD_TTFT_WINDOW_S = 0.0
+#: the quantile MIAD's TTFT tail is read at: the worst first token (the node agent reads it
+#: from the engine's histogram as the upper bound of the bucket holding it)
+MIAD_TTFT_QUANTILE = 1.0
 
 
 @dataclass

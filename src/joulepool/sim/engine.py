@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -58,9 +59,11 @@ import numpy.typing as npt
 
 from joulepool.core.classes import CLASS_NAMES, Tier, default_deadline
 from joulepool.core.controllers import (
+    MIAD_TTFT_WINDOW_S,
     MIADController,
+    PeriodLatencies,
     PIController,
-    SLOSignal,
+    miad_signal,
     prefill_clock_floor,
     prefill_floor_quantile,
 )
@@ -144,18 +147,24 @@ class EngineParams:
     kv_cache: bool = True
     #: instances the planner starts after t = 0 load their model first (time and energy)
     startup: bool = True
-    #: MIAD's TPOT signal from the period's mean step and each decoding request's
-    #: projected TPOT instead of the step running at the tick, and (JouleSched) the
+    #: MIAD's TPOT signal from the period's mean inter-token latency (the increments of
+    #: the ITL histogram's sum and count, core.controllers.miad_signal, as the node agent
+    #: reads them) instead of the step running at the tick, and (JouleSched) the
     #: first-token guard at MIAD's margin (1 - miad_margin) x TTFT; False: the step
     #: running at the tick and the guard at 1.0 x TTFT (docs/marginal-energy.md,
     #: "Where the joules go")
     miad_period_signal: bool = True
+    #: seconds of first tokens MIAD's TTFT tail looks back over, the node agent's
+    #: ``--window`` (core.controllers.MIAD_TTFT_WINDOW_S; up to one tick: the period)
+    miad_ttft_window_s: float = MIAD_TTFT_WINDOW_S
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if not self.miad_ttft_window_s >= 0.0:
+            raise ValueError("miad_ttft_window_s must be >= 0")
 
 
 @dataclass
@@ -345,6 +354,7 @@ class Simulator:
         "tokens_window",
         "tpot_floor_s",
         "truncated",
+        "ttft_periods",
         "unroutable",
         "use_js",
         "use_miad",
@@ -397,6 +407,8 @@ class Simulator:
         #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
         #: step time to
         self.tpot_floor_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
+        #: MIAD periods its TTFT tail looks back over (this one included)
+        self.ttft_periods = max(1, round(self.prm.miad_ttft_window_s / self.prm.tick_s))
         self.pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target,
                                lam=prm.pi_lam0)
         self.lam_series: list[tuple[float, float]] = [(0.0, self.pi.lam)] if self.use_js else []
@@ -627,34 +639,16 @@ class Simulator:
         return False
 
     def _miad_step(self, t: float) -> None:
-        """MIAD on every instance with GPUs, from its worst TTFT and TPOT ratios since
-        the last step (fractions of each request's own SLO) and its queue length.
-
-        The TPOT side also reads the inter-token latency the instance's batch sees now
-        (its step time, a mixed prefill step included, over the tightest TPOT SLO), as
-        the node agent reads the tail of the engine's inter-token-latency histogram
-        over its last seconds: a request's mean TPOT is known only when it ends, many
-        seconds after lower clocks stretched its steps, too late to keep the SLO. With
-        ``EngineParams.miad_period_signal`` it reads the period's mean step and each
-        decoding request's projected TPOT instead (:meth:`_period_tpot`)."""
-        floor = self.tpot_floor_s
-        period = self.prm.miad_period_signal
+        """MIAD on every instance with GPUs, from what its engine's metrics would show
+        over the period (:meth:`_period_latencies`), turned into MIAD's signal by
+        ``core.controllers.miad_signal``, the node agent's function; the clock is held at
+        or above the instance's prefill floor."""
         for inst in self.instances:
             if inst.state != ACTIVE and inst.state != DRAINING:
                 continue
             ctrl = self.controllers[inst.table.mode]
-            tp = inst.tp_max
-            if period:
-                tp = max(tp, self._period_tpot(inst, t, floor))
-            elif inst.b and floor > 0.0 and inst.itl / floor > tp:
-                tp = inst.itl / floor
-            sig = SLOSignal(
-                inst.tt_max if inst.tt_max >= 0.0 else None,
-                tp if tp >= 0.0 else None,
-                inst.nwait,
-            )
+            sig = miad_signal(self._period_latencies(inst, t))
             inst.tt_max = -1.0
-            inst.tp_max = -1.0
             cur = inst.table.clocks[inst.ci]
             nxt, _ = ctrl.step(cur, sig)
             if nxt < inst.clock_floor:
@@ -664,43 +658,40 @@ class Simulator:
                 if inst.state == ACTIVE and inst.pos >= 0:
                     self.pools[inst.pool].set_rule(inst)
 
-    def _period_tpot(self, inst: Instance, t: float, tpot_s: float) -> float:
-        """The worst TPOT / SLO signal of ``inst`` at ``t`` (-1: none): the mean step its
-        decoding requests saw since the last MIAD step over ``tpot_s`` (a request's TPOT
-        is the mean of its steps; one long mixed step of a long prompt's chunk is a small
-        part of it), and each decoding request's projected TPOT (:meth:`_projected_tpot`)."""
-        step = inst.period_step_s(t)
-        tp = step / tpot_s if step > 0.0 and tpot_s > 0.0 else -1.0
-        if inst.b:
-            worst = self._projected_tpot(inst, t, step if step > 0.0 else inst.itl)
-            if worst > tp:
-                tp = worst
-        return tp
+    def _period_latencies(self, inst: Instance, t: float) -> PeriodLatencies:
+        """What ``inst``'s engine metrics would show since the last MIAD step, in
+        fractions of the SLO (MIAD's targets are 1.0): the increments of its
+        inter-token-latency histogram's sum and count (:meth:`Instance.period_itl`) over
+        the tightest TPOT SLO, as the node agent divides by its pool's; the worst first
+        token over each request's own TTFT SLO (:meth:`_ttft_tail`); the waiting queue.
+        Without ``EngineParams.miad_period_signal`` the ITL side is the step running at
+        the tick (one gap), the tail of a short ITL window."""
+        floor = self.tpot_floor_s
+        ttft = self._ttft_tail(inst)
+        if floor <= 0.0:
+            return PeriodLatencies(ttft_tail=ttft, waiting=inst.nwait)
+        if self.prm.miad_period_signal:
+            itl_sum, itl_count = inst.period_itl(t)
+        elif inst.b:
+            itl_sum, itl_count = inst.itl, 1.0
+        else:
+            itl_sum, itl_count = 0.0, 0.0
+        return PeriodLatencies(itl_sum=itl_sum / floor, itl_count=itl_count, ttft_tail=ttft,
+                               waiting=inst.nwait)
 
-    def _projected_tpot(self, inst: Instance, t: float, step_s: float) -> float:
-        """The worst TPOT / SLO the requests decoding on ``inst`` (settled at ``t``) are
-        heading for: each one's time since its first token plus its predicted tokens left
-        at ``step_s`` per token, over its predicted tokens after the first. A request's
-        TPOT is the mean of its own steps: a short response that sat through a long
-        prompt's mixed step needs the rest of its steps faster, which the batch's mean
-        step time does not show."""
-        req = self.req
-        first, pred, pf_len, tpot = req.t_first, req.predicted, req.pf_len, req.tpot_slo
-        v = inst.V
-        kv_of = inst.kv_of
-        worst = -1.0
-        for _, rid in inst.heap:
-            done = v - (pf_len[rid] - kv_of[rid])  # tokens since it joined the batch
-            after_first = pred[rid] - 1.0
-            if after_first < done:
-                after_first = done
-            if after_first < 1.0:
-                continue
-            left = after_first - done
-            r = (t - first[rid] + left * step_s) / after_first / tpot[rid]
-            if r > worst:
-                worst = r
-        return worst
+    def _ttft_tail(self, inst: Instance) -> float | None:
+        """The worst first token / TTFT SLO of ``inst`` over the last
+        ``EngineParams.miad_ttft_window_s`` (this period's and the periods' before it in
+        the window; None when there was none), as the node agent reads the engine's TTFT
+        histogram over its ``--window``."""
+        if self.ttft_periods == 1:
+            return inst.tt_max if inst.tt_max >= 0.0 else None
+        ring = inst.tt_ring
+        if ring is None:
+            ring = inst.tt_ring = deque(maxlen=self.ttft_periods)
+        ring.append(inst.tt_max)
+        worst = max(ring)
+        return worst if worst >= 0.0 else None
 
     def _pi_step(self, t: float) -> None:
         """JouleSched's PI lambda from the deadline-miss ratio of the period's completions."""
@@ -893,8 +884,8 @@ class Simulator:
         """Requests ``completed`` finish on ``inst`` at ``t``: latency, SLO and load
         accounts, the PI period's counts, the core router's completion reports."""
         req = self.req
-        t_done, t_first, arrival, deadline = req.t_done, req.t_first, req.arrival, req.deadline
-        predicted, output, tpot_slo = req.predicted, req.output, req.tpot_slo
+        t_done, arrival, deadline = req.t_done, req.arrival, req.deadline
+        predicted, output = req.predicted, req.output
         prouter = self.prouter
         n = len(completed)
         if n and t <= self.T:  # Little's integral up to t (the rest of them add n x 0 s)
@@ -906,10 +897,6 @@ class Simulator:
             t_done[rid] = t
             inst.q_tok -= predicted[rid]
             o = output[rid]
-            if o > 1:
-                r = (t - t_first[rid]) / (o - 1) / tpot_slo[rid]
-                if r > inst.tp_max:
-                    inst.tp_max = r
             if t - arrival[rid] > deadline[rid]:
                 self.period_miss += 1
             if prouter is not None:

@@ -72,7 +72,6 @@ class Instance:
         "clock_floor",
         "cls",
         "dec_end",
-        "dec_t",
         "energy",
         "eps",
         "eps_k",
@@ -83,7 +82,9 @@ class Instance:
         "idx",
         "inv_cap",
         "itl",
+        "itl_count",
         "itl_row",
+        "itl_sum",
         "kv_end",
         "kv_fixed",
         "kv_full",
@@ -93,8 +94,8 @@ class Instance:
         "llf",
         "max_len",
         "maxb",
-        "miad_dec_t",
-        "miad_v",
+        "miad_itl_count",
+        "miad_itl_sum",
         "mu",
         "n_out",
         "node",
@@ -121,10 +122,10 @@ class Instance:
         "start_w",
         "state",
         "table",
-        "tp_max",
         "tpot_batch",
         "tps_row",
         "tt_max",
+        "tt_ring",
         "v_busy",
         "version",
         "wait_in",
@@ -156,9 +157,12 @@ class Instance:
         self.last_t = 0.0  # s, when energy, V and busy time were last settled
         self.energy = 0.0  # J drawn since activation (all its GPUs)
         self.busy_t = 0.0  # s spent prefilling or decoding
-        self.dec_t = 0.0  # s spent decoding (mixed prefill-and-decode steps included)
-        self.miad_v = 0.0  # V at the last MIAD step
-        self.miad_dec_t = 0.0  # dec_t at the last MIAD step
+        # the engine's inter-token-latency histogram's _sum (s) and _count: one gap per
+        # decoding request and step (mixed prefill-and-decode steps included)
+        self.itl_sum = 0.0
+        self.itl_count = 0.0
+        self.miad_itl_sum = 0.0  # itl_sum at the last MIAD step
+        self.miad_itl_count = 0.0  # itl_count at the last MIAD step
         self.heap: list[tuple[float, int]] = []
         self.llf = llf
         self.waiting: Any = LLFQueue() if llf else deque()
@@ -183,7 +187,8 @@ class Instance:
         self.wait_in = 0.0  # prompt tokens of the requests waiting for admission
         self.v_busy = 0.0  # V by which the longest request in flight is done (predicted)
         self.tt_max = -1.0  # worst TTFT / SLO since the last MIAD step (-1: none)
-        self.tp_max = -1.0  # worst TPOT / SLO since the last MIAD step (-1: none)
+        #: the worst TTFT / SLO of each of the last MIAD periods (the engine's TTFT window)
+        self.tt_ring: deque[float] | None = None
         self.plog = plog
         # b*_n of the marginal rule: requests it carries at once within the SLO (the
         # engine sets core.routing.sustainable_batch; the TPOT operating batch until then)
@@ -283,24 +288,29 @@ class Instance:
                 self.pf_left -= dt * self.pf_rate
                 self.busy_t += dt
                 if self.itl > 0.0:
-                    self.V += dt / self.itl
-                    self.dec_t += dt
+                    dv = dt / self.itl
+                    self.V += dv
+                    self.itl_sum += self.b * dt
+                    self.itl_count += self.b * dv
             elif self.itl > 0.0:
-                self.V += dt / self.itl
+                dv = dt / self.itl
+                self.V += dv
                 self.busy_t += dt
-                self.dec_t += dt
+                self.itl_sum += self.b * dt
+                self.itl_count += self.b * dv
             self.last_t = t
 
-    def period_step_s(self, t: float) -> float:
-        """Mean decode step time (s per token of each decoding request, mixed steps
-        included) since the last call, settled to ``t``; -1 when nothing decoded. This is
-        what every request decoding in the period saw per token: the TPOT it accrued."""
+    def period_itl(self, t: float) -> tuple[float, float]:
+        """(s, gaps): the increase since the last call, settled to ``t``, of the engine's
+        inter-token-latency histogram's ``_sum`` and ``_count`` (each decoding request
+        adds one gap of the step time per step, mixed prefill steps included): what the
+        node agent reads between two scrapes (core.controllers.PeriodLatencies)."""
         self.settle(t)
-        dv = self.V - self.miad_v
-        dd = self.dec_t - self.miad_dec_t
-        self.miad_v = self.V
-        self.miad_dec_t = self.dec_t
-        return dd / dv if dv > 1e-9 else -1.0
+        ds = self.itl_sum - self.miad_itl_sum
+        dn = self.itl_count - self.miad_itl_count
+        self.miad_itl_sum = self.itl_sum
+        self.miad_itl_count = self.itl_count
+        return ds, dn
 
     def retime(self, t: float, evq: list[tuple[float, int, int]]) -> None:
         """After a change at ``t``: draw and step time for what it does now (a mixed
