@@ -113,3 +113,27 @@ def test_sglang_page_detected_or_named() -> None:
     # read by the wrong spec, the page has no queue gauges
     assert parse_queue(SGLANG_PAGE, engine_spec("vllm")) is None
     assert engine_spec("tgi") is None and engine_spec(None) is None
+
+
+def test_histogram_sum_and_count_are_read_summed_over_label_sets() -> None:
+    """MIAD's mean ITL divides the ITL histogram's _sum by its _count (summed over models);
+    without a _count sample the +Inf bucket counts."""
+    page = "\n".join([
+        "# TYPE vllm:inter_token_latency_seconds histogram",
+        'vllm:inter_token_latency_seconds_bucket{le="0.01",model_name="a"} 3.0',
+        'vllm:inter_token_latency_seconds_bucket{le="+Inf",model_name="a"} 4.0',
+        'vllm:inter_token_latency_seconds_count{model_name="a"} 4.0',
+        'vllm:inter_token_latency_seconds_sum{model_name="a"} 0.05',
+        'vllm:inter_token_latency_seconds_bucket{le="0.01",model_name="b"} 1.0',
+        'vllm:inter_token_latency_seconds_bucket{le="+Inf",model_name="b"} 1.0',
+        'vllm:inter_token_latency_seconds_count{model_name="b"} 1.0',
+        'vllm:inter_token_latency_seconds_sum{model_name="b"} 0.004',
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+        'vllm:time_to_first_token_seconds_bucket{le="0.5"} 1.0',
+        'vllm:time_to_first_token_seconds_bucket{le="+Inf"} 2.0',
+        "",
+    ])
+    s = parse_engine_metrics(page)
+    assert s.tpot.count == 5.0 and s.tpot.sum == pytest.approx(0.054)
+    assert s.ttft.count == 2.0 and s.ttft.sum == 0.0  # no _sum, no _count samples
+    assert parse_engine_metrics("").tpot.count == 0.0

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from joulepool.core.controllers import PeriodLatencies, miad_signal
 from joulepool.nodeagent.discovery import endpoint_for_pod
 from joulepool.nodeagent.signals import (
     EngineSample,
@@ -63,10 +64,17 @@ def test_parse_sums_over_label_sets_and_ignores_other_metrics():
     assert parse_engine_metrics("").ttft.bounds == ()
 
 
+def _signal(latencies: PeriodLatencies, tokens: float) -> tuple[float | None, float | None,
+                                                                 float]:
+    """(TTFT tail, TPOT, tokens) MIAD reads from one scrape (core's miad_signal)."""
+    sig = miad_signal(latencies)
+    return sig.ttft_tail_s, sig.tpot_tail_s, tokens
+
+
 def test_window_tail_uses_only_recent_observations():
     w = EngineWindow(window_s=5.0)
     old = parse_engine_metrics(vllm_text([], [0.09] * 100, tokens=100))  # slow, long ago
-    ttft, tpot, tokens = w.add(0.0, old, 0.9)
+    ttft, tpot, tokens = _signal(*w.add(0.0, old, 0.9))
     assert tpot is not None and tpot > 0.05  # first scrape: everything so far
     assert tokens == 0.0
     t = 0.0
@@ -74,7 +82,7 @@ def test_window_tail_uses_only_recent_observations():
         t += 1.0
         new = parse_engine_metrics(vllm_text([], [0.09] * 100 + [0.015] * int(50 * t),
                                              tokens=100 + int(50 * t)))
-        ttft, tpot, tokens = w.add(t, new, 0.9)
+        ttft, tpot, tokens = _signal(*w.add(t, new, 0.9))
     assert tokens == pytest.approx(50.0)
     assert tpot is not None and 0.01 <= tpot <= 0.02  # the slow past fell out of the window
     assert ttft is None  # no first tokens in the window
@@ -83,7 +91,8 @@ def test_window_tail_uses_only_recent_observations():
 def test_window_handles_engine_restart():
     w = EngineWindow(window_s=5.0)
     w.add(0.0, parse_engine_metrics(vllm_text([], [0.015] * 500, tokens=500)), 0.9)
-    _, tpot, tokens = w.add(1.0, parse_engine_metrics(vllm_text([], [0.09] * 3, tokens=3)), 0.9)
+    _, tpot, tokens = _signal(*w.add(1.0, parse_engine_metrics(vllm_text([], [0.09] * 3,
+                                                                         tokens=3)), 0.9))
     assert tokens == 3.0  # counter reset: the new value is the increase
     assert tpot is not None and tpot > 0.05
 
@@ -195,3 +204,20 @@ def test_endpoint_for_pod():
 
 def test_engine_sample_defaults():
     assert EngineSample().gpus is None
+
+
+def test_the_period_mean_itl_is_the_histograms_increment_between_two_scrapes():
+    """One slow early gap leaves the period's mean as soon as a period passes, however
+    long the TTFT window; a restart (counts falling) or a new bucket layout starts over."""
+    from joulepool.nodeagent.signals import increment
+
+    w = EngineWindow(window_s=60.0)
+    first, _ = w.add(0.0, parse_engine_metrics(vllm_text([], [0.09] + [0.015] * 9)), 0.9)
+    assert first.itl_count == 10 and first.mean_itl == pytest.approx((0.09 + 9 * 0.015) / 10)
+    later, _ = w.add(1.0, parse_engine_metrics(vllm_text([], [0.09] + [0.015] * 109)), 0.9)
+    assert later.itl_count == 100 and later.mean_itl == pytest.approx(0.015)
+    old = H((0.1, math.inf), (5, 6), 0.4, 6)
+    assert increment(H((0.1, math.inf), (8, 9), 0.5, 9), old) == (pytest.approx(0.1), 3)
+    assert increment(H((0.1, math.inf), (1, 2), 0.05, 2), old) == (0.05, 2)  # restarted
+    assert increment(H((0.2, math.inf), (8, 9), 0.5, 9), old) == (0.5, 9)  # new layout
+    assert increment(H((0.1, math.inf), (8, 9), 0.5, 9), None) == (0.5, 9)

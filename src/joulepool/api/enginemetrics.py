@@ -4,7 +4,8 @@ Engines name their metrics differently (:class:`EngineMetricSpec`: vLLM V1 with
 the pre-rename names as fallbacks, SGLang); the spec comes from the pod's
 ``joulepool.dev/engine`` label or is detected from the page. The routing service
 reads the queue gauges and KV-cache usage of every engine; the node agent
-reads those, the TTFT / inter-token latency histograms, the prompt-length histogram,
+reads those, the TTFT / inter-token latency histograms (buckets, ``_sum`` and
+``_count``), the prompt-length histogram,
 the generated-token counter, the model and the GPUs. Both call
 :func:`parse_engine_metrics`, so both read a page by the same rules:
 
@@ -100,10 +101,13 @@ def detect_engine(text: str) -> EngineMetricSpec:
 @dataclass(frozen=True)
 class Histogram:
     """A cumulative histogram: upper bounds (in the family's unit: s, tokens) and counts,
-    summed over label sets."""
+    summed over label sets; ``sum`` and ``count`` are its ``_sum`` and ``_count`` samples
+    (0 when the page has none)."""
 
     bounds: tuple[float, ...] = ()
     counts: tuple[float, ...] = ()
+    sum: float = 0.0
+    count: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,9 +137,13 @@ class EngineSample:
     prompt_tokens: Histogram = Histogram()
 
 
-def _histogram(buckets: dict[float, float]) -> Histogram:
+def _histogram(buckets: dict[float, float], total: float | None,
+               count: float | None) -> Histogram:
     bounds = tuple(sorted(buckets))
-    return Histogram(bounds, tuple(buckets[b] for b in bounds))
+    counts = tuple(buckets[b] for b in bounds)
+    if count is None:  # _count is the +Inf bucket's count
+        count = counts[-1] if counts and math.isinf(bounds[-1]) else 0.0
+    return Histogram(bounds, counts, total or 0.0, count)
 
 
 def _select(text: str, names: Iterable[str]) -> str:
@@ -183,7 +191,8 @@ class _Page:
     def histogram(self, names: tuple[str, ...]) -> Histogram:
         for n in names:
             if n in self.buckets:
-                return _histogram(self.buckets[n])
+                return _histogram(self.buckets[n], self.sums.get(f"{n}_sum"),
+                                  self.sums.get(f"{n}_count"))
         return Histogram()
 
 

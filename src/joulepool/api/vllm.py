@@ -31,6 +31,9 @@ SGLANG_WAITING = "sglang:num_queue_reqs"
 SGLANG_KV_CACHE = "sglang:token_usage"
 SGLANG_TTFT = "sglang:time_to_first_token_seconds"
 SGLANG_ITL = "sglang:inter_token_latency_seconds"
+#: older SGLang's name of the ITL histogram; current SGLang observes each finished
+#: request's e2e latency over its output tokens under it (read only when the ITL one is
+#: absent)
 SGLANG_LEGACY_TPOT = "sglang:time_per_output_token_seconds"
 SGLANG_GENERATION_TOKENS = "sglang:generation_tokens_total"
 #: prompt tokens of each finished request (histogram; SGLang serves it only when started

@@ -4,8 +4,10 @@ Every period (default 1 s), for each GPU:
 
 1. read the energy counter, power and SM clock; feed the J/token estimator
    with the energy delta and the new output tokens of the engine(s) on it;
-2. build the SLO signal from those engines (tail TTFT / TPOT over the recent
-   window, waiting requests) and the pool's SLO from the plan;
+2. build the SLO signal from those engines (``core.controllers.miad_signal`` of each
+   engine's period observables, :mod:`joulepool.nodeagent.signals`: the period's mean
+   inter-token latency, the TTFT tail, waiting requests; the worst engine's) and the
+   pool's SLO from the plan;
 3. ask ``core.controllers.MIADController`` for the next clock and lock it
    (``min = lowest supported``, ``max = f``: the GPU may still idle lower);
    in power mode (``control="power"``) MIAD steers the GPU's power limit
@@ -737,6 +739,8 @@ class NodeAgent:
         tpots = [r.tpot_tail_s for r in live if r.tpot_tail_s is not None]
         signal = SLOSignal(max(ttfts) if ttfts else None, max(tpots) if tpots else None,
                            sum(max(r.waiting, 0) for r in live))
+        self.metrics.signal_tpot.labels(*labels).set(
+            math.nan if signal.tpot_tail_s is None else signal.tpot_tail_s)
         controller = self._controller(gpu, slo)
         current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
         target, direction = controller.step(current, signal)

@@ -85,6 +85,11 @@ class AgentMetrics:
             "joulepool_miad_prefill_floor_state",
             "1 for the prefill floor's current state: applied, or why not (no_histogram, "
             "no_traffic, no_profile)", (*GPU_LABELS, "state"), registry=r)
+        self.signal_tpot = Gauge(
+            "joulepool_miad_signal_tpot_seconds",
+            "TPOT MIAD compared with its pool's target last period: the engines' mean "
+            "inter-token latency over the period (core.controllers.miad_signal; the worst "
+            "engine's; NaN: none decoded)", GPU_LABELS, registry=r)
         self.decisions = Counter(
             "joulepool_miad_decisions", "MIAD decisions by direction",
             (*GPU_LABELS, "direction"), registry=r)

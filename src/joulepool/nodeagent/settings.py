@@ -16,7 +16,7 @@ from joulepool.api.contract import (
     NODE_AGENT_METRICS_PORT,
     POD_RESOURCES_SOCKET,
 )
-from joulepool.core.controllers import MIADController
+from joulepool.core.controllers import MIAD_TTFT_QUANTILE, MIAD_TTFT_WINDOW_S, MIADController
 from joulepool.nodeagent.agent import AgentConfig
 from joulepool.nodeagent.signals import PROMPT_WINDOW_S
 from joulepool.settings import ComponentSettings, setting
@@ -56,10 +56,15 @@ class NodeAgentSettings(ComponentSettings):
     margin: float = setting(MIADController.margin,
                             "MIAD safety margin: at risk above target*(1-margin)",
                             env="JOULEPOOL_MIAD_MARGIN", group=CONTROL, ge=0, lt=1)
-    tail_quantile: float = setting(0.9, "latency quantile MIAD compares with the SLO",
-                                   group=CONTROL, gt=0, le=1)
-    window: float = setting(10.0, "seconds of engine histograms the tail is taken over",
-                            env="JOULEPOOL_WINDOW_SECONDS", group=CONTROL, gt=0)
+    tail_quantile: float = setting(
+        MIAD_TTFT_QUANTILE, "quantile of the first tokens in the window MIAD compares with "
+        "the TTFT target (1: the worst, read as the upper bound of its histogram bucket)",
+        group=CONTROL, gt=0, le=1)
+    window: float = setting(
+        MIAD_TTFT_WINDOW_S, "seconds of first tokens MIAD's TTFT tail is taken over (0, or up "
+        "to one period: those since the previous period; the TPOT side is always the "
+        "period's mean inter-token latency)", env="JOULEPOOL_WINDOW_SECONDS", group=CONTROL,
+        ge=0)
     prompt_window: float = setting(
         PROMPT_WINDOW_S, "seconds of the engine's prompt-length histogram MIAD's prefill clock "
         "floor reads its prompt quantile over", env="JOULEPOOL_PROMPT_WINDOW_SECONDS",

@@ -1,9 +1,14 @@
 """SLO signals from the local serving engines' Prometheus metrics (vLLM names).
 
-Each control period the agent scrapes every engine's ``/metrics`` and turns
-the cumulative histograms into a *recent* tail: the buckets observed over the
-last ``window_s`` seconds, read at ``quantile`` with PromQL's rule
-(``core.estimators.histogram_quantile``). It also counts new output tokens
+Each control period the agent scrapes every engine's ``/metrics`` and turns it into
+the period's observables (``core.controllers.PeriodLatencies``), which
+``core.controllers.miad_signal`` (the simulator's MIAD calls it too) makes MIAD's
+signal: the increments of the inter-token-latency histogram's ``_sum`` and ``_count``
+since the previous scrape (the period's mean ITL), the TTFT tail of the first tokens
+since then (or over ``window_s`` seconds, when longer), read at ``quantile`` with
+PromQL's rule (``core.estimators.histogram_quantile``; 1: the upper bound of the
+bucket holding the worst), and the waiting queue.
+It also counts new output tokens
 (``vllm:generation_tokens_total``) for the online J/token estimate, and reads the
 prompt length at the TTFT-miss quantile from the engine's prompt-length histogram
 (``vllm:request_prompt_tokens``, ``sglang:prompt_tokens_histogram``) over a longer
@@ -30,7 +35,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 # the one engine-metrics parser, the routing service's too
 from joulepool.api.enginemetrics import EngineSample, Histogram, parse_engine_metrics
-from joulepool.core.controllers import prefill_floor_quantile
+from joulepool.core.controllers import (
+    MIAD_TTFT_QUANTILE,
+    MIAD_TTFT_WINDOW_S,
+    PeriodLatencies,
+    miad_signal,
+    prefill_floor_quantile,
+)
 from joulepool.core.estimators import bucket_delta, counter_delta, histogram_quantile
 from joulepool.nodeagent.background import Background
 
@@ -42,6 +53,8 @@ class EngineReading:
 
     engine: str
     waiting: int = 0
+    #: MIAD's signal from this engine (core.controllers.miad_signal of ``latencies``):
+    #: TTFT tail and the TPOT compared with the target, s
     ttft_tail_s: float | None = None
     tpot_tail_s: float | None = None
     tokens: float = 0.0  # new output tokens since the previous reading
@@ -56,6 +69,8 @@ class EngineReading:
     #: the engine's prompt-length histogram as scraped (cumulative since it started;
     #: None when the page carries none)
     prompts: Histogram | None = None
+    #: the period's observables the signal was computed from (None: not scraped)
+    latencies: PeriodLatencies | None = None
 
     @property
     def prompt_histogram(self) -> bool:
@@ -76,29 +91,48 @@ def tail(q: float, new: Histogram, old: Histogram | None) -> float | None:
     return histogram_quantile(q, bounds, counts)
 
 
+def increment(new: Histogram, old: Histogram | None) -> tuple[float, float]:
+    """(sum, count): what a histogram's ``_sum`` and ``_count`` rose by between two
+    scrapes; everything since the engine started when there is no earlier scrape, the
+    count fell (a restart) or the bucket layout changed."""
+    if old is None or new.count < old.count or new.bounds != old.bounds:
+        return new.sum, new.count
+    return max(new.sum - old.sum, 0.0), new.count - old.count
+
+
 @dataclass
 class EngineWindow:
-    """Recent scrapes of one engine: windowed tails and per-period token deltas."""
+    """Recent scrapes of one engine: the period's observables and token deltas."""
 
-    window_s: float = 10.0
+    window_s: float = MIAD_TTFT_WINDOW_S
     history: deque[tuple[float, EngineSample]] = field(default_factory=deque)
     last: EngineSample | None = None
 
-    def add(self, t: float, sample: EngineSample, q: float) -> tuple[float | None, float | None,
-                                                                     float]:
-        """Record a scrape; return (TTFT tail, TPOT tail, new tokens since the last scrape)."""
+    def add(self, t: float, sample: EngineSample, q: float) -> tuple[PeriodLatencies, float]:
+        """Record the scrape at ``t`` (monotonic s); return the observables since the
+        previous scrape (:class:`PeriodLatencies`, s: the ITL histogram's increments; the
+        TTFT tail at quantile ``q`` of the first tokens since the latest scrape at or
+        before ``t - window_s``, the previous one at the latest) and the new output
+        tokens since the previous scrape. The first scrape reads everything since the
+        engine started; so does one after a restart (counts falling)."""
+        prev = self.last
         tokens = counter_delta(sample.generation_tokens,
-                               self.last.generation_tokens if self.last else None)
-        if self.last is not None and sample.generation_tokens < self.last.generation_tokens:
+                               prev.generation_tokens if prev else None)
+        if prev is not None and sample.generation_tokens < prev.generation_tokens:
             self.history.clear()  # the engine restarted: old buckets mean nothing now
+            prev = None
         self.last = sample
         self.history.append((t, sample))
-        # keep one sample at or before the window start as the baseline
-        while len(self.history) >= 2 and self.history[1][0] <= t - self.window_s:
+        # keep the latest sample at or before the window start as the baseline, and the
+        # previous scrape at least
+        while len(self.history) >= 3 and self.history[1][0] <= t - self.window_s:
             self.history.popleft()
         base = self.history[0][1] if len(self.history) >= 2 else None
-        return tail(q, sample.ttft, base.ttft if base else None), \
-            tail(q, sample.tpot, base.tpot if base else None), tokens
+        itl_sum, itl_count = increment(sample.tpot, prev.tpot if prev else None)
+        return PeriodLatencies(
+            itl_sum=itl_sum, itl_count=itl_count,
+            ttft_tail=tail(q, sample.ttft, base.ttft if base else None),
+            waiting=round(sample.waiting)), tokens
 
 
 #: the prompt-length quantile MIAD's prefill floor is taken at (the simulator's too)
@@ -188,8 +222,8 @@ class PrometheusSignalSource:
         self,
         endpoints: Iterable[EngineEndpoint] = (),
         discover: Discover | None = None,
-        quantile: float = 0.9,
-        window_s: float = 10.0,
+        quantile: float = MIAD_TTFT_QUANTILE,
+        window_s: float = MIAD_TTFT_WINDOW_S,
         timeout_s: float = 0.8,
         stale_s: float = 5.0,
         discover_interval_s: float = 15.0,
@@ -201,8 +235,8 @@ class PrometheusSignalSource:
     ) -> None:
         if not 0.0 < quantile <= 1.0 or not 0.0 < prompt_quantile <= 1.0:
             raise ValueError("quantile must be in (0, 1]")
-        if prompt_window_s <= 0:
-            raise ValueError("prompt window must be > 0")
+        if prompt_window_s <= 0 or window_s < 0:
+            raise ValueError("prompt window must be > 0 and the TTFT window >= 0")
         self.prompt_quantile = prompt_quantile
         self.prompt_window_s = prompt_window_s
         self.static = list(endpoints)
@@ -305,13 +339,15 @@ class PrometheusSignalSource:
                 model=prev.model if prev else None, fresh=False, stale=stale)
         self._warned.discard(e.url)
         window = self._windows.setdefault(e.url, EngineWindow(self.window_s))
-        ttft, tpot, tokens = window.add(now, sample, self.quantile)
+        latencies, tokens = window.add(now, sample, self.quantile)
+        signal = miad_signal(latencies)
         prompts = self._prompts.setdefault(e.url, PromptWindow(self.prompt_window_s))
         prompt_tail = prompts.add(now, sample.prompt_tokens, self.prompt_quantile)
         self._last_ok[e.url] = now
         reading = EngineReading(
-            engine=e.url, waiting=round(sample.waiting), ttft_tail_s=ttft, tpot_tail_s=tpot,
-            tokens=tokens, model=sample.model, pool=e.pool,
+            engine=e.url, waiting=signal.waiting, ttft_tail_s=signal.ttft_tail_s,
+            tpot_tail_s=signal.tpot_tail_s, latencies=latencies, tokens=tokens,
+            model=sample.model, pool=e.pool,
             gpus=e.gpus if e.gpus is not None else sample.gpus,
             prompt_tail_tokens=prompt_tail,
             prompts=sample.prompt_tokens if sample.prompt_tokens.bounds else None)
