@@ -58,3 +58,16 @@ def test_prefill_times_over_an_array_equal_the_scalar_ones(seed: int) -> None:
         want = np.array([prefill_time_s(budget, batch, float(p), decode_s, per_token)
                          for p in prompts])
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0.0)
+
+
+def test_first_token_waits_for_the_step_in_progress_then_shares_steps_with_the_batch():
+    """Idle: the prompt's own compute. Beside b decoding requests: one decode step (the
+    step in progress), then the prompt in chunks of budget - b tokens, each step carrying
+    the batch's decode step too."""
+    from joulepool.core.batching import first_token_s
+
+    assert first_token_s(8192, 0, 3000, 0.02, 1e-4) == pytest.approx(0.3)
+    # 8,192 - 192 = 8,000 tokens a step: 20,000 tokens take 2.5 steps
+    assert first_token_s(8192, 192, 20_000, 0.02, 1e-4) == pytest.approx(
+        0.02 + 2.0 + 2.5 * 0.02)
+    assert first_token_s(8192, 64, 500, 0.02, 1e-4) == pytest.approx(0.02 + 0.05 + 0.02)

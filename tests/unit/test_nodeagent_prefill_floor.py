@@ -13,10 +13,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from test_nodeagent_agent import ProfileEngine, Rig, gpu_labels
 
 from joulepool.api.enginemetrics import SGLANG, VLLM, parse_engine_metrics
+from joulepool.core.batching import first_token_s
 from joulepool.core.controllers import MIADController, prefill_clock_floor
 from joulepool.core.estimators import histogram_quantile
 from joulepool.core.powercap import clock_under_power_cap, power_cap_for_clock
-from joulepool.core.profiles import H100, H100_8B
+from joulepool.core.profiles import H100, H100_8B, default_batched_tokens
 from joulepool.fakes.engine import SGLANG_PROMPT_BUCKETS, one_two_five_buckets
 from joulepool.nodeagent.agent import FloorState
 from joulepool.nodeagent.signals import PROMPT_QUANTILE, PromptWindow
@@ -102,9 +103,11 @@ def test_engine_pages_yield_the_prompt_histogram(engine, bounds):
 class PromptEngine(ProfileEngine):
     """A ProfileEngine whose page carries a prompt quantile (None: no histogram)."""
 
-    def __init__(self, *a, prompt: float | None = None, histogram: bool = True, **kw) -> None:
+    def __init__(self, *a, prompt: float | None = None, histogram: bool = True,
+                 running: int = 0, **kw) -> None:
         super().__init__(*a, **kw)
         self.prompt = prompt
+        self.running = running  # the engine's running gauge
         self.histogram = histogram
         self.page = H((1000.0, 10_000.0, INF), (0.0, 0.0, 0.0))  # the scraped histogram
         self.pool: str | None = None
@@ -112,7 +115,7 @@ class PromptEngine(ProfileEngine):
     def reading(self, dt: float):
         return replace(super().reading(dt), prompts=self.page if self.histogram else None,
                        prompt_tail_tokens=self.prompt if self.histogram else None,
-                       pool=self.pool)
+                       pool=self.pool, running=self.running)
 
 
 def add_engine(rig: Rig, **kw) -> PromptEngine:
@@ -219,3 +222,31 @@ async def test_the_tightest_engine_sets_the_floor():
     add_engine(rig, prompt=6000.0)
     await rig.ticks(40)
     assert rig.locked(0) == expected_floor(6000.0, 0.6)
+
+
+async def test_the_floor_counts_the_decode_steps_the_prompt_shares_and_the_step_it_waits_for():
+    """Beside a running batch the prompt's chunks share steps with its decodes, after the
+    step in progress: the floor is the clock at which that first token
+    (core.batching.first_token_s, the simulator's) meets (1 - margin) x TTFT, above the
+    idle engine's."""
+    ttft = 0.6
+    rig = Rig(slo=(ttft, 0.05))
+    await rig.agent.start()
+    e = add_engine(rig, prompt=6000.0)
+    await rig.ticks(3)
+    idle = expected_floor(6000.0, ttft)
+    assert rig.metric("joulepool_miad_prefill_floor_hertz", **gpu_labels()) == idle * 1e6
+    e.running = 64
+    clocks = [f for f in H100.supported_clocks()
+              if H100.f_min_mhz.value - 1e-6 <= f <= H100.f_max_mhz.value + 1e-6]
+    budget = default_batched_tokens(H100)
+    busy = prefill_clock_floor(
+        lambda f: first_token_s(budget, 64, 6000.0, float(H100_8B.itl_s(64, f)),
+                                float(H100_8B.prefill_s(1.0, f))), clocks, ttft, 0.1)
+    assert idle < busy < H100.f_max_mhz.value
+    await rig.ticks(1)
+    assert rig.metric("joulepool_miad_prefill_floor_hertz", **gpu_labels()) == busy * 1e6
+    assert rig.locked(0) >= busy
+    below = max(f for f in clocks if f < busy)  # one step lower would miss it
+    assert first_token_s(budget, 64, 6000.0, float(H100_8B.itl_s(64, below)),
+                         float(H100_8B.prefill_s(1.0, below))) > 0.9 * ttft

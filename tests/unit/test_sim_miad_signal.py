@@ -18,9 +18,9 @@ from joulepool.sim.workload import Workload
 TPOT_S = 0.05
 
 
-def _workload(n: int = 400, seed: int = 3) -> Workload:
+def _workload(n: int = 400, seed: int = 3, ttft: float = 2.0) -> Workload:
     """Poisson arrivals at ~8 req/s for 50 s, short and long prompts (mixed prefill steps),
-    one class, interactive; TPOT 50 ms."""
+    one class, interactive; TTFT ``ttft`` s, TPOT 50 ms."""
     rng = np.random.default_rng(seed)
     arrival = np.cumsum(rng.exponential(1 / 8.0, n))
     inp = np.where(rng.random(n) < 0.2, 6000, 200).astype(np.int64)
@@ -28,8 +28,8 @@ def _workload(n: int = 400, seed: int = 3) -> Workload:
     return Workload(
         arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
         category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
-        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, 2.0),
-        tpot_slo_s=np.full(n, TPOT_S), deadline_s=2.0 + out * TPOT_S * 10.0,
+        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, ttft),
+        tpot_slo_s=np.full(n, TPOT_S), deadline_s=ttft + out * TPOT_S * 10.0,
         duration_s=float(arrival[-1]), scale=1.0)
 
 
@@ -74,3 +74,32 @@ def test_the_simulated_itl_histogram_counts_every_gap_of_every_request(monkeypat
     steps = [(p, sig) for p, sig in seen if p.itl_count > 0]
     assert steps and all(sig.tpot_tail_s == pytest.approx(p.itl_sum / p.itl_count)
                          for p, sig in steps)
+
+
+def test_the_prefill_floor_follows_the_batch_the_prompt_would_share_steps_with():
+    """MIAD's clock floor is the node agent's: the lowest clock at which the pool's
+    quantile prompt gets its first token (core.batching.first_token_s: the step in
+    progress, then mixed steps beside the batch) within 0.9 x TTFT; a bigger batch
+    needs a higher clock."""
+    from joulepool.core.batching import first_token_s
+    from joulepool.core.controllers import prefill_clock_floor, prefill_floor_quantile
+
+    one = cluster([("n", "H100", 1)])
+    wl = _workload(n=40, ttft=0.5)
+    sim = Simulator(one, wl, POLICIES["miad-only"], model_tables(one))
+    sim.run()
+    inst = sim.instances[0]
+    tab = inst.table
+    prompt = float(np.quantile(wl.input_tokens, prefill_floor_quantile()))
+    floors = []
+    for b in (0, 8, 64):
+        inst.b = b
+        want = prefill_clock_floor(
+            lambda f, b=b: first_token_s(inst.budget, b, prompt,
+                                         tab.itl_s[tab.clocks.index(f)][b],
+                                         tab.prefill_s_per_token[tab.clocks.index(f)]),
+            tab.clocks, 0.5, 0.1)
+        assert sim._clock_floor(inst) == want
+        floors.append(want)
+    assert tab.clocks[0] < floors[0] <= floors[1] <= floors[2]
+    assert floors[0] < floors[2]

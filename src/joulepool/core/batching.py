@@ -65,6 +65,17 @@ def prefill_time_s(budget_tokens: float, batch: float, prompt_tokens: float,
     return own + decode_s * prefill_steps(budget_tokens, batch, prompt_tokens)
 
 
+def first_token_s(budget_tokens: float, batch: float, prompt_tokens: float,
+                  decode_s: float, prefill_s_per_token: float) -> float:
+    """Seconds from a prompt's arrival to its first token on an engine decoding ``batch``
+    requests (decode step ``decode_s`` s) with no other prompt ahead of it: the step in
+    progress (one decode step; none when idle), then :func:`prefill_time_s`, its prefill
+    in mixed steps beside the batch."""
+    wait = decode_s if batch > 0.0 else 0.0
+    return wait + prefill_time_s(budget_tokens, batch, prompt_tokens, decode_s,
+                                 prefill_s_per_token)
+
+
 def prefill_times_s(budget_tokens: float, batch: float, prompt_tokens: npt.ArrayLike,
                     decode_s: float, prefill_s_per_token: float) -> npt.NDArray[np.float64]:
     """:func:`prefill_time_s` (seconds) of each of ``prompt_tokens`` (tokens), in one

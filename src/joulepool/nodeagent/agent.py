@@ -58,6 +58,7 @@ from enum import StrEnum
 from functools import partial
 
 from joulepool.core.attribution import Work
+from joulepool.core.batching import first_token_s
 from joulepool.core.controllers import (
     MIAD_PERIOD_S,
     Direction,
@@ -77,6 +78,7 @@ from joulepool.core.powercap import power_cap_for_clock
 from joulepool.core.profiles import (
     GPUProduct,
     ServingProfile,
+    default_batched_tokens,
     find_profile,
     product_for_label,
 )
@@ -122,10 +124,15 @@ class FloorState(StrEnum):
         }[self.value]
 
 
-def _prefill_s(profile: ServingProfile, prompt_tokens: float, clock_mhz: float) -> float:
-    """Seconds one instance of ``profile`` takes to prefill ``prompt_tokens`` at
-    ``clock_mhz`` (prefill_clock_floor's callable, with the prompt bound)."""
-    return float(profile.prefill_s(prompt_tokens, clock_mhz))
+def _first_token_s(profile: ServingProfile, prompt_tokens: float, running: int,
+                   clock_mhz: float) -> float:
+    """Seconds to the first token of a prompt of ``prompt_tokens`` on an instance of
+    ``profile`` at ``clock_mhz`` beside the ``running`` requests the engine reports
+    (``core.batching.first_token_s``, under vLLM V1's default token budget for the GPU;
+    prefill_clock_floor's callable, with the prompt and batch bound; the simulator's)."""
+    decode = float(profile.itl_s(running, clock_mhz)) if running > 0 else 0.0
+    return first_token_s(default_batched_tokens(profile.product), running, prompt_tokens,
+                         decode, float(profile.prefill_s(1.0, clock_mhz)))
 
 
 def power_levels(lo_w: float, hi_w: float) -> list[float]:
@@ -591,12 +598,14 @@ class NodeAgent:
     def _prefill_floor(self, gpu: GPU, readings: Sequence[EngineReading],
                        controller: MIADController, margin: float) -> float | None:
         """The clock (MHz) MIAD keeps ``gpu`` at or above: for each engine, the lowest of
-        MIAD's clocks at which the prompt at its recent prompt-length quantile prefills
-        within its pool's TTFT (``core.controllers.prefill_clock_floor``, the simulator's
-        function, on the engine's serving profile); the highest over the engines. In power
-        mode the power limit (W) instead: the lowest of MIAD's levels under which the GPU
-        keeps that clock at any batch and while prefilling (``core.powercap``). None when
-        no engine gives one; why is in ``joulepool_miad_prefill_floor_state``."""
+        MIAD's clocks at which the prompt at its recent prompt-length quantile gets its
+        first token within its pool's TTFT beside the requests the engine runs now
+        (``core.controllers.prefill_clock_floor`` of ``core.batching.first_token_s``, the
+        simulator's functions, on the engine's serving profile); the highest over the
+        engines. In power mode the power limit (W) instead: the lowest of MIAD's levels
+        under which the GPU keeps that clock at any batch and while prefilling
+        (``core.powercap``). None when no engine gives one; why is in
+        ``joulepool_miad_prefill_floor_state``."""
         clocks = self._floor_clocks(gpu, controller)
         floor: float | None = None
         tail: float | None = None
@@ -611,8 +620,9 @@ class NodeAgent:
             if profile is None:
                 state = FloorState.NO_PROFILE if floor is None else state
                 continue
-            f = prefill_clock_floor(partial(_prefill_s, profile, r.prompt_tail_tokens),
-                                    clocks, slo[0], margin)
+            f = prefill_clock_floor(
+                partial(_first_token_s, profile, r.prompt_tail_tokens, r.running),
+                clocks, slo[0], margin)
             if self.control == "power":  # the lowest power limit that keeps that clock
                 f = controller.snap_up(power_cap_for_clock(profile, f) / profile.gpus) \
                     if f > min(clocks) else controller.lowest  # the lowest clock: no limit

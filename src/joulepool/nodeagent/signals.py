@@ -53,6 +53,8 @@ class EngineReading:
 
     engine: str
     waiting: int = 0
+    #: requests the engine runs now (its running gauge; a prefilling one counts)
+    running: int = 0
     #: MIAD's signal from this engine (core.controllers.miad_signal of ``latencies``):
     #: TTFT tail and the TPOT compared with the target, s
     ttft_tail_s: float | None = None
@@ -345,7 +347,8 @@ class PrometheusSignalSource:
         prompt_tail = prompts.add(now, sample.prompt_tokens, self.prompt_quantile)
         self._last_ok[e.url] = now
         reading = EngineReading(
-            engine=e.url, waiting=signal.waiting, ttft_tail_s=signal.ttft_tail_s,
+            engine=e.url, waiting=signal.waiting, running=round(sample.running),
+            ttft_tail_s=signal.ttft_tail_s,
             tpot_tail_s=signal.tpot_tail_s, latencies=latencies, tokens=tokens,
             model=sample.model, pool=e.pool,
             gpus=e.gpus if e.gpus is not None else sample.gpus,

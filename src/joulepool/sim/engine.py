@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from joulepool.core.batching import first_token_s
 from joulepool.core.classes import CLASS_NAMES, Tier, default_deadline
 from joulepool.core.controllers import (
     MIAD_TTFT_WINDOW_S,
@@ -304,6 +305,7 @@ class Simulator:
         "events",
         "evq",
         "fallback_routes",
+        "floor_prompts",
         "gpus",
         "guard_keep",
         "hlog",
@@ -403,7 +405,8 @@ class Simulator:
         self.load_columns = self.pools[0].profile.picker.reads_scores
         self.evq: list[tuple[float, int, int]] = []  # (t, instance, instance version)
         self.controllers = self._miad_controllers()
-        self.clock_floors: dict[tuple[str, int], float] = {}
+        self.clock_floors: dict[tuple[str, int, int], float] = {}
+        self.floor_prompts: dict[int, tuple[float, float]] = {}
         #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
         #: step time to
         self.tpot_floor_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
@@ -651,8 +654,9 @@ class Simulator:
             inst.tt_max = -1.0
             cur = inst.table.clocks[inst.ci]
             nxt, _ = ctrl.step(cur, sig)
-            if nxt < inst.clock_floor:
-                nxt = inst.clock_floor
+            floor = self._clock_floor(inst)
+            if nxt < floor:
+                nxt = floor
             if nxt != cur:
                 inst.change_clock(inst.table.clocks.index(nxt), t, self.evq)
                 if inst.state == ACTIVE and inst.pos >= 0:
@@ -922,7 +926,6 @@ class Simulator:
                         self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start)
         inst.set_carry(self._sustainable_batch(mode, cls))
         inst.tpot_batch = self._sustainable_batch(mode, cls, ttft=False)
-        inst.clock_floor = self._clock_floor(mode, cls)
         self.instances.append(inst)
         if not self._activate(inst, t):
             self.gpus.node_pending[node].append(inst)
@@ -956,24 +959,43 @@ class Simulator:
                 float(wl.tpot_slo_s[slo].min()))
         return hit
 
-    def _clock_floor(self, mode: str, cls: int) -> float:
-        """MHz below which MIAD does not take ``mode``'s instances serving ``cls`` (all
-        requests outside planner pools): core.controllers.prefill_clock_floor for the
-        prompt at the headroom's TTFT-miss quantile of those requests, at their
-        tightest TTFT SLO; 0 without MIAD."""
+    def _clock_floor(self, inst: Instance) -> float:
+        """MHz below which MIAD does not take ``inst`` now: core.controllers.
+        prefill_clock_floor for the prompt at the headroom's TTFT-miss quantile of the
+        requests its pool serves (all outside planner pools), at their tightest TTFT SLO,
+        its first token (``core.batching.first_token_s``) mixed into steps beside the
+        batch decoding now, after the step in progress; 0 without MIAD."""
         if not self.use_miad:
             return 0.0
-        key = (mode, cls)
+        tab = inst.table
+        b = inst.b
+        key = (tab.mode, inst.cls, b)
         hit = self.clock_floors.get(key)
+        if hit is None:
+            prompt, ttft = self._floor_prompt(inst.cls)
+            budget = inst.budget
+            itl = tab.itl_s
+            pf = tab.prefill_s_per_token
+            index = {f: ci for ci, f in enumerate(tab.clocks)}
+
+            def first_token(f: float) -> float:
+                ci = index[f]
+                return first_token_s(budget, b, prompt, itl[ci][b], pf[ci])
+
+            hit = self.clock_floors[key] = prefill_clock_floor(
+                first_token, tab.clocks, ttft, self.prm.miad_margin)
+        return hit
+
+    def _floor_prompt(self, cls: int) -> tuple[float, float]:
+        """(tokens, s): the prompt at the TTFT-miss quantile of the requests a pool
+        serving ``cls`` gets (core.controllers.prefill_floor_quantile) and their tightest
+        TTFT SLO."""
+        hit = self.floor_prompts.get(cls)
         if hit is None:
             wl = self.workload
             mine = self._pool_requests(cls)
-            q = prefill_floor_quantile()
-            prompt = float(np.quantile(wl.input_tokens[mine], q))
-            tab = self.tables[mode]
-            hit = self.clock_floors[key] = prefill_clock_floor(
-                lambda f: float(tab.profile.prefill_s(prompt, f)), tab.clocks,
-                float(wl.ttft_slo_s[mine].min()), self.prm.miad_margin)
+            prompt = float(np.quantile(wl.input_tokens[mine], prefill_floor_quantile()))
+            hit = self.floor_prompts[cls] = (prompt, float(wl.ttft_slo_s[mine].min()))
         return hit
 
     def _activate(self, inst: Instance, t: float) -> bool:
@@ -1067,7 +1089,6 @@ class Simulator:
                     inst.set_carry(self._sustainable_batch(inst.table.mode, inst.cls))
                     inst.tpot_batch = self._sustainable_batch(inst.table.mode, inst.cls,
                                                               ttft=False)
-                    inst.clock_floor = self._clock_floor(inst.table.mode, inst.cls)
                 else:
                     self._retire(inst, t)
             for c in wanted:

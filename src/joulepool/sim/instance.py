@@ -69,7 +69,6 @@ class Instance:
         "busy_t",
         "ce",
         "ci",
-        "clock_floor",
         "cls",
         "dec_end",
         "energy",
@@ -145,7 +144,6 @@ class Instance:
         self.node = node
         self.site = site
         self.cls = cls  # request class it serves (planner pools), else 0
-        self.clock_floor = 0.0  # MHz: MIAD holds the clock at or above it
         self.gpus = table.gpus
         self.gpu_ids: tuple[int, ...] = ()
         self.state = PENDING
