@@ -436,9 +436,10 @@ class HealthStatus:
             await self.servicer.set(name, status)
 
 
-#: grpc.aio server options of the picker (``docs/gateway.md`` "Performance" measures
-#: them): channelz, on by default in grpcio, records every call and stream of the
-#: server for introspection nobody here reads (~5 % of an exchange's CPU).
+#: grpc.aio server options of the picker (``joulepool bench grpc_floor`` measures them,
+#: ``docs/gateway.md`` "Performance"): channelz, on by default in grpcio, records every
+#: call and stream of the server for introspection nobody here reads (a few per cent
+#: of a do-nothing server's CPU per exchange).
 SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.enable_channelz", 0),
 )
