@@ -28,8 +28,8 @@ The picker closes the stream (status OK) as soon as the exchange is over: after 
 reply to the last message of the response (a body chunk with ``end_of_stream``, the
 trailers, or headers that end the response) and after an immediate response. Envoy's
 protocol reads a clean close as "proceed without consulting the server"; nothing is
-left to consult, and the stream needs one message event fewer than waiting for the
-gateway's half-close.
+left to consult, and the stream needs one completion event fewer than waiting for
+the gateway's half-close.
 
 Body modes: ``BUFFERED`` and ``STREAMED`` (one reply per message) and
 ``FULL_DUPLEX_STREAMED`` (announced by ``protocol_config``: the headers' reply
@@ -438,8 +438,8 @@ class HealthStatus:
 
 #: grpc.aio server options of the picker (``joulepool bench grpc_floor`` measures them,
 #: ``docs/gateway.md`` "Performance"): channelz, on by default in grpcio, records every
-#: call and stream of the server for introspection nobody here reads (a few per cent
-#: of a do-nothing server's CPU per exchange).
+#: call and stream of the server for introspection nobody here reads (its cost per
+#: exchange was below the development machine's noise: kept as work not needed).
 SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.enable_channelz", 0),
 )
