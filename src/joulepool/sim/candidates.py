@@ -142,7 +142,7 @@ class CandidateIndex:
         (the defaults are EndpointState's)."""
         placed = self.placed
         old = placed.get(pos)
-        if old is not None:  # take it out of where it was (each row hashed once)
+        if old is not None:  # take it out of where it was
             if type(old) is tuple:
                 rows, old_row, old_key = old
                 same = rows[old_row][1]
