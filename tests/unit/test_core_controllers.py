@@ -1,6 +1,7 @@
 """PI lambda control and MIAD clock control."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -54,6 +55,15 @@ def test_pi_short_burst_of_misses_does_not_keep_raising_lambda():
 def test_pi_rejects_bad_bounds():
     with pytest.raises(ValueError):
         PIController(lam_min=2, lam_max=1)
+
+
+@pytest.mark.parametrize("kw", [{"lam": math.nan}, {"lam_max": math.nan}, {"kp": math.nan},
+                                {"ki": math.nan}])
+def test_pi_rejects_nan_rather_than_carrying_it(kw):
+    """NaN passes every ordered comparison as False, so a NaN lambda would pass the clamp
+    and every cost built on it would be NaN; it is refused at construction instead."""
+    with pytest.raises(ValueError):
+        PIController(**kw)
 
 
 CLOCKS = H100.supported_clocks()

@@ -52,8 +52,8 @@ def test_move_and_cancel_ledger_entries() -> None:
     assert len(p.endpoints[p.index[d.endpoint]].ledger) == 0
     assert p.endpoints[p.index[other]].ledger_tokens == 100
     assert not p.move_routed(d.request_id, d.endpoint, other)  # no longer there
-    assert p.cancel(other, d.request_id)
-    assert not p.cancel(other, d.request_id)
+    assert p.release(other, d.request_id)
+    assert not p.release(other, d.request_id)
     assert p.queue_tokens().max() == 0.0
     assert p.window.rate(0.0) is None  # cancelling is not a completion
 

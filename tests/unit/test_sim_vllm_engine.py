@@ -24,7 +24,7 @@ from joulepool.core.profiles import (
     max_model_len,
     startup,
 )
-from joulepool.sim.engine import EngineParams, simulate
+from joulepool.sim.engine import EngineParams, Simulator, simulate
 from joulepool.sim.instance import Instance
 from joulepool.sim.planning import PlannedInstances, WindowPlan
 from joulepool.sim.policies import POLICIES
@@ -170,8 +170,27 @@ def test_prompts_over_the_context_are_rejected_and_long_outputs_truncated():
     assert r.t_done[2] == pytest.approx(20.0 + 100 * PF + 4 * ITL1, abs=1e-9)
     assert any("1 requests had a prompt at or over" in n for n in r.notes)
     assert any("1 responses were cut" in n for n in r.notes)
+    # the refused one leaves the system at once: Little's L counts only the served two
+    served = [min(d, 60.0) - a for a, d in zip([0.0, 1.0, 20.0], r.t_done, strict=True)
+              if not math.isnan(d)]
+    assert r.little_l == pytest.approx(sum(served) / 60.0, rel=1e-9)
     off = _run(cl, wl, kv_cache=False)
     assert off.rejected == 0 and off.truncated == 0
+
+
+def test_the_production_router_forgets_a_request_its_engine_refused():
+    """Through the production router's own state machine: the refused prompt is released
+    from its endpoint's ledger (the proxy's answer to the engine's 400), so no endpoint
+    looks busier for a request it will never serve."""
+    cl = cluster([("n", "H100", 1)])
+    wl = workload([0.0, 20.0], [140_000, 100], [10, 5], duration=60.0)
+    sim = Simulator(cl, wl, POLICIES["joulesched-router"], model_tables(cl), None,
+                    EngineParams())
+    r = sim.run()
+    assert r.rejected == 1 and not math.isnan(r.t_done[1])
+    assert r.little_l == pytest.approx((r.t_done[1] - 20.0) / 60.0, rel=1e-9)
+    assert sim.prouter is not None and not sim.prouter.routed
+    assert all(not e.ledger for e in sim.prouter.pool.endpoints)
 
 
 # ------------------------------------------------------------------ start-up

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -39,8 +40,10 @@ class PIController:
             raise ValueError("lam_min must be <= lam_max")
         if not 0.0 <= self.target <= 1.0:
             raise ValueError("target miss rate must be in [0, 1]")
-        if self.kp < 0 or self.ki < 0:
+        if not (self.kp >= 0 and self.ki >= 0):  # NaN gains fail here too
             raise ValueError("PI gains must be >= 0")
+        if math.isnan(self.lam) or math.isnan(self.lam_min) or math.isnan(self.lam_max):
+            raise ValueError("lambda and its bounds must be numbers (NaN given)")
         self.lam = min(max(self.lam, self.lam_min), self.lam_max)
 
     def update(self, miss_rate: float) -> float:

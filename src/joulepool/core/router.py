@@ -531,16 +531,6 @@ class PoolRouter:
         self._refresh(j)
         return True
 
-    def cancel(self, endpoint: str, request_id: str) -> bool:
-        """Forget a routed request that will never complete (shed, or aborted before
-        the engine answered) without counting it as a completion; False if unknown."""
-        i = self.index.get(endpoint)
-        if i is None or request_id not in self.endpoints[i].ledger:
-            return False
-        self.endpoints[i].drop_routed(request_id)
-        self._refresh(i)
-        return True
-
     def report(self, endpoint: str, request_id: str | None, output_tokens: float,
                deadline_met: bool, joules: float | None, now: float,
                tier: Tier | None = None) -> CompletionOutcome:
@@ -589,12 +579,16 @@ class PoolRouter:
         self._refresh(j)
         return True
 
-    def release(self, endpoint: str, request_id: str) -> None:
-        """Forget a routed request that was not served (no outcome to learn from)."""
+    def release(self, endpoint: str, request_id: str) -> bool:
+        """Forget a routed request that will never complete (shed, refused by the
+        engine, or aborted before it answered) without counting it as a completion: no
+        outcome to learn from; False if ``endpoint`` does not hold it."""
         i = self.index.get(endpoint)
-        if i is not None and request_id in self.endpoints[i].ledger:
-            self.endpoints[i].drop_routed(request_id)
-            self._refresh(i)
+        if i is None or request_id not in self.endpoints[i].ledger:
+            return False
+        self.endpoints[i].drop_routed(request_id)
+        self._refresh(i)
+        return True
 
     def absorb_peers(self, increment: Counts, peer_lambdas: tuple[float, ...], now: float
                      ) -> None:

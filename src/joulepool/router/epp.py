@@ -239,7 +239,7 @@ class Flight:
         """No (usable) response: forgotten, counted neither met nor missed."""
         if not self.done:
             self.done = True
-            self.pool.cancel(self.served or self.decision.endpoint, self.decision.request_id)
+            self.pool.release(self.served or self.decision.endpoint, self.decision.request_id)
 
 
 @dataclass

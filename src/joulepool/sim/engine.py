@@ -743,7 +743,8 @@ class Simulator:
 
     def _reject(self, rid: int, t: float) -> None:
         """The engine rejects request ``rid`` at ``t`` (its prompt is over the context):
-        never served, counted as missed."""
+        never served, counted as missed; it leaves the system at once (Little's count),
+        and the core router forgets it as the proxy does on the engine's 400."""
         self.rejected += 1
         self.done += 1
         self.period_done += 1
@@ -751,6 +752,9 @@ class Simulator:
         if t <= self.T:
             self.little_area += self.n_sys * (t - self.t_sys)
             self.t_sys = t
+        self.n_sys -= 1
+        if self.prouter is not None:
+            self.prouter.release(rid)
 
     def _pick_instance(self, rid: int, t: float) -> Instance | None:
         """The instance the policy routes request ``rid`` to; None when nothing serves it:

@@ -83,6 +83,12 @@ class ProductionRouter:
         # the service's /v1/complete calls report() with the body's fields
         self.pool.report(address, request_id, float(output_tokens), met, None, now)
 
+    def release(self, rid: int) -> None:
+        """Simulator request ``rid`` was refused by its engine: the proxy forgets it
+        (no outcome to learn from)."""
+        address, request_id = self.routed.pop(rid)
+        self.pool.release(address, request_id)
+
     def tick(self, now: float, counts: Callable[[int], tuple[float, float]]) -> None:
         """The routing service's 1 s housekeeping, and a scrape when one is due:
         ``counts(instance)`` gives (waiting, running) as vLLM's metrics would."""
