@@ -146,6 +146,10 @@ def test_miad_signal_reads_the_period_mean_itl():
     idle = miad_signal(PeriodLatencies(waiting=-2))
     assert idle == SLOSignal(None, None, 0)  # nothing decoded: no TPOT; a negative gauge is 0
     assert PeriodLatencies().mean_itl is None
+    # requests ran the whole period and no gap completed: TPOT at least the period
+    assert miad_signal(PeriodLatencies(stalled=1.0)).tpot_tail_s == 1.0
+    assert miad_signal(PeriodLatencies(itl_sum=0.02, itl_count=1, stalled=1.0)
+                       ).tpot_tail_s == 0.02  # a completed gap is the signal itself
 
 
 def test_miad_on_the_period_signal_holds_through_rare_long_steps():

@@ -9,7 +9,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from joulepool.core.controllers import PeriodLatencies, miad_signal
+from joulepool.core.controllers import Direction, MIADController, PeriodLatencies, miad_signal
+from joulepool.core.profiles import H100
 from joulepool.nodeagent.discovery import endpoint_for_pod
 from joulepool.nodeagent.signals import (
     EngineSample,
@@ -24,10 +25,10 @@ from joulepool.nodeagent.signals import Histogram as H
 
 
 def vllm_text(ttft: list[float], tpot: list[float], waiting: int = 0, tokens: int = 0,
-              model: str = "m", gpu: str | None = None) -> str:
+              model: str = "m", gpu: str | None = None, running: int = 1) -> str:
     r = CollectorRegistry()
     Gauge("vllm:num_requests_waiting", "", ["model_name"], registry=r).labels(model).set(waiting)
-    Gauge("vllm:num_requests_running", "", ["model_name"], registry=r).labels(model).set(1)
+    Gauge("vllm:num_requests_running", "", ["model_name"], registry=r).labels(model).set(running)
     h1 = Histogram("vllm:time_to_first_token_seconds", "", ["model_name"], registry=r,
                    buckets=(0.1, 0.5, 1.0, 2.0))
     h2 = Histogram("vllm:time_per_output_token_seconds", "", ["model_name"], registry=r,
@@ -221,3 +222,23 @@ def test_the_period_mean_itl_is_the_histograms_increment_between_two_scrapes():
     assert increment(H((0.1, math.inf), (1, 2), 0.05, 2), old) == (0.05, 2)  # restarted
     assert increment(H((0.2, math.inf), (8, 9), 0.5, 9), old) == (0.5, 9)  # new layout
     assert increment(H((0.1, math.inf), (8, 9), 0.5, 9), None) == (0.5, 9)
+
+
+def test_a_period_with_requests_running_and_no_gap_reads_as_a_stall():
+    """Requests running at both scrapes and no token gap between them (a step longer
+    than the period, a stalled engine): TPOT is at least the time between the scrapes,
+    so MIAD raises the clock instead of reading 'no signal' and lowering it."""
+    w = EngineWindow(window_s=0.0)
+    gaps = [0.015] * 10
+    w.add(0.0, parse_engine_metrics(vllm_text([], gaps)), 0.9)
+    stuck, _ = w.add(1.5, parse_engine_metrics(vllm_text([], gaps)), 0.9)
+    assert stuck.itl_count == 0 and stuck.stalled == pytest.approx(1.5)
+    assert miad_signal(stuck).tpot_tail_s == pytest.approx(1.5)
+    ctrl = MIADController(H100.supported_clocks(), ttft_target_s=0.5, tpot_target_s=0.05)
+    assert ctrl.step(ctrl.lowest, miad_signal(stuck))[1] is Direction.UP
+    # nothing running at the end of the period: idle, not stalled
+    idle, _ = w.add(2.5, parse_engine_metrics(vllm_text([], gaps, running=0)), 0.9)
+    assert idle.stalled == 0.0 and miad_signal(idle).tpot_tail_s is None
+    # a gap completed: the mean gap is the signal, the stall rule stays out
+    moving, _ = w.add(3.5, parse_engine_metrics(vllm_text([], [*gaps, 0.04])), 0.9)
+    assert moving.stalled == 0.0 and miad_signal(moving).tpot_tail_s == pytest.approx(0.04)

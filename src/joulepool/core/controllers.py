@@ -92,6 +92,10 @@ class PeriodLatencies:
     ttft_tail: float | None = None
     #: requests waiting for admission at the end of the period
     waiting: int = 0
+    #: when requests were running at both ends of the period and no gap completed: the
+    #: period's length, in ``itl_sum``'s unit (a lower bound of the gap in progress);
+    #: 0 otherwise
+    stalled: float = 0.0
 
     @property
     def mean_itl(self) -> float | None:
@@ -110,8 +114,15 @@ def miad_signal(period: PeriodLatencies) -> SLOSignal:
     high for nothing. The simulator's MIAD and the node agent's both call this; why this
     observable and no other (finished requests' TPOT, per-request projections):
     docs/architecture.md 1.5.
+
+    A period in which requests ran and no gap completed (a step longer than the period,
+    a stalled engine) reads TPOT as at least the period (``stalled``), not as no
+    signal: MIAD would otherwise lower the clock under requests that wait for a token.
     """
-    return SLOSignal(period.ttft_tail, period.mean_itl, max(int(period.waiting), 0))
+    tpot = period.mean_itl
+    if tpot is None and period.stalled > 0.0:
+        tpot = period.stalled
+    return SLOSignal(period.ttft_tail, tpot, max(int(period.waiting), 0))
 
 
 #: FREESH's MIAD control period, seconds (the node agent's default)

@@ -118,6 +118,7 @@ class EngineWindow:
         tokens since the previous scrape. The first scrape reads everything since the
         engine started; so does one after a restart (counts falling)."""
         prev = self.last
+        prev_t = self.history[-1][0] if self.history else t
         tokens = counter_delta(sample.generation_tokens,
                                prev.generation_tokens if prev else None)
         if prev is not None and sample.generation_tokens < prev.generation_tokens:
@@ -131,10 +132,12 @@ class EngineWindow:
             self.history.popleft()
         base = self.history[0][1] if len(self.history) >= 2 else None
         itl_sum, itl_count = increment(sample.tpot, prev.tpot if prev else None)
+        stalled = (t - prev_t if prev is not None and itl_count == 0.0
+                   and prev.running > 0.0 and sample.running > 0.0 else 0.0)
         return PeriodLatencies(
             itl_sum=itl_sum, itl_count=itl_count,
             ttft_tail=tail(q, sample.ttft, base.ttft if base else None),
-            waiting=round(sample.waiting)), tokens
+            waiting=round(sample.waiting), stalled=max(stalled, 0.0)), tokens
 
 
 #: the prompt-length quantile MIAD's prefill floor is taken at (the simulator's too)

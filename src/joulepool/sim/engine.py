@@ -667,11 +667,15 @@ class Simulator:
         fractions of the SLO (MIAD's targets are 1.0): the increments of its
         inter-token-latency histogram's sum and count (:meth:`Instance.period_itl`) over
         the tightest TPOT SLO, as the node agent divides by its pool's; the worst first
-        token over each request's own TTFT SLO (:meth:`_ttft_tail`); the waiting queue.
-        Without ``EngineParams.miad_period_signal`` the ITL side is the step running at
-        the tick (one gap), the tail of a short ITL window."""
+        token over each request's own TTFT SLO (:meth:`_ttft_tail`); the waiting queue;
+        the period over the SLO when requests ran at both of its ends and no gap
+        completed (``stalled``, as the node agent reads its running gauge). Without
+        ``EngineParams.miad_period_signal`` the ITL side is the step running at the tick
+        (one gap), the tail of a short ITL window."""
         floor = self.tpot_floor_s
         ttft = self._ttft_tail(inst)
+        running = inst.b + (inst.prefill_rid >= 0)  # vLLM's gauge (_engine_counts)
+        ran_before, inst.miad_running = inst.miad_running, running
         if floor <= 0.0:
             return PeriodLatencies(ttft_tail=ttft, waiting=inst.nwait)
         if self.prm.miad_period_signal:
@@ -680,8 +684,10 @@ class Simulator:
             itl_sum, itl_count = inst.itl, 1.0
         else:
             itl_sum, itl_count = 0.0, 0.0
+        stalled = (self.prm.tick_s / floor
+                   if itl_count == 0.0 and running and ran_before else 0.0)
         return PeriodLatencies(itl_sum=itl_sum / floor, itl_count=itl_count, ttft_tail=ttft,
-                               waiting=inst.nwait)
+                               waiting=inst.nwait, stalled=stalled)
 
     def _ttft_tail(self, inst: Instance) -> float | None:
         """The worst first token / TTFT SLO of ``inst`` over the last

@@ -95,6 +95,7 @@ class Instance:
         "maxb",
         "miad_itl_count",
         "miad_itl_sum",
+        "miad_running",
         "mu",
         "n_out",
         "node",
@@ -161,6 +162,7 @@ class Instance:
         self.itl_count = 0.0
         self.miad_itl_sum = 0.0  # itl_sum at the last MIAD step
         self.miad_itl_count = 0.0  # itl_count at the last MIAD step
+        self.miad_running = 0  # requests running (vLLM's gauge) at the last MIAD step
         self.heap: list[tuple[float, int]] = []
         self.llf = llf
         self.waiting: Any = LLFQueue() if llf else deque()
