@@ -708,6 +708,16 @@ class EnergyPolicy(_Model):
     status: EnergyPolicyStatus | None = Field(default=None,
                                               description="live carbon sources' state")
 
+    def site_intensities(self) -> dict[str, float]:
+        """gCO2/kWh per site now: static entries of the spec (a series' first value),
+        then what the operator resolved for live sources (``status.carbon``). Read by the
+        node agents (energy accounting) and the router (marginal carbon)."""
+        out = {c.site: c.values()[0] for c in self.spec.carbon if c.source is None}
+        for s in self.status.carbon if self.status is not None else ():
+            if s.grams_per_kwh is not None:
+                out[s.site] = s.grams_per_kwh
+        return out
+
 
 RESOURCES: dict[str, type[_Model]] = {
     "InferencePool": InferencePool,

@@ -14,9 +14,11 @@ by default: core.routing's rule). Per endpoint:
   * energy: core.routing's marginal energy of joining the requests in flight
     there now (the ledger or the scraped counts, whichever is more), decode per
     output token plus prefill per prompt token, from the endpoint's serving
-    profile (:class:`core.routing.EndpointModel`), scaled by the online estimator
-    (:class:`core.online.EpsEstimator`) from reported joules, measured against eps
-    at the batch the endpoint ran;
+    profile (:class:`core.routing.EndpointModel`; X(b) at the clock each batch needs
+    where the node agents' MIAD holds the step, see :mod:`joulepool.kube.pools`), scaled
+    by the online estimator (:class:`core.online.EpsEstimator`) from reported joules,
+    measured against eps at the batch the endpoint ran, and on a carbon-objective
+    cluster by its site's carbon weight (:meth:`PoolRouter.set_site_intensities`);
   * throughput: the profile's at the endpoint's operating batch, the largest
     meeting the pool's TPOT SLO;
   * decode queue: the larger of the scraped estimate (waiting / running request
@@ -68,6 +70,7 @@ from joulepool.core.online import EpsEstimator, ExpSmoothed, IncrementRatio, Sli
 from joulepool.core.replicas import Counts, consensus_lambda
 from joulepool.core.routing import (
     EndpointModel,
+    carbon_weights,
     default_deadline,
     endpoint_queue_tokens,
     first_token_s,
@@ -149,7 +152,7 @@ class Endpoint:
     __slots__ = (
         "address", "engine", "eps_est", "generated_tokens", "kv_cache", "ledger",
         "ledger_tokens", "measured_eps", "metrics_url", "model", "node", "pod", "running",
-        "scraped_at", "source", "static_queue", "waiting",
+        "scraped_at", "site", "source", "static_queue", "waiting",
     )
 
     def __init__(
@@ -157,9 +160,12 @@ class Endpoint:
         source: str = "cluster", waiting: float = 0.0, running: float = 0.0,
         static_queue: float = 0.0, eps_half_life_s: float = EPS_HALF_LIFE_S,
         eps_min_tokens: float = EPS_MIN_TOKENS, engine: str | None = None,
-        pod: str | None = None,
+        pod: str | None = None, site: str = "",
     ) -> None:
         self.address = address
+        #: the site (region) of its node: its grid's carbon intensity weighs its marginal
+        #: energy on a carbon-objective cluster ("" : unknown)
+        self.site = site
         #: ``namespace/name`` of the serving pod: its GPUs' energy is published under it
         self.pod = pod
         #: the engine's generated-token counter at the last scrape (None: not read)
@@ -263,6 +269,8 @@ class PoolRouter:
         self.counts: dict[str, Counts] = {}
         self.endpoints: list[Endpoint] = []
         self.index: dict[str, int] = {}
+        #: gCO2/kWh per site (set_site_intensities; empty: the energy objective)
+        self.site_g: dict[str, float] = {}
         self._alloc(0)
         self._node_idx: npt.NDArray[np.int64] | None = None
         self._node_idx_of: Mapping[str, int] | None = None
@@ -277,6 +285,9 @@ class PoolRouter:
         self.op_batch = np.ones(n)  # b*_n: the TPOT-meeting batch of the endpoint's profile
         self.prefill_s = np.zeros(n)  # s per prompt token prefilled
         self.scale = np.ones(n)
+        #: marginal carbon over marginal energy per endpoint (core.routing.carbon_weights
+        #: of its site's intensity; 1 on an energy objective)
+        self.carbon_w = np.ones(n)
         self.waiting = self.state.waiting
         self.running = self.state.running
         self._responses: FloatArray | None = None  # queued_responses(waiting, running)
@@ -337,9 +348,11 @@ class PoolRouter:
         # router's ledger or the engine's scraped counts, whichever is more)
         scraped = ep.waiting + ep.running
         in_flight = max(float(len(ep.ledger)), scraped if scraped == scraped else 0.0)
-        self.state.eps_j_per_token[i] = ep.model.marginal_eps(in_flight) * self.scale[i]
-        self.state.prefill_j_per_token[i] = ep.model.prefill_excess * self.scale[i]
-        self.state.wake_j_per_token[i] = ep.model.excess_table[1] * self.scale[i]
+        # (x the site's carbon weight: marginal carbon on a carbon-objective cluster)
+        scale = self.scale[i] * self.carbon_w[i]
+        self.state.eps_j_per_token[i] = ep.model.marginal_eps(in_flight) * scale
+        self.state.prefill_j_per_token[i] = ep.model.prefill_excess * scale
+        self.state.wake_j_per_token[i] = ep.model.excess_table[1] * scale
         # the step a new prompt's prefill runs in, at the batch in flight, and the wait
         # for a batch slot when that fills the engine's batch (core.routing.prefill_queue)
         m_out = self.mean_out.get(self.s.mean_output_tokens)
@@ -360,7 +373,7 @@ class PoolRouter:
             old = self.endpoints[self.index[ep.address]] if ep.address in self.index else None
             if old is not None:
                 old.model, old.node, old.metrics_url = ep.model, ep.node, ep.metrics_url
-                old.engine, old.pod = ep.engine, ep.pod
+                old.engine, old.pod, old.site = ep.engine, ep.pod, ep.site
                 if ep.source == "file":
                     if old.scraped_at is None:  # scraped numbers beat the file's
                         old.waiting, old.running = ep.waiting, ep.running
@@ -373,6 +386,9 @@ class PoolRouter:
         self.endpoints = fresh
         self.index = {e.address: i for i, e in enumerate(fresh)}
         self._alloc(len(fresh))
+        if self.site_g:  # the new endpoints weigh by their sites' intensities
+            self.carbon_w = carbon_weights([self.site_g.get(e.site, math.nan)
+                                            for e in fresh])
         self.state.models = tuple(e.model for e in fresh)
         for i in range(len(fresh)):
             self._set_model(i)
@@ -380,6 +396,18 @@ class PoolRouter:
         self._node_idx = None
         if self.observer is not None:
             self.observer.endpoints_changed(self.key, len(fresh))
+
+    def set_site_intensities(self, g_per_kwh: Mapping[str, float] | None) -> None:
+        """Grid carbon intensity per site now (gCO2/kWh), on a carbon-objective cluster:
+        each endpoint's marginal energy is weighed by its site's
+        (core.routing.carbon_weights), so the rule ranks marginal carbon. None or empty:
+        energy (every weight 1). Endpoints at a site not listed weigh 1."""
+        g = [math.nan if not g_per_kwh else g_per_kwh.get(ep.site, math.nan)
+             for ep in self.endpoints]
+        self.carbon_w = carbon_weights(g)
+        self.site_g = dict(g_per_kwh or {})
+        for i in range(len(self.endpoints)):
+            self._refresh(i)
 
     # -- the decision -------------------------------------------------------------
     def queue_tokens(self) -> FloatArray:

@@ -12,7 +12,10 @@ Endpoint scoring rule (request routing):
               placement size replicas at (:func:`replica_point`)
     X_n(b)  = (P_n(b) - P_idle,n) * s_n(b): the energy one decode step at batch b
               draws above idle (P power, s step time, both from the profile at the
-              endpoint's clock now; X_n(0) = 0)          (:func:`excess_step_j`)
+              endpoint's clock: a fixed one, or where the clock follows the load (MIAD)
+              the lowest clock whose step meets MIAD's TPOT target at that batch, so a
+              batch that needs a higher clock costs every request in it that clock;
+              X_n(0) = 0)          (:func:`excess_step_j`, :func:`excess_at_needed_clock`)
     k_n     = requests in flight there now (routed, unfinished)
     eps_n   = the marginal decode energy per output token of joining now
               (:func:`marginal_decode_j_per_token`):
@@ -21,6 +24,9 @@ Endpoint scoring rule (request routing):
                   X_n(b*_n) / b*_n       once the batch is full (the request waits
                                          for a slot and takes its share of a full step)
               x scale_n (core.online.EpsEstimator)
+              x g_n / mean g over the pool on a carbon-objective cluster (g_n its
+              site's grid intensity: the rule then ranks marginal carbon;
+              :func:`carbon_weights`); so are pi_n and X_n(1) below
     pi_n    = (P_prefill,n - P_idle,n) * prefill s per prompt token: the prefill
               energy per prompt token (:func:`prefill_excess_j_per_token`)
     R_n     = decode steps the requests in flight there have left (the longest; 0 idle)
@@ -161,6 +167,25 @@ def prefill_excess_j_per_token(prefill_power_w: npt.ArrayLike, idle_w: float,
     p = np.asarray(prefill_power_w, dtype=np.float64)
     return np.asarray((p - idle_w) * np.asarray(prefill_s_per_token, dtype=np.float64),
                       dtype=np.float64)
+
+
+def excess_at_needed_clock(itl_s: npt.ArrayLike, excess_j: npt.ArrayLike,
+                           step_target_s: float) -> FloatArray:
+    """X(b) on an endpoint whose clock follows its load: for each batch b, :func:`excess_step_j`
+    at the lowest clock whose decode step meets ``step_target_s`` (the top clock when none
+    does).
+
+    ``itl_s`` and ``excess_j`` are tables [clock, batch], clocks ascending (the profile's
+    step time and X at every supported clock). A clock controller (MIAD) holds the step
+    near its TPOT target, so a batch that grows past what a clock keeps within the
+    target raises the clock, and every request in the batch pays the higher clock's
+    power: X_n(k+1) - X_n(k) from this row counts that rise, which the row at one fixed
+    clock (f_max) hides (docs/marginal-energy.md, "Dominated cells")."""
+    itl = np.asarray(itl_s, dtype=np.float64)
+    x = np.asarray(excess_j, dtype=np.float64)
+    ok = itl <= step_target_s
+    clock = np.where(ok.any(axis=0), ok.argmax(axis=0), itl.shape[0] - 1)
+    return np.asarray(x[clock, np.arange(x.shape[1])], dtype=np.float64)
 
 
 def marginal_decode_j_per_token(excess: Sequence[float] | FloatArray, in_flight: float,
@@ -552,18 +577,30 @@ class EndpointModel:
     def from_profile(
         cls, profile: ServingProfile, tpot_slo_s: float, clock_mhz: float | None = None,
         serving: tuple[float, float, float] | None = None,
+        step_target_s: float | None = None,
     ) -> EndpointModel:
         """Tables of ``profile``; the operating batch is the largest meeting ``tpot_slo_s``.
         ``serving`` = (mean prompt, mean response tokens, TTFT SLO s) sets b*_n to
-        :func:`sustainable_batch` (else b*_n is the operating batch)."""
+        :func:`sustainable_batch` (else b*_n is the operating batch). ``step_target_s``:
+        the endpoint's clock follows its load, holding the decode step at this target
+        (MIAD: (1 - margin) x TPOT), so X(b) is read at the clock batch b needs
+        (:func:`excess_at_needed_clock` over the product's supported clocks) instead of
+        at ``clock_mhz``."""
         max_b = max(int(profile.max_batch.value), 1)
         b = np.arange(0, max_b + 1, dtype=np.float64)
         b[0] = 1.0
         eps = np.asarray(profile.joules_per_token(b, clock_mhz), dtype=np.float64)
         tps = np.asarray(profile.decode_tokens_per_s(b, clock_mhz), dtype=np.float64)
         op = replica_point(profile, tpot_slo_s, clock_mhz).batch
-        excess = excess_step_j(profile.power_w(b, clock_mhz), profile.idle_w,
-                               profile.itl_s(b, clock_mhz))
+        if step_target_s is None:
+            excess = excess_step_j(profile.power_w(b, clock_mhz), profile.idle_w,
+                                   profile.itl_s(b, clock_mhz))
+        else:
+            clocks = profile.product.supported_clocks()[:, None]
+            excess = excess_at_needed_clock(
+                profile.itl_s(b[None, :], clocks),
+                excess_step_j(profile.power_w(b[None, :], clocks), profile.idle_w,
+                              profile.itl_s(b[None, :], clocks)), step_target_s)
         excess[0] = 0.0
         pf = float(profile.prefill_s(1.0, clock_mhz))
         pi = float(prefill_excess_j_per_token(float(profile.prefill_power_w(clock_mhz)),
@@ -662,6 +699,27 @@ class EndpointModel:
         at: the drift estimator's reference, not the rule's eps (see the module doc)."""
         b = int(self.batch_for(in_flight))
         return float(self.eps[b]), float(self.tps[b])
+
+
+def carbon_weights(g_per_kwh: npt.ArrayLike) -> FloatArray:
+    """Per-endpoint factors that turn marginal joules into marginal carbon, on clusters
+    whose objective is carbon: each endpoint's site intensity over the mean intensity of
+    the endpoints given (gCO2/kWh, one per endpoint of a pool).
+
+    The rule's energy terms (eps_n, pi_n, X_n(1)) times these are the request's marginal
+    carbon in joules at the pool's mean intensity, so lambda (J per s late) keeps its
+    scale. A NaN intensity (site unknown) weighs 1; with no known intensity, or a mean
+    that is not positive, every weight is 1 (energy, not carbon, is ranked then)."""
+    g = float_array(g_per_kwh)
+    out = np.ones(g.shape, dtype=np.float64)
+    known = ~np.isnan(g)
+    if not known.any():
+        return out
+    mean = float(g[known].mean())
+    if not mean > 0.0 or not math.isfinite(mean):
+        return out
+    out[known] = g[known] / mean
+    return out
 
 
 def sustainable_batch(profile: ServingProfile, mean_input_tokens: float,

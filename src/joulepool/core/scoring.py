@@ -75,7 +75,9 @@ class EndpointState:
     Columns every caller fills (arrays of length ``n``):
 
     ``eps_j_per_token``  eps_n, marginal decode J per output token of joining now
-                         (core.routing's rule; online scale in)
+                         (core.routing's rule; online scale in; on a carbon-objective
+                         cluster this and the two below x the site's carbon weight,
+                         core.routing.carbon_weights)
     ``prefill_j_per_token`` pi_n, J above idle per prompt token prefilled
     ``wake_j_per_token`` X_n(1), J above idle of a decode step at batch 1: what each
                          output token beyond the running batch's costs

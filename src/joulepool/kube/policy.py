@@ -1,4 +1,5 @@
-"""The EnergyPolicy's router tunables (PI gains, target, clamps, bulk factor) for the router.
+"""The EnergyPolicy's router tunables (PI gains, target, clamps, bulk factor; objective, MIAD
+margin and site carbon intensities) for the router.
 
 The router service polls ``EnergyPolicy/default`` (cluster scoped; RBAC: ``get`` on that
 one object) and hands its spec to :meth:`joulepool.kube.pools.Router.apply_policy`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -26,7 +28,8 @@ API_TIMEOUT_S = 10.0
 
 
 class PolicyTarget(Protocol):
-    def apply_policy(self, spec: EnergyPolicySpec | None) -> None: ...
+    def apply_policy(self, spec: EnergyPolicySpec | None,
+                     site_g_per_kwh: Mapping[str, float] | None = None) -> None: ...
 
 
 class EnergyPolicyPoller:
@@ -52,7 +55,7 @@ class EnergyPolicyPoller:
         """One read; applies the spec (None when the policy does not exist)."""
         try:
             obj = await asyncio.to_thread(self._read)
-            spec = EnergyPolicy.model_validate(obj).spec if obj else None
+            policy = EnergyPolicy.model_validate(obj) if obj else None
         except (ValidationError, Exception) as exc:
             if not self._warned:
                 self._warned = True
@@ -60,4 +63,7 @@ class EnergyPolicyPoller:
                             self.name, exc)
             return
         self._warned = False
-        self.target.apply_policy(spec)
+        if policy is None:
+            self.target.apply_policy(None)
+        else:
+            self.target.apply_policy(policy.spec, policy.site_intensities())

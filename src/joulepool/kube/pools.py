@@ -12,6 +12,7 @@ Neither imports the other; this module imports neither.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -20,6 +21,7 @@ import numpy.typing as npt
 
 from joulepool.api.models import EnergyPolicySpec
 from joulepool.core.classes import Tier
+from joulepool.core.controllers import MIADController
 from joulepool.core.feedback import corrected_profile
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
 from joulepool.core.replicas import Counts, PeerIncrements, ReplicaRecord, fresh_peers
@@ -75,17 +77,37 @@ class Router:
         self.pools: dict[str, PoolRouter] = {}
         self.static: EndpointsFile | None = None
         self.static_synced = True
-        self._models: dict[tuple[str | None, str | None, int, float, float],
+        self._models: dict[tuple[str | None, str | None, int, float, float, float],
                            EndpointModel] = {}
         self._static_dirty = False
+        #: the EnergyPolicy's objective and grid intensity per site (gCO2/kWh, now)
+        self.objective = "energy"
+        self.site_g: dict[str, float] = {}
+        #: MIAD's margin: the node agents hold each decode step at (1 - margin) x TPOT
+        self.miad_margin = MIADController.margin
         self.peer_increments = PeerIncrements()
         #: fresh peer replicas at the last :meth:`absorb_peers`
         self.peers = 0
 
     # -- sources -------------------------------------------------------------------------
-    def apply_policy(self, spec: EnergyPolicySpec | None) -> None:
+    def apply_policy(self, spec: EnergyPolicySpec | None,
+                     site_g_per_kwh: Mapping[str, float] | None = None) -> None:
         """EnergyPolicy ``spec.pi`` and ``bulkLambdaFactor`` override the base settings while
-        the policy exists (None: it does not); every pool adopts them at once."""
+        the policy exists (None: it does not); every pool adopts them at once. Its
+        ``objective``, MIAD ``margin`` and the grid intensity per site now
+        (``site_g_per_kwh``, gCO2/kWh: :meth:`EnergyPolicy.site_intensities`) set how the
+        pools weigh marginal energy (:meth:`PoolRouter.set_site_intensities`, the clock
+        each batch needs in :meth:`endpoint_model`)."""
+        objective = spec.objective if spec is not None else "energy"
+        margin = spec.miad.margin if spec is not None else MIADController.margin
+        site_g = dict(site_g_per_kwh or {})
+        if margin != self.miad_margin:
+            self.miad_margin = margin
+            self._static_dirty = True  # every pool re-reads its endpoints' models
+        if (objective, site_g) != (self.objective, self.site_g):
+            self.objective, self.site_g = objective, site_g
+            for pool in self.pools.values():  # what each pool learned stays
+                pool.set_site_intensities(self._carbon())
         new = self.base_settings
         if spec is not None:
             pi = spec.pi
@@ -118,11 +140,15 @@ class Router:
                 product, model, None, self.profiles
             )
         scale = self.eps_scale(prof)
-        key = (product, model, gpus, tpot, scale)
+        # the node agents' MIAD holds the step at (1 - margin) x TPOT: X(b) at the clock
+        # each batch needs (core.routing.excess_at_needed_clock)
+        target = (1.0 - self.miad_margin) * tpot
+        key = (product, model, gpus, tpot, scale, target)
         em = self._models.get(key)
         if em is None:
             em = (
-                EndpointModel.from_profile(corrected_profile(prof, scale), tpot)
+                EndpointModel.from_profile(corrected_profile(prof, scale), tpot,
+                                           step_target_s=target)
                 if prof is not None
                 else EndpointModel.constant(self.s.default_eps, self.s.default_tps)
             )
@@ -202,6 +228,7 @@ class Router:
                 )
                 eps_list.append(Endpoint(
                     e.address, model, e.node, e.metrics_url, source="file", pod=e.pod,
+                    site=self._site_of(e.node),
                     waiting=e.waiting, running=e.running, static_queue=e.queue_tokens,
                     eps_half_life_s=self.s.eps_half_life_s,
                     eps_min_tokens=self.s.eps_min_tokens,
@@ -221,8 +248,20 @@ class Router:
                     f"{host}:{rec.port}", model, rec.node, self._metrics_url(rec.ip, rec.port),
                     eps_half_life_s=self.s.eps_half_life_s,
                     eps_min_tokens=self.s.eps_min_tokens, engine=rec.engine, pod=pod_key,
+                    site=node.site if node else "",
                 ))
         pool.set_endpoints(eps_list)
+        pool.set_site_intensities(self._carbon())
+
+    def _carbon(self) -> dict[str, float] | None:
+        """Grid intensity per site the pools weigh marginal energy by: the EnergyPolicy's,
+        on a carbon objective; None (energy) otherwise."""
+        return self.site_g if self.objective == "carbon" else None
+
+    def _site_of(self, node: str | None) -> str:
+        """The site (region label) of ``node`` as the cluster state knows it, else ""."""
+        rec = self.state.nodes.get(node) if self.state is not None and node else None
+        return rec.site if rec is not None else ""
 
     # -- API -----------------------------------------------------------------------------
     def pool(self, key: str) -> PoolRouter:

@@ -154,13 +154,8 @@ class PolicySource(Protocol):
 
 
 def site_intensities(policy: EnergyPolicy) -> dict[str, float]:
-    """gCO2/kWh per site now: static entries of the spec, then what the operator resolved
-    for live sources (``status.carbon``)."""
-    out = {c.site: c.values()[0] for c in policy.spec.carbon if c.source is None}
-    for s in policy.status.carbon if policy.status is not None else ():
-        if s.grams_per_kwh is not None:
-            out[s.site] = s.grams_per_kwh
-    return out
+    """gCO2/kWh per site now (:meth:`EnergyPolicy.site_intensities`)."""
+    return policy.site_intensities()
 
 
 class EnergyPolicySource:

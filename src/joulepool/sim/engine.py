@@ -77,7 +77,7 @@ from joulepool.core.profiles import (
     startup,
 )
 from joulepool.core.router import PI_PERIOD_S
-from joulepool.core.routing import sustainable_batch
+from joulepool.core.routing import carbon_weights, sustainable_batch
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -296,6 +296,7 @@ class Simulator:
 
     __slots__ = (
         "T",
+        "carbon_t",
         "clock_floors",
         "cluster",
         "controllers",
@@ -421,6 +422,9 @@ class Simulator:
         self.plan_capacity: dict[str, tuple[float, ...]] = {}
         self.static_capacity = dict(static_capacity_rps or {})
         self.limits = self._engine_limits()
+        #: start of the carbon step in force (s): JouleSched weighs marginal energy by the
+        #: sites' intensities then, on a carbon-objective cluster (_weigh_carbon)
+        self.carbon_t = 0.0
         self._init_counters()
         self.plan_queue = self._deploy(plans)
         if use_router:
@@ -528,7 +532,9 @@ class Simulator:
             tpot_s=float(wl.tpot_slo_s[slo_from].min()) if n else 0.15,
             mean_tokens=(float(wl.input_tokens.mean()), float(wl.predicted_tokens.mean()))
             if n else None,
+            sites=[x.site for x in self.pools[0].members],
         )
+        self._router_carbon()
         self.lam_series.append((0.0, self.prouter.lam))
         self.notes.append("the production request router "
                           "(core.router.PoolRouter, default settings) routed every request")
@@ -582,6 +588,13 @@ class Simulator:
         self.next_mark = self.marks[self.mark_i][0] if self.mark_i < len(self.marks) else INF
         if kind == Mark.CARBON_STEP:
             self.site_buckets.close(tm, self.gpus)
+            self.carbon_t = tm
+            self._router_carbon()
+            for pool in self.pools:
+                if self._weigh_carbon(pool.members):
+                    for inst in pool.members:
+                        if inst.state == ACTIVE and inst.pos >= 0:
+                            pool.set_rule(inst)
         elif kind == Mark.PLAN_WINDOW:
             self._on_plan_window(tm)
         else:
@@ -933,7 +946,8 @@ class Simulator:
         budget, kv, max_len, start = self.limits[mode]
         inst = Instance(len(self.instances), self.tables[mode], node, self.gpus.node_site[node],
                         cls, self.llf, self._inv_capacity(mode, cls),
-                        self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start)
+                        self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start,
+                        follows_load=self.use_miad)
         inst.set_carry(self._sustainable_batch(mode, cls))
         inst.tpot_batch = self._sustainable_batch(mode, cls, ttft=False)
         self.instances.append(inst)
@@ -1056,6 +1070,29 @@ class Simulator:
         if inst.n_out == 0 and inst.prefill_rid < 0:
             self._release(inst, t)
 
+    def _router_carbon(self) -> None:
+        """The production router's site intensities at the carbon step in force, on a
+        carbon-objective cluster (as the routing service reads them from the EnergyPolicy)."""
+        if self.prouter is not None and self.cluster.objective == "carbon":
+            t = self.carbon_t
+            self.prouter.set_site_intensities(
+                {s: self.cluster.carbon_at(s, t) for s in self.cluster.sites})
+
+    def _weigh_carbon(self, members: Sequence[Instance]) -> bool:
+        """On a carbon-objective cluster with JouleSched routing, each instance's carbon
+        weight (core.routing.carbon_weights over its pool, at the carbon step in force):
+        the rule then ranks marginal carbon. True when a weight changed."""
+        if not self.use_js or self.cluster.objective != "carbon" or not members:
+            return False
+        t = self.carbon_t
+        weights = carbon_weights([self.cluster.carbon_at(x.site, t) for x in members])
+        changed = False
+        for inst, w in zip(members, weights.tolist(), strict=True):
+            if inst.cw != w:
+                inst.cw = w
+                changed = True
+        return changed
+
     def _rebuild_pools(self) -> None:
         """Pools from the active instances (per class with the planner), keeping turns."""
         members: list[list[Instance]] = [[] for _ in range(self.n_pools)]
@@ -1067,6 +1104,7 @@ class Simulator:
             else:
                 inst.pos = -1
         for p in range(self.n_pools):
+            self._weigh_carbon(members[p])
             # round-robin keeps its turn
             self.pools[p] = Pool(members[p], self.pools[p].profile, self.use_js)
 

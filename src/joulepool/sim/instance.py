@@ -24,7 +24,7 @@ from joulepool.core.routing import (
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
 from joulepool.sim.candidates import CandidateIndex
-from joulepool.sim.tables import ProfileTable
+from joulepool.sim.tables import NEEDED, ProfileTable
 
 INF = math.inf
 
@@ -70,11 +70,13 @@ class Instance:
         "ce",
         "ci",
         "cls",
+        "cw",
         "dec_end",
         "energy",
         "eps",
         "eps_k",
         "eps_live",
+        "follows_load",
         "gpu_ids",
         "gpus",
         "heap",
@@ -137,8 +139,12 @@ class Instance:
                  llf: bool, inv_cap: float, eps_live: bool,
                  plog: list[tuple[float, int, float]] | None = None,
                  budget: int | None = None, kv_tokens: float = INF, max_len: float = INF,
-                 start: tuple[float, float] = (0.0, 0.0)) -> None:
+                 start: tuple[float, float] = (0.0, 0.0),
+                 follows_load: bool = False) -> None:
         self.idx = idx
+        #: its clock follows its load (MIAD): the marginal energy reads X(b) at the clock
+        #: each batch needs (ProfileTable.excess_needed_j), not at f_max
+        self.follows_load = follows_load
         self.inv_cap = inv_cap  # 1 / req/s it sustains (least-loaded's weight)
         self.eps_live = eps_live
         self.table = table
@@ -193,6 +199,8 @@ class Instance:
         # b*_n of the marginal rule: requests it carries at once within the SLO (the
         # engine sets core.routing.sustainable_batch; the TPOT operating batch until then)
         self.opb = table.operating_batch[table.top]
+        #: its site's carbon weight (core.routing.carbon_weights; 1: energy objective)
+        self.cw = 1.0
         #: requests it carries within TPOT whatever the first token (the engine sets
         #: core.routing.sustainable_batch without TTFT; inf until then)
         self.tpot_batch = math.inf
@@ -217,11 +225,13 @@ class Instance:
         self.mu = self.tps_row[op]
         # the marginal energy (core.routing): X(b) and pi at the current clock if asked
         # to follow it (then the router chases MIAD's down-clocked GPUs; see
-        # EngineParams), else at f_max; eps_n follows the requests in flight
-        ce = self.ce = ci if self.eps_live else t.top
-        self.xs = t.excess_step_j[ce]
+        # EngineParams); else, when the clock follows the load (MIAD), X(b) at the clock
+        # batch b needs and pi at f_max; else both at f_max. eps_n follows the requests
+        # in flight
+        ce = self.ce = ci if self.eps_live else (NEEDED if self.follows_load else t.top)
+        self.xs = t.excess_row(ce)
         self.eps_k = t.marginal_eps_row(ce, self.opb)
-        self.pf_e = t.prefill_excess_j[ce]
+        self.pf_e = t.prefill_excess_j[ci if self.eps_live else t.top]
         self.eps = self.marginal_eps()
         self.pf_w = prefill_weight(self.mu, self.pf_tok)
         # LLF: a request is served at the per-request rate of the operating batch
@@ -259,7 +269,8 @@ class Instance:
         0 when none is in flight); q_n, mu_n, w_n; core.routing.prefill_queue of this
         engine's exact queue (when a new prompt's prefill would start, and the step and
         chunk it would run at; the running prefill's end as of the last event, an
-        over-estimate until the next); the prefill time per token; the batch room."""
+        over-estimate until the next); the prefill time per token; the batch room. The
+        energy terms are weighed by its site's carbon weight :attr:`cw`."""
         # (v_at and marginal_eps written out: this runs after every change of load)
         n_out = self.n_out
         eps_k = self.eps_k
@@ -275,9 +286,10 @@ class Instance:
                                           self.b + prefilling, self.nwait, wait_in,
                                           self.prefill_end - t if prefilling else 0.0,
                                           q_tok / n_out if n_out else 0.0)
-        return (eps_k[n_out] if n_out < len(eps_k) else eps_k[-1], self.pf_e, self.xs[1], left,
-                endpoint_queue_tokens(q_tok, wait_in, pf_w), self.mu, pf_w, wait,
-                step, chunk, pf_tok, self.opb - n_out)
+        cw = self.cw  # marginal carbon on a carbon-objective cluster (x 1.0 otherwise)
+        return ((eps_k[n_out] if n_out < len(eps_k) else eps_k[-1]) * cw, self.pf_e * cw,
+                self.xs[1] * cw, left, endpoint_queue_tokens(q_tok, wait_in, pf_w), self.mu,
+                pf_w, wait, step, chunk, pf_tok, self.opb - n_out)
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""

@@ -42,15 +42,17 @@ class ProductionRouter:
         settings: RouterConfig | None = None,
         scrape_every_s: float = SCRAPE_EVERY_S,
         mean_tokens: tuple[float, float] | None = None,
+        sites: Sequence[str] | None = None,
     ) -> None:
         """``members``: (instance index, node, serving profile) of each instance;
-        ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing)."""
+        ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing);
+        ``sites``: each member's site, for :meth:`set_site_intensities`."""
         self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
         endpoints: list[Endpoint] = []
         self.instance_of: dict[str, int] = {}
-        for idx, node, profile in members:
+        for k, (idx, node, profile) in enumerate(members):
             key = id(profile)
             if key not in models:
                 serving = None if mean_tokens is None else (*mean_tokens, float(ttft_s))
@@ -58,12 +60,18 @@ class ProductionRouter:
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way
             endpoints.append(Endpoint(address, models[key], node,
                                       eps_half_life_s=self.pool.s.eps_half_life_s,
-                                      eps_min_tokens=self.pool.s.eps_min_tokens))
+                                      eps_min_tokens=self.pool.s.eps_min_tokens,
+                                      site=sites[k] if sites is not None else ""))
             self.instance_of[address] = idx
         self.pool.set_endpoints(endpoints)
         self.scrape_every_s = scrape_every_s
         self.next_scrape = 0.0
         self.routed: dict[int, tuple[str, str]] = {}  # simulator request -> (address, id)
+
+    def set_site_intensities(self, g_per_kwh: dict[str, float] | None) -> None:
+        """Grid intensity per site now, on a carbon-objective cluster (the routing
+        service's EnergyPolicy poll: core.router.PoolRouter.set_site_intensities)."""
+        self.pool.set_site_intensities(g_per_kwh)
 
     @property
     def lam(self) -> float:

@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from joulepool.core.controllers import MIADController
 from joulepool.core.profiles import KV_WATERMARK, ServingProfile, default_batched_tokens
 from joulepool.core.routing import (
+    excess_at_needed_clock,
     excess_step_j,
     marginal_decode_j_per_token,
     prefill_excess_j_per_token,
 )
+
+#: :meth:`ProfileTable.excess_row`'s clock index for "the clock the batch needs"
+NEEDED = -1
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,9 @@ class ProfileTable:
     gpu_idle_w: float
     batched_tokens: int = 8192  # vLLM V1's max_num_batched_tokens default for the GPU
     kv_watermark: float = KV_WATERMARK.value  # share of the KV cache admission leaves free
+    #: [batch]: J above idle per step at the lowest clock whose step meets MIAD's TPOT
+    #: target (core.routing.excess_at_needed_clock): X(b) where the clock follows the load
+    excess_needed_j: tuple[float, ...] = ()
     #: marginal_eps_row's rows, by (clock index, b*), filled as the run asks for them
     _marginal: dict[tuple[int, int], tuple[float, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -51,13 +59,18 @@ class ProfileTable:
     def mode(self) -> str:
         return self.profile.mode
 
+    def excess_row(self, ci: int) -> tuple[float, ...]:
+        """X(b) by batch at clock index ``ci``, or with ``ci`` = :data:`NEEDED` at the clock
+        each batch needs (:attr:`excess_needed_j`)."""
+        return self.excess_needed_j if ci == NEEDED else self.excess_step_j[ci]
+
     def marginal_eps_row(self, ci: int, carry: int) -> tuple[float, ...]:
         """eps_n (J per output token, core.routing.marginal_decode_j_per_token) at clock
-        index ``ci`` with b*_n = ``carry``, indexed by the requests in flight k = 0..b*_n
-        (from b*_n on it stays at the last entry)."""
+        index ``ci`` (:meth:`excess_row`) with b*_n = ``carry``, indexed by the requests
+        in flight k = 0..b*_n (from b*_n on it stays at the last entry)."""
         row = self._marginal.get((ci, carry))
         if row is None:
-            xs = self.excess_step_j[ci]
+            xs = self.excess_row(ci)
             row = self._marginal[(ci, carry)] = tuple(
                 marginal_decode_j_per_token(xs, k, carry) for k in range(carry + 1))
         return row
@@ -104,4 +117,6 @@ def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
         gpus=profile.gpus,
         gpu_idle_w=profile.product.idle_w.value,
         batched_tokens=default_batched_tokens(profile.product),
+        excess_needed_j=tuple(float(v) for v in excess_at_needed_clock(
+            itl, excess, (1.0 - MIADController.margin) * tpot_target_s)),
     )
