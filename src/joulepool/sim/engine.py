@@ -533,6 +533,7 @@ class Simulator:
             mean_tokens=(float(wl.input_tokens.mean()), float(wl.predicted_tokens.mean()))
             if n else None,
             sites=[x.site for x in self.pools[0].members],
+            clock_follows_load=self.use_miad,
         )
         self._router_carbon()
         self.lam_series.append((0.0, self.prouter.lam))

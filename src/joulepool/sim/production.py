@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from joulepool.core.classes import Tier
+from joulepool.core.controllers import MIADController
 from joulepool.core.profiles import ServingProfile
 from joulepool.core.router import Endpoint, PoolRouter, RouterConfig
 from joulepool.core.routing import EndpointModel
@@ -43,10 +44,15 @@ class ProductionRouter:
         scrape_every_s: float = SCRAPE_EVERY_S,
         mean_tokens: tuple[float, float] | None = None,
         sites: Sequence[str] | None = None,
+        clock_follows_load: bool = True,
     ) -> None:
         """``members``: (instance index, node, serving profile) of each instance;
         ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing);
-        ``sites``: each member's site, for :meth:`set_site_intensities`."""
+        ``sites``: each member's site, for :meth:`set_site_intensities`;
+        ``clock_follows_load``: the GPUs' clocks follow their load (MIAD), so X(b) is read
+        at the clock each batch needs, as the routing service reads it
+        (``kube.pools.Router.endpoint_model``: the node agents steer every GPU); False
+        for GPUs locked at f_max."""
         self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
@@ -56,7 +62,10 @@ class ProductionRouter:
             key = id(profile)
             if key not in models:
                 serving = None if mean_tokens is None else (*mean_tokens, float(ttft_s))
-                models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving)
+                target = (1.0 - MIADController.margin) * tpot_s if clock_follows_load \
+                    else None
+                models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving,
+                                                         step_target_s=target)
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way
             endpoints.append(Endpoint(address, models[key], node,
                                       eps_half_life_s=self.pool.s.eps_half_life_s,
