@@ -328,8 +328,11 @@ def test_router_replicas_share_counts_through_their_own_leases(default_render: R
     assert _flag(_container(moved, "Deployment", name("router"), "router")["args"],
                  "--energy-metrics-port") == "9500"
     no_agents = Rendered(render_raw({"nodeAgent": {"enabled": False}}))
-    assert _flag(_container(no_agents, "Deployment", name("router"), "router")["args"],
-                 "--energy-metrics-port") == "0"
+    no_agent_args = _container(no_agents, "Deployment", name("router"), "router")["args"]
+    assert _flag(no_agent_args, "--energy-metrics-port") == "0"
+    # no node agent steers the clocks: the router reads decode energy at the top clock
+    assert "--no-clocks-follow-load" in no_agent_args
+    assert "--no-clocks-follow-load" not in c["args"]
     # SIGTERM: readiness fails for --drain-seconds, then in-flight requests get 10 s
     pod = default_render.get("Deployment", name("router"))["spec"]["template"]["spec"]
     drain = float(_flag(c["args"], "--drain-seconds"))

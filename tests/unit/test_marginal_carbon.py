@@ -6,6 +6,7 @@ router and the simulator."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
@@ -74,6 +75,29 @@ def test_carbon_weights() -> None:
     np.testing.assert_array_equal(carbon_weights([math.nan, math.nan]), [1.0, 1.0])
     np.testing.assert_array_equal(carbon_weights([-5.0, 0.0]), [1.0, 1.0])
     assert carbon_weights([]).size == 0
+
+
+def test_without_clock_steering_the_router_reads_decode_energy_at_the_top_clock() -> None:
+    """`joulepool router --no-clocks-follow-load` (the chart's setting without node
+    agents): X(b) is the profile's at f_max, not at the clock each batch needs."""
+    from joulepool.router.settings import add_arguments, load_settings
+
+    assert H100 is not None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    off = load_settings(parser.parse_args(["--no-cluster", "--no-clocks-follow-load"]),
+                        environ={}).router_settings()
+    on = load_settings(parser.parse_args(["--no-cluster"]), environ={}).router_settings()
+    assert on.clocks_follow_load and not off.clocks_follow_load
+    tpot = 0.02  # tight enough that larger batches need higher clocks
+    fixed = Router(off).endpoint_model("H100", "llama-3.1-8b", 1, tpot_s=tpot)
+    steered = Router(on).endpoint_model("H100", "llama-3.1-8b", 1, tpot_s=tpot)
+    np.testing.assert_allclose(fixed.excess_table,
+                               EndpointModel.from_profile(H100, tpot).excess_table)
+    np.testing.assert_allclose(
+        steered.excess_table,
+        EndpointModel.from_profile(H100, tpot, step_target_s=0.9 * tpot).excess_table)
+    assert not np.allclose(fixed.excess_table, steered.excess_table)
 
 
 def _carbon_router() -> tuple[Router, ClusterState]:

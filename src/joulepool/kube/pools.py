@@ -52,6 +52,9 @@ class RouterSettings(RouterConfig):
     energy_port: int = 0
     #: only node agents in this namespace (None: any)
     energy_namespace: str | None = None
+    #: the node agents steer the serving GPUs' clocks (MIAD): each batch's decode energy
+    #: X(b) is read at the clock it needs; False where nothing steers them (X at f_max)
+    clocks_follow_load: bool = True
 
 
 class PoolObserver(RouterObserver, Protocol):
@@ -77,7 +80,7 @@ class Router:
         self.pools: dict[str, PoolRouter] = {}
         self.static: EndpointsFile | None = None
         self.static_synced = True
-        self._models: dict[tuple[str | None, str | None, int, float, float, float],
+        self._models: dict[tuple[str | None, str | None, int, float, float, float | None],
                            EndpointModel] = {}
         self._static_dirty = False
         #: the EnergyPolicy's objective and grid intensity per site (gCO2/kWh, now)
@@ -141,8 +144,9 @@ class Router:
             )
         scale = self.eps_scale(prof)
         # the node agents' MIAD holds the step at (1 - margin) x TPOT: X(b) at the clock
-        # each batch needs (core.routing.excess_at_needed_clock)
-        target = (1.0 - self.miad_margin) * tpot
+        # each batch needs (core.routing.excess_at_needed_clock); at f_max where no agent
+        # steers the clocks
+        target = (1.0 - self.miad_margin) * tpot if self.s.clocks_follow_load else None
         key = (product, model, gpus, tpot, scale, target)
         em = self._models.get(key)
         if em is None:

@@ -71,6 +71,11 @@ class Settings(ServiceSettings):
         10.0, gt=0, le=3600, description="a replica whose Lease was not renewed for this "
         "long is left out of the pool-wide counts (s)")
 
+    clocks_follow_load: bool = Field(
+        True, description="the node agents steer the serving GPUs' clocks (MIAD): each "
+        "batch's decode energy is read at the clock it needs (--no-clocks-follow-load where "
+        "no node agent steers them: at the highest clock; the chart sets it when "
+        "nodeAgent.enabled is false)")
     energy_metrics_urls: list[str] = Field(
         default_factory=list, description="pages publishing the GPU energy of serving pods "
         "(joulepool_gpu_energy_joules or DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION with pod and "
@@ -107,7 +112,8 @@ class Settings(ServiceSettings):
             super().router_settings(), routing=self.routing,
             energy_urls=tuple(self.energy_metrics_urls),
             energy_port=self.energy_metrics_port if self.cluster else 0,
-            energy_namespace=self.plan_namespace() if self.cluster else None)
+            energy_namespace=self.plan_namespace() if self.cluster else None,
+            clocks_follow_load=self.clocks_follow_load)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
