@@ -64,10 +64,15 @@ class Direction(StrEnum):
 
 @dataclass(frozen=True)
 class SLOSignal:
-    """What MIAD looks at each period: tail latencies and the waiting queue."""
+    """What MIAD looks at each period (s; or fractions of the SLO where the caller divides
+    by it), built by :func:`miad_signal` from the period's :class:`PeriodLatencies`."""
 
+    #: the TTFT tail of the first tokens in the period (None: no first token)
     ttft_tail_s: float | None
+    #: the TPOT compared with the target: the period's mean inter-token latency, not a
+    #: tail despite the name (None: no gap completed and nothing stalled)
     tpot_tail_s: float | None
+    #: requests waiting for admission
     waiting: int
 
 
