@@ -8,7 +8,6 @@ from test_nodeagent_agent import Rig
 from joulepool.api.models import EnergyPolicy
 from joulepool.core.energy import J_PER_KWH
 from joulepool.core.profiles import H100_8B
-from joulepool.nodeagent.plansource import site_intensities
 
 
 async def test_pool_energy_and_tokens_add_up_to_what_the_agent_metered():
@@ -53,7 +52,7 @@ def test_site_intensity_comes_from_the_spec_or_the_operators_status():
             {"site": "west", "provider": "configMap", "signal": "average", "gramsPerKWh": 80},
             {"site": "north", "provider": "configMap", "signal": "average", "stale": True},
         ]}})
-    assert site_intensities(policy) == {"east": 120, "west": 80}
+    assert policy.site_intensities() == {"east": 120, "west": 80}
 
 
 async def test_pool_carbon_uses_the_sites_intensity():

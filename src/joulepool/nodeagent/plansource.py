@@ -153,11 +153,6 @@ class PolicySource(Protocol):
     def miad(self) -> MIADSpec | None: ...
 
 
-def site_intensities(policy: EnergyPolicy) -> dict[str, float]:
-    """gCO2/kWh per site now (:meth:`EnergyPolicy.site_intensities`)."""
-    return policy.site_intensities()
-
-
 class EnergyPolicySource:
     """``EnergyPolicy/default`` (cluster scoped) via CustomObjectsApi, refreshed periodically."""
 
@@ -202,7 +197,7 @@ class EnergyPolicySource:
             obj = await asyncio.to_thread(self._read)
             policy = EnergyPolicy.model_validate(obj) if obj else None
             self._miad = policy.spec.miad if policy is not None else None
-            self._carbon = site_intensities(policy) if policy is not None else {}
+            self._carbon = policy.site_intensities() if policy is not None else {}
             self._warned = False
         except Exception as exc:  # unreadable or invalid: keep the last parameters
             if not self._warned:
