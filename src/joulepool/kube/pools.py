@@ -110,7 +110,7 @@ class Router:
         if (objective, site_g) != (self.objective, self.site_g):
             self.objective, self.site_g = objective, site_g
             for pool in self.pools.values():  # what each pool learned stays
-                pool.set_site_intensities(self._carbon())
+                pool.set_site_intensities(self._site_g_if_carbon_objective())
         new = self.base_settings
         if spec is not None:
             pi = spec.pi
@@ -255,9 +255,9 @@ class Router:
                     site=node.site if node else "",
                 ))
         pool.set_endpoints(eps_list)
-        pool.set_site_intensities(self._carbon())
+        pool.set_site_intensities(self._site_g_if_carbon_objective())
 
-    def _carbon(self) -> dict[str, float] | None:
+    def _site_g_if_carbon_objective(self) -> dict[str, float] | None:
         """Grid intensity per site the pools weigh marginal energy by: the EnergyPolicy's,
         on a carbon objective; None (energy) otherwise."""
         return self.site_g if self.objective == "carbon" else None
