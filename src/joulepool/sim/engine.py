@@ -354,8 +354,8 @@ class Simulator:
         "t_sys",
         "tables",
         "tick_k",
+        "tightest_tpot_slo_s",
         "tokens_window",
-        "tpot_floor_s",
         "truncated",
         "ttft_periods",
         "unroutable",
@@ -410,7 +410,7 @@ class Simulator:
         self.floor_prompts: dict[int, tuple[float, float]] = {}
         #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
         #: step time to
-        self.tpot_floor_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
+        self.tightest_tpot_slo_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
         #: MIAD periods its TTFT tail looks back over (this one included)
         self.ttft_periods = max(1, round(self.prm.miad_ttft_window_s / self.prm.tick_s))
         self.pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target,
@@ -686,11 +686,11 @@ class Simulator:
         completed (``stalled``, as the node agent reads its running gauge). Without
         ``EngineParams.miad_period_signal`` the ITL side is the step running at the tick
         (one gap), the tail of a short ITL window."""
-        floor = self.tpot_floor_s
+        tpot_slo = self.tightest_tpot_slo_s
         ttft = self._ttft_tail(inst)
         running = inst.b + (inst.prefill_rid >= 0)  # vLLM's gauge (_engine_counts)
         ran_before, inst.miad_running = inst.miad_running, running
-        if floor <= 0.0:
+        if tpot_slo <= 0.0:
             return PeriodLatencies(ttft_tail=ttft, waiting=inst.nwait)
         if self.prm.miad_period_signal:
             itl_sum, itl_count = inst.period_itl(t)
@@ -698,9 +698,9 @@ class Simulator:
             itl_sum, itl_count = inst.itl, 1.0
         else:
             itl_sum, itl_count = 0.0, 0.0
-        stalled = (self.prm.tick_s / floor
+        stalled = (self.prm.tick_s / tpot_slo
                    if itl_count == 0.0 and running and ran_before else 0.0)
-        return PeriodLatencies(itl_sum=itl_sum / floor, itl_count=itl_count, ttft_tail=ttft,
+        return PeriodLatencies(itl_sum=itl_sum / tpot_slo, itl_count=itl_count, ttft_tail=ttft,
                                waiting=inst.nwait, stalled=stalled)
 
     def _ttft_tail(self, inst: Instance) -> float | None:
