@@ -214,6 +214,14 @@ class MIADController:
         return nxt, Direction.HOLD
 
 
+def miad_step_target_s(tpot_slo_s: float, margin: float = MIADController.margin) -> float:
+    """s: the mean decode step (inter-token latency) MIAD holds an engine at, as the
+    clock follows the load: (1 - ``margin``) x ``tpot_slo_s``. The routing rule reads
+    each batch's decode energy at the clock that meets it
+    (``core.routing.excess_at_needed_clock``)."""
+    return (1.0 - margin) * tpot_slo_s
+
+
 def prefill_clock_floor(prefill_s_at: Callable[[float], float], clocks_mhz: Sequence[float],
                         ttft_s: float, margin: float = 0.1) -> float:
     """MHz: the lowest of ``clocks_mhz`` at which a prompt still gets its first token

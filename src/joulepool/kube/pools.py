@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from joulepool.api.models import EnergyPolicySpec
 from joulepool.core.classes import Tier
-from joulepool.core.controllers import MIADController
+from joulepool.core.controllers import MIADController, miad_step_target_s
 from joulepool.core.feedback import corrected_profile
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
 from joulepool.core.replicas import Counts, PeerIncrements, ReplicaRecord, fresh_peers
@@ -146,7 +146,8 @@ class Router:
         # the node agents' MIAD holds the step at (1 - margin) x TPOT: X(b) at the clock
         # each batch needs (core.routing.excess_at_needed_clock); at f_max where no agent
         # steers the clocks
-        target = (1.0 - self.miad_margin) * tpot if self.s.clocks_follow_load else None
+        target = (miad_step_target_s(tpot, self.miad_margin) if self.s.clocks_follow_load
+                  else None)
         key = (product, model, gpus, tpot, scale, target)
         em = self._models.get(key)
         if em is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from joulepool.core.classes import Tier
-from joulepool.core.controllers import MIADController
+from joulepool.core.controllers import miad_step_target_s
 from joulepool.core.profiles import ServingProfile
 from joulepool.core.router import Endpoint, PoolRouter, RouterConfig
 from joulepool.core.routing import EndpointModel
@@ -62,8 +62,7 @@ class ProductionRouter:
             key = id(profile)
             if key not in models:
                 serving = None if mean_tokens is None else (*mean_tokens, float(ttft_s))
-                target = (1.0 - MIADController.margin) * tpot_s if clock_follows_load \
-                    else None
+                target = miad_step_target_s(tpot_s) if clock_follows_load else None
                 models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving,
                                                          step_target_s=target)
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way

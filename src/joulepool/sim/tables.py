@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from joulepool.core.controllers import MIADController
+from joulepool.core.controllers import miad_step_target_s
 from joulepool.core.profiles import KV_WATERMARK, ServingProfile, default_batched_tokens
 from joulepool.core.routing import (
     excess_at_needed_clock,
@@ -118,5 +118,5 @@ def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
         gpu_idle_w=profile.product.idle_w.value,
         batched_tokens=default_batched_tokens(profile.product),
         excess_needed_j=tuple(float(v) for v in excess_at_needed_clock(
-            itl, excess, (1.0 - MIADController.margin) * tpot_target_s)),
+            itl, excess, miad_step_target_s(tpot_target_s))),
     )
