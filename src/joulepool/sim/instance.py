@@ -427,10 +427,6 @@ class Instance:
         kv_of = self.kv_of  # joined later = larger V at join; insertion order is join order
         return next(reversed(kv_of))
 
-    def kv_used(self) -> float:
-        """Tokens of KV cache held now (settled)."""
-        return self.kv_fixed + self.b * self.V
-
     def enqueue(self, rid: int, input_tokens: float, predicted_tokens: float,
                 llf_deadline_s: float, first_token_by_s: float = INF) -> None:
         """Take request ``rid``, routed here, into the admission queue (LLF: by the least

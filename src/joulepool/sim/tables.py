@@ -75,9 +75,6 @@ class ProfileTable:
                 marginal_decode_j_per_token(xs, k, carry) for k in range(carry + 1))
         return row
 
-    def clock_index(self, mhz: float) -> int:
-        return int(np.argmin(np.abs(np.asarray(self.clocks) - mhz)))
-
 
 def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
     """Tabulate ``profile``; ``tpot_target_s`` fixes the operating batch behind eps."""
