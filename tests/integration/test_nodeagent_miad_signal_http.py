@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
 import time
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from test_nodeagent_floor_http import send
 
 from joulepool.core.controllers import MIADController, miad_signal
 from joulepool.core.profiles import L4, L4_8B
@@ -40,20 +40,6 @@ TTFT_S = 5.0  # generous: first tokens never at risk, no prefill floor above the
 PERIOD_S = 0.1
 RUN_S = 9.0
 TOKENS = 40
-
-
-async def stream(session: aiohttp.ClientSession, url: str, max_tokens: int) -> float:
-    """Stream one completion; its mean time per output token after the first, s."""
-    body = {"prompt": [1] * 100, "max_tokens": max_tokens, "stream": True}
-    stamps = []
-    async with session.post(url + "/v1/completions", data=json.dumps(body),
-                            headers={"Content-Type": "application/json"}) as resp:
-        assert resp.status == 200
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                stamps.append(time.monotonic())
-    assert len(stamps) == max_tokens
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
 class Recorder:
@@ -100,7 +86,8 @@ async def test_the_agent_steers_on_the_period_mean_itl_of_the_engines_histogram(
     async def client(i: int, session: aiohttp.ClientSession, tpots: list[float]) -> None:
         await asyncio.sleep(0.3 * i)  # staggered, and of different lengths: the batch
         while time.monotonic() - t0 < RUN_S:  # keeps decoding while others start
-            tpots.append(await stream(session, url, TOKENS + 5 * i))
+            _, tpot = await send(session, url, 100, TOKENS + 5 * i)
+            tpots.append(tpot)
 
     loop = asyncio.create_task(control())
     tpots: list[float] = []
