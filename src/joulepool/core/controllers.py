@@ -145,8 +145,9 @@ MIAD_TTFT_QUANTILE = 1.0
 class MIADController:
     """FREESH's MIAD clock control: multiplicative increase, additive decrease.
 
-    At risk (tail TTFT or TPOT above target * (1 - margin), or anything
-    waiting): f <- min(f_max, f * k_inc). Otherwise f <- max(f_min, f - step).
+    At risk (:class:`SLOSignal`'s TTFT tail or TPOT, the period's mean inter-token
+    latency, above target * (1 - margin), or anything waiting):
+    f <- min(f_max, f * k_inc). Otherwise f <- max(f_min, f - step).
     The result is snapped to a supported clock: up when raising, down when
     lowering, so a decision always moves at least one supported step.
     """
