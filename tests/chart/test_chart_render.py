@@ -333,6 +333,9 @@ def test_router_replicas_share_counts_through_their_own_leases(default_render: R
     # no node agent steers the clocks: the router reads decode energy at the top clock
     assert "--no-clocks-follow-load" in no_agent_args
     assert "--no-clocks-follow-load" not in c["args"]
+    observe_only = Rendered(render_raw({"nodeAgent": {"clockControl": False}}))
+    assert "--no-clocks-follow-load" in _container(
+        observe_only, "Deployment", name("router"), "router")["args"]
     # SIGTERM: readiness fails for --drain-seconds, then in-flight requests get 10 s
     pod = default_render.get("Deployment", name("router"))["spec"]["template"]["spec"]
     drain = float(_flag(c["args"], "--drain-seconds"))
