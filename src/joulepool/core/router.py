@@ -387,8 +387,7 @@ class PoolRouter:
         self.index = {e.address: i for i, e in enumerate(fresh)}
         self._alloc(len(fresh))
         if self.site_g:  # the new endpoints weigh by their sites' intensities
-            self.carbon_w = carbon_weights([self.site_g.get(e.site, math.nan)
-                                            for e in fresh])
+            self.carbon_w = self._carbon_weights()
         self.state.models = tuple(e.model for e in fresh)
         for i in range(len(fresh)):
             self._set_model(i)
@@ -402,12 +401,15 @@ class PoolRouter:
         each endpoint's marginal energy is weighed by its site's
         (core.routing.carbon_weights), so the rule ranks marginal carbon. None or empty:
         energy (every weight 1). Endpoints at a site not listed weigh 1."""
-        g = [math.nan if not g_per_kwh else g_per_kwh.get(ep.site, math.nan)
-             for ep in self.endpoints]
-        self.carbon_w = carbon_weights(g)
         self.site_g = dict(g_per_kwh or {})
+        self.carbon_w = self._carbon_weights()
         for i in range(len(self.endpoints)):
             self._refresh(i)
+
+    def _carbon_weights(self) -> FloatArray:
+        """core.routing.carbon_weights of each endpoint's site intensity in ``site_g``
+        (NaN, weight 1, for a site not listed or with ``site_g`` empty)."""
+        return carbon_weights([self.site_g.get(e.site, math.nan) for e in self.endpoints])
 
     # -- the decision -------------------------------------------------------------
     def queue_tokens(self) -> FloatArray:

@@ -597,10 +597,10 @@ class EndpointModel:
                                    profile.itl_s(b, clock_mhz))
         else:
             clocks = profile.product.supported_clocks()[:, None]
+            itl_at = profile.itl_s(b[None, :], clocks)  # [clock, batch]
             excess = excess_at_needed_clock(
-                profile.itl_s(b[None, :], clocks),
-                excess_step_j(profile.power_w(b[None, :], clocks), profile.idle_w,
-                              profile.itl_s(b[None, :], clocks)), step_target_s)
+                itl_at, excess_step_j(profile.power_w(b[None, :], clocks), profile.idle_w,
+                                      itl_at), step_target_s)
         excess[0] = 0.0
         pf = float(profile.prefill_s(1.0, clock_mhz))
         pi = float(prefill_excess_j_per_token(float(profile.prefill_power_w(clock_mhz)),
