@@ -111,10 +111,10 @@ async def test_the_agent_steers_on_the_period_mean_itl_of_the_engines_histogram(
     assert sum(p.itl_sum for p in read) == pytest.approx(engine_sum, rel=1e-9)
     for r in source.readings:  # the signal the agent stepped on is core's function's
         assert r.latencies is not None
-        assert r.tpot_tail_s == miad_signal(r.latencies).tpot_tail_s
+        assert r.mean_itl_s == miad_signal(r.latencies).mean_itl_s
     # and it shows it: the last period the agent controlled (the read before the final one)
     shown = metrics.signal_tpot.labels("0", "L4", "n1")._value.get()
-    last = source.readings[-2].tpot_tail_s
+    last = source.readings[-2].mean_itl_s
     assert shown == last if last is not None else math.isnan(shown)
     ctrl = MIADController(L4.supported_clocks(), TTFT_S, TPOT_S)
     # in the second half MIAD regulates around the threshold: mostly between the lowest

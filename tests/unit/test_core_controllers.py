@@ -73,8 +73,8 @@ def _miad(**kw):
     return MIADController(CLOCKS, ttft_target_s=0.3, tpot_target_s=0.05, **kw)
 
 
-violate = SLOSignal(ttft_tail_s=0.5, tpot_tail_s=0.02, waiting=0)
-calm = SLOSignal(ttft_tail_s=0.1, tpot_tail_s=0.02, waiting=0)
+violate = SLOSignal(ttft_tail_s=0.5, mean_itl_s=0.02, waiting=0)
+calm = SLOSignal(ttft_tail_s=0.1, mean_itl_s=0.02, waiting=0)
 
 
 @given(st.floats(500, 2500), st.booleans(), st.integers(0, 3))
@@ -147,9 +147,9 @@ def test_miad_signal_reads_the_period_mean_itl():
     assert idle == SLOSignal(None, None, 0)  # nothing decoded: no TPOT; a negative gauge is 0
     assert PeriodLatencies().mean_itl is None
     # requests ran the whole period and no gap completed: TPOT at least the period
-    assert miad_signal(PeriodLatencies(stalled=1.0)).tpot_tail_s == 1.0
+    assert miad_signal(PeriodLatencies(stalled=1.0)).mean_itl_s == 1.0
     assert miad_signal(PeriodLatencies(itl_sum=0.02, itl_count=1, stalled=1.0)
-                       ).tpot_tail_s == 0.02  # a completed gap is the signal itself
+                       ).mean_itl_s == 0.02  # a completed gap is the signal itself
 
 
 def test_miad_on_the_period_signal_holds_through_rare_long_steps():

@@ -1,9 +1,9 @@
 """The node agent on the simulated backend, with injected time (no sleeping).
 
 The "engine" here is the core profile itself: each period it produces
-``decode_tokens_per_s(batch, clock) * dt`` tokens and a TPOT tail of
-``itl_s(batch, clock)`` at whatever clock the agent locked, so the physics the
-agent reacts to is the same the simulator and planner use.
+``decode_tokens_per_s(batch, clock) * dt`` tokens and a mean inter-token latency of
+``itl_s(batch, clock)`` at whatever clock the agent locked, so the physics the agent
+reacts to is the same the simulator and planner use.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ProfileEngine:
         f = self.clock()
         return EngineReading(
             engine=self.url, waiting=self.waiting, ttft_tail_s=0.05,
-            tpot_tail_s=float(self.profile.itl_s(self.batch, f)) + self.extra_tpot,
+            mean_itl_s=float(self.profile.itl_s(self.batch, f)) + self.extra_tpot,
             tokens=float(self.profile.decode_tokens_per_s(self.batch, f)) * dt,
             model=self.profile.model, gpus=frozenset(self.indices) if self.mapped else None,
             fresh=self.fresh, stale=self.stale)
@@ -143,7 +143,7 @@ async def test_slo_violation_steps_up_multiplicatively():
     e = rig.engine([0], batch=4)
     await rig.ticks(40)
     assert rig.locked(0) == 990.0
-    e.extra_tpot = 0.2  # TPOT tail far above 0.05 * (1 - margin)
+    e.extra_tpot = 0.2  # mean ITL far above 0.05 * (1 - margin)
     await rig.ticks(1)
     assert rig.locked(0) == 1485.0  # 990 * 1.5, a supported clock
     await rig.ticks(1)

@@ -22,7 +22,7 @@ from joulepool.nodeagent.signals import EngineReading, StaticSignalSource
 
 
 def idle(now: float) -> list[EngineReading]:
-    return [EngineReading(engine="http://e0", waiting=0, ttft_tail_s=0.05, tpot_tail_s=0.01,
+    return [EngineReading(engine="http://e0", waiting=0, ttft_tail_s=0.05, mean_itl_s=0.01,
                           tokens=10.0, model="m")]
 
 

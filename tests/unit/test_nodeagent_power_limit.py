@@ -89,7 +89,7 @@ class Engine:
     def __call__(self, now: float) -> list[EngineReading]:
         f = self.gpus.effective_clock(self.gpus.gpu(0))
         itl = float(H100_8B.itl_s(self.batch, f))
-        return [EngineReading(engine="http://e0", waiting=0, ttft_tail_s=0.1, tpot_tail_s=itl,
+        return [EngineReading(engine="http://e0", waiting=0, ttft_tail_s=0.1, mean_itl_s=itl,
                               tokens=self.batch / itl, model=H100_8B.model, gpus=frozenset({0}))]
 
 

@@ -42,7 +42,7 @@ class Clock:
 
 def idle_readings(now: float) -> list[EngineReading]:
     # an idle engine on every GPU at a loose SLO: MIAD walks every clock down
-    return [EngineReading(engine="http://e0", waiting=0, ttft_tail_s=0.05, tpot_tail_s=0.01,
+    return [EngineReading(engine="http://e0", waiting=0, ttft_tail_s=0.05, mean_itl_s=0.01,
                           tokens=10.0, model="m")]
 
 

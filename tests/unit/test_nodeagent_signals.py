@@ -69,7 +69,7 @@ def _signal(latencies: PeriodLatencies, tokens: float) -> tuple[float | None, fl
                                                                  float]:
     """(TTFT tail, TPOT, tokens) MIAD reads from one scrape (core's miad_signal)."""
     sig = miad_signal(latencies)
-    return sig.ttft_tail_s, sig.tpot_tail_s, tokens
+    return sig.ttft_tail_s, sig.mean_itl_s, tokens
 
 
 def test_window_tail_uses_only_recent_observations():
@@ -144,7 +144,7 @@ async def test_scrapes_over_http_and_reports_failures():
         (r2,) = await src.read(1.0)
         assert r1.fresh and r2.fresh and not r2.stale
         assert r2.tokens == 10.0 and r2.gpus == frozenset({1}) and r2.model == "m"
-        assert r2.tpot_tail_s is not None and 0.01 < r2.tpot_tail_s <= 0.02
+        assert r2.mean_itl_s is not None and 0.01 < r2.mean_itl_s <= 0.02
         state["fail"] = True
         (r3,) = await src.read(2.0)
         assert not r3.fresh and not r3.stale and r3.gpus == frozenset({1})
@@ -233,12 +233,12 @@ def test_a_period_with_requests_running_and_no_gap_reads_as_a_stall():
     w.add(0.0, parse_engine_metrics(vllm_text([], gaps)), 0.9)
     stuck, _ = w.add(1.5, parse_engine_metrics(vllm_text([], gaps)), 0.9)
     assert stuck.itl_count == 0 and stuck.stalled == pytest.approx(1.5)
-    assert miad_signal(stuck).tpot_tail_s == pytest.approx(1.5)
+    assert miad_signal(stuck).mean_itl_s == pytest.approx(1.5)
     ctrl = MIADController(H100.supported_clocks(), ttft_target_s=0.5, tpot_target_s=0.05)
     assert ctrl.step(ctrl.lowest, miad_signal(stuck))[1] is Direction.UP
     # nothing running at the end of the period: idle, not stalled
     idle, _ = w.add(2.5, parse_engine_metrics(vllm_text([], gaps, running=0)), 0.9)
-    assert idle.stalled == 0.0 and miad_signal(idle).tpot_tail_s is None
+    assert idle.stalled == 0.0 and miad_signal(idle).mean_itl_s is None
     # a gap completed: the mean gap is the signal, the stall rule stays out
     moving, _ = w.add(3.5, parse_engine_metrics(vllm_text([], [*gaps, 0.04])), 0.9)
-    assert moving.stalled == 0.0 and miad_signal(moving).tpot_tail_s == pytest.approx(0.04)
+    assert moving.stalled == 0.0 and miad_signal(moving).mean_itl_s == pytest.approx(0.04)

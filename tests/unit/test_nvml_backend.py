@@ -202,7 +202,7 @@ def test_real_pynvml_error_classes_are_translated(monkeypatch):
 
 def _agent(fake: FakeNVML) -> tuple[NodeAgent, AgentMetrics]:
     metrics = AgentMetrics("n1")
-    reading = EngineReading("http://e", ttft_tail_s=0.01, tpot_tail_s=0.01, tokens=100.0,
+    reading = EngineReading("http://e", ttft_tail_s=0.01, mean_itl_s=0.01, tokens=100.0,
                             model="llama-3.1-8b")
     agent = NodeAgent(NvmlBackend(fake), StaticSignalSource(lambda now: [reading]),
                       AgentConfig(node="n1", ttft_slo_s=1.0, tpot_slo_s=0.1), metrics=metrics,

@@ -69,9 +69,10 @@ class SLOSignal:
 
     #: the TTFT tail of the first tokens in the period (None: no first token)
     ttft_tail_s: float | None
-    #: the TPOT compared with the target: the period's mean inter-token latency, not a
-    #: tail despite the name (None: no gap completed and nothing stalled)
-    tpot_tail_s: float | None
+    #: the TPOT compared with the target: the period's mean inter-token latency
+    #: (:attr:`PeriodLatencies.mean_itl`), or the period's length when requests stalled
+    #: (None: no gap completed and nothing stalled)
+    mean_itl_s: float | None
     #: requests waiting for admission
     waiting: int
 
@@ -195,7 +196,7 @@ class MIADController:
             return True
         if signal.ttft_tail_s is not None and signal.ttft_tail_s > self.ttft_target_s * limit:
             return True
-        return signal.tpot_tail_s is not None and signal.tpot_tail_s > self.tpot_target_s * limit
+        return signal.mean_itl_s is not None and signal.mean_itl_s > self.tpot_target_s * limit
 
     def step(self, current_mhz: float, signal: SLOSignal) -> tuple[float, Direction]:
         """One control period: the next clock and which way it moved."""

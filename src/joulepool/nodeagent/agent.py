@@ -746,11 +746,12 @@ class NodeAgent:
             self.metrics.decisions.labels(*labels, Direction.HOLD.value).inc()
             return
         ttfts = [r.ttft_tail_s for r in live if r.ttft_tail_s is not None]
-        tpots = [r.tpot_tail_s for r in live if r.tpot_tail_s is not None]
-        signal = SLOSignal(max(ttfts) if ttfts else None, max(tpots) if tpots else None,
+        mean_itls = [r.mean_itl_s for r in live if r.mean_itl_s is not None]
+        signal = SLOSignal(max(ttfts) if ttfts else None,
+                           max(mean_itls) if mean_itls else None,
                            sum(max(r.waiting, 0) for r in live))
         self.metrics.signal_tpot.labels(*labels).set(
-            math.nan if signal.tpot_tail_s is None else signal.tpot_tail_s)
+            math.nan if signal.mean_itl_s is None else signal.mean_itl_s)
         controller = self._controller(gpu, slo)
         current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
         target, direction = controller.step(current, signal)

@@ -55,10 +55,11 @@ class EngineReading:
     waiting: int = 0
     #: requests the engine runs now (its running gauge; a prefilling one counts)
     running: int = 0
-    #: MIAD's signal from this engine (core.controllers.miad_signal of ``latencies``):
-    #: TTFT tail and the TPOT compared with the target, s
+    #: MIAD's signal from this engine (core.controllers.miad_signal of ``latencies``),
+    #: s: the TTFT tail, and the TPOT compared with the target: the period's mean
+    #: inter-token latency (``SLOSignal.mean_itl_s``)
     ttft_tail_s: float | None = None
-    tpot_tail_s: float | None = None
+    mean_itl_s: float | None = None
     tokens: float = 0.0  # new output tokens since the previous reading
     model: str | None = None
     pool: str | None = None
@@ -352,7 +353,7 @@ class PrometheusSignalSource:
         reading = EngineReading(
             engine=e.url, waiting=signal.waiting, running=round(sample.running),
             ttft_tail_s=signal.ttft_tail_s,
-            tpot_tail_s=signal.tpot_tail_s, latencies=latencies, tokens=tokens,
+            mean_itl_s=signal.mean_itl_s, latencies=latencies, tokens=tokens,
             model=sample.model, pool=e.pool,
             gpus=e.gpus if e.gpus is not None else sample.gpus,
             prompt_tail_tokens=prompt_tail,
