@@ -9,7 +9,12 @@ Cells: {bundled Azure 2023 conversation trace, synthetic prefill-heavy
 responses ~600)} x {load 0.2, 0.5, 0.8} x {joulesched-320, freesh-3site} x
 {FREESH's SLOs (TTFT 300/600 ms by prompt class, TPOT 150 ms), the interactive
 set (TPOT 50 ms, FREESH's TTFT; ``core.classes.INTERACTIVE_SLOS`` says where the
-figures come from)}. The SLO set reaches every policy: deadlines, TTFT/TPOT
+figures come from)}. ``--clusters`` and ``--traces`` also take files, the
+same ones ``joulepool simulate --cluster/--trace`` reads (a cluster YAML; a trace
+CSV with TIMESTAMP,ContextTokens,GeneratedTokens), so the verdict can be checked on
+clusters and traces the matrix does not contain (``benchmarks/heldout/``,
+docs/simulator.md "Held-out scenarios"); a file that cannot be read exits 2 with
+the reason. The SLO set reaches every policy: deadlines, TTFT/TPOT
 attainment, the planner's sizing and eligibility, the routers' SLO and the
 operating batch behind eps.
 
@@ -52,16 +57,23 @@ import sys
 import time
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from joulepool.core.classes import SLO_SETS, slo_set
-from joulepool.sim.cluster import freesh_3site, joulesched_320
+from joulepool.sim.cluster import (
+    ClusterError,
+    SimCluster,
+    freesh_3site,
+    joulesched_320,
+    resolve_cluster,
+)
 from joulepool.sim.engine import EngineParams
 from joulepool.sim.report import summarise
 from joulepool.sim.runner import Experiment, run_experiment, trace_capacity
-from joulepool.sim.trace import Trace, load_trace
+from joulepool.sim.trace import Trace, TraceError, load_trace
 
 CLUSTERS = {"joulesched-320": joulesched_320, "freesh-3site": freesh_3site}
 TRACES = ("bundled", "prefill-heavy", "decode-heavy")
@@ -93,13 +105,32 @@ def synthetic_trace(name: str, mean_in: float, mean_out: float, seed: int = 0) -
 
 @functools.cache
 def trace_named(name: str) -> Trace:
+    """A built-in trace (``TRACES``) or a trace CSV file (``sim.trace.load_trace``:
+    TraceError naming the file and line if it is malformed)."""
     if name == "bundled":
         return load_trace()
     if name == "prefill-heavy":
         return synthetic_trace("synthetic prefill-heavy", 2000.0, 30.0, 1)
     if name == "decode-heavy":
         return synthetic_trace("synthetic decode-heavy", 200.0, 600.0, 2)
-    raise ValueError(f"unknown trace {name!r}")
+    if Path(name).is_file():
+        return load_trace(name)
+    raise TraceError(f"unknown {name}; known: {', '.join(TRACES)}, or a trace CSV file "
+                     "(TIMESTAMP,ContextTokens,GeneratedTokens)")
+
+
+@functools.cache
+def cluster_named(name: str) -> SimCluster:
+    """A built-in cluster (``CLUSTERS``) or a cluster YAML file (``sim.cluster.
+    load_cluster_file``: ClusterError naming the file and key if it is invalid)."""
+    if name in CLUSTERS or Path(name).is_file():
+        return resolve_cluster(name)
+    raise ClusterError(f"unknown {name}; known: {', '.join(CLUSTERS)}, or a cluster YAML file")
+
+
+def short_name(name: str) -> str:
+    """How a cell prints a cluster or trace: a built-in's name, a file's stem."""
+    return name if name in CLUSTERS or name in TRACES else Path(name).stem
 
 
 @dataclass(frozen=True)
@@ -124,7 +155,7 @@ def cell_duration(cell: Cell, rate_rps: float) -> float:
 @functools.cache
 def capacity_rps(cluster: str, trace: str, slos: str) -> float:
     """The cluster's capacity at SLO for the trace (``sim.runner.capacity_at_slo``)."""
-    return trace_capacity(CLUSTERS[cluster](), trace_named(trace), slo_set(slos)).slo_rps
+    return trace_capacity(cluster_named(cluster), trace_named(trace), slo_set(slos)).slo_rps
 
 
 def expected_requests(cell: Cell) -> float:
@@ -135,7 +166,7 @@ def expected_requests(cell: Cell) -> float:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     t0 = time.perf_counter()
-    cluster = CLUSTERS[cell.cluster]()
+    cluster = cluster_named(cell.cluster)
     trace = trace_named(cell.trace)
     slos = slo_set(cell.slos)
     rate = cell.load * capacity_rps(cell.cluster, cell.trace, cell.slos)
@@ -182,12 +213,13 @@ def verdict(out: dict[str, Any]) -> str:
 
 
 def cell_name(c: Cell) -> str:
-    return f"{c.cluster}/{c.trace}/{c.load:g}/{c.slos}"
+    return f"{short_name(c.cluster)}/{short_name(c.trace)}/{c.load:g}/{c.slos}"
 
 
 def render(out: dict[str, Any]) -> str:
     c: Cell = out["cell"]
-    head = (f"== {c.cluster} | trace {c.trace} | load {c.load:g} ({out['rate']:.3g} req/s) | "
+    head = (f"== {short_name(c.cluster)} | trace {short_name(c.trace)} | load {c.load:g} "
+            f"({out['rate']:.3g} req/s) | "
             f"SLOs {c.slos} | {out['requests']:,} requests over {out['duration_s']:,.0f} s "
             f"({out['wall_s']:.0f} s wall)")
     if "error" in out:
@@ -234,11 +266,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                          "N / rate) s (default %(default)d)")
     ap.add_argument("--jobs", type=int, default=2, help="cells run in parallel")
     ap.add_argument("--traces", default=",".join(TRACES),
-                    help=f"comma-separated traces ({', '.join(TRACES)}; default all)")
+                    help=f"comma-separated traces: built-in ({', '.join(TRACES)}; default "
+                         "all) or trace CSV files (TIMESTAMP,ContextTokens,GeneratedTokens, "
+                         "as joulepool simulate --trace)")
     ap.add_argument("--loads", default="0.2,0.5,0.8",
                     help="fractions of the cluster's capacity at SLO")
     ap.add_argument("--clusters", default=",".join(CLUSTERS),
-                    help=f"comma-separated clusters ({', '.join(CLUSTERS)}; default all)")
+                    help=f"comma-separated clusters: built-in ({', '.join(CLUSTERS)}; default "
+                         "all) or cluster YAML files (as joulepool simulate --cluster)")
     ap.add_argument("--slos", default=",".join(SLO_SETS),
                     help=f"SLO sets ({', '.join(SLO_SETS)}; default all)")
     ap.add_argument("--policies", default=",".join(POLICIES),
@@ -259,6 +294,19 @@ def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _check_inputs(flag: str, given: list[str], read: Any) -> None:
+    """Each of ``given`` names a built-in or a readable file (``read`` loads it)."""
+    if not given:
+        raise ValueError(f"{flag}: unknown (none given)")
+    if len({short_name(x) for x in given}) < len(given):
+        raise ValueError(f"{flag}: two entries print the same name: {', '.join(given)}")
+    for name in given:
+        try:
+            read(name)
+        except (ClusterError, TraceError) as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+
+
 def cells_from(a: argparse.Namespace) -> list[Cell]:
     """The matrix the arguments ask for (ValueError with the reason if they are bad)."""
     from joulepool.sim.policies import parse_policies
@@ -269,13 +317,13 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
         raise ValueError(f"--loads {a.loads!r}: numbers, e.g. 0.2,0.5") from None
     if not loads or any(not 0 < x <= MAX_LOAD for x in loads):
         raise ValueError(f"--loads {a.loads!r}: each in (0, {MAX_LOAD:g}]")
-    checks = [("--traces", _split(a.traces), TRACES), ("--clusters", _split(a.clusters),
-              tuple(CLUSTERS)), ("--slos", _split(a.slos), tuple(SLO_SETS))]
-    for flag, given, known in checks:
-        bad = [x for x in given if x not in known]
-        if bad or not given:
-            raise ValueError(f"{flag}: unknown {', '.join(bad) or '(none given)'}; known: "
-                             f"{', '.join(known)}")
+    slos = _split(a.slos)
+    bad = [x for x in slos if x not in SLO_SETS]
+    if bad or not slos:
+        raise ValueError(f"--slos: unknown {', '.join(bad) or '(none given)'}; known: "
+                         f"{', '.join(SLO_SETS)}")
+    _check_inputs("--traces", _split(a.traces), trace_named)
+    _check_inputs("--clusters", _split(a.clusters), cluster_named)
     if not (0 < a.duration < math.inf) or a.jobs < 1 or a.min_requests < 0:
         raise ValueError("--duration must be > 0, --jobs >= 1, --min-requests >= 0")
     policies = tuple(parse_policies(a.policies))

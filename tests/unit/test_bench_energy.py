@@ -1,13 +1,15 @@
 """``joulepool bench energy``: the matrix its arguments ask for, cells sized by a minimum
-request count, the iso-SLO verdict and summary, and bad arguments exiting 2."""
+request count, the iso-SLO verdict and summary, bad arguments exiting 2, and cluster
+YAML / trace CSV files beside the built-in names (the held-out scenarios)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import numpy as np
 import pytest
-from bench_helpers import load_bench
+from bench_helpers import BENCHMARKS, load_bench
 
 from joulepool.cli import main as cli_main
 from joulepool.core.classes import FREESH_SLOS, INTERACTIVE_SLOS
@@ -136,3 +138,86 @@ def test_every_option_has_help(bench, capsys):
                         ("--policies", "comma-separated routing policies"),
                         ("--seed", "seed of each cell's workload")]:
         assert f"{flag} " in out and words in out, flag
+
+
+HELDOUT = BENCHMARKS / "heldout"
+
+
+@pytest.fixture(scope="module")
+def make_traces():
+    yield from load_bench("heldout/make_traces.py")
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "words"),
+    [
+        ("--traces", "TIMESTAMP,ContextTokens\n0,10\n", "lacks column(s) ['GeneratedTokens']"),
+        ("--traces", "TIMESTAMP,ContextTokens,GeneratedTokens\n0,10,0\n",
+         ":2: GeneratedTokens must be >= 1"),
+        ("--clusters", "nodes: []\n", "nodes"),
+        ("--clusters", "nodes:\n  - {name: n, product: B200, gpus: 8}\n",
+         "unknown GPU product 'B200'"),
+        ("--clusters", "nodes:\n  - {name: n, product: L4, gpus: 8}\nsimulator: {objective: co2}\n",
+         "simulator.objective must be energy or carbon"),
+    ],
+)
+def test_a_bad_file_exits_2_with_the_reason(bench, tmp_path, capsys, flag, content, words):
+    bad = tmp_path / ("bad.csv" if flag == "--traces" else "bad.yaml")
+    bad.write_text(content)
+    assert cli_main(["bench", "energy", flag, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"bench energy: {flag}: {bad}" in err and words in err
+
+
+def test_a_missing_file_or_name_exits_2(bench, tmp_path, capsys):
+    assert bench.main(["--clusters", str(tmp_path / "none.yaml")]) == 2
+    assert "--clusters: unknown" in capsys.readouterr().err
+    assert bench.main(["--traces", f"bundled,{tmp_path / 'none.csv'}"]) == 2
+    assert "or a trace CSV file" in capsys.readouterr().err
+    # two files that would print under one name are refused, not merged
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "t.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,10,5\n")
+    assert bench.main(["--traces", f"{tmp_path / 'a/t.csv'},{tmp_path / 'b/t.csv'}"]) == 2
+    assert "print the same name" in capsys.readouterr().err
+
+
+def test_every_heldout_cluster_file_loads(bench):
+    files = sorted(HELDOUT.glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        cluster = bench.cluster_named(str(f))
+        assert cluster.name == f.stem  # a cell prints the file's stem: the cluster's name
+    assert bench.cluster_named(str(HELDOUT / "two-site-carbon.yaml")).objective == "carbon"
+
+
+def test_heldout_traces_are_seeded_and_have_their_shapes(make_traces, bench, tmp_path):
+    first = make_traces.write(tmp_path / "a")
+    again = make_traces.write(tmp_path / "b", ["code"])
+    assert [p.name for p in first] == [f"{n}.csv" for n in make_traces.TRACES]
+    assert again[0].read_bytes() == first[0].read_bytes()
+    traces = {p.stem: bench.trace_named(str(p)) for p in first}
+    code, chat = traces["code"], traces["short-chat"]
+    assert 1800 < code.input_tokens.mean() < 2200 and 25 < code.output_tokens.mean() < 35
+    assert chat.input_tokens.mean() < 80 and chat.output_tokens.mean() < 50
+    tail = traces["heavy-tail"].input_tokens
+    assert tail.max() > 20 * np.median(tail)
+    rates = traces["bursty"].minute_rates_rps()
+    assert rates.max() > 2.5 * np.median(rates)
+    assert traces["reasoning"].output_tokens.mean() > 1200
+
+
+def test_a_matrix_of_files_runs_and_prints_their_names(bench, make_traces, tmp_path, capsys):
+    (trace,) = make_traces.write(tmp_path, ["short-chat"])
+    cluster = HELDOUT / "small-8.yaml"
+    rc = bench.main(["--clusters", f"{cluster},joulesched-320", "--traces", str(trace),
+                     "--loads", "0.3", "--slos", "freesh", "--policies", "least-loaded",
+                     "--duration", "5", "--min-requests", "50", "--jobs", "1",
+                     "--json", str(tmp_path / "m.json")])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "== small-8 | trace short-chat | load 0.3" in text
+    assert "== joulesched-320 | trace short-chat | load 0.3" in text
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert [d["cluster"] for d in doc] == [str(cluster), "joulesched-320"]
+    assert all(d["trace"] == str(trace) and d["requests"] > 0 for d in doc)
