@@ -11,6 +11,7 @@ from joulepool.core.batching import (
     prefill_steps,
     prefill_time_s,
     prefill_times_s,
+    unqueued_first_token_s,
 )
 
 
@@ -64,10 +65,28 @@ def test_first_token_waits_for_the_step_in_progress_then_shares_steps_with_the_b
     """Idle: the prompt's own compute. Beside b decoding requests: one decode step (the
     step in progress), then the prompt in chunks of budget - b tokens, each step carrying
     the batch's decode step too."""
-    from joulepool.core.batching import first_token_s
-
-    assert first_token_s(8192, 0, 3000, 0.02, 1e-4) == pytest.approx(0.3)
+    assert unqueued_first_token_s(8192, 0, 3000, 0.02, 1e-4) == pytest.approx(0.3)
     # 8,192 - 192 = 8,000 tokens a step: 20,000 tokens take 2.5 steps
-    assert first_token_s(8192, 192, 20_000, 0.02, 1e-4) == pytest.approx(
+    assert unqueued_first_token_s(8192, 192, 20_000, 0.02, 1e-4) == pytest.approx(
         0.02 + 2.0 + 2.5 * 0.02)
-    assert first_token_s(8192, 64, 500, 0.02, 1e-4) == pytest.approx(0.02 + 0.05 + 0.02)
+    assert unqueued_first_token_s(8192, 64, 500, 0.02, 1e-4) == pytest.approx(
+        0.02 + 0.05 + 0.02)
+    # a batch past the budget still moves the prompt one token a step
+    assert unqueued_first_token_s(64, 100, 10, 0.02, 1e-4) == pytest.approx(
+        0.02 + 10 * 0.02 + 10 * 1e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_unqueued_first_token_is_the_step_in_progress_plus_the_prefill_time(seed: int):
+    """unqueued_first_token_s (core.batching.first_token_after_s with the wait of the step
+    in progress) is that step plus :func:`prefill_time_s` beside the same batch: the two
+    forms of a prompt's mixed prefill agree."""
+    rng = np.random.default_rng(seed)
+    for _ in range(500):
+        budget = float(rng.choice([2048, 8192, 16384]))
+        batch = float(rng.choice([0, 1, rng.integers(2, 300)]))
+        prompt = float(rng.integers(1, 30_000))
+        decode, pf = float(rng.uniform(0.005, 0.1)), float(rng.uniform(1e-5, 5e-4))
+        wait = decode if batch > 0 else 0.0
+        assert unqueued_first_token_s(budget, batch, prompt, decode, pf) == pytest.approx(
+            wait + prefill_time_s(budget, batch, prompt, decode, pf), rel=1e-12)

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 
+from joulepool.core.batching import first_token_after_s
 from joulepool.core.cost import joulesched_cost
 from joulepool.core.routing import (
     endpoint_late,
@@ -164,6 +165,30 @@ def test_endpoint_late_is_slo_infeasible_of_first_token_s(odd: float) -> None:
         one = [endpoint_late(*row, prompt, ttft)
                for row in zip(wait, step, chunk, pf_s, room, strict=True)]
         assert late.tolist() == one, trial
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("odd", [0.0, 0.25])
+def test_first_token_s_over_endpoints_is_first_token_after_s_bit_for_bit(odd: float) -> None:
+    """core.routing.first_token_s (the router's, over arrays of endpoints) and
+    core.batching.first_token_after_s (one endpoint: the simulator's candidate search,
+    endpoint_late, the prefill clock floor) are one formula: the same value bit for bit,
+    NaN, infinities and a zero chunk included."""
+    rng = np.random.default_rng(29 + int(odd * 100))
+    for trial in range(200):
+        n = int(rng.integers(1, 30))
+        wait = _column(rng, n, 0.0, 0.5, odd)
+        step = _column(rng, n, 0.0, 0.05, odd)
+        chunk = _column(rng, n, 1.0, 8192.0, odd)
+        chunk[rng.random(n) < 0.1] = rng.choice([0.0, -0.0])
+        pf_s = _column(rng, n, 1e-5, 1e-4, odd)
+        prompt = float(rng.choice([0.0, 1.0, float(rng.integers(2, 9000)), math.inf]))
+        many = first_token_s(wait, step, chunk, pf_s, prompt)
+        one = [first_token_after_s(*row, prompt)
+               for row in zip(wait.tolist(), step.tolist(), chunk.tolist(), pf_s.tolist(),
+                              strict=True)]
+        np.testing.assert_array_equal(many, one, err_msg=str(trial))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")

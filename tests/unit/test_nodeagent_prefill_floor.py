@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from test_nodeagent_agent import ProfileEngine, Rig, gpu_labels
 
 from joulepool.api.enginemetrics import SGLANG, VLLM, parse_engine_metrics
-from joulepool.core.batching import first_token_s
+from joulepool.core.batching import unqueued_first_token_s
 from joulepool.core.controllers import MIADController, prefill_clock_floor
 from joulepool.core.estimators import histogram_quantile
 from joulepool.core.powercap import clock_under_power_cap, power_cap_for_clock
@@ -227,8 +227,8 @@ async def test_the_tightest_engine_sets_the_floor():
 async def test_the_floor_counts_the_decode_steps_the_prompt_shares_and_the_step_it_waits_for():
     """Beside a running batch the prompt's chunks share steps with its decodes, after the
     step in progress: the floor is the clock at which that first token
-    (core.batching.first_token_s, the simulator's) meets (1 - margin) x TTFT, above the
-    idle engine's."""
+    (core.batching.unqueued_first_token_s, the simulator's) meets (1 - margin) x TTFT,
+    above the idle engine's."""
     ttft = 0.6
     rig = Rig(slo=(ttft, 0.05))
     await rig.agent.start()
@@ -241,12 +241,12 @@ async def test_the_floor_counts_the_decode_steps_the_prompt_shares_and_the_step_
               if H100.f_min_mhz.value - 1e-6 <= f <= H100.f_max_mhz.value + 1e-6]
     budget = default_batched_tokens(H100)
     busy = prefill_clock_floor(
-        lambda f: first_token_s(budget, 64, 6000.0, float(H100_8B.itl_s(64, f)),
-                                float(H100_8B.prefill_s(1.0, f))), clocks, ttft, 0.1)
+        lambda f: unqueued_first_token_s(budget, 64, 6000.0, float(H100_8B.itl_s(64, f)),
+                                         float(H100_8B.prefill_s(1.0, f))), clocks, ttft, 0.1)
     assert idle < busy < H100.f_max_mhz.value
     await rig.ticks(1)
     assert rig.metric("joulepool_miad_prefill_floor_hertz", **gpu_labels()) == busy * 1e6
     assert rig.locked(0) >= busy
     below = max(f for f in clocks if f < busy)  # one step lower would miss it
-    assert first_token_s(budget, 64, 6000.0, float(H100_8B.itl_s(64, below)),
-                         float(H100_8B.prefill_s(1.0, below))) > 0.9 * ttft
+    assert unqueued_first_token_s(budget, 64, 6000.0, float(H100_8B.itl_s(64, below)),
+                                  float(H100_8B.prefill_s(1.0, below))) > 0.9 * ttft

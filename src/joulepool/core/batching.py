@@ -12,6 +12,8 @@ array of prompts (the planner's prompt-length points).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -65,15 +67,44 @@ def prefill_time_s(budget_tokens: float, batch: float, prompt_tokens: float,
     return own + decode_s * prefill_steps(budget_tokens, batch, prompt_tokens)
 
 
-def first_token_s(budget_tokens: float, batch: float, prompt_tokens: float,
-                  decode_s: float, prefill_s_per_token: float) -> float:
+def first_token_after_s(wait_s: float, step_s: float, chunk_tokens: float,
+                        prefill_s_per_token: float, prompt_tokens: float) -> float:
+    """Seconds to a prompt's first token when its prefill starts after ``wait_s`` s and
+    runs in steps of ``step_s`` s (the decode step beside it; 0: nothing decoding), each
+    carrying ``chunk_tokens`` of its ``prompt_tokens`` tokens (at least one step), at
+    ``prefill_s_per_token`` s per prompt token of its own compute:
+
+        wait + max(1, l / chunk) x step + l x prefill_s
+
+    The one formula of a first token: :func:`unqueued_first_token_s` (the simulator's
+    and the node agent's prefill clock floor) calls it, the router's per-endpoint checks
+    (``core.routing.endpoint_late``) too, and ``core.routing.first_token_s`` is it over
+    arrays of endpoints with the same floating-point operations (so the same values bit
+    for bit: ``chunk_tokens`` = 0 divides as numpy does, NaN stays NaN)."""
+    if chunk_tokens:
+        steps = prompt_tokens / chunk_tokens
+    else:  # numpy's x / 0
+        steps = math.nan if prompt_tokens == 0.0 or prompt_tokens != prompt_tokens else \
+            math.copysign(math.inf, prompt_tokens) * math.copysign(1.0, chunk_tokens)
+    if steps < 1.0:  # np.maximum(steps, 1): NaN stays NaN
+        steps = 1.0
+    first = wait_s + steps * step_s
+    first += prefill_s_per_token * prompt_tokens
+    return first
+
+
+def unqueued_first_token_s(budget_tokens: float, batch: float, prompt_tokens: float,
+                           decode_s: float, prefill_s_per_token: float) -> float:
     """Seconds from a prompt's arrival to its first token on an engine decoding ``batch``
-    requests (decode step ``decode_s`` s) with no other prompt ahead of it: the step in
-    progress (one decode step; none when idle), then :func:`prefill_time_s`, its prefill
-    in mixed steps beside the batch."""
-    wait = decode_s if batch > 0.0 else 0.0
-    return wait + prefill_time_s(budget_tokens, batch, prompt_tokens, decode_s,
-                                 prefill_s_per_token)
+    requests (decode step ``decode_s`` s) with no other prompt queued ahead of it
+    (:func:`first_token_after_s`): the step in progress (one decode step; none when
+    idle), then its prefill in mixed steps of ``decode_s`` beside the batch, each
+    carrying what the budget of ``budget_tokens`` per step leaves (at least one token)."""
+    step = decode_s if batch > 0.0 else 0.0
+    chunk = budget_tokens - batch
+    if chunk < 1.0:  # NaN stays
+        chunk = 1.0
+    return first_token_after_s(step, step, chunk, prefill_s_per_token, prompt_tokens)
 
 
 def prefill_times_s(budget_tokens: float, batch: float, prompt_tokens: npt.ArrayLike,

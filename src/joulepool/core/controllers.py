@@ -228,9 +228,9 @@ def prefill_clock_floor(prefill_s_at: Callable[[float], float], clocks_mhz: Sequ
                         ttft_s: float, margin: float = 0.1) -> float:
     """MHz: the lowest of ``clocks_mhz`` at which a prompt still gets its first token
     within (1 - ``margin``) x ``ttft_s``, where ``prefill_s_at(f)`` is that prompt's time
-    to first token in s at clock f (MHz): ``core.batching.first_token_s`` beside the
-    engine's running batch, for the simulator and the node agent; the highest clock when
-    none does.
+    to first token in s at clock f (MHz): ``core.batching.unqueued_first_token_s``
+    beside the engine's running batch, for the simulator and the node agent; the highest
+    clock when none does.
 
     MIAD lowers the clock while the latencies it has seen are fine; on sparse traffic
     the next prompt then prefills at a clock that cannot meet its TTFT, and MIAD only

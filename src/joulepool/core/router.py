@@ -63,6 +63,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from joulepool.core.batching import first_token_after_s
 from joulepool.core.classes import Tier
 from joulepool.core.controllers import PIController
 from joulepool.core.cost import BULK_LAMBDA_FACTOR, effective_lambda
@@ -73,7 +74,6 @@ from joulepool.core.routing import (
     carbon_weights,
     default_deadline,
     endpoint_queue_tokens,
-    first_token_s,
     queued_responses,
     request_tokens,
     waiting_requests_estimate,
@@ -494,9 +494,10 @@ class PoolRouter:
         best = ranked[0]
         ep = self.endpoints[best]
         st = self.state  # its prompt joins the engine's prefill queue
-        own = first_token_s(0.0, st.prefill_step_s[best], st.prefill_chunk_tokens[best],
-                            st.prefill_s_per_token[best], float(input_tokens))
-        self.prefilled_at[best] = first = max(float(self.prefilled_at[best]), now) + float(own)
+        own = first_token_after_s(0.0, float(st.prefill_step_s[best]),
+                                  float(st.prefill_chunk_tokens[best]),
+                                  float(st.prefill_s_per_token[best]), float(input_tokens))
+        self.prefilled_at[best] = first = max(float(self.prefilled_at[best]), now) + own
         done = first + max(float(output_tokens) - 1.0, 0.0) * self._join_step_s(best)
         self.busy_until[best] = max(float(self.busy_until[best]), done)
         rid = _next_id()

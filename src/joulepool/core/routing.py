@@ -97,7 +97,7 @@ import numpy.typing as npt
 
 # default_deadline lives in core.classes (next to SLO.deadline_for); re-exported here
 # for the router and older callers
-from joulepool.core.batching import prefill_steps
+from joulepool.core.batching import first_token_after_s, prefill_steps
 from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import (
     CostBreakdown,
@@ -407,8 +407,9 @@ def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: np
                   prefill_s_per_token: npt.ArrayLike, input_tokens: float) -> FloatArray:
     """Predicted delay to a request's first token on each endpoint, s: the wait before
     its prefill starts plus its own prefill mixed into the decode steps,
-    ``wait + max(1, l / chunk) * step + l * prefill_s`` (:func:`prefill_queue`):
-    :func:`joulepool.core.batching.prefill_time_s` over every endpoint at once."""
+    ``wait + max(1, l / chunk) * step + l * prefill_s`` (inputs: :func:`prefill_queue`):
+    :func:`joulepool.core.batching.first_token_after_s` over every endpoint at once,
+    with the same floating-point operations (so the same values bit for bit)."""
     steps = np.maximum(np.divide(float(input_tokens), chunk_tokens), 1.0)
     out = np.add(wait_s, np.multiply(steps, step_s))
     out += np.multiply(prefill_s_per_token, float(input_tokens))
@@ -433,18 +434,11 @@ def slo_infeasible(first_token: npt.ArrayLike, batch_room: npt.ArrayLike,
 def endpoint_late(wait_s: float, step_s: float, chunk_tokens: float,
                   prefill_s_per_token: float, batch_room: float, input_tokens: float,
                   ttft_slo_s: float) -> bool:
-    """:func:`slo_infeasible` of :func:`first_token_s` for one endpoint, with the same
-    floating-point operations (so the same verdict bit for bit, NaN included)."""
-    prompt = float(input_tokens)
-    if chunk_tokens:
-        steps = prompt / chunk_tokens
-    else:  # numpy's x / 0
-        steps = math.nan if prompt == 0.0 or prompt != prompt else math.copysign(
-            math.inf, prompt) * math.copysign(1.0, chunk_tokens)
-    if steps < 1.0:  # np.maximum(steps, 1): NaN stays NaN
-        steps = 1.0
-    first = wait_s + steps * step_s
-    first += prefill_s_per_token * prompt
+    """:func:`slo_infeasible` of :func:`first_token_s` for one endpoint
+    (``core.batching.first_token_after_s``, the same floating-point operations: the
+    same verdict bit for bit, NaN included)."""
+    first = first_token_after_s(wait_s, step_s, chunk_tokens, prefill_s_per_token,
+                                float(input_tokens))
     return first > ttft_slo_s or batch_room < 1.0
 
 

@@ -58,7 +58,7 @@ from enum import StrEnum
 from functools import partial
 
 from joulepool.core.attribution import Work
-from joulepool.core.batching import first_token_s
+from joulepool.core.batching import unqueued_first_token_s
 from joulepool.core.controllers import (
     MIAD_PERIOD_S,
     Direction,
@@ -128,11 +128,12 @@ def _first_token_s(profile: ServingProfile, prompt_tokens: float, running: int,
                    clock_mhz: float) -> float:
     """Seconds to the first token of a prompt of ``prompt_tokens`` on an instance of
     ``profile`` at ``clock_mhz`` beside the ``running`` requests the engine reports
-    (``core.batching.first_token_s``, under vLLM V1's default token budget for the GPU;
-    prefill_clock_floor's callable, with the prompt and batch bound; the simulator's)."""
+    (``core.batching.unqueued_first_token_s``, under vLLM V1's default token budget for
+    the GPU; prefill_clock_floor's callable, with the prompt and batch bound; the
+    simulator's)."""
     decode = float(profile.itl_s(running, clock_mhz)) if running > 0 else 0.0
-    return first_token_s(default_batched_tokens(profile.product), running, prompt_tokens,
-                         decode, float(profile.prefill_s(1.0, clock_mhz)))
+    return unqueued_first_token_s(default_batched_tokens(profile.product), running,
+                                  prompt_tokens, decode, float(profile.prefill_s(1.0, clock_mhz)))
 
 
 def power_levels(lo_w: float, hi_w: float) -> list[float]:
@@ -600,8 +601,9 @@ class NodeAgent:
         """The clock (MHz) MIAD keeps ``gpu`` at or above: for each engine, the lowest of
         MIAD's clocks at which the prompt at its recent prompt-length quantile gets its
         first token within its pool's TTFT beside the requests the engine runs now
-        (``core.controllers.prefill_clock_floor`` of ``core.batching.first_token_s``, the
-        simulator's functions, on the engine's serving profile); the highest over the
+        (``core.controllers.prefill_clock_floor`` of
+        ``core.batching.unqueued_first_token_s``, the simulator's functions, on the
+        engine's serving profile); the highest over the
         engines. In power mode the power limit (W) instead: the lowest of MIAD's levels
         under which the GPU keeps that clock at any batch and while prefilling
         (``core.powercap``). None when no engine gives one; why is in

@@ -50,6 +50,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from joulepool.core.batching import first_token_after_s
 from joulepool.core.routing import (
     endpoint_late,
     first_token_s,
@@ -267,17 +268,13 @@ class CandidateIndex:
         soonest = INF
         at: list[int] = []  # the positions whose first token is ``soonest``
         for pf_s, entries in self.firsts.items():
-            own = pf_s * prompt  # first_token_s: wait + steps x step, then + pf_s x l
+            own = pf_s * prompt  # first_token_after_s's last term
             if entries[0][0] + own > soonest:
                 continue  # the whole group comes later
             for low, pos, wait, step, chunk in entries:
                 if low + own > soonest:
                     break  # this one and every later one in the group come later
-                steps = prompt / chunk
-                if steps < 1.0:
-                    steps = 1.0
-                first = wait + steps * step
-                first += own
+                first = first_token_after_s(wait, step, chunk, pf_s, prompt)
                 if first < soonest:
                     soonest = first
                     at = [pos]

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.batching import first_token_s
+from joulepool.core.batching import unqueued_first_token_s
 from joulepool.core.classes import CLASS_NAMES, Tier, default_deadline
 from joulepool.core.controllers import (
     MIAD_TTFT_WINDOW_S,
@@ -988,8 +988,8 @@ class Simulator:
         """MHz below which MIAD does not take ``inst`` now: core.controllers.
         prefill_clock_floor for the prompt at the headroom's TTFT-miss quantile of the
         requests its pool serves (all outside planner pools), at their tightest TTFT SLO,
-        its first token (``core.batching.first_token_s``) mixed into steps beside the
-        batch decoding now, after the step in progress; 0 without MIAD."""
+        its first token (``core.batching.unqueued_first_token_s``) mixed into steps
+        beside the batch decoding now, after the step in progress; 0 without MIAD."""
         if not self.use_miad:
             return 0.0
         tab = inst.table
@@ -1005,7 +1005,7 @@ class Simulator:
 
             def first_token(f: float) -> float:
                 ci = index[f]
-                return first_token_s(budget, b, prompt, itl[ci][b], pf[ci])
+                return unqueued_first_token_s(budget, b, prompt, itl[ci][b], pf[ci])
 
             hit = self.clock_floors[key] = prefill_clock_floor(
                 first_token, tab.clocks, ttft, self.prm.miad_margin)
