@@ -78,10 +78,10 @@ def test_the_simulated_itl_histogram_counts_every_gap_of_every_request(monkeypat
 
 def test_the_prefill_floor_follows_the_batch_the_prompt_would_share_steps_with():
     """MIAD's clock floor is the node agent's: the lowest clock at which the pool's
-    quantile prompt gets its first token (core.batching.first_token_s: the step in
-    progress, then mixed steps beside the batch) within 0.9 x TTFT; a bigger batch
+    quantile prompt gets its first token (core.batching.unqueued_first_token_s: the step
+    in progress, then mixed steps beside the batch) within 0.9 x TTFT; a bigger batch
     needs a higher clock."""
-    from joulepool.core.batching import first_token_s
+    from joulepool.core.batching import unqueued_first_token_s
     from joulepool.core.controllers import prefill_clock_floor, prefill_floor_quantile
 
     one = cluster([("n", "H100", 1)])
@@ -95,9 +95,9 @@ def test_the_prefill_floor_follows_the_batch_the_prompt_would_share_steps_with()
     for b in (0, 8, 64):
         inst.b = b
         want = prefill_clock_floor(
-            lambda f, b=b: first_token_s(inst.budget, b, prompt,
-                                         tab.itl_s[tab.clocks.index(f)][b],
-                                         tab.prefill_s_per_token[tab.clocks.index(f)]),
+            lambda f, b=b: unqueued_first_token_s(
+                inst.budget, b, prompt, tab.itl_s[tab.clocks.index(f)][b],
+                tab.prefill_s_per_token[tab.clocks.index(f)]),
             tab.clocks, 0.5, 0.1)
         assert sim._clock_floor(inst) == want
         floors.append(want)
