@@ -68,6 +68,35 @@ def test_router_and_simulator_read_the_same_needed_clock_row() -> None:
     assert needed[k + 1] - needed[k] > fixed[k + 1] - fixed[k]
 
 
+def test_the_needed_clock_row_follows_the_engines_miad_margin() -> None:
+    """MIAD holds the step at (1 - margin) x TPOT: a wider margin needs other clocks, and
+    the simulator's table (build_table, ProfileTable.with_miad_margin, the Simulator's
+    tables under EngineParams.miad_margin) and its production router
+    (ProductionRouter's endpoint models) read X(b) at the clock for the run's margin."""
+    from sim_helpers import cluster, workload
+
+    from joulepool.sim.engine import EngineParams, Simulator
+    from joulepool.sim.production import ProductionRouter
+
+    assert H100 is not None
+    tpot = 0.02
+    default = build_table(H100, tpot)
+    wide = build_table(H100, tpot, miad_margin=0.3)
+    assert wide.miad_margin == 0.3 and wide.excess_needed_j != default.excess_needed_j
+    m = EndpointModel.from_profile(H100, tpot, step_target_s=0.7 * tpot)
+    np.testing.assert_allclose(m.excess_table[1:], wide.excess_needed_j[1:], rtol=1e-12)
+    assert default.with_miad_margin(default.miad_margin) is default
+    assert default.with_miad_margin(0.3).excess_needed_j == wide.excess_needed_j
+    sim = Simulator(cluster([("h", "H100", 1)]), workload([0.0], [100], [10], 10.0),
+                    POLICIES["miad-only"], {H100.mode: default},
+                    params=EngineParams(miad_margin=0.3))
+    assert sim.tables[H100.mode].excess_needed_j == wide.excess_needed_j
+    for margin, table in ((0.1, default), (0.3, wide)):
+        router = ProductionRouter([(0, "h", H100)], 1.0, tpot, miad_margin=margin)
+        np.testing.assert_allclose(router.pool.endpoints[0].model.excess_table[1:],
+                                   table.excess_needed_j[1:], rtol=1e-12)
+
+
 # -- marginal carbon ---------------------------------------------------------------------
 def test_carbon_weights() -> None:
     np.testing.assert_allclose(carbon_weights([300.0, 100.0, 200.0]), [1.5, 0.5, 1.0])

@@ -386,7 +386,9 @@ class Simulator:
         use_router = policy.routing == "joulesched-router"
         if use_router and policy.uses_planner:
             raise ValueError("joulesched-router drives one production router pool: static only")
-        self.cluster, self.workload, self.policy, self.tables = cluster, workload, policy, tables
+        self.cluster, self.workload, self.policy = cluster, workload, policy
+        # X(b) at the clock each batch needs, for this run's MIAD margin
+        self.tables = {m: t.with_miad_margin(prm.miad_margin) for m, t in tables.items()}
         self.slo_batches: dict[tuple[str, int, bool], int] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
@@ -534,6 +536,7 @@ class Simulator:
             if n else None,
             sites=[x.site for x in self.pools[0].members],
             clock_follows_load=self.use_miad,
+            miad_margin=self.prm.miad_margin,
         )
         self._router_carbon()
         self.lam_series.append((0.0, self.prouter.lam))

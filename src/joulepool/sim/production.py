@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from joulepool.core.classes import Tier
-from joulepool.core.controllers import miad_step_target_s
+from joulepool.core.controllers import MIADController, miad_step_target_s
 from joulepool.core.profiles import ServingProfile
 from joulepool.core.router import Endpoint, PoolRouter, RouterConfig
 from joulepool.core.routing import EndpointModel
@@ -45,6 +45,7 @@ class ProductionRouter:
         mean_tokens: tuple[float, float] | None = None,
         sites: Sequence[str] | None = None,
         clock_follows_load: bool = True,
+        miad_margin: float = MIADController.margin,
     ) -> None:
         """``members``: (instance index, node, serving profile) of each instance;
         ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing);
@@ -52,7 +53,8 @@ class ProductionRouter:
         ``clock_follows_load``: the GPUs' clocks follow their load (MIAD), so X(b) is read
         at the clock each batch needs, as the routing service reads it
         (``kube.pools.Router.endpoint_model``: the node agents steer every GPU); False
-        for GPUs locked at f_max."""
+        for GPUs locked at f_max; ``miad_margin``: MIAD's margin, which sets the step it
+        holds (core.controllers.miad_step_target_s)."""
         self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
@@ -62,7 +64,8 @@ class ProductionRouter:
             key = id(profile)
             if key not in models:
                 serving = None if mean_tokens is None else (*mean_tokens, float(ttft_s))
-                target = miad_step_target_s(tpot_s) if clock_follows_load else None
+                target = (miad_step_target_s(tpot_s, miad_margin) if clock_follows_load
+                          else None)
                 models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving,
                                                          step_target_s=target)
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way

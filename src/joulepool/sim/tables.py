@@ -8,11 +8,13 @@ derived here: each table entry is a core function value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+import numpy.typing as npt
 
-from joulepool.core.controllers import miad_step_target_s
+from joulepool.core.controllers import MIADController, miad_step_target_s
 from joulepool.core.profiles import KV_WATERMARK, ServingProfile, default_batched_tokens
 from joulepool.core.routing import (
     excess_at_needed_clock,
@@ -46,6 +48,11 @@ class ProfileTable:
     #: [batch]: J above idle per step at the lowest clock whose step meets MIAD's TPOT
     #: target (core.routing.excess_at_needed_clock): X(b) where the clock follows the load
     excess_needed_j: tuple[float, ...] = ()
+    #: s: the TPOT target the operating batch and :attr:`excess_needed_j` are for
+    tpot_target_s: float = math.nan
+    #: the MIAD margin :attr:`excess_needed_j` is for: MIAD holds the step at
+    #: (1 - margin) x :attr:`tpot_target_s` (core.controllers.miad_step_target_s)
+    miad_margin: float = MIADController.margin
     #: marginal_eps_row's rows, by (clock index, b*), filled as the run asks for them
     _marginal: dict[tuple[int, int], tuple[float, ...]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -58,6 +65,15 @@ class ProfileTable:
     @property
     def mode(self) -> str:
         return self.profile.mode
+
+    def with_miad_margin(self, margin: float) -> ProfileTable:
+        """This table with :attr:`excess_needed_j` at the clocks MIAD holds under
+        ``margin`` (a run's ``EngineParams.miad_margin``); itself when it already is."""
+        if margin == self.miad_margin:
+            return self
+        return replace(self, miad_margin=margin, excess_needed_j=_excess_needed(
+            np.asarray(self.itl_s), np.asarray(self.excess_step_j), self.tpot_target_s,
+            margin))
 
     def excess_row(self, ci: int) -> tuple[float, ...]:
         """X(b) by batch at clock index ``ci``, or with ``ci`` = :data:`NEEDED` at the clock
@@ -76,8 +92,19 @@ class ProfileTable:
         return row
 
 
-def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
-    """Tabulate ``profile``; ``tpot_target_s`` fixes the operating batch behind eps."""
+def _excess_needed(itl_s: npt.NDArray[np.float64], excess_j: npt.NDArray[np.float64],
+                   tpot_target_s: float, miad_margin: float) -> tuple[float, ...]:
+    """[batch]: X(b) at the lowest clock whose step meets MIAD's target for this TPOT
+    and margin (``itl_s``, ``excess_j``: [clock][batch], s and J)."""
+    return tuple(float(v) for v in excess_at_needed_clock(
+        itl_s, excess_j, miad_step_target_s(tpot_target_s, miad_margin)))
+
+
+def build_table(profile: ServingProfile, tpot_target_s: float,
+                miad_margin: float = MIADController.margin) -> ProfileTable:
+    """Tabulate ``profile``; ``tpot_target_s`` (s) fixes the operating batch behind eps,
+    and with ``miad_margin`` (MIAD's, as ``EngineParams.miad_margin``) the clock each
+    batch needs (:attr:`ProfileTable.excess_needed_j`)."""
     clocks = profile.product.supported_clocks()
     max_b = int(profile.max_batch.value)
     batches = np.arange(0, max_b + 1, dtype=np.float64)
@@ -114,6 +141,7 @@ def build_table(profile: ServingProfile, tpot_target_s: float) -> ProfileTable:
         gpus=profile.gpus,
         gpu_idle_w=profile.product.idle_w.value,
         batched_tokens=default_batched_tokens(profile.product),
-        excess_needed_j=tuple(float(v) for v in excess_at_needed_clock(
-            itl, excess, miad_step_target_s(tpot_target_s))),
+        excess_needed_j=_excess_needed(itl, excess, tpot_target_s, miad_margin),
+        tpot_target_s=tpot_target_s,
+        miad_margin=miad_margin,
     )
