@@ -28,10 +28,12 @@ from typing import Any
 from joulepool.bench import load_benchmark
 from joulepool.core.classes import SLO_SETS
 from joulepool.sim import engine as sim_engine
+from joulepool.sim.cluster import ClusterError
 from joulepool.sim.engine import EngineParams
 from joulepool.sim.instance import STARTING, Instance
 from joulepool.sim.report import summarise
 from joulepool.sim.runner import Experiment, ExperimentResult, run_experiment
+from joulepool.sim.trace import TraceError
 
 Split = dict[str, Any]
 
@@ -157,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     be = load_benchmark("energy")
     ap = argparse.ArgumentParser(prog="joulepool bench breakdown", description=__doc__.split(
         "\n\n")[0])
-    ap.add_argument("--cluster", default="joulesched-320", choices=sorted(be.CLUSTERS))
-    ap.add_argument("--trace", default="bundled", choices=be.TRACES)
+    ap.add_argument("--cluster", default="joulesched-320", metavar="NAME|FILE",
+                    help=f"built-in cluster ({', '.join(be.CLUSTERS)}) or a cluster YAML "
+                         "(default %(default)s)")
+    ap.add_argument("--trace", default="bundled", metavar="NAME|FILE",
+                    help=f"built-in trace ({', '.join(be.TRACES)}) or a trace CSV "
+                         "(default %(default)s)")
     ap.add_argument("--load", type=float, default=0.5)
     ap.add_argument("--slos", default="freesh", choices=sorted(SLO_SETS))
     ap.add_argument("--duration", type=float, default=60.0, help="window, s (default 60)")
@@ -171,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.load > 0 or not args.duration > 0:
         ap.error("--load and --duration must be positive")
-    exp = Experiment(cluster=be.CLUSTERS[args.cluster](), trace=be.trace_named(args.trace),
+    try:
+        cluster, trace = be.cluster_named(args.cluster), be.trace_named(args.trace)
+    except (ClusterError, TraceError) as exc:
+        ap.error(str(exc))
+    exp = Experiment(cluster=cluster, trace=trace,
                      duration_s=args.duration, arrival_mode="load", arrival_value=args.load,
                      policies=tuple(args.policies.split(",")), seed=args.seed, jobs=1,
                      slos=SLO_SETS[args.slos],

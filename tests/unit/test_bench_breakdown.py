@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
-from bench_helpers import load_bench
+from bench_helpers import BENCHMARKS, load_bench
 from sim_helpers import cluster
 
 from joulepool.sim.runner import Experiment
@@ -51,3 +51,17 @@ def test_cli_refuses_a_non_positive_load(bench: ModuleType, capsys) -> None:
         bench.main(["--load", "0"])
     assert e.value.code == 2
     assert "--load and --duration must be positive" in capsys.readouterr().err
+
+
+def test_cli_takes_a_cluster_file_and_refuses_a_bad_one(bench: ModuleType, capsys,
+                                                        tmp_path) -> None:
+    small = BENCHMARKS / "heldout" / "small-8.yaml"
+    assert bench.main(["--cluster", str(small), "--trace", "prefill-heavy", "--load", "0.3",
+                       "--duration", "5", "--policies", "least-loaded"]) == 0
+    assert "least-loaded decode by batch" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens\n0,5\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--cluster", str(small), "--trace", str(bad)])
+    assert e.value.code == 2
+    assert f"{bad}:1: header" in capsys.readouterr().err
