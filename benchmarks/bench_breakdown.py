@@ -14,6 +14,10 @@ beside the floor's (core/bound.py) split of the same window:
   requests ask for (``x floor`` divides J per generated token by the floor's J
   per requested token).
 
+Then where the requests go, per policy: each GPU product's energy, busy share,
+requests served and first tokens late; first-token attainment per class; and
+the planner's first plan (instances per class and mode, with the binding bound).
+
 The split sums to the run's window energy (checked in
 tests/unit/test_bench_breakdown.py). Method and findings: docs/marginal-energy.md.
 """
@@ -25,8 +29,10 @@ import math
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
+
 from joulepool.bench import load_benchmark
-from joulepool.core.classes import SLO_SETS
+from joulepool.core.classes import CLASS_NAMES, SLO_SETS
 from joulepool.sim import engine as sim_engine
 from joulepool.sim.cluster import ClusterError
 from joulepool.sim.engine import EngineParams
@@ -155,6 +161,34 @@ def render(res: ExperimentResult, splits: dict[str, Split]) -> str:
     return "\n".join(lines)
 
 
+def where_requests_go(res: ExperimentResult) -> list[str]:
+    """Per policy: energy (kJ), busy share, requests served and first tokens late by GPU
+    product, and first-token attainment per class; then the first plan, if any."""
+    wl = res.repeats[0].workload
+    lines = []
+    for policy, runs in res.runs.items():
+        run = runs[0]
+        late = ~(run.t_first - wl.arrival_s <= wl.ttft_slo_s)  # never served (NaN): late
+        gpu_product = np.asarray(run.gpu_product)
+        served = run.instance_product
+        parts = []
+        for i, product in enumerate(run.products):
+            gpus = gpu_product == product
+            if not gpus.any():
+                continue
+            mine = served == i
+            parts.append(f"{product} {run.gpu_energy_j[gpus].sum() / 1e3:,.0f} kJ, busy "
+                         f"{run.gpu_busy_s[gpus].sum() / (gpus.sum() * run.duration_s):.0%}, "
+                         f"{int(mine.sum()):,} served, {int((late & mine).sum()):,} late")
+        classes = ", ".join(
+            f"{name} {np.mean(~late[wl.cls == c]):.3f}"
+            for c, name in enumerate(CLASS_NAMES) if (wl.cls == c).any())
+        lines.append(f"{policy} by product: {'; '.join(parts)}; never served "
+                     f"{int((served < 0).sum()):,}; first tokens on time by class: {classes}")
+    lines += [p.describe() for p in res.repeats[0].plans[:1]]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     be = load_benchmark("energy")
     ap = argparse.ArgumentParser(prog="joulepool bench breakdown", description=__doc__.split(
@@ -188,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                      params=EngineParams(miad_period_signal=args.miad_period_signal))
     res, splits = breakdown(exp)
     print(render(res, splits))
+    print("\n".join(where_requests_go(res)))
     return 0
 
 

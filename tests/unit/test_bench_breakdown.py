@@ -58,7 +58,16 @@ def test_cli_takes_a_cluster_file_and_refuses_a_bad_one(bench: ModuleType, capsy
     small = BENCHMARKS / "heldout" / "small-8.yaml"
     assert bench.main(["--cluster", str(small), "--trace", "prefill-heavy", "--load", "0.3",
                        "--duration", "5", "--policies", "least-loaded"]) == 0
-    assert "least-loaded decode by batch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "least-loaded decode by batch" in out
+    # where the requests go: per product, and first tokens per class
+    line = next(x for x in out.splitlines() if x.startswith("least-loaded by product: "))
+    assert "A100 " in line and "H100 " in line and "L4 " in line and " late" in line
+    served = sum(int(part.split(" served")[0].rsplit(", ", 1)[1].replace(",", ""))
+                 for part in line.split("; ") if " served, " in part)
+    requests = int(out.split("requests ", 1)[1].split(":")[0].replace(",", ""))
+    assert served + int(line.split("never served ")[1].split(";")[0]) == requests
+    assert "first tokens on time by class: SS " in line
     bad = tmp_path / "bad.csv"
     bad.write_text("TIMESTAMP,ContextTokens\n0,5\n")
     with pytest.raises(SystemExit) as e:
