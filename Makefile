@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck imports crds bench clean k8s-deps monitoring-deps
+.PHONY: venv demo test lint typecheck imports crds bench clean k8s-deps monitoring-deps native
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,13 +46,30 @@ monitoring-deps:
 	    || echo "prometheus could not be installed: the promtool/Prometheus tests will skip"; \
 	fi
 
+## The endpoint picker's compiled ext_proc front end (native/eppnative.cc, C++ grpc++;
+## `joulepool router --picker-front-end native`, the default once built), built in place
+## by native/build.py. As root with apt, its compiler, grpc++ and protobuf packages are
+## installed once here; where they cannot be, it is not built: the router serves the
+## Python front end and the native front end's tests skip, saying why.
+NATIVE_APT := g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
+native: $(STAMP)
+	@if ! { command -v g++ && command -v protoc && command -v grpc_cpp_plugin \
+	        && pkg-config --exists grpc++ protobuf; } >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(NATIVE_APT) with apt-get for the native ext_proc front end"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends -o DPkg::Lock::Timeout=300 $(NATIVE_APT); } >/dev/null \
+	    || echo "$(NATIVE_APT) could not be installed: the native front end will not be built"; \
+	fi
+	$(BIN)/python native/build.py
+
 ## The whole test suite, lint and type check included.
-test: $(STAMP) k8s-deps monitoring-deps lint typecheck imports
+test: $(STAMP) k8s-deps monitoring-deps native lint typecheck imports
 	$(BIN)/pytest -q
 
 ## ruff over every Python file of the repository.
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts native
 
 ## mypy (files and strictness: pyproject.toml).
 typecheck: $(STAMP)
@@ -70,3 +87,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -f src/joulepool/router/_eppnative*.so

@@ -86,6 +86,10 @@ POOL = "default.chat"
 FLOOR = Path("<floor>")
 #: ... the do-nothing server on grpcio's synchronous server (a thread per stream)
 SYNC_FLOOR = Path("<sync-floor>")
+#: ... the compiled front end's server deciding nothing (every message "continue")
+NATIVE_FLOOR = Path("<native-floor>")
+#: the picker's gRPC front ends (``joulepool router --picker-front-end``)
+FRONT_ENDS = ("native", "python")
 KINDS = ((0.12, 2400.0), (0.2, 1500.0), (0.45, 700.0))  # (J/token, tokens/s): H100, A100, L4
 
 
@@ -317,6 +321,19 @@ def _serve_floor(argv: Sequence[str]) -> None:
         runner.run(serve())
 
 
+def _serve_native_floor(argv: Sequence[str]) -> None:
+    """The compiled front end's C++ server with no bridge: every message answered
+    "continue", the stream closed after the response's last message, no Python per
+    message (what the compiled transport alone costs per exchange)."""
+    import signal
+
+    from joulepool.router import epp_native
+
+    server = epp_native.new_server(None, "127.0.0.1", int(argv[0]))
+    print("native floor listening on", server.port, flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+
+
 def _pin(cpu: int | None) -> Any:
     """A ``preexec_fn`` confining the child and every thread it starts to ``cpu`` (as the
     kubelet's static CPU manager confines a Guaranteed pod with ``cpu: 1``); None: free."""
@@ -326,9 +343,14 @@ def _pin(cpu: int | None) -> Any:
 
 
 def _start_router(path: Path, port: int, src: Path | None, workers: int = 16,
-                  cpu: int | None = None) -> subprocess.Popen[str]:
-    if src in (FLOOR, SYNC_FLOOR):
-        flag = "--serve-floor" if src == FLOOR else "--serve-sync-floor"
+                  cpu: int | None = None, front_end: str | None = None
+                  ) -> subprocess.Popen[str]:
+    """The router of this checkout (``src`` None; ``front_end``: its
+    ``--picker-front-end``, else its default), of another source folder, or a floor
+    server (:data:`FLOOR`, :data:`SYNC_FLOOR`, :data:`NATIVE_FLOOR`)."""
+    if src in (FLOOR, SYNC_FLOOR, NATIVE_FLOOR):
+        flag = {FLOOR: "--serve-floor", SYNC_FLOOR: "--serve-sync-floor",
+                NATIVE_FLOOR: "--serve-native-floor"}[src]
         cmd = [sys.executable, __file__, flag, str(port), str(workers)]
         return _started(subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True,
@@ -341,7 +363,8 @@ def _start_router(path: Path, port: int, src: Path | None, workers: int = 16,
         [sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
          "--host", "127.0.0.1",
          "--port", str(_free_port()), "--epp-port", str(port), "--endpoints-file", str(path),
-         "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"],
+         "--scrape-interval-seconds", "0", "--file-poll-seconds", "0",
+         *(["--picker-front-end", front_end] if front_end else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         preexec_fn=_pin(cpu))
     return _started(proc)
@@ -374,13 +397,13 @@ def _drive(port: int, seconds: float, concurrency: int, respond: bool, clients: 
 
 
 def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients: int = 1,
-            src: Path | None = None, rate: float = 0.0, cpu: int | None = None
-            ) -> dict[str, float]:
-    """One router (this checkout's, or ``src``'s; on CPU ``cpu`` alone when given) under
-    load for ``seconds``: saturated (``rate`` 0) or at ``rate`` requests/s offered (one
-    client)."""
+            src: Path | None = None, rate: float = 0.0, cpu: int | None = None,
+            front_end: str | None = None) -> dict[str, float]:
+    """One router (this checkout's with ``front_end``, or ``src``'s; on CPU ``cpu`` alone
+    when given) under load for ``seconds``: saturated (``rate`` 0) or at ``rate``
+    requests/s offered (one client)."""
     port = _free_port()
-    proc = _start_router(path, port, src, concurrency * clients, cpu)
+    proc = _start_router(path, port, src, concurrency * clients, cpu, front_end)
     try:
         _drive(port, 0.5, concurrency, respond, clients, path.parent)  # warm up
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
@@ -397,16 +420,17 @@ def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients
             "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
 
 
-def _measure(path: Path, args: argparse.Namespace, src: Path | None) -> dict[str, float]:
+def _measure(path: Path, args: argparse.Namespace, src: Path | None,
+             front_end: str | None = None) -> dict[str, float]:
     """Saturated, full exchange and request-only; then the full exchange at ``--rate``."""
     res = one_run(path, args.seconds, args.concurrency, True, args.clients, src,
-                  cpu=args.cpu)
+                  cpu=args.cpu, front_end=front_end)
     req_only = one_run(path, args.seconds, args.concurrency, False, args.clients, src,
-                       cpu=args.cpu)
+                       cpu=args.cpu, front_end=front_end)
     res.update({f"request_only_{k}": v for k, v in req_only.items()})
     if args.rate > 0:
         paced = one_run(path, args.seconds, args.concurrency, True, 1, src, args.rate,
-                        args.cpu)
+                        args.cpu, front_end)
         res.update({f"paced_{k}": v for k, v in paced.items()})
     return res
 
@@ -434,6 +458,24 @@ def _summary(med: dict[str, float], prefix: str = "") -> str:
     return text
 
 
+def _front_ends(requested: str) -> list[str]:
+    """The front ends to measure, in order (the first gives the headline figures); the
+    compiled one is left out, saying why, where it is not built."""
+    from joulepool.router import epp_native
+
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FRONT_ENDS]
+    if unknown or not names:
+        raise ValueError(f"--front-ends: expected some of {', '.join(FRONT_ENDS)}, got "
+                         f"{requested!r}")
+    if "native" in names and epp_native.UNAVAILABLE is not None:
+        print(f"native front end left out: {epp_native.UNAVAILABLE}", flush=True)
+        names.remove("native")
+    if not names:
+        raise ValueError("--front-ends: nothing left to measure")
+    return names
+
+
 def _report(args: argparse.Namespace, runs: list[dict[str, float]]) -> dict[str, float]:
     """Print the medians (and the ratios to the baseline); the medians, ratios added."""
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -442,9 +484,18 @@ def _report(args: argparse.Namespace, runs: list[dict[str, float]]) -> dict[str,
     print(f"median of {args.runs} runs at {args.endpoints} endpoints{pinned}; saturated: "
           f"{args.clients} client process(es) x {args.concurrency} streams; {offered}; "
           f"load average {med['load_average']:.1f}:")
-    print(f"  this checkout: {_summary(med)}; in-process pick p50 "
+    first, *others = args.measured_front_ends
+    print(f"  this checkout, {first} front end: {_summary(med)}; in-process pick p50 "
           f"{med['in_process_p50_ms']:.3f} ms p99 {med['in_process_p99_ms']:.3f} ms wall, "
           f"{med['in_process_cpu_p99_ms']:.3f} ms CPU")
+    for fe in others:
+        print(f"  this checkout, {fe} front end: {_summary(med, f'{fe}_')}")
+        keys = ["decisions_per_core_s", "request_only_decisions_per_core_s"]
+        ratios = {k: statistics.median(r[k] / r[f"{fe}_{k}"] for r in runs) for k in keys}
+        print(f"  {first} / {fe} (median of per-run ratios): per CPU-second full "
+              f"{ratios['decisions_per_core_s']:.2f}x, request-only "
+              f"{ratios['request_only_decisions_per_core_s']:.2f}x")
+        med.update({f"ratio_{fe}_{k}": v for k, v in ratios.items()})
     if args.baseline_src is not None:
         print(f"  baseline {args.baseline_src}: {_summary(med, 'baseline_')}")
         keys = ["decisions_per_core_s", "request_only_decisions_per_core_s", "p99_ms"]
@@ -460,9 +511,35 @@ def _report(args: argparse.Namespace, runs: list[dict[str, float]]) -> dict[str,
     if args.floor:
         print(f"  gRPC floor (an ext_proc server that decides nothing): "
               f"{_summary(med, 'floor_')}")
+        if "native_floor_decisions" in med:
+            print(f"  the same on the compiled front end's C++ server: "
+                  f"{_summary(med, 'native_floor_')}")
     if args.sync_floor:
         print(f"  the same on grpcio's synchronous server: {_summary(med, 'sync_floor_')}")
     return med
+
+
+def _one_round(path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Every measured server once: the baseline, the floors, then this checkout's front
+    ends (the first one un-prefixed, the others with their name as prefix)."""
+    from joulepool.router import epp_native
+
+    res = {"load_average": _load_avg()}
+    if args.baseline_src is not None:
+        base = _measure(path, args, args.baseline_src.resolve())
+        res.update({f"baseline_{k}": v for k, v in base.items()})
+    floors = [("floor", FLOOR)] if args.floor else []
+    if args.floor and epp_native.UNAVAILABLE is None:
+        floors.append(("native_floor", NATIVE_FLOOR))
+    if args.sync_floor:
+        floors.append(("sync_floor", SYNC_FLOOR))
+    for name, src in floors:
+        res.update({f"{name}_{k}": v for k, v in _measure(path, args, src).items()})
+    first, *others = args.measured_front_ends
+    for fe in others:
+        res.update({f"{fe}_{k}": v for k, v in _measure(path, args, None, fe).items()})
+    res.update(_measure(path, args, None, first))
+    return res
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -476,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--serve-sync-floor"]:
         _serve_sync_floor(argv[1:])
         return 0
+    if argv[:1] == ["--serve-native-floor"]:
+        _serve_native_floor(argv[1:])
+        return 0
     ap = argparse.ArgumentParser(prog="joulepool bench picker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoints", type=int, default=1000)
@@ -488,8 +568,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "it below the saturated rate; 0: no such run)")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="also measure a router from this source folder, alternating")
+    ap.add_argument("--front-ends", default=",".join(FRONT_ENDS),
+                    help="this checkout's picker front ends to measure, side by side in "
+                         "every run (comma-separated, the first gives the headline "
+                         "figures; native is left out where it is not built)")
     ap.add_argument("--floor", action="store_true",
-                    help="also measure an ext_proc server that decides nothing (gRPC floor)")
+                    help="also measure an ext_proc server that decides nothing (gRPC floor), "
+                         "on grpc.aio and on the compiled front end's C++ server")
     ap.add_argument("--sync-floor", action="store_true",
                     help="also measure that server on grpcio's synchronous server (a "
                          "thread per stream: as many workers as streams)")
@@ -500,22 +585,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
+    try:
+        args.measured_front_ends = _front_ends(args.front_ends)
+    except ValueError as exc:
+        print(f"joulepool bench picker: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "endpoints.json"
         endpoints_file(path, args.endpoints)
         runs = []
         for r in range(args.runs):
-            res = {"load_average": _load_avg()}
-            if args.baseline_src is not None:
-                base = _measure(path, args, args.baseline_src.resolve())
-                res.update({f"baseline_{k}": v for k, v in base.items()})
-            if args.floor:
-                floor = _measure(path, args, FLOOR)
-                res.update({f"floor_{k}": v for k, v in floor.items()})
-            if args.sync_floor:
-                floor = _measure(path, args, SYNC_FLOOR)
-                res.update({f"sync_floor_{k}": v for k, v in floor.items()})
-            res.update(_measure(path, args, None))
+            res = _one_round(path, args)
             (res["in_process_p50_ms"], res["in_process_p99_ms"],
              res["in_process_cpu_p99_ms"]) = in_process_pick(path, 3000)
             runs.append(res)
@@ -525,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"runs": runs, "median": med,
+                                        "front_ends": args.measured_front_ends,
                                         "endpoints": args.endpoints}, indent=2))
     p99 = med["paced_p99_ms"] if args.rate > 0 else med["p99_ms"]
     missed = med["decisions_per_core_s"] < 2500 or p99 > 2.0

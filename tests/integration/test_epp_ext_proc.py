@@ -1,6 +1,8 @@
 """The GIE endpoint picker over a real gRPC channel on loopback, with Envoy's own
 ext_proc v3 messages: this test plays the gateway's side of the protocol (GIE
-proposal 004) against ``joulepool router --epp-port``."""
+proposal 004) against ``joulepool router --epp-port``, on both front ends (the
+compiled one, ``native``, where ``make native`` built it; and grpcio's, ``python``):
+every test runs against each, with the same assertions."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from joulepool.core.router import PoolRouter
+from joulepool.router import epp, epp_native
 from joulepool.router.app import EPP_PORT, ROUTER, create_app
 from joulepool.router.settings import Settings
 
@@ -58,15 +61,25 @@ class Gateway:
         return self.stub.Process()
 
 
+@pytest.fixture(params=["native", "python"])
+def front_end(request: pytest.FixtureRequest) -> str:
+    """The picker's gRPC front end under test."""
+    if request.param == "native" and epp_native.UNAVAILABLE is not None:
+        pytest.skip(epp_native.UNAVAILABLE)
+    return str(request.param)
+
+
 @pytest.fixture
-async def gateway(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest
-                  ) -> AsyncIterator[Gateway]:
+async def gateway(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest,
+                  front_end: str) -> AsyncIterator[Gateway]:
     waiting = getattr(request, "param", 0.0)
     settings = Settings(cluster=False, endpoints_file=_endpoints_file(tmp_path, waiting),
                         scrape_interval_seconds=0, pi_every=1, file_poll_seconds=0,
-                        host="127.0.0.1", epp_port=0)
+                        host="127.0.0.1", epp_port=0, picker_front_end=front_end)
     client = await aiohttp_client(create_app(settings))
     app = client.server.app
+    metrics = await (await client.get("/metrics")).text()
+    assert f'joulepool_router_epp_front_end_info{{front_end="{front_end}"}} 1.0' in metrics
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app[EPP_PORT]}") as channel:
         yield Gateway(channel, app[ROUTER].router.pool(POOL), client)
 
@@ -298,13 +311,12 @@ async def test_health_services(gateway: Gateway) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_readiness_follows_the_router_sync() -> None:
+async def test_readiness_follows_the_router_sync(front_end: str) -> None:
     from joulepool.kube.pools import Router
-    from joulepool.router import epp
 
     synced = [False]
-    server, port, status = await epp.start_server(Router(), lambda: synced[0],
-                                                  "127.0.0.1", 0)
+    start = epp_native.start_server if front_end == "native" else epp.start_server
+    server, port, status = await start(Router(), lambda: synced[0], "127.0.0.1", 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -318,6 +330,7 @@ async def test_readiness_follows_the_router_sync() -> None:
             assert await check("liveness") == serving  # alive before the sync
             assert await check("readiness") == not_serving
             assert await check(epp.EXT_PROC_SERVICE) == not_serving
+            assert await check("") == not_serving
             synced[0] = True
             await status.refresh()
             assert await check("readiness") == serving
@@ -384,8 +397,6 @@ async def test_the_picker_server_is_built_without_channelz() -> None:
     # epp.SERVER_OPTIONS turns it off. A plain server shows the check can fail.
     from grpc._cython import cygrpc
 
-    from joulepool.router import epp
-
     def servers() -> int:
         return len(json.loads(cygrpc.channelz_get_servers(0)).get("server", []))
 
@@ -401,3 +412,42 @@ async def test_the_picker_server_is_built_without_channelz() -> None:
     finally:
         await picker.stop(0)
         await plain.stop(0)
+
+
+async def test_a_failing_pick_ends_the_stream_with_unknown(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a bug in the picker is the stream's gRPC error (the gateway's failureMode then
+    # decides), not a hang and not a half-routed request
+    def broken(self: epp.Exchange, body: bytes) -> epp.Flight:
+        raise RuntimeError("broken picker")
+
+    monkeypatch.setattr(epp.Exchange, "pick", broken)
+    call = gateway.stream()
+    await call.write(_headers())
+    await call.read()
+    await call.write(_body(_completion()))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(call.read(), 10)
+    assert await call.code() == grpc.StatusCode.UNKNOWN
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+
+
+async def test_stopping_the_server_forgets_the_open_exchanges(front_end: str,
+                                                               tmp_path: Path) -> None:
+    # a request picked and still in flight when the router stops: the stream is
+    # cancelled within the grace period and its ledger entry released
+    settings = Settings(cluster=False, endpoints_file=_endpoints_file(tmp_path),
+                        scrape_interval_seconds=0, pi_every=1, file_poll_seconds=0)
+    router = create_app(settings)[ROUTER].router
+    start = epp_native.start_server if front_end == "native" else epp.start_server
+    server, port, _ = await start(router, lambda: True, "127.0.0.1", 0)
+    pool = router.pool(POOL)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        gw = Gateway(channel, pool, None)
+        call, resp = await _pick(gw)
+        assert _destination(resp, "request_body")[0]
+        assert sum(len(e.ledger) for e in pool.endpoints) == 1
+        await asyncio.wait_for(server.stop(0.2), 10)
+        assert sum(len(e.ledger) for e in pool.endpoints) == 0
+        assert pool.pi_updates == 0
+        call.cancel()

@@ -31,6 +31,20 @@ def test_saturated_and_paced_runs_complete(bench, tmp_path: Path) -> None:
     assert 0 < med["paced_decisions"] <= 3 * rate * seconds
     assert med["paced_p99_ms"] >= med["paced_p50_ms"] > 0
     assert med["in_process_p50_ms"] > 0
+    # both front ends side by side in the run (the compiled one where it is built)
+    from joulepool.router import epp_native
+
+    front_ends = json.loads(out.read_text())["front_ends"]
+    if epp_native.UNAVAILABLE is None:
+        assert front_ends == ["native", "python"]
+        assert med["python_decisions"] > 0 and med["python_request_only_decisions"] > 0
+        assert med["ratio_python_decisions_per_core_s"] > 0
+    else:
+        assert front_ends == ["python"]
+
+
+def test_unknown_front_end_is_a_usage_error(bench) -> None:
+    assert bench.main(["--front-ends", "rust"]) == 2
 
 
 def test_sync_floor_serves_full_exchanges(bench, tmp_path: Path) -> None:
@@ -59,10 +73,15 @@ async def _one_full_exchange_then_eof(port: int, bench) -> object:
         return await asyncio.wait_for(call.read(), 10)
 
 
-@pytest.mark.parametrize("which", ["FLOOR", "SYNC_FLOOR"])
+@pytest.mark.parametrize("which", ["FLOOR", "SYNC_FLOOR", "NATIVE_FLOOR"])
 def test_the_floors_close_the_stream_as_the_picker_does(bench, tmp_path: Path,
                                                         which: str) -> None:
     import grpc
+
+    from joulepool.router import epp_native
+
+    if which == "NATIVE_FLOOR" and epp_native.UNAVAILABLE is not None:
+        pytest.skip(epp_native.UNAVAILABLE)
 
     path = tmp_path / "endpoints.json"
     bench.endpoints_file(path, 3)

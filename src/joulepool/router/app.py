@@ -181,13 +181,16 @@ def create_app(settings: Settings, *, background: bool = True,
 async def endpoint_picker(app: web.Application) -> AsyncIterator[None]:
     """aiohttp cleanup context: the GIE endpoint picker's gRPC listener (--epp-port) on
     this service's event loop and router; its bound port in ``app[EPP_PORT]``."""
-    from joulepool.router import epp
+    from joulepool.router import epp, epp_native
 
     svc = app[ROUTER]
     m = svc.metrics
-    server, port, status = await epp.start_server(
+    front_end = epp_native.front_end(svc.settings.picker_front_end)
+    start = epp_native.start_server if front_end == "native" else epp.start_server
+    server, port, status = await start(
         svc.router, lambda: svc.ready, svc.settings.host, svc.settings.epp_port,
         on_answer=lambda code: m.child(m.epp_answers, str(code)).inc())
+    m.child(m.epp_front_end, front_end).set(1)
     app[EPP_PORT] = port
     health = asyncio.create_task(epp.keep_health(status))
     try:

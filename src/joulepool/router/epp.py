@@ -191,15 +191,19 @@ _CONTINUE_REQUEST_TRAILERS = pb.ProcessingResponse(request_trailers=pb.TrailersR
 _CONTINUE_RESPONSE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
 
+def refusal_body(status: int, message: str) -> bytes:
+    """The OpenAI-style JSON body of an immediate answer."""
+    return json.dumps(error_body(status, message)).encode()
+
+
 def immediate(status: int, message: str) -> pb.ProcessingResponse:
     """An OpenAI-style error answered by the picker itself."""
-    body = json.dumps(error_body(status, message))
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status),
         headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
             header=base_pb2.HeaderValue(key="content-type", raw_value=b"application/json"),
         )]),
-        body=body.encode(),
+        body=refusal_body(status, message),
         details=message,
     ))
 
@@ -278,7 +282,9 @@ class Exchange:
             elif not self.duplex_request:
                 yield _CONTINUE_REQUEST_BODY
         elif kind == "response_headers":
-            self._response_started(header_map(req.response_headers.headers))
+            headers = header_map(req.response_headers.headers)
+            self._response_started(headers.get(":status", "200"),
+                                   headers.get("content-type", ""))
             if req.response_headers.end_of_stream:
                 self._response_done()
                 self.over = True
@@ -303,23 +309,36 @@ class Exchange:
         if hint is not None:
             self.subset = hint
         served = served_endpoint(req.metadata_context)
-        if served and self.flight is not None:
-            self.flight.served_by(served)
+        if served:
+            self.served(served)
 
-    def _decide(self, headers_only: bool) -> Iterator[pb.ProcessingResponse]:
-        body = b"".join(self.body)
+    def served(self, address: str) -> None:
+        """The gateway reports it sent the request to ``address``."""
+        if self.flight is not None:
+            self.flight.served_by(address)
+
+    def answer(self, body: bytes) -> str | HTTPProblem:
+        """Pick for the whole request ``body`` (``on_answer`` told): the destination
+        value ``ip:port,ip:port,...`` (endpoint, then fallbacks), or the refusal to
+        answer immediately (the exchange is then over)."""
         try:
             self.flight = self.pick(body)
         except HTTPProblem as exc:
             if self.on_answer is not None:
                 self.on_answer(exc.status)
             self.over = True
-            yield immediate(exc.status, str(exc))
-            return
+            return exc
         if self.on_answer is not None:
             self.on_answer(200)
         d = self.flight.decision
-        value = ",".join([d.endpoint, *d.fallbacks])
+        return ",".join([d.endpoint, *d.fallbacks])
+
+    def _decide(self, headers_only: bool) -> Iterator[pb.ProcessingResponse]:
+        body = b"".join(self.body)
+        value = self.answer(body)
+        if isinstance(value, HTTPProblem):
+            yield immediate(value.status, str(value))
+            return
         if headers_only or self.duplex_request:
             yield destination_answer(value, "request_headers")
             if not headers_only:  # full duplex: the held body goes on, unchanged
@@ -347,21 +366,39 @@ class Exchange:
             raise HTTPProblem(503, str(exc)) from None
         return Flight(pool, spec, decision, now)
 
-    def _response_started(self, headers: dict[str, str]) -> None:
+    def _response_started(self, status: str, content_type: str) -> None:
+        """The response's headers: its ``:status`` (``"200"`` when absent) and
+        ``content-type`` (``""``)."""
         flight = self.flight
         if flight is None:
             return
-        status = headers.get(":status", "200")
         if not status.isdigit() or int(status) >= 400:
             flight.abandon()  # the gateway may retry elsewhere; no latency to learn
             return
-        stream = "text/event-stream" in headers.get("content-type", "")
+        stream = "text/event-stream" in content_type
         flight.meter = ResponseMeter(flight.started, stream)
 
-    def _response_chunk(self, chunk: pb.HttpBody) -> Iterator[pb.ProcessingResponse]:
+    def _feed(self, chunk: bytes) -> None:
         flight = self.flight
         if flight is not None and flight.meter is not None and not flight.done:
-            flight.meter.feed(chunk.body, self.clock())
+            flight.meter.feed(chunk, self.clock())
+
+    def response(self, status: str | None, content_type: str, chunk: bytes | None,
+                 end: bool) -> None:
+        """The response as the compiled front end reports it, in one call where it can:
+        its headers (``status`` None: told before, or none came), a body ``chunk``, and
+        ``end``: the exchange is over (learned, then closed)."""
+        if status is not None:
+            self._response_started(status, content_type)
+        if chunk is not None:
+            self._feed(chunk)
+        if end:
+            self._response_done()
+            self.over = True
+            self.close()
+
+    def _response_chunk(self, chunk: pb.HttpBody) -> Iterator[pb.ProcessingResponse]:
+        self._feed(chunk.body)
         if chunk.end_of_stream:
             self._response_done()
             self.over = True
@@ -417,23 +454,28 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
 
 class HealthStatus:
-    """The gRPC health services of GIE proposal 004, following a readiness predicate."""
+    """The gRPC health services of GIE proposal 004, following a readiness predicate
+    (on grpcio's health servicer; the compiled front end's subclass sets grpc++'s)."""
 
-    def __init__(self, ready: Callable[[], bool]) -> None:
-        self.servicer = health.aio.HealthServicer()
+    def __init__(self, ready: Callable[[], bool],
+                 servicer: health.aio.HealthServicer | None = None) -> None:
+        self.servicer = servicer
         self.ready = ready
         self.last: bool | None = None
+
+    async def _set(self, name: str, serving: bool) -> None:
+        assert self.servicer is not None
+        await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def refresh(self) -> None:
         ready = self.ready()
         if ready == self.last:
             return
         self.last = ready
-        serving = health_pb2.HealthCheckResponse.SERVING
-        status = serving if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.servicer.set(LIVENESS, serving)
+        await self._set(LIVENESS, True)
         for name in (READINESS, EXT_PROC_SERVICE, ""):
-            await self.servicer.set(name, status)
+            await self._set(name, ready)
 
 
 #: grpc.aio server options of the picker (``joulepool bench grpc_floor`` measures them,
@@ -460,7 +502,7 @@ async def start_server(router: Router, ready: Callable[[], bool], host: str, por
     server = new_server()
     pb_grpc.add_ExternalProcessorServicer_to_server(
         EndpointPicker(router, clock, on_answer), server)
-    status = HealthStatus(ready)
+    status = HealthStatus(ready, health.aio.HealthServicer())
     health_pb2_grpc.add_HealthServicer_to_server(status.servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(address)
@@ -468,7 +510,8 @@ async def start_server(router: Router, ready: Callable[[], bool], host: str, por
         raise OSError(f"cannot listen on {address} (gRPC)")
     await status.refresh()
     await server.start()
-    log.info("endpoint picker (ext_proc) serving gRPC on %s:%d", host, bound)
+    log.info("endpoint picker (ext_proc, python front end) serving gRPC on %s:%d", host,
+             bound)
     return server, bound, status
 
 

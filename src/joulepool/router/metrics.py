@@ -51,6 +51,11 @@ class Metrics(ServiceMetrics):
             "ImmediateResponse's (400, 404, 429 bulk shed, 503 no endpoint)",
             ["code"], registry=r,
         )
+        self.epp_front_end = Gauge(
+            "joulepool_router_epp_front_end_info",
+            "The GIE endpoint picker's gRPC front end serving (1): native (C++ grpc++) or "
+            "python (grpcio)", ["front_end"], registry=r,
+        )
 
         self.replica_peers = Gauge(
             "joulepool_router_replica_peers",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -39,6 +39,21 @@ class Settings(ServiceSettings):
         description=f"gRPC port of the GIE endpoint picker (Envoy ext_proc; GIE's usual "
         f"{EPP_PORT}; 0: any; -1: off)",
     )
+    picker_front_end: Literal["auto", "native", "python"] = Field(
+        "auto", description="the GIE endpoint picker's gRPC front end: native (C++ "
+        "grpc++ holds the ext_proc streams and calls the router once per request and "
+        "response; built by `make native`), python (grpcio's asyncio server), or auto "
+        "(native when built)")
+
+    @field_validator("picker_front_end")
+    @classmethod
+    def _front_end_built(cls, value: str) -> str:
+        if value == "native":
+            from joulepool.router.epp_native import UNAVAILABLE
+            if UNAVAILABLE is not None:
+                raise ValueError(UNAVAILABLE)
+        return value
+
     routing: str = Field(
         RouterSettings.routing, description="routing profile of every pool: "
         + ", ".join(sorted(PROFILES)),

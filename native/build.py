@@ -1,0 +1,166 @@
+"""Build joulepool's compiled ext_proc front end (``native/eppnative.cc``) in place:
+``src/joulepool/router/_eppnative<EXT_SUFFIX>``, imported by
+``joulepool.router.epp_native``.
+
+Needs a C++17 compiler, grpc++ and protobuf with pkg-config files, ``protoc`` and
+``grpc_cpp_plugin`` (Debian: ``g++ pkg-config libgrpc++-dev libprotobuf-dev
+protobuf-compiler protobuf-compiler-grpc``; ``make native`` installs them with apt as
+root) and Python's headers. Envoy's ext_proc ``.proto`` sources are not shipped
+anywhere installable, but the ``xds-protos`` wheel's ``*_pb2`` modules carry the
+serialised descriptors: this script writes those of
+``envoy/service/ext_proc/v3/external_processor.proto`` and its imports as a
+FileDescriptorSet, and protoc generates the C++ messages and the gRPC service from it
+(generated code lives in ``build/native/``, never in the repository).
+
+When a tool is missing it prints why, records the reason in
+``build/native/UNAVAILABLE`` (the tests' skip reason) and exits 0 (the Python front
+end serves then); ``--require`` makes that exit 2. Objects are rebuilt only when
+their source changed.
+
+    python native/build.py [--require] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "native"
+SOURCE = ROOT / "native" / "eppnative.cc"
+TARGET = ROOT / "src" / "joulepool" / "router" / ("_eppnative" + str(
+    sysconfig.get_config_var("EXT_SUFFIX")))
+UNAVAILABLE = BUILD / "UNAVAILABLE"
+CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DNDEBUG"]
+#: the Debian packages that provide what the build needs
+APT_PACKAGES = ("g++", "pkg-config", "libgrpc++-dev", "libprotobuf-dev", "protobuf-compiler",
+                "protobuf-compiler-grpc")
+
+
+class Unavailable(Exception):
+    """The build cannot run here (the message says what is missing)."""
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise Unavailable(f"{name} not found (Debian: apt-get install "
+                          f"{' '.join(APT_PACKAGES)})")
+    return path
+
+
+def _pkg_config(*args: str) -> list[str]:
+    res = subprocess.run([_tool("pkg-config"), *args, "grpc++", "protobuf"],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise Unavailable(f"pkg-config grpc++ protobuf: {res.stderr.strip()} (Debian: "
+                          "libgrpc++-dev libprotobuf-dev)")
+    return shlex.split(res.stdout)
+
+
+def descriptor_set() -> tuple[bytes, list[str]]:
+    """The serialised FileDescriptorSet of Envoy's ext_proc service and its imports
+    (from the xds-protos wheel), and the files to generate (Google's well-known types
+    come with libprotobuf)."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2
+    from google.protobuf import descriptor_pb2
+
+    files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+
+    def add(fd: object) -> None:
+        name = fd.name  # type: ignore[attr-defined]
+        if name in files:
+            return
+        for dep in fd.dependencies:  # type: ignore[attr-defined]
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)  # type: ignore[attr-defined]
+        files[name] = proto
+
+    add(external_processor_pb2.DESCRIPTOR)
+    fds = descriptor_pb2.FileDescriptorSet(file=list(files.values()))
+    wanted = [n for n in files if not n.startswith("google/protobuf/")]
+    return fds.SerializeToString(), wanted
+
+
+def generate() -> list[Path]:
+    """protoc's C++ sources of the ext_proc protos (regenerated when the descriptors
+    changed); the ``.cc`` files to compile."""
+    desc, names = descriptor_set()
+    gen = BUILD / "gen"
+    desc_path = BUILD / "ext_proc.desc"
+    if not desc_path.exists() or desc_path.read_bytes() != desc or not gen.exists():
+        shutil.rmtree(gen, ignore_errors=True)
+        gen.mkdir(parents=True)
+        desc_path.write_bytes(desc)
+        plugin = _tool("grpc_cpp_plugin")
+        cmd = [_tool("protoc"), f"--descriptor_set_in={desc_path}", f"--cpp_out={gen}",
+               f"--grpc_out={gen}", f"--plugin=protoc-gen-grpc={plugin}", *names]
+        subprocess.run(cmd, check=True)
+    sources = [gen / n.replace(".proto", ".pb.cc") for n in names]
+    sources.append(gen / "envoy/service/ext_proc/v3/external_processor.grpc.pb.cc")
+    return sources
+
+
+def _compile(cxx: str, src: Path, obj: Path, flags: list[str]) -> None:
+    if obj.exists() and obj.stat().st_mtime >= src.stat().st_mtime:
+        return
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([cxx, *CXXFLAGS, *flags, "-c", str(src), "-o", str(obj)], check=True)
+
+
+def build(jobs: int) -> Path:
+    cxx = os.environ.get("CXX") or _tool("g++")
+    include = sysconfig.get_paths()["include"]
+    if not (Path(include) / "Python.h").exists():
+        raise Unavailable(f"Python.h not found in {include} (Python's development headers)")
+    cflags = _pkg_config("--cflags")
+    libs = _pkg_config("--libs")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    sources = generate()
+    flags = [f"-I{BUILD / 'gen'}", f"-I{include}", *cflags]
+    objs = [BUILD / "obj" / (s.relative_to(BUILD / "gen").as_posix().replace("/", "__") + ".o")
+            for s in sources]
+    objs.append(BUILD / "obj" / "eppnative.o")
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(lambda so: _compile(cxx, so[0], so[1], flags),
+                      [*zip(sources, objs[:-1], strict=True), (SOURCE, objs[-1])]))
+    newest = max(o.stat().st_mtime for o in objs)
+    if not TARGET.exists() or TARGET.stat().st_mtime < newest:
+        tmp = TARGET.with_suffix(".tmp")
+        subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objs), *libs], check=True)
+        tmp.replace(TARGET)
+    return TARGET
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--require", action="store_true",
+                    help="exit 2 when the build cannot run here (default: say why, exit 0)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    try:
+        target = build(args.jobs)
+    except Unavailable as exc:
+        BUILD.mkdir(parents=True, exist_ok=True)
+        UNAVAILABLE.write_text(str(exc) + "\n")
+        print(f"native ext_proc front end not built: {exc}", file=sys.stderr)
+        return 2 if args.require else 0
+    except subprocess.CalledProcessError as exc:
+        print(f"native ext_proc front end: build failed: {exc}", file=sys.stderr)
+        return 1
+    UNAVAILABLE.unlink(missing_ok=True)
+    print(f"native ext_proc front end built: {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
