@@ -40,7 +40,7 @@ def test_auto_falls_back_to_python_and_says_why(monkeypatch: pytest.MonkeyPatch,
 def test_native_asked_for_but_not_built_is_a_settings_error(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     monkeypatch.setattr(epp_native, "UNAVAILABLE", NOT_BUILT)
-    with pytest.raises(SettingsError, match="picker-front-end.*not built"):
+    with pytest.raises(SettingsError, match=r"picker-front-end.*not built"):
         _load("--picker-front-end", "native")
     with pytest.raises(RuntimeError, match="not built"):
         epp_native.front_end("native")
