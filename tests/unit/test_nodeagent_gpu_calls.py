@@ -81,6 +81,15 @@ async def test_a_hung_call_times_out_and_the_event_loop_keeps_running():
     assert err.value.kind is GPUErrorKind.TIMEOUT and err.value.index == 0
     assert time.monotonic() - t0 < 3 * timeout_s  # gave up, did not wait for the 30-s hang
     assert beats >= 5  # the loop ran while the call hung
+    # the worker reports the call as hung once it has run for a whole timeout from the
+    # moment the worker took it up, which on a loaded machine is a little after the
+    # caller's own timer started: wait for that (a read sent before it queues behind
+    # the hung call and times out, which is not what this test is about)
+    deadline = time.monotonic() + 10.0
+    while (hung := calls.hung()) is None:
+        assert time.monotonic() < deadline, "the worker never reported the call as hung"
+        await asyncio.sleep(0.01)
+    assert hung[0] == "hang" and hung[1] > timeout_s
     # while it still hangs, reads fail at once instead of queueing behind it
     t1 = time.monotonic()
     with pytest.raises(GPUError) as err:
