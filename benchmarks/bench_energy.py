@@ -56,6 +56,7 @@ import multiprocessing as mp
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,7 +295,7 @@ def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _check_inputs(flag: str, given: list[str], read: Any) -> None:
+def _check_inputs(flag: str, given: list[str], read: Callable[[str], object]) -> None:
     """Each of ``given`` names a built-in or a readable file (``read`` loads it)."""
     if not given:
         raise ValueError(f"{flag}: unknown (none given)")
