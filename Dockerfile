@@ -12,6 +12,12 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# the endpoint picker's compiled ext_proc front end (native/build.py): a C++ compiler,
+# grpc++, protobuf and their code generators (the slim base is Debian's)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev \
+      libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/joulepool
 WORKDIR /src
 # dependencies first (cached while only the sources change)
@@ -20,7 +26,9 @@ RUN mkdir -p src/joulepool && touch src/joulepool/__init__.py \
  && /opt/joulepool/bin/pip install . \
  && /opt/joulepool/bin/pip uninstall -y joulepool
 COPY src ./src
-RUN /opt/joulepool/bin/pip install --no-deps . \
+COPY native ./native
+RUN /opt/joulepool/bin/python native/build.py --require \
+ && /opt/joulepool/bin/pip install --no-deps . \
  && /opt/joulepool/bin/joulepool --help >/dev/null
 
 # ---- runtime: the venv on a clean slim base, as a non-root user -----------
@@ -29,10 +37,15 @@ LABEL org.opencontainers.image.title="joulepool" \
       org.opencontainers.image.description="Energy- and carbon-aware LLM inference pools on heterogeneous GPU clusters" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/joulepool/joulepool"
+# grpc++ and protobuf's shared libraries, for the native ext_proc front end
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgrpc++1.51 libprotobuf32 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 65532 joulepool \
  && useradd --system --uid 65532 --gid 65532 --no-create-home --home-dir /tmp \
       --shell /usr/sbin/nologin joulepool
 COPY --from=build /opt/joulepool /opt/joulepool
+RUN /opt/joulepool/bin/python -c "import joulepool.router._eppnative"
 ENV PATH=/opt/joulepool/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -54,10 +54,28 @@ def test_final_stage_copies_only_the_venv() -> None:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    assert IGNORE[0] == "# Only pyproject.toml, README.md and src/ are needed to build the image."
+    assert IGNORE[0] == ("# Only pyproject.toml, README.md, src/ and native/ are needed to "
+                         "build the image.")
     rules = [r for r in IGNORE if r and not r.startswith("#")]
     assert rules[0] == "**"  # everything out, then only what the build copies
     allowed = {r[1:] for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "src/"}
+    assert allowed == {"pyproject.toml", "README.md", "src/", "native/"}
     copied = {r.split()[0] for w, r in _instructions() if w == "COPY" and "--from" not in r}
-    assert copied <= {"pyproject.toml", "src"}
+    assert copied <= {"pyproject.toml", "src", "native"}
+    assert "src/**/_eppnative*.so" in rules  # no host-built extension in the image
+
+
+def test_the_image_builds_and_loads_the_native_front_end() -> None:
+    # the build stage compiles native/eppnative.cc (failing the build if it cannot), the
+    # package ships the extension, and the final stage has its libraries and loads it
+    first_from = [i for i, (w, _) in enumerate(_instructions()) if w == "FROM"][1]
+    build = " ".join(r for w, r in _instructions()[:first_from] if w == "RUN")
+    assert "libgrpc++-dev" in build and "protobuf-compiler-grpc" in build
+    assert build.index("native/build.py --require") < build.index("pip install --no-deps .")
+    final = " ".join(r for w, r in _final_stage() if w == "RUN")
+    assert "libgrpc++1.51" in final and "libprotobuf32" in final
+    assert 'python -c "import joulepool.router._eppnative"' in final
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "router/_eppnative*.so" in data["tool"]["setuptools"]["package-data"]["joulepool"]
