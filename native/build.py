@@ -10,7 +10,9 @@ anywhere installable, but the ``xds-protos`` wheel's ``*_pb2`` modules carry the
 serialised descriptors: this script writes those of
 ``envoy/service/ext_proc/v3/external_processor.proto`` and its imports as a
 FileDescriptorSet, and protoc generates the C++ messages and the gRPC service from it
-(generated code lives in ``build/native/``, never in the repository).
+(generated code lives in ``build/native/``, never in the repository); gRPC's health
+service (``grpc_health/v1/health.proto``) comes the same way from
+``grpcio-health-checking``.
 
 When a tool is missing it prints why, records the reason in
 ``build/native/UNAVAILABLE`` (the tests' skip reason) and exits 0 (the Python front
@@ -67,10 +69,11 @@ def _pkg_config(*args: str) -> list[str]:
 
 def descriptor_set() -> tuple[bytes, list[str]]:
     """The serialised FileDescriptorSet of Envoy's ext_proc service and its imports
-    (from the xds-protos wheel), and the files to generate (Google's well-known types
-    come with libprotobuf)."""
+    (from the xds-protos wheel) and of gRPC's health service (grpcio-health-checking),
+    and the files to generate (Google's well-known types come with libprotobuf)."""
     from envoy.service.ext_proc.v3 import external_processor_pb2
     from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
 
     files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
 
@@ -85,6 +88,7 @@ def descriptor_set() -> tuple[bytes, list[str]]:
         files[name] = proto
 
     add(external_processor_pb2.DESCRIPTOR)
+    add(health_pb2.DESCRIPTOR)
     fds = descriptor_pb2.FileDescriptorSet(file=list(files.values()))
     wanted = [n for n in files if not n.startswith("google/protobuf/")]
     return fds.SerializeToString(), wanted
@@ -106,6 +110,7 @@ def generate() -> list[Path]:
         subprocess.run(cmd, check=True)
     sources = [gen / n.replace(".proto", ".pb.cc") for n in names]
     sources.append(gen / "envoy/service/ext_proc/v3/external_processor.grpc.pb.cc")
+    sources.append(gen / "grpc_health/v1/health.grpc.pb.cc")
     return sources
 
 

@@ -1,17 +1,19 @@
-// joulepool's compiled ext_proc front end: a C++ gRPC server (grpc++ callback API)
-// inside the router process, holding the Envoy ext_proc v3 streams of the GIE endpoint
+// joulepool's compiled ext_proc front end: a C++ gRPC server (grpc++'s asynchronous
+// API, one completion-queue thread) inside the router process, holding the Envoy ext_proc v3 streams of the GIE endpoint
 // picker and calling Python once per decision and once per response.
 //
 // Contract (the Python side is joulepool/router/epp_native.py; the protocol itself
 // and the reasons are in docs/gateway.md):
 //
-// * gRPC's threads parse the gateway's messages, keep each stream's state (headers,
+// * The completion-queue thread parses the gateway's messages, keep each stream's state (headers,
 //   body, subset hint, processing modes) and answer every message that needs no
 //   decision ("continue", the full-duplex echo) without Python.
 // * What needs Python is queued as a job; an eventfd (fileno()) wakes the router's
 //   event loop, whose reader calls drain(): the jobs run there, with the GIL, in the
 //   order they were queued, serialised with everything else the router does on its
 //   loop (the core router is not thread-safe). gRPC's threads never take the GIL.
+// * One thread drives every stream (grpc++'s callback API hands each completion to
+//   one of two threads instead, and costs more CPU per exchange: docs/gateway.md).
 // * Jobs: pick (request over: bridge.pick(headers, body, subset) -> (exchange,
 //   "a:p,b:p,...") or (None, (status, message, json_body)) or (None, None) on an
 //   internal error); response (exchange.response(status | None, content_type,
@@ -19,19 +21,26 @@
 //   A response with end=True closes the exchange itself.
 // * Without a bridge (None) the server decides nothing: every message is answered
 //   "continue" (the benchmark's do-nothing floor).
-// * grpc++'s default health service (grpc.health.v1), statuses set by set_serving().
+// * grpc.health.v1 Check and Watch on the same thread (grpc++'s default health service
+//   is written on the callback API, whose threads would poll beside this one), statuses
+//   set by set_serving(); a name never set is NOT_FOUND (Check) or SERVICE_UNKNOWN
+//   (Watch), as grpcio's health servicer answers.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <condition_variable>
+#include <thread>
 #include <chrono>
 #include <deque>
+#include <map>
+#include <set>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -39,10 +48,13 @@
 #include <vector>
 
 #include "envoy/service/ext_proc/v3/external_processor.grpc.pb.h"
+#include "grpc_health/v1/health.grpc.pb.h"
 
 namespace {
 
 namespace ep = envoy::service::ext_proc::v3;
+namespace hv1 = grpc::health::v1;
+using ServingStatus = hv1::HealthCheckResponse::ServingStatus;
 namespace cfg = envoy::config::core::v3;
 using ProcessingMode = envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 using Headers = std::vector<std::pair<std::string, std::string>>;
@@ -57,6 +69,14 @@ struct Names {
 };
 
 class Stream;
+class WatchCall;
+
+// What the completion-queue thread runs when an operation it tagged completes.
+class Handler {
+ public:
+  virtual ~Handler() = default;
+  virtual void Proceed(bool ok) = 0;
+};
 
 enum class JobKind { kPick, kResponse, kServed, kClose };
 
@@ -140,6 +160,32 @@ class Core {
   bool floor() const { return bridge_ == nullptr; }
   int fd() const { return efd_; }
 
+  // The streams alive (waiting for a call, or open): stopping waits for none.
+  void StreamBorn() {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    ++streams_;
+  }
+  void StreamGone() {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    if (--streams_ == 0) streams_cv_.notify_all();
+  }
+  void WaitNoStreams() {
+    std::unique_lock<std::mutex> lock(streams_mu_);
+    streams_cv_.wait(lock, [this] { return streams_ == 0; });
+  }
+
+  // Health: statuses by service name, and the Watch calls to tell (any thread).
+  void SetServing(const std::string& name, bool serving);
+  bool Lookup(const std::string& name, ServingStatus* status);
+  void AddWatcher(WatchCall* watcher);
+  void RemoveWatcher(WatchCall* watcher);
+  void CloseWatchers();  // stopping: every Watch call ends, and any that starts later
+
+  ep::ExternalProcessor::AsyncService service;
+  hv1::Health::AsyncService health;
+  grpc::ServerCompletionQueue* cq = nullptr;  // owned by the ServerObject
+  std::atomic<bool> accepting{true};          // a stream that gets its call asks for the next
+
   // Any thread: queue a job for the event loop and wake it (once per batch).
   void Post(Job job);
   // The event loop (GIL held): run the jobs queued so far.
@@ -159,17 +205,44 @@ class Core {
   std::deque<Job> queue_;
   bool signalled_ = false;
   bool stopping_ = false;  // set by FailPending: picks are no longer queued
+  std::mutex streams_mu_;
+  std::condition_variable streams_cv_;
+  long streams_ = 0;
+  std::mutex health_mu_;  // taken before a WatchCall's own lock, never after
+  std::map<std::string, bool> serving_;
+  std::set<WatchCall*> watchers_;
+  bool watchers_closed_ = false;
 };
 
-// One ext_proc stream = one HTTP request. Its state is touched by one thread at a time:
-// gRPC's reaction to the one operation in flight, or the event loop running the
-// stream's pick job (posted as the reaction's last act; the answer's StartWrite is the
-// job's last touch).
-class Stream final : public grpc::ServerBidiReactor<ep::ProcessingRequest, ep::ProcessingResponse> {
+// One ext_proc stream = one HTTP request, from the moment it waits for its call. Its
+// state is touched by one thread at a time: the completion-queue thread on the one
+// operation in flight, or the event loop running the stream's pick job (posted as the
+// thread's last act; the answer's first write is the job's last touch).
+class Stream final : public Handler {
  public:
-  explicit Stream(Core* core) : core_(core) { StartRead(&req_); }
+  explicit Stream(Core* core) : core_(core), rw_(&ctx_) {
+    core_->StreamBorn();
+    core_->service.RequestProcess(&ctx_, &rw_, core_->cq, core_->cq, this);
+  }
 
-  void OnReadDone(bool ok) override {
+  // The completion-queue thread: the operation in flight completed.
+  void Proceed(bool ok) override {
+    switch (op_) {
+      case Op::kCall:
+        if (!ok) {  // the server is shutting down
+          Delete();
+          return;
+        }
+        if (core_->accepting) new Stream(core_);  // the next call
+        StartRead(&req_);
+        return;
+      case Op::kRead: OnReadDone(ok); return;
+      case Op::kWrite: OnWriteDone(ok); return;
+      case Op::kFinish: Delete(); return;
+    }
+  }
+
+  void OnReadDone(bool ok) {
     if (!ok) {  // the gateway half-closed, or the stream broke
       End(grpc::Status::OK);
       return;
@@ -195,7 +268,7 @@ class Stream final : public grpc::ServerBidiReactor<ep::ProcessingRequest, ep::P
     }
   }
 
-  void OnWriteDone(bool ok) override {
+  void OnWriteDone(bool ok) {
     out_.pop_front();
     if (!ok) {
       End(grpc::Status::OK);
@@ -207,8 +280,6 @@ class Stream final : public grpc::ServerBidiReactor<ep::ProcessingRequest, ep::P
       StartRead(&req_);
     }
   }
-
-  void OnDone() override { delete this; }
 
   // The event loop, GIL held: the pick's outcome (see the file's contract).
   void Answer(PyObject* exchange, const std::string* destination, long status,
@@ -238,6 +309,26 @@ class Stream final : public grpc::ServerBidiReactor<ep::ProcessingRequest, ep::P
   void Abort() { End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the endpoint picker stopped")); }
 
  private:
+  enum class Op { kCall, kRead, kWrite, kFinish };
+
+  void StartRead(ep::ProcessingRequest* req) {
+    op_ = Op::kRead;
+    rw_.Read(req, this);
+  }
+  void StartWrite(const ep::ProcessingResponse* resp) {
+    op_ = Op::kWrite;
+    rw_.Write(*resp, this);
+  }
+  void Finish(const grpc::Status& status) {
+    op_ = Op::kFinish;
+    rw_.Finish(status, this);
+  }
+  void Delete() {
+    Core* core = core_;
+    delete this;
+    core->StreamGone();
+  }
+
   ep::ProcessingResponse& Reply() {
     out_.emplace_back();
     return out_.back();
@@ -425,6 +516,9 @@ class Stream final : public grpc::ServerBidiReactor<ep::ProcessingRequest, ep::P
   }
 
   Core* core_;
+  grpc::ServerContext ctx_;
+  grpc::ServerAsyncReaderWriter<ep::ProcessingResponse, ep::ProcessingRequest> rw_;
+  Op op_ = Op::kCall;
   ep::ProcessingRequest req_;
   std::deque<ep::ProcessingResponse> out_;
   Headers headers_;
@@ -438,17 +532,169 @@ class Stream final : public grpc::ServerBidiReactor<ep::ProcessingRequest, ep::P
   PyObject* exchange_ = nullptr;  // owned reference, released by a job (GIL)
 };
 
-class Service final : public ep::ExternalProcessor::CallbackService {
+// grpc.health.v1.Health/Check: one call, one answer.
+class CheckCall final : public Handler {
  public:
-  explicit Service(Core* core) : core_(core) {}
-  grpc::ServerBidiReactor<ep::ProcessingRequest, ep::ProcessingResponse>* Process(
-      grpc::CallbackServerContext*) override {
-    return new Stream(core_);
+  explicit CheckCall(Core* core) : core_(core), responder_(&ctx_) {
+    core_->StreamBorn();
+    core_->health.RequestCheck(&ctx_, &req_, &responder_, core_->cq, core_->cq, this);
+  }
+
+  void Proceed(bool ok) override {
+    if (!ok || answered_) {  // shutting down, or the answer went
+      Core* core = core_;
+      delete this;
+      core->StreamGone();
+      return;
+    }
+    if (core_->accepting) new CheckCall(core_);
+    answered_ = true;
+    ServingStatus status;
+    if (core_->Lookup(req_.service(), &status)) {
+      hv1::HealthCheckResponse resp;
+      resp.set_status(status);
+      responder_.Finish(resp, grpc::Status::OK, this);
+    } else {
+      responder_.FinishWithError(grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service"),
+                                 this);
+    }
   }
 
  private:
   Core* core_;
+  grpc::ServerContext ctx_;
+  hv1::HealthCheckRequest req_;
+  grpc::ServerAsyncResponseWriter<hv1::HealthCheckResponse> responder_;
+  bool answered_ = false;
 };
+
+// grpc.health.v1.Health/Watch: the status now, then each time it is set, until the
+// client goes (seen at the next write) or the server stops.
+class WatchCall final : public Handler {
+ public:
+  explicit WatchCall(Core* core) : core_(core), writer_(&ctx_) {
+    core_->StreamBorn();
+    core_->health.RequestWatch(&ctx_, &req_, &writer_, core_->cq, core_->cq, this);
+  }
+
+  const std::string& service() const { return req_.service(); }
+
+  void Proceed(bool ok) override {
+    if (!started_) {
+      if (!ok) {
+        Delete();
+        return;
+      }
+      started_ = true;
+      if (core_->accepting) new WatchCall(core_);
+      core_->AddWatcher(this);  // sends the status now
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    if (finish_sent_ && !writing_) {  // the Finish completed
+      lock.unlock();
+      core_->RemoveWatcher(this);
+      Delete();
+      return;
+    }
+    writing_ = false;
+    if (!ok) closing_ = true;  // the client went
+    if (closing_) {
+      SendFinish();
+    } else if (has_pending_) {
+      has_pending_ = false;
+      SendStatus(pending_);
+    }
+  }
+
+  // Any thread (Core's health lock held): tell the client ``status``.
+  void Update(ServingStatus status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closing_) return;
+    if (writing_) {
+      pending_ = status;
+      has_pending_ = true;
+    } else {
+      SendStatus(status);
+    }
+  }
+
+  // Any thread (Core's health lock held): end the call.
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closing_ = true;
+    if (!writing_ && !finish_sent_) SendFinish();
+  }
+
+ private:
+  void SendStatus(ServingStatus status) {  // mu_ held
+    resp_.set_status(status);
+    writing_ = true;
+    writer_.Write(resp_, this);
+  }
+  void SendFinish() {  // mu_ held
+    if (finish_sent_) return;
+    finish_sent_ = true;
+    writer_.Finish(grpc::Status::OK, this);
+  }
+  void Delete() {
+    Core* core = core_;
+    delete this;
+    core->StreamGone();
+  }
+
+  Core* core_;
+  grpc::ServerContext ctx_;
+  hv1::HealthCheckRequest req_;
+  hv1::HealthCheckResponse resp_;
+  grpc::ServerAsyncWriter<hv1::HealthCheckResponse> writer_;
+  bool started_ = false;  // the completion-queue thread's alone
+  std::mutex mu_;
+  bool writing_ = false, has_pending_ = false, closing_ = false, finish_sent_ = false;
+  ServingStatus pending_ = hv1::HealthCheckResponse::UNKNOWN;
+};
+
+void Core::SetServing(const std::string& name, bool serving) {
+  std::lock_guard<std::mutex> lock(health_mu_);
+  serving_[name] = serving;
+  for (WatchCall* w : watchers_)
+    if (w->service() == name)
+      w->Update(serving ? hv1::HealthCheckResponse::SERVING
+                        : hv1::HealthCheckResponse::NOT_SERVING);
+}
+
+bool Core::Lookup(const std::string& name, ServingStatus* status) {
+  std::lock_guard<std::mutex> lock(health_mu_);
+  auto it = serving_.find(name);
+  if (it == serving_.end()) return false;
+  *status = it->second ? hv1::HealthCheckResponse::SERVING
+                       : hv1::HealthCheckResponse::NOT_SERVING;
+  return true;
+}
+
+void Core::AddWatcher(WatchCall* watcher) {
+  std::lock_guard<std::mutex> lock(health_mu_);
+  if (watchers_closed_) {
+    watcher->Close();
+    return;
+  }
+  watchers_.insert(watcher);
+  auto it = serving_.find(watcher->service());
+  watcher->Update(it == serving_.end() ? hv1::HealthCheckResponse::SERVICE_UNKNOWN
+                  : it->second         ? hv1::HealthCheckResponse::SERVING
+                                       : hv1::HealthCheckResponse::NOT_SERVING);
+}
+
+void Core::RemoveWatcher(WatchCall* watcher) {
+  std::lock_guard<std::mutex> lock(health_mu_);
+  watchers_.erase(watcher);
+}
+
+void Core::CloseWatchers() {
+  std::lock_guard<std::mutex> lock(health_mu_);
+  watchers_closed_ = true;
+  for (WatchCall* w : watchers_) w->Close();
+}
 
 PyObject* Text(const std::string& s) {
   return PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
@@ -615,24 +861,39 @@ void Core::FailPending() {
 // --------------------------------------------------------------------------
 // The Python type: _eppnative.Server
 // --------------------------------------------------------------------------
+//: calls waited for at once (each stream asks for the next when its call comes)
+constexpr int kWaitingStreams = 8;
+
 struct ServerObject {
   PyObject_HEAD
   PyObject* bridge;
   Core* core;
-  Service* service;
   grpc::Server* server;
+  grpc::ServerCompletionQueue* cq;
+  std::thread* cq_thread;
   int port;
   bool shut_down;
 };
 
+// Stop accepting, cancel the streams left after grace_s, wait until every stream is
+// gone (the event loop answers the picks queued meanwhile, or FailPending aborted
+// them), then stop the completion-queue thread. Runs without the GIL.
 void StopServer(ServerObject* self, double grace_s) {
   if (self->server == nullptr || self->shut_down) return;
   self->shut_down = true;
   auto deadline = std::chrono::system_clock::now() +
                   std::chrono::microseconds(static_cast<long long>(grace_s * 1e6));
+  Core* core = self->core;
   grpc::Server* server = self->server;
+  grpc::ServerCompletionQueue* cq = self->cq;
+  std::thread* thread = self->cq_thread;
   Py_BEGIN_ALLOW_THREADS
+  core->accepting = false;
+  core->CloseWatchers();
   server->Shutdown(deadline);
+  core->WaitNoStreams();
+  cq->Shutdown();
+  thread->join();
   Py_END_ALLOW_THREADS
 }
 
@@ -656,12 +917,12 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
     PyErr_SetFromErrno(PyExc_OSError);
     return -1;
   }
-  self->service = new Service(self->core);
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   builder.AddChannelArgument("grpc.enable_channelz", 0);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &self->port);
-  builder.RegisterService(self->service);
+  builder.RegisterService(&self->core->service);
+  builder.RegisterService(&self->core->health);
+  std::unique_ptr<grpc::ServerCompletionQueue> cq = builder.AddCompletionQueue();
   std::string where(address);
   std::unique_ptr<grpc::Server> server;
   Py_BEGIN_ALLOW_THREADS
@@ -671,9 +932,18 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
     PyErr_Format(PyExc_OSError, "cannot listen on %s (gRPC)", where.c_str());
     return -1;
   }
-  // grpc++'s default health service starts with "" SERVING: not before Python says
-  server->GetHealthCheckService()->SetServingStatus("", false);
   self->server = server.release();
+  self->cq = cq.release();
+  self->core->cq = self->cq;
+  for (int i = 0; i < kWaitingStreams; ++i) new Stream(self->core);
+  new CheckCall(self->core);
+  new WatchCall(self->core);
+  grpc::ServerCompletionQueue* queue = self->cq;
+  self->cq_thread = new std::thread([queue] {
+    void* tag;
+    bool ok;
+    while (queue->Next(&tag, &ok)) static_cast<Handler*>(tag)->Proceed(ok);
+  });
   return 0;
 }
 
@@ -683,8 +953,9 @@ void Server_dealloc(ServerObject* self) {
     StopServer(self, 0.0);
     self->core->FailPending();
     delete self->server;
+    delete self->cq;
+    delete self->cq_thread;
   }
-  delete self->service;
   delete self->core;
   Py_XDECREF(self->bridge);
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
@@ -717,8 +988,7 @@ PyObject* Server_set_serving(ServerObject* self, PyObject* args) {
   const char* name;
   int serving;
   if (!PyArg_ParseTuple(args, "sp", &name, &serving)) return nullptr;
-  if (self->server == nullptr || self->shut_down) Py_RETURN_NONE;
-  self->server->GetHealthCheckService()->SetServingStatus(name, serving != 0);
+  self->core->SetServing(name, serving != 0);
   Py_RETURN_NONE;
 }
 
