@@ -331,12 +331,19 @@ async def test_readiness_follows_the_router_sync(front_end: str) -> None:
             assert await check("readiness") == not_serving
             assert await check(epp.EXT_PROC_SERVICE) == not_serving
             assert await check("") == not_serving
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
+            unknown = health.Watch(health_pb2.HealthCheckRequest(service="nope"))
+            assert (await asyncio.wait_for(watch.read(), 10)).status == not_serving
+            assert (await asyncio.wait_for(unknown.read(), 10)).status == (
+                health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             synced[0] = True
             await status.refresh()
             assert await check("readiness") == serving
             assert await check(epp.EXT_PROC_SERVICE) == serving
+            assert (await asyncio.wait_for(watch.read(), 10)).status == serving
+            watch.cancel()  # `unknown` stays open: stopping ends it, no hang
     finally:
-        await server.stop(0)
+        await asyncio.wait_for(server.stop(0), 10)
 
 
 async def _closed(call: Any) -> bool:
