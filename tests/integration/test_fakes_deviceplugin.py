@@ -74,6 +74,17 @@ async def next_request(kubelet: TestKubelet, timeout: float = WAIT_S
     return await asyncio.wait_for(kubelet.requests.get(), timeout)
 
 
+async def registrations_returned(plugin: FakeGPUDevicePlugin, n: int) -> None:
+    """Wait (up to WAIT_S) until ``n`` of the plugin's Register calls have returned: the
+    kubelet holds a request a moment before the plugin's call returns, and a kubelet
+    restarted in that moment cancels the call, which the plugin then counts as failed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while plugin.registrations < n:
+        assert loop.time() < deadline, f"the plugin never saw registration {n} return"
+        await asyncio.sleep(0.01)
+
+
 @dataclass
 class Plugged:
     """A fake device plugin (4 simulated H100s on kind-worker) registered with a test
@@ -104,6 +115,7 @@ async def plugged_in(kubelet_dir: Path) -> AsyncIterator[Plugged]:
     task = asyncio.create_task(plugin.run(stop))
     try:
         req = await next_request(kubelet)
+        await registrations_returned(plugin, 1)
         yield Plugged(kubelet, plugin, gpus, state, req,
                       [fake_uuid("kind-worker", i) for i in range(4)])
     finally:
@@ -194,11 +206,7 @@ async def test_a_kubelet_restart_is_followed_by_a_new_registration(kubelet_dir):
         await p.kubelet.restart()
         again = await next_request(p.kubelet)
         assert again.resource_name == "nvidia.com/gpu" and again.version == "v1beta1"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        while p.plugin.registrations < 2:  # the Register call returns a moment later
-            assert loop.time() < deadline, "the plugin never saw its second registration"
-            await asyncio.sleep(0.01)
+        await registrations_returned(p.plugin, 2)
         assert p.plugin.registrations == 2
         p.request = again
         async with p.channel() as ch:
