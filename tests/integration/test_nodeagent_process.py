@@ -33,7 +33,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(pred, timeout: float = 15.0, every: float = 0.05, what: str = "condition"):
+#: deadline of every wait for a process, s: generous, as starting one (Python, numpy,
+#: aiohttp) took over 15 s on this 2-core machine at load 12
+WAIT_S = 60.0
+
+
+def wait_for(pred, timeout: float = WAIT_S, every: float = 0.05, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = pred()
