@@ -146,6 +146,18 @@ def test_score_endpoint_is_score_endpoints_one_endpoint_at_a_time(lam: float,
         np.testing.assert_array_equal(cb.eta_s, [e for _, e in one])
 
 
+def _prefill_columns(rng: np.random.Generator, n: int, odd: float
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(wait s, step s, chunk tokens, prefill s/token) of ``n`` endpoints, core.routing.
+    first_token_s's inputs: a share ``odd`` awkward, about 1 in 10 chunks -0.0."""
+    wait = _column(rng, n, 0.0, 0.5, odd)
+    step = _column(rng, n, 0.0, 0.05, odd)
+    chunk = _column(rng, n, 1.0, 8192.0, odd)
+    chunk[rng.random(n) < 0.1] = -0.0
+    pf_s = _column(rng, n, 1e-5, 1e-4, odd)
+    return wait, step, chunk, pf_s
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 @pytest.mark.parametrize("odd", [0.0, 0.25])
@@ -153,11 +165,7 @@ def test_endpoint_late_is_slo_infeasible_of_first_token_s(odd: float) -> None:
     rng = np.random.default_rng(17 + int(odd * 100))
     for trial in range(200):
         n = int(rng.integers(1, 30))
-        wait = _column(rng, n, 0.0, 0.5, odd)
-        step = _column(rng, n, 0.0, 0.05, odd)
-        chunk = _column(rng, n, 1.0, 8192.0, odd)
-        chunk[rng.random(n) < 0.1] = -0.0
-        pf_s = _column(rng, n, 1e-5, 1e-4, odd)
+        wait, step, chunk, pf_s = _prefill_columns(rng, n, odd)
         room = _column(rng, n, -1.0, 3.0, odd)
         prompt = float(rng.choice([0.0, 1.0, float(rng.integers(2, 9000))]))
         ttft = float(rng.uniform(0.05, 0.7))
@@ -178,11 +186,8 @@ def test_first_token_s_over_endpoints_is_first_token_after_s_bit_for_bit(odd: fl
     rng = np.random.default_rng(29 + int(odd * 100))
     for trial in range(200):
         n = int(rng.integers(1, 30))
-        wait = _column(rng, n, 0.0, 0.5, odd)
-        step = _column(rng, n, 0.0, 0.05, odd)
-        chunk = _column(rng, n, 1.0, 8192.0, odd)
-        chunk[rng.random(n) < 0.1] = rng.choice([0.0, -0.0])
-        pf_s = _column(rng, n, 1e-5, 1e-4, odd)
+        wait, step, chunk, pf_s = _prefill_columns(rng, n, odd)
+        chunk[rng.random(n) < 0.05] = 0.0  # +0.0 too: numpy's x / 0 keeps the sign
         prompt = float(rng.choice([0.0, 1.0, float(rng.integers(2, 9000)), math.inf]))
         many = first_token_s(wait, step, chunk, pf_s, prompt)
         one = [first_token_after_s(*row, prompt)
