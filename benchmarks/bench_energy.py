@@ -30,7 +30,10 @@ a small cluster at low load still holds --min-requests requests (default
 3,000: the binomial standard error of a 98 % attainment is then 0.26 pp, under
 the 0.5 pp tolerance of the iso-SLO test; queueing makes neighbouring requests'
 outcomes correlated, so read that as a lower bound). The request count of each
-cell is printed with it.
+cell is printed with it. Arrivals follow the trace's per-minute rate shape from its
+first minute, so a cell of 60 s sees one minute of it: to exercise a trace's
+bursts or daily swing, give a --duration that covers them (docs/simulator.md,
+"Held-out scenarios": the bursty trace over 720 s).
 
 Per cell, each policy's energy and carbon vs ``least-loaded``, deadline misses,
 TTFT/TPOT attainment, P99, and whether ``combined`` meets the iso-SLO target
