@@ -272,12 +272,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--traces", default=",".join(TRACES),
                     help=f"comma-separated traces: built-in ({', '.join(TRACES)}; default "
                          "all) or trace CSV files (TIMESTAMP,ContextTokens,GeneratedTokens, "
-                         "as joulepool simulate --trace)")
+                         "as joulepool simulate --trace); a directory stands for its *.csv")
     ap.add_argument("--loads", default="0.2,0.5,0.8",
                     help="fractions of the cluster's capacity at SLO")
     ap.add_argument("--clusters", default=",".join(CLUSTERS),
                     help=f"comma-separated clusters: built-in ({', '.join(CLUSTERS)}; default "
-                         "all) or cluster YAML files (as joulepool simulate --cluster)")
+                         "all) or cluster YAML files (as joulepool simulate --cluster); a "
+                         "directory stands for its *.yaml")
     ap.add_argument("--slos", default=",".join(SLO_SETS),
                     help=f"SLO sets ({', '.join(SLO_SETS)}; default all)")
     ap.add_argument("--policies", default=",".join(POLICIES),
@@ -296,6 +297,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _expand(flag: str, given: list[str], suffixes: tuple[str, ...]) -> list[str]:
+    """``given`` with each directory replaced by its files of these suffixes, sorted
+    (``--clusters benchmarks/heldout``); ValueError for a directory without any."""
+    out: list[str] = []
+    for name in given:
+        p = Path(name)
+        if name in CLUSTERS or name in TRACES or not p.is_dir():
+            out.append(name)
+            continue
+        try:
+            files = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix in suffixes)
+        except OSError as exc:
+            raise ValueError(f"{flag}: {name}: cannot list: {exc.strerror or exc}") from None
+        if not files:
+            raise ValueError(f"{flag}: {name}: a directory with no {'/'.join(suffixes)} file")
+        out += files
+    return out
 
 
 def _check_inputs(flag: str, given: list[str], read: Callable[[str], object]) -> None:
@@ -326,8 +346,10 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
     if bad or not slos:
         raise ValueError(f"--slos: unknown {', '.join(bad) or '(none given)'}; known: "
                          f"{', '.join(SLO_SETS)}")
-    _check_inputs("--traces", _split(a.traces), trace_named)
-    _check_inputs("--clusters", _split(a.clusters), cluster_named)
+    traces = _expand("--traces", _split(a.traces), (".csv",))
+    clusters = _expand("--clusters", _split(a.clusters), (".yaml", ".yml"))
+    _check_inputs("--traces", traces, trace_named)
+    _check_inputs("--clusters", clusters, cluster_named)
     if not (0 < a.duration < math.inf) or a.jobs < 1 or a.min_requests < 0:
         raise ValueError("--duration must be > 0, --jobs >= 1, --min-requests >= 0")
     policies = tuple(parse_policies(a.policies))
@@ -335,8 +357,7 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
         policies = ("least-loaded", *policies)
     return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed,
                  bool(getattr(a, "miad_period_signal", True)))
-            for c in _split(a.clusters) for s in _split(a.slos) for t in _split(a.traces)
-            for x in loads]
+            for c in clusters for s in slos for t in traces for x in loads]
 
 
 def main(argv: list[str] | None = None) -> int:

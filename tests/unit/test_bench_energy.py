@@ -238,3 +238,18 @@ def test_combined_holds_iso_slo_undominated_on_a_heldout_cell(bench, make_traces
     (cell,) = json.loads((tmp_path / "m.json").read_text())
     assert set(cell["rows"]) == set(bench.POLICIES) and cell["requests"] > 3000
     assert cell["verdict"] == "ok"
+
+
+def test_a_directory_stands_for_its_files(bench, make_traces, tmp_path, capsys):
+    make_traces.write(tmp_path / "traces", ["code", "short-chat"])
+    (tmp_path / "traces" / "notes.txt").write_text("not a trace")
+    cells = bench.cells_from(bench._parse(["--clusters", str(HELDOUT), "--traces",
+                                           str(tmp_path / "traces"), "--loads", "0.5",
+                                           "--slos", "freesh"]))
+    clusters = sorted(str(f) for f in HELDOUT.glob("*.yaml"))
+    traces = [str(tmp_path / "traces" / "code.csv"), str(tmp_path / "traces" / "short-chat.csv")]
+    assert [(c.cluster, c.trace) for c in cells] == [(c, t) for c in clusters for t in traces]
+    (tmp_path / "empty").mkdir()
+    assert bench.main(["--traces", str(tmp_path / "empty")]) == 2
+    assert f"--traces: {tmp_path / 'empty'}: a directory with no .csv file" in \
+        capsys.readouterr().err
