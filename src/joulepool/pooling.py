@@ -148,11 +148,20 @@ def _service_class(pool: InferencePool, steps: int,
     s = pool.spec
     declared = s.demand.prompt_lengths()
     prompts = declared.longer(observed) if declared and observed else declared or observed
+    namespace = pool.metadata.namespace or "default"
     return ServiceClass(
-        pool_key(pool.metadata.namespace or "default", pool.metadata.name),
+        pool_key(namespace, pool.metadata.name),
         s.demand.mean_input_tokens, s.demand.mean_output_tokens,
         s.slo.ttft_seconds, s.slo.tpot_seconds, s.demand.forecast(steps),
-        prompt_tokens=prompts)
+        prompt_tokens=prompts, share_key=share_key(pool))
+
+
+def share_key(pool: InferencePool) -> str:
+    """Pools with the same key may share instances: one namespace (no engine serves two
+    tenants), one model, answering to the same names (an engine is started with one
+    pool's ``--served-model-name`` list)."""
+    names = "|".join(sorted(pool.spec.served_names()))
+    return f"{pool.metadata.namespace or 'default'}/{pool.spec.model}/{names}"
 
 
 def _carbon(policy: EnergyPolicySpec, nodes: Sequence[PlanNode], objective: str
@@ -254,7 +263,6 @@ def describe(
     added to the document's message and every planned pool's message.
     """
     mode_by_name = {m.name: m for m in problem.modes}
-    mode_index = {m.name: i for i, m in enumerate(problem.modes)}
     short = {s.cls: s for s in result.shortfalls}
     doc = PlanDocument(
         version=version, generatedAt=now, objective=problem.objective,
@@ -270,13 +278,9 @@ def describe(
         power = tokens_per_s = 0.0
         co2: float | None = 0.0
         for a in mine:
-            m = mode_index[a.mode]
-            p_inst = float(problem.power_w[r, m]) * a.instances
+            p_inst = a.power_w  # shared instances: the power of the load they carry
             power += p_inst
-            tokens_per_s += (
-                float(problem.capacity_rps[r, m]) * a.instances
-                * pool.spec.demand.mean_output_tokens
-            )
+            tokens_per_s += a.served_rps * pool.spec.demand.mean_output_tokens
             c = _carbon_now(problem, a.site)
             co2 = None if c is None or co2 is None else co2 + grams_co2_per_hour(p_inst, c)
             node = doc.nodes.get(a.node)
@@ -284,10 +288,14 @@ def describe(
                 node.pools[key] = node.pools.get(key, 0) + a.gpus
         replicas = sum(a.instances for a in mine)
         gap = short.get(key)
+        hosts = sorted({a.cls for a in (result.plan if partial else result.assignments)
+                        if key in a.serves and a.cls != key})
         message = (
             f"unmet demand {gap.shortfall_rps:.3g} req/s of {gap.demand_rps:.3g} "
             f"at step {gap.step}: {gap.reason}" if gap else f"{replicas} instance(s) planned"
         )
+        if hosts and not gap:
+            message += f"; also served on instances of {', '.join(hosts)}"
         if headroom_note and mine:
             message += f" ({headroom_note})"
         assignments = tuple(
@@ -311,7 +319,8 @@ def describe(
             assignments=[
                 PlannedInstance(node=a.node, site=a.site, product=a.product, mode=a.mode,
                                 instances=a.instances, gpus=a.gpus,
-                                gpusPerInstance=mode_by_name[a.mode].gpus)
+                                gpusPerInstance=mode_by_name[a.mode].gpus,
+                                sharedWith=[c for c in a.serves if c != key])
                 for a in mine
             ],
         )

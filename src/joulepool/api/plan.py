@@ -37,6 +37,10 @@ class PlannedInstance(_Wire):
     instances: int
     gpus: int
     gpus_per_instance: int = Field(alias="gpusPerInstance")
+    #: other pools (keys) whose requests these instances also serve: the planner lets
+    #: pools of one model, served under the same names in one namespace, share an
+    #: instance (docs/planner.md, "Shared instances"); they run as this pool's pods
+    shared_with: list[str] = Field(default_factory=list, alias="sharedWith")
 
 
 class PlannedPool(_Wire):
@@ -75,6 +79,19 @@ class PlanDocument(_Wire):
     #: measured J/token over the profile's, per profile key (``H100/model/tp1``), where
     #: the node agents' measurements correct it (core.feedback); the router scales its eps
     eps_scales: dict[str, float] = Field(default_factory=dict, alias="epsScales")
+
+    def serving_slo(self, key: str, node: str | None = None) -> tuple[float, float] | None:
+        """(TTFT, TPOT) seconds the instances of pool ``key`` (on ``node``; None: any) must
+        meet: the tightest of its own SLO and those of the pools they serve too
+        (``sharedWith``); None when the plan has no such pool."""
+        pool = self.pools.get(key)
+        if pool is None:
+            return None
+        slos = [pool.slo]
+        for a in pool.assignments:
+            if node is None or a.node == node:
+                slos += [self.pools[g].slo for g in a.shared_with if g in self.pools]
+        return min(s.ttft_seconds for s in slos), min(s.tpot_seconds for s in slos)
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)

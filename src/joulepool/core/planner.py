@@ -122,6 +122,9 @@ SLACK_WEIGHT = 1e4
 #: the partial plan keeps every class's served req/s within this share of its
 #: max-min fair floor (HiGHS's feasibility tolerances are ~1e-7)
 FAIR_SHARE_TOL = 1e-7
+#: a shared instance serves a class when its flow there is above this share of the
+#: class's demand (at least 1 req/s): HiGHS leaves ~1e-9 where a flow is zero
+SHARE_TOL_REL = 1e-6
 #: above this many per-node patterns a group is split into single nodes
 MAX_PATTERNS = 256
 #: the partial-plan solve always gets at least this long (or the whole limit if shorter)
@@ -193,6 +196,16 @@ class PlanProblem:
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
     mip_rel_gap: float = DEFAULT_MIP_REL_GAP
     eligible: BoolArray | None = None  # [R, M] SLO mask; None: every mode with L > 0
+    #: per class, its share group: classes of one group may share instances (one model
+    #: served under the same names); None: each class has instances of its own
+    #: (FREESH's published formulation)
+    share_group: tuple[str, ...] | None = None
+    #: [M] W one instance of m draws serving nothing (needed with ``share_group``)
+    idle_power_w: FloatArray | None = None
+    #: [R, M] J above idle one request of r adds on an otherwise idle instance of m (its
+    #: prefill, its decode at batch one: core.routing's wake cost), what a shared
+    #: instance's flow costs per request (needed with ``share_group``)
+    wake_j_per_request: FloatArray | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -236,6 +249,30 @@ class PlanProblem:
         object.__setattr__(self, "capacity_rps", capacity)
         object.__setattr__(self, "carbon_g_per_kwh", carbon)
         object.__setattr__(self, "eligible", _mask(self.eligible, len(classes), len(modes)))
+        self._check_sharing(classes, modes)
+
+    def _check_sharing(self, classes: tuple[str, ...], modes: tuple[Mode, ...]) -> None:
+        """Validate and freeze ``share_group`` and ``idle_power_w``."""
+        idle = self.idle_power_w
+        if idle is not None:
+            arr = np.array(idle, dtype=np.float64)
+            if arr.shape != (len(modes),) or not np.all(np.isfinite(arr)) or (arr < 0).any():
+                raise ValueError(f"idle_power_w must be {len(modes)} finite values >= 0 "
+                                 f"(one per mode), got {idle!r}")
+            arr.setflags(write=False)
+            object.__setattr__(self, "idle_power_w", arr)
+        if self.share_group is None:
+            return
+        groups = tuple(self.share_group)
+        if len(groups) != len(classes) or not all(isinstance(g, str) for g in groups):
+            raise ValueError(f"share_group needs one group name per class {list(classes)}, "
+                             f"got {self.share_group!r}")
+        if idle is None or self.wake_j_per_request is None:
+            raise ValueError("share_group needs idle_power_w and wake_j_per_request: a shared "
+                             "instance costs its idle power plus what its requests add")
+        object.__setattr__(self, "share_group", groups)
+        object.__setattr__(self, "wake_j_per_request", _matrix(
+            "wake_j_per_request", self.wake_j_per_request, classes, len(modes)))
 
     @property
     def steps(self) -> int:
@@ -390,6 +427,16 @@ class Assignment:
     gpus: int  # instances * mode.gpus
     power_w: float = 0.0
     served_rps: float = 0.0
+    #: shared instances (PlanProblem.share_group): every class they serve, ``cls`` (the
+    #: one with the most load on them) first, and the req/s of each; empty: ``cls`` only
+    serves: tuple[str, ...] = ()
+    class_rps: tuple[float, ...] = ()
+
+    def rps_of(self, cls: str) -> float:
+        """req/s of ``cls`` these instances serve."""
+        if self.serves:
+            return self.class_rps[self.serves.index(cls)] if cls in self.serves else 0.0
+        return self.served_rps if cls == self.cls else 0.0
 
 
 @dataclass(frozen=True)
@@ -448,11 +495,12 @@ class PlanResult:
         return self.assignments if self.feasible else self.partial_assignments
 
     def instances(self, cls: str) -> int:
+        """Instances whose (first) class is ``cls``: each instance counts once."""
         return sum(a.instances for a in self.plan if a.cls == cls)
 
     def served_rps(self, cls: str) -> float:
-        """req/s the plan's instances of ``cls`` sustain."""
-        return float(sum(a.served_rps for a in self.plan if a.cls == cls))
+        """req/s of ``cls`` the plan's instances serve (shared ones included)."""
+        return float(sum(a.rps_of(cls) for a in self.plan))
 
     def power_w(self, cls: str | None = None) -> float:
         """Planned power of every instance, or of one class's instances."""
@@ -583,11 +631,21 @@ class _Model:
     decisions free of node-group symmetry, which is what makes HiGHS fast.
 
     Variables, in order:
-      y[zone, r, m]  instances of m serving r in the zone (the cost)
+      y[zone, o, m]  instances of m in the zone owned by o (the cost): o is a class, or
+                     with ``share_group`` a share group whose classes share them
       w[group, s]    instance slots of size s opened in a node group
       z[group, p]    nodes of a pattern group that run pattern p
+      f[zone, r, m]  req/s of class r on the zone's shared instances of m (share_group only)
       s[r]           unmet req/s of r (partial-plan model only)
-      v              largest unmet share of any class (partial-plan model only)
+      t              the level a plan maximises (fair floor and max alpha only)
+
+    Without ``share_group`` (FREESH's formulation) an instance serves one class and
+    costs P[r, m] whatever its load. With it, the instances of a share group's
+    y[zone, g, m] carry flows f of the group's classes that may use m, within their
+    capacity, ``sum_r f[zone, r, m] / L[r, m] <= y[zone, g, m]``, and cost
+    ``idle[m]`` each plus ``(P[r, m] - idle[m]) / L[r, m]`` per req/s of r: at full
+    load of one class that is P[r, m], FREESH's figure; below it, the power of the
+    load the instance carries (docs/planner.md, "Shared instances").
     """
 
     def __init__(self, problem: PlanProblem, split: frozenset[_Key]) -> None:
@@ -600,8 +658,17 @@ class _Model:
         factors = sorted({problem.site_factor(n.site) for n in problem.nodes})
         self.zone_factor = np.array(factors, dtype=np.float64)
         self.groups = _node_groups(problem, factors, mode_active, split)
+        self.node_zone = np.full(len(problem.nodes), -1, dtype=np.int64)
+        for grp in self.groups:
+            self.node_zone[grp.nodes] = grp.zone
         room = self._add_slots()
+        self.shared = problem.share_group is not None
+        names = list(dict.fromkeys(problem.share_group or problem.classes))
+        #: owner of each class's instances: the class itself, or its share group
+        self.owner = np.array([names.index(g) for g in (problem.share_group or
+                                                        problem.classes)], dtype=np.int64)
         self._add_instances(active, room)
+        self._add_flows(active)
         # --- z[group, p]
         self.z_group: list[int] = []
         for gi, grp in enumerate(self.groups):
@@ -638,29 +705,77 @@ class _Model:
         return room
 
     def _add_instances(self, active: npt.NDArray[np.bool_], room: FloatArray) -> None:
-        """Variables y[zone, r, m] with their cost and upper bounds."""
+        """Variables y[zone, o, m] with their cost and upper bounds: instances of one
+        class (o = r < R), then, with share_group, shared ones (o = R + group)."""
         problem = self.p
         L = problem.capacity_rps
-        n_zones, M = len(self.zone_factor), len(problem.modes)
+        R, n_zones, M = len(problem.classes), len(self.zone_factor), len(problem.modes)
         zm_link = np.full((n_zones, M), -1, dtype=np.int64)
         for (zone, product, size), link in self.link_of.items():
             for j, m in enumerate(problem.modes):
                 if m.product == product and m.gpus == size:
                     zm_link[zone, j] = link
-        cube = (zm_link >= 0)[:, None, :] & active[None, :, :]
+        self.zm_link = zm_link
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fill = np.where(active, self.demand[:, None] / L, 0.0)  # instances each class fills
+        owned = active
+        if self.shared:  # a group's shared instances may carry any of its classes' modes
+            groups = np.zeros((int(self.owner.max(initial=-1)) + 1, M), dtype=bool)
+            np.logical_or.at(groups, self.owner, active)
+            per_group = np.zeros(groups.shape)
+            np.add.at(per_group, self.owner, fill)
+            owned = np.concatenate([active, groups])
+            fill = np.concatenate([fill, per_group])
+        cube = (zm_link >= 0)[:, None, :] & owned[None, :, :]
         self.vz, self.vr, self.vm = (a.astype(np.int64) for a in np.nonzero(cube))
         vz, vr, vm = self.vz, self.vr, self.vm
+        self.y_shared = vr >= R
         self.y_link = zm_link[vz, vm]
         self.n_y = len(vz)
-        self.cost_y = problem.power_w[vr, vm] * problem.step_s * self.zone_factor[vz]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            by_demand = np.ceil(self.demand[vr] / L[vr, vm])
+        power = problem.power_w[np.minimum(vr, R - 1), vm] if self.n_y else np.zeros(0)
+        if self.shared:
+            assert problem.idle_power_w is not None  # PlanProblem checks it
+            power = np.where(self.y_shared, problem.idle_power_w[vm], power)
+        self.cost_y = power * problem.step_s * self.zone_factor[vz]
         # where an instance costs (window carbon sum > 0, or energy) no plan needs more
-        # than its class's demand; elsewhere only the GPUs bound it
+        # than its owner's demand; elsewhere only the GPUs bound it
+        by_demand = np.ceil(fill[vr, vm])
         room_y = room[self.y_link] if self.n_y else np.zeros(0)
         self.ub_y = np.where(self.zone_factor[vz] > 0, np.minimum(room_y, by_demand), room_y)
-        self.coverable = np.zeros(len(problem.classes), dtype=bool)
-        self.coverable[vr] = True
+        self.coverable = np.zeros(R, dtype=bool)
+        self.coverable[vr[~self.y_shared]] = True
+
+    def _add_flows(self, active: npt.NDArray[np.bool_]) -> None:
+        """Variables f[zone, r, m] of shared instances (none without share_group), each
+        req/s costing what a request adds on a lightly loaded instance."""
+        problem = self.p
+        self.f_y = np.zeros(0, dtype=np.int64)
+        self.fz = self.fr = self.fm = self.f_y
+        self.cost_f = self.ub_f = self.f_inv_cap = np.zeros(0)
+        if not self.shared or not self.y_shared.any():
+            return
+        R = len(problem.classes)
+        y_of = np.full((len(self.zone_factor), R + int(self.owner.max()) + 1,
+                        len(problem.modes)), -1, dtype=np.int64)
+        y_of[self.vz, self.vr, self.vm] = np.arange(self.n_y)
+        cube = (self.zm_link >= 0)[:, None, :] & active[None, :, :]
+        self.fz, self.fr, self.fm = (a.astype(np.int64) for a in np.nonzero(cube))
+        self.f_y = y_of[self.fz, R + self.owner[self.fr], self.fm]
+        assert problem.wake_j_per_request is not None  # PlanProblem checks it
+        self.f_inv_cap = 1.0 / problem.capacity_rps[self.fr, self.fm]
+        self.cost_f = (problem.wake_j_per_request[self.fr, self.fm] * problem.step_s
+                       * self.zone_factor[self.fz])
+        self.ub_f = self.demand[self.fr].astype(np.float64)
+        self.coverable[self.fr] = True
+
+    @property
+    def n_f(self) -> int:
+        return len(self.fz)
+
+    @property
+    def n_x(self) -> int:
+        """Variables of the plan itself (y, w, z, then f): extras come after them."""
+        return self.n_int + self.n_f
 
     @property
     def n_int(self) -> int:
@@ -671,7 +786,7 @@ class _Model:
     def _constraints(
         self, slack: bool, need: FloatArray, per_t: FloatArray | None
     ) -> tuple[sparse.csr_array, FloatArray, FloatArray]:
-        """Rows over y, w, z (then s[dem] with ``slack``, then t when ``per_t`` is given).
+        """Rows over y, w, z, f (then s[dem] with ``slack``, then t when ``per_t`` is given).
 
         Demand row of each class with demand: served + s - per_t * t >= need.
         """
@@ -697,14 +812,26 @@ class _Model:
         row_of_class = np.full(len(self.demand), -1, dtype=np.int64)
         row_of_class[dem] = np.arange(len(dem))
         y_idx = np.arange(self.n_y, dtype=np.int64)
-        block(row_of_class[vr], y0 + y_idx, self.p.capacity_rps[vr, vm])
+        f_idx = self.n_int + np.arange(self.n_f, dtype=np.int64)
+        own = y_idx[~self.y_shared]
+        block(row_of_class[vr[own]], y0 + own, self.p.capacity_rps[vr[own], vm[own]])
+        block(row_of_class[self.fr], f_idx, 1.0)
         n_slack = len(dem) if slack else 0
         if slack:
-            block(np.arange(len(dem)), self.n_int + np.arange(len(dem)), 1.0)
+            block(np.arange(len(dem)), self.n_x + np.arange(len(dem)), 1.0)
         if per_t is not None:
-            block(np.arange(len(dem)), np.full(len(dem), self.n_int + n_slack), -per_t)
+            block(np.arange(len(dem)), np.full(len(dem), self.n_x + n_slack), -per_t)
         bounds(need, np.inf, len(dem))
         nrow = len(dem)
+
+        # shared instances' capacity: sum_r f[zone, r, m] / L[r, m] <= y[zone, R + g, m]
+        shared = y_idx[self.y_shared]
+        row_of_y = np.full(self.n_y, -1, dtype=np.int64)
+        row_of_y[shared] = nrow + np.arange(len(shared))
+        block(row_of_y[self.f_y], f_idx, self.f_inv_cap)
+        block(row_of_y[shared], y0 + shared, -1.0)
+        bounds(-np.inf, 0.0, len(shared))
+        nrow += len(shared)
 
         # link: instances of a (zone, product, size) <= slots opened in its groups
         w_idx = np.arange(self.n_w, dtype=np.int64)
@@ -740,7 +867,7 @@ class _Model:
             nrow += n_s + 1
             zi += n_p
 
-        n_var = self.n_int + n_slack + (1 if per_t is not None else 0)
+        n_var = self.n_x + n_slack + (1 if per_t is not None else 0)
         a = sparse.csr_array(
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
             shape=(nrow, n_var),
@@ -773,14 +900,18 @@ class _Model:
         return _Solve(x, int(res.status), float(gap) if gap is not None else 0.0, str(res.message))
 
     def _base(self, n_extra: int) -> tuple[FloatArray, FloatArray]:
-        """Cost (scaled to O(1) for HiGHS) and upper bounds of y, w, z, then ``n_extra`` more."""
+        """Cost (scaled to O(1) for HiGHS) and upper bounds of y, w, z, f, then ``n_extra``
+        more."""
         top = float(np.abs(self.cost_y).max()) if self.n_y else 0.0
-        c = np.zeros(self.n_int + n_extra)
-        c[: self.n_y] = self.cost_y / (top if top > 0 else 1.0)
-        ub = np.full(self.n_int + n_extra, np.inf)
+        top = top if top > 0 else 1.0
+        c = np.zeros(self.n_x + n_extra)
+        c[: self.n_y] = self.cost_y / top
+        c[self.n_int : self.n_x] = self.cost_f / top
+        ub = np.full(self.n_x + n_extra, np.inf)
         ub[: self.n_y] = self.ub_y
         ub[self.n_y : self.n_y + self.n_w] = self.w_ub
         ub[self.n_y + self.n_w : self.n_int] = [len(self.groups[g].nodes) for g in self.z_group]
+        ub[self.n_int : self.n_x] = self.ub_f
         return c, ub
 
     def solve(self, time_limit_s: float) -> _Solve:
@@ -868,9 +999,12 @@ class _Model:
         c, ub = self._base(len(dem))
         if self.n_int == 0:
             return _Solve(dem.copy(), 2 if dem.size else 0, 0.0, "nothing to decide")
-        ub[self.n_int :] = dem - floor * (1.0 - FAIR_SHARE_TOL)
-        per_rps = np.abs(c[: self.n_y]) / self.p.capacity_rps[self.vr, self.vm]
-        c[self.n_int :] = SLACK_WEIGHT * max(float(per_rps.max(initial=0.0)), 1.0)
+        ub[self.n_x :] = dem - floor * (1.0 - FAIR_SHARE_TOL)
+        own = ~self.y_shared
+        per_rps = np.concatenate([  # an instance of one class; a flow and its instance share
+            np.abs(c[: self.n_y][own]) / self.p.capacity_rps[self.vr[own], self.vm[own]],
+            np.abs(c[self.n_int : self.n_x]) + np.abs(c[: self.n_y])[self.f_y] * self.f_inv_cap])
+        c[self.n_x :] = SLACK_WEIGHT * max(float(per_rps.max(initial=0.0)), 1.0)
         return self._run(c, ub, True, time_limit_s)
 
     # ------------------------------------------------------------- decompose
@@ -1104,6 +1238,49 @@ def _placed_assignments(
     return assignments, node_used, served, objective
 
 
+def _shared_assignments(
+    problem: PlanProblem, model: _Model, placed: dict[tuple[int, int, int], int],
+    x: FloatArray | None,
+) -> tuple[list[Assignment], IntArray, FloatArray, float]:
+    """:func:`_placed_assignments` with shared instances: keys (node, R + group, mode)
+    are a group's shared instances, whose flows in ``x`` give each class's req/s on
+    them, spread over the zone's instances of the group and mode by their count."""
+    R = len(problem.classes)
+    own = {k: n for k, n in placed.items() if k[1] < R}
+    assignments, node_used, served, objective = _placed_assignments(problem, own)
+    assert problem.idle_power_w is not None and problem.wake_j_per_request is not None
+    idle, wake = problem.idle_power_w, problem.wake_j_per_request
+    nodes, modes, classes = problem.nodes, problem.modes, problem.classes
+    flows = np.zeros((len(model.zone_factor), R, len(modes)))
+    if x is not None and model.n_f:
+        flows[model.fz, model.fr, model.fm] = np.maximum(x[model.n_int : model.n_x], 0.0)
+    total: dict[tuple[int, int, int], int] = {}
+    for (ni, o, m), n in placed.items():
+        key = (int(model.node_zone[ni]), o, m)
+        total[key] = total.get(key, 0) + n
+    for (ni, o, m), n in sorted(placed.items()):
+        if o < R:
+            continue
+        node, mode, zone = nodes[ni], modes[m], int(model.node_zone[ni])
+        node_used[ni] += n * mode.gpus
+        members = np.flatnonzero(model.owner == o - R)
+        rps = flows[zone, members, m] * (n / total[(zone, o, m)])
+        keep = rps > SHARE_TOL_REL * np.maximum(1.0, model.demand[members])
+        order = sorted(np.flatnonzero(keep).tolist(), key=lambda i: (-rps[i], members[i]))
+        mine = [int(members[i]) for i in order]
+        loads = [float(rps[i]) for i in order]
+        served[mine] += loads
+        power = n * idle[m] + sum(q * wake[r, m] for r, q in zip(mine, loads, strict=True))
+        objective += power * problem.step_s * problem.site_factor(node.site)
+        assignments.append(
+            Assignment(node=node.name, site=node.site, product=node.product,
+                       cls=classes[(mine or members.tolist())[0]], mode=mode.name,
+                       instances=n, gpus=n * mode.gpus, power_w=float(power),
+                       served_rps=float(sum(loads)), serves=tuple(classes[r] for r in mine),
+                       class_rps=tuple(loads)))
+    return assignments, node_used, served, objective
+
+
 def _site_capacity(
     problem: PlanProblem, node_used: IntArray
 ) -> dict[tuple[str, str], tuple[int, int]]:
@@ -1125,7 +1302,9 @@ def _result(
     elapsed: float,
 ) -> PlanResult:
     R = len(problem.classes)
-    assignments, node_used, served, objective = _placed_assignments(problem, placed)
+    assignments, node_used, served, objective = (
+        _shared_assignments(problem, model, placed, run.x) if model.shared
+        else _placed_assignments(problem, placed))
     capacity = _site_capacity(problem, node_used)
     demand = problem.demand_rps  # [R, T]
     short = demand - served[:, None] if R else np.zeros((0, 0))

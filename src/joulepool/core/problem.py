@@ -41,6 +41,7 @@ from joulepool.core.profiles import (
     default_batched_tokens,
     product_for_label,
 )
+from joulepool.core.routing import wake_energy_j
 
 
 def node_from_label(name: str, site: str, product_label: str, gpus: int) -> PlanNode:
@@ -66,6 +67,9 @@ class ServiceClass:
     #: of the two); None (only the mean is known): the serving point's mean-prompt TTFT
     #: bound alone
     prompt_tokens: PromptLengths | None = None
+    #: classes with the same key may share instances (one model served under the same
+    #: names; docs/planner.md, "Shared instances"); None: instances of its own only
+    share_key: str | None = None
 
 
 #: (class index, mode) -> the profile serving that class on that mode, or None: not allowed
@@ -214,12 +218,14 @@ def build_problem(
 
     Nodes without GPUs are left out. Every forecast must have the same number of steps.
     """
-    R, M = len(classes), len(modes)
     steps = {len(c.forecast_rps) for c in classes}
     if len(steps) > 1:
         raise ValueError(f"forecasts of different lengths: {sorted(steps)}")
+    R, M = len(classes), len(modes)
     power = np.zeros((R, M))
     capacity = np.zeros((R, M))
+    idle = np.zeros(M)
+    wake = np.zeros((R, M))
     serving: dict[str, list[ServingPoint | None]] = {m.name: [None] * R for m in modes}
     for r, cls in enumerate(classes):
         points = {}
@@ -227,7 +233,11 @@ def build_problem(
             profile = profile_for(r, mode)
             if profile is not None:
                 points[m] = (profile, serving_point(profile, cls, headroom))
-        for m, sp in _fit_prompt_tail(cls, points, headroom).items():
+                idle[m] = profile.idle_w  # the product's idle draw x GPUs: any model's
+                wake[r, m] = wake_energy_j(profile, cls.mean_input_tokens,
+                                           cls.mean_output_tokens)
+        fitted = _fit_prompt_tail(cls, points, headroom)
+        for m, sp in fitted.items():
             serving[modes[m].name][r] = sp
             power[r, m], capacity[r, m] = sp.power_w, sp.rps
     forecast = np.array([list(c.forecast_rps) for c in classes], dtype=np.float64)
@@ -242,6 +252,18 @@ def build_problem(
         alpha=alpha,
         objective=objective,
         carbon_g_per_kwh=carbon_g_per_kwh,
+        share_group=_share_groups(classes),
+        idle_power_w=idle,
+        wake_j_per_request=wake,
         **solver,
     )
     return BuiltProblem(problem, {k: tuple(v) for k, v in serving.items()})
+
+
+def _share_groups(classes: Sequence[ServiceClass]) -> tuple[str, ...] | None:
+    """The planner's share groups: a class's ``share_key``, or a group of its own; None
+    when no class may share (FREESH's per-class formulation)."""
+    if all(c.share_key is None for c in classes):
+        return None
+    return tuple(f"key:{c.share_key}" if c.share_key is not None else f"class:{c.name}"
+                 for c in classes)

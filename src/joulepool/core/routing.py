@@ -236,6 +236,20 @@ def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.A
     return e
 
 
+def wake_energy_j(profile: ServingProfile, input_tokens: float, output_tokens: float,
+                  clock_mhz: float | None = None) -> float:
+    """J above idle one request adds on an otherwise idle endpoint of ``profile``: its
+    prefill (pi x prompt) and its decode at batch one (X(1) per token after the first),
+    :func:`marginal_energy_j` with nothing in flight (R_n = 0). The planner charges it
+    per request on a shared instance (``core.planner``, docs/planner.md)."""
+    x1 = float(excess_step_j(profile.power_w(1, clock_mhz), profile.idle_w,
+                             profile.itl_s(1, clock_mhz)))
+    pi = float(prefill_excess_j_per_token(profile.prefill_power_w(clock_mhz), profile.idle_w,
+                                          profile.prefill_s(1.0, clock_mhz)))
+    return float(marginal_energy_j(x1, pi, max(output_tokens - 1.0, 0.0), input_tokens,
+                                   wake_j_per_token=x1, batch_left_tokens=0.0))
+
+
 def marginal_energy_floor(eps_j_per_token: float, prefill_j_per_token: float,
                           output_tokens: float, input_tokens: float,
                           wake_j_per_token: float) -> float:

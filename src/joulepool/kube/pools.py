@@ -200,6 +200,8 @@ class Router:
         todo = keys if dirty is None or self._static_dirty else (dirty & keys) | (
             keys - set(self.pools)
         )
+        if dirty and state is not None:  # a pool borrowing a changed pool's instances
+            todo |= {guest for host in dirty for guest in self._guests(host)} & keys
         self._static_dirty = False
         for key in sorted(todo):
             self._sync_pool(key)
@@ -239,7 +241,7 @@ class Router:
                     eps_min_tokens=self.s.eps_min_tokens,
                 ))
         if state is not None:
-            for pod_key in sorted(state.pool_pods.get(key, ())):
+            for pod_key in self._pool_pods(key):
                 rec = state.pods.get(pod_key)
                 if rec is None or not rec.ready or not rec.ip:
                     continue
@@ -257,6 +259,30 @@ class Router:
                 ))
         pool.set_endpoints(eps_list)
         pool.set_site_intensities(self._site_g_if_carbon_objective())
+
+    def _guests(self, host: str) -> set[str]:
+        """Pools the plan lets use some of ``host``'s instances (``sharedWith``)."""
+        planned = self.state.pool_plan(host) if self.state is not None else None
+        return {g for a in planned.assignments for g in a.shared_with} if planned else set()
+
+    def _pool_pods(self, key: str) -> list[str]:
+        """The pods serving pool ``key``: its own, then those of other pools' instances
+        the plan shares with it (``sharedWith``: same node and mode; they answer to the
+        same model names), sorted."""
+        state = self.state
+        assert state is not None
+        pods = set(state.pool_pods.get(key, ()))
+        plan = state.plan
+        for host, planned in (plan.pools.items() if plan is not None else ()):
+            places = {(a.node, a.mode) for a in planned.assignments
+                      if key in a.shared_with and a.instances > 0}
+            if host == key or not places:
+                continue
+            for pod_key in state.pool_pods.get(host, ()):
+                rec = state.pods.get(pod_key)
+                if rec is not None and (rec.node, rec.mode) in places:
+                    pods.add(pod_key)
+        return sorted(pods)
 
     def _site_g_if_carbon_objective(self) -> dict[str, float] | None:
         """Grid intensity per site the pools weigh marginal energy by: the EnergyPolicy's,

@@ -566,8 +566,9 @@ class NodeAgent:
         doc = self.plan.current()
         pool = None
         if r.pool and doc is not None and r.pool in doc.pools:
-            pool = doc.pools[r.pool]
-        elif r.pool is None:
+            # an instance shared with other pools meets the tightest of their SLOs
+            return doc.serving_slo(r.pool, self.config.node)
+        if r.pool is None:
             pools = pools_on_node(doc, self.config.node)
             pool = next(iter(pools.values())) if len(pools) == 1 else None
         if pool is not None:

@@ -297,6 +297,7 @@ class Simulator:
     __slots__ = (
         "T",
         "carbon_t",
+        "class_sets",
         "clock_floors",
         "cluster",
         "controllers",
@@ -401,6 +402,9 @@ class Simulator:
         self.gpus = GPULedger(cluster)
         self.instances: list[Instance] = []
         self.n_pools = len(CLASS_NAMES) if self.planner_pools else 1
+        #: the request classes an instance serves, by its ``cls``: the single classes
+        #: first, then each set of classes the planner lets share an instance
+        self.class_sets: list[tuple[int, ...]] = [(c,) for c in range(len(CLASS_NAMES))]
         routing = "joulesched" if use_router else policy.routing
         self.pools: list[Pool] = [Pool([], routing_profile(routing), self.use_js)
                                   for _ in range(self.n_pools)]
@@ -594,8 +598,8 @@ class Simulator:
             self.site_buckets.close(tm, self.gpus)
             self.carbon_t = tm
             self._router_carbon()
-            for pool in self.pools:
-                if self._weigh_carbon(pool.members):
+            if self._weigh_pools_carbon():
+                for pool in self.pools:
                     for inst in pool.members:
                         if inst.state == ACTIVE and inst.pos >= 0:
                             pool.set_rule(inst)
@@ -677,7 +681,8 @@ class Simulator:
             if nxt != cur:
                 inst.change_clock(inst.table.clocks.index(nxt), t, self.evq)
                 if inst.state == ACTIVE and inst.pos >= 0:
-                    self.pools[inst.pool].set_rule(inst)
+                    for p in self._pools_of(inst):
+                        self.pools[p].set_rule(inst)
 
     def _period_latencies(self, inst: Instance, t: float) -> PeriodLatencies:
         """What ``inst``'s engine metrics would show since the last MIAD step, in
@@ -833,6 +838,25 @@ class Simulator:
             self.pools[inst.pool].sync(inst, t)
         else:
             self.pools[inst.pool].sync_load(inst)
+        if inst.cls >= self.n_pools:  # a shared instance: its rows in its guest pools too
+            for p in self.class_sets[inst.cls][1:]:
+                if self.use_js:
+                    self.pools[p].sync(inst, t)
+                else:
+                    self.pools[p].sync_load(inst)
+
+    def _pools_of(self, inst: Instance) -> tuple[int, ...]:
+        """The pools ``inst`` is a member of: its home pool, then those it is a guest in."""
+        return self.class_sets[inst.cls] if self.planner_pools else (inst.pool,)
+
+    def _class_set(self, classes: Sequence[int]) -> int:
+        """The ``cls`` of an instance serving ``classes`` (the first is its home pool)."""
+        key = tuple(classes)
+        if len(key) == 1:
+            return key[0]
+        if key not in self.class_sets:
+            self.class_sets.append(key)
+        return self.class_sets.index(key)
 
     # --------------------------------------------------------- instance event
     def _on_instance_event(self, inst: Instance, t: float) -> bool:
@@ -939,7 +963,8 @@ class Simulator:
     def _inv_capacity(self, mode: str, cls: int) -> float:
         """1 / req/s an instance of ``mode`` sustains for class ``cls`` (least-loaded)."""
         if self.planner_pools:
-            cap = self.plan_capacity.get(mode, (0.0,) * len(CLASS_NAMES))[cls]
+            home = self.class_sets[cls][0]  # a shared instance: its first class's
+            cap = self.plan_capacity.get(mode, (0.0,) * len(CLASS_NAMES))[home]
         elif not self.static_capacity:
             return 1.0  # no capacities given: plain fewest outstanding requests
         else:
@@ -959,11 +984,11 @@ class Simulator:
             self.gpus.node_pending[node].append(inst)
 
     def _pool_requests(self, cls: int) -> npt.NDArray[np.bool_]:
-        """Mask of the workload's requests a pool serving ``cls`` gets: the class's under
-        planner pools (all if the class has none), all otherwise."""
+        """Mask of the workload's requests an instance serving ``cls`` gets: its classes'
+        under planner pools (all if they have none), all otherwise."""
         wl = self.workload
         if self.planner_pools:
-            mine: npt.NDArray[np.bool_] = wl.cls == cls
+            mine: npt.NDArray[np.bool_] = np.isin(wl.cls, self.class_sets[cls])
             if mine.any():
                 return mine
         return np.ones(wl.cls.size, dtype=bool)
@@ -1102,15 +1127,32 @@ class Simulator:
         members: list[list[Instance]] = [[] for _ in range(self.n_pools)]
         for inst in self.instances:
             if inst.state == ACTIVE:
-                p = inst.cls if self.planner_pools else 0
-                inst.pool = p
-                members[p].append(inst)
+                pools = self._pools_of(inst) if self.planner_pools else (0,)
+                inst.pool = pools[0]
+                for p in pools:
+                    members[p].append(inst)
             else:
                 inst.pos = -1
+        self._weigh_pools_carbon(members)
         for p in range(self.n_pools):
-            self._weigh_carbon(members[p])
             # round-robin keeps its turn
-            self.pools[p] = Pool(members[p], self.pools[p].profile, self.use_js)
+            self.pools[p] = Pool(members[p], self.pools[p].profile, self.use_js,
+                                 home=p if self.planner_pools else None)
+
+    def _weigh_pools_carbon(self, members: Sequence[Sequence[Instance]] | None = None
+                            ) -> bool:
+        """:meth:`_weigh_carbon` per pool (``members``: the pools' members, default the
+        pools'), or over every active instance when instances are shared (one weight
+        each). True when a weight changed."""
+        if members is None:
+            members = [pool.members for pool in self.pools]
+        if any(len(m) > 1 for m in (self.class_sets[x.cls] for x in self.instances
+                                    if x.state == ACTIVE)) and self.planner_pools:
+            return self._weigh_carbon([x for x in self.instances if x.state == ACTIVE])
+        changed = False
+        for m in members:
+            changed = self._weigh_carbon(m) or changed
+        return changed
 
     def _apply_plan(self, plan: WindowPlan, t: float) -> None:
         """Move to ``plan``'s instances at ``t``: keep instances whose (node, mode, class)
@@ -1120,7 +1162,8 @@ class Simulator:
         self.plan_capacity.update(plan.capacity_rps)
         want: dict[tuple[str, str], list[int]] = {}
         for pi_ in plan.instances:
-            want.setdefault((pi_.node, pi_.mode), []).extend([pi_.cls] * pi_.count)
+            cls = self._class_set(pi_.serves or (pi_.cls,))
+            want.setdefault((pi_.node, pi_.mode), []).extend([cls] * pi_.count)
         have: dict[tuple[str, str], list[Instance]] = {}
         for inst in self.instances:
             if inst.state in (ACTIVE, PENDING, STARTING):

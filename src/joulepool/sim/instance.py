@@ -150,7 +150,9 @@ class Instance:
         self.table = table
         self.node = node
         self.site = site
-        self.cls = cls  # request class it serves (planner pools), else 0
+        #: request classes it serves (planner pools; an index into the simulator's class
+        #: sets, whose first few are the single classes), else 0
+        self.cls = cls
         self.gpus = table.gpus
         self.gpu_ids: tuple[int, ...] = ()
         self.state = PENDING
@@ -502,12 +504,18 @@ class Pool:
     the columns are written from it only when read (:attr:`state`): most requests
     never read them."""
 
-    __slots__ = ("_state", "columns", "dirty", "index", "members", "out", "profile")
+    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "members", "out",
+                 "profile")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
-                 indexed: bool = False) -> None:
+                 indexed: bool = False, home: int | None = None) -> None:
+        """``home``: the pool's index; a member whose ``pool`` is another one is a guest
+        here (an instance shared by several classes' pools), whose row this pool keeps
+        in :attr:`guest_pos` (its ``pos`` is its home pool's). None: every member's home."""
         self.members = members
         self.profile = profile
+        #: instance idx -> row, for guest members (empty without shared instances)
+        self.guest_pos: dict[int, int] = {}
         if indexed and not CandidateIndex.serves(profile):
             raise ValueError(f"routing profile {profile.name!r} is not the one the candidate "
                              "index answers for (JouleSched scorer, lowest-cost picker)")
@@ -517,7 +525,10 @@ class Pool:
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
         self.columns = tuple(getattr(st, name) for name in ROW_COLUMNS)
         for pos, inst in enumerate(members):
-            inst.pos = pos
+            if home is None or inst.pool == home:
+                inst.pos = pos
+            else:
+                self.guest_pos[inst.idx] = pos
             st.inv_capacity[pos] = inst.inv_cap
             st.tpot_batch[pos] = inst.tpot_batch
             self.set_rule(inst)
@@ -545,13 +556,14 @@ class Pool:
 
     def sync_load(self, inst: Instance) -> None:
         """The outstanding requests of ``inst`` (all least-loaded reads)."""
-        self.out[inst.pos] = inst.n_out
+        self.out[self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos] = \
+            inst.n_out
 
     def sync(self, inst: Instance, t: float) -> None:
         """Every column of ``inst``'s row at ``t`` (after its load or clock changed):
         outstanding requests, eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, the prefill
         queue, the prefill time per token and the batch room."""
-        pos = inst.pos
+        pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
         n_out = self.out[pos] = inst.n_out
         row = inst.row(t)
         index = self.index

@@ -38,7 +38,7 @@ from joulepool.core.classes import (
     PLAN_STEP_S,
     PromptLengths,
 )
-from joulepool.core.planner import Mode, PlanProblem
+from joulepool.core.planner import Assignment, Mode, PlanProblem
 from joulepool.core.problem import ServiceClass, build_problem
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom, ServingPoint
 from joulepool.core.sizing import SizedPlan, plan_with_headroom
@@ -68,8 +68,10 @@ def planner_assumptions(alpha: float = PLAN_ALPHA, headroom: Headroom | None = N
 class PlannedInstances:
     node: str
     mode: str
-    cls: int  # index into CLASS_NAMES
+    cls: int  # index into CLASS_NAMES: the class with the most load on them
     count: int
+    #: shared instances: every class they serve (indices, ``cls`` first); empty: cls only
+    serves: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,15 @@ class WindowPlan:
     headroom_note: str = ""
 
     def describe(self) -> str:
-        counts: dict[tuple[int, str], int] = {}
+        counts: dict[tuple[int, str, tuple[int, ...]], int] = {}
         for pi in self.instances:
-            key = (pi.cls, pi.mode)
+            key = (pi.cls, pi.mode, pi.serves[1:])
             counts[key] = counts.get(key, 0) + pi.count
         parts = []
-        for (c, m), n in sorted(counts.items()):
+        for (c, m, guests), n in sorted(counts.items()):
             part = f"{CLASS_NAMES[c]}: {n} x {m}"
+            if guests:
+                part += f" shared with {'+'.join(CLASS_NAMES[g] for g in guests)}"
             sp = self.serving.get(m)
             if sp is not None and c < len(sp):
                 part += (f" ({sp[c].rps:.2f} req/s each, {sp[c].utilisation:.0%} of throughput, "
@@ -179,10 +183,13 @@ def plan_problem(
     alpha: float = PLAN_ALPHA,
     time_limit_s: float = 10.0,
     headroom: Headroom | None = None,
+    share_instances: bool = True,
 ) -> PlanProblem:
-    """The window's MILP; its forecast is each step's busiest minute (module docstring)."""
+    """The window's MILP; its forecast is each step's busiest minute (module docstring).
+    ``share_instances``: the classes (one model) may share instances (core's shared
+    formulation); False: each class has instances of its own (FREESH's)."""
     problem, _, _ = _plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
-                                  time_limit_s, headroom)
+                                  time_limit_s, headroom, share_instances)
     return problem
 
 
@@ -195,6 +202,7 @@ def _plan_problem(
     alpha: float,
     time_limit_s: float,
     headroom: Headroom | None,
+    share_instances: bool = True,
 ) -> tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]:
     end = min(start_s + interval_s, workload.duration_s)
     steps = max(1, math.ceil((end - start_s) / step_s - 1e-9))
@@ -211,7 +219,8 @@ def _plan_problem(
         classes.append(ServiceClass(name, float(mean_in[r]), float(mean_out[r]), slo.ttft_s,
                                     slo.tpot_s, tuple(float(v) for v in forecast[r]),
                                     PromptLengths.from_samples(
-                                        workload.input_tokens[workload.cls == r])))
+                                        workload.input_tokens[workload.cls == r]),
+                                    share_key=cluster.model if share_instances else None))
     built = build_problem(
         classes, modes, cluster.nodes, lambda r, mode: cluster.mode_profile(mode.name),
         step_s=step_s, alpha=alpha, objective=cluster.objective,
@@ -226,6 +235,13 @@ def _plan_problem(
     return problem, serving, float(ratio.max()) if ratio.size else 1.0
 
 
+def _planned(a: Assignment) -> PlannedInstances:
+    """An assignment as the engine's instances of its classes."""
+    serves = tuple(CLASS_NAMES.index(c) for c in a.serves)
+    return PlannedInstances(a.node, a.mode, CLASS_NAMES.index(a.cls), a.instances,
+                            serves if len(serves) > 1 else ())
+
+
 def _sized_window(
     cluster: SimCluster,
     workload: Workload,
@@ -234,13 +250,14 @@ def _sized_window(
     step_s: float,
     alpha: float,
     headroom: Headroom | None,
+    share_instances: bool = True,
 ) -> tuple[SizedPlan, dict[str, tuple[ServingPoint, ...]], float]:
     """Core's sizing (the most queueing headroom that fits) on this window's problem."""
     built: list[tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]] = []
 
     def build(hr: Headroom) -> PlanProblem:
         built.append(_plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
-                                   10.0, hr))
+                                   10.0, hr, share_instances))
         return built[-1][0]
 
     sized = plan_with_headroom(build, headroom)
@@ -255,14 +272,17 @@ def plan_windows(
     step_s: float = PLAN_STEP_S,
     alpha: float = PLAN_ALPHA,
     headroom: Headroom | None = None,
+    share_instances: bool = True,
 ) -> list[WindowPlan]:
-    """One plan per window that starts inside the run."""
+    """One plan per window that starts inside the run (``share_instances``: see
+    :func:`plan_problem`)."""
     plans: list[WindowPlan] = []
     start = 0.0
     while start < workload.duration_s:
         t0 = time.perf_counter()
         sized, serving, peak_to_mean = _sized_window(cluster, workload, start, interval_s,
-                                                     step_s, alpha, headroom)
+                                                     step_s, alpha, headroom,
+                                                     share_instances)
         sizing_s = time.perf_counter() - t0
         problem, res = sized.problem, sized.result
         chosen = res.plan
@@ -271,10 +291,7 @@ def plan_windows(
         plans.append(
             WindowPlan(
                 start_s=start,
-                instances=tuple(
-                    PlannedInstances(a.node, a.mode, CLASS_NAMES.index(a.cls), a.instances)
-                    for a in chosen
-                ),
+                instances=tuple(_planned(a) for a in chosen),
                 feasible=res.feasible,
                 status=res.status,
                 objective=res.objective,
@@ -295,3 +312,4 @@ def plan_windows(
         )
         start += interval_s
     return plans
+

@@ -1,0 +1,83 @@
+"""Shared instances end to end in production: InferencePools of one model, served under the
+same names in one namespace, share an instance at low load (pooling -> the plan document's
+``sharedWith``), the routing service puts the host pool's pod in the guest pool, and the
+node agent holds that pod to the tighter of the two SLOs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from joulepool.api.models import EnergyPolicySpec, InferencePool
+from joulepool.api.plan import PlanDocument
+from joulepool.core.problem import node_from_label
+from joulepool.kube import testing as T
+from joulepool.kube.pools import Router, RouterSettings
+from joulepool.kube.state import ClusterState
+from joulepool.pooling import plan_pools
+
+
+def pool(name: str, namespace: str = "default", model: str = "llama-3.1-8b",
+         rps: float = 0.05, tpot: float = 0.1, **spec: Any) -> InferencePool:
+    return InferencePool.model_validate({
+        "apiVersion": "joulepool.dev/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"model": model, "slo": {"ttftSeconds": 1.0, "tpotSeconds": tpot},
+                 "demand": {"requestsPerSecond": rps, "meanInputTokens": 500,
+                            "meanOutputTokens": 100},
+                 "template": {"spec": {"containers": [{"name": "e", "image": "i"}]}},
+                 **spec}})
+
+
+ONE_H100 = [node_from_label("h0", "eu-west", "H100", 1)]
+
+
+def test_two_small_pools_of_one_model_share_the_one_gpu() -> None:
+    chat, rag = pool("chat"), pool("rag", tpot=0.05)
+    plan = plan_pools([chat, rag], ONE_H100, EnergyPolicySpec())
+    assert plan.result.feasible  # one instance for each pool would need two GPUs
+    doc = plan.document
+    (host,) = [k for k, p in doc.pools.items() if p.assignments]
+    guest = ({"default.chat", "default.rag"} - {host}).pop()
+    (inst,) = doc.pools[host].assignments
+    assert (inst.node, inst.instances, inst.shared_with) == ("h0", 1, [guest])
+    assert doc.pools[guest].assignments == [] and doc.pools[guest].replicas == 0
+    assert plan.outcomes[guest].planned
+    assert f"also served on instances of {host}" in plan.outcomes[guest].message
+    # the document round-trips (operator -> ConfigMap -> router and node agents)
+    again = PlanDocument.from_json(doc.to_json())
+    assert again.pools[host].assignments[0].shared_with == [guest]
+    # the shared pod meets the tighter TPOT of the two pools
+    assert again.serving_slo(host, "h0") == (1.0, 0.05)
+    assert again.serving_slo(host, "other-node") == (1.0, doc.pools[host].slo.tpot_seconds)
+
+
+def test_pools_of_other_namespaces_or_models_never_share() -> None:
+    for other in (pool("rag", namespace="team-b"), pool("rag", model="llama-3.1-70b"),
+                  pool("rag", servedModelNames=["rag-model"])):
+        plan = plan_pools([pool("chat"), other], ONE_H100, EnergyPolicySpec(), partial=True)
+        assert all(not a.shared_with for p in plan.document.pools.values()
+                   for a in p.assignments)
+        assert not plan.result.feasible  # two pools, one GPU, nothing shared
+
+
+def test_the_guest_pool_routes_to_the_host_pools_pod() -> None:
+    doc = plan_pools([pool("chat"), pool("rag")], ONE_H100, EnergyPolicySpec()).document
+    (host,) = [k for k, p in doc.pools.items() if p.assignments]
+    guest = ({"default.chat", "default.rag"} - {host}).pop()
+    s = ClusterState()
+    s.replace_nodes([T.node("h0", "H100", gpus=1)])
+    s.replace_pods([T.pod("a", node_name="h0", ready=True, ip="10.0.0.1", pool=host,
+                          mode="1xH100")])
+    s.set_plan(doc)
+    r = Router(RouterSettings(), s)
+    assert [e.address for e in r.pool(host).endpoints] == ["10.0.0.1:8000"]
+    assert [e.address for e in r.pool(guest).endpoints] == ["10.0.0.1:8000"]
+    # the host's pod changes: the guest pool follows (it borrows that pod)
+    s.upsert_pod(T.pod("b", node_name="h0", ready=True, ip="10.0.0.2", pool=host,
+                       mode="1xH100"))
+    assert [e.address for e in r.pool(guest).endpoints] == ["10.0.0.1:8000", "10.0.0.2:8000"]
+    # a pod of the host on another mode is not one of the shared instances
+    s.upsert_pod(T.pod("c", node_name="h0", ready=True, ip="10.0.0.3", pool=host,
+                       mode="2xH100"))
+    assert "10.0.0.3:8000" not in [e.address for e in r.pool(guest).endpoints]
+    assert "10.0.0.3:8000" in [e.address for e in r.pool(host).endpoints]
