@@ -11,6 +11,12 @@ because a tensor-parallel instance must fit on one node:
                sum_{r, m} x[n, r, m] * gpus(m)  <= free GPUs of node n      all n
                x[n, r, m] = 0 unless product(m) == product(n) and L[r, m] > 0
 
+With ``share_group`` (classes of one group may share instances, docs/planner.md
+"Shared instances") the model also has shared instances y[zone, g, m] carrying
+req/s f[zone, r, m] of the group's classes, sum_r f / L[r, m] <= y, at idle[m]
+each plus wake[r, m] J per request; a class's demand is then met by its own
+instances and its flows together. Without it the model is FREESH's.
+
 Why it stays fast at 10,000 GPUs: the model grows with the number of
 distinct node shapes, not with the number of nodes.
 
