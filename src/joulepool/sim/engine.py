@@ -1146,9 +1146,9 @@ class Simulator:
         each). True when a weight changed."""
         if members is None:
             members = [pool.members for pool in self.pools]
-        if any(len(m) > 1 for m in (self.class_sets[x.cls] for x in self.instances
-                                    if x.state == ACTIVE)) and self.planner_pools:
-            return self._weigh_carbon([x for x in self.instances if x.state == ACTIVE])
+        active = [x for x in self.instances if x.state == ACTIVE]
+        if self.planner_pools and any(x.cls >= self.n_pools for x in active):
+            return self._weigh_carbon(active)
         changed = False
         for m in members:
             changed = self._weigh_carbon(m) or changed
