@@ -58,6 +58,9 @@ class PoolOutcome:
     grams_co2_per_hour: float | None
     planned: bool
     message: str
+    #: pools whose instances also serve this one (shared instances), and how many
+    hosts: tuple[str, ...] = ()
+    shared_instances: int = 0
 
 
 @dataclass(frozen=True)
@@ -288,8 +291,9 @@ def describe(
                 node.pools[key] = node.pools.get(key, 0) + a.gpus
         replicas = sum(a.instances for a in mine)
         gap = short.get(key)
-        hosts = sorted({a.cls for a in (result.plan if partial else result.assignments)
-                        if key in a.serves and a.cls != key})
+        borrowed = [a for a in (result.plan if partial else result.assignments)
+                    if key in a.serves and a.cls != key]
+        hosts = sorted({a.cls for a in borrowed})
         message = (
             f"unmet demand {gap.shortfall_rps:.3g} req/s of {gap.demand_rps:.3g} "
             f"at step {gap.step}: {gap.reason}" if gap else f"{replicas} instance(s) planned"
@@ -307,7 +311,8 @@ def describe(
         outcomes[key] = PoolOutcome(
             key=key, replicas=replicas, assignments=assignments, expected_power_w=power,
             joules_per_token=jpt, grams_co2_per_hour=co2 if mine else None,
-            planned=gap is None, message=message,
+            planned=gap is None, message=message, hosts=tuple(hosts),
+            shared_instances=sum(a.instances for a in borrowed),
         )
         s = pool.spec
         doc.pools[key] = PlannedPool(
@@ -335,6 +340,8 @@ def outcomes_from_document(doc: PlanDocument) -> dict[str, PoolOutcome]:
     out: dict[str, PoolOutcome] = {}
     for key, p in doc.pools.items():
         mine = [a for a in p.assignments if a.instances > 0]
+        borrowed = [(host, a) for host, q in doc.pools.items() if host != key
+                    for a in q.assignments if key in a.shared_with and a.instances > 0]
         out[key] = PoolOutcome(
             key=key, replicas=sum(a.instances for a in mine),
             assignments=tuple(
@@ -345,6 +352,8 @@ def outcomes_from_document(doc: PlanDocument) -> dict[str, PoolOutcome]:
             joules_per_token=p.joules_per_token, grams_co2_per_hour=None,
             planned=doc.feasible,
             message=f"{sum(a.instances for a in mine)} instance(s) planned",
+            hosts=tuple(sorted({h for h, _ in borrowed})),
+            shared_instances=sum(a.instances for _, a in borrowed),
         )
     return out
 

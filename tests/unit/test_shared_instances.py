@@ -13,7 +13,8 @@ from joulepool.core.problem import node_from_label
 from joulepool.kube import testing as T
 from joulepool.kube.pools import Router, RouterSettings
 from joulepool.kube.state import ClusterState
-from joulepool.pooling import plan_pools
+from joulepool.operator.resources import PlanView, parse_pool, pool_conditions
+from joulepool.pooling import outcomes_from_document, plan_pools
 
 
 def pool(name: str, namespace: str = "default", model: str = "llama-3.1-8b",
@@ -81,3 +82,25 @@ def test_the_guest_pool_routes_to_the_host_pools_pod() -> None:
                        mode="2xH100"))
     assert "10.0.0.3:8000" not in [e.address for e in r.pool(guest).endpoints]
     assert "10.0.0.3:8000" in [e.address for e in r.pool(host).endpoints]
+
+
+def test_a_pool_served_only_on_shared_instances_is_ready_when_its_host_is() -> None:
+    plan = plan_pools([pool("chat"), pool("rag")], ONE_H100, EnergyPolicySpec())
+    (host,) = [k for k, p in plan.document.pools.items() if p.assignments]
+    guest = ({"default.chat", "default.rag"} - {host}).pop()
+    # the operator after a restart reads the same outcomes back from the document
+    for outcomes in (plan.outcomes, outcomes_from_document(plan.document)):
+        assert (outcomes[guest].hosts, outcomes[guest].shared_instances) == ((host,), 1)
+        view = PlanView(in_force=plan.document, in_force_outcomes=outcomes,
+                        in_force_feasible=True, latest_feasible=True,
+                        latest_outcomes=outcomes, latest_binding="",
+                        latest_pools=frozenset(outcomes))
+        entry = parse_pool(pool(guest.split(".", 1)[1]).model_dump(by_alias=True,
+                                                                   mode="json"))
+        ready = {c["type"]: (c["status"], c["reason"], c["message"])
+                 for c in pool_conditions(entry, view, 0, True, shared_ready=1)}
+        assert ready["Ready"][:2] == ("True", "ReplicasReady")
+        assert f"served on 1 shared instance(s) of {host}" in ready["Ready"][2]
+        ready = {c["type"]: (c["status"], c["reason"])
+                 for c in pool_conditions(entry, view, 0, True, shared_ready=0)}
+        assert ready["Ready"] == ("False", "ReplicasNotReady")

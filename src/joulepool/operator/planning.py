@@ -801,9 +801,12 @@ class Planner:
 
         async def write(entry: PoolEntry) -> None:
             pool = plannable.get(entry.key)
+            served = view.in_force_outcomes.get(entry.key)
             base = pool_status(entry, view, ready.get(entry.key, 0),
                                deployable=pool is not None and has_containers(pool),
-                               write_error=report.pool_errors.get(entry.key))
+                               write_error=report.pool_errors.get(entry.key),
+                               shared_ready=sum(ready.get(h, 0) for h in served.hosts)
+                               if served is not None else 0)
             if entry.key in self.gateway.conditions:
                 base["conditions"].append(self.gateway.conditions[entry.key])
             written = self._status_written.get(entry.key)

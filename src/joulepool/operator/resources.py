@@ -622,13 +622,15 @@ def _placement(outcome: PoolOutcome | None) -> str:
 
 def pool_conditions(
     entry: PoolEntry, view: PlanView, ready_replicas: int, deployable: bool,
-    write_error: str | None = None,
+    write_error: str | None = None, shared_ready: int = 0,
 ) -> list[dict[str, Any]]:
     """The four conditions of a pool, without transition times (see :func:`with_times`).
 
     ``write_error``: the API's answer to a failed write of one of the pool's Deployments
     in this pass; the pool is then not ``Planned`` (reason ``DeploymentFailed``) until a
-    write succeeds, whatever the plan says.
+    write succeeds, whatever the plan says. ``shared_ready``: ready replicas of the
+    pools whose instances also serve this one (``PoolOutcome.hosts``); a pool served
+    only on those is ``Ready`` when they have at least as many ready as it shares.
     """
     key = entry.key
     conds = []
@@ -678,7 +680,13 @@ def pool_conditions(
         conds.append(_cond(INFEASIBLE, False, "NotPlanned", "not part of the newest plan"))
     # Ready: the Deployments' ready replicas vs the plan in force
     want = served.replicas if served is not None else 0
-    if want <= 0:
+    if want <= 0 and served is not None and served.shared_instances > 0:
+        ok = shared_ready >= served.shared_instances
+        conds.append(_cond(READY, ok, "ReplicasReady" if ok else "ReplicasNotReady",
+                           f"no instances of its own; served on {served.shared_instances} "
+                           f"shared instance(s) of {', '.join(served.hosts)}, whose pools "
+                           f"have {shared_ready} replica(s) ready"))
+    elif want <= 0:
         conds.append(_cond(READY, False, "NoReplicasPlanned", "no instances planned"))
     elif not deployable:
         conds.append(_cond(READY, False, "NoTemplate",
@@ -694,15 +702,17 @@ def pool_conditions(
 
 def pool_status(
     entry: PoolEntry, view: PlanView, ready_replicas: int, deployable: bool,
-    write_error: str | None = None,
+    write_error: str | None = None, shared_ready: int = 0,
 ) -> dict[str, Any]:
-    """The pool's status without times: conditions, assignments and figures."""
+    """The pool's status without times: conditions, assignments and figures
+    (``shared_ready``: see :func:`pool_conditions`)."""
     key = entry.key
     in_plan = view.in_force is not None and key in view.in_force.pools
     served = view.in_force_outcomes.get(key) if in_plan else None
     status: dict[str, Any] = {
         "observedGeneration": entry.generation,
-        "conditions": pool_conditions(entry, view, ready_replicas, deployable, write_error),
+        "conditions": pool_conditions(entry, view, ready_replicas, deployable, write_error,
+                                      shared_ready),
         "assignments": [a.model_dump(by_alias=True, mode="json")
                         for a in (served.assignments if served else ())],
         "replicas": served.replicas if served else 0,
