@@ -929,6 +929,12 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
   server = builder.BuildAndStart();
   Py_END_ALLOW_THREADS
   if (!server || self->port == 0) {
+    server.reset();
+    cq->Shutdown();  // a completion queue is drained before it goes
+    void* tag;
+    bool ok;
+    while (cq->Next(&tag, &ok)) {
+    }
     PyErr_Format(PyExc_OSError, "cannot listen on %s (gRPC)", where.c_str());
     return -1;
   }

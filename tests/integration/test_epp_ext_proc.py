@@ -458,3 +458,11 @@ async def test_stopping_the_server_forgets_the_open_exchanges(front_end: str,
         assert sum(len(e.ledger) for e in pool.endpoints) == 0
         assert pool.pi_updates == 0
         call.cancel()
+
+
+async def test_an_address_it_cannot_listen_on_is_an_oserror(front_end: str) -> None:
+    from joulepool.kube.pools import Router
+
+    start = epp_native.start_server if front_end == "native" else epp.start_server
+    with pytest.raises(OSError, match="cannot listen"):
+        await start(Router(), lambda: True, "192.0.2.1", 0)  # TEST-NET: not this host's

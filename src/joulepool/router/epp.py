@@ -505,7 +505,10 @@ async def start_server(router: Router, ready: Callable[[], bool], host: str, por
     status = HealthStatus(ready, health.aio.HealthServicer())
     health_pb2_grpc.add_HealthServicer_to_server(status.servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    try:  # grpcio raises RuntimeError where it cannot bind (older ones returned 0)
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {address} (gRPC)")
     await status.refresh()
