@@ -23,6 +23,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from joulepool.api import contract
@@ -35,10 +36,13 @@ log = logging.getLogger("joulepool.router.epp")
 _native: Any = None
 #: why the compiled front end cannot serve here (None: it can)
 UNAVAILABLE: str | None = None
+#: where native/build.py says why it could not build, in a source checkout
+_BUILD_REASON = Path(__file__).resolve().parents[3] / "build" / "native" / "UNAVAILABLE"
 try:
     _native = importlib.import_module("joulepool.router._eppnative")
 except ImportError as exc:  # not built, or its libraries (grpc++) missing
-    UNAVAILABLE = (f"the compiled ext_proc front end is not built or cannot load ({exc}); "
+    _why = _BUILD_REASON.read_text().strip() if _BUILD_REASON.is_file() else str(exc)
+    UNAVAILABLE = (f"the compiled ext_proc front end is not built or cannot load ({_why}); "
                    "build it with `make native` (python native/build.py)")
 
 #: what a pick gives the C++ side: the exchange and the destination value, or None and
