@@ -37,6 +37,12 @@ waits for the whole request body, which is then sent back as a streamed body
 mutation; response chunks are echoed back). gRPC health (``grpc.health.v1``):
 ``liveness`` always SERVING; ``readiness``, the ext_proc service name and ``""``
 SERVING once the router has synced with the cluster.
+
+Two gRPC front ends run this protocol with the same :class:`Exchange`: this module's
+grpcio server (:func:`start_server`), and the compiled one
+(:mod:`joulepool.router.epp_native`, ``native/eppnative.cc``), which holds the streams
+in C++ and calls :meth:`Exchange.answer` once per request and :meth:`Exchange.response`
+once per response.
 """
 
 from __future__ import annotations
@@ -455,7 +461,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
 class HealthStatus:
     """The gRPC health services of GIE proposal 004, following a readiness predicate
-    (on grpcio's health servicer; the compiled front end's subclass sets grpc++'s)."""
+    (on grpcio's health servicer; the compiled front end's subclass sets its C++ server's)."""
 
     def __init__(self, ready: Callable[[], bool],
                  servicer: health.aio.HealthServicer | None = None) -> None:
