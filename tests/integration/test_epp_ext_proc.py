@@ -466,3 +466,51 @@ async def test_an_address_it_cannot_listen_on_is_an_oserror(front_end: str) -> N
     start = epp_native.start_server if front_end == "native" else epp.start_server
     with pytest.raises(OSError, match="cannot listen"):
         await start(Router(), lambda: True, "192.0.2.1", 0)  # TEST-NET: not this host's
+
+
+async def _one_of_many(gw: Gateway, i: int) -> None:
+    """One gateway behaviour out of several, chosen by ``i``: the full exchange, the
+    request only, a refusal, or the stream cancelled at some point of the exchange."""
+    kind = i % 6
+    call = gw.stream()
+    try:
+        await call.write(_headers({"x-joulepool-tier": "urgent"} if kind == 2 else None))
+        await call.read()
+        if kind == 3:  # cancelled before the body
+            call.cancel()
+            return
+        await call.write(_body(_completion()))
+        answer = await call.read()
+        if kind == 4:  # cancelled after the pick, before any response
+            call.cancel()
+            return
+        if kind in (1, 2) or answer.HasField("immediate_response"):
+            await call.done_writing()
+            await call.read()
+            return
+        await call.write(_response_headers())
+        await call.read()
+        if kind == 5:  # cancelled in the middle of the response
+            call.cancel()
+            return
+        await call.write(_usage_body(end=True))
+        await call.read()
+    except grpc.aio.AioRpcError:  # a refusal's stream may already be closed
+        pass
+
+
+async def test_many_concurrent_and_cancelled_streams_leave_no_request_in_flight(
+        gateway: Gateway) -> None:
+    # the gateway's streams at once, some cancelled at every point of the exchange:
+    # every in-flight entry is released or learned, and the picker still answers
+    for start in range(0, 240, 48):
+        await asyncio.gather(*(_one_of_many(gateway, i) for i in range(start, start + 48)))
+    for _ in range(100):  # the cancellations reach the picker asynchronously
+        if sum(len(e.ledger) for e in gateway.pool.endpoints) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+    assert gateway.pool.pi_updates == 240 // 6  # the full exchanges, each learned once
+    call, resp = await _pick(gateway)
+    assert _destination(resp, "request_body")[0]
+    await call.done_writing()
