@@ -33,7 +33,9 @@ def test_picker_service_targets_the_routers_grpc_port(default_render: Rendered) 
     c = _container(default_render, "router")
     assert {"name": "grpc", "containerPort": EPP_PORT, "protocol": "TCP"} in c["ports"]
     assert int(_arg(c["args"], "--epp-port")) == EPP_PORT
-    assert "--epp-port" in {f"--{f.replace('_', '-')}" for f in RouterSettings.model_fields}
+    assert _arg(c["args"], "--picker-front-end") == "auto"
+    known = {f"--{f.replace('_', '-')}" for f in RouterSettings.model_fields}
+    assert {"--epp-port", "--picker-front-end"} <= known
 
 
 def test_operator_names_the_picker_service(default_render: Rendered) -> None:
@@ -49,6 +51,7 @@ def test_picker_off_renders_no_service_and_no_args() -> None:
     render = Rendered(render_raw({"router": {"epp": {"enabled": False}}}))
     assert not [s for s in render.all("Service") if s["metadata"]["name"] == name("epp")]
     assert "--epp-port" not in _container(render, "router")["args"]
+    assert "--picker-front-end" not in _container(render, "router")["args"]
     assert "--epp-service" not in _container(render, "operator")["args"]
 
 
@@ -61,3 +64,15 @@ def test_failure_mode_is_validated_by_the_schema() -> None:
         assert "failureMode" in str(exc)
     else:
         raise AssertionError("the schema accepted failureMode: Sometimes")
+
+
+def test_front_end_is_passed_and_validated_by_the_schema() -> None:
+    render = Rendered(render_raw({"router": {"epp": {"frontEnd": "python"}}}))
+    assert _arg(_container(render, "router")["args"], "--picker-front-end") == "python"
+    assert RouterSettings(picker_front_end="python").picker_front_end == "python"
+    try:
+        render_raw({"router": {"epp": {"frontEnd": "rust"}}})
+    except Exception as exc:  # the Helm engine's schema error
+        assert "frontEnd" in str(exc)
+    else:
+        raise AssertionError("the schema accepted frontEnd: rust")
