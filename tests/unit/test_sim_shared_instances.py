@@ -48,3 +48,27 @@ def test_two_small_classes_share_one_instance_and_meet_their_slos(policy: str) -
 
     own = simulate(cl, wl, POLICIES[policy], tables, [alone])
     assert (np.asarray(own.gpu_busy_s) > 0).sum() == 2
+
+
+def test_no_share_instances_gives_every_class_instances_of_its_own() -> None:
+    """``joulepool simulate --no-share-instances`` reaches the planner (FREESH's
+    formulation, the comparison in docs/marginal-energy.md)."""
+    import argparse
+
+    from joulepool.sim import cli
+    from joulepool.sim.runner import Experiment, run_experiment
+    from joulepool.sim.trace import load_trace
+
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert cli._experiment(parser.parse_args([])).share_instances is True
+    assert cli._experiment(parser.parse_args(["--no-share-instances"])).share_instances is False
+    cl = cluster([("h", "H100", 8)])
+    served: dict[bool, list[int]] = {}
+    for share in (True, False):
+        exp = Experiment(cl, load_trace(), 60.0, arrival_mode="rate", arrival_value=0.3,
+                         policies=("freesh",), share_instances=share)
+        (plan,) = run_experiment(exp).repeats[0].plans
+        served[share] = [len(pi.serves) for pi in plan.instances]
+    assert max(served[True]) > 1  # at 0.3 req/s the classes share
+    assert served[False] and max(served[False]) == 0  # every instance one class's

@@ -99,6 +99,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 (default) keeps P(prefill wait > TTFT SLO - prefill) <= 1 %% "
                              "and mean TPOT <= 90 %% of its SLO; 0 plans to the fluid model's "
                              "SLO limits (sensitivity)")
+    parser.add_argument("--no-share-instances", dest="share_instances",
+                        action="store_false",
+                        help="the planner gives every class instances of its own (FREESH's "
+                             "formulation) instead of letting the classes share instances "
+                             "(docs/planner.md, 'Shared instances')")
     parser.add_argument("--eps-at-clock", action="store_true",
                         help="JouleSched reads eps at each GPU's current clock, not f_max "
                              "(with MIAD the router then chases down-clocked GPUs)")
@@ -221,6 +226,7 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         arrival_value=value, policies=policies, seed=args.seed, repeat=args.repeat,
         jobs=args.jobs or default_jobs(), mix=extra["mix"], predictor_mae=args.predictor_mae,
         bulk_slack=args.bulk_slack, alpha=args.alpha, headroom_scale=args.headroom,
+        share_instances=args.share_instances,
         params=_engine_params(args), slos=slo_set(args.slos),
     )
 

@@ -58,6 +58,9 @@ class Experiment:
     alpha: float = PLAN_ALPHA
     #: share of core's default queueing headroom the planner sizes pools with (1 = all)
     headroom_scale: float = 1.0
+    #: the classes may share instances (core.planner's share_group); False: FREESH's
+    #: instances of one class each
+    share_instances: bool = True
     params: EngineParams = field(default_factory=EngineParams)
     #: interactive-tier SLO targets of every class (deadlines, attainment, planner,
     #: routers, the operating batch behind eps, the capacity ``load`` is relative to)
@@ -305,8 +308,8 @@ def _prepare_repeats(
             predictor_mae=exp.predictor_mae, bulk_slack=exp.bulk_slack, slos=exp.slos,
         )
         headroom = DEFAULT_HEADROOM.scaled(exp.headroom_scale)
-        plans = plan_windows(exp.cluster, wl, alpha=exp.alpha,
-                             headroom=headroom) if need_plans else []
+        plans = plan_windows(exp.cluster, wl, alpha=exp.alpha, headroom=headroom,
+                             share_instances=exp.share_instances) if need_plans else []
         repeats.append(RepeatData(seed, wl, plans, floor_for(exp.cluster, wl)))
         if r == 0:
             description += list(wl.description)
