@@ -145,9 +145,11 @@ def observed_from_statuses(pools: Sequence[InferencePool], now: datetime
 
 
 def _service_class(pool: InferencePool, steps: int,
-                   observed: PromptLengths | None = None) -> ServiceClass:
+                   observed: PromptLengths | None = None, share: bool = True) -> ServiceClass:
     """The pool as the planner's class; its prompt lengths are the longer, at each
-    quantile, of the declared (``inputTokenQuantiles``) and the ``observed`` ones."""
+    quantile, of the declared (``inputTokenQuantiles``) and the ``observed`` ones.
+    ``share``: the class may share instances with the pools of its :func:`share_key`
+    (EnergyPolicy ``shareInstances``); False: instances of its own only."""
     s = pool.spec
     declared = s.demand.prompt_lengths()
     prompts = declared.longer(observed) if declared and observed else declared or observed
@@ -156,7 +158,7 @@ def _service_class(pool: InferencePool, steps: int,
         pool_key(namespace, pool.metadata.name),
         s.demand.mean_input_tokens, s.demand.mean_output_tokens,
         s.slo.ttft_seconds, s.slo.tpot_seconds, s.demand.forecast(steps),
-        prompt_tokens=prompts, share_key=share_key(pool))
+        prompt_tokens=prompts, share_key=share_key(pool) if share else None)
 
 
 def share_key(pool: InferencePool) -> str:
@@ -210,7 +212,8 @@ def build_problem(
         objective = "energy"  # no carbon data: energy is the honest proxy
     return build_core_problem(
         [_service_class(p, policy.window_steps,
-                        seen.get(pool_key(p.metadata.namespace or "default", p.metadata.name)))
+                        seen.get(pool_key(p.metadata.namespace or "default", p.metadata.name)),
+                        share=policy.share_instances)
          for p in pools], modes, nodes, profile_for,
         step_s=policy.step_seconds, alpha=policy.alpha,
         objective="carbon" if objective == "carbon" else "energy",

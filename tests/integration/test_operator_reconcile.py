@@ -413,3 +413,39 @@ async def test_unreadable_gpu_quantity_is_an_event_and_others_stay_planned() -> 
         assert "1e999" in event["message"]
         _, doc = await c.plan()
         assert set(doc.nodes) == {"gpu-a"}
+
+
+async def _shared(c: Cluster, want: bool) -> Any:
+    """The plan document once its instances are (``want``) or are not shared."""
+    _, doc = await c.plan()
+    if doc is None or {"default.chat", "default.rag"} - set(doc.pools):
+        return None
+    shared = any(a.shared_with for p in doc.pools.values() for a in p.assignments)
+    return doc if shared == want else None
+
+
+async def test_energy_policy_share_instances_false_gives_every_pool_its_own() -> None:
+    """Two small pools of one model share one instance by default; the EnergyPolicy's
+    ``shareInstances: false`` plans them FREESH's way (an instance of its own each), and
+    ``true`` shares again."""
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("chat", rps=0.05))
+        await c.create(pool("rag", rps=0.05))
+        doc = await eventually(lambda: _shared(c, True), what="a shared instance")
+        (host,) = [k for k, p in doc.pools.items() if p.assignments]
+        assert doc.pools[host].assignments[0].shared_with == [
+            ({"default.chat", "default.rag"} - {host}).pop()]
+
+        await c.create(_policy(shareInstances=False))
+        doc = await eventually(lambda: _shared(c, False), what="an unshared plan")
+        assert {k: p.replicas for k, p in doc.pools.items()} == {
+            "default.chat": 1, "default.rag": 1}
+        await eventually(lambda: _replicas_of(c, "chat", 1), what="chat's own instance")
+        await eventually(lambda: _replicas_of(c, "rag", 1), what="rag's own instance")
+        await eventually(lambda: _names(c, {"chat-1xh100-gpu-a", "rag-1xh100-gpu-a"}),
+                         what="one Deployment per pool")
+
+        await c.patch("/apis/joulepool.dev/v1alpha1/energypolicies/default",
+                      {"spec": {"shareInstances": True}})
+        await eventually(lambda: _shared(c, True), what="shared again")

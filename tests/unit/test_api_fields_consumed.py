@@ -57,7 +57,7 @@ CONSUMERS: dict[str, tuple[str, ...]] = {
     "EnergyPolicySpec.plan_interval_seconds": ("operator/planning.py",),
     "EnergyPolicySpec.objective": POOLING, "EnergyPolicySpec.alpha": POOLING,
     "EnergyPolicySpec.window_steps": POOLING, "EnergyPolicySpec.step_seconds": POOLING,
-    "EnergyPolicySpec.mip_rel_gap": POOLING,
+    "EnergyPolicySpec.mip_rel_gap": POOLING, "EnergyPolicySpec.share_instances": POOLING,
     "EnergyPolicySpec.carbon": ("pooling.py", "carbon/feed.py"),
     "EnergyPolicySpec.pi": ROUTER, "EnergyPolicySpec.bulk_lambda_factor": ROUTER,
     "EnergyPolicySpec.miad": ("nodeagent/plansource.py",),

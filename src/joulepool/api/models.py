@@ -654,6 +654,12 @@ class EnergyPolicySpec(_Model):
         default=BULK_LAMBDA_FACTOR, alias="bulkLambdaFactor", ge=0, le=1,
         description="the router weighs a bulk request's lateness by this times lambda"
     )
+    share_instances: bool = Field(
+        default=True, alias="shareInstances",
+        description="pools of one namespace that serve one model under the same names may "
+                    "share instances (one pod serves several pools at low load, held to the "
+                    "tightest of their SLOs); false: every instance serves one pool "
+                    "(FREESH's plan)")
 
     @model_validator(mode="after")
     def _one_entry_per_site(self) -> EnergyPolicySpec:
