@@ -5,7 +5,10 @@
 #   docker build -t joulepool:dev .
 #   docker run --rm joulepool:dev --help
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# the Debian release is pinned: the final stage installs bookworm's grpc++ and
+# protobuf runtime packages by name (libgrpc++1.51, libprotobuf32), which the next
+# release renames; the unpinned python:3.11-slim tag follows Debian's newest release
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: install the package and its dependencies into a venv ----------
 FROM ${PYTHON_IMAGE} AS build

@@ -30,7 +30,8 @@ def _final_stage() -> list[tuple[str, str]]:
 
 def test_slim_python_base() -> None:
     args = dict(r.split("=", 1) for w, r in _instructions() if w == "ARG" and "=" in r)
-    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    # pinned to Debian 12: the final stage names bookworm's runtime packages
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
     froms = [r for w, r in _instructions() if w == "FROM"]
     assert froms and all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
 
