@@ -48,18 +48,17 @@ monitoring-deps:
 
 ## The endpoint picker's compiled ext_proc front end (native/eppnative.cc, C++ grpc++;
 ## `joulepool router --picker-front-end native`, the default once built), built in place
-## by native/build.py. As root with apt, its compiler, grpc++ and protobuf packages are
-## installed once here; where they cannot be, it is not built: the router serves the
+## by native/build.py. As root with apt, its compiler, grpc++ and protobuf packages (and
+## Python's headers for Debian's python3), as `native/build.py --apt-missing` lists them,
+## are installed once here; where they cannot be, it is not built: the router serves the
 ## Python front end and the native front end's tests skip, saying why.
-NATIVE_APT := g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
 native: $(STAMP)
-	@if ! { command -v g++ && command -v protoc && command -v grpc_cpp_plugin \
-	        && pkg-config --exists grpc++ protobuf; } >/dev/null 2>&1 \
-	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing $(NATIVE_APT) with apt-get for the native ext_proc front end"; \
+	@pkgs="$$($(BIN)/python native/build.py --apt-missing)"; \
+	if [ -n "$$pkgs" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $$pkgs with apt-get for the native ext_proc front end"; \
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	      --no-install-recommends -o DPkg::Lock::Timeout=300 $(NATIVE_APT); } >/dev/null \
-	    || echo "$(NATIVE_APT) could not be installed: the native front end will not be built"; \
+	      --no-install-recommends -o DPkg::Lock::Timeout=300 $$pkgs; } >/dev/null \
+	    || echo "$$pkgs could not be installed: the native front end will not be built"; \
 	fi
 	$(BIN)/python native/build.py
 

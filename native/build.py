@@ -4,8 +4,9 @@
 
 Needs a C++17 compiler, grpc++ and protobuf with pkg-config files, ``protoc`` and
 ``grpc_cpp_plugin`` (Debian: ``g++ pkg-config libgrpc++-dev libprotobuf-dev
-protobuf-compiler protobuf-compiler-grpc``; ``make native`` installs them with apt as
-root) and Python's headers. Envoy's ext_proc ``.proto`` sources are not shipped
+protobuf-compiler protobuf-compiler-grpc``) and Python's headers (Debian's
+interpreter: ``libpython3.X-dev``); ``make native`` installs what ``--apt-missing``
+lists with apt as root. Envoy's ext_proc ``.proto`` sources are not shipped
 anywhere installable, but the ``xds-protos`` wheel's ``*_pb2`` modules carry the
 serialised descriptors: this script writes those of
 ``envoy/service/ext_proc/v3/external_processor.proto`` and its imports as a
@@ -20,6 +21,7 @@ end serves then); ``--require`` makes that exit 2. Objects are rebuilt only when
 their source changed.
 
     python native/build.py [--require] [--jobs N]
+    python native/build.py --apt-missing   # the Debian packages still needed here
 """
 
 from __future__ import annotations
@@ -48,6 +50,34 @@ APT_PACKAGES = ("g++", "pkg-config", "libgrpc++-dev", "libprotobuf-dev", "protob
 
 class Unavailable(Exception):
     """The build cannot run here (the message says what is missing)."""
+
+
+def _python_headers() -> Path:
+    """Where this interpreter's ``Python.h`` belongs."""
+    return Path(sysconfig.get_paths()["include"]) / "Python.h"
+
+
+def _python_headers_package() -> str | None:
+    """Debian's package of this interpreter's headers (``libpython3.X-dev``), or None
+    when the interpreter is not Debian's (its headers come with it)."""
+    if not str(_python_headers()).startswith("/usr/include/"):
+        return None
+    return f"libpython{sys.version_info.major}.{sys.version_info.minor}-dev"
+
+
+def apt_missing() -> list[str]:
+    """The Debian packages the build still lacks here (``make native`` installs them as
+    root): the compiler, grpc++ and protobuf ones unless all their tools and pkg-config
+    files are found, and Python's headers where the interpreter is Debian's."""
+    missing: list[str] = []
+    tools = all(shutil.which(t) for t in ("g++", "pkg-config", "protoc", "grpc_cpp_plugin"))
+    if not tools or subprocess.run(["pkg-config", "--exists", "grpc++", "protobuf"],
+                                   capture_output=True).returncode != 0:
+        missing += APT_PACKAGES
+    headers = _python_headers_package()
+    if not _python_headers().exists() and headers is not None:
+        missing.append(headers)
+    return missing
 
 
 def _tool(name: str) -> str:
@@ -123,9 +153,11 @@ def _compile(cxx: str, src: Path, obj: Path, flags: list[str]) -> None:
 
 def build(jobs: int) -> Path:
     cxx = os.environ.get("CXX") or _tool("g++")
-    include = sysconfig.get_paths()["include"]
-    if not (Path(include) / "Python.h").exists():
-        raise Unavailable(f"Python.h not found in {include} (Python's development headers)")
+    include = str(_python_headers().parent)
+    if not _python_headers().exists():
+        package = _python_headers_package()
+        raise Unavailable(f"Python.h not found in {include} (Python's development headers"
+                          + (f"; Debian: apt-get install {package})" if package else ")"))
     cflags = _pkg_config("--cflags")
     libs = _pkg_config("--libs")
     BUILD.mkdir(parents=True, exist_ok=True)
@@ -151,7 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--require", action="store_true",
                     help="exit 2 when the build cannot run here (default: say why, exit 0)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--apt-missing", action="store_true",
+                    help="print the Debian packages the build still lacks here (none: an "
+                    "empty line) and exit")
     args = ap.parse_args(argv)
+    if args.apt_missing:
+        print(" ".join(apt_missing()))
+        return 0
     try:
         target = build(args.jobs)
     except Unavailable as exc:
