@@ -649,9 +649,11 @@ class _Model:
     costs P[r, m] whatever its load. With it, the instances of a share group's
     y[zone, g, m] carry flows f of the group's classes that may use m, within their
     capacity, ``sum_r f[zone, r, m] / L[r, m] <= y[zone, g, m]``, and cost
-    ``idle[m]`` each plus ``(P[r, m] - idle[m]) / L[r, m]`` per req/s of r: at full
-    load of one class that is P[r, m], FREESH's figure; below it, the power of the
-    load the instance carries (docs/planner.md, "Shared instances").
+    ``idle[m]`` W each plus ``wake[r, m]`` J per request of r (W per req/s:
+    ``PlanProblem.wake_j_per_request``, what a request adds on a lightly loaded
+    instance), so a shared instance filled to L[r, m] costs at least about FREESH's
+    P[r, m] and only what classes leave over shares (docs/planner.md, "Shared
+    instances", also why not the operating point's ``(P - idle) / L``).
     """
 
     def __init__(self, problem: PlanProblem, split: frozenset[_Key]) -> None:
