@@ -760,8 +760,14 @@ void Core::RunPick(Job& job) {
   Py_ssize_t n = 0;
   if (exchange != Py_None && PyUnicode_Check(answer)) {
     const char* value = PyUnicode_AsUTF8AndSize(answer, &n);
+    Py_INCREF(exchange);  // the stream's now: an error below still closes it
+    if (value == nullptr) {  // not UTF-8 encodable (a lone surrogate): the pick failed
+      PyErr_WriteUnraisable(bridge_);
+      Py_DECREF(result);
+      job.stream->Answer(exchange, nullptr, 0, "", "", job.headers_only);
+      return;
+    }
     std::string dest(value, static_cast<size_t>(n));
-    Py_INCREF(exchange);
     Py_DECREF(result);
     job.stream->Answer(exchange, &dest, 0, "", "", job.headers_only);
     return;
@@ -778,8 +784,11 @@ void Core::RunPick(Job& job) {
     return;
   }
   if (PyErr_Occurred()) PyErr_WriteUnraisable(bridge_);
+  // an exchange with an answer of no known shape: the stream still closes it
+  PyObject* orphan = exchange == Py_None ? nullptr : exchange;
+  Py_XINCREF(orphan);
   Py_DECREF(result);
-  job.stream->Answer(nullptr, nullptr, 0, "", "", job.headers_only);
+  job.stream->Answer(orphan, nullptr, 0, "", "", job.headers_only);
 }
 
 void Core::RunExchangeCall(Job& job) {

@@ -22,6 +22,7 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from joulepool.core.router import PoolRouter
+from joulepool.httpserve import HTTPProblem
 from joulepool.router import epp, epp_native
 from joulepool.router.app import EPP_PORT, ROUTER, create_app
 from joulepool.router.settings import Settings
@@ -429,6 +430,28 @@ async def test_a_failing_pick_ends_the_stream_with_unknown(
         raise RuntimeError("broken picker")
 
     monkeypatch.setattr(epp.Exchange, "pick", broken)
+    call = gateway.stream()
+    await call.write(_headers())
+    await call.read()
+    await call.write(_body(_completion()))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(call.read(), 10)
+    assert await call.code() == grpc.StatusCode.UNKNOWN
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+
+
+async def test_a_destination_that_cannot_be_sent_ends_the_stream_with_unknown(
+        gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the pick succeeded (a ledger entry) but its destination value cannot be encoded
+    # (a lone surrogate): the stream's gRPC error, the entry released, never an empty
+    # destination sent to the gateway
+    answer = epp.Exchange.answer
+
+    def unencodable(self: epp.Exchange, body: bytes) -> str | HTTPProblem:
+        value = answer(self, body)
+        return value + "\udc80" if isinstance(value, str) else value
+
+    monkeypatch.setattr(epp.Exchange, "answer", unencodable)
     call = gateway.stream()
     await call.write(_headers())
     await call.read()
