@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from joulepool.api.models import EnergyPolicySpec, InferencePool
-from joulepool.api.plan import PlanDocument
+from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
 from joulepool.core.problem import node_from_label
 from joulepool.kube import testing as T
 from joulepool.kube.pools import Router, RouterSettings
@@ -73,10 +73,14 @@ def test_the_guest_pool_routes_to_the_host_pools_pod() -> None:
     r = Router(RouterSettings(), s)
     assert [e.address for e in r.pool(host).endpoints] == ["10.0.0.1:8000"]
     assert [e.address for e in r.pool(guest).endpoints] == ["10.0.0.1:8000"]
-    # the host's pod changes: the guest pool follows (it borrows that pod)
+    # the host's pod changes: the guest pool follows (it borrows that pod); a second pod
+    # of the one planned instance (a rollout's surge) is not a second shared instance
     s.upsert_pod(T.pod("b", node_name="h0", ready=True, ip="10.0.0.2", pool=host,
                        mode="1xH100"))
-    assert [e.address for e in r.pool(guest).endpoints] == ["10.0.0.1:8000", "10.0.0.2:8000"]
+    assert [e.address for e in r.pool(host).endpoints] == ["10.0.0.1:8000", "10.0.0.2:8000"]
+    assert [e.address for e in r.pool(guest).endpoints] == ["10.0.0.1:8000"]
+    s.delete_pod("default/a")
+    assert [e.address for e in r.pool(guest).endpoints] == ["10.0.0.2:8000"]
     # a pod of the host on another mode is not one of the shared instances
     s.upsert_pod(T.pod("c", node_name="h0", ready=True, ip="10.0.0.3", pool=host,
                        mode="2xH100"))
@@ -104,3 +108,54 @@ def test_a_pool_served_only_on_shared_instances_is_ready_when_its_host_is() -> N
         ready = {c["type"]: (c["status"], c["reason"])
                  for c in pool_conditions(entry, view, 0, True, shared_ready=0)}
         assert ready["Ready"] == ("False", "ReplicasNotReady")
+
+
+def _planned(name: str, *assignments: PlannedInstance) -> PlannedPool:
+    return PlannedPool(namespace="default", name=name, model="llama-3.1-8b", tier="standard",
+                       slo=PlannedSLO(ttftSeconds=1.0, tpotSeconds=0.1),
+                       replicas=sum(a.instances for a in assignments),
+                       assignments=list(assignments))
+
+
+def _instances(n: int, *guests: str, node: str = "h0") -> PlannedInstance:
+    return PlannedInstance(node=node, site="eu-west", product="H100", mode="1xH100",
+                           instances=n, gpus=n, gpusPerInstance=1, sharedWith=list(guests))
+
+
+def test_an_unshared_pod_of_the_same_node_and_mode_is_not_the_guests() -> None:
+    """The host pool has an instance of its own and one shared with rag on one node and
+    mode: rag gets exactly one of the host's pods there, whichever are ready."""
+    doc = PlanDocument(pools={
+        "default.chat": _planned("chat", _instances(1), _instances(1, "default.rag")),
+        "default.rag": _planned("rag")})
+    s = ClusterState()
+    s.replace_nodes([T.node("h0", "H100", gpus=2)])
+    s.replace_pods([T.pod(n, node_name="h0", ready=True, ip=ip, pool="default.chat",
+                          mode="1xH100") for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
+    s.set_plan(doc)
+    r = Router(RouterSettings(), s)
+
+    def addresses(key: str) -> list[str]:
+        return [e.address for e in r.pool(key).endpoints]
+
+    assert addresses("default.chat") == ["10.0.0.1:8000", "10.0.0.2:8000"]
+    assert addresses("default.rag") == ["10.0.0.1:8000"]  # not b, chat's own instance
+    # a shared pod that is not ready is replaced by the host's other pod there
+    s.upsert_pod(T.pod("a", node_name="h0", ready=False, ip="10.0.0.1", pool="default.chat",
+                       mode="1xH100"))
+    assert addresses("default.rag") == ["10.0.0.2:8000"]
+    assert addresses("default.chat") == ["10.0.0.2:8000"]
+
+
+def test_each_guest_gets_the_pods_of_its_own_shared_instances() -> None:
+    """Two instances of one node and mode, each shared with another pool: each guest gets
+    one pod, not the same one; a pod beyond the planned instances serves the host alone."""
+    chat = _planned("chat", _instances(1, "default.rag"), _instances(1, "default.qa"),
+                    _instances(1, "default.rag", node="h1"))
+    pods = [("default/c", "h0", "1xH100"), ("default/a", "h0", "1xH100"),
+            ("default/b", "h0", "1xH100"), ("default/d", "h0", "2xH100"),
+            ("default/e", "h1", "1xH100")]
+    assert chat.guests_by_pod(pods) == {
+        "default/a": ("default.rag",), "default/b": ("default.qa",),
+        "default/e": ("default.rag",)}
+    assert _planned("rag").guests_by_pod(pods) == {}

@@ -6,6 +6,7 @@ this one model, so writer and readers cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,6 +59,31 @@ class PlannedPool(_Wire):
 
     def nodes(self) -> set[str]:
         return {a.node for a in self.assignments if a.instances > 0}
+
+    def guests_by_pod(self, pods: Iterable[tuple[str, str, str | None]]
+                      ) -> dict[str, tuple[str, ...]]:
+        """The other pools each of this pool's serving ``pods`` (key, node, mode) serves:
+        the pods of one node and mode fill its planned instances there in key order,
+        shared instances (``sharedWith``) first, so exactly as many pods serve a guest
+        pool as the plan shares with it; a pod beyond them, or on an instance of its own,
+        serves this pool alone (absent from the result). Pods of one Deployment are the
+        same engine, so which of them is shared is a choice; the key order keeps it
+        stable while the pods are."""
+        slots: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+        for a in sorted(self.assignments, key=lambda a: not a.shared_with):
+            if a.instances > 0 and a.shared_with:
+                slots.setdefault((a.node, a.mode), []).extend(
+                    [tuple(a.shared_with)] * a.instances)
+        out: dict[str, tuple[str, ...]] = {}
+        taken: dict[tuple[str, str], int] = {}
+        for key, node, mode in sorted(pods, key=lambda p: p[0]):
+            place = (node, mode or "")
+            free = slots.get(place, [])
+            i = taken.get(place, 0)
+            if i < len(free):
+                out[key] = free[i]
+                taken[place] = i + 1
+        return out
 
 
 class PlannedNode(_Wire):

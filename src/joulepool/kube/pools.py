@@ -266,22 +266,23 @@ class Router:
         return {g for a in planned.assignments for g in a.shared_with} if planned else set()
 
     def _pool_pods(self, key: str) -> list[str]:
-        """The pods serving pool ``key``: its own, then those of other pools' instances
-        the plan shares with it (``sharedWith``: same node and mode; they answer to the
-        same model names), sorted."""
+        """The pods serving pool ``key``: its own, then the serving pods of other pools
+        that the plan shares with it (``sharedWith``; they answer to the same model
+        names): as many of the host's ready pods on that node and mode as it shares
+        instances there, never the host's pods of instances of its own
+        (:meth:`~joulepool.api.plan.PlannedPool.guests_by_pod`), sorted."""
         state = self.state
         assert state is not None
         pods = set(state.pool_pods.get(key, ()))
         plan = state.plan
         for host, planned in (plan.pools.items() if plan is not None else ()):
-            places = {(a.node, a.mode) for a in planned.assignments
-                      if key in a.shared_with and a.instances > 0}
-            if host == key or not places:
+            if host == key or not any(key in a.shared_with for a in planned.assignments):
                 continue
-            for pod_key in state.pool_pods.get(host, ()):
-                rec = state.pods.get(pod_key)
-                if rec is not None and (rec.node, rec.mode) in places:
-                    pods.add(pod_key)
+            serving = [(rec.key, rec.node, rec.mode)
+                       for rec in (state.pods.get(k) for k in state.pool_pods.get(host, ()))
+                       if rec is not None and rec.ready and rec.ip]
+            pods |= {pod for pod, guests in planned.guests_by_pod(serving).items()
+                     if key in guests}
         return sorted(pods)
 
     def _site_g_if_carbon_objective(self) -> dict[str, float] | None:
