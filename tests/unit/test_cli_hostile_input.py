@@ -42,6 +42,28 @@ def test_simulate_with_deeply_nested_cluster_yaml_exits_2(
     assert "nested too deeply" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [
+    ["plan", "-f", "{binary}"],
+    ["plan", "-f", "{pools}", "--cluster", "{binary}"],
+    ["simulate", "--cluster", "{binary}"],
+    ["bench", "energy", "--clusters", "{binary}"],
+    ["bench", "breakdown", "--cluster", "{binary}"],
+])
+def test_a_file_that_is_not_utf8_text_exits_2(tmp_path: Path, args: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    pools = Path(__file__).resolve().parents[2] / "examples" / "pools.yaml"
+    argv = [a.format(binary=binary, pools=pools) for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's error()
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "binary.yaml" in err and "UTF-8" in err
+
+
 def _run_limited(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """``joulepool ARGS`` with 2 GiB of address space (the old code tried 31 GiB)."""
     def limit() -> None:

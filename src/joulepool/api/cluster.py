@@ -53,9 +53,11 @@ class ClusterSpec(_Model):
 def load_cluster(path: str | Path) -> ClusterSpec:
     p = Path(path)
     try:
-        data = load_yaml(p.read_text())
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ResourceError(f"cannot read: {exc.strerror}", "", str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise ResourceError(f"not UTF-8 text: {exc}", "", str(p)) from None
     except yaml.YAMLError as exc:
         raise ResourceError(f"invalid YAML: {exc}", "", str(p)) from None
     try:

@@ -87,9 +87,11 @@ def load_manifests(path: str | Path) -> list[BaseModel]:
     """Every joulepool resource in a (multi-document) YAML file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ResourceError(f"cannot read: {exc.strerror}", "", str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise ResourceError(f"not UTF-8 text: {exc}", "", str(p)) from None
     try:
         docs = [d for d in load_yaml(text, all_documents=True) if d is not None]
     except yaml.YAMLError as exc:

@@ -258,6 +258,8 @@ def _read_cluster_yaml(p: Path) -> tuple[ClusterSpec, dict[str, Any]]:
         data = load_yaml(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ClusterError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ClusterError(f"{p}: not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
         raise ClusterError(f"{p}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
