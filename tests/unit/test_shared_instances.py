@@ -159,3 +159,46 @@ def test_each_guest_gets_the_pods_of_its_own_shared_instances() -> None:
         "default/a": ("default.rag",), "default/b": ("default.qa",),
         "default/e": ("default.rag",)}
     assert _planned("rag").guests_by_pod(pods) == {}
+
+
+async def test_a_shared_pod_is_scraped_once_for_every_pool_it_serves() -> None:
+    """The host's pod is an endpoint of both pools; the scrape reads its page once and
+    gives the reading to both pools' endpoints."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from joulepool.kube.scrape import scrape_all
+
+    reads = 0
+
+    async def metrics(_: web.Request) -> web.Response:
+        nonlocal reads
+        reads += 1
+        return web.Response(text="vllm:num_requests_waiting 3\nvllm:num_requests_running 5\n"
+                                 "vllm:generation_tokens_total 70\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        doc = PlanDocument(pools={"default.chat": _planned("chat", _instances(1, "default.rag")),
+                                  "default.rag": _planned("rag")})
+        s = ClusterState()
+        s.replace_nodes([T.node("h0", "H100", gpus=1)])
+        s.replace_pods([T.pod("a", node_name="h0", ready=True, ip="127.0.0.1",
+                              port=server.port, pool="default.chat", mode="1xH100")])
+        s.set_plan(doc)
+        r = Router(RouterSettings(metrics_port=0), s)
+        targets = r.scrape_targets()
+        assert sorted(p for p, *_ in targets) == ["default.chat", "default.rag"]
+        async with aiohttp.ClientSession() as http:
+            samples, failures = await scrape_all(http, targets, timeout_s=2.0, concurrency=4)
+        assert (reads, failures) == (1, 0)
+        assert sorted((q.pool, q.waiting, q.running) for q in samples) == [
+            ("default.chat", 3.0, 5.0), ("default.rag", 3.0, 5.0)]
+        for q in samples:
+            assert r.apply_scrape(q.pool, q.address, q.waiting, q.running, 0.0)
+    finally:
+        await server.close()

@@ -52,7 +52,8 @@ class ServiceMetrics:
             ["resource", "reason"], registry=r,
         )
         self.scrapes = Counter(
-            f"{p}_scrapes", "Endpoint metric scrapes by result", ["result"], registry=r,
+            f"{p}_scrapes", "Metrics page reads (engines once per pod, energy pages) by result",
+            ["result"], registry=r,
         )
 
         self._children: dict[tuple[Any, ...], Any] = {}

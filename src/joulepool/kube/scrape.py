@@ -77,24 +77,38 @@ async def fetch_energy(session: aiohttp.ClientSession, urls: Iterable[str], time
     return out, failures
 
 
+def scrape_pages(targets: Iterable[tuple[str, str, str, str | None]]
+                 ) -> dict[tuple[str, str | None], list[tuple[str, str]]]:
+    """The pages ``targets`` (pool, address, url, engine) name: (url, engine) -> the
+    (pool, address) endpoints that read it. A pod that serves several pools (a shared
+    instance, docs/planner.md) is one page, however many pools list it."""
+    pages: dict[tuple[str, str | None], list[tuple[str, str]]] = {}
+    for pool, address, url, engine in targets:
+        pages.setdefault((url, engine), []).append((pool, address))
+    return pages
+
+
 async def scrape_all(
     session: aiohttp.ClientSession, targets: Iterable[tuple[str, str, str, str | None]],
     timeout_s: float, concurrency: int,
 ) -> tuple[list[QueueSample], int]:
-    """Scrape every (pool, address, url, engine); returns the samples and the failure
-    count."""
+    """Scrape every (pool, address, url, engine): each page once (:func:`scrape_pages`),
+    its reading given to every endpoint that lists it; returns the samples (one per
+    target whose page was read) and how many pages failed."""
     sem = asyncio.Semaphore(concurrency)
     out: list[QueueSample] = []
     failures = 0
 
-    async def one(pool: str, address: str, url: str, engine: str | None) -> None:
+    async def one(url: str, engine: str | None, readers: list[tuple[str, str]]) -> None:
         nonlocal failures
         async with sem:
             got = await fetch_queue(session, url, timeout_s, engine)
         if got is None:
             failures += 1
-        else:
-            out.append(QueueSample(pool, address, got[0], got[1], got[2], got[3]))
+            return
+        out.extend(QueueSample(pool, address, got[0], got[1], got[2], got[3])
+                   for pool, address in readers)
 
-    await asyncio.gather(*(one(p, a, u, e) for p, a, u, e in targets))
+    await asyncio.gather(*(one(url, engine, readers)
+                           for (url, engine), readers in scrape_pages(targets).items()))
     return out, failures

@@ -33,7 +33,7 @@ from joulepool import httpserve
 from joulepool.kube import files
 from joulepool.kube.metrics import ServiceMetrics
 from joulepool.kube.pools import PoolObserver, Router, RouterSettings
-from joulepool.kube.scrape import fetch_energy, scrape_all
+from joulepool.kube.scrape import fetch_energy, scrape_all, scrape_pages
 from joulepool.kube.state import ClusterState
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,8 @@ async def _scrape(svc: ClusterService, session: aiohttp.ClientSession) -> None:
                                 smp.kv_cache, smp.generated_tokens)
     if energy:
         svc.router.apply_energy(energy)
-    svc.metrics.scrapes.labels("ok").inc(len(samples) + len(energy_urls) - energy_failures)
+    pages = len(scrape_pages(targets))  # a shared instance's page is read once
+    svc.metrics.scrapes.labels("ok").inc(pages - failures + len(energy_urls) - energy_failures)
     svc.metrics.scrapes.labels("failed").inc(failures + energy_failures)
 
 
