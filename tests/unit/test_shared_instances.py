@@ -10,9 +10,12 @@ from typing import Any
 from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
 from joulepool.core.problem import node_from_label
+from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
 from joulepool.kube import testing as T
 from joulepool.kube.pools import Router, RouterSettings
 from joulepool.kube.state import ClusterState
+from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+from joulepool.nodeagent.signals import EngineReading, StaticSignalSource
 from joulepool.operator.resources import PlanView, parse_pool, pool_conditions
 from joulepool.pooling import outcomes_from_document, plan_pools
 
@@ -202,3 +205,33 @@ async def test_a_shared_pod_is_scraped_once_for_every_pool_it_serves() -> None:
             assert r.apply_scrape(q.pool, q.address, q.waiting, q.running, 0.0)
     finally:
         await server.close()
+
+
+class _Plan:
+    """A node agent's plan source holding one document."""
+
+    def __init__(self, doc: PlanDocument) -> None:
+        self.doc = doc
+
+    async def refresh(self) -> None:
+        return None
+
+    def current(self) -> PlanDocument:
+        return self.doc
+
+
+def test_the_node_agent_holds_a_shared_pod_to_the_tighter_slo() -> None:
+    # the busier pool hosts the shared instance; the guest's TPOT is the tighter
+    doc = plan_pools([pool("chat", rps=0.1, tpot=0.1), pool("rag", rps=0.02, tpot=0.05)],
+                     ONE_H100, EnergyPolicySpec()).document
+    (host,) = [k for k, p in doc.pools.items() if p.assignments]
+    assert doc.pools[host].assignments[0].shared_with  # the guest shares it
+    tighter = doc.serving_slo(host, "h0")
+    assert tighter == (1.0, 0.05) != (1.0, doc.pools[host].slo.tpot_seconds)
+    agent = NodeAgent(SimulatedBackend(SimulatedGPUs.open(None, "H100", 1, node="h0")),
+                      StaticSignalSource(lambda now: []), AgentConfig(node="h0"),
+                      plan=_Plan(doc))
+    # the engine labelled with the host pool, and one without a label (the node's only
+    # pool in the plan): both the tighter SLO
+    assert agent._reading_slo(EngineReading(engine="e", pool=host)) == tighter
+    assert agent._reading_slo(EngineReading(engine="e")) == tighter

@@ -562,17 +562,17 @@ class NodeAgent:
         return by_gpu
 
     def _reading_slo(self, r: EngineReading) -> tuple[float, float] | None:
-        """(TTFT, TPOT) targets of one engine's pool: the plan's, else the fallback flags'."""
+        """(TTFT, TPOT) targets of one engine's pool (its label, else the node's only
+        pool in the plan): the plan's, the tightest of the pools its instances on this
+        node also serve (``sharedWith``); else the fallback flags'."""
         doc = self.plan.current()
-        pool = None
-        if r.pool and doc is not None and r.pool in doc.pools:
-            # an instance shared with other pools meets the tightest of their SLOs
-            return doc.serving_slo(r.pool, self.config.node)
-        if r.pool is None:
+        key = r.pool
+        if key is None:
             pools = pools_on_node(doc, self.config.node)
-            pool = next(iter(pools.values())) if len(pools) == 1 else None
-        if pool is not None:
-            return pool.slo.ttft_seconds, pool.slo.tpot_seconds
+            key = next(iter(pools)) if len(pools) == 1 else None
+        if key and doc is not None and key in doc.pools:
+            # an instance shared with other pools meets the tightest of their SLOs
+            return doc.serving_slo(key, self.config.node)
         if self.config.ttft_slo_s is not None and self.config.tpot_slo_s is not None:
             return self.config.ttft_slo_s, self.config.tpot_slo_s
         return None
