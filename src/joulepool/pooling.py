@@ -277,6 +277,8 @@ def describe(
         nodes={n.name: PlannedNode(site=n.site, product=n.product, gpus=n.gpus) for n in nodes},
     )
     outcomes: dict[str, PoolOutcome] = {}
+    output_tokens = {problem.classes[r]: p.spec.demand.mean_output_tokens
+                     for r, p in enumerate(pools)}
     for r, pool in enumerate(pools):
         key = problem.classes[r]
         mine = [a for a in (result.plan if partial else result.assignments)
@@ -286,7 +288,8 @@ def describe(
         for a in mine:
             p_inst = a.power_w  # shared instances: the power of the load they carry
             power += p_inst
-            tokens_per_s += a.served_rps * pool.spec.demand.mean_output_tokens
+            # each class's req/s on them at its own output length (shared: several)
+            tokens_per_s += sum(a.rps_of(c) * output_tokens[c] for c in a.serves or (a.cls,))
             c = _carbon_now(problem, a.site)
             co2 = None if c is None or co2 is None else co2 + grams_co2_per_hour(p_inst, c)
             node = doc.nodes.get(a.node)

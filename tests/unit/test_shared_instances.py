@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
 from joulepool.core.problem import node_from_label
@@ -53,6 +55,20 @@ def test_two_small_pools_of_one_model_share_the_one_gpu() -> None:
     # the shared pod meets the tighter TPOT of the two pools
     assert again.serving_slo(host, "h0") == (1.0, 0.05)
     assert again.serving_slo(host, "other-node") == (1.0, doc.pools[host].slo.tpot_seconds)
+
+
+def test_a_shared_instances_energy_per_token_counts_each_pools_own_tokens() -> None:
+    # the guest's requests produce 4x the host's tokens: the instance's J/token is its
+    # power over every served pool's tokens, each at its own output length
+    chat, rag = pool("chat", rps=0.1), pool("rag", rps=0.02)
+    rag.spec.demand.mean_output_tokens = 400
+    plan = plan_pools([chat, rag], ONE_H100, EnergyPolicySpec())
+    (a,) = plan.result.assignments
+    assert set(a.serves) == {"default.chat", "default.rag"}
+    tokens = a.rps_of("default.chat") * 100 + a.rps_of("default.rag") * 400
+    outcome = plan.outcomes[a.cls]
+    assert outcome.expected_power_w == pytest.approx(a.power_w)
+    assert outcome.joules_per_token == pytest.approx(a.power_w / tokens)
 
 
 def test_pools_of_other_namespaces_or_models_never_share() -> None:
