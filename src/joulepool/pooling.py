@@ -39,7 +39,7 @@ from joulepool.api.plan import (
 )
 from joulepool.core.classes import PromptLengths
 from joulepool.core.energy import grams_co2_per_hour, joules_per_token
-from joulepool.core.planner import Mode, PlanNode, PlanProblem, PlanResult
+from joulepool.core.planner import Assignment, Mode, PlanNode, PlanProblem, PlanResult
 from joulepool.core.problem import ServiceClass, node_from_label
 from joulepool.core.problem import build_problem as build_core_problem
 from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile
@@ -253,6 +253,22 @@ def _carbon_now(problem: PlanProblem, site: str) -> float | None:
     return float(problem.carbon_g_per_kwh[site][0])
 
 
+def _instance_figures(problem: PlanProblem, assignments: Sequence[Assignment],
+                      output_tokens: Mapping[str, float]) -> tuple[float, float, float | None]:
+    """Planned power (W), output tokens/s and g CO2/h (None: no carbon data at one of
+    their sites) of ``assignments``; ``output_tokens``: each class's mean output tokens
+    per request. A shared instance's power is that of the load it carries, its tokens
+    those of every class it serves, each at its own output length."""
+    power = tokens_per_s = 0.0
+    co2: float | None = 0.0
+    for a in assignments:
+        power += a.power_w
+        tokens_per_s += sum(a.rps_of(c) * output_tokens[c] for c in a.serves or (a.cls,))
+        c = _carbon_now(problem, a.site)
+        co2 = None if c is None or co2 is None else co2 + grams_co2_per_hour(a.power_w, c)
+    return power, tokens_per_s, co2
+
+
 def describe(
     problem: PlanProblem,
     result: PlanResult,
@@ -283,15 +299,8 @@ def describe(
         key = problem.classes[r]
         mine = [a for a in (result.plan if partial else result.assignments)
                 if a.cls == key and a.instances > 0]
-        power = tokens_per_s = 0.0
-        co2: float | None = 0.0
+        power, tokens_per_s, co2 = _instance_figures(problem, mine, output_tokens)
         for a in mine:
-            p_inst = a.power_w  # shared instances: the power of the load they carry
-            power += p_inst
-            # each class's req/s on them at its own output length (shared: several)
-            tokens_per_s += sum(a.rps_of(c) * output_tokens[c] for c in a.serves or (a.cls,))
-            c = _carbon_now(problem, a.site)
-            co2 = None if c is None or co2 is None else co2 + grams_co2_per_hour(p_inst, c)
             node = doc.nodes.get(a.node)
             if node is not None:
                 node.pools[key] = node.pools.get(key, 0) + a.gpus
