@@ -628,6 +628,36 @@ def _node_groups(
     return groups
 
 
+class _Rows:
+    """A sparse constraint matrix built block by block, with each row's bounds."""
+
+    def __init__(self) -> None:
+        self.rows: list[IntArray] = []
+        self.cols: list[IntArray] = []
+        self.vals: list[FloatArray] = []
+        self.lo: list[FloatArray] = []
+        self.hi: list[FloatArray] = []
+
+    def block(self, r: IntArray, c: IntArray, v: npt.ArrayLike) -> None:
+        """Coefficients ``v`` (one, or one per entry) at rows ``r``, columns ``c``."""
+        self.rows.append(np.asarray(r, dtype=np.int64))
+        self.cols.append(np.asarray(c, dtype=np.int64))
+        self.vals.append(np.broadcast_to(np.asarray(v, dtype=np.float64), np.shape(r)))
+
+    def bounds(self, low: npt.ArrayLike, high: npt.ArrayLike, n: int) -> None:
+        """Bounds of the next ``n`` rows (one value for all, or one each)."""
+        self.lo.append(np.broadcast_to(np.asarray(low, dtype=np.float64), (n,)))
+        self.hi.append(np.broadcast_to(np.asarray(high, dtype=np.float64), (n,)))
+
+    def matrix(self, nrow: int, n_var: int) -> tuple[sparse.csr_array, FloatArray, FloatArray]:
+        """The (nrow x n_var) matrix and its rows' lower and upper bounds."""
+        a = sparse.csr_array(
+            (np.concatenate(self.vals), (np.concatenate(self.rows), np.concatenate(self.cols))),
+            shape=(nrow, n_var),
+        )
+        return a, np.concatenate(self.lo), np.concatenate(self.hi)
+
+
 class _Model:
     """Variables and constraints of one planning MILP (vectorised build).
 
@@ -799,21 +829,9 @@ class _Model:
         Demand row of each class with demand: served + s - per_t * t >= need.
         """
         vr, vm = self.vr, self.vm
-        rows: list[IntArray] = []
-        cols: list[IntArray] = []
-        vals: list[FloatArray] = []
-        lo: list[FloatArray] = []
-        hi: list[FloatArray] = []
-        y0, w0, z0 = 0, self.n_y, self.n_y + self.n_w
-
-        def block(r: IntArray, c: IntArray, v: npt.ArrayLike) -> None:
-            rows.append(np.asarray(r, dtype=np.int64))
-            cols.append(np.asarray(c, dtype=np.int64))
-            vals.append(np.broadcast_to(np.asarray(v, dtype=np.float64), np.shape(r)))
-
-        def bounds(low: npt.ArrayLike, high: npt.ArrayLike, n: int) -> None:
-            lo.append(np.broadcast_to(np.asarray(low, dtype=np.float64), (n,)))
-            hi.append(np.broadcast_to(np.asarray(high, dtype=np.float64), (n,)))
+        rows = _Rows()
+        block, bounds = rows.block, rows.bounds
+        y0, w0 = 0, self.n_y
 
         # demand: one row per class at its peak step (x is constant over the window)
         dem = np.flatnonzero(self.demand > 0)
@@ -859,28 +877,29 @@ class _Model:
         bounds(-np.inf, caps, len(vol_groups))
         nrow += len(vol_groups)
 
-        # pattern groups: slots of each size <= those the patterns provide; patterns <= nodes
+        nrow = self._pattern_rows(rows, nrow)
+        return rows.matrix(nrow, self.n_x + n_slack + (1 if per_t is not None else 0))
+
+    def _pattern_rows(self, rows: _Rows, nrow: int) -> int:
+        """Rows of the pattern groups from row ``nrow`` on: slots of each size <= those
+        the patterns provide; patterns <= nodes. The next free row."""
+        w0, z0 = self.n_y, self.n_y + self.n_w
         zi = 0
         for gi, grp in enumerate(self.groups):
             if grp.patterns is None:
                 continue
             n_s = len(grp.sizes)
             mine = np.flatnonzero(self.w_group == gi)
-            block(nrow + np.searchsorted(-np.array(grp.sizes), -self.w_size[mine]), w0 + mine, 1.0)
+            rows.block(nrow + np.searchsorted(-np.array(grp.sizes), -self.w_size[mine]),
+                       w0 + mine, 1.0)
             n_p = len(grp.patterns)
             pr, pc = np.nonzero(grp.patterns)  # pattern, size index
-            block(nrow + pc, z0 + zi + pr, -grp.patterns[pr, pc])
-            block(np.full(n_p, nrow + n_s), z0 + zi + np.arange(n_p), 1.0)
-            bounds(-np.inf, [0.0] * n_s + [float(len(grp.nodes))], n_s + 1)
+            rows.block(nrow + pc, z0 + zi + pr, -grp.patterns[pr, pc])
+            rows.block(np.full(n_p, nrow + n_s), z0 + zi + np.arange(n_p), 1.0)
+            rows.bounds(-np.inf, [0.0] * n_s + [float(len(grp.nodes))], n_s + 1)
             nrow += n_s + 1
             zi += n_p
-
-        n_var = self.n_x + n_slack + (1 if per_t is not None else 0)
-        a = sparse.csr_array(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(nrow, n_var),
-        )
-        return a, np.concatenate(lo), np.concatenate(hi)
+        return nrow
 
     def _run(
         self, c: FloatArray, ub: FloatArray, slack: bool, time_limit_s: float,
