@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,27 +127,39 @@ def descriptor_set() -> tuple[bytes, list[str]]:
 
 
 def generate() -> list[Path]:
-    """protoc's C++ sources of the ext_proc protos (regenerated when the descriptors
-    changed); the ``.cc`` files to compile."""
+    """protoc's C++ sources of the ext_proc protos (regenerated when the descriptors or
+    protoc's version changed, or the last generation failed); the ``.cc`` files to
+    compile."""
     desc, names = descriptor_set()
     gen = BUILD / "gen"
     desc_path = BUILD / "ext_proc.desc"
-    if not desc_path.exists() or desc_path.read_bytes() != desc or not gen.exists():
+    protoc = _tool("protoc")
+    version = subprocess.run([protoc, "--version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    stamp = BUILD / "gen.stamp"  # written once protoc succeeded: what gen/ was made from
+    made_from = f"{version}\n{hashlib.sha256(desc).hexdigest()}\n"
+    if not gen.exists() or not stamp.exists() or stamp.read_text() != made_from:
+        stamp.unlink(missing_ok=True)
         shutil.rmtree(gen, ignore_errors=True)
         gen.mkdir(parents=True)
         desc_path.write_bytes(desc)
         plugin = _tool("grpc_cpp_plugin")
-        cmd = [_tool("protoc"), f"--descriptor_set_in={desc_path}", f"--cpp_out={gen}",
+        cmd = [protoc, f"--descriptor_set_in={desc_path}", f"--cpp_out={gen}",
                f"--grpc_out={gen}", f"--plugin=protoc-gen-grpc={plugin}", *names]
         subprocess.run(cmd, check=True)
+        stamp.write_text(made_from)
     sources = [gen / n.replace(".proto", ".pb.cc") for n in names]
     sources.append(gen / "envoy/service/ext_proc/v3/external_processor.grpc.pb.cc")
     sources.append(gen / "grpc_health/v1/health.grpc.pb.cc")
     return sources
 
 
-def _compile(cxx: str, src: Path, obj: Path, flags: list[str]) -> None:
-    if obj.exists() and obj.stat().st_mtime >= src.stat().st_mtime:
+def _compile(cxx: str, src: Path, obj: Path, flags: list[str],
+             headers: Sequence[Path] = ()) -> None:
+    """``obj`` from ``src``, unless it is newer than ``src`` and the generated
+    ``headers`` it includes."""
+    newest = max(f.stat().st_mtime for f in (src, *headers))
+    if obj.exists() and obj.stat().st_mtime >= newest:
         return
     obj.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([cxx, *CXXFLAGS, *flags, "-c", str(src), "-o", str(obj)], check=True)
@@ -166,8 +180,9 @@ def build(jobs: int) -> Path:
     objs = [BUILD / "obj" / (s.relative_to(BUILD / "gen").as_posix().replace("/", "__") + ".o")
             for s in sources]
     objs.append(BUILD / "obj" / "eppnative.o")
+    headers = sorted((BUILD / "gen").rglob("*.h"))  # regenerated: everything recompiles
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(pool.map(lambda so: _compile(cxx, so[0], so[1], flags),
+        list(pool.map(lambda so: _compile(cxx, so[0], so[1], flags, headers),
                       [*zip(sources, objs[:-1], strict=True), (SOURCE, objs[-1])]))
     newest = max(o.stat().st_mtime for o in objs)
     if not TARGET.exists() or TARGET.stat().st_mtime < newest:
