@@ -1,13 +1,14 @@
 // joulepool's compiled ext_proc front end: a C++ gRPC server (grpc++'s asynchronous
-// API, one completion-queue thread) inside the router process, holding the Envoy ext_proc v3 streams of the GIE endpoint
-// picker and calling Python once per decision and once per response.
+// API, one completion-queue thread) inside the router process, holding the Envoy
+// ext_proc v3 streams of the GIE endpoint picker and calling Python once per decision
+// and once per response.
 //
 // Contract (the Python side is joulepool/router/epp_native.py; the protocol itself
 // and the reasons are in docs/gateway.md):
 //
-// * The completion-queue thread parses the gateway's messages, keep each stream's state (headers,
-//   body, subset hint, processing modes) and answer every message that needs no
-//   decision ("continue", the full-duplex echo) without Python.
+// * The completion-queue thread parses the gateway's messages, keeps each stream's
+//   state (headers, body, subset hint, processing modes) and answers every message
+//   that needs no decision ("continue", the full-duplex echo) without Python.
 // * What needs Python is queued as a job; an eventfd (fileno()) wakes the router's
 //   event loop, whose reader calls drain(): the jobs run there, with the GIL, in the
 //   order they were queued, serialised with everything else the router does on its

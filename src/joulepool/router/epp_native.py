@@ -2,15 +2,15 @@
 
 ``native/eppnative.cc`` (built by ``make native`` / ``python native/build.py`` into
 ``joulepool/router/_eppnative*.so``) runs a C++ gRPC server inside the router process:
-its threads hold the gateway's streams, parse Envoy's messages and answer every one
-that needs no decision; what needs the router is queued and run on the router's event
-loop (an eventfd reader), with the GIL, in order, next to everything else the loop
-does, so the core router stays single-threaded. Per request Python is called once to
-pick (:meth:`Bridge.pick`, the same :meth:`epp.Exchange.answer` the Python front end
-calls) and once when the response ends (:meth:`epp.Exchange.response`); the C++ side
-builds the answer (the ``x-gateway-destination-endpoint`` header, ``envoy.lb``
-metadata, immediate responses). The protocol is :mod:`joulepool.router.epp`'s, message
-for message; why the front end exists: ``docs/gateway.md`` "Performance".
+its one completion-queue thread holds the gateway's streams, parses Envoy's messages and
+answers every one that needs no decision; what needs the router is queued and run on the
+router's event loop (an eventfd reader), with the GIL, in order, next to everything else
+the loop does, so the core router stays single-threaded. Per request Python is called
+once to pick (:meth:`Bridge.pick`, the same :meth:`epp.Exchange.answer` the Python front
+end calls) and once when the response ends (:meth:`epp.Exchange.response`); the C++ side
+builds the answer (the ``x-gateway-destination-endpoint`` header, ``envoy.lb`` metadata,
+immediate responses). The protocol is :mod:`joulepool.router.epp`'s, message for
+message; why the front end exists: ``docs/gateway.md`` "Performance".
 
 When the extension is not built (no compiler or grpc++ where joulepool was installed),
 :data:`UNAVAILABLE` says why and the router serves the Python front end.
