@@ -422,6 +422,19 @@ async def test_the_picker_server_is_built_without_channelz() -> None:
         await plain.stop(0)
 
 
+async def _pick_ends_with_unknown(gw: Gateway) -> None:
+    """A request's pick ends its stream with gRPC status UNKNOWN, no entry left in
+    flight."""
+    call = gw.stream()
+    await call.write(_headers())
+    await call.read()
+    await call.write(_body(_completion()))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(call.read(), 10)
+    assert await call.code() == grpc.StatusCode.UNKNOWN
+    assert sum(len(e.ledger) for e in gw.pool.endpoints) == 0
+
+
 async def test_a_failing_pick_ends_the_stream_with_unknown(
         gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     # a bug in the picker is the stream's gRPC error (the gateway's failureMode then
@@ -430,14 +443,7 @@ async def test_a_failing_pick_ends_the_stream_with_unknown(
         raise RuntimeError("broken picker")
 
     monkeypatch.setattr(epp.Exchange, "pick", broken)
-    call = gateway.stream()
-    await call.write(_headers())
-    await call.read()
-    await call.write(_body(_completion()))
-    with pytest.raises(grpc.aio.AioRpcError):
-        await asyncio.wait_for(call.read(), 10)
-    assert await call.code() == grpc.StatusCode.UNKNOWN
-    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+    await _pick_ends_with_unknown(gateway)
 
 
 async def test_a_destination_that_cannot_be_sent_ends_the_stream_with_unknown(
@@ -452,14 +458,7 @@ async def test_a_destination_that_cannot_be_sent_ends_the_stream_with_unknown(
         return value + "\udc80" if isinstance(value, str) else value
 
     monkeypatch.setattr(epp.Exchange, "answer", unencodable)
-    call = gateway.stream()
-    await call.write(_headers())
-    await call.read()
-    await call.write(_body(_completion()))
-    with pytest.raises(grpc.aio.AioRpcError):
-        await asyncio.wait_for(call.read(), 10)
-    assert await call.code() == grpc.StatusCode.UNKNOWN
-    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+    await _pick_ends_with_unknown(gateway)
 
 
 async def test_stopping_the_server_forgets_the_open_exchanges(front_end: str,
