@@ -9,7 +9,7 @@ import pytest
 
 from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.core.classes import PromptLengths
-from joulepool.core.planner import Mode, PlanNode
+from joulepool.core.planner import NO_ELIGIBLE_MODE, Mode, PlanNode, solve
 from joulepool.core.problem import (
     PromptTailMiss,
     ServiceClass,
@@ -22,6 +22,7 @@ from joulepool.core.profiles import DEFAULT_HEADROOM, DEFAULT_PROFILES, find_pro
 from joulepool.pooling import build_problem as build_pool_problem
 
 H100, A100 = Mode("1xH100", "H100", 1), Mode("1xA100", "A100", 1)
+L4 = Mode("1xL4", "L4", 1)
 CHAT = ServiceClass("chat", 1000.0, 200.0, 1.0, 0.1, (4.0, 6.0))
 
 
@@ -205,6 +206,43 @@ def test_misses_no_mode_can_avoid_are_not_charged() -> None:
     built = build_problem([cls], [H100, A100], [PlanNode("n", "s", "H100", 8)], _profile,
                           step_s=300.0, alpha=1.0, objective="energy")
     assert built.problem.capacity_rps[0, 0] > 0 and built.problem.capacity_rps[0, 1] > 0
+
+
+def test_a_heavy_tailed_class_whose_mean_prompt_is_too_long_gets_a_pool() -> None:
+    """80 % of prompts 2,000 tokens, 20 % 20,000 (mean 5,600), TTFT 0.6 s, A100 and L4
+    only. A 1xA100 prefills the mean prompt in 0.84 s: FREESH's mean rule leaves the class
+    no mode and the window infeasible. Judged by its prompts, the 1xA100 serves the 80 %
+    it prefills in 0.3 s (the 20 % no mode can prefill in time are not charged), the 1xL4
+    (2,500 tokens/s: 0.8 s for 2,000 tokens) serves none, and the plan gives the class
+    1xA100 instances enough for its demand at the rate its prompt tail allows."""
+    nodes = [PlanNode("a100", "s", "A100", 8), PlanNode("l4", "s", "L4", 8)]
+    means = dict(mean_input_tokens=5600.0, mean_output_tokens=200.0, ttft_s=0.6, tpot_s=0.1,
+                 forecast_rps=(0.1,))
+    mean_only = ServiceClass("long", **means)  # type: ignore[arg-type]
+    freesh = build_problem([mean_only], [A100, L4], nodes, _profile, step_s=300.0,
+                           alpha=1.0, objective="energy")
+    assert not freesh.problem.capacity_rps.any()
+    refused = solve(freesh.problem)
+    assert not refused.feasible and refused.shortfalls[0].reason == NO_ELIGIBLE_MODE
+
+    tail = PromptLengths((2000.0,) * 800 + (20_000.0,) * 200)
+    heavy = ServiceClass("long", **means, prompt_tokens=tail)  # type: ignore[arg-type]
+    built = build_problem([heavy], [A100, L4], nodes, _profile, step_s=300.0, alpha=1.0,
+                          objective="energy")
+    rate = built.problem.capacity_rps[0, 0]
+    assert rate > 0 and built.problem.capacity_rps[0, 1] == 0.0
+    l4 = built.serving["1xL4"][0]
+    assert l4 is not None and "100.0 % of prompts" in l4.binding
+    a100 = built.serving["1xA100"][0]
+    assert a100 is not None
+    budget = 0.2 + DEFAULT_HEADROOM.ttft_miss.value
+    assert 0.2 <= a100.ttft_miss <= budget + 1e-9
+    service = prompt_prefill_s(_profile(0, A100), tail, a100.batch)
+    assert prompt_tail_miss(service, 0.6, rate) <= budget + 1e-9
+    plan = solve(built.problem)
+    assert plan.feasible and plan.instances("long") >= math.ceil(0.1 / rate)
+    assert all(a.mode == "1xA100" for a in plan.plan)
+    assert plan.served_rps("long") >= 0.1 - 1e-9
 
 
 def _tail_miss_one_prompt_at_a_time(service: list[float], ttft: float, rate: float) -> float:

@@ -384,3 +384,20 @@ def test_an_unbounded_kv_cache_leaves_the_batch_slots():
     huge = H100_8B.serving_point(2000, 600, 0.6, 0.15, kv_tokens=1e12)
     assert free.rps > 0 and free.rps == pytest.approx(huge.rps, rel=1e-6)
     assert free.kv_share == 0.0
+
+
+def test_ttft_from_mean_false_drops_only_the_mean_prompt_ttft_bounds() -> None:
+    """A 1xA100 prefills 6,667 tokens/s: a 5,600-token mean prompt takes 0.84 s, over a
+    0.6 s TTFT, so FREESH's mean rule makes the mode not eligible. Judged by the prompts
+    (the caller's prompt-tail fit), the serving model still bounds TPOT, batch and KV."""
+    a100 = find_profile("A100", "llama-3.1-8b", 1)
+    assert a100 is not None
+    by_mean = a100.serving_point(5600.0, 200.0, 0.6, 0.1)
+    assert by_mean.rps == 0.0 and by_mean.binding == "prefill alone exceeds TTFT"
+    by_prompts = a100.serving_point(5600.0, 200.0, 0.6, 0.1, ttft_from_mean=False)
+    assert 0.0 < by_prompts.rps < by_prompts.throughput_rps
+    assert by_prompts.binding in {"tpot", "batch", "kv", "prefill"}
+    # where the mean prompt fits, dropping the mean's wait bound can only raise the rate
+    fits = a100.serving_point(1000.0, 200.0, 1.0, 0.1)
+    assert fits.binding == "ttft"
+    assert a100.serving_point(1000.0, 200.0, 1.0, 0.1, ttft_from_mean=False).rps > fits.rps

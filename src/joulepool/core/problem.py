@@ -18,7 +18,10 @@ prompt fits the TTFT may still miss it for a large share of the class's longer p
 :func:`prompt_tail_miss` counts that share from the class's prompt-length distribution
 (:class:`~joulepool.core.classes.PromptLengths`), and :func:`build_problem` keeps a mode
 for a class only where that share fits the headroom's TTFT miss budget, at no more than
-the rate where it still does (docs/planner.md, "Prompt-length tail").
+the rate where it still does (docs/planner.md, "Prompt-length tail"). Conversely, a mode
+whose prefill of the mean prompt exceeds the TTFT (FREESH's rule: not eligible) is judged
+by the class's prompts when it has them (:func:`judged_by_prompts`): with heavy-tailed
+prompts the mean lies far above what most of the class needs.
 """
 
 from __future__ import annotations
@@ -83,14 +86,30 @@ class BuiltProblem:
     serving: Mapping[str, tuple[ServingPoint | None, ...]]
 
 
+def judged_by_prompts(profile: ServingProfile, cls: ServiceClass) -> bool:
+    """Whether ``cls``'s TTFT on ``profile`` is judged by its prompt lengths alone: it has
+    them, and its MEAN prompt's prefill exceeds the TTFT (FREESH's rule would make the mode
+    not eligible, although with heavy-tailed prompts most of the class may prefill in
+    time; docs/planner.md, "Prompt-length tail")."""
+    return (cls.prompt_tokens is not None
+            and cls.ttft_s < float(profile.prefill_s(cls.mean_input_tokens)))
+
+
 def serving_point(profile: ServingProfile, cls: ServiceClass,
                   headroom: Headroom | None) -> ServingPoint:
-    """One instance of ``profile`` serving ``cls``; a class with no output serves nothing."""
+    """One instance of ``profile`` serving ``cls``; a class with no output serves nothing.
+
+    At the class's mean prompt and output (:meth:`ServingProfile.serving_point`); where
+    :func:`judged_by_prompts`, without the mean prompt's TTFT bounds, which
+    :func:`build_problem` then takes from the class's prompts (:func:`_fit_prompt_tail`).
+    A class without prompt lengths keeps FREESH's mean-prompt eligibility rule.
+    """
     if cls.mean_output_tokens <= 0:
         return ServingPoint(0.0, float(profile.power_w(1)), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0,
                             "no requests in the class")
     return profile.serving_point(cls.mean_input_tokens, cls.mean_output_tokens, cls.ttft_s,
-                                 cls.tpot_s, headroom=headroom)
+                                 cls.tpot_s, headroom=headroom,
+                                 ttft_from_mean=not judged_by_prompts(profile, cls))
 
 
 def prompt_prefill_s(profile: ServingProfile, prompts: PromptLengths,
@@ -173,7 +192,9 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
     for every mode keeps its best modes. A mode whose idle share of misses beyond that
     exceeds the budget is not eligible (rate 0); otherwise its rate is at most the
     largest at which its misses beyond it stay within the budget. A class without
-    measured prompt lengths keeps its serving points.
+    measured prompt lengths keeps its serving points. A point :func:`judged_by_prompts`
+    (no TTFT bound of its own) reports the prompts' predicted miss share as its
+    ``ttft_miss``.
     """
     hr = headroom or DEFAULT_HEADROOM
     prompts = cls.prompt_tokens
@@ -184,13 +205,15 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
     unavoidable = min(prompt_tail_miss(s, cls.ttft_s, 0.0) for s in service.values())
     budget = hr.ttft_miss.value + unavoidable
     out: dict[int, ServingPoint] = {}
-    for m, (_, sp) in points.items():
+    for m, (prof, sp) in points.items():
         if m not in service:
             out[m] = sp
             continue
         rate = _tail_rate(service[m], cls.ttft_s, budget, sp.rps)
         if rate >= sp.rps:
-            out[m] = sp
+            # a point judged by the prompts has no prefill-wait miss of its own: add theirs
+            out[m] = (replace(sp, ttft_miss=sp.ttft_miss + prompt_tail_miss(
+                service[m], cls.ttft_s, sp.rps)) if judged_by_prompts(prof, cls) else sp)
         elif rate <= 0.0:
             share = prompt_tail_miss(service[m], cls.ttft_s, 0.0)
             out[m] = replace(sp, rps=0.0, binding=(

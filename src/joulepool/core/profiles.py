@@ -426,6 +426,7 @@ class ServingProfile:
         headroom: Headroom | None = None,
         batched_tokens: float | None = None,
         kv_tokens: float | None = None,
+        ttft_from_mean: bool = True,
     ) -> ServingPoint:
         """The sustainable rate of one instance for a request class, with queueing headroom.
 
@@ -473,6 +474,11 @@ class ServingProfile:
         mean request. Power is the time average: prefill power for the prompt
         compute, decode power at b while decoding, idle power otherwise (a mixed
         step's energy is its parts', :func:`joulepool.core.batching.mixed_step`).
+
+        ``ttft_from_mean`` False: the caller bounds TTFT from the class's prompt
+        lengths (``core.problem``'s prompt-tail fit), so neither the mean prompt's
+        prefill (the eligibility rule) nor the M/G/1 wait tail at the mean prompt
+        bounds the rate; the waits for a batch slot or KV room still count.
         """
         hr = headroom or DEFAULT_HEADROOM
         budget = float(default_batched_tokens(self.product) if batched_tokens is None
@@ -480,7 +486,7 @@ class ServingProfile:
         kv = float(kv_capacity_tokens(self) if kv_tokens is None else kv_tokens)
         key = (self, float(mean_input_tokens), float(mean_output_tokens), float(ttft_slo_s),
                float(tpot_slo_s), None if clock_mhz is None else float(clock_mhz), hr,
-               budget, kv)
+               budget, kv, bool(ttft_from_mean))
         try:
             return _cached_serving_point(key)
         except TypeError:  # a profile built with unhashable parts: compute without the cache
@@ -591,6 +597,7 @@ class _ServingModel:
     pf_tok: float  # prefill s per prompt token
     itl: FloatArray  # decode step time at batch 1..slots
     power: FloatArray  # board power while decoding at batch 1..slots
+    ttft_from_mean: bool = True  # False: no M/G/1 wait bound at the mean prompt
 
     def at(self, lam: float) -> _Load:
         """The mean state at ``lam`` requests/s (module doc of ``serving_point``)."""
@@ -614,7 +621,8 @@ class _ServingModel:
         high = min(batch + self.z * math.sqrt(batch), float(self.slots))
         j = max(math.ceil(high), 1) - 1
         s_high = P * p + busy * float(self.itl[j]) * prefill_steps(self.budget, j + 1.0, P)
-        ttft_miss = self._prefill_tail(max(s_high, S), lam * max(s_high, S))
+        ttft_miss = (self._prefill_tail(max(s_high, S), lam * max(s_high, S))
+                     if self.ttft_from_mean else 0.0)
         x = max(self.ttft_slo - S, 0.0)
         slot_miss = float(full * math.exp(-wait_rate * x))
         ttft_mean = S + (rho * S * (1.0 + self.scv) / (2.0 * (1.0 - rho)) if rho < 1.0
@@ -713,7 +721,8 @@ def _kv_slots(room: float, prompt: float, output: float, hr: Headroom) -> float:
 
 def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_tokens: float,
                    ttft_slo_s: float, tpot_slo_s: float, clock_mhz: float | None,
-                   hr: Headroom, budget: float, kv_tokens: float) -> _ServingModel | str:
+                   hr: Headroom, budget: float, kv_tokens: float,
+                   ttft_from_mean: bool = True) -> _ServingModel | str:
     """The model for one class on ``prof``, or why the instance cannot serve it."""
     batches, itl = _decode_table(prof, clock_mhz)
     P = max(float(mean_input_tokens), 0.0)
@@ -732,7 +741,8 @@ def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_t
         scv=hr.prefill_scv.value, kv_per_seq=per_seq, slots=slots,
         z=NormalDist().inv_cdf(1.0 - hr.ttft_miss.value) if hr.ttft_miss.value < 0.5 else 0.0,
         pf_tok=float(prof.prefill_s(1.0, clock_mhz)), itl=itl[:slots],
-        power=np.asarray(prof.power_w(batches[:slots], clock_mhz), dtype=np.float64))
+        power=np.asarray(prof.power_w(batches[:slots], clock_mhz), dtype=np.float64),
+        ttft_from_mean=ttft_from_mean)
 
 
 def _violations(m: _ServingModel, s: _Load, hr: Headroom) -> list[str]:
@@ -762,6 +772,7 @@ def _serving_point(
     hr: Headroom,
     budget: float,
     kv_tokens: float,
+    ttft_from_mean: bool = True,
 ) -> ServingPoint:
     """:meth:`ServingProfile.serving_point`: the largest rate meeting every bound.
 
@@ -777,14 +788,14 @@ def _serving_point(
         return ServingPoint(0.0, float(prof.power_w(1, clock_mhz)), throughput, 0.0, 0.0, 0.0,
                             itl1, 1.0, why)
 
-    if ttft_slo_s < float(prof.prefill_s(mean_input_tokens, clock_mhz)):
+    if ttft_from_mean and ttft_slo_s < float(prof.prefill_s(mean_input_tokens, clock_mhz)):
         return not_eligible("prefill alone exceeds TTFT")
     if throughput == 0.0:
         return not_eligible("no batch meets TPOT")
     if itl1 > (1.0 - hr.tpot_margin.value) * tpot_slo_s:
         return not_eligible("no batch meets TPOT with the headroom")
     m = _serving_model(prof, mean_input_tokens, mean_output_tokens, ttft_slo_s, tpot_slo_s,
-                       clock_mhz, hr, budget, kv_tokens)
+                       clock_mhz, hr, budget, kv_tokens, ttft_from_mean)
     if isinstance(m, str):
         return not_eligible(m)
     # no faster than the prompts' compute, or than the full batch decodes
@@ -812,7 +823,7 @@ def _serving_point(
 @functools.lru_cache(maxsize=16384)
 def _cached_serving_point(
     key: tuple[ServingProfile, float, float, float, float, float | None, Headroom, float,
-               float],
+               float, bool],
 ) -> ServingPoint:
     """Pools re-planned with unchanged demand ask the same question every window."""
     return _serving_point(*key)
