@@ -251,3 +251,27 @@ def test_the_node_agent_holds_a_shared_pod_to_the_tighter_slo() -> None:
     # pool in the plan): both the tighter SLO
     assert agent._reading_slo(EngineReading(engine="e", pool=host)) == tighter
     assert agent._reading_slo(EngineReading(engine="e")) == tighter
+
+
+def test_the_gateways_subset_names_the_host_pool_not_its_guest() -> None:
+    # rag hosts one instance shared with chat (pod a) and one of its own (pod b); chat's
+    # key sorts first. The gateway's subset for rag's InferencePool is rag's pods: the
+    # request is rag's (its SLO, ledger and both pods), not chat's, which holds only a
+    from joulepool.router.epp import choose_pool
+    from joulepool.router.requests import RequestSpec
+
+    doc = PlanDocument(pools={"default.rag": _planned("rag", _instances(1, "default.chat"),
+                                                      _instances(1)),
+                              "default.chat": _planned("chat")})
+    s = ClusterState()
+    s.replace_nodes([T.node("h0", "H100", gpus=2)])
+    s.replace_pods([T.pod(n, node_name="h0", ready=True, ip=ip, pool="default.rag",
+                          mode="1xH100") for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
+    s.set_plan(doc)
+    r = Router(RouterSettings(), s)
+    assert [e.address for e in r.pool("default.chat").endpoints] == ["10.0.0.1:8000"]
+    spec = RequestSpec(model=None, pool_header=None, input_tokens=0.0, output_tokens=None,
+                       stream=False)
+    rag = frozenset({"10.0.0.1:8000", "10.0.0.2:8000"})
+    assert choose_pool(r, spec, rag) is r.pool("default.rag")
+    assert choose_pool(r, spec, frozenset({"10.0.0.2:8000"})) is r.pool("default.rag")

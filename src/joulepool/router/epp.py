@@ -142,9 +142,11 @@ def read_spec(body: bytes, headers: dict[str, str]) -> RequestSpec:
 
 def choose_pool(router: Router, spec: RequestSpec, subset: frozenset[str] | None
                 ) -> PoolRouter:
-    """The pool the request is for: the header's, else the one holding the subset's
-    endpoints, else the one serving the model (:func:`requests.choose_pool`), else the
-    only pool (fail-open). HTTPProblem 404 when none can be told."""
+    """The pool the request is for: the header's, else the one holding the most of the
+    subset's endpoints (a shared instance's pod is in its guest pools too: the pool
+    whose InferencePool the subset came from holds all of them; the first by key on a
+    tie), else the one serving the model (:func:`requests.choose_pool`), else the only
+    pool (fail-open). HTTPProblem 404 when none can be told."""
     if spec.pool_header:
         try:
             return router.pool(spec.pool_header)
@@ -153,9 +155,10 @@ def choose_pool(router: Router, spec: RequestSpec, subset: frozenset[str] | None
     router.sync()
     pools = [router.pools[k] for k in sorted(router.pools)]
     if subset:
-        for pool in pools:
-            if any(a in pool.index for a in subset):
-                return pool
+        held = [sum(a in pool.index for a in subset) for pool in pools]
+        most = max(held, default=0)
+        if most > 0:
+            return pools[held.index(most)]
     if spec.model is not None:
         try:
             return requests.choose_pool(router, spec)
