@@ -5,8 +5,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint typecheck imports crds bench clean k8s-deps monitoring-deps native
 
+## A fresh Debian has python3 without its venv module (python3-venv), a minimal one no
+## python3 at all: as root with apt, they are installed here when `python3 -m venv` fails.
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
+	@$(PY) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing python3 python3-venv with apt-get ($(PY) -m venv failed)"; \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	        --no-install-recommends -o DPkg::Lock::Timeout=300 python3 python3-venv; } \
+	      >/dev/null || echo "python3 python3-venv could not be installed"; \
+	  fi; \
+	  $(PY) -m venv $(VENV); }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
