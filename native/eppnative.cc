@@ -285,6 +285,12 @@ class Stream final : public Handler {
   // The event loop, GIL held: the pick's outcome (see the file's contract).
   void Answer(PyObject* exchange, const std::string* destination, long status,
               const std::string& message, const std::string& body, bool headers_only) {
+    if (exchange_ != nullptr) {  // a second request on the stream: the first is forgotten
+      PyObject* closed = PyObject_CallMethod(exchange_, "close", nullptr);
+      if (closed == nullptr) PyErr_WriteUnraisable(exchange_);
+      Py_XDECREF(closed);
+      Py_DECREF(exchange_);
+    }
     exchange_ = exchange;
     if (destination == nullptr && status == 0) {  // the Python side failed: say so
       End(grpc::Status(grpc::StatusCode::UNKNOWN, "the endpoint picker failed"));

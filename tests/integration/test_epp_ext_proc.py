@@ -7,6 +7,7 @@ every test runs against each, with the same assertions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -459,6 +460,28 @@ async def test_a_destination_that_cannot_be_sent_ends_the_stream_with_unknown(
 
     monkeypatch.setattr(epp.Exchange, "answer", unencodable)
     await _pick_ends_with_unknown(gateway)
+
+
+async def test_a_second_request_on_one_stream_leaves_nothing_in_flight(gateway: Gateway
+                                                                       ) -> None:
+    # a gateway that sends a second request body's end on the same stream: each gets a
+    # pick, and once the stream closes no ledger entry is left in flight (the first
+    # one was kept for good before)
+    call = gateway.stream()
+    await call.write(_headers())
+    await call.read()
+    for _ in range(2):
+        await call.write(_body(_completion()))
+        assert _destination(await asyncio.wait_for(call.read(), 10), "request_body")[0]
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 1
+    await call.done_writing()
+    with contextlib.suppress(grpc.aio.AioRpcError, StopAsyncIteration):
+        await asyncio.wait_for(call.read(), 10)
+    for _ in range(100):  # the stream's close reaches the loop
+        if sum(len(e.ledger) for e in gateway.pool.endpoints) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
 
 
 async def test_stopping_the_server_forgets_the_open_exchanges(front_end: str,

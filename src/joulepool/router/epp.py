@@ -329,7 +329,10 @@ class Exchange:
     def answer(self, body: bytes) -> str | HTTPProblem:
         """Pick for the whole request ``body`` (``on_answer`` told): the destination
         value ``ip:port,ip:port,...`` (endpoint, then fallbacks), or the refusal to
-        answer immediately (the exchange is then over)."""
+        answer immediately (the exchange is then over). A second request on the stream
+        (a gateway that sends another body's end) replaces the first, which is forgotten
+        (:meth:`close`): its ledger entry would otherwise stay in flight for good."""
+        self.close()
         try:
             self.flight = self.pick(body)
         except HTTPProblem as exc:
