@@ -13,12 +13,13 @@ from sim_helpers import cluster, workload
 from joulepool.core.planner import PlanNode
 from joulepool.core.profiles import H100_8B, L4_8B
 from joulepool.sim.cluster import SimCluster, freesh_3site
-from joulepool.sim.engine import EngineParams, simulate
+from joulepool.sim.engine import EngineParams, Simulator, simulate
+from joulepool.sim.instance import Instance
 from joulepool.sim.planning import plan_windows
 from joulepool.sim.policies import POLICIES
 from joulepool.sim.runner import model_tables, static_capacity
 from joulepool.sim.trace import load_trace
-from joulepool.sim.workload import build_workload
+from joulepool.sim.workload import Workload, build_workload
 
 RR, LL, JS = POLICIES["round-robin"], POLICIES["least-loaded"], POLICIES["joulesched"]
 RECORD = EngineParams(record_power=True)
@@ -463,3 +464,42 @@ def test_a_request_no_endpoint_can_serve_is_refused_and_the_run_goes_on():
     assert run.gpu_energy_j.sum() > 0.0  # the idle instances drew power all along
     served = Simulator(cl, tight, JS, model_tables(cl)).run()  # a finite lambda: served
     assert not np.isnan(served.t_done).any()
+
+
+def test_the_routing_guard_sees_a_finished_prefill(monkeypatch):
+    """When an instance's prefill ends (its first token) and nothing waits to be admitted,
+    its row in the JouleSched candidate index is refreshed: the guard's predicted wait for
+    the prefill slot is 0, as the engine's. A row left as of the prefill's start makes the
+    guard predict a late first token there and send the request to a truly later
+    instance (freesh-3site, decode-heavy, load 0.2: docs/marginal-energy.md)."""
+    stale: list[tuple[int, float]] = []
+    pick = Simulator._pick_instance
+
+    def checked(self: Simulator, rid: int, t: float) -> Instance | None:
+        for pool in self.pools:
+            if pool.index is None:
+                continue
+            for pos, inst in enumerate(pool.members):
+                row = pool.index.rows.get(pos)
+                if row is not None and inst.prefill_rid < 0 and inst.nwait == 0 and row[7] > 0:
+                    stale.append((inst.idx, row[7]))
+        return pick(self, rid, t)
+
+    monkeypatch.setattr(Simulator, "_pick_instance", checked)
+    two = cluster([("n", "H100", 2)])
+    rng = np.random.default_rng(3)
+    n = 200  # ~8 req/s, prompts of 200 and 6,000 tokens (long prefills), TTFT 0.5 s
+    arrival = np.cumsum(rng.exponential(1 / 8.0, n))
+    inp = np.where(rng.random(n) < 0.2, 6000, 200).astype(np.int64)
+    out = rng.integers(1, 300, n).astype(np.int64)
+    wl = Workload(
+        arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
+        category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
+        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, 0.5),
+        tpot_slo_s=np.full(n, 0.05), deadline_s=0.5 + out * 0.5,
+        duration_s=float(arrival[-1]), scale=1.0)
+    sim = Simulator(two, wl, POLICIES["joulesched"], model_tables(two))
+    assert sim.pools[0].index is not None  # the JouleSched rule through the index
+    sim.run()
+    assert sim.done == n
+    assert not stale, stale[:5]

@@ -870,12 +870,13 @@ class Simulator:
             self._started(inst, t)
             return False
         completed: Sequence[int] = _NOTHING
+        prefilled = inst.prefill_rid >= 0 and inst.prefill_end <= t  # a first token now
         if inst.b and inst.dec_end <= t:  # before a first token can join the heap
             completed = inst.pop_finished()
-            if inst.prefill_rid >= 0 and inst.prefill_end <= t:
+            if prefilled:
                 completed += self._first_token(inst, t)
             self._complete(inst, completed, t)
-        elif inst.prefill_rid >= 0 and inst.prefill_end <= t:
+        elif prefilled:
             completed = self._first_token(inst, t)
             if completed:
                 self._complete(inst, completed, t)
@@ -883,8 +884,10 @@ class Simulator:
         # no admission in a step that preempted (vLLM V1's scheduler)
         admitted = not preempted and inst.nwait > 0 and inst.admit_next(t, self.req.pf_len)
         inst.retime(t, self.evq)
-        if (completed or admitted or preempted) and self.load_columns:
-            self._sync(inst, t)  # admission moves a prompt out of q_n's prefill term
+        if (completed or admitted or preempted or prefilled) and self.load_columns:
+            # admission moves a prompt out of q_n's prefill term; a finished prefill
+            # frees the prefill slot (the routing guard's predicted wait drops to 0)
+            self._sync(inst, t)
         if completed and inst.state == DRAINING and inst.n_out == 0 and inst.prefill_rid < 0:
             self._release(inst, t)
         return self.ended and self.done == self.req.n
