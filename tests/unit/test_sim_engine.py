@@ -503,3 +503,58 @@ def test_the_routing_guard_sees_a_finished_prefill(monkeypatch):
     sim.run()
     assert sim.done == n
     assert not stale, stale[:5]
+
+
+def test_a_members_batch_room_is_sized_at_the_mix_it_holds(monkeypatch):
+    """Each JouleSched member's batch room and TPOT batch are core.routing.
+    sustainable_batch at the mean prompt and predicted response of the requests it holds,
+    at most its pool's mean mix's: a member that took the long-prompt, short-response
+    requests has far less room, as prompt chunks mixed into its decode steps stretch
+    them (joulesched-320 bundled load 0.8: docs/marginal-energy.md)."""
+    from joulepool.core.routing import sustainable_batch
+
+    seen: list[tuple[float, float, int, int, float]] = []  # prompt, response, room, b*, n
+    pick = Simulator._pick_instance
+
+    def checked(self: Simulator, rid: int, t: float) -> Instance | None:
+        for pool in self.pools:
+            assert pool.index is not None
+            for pos, inst in enumerate(pool.members):
+                row = pool.index.rows.get(pos)
+                if row is not None and inst.n_out > 0:
+                    seen.append((inst.in_tok / inst.n_out, inst.q_tok / inst.n_out,
+                                 int(row[11] + inst.n_out), inst.tpot_batch, inst.n_out))
+        return pick(self, rid, t)
+
+    monkeypatch.setattr(Simulator, "_pick_instance", checked)
+    two = cluster([("n", "H100", 2)])
+    rng = np.random.default_rng(5)
+    n = 400  # half long prompts with short responses, half the other way round
+    arrival = np.cumsum(rng.exponential(1 / 20.0, n))
+    heavy = rng.random(n) < 0.5
+    inp = np.where(heavy, 4000, 300).astype(np.int64)
+    out = np.where(heavy, 40, 400).astype(np.int64)
+    wl = Workload(
+        arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
+        category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
+        cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, 1.0),
+        tpot_slo_s=np.full(n, 0.15), deadline_s=1.0 + out * 0.15,
+        duration_s=float(arrival[-1]), scale=1.0)
+    tables = model_tables(two)
+    sim = Simulator(two, wl, POLICIES["joulesched"], tables)
+    sim.run()
+    assert sim.done == n
+    profile = tables[sim.instances[0].table.mode].profile
+    pool_mix = sustainable_batch(profile, float(inp.mean()), float(out.mean()), math.inf, 0.15)
+    assert seen
+    for prompt, response, carry, tpot_batch, _ in seen:
+        at_mix = sustainable_batch(profile, prompt, response, math.inf, 0.15)
+        # the grid's 9 % steps: between the batches a step either side gives
+        lo = sustainable_batch(profile, prompt * 1.05, response / 1.05, math.inf, 0.15)
+        hi = sustainable_batch(profile, prompt / 1.05, response * 1.05, math.inf, 0.15)
+        assert min(lo, at_mix, pool_mix) <= tpot_batch <= min(max(hi, at_mix), pool_mix), (
+            prompt, response, tpot_batch)
+        assert carry <= tpot_batch  # the TTFT bound only takes room away
+    heavy_rows = [r for r in seen if r[0] > 3000.0]
+    assert heavy_rows  # some member held mostly long prompts at some point
+    assert max(r[3] for r in heavy_rows) < pool_mix  # less room than the pool's mean mix

@@ -109,6 +109,11 @@ __all__ = [
 ]
 
 
+#: grid of the mean prompt and response a member's TPOT batch is read at (bins per
+#: octave: 8 is a 9 % step, finer than the mix moves between two syncs)
+MIX_BINS_PER_OCTAVE = 8
+
+
 class Mark(IntEnum):
     """Scheduled points of the run besides arrivals, instance events and ticks.
 
@@ -321,6 +326,7 @@ class Simulator:
         "load_columns",
         "mark_i",
         "marks",
+        "mix_batches",
         "n_pools",
         "n_sys",
         "next_control",
@@ -391,6 +397,8 @@ class Simulator:
         # X(b) at the clock each batch needs, for this run's MIAD margin
         self.tables = {m: t.with_miad_margin(prm.miad_margin) for m, t in tables.items()}
         self.slo_batches: dict[tuple[str, int, bool], int] = {}
+        #: (mode, class, prompt bin, response bin) -> TPOT batch at that mix
+        self.mix_batches: dict[tuple[str, int, int, int, bool], int] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
         self.llf = policy.queue == "llf"
@@ -835,6 +843,10 @@ class Simulator:
         if inst.state != ACTIVE or inst.pos < 0:
             return
         if self.use_js:
+            inst.tpot_batch = self._mix_batch(inst, ttft=False)
+            carry = self._mix_batch(inst, ttft=True)
+            if carry != inst.opb:
+                inst.set_carry(carry)
             self.pools[inst.pool].sync(inst, t)
         else:
             self.pools[inst.pool].sync_load(inst)
@@ -954,6 +966,7 @@ class Simulator:
         for rid in completed:
             t_done[rid] = t
             inst.q_tok -= predicted[rid]
+            inst.in_tok -= req.input[rid]
             o = output[rid]
             if t - arrival[rid] > deadline[rid]:
                 self.period_miss += 1
@@ -1013,6 +1026,36 @@ class Simulator:
                 float(wl.predicted_tokens[mine].mean()),
                 float(wl.ttft_slo_s[slo].mean()) if ttft else math.inf,
                 float(wl.tpot_slo_s[slo].min()))
+        return hit
+
+    def _mix_batch(self, inst: Instance, ttft: bool) -> int:
+        """``inst``'s batch within the SLO (core.routing.sustainable_batch; without
+        ``ttft``: TPOT alone, core.routing.overflow_rank's ``tpot_batch``) at the mix it
+        holds now, at most its pool's (the batch the pool was sized at): the mean prompt
+        and predicted response of the requests routed to it and unfinished, each on a
+        grid of :data:`MIX_BINS_PER_OCTAVE` per octave, at its pool's SLOs; its pool's
+        while it holds none. The batch that keeps TPOT falls steeply as prompts grow
+        against responses (prompt chunks mixed into the decode steps), so a member that
+        took the pool's long-prompt, short-response requests has far less room than the
+        pool's mean mix gives it (docs/marginal-energy.md)."""
+        n = inst.n_out
+        mode, cls = inst.table.mode, inst.cls
+        pool_batch = self._sustainable_batch(mode, cls, ttft)
+        if n <= 0 or inst.in_tok <= 0.0 or inst.q_tok <= 0.0:
+            return pool_batch
+        kp = round(math.log2(inst.in_tok / n) * MIX_BINS_PER_OCTAVE)
+        ko = round(math.log2(max(inst.q_tok / n, 1.0)) * MIX_BINS_PER_OCTAVE)
+        key = (mode, cls, kp, ko, ttft)
+        hit = self.mix_batches.get(key)
+        if hit is None:
+            wl = self.workload
+            mine = self._pool_requests(cls)
+            slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
+            hit = self.mix_batches[key] = min(pool_batch, sustainable_batch(
+                self.tables[mode].profile, 2.0 ** (kp / MIX_BINS_PER_OCTAVE),
+                2.0 ** (ko / MIX_BINS_PER_OCTAVE),
+                float(wl.ttft_slo_s[slo].mean()) if ttft else math.inf,
+                float(wl.tpot_slo_s[slo].min())))
         return hit
 
     def _clock_floor(self, inst: Instance) -> float:

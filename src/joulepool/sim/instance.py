@@ -81,6 +81,7 @@ class Instance:
         "gpus",
         "heap",
         "idx",
+        "in_tok",
         "inv_cap",
         "itl",
         "itl_count",
@@ -192,6 +193,7 @@ class Instance:
         self.version = 0  # bumps invalidate the instance's scheduled event
         self.n_out = 0  # requests routed here, unfinished
         self.q_tok = 0.0  # predicted decode tokens of the requests routed here, unfinished
+        self.in_tok = 0.0  # prompt tokens of the requests routed here, unfinished
         self.wait_in = 0.0  # prompt tokens of the requests waiting for admission
         self.v_busy = 0.0  # V by which the longest request in flight is done (predicted)
         self.tt_max = -1.0  # worst TTFT / SLO since the last MIAD step (-1: none)
@@ -435,6 +437,7 @@ class Instance:
         laxity of its first token, due by ``first_token_by_s``, and its last token)."""
         self.n_out += 1
         self.q_tok += predicted_tokens
+        self.in_tok += input_tokens
         self.wait_in += input_tokens
         if self.llf:
             self.waiting.push(rid, llf_deadline_s, predicted_tokens, self.req_tps,
