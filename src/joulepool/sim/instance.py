@@ -568,6 +568,7 @@ class Pool:
         queue, the prefill time per token and the batch room."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
         n_out = self.out[pos] = inst.n_out
+        self._state.tpot_batch[pos] = inst.tpot_batch  # the engine sizes it at its mix
         row = inst.row(t)
         index = self.index
         if index is not None:
