@@ -505,56 +505,106 @@ def test_the_routing_guard_sees_a_finished_prefill(monkeypatch):
     assert not stale, stale[:5]
 
 
-def test_a_members_batch_room_is_sized_at_the_mix_it_holds(monkeypatch):
-    """Each JouleSched member's batch room and TPOT batch are core.routing.
-    sustainable_batch at the mean prompt and predicted response of the requests it holds,
-    at most its pool's mean mix's: a member that took the long-prompt, short-response
-    requests has far less room, as prompt chunks mixed into its decode steps stretch
-    them (joulesched-320 bundled load 0.8: docs/marginal-energy.md)."""
-    from joulepool.core.routing import sustainable_batch
-
-    seen: list[tuple[float, float, int, int, float]] = []  # prompt, response, room, b*, n
-    pick = Simulator._pick_instance
-
-    def checked(self: Simulator, rid: int, t: float) -> Instance | None:
-        for pool in self.pools:
-            assert pool.index is not None
-            for pos, inst in enumerate(pool.members):
-                row = pool.index.rows.get(pos)
-                if row is not None and inst.n_out > 0:
-                    seen.append((inst.in_tok / inst.n_out, inst.q_tok / inst.n_out,
-                                 int(row[11] + inst.n_out), inst.tpot_batch, inst.n_out))
-        return pick(self, rid, t)
-
-    monkeypatch.setattr(Simulator, "_pick_instance", checked)
-    two = cluster([("n", "H100", 2)])
-    rng = np.random.default_rng(5)
-    n = 400  # half long prompts with short responses, half the other way round
+def _sorted_mix_workload(n: int, seed: int) -> Workload:
+    """Half long prompts with short responses, half the other way round (~20 req/s)."""
+    rng = np.random.default_rng(seed)
     arrival = np.cumsum(rng.exponential(1 / 20.0, n))
     heavy = rng.random(n) < 0.5
     inp = np.where(heavy, 4000, 300).astype(np.int64)
     out = np.where(heavy, 40, 400).astype(np.int64)
-    wl = Workload(
+    return Workload(
         arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
         category=np.zeros(n, dtype=np.int64), bulk=np.zeros(n, dtype=np.bool_),
         cls=np.zeros(n, dtype=np.int64), ttft_slo_s=np.full(n, 1.0),
         tpot_slo_s=np.full(n, 0.15), deadline_s=1.0 + out * 0.15,
         duration_s=float(arrival[-1]), scale=1.0)
+
+
+def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monkeypatch):
+    """Each JouleSched member's b*_n and TPOT batch are core.routing.room_at_slot_load at
+    the slot load core.routing.SlotLoadMoments.credible gives it: its unfinished
+    requests' mean slot load with the Buhlmann-Straub credibility of the pool's members'
+    spread, the pool's for the rest. Checked against the sums recomputed from the
+    requests each member holds, whenever a member's row is refreshed (a row keeps the
+    pool's spread as of its member's last change until its next)."""
+    from joulepool.core.routing import (
+        SlotLoadMoments,
+        room_at_slot_load,
+        slot_load,
+        slot_load_bin,
+        sustainable_batch,
+    )
+
+    checked: list[tuple[float, int, int]] = []  # (Z, b*_n, TPOT batch)
+    sync = Simulator._sync
+
+    def check(self: Simulator, inst: Instance, t: float) -> None:
+        sync(self, inst, t)
+        if inst.pos < 0:
+            return
+        req = self.req
+        done = np.asarray(req.t_done[:self.next_rid], dtype=np.float64)  # routed so far
+        where = np.asarray(req.where[:self.next_rid])
+        held = np.flatnonzero(np.isnan(done))
+        pool = self.pools[0]
+        sums = []
+        for member in pool.members:
+            mine = held[where[held] == member.idx]
+            loads = [slot_load(float(req.input[r]), float(req.predicted[r])) for r in mine]
+            sums.append((len(loads), math.fsum(loads), math.fsum(x * x for x in loads)))
+        moments = SlotLoadMoments.of(sums)
+        prior, mean_out = self._pool_mix(0)
+        n, total, _ = sums[inst.pos]
+        assert inst.n_out == n
+        assert inst.sl_sum == pytest.approx(total, rel=1e-9, abs=1e-6)
+        if not n:
+            return
+        load = moments.credible(n, total, prior)
+        z = (load - prior) / (total / n - prior) if total / n != prior else 0.0
+        k = slot_load_bin(load, prior)
+        profile = self.tables[inst.table.mode].profile
+        # the sums kept as members change round differently: a bin either side
+        want = {(room_at_slot_load(profile, b, prior, mean_out, 1.0, 0.15),
+                 room_at_slot_load(profile, b, prior, mean_out, math.inf, 0.15))
+                for b in (k - 1, k, k + 1)}
+        assert (inst.opb, inst.tpot_batch) in want, (n, load, k)
+        checked.append((z, inst.opb, inst.tpot_batch))
+
+    monkeypatch.setattr(Simulator, "_sync", check)
+    two = cluster([("n", "H100", 2)])
+    wl = _sorted_mix_workload(300, 5)
     tables = model_tables(two)
     sim = Simulator(two, wl, POLICIES["joulesched"], tables)
+    assert sim.pools[0].index is not None
     sim.run()
-    assert sim.done == n
+    assert sim.done == wl.arrival_s.size
     profile = tables[sim.instances[0].table.mode].profile
-    pool_mix = sustainable_batch(profile, float(inp.mean()), float(out.mean()), math.inf, 0.15)
-    assert seen
-    for prompt, response, carry, tpot_batch, _ in seen:
-        at_mix = sustainable_batch(profile, prompt, response, math.inf, 0.15)
-        # the grid's 9 % steps: between the batches a step either side gives
-        lo = sustainable_batch(profile, prompt * 1.05, response / 1.05, math.inf, 0.15)
-        hi = sustainable_batch(profile, prompt / 1.05, response * 1.05, math.inf, 0.15)
-        assert min(lo, at_mix, pool_mix) <= tpot_batch <= min(max(hi, at_mix), pool_mix), (
-            prompt, response, tpot_batch)
-        assert carry <= tpot_batch  # the TTFT bound only takes room away
-    heavy_rows = [r for r in seen if r[0] > 3000.0]
-    assert heavy_rows  # some member held mostly long prompts at some point
-    assert max(r[3] for r in heavy_rows) < pool_mix  # less room than the pool's mean mix
+    pool_tpot = sustainable_batch(profile, float(wl.input_tokens.mean()),
+                                  float(wl.output_tokens.mean()), math.inf, 0.15)
+    assert checked
+    # the router sorted this pool's requests by mix, and the spread showed it: some
+    # member was credited with its own load, and one holding the long prompts had less
+    # room within TPOT than the pool's mean mix gives
+    assert max(z for z, _, _ in checked) > 0.5
+    assert min(tb for _, _, tb in checked) < pool_tpot
+
+
+def test_members_of_identical_gpus_serving_one_stream_keep_the_pools_room(monkeypatch):
+    """On identical GPUs taking requests of one stream, the members' spread of slot loads
+    is sampling: most routing rows carry the pool's rooms (credibility 0), so one long
+    prompt with a short answer does not make a member look full (which spread the load
+    over idle GPUs: docs/marginal-energy.md, "Per-member room")."""
+    cl = cluster([("h", "H100", 8)])
+    wl = build_workload(load_trace(), 120.0, mode="rate", value=40.0, seed=5)
+    rows: list[bool] = []
+    sync = Simulator._sync
+
+    def noted(self: Simulator, inst: Instance, t: float) -> None:
+        sync(self, inst, t)
+        if inst.n_out and inst.pos >= 0:
+            rows.append(inst.opb == self._sustainable_batch(inst.table.mode, inst.cls))
+
+    monkeypatch.setattr(Simulator, "_sync", noted)
+    simulate(cl, wl, JS, model_tables(cl))
+    assert rows
+    assert np.mean(rows) > 0.6

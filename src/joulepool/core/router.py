@@ -71,11 +71,13 @@ from joulepool.core.online import EpsEstimator, ExpSmoothed, IncrementRatio, Sli
 from joulepool.core.replicas import Counts, consensus_lambda
 from joulepool.core.routing import (
     EndpointModel,
+    SlotLoadMoments,
     carbon_weights,
     default_deadline,
     endpoint_queue_tokens,
     queued_responses,
     request_tokens,
+    slot_load,
     waiting_requests_estimate,
 )
 from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
@@ -152,7 +154,8 @@ class Endpoint:
     __slots__ = (
         "address", "engine", "eps_est", "generated_tokens", "kv_cache", "ledger",
         "ledger_tokens", "measured_eps", "metrics_url", "model", "node", "pod", "running",
-        "scraped_at", "site", "source", "static_queue", "waiting",
+        "scraped_at", "site", "slot_load_squares", "slot_loads", "source", "static_queue",
+        "waiting",
     )
 
     def __init__(
@@ -185,18 +188,32 @@ class Endpoint:
         self.static_queue = static_queue
         self.scraped_at: float | None = None
         self.eps_est = EpsEstimator(half_life_s=eps_half_life_s, min_tokens=eps_min_tokens)
-        #: request id -> (expiry time, tokens), oldest first
-        self.ledger: dict[str, tuple[float, float]] = {}
+        #: request id -> (expiry time, tokens, slot load), oldest first (the slot load:
+        #: core.routing.slot_load of its prompt and response)
+        self.ledger: dict[str, tuple[float, float, float]] = {}
         self.ledger_tokens = 0.0  # sum of the ledger's tokens, kept as it changes
+        #: the ledger's slot loads: their sum and the sum of their squares (its credible
+        #: slot load, core.routing.SlotLoadMoments)
+        self.slot_loads = 0.0
+        self.slot_load_squares = 0.0
 
-    def add_routed(self, rid: str, expiry: float, tokens: float) -> None:
-        self.ledger[rid] = (expiry, tokens)
+    def add_routed(self, rid: str, expiry: float, tokens: float, load: float = 0.0) -> None:
+        self.ledger[rid] = (expiry, tokens, load)
         self.ledger_tokens += tokens
+        self.slot_loads += load
+        self.slot_load_squares += load * load
 
-    def drop_routed(self, rid: str) -> None:
-        _, tokens = self.ledger.pop(rid)
+    def drop_routed(self, rid: str) -> float:
+        """Forget request ``rid``; returns its slot load."""
+        _, tokens, load = self.ledger.pop(rid)
         # exact zero when empty, so float residue never builds up
-        self.ledger_tokens = self.ledger_tokens - tokens if self.ledger else 0.0
+        if self.ledger:
+            self.ledger_tokens -= tokens
+            self.slot_loads -= load
+            self.slot_load_squares -= load * load
+        else:
+            self.ledger_tokens = self.slot_loads = self.slot_load_squares = 0.0
+        return load
 
 
 _ids = itertools.count(1)
@@ -269,6 +286,7 @@ class PoolRouter:
         self.counts: dict[str, Counts] = {}
         self.endpoints: list[Endpoint] = []
         self.index: dict[str, int] = {}
+        self.mix_rooms = False
         #: gCO2/kWh per site (set_site_intensities; empty: the energy objective)
         self.site_g: dict[str, float] = {}
         self._alloc(0)
@@ -389,6 +407,8 @@ class PoolRouter:
         if self.site_g:  # the new endpoints weigh by their sites' intensities
             self.carbon_w = self._carbon_weights()
         self.state.models = tuple(e.model for e in fresh)
+        #: some endpoint's rooms are sized at a stream: rooms follow credible slot loads
+        self.mix_rooms = any(e.model.mix is not None for e in fresh)
         for i in range(len(fresh)):
             self._set_model(i)
             self._refresh(i)
@@ -434,9 +454,34 @@ class PoolRouter:
 
     def _batch_room(self) -> FloatArray:
         """Requests each endpoint can still take within b*_n: the ledger or the scraped
-        counts, whichever is more, are in flight."""
-        room: FloatArray = self.op_batch - np.maximum(self.ledger_count, self.scraped)
+        counts, whichever is more, are in flight. Where the endpoints' rooms are sized at
+        a stream (EndpointModel's ``serving``), b*_n and the TPOT batch are those of the
+        slot load each is credited with (:meth:`_credible_rooms`)."""
+        limit = self.op_batch
+        if self.mix_rooms:
+            limit = self._credible_rooms()
+        room: FloatArray = limit - np.maximum(self.ledger_count, self.scraped)
         return room
+
+    def _credible_rooms(self) -> FloatArray:
+        """b*_n of every endpoint at the slot load it is credited with
+        (core.routing.SlotLoadMoments.credible over the pool's ledgers, against each
+        endpoint's stream), as the simulator sizes its members; sets the TPOT batches
+        (``state.tpot_batch``) likewise."""
+        held = [(float(len(ep.ledger)), ep.slot_loads, ep.slot_load_squares)
+                for ep in self.endpoints]
+        moments = SlotLoadMoments.of(held)
+        limit = self.op_batch.copy()
+        tpot = self.state.tpot_batch
+        for i, ep in enumerate(self.endpoints):
+            n, total, _ = held[i]
+            m = ep.model
+            if n > 0 and total > 0.0:
+                load = moments.credible(n, total, m.pool_slot_load)
+                limit[i], tpot[i] = m.rooms_at_slot_load(load)
+            else:
+                limit[i], tpot[i] = m.batch_limit, m.tpot_batch_limit
+        return limit
 
     def _batch_left(self, now: float) -> FloatArray:
         """R_n: decode steps the requests in flight on each endpoint have left (by the
@@ -501,7 +546,8 @@ class PoolRouter:
         done = first + max(float(output_tokens) - 1.0, 0.0) * self._join_step_s(best)
         self.busy_until[best] = max(float(self.busy_until[best]), done)
         rid = _next_id()
-        ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens)
+        ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens,
+                      slot_load(float(input_tokens), float(output_tokens)))
         self._refresh(best)
         if output_tokens > 0:
             self.mean_out.update(output_tokens)
@@ -555,9 +601,9 @@ class PoolRouter:
         i, j = self.index.get(picked), self.index.get(served)
         if i is None or j is None or request_id not in self.endpoints[i].ledger:
             return False
-        expiry, tokens = self.endpoints[i].ledger[request_id]
+        expiry, tokens, load = self.endpoints[i].ledger[request_id]
         self.endpoints[i].drop_routed(request_id)
-        self.endpoints[j].add_routed(request_id, expiry, tokens)
+        self.endpoints[j].add_routed(request_id, expiry, tokens, load)
         self._refresh(i)
         self._refresh(j)
         return True
@@ -602,11 +648,14 @@ class PoolRouter:
     def reassign(self, request_id: str, old: str, new: str, tokens: float, now: float) -> bool:
         """Move a routed request's ledger entry from endpoint ``old`` to ``new`` (a retry
         elsewhere); False if ``new`` is unknown (the entry is then just dropped)."""
+        i = self.index.get(old)
+        held = self.endpoints[i].ledger.get(request_id) if i is not None else None
         self.release(old, request_id)
         j = self.index.get(new)
         if j is None:
             return False
-        self.endpoints[j].add_routed(request_id, now + self.s.inflight_ttl_s, tokens)
+        self.endpoints[j].add_routed(request_id, now + self.s.inflight_ttl_s, tokens,
+                                     held[2] if held is not None else 0.0)
         self._refresh(j)
         return True
 
@@ -682,7 +731,7 @@ class PoolRouter:
         for i, ep in enumerate(self.endpoints):
             if not ep.ledger:
                 continue
-            expired = [rid for rid, (exp, _) in ep.ledger.items() if exp <= now]
+            expired = [rid for rid, (exp, _, _) in ep.ledger.items() if exp <= now]
             if expired:
                 for rid in expired:
                     ep.drop_routed(rid)

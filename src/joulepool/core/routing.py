@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -580,6 +580,13 @@ class EndpointModel:
     #: requests it carries at once within TPOT whatever the first token
     #: (:func:`sustainable_batch` without a TTFT bound); 0: the operating batch
     tpot_carry: int = 0
+    #: the serving profile, SLOs (TTFT, TPOT s) and clock its rooms are sized at, and the
+    #: pool's stream: slot load (:func:`slot_load`) and mean response; None without
+    #: ``serving`` (then its rooms do not follow a mix: :meth:`rooms_at_slot_load`)
+    mix: tuple[ServingProfile, float, float, float | None, float, float] | None = None
+    #: rooms at each slot-load bin, filled as read
+    _rooms: dict[int, tuple[int, int]] = field(default_factory=dict, compare=False,
+                                               repr=False)
 
     @classmethod
     def from_profile(
@@ -614,14 +621,17 @@ class EndpointModel:
         pi = float(prefill_excess_j_per_token(float(profile.prefill_power_w(clock_mhz)),
                                         profile.idle_w, pf))
         carry = tpot_carry = 0
+        mix = None
         if serving is not None:
             carry = sustainable_batch(profile, serving[0], serving[1], serving[2],
                                       tpot_slo_s, clock_mhz)
             tpot_carry = sustainable_batch(profile, serving[0], serving[1], math.inf,
                                            tpot_slo_s, clock_mhz)
+            mix = (profile, serving[2], tpot_slo_s, clock_mhz,
+                   slot_load(serving[0], serving[1]), serving[1])
         itl = np.asarray(profile.itl_s(b, clock_mhz), dtype=np.float64)
         return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry, itl,
-                   float(default_batched_tokens(profile.product)), tpot_carry)
+                   float(default_batched_tokens(profile.product)), tpot_carry, mix)
 
     @classmethod
     def constant(cls, eps: float, tps: float) -> EndpointModel:
@@ -682,6 +692,32 @@ class EndpointModel:
     def carry_batch(self) -> int:
         """b*_n: :attr:`carry` within the tables, else the operating batch."""
         return min(self.carry, self.max_batch) if self.carry > 0 else self.op_batch
+
+    @property
+    def pool_slot_load(self) -> float:
+        """The slot load of the stream its rooms are sized at (NaN without one)."""
+        return self.mix[4] if self.mix is not None else math.nan
+
+    def rooms_at_slot_load(self, load: float) -> tuple[float, float]:
+        """(:attr:`batch_limit`, :attr:`tpot_batch_limit`) of a member credited with slot
+        load ``load`` (:meth:`SlotLoadMoments.credible`): :func:`room_at_slot_load` on
+        the grid relative to its pool's stream (bin 0: its pool's rooms), within the
+        tables; its pool's rooms when it has no stream (no ``serving``) or ``load`` is
+        not > 0."""
+        if self.mix is None or not load > 0.0:
+            return self.batch_limit, self.tpot_batch_limit
+        profile, ttft, tpot, clock, prior, mean_out = self.mix
+        k = slot_load_bin(load, prior)
+        if k == 0:
+            return self.batch_limit, self.tpot_batch_limit
+        hit = self._rooms.get(k)
+        if hit is None:
+            hit = self._rooms[k] = (
+                min(room_at_slot_load(profile, k, prior, mean_out, ttft, tpot, clock),
+                    self.max_batch),
+                min(room_at_slot_load(profile, k, prior, mean_out, math.inf, tpot, clock),
+                    self.max_batch))
+        return float(hit[0]), float(hit[1])
 
     def marginal_eps(self, in_flight: float) -> float:
         """eps_n joining ``in_flight`` others (:func:`marginal_decode_j_per_token`)."""
@@ -744,6 +780,115 @@ def sustainable_batch(profile: ServingProfile, mean_input_tokens: float,
     sp = profile.serving_point(mean_input_tokens, mean_output_tokens, ttft_slo_s,
                                tpot_slo_s, clock_mhz, headroom)
     return max(int(sp.batch), 1)
+
+
+#: grid of a member's credible slot load that its batch room is read at, in bins per
+#: octave relative to its pool's slot load (bin 0 is the pool's): a 9 % step, so that
+#: rooms can be tabulated (:meth:`ServingProfile.serving_point` is a bisection)
+SLOT_LOAD_BINS_PER_OCTAVE = 8
+
+
+def slot_load(input_tokens: float, output_tokens: float) -> float:
+    """Prompt tokens per decode step that one batch slot brings, in steady state, while it
+    holds requests like this one: the slot turns over every ``output_tokens`` steps (at
+    least 1) and each turn prefills an ``input_tokens`` prompt into the mixed steps.
+
+    The requests an endpoint holds are a sample of the stream it receives biased to long
+    responses (each stays in proportion to its response: Little's law), and the plain
+    mean of their slot loads undoes that bias exactly: it estimates
+    sum(lam_i P_i) / sum(lam_i o_i), the stream's mean prompt over its mean response, the
+    ratio :func:`sustainable_batch`'s TPOT bound falls with (docs/marginal-energy.md,
+    "Per-member room")."""
+    return input_tokens / (output_tokens if output_tokens > 1.0 else 1.0)
+
+
+def slot_load_terms(n: float, total: float, squares: float) -> tuple[float, float, float,
+                                                                    float, float, float]:
+    """One pool member's terms of :class:`SlotLoadMoments`' six sums, when it holds ``n``
+    requests whose slot loads (:func:`slot_load`) sum to ``total`` and their squares to ``squares``
+    (all 0 while it holds none)."""
+    if n <= 0:
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    return n, 1.0, total, squares, total * total / n, n * n
+
+
+def slot_load_credibility(n: float, requests: float, members: float, total: float,
+                          squares: float, member_squares: float, count_squares: float
+                          ) -> float:
+    """Buhlmann-Straub credibility Z in [0, 1] of the mean slot load of a member holding
+    ``n`` requests, from its pool's sums (:class:`SlotLoadMoments`): n / (n + EPV / VHM),
+    EPV the within-member variance of slot loads (pooled over the members), VHM the
+    variance of the members' true means (their spread less what sampling explains).
+
+    0 when the members' means differ no more than samples of one stream would (VHM <= 0:
+    the router does not sort requests by mix), with fewer than two members holding any
+    or no within-member degree of freedom. Plain floats: the simulator calls it per
+    routing-row refresh."""
+    if n <= 0 or members < 2 or requests <= members:
+        return 0.0
+    epv = (squares - member_squares) / (requests - members)
+    if epv < 0.0:  # rounding of a pool whose members hold equal loads
+        epv = 0.0
+    between = member_squares - total * total / requests
+    vhm = (between - (members - 1.0) * epv) / (requests - count_squares / requests)
+    if not vhm > 0.0:
+        return 0.0
+    return n * vhm / (n * vhm + epv)
+
+
+@dataclass(frozen=True)
+class SlotLoadMoments:
+    """The slot loads (:func:`slot_load`) of the requests a pool's members hold (routed to them and
+    unfinished), summed over the members (each member's terms: :func:`slot_load_terms`):
+    the inputs of a member's credible slot load, :meth:`credible`.
+
+    ``requests`` N = sum n_j; ``members`` m, those holding any; ``total`` sum s_j (s_j a
+    member's sum of slot loads); ``squares`` the sum of their squares; ``member_squares``
+    sum s_j^2 / n_j; ``count_squares`` sum n_j^2."""
+
+    requests: float = 0.0
+    members: float = 0.0
+    total: float = 0.0
+    squares: float = 0.0
+    member_squares: float = 0.0
+    count_squares: float = 0.0
+
+    @classmethod
+    def of(cls, held: Sequence[tuple[float, float, float]]) -> SlotLoadMoments:
+        """The sums over members each holding (n, sum of slot loads, sum of squares)."""
+        sums = [0.0] * 6
+        for n, total, squares in held:
+            for k, term in enumerate(slot_load_terms(n, total, squares)):
+                sums[k] += term
+        return cls(*sums)
+
+    def credible(self, n: float, total: float, prior: float) -> float:
+        """The slot load a member holding ``n`` requests whose slot loads sum to ``total``
+        is credited with: Z x its mean + (1 - Z) x ``prior``, the pool's stream's (mean
+        prompt / mean response), Z from :func:`slot_load_credibility`. A member's own
+        mean from a few requests says little (one long prompt with a short answer would
+        make it look full); the members' spread says how far a member's stream differs
+        from the pool's once the router sorts requests by mix."""
+        z = slot_load_credibility(n, self.requests, self.members, self.total, self.squares,
+                                  self.member_squares, self.count_squares)
+        return prior if z <= 0.0 else z * (total / n) + (1.0 - z) * prior
+
+
+def slot_load_bin(load: float, prior: float) -> int:
+    """The grid bin (:data:`SLOT_LOAD_BINS_PER_OCTAVE`) of slot load ``load`` relative to
+    the pool's ``prior``: 0 at the prior, +8 at twice it (both > 0)."""
+    return round(math.log2(load / prior) * SLOT_LOAD_BINS_PER_OCTAVE)
+
+
+def room_at_slot_load(profile: ServingProfile, load_bin: int, prior: float,
+                      mean_output_tokens: float, ttft_slo_s: float, tpot_slo_s: float,
+                      clock_mhz: float | None = None) -> int:
+    """A member's batch room when credited with the slot load of bin ``load_bin``
+    (:func:`slot_load_bin` relative to ``prior``): :func:`sustainable_batch` of responses
+    of ``mean_output_tokens`` (its pool's) with prompts of that load x the response."""
+    load = prior * 2.0 ** (load_bin / SLOT_LOAD_BINS_PER_OCTAVE)
+    return sustainable_batch(profile, load * mean_output_tokens, mean_output_tokens,
+                             ttft_slo_s, tpot_slo_s, clock_mhz)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,13 @@ from joulepool.core.profiles import (
     startup,
 )
 from joulepool.core.router import PI_PERIOD_S
-from joulepool.core.routing import carbon_weights, sustainable_batch
+from joulepool.core.routing import (
+    carbon_weights,
+    room_at_slot_load,
+    slot_load,
+    slot_load_bin,
+    sustainable_batch,
+)
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.instance import (
@@ -107,11 +113,6 @@ __all__ = [
     "EngineParams", "InstanceState", "Mark", "RunResult", "Simulator", "simulate",
     "static_deployment",
 ]
-
-
-#: grid of the mean prompt and response a member's TPOT batch is read at (bins per
-#: octave: 8 is a 9 % step, finer than the mix moves between two syncs)
-MIX_BINS_PER_OCTAVE = 8
 
 
 class Mark(IntEnum):
@@ -326,7 +327,7 @@ class Simulator:
         "load_columns",
         "mark_i",
         "marks",
-        "mix_batches",
+        "mix_rooms",
         "n_pools",
         "n_sys",
         "next_control",
@@ -343,6 +344,7 @@ class Simulator:
         "planner_pools",
         "plog",
         "policy",
+        "pool_mix",
         "pools",
         "preemptions",
         "prm",
@@ -397,8 +399,10 @@ class Simulator:
         # X(b) at the clock each batch needs, for this run's MIAD margin
         self.tables = {m: t.with_miad_margin(prm.miad_margin) for m, t in tables.items()}
         self.slo_batches: dict[tuple[str, int, bool], int] = {}
-        #: (mode, class, prompt bin, response bin) -> TPOT batch at that mix
-        self.mix_batches: dict[tuple[str, int, int, int, bool], int] = {}
+        #: (mode, class, slot-load bin) -> (b*_n, TPOT batch) at that credible slot load
+        self.mix_rooms: dict[tuple[str, int, int], tuple[int, int]] = {}
+        #: class -> (slot load, mean predicted response) of the requests its pool serves
+        self.pool_mix: dict[int, tuple[float, float]] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
         self.llf = policy.queue == "llf"
@@ -843,11 +847,12 @@ class Simulator:
         if inst.state != ACTIVE or inst.pos < 0:
             return
         if self.use_js:
-            inst.tpot_batch = self._mix_batch(inst, ttft=False)
-            carry = self._mix_batch(inst, ttft=True)
+            pool = self.pools[inst.pool]
+            pool.note_mix(inst)
+            carry, inst.tpot_batch = self._member_rooms(inst, pool.credibility(inst.n_out))
             if carry != inst.opb:
                 inst.set_carry(carry)
-            self.pools[inst.pool].sync(inst, t)
+            pool.sync(inst, t)
         else:
             self.pools[inst.pool].sync_load(inst)
         if inst.cls >= self.n_pools:  # a shared instance: its rows in its guest pools too
@@ -966,12 +971,16 @@ class Simulator:
         for rid in completed:
             t_done[rid] = t
             inst.q_tok -= predicted[rid]
-            inst.in_tok -= req.input[rid]
+            load = slot_load(req.input[rid], predicted[rid])
+            inst.sl_sum -= load
+            inst.sl_sq -= load * load
             o = output[rid]
             if t - arrival[rid] > deadline[rid]:
                 self.period_miss += 1
             if prouter is not None:
                 prouter.complete(rid, o, t - arrival[rid] <= deadline[rid], t)
+        if inst.n_out == 0:  # (no rounding left over from the sums)
+            inst.sl_sum = inst.sl_sq = 0.0
         self.done += n
         self.period_done += n
 
@@ -1028,34 +1037,49 @@ class Simulator:
                 float(wl.tpot_slo_s[slo].min()))
         return hit
 
-    def _mix_batch(self, inst: Instance, ttft: bool) -> int:
-        """``inst``'s batch within the SLO (core.routing.sustainable_batch; without
-        ``ttft``: TPOT alone, core.routing.overflow_rank's ``tpot_batch``) at the mix it
-        holds now, at most its pool's (the batch the pool was sized at): the mean prompt
-        and predicted response of the requests routed to it and unfinished, each on a
-        grid of :data:`MIX_BINS_PER_OCTAVE` per octave, at its pool's SLOs; its pool's
-        while it holds none. The batch that keeps TPOT falls steeply as prompts grow
-        against responses (prompt chunks mixed into the decode steps), so a member that
-        took the pool's long-prompt, short-response requests has far less room than the
-        pool's mean mix gives it (docs/marginal-energy.md)."""
-        n = inst.n_out
+    def _member_rooms(self, inst: Instance, credibility: float) -> tuple[int, int]:
+        """``inst``'s b*_n and TPOT batch (core.routing.overflow_rank's) at the slot load
+        it is credited with (core.routing.SlotLoadMoments.credible: its requests' mean
+        slot load with ``credibility`` Z, its pool's for the rest), each
+        core.routing.room_at_slot_load on the grid relative to its pool's load; its
+        pool's rooms (:meth:`_sustainable_batch`) at Z = 0 or in the pool's bin. Once
+        the router sorts requests by mix, a member that takes the pool's long prompts
+        with short responses carries far fewer within TPOT than the pool's mean mix
+        allows, and the members' spread of loads shows it (docs/marginal-energy.md,
+        "Per-member room")."""
         mode, cls = inst.table.mode, inst.cls
-        pool_batch = self._sustainable_batch(mode, cls, ttft)
-        if n <= 0 or inst.in_tok <= 0.0 or inst.q_tok <= 0.0:
-            return pool_batch
-        kp = round(math.log2(inst.in_tok / n) * MIX_BINS_PER_OCTAVE)
-        ko = round(math.log2(max(inst.q_tok / n, 1.0)) * MIX_BINS_PER_OCTAVE)
-        key = (mode, cls, kp, ko, ttft)
-        hit = self.mix_batches.get(key)
+        n = inst.n_out
+        if credibility <= 0.0 or inst.sl_sum <= 0.0:
+            return self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False)
+        prior, mean_out = self._pool_mix(cls)
+        load = credibility * (inst.sl_sum / n) + (1.0 - credibility) * prior
+        k = slot_load_bin(load, prior)
+        if k == 0:
+            return self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False)
+        key = (mode, cls, k)
+        hit = self.mix_rooms.get(key)
         if hit is None:
             wl = self.workload
             mine = self._pool_requests(cls)
             slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
-            hit = self.mix_batches[key] = min(pool_batch, sustainable_batch(
-                self.tables[mode].profile, 2.0 ** (kp / MIX_BINS_PER_OCTAVE),
-                2.0 ** (ko / MIX_BINS_PER_OCTAVE),
-                float(wl.ttft_slo_s[slo].mean()) if ttft else math.inf,
-                float(wl.tpot_slo_s[slo].min())))
+            profile = self.tables[mode].profile
+            ttft, tpot = float(wl.ttft_slo_s[slo].mean()), float(wl.tpot_slo_s[slo].min())
+            hit = self.mix_rooms[key] = (
+                room_at_slot_load(profile, k, prior, mean_out, ttft, tpot),
+                room_at_slot_load(profile, k, prior, mean_out, math.inf, tpot))
+        return hit
+
+    def _pool_mix(self, cls: int) -> tuple[float, float]:
+        """(slot load, mean predicted response) of the requests a pool serving ``cls``
+        gets (:meth:`_pool_requests`): core.routing.slot_load of their mean prompt and
+        mean predicted response, the load its pool's rooms are sized at."""
+        hit = self.pool_mix.get(cls)
+        if hit is None:
+            wl = self.workload
+            mine = self._pool_requests(cls)
+            out = float(wl.predicted_tokens[mine].mean())
+            hit = self.pool_mix[cls] = (
+                slot_load(float(wl.input_tokens[mine].mean()), out), out)
         return hit
 
     def _clock_floor(self, inst: Instance) -> float:

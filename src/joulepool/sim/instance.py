@@ -21,6 +21,9 @@ from joulepool.core.routing import (
     endpoint_queue_tokens,
     prefill_queue,
     prefill_weight,
+    slot_load,
+    slot_load_credibility,
+    slot_load_terms,
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
 from joulepool.sim.candidates import CandidateIndex
@@ -81,7 +84,6 @@ class Instance:
         "gpus",
         "heap",
         "idx",
-        "in_tok",
         "inv_cap",
         "itl",
         "itl_count",
@@ -121,6 +123,8 @@ class Instance:
         "q_tok",
         "req_tps",
         "site",
+        "sl_sq",
+        "sl_sum",
         "start_s",
         "start_w",
         "state",
@@ -193,7 +197,10 @@ class Instance:
         self.version = 0  # bumps invalidate the instance's scheduled event
         self.n_out = 0  # requests routed here, unfinished
         self.q_tok = 0.0  # predicted decode tokens of the requests routed here, unfinished
-        self.in_tok = 0.0  # prompt tokens of the requests routed here, unfinished
+        #: core.routing.slot_load of the requests routed here, unfinished: their sum and
+        #: the sum of their squares (a member's credible slot load sizes its batch room)
+        self.sl_sum = 0.0
+        self.sl_sq = 0.0
         self.wait_in = 0.0  # prompt tokens of the requests waiting for admission
         self.v_busy = 0.0  # V by which the longest request in flight is done (predicted)
         self.tt_max = -1.0  # worst TTFT / SLO since the last MIAD step (-1: none)
@@ -437,7 +444,9 @@ class Instance:
         laxity of its first token, due by ``first_token_by_s``, and its last token)."""
         self.n_out += 1
         self.q_tok += predicted_tokens
-        self.in_tok += input_tokens
+        load = slot_load(input_tokens, predicted_tokens)
+        self.sl_sum += load
+        self.sl_sq += load * load
         self.wait_in += input_tokens
         if self.llf:
             self.waiting.push(rid, llf_deadline_s, predicted_tokens, self.req_tps,
@@ -507,8 +516,8 @@ class Pool:
     the columns are written from it only when read (:attr:`state`): most requests
     never read them."""
 
-    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "members", "out",
-                 "profile")
+    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "members", "mix",
+                 "mix_of", "mix_puts", "out", "profile")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
                  indexed: bool = False, home: int | None = None) -> None:
@@ -527,6 +536,12 @@ class Pool:
         self._state = st = EndpointState(len(members))
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
         self.columns = tuple(getattr(st, name) for name in ROW_COLUMNS)
+        #: core.routing.SlotLoadMoments' six sums over the members, and each member's
+        #: terms in them (kept as members' loads change; summed afresh every
+        #: len(members) changes so that rounding does not build up)
+        self.mix = [0.0] * 6
+        self.mix_of = [(0.0,) * 6 for _ in members]
+        self.mix_puts = 0
         for pos, inst in enumerate(members):
             if home is None or inst.pool == home:
                 inst.pos = pos
@@ -534,6 +549,9 @@ class Pool:
                 self.guest_pos[inst.idx] = pos
             st.inv_capacity[pos] = inst.inv_cap
             st.tpot_batch[pos] = inst.tpot_batch
+            self.mix_of[pos] = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
+        self._sum_mix()
+        for inst in members:
             self.set_rule(inst)
 
     @property
@@ -552,6 +570,32 @@ class Pool:
                     column[pos] = value
             self.dirty.clear()
         return self._state
+
+    def _sum_mix(self) -> None:
+        """The six sums afresh from the members' terms."""
+        self.mix = [math.fsum(terms[k] for terms in self.mix_of) for k in range(6)]
+        self.mix_puts = 0
+
+    def note_mix(self, inst: Instance) -> None:
+        """``inst``'s requests changed: its terms of the pool's slot-load sums."""
+        pos = inst.pos
+        new = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
+        old = self.mix_of[pos]
+        if new == old:
+            return
+        self.mix_of[pos] = new
+        self.mix_puts += 1
+        if self.mix_puts >= len(self.members):
+            self._sum_mix()
+            return
+        mix = self.mix
+        for k in range(6):
+            mix[k] += new[k] - old[k]
+
+    def credibility(self, n: float) -> float:
+        """core.routing.slot_load_credibility of a member holding ``n`` requests."""
+        m = self.mix
+        return slot_load_credibility(n, m[0], m[1], m[2], m[3], m[4], m[5])
 
     def set_rule(self, inst: Instance) -> None:
         """Every column of ``inst``'s row (after a clock change or a rebuild)."""
