@@ -14,6 +14,7 @@ from joulepool.core.profiles import H100_8B
 from joulepool.core.routing import (
     SLOT_LOAD_BINS_PER_OCTAVE,
     SlotLoadMoments,
+    member_rooms,
     room_at_slot_load,
     slot_load,
     slot_load_bin,
@@ -121,18 +122,20 @@ def test_no_credibility_without_two_members_or_degrees_of_freedom():
 
 
 def test_the_room_on_the_grid():
-    """Bin 0 is the pool's load, so the pool's room; a heavier load never has more room
-    (prompt chunks mixed into every decode step), and the grid's step is 2^(1/8)."""
+    """Bin 0 is the pool's load, so the pool's TPOT batch; a heavier load never has more
+    room (prompt chunks mixed into every decode step), and the grid's step is 2^(1/8).
+    b*_n is the pool's at most the TPOT batch at the member's load."""
     mean_in, mean_out = 2061.0, 212.0
     prior = slot_load(mean_in, mean_out)
     pool = sustainable_batch(H100_8B, mean_in, mean_out, math.inf, 0.15)
-    assert room_at_slot_load(H100_8B, 0, prior, mean_out, math.inf, 0.15) == pool
-    rooms = [room_at_slot_load(H100_8B, k, prior, mean_out, math.inf, 0.15)
+    assert room_at_slot_load(H100_8B, 0, prior, mean_out, 0.15) == pool
+    rooms = [room_at_slot_load(H100_8B, k, prior, mean_out, 0.15)
              for k in range(-16, 17, 4)]
     assert all(a >= b for a, b in pairwise(rooms))
     assert rooms[0] > pool > rooms[-1]
     assert slot_load_bin(prior * 2.0, prior) == SLOT_LOAD_BINS_PER_OCTAVE
     assert slot_load_bin(prior * 2.0 ** (0.49 / SLOT_LOAD_BINS_PER_OCTAVE), prior) == 0
+    assert member_rooms(17, 5) == (5, 5) and member_rooms(17, 150) == (17, 150)
 
 
 
@@ -170,12 +173,13 @@ def test_the_production_router_sizes_rooms_at_the_credible_slot_load():
             assert pool.state.tpot_batch[i] == model.tpot_batch_limit
             continue
         k = slot_load_bin(moments.credible(n, total, prior), prior)
-        want_carry = room_at_slot_load(H100_8B, k, prior, mean_out, ttft, tpot)
-        want_tpot = room_at_slot_load(H100_8B, k, prior, mean_out, math.inf, tpot)
-        assert room[i] == min(want_carry, model.max_batch) - n
-        assert pool.state.tpot_batch[i] == min(want_tpot, model.max_batch)
-    # the endpoint holding the long prompts with short answers has the least room
+        want_tpot = min(room_at_slot_load(H100_8B, k, prior, mean_out, tpot), model.max_batch)
+        assert room[i] == min(model.batch_limit, want_tpot) - n
+        assert pool.state.tpot_batch[i] == want_tpot
+    # the endpoint holding the long prompts with short answers has the least room; the
+    # light ones more within TPOT, and b*_n at most the pool's
     assert pool.state.tpot_batch[1] < model.tpot_batch_limit < pool.state.tpot_batch[0]
+    assert room[1] + 30 < model.batch_limit and room[0] + 30 == model.batch_limit
     # forgetting the requests gives the pool's rooms back
     for r in range(30):
         pool.endpoints[1].drop_routed(f"r1-{r}")

@@ -521,14 +521,16 @@ def _sorted_mix_workload(n: int, seed: int) -> Workload:
 
 
 def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monkeypatch):
-    """Each JouleSched member's b*_n and TPOT batch are core.routing.room_at_slot_load at
-    the slot load core.routing.SlotLoadMoments.credible gives it: its unfinished
-    requests' mean slot load with the Buhlmann-Straub credibility of the pool's members'
-    spread, the pool's for the rest. Checked against the sums recomputed from the
-    requests each member holds, whenever a member's row is refreshed (a row keeps the
-    pool's spread as of its member's last change until its next)."""
+    """Each JouleSched member's TPOT batch is core.routing.room_at_slot_load at the slot
+    load core.routing.SlotLoadMoments.credible gives it (its unfinished requests' mean
+    slot load with the Buhlmann-Straub credibility of the pool's members' spread, the
+    pool's for the rest), its b*_n the pool's at most that (core.routing.member_rooms).
+    Checked against the sums recomputed from the requests each member holds, whenever a
+    member's row is refreshed (a row keeps the pool's spread as of its member's last
+    change until its next)."""
     from joulepool.core.routing import (
         SlotLoadMoments,
+        member_rooms,
         room_at_slot_load,
         slot_load,
         slot_load_bin,
@@ -563,12 +565,13 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
         z = (load - prior) / (total / n - prior) if total / n != prior else 0.0
         k = slot_load_bin(load, prior)
         profile = self.tables[inst.table.mode].profile
+        pool_batch = self._sustainable_batch(inst.table.mode, 0)
         # the sums kept as members change round differently: a bin either side
-        want = {(room_at_slot_load(profile, b, prior, mean_out, 1.0, 0.15),
-                 room_at_slot_load(profile, b, prior, mean_out, math.inf, 0.15))
+        want = {member_rooms(pool_batch, room_at_slot_load(profile, b, prior, mean_out, 0.15))
+                if b else (pool_batch, self._sustainable_batch(inst.table.mode, 0, False))
                 for b in (k - 1, k, k + 1)}
-        assert (inst.opb, inst.tpot_batch) in want, (n, load, k)
-        checked.append((z, inst.opb, inst.tpot_batch))
+        assert (inst.room, inst.tpot_batch) in want, (n, load, k)
+        checked.append((z, inst.room, inst.tpot_batch))
 
     monkeypatch.setattr(Simulator, "_sync", check)
     two = cluster([("n", "H100", 2)])
@@ -583,17 +586,22 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
                                   float(wl.output_tokens.mean()), math.inf, 0.15)
     assert checked
     # the router sorted this pool's requests by mix, and the spread showed it: some
-    # member was credited with its own load, and one holding the long prompts had less
-    # room within TPOT than the pool's mean mix gives
+    # member was credited with its own load; one holding the long prompts had less room
+    # within TPOT than the pool's mean mix gives, one holding the others more; b*_n never
+    # above the pool's
     assert max(z for z, _, _ in checked) > 0.5
-    assert min(tb for _, _, tb in checked) < pool_tpot
+    assert min(tb for _, _, tb in checked) < pool_tpot < max(tb for _, _, tb in checked)
+    pool_batch = sim._sustainable_batch(sim.instances[0].table.mode, 0)
+    assert all(room <= pool_batch for _, room, _ in checked)
+    assert min(room for _, room, _ in checked) < pool_batch
 
 
 def test_members_of_identical_gpus_serving_one_stream_keep_the_pools_room(monkeypatch):
     """On identical GPUs taking requests of one stream, the members' spread of slot loads
     is sampling: most routing rows carry the pool's rooms (credibility 0), so one long
-    prompt with a short answer does not make a member look full (which spread the load
-    over idle GPUs: docs/marginal-energy.md, "Per-member room")."""
+    prompt with a short answer does not make a member look full (a member's own mean,
+    capped at the pool's room, spread the load over idle GPUs: docs/marginal-energy.md,
+    "Per-member room")."""
     cl = cluster([("h", "H100", 8)])
     wl = build_workload(load_trace(), 120.0, mode="rate", value=40.0, seed=5)
     rows: list[bool] = []
@@ -602,7 +610,8 @@ def test_members_of_identical_gpus_serving_one_stream_keep_the_pools_room(monkey
     def noted(self: Simulator, inst: Instance, t: float) -> None:
         sync(self, inst, t)
         if inst.n_out and inst.pos >= 0:
-            rows.append(inst.opb == self._sustainable_batch(inst.table.mode, inst.cls))
+            rows.append(inst.tpot_batch == self._sustainable_batch(inst.table.mode, inst.cls,
+                                                                   False))
 
     monkeypatch.setattr(Simulator, "_sync", noted)
     simulate(cl, wl, JS, model_tables(cl))

@@ -111,6 +111,8 @@ FloatArray = npt.NDArray[np.float64]
 #: a float or an array of them: the small formulas below are plain arithmetic so the
 #: simulator can apply them to one instance's floats and the router to whole arrays
 Num = TypeVar("Num", float, FloatArray)
+#: a batch size: whole requests (the simulator) or a float column's entry (the router)
+Batch = TypeVar("Batch", int, float)
 
 
 def queued_responses(waiting: npt.ArrayLike, running: npt.ArrayLike) -> FloatArray:
@@ -580,13 +582,13 @@ class EndpointModel:
     #: requests it carries at once within TPOT whatever the first token
     #: (:func:`sustainable_batch` without a TTFT bound); 0: the operating batch
     tpot_carry: int = 0
-    #: the serving profile, SLOs (TTFT, TPOT s) and clock its rooms are sized at, and the
-    #: pool's stream: slot load (:func:`slot_load`) and mean response; None without
-    #: ``serving`` (then its rooms do not follow a mix: :meth:`rooms_at_slot_load`)
-    mix: tuple[ServingProfile, float, float, float | None, float, float] | None = None
+    #: the serving profile, TPOT SLO (s) and clock its rooms are sized at, and the pool's
+    #: stream: slot load (:func:`slot_load`) and mean response; None without ``serving``
+    #: (then its rooms do not follow a mix: :meth:`rooms_at_slot_load`)
+    mix: tuple[ServingProfile, float, float | None, float, float] | None = None
     #: rooms at each slot-load bin, filled as read
-    _rooms: dict[int, tuple[int, int]] = field(default_factory=dict, compare=False,
-                                               repr=False)
+    _rooms: dict[int, tuple[float, float]] = field(default_factory=dict, compare=False,
+                                                   repr=False)
 
     @classmethod
     def from_profile(
@@ -627,8 +629,8 @@ class EndpointModel:
                                       tpot_slo_s, clock_mhz)
             tpot_carry = sustainable_batch(profile, serving[0], serving[1], math.inf,
                                            tpot_slo_s, clock_mhz)
-            mix = (profile, serving[2], tpot_slo_s, clock_mhz,
-                   slot_load(serving[0], serving[1]), serving[1])
+            mix = (profile, tpot_slo_s, clock_mhz, slot_load(serving[0], serving[1]),
+                   serving[1])
         itl = np.asarray(profile.itl_s(b, clock_mhz), dtype=np.float64)
         return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry, itl,
                    float(default_batched_tokens(profile.product)), tpot_carry, mix)
@@ -700,24 +702,22 @@ class EndpointModel:
 
     def rooms_at_slot_load(self, load: float) -> tuple[float, float]:
         """(:attr:`batch_limit`, :attr:`tpot_batch_limit`) of a member credited with slot
-        load ``load`` (:meth:`SlotLoadMoments.credible`): :func:`room_at_slot_load` on
-        the grid relative to its pool's stream (bin 0: its pool's rooms), within the
-        tables; its pool's rooms when it has no stream (no ``serving``) or ``load`` is
-        not > 0."""
+        load ``load`` (:meth:`SlotLoadMoments.credible`): :func:`member_rooms` of its
+        TPOT batch at that load (:func:`room_at_slot_load` on the grid relative to its
+        pool's stream, within the tables); its pool's rooms in the pool's bin, when it
+        has no stream (no ``serving``) or ``load`` is not > 0."""
         if self.mix is None or not load > 0.0:
             return self.batch_limit, self.tpot_batch_limit
-        profile, ttft, tpot, clock, prior, mean_out = self.mix
+        profile, tpot, clock, prior, mean_out = self.mix
         k = slot_load_bin(load, prior)
         if k == 0:
             return self.batch_limit, self.tpot_batch_limit
         hit = self._rooms.get(k)
         if hit is None:
-            hit = self._rooms[k] = (
-                min(room_at_slot_load(profile, k, prior, mean_out, ttft, tpot, clock),
-                    self.max_batch),
-                min(room_at_slot_load(profile, k, prior, mean_out, math.inf, tpot, clock),
-                    self.max_batch))
-        return float(hit[0]), float(hit[1])
+            at_load = min(room_at_slot_load(profile, k, prior, mean_out, tpot, clock),
+                          self.max_batch)
+            hit = self._rooms[k] = member_rooms(self.batch_limit, float(at_load))
+        return hit
 
     def marginal_eps(self, in_flight: float) -> float:
         """eps_n joining ``in_flight`` others (:func:`marginal_decode_j_per_token`)."""
@@ -881,14 +881,32 @@ def slot_load_bin(load: float, prior: float) -> int:
 
 
 def room_at_slot_load(profile: ServingProfile, load_bin: int, prior: float,
-                      mean_output_tokens: float, ttft_slo_s: float, tpot_slo_s: float,
+                      mean_output_tokens: float, tpot_slo_s: float,
                       clock_mhz: float | None = None) -> int:
-    """A member's batch room when credited with the slot load of bin ``load_bin``
-    (:func:`slot_load_bin` relative to ``prior``): :func:`sustainable_batch` of responses
-    of ``mean_output_tokens`` (its pool's) with prompts of that load x the response."""
+    """The TPOT batch (:func:`sustainable_batch` without a TTFT bound) of a member
+    credited with the slot load of bin ``load_bin`` (:func:`slot_load_bin` relative to
+    ``prior``): responses of ``mean_output_tokens`` (its pool's) with prompts of that
+    load x the response."""
     load = prior * 2.0 ** (load_bin / SLOT_LOAD_BINS_PER_OCTAVE)
     return sustainable_batch(profile, load * mean_output_tokens, mean_output_tokens,
-                             ttft_slo_s, tpot_slo_s, clock_mhz)
+                             math.inf, tpot_slo_s, clock_mhz)
+
+
+def member_rooms(pool_batch: Batch, tpot_batch_at_load: Batch) -> tuple[Batch, Batch]:
+    """(b*_n, TPOT batch) of a pool member: the TPOT batch at the slot load it is
+    credited with (:func:`room_at_slot_load` of :meth:`SlotLoadMoments.credible`), and
+    its pool's b*_n (``pool_batch``, :func:`sustainable_batch` at the pool's stream) at
+    most that.
+
+    Only TPOT follows a member's own load: nothing else checks TPOT against the prompts
+    a member actually receives, and prompt chunks mixed into its decode steps make the
+    batch within TPOT fall steeply as prompts grow against responses. The first token is
+    checked per request against the member's actual prefill queue (:func:`slo_infeasible`'s
+    guard), and b*_n stays the sizing point its pool was planned at, so a member
+    credited with a light load does not take more than its pool's b*_n within the SLO
+    (docs/marginal-energy.md, "Per-member room")."""
+    return (pool_batch if pool_batch <= tpot_batch_at_load else tpot_batch_at_load,
+            tpot_batch_at_load)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ from joulepool.core.profiles import (
 from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.routing import (
     carbon_weights,
+    member_rooms,
     room_at_slot_load,
     slot_load,
     slot_load_bin,
@@ -849,9 +850,10 @@ class Simulator:
         if self.use_js:
             pool = self.pools[inst.pool]
             pool.note_mix(inst)
-            carry, inst.tpot_batch = self._member_rooms(inst, pool.credibility(inst.n_out))
-            if carry != inst.opb:
-                inst.set_carry(carry)
+            # eps_n stays at the pool's b*_n: the engine does not stop a batch at b*_n,
+            # so what joining costs follows the pool's sizing; the room says whether the
+            # member keeps the SLO with one more
+            inst.room, inst.tpot_batch = self._member_rooms(inst, pool.credibility(inst.n_out))
             pool.sync(inst, t)
         else:
             self.pools[inst.pool].sync_load(inst)
@@ -1038,22 +1040,22 @@ class Simulator:
         return hit
 
     def _member_rooms(self, inst: Instance, credibility: float) -> tuple[int, int]:
-        """``inst``'s b*_n and TPOT batch (core.routing.overflow_rank's) at the slot load
-        it is credited with (core.routing.SlotLoadMoments.credible: its requests' mean
-        slot load with ``credibility`` Z, its pool's for the rest), each
-        core.routing.room_at_slot_load on the grid relative to its pool's load; its
-        pool's rooms (:meth:`_sustainable_batch`) at Z = 0 or in the pool's bin. Once
-        the router sorts requests by mix, a member that takes the pool's long prompts
-        with short responses carries far fewer within TPOT than the pool's mean mix
-        allows, and the members' spread of loads shows it (docs/marginal-energy.md,
-        "Per-member room")."""
+        """``inst``'s (b*_n, TPOT batch) by core.routing.member_rooms: its TPOT batch
+        (core.routing.overflow_rank's) at the slot load it is credited with
+        (core.routing.SlotLoadMoments.credible: its requests' mean slot load with
+        ``credibility`` Z, its pool's for the rest; core.routing.room_at_slot_load on
+        the grid relative to its pool's load), and its pool's b*_n at most that. Its
+        pool's rooms (:meth:`_sustainable_batch`) at Z = 0 or in the pool's bin. Once the
+        router sorts requests by mix, a member that takes the pool's long prompts with
+        short responses carries far fewer within TPOT than the pool's mean mix allows,
+        and the members' spread of loads shows it (docs/marginal-energy.md, "Per-member
+        room")."""
         mode, cls = inst.table.mode, inst.cls
         n = inst.n_out
         if credibility <= 0.0 or inst.sl_sum <= 0.0:
             return self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False)
         prior, mean_out = self._pool_mix(cls)
-        load = credibility * (inst.sl_sum / n) + (1.0 - credibility) * prior
-        k = slot_load_bin(load, prior)
+        k = slot_load_bin(credibility * (inst.sl_sum / n) + (1.0 - credibility) * prior, prior)
         if k == 0:
             return self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False)
         key = (mode, cls, k)
@@ -1062,11 +1064,10 @@ class Simulator:
             wl = self.workload
             mine = self._pool_requests(cls)
             slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
-            profile = self.tables[mode].profile
-            ttft, tpot = float(wl.ttft_slo_s[slo].mean()), float(wl.tpot_slo_s[slo].min())
-            hit = self.mix_rooms[key] = (
-                room_at_slot_load(profile, k, prior, mean_out, ttft, tpot),
-                room_at_slot_load(profile, k, prior, mean_out, math.inf, tpot))
+            tpot_batch = room_at_slot_load(self.tables[mode].profile, k, prior, mean_out,
+                                           float(wl.tpot_slo_s[slo].min()))
+            hit = self.mix_rooms[key] = member_rooms(self._sustainable_batch(mode, cls),
+                                                     tpot_batch)
         return hit
 
     def _pool_mix(self, cls: int) -> tuple[float, float]:

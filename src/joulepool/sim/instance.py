@@ -122,6 +122,7 @@ class Instance:
         "prefill_rid",
         "q_tok",
         "req_tps",
+        "room",
         "site",
         "sl_sq",
         "sl_sum",
@@ -210,6 +211,10 @@ class Instance:
         # b*_n of the marginal rule: requests it carries at once within the SLO (the
         # engine sets core.routing.sustainable_batch; the TPOT operating batch until then)
         self.opb = table.operating_batch[table.top]
+        #: requests it carries at once within the SLO at the slot load it is credited
+        #: with (the engine sets core.routing.room_at_slot_load; b*_n until then): its
+        #: batch room's limit, while eps_n stays at its pool's b*_n (:attr:`opb`)
+        self.room = self.opb
         #: its site's carbon weight (core.routing.carbon_weights; 1: energy objective)
         self.cw = 1.0
         #: requests it carries within TPOT whatever the first token (the engine sets
@@ -251,7 +256,7 @@ class Instance:
     def set_carry(self, batch: int) -> None:
         """b*_n = ``batch``: the requests it carries at once within the SLO (the engine's
         core.routing.sustainable_batch for its pool)."""
-        self.opb = batch
+        self.opb = self.room = batch
         self.eps_k = self.table.marginal_eps_row(self.ce, batch)
 
     def marginal_eps(self) -> float:
@@ -300,7 +305,7 @@ class Instance:
         cw = self.cw  # marginal carbon on a carbon-objective cluster (x 1.0 otherwise)
         return ((eps_k[n_out] if n_out < len(eps_k) else eps_k[-1]) * cw, self.pf_e * cw,
                 self.xs[1] * cw, left, endpoint_queue_tokens(q_tok, wait_in, pf_w), self.mu,
-                pf_w, wait, step, chunk, pf_tok, self.opb - n_out)
+                pf_w, wait, step, chunk, pf_tok, self.room - n_out)
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
