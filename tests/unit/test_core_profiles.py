@@ -401,3 +401,22 @@ def test_ttft_from_mean_false_drops_only_the_mean_prompt_ttft_bounds() -> None:
     fits = a100.serving_point(1000.0, 200.0, 1.0, 0.1)
     assert fits.binding == "ttft"
     assert a100.serving_point(1000.0, 200.0, 1.0, 0.1, ttft_from_mean=False).rps > fits.rps
+
+
+def test_a_prompt_the_kv_cache_holds_only_without_its_margin_is_not_eligible():
+    """Prompts near the KV cache's size: room for one mean request but no whole slot
+    with the queueing margin is 'the KV cache cannot hold a mean request', not an
+    IndexError (a member credited with a very heavy slot load asks for such points:
+    core.routing.room_at_slot_load)."""
+    import math
+
+    from joulepool.core.profiles import DEFAULT_PROFILES
+
+    seen = 0
+    for prof in DEFAULT_PROFILES:
+        for prompt in np.geomspace(1000.0, 2e6, 60):
+            for out in (1.0, 212.0):
+                sp = prof.serving_point(float(prompt), out, math.inf, 0.15)
+                if sp.rps == 0.0 and "KV cache" in sp.binding:
+                    seen += 1
+    assert seen > 0

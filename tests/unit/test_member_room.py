@@ -153,20 +153,25 @@ def test_the_production_router_sizes_rooms_at_the_credible_slot_load():
     assert model.batch_limit == sustainable_batch(H100_8B, mean_in, mean_out, ttft, tpot)
     pool = PoolRouter("ns.p")
     pool.set_endpoints([Endpoint(f"10.0.0.{k}:8000", model) for k in range(4)])
-    requests = {0: (300.0, 400.0), 1: (4000.0, 40.0), 2: (300.0, 400.0)}  # 3: none
+    # each endpoint's requests: (prompt, response) pairs taken in turn; 3 holds none
+    requests = {0: [(300.0, 400.0), (1200.0, 300.0)], 1: [(4000.0, 40.0), (2500.0, 90.0)],
+                2: [(300.0, 400.0), (2061.0, 212.0)]}
     held = []
     for i, ep in enumerate(pool.endpoints):
-        p_o = requests.get(i)
-        n = 0 if p_o is None else 30
-        for r in range(n):
-            ep.add_routed(f"r{i}-{r}", 1e9, p_o[1], slot_load(*p_o))
-        load = slot_load(*p_o) if p_o else 0.0
-        held.append((n, n * load, n * load * load))
+        mix = requests.get(i, [])
+        loads = [slot_load(*mix[r % len(mix)]) for r in range(30 if mix else 0)]
+        for r, load in enumerate(loads):
+            ep.add_routed(f"r{i}-{r}", 1e9, mix[r % len(mix)][1], load)
+        held.append((len(loads), math.fsum(loads), math.fsum(x * x for x in loads)))
     for i in range(len(pool.endpoints)):
         pool._refresh(i)
     room = pool._batch_room()
     moments = SlotLoadMoments.of(held)
     prior = slot_load(mean_in, mean_out)
+    assert model.pool_slot_load == prior
+    assert 0.0 < slot_load_credibility(30, moments.requests, moments.members, moments.total,
+                                       moments.squares, moments.member_squares,
+                                       moments.count_squares) < 1.0  # the prior counts
     for i, (n, total, _) in enumerate(held):
         if not n:
             assert room[i] == model.batch_limit
@@ -174,8 +179,8 @@ def test_the_production_router_sizes_rooms_at_the_credible_slot_load():
             continue
         k = slot_load_bin(moments.credible(n, total, prior), prior)
         want_tpot = min(room_at_slot_load(H100_8B, k, prior, mean_out, tpot), model.max_batch)
-        assert room[i] == min(model.batch_limit, want_tpot) - n
-        assert pool.state.tpot_batch[i] == want_tpot
+        assert room[i] == pytest.approx(min(model.batch_limit, want_tpot) - n)
+        assert pool.state.tpot_batch[i] == pytest.approx(want_tpot)
     # the endpoint holding the long prompts with short answers has the least room; the
     # light ones more within TPOT, and b*_n at most the pool's
     assert pool.state.tpot_batch[1] < model.tpot_batch_limit < pool.state.tpot_batch[0]

@@ -734,6 +734,8 @@ def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_t
     slots = int(batches[-1])  # an unknown model or GPU memory: no KV limit
     if math.isfinite(room):
         slots = min(slots, math.floor(_kv_slots(room, P, o, hr)))
+    if slots < 1:  # room for one, but not with the queueing margin
+        return "the KV cache cannot hold a mean request"
     return _ServingModel(
         prof=prof, clock=clock_mhz, prompt=P,
         decode_tokens=max(float(mean_output_tokens) - 1.0, 0.0),

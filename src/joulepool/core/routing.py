@@ -698,7 +698,7 @@ class EndpointModel:
     @property
     def pool_slot_load(self) -> float:
         """The slot load of the stream its rooms are sized at (NaN without one)."""
-        return self.mix[4] if self.mix is not None else math.nan
+        return self.mix[3] if self.mix is not None else math.nan
 
     def rooms_at_slot_load(self, load: float) -> tuple[float, float]:
         """(:attr:`batch_limit`, :attr:`tpot_batch_limit`) of a member credited with slot
