@@ -71,13 +71,13 @@ from joulepool.core.online import EpsEstimator, ExpSmoothed, IncrementRatio, Sli
 from joulepool.core.replicas import Counts, consensus_lambda
 from joulepool.core.routing import (
     EndpointModel,
-    SlotLoadMoments,
     carbon_weights,
     default_deadline,
     endpoint_queue_tokens,
     queued_responses,
     request_tokens,
     slot_load,
+    slot_load_spread,
     waiting_requests_estimate,
 )
 from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
@@ -315,6 +315,11 @@ class PoolRouter:
         self.static_q = np.zeros(n)
         self.ledger_tokens = np.zeros(n)
         self.ledger_count = self.state.outstanding
+        #: the ledgers' slot loads (core.routing.slot_load): sums and sums of squares
+        self.slot_loads = np.zeros(n)
+        self.slot_load_squares = np.zeros(n)
+        #: each endpoint's pool TPOT batch (EndpointModel.tpot_batch_limit)
+        self.pool_tpot_batch = np.full(n, np.inf)
         #: when each engine will have prefilled every prompt routed to it (the router's
         #: clock, s; core.routing.prefill_queue at each scrape, advanced per route)
         self.prefilled_at = np.full(n, -math.inf)
@@ -347,7 +352,7 @@ class PoolRouter:
         self.state.prefill_weight[i] = m.weight
         self.max_batch[i] = m.max_batch
         self.op_batch[i] = m.batch_limit
-        self.state.tpot_batch[i] = m.tpot_batch_limit
+        self.state.tpot_batch[i] = self.pool_tpot_batch[i] = m.tpot_batch_limit
         self.prefill_s[i] = m.prefill_s_per_token
 
     def _refresh(self, i: int) -> None:
@@ -362,6 +367,8 @@ class PoolRouter:
         self.state.kv_cache_usage[i] = ep.kv_cache
         self.ledger_count[i] = len(ep.ledger)
         self.ledger_tokens[i] = ep.ledger_tokens
+        self.slot_loads[i] = ep.slot_loads
+        self.slot_load_squares[i] = ep.slot_load_squares
         # core.routing's marginal energy: joining the requests in flight now (the
         # router's ledger or the engine's scraped counts, whichever is more)
         scraped = ep.waiting + ep.running
@@ -467,20 +474,29 @@ class PoolRouter:
         """b*_n of every endpoint at the slot load it is credited with
         (core.routing.SlotLoadMoments.credible over the pool's ledgers, against each
         endpoint's stream), as the simulator sizes its members; sets the TPOT batches
-        (``state.tpot_batch``) likewise."""
-        held = [(float(len(ep.ledger)), ep.slot_loads, ep.slot_load_squares)
-                for ep in self.endpoints]
-        moments = SlotLoadMoments.of(held)
+        (``state.tpot_batch``) likewise. Vectorised but for the endpoints credited with
+        a load off their pool's bin (none while the members' spread is sampling)."""
         limit = self.op_batch.copy()
         tpot = self.state.tpot_batch
-        for i, ep in enumerate(self.endpoints):
-            n, total, _ = held[i]
-            m = ep.model
-            if n > 0 and total > 0.0:
-                load = moments.credible(n, total, m.pool_slot_load)
-                limit[i], tpot[i] = m.rooms_at_slot_load(load)
-            else:
-                limit[i], tpot[i] = m.batch_limit, m.tpot_batch_limit
+        tpot[:] = self.pool_tpot_batch
+        n, s = self.ledger_count, self.slot_loads
+        members = np.count_nonzero(n > 0)
+        held = np.flatnonzero((n > 0) & (s > 0.0))
+        if members < 2 or not held.size:
+            return limit
+        nh, sh = n[held], s[held]
+        epv, vhm = slot_load_spread(
+            float(n.sum()), float(members), float(s.sum()),
+            float(self.slot_load_squares.sum()), float((sh * sh / nh).sum()),
+            float((n * n).sum()))
+        if not vhm > 0.0:
+            return limit
+        for i in held.tolist():  # (SlotLoadMoments.credible, written out)
+            k = float(n[i])
+            z = k * vhm / (k * vhm + epv)
+            m = self.endpoints[i].model
+            limit[i], tpot[i] = m.rooms_at_slot_load(
+                z * (float(s[i]) / k) + (1.0 - z) * m.pool_slot_load)
         return limit
 
     def _batch_left(self, now: float) -> FloatArray:

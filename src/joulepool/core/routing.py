@@ -812,25 +812,35 @@ def slot_load_terms(n: float, total: float, squares: float) -> tuple[float, floa
     return n, 1.0, total, squares, total * total / n, n * n
 
 
-def slot_load_credibility(n: float, requests: float, members: float, total: float,
-                          squares: float, member_squares: float, count_squares: float
-                          ) -> float:
-    """Buhlmann-Straub credibility Z in [0, 1] of the mean slot load of a member holding
-    ``n`` requests, from its pool's sums (:class:`SlotLoadMoments`): n / (n + EPV / VHM),
-    EPV the within-member variance of slot loads (pooled over the members), VHM the
-    variance of the members' true means (their spread less what sampling explains).
-
-    0 when the members' means differ no more than samples of one stream would (VHM <= 0:
-    the router does not sort requests by mix), with fewer than two members holding any
-    or no within-member degree of freedom. Plain floats: the simulator calls it per
-    routing-row refresh."""
-    if n <= 0 or members < 2 or requests <= members:
-        return 0.0
+def slot_load_spread(requests: float, members: float, total: float, squares: float,
+                     member_squares: float, count_squares: float) -> tuple[float, float]:
+    """(EPV, VHM) of a pool's slot loads, from its sums (:class:`SlotLoadMoments`), the
+    Buhlmann-Straub estimates: EPV the within-member variance of slot loads (pooled over
+    the members), VHM the variance of the members' true means (their spread less what
+    sampling explains; <= 0 when the members' means differ no more than samples of one
+    stream would). (0, 0) with fewer than two members holding any or no within-member
+    degree of freedom."""
+    if members < 2 or requests <= members:
+        return 0.0, 0.0
     epv = (squares - member_squares) / (requests - members)
     if epv < 0.0:  # rounding of a pool whose members hold equal loads
         epv = 0.0
     between = member_squares - total * total / requests
     vhm = (between - (members - 1.0) * epv) / (requests - count_squares / requests)
+    return epv, vhm
+
+
+def slot_load_credibility(n: float, requests: float, members: float, total: float,
+                          squares: float, member_squares: float, count_squares: float
+                          ) -> float:
+    """Buhlmann-Straub credibility Z in [0, 1] of the mean slot load of a member holding
+    ``n`` requests, from its pool's sums (:class:`SlotLoadMoments`): n / (n + EPV / VHM)
+    (:func:`slot_load_spread`); 0 where VHM <= 0 (the router does not sort requests by
+    mix) or ``n`` <= 0. Plain floats: the simulator calls it per routing-row refresh."""
+    if n <= 0:
+        return 0.0
+    epv, vhm = slot_load_spread(requests, members, total, squares, member_squares,
+                                count_squares)
     if not vhm > 0.0:
         return 0.0
     return n * vhm / (n * vhm + epv)
