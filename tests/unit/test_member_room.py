@@ -135,7 +135,10 @@ def test_the_room_on_the_grid():
     assert rooms[0] > pool > rooms[-1]
     assert slot_load_bin(prior * 2.0, prior) == SLOT_LOAD_BINS_PER_OCTAVE
     assert slot_load_bin(prior * 2.0 ** (0.49 / SLOT_LOAD_BINS_PER_OCTAVE), prior) == 0
-    assert member_rooms(17, 5) == (5, 5) and member_rooms(17, 150) == (17, 150)
+    # the first token binds the pool's b*_n (17 < 150): at most that
+    assert member_rooms(17, 150, 5) == (5, 5) and member_rooms(17, 150, 200) == (17, 200)
+    # TPOT binds it (17 = 17): b*_n follows the member's load both ways
+    assert member_rooms(17, 17, 12) == (12, 12) and member_rooms(17, 17, 25) == (25, 25)
 
 
 
@@ -179,7 +182,8 @@ def test_the_production_router_sizes_rooms_at_the_credible_slot_load():
             continue
         k = slot_load_bin(moments.credible(n, total, prior), prior)
         want_tpot = min(room_at_slot_load(H100_8B, k, prior, mean_out, tpot), model.max_batch)
-        assert room[i] == pytest.approx(min(model.batch_limit, want_tpot) - n)
+        want = member_rooms(model.batch_limit, model.tpot_batch_limit, want_tpot)
+        assert room[i] == pytest.approx(want[0] - n)
         assert pool.state.tpot_batch[i] == pytest.approx(want_tpot)
     # the endpoint holding the long prompts with short answers has the least room; the
     # light ones more within TPOT, and b*_n at most the pool's

@@ -524,7 +524,7 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
     """Each JouleSched member's TPOT batch is core.routing.room_at_slot_load at the slot
     load core.routing.SlotLoadMoments.credible gives it (its unfinished requests' mean
     slot load with the Buhlmann-Straub credibility of the pool's members' spread, the
-    pool's for the rest), its b*_n the pool's at most that (core.routing.member_rooms).
+    pool's for the rest), its b*_n within its pool's TTFT bound (core.routing.member_rooms).
     Checked against the sums recomputed from the requests each member holds, whenever a
     member's row is refreshed (a row keeps the pool's spread as of its member's last
     change until its next)."""
@@ -567,9 +567,10 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
         profile = self.tables[inst.table.mode].profile
         pool_batch = self._sustainable_batch(inst.table.mode, 0)
         # the sums kept as members change round differently: a bin either side
-        want = {member_rooms(pool_batch, room_at_slot_load(profile, b, prior, mean_out, 0.15))
-                if b else (pool_batch, self._sustainable_batch(inst.table.mode, 0, False))
-                for b in (k - 1, k, k + 1)}
+        pool_tpot = self._sustainable_batch(inst.table.mode, 0, False)
+        want = {member_rooms(pool_batch, pool_tpot,
+                             room_at_slot_load(profile, b, prior, mean_out, 0.15))
+                if b else (pool_batch, pool_tpot) for b in (k - 1, k, k + 1)}
         assert (inst.room, inst.tpot_batch) in want, (n, load, k)
         checked.append((z, inst.room, inst.tpot_batch))
 

@@ -716,7 +716,8 @@ class EndpointModel:
         if hit is None:
             at_load = min(room_at_slot_load(profile, k, prior, mean_out, tpot, clock),
                           self.max_batch)
-            hit = self._rooms[k] = member_rooms(self.batch_limit, float(at_load))
+            hit = self._rooms[k] = member_rooms(self.batch_limit, self.tpot_batch_limit,
+                                                float(at_load))
         return hit
 
     def marginal_eps(self, in_flight: float) -> float:
@@ -902,21 +903,25 @@ def room_at_slot_load(profile: ServingProfile, load_bin: int, prior: float,
                              math.inf, tpot_slo_s, clock_mhz)
 
 
-def member_rooms(pool_batch: Batch, tpot_batch_at_load: Batch) -> tuple[Batch, Batch]:
+def member_rooms(pool_batch: Batch, pool_tpot_batch: Batch, tpot_batch_at_load: Batch
+                 ) -> tuple[Batch, Batch]:
     """(b*_n, TPOT batch) of a pool member: the TPOT batch at the slot load it is
-    credited with (:func:`room_at_slot_load` of :meth:`SlotLoadMoments.credible`), and
-    its pool's b*_n (``pool_batch``, :func:`sustainable_batch` at the pool's stream) at
-    most that.
+    credited with (``tpot_batch_at_load``: :func:`room_at_slot_load` of
+    :meth:`SlotLoadMoments.credible`), and b*_n the lesser of that and its pool's TTFT
+    bound: its pool's b*_n (``pool_batch``, :func:`sustainable_batch` at the pool's
+    stream) where that is below the pool's TPOT batch (``pool_tpot_batch``: the first
+    token binds), none where they are equal (TPOT binds, and follows the member's load
+    both ways).
 
     Only TPOT follows a member's own load: nothing else checks TPOT against the prompts
     a member actually receives, and prompt chunks mixed into its decode steps make the
     batch within TPOT fall steeply as prompts grow against responses. The first token is
     checked per request against the member's actual prefill queue (:func:`slo_infeasible`'s
-    guard), and b*_n stays the sizing point its pool was planned at, so a member
-    credited with a light load does not take more than its pool's b*_n within the SLO
+    guard), and the TTFT bound stays the sizing point its pool was planned at
     (docs/marginal-energy.md, "Per-member room")."""
-    return (pool_batch if pool_batch <= tpot_batch_at_load else tpot_batch_at_load,
-            tpot_batch_at_load)
+    if pool_batch < pool_tpot_batch and pool_batch < tpot_batch_at_load:
+        return pool_batch, tpot_batch_at_load
+    return tpot_batch_at_load, tpot_batch_at_load
 
 
 @dataclass(frozen=True)

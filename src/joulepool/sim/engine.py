@@ -1044,7 +1044,8 @@ class Simulator:
         (core.routing.overflow_rank's) at the slot load it is credited with
         (core.routing.SlotLoadMoments.credible: its requests' mean slot load with
         ``credibility`` Z, its pool's for the rest; core.routing.room_at_slot_load on
-        the grid relative to its pool's load), and its pool's b*_n at most that. Its
+        the grid relative to its pool's load), and b*_n the lesser of that and its
+        pool's TTFT bound. Its
         pool's rooms (:meth:`_sustainable_batch`) at Z = 0 or in the pool's bin. Once the
         router sorts requests by mix, a member that takes the pool's long prompts with
         short responses carries far fewer within TPOT than the pool's mean mix allows,
@@ -1066,8 +1067,9 @@ class Simulator:
             slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
             tpot_batch = room_at_slot_load(self.tables[mode].profile, k, prior, mean_out,
                                            float(wl.tpot_slo_s[slo].min()))
-            hit = self.mix_rooms[key] = member_rooms(self._sustainable_batch(mode, cls),
-                                                     tpot_batch)
+            hit = self.mix_rooms[key] = member_rooms(
+                self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False),
+                tpot_batch)
         return hit
 
     def _pool_mix(self, cls: int) -> tuple[float, float]:
