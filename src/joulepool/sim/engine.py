@@ -860,7 +860,9 @@ class Simulator:
         if inst.cls >= self.n_pools:  # a shared instance: its rows in its guest pools too
             for p in self.class_sets[inst.cls][1:]:
                 if self.use_js:
-                    self.pools[p].sync(inst, t)
+                    guest = self.pools[p]
+                    guest.note_mix(inst)  # (its rooms: its home pool's spread, above)
+                    guest.sync(inst, t)
                 else:
                     self.pools[p].sync_load(inst)
 

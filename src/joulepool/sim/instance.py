@@ -583,7 +583,7 @@ class Pool:
 
     def note_mix(self, inst: Instance) -> None:
         """``inst``'s requests changed: its terms of the pool's slot-load sums."""
-        pos = inst.pos
+        pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
         new = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
         old = self.mix_of[pos]
         if new == old:
