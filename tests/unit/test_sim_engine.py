@@ -526,8 +526,8 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
     slot load with the Buhlmann-Straub credibility of the pool's members' spread, the
     pool's for the rest), its b*_n within its pool's TTFT bound (core.routing.member_rooms).
     Checked against the sums recomputed from the requests each member holds, whenever a
-    member's row is refreshed (a row keeps the pool's spread as of its member's last
-    change until its next)."""
+    member's requests change (its rooms keep the pool's spread as of then until its
+    next change)."""
     from joulepool.core.routing import (
         SlotLoadMoments,
         member_rooms,
@@ -540,10 +540,13 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
     checked: list[tuple[float, int, int]] = []  # (Z, b*_n, TPOT batch)
     sync = Simulator._sync
 
+    last_n: dict[int, int] = {}
+
     def check(self: Simulator, inst: Instance, t: float) -> None:
         sync(self, inst, t)
-        if inst.pos < 0:
-            return
+        if inst.pos < 0 or last_n.get(inst.idx) == inst.n_out:
+            return  # rooms are read when the member's requests change
+        last_n[inst.idx] = inst.n_out
         req = self.req
         done = np.asarray(req.t_done[:self.next_rid], dtype=np.float64)  # routed so far
         where = np.asarray(req.where[:self.next_rid])

@@ -290,13 +290,22 @@ class CandidateIndex:
         lowest ETA, the first on ties; None if none can serve or an ETA is NaN."""
         best_eta, best_pos = INF, -1
         rows = self.rows
+        prompt, tokens = r.input_tokens, r.tokens
         scored: dict[Row, tuple[float, float]] = {}  # equal rows score once
         for pos in positions:
             row = rows[pos]
+            # the ETA first, as score_endpoint computes it (the same operations): a
+            # position that cannot beat the best ETA so far needs no cost (many tie at
+            # the soonest first token: instances at one batch with a free prefill slot)
+            q = row[4] + row[6] * float(prompt) if prompt > 0 else row[4]
+            mu = row[5]
+            eta = (q + tokens) / mu if mu > 0 else INF
+            if eta == eta and best_pos >= 0 and not eta < best_eta:
+                continue
             got = scored.get(row) if scored else None
             if got is None:
                 got = score_endpoint(
-                    row[0], row[4], row[5], row[6], r.tokens, r.input_tokens, r.deadline_s,
+                    row[0], row[4], row[5], row[6], tokens, prompt, r.deadline_s,
                     r.lam, row[1], r.output_tokens, row[2], row[3])
                 if len(positions) > 1:
                     scored[row] = got

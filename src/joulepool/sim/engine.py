@@ -847,13 +847,18 @@ class Simulator:
         """Refresh ``inst``'s routing columns after its load changed."""
         if inst.state != ACTIVE or inst.pos < 0:
             return
+        mixed = False
         if self.use_js:
             pool = self.pools[inst.pool]
-            pool.note_mix(inst)
-            # eps_n stays at the pool's b*_n: the engine does not stop a batch at b*_n,
-            # so what joining costs follows the pool's sizing; the room says whether the
-            # member keeps the SLO with one more
-            inst.room, inst.tpot_batch = self._member_rooms(inst, pool.credibility(inst.n_out))
+            if inst.n_out != inst.mix_n:  # its requests changed: its loads and rooms
+                mixed = True
+                inst.mix_n = inst.n_out
+                pool.note_mix(inst)
+                # eps_n stays at the pool's b*_n: the engine does not stop a batch at
+                # b*_n, so what joining costs follows the pool's sizing; the room says
+                # whether the member keeps the SLO with one more
+                inst.room, inst.tpot_batch = self._member_rooms(
+                    inst, pool.credibility(inst.n_out))
             pool.sync(inst, t)
         else:
             self.pools[inst.pool].sync_load(inst)
@@ -861,7 +866,8 @@ class Simulator:
             for p in self.class_sets[inst.cls][1:]:
                 if self.use_js:
                     guest = self.pools[p]
-                    guest.note_mix(inst)  # (its rooms: its home pool's spread, above)
+                    if mixed:  # (its rooms: its home pool's spread, above)
+                        guest.note_mix(inst)
                     guest.sync(inst, t)
                 else:
                     self.pools[p].sync_load(inst)

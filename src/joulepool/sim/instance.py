@@ -101,6 +101,7 @@ class Instance:
         "miad_itl_count",
         "miad_itl_sum",
         "miad_running",
+        "mix_n",
         "mu",
         "n_out",
         "node",
@@ -215,6 +216,8 @@ class Instance:
         #: with (the engine sets core.routing.room_at_slot_load; b*_n until then): its
         #: batch room's limit, while eps_n stays at its pool's b*_n (:attr:`opb`)
         self.room = self.opb
+        #: requests routed here and unfinished when its rooms were last set (-1: never)
+        self.mix_n = -1
         #: its site's carbon weight (core.routing.carbon_weights; 1: energy objective)
         self.cw = 1.0
         #: requests it carries within TPOT whatever the first token (the engine sets
@@ -257,6 +260,7 @@ class Instance:
         """b*_n = ``batch``: the requests it carries at once within the SLO (the engine's
         core.routing.sustainable_batch for its pool)."""
         self.opb = self.room = batch
+        self.mix_n = -1  # its rooms are read afresh at its next sync
         self.eps_k = self.table.marginal_eps_row(self.ce, batch)
 
     def marginal_eps(self) -> float:
