@@ -840,9 +840,15 @@ def slot_load_credibility(n: float, requests: float, members: float, total: floa
     mix) or ``n`` <= 0. Plain floats: the simulator calls it per routing-row refresh."""
     if n <= 0:
         return 0.0
-    epv, vhm = slot_load_spread(requests, members, total, squares, member_squares,
-                                count_squares)
-    if not vhm > 0.0:
+    return credibility_at(n, *slot_load_spread(requests, members, total, squares,
+                                               member_squares, count_squares))
+
+
+def credibility_at(n: float, epv: float, vhm: float) -> float:
+    """Buhlmann-Straub credibility n / (n + EPV / VHM) of a member holding ``n``
+    requests, given its pool's (EPV, VHM) (:func:`slot_load_spread`); 0 where VHM <= 0
+    or ``n`` <= 0."""
+    if n <= 0 or not vhm > 0.0:
         return 0.0
     return n * vhm / (n * vhm + epv)
 

@@ -271,10 +271,15 @@ class CandidateIndex:
             own = pf_s * prompt  # first_token_after_s's last term
             if entries[0][0] + own > soonest:
                 continue  # the whole group comes later
+            last = None  # (wait, step, chunk) of the entry before: equal inputs, equal
+            first = INF  # first token (instances at one batch with a free prefill slot)
             for low, pos, wait, step, chunk in entries:
                 if low + own > soonest:
                     break  # this one and every later one in the group come later
-                first = first_token_after_s(wait, step, chunk, pf_s, prompt)
+                key = (wait, step, chunk)
+                if key != last:
+                    last = key
+                    first = first_token_after_s(wait, step, chunk, pf_s, prompt)
                 if first < soonest:
                     soonest = first
                     at = [pos]

@@ -1012,11 +1012,19 @@ class Simulator:
                         cls, self.llf, self._inv_capacity(mode, cls),
                         self.prm.eps_at_current_clock, self.plog, budget, kv, max_len, start,
                         follows_load=self.use_miad)
-        inst.set_carry(self._sustainable_batch(mode, cls))
-        inst.tpot_batch = self._sustainable_batch(mode, cls, ttft=False)
+        self._size_at_pool(inst)
         self.instances.append(inst)
         if not self._activate(inst, t):
             self.gpus.node_pending[node].append(inst)
+
+    def _size_at_pool(self, inst: Instance) -> None:
+        """``inst``'s b*_n and TPOT batch at its pool's stream (:meth:`_sustainable_batch`),
+        kept as its pool's rooms (:meth:`_member_rooms` starts from them)."""
+        mode, cls = inst.table.mode, inst.cls
+        inst.set_carry(self._sustainable_batch(mode, cls))
+        tpot_batch = self._sustainable_batch(mode, cls, ttft=False)
+        inst.tpot_batch = tpot_batch
+        inst.pool_rooms = (inst.opb, tpot_batch)
 
     def _pool_requests(self, cls: int) -> npt.NDArray[np.bool_]:
         """Mask of the workload's requests an instance serving ``cls`` gets: its classes'
@@ -1060,13 +1068,14 @@ class Simulator:
         and the members' spread of loads shows it (docs/marginal-energy.md, "Per-member
         room")."""
         mode, cls = inst.table.mode, inst.cls
-        n = inst.n_out
+        pool_rooms = inst.pool_rooms
         if credibility <= 0.0 or inst.sl_sum <= 0.0:
-            return self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False)
+            return pool_rooms
         prior, mean_out = self._pool_mix(cls)
-        k = slot_load_bin(credibility * (inst.sl_sum / n) + (1.0 - credibility) * prior, prior)
+        k = slot_load_bin(credibility * (inst.sl_sum / inst.n_out)
+                          + (1.0 - credibility) * prior, prior)
         if k == 0:
-            return self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False)
+            return pool_rooms
         key = (mode, cls, k)
         hit = self.mix_rooms.get(key)
         if hit is None:
@@ -1075,9 +1084,7 @@ class Simulator:
             slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
             tpot_batch = room_at_slot_load(self.tables[mode].profile, k, prior, mean_out,
                                            float(wl.tpot_slo_s[slo].min()))
-            hit = self.mix_rooms[key] = member_rooms(
-                self._sustainable_batch(mode, cls), self._sustainable_batch(mode, cls, False),
-                tpot_batch)
+            hit = self.mix_rooms[key] = member_rooms(pool_rooms[0], pool_rooms[1], tpot_batch)
         return hit
 
     def _pool_mix(self, cls: int) -> tuple[float, float]:
@@ -1262,9 +1269,7 @@ class Simulator:
                 if wanted:
                     inst.cls = wanted.pop(0)
                     inst.inv_cap = self._inv_capacity(inst.table.mode, inst.cls)
-                    inst.set_carry(self._sustainable_batch(inst.table.mode, inst.cls))
-                    inst.tpot_batch = self._sustainable_batch(inst.table.mode, inst.cls,
-                                                              ttft=False)
+                    self._size_at_pool(inst)
                 else:
                     self._retire(inst, t)
             for c in wanted:

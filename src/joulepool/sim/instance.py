@@ -18,11 +18,12 @@ from typing import Any
 from joulepool.core.batching import mixed_step, prefill_chunk_tokens
 from joulepool.core.llf import LLFQueue
 from joulepool.core.routing import (
+    credibility_at,
     endpoint_queue_tokens,
     prefill_queue,
     prefill_weight,
     slot_load,
-    slot_load_credibility,
+    slot_load_spread,
     slot_load_terms,
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
@@ -116,6 +117,7 @@ class Instance:
         "pf_w",
         "plog",
         "pool",
+        "pool_rooms",
         "pos",
         "pow_row",
         "power",
@@ -218,6 +220,8 @@ class Instance:
         self.room = self.opb
         #: requests routed here and unfinished when its rooms were last set (-1: never)
         self.mix_n = -1
+        #: (b*_n, TPOT batch) at its pool's stream (the engine sets them)
+        self.pool_rooms: tuple[int, int] = (self.opb, self.opb)
         #: its site's carbon weight (core.routing.carbon_weights; 1: energy objective)
         self.cw = 1.0
         #: requests it carries within TPOT whatever the first token (the engine sets
@@ -526,7 +530,7 @@ class Pool:
     never read them."""
 
     __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "members", "mix",
-                 "mix_of", "mix_puts", "out", "profile")
+                 "mix_of", "mix_puts", "out", "profile", "spread")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
                  indexed: bool = False, home: int | None = None) -> None:
@@ -584,6 +588,7 @@ class Pool:
         """The six sums afresh from the members' terms."""
         self.mix = [math.fsum(terms[k] for terms in self.mix_of) for k in range(6)]
         self.mix_puts = 0
+        self.spread = slot_load_spread(*self.mix)
 
     def note_mix(self, inst: Instance) -> None:
         """``inst``'s requests changed: its terms of the pool's slot-load sums."""
@@ -600,11 +605,13 @@ class Pool:
         mix = self.mix
         for k in range(6):
             mix[k] += new[k] - old[k]
+        self.spread = slot_load_spread(*mix)
 
     def credibility(self, n: float) -> float:
-        """core.routing.slot_load_credibility of a member holding ``n`` requests."""
-        m = self.mix
-        return slot_load_credibility(n, m[0], m[1], m[2], m[3], m[4], m[5])
+        """core.routing.slot_load_credibility of a member holding ``n`` requests (the
+        pool's spread kept by :meth:`note_mix`)."""
+        epv, vhm = self.spread
+        return credibility_at(n, epv, vhm)
 
     def set_rule(self, inst: Instance) -> None:
         """Every column of ``inst``'s row (after a clock change or a rebuild)."""
