@@ -7,21 +7,31 @@ HTTP requests to the API server, then waits for the operator's writes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+import kmock
 from operator_fixtures import (
+    OP_NAMESPACE,
     Cluster,
     cluster_and_operator,
     condition,
+    emulator,
     eventually,
     node,
+    operator_running,
     pool,
 )
 
-from joulepool.api.contract import POOL_LABEL
+from joulepool.api.contract import GIE_API_VERSION, POOL_LABEL
+from joulepool.operator.config import PickerRef
 
 H100 = "NVIDIA-H100-80GB-HBM3"
 A100 = "NVIDIA-A100-SXM4-80GB"
+GIE_RESOURCE = f"{GIE_API_VERSION}/inferencepools"
+PICKER = PickerRef("joulepool-epp", OP_NAMESPACE, 9002, "FailOpen")
 
 
 async def _cond(c: Cluster, name: str, type_: str, status: str = "True",
@@ -449,3 +459,71 @@ async def test_energy_policy_share_instances_false_gives_every_pool_its_own() ->
         await c.patch("/apis/joulepool.dev/v1alpha1/energypolicies/default",
                       {"spec": {"shareInstances": True}})
         await eventually(lambda: _shared(c, True), what="shared again")
+
+
+async def _gie_cluster(gie_crd: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+    """kmock with (``gie_crd``) or without GIE's InferencePool v1 served, and the operator
+    with a picker configured (so it manages GIE pools when the CRD is there)."""
+
+    @contextlib.asynccontextmanager
+    async def run() -> AsyncIterator[Cluster]:
+        async with emulator() as server:
+            if gie_crd:
+                server.resources[GIE_RESOURCE] = kmock.ResourceInfo(
+                    kind="InferencePool", singular="inferencepool", namespaced=True,
+                    verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
+            async with aiohttp.ClientSession(base_url=str(server.url)) as session, \
+                    operator_running(server, picker=PICKER):
+                yield Cluster(server, session)
+    return run()
+
+
+async def _gateway_reason(c: Cluster, name: str, reason: str) -> dict[str, Any] | None:
+    cond = condition(await c.pool(name), "GatewayPool")
+    return cond if cond is not None and cond["reason"] == reason else None
+
+
+async def test_gie_managed_pools_get_instances_of_their_own() -> None:
+    """With GIE's CRD served the operator writes one GIE InferencePool per pool, whose
+    selector reaches only that pool's pods: two small pools that would share one instance
+    get one each (shareInstances withheld) and each pool's GatewayPool condition says so."""
+    async with await _gie_cluster(gie_crd=True) as c:
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("chat", rps=0.05))
+        await c.create(pool("rag", rps=0.05))
+        doc = await eventually(lambda: _shared(c, False), what="an unshared plan")
+        assert {k: p.replicas for k, p in doc.pools.items()} == {
+            "default.chat": 1, "default.rag": 1}
+        for name in ("chat", "rag"):
+            cond = await eventually(lambda n=name: _gateway_reason(c, n,  # type: ignore[misc]
+                                                                   "PickerServiceElsewhere"),
+                                    what=f"{name}'s GatewayPool condition")
+            assert cond["status"] == "True"
+            assert "not shared" in cond["message"] and "shareInstances" in cond["message"]
+            gie = await eventually(lambda n=name: c.get(  # type: ignore[misc]
+                f"/apis/{GIE_API_VERSION}/namespaces/default/inferencepools/{n}"),
+                what=f"{name}'s GIE InferencePool")
+            assert gie["spec"]["selector"]["matchLabels"] == {POOL_LABEL: f"default.{name}"}
+        await eventually(lambda: _names(c, {"chat-1xh100-gpu-a", "rag-1xh100-gpu-a"}),
+                         what="one Deployment per pool")
+        # the policy saying false changes nothing, and the condition stops mentioning it
+        await c.create(_policy(shareInstances=False))
+
+        async def plain(name: str) -> Any:
+            cond = await _gateway_reason(c, name, "PickerServiceElsewhere")
+            return cond if cond is not None and "not shared" not in cond["message"] else None
+
+        await eventually(lambda: plain("chat"), what="chat's condition without the note")
+        assert (await _shared(c, False)) is not None
+
+
+async def test_without_gie_crd_a_picker_changes_no_sharing() -> None:
+    """The same pools with a picker configured but GIE's CRD absent share as before."""
+    async with await _gie_cluster(gie_crd=False) as c:
+        await c.create(node("gpu-a", H100, 8))
+        await c.create(pool("chat", rps=0.05))
+        await c.create(pool("rag", rps=0.05))
+        await eventually(lambda: _shared(c, True), what="a shared instance")
+        cond = await eventually(lambda: _gateway_reason(c, "rag", "CRDNotInstalled"),
+                                what="rag's GatewayPool condition")
+        assert cond["status"] == "False" and "not shared" not in cond["message"]

@@ -23,6 +23,12 @@ namespaces (no cluster-wide Service write permission, in particular no
 ``ExternalName`` Services).
 
 Without the CRD nothing is written; the pool's ``GatewayPool`` condition says why.
+
+While the operator manages GIE pools (:attr:`GatewayPools.manages_gie_pools`) the
+planner does not share instances between pools (EnergyPolicy ``shareInstances`` is
+withheld): a GIE pool's label selector reaches only its own pool's pods, so a guest pool
+served on a host pool's instances would have no endpoints behind the gateway. The
+``GatewayPool`` condition says so (docs/gateway.md "Shared instances").
 """
 
 from __future__ import annotations
@@ -106,6 +112,30 @@ class GatewayPools:
         self.picker = picker
         self.conditions: dict[str, dict[str, Any]] = {}
         self.crd_present: bool | None = None
+        #: the EnergyPolicy asks for shared instances and :attr:`manages_gie_pools`
+        #: withholds them (the planner sets it each pass; the condition says so)
+        self.sharing_withheld = False
+
+    @property
+    def manages_gie_pools(self) -> bool:
+        """GIE pools are (or, discovery not answered yet, may be) written: a picker is
+        configured and GIE's CRD was not found missing. Instances are then not shared."""
+        return self.picker is not None and self.crd_present is not False
+
+    async def discover(self) -> list[str]:
+        """Refresh :attr:`crd_present` from API discovery (kept on an error, which is
+        returned for the pass report); logs a change."""
+        if self.picker is None:
+            return []
+        try:
+            present = await self.gie_served()
+        except ApiError as exc:
+            return [f"discovery of {GIE_API_VERSION}: {exc}"]
+        if present != self.crd_present:
+            log.info("GIE InferencePool %s %s", GIE_API_VERSION,
+                     "served: creating gateway pools" if present else "not served")
+            self.crd_present = present
+        return []
 
     async def gie_served(self) -> bool:
         """GIE's InferencePool v1 is served (API discovery; allowed to every user)."""
@@ -121,7 +151,8 @@ class GatewayPools:
     async def reconcile(self, live: Mapping[str, PoolEntry],
                         plannable: Mapping[str, InferencePool],
                         sem: asyncio.Semaphore) -> list[str]:
-        """Apply every pool's GIE pool; the errors (for the pass report)."""
+        """Apply every pool's GIE pool (GIE's CRD as :meth:`discover` last found it);
+        the errors (for the pass report)."""
         self.conditions = {}
         if self.picker is None:
             for key in live:
@@ -129,14 +160,9 @@ class GatewayPools:
                     False, "PickerDisabled", "no endpoint picker configured "
                     "(--epp-service): no GIE InferencePool is created")
             return []
-        try:
-            present = await self.gie_served()
-        except ApiError as exc:
-            return [f"discovery of {GIE_API_VERSION}: {exc}"]
-        if present != self.crd_present:
-            log.info("GIE InferencePool %s %s", GIE_API_VERSION,
-                     "served: creating gateway pools" if present else "not served")
-            self.crd_present = present
+        if self.crd_present is None:
+            return []  # discovery has not answered yet (its error is in the report)
+        present = self.crd_present
         errors: list[str] = []
 
         async def one(entry: PoolEntry, pool: InferencePool) -> None:
@@ -170,6 +196,10 @@ class GatewayPools:
         message = (f"GIE InferencePool {entry.namespace}/{entry.name} selects "
                    f"{POOL_LABEL}={entry.key} on port {port}; endpoint picker "
                    f"{self.picker.service}:{self.picker.port}")
+        if self.sharing_withheld:
+            message += ("; instances are not shared with other pools although the "
+                        "EnergyPolicy says shareInstances: true (a GIE InferencePool's "
+                        "selector reaches only its own pool's pods)")
         if entry.namespace != self.picker.namespace:
             return condition(True, "PickerServiceElsewhere", message + (
                 f" (GIE resolves it in namespace {entry.namespace}; the picker Service is "

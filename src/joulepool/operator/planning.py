@@ -567,7 +567,8 @@ class Planner:
         plannable = {k: p for k, e in live.items() if (p := self.planned_pool(e)) is not None}
         nodes = self.nodes()
         profiles, profile_keys = self.profiles(now)
-        policy = await self.carbon.planning_policy(self.policy(), now)
+        report.errors.extend(await self.gateway.discover())
+        policy = self._sharing_policy(await self.carbon.planning_policy(self.policy(), now))
         observed = self.observed_prompts(plannable, live, now)
         inputs = fingerprint([
             [(k, live[k].uid, p.spec.model_dump_json()) for k, p in plannable.items()],
@@ -625,6 +626,20 @@ class Planner:
             report.deployments_applied, report.deployments_deleted,
             report.deployments_scaled_down, len(report.errors))
         return report
+
+    def _sharing_policy(self, policy: EnergyPolicySpec) -> EnergyPolicySpec:
+        """``policy`` with ``shareInstances`` off while the operator manages GIE pools:
+        a GIE pool's label selector reaches only its own pool's pods, so a pool served on
+        another pool's instances would have no endpoints behind the gateway. Logs a
+        change; the pools' ``GatewayPool`` condition says so."""
+        withheld = policy.share_instances and self.gateway.manages_gie_pools
+        if withheld != self.gateway.sharing_withheld:
+            log.info("instances %s: %s", "not shared" if withheld else "shared as the "
+                     "EnergyPolicy says", "GIE InferencePools are managed and their "
+                     "selectors reach only their own pool's pods" if withheld
+                     else "no GIE InferencePools are managed")
+            self.gateway.sharing_withheld = withheld
+        return policy.model_copy(update={"share_instances": False}) if withheld else policy
 
     async def _solve(
         self, pools: list[InferencePool], nodes: list[PlanNode],
