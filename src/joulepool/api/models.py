@@ -659,7 +659,8 @@ class EnergyPolicySpec(_Model):
         description="pools of one namespace that serve one model under the same names may "
                     "share instances (one pod serves several pools at low load, held to the "
                     "tightest of their SLOs); false: every instance serves one pool "
-                    "(FREESH's plan)")
+                    "(FREESH's plan). Not shared while the operator manages GIE "
+                    "InferencePools (their selectors reach only their own pool's pods)")
 
     @model_validator(mode="after")
     def _one_entry_per_site(self) -> EnergyPolicySpec:
