@@ -28,7 +28,8 @@ While the operator manages GIE pools (:attr:`GatewayPools.manages_gie_pools`) th
 planner does not share instances between pools (EnergyPolicy ``shareInstances`` is
 withheld): a GIE pool's label selector reaches only its own pool's pods, so a guest pool
 served on a host pool's instances would have no endpoints behind the gateway. The
-``GatewayPool`` condition says so (docs/gateway.md "Shared instances").
+``GatewayPool`` condition says so (docs/planner.md "Not shared where the operator
+manages GIE pools").
 """
 
 from __future__ import annotations
