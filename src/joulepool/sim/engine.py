@@ -1036,6 +1036,13 @@ class Simulator:
                 return mine
         return np.ones(wl.cls.size, dtype=bool)
 
+    def _pool_slo_requests(self, cls: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+        """(:meth:`_pool_requests` of ``cls``, the part of it whose SLOs size the pool's
+        rooms: its interactive requests, all of it when it has none)."""
+        mine = self._pool_requests(cls)
+        interactive = mine & ~self.workload.bulk
+        return mine, (interactive if interactive.any() else mine)
+
     def _sustainable_batch(self, mode: str, cls: int, ttft: bool = True) -> int:
         """core.routing.sustainable_batch of ``mode`` for the requests its pool serves
         (the class's under planner pools, all otherwise): their mean prompt and
@@ -1046,8 +1053,7 @@ class Simulator:
         hit = self.slo_batches.get(key)
         if hit is None:
             wl = self.workload
-            mine = self._pool_requests(cls)
-            slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
+            mine, slo = self._pool_slo_requests(cls)
             hit = self.slo_batches[key] = sustainable_batch(
                 self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
                 float(wl.predicted_tokens[mine].mean()),
@@ -1080,8 +1086,7 @@ class Simulator:
         hit = self.mix_rooms.get(key)
         if hit is None:
             wl = self.workload
-            mine = self._pool_requests(cls)
-            slo = mine & ~wl.bulk if (mine & ~wl.bulk).any() else mine
+            _, slo = self._pool_slo_requests(cls)
             tpot_batch = room_at_slot_load(self.tables[mode].profile, k, prior, mean_out,
                                            float(wl.tpot_slo_s[slo].min()))
             hit = self.mix_rooms[key] = member_rooms(pool_rooms[0], pool_rooms[1], tpot_batch)
