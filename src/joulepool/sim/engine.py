@@ -79,6 +79,7 @@ from joulepool.core.profiles import (
 from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.routing import (
     carbon_weights,
+    credibility_at,
     member_rooms,
     room_at_slot_load,
     slot_load,
@@ -850,15 +851,17 @@ class Simulator:
         mixed = False
         if self.use_js:
             pool = self.pools[inst.pool]
-            if inst.n_out != inst.mix_n:  # its requests changed: its loads and rooms
+            n_out = inst.n_out
+            if n_out != inst.mix_n:  # its requests changed: its loads and rooms
                 mixed = True
-                inst.mix_n = inst.n_out
+                inst.mix_n = n_out
                 pool.note_mix(inst)
                 # eps_n stays at the pool's b*_n: the engine does not stop a batch at
                 # b*_n, so what joining costs follows the pool's sizing; the room says
                 # whether the member keeps the SLO with one more
+                epv, vhm = pool.spread  # (Pool.credibility written out)
                 inst.room, inst.tpot_batch = self._member_rooms(
-                    inst, pool.credibility(inst.n_out))
+                    inst, credibility_at(n_out, epv, vhm))
             pool.sync(inst, t)
         else:
             self.pools[inst.pool].sync_load(inst)
@@ -1073,10 +1076,10 @@ class Simulator:
         short responses carries far fewer within TPOT than the pool's mean mix allows,
         and the members' spread of loads shows it (docs/marginal-energy.md, "Per-member
         room")."""
-        mode, cls = inst.table.mode, inst.cls
         pool_rooms = inst.pool_rooms
         if credibility <= 0.0 or inst.sl_sum <= 0.0:
             return pool_rooms
+        mode, cls = inst.table.mode, inst.cls
         prior, mean_out = self._pool_mix(cls)
         k = slot_load_bin(credibility * (inst.sl_sum / inst.n_out)
                           + (1.0 - credibility) * prior, prior)

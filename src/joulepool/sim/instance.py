@@ -31,6 +31,7 @@ from joulepool.sim.candidates import CandidateIndex
 from joulepool.sim.tables import NEEDED, ProfileTable
 
 INF = math.inf
+_NO_TERMS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # core.routing.slot_load_terms of no requests
 
 
 class InstanceState(IntEnum):
@@ -593,19 +594,30 @@ class Pool:
     def note_mix(self, inst: Instance) -> None:
         """``inst``'s requests changed: its terms of the pool's slot-load sums."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
-        new = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
-        old = self.mix_of[pos]
+        # (slot_load_terms written out: this runs after every change of requests)
+        n = inst.n_out
+        if n <= 0:
+            new = _NO_TERMS
+        else:
+            total = inst.sl_sum
+            new = (n, 1.0, total, inst.sl_sq, total * total / n, n * n)
+        mix_of = self.mix_of
+        old = mix_of[pos]
         if new == old:
             return
-        self.mix_of[pos] = new
-        self.mix_puts += 1
-        if self.mix_puts >= len(self.members):
+        mix_of[pos] = new
+        puts = self.mix_puts = self.mix_puts + 1
+        if puts >= len(self.members):
             self._sum_mix()
             return
         mix = self.mix
-        for k in range(6):
-            mix[k] += new[k] - old[k]
-        self.spread = slot_load_spread(*mix)
+        mix[0] += new[0] - old[0]
+        mix[1] += new[1] - old[1]
+        mix[2] += new[2] - old[2]
+        mix[3] += new[3] - old[3]
+        mix[4] += new[4] - old[4]
+        mix[5] += new[5] - old[5]
+        self.spread = slot_load_spread(mix[0], mix[1], mix[2], mix[3], mix[4], mix[5])
 
     def credibility(self, n: float) -> float:
         """core.routing.slot_load_credibility of a member holding ``n`` requests (the
@@ -628,11 +640,11 @@ class Pool:
         queue, the prefill time per token and the batch room."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
         n_out = self.out[pos] = inst.n_out
-        self._state.tpot_batch[pos] = inst.tpot_batch  # the engine sizes it at its mix
+        tpot_batch = self._state.tpot_batch[pos] = inst.tpot_batch  # sized at its mix
         row = inst.row(t)
         index = self.index
         if index is not None:
-            index.put(pos, row, n_out, inst.tpot_batch)
+            index.put(pos, row, n_out, tpot_batch)
             self.dirty.add(pos)
         else:
             for column, value in zip(self.columns, row, strict=True):
