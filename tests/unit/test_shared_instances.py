@@ -141,18 +141,24 @@ def _instances(n: int, *guests: str, node: str = "h0") -> PlannedInstance:
                            instances=n, gpus=n, gpusPerInstance=1, sharedWith=list(guests))
 
 
+def _two_ready_pods_on_one_node(doc: PlanDocument, host: str) -> tuple[ClusterState, Router]:
+    """A router over ``doc`` with pods a (10.0.0.1) and b (10.0.0.2) of pool ``host``,
+    ready, on one 2-GPU H100 node."""
+    s = ClusterState()
+    s.replace_nodes([T.node("h0", "H100", gpus=2)])
+    s.replace_pods([T.pod(n, node_name="h0", ready=True, ip=ip, pool=host, mode="1xH100")
+                    for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
+    s.set_plan(doc)
+    return s, Router(RouterSettings(), s)
+
+
 def test_an_unshared_pod_of_the_same_node_and_mode_is_not_the_guests() -> None:
     """The host pool has an instance of its own and one shared with rag on one node and
     mode: rag gets exactly one of the host's pods there, whichever are ready."""
     doc = PlanDocument(pools={
         "default.chat": _planned("chat", _instances(1), _instances(1, "default.rag")),
         "default.rag": _planned("rag")})
-    s = ClusterState()
-    s.replace_nodes([T.node("h0", "H100", gpus=2)])
-    s.replace_pods([T.pod(n, node_name="h0", ready=True, ip=ip, pool="default.chat",
-                          mode="1xH100") for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
-    s.set_plan(doc)
-    r = Router(RouterSettings(), s)
+    s, r = _two_ready_pods_on_one_node(doc, "default.chat")
 
     def addresses(key: str) -> list[str]:
         return [e.address for e in r.pool(key).endpoints]
@@ -263,12 +269,7 @@ def test_the_gateways_subset_names_the_host_pool_not_its_guest() -> None:
     doc = PlanDocument(pools={"default.rag": _planned("rag", _instances(1, "default.chat"),
                                                       _instances(1)),
                               "default.chat": _planned("chat")})
-    s = ClusterState()
-    s.replace_nodes([T.node("h0", "H100", gpus=2)])
-    s.replace_pods([T.pod(n, node_name="h0", ready=True, ip=ip, pool="default.rag",
-                          mode="1xH100") for n, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"))])
-    s.set_plan(doc)
-    r = Router(RouterSettings(), s)
+    _, r = _two_ready_pods_on_one_node(doc, "default.rag")
     assert [e.address for e in r.pool("default.chat").endpoints] == ["10.0.0.1:8000"]
     spec = RequestSpec(model=None, pool_header=None, input_tokens=0.0, output_tokens=None,
                        stream=False)

@@ -31,7 +31,6 @@ from joulepool.sim.candidates import CandidateIndex
 from joulepool.sim.tables import NEEDED, ProfileTable
 
 INF = math.inf
-_NO_TERMS = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # core.routing.slot_load_terms of no requests
 
 
 class InstanceState(IntEnum):
@@ -594,13 +593,7 @@ class Pool:
     def note_mix(self, inst: Instance) -> None:
         """``inst``'s requests changed: its terms of the pool's slot-load sums."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
-        # (slot_load_terms written out: this runs after every change of requests)
-        n = inst.n_out
-        if n <= 0:
-            new = _NO_TERMS
-        else:
-            total = inst.sl_sum
-            new = (n, 1.0, total, inst.sl_sq, total * total / n, n * n)
+        new = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
         mix_of = self.mix_of
         old = mix_of[pos]
         if new == old:
