@@ -4,7 +4,6 @@ arrays of 31 GiB), a simulated duration of thousands of years."""
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +63,27 @@ def test_a_file_that_is_not_utf8_text_exits_2(tmp_path: Path, args: list[str],
     assert "binary.yaml" in err and "UTF-8" in err
 
 
+#: The child sets its own limit before it imports joulepool. A ``preexec_fn`` would make
+#: ``subprocess`` fork (not vfork) this test process, which has served gRPC in other tests:
+#: gRPC's fork handlers restart its poller in the child, ``close_fds`` then closes the
+#: poller's epoll fd under it, and the child aborts ("epoll_wait error: Bad file
+#: descriptor", return code -6) before it reaches ``exec``.
+_LIMIT = ("import resource, sys\n"
+          "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n")
+_LIMITED = _LIMIT + "from joulepool.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
 def _run_limited(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """``joulepool ARGS`` with 2 GiB of address space (the old code tried 31 GiB)."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    return subprocess.run([sys.executable, "-c", _LIMITED, *args], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
 
-    return subprocess.run([sys.executable, "-m", "joulepool.cli", *args], capture_output=True,
-                          text=True, timeout=120, preexec_fn=limit, cwd=tmp_path)
+
+def test_the_limited_child_really_runs_under_the_limit(tmp_path: Path) -> None:
+    probe = _LIMIT + "print(resource.getrlimit(resource.RLIMIT_AS)[0])\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert int(done.stdout) == 2 << 30
 
 
 def test_trace_spanning_millennia_exits_2(tmp_path: Path) -> None:
