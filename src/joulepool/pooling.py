@@ -32,6 +32,7 @@ from joulepool.api.models import (
 from joulepool.api.plan import (
     PlanDocument,
     PlannedInstance,
+    PlannedMix,
     PlannedNode,
     PlannedPool,
     PlannedSLO,
@@ -336,6 +337,9 @@ def describe(
             slo=PlannedSLO(ttftSeconds=s.slo.ttft_seconds, tpotSeconds=s.slo.tpot_seconds,
                            deadlineSeconds=s.slo.deadline_seconds),
             replicas=replicas, joulesPerToken=jpt, expectedPowerWatts=power,
+            mix=PlannedMix(requestsPerSecond=float(problem.forecast_rps[r].mean()),
+                           meanInputTokens=s.demand.mean_input_tokens,
+                           meanOutputTokens=s.demand.mean_output_tokens),
             assignments=[
                 PlannedInstance(node=a.node, site=a.site, product=a.product, mode=a.mode,
                                 instances=a.instances, gpus=a.gpus,

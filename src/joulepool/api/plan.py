@@ -44,6 +44,18 @@ class PlannedInstance(_Wire):
     shared_with: list[str] = Field(default_factory=list, alias="sharedWith")
 
 
+class PlannedMix(_Wire):
+    """The traffic a pool was planned for: what the router sizes its endpoints' batch
+    rooms at (core.classes.StreamMix), as the simulator sizes its instances."""
+
+    #: mean forecast rate over the planning window, requests/s (before alpha): weighs the
+    #: pools a shared instance serves
+    requests_per_second: float = Field(alias="requestsPerSecond", ge=0)
+    #: mean prompt and mean response of the pool's requests, tokens
+    mean_input_tokens: float = Field(alias="meanInputTokens", gt=0)
+    mean_output_tokens: float = Field(alias="meanOutputTokens", gt=0)
+
+
 class PlannedPool(_Wire):
     namespace: str
     name: str
@@ -56,6 +68,8 @@ class PlannedPool(_Wire):
     assignments: list[PlannedInstance] = Field(default_factory=list)
     joules_per_token: float | None = Field(default=None, alias="joulesPerToken")
     expected_power_watts: float | None = Field(default=None, alias="expectedPowerWatts")
+    #: the traffic it was planned for (None: a plan of an earlier release)
+    mix: PlannedMix | None = None
 
     def nodes(self) -> set[str]:
         return {a.node for a in self.assignments if a.instances > 0}

@@ -9,6 +9,7 @@ median prompt) is an assumption, and both are configurable.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import overload
@@ -275,3 +276,54 @@ def slo_set(name: str) -> SLOSet:
 def freesh_slo(class_name: str) -> SLO:
     """FREESH's SLO bounds: TTFT 300 ms (short prompt) / 600 ms (long), TBT 150 ms."""
     return FREESH_SLOS.for_class(class_name)
+
+
+@dataclass(frozen=True)
+class StreamMix:
+    """The requests a serving instance receives, as its batch rooms are sized at them
+    (core.routing.EndpointModel's ``serving``): their rate (requests/s), mean prompt and
+    mean response (tokens), the mean TTFT SLO of the interactive ones and their tightest
+    TPOT SLO (s). ``bulk``: none of them is interactive (then all of them set the SLOs)."""
+
+    requests_per_second: float
+    mean_input_tokens: float
+    mean_output_tokens: float
+    ttft_s: float
+    tpot_s: float
+    bulk: bool = False
+
+    @property
+    def serving(self) -> tuple[float, float, float]:
+        """(mean prompt, mean response, TTFT s): EndpointModel.from_profile's ``serving``."""
+        return self.mean_input_tokens, self.mean_output_tokens, self.ttft_s
+
+
+def merged_stream(parts: Sequence[StreamMix]) -> StreamMix:
+    """The stream of an instance serving the requests of every part (a shared instance
+    serves several pools): the mean prompt and mean response over all their requests
+    (means weighted by rate; equal weights when no part has a positive rate), the
+    rate-weighted mean TTFT and the tightest TPOT of the interactive parts (of all parts
+    when none is interactive). The simulator sizes an instance at the same figures, taken
+    over the requests it serves (sim.engine.Simulator._sustainable_batch)."""
+    if not parts:
+        raise ValueError("a stream needs at least one part")
+    if len(parts) == 1:
+        return parts[0]
+    rates = [max(p.requests_per_second, 0.0) for p in parts]
+    weights = rates if sum(rates) > 0.0 else [1.0] * len(parts)
+
+    def mean(values: Iterable[float], w: Sequence[float]) -> float:
+        return math.fsum(v * x for v, x in zip(values, w, strict=True)) / math.fsum(w)
+
+    slo = [i for i, p in enumerate(parts) if not p.bulk] or list(range(len(parts)))
+    slo_w = [weights[i] for i in slo]
+    if math.fsum(slo_w) <= 0.0:
+        slo_w = [1.0] * len(slo)
+    return StreamMix(
+        math.fsum(rates),
+        mean((p.mean_input_tokens for p in parts), weights),
+        mean((p.mean_output_tokens for p in parts), weights),
+        mean((parts[i].ttft_s for i in slo), slo_w),
+        min(parts[i].tpot_s for i in slo),
+        bulk=all(p.bulk for p in parts),
+    )

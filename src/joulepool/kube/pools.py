@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.api.models import EnergyPolicySpec
-from joulepool.core.classes import Tier
+from joulepool.core.classes import StreamMix, Tier, merged_stream
 from joulepool.core.controllers import MIADController, miad_step_target_s
 from joulepool.core.feedback import corrected_profile
 from joulepool.core.profiles import DEFAULT_PROFILES, ServingProfile, find_profile
@@ -80,8 +80,8 @@ class Router:
         self.pools: dict[str, PoolRouter] = {}
         self.static: EndpointsFile | None = None
         self.static_synced = True
-        self._models: dict[tuple[str | None, str | None, int, float, float, float | None],
-                           EndpointModel] = {}
+        self._models: dict[tuple[str | None, str | None, int, float, float, float | None,
+                                 tuple[float, float, float] | None], EndpointModel] = {}
         self._static_dirty = False
         #: the EnergyPolicy's objective and grid intensity per site (gCO2/kWh, now)
         self.objective = "energy"
@@ -131,11 +131,19 @@ class Router:
     def endpoint_model(
         self, product: str | None, model: str | None, gpus: int,
         eps: float | None = None, tps: float | None = None, tpot_s: float | None = None,
+        stream: StreamMix | None = None,
     ) -> EndpointModel:
         """The endpoint's profile; its operating batch is the largest meeting ``tpot_s``
-        (the pool's TPOT SLO; the router's default TPOT when None)."""
+        (the pool's TPOT SLO; the router's default TPOT when None). ``stream``: the
+        requests it serves (:meth:`stream_of`); its rooms are then sized at them and follow
+        the slot load each endpoint is credited with (core.routing.EndpointModel's
+        ``serving``, core.router.PoolRouter's credible rooms), as the simulator sizes its
+        instances, and its TPOT is the stream's."""
         if eps is not None and tps is not None:
             return EndpointModel.constant(eps, tps)
+        if stream is not None:
+            tpot_s = stream.tpot_s
+        serving = stream.serving if stream is not None else None
         tpot = self.s.default_tpot_s if tpot_s is None else float(tpot_s)
         prof = None
         if product and model:
@@ -148,12 +156,12 @@ class Router:
         # steers the clocks
         target = (miad_step_target_s(tpot, self.miad_margin) if self.s.clocks_follow_load
                   else None)
-        key = (product, model, gpus, tpot, scale, target)
+        key = (product, model, gpus, tpot, scale, target, serving)
         em = self._models.get(key)
         if em is None:
             em = (
                 EndpointModel.from_profile(corrected_profile(prof, scale), tpot,
-                                           step_target_s=target)
+                                           serving=serving, step_target_s=target)
                 if prof is not None
                 else EndpointModel.constant(self.s.default_eps, self.s.default_tps)
             )
@@ -241,14 +249,14 @@ class Router:
                     eps_min_tokens=self.s.eps_min_tokens,
                 ))
         if state is not None:
-            for pod_key in self._pool_pods(key):
+            for pod_key, serves in self._pool_pods(key):
                 rec = state.pods.get(pod_key)
                 if rec is None or not rec.ready or not rec.ip:
                     continue
                 node = state.nodes.get(rec.node)
                 model = self.endpoint_model(
                     node.product if node else None, pool.model, max(rec.gpus, 1),
-                    tpot_s=pool.tpot_s,
+                    tpot_s=pool.tpot_s, stream=self.stream_of(serves),
                 )
                 host = f"[{rec.ip}]" if ":" in rec.ip else rec.ip
                 eps_list.append(Endpoint(
@@ -265,25 +273,55 @@ class Router:
         planned = self.state.pool_plan(host) if self.state is not None else None
         return {g for a in planned.assignments for g in a.shared_with} if planned else set()
 
-    def _pool_pods(self, key: str) -> list[str]:
-        """The pods serving pool ``key``: its own, then the serving pods of other pools
-        that the plan shares with it (``sharedWith``; they answer to the same model
-        names): as many of the host's ready pods on that node and mode as it shares
-        instances there, never the host's pods of instances of its own
-        (:meth:`~joulepool.api.plan.PlannedPool.guests_by_pod`), sorted."""
+    def _pool_pods(self, key: str) -> list[tuple[str, tuple[str, ...]]]:
+        """The pods serving pool ``key``, each with the pools it serves (its own pool
+        first): ``key``'s own, then the serving pods of other pools that the plan shares
+        with it (``sharedWith``; they answer to the same model names): as many of the
+        host's ready pods on that node and mode as it shares instances there, never the
+        host's pods of instances of its own
+        (:meth:`~joulepool.api.plan.PlannedPool.guests_by_pod`), sorted by pod."""
         state = self.state
         assert state is not None
-        pods = set(state.pool_pods.get(key, ()))
         plan = state.plan
+        pods = dict(self._shared_pods(key))
+        pods.update({pod: (key,) for pod in state.pool_pods.get(key, ()) if pod not in pods})
         for host, planned in (plan.pools.items() if plan is not None else ()):
             if host == key or not any(key in a.shared_with for a in planned.assignments):
                 continue
-            serving = [(rec.key, rec.node, rec.mode)
-                       for rec in (state.pods.get(k) for k in state.pool_pods.get(host, ()))
-                       if rec is not None and rec.ready and rec.ip]
-            pods |= {pod for pod, guests in planned.guests_by_pod(serving).items()
-                     if key in guests}
-        return sorted(pods)
+            pods.update({pod: serves for pod, serves in self._shared_pods(host).items()
+                         if key in serves})
+        return sorted(pods.items())
+
+    def _shared_pods(self, host: str) -> dict[str, tuple[str, ...]]:
+        """``host``'s ready serving pods that the plan shares with other pools, each with
+        the pools it serves (``host`` first; :meth:`PlannedPool.guests_by_pod`)."""
+        state = self.state
+        assert state is not None
+        planned = state.pool_plan(host)
+        if planned is None or not any(a.shared_with for a in planned.assignments):
+            return {}
+        serving = [(rec.key, rec.node, rec.mode)
+                   for rec in (state.pods.get(k) for k in state.pool_pods.get(host, ()))
+                   if rec is not None and rec.ready and rec.ip]
+        return {pod: (host, *guests)
+                for pod, guests in planned.guests_by_pod(serving).items()}
+
+    def stream_of(self, pools: tuple[str, ...]) -> StreamMix | None:
+        """The requests an endpoint serving ``pools`` receives, from the plan's mixes
+        (``PlannedPool.mix``: each pool's planned rate, mean prompt and response, and its
+        SLO and tier), merged (core.classes.merged_stream); None when the plan does not
+        give every one of them (no plan, a plan of an earlier release, a static pool)."""
+        state = self.state
+        parts = []
+        for key in pools:
+            planned = state.pool_plan(key) if state is not None else None
+            if planned is None or planned.mix is None:
+                return None
+            m = planned.mix
+            parts.append(StreamMix(m.requests_per_second, m.mean_input_tokens,
+                                   m.mean_output_tokens, planned.slo.ttft_seconds,
+                                   planned.slo.tpot_seconds, bulk=planned.tier == Tier.BULK))
+        return merged_stream(parts) if parts else None
 
     def _site_g_if_carbon_objective(self) -> dict[str, float] | None:
         """Grid intensity per site the pools weigh marginal energy by: the EnergyPolicy's,

@@ -1,0 +1,173 @@
+"""The routing service sizes its endpoints' batch rooms as the simulator sizes its instances.
+
+The plan document carries each pool's planned traffic (``PlannedPool.mix``);
+``kube.pools.Router`` builds each pod's endpoint model at the stream of the pools the pod
+serves (core.classes.merged_stream), so core.router.PoolRouter gives it the per-member
+room (core.routing.member_rooms at its credible slot load) that the simulator's engine
+gives an instance serving the same requests. Fed the same inputs, both paths must give the
+same numbers: b*_n, the TPOT batch, the pool's slot load, the room at each credited load.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sim_helpers import cluster
+
+from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedMix, PlannedPool, PlannedSLO
+from joulepool.core.classes import StreamMix, merged_stream
+from joulepool.core.routing import EndpointModel, slot_load
+from joulepool.kube import testing as T
+from joulepool.kube.pools import Router, RouterSettings
+from joulepool.kube.state import ClusterState
+from joulepool.sim.engine import Simulator
+from joulepool.sim.planning import plan_windows
+from joulepool.sim.policies import POLICIES
+from joulepool.sim.runner import model_tables
+from joulepool.sim.workload import Workload
+
+SS, LS = 0, 2  # the simulator's class indices (core.classes.CLASS_NAMES)
+NAMES = {SS: "chat", LS: "rag"}
+
+
+def _workload(n: int, seed: int, bulk_ls: bool = False) -> Workload:
+    """Short prompts with long answers (SS) and long prompts with short answers (LS),
+    each class with its own SLOs; ``bulk_ls``: every LS request is bulk."""
+    rng = np.random.default_rng(seed)
+    arrival = np.cumsum(rng.exponential(1 / 4.0, n))
+    ls = rng.random(n) < 0.35
+    inp = np.where(ls, rng.integers(1100, 4000, n), rng.integers(50, 900, n)).astype(np.int64)
+    out = np.where(ls, rng.integers(10, 300, n), rng.integers(20, 440, n)).astype(np.int64)
+    ttft = np.where(ls, 0.6, 0.3)
+    tpot = np.where(ls, 0.1, 0.15)
+    return Workload(
+        arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
+        category=np.zeros(n, dtype=np.int64),
+        bulk=(ls & bulk_ls).astype(np.bool_), cls=np.where(ls, LS, SS).astype(np.int64),
+        ttft_slo_s=ttft, tpot_slo_s=tpot, deadline_s=ttft + out * tpot,
+        duration_s=float(arrival[-1]), scale=1.0)
+
+
+def _planned(wl: Workload, cls: int, *assignments: PlannedInstance) -> PlannedPool:
+    """Pool ``cls`` of the workload as the operator plans it: its SLO, tier and traffic
+    (rate, mean prompt and response of its requests)."""
+    mine = wl.cls == cls
+    return PlannedPool(
+        namespace="default", name=NAMES[cls], model="llama-3.1-8b",
+        tier="bulk" if wl.bulk[mine].all() else "interactive",
+        slo=PlannedSLO(ttftSeconds=float(wl.ttft_slo_s[mine][0]),
+                       tpotSeconds=float(wl.tpot_slo_s[mine][0])),
+        replicas=sum(a.instances for a in assignments), assignments=list(assignments),
+        mix=PlannedMix(requestsPerSecond=float(mine.sum()) / wl.duration_s,
+                       meanInputTokens=float(wl.input_tokens[mine].mean()),
+                       meanOutputTokens=float(wl.predicted_tokens[mine].mean())))
+
+
+def _service(doc: PlanDocument, host: str) -> Router:
+    """The routing service's pools over ``doc`` and one ready pod of ``host`` on h0."""
+    state = ClusterState()
+    state.replace_nodes([T.node("h0", "H100", gpus=1)])
+    state.replace_pods([T.pod("p0", node_name="h0", ready=True, ip="10.0.0.1", pool=host,
+                              mode="1xH100")])
+    state.set_plan(doc)
+    return Router(RouterSettings(), state)
+
+
+def _assert_same_rooms(model: EndpointModel, sim: Simulator, cls: int) -> None:
+    """b*_n, TPOT batch, pool slot load and the room at every credited load within two
+    octaves of the pool's: the endpoint model's against the simulator's for an instance
+    of class set ``cls``."""
+    mode = "1xH100"
+    assert model.mix is not None
+    assert model.batch_limit == sim._sustainable_batch(mode, cls)
+    assert model.tpot_batch_limit == sim._sustainable_batch(mode, cls, False)
+    prior, mean_out = sim._pool_mix(cls)
+    assert model.pool_slot_load == pytest.approx(prior, rel=1e-12)
+    assert model.mix[4] == pytest.approx(mean_out, rel=1e-12)
+    inst = next(i for i in sim.instances if i.table.mode == mode)
+    inst.cls, inst.pool_rooms = cls, (sim._sustainable_batch(mode, cls),
+                                      sim._sustainable_batch(mode, cls, False))
+    sim.mix_rooms.clear()
+    differ = 0
+    for k in range(-16, 17):
+        load = prior * 2.0 ** (k / 8)
+        inst.n_out, inst.sl_sum = 10, 10 * load  # credited with its own load (Z = 1)
+        want = sim._member_rooms(inst, 1.0)
+        assert model.rooms_at_slot_load(load) == want, k
+        differ += want != inst.pool_rooms
+    assert differ >= 8  # the rooms follow the load (this is no pool-room-only check)
+
+
+def test_a_pools_endpoint_has_the_simulators_rooms() -> None:
+    wl = _workload(600, 3)
+    cl = cluster([("h0", "H100", 2)])
+    sim = Simulator(cl, wl, POLICIES["freesh"], model_tables(cl), plan_windows(cl, wl))
+    one = PlannedInstance(node="h0", site="s1", product="H100", mode="1xH100", instances=1,
+                          gpus=1, gpusPerInstance=1)
+    doc = PlanDocument(pools={"default.rag": _planned(wl, LS, one),
+                              "default.chat": _planned(wl, SS)})
+    router = _service(doc, "default.rag")
+    (endpoint,) = router.pool("default.rag").endpoints
+    _assert_same_rooms(endpoint.model, sim, LS)
+    assert router.pool("default.rag").mix_rooms  # its rooms follow the credited loads
+
+
+@pytest.mark.parametrize("bulk_ls", [False, True])
+def test_a_shared_pod_has_the_rooms_of_the_simulators_shared_instance(bulk_ls: bool) -> None:
+    """The host's pod the plan shares with a guest pool is sized at both pools' requests
+    (rate-weighted means; TTFT and TPOT of the interactive ones), in the host's pool and
+    in the guest's, as the simulator sizes an instance serving both classes."""
+    wl = _workload(600, 4, bulk_ls)
+    cl = cluster([("h0", "H100", 2)])
+    sim = Simulator(cl, wl, POLICIES["freesh"], model_tables(cl), plan_windows(cl, wl))
+    shared = sim._class_set((SS, LS))
+    shared_one = PlannedInstance(node="h0", site="s1", product="H100", mode="1xH100",
+                                 instances=1, gpus=1, gpusPerInstance=1,
+                                 sharedWith=["default.rag"])
+    doc = PlanDocument(pools={"default.chat": _planned(wl, SS, shared_one),
+                              "default.rag": _planned(wl, LS)})
+    router = _service(doc, "default.chat")
+    (host,) = router.pool("default.chat").endpoints
+    (guest,) = router.pool("default.rag").endpoints
+    assert host.address == guest.address == "10.0.0.1:8000"
+    _assert_same_rooms(host.model, sim, shared)
+    _assert_same_rooms(guest.model, sim, shared)
+    # the interactive requests' tightest TPOT: the bulk pool's does not bind
+    assert router.stream_of(("default.chat", "default.rag")).tpot_s == (  # type: ignore[union-attr]
+        0.15 if bulk_ls else 0.1)
+
+
+def test_a_plan_without_mixes_keeps_the_tpot_batch() -> None:
+    """A plan of an earlier release (no ``mix``): rooms are the TPOT operating batch, as
+    before, and do not follow any load."""
+    doc = T.plan({"default.chat": [("h0", "H100", 1)]}, tpot_s=0.15)
+    state = ClusterState()
+    state.replace_nodes([T.node("h0", "H100", gpus=1)])
+    state.replace_pods([T.pod("p0", node_name="h0", ready=True, ip="10.0.0.1")])
+    state.set_plan(doc)
+    pool = Router(RouterSettings(), state).pool("default.chat")
+    (endpoint,) = pool.endpoints
+    assert endpoint.model.mix is None and not pool.mix_rooms
+    assert endpoint.model.batch_limit == endpoint.model.op_batch
+
+
+def test_merged_stream_is_the_mean_over_all_requests() -> None:
+    chat = StreamMix(3.0, 500.0, 200.0, 0.3, 0.15)
+    rag = StreamMix(1.0, 3000.0, 40.0, 0.6, 0.1)
+    both = merged_stream([chat, rag])
+    assert both.requests_per_second == 4.0
+    assert both.mean_input_tokens == pytest.approx((3 * 500 + 3000) / 4)
+    assert both.mean_output_tokens == pytest.approx((3 * 200 + 40) / 4)
+    assert (both.ttft_s, both.tpot_s, both.bulk) == (pytest.approx(0.375), 0.1, False)
+    assert slot_load(*both.serving[:2]) == pytest.approx(1125 / 160)
+    bulk_rag = merged_stream([chat, StreamMix(1.0, 3000.0, 40.0, 0.6, 0.05, bulk=True)])
+    assert (bulk_rag.ttft_s, bulk_rag.tpot_s) == (0.3, 0.15)  # interactive SLOs only
+    idle = merged_stream([StreamMix(0.0, 100.0, 10.0, 0.3, 0.1),
+                          StreamMix(0.0, 300.0, 30.0, 0.5, 0.2)])
+    assert (idle.mean_input_tokens, idle.ttft_s, idle.tpot_s) == (200.0, 0.4, 0.1)
+    assert merged_stream([chat]) is chat
+    with pytest.raises(ValueError):
+        merged_stream([])
+    assert math.isfinite(both.ttft_s)
