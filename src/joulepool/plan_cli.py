@@ -21,6 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "GPUProfiles); repeatable")
     parser.add_argument("--cluster", help="cluster YAML (default: the bundled example cluster)")
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    parser.add_argument("--gie-pools", action="store_true",
+                        help="plan as the operator does when it manages Gateway API Inference "
+                             "Extension InferencePools for the pools (its --epp-service is "
+                             "set and GIE's CRD is installed): no pool is served on another "
+                             "pool's instances, whatever the EnergyPolicy's shareInstances")
 
 
 def _default_cluster() -> Path:
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from joulepool.api.models import EnergyPolicy, EnergyPolicySpec, GPUProfile, InferencePool
     from joulepool.cli import UsageError
     from joulepool.core.profiles import DEFAULT_PROFILES
-    from joulepool.pooling import nodes_from_cluster, plan_pools
+    from joulepool.pooling import nodes_from_cluster, plan_pools, sharing_policy
 
     try:
         resources_ = [r for f in args.filename for r in load_manifests(f)]
@@ -88,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if not policy.carbon and cluster.carbon:
         policy = policy.model_copy(update={"carbon": cluster.carbon})
     policy = _without_live_carbon(policy)
+    policy, withheld = sharing_policy(policy, args.gie_pools)
+    sharing_note = ("instances are not shared between pools (--gie-pools: a GIE "
+                    "InferencePool's selector reaches only its own pool's pods), although "
+                    "the EnergyPolicy says shareInstances: true" if withheld else "")
     profiles = (*DEFAULT_PROFILES,
                 *(profile_from_resource(r) for r in resources_ if isinstance(r, GPUProfile)))
     observed = _observed_prompts(pools, now=datetime.now(UTC))
@@ -102,10 +111,13 @@ def run(args: argparse.Namespace) -> int:
             "solveSeconds": plan.result.solve_time_s,
             "binding": list(plan.result.binding),
             "headroom": plan.headroom_note or None,
+            "shareInstances": policy.share_instances,
             "plan": json.loads(plan.document.to_json()),
         }, indent=2))
     else:
         print(render_table(plan))
+        if sharing_note:
+            print(f"\nnote: {sharing_note}")
     return 0 if plan.result.feasible else 1
 
 

@@ -170,6 +170,18 @@ def share_key(pool: InferencePool) -> str:
     return f"{pool.metadata.namespace or 'default'}/{pool.spec.model}/{names}"
 
 
+def sharing_policy(policy: EnergyPolicySpec, gie_pools: bool) -> tuple[EnergyPolicySpec, bool]:
+    """The EnergyPolicy pools are planned with, and whether its ``shareInstances`` was
+    withheld: where the pools are served through GIE InferencePools (``gie_pools``: the
+    operator manages them), instances are not shared, since a GIE pool's label selector
+    reaches only its own pool's pods and a pool served on another pool's instances would
+    have no endpoints behind the gateway. The operator and ``joulepool plan`` both ask
+    this (docs/planner.md, "Not shared where the operator manages GIE pools")."""
+    withheld = policy.share_instances and gie_pools
+    return (policy.model_copy(update={"share_instances": False}) if withheld else policy,
+            withheld)
+
+
 def _carbon(policy: EnergyPolicySpec, nodes: Sequence[PlanNode], objective: str
             ) -> dict[str, list[float]] | None:
     """Intensity per site; a site without data counts as the dirtiest known one."""

@@ -264,3 +264,50 @@ def test_plan_uses_the_observed_prompt_tail_in_the_pool_status_as_the_operator(
     assert "1xA100" in {i["mode"] for i in
                         json.loads(out)["plan"]["pools"]["default.chat"]["assignments"]}
     assert "default.chat: status.observedInputTokens not used" in err
+
+
+def _two_small_pools_on_one_gpu(tmp_path):
+    """Two low-rate pools of one model in one namespace and a cluster of one H100: they
+    fit only on one shared instance."""
+    docs = [{"apiVersion": "joulepool.dev/v1alpha1", "kind": "InferencePool",
+             "metadata": {"name": name, "namespace": "ns"},
+             "spec": {"model": "llama-3.1-8b", "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
+                      "demand": {"requestsPerSecond": 0.05, "meanInputTokens": 500,
+                                 "meanOutputTokens": 100}}} for name in ("chat", "rag")]
+    f = tmp_path / "pools.yaml"
+    f.write_text(yaml.safe_dump_all(docs))
+    cl = tmp_path / "cluster.yaml"
+    cl.write_text(yaml.safe_dump({"name": "one", "nodes": [
+        {"name": "h0", "site": "east", "product": "H100", "gpus": 1}]}))
+    return str(f), str(cl)
+
+
+def test_gie_pools_are_planned_unshared_as_the_operator_plans_them(tmp_path, capsys):
+    """``--gie-pools``: the operator's rule where it manages GIE InferencePools
+    (pooling.sharing_policy): no pool is served on another pool's instances."""
+    pools, cluster = _two_small_pools_on_one_gpu(tmp_path)
+    assert main(["plan", "-f", pools, "--cluster", cluster, "-o", "json"]) == 0
+    shared = json.loads(capsys.readouterr().out)
+    assert shared["shareInstances"] is True
+    assert [a["sharedWith"] for p in shared["plan"]["pools"].values()
+            for a in p["assignments"]] in ([["ns.rag"]], [["ns.chat"]])
+    # two pools, one GPU, nothing shared: the plan cannot serve both (exit 1)
+    assert main(["plan", "-f", pools, "--cluster", cluster, "-o", "json", "--gie-pools"]) == 1
+    unshared = json.loads(capsys.readouterr().out)
+    assert unshared["shareInstances"] is False and not unshared["feasible"]
+    assert all(not a.get("sharedWith") for p in unshared["plan"]["pools"].values()
+               for a in p["assignments"])
+    assert main(["plan", "-f", pools, "--cluster", cluster, "--gie-pools"]) == 1
+    assert "note: instances are not shared between pools (--gie-pools" in capsys.readouterr().out
+
+
+def test_the_sharing_rule_is_one_function():
+    from joulepool.pooling import sharing_policy
+
+    on, off = EnergyPolicySpec(), EnergyPolicySpec(shareInstances=False)
+    assert on.share_instances
+    planned, withheld = sharing_policy(on, gie_pools=True)
+    assert (planned.share_instances, withheld) == (False, True)
+    assert planned.model_copy(update={"share_instances": True}) == on  # nothing else moves
+    assert sharing_policy(on, gie_pools=False) == (on, False)
+    assert sharing_policy(off, gie_pools=True) == (off, False)  # nothing withheld

@@ -101,6 +101,7 @@ from joulepool.pooling import (
     observed_prompt_lengths,
     outcomes_from_document,
     plan_pools,
+    sharing_policy,
 )
 
 log = logging.getLogger("joulepool.operator.planning")
@@ -628,18 +629,17 @@ class Planner:
         return report
 
     def _sharing_policy(self, policy: EnergyPolicySpec) -> EnergyPolicySpec:
-        """``policy`` with ``shareInstances`` off while the operator manages GIE pools:
-        a GIE pool's label selector reaches only its own pool's pods, so a pool served on
-        another pool's instances would have no endpoints behind the gateway. Logs a
-        change; the pools' ``GatewayPool`` condition says so."""
-        withheld = policy.share_instances and self.gateway.manages_gie_pools
+        """``policy`` with ``shareInstances`` off while the operator manages GIE pools
+        (pooling.sharing_policy, the rule ``joulepool plan --gie-pools`` follows too). Logs
+        a change; the pools' ``GatewayPool`` condition says so."""
+        planned, withheld = sharing_policy(policy, self.gateway.manages_gie_pools)
         if withheld != self.gateway.sharing_withheld:
             log.info("instances %s: %s", "not shared" if withheld else "shared as the "
                      "EnergyPolicy says", "GIE InferencePools are managed and their "
                      "selectors reach only their own pool's pods" if withheld
                      else "no GIE InferencePools are managed")
             self.gateway.sharing_withheld = withheld
-        return policy.model_copy(update={"share_instances": False}) if withheld else policy
+        return planned
 
     async def _solve(
         self, pools: list[InferencePool], nodes: list[PlanNode],
