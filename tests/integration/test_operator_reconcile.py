@@ -461,6 +461,43 @@ async def test_energy_policy_share_instances_false_gives_every_pool_its_own() ->
         await eventually(lambda: _shared(c, True), what="shared again")
 
 
+async def _message(c: Cluster, name: str, type_: str, text: str) -> dict[str, Any] | None:
+    cond = condition(await c.pool(name), type_)
+    return cond if cond is not None and text in cond["message"] else None
+
+
+async def test_a_guest_pool_is_ready_when_its_shared_instances_are() -> None:
+    """chat has an instance of its own on gpu-a and one on gpu-b that it shares with rag
+    (one GPU each; rag has none of its own). chat's ready replica on gpu-a serves rag
+    nothing: rag is Ready only once the shared instance on gpu-b is."""
+    async with cluster_and_operator() as (c, _op):
+        await c.create(node("gpu-a", H100, 1))
+        await c.create(node("gpu-b", H100, 1))
+        await c.create(pool("chat", rps=12))
+        await c.create(pool("rag", rps=0.05))
+        doc = await eventually(lambda: _shared(c, True), what="a shared instance")
+        assert doc.pools["default.rag"].assignments == []
+        places = {(a.node, tuple(a.shared_with)) for a in doc.pools["default.chat"].assignments}
+        assert places == {("gpu-a", ()), ("gpu-b", ("default.rag",))}
+        await eventually(lambda: _names(c, {"chat-1xh100-gpu-a", "chat-1xh100-gpu-b"}),
+                         what="chat's two Deployments")
+        await _until(c, "rag", "Ready", "False", "ReplicasNotReady")
+
+        await c.patch("/apis/apps/v1/namespaces/default/deployments/chat-1xh100-gpu-a",
+                      {"status": {"replicas": 1, "readyReplicas": 1}})
+        await eventually(lambda: _message(c, "chat", "Ready", "1/2 replicas ready"),
+                         what="chat's replica on gpu-a counted")
+        cond = condition(await c.pool("rag"), "Ready")
+        assert cond is not None and cond["status"] == "False", cond
+        assert "served on 1 shared instance(s) of default.chat, 0 of them ready" in \
+            cond["message"]
+
+        await c.patch("/apis/apps/v1/namespaces/default/deployments/chat-1xh100-gpu-b",
+                      {"status": {"replicas": 1, "readyReplicas": 1}})
+        ready = await _until(c, "rag", "Ready", "True", "ReplicasReady")
+        assert "1 of them ready" in condition(ready, "Ready")["message"]  # type: ignore[index]
+
+
 async def _gie_cluster(gie_crd: bool) -> contextlib.AbstractAsyncContextManager[Any]:
     """kmock with (``gie_crd``) or without GIE's InferencePool v1 served, and the operator
     with a picker configured (so it manages GIE pools when the CRD is there)."""

@@ -276,3 +276,41 @@ def test_the_gateways_subset_names_the_host_pool_not_its_guest() -> None:
     rag = frozenset({"10.0.0.1:8000", "10.0.0.2:8000"})
     assert choose_pool(r, spec, rag) is r.pool("default.rag")
     assert choose_pool(r, spec, frozenset({"10.0.0.2:8000"})) is r.pool("default.rag")
+
+
+def test_a_guest_counts_the_shared_instances_that_are_ready_not_its_hosts_replicas() -> None:
+    """operator.resources.ready_shared_instances: chat has 2 instances of its own on h1,
+    and on h0 one of its own beside 2 shared with rag (1 of them also with faq). Ready
+    pods fill a node's shared instances first, as the router gives them out."""
+    from joulepool.operator.resources import deployment_name, ready_shared_instances
+
+    doc = PlanDocument(pools={
+        "default.chat": _planned("chat", _instances(2, node="h1"), _instances(1),
+                                 _instances(1, "default.rag"),
+                                 _instances(1, "default.rag", "default.faq")),
+        "default.rag": _planned("rag"), "default.faq": _planned("faq")})
+
+    def ready(h0: int, h1: int) -> dict[tuple[str, str], int]:
+        return {("default", deployment_name("chat", "1xH100", "h0")): h0,
+                ("default", deployment_name("chat", "1xH100", "h1")): h1}
+
+    # chat's 2 ready replicas on h1 serve rag nothing (counting the host's: 2)
+    assert ready_shared_instances("default.rag", doc, ready(0, 2)) == 0
+    assert ready_shared_instances("default.rag", doc, ready(1, 2)) == 1
+    assert ready_shared_instances("default.rag", doc, ready(2, 0)) == 2
+    assert ready_shared_instances("default.rag", doc, ready(3, 0)) == 2
+    # faq's: the instance shared with rag too (the plan's order: rag's alone first)
+    assert [ready_shared_instances("default.faq", doc, ready(n, 2)) for n in range(4)] == [
+        0, 0, 1, 1]
+    assert ready_shared_instances("default.chat", doc, ready(3, 2)) == 0  # none borrowed
+    # the operator's Ready condition for rag: served on 2 shared instances, 1 ready
+    outcomes = outcomes_from_document(doc)
+    view = PlanView(in_force=doc, in_force_outcomes=outcomes, in_force_feasible=True,
+                    latest_feasible=True, latest_outcomes=outcomes, latest_binding="",
+                    latest_pools=frozenset(outcomes))
+    entry = parse_pool(pool("rag").model_dump(by_alias=True, mode="json"))
+    cond = {c["type"]: c for c in pool_conditions(
+        entry, view, 0, True, shared_ready=ready_shared_instances("default.rag", doc,
+                                                                   ready(1, 2)))}["Ready"]
+    assert (cond["status"], cond["reason"]) == ("False", "ReplicasNotReady")
+    assert "served on 2 shared instance(s) of default.chat, 1 of them ready" in cond["message"]

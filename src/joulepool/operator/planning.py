@@ -90,6 +90,7 @@ from joulepool.operator.resources import (
     plan_content,
     plan_without,
     pool_status,
+    ready_shared_instances,
     same_status,
     status_patch,
     version_of,
@@ -810,6 +811,8 @@ class Planner:
         sem: asyncio.Semaphore,
     ) -> None:
         ready = self.ready_replicas()
+        ready_by_name = {key: min(d.ready_replicas, d.replicas)
+                         for key, d in self.deployments().items()}
         for k in list(self._status_written):
             if k not in live:
                 del self._status_written[k]
@@ -820,8 +823,10 @@ class Planner:
             base = pool_status(entry, view, ready.get(entry.key, 0),
                                deployable=pool is not None and has_containers(pool),
                                write_error=report.pool_errors.get(entry.key),
-                               shared_ready=sum(ready.get(h, 0) for h in served.hosts)
-                               if served is not None else 0)
+                               shared_ready=ready_shared_instances(
+                                   entry.key, view.in_force, ready_by_name)
+                               if served is not None and served.hosts
+                               and view.in_force is not None else 0)
             if entry.key in self.gateway.conditions:
                 base["conditions"].append(self.gateway.conditions[entry.key])
             written = self._status_written.get(entry.key)

@@ -362,6 +362,28 @@ def deployment_name(pool_name: str, mode: str, node: str) -> str:
     return f"{name[:52].rstrip('-')}-{digest}"
 
 
+def ready_shared_instances(guest: str, doc: PlanDocument,
+                           ready: Mapping[tuple[str, str], int]) -> int:
+    """How many of the instances the plan shares with pool ``guest`` (other pools'
+    instances listing it in ``sharedWith``) are ready. ``ready``: ready replicas by
+    (namespace, Deployment name) of the host pools' Deployments (one per pool, mode and
+    node: :func:`deployment_name`). A host's ready pods on a node and mode fill its planned
+    instances there in the router's order (:meth:`PlannedPool.guests_by_pod`: shared
+    instances first), so this counts the shared instances the router reaches, not the
+    host's ready replicas elsewhere."""
+    count = 0
+    for host_key, host in doc.pools.items():
+        if host_key == guest:
+            continue
+        places = sorted({(a.node, a.mode) for a in host.assignments
+                         if a.instances > 0 and guest in a.shared_with})
+        for node, mode in places:
+            n = ready.get((host.namespace, deployment_name(host.name, mode, node)), 0)
+            pods = [(f"{i:06d}", node, mode) for i in range(n)]
+            count += sum(guest in guests for guests in host.guests_by_pod(pods).values())
+    return count
+
+
 @dataclass(frozen=True)
 class DeploymentInfo:
     """A Deployment the operator owns, as last seen on the watch."""
@@ -628,9 +650,9 @@ def pool_conditions(
 
     ``write_error``: the API's answer to a failed write of one of the pool's Deployments
     in this pass; the pool is then not ``Planned`` (reason ``DeploymentFailed``) until a
-    write succeeds, whatever the plan says. ``shared_ready``: ready replicas of the
-    pools whose instances also serve this one (``PoolOutcome.hosts``); a pool served
-    only on those is ``Ready`` when they have at least as many ready as it shares.
+    write succeeds, whatever the plan says. ``shared_ready``: the instances of other
+    pools that serve this one and are ready (:func:`ready_shared_instances`); a pool
+    served only on those is ``Ready`` when all of them are.
     """
     key = entry.key
     conds = []
@@ -684,8 +706,8 @@ def pool_conditions(
         ok = shared_ready >= served.shared_instances
         conds.append(_cond(READY, ok, "ReplicasReady" if ok else "ReplicasNotReady",
                            f"no instances of its own; served on {served.shared_instances} "
-                           f"shared instance(s) of {', '.join(served.hosts)}, whose pools "
-                           f"have {shared_ready} replica(s) ready"))
+                           f"shared instance(s) of {', '.join(served.hosts)}, "
+                           f"{shared_ready} of them ready"))
     elif want <= 0:
         conds.append(_cond(READY, False, "NoReplicasPlanned", "no instances planned"))
     elif not deployable:
