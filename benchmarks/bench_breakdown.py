@@ -25,6 +25,7 @@ tests/unit/test_bench_breakdown.py). Method and findings: docs/marginal-energy.m
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections import defaultdict
 from typing import Any
@@ -32,14 +33,17 @@ from typing import Any
 import numpy as np
 
 from joulepool.bench import load_benchmark
+from joulepool.core.bound import FloorDemand, FloorResult, decode_columns, prefill_columns
 from joulepool.core.classes import CLASS_NAMES, SLO_SETS
+from joulepool.core.profiles import ServingProfile
 from joulepool.sim import engine as sim_engine
 from joulepool.sim.cluster import ClusterError
 from joulepool.sim.engine import EngineParams
 from joulepool.sim.instance import STARTING, Instance
 from joulepool.sim.report import summarise
-from joulepool.sim.runner import Experiment, ExperimentResult, run_experiment
+from joulepool.sim.runner import Experiment, ExperimentResult, floor_demands, run_experiment
 from joulepool.sim.trace import TraceError
+from joulepool.sim.workload import Workload
 
 Split = dict[str, Any]
 
@@ -50,13 +54,32 @@ def _instrumented(split: Split, window_s: float) -> type[Instance]:
     by clock."""
 
     class Counted(Instance):
-        __slots__ = ()
+        #: decoding requests per floor demand (kept as requests join and leave the batch)
+        __slots__ = ("mix",)
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.mix: dict[str, int] = defaultdict(int)
 
         def settle(self, t: float) -> None:
             dt = min(t, window_s) - self.last_t
             if dt > 0.0:
                 _count(self, dt, split)
             super().settle(t)
+
+        def join(self, rid: int, prefill_len: float, remaining: float) -> None:
+            self.mix[split["rid_demand"][rid]] += 1
+            super().join(rid, prefill_len, remaining)
+
+        def pop_finished(self) -> list[int]:
+            done = super().pop_finished()
+            for rid in done:
+                self.mix[split["rid_demand"][rid]] -= 1
+            return done
+
+        def drop_decoding(self, rid: int, prefill_len: float) -> float:
+            self.mix[split["rid_demand"][rid]] -= 1
+            return super().drop_decoding(rid, prefill_len)
 
     return Counted
 
@@ -79,6 +102,10 @@ def _count(inst: Instance, dt: float, split: Split) -> None:
         pf = (tab.prefill_power_w[inst.ci] - idle) * (1.0 - decode_share) * dt
         energy["prefill"] += pf
         split["prefill_tokens"] += inst.pf_rate * dt
+        row = split["prefill_points"][
+            (split["rid_demand"][inst.prefill_rid], tab.profile.key, inst.ci)]
+        row[0] += pf
+        row[1] += inst.pf_rate * dt
         dec = (tab.power_w[inst.ci][b] - idle) * decode_share * dt if b else 0.0
     else:
         dec = (inst.power - idle) * dt
@@ -90,28 +117,62 @@ def _count(inst: Instance, dt: float, split: Split) -> None:
         row[1] += b * dt / inst.itl
         split["decode_tokens"] += b * dt / inst.itl
         split["decode_s_by_clock"][tab.clocks[inst.ci] / tab.clocks[-1]] += dt
+        _count_decode_points(inst, dec, dt, split)
+
+
+def _count_decode_points(inst: Instance, dec_j: float, dt: float, split: Split) -> None:
+    """Add an interval's decode J and tokens to ``split["decode_points"]``, keyed by the
+    floor's operating point (demand, profile key, batch, clock index), each demand
+    taking its requests' share of the batch."""
+    b = inst.b
+    key = inst.table.profile.key
+    for demand, n in inst.mix.items():  # type: ignore[attr-defined]
+        if not n:
+            continue
+        row = split["decode_points"][(demand, key, b, inst.ci)]
+        row[0] += dec_j * n / b
+        row[1] += n * dt / inst.itl
+
+
+def _reading_demands(split: Split) -> type[sim_engine.Simulator]:
+    """A Simulator that writes each request's floor demand name (``"LS/interactive"``,
+    :func:`joulepool.sim.runner.floor_demands`) to ``split["rid_demand"]``."""
+
+    class Reading(sim_engine.Simulator):
+        def __init__(self, cluster: Any, workload: Workload, *args: Any) -> None:
+            tier = np.where(workload.bulk, "bulk", "interactive")
+            split["rid_demand"] = [f"{CLASS_NAMES[c]}/{t}"
+                                   for c, t in zip(workload.cls.tolist(), tier, strict=True)]
+            super().__init__(cluster, workload, *args)
+
+    return Reading
 
 
 def breakdown(exp: Experiment) -> tuple[ExperimentResult, dict[str, Split]]:
     """Run ``exp`` one policy at a time in this process, each with its split."""
     splits: dict[str, Split] = {}
     results: list[ExperimentResult] = []
-    original = sim_engine.Instance
+    original, original_sim = sim_engine.Instance, sim_engine.Simulator
     try:
         for policy in exp.policies:
             split: Split = {
                 "energy_j": defaultdict(float), "empty_s": 0.0, "prefill_tokens": 0.0,
                 "decode_tokens": 0.0, "decode_by_batch": defaultdict(lambda: [0.0, 0.0]),
                 "decode_s_by_clock": defaultdict(float),
+                "decode_points": defaultdict(lambda: [0.0, 0.0]),
+                "prefill_points": defaultdict(lambda: [0.0, 0.0]),
             }
             sim_engine.Instance = _instrumented(split, exp.duration_s)  # type: ignore[misc]
+            sim_engine.Simulator = _reading_demands(split)  # type: ignore[misc]
             one = Experiment(**{**exp.__dict__, "policies": (policy,), "jobs": 1})
             results.append(run_experiment(one))
             run = results[-1].runs[policy][0]
             split["energy_j"]["idle_free"] = run.energy_j - sum(split["energy_j"].values())
+            split["policy"] = policy
             splits[policy] = split
     finally:
         sim_engine.Instance = original  # type: ignore[misc]
+        sim_engine.Simulator = original_sim  # type: ignore[misc]
     first = results[0]
     for other in results[1:]:
         first.runs.update(other.runs)
@@ -161,6 +222,143 @@ def render(res: ExperimentResult, splits: dict[str, Split]) -> str:
     return "\n".join(lines)
 
 
+#: the terms of :func:`gap_to_floor`, in the order they are taken, and what each means
+GAP_TERMS = (
+    ("decode clock", "decode above the cheapest clock meeting TPOT at the batch it ran"),
+    ("decode batch", "that, above the cheapest operating point on the same GPU (the floor's "
+                     "column there)"),
+    ("decode product", "that, above the floor's own J/token for the class (other GPUs)"),
+    ("prefill clock", "prefill above the cheapest clock meeting TTFT on the same GPU"),
+    ("prefill product", "that, above the floor's prefill J/token for the class"),
+    ("start-up", "instances loading their model"),
+    ("idle", "idle power beyond the floor's (every GPU, the whole window)"),
+    ("work", "tokens the floor does that the run did not do in the window, at the floor's "
+             "J/token (negative)"),
+)
+
+
+def _floor_j_per_token(floor: FloorResult) -> dict[tuple[str, str], float]:
+    """(demand, kind) -> the floor's J above idle per token over its columns."""
+    j: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for col in floor.columns:
+        row = j[(col.demand, col.kind)]
+        row[0] += col.dynamic_j
+        row[1] += col.tokens
+    return {k: v[0] / v[1] for k, v in j.items() if v[1] > 0}
+
+
+@functools.cache
+def _cheapest_decode(p: ServingProfile, tpot_s: float, batch: int) -> tuple[float, float]:
+    """(J/token above idle at ``batch`` at its cheapest clock meeting ``tpot_s`` (at f_max
+    when none does), the cheapest J/token of any column meeting it on ``p``)."""
+    clocks = p.product.supported_clocks()
+    per_token = (p.power_w(batch, clocks) - p.idle_w) / p.decode_tokens_per_s(batch, clocks)
+    ok = p.itl_s(batch, clocks) <= tpot_s
+    at_batch = float(per_token[ok].min()) if ok.any() else float(per_token[-1])
+    best = _cheapest_column(p, tpot_s)
+    return at_batch, best if math.isfinite(best) else at_batch
+
+
+@functools.cache
+def _cheapest_column(p: ServingProfile, tpot_s: float) -> float:
+    tps, dyn, _, _ = decode_columns(p, tpot_s, True)
+    return float((dyn / tps).min()) if tps.size else math.inf
+
+
+@functools.cache
+def _cheapest_prefill(p: ServingProfile, d: FloorDemand) -> float:
+    tps, dyn, _, _ = prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)
+    if not tps.size:
+        tps, dyn, _, _ = prefill_columns(p, d.mean_input_tokens, d.ttft_s, False)
+    return float((dyn / tps).min())
+
+
+def gap_to_floor(res: ExperimentResult, split: Split) -> dict[str, float]:
+    """A run's window energy minus the floor's, in J, split into :data:`GAP_TERMS`.
+
+    Every decode interval of the run (its demand, GPU, batch and clock) is priced at
+    its cheapest clock for that batch (the difference is "decode clock"), then at the
+    cheapest operating point of that GPU for the demand ("decode batch"), then at the
+    floor's J/token for the demand ("decode product"); prefill likewise. What the run
+    did not do in the window is priced at the floor's J/token ("work"). The terms sum
+    to the run's energy minus the floor's (the rest, "unexplained", is 0 up to rounding).
+    """
+    floor = res.repeats[0].floor
+    demands = {d.name: d for d in floor_demands(res.repeats[0].workload)}
+    profiles = {p.key: p for p in res.experiment.cluster.profiles}
+    floor_j = _floor_j_per_token(floor)
+    gap: dict[str, float] = defaultdict(float)
+    done: dict[tuple[str, str], float] = defaultdict(float)
+    for (name, key, b, _ci), (joules, tokens) in split["decode_points"].items():
+        p, d = profiles[key], demands[name]
+        at_batch, best = _cheapest_decode(p, d.tpot_s, b)
+        gap["decode clock"] += joules - tokens * at_batch
+        gap["decode batch"] += tokens * (at_batch - best)
+        gap["decode product"] += tokens * (best - floor_j.get((name, "decode"), best))
+        done[(name, "decode")] += tokens
+    for (name, key, _ci), (joules, tokens) in split["prefill_points"].items():
+        best = _cheapest_prefill(profiles[key], demands[name])
+        gap["prefill clock"] += joules - tokens * best
+        gap["prefill product"] += tokens * (best - floor_j.get((name, "prefill"), best))
+        done[(name, "prefill")] += tokens
+    for (name, kind), j in floor_j.items():
+        d = demands[name]
+        asked = d.output_tokens if kind == "decode" else d.input_tokens
+        gap["work"] += j * (done[(name, kind)] - asked)
+    e = split["energy_j"]
+    gap["start-up"] = e["startup"]
+    gap["idle"] = e["idle_free"] + e["idle_on"] - floor.idle_j
+    run = res.runs[split["policy"]][0]
+    gap["unexplained"] = run.energy_j - floor.energy_j - sum(gap.values())
+    return dict(gap)
+
+
+def _render_gap(res: ExperimentResult, splits: dict[str, Split]) -> list[str]:
+    lines = [f"{'gap to the floor, MJ':<22}" + "".join(
+        f"{t[:15]:>16}" for t, _ in GAP_TERMS) + f"{'unexplained':>12}{'total':>8}"]
+    for policy, split in splits.items():
+        gap = gap_to_floor(res, split)
+        lines.append(f"{policy:<22}" + "".join(f"{gap[t] * 1e-6:>16.3f}" for t, _ in GAP_TERMS)
+                     + f"{gap['unexplained'] * 1e-6:>12.3f}"
+                     + f"{sum(gap.values()) * 1e-6:>8.3f}")
+    return lines
+
+
+def floor_columns(floor: FloorResult) -> list[str]:
+    """The floor's solution per demand: GPU, kind, batch, clock, instance-s, J/token."""
+    lines = ["floor's operating points (demand, GPU, kind, batch, MHz, instance-s, tokens, "
+             "J/token above idle):"]
+    for col in sorted(floor.columns, key=lambda c: (c.demand, c.kind, c.profile, -c.tokens)):
+        lines.append(f"  {col.demand:<17} {col.site}/{col.profile:<22} {col.kind:<8}"
+                     f"{col.batch:>5.0f}{col.clock_mhz:>6.0f}{col.instance_s:>9,.1f}"
+                     f"{col.tokens:>13,.0f}{col.joules_per_token:>8.4f}")
+    return lines
+
+
+def run_points(split: Split, policy: str) -> list[str]:
+    """A run's decode and prefill per demand and GPU: tokens, J/token, mean batch and
+    clock (token-weighted)."""
+    rows: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0] * 4)
+    for (name, key, b, ci), (joules, tokens) in split["decode_points"].items():
+        row = rows[(name, key, "decode")]
+        row[0] += joules
+        row[1] += tokens
+        row[2] += tokens * b
+        row[3] += tokens * ci
+    for (name, key, ci), (joules, tokens) in split["prefill_points"].items():
+        row = rows[(name, key, "prefill")]
+        row[0] += joules
+        row[1] += tokens
+        row[3] += tokens * ci
+    lines = [f"{policy}'s operating points (demand, GPU, kind, tokens, J/token above idle, "
+             "token-weighted mean batch and clock index):"]
+    for (name, key, kind), (joules, tokens, bt, ct) in sorted(rows.items()):
+        if tokens > 0:
+            lines.append(f"  {name:<17} {key:<22} {kind:<8}{tokens:>13,.0f}"
+                         f"{joules / tokens:>8.4f}{bt / tokens:>7.1f}{ct / tokens:>6.1f}")
+    return lines
+
+
 def where_requests_go(res: ExperimentResult) -> list[str]:
     """Per policy: energy (kJ), busy share, requests served and first tokens late by GPU
     product, and first-token attainment per class; then the first plan, if any."""
@@ -208,9 +406,17 @@ def main(argv: list[str] | None = None) -> int:
                     default=True,
                     help="the simulator's MIAD period signal "
                          "(EngineParams.miad_period_signal, on by default)")
+    ap.add_argument("--headroom", type=float, default=1.0, metavar="S",
+                    help="share of the planner's queueing headroom, 0-1 (Experiment."
+                         "headroom_scale; default 1: the planner's own)")
+    ap.add_argument("--points", action="store_true",
+                    help="also print the floor's operating points and each run's, per "
+                         "demand (class/tier) and GPU")
     args = ap.parse_args(argv)
     if not args.load > 0 or not args.duration > 0:
         ap.error("--load and --duration must be positive")
+    if not 0.0 <= args.headroom <= 1.0:
+        ap.error("--headroom must be in [0, 1]")
     try:
         cluster, trace = be.cluster_named(args.cluster), be.trace_named(args.trace)
     except (ClusterError, TraceError) as exc:
@@ -218,11 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     exp = Experiment(cluster=cluster, trace=trace,
                      duration_s=args.duration, arrival_mode="load", arrival_value=args.load,
                      policies=tuple(args.policies.split(",")), seed=args.seed, jobs=1,
-                     slos=SLO_SETS[args.slos],
+                     slos=SLO_SETS[args.slos], headroom_scale=args.headroom,
                      params=EngineParams(miad_period_signal=args.miad_period_signal))
     res, splits = breakdown(exp)
     print(render(res, splits))
     print("\n".join(where_requests_go(res)))
+    print("\n".join(_render_gap(res, splits)))
+    if args.points:
+        print("\n".join(floor_columns(res.repeats[0].floor)))
+        for policy, split in splits.items():
+            print("\n".join(run_points(split, policy)))
     return 0
 
 

@@ -9,6 +9,7 @@ import pytest
 from bench_helpers import BENCHMARKS, load_bench
 from sim_helpers import cluster
 
+from joulepool.core.classes import CLASS_NAMES
 from joulepool.sim.runner import Experiment
 from joulepool.sim.trace import load_trace
 
@@ -44,6 +45,25 @@ def test_split_sums_to_the_runs_window_energy(bench: ModuleType, policy: str) ->
         idle_w * 60.0, rel=1e-6) or parts["startup"] > 0.0
     text = bench.render(res, splits)
     assert "energy floor" in text and policy in text
+    # per operating point: the same decode and prefill joules and tokens, by demand
+    points = split["decode_points"].values()
+    assert sum(v[0] for v in points) == pytest.approx(parts["decode"], rel=1e-9)
+    assert sum(v[1] for v in points) == pytest.approx(split["decode_tokens"], rel=1e-9)
+    pf_points = split["prefill_points"].values()
+    assert sum(v[0] for v in pf_points) == pytest.approx(parts["prefill"], rel=1e-9)
+    assert sum(v[1] for v in pf_points) == pytest.approx(split["prefill_tokens"], rel=1e-9)
+    wl = res.repeats[0].workload
+    for (demand, _key, b, _ci), (_j, tokens) in split["decode_points"].items():
+        cls, tier = demand.split("/")
+        assert b >= 1 and tokens >= 0.0
+        assert ((wl.cls == CLASS_NAMES.index(cls)) & (wl.bulk == (tier == "bulk"))).any()
+    # the gap to the floor: its terms add up to the run's energy over the floor's
+    gap = bench.gap_to_floor(res, split)
+    floor = res.repeats[0].floor
+    assert gap["unexplained"] == pytest.approx(0.0, abs=1e-6 * run.energy_j)
+    assert sum(gap.values()) == pytest.approx(run.energy_j - floor.energy_j, rel=1e-9)
+    assert gap["idle"] == pytest.approx(0.0, abs=1e-6 * floor.idle_j)
+    assert gap["work"] <= 1e-6 * run.energy_j  # the floor does at least the run's work
 
 
 def test_cli_refuses_a_non_positive_load(bench: ModuleType, capsys) -> None:

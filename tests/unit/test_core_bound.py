@@ -105,3 +105,40 @@ def test_prompts_are_prefilled_on_the_gpus_that_decode_them():
     assert both.feasible and alone.feasible
     assert both.dynamic_j == pytest.approx(alone.dynamic_j, rel=1e-9)
     assert set(both.usage) == {H100_8B.key}
+
+
+def test_floor_lists_the_operating_points_it_uses():
+    """The columns it reports are its solution: their joules add up to its decode and
+    prefill split, their tokens to each demand, their GPU-seconds fit the GPUs, and each
+    decode column meets its demand's TPOT, each prefill column its TTFT."""
+    demands = [FloorDemand("a", output_tokens=3e5, input_tokens=6e5, mean_input_tokens=400,
+                           ttft_s=0.6, tpot_s=0.15),
+               FloorDemand("b", output_tokens=1e5, input_tokens=2e6, mean_input_tokens=2000,
+                           ttft_s=0.6, tpot_s=0.05)]
+    gpus = [FloorGPUs("s", "H100", 1), FloorGPUs("s", "L4", 4)]
+    profiles = {p.key: p for p in (H100_8B, L4_8B)}
+    res = energy_floor(demands, gpus, list(profiles.values()), horizon_s=150)
+    assert res.feasible and res.columns
+    dec = [c for c in res.columns if c.kind == "decode"]
+    pre = [c for c in res.columns if c.kind == "prefill"]
+    assert sum(c.dynamic_j for c in dec) == pytest.approx(res.decode_j, rel=1e-9)
+    assert sum(c.dynamic_j for c in pre) == pytest.approx(res.prefill_j, rel=1e-9)
+    for d in demands:
+        assert sum(c.tokens for c in dec if c.demand == d.name) >= d.output_tokens * (1 - 1e-7)
+        assert sum(c.tokens for c in pre if c.demand == d.name) >= d.input_tokens * (1 - 1e-7)
+    for g in gpus:
+        used = sum(c.instance_s * profiles[c.profile].gpus for c in res.columns
+                   if profiles[c.profile].product.name == g.product)
+        assert used <= g.count * 150 * (1 + 1e-7)
+    tpot = {d.name: d.tpot_s for d in demands}
+    ttft = {d.name: (d.ttft_s, d.mean_input_tokens) for d in demands}
+    for c in dec:
+        p = profiles[c.profile]
+        assert float(p.itl_s(c.batch, c.clock_mhz)) <= tpot[c.demand]
+        assert c.tokens == pytest.approx(c.instance_s * float(
+            p.decode_tokens_per_s(c.batch, c.clock_mhz)), rel=1e-9)
+    for c in pre:
+        slo, mean_in = ttft[c.demand]
+        assert float(profiles[c.profile].prefill_s(mean_in, c.clock_mhz)) <= slo
+    # the H100 alone cannot do it in 150 s: the L4s take part
+    assert {c.profile for c in res.columns} == set(profiles)

@@ -78,6 +78,28 @@ class FloorGPUs:
 
 
 @dataclass(frozen=True)
+class FloorColumn:
+    """One operating point the floor's solution uses: ``instance_s`` instance-seconds
+    of ``profile`` (a :attr:`ServingProfile.key`) at ``site``, serving class ``demand``,
+    decoding at ``batch`` (``kind`` "decode") or prefilling (``kind`` "prefill", batch 0)
+    at ``clock_mhz``; ``tokens`` output or prompt tokens, ``dynamic_j`` J above idle."""
+
+    demand: str
+    site: str
+    profile: str
+    kind: str
+    batch: float
+    clock_mhz: float
+    instance_s: float
+    tokens: float
+    dynamic_j: float
+
+    @property
+    def joules_per_token(self) -> float:
+        return self.dynamic_j / self.tokens if self.tokens > 0 else math.nan
+
+
+@dataclass(frozen=True)
 class FloorResult:
     feasible: bool
     status: str
@@ -95,6 +117,8 @@ class FloorResult:
     prefill_j: float = math.nan
     #: output-token-weighted mean decode batch of the decode columns it uses
     decode_batch: float = math.nan
+    #: the operating points the solution uses (instance-seconds > 0)
+    columns: tuple[FloorColumn, ...] = ()
 
     @property
     def joules_per_token(self) -> float:
@@ -109,16 +133,17 @@ class FloorResult:
 _BATCH_GRID = tuple(2**k for k in range(0, 11))
 
 
-def _decode_columns(
+def decode_columns(
     p: ServingProfile, tpot_s: float, enforce: bool
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """(tokens per instance-second, dynamic joules per instance-second, batch) per
-    column."""
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """(tokens per instance-second, dynamic joules per instance-second, batch, clock MHz)
+    per column."""
     clocks = p.product.supported_clocks()
     max_b = int(p.max_batch.value)
     tps_cols: list[float] = []
     dyn_cols: list[float] = []
     batch_cols: list[float] = []
+    clock_cols: list[float] = []
     for f in clocks:
         b_star = p.best_batch(tpot_s, float(f)) if enforce else max_b
         if b_star <= 0:
@@ -129,18 +154,22 @@ def _decode_columns(
         tps_cols.extend(float(v) for v in tps)
         dyn_cols.extend(float(v) for v in dyn)
         batch_cols.extend(float(v) for v in batches)
-    return np.array(tps_cols), np.array(dyn_cols), np.array(batch_cols)
+        clock_cols.extend(float(f) for _ in batches)
+    return np.array(tps_cols), np.array(dyn_cols), np.array(batch_cols), np.array(clock_cols)
 
 
-def _prefill_columns(
+def prefill_columns(
     p: ServingProfile, mean_input: float, ttft_s: float, enforce: bool
-) -> tuple[FloatArray, FloatArray]:
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """(tokens per instance-second, dynamic J per instance-second, 0, clock MHz) per
+    column."""
     clocks = p.product.supported_clocks()
     per_token = p.prefill_s(1.0, clocks)
     ok = (p.prefill_s(mean_input, clocks) <= ttft_s) if enforce else np.ones(clocks.size, bool)
     tps = 1.0 / per_token[ok]
     dyn = p.prefill_power_w(clocks[ok]) - p.idle_w
-    return np.asarray(tps, np.float64), np.asarray(dyn, np.float64)
+    return (np.asarray(tps, np.float64), np.asarray(dyn, np.float64), np.zeros(tps.size),
+            np.asarray(clocks[ok], np.float64))
 
 
 def _idle_energy(
@@ -166,11 +195,11 @@ def _slo_feasible(
 ) -> bool:
     """Whether some GPU group offers a decode and a prefill column meeting d's SLO."""
     has_dec = any(
-        _decode_columns(p, d.tpot_s, True)[0].size
+        decode_columns(p, d.tpot_s, True)[0].size
         for g in groups for p in profiles if p.product.name == g.product
     )
     has_pre = any(
-        _prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)[0].size
+        prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)[0].size
         for g in groups for p in profiles if p.product.name == g.product
     )
     return has_dec and has_pre
@@ -199,18 +228,24 @@ class _Columns:
         self.col_key: list[FloatArray] = []  # profile index per column (for usage)
         self.col_kind: list[FloatArray] = []  # 0 decode, 1 prefill per column
         self.col_batch: list[FloatArray] = []  # decode batch per column (0: prefill)
+        self.col_clock: list[FloatArray] = []  # SM clock per column, MHz
+        self.col_class: list[FloatArray] = []  # class index per column
+        self.col_group: list[FloatArray] = []  # GPU group index per column
         self.n_cols = 0
 
     def add(self, ri: int, kind: int, gi: int, pi: int, p: ServingProfile,
-            tps: FloatArray, dyn: FloatArray, batch: FloatArray | None = None) -> None:
+            tps: FloatArray, dyn: FloatArray, batch: FloatArray, clock: FloatArray) -> None:
         """Columns of profile ``pi`` on group ``gi`` for class ``ri``'s ``kind`` (0 decode,
-        1 prefill): ``tps`` tokens and ``dyn`` dynamic J per instance-second (decode:
-        at ``batch``)."""
+        1 prefill): ``tps`` tokens and ``dyn`` dynamic J per instance-second at ``batch``
+        (0 for prefill) and ``clock`` MHz."""
         k = tps.size
         if k == 0:
             return
         self.col_kind.append(np.full(k, float(kind)))
-        self.col_batch.append(np.zeros(k) if batch is None else batch)
+        self.col_batch.append(batch)
+        self.col_clock.append(clock)
+        self.col_class.append(np.full(k, float(ri)))
+        self.col_group.append(np.full(k, float(gi)))
         js = np.arange(self.n_cols, self.n_cols + k, dtype=np.float64)
         self.costs.append(dyn)
         # demand row: produces tps tokens per instance-second
@@ -298,10 +333,9 @@ def energy_floor(
             for pi, p in enumerate(profiles):
                 if p.product.name != g.product:
                     continue
-                tps, dyn, batch = _decode_columns(p, d.tpot_s, enforce)
-                cols.add(ri, 0, gi, pi, p, tps, dyn, batch)
+                cols.add(ri, 0, gi, pi, p, *decode_columns(p, d.tpot_s, enforce))
                 cols.add(ri, 1, gi, pi, p,
-                         *_prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce))
+                         *prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce))
     need = np.array([[d.output_tokens, d.input_tokens] for d in demands], np.float64).ravel()
     if cols.n_cols == 0:
         ok = not np.any(need > 0)
@@ -326,9 +360,28 @@ def energy_floor(
     dyn_j = float(c @ x)
     kind = np.concatenate(cols.col_kind)
     dec = kind == 0
-    dec_tokens = x[dec] * -np.asarray(a[: 2 * cols.R].sum(axis=0)).ravel()[dec]
-    batch = np.concatenate(cols.col_batch)[dec]
-    mean_b = float(dec_tokens @ batch / dec_tokens.sum()) if dec_tokens.sum() > 0 else math.nan
+    tokens = x * -np.asarray(a[: 2 * cols.R].sum(axis=0)).ravel()
+    batch = np.concatenate(cols.col_batch)
+    dec_tokens = tokens[dec]
+    mean_b = (float(dec_tokens @ batch[dec] / dec_tokens.sum()) if dec_tokens.sum() > 0
+              else math.nan)
+    used = _used_columns(demands, groups, profiles, cols, x, tokens, c)
     return FloorResult(True, "optimal", idle_j + dyn_j, idle_j, dyn_j, out_total, horizon_s,
                        tuple(relaxed), usage, decode_j=float(c[dec] @ x[dec]),
-                       prefill_j=float(c[~dec] @ x[~dec]), decode_batch=mean_b)
+                       prefill_j=float(c[~dec] @ x[~dec]), decode_batch=mean_b, columns=used)
+
+
+def _used_columns(demands: Sequence[FloorDemand], groups: Sequence[FloorGPUs],
+                  profiles: Sequence[ServingProfile], cols: _Columns, x: FloatArray,
+                  tokens: FloatArray, cost: FloatArray) -> tuple[FloorColumn, ...]:
+    """The solution's columns with instance-seconds above a billionth of the largest."""
+    meta = [np.concatenate(v) for v in (cols.col_class, cols.col_group, cols.col_key,
+                                         cols.col_kind, cols.col_batch, cols.col_clock)]
+    keep = np.flatnonzero(x > 1e-9 * max(float(x.max()), 1e-300))
+    return tuple(
+        FloorColumn(demand=demands[int(meta[0][j])].name, site=groups[int(meta[1][j])].site,
+                    profile=profiles[int(meta[2][j])].key,
+                    kind="prefill" if meta[3][j] else "decode", batch=float(meta[4][j]),
+                    clock_mhz=float(meta[5][j]), instance_s=float(x[j]),
+                    tokens=float(tokens[j]), dynamic_j=float(cost[j] * x[j]))
+        for j in keep)

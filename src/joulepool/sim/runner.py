@@ -202,7 +202,9 @@ def trace_capacity(cluster: SimCluster, trace: Trace, slos: SLOSet = FREESH_SLOS
                            slos)
 
 
-def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
+def floor_demands(workload: Workload) -> list[FloorDemand]:
+    """The energy floor's demands of ``workload``: one per class and tier (name
+    ``"<class>/<tier>"``, e.g. ``"LS/interactive"``), with its tokens and SLOs."""
     demands = []
     for ci, name in enumerate(CLASS_NAMES):
         base = workload.slos.for_class(name)
@@ -219,6 +221,11 @@ def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
                 ttft_s=base.ttft_s * k,
                 tpot_s=base.tpot_s * k,
             ))
+    return demands
+
+
+def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
+    demands = floor_demands(workload)
     gpus = [FloorGPUs(s, p, n) for (s, p), n in cluster.gpu_counts().items()]
     profiles = [p for p in cluster.profiles if p.model == cluster.model]
     idle = {p: cluster.idle_w(p) for (_, p) in cluster.gpu_counts()}
