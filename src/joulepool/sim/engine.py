@@ -347,6 +347,7 @@ class Simulator:
         "plog",
         "policy",
         "pool_mix",
+        "pool_requests",
         "pools",
         "preemptions",
         "prm",
@@ -405,6 +406,8 @@ class Simulator:
         self.mix_rooms: dict[tuple[str, int, int], tuple[int, int]] = {}
         #: class -> (slot load, mean predicted response) of the requests its pool serves
         self.pool_mix: dict[int, tuple[float, float]] = {}
+        #: class -> (:meth:`_pool_requests`, the part whose SLOs size its rooms)
+        self.pool_requests: dict[int, tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
         self.llf = policy.queue == "llf"
@@ -1032,19 +1035,23 @@ class Simulator:
     def _pool_requests(self, cls: int) -> npt.NDArray[np.bool_]:
         """Mask of the workload's requests an instance serving ``cls`` gets: its classes'
         under planner pools (all if they have none), all otherwise."""
-        wl = self.workload
-        if self.planner_pools:
-            mine: npt.NDArray[np.bool_] = np.isin(wl.cls, self.class_sets[cls])
-            if mine.any():
-                return mine
-        return np.ones(wl.cls.size, dtype=bool)
+        return self._pool_slo_requests(cls)[0]
 
     def _pool_slo_requests(self, cls: int) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
         """(:meth:`_pool_requests` of ``cls``, the part of it whose SLOs size the pool's
-        rooms: its interactive requests, all of it when it has none)."""
-        mine = self._pool_requests(cls)
-        interactive = mine & ~self.workload.bulk
-        return mine, (interactive if interactive.any() else mine)
+        rooms: its interactive requests, all of it when it has none); computed once per
+        ``cls`` (a pass over the whole workload; room look-ups miss their caches often)."""
+        hit = self.pool_requests.get(cls)
+        if hit is None:
+            wl = self.workload
+            mine: npt.NDArray[np.bool_] | None = None
+            if self.planner_pools:
+                mine = np.isin(wl.cls, self.class_sets[cls])
+            if mine is None or not mine.any():
+                mine = np.ones(wl.cls.size, dtype=bool)
+            interactive = mine & ~wl.bulk
+            hit = self.pool_requests[cls] = (mine, interactive if interactive.any() else mine)
+        return hit
 
     def _sustainable_batch(self, mode: str, cls: int, ttft: bool = True) -> int:
         """core.routing.sustainable_batch of ``mode`` for the requests its pool serves

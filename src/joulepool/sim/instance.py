@@ -586,7 +586,8 @@ class Pool:
 
     def _sum_mix(self) -> None:
         """The six sums afresh from the members' terms."""
-        self.mix = [math.fsum(terms[k] for terms in self.mix_of) for k in range(6)]
+        mix_of = self.mix_of
+        self.mix = [math.fsum(column) for column in zip(*mix_of)] if mix_of else [0.0] * 6
         self.mix_puts = 0
         self.spread = slot_load_spread(*self.mix)
 
