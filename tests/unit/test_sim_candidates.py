@@ -111,6 +111,8 @@ def _late_row(rng: np.random.Generator) -> tuple[float, ...]:
     token) come from few values, some a rounding error apart, so that first tokens tie
     exactly and the bound (wait + step) + pi_s x l ties with them."""
     row = list(_row(rng, 0.0))
+    if rng.random() < 0.5:  # q_n a rounding error apart: equal ETAs at unequal q_n
+        row[4] = float(rng.choice([900.0, 900.0 + 1e-13, 900.0 - 1e-13]))
     row[7] = float(rng.choice([0.0, 1e-18, 0.05, 0.05 + 1e-17, 0.3])) if rng.random() < 0.7 \
         else float(rng.random()) * 0.3
     row[8] = float(rng.choice([0.0, 0.01, 0.03]))
@@ -124,18 +126,19 @@ def _late_row(rng: np.random.Generator) -> tuple[float, ...]:
 def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
         odd: float) -> None:
     """With every endpoint late, the index's soonest search (the endpoints within their
-    TPOT batch by a lower bound of their first token) names the rule's choice, ties of
-    first token and ETA included, and reads the pool's columns only when no endpoint is
-    within its TPOT batch or a row's first-token inputs are irregular."""
+    TPOT batch by a lower bound of their first token, then each tie by q_n) names the
+    rule's choice, ties of first token and ETA included (equal ETAs at unequal q_n too),
+    and reads the pool's columns only when no endpoint is within its TPOT batch or a
+    row's first-token or ETA inputs are irregular."""
     rng = np.random.default_rng(23 + int(odd * 100))
     answered = read = 0
     trials = 250
     for _ in range(trials):
         n = int(rng.integers(1, 60))
         rows = [_late_row(rng) for _ in range(n)]
-        for row_no in range(n):  # a share of irregular first-token inputs
+        for row_no in range(n):  # a share of irregular first-token or ETA inputs
             if rng.random() < odd:
-                field = int(rng.integers(7, 11))
+                field = int(rng.integers(4, 11))
                 value = float(rng.choice([math.nan, math.inf, -1.0, 0.5]))
                 rows[row_no] = (*rows[row_no][:field], value, *rows[row_no][field + 1:])
         overflow = _overflow(rng, n)
@@ -148,7 +151,9 @@ def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
             index.put(pos, rows[pos], float(overflow[0][pos]), float(overflow[1][pos]))
         st = _state(rows, overflow)
         regular = all(1.0 <= r[9] < math.inf and 0.0 <= r[8] < math.inf and
-                      math.isfinite(r[7]) and 0.0 <= r[10] < math.inf for r in rows)
+                      math.isfinite(r[7]) and 0.0 <= r[10] < math.inf and
+                      math.isfinite(r[4]) and math.isfinite(r[6]) and 0.0 < r[5] < math.inf
+                      for r in rows)
         within = bool((overflow[0] + 1.0 <= overflow[1]).any())
         profile = routing_profile("joulesched")
         for _ in range(4):
@@ -185,6 +190,40 @@ def test_a_negative_prefill_step_is_left_to_the_columns() -> None:
     read = []
     assert index.best(r, lambda: read.append(1) or _state(rows)) == 2
     assert read and routing_profile("joulesched").pick(r, _state(rows))[0][0] == 2
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+def test_equal_first_tokens_go_to_the_earliest_eta_then_the_lowest_position() -> None:
+    """Among rows tied at the soonest first token the index takes the lowest ETA, then
+    the lowest position, as the rule does: an ETA that rounds equal at a larger q_n
+    wins by position, a row whose cost is infinite never wins, and a row with
+    irregular ETA inputs (throughput 0 or negative, q_n NaN) leaves the choice to the
+    columns."""
+    busy = (0.01, 0.004, 0.3, 100.0, 1000.0, 1000.0, 0.04, 0.2, 0.02, 8000.0, 4e-5, 0.0)
+    more = math.nextafter(1000.0, math.inf) * 1.0000000001  # a larger q_n ...
+    rows = [(*busy[:4], more, *busy[5:]), busy, (*busy[:4], 1500.0, *busy[5:]), busy]
+    # ... whose ETA rounds equal to q_n = 1000's for 2**30 tokens: position 0 wins
+    r = RequestInfo(2.0**30, 0.0, 2.0**30, 30.0, 5.0, False, 1e-9)
+    assert (1000.0 + r.tokens) / 1000.0 == (more + r.tokens) / 1000.0
+
+    def best() -> tuple[int | None, bool]:
+        """(the index's answer, whether it read the columns)"""
+        index = CandidateIndex()
+        for pos, row in enumerate(rows):
+            index.put(pos, row)
+        read: list[int] = []
+        got = index.best(r, lambda: read.append(1) or _state(rows))
+        assert got is None or got == routing_profile("joulesched").pick(r, _state(rows))[0][0]
+        return got, bool(read)
+
+    assert best() == (0, False)
+    rows[0] = (math.inf, *rows[0][1:])  # position 0 cannot serve: the next ETA
+    assert best() == (1, False)
+    for mu in (0.0, -1000.0):  # no throughput: left to the columns
+        rows[1] = (*busy[:5], mu, *busy[6:])
+        assert best() == (3, True)
+    rows[1] = (*busy[:4], math.nan, *busy[5:])  # q_n NaN: the columns, which decline
+    assert best() == (None, True)
 
 
 def test_rows_leave_the_index_when_rewritten() -> None:

@@ -29,7 +29,11 @@ sorted by wait + step. A request's first token on an endpoint,
 is at least ``(wait + step) + pi_s x l`` computed in floating point (step >= 0, so
 each rounded operation is monotone), so a group is read in that order only until
 the bound exceeds the soonest first token found: a few endpoints instead of a
-vectorised pass over the pool. That structure is brought up to date only when a
+vectorised pass over the pool. Many endpoints tie there (those at one batch size with
+a free prefill slot have equal waits, steps and chunks), so a group holds each tie
+once, with its endpoints sorted by q_n: among endpoints of equal w_n and mu_n the ETA
+((q_n + w_n x l) + tokens) / mu_n never decreases as q_n grows, so a tie is read only
+up to its first ETA past the best. That structure is brought up to date only when a
 request reaches the search, with the rows put since (fewer than the puts: an
 endpoint often changes several times in between).
 
@@ -75,7 +79,12 @@ INF = math.inf
 Row = tuple[float, float, float, float, float, float, float, float, float, float, float,
             float]
 _Energy = tuple[float, float, float]  # (eps_n, pi_n, X_n(1))
-_First = tuple[float, int, float, float, float]  # (wait + step, position, wait, step, chunk)
+#: a tie in the soonest search: (wait + step, wait, step, chunk, w_n, mu_n), the inputs
+#: that make positions of one prefill time per token equal in first token and in how
+#: their ETA follows q_n
+_Tie = tuple[float, float, float, float, float, float]
+#: a prefill time per token's ties, ascending, and each tie's (q_n, position), ascending
+_Firsts = tuple[list[_Tie], dict[_Tie, list[tuple[float, int]]]]
 #: an energy group: an idle row -> (that row, the positions holding it, ascending), and
 #: a busy row's position -> (its row, [that position])
 _Group = dict[Row | int, tuple[Row, list[int]]]
@@ -92,9 +101,18 @@ def _first_token_regular(wait: float, step: float, chunk: float, pf_s: float) ->
             and 0.0 <= pf_s < INF)
 
 
+def _eta_regular(q: float, w: float, mu: float) -> bool:
+    """Whether a row's ETA inputs meet the soonest search's assumptions: q_n and w_n
+    finite, 0 < mu_n < inf, so that for a request of finite tokens the ETA
+    ((q_n + w_n x l) + tokens) / mu_n is never NaN and, among rows of equal w_n and
+    mu_n, never decreases as q_n grows (each rounded operation is monotone)."""
+    return -INF < q < INF and -INF < w < INF and 0.0 < mu < INF
+
+
 class CandidateIndex:
     """A pool's rows grouped by (eps_n, pi_n, X_n(1)), then by the whole row; and the
-    rows within their TPOT batch by prefill time per token, sorted by wait + step.
+    rows within their TPOT batch by prefill time per token, sorted by wait + step, and
+    within a tie of first-token and ETA inputs (:data:`_Tie`) by q_n.
 
     The owner calls :meth:`put` for every position of the pool's columns, and again
     whenever it writes a row, with the same numbers; :meth:`best` then names the
@@ -118,14 +136,15 @@ class CandidateIndex:
         # The soonest search's structure, brought up to date only when a request needs it
         # (most never do): the positions put since then are ``stale``.
         self.stale: set[int] = set()
-        #: prefill s per token -> (wait + step, position, wait, step, chunk) of the
-        #: positions within their TPOT batch whose first-token inputs are regular,
-        #: ascending (by the first two: positions are unique)
-        self.firsts: dict[float, list[_First]] = {}
-        #: position within its TPOT batch -> (its key in firsts, its entry), or _ODD
-        self.first_placed: dict[int, tuple[float, _First] | int] = {}
+        #: prefill s per token -> the ties (_Tie) of the positions within their TPOT
+        #: batch whose first-token and ETA inputs are regular, ascending, and each
+        #: tie's (q_n, position), ascending (_Firsts)
+        self.firsts: dict[float, _Firsts] = {}
+        #: position within its TPOT batch -> (its key in firsts, its tie, its
+        #: (q_n, position)), or _ODD
+        self.first_placed: dict[int, tuple[float, _Tie, tuple[float, int]] | int] = {}
         self.within = 0  # positions within their TPOT batch
-        self.first_odd = 0  # of which with first-token inputs that are not regular
+        self.first_odd = 0  # of which with first-token or ETA inputs that are not regular
 
     @staticmethod
     def serves(profile: RoutingProfile) -> bool:
@@ -190,33 +209,49 @@ class CandidateIndex:
 
     def _put_first(self, pos: int, row: Row, within: bool) -> None:
         """Position ``pos`` in the soonest search: ``within`` its TPOT batch or not."""
-        firsts = self.firsts
         old = self.first_placed.pop(pos, None)
         if old is not None:
             self.within -= 1
             if type(old) is tuple:
-                entries = firsts[old[0]]
-                if len(entries) > 1:
-                    del entries[bisect_left(entries, old[1])]
-                else:
-                    del firsts[old[0]]
+                self._drop_first(*old)
             else:
                 self.first_odd -= 1
         if not within:
             return
         self.within += 1
-        wait, step, chunk, pf_s = row[7], row[8], row[9], row[10]
-        if _first_token_regular(wait, step, chunk, pf_s):
-            entry = (wait + step, pos, wait, step, chunk)
-            group = firsts.get(pf_s)
+        q, w, mu, wait, step, chunk, pf_s = row[4], row[6], row[5], row[7], row[8], row[9], \
+            row[10]
+        if _first_token_regular(wait, step, chunk, pf_s) and _eta_regular(q, w, mu):
+            tie = (wait + step, wait, step, chunk, w, mu)
+            entry = (q, pos)
+            group = self.firsts.get(pf_s)
             if group is None:
-                firsts[pf_s] = [entry]
+                self.firsts[pf_s] = ([tie], {tie: [entry]})
             else:
-                insort(group, entry)
-            self.first_placed[pos] = (pf_s, entry)
+                ties, members = group
+                same = members.get(tie)
+                if same is None:
+                    insort(ties, tie)
+                    members[tie] = [entry]
+                else:
+                    insort(same, entry)
+            self.first_placed[pos] = (pf_s, tie, entry)
         else:
             self.first_placed[pos] = _ODD
             self.first_odd += 1
+
+    def _drop_first(self, pf_s: float, tie: _Tie, entry: tuple[float, int]) -> None:
+        """Take ``entry`` (q_n, position) out of tie ``tie`` of group ``pf_s``."""
+        ties, members = self.firsts[pf_s]
+        same = members[tie]
+        if len(same) > 1:
+            del same[bisect_left(same, entry)]
+            return
+        del members[tie]
+        if members:
+            del ties[bisect_left(ties, tie)]
+        else:
+            del self.firsts[pf_s]
 
     def best(self, r: RequestInfo, endpoints: Callable[[], EndpointState]) -> int | None:
         """The position the JouleSched rule picks first for request ``r``, or None when
@@ -266,29 +301,63 @@ class CandidateIndex:
         token among them, found group by group in the order of its lower bound."""
         prompt = float(r.input_tokens)
         soonest = INF
-        at: list[int] = []  # the positions whose first token is ``soonest``
-        for pf_s, entries in self.firsts.items():
+        #: the ties whose first token is ``soonest``: (their positions by q_n, the tie)
+        at: list[tuple[list[tuple[float, int]], _Tie]] = []
+        for pf_s, (ties, members) in self.firsts.items():
             own = pf_s * prompt  # first_token_after_s's last term
-            if entries[0][0] + own > soonest:
+            if ties[0][0] + own > soonest:
                 continue  # the whole group comes later
-            last = None  # (wait, step, chunk) of the entry before: equal inputs, equal
-            first = INF  # first token (instances at one batch with a free prefill slot)
-            for low, pos, wait, step, chunk in entries:
+            last = None  # (wait, step, chunk) of the tie before: equal inputs, equal
+            first = INF  # first token (ties differing only in w_n and mu_n)
+            for tie in ties:
+                low, wait, step, chunk = tie[0], tie[1], tie[2], tie[3]
                 if low + own > soonest:
-                    break  # this one and every later one in the group come later
+                    break  # this tie and every later one in the group come later
                 key = (wait, step, chunk)
                 if key != last:
                     last = key
                     first = first_token_after_s(wait, step, chunk, pf_s, prompt)
                 if first < soonest:
                     soonest = first
-                    at = [pos]
+                    at = [(members[tie], tie)]
                 elif first == soonest:
-                    at.append(pos)
+                    at.append((members[tie], tie))
         if not soonest < INF:
             return None
-        at.sort()
-        return self._earliest_eta(r, at)
+        if not -INF < r.tokens < INF:  # ETAs may be NaN or not follow q_n: one by one
+            return self._earliest_eta(r, sorted(pos for same, _ in at for _, pos in same))
+        best_eta, best_pos = INF, -1
+        for same, tie in at:
+            eta, pos = self._earliest_in_tie(r, same, tie[4], tie[5], best_eta)
+            if pos >= 0 and (eta < best_eta or (eta == best_eta and pos < best_pos)
+                             or best_pos < 0):
+                best_eta, best_pos = eta, pos
+        return best_pos if best_pos >= 0 else None
+
+    def _earliest_in_tie(self, r: RequestInfo, same: list[tuple[float, int]], w: float,
+                         mu: float, bound: float) -> tuple[float, int]:
+        """(ETA s, position) of the lowest ETA that can serve (finite cost) among one
+        tie's ``same`` (q_n, position), ascending, the first position on equal ETAs;
+        (inf, -1) when none can serve or none is at or below ``bound`` s. Every row has
+        these ``w`` and ``mu`` and regular ETA inputs, and the request finite tokens:
+        ETAs never decrease along ``same`` (:func:`_eta_regular`), so the scan stops at
+        the first one past the best."""
+        rows = self.rows
+        prompt, tokens = r.input_tokens, r.tokens
+        best_eta, best_pos = bound, -1
+        for q, pos in same:
+            # the ETA as score_endpoint computes it (the same operations)
+            eta = ((q + w * float(prompt) if prompt > 0 else q) + tokens) / mu
+            if eta > best_eta:
+                break
+            if best_pos >= 0 and not pos < best_pos:
+                continue  # an equal ETA at a later position
+            row = rows[pos]
+            cost, _ = score_endpoint(row[0], q, mu, w, tokens, prompt, r.deadline_s, r.lam,
+                                     row[1], r.output_tokens, row[2], row[3])
+            if -INF < cost < INF:
+                best_eta, best_pos = eta, pos
+        return best_eta, best_pos
 
     def _earliest_eta(self, r: RequestInfo, positions: list[int]) -> int | None:
         """Among ``positions`` (ascending), the one that can serve (finite cost) with the

@@ -587,7 +587,8 @@ class Pool:
     def _sum_mix(self) -> None:
         """The six sums afresh from the members' terms."""
         mix_of = self.mix_of
-        self.mix = [math.fsum(column) for column in zip(*mix_of)] if mix_of else [0.0] * 6
+        self.mix = ([math.fsum(column) for column in zip(*mix_of, strict=True)] if mix_of
+                    else [0.0] * 6)
         self.mix_puts = 0
         self.spread = slot_load_spread(*self.mix)
 
