@@ -303,7 +303,7 @@ def gap_to_floor(res: ExperimentResult, split: Split) -> dict[str, float]:
         done[(name, "prefill")] += tokens
     for (name, kind), j in floor_j.items():
         d = demands[name]
-        asked = d.output_tokens if kind == "decode" else d.input_tokens
+        asked = d.decode_tokens if kind == "decode" else d.input_tokens
         gap["work"] += j * (done[(name, kind)] - asked)
     e = split["energy_j"]
     gap["start-up"] = e["startup"]

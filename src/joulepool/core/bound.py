@@ -46,7 +46,13 @@ FloatArray = npt.NDArray[np.float64]
 
 @dataclass(frozen=True)
 class FloorDemand:
-    """Work of one request class over the horizon."""
+    """Work of one request class (or a part of one) over the horizon.
+
+    ``requests``: how many requests (0: ``input_tokens / mean_input_tokens``). Each
+    one's first output token comes with its prefill's last step, so decode makes
+    ``output_tokens - requests`` tokens; and each prefills within ``ttft_s``, so their
+    prefill takes at most ``requests x ttft_s`` instance-seconds in all.
+    """
 
     name: str
     output_tokens: float
@@ -54,14 +60,27 @@ class FloorDemand:
     mean_input_tokens: float
     ttft_s: float
     tpot_s: float
+    requests: float = 0.0
 
     def __post_init__(self) -> None:
-        for what in ("output_tokens", "input_tokens", "mean_input_tokens"):
+        for what in ("output_tokens", "input_tokens", "mean_input_tokens", "requests"):
             v = getattr(self, what)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{self.name}: {what} must be finite and >= 0")
         if self.ttft_s <= 0 or self.tpot_s <= 0:
             raise ValueError(f"{self.name}: SLO targets must be positive")
+
+    @property
+    def n_requests(self) -> float:
+        if self.requests > 0 or self.mean_input_tokens <= 0:
+            return self.requests
+        return self.input_tokens / self.mean_input_tokens
+
+    @property
+    def decode_tokens(self) -> float:
+        """Output tokens made by decode steps (each request's first comes with its
+        prefill); at least 0."""
+        return max(self.output_tokens - min(self.n_requests, self.output_tokens), 0.0)
 
 
 @dataclass(frozen=True)
@@ -275,6 +294,20 @@ class _Columns:
              (np.concatenate(self.eq_i).astype(int), np.concatenate(self.eq_j).astype(int))),
             shape=(self.R * self.G, self.n_cols))
 
+    def ttft_rows(self, classes: Sequence[int],
+                  limits_s: Sequence[float]) -> tuple[Any, FloatArray]:
+        """(A, b) of one row per class in ``classes``: its prefill instance-seconds, all
+        GPUs and clocks, at most its ``limits_s`` (requests x TTFT)."""
+        from scipy import sparse
+
+        kind = np.concatenate(self.col_kind)
+        cls = np.concatenate(self.col_class)
+        row_of = {c: i for i, c in enumerate(classes)}
+        js = np.flatnonzero((kind == 1) & np.isin(cls, list(classes)))
+        rows = np.array([row_of[int(cls[j])] for j in js], dtype=int)
+        a = sparse.csr_matrix((np.ones(js.size), (rows, js)), shape=(len(classes), self.n_cols))
+        return a, np.asarray(limits_s, np.float64)
+
     def matrix(self, n_groups: int) -> Any:
         from scipy import sparse
 
@@ -311,6 +344,7 @@ def energy_floor(
     ``profiles`` are the serving modes allowed (one model); ``idle_w``
     overrides the per-GPU idle power by product (default: the profiles').
     """
+    from scipy import sparse
     from scipy.optimize import linprog
 
     if horizon_s <= 0:
@@ -318,10 +352,11 @@ def energy_floor(
     idle_j = _idle_energy(gpus, profiles, idle_w, horizon_s)
     out_total = float(sum(d.output_tokens for d in demands))
     groups = [g for g in gpus if g.count > 0]
-    ratio = [d.input_tokens / d.output_tokens if d.output_tokens > 0 else 0.0
+    ratio = [d.input_tokens / d.decode_tokens if d.decode_tokens > 0 else 0.0
              for d in demands]
     cols = _Columns(len(demands), len(groups), ratio)
     relaxed: list[str] = []
+    ttft_rows: list[int] = []
     for ri, d in enumerate(demands):
         enforce = True
         if (d.output_tokens > 0 or d.input_tokens > 0) and not _slo_feasible(
@@ -329,14 +364,17 @@ def energy_floor(
         ):
             enforce = False
             relaxed.append(d.name)
+        elif d.input_tokens > 0:
+            ttft_rows.append(ri)
         for gi, g in enumerate(groups):
             for pi, p in enumerate(profiles):
                 if p.product.name != g.product:
                     continue
                 cols.add(ri, 0, gi, pi, p, *decode_columns(p, d.tpot_s, enforce))
+                # every clock: the TTFT is the demand's row below, not a column rule
                 cols.add(ri, 1, gi, pi, p,
-                         *prefill_columns(p, d.mean_input_tokens, d.ttft_s, enforce))
-    need = np.array([[d.output_tokens, d.input_tokens] for d in demands], np.float64).ravel()
+                         *prefill_columns(p, d.mean_input_tokens, d.ttft_s, False))
+    need = np.array([[d.decode_tokens, d.input_tokens] for d in demands], np.float64).ravel()
     if cols.n_cols == 0:
         ok = not np.any(need > 0)
         status = "no work" if ok else "no operating point"
@@ -344,9 +382,12 @@ def energy_floor(
                            horizon_s, tuple(relaxed))
     a = cols.matrix(len(groups))
     b = np.concatenate([-need, [g.count * horizon_s for g in groups]])
+    ttft_a, ttft_b = cols.ttft_rows(ttft_rows, [demands[r].n_requests * demands[r].ttft_s
+                                                for r in ttft_rows])
     c = np.concatenate(cols.costs)
     eq = cols.coupling()
-    res = linprog(c, A_ub=a, b_ub=b, A_eq=eq, b_eq=None if eq is None else np.zeros(eq.shape[0]),
+    res = linprog(c, A_ub=sparse.vstack([a, ttft_a]).tocsr(), b_ub=np.concatenate([b, ttft_b]),
+                  A_eq=eq, b_eq=None if eq is None else np.zeros(eq.shape[0]),
                   bounds=(0, None), method="highs")
     if res.status != 0 or res.x is None:
         if res.status == 2:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import numpy as np
+
 from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
 from joulepool.core.classes import CLASS_NAMES, FREESH_SLOS, ClassBoundaries, SLOSet
 from joulepool.core.energy import megajoules_per_hour
@@ -202,30 +204,41 @@ def trace_capacity(cluster: SimCluster, trace: Trace, slos: SLOSet = FREESH_SLOS
                            slos)
 
 
-def floor_demands(workload: Workload) -> list[FloorDemand]:
-    """The energy floor's demands of ``workload``: one per class and tier (name
-    ``"<class>/<tier>"``, e.g. ``"LS/interactive"``), with its tokens and SLOs."""
+#: prompt-length parts of each class and tier in the energy floor (equal counts): each
+#: part's prefill must fit its requests x TTFT, so long prompts cannot borrow the short
+#: ones' slack (docs/marginal-energy.md, "Is the floor a floor?")
+FLOOR_PROMPT_PARTS = 4
+
+
+def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand]:
+    """The energy floor's demands of ``workload``: per class and tier (name
+    ``"<class>/<tier>"``, e.g. ``"LS/interactive"``), its tokens, requests and SLOs; with
+    ``prompt_parts`` > 1, each split by prompt length into that many parts of about equal
+    counts, under the same name."""
     demands = []
     for ci, name in enumerate(CLASS_NAMES):
         base = workload.slos.for_class(name)
         for bulk in (False, True):
-            sel = (workload.cls == ci) & (workload.bulk == bulk)
-            if not sel.any():
+            sel = np.flatnonzero((workload.cls == ci) & (workload.bulk == bulk))
+            if not sel.size:
                 continue
-            k = workload.tpot_slo_s[sel][0] / base.tpot_s
-            demands.append(FloorDemand(
-                name=f"{name}/{'bulk' if bulk else 'interactive'}",
-                output_tokens=float(workload.output_tokens[sel].sum()),
-                input_tokens=float(workload.input_tokens[sel].sum()),
-                mean_input_tokens=float(workload.input_tokens[sel].mean()),
-                ttft_s=base.ttft_s * k,
-                tpot_s=base.tpot_s * k,
-            ))
+            k = workload.tpot_slo_s[sel[0]] / base.tpot_s
+            by_prompt = sel[np.argsort(workload.input_tokens[sel], kind="stable")]
+            for part in np.array_split(by_prompt, min(prompt_parts, sel.size)):
+                demands.append(FloorDemand(
+                    name=f"{name}/{'bulk' if bulk else 'interactive'}",
+                    output_tokens=float(workload.output_tokens[part].sum()),
+                    input_tokens=float(workload.input_tokens[part].sum()),
+                    mean_input_tokens=float(workload.input_tokens[part].mean()),
+                    ttft_s=base.ttft_s * k,
+                    tpot_s=base.tpot_s * k,
+                    requests=float(part.size),
+                ))
     return demands
 
 
 def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
-    demands = floor_demands(workload)
+    demands = floor_demands(workload, FLOOR_PROMPT_PARTS)
     gpus = [FloorGPUs(s, p, n) for (s, p), n in cluster.gpu_counts().items()]
     profiles = [p for p in cluster.profiles if p.model == cluster.model]
     idle = {p: cluster.idle_w(p) for (_, p) in cluster.gpu_counts()}
