@@ -72,6 +72,46 @@ struct Names {
 class Stream;
 class WatchCall;
 
+// Monotonic nanoseconds (the clock of every latency recorded here).
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// A latency histogram with fixed upper bounds (seconds, given by Python: the
+// Prometheus buckets), counted with relaxed atomics by whichever thread observes and
+// read by Python at scrape time: nothing per exchange crosses into Python.
+class LatencyHistogram {
+ public:
+  void SetBounds(std::vector<double> bounds_s) {
+    bounds_ns_.clear();
+    for (double b : bounds_s) bounds_ns_.push_back(static_cast<int64_t>(b * 1e9));
+    counts_ = std::vector<std::atomic<uint64_t>>(bounds_ns_.size() + 1);
+  }
+  void Observe(int64_t ns) {
+    if (ns < 0) ns = 0;
+    size_t i = 0;
+    while (i < bounds_ns_.size() && ns > bounds_ns_[i]) ++i;  // le: inclusive bound
+    counts_[i].fetch_add(1, std::memory_order_relaxed);
+    sum_ns_.fetch_add(static_cast<uint64_t>(ns), std::memory_order_relaxed);
+  }
+  // (per-bucket counts, the last one above every bound; the sum in seconds)
+  PyObject* Snapshot() const {
+    PyObject* counts = PyList_New(static_cast<Py_ssize_t>(counts_.size()));
+    if (counts == nullptr) return nullptr;
+    for (size_t i = 0; i < counts_.size(); ++i)
+      PyList_SET_ITEM(counts, static_cast<Py_ssize_t>(i),
+                      PyLong_FromUnsignedLongLong(counts_[i].load(std::memory_order_relaxed)));
+    double sum = static_cast<double>(sum_ns_.load(std::memory_order_relaxed)) / 1e9;
+    return Py_BuildValue("(Nd)", counts, sum);
+  }
+
+ private:
+  std::vector<int64_t> bounds_ns_;
+  std::vector<std::atomic<uint64_t>> counts_;
+  std::atomic<uint64_t> sum_ns_{0};
+};
+
 // What the completion-queue thread runs when an operation it tagged completes.
 class Handler {
  public:
@@ -95,6 +135,7 @@ struct Job {
   bool has_status = false;       // kResponse: the response's status not yet reported
   std::string status, content_type;
   bool has_chunk = false, end = false;
+  int64_t posted_ns = 0;         // when it was queued (NowNs)
 };
 
 class Core;
@@ -191,12 +232,18 @@ class Core {
   void Post(Job job);
   // The event loop (GIL held): run the jobs queued so far.
   void Drain();
+
+  // Seconds per request, from its end reaching this server to its answer written
+  // (decision), of which waiting for the event loop (queue) and Python's pick (pick).
+  LatencyHistogram decision, queue, pick;
   // GIL held, the server going away for good (no drain to come): the picks queued now
   // or later fail at once (Python is not asked: nothing would run them), the rest run.
   void FailPending();
 
  private:
   void RunPick(Job& job);
+  PyObject* CallPick(Job& job);
+  void Answer(Job& job, PyObject* result);
   void RunExchangeCall(Job& job);
 
   Names names_;
@@ -271,6 +318,10 @@ class Stream final : public Handler {
 
   void OnWriteDone(bool ok) {
     out_.pop_front();
+    if (request_end_ns_ != 0) {  // the request's answer is written (or the stream broke)
+      if (ok) core_->decision.Observe(NowNs() - request_end_ns_);
+      request_end_ns_ = 0;
+    }
     if (!ok) {
       End(grpc::Status::OK);
     } else if (!out_.empty()) {
@@ -429,6 +480,7 @@ class Stream final : public Handler {
   }
 
   void Pick(bool headers_only) {
+    request_end_ns_ = NowNs();
     if (core_->floor()) {  // decide nothing: "continue"
       if (headers_only) Reply().mutable_request_headers(); else Reply().mutable_request_body();
       Send();
@@ -536,6 +588,7 @@ class Stream final : public Handler {
   std::string status_, content_type_;
   bool status_pending_ = false;
   bool over_ = false;
+  int64_t request_end_ns_ = 0;  // the request's end read, its answer not yet written
   PyObject* exchange_ = nullptr;  // owned reference, released by a job (GIL)
 };
 
@@ -744,6 +797,14 @@ PyObject* SubsetSet(const Job& job) {
 }
 
 void Core::RunPick(Job& job) {
+  int64_t started = NowNs();
+  queue.Observe(started - job.posted_ns);
+  PyObject* result = CallPick(job);
+  pick.Observe(NowNs() - started);
+  Answer(job, result);
+}
+
+PyObject* Core::CallPick(Job& job) {
   PyObject* headers = HeaderDict(job.headers);
   PyObject* body = PyBytes_FromStringAndSize(job.data.data(),
                                              static_cast<Py_ssize_t>(job.data.size()));
@@ -754,6 +815,11 @@ void Core::RunPick(Job& job) {
   Py_XDECREF(headers);
   Py_XDECREF(body);
   Py_XDECREF(subset);
+  return result;
+}
+
+// The pick's outcome (a new reference, or null: it raised) handed to the stream.
+void Core::Answer(Job& job, PyObject* result) {
   PyObject* exchange = nullptr;
   PyObject* answer = nullptr;
   if (result == nullptr || !PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 2) {
@@ -825,6 +891,7 @@ void Core::RunExchangeCall(Job& job) {
 }
 
 void Core::Post(Job job) {
+  job.posted_ns = NowNs();
   Stream* refused = nullptr;
   bool wake = false;
   {
@@ -913,18 +980,42 @@ void StopServer(ServerObject* self, double grace_s) {
   Py_END_ALLOW_THREADS
 }
 
+// The histograms' upper bounds (seconds): increasing finite floats. False (a Python
+// error set) otherwise.
+bool ReadBounds(PyObject* buckets, std::vector<double>* bounds) {
+  PyObject* seq = PySequence_Fast(buckets, "latency_buckets: a sequence of seconds");
+  if (seq == nullptr) return false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    double b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+    if (b == -1.0 && PyErr_Occurred()) break;
+    if (!(b > 0 && b < 1e6) || (!bounds->empty() && b <= bounds->back())) {
+      PyErr_SetString(PyExc_ValueError,
+                      "latency_buckets: increasing positive seconds below 1e6");
+      break;
+    }
+    bounds->push_back(b);
+  }
+  Py_DECREF(seq);
+  return !PyErr_Occurred();
+}
+
 int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
   static const char* kw[] = {"address", "bridge", "destination_header", "lb_namespace",
-                             "subset_namespace", "subset_key", "served_key", nullptr};
+                             "subset_namespace", "subset_key", "served_key",
+                             "latency_buckets", nullptr};
   const char *address, *dest, *lb, *subset_ns, *subset_key, *served;
   PyObject* bridge;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOsssss", const_cast<char**>(kw), &address,
-                                   &bridge, &dest, &lb, &subset_ns, &subset_key, &served))
+  PyObject* buckets = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "sOsssss|O", const_cast<char**>(kw),
+                                   &address, &bridge, &dest, &lb, &subset_ns, &subset_key,
+                                   &served, &buckets))
     return -1;
   if (self->core != nullptr) {
     PyErr_SetString(PyExc_RuntimeError, "Server already initialised");
     return -1;
   }
+  std::vector<double> bounds;
+  if (buckets != nullptr && !ReadBounds(buckets, &bounds)) return -1;
   Py_INCREF(bridge);
   self->bridge = bridge;
   self->core = new Core(Names{dest, lb, subset_ns, subset_key, served},
@@ -933,6 +1024,8 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
     PyErr_SetFromErrno(PyExc_OSError);
     return -1;
   }
+  for (LatencyHistogram* h : {&self->core->decision, &self->core->queue, &self->core->pick})
+    h->SetBounds(bounds);
   grpc::ServerBuilder builder;
   builder.AddChannelArgument("grpc.enable_channelz", 0);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &self->port);
@@ -1016,6 +1109,16 @@ PyObject* Server_set_serving(ServerObject* self, PyObject* args) {
 
 PyObject* Server_port(ServerObject* self, void*) { return PyLong_FromLong(self->port); }
 
+PyObject* Server_latency(ServerObject* self, PyObject*) {
+  Core* core = self->core;
+  if (core == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "Server not initialised");
+    return nullptr;
+  }
+  return Py_BuildValue("{sNsNsN}", "decision", core->decision.Snapshot(), "queue",
+                       core->queue.Snapshot(), "pick", core->pick.Snapshot());
+}
+
 PyMethodDef server_methods[] = {
     {"fileno", reinterpret_cast<PyCFunction>(Server_fileno), METH_NOARGS,
      "fileno() -> int: the eventfd that becomes readable when drain() has jobs to run"},
@@ -1026,6 +1129,11 @@ PyMethodDef server_methods[] = {
      "seconds; blocks without the GIL (keep draining meanwhile)"},
     {"close", reinterpret_cast<PyCFunction>(Server_close), METH_NOARGS,
      "close() -> None: after shutdown, run what is left (picks still queued fail)"},
+    {"latency", reinterpret_cast<PyCFunction>(Server_latency), METH_NOARGS,
+     "latency() -> {name: (counts, sum_s)}: the histograms 'decision' (a request's end "
+     "read to its answer written), 'queue' (its pick waiting for the event loop) and "
+     "'pick' (Python's call); counts per bucket of latency_buckets, the last one above "
+     "every bound"},
     {"set_serving", reinterpret_cast<PyCFunction>(Server_set_serving), METH_VARARGS,
      "set_serving(service, serving) -> None: grpc.health.v1 status of a service name"},
     {nullptr, nullptr, 0, nullptr}};
@@ -1048,7 +1156,7 @@ PyMODINIT_FUNC PyInit__eppnative(void) {
   ServerType.tp_flags = Py_TPFLAGS_DEFAULT;
   ServerType.tp_doc =
       "Server(address, bridge, destination_header, lb_namespace, subset_namespace, "
-      "subset_key, served_key): the ext_proc gRPC server, started";
+      "subset_key, served_key, latency_buckets=()): the ext_proc gRPC server, started";
   ServerType.tp_new = PyType_GenericNew;
   ServerType.tp_init = reinterpret_cast<initproc>(Server_init);
   ServerType.tp_dealloc = reinterpret_cast<destructor>(Server_dealloc);

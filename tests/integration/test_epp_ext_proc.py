@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from joulepool.core.router import PoolRouter
 from joulepool.httpserve import HTTPProblem
@@ -150,6 +151,66 @@ async def test_pick_in_header_and_envoy_lb_metadata(gateway: Gateway) -> None:
     assert sorted(picked) == sorted([EFFICIENT, FAST])  # primary then ordered fallbacks
     assert len(gateway.pool.endpoints[gateway.pool.index[picked[0]]].ledger) == 1
     await call.done_writing()
+
+
+async def _histograms(gw: Gateway) -> dict[str, dict[str, Any]]:
+    """The picker's latency histograms on the router's /metrics: name -> {"buckets":
+    [(le, cumulative count)], "count", "sum"}."""
+    text = await (await gw.http.get("/metrics")).text()
+    out: dict[str, dict[str, Any]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in {m for m, _ in epp.LATENCY_METRICS.values()}:
+            continue
+        assert family.type == "histogram"
+        h: dict[str, Any] = {"buckets": []}
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                h["buckets"].append((float(sample.labels["le"]), sample.value))
+            else:
+                h[sample.name.rsplit("_", 1)[1]] = sample.value
+        out[family.name] = h
+    return out
+
+
+async def _counted(gw: Gateway, requests: int) -> dict[str, dict[str, Any]]:
+    """The histograms once the decision one counts ``requests`` (the C++ server counts
+    a write's completion, which may follow the gateway's read by a moment)."""
+    decision = "joulepool_router_epp_decision_seconds"
+    for _ in range(200):
+        hists = await _histograms(gw)
+        if hists[decision]["count"] >= requests:
+            return hists
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"{decision} never counted {requests}: {hists}")
+
+
+async def test_server_side_latency_histograms_are_exported_and_move(
+        gateway: Gateway, front_end: str) -> None:
+    names = {"joulepool_router_epp_decision_seconds", "joulepool_router_epp_pick_seconds"}
+    if front_end == "native":  # the wait for the event loop exists only there
+        names.add("joulepool_router_epp_queue_seconds")
+    before = await _histograms(gateway)
+    assert set(before) == names
+    assert all(h["count"] == 0 and h["sum"] == 0 for h in before.values())
+    call, resp = await _pick(gateway)
+    assert _destination(resp, "request_body")[0]
+    await call.done_writing()
+    refused, resp = await _pick(gateway, metadata=_subset([]))  # an immediate answer counts
+    assert resp.immediate_response.status.code == 503
+    await refused.done_writing()
+    after = await _counted(gateway, 2)
+    for name in names:
+        h = after[name]
+        assert h["count"] == 2, (name, h)
+        les = [le for le, _ in h["buckets"]]
+        assert les == [*epp.LATENCY_BUCKETS, float("inf")]
+        counts = [c for _, c in h["buckets"]]
+        assert counts == sorted(counts) and counts[-1] == h["count"]
+        assert 0 < h["sum"] < 10
+    decision = after["joulepool_router_epp_decision_seconds"]["sum"]
+    assert after["joulepool_router_epp_pick_seconds"]["sum"] <= decision
+    if front_end == "native":
+        assert after["joulepool_router_epp_queue_seconds"]["sum"] <= decision
 
 
 async def test_subset_hint_restricts_pick(gateway: Gateway) -> None:

@@ -191,11 +191,14 @@ async def endpoint_picker(app: web.Application) -> AsyncIterator[None]:
         svc.router, lambda: svc.ready, svc.settings.host, svc.settings.epp_port,
         on_answer=lambda code: m.child(m.epp_answers, str(code)).inc())
     m.child(m.epp_front_end, front_end).set(1)
+    latency = epp.LatencyCollector(server.latency)
+    m.registry.register(latency)
     app[EPP_PORT] = port
     health = asyncio.create_task(epp.keep_health(status))
     try:
         yield
     finally:
+        m.registry.unregister(latency)
         health.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await health

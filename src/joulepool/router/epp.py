@@ -48,13 +48,15 @@ once per response.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -64,6 +66,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from joulepool.api import contract
 from joulepool.core.classes import Tier
@@ -433,6 +437,78 @@ class Exchange:
 
 
 # --------------------------------------------------------------------------
+# Server-side latency (both front ends), exported as Prometheus histograms
+# --------------------------------------------------------------------------
+#: upper bounds (seconds) of the picker's latency histograms: fine around the 2 ms
+#: target, so that histogram_quantile's p99 is read to a tenth of a millisecond there
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.00125, 0.0015,
+    0.00175, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
+    1.0)
+#: the histograms: name in a latency snapshot -> (Prometheus name, help)
+LATENCY_METRICS: dict[str, tuple[str, str]] = {
+    "decision": ("joulepool_router_epp_decision_seconds",
+                 "GIE endpoint picker, per request: from the request's end (its last body "
+                 "message, or headers ending it) read by the picker's gRPC server to the "
+                 "answer (destination or immediate response) written to the gateway's "
+                 "stream"),
+    "pick": ("joulepool_router_epp_pick_seconds",
+             "GIE endpoint picker, per request: the Python decision within "
+             "joulepool_router_epp_decision_seconds (read the body, choose the pool, core "
+             "router decide, answer)"),
+    "queue": ("joulepool_router_epp_queue_seconds",
+              "GIE endpoint picker (native front end), per request: the pick waiting for "
+              "the router's event loop (eventfd wake-up and the loop's other work) within "
+              "joulepool_router_epp_decision_seconds"),
+}
+#: a latency snapshot: name -> (count per bucket of LATENCY_BUCKETS, the last one above
+#: every bound; sum of the observations in seconds)
+LatencySnapshot = Mapping[str, tuple[list[int], float]]
+
+
+class Latency:
+    """The Python front end's latency histograms (the compiled front end counts its own
+    in C++): counts per bucket of :data:`LATENCY_BUCKETS`."""
+
+    def __init__(self, names: Iterable[str] = ("decision", "pick")) -> None:
+        self.counts = {n: [0] * (len(LATENCY_BUCKETS) + 1) for n in names}
+        self.sums = dict.fromkeys(self.counts, 0.0)
+
+    def observe(self, name: str, seconds: float) -> None:
+        self.counts[name][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sums[name] += seconds
+
+    def snapshot(self) -> dict[str, tuple[list[int], float]]:
+        return {n: (list(c), self.sums[n]) for n, c in self.counts.items()}
+
+
+class LatencyCollector(Collector):
+    """Prometheus collector of a front end's latency histograms, read at scrape time
+    (``snapshot``: the server's ``latency``)."""
+
+    def __init__(self, snapshot: Callable[[], LatencySnapshot]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        for name, (counts, total) in sorted(self.snapshot().items()):
+            metric, text = LATENCY_METRICS[name]
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts,
+                                    strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            yield HistogramMetricFamily(metric, text, buckets=buckets, sum_value=total)
+
+
+def _ends_request(req: pb.ProcessingRequest) -> bool:
+    """Whether ``req`` is the request's last message (the pick follows it)."""
+    kind = req.WhichOneof("request")
+    if kind == "request_body":
+        return req.request_body.end_of_stream
+    return kind == "request_headers" and req.request_headers.end_of_stream
+
+
+# --------------------------------------------------------------------------
 # The gRPC services
 # --------------------------------------------------------------------------
 class EndpointPicker(pb_grpc.ExternalProcessorServicer):
@@ -442,10 +518,12 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
     needs no lock there)."""
 
     def __init__(self, router: Router, clock: Callable[[], float] = time.monotonic,
-                 on_answer: Callable[[int], None] | None = None) -> None:
+                 on_answer: Callable[[int], None] | None = None,
+                 latency: Latency | None = None) -> None:
         self.router = router
         self.clock = clock
         self.on_answer = on_answer
+        self.latency = latency or Latency()
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
@@ -459,10 +537,27 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         exchange = Exchange(self.router, self.clock, on_answer=self.on_answer)
         try:
             while not exchange.over and (req := await context.read()) is not grpc.aio.EOF:
+                if _ends_request(req):
+                    await self._answer(exchange, req, context)
+                    continue
                 for resp in exchange.handle(req):
                     await context.write(resp)
         finally:
             exchange.close()
+
+    async def _answer(
+        self, exchange: Exchange, req: pb.ProcessingRequest,
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> None:
+        """The request's last message: pick and answer, timed (:data:`LATENCY_METRICS`)."""
+        started = time.perf_counter()
+        replies = list(exchange.handle(req))
+        picked = time.perf_counter()
+        for i, resp in enumerate(replies):
+            await context.write(resp)
+            if i == 0:
+                self.latency.observe("decision", time.perf_counter() - started)
+        self.latency.observe("pick", picked - started)
 
 
 class HealthStatus:
@@ -499,6 +594,31 @@ SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
 )
 
 
+class PickerServer(Protocol):
+    """A started picker front end, as :func:`start_server` and
+    :func:`joulepool.router.epp_native.start_server` return it."""
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop accepting streams; those still open after ``grace`` s are cancelled."""
+
+    def latency(self) -> LatencySnapshot:
+        """The server-side latency histograms so far (:data:`LATENCY_METRICS`)."""
+
+
+class PythonServer:
+    """The grpcio front end's server and its latency histograms."""
+
+    def __init__(self, server: grpc.aio.Server, latency: Latency) -> None:
+        self.server = server
+        self._latency = latency
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+
+    def latency(self) -> LatencySnapshot:
+        return self._latency.snapshot()
+
+
 def new_server() -> grpc.aio.Server:
     """A grpc.aio server with :data:`SERVER_OPTIONS` (the benchmark's do-nothing
     server is built here too, so the two are compared on the same settings)."""
@@ -508,12 +628,13 @@ def new_server() -> grpc.aio.Server:
 async def start_server(router: Router, ready: Callable[[], bool], host: str, port: int,
                        clock: Callable[[], float] = time.monotonic,
                        on_answer: Callable[[int], None] | None = None,
-                       ) -> tuple[grpc.aio.Server, int, HealthStatus]:
+                       ) -> tuple[PythonServer, int, HealthStatus]:
     """A started gRPC server with the picker and health services; the bound port.
     ``on_answer`` sees each answer's HTTP status (200: an endpoint picked)."""
     server = new_server()
+    latency = Latency()
     pb_grpc.add_ExternalProcessorServicer_to_server(
-        EndpointPicker(router, clock, on_answer), server)
+        EndpointPicker(router, clock, on_answer, latency), server)
     status = HealthStatus(ready, health.aio.HealthServicer())
     health_pb2_grpc.add_HealthServicer_to_server(status.servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -527,7 +648,7 @@ async def start_server(router: Router, ready: Callable[[], bool], host: str, por
     await server.start()
     log.info("endpoint picker (ext_proc, python front end) serving gRPC on %s:%d", host,
              bound)
-    return server, bound, status
+    return PythonServer(server, latency), bound, status
 
 
 async def keep_health(status: HealthStatus, period_s: float = 1.0) -> None:

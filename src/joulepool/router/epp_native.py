@@ -29,7 +29,8 @@ from typing import Any
 from joulepool.api import contract
 from joulepool.httpserve import HTTPProblem
 from joulepool.kube.pools import Router
-from joulepool.router.epp import Exchange, HealthStatus, refusal_body
+from joulepool.router.epp import (LATENCY_BUCKETS, Exchange, HealthStatus, LatencySnapshot,
+                                  refusal_body)
 
 log = logging.getLogger("joulepool.router.epp")
 
@@ -102,7 +103,8 @@ def new_server(bridge: Bridge | None, host: str, port: int) -> Any:
     return _native.Server(
         address, bridge, destination_header=contract.EPP_DESTINATION_HEADER,
         lb_namespace=contract.EPP_LB_NAMESPACE, subset_namespace=contract.EPP_SUBSET_NAMESPACE,
-        subset_key=contract.EPP_SUBSET_KEY, served_key=contract.EPP_SERVED_KEY)
+        subset_key=contract.EPP_SUBSET_KEY, served_key=contract.EPP_SERVED_KEY,
+        latency_buckets=LATENCY_BUCKETS)
 
 
 class NativeHealth(HealthStatus):
@@ -131,6 +133,12 @@ class NativeServer:
         await self.loop.run_in_executor(None, self.server.shutdown, grace or 0.0)
         self.loop.remove_reader(self.server.fileno())
         self.server.close()
+
+    def latency(self) -> LatencySnapshot:
+        """The C++ server's latency histograms (``epp.LATENCY_METRICS``), counted on
+        its threads with no Python per request."""
+        snapshot: LatencySnapshot = self.server.latency()
+        return snapshot
 
 
 async def start_server(router: Router, ready: Callable[[], bool], host: str, port: int,
