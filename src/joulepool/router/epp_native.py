@@ -29,8 +29,13 @@ from typing import Any
 from joulepool.api import contract
 from joulepool.httpserve import HTTPProblem
 from joulepool.kube.pools import Router
-from joulepool.router.epp import (LATENCY_BUCKETS, Exchange, HealthStatus, LatencySnapshot,
-                                  refusal_body)
+from joulepool.router.epp import (
+    LATENCY_BUCKETS,
+    Exchange,
+    HealthStatus,
+    LatencySnapshot,
+    refusal_body,
+)
 
 log = logging.getLogger("joulepool.router.epp")
 
