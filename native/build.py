@@ -1,6 +1,7 @@
 """Build joulepool's compiled ext_proc front end (``native/eppnative.cc``) in place:
 ``src/joulepool/router/_eppnative<EXT_SUFFIX>``, imported by
-``joulepool.router.epp_native``.
+``joulepool.router.epp_native``; and ``joulepool bench picker``'s compiled load
+generator (``native/eppload.cc``) as ``build/native/eppload``.
 
 Needs a C++17 compiler, grpc++ and protobuf with pkg-config files, ``protoc`` and
 ``grpc_cpp_plugin`` (Debian: ``g++ pkg-config libgrpc++-dev libprotobuf-dev
@@ -43,6 +44,10 @@ BUILD = ROOT / "build" / "native"
 SOURCE = ROOT / "native" / "eppnative.cc"
 TARGET = ROOT / "src" / "joulepool" / "router" / ("_eppnative" + str(
     sysconfig.get_config_var("EXT_SUFFIX")))
+#: the compiled load generator of ``joulepool bench picker`` (native/eppload.cc): a
+#: program, not part of the package
+LOADGEN_SOURCE = ROOT / "native" / "eppload.cc"
+LOADGEN = BUILD / "eppload"
 UNAVAILABLE = BUILD / "UNAVAILABLE"
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DNDEBUG"]
 #: the Debian packages that provide what the build needs
@@ -179,17 +184,26 @@ def build(jobs: int) -> Path:
     flags = [f"-I{BUILD / 'gen'}", f"-I{include}", *cflags]
     objs = [BUILD / "obj" / (s.relative_to(BUILD / "gen").as_posix().replace("/", "__") + ".o")
             for s in sources]
+    generated = objs[:]
     objs.append(BUILD / "obj" / "eppnative.o")
+    loadgen_obj = BUILD / "obj" / "eppload.o"
     headers = sorted((BUILD / "gen").rglob("*.h"))  # regenerated: everything recompiles
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         list(pool.map(lambda so: _compile(cxx, so[0], so[1], flags, headers),
-                      [*zip(sources, objs[:-1], strict=True), (SOURCE, objs[-1])]))
-    newest = max(o.stat().st_mtime for o in objs)
-    if not TARGET.exists() or TARGET.stat().st_mtime < newest:
-        tmp = TARGET.with_suffix(".tmp")
-        subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objs), *libs], check=True)
-        tmp.replace(TARGET)
+                      [*zip(sources, generated, strict=True), (SOURCE, objs[-1]),
+                       (LOADGEN_SOURCE, loadgen_obj)]))
+    _link(cxx, TARGET, objs, ["-shared", *libs])
+    _link(cxx, LOADGEN, [*generated, loadgen_obj], libs)
     return TARGET
+
+
+def _link(cxx: str, target: Path, objs: Sequence[Path], flags: Sequence[str]) -> None:
+    """``target`` from ``objs``, unless it is newer than all of them."""
+    newest = max(o.stat().st_mtime for o in objs)
+    if not target.exists() or target.stat().st_mtime < newest:
+        tmp = target.with_name(target.name + ".tmp")
+        subprocess.run([cxx, "-o", str(tmp), *map(str, objs), *flags], check=True)
+        tmp.replace(target)
 
 
 def main(argv: list[str] | None = None) -> int:

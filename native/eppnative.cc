@@ -13,6 +13,9 @@
 //   event loop, whose reader calls drain(): the jobs run there, with the GIL, in the
 //   order they were queued, serialised with everything else the router does on its
 //   loop (the core router is not thread-safe). gRPC's threads never take the GIL.
+// * Server-side latency, counted here with no Python per request (latency()):
+//   decision = the request's end read by the completion-queue thread -> its answer
+//   handed to gRPC; queue = the pick waiting for the event loop; pick = Python's call.
 // * One thread drives every stream (grpc++'s callback API hands each completion to
 //   one of two threads instead, and costs more CPU per exchange: docs/gateway.md).
 // * Jobs: pick (request over: bridge.pick(headers, body, subset) -> (exchange,
@@ -318,10 +321,6 @@ class Stream final : public Handler {
 
   void OnWriteDone(bool ok) {
     out_.pop_front();
-    if (request_end_ns_ != 0) {  // the request's answer is written (or the stream broke)
-      if (ok) core_->decision.Observe(NowNs() - request_end_ns_);
-      request_end_ns_ = 0;
-    }
     if (!ok) {
       End(grpc::Status::OK);
     } else if (!out_.empty()) {
@@ -399,7 +398,13 @@ class Stream final : public Handler {
       if (over_) End(grpc::Status::OK); else StartRead(&req_);
       return;
     }
+    // the request's answer: timed until gRPC has it (the write's completion may reach
+    // the completion-queue thread later, and the stream may be gone by then)
+    Core* core = core_;
+    int64_t request_end = request_end_ns_;
+    request_end_ns_ = 0;
     StartWrite(&out_.front());
+    if (request_end != 0) core->decision.Observe(NowNs() - request_end);
   }
 
   void End(const grpc::Status& status) {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,27 +21,120 @@ def bench():
 
 def test_saturated_and_paced_runs_complete(bench, tmp_path: Path) -> None:
     out = tmp_path / "picker.json"
-    rate, seconds = 40.0, 1.0
+    rates, seconds = (40.0, 80.0), 1.0
     assert bench.main(["--endpoints", "30", "--runs", "1", "--seconds", str(seconds),
-                       "--concurrency", "4", "--rate", str(rate), "--out", str(out)]) == 0
-    med = json.loads(out.read_text())["median"]
+                       "--concurrency", "4", "--rate", "40,80", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    med = doc["median"]
     assert med["decisions"] > 0
     assert med["request_only_decisions"] > 0
     assert med["decisions_per_core_s"] > 0
-    # open loop: about rate x seconds arrivals (Poisson), not as many as fit
-    assert 0 < med["paced_decisions"] <= 3 * rate * seconds
-    assert med["paced_p99_ms"] >= med["paced_p50_ms"] > 0
+    assert doc["rates"] == list(rates)
+    assert doc["load_generator"] == ("native" if bench.loadgen_unavailable() is None
+                                     else "python")
+    for rate in rates:
+        # open loop: about rate x seconds arrivals (Poisson), not as many as fit
+        assert 0 < med[f"paced_{rate:g}_decisions"] <= 3 * rate * seconds
+        assert med[f"paced_{rate:g}_p99_ms"] >= med[f"paced_{rate:g}_p50_ms"] > 0
+        # the router's own histograms over the same window, read from its /metrics
+        for part in ("decision", "pick"):
+            assert (med[f"paced_{rate:g}_server_{part}_p99_ms"]
+                    >= med[f"paced_{rate:g}_server_{part}_p50_ms"] > 0)
     assert med["in_process_p50_ms"] > 0
     # both front ends side by side in the run (the compiled one where it is built)
     from joulepool.router import epp_native
 
-    front_ends = json.loads(out.read_text())["front_ends"]
+    front_ends = doc["front_ends"]
     if epp_native.UNAVAILABLE is None:
         assert front_ends == ["native", "python"]
         assert med["python_decisions"] > 0 and med["python_request_only_decisions"] > 0
         assert med["ratio_python_decisions_per_core_s"] > 0
+        assert med["paced_40_server_queue_p99_ms"] > 0  # the native front end's alone
+        assert "python_paced_40_server_queue_p99_ms" not in med
     else:
         assert front_ends == ["python"]
+
+
+def test_python_load_generator_is_the_fallback(bench, tmp_path: Path) -> None:
+    out = tmp_path / "picker.json"
+    assert bench.main(["--endpoints", "30", "--runs", "1", "--seconds", "0.5",
+                       "--concurrency", "2", "--rate", "40", "--front-ends", "python",
+                       "--load-generator", "python", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["load_generator"] == "python"
+    assert doc["median"]["paced_40_decisions"] > 0
+
+
+@pytest.mark.parametrize("rate", ["fast", "-5", "inf", "200,nan"])
+def test_bad_rates_are_usage_errors(bench, rate: str) -> None:
+    assert bench.main(["--rate", rate]) == 2
+
+
+def test_unknown_load_generator_is_a_usage_error(bench) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--load-generator", "rust"])
+    assert exc.value.code == 2
+
+
+def test_histogram_quantile_interpolates_as_prometheus(bench) -> None:
+    from joulepool.router.epp import LATENCY_BUCKETS
+
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    assert math.isnan(bench.histogram_quantile(0.99, counts))
+    counts[0] = 10  # all in (0, first bound]: linear within it
+    assert bench.histogram_quantile(0.5, counts) == pytest.approx(LATENCY_BUCKETS[0] / 2)
+    counts[3] = 10  # half in (b2, b3]: p75 is the middle of that bucket
+    mid = (LATENCY_BUCKETS[2] + LATENCY_BUCKETS[3]) / 2
+    assert bench.histogram_quantile(0.75, counts) == pytest.approx(mid)
+    counts[-1] = 80  # above every bound: the last bound, as histogram_quantile says
+    assert bench.histogram_quantile(0.99, counts) == LATENCY_BUCKETS[-1]
+
+
+@pytest.mark.parametrize("rate", [0.0, 100.0])
+def test_native_load_generator_plays_full_exchanges(bench, tmp_path: Path,
+                                                    rate: float) -> None:
+    """The compiled load generator against the picker: closed loop and open loop, every
+    exchange completed with status OK, waits that are waits, the router's learning fed
+    (its completions counted), the Poisson rate what paces the open loop."""
+    if bench.loadgen_unavailable() is not None:
+        pytest.skip(bench.loadgen_unavailable())
+    path = tmp_path / "endpoints.json"
+    bench.endpoints_file(path, 30)
+    port = bench._free_port()
+    server = bench._start_server(path, port, None, 4)
+    try:
+        before = server.latency()
+        done, waits = bench._drive(port, 1.0, 4, True, 1, tmp_path, rate,
+                                   bench.Clients("native"))
+        after = server.latency()
+    finally:
+        server.proc.terminate()
+        server.proc.wait(10)
+    assert done == len(waits) > 0
+    assert all(0 < w < 10 for w in waits)
+    if rate:
+        assert done <= 3 * rate
+    picked = sum(after["decision"][0]) - sum(before["decision"][0])
+    assert picked == done  # one pick per exchange, each seen by the server
+    res = json.loads((tmp_path / "client0.json").read_text())
+    assert res["errors"] == 0 and res["unfinished"] == 0
+    assert len(res["lags"]) == (done if rate else 0)
+
+
+def test_native_load_generator_refuses_bad_arguments(bench, tmp_path: Path) -> None:
+    import subprocess
+
+    if bench.loadgen_unavailable() is not None:
+        pytest.skip(bench.loadgen_unavailable())
+    bad = tmp_path / "messages.bin"
+    bad.write_bytes(b"\x05\x00\x00\x00ab")  # a length past the end
+    out = str(tmp_path / "out.json")
+    for argv in (["1", "1"], ["1", "0", "10", "1", "1", str(bad), out],
+                 ["1", "1", "10", "1", "1", str(bad), out]):
+        res = subprocess.run([str(bench.LOADGEN), *argv], capture_output=True, text=True,
+                             timeout=30)
+        assert res.returncode == 2, (argv, res.stderr)
+        assert "eppload" in res.stderr or "usage" in res.stderr
 
 
 def test_unknown_front_end_is_a_usage_error(bench) -> None:
