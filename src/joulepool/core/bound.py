@@ -10,23 +10,42 @@ split over columns
 * prefill: y instance-seconds at clock f: ``y / prefill_s(1, f)`` prompt
   tokens for ``y * (P_prefill(f) - P_idle)`` joules;
 
-subject to, per request class, enough decode and prefill tokens, per (site,
-product) the GPU-seconds available (``sum gpus(p) * (x + y) <= GPUs * T``),
-SLO eligibility: a decode column must meet the class's TPOT
-(``itl(b, f) <= tpot``), a prefill column its TTFT for the class's mean prompt;
-and each class's prompts prefilled on the GPUs that decode them: per class and
-(site, product), prefill tokens = the class's prompt-to-output ratio x decode
-tokens. The engine (vLLM, and the simulator's) keeps a request's KV cache on
-the instance that prefilled it, so a schedule cannot prefill on one kind of GPU
-and decode on another (disaggregated prefill); without that constraint the
-floor prefilled on the L4s what the H100s decoded, a schedule no engine here
-can run.
+subject to, per demand (a request class, or a part of one):
 
-It relaxes everything a real schedule must also get right (arrival timing,
-queueing, integral batches and instances, prefill stalling decode, one
-clock per GPU at a time), so every schedule of the same work under the same
-profiles spends at least this much: a physical floor, not a target.
-All numbers come from :class:`~joulepool.core.profiles.ServingProfile`.
+* tokens: decode makes ``output - requests`` tokens (each request's first token
+  comes with its prefill's last step), prefill every prompt token;
+* GPU-seconds per (site, product): ``sum gpus(p) * (x + y) <= GPUs * T``;
+* TPOT: a decode column must meet the demand's TPOT (``itl(b, f) <= tpot``);
+* TTFT: the demand's prefill instance-seconds, over all GPUs and clocks, at most
+  ``requests x ttft``;
+* prompts prefilled on the GPUs that decode them: per demand and (site, product),
+  prefill tokens = the demand's prompt-to-decode ratio x decode tokens. The engine
+  (vLLM, and the simulator's) keeps a request's KV cache on the instance that
+  prefilled it, so no schedule here prefills on one kind of GPU and decodes on
+  another (disaggregated prefill).
+
+Why each is a bound on every schedule (docs/marginal-energy.md, "Is the floor a
+floor?"): a mixed step of the engine (``core.batching.mixed_step``) is a decode
+step of ``itl(b, f)`` at ``P(b, f)`` plus a prompt chunk at the prefill power, so
+any run's energy above idle is exactly a sum of these columns. Each request's TTFT
+is at least its own prompt's prefill time, so the sum over a demand's requests of
+their prefill times, which is its prefill instance-seconds, is at most
+``requests x ttft`` (the old rule, every clock fitting the demand's *mean* prompt,
+barred clocks and GPUs a schedule may use for its shorter prompts). The TPOT rule
+per column is exact where every column up to the engine's batch limit meets TPOT
+(FREESH's 150 ms on H100, A100 and L4 at every clock); under tighter TPOTs it
+assumes a request's mean step cannot gain by mixing steps slower than TPOT with
+faster ones (J/token convex along the eligible frontier), which is not proven.
+The prefill-where-decoded equality holds per demand; callers split a class into
+prompt-length parts (``sim.runner.FLOOR_PROMPT_PARTS``) so that a schedule's
+routing of short and long prompts to different GPUs stays inside the LP.
+
+It relaxes everything else a real schedule must also get right (arrival timing,
+queueing, integral batches and instances, prefill stalling decode and lengthening
+its steps, one clock per GPU at a time, the KV-cache capacity), so every schedule
+of the same work under the same profiles spends at least this much: a physical
+floor, not a target. All numbers come from
+:class:`~joulepool.core.profiles.ServingProfile`.
 """
 
 from __future__ import annotations
