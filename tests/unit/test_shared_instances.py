@@ -314,3 +314,26 @@ def test_a_guest_counts_the_shared_instances_that_are_ready_not_its_hosts_replic
                                                                    ready(1, 2)))}["Ready"]
     assert (cond["status"], cond["reason"]) == ("False", "ReplicasNotReady")
     assert "served on 2 shared instance(s) of default.chat, 1 of them ready" in cond["message"]
+
+
+def test_a_pool_with_instances_of_its_own_and_shared_ones_is_ready_when_both_are() -> None:
+    doc = PlanDocument(pools={
+        "default.chat": _planned("chat", _instances(1, node="h1")),
+        "default.faq": _planned("faq", _instances(1, "default.chat"))})
+    outcomes = outcomes_from_document(doc)
+    assert (outcomes["default.chat"].replicas, outcomes["default.chat"].shared_instances) == (
+        1, 1)
+    view = PlanView(in_force=doc, in_force_outcomes=outcomes, in_force_feasible=True,
+                    latest_feasible=True, latest_outcomes=outcomes, latest_binding="",
+                    latest_pools=frozenset(outcomes))
+    entry = parse_pool(pool("chat").model_dump(by_alias=True, mode="json"))
+
+    def ready(own: int, shared: int) -> tuple[str, str, str]:
+        c = {c["type"]: c for c in pool_conditions(entry, view, own, True,
+                                                   shared_ready=shared)}["Ready"]
+        return c["status"], c["reason"], c["message"]
+
+    assert ready(1, 1) == ("True", "ReplicasReady", "1/1 replicas ready; also served on 1 "
+                           "shared instance(s) of default.faq, 1 of them ready")
+    assert ready(1, 0)[:2] == ("False", "ReplicasNotReady")
+    assert ready(0, 1)[:2] == ("False", "ReplicasNotReady")

@@ -652,7 +652,7 @@ def pool_conditions(
     in this pass; the pool is then not ``Planned`` (reason ``DeploymentFailed``) until a
     write succeeds, whatever the plan says. ``shared_ready``: the instances of other
     pools that serve this one and are ready (:func:`ready_shared_instances`); a pool
-    served only on those is ``Ready`` when all of them are.
+    is ``Ready`` when its own replicas and all of those are.
     """
     key = entry.key
     conds = []
@@ -713,12 +713,14 @@ def pool_conditions(
     elif not deployable:
         conds.append(_cond(READY, False, "NoTemplate",
                            "spec.template has no containers: planned, nothing to deploy"))
-    elif ready_replicas >= want:
-        conds.append(_cond(READY, True, "ReplicasReady",
-                           f"{ready_replicas}/{want} replicas ready"))
     else:
-        conds.append(_cond(READY, False, "ReplicasNotReady",
-                           f"{ready_replicas}/{want} replicas ready"))
+        ok = ready_replicas >= want
+        message = f"{ready_replicas}/{want} replicas ready"
+        if served is not None and served.shared_instances > 0:  # and some of others'
+            ok = ok and shared_ready >= served.shared_instances
+            message += (f"; also served on {served.shared_instances} shared instance(s) of "
+                        f"{', '.join(served.hosts)}, {shared_ready} of them ready")
+        conds.append(_cond(READY, ok, "ReplicasReady" if ok else "ReplicasNotReady", message))
     return conds
 
 
