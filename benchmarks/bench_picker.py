@@ -305,7 +305,7 @@ def _client(port: int, seconds: float, concurrency: int, respond: bool, rate: fl
     else:
         cmd = [sys.executable, __file__, "--client", str(port), str(seconds),
                str(concurrency), "1" if respond else "0", str(rate), str(out)]
-    return subprocess.Popen(cmd, preexec_fn=_pin(clients.cpu, clients.fifo))
+    return subprocess.Popen(_pinned(cmd, clients.cpu, clients.fifo))
 
 
 def _run_client(argv: Sequence[str]) -> None:
@@ -410,21 +410,29 @@ def _serve_native_floor(argv: Sequence[str]) -> None:
             tmp.replace(dump)
 
 
-def _pin(cpu: int | None, fifo: int | None = None) -> Any:
-    """A ``preexec_fn`` confining the child and every thread it starts to ``cpu`` (as the
-    kubelet's static CPU manager confines a Guaranteed pod with ``cpu: 1``; None: free)
-    and, with ``fifo``, running them under SCHED_FIFO at that priority (needs
-    CAP_SYS_NICE): nothing else on the machine then delays their wake-ups, as on
-    dedicated cores (the kernel's real-time throttling still leaves the others 5 %)."""
-    if cpu is None and fifo is None:
-        return None
+#: ``python -c _PIN CPU FIFO CMD...``: confines itself to CPU and runs under SCHED_FIFO at
+#: priority FIFO ("-": leave as is), then execs CMD, which keeps both. A ``preexec_fn``
+#: would do the same in the forked child, but makes ``subprocess`` fork (not vfork) this
+#: process, which has loaded gRPC: gRPC's fork handlers then restart its poller in the
+#: child, ``close_fds`` closes the poller's epoll fd under it and the child aborts
+#: (tests/unit/test_cli_hostile_input.py, ``_LIMITED``).
+_PIN = ("import os, sys\n"
+        "cpu, fifo = sys.argv[1:3]\n"
+        "if cpu != '-': os.sched_setaffinity(0, {int(cpu)})\n"
+        "if fifo != '-': os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(fifo)))\n"
+        "os.execvp(sys.argv[3], sys.argv[3:])\n")
 
-    def place() -> None:
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
-        if fifo is not None:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(fifo))
-    return place
+
+def _pinned(cmd: list[str], cpu: int | None, fifo: int | None = None) -> list[str]:
+    """``cmd`` confined, with every thread it starts, to ``cpu`` (as the kubelet's static
+    CPU manager confines a Guaranteed pod with ``cpu: 1``; None: free) and, with ``fifo``,
+    run under SCHED_FIFO at that priority (needs CAP_SYS_NICE): nothing else on the
+    machine then delays their wake-ups, as on dedicated cores (the kernel's real-time
+    throttling still leaves the others 5 %). Through :data:`_PIN`, no ``preexec_fn``."""
+    if cpu is None and fifo is None:
+        return cmd
+    return [sys.executable, "-c", _PIN, "-" if cpu is None else str(cpu),
+            "-" if fifo is None else str(fifo), *cmd]
 
 
 def _start_router(path: Path, port: int, src: Path | None, workers: int = 16,
@@ -448,16 +456,15 @@ class Server:
 def _start_server(path: Path, port: int, src: Path | None, workers: int = 16,
                   cpu: int | None = None, front_end: str | None = None,
                   fifo: int | None = None) -> Server:
-    """:func:`_start_router` (``fifo``: see :func:`_pin`), with the reader of its latency
+    """:func:`_start_router` (``fifo``: see :func:`_pinned`), with the reader of its latency
     histograms: the router's ``/metrics``, the native floor's SIGUSR1 dump."""
     if src in (FLOOR, SYNC_FLOOR, NATIVE_FLOOR):
         flag = {FLOOR: "--serve-floor", SYNC_FLOOR: "--serve-sync-floor",
                 NATIVE_FLOOR: "--serve-native-floor"}[src]
         dump = path.parent / f"floor-latency-{port}.json"
         cmd = [sys.executable, __file__, flag, str(port), str(workers), str(dump)]
-        proc = _started(subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True,
-                                         preexec_fn=_pin(cpu, fifo)))
+        proc = _started(subprocess.Popen(_pinned(cmd, cpu, fifo), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
         if src is NATIVE_FLOOR:
             return Server(proc, lambda: _floor_latency(proc, dump))
         return Server(proc)
@@ -466,14 +473,13 @@ def _start_server(path: Path, port: int, src: Path | None, workers: int = 16,
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [
             env.get("PYTHONPATH")])])
     http_port = _free_port()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(_pinned(
         [sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
          "--host", "127.0.0.1",
          "--port", str(http_port), "--epp-port", str(port), "--endpoints-file", str(path),
          "--scrape-interval-seconds", "0", "--file-poll-seconds", "0",
-         *(["--picker-front-end", front_end] if front_end else [])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        preexec_fn=_pin(cpu, fifo))
+         *(["--picker-front-end", front_end] if front_end else [])], cpu, fifo),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     return Server(_started(proc), lambda: _router_latency(http_port))
 
 
