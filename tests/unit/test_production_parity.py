@@ -171,3 +171,39 @@ def test_merged_stream_is_the_mean_over_all_requests() -> None:
     with pytest.raises(ValueError):
         merged_stream([])
     assert math.isfinite(both.ttft_s)
+
+
+def test_x_b_is_read_at_the_clock_the_node_agent_holds_a_shared_pod_to() -> None:
+    """The bulk guest's tighter TPOT does not size the shared pod's rooms (the simulator's
+    rule: interactive SLOs), but the node agent holds the pod's step to it
+    (PlanDocument.serving_slo): the router reads X(b) at the clock that step needs."""
+    from joulepool.core.controllers import MIADController, miad_step_target_s
+    from joulepool.core.profiles import find_profile
+
+    wl = _workload(600, 4, bulk_ls=True)
+    wl.tpot_slo_s[wl.cls == LS] = 0.03  # the bulk pool's TPOT: 30 ms
+    shared_one = PlannedInstance(node="h0", site="s1", product="H100", mode="1xH100",
+                                 instances=1, gpus=1, gpusPerInstance=1,
+                                 sharedWith=["default.rag"])
+    doc = PlanDocument(pools={"default.chat": _planned(wl, SS, shared_one),
+                              "default.rag": _planned(wl, LS)})
+    router = _service(doc, "default.chat")
+    stream = router.stream_of(("default.chat", "default.rag"))
+    assert stream is not None and stream.tpot_s == 0.15
+    assert doc.serving_slo("default.chat", "h0") == (0.3, 0.03)
+    assert router.held_tpot_s("default.chat", "h0") == 0.03
+    profile = find_profile("H100", "llama-3.1-8b", 1)
+    assert profile is not None
+
+    def excess(held: float) -> np.ndarray:
+        got = EndpointModel.from_profile(
+            profile, 0.15, serving=stream.serving,
+            step_target_s=miad_step_target_s(held, MIADController.margin)).excess
+        assert got is not None
+        return got
+
+    for pool in ("default.chat", "default.rag"):
+        (endpoint,) = router.pool(pool).endpoints
+        assert endpoint.model.excess is not None
+        assert np.array_equal(endpoint.model.excess, excess(0.03))
+    assert not np.array_equal(excess(0.03), excess(0.15))

@@ -131,14 +131,15 @@ class Router:
     def endpoint_model(
         self, product: str | None, model: str | None, gpus: int,
         eps: float | None = None, tps: float | None = None, tpot_s: float | None = None,
-        stream: StreamMix | None = None,
+        stream: StreamMix | None = None, held_tpot_s: float | None = None,
     ) -> EndpointModel:
         """The endpoint's profile; its operating batch is the largest meeting ``tpot_s``
         (the pool's TPOT SLO; the router's default TPOT when None). ``stream``: the
         requests it serves (:meth:`stream_of`); its rooms are then sized at them and follow
         the slot load each endpoint is credited with (core.routing.EndpointModel's
         ``serving``, core.router.PoolRouter's credible rooms), as the simulator sizes its
-        instances, and its TPOT is the stream's."""
+        instances, and its TPOT is the stream's. ``held_tpot_s``: the TPOT the node agent
+        holds the endpoint's step to (:meth:`held_tpot_s`; None: its TPOT)."""
         if eps is not None and tps is not None:
             return EndpointModel.constant(eps, tps)
         if stream is not None:
@@ -154,7 +155,8 @@ class Router:
         # the node agents' MIAD holds the step at (1 - margin) x TPOT: X(b) at the clock
         # each batch needs (core.routing.excess_at_needed_clock); at f_max where no agent
         # steers the clocks
-        target = (miad_step_target_s(tpot, self.miad_margin) if self.s.clocks_follow_load
+        held = tpot if held_tpot_s is None else float(held_tpot_s)
+        target = (miad_step_target_s(held, self.miad_margin) if self.s.clocks_follow_load
                   else None)
         key = (product, model, gpus, tpot, scale, target, serving)
         em = self._models.get(key)
@@ -257,6 +259,7 @@ class Router:
                 model = self.endpoint_model(
                     node.product if node else None, pool.model, max(rec.gpus, 1),
                     tpot_s=pool.tpot_s, stream=self.stream_of(serves),
+                    held_tpot_s=self.held_tpot_s(serves[0], rec.node),
                 )
                 host = f"[{rec.ip}]" if ":" in rec.ip else rec.ip
                 eps_list.append(Endpoint(
@@ -305,6 +308,14 @@ class Router:
                    if rec is not None and rec.ready and rec.ip]
         return {pod: (host, *guests)
                 for pod, guests in planned.guests_by_pod(serving).items()}
+
+    def held_tpot_s(self, pool: str, node: str) -> float | None:
+        """The TPOT the node agent on ``node`` holds pool ``pool``'s engines to: the
+        tightest of its SLO and those of the pools its instances there also serve
+        (PlanDocument.serving_slo, as nodeagent.agent reads it); None without a plan."""
+        plan = self.state.plan if self.state is not None else None
+        held = plan.serving_slo(pool, node) if plan is not None else None
+        return held[1] if held is not None else None
 
     def stream_of(self, pools: tuple[str, ...]) -> StreamMix | None:
         """The requests an endpoint serving ``pools`` receives, from the plan's mixes
