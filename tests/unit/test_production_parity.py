@@ -207,3 +207,33 @@ def test_x_b_is_read_at_the_clock_the_node_agent_holds_a_shared_pod_to() -> None
         assert endpoint.model.excess is not None
         assert np.array_equal(endpoint.model.excess, excess(0.03))
     assert not np.array_equal(excess(0.03), excess(0.15))
+
+
+def test_an_endpoints_file_pool_with_a_mix_is_sized_as_the_plans() -> None:
+    """``--endpoints-file`` (no cluster): a pool entry's ``mix`` sizes its endpoints' rooms
+    as a plan's mix does; without one, the TPOT operating batch."""
+    from joulepool.kube.files import EndpointsFile
+
+    wl = _workload(600, 3)
+    planned = _planned(wl, LS, PlannedInstance(node="h0", site="s1", product="H100",
+                                               mode="1xH100", instances=1, gpus=1,
+                                               gpusPerInstance=1))
+    from_plan = _service(PlanDocument(pools={"default.rag": planned}), "default.rag")
+    (want,) = from_plan.pool("default.rag").endpoints
+    entry = {"model": "llama-3.1-8b", "tier": planned.tier,
+             "slo": planned.slo.model_dump(by_alias=True),
+             "endpoints": [{"address": "10.0.0.9:8000", "product": "H100"}]}
+    for mix in (planned.mix.model_dump(by_alias=True), None):  # type: ignore[union-attr]
+        router = Router(RouterSettings())
+        router.set_static(EndpointsFile.model_validate(
+            {"pools": {"default.rag": {**entry, **({"mix": mix} if mix else {})}}}))
+        (got,) = router.pool("default.rag").endpoints
+        if mix is None:
+            assert got.model.mix is None and got.model.batch_limit == got.model.op_batch
+            continue
+        assert (got.model.batch_limit, got.model.tpot_batch_limit, got.model.pool_slot_load) \
+            == (want.model.batch_limit, want.model.tpot_batch_limit, want.model.pool_slot_load)
+        assert all(got.model.rooms_at_slot_load(want.model.pool_slot_load * 2 ** (k / 8))
+                   == want.model.rooms_at_slot_load(want.model.pool_slot_load * 2 ** (k / 8))
+                   for k in range(-16, 17))
+        assert router.pool("default.rag").mix_rooms

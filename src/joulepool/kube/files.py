@@ -12,6 +12,8 @@ Example endpoints file::
         model: llama-3.1-8b
         tier: interactive
         slo: {ttftSeconds: 0.5, tpotSeconds: 0.05}
+        # optional: the traffic its endpoints' batch rooms are sized at (as the plan's)
+        mix: {requestsPerSecond: 4, meanInputTokens: 1200, meanOutputTokens: 250}
         endpoints:
           - address: 10.0.0.7:8000
             node: gpu-h100-0          # optional: placement sees its queue
@@ -37,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from joulepool.api.load import load_yaml
-from joulepool.api.plan import PlannedSLO
+from joulepool.api.plan import PlannedMix, PlannedSLO
 from joulepool.core.classes import Tier
 
 
@@ -86,6 +88,9 @@ class PoolEntry(_File):
     served_model_names: list[str] = Field(default_factory=list, alias="servedModelNames")
     tier: Tier = Tier.INTERACTIVE
     slo: PlannedSLO | None = None
+    #: the traffic its endpoints' batch rooms are sized at (with ``slo``; as the plan's
+    #: ``PlannedPool.mix``); None: the TPOT operating batch
+    mix: PlannedMix | None = None
     endpoints: list[EndpointEntry] = Field(default_factory=list)
 
 

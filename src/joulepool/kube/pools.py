@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from joulepool.api.models import EnergyPolicySpec
+from joulepool.api.plan import PlannedMix, PlannedSLO
 from joulepool.core.classes import StreamMix, Tier, merged_stream
 from joulepool.core.controllers import MIADController, miad_step_target_s
 from joulepool.core.feedback import corrected_profile
@@ -238,10 +239,12 @@ class Router:
             pool.deadline_s = slo.deadline_seconds
         eps_list: list[Endpoint] = []
         if entry is not None:
+            stream = (_stream(entry.mix, entry.slo, entry.tier)
+                      if entry.mix is not None and entry.slo is not None else None)
             for e in entry.endpoints:
                 model = self.endpoint_model(
                     e.product, e.model or pool.model, e.gpus, e.joules_per_token,
-                    e.tokens_per_second, pool.tpot_s,
+                    e.tokens_per_second, pool.tpot_s, stream=stream,
                 )
                 eps_list.append(Endpoint(
                     e.address, model, e.node, e.metrics_url, source="file", pod=e.pod,
@@ -328,10 +331,7 @@ class Router:
             planned = state.pool_plan(key) if state is not None else None
             if planned is None or planned.mix is None:
                 return None
-            m = planned.mix
-            parts.append(StreamMix(m.requests_per_second, m.mean_input_tokens,
-                                   m.mean_output_tokens, planned.slo.ttft_seconds,
-                                   planned.slo.tpot_seconds, bulk=planned.tier == Tier.BULK))
+            parts.append(_stream(planned.mix, planned.slo, planned.tier))
         return merged_stream(parts) if parts else None
 
     def _site_g_if_carbon_objective(self) -> dict[str, float] | None:
@@ -420,3 +420,9 @@ class Router:
         """Tokens queued on each node of ``table`` (summed over its endpoints)."""
         self.sync()
         return node_queue_tokens(self.pools.values(), table.index, len(table.names))
+
+
+def _stream(mix: PlannedMix, slo: PlannedSLO, tier: str) -> StreamMix:
+    """One pool's requests (core.classes.StreamMix) from its planned mix, SLO and tier."""
+    return StreamMix(mix.requests_per_second, mix.mean_input_tokens, mix.mean_output_tokens,
+                     slo.ttft_seconds, slo.tpot_seconds, bulk=tier == Tier.BULK)
