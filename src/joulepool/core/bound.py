@@ -50,6 +50,7 @@ floor, not a target. All numbers come from
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -171,11 +172,12 @@ class FloorResult:
 _BATCH_GRID = tuple(2**k for k in range(0, 11))
 
 
+@functools.cache
 def decode_columns(
     p: ServingProfile, tpot_s: float, enforce: bool
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
     """(tokens per instance-second, dynamic joules per instance-second, batch, clock MHz)
-    per column."""
+    per column; read-only arrays, computed once per profile and TPOT."""
     clocks = p.product.supported_clocks()
     max_b = int(p.max_batch.value)
     tps_cols: list[float] = []
@@ -193,7 +195,10 @@ def decode_columns(
         dyn_cols.extend(float(v) for v in dyn)
         batch_cols.extend(float(v) for v in batches)
         clock_cols.extend(float(f) for _ in batches)
-    return np.array(tps_cols), np.array(dyn_cols), np.array(batch_cols), np.array(clock_cols)
+    out = (np.array(tps_cols), np.array(dyn_cols), np.array(batch_cols), np.array(clock_cols))
+    for arr in out:
+        arr.flags.writeable = False
+    return out
 
 
 def prefill_columns(
