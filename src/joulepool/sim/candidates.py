@@ -93,20 +93,18 @@ _LATE = 0  # placement of a row with no batch room: late for every request
 _ODD = 1  # placement of a row outside the bound's assumptions
 
 
-def _first_token_regular(wait: float, step: float, chunk: float, pf_s: float) -> bool:
-    """Whether a row's first-token inputs meet the soonest search's assumptions: every
-    first token finite or +inf (never NaN) for a prompt of 0 <= l < inf tokens, and at
-    least (wait + step) + pf_s x l in floating point (step >= 0, max(1, l / chunk) >= 1)."""
-    return (-INF < wait < INF and 0.0 <= step < INF and 1.0 <= chunk < INF
-            and 0.0 <= pf_s < INF)
+def _search_regular(row: Row) -> bool:
+    """Whether a row's first-token and ETA inputs meet the soonest search's assumptions.
 
-
-def _eta_regular(q: float, w: float, mu: float) -> bool:
-    """Whether a row's ETA inputs meet the soonest search's assumptions: q_n and w_n
-    finite, 0 < mu_n < inf, so that for a request of finite tokens the ETA
-    ((q_n + w_n x l) + tokens) / mu_n is never NaN and, among rows of equal w_n and
-    mu_n, never decreases as q_n grows (each rounded operation is monotone)."""
-    return -INF < q < INF and -INF < w < INF and 0.0 < mu < INF
+    First token: every first token finite or +inf (never NaN) for a prompt of
+    0 <= l < inf tokens, and at least (wait + step) + pf_s x l in floating point
+    (step >= 0, max(1, l / chunk) >= 1). ETA: q_n and w_n finite, 0 < mu_n < inf, so
+    that for a request of finite tokens the ETA ((q_n + w_n x l) + tokens) / mu_n is
+    never NaN and, among rows of equal w_n and mu_n, never decreases as q_n grows (each
+    rounded operation is monotone)."""
+    return (-INF < row[7] < INF and 0.0 <= row[8] < INF and 1.0 <= row[9] < INF
+            and 0.0 <= row[10] < INF
+            and -INF < row[4] < INF and -INF < row[6] < INF and 0.0 < row[5] < INF)
 
 
 class CandidateIndex:
@@ -175,14 +173,14 @@ class CandidateIndex:
             elif old == _ODD:
                 self.odd -= 1
         self.rows[pos] = row
-        eps, pi, wake, left = row[0], row[1], row[2], row[3]
         if row[11] < 1.0:  # no batch room: late whatever the request (slo_infeasible)
             placed[pos] = _LATE
-        elif eps != eps or pi != pi or wake != wake or not left >= 0.0:
+        elif (row[0] != row[0] or row[1] != row[1] or row[2] != row[2]
+              or not row[3] >= 0.0):  # NaN energy numbers or R_n
             placed[pos] = _ODD
             self.odd += 1
         else:
-            key = (eps, pi, wake)
+            key = (row[0], row[1], row[2])  # (eps_n, pi_n, X_n(1))
             group = self.groups.get(key)
             if group is None:
                 group = self.groups[key] = {}
@@ -213,17 +211,16 @@ class CandidateIndex:
         if old is not None:
             self.within -= 1
             if type(old) is tuple:
-                self._drop_first(*old)
+                self._drop_first(old)
             else:
                 self.first_odd -= 1
         if not within:
             return
         self.within += 1
-        q, w, mu, wait, step, chunk, pf_s = row[4], row[6], row[5], row[7], row[8], row[9], \
-            row[10]
-        if _first_token_regular(wait, step, chunk, pf_s) and _eta_regular(q, w, mu):
-            tie = (wait + step, wait, step, chunk, w, mu)
-            entry = (q, pos)
+        if _search_regular(row):
+            wait, step, pf_s = row[7], row[8], row[10]
+            tie = (wait + step, wait, step, row[9], row[6], row[5])
+            entry = (row[4], pos)
             group = self.firsts.get(pf_s)
             if group is None:
                 self.firsts[pf_s] = ([tie], {tie: [entry]})
@@ -240,8 +237,10 @@ class CandidateIndex:
             self.first_placed[pos] = _ODD
             self.first_odd += 1
 
-    def _drop_first(self, pf_s: float, tie: _Tie, entry: tuple[float, int]) -> None:
-        """Take ``entry`` (q_n, position) out of tie ``tie`` of group ``pf_s``."""
+    def _drop_first(self, placed: tuple[float, _Tie, tuple[float, int]]) -> None:
+        """Take a position out of the soonest search, ``placed`` as (its group's prefill
+        s per token, its tie, its entry (q_n, position))."""
+        pf_s, tie, entry = placed
         ties, members = self.firsts[pf_s]
         same = members[tie]
         if len(same) > 1:
@@ -340,7 +339,7 @@ class CandidateIndex:
         tie's ``same`` (q_n, position), ascending, the first position on equal ETAs;
         (inf, -1) when none can serve or none is at or below ``bound`` s. Every row has
         these ``w`` and ``mu`` and regular ETA inputs, and the request finite tokens:
-        ETAs never decrease along ``same`` (:func:`_eta_regular`), so the scan stops at
+        ETAs never decrease along ``same`` (:func:`_search_regular`), so the scan stops at
         the first one past the best."""
         rows = self.rows
         prompt, tokens = r.input_tokens, r.tokens

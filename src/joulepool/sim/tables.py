@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
@@ -62,8 +63,10 @@ class ProfileTable:
         """Index of f_max."""
         return len(self.clocks) - 1
 
-    @property
+    @cached_property
     def mode(self) -> str:
+        """The profile's serving-mode name (e.g. ``4xH100``), formatted once: the event
+        loop reads it per MIAD step and routing-row refresh."""
         return self.profile.mode
 
     def with_miad_margin(self, margin: float) -> ProfileTable:
