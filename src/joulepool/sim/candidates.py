@@ -264,11 +264,13 @@ class CandidateIndex:
         tokens, prompt, out, deadline, ttft = (r.tokens, r.input_tokens, r.output_tokens,
                                                r.deadline_s, r.ttft_slo_s)
         groups = self.groups
-        # (the order only decides how soon the search stops, never its answer)
-        order = [(marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key)
-                 for key in groups]
-        if len(order) > 1:
-            order.sort()
+        # (the order only decides how soon the search stops, never its answer; a lone
+        # group's bound is never above the best cost, infinite until it is scored)
+        if len(groups) > 1:
+            order = sorted((marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key)
+                           for key in groups)
+        else:
+            order = [(-INF, key) for key in groups]
         best_cost, best_eta, best_pos = INF, INF, -1
         for floor, key in order:
             if floor > best_cost:

@@ -529,8 +529,8 @@ class Pool:
     the columns are written from it only when read (:attr:`state`): most requests
     never read them."""
 
-    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "members", "mix",
-                 "mix_of", "mix_puts", "out", "profile", "spread")
+    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "loads", "members",
+                 "mix", "mix_of", "mix_puts", "out", "profile", "spread")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
                  indexed: bool = False, home: int | None = None) -> None:
@@ -547,6 +547,9 @@ class Pool:
         self.index = CandidateIndex() if indexed else None
         self.dirty: set[int] = set()  # rows of the index not yet in the columns
         self._state = st = EndpointState(len(members))
+        #: (outstanding, TPOT batch) of each row as last synced, with ``index``: written
+        #: to the columns with the row when they are read
+        self.loads: list[tuple[int, float]] = [(0, INF)] * len(members)
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
         self.columns = tuple(getattr(st, name) for name in ROW_COLUMNS)
         #: core.routing.SlotLoadMoments' six sums over the members, and each member's
@@ -576,11 +579,12 @@ class Pool:
         """The columns, every row as last synced."""
         if self.dirty:
             assert self.index is not None
-            rows = self.index.rows
-            columns = self.columns
+            rows, loads = self.index.rows, self.loads
+            columns, st = self.columns, self._state
             for pos in self.dirty:
                 for column, value in zip(columns, rows[pos], strict=True):
                     column[pos] = value
+                st.outstanding[pos], st.tpot_batch[pos] = loads[pos]
             self.dirty.clear()
         return self._state
 
@@ -634,13 +638,16 @@ class Pool:
         outstanding requests, eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, the prefill
         queue, the prefill time per token and the batch room."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
-        n_out = self.out[pos] = inst.n_out
-        tpot_batch = self._state.tpot_batch[pos] = inst.tpot_batch  # sized at its mix
+        n_out = inst.n_out
+        tpot_batch = inst.tpot_batch  # sized at its mix
         row = inst.row(t)
         index = self.index
-        if index is not None:
+        if index is not None:  # the columns are written when read (endpoints)
             index.put(pos, row, n_out, tpot_batch)
+            self.loads[pos] = (n_out, tpot_batch)
             self.dirty.add(pos)
         else:
+            self.out[pos] = n_out
+            self._state.tpot_batch[pos] = tpot_batch
             for column, value in zip(self.columns, row, strict=True):
                 column[pos] = value
