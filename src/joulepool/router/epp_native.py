@@ -84,11 +84,14 @@ class Bridge:
         """The request is over (``headers``: lower-cased names; ``subset``: the gateway's
         hint, None when it sent none). Never raises: a failure is logged and the stream
         ends with gRPC status UNKNOWN, as an exception in the Python front end's handler
-        ends it."""
+        ends it. A destination the C++ side cannot send as UTF-8 (a lone surrogate) is
+        such a failure, found here rather than by the C++ side after the call."""
         exchange = Exchange(self.router, self.clock, headers=headers, subset=subset,
                             on_answer=self.on_answer)
         try:
             value = exchange.answer(body)
+            if isinstance(value, str) and not value.isascii():  # isascii: O(1) for str
+                value.encode()  # UnicodeEncodeError where it is not UTF-8 encodable
         except Exception:
             log.exception("endpoint picker: the pick failed")
             exchange.close()
