@@ -65,6 +65,16 @@ def _planned(wl: Workload, cls: int, *assignments: PlannedInstance) -> PlannedPo
                        meanOutputTokens=float(wl.predicted_tokens[mine].mean())))
 
 
+def _chat_shares_its_pod_with_rag(wl: Workload) -> PlanDocument:
+    """The plan of both pools: chat's one instance (1xH100 on h0) shared with rag, which
+    has none of its own."""
+    shared_one = PlannedInstance(node="h0", site="s1", product="H100", mode="1xH100",
+                                 instances=1, gpus=1, gpusPerInstance=1,
+                                 sharedWith=["default.rag"])
+    return PlanDocument(pools={"default.chat": _planned(wl, SS, shared_one),
+                               "default.rag": _planned(wl, LS)})
+
+
 def _service(doc: PlanDocument, host: str) -> Router:
     """The routing service's pools over ``doc`` and one ready pod of ``host`` on h0."""
     state = ClusterState()
@@ -123,12 +133,7 @@ def test_a_shared_pod_has_the_rooms_of_the_simulators_shared_instance(bulk_ls: b
     cl = cluster([("h0", "H100", 2)])
     sim = Simulator(cl, wl, POLICIES["freesh"], model_tables(cl), plan_windows(cl, wl))
     shared = sim._class_set((SS, LS))
-    shared_one = PlannedInstance(node="h0", site="s1", product="H100", mode="1xH100",
-                                 instances=1, gpus=1, gpusPerInstance=1,
-                                 sharedWith=["default.rag"])
-    doc = PlanDocument(pools={"default.chat": _planned(wl, SS, shared_one),
-                              "default.rag": _planned(wl, LS)})
-    router = _service(doc, "default.chat")
+    router = _service(_chat_shares_its_pod_with_rag(wl), "default.chat")
     (host,) = router.pool("default.chat").endpoints
     (guest,) = router.pool("default.rag").endpoints
     assert host.address == guest.address == "10.0.0.1:8000"
@@ -182,11 +187,7 @@ def test_x_b_is_read_at_the_clock_the_node_agent_holds_a_shared_pod_to() -> None
 
     wl = _workload(600, 4, bulk_ls=True)
     wl.tpot_slo_s[wl.cls == LS] = 0.03  # the bulk pool's TPOT: 30 ms
-    shared_one = PlannedInstance(node="h0", site="s1", product="H100", mode="1xH100",
-                                 instances=1, gpus=1, gpusPerInstance=1,
-                                 sharedWith=["default.rag"])
-    doc = PlanDocument(pools={"default.chat": _planned(wl, SS, shared_one),
-                              "default.rag": _planned(wl, LS)})
+    doc = _chat_shares_its_pod_with_rag(wl)
     router = _service(doc, "default.chat")
     stream = router.stream_of(("default.chat", "default.rag"))
     assert stream is not None and stream.tpot_s == 0.15
