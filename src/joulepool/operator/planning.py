@@ -799,9 +799,11 @@ class Planner:
         await self.writer.delete_pool(key, self.deployments())
 
     def ready_replicas(self) -> dict[str, int]:
+        """Ready replicas per pool key: :attr:`DeploymentInfo.ready_planned` summed over
+        the pool's Deployments."""
         out: dict[str, int] = {}
         for d in self.deployments().values():
-            out[d.pool] = out.get(d.pool, 0) + min(d.ready_replicas, d.replicas)
+            out[d.pool] = out.get(d.pool, 0) + d.ready_planned
         return out
 
     # ------------------------------------------------------------ statuses
@@ -811,8 +813,7 @@ class Planner:
         sem: asyncio.Semaphore,
     ) -> None:
         ready = self.ready_replicas()
-        ready_by_name = {key: min(d.ready_replicas, d.replicas)
-                         for key, d in self.deployments().items()}
+        ready_by_name = {key: d.ready_planned for key, d in self.deployments().items()}
         for k in list(self._status_written):
             if k not in live:
                 del self._status_written[k]

@@ -399,6 +399,12 @@ class DeploymentInfo:
     foreign_spec: bool = False
     resource_version: str = ""
 
+    @property
+    def ready_planned(self) -> int:
+        """Its ready replicas, at most the replicas it asks for (a scale-down's pods
+        still ready are not counted)."""
+        return min(self.ready_replicas, self.replicas)
+
 
 def foreign_spec_owner(meta: Mapping[str, Any]) -> bool:
     """True when a field manager other than the operator's owns a field under ``spec``
