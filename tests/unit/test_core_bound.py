@@ -99,6 +99,20 @@ def test_no_work_costs_idle_only():
         FloorDemand("x", -1, 0, 0, 1, 1)
 
 
+def test_prompt_tokens_without_a_request_count_are_refused():
+    """Prompt tokens with neither ``requests`` nor a mean prompt have no request count
+    for the TTFT row (requests x TTFT = 0): a clear error, not an LP reported as work
+    that does not fit the GPUs."""
+    with pytest.raises(ValueError, match="need requests or mean_input_tokens"):
+        FloorDemand("x", output_tokens=1e5, input_tokens=5e5, mean_input_tokens=0,
+                    ttft_s=0.6, tpot_s=0.15)
+    counted = FloorDemand("x", output_tokens=1e5, input_tokens=5e5, mean_input_tokens=0,
+                          ttft_s=0.6, tpot_s=0.15, requests=1000)
+    assert counted.n_requests == 1000
+    res = energy_floor([counted], [FloorGPUs("s", "H100", 8)], [H100_8B], horizon_s=3600)
+    assert res.feasible
+
+
 def test_prompts_are_prefilled_on_the_gpus_that_decode_them():
     """A class with a TPOT (40 ms) no L4 meets (its step at batch 1 is 53 ms) is served
     on H100s alone, although an L4 prefills a prompt token for fewer joules above idle:

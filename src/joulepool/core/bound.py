@@ -89,9 +89,15 @@ class FloorDemand:
                 raise ValueError(f"{self.name}: {what} must be finite and >= 0")
         if self.ttft_s <= 0 or self.tpot_s <= 0:
             raise ValueError(f"{self.name}: SLO targets must be positive")
+        if self.input_tokens > 0 and self.requests <= 0 and self.mean_input_tokens <= 0:
+            # no requests to count: the TTFT row would allow no prefill at all
+            raise ValueError(f"{self.name}: prompt tokens need requests or "
+                             "mean_input_tokens > 0")
 
     @property
     def n_requests(self) -> float:
+        """How many requests: ``requests``, or ``input_tokens / mean_input_tokens`` when
+        that is 0 (0 when ``mean_input_tokens`` is 0 too)."""
         if self.requests > 0 or self.mean_input_tokens <= 0:
             return self.requests
         return self.input_tokens / self.mean_input_tokens
@@ -135,6 +141,7 @@ class FloorColumn:
 
     @property
     def joules_per_token(self) -> float:
+        """J above idle per token of this column (NaN when it makes none)."""
         return self.dynamic_j / self.tokens if self.tokens > 0 else math.nan
 
 
@@ -259,7 +266,8 @@ class _Columns:
                  prompt_ratio: Sequence[float] = ()) -> None:
         self.R = n_classes
         self.G = n_groups
-        #: per class: prompt tokens per output token (0: no prefill-decode coupling)
+        #: per class: prompt tokens per decode token (FloorDemand.decode_tokens; 0: no
+        #: prefill-decode coupling)
         self.ratio = tuple(prompt_ratio)
         self.eq_i: list[FloatArray] = []  # coupling row per nonzero: class x group
         self.eq_j: list[FloatArray] = []
