@@ -33,6 +33,8 @@ def test_endpoints_file_yaml_and_validation(tmp_path: Path) -> None:
          "joulesPerToken"),
         ({"pools": {"x": {"tier": "gold"}}}, "tier"),
         ({"pool": {}}, "pool"),
+        ({"pools": {"x": {"mix": {"requestsPerSecond": 1, "meanInputTokens": 500,
+                                  "meanOutputTokens": 100}}}}, "mix needs slo"),
     ]:
         p.write_text(json.dumps(bad))
         with pytest.raises(FileError, match=needle):

@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from joulepool.api.load import load_yaml
 from joulepool.api.plan import PlannedMix, PlannedSLO
@@ -88,10 +95,16 @@ class PoolEntry(_File):
     served_model_names: list[str] = Field(default_factory=list, alias="servedModelNames")
     tier: Tier = Tier.INTERACTIVE
     slo: PlannedSLO | None = None
-    #: the traffic its endpoints' batch rooms are sized at (with ``slo``; as the plan's
+    #: the traffic its endpoints' batch rooms are sized at (needs ``slo``; as the plan's
     #: ``PlannedPool.mix``); None: the TPOT operating batch
     mix: PlannedMix | None = None
     endpoints: list[EndpointEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _mix_with_slo(self) -> PoolEntry:
+        if self.mix is not None and self.slo is None:
+            raise ValueError("mix needs slo: the rooms are sized at the pool's TTFT and TPOT")
+        return self
 
 
 class EndpointsFile(_File):
