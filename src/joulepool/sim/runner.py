@@ -215,6 +215,8 @@ def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand
     ``"<class>/<tier>"``, e.g. ``"LS/interactive"``), its tokens, requests and SLOs; with
     ``prompt_parts`` > 1, each split by prompt length into that many parts of about equal
     counts, under the same name."""
+    if prompt_parts < 1:
+        raise ValueError(f"prompt_parts must be >= 1, got {prompt_parts}")
     demands = []
     for ci, name in enumerate(CLASS_NAMES):
         base = workload.slos.for_class(name)
@@ -238,6 +240,9 @@ def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand
 
 
 def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
+    """The energy floor (core.bound.energy_floor, J) of ``workload`` on ``cluster``'s
+    GPUs over its duration: its demands split into :data:`FLOOR_PROMPT_PARTS` prompt
+    parts, the cluster model's profiles, each product's idle power."""
     demands = floor_demands(workload, FLOOR_PROMPT_PARTS)
     gpus = [FloorGPUs(s, p, n) for (s, p), n in cluster.gpu_counts().items()]
     profiles = [p for p in cluster.profiles if p.model == cluster.model]
