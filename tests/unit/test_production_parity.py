@@ -238,3 +238,22 @@ def test_an_endpoints_file_pool_with_a_mix_is_sized_as_the_plans() -> None:
                    == want.model.rooms_at_slot_load(want.model.pool_slot_load * 2 ** (k / 8))
                    for k in range(-16, 17))
         assert router.pool("default.rag").mix_rooms
+
+
+def test_endpoint_models_of_past_plans_do_not_pile_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every replan gives new mixes (and eps scales): the router's model cache keeps the
+    latest ``MODEL_CACHE_ENTRIES`` (8 here) and still reuses a model asked for again."""
+    from joulepool.kube import pools
+
+    monkeypatch.setattr(pools, "MODEL_CACHE_ENTRIES", 8)
+    router = Router(RouterSettings())
+    first = StreamMix(4.0, 1000.0, 200.0, 0.5, 0.1)
+    kept = router.endpoint_model("H100", "llama-3.1-8b", 1, stream=first)
+    assert router.endpoint_model("H100", "llama-3.1-8b", 1, stream=first) is kept
+    for replan in range(1, 20):
+        stream = StreamMix(4.0, 1000.0 + replan, 200.0, 0.5, 0.1)
+        model = router.endpoint_model("H100", "llama-3.1-8b", 1, stream=stream)
+        assert router.endpoint_model("H100", "llama-3.1-8b", 1, stream=stream) is model
+        assert len(router._models) <= 8
+    again = router.endpoint_model("H100", "llama-3.1-8b", 1, stream=first)
+    assert again is not kept and again.batch_limit == kept.batch_limit

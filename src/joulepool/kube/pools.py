@@ -40,6 +40,11 @@ from joulepool.kube.state import ClusterState, NodeTable
 
 FloatArray = npt.NDArray[np.float64]
 
+#: endpoint models kept for reuse (:meth:`Router.endpoint_model`), the oldest dropped
+#: first: a plan's eps scales and traffic mixes are new floats at every replan, so an
+#: unbounded cache would grow for as long as the router runs
+MODEL_CACHE_ENTRIES = 512
+
 
 @dataclass(frozen=True)
 class RouterSettings(RouterConfig):
@@ -168,6 +173,8 @@ class Router:
                 if prof is not None
                 else EndpointModel.constant(self.s.default_eps, self.s.default_tps)
             )
+            if len(self._models) >= MODEL_CACHE_ENTRIES:
+                del self._models[next(iter(self._models))]
             self._models[key] = em
         if eps is not None or tps is not None:
             # one number given: override it across the profile's batch table
