@@ -44,6 +44,7 @@ from joulepool.core.profiles import (
     default_batched_tokens,
     product_for_label,
 )
+from joulepool.core.queueing import conditional_wait_s, wait_probability
 from joulepool.core.routing import wake_energy_j
 
 
@@ -77,6 +78,9 @@ class ServiceClass:
 
 #: (class index, mode) -> the profile serving that class on that mode, or None: not allowed
 ProfileLookup = Callable[[int, Mode], ServingProfile | None]
+#: (class name, mode name) -> instances of that mode serving that class: one pool, whose
+#: prefills queue as one M/G/n queue behind a soonest-start router (absent: 1)
+PoolSizes = Mapping[tuple[str, str], int]
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ def judged_by_prompts(profile: ServingProfile, cls: ServiceClass) -> bool:
 
 
 def serving_point(profile: ServingProfile, cls: ServiceClass,
-                  headroom: Headroom | None) -> ServingPoint:
-    """One instance of ``profile`` serving ``cls``; a class with no output serves nothing.
+                  headroom: Headroom | None, pool_size: int = 1) -> ServingPoint:
+    """One instance of ``profile`` serving ``cls``, one of ``pool_size`` such instances
+    (their prefills one M/G/n queue); a class with no output serves nothing.
 
     At the class's mean prompt and output (:meth:`ServingProfile.serving_point`); where
     :func:`judged_by_prompts`, without the mean prompt's TTFT bounds, which
@@ -109,7 +114,8 @@ def serving_point(profile: ServingProfile, cls: ServiceClass,
                             "no requests in the class")
     return profile.serving_point(cls.mean_input_tokens, cls.mean_output_tokens, cls.ttft_s,
                                  cls.tpot_s, headroom=headroom,
-                                 ttft_from_mean=not judged_by_prompts(profile, cls))
+                                 ttft_from_mean=not judged_by_prompts(profile, cls),
+                                 pool_size=pool_size)
 
 
 def prompt_prefill_s(profile: ServingProfile, prompts: PromptLengths,
@@ -123,8 +129,10 @@ def prompt_prefill_s(profile: ServingProfile, prompts: PromptLengths,
     return prefill_times_s(budget, batch, prompts.array(), decode_s, per_token)
 
 
-def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float) -> float:
-    """Share of a class's requests whose TTFT exceeds ``ttft_s`` at ``rate_rps`` req/s.
+def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float,
+                     pool_size: int = 1) -> float:
+    """Share of a class's requests whose TTFT exceeds ``ttft_s`` at ``rate_rps`` req/s
+    per instance, on one of ``pool_size`` instances behind a soonest-start router.
 
     ``service_s`` are the prefill times of equally likely prompts (:func:`prompt_prefill_s`).
     The serving model's M/G/1 prefill queue (``ServingProfile.serving_point``) with the
@@ -132,9 +140,11 @@ def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float) -
     rho, and then for an exponential time of mean E[S^2] / (2 E[S] (1 - rho)) (the
     Pollaczek-Khinchine mean wait over rho). A request whose own prefill S_i reaches
     the TTFT misses whatever the wait; otherwise it misses with
-    rho exp(-(T - S_i) / that mean). 1.0 when rho >= 1.
+    rho exp(-(T - S_i) / that mean). 1.0 when rho >= 1. A pool of n instances is one
+    M/G/n queue (:mod:`joulepool.core.queueing`): a request waits with probability
+    C(n, n rho), and then for an exponential time n times shorter.
     """
-    return PromptTailMiss(service_s, ttft_s)(rate_rps)
+    return PromptTailMiss(service_s, ttft_s, pool_size)(rate_rps)
 
 
 class PromptTailMiss:
@@ -144,7 +154,10 @@ class PromptTailMiss:
     pays only the rate's part per evaluation. The same operations as before on the
     same values, so the same shares bit for bit."""
 
-    def __init__(self, service_s: npt.ArrayLike, ttft_s: float) -> None:
+    def __init__(self, service_s: npt.ArrayLike, ttft_s: float, pool_size: int = 1) -> None:
+        if int(pool_size) < 1:
+            raise ValueError("pool_size must be at least 1")
+        self._pool = int(pool_size)
         s = np.asarray(service_s, dtype=np.float64)
         self._own = s >= ttft_s
         self._mean_s = float(s.mean())
@@ -159,16 +172,22 @@ class PromptTailMiss:
             return 1.0
         if rho <= 0.0 or self._mean_s <= 0.0:
             return self._own_share
-        wait_mean = self._mean_s2 / (2.0 * self._mean_s * (1.0 - rho))
-        tail = np.where(self._own, 1.0, rho * np.exp(-self._slack / wait_mean))
+        if self._pool == 1:  # M/G/1, operation for operation as before
+            wait_mean = self._mean_s2 / (2.0 * self._mean_s * (1.0 - rho))
+            tail = np.where(self._own, 1.0, rho * np.exp(-self._slack / wait_mean))
+            return float(tail.mean())
+        scv = self._mean_s2 / (self._mean_s * self._mean_s) - 1.0
+        wait_mean = conditional_wait_s(self._pool, rho, self._mean_s, scv)
+        waits = wait_probability(self._pool, rho)
+        tail = np.where(self._own, 1.0, waits * np.exp(-self._slack / wait_mean))
         return float(tail.mean())
 
 
 def _tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
-               max_rps: float) -> float:
+               max_rps: float, pool_size: int = 1) -> float:
     """The largest rate <= ``max_rps`` at which :func:`prompt_tail_miss` <= ``budget``
     (it grows with the rate); 0 when even an idle instance misses more."""
-    miss = PromptTailMiss(service_s, ttft_s)
+    miss = PromptTailMiss(service_s, ttft_s, pool_size)
     if miss(0.0) > budget:
         return 0.0
     if miss(max_rps) <= budget:
@@ -183,7 +202,8 @@ def _tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
 
 
 def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, ServingPoint]],
-                     headroom: Headroom | None) -> dict[int, ServingPoint]:
+                     headroom: Headroom | None,
+                     pools: Mapping[int, int] | None = None) -> dict[int, ServingPoint]:
     """Serving points of one class capped by its prompt tail, per mode index.
 
     The TTFT miss budget (``Headroom.ttft_miss``) is spent on the prompts that could
@@ -194,8 +214,9 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
     largest at which its misses beyond it stay within the budget. A class without
     measured prompt lengths keeps its serving points. A point :func:`judged_by_prompts`
     (no TTFT bound of its own) reports the prompts' predicted miss share as its
-    ``ttft_miss``.
+    ``ttft_miss``. ``pools``: instances in the pool of each mode index (absent: 1).
     """
+    size = pools or {}
     hr = headroom or DEFAULT_HEADROOM
     prompts = cls.prompt_tokens
     service = {m: prompt_prefill_s(prof, prompts, sp.batch) for m, (prof, sp) in points.items()
@@ -209,18 +230,19 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
         if m not in service:
             out[m] = sp
             continue
-        rate = _tail_rate(service[m], cls.ttft_s, budget, sp.rps)
+        n = size.get(m, 1)
+        rate = _tail_rate(service[m], cls.ttft_s, budget, sp.rps, n)
         if rate >= sp.rps:
             # a point judged by the prompts has no prefill-wait miss of its own: add theirs
             out[m] = (replace(sp, ttft_miss=sp.ttft_miss + prompt_tail_miss(
-                service[m], cls.ttft_s, sp.rps)) if judged_by_prompts(prof, cls) else sp)
+                service[m], cls.ttft_s, sp.rps, n)) if judged_by_prompts(prof, cls) else sp)
         elif rate <= 0.0:
             share = prompt_tail_miss(service[m], cls.ttft_s, 0.0)
             out[m] = replace(sp, rps=0.0, binding=(
                 f"prompt tail: {100 * share:.1f} % of prompts cannot prefill within TTFT"))
         else:
             out[m] = replace(sp, rps=rate, ttft_miss=prompt_tail_miss(
-                service[m], cls.ttft_s, rate), binding="ttft (prompt tail)")
+                service[m], cls.ttft_s, rate, n), binding="ttft (prompt tail)")
     return out
 
 
@@ -235,12 +257,18 @@ def build_problem(
     objective: Objective,
     carbon_g_per_kwh: Mapping[str, Sequence[float]] | None = None,
     headroom: Headroom | None = None,
+    pool_sizes: PoolSizes | None = None,
     **solver: Any,
 ) -> BuiltProblem:
     """The planner's problem; ``solver``: PlanProblem's ``time_limit_s`` / ``mip_rel_gap``.
 
     Nodes without GPUs are left out. Every forecast must have the same number of steps.
+    ``pool_sizes``: the pool each (class, mode) is sized as (:data:`PoolSizes`; absent or
+    None: one instance, FREESH's per-instance rates): L[r, m] and P[r, m] are then those
+    of one instance of a pool of that many (docs/planner.md, "Pool-level TTFT";
+    :func:`joulepool.core.sizing.solve_pooled` finds the sizes).
     """
+    sizes = pool_sizes or {}
     steps = {len(c.forecast_rps) for c in classes}
     if len(steps) > 1:
         raise ValueError(f"forecasts of different lengths: {sorted(steps)}")
@@ -252,14 +280,16 @@ def build_problem(
     serving: dict[str, list[ServingPoint | None]] = {m.name: [None] * R for m in modes}
     for r, cls in enumerate(classes):
         points = {}
+        pools = {m: max(int(sizes.get((cls.name, mode.name), 1)), 1)
+                 for m, mode in enumerate(modes)}
         for m, mode in enumerate(modes):
             profile = profile_for(r, mode)
             if profile is not None:
-                points[m] = (profile, serving_point(profile, cls, headroom))
+                points[m] = (profile, serving_point(profile, cls, headroom, pools[m]))
                 idle[m] = profile.idle_w  # the product's idle draw x GPUs: any model's
                 wake[r, m] = wake_energy_j(profile, cls.mean_input_tokens,
                                            cls.mean_output_tokens)
-        fitted = _fit_prompt_tail(cls, points, headroom)
+        fitted = _fit_prompt_tail(cls, points, headroom, pools)
         for m, sp in fitted.items():
             serving[modes[m].name][r] = sp
             power[r, m], capacity[r, m] = sp.power_w, sp.rps

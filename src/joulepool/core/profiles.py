@@ -39,6 +39,7 @@ import numpy.typing as npt
 from scipy.special import gammainc
 
 from joulepool.core.batching import prefill_steps
+from joulepool.core.queueing import pool_mean_wait_s, pool_wait_tail
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = float | Sequence[float] | npt.NDArray[np.floating] | npt.NDArray[np.integer]
@@ -427,6 +428,7 @@ class ServingProfile:
         batched_tokens: float | None = None,
         kv_tokens: float | None = None,
         ttft_from_mean: bool = True,
+        pool_size: int = 1,
     ) -> ServingPoint:
         """The sustainable rate of one instance for a request class, with queueing headroom.
 
@@ -450,7 +452,12 @@ class ServingProfile:
         * TTFT: the waiting time W has P(W > 0) = rho and an approximately
           exponential tail with the Pollaczek-Khinchine mean, so
           P(W > T - S) ~= rho exp(-2 (1 - rho) (T - S) / (S (1 + c^2))), c^2 the
-          prompt SCV on S's compute share (exact for M/M/1). A request's own
+          prompt SCV on S's compute share (exact for M/M/1). With ``pool_size`` n
+          > 1 the instance is one of n identical instances fed by a soonest-start
+          router at n lam in all: the n prefills are one M/G/n queue
+          (:mod:`joulepool.core.queueing`), P(W > T - S) ~= C(n, n rho)
+          exp(-2 n (1 - rho) (T - S) / (S (1 + c^2))), and lam is the rate per
+          instance (its decode batch, TPOT and KV cache stay its own). A request's own
           prefill is taken at the mean prompt (FREESH's eligibility rule: a class
           whose mean prefill is close to its TTFT SLO still misses for its longer
           prompts, which this does not count);
@@ -484,9 +491,11 @@ class ServingProfile:
         budget = float(default_batched_tokens(self.product) if batched_tokens is None
                        else batched_tokens)
         kv = float(kv_capacity_tokens(self) if kv_tokens is None else kv_tokens)
+        if int(pool_size) < 1:
+            raise ValueError("pool_size must be at least 1")
         key = (self, float(mean_input_tokens), float(mean_output_tokens), float(ttft_slo_s),
                float(tpot_slo_s), None if clock_mhz is None else float(clock_mhz), hr,
-               budget, kv, bool(ttft_from_mean))
+               budget, kv, bool(ttft_from_mean), int(pool_size))
         try:
             return _cached_serving_point(key)
         except TypeError:  # a profile built with unhashable parts: compute without the cache
@@ -598,6 +607,7 @@ class _ServingModel:
     itl: FloatArray  # decode step time at batch 1..slots
     power: FloatArray  # board power while decoding at batch 1..slots
     ttft_from_mean: bool = True  # False: no M/G/1 wait bound at the mean prompt
+    pool: int = 1  # instances whose prefills form one M/G/n queue (soonest-start router)
 
     def at(self, lam: float) -> _Load:
         """The mean state at ``lam`` requests/s (module doc of ``serving_point``)."""
@@ -625,8 +635,7 @@ class _ServingModel:
                      if self.ttft_from_mean else 0.0)
         x = max(self.ttft_slo - S, 0.0)
         slot_miss = float(full * math.exp(-wait_rate * x))
-        ttft_mean = S + (rho * S * (1.0 + self.scv) / (2.0 * (1.0 - rho)) if rho < 1.0
-                         else math.inf) + full / wait_rate
+        ttft_mean = S + pool_mean_wait_s(self.pool, rho, S, self.scv) + full / wait_rate
         decode_w = float((pi[1:] * self.power).sum()) / busy if busy > 0.0 else 0.0
         itl = float((pi[1:] * self.itl).sum()) / busy if busy > 0.0 else float(self.itl[0])
         if n > 0.0:
@@ -664,14 +673,15 @@ class _ServingModel:
         return pi, full, top - lam
 
     def _prefill_tail(self, S: float, rho: float) -> float:
-        """M/G/1 wait tail: P(W > T - S) ~= rho exp(-2 (1 - rho) (T - S) / (S (1 + c^2)))
-        (exact for M/M/1), c^2 the prefill time's SCV (the prompt's, on its compute share)."""
+        """The pool's prefill wait tail P(W > T - S) (:func:`core.queueing.pool_wait_tail`;
+        M/G/1 at one instance: rho exp(-2 (1 - rho) (T - S) / (S (1 + c^2))), exact for
+        M/M/1), c^2 the prefill time's SCV (the prompt's, on its compute share)."""
         if rho >= 1.0 or self.ttft_slo <= S:
             return 1.0
         if rho <= 0.0 or S <= 0.0:
             return 0.0
         c2 = self.scv * (self.prompt * self.pf_tok / S) ** 2
-        return rho * math.exp(-2.0 * (1.0 - rho) * (self.ttft_slo - S) / (S * (1.0 + c2)))
+        return pool_wait_tail(self.pool, rho, self.ttft_slo - S, S, c2)
 
     def _tpot_tail(self, lam: float, itl: float, ttft_mean: float) -> float:
         """P(a request's TPOT > SLO): a request decoding m tokens misses when the prompts
@@ -722,7 +732,7 @@ def _kv_slots(room: float, prompt: float, output: float, hr: Headroom) -> float:
 def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_tokens: float,
                    ttft_slo_s: float, tpot_slo_s: float, clock_mhz: float | None,
                    hr: Headroom, budget: float, kv_tokens: float,
-                   ttft_from_mean: bool = True) -> _ServingModel | str:
+                   ttft_from_mean: bool = True, pool: int = 1) -> _ServingModel | str:
     """The model for one class on ``prof``, or why the instance cannot serve it."""
     batches, itl = _decode_table(prof, clock_mhz)
     P = max(float(mean_input_tokens), 0.0)
@@ -744,7 +754,7 @@ def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_t
         z=NormalDist().inv_cdf(1.0 - hr.ttft_miss.value) if hr.ttft_miss.value < 0.5 else 0.0,
         pf_tok=float(prof.prefill_s(1.0, clock_mhz)), itl=itl[:slots],
         power=np.asarray(prof.power_w(batches[:slots], clock_mhz), dtype=np.float64),
-        ttft_from_mean=ttft_from_mean)
+        ttft_from_mean=ttft_from_mean, pool=pool)
 
 
 def _violations(m: _ServingModel, s: _Load, hr: Headroom) -> list[str]:
@@ -775,6 +785,7 @@ def _serving_point(
     budget: float,
     kv_tokens: float,
     ttft_from_mean: bool = True,
+    pool_size: int = 1,
 ) -> ServingPoint:
     """:meth:`ServingProfile.serving_point`: the largest rate meeting every bound.
 
@@ -797,7 +808,7 @@ def _serving_point(
     if itl1 > (1.0 - hr.tpot_margin.value) * tpot_slo_s:
         return not_eligible("no batch meets TPOT with the headroom")
     m = _serving_model(prof, mean_input_tokens, mean_output_tokens, ttft_slo_s, tpot_slo_s,
-                       clock_mhz, hr, budget, kv_tokens, ttft_from_mean)
+                       clock_mhz, hr, budget, kv_tokens, ttft_from_mean, pool_size)
     if isinstance(m, str):
         return not_eligible(m)
     # no faster than the prompts' compute, or than the full batch decodes
@@ -825,7 +836,7 @@ def _serving_point(
 @functools.lru_cache(maxsize=16384)
 def _cached_serving_point(
     key: tuple[ServingProfile, float, float, float, float, float | None, Headroom, float,
-               float, bool],
+               float, bool, int],
 ) -> ServingPoint:
     """Pools re-planned with unchanged demand ask the same question every window."""
     return _serving_point(*key)

@@ -19,6 +19,19 @@ the operator's status, the simulator). Windows that are short even with no
 headroom at all stay infeasible, with the planner's binding reason, exactly
 as before, and keep as much headroom as serves as much as no headroom does.
 
+Pool-level TTFT (:func:`plan_pooled`, :func:`solve_pooled`): n instances of one
+mode serving one class behind a soonest-start router are one M/G/n prefill
+queue, so the rate one instance sustains grows with n
+(:mod:`joulepool.core.queueing`), and the linear MILP cannot see that. A fixed
+point keeps it linear: solve with the per-instance rates of one instance (n =
+1, always sound: a larger pool only shortens waits), then re-solve with each
+pool's rate at the size the last plan deployed, at most :data:`POOL_ROUNDS`
+times, stopping when the sizes repeat or the time budget is spent. A plan
+solved at pooled rates is used only if every pool it deploys sustains, at the
+size it actually has, the rate the plan counted on (:func:`pools_hold`); the
+best such plan (feasible first, then the least objective) is kept, and the
+plan at n = 1 is the fallback (docs/planner.md, "Pool-level TTFT").
+
 The planner (:mod:`joulepool.core.planner`) is unchanged but for its
 ``partial`` switch: this module only chooses which L[r, m] it sees. The
 operator, ``joulepool plan`` and the simulator all size pools through it.
@@ -26,13 +39,28 @@ operator, ``joulepool plan`` and the simulator all size pools through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from joulepool.core.planner import PlanProblem, PlanResult, solve
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom
 
-__all__ = ["HEADROOM_ROUNDS", "SizedPlan", "plan_with_headroom"]
+__all__ = [
+    "HEADROOM_ROUNDS",
+    "POOL_ROUNDS",
+    "PoolSizes",
+    "SizedPlan",
+    "plan_pooled",
+    "plan_with_headroom",
+    "pool_sizes",
+    "pools_hold",
+    "solve_pooled",
+]
+
+#: (class name, mode name) -> instances of that mode serving that class
+#: (``core.problem.PoolSizes``)
+PoolSizes = Mapping[tuple[str, str], int]
 
 #: bisection rounds on the headroom scale when the full headroom does not fit:
 #: the scale is found to 1/2**rounds (one MILP solve per round; each costs about
@@ -41,6 +69,12 @@ HEADROOM_ROUNDS = 4
 #: unmet demand within this share of the least possible counts as "as little as
 #: possible" (the partial-plan MILP stops within its own relative gap)
 SHORTFALL_TOL_REL = 1e-2
+#: re-solves at the pool sizes the last plan deployed (:func:`solve_pooled`): sizes
+#: settle in one or two in the simulator's windows (docs/planner.md, "Pool-level TTFT")
+POOL_ROUNDS = 3
+#: a pooled plan counts on no per-instance rate above what its pool sustains at its
+#: size by more than this share (HiGHS's own feasibility tolerance is ~1e-7 relative)
+POOL_RATE_TOL_REL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -76,6 +110,76 @@ def _unmet(result: PlanResult) -> dict[str, float]:
     return {s.cls: s.shortfall_rps / s.demand_rps for s in result.shortfalls if s.demand_rps > 0}
 
 
+def pool_sizes(result: PlanResult) -> dict[tuple[str, str], int]:
+    """The pools ``result``'s plan deploys: (class, mode) -> instances of that mode
+    serving that class (a shared instance counts in the pool of every class it serves)."""
+    sizes: dict[tuple[str, str], int] = {}
+    for a in result.plan:
+        for cls in a.serves or (a.cls,):
+            sizes[(cls, a.mode)] = sizes.get((cls, a.mode), 0) + a.instances
+    return sizes
+
+
+def pools_hold(planned: PlanProblem, result: PlanResult, at_sizes: PlanProblem) -> bool:
+    """Whether every pool ``result`` (solved on ``planned``) deploys sustains the
+    per-instance rate it was planned at: ``at_sizes`` is the same window built at
+    :func:`pool_sizes` of ``result``, and its L[r, m] must reach ``planned``'s for
+    every deployed (class, mode)."""
+    cls = {c: i for i, c in enumerate(planned.classes)}
+    mode = {m.name: j for j, m in enumerate(planned.modes)}
+    for c, m in pool_sizes(result):
+        i, j = cls[c], mode[m]
+        need = float(planned.capacity_rps[i, j])
+        if float(at_sizes.capacity_rps[i, j]) < need * (1.0 - POOL_RATE_TOL_REL):
+            return False
+    return True
+
+
+def _better(a: tuple[PlanProblem, PlanResult], b: tuple[PlanProblem, PlanResult]
+            ) -> tuple[PlanProblem, PlanResult]:
+    """The better of two sound plans of one window: feasible first, then the least unmet
+    demand, then the least objective (ties keep ``a``)."""
+    def key(r: PlanResult) -> tuple[bool, float, float]:
+        return (not r.feasible, sum(s.shortfall_rps for s in r.shortfalls), r.objective)
+    return b if key(b[1]) < key(a[1]) else a
+
+
+def solve_pooled(
+    build: Callable[[PoolSizes], PlanProblem],
+    partial: bool = True,
+    rounds: int = POOL_ROUNDS,
+) -> tuple[PlanProblem, PlanResult, int]:
+    """(problem, result, solves): the window at pool-level rates (module doc).
+
+    ``build(sizes)`` makes the window's problem with each (class, mode)'s L and P those
+    of one instance in a pool of ``sizes`` instances (absent: 1). The first solve is at
+    n = 1; each of at most ``rounds`` more is at the sizes the last plan deployed, and
+    starts only while the time spent plus the last solve's stays within the problem's
+    ``time_limit_s``. The plan returned is the best (:func:`_better`) of the n = 1 plan
+    and the pooled plans whose pools hold (:func:`pools_hold`).
+    """
+    t0 = time.perf_counter()
+    sizes: dict[tuple[str, str], int] = {}
+    problem = build(sizes)
+    result = solve(problem, partial=partial)
+    best, solves, seen = (problem, result), 1, [sizes]
+    for k in range(max(0, rounds) + 1):
+        deployed = pool_sizes(result)
+        # a plan at pooled rates: do its pools sustain them at the sizes it deploys?
+        nxt = build(deployed) if sizes and deployed != sizes else None
+        if sizes and (nxt is None or pools_hold(problem, result, nxt)):
+            best = _better(best, (problem, result))
+        elapsed = time.perf_counter() - t0
+        if (k == rounds or not deployed or deployed in seen
+                or elapsed + result.solve_time_s > problem.time_limit_s):
+            break
+        sizes, problem = deployed, (nxt if nxt is not None else build(deployed))
+        seen.append(sizes)
+        result = solve(problem, partial=partial)
+        solves += 1
+    return best[0], best[1], solves
+
+
 def plan_with_headroom(
     build: Callable[[Headroom], PlanProblem],
     headroom: Headroom | None = None,
@@ -84,18 +188,38 @@ def plan_with_headroom(
     """Solve ``build(headroom)``; relax the headroom only as far as unmet demand requires.
 
     ``build`` makes the window's problem with every L[r, m] and P[r, m] from
-    ``operating_point(..., headroom=h)`` for the headroom ``h`` it is given.
+    ``operating_point(..., headroom=h)`` for the headroom ``h`` it is given: per-instance
+    rates, as :func:`plan_pooled` with no pool rounds.
+    """
+    return plan_pooled(lambda hr, sizes: build(hr), headroom, rounds, pool_rounds=0)
+
+
+def plan_pooled(
+    build: Callable[[Headroom, PoolSizes], PlanProblem],
+    headroom: Headroom | None = None,
+    rounds: int = HEADROOM_ROUNDS,
+    pool_rounds: int = POOL_ROUNDS,
+) -> SizedPlan:
+    """Solve ``build(headroom, sizes)`` at pool-level rates (:func:`solve_pooled`, at most
+    ``pool_rounds`` re-solves per solve); relax the headroom only as far as unmet demand
+    requires.
+
+    ``build(h, sizes)`` makes the window's problem with every L[r, m] and P[r, m] from
+    the serving point of one instance in a pool of ``sizes[(class, mode)]`` (absent: 1)
+    with the headroom ``h`` it is given.
     """
     asked = headroom or DEFAULT_HEADROOM
-    problem = build(asked)
+
+    def pooled(hr: Headroom, partial: bool) -> tuple[PlanProblem, PlanResult, int]:
+        return solve_pooled(lambda sizes: build(hr, sizes), partial, pool_rounds)
+
     # the full headroom first, and only whether it fits: the normal case ends here
-    result = solve(problem, partial=False)
+    problem, result, solves = pooled(asked, False)
     if result.feasible:
-        return SizedPlan(problem, result, asked, 1.0, asked, 1)
+        return SizedPlan(problem, result, asked, 1.0, asked, solves)
     none = asked.scaled(0.0)
-    problem0 = build(none)
-    result0 = solve(problem0)
-    solves = 2
+    problem0, result0, n = pooled(none, True)
+    solves += n
     # with result0 feasible, probes only need to know whether they fit; otherwise even
     # no headroom leaves demand unmet: serve as much as that, with the most headroom
     # that still does (probes then need their partial plans to compare)
@@ -112,8 +236,8 @@ def plan_with_headroom(
         )
 
     if not result0.feasible:
-        result = solve(problem)  # again, with its partial plan
-        solves += 1
+        problem, result, n = pooled(asked, True)  # again, with its partial plan
+        solves += n
         if good(result):  # headroom is not what leaves demand unmet
             return SizedPlan(problem, result, asked, 1.0, asked, solves)
     best = SizedPlan(problem0, result0, none, 0.0, asked, solves)
@@ -121,9 +245,8 @@ def plan_with_headroom(
     for _ in range(max(0, rounds)):
         mid = 0.5 * (lo + hi)
         hr = asked.scaled(mid)
-        p = build(hr)
-        r = solve(p, partial=not result0.feasible)
-        solves += 1
+        p, r, n = pooled(hr, not result0.feasible)
+        solves += n
         if good(r):
             lo = mid
             best = SizedPlan(p, r, hr, mid, asked, solves)

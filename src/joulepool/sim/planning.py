@@ -39,9 +39,9 @@ from joulepool.core.classes import (
     PromptLengths,
 )
 from joulepool.core.planner import Assignment, Mode, PlanProblem
-from joulepool.core.problem import ServiceClass, build_problem
+from joulepool.core.problem import PoolSizes, ServiceClass, build_problem
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom, ServingPoint
-from joulepool.core.sizing import SizedPlan, plan_with_headroom
+from joulepool.core.sizing import SizedPlan, plan_pooled
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.workload import Workload
 
@@ -203,6 +203,7 @@ def _plan_problem(
     time_limit_s: float,
     headroom: Headroom | None,
     share_instances: bool = True,
+    pool_sizes: PoolSizes | None = None,
 ) -> tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]:
     end = min(start_s + interval_s, workload.duration_s)
     steps = max(1, math.ceil((end - start_s) / step_s - 1e-9))
@@ -226,7 +227,7 @@ def _plan_problem(
         step_s=step_s, alpha=alpha, objective=cluster.objective,
         carbon_g_per_kwh={s: cluster.carbon_window(s, start_s, steps, step_s)
                           for s in cluster.sites},
-        headroom=headroom, time_limit_s=time_limit_s,
+        headroom=headroom, pool_sizes=pool_sizes, time_limit_s=time_limit_s,
     )
     serving = {m: tuple(sp for sp in points if sp is not None)
                for m, points in built.serving.items()}
@@ -252,15 +253,16 @@ def _sized_window(
     headroom: Headroom | None,
     share_instances: bool = True,
 ) -> tuple[SizedPlan, dict[str, tuple[ServingPoint, ...]], float]:
-    """Core's sizing (the most queueing headroom that fits) on this window's problem."""
+    """Core's sizing (the most queueing headroom that fits, at pool-level rates: one
+    instance's L[r, m] in a pool of the size the plan deploys) on this window's problem."""
     built: list[tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]] = []
 
-    def build(hr: Headroom) -> PlanProblem:
+    def build(hr: Headroom, sizes: PoolSizes) -> PlanProblem:
         built.append(_plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
-                                   10.0, hr, share_instances))
+                                   10.0, hr, share_instances, sizes))
         return built[-1][0]
 
-    sized = plan_with_headroom(build, headroom)
+    sized = plan_pooled(build, headroom)
     serving, peak_to_mean = next((sv, pk) for pb, sv, pk in built if pb is sized.problem)
     return sized, serving, peak_to_mean
 
