@@ -59,12 +59,12 @@ def workload(arrival: list[float], inp: list[int], out: list[int], duration: flo
 
 def one_instance_run(product: str, gpus: int, arrival: np.ndarray, inp: np.ndarray,
                      out: np.ndarray, ttft: float, tpot: float, instances: int = 1,
-                     ) -> tuple[RunResult, np.ndarray]:
+                     policy: str = "least-loaded") -> tuple[RunResult, np.ndarray]:
     """One instance of ``product`` x ``gpus`` serving every request (least-loaded, one
     class, interactive, TTFT ``ttft`` s and TPOT ``tpot`` s each; deadline TTFT plus ten
     TPOTs per output token): the run and the mask of requests past its first 5 % of
     arrival time (the empty start left out). ``instances`` > 1: a pool of that many on
-    one node, least-loaded sending each prompt to the one that starts it soonest."""
+    one node, routed by ``policy`` (a static one)."""
     n = arrival.size
     wl = Workload(
         arrival_s=arrival, input_tokens=inp, output_tokens=out, predicted_tokens=out.copy(),
@@ -73,5 +73,5 @@ def one_instance_run(product: str, gpus: int, arrival: np.ndarray, inp: np.ndarr
         tpot_slo_s=np.full(n, tpot), deadline_s=ttft + out * tpot * 10.0,
         duration_s=float(arrival[-1]), scale=1.0)
     one = cluster([("n", product, gpus * instances)], static={product: gpus})
-    run = simulate(one, wl, POLICIES["least-loaded"], model_tables(one))
+    run = simulate(one, wl, POLICIES[policy], model_tables(one))
     return run, arrival > 0.05 * arrival[-1]

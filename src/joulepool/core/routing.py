@@ -595,10 +595,12 @@ class EndpointModel:
         cls, profile: ServingProfile, tpot_slo_s: float, clock_mhz: float | None = None,
         serving: tuple[float, float, float] | None = None,
         step_target_s: float | None = None,
+        pool_size: int = 1,
     ) -> EndpointModel:
         """Tables of ``profile``; the operating batch is the largest meeting ``tpot_slo_s``.
         ``serving`` = (mean prompt, mean response tokens, TTFT SLO s) sets b*_n to
-        :func:`sustainable_batch` (else b*_n is the operating batch). ``step_target_s``:
+        :func:`sustainable_batch` (else b*_n is the operating batch), as one of
+        ``pool_size`` endpoints of this profile in its pool. ``step_target_s``:
         the endpoint's clock follows its load, holding the decode step at this target
         (MIAD: (1 - margin) x TPOT), so X(b) is read at the clock batch b needs
         (:func:`excess_at_needed_clock` over the product's supported clocks) instead of
@@ -626,7 +628,7 @@ class EndpointModel:
         mix = None
         if serving is not None:
             carry = sustainable_batch(profile, serving[0], serving[1], serving[2],
-                                      tpot_slo_s, clock_mhz)
+                                      tpot_slo_s, clock_mhz, pool_size=pool_size)
             tpot_carry = sustainable_batch(profile, serving[0], serving[1], math.inf,
                                            tpot_slo_s, clock_mhz)
             mix = (profile, tpot_slo_s, clock_mhz, slot_load(serving[0], serving[1]),
@@ -770,16 +772,18 @@ def carbon_weights(g_per_kwh: npt.ArrayLike) -> FloatArray:
 def sustainable_batch(profile: ServingProfile, mean_input_tokens: float,
                       mean_output_tokens: float, ttft_slo_s: float, tpot_slo_s: float,
                       clock_mhz: float | None = None,
-                      headroom: Headroom | None = None) -> int:
+                      headroom: Headroom | None = None, pool_size: int = 1) -> int:
     """Requests one instance carries at once while it keeps the SLO: the mean decode
     batch at :meth:`ServingProfile.serving_point`'s sustainable rate (chunked prefill
     in mixed steps, the KV cache and the queueing headroom included: the point the
     planner sizes pools at), at
-    least 1. The marginal rule's b*_n in the simulator: past it a request waits or
-    breaks TPOT, however cheap joining looks.
+    least 1. The marginal rule's b*_n in the simulator and the router: past it a request
+    waits or breaks TPOT, however cheap joining looks. ``pool_size``: the instances of
+    this profile in its pool, whose prefills the soonest-start rule makes one M/G/n
+    queue (``serving_point``'s ``pool_size``; docs/planner.md, "Pool-level TTFT").
     """
     sp = profile.serving_point(mean_input_tokens, mean_output_tokens, ttft_slo_s,
-                               tpot_slo_s, clock_mhz, headroom)
+                               tpot_slo_s, clock_mhz, headroom, pool_size=pool_size)
     return max(int(sp.batch), 1)
 
 

@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from heapq import heappop, heappush
@@ -348,6 +348,7 @@ class Simulator:
         "policy",
         "pool_mix",
         "pool_requests",
+        "pool_sizes",
         "pools",
         "preemptions",
         "prm",
@@ -401,9 +402,14 @@ class Simulator:
         self.cluster, self.workload, self.policy = cluster, workload, policy
         # X(b) at the clock each batch needs, for this run's MIAD margin
         self.tables = {m: t.with_miad_margin(prm.miad_margin) for m, t in tables.items()}
-        self.slo_batches: dict[tuple[str, int, bool], int] = {}
-        #: (mode, class, slot-load bin) -> (b*_n, TPOT batch) at that credible slot load
-        self.mix_rooms: dict[tuple[str, int, int], tuple[int, int]] = {}
+        self.slo_batches: dict[tuple[str, int, bool, int], int] = {}
+        #: (mode, class, slot-load bin, pool rooms) -> (b*_n, TPOT batch) at that credible
+        #: slot load
+        self.mix_rooms: dict[tuple[str, int, int, tuple[int, int]], tuple[int, int]] = {}
+        #: (mode, class) -> instances in that pool, for a router that sends prompts where
+        #: they start soonest (their prefills one M/G/n queue: core.routing's b*_n);
+        #: empty for the others (each instance sized alone)
+        self.pool_sizes: dict[tuple[str, int], int] = {}
         #: class -> (slot load, mean predicted response) of the requests its pool serves
         self.pool_mix: dict[int, tuple[float, float]] = {}
         #: class -> (:meth:`_pool_requests`, the part whose SLOs size its rooms)
@@ -536,7 +542,9 @@ class Simulator:
             self._apply_plan(first, 0.0)
             self.notes.append(first.describe())
             return queue
-        for node, mode, count in static_deployment(self.cluster, self.tables):
+        static = static_deployment(self.cluster, self.tables)
+        self._set_pool_sizes((mode, 0) for _, mode, count in static for _ in range(count))
+        for node, mode, count in static:
             for _ in range(count):
                 self._new_instance(node, mode, 0, 0.0)
         self._rebuild_pools()
@@ -1059,7 +1067,8 @@ class Simulator:
         predicted response, the interactive ones' mean TTFT and tightest TPOT SLO.
         Without ``ttft``: the batch it carries within TPOT whatever the first token
         (core.routing.overflow_rank's TPOT batch)."""
-        key = (mode, cls, ttft)
+        n = self.pool_sizes.get((mode, cls), 1) if ttft else 1
+        key = (mode, cls, ttft, n)
         hit = self.slo_batches.get(key)
         if hit is None:
             wl = self.workload
@@ -1068,8 +1077,19 @@ class Simulator:
                 self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
                 float(wl.predicted_tokens[mine].mean()),
                 float(wl.ttft_slo_s[slo].mean()) if ttft else math.inf,
-                float(wl.tpot_slo_s[slo].min()))
+                float(wl.tpot_slo_s[slo].min()), pool_size=n)
         return hit
+
+    def _set_pool_sizes(self, members: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Count each (mode, class) pool's ``members`` as its size, for a soonest-start
+        router (PolicySpec.pooled_ttft); the pools whose size changed."""
+        if not self.policy.pooled_ttft or __import__("os").environ.get("JP_NOPOOLROOM"):
+            return set()
+        sizes = dict(Counter(members))
+        changed = {k for k in sizes.keys() | self.pool_sizes.keys()
+                   if sizes.get(k) != self.pool_sizes.get(k)}
+        self.pool_sizes = sizes
+        return changed
 
     def _member_rooms(self, inst: Instance, credibility: float) -> tuple[int, int]:
         """``inst``'s (b*_n, TPOT batch) by core.routing.member_rooms: its TPOT batch
@@ -1092,7 +1112,7 @@ class Simulator:
                           + (1.0 - credibility) * prior, prior)
         if k == 0:
             return pool_rooms
-        key = (mode, cls, k)
+        key = (mode, cls, k, pool_rooms)
         hit = self.mix_rooms.get(key)
         if hit is None:
             wl = self.workload
@@ -1267,6 +1287,7 @@ class Simulator:
         for pi_ in plan.instances:
             cls = self._class_set(pi_.serves or (pi_.cls,))
             want.setdefault((pi_.node, pi_.mode), []).extend([cls] * pi_.count)
+        resized = self._set_pool_sizes((mode, c) for (_, mode), cs in want.items() for c in cs)
         have: dict[tuple[str, str], list[Instance]] = {}
         for inst in self.instances:
             if inst.state in (ACTIVE, PENDING, STARTING):
@@ -1289,6 +1310,10 @@ class Simulator:
                     self._retire(inst, t)
             for c in wanted:
                 self._new_instance(key[0], key[1], c, t)
+        for inst in self.instances:  # kept instances of a pool that grew or shrank
+            if inst.state in (ACTIVE, PENDING, STARTING) and (inst.table.mode,
+                                                               inst.cls) in resized:
+                self._size_at_pool(inst)
         self._rebuild_pools()
 
     # ----------------------------------------------------------------- result

@@ -41,7 +41,7 @@ from joulepool.core.classes import (
 from joulepool.core.planner import Assignment, Mode, PlanProblem
 from joulepool.core.problem import PoolSizes, ServiceClass, build_problem
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom, ServingPoint
-from joulepool.core.sizing import SizedPlan, plan_pooled
+from joulepool.core.sizing import POOL_ROUNDS, SizedPlan, plan_pooled
 from joulepool.sim.cluster import SimCluster
 from joulepool.sim.workload import Workload
 
@@ -60,7 +60,10 @@ def planner_assumptions(alpha: float = PLAN_ALPHA, headroom: Headroom | None = N
         f"{FORECAST_BIN_S:g}-s rate in the step (the arrival process's expected rate x the "
         "class's share; the realised arrivals when a trace is replayed): a perfect peak "
         f"forecast, in the planner's favour; demand = alpha {alpha:g} x forecast; L[r, m] = "
-        f"core operating_point with queueing headroom: {hr.describe()}"
+        f"core operating_point with queueing headroom: {hr.describe()}; for planner "
+        "policies routing soonest-start (joulesched) one instance's rate in a pool of the "
+        "size the plan deploys (M/G/n prefill queue, core.sizing.plan_pooled), per "
+        "instance for least-loaded"
     )
 
 
@@ -252,9 +255,11 @@ def _sized_window(
     alpha: float,
     headroom: Headroom | None,
     share_instances: bool = True,
+    pooled: bool = True,
 ) -> tuple[SizedPlan, dict[str, tuple[ServingPoint, ...]], float]:
-    """Core's sizing (the most queueing headroom that fits, at pool-level rates: one
-    instance's L[r, m] in a pool of the size the plan deploys) on this window's problem."""
+    """Core's sizing (the most queueing headroom that fits; ``pooled``: at pool-level
+    rates, one instance's L[r, m] in a pool of the size the plan deploys) on this
+    window's problem."""
     built: list[tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]] = []
 
     def build(hr: Headroom, sizes: PoolSizes) -> PlanProblem:
@@ -262,7 +267,7 @@ def _sized_window(
                                    10.0, hr, share_instances, sizes))
         return built[-1][0]
 
-    sized = plan_pooled(build, headroom)
+    sized = plan_pooled(build, headroom, pool_rounds=POOL_ROUNDS if pooled else 0)
     serving, peak_to_mean = next((sv, pk) for pb, sv, pk in built if pb is sized.problem)
     return sized, serving, peak_to_mean
 
@@ -275,16 +280,18 @@ def plan_windows(
     alpha: float = PLAN_ALPHA,
     headroom: Headroom | None = None,
     share_instances: bool = True,
+    pooled: bool = True,
 ) -> list[WindowPlan]:
     """One plan per window that starts inside the run (``share_instances``: see
-    :func:`plan_problem`)."""
+    :func:`plan_problem`; ``pooled``: L[r, m] at the pool sizes the plan deploys, for a
+    soonest-start router, else per instance: core.sizing.plan_pooled)."""
     plans: list[WindowPlan] = []
     start = 0.0
     while start < workload.duration_s:
         t0 = time.perf_counter()
         sized, serving, peak_to_mean = _sized_window(cluster, workload, start, interval_s,
                                                      step_s, alpha, headroom,
-                                                     share_instances)
+                                                     share_instances, pooled)
         sizing_s = time.perf_counter() - t0
         problem, res = sized.problem, sized.result
         chosen = res.plan

@@ -40,6 +40,15 @@ class PolicySpec:
     def uses_planner(self) -> bool:
         return self.pools == "planner"
 
+    @property
+    def pooled_ttft(self) -> bool:
+        """Whether its router sends each prompt only where it starts within its TTFT, the
+        soonest start otherwise (JouleSched's first-token guard), so that a pool's
+        prefills queue as one M/G/n queue (core.queueing): its pools are planned at
+        pool-level rates. Least-loaded balances outstanding requests, decoding ones
+        included, and is planned per instance (docs/planner.md, "Pool-level TTFT")."""
+        return self.routing in ("joulesched", "joulesched-router")
+
 
 POLICIES: dict[str, PolicySpec] = {
     p.name: p

@@ -19,6 +19,7 @@ truth, so the online eps scale has nothing to correct).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from joulepool.core.classes import Tier
@@ -59,6 +60,8 @@ class ProductionRouter:
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
         endpoints: list[Endpoint] = []
+        # each profile's endpoints are one pool of that size (core.routing's b*_n)
+        pool_size = Counter(id(profile) for _, _, profile in members)
         self.instance_of: dict[str, int] = {}
         for k, (idx, node, profile) in enumerate(members):
             key = id(profile)
@@ -67,7 +70,8 @@ class ProductionRouter:
                 target = (miad_step_target_s(tpot_s, miad_margin) if clock_follows_load
                           else None)
                 models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving,
-                                                         step_target_s=target)
+                                                         step_target_s=target,
+                                                         pool_size=pool_size[key])
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way
             endpoints.append(Endpoint(address, models[key], node,
                                       eps_half_life_s=self.pool.s.eps_half_life_s,

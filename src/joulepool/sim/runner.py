@@ -25,7 +25,7 @@ from joulepool.core.profiles import DEFAULT_HEADROOM, ServingProfile, assumed
 from joulepool.sim.cluster import DEFAULT_LOAD, SimCluster
 from joulepool.sim.engine import EngineParams, RunResult, simulate, static_deployment
 from joulepool.sim.planning import PLAN_ALPHA, WindowPlan, plan_windows, planner_assumptions
-from joulepool.sim.policies import POLICIES
+from joulepool.sim.policies import POLICIES, PolicySpec
 from joulepool.sim.tables import ProfileTable, build_table
 from joulepool.sim.trace import Trace
 from joulepool.sim.workload import (
@@ -86,8 +86,19 @@ class Capacity:
 class RepeatData:
     seed: int
     workload: Workload
+    #: the plan windows: at pool-level rates when a planner policy routes soonest-start
+    #: (PolicySpec.pooled_ttft), else per instance
     plans: list[WindowPlan]
     floor: FloorResult
+    #: per-instance plans for the planner policies that route least-loaded, when the run
+    #: also has soonest-start ones; None: ``plans`` serve every policy
+    instance_plans: list[WindowPlan] | None = None
+
+    def plans_for(self, policy: PolicySpec) -> list[WindowPlan]:
+        """The plan windows ``policy`` runs on."""
+        if self.instance_plans is not None and not policy.pooled_ttft:
+            return self.instance_plans
+        return self.plans
 
 
 @dataclass
@@ -305,7 +316,8 @@ def _run_task(task: tuple[str, int]) -> tuple[str, int, RunResult]:
         last[0] = t
 
     res = simulate(
-        exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans, exp.params,
+        exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans_for(POLICIES[policy]),
+        exp.params,
         seed=rep.seed, progress=progress, static_capacity_rps=capacity.per_mode_rps,
     )
     if progress_q is not None:
@@ -324,7 +336,9 @@ def _prepare_repeats(
 ) -> list[RepeatData]:
     """Workload, plans (if a policy needs them) and energy floor of every repeat; the
     first repeat's workload and planner assumptions are appended to ``description``."""
-    need_plans = any(POLICIES[p].uses_planner for p in exp.policies)
+    planners = [POLICIES[p] for p in exp.policies if POLICIES[p].uses_planner]
+    need_plans = bool(planners)
+    kinds = sorted({p.pooled_ttft for p in planners}, reverse=True)  # pooled first
     repeats: list[RepeatData] = []
     for r in range(exp.repeat):
         seed = exp.seed + r
@@ -333,9 +347,12 @@ def _prepare_repeats(
             predictor_mae=exp.predictor_mae, bulk_slack=exp.bulk_slack, slos=exp.slos,
         )
         headroom = DEFAULT_HEADROOM.scaled(exp.headroom_scale)
-        plans = plan_windows(exp.cluster, wl, alpha=exp.alpha, headroom=headroom,
-                             share_instances=exp.share_instances) if need_plans else []
-        repeats.append(RepeatData(seed, wl, plans, floor_for(exp.cluster, wl)))
+        plans = [plan_windows(exp.cluster, wl, alpha=exp.alpha, headroom=headroom,
+                              share_instances=exp.share_instances, pooled=pooled)
+                 for pooled in kinds]
+        repeats.append(RepeatData(seed, wl, plans[0] if plans else [],
+                                  floor_for(exp.cluster, wl),
+                                  plans[1] if len(plans) > 1 else None))
         if r == 0:
             description += list(wl.description)
             if need_plans:
@@ -357,7 +374,8 @@ def _run_in_process(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs,
                 progress(base + t, total)
 
         rep = repeats[r]
-        res = simulate(exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans,
+        res = simulate(exp.cluster, rep.workload, POLICIES[policy], tables,
+                       rep.plans_for(POLICIES[policy]),
                        exp.params, seed=rep.seed, progress=step,
                        static_capacity_rps=cap.per_mode_rps)
         runs[policy][r] = res
