@@ -1083,7 +1083,7 @@ class Simulator:
     def _set_pool_sizes(self, members: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
         """Count each (mode, class) pool's ``members`` as its size, for a soonest-start
         router (PolicySpec.pooled_ttft); the pools whose size changed."""
-        if not self.policy.pooled_ttft or __import__("os").environ.get("JP_NOPOOLROOM"):
+        if not self.policy.pooled_ttft:
             return set()
         sizes = dict(Counter(members))
         changed = {k for k in sizes.keys() | self.pool_sizes.keys()
