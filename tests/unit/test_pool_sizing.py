@@ -110,3 +110,17 @@ def test_a_class_whose_bound_is_not_ttft_is_planned_as_before() -> None:
     alone = plan_with_headroom(lambda hr: build(hr))
     pooled = plan_pooled(build)
     assert pooled.result.instances("X") == alone.result.instances("X")
+
+
+def test_a_window_that_fits_only_at_pool_level_keeps_its_full_headroom() -> None:
+    # 27.5 req/s on 8 H100: one instance alone sustains 2.8 (8 carry 22.6), a pool of 8
+    # 7.7 each
+    build, _ = _builder(25.0, gpus=8)
+    alone = plan_with_headroom(lambda hr: build(hr))
+    assert alone.relaxed  # per instance, the cluster cannot carry the full headroom
+    pooled = plan_pooled(build)
+    assert pooled.result.feasible and not pooled.relaxed, pooled.note()
+    n = pooled.result.instances("LS")
+    assert n * H100_8B.serving_point(*LONG, pool_size=n).rps >= 1.1 * 25.0 * (1 - 1e-6)
+    assert H100_8B.serving_point(*LONG, pool_size=n).rps >= (
+        float(pooled.problem.capacity_rps[0, 0]) * (1 - 1e-6))

@@ -51,6 +51,7 @@ __all__ = [
     "POOL_ROUNDS",
     "PoolSizes",
     "SizedPlan",
+    "largest_pools",
     "plan_pooled",
     "plan_with_headroom",
     "pool_sizes",
@@ -120,6 +121,17 @@ def pool_sizes(result: PlanResult) -> dict[tuple[str, str], int]:
     return sizes
 
 
+def largest_pools(problem: PlanProblem) -> dict[tuple[str, str], int]:
+    """Each servable (class, mode)'s pool if it took every GPU of its product: the start
+    of :func:`solve_pooled`'s fixed point when the n = 1 window has no plan."""
+    gpus: dict[str, int] = {}
+    for node in problem.nodes:
+        gpus[node.product] = gpus.get(node.product, 0) + node.gpus
+    return {(c, m.name): n for i, c in enumerate(problem.classes)
+            for j, m in enumerate(problem.modes)
+            if problem.capacity_rps[i, j] > 0 and (n := gpus.get(m.product, 0) // m.gpus) > 0}
+
+
 def pools_hold(planned: PlanProblem, result: PlanResult, at_sizes: PlanProblem) -> bool:
     """Whether every pool ``result`` (solved on ``planned``) deploys sustains the
     per-instance rate it was planned at: ``at_sizes`` is the same window built at
@@ -153,7 +165,9 @@ def solve_pooled(
 
     ``build(sizes)`` makes the window's problem with each (class, mode)'s L and P those
     of one instance in a pool of ``sizes`` instances (absent: 1). The first solve is at
-    n = 1; each of at most ``rounds`` more is at the sizes the last plan deployed, and
+    n = 1; each of at most ``rounds`` more is at the sizes the last plan deployed (the
+    first, when the n = 1 window does not fit and ``partial`` is off, so that there is
+    no plan: at :func:`largest_pools`), and
     starts only while the time spent plus the last solve's stays within the problem's
     ``time_limit_s``. The plan returned is the best (:func:`_better`) of the n = 1 plan
     and the pooled plans whose pools hold (:func:`pools_hold`).
@@ -164,7 +178,10 @@ def solve_pooled(
     result = solve(problem, partial=partial)
     best, solves, seen = (problem, result), 1, [sizes]
     for k in range(max(0, rounds) + 1):
-        deployed = pool_sizes(result)
+        # an n = 1 window that does not fit, asked without its partial plan, has no pools
+        # to start from: start from the largest each (class, mode) could be
+        deployed = (pool_sizes(result) if result.plan or k > 0 or result.feasible
+                    else largest_pools(problem))
         # a plan at pooled rates: do its pools sustain them at the sizes it deploys?
         nxt = build(deployed) if sizes and deployed != sizes else None
         if sizes and (nxt is None or pools_hold(problem, result, nxt)):
