@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", action="store_true",
                     help="also print the floor's operating points and each run's, per "
                          "demand (class/tier) and GPU")
+    ap.add_argument("--pool-ttft", action="store_true",
+                    help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
+                         "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
     args = ap.parse_args(argv)
     if not args.load > 0 or not args.duration > 0:
         ap.error("--load and --duration must be positive")
@@ -425,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                      duration_s=args.duration, arrival_mode="load", arrival_value=args.load,
                      policies=tuple(args.policies.split(",")), seed=args.seed, jobs=1,
                      slos=SLO_SETS[args.slos], headroom_scale=args.headroom,
-                     params=EngineParams(miad_period_signal=args.miad_period_signal))
+                     params=EngineParams(miad_period_signal=args.miad_period_signal,
+                                         pool_ttft=args.pool_ttft))
     res, splits = breakdown(exp)
     print(render(res, splits))
     print("\n".join(where_requests_go(res)))

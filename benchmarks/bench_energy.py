@@ -149,6 +149,8 @@ class Cell:
     seed: int
     #: the simulator's MIAD period signal (EngineParams.miad_period_signal)
     miad_period_signal: bool = True
+    #: pool-level TTFT sizing for JouleSched-routed pools (EngineParams.pool_ttft)
+    pool_ttft: bool = False
 
 
 def cell_duration(cell: Cell, rate_rps: float) -> float:
@@ -186,7 +188,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                          f"{duration:,.0f} s (over {MAX_CELL_S:,.0f})"}
     exp = Experiment(cluster=cluster, trace=trace, duration_s=duration, arrival_mode="load",
                      arrival_value=cell.load, policies=cell.policies, seed=cell.seed, jobs=1,
-                     slos=slos, params=EngineParams(miad_period_signal=cell.miad_period_signal))
+                     slos=slos, params=EngineParams(miad_period_signal=cell.miad_period_signal,
+                                                    pool_ttft=cell.pool_ttft))
     res = run_experiment(exp)
     summary = summarise(res)
     rows = {p: {k: float(summary.runs[p][0][k]) for k in ROWS} for p in cell.policies}
@@ -291,6 +294,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     default=True,
                     help="the simulator's MIAD period signal (EngineParams."
                          "miad_period_signal, on by default; docs/marginal-energy.md)")
+    ap.add_argument("--pool-ttft", action="store_true",
+                    help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
+                         "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
     ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 
@@ -356,7 +362,8 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
     if "least-loaded" not in policies:
         policies = ("least-loaded", *policies)
     return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed,
-                 bool(getattr(a, "miad_period_signal", True)))
+                 bool(getattr(a, "miad_period_signal", True)),
+                 bool(getattr(a, "pool_ttft", False)))
             for c in clusters for s in slos for t in traces for x in loads]
 
 

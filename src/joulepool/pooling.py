@@ -8,7 +8,7 @@ per-pool outcomes and the plan document the extender and node agents read.
 Each pool's L[r, m] is core's sustainable rate *with queueing headroom*
 (:meth:`~joulepool.core.profiles.ServingProfile.operating_point` with
 :class:`~joulepool.core.profiles.Headroom`), sized through
-:func:`~joulepool.core.sizing.plan_pooled`, which keeps the full
+:func:`~joulepool.core.sizing.plan_with_headroom`, which keeps the full
 headroom unless the cluster cannot carry the demand with it (then the plan
 says how much it kept). The demand is the pool's forecast as given, times
 the EnergyPolicy's alpha: give the step's peak rate (e.g. its busiest
@@ -41,10 +41,10 @@ from joulepool.api.plan import (
 from joulepool.core.classes import PromptLengths
 from joulepool.core.energy import grams_co2_per_hour, joules_per_token
 from joulepool.core.planner import Assignment, Mode, PlanNode, PlanProblem, PlanResult
-from joulepool.core.problem import PoolSizes, ServiceClass, node_from_label
+from joulepool.core.problem import ServiceClass, node_from_label
 from joulepool.core.problem import build_problem as build_core_problem
 from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile
-from joulepool.core.sizing import plan_pooled
+from joulepool.core.sizing import plan_with_headroom
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,6 @@ def build_problem(
     profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
     headroom: Headroom | None = None,
     observed: Mapping[str, PromptLengths] | None = None,
-    pool_sizes: PoolSizes | None = None,
 ) -> PlanProblem:
     """The joint MILP for every pool over every GPU node (core's one builder).
 
@@ -210,8 +209,6 @@ def build_problem(
     (default :data:`~joulepool.core.profiles.DEFAULT_HEADROOM`); a pool may use
     the modes of its ``gpuProducts`` that have a profile of its model. ``observed``:
     prompt lengths the node agents saw, by pool key (:func:`observed_prompt_lengths`).
-    ``pool_sizes``: L[r, m] of one instance in a pool of that many (core.problem's
-    PoolSizes; :func:`~joulepool.core.sizing.plan_pooled` finds them).
     """
     seen = observed or {}
     modes = _modes(profiles, {n.product for n in nodes})
@@ -234,7 +231,6 @@ def build_problem(
         step_s=policy.step_seconds, alpha=policy.alpha,
         objective="carbon" if objective == "carbon" else "energy",
         carbon_g_per_kwh=carbon, headroom=headroom, mip_rel_gap=policy.mip_rel_gap,
-        pool_sizes=pool_sizes,
     ).problem
 
 
@@ -257,8 +253,8 @@ def plan_pools(
     plan to keep serving.
     """
     now = now or datetime.now(UTC)
-    sized = plan_pooled(
-        lambda hr, sizes: build_problem(pools, nodes, policy, profiles, hr, observed, sizes))
+    sized = plan_with_headroom(
+        lambda hr: build_problem(pools, nodes, policy, profiles, hr, observed))
     plan = describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
                     headroom_note=sized.note())
     return replace(plan, headroom_scale=sized.scale)

@@ -60,10 +60,7 @@ def planner_assumptions(alpha: float = PLAN_ALPHA, headroom: Headroom | None = N
         f"{FORECAST_BIN_S:g}-s rate in the step (the arrival process's expected rate x the "
         "class's share; the realised arrivals when a trace is replayed): a perfect peak "
         f"forecast, in the planner's favour; demand = alpha {alpha:g} x forecast; L[r, m] = "
-        f"core operating_point with queueing headroom: {hr.describe()}; for planner "
-        "policies routing soonest-start (joulesched) one instance's rate in a pool of the "
-        "size the plan deploys (M/G/n prefill queue, core.sizing.plan_pooled), per "
-        "instance for least-loaded"
+        f"core operating_point with queueing headroom: {hr.describe()}"
     )
 
 
@@ -280,7 +277,7 @@ def plan_windows(
     alpha: float = PLAN_ALPHA,
     headroom: Headroom | None = None,
     share_instances: bool = True,
-    pooled: bool = True,
+    pooled: bool = False,
 ) -> list[WindowPlan]:
     """One plan per window that starts inside the run (``share_instances``: see
     :func:`plan_problem`; ``pooled``: L[r, m] at the pool sizes the plan deploys, for a

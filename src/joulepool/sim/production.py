@@ -47,6 +47,7 @@ class ProductionRouter:
         sites: Sequence[str] | None = None,
         clock_follows_load: bool = True,
         miad_margin: float = MIADController.margin,
+        pool_ttft: bool = False,
     ) -> None:
         """``members``: (instance index, node, serving profile) of each instance;
         ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing);
@@ -55,13 +56,15 @@ class ProductionRouter:
         at the clock each batch needs, as the routing service reads it
         (``kube.pools.Router.endpoint_model``: the node agents steer every GPU); False
         for GPUs locked at f_max; ``miad_margin``: MIAD's margin, which sets the step it
-        holds (core.controllers.miad_step_target_s)."""
+        holds (core.controllers.miad_step_target_s); ``pool_ttft``: each endpoint's b*_n
+        as one of its profile's endpoints in the pool (an M/G/n prefill queue), else
+        alone (EngineParams.pool_ttft)."""
         self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
         endpoints: list[Endpoint] = []
         # each profile's endpoints are one pool of that size (core.routing's b*_n)
-        pool_size = Counter(id(profile) for _, _, profile in members)
+        pool_size = Counter(id(profile) for _, _, profile in members if pool_ttft)
         self.instance_of: dict[str, int] = {}
         for k, (idx, node, profile) in enumerate(members):
             key = id(profile)
@@ -71,7 +74,7 @@ class ProductionRouter:
                           else None)
                 models[key] = EndpointModel.from_profile(profile, tpot_s, serving=serving,
                                                          step_target_s=target,
-                                                         pool_size=pool_size[key])
+                                                         pool_size=max(pool_size[key], 1))
             address = f"i{idx:06d}"  # sorts as the instances do: ties go the same way
             endpoints.append(Endpoint(address, models[key], node,
                                       eps_half_life_s=self.pool.s.eps_half_life_s,

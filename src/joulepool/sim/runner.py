@@ -338,7 +338,8 @@ def _prepare_repeats(
     first repeat's workload and planner assumptions are appended to ``description``."""
     planners = [POLICIES[p] for p in exp.policies if POLICIES[p].uses_planner]
     need_plans = bool(planners)
-    kinds = sorted({p.pooled_ttft for p in planners}, reverse=True)  # pooled first
+    # pooled first (EngineParams.pool_ttft: pool-level TTFT for soonest-start routers)
+    kinds = sorted({p.pooled_ttft and exp.params.pool_ttft for p in planners}, reverse=True)
     repeats: list[RepeatData] = []
     for r in range(exp.repeat):
         seed = exp.seed + r
