@@ -415,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-ttft", action="store_true",
                     help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
                          "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
+    ap.add_argument("--pool-room", action="store_true",
+                    help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
+                         "off by default)")
     args = ap.parse_args(argv)
     if not args.load > 0 or not args.duration > 0:
         ap.error("--load and --duration must be positive")
@@ -429,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                      policies=tuple(args.policies.split(",")), seed=args.seed, jobs=1,
                      slos=SLO_SETS[args.slos], headroom_scale=args.headroom,
                      params=EngineParams(miad_period_signal=args.miad_period_signal,
-                                         pool_ttft=args.pool_ttft))
+                                         pool_ttft=args.pool_ttft,
+                                         pool_room=args.pool_room))
     res, splits = breakdown(exp)
     print(render(res, splits))
     print("\n".join(where_requests_go(res)))

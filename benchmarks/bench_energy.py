@@ -151,6 +151,8 @@ class Cell:
     miad_period_signal: bool = True
     #: pool-level TTFT sizing for JouleSched-routed pools (EngineParams.pool_ttft)
     pool_ttft: bool = False
+    #: JouleSched's room at its pool's size (EngineParams.pool_room)
+    pool_room: bool = False
 
 
 def cell_duration(cell: Cell, rate_rps: float) -> float:
@@ -189,7 +191,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     exp = Experiment(cluster=cluster, trace=trace, duration_s=duration, arrival_mode="load",
                      arrival_value=cell.load, policies=cell.policies, seed=cell.seed, jobs=1,
                      slos=slos, params=EngineParams(miad_period_signal=cell.miad_period_signal,
-                                                    pool_ttft=cell.pool_ttft))
+                                                    pool_ttft=cell.pool_ttft,
+                                                    pool_room=cell.pool_room))
     res = run_experiment(exp)
     summary = summarise(res)
     rows = {p: {k: float(summary.runs[p][0][k]) for k in ROWS} for p in cell.policies}
@@ -297,6 +300,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pool-ttft", action="store_true",
                     help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
                          "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
+    ap.add_argument("--pool-room", action="store_true",
+                    help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
+                         "off by default)")
     ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 
@@ -363,7 +369,8 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
         policies = ("least-loaded", *policies)
     return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed,
                  bool(getattr(a, "miad_period_signal", True)),
-                 bool(getattr(a, "pool_ttft", False)))
+                 bool(getattr(a, "pool_ttft", False)),
+                 bool(getattr(a, "pool_room", False)))
             for c in clusters for s in slos for t in traces for x in loads]
 
 

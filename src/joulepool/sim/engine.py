@@ -167,11 +167,13 @@ class EngineParams:
     #: ``--window`` (core.controllers.MIAD_TTFT_WINDOW_S; up to one tick: the period)
     miad_ttft_window_s: float = MIAD_TTFT_WINDOW_S
     #: pool-level TTFT for JouleSched-routed pools (PolicySpec.pooled_ttft): the planner
-    #: sizes them at the pool size its plan deploys and the room b*_n follows the pool's
-    #: size (an M/G/n prefill queue, core.queueing); off by default: with the 1 % TTFT
-    #: miss target the pooled plans spend that budget and miss iso-SLO against
-    #: least-loaded (docs/planner.md, "Pool-level TTFT")
+    #: sizes them at the pool size its plan deploys (an M/G/n prefill queue,
+    #: core.queueing; docs/planner.md, "Pool-level TTFT")
     pool_ttft: bool = False
+    #: JouleSched's room b*_n at its pool's size too (core.routing.sustainable_batch's
+    #: pool_size), else per instance; off by default: measured, it packs requests until
+    #: first tokens slip and strengthens the static joulesched baseline more than combined
+    pool_room: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -572,7 +574,7 @@ class Simulator:
             sites=[x.site for x in self.pools[0].members],
             clock_follows_load=self.use_miad,
             miad_margin=self.prm.miad_margin,
-            pool_ttft=self.prm.pool_ttft,
+            pool_room=self.prm.pool_room,
         )
         self._router_carbon()
         self.lam_series.append((0.0, self.prouter.lam))
@@ -1089,9 +1091,9 @@ class Simulator:
 
     def _set_pool_sizes(self, members: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
         """Count each (mode, class) pool's ``members`` as its size, for a soonest-start
-        router (PolicySpec.pooled_ttft) with EngineParams.pool_ttft; the pools whose
+        router (PolicySpec.pooled_ttft) with EngineParams.pool_room; the pools whose
         size changed."""
-        if not (self.prm.pool_ttft and self.policy.pooled_ttft):
+        if not (self.prm.pool_room and self.policy.pooled_ttft):
             return set()
         sizes = dict(Counter(members))
         changed = {k for k in sizes.keys() | self.pool_sizes.keys()

@@ -47,7 +47,7 @@ class ProductionRouter:
         sites: Sequence[str] | None = None,
         clock_follows_load: bool = True,
         miad_margin: float = MIADController.margin,
-        pool_ttft: bool = False,
+        pool_room: bool = False,
     ) -> None:
         """``members``: (instance index, node, serving profile) of each instance;
         ``mean_tokens`` (prompt, response) sizes each endpoint's b*_n (core.routing);
@@ -56,15 +56,15 @@ class ProductionRouter:
         at the clock each batch needs, as the routing service reads it
         (``kube.pools.Router.endpoint_model``: the node agents steer every GPU); False
         for GPUs locked at f_max; ``miad_margin``: MIAD's margin, which sets the step it
-        holds (core.controllers.miad_step_target_s); ``pool_ttft``: each endpoint's b*_n
+        holds (core.controllers.miad_step_target_s); ``pool_room``: each endpoint's b*_n
         as one of its profile's endpoints in the pool (an M/G/n prefill queue), else
-        alone (EngineParams.pool_ttft)."""
+        alone (EngineParams.pool_room)."""
         self.pool = PoolRouter(POOL, settings or RouterConfig())
         self.pool.ttft_s, self.pool.tpot_s = float(ttft_s), float(tpot_s)
         models: dict[int, EndpointModel] = {}
         endpoints: list[Endpoint] = []
         # each profile's endpoints are one pool of that size (core.routing's b*_n)
-        pool_size = Counter(id(profile) for _, _, profile in members if pool_ttft)
+        pool_size = Counter(id(profile) for _, _, profile in members if pool_room)
         self.instance_of: dict[str, int] = {}
         for k, (idx, node, profile) in enumerate(members):
             key = id(profile)
