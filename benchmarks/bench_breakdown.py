@@ -149,7 +149,9 @@ def _reading_demands(split: Split) -> type[sim_engine.Simulator]:
 
 
 def breakdown(exp: Experiment) -> tuple[ExperimentResult, dict[str, Split]]:
-    """Run ``exp`` one policy at a time in this process, each with its split."""
+    """Run ``exp`` one policy at a time in this process, each with its split: one result
+    with every policy's runs and, per repeat, the plans of the first policy that plans
+    (none when no policy does)."""
     splits: dict[str, Split] = {}
     results: list[ExperimentResult] = []
     original, original_sim = sim_engine.Instance, sim_engine.Simulator
@@ -176,6 +178,9 @@ def breakdown(exp: Experiment) -> tuple[ExperimentResult, dict[str, Split]]:
     first = results[0]
     for other in results[1:]:
         first.runs.update(other.runs)
+        for mine, theirs in zip(first.repeats, other.repeats, strict=True):
+            if not mine.plans:  # the first policy plans nothing: a later one's plans
+                mine.plans = theirs.plans
     return first, splits
 
 

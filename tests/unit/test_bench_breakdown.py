@@ -66,6 +66,20 @@ def test_split_sums_to_the_runs_window_energy(bench: ModuleType, policy: str) ->
     assert gap["work"] <= 1e-6 * run.energy_j  # the floor does at least the run's work
 
 
+def test_the_plan_is_printed_when_a_later_policy_plans(bench: ModuleType, capsys) -> None:
+    # least-loaded plans nothing; freesh, listed second, does: its first plan is printed
+    small = BENCHMARKS / "heldout" / "small-8.yaml"
+    args = ["--cluster", str(small), "--trace", "prefill-heavy", "--load", "0.3",
+            "--duration", "5"]
+    assert bench.main([*args, "--policies", "freesh"]) == 0
+    alone = [x for x in capsys.readouterr().out.splitlines() if x.startswith("plan @")]
+    assert len(alone) == 1
+    assert bench.main([*args, "--policies", "least-loaded,freesh"]) == 0
+    plans = [x for x in capsys.readouterr().out.splitlines() if x.startswith("plan @")]
+    # the same plan, but for its solve time (wall clock)
+    assert [p.split(" ms): ", 1)[1] for p in plans] == [alone[0].split(" ms): ", 1)[1]]
+
+
 def test_cli_refuses_a_non_positive_load(bench: ModuleType, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         bench.main(["--load", "0"])
