@@ -41,7 +41,13 @@ from joulepool.sim.cluster import ClusterError
 from joulepool.sim.engine import EngineParams
 from joulepool.sim.instance import STARTING, Instance
 from joulepool.sim.report import summarise
-from joulepool.sim.runner import Experiment, ExperimentResult, floor_demands, run_experiment
+from joulepool.sim.runner import (
+    Experiment,
+    ExperimentResult,
+    floor_demand_name,
+    floor_demands,
+    run_experiment,
+)
 from joulepool.sim.trace import TraceError
 from joulepool.sim.workload import Workload
 
@@ -140,9 +146,9 @@ def _reading_demands(split: Split) -> type[sim_engine.Simulator]:
 
     class Reading(sim_engine.Simulator):
         def __init__(self, cluster: Any, workload: Workload, *args: Any) -> None:
-            tier = np.where(workload.bulk, "bulk", "interactive")
-            split["rid_demand"] = [f"{CLASS_NAMES[c]}/{t}"
-                                   for c, t in zip(workload.cls.tolist(), tier, strict=True)]
+            split["rid_demand"] = [
+                floor_demand_name(c, b)
+                for c, b in zip(workload.cls.tolist(), workload.bulk.tolist(), strict=True)]
             super().__init__(cluster, workload, *args)
 
     return Reading

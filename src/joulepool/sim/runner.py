@@ -221,6 +221,12 @@ def trace_capacity(cluster: SimCluster, trace: Trace, slos: SLOSet = FREESH_SLOS
 FLOOR_PROMPT_PARTS = 4
 
 
+def floor_demand_name(cls: int, bulk: bool) -> str:
+    """The name of class index ``cls``'s floor demand of one tier, e.g.
+    ``"LS/interactive"`` (:func:`floor_demands`)."""
+    return f"{CLASS_NAMES[cls]}/{'bulk' if bulk else 'interactive'}"
+
+
 def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand]:
     """The energy floor's demands of ``workload``: per class and tier (name
     ``"<class>/<tier>"``, e.g. ``"LS/interactive"``), its tokens, requests and SLOs; with
@@ -239,7 +245,7 @@ def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand
             by_prompt = sel[np.argsort(workload.input_tokens[sel], kind="stable")]
             for part in np.array_split(by_prompt, min(prompt_parts, sel.size)):
                 demands.append(FloorDemand(
-                    name=f"{name}/{'bulk' if bulk else 'interactive'}",
+                    name=floor_demand_name(ci, bulk),
                     output_tokens=float(workload.output_tokens[part].sum()),
                     input_tokens=float(workload.input_tokens[part].sum()),
                     mean_input_tokens=float(workload.input_tokens[part].mean()),
