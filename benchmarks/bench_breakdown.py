@@ -413,22 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="window, s (default 60)")
     ap.add_argument("--policies", default="least-loaded,combined")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--miad-period-signal", action=argparse.BooleanOptionalAction,
-                    default=True,
-                    help="the simulator's MIAD period signal "
-                         "(EngineParams.miad_period_signal, on by default)")
+    be.add_engine_flags(ap)
     ap.add_argument("--headroom", type=float, default=1.0, metavar="S",
                     help="share of the planner's queueing headroom, 0-1 (Experiment."
                          "headroom_scale; default 1: the planner's own)")
     ap.add_argument("--points", action="store_true",
                     help="also print the floor's operating points and each run's, per "
                          "demand (class/tier) and GPU")
-    ap.add_argument("--pool-ttft", action="store_true",
-                    help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
-                         "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
-    ap.add_argument("--pool-room", action="store_true",
-                    help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
-                         "off by default)")
     args = ap.parse_args(argv)
     if not args.load > 0 or not args.duration > 0:
         ap.error("--load and --duration must be positive")

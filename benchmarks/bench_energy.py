@@ -266,6 +266,22 @@ def summary_line(outs: list[dict[str, Any]]) -> str:
             f"cell (! = misses iso-SLO): {'; '.join(ratios) or 'none'}")
 
 
+def add_engine_flags(ap: argparse.ArgumentParser) -> None:
+    """The simulator's engine switches (:class:`EngineParams`) as flags, read as
+    ``miad_period_signal``, ``pool_ttft`` and ``pool_room`` (bench energy and bench
+    breakdown)."""
+    ap.add_argument("--miad-period-signal", action=argparse.BooleanOptionalAction,
+                    default=True,
+                    help="the simulator's MIAD period signal (EngineParams."
+                         "miad_period_signal, on by default; docs/marginal-energy.md)")
+    ap.add_argument("--pool-ttft", action="store_true",
+                    help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
+                         "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
+    ap.add_argument("--pool-room", action="store_true",
+                    help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
+                         "off by default)")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="joulepool bench energy",
                                  description=(__doc__ or "").split("\n", 1)[0])
@@ -293,16 +309,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of each cell's workload draw from its trace, the same for "
                          "every policy (default %(default)d)")
-    ap.add_argument("--miad-period-signal", action=argparse.BooleanOptionalAction,
-                    default=True,
-                    help="the simulator's MIAD period signal (EngineParams."
-                         "miad_period_signal, on by default; docs/marginal-energy.md)")
-    ap.add_argument("--pool-ttft", action="store_true",
-                    help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
-                         "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
-    ap.add_argument("--pool-room", action="store_true",
-                    help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
-                         "off by default)")
+    add_engine_flags(ap)
     ap.add_argument("--json", metavar="FILE", help="also write every cell's rows and verdict")
     return ap.parse_args(argv)
 
