@@ -15,14 +15,15 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
 # the endpoint picker's compiled ext_proc front end (native/build.py): a C++ compiler,
-# grpc++, protobuf and their code generators (the slim base is Debian's)
+# grpc++, protobuf and their code generators, as native/debian-packages.txt lists them
+# for `make native` too (the slim base is Debian's; its Python is not, so no headers)
+COPY native/debian-packages.txt native/
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ pkg-config libgrpc++-dev \
-      libprotobuf-dev protobuf-compiler protobuf-compiler-grpc \
+ && apt-get install -y --no-install-recommends $(grep -v '^#' native/debian-packages.txt) \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/joulepool
-WORKDIR /src
 # dependencies first (cached while only the sources change)
 COPY pyproject.toml README.md ./
 RUN mkdir -p src/joulepool && touch src/joulepool/__init__.py \

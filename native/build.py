@@ -4,10 +4,10 @@
 generator (``native/eppload.cc``) as ``build/native/eppload``.
 
 Needs a C++17 compiler, grpc++ and protobuf with pkg-config files, ``protoc`` and
-``grpc_cpp_plugin`` (Debian: ``g++ pkg-config libgrpc++-dev libprotobuf-dev
-protobuf-compiler protobuf-compiler-grpc``) and Python's headers (Debian's
-interpreter: ``libpython3.X-dev``); ``make native`` installs what ``--apt-missing``
-lists with apt as root. Envoy's ext_proc ``.proto`` sources are not shipped
+``grpc_cpp_plugin`` (Debian: the packages in ``native/debian-packages.txt``, the list
+the Dockerfile installs too) and Python's headers (Debian's interpreter:
+``libpython3.X-dev``); ``make native`` installs what ``--apt-missing`` lists with apt as
+root. Envoy's ext_proc ``.proto`` sources are not shipped
 anywhere installable, but the ``xds-protos`` wheel's ``*_pb2`` modules carry the
 serialised descriptors: this script writes those of
 ``envoy/service/ext_proc/v3/external_processor.proto`` and its imports as a
@@ -50,9 +50,18 @@ LOADGEN_SOURCE = ROOT / "native" / "eppload.cc"
 LOADGEN = BUILD / "eppload"
 UNAVAILABLE = BUILD / "UNAVAILABLE"
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DNDEBUG"]
-#: the Debian packages that provide what the build needs
-APT_PACKAGES = ("g++", "pkg-config", "libgrpc++-dev", "libprotobuf-dev", "protobuf-compiler",
-                "protobuf-compiler-grpc")
+#: the Debian packages that provide what the build needs, one per line ('#': a comment);
+#: the Dockerfile's build stage installs the same file
+APT_PACKAGES_FILE = ROOT / "native" / "debian-packages.txt"
+
+
+def apt_packages() -> tuple[str, ...]:
+    """The Debian packages of :data:`APT_PACKAGES_FILE`, in its order."""
+    lines = APT_PACKAGES_FILE.read_text().splitlines()
+    return tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+APT_PACKAGES = apt_packages()
 
 
 class Unavailable(Exception):
