@@ -692,6 +692,21 @@ def _rates(raw: str) -> list[float]:
     return [r for r in rates if r > 0]
 
 
+def _placement(cpu: int | None, client_cpu: int | None, fifo: int | None) -> None:
+    """``--cpu``, ``--client-cpu`` and ``--fifo``: CPUs this process may run on and a
+    SCHED_FIFO priority the kernel takes (ValueError otherwise: the pinning shim would
+    fail in every child it starts)."""
+    allowed = os.sched_getaffinity(0)
+    for flag, value in (("--cpu", cpu), ("--client-cpu", client_cpu)):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{flag} {value}: not a CPU this process may run on "
+                             f"({', '.join(map(str, sorted(allowed)))})")
+    low, high = (os.sched_get_priority_min(os.SCHED_FIFO),
+                 os.sched_get_priority_max(os.SCHED_FIFO))
+    if fifo is not None and not low <= fifo <= high:
+        raise ValueError(f"--fifo {fifo}: a SCHED_FIFO priority is {low} to {high}")
+
+
 def _load_generator(requested: str) -> str:
     """``--load-generator``: the one to use (``auto``: native where built, else python,
     saying why); ``native`` where it is not built: ValueError."""
@@ -835,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.measured_front_ends = _front_ends(args.front_ends)
         args.rates = _rates(args.rate)
+        _placement(args.cpu, args.client_cpu, args.fifo)
         args.how = Clients(_load_generator(args.load_generator), args.client_cpu,
                            args.fifo)
     except ValueError as exc:

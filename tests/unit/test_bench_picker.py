@@ -70,6 +70,15 @@ def test_bad_rates_are_usage_errors(bench, rate: str) -> None:
     assert bench.main(["--rate", rate]) == 2
 
 
+@pytest.mark.parametrize("flags", [["--cpu", "99999"], ["--client-cpu", "-1"],
+                                   ["--fifo", "0"], ["--fifo", "100"]])
+def test_bad_placement_is_a_usage_error(bench, flags: list[str], capsys) -> None:
+    """A CPU the process may not run on, or a priority SCHED_FIFO does not have: exit 2
+    with the reason, before any server starts (the pinning shim failed in the child)."""
+    assert bench.main(flags) == 2
+    assert flags[0] in capsys.readouterr().err
+
+
 def test_unknown_load_generator_is_a_usage_error(bench) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.main(["--load-generator", "rust"])
