@@ -3,8 +3,10 @@
 Running: a fake engine (``joulepool fake-engine``) on two simulated H100s, the
 node agent (``joulepool node-agent``, simulated NVML) controlling them, the
 router (``joulepool router`` without a cluster) routing requests that really
-go to the engine, and the operator's planning loop (in this process, against
-an in-memory API) with a live carbon source that is this very Prometheus.
+go to the engine, also picking for them as the GIE endpoint picker (Envoy ext_proc
+over gRPC, ``--epp-port``: its latency histograms), and the operator's planning
+loop (in this process, against an in-memory API) with a live carbon source that is
+this very Prometheus.
 Prometheus (Debian's ``prometheus`` package, as ``make test`` installs it)
 scrapes all of them every second; the test then evaluates each query of the
 chart's Grafana dashboard and each recording rule through the HTTP API.
@@ -25,9 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from joulepool.api import contract
 from joulepool.fakes.gpus import SimulatedGPUs
 from joulepool.fakes.killharness import child_env
 
@@ -92,7 +99,8 @@ class Stack:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.ports = {k: free_port() for k in ("engine", "agent", "router", "operator", "prom")}
+        self.ports = {k: free_port() for k in ("engine", "agent", "router", "epp", "operator",
+                                                 "prom")}
         self.prom_url = f"http://127.0.0.1:{self.ports['prom']}"
 
     def start_prometheus(self) -> None:
@@ -148,6 +156,7 @@ class Stack:
         self.procs.append(spawn([
             *PY, "router", "--no-cluster", "--host", "127.0.0.1",
             "--port", str(self.ports["router"]), "--endpoints-file", str(endpoints),
+            "--epp-port", str(self.ports["epp"]),
             "--scrape-interval-seconds", "0.5"], self.tmp / "router.log"))
         wait_for(lambda: http(f"http://127.0.0.1:{self.ports['agent']}/metrics"), 30,
                  "node agent metrics")
@@ -155,9 +164,11 @@ class Stack:
                  "router")
 
     def traffic(self, n: int) -> None:
-        """Requests through the router to the engine, each reported back to the router."""
+        """Requests through the router to the engine, each reported back to the router,
+        and as many picks by the GIE endpoint picker."""
         router = f"http://127.0.0.1:{self.ports['router']}"
         for i in range(n):
+            self.pick()
             d = http(f"{router}/v1/route", {"pool": POOL, "inputTokens": 64,
                                             "outputTokens": 32, "deadlineSeconds": 0.05 + i % 2})
             t0 = time.monotonic()
@@ -170,6 +181,25 @@ class Stack:
                 "pool": POOL, "endpoint": d["endpoint"], "requestId": d["requestId"],
                 "ttftSeconds": min(e2e, 0.5 * e2e), "e2eSeconds": e2e, "outputTokens": tokens,
                 "deadlineMet": e2e <= d["deadlineSeconds"]})
+
+    def pick(self) -> None:
+        """One request's pick through the GIE endpoint picker, as a gateway asks it: its
+        headers, then its body (the pick, timed in the picker's histograms)."""
+        body = json.dumps({"model": "llama-3.1-8b", "prompt": "hello " * 64,
+                           "max_tokens": 32}).encode()
+        headers = {":method": "POST", ":path": "/v1/completions", ":authority": "gw",
+                   "content-type": "application/json"}
+        messages = [
+            pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode())
+                         for k, v in headers.items()]))),
+            pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))]
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports['epp']}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            answers = list(stub.Process(iter(messages), timeout=10))
+        destination = [h.header.key for a in answers if a.HasField("request_body")
+                       for h in a.request_body.response.header_mutation.set_headers]
+        assert destination == [contract.EPP_DESTINATION_HEADER], answers
 
     def stop(self) -> None:
         for p in self.procs:
