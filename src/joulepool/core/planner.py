@@ -77,6 +77,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from joulepool.core.classes import CLASS_NAMES, PLAN_ALPHA, PLAN_STEP_S
 from joulepool.core.energy import J_PER_KWH
+from joulepool.core.highs import quiet_stdout
 
 __all__ = [
     "ASSUMED_FREESH_CARBON_G_PER_KWH",
@@ -910,18 +911,19 @@ class _Model:
         a, row_lo, row_hi = self._constraints(slack, dem if need is None else need, per_t)
         integrality = np.zeros(len(c), dtype=np.uint8)
         integrality[: self.n_int] = 1
-        res = milp(
-            c,
-            integrality=integrality,
-            bounds=Bounds(np.zeros(len(c)), ub),
-            constraints=LinearConstraint(a, row_lo, row_hi) if a.shape[0] else None,
-            options={
-                "time_limit": max(time_limit_s, 1e-3),
-                "mip_rel_gap": self.p.mip_rel_gap,
-                "presolve": True,
-                "disp": False,
-            },
-        )
+        with quiet_stdout():  # disp=False, yet HiGHS 1.12 printf's a debug line (core.highs)
+            res = milp(
+                c,
+                integrality=integrality,
+                bounds=Bounds(np.zeros(len(c)), ub),
+                constraints=LinearConstraint(a, row_lo, row_hi) if a.shape[0] else None,
+                options={
+                    "time_limit": max(time_limit_s, 1e-3),
+                    "mip_rel_gap": self.p.mip_rel_gap,
+                    "presolve": True,
+                    "disp": False,
+                },
+            )
         x = None if res.x is None else np.asarray(res.x, dtype=np.float64)
         gap = getattr(res, "mip_gap", None)
         return _Solve(x, int(res.status), float(gap) if gap is not None else 0.0, str(res.message))
