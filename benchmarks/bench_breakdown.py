@@ -272,12 +272,16 @@ def _cheapest_decode(p: ServingProfile, tpot_s: float, batch: int) -> tuple[floa
 
 @functools.cache
 def _cheapest_column(p: ServingProfile, tpot_s: float) -> float:
+    """The least J/token above idle of ``p``'s decode columns meeting ``tpot_s`` (the
+    floor's, core.bound.decode_columns); inf when none does."""
     tps, dyn, _, _ = decode_columns(p, tpot_s, True)
     return float((dyn / tps).min()) if tps.size else math.inf
 
 
 @functools.cache
 def _cheapest_prefill(p: ServingProfile, d: FloorDemand) -> float:
+    """The least prefill J/token above idle on ``p`` at a clock whose prefill of ``d``'s
+    mean prompt meets its TTFT (at any clock when none does)."""
     tps, dyn, _, _ = prefill_columns(p, d.mean_input_tokens, d.ttft_s, True)
     if not tps.size:
         tps, dyn, _, _ = prefill_columns(p, d.mean_input_tokens, d.ttft_s, False)
@@ -325,6 +329,7 @@ def gap_to_floor(res: ExperimentResult, split: Split) -> dict[str, float]:
 
 
 def _render_gap(res: ExperimentResult, splits: dict[str, Split]) -> list[str]:
+    """:func:`gap_to_floor` of each policy's run as a table, MJ per term."""
     lines = [f"{'gap to the floor, MJ':<22}" + "".join(
         f"{t[:15]:>16}" for t, _ in GAP_TERMS) + f"{'unexplained':>12}{'total':>8}"]
     for policy, split in splits.items():

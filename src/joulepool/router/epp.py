@@ -475,10 +475,13 @@ class Latency:
         self.sums = dict.fromkeys(self.counts, 0.0)
 
     def observe(self, name: str, seconds: float) -> None:
+        """Count one ``seconds`` long observation in histogram ``name`` (a bucket holds
+        what is at most its bound, as Prometheus' ``le``)."""
         self.counts[name][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sums[name] += seconds
 
     def snapshot(self) -> dict[str, tuple[list[int], float]]:
+        """A copy of every histogram (:data:`LatencySnapshot`)."""
         return {n: (list(c), self.sums[n]) for n, c in self.counts.items()}
 
 
