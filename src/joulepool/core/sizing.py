@@ -40,10 +40,11 @@ operator, ``joulepool plan`` and the simulator all size pools through it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from joulepool.core.planner import PlanProblem, PlanResult, solve
+from joulepool.core.problem import PoolSizes
 from joulepool.core.profiles import DEFAULT_HEADROOM, Headroom
 
 __all__ = [
@@ -58,10 +59,6 @@ __all__ = [
     "pools_hold",
     "solve_pooled",
 ]
-
-#: (class name, mode name) -> instances of that mode serving that class
-#: (``core.problem.PoolSizes``)
-PoolSizes = Mapping[tuple[str, str], int]
 
 #: bisection rounds on the headroom scale when the full headroom does not fit:
 #: the scale is found to 1/2**rounds (one MILP solve per round; each costs about
