@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -75,3 +77,19 @@ def test_an_infeasible_shared_plan_prints_only_the_plan(tmp_path: Path, capfd) -
     out, err = _flushed(capfd)
     assert "cannot be met" in out
     assert HIGHS_DEBUG_LINE not in out and HIGHS_DEBUG_LINE not in err
+
+
+def test_a_process_without_stdout_still_solves(tmp_path: Path) -> None:
+    """Descriptor 1 closed (``joulepool plan >&-``): nothing to redirect, the block runs
+    (os.dup(1) raised EBADF and ``joulepool plan`` died with a traceback)."""
+    child = ("import os, sys\n"
+             "os.close(1)\n"
+             "from joulepool.core.highs import quiet_stdout\n"
+             "with quiet_stdout():\n"
+             "    with quiet_stdout():\n"
+             "        pass\n"
+             "print('done', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "done"

@@ -59,12 +59,16 @@ def quiet_stdout() -> Iterator[None]:
     with _lock:
         if _depth == 0:
             _flush()
-            _saved_fd = os.dup(1)
-            devnull = os.open(os.devnull, os.O_WRONLY)
             try:
-                os.dup2(devnull, 1)
-            finally:
-                os.close(devnull)
+                _saved_fd = os.dup(1)
+            except OSError:  # no descriptor 1 (stdout closed): no output to keep clean
+                _saved_fd = None
+            else:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, 1)
+                finally:
+                    os.close(devnull)
         _depth += 1
     try:
         yield
