@@ -61,11 +61,11 @@ def _instrumented(split: Split, window_s: float) -> type[Instance]:
 
     class Counted(Instance):
         #: decoding requests per floor demand (kept as requests join and leave the batch)
-        __slots__ = ("mix",)
+        __slots__ = ("decoding_by_demand",)
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.mix: dict[str, int] = defaultdict(int)
+            self.decoding_by_demand: dict[str, int] = defaultdict(int)
 
         def settle(self, t: float) -> None:
             dt = min(t, window_s) - self.last_t
@@ -74,17 +74,17 @@ def _instrumented(split: Split, window_s: float) -> type[Instance]:
             super().settle(t)
 
         def join(self, rid: int, prefill_len: float, remaining: float) -> None:
-            self.mix[split["rid_demand"][rid]] += 1
+            self.decoding_by_demand[split["rid_demand"][rid]] += 1
             super().join(rid, prefill_len, remaining)
 
         def pop_finished(self) -> list[int]:
             done = super().pop_finished()
             for rid in done:
-                self.mix[split["rid_demand"][rid]] -= 1
+                self.decoding_by_demand[split["rid_demand"][rid]] -= 1
             return done
 
         def drop_decoding(self, rid: int, prefill_len: float) -> float:
-            self.mix[split["rid_demand"][rid]] -= 1
+            self.decoding_by_demand[split["rid_demand"][rid]] -= 1
             return super().drop_decoding(rid, prefill_len)
 
     return Counted
@@ -132,7 +132,7 @@ def _count_decode_points(inst: Instance, dec_j: float, dt: float, split: Split) 
     taking its requests' share of the batch."""
     b = inst.b
     key = inst.table.profile.key
-    for demand, n in inst.mix.items():  # type: ignore[attr-defined]
+    for demand, n in inst.decoding_by_demand.items():  # type: ignore[attr-defined]
         if not n:
             continue
         row = split["decode_points"][(demand, key, b, inst.ci)]
