@@ -274,9 +274,10 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
                     default=True,
                     help="the simulator's MIAD period signal (EngineParams."
                          "miad_period_signal, on by default; docs/marginal-energy.md)")
-    ap.add_argument("--pool-ttft", action="store_true",
+    ap.add_argument("--pool-ttft", action=argparse.BooleanOptionalAction, default=True,
                     help="pool-level TTFT sizing for JouleSched-routed pools (EngineParams."
-                         "pool_ttft, off by default; docs/planner.md, \"Pool-level TTFT\")")
+                         "pool_ttft, on by default; --no-pool-ttft plans per instance; "
+                         "docs/planner.md, \"Pool-level TTFT\")")
     ap.add_argument("--pool-room", action="store_true",
                     help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
                          "off by default)")

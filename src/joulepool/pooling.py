@@ -7,10 +7,12 @@ per-pool outcomes and the plan document the extender and node agents read.
 
 Each pool's L[r, m] is core's sustainable rate *with queueing headroom*
 (:meth:`~joulepool.core.profiles.ServingProfile.operating_point` with
-:class:`~joulepool.core.profiles.Headroom`), sized through
-:func:`~joulepool.core.sizing.plan_with_headroom`, which keeps the full
-headroom unless the cluster cannot carry the demand with it (then the plan
-says how much it kept). The demand is the pool's forecast as given, times
+:class:`~joulepool.core.profiles.Headroom`) of one instance in a pool of the
+size the plan deploys (the router starts each prompt where it starts soonest,
+so a pool's prefills queue as one M/G/n queue), sized through
+:func:`~joulepool.core.sizing.plan_pooled`, which keeps the full headroom
+unless the cluster cannot carry the demand with it (then the plan says how
+much it kept). The demand is the pool's forecast as given, times
 the EnergyPolicy's alpha: give the step's peak rate (e.g. its busiest
 minute), not its mean, as the simulator's planner does.
 """
@@ -41,10 +43,10 @@ from joulepool.api.plan import (
 from joulepool.core.classes import PromptLengths
 from joulepool.core.energy import grams_co2_per_hour, joules_per_token
 from joulepool.core.planner import Assignment, Mode, PlanNode, PlanProblem, PlanResult
-from joulepool.core.problem import ServiceClass, node_from_label
+from joulepool.core.problem import PoolSizes, ServiceClass, node_from_label
 from joulepool.core.problem import build_problem as build_core_problem
 from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile
-from joulepool.core.sizing import plan_with_headroom
+from joulepool.core.sizing import POOL_ROUNDS, plan_pooled
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ def build_problem(
     profiles: Sequence[ServingProfile] = DEFAULT_PROFILES,
     headroom: Headroom | None = None,
     observed: Mapping[str, PromptLengths] | None = None,
+    pool_sizes: PoolSizes | None = None,
 ) -> PlanProblem:
     """The joint MILP for every pool over every GPU node (core's one builder).
 
@@ -209,6 +212,8 @@ def build_problem(
     (default :data:`~joulepool.core.profiles.DEFAULT_HEADROOM`); a pool may use
     the modes of its ``gpuProducts`` that have a profile of its model. ``observed``:
     prompt lengths the node agents saw, by pool key (:func:`observed_prompt_lengths`).
+    ``pool_sizes``: each (class, mode)'s L[r, m] is one instance's in a pool of that many
+    (:data:`~joulepool.core.problem.PoolSizes`; absent: 1, per instance).
     """
     seen = observed or {}
     modes = _modes(profiles, {n.product for n in nodes})
@@ -231,6 +236,7 @@ def build_problem(
         step_s=policy.step_seconds, alpha=policy.alpha,
         objective="carbon" if objective == "carbon" else "energy",
         carbon_g_per_kwh=carbon, headroom=headroom, mip_rel_gap=policy.mip_rel_gap,
+        pool_sizes=pool_sizes,
     ).problem
 
 
@@ -253,8 +259,11 @@ def plan_pools(
     plan to keep serving.
     """
     now = now or datetime.now(UTC)
-    sized = plan_with_headroom(
-        lambda hr: build_problem(pools, nodes, policy, profiles, hr, observed))
+    # the router sends each prompt to the instance that starts it soonest, so a pool's
+    # first tokens queue as one M/G/n queue: L[r, m] at the pool sizes the plan deploys
+    sized = plan_pooled(
+        lambda hr, sizes: build_problem(pools, nodes, policy, profiles, hr, observed, sizes),
+        pool_rounds=POOL_ROUNDS)
     plan = describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
                     headroom_note=sized.note())
     return replace(plan, headroom_scale=sized.scale)

@@ -288,8 +288,8 @@ async def test_node_deleted_during_a_410_gap_leaves_the_plan() -> None:
     async with cluster_and_operator() as (c, op):
         await c.create(node("gpu-a"))
         await c.create(node("gpu-b"))
-        await c.create(pool("chat", rps=150))  # 14 instances of 1xH100: both nodes
-        obj = await eventually(lambda: _replicas(c, 14))
+        await c.create(pool("chat", rps=150))  # 13 instances of 1xH100: both nodes
+        obj = await eventually(lambda: _replicas(c, 13))
         assert {a["node"] for a in obj["status"]["assignments"]} == {"gpu-a", "gpu-b"}
         c.server.vanish("nodes", None, "gpu-b")
         assert await c.server.expire_watches("nodes") >= 1

@@ -139,8 +139,8 @@ async def _replicas(c: Cluster, name: str, n: int) -> bool:
 async def test_gpu_node_added_and_removed_replans() -> None:
     async with cluster_and_operator() as (c, _op):
         await c.create(node("gpu-a", H100, 8))
-        # 150 req/s * 1.1 needs 14 H100 instances (11.9 req/s each): one 8-GPU node is
-        # not enough
+        # 150 req/s * 1.1 needs 13 H100 instances (13.4 req/s each in a pool of 13): one
+        # 8-GPU node is not enough
         await c.create(pool("big", rps=150))
         obj = await _until(c, "big", "Infeasible", "True")
         assert "unmet demand" in condition(obj, "Infeasible")["message"]  # type: ignore[index]
@@ -151,10 +151,10 @@ async def test_gpu_node_added_and_removed_replans() -> None:
         await c.create(node("gpu-b", H100, 8))
         obj = await _until(c, "big", "Planned", "True", "Planned")
         assert condition(obj, "Infeasible")["status"] == "False"  # type: ignore[index]
-        assert obj["status"]["replicas"] == 14
+        assert obj["status"]["replicas"] == 13
         assert {a["node"] for a in obj["status"]["assignments"]} == {"gpu-a", "gpu-b"}
         _, doc = await c.plan()
-        assert doc.feasible and sum(doc.nodes[n].pools["default.big"] for n in doc.nodes) == 14
+        assert doc.feasible and sum(doc.nodes[n].pools["default.big"] for n in doc.nodes) == 13
 
         # demand beyond the cluster makes the new plan infeasible: the last feasible plan
         # keeps serving while every node it uses is still there
@@ -162,14 +162,14 @@ async def test_gpu_node_added_and_removed_replans() -> None:
         await c.patch(big, {"spec": {"demand": {"requestsPerSecond": 400}}})  # type: ignore[arg-type]
         obj = await _until(c, "big", "Planned", "True", "LastFeasiblePlan")
         assert condition(obj, "Infeasible")["status"] == "True"  # type: ignore[index]
-        assert obj["status"]["replicas"] == 14
+        assert obj["status"]["replicas"] == 13
         cm, kept = await c.plan()
         assert kept.feasible and kept.version == doc.version  # nothing republished
         assert cm["metadata"]["annotations"]["joulepool.dev/latest-plan-feasible"] == "false"
         deps = await c.deployments()
         assert {n: d["spec"]["replicas"] for n, d in deps.items()} == {
             f"big-1xh100-{n}": k for n, k in _per_node(obj).items()}
-        assert sum(_per_node(obj).values()) == 14
+        assert sum(_per_node(obj).values()) == 13
         await c.patch(big, {"spec": {"demand": {"requestsPerSecond": 150}}})  # type: ignore[arg-type]
         await _until(c, "big", "Planned", "True", "Planned")
 
@@ -254,8 +254,8 @@ async def _names(c: Cluster, names: set[str]) -> Any:
 async def test_delete_releases_gpus_and_cleans_up() -> None:
     async with cluster_and_operator() as (c, _op):
         await c.create(node("gpu-a", H100, 8))
-        await c.create(pool("chat", rps=60))  # 6 instances
-        await c.create(pool("rag", rps=60))  # 6 instances: only 8 GPUs, so one is short
+        await c.create(pool("chat", rps=60))  # 5 instances (a pool of 5)
+        await c.create(pool("rag", rps=60))  # 5 instances: only 8 GPUs, so one is short
         await _until(c, "rag", "Infeasible", "True")
         await _until(c, "chat", "Infeasible", "True")
 
@@ -269,7 +269,7 @@ async def test_delete_releases_gpus_and_cleans_up() -> None:
                                 what="chat Deployment gone")
         # the others were re-planned with the released GPUs: rag is now fully served
         obj = await _until(c, "rag", "Planned", "True", "Planned")
-        assert obj["status"]["replicas"] == 6 and deps["rag-1xh100-gpu-a"]["spec"]["replicas"] == 6
+        assert obj["status"]["replicas"] == 5 and deps["rag-1xh100-gpu-a"]["spec"]["replicas"] == 5
         assert condition(obj, "Infeasible")["status"] == "False"  # type: ignore[index]
 
 

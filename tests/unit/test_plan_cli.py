@@ -118,13 +118,14 @@ def test_pools_are_sized_with_cores_queueing_headroom():
 
 
 def test_a_cluster_short_of_headroom_plans_with_less_and_says_so(tmp_path, capsys):
-    """2000-token prompts, TTFT 0.6 s: 3.1 req/s per H100 with the full headroom, so 8 H100s
-    fall short of 30 * 1.1 req/s; with less headroom they carry it, and the plan says so."""
+    """2000-token prompts, TTFT 0.6 s: 7.7 req/s per H100 in a pool of 8 with the full
+    headroom (8.1 with none), so 8 H100s fall short of 57 * 1.1 req/s; with less headroom
+    they carry it, and the plan says so."""
     body = {
         "apiVersion": "joulepool.dev/v1alpha1", "kind": "InferencePool",
         "metadata": {"name": "rag", "namespace": "ns"},
         "spec": {"model": "llama-3.1-8b", "slo": {"ttftSeconds": 0.6, "tpotSeconds": 0.15},
-                 "demand": {"requestsPerSecond": 30, "meanInputTokens": 2000,
+                 "demand": {"requestsPerSecond": 57, "meanInputTokens": 2000,
                             "meanOutputTokens": 200}},
     }
     nodes = [PlanNode("h1", "east", "H100", 8)]

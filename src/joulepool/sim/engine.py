@@ -168,8 +168,9 @@ class EngineParams:
     miad_ttft_window_s: float = MIAD_TTFT_WINDOW_S
     #: pool-level TTFT for JouleSched-routed pools (PolicySpec.pooled_ttft): the planner
     #: sizes them at the pool size its plan deploys (an M/G/n prefill queue,
-    #: core.queueing; docs/planner.md, "Pool-level TTFT")
-    pool_ttft: bool = False
+    #: core.queueing; docs/planner.md, "Pool-level TTFT"), as the operator plans them;
+    #: False: per instance (an M/G/1 prefill queue each)
+    pool_ttft: bool = True
     #: JouleSched's room b*_n at its pool's size too (core.routing.sustainable_batch's
     #: pool_size), else per instance; off by default: measured, it packs requests until
     #: first tokens slip and strengthens the static joulesched baseline more than combined
