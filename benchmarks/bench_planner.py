@@ -1,7 +1,7 @@
 """Pool planner (FREESH MILP) solve time at three sizes.
 
     python benchmarks/bench_planner.py [--repeats 5] [--objective carbon] [--sizes a,b,c]
-                                       [--build-pools N]
+                                       [--build-pools N] [--pooled]
 
 (a) the published FREESH size: 3 sites, 24 A100 + 6 H100, 4 types, 4 modes, 6 steps;
 (b) 320 GPUs (160 A100, 128 H100, 32 L4) over 3 sites, 10 classes, 6 modes;
@@ -21,6 +21,25 @@ example cluster, median over the repeats; with ``--baseline-src DIR`` (the ``src
 folder of another checkout, e.g. ``git worktree add /tmp/ref <rev>``) the same build
 in that checkout, in a subprocess, interleaved repeat by repeat, and the two problems'
 capacities must be equal.
+
+``--pooled`` times the operator's plan instead, per instance and at pool-level TTFT
+(docs/planner.md, "Pool-level TTFT"), side by side repeat by repeat. The pooled fixed
+point (``core.sizing.plan_pooled``) re-solves with each (class, mode)'s L[r, m] and
+P[r, m] recomputed from the serving model at the pool sizes the last plan deployed, so
+it needs serving profiles; (b) and (c) above are raw PlanProblem matrices with none,
+so it cannot run on them. It therefore times what the operator runs
+(``pooling.plan_pools``: ``plan_pooled`` over ``pooling.build_problem``, builds
+included, the plan document's description left out) on InferencePools over nodes of
+the same sizes: (a) FREESH's 6 nodes (30 GPUs, 3 sites), 4 pools; (b) the 320-GPU nodes
+of (b), 10 pools; (c) the 10,000-GPU nodes of (c), 50 pools. One pool in four serves
+Llama-3.1-70B (TTFT/TPOT 2 s/0.15 s), the others 8B (1 s/0.1 s); prompts ~1,000
+tokens (lognormal), 200-400 output tokens; each pool's demand is its random share of
+55 % of the free GPUs at its best mode per product; carbon per site and step is random
+(50-600 gCO2/kWh). Per instance is ``pool_rounds=0`` (``plan_with_headroom``), pooled
+``POOL_ROUNDS``. Printed: median seconds of each, their ratio, the solves each made
+(per instance/pooled), the pooled plan's slowest repeat against its bound (twice the
+problem's ``time_limit_s``: one solve, then rounds only while they fit in the same time
+again) and whether it held; ``--check`` exits 1 if it did not.
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.core.planner import (
     FREESH_CAPACITY_RPS,
     FREESH_MODES,
@@ -49,6 +69,10 @@ from joulepool.core.planner import (
     freesh_published_problem,
     solve,
 )
+from joulepool.core.problem import PoolSizes
+from joulepool.core.profiles import Headroom
+from joulepool.core.sizing import POOL_ROUNDS, SizedPlan, plan_pooled
+from joulepool.pooling import build_problem as build_pool_problem
 
 MODES: tuple[Mode, ...] = (*FREESH_MODES, Mode("8xH100", "H100", 8), Mode("1xL4", "L4", 1))
 #: target seconds per size, from the design brief
@@ -74,10 +98,9 @@ def _type_tables() -> tuple[np.ndarray, np.ndarray]:
     return power, rps
 
 
-def synthetic_problem(
-    gpus: int, sites: int, classes: int, seed: int = 0, objective: str = "carbon", steps: int = 6
-) -> PlanProblem:
-    rng = np.random.default_rng(seed)
+def synthetic_nodes(gpus: int, sites: int, rng: np.random.Generator) -> list[PlanNode]:
+    """8-GPU nodes, half A100, 0.4 H100, 0.1 L4, over ``sites`` sites, a random few of
+    each node's GPUs already taken (free 8/6/4/2/0)."""
     site_names = [f"site-{i}" for i in range(sites)]
     share = {"A100": 0.5, "H100": 0.4, "L4": 0.1}
     free_choices = np.array([8, 6, 4, 2, 0])
@@ -91,7 +114,15 @@ def synthetic_problem(
         for i in range(n_nodes):
             name = f"{site_names[site_of[i]]}-{product.lower()}-{i}"
             nodes.append(PlanNode(name, site_names[site_of[i]], product, int(free[i])))
+    return nodes
 
+
+def synthetic_problem(
+    gpus: int, sites: int, classes: int, seed: int = 0, objective: str = "carbon", steps: int = 6
+) -> PlanProblem:
+    rng = np.random.default_rng(seed)
+    site_names = [f"site-{i}" for i in range(sites)]
+    nodes = synthetic_nodes(gpus, sites, rng)
     base_p, base_l = _type_tables()
     kind = np.arange(classes) % 4
     power = base_p[kind] * rng.lognormal(0.0, 0.1, size=(classes, len(MODES)))
@@ -143,6 +174,123 @@ def _problems(objective: str) -> dict[str, tuple[str, Callable[[], PlanProblem]]
             lambda: synthetic_problem(10_000, 10, 50, seed=2, objective=objective),
         ),
     }
+
+
+#: --pooled sizes: label, GPUs (None: the FREESH published nodes), sites, pools, seed
+POOLED_SIZES: dict[str, tuple[str, int | None, int, int, int]] = {
+    "a": ("FREESH's nodes: 30 GPUs, 3 sites, 4 pools", None, 3, 4, 0),
+    "b": ("320 GPUs, 3 sites, 10 pools", 320, 3, 10, 1),
+    "c": ("10,000 GPUs, 10 sites, 50 pools", 10_000, 10, 50, 2),
+}
+
+
+def _pool(i: int, rps: float, rng: np.random.Generator) -> InferencePool:
+    """Pool ``i``: one in four serves the 70B model; prompts ~1,000 tokens (lognormal),
+    200-400 output tokens, TTFT/TPOT SLOs 1 s/0.1 s (8B) or 2 s/0.15 s (70B)."""
+    big = i % 4 == 3
+    tokens_in = int(np.clip(rng.lognormal(np.log(1000), 0.5), 200, 6000))
+    return InferencePool.model_validate({
+        "kind": "InferencePool", "metadata": {"name": f"pool-{i}", "namespace": "bench"},
+        "spec": {"model": "llama-3.1-70b" if big else "llama-3.1-8b",
+                 "slo": {"ttftSeconds": 2.0 if big else 1.0,
+                         "tpotSeconds": 0.15 if big else 0.1},
+                 "demand": {"requestsPerSecond": rps, "meanInputTokens": tokens_in,
+                            "meanOutputTokens": int(rng.integers(200, 401))}}})
+
+
+def _mean_best_rate_per_gpu(problem: PlanProblem) -> np.ndarray:
+    """Each class's req/s per GPU at its best mode on each product, averaged over the
+    products weighted by their free GPUs (a product it cannot use counts as 0)."""
+    free: dict[str, int] = {}
+    for n in problem.nodes:
+        free[n.product] = free.get(n.product, 0) + n.gpus
+    rate = problem.capacity_rps / np.array([m.gpus for m in problem.modes])
+    total = np.zeros(len(problem.classes))
+    for product, gpus in free.items():
+        on = [j for j, m in enumerate(problem.modes) if m.product == product]
+        if on:
+            total += gpus * rate[:, on].max(axis=1)
+    return total / max(1, sum(free.values()))
+
+
+def synthetic_pools(key: str, objective: str = "carbon"
+                    ) -> tuple[list[InferencePool], list[PlanNode], EnergyPolicySpec]:
+    """The operator's inputs at size ``key`` of :data:`POOLED_SIZES`: pools, nodes and the
+    policy (random per-site carbon series). Each pool's demand is its random share of
+    55 % of the free GPUs at its best mode per product (:func:`_mean_best_rate_per_gpu`),
+    as :func:`synthetic_problem` sizes its demand."""
+    _, gpus, sites, count, seed = POOLED_SIZES[key]
+    rng = np.random.default_rng(seed)
+    nodes = (list(freesh_published_problem().nodes) if gpus is None
+             else synthetic_nodes(gpus, sites, rng))
+    steps = EnergyPolicySpec().window_steps
+    policy = EnergyPolicySpec.model_validate({"objective": objective, "carbon": [
+        {"site": s, "series": [round(float(v), 1) for v in rng.uniform(50, 600, size=steps)]}
+        for s in sorted({n.site for n in nodes})]})
+    draft = [_pool(i, 1.0, rng) for i in range(count)]
+    problem = build_pool_problem(draft, nodes, policy)
+    per_gpu = _mean_best_rate_per_gpu(problem)
+    weight = rng.lognormal(0.0, 1.0, size=count)
+    rps = 0.55 * sum(n.gpus for n in nodes) * per_gpu * weight / weight.sum()
+    pools = [p.model_copy(update={"spec": p.spec.model_copy(update={
+        "demand": p.spec.demand.model_copy(update={"requests_per_second": round(float(r), 3)})})})
+        for p, r in zip(draft, rps, strict=True)]
+    return pools, nodes, policy
+
+
+def time_plan(pools: list[InferencePool], nodes: list[PlanNode], policy: EnergyPolicySpec,
+              pool_rounds: int) -> tuple[float, SizedPlan]:
+    """Wall seconds of the operator's plan (``pooling.plan_pools``'s ``plan_pooled`` over
+    ``pooling.build_problem``, builds included) with ``pool_rounds`` pooled re-solves
+    (0: per instance), and the plan."""
+    def build(hr: Headroom, sizes: PoolSizes) -> PlanProblem:
+        return build_pool_problem(pools, nodes, policy, headroom=hr, pool_sizes=sizes)
+
+    t0 = time.perf_counter()
+    sized = plan_pooled(build, pool_rounds=pool_rounds)
+    return time.perf_counter() - t0, sized
+
+
+def pooled_side_by_side(key: str, repeats: int, objective: str = "carbon") -> dict[str, Any]:
+    """Per-instance (pool_rounds 0) and pooled (:data:`POOL_ROUNDS`) plans of size
+    ``key``, taking turns repeat by repeat: median and max seconds, solves, the plans,
+    and the pooled window's bound (2 x the problem's ``time_limit_s``)."""
+    pools, nodes, policy = synthetic_pools(key, objective)
+    times: dict[str, list[float]] = {"per_instance": [], "pooled": []}
+    plans: dict[str, SizedPlan] = {}
+    for _ in range(max(1, repeats)):
+        for name, rounds in (("per_instance", 0), ("pooled", POOL_ROUNDS)):
+            seconds, plans[name] = time_plan(pools, nodes, policy, rounds)
+            times[name].append(seconds)
+    bound = 2.0 * plans["pooled"].problem.time_limit_s
+    return {"median": {k: statistics.median(v) for k, v in times.items()},
+            "max": {k: max(v) for k, v in times.items()}, "plans": plans, "bound_s": bound,
+            "held": max(times["pooled"]) <= bound, "nodes": len(nodes),
+            "gpus": sum(n.gpus for n in nodes)}
+
+
+def print_pooled(sizes: list[str], repeats: int, objective: str) -> bool:
+    """Print the per-instance vs pooled table; whether every size held its bound."""
+    print(f"operator plan (plan_pooled over pooling.build_problem), objective={objective} "
+          f"repeats={repeats} POOL_ROUNDS={POOL_ROUNDS}")
+    print(f"{'size':4} {'per_inst_s':>10} {'pooled_s':>9} {'ratio':>6} {'solves':>7} "
+          f"{'pooled_max_s':>12} {'bound_s':>7} held  detail")
+    held = True
+    for key in sizes:
+        got = pooled_side_by_side(key, repeats, objective)
+        med, plans = got["median"], got["plans"]
+        held &= got["held"]
+        per, pooled = plans["per_instance"], plans["pooled"]
+        print(f"({key}) {med['per_instance']:10.3f} {med['pooled']:9.3f} "
+              f"{med['pooled'] / med['per_instance']:6.2f} {per.solves:>3}/{pooled.solves:<3} "
+              f"{got['max']['pooled']:12.3f} {got['bound_s']:7.1f} {got['held']!s:5} "
+              f"{POOLED_SIZES[key][0]}; {got['nodes']} nodes, {got['gpus']} free GPUs; "
+              f"status={per.result.status}/{pooled.result.status} "
+              f"feasible={per.result.feasible}/{pooled.result.feasible} "
+              f"headroom={per.scale:.2f}/{pooled.scale:.2f} "
+              f"objective={per.result.objective:.6g}/{pooled.result.objective:.6g} "
+              f"{pooled.result.unit}")
+    return held
 
 
 #: times the build of pooling.build_problem: run by this checkout and, with a
@@ -229,7 +377,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                         help="with --build-pools: also time the build in DIR (another "
                              "checkout's src), side by side")
+    parser.add_argument("--pooled", action="store_true",
+                        help="time the operator's plan per instance and pooled instead "
+                             "(see the module docstring)")
     args = parser.parse_args(argv)
+    sizes = [k.strip() for k in args.sizes.split(",") if k.strip()]
+    if unknown := [k for k in sizes if k not in TARGETS]:
+        parser.error(f"unknown size(s) {', '.join(unknown)}: give a, b or c")
+    if args.pooled:
+        held = print_pooled(sizes, args.repeats, args.objective)
+        return 1 if (args.check and not held) else 0
     if args.build_pools > 0:
         medians = build_side_by_side(args.build_pools, args.repeats,
                                      args.baseline_src and args.baseline_src.resolve())
@@ -242,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     gap = problems["a"][1]().mip_rel_gap if args.gap is None else args.gap
     print(f"objective={args.objective} repeats={args.repeats} mip_rel_gap={gap:g}")
     print(f"{'size':4} {'median_s':>9} {'min_s':>8} {'max_s':>8} {'target_s':>8}  status  detail")
-    for key in [k.strip() for k in args.sizes.split(",") if k.strip()]:
+    for key in sizes:
         label, build = problems[key]
         problem = build()
         if args.gap is not None:
