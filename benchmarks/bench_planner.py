@@ -1,7 +1,7 @@
 """Pool planner (FREESH MILP) solve time at three sizes.
 
     python benchmarks/bench_planner.py [--repeats 5] [--objective carbon] [--sizes a,b,c]
-                                       [--build-pools N] [--pooled]
+                                       [--build-pools N] [--pooled [--time-limit S]]
 
 (a) the published FREESH size: 3 sites, 24 A100 + 6 H100, 4 types, 4 modes, 6 steps;
 (b) 320 GPUs (160 A100, 128 H100, 32 L4) over 3 sites, 10 classes, 6 modes;
@@ -39,7 +39,8 @@ tokens (lognormal), 200-400 output tokens; each pool's demand is its random shar
 ``POOL_ROUNDS``. Printed: median seconds of each, their ratio, the solves each made
 (per instance/pooled), the pooled plan's slowest repeat against its bound (twice the
 problem's ``time_limit_s``: one solve, then rounds only while they fit in the same time
-again) and whether it held; ``--check`` exits 1 if it did not.
+again) and whether it held; ``--check`` exits 1 if it did not. ``--time-limit S`` sets
+every solve's limit (to see what the fixed point does when one solve is not cut short).
 """
 
 from __future__ import annotations
@@ -239,19 +240,23 @@ def synthetic_pools(key: str, objective: str = "carbon"
 
 
 def time_plan(pools: list[InferencePool], nodes: list[PlanNode], policy: EnergyPolicySpec,
-              pool_rounds: int) -> tuple[float, SizedPlan]:
+              pool_rounds: int, time_limit_s: float | None = None) -> tuple[float, SizedPlan]:
     """Wall seconds of the operator's plan (``pooling.plan_pools``'s ``plan_pooled`` over
     ``pooling.build_problem``, builds included) with ``pool_rounds`` pooled re-solves
-    (0: per instance), and the plan."""
+    (0: per instance), and the plan; ``time_limit_s``: the problems' (None: default)."""
     def build(hr: Headroom, sizes: PoolSizes) -> PlanProblem:
-        return build_pool_problem(pools, nodes, policy, headroom=hr, pool_sizes=sizes)
+        problem = build_pool_problem(pools, nodes, policy, headroom=hr, pool_sizes=sizes)
+        if time_limit_s is None:
+            return problem
+        return dataclasses.replace(problem, time_limit_s=time_limit_s)
 
     t0 = time.perf_counter()
     sized = plan_pooled(build, pool_rounds=pool_rounds)
     return time.perf_counter() - t0, sized
 
 
-def pooled_side_by_side(key: str, repeats: int, objective: str = "carbon") -> dict[str, Any]:
+def pooled_side_by_side(key: str, repeats: int, objective: str = "carbon",
+                        time_limit_s: float | None = None) -> dict[str, Any]:
     """Per-instance (pool_rounds 0) and pooled (:data:`POOL_ROUNDS`) plans of size
     ``key``, taking turns repeat by repeat: median and max seconds, solves, the plans,
     and the pooled window's bound (2 x the problem's ``time_limit_s``)."""
@@ -260,7 +265,7 @@ def pooled_side_by_side(key: str, repeats: int, objective: str = "carbon") -> di
     plans: dict[str, SizedPlan] = {}
     for _ in range(max(1, repeats)):
         for name, rounds in (("per_instance", 0), ("pooled", POOL_ROUNDS)):
-            seconds, plans[name] = time_plan(pools, nodes, policy, rounds)
+            seconds, plans[name] = time_plan(pools, nodes, policy, rounds, time_limit_s)
             times[name].append(seconds)
     bound = 2.0 * plans["pooled"].problem.time_limit_s
     return {"median": {k: statistics.median(v) for k, v in times.items()},
@@ -269,7 +274,8 @@ def pooled_side_by_side(key: str, repeats: int, objective: str = "carbon") -> di
             "gpus": sum(n.gpus for n in nodes)}
 
 
-def print_pooled(sizes: list[str], repeats: int, objective: str) -> bool:
+def print_pooled(sizes: list[str], repeats: int, objective: str,
+                 time_limit_s: float | None = None) -> bool:
     """Print the per-instance vs pooled table; whether every size held its bound."""
     print(f"operator plan (plan_pooled over pooling.build_problem), objective={objective} "
           f"repeats={repeats} POOL_ROUNDS={POOL_ROUNDS}")
@@ -277,7 +283,7 @@ def print_pooled(sizes: list[str], repeats: int, objective: str) -> bool:
           f"{'pooled_max_s':>12} {'bound_s':>7} held  detail")
     held = True
     for key in sizes:
-        got = pooled_side_by_side(key, repeats, objective)
+        got = pooled_side_by_side(key, repeats, objective, time_limit_s)
         med, plans = got["median"], got["plans"]
         held &= got["held"]
         per, pooled = plans["per_instance"], plans["pooled"]
@@ -380,12 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pooled", action="store_true",
                         help="time the operator's plan per instance and pooled instead "
                              "(see the module docstring)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="with --pooled: each solve's time limit, seconds (default: "
+                             "the planner's DEFAULT_TIME_LIMIT_S)")
     args = parser.parse_args(argv)
     sizes = [k.strip() for k in args.sizes.split(",") if k.strip()]
     if unknown := [k for k in sizes if k not in TARGETS]:
         parser.error(f"unknown size(s) {', '.join(unknown)}: give a, b or c")
     if args.pooled:
-        held = print_pooled(sizes, args.repeats, args.objective)
+        held = print_pooled(sizes, args.repeats, args.objective, args.time_limit)
         return 1 if (args.check and not held) else 0
     if args.build_pools > 0:
         medians = build_side_by_side(args.build_pools, args.repeats,
