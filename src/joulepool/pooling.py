@@ -46,7 +46,7 @@ from joulepool.core.planner import Assignment, Mode, PlanNode, PlanProblem, Plan
 from joulepool.core.problem import PoolSizes, ServiceClass, node_from_label
 from joulepool.core.problem import build_problem as build_core_problem
 from joulepool.core.profiles import DEFAULT_PROFILES, Headroom, ServingProfile
-from joulepool.core.sizing import POOL_ROUNDS, plan_pooled
+from joulepool.core.sizing import plan_pooled
 
 
 @dataclass(frozen=True)
@@ -262,8 +262,7 @@ def plan_pools(
     # the router sends each prompt to the instance that starts it soonest, so a pool's
     # first tokens queue as one M/G/n queue: L[r, m] at the pool sizes the plan deploys
     sized = plan_pooled(
-        lambda hr, sizes: build_problem(pools, nodes, policy, profiles, hr, observed, sizes),
-        pool_rounds=POOL_ROUNDS)
+        lambda hr, sizes: build_problem(pools, nodes, policy, profiles, hr, observed, sizes))
     plan = describe(sized.problem, sized.result, pools, nodes, version, now, partial=partial,
                     headroom_note=sized.note())
     return replace(plan, headroom_scale=sized.scale)
