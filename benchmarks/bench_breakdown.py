@@ -11,8 +11,8 @@ beside the floor's (core/bound.py) split of the same window:
 * decode above idle: joules and J per output token, by decode batch (powers of
   two) and the share of decode time at each clock band;
 * the window edge: output tokens generated in the window against those its
-  requests ask for (``x floor`` divides J per generated token by the floor's J
-  per requested token).
+  requests ask for (``x floor`` is the window energy over the floor of the work
+  done in the window, ``joulepool.sim.runner.window_work_floor``).
 
 Then where the requests go, per policy: each GPU product's energy, busy share,
 requests served and first tokens late; first-token attainment per class; and

@@ -324,7 +324,12 @@ def _same_results(ref: str) -> bool:
         return False
     worst = 0.0
     for key in ours:
-        d = _difference(ours[key], theirs[key])
+        # a field only one side has (added or renamed since ``ref``) is named, not compared
+        only = sorted(ours[key].keys() ^ theirs[key].keys())
+        if only:
+            print(f"{key[0]:15} {key[1]:18} fields on one side only, not compared: {only}")
+        shared = ours[key].keys() & theirs[key].keys()
+        d = _difference({k: ours[key][k] for k in shared}, {k: theirs[key][k] for k in shared})
         worst = max(worst, d)
         status = "bit-identical" if d == 0 else f"max relative difference {d:.3g}"
         print(f"{key[0]:15} {key[1]:18} {'power log ' if key[2] else '':10} {status}")

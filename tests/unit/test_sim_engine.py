@@ -378,7 +378,7 @@ def test_eps_at_current_clock_option_changes_routing(small_run):
 
 
 def test_every_policy_spends_at_least_the_energy_floor(small_run):
-    from joulepool.sim.runner import floor_for
+    from joulepool.sim.runner import floor_for, window_work_floor
 
     cl, wl, tables, cap = small_run
     floor = floor_for(cl, wl)
@@ -387,6 +387,30 @@ def test_every_policy_spends_at_least_the_energy_floor(small_run):
     for name in ("round-robin", "joulesched", "freesh", "combined", "miad-only"):
         r = simulate(cl, wl, POLICIES[name], tables, plans, static_capacity_rps=cap.per_mode_rps)
         assert r.energy_j / r.tokens_in_window >= floor.joules_per_token
+        # and its window energy is at least the floor of the work it did in the window
+        work = window_work_floor(cl, wl, r)
+        assert work.feasible and r.energy_j >= work.energy_j
+        assert work.energy_j <= floor.energy_j * (1 + 1e-9)  # less work, no dearer
+
+
+def test_window_work_floor_counts_only_what_the_run_did_in_the_window(small_run):
+    from joulepool.sim.runner import floor_demands
+
+    cl, wl, tables, cap = small_run
+    r = simulate(cl, wl, POLICIES["combined"], tables, plan_windows(cl, wl),
+                 static_capacity_rps=cap.per_mode_rps)
+    prefilled = r.t_first <= r.duration_s
+    done = floor_demands(wl, done=(prefilled, r.window_output_tokens))
+    assert sum(d.output_tokens for d in done) == pytest.approx(r.tokens_in_window)
+    assert sum(d.requests for d in done) == int(prefilled.sum())
+    assert sum(d.input_tokens for d in done) == pytest.approx(
+        float(wl.input_tokens[prefilled].sum()))
+    # a request not yet finished at the window's end counts its tokens so far only
+    late = np.isnan(r.t_done) | (r.t_done > r.duration_s)
+    assert (r.window_output_tokens[late] < wl.output_tokens[late]).all()
+    assert (r.window_output_tokens[~late] == wl.output_tokens[~late]).all()
+    assert sum(d.output_tokens for d in floor_demands(wl)) == pytest.approx(
+        float(wl.output_tokens.sum()))
 
 
 def test_a_plan_with_no_instances_drops_requests_without_crashing():

@@ -208,3 +208,18 @@ def test_write_plots_adds_carbon_sites_only_for_several_sites(tiny, tmp_path, mo
     names = {p.name for p in write_plots(one, summary, tmp_path, "y")}
     assert "y-carbon-sites.png" not in names and "carbon_sites_plot" not in drawn
     assert len(drawn) == len(names) == 6
+
+
+def test_x_floor_is_window_energy_over_the_floor_of_the_work_done_in_the_window(tiny):
+    from joulepool.sim.runner import window_work_floor
+
+    res, summary = tiny
+    rep = res.repeats[0]
+    for policy, runs in res.runs.items():
+        run = runs[0]
+        again = window_work_floor(res.experiment.cluster, rep.workload, run)
+        assert run.work_floor is not None and again.feasible
+        assert again.energy_j == pytest.approx(run.work_floor.energy_j)
+        assert summary.runs[policy][0]["x_floor"] == pytest.approx(run.energy_j / again.energy_j)
+        assert summary.runs[policy][0]["x_floor"] >= 1.0
+        assert again.energy_j <= rep.floor.energy_j * (1 + 1e-9)

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.bound import FloorResult
 from joulepool.core.classes import CLASS_NAMES
 from joulepool.core.energy import megajoules, megajoules_per_hour, per_hour
 from joulepool.core.metrics import (
@@ -69,8 +68,18 @@ def ideal_latency_s(workload: Workload, tables: dict[str, ProfileTable]) -> Floa
     return np.asarray(np.maximum(best, 1e-6), dtype=np.float64)
 
 
+def x_floor(run: RunResult) -> float:
+    """The run's window energy over the energy floor of the same work: the floor of what
+    it did inside the window (``run.work_floor``, set by the experiment runner). NaN when
+    that floor was not computed or is infeasible."""
+    work = run.work_floor
+    if work is None or not work.feasible:
+        return math.nan
+    return run.energy_j / work.energy_j
+
+
 def run_metrics(
-    run: RunResult, workload: Workload, tables: dict[str, ProfileTable], floor: FloorResult
+    run: RunResult, workload: Workload, tables: dict[str, ProfileTable]
 ) -> dict[str, Any]:
     T = run.duration_s
     arrival = workload.arrival_s
@@ -120,7 +129,7 @@ def run_metrics(
         "jain_fairness": jain_index(per_class),
         "class_mean_slowdown": {c: float(v) for c, v in zip(CLASS_NAMES, per_class, strict=True)},
         "gco2_per_h": per_hour(run.carbon_g, T),
-        "x_floor": jpt / floor.joules_per_token if floor.feasible else math.nan,
+        "x_floor": x_floor(run),
         "utilisation": {p: busy[p] / (gpus[p] * T) for p in busy},
         "token_share": share_tokens,
         "bulk_share": share_bulk,
@@ -151,7 +160,7 @@ def summarise(res: ExperimentResult) -> Summary:
     runs: dict[str, list[dict[str, Any]]] = {}
     for policy, results in res.runs.items():
         runs[policy] = [
-            run_metrics(r, res.repeats[i].workload, res.tables, res.repeats[i].floor)
+            run_metrics(r, res.repeats[i].workload, res.tables)
             for i, r in enumerate(results)
         ]
     base = runs.get(BASELINE)
@@ -215,7 +224,8 @@ def legend(res: ExperimentResult) -> list[str]:
         "token generated in it; P50/P99: end-to-end latency; TTFT/TPOT ok: share of requests "
         "within their SLO; miss: deadline misses (unfinished count as missed); Jain: fairness "
         "of per-class (SS/SL/LS/LL) mean slowdown vs running alone on the fastest GPU; "
-        "x floor: J/token over the LP energy floor's" + ci,
+        "x floor: window energy over the LP energy floor of the work done in the window "
+        "(its prefilled prompts and generated tokens)" + ci,
     ]
 
 

@@ -17,13 +17,20 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
 from joulepool.core.classes import CLASS_NAMES, FREESH_SLOS, ClassBoundaries, SLOSet
 from joulepool.core.energy import megajoules_per_hour
 from joulepool.core.profiles import DEFAULT_HEADROOM, ServingProfile, assumed
 from joulepool.sim.cluster import DEFAULT_LOAD, SimCluster
-from joulepool.sim.engine import EngineParams, RunResult, simulate, static_deployment
+from joulepool.sim.engine import (
+    EngineParams,
+    FloatArray,
+    RunResult,
+    simulate,
+    static_deployment,
+)
 from joulepool.sim.planning import PLAN_ALPHA, WindowPlan, plan_windows, planner_assumptions
 from joulepool.sim.policies import POLICIES, PolicySpec
 from joulepool.sim.tables import ProfileTable, build_table
@@ -227,18 +234,26 @@ def floor_demand_name(cls: int, bulk: bool) -> str:
     return f"{CLASS_NAMES[cls]}/{'bulk' if bulk else 'interactive'}"
 
 
-def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand]:
+def floor_demands(workload: Workload, prompt_parts: int = 1,
+                  done: tuple[npt.NDArray[np.bool_], FloatArray] | None = None,
+                  ) -> list[FloorDemand]:
     """The energy floor's demands of ``workload``: per class and tier (name
     ``"<class>/<tier>"``, e.g. ``"LS/interactive"``), its tokens, requests and SLOs; with
     ``prompt_parts`` > 1, each split by prompt length into that many parts of about equal
-    counts, under the same name."""
+    counts, under the same name.
+
+    ``done``: (requests whose prompt was prefilled, output tokens each generated) to
+    count only that work, e.g. what a run did inside its window; None: all that the
+    requests ask."""
     if prompt_parts < 1:
         raise ValueError(f"prompt_parts must be >= 1, got {prompt_parts}")
+    served, outputs = done if done is not None else (
+        np.ones(workload.requests, dtype=bool), workload.output_tokens)
     demands = []
     for ci, name in enumerate(CLASS_NAMES):
         base = workload.slos.for_class(name)
         for bulk in (False, True):
-            sel = np.flatnonzero((workload.cls == ci) & (workload.bulk == bulk))
+            sel = np.flatnonzero((workload.cls == ci) & (workload.bulk == bulk) & served)
             if not sel.size:
                 continue
             k = workload.tpot_slo_s[sel[0]] / base.tpot_s
@@ -246,7 +261,7 @@ def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand
             for part in np.array_split(by_prompt, min(prompt_parts, sel.size)):
                 demands.append(FloorDemand(
                     name=floor_demand_name(ci, bulk),
-                    output_tokens=float(workload.output_tokens[part].sum()),
+                    output_tokens=float(outputs[part].sum()),
                     input_tokens=float(workload.input_tokens[part].sum()),
                     mean_input_tokens=float(workload.input_tokens[part].mean()),
                     ttft_s=base.ttft_s * k,
@@ -256,15 +271,27 @@ def floor_demands(workload: Workload, prompt_parts: int = 1) -> list[FloorDemand
     return demands
 
 
-def floor_for(cluster: SimCluster, workload: Workload) -> FloorResult:
+def floor_for(cluster: SimCluster, workload: Workload,
+              done: tuple[npt.NDArray[np.bool_], FloatArray] | None = None) -> FloorResult:
     """The energy floor (core.bound.energy_floor, J) of ``workload`` on ``cluster``'s
     GPUs over its duration: its demands split into :data:`FLOOR_PROMPT_PARTS` prompt
-    parts, the cluster model's profiles, each product's idle power."""
-    demands = floor_demands(workload, FLOOR_PROMPT_PARTS)
+    parts, the cluster model's profiles, each product's idle power. ``done``: only that
+    work (:func:`floor_demands`)."""
+    demands = floor_demands(workload, FLOOR_PROMPT_PARTS, done)
     gpus = [FloorGPUs(s, p, n) for (s, p), n in cluster.gpu_counts().items()]
     profiles = [p for p in cluster.profiles if p.model == cluster.model]
     idle = {p: cluster.idle_w(p) for (_, p) in cluster.gpu_counts()}
     return energy_floor(demands, gpus, profiles, workload.duration_s, idle_w=idle)
+
+
+def window_work_floor(cluster: SimCluster, workload: Workload, run: RunResult) -> FloorResult:
+    """The energy floor of the work ``run`` did inside its window: the prompts it
+    prefilled there (a first token by the window's end) and the output tokens it
+    generated there. A run's window energy over this floor compares the same work; a
+    run that leaves tokens for after the window is neither charged nor credited for
+    them (docs/marginal-energy.md, "The floor of the work done")."""
+    prefilled = run.t_first <= run.duration_s  # NaN (no first token) compares False
+    return floor_for(cluster, workload, (prefilled, run.window_output_tokens))
 
 
 def resolve_rate(exp: Experiment, capacity: Capacity) -> tuple[Literal["replay", "scale", "rate"],
@@ -303,6 +330,18 @@ def utilisation_note(workload: Workload, capacity: Capacity) -> str:
 _SHARED: dict[str, object] = {}
 
 
+def _simulate_repeat(exp: Experiment, tables: dict[str, ProfileTable], capacity: Capacity,
+                     policy: str, rep: RepeatData,
+                     progress: Callable[[float], None] | None) -> RunResult:
+    """One run of ``policy`` on repeat ``rep``, with the floor of its window's work."""
+    spec = POLICIES[policy]
+    res = simulate(exp.cluster, rep.workload, spec, tables, rep.plans_for(spec), exp.params,
+                   seed=rep.seed, progress=progress,
+                   static_capacity_rps=capacity.per_mode_rps)
+    res.work_floor = window_work_floor(exp.cluster, rep.workload, res)
+    return res
+
+
 def _run_task(task: tuple[str, int]) -> tuple[str, int, RunResult]:
     policy, r = task
     exp = _SHARED["exp"]
@@ -321,11 +360,7 @@ def _run_task(task: tuple[str, int]) -> tuple[str, int, RunResult]:
             progress_q.put(t - last[0])  # type: ignore[attr-defined]
         last[0] = t
 
-    res = simulate(
-        exp.cluster, rep.workload, POLICIES[policy], tables, rep.plans_for(POLICIES[policy]),
-        exp.params,
-        seed=rep.seed, progress=progress, static_capacity_rps=capacity.per_mode_rps,
-    )
+    res = _simulate_repeat(exp, tables, capacity, policy, rep, progress)
     if progress_q is not None:
         progress_q.put(exp.duration_s - last[0])  # type: ignore[attr-defined]
     return policy, r, res
@@ -381,10 +416,7 @@ def _run_in_process(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs,
                 progress(base + t, total)
 
         rep = repeats[r]
-        res = simulate(exp.cluster, rep.workload, POLICIES[policy], tables,
-                       rep.plans_for(POLICIES[policy]),
-                       exp.params, seed=rep.seed, progress=step,
-                       static_capacity_rps=cap.per_mode_rps)
+        res = _simulate_repeat(exp, tables, cap, policy, rep, step)
         runs[policy][r] = res
         if progress:
             progress(base + exp.duration_s, total)
