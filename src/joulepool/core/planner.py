@@ -213,6 +213,10 @@ class PlanProblem:
     #: prefill, its decode at batch one: core.routing's wake cost), what a shared
     #: instance's flow costs per request (needed with ``share_group``)
     wake_j_per_request: FloatArray | None = None
+    #: [R, M] sustainable req/s of class r on a shared instance of m, whose prefill queue
+    #: holds its share group's prompts, not r's alone (core.problem.shared_capacity; 0:
+    #: r may not use the group's shared instances of m); None: ``capacity_rps``
+    shared_capacity_rps: FloatArray | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -259,7 +263,7 @@ class PlanProblem:
         self._check_sharing(classes, modes)
 
     def _check_sharing(self, classes: tuple[str, ...], modes: tuple[Mode, ...]) -> None:
-        """Validate and freeze ``share_group`` and ``idle_power_w``."""
+        """Validate and freeze ``share_group``, ``idle_power_w`` and ``shared_capacity_rps``."""
         idle = self.idle_power_w
         if idle is not None:
             arr = np.array(idle, dtype=np.float64)
@@ -280,6 +284,16 @@ class PlanProblem:
         object.__setattr__(self, "share_group", groups)
         object.__setattr__(self, "wake_j_per_request", _matrix(
             "wake_j_per_request", self.wake_j_per_request, classes, len(modes)))
+        if self.shared_capacity_rps is not None:
+            object.__setattr__(self, "shared_capacity_rps", _matrix(
+                "shared_capacity_rps", self.shared_capacity_rps, classes, len(modes)))
+
+    @property
+    def shared_capacity(self) -> FloatArray:
+        """[R, M] L[r, m] on a group's shared instances: ``shared_capacity_rps``, else
+        ``capacity_rps``."""
+        shared = self.shared_capacity_rps
+        return self.capacity_rps if shared is None else shared
 
     @property
     def steps(self) -> int:
@@ -761,8 +775,12 @@ class _Model:
         if self.shared:  # a group's shared instances may carry any of its classes' modes
             groups = np.zeros((int(self.owner.max(initial=-1)) + 1, M), dtype=bool)
             np.logical_or.at(groups, self.owner, active)
+            shared_l = problem.shared_capacity
+            with np.errstate(divide="ignore", invalid="ignore"):
+                on_shared = np.where(active & (shared_l > 0), self.demand[:, None] / shared_l,
+                                     0.0)
             per_group = np.zeros(groups.shape)
-            np.add.at(per_group, self.owner, fill)
+            np.add.at(per_group, self.owner, on_shared)
             owned = np.concatenate([active, groups])
             fill = np.concatenate([fill, per_group])
         cube = (zm_link >= 0)[:, None, :] & owned[None, :, :]
@@ -797,11 +815,12 @@ class _Model:
         y_of = np.full((len(self.zone_factor), R + int(self.owner.max()) + 1,
                         len(problem.modes)), -1, dtype=np.int64)
         y_of[self.vz, self.vr, self.vm] = np.arange(self.n_y)
-        cube = (self.zm_link >= 0)[:, None, :] & active[None, :, :]
+        shared_l = problem.shared_capacity
+        cube = (self.zm_link >= 0)[:, None, :] & (active & (shared_l > 0))[None, :, :]
         self.fz, self.fr, self.fm = (a.astype(np.int64) for a in np.nonzero(cube))
         self.f_y = y_of[self.fz, R + self.owner[self.fr], self.fm]
         assert problem.wake_j_per_request is not None  # PlanProblem checks it
-        self.f_inv_cap = 1.0 / problem.capacity_rps[self.fr, self.fm]
+        self.f_inv_cap = 1.0 / shared_l[self.fr, self.fm]
         self.cost_f = (problem.wake_j_per_request[self.fr, self.fm] * problem.step_s
                        * self.zone_factor[self.fz])
         self.ub_f = self.demand[self.fr].astype(np.float64)

@@ -26,6 +26,7 @@ prompts the mean lies far above what most of the class needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -147,14 +148,42 @@ def prompt_tail_miss(service_s: npt.ArrayLike, ttft_s: float, rate_rps: float,
     return PromptTailMiss(service_s, ttft_s, pool_size)(rate_rps)
 
 
+#: the first two moments of a prefill queue's service time, (E[S] s, E[S^2] s^2)
+QueueMoments = tuple[float, float]
+
+
+def queue_moments(parts: Sequence[tuple[float, npt.ArrayLike]]) -> QueueMoments:
+    """(E[S], E[S^2]) of a prefill queue fed by several streams: ``parts`` are (weight,
+    prefill times of equally likely prompts) per stream, the weights their arrival rates
+    (any scale); a mixture, so each moment is the weighted mean of the streams'. ValueError
+    when no weight is positive."""
+    total = math.fsum(max(float(w), 0.0) for w, _ in parts)
+    if not total > 0.0:
+        raise ValueError("a queue needs a stream with a positive rate")
+    m1 = m2 = 0.0
+    for w, service in parts:
+        s = np.asarray(service, dtype=np.float64)
+        share = max(float(w), 0.0) / total
+        m1 += share * float(s.mean())
+        m2 += share * float((s * s).mean())
+    return m1, m2
+
+
 class PromptTailMiss:
     """:func:`prompt_tail_miss` of one class on one mode as a function of the rate
     (req/s): what does not depend on the rate (E[S], E[S^2], each prompt's slack) is
     computed once, so the planner's search for the largest rate within the miss budget
     pays only the rate's part per evaluation. The same operations as before on the
-    same values, so the same shares bit for bit."""
+    same values, so the same shares bit for bit.
 
-    def __init__(self, service_s: npt.ArrayLike, ttft_s: float, pool_size: int = 1) -> None:
+    ``queue``: the moments of the prefill queue the class's prompts wait in when it is
+    not the class's alone (:func:`queue_moments`: a shared instance's prefills hold its
+    share group's prompts); the rate is then the whole queue's (req/s of the mixture per
+    instance), while each prompt's slack is still its own class's TTFT less its own
+    prefill. None: the class's own prompts make the queue."""
+
+    def __init__(self, service_s: npt.ArrayLike, ttft_s: float, pool_size: int = 1,
+                 queue: QueueMoments | None = None) -> None:
         if int(pool_size) < 1:
             raise ValueError("pool_size must be at least 1")
         self._pool = int(pool_size)
@@ -163,6 +192,8 @@ class PromptTailMiss:
         self._mean_s = float(s.mean())
         self._own_share = float(self._own.mean())
         self._mean_s2 = float((s * s).mean())
+        if queue is not None:
+            self._mean_s, self._mean_s2 = float(queue[0]), float(queue[1])
         self._slack = np.where(self._own, 0.0, ttft_s - s)
 
     def __call__(self, rate_rps: float) -> float:
@@ -184,10 +215,12 @@ class PromptTailMiss:
 
 
 def _tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
-               max_rps: float, pool_size: int = 1) -> float:
+               max_rps: float, pool_size: int = 1, queue: QueueMoments | None = None
+               ) -> float:
     """The largest rate <= ``max_rps`` at which :func:`prompt_tail_miss` <= ``budget``
-    (it grows with the rate); 0 when even an idle instance misses more."""
-    miss = PromptTailMiss(service_s, ttft_s, pool_size)
+    (it grows with the rate); 0 when even an idle instance misses more. ``queue``:
+    :class:`PromptTailMiss`'s (the rate is then the whole queue's)."""
+    miss = PromptTailMiss(service_s, ttft_s, pool_size, queue)
     if miss(0.0) > budget:
         return 0.0
     if miss(max_rps) <= budget:
@@ -199,6 +232,72 @@ def _tail_rate(service_s: npt.NDArray[np.float64], ttft_s: float, budget: float,
         if hi - lo <= 1e-7 * hi:
             break
     return lo
+
+
+def _prompt_service(cls: ServiceClass, points: Mapping[int, tuple[ServingProfile, ServingPoint]]
+                    ) -> dict[int, npt.NDArray[np.float64]]:
+    """Per mode index that may serve ``cls``: the prefill time of each of its prompt
+    points (:func:`prompt_prefill_s` at the serving point's batch); empty without prompt
+    lengths."""
+    prompts = cls.prompt_tokens
+    if prompts is None:
+        return {}
+    return {m: prompt_prefill_s(prof, prompts, sp.batch) for m, (prof, sp) in points.items()
+            if sp.rps > 0}
+
+
+def _tail_budget(cls: ServiceClass, service: Mapping[int, npt.NDArray[np.float64]],
+                 headroom: Headroom | None) -> float:
+    """The share of ``cls``'s requests that may miss the TTFT on a mode: the headroom's
+    TTFT miss budget beyond those whose own prefill misses it on the class's fastest mode
+    (:func:`_fit_prompt_tail`)."""
+    hr = headroom or DEFAULT_HEADROOM
+    unavoidable = min(prompt_tail_miss(s, cls.ttft_s, 0.0) for s in service.values())
+    return hr.ttft_miss.value + unavoidable
+
+
+def shared_capacity(classes: Sequence[ServiceClass], modes: Sequence[Mode],
+                    capacity_rps: npt.NDArray[np.float64],
+                    service: Sequence[Mapping[int, npt.NDArray[np.float64]]],
+                    headroom: Headroom | None, pool_sizes: PoolSizes | None = None
+                    ) -> npt.NDArray[np.float64]:
+    """[R, M] each class's L[r, m] on its share group's shared instances of m.
+
+    A shared instance prefills the prompts of every class it serves in one queue, so a
+    class with short prompts and a tight TTFT waits behind its guests' long prompts: its
+    own L[r, m] (``capacity_rps``, sized on its own prompts) overstates what it keeps on
+    time there. Where two or more of the group's classes with a forecast may use mode m,
+    the queue is their mixture at the forecast's rates (:func:`queue_moments` of each
+    class's prompt prefill times ``service[r][m]``, weighted by its peak forecast), and
+    the shared instance carries at most the mixture rate at which EVERY class that may use
+    it keeps its own prompts' TTFT misses within its budget (:class:`PromptTailMiss` with
+    that queue, at the class's pool size): L_shared[r, m] = min(L[r, m], that rate). Else
+    (one class's prompts, or a class without prompt lengths, whose queue cannot be
+    formed) L[r, m] itself. docs/simulator.md, "Why the held-out cells fail".
+    """
+    out = np.array(capacity_rps, dtype=np.float64)
+    sizes = pool_sizes or {}
+    groups: dict[str, list[int]] = {}
+    for r, c in enumerate(classes):
+        if c.share_key is not None:
+            groups.setdefault(c.share_key, []).append(r)
+    for members in groups.values():
+        weight = {r: max((float(v) for v in classes[r].forecast_rps), default=0.0)
+                  for r in members}
+        for m, mode in enumerate(modes):
+            users = [r for r in members if capacity_rps[r, m] > 0]
+            streams = [r for r in users if weight[r] > 0]
+            if len(streams) < 2 or any(m not in service[r] for r in users):
+                continue
+            queue = queue_moments([(weight[r], service[r][m]) for r in streams])
+            top = max(float(capacity_rps[r, m]) for r in users)
+            mix = min(_tail_rate(service[r][m], classes[r].ttft_s,
+                                 _tail_budget(classes[r], service[r], headroom), top,
+                                 max(int(sizes.get((classes[r].name, mode.name), 1)), 1),
+                                 queue) for r in users)
+            for r in users:
+                out[r, m] = min(float(capacity_rps[r, m]), mix)
+    return out
 
 
 def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, ServingPoint]],
@@ -217,14 +316,10 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
     ``ttft_miss``. ``pools``: instances in the pool of each mode index (absent: 1).
     """
     size = pools or {}
-    hr = headroom or DEFAULT_HEADROOM
-    prompts = cls.prompt_tokens
-    service = {m: prompt_prefill_s(prof, prompts, sp.batch) for m, (prof, sp) in points.items()
-               if sp.rps > 0} if prompts is not None else {}
+    service = _prompt_service(cls, points)
     if not service:
         return {m: sp for m, (_, sp) in points.items()}
-    unavoidable = min(prompt_tail_miss(s, cls.ttft_s, 0.0) for s in service.values())
-    budget = hr.ttft_miss.value + unavoidable
+    budget = _tail_budget(cls, service, headroom)
     out: dict[int, ServingPoint] = {}
     for m, (prof, sp) in points.items():
         if m not in service:
@@ -278,6 +373,7 @@ def build_problem(
     idle = np.zeros(M)
     wake = np.zeros((R, M))
     serving: dict[str, list[ServingPoint | None]] = {m.name: [None] * R for m in modes}
+    service: list[dict[int, npt.NDArray[np.float64]]] = []
     for r, cls in enumerate(classes):
         points = {}
         pools = {m: max(int(sizes.get((cls.name, mode.name), 1)), 1)
@@ -290,9 +386,13 @@ def build_problem(
                 wake[r, m] = wake_energy_j(profile, cls.mean_input_tokens,
                                            cls.mean_output_tokens)
         fitted = _fit_prompt_tail(cls, points, headroom, pools)
+        service.append(_prompt_service(cls, {m: (prof, fitted[m])
+                                             for m, (prof, _) in points.items()}))
         for m, sp in fitted.items():
             serving[modes[m].name][r] = sp
             power[r, m], capacity[r, m] = sp.power_w, sp.rps
+    shared = (shared_capacity(classes, modes, capacity, service, headroom, sizes)
+              if any(c.share_key is not None for c in classes) else None)
     forecast = np.array([list(c.forecast_rps) for c in classes], dtype=np.float64)
     problem = PlanProblem(
         classes=tuple(c.name for c in classes),
@@ -308,6 +408,7 @@ def build_problem(
         share_group=_share_groups(classes),
         idle_power_w=idle,
         wake_j_per_request=wake,
+        shared_capacity_rps=shared,
         **solver,
     )
     return BuiltProblem(problem, {k: tuple(v) for k, v in serving.items()})

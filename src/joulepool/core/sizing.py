@@ -133,14 +133,16 @@ def pools_hold(planned: PlanProblem, result: PlanResult, at_sizes: PlanProblem) 
     """Whether every pool ``result`` (solved on ``planned``) deploys sustains the
     per-instance rate it was planned at: ``at_sizes`` is the same window built at
     :func:`pool_sizes` of ``result``, and its L[r, m] must reach ``planned``'s for
-    every deployed (class, mode)."""
+    every deployed (class, mode), on the shared instances too
+    (``PlanProblem.shared_capacity``)."""
     cls = {c: i for i, c in enumerate(planned.classes)}
     mode = {m.name: j for j, m in enumerate(planned.modes)}
     for c, m in pool_sizes(result):
         i, j = cls[c], mode[m]
-        need = float(planned.capacity_rps[i, j])
-        if float(at_sizes.capacity_rps[i, j]) < need * (1.0 - POOL_RATE_TOL_REL):
-            return False
+        for got, need in ((at_sizes.capacity_rps, planned.capacity_rps),
+                          (at_sizes.shared_capacity, planned.shared_capacity)):
+            if float(got[i, j]) < float(need[i, j]) * (1.0 - POOL_RATE_TOL_REL):
+                return False
     return True
 
 
