@@ -213,10 +213,13 @@ class PlanProblem:
     #: prefill, its decode at batch one: core.routing's wake cost), what a shared
     #: instance's flow costs per request (needed with ``share_group``)
     wake_j_per_request: FloatArray | None = None
-    #: [R, M] sustainable req/s of class r on a shared instance of m, whose prefill queue
-    #: holds its share group's prompts, not r's alone (core.problem.shared_capacity; 0:
-    #: r may not use the group's shared instances of m); None: ``capacity_rps``
-    shared_capacity_rps: FloatArray | None = None
+    #: [R, R, M] req/s of class r' alone on one shared instance of m at which class r's
+    #: prompts, waiting behind r''s in the prefill queue, keep their TTFT miss budget
+    #: (inf: no bound; core.problem.shared_ttft). Where it is below L[r', m] for a class
+    #: r' of r's share group that m may serve, r does not use the group's shared
+    #: instances of m (the router fills them with r' as it fills r''s own); None: no
+    #: such rule
+    shared_ttft_rps: FloatArray | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -263,7 +266,7 @@ class PlanProblem:
         self._check_sharing(classes, modes)
 
     def _check_sharing(self, classes: tuple[str, ...], modes: tuple[Mode, ...]) -> None:
-        """Validate and freeze ``share_group``, ``idle_power_w`` and ``shared_capacity_rps``."""
+        """Validate and freeze ``share_group``, ``idle_power_w`` and ``shared_ttft_rps``."""
         idle = self.idle_power_w
         if idle is not None:
             arr = np.array(idle, dtype=np.float64)
@@ -284,16 +287,13 @@ class PlanProblem:
         object.__setattr__(self, "share_group", groups)
         object.__setattr__(self, "wake_j_per_request", _matrix(
             "wake_j_per_request", self.wake_j_per_request, classes, len(modes)))
-        if self.shared_capacity_rps is not None:
-            object.__setattr__(self, "shared_capacity_rps", _matrix(
-                "shared_capacity_rps", self.shared_capacity_rps, classes, len(modes)))
-
-    @property
-    def shared_capacity(self) -> FloatArray:
-        """[R, M] L[r, m] on a group's shared instances: ``shared_capacity_rps``, else
-        ``capacity_rps``."""
-        shared = self.shared_capacity_rps
-        return self.capacity_rps if shared is None else shared
+        if self.shared_ttft_rps is not None:
+            ttft = np.array(self.shared_ttft_rps, dtype=np.float64)
+            shape = (len(classes), len(classes), len(modes))
+            if ttft.shape != shape or np.isnan(ttft).any() or (ttft <= 0).any():
+                raise ValueError(f"shared_ttft_rps must be {shape} values > 0 (inf: no bound)")
+            ttft.setflags(write=False)
+            object.__setattr__(self, "shared_ttft_rps", ttft)
 
     @property
     def steps(self) -> int:
@@ -775,12 +775,8 @@ class _Model:
         if self.shared:  # a group's shared instances may carry any of its classes' modes
             groups = np.zeros((int(self.owner.max(initial=-1)) + 1, M), dtype=bool)
             np.logical_or.at(groups, self.owner, active)
-            shared_l = problem.shared_capacity
-            with np.errstate(divide="ignore", invalid="ignore"):
-                on_shared = np.where(active & (shared_l > 0), self.demand[:, None] / shared_l,
-                                     0.0)
             per_group = np.zeros(groups.shape)
-            np.add.at(per_group, self.owner, on_shared)
+            np.add.at(per_group, self.owner, fill)
             owned = np.concatenate([active, groups])
             fill = np.concatenate([fill, per_group])
         cube = (zm_link >= 0)[:, None, :] & owned[None, :, :]
@@ -815,16 +811,33 @@ class _Model:
         y_of = np.full((len(self.zone_factor), R + int(self.owner.max()) + 1,
                         len(problem.modes)), -1, dtype=np.int64)
         y_of[self.vz, self.vr, self.vm] = np.arange(self.n_y)
-        shared_l = problem.shared_capacity
-        cube = (self.zm_link >= 0)[:, None, :] & (active & (shared_l > 0))[None, :, :]
+        usable = active & ~self._exposed()
+        cube = (self.zm_link >= 0)[:, None, :] & usable[None, :, :]
         self.fz, self.fr, self.fm = (a.astype(np.int64) for a in np.nonzero(cube))
         self.f_y = y_of[self.fz, R + self.owner[self.fr], self.fm]
         assert problem.wake_j_per_request is not None  # PlanProblem checks it
-        self.f_inv_cap = 1.0 / shared_l[self.fr, self.fm]
+        self.f_inv_cap = 1.0 / problem.capacity_rps[self.fr, self.fm]
         self.cost_f = (problem.wake_j_per_request[self.fr, self.fm] * problem.step_s
                        * self.zone_factor[self.fz])
         self.ub_f = self.demand[self.fr].astype(np.float64)
         self.coverable[self.fr] = True
+
+    def _exposed(self) -> npt.NDArray[np.bool_]:
+        """[R, M] classes that may not use their group's shared instances of a mode: a
+        class r' of the group that the mode may serve would break r's TTFT at its own
+        rate L[r', m] there (:attr:`PlanProblem.shared_ttft_rps` below it). The router
+        fills a shared instance with each class as it fills one of its own, not with
+        the plan's flows, so no flow split can keep r's TTFT next to r'."""
+        problem = self.p
+        ttft, R = problem.shared_ttft_rps, len(problem.classes)
+        if ttft is None:
+            return np.zeros((R, len(problem.modes)), dtype=bool)
+        ok = problem.servable
+        same = self.owner[:, None] == self.owner[None, :]  # [r, r']
+        np.fill_diagonal(same, False)
+        guest = same[:, :, None] & ok[None, :, :]  # [r, r', m]: r' shares m with r
+        low = ttft < problem.capacity_rps[None, :, :] * (1.0 - 1e-9)
+        return np.asarray((guest & low).any(axis=1) & ok, dtype=np.bool_)
 
     @property
     def n_f(self) -> int:

@@ -256,47 +256,45 @@ def _tail_budget(cls: ServiceClass, service: Mapping[int, npt.NDArray[np.float64
     return hr.ttft_miss.value + unavoidable
 
 
-def shared_capacity(classes: Sequence[ServiceClass], modes: Sequence[Mode],
-                    capacity_rps: npt.NDArray[np.float64],
-                    service: Sequence[Mapping[int, npt.NDArray[np.float64]]],
-                    headroom: Headroom | None, pool_sizes: PoolSizes | None = None
-                    ) -> npt.NDArray[np.float64]:
-    """[R, M] each class's L[r, m] on its share group's shared instances of m.
+def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
+                capacity_rps: npt.NDArray[np.float64],
+                service: Sequence[Mapping[int, npt.NDArray[np.float64]]],
+                headroom: Headroom | None, pool_sizes: PoolSizes | None = None
+                ) -> npt.NDArray[np.float64]:
+    """[R, R, M] the planner's ``shared_ttft_rps``: req/s of class r' alone on a shared
+    instance of mode m at which class r keeps its TTFT miss budget.
 
     A shared instance prefills the prompts of every class it serves in one queue, so a
     class with short prompts and a tight TTFT waits behind its guests' long prompts: its
-    own L[r, m] (``capacity_rps``, sized on its own prompts) overstates what it keeps on
-    time there. Where two or more of the group's classes with a forecast may use mode m,
-    the queue is their mixture at the forecast's rates (:func:`queue_moments` of each
-    class's prompt prefill times ``service[r][m]``, weighted by its peak forecast), and
-    the shared instance carries at most the mixture rate at which EVERY class that may use
-    it keeps its own prompts' TTFT misses within its budget (:class:`PromptTailMiss` with
-    that queue, at the class's pool size): L_shared[r, m] = min(L[r, m], that rate). Else
-    (one class's prompts, or a class without prompt lengths, whose queue cannot be
-    formed) L[r, m] itself. docs/simulator.md, "Why the held-out cells fail".
+    own L[r, m] (sized on its own prompts) overstates what it keeps on time there, and
+    the shared row sum_r f[r] / L[r, m] <= y cannot see it. For two classes r != r' of
+    one share group that mode m may serve (``capacity_rps`` > 0) and whose prompt
+    prefill times ``service[r][m]`` are known, the entry is the largest rate of r''s
+    stream alone in the queue (:func:`queue_moments` of its prompts) at which r's own
+    prompts, each with its own slack T_r - S_i, miss at most r's budget
+    (:class:`PromptTailMiss`, at r's pool size). inf elsewhere (no bound: the diagonal,
+    a class without prompt lengths, another group). Where it is below L[r', m] the
+    planner keeps r off the group's shared instances of m: the router sends r' there
+    as it sends it to its own instances, up to about L[r', m], whatever flow the plan
+    meant for it (docs/simulator.md, "Why the held-out cells fail").
     """
-    out = np.array(capacity_rps, dtype=np.float64)
+    R, M = len(classes), len(modes)
+    out = np.full((R, R, M), np.inf)
     sizes = pool_sizes or {}
-    groups: dict[str, list[int]] = {}
-    for r, c in enumerate(classes):
-        if c.share_key is not None:
-            groups.setdefault(c.share_key, []).append(r)
-    for members in groups.values():
-        weight = {r: max((float(v) for v in classes[r].forecast_rps), default=0.0)
-                  for r in members}
-        for m, mode in enumerate(modes):
-            users = [r for r in members if capacity_rps[r, m] > 0]
-            streams = [r for r in users if weight[r] > 0]
-            if len(streams) < 2 or any(m not in service[r] for r in users):
+    for m, mode in enumerate(modes):
+        for r, cls in enumerate(classes):
+            if capacity_rps[r, m] <= 0 or cls.share_key is None or m not in service[r]:
                 continue
-            queue = queue_moments([(weight[r], service[r][m]) for r in streams])
-            top = max(float(capacity_rps[r, m]) for r in users)
-            mix = min(_tail_rate(service[r][m], classes[r].ttft_s,
-                                 _tail_budget(classes[r], service[r], headroom), top,
-                                 max(int(sizes.get((classes[r].name, mode.name), 1)), 1),
-                                 queue) for r in users)
-            for r in users:
-                out[r, m] = min(float(capacity_rps[r, m]), mix)
+            budget = _tail_budget(cls, service[r], headroom)
+            pool = max(int(sizes.get((cls.name, mode.name), 1)), 1)
+            for g, guest in enumerate(classes):
+                if (g == r or guest.share_key != cls.share_key or capacity_rps[g, m] <= 0
+                        or m not in service[g]):
+                    continue
+                queue = queue_moments([(1.0, service[g][m])])
+                rate = _tail_rate(service[r][m], cls.ttft_s, budget, 1.0 / queue[0], pool,
+                                  queue)
+                out[r, g, m] = max(rate, 1e-9)  # (> 0 wherever L[r, m] > 0: idle fits)
     return out
 
 
@@ -391,7 +389,7 @@ def build_problem(
         for m, sp in fitted.items():
             serving[modes[m].name][r] = sp
             power[r, m], capacity[r, m] = sp.power_w, sp.rps
-    shared = (shared_capacity(classes, modes, capacity, service, headroom, sizes)
+    shared = (shared_ttft(classes, modes, capacity, service, headroom, sizes)
               if any(c.share_key is not None for c in classes) else None)
     forecast = np.array([list(c.forecast_rps) for c in classes], dtype=np.float64)
     problem = PlanProblem(
@@ -408,7 +406,7 @@ def build_problem(
         share_group=_share_groups(classes),
         idle_power_w=idle,
         wake_j_per_request=wake,
-        shared_capacity_rps=shared,
+        shared_ttft_rps=shared,
         **solver,
     )
     return BuiltProblem(problem, {k: tuple(v) for k, v in serving.items()})

@@ -57,6 +57,7 @@ __all__ = [
     "plan_with_headroom",
     "pool_sizes",
     "pools_hold",
+    "shared_queues_hold",
     "solve_pooled",
 ]
 
@@ -133,16 +134,35 @@ def pools_hold(planned: PlanProblem, result: PlanResult, at_sizes: PlanProblem) 
     """Whether every pool ``result`` (solved on ``planned``) deploys sustains the
     per-instance rate it was planned at: ``at_sizes`` is the same window built at
     :func:`pool_sizes` of ``result``, and its L[r, m] must reach ``planned``'s for
-    every deployed (class, mode), on the shared instances too
-    (``PlanProblem.shared_capacity``)."""
+    every deployed (class, mode), and its shared instances must keep their classes'
+    TTFT there (:func:`shared_queues_hold`)."""
     cls = {c: i for i, c in enumerate(planned.classes)}
     mode = {m.name: j for j, m in enumerate(planned.modes)}
     for c, m in pool_sizes(result):
         i, j = cls[c], mode[m]
-        for got, need in ((at_sizes.capacity_rps, planned.capacity_rps),
-                          (at_sizes.shared_capacity, planned.shared_capacity)):
-            if float(got[i, j]) < float(need[i, j]) * (1.0 - POOL_RATE_TOL_REL):
-                return False
+        need = float(planned.capacity_rps[i, j])
+        if float(at_sizes.capacity_rps[i, j]) < need * (1.0 - POOL_RATE_TOL_REL):
+            return False
+    return shared_queues_hold(result, at_sizes)
+
+
+def shared_queues_hold(result: PlanResult, problem: PlanProblem) -> bool:
+    """Whether no shared instance of ``result`` puts a class next to one that breaks its
+    TTFT by ``problem``'s ``shared_ttft_rps`` (below the other's L[r', m]: the
+    planner's rule), e.g. the window rebuilt at the pool sizes the plan deploys. True
+    without it."""
+    ttft = problem.shared_ttft_rps
+    if ttft is None:
+        return True
+    cls = {c: i for i, c in enumerate(problem.classes)}
+    mode = {m.name: j for j, m in enumerate(problem.modes)}
+    for a in result.plan:
+        j = mode[a.mode]
+        for r in a.serves:
+            for g in a.serves:
+                limit = float(problem.capacity_rps[cls[g], j]) * (1.0 - POOL_RATE_TOL_REL)
+                if g != r and float(ttft[cls[r], cls[g], j]) < limit:
+                    return False
     return True
 
 
