@@ -1,0 +1,189 @@
+"""PoolRouter.decide picks exactly what it picked before its speed-ups.
+
+``tests/data/router/decide_recorded.json`` holds the decisions of a seeded sequence
+of routes, completions (with and without joules), scrapes (KV cache included),
+ticks, releases, gateway fallbacks, subset hints and site intensities over three
+pools, recorded with the router as it was before ``PoolRouter.decide`` was made
+cheaper (joulepool 895eff6): every endpoint and fallback, and a digest of every
+cost term's bits. The pools cover what the decision path branches on:
+
+* ``profiles``: 48 endpoints of the built-in serving profiles (H100, A100, L4),
+  rooms sized at a stream (credible slot loads), MIAD clocks, carbon weights, driven
+  into overload so that late endpoints and the overflow rank decide;
+* ``hard``: the same with ``hard_deadline`` (on-time before late within each group);
+* ``constant``: 1,000 endpoints of fixed numbers in three kinds, as
+  ``joulepool bench picker`` runs (hundreds of exact ties among the top four).
+
+Regenerate (only when a change is *meant* to change decisions, saying so in the
+commit): ``python tests/unit/test_decide_recorded.py --write``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from joulepool.core.classes import Tier
+from joulepool.core.controllers import MIADController, miad_step_target_s
+from joulepool.core.profiles import DEFAULT_PROFILES
+from joulepool.core.router import Endpoint, NoEndpoints, PoolRouter, RouteDecision, RouterConfig
+from joulepool.core.routing import EndpointModel
+
+RECORDED = Path(__file__).resolve().parents[1] / "data" / "router" / "decide_recorded.json"
+TTFT_S, TPOT_S = 1.0, 0.1
+
+
+def _profile_endpoints(n: int) -> list[Endpoint]:
+    """``n`` endpoints over the 8B profiles (H100, A100, L4), rooms at a 1,200/250 stream,
+    clocks held at MIAD's step target; sites a, b, c."""
+    target = miad_step_target_s(TPOT_S, MIADController.margin)
+    models = [EndpointModel.from_profile(p, TPOT_S, serving=(1200.0, 250.0, TTFT_S),
+                                         step_target_s=target)
+              for p in DEFAULT_PROFILES[:3]]
+    return [Endpoint(f"10.1.{i // 200}.{i % 200 + 1}:8000", models[i % 3], f"node{i % 7}",
+                     site="abc"[i % 3]) for i in range(n)]
+
+
+def _constant_endpoints(n: int) -> list[Endpoint]:
+    kinds = ((0.12, 2400.0), (0.2, 1500.0), (0.45, 700.0))
+    models = [EndpointModel.constant(e, t) for e, t in kinds]
+    return [Endpoint(f"10.{i // 65000}.{(i // 250) % 250}.{i % 250 + 1}:8000", models[i % 3])
+            for i in range(n)]
+
+
+def _decision_record(d: RouteDecision, index: dict[str, int]) -> tuple[list[int], bytes]:
+    """(endpoint then fallbacks, as rows), and the bits of its numbers."""
+    rows = [index[d.endpoint], *(index[a] for a in d.fallbacks)]
+    numbers = (d.deadline_s, d.tokens, d.eta_s, d.energy_j, d.slack_s, d.lam, d.cost)
+    return rows, np.array(numbers, dtype=np.float64).tobytes() + str(d.tier).encode()
+
+
+def _drive(pool: PoolRouter, steps: int, seed: int, arrivals_per_s: float
+           ) -> dict[str, Any]:
+    """A seeded sequence of what the routing service does to a pool; every decision's
+    rows and a digest of its numbers' bits."""
+    rng = np.random.default_rng(seed)
+    addresses = [e.address for e in pool.endpoints]
+    index = {a: i for i, a in enumerate(addresses)}
+    digest = hashlib.sha256()
+    rows: list[list[int]] = []
+    stats = {"late": 0, "all_late": 0, "over_deadline": 0, "subset": 0}
+    scorer = pool.profile.scorers[0][0]
+    score = scorer.score
+
+    def counting(request: Any, endpoints: Any) -> Any:  # how often some endpoint is late
+        s = score(request, endpoints)
+        stats["late"] += int(s.late is not None and bool(s.late.any()))
+        stats["all_late"] += int(s.late is not None and bool(s.late.all()))
+        return s
+
+    scorer.score = counting  # type: ignore[method-assign]
+    flying: list[tuple[str, str, float]] = []
+    now = 0.0
+    for step in range(steps):  # the offered rate swings from 0.2x to 2.2x
+        rate = arrivals_per_s * (1.2 + math.sin(step / 150.0))
+        now += float(rng.exponential(1.0 / rate))
+        op = rng.random()
+        if op < 0.03:  # a scrape of one engine (KV cache sometimes nearly full)
+            i = int(rng.integers(len(addresses)))
+            pool.apply_scrape(addresses[i], float(rng.integers(0, 6)),
+                              float(rng.integers(0, 300)), now,
+                              kv_cache=float(rng.choice([0.2, 0.5, 0.97])))
+            continue
+        if op < 0.05:
+            pool.tick(now)
+            continue
+        if op < 0.06 and flying:  # refused by the engine: forgotten
+            address, rid, _ = flying.pop(int(rng.integers(len(flying))))
+            pool.release(address, rid)
+            continue
+        if op < 0.07 and flying:  # the gateway sent it to a fallback
+            k = int(rng.integers(len(flying)))
+            address, rid, out = flying[k]
+            served = addresses[int(rng.integers(len(addresses)))]
+            if pool.move_routed(rid, address, served):
+                flying[k] = (served, rid, out)
+            continue
+        while flying and (len(flying) > 400 or rng.random() < 0.45):
+            address, rid, out = flying.pop(int(rng.integers(len(flying))))
+            joules = float(out * rng.uniform(0.05, 0.6)) if rng.random() < 0.5 else None
+            pool.report(address, rid, out, bool(rng.random() < 0.8), joules, now,
+                        Tier.BULK if rng.random() < 0.2 else None)
+        out_tokens = float(rng.integers(1, 900))
+        in_tokens = float(rng.integers(0, 4000))
+        tier = (Tier.BULK, Tier.INTERACTIVE, None)[int(rng.integers(3))]
+        deadline = None if rng.random() < 0.5 else float(rng.uniform(0.5, 60.0))
+        subset = None
+        if rng.random() < 0.1:
+            picks = rng.choice(len(addresses), size=int(rng.integers(1, 6)), replace=False)
+            subset = frozenset(addresses[int(j)] for j in picks) | {"10.9.9.9:1"}
+        try:
+            d = pool.decide(out_tokens, in_tokens, tier, deadline, now, subset)
+        except NoEndpoints:
+            rows.append([])
+            continue
+        stats["subset"] += subset is not None
+        stats["over_deadline"] += d.slack_s > 0
+        flying.append((d.endpoint, d.request_id, out_tokens))
+        picked, bits = _decision_record(d, index)
+        rows.append(picked)
+        digest.update(bits)
+    return {"rows": rows, "sha256": digest.hexdigest(), "stats": stats}
+
+
+def scenario() -> dict[str, Any]:
+    """The recorded pools' decisions (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for name, config, endpoints, steps, rate in (
+        ("profiles", RouterConfig(), _profile_endpoints(48), 2500, 60.0),
+        ("hard", RouterConfig(hard_deadline=True, fallbacks=2), _profile_endpoints(48),
+         1500, 40.0),
+        ("constant", RouterConfig(), _constant_endpoints(1000), 800, 500.0),
+    ):
+        pool = PoolRouter(name, config)
+        pool.ttft_s, pool.tpot_s = TTFT_S, TPOT_S
+        pool.set_endpoints(endpoints)
+        if name == "profiles":
+            pool.set_site_intensities({"a": 120.0, "b": 450.0, "c": math.nan})
+        out[name] = _drive(pool, steps, seed=len(name), arrivals_per_s=rate)
+    return out
+
+
+def test_decisions_are_the_recorded_ones() -> None:
+    recorded = json.loads(RECORDED.read_text())
+    now = scenario()
+    assert now.keys() == recorded.keys()
+    for name, got in now.items():
+        want = recorded[name]
+        assert len(got["rows"]) == len(want["rows"]), name
+        for k, (a, b) in enumerate(zip(got["rows"], want["rows"], strict=True)):
+            assert a == b, f"{name}: decision {k} picked rows {a}, recorded {b}"
+        assert got["sha256"] == want["sha256"], f"{name}: a cost term's bits differ"
+        assert got["stats"] == want["stats"], name
+
+
+def test_the_recording_exercises_every_branch() -> None:
+    """The sequence reaches what it claims to: late endpoints, fallbacks, subsets and
+    refusals (else the recording would prove little)."""
+    recorded = json.loads(RECORDED.read_text())
+    for name in ("profiles", "hard", "constant"):
+        rows, stats = recorded[name]["rows"], recorded[name]["stats"]
+        assert sum(1 for r in rows if len(r) > 1) > 0.9 * len(rows)  # fallbacks ranked
+        assert len({r[0] for r in rows if r}) > 20  # not a handful of endpoints
+        assert stats["subset"] > 50
+    for name in ("profiles", "hard"):  # overloaded: late endpoints and missed deadlines
+        stats = recorded[name]["stats"]
+        assert stats["late"] > 1000 and stats["all_late"] > 5, (name, stats)
+        assert stats["over_deadline"] > 5, (name, stats)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    RECORDED.parent.mkdir(parents=True, exist_ok=True)
+    RECORDED.write_text(json.dumps(scenario(), separators=(",", ":")) + "\n")
+    print(f"wrote {RECORDED}")
