@@ -327,6 +327,9 @@ class PoolRouter:
         #: clock, s): the marginal energy's R_n, the steps the running batch has left
         self.busy_until = np.full(n, -math.inf)
         self.slot_wait = np.zeros(n)  # s waiting for a batch slot (prefill_queue)
+        #: endpoints with a step model and requests in flight (routed or scraped): those
+        #: whose R_n is counted (_batch_left)
+        self._steps_left_rows = np.zeros(n, dtype=bool)
 
     def model_names(self) -> tuple[str, ...]:
         """The model names the pool answers to: its served names, else its model (none
@@ -356,36 +359,46 @@ class PoolRouter:
         self.prefill_s[i] = m.prefill_s_per_token
 
     def _refresh(self, i: int) -> None:
+        """Row ``i`` of the columns from endpoint ``i``'s state (its ledger, scrape, eps
+        scale): called whenever that state changes, so a decision reads the columns as
+        they are."""
         ep = self.endpoints[i]
-        self.scale[i] = ep.eps_est.scale
-        if self.waiting[i] != ep.waiting or self.running[i] != ep.running:
-            self.waiting[i] = ep.waiting
-            self.running[i] = ep.running
+        st = self.state
+        model = ep.model
+        waiting, running = ep.waiting, ep.running
+        self.scale[i] = eps_scale = ep.eps_est.scale
+        if self.waiting[i] != waiting or self.running[i] != running:
+            self.waiting[i] = waiting
+            self.running[i] = running
             self._responses = None
-            self.scraped[i] = _nan_to_num(ep.waiting + ep.running)
+            self.scraped[i] = _nan_to_num(waiting + running)
         self.static_q[i] = ep.static_queue
-        self.state.kv_cache_usage[i] = ep.kv_cache
-        self.ledger_count[i] = len(ep.ledger)
+        st.kv_cache_usage[i] = ep.kv_cache
+        routed = len(ep.ledger)
+        self.ledger_count[i] = routed
         self.ledger_tokens[i] = ep.ledger_tokens
         self.slot_loads[i] = ep.slot_loads
         self.slot_load_squares[i] = ep.slot_load_squares
         # core.routing's marginal energy: joining the requests in flight now (the
         # router's ledger or the engine's scraped counts, whichever is more)
-        scraped = ep.waiting + ep.running
-        in_flight = max(float(len(ep.ledger)), scraped if scraped == scraped else 0.0)
+        scraped = waiting + running
+        in_flight = max(float(routed), scraped if scraped == scraped else 0.0)
         # (x the site's carbon weight: marginal carbon on a carbon-objective cluster)
-        scale = self.scale[i] * self.carbon_w[i]
-        self.state.eps_j_per_token[i] = ep.model.marginal_eps(in_flight) * scale
-        self.state.prefill_j_per_token[i] = ep.model.prefill_excess * scale
-        self.state.wake_j_per_token[i] = ep.model.excess_table[1] * scale
+        scale = float(eps_scale * self.carbon_w[i])
+        st.eps_j_per_token[i] = model.marginal_eps(in_flight) * scale
+        st.prefill_j_per_token[i] = model.prefill_excess * scale
+        st.wake_j_per_token[i] = model.excess_table[1] * scale
         # the step a new prompt's prefill runs in, at the batch in flight, and the wait
         # for a batch slot when that fills the engine's batch (core.routing.prefill_queue)
         m_out = self.mean_out.get(self.s.mean_output_tokens)
-        slot, step, chunk = ep.model.prefill_queue(in_flight, 0.0, 0.0, 0.0, m_out)
+        slot, step, chunk = model.prefill_queue(in_flight, 0.0, 0.0, 0.0, m_out)
         self.slot_wait[i] = slot
-        self.state.prefill_step_s[i] = step
-        self.state.prefill_chunk_tokens[i] = chunk
-        self.state.prefill_s_per_token[i] = ep.model.prefill_s_per_token
+        st.prefill_step_s[i] = step
+        st.prefill_chunk_tokens[i] = chunk
+        st.prefill_s_per_token[i] = model.prefill_s_per_token
+        # R_n is counted where a step is modelled and something is in flight
+        # (_batch_left); the scraped count as self.scraped holds it
+        self._steps_left_rows[i] = step > 0 and (routed > 0 or self.scraped[i] > 0)
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -501,12 +514,15 @@ class PoolRouter:
 
     def _batch_left(self, now: float) -> FloatArray:
         """R_n: decode steps the requests in flight on each endpoint have left (by the
-        router's busy clock, at the step time of the batch in flight; 0 when idle)."""
+        router's busy clock, at the step time of the batch in flight; 0 when idle or
+        without a step model: the rows :meth:`_refresh` marks in ``_steps_left_rows``)."""
+        out: FloatArray = np.zeros(self.busy_until.size)
+        rows = self._steps_left_rows
+        if not np.logical_or.reduce(rows):  # (ufunc reduction: cheaper than rows.any())
+            return out
         left = np.subtract(self.busy_until, now)
         np.maximum(left, 0.0, out=left)
-        step = self.state.prefill_step_s
-        out: FloatArray = np.divide(left, step, out=np.zeros_like(left), where=step > 0)
-        out[(self.ledger_count <= 0) & (self.scraped <= 0)] = 0.0
+        np.divide(left, self.state.prefill_step_s, out=out, where=rows)
         return out
 
     def _join_step_s(self, i: int) -> float:

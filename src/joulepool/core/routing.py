@@ -87,6 +87,7 @@ Node (pod placement, the form :func:`joulepool.core.cost.placement_cost` takes):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -666,9 +667,10 @@ class EndpointModel:
         """w_n: decode tokens forgone per prompt token prefilled (:func:`prefill_weight`)."""
         return prefill_weight(self.op_tps, self.prefill_s_per_token)
 
-    @property
+    @functools.cached_property
     def excess_table(self) -> FloatArray:
-        """X(b) for b = 0..max_batch (see :func:`excess_step_j`)."""
+        """X(b) for b = 0..max_batch (see :func:`excess_step_j`); computed once (the router
+        reads it at every decision's refresh of the endpoint it routed to)."""
         if self.excess is not None:
             return self.excess
         x = self.eps * np.arange(self.eps.size, dtype=np.float64)
@@ -692,7 +694,7 @@ class EndpointModel:
         return float(min(self.tpot_carry, self.max_batch) if self.tpot_carry > 0
                      else self.op_batch)
 
-    @property
+    @functools.cached_property
     def carry_batch(self) -> int:
         """b*_n: :attr:`carry` within the tables, else the operating batch."""
         return min(self.carry, self.max_batch) if self.carry > 0 else self.op_batch
