@@ -705,6 +705,23 @@ def _placement(cpu: int | None, client_cpu: int | None, fifo: int | None) -> Non
                  os.sched_get_priority_max(os.SCHED_FIFO))
     if fifo is not None and not low <= fifo <= high:
         raise ValueError(f"--fifo {fifo}: a SCHED_FIFO priority is {low} to {high}")
+    if fifo is not None:
+        _fifo_permitted(fifo)
+
+
+def _fifo_permitted(fifo: int) -> None:
+    """ValueError saying why a child cannot run under SCHED_FIFO at ``fifo`` (no
+    CAP_SYS_NICE and RLIMIT_RTPRIO below it): tried through the pinning shim itself, as
+    every server and load generator would be started, so that the run stops here
+    with the reason instead of in the first child ("router did not start")."""
+    probe = subprocess.run(_pinned([sys.executable, "-c", ""], None, fifo),
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["exit status "
+                                                     f"{probe.returncode}"])[-1]
+        raise ValueError(f"--fifo {fifo}: this process may not run children under "
+                         f"SCHED_FIFO ({why}); it needs CAP_SYS_NICE or an RLIMIT_RTPRIO "
+                         f"of at least {fifo} (ulimit -r)")
 
 
 def _load_generator(requested: str) -> str:

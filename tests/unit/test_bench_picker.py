@@ -213,3 +213,40 @@ def test_cpu_confines_the_router_and_all_its_threads(bench, tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_fifo_without_the_right_to_it_is_a_usage_error(tmp_path: Path) -> None:
+    """``--fifo`` where children may not run under SCHED_FIFO (no CAP_SYS_NICE, an
+    RLIMIT_RTPRIO of 0): exit 2 saying so, before any server starts (it used to fail
+    inside the first child: "router did not start: PermissionError")."""
+    import os
+    import resource
+    import shutil
+    import subprocess
+    import sys
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root: drop CAP_SYS_NICE for the child
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is needed to drop CAP_SYS_NICE as root")
+        prefix = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice"]
+
+    def no_rtprio() -> None:
+        resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+
+    probe = subprocess.run([*prefix, sys.executable, "-c",
+                            "import os; os.sched_setscheduler(0, os.SCHED_FIFO, "
+                            "os.sched_param(10))"], preexec_fn=no_rtprio,
+                           capture_output=True, check=False)
+    if probe.returncode == 0:
+        pytest.skip("SCHED_FIFO is permitted here even without CAP_SYS_NICE")
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_picker; "
+            "sys.exit(bench_picker.main(['--fifo', '10', '--runs', '1', '--seconds', "
+            "'0.1', '--endpoints', '3']))")
+    run = subprocess.run([*prefix, sys.executable, "-c", code, str(bench_dir)],
+                         preexec_fn=no_rtprio, capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "--fifo 10" in run.stderr and "CAP_SYS_NICE" in run.stderr
+    assert "router did not start" not in run.stderr + run.stdout
