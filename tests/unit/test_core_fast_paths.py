@@ -115,6 +115,44 @@ def test_first_choice_is_the_full_rankings_first(hard_deadline: bool) -> None:
         assert full == sorted(usable, key=keys.__getitem__)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("hard_deadline", [False, True])
+def test_top_k_from_the_cheapest_rows_is_the_full_sorts(hard_deadline: bool,
+                                                        monkeypatch) -> None:
+    """Past CHEAPEST_ROWS_MIN endpoints rank_endpoints sorts only the rows that can hold
+    its top k: the same endpoints in the same order as sorting every row, with exact
+    ties (identical idle endpoints) in cost and ETA, NaN and infinite ETAs, endpoints
+    marked late (some, or all but a few) and the overflow rank."""
+    import joulepool.core.routing as routing
+
+    rng = np.random.default_rng(11 + hard_deadline)
+    for trial in range(300):
+        n = int(rng.integers(routing.CHEAPEST_ROWS_MIN, 700))
+        kinds = rng.integers(0, 1 + trial % 6, n)  # a few kinds of identical endpoints
+        eps = np.array([0.12, 0.2, 0.45, 0.3, 0.25, 0.5])[kinds]
+        q = (np.floor(rng.uniform(0, 4, n)) * 100.0 if trial % 2
+             else rng.uniform(0, 3000, n))
+        mu = np.array([2400.0, 1500.0, 700.0, 900.0, 1100.0, 600.0])[kinds]
+        if trial % 5 == 0:
+            mu[rng.random(n) < 0.05] = 0.0  # cannot serve: infinite ETA
+        lam = float(rng.choice([0.0, 5.0, 40.0]))
+        cb = joulesched_cost(eps, q, mu, 200.0, float(rng.uniform(0.2, 3)), lam)
+        late, first_token, overflow = None, None, None
+        if trial % 3:
+            first_token = rng.uniform(0.1, 0.7, n)
+            share = float(rng.choice([0.05, 0.5, 0.99, 1.0]))
+            late = rng.random(n) < share
+            overflow = rng.integers(0, 2, n).astype(float)
+        for k in (1, 2, 4, 6):
+            args = {"hard_deadline": hard_deadline, "late": late,
+                    "first_token": first_token, "overflow": overflow}
+            fast = rank_endpoints(cb, k, **args)
+            monkeypatch.setattr(routing, "CHEAPEST_ROWS_MIN", 10**9)
+            full = rank_endpoints(cb, k, **args)
+            monkeypatch.setattr(routing, "CHEAPEST_ROWS_MIN", 128)
+            assert fast == full, (trial, k)
+
+
 # --------------------------------------------------------------------------------------
 # Scalar forms of the rule (one endpoint at a time): bit for bit the vectorised numbers
 # --------------------------------------------------------------------------------------

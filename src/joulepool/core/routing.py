@@ -524,11 +524,19 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
             keys.insert(2, np.where(late, float_array(overflow), 0.0))
         if not late.all():
             keys.append(late)
+    by_deadline = False
     if over is not None and over.any() and not over.all():
         keys.insert(2, over)  # within the SLO groups: on time first
+        by_deadline = True
     usable = np.isfinite(cost)
+    top: list[int]
     if usable.all():  # the usual case: rank the arrays as they are
-        top: list[int] = np.lexsort(keys)[:k].tolist()
+        rows = None if by_deadline or not some_on_time else _cheapest_rows(
+            cost, eta, late if late is not None and late.any() else None, k)
+        if rows is not None:  # they hold the top k: rank only them
+            top = rows[np.lexsort([x[rows] for x in keys])[:k]].tolist()
+            return top
+        top = np.lexsort(keys)[:k].tolist()
         return top
     idx = np.flatnonzero(usable)
     if idx.size == 0:
@@ -536,6 +544,49 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
     order = np.lexsort([x[idx] for x in keys])
     top = idx[order[:k]].tolist()
     return top
+
+
+#: endpoints from which :func:`rank_endpoints` first narrows them to the cheapest
+#: (below, sorting them all is as cheap)
+CHEAPEST_ROWS_MIN = 128
+
+
+def _cheapest_rows(cost: FloatArray, eta: FloatArray, late: npt.NDArray[np.bool_] | None,
+                   k: int) -> npt.NDArray[np.intp] | None:
+    """Rows (ascending) that hold :func:`rank_endpoints`' top ``k`` when the endpoints
+    not marked ``late`` rank by cost, then ETA, then index (no deadline groups; every
+    cost finite), so that only they are sorted: at 1,000 endpoints a sort of every row
+    costs up to several times the selection. Those are the unmarked rows below the
+    k-th lowest unmarked cost and, of those at that cost (a tie, e.g. identical idle
+    endpoints), the ones below the ETA that fills the places left, then the lowest
+    indices at that ETA. None when fewer than ``k`` rows are unmarked, or the pool is
+    small (:data:`CHEAPEST_ROWS_MIN`): the caller sorts them all."""
+    if cost.size < CHEAPEST_ROWS_MIN or k >= cost.size:
+        return None
+    on_time = cost if late is None else np.where(late, np.inf, cost)
+    part = on_time.copy()
+    part.partition(k - 1)
+    kth = part[k - 1]
+    if not kth < math.inf:  # fewer than k unmarked rows
+        return None
+    rows: npt.NDArray[np.intp] = (on_time <= kth).nonzero()[0]
+    if rows.size <= k:
+        return rows
+    at_kth = on_time[rows]
+    cheaper = rows[at_kth < kth]
+    tied = rows[at_kth == kth]
+    need = k - cheaper.size  # >= 1: fewer than k rows cost less than the k-th
+    if tied.size > need:
+        tied_eta = eta[tied]
+        part = tied_eta.copy()
+        part.partition(need - 1)
+        kth_eta = part[need - 1]
+        if kth_eta == kth_eta:  # (NaN: fewer than ``need`` numbers; keep the tie whole)
+            sooner = tied[tied_eta < kth_eta]
+            tied = np.concatenate((sooner, tied[tied_eta == kth_eta][:need - sooner.size]))
+    rows = np.concatenate((cheaper, tied))
+    rows.sort()  # index order: the sort's ties fall as among every row
+    return rows
 
 
 def _best_outside(cost: FloatArray, eta: FloatArray,
