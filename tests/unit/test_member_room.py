@@ -21,6 +21,7 @@ from joulepool.core.routing import (
     slot_load_credibility,
     slot_load_terms,
     sustainable_batch,
+    tpot_gate,
 )
 
 
@@ -182,9 +183,11 @@ def test_the_production_router_sizes_rooms_at_the_credible_slot_load():
             continue
         k = slot_load_bin(moments.credible(n, total, prior), prior)
         want_tpot = min(room_at_slot_load(H100_8B, k, prior, mean_out, tpot), model.max_batch)
-        want = member_rooms(model.batch_limit, model.tpot_batch_limit, want_tpot)
+        want = member_rooms(model.batch_limit, model.tpot_carry_batch, want_tpot)
         assert room[i] == pytest.approx(want[0] - n)
-        assert pool.state.tpot_batch[i] == pytest.approx(want_tpot)
+        # overflow_rank's TPOT batch: core.routing.tpot_gate of the member's mean one
+        assert pool.state.tpot_batch[i] == pytest.approx(
+            min(tpot_gate(H100_8B, want[1], tpot), model.max_batch))
     # the endpoint holding the long prompts with short answers has the least room; the
     # light ones more within TPOT, and b*_n at most the pool's
     assert pool.state.tpot_batch[1] < model.tpot_batch_limit < pool.state.tpot_batch[0]

@@ -92,13 +92,15 @@ def _assert_same_rooms(model: EndpointModel, sim: Simulator, cls: int) -> None:
     mode = "1xH100"
     assert model.mix is not None
     assert model.batch_limit == sim._sustainable_batch(mode, cls)
-    assert model.tpot_batch_limit == sim._sustainable_batch(mode, cls, False)
+    assert model.tpot_carry_batch == sim._sustainable_batch(mode, cls, False)
+    assert model.tpot_batch_limit == sim._tpot_gate(mode, cls,
+                                                    sim._sustainable_batch(mode, cls, False))
     prior, mean_out = sim._pool_mix(cls)
     assert model.pool_slot_load == pytest.approx(prior, rel=1e-12)
     assert model.mix[4] == pytest.approx(mean_out, rel=1e-12)
     inst = next(i for i in sim.instances if i.table.mode == mode)
     inst.cls, inst.pool_rooms = cls, (sim._sustainable_batch(mode, cls),
-                                      sim._sustainable_batch(mode, cls, False))
+                                      int(model.tpot_batch_limit))
     sim.mix_rooms.clear()
     differ = 0
     for k in range(-16, 17):

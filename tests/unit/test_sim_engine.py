@@ -559,6 +559,7 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
         slot_load,
         slot_load_bin,
         sustainable_batch,
+        tpot_gate,
     )
 
     checked: list[tuple[float, int, int]] = []  # (Z, b*_n, TPOT batch)
@@ -594,10 +595,15 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
         profile = self.tables[inst.table.mode].profile
         pool_batch = self._sustainable_batch(inst.table.mode, 0)
         # the sums kept as members change round differently: a bin either side
+        # (the TPOT batch overflow_rank reads is core.routing.tpot_gate of the mean one)
         pool_tpot = self._sustainable_batch(inst.table.mode, 0, False)
-        want = {member_rooms(pool_batch, pool_tpot,
-                             room_at_slot_load(profile, b, prior, mean_out, 0.15))
-                if b else (pool_batch, pool_tpot) for b in (k - 1, k, k + 1)}
+
+        def gated(rooms: tuple[int, int]) -> tuple[int, int]:
+            return rooms[0], tpot_gate(profile, rooms[1], 0.15)
+
+        want = {gated(member_rooms(pool_batch, pool_tpot,
+                                   room_at_slot_load(profile, b, prior, mean_out, 0.15))
+                      if b else (pool_batch, pool_tpot)) for b in (k - 1, k, k + 1)}
         assert (inst.room, inst.tpot_batch) in want, (n, load, k)
         checked.append((z, inst.room, inst.tpot_batch))
 
@@ -618,7 +624,8 @@ def test_a_members_batch_room_is_sized_at_the_slot_load_it_is_credited_with(monk
     # within TPOT than the pool's mean mix gives, one holding the others more; b*_n never
     # above the pool's
     assert max(z for z, _, _ in checked) > 0.5
-    assert min(tb for _, _, tb in checked) < pool_tpot < max(tb for _, _, tb in checked)
+    pool_gate = tpot_gate(profile, pool_tpot, 0.15)  # overflow_rank's, of the mean one
+    assert min(tb for _, _, tb in checked) < pool_gate < max(tb for _, _, tb in checked)
     pool_batch = sim._sustainable_batch(sim.instances[0].table.mode, 0)
     assert all(room <= pool_batch for _, room, _ in checked)
     assert min(room for _, room, _ in checked) < pool_batch
@@ -638,8 +645,9 @@ def test_members_of_identical_gpus_serving_one_stream_keep_the_pools_room(monkey
     def noted(self: Simulator, inst: Instance, credibility: float) -> tuple[int, int]:
         got = rooms(self, inst, credibility)
         mode = inst.table.mode
+        pool_tpot = self._sustainable_batch(mode, inst.cls, False)
         rows.append((credibility, got == (self._sustainable_batch(mode, inst.cls),
-                                          self._sustainable_batch(mode, inst.cls, False))))
+                                          self._tpot_gate(mode, inst.cls, pool_tpot))))
         return got
 
     monkeypatch.setattr(Simulator, "_member_rooms", noted)

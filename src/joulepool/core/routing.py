@@ -95,6 +95,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+from scipy.stats import poisson
 
 # default_deadline lives in core.classes (next to SLO.deadline_for); re-exported here
 # for the router and older callers
@@ -106,7 +107,12 @@ from joulepool.core.cost import (
     joulesched_cost,
     joulesched_cost_one,
 )
-from joulepool.core.profiles import Headroom, ServingProfile, default_batched_tokens
+from joulepool.core.profiles import (
+    DEFAULT_HEADROOM,
+    Headroom,
+    ServingProfile,
+    default_batched_tokens,
+)
 
 FloatArray = npt.NDArray[np.float64]
 #: a float or an array of them: the small formulas below are plain arithmetic so the
@@ -638,6 +644,8 @@ class EndpointModel:
     #: stream: slot load (:func:`slot_load`) and mean response; None without ``serving``
     #: (then its rooms do not follow a mix: :meth:`rooms_at_slot_load`)
     mix: tuple[ServingProfile, float, float | None, float, float] | None = None
+    #: :func:`tpot_gate` of ``tpot_carry`` (:func:`overflow_rank`'s TPOT batch); 0: none
+    tpot_gate: int = 0
     #: rooms at each slot-load bin, filled as read
     _rooms: dict[int, tuple[float, float]] = field(default_factory=dict, compare=False,
                                                    repr=False)
@@ -685,9 +693,11 @@ class EndpointModel:
                                            tpot_slo_s, clock_mhz)
             mix = (profile, tpot_slo_s, clock_mhz, slot_load(serving[0], serving[1]),
                    serving[1])
+            gate = tpot_gate(profile, tpot_carry, tpot_slo_s, clock_mhz)
         itl = np.asarray(profile.itl_s(b, clock_mhz), dtype=np.float64)
         return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry, itl,
-                   float(default_batched_tokens(profile.product)), tpot_carry, mix)
+                   float(default_batched_tokens(profile.product)), tpot_carry, mix,
+                   gate if serving is not None else 0)
 
     @classmethod
     def constant(cls, eps: float, tps: float) -> EndpointModel:
@@ -738,10 +748,18 @@ class EndpointModel:
     @property
     def tpot_batch_limit(self) -> float:
         """Requests it carries at once within TPOT whatever the first token
-        (:attr:`tpot_carry` within the tables, else the operating batch), or infinite for
-        an endpoint described by fixed numbers (:func:`overflow_rank`'s TPOT batch)."""
+        (:func:`overflow_rank`'s TPOT batch): :attr:`tpot_gate` within the tables, else
+        :attr:`tpot_carry_batch`; infinite for an endpoint described by fixed numbers."""
         if self.excess is None:
             return math.inf
+        if self.tpot_gate > 0:
+            return float(min(self.tpot_gate, self.max_batch))
+        return self.tpot_carry_batch
+
+    @property
+    def tpot_carry_batch(self) -> float:
+        """Its mean batch at its TPOT-bound sustainable rate (:attr:`tpot_carry` within
+        the tables, else the operating batch): what :func:`member_rooms` compares."""
         return float(min(self.tpot_carry, self.max_batch) if self.tpot_carry > 0
                      else self.op_batch)
 
@@ -771,8 +789,9 @@ class EndpointModel:
         if hit is None:
             at_load = min(room_at_slot_load(profile, k, prior, mean_out, tpot, clock),
                           self.max_batch)
-            hit = self._rooms[k] = member_rooms(self.batch_limit, self.tpot_batch_limit,
-                                                float(at_load))
+            room, mean = member_rooms(self.batch_limit, self.tpot_carry_batch, float(at_load))
+            hit = self._rooms[k] = (room, float(min(tpot_gate(profile, mean, tpot, clock),
+                                                    self.max_batch)))
         return hit
 
     def marginal_eps(self, in_flight: float) -> float:
@@ -838,6 +857,29 @@ def sustainable_batch(profile: ServingProfile, mean_input_tokens: float,
     sp = profile.serving_point(mean_input_tokens, mean_output_tokens, ttft_slo_s,
                                tpot_slo_s, clock_mhz, headroom, pool_size=pool_size)
     return max(int(sp.batch), 1)
+
+
+def tpot_gate(profile: ServingProfile, mean_batch: float, tpot_slo_s: float,
+              clock_mhz: float | None = None, headroom: Headroom | None = None) -> int:
+    """Requests an instance may hold at once before :func:`overflow_rank` counts it full
+    for TPOT, given ``mean_batch``, its mean decode batch at its TPOT-bound sustainable
+    rate (:func:`sustainable_batch` without a TTFT bound, or :func:`room_at_slot_load`).
+
+    That batch is a mean (Little's law): at that rate the requests an engine holds vary
+    about it as the number in an M/G/inf system does (Poisson of that mean), and the
+    serving model's TPOT tail already counts those moments. So the gate is the batch
+    the engine exceeds at most ``headroom.tpot_miss`` of the time at that rate (the
+    Poisson quantile), never past the largest batch whose decode step alone meets the
+    TPOT (:meth:`ServingProfile.best_batch`) and never below the mean itself. Measured
+    with the mean as the gate (docs/simulator.md, "Why the held-out cells fail"): with
+    ~30-token answers the mean is 1-6, so a busy instance counted as full at once and
+    prompts went to endpoints whose first token was later, or to a slower mode.
+    """
+    hr = headroom or DEFAULT_HEADROOM
+    mean = max(float(mean_batch), 1.0)
+    top = max(profile.best_batch(tpot_slo_s, clock_mhz), 1)
+    quantile = int(poisson.ppf(1.0 - hr.tpot_miss.value, mean))
+    return max(int(mean), min(quantile, top))
 
 
 #: grid of a member's credible slot load that its batch room is read at, in bins per

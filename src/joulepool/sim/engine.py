@@ -86,6 +86,7 @@ from joulepool.core.routing import (
     slot_load,
     slot_load_bin,
     sustainable_batch,
+    tpot_gate,
 )
 from joulepool.core.scoring import RequestInfo, routing_profile
 from joulepool.sim.cluster import SimCluster
@@ -387,6 +388,7 @@ class Simulator:
         "tables",
         "tick_k",
         "tightest_tpot_slo_s",
+        "tpot_gates",
         "truncated",
         "ttft_periods",
         "unroutable",
@@ -425,6 +427,8 @@ class Simulator:
         #: (mode, class, slot-load bin, pool rooms) -> (b*_n, TPOT batch) at that credible
         #: slot load
         self.mix_rooms: dict[tuple[str, int, int, tuple[int, int]], tuple[int, int]] = {}
+        #: (mode, class, mean TPOT batch) -> core.routing.tpot_gate (:meth:`_tpot_gate`)
+        self.tpot_gates: dict[tuple[str, int, int], int] = {}
         #: (mode, class) -> instances in that pool, for a router that sends prompts where
         #: they start soonest (their prefills one M/G/n queue: core.routing's b*_n);
         #: empty for the others (each instance sized alone)
@@ -1057,9 +1061,20 @@ class Simulator:
         kept as its pool's rooms (:meth:`_member_rooms` starts from them)."""
         mode, cls = inst.table.mode, inst.cls
         inst.set_carry(self._sustainable_batch(mode, cls))
-        tpot_batch = self._sustainable_batch(mode, cls, ttft=False)
+        tpot_batch = self._tpot_gate(mode, cls, self._sustainable_batch(mode, cls, ttft=False))
         inst.tpot_batch = tpot_batch
         inst.pool_rooms = (inst.opb, tpot_batch)
+
+    def _tpot_gate(self, mode: str, cls: int, mean_batch: int) -> int:
+        """core.routing.tpot_gate of ``mode`` at the pool's tightest TPOT: the batch
+        overflow_rank counts an instance full at, from its mean TPOT batch."""
+        key = (mode, cls, mean_batch)
+        hit = self.tpot_gates.get(key)
+        if hit is None:
+            _, slo = self._pool_slo_requests(cls)
+            hit = self.tpot_gates[key] = tpot_gate(
+                self.tables[mode].profile, mean_batch, float(self.workload.tpot_slo_s[slo].min()))
+        return hit
 
     def _pool_requests(self, cls: int) -> npt.NDArray[np.bool_]:
         """Mask of the workload's requests an instance serving ``cls`` gets: its classes'
@@ -1141,7 +1156,10 @@ class Simulator:
             _, slo = self._pool_slo_requests(cls)
             tpot_batch = room_at_slot_load(self.tables[mode].profile, k, prior, mean_out,
                                            float(wl.tpot_slo_s[slo].min()))
-            hit = self.mix_rooms[key] = member_rooms(pool_rooms[0], pool_rooms[1], tpot_batch)
+            # the rooms compare mean TPOT batches; the gate is read from the member's
+            room, mean = member_rooms(pool_rooms[0],
+                                      self._sustainable_batch(mode, cls, ttft=False), tpot_batch)
+            hit = self.mix_rooms[key] = (room, self._tpot_gate(mode, cls, mean))
         return hit
 
     def _pool_mix(self, cls: int) -> tuple[float, float]:
