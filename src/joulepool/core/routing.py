@@ -645,7 +645,7 @@ class EndpointModel:
     #: (then its rooms do not follow a mix: :meth:`rooms_at_slot_load`)
     mix: tuple[ServingProfile, float, float | None, float, float] | None = None
     #: :func:`tpot_gate` of ``tpot_carry`` (:func:`overflow_rank`'s TPOT batch); 0: none
-    tpot_gate: int = 0
+    gate_batch: int = 0
     #: rooms at each slot-load bin, filled as read
     _rooms: dict[int, tuple[float, float]] = field(default_factory=dict, compare=False,
                                                    repr=False)
@@ -748,12 +748,12 @@ class EndpointModel:
     @property
     def tpot_batch_limit(self) -> float:
         """Requests it carries at once within TPOT whatever the first token
-        (:func:`overflow_rank`'s TPOT batch): :attr:`tpot_gate` within the tables, else
+        (:func:`overflow_rank`'s TPOT batch): :attr:`gate_batch` within the tables, else
         :attr:`tpot_carry_batch`; infinite for an endpoint described by fixed numbers."""
         if self.excess is None:
             return math.inf
-        if self.tpot_gate > 0:
-            return float(min(self.tpot_gate, self.max_batch))
+        if self.gate_batch > 0:
+            return float(min(self.gate_batch, self.max_batch))
         return self.tpot_carry_batch
 
     @property
