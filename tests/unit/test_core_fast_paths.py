@@ -135,6 +135,9 @@ def test_top_k_from_the_cheapest_rows_is_the_full_sorts(hard_deadline: bool,
         mu = np.array([2400.0, 1500.0, 700.0, 900.0, 1100.0, 600.0])[kinds]
         if trial % 5 == 0:
             mu[rng.random(n) < 0.05] = 0.0  # cannot serve: infinite ETA
+        if trial % 7 == 0:
+            # a NaN ETA at a finite cost (at times all but a few)
+            q[rng.random(n) < (0.03 if trial % 14 else 0.995)] = math.nan
         lam = float(rng.choice([0.0, 5.0, 40.0]))
         cb = joulesched_cost(eps, q, mu, 200.0, float(rng.uniform(0.2, 3)), lam)
         late, first_token, overflow = None, None, None

@@ -583,16 +583,28 @@ def _cheapest_rows(cost: FloatArray, eta: FloatArray, late: npt.NDArray[np.bool_
     tied = rows[at_kth == kth]
     need = k - cheaper.size  # >= 1: fewer than k rows cost less than the k-th
     if tied.size > need:
-        tied_eta = eta[tied]
-        part = tied_eta.copy()
-        part.partition(need - 1)
-        kth_eta = part[need - 1]
-        if kth_eta == kth_eta:  # (NaN: fewer than ``need`` numbers; keep the tie whole)
-            sooner = tied[tied_eta < kth_eta]
-            tied = np.concatenate((sooner, tied[tied_eta == kth_eta][:need - sooner.size]))
+        tied = _soonest(tied, eta[tied], need)
     rows = np.concatenate((cheaper, tied))
     rows.sort()  # index order: the sort's ties fall as among every row
     return rows
+
+
+def _soonest(rows: npt.NDArray[np.intp], eta: FloatArray, need: int) -> npt.NDArray[np.intp]:
+    """Of ``rows`` (ascending, their ETAs ``eta``), the ``need`` first by ETA then index
+    (all of them when a NaN ETA leaves that unclear): those below the need-th ETA, then
+    the lowest indices at it. Identical idle endpoints share the lowest ETA, so that
+    case is looked at first."""
+    lowest = eta.min()  # NaN if any
+    if lowest != lowest:
+        return rows
+    at = eta == lowest
+    if np.count_nonzero(at) >= need:
+        return rows[at][:need]
+    part = eta.copy()
+    part.partition(need - 1)
+    kth = part[need - 1]
+    sooner = rows[eta < kth]
+    return np.concatenate((sooner, rows[eta == kth][:need - sooner.size]))
 
 
 def _best_outside(cost: FloatArray, eta: FloatArray,
