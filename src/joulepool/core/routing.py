@@ -599,7 +599,8 @@ def _soonest(rows: npt.NDArray[np.intp], eta: FloatArray, need: int) -> npt.NDAr
         return rows
     at = eta == lowest
     if np.count_nonzero(at) >= need:
-        return rows[at][:need]
+        first: npt.NDArray[np.intp] = rows[at][:need]
+        return first
     part = eta.copy()
     part.partition(need - 1)
     kth = part[need - 1]
