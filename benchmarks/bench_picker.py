@@ -724,6 +724,23 @@ def _fifo_permitted(fifo: int) -> None:
                          f"of at least {fifo} (ulimit -r)")
 
 
+def _baseline_front_end(src: Path | None, front_end: str) -> None:
+    """ValueError when the baseline source (``--baseline-src``) would serve another front
+    end than the headline one: its router falls back to the Python front end where its
+    compiled one is not built, and the comparison would then set the two front ends
+    against each other instead of the two sources."""
+    if src is None or front_end != "native":
+        return
+    if not (src / "joulepool").is_dir():
+        raise ValueError(f"--baseline-src {src}: no joulepool package there")
+    if not any((src / "joulepool" / "router").glob("_eppnative*.so")):
+        raise ValueError(
+            f"--baseline-src {src}: its compiled front end is not built, so its router "
+            "would serve the Python one; build it there (make native) or copy this "
+            "checkout's src/joulepool/router/_eppnative*.so beside it (native/ "
+            "unchanged), or measure --front-ends python")
+
+
 def _load_generator(requested: str) -> str:
     """``--load-generator``: the one to use (``auto``: native where built, else python,
     saying why); ``native`` where it is not built: ValueError."""
@@ -870,6 +887,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _placement(args.cpu, args.client_cpu, args.fifo)
         args.how = Clients(_load_generator(args.load_generator), args.client_cpu,
                            args.fifo)
+        _baseline_front_end(args.baseline_src, args.measured_front_ends[0])
     except ValueError as exc:
         print(f"joulepool bench picker: {exc}", file=sys.stderr)
         return 2

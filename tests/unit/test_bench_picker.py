@@ -250,3 +250,20 @@ def test_fifo_without_the_right_to_it_is_a_usage_error(tmp_path: Path) -> None:
     assert run.returncode == 2, run.stderr[-2000:]
     assert "--fifo 10" in run.stderr and "CAP_SYS_NICE" in run.stderr
     assert "router did not start" not in run.stderr + run.stdout
+
+
+def test_a_baseline_without_the_compiled_front_end_is_a_usage_error(bench, tmp_path: Path,
+                                                                    capsys) -> None:
+    """Side by side on the native front end, a baseline source whose compiled front end
+    is not built would serve the Python one: the figures would compare front ends, not
+    sources. Exit 2 saying so (a Python-only comparison is still allowed)."""
+    from joulepool.router import epp_native
+
+    if epp_native.UNAVAILABLE is not None:
+        pytest.skip("the compiled front end is not built here (make native)")
+    (tmp_path / "joulepool" / "router").mkdir(parents=True)
+    assert bench.main(["--baseline-src", str(tmp_path), "--front-ends", "native"]) == 2
+    assert "compiled front end is not built" in capsys.readouterr().err
+    assert bench.main(["--baseline-src", str(tmp_path / "nowhere"),
+                       "--front-ends", "native"]) == 2
+    assert "no joulepool package" in capsys.readouterr().err
