@@ -162,3 +162,12 @@ def test_miad_on_the_period_signal_holds_through_rare_long_steps():
     assert d is Direction.DOWN and nxt < f
     slow = PeriodLatencies(itl_sum=100 * 0.046, itl_count=100)  # 46 ms > 0.9 x 50 ms
     assert ctrl.step(nxt, miad_signal(slow))[1] is Direction.UP
+
+
+@given(st.floats(500, 2500), st.floats(0.0, 1.0), st.floats(0.0, 0.1), st.integers(0, 3))
+def test_miad_next_clock_is_the_step_once_the_signal_is_read(f, ttft, itl, waiting):
+    """The simulator keeps next_clock's answers by (clock, at risk): step must be a
+    function of those two alone."""
+    m = _miad()
+    sig = SLOSignal(ttft, itl, waiting)
+    assert m.next_clock(f, m.at_risk(sig)) == m.step(f, sig)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from joulepool.core.scoring import EndpointState, RequestInfo, routing_profile
-from joulepool.sim.candidates import CandidateIndex
+from joulepool.sim.candidates import CandidateIndex, _search_regular
 
 #: EndpointState column of each Row field, in Row's order
 COLUMNS = ("eps_j_per_token", "prefill_j_per_token", "wake_j_per_token",
@@ -325,3 +325,19 @@ def test_only_the_profile_it_answers_for_gets_an_index() -> None:
     with pytest.raises(ValueError, match="candidate index"):
         Pool([], mixed, indexed=True)
     assert Pool([], routing_profile("least-loaded")).index is None
+
+
+def test_regular_rows_are_the_ones_the_soonest_search_assumes() -> None:
+    """_search_regular (one finite sum for seven finiteness checks) against the
+    assumptions written out, on rows mixing NaN, infinities, negatives and zeros."""
+    rng = np.random.default_rng(11)
+    values = [math.nan, math.inf, -math.inf, -1.0, 0.0, 0.5, 1.0, 3.0, 1e300]
+    for _ in range(20_000):
+        row = tuple(float(rng.choice(values)) for _ in range(12))
+        q, mu, w, wait, step, chunk, pf_s = row[4:11]
+        finite = all(math.isfinite(x) for x in (q, mu, w, wait, step, chunk, pf_s))
+        expected = finite and step >= 0.0 and chunk >= 1.0 and pf_s >= 0.0 and mu > 0.0
+        got = _search_regular(row)  # type: ignore[arg-type]
+        overflow = finite and not math.isfinite(q + mu + w + wait + step + chunk + pf_s)
+        # a finite row whose sum overflows is only ever sent to the full rule
+        assert got == (expected and not overflow)

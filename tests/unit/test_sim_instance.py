@@ -152,3 +152,12 @@ def test_period_itl_weighs_each_step_by_the_requests_it_gave_a_token():
     itl_sum, itl_count = inst.period_itl(0.6)
     assert itl_count == pytest.approx(110.0) and itl_sum == pytest.approx(1.5)
     assert _period_mean_itl(inst, 0.6) == -1.0  # nothing since
+
+
+def test_clock_index_is_the_clocks_index() -> None:
+    """MIAD moves an instance to a clock by its index: the table's dict answers as
+    ``clocks.index`` does, and refuses a clock it does not have."""
+    for ci, f in enumerate(TABLE.clocks):
+        assert TABLE.clock_index(f) == TABLE.clocks.index(f) == ci
+    with pytest.raises(ValueError, match="not a clock"):
+        TABLE.clock_index(TABLE.clocks[0] - 1.0)

@@ -200,8 +200,14 @@ class MIADController:
 
     def step(self, current_mhz: float, signal: SLOSignal) -> tuple[float, Direction]:
         """One control period: the next clock and which way it moved."""
+        return self.next_clock(current_mhz, self.at_risk(signal))
+
+    def next_clock(self, current_mhz: float, at_risk: bool) -> tuple[float, Direction]:
+        """:meth:`step` once :meth:`at_risk` has read the signal: a function of the
+        current clock and that verdict alone (a caller stepping many engines may keep
+        its answers)."""
         f = min(max(current_mhz, self.lowest), self.highest)
-        if self.at_risk(signal):
+        if at_risk:
             nxt = self.snap_up(min(self.highest, f * self.k_inc))
             if nxt <= f and f < self.highest:
                 nxt = self.snap_up(f + 1e-6)

@@ -606,6 +606,8 @@ class _ServingModel:
     pf_tok: float  # prefill s per prompt token
     itl: FloatArray  # decode step time at batch 1..slots
     power: FloatArray  # board power while decoding at batch 1..slots
+    #: steps a mean prompt takes to prefill beside batch 1..slots (core.batching)
+    chunk_steps: FloatArray
     ttft_from_mean: bool = True  # False: no M/G/1 wait bound at the mean prompt
     pool: int = 1  # instances whose prefills form one M/G/n queue (soonest-start router)
 
@@ -622,8 +624,7 @@ class _ServingModel:
         busy = float(pi[1:].sum())  # P(anything decodes)
         batch = float((k * pi[1:]).sum())
         # a prompt is prefilled in chunks beside the batch: one decode step per chunk
-        steps = np.array([prefill_steps(self.budget, b, P) for b in k])
-        S = P * p + float((pi[1:] * self.itl * steps).sum())
+        S = P * p + float((pi[1:] * self.itl * self.chunk_steps).sum())
         rho = lam * S
         # the long waits happen while the batch is large (arrivals that queued join it
         # one by one): the wait tail is taken with the prefill beside the batch's upper
@@ -754,6 +755,8 @@ def _serving_model(prof: ServingProfile, mean_input_tokens: float, mean_output_t
         z=NormalDist().inv_cdf(1.0 - hr.ttft_miss.value) if hr.ttft_miss.value < 0.5 else 0.0,
         pf_tok=float(prof.prefill_s(1.0, clock_mhz)), itl=itl[:slots],
         power=np.asarray(prof.power_w(batches[:slots], clock_mhz), dtype=np.float64),
+        chunk_steps=np.array([prefill_steps(float(budget), b, P)
+                              for b in np.arange(1.0, slots + 1.0)]),
         ttft_from_mean=ttft_from_mean, pool=pool)
 
 

@@ -399,12 +399,12 @@ def prefill_queue(
         b = int(running)
         if b > max_b:
             b = max_b
-    n = float(waiting) if waiting > 0 else 0.0
-    waiting_tokens = float(waiting_tokens) if waiting_tokens > 0 else 0.0
     wait = float(prefill_left_s)
     if wait < 0.0:  # NaN stays
         wait = 0.0
-    if n > 0.0:
+    if waiting > 0:
+        n = float(waiting)
+        waiting_tokens = float(waiting_tokens) if waiting_tokens > 0 else 0.0
         bq = b + int(n // 2)
         if bq > max_b:
             bq = max_b
@@ -414,10 +414,13 @@ def prefill_queue(
         if not steps > n:
             steps = n
         wait += steps * step + waiting_tokens * prefill_s_per_token
-    over = b + n + 1.0 - max_b
+        over = b + n + 1.0 - max_b
+        own = b + int(n)
+    else:  # nothing waiting (n = 0)
+        over = b + 1.0 - max_b
+        own = b
     if over > 0.0 and mean_output_tokens > 0.0:
         wait += over * mean_output_tokens * itl_s[max_b] / max_b
-    own = b + int(n)
     if own > max_b:
         own = max_b
     chunk = budget_tokens - own

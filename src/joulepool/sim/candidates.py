@@ -85,6 +85,9 @@ _Energy = tuple[float, float, float]  # (eps_n, pi_n, X_n(1))
 _Tie = tuple[float, float, float, float, float, float]
 #: a prefill time per token's ties, ascending, and each tie's (q_n, position), ascending
 _Firsts = tuple[list[_Tie], dict[_Tie, list[tuple[float, int]]]]
+#: where a position is in the soonest search: its group's prefill s per token, its tie,
+#: its entry (q_n, position) and the tie's list of entries holding it
+_FirstPlaced = tuple[float, _Tie, tuple[float, int], list[tuple[float, int]]]
 #: an energy group: an idle row -> (that row, the positions holding it, ascending), and
 #: a busy row's position -> (its row, [that position])
 _Group = dict[Row | int, tuple[Row, list[int]]]
@@ -101,10 +104,13 @@ def _search_regular(row: Row) -> bool:
     (step >= 0, max(1, l / chunk) >= 1). ETA: q_n and w_n finite, 0 < mu_n < inf, so
     that for a request of finite tokens the ETA ((q_n + w_n x l) + tokens) / mu_n is
     never NaN and, among rows of equal w_n and mu_n, never decreases as q_n grows (each
-    rounded operation is monotone)."""
-    return (-INF < row[7] < INF and 0.0 <= row[8] < INF and 1.0 <= row[9] < INF
-            and 0.0 <= row[10] < INF
-            and -INF < row[4] < INF and -INF < row[6] < INF and 0.0 < row[5] < INF)
+    rounded operation is monotone). So: wait, step, chunk, s per token, q_n, mu_n and w_n
+    finite (their sum is: a sum of finite numbers too large to be finite is taken as
+    not regular too, which only sends a request to the full rule), step >= 0,
+    chunk >= 1, s per token >= 0 and mu_n > 0."""
+    q, mu, w, wait, step, chunk, pf_s = row[4:11]
+    total = q + mu + w + wait + step + chunk + pf_s
+    return total - total == 0.0 and step >= 0.0 and chunk >= 1.0 and pf_s >= 0.0 and mu > 0.0
 
 
 class CandidateIndex:
@@ -119,7 +125,7 @@ class CandidateIndex:
     """
 
     __slots__ = ("first_odd", "first_placed", "firsts", "groups", "odd", "placed", "rows",
-                 "stale", "within", "within_of")
+                 "stale", "within")
 
     def __init__(self) -> None:
         #: (eps, pi, wake) -> the rows of that energy key (_Group)
@@ -129,18 +135,17 @@ class CandidateIndex:
         self.placed: dict[int, tuple[_Group, Row | int, _Energy] | int] = {}
         self.odd = 0  # positions placed _ODD
         self.rows: dict[int, Row] = {}  # position -> its row
-        #: position -> whether it is within its TPOT batch (outstanding + 1 <= tpot_batch)
-        self.within_of: dict[int, bool] = {}
         # The soonest search's structure, brought up to date only when a request needs it
-        # (most never do): the positions put since then are ``stale``.
-        self.stale: set[int] = set()
+        # (most never do): the positions put since then are ``stale``, each with whether
+        # it is within its TPOT batch (outstanding + 1 <= tpot_batch) as last put
+        self.stale: dict[int, bool] = {}
         #: prefill s per token -> the ties (_Tie) of the positions within their TPOT
         #: batch whose first-token and ETA inputs are regular, ascending, and each
         #: tie's (q_n, position), ascending (_Firsts)
         self.firsts: dict[float, _Firsts] = {}
-        #: position within its TPOT batch -> (its key in firsts, its tie, its
-        #: (q_n, position)), or _ODD
-        self.first_placed: dict[int, tuple[float, _Tie, tuple[float, int]] | int] = {}
+        #: position within its TPOT batch -> where it is in firsts (_FirstPlaced), or
+        #: _ODD
+        self.first_placed: dict[int, _FirstPlaced | int] = {}
         self.within = 0  # positions within their TPOT batch
         self.first_odd = 0  # of which with first-token or ETA inputs that are not regular
 
@@ -160,19 +165,36 @@ class CandidateIndex:
         (the defaults are EndpointState's)."""
         placed = self.placed
         old = placed.get(pos)
-        if old is not None:  # take it out of where it was
-            if type(old) is tuple:
-                rows, old_row, old_key = old
-                same = rows[old_row][1]
-                if len(same) > 1:
-                    same.remove(pos)
-                else:
-                    del rows[old_row]
-                if not rows:
-                    del self.groups[old_key]
-            elif old == _ODD:
-                self.odd -= 1
+        if type(old) is tuple and old[1] == pos and row[4] != 0.0 and row[11] >= 1.0 \
+                and row[3] >= 0.0 and (row[0], row[1], row[2]) == old[2]:
+            # busy before and now, in the same energy group (most puts): its entry only
+            old[0][pos] = (row, [pos])
+        else:
+            if old is not None:
+                self._unplace(pos, old)
+            self._place(pos, row)
         self.rows[pos] = row
+        # core.routing.overflow_rank's test
+        self.stale[pos] = outstanding + 1.0 <= tpot_batch
+
+    def _unplace(self, pos: int, old: tuple[_Group, Row | int, _Energy] | int) -> None:
+        """Take position ``pos`` out of where it was placed (``old``)."""
+        if type(old) is tuple:
+            rows, old_row, old_key = old
+            same = rows[old_row][1]
+            if len(same) > 1:
+                same.remove(pos)
+            else:
+                del rows[old_row]
+            if not rows:
+                del self.groups[old_key]
+        elif old == _ODD:
+            self.odd -= 1
+
+    def _place(self, pos: int, row: Row) -> None:
+        """Place position ``pos`` by its ``row``: late, odd, or in its energy group (idle
+        rows merged with their equals, busy ones by position)."""
+        placed = self.placed
         if row[11] < 1.0:  # no batch room: late whatever the request (slo_infeasible)
             placed[pos] = _LATE
         elif (row[0] != row[0] or row[1] != row[1] or row[2] != row[2]
@@ -194,58 +216,59 @@ class CandidateIndex:
             else:
                 group[pos] = (row, [pos])
                 placed[pos] = (group, pos, key)
-        # core.routing.overflow_rank's test
-        self.within_of[pos] = outstanding + 1.0 <= tpot_batch
-        self.stale.add(pos)
 
     def _refresh_firsts(self) -> None:
         """Bring the soonest search's structure up to date with the rows put since."""
-        put_first, rows, within_of = self._put_first, self.rows, self.within_of
-        for pos in self.stale:
-            put_first(pos, rows[pos], within_of[pos])
+        put_first, rows = self._put_first, self.rows
+        for pos, within in self.stale.items():
+            put_first(pos, rows[pos], within)
         self.stale.clear()
 
     def _put_first(self, pos: int, row: Row, within: bool) -> None:
         """Position ``pos`` in the soonest search: ``within`` its TPOT batch or not."""
         old = self.first_placed.pop(pos, None)
         if old is not None:
-            self.within -= 1
             if type(old) is tuple:
                 self._drop_first(old)
             else:
                 self.first_odd -= 1
-        if not within:
+            if not within:
+                self.within -= 1
+                return
+        elif within:
+            self.within += 1
+        else:
             return
-        self.within += 1
         if _search_regular(row):
             wait, step, pf_s = row[7], row[8], row[10]
             tie = (wait + step, wait, step, row[9], row[6], row[5])
             entry = (row[4], pos)
             group = self.firsts.get(pf_s)
             if group is None:
-                self.firsts[pf_s] = ([tie], {tie: [entry]})
+                same = [entry]
+                self.firsts[pf_s] = ([tie], {tie: same})
             else:
                 ties, members = group
-                same = members.get(tie)
-                if same is None:
+                held = members.get(tie)
+                if held is None:
                     insort(ties, tie)
-                    members[tie] = [entry]
+                    same = members[tie] = [entry]
                 else:
-                    insort(same, entry)
-            self.first_placed[pos] = (pf_s, tie, entry)
+                    insort(held, entry)
+                    same = held
+            self.first_placed[pos] = (pf_s, tie, entry, same)
         else:
             self.first_placed[pos] = _ODD
             self.first_odd += 1
 
-    def _drop_first(self, placed: tuple[float, _Tie, tuple[float, int]]) -> None:
-        """Take a position out of the soonest search, ``placed`` as (its group's prefill
-        s per token, its tie, its entry (q_n, position))."""
-        pf_s, tie, entry = placed
-        ties, members = self.firsts[pf_s]
-        same = members[tie]
+    def _drop_first(self, placed: _FirstPlaced) -> None:
+        """Take a position out of the soonest search, ``placed`` where :meth:`_put_first`
+        put it."""
+        pf_s, tie, entry, same = placed
         if len(same) > 1:
             del same[bisect_left(same, entry)]
             return
+        ties, members = self.firsts[pf_s]
         del members[tie]
         if members:
             del ties[bisect_left(ties, tie)]

@@ -354,6 +354,7 @@ class Simulator:
         "load_columns",
         "mark_i",
         "marks",
+        "miad_next",
         "mix_rooms",
         "n_pools",
         "n_sys",
@@ -463,6 +464,8 @@ class Simulator:
         self.load_columns = self.pools[0].profile.picker.reads_scores
         self.evq: list[tuple[float, int, int]] = []  # (t, instance, instance version)
         self.controllers = self._miad_controllers()
+        #: (mode, clock index, at risk) -> the clock MIAD steps to (before the floor)
+        self.miad_next: dict[tuple[str, int, bool], float] = {}
         self.clock_floors: dict[tuple[str, int, int], float] = {}
         self.floor_prompts: dict[int, tuple[float, float]] = {}
         #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
@@ -725,16 +728,20 @@ class Simulator:
         for inst in self.instances:
             if inst.state != ACTIVE and inst.state != DRAINING:
                 continue
-            ctrl = self.controllers[inst.table.mode]
-            sig = miad_signal(self._period_latencies(inst, t))
+            tab = inst.table
+            ctrl = self.controllers[tab.mode]
+            risk = ctrl.at_risk(miad_signal(self._period_latencies(inst, t)))
             inst.tt_max = -1.0
-            cur = inst.table.clocks[inst.ci]
-            nxt, _ = ctrl.step(cur, sig)
+            cur = tab.clocks[inst.ci]
+            key = (tab.mode, inst.ci, risk)
+            nxt = self.miad_next.get(key)
+            if nxt is None:  # MIADController.step's answer: a function of these alone
+                nxt = self.miad_next[key] = ctrl.next_clock(cur, risk)[0]
             floor = self._clock_floor(inst)
             if nxt < floor:
                 nxt = floor
             if nxt != cur:
-                inst.change_clock(inst.table.clocks.index(nxt), t, self.evq)
+                inst.change_clock(tab.clock_index(nxt), t, self.evq)
                 if inst.state == ACTIVE and inst.pos >= 0:
                     for p in self._pools_of(inst):
                         self.pools[p].set_rule(inst)
@@ -889,32 +896,36 @@ class Simulator:
         """Refresh ``inst``'s routing columns after its load changed."""
         if inst.state != ACTIVE or inst.pos < 0:
             return
-        mixed = False
-        if self.use_js:
-            pool = self.pools[inst.pool]
-            n_out = inst.n_out
-            if n_out != inst.mix_n:  # its requests changed: its loads and rooms
-                mixed = True
-                inst.mix_n = n_out
-                pool.note_mix(inst)
-                # eps_n stays at the pool's b*_n: the engine does not stop a batch at
-                # b*_n, so what joining costs follows the pool's sizing; the room says
-                # whether the member keeps the SLO with one more
-                epv, vhm = pool.spread  # (Pool.credibility written out)
-                inst.room, inst.tpot_batch = self._member_rooms(
-                    inst, credibility_at(n_out, epv, vhm))
-            pool.sync(inst, t)
-        else:
+        if not self.use_js:
             self.pools[inst.pool].sync_load(inst)
+            if inst.cls >= self.n_pools:  # a shared instance: its guest pools' too
+                for p in self.class_sets[inst.cls][1:]:
+                    self.pools[p].sync_load(inst)
+            return
+        pool = self.pools[inst.pool]
+        mixed = inst.n_out != inst.mix_n
+        if mixed:  # its requests changed: its loads and rooms
+            self._remix(inst, pool)
+        row = inst.row(t)
+        pool.put(inst, row)
         if inst.cls >= self.n_pools:  # a shared instance: its rows in its guest pools too
             for p in self.class_sets[inst.cls][1:]:
-                if self.use_js:
-                    guest = self.pools[p]
-                    if mixed:  # (its rooms: its home pool's spread, above)
-                        guest.note_mix(inst)
-                    guest.sync(inst, t)
-                else:
-                    self.pools[p].sync_load(inst)
+                guest = self.pools[p]
+                if mixed:  # (its rooms: its home pool's spread, above)
+                    guest.note_mix(inst)
+                guest.put(inst, row)
+
+    def _remix(self, inst: Instance, pool: Pool) -> None:
+        """``inst``'s requests changed: its terms of its home ``pool``'s slot-load sums,
+        and its rooms at the slot load it is now credited with."""
+        n_out = inst.n_out
+        inst.mix_n = n_out
+        pool.note_mix(inst)
+        # eps_n stays at the pool's b*_n: the engine does not stop a batch at b*_n, so
+        # what joining costs follows the pool's sizing; the room says whether the member
+        # keeps the SLO with one more
+        epv, vhm = pool.spread  # (Pool.credibility written out)
+        inst.room, inst.tpot_batch = self._member_rooms(inst, credibility_at(n_out, epv, vhm))
 
     def _pools_of(self, inst: Instance) -> tuple[int, ...]:
         """The pools ``inst`` is a member of: its home pool, then those it is a guest in."""

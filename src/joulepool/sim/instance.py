@@ -27,7 +27,7 @@ from joulepool.core.routing import (
     slot_load_terms,
 )
 from joulepool.core.scoring import EndpointState, RoutingProfile
-from joulepool.sim.candidates import CandidateIndex
+from joulepool.sim.candidates import CandidateIndex, Row
 from joulepool.sim.tables import NEEDED, ProfileTable
 
 INF = math.inf
@@ -529,7 +529,7 @@ class Pool:
     the columns are written from it only when read (:attr:`state`): most requests
     never read them."""
 
-    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "loads", "members",
+    __slots__ = ("_state", "columns", "dirty", "guest_pos", "index", "members",
                  "mix", "mix_of", "mix_puts", "out", "profile", "spread")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
@@ -545,17 +545,16 @@ class Pool:
             raise ValueError(f"routing profile {profile.name!r} is not the one the candidate "
                              "index answers for (JouleSched scorer, lowest-cost picker)")
         self.index = CandidateIndex() if indexed else None
-        self.dirty: set[int] = set()  # rows of the index not yet in the columns
+        #: with ``index``: the rows not yet in the columns, each with its (outstanding,
+        #: TPOT batch) as last synced, written to the columns with the row when read
+        self.dirty: dict[int, tuple[int, float]] = {}
         self._state = st = EndpointState(len(members))
-        #: (outstanding, TPOT batch) of each row as last synced, with ``index``: written
-        #: to the columns with the row when they are read
-        self.loads: list[tuple[int, float]] = [(0, INF)] * len(members)
         self.out = st.outstanding  # least-loaded: (out + 1) x inv_capacity
         self.columns = tuple(getattr(st, name) for name in ROW_COLUMNS)
         #: core.routing.SlotLoadMoments' six sums over the members, and each member's
         #: terms in them (kept as members' loads change; summed afresh every
         #: len(members) changes so that rounding does not build up)
-        self.mix = [0.0] * 6
+        self.mix: tuple[float, ...] = (0.0,) * 6
         self.mix_of = [(0.0,) * 6 for _ in members]
         self.mix_puts = 0
         for pos, inst in enumerate(members):
@@ -579,20 +578,20 @@ class Pool:
         """The columns, every row as last synced."""
         if self.dirty:
             assert self.index is not None
-            rows, loads = self.index.rows, self.loads
+            rows = self.index.rows
             columns, st = self.columns, self._state
-            for pos in self.dirty:
+            for pos, load in self.dirty.items():
                 for column, value in zip(columns, rows[pos], strict=True):
                     column[pos] = value
-                st.outstanding[pos], st.tpot_batch[pos] = loads[pos]
+                st.outstanding[pos], st.tpot_batch[pos] = load
             self.dirty.clear()
         return self._state
 
     def _sum_mix(self) -> None:
         """The six sums afresh from the members' terms."""
         mix_of = self.mix_of
-        self.mix = ([math.fsum(column) for column in zip(*mix_of, strict=True)] if mix_of
-                    else [0.0] * 6)
+        self.mix = (tuple(math.fsum(column) for column in zip(*mix_of, strict=True))
+                    if mix_of else (0.0,) * 6)
         self.mix_puts = 0
         self.spread = slot_load_spread(*self.mix)
 
@@ -609,14 +608,14 @@ class Pool:
         if puts >= len(self.members):
             self._sum_mix()
             return
-        mix = self.mix
-        mix[0] += new[0] - old[0]
-        mix[1] += new[1] - old[1]
-        mix[2] += new[2] - old[2]
-        mix[3] += new[3] - old[3]
-        mix[4] += new[4] - old[4]
-        mix[5] += new[5] - old[5]
-        self.spread = slot_load_spread(mix[0], mix[1], mix[2], mix[3], mix[4], mix[5])
+        # (each sum as ``sum += new - old``, the six written out: this runs per change of
+        # a member's requests)
+        m0, m1, m2, m3, m4, m5 = self.mix
+        n0, n1, n2, n3, n4, n5 = new
+        o0, o1, o2, o3, o4, o5 = old
+        mix = self.mix = (m0 + (n0 - o0), m1 + (n1 - o1), m2 + (n2 - o2), m3 + (n3 - o3),
+                          m4 + (n4 - o4), m5 + (n5 - o5))
+        self.spread = slot_load_spread(*mix)
 
     def credibility(self, n: float) -> float:
         """core.routing.slot_load_credibility of a member holding ``n`` requests (the
@@ -637,15 +636,18 @@ class Pool:
         """Every column of ``inst``'s row at ``t`` (after its load or clock changed):
         outstanding requests, eps_n, pi_n, X_n(1), R_n, q_n, mu_n, w_n, the prefill
         queue, the prefill time per token and the batch room."""
+        self.put(inst, inst.row(t))
+
+    def put(self, inst: Instance, row: Row) -> None:
+        """:meth:`sync` with ``inst``'s row already read (:meth:`Instance.row`): one read
+        serves every pool the instance is a member of."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
         n_out = inst.n_out
         tpot_batch = inst.tpot_batch  # sized at its mix
-        row = inst.row(t)
         index = self.index
         if index is not None:  # the columns are written when read (endpoints)
             index.put(pos, row, n_out, tpot_batch)
-            self.loads[pos] = (n_out, tpot_batch)
-            self.dirty.add(pos)
+            self.dirty[pos] = (n_out, tpot_batch)
         else:
             self.out[pos] = n_out
             self._state.tpot_batch[pos] = tpot_batch

@@ -69,6 +69,22 @@ class ProfileTable:
         loop reads it per MIAD step and routing-row refresh."""
         return self.profile.mode
 
+    @cached_property
+    def _clock_indices(self) -> dict[float, int]:
+        """MHz -> its first index in :attr:`clocks`."""
+        out: dict[float, int] = {}
+        for ci, f in enumerate(self.clocks):
+            out.setdefault(f, ci)
+        return out
+
+    def clock_index(self, mhz: float) -> int:
+        """The index of ``mhz`` in :attr:`clocks` (``clocks.index``, from a dict: MIAD
+        moves clocks every period); ValueError when it is not one of them."""
+        ci = self._clock_indices.get(mhz)
+        if ci is None:
+            raise ValueError(f"{mhz} MHz is not a clock of {self.mode}")
+        return ci
+
     def with_miad_margin(self, margin: float) -> ProfileTable:
         """This table with :attr:`excess_needed_j` at the clocks MIAD holds under
         ``margin`` (a run's ``EngineParams.miad_margin``); itself when it already is."""
