@@ -165,7 +165,9 @@ class CandidateIndex:
         (the defaults are EndpointState's)."""
         placed = self.placed
         old = placed.get(pos)
-        if type(old) is tuple and old[1] == pos and row[4] != 0.0 and row[11] >= 1.0 \
+        if old == _LATE and row[11] < 1.0:
+            pass  # late before and now (most puts while the pool is full): stays there
+        elif type(old) is tuple and old[1] == pos and row[4] != 0.0 and row[11] >= 1.0 \
                 and row[3] >= 0.0 and (row[0], row[1], row[2]) == old[2]:
             # busy before and now, in the same energy group (most puts): its entry only
             old[0][pos] = (row, [pos])
