@@ -47,7 +47,7 @@ from joulepool.core.profiles import (
     product_for_label,
 )
 from joulepool.core.queueing import conditional_wait_s, wait_probability
-from joulepool.core.routing import wake_energy_j
+from joulepool.core.routing import steady_batch, steady_request_energy_j
 
 
 def node_from_label(name: str, site: str, product_label: str, gpus: int) -> PlanNode:
@@ -516,15 +516,20 @@ def build_problem(
     serving: dict[str, list[ServingPoint | None]] = {m.name: [None] * R for m in modes}
     service: list[dict[int, npt.NDArray[np.float64]]] = []
     for i, item in enumerate(planned):
-        for m, (profile, _) in item.points.items():
-            wake[i, m] = wake_energy_j(profile, item.cls.mean_input_tokens,
-                                       item.cls.mean_output_tokens)
         service.append(_prompt_service(item.cls, {m: (prof, item.fitted[m])
                                                   for m, (prof, _) in item.points.items()}))
         for m, sp in item.fitted.items():
             serving[modes[m].name][i] = sp
             power[i, m], capacity[i, m] = sp.power_w, sp.rps
     planned_classes = [item.cls for item in planned]
+    for m, mode in enumerate(modes):
+        profiles = [item.points[m][0] if m in item.points else None for item in planned]
+        batches = shared_batches(planned_classes, serving[mode.name], profiles)
+        for i, item in enumerate(planned):
+            profile = profiles[i]
+            if profile is not None:
+                wake[i, m] = steady_request_energy_j(profile, item.cls.mean_input_tokens,
+                                                     item.cls.mean_output_tokens, batches[i])
     shared = (shared_ttft(planned_classes, modes, capacity, service, headroom, sizes,
                           [item.parent for item in planned])
               if any(c.share_key is not None for c in planned_classes) else None)
@@ -570,6 +575,34 @@ def _alternative_arrays(planned: Sequence[_Fitted], classes: Sequence[ServiceCla
             for m, rate in rates.items():
                 cap[k, i, m], excess[k, i, m] = rate, extra
     return {"alt_capacity_rps": cap, "alt_miss_excess": excess, "miss_group": tuple(group)}
+
+
+def shared_batches(classes: Sequence[ServiceClass], points: Sequence[ServingPoint | None],
+                   profiles: Sequence[ServingProfile | None]) -> list[float]:
+    """Per class, the decode batch its requests join on a shared instance of one mode:
+    the steady batch (:func:`~joulepool.core.routing.steady_batch`) of the decode tokens
+    its share group asks of one instance (each class that may use the mode: its mean
+    forecast x its tokens decoded after the first), at most the class's own mean batch at
+    its sustainable rate (``points[r].batch``: so a shared instance filled to L[r, m] costs
+    about FREESH's P[r, m], never much less), at least 1. A class that shares with no other
+    (``share_key`` None) or may not use the mode: 1, the wake price (docs/planner.md,
+    "Shared instances")."""
+    groups: dict[str, float] = {}
+    for r, cls in enumerate(classes):
+        sp = points[r]
+        if cls.share_key is None or sp is None or sp.rps <= 0:
+            continue
+        tokens = float(np.mean(cls.forecast_rps)) * max(cls.mean_output_tokens - 1.0, 0.0)
+        groups[cls.share_key] = groups.get(cls.share_key, 0.0) + tokens
+    out = []
+    for r, cls in enumerate(classes):
+        sp, profile = points[r], profiles[r]
+        if cls.share_key is None or sp is None or sp.rps <= 0 or profile is None:
+            out.append(1.0)
+            continue
+        batch = steady_batch(profile, groups[cls.share_key])
+        out.append(max(1.0, min(batch, sp.batch)))
+    return out
 
 
 def _share_groups(classes: Sequence[ServiceClass], parents: Sequence[str]

@@ -249,14 +249,55 @@ def wake_energy_j(profile: ServingProfile, input_tokens: float, output_tokens: f
                   clock_mhz: float | None = None) -> float:
     """J above idle one request adds on an otherwise idle endpoint of ``profile``: its
     prefill (pi x prompt) and its decode at batch one (X(1) per token after the first),
-    :func:`marginal_energy_j` with nothing in flight (R_n = 0). The planner charges it
-    per request on a shared instance (``core.planner``, docs/planner.md)."""
+    :func:`marginal_energy_j` with nothing in flight (R_n = 0);
+    :func:`steady_request_energy_j` at batch one."""
     x1 = float(excess_step_j(profile.power_w(1, clock_mhz), profile.idle_w,
                              profile.itl_s(1, clock_mhz)))
     pi = float(prefill_excess_j_per_token(profile.prefill_power_w(clock_mhz), profile.idle_w,
                                           profile.prefill_s(1.0, clock_mhz)))
     return float(marginal_energy_j(x1, pi, max(output_tokens - 1.0, 0.0), input_tokens,
                                    wake_j_per_token=x1, batch_left_tokens=0.0))
+
+
+def steady_batch(profile: ServingProfile, decode_tokens_per_s: float,
+                 clock_mhz: float | None = None) -> float:
+    """The mean decode batch b of an instance of ``profile`` asked for
+    ``decode_tokens_per_s`` decode tokens per second: b / itl(b) = that rate (Little's
+    law: requests decoding = their rate x their decode time), at least 1 (a lone request
+    decodes at batch one however rarely requests come) and at most the batch that
+    saturates the instance (``max_batch``). Prefill pauses are not counted (they only
+    lengthen decode lives, so the batch is if anything larger)."""
+    batches = np.arange(1.0, float(int(profile.max_batch.value)) + 1.0)
+    tps = np.asarray(profile.decode_tokens_per_s(batches, clock_mhz), dtype=np.float64)
+    rate = float(decode_tokens_per_s)
+    if not rate > tps[0]:  # also NaN: a batch of one
+        return 1.0
+    if rate >= tps[-1]:
+        return float(batches[-1])
+    # decode throughput grows with the batch (step time is linear in b with a fixed part)
+    return float(np.interp(rate, tps, batches))
+
+
+def steady_request_energy_j(profile: ServingProfile, input_tokens: float,
+                            output_tokens: float, batch: float = 1.0,
+                            clock_mhz: float | None = None) -> float:
+    """J above idle one request adds on an endpoint of ``profile`` that decodes at a
+    steady batch ``batch`` (>= 1): its prefill (pi x prompt) and its share of every decode
+    step it is in, X(b) / b per token after the first, :func:`marginal_energy_j` with
+    eps_n = X(b) / b, the rule's price once a batch is full. Summed over the requests
+    of a steady run this is the instance's busy energy above idle, what the simulator's
+    ledger charges (``tests/unit/test_marginal_energy.py``). At batch one it is
+    :func:`wake_energy_j`. The planner charges it per request on a shared instance at the
+    batch the share group's demand reaches there (``core.problem``, docs/planner.md,
+    "Shared instances")."""
+    b = max(float(batch), 1.0)
+    if b == 1.0:
+        return wake_energy_j(profile, input_tokens, output_tokens, clock_mhz)
+    xb = float(excess_step_j(profile.power_w(b, clock_mhz), profile.idle_w,
+                             profile.itl_s(b, clock_mhz)))
+    pi = float(prefill_excess_j_per_token(profile.prefill_power_w(clock_mhz), profile.idle_w,
+                                          profile.prefill_s(1.0, clock_mhz)))
+    return float(marginal_energy_j(xb / b, pi, max(output_tokens - 1.0, 0.0), input_tokens))
 
 
 def marginal_energy_floor(eps_j_per_token: float, prefill_j_per_token: float,
