@@ -19,6 +19,7 @@ from joulepool.core.problem import (
     prompt_tail_miss,
 )
 from joulepool.core.profiles import DEFAULT_HEADROOM, DEFAULT_PROFILES, find_profile
+from joulepool.core.routing import steady_batch, steady_request_energy_j, wake_energy_j
 from joulepool.pooling import build_problem as build_pool_problem
 
 H100, A100 = Mode("1xH100", "H100", 1), Mode("1xA100", "A100", 1)
@@ -290,3 +291,49 @@ def test_prompt_prefill_times_equal_the_scalar_step_model() -> None:
         want = [prefill_time_s(budget, batch, p, decode_s, per_token) for p in prompts.tokens]
         np.testing.assert_allclose(prompt_prefill_s(prof, prompts, batch), want,
                                    rtol=1e-12, atol=0.0)
+
+
+def _70b(r: int, mode: Mode):  # type: ignore[no-untyped-def]
+    return find_profile(mode.product, "llama-3.1-70b", mode.gpus)
+
+
+def test_a_shared_instance_prices_requests_at_the_batch_its_group_reaches() -> None:
+    """The held-out mixed-70b cell (bursty trace, load 0.5): 1.4 req/s of short chat
+    reach a batch of several on a shared 4xH100, so a request there costs its share of a
+    step, not a step at batch one (the wake price, 6x dearer for SS); priced at the wake,
+    the planner gave SS a 4xH100 of its own beside the shared one (4 instances, every one
+    near-empty); priced at the batch reached, SS rides the shared instance (3)."""
+    h100 = Mode("4xH100", "H100", 4)
+    classes = [ServiceClass("SS", 419.0, 176.0, 0.3, 0.15, (1.4,), share_key="m"),
+               ServiceClass("SL", 420.0, 683.0, 0.3, 0.15, (0.2,), share_key="m"),
+               ServiceClass("LS", 2182.0, 182.0, 0.6, 0.15, (0.42,), share_key="m"),
+               ServiceClass("LL", 2496.0, 733.0, 0.6, 0.15, (0.07,), share_key="m")]
+    nodes = [PlanNode("h0", "dc", "H100", 8), PlanNode("h1", "dc", "H100", 8)]
+    built = build_problem(classes, [h100], nodes, _70b, step_s=300.0, alpha=1.1,
+                          objective="energy")
+    profile = _70b(0, h100)
+    tokens = sum(c.forecast_rps[0] * (c.mean_output_tokens - 1.0) for c in classes)
+    batch = steady_batch(profile, tokens)
+    points = built.serving["4xH100"]
+    wake = built.problem.wake_j_per_request
+    assert wake is not None and batch > 2.0
+    for r, cls in enumerate(classes):
+        b = max(1.0, min(batch, points[r].batch))
+        assert wake[r, 0] == steady_request_energy_j(profile, cls.mean_input_tokens,
+                                                     cls.mean_output_tokens, b)
+        assert wake[r, 0] <= wake_energy_j(profile, cls.mean_input_tokens,
+                                           cls.mean_output_tokens)
+    assert wake[0, 0] < wake_energy_j(profile, 419.0, 176.0) / 4
+    plan = solve(built.problem).plan
+    assert not [a for a in plan if a.cls == "SS" and not a.serves]
+    assert sum(a.instances for a in plan) == 3
+
+
+def test_a_class_that_shares_with_no_other_keeps_the_wake_price() -> None:
+    h100 = Mode("4xH100", "H100", 4)
+    alone = ServiceClass("SS", 419.0, 176.0, 0.3, 0.15, (1.4,))
+    built = build_problem([alone], [h100], [PlanNode("h0", "dc", "H100", 8)], _70b,
+                          step_s=300.0, alpha=1.1, objective="energy")
+    assert built.problem.wake_j_per_request is not None
+    assert built.problem.wake_j_per_request[0, 0] == wake_energy_j(_70b(0, h100), 419.0,
+                                                                   176.0)
