@@ -581,26 +581,35 @@ def shared_batches(classes: Sequence[ServiceClass], points: Sequence[ServingPoin
                    profiles: Sequence[ServingProfile | None]) -> list[float]:
     """Per class, the decode batch its requests join on a shared instance of one mode:
     the steady batch (:func:`~joulepool.core.routing.steady_batch`) of the decode tokens
-    its share group asks of one instance (each class that may use the mode: its mean
-    forecast x its tokens decoded after the first), at most the class's own mean batch at
-    its sustainable rate (``points[r].batch``: so a shared instance filled to L[r, m] costs
-    about FREESH's P[r, m], never much less), at least 1. A class that shares with no other
-    (``share_key`` None) or may not use the mode: 1, the wake price (docs/planner.md,
-    "Shared instances")."""
-    groups: dict[str, float] = {}
+    its share group leaves to shared instances, at most the class's own mean batch at its
+    sustainable rate (``points[r].batch``: so a shared instance filled to L[r, m] costs
+    about FREESH's P[r, m], never much less), at least 1. What a class leaves is its mean
+    forecast less the whole instances of its own it would fill at L[r, m] (its rate modulo
+    L[r, m]: the shared instances carry what is left over, docs/planner.md), times its
+    tokens decoded after the first, summed over the group's classes that may use the mode
+    and spread evenly over the fewest instances that hold it (sum of left / L[r, m],
+    rounded up).
+    A class that shares with no other (``share_key`` None) or may not use the mode: 1, the
+    wake price (docs/planner.md, "Shared instances")."""
+    tokens: dict[str, float] = {}  # decode tokens/s the group leaves to shared instances
+    load: dict[str, float] = {}  # the same in instances, each class's at its L[r, m]
     for r, cls in enumerate(classes):
         sp = points[r]
         if cls.share_key is None or sp is None or sp.rps <= 0:
             continue
-        tokens = float(np.mean(cls.forecast_rps)) * max(cls.mean_output_tokens - 1.0, 0.0)
-        groups[cls.share_key] = groups.get(cls.share_key, 0.0) + tokens
+        left = math.fmod(float(np.mean(cls.forecast_rps)), sp.rps)
+        key = cls.share_key
+        tokens[key] = tokens.get(key, 0.0) + left * max(cls.mean_output_tokens - 1.0, 0.0)
+        load[key] = load.get(key, 0.0) + left / sp.rps
     out = []
     for r, cls in enumerate(classes):
         sp, profile = points[r], profiles[r]
         if cls.share_key is None or sp is None or sp.rps <= 0 or profile is None:
             out.append(1.0)
             continue
-        batch = steady_batch(profile, groups[cls.share_key])
+        # spread over the fewest shared instances that hold it
+        instances = max(1.0, math.ceil(load[cls.share_key] - 1e-9))
+        batch = steady_batch(profile, tokens[cls.share_key] / instances)
         out.append(max(1.0, min(batch, sp.batch)))
     return out
 
