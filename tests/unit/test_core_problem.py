@@ -298,11 +298,12 @@ def _70b(r: int, mode: Mode):  # type: ignore[no-untyped-def]
 
 
 def test_a_shared_instance_prices_requests_at_the_batch_its_group_reaches() -> None:
-    """The held-out mixed-70b cell (bursty trace, load 0.5): 1.4 req/s of short chat
-    reach a batch of several on a shared 4xH100, so a request there costs its share of a
-    step, not a step at batch one (the wake price, 6x dearer for SS); priced at the wake,
-    the planner gave SS a 4xH100 of its own beside the shared one (4 instances, every one
-    near-empty); priced at the batch reached, SS rides the shared instance (3)."""
+    """The held-out mixed-70b cell (bursty trace, load 0.5): what the four classes leave
+    over (each class's rate modulo its L, 1.68 instances' worth in all) keeps two shared
+    4xH100 at a batch of about two, so a request there costs its share of a step, not a
+    step at batch one (the wake price, 3x dearer for SS); priced at the wake, the planner
+    gave SS a 4xH100 of its own beside the shared one (4 instances, every one near-empty);
+    priced at the batch reached, SS rides the shared instance (3)."""
     h100 = Mode("4xH100", "H100", 4)
     classes = [ServiceClass("SS", 419.0, 176.0, 0.3, 0.15, (1.4,), share_key="m"),
                ServiceClass("SL", 420.0, 683.0, 0.3, 0.15, (0.2,), share_key="m"),
@@ -312,21 +313,41 @@ def test_a_shared_instance_prices_requests_at_the_batch_its_group_reaches() -> N
     built = build_problem(classes, [h100], nodes, _70b, step_s=300.0, alpha=1.1,
                           objective="energy")
     profile = _70b(0, h100)
-    tokens = sum(c.forecast_rps[0] * (c.mean_output_tokens - 1.0) for c in classes)
-    batch = steady_batch(profile, tokens)
     points = built.serving["4xH100"]
+    left = [math.fmod(c.forecast_rps[0], points[r].rps) for r, c in enumerate(classes)]
+    instances = math.ceil(sum(x / points[r].rps for r, x in enumerate(left)))
+    tokens = sum(x * (c.mean_output_tokens - 1.0) for x, c in zip(left, classes, strict=True))
+    assert instances == 2 and left[2] < classes[2].forecast_rps[0]  # LS fills one of its own
+    batch = steady_batch(profile, tokens / instances)
     wake = built.problem.wake_j_per_request
-    assert wake is not None and batch > 2.0
+    assert wake is not None and batch > 1.5
     for r, cls in enumerate(classes):
         b = max(1.0, min(batch, points[r].batch))
         assert wake[r, 0] == steady_request_energy_j(profile, cls.mean_input_tokens,
                                                      cls.mean_output_tokens, b)
         assert wake[r, 0] <= wake_energy_j(profile, cls.mean_input_tokens,
                                            cls.mean_output_tokens)
-    assert wake[0, 0] < wake_energy_j(profile, 419.0, 176.0) / 4
+    assert wake[0, 0] < wake_energy_j(profile, 419.0, 176.0) / 3
     plan = solve(built.problem).plan
     assert not [a for a in plan if a.cls == "SS" and not a.serves]
     assert sum(a.instances for a in plan) == 3
+
+
+def test_a_class_that_fills_instances_keeps_its_own() -> None:
+    """A class whose demand fills whole instances leaves only its remainder to shared
+    ones: the shared instance's batch is the remainder's, below the class's batch at L,
+    so a full shared instance costs more than one of its own (the wake price's intent)."""
+    h100 = Mode("1xH100", "H100", 1)
+    big = ServiceClass("chat", 1000.0, 200.0, 1.0, 0.1, (20.0,), share_key="m")
+    small = ServiceClass("new", 1000.0, 200.0, 1.0, 0.1, (0.5,), share_key="m")
+    built = build_problem([big, small], [h100], [PlanNode("h0", "dc", "H100", 8)], _profile,
+                          step_s=300.0, alpha=1.1, objective="energy")
+    sp = built.serving["1xH100"][0]
+    assert sp is not None and built.problem.wake_j_per_request is not None
+    full = built.problem.idle_power_w[0] + sp.rps * built.problem.wake_j_per_request[0, 0]
+    assert full > sp.power_w
+    plan = solve(built.problem).plan
+    assert [a for a in plan if a.cls == "chat" and not a.serves]
 
 
 def test_a_class_that_shares_with_no_other_keeps_the_wake_price() -> None:

@@ -248,10 +248,7 @@ async def test_invalid_pool_keeps_its_last_valid_spec_and_unadopted_pools_wait()
     await reconcile(planner, world)
     c = conds(api, "chat")
     assert c["Invalid"] == ("True", "InvalidSpec") and c["Planned"] == ("True", "Planned")
-    # the plan of the last valid spec: chat's 20 req/s and new's 4 on 3 shared H100
-    # instances (a request on a shared instance priced at the batch the two pools reach,
-    # core.problem.shared_batches; at the wake price: 2 of chat's own and 1 of new's)
-    assert plan(api).pools["default.chat"].replicas == 3
+    assert plan(api).pools["default.chat"].replicas == 2
 
 
 async def test_plan_version_continues_from_the_published_configmap() -> None:
