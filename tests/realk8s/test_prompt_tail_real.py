@@ -24,6 +24,7 @@ from operatorlib import (
     POOLS,
     VERSION,
     Scenario,
+    condition,
     pool_body,
     start_engine_and_agent,
     start_operator,
@@ -118,13 +119,37 @@ def test_a_long_prompt_pool_is_not_planned_on_a_mode_that_cannot_prefill_its_tai
     try:
         s.node("a100", product="A100")
         s.node("h100", product="H100")
-        s.create_pool("short", rps=2, demand=demand())
-        s.create_pool("long", rps=2, demand=demand(LONG_TAIL))
+        # different served names: the pools cannot share an instance, so each is planned
+        # on the modes its own prompts allow (at 2 req/s each, one H100 shared by both is
+        # the cheaper plan since shared requests are priced at the batch they reach)
+        s.create_pool("short", rps=2, demand=demand(), servedModelNames=["short"])
+        s.create_pool("long", rps=2, demand=demand(LONG_TAIL), servedModelNames=["long"])
         stored = s.pool("long")
         assert stored is not None
         assert stored["spec"]["demand"]["inputTokenQuantiles"] == LONG_TAIL
         assert products(s.planned("short")) == {"A100"}  # the mean prompt fits an A100
         assert products(s.planned("long")) == {"H100"}  # its tail does not
+        assert not operator.forbidden_lines()
+    finally:
+        s.release_all()
+
+
+def test_a_long_prompt_pool_sharing_instances_is_still_planned_off_that_mode(
+        cluster: ControlPlane, namespace: str, nodes: list[str],
+        operator: k8slib.Component) -> None:
+    s = Scenario(cluster, namespace, nodes, operator)
+    try:
+        s.node("a100", product="A100")
+        s.node("h100", product="H100")
+        s.create_pool("short", rps=2, demand=demand())
+        s.create_pool("long", rps=2, demand=demand(LONG_TAIL))
+        # the same served names: they may share; the long pool's instances stay on the
+        # H100 whether or not the short pool joins them, never as a guest on an A100
+        assert products(s.planned("long")) == {"H100"}
+        short = s.planned("short")
+        assert products(short) <= {"A100", "H100"}
+        ready = condition(short, "Ready")
+        assert products(short) or (ready is not None and ".long" in ready["message"])
         assert not operator.forbidden_lines()
     finally:
         s.release_all()
