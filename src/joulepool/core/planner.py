@@ -15,11 +15,7 @@ With ``share_group`` (classes of one group may share instances, docs/planner.md
 "Shared instances") the model also has shared instances y[zone, g, m] carrying
 req/s f[zone, r, m] of the group's classes, sum_r f / L[r, m] <= y, at idle[m]
 each plus wake[r, m] J per request; a class's demand is then met by its own
-instances and its flows together. With ``alt_capacity_rps`` a class's flow may also
-take alternative columns, each at its own rate (a different TTFT miss level), and the
-classes of one ``miss_group`` (prompt-length parts of a class) share one row,
-sum of each alternative flow's miss excess x req/s <= 0, so their misses add up to the
-class's budget (docs/planner.md, "Prompt parts"). Without it the model is FREESH's.
+instances and its flows together. Without it the model is FREESH's.
 
 Why it stays fast at 10,000 GPUs: the model grows with the number of
 distinct node shapes, not with the number of nodes.
