@@ -165,7 +165,7 @@ def grouped_problems(draw: st.DrawFn) -> PlanProblem:
                     st.floats(0.001, 0.01))
     modes = tuple(Mode(f"m{i}", "A100", 4) for i in range(n_modes))
     return PlanProblem(
-        classes=(*(f"c#{r}" for r in range(n_parts)), "other"), modes=modes,
+        classes=tuple(f"c#{r}" for r in range(n_parts)) + ("other",), modes=modes,
         nodes=(PlanNode("n0", "s", "A100", 8), PlanNode("n1", "s", "A100", 4)),
         power_w=np.full((R, n_modes), 300.0), capacity_rps=cap,
         forecast_rps=np.array([[draw(st.floats(0.1, 4.0))] for _ in range(R)]), alpha=1.0,

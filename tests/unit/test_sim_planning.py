@@ -179,29 +179,3 @@ def _lengths(prompts):
     lengths = PromptLengths.from_samples(prompts)
     assert lengths is not None
     return lengths
-
-
-def test_a_window_planned_as_prompt_parts_maps_back_to_its_classes():
-    """EngineParams.prompt_parts: on freesh-3site with the bundled trace every class has a
-    mode its prompt tail excludes, so the window's problem plans prompt parts; the
-    WindowPlan the engine gets names the four classes only (each part's instances
-    serve its class), with each class's peak forecast the sum of its parts', and the
-    plan without parts is unchanged by the option's existence."""
-    from joulepool.sim.cluster import freesh_3site
-    from joulepool.sim.trace import load_trace
-    from joulepool.sim.workload import build_workload
-
-    sim = freesh_3site()
-    wl = build_workload(load_trace(), 600.0, mode="replay")
-    (whole,) = plan_windows(sim, wl, interval_s=600.0, pooled=True)
-    (parted,) = plan_windows(sim, wl, interval_s=600.0, pooled=True, prompt_parts=True)
-    assert parted.feasible
-    assert all(0 <= pi.cls < len(CLASS_NAMES) for pi in parted.instances)
-    assert all(0 <= c < len(CLASS_NAMES) for pi in parted.instances for c in pi.serves)
-    np.testing.assert_allclose(parted.forecast_peak_rps, whole.forecast_peak_rps, rtol=1e-9)
-    assert all(len(v) == len(CLASS_NAMES) for v in parted.capacity_rps.values())
-    served = {pi.cls for pi in parted.instances} | {c for pi in parted.instances
-                                                      for c in pi.serves}
-    assert served == {c for c in range(len(CLASS_NAMES)) if whole.forecast_peak_rps[c] > 0}
-    problem = plan_problem(sim, wl, 0.0, interval_s=600.0)
-    assert problem.classes == CLASS_NAMES and problem.miss_group is None
