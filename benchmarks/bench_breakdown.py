@@ -440,8 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                      slos=SLO_SETS[args.slos], headroom_scale=args.headroom,
                      params=EngineParams(miad_period_signal=args.miad_period_signal,
                                          pool_ttft=args.pool_ttft,
-                                         pool_room=args.pool_room,
-                                         prompt_parts=args.prompt_parts))
+                                         pool_room=args.pool_room))
     res, splits = breakdown(exp)
     print(render(res, splits))
     print("\n".join(where_requests_go(res)))

@@ -153,8 +153,6 @@ class Cell:
     pool_ttft: bool = False
     #: JouleSched's room at its pool's size (EngineParams.pool_room)
     pool_room: bool = False
-    #: prompt-length parts in the plan (EngineParams.prompt_parts)
-    prompt_parts: bool = False
 
 
 def cell_duration(cell: Cell, rate_rps: float) -> float:
@@ -194,8 +192,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                      arrival_value=cell.load, policies=cell.policies, seed=cell.seed, jobs=1,
                      slos=slos, params=EngineParams(miad_period_signal=cell.miad_period_signal,
                                                     pool_ttft=cell.pool_ttft,
-                                                    pool_room=cell.pool_room,
-                                                    prompt_parts=cell.prompt_parts))
+                                                    pool_room=cell.pool_room))
     res = run_experiment(exp)
     summary = summarise(res)
     rows = {p: {k: float(summary.runs[p][0][k]) for k in ROWS} for p in cell.policies}
@@ -271,8 +268,8 @@ def summary_line(outs: list[dict[str, Any]]) -> str:
 
 def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     """The simulator's engine switches (:class:`EngineParams`) as flags, read as
-    ``miad_period_signal``, ``pool_ttft``, ``pool_room`` and ``prompt_parts`` (bench
-    energy and bench breakdown)."""
+    ``miad_period_signal``, ``pool_ttft`` and ``pool_room`` (bench energy and bench
+    breakdown)."""
     ap.add_argument("--miad-period-signal", action=argparse.BooleanOptionalAction,
                     default=True,
                     help="the simulator's MIAD period signal (EngineParams."
@@ -284,11 +281,6 @@ def add_engine_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pool-room", action="store_true",
                     help="JouleSched's room b*_n at its pool's size (EngineParams.pool_room, "
                          "off by default)")
-    ap.add_argument("--prompt-parts", action="store_true",
-                    help="plan a class that a mode would serve but for its prompt tail as "
-                         "prompt-length parts with per-part TTFT miss levels, for "
-                         "JouleSched-routed pools (EngineParams.prompt_parts, off by "
-                         "default; docs/planner.md, \"Prompt parts\")")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -386,8 +378,7 @@ def cells_from(a: argparse.Namespace) -> list[Cell]:
     return [Cell(t, x, c, s, a.duration, a.min_requests, policies, a.seed,
                  bool(getattr(a, "miad_period_signal", True)),
                  bool(getattr(a, "pool_ttft", False)),
-                 bool(getattr(a, "pool_room", False)),
-                 bool(getattr(a, "prompt_parts", False)))
+                 bool(getattr(a, "pool_room", False)))
             for c in clusters for s in slos for t in traces for x in loads]
 
 

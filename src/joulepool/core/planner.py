@@ -220,18 +220,6 @@ class PlanProblem:
     #: instances of m (the router fills them with r' as it fills r''s own); None: no
     #: such rule
     shared_ttft_rps: FloatArray | None = None
-    #: [K, R, M] alternative req/s of class r's flow on a shared instance of m (k-th
-    #: alternative; 0: none): the rate at a TTFT miss level other than the one
-    #: ``capacity_rps`` is sized at (needs ``share_group`` and ``miss_group``)
-    alt_capacity_rps: FloatArray | None = None
-    #: [K, R, M] share of the k-th alternative flow's requests that miss the TTFT beyond
-    #: the miss budget ``capacity_rps`` is sized at (negative: fewer misses)
-    alt_miss_excess: FloatArray | None = None
-    #: per class, the class whose TTFT miss budget it spends ("": its own): prompt-length
-    #: parts of one class share one row, sum over their alternative flows of
-    #: excess x req/s <= 0, so their misses add up to the class's budget
-    #: (docs/planner.md, "Prompt parts")
-    miss_group: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -276,42 +264,6 @@ class PlanProblem:
         object.__setattr__(self, "carbon_g_per_kwh", carbon)
         object.__setattr__(self, "eligible", _mask(self.eligible, len(classes), len(modes)))
         self._check_sharing(classes, modes)
-        self._check_alternatives(classes, modes)
-
-    def _check_alternatives(self, classes: tuple[str, ...], modes: tuple[Mode, ...]) -> None:
-        """Validate and freeze ``alt_capacity_rps``, ``alt_miss_excess``, ``miss_group``."""
-        if self.alt_capacity_rps is None and self.miss_group is None:
-            if self.alt_miss_excess is not None:
-                raise ValueError("alt_miss_excess needs alt_capacity_rps")
-            return
-        if self.share_group is None:
-            raise ValueError("alternative flows (alt_capacity_rps, miss_group) need "
-                             "share_group: they run on shared instances")
-        groups = tuple(self.miss_group or ("",) * len(classes))
-        if len(groups) != len(classes) or not all(isinstance(g, str) for g in groups):
-            raise ValueError(f"miss_group needs one name per class {list(classes)} "
-                             f"(\"\": none), got {self.miss_group!r}")
-        object.__setattr__(self, "miss_group", groups)
-        if self.alt_capacity_rps is None:
-            if self.alt_miss_excess is not None:
-                raise ValueError("alt_miss_excess needs alt_capacity_rps")
-            return
-        cap = np.array(self.alt_capacity_rps, dtype=np.float64)
-        excess = np.array(self.alt_miss_excess if self.alt_miss_excess is not None
-                          else np.nan, dtype=np.float64)
-        shape = (cap.shape[0] if cap.ndim == 3 else -1, len(classes), len(modes))
-        if (cap.ndim != 3 or cap.shape[1:] != shape[1:] or not np.all(np.isfinite(cap))
-                or (cap < 0).any()):
-            raise ValueError(f"alt_capacity_rps must be [K, {len(classes)}, {len(modes)}] "
-                             "finite values >= 0")
-        if excess.shape != cap.shape or not np.all(np.isfinite(excess)):
-            raise ValueError(f"alt_miss_excess must be {cap.shape} finite values")
-        alone = np.array([g == "" for g in groups])
-        if (cap[:, alone, :] > 0).any():
-            raise ValueError("a class with alternative flows needs a miss_group")
-        for arr, name in ((cap, "alt_capacity_rps"), (excess, "alt_miss_excess")):
-            arr.setflags(write=False)
-            object.__setattr__(self, name, arr)
 
     def _check_sharing(self, classes: tuple[str, ...], modes: tuple[Mode, ...]) -> None:
         """Validate and freeze ``share_group``, ``idle_power_w`` and ``shared_ttft_rps``."""
@@ -755,11 +707,7 @@ class _Model:
         self.demand = problem.demand_rps.max(axis=1) if R else np.zeros(0)  # peak, [R]
         self.mode_gpus = np.array([m.gpus for m in problem.modes], dtype=np.int64)
         active = problem.servable & (self.demand[:, None] > 0)  # [R, M]
-        alt = problem.alt_capacity_rps
-        #: [R, M] where a class has an alternative flow (on shared instances only)
-        self.alt_active = (np.zeros_like(active) if alt is None or problem.share_group is None
-                           else (alt > 0).any(axis=0) & (self.demand[:, None] > 0))
-        mode_active: npt.NDArray[np.bool_] = np.asarray((active | self.alt_active).any(axis=0))
+        mode_active: npt.NDArray[np.bool_] = np.asarray(active.any(axis=0))
         factors = sorted({problem.site_factor(n.site) for n in problem.nodes})
         self.zone_factor = np.array(factors, dtype=np.float64)
         self.groups = _node_groups(problem, factors, mode_active, split)
@@ -826,9 +774,9 @@ class _Model:
         owned = active
         if self.shared:  # a group's shared instances may carry any of its classes' modes
             groups = np.zeros((int(self.owner.max(initial=-1)) + 1, M), dtype=bool)
-            np.logical_or.at(groups, self.owner, active | self.alt_active)
+            np.logical_or.at(groups, self.owner, active)
             per_group = np.zeros(groups.shape)
-            np.add.at(per_group, self.owner, self._slowest_fill(active))
+            np.add.at(per_group, self.owner, fill)
             owned = np.concatenate([active, groups])
             fill = np.concatenate([fill, per_group])
         cube = (zm_link >= 0)[:, None, :] & owned[None, :, :]
@@ -850,23 +798,13 @@ class _Model:
         self.coverable = np.zeros(R, dtype=bool)
         self.coverable[vr[~self.y_shared]] = True
 
-    def _slowest_fill(self, active: npt.NDArray[np.bool_]) -> FloatArray:
-        """[R, M] instances each class fills at its slowest rate on m, alternatives
-        included (what bounds the shared instances a flow may need)."""
-        L = np.where(active, self.p.capacity_rps, np.inf)
-        alt = self.p.alt_capacity_rps
-        if alt is not None and self.alt_active.any():
-            L = np.minimum(L, np.where(alt > 0, alt, np.inf).min(axis=0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(np.isfinite(L), self.demand[:, None] / L, 0.0)
-
     def _add_flows(self, active: npt.NDArray[np.bool_]) -> None:
         """Variables f[zone, r, m] of shared instances (none without share_group), each
         req/s costing what a request adds on a lightly loaded instance."""
         problem = self.p
         self.f_y = np.zeros(0, dtype=np.int64)
         self.fz = self.fr = self.fm = self.f_y
-        self.cost_f = self.ub_f = self.f_inv_cap = self.f_excess = np.zeros(0)
+        self.cost_f = self.ub_f = self.f_inv_cap = np.zeros(0)
         if not self.shared or not self.y_shared.any():
             return
         R = len(problem.classes)
@@ -882,36 +820,7 @@ class _Model:
         self.cost_f = (problem.wake_j_per_request[self.fr, self.fm] * problem.step_s
                        * self.zone_factor[self.fz])
         self.ub_f = self.demand[self.fr].astype(np.float64)
-        self.f_excess = np.zeros(len(self.fr))
-        self._add_alternatives(y_of)
         self.coverable[self.fr] = True
-
-    def _add_alternatives(self, y_of: IntArray) -> None:
-        """Alternative flow columns (:attr:`PlanProblem.alt_capacity_rps`) after the
-        base ones: each its own rate in the shared capacity row and its miss excess in
-        its class's miss-group row."""
-        problem = self.p
-        alt, excess = problem.alt_capacity_rps, problem.alt_miss_excess
-        if alt is None or excess is None:
-            return
-        assert problem.wake_j_per_request is not None
-        R = len(problem.classes)
-        exposed = self._exposed()
-        ok = (alt > 0) & (self.demand[None, :, None] > 0) & ~exposed[None]
-        cube = (self.zm_link >= 0)[:, None, None, :] & ok[None]  # [zone, k, r, m]
-        z, k, r, m = (a.astype(np.int64) for a in np.nonzero(cube))
-        f_y = y_of[z, R + self.owner[r], m]
-        keep = f_y >= 0
-        z, k, r, m, f_y = z[keep], k[keep], r[keep], m[keep], f_y[keep]
-        self.fz = np.concatenate([self.fz, z])
-        self.fr = np.concatenate([self.fr, r])
-        self.fm = np.concatenate([self.fm, m])
-        self.f_y = np.concatenate([self.f_y, f_y])
-        self.f_inv_cap = np.concatenate([self.f_inv_cap, 1.0 / alt[k, r, m]])
-        self.cost_f = np.concatenate([self.cost_f, problem.wake_j_per_request[r, m]
-                                      * problem.step_s * self.zone_factor[z]])
-        self.ub_f = np.concatenate([self.ub_f, self.demand[r].astype(np.float64)])
-        self.f_excess = np.concatenate([self.f_excess, excess[k, r, m]])
 
     def _exposed(self) -> npt.NDArray[np.bool_]:
         """[R, M] classes that may not use their group's shared instances of a mode: a
@@ -983,9 +892,6 @@ class _Model:
         bounds(-np.inf, 0.0, len(shared))
         nrow += len(shared)
 
-        # miss groups: sum over a group's alternative flows of excess x f <= 0
-        nrow = self._miss_rows(rows, nrow, f_idx)
-
         # link: instances of a (zone, product, size) <= slots opened in its groups
         w_idx = np.arange(self.n_w, dtype=np.int64)
         block(nrow + self.y_link, y0 + y_idx, 1.0)
@@ -1006,22 +912,6 @@ class _Model:
 
         nrow = self._pattern_rows(rows, nrow)
         return rows.matrix(nrow, self.n_x + n_slack + (1 if per_t is not None else 0))
-
-    def _miss_rows(self, rows: _Rows, nrow: int, f_idx: IntArray) -> int:
-        """One row per miss group (:attr:`PlanProblem.miss_group`) from row ``nrow``: its
-        classes' flows, each weighted by its TTFT misses beyond the budget it was sized
-        at, add up to at most 0, so the group misses at most its budget in expectation.
-        The next free row."""
-        groups = self.p.miss_group
-        charged = np.flatnonzero(self.f_excess != 0.0)
-        if groups is None or not charged.size:
-            return nrow
-        names = sorted({g for g in groups if g})
-        row_of_class = np.array([names.index(g) if g else -1 for g in groups], dtype=np.int64)
-        rows.block(nrow + row_of_class[self.fr[charged]], f_idx[charged],
-                   self.f_excess[charged])
-        rows.bounds(-np.inf, 0.0, len(names))
-        return nrow + len(names)
 
     def _pattern_rows(self, rows: _Rows, nrow: int) -> int:
         """Rows of the pattern groups from row ``nrow`` on: slots of each size <= those
@@ -1423,9 +1313,8 @@ def _shared_assignments(
     idle, wake = problem.idle_power_w, problem.wake_j_per_request
     nodes, modes, classes = problem.nodes, problem.modes, problem.classes
     flows = np.zeros((len(model.zone_factor), R, len(modes)))
-    if x is not None and model.n_f:  # alternative flows of one (zone, r, m) add up
-        np.add.at(flows, (model.fz, model.fr, model.fm),
-                  np.maximum(x[model.n_int : model.n_x], 0.0))
+    if x is not None and model.n_f:
+        flows[model.fz, model.fr, model.fm] = np.maximum(x[model.n_int : model.n_x], 0.0)
     total: dict[tuple[int, int, int], int] = {}
     for (ni, o, m), n in placed.items():
         key = (int(model.node_zone[ni]), o, m)

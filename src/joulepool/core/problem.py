@@ -26,7 +26,6 @@ prompts the mean lies far above what most of the class needs.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -76,9 +75,6 @@ class ServiceClass:
     #: classes with the same key may share instances (one model served under the same
     #: names; docs/planner.md, "Shared instances"); None: instances of its own only
     share_key: str | None = None
-    #: a prompt-length part of a class (:func:`prompt_parts`): its TTFT is judged by its
-    #: own prompts alone (:func:`judged_by_prompts`), whose spread it knows
-    prompt_part: bool = False
 
 
 #: (class index, mode) -> the profile serving that class on that mode, or None: not allowed
@@ -93,14 +89,6 @@ class BuiltProblem:
     problem: PlanProblem
     #: mode name -> per class: the serving point behind P and L (None: not allowed)
     serving: Mapping[str, tuple[ServingPoint | None, ...]]
-    #: per class of ``problem``: the index of the given class it serves (a prompt-length
-    #: part serves its class, :func:`prompt_parts`); empty: the problem's classes are
-    #: the given ones
-    parent: tuple[int, ...] = ()
-
-    def parent_of(self, index: int) -> int:
-        """The given class that the problem's class ``index`` serves."""
-        return self.parent[index] if self.parent else index
 
 
 def judged_by_prompts(profile: ServingProfile, cls: ServiceClass) -> bool:
@@ -109,7 +97,7 @@ def judged_by_prompts(profile: ServingProfile, cls: ServiceClass) -> bool:
     not eligible, although with heavy-tailed prompts most of the class may prefill in
     time; docs/planner.md, "Prompt-length tail")."""
     return (cls.prompt_tokens is not None
-            and (cls.prompt_part or cls.ttft_s < float(profile.prefill_s(cls.mean_input_tokens))))
+            and cls.ttft_s < float(profile.prefill_s(cls.mean_input_tokens)))
 
 
 def serving_point(profile: ServingProfile, cls: ServiceClass,
@@ -271,8 +259,8 @@ def _tail_budget(cls: ServiceClass, service: Mapping[int, npt.NDArray[np.float64
 def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
                 capacity_rps: npt.NDArray[np.float64],
                 service: Sequence[Mapping[int, npt.NDArray[np.float64]]],
-                headroom: Headroom | None, pool_sizes: PoolSizes | None = None,
-                parent: Sequence[int] | None = None) -> npt.NDArray[np.float64]:
+                headroom: Headroom | None, pool_sizes: PoolSizes | None = None
+                ) -> npt.NDArray[np.float64]:
     """[R, R, M] the planner's ``shared_ttft_rps``: req/s of class r' alone on a shared
     instance of mode m at which class r keeps its TTFT miss budget.
 
@@ -288,9 +276,7 @@ def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
     a class without prompt lengths, another group). Where it is below L[r', m] the
     planner keeps r off the group's shared instances of m: the router sends r' there
     as it sends it to its own instances, up to about L[r', m], whatever flow the plan
-    meant for it (docs/simulator.md, "Why the held-out cells fail"). ``parent``: per
-    class, the class it is a prompt part of (:func:`prompt_parts`); parts of one class
-    arrive as that class's mix and keep no bound between them (inf).
+    meant for it (docs/simulator.md, "Why the held-out cells fail").
     """
     R, M = len(classes), len(modes)
     out = np.full((R, R, M), np.inf)
@@ -303,7 +289,7 @@ def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
             pool = max(int(sizes.get((cls.name, mode.name), 1)), 1)
             for g, guest in enumerate(classes):
                 if (g == r or guest.share_key != cls.share_key or capacity_rps[g, m] <= 0
-                        or m not in service[g] or (parent and parent[g] == parent[r])):
+                        or m not in service[g]):
                     continue
                 queue = queue_moments([(1.0, service[g][m])])
                 rate = _tail_rate(service[r][m], cls.ttft_s, budget, 1.0 / queue[0], pool,
@@ -353,111 +339,6 @@ def _fit_prompt_tail(cls: ServiceClass, points: dict[int, tuple[ServingProfile, 
     return out
 
 
-#: TTFT miss levels of a prompt part's alternative flows, as multiples of its class's
-#: budget (``Headroom.ttft_miss``; the part's base flow is at 1x): the planner chooses
-#: where a class's prompts spend the budget (docs/planner.md, "Prompt parts")
-ALT_MISS_LEVELS = (0.25, 0.5, 2.0, 5.0)
-
-
-def tail_excluded(points: Mapping[int, tuple[ServingProfile, ServingPoint]],
-                  fitted: Mapping[int, ServingPoint]) -> list[int]:
-    """Mode indices whose serving point has a rate but that :func:`_fit_prompt_tail`
-    leaves at 0: the class's prompt tail alone excludes them."""
-    return [m for m, (_, sp) in points.items() if sp.rps > 0.0 and fitted[m].rps <= 0.0]
-
-
-def prompt_cuts(cls: ServiceClass, points: Mapping[int, tuple[ServingProfile, ServingPoint]],
-                excluded: Sequence[int]) -> list[int]:
-    """Where to cut ``cls``'s prompt points (ascending) into parts: before the first
-    prompt each mode in ``excluded`` cannot prefill within the TTFT (idle, at its
-    serving point's batch), so that every part either fits such a mode or does not;
-    indices strictly inside the points, ascending, no repeats."""
-    prompts = cls.prompt_tokens
-    if prompts is None:
-        return []
-    n = len(prompts.tokens)
-    cuts = set()
-    for m in excluded:
-        prof, sp = points[m]
-        k = int(np.count_nonzero(prompt_prefill_s(prof, prompts, sp.batch) < cls.ttft_s))
-        if 0 < k < n:
-            cuts.add(k)
-    return sorted(cuts)
-
-
-def prompt_parts(cls: ServiceClass, cuts: Sequence[int]) -> list[ServiceClass]:
-    """``cls`` as consecutive prompt-length parts cut before each point index in
-    ``cuts``: each its own prompts, mean prompt and the share of the forecast its
-    prompts are (every point equally likely), the class's output, SLOs and share key,
-    judged by its own prompts (``prompt_part``). Named ``NAME#k``, k = 1, 2 ... from the
-    shortest prompts; no cuts: ``[cls]``."""
-    prompts = cls.prompt_tokens
-    if prompts is None or not cuts:
-        return [cls]
-    tokens = prompts.tokens
-    edges = [0, *cuts, len(tokens)]
-    parts = []
-    for k, (lo, hi) in enumerate(itertools.pairwise(edges), start=1):
-        part = tokens[lo:hi]
-        share = len(part) / len(tokens)
-        parts.append(replace(cls, name=f"{cls.name}#{k}",
-                             mean_input_tokens=float(np.mean(part)),
-                             forecast_rps=tuple(share * float(v) for v in cls.forecast_rps),
-                             prompt_tokens=PromptLengths(tuple(part)), prompt_part=True))
-    return parts
-
-
-@dataclass
-class _Fitted:
-    """One planner class's serving points: ``points`` before and ``fitted`` after the
-    prompt tail's cap, per mode index; ``pools`` its pool size per mode index."""
-
-    parent: int
-    cls: ServiceClass
-    points: dict[int, tuple[ServingProfile, ServingPoint]]
-    fitted: dict[int, ServingPoint]
-    pools: dict[int, int]
-
-
-def _alternatives(item: _Fitted, headroom: Headroom | None
-                  ) -> list[tuple[float, dict[int, float]]]:
-    """A prompt part's alternative rates: per level of :data:`ALT_MISS_LEVELS`, (its
-    misses beyond the budget, a share of requests; mode index -> the largest req/s per
-    instance at which the part's own prompts miss at most its unavoidable share plus
-    that level times the budget), modes where that rate equals the base one left out."""
-    service = _prompt_service(item.cls, item.points)
-    if not service:
-        return []
-    budget = (headroom or DEFAULT_HEADROOM).ttft_miss.value
-    unavoidable = _tail_budget(item.cls, service, headroom) - budget
-    out = []
-    for level in ALT_MISS_LEVELS:
-        rates = {}
-        for m, s in service.items():
-            top = item.points[m][1].rps
-            rate = _tail_rate(s, item.cls.ttft_s, min(unavoidable + level * budget, 1.0), top,
-                              item.pools.get(m, 1))
-            if rate > 0.0 and abs(rate - item.fitted[m].rps) > 1e-9 * rate:
-                rates[m] = rate
-        out.append(((level - 1.0) * budget, rates))
-    return out
-
-
-def _fit_class(r: int, cls: ServiceClass, modes: Sequence[Mode], profile_for: ProfileLookup,
-               headroom: Headroom | None, sizes: PoolSizes,
-               idle: npt.NDArray[np.float64]) -> _Fitted:
-    """The serving points of ``cls`` (the given class ``r`` or a part of it) on every
-    mode that may serve it; ``idle[m]`` set to each such mode's idle draw."""
-    points = {}
-    pools = {m: max(int(sizes.get((cls.name, mode.name), 1)), 1) for m, mode in enumerate(modes)}
-    for m, mode in enumerate(modes):
-        profile = profile_for(r, mode)
-        if profile is not None:
-            points[m] = (profile, serving_point(profile, cls, headroom, pools[m]))
-            idle[m] = profile.idle_w  # the product's idle draw x GPUs: any model's
-    return _Fitted(r, cls, points, _fit_prompt_tail(cls, points, headroom, pools), pools)
-
-
 def build_problem(
     classes: Sequence[ServiceClass],
     modes: Sequence[Mode],
@@ -470,7 +351,6 @@ def build_problem(
     carbon_g_per_kwh: Mapping[str, Sequence[float]] | None = None,
     headroom: Headroom | None = None,
     pool_sizes: PoolSizes | None = None,
-    split_prompts: bool = False,
     **solver: Any,
 ) -> BuiltProblem:
     """The planner's problem; ``solver``: PlanProblem's ``time_limit_s`` / ``mip_rel_gap``.
@@ -480,63 +360,47 @@ def build_problem(
     None: one instance, FREESH's per-instance rates): L[r, m] and P[r, m] are then those
     of one instance of a pool of that many (docs/planner.md, "Pool-level TTFT";
     :func:`joulepool.core.sizing.solve_pooled` finds the sizes).
-
-    ``split_prompts``: a class that may share instances (``share_key``) and that a mode
-    would serve but for its prompt tail (:func:`tail_excluded`) is planned as
-    prompt-length parts (:func:`prompt_cuts`, :func:`prompt_parts`), each with flows at
-    its own rate per miss level (:func:`_alternatives`) and one miss row for the class,
-    so the planner chooses where its prompts spend the class's TTFT miss budget. Sound
-    behind a router that starts each prompt only where it starts within its TTFT
-    (JouleSched's first-token guard), which sorts a class's prompts across its
-    instances by length (docs/planner.md, "Prompt parts"). ``BuiltProblem.parent``
-    then maps each part to its class. Other classes are planned exactly as without it.
     """
     sizes = pool_sizes or {}
     steps = {len(c.forecast_rps) for c in classes}
     if len(steps) > 1:
         raise ValueError(f"forecasts of different lengths: {sorted(steps)}")
-    M = len(modes)
-    idle = np.zeros(M)
-    planned: list[_Fitted] = []
-    split = False
-    for r, cls in enumerate(classes):
-        item = _fit_class(r, cls, modes, profile_for, headroom, sizes, idle)
-        cuts = (prompt_cuts(cls, item.points, tail_excluded(item.points, item.fitted))
-                if split_prompts and cls.share_key is not None else [])
-        if not cuts:
-            planned.append(item)
-            continue
-        split = True
-        planned.extend(_fit_class(r, part, modes, profile_for, headroom, sizes, idle)
-                       for part in prompt_parts(cls, cuts))
-    R = len(planned)
+    R, M = len(classes), len(modes)
     power = np.zeros((R, M))
     capacity = np.zeros((R, M))
+    idle = np.zeros(M)
     wake = np.zeros((R, M))
     serving: dict[str, list[ServingPoint | None]] = {m.name: [None] * R for m in modes}
     service: list[dict[int, npt.NDArray[np.float64]]] = []
-    for i, item in enumerate(planned):
-        service.append(_prompt_service(item.cls, {m: (prof, item.fitted[m])
-                                                  for m, (prof, _) in item.points.items()}))
-        for m, sp in item.fitted.items():
-            serving[modes[m].name][i] = sp
-            power[i, m], capacity[i, m] = sp.power_w, sp.rps
-    planned_classes = [item.cls for item in planned]
-    for m, mode in enumerate(modes):
-        profiles = [item.points[m][0] if m in item.points else None for item in planned]
-        batches = shared_batches(planned_classes, serving[mode.name], profiles)
-        for i, item in enumerate(planned):
-            profile = profiles[i]
+    profiles: list[list[ServingProfile | None]] = [[None] * R for _ in modes]  # [m][r]
+    for r, cls in enumerate(classes):
+        points = {}
+        pools = {m: max(int(sizes.get((cls.name, mode.name), 1)), 1)
+                 for m, mode in enumerate(modes)}
+        for m, mode in enumerate(modes):
+            profile = profile_for(r, mode)
             if profile is not None:
-                wake[i, m] = steady_request_energy_j(profile, item.cls.mean_input_tokens,
-                                                     item.cls.mean_output_tokens, batches[i])
-    shared = (shared_ttft(planned_classes, modes, capacity, service, headroom, sizes,
-                          [item.parent for item in planned])
-              if any(c.share_key is not None for c in planned_classes) else None)
-    forecast = np.array([list(c.forecast_rps) for c in planned_classes], dtype=np.float64)
-    alt = _alternative_arrays(planned, classes, M, headroom) if split else {}
+                points[m] = (profile, serving_point(profile, cls, headroom, pools[m]))
+                idle[m] = profile.idle_w  # the product's idle draw x GPUs: any model's
+                profiles[m][r] = profile
+        fitted = _fit_prompt_tail(cls, points, headroom, pools)
+        service.append(_prompt_service(cls, {m: (prof, fitted[m])
+                                             for m, (prof, _) in points.items()}))
+        for m, sp in fitted.items():
+            serving[modes[m].name][r] = sp
+            power[r, m], capacity[r, m] = sp.power_w, sp.rps
+    for m, mode in enumerate(modes):
+        batches = shared_batches(classes, serving[mode.name], profiles[m])
+        for r, cls in enumerate(classes):
+            profile = profiles[m][r]
+            if profile is not None:
+                wake[r, m] = steady_request_energy_j(profile, cls.mean_input_tokens,
+                                                     cls.mean_output_tokens, batches[r])
+    shared = (shared_ttft(classes, modes, capacity, service, headroom, sizes)
+              if any(c.share_key is not None for c in classes) else None)
+    forecast = np.array([list(c.forecast_rps) for c in classes], dtype=np.float64)
     problem = PlanProblem(
-        classes=tuple(c.name for c in planned_classes),
+        classes=tuple(c.name for c in classes),
         modes=tuple(modes),
         nodes=tuple(n for n in nodes if n.gpus > 0),
         power_w=power,
@@ -546,35 +410,13 @@ def build_problem(
         alpha=alpha,
         objective=objective,
         carbon_g_per_kwh=carbon_g_per_kwh,
-        share_group=_share_groups(planned_classes,
-                                  [classes[item.parent].name for item in planned]),
+        share_group=_share_groups(classes),
         idle_power_w=idle,
         wake_j_per_request=wake,
         shared_ttft_rps=shared,
-        **alt,
         **solver,
     )
-    parent = tuple(item.parent for item in planned) if split else ()
-    return BuiltProblem(problem, {k: tuple(v) for k, v in serving.items()}, parent)
-
-
-def _alternative_arrays(planned: Sequence[_Fitted], classes: Sequence[ServiceClass], modes: int,
-                        headroom: Headroom | None) -> dict[str, Any]:
-    """PlanProblem's ``alt_capacity_rps``, ``alt_miss_excess`` and ``miss_group`` for
-    ``planned`` classes, of which the prompt parts (``prompt_part``) have alternatives."""
-    K, R = len(ALT_MISS_LEVELS), len(planned)
-    cap = np.zeros((K, R, modes))
-    excess = np.zeros((K, R, modes))
-    group = []
-    for i, item in enumerate(planned):
-        if not item.cls.prompt_part:
-            group.append("")
-            continue
-        group.append(classes[item.parent].name)
-        for k, (extra, rates) in enumerate(_alternatives(item, headroom)):
-            for m, rate in rates.items():
-                cap[k, i, m], excess[k, i, m] = rate, extra
-    return {"alt_capacity_rps": cap, "alt_miss_excess": excess, "miss_group": tuple(group)}
+    return BuiltProblem(problem, {k: tuple(v) for k, v in serving.items()})
 
 
 def shared_batches(classes: Sequence[ServiceClass], points: Sequence[ServingPoint | None],
@@ -614,15 +456,10 @@ def shared_batches(classes: Sequence[ServiceClass], points: Sequence[ServingPoin
     return out
 
 
-def _share_groups(classes: Sequence[ServiceClass], parents: Sequence[str]
-                  ) -> tuple[str, ...] | None:
-    """The planner's share groups: a class's ``share_key``, or a group of its own; the
-    prompt parts of a class (``parents``: the class each serves) one group of their own,
-    so a class planned as parts shares instances among its parts only, as a whole class
-    fills its own instances; None when no class may share (FREESH's per-class
-    formulation)."""
+def _share_groups(classes: Sequence[ServiceClass]) -> tuple[str, ...] | None:
+    """The planner's share groups: a class's ``share_key``, or a group of its own; None
+    when no class may share (FREESH's per-class formulation)."""
     if all(c.share_key is None for c in classes):
         return None
-    return tuple(f"parts:{parent}" if c.prompt_part else
-                 f"key:{c.share_key}" if c.share_key is not None else f"class:{c.name}"
-                 for c, parent in zip(classes, parents, strict=True))
+    return tuple(f"key:{c.share_key}" if c.share_key is not None else f"class:{c.name}"
+                 for c in classes)

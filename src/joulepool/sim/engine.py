@@ -177,11 +177,6 @@ class EngineParams:
     #: pool_size), else per instance; off by default: measured, it packs requests until
     #: first tokens slip and strengthens the static joulesched baseline more than combined
     pool_room: bool = False
-    #: plan a class that a mode would serve but for its prompt tail as prompt-length
-    #: parts with per-part TTFT miss levels (core.problem.build_problem's split_prompts)
-    #: for JouleSched-routed pools; off by default: measured, it does not make the
-    #: freesh-3site load-0.2 cells undominated (docs/planner.md, "Prompt parts")
-    prompt_parts: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,8 +188,8 @@ def plan_problem(
     """The window's MILP; its forecast is each step's busiest minute (module docstring).
     ``share_instances``: the classes (one model) may share instances (core's shared
     formulation); False: each class has instances of its own (FREESH's)."""
-    problem, _, _, _ = _plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
-                                     time_limit_s, headroom, share_instances)
+    problem, _, _ = _plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
+                                  time_limit_s, headroom, share_instances)
     return problem
 
 
@@ -205,12 +204,7 @@ def _plan_problem(
     headroom: Headroom | None,
     share_instances: bool = True,
     pool_sizes: PoolSizes | None = None,
-    split_prompts: bool = False,
-) -> tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float, dict[str, int]]:
-    """The window's problem, its serving points per mode and class (the workload's
-    classes: a class planned as prompt parts shows its part with the highest rate), the
-    largest forecast over its step's mean, and the class index (CLASS_NAMES) each of the
-    problem's classes serves (``split_prompts``: core.problem's prompt parts)."""
+) -> tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]:
     end = min(start_s + interval_s, workload.duration_s)
     steps = max(1, math.ceil((end - start_s) / step_s - 1e-9))
     modes = tuple(
@@ -234,53 +228,18 @@ def _plan_problem(
         carbon_g_per_kwh={s: cluster.carbon_window(s, start_s, steps, step_s)
                           for s in cluster.sites},
         headroom=headroom, pool_sizes=pool_sizes, time_limit_s=time_limit_s,
-        split_prompts=split_prompts,
     )
-    problem = built.problem
-    parents = {name: built.parent_of(i) for i, name in enumerate(problem.classes)}
-    serving = {m: _per_class(points, parents.values())
+    serving = {m: tuple(sp for sp in points if sp is not None)
                for m, points in built.serving.items()}
     ratio = np.divide(forecast, mean, out=np.ones_like(forecast), where=mean > 0)
-    return problem, serving, float(ratio.max()) if ratio.size else 1.0, parents
+    problem = built.problem
+    return problem, serving, float(ratio.max()) if ratio.size else 1.0
 
 
-def _per_class(points: tuple[ServingPoint | None, ...],
-               parents: Iterable[int]) -> tuple[ServingPoint, ...]:
-    """One serving point per class that has one: of its prompt parts, the highest rate."""
-    best: dict[int, ServingPoint] = {}
-    for sp, r in zip(points, parents, strict=True):
-        if sp is not None and (r not in best or sp.rps > best[r].rps):
-            best[r] = sp
-    return tuple(best[r] for r in sorted(best))
-
-
-def _peak_per_class(problem: PlanProblem, parents: dict[str, int]) -> tuple[float, ...]:
-    """Per class (CLASS_NAMES) the largest forecast over the window's steps, req/s (a
-    class planned as prompt parts: their sum per step)."""
-    rows = np.zeros((len(CLASS_NAMES), problem.forecast_rps.shape[1]))
-    for i, name in enumerate(problem.classes):
-        rows[parents[name]] += problem.forecast_rps[i]
-    return tuple(float(v) for v in rows.max(axis=1))
-
-
-def _per_class_capacity(problem: PlanProblem, parents: dict[str, int]) -> dict[str, tuple[
-        float, ...]]:
-    """Mode -> per class (CLASS_NAMES) the L[r, m] of one instance: of a class planned
-    as prompt parts, its part with the highest rate."""
-    out = {}
-    for j, m in enumerate(problem.modes):
-        caps = [0.0] * len(CLASS_NAMES)
-        for i, name in enumerate(problem.classes):
-            caps[parents[name]] = max(caps[parents[name]], float(problem.capacity_rps[i, j]))
-        out[m.name] = tuple(caps)
-    return out
-
-
-def _planned(a: Assignment, parents: dict[str, int]) -> PlannedInstances:
-    """An assignment as the engine's instances of its classes (``parents``: the class
-    each of the problem's classes serves; prompt parts of one class are that class)."""
-    serves = tuple(dict.fromkeys(parents[c] for c in a.serves))
-    return PlannedInstances(a.node, a.mode, parents[a.cls], a.instances,
+def _planned(a: Assignment) -> PlannedInstances:
+    """An assignment as the engine's instances of its classes."""
+    serves = tuple(CLASS_NAMES.index(c) for c in a.serves)
+    return PlannedInstances(a.node, a.mode, CLASS_NAMES.index(a.cls), a.instances,
                             serves if len(serves) > 1 else ())
 
 
@@ -294,25 +253,20 @@ def _sized_window(
     headroom: Headroom | None,
     share_instances: bool = True,
     pooled: bool = True,
-    prompt_parts: bool = False,
-) -> tuple[SizedPlan, dict[str, tuple[ServingPoint, ...]], float, dict[str, int]]:
+) -> tuple[SizedPlan, dict[str, tuple[ServingPoint, ...]], float]:
     """Core's sizing (the most queueing headroom that fits; ``pooled``: at pool-level
-    rates, one instance's L[r, m] in a pool of the size the plan deploys;
-    ``prompt_parts``: a class that a mode serves but for its longer prompts planned as
-    prompt parts; both for a soonest-start router) on this window's problem."""
-    built: list[tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float,
-                      dict[str, int]]] = []
+    rates, one instance's L[r, m] in a pool of the size the plan deploys) on this
+    window's problem."""
+    built: list[tuple[PlanProblem, dict[str, tuple[ServingPoint, ...]], float]] = []
 
     def build(hr: Headroom, sizes: PoolSizes) -> PlanProblem:
         built.append(_plan_problem(cluster, workload, start_s, interval_s, step_s, alpha,
-                                   10.0, hr, share_instances, sizes,
-                                   split_prompts=prompt_parts))
+                                   10.0, hr, share_instances, sizes))
         return built[-1][0]
 
     sized = plan_pooled(build, headroom, pool_rounds=POOL_ROUNDS if pooled else 0)
-    serving, peak_to_mean, parents = next((sv, pk, pa) for pb, sv, pk, pa in built
-                                          if pb is sized.problem)
-    return sized, serving, peak_to_mean, parents
+    serving, peak_to_mean = next((sv, pk) for pb, sv, pk in built if pb is sized.problem)
+    return sized, serving, peak_to_mean
 
 
 def plan_windows(
@@ -324,20 +278,17 @@ def plan_windows(
     headroom: Headroom | None = None,
     share_instances: bool = True,
     pooled: bool = False,
-    prompt_parts: bool = False,
 ) -> list[WindowPlan]:
     """One plan per window that starts inside the run (``share_instances``: see
     :func:`plan_problem`; ``pooled``: L[r, m] at the pool sizes the plan deploys, for a
-    soonest-start router, else per instance: core.sizing.plan_pooled; ``prompt_parts``:
-    core.problem.build_problem's ``split_prompts``, for a soonest-start router whose
-    first-token guard sorts a class's prompts over its parts' instances)."""
+    soonest-start router, else per instance: core.sizing.plan_pooled)."""
     plans: list[WindowPlan] = []
     start = 0.0
     while start < workload.duration_s:
         t0 = time.perf_counter()
-        sized, serving, peak_to_mean, parents = _sized_window(
-            cluster, workload, start, interval_s, step_s, alpha, headroom, share_instances,
-            pooled, prompt_parts)
+        sized, serving, peak_to_mean = _sized_window(cluster, workload, start, interval_s,
+                                                     step_s, alpha, headroom,
+                                                     share_instances, pooled)
         sizing_s = time.perf_counter() - t0
         problem, res = sized.problem, sized.result
         chosen = res.plan
@@ -346,15 +297,18 @@ def plan_windows(
         plans.append(
             WindowPlan(
                 start_s=start,
-                instances=tuple(_planned(a, parents) for a in chosen),
+                instances=tuple(_planned(a) for a in chosen),
                 feasible=res.feasible,
                 status=res.status,
                 objective=res.objective,
                 unit=res.unit,
                 solve_time_s=sizing_s if sized.solves > 1 else res.solve_time_s,
-                forecast_peak_rps=_peak_per_class(problem, parents),
+                forecast_peak_rps=tuple(float(v) for v in problem.forecast_rps.max(axis=1)),
                 problems=tuple(problems),
-                capacity_rps=_per_class_capacity(problem, parents),
+                capacity_rps={
+                    m.name: tuple(float(v) for v in problem.capacity_rps[:, j])
+                    for j, m in enumerate(problem.modes)
+                },
                 peak_to_mean=peak_to_mean,
                 alpha=alpha,
                 serving=serving,

@@ -390,8 +390,7 @@ def _prepare_repeats(
         )
         headroom = DEFAULT_HEADROOM.scaled(exp.headroom_scale)
         plans = [plan_windows(exp.cluster, wl, alpha=exp.alpha, headroom=headroom,
-                              share_instances=exp.share_instances, pooled=pooled,
-                              prompt_parts=pooled and exp.params.prompt_parts)
+                              share_instances=exp.share_instances, pooled=pooled)
                  for pooled in kinds]
         repeats.append(RepeatData(seed, wl, plans[0] if plans else [],
                                   floor_for(exp.cluster, wl),
