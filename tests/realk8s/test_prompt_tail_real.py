@@ -112,44 +112,34 @@ def products(obj: dict[str, Any]) -> set[str]:
     return {a["gpuProduct"] for a in obj["status"]["assignments"] if a["instances"] > 0}
 
 
+@pytest.mark.parametrize("share", [False, True], ids=["own-names", "shared-names"])
 def test_a_long_prompt_pool_is_not_planned_on_a_mode_that_cannot_prefill_its_tail(
         cluster: ControlPlane, namespace: str, nodes: list[str],
-        operator: k8slib.Component) -> None:
+        operator: k8slib.Component, share: bool) -> None:
+    """Different served names: the pools cannot share an instance, so each is planned on
+    the modes its own prompts allow. The same names: they may share (at 2 req/s each one
+    H100 serving both is the cheaper plan, shared requests being priced at the batch they
+    reach), and the long pool's instances still stay on the H100, never as a guest on an
+    A100."""
     s = Scenario(cluster, namespace, nodes, operator)
     try:
         s.node("a100", product="A100")
         s.node("h100", product="H100")
-        # different served names: the pools cannot share an instance, so each is planned
-        # on the modes its own prompts allow (at 2 req/s each, one H100 shared by both is
-        # the cheaper plan since shared requests are priced at the batch they reach)
-        s.create_pool("short", rps=2, demand=demand(), servedModelNames=["short"])
-        s.create_pool("long", rps=2, demand=demand(LONG_TAIL), servedModelNames=["long"])
+        names = {} if share else {"short": ["short"], "long": ["long"]}
+        for pool, quantiles in (("short", None), ("long", LONG_TAIL)):
+            served = {"servedModelNames": names[pool]} if pool in names else {}
+            s.create_pool(pool, rps=2, demand=demand(quantiles), **served)
         stored = s.pool("long")
         assert stored is not None
         assert stored["spec"]["demand"]["inputTokenQuantiles"] == LONG_TAIL
-        assert products(s.planned("short")) == {"A100"}  # the mean prompt fits an A100
-        assert products(s.planned("long")) == {"H100"}  # its tail does not
-        assert not operator.forbidden_lines()
-    finally:
-        s.release_all()
-
-
-def test_a_long_prompt_pool_sharing_instances_is_still_planned_off_that_mode(
-        cluster: ControlPlane, namespace: str, nodes: list[str],
-        operator: k8slib.Component) -> None:
-    s = Scenario(cluster, namespace, nodes, operator)
-    try:
-        s.node("a100", product="A100")
-        s.node("h100", product="H100")
-        s.create_pool("short", rps=2, demand=demand())
-        s.create_pool("long", rps=2, demand=demand(LONG_TAIL))
-        # the same served names: they may share; the long pool's instances stay on the
-        # H100 whether or not the short pool joins them, never as a guest on an A100
-        assert products(s.planned("long")) == {"H100"}
+        assert products(s.planned("long")) == {"H100"}  # its tail does not fit an A100
         short = s.planned("short")
-        assert products(short) <= {"A100", "H100"}
-        ready = condition(short, "Ready")
-        assert products(short) or (ready is not None and ".long" in ready["message"])
+        if not share:
+            assert products(short) == {"A100"}  # the mean prompt fits an A100
+        else:
+            assert products(short) <= {"A100", "H100"}
+            ready = condition(short, "Ready")
+            assert products(short) or (ready is not None and ".long" in ready["message"])
         assert not operator.forbidden_lines()
     finally:
         s.release_all()
