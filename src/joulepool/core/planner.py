@@ -299,6 +299,17 @@ class PlanProblem:
     def steps(self) -> int:
         return int(self.forecast_rps.shape[1])
 
+    def ttft_breaks(self, tol_rel: float = 1e-9) -> BoolArray:
+        """[R, R', M] True where class r' at its own rate L[r', m] on a shared instance of
+        mode m would break class r's TTFT there (:attr:`shared_ttft_rps` below L[r', m]
+        by more than ``tol_rel``); all False without the rule."""
+        ttft = self.shared_ttft_rps
+        if ttft is None:
+            R = len(self.classes)
+            return np.zeros((R, R, len(self.modes)), dtype=np.bool_)
+        return np.asarray(ttft < self.capacity_rps[None, :, :] * (1.0 - tol_rel),
+                          dtype=np.bool_)
+
     @property
     def servable(self) -> BoolArray:
         """[R, M] True where mode m may serve class r: L > 0 and within the SLO mask."""
@@ -829,15 +840,13 @@ class _Model:
         fills a shared instance with each class as it fills one of its own, not with
         the plan's flows, so no flow split can keep r's TTFT next to r'."""
         problem = self.p
-        ttft, R = problem.shared_ttft_rps, len(problem.classes)
-        if ttft is None:
-            return np.zeros((R, len(problem.modes)), dtype=bool)
+        if problem.shared_ttft_rps is None:
+            return np.zeros((len(problem.classes), len(problem.modes)), dtype=bool)
         ok = problem.servable
         same = self.owner[:, None] == self.owner[None, :]  # [r, r']
         np.fill_diagonal(same, False)
         guest = same[:, :, None] & ok[None, :, :]  # [r, r', m]: r' shares m with r
-        low = ttft < problem.capacity_rps[None, :, :] * (1.0 - 1e-9)
-        return np.asarray((guest & low).any(axis=1) & ok, dtype=np.bool_)
+        return np.asarray((guest & problem.ttft_breaks()).any(axis=1) & ok, dtype=np.bool_)
 
     @property
     def n_f(self) -> int:

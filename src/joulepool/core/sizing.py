@@ -151,17 +151,16 @@ def shared_queues_hold(result: PlanResult, problem: PlanProblem) -> bool:
     TTFT by ``problem``'s ``shared_ttft_rps`` (below the other's L[r', m]: the
     planner's rule), e.g. the window rebuilt at the pool sizes the plan deploys. True
     without it."""
-    ttft = problem.shared_ttft_rps
-    if ttft is None:
+    if problem.shared_ttft_rps is None:
         return True
+    breaks = problem.ttft_breaks(POOL_RATE_TOL_REL)
     cls = {c: i for i, c in enumerate(problem.classes)}
     mode = {m.name: j for j, m in enumerate(problem.modes)}
     for a in result.plan:
         j = mode[a.mode]
         for r in a.serves:
             for g in a.serves:
-                limit = float(problem.capacity_rps[cls[g], j]) * (1.0 - POOL_RATE_TOL_REL)
-                if g != r and float(ttft[cls[r], cls[g], j]) < limit:
+                if g != r and breaks[cls[r], cls[g], j]:
                     return False
     return True
 
