@@ -251,3 +251,108 @@ async def test_gpu_metrics_carry_the_dcgm_labels_of_the_container_using_the_gpu(
              if s.name == "joulepool_gpu_power_watts"]
     assert {(s.labels["gpu"], s.labels["pod"]) for s in power} == {("0", "mistral-0"), ("1", "")}
     await agent.stop()
+
+
+# ------------------------------------------------------------------ per-GPU clock targets
+def _engine_page(gaps: int, itl_s: float) -> str:
+    """A vLLM page after ``gaps`` inter-token gaps of ``itl_s`` each (4 running)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    r = CollectorRegistry()
+    Gauge("vllm:num_requests_waiting", "", ["model_name"], registry=r).labels("llama-3.1-8b")
+    Gauge("vllm:num_requests_running", "", ["model_name"], registry=r).labels(
+        "llama-3.1-8b").set(4)
+    h = Histogram("vllm:inter_token_latency_seconds", "", ["model_name"], registry=r,
+                  buckets=(0.025, 0.05, 0.1, 0.2))
+    for _ in range(gaps):
+        h.labels("llama-3.1-8b").observe(itl_s)
+    Counter("vllm:generation_tokens", "", ["model_name"], registry=r).labels(
+        "llama-3.1-8b").inc(gaps)
+    return generate_latest(r).decode()
+
+
+async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tmp_path):
+    """Pool chat (TPOT 100 ms) has two instances on node n1, one shared with rag (TPOT
+    50 ms) and one of its own; the kubelet gives pod chat-a GPU 0 and chat-b GPU 1. Both
+    engines decode at 70 ms a token: the shared pod's GPU must stay fast (70 ms misses
+    rag's 50), the GPU of chat's own instance may slow down (70 ms meets chat's 100). The
+    agent reads pods from the API, GPUs from the kubelet's PodResources socket, latencies
+    from the engines' /metrics over HTTP and the plan from its file; the clocks are the
+    simulated NVML's. (The old agent held both GPUs to rag's 50 ms.)"""
+    from aiohttp import web
+
+    from joulepool.api.contract import (
+        METRICS_PATH_ANNOTATION,
+        METRICS_PORT_ANNOTATION,
+        MODE_LABEL,
+        POOL_LABEL,
+    )
+    from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
+    from joulepool.core.profiles import H100
+    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs, fake_uuid
+    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+    from joulepool.nodeagent.plansource import FilePlanSource
+    from joulepool.nodeagent.signals import PrometheusSignalSource
+
+    def planned(name: str, tpot_s: float, *shared: list[str]) -> PlannedPool:
+        return PlannedPool(
+            namespace="ns", name=name, model="llama-3.1-8b", tier="interactive",
+            slo=PlannedSLO(ttftSeconds=1.0, tpotSeconds=tpot_s), replicas=len(shared),
+            assignments=[PlannedInstance(node="n1", site="s", product="H100", mode="1xH100",
+                                         instances=1, gpus=1, gpusPerInstance=1,
+                                         sharedWith=guests) for guests in shared])
+
+    doc = PlanDocument(pools={"ns.chat": planned("chat", 0.1, [], ["ns.rag"]),
+                              "ns.rag": planned("rag", 0.05)})
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(doc.to_json())
+    scrapes = {"chat-a": 0, "chat-b": 0}
+
+    def handler(name: str):
+        async def page(_: web.Request) -> web.Response:
+            scrapes[name] += 1
+            return web.Response(text=_engine_page(10 * scrapes[name], 0.07))
+        return page
+
+    app = web.Application()
+    for name in scrapes:
+        sub = web.Application()
+        sub.router.add_get("/metrics", handler(name))
+        app.add_subapp(f"/{name}/", sub)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def serving(name: str):
+        p = pod(name, ip="127.0.0.1", annotations={
+            METRICS_PORT_ANNOTATION: str(port), METRICS_PATH_ANNOTATION: f"/{name}/metrics"})
+        p.metadata.labels = {POOL_LABEL: "ns.chat", MODE_LABEL: "1xH100"}
+        return p
+
+    uuids = {fake_uuid("n1", i): i for i in range(2)}
+    kubelet.pods = [pb.PodResources(namespace="ns", name=n, containers=[
+        container("vllm", ("nvidia.com/gpu", [fake_uuid("n1", i)]))])
+        for i, n in enumerate(("chat-a", "chat-b"))]
+    discovery = PodDiscovery("n1", api=FakeCore([serving("chat-b"), serving("chat-a")]),
+                             pod_resources=PodResourcesClient(str(kubelet.socket)),
+                             gpu_uuids=lambda: uuids)
+    source = PrometheusSignalSource(discover=discovery, discover_wait_s=5.0)
+    gpus = SimulatedGPUs.open(None, "H100", 2, node="n1")
+    backend = SimulatedBackend(gpus)
+    agent = NodeAgent(backend, source, AgentConfig(node="n1"),
+                      plan=FilePlanSource(plan_file, refresh_s=0.0))
+    try:
+        await agent.start()
+        await agent.plan.refresh()
+        for i in range(6):
+            await agent.tick(float(i))
+        assert min(scrapes.values()) >= 5
+        f_max = H100.f_max_mhz.value
+        assert backend.sm_clock_mhz(0) == f_max  # chat-a: shared with rag, held to 50 ms
+        assert backend.sm_clock_mhz(1) < f_max - 100  # chat-b: chat's own 100 ms
+        assert agent.metrics.render().decode().count("joulepool_gpu_sm_clock_hertz{") == 2
+    finally:
+        await agent.stop()
+        await runner.cleanup()

@@ -183,7 +183,7 @@ def test_merged_stream_is_the_mean_over_all_requests() -> None:
 def test_x_b_is_read_at_the_clock_the_node_agent_holds_a_shared_pod_to() -> None:
     """The bulk guest's tighter TPOT does not size the shared pod's rooms (the simulator's
     rule: interactive SLOs), but the node agent holds the pod's step to it
-    (PlanDocument.serving_slo): the router reads X(b) at the clock that step needs."""
+    (PlanDocument.held_slo): the router reads X(b) at the clock that step needs."""
     from joulepool.core.controllers import MIADController, miad_step_target_s
     from joulepool.core.profiles import find_profile
 
@@ -194,7 +194,8 @@ def test_x_b_is_read_at_the_clock_the_node_agent_holds_a_shared_pod_to() -> None
     stream = router.stream_of(("default.chat", "default.rag"))
     assert stream is not None and stream.tpot_s == 0.15
     assert doc.serving_slo("default.chat", "h0") == (0.3, 0.03)
-    assert router.held_tpot_s("default.chat", "h0") == 0.03
+    assert router.held_tpot_s(("default.chat", "default.rag")) == 0.03
+    assert router.held_tpot_s(("default.chat",)) == 0.15  # a pod of chat's own instance
     profile = find_profile("H100", "llama-3.1-8b", 1)
     assert profile is not None
 
@@ -259,3 +260,21 @@ def test_endpoint_models_of_past_plans_do_not_pile_up(monkeypatch: pytest.Monkey
         assert len(router._models) <= 8
     again = router.endpoint_model("H100", "llama-3.1-8b", 1, stream=first)
     assert again is not kept and again.batch_limit == kept.batch_limit
+
+
+def test_the_simulator_holds_an_instance_to_the_tpot_of_its_own_classes() -> None:
+    """MIAD's TPOT target per instance, the node agent's rule (core.controllers.held_slo
+    of the pools a pod serves): an instance serving only chat (TPOT 150 ms) is held to
+    chat's, not to rag's tighter 100 ms elsewhere in the workload; one shared by both to
+    rag's; the routing service reads the same targets for the pods of the same plan."""
+    wl = _workload(600, 4)
+    cl = cluster([("h0", "H100", 2)])
+    sim = Simulator(cl, wl, POLICIES["combined"], model_tables(cl), plan_windows(cl, wl))
+    shared = sim._class_set((SS, LS))
+    assert (sim._held_tpot_s(SS), sim._held_tpot_s(LS), sim._held_tpot_s(shared)) == (
+        0.15, 0.1, 0.1)
+    assert float(wl.tpot_slo_s.min()) == 0.1  # the target every instance had before
+    router = _service(_chat_shares_its_pod_with_rag(wl), "default.chat")
+    assert router.held_tpot_s((NAMES[SS],)) is None  # not a plan key
+    assert router.held_tpot_s(("default.chat",)) == sim._held_tpot_s(SS)
+    assert router.held_tpot_s(("default.chat", "default.rag")) == sim._held_tpot_s(shared)

@@ -11,6 +11,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from joulepool.core.controllers import held_slo
+
 PLAN_CONFIGMAP = "joulepool-plan"
 PLAN_KEY = "plan.json"
 
@@ -121,17 +123,40 @@ class PlanDocument(_Wire):
     eps_scales: dict[str, float] = Field(default_factory=dict, alias="epsScales")
 
     def serving_slo(self, key: str, node: str | None = None) -> tuple[float, float] | None:
-        """(TTFT, TPOT) seconds the instances of pool ``key`` (on ``node``; None: any) must
-        meet: the tightest of its own SLO and those of the pools they serve too
-        (``sharedWith``); None when the plan has no such pool."""
+        """(TTFT, TPOT) seconds every instance of pool ``key`` (on ``node``; None: any)
+        meets at worst: the tightest of its own SLO and those of the pools any of them
+        serves too (``sharedWith``); None when the plan has no such pool. What an engine
+        of ``key`` is held to when the agent cannot tell which of the instances it is
+        (no pod identity); :meth:`held_slo` of :meth:`pod_pools` otherwise."""
         pool = self.pools.get(key)
         if pool is None:
             return None
-        slos = [pool.slo]
-        for a in pool.assignments:
-            if node is None or a.node == node:
-                slos += [self.pools[g].slo for g in a.shared_with if g in self.pools]
-        return min(s.ttft_seconds for s in slos), min(s.tpot_seconds for s in slos)
+        guests = [g for a in pool.assignments if node is None or a.node == node
+                  for g in a.shared_with]
+        return self.held_slo([key, *guests])
+
+    def held_slo(self, keys: Iterable[str]) -> tuple[float, float] | None:
+        """(TTFT, TPOT) seconds an engine serving the pools ``keys`` is held to: the
+        tightest of their SLOs (core.controllers.held_slo; pools not in the plan are
+        left out); None when none is in the plan."""
+        return held_slo((p.slo.ttft_seconds, p.slo.tpot_seconds)
+                        for p in (self.pools.get(k) for k in keys) if p is not None)
+
+    def pod_pools(self, pods: Iterable[tuple[str, str, str, str | None]]
+                  ) -> dict[str, tuple[str, ...]]:
+        """The pools each serving pod (key, its pool, node, mode) serves: its own pool,
+        then the guests of the plan's shared instance it fills
+        (:meth:`PlannedPool.guests_by_pod`, the routing service's rule, over the pods
+        given); a pod of a pool the plan does not have serves its own pool alone."""
+        by_pool: dict[str, list[tuple[str, str, str | None]]] = {}
+        for key, pool, node, mode in pods:
+            by_pool.setdefault(pool, []).append((key, node, mode))
+        out: dict[str, tuple[str, ...]] = {}
+        for pool, members in by_pool.items():
+            planned = self.pools.get(pool)
+            guests = planned.guests_by_pod(members) if planned is not None else {}
+            out.update({key: (pool, *guests.get(key, ())) for key, _, _ in members})
+        return out
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, exclude_none=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -220,6 +220,19 @@ class MIADController:
         if nxt < current_mhz:
             return nxt, Direction.DOWN
         return nxt, Direction.HOLD
+
+
+def held_slo(slos: Iterable[tuple[float, float]]) -> tuple[float, float] | None:
+    """(TTFT, TPOT) s MIAD holds one engine to: the tightest of the SLOs (each
+    ``(TTFT, TPOT)`` s) of the pools whose requests that engine serves, and only theirs
+    (a GPU's clock answers to the requests on it, not to another engine's pool on the
+    same node); None when it serves none. The node agent reads a pod's pools from the
+    plan (``PlanDocument.held_slo``), the simulator an instance's from its classes
+    (docs/architecture.md, "Which SLO a GPU's clock answers to")."""
+    ttft = tpot = math.inf
+    for t, p in slos:
+        ttft, tpot = min(ttft, t), min(tpot, p)
+    return None if math.isinf(ttft) and math.isinf(tpot) else (ttft, tpot)
 
 
 def miad_step_target_s(tpot_slo_s: float, margin: float = MIADController.margin) -> float:

@@ -269,7 +269,7 @@ class Router:
                 model = self.endpoint_model(
                     node.product if node else None, pool.model, max(rec.gpus, 1),
                     tpot_s=pool.tpot_s, stream=self.stream_of(serves),
-                    held_tpot_s=self.held_tpot_s(serves[0], rec.node),
+                    held_tpot_s=self.held_tpot_s(serves),
                 )
                 host = f"[{rec.ip}]" if ":" in rec.ip else rec.ip
                 eps_list.append(Endpoint(
@@ -319,12 +319,12 @@ class Router:
         return {pod: (host, *guests)
                 for pod, guests in planned.guests_by_pod(serving).items()}
 
-    def held_tpot_s(self, pool: str, node: str) -> float | None:
-        """The TPOT the node agent on ``node`` holds pool ``pool``'s engines to: the
-        tightest of its SLO and those of the pools its instances there also serve
-        (PlanDocument.serving_slo, as nodeagent.agent reads it); None without a plan."""
+    def held_tpot_s(self, pools: tuple[str, ...]) -> float | None:
+        """The TPOT the node agent holds an engine serving ``pools`` (its own first, then
+        the guests of the shared instance it fills) to: the tightest of their SLOs
+        (PlanDocument.held_slo, as nodeagent.agent reads it); None without a plan."""
         plan = self.state.plan if self.state is not None else None
-        held = plan.serving_slo(pool, node) if plan is not None else None
+        held = plan.held_slo(pools) if plan is not None else None
         return held[1] if held is not None else None
 
     def stream_of(self, pools: tuple[str, ...]) -> StreamMix | None:

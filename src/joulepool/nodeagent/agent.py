@@ -7,7 +7,8 @@ Every period (default 1 s), for each GPU:
 2. build the SLO signal from those engines (``core.controllers.miad_signal`` of each
    engine's period observables, :mod:`joulepool.nodeagent.signals`: the period's mean
    inter-token latency, the TTFT tail, waiting requests; the worst engine's) and the
-   pool's SLO from the plan;
+   SLO from the plan: the tightest of the pools those engines' pods serve
+   (``core.controllers.held_slo``; a shared instance's guests too), no other pool's;
 3. ask ``core.controllers.MIADController`` for the next clock and lock it
    (``min = lowest supported``, ``max = f``: the GPU may still idle lower);
    in power mode (``control="power"``) MIAD steers the GPU's power limit
@@ -289,6 +290,8 @@ class NodeAgent:
         self._site = ""
         self._g_per_kwh: float | None = None
         self._only_pool: str | None = None
+        #: this period's pools per discovered serving pod (:meth:`_pod_pools`)
+        self._served: dict[str, tuple[str, ...]] = {}
         self.metrics.gpu_samples = self.gpu_samples
         self.monotonic = monotonic
         self.gpus: list[GPU] = []
@@ -561,18 +564,37 @@ class NodeAgent:
             gpu.group = frozenset().union(*mapped) if mapped else frozenset(unclaimed)
         return by_gpu
 
-    def _reading_slo(self, r: EngineReading) -> tuple[float, float] | None:
-        """(TTFT, TPOT) targets of one engine's pool (its label, else the node's only
-        pool in the plan): the plan's, the tightest of the pools its instances on this
-        node also serve (``sharedWith``); else the fallback flags'."""
+    def _reading_pool(self, r: EngineReading) -> str | None:
+        """``r``'s pool: its label, else the node's only pool in the plan."""
+        if r.pool is not None:
+            return r.pool
+        pools = pools_on_node(self.plan.current(), self.config.node)
+        return next(iter(pools)) if len(pools) == 1 else None
+
+    def _pod_pools(self, readings: Sequence[EngineReading]) -> dict[str, tuple[str, ...]]:
+        """Per discovered pod (``namespace/name``) of the live engines, the pools it serves
+        (PlanDocument.pod_pools: its own, then the guests of the shared instance it fills
+        on this node, as the routing service gives them out); empty without a plan."""
         doc = self.plan.current()
-        key = r.pool
-        if key is None:
-            pools = pools_on_node(doc, self.config.node)
-            key = next(iter(pools)) if len(pools) == 1 else None
+        if doc is None:
+            return {}
+        pods = [(r.pod, pool, self.config.node, r.mode) for r in readings
+                if r.pod is not None and not r.stale
+                and (pool := self._reading_pool(r)) is not None]
+        return doc.pod_pools(pods)
+
+    def _reading_slo(self, r: EngineReading) -> tuple[float, float] | None:
+        """(TTFT, TPOT) targets of one engine: the tightest of the plan's SLOs of the
+        pools its pod serves (its own, and the guests of the shared instance it fills:
+        :meth:`_pod_pools`, core.controllers.held_slo), not those of its pool's other
+        instances; an engine without a discovered pod (given by URL) answers to its
+        pool's tightest on this node (PlanDocument.serving_slo), as it may be any of
+        them; an engine the plan does not place, to the fallback flags'."""
+        doc = self.plan.current()
+        key = self._reading_pool(r)
         if key and doc is not None and key in doc.pools:
-            # an instance shared with other pools meets the tightest of their SLOs
-            return doc.serving_slo(key, self.config.node)
+            served = self._served.get(r.pod) if r.pod is not None else None
+            return doc.held_slo(served) if served else doc.serving_slo(key, self.config.node)
         if self.config.ttft_slo_s is not None and self.config.tpot_slo_s is not None:
             return self.config.ttft_slo_s, self.config.tpot_slo_s
         return None
@@ -863,6 +885,7 @@ class NodeAgent:
         await self._switch_control()
         readings = await self.source.read(t)
         by_gpu = self._assign(readings)
+        self._served = self._pod_pools(readings)
         self._locate()
         for gpu in self.gpus:
             if gpu.lost:

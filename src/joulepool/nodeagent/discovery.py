@@ -19,6 +19,7 @@ from joulepool.api.contract import (
     GPUS_ANNOTATION,
     METRICS_PATH_ANNOTATION,
     METRICS_PORT_ANNOTATION,
+    MODE_LABEL,
     POOL_LABEL,
 )
 from joulepool.nodeagent.background import API_TIMEOUT
@@ -61,7 +62,10 @@ def endpoint_for_pod(pod: Any) -> EngineEndpoint | None:
             gpus = None
     host = f"[{ip}]" if ":" in ip else ip
     return EngineEndpoint(f"http://{host}:{port or DEFAULT_PORT}{path}",
-                          pool=labels.get(POOL_LABEL), gpus=gpus or None)
+                          pool=labels.get(POOL_LABEL), gpus=gpus or None,
+                          pod=f"{getattr(meta, 'namespace', '') or ''}/"
+                              f"{getattr(meta, 'name', '') or ''}",
+                          mode=labels.get(MODE_LABEL))
 
 
 class PodDiscovery:

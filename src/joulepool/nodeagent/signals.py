@@ -64,6 +64,10 @@ class EngineReading:
     model: str | None = None
     pool: str | None = None
     gpus: frozenset[int] | None = None
+    #: the serving pod (``namespace/name``) and its mode label, where discovery found it
+    #: (None for an engine given by URL): which of its pool's planned instances it fills
+    pod: str | None = None
+    mode: str | None = None
     fresh: bool = True  # scraped successfully this period
     stale: bool = False  # no successful scrape for longer than the stale timeout
     #: prompt tokens at the prompt quantile of the engine's recent requests (None: no
@@ -186,6 +190,10 @@ class EngineEndpoint:
     url: str  # the engine's metrics URL
     pool: str | None = None
     gpus: frozenset[int] | None = None
+    #: the serving pod (``namespace/name``) and its ``joulepool.dev/mode`` label, when
+    #: discovered from the cluster (None for an engine given by URL)
+    pod: str | None = None
+    mode: str | None = None
 
 
 def metrics_url(url: str) -> str:
@@ -340,7 +348,7 @@ class PrometheusSignalSource:
             stale = last_ok is None or now - last_ok > self.stale_s
             prev = self._last_reading.get(e.url)
             return EngineReading(
-                engine=e.url, pool=e.pool,
+                engine=e.url, pool=e.pool, pod=e.pod, mode=e.mode,
                 gpus=e.gpus if e.gpus is not None else (prev.gpus if prev else None),
                 model=prev.model if prev else None, fresh=False, stale=stale)
         self._warned.discard(e.url)
@@ -354,7 +362,7 @@ class PrometheusSignalSource:
             engine=e.url, waiting=signal.waiting, running=round(sample.running),
             ttft_tail_s=signal.ttft_tail_s,
             mean_itl_s=signal.mean_itl_s, latencies=latencies, tokens=tokens,
-            model=sample.model, pool=e.pool,
+            model=sample.model, pool=e.pool, pod=e.pod, mode=e.mode,
             gpus=e.gpus if e.gpus is not None else sample.gpus,
             prompt_tail_tokens=prompt_tail,
             prompts=sample.prompt_tokens if sample.prompt_tokens.bounds else None)

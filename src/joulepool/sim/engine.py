@@ -65,6 +65,7 @@ from joulepool.core.controllers import (
     MIADController,
     PeriodLatencies,
     PIController,
+    held_slo,
     miad_signal,
     prefill_clock_floor,
     prefill_floor_quantile,
@@ -338,6 +339,7 @@ class Simulator:
         "floor_prompts",
         "gpus",
         "guard_keep",
+        "held_tpots",
         "hlog",
         "instances",
         "lam_for_pi",
@@ -388,7 +390,6 @@ class Simulator:
         "t_sys",
         "tables",
         "tick_k",
-        "tightest_tpot_slo_s",
         "tpot_gates",
         "truncated",
         "ttft_periods",
@@ -463,9 +464,9 @@ class Simulator:
         self.miad_next: dict[tuple[str, int, bool], float] = {}
         self.clock_floors: dict[tuple[str, int, int], float] = {}
         self.floor_prompts: dict[int, tuple[float, float]] = {}
-        #: s, the tightest TPOT SLO of the workload, which MIAD holds each instance's
-        #: step time to
-        self.tightest_tpot_slo_s = float(workload.tpot_slo_s.min()) if workload.requests else 0.0
+        #: s, per class set: the TPOT MIAD holds the step time of an instance serving it
+        #: to (:meth:`_held_tpot_s`)
+        self.held_tpots: dict[int, float] = {}
         #: MIAD periods its TTFT tail looks back over (this one included)
         self.ttft_periods = max(1, round(self.prm.miad_ttft_window_s / self.prm.tick_s))
         self.pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target,
@@ -745,13 +746,16 @@ class Simulator:
         """What ``inst``'s engine metrics would show since the last MIAD step, in
         fractions of the SLO (MIAD's targets are 1.0): the increments of its
         inter-token-latency histogram's sum and count (:meth:`Instance.period_itl`) over
-        the tightest TPOT SLO, as the node agent divides by its pool's; the worst first
+        the TPOT it is held to (:meth:`_held_tpot_s`), as the node agent divides by its
+        pod's pools'; the worst first
         token over each request's own TTFT SLO (:meth:`_ttft_tail`); the waiting queue;
         the period over the SLO when requests ran at both of its ends and no gap
         completed (``stalled``, as the node agent reads its running gauge). Without
         ``EngineParams.miad_period_signal`` the ITL side is the step running at the tick
         (one gap), the tail of a short ITL window."""
-        tpot_slo = self.tightest_tpot_slo_s
+        tpot_slo = self.held_tpots.get(inst.cls)
+        if tpot_slo is None:
+            tpot_slo = self._held_tpot_s(inst.cls)
         ttft = self._ttft_tail(inst)
         running = inst.b + (inst.prefill_rid >= 0)  # vLLM's gauge (_engine_counts)
         ran_before, inst.miad_running = inst.miad_running, running
@@ -767,6 +771,19 @@ class Simulator:
                    if itl_count == 0.0 and running and ran_before else 0.0)
         return PeriodLatencies(itl_sum=itl_sum / tpot_slo, itl_count=itl_count, ttft_tail=ttft,
                                waiting=inst.nwait, stalled=stalled)
+
+    def _held_tpot_s(self, cls: int) -> float:
+        """s: the TPOT MIAD holds an instance serving ``cls`` to: core.controllers.held_slo
+        over the classes it serves (each class's tightest SLOs; every class without
+        planner pools), as the node agent holds a pod to the pools it serves and no
+        other's; 0 without requests. Cached in :attr:`held_tpots`."""
+        wl = self.workload
+        classes = self.class_sets[cls] if self.planner_pools else np.unique(wl.cls).tolist()
+        slos = [(float(wl.ttft_slo_s[mine].min()), float(wl.tpot_slo_s[mine].min()))
+                for c in classes if (mine := wl.cls == c).any()]
+        held = held_slo(slos)
+        self.held_tpots[cls] = tpot = held[1] if held is not None else 0.0
+        return tpot
 
     def _ttft_tail(self, inst: Instance) -> float | None:
         """The worst first token / TTFT SLO of ``inst`` over the last
