@@ -1,0 +1,136 @@
+"""tests/procguard.py: a process a fixture starts does not outlive the pytest that started
+it, however that pytest ends. Each case runs a small pytest in a subprocess whose fixture
+starts a child and never stops it (a leaky fixture, or one whose teardown an interrupted
+run never reaches), ends that pytest, and checks the child is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+
+INNER = '''
+import os, subprocess, sys, threading, time
+import pytest
+
+def _record(proc, name):
+    path = os.path.join(os.environ["PIDS"], name)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(proc.pid))
+    os.rename(path + ".tmp", path)
+
+@pytest.fixture
+def leaky():
+    # started and never stopped: the fixture has no teardown
+    _record(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]), "main")
+    # and one from another thread (not signalled by the kernel: stopped at session end)
+    t = threading.Thread(target=lambda: _record(subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"]), "thread"))
+    t.start()
+    t.join()
+    yield
+
+def test_runs(leaky):
+    if os.environ.get("HANG"):
+        time.sleep(600)
+'''
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, not yet reaped by init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _wait_gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _run_inner(tmp_path: Path, guard: bool, hang: bool) -> tuple[subprocess.Popen[bytes],
+                                                                 Path]:
+    (tmp_path / "test_inner.py").write_text(INNER)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    env = {**os.environ, "PIDS": str(pids), "PYTHONPATH": str(TESTS),
+           "HANG": "1" if hang else ""}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_inner.py")]
+    if guard:
+        argv[3:3] = ["-p", "procguard"]
+    inner = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    return inner, pids
+
+
+def _children(pids: Path, inner: subprocess.Popen[bytes], timeout: float = 60.0
+              ) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {p.name: int(p.read_text()) for p in pids.iterdir() if "." not in p.name}
+        if len(found) == 2:
+            return found
+        if inner.poll() is not None and len(found) < 2:
+            break
+        time.sleep(0.05)
+    out = inner.stdout.read().decode() if inner.stdout and inner.poll() is not None else ""
+    raise AssertionError(f"the inner pytest started no children: {out}")
+
+
+@pytest.mark.parametrize("how", ["finishes", "SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_fixtures_child_does_not_outlive_its_pytest(tmp_path: Path, how: str) -> None:
+    inner, pids = _run_inner(tmp_path, guard=True, hang=how != "finishes")
+    try:
+        children = _children(pids, inner)
+        if how != "finishes":
+            inner.send_signal(getattr(signal, how))
+        inner.wait(60)
+        out = inner.stdout.read().decode() if inner.stdout else ""
+        for name, pid in children.items():
+            assert _wait_gone(pid), f"{how}: the {name} child {pid} outlived pytest:\n{out}"
+        if how == "finishes":
+            assert inner.returncode == 0, out
+            assert "procguard: stopped 2 process(es)" in out
+    finally:
+        for pid in _children_left(pids):
+            os.kill(pid, signal.SIGKILL)
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait(10)
+
+
+def test_without_the_guard_the_child_outlives_a_killed_pytest(tmp_path: Path) -> None:
+    """The check above can fail: the same run without the plugin leaves its child."""
+    inner, pids = _run_inner(tmp_path, guard=False, hang=True)
+    try:
+        children = _children(pids, inner)
+        inner.send_signal(signal.SIGKILL)
+        inner.wait(60)
+        time.sleep(1.0)
+        assert not _gone(children["main"])
+    finally:
+        for pid in _children_left(pids):
+            os.kill(pid, signal.SIGKILL)
+        if inner.poll() is None:
+            inner.kill()
+            inner.wait(10)
+
+
+def _children_left(pids: Path) -> list[int]:
+    """The inner run's children still running (this test's own cleanup, by pid)."""
+    found = [int(p.read_text()) for p in pids.iterdir() if "." not in p.name]
+    return [pid for pid in found if not _gone(pid)]

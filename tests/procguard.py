@@ -1,0 +1,222 @@
+"""Pytest plugin: no process a test starts outlives the pytest process that started it.
+
+Loaded by ``tests/conftest.py`` (and by ``-p procguard`` where ``tests/`` is on the path).
+Fixtures start node agents, fake engines, operators, API servers and control planes as
+subprocesses and stop them in their teardown; a pytest that is interrupted never runs
+some of those teardowns, and the children keep running (ports held, CPU used, clocks of
+the simulated GPUs moved under the next run). Three nets, from the strongest:
+
+* every ``subprocess.Popen`` started from pytest's main thread (``asyncio``'s
+  subprocesses go through it too) asks the kernel to send it SIGTERM when pytest dies,
+  however it dies, SIGKILL included (Linux ``prctl(PR_SET_PDEATHSIG)``, set in the child
+  between fork and exec); a child started from another thread is not marked, as the
+  kernel would signal it when that thread ends, not the process;
+* a watchdog process (this file run as a script, in a session of its own) is told the
+  pid of every child, whatever thread starts it; when pytest dies, its pipe closes and it
+  stops those still running (their process group where they lead one; SIGTERM, SIGKILL
+  after :data:`GRACE_S`; a pid is signalled only while /proc shows the same process,
+  by its start time);
+* SIGTERM to pytest interrupts the run as Ctrl-C does (``KeyboardInterrupt``), so the
+  fixtures' teardowns run (SIGTERM's default would end pytest at once);
+* at the end of the session every child still running is sent SIGTERM (its process
+  group, where it leads one: ``start_new_session``), then SIGKILL after
+  :data:`GRACE_S` seconds.
+
+The kernel's signal reaches only pytest's own children: what they start themselves is
+theirs to stop on SIGTERM (joulepool's components do); a control plane that ``up.sh``
+starts as daemons is stopped by its fixture's teardown, which the second net lets run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+#: seconds the children still running at the end of a session get between SIGTERM and
+#: SIGKILL
+GRACE_S = 5.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+#: every child started while the plugin is on (kept, not polled: polling a child an
+#: asyncio watcher waits for would steal its exit status)
+_children: list[subprocess.Popen[Any]] = []
+_original_init: Callable[..., None] | None = None
+#: the write end of the watchdog's pipe (None: no watchdog)
+_watchdog: Any = None
+_libc: Any = None
+
+
+def _die_with(parent: int, then: Callable[[], object] | None) -> Callable[[], None]:
+    """The child's preexec_fn: SIGTERM when ``parent`` dies (at once if it already
+    has), then the caller's own preexec_fn."""
+    libc = _libc
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # pytest died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+        if then is not None:
+            then()
+
+    return preexec
+
+
+def _guarded_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+    assert _original_init is not None
+    if _libc is not None and threading.current_thread() is threading.main_thread():
+        kwargs["preexec_fn"] = _die_with(os.getpid(), kwargs.get("preexec_fn"))
+    _original_init(self, *args, **kwargs)
+    _children.append(self)
+    _tell_watchdog(self.pid)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with
+    the pid, it names one process (pids are reused); None when it is gone."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 (read at once)
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19] if fields[0] not in ("Z", "X") else None
+
+
+def _tell_watchdog(pid: int) -> None:
+    start = _start_time(pid)
+    if _watchdog is None or start is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # the watchdog is gone: nets 1 and 3
+        _watchdog.write(f"{pid} {start}\n")
+        _watchdog.flush()
+
+
+def _start_watchdog() -> None:
+    global _watchdog
+    if _original_init is None or not os.path.isdir("/proc"):
+        return
+    read, write = os.pipe()
+    try:
+        proc = subprocess.Popen.__new__(subprocess.Popen)
+        _original_init(proc, [sys.executable, __file__], stdin=read, start_new_session=True,
+                       stdout=subprocess.DEVNULL)
+    except OSError:
+        os.close(write)
+        return
+    finally:
+        os.close(read)
+    proc.returncode = 0  # not ours to wait for: it ends when this process does
+    _watchdog = os.fdopen(write, "w")
+
+
+def _watch(lines: Any, grace_s: float = GRACE_S) -> None:
+    """The watchdog: read ``pid start`` lines until the pipe closes (pytest ended), then
+    stop every one of those processes that is still the same process."""
+    known = {}
+    for line in lines:
+        pid, start = line.split()
+        known[int(pid)] = start
+    alive = {pid: s for pid, s in known.items() if _start_time(pid) == s}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, start in alive.items():
+            if _start_time(pid) != start:
+                continue
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(
+                _start_time(pid) == s for pid, s in alive.items()):
+            time.sleep(0.05)
+
+
+def _terminate_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"pytest got signal {signum}")
+
+
+def _arm_sigterm() -> None:
+    """Make SIGTERM interrupt the run (re-armed per test: an event loop that handled
+    SIGTERM itself puts the default back when it closes)."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _terminate_on_sigterm)
+
+
+def _signal_child(proc: subprocess.Popen[Any], sig: int) -> None:
+    """``sig`` to ``proc``, to its whole process group where it leads one."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+
+def stop_children(grace_s: float = GRACE_S) -> list[int]:
+    """SIGTERM every child still running, SIGKILL those left after ``grace_s``; the pids
+    it had to stop."""
+    left = [p for p in _children if p.poll() is None]
+    _children.clear()
+    for proc in left:
+        _signal_child(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in left:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(deadline - time.monotonic(), 0.0))
+    for proc in left:
+        if proc.poll() is None:
+            _signal_child(proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5.0)
+    return [p.pid for p in left]
+
+
+def pytest_configure(config: object) -> None:
+    global _original_init, _libc
+    if _original_init is not None:
+        return
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            _libc = ctypes.CDLL(None, use_errno=True)
+    _original_init = subprocess.Popen.__init__
+    subprocess.Popen.__init__ = _guarded_init  # type: ignore[method-assign]
+    _start_watchdog()
+    _arm_sigterm()
+
+
+def pytest_runtest_setup(item: object) -> None:
+    _arm_sigterm()
+
+
+@pytest.hookimpl(trylast=True)  # after the fixtures' own teardowns
+def pytest_sessionfinish(session: object, exitstatus: int) -> None:
+    left = stop_children()
+    if left:
+        sys.stderr.write(f"\nprocguard: stopped {len(left)} process(es) the tests left "
+                         f"running: {', '.join(map(str, left))}\n")
+
+
+def pytest_unconfigure(config: object) -> None:
+    global _original_init, _watchdog
+    if _watchdog is not None:
+        with contextlib.suppress(OSError):
+            _watchdog.close()  # the watchdog finds its children stopped already
+        _watchdog = None
+    if _original_init is not None:
+        subprocess.Popen.__init__ = _original_init  # type: ignore[method-assign]
+        _original_init = None
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the pipe's end stops it
+    _watch(sys.stdin)
