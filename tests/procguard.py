@@ -6,31 +6,30 @@ subprocesses and stop them in their teardown; a pytest that is interrupted never
 some of those teardowns, and the children keep running (ports held, CPU used, clocks of
 the simulated GPUs moved under the next run). Three nets, from the strongest:
 
-* every ``subprocess.Popen`` started from pytest's main thread (``asyncio``'s
-  subprocesses go through it too) asks the kernel to send it SIGTERM when pytest dies,
-  however it dies, SIGKILL included (Linux ``prctl(PR_SET_PDEATHSIG)``, set in the child
-  between fork and exec); a child started from another thread is not marked, as the
-  kernel would signal it when that thread ends, not the process;
 * a watchdog process (this file run as a script, in a session of its own) is told the
-  pid of every child, whatever thread starts it; when pytest dies, its pipe closes and it
-  stops those still running (their process group where they lead one; SIGTERM, SIGKILL
-  after :data:`GRACE_S`; a pid is signalled only while /proc shows the same process,
-  by its start time);
+  pid of every child ``subprocess.Popen`` starts (``asyncio``'s subprocesses go through
+  it too), whatever thread starts it; when pytest dies, however it dies (SIGKILL
+  included), its pipe closes and the watchdog stops those still running (their process
+  group where they lead one; SIGTERM, SIGKILL after :data:`GRACE_S`; a pid is signalled
+  only while /proc shows the same process, by its start time);
 * SIGTERM to pytest interrupts the run as Ctrl-C does (``KeyboardInterrupt``), so the
   fixtures' teardowns run (SIGTERM's default would end pytest at once);
 * at the end of the session every child still running is sent SIGTERM (its process
   group, where it leads one: ``start_new_session``), then SIGKILL after
   :data:`GRACE_S` seconds.
 
-The kernel's signal reaches only pytest's own children: what they start themselves is
-theirs to stop on SIGTERM (joulepool's components do); a control plane that ``up.sh``
-starts as daemons is stopped by its fixture's teardown, which the second net lets run.
+Only pytest's own children are known: what they start themselves is theirs to stop on
+SIGTERM (joulepool's components do); a control plane that ``up.sh`` starts as daemons is
+stopped by its fixture's teardown, which the second net lets run. The children are not
+marked with ``prctl(PR_SET_PDEATHSIG)``: that needs a ``preexec_fn``, which makes
+``subprocess`` fork instead of vfork, and a fork of a process that has loaded gRPC runs
+gRPC's fork handlers in the child, which then aborts (seen: a CLI child killed by
+SIGABRT, "epoll_wait error: Bad file descriptor").
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -45,7 +44,6 @@ import pytest
 #: seconds the children still running at the end of a session get between SIGTERM and
 #: SIGKILL
 GRACE_S = 5.0
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 #: every child started while the plugin is on (kept, not polled: polling a child an
 #: asyncio watcher waits for would steal its exit status)
@@ -53,28 +51,10 @@ _children: list[subprocess.Popen[Any]] = []
 _original_init: Callable[..., None] | None = None
 #: the write end of the watchdog's pipe (None: no watchdog)
 _watchdog: Any = None
-_libc: Any = None
-
-
-def _die_with(parent: int, then: Callable[[], object] | None) -> Callable[[], None]:
-    """The child's preexec_fn: SIGTERM when ``parent`` dies (at once if it already
-    has), then the caller's own preexec_fn."""
-    libc = _libc
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # pytest died between fork and prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-        if then is not None:
-            then()
-
-    return preexec
 
 
 def _guarded_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
     assert _original_init is not None
-    if _libc is not None and threading.current_thread() is threading.main_thread():
-        kwargs["preexec_fn"] = _die_with(os.getpid(), kwargs.get("preexec_fn"))
     _original_init(self, *args, **kwargs)
     _children.append(self)
     _tell_watchdog(self.pid)
@@ -182,12 +162,9 @@ def stop_children(grace_s: float = GRACE_S) -> list[int]:
 
 
 def pytest_configure(config: object) -> None:
-    global _original_init, _libc
+    global _original_init
     if _original_init is not None:
         return
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            _libc = ctypes.CDLL(None, use_errno=True)
     _original_init = subprocess.Popen.__init__
     subprocess.Popen.__init__ = _guarded_init  # type: ignore[method-assign]
     _start_watchdog()

@@ -30,7 +30,7 @@ def _record(proc, name):
 def leaky():
     # started and never stopped: the fixture has no teardown
     _record(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]), "main")
-    # and one from another thread (not signalled by the kernel: stopped at session end)
+    # and one from another thread
     t = threading.Thread(target=lambda: _record(subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)"]), "thread"))
     t.start()
