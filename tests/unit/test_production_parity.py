@@ -278,3 +278,66 @@ def test_the_simulator_holds_an_instance_to_the_tpot_of_its_own_classes() -> Non
     assert router.held_tpot_s((NAMES[SS],)) is None  # not a plan key
     assert router.held_tpot_s(("default.chat",)) == sim._held_tpot_s(SS)
     assert router.held_tpot_s(("default.chat", "default.rag")) == sim._held_tpot_s(shared)
+
+
+def test_a_shared_pod_is_credited_once_from_every_pools_requests_as_the_simulators() -> None:
+    """chat's pod p0 is shared with rag, p1 is chat's own. Both pools route to p0, chat
+    to p1 too. The engine p0 holds all of them: in both pools its row counts every
+    request on it and has one room, the simulator's for an instance serving both classes
+    that holds those requests, credited by its home pool's (chat's) spread
+    (core.routing.credited_slot_load). Before, each pool credited p0 from its own
+    requests alone: rag saw 6 long prompts, chat 6 short ones, and two rooms."""
+    from joulepool.core.classes import Tier
+    from joulepool.core.routing import credibility_at
+
+    wl = _workload(600, 4)
+    cl = cluster([("h0", "H100", 2)])
+    sim = Simulator(cl, wl, POLICIES["freesh"], model_tables(cl), plan_windows(cl, wl))
+    shared = sim._class_set((SS, LS))
+    one = {"node": "h0", "site": "s1", "product": "H100", "mode": "1xH100", "instances": 1,
+           "gpus": 1, "gpusPerInstance": 1}
+    doc = PlanDocument(pools={
+        "default.chat": _planned(wl, SS, PlannedInstance(**one, sharedWith=["default.rag"]),
+                                 PlannedInstance(**one)),
+        "default.rag": _planned(wl, LS)})
+    state = ClusterState()
+    state.replace_nodes([T.node("h0", "H100", gpus=2)])
+    state.replace_pods([T.pod(name, node_name="h0", ready=True, ip=ip, pool="default.chat",
+                              mode="1xH100")
+                        for name, ip in (("p0", "10.0.0.1"), ("p1", "10.0.0.2"))])
+    state.set_plan(doc)
+    router = Router(RouterSettings(), state)
+    chat, rag = router.pool("default.chat"), router.pool("default.rag")
+    p0, p1 = "10.0.0.1:8000", "10.0.0.2:8000"
+    assert [e.address for e in rag.endpoints] == [p0]
+    held: list[tuple[int, int]] = []  # (prompt, response) of what p0 holds
+    for k in range(6):
+        for pool, prompt, response, to in ((rag, 3000 + 40 * k, 30, p0),
+                                           (chat, 200 + 10 * k, 300, p0),
+                                           (chat, 100, 400 + 20 * k, p1)):
+            pool.decide(response, prompt, Tier.INTERACTIVE, None, 0.0,
+                        subset=frozenset({to}))
+            if to == p0:
+                held.append((prompt, response))
+    i_chat, i_rag = chat.index[p0], rag.index[p0]
+    assert chat.ledger_count[i_chat] == rag.ledger_count[i_rag] == len(held) == 12
+    assert chat.slot_loads[i_chat] == pytest.approx(sum(slot_load(a, b) for a, b in held))
+    chat_rooms, rag_rooms = chat._credible_rooms(), rag._credible_rooms()
+    one_room = (float(chat_rooms[i_chat]), float(chat.state.tpot_batch[i_chat]))
+    assert (float(rag_rooms[i_rag]), float(rag.state.tpot_batch[i_rag])) == one_room
+    epv, vhm = chat.slot_load_spread()
+    assert vhm > 0.0  # chat's members differ: the credibility is not 0
+    (endpoint,) = rag.endpoints
+    inst = next(i for i in sim.instances if i.table.mode == "1xH100")
+    inst.cls, inst.pool_rooms = shared, (sim._sustainable_batch("1xH100", shared),
+                                         int(endpoint.model.tpot_batch_limit))
+    inst.n_out = len(held)
+    inst.sl_sum = sum(slot_load(a, b) for a, b in held)
+    sim.mix_rooms.clear()
+    assert sim._member_rooms(inst, credibility_at(len(held), epv, vhm)) == one_room
+    assert one_room != (float(endpoint.model.batch_limit),
+                        float(endpoint.model.tpot_batch_limit))  # credited off the mean
+    # a completion in one pool frees the engine in both
+    rid = next(iter(rag.endpoints[i_rag].ledger))
+    rag.report(p0, rid, 30, True, None, 1.0)
+    assert chat.ledger_count[i_chat] == rag.ledger_count[i_rag] == 11

@@ -72,6 +72,7 @@ from joulepool.core.replicas import Counts, consensus_lambda
 from joulepool.core.routing import (
     EndpointModel,
     carbon_weights,
+    credited_slot_load,
     default_deadline,
     endpoint_queue_tokens,
     queued_responses,
@@ -152,10 +153,10 @@ class Endpoint:
     """One serving engine (``ip:port``) and what the router learned about it."""
 
     __slots__ = (
-        "address", "engine", "eps_est", "generated_tokens", "kv_cache", "ledger",
-        "ledger_tokens", "measured_eps", "metrics_url", "model", "node", "pod", "running",
-        "scraped_at", "site", "slot_load_squares", "slot_loads", "source", "static_queue",
-        "waiting",
+        "address", "engine", "eps_est", "generated_tokens", "home", "kv_cache", "ledger",
+        "ledger_tokens", "measured_eps", "metrics_url", "model", "node", "peers", "pod",
+        "running", "scraped_at", "site", "slot_load_squares", "slot_loads", "source",
+        "static_queue", "waiting",
     )
 
     def __init__(
@@ -196,6 +197,13 @@ class Endpoint:
         #: slot load, core.routing.SlotLoadMoments)
         self.slot_loads = 0.0
         self.slot_load_squares = 0.0
+        #: a pod several pools share (a shared instance): the same pod's endpoint in each
+        #: of the other pools, with that pool. Its rows count every pool's ledger: one
+        #: engine, one batch (set by whoever builds the pools: kube.pools.Router)
+        self.peers: tuple[tuple[PoolRouter, Endpoint], ...] = ()
+        #: the pool whose slot-load spread credits it, when that is another pool than the
+        #: one holding this endpoint (its home pool, for a guest's copy); None: its own
+        self.home: PoolRouter | None = None
 
     def add_routed(self, rid: str, expiry: float, tokens: float, load: float = 0.0) -> None:
         self.ledger[rid] = (expiry, tokens, load)
@@ -287,6 +295,8 @@ class PoolRouter:
         self.endpoints: list[Endpoint] = []
         self.index: dict[str, int] = {}
         self.mix_rooms = False
+        #: rows credited by another pool's slot-load spread (Endpoint.home)
+        self._homes: dict[int, PoolRouter] = {}
         #: gCO2/kWh per site (set_site_intensities; empty: the energy objective)
         self.site_g: dict[str, float] = {}
         self._alloc(0)
@@ -358,10 +368,11 @@ class PoolRouter:
         self.state.tpot_batch[i] = self.pool_tpot_batch[i] = m.tpot_batch_limit
         self.prefill_s[i] = m.prefill_s_per_token
 
-    def _refresh(self, i: int) -> None:
+    def _refresh(self, i: int, peers: bool = True) -> None:
         """Row ``i`` of the columns from endpoint ``i``'s state (its ledger, scrape, eps
         scale): called whenever that state changes, so a decision reads the columns as
-        they are."""
+        they are. A shared pod's row counts the ledgers of every pool it serves
+        (``Endpoint.peers``), and its rows in those pools follow (``peers``)."""
         ep = self.endpoints[i]
         st = self.state
         model = ep.model
@@ -379,6 +390,8 @@ class PoolRouter:
         self.ledger_tokens[i] = ep.ledger_tokens
         self.slot_loads[i] = ep.slot_loads
         self.slot_load_squares[i] = ep.slot_load_squares
+        if ep.peers:
+            routed = self._count_peers(i, ep, peers)
         # core.routing's marginal energy: joining the requests in flight now (the
         # router's ledger or the engine's scraped counts, whichever is more)
         scraped = waiting + running
@@ -399,6 +412,29 @@ class PoolRouter:
         # R_n is counted where a step is modelled and something is in flight
         # (_batch_left); the scraped count as self.scraped holds it
         self._steps_left_rows[i] = step > 0 and (routed > 0 or self.scraped[i] > 0)
+
+    def _count_peers(self, i: int, ep: Endpoint, propagate: bool) -> int:
+        """Row ``i`` of a shared pod: its ledger columns over every pool's ledger of it;
+        with ``propagate``, the pod's rows in the other pools too. Returns the requests
+        in flight there."""
+        for pool, peer in ep.peers:
+            self.ledger_count[i] += len(peer.ledger)
+            self.ledger_tokens[i] += peer.ledger_tokens
+            self.slot_loads[i] += peer.slot_loads
+            self.slot_load_squares[i] += peer.slot_load_squares
+            if propagate:
+                j = pool.index.get(peer.address)
+                if j is not None and pool.endpoints[j] is peer:
+                    pool._refresh(j, peers=False)
+        return int(self.ledger_count[i])
+
+    def shared_changed(self) -> None:
+        """Endpoints' ``peers`` / ``home`` were (re)set: refresh their rows."""
+        self._homes = {i: e.home for i, e in enumerate(self.endpoints)
+                       if e.home is not None and e.home is not self}
+        for i, e in enumerate(self.endpoints):
+            if e.peers:
+                self._refresh(i, peers=False)
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -423,6 +459,8 @@ class PoolRouter:
         fresh.sort(key=lambda e: e.address)
         self.endpoints = fresh
         self.index = {e.address: i for i, e in enumerate(fresh)}
+        self._homes = {i: e.home for i, e in enumerate(fresh)
+                       if e.home is not None and e.home is not self}
         self._alloc(len(fresh))
         if self.site_g:  # the new endpoints weigh by their sites' intensities
             self.carbon_w = self._carbon_weights()
@@ -488,29 +526,65 @@ class PoolRouter:
         (core.routing.SlotLoadMoments.credible over the pool's ledgers, against each
         endpoint's stream), as the simulator sizes its members; sets the TPOT batches
         (``state.tpot_batch``) likewise. Vectorised but for the endpoints credited with
-        a load off their pool's bin (none while the members' spread is sampling)."""
+        a load off their pool's bin (none while the members' spread is sampling). A
+        guest's copy of a shared pod is credited by its home pool's spread
+        (:meth:`_credit_from_homes`)."""
         limit = self.op_batch.copy()
         tpot = self.state.tpot_batch
         tpot[:] = self.pool_tpot_batch
+        spread = self._held_spread()
+        if spread is not None:
+            held, epv, vhm = spread
+            n, s = self.ledger_count, self.slot_loads
+            for i in held.tolist():  # (SlotLoadMoments.credible, written out)
+                k = float(n[i])
+                z = k * vhm / (k * vhm + epv)
+                m = self.endpoints[i].model
+                limit[i], tpot[i] = m.rooms_at_slot_load(
+                    z * (float(s[i]) / k) + (1.0 - z) * m.pool_slot_load)
+        if self._homes:
+            self._credit_from_homes(limit)
+        return limit
+
+    def _held_spread(self) -> tuple[npt.NDArray[np.intp], float, float] | None:
+        """(rows holding requests with a slot load, EPV, VHM) of the pool's ledgers
+        (core.routing.slot_load_spread); None while fewer than two members hold any, or
+        the members' means differ no more than sampling explains (VHM <= 0)."""
         n, s = self.ledger_count, self.slot_loads
         members = np.count_nonzero(n > 0)
         held = np.flatnonzero((n > 0) & (s > 0.0))
         if members < 2 or not held.size:
-            return limit
+            return None
         nh, sh = n[held], s[held]
         epv, vhm = slot_load_spread(
             float(n.sum()), float(members), float(s.sum()),
             float(self.slot_load_squares.sum()), float((sh * sh / nh).sum()),
             float((n * n).sum()))
-        if not vhm > 0.0:
-            return limit
-        for i in held.tolist():  # (SlotLoadMoments.credible, written out)
-            k = float(n[i])
-            z = k * vhm / (k * vhm + epv)
+        return (held, epv, vhm) if vhm > 0.0 else None
+
+    def slot_load_spread(self) -> tuple[float, float]:
+        """(EPV, VHM) of the pool's ledgers (core.routing.slot_load_spread; (0, 0) where
+        :meth:`_held_spread` gives none): what credits its members' slot loads, its
+        shared pods' in the guest pools too."""
+        spread = self._held_spread()
+        return (0.0, 0.0) if spread is None else (spread[1], spread[2])
+
+    def _credit_from_homes(self, limit: FloatArray) -> None:
+        """The rows of shared pods whose home is another pool: b*_n and the TPOT batch at
+        the slot load their home pool's spread credits them with
+        (core.routing.credited_slot_load over every pool's requests on the pod), so the
+        engine has one room in every pool it serves, as the simulator's shared instance;
+        their stream's rooms where it credits nothing."""
+        tpot = self.state.tpot_batch
+        n, s = self.ledger_count, self.slot_loads
+        for i, home in self._homes.items():
             m = self.endpoints[i].model
-            limit[i], tpot[i] = m.rooms_at_slot_load(
-                z * (float(s[i]) / k) + (1.0 - z) * m.pool_slot_load)
-        return limit
+            k, total = float(n[i]), float(s[i])
+            if k > 0.0 and total > 0.0:
+                load = credited_slot_load(k, total, m.pool_slot_load, *home.slot_load_spread())
+                limit[i], tpot[i] = m.rooms_at_slot_load(load)
+            else:
+                limit[i], tpot[i] = self.op_batch[i], self.pool_tpot_batch[i]
 
     def _batch_left(self, now: float) -> FloatArray:
         """R_n: decode steps the requests in flight on each endpoint have left (by the

@@ -1009,6 +1009,19 @@ def credibility_at(n: float, epv: float, vhm: float) -> float:
     return n * vhm / (n * vhm + epv)
 
 
+def credited_slot_load(n: float, total: float, prior: float, epv: float, vhm: float
+                       ) -> float:
+    """The slot load an engine holding ``n`` requests whose slot loads sum to ``total`` is
+    credited with, given the (EPV, VHM) of the pool that credits it
+    (:func:`slot_load_spread`): Z x its mean + (1 - Z) x ``prior`` (its stream's), Z =
+    :func:`credibility_at`; ``prior`` where Z is 0. The engine's requests are all those
+    it holds, whichever pool routed them, and an engine several pools share is credited
+    by its home pool's spread, once: the simulator's rule and the routing service's
+    (docs/marginal-energy.md, "Per-member room")."""
+    z = credibility_at(n, epv, vhm)
+    return prior if z <= 0.0 else z * (total / n) + (1.0 - z) * prior
+
+
 @dataclass(frozen=True)
 class SlotLoadMoments:
     """The slot loads (:func:`slot_load`) of the requests a pool's members hold (routed to them and
@@ -1042,9 +1055,9 @@ class SlotLoadMoments:
         mean from a few requests says little (one long prompt with a short answer would
         make it look full); the members' spread says how far a member's stream differs
         from the pool's once the router sorts requests by mix."""
-        z = slot_load_credibility(n, self.requests, self.members, self.total, self.squares,
-                                  self.member_squares, self.count_squares)
-        return prior if z <= 0.0 else z * (total / n) + (1.0 - z) * prior
+        return credited_slot_load(n, total, prior, *slot_load_spread(
+            self.requests, self.members, self.total, self.squares, self.member_squares,
+            self.count_squares))
 
 
 def slot_load_bin(load: float, prior: float) -> int:

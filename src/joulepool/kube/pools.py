@@ -223,6 +223,29 @@ class Router:
         self._static_dirty = False
         for key in sorted(todo):
             self._sync_pool(key)
+        self._link_shared()
+
+    def _link_shared(self) -> None:
+        """Tie each pod that serves several pools (a shared instance) across them: each
+        pool's endpoint of it counts every pool's ledger (``Endpoint.peers``), and the
+        guests' copies are credited by the host pool's slot-load spread
+        (``Endpoint.home``): one engine, one batch and one room, as the simulator's
+        shared instance (docs/marginal-energy.md, "Per-member room")."""
+        state = self.state
+        by_pod: dict[str, list[tuple[PoolRouter, Endpoint]]] = {}
+        for pool in self.pools.values():
+            for ep in pool.endpoints:
+                if ep.pod is not None and state is not None and ep.pod in state.pods:
+                    by_pod.setdefault(ep.pod, []).append((pool, ep))
+                else:
+                    ep.peers, ep.home = (), None
+        for pod, copies in by_pod.items():
+            host = self.pools.get(state.pods[pod].pool or "") if state is not None else None
+            for pool, ep in copies:
+                ep.peers = tuple((p, e) for p, e in copies if e is not ep)
+                ep.home = host if host is not None and host is not pool else None
+        for pool in self.pools.values():
+            pool.shared_changed()
 
     def _sync_pool(self, key: str) -> None:
         pool = self.pools.get(key)
