@@ -165,12 +165,29 @@ class CandidateIndex:
         (the defaults are EndpointState's)."""
         placed = self.placed
         old = placed.get(pos)
-        if old == _LATE and row[11] < 1.0:
+        if type(old) is tuple:
+            eps, pi, wake = row[0], row[1], row[2]
+            if old[1] == pos and row[4] != 0.0 and row[11] >= 1.0 and row[3] >= 0.0 \
+                    and eps == eps and pi == pi and wake == wake:
+                # busy before and now (most puts): its entry only, moved when its energy
+                # group changed (eps_n follows the requests in flight); _place's busy case
+                key = (eps, pi, wake)
+                group = old[0]
+                if key != old[2]:
+                    del group[pos]
+                    if not group:
+                        del self.groups[old[2]]
+                    found = self.groups.get(key)
+                    if found is None:
+                        found = self.groups[key] = {}
+                    group = found
+                    placed[pos] = (group, pos, key)
+                group[pos] = (row, [pos])
+            else:
+                self._unplace(pos, old)
+                self._place(pos, row)
+        elif old == _LATE and row[11] < 1.0:
             pass  # late before and now (most puts while the pool is full): stays there
-        elif type(old) is tuple and old[1] == pos and row[4] != 0.0 and row[11] >= 1.0 \
-                and row[3] >= 0.0 and (row[0], row[1], row[2]) == old[2]:
-            # busy before and now, in the same energy group (most puts): its entry only
-            old[0][pos] = (row, [pos])
         else:
             if old is not None:
                 self._unplace(pos, old)
@@ -221,26 +238,27 @@ class CandidateIndex:
 
     def _refresh_firsts(self) -> None:
         """Bring the soonest search's structure up to date with the rows put since."""
-        put_first, rows = self._put_first, self.rows
+        put_first, rows, first_placed = self._put_first, self.rows, self.first_placed
         for pos, within in self.stale.items():
-            put_first(pos, rows[pos], within)
+            old = first_placed.pop(pos, None)
+            if old is None:
+                if within:
+                    self.within += 1
+                    put_first(pos, rows[pos])
+            else:
+                if type(old) is tuple:
+                    self._drop_first(old)
+                else:
+                    self.first_odd -= 1
+                if within:
+                    put_first(pos, rows[pos])
+                else:
+                    self.within -= 1
         self.stale.clear()
 
-    def _put_first(self, pos: int, row: Row, within: bool) -> None:
-        """Position ``pos`` in the soonest search: ``within`` its TPOT batch or not."""
-        old = self.first_placed.pop(pos, None)
-        if old is not None:
-            if type(old) is tuple:
-                self._drop_first(old)
-            else:
-                self.first_odd -= 1
-            if not within:
-                self.within -= 1
-                return
-        elif within:
-            self.within += 1
-        else:
-            return
+    def _put_first(self, pos: int, row: Row) -> None:
+        """Place position ``pos``, within its TPOT batch, in the soonest search (taken out
+        of it before, if it was there)."""
         if _search_regular(row):
             wait, step, pf_s = row[7], row[8], row[10]
             tie = (wait + step, wait, step, row[9], row[6], row[5])
@@ -292,8 +310,9 @@ class CandidateIndex:
         # (the order only decides how soon the search stops, never its answer; a lone
         # group's bound is never above the best cost, infinite until it is scored)
         if len(groups) > 1:
-            order = sorted((marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key)
-                           for key in groups)
+            order = [(marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key)
+                     for key in groups]
+            order.sort()
         else:
             order = [(-INF, key) for key in groups]
         best_cost, best_eta, best_pos = INF, INF, -1

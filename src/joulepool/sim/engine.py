@@ -915,9 +915,18 @@ class Simulator:
                     self.pools[p].sync_load(inst)
             return
         pool = self.pools[inst.pool]
-        mixed = inst.n_out != inst.mix_n
-        if mixed:  # its requests changed: its loads and rooms
-            self._remix(inst, pool)
+        n_out = inst.n_out
+        mixed = n_out != inst.mix_n
+        if mixed:
+            # its requests changed: its terms of its home pool's slot-load sums, and its
+            # rooms at the slot load it is now credited with. eps_n stays at the pool's
+            # b*_n: the engine does not stop a batch at b*_n, so what joining costs
+            # follows the pool's sizing; the room says whether the member keeps the SLO
+            # with one more
+            inst.mix_n = n_out
+            epv, vhm = pool.note_mix(inst)  # (Pool.credibility written out)
+            inst.room, inst.tpot_batch = self._member_rooms(
+                inst, credibility_at(n_out, epv, vhm))
         row = inst.row(t)
         pool.put(inst, row)
         if inst.cls >= self.n_pools:  # a shared instance: its rows in its guest pools too
@@ -926,18 +935,6 @@ class Simulator:
                 if mixed:  # (its rooms: its home pool's spread, above)
                     guest.note_mix(inst)
                 guest.put(inst, row)
-
-    def _remix(self, inst: Instance, pool: Pool) -> None:
-        """``inst``'s requests changed: its terms of its home ``pool``'s slot-load sums,
-        and its rooms at the slot load it is now credited with."""
-        n_out = inst.n_out
-        inst.mix_n = n_out
-        pool.note_mix(inst)
-        # eps_n stays at the pool's b*_n: the engine does not stop a batch at b*_n, so
-        # what joining costs follows the pool's sizing; the room says whether the member
-        # keeps the SLO with one more
-        epv, vhm = pool.spread  # (Pool.credibility written out)
-        inst.room, inst.tpot_batch = self._member_rooms(inst, credibility_at(n_out, epv, vhm))
 
     def _pools_of(self, inst: Instance) -> tuple[int, ...]:
         """The pools ``inst`` is a member of: its home pool, then those it is a guest in."""

@@ -595,19 +595,20 @@ class Pool:
         self.mix_puts = 0
         self.spread = slot_load_spread(*self.mix)
 
-    def note_mix(self, inst: Instance) -> None:
-        """``inst``'s requests changed: its terms of the pool's slot-load sums."""
+    def note_mix(self, inst: Instance) -> tuple[float, float]:
+        """``inst``'s requests changed: its terms of the pool's slot-load sums. Returns
+        the pool's :attr:`spread` (EPV, VHM) after the change."""
         pos = self.guest_pos.get(inst.idx, inst.pos) if self.guest_pos else inst.pos
         new = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
         mix_of = self.mix_of
         old = mix_of[pos]
         if new == old:
-            return
+            return self.spread
         mix_of[pos] = new
         puts = self.mix_puts = self.mix_puts + 1
         if puts >= len(self.members):
             self._sum_mix()
-            return
+            return self.spread
         # (each sum as ``sum += new - old``, the six written out: this runs per change of
         # a member's requests)
         m0, m1, m2, m3, m4, m5 = self.mix
@@ -615,7 +616,8 @@ class Pool:
         o0, o1, o2, o3, o4, o5 = old
         mix = self.mix = (m0 + (n0 - o0), m1 + (n1 - o1), m2 + (n2 - o2), m3 + (n3 - o3),
                           m4 + (n4 - o4), m5 + (n5 - o5))
-        self.spread = slot_load_spread(*mix)
+        spread = self.spread = slot_load_spread(*mix)
+        return spread
 
     def credibility(self, n: float) -> float:
         """core.routing.slot_load_credibility of a member holding ``n`` requests (the
