@@ -341,3 +341,45 @@ def test_regular_rows_are_the_ones_the_soonest_search_assumes() -> None:
         overflow = finite and not math.isfinite(q + mu + w + wait + step + chunk + pf_s)
         # a finite row whose sum overflows is only ever sent to the full rule
         assert got == (expected and not overflow)
+
+
+def _structure(index: CandidateIndex) -> tuple[object, ...]:
+    """What an index holds, comparable between two indexes: its energy groups (each
+    entry's row and positions), each position's placement kind and row, the soonest
+    search's groups and counts (brought up to date first)."""
+    index._refresh_firsts()
+    groups = {key: {entry_key: (row, list(same)) for entry_key, (row, same) in group.items()}
+              for key, group in index.groups.items()}
+    kinds = {pos: (("group", old[1], old[2]) if type(old) is tuple else old)
+             for pos, old in index.placed.items()}
+    firsts = {pf_s: (list(ties), {tie: list(same) for tie, same in members.items()})
+              for pf_s, (ties, members) in index.firsts.items()}
+    first_kinds = {pos: (placed[:3] if type(placed) is tuple else placed)
+                   for pos, placed in index.first_placed.items()}
+    return (groups, kinds, dict(index.rows), index.odd, firsts, first_kinds, index.within,
+            index.first_odd)
+
+
+@pytest.mark.parametrize("odd", [0.0, 0.05])
+def test_rows_rewritten_many_times_leave_the_index_as_written_once(odd: float) -> None:
+    """The index is kept incrementally (a busy row whose energy group changed moves
+    there; rows put since the last soonest search are placed when it runs): after any
+    sequence of puts, with soonest searches' refreshes in between, it holds exactly what
+    an index holding only each position's last row and load holds."""
+    rng = np.random.default_rng(5 + int(odd * 100))
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        index = CandidateIndex()
+        last: dict[int, tuple[tuple[float, ...], float, float]] = {}
+        for _ in range(int(rng.integers(1, 6 * n))):
+            pos = int(rng.integers(0, n))
+            row = _late_row(rng) if rng.random() < 0.5 else _row(rng, odd)
+            out, tpot, _ = _overflow(rng, 1)
+            last[pos] = (row, float(out[0]), float(tpot[0]))
+            index.put(pos, *last[pos])
+            if rng.random() < 0.1:  # a request reached the soonest search
+                index._refresh_firsts()
+        fresh = CandidateIndex()
+        for pos in sorted(last):
+            fresh.put(pos, *last[pos])
+        assert _structure(index) == _structure(fresh)
