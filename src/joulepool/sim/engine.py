@@ -1169,7 +1169,7 @@ class Simulator:
         if credibility <= 0.0 or inst.sl_sum <= 0.0:
             return pool_rooms
         mode, cls = inst.table.mode, inst.cls
-        prior, mean_out = self._pool_mix(cls)
+        prior, mean_out = self.pool_mix.get(cls) or self._pool_mix(cls)
         k = slot_load_bin(credibility * (inst.sl_sum / inst.n_out)
                           + (1.0 - credibility) * prior, prior)
         if k == 0:
