@@ -108,13 +108,8 @@ def _watch(lines: Any, grace_s: float = GRACE_S) -> None:
     alive = {pid: s for pid, s in known.items() if _start_time(pid) == s}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid, start in alive.items():
-            if _start_time(pid) != start:
-                continue
-            with contextlib.suppress(OSError):
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, sig)
-                else:
-                    os.kill(pid, sig)
+            if _start_time(pid) == start:
+                _signal(pid, sig)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(
                 _start_time(pid) == s for pid, s in alive.items()):
@@ -133,13 +128,13 @@ def _arm_sigterm() -> None:
         signal.signal(signal.SIGTERM, _terminate_on_sigterm)
 
 
-def _signal_child(proc: subprocess.Popen[Any], sig: int) -> None:
-    """``sig`` to ``proc``, to its whole process group where it leads one."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(proc.pid) == proc.pid:
-            os.killpg(proc.pid, sig)
+def _signal(pid: int, sig: int) -> None:
+    """``sig`` to process ``pid``, to its whole process group where it leads one."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
         else:
-            proc.send_signal(sig)
+            os.kill(pid, sig)
 
 
 def stop_children(grace_s: float = GRACE_S) -> list[int]:
@@ -148,14 +143,14 @@ def stop_children(grace_s: float = GRACE_S) -> list[int]:
     left = [p for p in _children if p.poll() is None]
     _children.clear()
     for proc in left:
-        _signal_child(proc, signal.SIGTERM)
+        _signal(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for proc in left:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(max(deadline - time.monotonic(), 0.0))
     for proc in left:
         if proc.poll() is None:
-            _signal_child(proc, signal.SIGKILL)
+            _signal(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5.0)
     return [p.pid for p in left]

@@ -106,11 +106,7 @@ def test_a_fixtures_child_does_not_outlive_its_pytest(tmp_path: Path, how: str) 
             assert inner.returncode == 0, out
             assert "procguard: stopped 2 process(es)" in out
     finally:
-        for pid in _children_left(pids):
-            os.kill(pid, signal.SIGKILL)
-        if inner.poll() is None:
-            inner.kill()
-            inner.wait(10)
+        _clean_up(inner, pids)
 
 
 def test_without_the_guard_the_child_outlives_a_killed_pytest(tmp_path: Path) -> None:
@@ -123,14 +119,14 @@ def test_without_the_guard_the_child_outlives_a_killed_pytest(tmp_path: Path) ->
         time.sleep(1.0)
         assert not _gone(children["main"])
     finally:
-        for pid in _children_left(pids):
+        _clean_up(inner, pids)
+
+
+def _clean_up(inner: subprocess.Popen[bytes], pids: Path) -> None:
+    """This test's own cleanup, by pid: the inner run and its children still running."""
+    for pid in [int(p.read_text()) for p in pids.iterdir() if "." not in p.name]:
+        if not _gone(pid):
             os.kill(pid, signal.SIGKILL)
-        if inner.poll() is None:
-            inner.kill()
-            inner.wait(10)
-
-
-def _children_left(pids: Path) -> list[int]:
-    """The inner run's children still running (this test's own cleanup, by pid)."""
-    found = [int(p.read_text()) for p in pids.iterdir() if "." not in p.name]
-    return [pid for pid in found if not _gone(pid)]
+    if inner.poll() is None:
+        inner.kill()
+        inner.wait(10)
