@@ -25,8 +25,8 @@ from joulepool.core.problem import (
     queue_moments,
     shared_ttft,
 )
-from joulepool.core.profiles import H100_8B
-from joulepool.core.sizing import pools_hold, shared_queues_hold
+from joulepool.core.profiles import H100_8B, Figure, Headroom
+from joulepool.core.sizing import SizedPlan, plan_with_headroom, pools_hold, shared_queues_hold
 
 REQUESTS = 20_000
 OUTPUT = 30.0
@@ -177,3 +177,57 @@ def test_the_planner_keeps_the_short_class_off_instances_shared_with_long_prompt
     assert shared_queues_hold(after, problem)
     assert pools_hold(problem, after, problem)
     assert not pools_hold(replace(problem, shared_ttft_rps=None), before, problem)
+
+
+def _sized(classes: list[ServiceClass], gpus: int, strict: bool = False) -> SizedPlan:
+    """``classes`` on ``gpus`` H100s at the most headroom that fits (core.sizing);
+    ``strict``: the rule's budget next to a guest is always the scaled headroom's own
+    (the sizing before the trade-off)."""
+    def build(hr: Headroom) -> PlanProblem:
+        return build_problem(classes, [Mode("1xH100", "H100", 1)],
+                             [PlanNode("n", "s", "H100", gpus)], lambda r, m: H100_8B,
+                             step_s=300.0, alpha=1.0, objective="energy",
+                             headroom=hr).problem
+    return plan_with_headroom(build, trade_shared=not strict)
+
+
+def test_a_class_shares_where_keeping_it_apart_costs_every_class_headroom() -> None:
+    """Two H100s, 2 req/s short and 3 req/s long: kept apart, the long class has one
+    instance and every class's headroom shrinks until it fits there (the cliff: the
+    short class's TTFT next to the long prompts cost the whole plan its headroom). The
+    trade-off lets the short class share where its misses next to the long prompts are
+    no more than every class's in that plan, and so plans with more headroom: every
+    class's budget is that plan's or tighter."""
+    classes = _classes(short_rps=2.0, long_rps=3.0)
+    apart, traded = _sized(classes, 2, strict=True), _sized(classes, 2)
+    assert apart.result.feasible and traded.result.feasible
+    assert not _shares(apart.result, "SS", "LS") and _shares(traded.result, "SS", "LS")
+    assert traded.scale > apart.scale
+    shared = traded.headroom.shared_ttft_miss
+    assert apart.headroom.shared_ttft_miss is None and shared is not None
+    assert shared.value == pytest.approx(apart.headroom.ttft_miss.value, rel=1e-12)
+    assert traded.headroom.ttft_miss.value < apart.headroom.ttft_miss.value
+    assert traded.headroom.tpot_miss.value < apart.headroom.tpot_miss.value
+    # the rule, at the traded budget, holds for what the plan deploys
+    assert shared_queues_hold(traded.result, traded.problem)
+    assert "next to another class's prompts" in traded.note()
+    for c, rps in (("SS", 2.0), ("LS", 3.0)):
+        assert traded.result.served_rps(c) >= rps * (1 - 1e-6)
+
+
+def test_the_trade_off_leaves_a_plan_with_the_full_headroom_alone() -> None:
+    classes = _classes(short_rps=1.0, long_rps=1.0)
+    sized = _sized(classes, 4)
+    assert sized.scale == 1.0 and sized.headroom.shared_ttft_miss is None
+    assert not _shares(sized.result, "SS", "LS")
+
+
+def test_the_shared_budget_scales_with_the_headroom_and_is_checked() -> None:
+    base = Headroom()
+    assert base.shared_ttft_budget == base.ttft_miss.value
+    loose = base.sharing(Figure(0.1, "test"))
+    assert loose.shared_ttft_budget == 0.1
+    assert loose.scaled(0.5).shared_ttft_budget == pytest.approx(0.1 ** 0.5)
+    assert loose.scaled(1.0) is loose
+    with pytest.raises(ValueError, match="shared_ttft_miss"):
+        base.sharing(Figure(0.0, "test"))

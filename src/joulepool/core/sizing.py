@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from joulepool.core.planner import PlanProblem, PlanResult, solve
 from joulepool.core.problem import PoolSizes
@@ -219,6 +219,7 @@ def plan_with_headroom(
     build: Callable[[Headroom], PlanProblem],
     headroom: Headroom | None = None,
     rounds: int = HEADROOM_ROUNDS,
+    trade_shared: bool = True,
 ) -> SizedPlan:
     """Solve ``build(headroom)``; relax the headroom only as far as unmet demand requires.
 
@@ -226,7 +227,8 @@ def plan_with_headroom(
     ``operating_point(..., headroom=h)`` for the headroom ``h`` it is given: per-instance
     rates, as :func:`plan_pooled` with no pool rounds.
     """
-    return plan_pooled(lambda hr, sizes: build(hr), headroom, rounds, pool_rounds=0)
+    return plan_pooled(lambda hr, sizes: build(hr), headroom, rounds, pool_rounds=0,
+                       trade_shared=trade_shared)
 
 
 def plan_pooled(
@@ -234,10 +236,18 @@ def plan_pooled(
     headroom: Headroom | None = None,
     rounds: int = HEADROOM_ROUNDS,
     pool_rounds: int = POOL_ROUNDS,
+    trade_shared: bool = True,
 ) -> SizedPlan:
     """Solve ``build(headroom, sizes)`` at pool-level rates (:func:`solve_pooled`, at most
     ``pool_rounds`` re-solves per solve); relax the headroom only as far as unmet demand
     requires.
+
+    When the headroom must shrink and the shared-instance TTFT rule keeps a class off a
+    guest's shared instances, ``trade_shared`` then tries more headroom with the rule's
+    budget next to a guest (:attr:`Headroom.shared_ttft_miss`) at the TTFT budget the
+    plan found so far gives every class: no class's budget is looser than in that plan,
+    every other's is tighter (docs/planner.md, "Shared instances: a trade-off, not a
+    cliff"). False: the rule's budget is always the scaled headroom's own.
 
     ``build(h, sizes)`` makes the window's problem with every L[r, m] and P[r, m] from
     the serving point of one instance in a pool of ``sizes[(class, mode)]`` (absent: 1)
@@ -276,15 +286,29 @@ def plan_pooled(
         if good(result):  # headroom is not what leaves demand unmet
             return SizedPlan(problem, result, asked, 1.0, asked, solves)
     best = SizedPlan(problem0, result0, none, 0.0, asked, solves)
-    lo, hi = 0.0, 1.0  # lo: serves as much as possible; hi: does not
-    for _ in range(max(0, rounds)):
-        mid = 0.5 * (lo + hi)
-        hr = asked.scaled(mid)
-        p, r, n = pooled(hr, not result0.feasible)
-        solves += n
-        if good(r):
-            lo = mid
-            best = SizedPlan(p, r, hr, mid, asked, solves)
-        else:
-            hi = mid
-    return SizedPlan(best.problem, best.result, best.headroom, best.scale, asked, solves)
+
+    def bisect(best: SizedPlan, shared: Headroom | None) -> SizedPlan:
+        """The most headroom above ``best``'s that still serves enough (``shared``: with
+        its TTFT budget next to another class's prompts, else the scaled one's own)."""
+        lo, hi = best.scale, 1.0  # lo: serves as much as possible; hi: does not
+        for _ in range(max(0, rounds)):
+            mid = 0.5 * (lo + hi)
+            hr = asked.scaled(mid)
+            if shared is not None and shared.shared_ttft_miss is not None:
+                hr = hr.sharing(shared.shared_ttft_miss)
+            p, r, n = pooled(hr, not result0.feasible)
+            if good(r):
+                lo = mid
+                best = SizedPlan(p, r, hr, mid, asked, best.solves + n)
+            else:
+                hi = mid
+                best = replace(best, solves=best.solves + n)
+        return best
+
+    best = bisect(best, None)
+    if trade_shared and best.scale < 1.0 and best.problem.ttft_breaks(POOL_RATE_TOL_REL).any():
+        # the shared-instance TTFT rule may be what costs the headroom: a class may share
+        # with a guest that leaves it no more misses than every class has in the plan
+        # that keeps them apart, so that every class's budget is the same or tighter
+        best = bisect(best, best.headroom.sharing(best.headroom.ttft_miss))
+    return SizedPlan(best.problem, best.result, best.headroom, best.scale, asked, best.solves)
