@@ -245,9 +245,11 @@ def plan_pooled(
     When the headroom must shrink and the shared-instance TTFT rule keeps a class off a
     guest's shared instances, ``trade_shared`` then tries more headroom with the rule's
     budget next to a guest (:attr:`Headroom.shared_ttft_miss`) at the TTFT budget the
-    plan found so far gives every class: no class's budget is looser than in that plan,
-    every other's is tighter (docs/planner.md, "Shared instances: a trade-off, not a
-    cliff"). False: the rule's budget is always the scaled headroom's own.
+    plan found so far gives every class, and where that buys headroom, tightens that
+    budget again as far as the plan still serves enough: no class's budget is looser
+    than in the plan that keeps them apart, every other's is tighter (docs/planner.md,
+    "Shared instances: a trade-off, not a cliff"). False: the rule's budget is always
+    the scaled headroom's own.
 
     ``build(h, sizes)`` makes the window's problem with every L[r, m] and P[r, m] from
     the serving point of one instance in a pool of ``sizes[(class, mode)]`` (absent: 1)
@@ -310,5 +312,30 @@ def plan_pooled(
         # the shared-instance TTFT rule may be what costs the headroom: a class may share
         # with a guest that leaves it no more misses than every class has in the plan
         # that keeps them apart, so that every class's budget is the same or tighter
+        strict = best.scale
         best = bisect(best, best.headroom.sharing(best.headroom.ttft_miss))
+        if best.scale > strict:
+            best = _tighten_shared(best, strict, lambda hr: pooled(hr, not result0.feasible),
+                                   good, rounds)
     return SizedPlan(best.problem, best.result, best.headroom, best.scale, asked, best.solves)
+
+
+def _tighten_shared(best: SizedPlan, loosest: float,
+                    probe: Callable[[Headroom], tuple[PlanProblem, PlanResult, int]],
+                    good: Callable[[PlanResult], bool], rounds: int) -> SizedPlan:
+    """``best`` (planned at its scale with the budget next to a guest at the scale
+    ``loosest``) with that budget as tight as still serves enough: bisection on the
+    budget's scale between ``loosest`` and ``best``'s own, at ``best``'s headroom."""
+    base = best.asked.scaled(best.scale)
+    lo, hi = loosest, best.scale
+    for _ in range(max(0, rounds)):
+        mid = 0.5 * (lo + hi)
+        hr = base.sharing(best.asked.scaled(mid).ttft_miss)
+        p, r, n = probe(hr)
+        if good(r):
+            lo = mid
+            best = SizedPlan(p, r, hr, best.scale, best.asked, best.solves + n)
+        else:
+            hi = mid
+            best = replace(best, solves=best.solves + n)
+    return best
