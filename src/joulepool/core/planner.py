@@ -220,9 +220,6 @@ class PlanProblem:
     #: instances of m (the router fills them with r' as it fills r''s own); None: no
     #: such rule
     shared_ttft_rps: FloatArray | None = None
-    #: keep each class's flow on shared instances within :meth:`shared_room` (set where
-    #: the rule's budget next to a guest was traded for headroom: core.sizing)
-    bound_shared_flows: bool = False
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -312,29 +309,6 @@ class PlanProblem:
             return np.zeros((R, R, len(self.modes)), dtype=np.bool_)
         return np.asarray(ttft < self.capacity_rps[None, :, :] * (1.0 - tol_rel),
                           dtype=np.bool_)
-
-    def shared_room(self) -> FloatArray:
-        """[R, M] req/s of class r that one shared instance of mode m may carry while
-        another class r' of r's share group that m may serve fills it at r''s own rate
-        L[r', m] (the router fills a shared instance with each class as it fills that
-        class's own: :attr:`shared_ttft_rps`). r's prompts then wait behind r''s stream
-        and r's own; r keeps its TTFT budget while
-        lam_r / L[r, m] + L[r', m] / shared_ttft_rps[r, r', m] <= 1, the line between the
-        two points the queue model gives exactly (r alone at L[r, m]; r' alone at
-        shared_ttft_rps), for the worst such r'. 0 where r' alone breaks it
-        (:meth:`ttft_breaks`); inf where no other class bounds it, and everywhere unless
-        :attr:`bound_shared_flows`."""
-        R, M = len(self.classes), len(self.modes)
-        ttft = self.shared_ttft_rps
-        if ttft is None or self.share_group is None or not self.bound_shared_flows:
-            return np.full((R, M), np.inf)
-        groups = np.array(self.share_group)
-        same = groups[:, None] == groups[None, :]
-        np.fill_diagonal(same, False)
-        guest = same[:, :, None] & self.servable[None, :, :]  # [r, r', m]
-        used = np.where(guest, self.capacity_rps[None, :, :] / ttft, 0.0).max(axis=1)
-        room = self.capacity_rps * np.clip(1.0 - used, 0.0, None)
-        return np.asarray(np.where(used > 0.0, room, np.inf), dtype=np.float64)
 
     @property
     def servable(self) -> BoolArray:
@@ -841,7 +815,7 @@ class _Model:
         problem = self.p
         self.f_y = np.zeros(0, dtype=np.int64)
         self.fz = self.fr = self.fm = self.f_y
-        self.cost_f = self.ub_f = self.f_inv_cap = self.f_room = np.zeros(0)
+        self.cost_f = self.ub_f = self.f_inv_cap = np.zeros(0)
         if not self.shared or not self.y_shared.any():
             return
         R = len(problem.classes)
@@ -857,7 +831,6 @@ class _Model:
         self.cost_f = (problem.wake_j_per_request[self.fr, self.fm] * problem.step_s
                        * self.zone_factor[self.fz])
         self.ub_f = self.demand[self.fr].astype(np.float64)
-        self.f_room = problem.shared_room()[self.fr, self.fm]
         self.coverable[self.fr] = True
 
     def _exposed(self) -> npt.NDArray[np.bool_]:
@@ -927,13 +900,6 @@ class _Model:
         block(row_of_y[shared], y0 + shared, -1.0)
         bounds(-np.inf, 0.0, len(shared))
         nrow += len(shared)
-
-        # a class's flow next to guests at their own rates: f[zone, r, m] <= room * y
-        bound = np.flatnonzero(np.isfinite(self.f_room))
-        block(nrow + np.arange(len(bound)), f_idx[bound], 1.0)
-        block(nrow + np.arange(len(bound)), y0 + self.f_y[bound], -self.f_room[bound])
-        bounds(-np.inf, 0.0, len(bound))
-        nrow += len(bound)
 
         # link: instances of a (zone, product, size) <= slots opened in its groups
         w_idx = np.arange(self.n_w, dtype=np.int64)

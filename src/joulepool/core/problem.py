@@ -416,7 +416,6 @@ def build_problem(
         idle_power_w=idle,
         wake_j_per_request=wake,
         shared_ttft_rps=shared,
-        bound_shared_flows=headroom is not None and headroom.shared_ttft_miss is not None,
         **solver,
     )
     return BuiltProblem(problem, {k: tuple(v) for k, v in serving.items()})
