@@ -247,7 +247,8 @@ def plan_pooled(
     budget next to a guest (:attr:`Headroom.shared_ttft_miss`) at the TTFT budget the
     plan found so far gives every class, and where that buys headroom, tightens that
     budget again as far as the plan still serves enough: no class's budget is looser
-    than in the plan that keeps them apart, every other's is tighter (docs/planner.md,
+    than in the plan that keeps them apart, every other's is tighter. The traded plan
+    is kept only where its objective is no higher than that plan's (docs/planner.md,
     "Shared instances: a trade-off, not a cliff"). False: the rule's budget is always
     the scaled headroom's own.
 
@@ -312,12 +313,20 @@ def plan_pooled(
         # the shared-instance TTFT rule may be what costs the headroom: a class may share
         # with a guest that leaves it no more misses than every class has in the plan
         # that keeps them apart, so that every class's budget is the same or tighter
-        strict = best.scale
+        apart = best
         best = bisect(best, best.headroom.sharing(best.headroom.ttft_miss))
-        if best.scale > strict:
-            best = _tighten_shared(best, strict, lambda hr: pooled(hr, not result0.feasible),
-                                   good, rounds)
+        if best.scale > apart.scale:
+            best = _tighten_shared(best, apart.scale,
+                                   lambda hr: pooled(hr, not result0.feasible), good, rounds)
+        if _costs_more(best.result, apart.result):  # a trade only where it costs no more
+            best = replace(apart, solves=best.solves)
     return SizedPlan(best.problem, best.result, best.headroom, best.scale, asked, best.solves)
+
+
+def _costs_more(traded: PlanResult, apart: PlanResult) -> bool:
+    """Whether the traded plan's objective (J or gCO2 of the window) is above the plan
+    that keeps the classes apart, both serving all demand."""
+    return traded.feasible and apart.feasible and traded.objective > apart.objective
 
 
 def _tighten_shared(best: SizedPlan, loosest: float,
