@@ -239,3 +239,26 @@ def test_the_shared_budget_scales_with_the_headroom_and_is_checked() -> None:
     with pytest.raises(ValueError, match="shared_ttft_miss"):
         base.sharing(Figure(0.0, "test"))
 
+
+
+def test_a_trade_that_costs_more_than_keeping_apart_is_not_kept() -> None:
+    """The same window, with every traded probe (the headroom carries a budget next to a
+    guest) drawing three times the power: the trade buys headroom but costs more than
+    the plan that keeps the classes apart, so that plan is the one kept."""
+    classes = _classes(short_rps=2.0, long_rps=3.0)
+
+    def build(hr: Headroom) -> PlanProblem:
+        problem = _window(classes, 2, hr)
+        if hr.shared_ttft_miss is None:
+            return problem
+        assert problem.idle_power_w is not None and problem.wake_j_per_request is not None
+        return replace(problem, power_w=3 * problem.power_w,
+                       idle_power_w=3 * problem.idle_power_w,
+                       wake_j_per_request=3 * problem.wake_j_per_request)
+
+    apart = _sized(classes, 2, strict=True)
+    kept = plan_with_headroom(build)
+    assert kept.scale == apart.scale and kept.headroom.shared_ttft_miss is None
+    assert kept.result.objective == pytest.approx(apart.result.objective, rel=1e-9)
+    assert not _shares(kept.result, "SS", "LS")
+    assert kept.solves > apart.solves  # the trade was tried
