@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -54,11 +57,13 @@ def _endpoints_file(tmp_path: Path, waiting: float = 0.0) -> Path:
 class Gateway:
     """The data plane's side: one ext_proc stream per HTTP request."""
 
-    def __init__(self, channel: grpc.aio.Channel, pool: PoolRouter, http: Any) -> None:
+    def __init__(self, channel: grpc.aio.Channel, pool: PoolRouter, http: Any,
+                 port: int) -> None:
         self.stub = pb_grpc.ExternalProcessorStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
         self.pool = pool
         self.http = http  # the router's aiohttp test client (/metrics)
+        self.port = port  # the picker's gRPC port
 
     def stream(self) -> Any:
         return self.stub.Process()
@@ -84,7 +89,7 @@ async def gateway(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRe
     metrics = await (await client.get("/metrics")).text()
     assert f'joulepool_router_epp_front_end_info{{front_end="{front_end}"}} 1.0' in metrics
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app[EPP_PORT]}") as channel:
-        yield Gateway(channel, app[ROUTER].router.pool(POOL), client)
+        yield Gateway(channel, app[ROUTER].router.pool(POOL), client, app[EPP_PORT])
 
 
 def _headers(extra: dict[str, str] | None = None, end: bool = False
@@ -558,7 +563,7 @@ async def test_stopping_the_server_forgets_the_open_exchanges(front_end: str,
     server, port, _ = await start(router, lambda: True, "127.0.0.1", 0)
     pool = router.pool(POOL)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        gw = Gateway(channel, pool, None)
+        gw = Gateway(channel, pool, None, port)
         call, resp = await _pick(gw)
         assert _destination(resp, "request_body")[0]
         assert sum(len(e.ledger) for e in pool.endpoints) == 1
@@ -622,3 +627,106 @@ async def test_many_concurrent_and_cancelled_streams_leave_no_request_in_flight(
     call, resp = await _pick(gateway)
     assert _destination(resp, "request_body")[0]
     await call.done_writing()
+
+
+class _OneThreadAtATime:
+    """Wraps a pool's ``decide`` and ``report``: records the thread of every call and
+    fails the call that starts while another one is running (the core router's state
+    is not thread-safe: the picker must never touch it from two threads at once)."""
+
+    def __init__(self, pool: PoolRouter) -> None:
+        self.threads: set[int] = set()
+        self.calls = 0
+        self._inside = 0
+        for name in ("decide", "report"):
+            setattr(pool, name, self._wrap(getattr(pool, name)))
+
+    def _wrap(self, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._inside += 1
+            self.calls += 1
+            self.threads.add(threading.get_ident())
+            try:
+                assert self._inside == 1, "the router entered from two threads at once"
+                time.sleep(0)  # let another thread in, were one able to come
+                return method(*args, **kwargs)
+            finally:
+                self._inside -= 1
+        return call
+
+
+async def _pick_in_subset(gw: Gateway, address: str) -> None:
+    """A full exchange whose subset hint names ``address`` alone: the answer must name
+    it (so an answer given to the wrong stream shows)."""
+    call, resp = await _pick(gw, metadata=_subset([address]))
+    assert _destination(resp, "request_body")[0].split(",")[0] == address
+    await call.write(_response_headers())
+    assert (await call.read()).HasField("response_headers")
+    await call.write(_usage_body(end=True))
+    assert (await call.read()).HasField("response_body")
+    assert await _closed(call)
+
+
+async def test_every_concurrent_stream_gets_its_own_answer_from_one_thread(
+        gateway: Gateway) -> None:
+    # many streams at once, each pinned by its subset hint to one endpoint: every answer
+    # is its own stream's, and the router is entered from the event loop's thread alone,
+    # one call at a time, picks and learning alike
+    watch = _OneThreadAtATime(gateway.pool)
+    addresses = [EFFICIENT, FAST]
+    for start in range(0, 192, 64):
+        await asyncio.gather(*(_pick_in_subset(gateway, addresses[i % 2])
+                               for i in range(start, start + 64)))
+    assert watch.threads == {threading.get_ident()}  # the loop's: this test runs on it
+    assert watch.calls == 2 * 192  # a decide and a report per exchange
+    assert gateway.pool.pi_updates == 192
+    assert sum(len(e.ledger) for e in gateway.pool.endpoints) == 0
+
+
+def _sync_stream(stub: Any) -> tuple[queue.Queue[Any], Any]:
+    """A stream on grpcio's synchronous client: its request queue (None ends it) and
+    its response iterator."""
+    requests: queue.Queue[Any] = queue.Queue()
+    return requests, stub.Process(iter(requests.get, None))
+
+
+async def test_a_busy_event_loop_does_not_hold_the_messages_that_need_no_decision(
+        gateway: Gateway, front_end: str) -> None:
+    # the compiled front end's completion-queue thread waits for the event loop to run
+    # the picks it queued, but only for a bounded time: a loop busy elsewhere does not
+    # hold another stream's request headers (answered "continue" without Python)
+    if front_end != "native":
+        pytest.skip("the Python front end answers every message on the event loop")
+    picked, took = threading.Event(), {}
+
+    def gateway_side() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = pb_grpc.ExternalProcessorStub(channel)
+            first, first_replies = _sync_stream(stub)
+            first.put(_headers())
+            assert next(first_replies).HasField("request_headers")
+            first.put(_body(_completion()))  # its pick needs the event loop
+            picked.set()
+            time.sleep(0.05)  # the pick is queued; the loop is busy
+            other, other_replies = _sync_stream(stub)
+            t0 = time.monotonic()
+            other.put(_headers())
+            assert next(other_replies).HasField("request_headers")
+            took["other"] = time.monotonic() - t0
+            answer = next(first_replies)  # once the loop is back
+            took["pick"] = time.monotonic() - t0
+            took["destination"] = _destination(answer, "request_body")[0]
+            for q in (first, other):
+                q.put(None)
+
+    thread = threading.Thread(target=gateway_side)
+    thread.start()
+    assert await asyncio.get_running_loop().run_in_executor(None, picked.wait, 10)
+    time.sleep(0.6)  # the event loop busy (blocked) for 0.6 s
+    for _ in range(200):
+        if not thread.is_alive():
+            break
+        await asyncio.sleep(0.05)
+    thread.join(1)
+    assert took["other"] < 0.3, took  # not held until the loop came back
+    assert took["pick"] > 0.3 and took["destination"], took  # the pick waited for it
