@@ -18,6 +18,10 @@
 //   handed to gRPC; queue = the pick waiting for the event loop; pick = Python's call.
 // * One thread drives every stream (grpc++'s callback API hands each completion to
 //   one of two threads instead, and costs more CPU per exchange: docs/gateway.md).
+//   Woken while the event loop runs this server's jobs, it handles the completions at
+//   hand, then stands aside until the loop is done (at most kLoopWaitNs) and takes
+//   every completion that came meanwhile in one go: the loop's Python is not
+//   preempted by it for each message of another stream (ServeCompletions).
 // * Jobs: pick (request over: bridge.pick(headers, body, subset) -> (exchange,
 //   "a:p,b:p,...") or (None, (status, message, json_body)) or (None, None) on an
 //   internal error); response (exchange.response(status | None, content_type,
@@ -143,8 +147,8 @@ struct Job {
 
 class Core;
 
-//: the longest the completion-queue thread waits for the event loop to run the jobs it
-//: queued (ServeCompletions), ns: a few picks' worth
+//: the longest the completion-queue thread stands aside while the event loop runs this
+//: server's jobs (ServeCompletions), ns: a few picks' worth
 constexpr int64_t kLoopWaitNs = 1000000;
 
 bool IsSpace(char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
@@ -240,8 +244,8 @@ class Core {
   // The event loop (GIL held): run the jobs queued so far.
   void Drain();
   // The completion-queue thread, after the completions at hand: while the event loop
-  // has jobs of this server to run (queued, or a drain running), wait until it has run
-  // them, at most kLoopWaitNs (see ServeCompletions).
+  // runs this server's jobs (Drain), wait until it is done, at most kLoopWaitNs (see
+  // ServeCompletions).
   void WaitForLoop();
 
   // Seconds per request, from its end reaching this server to its answer written
@@ -952,7 +956,7 @@ void Core::Drain() {
 void Core::WaitForLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   drained_cv_.wait_for(lock, std::chrono::nanoseconds(kLoopWaitNs), [this] {
-    return stopping_ || (queue_.empty() && !draining_);
+    return stopping_ || !draining_;
   });
 }
 
@@ -977,15 +981,16 @@ void Core::FailPending() {
 constexpr int kWaitingStreams = 8;
 
 // The completion-queue thread's loop. It handles every completion at hand (the first
-// waited for, the rest taken while they come without waiting), then, where that queued
-// jobs for the event loop, stands aside until the loop has run them (Core::WaitForLoop)
-// before it takes the next completions. So the loop's picks run without this thread
-// preempting them for each message of another stream (both threads share the router's
-// CPU, and a thread the kernel wakes preempts the running one), and the completions that
-// came meanwhile, the answers' writes among them, are handled in one go afterwards: the
-// measured effect is fewer thread switches and less CPU per exchange (docs/gateway.md,
-// "One thread at a time"). The wait is bounded (kLoopWaitNs): a loop busy elsewhere (an
-// HTTP request, a garbage collection) does not hold the streams' other messages longer.
+// waited for, the rest taken as long as they come without waiting); then, if the event
+// loop is running this server's jobs (Core::Drain), it stands aside until the loop is
+// done (Core::WaitForLoop) before it takes the next completions. Both threads share the
+// router's CPU, and a thread the kernel wakes preempts the running one: without this, a
+// pick was preempted for each message of another stream. Now such a thread switch
+// happens at most once per drain, and the completions that came meanwhile (the answers'
+// writes among them) are handled in one go afterwards (docs/gateway.md, "One thread at
+// a time"). It does not wait for jobs the loop has not started: a loop busy elsewhere or
+// not scheduled then does not hold the streams' I/O. The wait is bounded (kLoopWaitNs):
+// a long pick does not hold the messages that need no decision.
 void ServeCompletions(grpc::ServerCompletionQueue* queue, Core* core) {
   void* tag;
   bool ok;
