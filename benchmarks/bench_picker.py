@@ -74,6 +74,11 @@ load generators of the offered-rate runs (never the saturated ones) under SCHED_
 on a machine shared with other work, the nearest thing to the dedicated cores a
 Guaranteed pod gets under the static CPU manager (nothing else delays their wake-ups;
 the kernel's real-time throttling still leaves the rest 5 % of the CPU).
+``--saturated-client-fifo PRIORITY`` runs the load generators (not the servers) of the
+saturated runs under SCHED_FIFO: their messages then come as soon as they are due, as
+from a gateway on cores of its own; at normal priority on a busy machine they come in
+bursts, which batches the server's work by itself (docs/gateway.md, "One thread at a
+time").
 
 ``--clients N`` spreads the load over N processes (each with ``--concurrency``
 streams), so that one client process's CPU does not cap the wall figures.
@@ -84,7 +89,8 @@ when missed).
 
     .venv/bin/joulepool bench picker [--runs 3 --seconds 5 --concurrency 16 --clients 1]
         [--rate 200,500,1000] [--floor] [--sync-floor] [--cpu N] [--client-cpu M]
-        [--fifo PRIORITY] [--load-generator auto|native|python]
+        [--fifo PRIORITY] [--saturated-client-fifo PRIORITY]
+        [--load-generator auto|native|python]
         [--baseline-src /tmp/ref/src]
 """
 
@@ -273,6 +279,8 @@ class Clients:
     cpu: int | None = None
     #: SCHED_FIFO priority of the servers and load generators of the offered-rate runs
     fifo: int | None = None
+    #: SCHED_FIFO priority of the load generators alone (not the servers; ``fifo`` wins)
+    client_fifo: int | None = None
 
 
 def loadgen_unavailable() -> str | None:
@@ -305,7 +313,8 @@ def _client(port: int, seconds: float, concurrency: int, respond: bool, rate: fl
     else:
         cmd = [sys.executable, __file__, "--client", str(port), str(seconds),
                str(concurrency), "1" if respond else "0", str(rate), str(out)]
-    return subprocess.Popen(_pinned(cmd, clients.cpu, clients.fifo))
+    fifo = clients.fifo if clients.fifo is not None else clients.client_fifo
+    return subprocess.Popen(_pinned(cmd, clients.cpu, fifo))
 
 
 def _run_client(argv: Sequence[str]) -> None:
@@ -616,7 +625,9 @@ def _measure(path: Path, args: argparse.Namespace, src: Path | None,
              front_end: str | None = None) -> dict[str, float]:
     """Saturated, full exchange and request-only; then the full exchange at each offered
     rate of ``--rate`` (keys ``paced_<rate>_*``)."""
-    how = dataclasses.replace(args.how, fifo=None)  # saturated: never real-time
+    # saturated: never a real-time server; the load generators alone with
+    # --saturated-client-fifo
+    how = dataclasses.replace(args.how, fifo=None, client_fifo=args.saturated_client_fifo)
     res = one_run(path, args.seconds, args.concurrency, True, args.clients, src,
                   cpu=args.cpu, front_end=front_end, how=how)
     req_only = one_run(path, args.seconds, args.concurrency, False, args.clients, src,
@@ -871,6 +882,11 @@ def _parser() -> argparse.ArgumentParser:
                          "(not the saturated ones) under SCHED_FIFO at this priority (as "
                          "root): the nearest a shared machine comes to the dedicated cores "
                          "of a Guaranteed pod under the static CPU manager")
+    ap.add_argument("--saturated-client-fifo", type=int, default=None, metavar="PRIORITY",
+                    help="run the load generators (not the servers) of the saturated runs "
+                         "under SCHED_FIFO at this priority: their messages then come as "
+                         "soon as they are due, as from a gateway on cores of its own, "
+                         "instead of in bursts when a busy machine delays them")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     return ap
@@ -882,6 +898,11 @@ def _validate(args: argparse.Namespace) -> None:
     args.measured_front_ends = _front_ends(args.front_ends)
     args.rates = _rates(args.rate)
     _placement(args.cpu, args.client_cpu, args.fifo)
+    if args.saturated_client_fifo is not None:
+        try:
+            _placement(None, None, args.saturated_client_fifo)
+        except ValueError as exc:
+            raise ValueError(f"--saturated-client-fifo: {exc}") from None
     args.how = Clients(_load_generator(args.load_generator), args.client_cpu, args.fifo)
     _baseline_front_end(args.baseline_src, args.measured_front_ends[0])
 

@@ -71,7 +71,8 @@ def test_bad_rates_are_usage_errors(bench, rate: str) -> None:
 
 
 @pytest.mark.parametrize("flags", [["--cpu", "99999"], ["--client-cpu", "-1"],
-                                   ["--fifo", "0"], ["--fifo", "100"]])
+                                   ["--fifo", "0"], ["--fifo", "100"],
+                                   ["--saturated-client-fifo", "0"]])
 def test_bad_placement_is_a_usage_error(bench, flags: list[str], capsys) -> None:
     """A CPU the process may not run on, or a priority SCHED_FIFO does not have: exit 2
     with the reason, before any server starts (the pinning shim failed in the child)."""
@@ -267,3 +268,26 @@ def test_a_baseline_without_the_compiled_front_end_is_a_usage_error(bench, tmp_p
     assert bench.main(["--baseline-src", str(tmp_path / "nowhere"),
                        "--front-ends", "native"]) == 2
     assert "no joulepool package" in capsys.readouterr().err
+
+
+def test_saturated_client_fifo_puts_the_saturated_load_generators_alone_under_fifo(
+        bench, monkeypatch, tmp_path: Path) -> None:
+    """``--saturated-client-fifo``: the saturated runs' load generators run under
+    SCHED_FIFO (through the pinning shim), their servers and the offered-rate runs do
+    not (``--fifo`` alone decides those)."""
+    import argparse
+    import sys
+
+    runs = []
+    monkeypatch.setattr(bench, "one_run", lambda *a, **k: runs.append(
+        (a[6] if len(a) > 6 else k.get("rate", 0.0), k.get("how", a[-1]))) or {"x": 1.0})
+    args = argparse.Namespace(seconds=1.0, concurrency=2, clients=1, cpu=None, rates=[50.0],
+                              how=bench.Clients("python", None, None),
+                              saturated_client_fifo=10)
+    bench._measure(tmp_path / "endpoints.json", args, None)
+    assert [(rate, how.fifo, how.client_fifo) for rate, how in runs] == [
+        (0.0, None, 10), (0.0, None, 10), (50.0, None, None)]
+    started = []
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    bench._client(1, 1.0, 2, True, 0.0, tmp_path / "out.json", runs[0][1])
+    assert started[0][:2] == [sys.executable, "-c"] and started[0][3:5] == ["-", "10"]
