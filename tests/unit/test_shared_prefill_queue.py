@@ -25,8 +25,8 @@ from joulepool.core.problem import (
     queue_moments,
     shared_ttft,
 )
-from joulepool.core.profiles import H100_8B, Figure, Headroom
-from joulepool.core.sizing import SizedPlan, plan_with_headroom, pools_hold, shared_queues_hold
+from joulepool.core.profiles import H100_8B
+from joulepool.core.sizing import pools_hold, shared_queues_hold
 
 REQUESTS = 20_000
 OUTPUT = 30.0
@@ -177,88 +177,3 @@ def test_the_planner_keeps_the_short_class_off_instances_shared_with_long_prompt
     assert shared_queues_hold(after, problem)
     assert pools_hold(problem, after, problem)
     assert not pools_hold(replace(problem, shared_ttft_rps=None), before, problem)
-
-
-def _window(classes: list[ServiceClass], gpus: int, headroom: Headroom) -> PlanProblem:
-    """``classes`` on one node of ``gpus`` H100s, every L[r, m] at ``headroom``."""
-    return build_problem(classes, [Mode("1xH100", "H100", 1)], [PlanNode("n", "s", "H100", gpus)],
-                         lambda r, m: H100_8B, step_s=300.0, alpha=1.0, objective="energy",
-                         headroom=headroom).problem
-
-
-def _sized(classes: list[ServiceClass], gpus: int, strict: bool = False) -> SizedPlan:
-    """``classes`` on ``gpus`` H100s at the most headroom that fits (core.sizing);
-    ``strict``: the rule's budget next to a guest is always the scaled headroom's own
-    (the sizing before the trade-off)."""
-    return plan_with_headroom(lambda hr: _window(classes, gpus, hr), trade_shared=not strict)
-
-
-def test_a_class_shares_where_keeping_it_apart_costs_every_class_headroom() -> None:
-    """Two H100s, 2 req/s short and 3 req/s long: kept apart, the long class has one
-    instance and every class's headroom shrinks until it fits there (the cliff: the
-    short class's TTFT next to the long prompts cost the whole plan its headroom). The
-    trade-off lets the short class share where its misses next to the long prompts are
-    no more than every class's in that plan (then as few as the plan allows), and so
-    plans with more headroom: every class's budget is that plan's or tighter."""
-    classes = _classes(short_rps=2.0, long_rps=3.0)
-    apart, traded = _sized(classes, 2, strict=True), _sized(classes, 2)
-    assert apart.result.feasible and traded.result.feasible
-    assert not _shares(apart.result, "SS", "LS") and _shares(traded.result, "SS", "LS")
-    assert traded.scale > apart.scale
-    shared = traded.headroom.shared_ttft_miss
-    assert apart.headroom.shared_ttft_miss is None and shared is not None
-    # the budget next to a guest: no looser than every class's in the plan kept apart,
-    # and looser than the traded plan's own only as far as that plan needs
-    assert traded.headroom.ttft_miss.value < shared.value
-    assert shared.value < apart.headroom.ttft_miss.value  # (0.028 here, against 0.1)
-    assert traded.headroom.ttft_miss.value < apart.headroom.ttft_miss.value
-    # and the traded headroom does not fit with the rule at its own budget
-    assert not solve(_window(classes, 2, Headroom().scaled(traded.scale))).feasible
-    assert traded.headroom.tpot_miss.value < apart.headroom.tpot_miss.value
-    # the rule, at the traded budget, holds for what the plan deploys
-    assert shared_queues_hold(traded.result, traded.problem)
-    assert "next to another class's prompts" in traded.note()
-    for c, rps in (("SS", 2.0), ("LS", 3.0)):
-        assert traded.result.served_rps(c) >= rps * (1 - 1e-6)
-
-
-def test_the_trade_off_leaves_a_plan_with_the_full_headroom_alone() -> None:
-    classes = _classes(short_rps=1.0, long_rps=1.0)
-    sized = _sized(classes, 4)
-    assert sized.scale == 1.0 and sized.headroom.shared_ttft_miss is None
-    assert not _shares(sized.result, "SS", "LS")
-
-
-def test_the_shared_budget_scales_with_the_headroom_and_is_checked() -> None:
-    base = Headroom()
-    assert base.shared_ttft_budget == base.ttft_miss.value
-    loose = base.sharing(Figure(0.1, "test"))
-    assert loose.shared_ttft_budget == 0.1
-    assert loose.scaled(0.5).shared_ttft_budget == pytest.approx(0.1 ** 0.5)
-    assert loose.scaled(1.0) is loose
-    with pytest.raises(ValueError, match="shared_ttft_miss"):
-        base.sharing(Figure(0.0, "test"))
-
-
-
-def test_a_trade_that_costs_more_than_keeping_apart_is_not_kept() -> None:
-    """The same window, with every traded probe (the headroom carries a budget next to a
-    guest) drawing three times the power: the trade buys headroom but costs more than
-    the plan that keeps the classes apart, so that plan is the one kept."""
-    classes = _classes(short_rps=2.0, long_rps=3.0)
-
-    def build(hr: Headroom) -> PlanProblem:
-        problem = _window(classes, 2, hr)
-        if hr.shared_ttft_miss is None:
-            return problem
-        assert problem.idle_power_w is not None and problem.wake_j_per_request is not None
-        return replace(problem, power_w=3 * problem.power_w,
-                       idle_power_w=3 * problem.idle_power_w,
-                       wake_j_per_request=3 * problem.wake_j_per_request)
-
-    apart = _sized(classes, 2, strict=True)
-    kept = plan_with_headroom(build)
-    assert kept.scale == apart.scale and kept.headroom.shared_ttft_miss is None
-    assert kept.result.objective == pytest.approx(apart.result.objective, rel=1e-9)
-    assert not _shares(kept.result, "SS", "LS")
-    assert kept.solves > apart.solves  # the trade was tried

@@ -247,14 +247,13 @@ def _prompt_service(cls: ServiceClass, points: Mapping[int, tuple[ServingProfile
 
 
 def _tail_budget(cls: ServiceClass, service: Mapping[int, npt.NDArray[np.float64]],
-                 headroom: Headroom | None, shared: bool = False) -> float:
+                 headroom: Headroom | None) -> float:
     """The share of ``cls``'s requests that may miss the TTFT on a mode: the headroom's
-    TTFT miss budget (``shared``: next to another class's prompts on a shared instance,
-    :attr:`Headroom.shared_ttft_budget`) beyond those whose own prefill misses it on the
-    class's fastest mode (:func:`_fit_prompt_tail`)."""
+    TTFT miss budget beyond those whose own prefill misses it on the class's fastest mode
+    (:func:`_fit_prompt_tail`)."""
     hr = headroom or DEFAULT_HEADROOM
     unavoidable = min(prompt_tail_miss(s, cls.ttft_s, 0.0) for s in service.values())
-    return (hr.shared_ttft_budget if shared else hr.ttft_miss.value) + unavoidable
+    return hr.ttft_miss.value + unavoidable
 
 
 def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
@@ -272,10 +271,9 @@ def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
     one share group that mode m may serve (``capacity_rps`` > 0) and whose prompt
     prefill times ``service[r][m]`` are known, the entry is the largest rate of r''s
     stream alone in the queue (:func:`queue_moments` of its prompts) at which r's own
-    prompts, each with its own slack T_r - S_i, miss at most r's budget next to a guest
-    (:attr:`Headroom.shared_ttft_budget`; :class:`PromptTailMiss`, at r's pool size).
-    inf elsewhere (no bound: the diagonal, a class without prompt lengths, another
-    group). Where it is below L[r', m] the
+    prompts, each with its own slack T_r - S_i, miss at most r's budget
+    (:class:`PromptTailMiss`, at r's pool size). inf elsewhere (no bound: the diagonal,
+    a class without prompt lengths, another group). Where it is below L[r', m] the
     planner keeps r off the group's shared instances of m: the router sends r' there
     as it sends it to its own instances, up to about L[r', m], whatever flow the plan
     meant for it (docs/simulator.md, "Why the held-out cells fail").
@@ -287,7 +285,7 @@ def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
         for r, cls in enumerate(classes):
             if capacity_rps[r, m] <= 0 or cls.share_key is None or m not in service[r]:
                 continue
-            budget = _tail_budget(cls, service[r], headroom, shared=True)
+            budget = _tail_budget(cls, service[r], headroom)
             pool = max(int(sizes.get((cls.name, mode.name), 1)), 1)
             for g, guest in enumerate(classes):
                 if (g == r or guest.share_key != cls.share_key or capacity_rps[g, m] <= 0

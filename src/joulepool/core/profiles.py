@@ -140,13 +140,6 @@ class Headroom:
     prefill_scv: Figure = field(default_factory=lambda: assumed(
         1.0, "exponential prompt lengths; the bundled Azure 2023 conversation trace's prompt "
              "SCV over all requests is 0.92"))
-    #: the TTFT miss share, beyond its unavoidable one, a class may have on an instance it
-    #: shares with another class whose prompts fill it at that class's own rate
-    #: (:func:`joulepool.core.problem.shared_ttft`); None: ``ttft_miss``. Only
-    #: :func:`joulepool.core.sizing.plan_pooled` sets it, to the budget every class has
-    #: in the plan that keeps such classes apart, when that plan cannot carry the full
-    #: headroom (docs/planner.md, "Shared instances: a trade-off, not a cliff")
-    shared_ttft_miss: Figure | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ttft_miss.value <= 1.0:
@@ -157,8 +150,6 @@ class Headroom:
             raise ValueError("tpot_miss must be in (0, 1]")
         if not self.prefill_scv.value >= 0.0:
             raise ValueError("prefill_scv must be >= 0")
-        if self.shared_ttft_miss is not None and not 0.0 < self.shared_ttft_miss.value <= 1.0:
-            raise ValueError("shared_ttft_miss must be in (0, 1]")
 
     @classmethod
     def none(cls) -> Headroom:
@@ -185,30 +176,14 @@ class Headroom:
             tpot_margin=Figure(self.tpot_margin.value * s, f"{why}; {self.tpot_margin.source}"),
             tpot_miss=Figure(self.tpot_miss.value ** s, f"{why}; {self.tpot_miss.source}"),
             prefill_scv=self.prefill_scv,
-            shared_ttft_miss=(None if self.shared_ttft_miss is None else Figure(
-                self.shared_ttft_miss.value ** s, f"{why}; {self.shared_ttft_miss.source}")),
         )
 
-    @property
-    def shared_ttft_budget(self) -> float:
-        """The TTFT miss share beyond the unavoidable a class keeps next to another class's
-        prompts on a shared instance: ``shared_ttft_miss``, else ``ttft_miss``."""
-        shared = self.shared_ttft_miss
-        return (shared if shared is not None else self.ttft_miss).value
-
-    def sharing(self, budget: Figure) -> Headroom:
-        """This headroom with ``shared_ttft_miss`` = ``budget``."""
-        return replace(self, shared_ttft_miss=budget)
-
     def describe(self) -> str:
-        shared = ("" if self.shared_ttft_miss is None else
-                  f", P(wait > TTFT SLO - prefill) <= {self.shared_ttft_miss.value:.3g} next "
-                  "to another class's prompts on a shared instance")
         return (f"P(wait > TTFT SLO - prefill) <= {self.ttft_miss.value:.3g} (M/G/1 prefill "
                 f"queue at the mean prompt, chunked beside the batch, prompt SCV "
                 f"{self.prefill_scv.value:g}; batch slots and KV cache full as rarely), "
                 f"mean TPOT <= {1 - self.tpot_margin.value:.3g} x SLO, "
-                f"P(TPOT > SLO) <= {self.tpot_miss.value:.3g}{shared}")
+                f"P(TPOT > SLO) <= {self.tpot_miss.value:.3g}")
 
 
 #: the headroom the planner sizes pools with unless told otherwise

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from joulepool.core.planner import PlanProblem, PlanResult, solve
 from joulepool.core.problem import PoolSizes
@@ -219,7 +219,6 @@ def plan_with_headroom(
     build: Callable[[Headroom], PlanProblem],
     headroom: Headroom | None = None,
     rounds: int = HEADROOM_ROUNDS,
-    trade_shared: bool = True,
 ) -> SizedPlan:
     """Solve ``build(headroom)``; relax the headroom only as far as unmet demand requires.
 
@@ -227,8 +226,7 @@ def plan_with_headroom(
     ``operating_point(..., headroom=h)`` for the headroom ``h`` it is given: per-instance
     rates, as :func:`plan_pooled` with no pool rounds.
     """
-    return plan_pooled(lambda hr, sizes: build(hr), headroom, rounds, pool_rounds=0,
-                       trade_shared=trade_shared)
+    return plan_pooled(lambda hr, sizes: build(hr), headroom, rounds, pool_rounds=0)
 
 
 def plan_pooled(
@@ -236,21 +234,10 @@ def plan_pooled(
     headroom: Headroom | None = None,
     rounds: int = HEADROOM_ROUNDS,
     pool_rounds: int = POOL_ROUNDS,
-    trade_shared: bool = True,
 ) -> SizedPlan:
     """Solve ``build(headroom, sizes)`` at pool-level rates (:func:`solve_pooled`, at most
     ``pool_rounds`` re-solves per solve); relax the headroom only as far as unmet demand
     requires.
-
-    When the headroom must shrink and the shared-instance TTFT rule keeps a class off a
-    guest's shared instances, ``trade_shared`` then tries more headroom with the rule's
-    budget next to a guest (:attr:`Headroom.shared_ttft_miss`) at the TTFT budget the
-    plan found so far gives every class, and where that buys headroom, tightens that
-    budget again as far as the plan still serves enough: no class's budget is looser
-    than in the plan that keeps them apart, every other's is tighter. The traded plan
-    is kept only where its objective is no higher than that plan's (docs/planner.md,
-    "Shared instances: a trade-off, not a cliff"). False: the rule's budget is always
-    the scaled headroom's own.
 
     ``build(h, sizes)`` makes the window's problem with every L[r, m] and P[r, m] from
     the serving point of one instance in a pool of ``sizes[(class, mode)]`` (absent: 1)
@@ -289,62 +276,15 @@ def plan_pooled(
         if good(result):  # headroom is not what leaves demand unmet
             return SizedPlan(problem, result, asked, 1.0, asked, solves)
     best = SizedPlan(problem0, result0, none, 0.0, asked, solves)
-
-    def bisect(best: SizedPlan, shared: Headroom | None) -> SizedPlan:
-        """The most headroom above ``best``'s that still serves enough (``shared``: with
-        its TTFT budget next to another class's prompts, else the scaled one's own)."""
-        lo, hi = best.scale, 1.0  # lo: serves as much as possible; hi: does not
-        for _ in range(max(0, rounds)):
-            mid = 0.5 * (lo + hi)
-            hr = asked.scaled(mid)
-            if shared is not None and shared.shared_ttft_miss is not None:
-                hr = hr.sharing(shared.shared_ttft_miss)
-            p, r, n = pooled(hr, not result0.feasible)
-            if good(r):
-                lo = mid
-                best = SizedPlan(p, r, hr, mid, asked, best.solves + n)
-            else:
-                hi = mid
-                best = replace(best, solves=best.solves + n)
-        return best
-
-    best = bisect(best, None)
-    if trade_shared and best.scale < 1.0 and best.problem.ttft_breaks(POOL_RATE_TOL_REL).any():
-        # the shared-instance TTFT rule may be what costs the headroom: a class may share
-        # with a guest that leaves it no more misses than every class has in the plan
-        # that keeps them apart, so that every class's budget is the same or tighter
-        apart = best
-        best = bisect(best, best.headroom.sharing(best.headroom.ttft_miss))
-        if best.scale > apart.scale:
-            best = _tighten_shared(best, apart.scale,
-                                   lambda hr: pooled(hr, not result0.feasible), good, rounds)
-        if _costs_more(best.result, apart.result):  # a trade only where it costs no more
-            best = replace(apart, solves=best.solves)
-    return SizedPlan(best.problem, best.result, best.headroom, best.scale, asked, best.solves)
-
-
-def _costs_more(traded: PlanResult, apart: PlanResult) -> bool:
-    """Whether the traded plan's objective (J or gCO2 of the window) is above the plan
-    that keeps the classes apart, both serving all demand."""
-    return traded.feasible and apart.feasible and traded.objective > apart.objective
-
-
-def _tighten_shared(best: SizedPlan, loosest: float,
-                    probe: Callable[[Headroom], tuple[PlanProblem, PlanResult, int]],
-                    good: Callable[[PlanResult], bool], rounds: int) -> SizedPlan:
-    """``best`` (planned at its scale with the budget next to a guest at the scale
-    ``loosest``) with that budget as tight as still serves enough: bisection on the
-    budget's scale between ``loosest`` and ``best``'s own, at ``best``'s headroom."""
-    base = best.asked.scaled(best.scale)
-    lo, hi = loosest, best.scale
+    lo, hi = 0.0, 1.0  # lo: serves as much as possible; hi: does not
     for _ in range(max(0, rounds)):
         mid = 0.5 * (lo + hi)
-        hr = base.sharing(best.asked.scaled(mid).ttft_miss)
-        p, r, n = probe(hr)
+        hr = asked.scaled(mid)
+        p, r, n = pooled(hr, not result0.feasible)
+        solves += n
         if good(r):
             lo = mid
-            best = SizedPlan(p, r, hr, best.scale, best.asked, best.solves + n)
+            best = SizedPlan(p, r, hr, mid, asked, solves)
         else:
             hi = mid
-            best = replace(best, solves=best.solves + n)
-    return best
+    return SizedPlan(best.problem, best.result, best.headroom, best.scale, asked, solves)
