@@ -23,7 +23,9 @@ from typing import Any, TypeVar
 import pytest
 from e2elib import NAMESPACE, RELEASE, SCHEDULER, Cluster, metric_sum, pool_manifest
 
-pytestmark = pytest.mark.e2e
+#: creating the kind cluster, building and loading the images can take far longer
+#: than the suite's per-test timeout (pyproject.toml)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 GROUP, VERSION, PLURAL = "joulepool.dev", "v1alpha1", "inferencepools"
 POOL_LABEL = "joulepool.dev/pool"
