@@ -15,7 +15,7 @@ from joulepool.sim.engine import Simulator
 from joulepool.sim.policies import POLICIES
 from joulepool.sim.runner import model_tables, static_capacity
 from joulepool.sim.trace import load_trace
-from joulepool.sim.workload import build_workload
+from joulepool.sim.workload import Workload, build_workload
 
 #: decode step by batch 0..4 (index 0 unused), s; prefill 0.1 ms per token; budget 100
 ITL = [0.01, 0.01, 0.02, 0.03, 0.04]
@@ -58,18 +58,25 @@ def test_own_prefill_is_core_batchings_prefill_time(batch: int, prompt: float) -
         prefill_time_s(BUDGET, batch, prompt, ITL[batch] if batch else 0.0, PF))
 
 
-def test_the_engine_serves_the_first_token_no_later_than_predicted(monkeypatch) -> None:
-    """JouleSched on a small mixed cluster at half its capacity: every request whose
-    predicted first token kept the TTFT SLO met it; the prediction is an upper bound
-    (the running prefill is taken as of the last event) but rarely a loose one."""
+def mixed_cluster_sim(policy: str, load: float) -> tuple[Simulator, Workload]:
+    """A simulator of ``policy`` on 2 H100, 4 A100 and 2 L4 (one static instance each),
+    fed 120 s of the bundled trace at ``load`` x the static deployment's capacity at the
+    trace's mean request (seed 1), and its workload."""
     cl = cluster([("h", "H100", 2), ("a", "A100", 4), ("l", "L4", 2)])
     tables = model_tables(cl)
     cap = static_capacity(cl, 1150.0, 210.0, tables)
     total = sum(cap.per_mode_rps[f"1x{p}"] * n for p, n in (("H100", 2), ("A100", 4),
                                                            ("L4", 2)))
-    wl = build_workload(load_trace(), 120.0, mode="rate", value=0.5 * total, seed=1)
-    sim = Simulator(cl, wl, POLICIES["joulesched"], tables,
-                    static_capacity_rps=cap.per_mode_rps)
+    wl = build_workload(load_trace(), 120.0, mode="rate", value=load * total, seed=1)
+    return Simulator(cl, wl, POLICIES[policy], tables,
+                     static_capacity_rps=cap.per_mode_rps), wl
+
+
+def test_the_engine_serves_the_first_token_no_later_than_predicted(monkeypatch) -> None:
+    """JouleSched on a small mixed cluster at half its capacity: every request whose
+    predicted first token kept the TTFT SLO met it; the prediction is an upper bound
+    (the running prefill is taken as of the last event) but rarely a loose one."""
+    sim, wl = mixed_cluster_sim("joulesched", 0.5)
     pick = Simulator._pick_instance
     predicted: list[float] = []
 
@@ -99,14 +106,7 @@ def test_the_queue_miad_reads_gets_its_first_tokens_when_predicted(monkeypatch) 
     prompts really got its first token: close, so a queue predicted on time is not a
     risk for MIAD to raise the clock against (docs/marginal-energy.md, "MIAD and the
     queue")."""
-    cl = cluster([("h", "H100", 2), ("a", "A100", 4), ("l", "L4", 2)])
-    tables = model_tables(cl)
-    cap = static_capacity(cl, 1150.0, 210.0, tables)
-    total = sum(cap.per_mode_rps[f"1x{p}"] * n for p, n in (("H100", 2), ("A100", 4),
-                                                           ("L4", 2)))
-    wl = build_workload(load_trace(), 120.0, mode="rate", value=0.7 * total, seed=1)
-    sim = Simulator(cl, wl, POLICIES["miad-only"], tables,
-                    static_capacity_rps=cap.per_mode_rps)
+    sim, _ = mixed_cluster_sim("miad-only", 0.7)
     period = Simulator._period_latencies
     queues: list[tuple[float, float, list[int]]] = []
 
