@@ -240,7 +240,8 @@ def held_slo(slos: Iterable[tuple[float, float]]) -> tuple[float, float] | None:
     """(TTFT, TPOT) s MIAD holds one engine to: the tightest of the SLOs (each
     ``(TTFT, TPOT)`` s) of the pools whose requests that engine serves, and only theirs
     (a GPU's clock answers to the requests on it, not to another engine's pool on the
-    same node); None when it serves none. The node agent reads a pod's pools from the
+    same node); None when it serves none, or when every SLO given is (inf, inf), i.e.
+    bounds nothing. The node agent reads a pod's pools from the
     plan (``PlanDocument.held_slo``), the simulator an instance's from its classes
     (docs/architecture.md, "Which SLO a GPU's clock answers to")."""
     ttft = tpot = math.inf

@@ -257,8 +257,8 @@ class CandidateIndex:
         self.stale.clear()
 
     def _put_first(self, pos: int, row: Row) -> None:
-        """Place position ``pos``, within its TPOT batch, in the soonest search (taken out
-        of it before, if it was there)."""
+        """Place position ``pos``, within its TPOT batch, in the soonest search. The
+        caller has already taken it out of the search if it was there."""
         if _search_regular(row):
             wait, step, pf_s = row[7], row[8], row[10]
             tie = (wait + step, wait, step, row[9], row[6], row[5])
