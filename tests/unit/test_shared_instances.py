@@ -5,6 +5,7 @@ node agent holds that pod to the tighter of the two SLOs."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -184,6 +185,75 @@ def test_each_guest_gets_the_pods_of_its_own_shared_instances() -> None:
         "default/a": ("default.rag",), "default/b": ("default.qa",),
         "default/e": ("default.rag",)}
     assert _planned("rag").guests_by_pod(pods) == {}
+
+
+def _chat_shares_pod_a_with_rag() -> tuple[ClusterState, Router]:
+    """chat: pod a (10.0.0.1) shared with rag, and its own pod b (10.0.0.2), on h0."""
+    doc = PlanDocument(pools={
+        "default.chat": _planned("chat", _instances(1), _instances(1, "default.rag")),
+        "default.rag": _planned("rag")})
+    s, r = _two_ready_pods_on_one_node(doc, "default.chat")
+    assert [e.address for e in r.pool("default.rag").endpoints] == [A]
+    return s, r
+
+
+A, B = "10.0.0.1:8000", "10.0.0.2:8000"
+
+
+def _route(r: Router, key: str, to: str, output: float, prompt: float = 100.0,
+           now: float = 0.0) -> str:
+    from joulepool.core.classes import Tier
+
+    return r.pool(key).decide(output, prompt, Tier.INTERACTIVE, None, now,
+                              subset=frozenset({to})).request_id
+
+
+def test_a_shared_pods_energy_drift_is_read_at_the_batch_of_every_pools_requests() -> None:
+    """A completion's measured joules are compared with the profile's eps at the batch
+    the engine ran: rag's 5 requests on the shared pod are in that batch when chat's
+    request completes (before, chat read the reference at its own 1 request)."""
+    _, r = _chat_shares_pod_a_with_rag()
+    chat = r.pool("default.chat")
+    for _ in range(5):
+        _route(r, "default.rag", A, 100.0)
+    rid = _route(r, "default.chat", A, 100.0)
+    endpoint = chat.endpoints[chat.index[A]]
+    tokens = 2 * endpoint.eps_est.min_tokens  # past the estimator's prior
+    modelled, _ = endpoint.model.at(5.0)  # the 5 others in flight on the engine
+    assert modelled != endpoint.model.at(0.0)[0]
+    chat.report(A, rid, tokens, True, 3.0 * modelled * tokens, 1.0)
+    assert endpoint.eps_est.scale == pytest.approx(3.0)
+
+
+def test_the_node_load_counts_a_shared_pods_requests_once() -> None:
+    """The scheduler extender's node load: pod a's requests (from both pools) once, not
+    once per pool whose row of it counts them all."""
+    s, r = _chat_shares_pod_a_with_rag()
+    for key, to, output in (("default.rag", A, 100.0), ("default.rag", A, 200.0),
+                            ("default.chat", A, 400.0), ("default.chat", B, 800.0)):
+        _route(r, key, to, output)
+    table = s.table()
+    load = r.node_queue_tokens(table)
+    assert load[table.index["h0"]] == pytest.approx(100.0 + 200.0 + 400.0 + 800.0)
+
+
+def test_a_prompt_routed_to_a_shared_pod_queues_in_every_pool_it_serves() -> None:
+    """The engine has one prefill queue and one busy period: a long prompt rag routes to
+    the shared pod is ahead of chat's next prompt there, in chat's row of the pod too."""
+    _, r = _chat_shares_pod_a_with_rag()
+    chat, rag = r.pool("default.chat"), r.pool("default.rag")
+    i_chat, i_rag = chat.index[A], rag.index[A]
+    _route(r, "default.rag", A, 300.0, prompt=8000.0, now=1.0)
+    assert rag.prefilled_at[i_rag] > 1.0 and rag.busy_until[i_rag] > rag.prefilled_at[i_rag]
+    assert chat.prefilled_at[i_chat] == rag.prefilled_at[i_rag]
+    assert chat.busy_until[i_chat] == rag.busy_until[i_rag]
+    # and chat's next prompt there queues behind it, in both pools' rows
+    before = float(chat.prefilled_at[i_chat])
+    _route(r, "default.chat", A, 10.0, prompt=100.0, now=1.0)
+    assert chat.prefilled_at[i_chat] > before
+    assert rag.prefilled_at[i_rag] == chat.prefilled_at[i_chat]
+    assert rag.busy_until[i_rag] == chat.busy_until[i_chat]
+    assert chat.prefilled_at[chat.index[B]] == -math.inf  # chat's own pod: untouched
 
 
 async def test_a_shared_pod_is_scraped_once_for_every_pool_it_serves() -> None:

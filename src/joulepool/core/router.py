@@ -297,6 +297,8 @@ class PoolRouter:
         self.mix_rooms = False
         #: rows credited by another pool's slot-load spread (Endpoint.home)
         self._homes: dict[int, PoolRouter] = {}
+        #: rows of pods other pools share too (Endpoint.peers)
+        self.shared_rows: tuple[int, ...] = ()
         #: gCO2/kWh per site (set_site_intensities; empty: the energy objective)
         self.site_g: dict[str, float] = {}
         self._alloc(0)
@@ -428,13 +430,27 @@ class PoolRouter:
                     pool._refresh(j, peers=False)
         return int(self.ledger_count[i])
 
+    def _share_clocks(self, i: int, ep: Endpoint) -> None:
+        """Row ``i`` holds a shared pod: its prefill and busy clocks are the engine's,
+        so its rows in the other pools it serves take them (a prompt routed from any
+        pool queues before the next one, from any pool)."""
+        for pool, peer in ep.peers:
+            j = pool.index.get(peer.address)
+            if j is not None and pool.endpoints[j] is peer:
+                pool.prefilled_at[j] = self.prefilled_at[i]
+                pool.busy_until[j] = self.busy_until[i]
+
     def shared_changed(self) -> None:
         """Endpoints' ``peers`` / ``home`` were (re)set: refresh their rows."""
+        self._index_shared()
+        for i in self.shared_rows:
+            self._refresh(i, peers=False)
+
+    def _index_shared(self) -> None:
+        """``_homes`` and ``shared_rows`` from the endpoints' ``home`` and ``peers``."""
         self._homes = {i: e.home for i, e in enumerate(self.endpoints)
                        if e.home is not None and e.home is not self}
-        for i, e in enumerate(self.endpoints):
-            if e.peers:
-                self._refresh(i, peers=False)
+        self.shared_rows = tuple(i for i, e in enumerate(self.endpoints) if e.peers)
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -459,8 +475,7 @@ class PoolRouter:
         fresh.sort(key=lambda e: e.address)
         self.endpoints = fresh
         self.index = {e.address: i for i, e in enumerate(fresh)}
-        self._homes = {i: e.home for i, e in enumerate(fresh)
-                       if e.home is not None and e.home is not self}
+        self._index_shared()
         self._alloc(len(fresh))
         if self.site_g:  # the new endpoints weigh by their sites' intensities
             self.carbon_w = self._carbon_weights()
@@ -655,6 +670,8 @@ class PoolRouter:
         ep.add_routed(rid, now + self.s.inflight_ttl_s, tokens,
                       slot_load(float(input_tokens), float(output_tokens)))
         self._refresh(best)
+        if ep.peers:
+            self._share_clocks(best, ep)
         if output_tokens > 0:
             self.mean_out.update(output_tokens)
         if input_tokens > 0:
@@ -741,8 +758,9 @@ class PoolRouter:
         ep = self.endpoints[i]
         if joules is not None and output_tokens > 0:
             # drift reference: the profile's eps at the batch the endpoint ran at (this
-            # request and the others in flight), not the rule's operating batch
-            others = max(ep.waiting + ep.running, float(len(ep.ledger))) - 1.0
+            # request and the others in flight: a shared pod's from every pool it
+            # serves, as its row counts them), not the rule's operating batch
+            others = max(ep.waiting + ep.running, float(self.ledger_count[i])) - 1.0
             modelled, _ = ep.model.at(others)
             ep.eps_est.observe(joules, output_tokens, modelled, now)
         if request_id is not None and request_id in ep.ledger:
@@ -940,15 +958,28 @@ class PoolRouter:
 def node_queue_tokens(pools: Iterable[PoolRouter], index: Mapping[str, int], n: int
                       ) -> FloatArray:
     """Decode tokens queued on each of ``n`` nodes (``index``: node name -> row), summed
-    over the endpoints of ``pools`` there: the scheduler extender's view of load."""
+    over the endpoints of ``pools`` there: the scheduler extender's view of load. A pod
+    several pools share is one engine: each of its rows counts every pool's requests
+    on it, so it counts once, at the most any of its rows queues."""
     total = np.zeros(n)
+    shared: dict[str, tuple[int, float]] = {}  # pod -> (node row, tokens queued)
     for p in pools:
         if not p.endpoints:
             continue
         idx = p.node_index(index)
         ok = idx >= 0
+        q = p.queue_tokens()
+        for i in p.shared_rows:
+            if ok[i]:
+                ok[i] = False
+                ep = p.endpoints[i]
+                key = ep.pod or ep.address
+                held = shared.get(key)
+                shared[key] = (int(idx[i]), max(float(q[i]), held[1] if held else 0.0))
         if ok.any():
-            total += np.bincount(idx[ok], weights=p.queue_tokens()[ok], minlength=n)
+            total += np.bincount(idx[ok], weights=q[ok], minlength=n)
+    for row, tokens in shared.values():
+        total[row] += tokens
     return total
 
 
