@@ -96,7 +96,7 @@ def test_client_lists_gpu_devices_per_pod(kubelet: FakeKubelet):
 
 def pod(name: str, ns: str = "ns", annotations=None, ip: str = "10.0.0.1"):
     n = types.SimpleNamespace
-    return n(status=n(pod_ip=ip, phase="Running"),
+    return n(status=n(pod_ip=ip, phase="Running", conditions=[n(type="Ready", status="True")]),
              metadata=n(name=name, namespace=ns, labels={"joulepool.dev/pool": "ns.chat"},
                         annotations=annotations or {}),
              spec=n(containers=[n(ports=[n(container_port=8000, name="http")])]))
@@ -353,6 +353,131 @@ async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tm
         assert backend.sm_clock_mhz(0) == f_max  # chat-a: shared with rag, held to 50 ms
         assert backend.sm_clock_mhz(1) < f_max - 100  # chat-b: chat's own 100 ms
         assert agent.metrics.render().decode().count("joulepool_gpu_sm_clock_hertz{") == 2
+    finally:
+        await agent.stop()
+        await runner.cleanup()
+
+
+def _v1_serving_pod(name: str, port: int, gpu: int, ready: bool):
+    """A kubernetes client V1Pod of pool ns.chat on node n1 (mode 1xH100), its engine's
+    /metrics at 127.0.0.1:``port``/``name``/metrics, on GPU ``gpu`` (annotation)."""
+    from kubernetes.client import (
+        V1Container,
+        V1ContainerPort,
+        V1ObjectMeta,
+        V1Pod,
+        V1PodCondition,
+        V1PodSpec,
+        V1PodStatus,
+    )
+
+    from joulepool.api.contract import (
+        GPUS_ANNOTATION,
+        METRICS_PATH_ANNOTATION,
+        METRICS_PORT_ANNOTATION,
+        MODE_LABEL,
+        POOL_LABEL,
+    )
+
+    return V1Pod(
+        metadata=V1ObjectMeta(
+            name=name, namespace="ns", labels={POOL_LABEL: "ns.chat", MODE_LABEL: "1xH100"},
+            annotations={METRICS_PORT_ANNOTATION: str(port), GPUS_ANNOTATION: str(gpu),
+                         METRICS_PATH_ANNOTATION: f"/{name}/metrics"}),
+        spec=V1PodSpec(node_name="n1", containers=[V1Container(
+            name="vllm", ports=[V1ContainerPort(container_port=port, name="http")])]),
+        status=V1PodStatus(phase="Running", pod_ip="127.0.0.1", conditions=[
+            V1PodCondition(type="Ready", status="True" if ready else "False")]))
+
+
+@pytest.mark.parametrize("case", ["first_not_ready", "first_not_scraped"])
+async def test_the_shared_pods_gpu_is_the_one_the_router_sends_the_guests_requests_to(
+        tmp_path, case: str):
+    """Pool chat (TPOT 100 ms) has two instances on node n1, one shared with rag (TPOT
+    50 ms), and three pods there, chat-a (GPU 0), chat-b (GPU 1), chat-c (GPU 2); engines
+    decode at 70 ms a token. The routing service gives the shared instance to the first
+    Ready pod by name. ``first_not_ready``: chat-a runs but is not Ready, so rag's
+    requests go to chat-b, whose GPU must stay fast (70 ms misses rag's 50); the old agent
+    gave the slot to chat-a (Running, scraped) and slowed chat-b. ``first_not_scraped``:
+    chat-a is Ready but its /metrics fails, so rag's requests go to chat-a and chat-b is
+    chat's own (it may slow down); the old agent left the unscraped pod out and held
+    chat-b to rag's 50 ms. The same pods (kubernetes client V1Pods) feed the routing
+    service's pools and the agent's discovery; the clocks are the simulated NVML's."""
+    from aiohttp import web
+    from kubernetes.client import ApiClient
+
+    from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
+    from joulepool.core.profiles import H100
+    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
+    from joulepool.kube import testing as T
+    from joulepool.kube.pools import Router, RouterSettings
+    from joulepool.kube.state import ClusterState
+    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+    from joulepool.nodeagent.plansource import FilePlanSource
+    from joulepool.nodeagent.signals import PrometheusSignalSource
+
+    def planned(name: str, tpot_s: float, *shared: list[str]) -> PlannedPool:
+        return PlannedPool(
+            namespace="ns", name=name, model="llama-3.1-8b", tier="interactive",
+            slo=PlannedSLO(ttftSeconds=1.0, tpotSeconds=tpot_s), replicas=len(shared),
+            assignments=[PlannedInstance(node="n1", site="s", product="H100", mode="1xH100",
+                                         instances=1, gpus=1, gpusPerInstance=1,
+                                         sharedWith=guests) for guests in shared])
+
+    doc = PlanDocument(pools={"ns.chat": planned("chat", 0.1, ["ns.rag"], []),
+                              "ns.rag": planned("rag", 0.05)})
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(doc.to_json())
+    names = ("chat-a", "chat-b", "chat-c")
+    scrapes = dict.fromkeys(names, 0)
+    silent = "chat-a" if case == "first_not_scraped" else None
+
+    def handler(name: str):
+        async def page(_: web.Request) -> web.Response:
+            scrapes[name] += 1
+            if name == silent:
+                return web.Response(status=503)
+            return web.Response(text=_engine_page(10 * scrapes[name], 0.07))
+        return page
+
+    app = web.Application()
+    for name in names:
+        sub = web.Application()
+        sub.router.add_get("/metrics", handler(name))
+        app.add_subapp(f"/{name}/", sub)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    pods = [_v1_serving_pod(name, port, i, ready=not (case == "first_not_ready" and i == 0))
+            for i, name in enumerate(names)]
+
+    state = ClusterState()  # the routing service's view of the same pods
+    state.replace_nodes([T.node("n1", "H100", gpus=3)])
+    state.replace_pods([ApiClient().sanitize_for_serialization(p) for p in pods])
+    state.set_plan(doc)
+    (guest_endpoint,) = Router(RouterSettings(), state).pool("ns.rag").endpoints
+    shared = "ns/chat-b" if case == "first_not_ready" else "ns/chat-a"
+    assert guest_endpoint.pod == shared
+
+    source = PrometheusSignalSource(discover=PodDiscovery("n1", api=FakeCore(pods[::-1])),
+                                    discover_wait_s=5.0)
+    backend = SimulatedBackend(SimulatedGPUs.open(None, "H100", 3, node="n1"))
+    agent = NodeAgent(backend, source, AgentConfig(node="n1"),
+                      plan=FilePlanSource(plan_file, refresh_s=0.0))
+    try:
+        await agent.start()
+        await agent.plan.refresh()
+        for i in range(6):
+            await agent.tick(float(i))
+        assert min(scrapes.values()) >= 5
+        f_max = H100.f_max_mhz.value
+        assert backend.sm_clock_mhz(2) < f_max - 100  # chat-c: chat's own 100 ms
+        if case == "first_not_ready":
+            assert backend.sm_clock_mhz(1) == f_max  # chat-b: shared with rag, 50 ms
+        else:
+            assert backend.sm_clock_mhz(1) < f_max - 100  # chat-b: chat's own 100 ms
     finally:
         await agent.stop()
         await runner.cleanup()

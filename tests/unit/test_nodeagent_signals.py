@@ -225,6 +225,39 @@ def test_endpoint_for_pod():
     assert e is not None and e.url == "http://[fd00::1]:8080/metrics"
 
 
+@pytest.mark.parametrize(("condition", "deleting", "ready"), [
+    ("True", False, True), ("False", False, False), (None, False, False),
+    ("True", True, False)])
+def test_a_discovered_pod_is_ready_by_the_routing_services_rule(condition, deleting, ready):
+    """The endpoint of a Running pod (kubernetes client V1Pod) carries its readiness as the
+    routing service reads the same pod (kube.objects.Pod.ready): Ready condition True and
+    not being deleted; a pod that is not Ready is still scraped."""
+    from datetime import UTC, datetime
+
+    from kubernetes.client import (
+        ApiClient,
+        V1Container,
+        V1ObjectMeta,
+        V1Pod,
+        V1PodCondition,
+        V1PodSpec,
+        V1PodStatus,
+    )
+
+    from joulepool.kube.objects import Pod
+
+    v1 = V1Pod(
+        metadata=V1ObjectMeta(name="p", namespace="ns", labels={"joulepool.dev/pool": "ns.c"},
+                              deletion_timestamp=datetime.now(UTC) if deleting else None),
+        spec=V1PodSpec(containers=[V1Container(name="vllm")]),
+        status=V1PodStatus(phase="Running", pod_ip="10.1.2.3", conditions=None
+                           if condition is None else [V1PodCondition(type="Ready",
+                                                                     status=condition)]))
+    e = endpoint_for_pod(v1)
+    assert e is not None and e.ready is ready
+    assert Pod.model_validate(ApiClient().sanitize_for_serialization(v1)).ready is ready
+
+
 def test_engine_sample_defaults():
     assert EngineSample().gpus is None
 

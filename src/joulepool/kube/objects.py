@@ -8,6 +8,7 @@ bounded on input (:func:`joulepool.api.quantity.parse_quantity`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -42,6 +43,17 @@ class _K8s(BaseModel):
 # --------------------------------------------------------------------------
 # The parts of core/v1 Pod and Node that joulepool reads
 # --------------------------------------------------------------------------
+def pod_ready(phase: str | None, pod_ip: str | None, deleting: bool,
+              conditions: Iterable[tuple[str | None, str | None]]) -> bool:
+    """Whether a pod takes requests: Running, Ready condition ``True`` (``conditions``:
+    (type, status) pairs), not being deleted, and with an IP. The routing service's rule
+    for a serving pod (:attr:`Pod.ready`), and the node agent's for the pods that fill a
+    pool's shared instances (``nodeagent.discovery``), so both pick the same ones."""
+    if deleting or phase != "Running" or not pod_ip:
+        return False
+    return any(kind == "Ready" and status == "True" for kind, status in conditions)
+
+
 class ObjectMeta(_K8s):
     name: str = ""
     namespace: str = ""
@@ -132,12 +144,10 @@ class Pod(_K8s):
 
     @property
     def ready(self) -> bool:
-        """Running, Ready condition True, not being deleted, and with an IP."""
-        if self.metadata.deletion_timestamp or self.status.phase != "Running":
-            return False
-        if not self.status.pod_ip:
-            return False
-        return any(c.type == "Ready" and c.status == "True" for c in self.status.conditions or [])
+        """:func:`pod_ready` of this pod."""
+        return pod_ready(self.status.phase, self.status.pod_ip,
+                         bool(self.metadata.deletion_timestamp),
+                         [(c.type, c.status) for c in self.status.conditions or []])
 
     def serving_port(self, default: int) -> int:
         """Port for requests: annotation, else a container port named http, else the first."""

@@ -574,14 +574,17 @@ class NodeAgent:
         return next(iter(pools)) if len(pools) == 1 else None
 
     def _pod_pools(self, readings: Sequence[EngineReading]) -> dict[str, tuple[str, ...]]:
-        """Per discovered pod (``namespace/name``) of the live engines, the pools it serves
+        """Per discovered Ready pod (``namespace/name``), the pools it serves
         (PlanDocument.pod_pools: its own, then the guests of the shared instance it fills
-        on this node, as the routing service gives them out); empty without a plan."""
+        on this node), over the same pods the routing service gives the shared instances
+        to: the Ready ones (``kube.pools.Router._shared_pods``), whether or not their
+        metrics answer (membership is not metrics); empty without a plan. A pod that is
+        not Ready is absent (:meth:`_reading_slo`: its pool's tightest on the node)."""
         doc = self.plan.current()
         if doc is None:
             return {}
         pods = [(r.pod, pool, self.config.node, r.mode) for r in readings
-                if r.pod is not None and not r.stale
+                if r.pod is not None and r.ready
                 and (pool := self._reading_pool(r)) is not None]
         return doc.pod_pools(pods)
 
@@ -589,9 +592,10 @@ class NodeAgent:
         """(TTFT, TPOT) targets of one engine: the tightest of the plan's SLOs of the
         pools its pod serves (its own, and the guests of the shared instance it fills:
         :meth:`_pod_pools`, core.controllers.held_slo), not those of its pool's other
-        instances; an engine without a discovered pod (given by URL) answers to its
-        pool's tightest on this node (PlanDocument.serving_slo), as it may be any of
-        them; an engine the plan does not place, to the fallback flags'."""
+        instances; an engine without a discovered pod (given by URL) or whose pod is not
+        Ready answers to its pool's tightest on this node (PlanDocument.serving_slo), as
+        it may be (or become) any of them; an engine the plan does not place, to the
+        fallback flags'."""
         doc = self.plan.current()
         key = self._reading_pool(r)
         if key and doc is not None and key in doc.pools:

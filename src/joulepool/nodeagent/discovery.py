@@ -22,6 +22,7 @@ from joulepool.api.contract import (
     MODE_LABEL,
     POOL_LABEL,
 )
+from joulepool.kube.objects import pod_ready
 from joulepool.nodeagent.background import API_TIMEOUT
 from joulepool.nodeagent.podresources import PodResourcesClient, gpu_indices
 from joulepool.nodeagent.signals import EngineEndpoint
@@ -34,7 +35,9 @@ log = logging.getLogger("joulepool.nodeagent.discovery")
 
 
 def endpoint_for_pod(pod: Any) -> EngineEndpoint | None:
-    """The metrics endpoint of one running serving pod (kubernetes client V1Pod)."""
+    """The metrics endpoint of one running serving pod (kubernetes client V1Pod), and
+    whether it is Ready (a Running pod that is not is still scraped and metered: it holds
+    its GPUs, but the routing service sends it nothing)."""
     status = getattr(pod, "status", None)
     ip = getattr(status, "pod_ip", None)
     if not ip or getattr(status, "phase", None) != "Running":
@@ -65,7 +68,17 @@ def endpoint_for_pod(pod: Any) -> EngineEndpoint | None:
                           pool=labels.get(POOL_LABEL), gpus=gpus or None,
                           pod=f"{getattr(meta, 'namespace', '') or ''}/"
                               f"{getattr(meta, 'name', '') or ''}",
-                          mode=labels.get(MODE_LABEL))
+                          mode=labels.get(MODE_LABEL), ready=_ready(pod))
+
+
+def _ready(pod: Any) -> bool:
+    """Whether the routing service sends ``pod`` requests (kubernetes client V1Pod):
+    ``kube.objects.pod_ready``, the routing service's own rule."""
+    status = pod.status
+    return pod_ready(getattr(status, "phase", None), getattr(status, "pod_ip", None),
+                     getattr(pod.metadata, "deletion_timestamp", None) is not None,
+                     [(getattr(c, "type", None), getattr(c, "status", None))
+                      for c in getattr(status, "conditions", None) or ()])
 
 
 class PodDiscovery:

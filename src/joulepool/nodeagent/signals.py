@@ -68,6 +68,9 @@ class EngineReading:
     #: (None for an engine given by URL): which of its pool's planned instances it fills
     pod: str | None = None
     mode: str | None = None
+    #: the pod is Ready (EngineEndpoint.ready): among the pods that fill its pool's
+    #: planned instances, as the routing service counts them
+    ready: bool = True
     fresh: bool = True  # scraped successfully this period
     stale: bool = False  # no successful scrape for longer than the stale timeout
     #: prompt tokens at the prompt quantile of the engine's recent requests (None: no
@@ -201,6 +204,9 @@ class EngineEndpoint:
     #: discovered from the cluster (None for an engine given by URL)
     pod: str | None = None
     mode: str | None = None
+    #: the pod is Ready (``kube.objects.pod_ready``): the routing service sends it
+    #: requests, so it may fill one of its pool's shared instances (True for a URL)
+    ready: bool = True
 
 
 def metrics_url(url: str) -> str:
@@ -355,7 +361,7 @@ class PrometheusSignalSource:
             stale = last_ok is None or now - last_ok > self.stale_s
             prev = self._last_reading.get(e.url)
             return EngineReading(
-                engine=e.url, pool=e.pool, pod=e.pod, mode=e.mode,
+                engine=e.url, pool=e.pool, pod=e.pod, mode=e.mode, ready=e.ready,
                 gpus=e.gpus if e.gpus is not None else (prev.gpus if prev else None),
                 model=prev.model if prev else None, fresh=False, stale=stale)
         self._warned.discard(e.url)
@@ -370,7 +376,7 @@ class PrometheusSignalSource:
             engine=e.url, waiting=signal.waiting, running=round(sample.running),
             ttft_tail_s=signal.ttft_tail_s,
             mean_itl_s=signal.mean_itl_s, latencies=latencies, tokens=tokens,
-            model=sample.model, pool=e.pool, pod=e.pod, mode=e.mode,
+            model=sample.model, pool=e.pool, pod=e.pod, mode=e.mode, ready=e.ready,
             gpus=e.gpus if e.gpus is not None else sample.gpus,
             prompt_tail_tokens=prompt_tail,
             prompts=sample.prompt_tokens if sample.prompt_tokens.bounds else None,
