@@ -51,6 +51,9 @@ _children: list[subprocess.Popen[Any]] = []
 _original_init: Callable[..., None] | None = None
 #: the write end of the watchdog's pipe (None: no watchdog)
 _watchdog: Any = None
+#: one line to the watchdog at a time: children start from any thread, and a text
+#: stream's lines written from two threads at once can interleave
+_watchdog_lock = threading.Lock()
 
 
 def _guarded_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
@@ -75,7 +78,8 @@ def _tell_watchdog(pid: int) -> None:
     start = _start_time(pid)
     if _watchdog is None or start is None:
         return
-    with contextlib.suppress(OSError, ValueError):  # the watchdog is gone: nets 1 and 3
+    # the watchdog is gone: the other two nets still hold
+    with _watchdog_lock, contextlib.suppress(OSError, ValueError):
         _watchdog.write(f"{pid} {start}\n")
         _watchdog.flush()
 
@@ -100,11 +104,13 @@ def _start_watchdog() -> None:
 
 def _watch(lines: Any, grace_s: float = GRACE_S) -> None:
     """The watchdog: read ``pid start`` lines until the pipe closes (pytest ended), then
-    stop every one of those processes that is still the same process."""
-    known = {}
+    stop every one of those processes that is still the same process. A line that is
+    not ``pid start`` is skipped: the watchdog must outlive any line it is sent."""
+    known: dict[int, str] = {}
     for line in lines:
-        pid, start = line.split()
-        known[int(pid)] = start
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            known[int(fields[0])] = fields[1]
     alive = {pid: s for pid, s in known.items() if _start_time(pid) == s}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid, start in alive.items():

@@ -130,3 +130,69 @@ def _clean_up(inner: subprocess.Popen[bytes], pids: Path) -> None:
     if inner.poll() is None:
         inner.kill()
         inner.wait(10)
+
+
+def test_the_watchdog_skips_lines_it_cannot_read_and_stops_the_rest(tmp_path: Path) -> None:
+    """A malformed line (two threads' writes interleaved, a torn write) does not end the
+    watchdog before it stops the children it was told of."""
+    import procguard
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        start = procguard._start_time(child.pid)
+        assert start is not None
+        procguard._watch(["garbage\n", "12 34 56\n", "\n", f"{child.pid}{child.pid} 1\n",
+                          "abc 12\n", f"{child.pid} {start}\n", "77\n"], grace_s=10.0)
+        assert child.wait(10) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+
+
+def test_threads_telling_the_watchdog_at_once_write_whole_lines() -> None:
+    """Children start from any thread: each one's ``pid start`` line reaches the
+    watchdog whole, also where the stream's write is not one atomic step (here: one
+    character at a time, letting other threads run in between)."""
+    import threading
+    import time as clock
+
+    import procguard
+
+    class Trickle:
+        """A text stream over a pipe that writes a character at a time."""
+
+        def __init__(self, fd: int) -> None:
+            self.out = os.fdopen(fd, "w")
+
+        def write(self, text: str) -> None:
+            for ch in text:
+                self.out.write(ch)
+                self.out.flush()
+                clock.sleep(0)
+
+        def flush(self) -> None:
+            self.out.flush()
+
+    read, write = os.pipe()
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(os.fdopen(read)))
+    reader.start()
+    pid, start = os.getpid(), procguard._start_time(os.getpid())
+    saved, stream = procguard._watchdog, Trickle(write)
+    procguard._watchdog = stream
+    try:
+        threads = [threading.Thread(target=lambda: [procguard._tell_watchdog(pid)
+                                                    for _ in range(200)])
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        procguard._watchdog = saved
+        stream.out.close()
+    reader.join(30)
+    assert not reader.is_alive()
+    assert len(lines) == 4 * 200
+    assert set(lines) == {f"{pid} {start}\n"}
