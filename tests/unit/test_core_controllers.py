@@ -103,18 +103,6 @@ def test_miad_margin_and_queue_count_as_risk():
     assert m.at_risk(SLOSignal(None, None, 1))
 
 
-def test_a_queue_is_at_risk_only_when_its_last_prompt_is_predicted_late():
-    """The queue's predicted first token (SLOSignal.backlog_first_token_s) against the
-    TTFT target with the margin; an unpredicted queue stays at risk."""
-    m = _miad(margin=0.1)  # TTFT target 0.3 s: 0.27 s with the margin
-    assert not m.at_risk(SLOSignal(None, None, 3, backlog_first_token_s=0.2))
-    assert m.at_risk(SLOSignal(None, None, 3, backlog_first_token_s=0.28))
-    assert m.at_risk(SLOSignal(None, None, 3, backlog_first_token_s=None))
-    assert not m.at_risk(SLOSignal(None, None, 0, backlog_first_token_s=0.9))  # none waits
-    period = PeriodLatencies(itl_sum=1.0, itl_count=100.0, waiting=2, backlog_first_token=0.1)
-    assert miad_signal(period).backlog_first_token_s == 0.1
-
-
 def test_miad_walks_down_to_floor_then_recovers():
     m = _miad()
     f = m.highest

@@ -97,31 +97,3 @@ def test_the_engine_serves_the_first_token_no_later_than_predicted(monkeypatch) 
     assert np.all(actual[on_time] <= wl.ttft_slo_s[on_time])
     assert np.mean(actual > pred + 1e-3) < 0.01  # rarely later than predicted
     assert np.median((pred - actual) / actual) < 0.1  # and mostly close
-
-
-def test_the_queue_miad_reads_gets_its_first_tokens_when_predicted(monkeypatch) -> None:
-    """What the simulator's MIAD compares with the TTFT target when prompts wait
-    (sim.instance.Instance.backlog_first_token_s: core.routing.prefill_queue of the
-    engine's exact queue, at the clock it runs now) against when the last of those
-    prompts really got its first token: close, so a queue predicted on time is not a
-    risk for MIAD to raise the clock against (docs/marginal-energy.md, "MIAD and the
-    queue")."""
-    sim, _ = mixed_cluster_sim("miad-only", 0.7)
-    period = Simulator._period_latencies
-    queues: list[tuple[float, float, list[int]]] = []
-
-    def recording_period(self, inst, t):  # type: ignore[no-untyped-def]
-        if inst.nwait and not inst.kv_blocked(t, self.req.pf_len):
-            queues.append((t, inst.backlog_first_token_s(t), list(inst.waiting)))
-        return period(self, inst, t)
-
-    monkeypatch.setattr(Simulator, "_period_latencies", recording_period)
-    result = sim.run()
-    assert len(queues) > 50
-    pred = np.array([b for _, b, _ in queues])
-    actual = np.array([np.max(result.t_first[rids]) - t for t, _, rids in queues])
-    done = np.isfinite(actual)
-    assert done.mean() > 0.95
-    err = (pred[done] - actual[done]) / actual[done]
-    assert np.median(np.abs(err)) < 0.05
-    assert np.mean(np.abs(err) < 0.1) > 0.9

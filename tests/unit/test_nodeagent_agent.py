@@ -43,9 +43,6 @@ class ProfileEngine:
         self.mapped = mapped
         self.extra_tpot = 0.0  # added latency (to force an SLO violation)
         self.waiting = 0
-        self.waiting_before = 0  # at the previous reading
-        self.mean_prompt_tokens: float | None = None  # None: no prompt-length histogram
-        self.kv_cache_usage: float | None = None
         self.fresh = True
         self.stale = False
         gpus.set_batch(self.indices, batch, profile.model)
@@ -55,14 +52,12 @@ class ProfileEngine:
 
     def reading(self, dt: float) -> EngineReading:
         f = self.clock()
-        before, self.waiting_before = self.waiting_before, self.waiting
         return EngineReading(
             engine=self.url, waiting=self.waiting, ttft_tail_s=0.05,
             mean_itl_s=float(self.profile.itl_s(self.batch, f)) + self.extra_tpot,
             tokens=float(self.profile.decode_tokens_per_s(self.batch, f)) * dt,
             model=self.profile.model, gpus=frozenset(self.indices) if self.mapped else None,
-            fresh=self.fresh, stale=self.stale, mean_prompt_tokens=self.mean_prompt_tokens,
-            kv_cache_usage=self.kv_cache_usage, waiting_before=before)
+            fresh=self.fresh, stale=self.stale)
 
 
 class Rig:
@@ -158,44 +153,6 @@ async def test_slo_violation_steps_up_multiplicatively():
     e.waiting = 3  # a queue is also "at risk"
     await rig.ticks(40)
     assert rig.locked(0) == H100.f_max_mhz.value
-
-
-async def test_a_queue_predicted_to_prefill_in_time_does_not_raise_the_clock():
-    """A queue that formed within the period counts as at risk only when its last prompt
-    is predicted to miss the TTFT target at the clock set (core.routing.engine_backlog_s);
-    a queue still there a period later, or one that cannot be predicted (KV cache at the
-    router's limit), is at risk as before."""
-    rig = Rig(slo=(0.3, 0.05))
-    await rig.agent.start()
-    e = rig.engine([0], batch=4)
-    e.mean_prompt_tokens, e.kv_cache_usage = 200.0, 0.3
-
-    async def transient_queues(n: int) -> None:
-        for k in range(n):  # a queue of 3 every other period, drained in between
-            e.waiting = 3 if k % 2 == 0 else 0
-            await rig.ticks(1)
-        e.waiting = 0
-
-    await transient_queues(40)
-    assert rig.locked(0) == H100.f_min_mhz.value  # three 200-token prompts: ~0.1 s at f_min
-    assert rig.metric("joulepool_miad_decisions_total", direction="up", **gpu_labels()) == 0
-    e.mean_prompt_tokens = 20_000.0  # the last of three such prompts: over 0.27 s
-    await transient_queues(1)
-    raised = rig.agent.gpus[0].controller.snap_up(H100.f_min_mhz.value * 1.5)
-    assert rig.locked(0) == raised
-    e.mean_prompt_tokens = 200.0
-    await rig.ticks(40)
-    assert rig.locked(0) == H100.f_min_mhz.value
-    e.waiting = 3  # a queue that persists: at risk at its second period
-    await rig.ticks(1)
-    assert rig.locked(0) == H100.f_min_mhz.value
-    await rig.ticks(1)
-    assert rig.locked(0) == raised
-    e.waiting = 0
-    await rig.ticks(40)
-    e.kv_cache_usage = 0.97  # waiting for cache room: not predicted, so at risk
-    await transient_queues(1)
-    assert rig.locked(0) == raised
 
 
 async def test_no_permission_runs_monitor_only_without_crashing(caplog):

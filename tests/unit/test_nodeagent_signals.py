@@ -192,28 +192,6 @@ def _pod(ip="10.1.2.3", phase="Running", ports=((8000, "http"),), annotations=No
         spec=ns(containers=[ns(ports=[ns(container_port=p, name=n) for p, n in ports])]))
 
 
-async def test_a_reading_carries_the_engines_queue_at_its_previous_reading():
-    """MIAD predicts only a queue that formed within the period (``waiting_before`` 0);
-    the reading also carries the KV-cache use the prediction needs."""
-    state = {"waiting": 0}
-
-    async def handler(_):
-        return web.Response(text=vllm_text([0.2], [0.015], waiting=state["waiting"]))
-
-    runner, base = await _serve(handler)
-    src = PrometheusSignalSource([parse_engine_spec(base)])
-    try:
-        (r1,) = await src.read(0.0)
-        state["waiting"] = 3
-        (r2,) = await src.read(1.0)
-        (r3,) = await src.read(2.0)
-        assert (r1.waiting_before, r2.waiting_before, r3.waiting_before) == (0, 0, 3)
-        assert r3.waiting == 3 and r3.kv_cache_usage is None  # this page has no KV gauge
-    finally:
-        await src.close()
-        await runner.cleanup()
-
-
 def test_endpoint_for_pod():
     e = endpoint_for_pod(_pod())
     assert e is not None and e.url == "http://10.1.2.3:8000/metrics" and e.pool == "ns.chat"

@@ -75,12 +75,6 @@ class SLOSignal:
     mean_itl_s: float | None
     #: requests waiting for admission
     waiting: int
-    #: when the last of them is predicted to get its first token at the current clock,
-    #: from now (``core.routing.prefill_queue`` of the engine's queue; the unit of
-    #: ``ttft_tail_s``), given only for a queue that formed within the period; None: not
-    #: predicted (a queue already there a period before, one waiting for KV-cache room,
-    #: or inputs missing), and any wait counts as at risk
-    backlog_first_token_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,10 +102,6 @@ class PeriodLatencies:
     #: period's length, in ``itl_sum``'s unit (a lower bound of the gap in progress);
     #: 0 otherwise
     stalled: float = 0.0
-    #: when the last waiting request is predicted to get its first token at the current
-    #: clock, from the end of the period (:class:`SLOSignal`'s ``backlog_first_token_s``;
-    #: None: not predicted)
-    backlog_first_token: float | None = None
 
     @property
     def mean_itl(self) -> float | None:
@@ -138,8 +128,7 @@ def miad_signal(period: PeriodLatencies) -> SLOSignal:
     tpot = period.mean_itl
     if tpot is None and period.stalled > 0.0:
         tpot = period.stalled
-    return SLOSignal(period.ttft_tail, tpot, max(int(period.waiting), 0),
-                     period.backlog_first_token)
+    return SLOSignal(period.ttft_tail, tpot, max(int(period.waiting), 0))
 
 
 #: FREESH's MIAD control period, seconds (the node agent's default)
@@ -158,9 +147,7 @@ class MIADController:
     """FREESH's MIAD clock control: multiplicative increase, additive decrease.
 
     At risk (:class:`SLOSignal`'s TTFT tail or TPOT, the period's mean inter-token
-    latency, above target * (1 - margin), or requests waiting, unless their queue formed
-    within the period and its last prompt is predicted to get its first token within
-    target * (1 - margin) at the current clock: ``backlog_first_token_s``):
+    latency, above target * (1 - margin), or anything waiting):
     f <- min(f_max, f * k_inc). Otherwise f <- max(f_min, f - step).
     The result is snapped to a supported clock: up when raising, down when
     lowering, so a decision always moves at least one supported step.
@@ -205,8 +192,7 @@ class MIADController:
 
     def at_risk(self, signal: SLOSignal) -> bool:
         limit = 1.0 - self.margin
-        if signal.waiting > 0 and (signal.backlog_first_token_s is None
-                                   or signal.backlog_first_token_s > self.ttft_target_s * limit):
+        if signal.waiting > 0:
             return True
         if signal.ttft_tail_s is not None and signal.ttft_tail_s > self.ttft_target_s * limit:
             return True

@@ -470,21 +470,6 @@ def prefill_queue(
     return wait, (itl_s[own] if own > 0 else 0.0), chunk
 
 
-def engine_backlog_s(profile: ServingProfile, clock_mhz: float, budget_tokens: float,
-                     running: float, waiting: float, waiting_tokens: float) -> float:
-    """Seconds until the last of an engine's ``waiting`` prompts (``waiting_tokens`` prompt
-    tokens together) gets its first token at ``clock_mhz`` beside its ``running``
-    requests: :func:`prefill_queue`'s wait for a prompt behind them, with the step times
-    and prefill speed of the engine's serving profile at that clock (what the node
-    agent knows: the engine's gauges, the mean prompt length and the clock it set; the
-    simulator calls :func:`prefill_queue` on its exact queue). MIAD compares it with the
-    TTFT target (``core.controllers.SLOSignal.backlog_first_token_s``)."""
-    batches = np.arange(int(profile.max_batch.value) + 1, dtype=np.float64)
-    itl = profile.itl_s(batches, clock_mhz)  # index 0 is not read
-    return float(prefill_queue(itl, float(profile.prefill_s(1.0, clock_mhz)), budget_tokens,
-                               running, waiting, waiting_tokens)[0])
-
-
 def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: npt.ArrayLike,
                   prefill_s_per_token: npt.ArrayLike, input_tokens: float) -> FloatArray:
     """Predicted delay to a request's first token on each endpoint, s: the wait before

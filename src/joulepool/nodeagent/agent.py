@@ -83,8 +83,6 @@ from joulepool.core.profiles import (
     find_profile,
     product_for_label,
 )
-from joulepool.core.routing import engine_backlog_s
-from joulepool.core.scoring import KVCacheFilter
 from joulepool.nodeagent.background import Background
 from joulepool.nodeagent.gpuio import DEFAULT_CALL_TIMEOUT_S, GPUCalls
 from joulepool.nodeagent.metrics import AgentMetrics, GPUSample
@@ -663,33 +661,6 @@ class NodeAgent:
         self._floor_state(gpu, state, floor, tail)
         return floor
 
-    def _backlog_s(self, gpu: GPU, readings: Sequence[EngineReading],
-                   clock_mhz: float) -> float | None:
-        """s until the last prompt waiting on ``gpu``'s engines is predicted to get its
-        first token at ``clock_mhz`` (``core.routing.engine_backlog_s`` of each engine's
-        waiting and running gauges and mean prompt length, on its serving profile, under
-        vLLM V1's default token budget; the latest of the engines), MIAD's
-        ``SLOSignal.backlog_first_token_s``, as the simulator's MIAD reads it. None, so
-        that any wait counts as at risk, when an engine's queue was already there at its
-        previous reading (later arrivals the prediction cannot see keep it from draining;
-        docs/marginal-energy.md, "MIAD and the queue"), when it lacks one of those inputs,
-        or when its KV cache is at the router's limit (``KVCacheFilter.limit``: the queue
-        waits for cache room, which the prediction does not model); in power mode, where
-        the clock is not the one set."""
-        latest = 0.0
-        for r in readings:
-            if r.waiting <= 0:
-                continue
-            profile = self._profile(gpu, r)
-            if (self.control == "power" or profile is None or r.waiting_before > 0
-                    or r.mean_prompt_tokens is None or r.kv_cache_usage is None
-                    or r.kv_cache_usage >= KVCacheFilter.limit):
-                return None
-            latest = max(latest, engine_backlog_s(
-                profile, clock_mhz, default_batched_tokens(profile.product), r.running,
-                r.waiting, r.waiting * r.mean_prompt_tokens))
-        return latest
-
     def _floor_clocks(self, gpu: GPU, controller: MIADController) -> list[float]:
         """The clocks (MHz) the floor is chosen among: MIAD's, or in power mode (where MIAD
         steers watts) the product's lockable clocks."""
@@ -803,16 +774,15 @@ class NodeAgent:
         if any(not r.fresh for r in live):  # a missed scrape: hold, decide next period
             self.metrics.decisions.labels(*labels, Direction.HOLD.value).inc()
             return
-        controller = self._controller(gpu, slo)
-        current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
         ttfts = [r.ttft_tail_s for r in live if r.ttft_tail_s is not None]
         mean_itls = [r.mean_itl_s for r in live if r.mean_itl_s is not None]
         signal = SLOSignal(max(ttfts) if ttfts else None,
                            max(mean_itls) if mean_itls else None,
-                           sum(max(r.waiting, 0) for r in live),
-                           self._backlog_s(gpu, live, current))
+                           sum(max(r.waiting, 0) for r in live))
         self.metrics.signal_tpot.labels(*labels).set(
             math.nan if signal.mean_itl_s is None else signal.mean_itl_s)
+        controller = self._controller(gpu, slo)
+        current = gpu.locked_mhz if gpu.locked_mhz is not None else controller.highest
         target, direction = controller.step(current, signal)
         floor = self._prefill_floor(gpu, live, controller, self.miad_params()[2])
         if floor is not None and target < floor:  # never below it, as the simulator's MIAD

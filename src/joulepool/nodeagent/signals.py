@@ -81,13 +81,6 @@ class EngineReading:
     prompts: Histogram | None = None
     #: the period's observables the signal was computed from (None: not scraped)
     latencies: PeriodLatencies | None = None
-    #: mean prompt length of the engine's finished requests, tokens (the prompt-length
-    #: histogram's _sum / _count; None: no histogram or no request finished yet)
-    mean_prompt_tokens: float | None = None
-    #: fraction of the KV cache in use (None: the page does not say)
-    kv_cache_usage: float | None = None
-    #: requests waiting at the engine's previous reading (0: none, or no reading before)
-    waiting_before: int = 0
 
     @property
     def prompt_histogram(self) -> bool:
@@ -371,7 +364,6 @@ class PrometheusSignalSource:
         prompts = self._prompts.setdefault(e.url, PromptWindow(self.prompt_window_s))
         prompt_tail = prompts.add(now, sample.prompt_tokens, self.prompt_quantile)
         self._last_ok[e.url] = now
-        before = self._last_reading.get(e.url)
         reading = EngineReading(
             engine=e.url, waiting=signal.waiting, running=round(sample.running),
             ttft_tail_s=signal.ttft_tail_s,
@@ -379,11 +371,7 @@ class PrometheusSignalSource:
             model=sample.model, pool=e.pool, pod=e.pod, mode=e.mode, ready=e.ready,
             gpus=e.gpus if e.gpus is not None else sample.gpus,
             prompt_tail_tokens=prompt_tail,
-            prompts=sample.prompt_tokens if sample.prompt_tokens.bounds else None,
-            mean_prompt_tokens=(sample.prompt_tokens.sum / sample.prompt_tokens.count
-                                if sample.prompt_tokens.count > 0 else None),
-            kv_cache_usage=sample.kv_cache_usage,
-            waiting_before=before.waiting if before is not None else 0)
+            prompts=sample.prompt_tokens if sample.prompt_tokens.bounds else None)
         self._last_reading[e.url] = reading
         return reading
 

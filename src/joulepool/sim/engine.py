@@ -769,14 +769,8 @@ class Simulator:
             itl_sum, itl_count = 0.0, 0.0
         stalled = (self.prm.tick_s / tpot_slo
                    if itl_count == 0.0 and running and ran_before else 0.0)
-        # a queue formed within the period, not waiting for KV room: when its last prompt
-        # is predicted to get its first token (core.controllers.SLOSignal)
-        backlog = None
-        waited_before, inst.miad_waited = inst.miad_waited, inst.nwait
-        if inst.nwait and not waited_before and not inst.kv_blocked(t, self.req.pf_len):
-            backlog = inst.backlog_first_token_s(t) / self._floor_prompt(inst.cls)[1]
         return PeriodLatencies(itl_sum=itl_sum / tpot_slo, itl_count=itl_count, ttft_tail=ttft,
-                               waiting=inst.nwait, stalled=stalled, backlog_first_token=backlog)
+                               waiting=inst.nwait, stalled=stalled)
 
     def _held_tpot_s(self, cls: int) -> float:
         """s: the TPOT MIAD holds an instance serving ``cls`` to: core.controllers.held_slo

@@ -102,7 +102,6 @@ class Instance:
         "miad_itl_count",
         "miad_itl_sum",
         "miad_running",
-        "miad_waited",
         "mix_n",
         "mu",
         "n_out",
@@ -181,7 +180,6 @@ class Instance:
         self.miad_itl_sum = 0.0  # itl_sum at the last MIAD step
         self.miad_itl_count = 0.0  # itl_count at the last MIAD step
         self.miad_running = 0  # requests running (vLLM's gauge) at the last MIAD step
-        self.miad_waited = 0  # requests waiting at the last MIAD step
         self.heap: list[tuple[float, int]] = []
         self.llf = llf
         self.waiting: Any = LLFQueue() if llf else deque()
@@ -316,25 +314,6 @@ class Instance:
         return ((eps_k[n_out] if n_out < len(eps_k) else eps_k[-1]) * cw, self.pf_e * cw,
                 self.xs[1] * cw, left, endpoint_queue_tokens(q_tok, wait_in, pf_w), self.mu,
                 pf_w, wait, step, chunk, pf_tok, self.room - n_out)
-
-    def kv_blocked(self, t: float, prefill_len: Sequence[float]) -> bool:
-        """Whether the head of the queue waits for KV-cache room now (what
-        :meth:`backlog_first_token_s` does not model)."""
-        if self.prefill_rid >= 0 or self.b >= self.maxb or not self.nwait:
-            return False
-        head = self.waiting.peek(t) if self.llf else self.waiting[0]
-        return self.kv_fixed + self.b * self.V + prefill_len[head] > self.kv_room
-
-    def backlog_first_token_s(self, t: float) -> float:
-        """s from ``t`` until the last request waiting here is predicted to get its first
-        token at the current clock: core.routing.prefill_queue of the exact queue, as in
-        :meth:`row`, what MIAD compares with the TTFT target."""
-        prefilling = self.prefill_rid >= 0
-        n_out = self.n_out
-        return prefill_queue(self.itl_row, self.pf_tok, self.budget, self.b + prefilling,
-                             self.nwait, self.wait_in,
-                             self.prefill_end - t if prefilling else 0.0,
-                             self.q_tok / n_out if n_out else 0.0)[0]
 
     def settle(self, t: float) -> None:
         """Integrate energy, busy time and the token clock up to ``t`` (s)."""
