@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -45,9 +46,13 @@ import pytest
 #: SIGKILL
 GRACE_S = 5.0
 
-#: every child started while the plugin is on (kept, not polled: polling a child an
-#: asyncio watcher waits for would steal its exit status)
-_children: list[subprocess.Popen[Any]] = []
+#: every child started while the plugin is on and not known to be done: pid -> (its
+#: start time, a weak reference to its Popen). Not polled (polling a child an asyncio
+#: watcher waits for would steal its exit status), and not kept alive: a Popen its owner
+#: drops goes to ``subprocess``'s own list, which reaps the child when it exits (a Popen
+#: held here for the session left every such child a zombie until the end)
+_children: dict[int, tuple[str | None, weakref.ref[subprocess.Popen[Any]]]] = {}
+_children_lock = threading.Lock()
 _original_init: Callable[..., None] | None = None
 #: the write end of the watchdog's pipe (None: no watchdog)
 _watchdog: Any = None
@@ -59,8 +64,21 @@ _watchdog_lock = threading.Lock()
 def _guarded_init(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
     assert _original_init is not None
     _original_init(self, *args, **kwargs)
-    _children.append(self)
-    _tell_watchdog(self.pid)
+    start = _start_time(self.pid)
+    with _children_lock:
+        _prune_children()
+        _children[self.pid] = (start, weakref.ref(self))
+    _tell_watchdog(self.pid, start)
+
+
+def _prune_children() -> None:
+    """Forget the children known to be done: waited for (their Popen's ``returncode``
+    set), or whose Popen is gone and whose pid no longer runs the same process."""
+    for pid, (start, ref) in list(_children.items()):
+        proc = ref()
+        done = proc.returncode is not None if proc is not None else _start_time(pid) != start
+        if done:
+            del _children[pid]
 
 
 def _start_time(pid: int) -> str | None:
@@ -74,8 +92,9 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if fields[0] not in ("Z", "X") else None
 
 
-def _tell_watchdog(pid: int) -> None:
-    start = _start_time(pid)
+def _tell_watchdog(pid: int, start: str | None) -> None:
+    """Send the watchdog child ``pid``'s line (``start``: its start time; None: it is
+    gone already, nothing to send)."""
     if _watchdog is None or start is None:
         return
     # the watchdog is gone: the other two nets still hold
@@ -145,21 +164,34 @@ def _signal(pid: int, sig: int) -> None:
 
 def stop_children(grace_s: float = GRACE_S) -> list[int]:
     """SIGTERM every child still running, SIGKILL those left after ``grace_s``; the pids
-    it had to stop."""
-    left = [p for p in _children if p.poll() is None]
-    _children.clear()
-    for proc in left:
-        _signal(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in left:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(deadline - time.monotonic(), 0.0))
-    for proc in left:
-        if proc.poll() is None:
-            _signal(proc.pid, signal.SIGKILL)
+    it had to stop. A child whose Popen its owner dropped is known by its pid and start
+    time (signalled only while that pid runs the same process)."""
+    with _children_lock:
+        known = list(_children.items())
+        _children.clear()
+    procs: list[subprocess.Popen[Any]] = []
+    dropped: dict[int, str] = {}
+    for pid, (start, ref) in known:
+        proc = ref()
+        if proc is not None:
+            if proc.poll() is None:
+                procs.append(proc)
+        elif start is not None and _start_time(pid) == start:
+            dropped[pid] = start
+    stopped = [p.pid for p in procs] + list(dropped)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        procs = [p for p in procs if p.poll() is None]
+        dropped = {pid: s for pid, s in dropped.items() if _start_time(pid) == s}
+        for pid in [p.pid for p in procs] + list(dropped):
+            _signal(pid, sig)
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
+        for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5.0)
-    return [p.pid for p in left]
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+        while time.monotonic() < deadline and any(
+                _start_time(pid) == s for pid, s in dropped.items()):
+            time.sleep(0.05)
+    return stopped
 
 
 def pytest_configure(config: object) -> None:

@@ -182,7 +182,7 @@ def test_threads_telling_the_watchdog_at_once_write_whole_lines() -> None:
     saved, stream = procguard._watchdog, Trickle(write)
     procguard._watchdog = stream
     try:
-        threads = [threading.Thread(target=lambda: [procguard._tell_watchdog(pid)
+        threads = [threading.Thread(target=lambda: [procguard._tell_watchdog(pid, start)
                                                     for _ in range(200)])
                    for _ in range(4)]
         for t in threads:
@@ -196,3 +196,51 @@ def test_threads_telling_the_watchdog_at_once_write_whole_lines() -> None:
     assert not reader.is_alive()
     assert len(lines) == 4 * 200
     assert set(lines) == {f"{pid} {start}\n"}
+
+
+def test_children_that_ended_are_reaped_and_forgotten_before_the_session_ends() -> None:
+    """A child whose Popen its owner drops without waiting is reaped once it exits (by
+    ``subprocess``, at the next start), not left a zombie for the rest of the session;
+    one waited for is forgotten. (Before, the guard held every Popen to the end.)"""
+    import gc
+
+    import procguard
+
+    if procguard._original_init is None:
+        pytest.skip("procguard is not loaded in this session")
+    dropped = subprocess.Popen([sys.executable, "-c", "pass"])
+    waited = subprocess.Popen([sys.executable, "-c", "pass"])
+    waited.wait(30)
+    pid = dropped.pid
+    assert _wait_gone(pid)  # exited: a zombie until someone reaps it
+    del dropped
+    gc.collect()
+    subprocess.Popen(["true"]).wait(30)  # subprocess reaps the dropped ones here
+    assert not Path(f"/proc/{pid}").exists(), "the dropped child was left a zombie"
+    assert pid not in procguard._children and waited.pid not in procguard._children
+
+
+def test_the_session_end_stops_a_running_child_whose_popen_was_dropped() -> None:
+    """Known by pid and start time only, a running child is still stopped at the end."""
+    import gc
+
+    import procguard
+
+    if procguard._original_init is None:
+        pytest.skip("procguard is not loaded in this session")
+    pid = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
+    gc.collect()
+    try:
+        assert pid in procguard._children
+        with procguard._children_lock:  # stop only this one, not the session's others
+            others = {k: v for k, v in procguard._children.items() if k != pid}
+            procguard._children = {pid: procguard._children[pid]}
+        try:
+            assert procguard.stop_children(grace_s=10.0) == [pid]
+        finally:
+            with procguard._children_lock:
+                procguard._children.update(others)
+        assert _wait_gone(pid)
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
