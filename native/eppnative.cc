@@ -47,10 +47,12 @@
 #include <thread>
 #include <chrono>
 #include <deque>
+#include <exception>
 #include <map>
 #include <set>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -943,14 +945,22 @@ void Core::Drain() {
     signalled_ = false;
     draining_ = true;
   }
+  // draining_ is reset and the completion-queue thread woken however Drain leaves (a
+  // job that throws included): left true, that thread would stand aside for
+  // kLoopWaitNs after every batch of completions for good (WaitForLoop)
+  struct EndOfDrain {
+    Core* core;
+    ~EndOfDrain() {
+      {
+        std::lock_guard<std::mutex> lock(core->mu_);
+        core->draining_ = false;
+      }
+      core->drained_cv_.notify_all();
+    }
+  } end_of_drain{this};
   for (auto& job : jobs) {
     if (job.kind == JobKind::kPick) RunPick(job); else RunExchangeCall(job);
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    draining_ = false;
-  }
-  drained_cv_.notify_all();
 }
 
 void Core::WaitForLoop() {
@@ -1132,7 +1142,16 @@ void Server_dealloc(ServerObject* self) {
 PyObject* Server_fileno(ServerObject* self, PyObject*) { return PyLong_FromLong(self->core->fd()); }
 
 PyObject* Server_drain(ServerObject* self, PyObject*) {
-  self->core->Drain();
+  // a C++ exception must not cross into the interpreter: it becomes the loop
+  // callback's Python exception, and the next drain runs as usual (Core::Drain)
+  try {
+    self->core->Drain();
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
   Py_RETURN_NONE;
 }
 
