@@ -698,32 +698,38 @@ async def test_a_long_pick_does_not_hold_the_messages_that_need_no_decision(
     if front_end != "native":
         pytest.skip("the Python front end answers every message on the event loop")
     decide = gateway.pool.decide
+    pick_started = threading.Event()
 
     def slow_decide(*args: Any, **kwargs: Any) -> Any:
+        pick_started.set()
         time.sleep(0.6)  # the event loop held inside the pick
         return decide(*args, **kwargs)
 
     gateway.pool.decide = slow_decide  # type: ignore[method-assign]
     took: dict[str, Any] = {}
+    failed: list[BaseException] = []
 
     def gateway_side() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            stub = pb_grpc.ExternalProcessorStub(channel)
-            first, first_replies = _sync_stream(stub)
-            first.put(_headers())
-            assert next(first_replies).HasField("request_headers")
-            first.put(_body(_completion()))  # its pick runs on the event loop, slowly
-            time.sleep(0.1)  # the pick is under way
-            other, other_replies = _sync_stream(stub)
-            t0 = time.monotonic()
-            other.put(_headers())
-            assert next(other_replies).HasField("request_headers")
-            took["other"] = time.monotonic() - t0
-            answer = next(first_replies)
-            took["pick"] = time.monotonic() - t0
-            took["destination"] = _destination(answer, "request_body")[0]
-            for q in (first, other):
-                q.put(None)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+                stub = pb_grpc.ExternalProcessorStub(channel)
+                first, first_replies = _sync_stream(stub)
+                first.put(_headers())
+                assert next(first_replies).HasField("request_headers")
+                first.put(_body(_completion()))  # its pick runs on the event loop, slowly
+                assert pick_started.wait(10), "the pick never started"
+                other, other_replies = _sync_stream(stub)
+                t0 = time.monotonic()
+                other.put(_headers())
+                assert next(other_replies).HasField("request_headers")
+                took["other"] = time.monotonic() - t0
+                answer = next(first_replies)
+                took["pick"] = time.monotonic() - t0
+                took["destination"] = _destination(answer, "request_body")[0]
+                for q in (first, other):
+                    q.put(None)
+        except BaseException as e:  # re-raised by the test below
+            failed.append(e)
 
     thread = threading.Thread(target=gateway_side)
     thread.start()
@@ -732,5 +738,8 @@ async def test_a_long_pick_does_not_hold_the_messages_that_need_no_decision(
             break
         await asyncio.sleep(0.05)
     thread.join(1)
+    assert not thread.is_alive(), "the gateway side did not finish"
+    if failed:
+        raise failed[0]
     assert took["other"] < 0.3, took  # not held until the pick was over
     assert took["pick"] > 0.3 and took["destination"], took  # the pick did take long
