@@ -17,8 +17,12 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 
 INNER = '''
-import os, subprocess, sys, threading, time
+import os, signal, subprocess, sys, threading, time
 import pytest
+
+# a shell that starts a run in the background (`make test &`) leaves SIGINT ignored, and
+# Python then never raises KeyboardInterrupt for it: give this pytest Ctrl-C back
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def _record(proc, name):
     path = os.path.join(os.environ["PIDS"], name)
