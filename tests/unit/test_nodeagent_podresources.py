@@ -271,6 +271,47 @@ def _engine_page(gaps: int, itl_s: float) -> str:
     return generate_latest(r).decode()
 
 
+def _planned(name: str, tpot_s: float, *shared: list[str]):
+    """Pool ns.``name`` (TTFT 1 s, TPOT ``tpot_s``) with one 1xH100 instance on node n1
+    per entry of ``shared``, each shared with those guest pools."""
+    from joulepool.api.plan import PlannedInstance, PlannedPool, PlannedSLO
+
+    return PlannedPool(
+        namespace="ns", name=name, model="llama-3.1-8b", tier="interactive",
+        slo=PlannedSLO(ttftSeconds=1.0, tpotSeconds=tpot_s), replicas=len(shared),
+        assignments=[PlannedInstance(node="n1", site="s", product="H100", mode="1xH100",
+                                     instances=1, gpus=1, gpusPerInstance=1,
+                                     sharedWith=guests) for guests in shared])
+
+
+async def _engine_pages(names, silent: str | None = None):
+    """An HTTP server on 127.0.0.1 serving each engine's /metrics at /``name``/metrics
+    (decoding at 70 ms a token, 10 more tokens per scrape; ``silent`` answers 503):
+    (scrapes per name, port, the runner to clean up)."""
+    from aiohttp import web
+
+    scrapes = dict.fromkeys(names, 0)
+
+    def handler(name: str):
+        async def page(_: web.Request) -> web.Response:
+            scrapes[name] += 1
+            if name == silent:
+                return web.Response(status=503)
+            return web.Response(text=_engine_page(10 * scrapes[name], 0.07))
+        return page
+
+    app = web.Application()
+    for name in names:
+        sub = web.Application()
+        sub.router.add_get("/metrics", handler(name))
+        app.add_subapp(f"/{name}/", sub)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return scrapes, site._server.sockets[0].getsockname()[1], runner  # type: ignore[union-attr]
+
+
 async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tmp_path):
     """Pool chat (TPOT 100 ms) has two instances on node n1, one shared with rag (TPOT
     50 ms) and one of its own; the kubelet gives pod chat-a GPU 0 and chat-b GPU 1. Both
@@ -279,7 +320,6 @@ async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tm
     agent reads pods from the API, GPUs from the kubelet's PodResources socket, latencies
     from the engines' /metrics over HTTP and the plan from its file; the clocks are the
     simulated NVML's. (The old agent held both GPUs to rag's 50 ms.)"""
-    from aiohttp import web
 
     from joulepool.api.contract import (
         METRICS_PATH_ANNOTATION,
@@ -287,43 +327,18 @@ async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tm
         MODE_LABEL,
         POOL_LABEL,
     )
-    from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
+    from joulepool.api.plan import PlanDocument
     from joulepool.core.profiles import H100
     from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs, fake_uuid
     from joulepool.nodeagent.agent import AgentConfig, NodeAgent
     from joulepool.nodeagent.plansource import FilePlanSource
     from joulepool.nodeagent.signals import PrometheusSignalSource
 
-    def planned(name: str, tpot_s: float, *shared: list[str]) -> PlannedPool:
-        return PlannedPool(
-            namespace="ns", name=name, model="llama-3.1-8b", tier="interactive",
-            slo=PlannedSLO(ttftSeconds=1.0, tpotSeconds=tpot_s), replicas=len(shared),
-            assignments=[PlannedInstance(node="n1", site="s", product="H100", mode="1xH100",
-                                         instances=1, gpus=1, gpusPerInstance=1,
-                                         sharedWith=guests) for guests in shared])
-
-    doc = PlanDocument(pools={"ns.chat": planned("chat", 0.1, [], ["ns.rag"]),
-                              "ns.rag": planned("rag", 0.05)})
+    doc = PlanDocument(pools={"ns.chat": _planned("chat", 0.1, [], ["ns.rag"]),
+                              "ns.rag": _planned("rag", 0.05)})
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(doc.to_json())
-    scrapes = {"chat-a": 0, "chat-b": 0}
-
-    def handler(name: str):
-        async def page(_: web.Request) -> web.Response:
-            scrapes[name] += 1
-            return web.Response(text=_engine_page(10 * scrapes[name], 0.07))
-        return page
-
-    app = web.Application()
-    for name in scrapes:
-        sub = web.Application()
-        sub.router.add_get("/metrics", handler(name))
-        app.add_subapp(f"/{name}/", sub)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    scrapes, port, runner = await _engine_pages(("chat-a", "chat-b"))
 
     def serving(name: str):
         p = pod(name, ip="127.0.0.1", annotations={
@@ -403,10 +418,9 @@ async def test_the_shared_pods_gpu_is_the_one_the_router_sends_the_guests_reques
     chat's own (it may slow down); the old agent left the unscraped pod out and held
     chat-b to rag's 50 ms. The same pods (kubernetes client V1Pods) feed the routing
     service's pools and the agent's discovery; the clocks are the simulated NVML's."""
-    from aiohttp import web
     from kubernetes.client import ApiClient
 
-    from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
+    from joulepool.api.plan import PlanDocument
     from joulepool.core.profiles import H100
     from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
     from joulepool.kube import testing as T
@@ -416,40 +430,13 @@ async def test_the_shared_pods_gpu_is_the_one_the_router_sends_the_guests_reques
     from joulepool.nodeagent.plansource import FilePlanSource
     from joulepool.nodeagent.signals import PrometheusSignalSource
 
-    def planned(name: str, tpot_s: float, *shared: list[str]) -> PlannedPool:
-        return PlannedPool(
-            namespace="ns", name=name, model="llama-3.1-8b", tier="interactive",
-            slo=PlannedSLO(ttftSeconds=1.0, tpotSeconds=tpot_s), replicas=len(shared),
-            assignments=[PlannedInstance(node="n1", site="s", product="H100", mode="1xH100",
-                                         instances=1, gpus=1, gpusPerInstance=1,
-                                         sharedWith=guests) for guests in shared])
-
-    doc = PlanDocument(pools={"ns.chat": planned("chat", 0.1, ["ns.rag"], []),
-                              "ns.rag": planned("rag", 0.05)})
+    doc = PlanDocument(pools={"ns.chat": _planned("chat", 0.1, ["ns.rag"], []),
+                              "ns.rag": _planned("rag", 0.05)})
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(doc.to_json())
     names = ("chat-a", "chat-b", "chat-c")
-    scrapes = dict.fromkeys(names, 0)
-    silent = "chat-a" if case == "first_not_scraped" else None
-
-    def handler(name: str):
-        async def page(_: web.Request) -> web.Response:
-            scrapes[name] += 1
-            if name == silent:
-                return web.Response(status=503)
-            return web.Response(text=_engine_page(10 * scrapes[name], 0.07))
-        return page
-
-    app = web.Application()
-    for name in names:
-        sub = web.Application()
-        sub.router.add_get("/metrics", handler(name))
-        app.add_subapp(f"/{name}/", sub)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    scrapes, port, runner = await _engine_pages(
+        names, silent="chat-a" if case == "first_not_scraped" else None)
     pods = [_v1_serving_pod(name, port, i, ready=not (case == "first_not_ready" and i == 0))
             for i, name in enumerate(names)]
 
