@@ -312,6 +312,28 @@ async def _engine_pages(names, silent: str | None = None):
     return scrapes, site._server.sockets[0].getsockname()[1], runner  # type: ignore[union-attr]
 
 
+def _agent(discovery: PodDiscovery, plan_file: Path, gpus: int):
+    """A node agent on node n1 with ``gpus`` simulated H100s, engines found by
+    ``discovery``, the plan from ``plan_file``: (agent, its simulated NVML backend)."""
+    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
+    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
+    from joulepool.nodeagent.plansource import FilePlanSource
+    from joulepool.nodeagent.signals import PrometheusSignalSource
+
+    backend = SimulatedBackend(SimulatedGPUs.open(None, "H100", gpus, node="n1"))
+    source = PrometheusSignalSource(discover=discovery, discover_wait_s=5.0)
+    return NodeAgent(backend, source, AgentConfig(node="n1"),
+                     plan=FilePlanSource(plan_file, refresh_s=0.0)), backend
+
+
+async def _run_six_periods(agent) -> None:
+    """Start ``agent``, read its plan, and run six control periods (t = 0 .. 5 s)."""
+    await agent.start()
+    await agent.plan.refresh()
+    for i in range(6):
+        await agent.tick(float(i))
+
+
 async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tmp_path):
     """Pool chat (TPOT 100 ms) has two instances on node n1, one shared with rag (TPOT
     50 ms) and one of its own; the kubelet gives pod chat-a GPU 0 and chat-b GPU 1. Both
@@ -329,10 +351,7 @@ async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tm
     )
     from joulepool.api.plan import PlanDocument
     from joulepool.core.profiles import H100
-    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs, fake_uuid
-    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
-    from joulepool.nodeagent.plansource import FilePlanSource
-    from joulepool.nodeagent.signals import PrometheusSignalSource
+    from joulepool.fakes.gpus import fake_uuid
 
     doc = PlanDocument(pools={"ns.chat": _planned("chat", 0.1, [], ["ns.rag"]),
                               "ns.rag": _planned("rag", 0.05)})
@@ -353,16 +372,9 @@ async def test_each_gpus_clock_answers_to_the_pools_of_the_pod_on_it(kubelet, tm
     discovery = PodDiscovery("n1", api=FakeCore([serving("chat-b"), serving("chat-a")]),
                              pod_resources=PodResourcesClient(str(kubelet.socket)),
                              gpu_uuids=lambda: uuids)
-    source = PrometheusSignalSource(discover=discovery, discover_wait_s=5.0)
-    gpus = SimulatedGPUs.open(None, "H100", 2, node="n1")
-    backend = SimulatedBackend(gpus)
-    agent = NodeAgent(backend, source, AgentConfig(node="n1"),
-                      plan=FilePlanSource(plan_file, refresh_s=0.0))
+    agent, backend = _agent(discovery, plan_file, gpus=2)
     try:
-        await agent.start()
-        await agent.plan.refresh()
-        for i in range(6):
-            await agent.tick(float(i))
+        await _run_six_periods(agent)
         assert min(scrapes.values()) >= 5
         f_max = H100.f_max_mhz.value
         assert backend.sm_clock_mhz(0) == f_max  # chat-a: shared with rag, held to 50 ms
@@ -422,13 +434,9 @@ async def test_the_shared_pods_gpu_is_the_one_the_router_sends_the_guests_reques
 
     from joulepool.api.plan import PlanDocument
     from joulepool.core.profiles import H100
-    from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
     from joulepool.kube import testing as T
     from joulepool.kube.pools import Router, RouterSettings
     from joulepool.kube.state import ClusterState
-    from joulepool.nodeagent.agent import AgentConfig, NodeAgent
-    from joulepool.nodeagent.plansource import FilePlanSource
-    from joulepool.nodeagent.signals import PrometheusSignalSource
 
     doc = PlanDocument(pools={"ns.chat": _planned("chat", 0.1, ["ns.rag"], []),
                               "ns.rag": _planned("rag", 0.05)})
@@ -448,16 +456,9 @@ async def test_the_shared_pods_gpu_is_the_one_the_router_sends_the_guests_reques
     shared = "ns/chat-b" if case == "first_not_ready" else "ns/chat-a"
     assert guest_endpoint.pod == shared
 
-    source = PrometheusSignalSource(discover=PodDiscovery("n1", api=FakeCore(pods[::-1])),
-                                    discover_wait_s=5.0)
-    backend = SimulatedBackend(SimulatedGPUs.open(None, "H100", 3, node="n1"))
-    agent = NodeAgent(backend, source, AgentConfig(node="n1"),
-                      plan=FilePlanSource(plan_file, refresh_s=0.0))
+    agent, backend = _agent(PodDiscovery("n1", api=FakeCore(pods[::-1])), plan_file, gpus=3)
     try:
-        await agent.start()
-        await agent.plan.refresh()
-        for i in range(6):
-            await agent.tick(float(i))
+        await _run_six_periods(agent)
         assert min(scrapes.values()) >= 5
         f_max = H100.f_max_mhz.value
         assert backend.sm_clock_mhz(2) < f_max - 100  # chat-c: chat's own 100 ms
