@@ -592,11 +592,15 @@ class PoolRouter:
         their stream's rooms where it credits nothing."""
         tpot = self.state.tpot_batch
         n, s = self.ledger_count, self.slot_loads
+        spreads: dict[int, tuple[float, float]] = {}  # each home pool's, read once per call
         for i, home in self._homes.items():
             m = self.endpoints[i].model
             k, total = float(n[i]), float(s[i])
             if k > 0.0 and total > 0.0:
-                load = credited_slot_load(k, total, m.pool_slot_load, *home.slot_load_spread())
+                spread = spreads.get(id(home))
+                if spread is None:
+                    spread = spreads[id(home)] = home.slot_load_spread()
+                load = credited_slot_load(k, total, m.pool_slot_load, *spread)
                 limit[i], tpot[i] = m.rooms_at_slot_load(load)
             else:
                 limit[i], tpot[i] = self.op_batch[i], self.pool_tpot_batch[i]
