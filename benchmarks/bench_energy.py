@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from joulepool.bench import import_file_as
 from joulepool.core.classes import SLO_SETS, slo_set
 from joulepool.sim.cluster import (
     ClusterError,
@@ -390,12 +391,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench energy: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    if __name__ not in sys.modules:  # loaded from a file by `joulepool bench`: let the
-        module = types.ModuleType(__name__)  # forked workers find run_cell by name
+    if __name__ not in sys.modules:  # loaded from a file without registering its name
+        module = types.ModuleType(__name__)
         module.__dict__.update(globals())
         sys.modules[__name__] = module
     outs = []
-    with mp.get_context("fork").Pool(a.jobs) as pool:  # the largest cells first
+    # workers start from a fork server, not as forks of this process (whose other threads
+    # may hold locks); each imports this file under its name, to find run_cell and Cell
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
+                         else "spawn")
+    if ctx.get_start_method() == "forkserver":  # the simulator imported once, in the server
+        ctx.set_forkserver_preload(["joulepool.sim.runner", "joulepool.sim.report"])
+    with ctx.Pool(a.jobs, import_file_as, (__name__, __file__)) as pool:  # largest first
         for out in pool.imap_unordered(run_cell, sorted(cells, key=expected_requests,
                                                         reverse=True)):
             outs.append(out)

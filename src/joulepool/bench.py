@@ -45,10 +45,17 @@ def run(args: argparse.Namespace) -> int:
 def load_benchmark(name: str) -> ModuleType:
     """benchmarks/bench_<name>.py imported by path as module ``bench_<name>`` (once per
     process: a later call returns the same module). KeyError for an unknown name."""
-    module_name = f"bench_{name}"
+    return import_file_as(f"bench_{name}", str(_available()[name]))
+
+
+def import_file_as(module_name: str, path: str) -> ModuleType:
+    """The module ``module_name`` if this process has it, else the Python file ``path``
+    imported and registered under that name. A benchmark's worker processes run it as
+    their pool initializer, so that functions of a script imported by path (pickled by
+    module and name) resolve there too."""
     if module_name in sys.modules:
         return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, _available()[name])
+    spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

@@ -253,3 +253,21 @@ def test_a_directory_stands_for_its_files(bench, make_traces, tmp_path, capsys):
     assert bench.main(["--traces", str(tmp_path / "empty")]) == 2
     assert f"--traces: {tmp_path / 'empty'}: a directory with no .csv file" in \
         capsys.readouterr().err
+
+
+def test_worker_processes_give_the_rows_of_one_process(bench, capsys, tmp_path):
+    """--jobs 2 runs the cells in worker processes that import this benchmark file by
+    name (from a fork server, not as forks of this process): same cells, same rows."""
+    docs = []
+    for jobs in ("1", "2"):
+        rc = bench.main(["--clusters", "freesh-3site", "--traces", "prefill-heavy",
+                         "--loads", "0.2,0.3", "--slos", "freesh", "--policies",
+                         "least-loaded,combined", "--duration", "5", "--min-requests", "60",
+                         "--jobs", jobs, "--json", str(tmp_path / f"j{jobs}.json")])
+        assert rc == 0
+        assert f"({jobs} processes)" in capsys.readouterr().out
+        docs.append(json.loads((tmp_path / f"j{jobs}.json").read_text()))
+    alone, pooled = docs
+    assert [d["load"] for d in pooled] == [0.2, 0.3]
+    assert [(d["requests"], d["rows"]) for d in pooled] == [
+        (d["requests"], d["rows"]) for d in alone]

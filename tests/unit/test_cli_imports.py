@@ -1,9 +1,8 @@
 """The CLI commands that serve no gRPC never load it.
 
 gRPC's C core starts poller threads and installs fork handlers once it is loaded; a
-command that only plans or simulates has no use for either, and the simulator forks its
-workers (``--jobs``). Each command runs in a fresh interpreter, which then reports the
-gRPC modules it holds.
+command that only plans or simulates has no use for either. Each command runs in a fresh
+interpreter, which then reports the gRPC modules it holds.
 """
 
 from __future__ import annotations

@@ -258,7 +258,6 @@ def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:
     if not quiet and sys.stderr.isatty():
         from tqdm import tqdm
 
-        tqdm.monitor_interval = 0  # no monitor thread: worker processes are forked
         bar = tqdm(total=round(exp.duration_s * len(exp.policies) * exp.repeat), unit="sim-s",
                    desc="simulating", file=sys.stderr, leave=False)
     elif not quiet:

@@ -327,7 +327,15 @@ def utilisation_note(workload: Workload, capacity: Capacity) -> str:
 
 
 # ------------------------------------------------------------------ parallel plumbing
+#: what each pool worker needs beyond its task: the experiment, its tables, capacity and
+#: repeats, and the queue progress goes back on; set in the worker by :func:`_init_worker`
 _SHARED: dict[str, object] = {}
+
+#: how pool workers start: from a clean server process (``forkserver``), never a fork of
+#: this process, whose other threads (a progress bar, a test's servers) may hold locks
+#: that a forked child would inherit held and wait on for ever; ``spawn`` where the
+#: platform has no fork server
+_START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
 def _simulate_repeat(exp: Experiment, tables: dict[str, ProfileTable], capacity: Capacity,
@@ -340,6 +348,13 @@ def _simulate_repeat(exp: Experiment, tables: dict[str, ProfileTable], capacity:
                    static_capacity_rps=capacity.per_mode_rps)
     res.work_floor = window_work_floor(exp.cluster, rep.workload, res)
     return res
+
+
+def _init_worker(exp: Experiment, tables: dict[str, ProfileTable], capacity: Capacity,
+                 repeats: list[RepeatData], progress_q: object) -> None:
+    """Pool initializer: keep the experiment's shared inputs (sent once per worker)."""
+    _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=capacity,
+                   progress=progress_q)
 
 
 def _run_task(task: tuple[str, int]) -> tuple[str, int, RunResult]:
@@ -426,14 +441,18 @@ def _run_in_process(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs,
 
 
 def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, jobs: int,
-                 repeats: list[RepeatData], progress: _Progress, log: _Log) -> None:
-    """Run ``tasks`` (policy, repeat) in ``jobs`` forked workers (they read ``_SHARED``)."""
+                 shared: tuple[dict[str, ProfileTable], Capacity, list[RepeatData]],
+                 progress: _Progress, log: _Log) -> None:
+    """Run ``tasks`` (policy, repeat) in ``jobs`` worker processes; each gets ``exp``,
+    ``tables``, ``capacity`` and ``repeats`` once, as it starts (:func:`_init_worker`)."""
+    tables, capacity, repeats = shared
     total = exp.duration_s * len(tasks)
     done = 0.0
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(_START_METHOD)
+    if _START_METHOD == "forkserver":  # the server imports the simulator once; every
+        ctx.set_forkserver_preload([__name__])  # worker forks from it ready to run
     pq = ctx.Queue()
-    _SHARED["progress"] = pq
-    with ctx.Pool(jobs) as pool:
+    with ctx.Pool(jobs, _init_worker, (exp, tables, capacity, repeats, pq)) as pool:
         pending = [pool.apply_async(_run_task, (task,)) for task in tasks]
         while pending:
             try:
@@ -462,7 +481,13 @@ def run_experiment(
     progress: Callable[[float, float], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ExperimentResult:
-    """Run everything; ``progress(done_sim_s, total_sim_s)`` is called as runs advance."""
+    """Run everything; ``progress(done_sim_s, total_sim_s)`` is called as runs advance.
+
+    With ``exp.jobs`` > 1 the runs go to worker processes that import the simulator
+    afresh (``forkserver``, else ``spawn``; never a fork of this process) and get the
+    experiment once each, pickled: a script calling this must guard its own entry point
+    with ``if __name__ == "__main__":``, as workers import the main module.
+    """
     t0 = time.perf_counter()
     tables = model_tables(exp.cluster, exp.slos.tpot_s)
     cap = trace_capacity(exp.cluster, exp.trace, exp.slos, tables)
@@ -472,18 +497,11 @@ def run_experiment(
     description.append(utilisation_note(repeats[0].workload, cap))
     tasks = [(p, r) for r in range(exp.repeat) for p in exp.policies]
     runs: _Runs = {p: [None] * exp.repeat for p in exp.policies}
-    _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=cap)
     jobs = max(1, min(exp.jobs, len(tasks)))
-    if "fork" not in mp.get_all_start_methods():
-        jobs = 1  # workers inherit the workloads by fork; elsewhere run in-process
-    try:
-        if jobs == 1:
-            _SHARED["progress"] = None
-            _run_in_process(exp, tasks, runs, (tables, cap, repeats), progress, log)
-        else:
-            _run_in_pool(exp, tasks, runs, jobs, repeats, progress, log)
-    finally:
-        _SHARED.clear()
+    if jobs == 1:
+        _run_in_process(exp, tasks, runs, (tables, cap, repeats), progress, log)
+    else:
+        _run_in_pool(exp, tasks, runs, jobs, (tables, cap, repeats), progress, log)
     final = {p: [x for x in v if x is not None] for p, v in runs.items()}
     return ExperimentResult(exp, tables, cap, repeats, final, description,
                             time.perf_counter() - t0)

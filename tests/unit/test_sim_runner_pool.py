@@ -1,0 +1,70 @@
+"""``sim.runner`` with worker processes (``Experiment.jobs`` > 1): the results of one
+process, from workers that start clean rather than as forks of a parent whose other
+threads may hold locks (a forked child inherits such a lock held, with no thread left
+to release it, and waits for ever)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from sim_helpers import cluster
+
+from joulepool.sim import runner
+from joulepool.sim.runner import Experiment, ExperimentResult, run_experiment
+from joulepool.sim.trace import load_trace
+
+#: generous: two tiny runs take about a second; a loaded 2-core machine, many times that
+DEADLINE_S = 240.0
+
+
+def _experiment(jobs: int) -> Experiment:
+    return Experiment(cluster=cluster([("h", "H100", 2), ("a", "A100", 2)]), trace=load_trace(),
+                      duration_s=30.0, arrival_mode="load", arrival_value=0.5,
+                      policies=("round-robin", "miad-only"), seed=3, jobs=jobs)
+
+
+def _same_runs(a: ExperimentResult, b: ExperimentResult) -> None:
+    assert set(a.runs) == set(b.runs) == {"round-robin", "miad-only"}
+    for policy in a.runs:
+        (x,), (y,) = a.runs[policy], b.runs[policy]
+        np.testing.assert_array_equal(x.gpu_energy_j, y.gpu_energy_j)
+        np.testing.assert_array_equal(x.t_first, y.t_first)
+        np.testing.assert_array_equal(x.t_done, y.t_done)
+        assert x.carbon_g == y.carbon_g and x.work_floor == y.work_floor
+
+
+def test_workers_are_not_stalled_by_a_lock_another_parent_thread_holds(monkeypatch):
+    """Another thread of this process holds a lock for the whole run, and the floor the
+    workers compute after each run is patched here to take it: a forked worker would run
+    that patched copy and wait on the lock, inherited held, for ever. Workers that
+    import the simulator afresh run its own floor, finish, and match one process."""
+    alone = run_experiment(_experiment(jobs=1))
+    lock, done = threading.Lock(), threading.Event()
+    taken = threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            done.wait()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(DEADLINE_S)
+    real_floor = runner.window_work_floor
+
+    def floor_under_the_lock(*args: object) -> object:
+        with lock:
+            return real_floor(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "window_work_floor", floor_under_the_lock)
+    result: list[ExperimentResult] = []
+    worker = threading.Thread(target=lambda: result.append(run_experiment(_experiment(jobs=2))),
+                              daemon=True)
+    try:
+        worker.start()
+        worker.join(DEADLINE_S)
+        assert not worker.is_alive(), f"the pool's runs did not finish in {DEADLINE_S:g} s"
+    finally:
+        done.set()
+    _same_runs(result[0], alone)
