@@ -341,3 +341,25 @@ def test_a_shared_pod_is_credited_once_from_every_pools_requests_as_the_simulato
     rid = next(iter(rag.endpoints[i_rag].ledger))
     rag.report(p0, rid, 30, True, None, 1.0)
     assert chat.ledger_count[i_chat] == rag.ledger_count[i_rag] == 11
+
+
+def test_the_simulator_holds_a_shared_instance_to_a_bulk_guests_tighter_slo() -> None:
+    """rag's requests are all bulk, with a TTFT (200 ms) and TPOT (30 ms) tighter than
+    chat's: the shared instance's MIAD step target and its clock floor's TTFT answer to
+    them, as the node agent holds the pod to every pool it serves (PlanDocument.held_slo),
+    while its rooms stay sized at chat's interactive TPOT, as the routing service's."""
+    wl = _workload(600, 4, bulk_ls=True)
+    wl.tpot_slo_s[wl.cls == LS] = 0.03
+    wl.ttft_slo_s[wl.cls == LS] = 0.2
+    doc = _chat_shares_its_pod_with_rag(wl)
+    cl = cluster([("h0", "H100", 2)])
+    sim = Simulator(cl, wl, POLICIES["combined"], model_tables(cl), plan_windows(cl, wl))
+    shared = sim._class_set((SS, LS))
+    assert doc.held_slo(["default.chat", "default.rag"]) == (0.2, 0.03)
+    assert (sim._floor_prompt(shared)[1], sim._held_tpot_s(shared)) == (0.2, 0.03)
+    assert (sim._floor_prompt(SS)[1], sim._held_tpot_s(SS)) == (0.3, 0.15)
+    router = _service(doc, "default.chat")
+    stream = router.stream_of(("default.chat", "default.rag"))
+    assert stream is not None and stream.tpot_s == 0.15
+    (host,) = router.pool("default.chat").endpoints
+    _assert_same_rooms(host.model, sim, shared)

@@ -339,7 +339,6 @@ class Simulator:
         "floor_prompts",
         "gpus",
         "guard_keep",
-        "held_tpots",
         "hlog",
         "instances",
         "lam_for_pi",
@@ -390,6 +389,7 @@ class Simulator:
         "t_sys",
         "tables",
         "tick_k",
+        "tightest_slos",
         "tpot_gates",
         "truncated",
         "ttft_periods",
@@ -464,9 +464,9 @@ class Simulator:
         self.miad_next: dict[tuple[str, int, bool], float] = {}
         self.clock_floors: dict[tuple[str, int, int], float] = {}
         self.floor_prompts: dict[int, tuple[float, float]] = {}
-        #: s, per class set: the TPOT MIAD holds the step time of an instance serving it
-        #: to (:meth:`_held_tpot_s`)
-        self.held_tpots: dict[int, float] = {}
+        #: (class, sizing) -> (TTFT, TPOT) s, the tightest SLO of its requests
+        #: (:meth:`_tightest_slo`)
+        self.tightest_slos: dict[tuple[int, bool], tuple[float, float]] = {}
         #: MIAD periods its TTFT tail looks back over (this one included)
         self.ttft_periods = max(1, round(self.prm.miad_ttft_window_s / self.prm.tick_s))
         self.pi = PIController(kp=prm.pi_kp, ki=prm.pi_ki, target=prm.pi_target,
@@ -582,12 +582,11 @@ class Simulator:
         from joulepool.sim.production import ProductionRouter
 
         wl, n = self.workload, self.req.n
-        interactive = ~wl.bulk
-        slo_from = interactive if interactive.any() else np.ones(n, dtype=np.bool_)
+        # one pool, of every class; the router sizes at the interactive SLOs
+        ttft_s, tpot_s = self._tightest_slo(0, sizing=True) if n else (1.0, 0.15)
         self.prouter = ProductionRouter(
             [(x.idx, x.node, x.table.profile) for x in self.pools[0].members],
-            ttft_s=float(wl.ttft_slo_s[slo_from].min()) if n else 1.0,
-            tpot_s=float(wl.tpot_slo_s[slo_from].min()) if n else 0.15,
+            ttft_s=ttft_s, tpot_s=tpot_s,
             mean_tokens=(float(wl.input_tokens.mean()), float(wl.predicted_tokens.mean()))
             if n else None,
             sites=[x.site for x in self.pools[0].members],
@@ -753,9 +752,7 @@ class Simulator:
         completed (``stalled``, as the node agent reads its running gauge). Without
         ``EngineParams.miad_period_signal`` the ITL side is the step running at the tick
         (one gap), the tail of a short ITL window."""
-        tpot_slo = self.held_tpots.get(inst.cls)
-        if tpot_slo is None:
-            tpot_slo = self._held_tpot_s(inst.cls)
+        tpot_slo = self._held_tpot_s(inst.cls)
         ttft = self._ttft_tail(inst)
         running = inst.b + (inst.prefill_rid >= 0)  # vLLM's gauge (_engine_counts)
         ran_before, inst.miad_running = inst.miad_running, running
@@ -773,17 +770,33 @@ class Simulator:
                                waiting=inst.nwait, stalled=stalled)
 
     def _held_tpot_s(self, cls: int) -> float:
-        """s: the TPOT MIAD holds an instance serving ``cls`` to: core.controllers.held_slo
-        over the classes it serves (each class's tightest SLOs; every class without
-        planner pools), as the node agent holds a pod to the pools it serves and no
-        other's; 0 without requests. Cached in :attr:`held_tpots`."""
-        wl = self.workload
-        classes = self.class_sets[cls] if self.planner_pools else np.unique(wl.cls).tolist()
-        slos = [(float(wl.ttft_slo_s[mine].min()), float(wl.tpot_slo_s[mine].min()))
-                for c in classes if (mine := wl.cls == c).any()]
-        held = held_slo(slos)
-        self.held_tpots[cls] = tpot = held[1] if held is not None else 0.0
-        return tpot
+        """s: the TPOT MIAD holds an instance serving ``cls`` to, that of
+        :meth:`_tightest_slo` over all its requests; 0 without requests."""
+        tpot = self._tightest_slo(cls)[1]
+        return tpot if tpot < math.inf else 0.0
+
+    def _tightest_slo(self, cls: int, sizing: bool = False) -> tuple[float, float]:
+        """(TTFT, TPOT) s, core.controllers.held_slo (the tightest) over the SLOs of the
+        requests an instance serving ``cls`` gets (:meth:`_pool_slo_requests`: its
+        classes', every class's without planner pools); (inf, inf) without requests.
+
+        Without ``sizing``, over all of them, bulk ones too: what MIAD holds the
+        instance's step time (:meth:`_held_tpot_s`) and its clock floor
+        (:meth:`_floor_prompt`) to, as the node agent holds a pod to every pool it
+        serves (``PlanDocument.held_slo``). With ``sizing``, over the interactive ones
+        (all when none is): the TPOT its rooms are sized at, as the routing service
+        sizes a shared pod at its pools' interactive SLOs (a bulk guest's tighter TPOT
+        does not shrink them). Cached per (``cls``, ``sizing``)."""
+        key = (cls, sizing)
+        hit = self.tightest_slos.get(key)
+        if hit is None:
+            wl = self.workload
+            mine, interactive = self._pool_slo_requests(cls)
+            of = interactive if sizing else mine
+            held = held_slo([(float(wl.ttft_slo_s[of].min()), float(wl.tpot_slo_s[of].min()))]
+                            if of.any() else [])
+            hit = self.tightest_slos[key] = held if held is not None else (math.inf, math.inf)
+        return hit
 
     def _ttft_tail(self, inst: Instance) -> float | None:
         """The worst first token / TTFT SLO of ``inst`` over the last
@@ -1096,9 +1109,8 @@ class Simulator:
         key = (mode, cls, mean_batch)
         hit = self.tpot_gates.get(key)
         if hit is None:
-            _, slo = self._pool_slo_requests(cls)
             hit = self.tpot_gates[key] = tpot_gate(
-                self.tables[mode].profile, mean_batch, float(self.workload.tpot_slo_s[slo].min()))
+                self.tables[mode].profile, mean_batch, self._tightest_slo(cls, sizing=True)[1])
         return hit
 
     def _pool_requests(self, cls: int) -> npt.NDArray[np.bool_]:
@@ -1138,7 +1150,7 @@ class Simulator:
                 self.tables[mode].profile, float(wl.input_tokens[mine].mean()),
                 float(wl.predicted_tokens[mine].mean()),
                 float(wl.ttft_slo_s[slo].mean()) if ttft else math.inf,
-                float(wl.tpot_slo_s[slo].min()), pool_size=n)
+                self._tightest_slo(cls, sizing=True)[1], pool_size=n)
         return hit
 
     def _set_pool_sizes(self, members: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
@@ -1177,10 +1189,8 @@ class Simulator:
         key = (mode, cls, k, pool_rooms)
         hit = self.mix_rooms.get(key)
         if hit is None:
-            wl = self.workload
-            _, slo = self._pool_slo_requests(cls)
             tpot_batch = room_at_slot_load(self.tables[mode].profile, k, prior, mean_out,
-                                           float(wl.tpot_slo_s[slo].min()))
+                                           self._tightest_slo(cls, sizing=True)[1])
             # the rooms compare mean TPOT batches; the gate is read from the member's
             room, mean = member_rooms(pool_rooms[0],
                                       self._sustainable_batch(mode, cls, ttft=False), tpot_batch)
@@ -1229,14 +1239,14 @@ class Simulator:
 
     def _floor_prompt(self, cls: int) -> tuple[float, float]:
         """(tokens, s): the prompt at the TTFT-miss quantile of the requests a pool
-        serving ``cls`` gets (core.controllers.prefill_floor_quantile) and their tightest
-        TTFT SLO."""
+        serving ``cls`` gets (core.controllers.prefill_floor_quantile) and the TTFT of
+        :meth:`_tightest_slo`."""
         hit = self.floor_prompts.get(cls)
         if hit is None:
-            wl = self.workload
             mine = self._pool_requests(cls)
-            prompt = float(np.quantile(wl.input_tokens[mine], prefill_floor_quantile()))
-            hit = self.floor_prompts[cls] = (prompt, float(wl.ttft_slo_s[mine].min()))
+            prompt = float(np.quantile(self.workload.input_tokens[mine],
+                                       prefill_floor_quantile()))
+            hit = self.floor_prompts[cls] = (prompt, self._tightest_slo(cls)[0])
         return hit
 
     def _activate(self, inst: Instance, t: float) -> bool:
