@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from joulepool.core.batching import first_token_after_s
-from joulepool.core.cost import joulesched_cost
+from joulepool.core.cost import Scratch, joulesched_cost
 from joulepool.core.routing import (
     endpoint_late,
     first_token_s,
@@ -26,6 +26,8 @@ from joulepool.core.routing import (
     score_endpoint,
     score_endpoints,
     slo_infeasible,
+    waiting_requests_estimate,
+    waiting_requests_one,
 )
 
 AWKWARD = (math.nan, math.inf, 0.0, -1.0)
@@ -258,3 +260,55 @@ def test_marginal_energy_floor_is_below_the_energy_at_any_batch_left() -> None:
     for no_bound in ((math.nan, 0.1, 10.0, 10.0, 0.5), (0.1, 0.1, 10.0, 10.0, math.nan),
                      (math.inf, 0.1, 10.0, 10.0, math.inf), (0.1, math.nan, 10.0, 10.0, 0.5)):
         assert marginal_energy_floor(*no_bound) == -math.inf
+
+
+def _bits(x: np.ndarray) -> bytes:
+    return np.ascontiguousarray(x).tobytes()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("lam", [0.0, 3.0, 1e-300, -2.0, math.inf, math.nan])
+@pytest.mark.parametrize("odd", [0.0, 0.2])
+def test_the_rule_written_into_scratch_is_the_rule_bit_for_bit(lam: float, odd: float) -> None:
+    """score_endpoints, first_token_s and slo_infeasible with ``out`` (a pool's scratch
+    arrays, reused from one request to the next) give the bits they give allocating,
+    whatever the scratch held before."""
+    rng = np.random.default_rng(41 + int(odd * 100))
+    for trial in range(150):
+        n = int(rng.integers(1, 40))
+        scratch = Scratch(n)
+        for field in ("eta", "energy", "slack", "cost", "first", "spare"):
+            getattr(scratch, field)[:] = rng.choice([math.nan, -math.inf, 7.0], n)
+        scratch.late[:] = rng.random(n) < 0.5
+        cols = [_column(rng, n, lo, hi, odd) for lo, hi in (
+            (0.05, 0.5), (0.0, 5000.0), (100.0, 3000.0), (0.0, 0.2), (0.0, 0.3),
+            (0.05, 0.6), (0.0, 900.0))]
+        eps, q, mu, weight, pi, wake, left = cols
+        out_tokens = float(rng.choice([0.0, 1.0, float(rng.integers(2, 900))]))
+        prompt = float(rng.choice([0.0, 1.0, float(rng.integers(2, 9000))]))
+        tokens, deadline = out_tokens + 0.5 * prompt, float(rng.uniform(0.5, 30.0))
+        args = (eps, q, mu, weight, tokens, prompt, deadline, lam, pi, out_tokens, wake, left)
+        fresh, kept = score_endpoints(*args), score_endpoints(*args, out=scratch)
+        for name in ("eta_s", "energy_j", "slack_s", "cost"):
+            assert _bits(getattr(kept, name)) == _bits(getattr(fresh, name)), (trial, name)
+        wait, step, chunk, pf_s = _prefill_columns(rng, n, odd)
+        room = _column(rng, n, -1.0, 3.0, odd)
+        first = first_token_s(wait, step, chunk, pf_s, prompt)
+        assert _bits(first_token_s(wait, step, chunk, pf_s, prompt, scratch)) == _bits(first)
+        late = slo_infeasible(first, room, 0.4)
+        assert slo_infeasible(scratch.first, room, 0.4, scratch).tolist() == late.tolist()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # inf - inf
+def test_waiting_requests_one_is_the_estimate_row_by_row() -> None:
+    """The router keeps core.routing.waiting_requests_estimate's column one row at a
+    time with waiting_requests_one: the same numbers, NaN included."""
+    rng = np.random.default_rng(5)
+    waiting = rng.choice([0.0, 1.0, 3.0, 17.0, math.nan, math.inf], 400)
+    in_flight = rng.choice([0.0, 1.0, 4.0, 40.0, 256.0, math.inf], 400)
+    max_batch = rng.choice([1.0, 4.0, 64.0, 256.0, math.inf], 400)
+    column = waiting_requests_estimate(waiting, in_flight, max_batch)
+    rows = [waiting_requests_one(w, f, b) for w, f, b in zip(
+        waiting.tolist(), in_flight.tolist(), max_batch.tolist(), strict=True)]
+    np.testing.assert_array_equal(column, rows)

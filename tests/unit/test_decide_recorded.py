@@ -26,16 +26,19 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from joulepool.core.classes import Tier
 from joulepool.core.controllers import MIADController, miad_step_target_s
+from joulepool.core.cost import Scratch
 from joulepool.core.profiles import DEFAULT_PROFILES
 from joulepool.core.router import Endpoint, NoEndpoints, PoolRouter, RouteDecision, RouterConfig
-from joulepool.core.routing import EndpointModel
+from joulepool.core.routing import EndpointModel, waiting_requests_estimate
 
 RECORDED = Path(__file__).resolve().parents[1] / "data" / "router" / "decide_recorded.json"
 TTFT_S, TPOT_S = 1.0, 0.1
@@ -66,10 +69,11 @@ def _decision_record(d: RouteDecision, index: dict[str, int]) -> tuple[list[int]
     return rows, np.array(numbers, dtype=np.float64).tobytes() + str(d.tier).encode()
 
 
-def _drive(pool: PoolRouter, steps: int, seed: int, arrivals_per_s: float
-           ) -> dict[str, Any]:
+def _drive(pool: PoolRouter, steps: int, seed: int, arrivals_per_s: float,
+           check: Callable[[PoolRouter], None] | None = None) -> dict[str, Any]:
     """A seeded sequence of what the routing service does to a pool; every decision's
-    rows and a digest of its numbers' bits."""
+    rows and a digest of its numbers' bits. ``check`` is called with the pool after
+    every step."""
     rng = np.random.default_rng(seed)
     addresses = [e.address for e in pool.endpoints]
     index = {a: i for i, a in enumerate(addresses)}
@@ -89,6 +93,8 @@ def _drive(pool: PoolRouter, steps: int, seed: int, arrivals_per_s: float
     flying: list[tuple[str, str, float]] = []
     now = 0.0
     for step in range(steps):  # the offered rate swings from 0.2x to 2.2x
+        if check is not None and step:
+            check(pool)
         rate = arrivals_per_s * (1.2 + math.sin(step / 150.0))
         now += float(rng.exponential(1.0 / rate))
         op = rng.random()
@@ -139,8 +145,10 @@ def _drive(pool: PoolRouter, steps: int, seed: int, arrivals_per_s: float
     return {"rows": rows, "sha256": digest.hexdigest(), "stats": stats}
 
 
-def scenario() -> dict[str, Any]:
-    """The recorded pools' decisions (see the module docstring)."""
+def scenario(scale: float = 1.0, check: Callable[[PoolRouter], None] | None = None
+             ) -> dict[str, Any]:
+    """The recorded pools' decisions (see the module docstring); ``scale``: that share of
+    the steps, ``check``: called with each pool after every step."""
     out: dict[str, Any] = {}
     for name, config, endpoints, steps, rate in (
         ("profiles", RouterConfig(), _profile_endpoints(160), 3000, 300.0),
@@ -153,7 +161,8 @@ def scenario() -> dict[str, Any]:
         pool.set_endpoints(endpoints)
         if name == "profiles":
             pool.set_site_intensities({"a": 120.0, "b": 450.0, "c": math.nan})
-        out[name] = _drive(pool, steps, seed=len(name), arrivals_per_s=rate)
+        out[name] = _drive(pool, int(steps * scale), seed=len(name), arrivals_per_s=rate,
+                           check=check)
     return out
 
 
@@ -168,6 +177,31 @@ def test_decisions_are_the_recorded_ones() -> None:
             assert a == b, f"{name}: decision {k} picked rows {a}, recorded {b}"
         assert got["sha256"] == want["sha256"], f"{name}: a cost term's bits differ"
         assert got["stats"] == want["stats"], name
+
+
+def _columns_as_recomputed(pool: PoolRouter) -> None:
+    """The columns PoolRouter keeps one row at a time are what the whole-column
+    formulas give from the rows' state, bit for bit."""
+    np.testing.assert_array_equal(pool.waiting_est, waiting_requests_estimate(
+        pool.waiting, pool.ledger_count, pool.max_batch))
+    held = np.maximum(pool.ledger_count, pool.scraped)
+    assert pool.held.tobytes() == held.tobytes()
+    assert pool.room.tobytes() == (pool.op_batch - held).tobytes()
+
+
+def test_columns_kept_row_by_row_are_the_recomputed_ones() -> None:
+    scenario(0.3, check=_columns_as_recomputed)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_decisions_without_the_scratch_arrays_are_the_same(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scorer's terms written into each pool's scratch arrays (reused by every
+    decision) and into fresh arrays (a state whose scratch does not fit its columns)
+    give the same decisions and the same bits."""
+    kept = scenario(0.3)
+    monkeypatch.setattr("joulepool.core.scoring.Scratch", lambda n: Scratch(0))
+    assert scenario(0.3) == kept
 
 
 def test_the_recording_exercises_every_branch() -> None:

@@ -39,6 +39,34 @@ def float_array(values: npt.ArrayLike) -> FloatArray:
     return np.asarray(values, dtype=np.float64)
 
 
+class Scratch:
+    """Arrays of one length that the per-request formulas write into instead of
+    allocating: :func:`joulesched_cost`, :func:`joulepool.core.routing.score_endpoints`,
+    :func:`~joulepool.core.routing.marginal_energy_j`,
+    :func:`~joulepool.core.routing.first_token_s` and
+    :func:`~joulepool.core.routing.slo_infeasible` take one as ``out`` (each writes only
+    the fields its docstring names). A pool's columns (:class:`joulepool.core.scoring.
+    EndpointState`) keep one, so a decision at 1,000 endpoints reuses the same few warm
+    buffers instead of a dozen fresh ones: the same operations in the same order, the
+    same numbers. What a formula returns in them is valid until the next call that
+    writes the same fields."""
+
+    __slots__ = ("cost", "energy", "eta", "first", "late", "slack", "spare", "spare_bool")
+
+    def __init__(self, n: int) -> None:
+        self.eta: FloatArray = np.empty(n)  #: work tokens, then ETA (s)
+        self.energy: FloatArray = np.empty(n)  #: the energy term (J)
+        self.slack: FloatArray = np.empty(n)  #: ETA - deadline, at least 0 (s)
+        self.cost: FloatArray = np.empty(n)  #: the cost (J)
+        self.first: FloatArray = np.empty(n)  #: the predicted first token (s)
+        self.spare: FloatArray = np.empty(n)  #: a term before it is added
+        self.late = np.empty(n, dtype=np.bool_)  #: predicted to break the SLO
+        self.spare_bool = np.empty(n, dtype=np.bool_)
+
+    def __len__(self) -> int:
+        return int(self.eta.size)
+
+
 class CostBreakdown(NamedTuple):
     """Per-endpoint terms of the cost, for explanations and metrics (immutable; a named
     tuple, which the per-request path builds faster than a frozen dataclass)."""
@@ -94,21 +122,25 @@ def joulesched_cost(
     deadline_s: float,
     lam: float,
     energy_j: npt.ArrayLike | None = None,
+    out: Scratch | None = None,
 ) -> CostBreakdown:
     """Cost of sending a request of ``tokens`` to each endpoint.
 
     ``energy_j`` (J per endpoint), when given, is the energy term as it is
     (the marginal energy); otherwise it is ``eps_j_per_token * tokens``.
     Endpoints with zero or negative throughput get an infinite ETA and so an
-    infinite cost whenever lambda > 0 (they cannot serve).
+    infinite cost whenever lambda > 0 (they cannot serve). With ``out`` (every
+    column an array of its length) the ETA, slack and cost are written into its
+    ``eta``, ``slack`` and ``cost`` (``queue_tokens`` may be ``out.eta`` itself).
     """
     mu = float_array(throughput_tps)
-    eta = _eta_s(float_array(queue_tokens) + tokens, mu)
-    slack = np.subtract(eta, deadline_s)
+    work = np.add(float_array(queue_tokens), tokens, out=None if out is None else out.eta)
+    eta = _eta_s(work, mu)
+    slack = np.subtract(eta, deadline_s, out=None if out is None else out.slack)
     np.maximum(slack, 0.0, out=slack)  # NaN stays NaN
     energy = (float_array(eps_j_per_token) * tokens if energy_j is None
               else float_array(energy_j))
-    cost = _lateness_j(slack, float(lam))
+    cost = _lateness_j(slack, float(lam), None if out is None else out.cost)
     if cost.shape == energy.shape:
         cost += energy
     else:  # eps broadcast against scalar queue and throughput
@@ -154,15 +186,17 @@ def _eta_s(work_tokens: FloatArray, mu: FloatArray) -> FloatArray:
     return eta
 
 
-def _lateness_j(slack_s: FloatArray, lam: float) -> FloatArray:
+def _lateness_j(slack_s: FloatArray, lam: float, out: FloatArray | None = None
+                ) -> FloatArray:
     """lambda x slack where late (slack > 0), 0 elsewhere: a NaN slack is not late; with
-    lambda = 0 an infinite slack (cannot serve) is NaN, so that endpoint stays unusable."""
+    lambda = 0 an infinite slack (cannot serve) is NaN, so that endpoint stays unusable.
+    Written into ``out`` (of ``slack_s``'s shape) where given, in the usual case."""
     if lam == 0.0:
         return np.where(slack_s == np.inf, np.nan, 0.0)
     if 0.0 < lam < math.inf:
         # slack is >= 0 or NaN: fmax maps NaN to 0 and keeps the rest, and 0 x a finite
         # lambda is 0: the same numbers as the masked product below, two calls cheaper
-        late = np.fmax(slack_s, 0.0)
+        late = np.fmax(slack_s, 0.0, out=out)
         return np.multiply(late, lam, out=late)
     return np.multiply(slack_s, lam, out=np.zeros(np.shape(slack_s)), where=slack_s > 0)
 

@@ -80,6 +80,7 @@ from joulepool.core.routing import (
     slot_load,
     slot_load_spread,
     waiting_requests_estimate,
+    waiting_requests_one,
 )
 from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
 
@@ -327,6 +328,19 @@ class PoolRouter:
         self.static_q = np.zeros(n)
         self.ledger_tokens = np.zeros(n)
         self.ledger_count = self.state.outstanding
+        #: per endpoint, kept by _refresh: the requests held (the ledger or the scraped
+        #: counts, whichever is more), the requests waiting for admission
+        #: (core.routing.waiting_requests_estimate) and, unless the rooms follow slot
+        #: loads, the room left within b*_n (_batch_room)
+        self.held = np.zeros(n)
+        self.waiting_est = np.zeros(n)
+        self.room = np.full(n, np.inf)
+        #: the decision's per-request columns, rewritten by every decision (q_n, the
+        #: prefill wait, R_n) and R_n where nothing has steps left (never written)
+        self._queue_buf = np.empty(n)
+        self._wait_buf = np.empty(n)
+        self._left_buf = np.empty(n)
+        self._no_steps_left = np.zeros(n)
         #: the ledgers' slot loads (core.routing.slot_load): sums and sums of squares
         self.slot_loads = np.zeros(n)
         self.slot_load_squares = np.zeros(n)
@@ -394,6 +408,11 @@ class PoolRouter:
         self.slot_load_squares[i] = ep.slot_load_squares
         if ep.peers:
             routed = self._count_peers(i, ep, peers)
+        self.waiting_est[i] = waiting_requests_one(waiting, float(self.ledger_count[i]),
+                                                   float(self.max_batch[i]))
+        held = max(float(self.ledger_count[i]), float(self.scraped[i]))
+        self.held[i] = held
+        self.room[i] = float(self.op_batch[i]) - held
         # core.routing's marginal energy: joining the requests in flight now (the
         # router's ledger or the engine's scraped counts, whichever is more)
         scraped = waiting + running
@@ -505,35 +524,35 @@ class PoolRouter:
         return carbon_weights([self.site_g.get(e.site, math.nan) for e in self.endpoints])
 
     # -- the decision -------------------------------------------------------------
-    def queue_tokens(self) -> FloatArray:
-        """Decode tokens ahead on each endpoint."""
+    def queue_tokens(self, out: FloatArray | None = None) -> FloatArray:
+        """Decode tokens ahead on each endpoint (written into ``out`` where given)."""
         # core.routing.queue_tokens_estimate, its per-endpoint factor kept by _refresh
         if self._responses is None:  # scraped counts changed
             self._responses = queued_responses(self.waiting, self.running)
         m = max(self.mean_out.get(self.s.mean_output_tokens), 0.0)
-        q = self._responses * m
+        q = np.multiply(self._responses, m, out=out)
         q += self.static_q
         return np.maximum(q, self.ledger_tokens, out=q)
 
-    def eta_queue_tokens(self) -> FloatArray:
+    def eta_queue_tokens(self, out: FloatArray | None = None) -> FloatArray:
         """q_n of the scoring rule: decode tokens ahead plus the prefill of the
-        prompts waiting for admission, in decode-token equivalents."""
-        q = self.queue_tokens()
+        prompts waiting for admission, in decode-token equivalents (written into
+        ``out`` where given)."""
+        q = self.queue_tokens(out)
         m_in = self.mean_in.get(self.s.mean_input_tokens)
         if m_in <= 0.0:  # no prompt seen yet: nothing to add
             return q
-        waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
-        return endpoint_queue_tokens(q, waiting * m_in, self.weight)
+        # (core.routing.waiting_requests_estimate, each row kept by _refresh)
+        return endpoint_queue_tokens(q, self.waiting_est * m_in, self.weight)
 
     def _batch_room(self) -> FloatArray:
         """Requests each endpoint can still take within b*_n: the ledger or the scraped
         counts, whichever is more, are in flight. Where the endpoints' rooms are sized at
         a stream (EndpointModel's ``serving``), b*_n and the TPOT batch are those of the
         slot load each is credited with (:meth:`_credible_rooms`)."""
-        limit = self.op_batch
-        if self.mix_rooms:
-            limit = self._credible_rooms()
-        room: FloatArray = limit - np.maximum(self.ledger_count, self.scraped)
+        if not self.mix_rooms:
+            return self.room  # op_batch - held, each row kept by _refresh
+        room: FloatArray = self._credible_rooms() - self.held
         return room
 
     def _credible_rooms(self) -> FloatArray:
@@ -609,12 +628,13 @@ class PoolRouter:
         """R_n: decode steps the requests in flight on each endpoint have left (by the
         router's busy clock, at the step time of the batch in flight; 0 when idle or
         without a step model: the rows :meth:`_refresh` marks in ``_steps_left_rows``)."""
-        out: FloatArray = np.zeros(self.busy_until.size)
         rows = self._steps_left_rows
         if not np.logical_or.reduce(rows):  # (ufunc reduction: cheaper than rows.any())
-            return out
-        left = np.subtract(self.busy_until, now)
+            return self._no_steps_left
+        left = np.subtract(self.busy_until, now, out=self._wait_buf)  # (free until decide's)
         np.maximum(left, 0.0, out=left)
+        out = self._left_buf
+        out.fill(0.0)
         np.divide(left, self.state.prefill_step_s, out=out, where=rows)
         return out
 
@@ -648,13 +668,13 @@ class PoolRouter:
         tokens = request_tokens(output_tokens, input_tokens, self.s.input_token_weight)
         deadline = deadline_seconds or self.deadline_for(output_tokens)
         lam = effective_lambda(self.pi.lam, tier, self.s.bulk_lambda_factor)
-        self.state.queue_tokens = self.eta_queue_tokens()
+        self.state.queue_tokens = self.eta_queue_tokens(self._queue_buf)
         self.state.batch_room = self._batch_room()
+        self.state.batch_left_tokens = self._batch_left(now)
         # core.routing.first_token_s's wait: the engine's prefill queue, then a slot
-        wait = np.subtract(self.prefilled_at, now)
+        wait = np.subtract(self.prefilled_at, now, out=self._wait_buf)
         np.maximum(wait, 0.0, out=wait)
         self.state.prefill_wait_s = np.add(wait, self.slot_wait, out=wait)
-        self.state.batch_left_tokens = self._batch_left(now)
         ttft = self.ttft_s if tier is Tier.INTERACTIVE else math.inf  # bulk: no TTFT SLO
         request = RequestInfo(tokens, float(input_tokens), float(output_tokens), deadline, lam,
                               self.s.hard_deadline and tier is Tier.INTERACTIVE, ttft)

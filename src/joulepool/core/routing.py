@@ -103,6 +103,7 @@ from joulepool.core.batching import first_token_after_s, prefill_steps
 from joulepool.core.classes import default_deadline as default_deadline
 from joulepool.core.cost import (
     CostBreakdown,
+    Scratch,
     float_array,
     joulesched_cost,
     joulesched_cost_one,
@@ -148,6 +149,19 @@ def waiting_requests_estimate(
     np.maximum(over, waiting, out=over)
     np.maximum(over, 0.0, out=over)
     return over
+
+
+def waiting_requests_one(waiting: float, in_flight: float, max_batch: float) -> float:
+    """:func:`waiting_requests_estimate` of one endpoint, with the same operations (NaN
+    where ``waiting`` or the excess is NaN, as ``np.maximum``), so the same number: for
+    a caller that keeps the column up to date one row at a time
+    (``tests/unit/test_core_fast_paths.py`` holds the two together)."""
+    over = in_flight - max_batch
+    if over != over or waiting != waiting:
+        return math.nan
+    if waiting > over:
+        over = waiting
+    return over if over > 0.0 else 0.0
 
 
 def prefill_weight(tps: Num, prefill_s_per_token: Num) -> Num:
@@ -216,7 +230,8 @@ def marginal_decode_j_per_token(excess: Sequence[float] | FloatArray, in_flight:
 def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.ArrayLike,
                       output_tokens: float, input_tokens: float,
                       wake_j_per_token: npt.ArrayLike | None = None,
-                      batch_left_tokens: npt.ArrayLike | None = None) -> FloatArray:
+                      batch_left_tokens: npt.ArrayLike | None = None,
+                      out: Scratch | None = None) -> FloatArray:
     """E_n(r): joules the request adds on each endpoint, above idle.
 
     A decoding request adds to every step it is in the batch; the steps the
@@ -231,17 +246,23 @@ def marginal_energy_j(eps_j_per_token: npt.ArrayLike, prefill_j_per_token: npt.A
     Summed over a run these increments telescope to the busy energy above idle
     (every step is paid by the requests in it), which the simulator's ledger checks
     (``tests/unit/test_marginal_energy.py``). Without them: eps_n * out + pi_n * prompt.
+    With ``out`` (every column an array of its length) the result is written into its
+    ``energy`` (``spare`` holds the terms before they are added).
     """
-    out = max(float(output_tokens), 0.0)
+    o = max(float(output_tokens), 0.0)
+    energy = spare = None
+    if out is not None:
+        energy, spare = out.energy, out.spare
     # numpy's ufuncs take the columns as they come (arrays or sequences of numbers)
     if wake_j_per_token is None or batch_left_tokens is None:
-        e: FloatArray = np.multiply(eps_j_per_token, out)
+        e: FloatArray = np.multiply(eps_j_per_token, o, out=energy)
     else:
-        joined = np.minimum(batch_left_tokens, out)
-        e = np.multiply(eps_j_per_token, joined)
-        e += np.multiply(wake_j_per_token, out - joined)
+        joined = np.minimum(batch_left_tokens, o, out=spare)
+        e = np.multiply(eps_j_per_token, joined, out=energy)
+        beyond = np.subtract(o, joined, out=spare)  # the steps beyond the running batch's
+        e += np.multiply(wake_j_per_token, beyond, out=spare)
     if input_tokens > 0:
-        e += np.multiply(prefill_j_per_token, float(input_tokens))
+        e += np.multiply(prefill_j_per_token, float(input_tokens), out=spare)
     return e
 
 
@@ -368,6 +389,7 @@ def score_endpoints(
     output_tokens: float | None = None,
     wake_j_per_token: npt.ArrayLike | None = None,
     batch_left_tokens: npt.ArrayLike | None = None,
+    out: Scratch | None = None,
 ) -> CostBreakdown:
     """The JouleSched cost of a request on every endpoint under the rule above.
 
@@ -377,17 +399,22 @@ def score_endpoints(
     ``prefill_j_per_token`` (pi_n) the energy term is :func:`marginal_energy_j` of
     ``output_tokens`` (default ``tokens``) and the prompt (with ``wake_j_per_token``
     X_n(1) and ``batch_left_tokens`` R_n, the steps beyond the running batch's at the
-    wake cost); without it eps_n * t_r.
+    wake cost); without it eps_n * t_r. With ``out`` (:class:`~joulepool.core.cost.Scratch`
+    of the columns' length, every column an array) the terms are written into it
+    (``eta``, ``energy``, ``slack``, ``cost``; ``spare`` in between), none allocated.
     """
     q = queue_tokens
     if input_tokens > 0:
-        q = np.add(queue_tokens, np.multiply(weight, float(input_tokens)))
+        # queue + weight x prompt (the sum in the other order: the same number)
+        q = np.multiply(weight, float(input_tokens), out=None if out is None else out.eta)
+        q += queue_tokens
     energy = None
     if prefill_j_per_token is not None:
-        out = tokens if output_tokens is None else output_tokens
-        energy = marginal_energy_j(eps_j_per_token, prefill_j_per_token, out, input_tokens,
-                                   wake_j_per_token, batch_left_tokens)
-    return joulesched_cost(eps_j_per_token, q, throughput_tps, tokens, deadline_s, lam, energy)
+        o = tokens if output_tokens is None else output_tokens
+        energy = marginal_energy_j(eps_j_per_token, prefill_j_per_token, o, input_tokens,
+                                   wake_j_per_token, batch_left_tokens, out)
+    return joulesched_cost(eps_j_per_token, q, throughput_tps, tokens, deadline_s, lam, energy,
+                           out)
 
 
 def request_tokens(
@@ -471,30 +498,38 @@ def prefill_queue(
 
 
 def first_token_s(wait_s: npt.ArrayLike, step_s: npt.ArrayLike, chunk_tokens: npt.ArrayLike,
-                  prefill_s_per_token: npt.ArrayLike, input_tokens: float) -> FloatArray:
+                  prefill_s_per_token: npt.ArrayLike, input_tokens: float,
+                  out: Scratch | None = None) -> FloatArray:
     """Predicted delay to a request's first token on each endpoint, s: the wait before
     its prefill starts plus its own prefill mixed into the decode steps,
     ``wait + max(1, l / chunk) * step + l * prefill_s`` (inputs: :func:`prefill_queue`):
     :func:`joulepool.core.batching.first_token_after_s` over every endpoint at once,
-    with the same floating-point operations (so the same values bit for bit)."""
-    steps = np.maximum(np.divide(float(input_tokens), chunk_tokens), 1.0)
-    out = np.add(wait_s, np.multiply(steps, step_s))
-    out += np.multiply(prefill_s_per_token, float(input_tokens))
-    return float_array(out)
+    with the same floating-point operations (so the same values bit for bit). With
+    ``out`` (every column an array of its length) written into its ``first``
+    (``spare`` in between)."""
+    first = spare = None
+    if out is not None:
+        first, spare = out.first, out.spare
+    steps = np.maximum(np.divide(float(input_tokens), chunk_tokens, out=first), 1.0, out=first)
+    t = np.add(wait_s, np.multiply(steps, step_s, out=first), out=first)
+    t += np.multiply(prefill_s_per_token, float(input_tokens), out=spare)
+    return float_array(t)
 
 
 def slo_infeasible(first_token: npt.ArrayLike, batch_room: npt.ArrayLike,
-                   ttft_slo_s: float) -> npt.NDArray[np.bool_]:
+                   ttft_slo_s: float, out: Scratch | None = None) -> npt.NDArray[np.bool_]:
     """Endpoints predicted to break the request's SLO: its first token (predicted by
     :func:`first_token_s`, s) later than ``ttft_slo_s``, or no room left in the batch
     it can carry within the SLO (joining would stretch every step past TPOT).
 
     The marginal energy ranks only the endpoints predicted to keep the SLO; this is
     what stops it from filling the cheapest running batch past what it can serve.
-    (Lateness against the end-to-end deadline stays a priced, soft term: lambda.)
+    (Lateness against the end-to-end deadline stays a priced, soft term: lambda.) With
+    ``out`` (every column an array of its length) written into its ``late``.
     """
-    late: npt.NDArray[np.bool_] = np.greater(first_token, ttft_slo_s)
-    late |= np.less(batch_room, 1.0)
+    late: npt.NDArray[np.bool_] = np.greater(first_token, ttft_slo_s,
+                                             out=None if out is None else out.late)
+    late |= np.less(batch_room, 1.0, out=None if out is None else out.spare_bool)
     return late
 
 
@@ -553,7 +588,11 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
         return []
     eta = float_array(breakdown.eta_s)
     # (ufunc reductions: ndarray.all() adds a Python-level call on this per-request path)
-    some_on_time = late is None or not np.logical_and.reduce(late)
+    any_late = some_on_time = True
+    if late is None or not _any(late):
+        any_late = False
+    elif _all(late):
+        some_on_time = False
     over = None
     if hard_deadline:
         over = float_array(breakdown.slack_s) > 0
@@ -561,39 +600,45 @@ def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False
         worse = late
         if over is not None:
             both = over if worse is None else (worse | over)
-            worse = both if not both.all() else worse
+            worse = both if not _all(both) else worse
         best = _best_outside(cost, eta, worse)
         if best is not None:
             return [best]
     # sort keys, least significant first: ETA, the key within a group, then the groups
     keys: list[npt.NDArray[Any]] = [eta, cost]
-    if late is not None and late.any():
+    if any_late and late is not None:
         if first_token is not None:  # the late group: soonest first token
             keys[1] = np.where(late, float_array(first_token), cost)
         if overflow is not None:  # the late group: least overloaded before that
             keys.insert(2, np.where(late, float_array(overflow), 0.0))
-        if not late.all():
+        if some_on_time:
             keys.append(late)
     by_deadline = False
-    if over is not None and over.any() and not over.all():
+    if over is not None and _any(over) and not _all(over):
         keys.insert(2, over)  # within the SLO groups: on time first
         by_deadline = True
-    usable = np.isfinite(cost)
+    # every cost finite (a sum of them is: NaN and infinities carry through the sum, and
+    # a finite sum cannot hide one) is the usual case; else look row by row
+    usable = None if math.isfinite(_sum(cost)) else np.isfinite(cost)
     top: list[int]
-    if usable.all():  # the usual case: rank the arrays as they are
+    if usable is None or _all(usable):  # the usual case: rank the arrays as they are
         rows = None if by_deadline or not some_on_time else _cheapest_rows(
-            cost, eta, late if late is not None and late.any() else None, k)
+            cost, eta, late if any_late else None, k)
         if rows is not None:  # they hold the top k: rank only them
             top = rows[np.lexsort([x[rows] for x in keys])[:k]].tolist()
             return top
         top = np.lexsort(keys)[:k].tolist()
         return top
+    assert usable is not None
     idx = np.flatnonzero(usable)
     if idx.size == 0:
         return []
     order = np.lexsort([x[idx] for x in keys])
     top = idx[order[:k]].tolist()
     return top
+
+
+_any, _all, _sum = np.logical_or.reduce, np.logical_and.reduce, np.add.reduce
 
 
 #: endpoints from which :func:`rank_endpoints` first narrows them to the cheapest

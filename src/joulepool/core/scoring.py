@@ -44,7 +44,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from joulepool.core.cost import CostBreakdown
+from joulepool.core.cost import CostBreakdown, Scratch
 from joulepool.core.routing import (
     first_token_s,
     overflow_rank,
@@ -108,14 +108,18 @@ class EndpointState:
 
     ``models`` (per-endpoint serving profiles, e.g. :class:`core.routing.EndpointModel`)
     and ``extra`` (named columns of plugins not listed here) are free for new scorers.
+
+    ``scratch`` (:class:`core.cost.Scratch` of length ``n``) is where the joulesched
+    scorer writes its terms: the arrays of its :class:`Scores` are valid until the next
+    ``score`` on the same state.
     """
 
     __slots__ = (
         "batch_left_tokens", "batch_room", "clock_mhz", "eps_j_per_token", "extra",
         "inv_capacity", "kv_cache_usage", "models", "outstanding", "prefill_chunk_tokens",
         "prefill_j_per_token", "prefill_s_per_token", "prefill_step_s", "prefill_wait_s",
-        "prefill_weight", "queue_tokens", "running", "tpot_batch", "tps", "waiting",
-        "wake_j_per_token",
+        "prefill_weight", "queue_tokens", "running", "scratch", "tpot_batch", "tps",
+        "waiting", "wake_j_per_token",
     )
 
     def __init__(self, n: int) -> None:
@@ -140,6 +144,7 @@ class EndpointState:
         self.tpot_batch: FloatArray = np.full(n, np.inf)
         self.models: Sequence[Any] = ()
         self.extra: dict[str, FloatArray] = {}
+        self.scratch = Scratch(n)
 
     def __len__(self) -> int:
         return int(self.tps.size)
@@ -203,18 +208,23 @@ class JouleSchedScorer:
     name: ClassVar[str] = "joulesched"
 
     def score(self, request: RequestInfo, endpoints: EndpointState) -> Scores:
+        # the terms go to the state's scratch arrays (unless its columns were resized)
+        out: Scratch | None = endpoints.scratch
+        if len(endpoints.scratch) != len(endpoints):
+            out = None
         cb = score_endpoints(
             endpoints.eps_j_per_token, endpoints.queue_tokens, endpoints.tps,
             endpoints.prefill_weight, request.tokens, request.input_tokens,
             request.deadline_s, request.lam, endpoints.prefill_j_per_token,
             request.output_tokens, endpoints.wake_j_per_token, endpoints.batch_left_tokens,
+            out,
         )
         first = first_token_s(endpoints.prefill_wait_s, endpoints.prefill_step_s,
                               endpoints.prefill_chunk_tokens, endpoints.prefill_s_per_token,
-                              request.input_tokens)
-        late = slo_infeasible(first, endpoints.batch_room, request.ttft_slo_s)
+                              request.input_tokens, out)
+        late = slo_infeasible(first, endpoints.batch_room, request.ttft_slo_s, out)
         overflow = None
-        if late.any():
+        if np.logical_or.reduce(late):  # (late.any() without its Python-level call)
             overflow = overflow_rank(endpoints.outstanding, endpoints.tpot_batch,
                                      endpoints.inv_capacity)
         return Scores(cb.cost, cb.eta_s, cb, late, first, overflow)
@@ -304,7 +314,8 @@ class KVCacheFilter:
     def filter(self, request: RequestInfo, endpoints: EndpointState) -> BoolArray | None:
         kv = endpoints.kv_cache_usage
         full = kv >= self.limit  # NaN compares False: unknown stays eligible
-        if full.size == 0 or not full[full.argmax()] or full.all():  # argmax: a full one if any
+        if full.size == 0 or not full[full.argmax()] or np.logical_and.reduce(full):
+            # (argmax: a full one if any)
             return None
         keep: BoolArray = ~full
         return keep
