@@ -136,12 +136,11 @@ def measure(v: Variant, seconds: float, tmp: Path) -> tuple[float, float]:
     picker = load_benchmark("picker")
     out = []
     for respond in (True, False):
-        port = picker._free_port()
-        proc = picker._started(subprocess.Popen(picker._pinned(
-            [sys.executable, __file__, "--serve", str(port), json.dumps(v.options),
-             "1" if v.close else "0", v.loop], v.cpu),
+        port, proc = picker._on_free_port(lambda p: picker._started(subprocess.Popen(
+            picker._pinned([sys.executable, __file__, "--serve", str(p),
+                            json.dumps(v.options), "1" if v.close else "0", v.loop], v.cpu),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **v.env}))
+            env={**os.environ, **v.env})))
         try:
             picker._drive(port, 0.5, 16, respond, 1, tmp)  # warm up
             cpu0 = picker._cpu_seconds(proc.pid)

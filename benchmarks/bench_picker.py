@@ -112,9 +112,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 POOL = "default.chat"
 #: the ``src`` of :func:`_start_router` that starts the do-nothing server instead
@@ -141,9 +143,32 @@ def endpoints_file(path: Path, n: int) -> None:
 
 
 def _free_port() -> int:
+    """A port free now; another process may take it before a server binds it (it comes
+    from the range the kernel also gives outgoing connections): start servers with
+    :func:`_on_free_port`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: starts of a server tried on fresh ports when its port was taken before it bound it
+START_TRIES = 4
+_PORT_TAKEN = ("address already in use", "failed to bind", "cannot listen on")
+
+
+def _on_free_port(start: Callable[[int], T]) -> tuple[int, T]:
+    """``start(port)`` on a :func:`_free_port`, again on another port (up to
+    :data:`START_TRIES` in all) when it fails because the port (or another it picked
+    itself) was taken in between: (port, what ``start`` returned)."""
+    for attempt in range(START_TRIES):
+        port = _free_port()
+        try:
+            return port, start(port)
+        except RuntimeError as e:
+            if attempt + 1 == START_TRIES or not any(
+                    taken in str(e).lower() for taken in _PORT_TAKEN):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -598,8 +623,8 @@ def one_run(path: Path, seconds: float, concurrency: int, respond: bool, clients
     requests/s offered (one client); the client-observed waits and, where the server
     has them, its own latency histograms over the same window (``server_*``); the
     server under the load generators' scheduling policy (``how.fifo``)."""
-    port = _free_port()
-    server = _start_server(path, port, src, concurrency * clients, cpu, front_end, how.fifo)
+    port, server = _on_free_port(lambda p: _start_server(
+        path, p, src, concurrency * clients, cpu, front_end, how.fifo))
     proc = server.proc
     try:
         _drive(port, 0.5, concurrency, respond, clients, path.parent, how=how)  # warm up

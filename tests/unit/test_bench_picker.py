@@ -291,3 +291,42 @@ def test_saturated_client_fifo_puts_the_saturated_load_generators_alone_under_fi
     monkeypatch.setattr(bench.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
     bench._client(1, 1.0, 2, True, 0.0, tmp_path / "out.json", runs[0][1])
     assert started[0][:2] == [sys.executable, "-c"] and started[0][3:5] == ["-", "10"]
+
+
+def test_a_server_whose_port_was_taken_starts_on_another(bench, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Another process takes the free port before the server binds it: the server is
+    started again on another port (the router's own HTTP port is picked the same way)."""
+    import socket
+
+    path = tmp_path / "endpoints.json"
+    bench.endpoints_file(path, 3)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        free = bench._free_port
+        ports = iter([busy])
+        monkeypatch.setattr(bench, "_free_port", lambda: next(ports, None) or free())
+        port, proc = bench._on_free_port(
+            lambda p: bench._start_router(path, p, bench.FLOOR, 4))
+        try:
+            assert port != busy
+            done, _ = asyncio.run(bench._load(port, 0.3, 2, respond=True))
+            assert done > 0
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_a_server_that_fails_otherwise_is_not_started_again(bench) -> None:
+    tries = []
+
+    def start(port: int) -> None:
+        tries.append(port)
+        raise RuntimeError("router did not start: ImportError")
+
+    with pytest.raises(RuntimeError, match="ImportError"):
+        bench._on_free_port(start)
+    assert len(tries) == 1
