@@ -667,13 +667,18 @@ def _cheapest_rows(cost: FloatArray, eta: FloatArray, late: npt.NDArray[np.bool_
     rows: npt.NDArray[np.intp] = (on_time <= kth).nonzero()[0]
     if rows.size <= k:
         return rows
-    at_kth = on_time[rows]
-    cheaper = rows[at_kth < kth]
-    tied = rows[at_kth == kth]
-    need = k - cheaper.size  # >= 1: fewer than k rows cost less than the k-th
-    if tied.size > need:
-        tied = _soonest(tied, eta[tied], need)
-    rows = np.concatenate((cheaper, tied))
+    # every row cheaper than the k-th is among the k - 1 the partition put before it;
+    # none (the k lowest all tie, e.g. identical idle endpoints): every row is a tie
+    if any(c < kth for c in part[:k - 1].tolist()):
+        at_kth = on_time[rows]
+        cheaper = rows[at_kth < kth]
+        tied = rows[at_kth == kth]
+        need = k - cheaper.size  # >= 1: fewer than k rows cost less than the k-th
+        if tied.size > need:
+            tied = _soonest(tied, eta[tied], need)
+        rows = np.concatenate((cheaper, tied))
+    else:
+        rows = _soonest(rows, eta[rows], k)
     rows.sort()  # index order: the sort's ties fall as among every row
     return rows
 
