@@ -27,6 +27,10 @@
 //   internal error); response (exchange.response(status | None, content_type,
 //   chunk | None, end)); served (exchange.served(address)); close (exchange.close()).
 //   A response with end=True closes the exchange itself.
+// * A job that throws (a C++ exception: std::bad_alloc) fails alone: a pick's stream
+//   gets the answer of a failed pick (gRPC UNKNOWN, as when Python's pick raised), the
+//   job's Python references are released, and the rest of the batch runs; drain() then
+//   raises the first such failure (MemoryError or RuntimeError) for the loop to log.
 // * Without a bridge (None) the server decides nothing: every message is answered
 //   "continue" (the benchmark's do-nothing floor).
 // * grpc.health.v1 Check and Watch on the same thread (grpc++'s default health service
@@ -149,6 +153,20 @@ struct Job {
 
 class Core;
 
+// An owned Python reference, released however its scope is left (a C++ exception
+// included). GIL held.
+class Owned {
+ public:
+  explicit Owned(PyObject* o) : p_(o) {}
+  ~Owned() { Py_XDECREF(p_); }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  PyObject* get() const { return p_; }
+
+ private:
+  PyObject* p_;
+};
+
 //: the longest the completion-queue thread stands aside while the event loop runs this
 //: server's jobs (ServeCompletions), ns: a few picks' worth
 constexpr int64_t kLoopWaitNs = 1000000;
@@ -262,6 +280,11 @@ class Core {
   PyObject* CallPick(Job& job);
   void Answer(Job& job, PyObject* result);
   void RunExchangeCall(Job& job);
+  // ``job`` run (its pick aborted instead with ``abort_picks``), isolated from the
+  // rest of its batch: what it throws is kept in ``failure`` (the first of the batch)
+  // and fails this job alone (RecoverFrom).
+  void RunIsolated(Job& job, bool abort_picks, std::exception_ptr& failure);
+  void RecoverFrom(Job& job);
 
   Names names_;
   PyObject* bridge_;  // borrowed: the Python Server object keeps it alive
@@ -348,9 +371,10 @@ class Stream final : public Handler {
     }
   }
 
-  // The event loop, GIL held: the pick's outcome (see the file's contract).
-  void Answer(PyObject* exchange, const std::string* destination, long status,
-              const std::string& message, const std::string& body, bool headers_only) {
+  // The event loop, GIL held: the pick's exchange (a reference the stream now owns, or
+  // null), taken before its answer is built (Core::Answer), so that a failure between
+  // the two still closes it.
+  void Adopt(PyObject* exchange) {
     if (exchange_ != nullptr) {  // a second request on the stream: the first is forgotten
       PyObject* closed = PyObject_CallMethod(exchange_, "close", nullptr);
       if (closed == nullptr) PyErr_WriteUnraisable(exchange_);
@@ -358,6 +382,14 @@ class Stream final : public Handler {
       Py_DECREF(exchange_);
     }
     exchange_ = exchange;
+  }
+
+  // The event loop, GIL held: the pick's outcome (see the file's contract), after
+  // Adopt. It starts the stream's next operation as its last act: should anything
+  // before throw, the stream is still the caller's to answer again (a failed pick's
+  // answer, which closes the exchange adopted: Core::RecoverFrom).
+  void Answer(const std::string* destination, long status, const std::string& message,
+              const std::string& body, bool headers_only) {
     if (destination == nullptr && status == 0) {  // the Python side failed: say so
       End(grpc::Status(grpc::StatusCode::UNKNOWN, "the endpoint picker failed"));
       return;
@@ -377,6 +409,10 @@ class Stream final : public Handler {
     }
     Send();
   }
+
+  // The event loop: the answer of a pick that failed (gRPC UNKNOWN), the exchange
+  // adopted closed.
+  void Fail(bool headers_only) { Answer(nullptr, 0, "", "", headers_only); }
 
   // The server is going away before the pick ran.
   void Abort() { End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the endpoint picker stopped")); }
@@ -428,8 +464,8 @@ class Stream final : public Handler {
       Job job{JobKind::kClose};
       job.exchange = exchange_;
       job.owns_exchange = true;
-      exchange_ = nullptr;
       core_->Post(std::move(job));
+      exchange_ = nullptr;  // the job's now (kept here, should Post throw)
     }
     Finish(status);
   }
@@ -826,44 +862,42 @@ void Core::RunPick(Job& job) {
 }
 
 PyObject* Core::CallPick(Job& job) {
-  PyObject* headers = HeaderDict(job.headers);
-  PyObject* body = PyBytes_FromStringAndSize(job.data.data(),
-                                             static_cast<Py_ssize_t>(job.data.size()));
-  PyObject* subset = SubsetSet(job);
-  PyObject* result = nullptr;
-  if (headers && body && subset)
-    result = PyObject_CallMethod(bridge_, "pick", "OOO", headers, body, subset);
-  Py_XDECREF(headers);
-  Py_XDECREF(body);
-  Py_XDECREF(subset);
-  return result;
+  Owned headers(HeaderDict(job.headers));
+  Owned body(PyBytes_FromStringAndSize(job.data.data(),
+                                       static_cast<Py_ssize_t>(job.data.size())));
+  Owned subset(SubsetSet(job));
+  if (!headers.get() || !body.get() || !subset.get()) return nullptr;
+  return PyObject_CallMethod(bridge_, "pick", "OOO", headers.get(), body.get(), subset.get());
 }
 
-// The pick's outcome (a new reference, or null: it raised) handed to the stream.
+// The pick's outcome (a new reference, or null: it raised) handed to the stream. The
+// stream adopts the exchange before anything that can throw (the strings' copies),
+// and its Answer starts its next operation as its last act: after a throw the stream
+// still waits for an answer and owns the exchange, which the failed pick's answer
+// closes (RecoverFrom).
 void Core::Answer(Job& job, PyObject* result) {
-  PyObject* exchange = nullptr;
-  PyObject* answer = nullptr;
+  Owned owned(result);
+  Stream* stream = job.stream;
   if (result == nullptr || !PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 2) {
     if (result == nullptr) PyErr_WriteUnraisable(bridge_);
-    Py_XDECREF(result);
-    job.stream->Answer(nullptr, nullptr, 0, "", "", job.headers_only);
+    stream->Adopt(nullptr);
+    stream->Fail(job.headers_only);
     return;
   }
-  exchange = PyTuple_GET_ITEM(result, 0);
-  answer = PyTuple_GET_ITEM(result, 1);
+  PyObject* exchange = PyTuple_GET_ITEM(result, 0);
+  PyObject* answer = PyTuple_GET_ITEM(result, 1);
   Py_ssize_t n = 0;
   if (exchange != Py_None && PyUnicode_Check(answer)) {
+    Py_INCREF(exchange);
+    stream->Adopt(exchange);  // the stream's now: an error below still closes it
     const char* value = PyUnicode_AsUTF8AndSize(answer, &n);
-    Py_INCREF(exchange);  // the stream's now: an error below still closes it
     if (value == nullptr) {  // not UTF-8 encodable (a lone surrogate): the pick failed
       PyErr_WriteUnraisable(bridge_);
-      Py_DECREF(result);
-      job.stream->Answer(exchange, nullptr, 0, "", "", job.headers_only);
+      stream->Fail(job.headers_only);
       return;
     }
     std::string dest(value, static_cast<size_t>(n));
-    Py_DECREF(result);
-    job.stream->Answer(exchange, &dest, 0, "", "", job.headers_only);
+    stream->Answer(&dest, 0, "", "", job.headers_only);
     return;
   }
   long status = 0;
@@ -871,44 +905,67 @@ void Core::Answer(Job& job, PyObject* result) {
   Py_ssize_t message_n = 0, body_n = 0;
   if (exchange == Py_None && PyTuple_Check(answer) &&
       PyArg_ParseTuple(answer, "ls#y#", &status, &message, &message_n, &body_data, &body_n)) {
+    stream->Adopt(nullptr);
     std::string m(message, static_cast<size_t>(message_n));
     std::string b(body_data, static_cast<size_t>(body_n));
-    Py_DECREF(result);
-    job.stream->Answer(nullptr, nullptr, status, m, b, job.headers_only);
+    stream->Answer(nullptr, status, m, b, job.headers_only);
     return;
   }
   if (PyErr_Occurred()) PyErr_WriteUnraisable(bridge_);
   // an exchange with an answer of no known shape: the stream still closes it
   PyObject* orphan = exchange == Py_None ? nullptr : exchange;
   Py_XINCREF(orphan);
-  Py_DECREF(result);
-  job.stream->Answer(orphan, nullptr, 0, "", "", job.headers_only);
+  stream->Adopt(orphan);
+  stream->Fail(job.headers_only);
 }
 
 void Core::RunExchangeCall(Job& job) {
+  Owned owned(job.owns_exchange ? job.exchange : nullptr);  // dropped however this ends
   PyObject* result = nullptr;
   if (job.kind == JobKind::kClose) {
     result = PyObject_CallMethod(job.exchange, "close", nullptr);
   } else if (job.kind == JobKind::kServed) {
-    PyObject* address = Text(job.data);
-    if (address) result = PyObject_CallMethod(job.exchange, "served", "O", address);
-    Py_XDECREF(address);
+    Owned address(Text(job.data));
+    if (address.get()) result = PyObject_CallMethod(job.exchange, "served", "O", address.get());
   } else {
-    PyObject* status = job.has_status ? Text(job.status) : (Py_INCREF(Py_None), Py_None);
-    PyObject* type = Text(job.content_type);
-    PyObject* chunk = job.has_chunk
+    Owned status(job.has_status ? Text(job.status) : (Py_INCREF(Py_None), Py_None));
+    Owned type(Text(job.content_type));
+    Owned chunk(job.has_chunk
         ? PyBytes_FromStringAndSize(job.data.data(), static_cast<Py_ssize_t>(job.data.size()))
-        : (Py_INCREF(Py_None), Py_None);
-    if (status && type && chunk)
-      result = PyObject_CallMethod(job.exchange, "response", "OOOO", status, type, chunk,
-                                   job.end ? Py_True : Py_False);
-    Py_XDECREF(status);
-    Py_XDECREF(type);
-    Py_XDECREF(chunk);
+        : (Py_INCREF(Py_None), Py_None));
+    if (status.get() && type.get() && chunk.get())
+      result = PyObject_CallMethod(job.exchange, "response", "OOOO", status.get(), type.get(),
+                                   chunk.get(), job.end ? Py_True : Py_False);
   }
   if (result == nullptr) PyErr_WriteUnraisable(job.exchange);
   Py_XDECREF(result);
-  if (job.owns_exchange) Py_DECREF(job.exchange);
+}
+
+void Core::RunIsolated(Job& job, bool abort_picks, std::exception_ptr& failure) {
+  try {
+    if (job.kind != JobKind::kPick) {
+      RunExchangeCall(job);
+    } else if (abort_picks) {
+      job.stream->Abort();
+    } else {
+      RunPick(job);
+    }
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
+    RecoverFrom(job);
+  }
+}
+
+// ``job`` threw: a Python error it left is reported (not carried into the next job),
+// and a pick's stream, still waiting (Core::Answer), gets the answer of a failed pick;
+// should that throw as well, the stream is left to the gateway's timeout.
+void Core::RecoverFrom(Job& job) {
+  if (PyErr_Occurred()) PyErr_WriteUnraisable(bridge_);
+  if (job.kind != JobKind::kPick) return;  // its references went with it (Owned)
+  try {
+    job.stream->Fail(job.headers_only);
+  } catch (...) {
+  }
 }
 
 void Core::Post(Job job) {
@@ -958,9 +1015,10 @@ void Core::Drain() {
       core->drained_cv_.notify_all();
     }
   } end_of_drain{this};
-  for (auto& job : jobs) {
-    if (job.kind == JobKind::kPick) RunPick(job); else RunExchangeCall(job);
-  }
+  // each job isolated: one that throws fails alone, the rest of the batch still runs
+  std::exception_ptr failure;
+  for (auto& job : jobs) RunIsolated(job, false, failure);
+  if (failure) std::rethrow_exception(failure);  // for drain() to raise
 }
 
 void Core::WaitForLoop() {
@@ -979,8 +1037,19 @@ void Core::FailPending() {
     signalled_ = false;
   }
   drained_cv_.notify_all();
-  for (auto& job : jobs) {
-    if (job.kind == JobKind::kPick) job.stream->Abort(); else RunExchangeCall(job);
+  std::exception_ptr failure;  // no drain() to raise it: reported as unraisable
+  for (auto& job : jobs) RunIsolated(job, true, failure);
+  if (failure) {
+    try {
+      std::rethrow_exception(failure);
+    } catch (const std::bad_alloc&) {
+      PyErr_NoMemory();
+    } catch (const std::exception& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    } catch (...) {
+      PyErr_SetString(PyExc_RuntimeError, "a job failed while the server stopped");
+    }
+    PyErr_WriteUnraisable(bridge_);
   }
 }
 
@@ -1142,14 +1211,18 @@ void Server_dealloc(ServerObject* self) {
 PyObject* Server_fileno(ServerObject* self, PyObject*) { return PyLong_FromLong(self->core->fd()); }
 
 PyObject* Server_drain(ServerObject* self, PyObject*) {
-  // a C++ exception must not cross into the interpreter: it becomes the loop
-  // callback's Python exception, and the next drain runs as usual (Core::Drain)
+  // a C++ exception must not cross into the interpreter: a job's (the first of the
+  // batch, whose other jobs all ran: Core::Drain) becomes the loop callback's Python
+  // exception, and the next drain runs as usual
   try {
     self->core->Drain();
   } catch (const std::bad_alloc&) {
     return PyErr_NoMemory();
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "a job of the endpoint picker failed");
     return nullptr;
   }
   Py_RETURN_NONE;
