@@ -167,8 +167,15 @@ async def test_engine_writes_its_batch_and_reads_the_agents_clock(tmp_path):
         await client.close()
 
 
+#: runs at each clock, alternating: the fastest of each is compared (see below)
+SLOWDOWN_RUNS = 4
+
+
 async def test_real_time_slowdown_through_the_shared_state_file(tmp_path):
-    """Wall clock: the agent's lock in the file really slows the engine's tokens."""
+    """Wall clock: the agent's lock in the file really slows the engine's tokens. The
+    engine sleeps to a schedule of its steps' times, so a run never takes less than
+    they add up to, and a machine short of CPU only lengthens it: the fastest of a few
+    alternating runs at each clock is the estimate, however loaded the machine."""
     path = tmp_path / "gpu.json"
     agent_side = SimulatedBackend(SimulatedGPUs.open(path, "L4", 1))
     engine = FakeEngine(L4_8B, SimulatedGPUs.open(path), [0], clock_refresh_s=0.0)
@@ -178,13 +185,17 @@ async def test_real_time_slowdown_through_the_shared_state_file(tmp_path):
         assert len([t async for t in engine.generate(4, n)]) == n
         return time.monotonic() - t0
 
-    fast = await timed(12)
-    agent_side.set_locked_clocks(0, L4.f_min_mhz.value, L4.f_min_mhz.value)
-    slow = await timed(12)
+    fast, slow = [], []
+    for _ in range(SLOWDOWN_RUNS):
+        agent_side.reset_locked_clocks(0)
+        fast.append(await timed(12))
+        agent_side.set_locked_clocks(0, L4.f_min_mhz.value, L4.f_min_mhz.value)
+        slow.append(await timed(12))
     await engine.close()
-    expected = float(L4_8B.itl_s(1, L4.f_min_mhz.value) / L4_8B.itl_s(1))  # ~1.23
-    assert slow / fast > 1.1, (fast, slow)
-    assert slow / fast < expected * 1.15
+    expected = float(L4_8B.itl_s(1, L4.f_min_mhz.value) / L4_8B.itl_s(1))  # ~1.4
+    ratio = min(slow) / min(fast)
+    assert ratio > 1.1, (fast, slow)
+    assert ratio < expected * 1.15, (fast, slow)
 
 
 async def test_max_batch_queues_requests():
