@@ -623,12 +623,17 @@ class Simulator:
                     break
             elif ta <= te:
                 on_arrival(i, ta)
-            else:
-                _, idx, version = heappop(evq)
-                inst = instances[idx]
-                # an event is stale once its instance was re-timed (version bumped)
-                if version == inst.version and on_instance_event(inst, te):
-                    break
+            else:  # instance events, up to the next arrival or control point
+                until = ta if ta < tc else tc
+                while True:
+                    _, idx, version = heappop(evq)
+                    inst = instances[idx]
+                    # an event is stale once its instance was re-timed (version bumped)
+                    if version == inst.version and on_instance_event(inst, te):
+                        return self._result()
+                    te = evq[0][0] if evq else INF
+                    if not te < until:  # (arrivals, then instance events at equal times)
+                        break
         return self._result()
 
     def _on_control(self) -> bool:
