@@ -21,6 +21,7 @@ from joulepool.core.routing import (
     endpoint_late,
     first_token_s,
     marginal_energy_floor,
+    marginal_energy_floors,
     marginal_energy_j,
     rank_endpoints,
     score_endpoint,
@@ -312,3 +313,19 @@ def test_waiting_requests_one_is_the_estimate_row_by_row() -> None:
     rows = [waiting_requests_one(w, f, b) for w, f, b in zip(
         waiting.tolist(), in_flight.tolist(), max_batch.tolist(), strict=True)]
     np.testing.assert_array_equal(column, rows)
+
+
+def test_marginal_energy_floors_bound_each_group_of_one_request() -> None:
+    """marginal_energy_floors (every energy group of a pool for one request, as the
+    simulator's candidate search reads them) gives each group the floor it has alone,
+    NaN and unbounded groups among finite ones included."""
+    rng = np.random.default_rng(5)
+    groups = [(float(rng.uniform(-0.1, 2.0)), float(rng.uniform(-0.01, 0.05)),
+               float(rng.uniform(0.0, 2.0))) for _ in range(40)]
+    groups[7] = (math.nan, 0.1, 0.5)
+    groups[19] = (math.inf, 0.1, math.inf)
+    for out, prompt in ((0.0, 0.0), (1.0, 0.0), (250.0, 3000.0), (-3.0, 12.0)):
+        floors = marginal_energy_floors(groups, out, prompt)
+        assert floors == [marginal_energy_floor(eps, pi, out, prompt, wake)
+                          for eps, pi, wake in groups]
+        assert floors[7] == floors[19] == -math.inf

@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -332,25 +332,42 @@ def marginal_energy_floor(eps_j_per_token: float, prefill_j_per_token: float,
     stays at or below the value :func:`marginal_energy_j` computes. -inf (no bound)
     where an input is NaN or the bound is not finite. A caller scoring many endpoints of
     the same eps_n, X_n(1) and pi_n can skip them all when this exceeds a cost it has.
+    (:func:`marginal_energy_floors` for one endpoint.)
+    """
+    return marginal_energy_floors(
+        ((eps_j_per_token, prefill_j_per_token, wake_j_per_token),), output_tokens,
+        input_tokens)[0]
+
+
+def marginal_energy_floors(energies: Iterable[tuple[float, float, float]],
+                           output_tokens: float, input_tokens: float) -> list[float]:
+    """:func:`marginal_energy_floor` of one request for each (eps_n, pi_n, X_n(1)) of
+    ``energies``, in their order: the request's terms are read once for all of them
+    (the simulator's candidate search bounds every energy group of a pool per request).
     """
     # (comparisons, not min()/max()/abs() calls: the simulator calls this per request)
-    eps, wake = eps_j_per_token, wake_j_per_token
-    if eps != eps or wake != wake:
-        return -math.inf
     out = float(output_tokens)
     if out < 0.0:
         out = 0.0
-    low, high = (eps, wake) if eps < wake else (wake, eps)
-    if -low > high:  # the larger magnitude of the two
-        high = -low
-    floor = low * out
-    scale = high * out
-    if input_tokens > 0:
-        prompt = prefill_j_per_token * float(input_tokens)
-        floor += prompt
-        scale += prompt if prompt >= 0.0 else -prompt
-    floor -= 1e-9 * scale
-    return floor if -math.inf < floor < math.inf else -math.inf
+    has_prompt = input_tokens > 0
+    prompt_tokens = float(input_tokens) if has_prompt else 0.0
+    floors = []
+    for eps, pi, wake in energies:
+        if eps != eps or wake != wake:
+            floors.append(-math.inf)
+            continue
+        low, high = (eps, wake) if eps < wake else (wake, eps)
+        if -low > high:  # the larger magnitude of the two
+            high = -low
+        floor = low * out
+        scale = high * out
+        if has_prompt:
+            prompt = pi * prompt_tokens
+            floor += prompt
+            scale += prompt if prompt >= 0.0 else -prompt
+        floor -= 1e-9 * scale
+        floors.append(floor if -math.inf < floor < math.inf else -math.inf)
+    return floors
 
 
 def score_endpoint(eps_j_per_token: float, queue_tokens: float, throughput_tps: float,

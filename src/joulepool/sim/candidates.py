@@ -58,7 +58,7 @@ from joulepool.core.batching import first_token_after_s
 from joulepool.core.routing import (
     endpoint_late,
     first_token_s,
-    marginal_energy_floor,
+    marginal_energy_floors,
     overflow_rank,
     score_endpoint,
 )
@@ -310,9 +310,8 @@ class CandidateIndex:
         # (the order only decides how soon the search stops, never its answer; a lone
         # group's bound is never above the best cost, infinite until it is scored)
         if len(groups) > 1:
-            order = [(marginal_energy_floor(key[0], key[1], out, prompt, key[2]), key)
-                     for key in groups]
-            order.sort()
+            keys = list(groups)
+            order = sorted(zip(marginal_energy_floors(keys, out, prompt), keys))
         else:
             order = [(-INF, key) for key in groups]
         best_cost, best_eta, best_pos = INF, INF, -1
