@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -307,18 +307,20 @@ class CandidateIndex:
         tokens, prompt, out, deadline, ttft = (r.tokens, r.input_tokens, r.output_tokens,
                                                r.deadline_s, r.ttft_slo_s)
         groups = self.groups
-        # (the order only decides how soon the search stops, never its answer; a lone
-        # group's bound is never above the best cost, infinite until it is scored)
-        if len(groups) > 1:
-            keys = list(groups)
-            order = sorted(zip(marginal_energy_floors(keys, out, prompt), keys))
+        keys = list(groups)
+        # the groups by their bounds, lowest first (the order only decides how soon the
+        # search stops, never its answer: ties in any order; a lone group's bound is
+        # never above the best cost, infinite until it is scored)
+        if len(keys) > 1:
+            floors = marginal_energy_floors(keys, out, prompt)
+            order: Iterable[int] = sorted(range(len(keys)), key=floors.__getitem__)
         else:
-            order = [(-INF, key) for key in groups]
+            floors, order = [-INF], range(len(keys))  # one group or none
         best_cost, best_eta, best_pos = INF, INF, -1
-        for floor, key in order:
-            if floor > best_cost:
+        for k in order:
+            if floors[k] > best_cost:
                 break  # this group and every later one cost more than the best
-            for row, same in groups[key].values():
+            for row, same in groups[keys[k]].values():
                 eps, pi, wake, left, q, mu, w, wait, step, chunk, pf_s, room = row
                 if endpoint_late(wait, step, chunk, pf_s, room, prompt, ttft):
                     continue
