@@ -476,7 +476,8 @@ class Instance:
         Returns whether one was admitted."""
         if not self.nwait or self.prefill_rid >= 0 or self.b >= self.maxb:
             return False
-        self.settle(t)  # a no-op when the caller settled at t already
+        if t > self.last_t:  # (the caller often settled at t already)
+            self.settle(t)
         rid = self.waiting.peek(t) if self.llf else self.waiting[0]
         need = prefill_len[rid]
         if self.kv_fixed + self.b * self.V + need > self.kv_room:
