@@ -60,6 +60,8 @@ import sys
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -402,11 +404,20 @@ def main(argv: list[str] | None = None) -> int:
                          else "spawn")
     if ctx.get_start_method() == "forkserver":  # the simulator imported once, in the server
         ctx.set_forkserver_preload(["joulepool.sim.runner", "joulepool.sim.report"])
-    with ctx.Pool(a.jobs, import_file_as, (__name__, __file__)) as pool:  # largest first
-        for out in pool.imap_unordered(run_cell, sorted(cells, key=expected_requests,
-                                                        reverse=True)):
-            outs.append(out)
-            print(render(out), flush=True)
+    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=import_file_as,
+                             initargs=(__name__, __file__)) as pool:
+        futures = [pool.submit(run_cell, c)  # largest first
+                   for c in sorted(cells, key=expected_requests, reverse=True)]
+        try:
+            for done in as_completed(futures):
+                out = done.result()
+                outs.append(out)
+                print(render(out), flush=True)
+        except BrokenProcessPool as exc:  # a worker failed to start (its error is above)
+            pool.shutdown(wait=True, cancel_futures=True)
+            print(f"bench energy: a worker process failed to start or died: {exc}",
+                  file=sys.stderr)
+            return 1
     outs.sort(key=lambda o: cells.index(o["cell"]))
     print(f"{len(cells)} cells, {sum(o['requests'] for o in outs):,} requests per policy, in "
           f"{time.perf_counter() - t0:.0f} s wall ({a.jobs} processes)")

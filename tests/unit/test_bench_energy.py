@@ -5,7 +5,10 @@ YAML / trace CSV files beside the built-in names (the held-out scenarios)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -15,6 +18,9 @@ from joulepool.cli import main as cli_main
 from joulepool.core.classes import FREESH_SLOS, INTERACTIVE_SLOS
 from joulepool.sim.cluster import freesh_3site
 from joulepool.sim.runner import trace_capacity
+
+#: generous: the workers fail as they start; a loaded 2-core machine takes a while
+DEADLINE_S = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +277,33 @@ def test_worker_processes_give_the_rows_of_one_process(bench, capsys, tmp_path):
     assert [d["load"] for d in pooled] == [0.2, 0.3]
     assert [(d["requests"], d["rows"]) for d in pooled] == [
         (d["requests"], d["rows"]) for d in alone]
+
+
+def test_a_worker_that_cannot_import_the_benchmark_exits_1(tmp_path, capsys):
+    """A copy of this benchmark that fails to import in a worker process (as a file
+    missing a module on the workers' path would): --jobs 2 stops with exit code 1 and
+    the reason, instead of the pool starting new workers for ever."""
+    script = tmp_path / "bench_energy.py"
+    script.write_text((BENCHMARKS / "bench_energy.py").read_text(encoding="utf-8")
+                      + "\nif mp.parent_process() is not None:\n"
+                        "    raise ImportError('not importable in a worker')\n",
+                      encoding="utf-8")
+    name = "bench_energy_failing_in_workers"
+    spec = importlib.util.spec_from_file_location(name, script)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    rc: list[int] = []
+    try:
+        spec.loader.exec_module(module)
+        runs = threading.Thread(target=lambda: rc.append(module.main(
+            ["--clusters", "freesh-3site", "--traces", "prefill-heavy", "--loads", "0.2",
+             "--slos", "freesh", "--policies", "least-loaded", "--duration", "5",
+             "--min-requests", "60", "--jobs", "2"])), daemon=True)
+        runs.start()
+        runs.join(DEADLINE_S)
+    finally:
+        sys.modules.pop(name, None)
+    assert not runs.is_alive(), f"the pool did not give up in {DEADLINE_S:g} s"
+    assert rc == [1]
+    assert "a worker process failed to start" in capsys.readouterr().err

@@ -5,13 +5,14 @@ to release it, and waits for ever)."""
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import numpy as np
 from sim_helpers import cluster
 
 from joulepool.sim import runner
-from joulepool.sim.runner import Experiment, ExperimentResult, run_experiment
+from joulepool.sim.runner import Experiment, ExperimentResult, WorkerStartError, run_experiment
 from joulepool.sim.trace import load_trace
 
 #: generous: two tiny runs take about a second; a loaded 2-core machine, many times that
@@ -68,3 +69,34 @@ def test_workers_are_not_stalled_by_a_lock_another_parent_thread_holds(monkeypat
     finally:
         done.set()
     _same_runs(result[0], alone)
+
+
+class _FailsToUnpickle:
+    """Pickles in the parent; unpickling it (in a worker, as the pool starts it) raises,
+    as an object of a module missing from the worker's path would."""
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return operator.truediv, (1, 0)
+
+
+def test_a_worker_that_cannot_start_raises_rather_than_hanging():
+    """Every worker fails while starting (unpickling the experiment's inputs): the run
+    raises WorkerStartError, instead of the pool starting new workers for ever."""
+    exp = _experiment(jobs=2)
+    tasks = [(p, 0) for p in exp.policies]
+    runs: dict[str, list[object]] = {p: [None] for p in exp.policies}
+    poisoned = ({"x": _FailsToUnpickle()}, None, [])
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            runner._run_in_pool(exp, tasks, runs, 2, poisoned, None, None)  # type: ignore[arg-type]
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(DEADLINE_S)
+    assert not worker.is_alive(), f"the pool did not give up in {DEADLINE_S:g} s"
+    assert isinstance(outcome[0], WorkerStartError), outcome

@@ -251,7 +251,7 @@ def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:
     """Run ``exp``, showing progress on stderr unless ``quiet``: a progress bar on a
     terminal, else one line as the run starts and one as each policy run ends (a
     piped or logged ``make demo`` shows it is alive too)."""
-    from joulepool.sim.runner import run_experiment
+    from joulepool.sim.runner import WorkerStartError, run_experiment
 
     bar: Any = None
     log = None
@@ -272,6 +272,9 @@ def _run_with_progress(exp: Experiment, quiet: bool) -> ExperimentResult:
         return run_experiment(exp, progress=progress, log=log)
     except ValueError as exc:
         return _fail(str(exc))
+    except WorkerStartError as exc:  # not bad input: exit 1 with the reason, no traceback
+        print(f"joulepool simulate: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if bar is not None:
             bar.close()

@@ -13,6 +13,8 @@ import os
 import queue
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -440,11 +442,18 @@ def _run_in_process(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs,
                 f"simulated req/s")
 
 
+class WorkerStartError(RuntimeError):
+    """A worker process of :func:`run_experiment` (``jobs`` > 1) failed to start or
+    died: its initializer or the unpickling of the experiment raised (the worker's
+    traceback is on stderr), or the process was killed."""
+
+
 def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, jobs: int,
                  shared: tuple[dict[str, ProfileTable], Capacity, list[RepeatData]],
                  progress: _Progress, log: _Log) -> None:
     """Run ``tasks`` (policy, repeat) in ``jobs`` worker processes; each gets ``exp``,
-    ``tables``, ``capacity`` and ``repeats`` once, as it starts (:func:`_init_worker`)."""
+    ``tables``, ``capacity`` and ``repeats`` once, as it starts (:func:`_init_worker`).
+    :class:`WorkerStartError` as soon as a worker fails to start or dies."""
     tables, capacity, repeats = shared
     total = exp.duration_s * len(tasks)
     done = 0.0
@@ -452,28 +461,33 @@ def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, job
     if _START_METHOD == "forkserver":  # the server imports the simulator once; every
         ctx.set_forkserver_preload([__name__])  # worker forks from it ready to run
     pq = ctx.Queue()
-    with ctx.Pool(jobs, _init_worker, (exp, tables, capacity, repeats, pq)) as pool:
-        pending = [pool.apply_async(_run_task, (task,)) for task in tasks]
-        while pending:
-            try:
-                while True:
-                    done += float(pq.get(timeout=0.2))
-                    if progress:
-                        progress(min(done, total), total)
-            except queue.Empty:
-                pass
-            still = []
-            for a in pending:
-                if a.ready():
-                    policy, r, res = a.get()
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(exp, tables, capacity, repeats, pq)) as pool:
+        pending: set[Future[tuple[str, int, RunResult]]] = {
+            pool.submit(_run_task, task) for task in tasks}
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                try:
+                    while True:
+                        done += float(pq.get_nowait())
+                        if progress:
+                            progress(min(done, total), total)
+                except queue.Empty:
+                    pass
+                for f in finished:
+                    policy, r, res = f.result()
                     runs[policy][r] = res
                     if log:
                         log(f"{policy} (repeat {r}): "
                             f"{repeats[r].workload.requests / res.wall_s:,.0f} "
                             "simulated req/s")
-                else:
-                    still.append(a)
-            pending = still
+        except BrokenProcessPool as exc:
+            raise WorkerStartError(
+                f"a simulator worker process failed to start or died ({exc}); its error, "
+                "if it printed one, is above") from exc
+        finally:  # on an error, start no more runs
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_experiment(
