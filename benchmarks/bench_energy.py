@@ -68,7 +68,8 @@ from typing import Any
 
 import numpy as np
 
-from joulepool.bench import import_file_as
+import joulepool
+from joulepool.bench import init_worker
 from joulepool.core.classes import SLO_SETS, slo_set
 from joulepool.sim.cluster import (
     ClusterError,
@@ -404,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                          else "spawn")
     if ctx.get_start_method() == "forkserver":  # the simulator imported once, in the server
         ctx.set_forkserver_preload(["joulepool.sim.runner", "joulepool.sim.report"])
-    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=import_file_as,
-                             initargs=(__name__, __file__)) as pool:
+    with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
+                             initargs=(joulepool.__file__, __name__, __file__)) as pool:
         futures = [pool.submit(run_cell, c)  # largest first
                    for c in sorted(cells, key=expected_requests, reverse=True)]
         try:

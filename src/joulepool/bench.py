@@ -48,11 +48,20 @@ def load_benchmark(name: str) -> ModuleType:
     return import_file_as(f"bench_{name}", str(_available()[name]))
 
 
+def init_worker(parent_package_file: str, module_name: str, path: str) -> None:
+    """A benchmark's pool initializer: check the worker runs its parent's ``joulepool``
+    (:func:`joulepool.workers.require_parent_package`), then :func:`import_file_as`."""
+    from joulepool.workers import require_parent_package
+
+    require_parent_package(parent_package_file)
+    import_file_as(module_name, path)
+
+
 def import_file_as(module_name: str, path: str) -> ModuleType:
     """The module ``module_name`` if this process has it, else the Python file ``path``
-    imported and registered under that name. A benchmark's worker processes run it as
-    their pool initializer, so that functions of a script imported by path (pickled by
-    module and name) resolve there too."""
+    imported and registered under that name. A benchmark's worker processes run it from
+    their pool initializer (:func:`init_worker`), so that functions of a script imported
+    by path (pickled by module and name) resolve there too."""
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

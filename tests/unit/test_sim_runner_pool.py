@@ -9,11 +9,14 @@ import operator
 import threading
 
 import numpy as np
+import pytest
 from sim_helpers import cluster
 
+import joulepool
 from joulepool.sim import runner
 from joulepool.sim.runner import Experiment, ExperimentResult, WorkerStartError, run_experiment
 from joulepool.sim.trace import load_trace
+from joulepool.workers import require_parent_package
 
 #: generous: two tiny runs take about a second; a loaded 2-core machine, many times that
 DEADLINE_S = 240.0
@@ -100,3 +103,18 @@ def test_a_worker_that_cannot_start_raises_rather_than_hanging():
     worker.join(DEADLINE_S)
     assert not worker.is_alive(), f"the pool did not give up in {DEADLINE_S:g} s"
     assert isinstance(outcome[0], WorkerStartError), outcome
+
+
+def test_workers_running_another_joulepool_stop_the_run(monkeypatch, tmp_path):
+    """The parent's joulepool is said to come from elsewhere (as when a script puts
+    another checkout's src on sys.path at run time): the workers, which import the fork
+    server's joulepool, refuse to run instead of mixing two versions of the code."""
+    monkeypatch.setattr(joulepool, "__file__", str(tmp_path / "joulepool" / "__init__.py"))
+    with pytest.raises(WorkerStartError):
+        run_experiment(_experiment(jobs=2))
+
+
+def test_the_same_package_passes_the_check():
+    require_parent_package(joulepool.__file__ or "")
+    with pytest.raises(RuntimeError, match="imported joulepool from"):
+        require_parent_package("/elsewhere/joulepool/__init__.py")

@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+import joulepool
 from joulepool.core.bound import FloorDemand, FloorGPUs, FloorResult, energy_floor
 from joulepool.core.classes import CLASS_NAMES, FREESH_SLOS, ClassBoundaries, SLOSet
 from joulepool.core.energy import megajoules_per_hour
@@ -44,6 +45,7 @@ from joulepool.sim.workload import (
     Workload,
     build_workload,
 )
+from joulepool.workers import require_parent_package
 
 #: the tightest TPOT of any class under FREESH's SLOs (150 ms): fixes each profile's
 #: operating batch unless an experiment's SLO set says otherwise
@@ -352,9 +354,12 @@ def _simulate_repeat(exp: Experiment, tables: dict[str, ProfileTable], capacity:
     return res
 
 
-def _init_worker(exp: Experiment, tables: dict[str, ProfileTable], capacity: Capacity,
-                 repeats: list[RepeatData], progress_q: object) -> None:
-    """Pool initializer: keep the experiment's shared inputs (sent once per worker)."""
+def _init_worker(parent_package_file: str, exp: Experiment, tables: dict[str, ProfileTable],
+                 capacity: Capacity, repeats: list[RepeatData], progress_q: object) -> None:
+    """Pool initializer: check the worker runs the parent's ``joulepool``
+    (:func:`~joulepool.workers.require_parent_package`), then keep the experiment's shared
+    inputs (sent once per worker)."""
+    require_parent_package(parent_package_file)
     _SHARED.update(exp=exp, tables=tables, repeats=repeats, capacity=capacity,
                    progress=progress_q)
 
@@ -462,7 +467,8 @@ def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, job
         ctx.set_forkserver_preload([__name__])  # worker forks from it ready to run
     pq = ctx.Queue()
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(exp, tables, capacity, repeats, pq)) as pool:
+                             initargs=(joulepool.__file__, exp, tables, capacity, repeats,
+                                       pq)) as pool:
         pending: set[Future[tuple[str, int, RunResult]]] = {
             pool.submit(_run_task, task) for task in tasks}
         try:
@@ -500,7 +506,11 @@ def run_experiment(
     With ``exp.jobs`` > 1 the runs go to worker processes that import the simulator
     afresh (``forkserver``, else ``spawn``; never a fork of this process) and get the
     experiment once each, pickled: a script calling this must guard its own entry point
-    with ``if __name__ == "__main__":``, as workers import the main module.
+    with ``if __name__ == "__main__":``, as workers import the main module. Workers take
+    ``joulepool`` and the environment (variables, logging set-up) from when the fork
+    server started (``PYTHONPATH``, the installed package), not from ``sys.path`` or
+    ``os.environ`` edits made later in this process: a worker whose ``joulepool`` is
+    not this process's stops the run (:class:`WorkerStartError`, the reason on stderr).
     """
     t0 = time.perf_counter()
     tables = model_tables(exp.cluster, exp.slos.tpot_s)
