@@ -16,6 +16,9 @@ Variants (``--variants``, comma-separated):
                     the response's last message (bench picker's floor)
     defaults        grpcio's default options, the stream left to the gateway's
                     half-close (the picker before these settings)
+
+Every variant's server has SO_REUSEPORT off (epp.NO_SHARED_PORT), so that a port
+another server holds makes it fail to start rather than share that port.
     channelz-on     the picker's, with grpcio's default channelz (on)
     wait-eof        the picker's, the stream left to the gateway's half-close
     one-cpu         the picker's, the process on one CPU (``--cpu``, default the last)
@@ -93,6 +96,18 @@ def variant(name: str, cpu: int) -> Variant:
     raise ValueError(f"unknown variant {name!r} (see --help)")
 
 
+def _with_no_shared_port(options: Sequence[Sequence[Any]] | None
+                         ) -> list[tuple[Any, ...]]:
+    """A variant's server options (None: grpcio's defaults) with
+    :data:`joulepool.router.epp.NO_SHARED_PORT` where they do not set that option."""
+    from joulepool.router import epp
+
+    chosen = [tuple(o) for o in options or ()]
+    if all(o[0] != epp.NO_SHARED_PORT[0] for o in chosen):
+        chosen.append(epp.NO_SHARED_PORT)
+    return chosen
+
+
 def _serve(argv: Sequence[str]) -> None:
     """The do-nothing server: ``PORT OPTIONS-JSON CLOSE LOOP`` (OPTIONS null: grpcio's
     defaults)."""
@@ -116,8 +131,7 @@ def _serve(argv: Sequence[str]) -> None:
                     return
 
     async def serve() -> None:
-        server = (grpc.aio.server() if options is None
-                  else grpc.aio.server(options=[tuple(o) for o in options]))
+        server = grpc.aio.server(options=_with_no_shared_port(options))
         pb_grpc.add_ExternalProcessorServicer_to_server(Continue(), server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()

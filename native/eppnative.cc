@@ -1163,6 +1163,10 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
     h->SetBounds(bounds);
   grpc::ServerBuilder builder;
   builder.AddChannelArgument("grpc.enable_channelz", 0);
+  // SO_REUSEPORT (grpc++'s default) would let this server bind a port another server
+  // listens on and silently share it; off, a taken port fails BuildAndStart (epp.py's
+  // NO_SHARED_PORT)
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &self->port);
   builder.RegisterService(&self->core->service);
   builder.RegisterService(&self->core->health);

@@ -581,6 +581,21 @@ async def test_an_address_it_cannot_listen_on_is_an_oserror(front_end: str) -> N
         await start(Router(), lambda: True, "192.0.2.1", 0)  # TEST-NET: not this host's
 
 
+async def test_a_port_another_picker_holds_is_an_oserror(front_end: str) -> None:
+    # gRPC turns SO_REUSEPORT on by default: without epp.NO_SHARED_PORT the second
+    # server would bind the first's port and silently share its streams
+    from joulepool.kube.pools import Router
+
+    start = epp_native.start_server if front_end == "native" else epp.start_server
+    first, port, _ = await start(Router(), lambda: True, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            second, _, _ = await start(Router(), lambda: True, "127.0.0.1", port)
+            await second.stop(0)
+    finally:
+        await first.stop(0)
+
+
 async def _one_of_many(gw: Gateway, i: int) -> None:
     """One gateway behaviour out of several, chosen by ``i``: the full exchange, the
     request only, a refusal, or the stream cancelled at some point of the exchange."""

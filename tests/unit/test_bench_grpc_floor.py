@@ -34,6 +34,14 @@ def test_variants_are_the_servers_they_name(bench) -> None:
     assert bench.main(["--variants", "nope"]) == 2
 
 
+def test_every_variant_server_refuses_a_port_another_holds(bench) -> None:
+    # grpcio's default SO_REUSEPORT would let two floors share one port unseen
+    assert bench._with_no_shared_port(None) == [epp.NO_SHARED_PORT]
+    assert bench._with_no_shared_port(list(epp.SERVER_OPTIONS)) == list(epp.SERVER_OPTIONS)
+    assert bench._with_no_shared_port([["grpc.so_reuseport", 1]]) == [
+        ("grpc.so_reuseport", 1)]
+
+
 def test_a_short_run_measures_every_variant(bench, tmp_path: Path) -> None:
     out = tmp_path / "floor.json"
     assert bench.main(["--rounds", "1", "--seconds", "0.3", "--variants",

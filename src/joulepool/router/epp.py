@@ -588,12 +588,20 @@ class HealthStatus:
             await self._set(name, ready)
 
 
+#: the gRPC server option that makes binding a port another server listens on fail:
+#: SO_REUSEPORT, on by default in grpcio and grpc++, lets a second server bind it and
+#: silently share its connections (a stale second router on the EPP port, two
+#: benchmark servers on one port). Every gRPC server here listening on TCP sets it.
+NO_SHARED_PORT: tuple[str, int] = ("grpc.so_reuseport", 0)
+
 #: grpc.aio server options of the picker (``joulepool bench grpc_floor`` measures them,
 #: ``docs/gateway.md`` "Performance"): channelz, on by default in grpcio, records every
 #: call and stream of the server for introspection nobody here reads (its cost per
-#: exchange was below the development machine's noise: kept as work not needed).
+#: exchange was below the development machine's noise: kept as work not needed); and
+#: :data:`NO_SHARED_PORT`.
 SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.enable_channelz", 0),
+    NO_SHARED_PORT,
 )
 
 
