@@ -6,9 +6,12 @@ event loop runs in one ``drain()``) still run and answer their streams.
 The server runs in a child process with a fake bridge: the pick of the request whose
 body is ``huge`` returns a destination of 128 MiB and lowers the child's address-space
 limit (RLIMIT_AS) to what it uses plus 32 MiB just before, so the C++ side's copy of
-that destination cannot be allocated; every other pick restores the limit first. The
-child drains only once this side has sent every request (so that their picks are
-queued together, ``huge`` first), and reports what it saw as JSON.
+that destination cannot be allocated; every other pick restores the limit first.
+``huge`` is sent alone first, and the child reports when the server has queued a job
+(its event fd readable: that pick, as nothing else was sent); only then are the others
+sent, and the child drains once this side has sent every request, so that their picks
+are queued together, ``huge`` first. The child reports what it saw as JSON, and the
+test checks that this setup happened (otherwise it would not test a batch).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Bridge:
 
 server = epp_native.new_server(Bridge(), "127.0.0.1", 0)
 print(server.port, flush=True)
+queued, _, _ = select.select([server.fileno()], [], [], 60.0)
+print("queued" if queued else "nothing queued", flush=True)  # huge's pick, alone
 sys.stdin.readline()  # every request sent: their picks are queued
 while True:
     drains += 1
@@ -128,9 +133,11 @@ def test_a_job_that_throws_fails_alone_and_the_rest_of_its_batch_runs() -> None:
         port = int(child.stdout.readline())
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ExternalProcessorStub(channel)
-            streams = {name: _stream(stub, name.encode())
-                       for name in ("huge", "first", "second")}
-            # a later stream's headers answered: the server has read what came before
+            streams = {"huge": _stream(stub, b"huge")}
+            assert child.stdout.readline().strip() == "queued"  # huge's pick, first
+            streams |= {name: _stream(stub, name.encode()) for name in ("first", "second")}
+            # a later stream's headers answered: the bodies sent before have most likely
+            # reached the server (their picks queued; checked at the end)
             marker, _ = _stream(stub, None)
             child.stdin.write("go\n")
             child.stdin.flush()
@@ -157,4 +164,8 @@ def test_a_job_that_throws_fails_alone_and_the_rest_of_its_batch_runs() -> None:
     # drain() raised the job's MemoryError once, after running the whole batch
     assert seen["failures"] == ["MemoryError"], seen
     assert sorted(seen["closed"]) == ["first", "huge", "second"], seen
-    assert sorted(name for _, name in seen["picks"]) == ["first", "huge", "second"], seen
+    # the setup: one batch, huge first (else the test did not test a batch's isolation)
+    picks = seen["picks"]
+    assert picks[:1] == [[1, "huge"]] and sorted(picks[1:]) == [[1, "first"], [1, "second"]], (
+        "the test did not set up its batch (the three picks in one drain, huge first):",
+        seen)
