@@ -417,6 +417,25 @@ class Stream final : public Handler {
   // The server is going away before the pick ran.
   void Abort() { End(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the endpoint picker stopped")); }
 
+  // The event loop, GIL held, the last resort when a failed pick's answer (Fail) threw
+  // as well, so that no operation is in flight (Core::RecoverFrom): the call ends at
+  // once with gRPC UNKNOWN, without a job. The exchange still adopted is closed and
+  // released here (GIL held) instead of by a close job. Without this the stream would
+  // never get a completion, never go (StreamGone), and stopping the server would wait
+  // for it for ever. Its status's message fits std::string's inline buffer: building
+  // it does not meet the bad_alloc that got here again (grpc's core aborts rather than
+  // throws when it cannot allocate; Python's failures are reported as unraisable).
+  void FinishNow() {
+    if (exchange_ != nullptr) {
+      PyObject* closed = PyObject_CallMethod(exchange_, "close", nullptr);
+      if (closed == nullptr) PyErr_WriteUnraisable(exchange_);
+      Py_XDECREF(closed);
+      Py_DECREF(exchange_);
+      exchange_ = nullptr;
+    }
+    Finish(grpc::Status(grpc::StatusCode::UNKNOWN, "pick failed"));
+  }
+
  private:
   enum class Op { kCall, kRead, kWrite, kFinish };
 
@@ -958,13 +977,17 @@ void Core::RunIsolated(Job& job, bool abort_picks, std::exception_ptr& failure) 
 
 // ``job`` threw: a Python error it left is reported (not carried into the next job),
 // and a pick's stream, still waiting (Core::Answer), gets the answer of a failed pick;
-// should that throw as well, the stream is left to the gateway's timeout.
+// should that throw as well (posting the exchange's close job), the call is finished
+// at once without a job (Stream::FinishNow), so that the stream still ends and the
+// server can stop.
 void Core::RecoverFrom(Job& job) {
   if (PyErr_Occurred()) PyErr_WriteUnraisable(bridge_);
   if (job.kind != JobKind::kPick) return;  // its references went with it (Owned)
   try {
     job.stream->Fail(job.headers_only);
   } catch (...) {
+    if (PyErr_Occurred()) PyErr_WriteUnraisable(bridge_);
+    job.stream->FinishNow();
   }
 }
 
