@@ -1222,6 +1222,11 @@ int Server_init(ServerObject* self, PyObject* args, PyObject* kwargs) {
 }
 
 void Server_dealloc(ServerObject* self) {
+  // dealloc may run while an exception is being raised (the server dropped during
+  // unwinding): it is put aside while the jobs left call Python and report their own
+  // failures (FailPending), and restored after, not erased
+  PyObject *type, *value, *traceback;
+  PyErr_Fetch(&type, &value, &traceback);
   if (self->server != nullptr) {
     self->core->FailPending();  // no loop will drain any more
     StopServer(self, 0.0);
@@ -1233,6 +1238,7 @@ void Server_dealloc(ServerObject* self) {
   delete self->core;
   Py_XDECREF(self->bridge);
   Py_TYPE(self)->tp_free(reinterpret_cast<PyObject*>(self));
+  PyErr_Restore(type, value, traceback);
 }
 
 PyObject* Server_fileno(ServerObject* self, PyObject*) { return PyLong_FromLong(self->core->fd()); }

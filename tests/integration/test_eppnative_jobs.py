@@ -12,12 +12,16 @@ that destination cannot be allocated; every other pick restores the limit first.
 sent, and the child drains once this side has sent every request, so that their picks
 are queued together, ``huge`` first. The child reports what it saw as JSON, and the
 test checks that this setup happened (otherwise it would not test a batch).
+
+The jobs left when a server is dropped (deallocated) still run, and an exception being
+raised at that moment survives them.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import select
 import subprocess
 import sys
 from typing import Any
@@ -169,3 +173,37 @@ def test_a_job_that_throws_fails_alone_and_the_rest_of_its_batch_runs() -> None:
     assert picks[:1] == [[1, "huge"]] and sorted(picks[1:]) == [[1, "first"], [1, "second"]], (
         "the test did not set up its batch (the three picks in one drain, huge first):",
         seen)
+
+
+def test_a_server_dropped_while_an_exception_is_raised_keeps_that_exception() -> None:
+    # Server_dealloc runs the jobs left (here an exchange's close) with the exception
+    # being raised put aside: the close runs as usual, and the exception goes on
+    closed: list[str] = []
+
+    class Exchange:
+        def close(self) -> None:
+            closed.append(repr(sys.exc_info()[1]))
+
+    class Bridge:
+        def pick(self, headers: Any, body: bytes, subset: Any) -> tuple[Exchange, str]:
+            return Exchange(), "10.0.0.1:8000"
+
+    servers = [epp_native.new_server(Bridge(), "127.0.0.1", 0)]
+    fd = servers[0].fileno()
+    with grpc.insecure_channel(f"127.0.0.1:{servers[0].port}") as channel:
+        requests, replies = _stream(pb_grpc.ExternalProcessorStub(channel), b"body")
+        assert select.select([fd], [], [], DEADLINE_S)[0], "the pick was not queued"
+        servers[0].drain()
+        assert next(replies).HasField("request_body")
+        requests.put(None)  # the stream ends: its exchange's close is queued
+        assert list(replies) == []
+        assert select.select([fd], [], [], DEADLINE_S)[0], "the close was not queued"
+
+    def key(i: int) -> Any:  # list.sort drops the keys made so far with the error set
+        if i:
+            raise ValueError("in flight")
+        return servers.pop()
+
+    with pytest.raises(ValueError, match="in flight"):
+        sorted([0, 1], key=key)
+    assert closed == ["None"]
