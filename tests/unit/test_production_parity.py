@@ -18,7 +18,8 @@ from sim_helpers import cluster
 
 from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedMix, PlannedPool, PlannedSLO
 from joulepool.core.classes import StreamMix, merged_stream
-from joulepool.core.routing import EndpointModel, slot_load
+from joulepool.core.router import PoolRouter
+from joulepool.core.routing import EndpointModel, slot_load, waiting_requests_estimate
 from joulepool.kube import testing as T
 from joulepool.kube.pools import Router, RouterSettings
 from joulepool.kube.state import ClusterState
@@ -341,6 +342,27 @@ def test_a_shared_pod_is_credited_once_from_every_pools_requests_as_the_simulato
     rid = next(iter(rag.endpoints[i_rag].ledger))
     rag.report(p0, rid, 30, True, None, 1.0)
     assert chat.ledger_count[i_chat] == rag.ledger_count[i_rag] == 11
+    # the pod stops being shared: each pool's row counts its own ledger again
+    for pool in (chat, rag):
+        pool.endpoints[pool.index[p0]].peers, pool.endpoints[pool.index[p0]].home = (), None
+    for pool in (chat, rag):
+        pool.shared_changed()
+        _assert_kept_columns_recomputed(pool)
+    assert (chat.ledger_count[i_chat], rag.ledger_count[i_rag]) == (6, 5)
+
+
+def _assert_kept_columns_recomputed(pool: PoolRouter) -> None:
+    """The ledger columns are each endpoint's own ledger's, and the columns the pool keeps
+    row by row (held, room, waiting) are what the whole-column formulas give from them."""
+    eps = pool.endpoints
+    assert pool.ledger_count.tolist() == [len(e.ledger) for e in eps]
+    assert pool.ledger_tokens.tolist() == [e.ledger_tokens for e in eps]
+    assert pool.slot_loads.tolist() == [e.slot_loads for e in eps]
+    held = np.maximum(pool.ledger_count, pool.scraped)
+    assert pool.held.tobytes() == held.tobytes()
+    assert pool.room.tobytes() == (pool.op_batch - held).tobytes()
+    np.testing.assert_array_equal(pool.waiting_est, waiting_requests_estimate(
+        pool.waiting, pool.ledger_count, pool.max_batch))
 
 
 def test_the_simulator_holds_a_shared_instance_to_a_bulk_guests_tighter_slo() -> None:

@@ -460,9 +460,11 @@ class PoolRouter:
                 pool.busy_until[j] = self.busy_until[i]
 
     def shared_changed(self) -> None:
-        """Endpoints' ``peers`` / ``home`` were (re)set: refresh their rows."""
+        """Endpoints' ``peers`` / ``home`` were (re)set: refresh the rows shared before or
+        now (a row that stops being shared drops its former peers' ledgers)."""
+        was = self.shared_rows
         self._index_shared()
-        for i in self.shared_rows:
+        for i in sorted(set(was).union(self.shared_rows)):  # (set_endpoints re-indexes)
             self._refresh(i, peers=False)
 
     def _index_shared(self) -> None:
