@@ -193,6 +193,18 @@ def test_columns_kept_row_by_row_are_the_recomputed_ones() -> None:
     scenario(0.3, check=_columns_as_recomputed)
 
 
+def _batch_left_keeps_the_prefill_wait(pool: PoolRouter) -> None:
+    wait = pool.state.prefill_wait_s.copy()
+    pool._batch_left(0.0)
+    assert pool.state.prefill_wait_s.tobytes() == wait.tobytes()
+
+
+def test_steps_left_are_computed_without_touching_the_decisions_prefill_wait() -> None:
+    """R_n (PoolRouter._batch_left) computed again after a decision, as a describe path
+    might, leaves the prefill wait the decision handed its scorers as it was."""
+    scenario(0.05, check=_batch_left_keeps_the_prefill_wait)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_decisions_without_the_scratch_arrays_are_the_same(
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -633,12 +633,11 @@ class PoolRouter:
         rows = self._steps_left_rows
         if not np.logical_or.reduce(rows):  # (ufunc reduction: cheaper than rows.any())
             return self._no_steps_left
-        left = np.subtract(self.busy_until, now, out=self._wait_buf)  # (free until decide's)
+        left: FloatArray = np.subtract(self.busy_until, now, out=self._left_buf)
         np.maximum(left, 0.0, out=left)
-        out = self._left_buf
-        out.fill(0.0)
-        np.divide(left, self.state.prefill_step_s, out=out, where=rows)
-        return out
+        np.divide(left, self.state.prefill_step_s, out=left, where=rows)
+        np.copyto(left, 0.0, where=~rows)
+        return left
 
     def _join_step_s(self, i: int) -> float:
         """Decode step time at endpoint ``i``'s batch with one more request, s (0: no
