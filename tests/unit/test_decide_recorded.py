@@ -236,3 +236,20 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     RECORDED.parent.mkdir(parents=True, exist_ok=True)
     RECORDED.write_text(json.dumps(scenario(), separators=(",", ":")) + "\n")
     print(f"wrote {RECORDED}")
+
+
+def test_scorers_cannot_write_the_columns_the_router_keeps() -> None:
+    """The rooms and the no-steps-left zeros are kept from one decision to the next: a
+    scorer plugin writing into them would change every later decision, so it gets
+    read-only columns (writing raises) and the pool's own rooms stay as they were."""
+    pool = PoolRouter("constant", RouterConfig())
+    pool.ttft_s, pool.tpot_s = TTFT_S, TPOT_S
+    pool.set_endpoints(_constant_endpoints(12))
+    pool.decide(100.0, 200.0, Tier.INTERACTIVE, None, 0.0)
+    rooms = pool.room.copy()
+    state = pool.state
+    assert not pool.mix_rooms and not state.batch_left_tokens.any()  # the kept columns
+    for column in (state.batch_room, state.batch_left_tokens):
+        with pytest.raises(ValueError, match="read-only"):
+            column[0] = -1.0
+    assert pool.room.tobytes() == rooms.tobytes()

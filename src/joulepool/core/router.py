@@ -335,12 +335,13 @@ class PoolRouter:
         self.held = np.zeros(n)
         self.waiting_est = np.zeros(n)
         self.room = np.full(n, np.inf)
+        self._room_view = _read_only(self.room)  # what the scorers get (state.batch_room)
         #: the decision's per-request columns, rewritten by every decision (q_n, the
         #: prefill wait, R_n) and R_n where nothing has steps left (never written)
         self._queue_buf = np.empty(n)
         self._wait_buf = np.empty(n)
         self._left_buf = np.empty(n)
-        self._no_steps_left = np.zeros(n)
+        self._no_steps_left = _read_only(np.zeros(n))
         #: the ledgers' slot loads (core.routing.slot_load): sums and sums of squares
         self.slot_loads = np.zeros(n)
         self.slot_load_squares = np.zeros(n)
@@ -553,7 +554,7 @@ class PoolRouter:
         a stream (EndpointModel's ``serving``), b*_n and the TPOT batch are those of the
         slot load each is credited with (:meth:`_credible_rooms`)."""
         if not self.mix_rooms:
-            return self.room  # op_batch - held, each row kept by _refresh
+            return self._room_view  # op_batch - held, each row kept by _refresh
         room: FloatArray = self._credible_rooms() - self.held
         return room
 
@@ -1006,6 +1007,13 @@ def node_queue_tokens(pools: Iterable[PoolRouter], index: Mapping[str, int], n: 
     for row, tokens in shared.values():
         total[row] += tokens
     return total
+
+
+def _read_only(a: FloatArray) -> FloatArray:
+    """A view of ``a`` that cannot be written through (``a`` itself still can)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _nan_to_num(x: float) -> float:

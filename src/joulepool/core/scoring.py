@@ -112,6 +112,10 @@ class EndpointState:
     ``scratch`` (:class:`core.cost.Scratch` of length ``n``) is where the joulesched
     scorer writes its terms: the arrays of its :class:`Scores` are valid until the next
     ``score`` on the same state.
+
+    Scorers and filters read the columns and must not write into them: a caller may
+    keep them from one decision to the next (the router's ``batch_room`` and
+    ``batch_left_tokens`` are read-only views of what it keeps).
     """
 
     __slots__ = (
