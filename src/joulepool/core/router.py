@@ -79,7 +79,6 @@ from joulepool.core.routing import (
     request_tokens,
     slot_load,
     slot_load_spread,
-    waiting_requests_estimate,
     waiting_requests_one,
 )
 from joulepool.core.scoring import EndpointState, RequestInfo, RoutingProfile, routing_profile
@@ -402,22 +401,19 @@ class PoolRouter:
             self.scraped[i] = _nan_to_num(waiting + running)
         self.static_q[i] = ep.static_queue
         st.kv_cache_usage[i] = ep.kv_cache
-        routed = len(ep.ledger)
-        self.ledger_count[i] = routed
+        self.ledger_count[i] = len(ep.ledger)
         self.ledger_tokens[i] = ep.ledger_tokens
         self.slot_loads[i] = ep.slot_loads
         self.slot_load_squares[i] = ep.slot_load_squares
         if ep.peers:
-            routed = self._count_peers(i, ep, peers)
+            self._count_peers(i, ep, peers)
         self.waiting_est[i] = waiting_requests_one(waiting, float(self.ledger_count[i]),
                                                    float(self.max_batch[i]))
-        held = max(float(self.ledger_count[i]), float(self.scraped[i]))
-        self.held[i] = held
-        self.room[i] = float(self.op_batch[i]) - held
-        # core.routing's marginal energy: joining the requests in flight now (the
-        # router's ledger or the engine's scraped counts, whichever is more)
-        scraped = waiting + running
-        in_flight = max(float(routed), scraped if scraped == scraped else 0.0)
+        # the requests in flight now: the router's ledger or the engine's scraped
+        # counts, whichever is more (what core.routing's marginal energy joins)
+        in_flight = max(float(self.ledger_count[i]), float(self.scraped[i]))
+        self.held[i] = in_flight
+        self.room[i] = float(self.op_batch[i]) - in_flight
         # (x the site's carbon weight: marginal carbon on a carbon-objective cluster)
         scale = float(eps_scale * self.carbon_w[i])
         st.eps_j_per_token[i] = model.marginal_eps(in_flight) * scale
@@ -431,14 +427,12 @@ class PoolRouter:
         st.prefill_step_s[i] = step
         st.prefill_chunk_tokens[i] = chunk
         st.prefill_s_per_token[i] = model.prefill_s_per_token
-        # R_n is counted where a step is modelled and something is in flight
-        # (_batch_left); the scraped count as self.scraped holds it
-        self._steps_left_rows[i] = step > 0 and (routed > 0 or self.scraped[i] > 0)
+        # R_n is counted where a step is modelled and something is in flight (_batch_left)
+        self._steps_left_rows[i] = step > 0 and in_flight > 0
 
-    def _count_peers(self, i: int, ep: Endpoint, propagate: bool) -> int:
+    def _count_peers(self, i: int, ep: Endpoint, propagate: bool) -> None:
         """Row ``i`` of a shared pod: its ledger columns over every pool's ledger of it;
-        with ``propagate``, the pod's rows in the other pools too. Returns the requests
-        in flight there."""
+        with ``propagate``, the pod's rows in the other pools too."""
         for pool, peer in ep.peers:
             self.ledger_count[i] += len(peer.ledger)
             self.ledger_tokens[i] += peer.ledger_tokens
@@ -448,7 +442,6 @@ class PoolRouter:
                 j = pool.index.get(peer.address)
                 if j is not None and pool.endpoints[j] is peer:
                     pool._refresh(j, peers=False)
-        return int(self.ledger_count[i])
 
     def _share_clocks(self, i: int, ep: Endpoint) -> None:
         """Row ``i`` holds a shared pod: its prefill and busy clocks are the engine's,
@@ -727,7 +720,7 @@ class PoolRouter:
         only queue. False when there is no endpoint (that is NoEndpoints' case)."""
         if not self.endpoints:
             return False
-        waiting = waiting_requests_estimate(self.waiting, self.ledger_count, self.max_batch)
+        waiting = self.waiting_est  # (core.routing.waiting_requests_estimate, kept)
         if subset is not None:
             keep = np.array([a in subset for a in (e.address for e in self.endpoints)])
             waiting = waiting[keep]
