@@ -185,7 +185,7 @@ def _columns_as_recomputed(pool: PoolRouter) -> None:
     np.testing.assert_array_equal(pool.waiting_est, waiting_requests_estimate(
         pool.waiting, pool.ledger_count, pool.max_batch))
     held = np.maximum(pool.ledger_count, pool.scraped)
-    assert pool.held.tobytes() == held.tobytes()
+    assert pool.requests_held.tobytes() == held.tobytes()
     assert pool.room.tobytes() == (pool.op_batch - held).tobytes()
 
 

@@ -359,7 +359,7 @@ def _assert_kept_columns_recomputed(pool: PoolRouter) -> None:
     assert pool.ledger_tokens.tolist() == [e.ledger_tokens for e in eps]
     assert pool.slot_loads.tolist() == [e.slot_loads for e in eps]
     held = np.maximum(pool.ledger_count, pool.scraped)
-    assert pool.held.tobytes() == held.tobytes()
+    assert pool.requests_held.tobytes() == held.tobytes()
     assert pool.room.tobytes() == (pool.op_batch - held).tobytes()
     np.testing.assert_array_equal(pool.waiting_est, waiting_requests_estimate(
         pool.waiting, pool.ledger_count, pool.max_batch))

@@ -331,7 +331,7 @@ class PoolRouter:
         #: counts, whichever is more), the requests waiting for admission
         #: (core.routing.waiting_requests_estimate) and, unless the rooms follow slot
         #: loads, the room left within b*_n (_batch_room)
-        self.held = np.zeros(n)
+        self.requests_held = np.zeros(n)
         self.waiting_est = np.zeros(n)
         self.room = np.full(n, np.inf)
         self._room_view = _read_only(self.room)  # what the scorers get (state.batch_room)
@@ -412,7 +412,7 @@ class PoolRouter:
         # the requests in flight now: the router's ledger or the engine's scraped
         # counts, whichever is more (what core.routing's marginal energy joins)
         in_flight = max(float(self.ledger_count[i]), float(self.scraped[i]))
-        self.held[i] = in_flight
+        self.requests_held[i] = in_flight
         self.room[i] = float(self.op_batch[i]) - in_flight
         # (x the site's carbon weight: marginal carbon on a carbon-objective cluster)
         scale = float(eps_scale * self.carbon_w[i])
@@ -547,8 +547,8 @@ class PoolRouter:
         a stream (EndpointModel's ``serving``), b*_n and the TPOT batch are those of the
         slot load each is credited with (:meth:`_credible_rooms`)."""
         if not self.mix_rooms:
-            return self._room_view  # op_batch - held, each row kept by _refresh
-        room: FloatArray = self._credible_rooms() - self.held
+            return self._room_view  # op_batch - requests_held, each row kept by _refresh
+        room: FloatArray = self._credible_rooms() - self.requests_held
         return room
 
     def _credible_rooms(self) -> FloatArray:
@@ -564,9 +564,9 @@ class PoolRouter:
         tpot[:] = self.pool_tpot_batch
         spread = self._held_spread()
         if spread is not None:
-            held, epv, vhm = spread
+            held_rows, epv, vhm = spread
             n, s = self.ledger_count, self.slot_loads
-            for i in held.tolist():  # (SlotLoadMoments.credible, written out)
+            for i in held_rows.tolist():  # (SlotLoadMoments.credible, written out)
                 k = float(n[i])
                 z = k * vhm / (k * vhm + epv)
                 m = self.endpoints[i].model
@@ -582,15 +582,15 @@ class PoolRouter:
         the members' means differ no more than sampling explains (VHM <= 0)."""
         n, s = self.ledger_count, self.slot_loads
         members = np.count_nonzero(n > 0)
-        held = np.flatnonzero((n > 0) & (s > 0.0))
-        if members < 2 or not held.size:
+        held_rows = np.flatnonzero((n > 0) & (s > 0.0))
+        if members < 2 or not held_rows.size:
             return None
-        nh, sh = n[held], s[held]
+        nh, sh = n[held_rows], s[held_rows]
         epv, vhm = slot_load_spread(
             float(n.sum()), float(members), float(s.sum()),
             float(self.slot_load_squares.sum()), float((sh * sh / nh).sum()),
             float((n * n).sum()))
-        return (held, epv, vhm) if vhm > 0.0 else None
+        return (held_rows, epv, vhm) if vhm > 0.0 else None
 
     def slot_load_spread(self) -> tuple[float, float]:
         """(EPV, VHM) of the pool's ledgers (core.routing.slot_load_spread; (0, 0) where
