@@ -58,7 +58,6 @@ import math
 import multiprocessing as mp
 import sys
 import time
-import types
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -394,10 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench energy: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    if __name__ not in sys.modules:  # loaded from a file without registering its name
-        module = types.ModuleType(__name__)
-        module.__dict__.update(globals())
-        sys.modules[__name__] = module
     outs = []
     # workers start from a fork server, not as forks of this process (whose other threads
     # may hold locks); each imports this file under its name, to find run_cell and Cell

@@ -13,7 +13,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def load_bench(filename: str) -> Iterator[ModuleType]:
     """Yield ``benchmarks/<filename>`` imported under a test-only name (registered in
-    ``sys.modules`` while in use, as forked workers look functions up by module name);
+    ``sys.modules`` while in use: pickled functions name their module, and the pool's
+    workers import this file under that name, joulepool.bench.import_file_as);
     for a fixture: ``yield from load_bench("bench_energy.py")``."""
     name = f"{Path(filename).stem}_under_test"
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / filename)

@@ -45,11 +45,11 @@ class Scratch:
     :func:`~joulepool.core.routing.marginal_energy_j`,
     :func:`~joulepool.core.routing.first_token_s` and
     :func:`~joulepool.core.routing.slo_infeasible` take one as ``out`` (each writes only
-    the fields its docstring names). A pool's columns (:class:`joulepool.core.scoring.
-    EndpointState`) keep one, so a decision at 1,000 endpoints reuses the same few warm
-    buffers instead of a dozen fresh ones: the same operations in the same order, the
-    same numbers. What a formula returns in them is valid until the next call that
-    writes the same fields."""
+    the fields its docstring names). A pool's columns
+    (:class:`joulepool.core.scoring.EndpointState`) keep one, so a decision at 1,000
+    endpoints reuses the same few warm buffers instead of a dozen fresh ones: the same
+    operations in the same order, the same numbers. What a formula returns in them is
+    valid until the next call that writes the same fields."""
 
     __slots__ = ("cost", "energy", "eta", "first", "late", "slack", "spare", "spare_bool")
 

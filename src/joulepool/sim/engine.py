@@ -582,7 +582,8 @@ class Simulator:
         from joulepool.sim.production import ProductionRouter
 
         wl, n = self.workload, self.req.n
-        # one pool, of every class; the router sizes at the interactive SLOs
+        # one pool, of every class; the router sizes at the interactive SLOs (pool 0's
+        # tightest is every request's: joulesched-router runs no planner pools, __init__)
         ttft_s, tpot_s = self._tightest_slo(0, sizing=True) if n else (1.0, 0.15)
         self.prouter = ProductionRouter(
             [(x.idx, x.node, x.table.profile) for x in self.pools[0].members],
