@@ -155,3 +155,17 @@ def test_policy_names():
     assert parse_policies("freesh, joulesched") == ("freesh", "joulesched")
     with pytest.raises(ValueError, match="unknown policy"):
         parse_policies("nope")
+
+
+def test_workers_that_cannot_start_exit_1_with_the_reason(small_file, tmp_path, capsys,
+                                                          monkeypatch):
+    """--jobs 2 whose workers refuse to start (they import another joulepool than this
+    process's): exit code 1 and the reason on stderr, no traceback."""
+    import joulepool
+
+    monkeypatch.setattr(joulepool, "__file__", str(tmp_path / "joulepool" / "__init__.py"))
+    with pytest.raises(SystemExit) as stop:
+        main(["simulate", "--cluster", str(small_file), "--quiet", "--out", str(tmp_path),
+              "--policies", "round-robin,joulesched", "--jobs", "2"])
+    assert stop.value.code == 1
+    assert "a simulator worker process failed to start" in capsys.readouterr().err
