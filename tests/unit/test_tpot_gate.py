@@ -10,7 +10,9 @@ at most the headroom's TPOT miss share of the time at that rate.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from scipy.stats import poisson
 from sim_helpers import cluster, workload
 
 from joulepool.core.profiles import H100_8B, L4_8B, Headroom, ServingProfile, assumed
-from joulepool.core.routing import tpot_gate
+from joulepool.core.routing import EndpointModel, gated_room, sustainable_batch, tpot_gate
 from joulepool.sim.engine import simulate
 from joulepool.sim.policies import POLICIES
 from joulepool.sim.runner import model_tables
@@ -70,3 +72,59 @@ def test_busy_h100s_are_not_skipped_for_a_late_l4() -> None:
     assert np.mean(tpot <= wl.tpot_slo_s) >= 0.999
     l4 = run.instance_product == run.products.index("L4")
     assert 0 < l4.sum() < 0.05 * n  # the L4 still takes some overflow
+
+
+def test_an_instance_whose_step_alone_breaks_tpot_holds_none_within_it() -> None:
+    """An L4 at a 50 ms TPOT: its decode step at batch 1 (53 ms) breaks it, so no batch
+    keeps TPOT there. Its gate and its batch room are 0 (its b*_n stays at least 1: the
+    marginal energy's tables read it); an instance that keeps TPOT keeps its room."""
+    assert L4_8B.best_batch(0.05) == 0 < H100_8B.best_batch(0.05)
+    carry = sustainable_batch(L4_8B, 300.0, 1500.0, 0.3, 0.05)
+    assert carry >= 1
+    assert [tpot_gate(L4_8B, mean, 0.05) for mean in (1, 2, 40)] == [0, 0, 0]
+    assert gated_room(carry, tpot_gate(L4_8B, carry, 0.05)) == 0
+    gate = tpot_gate(H100_8B, 100, 0.05)
+    assert gate >= 100
+    assert gated_room(100, gate) == 100 and gated_room(7.5, 1.0) == 7.5
+
+
+@pytest.mark.parametrize("prof", [L4_8B, H100_8B])
+def test_the_routers_endpoint_model_reads_no_room_where_no_batch_keeps_tpot(
+        prof: ServingProfile) -> None:
+    """core.router's rooms (EndpointModel): batch room and TPOT batch 0 for the L4 at a
+    50 ms TPOT, at its pool's stream and at any slot load it is credited with; eps_n
+    still read at a batch of at least 1. The H100's rooms are b*_n and its gate."""
+    model = EndpointModel.from_profile(prof, 0.05, serving=(300.0, 1500.0, 0.3))
+    if prof.best_batch(0.05) == 0:
+        assert model.batch_limit == model.tpot_batch_limit == 0.0
+        for k in (-8, 3, 8):
+            assert model.rooms_at_slot_load(model.pool_slot_load * 2.0 ** (k / 8)) \
+                == (0.0, 0.0)
+        assert model.carry_batch >= 1 and math.isfinite(model.marginal_eps(0.0))
+    else:
+        assert model.batch_limit == sustainable_batch(prof, 300.0, 1500.0, 0.3, 0.05) >= 1
+        assert model.tpot_batch_limit == min(tpot_gate(
+            prof, sustainable_batch(prof, 300.0, 1500.0, math.inf, 0.05), 0.05),
+            model.max_batch) >= model.batch_limit
+
+
+def test_joulesched_sends_nothing_to_an_instance_that_cannot_keep_tpot() -> None:
+    """An A100 and an L4 behind JouleSched at a 50 ms TPOT (the L4's step alone is 53 ms),
+    prompts ~300, answers ~1,000 at 1.5 req/s (the A100 carries them all). Measured with
+    the L4's room at 1: the idle L4 took 34 of the 600 requests, every one of them past
+    TPOT (94.3 % within TPOT); now it takes none and every request keeps TPOT."""
+    rng = np.random.default_rng(2)
+    n, rate = 600, 1.5
+    arrival = np.cumsum(rng.exponential(1.0 / rate, n))
+    arrival -= arrival[0]
+    prompts = np.maximum(1, np.round(rng.lognormal(np.log(300.0), 0.5, n))).astype(np.int64)
+    answers = np.maximum(2, np.round(rng.exponential(1000.0, n))).astype(np.int64)
+    cl = cluster([("a", "A100", 1), ("l", "L4", 1)])
+    wl = workload(arrival.tolist(), prompts.tolist(), answers.tolist(), float(arrival[-1]))
+    wl = dataclasses.replace(wl, tpot_slo_s=np.full(n, 0.05),
+                             deadline_s=wl.ttft_slo_s + wl.output_tokens * 0.05)
+    run = simulate(cl, wl, POLICIES["joulesched"], model_tables(cl, 0.05))
+    l4 = run.instance_product == run.products.index("L4")
+    tpot = (run.t_done - run.t_first) / np.maximum(wl.output_tokens - 1, 1)
+    assert not l4.any()
+    assert np.mean(tpot <= wl.tpot_slo_s) >= 0.99

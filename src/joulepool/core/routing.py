@@ -768,8 +768,9 @@ class EndpointModel:
     #: stream: slot load (:func:`slot_load`) and mean response; None without ``serving``
     #: (then its rooms do not follow a mix: :meth:`rooms_at_slot_load`)
     mix: tuple[ServingProfile, float, float | None, float, float] | None = None
-    #: :func:`tpot_gate` of ``tpot_carry`` (:func:`overflow_rank`'s TPOT batch); 0: none
-    gate_batch: int = 0
+    #: :func:`tpot_gate` of ``tpot_carry`` (:func:`overflow_rank`'s TPOT batch; 0: no
+    #: batch keeps TPOT); -1: none
+    gate_batch: int = -1
     #: rooms at each slot-load bin, filled as read
     _rooms: dict[int, tuple[float, float]] = field(default_factory=dict, compare=False,
                                                    repr=False)
@@ -821,7 +822,7 @@ class EndpointModel:
         itl = np.asarray(profile.itl_s(b, clock_mhz), dtype=np.float64)
         return cls(eps, tps, op, pf, np.asarray(excess, dtype=np.float64), pi, carry, itl,
                    float(default_batched_tokens(profile.product)), tpot_carry, mix,
-                   gate if serving is not None else 0)
+                   gate if serving is not None else -1)
 
     @classmethod
     def constant(cls, eps: float, tps: float) -> EndpointModel:
@@ -863,11 +864,13 @@ class EndpointModel:
 
     @property
     def batch_limit(self) -> float:
-        """Requests it carries at once within the SLO (:attr:`carry_batch`), or infinite
-        for an endpoint described by fixed numbers (no batch model)."""
+        """Requests it carries at once within the SLO (:attr:`carry_batch`; none where
+        :attr:`gate_batch` is 0: :func:`gated_room`), or infinite for an endpoint
+        described by fixed numbers (no batch model)."""
         if self.excess is None:
             return math.inf
-        return float(self.carry_batch)
+        gate = self.gate_batch
+        return float(self.carry_batch if gate < 0 else gated_room(self.carry_batch, gate))
 
     @property
     def tpot_batch_limit(self) -> float:
@@ -876,7 +879,7 @@ class EndpointModel:
         :attr:`tpot_carry_batch`; infinite for an endpoint described by fixed numbers."""
         if self.excess is None:
             return math.inf
-        if self.gate_batch > 0:
+        if self.gate_batch >= 0:
             return float(min(self.gate_batch, self.max_batch))
         return self.tpot_carry_batch
 
@@ -914,8 +917,8 @@ class EndpointModel:
             at_load = min(room_at_slot_load(profile, k, prior, mean_out, tpot, clock),
                           self.max_batch)
             room, mean = member_rooms(self.batch_limit, self.tpot_carry_batch, float(at_load))
-            hit = self._rooms[k] = (room, float(min(tpot_gate(profile, mean, tpot, clock),
-                                                    self.max_batch)))
+            gate = float(min(tpot_gate(profile, mean, tpot, clock), self.max_batch))
+            hit = self._rooms[k] = (gated_room(room, gate), gate)
         return hit
 
     def marginal_eps(self, in_flight: float) -> float:
@@ -998,12 +1001,28 @@ def tpot_gate(profile: ServingProfile, mean_batch: float, tpot_slo_s: float,
     with the mean as the gate (docs/simulator.md, "Why the held-out cells fail"): with
     ~30-token answers the mean is 1-6, so a busy instance counted as full at once and
     prompts went to endpoints whose first token was later, or to a slower mode.
+
+    An instance whose decode step alone breaks the TPOT at batch 1
+    (:meth:`ServingProfile.best_batch` 0: an L4 at a 50 ms TPOT) holds none within it:
+    0, whatever its mean batch (:func:`sustainable_batch` is at least 1, for the
+    marginal energy's tables). Measured with 1 there (docs/marginal-energy.md, "Rooms
+    of an instance that cannot keep TPOT"): the router counted the idle instance's one
+    slot as room and sent it requests that all missed TPOT.
     """
+    top = profile.best_batch(tpot_slo_s, clock_mhz)
+    if top < 1:
+        return 0
     hr = headroom or DEFAULT_HEADROOM
     mean = max(float(mean_batch), 1.0)
-    top = max(profile.best_batch(tpot_slo_s, clock_mhz), 1)
     quantile = int(poisson.ppf(1.0 - hr.tpot_miss.value, mean))
     return max(int(mean), min(quantile, top))
+
+
+def gated_room(room: Batch, gate: Batch) -> Batch:
+    """The batch room (b*_n, the limit of :func:`slo_infeasible`'s ``batch_room``) of an
+    instance whose TPOT gate (:func:`tpot_gate`) is ``gate``: none where the gate is 0
+    (no batch keeps TPOT there, so every request it takes misses it), else ``room``."""
+    return room if gate >= 1 else gate
 
 
 #: grid of a member's credible slot load that its batch room is read at, in bins per

@@ -82,6 +82,7 @@ from joulepool.core.router import PI_PERIOD_S
 from joulepool.core.routing import (
     carbon_weights,
     credibility_at,
+    gated_room,
     member_rooms,
     room_at_slot_load,
     slot_load,
@@ -1102,12 +1103,14 @@ class Simulator:
 
     def _size_at_pool(self, inst: Instance) -> None:
         """``inst``'s b*_n and TPOT batch at its pool's stream (:meth:`_sustainable_batch`),
-        kept as its pool's rooms (:meth:`_member_rooms` starts from them)."""
+        kept as its pool's rooms (:meth:`_member_rooms` starts from them); its batch room
+        none where no batch keeps TPOT (core.routing.gated_room)."""
         mode, cls = inst.table.mode, inst.cls
         inst.set_carry(self._sustainable_batch(mode, cls))
         tpot_batch = self._tpot_gate(mode, cls, self._sustainable_batch(mode, cls, ttft=False))
         inst.tpot_batch = tpot_batch
-        inst.pool_rooms = (inst.opb, tpot_batch)
+        inst.room = gated_room(inst.opb, tpot_batch)
+        inst.pool_rooms = (inst.room, tpot_batch)
 
     def _tpot_gate(self, mode: str, cls: int, mean_batch: int) -> int:
         """core.routing.tpot_gate of ``mode`` at the pool's tightest TPOT: the batch
@@ -1200,7 +1203,8 @@ class Simulator:
             # the rooms compare mean TPOT batches; the gate is read from the member's
             room, mean = member_rooms(pool_rooms[0],
                                       self._sustainable_batch(mode, cls, ttft=False), tpot_batch)
-            hit = self.mix_rooms[key] = (room, self._tpot_gate(mode, cls, mean))
+            gate = self._tpot_gate(mode, cls, mean)
+            hit = self.mix_rooms[key] = (gated_room(room, gate), gate)
         return hit
 
     def _pool_mix(self, cls: int) -> tuple[float, float]:
