@@ -101,6 +101,55 @@ def test_overflow_goes_where_the_batch_keeps_tpot_then_least_loaded() -> None:
     assert prof.pick(req, st, 1)[0] == [0]
 
 
+def test_overflow_ranks_endpoints_that_delay_a_tighter_class_last() -> None:
+    """Property over random pools: with a ``delays_tighter`` mask, while some endpoint is
+    within its TPOT batch, within ranks before past it, and in each of those groups the
+    unmarked before the marked; when none is within, every unmarked before every marked,
+    each part in least-loaded's order; a mask with none marked changes nothing."""
+    rng = np.random.default_rng(5)
+    for _ in range(400):
+        n = int(rng.integers(1, 12))
+        out = rng.choice([0.0, 3.0, 8.0, 40.0], n)
+        batch = rng.choice([0.0, 4.0, 9.0, 50.0, np.inf], n)
+        inv = rng.choice([0.1, 0.25, 1.0], n)
+        marked = rng.random(n) < 0.4
+        keys = overflow_rank(out, batch, inv, marked)
+        plain = overflow_rank(out, batch, inv)
+        assert overflow_rank(out, batch, inv, np.zeros(n, bool)).tolist() == plain.tolist()
+        within = out + 1.0 <= batch
+        score = (out + 1.0) * inv
+        for i in range(n):
+            for j in range(n):
+                if within.any():
+                    if within[i] and not within[j]:
+                        assert keys[i] < keys[j]
+                    if within[i] == within[j] and not marked[i] and marked[j]:
+                        assert keys[i] < keys[j]
+                else:
+                    if not marked[i] and marked[j]:
+                        assert keys[i] < keys[j]
+                    if marked[i] == marked[j]:
+                        assert (keys[i] < keys[j]) == (score[i] < score[j])
+
+
+def test_a_late_request_keeps_its_prefill_from_a_tighter_class() -> None:
+    """Every endpoint late: endpoint 0, shared with a class whose TTFT is tighter than
+    the request's, gives the soonest first token, but the request goes to endpoint 1;
+    shared with a class no tighter than the request, endpoint 0 keeps it."""
+    prof = routing_profile("joulesched")
+    st = _state(2, eps_j_per_token=[0.1, 0.3], tps=[2000.0, 500.0],
+                prefill_s_per_token=[2e-5, 1e-4], outstanding=[1.0, 1.0],
+                tpot_batch=[8.0, 8.0])
+    req = REQ._replace(input_tokens=20_000.0, ttft_slo_s=0.35)
+    assert prof.pick(req, st, 2)[0] == [0, 1]  # soonest first token: the shared one
+    st.shared_ttft_s[:] = [0.3, np.inf]
+    got, scores = prof.pick(req, st, 2)
+    assert scores.late is not None and scores.late.all()
+    assert got == [1, 0]
+    st.shared_ttft_s[:] = [0.35, np.inf]  # as tight as the request's own: no reason
+    assert prof.pick(req, st, 2)[0] == [0, 1]
+
+
 def test_least_loaded_fewest_outstanding_per_capacity_first_on_ties() -> None:
     prof = routing_profile("least-loaded")
     st = _state(3, outstanding=[2, 1, 1])

@@ -12,6 +12,7 @@ import pytest
 
 from joulepool.api.models import EnergyPolicySpec, InferencePool
 from joulepool.api.plan import PlanDocument, PlannedInstance, PlannedPool, PlannedSLO
+from joulepool.core.classes import Tier
 from joulepool.core.problem import node_from_label
 from joulepool.fakes.gpus import SimulatedBackend, SimulatedGPUs
 from joulepool.kube import testing as T
@@ -407,3 +408,40 @@ def test_a_pool_with_instances_of_its_own_and_shared_ones_is_ready_when_both_are
                            "shared instance(s) of default.faq, 1 of them ready")
     assert ready(1, 0)[:2] == ("False", "ReplicasNotReady")
     assert ready(0, 1)[:2] == ("False", "ReplicasNotReady")
+
+
+def test_a_late_prompt_keeps_off_a_pod_shared_with_a_tighter_ttft() -> None:
+    """rag (TTFT 1 s) has a pod of its own (c, an A100) and chat's shared H100 pod a;
+    chat's TTFT is 0.3 s. A prompt late everywhere goes to c, not to the faster shared
+    pod, where chat's next first tokens would wait behind its prefill
+    (core.routing.overflow_rank); with chat's TTFT as loose as rag's, to a."""
+    a100 = PlannedInstance(node="h1", site="eu-west", product="A100", mode="1xA100",
+                           instances=1, gpus=1, gpusPerInstance=1, sharedWith=[])
+
+    def rag_pool(chat_ttft: float) -> Any:
+        chat = _planned("chat", _instances(1), _instances(1, "default.rag"))
+        chat = chat.model_copy(update={"slo": PlannedSLO(ttftSeconds=chat_ttft,
+                                                         tpotSeconds=0.1)})
+        doc = PlanDocument(pools={"default.chat": chat,
+                                  "default.rag": _planned("rag", a100)})
+        s = ClusterState()
+        s.replace_nodes([T.node("h0", "H100", gpus=2), T.node("h1", "A100", gpus=1)])
+        s.replace_pods([T.pod(n, node_name=node, ready=True, ip=ip, pool=pool, mode=mode)
+                        for n, node, ip, pool, mode in (
+                            ("a", "h0", "10.0.0.1", "default.chat", "1xH100"),
+                            ("b", "h0", "10.0.0.2", "default.chat", "1xH100"),
+                            ("c", "h1", "10.0.0.3", "default.rag", "1xA100"))])
+        s.set_plan(doc)
+        r = Router(RouterSettings(), s)
+        chat_pool = r.pool("default.chat")
+        assert chat_pool.state.shared_ttft_s.tolist() == [math.inf, math.inf]  # a is its own
+        return r.pool("default.rag")
+
+    rag = rag_pool(0.3)
+    assert [e.address for e in rag.endpoints] == [A, "10.0.0.3:8000"]
+    assert rag.state.shared_ttft_s.tolist() == [0.3, math.inf]
+    first = rag.state.prefill_s_per_token * 60_000.0
+    assert first[0] < first[1]  # the shared H100 would give the first token sooner
+    assert first[1] > 1.0  # and both are late for rag's 1 s TTFT
+    assert rag.decide(30.0, 60_000.0, Tier.INTERACTIVE, None, 0.0).endpoint == "10.0.0.3:8000"
+    assert rag_pool(1.0).decide(30.0, 60_000.0, Tier.INTERACTIVE, None, 0.0).endpoint == A

@@ -122,15 +122,17 @@ def _late_row(rng: np.random.Generator) -> tuple[float, ...]:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("odd", [0.0, 0.05])
+@pytest.mark.parametrize(("odd", "guests"), [(0.0, 0.0), (0.05, 0.0), (0.0, 0.3), (0.05, 0.5)])
 def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
-        odd: float) -> None:
+        odd: float, guests: float) -> None:
     """With every endpoint late, the index's soonest search (the endpoints within their
     TPOT batch by a lower bound of their first token, then each tie by q_n) names the
     rule's choice, ties of first token and ETA included (equal ETAs at unequal q_n too),
     and reads the pool's columns only when no endpoint is within its TPOT batch or a
-    row's first-token or ETA inputs are irregular."""
-    rng = np.random.default_rng(23 + int(odd * 100))
+    row's first-token or ETA inputs are irregular, or (with a share of ``guests``:
+    shared instances whose other classes' TTFT, ``shared_ttft_s``, may be tighter than
+    the request's, which the rule ranks after the rest) when its answer is one of them."""
+    rng = np.random.default_rng(23 + int(odd * 100) + int(guests * 10))
     answered = read = 0
     trials = 250
     for _ in range(trials):
@@ -145,11 +147,15 @@ def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
         if rng.random() < 0.1:  # nobody within the TPOT batch: least-loaded's score
             overflow[1][:] = 0.0
         index = CandidateIndex()
+        guest = rng.random(n) < guests
+        shared = np.where(guest, rng.choice([-2.0, 1e-10, 0.5], n), math.inf)
+        index.shared_ttft = {pos: float(v) for pos, v in enumerate(shared) if v < math.inf}
         for pos in rng.permutation(n).tolist():
             if rng.random() < 0.3:
                 index.put(pos, _late_row(rng), 0.0, math.inf)  # stale, within
             index.put(pos, rows[pos], float(overflow[0][pos]), float(overflow[1][pos]))
         st = _state(rows, overflow)
+        st.shared_ttft_s[:] = shared
         regular = all(1.0 <= r[9] < math.inf and 0.0 <= r[8] < math.inf and
                       math.isfinite(r[7]) and 0.0 <= r[10] < math.inf and
                       math.isfinite(r[4]) and math.isfinite(r[6]) and 0.0 < r[5] < math.inf
@@ -165,12 +171,20 @@ def test_nobody_on_time_goes_to_the_soonest_first_token_as_the_rule_sends_it(
             reads = []
             fast = index.best(r, lambda st=st, reads=reads: reads.append(1) or st)
             read += bool(reads)
-            assert not reads or not (within and regular), "columns read needlessly"
+            assert not reads or not (within and regular) or guest.any(), \
+                "columns read needlessly"
             if fast is None:
                 continue
             answered += 1
-            assert fast == profile.pick(r, st)[0][0], (rows, overflow, r)
-    if odd == 0.0:
+            ranked, scores = profile.pick(r, st)
+            assert fast == ranked[0], (rows, overflow, r)
+            assert scores.late is not None
+            tighter = shared < r.ttft_slo_s
+            if tighter[fast] and scores.late.all():  # late everywhere: there only when no
+                fits = overflow[0] + 1.0 <= overflow[1]  # other row serves in its TPOT group
+                before = ~tighter & np.isfinite(scores.cost) & (fits | ~fits[fast])
+                assert not before.any()
+    if odd == 0.0 and guests == 0.0:
         assert answered > 0.8 * 4 * trials
         assert read < 0.2 * 4 * trials
 

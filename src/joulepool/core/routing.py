@@ -562,7 +562,8 @@ def endpoint_late(wait_s: float, step_s: float, chunk_tokens: float,
 
 
 def overflow_rank(outstanding: npt.ArrayLike, tpot_batch: npt.ArrayLike,
-                  inv_capacity: npt.ArrayLike) -> FloatArray:
+                  inv_capacity: npt.ArrayLike,
+                  delays_tighter: npt.ArrayLike | None = None) -> FloatArray:
     """Where a request goes when no endpoint is predicted to keep its SLO: a key per
     endpoint, lower first (:func:`rank_endpoints` breaks ties by the first token).
 
@@ -574,12 +575,40 @@ def overflow_rank(outstanding: npt.ArrayLike, tpot_batch: npt.ArrayLike,
     what meets TPOT stretches the step of every request in it. When none can, least-loaded's
     score ``(outstanding + 1) x inv_capacity`` (1 / req/s the endpoint sustains): the
     overflow spreads in proportion to what each endpoint serves within the SLO, as
-    least-loaded routing would send it, instead of piling onto the fastest prefill."""
+    least-loaded routing would send it, instead of piling onto the fastest prefill.
+
+    ``delays_tighter`` (True: a shared instance this pool borrows that also serves a
+    class with a tighter TTFT than this request's, :func:`delays_tighter_ttft`) ranks
+    those after the others
+    of the same TPOT group (keys 0 / 1 within TPOT, 2 / 3 past it), and, when no
+    endpoint is within TPOT, after every other endpoint: a request late everywhere
+    would be late there too, and its prefill would make that class's next first tokens
+    late as well (docs/routing.md, "Overflow"). A batch past TPOT still ranks after
+    them, since it stretches every step of the batch."""
     joined = np.add(outstanding, 1.0)
     within = np.less_equal(joined, tpot_batch)
+    later = None if delays_tighter is None else np.asarray(delays_tighter, dtype=bool)
+    if later is not None and not later.any():
+        later = None
     if within.any():
-        return float_array(np.logical_not(within))
-    return float_array(np.multiply(joined, inv_capacity))
+        over = float_array(np.logical_not(within))
+        return over if later is None else float_array(np.add(np.multiply(over, 2.0), later))
+    keys = float_array(np.multiply(joined, inv_capacity))
+    if later is None or later.all():
+        return keys
+    rest = keys[np.logical_not(later)]
+    rest = rest[np.isfinite(rest)]
+    after = float(rest.max()) + 1.0 if rest.size else 0.0  # past every other key
+    return float_array(np.where(later, keys + after, keys))
+
+
+def delays_tighter_ttft(shared_ttft_s: npt.ArrayLike,
+                        ttft_slo_s: float) -> npt.NDArray[np.bool_]:
+    """Endpoints whose other classes' tightest TTFT SLO (``shared_ttft_s``, s: on a
+    guest's copy of a shared instance; inf on the pool's own endpoints) is below the
+    request's ``ttft_slo_s``: its prefill there would delay first tokens that have less
+    time than its own (:func:`overflow_rank`'s ``delays_tighter``)."""
+    return np.less(shared_ttft_s, ttft_slo_s)
 
 
 def rank_endpoints(breakdown: CostBreakdown, k: int, hard_deadline: bool = False,

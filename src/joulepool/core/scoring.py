@@ -46,6 +46,7 @@ import numpy.typing as npt
 
 from joulepool.core.cost import CostBreakdown, Scratch
 from joulepool.core.routing import (
+    delays_tighter_ttft,
     first_token_s,
     overflow_rank,
     rank_endpoints,
@@ -105,6 +106,11 @@ class EndpointState:
                          (inf where unknown)
     ``tpot_batch``       requests it carries at once within TPOT whatever the first
                          token (inf where unknown; core.routing.overflow_rank)
+    ``shared_ttft_s``    on a guest's copy of a shared instance (its home is another
+                         pool), the tightest TTFT SLO, s, of the other pools it serves;
+                         inf on the pool's own endpoints (the default); a late request
+                         with a looser TTFT ranks it after the others
+                         (core.routing.overflow_rank)
 
     ``models`` (per-endpoint serving profiles, e.g. :class:`core.routing.EndpointModel`)
     and ``extra`` (named columns of plugins not listed here) are free for new scorers.
@@ -122,8 +128,8 @@ class EndpointState:
         "batch_left_tokens", "batch_room", "clock_mhz", "eps_j_per_token", "extra",
         "inv_capacity", "kv_cache_usage", "models", "outstanding", "prefill_chunk_tokens",
         "prefill_j_per_token", "prefill_s_per_token", "prefill_step_s", "prefill_wait_s",
-        "prefill_weight", "queue_tokens", "running", "scratch", "tpot_batch", "tps",
-        "waiting", "wake_j_per_token",
+        "prefill_weight", "queue_tokens", "running", "scratch", "shared_ttft_s",
+        "tpot_batch", "tps", "waiting", "wake_j_per_token",
     )
 
     def __init__(self, n: int) -> None:
@@ -146,6 +152,7 @@ class EndpointState:
         self.prefill_s_per_token: FloatArray = np.zeros(n)
         self.batch_room: FloatArray = np.full(n, np.inf)
         self.tpot_batch: FloatArray = np.full(n, np.inf)
+        self.shared_ttft_s: FloatArray = np.full(n, np.inf)
         self.models: Sequence[Any] = ()
         self.extra: dict[str, FloatArray] = {}
         self.scratch = Scratch(n)
@@ -229,8 +236,9 @@ class JouleSchedScorer:
         late = slo_infeasible(first, endpoints.batch_room, request.ttft_slo_s, out)
         overflow = None
         if np.logical_or.reduce(late):  # (late.any() without its Python-level call)
-            overflow = overflow_rank(endpoints.outstanding, endpoints.tpot_batch,
-                                     endpoints.inv_capacity)
+            overflow = overflow_rank(
+                endpoints.outstanding, endpoints.tpot_batch, endpoints.inv_capacity,
+                delays_tighter_ttft(endpoints.shared_ttft_s, request.ttft_slo_s))
         return Scores(cb.cost, cb.eta_s, cb, late, first, overflow)
 
 

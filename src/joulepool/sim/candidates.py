@@ -56,6 +56,7 @@ import numpy as np
 
 from joulepool.core.batching import first_token_after_s
 from joulepool.core.routing import (
+    delays_tighter_ttft,
     endpoint_late,
     first_token_s,
     marginal_energy_floors,
@@ -125,7 +126,7 @@ class CandidateIndex:
     """
 
     __slots__ = ("first_odd", "first_placed", "firsts", "groups", "odd", "placed", "rows",
-                 "stale", "within")
+                 "shared_ttft", "stale", "within")
 
     def __init__(self) -> None:
         #: (eps, pi, wake) -> the rows of that energy key (_Group)
@@ -148,6 +149,10 @@ class CandidateIndex:
         self.first_placed: dict[int, _FirstPlaced | int] = {}
         self.within = 0  # positions within their TPOT batch
         self.first_odd = 0  # of which with first-token or ETA inputs that are not regular
+        #: position -> its ``shared_ttft_s`` column where finite (shared instances: a
+        #: late request with a looser TTFT ranks them after the rest,
+        #: core.routing.overflow_rank), set by the owner with that column
+        self.shared_ttft: dict[int, float] = {}
 
     @staticmethod
     def serves(profile: RoutingProfile) -> bool:
@@ -338,7 +343,11 @@ class CandidateIndex:
         if self.stale:
             self._refresh_firsts()
         if self.within and not self.first_odd and 0.0 <= prompt < INF:
-            return self._soonest_within(r)
+            pos = self._soonest_within(r)
+            # the soonest within TPOT over every row is the rule's choice unless its
+            # prefill would delay a tighter class's first tokens (such rows rank last)
+            if pos is None or not self.shared_ttft.get(pos, INF) < ttft:
+                return pos
         return self._soonest(r, endpoints())
 
     def _soonest_within(self, r: RequestInfo) -> int | None:
@@ -451,7 +460,8 @@ class CandidateIndex:
         if not first.size:
             return None
         rank = overflow_rank(endpoints.outstanding, endpoints.tpot_batch,
-                             endpoints.inv_capacity)
+                             endpoints.inv_capacity,
+                             delays_tighter_ttft(endpoints.shared_ttft_s, r.ttft_slo_s))
         least = rank[rank.argmin()]  # the first NaN if there is one
         if least != least:
             return None

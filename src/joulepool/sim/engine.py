@@ -328,6 +328,7 @@ class Simulator:
         "T",
         "carbon_t",
         "class_sets",
+        "class_ttfts",
         "clock_floors",
         "cluster",
         "controllers",
@@ -440,6 +441,8 @@ class Simulator:
         self.pool_mix: dict[int, tuple[float, float]] = {}
         #: class -> (:meth:`_pool_requests`, the part whose SLOs size its rooms)
         self.pool_requests: dict[int, tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]] = {}
+        #: class -> its tightest TTFT SLO as the router reads it (:meth:`_class_ttft`)
+        self.class_ttfts: dict[int, float] = {}
         self.seed, self.progress = seed, progress
         self.T = workload.duration_s
         self.llf = policy.queue == "llf"
@@ -1345,7 +1348,32 @@ class Simulator:
         for p in range(self.n_pools):
             # round-robin keeps its turn
             self.pools[p] = Pool(members[p], self.pools[p].profile, self.use_js,
-                                 home=p if self.planner_pools else None)
+                                 home=p if self.planner_pools else None,
+                                 shared_ttft=self._shared_ttfts(p, members[p]))
+
+    def _shared_ttfts(self, pool: int, members: Sequence[Instance]) -> list[float] | None:
+        """Per member of ``pool``: where it is a guest here (a shared instance whose home
+        is another class's pool), the tightest TTFT SLO (:meth:`_class_ttft`) of the
+        other classes it serves; inf on the pool's own members; None without guests."""
+        if not (self.planner_pools and self.use_js) or all(x.pool == pool for x in members):
+            return None
+        return [math.inf if x.pool == pool else
+                min((self._class_ttft(c) for c in self._pools_of(x) if c != pool),
+                    default=math.inf) for x in members]
+
+    def _class_ttft(self, cls: int) -> float:
+        """The tightest TTFT SLO of class ``cls``'s interactive requests (all of its
+        requests if none is interactive; inf if it has none), on the router's scale
+        (``guard_keep``, as the request's ttft_slo_s the rule compares it with)."""
+        hit = self.class_ttfts.get(cls)
+        if hit is None:
+            wl = self.workload
+            mine = wl.cls == cls
+            slo = mine & ~wl.bulk
+            slo = slo if slo.any() else mine
+            hit = self.class_ttfts[cls] = (
+                float(wl.ttft_slo_s[slo].min()) * self.guard_keep if slo.any() else math.inf)
+        return hit
 
     def _weigh_pools_carbon(self, members: Sequence[Sequence[Instance]] | None = None
                             ) -> bool:

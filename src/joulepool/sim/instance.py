@@ -534,10 +534,14 @@ class Pool:
                  "mix", "mix_of", "mix_puts", "out", "profile", "spread")
 
     def __init__(self, members: list[Instance], profile: RoutingProfile,
-                 indexed: bool = False, home: int | None = None) -> None:
+                 indexed: bool = False, home: int | None = None,
+                 shared_ttft: Sequence[float] | None = None) -> None:
         """``home``: the pool's index; a member whose ``pool`` is another one is a guest
         here (an instance shared by several classes' pools), whose row this pool keeps
-        in :attr:`guest_pos` (its ``pos`` is its home pool's). None: every member's home."""
+        in :attr:`guest_pos` (its ``pos`` is its home pool's). None: every member's home.
+        ``shared_ttft``: per member, the tightest TTFT SLO (s, on the scale of the
+        requests' ``ttft_slo_s``) of the other classes it serves, inf where none (the
+        ``shared_ttft_s`` column; None: all inf)."""
         self.members = members
         self.profile = profile
         #: instance idx -> row, for guest members (empty without shared instances)
@@ -567,6 +571,11 @@ class Pool:
             st.tpot_batch[pos] = inst.tpot_batch
             self.mix_of[pos] = slot_load_terms(inst.n_out, inst.sl_sum, inst.sl_sq)
         self._sum_mix()
+        if shared_ttft is not None:
+            st.shared_ttft_s[:] = shared_ttft
+            if self.index is not None:
+                self.index.shared_ttft = {pos: float(v) for pos, v in enumerate(shared_ttft)
+                                          if v < math.inf}
         for inst in members:
             self.set_rule(inst)
 
