@@ -81,6 +81,7 @@ from joulepool.sim.engine import EngineParams
 from joulepool.sim.report import summarise
 from joulepool.sim.runner import Experiment, run_experiment, trace_capacity
 from joulepool.sim.trace import Trace, TraceError, load_trace
+from joulepool.workers import submit_all
 
 CLUSTERS = {"joulesched-320": joulesched_320, "freesh-3site": freesh_3site}
 TRACES = ("bundled", "prefill-heavy", "decode-heavy")
@@ -402,9 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx.set_forkserver_preload(["joulepool.sim.runner", "joulepool.sim.report"])
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
                              initargs=(joulepool.__file__, __name__, __file__)) as pool:
-        futures = [pool.submit(run_cell, c)  # largest first
-                   for c in sorted(cells, key=expected_requests, reverse=True)]
         try:
+            futures = submit_all(pool, run_cell,  # largest first
+                                 sorted(cells, key=expected_requests, reverse=True))
             for done in as_completed(futures):
                 out = done.result()
                 outs.append(out)

@@ -6,8 +6,14 @@ where its parent's came from."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 import joulepool
+
+_T = TypeVar("_T")
 
 
 def require_parent_package(parent_file: str) -> None:
@@ -20,3 +26,19 @@ def require_parent_package(parent_file: str) -> None:
             f"this worker process imported joulepool from {here}, its parent from "
             f"{parent_file}: workers import it from PYTHONPATH or the installed package "
             "as their fork server started, not from sys.path edits made at run time")
+
+
+def submit_all(pool: ProcessPoolExecutor, fn: Callable[[Any], _T],
+               items: Iterable[Any]) -> list[Future[_T]]:
+    """``pool.submit(fn, item)`` for each item, in order. A pool starts its workers as
+    tasks are submitted, so a worker that has already failed to start shows here:
+    :class:`BrokenProcessPool` either way (the executor's own, or an ``OSError`` from
+    starting the next worker through a fork server the failure closed), for the caller
+    to report as it reports a worker that fails later."""
+    futures: list[Future[_T]] = []
+    for item in items:
+        try:
+            futures.append(pool.submit(fn, item))
+        except OSError as exc:
+            raise BrokenProcessPool(f"a worker process could not be started: {exc}") from exc
+    return futures

@@ -59,7 +59,7 @@ def test_workers_are_not_stalled_by_a_lock_another_parent_thread_holds(monkeypat
 
     def floor_under_the_lock(*args: object) -> object:
         with lock:
-            return real_floor(*args)  # type: ignore[arg-type]
+            return real_floor(*args)
 
     monkeypatch.setattr(runner, "window_work_floor", floor_under_the_lock)
     result: list[ExperimentResult] = []
@@ -93,7 +93,7 @@ def test_a_worker_that_cannot_start_raises_rather_than_hanging():
 
     def run() -> None:
         try:
-            runner._run_in_pool(exp, tasks, runs, 2, poisoned, None, None)  # type: ignore[arg-type]
+            runner._run_in_pool(exp, tasks, runs, 2, poisoned, None, None)
             outcome.append(None)
         except BaseException as exc:
             outcome.append(exc)
@@ -118,3 +118,39 @@ def test_the_same_package_passes_the_check():
     require_parent_package(joulepool.__file__ or "")
     with pytest.raises(RuntimeError, match="imported joulepool from"):
         require_parent_package("/elsewhere/joulepool/__init__.py")
+
+
+class _PoolWhoseWorkerFailed:
+    """What a ProcessPoolExecutor does when a worker has already failed to start while
+    tasks are still being submitted: its first submit goes through, the next one tries
+    to start a worker through the fork server that the failure closed (OSError, as
+    seen: EBADF from ``sendfds``)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[int] = []
+
+    def submit(self, fn, item):
+        if self.submitted:
+            raise OSError(9, "Bad file descriptor")
+        self.submitted.append(item)
+        return fn(item)
+
+
+def test_a_worker_failing_while_tasks_are_submitted_is_a_broken_pool():
+    """submit_all turns the OSError of starting a worker through a closed fork server
+    into BrokenProcessPool, which run_experiment reports as WorkerStartError, instead
+    of letting it escape as a bare OSError (seen once in a full `make test`)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from joulepool.workers import submit_all
+
+    pool = _PoolWhoseWorkerFailed()
+    with pytest.raises(BrokenProcessPool, match=r"could not be started.*Bad file descriptor"):
+        submit_all(pool, operator.neg, [1, 2, 3])
+    assert pool.submitted == [1]
+    assert submit_all(_PoolOfOne(), operator.neg, [1, 2]) == [-1, -2]
+
+
+class _PoolOfOne:
+    def submit(self, fn, item):
+        return fn(item)

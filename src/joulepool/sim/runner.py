@@ -45,7 +45,7 @@ from joulepool.sim.workload import (
     Workload,
     build_workload,
 )
-from joulepool.workers import require_parent_package
+from joulepool.workers import require_parent_package, submit_all
 
 #: the tightest TPOT of any class under FREESH's SLOs (150 ms): fixes each profile's
 #: operating batch unless an experiment's SLO set says otherwise
@@ -469,9 +469,9 @@ def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, job
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(joulepool.__file__, exp, tables, capacity, repeats,
                                        pq)) as pool:
-        pending: set[Future[tuple[str, int, RunResult]]] = {
-            pool.submit(_run_task, task) for task in tasks}
         try:
+            pending: set[Future[tuple[str, int, RunResult]]] = set(
+                submit_all(pool, _run_task, tasks))
             while pending:
                 finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 try:
