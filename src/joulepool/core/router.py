@@ -473,12 +473,10 @@ class PoolRouter:
         is another pool, ``_homes``), the tightest TTFT SLO of the other interactive
         pools the pod serves (``peers``; a bulk pool's requests have none, as
         :meth:`decide` reads them); inf on the pool's own pods."""
-        column = self.state.shared_ttft_s
-        if column.size == len(self.endpoints):
-            column[:] = [min((pool.ttft_s for pool, _ in e.peers
-                              if pool.tier is Tier.INTERACTIVE), default=math.inf)
-                         if i in self._homes else math.inf
-                         for i, e in enumerate(self.endpoints)]
+        self.state.shared_ttft_s[:] = [
+            min((pool.ttft_s for pool, _ in e.peers if pool.tier is Tier.INTERACTIVE),
+                default=math.inf) if i in self._homes else math.inf
+            for i, e in enumerate(self.endpoints)]
 
     def set_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Replace the endpoint set, keeping what was learned about known addresses."""
@@ -503,9 +501,8 @@ class PoolRouter:
         fresh.sort(key=lambda e: e.address)
         self.endpoints = fresh
         self.index = {e.address: i for i, e in enumerate(fresh)}
-        self._index_shared()
         self._alloc(len(fresh))
-        self._note_shared_ttft()
+        self._index_shared()  # (into the new state's shared_ttft_s column)
         if self.site_g:  # the new endpoints weigh by their sites' intensities
             self.carbon_w = self._carbon_weights()
         self.state.models = tuple(e.model for e in fresh)
