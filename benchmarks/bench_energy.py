@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import multiprocessing as mp
 import sys
 import time
 from collections.abc import Callable
@@ -81,7 +80,7 @@ from joulepool.sim.engine import EngineParams
 from joulepool.sim.report import summarise
 from joulepool.sim.runner import Experiment, run_experiment, trace_capacity
 from joulepool.sim.trace import Trace, TraceError, load_trace
-from joulepool.workers import submit_all
+from joulepool.workers import submit_all, worker_context
 
 CLUSTERS = {"joulesched-320": joulesched_320, "freesh-3site": freesh_3site}
 TRACES = ("bundled", "prefill-heavy", "decode-heavy")
@@ -397,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     outs = []
     # workers start from a fork server, not as forks of this process (whose other threads
     # may hold locks); each imports this file under its name, to find run_cell and Cell
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
-                         else "spawn")
-    if ctx.get_start_method() == "forkserver":  # the simulator imported once, in the server
-        ctx.set_forkserver_preload(["joulepool.sim.runner", "joulepool.sim.report"])
+    ctx = worker_context(["joulepool.sim.runner", "joulepool.sim.report"])
     with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=init_worker,
                              initargs=(joulepool.__file__, __name__, __file__)) as pool:
         try:

@@ -5,15 +5,34 @@ where its parent's came from."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
 import joulepool
 
 _T = TypeVar("_T")
+
+
+#: how pool workers start: from a clean server process (``forkserver``), never a fork of
+#: this process, whose other threads (a progress bar, a test's servers) may hold locks
+#: that a forked child would inherit held and wait on for ever; ``spawn`` where the
+#: platform has no fork server
+START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+def worker_context(preload: Sequence[str]) -> BaseContext:
+    """The multiprocessing context pool workers start from (:data:`START_METHOD`); with
+    a fork server, ``preload`` (module names) imported once in the server, so that every
+    worker forks from it ready to run."""
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(list(preload))
+    return ctx
 
 
 def require_parent_package(parent_file: str) -> None:

@@ -285,7 +285,8 @@ def test_a_worker_that_cannot_import_the_benchmark_exits_1(tmp_path, capsys):
     the reason, instead of the pool starting new workers for ever."""
     script = tmp_path / "bench_energy.py"
     script.write_text((BENCHMARKS / "bench_energy.py").read_text(encoding="utf-8")
-                      + "\nif mp.parent_process() is not None:\n"
+                      + "\nimport multiprocessing\n"
+                        "if multiprocessing.parent_process() is not None:\n"
                         "    raise ImportError('not importable in a worker')\n",
                       encoding="utf-8")
     name = "bench_energy_failing_in_workers"

@@ -8,7 +8,6 @@ depend only on the workload and are computed once per repeat.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import time
@@ -45,7 +44,7 @@ from joulepool.sim.workload import (
     Workload,
     build_workload,
 )
-from joulepool.workers import require_parent_package, submit_all
+from joulepool.workers import require_parent_package, submit_all, worker_context
 
 #: the tightest TPOT of any class under FREESH's SLOs (150 ms): fixes each profile's
 #: operating batch unless an experiment's SLO set says otherwise
@@ -335,12 +334,6 @@ def utilisation_note(workload: Workload, capacity: Capacity) -> str:
 #: repeats, and the queue progress goes back on; set in the worker by :func:`_init_worker`
 _SHARED: dict[str, object] = {}
 
-#: how pool workers start: from a clean server process (``forkserver``), never a fork of
-#: this process, whose other threads (a progress bar, a test's servers) may hold locks
-#: that a forked child would inherit held and wait on for ever; ``spawn`` where the
-#: platform has no fork server
-_START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-
 
 def _simulate_repeat(exp: Experiment, tables: dict[str, ProfileTable], capacity: Capacity,
                      policy: str, rep: RepeatData,
@@ -462,9 +455,7 @@ def _run_in_pool(exp: Experiment, tasks: list[tuple[str, int]], runs: _Runs, job
     tables, capacity, repeats = shared
     total = exp.duration_s * len(tasks)
     done = 0.0
-    ctx = mp.get_context(_START_METHOD)
-    if _START_METHOD == "forkserver":  # the server imports the simulator once; every
-        ctx.set_forkserver_preload([__name__])  # worker forks from it ready to run
+    ctx = worker_context([__name__])
     pq = ctx.Queue()
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(joulepool.__file__, exp, tables, capacity, repeats,
