@@ -16,9 +16,6 @@ Variants (``--variants``, comma-separated):
                     the response's last message (bench picker's floor)
     defaults        grpcio's default options, the stream left to the gateway's
                     half-close (the picker before these settings)
-
-Every variant's server has SO_REUSEPORT off (epp.NO_SHARED_PORT), so that a port
-another server holds makes it fail to start rather than share that port.
     channelz-on     the picker's, with grpcio's default channelz (on)
     wait-eof        the picker's, the stream left to the gateway's half-close
     one-cpu         the picker's, the process on one CPU (``--cpu``, default the last)
@@ -27,6 +24,9 @@ another server holds makes it fail to start rather than share that port.
                     as one), e.g. grpc.http2.bdp_probe=0
     env:NAME=VALUE  the picker's with this environment variable, e.g.
                     env:GRPC_POLL_STRATEGY=poll
+
+Every variant's server has SO_REUSEPORT off (epp.NO_SHARED_PORT), so that a port
+another server holds makes it fail to start rather than share that port.
 
     .venv/bin/joulepool bench grpc_floor [--rounds 5 --seconds 3]
         [--variants picker,defaults,channelz-on,wait-eof,one-cpu]
