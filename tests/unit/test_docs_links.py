@@ -25,17 +25,74 @@ def test_no_reference_to_design_files_outside_the_repository() -> None:
     assert not hits, hits
 
 
+def _docs() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _headings(text: str) -> list[str]:
+    """The Markdown headings of ``text`` (outside fenced code), without their ``#``s."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            out.append(line.lstrip("#").strip())
+    return out
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of the headings: lower case, punctuation dropped, spaces to
+    hyphens, ``-1``, ``-2`` ... on repeats."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in _headings(text):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
 def test_markdown_links_resolve_inside_the_repository() -> None:
+    """Every relative link of README.md and docs/ (sub-folders included) names a file of
+    the repository, and its ``#anchor``, if any, a heading of that file."""
     bad = []
-    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
-        for target in re.findall(r"\]\(([^)#\s]+)", doc.read_text()):
+    for doc in _docs():
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", doc.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            path = (doc.parent / target).resolve()
+            path = (doc.parent / target).resolve() if target else doc
             if not path.is_relative_to(ROOT) or not path.exists():
                 bad.append(f"{doc.relative_to(ROOT)} -> {target}")
+            elif anchor and path.suffix == ".md" and anchor not in _anchors(path.read_text()):
+                bad.append(f"{doc.relative_to(ROOT)} -> {target}#{anchor}")
     assert not bad, bad
     assert "docs/architecture.md" in (ROOT / "README.md").read_text()
+
+
+#: ``docs/planner.md, "Shared instances"`` and the like: a doc and a section of it, named
+#: in prose, code comments and docstrings (the section's heading or bold lead starts so)
+_SECTION_REF = re.compile(r'(?:docs/)?([\w.-]+\.md),?:?\s+\(?(?:sections?\s+)?"([^"]+)"')
+
+
+def test_sections_named_with_their_doc_exist() -> None:
+    """A section that code, tests or docs name beside its doc (``docs/X.md, "Heading"``)
+    is a heading of that doc or a paragraph's bold lead in it: moving or renaming a
+    section must update what points at it."""
+    bad = []
+    sources = [p for p in _files() if p.suffix in {".py", ".md"}]
+    sources += [*(ROOT / "tests").rglob("*.py"), *(ROOT / "native").glob("*.cc")]
+    for source in sources:
+        text = re.sub(r"\s*\n\s*(?:#+|//)?\s*", " ", source.read_text(errors="replace"))
+        for name, section in _SECTION_REF.findall(text):
+            doc = ROOT / "docs" / name
+            if not doc.exists():
+                continue
+            target = doc.read_text()
+            if not any(h.strip("`").startswith(section) for h in _headings(target)) \
+                    and f"**{section}" not in re.sub(r"\s+", " ", target):
+                bad.append(f"{source.relative_to(ROOT)}: {name} \"{section}\"")
+    assert not bad, bad
 
 
 def test_no_paragraph_of_the_docs_is_written_twice() -> None:
@@ -43,7 +100,7 @@ def test_no_paragraph_of_the_docs_is_written_twice() -> None:
     doc is a botched edit (an empty pattern replaced once put one paragraph between
     every character of docs/planner.md, 96,000 lines)."""
     repeated = []
-    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+    for doc in _docs():
         seen: set[str] = set()
         for para in doc.read_text().split("\n\n"):
             if para.count("\n") < 2:
