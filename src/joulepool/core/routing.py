@@ -7,9 +7,15 @@ simulator's JouleSched policies (``sim/engine.py``) both score endpoints with
 :func:`score_endpoints` and pick with :func:`rank_endpoints`: one rule.
 
 Endpoint scoring rule (request routing):
-    b*_n    = the endpoint's operating batch: the largest batch meeting the pool's
-              TPOT SLO (at least 1), the batch the planner and the extender's
-              placement size replicas at (:func:`replica_point`)
+    op_n    = the endpoint's operating batch: the largest batch whose decode step meets
+              the pool's TPOT SLO (at least 1), the batch the extender's placement sizes
+              replicas at (:func:`replica_point`; :attr:`EndpointModel.op_batch`)
+    b*_n    = requests it carries at once within the SLO: the mean decode batch at
+              the serving model's sustainable rate for the pool's mean prompt and
+              response (:func:`sustainable_batch`, the point the planner sizes pools
+              at), per member at the mix it holds (:func:`member_rooms`), 0 where no
+              batch keeps TPOT (:func:`tpot_gate`, :func:`gated_room`); op_n when the
+              pool's mix is not known (:attr:`EndpointModel.carry_batch`)
     X_n(b)  = (P_n(b) - P_idle,n) * s_n(b): the energy one decode step at batch b
               draws above idle (P power, s step time, both from the profile at the
               endpoint's clock: a fixed one, or where the clock follows the load (MIAD)
@@ -33,7 +39,7 @@ Endpoint scoring rule (request routing):
     E_n(r)  = eps_n * min(output_r, R_n) + X_n(1) * max(0, output_r - R_n)
               + pi_n * prompt_r: the steps it runs beyond the running batch's
               are steps that batch would not have run   (:func:`marginal_energy_j`)
-    mu_n    = profile.decode_tokens_per_s(b*_n)           (at the current clock where known)
+    mu_n    = profile.decode_tokens_per_s(op_n)           (at the current clock where known)
     w_n     = mu_n * prefill_s_per_token_n                (:func:`prefill_weight`: decode
               tokens the endpoint forgoes while it prefills one prompt token)
     q_n     = decode tokens ahead + w_n * prompt tokens ahead (not yet prefilled)
@@ -48,8 +54,9 @@ Endpoint scoring rule (request routing):
               (:func:`prefill_queue`, :func:`first_token_s`)
     late_n  = first_n > TTFT SLO, or no room within b*_n   (:func:`slo_infeasible`)
     choice  = among the endpoints not late: lowest cost, then lowest ETA, then lowest
-              index; when all are late: the soonest first token, as least-loaded
-              would send it                              (:func:`rank_endpoints`)
+              index; when all are late: the endpoints within their TPOT batch first
+              (borrowed shared instances of a tighter TTFT after the rest), then the
+              soonest first token        (:func:`overflow_rank`, :func:`rank_endpoints`)
 
 Why above idle: an instance holds its GPUs whether or not it serves, so what a
 request adds is the draw above idle for as long as it keeps the instance
@@ -77,8 +84,10 @@ drift is measured against eps at the batch the endpoint actually ran
 (:meth:`EndpointModel.at`), so the online scale carries drift, not load.
 
 Node (pod placement, the form :func:`joulepool.core.cost.placement_cost` takes):
-    the replica runs at the largest batch meeting the pool's TPOT SLO (as the
-    planner sizes it); capacity = instances that fit x tokens/s per instance;
+    the replica runs at the largest batch meeting the pool's TPOT SLO
+    (:func:`replica_point`; the planner sizes pools at the serving model's
+    sustainable rate instead, :meth:`ServingProfile.serving_point`);
+    capacity = instances that fit x tokens/s per instance;
     replica = the plan's mean instance tokens/s x utilisation (the same for every
               node, so the energy terms compare like with like);
     load = GPUs held by bound pods, as instances at that utilisation
@@ -216,7 +225,9 @@ def marginal_decode_j_per_token(excess: Sequence[float] | FloatArray, in_flight:
     """eps_n: decode joules per output token a request adds joining ``in_flight`` others.
 
     ``excess[b]`` is :func:`excess_step_j` at batch b (``excess[0]`` = 0, idle),
-    ``op_batch`` the batch the endpoint runs at most while meeting TPOT. Below it
+    ``op_batch`` b*_n, the requests the endpoint carries at once within the SLO
+    (:attr:`EndpointModel.carry_batch`: :func:`sustainable_batch`, else the operating
+    batch). Below it
     the request joins the running batch: X(k+1) - X(k) per step it stays (k = 0:
     waking an idle instance costs X(1)); from it on the request waits for a slot
     and takes its share of a full step, X(b*) / b*. Scalar, for the event loop.
