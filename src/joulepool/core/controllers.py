@@ -1,4 +1,15 @@
-"""Feedback controllers: PI for JouleSched's lambda, MIAD for GPU clocks."""
+"""Feedback controllers: PI for JouleSched's lambda, MIAD for GPU clocks.
+
+* :class:`PIController`: lambda (J per second late) steered so the pool's
+  deadline-miss ratio tracks its target (docs/architecture.md 1.2);
+* :class:`MIADController`: one GPU's SM clock (MHz), raised x ``k_inc`` when the
+  period's :class:`SLOSignal` is at risk, lowered by ``step_mhz`` otherwise;
+  :func:`miad_signal` builds that signal from an engine's metrics over the period
+  (:class:`PeriodLatencies`, seconds or fractions of the SLO), :func:`held_slo` picks
+  the SLO a GPU serving several pools answers to, and :func:`prefill_clock_floor` the
+  lowest clock at which a pool's long prompts still get their first token in time
+  (docs/architecture.md 1.5). The node agent and the simulator call these alike.
+"""
 
 from __future__ import annotations
 
