@@ -34,7 +34,9 @@ by default: core.routing's rule). Per endpoint:
     its prefill time at the endpoint's batch and each scrape resets from the
     engine's waiting and running counts; plus a wait for a batch slot when the
     requests in flight fill the engine's batch. Endpoints predicted to miss the
-    request's TTFT rank after the rest, soonest first token first.
+    request's TTFT (or with no batch room) rank after the rest; among them those
+    within their TPOT batch first, then the soonest first token
+    (:func:`core.routing.overflow_rank`, docs/routing.md "Overflow").
 
 Per pool: the sliding-window miss ratio (:class:`core.online.SlidingWindowRate`)
 and lambda from :class:`core.controllers.PIController`, stepped every

@@ -29,7 +29,8 @@ pool's rate at the size the last plan deployed, at most :data:`POOL_ROUNDS`
 times, stopping when the sizes repeat or the time budget is spent. A plan
 solved at pooled rates is used only if every pool it deploys sustains, at the
 size it actually has, the rate the plan counted on (:func:`pools_hold`); the
-best such plan (feasible first, then the least objective) is kept, and the
+best such plan (feasible first, then the least unmet demand, then the least
+objective: ``_better``) is kept, and the
 plan at n = 1 is the fallback (docs/planner.md, "Pool-level TTFT").
 
 The planner (:mod:`joulepool.core.planner`) is unchanged but for its
