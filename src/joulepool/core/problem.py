@@ -9,9 +9,15 @@ fills the planner's matrices from core's serving model:
 
 * ``power_w[r, m]`` and ``capacity_rps[r, m]`` = :meth:`ServingProfile.serving_point`
   (power in W of one instance, its sustainable requests/s with queueing headroom) at the
-  class's mean prompt and output lengths and its TTFT/TPOT SLO; 0 where the class may
-  not use the mode (no profile, product not allowed);
-* ``forecast_rps[r, t]`` = the class's forecast per step (requests/s).
+  class's mean prompt and output lengths and its TTFT/TPOT SLO, as one instance of a
+  pool of ``pool_sizes`` instances (one M/G/n prefill queue; default one instance;
+  docs/planner.md, "Pool-level TTFT"); 0 where the class may not use the mode (no
+  profile, product not allowed);
+* ``forecast_rps[r, t]`` = the class's forecast per step (requests/s);
+* for classes that may share instances (the same ``ServiceClass.share_key``), the price of a
+  request on a shared instance at the batch the group reaches (:func:`shared_batches`)
+  and the rate of one class's prompts next to which another keeps its TTFT
+  (:func:`shared_ttft`; docs/planner.md, "Shared instances").
 
 The serving point sizes a class from its MEAN prompt; a mode whose prefill of the mean
 prompt fits the TTFT may still miss it for a large share of the class's longer prompts.
