@@ -19,7 +19,17 @@ import pytest
 from scipy.stats import poisson
 from sim_helpers import cluster, workload
 
-from joulepool.core.profiles import H100_8B, L4_8B, Headroom, ServingProfile, assumed
+from joulepool.core.classes import PromptLengths
+from joulepool.core.problem import ServiceClass
+from joulepool.core.problem import serving_point as problem_serving_point
+from joulepool.core.profiles import (
+    DEFAULT_PROFILES,
+    H100_8B,
+    L4_8B,
+    Headroom,
+    ServingProfile,
+    assumed,
+)
 from joulepool.core.routing import EndpointModel, gated_room, sustainable_batch, tpot_gate
 from joulepool.sim.engine import simulate
 from joulepool.sim.policies import POLICIES
@@ -128,3 +138,27 @@ def test_joulesched_sends_nothing_to_an_instance_that_cannot_keep_tpot() -> None
     tpot = (run.t_done - run.t_first) / np.maximum(wl.output_tokens - 1, 1)
     assert not l4.any()
     assert np.mean(tpot <= wl.tpot_slo_s) >= 0.99
+
+
+@pytest.mark.parametrize("prof", DEFAULT_PROFILES, ids=lambda p: p.key)
+@pytest.mark.parametrize("tpot_s", [0.03, 0.05, 0.15])
+def test_the_planner_counts_no_capacity_where_the_router_holds_none_within_tpot(
+        prof: ServingProfile, tpot_s: float) -> None:
+    """The planner and the router read one rule for "no batch keeps TPOT here"
+    (ServingProfile.best_batch 0): where the router's gate is 0 (it sends such an instance
+    a request only when every endpoint is late), the planner's L[r, m] is 0 too, for
+    short and long prompts, with and without prompt lengths, alone or in a pool. The
+    planner may be stricter (its mean-TPOT margin), never looser. Held-out cells with L4s
+    at the interactive set's 50 ms (docs/marginal-energy.md, "The six cells"): the plan
+    gives the L4s nothing, as the router does."""
+    prompts = PromptLengths.from_samples(np.geomspace(100.0, 8000.0, 200))
+    classes = [ServiceClass("SS", 300.0, 200.0, 0.3, tpot_s, [1.0]),
+               ServiceClass("LS", 2000.0, 30.0, 0.6, tpot_s, [1.0]),
+               ServiceClass("LS", 2000.0, 30.0, 0.6, tpot_s, [1.0], prompt_tokens=prompts)]
+    no_room = tpot_gate(prof, 1.0, tpot_s) == 0
+    for cls, pool in itertools.product(classes, (1, 4)):
+        point = problem_serving_point(prof, cls, None, pool_size=pool)
+        if no_room:
+            assert point.rps == 0.0, (cls, pool, point.binding)
+    if prof is L4_8B:
+        assert no_room == (tpot_s < float(L4_8B.itl_s(1)))  # its step at batch 1: 53.3 ms
