@@ -111,8 +111,10 @@ def serve_engine(stream_tokens: int) -> None:
     asyncio.run(main())
 
 
-def _spawn(args: list[str], env: dict[str, str] | None = None
-           ) -> tuple[subprocess.Popen[str], str]:
+def spawn(args: list[str], env: dict[str, str] | None = None
+          ) -> tuple[subprocess.Popen[str], str]:
+    """Start ``args`` and wait for its first line, ``listening on HOST:PORT``; (process,
+    ``HOST:PORT``). RuntimeError (the process killed) when the line says otherwise."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     assert proc.stdout is not None
@@ -122,6 +124,27 @@ def _spawn(args: list[str], env: dict[str, str] | None = None
         proc.kill()
         raise RuntimeError(f"{args[:4]} did not start: {line}{err}")
     return proc, line.split()[-1].removeprefix("http://")
+
+
+def start_engines(n: int, stream_tokens: int, procs: list[subprocess.Popen[str]]
+                  ) -> list[str]:
+    """``n`` instant engines (:func:`serve_engine`, each in its own process, appended to
+    ``procs``) streaming ``stream_tokens`` chunks; their ``HOST:PORT`` addresses."""
+    engines = []
+    for _ in range(n):
+        proc, addr = spawn([sys.executable, __file__, "--serve-engine",
+                            "--stream-tokens", str(stream_tokens)])
+        procs.append(proc)
+        engines.append(addr)
+    return engines
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    """Terminate the processes and wait for each (10 s at most)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------
@@ -223,7 +246,9 @@ async def measure(engine: str, routers: dict[str, tuple[str, int]], stream: bool
     return out
 
 
-def _write_endpoints(path: Path, engines: list[str]) -> None:
+def write_endpoints(path: Path, engines: list[str]) -> None:
+    """The router's endpoints file: one interactive pool ``POOL`` serving ``MODEL`` on
+    ``engines`` (``HOST:PORT``)."""
     path.write_text(json.dumps({"pools": {POOL: {
         "model": MODEL, "tier": "interactive",
         "slo": {"ttftSeconds": 1.0, "tpotSeconds": 0.1},
@@ -232,14 +257,14 @@ def _write_endpoints(path: Path, engines: list[str]) -> None:
     }}}))
 
 
-def _start_router(ep_file: Path, src: Path | None, procs: list[subprocess.Popen[str]]
+def start_router(ep_file: Path, src: Path | None, procs: list[subprocess.Popen[str]]
                   ) -> tuple[str, int]:
     """A router (from ``src`` when given) proxying to the endpoints file; (address, pid)."""
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [
             env.get("PYTHONPATH")])])
-    router, addr = _spawn([
+    router, addr = spawn([
         sys.executable, "-m", "joulepool.cli", "router", "--no-cluster",
         "--endpoints-file", str(ep_file), "--host", "127.0.0.1", "--port", "0",
         "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"], env)
@@ -270,27 +295,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs: list[subprocess.Popen[str]] = []
     load = os.getloadavg()[0]
     try:
-        engines = []
-        for _ in range(args.engines):
-            proc, addr = _spawn([sys.executable, __file__, "--serve-engine",
-                                 "--stream-tokens", str(args.stream_tokens)])
-            procs.append(proc)
-            engines.append(addr)
+        engines = start_engines(args.engines, args.stream_tokens, procs)
         with tempfile.TemporaryDirectory() as tmp:
             ep_file = Path(tmp) / "endpoints.json"
-            _write_endpoints(ep_file, engines)
-            routers = {"this": _start_router(ep_file, None, procs)}
+            write_endpoints(ep_file, engines)
+            routers = {"this": start_router(ep_file, None, procs)}
             if args.baseline_src is not None:
-                routers["baseline"] = _start_router(ep_file, args.baseline_src.resolve(),
+                routers["baseline"] = start_router(ep_file, args.baseline_src.resolve(),
                                                     procs)
             results = [asyncio.run(measure(engines[0], routers, stream, args.runs,
                                            args.requests, args.concurrency, args.saturate))
                        for stream in (False, True)]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
+        stop_all(procs)
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "load_average": load},
            "results": results}
