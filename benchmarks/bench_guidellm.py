@@ -1,0 +1,519 @@
+"""The routing proxy under a published LLM load generator, GuideLLM, offline: proxy vs direct.
+
+``joulepool bench proxy`` drives the proxy with its own aiohttp client. This benchmark
+drives it with GuideLLM (the vLLM project's load generator for OpenAI-compatible
+servers), so that the proxy is seen through someone else's client and someone else's
+figures: GuideLLM's own requests per second, TTFT, inter-token latency (ITL) and
+request latency, median and p99.
+
+What it runs (loopback only, started as ``bench proxy`` starts them, with its
+functions): ``--engines`` instant OpenAI engines (``bench_proxy.serve_engine``: they
+answer at once, streaming ``--output-tokens`` chunks, so what differs between the two
+targets is the proxy's own work) and one ``joulepool router --no-cluster`` whose
+endpoints file lists them. GuideLLM then runs against the proxy and against the first
+engine directly, one ``guidellm run`` per target and run (the targets' order alternates
+between runs): a ``--profile`` (constant or poisson) benchmark at each of ``--rates``
+requests/s for ``--seconds`` seconds (the first ``--warmup`` share left out of the
+figures), synthetic prompts of ``--prompt-tokens`` tokens asking for
+``--output-tokens``, streaming unless ``--no-stream``. Each step and GuideLLM's command
+are printed, GuideLLM's console output shown as it runs (``--quiet``: not); the table at
+the end puts its figures side by side with the ratio proxy / direct (medians over
+``--runs``). GuideLLM's client (httpx, worker processes) costs more CPU than the proxy
+on a shared 2-core machine: the absolute figures are the load generator's as much as
+the server's, the ratios are the point; with a few dozen requests per rate, a p99 is
+close to the maximum.
+
+Setup, outside the project's environment (never in its test extra): a virtual
+environment, by default ``~/.cache/joulepool/guidellm-<version>`` (``--venv DIR``),
+created on first use from ``--python`` (>= 3.10, default this interpreter) with ``pip
+install torch==2.13.0 guidellm==0.8.1`` (``--torch``, ``--guidellm`` change the pins;
+torch named in the same command so that pip takes that release, a CPU build where one
+is on the machine's disk, instead of a CUDA build of several GB). GuideLLM brings
+transformers, datasets, pyarrow, pandas and faker: about 1.5 GB in all (754 MB of it
+torch), one to three minutes to install here; reused while its recorded requirements
+and Python version match. No model hub is reachable, so the tokenizer GuideLLM needs to
+size its prompts is made locally (:func:`tokenizer_files`): a word-level tokenizer over
+the word list of Faker, the library GuideLLM writes its synthetic prompts with, so that
+each prompt word is one token and none is unknown (checked in the venv before the load
+starts); ``HF_HUB_OFFLINE=1`` keeps GuideLLM from fetching anything. Exit 2 with the
+reason when GuideLLM cannot be set up (no interpreter >= 3.10, pip fails: e.g. no torch
+wheel reachable) or an argument is bad; 1 when a GuideLLM run fails or a request errs.
+
+    joulepool bench guidellm [--rates 5,20] [--seconds 10] [--warmup 0.1] [--runs 1]
+        [--engines 2] [--prompt-tokens 128] [--output-tokens 32] [--profile constant]
+        [--no-stream] [--venv DIR] [--python PATH] [--quiet] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+GUIDELLM_REQUIREMENT = "guidellm==0.8.1"
+TORCH_REQUIREMENT = "torch==2.13.0"
+MIN_PYTHON = (3, 10)  # guidellm 0.8's floor
+UNKNOWN_TOKEN = "[UNK]"
+
+#: GuideLLM's figures reported here: (label, metric in its JSON report, statistic,
+#: scale to the unit in the label). Requests per second: the mean over the benchmark,
+#: as GuideLLM's own console table gives it.
+FIGURES: tuple[tuple[str, str, str, float], ...] = (
+    ("req/s", "requests_per_second", "mean", 1.0),
+    ("TTFT p50 ms", "time_to_first_token_ms", "p50", 1.0),
+    ("TTFT p99 ms", "time_to_first_token_ms", "p99", 1.0),
+    ("ITL p50 ms", "inter_token_latency_ms", "p50", 1.0),
+    ("ITL p99 ms", "inter_token_latency_ms", "p99", 1.0),
+    ("latency p50 ms", "request_latency", "p50", 1e3),
+    ("latency p99 ms", "request_latency", "p99", 1e3),
+)
+#: Set for every GuideLLM process: nothing may be fetched from a model hub.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+class SetupError(Exception):
+    """GuideLLM cannot be set up here (the benchmark exits 2 with this message)."""
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+def positive_rates(text: str) -> list[float]:
+    """``"5,20"`` -> [5.0, 20.0]: requests per second, each finite and > 0, no repeats.
+    argparse.ArgumentTypeError otherwise."""
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rates must be numbers separated by commas: "
+                                         f"{text!r}") from None
+    if not all(math.isfinite(r) and r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be finite and > 0: {text!r}")
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"rates repeat: {text!r}")
+    return rates
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0: {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): {text!r}")
+    return value
+
+
+def default_venv(guidellm_requirement: str = GUIDELLM_REQUIREMENT) -> Path:
+    """``$XDG_CACHE_HOME`` (else ``~/.cache``) ``/joulepool/guidellm-<version>``: one
+    environment per GuideLLM pin (``<version>`` from ``==``, else ``latest``)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    _, pinned, version = guidellm_requirement.rpartition("==")
+    version = version.strip() if pinned and version.strip() else "latest"
+    return cache / "joulepool" / f"guidellm-{version}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (module docstring); argparse exits 2 on a bad argument."""
+    ap = argparse.ArgumentParser(prog="bench_guidellm",
+                                 description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--rates", type=positive_rates, default=[5.0, 20.0],
+                    help="requests per second, one GuideLLM benchmark each (default 5,20)")
+    ap.add_argument("--profile", choices=("constant", "poisson"), default="constant",
+                    help="arrivals at each rate: evenly spaced or Poisson")
+    ap.add_argument("--seconds", type=_positive_float, default=10.0,
+                    help="duration of each rate's benchmark")
+    ap.add_argument("--warmup", type=_fraction, default=0.1,
+                    help="share of each benchmark's duration GuideLLM leaves out of its "
+                         "figures at the start, in [0, 1) (default 0.1)")
+    ap.add_argument("--runs", type=_positive_int, default=1,
+                    help="runs per target, alternating the targets' order (medians)")
+    ap.add_argument("--engines", type=_positive_int, default=2,
+                    help="instant engines behind the proxy (direct: the first)")
+    ap.add_argument("--prompt-tokens", type=_positive_int, default=128)
+    ap.add_argument("--output-tokens", type=_positive_int, default=32,
+                    help="tokens asked for; the instant engines stream that many chunks")
+    ap.add_argument("--no-stream", dest="stream", action="store_false",
+                    help="non-streaming requests (no TTFT or ITL then)")
+    ap.add_argument("--venv", type=Path, default=None,
+                    help="GuideLLM's virtual environment (default: under ~/.cache/joulepool)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter that creates the venv (>= 3.10; default this one)")
+    ap.add_argument("--guidellm", default=GUIDELLM_REQUIREMENT,
+                    help=f"pip requirement for GuideLLM (default {GUIDELLM_REQUIREMENT})")
+    ap.add_argument("--torch", default=TORCH_REQUIREMENT,
+                    help=f"pip requirement for torch, installed with it (default "
+                         f"{TORCH_REQUIREMENT})")
+    ap.add_argument("--quiet", action="store_true", help="hide GuideLLM's console output")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.venv is None:
+        args.venv = default_venv(args.guidellm)
+    return args
+
+
+# --------------------------------------------------------------------------
+# GuideLLM's environment
+# --------------------------------------------------------------------------
+def _venv_bin(venv: Path, name: str) -> Path:
+    return venv / "bin" / name
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def python_version(python: str) -> tuple[int, int]:
+    """``python``'s (major, minor); SetupError when it does not run or is older than
+    :data:`MIN_PYTHON`."""
+    try:
+        probe = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                               capture_output=True, text=True, check=False)
+    except OSError as exc:
+        raise SetupError(f"cannot run {python}: {exc}") from None
+    if probe.returncode != 0:
+        raise SetupError(f"cannot run {python}: {_tail(probe.stderr, 3)}")
+    major, minor = (int(x) for x in probe.stdout.split())
+    if (major, minor) < MIN_PYTHON:
+        raise SetupError(f"{python} is Python {major}.{minor}; GuideLLM needs >= "
+                         f"{'.'.join(map(str, MIN_PYTHON))} (--python)")
+    return major, minor
+
+
+def ensure_guidellm(venv: Path, python: str, requirements: Sequence[str]) -> Path:
+    """The ``guidellm`` executable of ``venv``, created with ``python -m venv`` and
+    ``pip install *requirements`` unless the venv records exactly these requirements
+    and ``python``'s version. A folder there that is not empty and not a venv is left
+    alone (SetupError). Progress on stdout; SetupError when it cannot be set up."""
+    major, minor = python_version(python)
+    marker = venv / "joulepool-requirements.txt"
+    wanted = "\n".join([*requirements, f"python {major}.{minor}"]) + "\n"
+    guidellm = _venv_bin(venv, "guidellm")
+    if guidellm.exists() and marker.exists() and marker.read_text() == wanted:
+        print(f"guidellm: reusing {venv} ({', '.join(requirements)})", flush=True)
+        return guidellm
+    if venv.exists() and any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
+        raise SetupError(f"{venv} is not empty and not a virtual environment (--venv)")
+    print(f"guidellm: creating {venv} with Python {major}.{minor}: pip install "
+          f"{' '.join(requirements)} (about 1.5 GB with torch, transformers, datasets; "
+          f"a minute or more)", flush=True)
+    t0 = time.monotonic()
+    made = subprocess.run([python, "-m", "venv", "--clear", str(venv)],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        raise SetupError(f"python -m venv {venv} failed:\n{_tail(made.stderr)}")
+    pip = subprocess.run([str(_venv_bin(venv, "python")), "-m", "pip", "install",
+                          "--disable-pip-version-check", "-q", *requirements],
+                         capture_output=True, text=True, check=False)
+    if pip.returncode != 0 or not guidellm.exists():
+        raise SetupError(f"pip install {' '.join(requirements)} into {venv} failed "
+                         f"(exit {pip.returncode}):\n{_tail(pip.stdout + pip.stderr)}")
+    marker.write_text(wanted)
+    print(f"guidellm: installed in {time.monotonic() - t0:.0f} s", flush=True)
+    return guidellm
+
+
+# --------------------------------------------------------------------------
+# The local tokenizer
+# --------------------------------------------------------------------------
+def tokenizer_files(words: Iterable[str]) -> dict[str, str]:
+    """A word-level Hugging Face tokenizer over ``words`` (case-folded, each once) and
+    ``.``: file name -> content, ``tokenizer.json`` (the ``tokenizers`` library's
+    format: lower-casing, split on whitespace and punctuation, the unknown token
+    ``[UNK]`` id 0, then ``.``, then the words in sorted order) and
+    ``tokenizer_config.json`` (``transformers``' fast tokenizer class). Decoding joins
+    tokens with spaces. ValueError for an empty word list or a word the pre-tokenizer
+    would split (not all word characters)."""
+    vocab: dict[str, int] = {UNKNOWN_TOKEN: 0, ".": 1}
+    folded = sorted({w.lower() for w in words})
+    for word in folded:
+        if not re.fullmatch(r"\w+", word):
+            raise ValueError(f"not a single word: {word!r}")
+        vocab[word] = len(vocab)
+    if not folded:
+        raise ValueError("no words for the tokenizer")
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 0, "content": UNKNOWN_TOKEN, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True}],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNKNOWN_TOKEN},
+    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": UNKNOWN_TOKEN,
+              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": json.dumps(tokenizer),
+            "tokenizer_config.json": json.dumps(config, indent=1)}
+
+
+_FAKER_WORDS = "from faker import Faker; print('\\n'.join(Faker().get_words_list()))"
+_CHECK_TOKENIZER = """
+import sys
+from faker import Faker
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+faker = Faker()
+faker.seed_instance(0)
+ids = tok.encode(faker.text(max_nb_chars=5000))
+print(len(tok), len(ids), ids.count(tok.unk_token_id))
+"""
+
+
+def build_tokenizer(venv: Path, directory: Path) -> int:
+    """Write :func:`tokenizer_files` over Faker's word list (read in ``venv``) into
+    ``directory`` and check there that transformers loads it and that Faker text has no
+    unknown token; the vocabulary size. SetupError when either fails."""
+    python = str(_venv_bin(venv, "python"))
+    words = subprocess.run([python, "-c", _FAKER_WORDS], capture_output=True, text=True,
+                           check=False)
+    if words.returncode != 0:
+        raise SetupError(f"cannot read Faker's word list in {venv}:\n{_tail(words.stderr)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in tokenizer_files(words.stdout.split()).items():
+        (directory / name).write_text(content)
+    check = subprocess.run([python, "-c", _CHECK_TOKENIZER, str(directory)],
+                           capture_output=True, text=True, check=False,
+                           env={**os.environ, **OFFLINE_ENV})
+    if check.returncode != 0:
+        raise SetupError(f"transformers cannot load the local tokenizer {directory}:\n"
+                         f"{_tail(check.stderr)}")
+    size, tokens, unknown = (int(x) for x in check.stdout.split()[-3:])
+    if unknown:
+        raise SetupError(f"the local tokenizer leaves {unknown} of {tokens} tokens of "
+                         f"Faker text unknown")
+    print(f"guidellm: local word-level tokenizer, {size} tokens, in {directory} (Faker "
+          f"text: {tokens} tokens, none unknown)", flush=True)
+    return size
+
+
+# --------------------------------------------------------------------------
+# Runs and figures
+# --------------------------------------------------------------------------
+def scenario(target: str, model: str, args: argparse.Namespace, tokenizer: Path,
+             report: Path) -> dict[str, Any]:
+    """GuideLLM's scenario (its ``run --scenario`` file): the OpenAI HTTP backend at
+    ``http://<target>`` on ``/v1/completions`` (no health probe: the instant engines
+    serve none), a sub-benchmark per rate of ``args.rates`` (one after the other, in one
+    process), synthetic text, the local tokenizer, the JSON report at ``report``;
+    ``args.warmup`` of each benchmark's duration left out of its figures (GuideLLM's
+    warm-up phase: its worker processes and connections start then)."""
+    return {
+        "metadata": {"name": "joulepool-bench-guidellm"},
+        "spec": {
+            "backend": {"kind": "openai_http", "target": f"http://{target}", "model": model,
+                        "request_format": "/v1/completions", "validate_backend": False,
+                        "stream": bool(args.stream)},
+            "profile": {"kind": args.profile, "rate": [args.rates[0]],
+                        "warmup": args.warmup},
+            "constraints": [{"kind": "max_duration", "seconds": args.seconds}],
+            "tokenizer": {"kind": "hf_auto", "model": str(tokenizer)},
+            "data": [{"kind": "synthetic_text", "prompt_tokens": args.prompt_tokens,
+                      "output_tokens": args.output_tokens}],
+            "outputs": [{"kind": "json", "path": str(report)}],
+        },
+        "benchmarks": [{"profile.rate": rate} for rate in args.rates],
+    }
+
+
+def _statistic(metric: Mapping[str, Any], statistic: str) -> float | None:
+    values = metric.get("successful") or {}
+    value = values.get(statistic) if statistic in ("mean", "median") else \
+        (values.get("percentiles") or {}).get(statistic)
+    return None if value is None else float(value)
+
+
+def read_figures(report: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
+    """GuideLLM's JSON report -> per benchmark's target rate: each of :data:`FIGURES`
+    (None where the report has no such figure, e.g. TTFT without streaming) and the
+    request counts (``completed``, ``errored``). ValueError for a report without
+    benchmarks or a benchmark without a rate."""
+    benchmarks = report.get("benchmarks") or []
+    if not benchmarks:
+        raise ValueError("GuideLLM's report has no benchmarks")
+    out: dict[float, dict[str, Any]] = {}
+    for bench in benchmarks:
+        rate = (bench.get("config", {}).get("strategy") or {}).get("rate")
+        if rate is None:
+            raise ValueError("a benchmark of GuideLLM's report has no target rate")
+        metrics = bench.get("metrics", {})
+        row: dict[str, Any] = {}
+        for label, name, statistic, scale in FIGURES:
+            value = _statistic(metrics.get(name, {}), statistic)
+            row[label] = None if value is None else value * scale
+        totals = metrics.get("request_totals", {})
+        row["completed"] = int(totals.get("successful", 0))
+        row["errored"] = int(totals.get("errored", 0))
+        out[float(rate)] = row
+    return out
+
+
+def median_figures(runs: Sequence[Mapping[float, Mapping[str, Any]]]
+                   ) -> dict[float, dict[str, Any]]:
+    """Per rate and figure, the median over ``runs`` (of :func:`read_figures`) of the
+    values present (None when none is); request counts summed."""
+    rates = sorted({rate for run in runs for rate in run})
+    out: dict[float, dict[str, Any]] = {}
+    for rate in rates:
+        rows = [run[rate] for run in runs if rate in run]
+        merged: dict[str, Any] = {}
+        for label, *_ in FIGURES:
+            values = [row[label] for row in rows if row.get(label) is not None]
+            merged[label] = statistics.median(values) if values else None
+        for count in ("completed", "errored"):
+            merged[count] = sum(int(row.get(count, 0)) for row in rows)
+        out[rate] = merged
+    return out
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+
+
+def comparison_table(direct: Mapping[float, Mapping[str, Any]],
+                     proxied: Mapping[float, Mapping[str, Any]]) -> str:
+    """The figures side by side, one line per rate and figure: direct, proxy, proxy /
+    direct (``-`` where either is missing or direct is 0), then each target's completed
+    and errored requests."""
+    header = f"{'rate':>7}  {'figure':<15} {'direct':>10} {'proxy':>10} {'proxy/direct':>13}"
+    lines = [header, "-" * len(header)]
+    for rate in sorted(set(direct) | set(proxied)):
+        d, p = direct.get(rate, {}), proxied.get(rate, {})
+        for label, *_ in FIGURES:
+            dv, pv = d.get(label), p.get(label)
+            ratio = "-" if dv is None or pv is None or dv == 0 else f"{pv / dv:.2f}x"
+            lines.append(f"{rate:>7g}  {label:<15} {_cell(dv):>10} {_cell(pv):>10} "
+                         f"{ratio:>13}")
+        lines.append(f"{rate:>7g}  {'requests':<15} {_requests(d):>10} {_requests(p):>10}")
+    return "\n".join(lines)
+
+
+def _requests(row: Mapping[str, Any]) -> str:
+    if not row:
+        return "-"
+    errored = int(row.get("errored", 0))
+    return f"{int(row.get('completed', 0))}" + (f" ({errored} err)" if errored else "")
+
+
+def run_guidellm(guidellm: Path, spec: dict[str, Any], workdir: Path, name: str,
+                 quiet: bool) -> dict[float, dict[str, Any]]:
+    """One ``guidellm run`` of ``spec`` (written to ``workdir/<name>.json``), its
+    console shown unless ``quiet``; :func:`read_figures` of its report. RuntimeError
+    when GuideLLM fails."""
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(spec, indent=1))
+    cmd = [str(guidellm), "run", "--scenario", str(path), "--disable-console-interactive"]
+    if quiet:
+        cmd.append("--disable-console")
+    print(f"guidellm: {name}: {' '.join(cmd)}", flush=True)
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, env=env, check=False, text=True,
+                          capture_output=quiet)
+    if done.returncode != 0:
+        detail = f":\n{_tail(done.stdout + done.stderr)}" if quiet else ""
+        raise RuntimeError(f"guidellm run ({name}) failed with exit {done.returncode}"
+                           f"{detail}")
+    return read_figures(json.loads(Path(spec["spec"]["outputs"][0]["path"]).read_text()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from joulepool.bench import load_benchmark
+
+    proxy_bench = load_benchmark("proxy")
+    load = os.getloadavg()[0]
+    try:
+        guidellm = ensure_guidellm(args.venv, args.python, [args.torch, args.guidellm])
+    except SetupError as exc:
+        print(f"bench guidellm: GuideLLM cannot be set up: {exc}", file=sys.stderr)
+        return 2
+    procs: list[subprocess.Popen[str]] = []
+    runs: dict[str, list[dict[float, dict[str, Any]]]] = {"direct": [], "proxy": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_guidellm_") as tmp:
+            work = Path(tmp)
+            try:
+                build_tokenizer(args.venv, work / "tokenizer")
+            except SetupError as exc:
+                print(f"bench guidellm: GuideLLM cannot be set up: {exc}", file=sys.stderr)
+                return 2
+            engines = proxy_bench.start_engines(args.engines, args.output_tokens, procs)
+            ep_file = work / "endpoints.json"
+            proxy_bench.write_endpoints(ep_file, engines)
+            router, _ = proxy_bench.start_router(ep_file, None, procs)
+            targets = {"direct": engines[0], "proxy": router}
+            print(f"guidellm: {args.engines} instant engine(s) {', '.join(engines)}; proxy "
+                  f"(joulepool router) {router}; direct: {engines[0]}", flush=True)
+            for i in range(args.runs):
+                order = ["direct", "proxy"] if i % 2 == 0 else ["proxy", "direct"]
+                for name in order:
+                    label = f"{name}-run{i + 1}"
+                    spec = scenario(targets[name], proxy_bench.MODEL, args,
+                                    work / "tokenizer", work / f"{label}-report.json")
+                    runs[name].append(run_guidellm(guidellm, spec, work, label, args.quiet))
+    except RuntimeError as exc:
+        print(f"bench guidellm: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        proxy_bench.stop_all(procs)
+    direct, proxied = median_figures(runs["direct"]), median_figures(runs["proxy"])
+    print(f"\nGuideLLM ({args.guidellm}) against the proxy and one engine directly: "
+          f"{args.profile} rates {','.join(f'{r:g}' for r in args.rates)} req/s, "
+          f"{args.seconds:g} s each, prompts {args.prompt_tokens} tokens, "
+          f"{args.output_tokens} output tokens, {'streaming' if args.stream else 'not streaming'}, "
+          f"{args.engines} instant engine(s), medians of {args.runs} run(s); load average "
+          f"{load:.1f} at the start")
+    print(comparison_table(direct, proxied))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_average": load},
+            "guidellm": args.guidellm, "profile": args.profile, "rates": args.rates,
+            "seconds": args.seconds, "runs": args.runs, "stream": args.stream,
+            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+            "direct": {f"{r:g}": v for r, v in direct.items()},
+            "proxy": {f"{r:g}": v for r, v in proxied.items()},
+        }, indent=2))
+    errored = sum(row["errored"] for side in (direct, proxied) for row in side.values())
+    if errored:
+        print(f"bench guidellm: {errored} request(s) failed (see GuideLLM's output)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
