@@ -506,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
             "direct": {f"{r:g}": v for r, v in direct.items()},
             "proxy": {f"{r:g}": v for r, v in proxied.items()},
+            "each_run": {name: [{f"{r:g}": v for r, v in run.items()} for run in side]
+                         for name, side in runs.items()},
         }, indent=2))
     errored = sum(row["errored"] for side in (direct, proxied) for row in side.values())
     if errored:
