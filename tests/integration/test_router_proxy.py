@@ -313,6 +313,28 @@ async def test_token_guards_complete_not_proxy(tmp_path: Path) -> None:
         await engine.close()
 
 
+async def test_health_answers_as_healthz_without_the_token(tmp_path: Path) -> None:
+    """``GET /health`` (what vLLM serves and GuideLLM probes) is open like ``/healthz``
+    when a token guards the rest, and answers the same."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    engine = await _engine()
+    st = await _stack(tmp_path, [engine], token_file=token)
+    root = st.base_url.removesuffix("/v1")
+    try:
+        async with aiohttp.ClientSession() as http:
+            answers = []
+            for path in ("/health", "/healthz"):
+                async with http.get(f"{root}{path}") as r:
+                    answers.append((r.status, await r.json()))
+            async with http.get(f"{root}/metrics") as r:
+                assert r.status == 401  # the token is in force
+        assert answers[0] == answers[1] == (200, {"status": "ok"})
+    finally:
+        await st.router.close()
+        await engine.close()
+
+
 @pytest.mark.parametrize("engine_kind", ["vllm", "sglang"])
 async def test_router_scrapes_current_engine_names(engine_kind: str) -> None:
     """The fake engine serves vLLM V1's (or SGLang's) names; the router's scrape reads

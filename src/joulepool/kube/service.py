@@ -38,7 +38,7 @@ from joulepool.kube.state import ClusterState
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/healthz", "/readyz")
+OPEN_PATHS = ("/healthz", "/health", "/readyz")
 #: paths the bearer token guards with ``token_scope: router``
 ROUTER_PREFIXES = ("/v1/", "/metrics", "/debug")
 

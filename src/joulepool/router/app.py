@@ -14,6 +14,7 @@ Routes:
                                the OpenAI-compatible routing proxy
                                (:mod:`joulepool.router.proxy`; open, OpenAI-shaped errors)
     GET  /metrics  /healthz  /readyz
+    GET  /health               as /healthz (what OpenAI-compatible servers answer)
 
 With ``--epp-port``, the same process also serves the Gateway API Inference
 Extension's endpoint picker (Envoy ext_proc over gRPC, :mod:`joulepool.router.epp`)

@@ -41,7 +41,7 @@ from aiohttp import web
 from joulepool import httpserve
 from joulepool.api import contract
 from joulepool.core.router import NoEndpoints, PoolRouter, RouteDecision, UnknownPool
-from joulepool.kube.service import SERVICE, json_response, read_body
+from joulepool.kube.service import SERVICE, handle_healthz, json_response, read_body
 from joulepool.router import requests
 from joulepool.router.admission import Shed, WaitingRoom
 from joulepool.router.settings import Settings
@@ -251,8 +251,12 @@ def svc_settings(app: web.Application) -> Settings:
 
 
 def add_routes(app: web.Application) -> None:
+    """The proxy's routes, and ``GET /health`` (what vLLM and other OpenAI-compatible
+    servers answer, and load generators such as GuideLLM probe): the same answer as
+    ``/healthz``, open like it."""
     app.router.add_post("/v1/completions", handle_completions, name="completions")
     app.router.add_post("/v1/chat/completions", handle_chat_completions,
                         name="chat_completions")
     app.router.add_get("/v1/models", handle_models, name="models")
+    app.router.add_get("/health", handle_healthz, name="health")
     app.cleanup_ctx.append(session_ctx)
