@@ -61,6 +61,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+#: ``joulepool bench all`` skips this benchmark (it installs GuideLLM's 1.5 GB venv on
+#: first use): run it by name.
+IN_ALL = False
 GUIDELLM_REQUIREMENT = "guidellm==0.8.1"
 TORCH_REQUIREMENT = "torch==2.13.0"
 MIN_PYTHON = (3, 10)  # guidellm 0.8's floor

@@ -37,9 +37,21 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown benchmark {name!r}; choose from {sorted(found)} or all")
     rc = 0
     for name in names:
+        module = load_benchmark(name)
+        if args.name == "all" and not in_all(module):
+            print(f"== bench {name}: not part of 'all' (it installs a toolchain of its own "
+                  f"outside the project); run it as: joulepool bench {name} ==", flush=True)
+            continue
         print(f"== bench {name} ==", flush=True)
-        rc = max(rc, int(load_benchmark(name).main(list(args.bench_args)) or 0))
+        rc = max(rc, int(module.main(list(args.bench_args)) or 0))
     return rc
+
+
+def in_all(module: ModuleType) -> bool:
+    """Whether ``joulepool bench all`` runs this benchmark: yes unless its module sets
+    ``IN_ALL = False`` (those that install a separate toolchain on first use, such as a
+    load generator's virtual environment, run only when named)."""
+    return bool(getattr(module, "IN_ALL", True))
 
 
 def load_benchmark(name: str) -> ModuleType:
