@@ -328,8 +328,8 @@ def build_tokenizer(venv: Path, directory: Path) -> int:
 def scenario(target: str, model: str, args: argparse.Namespace, tokenizer: Path,
              report: Path) -> dict[str, Any]:
     """GuideLLM's scenario (its ``run --scenario`` file): the OpenAI HTTP backend at
-    ``http://<target>`` on ``/v1/completions`` (no health probe: the instant engines
-    serve none), a sub-benchmark per rate of ``args.rates`` (one after the other, in one
+    ``http://<target>`` on ``/v1/completions`` (its health probe, ``GET /health``, on:
+    the proxy and the instant engines answer it), a sub-benchmark per rate of ``args.rates`` (one after the other, in one
     process), synthetic text, the local tokenizer, the JSON report at ``report``;
     ``args.warmup`` of each benchmark's duration left out of its figures (GuideLLM's
     warm-up phase: its worker processes and connections start then)."""
@@ -337,7 +337,7 @@ def scenario(target: str, model: str, args: argparse.Namespace, tokenizer: Path,
         "metadata": {"name": "joulepool-bench-guidellm"},
         "spec": {
             "backend": {"kind": "openai_http", "target": f"http://{target}", "model": model,
-                        "request_format": "/v1/completions", "validate_backend": False,
+                        "request_format": "/v1/completions", "validate_backend": True,
                         "stream": bool(args.stream)},
             "profile": {"kind": args.profile, "rate": [args.rates[0]],
                         "warmup": args.warmup},

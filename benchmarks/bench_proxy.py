@@ -97,9 +97,13 @@ def serve_engine(stream_tokens: int) -> None:
         await resp.write_eof()
         return resp
 
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})  # vLLM's GET /health, for load generators
+
     async def main() -> None:
         app = web.Application()
         app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -88,6 +88,7 @@ def test_scenario_names_the_target_rates_tokenizer_and_report(bench, tmp_path) -
     backend = spec["spec"]["backend"]
     assert backend["target"] == "http://127.0.0.1:9" and backend["model"] == "m"
     assert backend["request_format"] == "/v1/completions" and backend["stream"] is True
+    assert backend["validate_backend"] is True  # GET /health: the proxy and engines serve it
     assert spec["spec"]["profile"]["kind"] == "poisson"
     assert [b["profile.rate"] for b in spec["benchmarks"]] == [5.0, 20.0]
     assert spec["spec"]["constraints"] == [{"kind": "max_duration", "seconds": 4.0}]
