@@ -31,13 +31,15 @@ torch named in the same command so that pip takes that release, a CPU build wher
 is on the machine's disk, instead of a CUDA build of several GB). GuideLLM brings
 transformers, datasets, pyarrow, pandas and faker: about 1.5 GB in all (754 MB of it
 torch), one to three minutes to install here; reused while its recorded requirements
-and Python version match. No model hub is reachable, so the tokenizer GuideLLM needs to
-size its prompts is made locally (:func:`tokenizer_files`): a word-level tokenizer over
-the word list of Faker, the library GuideLLM writes its synthetic prompts with, so that
-each prompt word is one token and none is unknown (checked in the venv before the load
-starts); ``HF_HUB_OFFLINE=1`` keeps GuideLLM from fetching anything. Exit 2 with the
-reason when GuideLLM cannot be set up (no interpreter >= 3.10, pip fails: e.g. no torch
-wheel reachable) or an argument is bad; 1 when a GuideLLM run fails or a request errs.
+and Python version match (:mod:`joulepool.toolenv`, shared with ``bench
+inference_perf``). No model hub is reachable, so the tokenizer GuideLLM needs to size
+its prompts is made locally (:func:`joulepool.toolenv.tokenizer_files`): a word-level
+tokenizer over the word list of Faker, the library GuideLLM writes its synthetic
+prompts with, so that each prompt word is one token and none is unknown (checked in
+the venv before the load starts); ``HF_HUB_OFFLINE=1`` keeps GuideLLM from fetching
+anything. Exit 2 with the reason when GuideLLM cannot be set up (no interpreter >=
+3.10, pip fails: e.g. no torch wheel reachable) or an argument is bad; 1 when a
+GuideLLM run fails or a request errs.
 
     joulepool bench guidellm [--rates 5,20] [--seconds 10] [--warmup 0.1] [--runs 1]
         [--engines 2] [--prompt-tokens 128] [--output-tokens 32] [--profile constant]
@@ -51,15 +53,16 @@ import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from joulepool import toolenv
+from joulepool.toolenv import SetupError, tail, tokenizer_files
 
 #: ``joulepool bench all`` skips this benchmark (it installs GuideLLM's 1.5 GB venv on
 #: first use): run it by name.
@@ -67,7 +70,6 @@ IN_ALL = False
 GUIDELLM_REQUIREMENT = "guidellm==0.8.1"
 TORCH_REQUIREMENT = "torch==2.13.0"
 MIN_PYTHON = (3, 10)  # guidellm 0.8's floor
-UNKNOWN_TOKEN = "[UNK]"
 
 #: GuideLLM's figures reported here: (label, metric in its JSON report, statistic,
 #: scale to the unit in the label). Requests per second: the mean over the benchmark,
@@ -81,12 +83,9 @@ FIGURES: tuple[tuple[str, str, str, float], ...] = (
     ("latency p50 ms", "request_latency", "p50", 1e3),
     ("latency p99 ms", "request_latency", "p99", 1e3),
 )
+LABELS = tuple(label for label, *_ in FIGURES)
 #: Set for every GuideLLM process: nothing may be fetched from a model hub.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-class SetupError(Exception):
-    """GuideLLM cannot be set up here (the benchmark exits 2 with this message)."""
 
 
 # --------------------------------------------------------------------------
@@ -138,12 +137,8 @@ def _fraction(text: str) -> float:
 
 
 def default_venv(guidellm_requirement: str = GUIDELLM_REQUIREMENT) -> Path:
-    """``$XDG_CACHE_HOME`` (else ``~/.cache``) ``/joulepool/guidellm-<version>``: one
-    environment per GuideLLM pin (``<version>`` from ``==``, else ``latest``)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    _, pinned, version = guidellm_requirement.rpartition("==")
-    version = version.strip() if pinned and version.strip() else "latest"
-    return cache / "joulepool" / f"guidellm-{version}"
+    """GuideLLM's cached venv for this pin (:func:`joulepool.toolenv.default_venv`)."""
+    return toolenv.default_venv("guidellm", guidellm_requirement)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -192,96 +187,17 @@ def _venv_bin(venv: Path, name: str) -> Path:
     return venv / "bin" / name
 
 
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def python_version(python: str) -> tuple[int, int]:
-    """``python``'s (major, minor); SetupError when it does not run or is older than
-    :data:`MIN_PYTHON`."""
-    try:
-        probe = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
-                               capture_output=True, text=True, check=False)
-    except OSError as exc:
-        raise SetupError(f"cannot run {python}: {exc}") from None
-    if probe.returncode != 0:
-        raise SetupError(f"cannot run {python}: {_tail(probe.stderr, 3)}")
-    major, minor = (int(x) for x in probe.stdout.split())
-    if (major, minor) < MIN_PYTHON:
-        raise SetupError(f"{python} is Python {major}.{minor}; GuideLLM needs >= "
-                         f"{'.'.join(map(str, MIN_PYTHON))} (--python)")
-    return major, minor
-
-
 def ensure_guidellm(venv: Path, python: str, requirements: Sequence[str]) -> Path:
-    """The ``guidellm`` executable of ``venv``, created with ``python -m venv`` and
-    ``pip install *requirements`` unless the venv records exactly these requirements
-    and ``python``'s version. A folder there that is not empty and not a venv is left
-    alone (SetupError). Progress on stdout; SetupError when it cannot be set up."""
-    major, minor = python_version(python)
-    marker = venv / "joulepool-requirements.txt"
-    wanted = "\n".join([*requirements, f"python {major}.{minor}"]) + "\n"
-    guidellm = _venv_bin(venv, "guidellm")
-    if guidellm.exists() and marker.exists() and marker.read_text() == wanted:
-        print(f"guidellm: reusing {venv} ({', '.join(requirements)})", flush=True)
-        return guidellm
-    if venv.exists() and any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
-        raise SetupError(f"{venv} is not empty and not a virtual environment (--venv)")
-    print(f"guidellm: creating {venv} with Python {major}.{minor}: pip install "
-          f"{' '.join(requirements)} (about 1.5 GB with torch, transformers, datasets; "
-          f"a minute or more)", flush=True)
-    t0 = time.monotonic()
-    made = subprocess.run([python, "-m", "venv", "--clear", str(venv)],
-                          capture_output=True, text=True, check=False)
-    if made.returncode != 0:
-        raise SetupError(f"python -m venv {venv} failed:\n{_tail(made.stderr)}")
-    pip = subprocess.run([str(_venv_bin(venv, "python")), "-m", "pip", "install",
-                          "--disable-pip-version-check", "-q", *requirements],
-                         capture_output=True, text=True, check=False)
-    if pip.returncode != 0 or not guidellm.exists():
-        raise SetupError(f"pip install {' '.join(requirements)} into {venv} failed "
-                         f"(exit {pip.returncode}):\n{_tail(pip.stdout + pip.stderr)}")
-    marker.write_text(wanted)
-    print(f"guidellm: installed in {time.monotonic() - t0:.0f} s", flush=True)
-    return guidellm
+    """The ``guidellm`` executable of ``venv``, made or reused by
+    :func:`joulepool.toolenv.ensure_venv` from ``python`` (>= :data:`MIN_PYTHON`)."""
+    return toolenv.ensure_venv(venv, python, requirements, "guidellm", "guidellm",
+                               MIN_PYTHON, "about 1.5 GB with torch, transformers, "
+                               "datasets; a minute or more")
 
 
 # --------------------------------------------------------------------------
 # The local tokenizer
 # --------------------------------------------------------------------------
-def tokenizer_files(words: Iterable[str]) -> dict[str, str]:
-    """A word-level Hugging Face tokenizer over ``words`` (case-folded, each once) and
-    ``.``: file name -> content, ``tokenizer.json`` (the ``tokenizers`` library's
-    format: lower-casing, split on whitespace and punctuation, the unknown token
-    ``[UNK]`` id 0, then ``.``, then the words in sorted order) and
-    ``tokenizer_config.json`` (``transformers``' fast tokenizer class). Decoding joins
-    tokens with spaces. ValueError for an empty word list or a word the pre-tokenizer
-    would split (not all word characters)."""
-    vocab: dict[str, int] = {UNKNOWN_TOKEN: 0, ".": 1}
-    folded = sorted({w.lower() for w in words})
-    for word in folded:
-        if not re.fullmatch(r"\w+", word):
-            raise ValueError(f"not a single word: {word!r}")
-        vocab[word] = len(vocab)
-    if not folded:
-        raise ValueError("no words for the tokenizer")
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": 0, "content": UNKNOWN_TOKEN, "single_word": False,
-                          "lstrip": False, "rstrip": False, "normalized": False,
-                          "special": True}],
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNKNOWN_TOKEN},
-    }
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": UNKNOWN_TOKEN,
-              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
-    return {"tokenizer.json": json.dumps(tokenizer),
-            "tokenizer_config.json": json.dumps(config, indent=1)}
-
-
 _FAKER_WORDS = "from faker import Faker; print('\\n'.join(Faker().get_words_list()))"
 _CHECK_TOKENIZER = """
 import sys
@@ -303,7 +219,7 @@ def build_tokenizer(venv: Path, directory: Path) -> int:
     words = subprocess.run([python, "-c", _FAKER_WORDS], capture_output=True, text=True,
                            check=False)
     if words.returncode != 0:
-        raise SetupError(f"cannot read Faker's word list in {venv}:\n{_tail(words.stderr)}")
+        raise SetupError(f"cannot read Faker's word list in {venv}:\n{tail(words.stderr)}")
     directory.mkdir(parents=True, exist_ok=True)
     for name, content in tokenizer_files(words.stdout.split()).items():
         (directory / name).write_text(content)
@@ -312,7 +228,7 @@ def build_tokenizer(venv: Path, directory: Path) -> int:
                            env={**os.environ, **OFFLINE_ENV})
     if check.returncode != 0:
         raise SetupError(f"transformers cannot load the local tokenizer {directory}:\n"
-                         f"{_tail(check.stderr)}")
+                         f"{tail(check.stderr)}")
     size, tokens, unknown = (int(x) for x in check.stdout.split()[-3:])
     if unknown:
         raise SetupError(f"the local tokenizer leaves {unknown} of {tokens} tokens of "
@@ -329,10 +245,11 @@ def scenario(target: str, model: str, args: argparse.Namespace, tokenizer: Path,
              report: Path) -> dict[str, Any]:
     """GuideLLM's scenario (its ``run --scenario`` file): the OpenAI HTTP backend at
     ``http://<target>`` on ``/v1/completions`` (its health probe, ``GET /health``, on:
-    the proxy and the instant engines answer it), a sub-benchmark per rate of ``args.rates`` (one after the other, in one
-    process), synthetic text, the local tokenizer, the JSON report at ``report``;
-    ``args.warmup`` of each benchmark's duration left out of its figures (GuideLLM's
-    warm-up phase: its worker processes and connections start then)."""
+    the proxy and the instant engines answer it), a sub-benchmark per rate of
+    ``args.rates`` (one after the other, in one process), synthetic text, the local
+    tokenizer, the JSON report at ``report``; ``args.warmup`` of each benchmark's
+    duration left out of its figures (GuideLLM's warm-up phase: its worker processes
+    and connections start then)."""
     return {
         "metadata": {"name": "joulepool-bench-guidellm"},
         "spec": {
@@ -383,16 +300,17 @@ def read_figures(report: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
     return out
 
 
-def median_figures(runs: Sequence[Mapping[float, Mapping[str, Any]]]
-                   ) -> dict[float, dict[str, Any]]:
-    """Per rate and figure, the median over ``runs`` (of :func:`read_figures`) of the
-    values present (None when none is); request counts summed."""
+def median_figures(runs: Sequence[Mapping[float, Mapping[str, Any]]],
+                   labels: Sequence[str] = LABELS) -> dict[float, dict[str, Any]]:
+    """Per rate and figure (``labels``, default GuideLLM's), the median over ``runs``
+    (of :func:`read_figures`) of the values present (None when none is); request
+    counts (``completed``, ``errored``) summed."""
     rates = sorted({rate for run in runs for rate in run})
     out: dict[float, dict[str, Any]] = {}
     for rate in rates:
         rows = [run[rate] for run in runs if rate in run]
         merged: dict[str, Any] = {}
-        for label, *_ in FIGURES:
+        for label in labels:
             values = [row[label] for row in rows if row.get(label) is not None]
             merged[label] = statistics.median(values) if values else None
         for count in ("completed", "errored"):
@@ -406,15 +324,16 @@ def _cell(value: float | None) -> str:
 
 
 def comparison_table(direct: Mapping[float, Mapping[str, Any]],
-                     proxied: Mapping[float, Mapping[str, Any]]) -> str:
-    """The figures side by side, one line per rate and figure: direct, proxy, proxy /
-    direct (``-`` where either is missing or direct is 0), then each target's completed
-    and errored requests."""
+                     proxied: Mapping[float, Mapping[str, Any]],
+                     labels: Sequence[str] = LABELS) -> str:
+    """The figures (``labels``, default GuideLLM's) side by side, one line per rate and
+    figure: direct, proxy, proxy / direct (``-`` where either is missing or direct is
+    0), then each target's completed and errored requests."""
     header = f"{'rate':>7}  {'figure':<15} {'direct':>10} {'proxy':>10} {'proxy/direct':>13}"
     lines = [header, "-" * len(header)]
     for rate in sorted(set(direct) | set(proxied)):
         d, p = direct.get(rate, {}), proxied.get(rate, {})
-        for label, *_ in FIGURES:
+        for label in labels:
             dv, pv = d.get(label), p.get(label)
             ratio = "-" if dv is None or pv is None or dv == 0 else f"{pv / dv:.2f}x"
             lines.append(f"{rate:>7g}  {label:<15} {_cell(dv):>10} {_cell(pv):>10} "
@@ -445,7 +364,7 @@ def run_guidellm(guidellm: Path, spec: dict[str, Any], workdir: Path, name: str,
     done = subprocess.run(cmd, env=env, check=False, text=True,
                           capture_output=quiet)
     if done.returncode != 0:
-        detail = f":\n{_tail(done.stdout + done.stderr)}" if quiet else ""
+        detail = f":\n{tail(done.stdout + done.stderr)}" if quiet else ""
         raise RuntimeError(f"guidellm run ({name}) failed with exit {done.returncode}"
                            f"{detail}")
     return read_figures(json.loads(Path(spec["spec"]["outputs"][0]["path"]).read_text()))

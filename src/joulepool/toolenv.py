@@ -1,0 +1,185 @@
+"""A cached virtual environment for an external tool a benchmark drives (a published
+load generator such as GuideLLM or inference-perf), kept outside the project's own
+environment and never in its test extra.
+
+One environment per tool and pin, by default ``$XDG_CACHE_HOME`` (else ``~/.cache``)
+``/joulepool/<tool>-<version>`` (:func:`default_venv`); created with ``python -m venv``
+and ``pip install`` on first use and reused while the requirements and the Python
+version it recorded match (:func:`ensure_venv`). :func:`find_python` picks the
+interpreter when the tool needs a newer Python than the project's. Every refusal is a
+:class:`SetupError` whose message says what to change; the benchmarks exit 2 with it.
+
+No model hub is reachable from where the benchmarks run, so the tokenizer such a tool
+needs to size its prompts is written locally (:func:`tokenizer_files`): a word-level
+tokenizer over the words of the text the tool writes its prompts from, each word one
+token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+#: file in the venv recording the requirements and the Python version it was made with
+MARKER = "joulepool-requirements.txt"
+UNKNOWN_TOKEN = "[UNK]"
+
+
+class SetupError(Exception):
+    """The tool cannot be set up here (the benchmark exits 2 with this message)."""
+
+
+def tail(text: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of ``text`` (for a failed command's output)."""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
+
+
+def default_venv(tool: str, requirement: str) -> Path:
+    """``$XDG_CACHE_HOME`` (else ``~/.cache``) ``/joulepool/<tool>-<version>``, the
+    version from ``requirement``'s ``==`` pin, else ``latest``."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    _, pinned, version = requirement.rpartition("==")
+    version = version.strip() if pinned and version.strip() else "latest"
+    return cache / "joulepool" / f"{tool}-{version}"
+
+
+def python_version(python: str, minimum: tuple[int, int], tool: str) -> tuple[int, int]:
+    """``python``'s (major, minor); SetupError when it does not run or is older than
+    ``minimum`` (the message names ``tool`` and ``--python``)."""
+    try:
+        probe = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
+                               capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SetupError(f"cannot run {python}: {exc}") from None
+    if probe.returncode != 0:
+        raise SetupError(f"cannot run {python}: {tail(probe.stderr, 3)}")
+    try:
+        major, minor = (int(x) for x in probe.stdout.split())
+    except ValueError:
+        raise SetupError(f"cannot read {python}'s version from {probe.stdout!r}") from None
+    if (major, minor) < minimum:
+        raise SetupError(f"{python} is Python {major}.{minor}; {tool} needs >= "
+                         f"{_dotted(minimum)} (--python)")
+    return major, minor
+
+
+def python_candidates(minimum: tuple[int, int], pyenv_root: Path | None = None,
+                      newest_minor: int = 20) -> list[str]:
+    """Where :func:`find_python` looks, in order: this interpreter; ``python3.N`` on
+    ``PATH`` for N from ``newest_minor`` down to ``minimum``'s minor; pyenv's
+    interpreters (``<pyenv_root>/versions/X.Y.Z/bin/python``, ``pyenv_root`` by default
+    ``$PYENV_ROOT`` else ``~/.pyenv``), newest first, those of ``minimum`` or later."""
+    found = [sys.executable]
+    for minor in range(newest_minor, minimum[1] - 1, -1):
+        path = shutil.which(f"python{minimum[0]}.{minor}")
+        if path:
+            found.append(path)
+    root = pyenv_root or Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    versions: list[tuple[tuple[int, ...], str]] = []
+    for entry in (root / "versions").glob("*/bin/python"):
+        match = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)", entry.parent.parent.name)
+        if match and tuple(map(int, match.groups()[:2])) >= minimum:
+            versions.append((tuple(map(int, match.groups())), str(entry)))
+    found += [path for _, path in sorted(versions, reverse=True)]
+    return list(dict.fromkeys(found))
+
+
+def find_python(minimum: tuple[int, int], tool: str, given: str | None = None,
+                candidates: Iterable[str] | None = None) -> str:
+    """``given`` if set (SetupError unless it is Python >= ``minimum``), else the first
+    of ``candidates`` (default :func:`python_candidates`) that runs and is recent
+    enough; SetupError naming every place looked at when none is."""
+    if given:
+        python_version(given, minimum, tool)
+        return given
+    looked = list(candidates if candidates is not None else python_candidates(minimum))
+    for python in looked:
+        try:
+            python_version(python, minimum, tool)
+        except SetupError:
+            continue
+        return python
+    pyenv = os.environ.get("PYENV_ROOT") or "~/.pyenv"
+    raise SetupError(f"{tool} needs Python >= {_dotted(minimum)} and none was found: "
+                     f"looked at {', '.join(looked) or 'nothing'} (this interpreter, "
+                     f"python{minimum[0]}.N on PATH, {pyenv}/versions/*); give one with "
+                     f"--python")
+
+
+def ensure_venv(venv: Path, python: str, requirements: Sequence[str], executable: str,
+                tool: str, minimum: tuple[int, int], size_note: str = "") -> Path:
+    """The ``executable`` of ``venv`` (``bin/<executable>``), made with ``python -m
+    venv`` and ``pip install *requirements`` unless the venv records exactly these
+    requirements and ``python``'s version (:data:`MARKER`). A folder there that is not
+    empty and not a venv is left alone. Progress on stdout (``size_note``: what the
+    install weighs, said before it starts); SetupError when it cannot be set up."""
+    major, minor = python_version(python, minimum, tool)
+    marker = venv / MARKER
+    wanted = "\n".join([*requirements, f"python {major}.{minor}"]) + "\n"
+    program = venv / "bin" / executable
+    if program.exists() and marker.exists() and marker.read_text() == wanted:
+        print(f"{tool}: reusing {venv} ({', '.join(requirements)})", flush=True)
+        return program
+    if venv.exists() and any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
+        raise SetupError(f"{venv} is not empty and not a virtual environment (--venv)")
+    note = f" ({size_note})" if size_note else ""
+    print(f"{tool}: creating {venv} with Python {major}.{minor}: pip install "
+          f"{' '.join(requirements)}{note}", flush=True)
+    t0 = time.monotonic()
+    made = subprocess.run([python, "-m", "venv", "--clear", str(venv)],
+                          capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        raise SetupError(f"python -m venv {venv} failed:\n{tail(made.stderr)}")
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install",
+                          "--disable-pip-version-check", "-q", *requirements],
+                         capture_output=True, text=True, check=False)
+    if pip.returncode != 0 or not program.exists():
+        raise SetupError(f"pip install {' '.join(requirements)} into {venv} failed "
+                         f"(exit {pip.returncode}):\n{tail(pip.stdout + pip.stderr)}")
+    marker.write_text(wanted)
+    print(f"{tool}: installed in {time.monotonic() - t0:.0f} s", flush=True)
+    return program
+
+
+def tokenizer_files(words: Iterable[str]) -> dict[str, str]:
+    """A word-level Hugging Face tokenizer over ``words`` (case-folded, each once) and
+    ``.``: file name -> content, ``tokenizer.json`` (the ``tokenizers`` library's
+    format: lower-casing, split on whitespace and punctuation, the unknown token
+    ``[UNK]`` id 0, then ``.``, then the words in sorted order) and
+    ``tokenizer_config.json`` (``transformers``' fast tokenizer class). Decoding joins
+    tokens with spaces. ValueError for an empty word list or a word the pre-tokenizer
+    would split (not all word characters)."""
+    vocab: dict[str, int] = {UNKNOWN_TOKEN: 0, ".": 1}
+    folded = sorted({w.lower() for w in words})
+    for word in folded:
+        if not re.fullmatch(r"\w+", word):
+            raise ValueError(f"not a single word: {word!r}")
+        vocab[word] = len(vocab)
+    if not folded:
+        raise ValueError("no words for the tokenizer")
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 0, "content": UNKNOWN_TOKEN, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True}],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNKNOWN_TOKEN},
+    }
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": UNKNOWN_TOKEN,
+              "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+    return {"tokenizer.json": json.dumps(tokenizer),
+            "tokenizer_config.json": json.dumps(config, indent=1)}
