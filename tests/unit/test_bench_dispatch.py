@@ -50,4 +50,5 @@ def test_a_benchmark_that_opts_out_of_all_runs_by_name(bench_dir, capsys) -> Non
 
 def test_the_load_generator_benchmarks_opt_out_of_all() -> None:
     assert not bench.in_all(bench.load_benchmark("guidellm"))
+    assert not bench.in_all(bench.load_benchmark("inference_perf"))
     assert bench.in_all(bench.load_benchmark("proxy"))
