@@ -211,3 +211,20 @@ def test_bad_flags_and_env_exit_2():
     r = subprocess.run([*PY, "sidecar", "--backend", "simulated", "--engine-url", "nohost"],
                        env=child_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "--engine-url" in r.stderr
+
+
+def test_fake_engine_on_port_0_prints_the_address_it_bound():
+    """A harness starts ``fake-engine --port 0`` and reads where it listens from its
+    output (the router's and extender's ``listening on`` line); the engine answers there."""
+    engine = subprocess.Popen(
+        [*PY, "fake-engine", "--port", "0", "--host", "127.0.0.1"],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert engine.stdout is not None
+        lines = [engine.stdout.readline() for _ in range(2)]
+        assert lines[1].startswith("joulepool fake-engine listening on http://127.0.0.1:"), lines
+        url = lines[1].split()[-1]
+        assert not url.endswith(":0")
+        assert http_get(url + "/health") == "ok"
+    finally:
+        stop(engine)

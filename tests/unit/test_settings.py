@@ -21,7 +21,7 @@ COMPONENTS = [
     ("extender", ExtenderSettings, "port", "70000"),
     ("router", RouterServiceSettings, "port", "70000"),
     ("node-agent", NodeAgentSettings, "interval", "-1"),
-    ("fake-engine", FakeEngineSettings, "port", "0"),
+    ("fake-engine", FakeEngineSettings, "port", "70000"),
     ("device-plugin", DevicePluginSettings, "watch_interval", "0"),
     ("operator", OperatorSettings, "debounce_seconds", "-0.5"),
 ]

@@ -6,6 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from joulepool.fakes.settings import FakeEngineSettings
 
 
@@ -32,6 +34,15 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
     return serve(settings)
+
+
+def _print_listening(runner: web.AppRunner) -> None:
+    """The addresses bound, as the router and extender print theirs: ``joulepool
+    fake-engine listening on http://HOST:PORT`` (with ``--port 0``, the port the system
+    chose), so that a harness starting it reads where to send requests."""
+    from joulepool.httpserve import urls
+
+    print(f"joulepool fake-engine listening on {' '.join(urls(runner))}", flush=True)
 
 
 def serve(args: FakeEngineSettings) -> int:
@@ -77,9 +88,10 @@ def serve(args: FakeEngineSettings) -> int:
     engine = FakeEngine(profile, gpus, indices, max_batch=args.max_batch, metrics=metrics)
     app = build_app(engine, args.served_model_name)
     print(f"joulepool fake-engine: {profile.model} on {profile.mode} "
-          f"(GPUs {indices or 'none'}) at http://{args.host}:{args.port}", flush=True)
+          f"(GPUs {indices or 'none'})", flush=True)
     try:
-        asyncio.run(serve_until_signalled(app, args.host, args.port))
+        asyncio.run(serve_until_signalled(app, args.host, args.port,
+                                          on_started=_print_listening))
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     return 0

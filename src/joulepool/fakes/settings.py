@@ -27,7 +27,8 @@ class FakeEngineSettings(ComponentSettings):
     CONFIG_ENV: ClassVar[str] = "JOULEPOOL_ENGINE_CONFIG"
 
     host: str = setting("0.0.0.0", "listen address", env="JOULEPOOL_ENGINE_HOST")
-    port: int = setting(ENGINE_PORT, "listen port", env="JOULEPOOL_ENGINE_PORT", ge=1, le=65535)
+    port: int = setting(ENGINE_PORT, "listen port (0: any free port, printed on start-up)",
+                        env="JOULEPOOL_ENGINE_PORT", ge=0, le=65535)
     product: str | None = setting(None, "GPU product (default: the GPU's in --gpu-state, else "
                                   "H100)", env="JOULEPOOL_GPU_PRODUCT")
     model: str = setting(DEFAULT_MODEL, "served model whose profile sets the speed")
