@@ -1,11 +1,11 @@
 """The routing proxy under inference-perf, offline: proxy vs direct.
 
 The second published load generator after ``bench guidellm``: inference-perf, the
-Kubernetes serving working group's benchmarking tool (wg-serving, the load generator
-of the Gateway API Inference Extension's and llm-d's published results), drives the
-proxy and, the same way, one engine directly, and its own figures are printed side by
-side with the ratio proxy / direct: achieved requests per second, TTFT, inter-token
-latency (ITL), time per output token (TPOT) and request latency, median and p99.
+Kubernetes serving working group's benchmarking tool (kubernetes-sigs/inference-perf),
+drives the proxy and, the same way, one engine directly, and its own figures are
+printed side by side with the ratio proxy / direct: achieved requests per second, TTFT,
+inter-token latency (ITL), time per output token (TPOT) and request latency, median
+and p99.
 
 What it runs (loopback only): ``bench proxy``'s instant engines and router, started
 with its functions (``start_engines``, ``write_endpoints``, ``start_router``), as
