@@ -165,7 +165,9 @@ async def test_hung_nvml_never_stalls_the_loop_and_the_stop_resets_after_it():
         t = time.monotonic()
         await asyncio.sleep(0.01)
         lags.append(time.monotonic() - t - 0.01)
-    assert max(lags) < 0.1, max(lags)
+    # a loop blocked by the hung call would lag by most of the 1-s hang; half of it is the
+    # line (not 0.1 s: a scheduler on a loaded machine delays a wake-up by that much alone)
+    assert max(lags) < 0.5, max(lags)
     assert agent.gpu_io.timeouts >= 1
     stop.set()
     t0 = time.monotonic()
