@@ -381,8 +381,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as exc:
         print(f"bench guidellm: GuideLLM cannot be set up: {exc}", file=sys.stderr)
         return 2
-    procs: list[subprocess.Popen[str]] = []
-    runs: dict[str, list[dict[float, dict[str, Any]]]] = {"direct": [], "proxy": []}
     try:
         with tempfile.TemporaryDirectory(prefix="bench_guidellm_") as tmp:
             work = Path(tmp)
@@ -391,25 +389,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SetupError as exc:
                 print(f"bench guidellm: GuideLLM cannot be set up: {exc}", file=sys.stderr)
                 return 2
-            engines = proxy_bench.start_engines(args.engines, args.output_tokens, procs)
-            ep_file = work / "endpoints.json"
-            proxy_bench.write_endpoints(ep_file, engines)
-            router, _ = proxy_bench.start_router(ep_file, None, procs)
-            targets = {"direct": engines[0], "proxy": router}
-            print(f"guidellm: {args.engines} instant engine(s) {', '.join(engines)}; proxy "
-                  f"(joulepool router) {router}; direct: {engines[0]}", flush=True)
-            for i in range(args.runs):
-                order = ["direct", "proxy"] if i % 2 == 0 else ["proxy", "direct"]
-                for name in order:
-                    label = f"{name}-run{i + 1}"
-                    spec = scenario(targets[name], proxy_bench.MODEL, args,
-                                    work / "tokenizer", work / f"{label}-report.json")
-                    runs[name].append(run_guidellm(guidellm, spec, work, label, args.quiet))
+
+            def run_one(target: str, label: str) -> dict[float, dict[str, Any]]:
+                spec = scenario(target, proxy_bench.MODEL, args, work / "tokenizer",
+                                work / f"{label}-report.json")
+                return run_guidellm(guidellm, spec, work, label, args.quiet)
+
+            runs = proxy_bench.proxy_and_direct(args.engines, args.output_tokens, work,
+                                                args.runs, "guidellm", run_one)
     except RuntimeError as exc:
         print(f"bench guidellm: {exc}", file=sys.stderr)
         return 1
-    finally:
-        proxy_bench.stop_all(procs)
     direct, proxied = median_figures(runs["direct"]), median_figures(runs["proxy"])
     print(f"\nGuideLLM ({args.guidellm}) against the proxy and one engine directly: "
           f"{args.profile} rates {','.join(f'{r:g}' for r in args.rates)} req/s, "

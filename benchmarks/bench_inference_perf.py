@@ -315,8 +315,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as exc:
         print(f"bench inference_perf: {TOOL} cannot be set up: {exc}", file=sys.stderr)
         return 2
-    procs: list[subprocess.Popen[str]] = []
-    runs: dict[str, list[dict[float, dict[str, Any]]]] = {"direct": [], "proxy": []}
     try:
         with tempfile.TemporaryDirectory(prefix="bench_inference_perf_") as tmp:
             work = Path(tmp)
@@ -327,29 +325,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"bench inference_perf: {TOOL} cannot be set up: {exc}",
                       file=sys.stderr)
                 return 2
-            engines = proxy_bench.start_engines(args.engines, args.output_tokens, procs)
-            ep_file = work / "endpoints.json"
-            proxy_bench.write_endpoints(ep_file, engines)
-            router, _ = proxy_bench.start_router(ep_file, None, procs)
-            targets = {"direct": engines[0], "proxy": router}
-            print(f"{TOOL}: {args.engines} instant engine(s) {', '.join(engines)}; proxy "
-                  f"(joulepool router) {router}; direct: {engines[0]}", flush=True)
-            for i in range(args.runs):
-                order = ["direct", "proxy"] if i % 2 == 0 else ["proxy", "direct"]
-                for name in order:
-                    label = f"{name}-run{i + 1}"
-                    reports = work / f"{label}-reports"
-                    cfg = config(targets[name], proxy_bench.MODEL, args, corpus,
-                                 tokenizer, reports)
-                    runs[name].append(run_inference_perf(program, cfg, work, label,
-                                                         args.quiet))
-                    if args.reports:
-                        shutil.copytree(reports, args.reports / label, dirs_exist_ok=True)
+
+            def run_one(target: str, label: str) -> dict[float, dict[str, Any]]:
+                reports = work / f"{label}-reports"
+                cfg = config(target, proxy_bench.MODEL, args, corpus, tokenizer, reports)
+                figures = run_inference_perf(program, cfg, work, label, args.quiet)
+                if args.reports:
+                    shutil.copytree(reports, args.reports / label, dirs_exist_ok=True)
+                return figures
+
+            runs = proxy_bench.proxy_and_direct(args.engines, args.output_tokens, work,
+                                                args.runs, TOOL, run_one)
     except RuntimeError as exc:
         print(f"bench inference_perf: {exc}", file=sys.stderr)
         return 1
-    finally:
-        proxy_bench.stop_all(procs)
     direct = guidellm_bench.median_figures(runs["direct"], LABELS)
     proxied = guidellm_bench.median_figures(runs["proxy"], LABELS)
     version = ".".join(map(str, toolenv.python_version(python, MIN_PYTHON, TOOL)))

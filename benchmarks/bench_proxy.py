@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,35 @@ def stop_all(procs: list[subprocess.Popen[str]]) -> None:
         p.terminate()
     for p in procs:
         p.wait(timeout=10)
+
+
+def proxy_and_direct(engines: int, stream_tokens: int, workdir: Path, runs: int, tool: str,
+                     run_one: Callable[[str, str], Any]) -> dict[str, list[Any]]:
+    """Drive a load generator at the proxy and at one engine directly, side by side.
+
+    Starts ``engines`` instant engines (``stream_tokens`` chunks each) and the routing
+    service over them (endpoints file in ``workdir``), then calls ``run_one(target,
+    label)`` ``runs`` times for each target, alternating which goes first in each run so
+    that neither always meets a warmer machine; ``target`` is ``http://host:port``,
+    ``label`` ``direct-run1``, ``proxy-run1`` .... Returns each target's results in run
+    order, ``{"direct": [...], "proxy": [...]}``. Every process it started is stopped
+    before it returns or raises."""
+    procs: list[subprocess.Popen[str]] = []
+    results: dict[str, list[Any]] = {"direct": [], "proxy": []}
+    try:
+        urls = start_engines(engines, stream_tokens, procs)
+        ep_file = workdir / "endpoints.json"
+        write_endpoints(ep_file, urls)
+        router, _ = start_router(ep_file, None, procs)
+        targets = {"direct": urls[0], "proxy": router}
+        print(f"{tool}: {engines} instant engine(s) {', '.join(urls)}; proxy "
+              f"(joulepool router) {router}; direct: {urls[0]}", flush=True)
+        for i in range(runs):
+            for name in (["direct", "proxy"] if i % 2 == 0 else ["proxy", "direct"]):
+                results[name].append(run_one(targets[name], f"{name}-run{i + 1}"))
+    finally:
+        stop_all(procs)
+    return results
 
 
 # --------------------------------------------------------------------------
