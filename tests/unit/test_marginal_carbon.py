@@ -1,5 +1,5 @@
 """The marginal-energy rule's two inputs added for issue 11's dominated cells
-(docs/marginal-energy.md, "Dominated cells"): X(b) at the clock each batch needs on an
+(docs/experiments/marginal-energy.md, "Dominated cells"): X(b) at the clock each batch needs on an
 endpoint whose clock follows its load (core.routing.excess_at_needed_clock), and marginal
 carbon on a carbon-objective cluster (core.routing.carbon_weights), in the production
 router and the simulator."""

@@ -636,7 +636,7 @@ def test_members_of_identical_gpus_serving_one_stream_keep_the_pools_room(monkey
     is mostly sampling: members are credited with little of their own mean and most rows
     carry the pool's rooms, so one long prompt with a short answer does not make a
     member look full (a member's own mean, capped at the pool's room, spread the load
-    over idle GPUs: docs/marginal-energy.md, "Per-member room")."""
+    over idle GPUs: docs/experiments/marginal-energy.md, "Per-member room")."""
     cl = cluster([("h", "H100", 8)])
     wl = build_workload(load_trace(), 120.0, mode="rate", value=40.0, seed=5)
     rows: list[tuple[float, bool]] = []  # (credibility, the pool's rooms)

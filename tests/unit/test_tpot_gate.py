@@ -149,7 +149,7 @@ def test_the_planner_counts_no_capacity_where_the_router_holds_none_within_tpot(
     a request only when every endpoint is late), the planner's L[r, m] is 0 too, for
     short and long prompts, with and without prompt lengths, alone or in a pool. The
     planner may be stricter (its mean-TPOT margin), never looser. Held-out cells with L4s
-    at the interactive set's 50 ms (docs/marginal-energy.md, "The six cells"): the plan
+    at the interactive set's 50 ms (docs/experiments/marginal-energy.md, "The six cells"): the plan
     gives the L4s nothing, as the router does."""
     prompts = PromptLengths.from_samples(np.geomspace(100.0, 8000.0, 200))
     classes = [ServiceClass("SS", 300.0, 200.0, 0.3, tpot_s, [1.0]),

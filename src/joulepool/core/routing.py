@@ -212,7 +212,7 @@ def excess_at_needed_clock(itl_s: npt.ArrayLike, excess_j: npt.ArrayLike,
     near its TPOT target, so a batch that grows past what a clock keeps within the
     target raises the clock, and every request in the batch pays the higher clock's
     power: X_n(k+1) - X_n(k) from this row counts that rise, which the row at one fixed
-    clock (f_max) hides (docs/marginal-energy.md, "Dominated cells")."""
+    clock (f_max) hides (docs/experiments/marginal-energy.md, "Dominated cells")."""
     itl = np.asarray(itl_s, dtype=np.float64)
     x = np.asarray(excess_j, dtype=np.float64)
     ok = itl <= step_target_s
@@ -1045,7 +1045,7 @@ def tpot_gate(profile: ServingProfile, mean_batch: float, tpot_slo_s: float,
     An instance whose decode step alone breaks the TPOT at batch 1
     (:meth:`ServingProfile.best_batch` 0: an L4 at a 50 ms TPOT) holds none within it:
     0, whatever its mean batch (:func:`sustainable_batch` is at least 1, for the
-    marginal energy's tables). Measured with 1 there (docs/marginal-energy.md, "Rooms
+    marginal energy's tables). Measured with 1 there (docs/experiments/marginal-energy.md, "Rooms
     of an instance that cannot keep TPOT"): the router counted the idle instance's one
     slot as room and sent it requests that all missed TPOT.
     """
@@ -1080,7 +1080,7 @@ def slot_load(input_tokens: float, output_tokens: float) -> float:
     responses (each stays in proportion to its response: Little's law), and the plain
     mean of their slot loads undoes that bias exactly: it estimates
     sum(lam_i P_i) / sum(lam_i o_i), the stream's mean prompt over its mean response, the
-    ratio :func:`sustainable_batch`'s TPOT bound falls with (docs/marginal-energy.md,
+    ratio :func:`sustainable_batch`'s TPOT bound falls with (docs/experiments/marginal-energy.md,
     "Per-member room")."""
     return input_tokens / (output_tokens if output_tokens > 1.0 else 1.0)
 
@@ -1143,7 +1143,7 @@ def credited_slot_load(n: float, total: float, prior: float, epv: float, vhm: fl
     :func:`credibility_at`; ``prior`` where Z is 0. The engine's requests are all those
     it holds, whichever pool routed them, and an engine several pools share is credited
     by its home pool's spread, once: the simulator's rule and the routing service's
-    (docs/marginal-energy.md, "Per-member room")."""
+    (docs/experiments/marginal-energy.md, "Per-member room")."""
     z = credibility_at(n, epv, vhm)
     return prior if z <= 0.0 else z * (total / n) + (1.0 - z) * prior
 
@@ -1219,7 +1219,7 @@ def member_rooms(pool_batch: Batch, pool_tpot_batch: Batch, tpot_batch_at_load: 
     batch within TPOT fall steeply as prompts grow against responses. The first token is
     checked per request against the member's actual prefill queue (:func:`slo_infeasible`'s
     guard), and the TTFT bound stays the sizing point its pool was planned at
-    (docs/marginal-energy.md, "Per-member room")."""
+    (docs/experiments/marginal-energy.md, "Per-member room")."""
     if pool_batch < pool_tpot_batch and pool_batch < tpot_batch_at_load:
         return pool_batch, tpot_batch_at_load
     return tpot_batch_at_load, tpot_batch_at_load

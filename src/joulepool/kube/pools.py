@@ -230,7 +230,7 @@ class Router:
         pool's endpoint of it counts every pool's ledger (``Endpoint.peers``), and the
         guests' copies are credited by the host pool's slot-load spread
         (``Endpoint.home``): one engine, one batch and one room, as the simulator's
-        shared instance (docs/marginal-energy.md, "Per-member room")."""
+        shared instance (docs/experiments/marginal-energy.md, "Per-member room")."""
         state = self.state
         by_pod: dict[str, list[tuple[PoolRouter, Endpoint]]] = {}
         for pool in self.pools.values():

@@ -1187,7 +1187,7 @@ class Simulator:
         pool's rooms (:meth:`_sustainable_batch`) at Z = 0 or in the pool's bin. Once the
         router sorts requests by mix, a member that takes the pool's long prompts with
         short responses carries far fewer within TPOT than the pool's mean mix allows,
-        and the members' spread of loads shows it (docs/marginal-energy.md, "Per-member
+        and the members' spread of loads shows it (docs/experiments/marginal-energy.md, "Per-member
         room")."""
         pool_rooms = inst.pool_rooms
         if credibility <= 0.0 or inst.sl_sum <= 0.0:
