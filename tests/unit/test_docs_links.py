@@ -70,9 +70,10 @@ def test_markdown_links_resolve_inside_the_repository() -> None:
     assert "docs/architecture.md" in (ROOT / "README.md").read_text()
 
 
-#: ``docs/planner.md, "Shared instances"``, ``docs/experiments/planner.md, "..."`` and the
-#: like: a doc (under docs/, sub-folders included) and a section of it, named in prose,
-#: code comments and docstrings (the section's heading or bold lead starts so)
+#: ``docs/planner.md, "Shared instances"``,
+#: ``docs/experiments/planner.md, "Carbon at low load"`` and the like: a doc (under docs/,
+#: sub-folders included) and a section of it, named in prose, code comments and
+#: docstrings (the section's heading or bold lead starts so)
 _SECTION_REF = re.compile(
     r'(?:docs/)?((?:[\w.-]+/)*[\w.-]+\.md),?:?\s+\(?(?:sections?\s+)?"([^"]+)"')
 
