@@ -1,6 +1,6 @@
 """A shared instance's prefill queue holds its share group's prompts, not one class's.
 
-Measured on the held-out matrix (docs/simulator.md, "Why the held-out cells fail"): a
+Measured on the held-out matrix (docs/experiments/simulator.md, "Why the held-out cells fail"): a
 short-prompt class with a 300-ms TTFT planned onto an instance shared with a class of
 ~2,000-token prompts missed 2-4 % of its first tokens, where its model (its own prompts
 in the queue) predicted none. ``core.problem.queue_moments`` forms the mixed queue and

@@ -1,6 +1,6 @@
 """overflow_rank's TPOT batch: a quantile of the engine's batch, not its mean.
 
-Measured on the held-out matrix (docs/simulator.md, "Why the held-out cells fail"):
+Measured on the held-out matrix (docs/experiments/simulator.md, "Why the held-out cells fail"):
 with the mean decode batch at the TPOT-bound rate as the gate (1-6 requests with
 ~30-token answers), a busy H100 counted as full at once, so JouleSched sent prompts to
 endpoints whose first token was later, or to a slower L4 (small-8 / short-chat: 108 of

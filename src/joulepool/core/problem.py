@@ -282,7 +282,7 @@ def shared_ttft(classes: Sequence[ServiceClass], modes: Sequence[Mode],
     a class without prompt lengths, another group). Where it is below L[r', m] the
     planner keeps r off the group's shared instances of m: the router sends r' there
     as it sends it to its own instances, up to about L[r', m], whatever flow the plan
-    meant for it (docs/simulator.md, "Why the held-out cells fail").
+    meant for it (docs/experiments/simulator.md, "Why the held-out cells fail").
     """
     R, M = len(classes), len(modes)
     out = np.full((R, R, M), np.inf)

@@ -1038,7 +1038,7 @@ def tpot_gate(profile: ServingProfile, mean_batch: float, tpot_slo_s: float,
     the engine exceeds at most ``headroom.tpot_miss`` of the time at that rate (the
     Poisson quantile), never past the largest batch whose decode step alone meets the
     TPOT (:meth:`ServingProfile.best_batch`) and never below the mean itself. Measured
-    with the mean as the gate (docs/simulator.md, "Why the held-out cells fail"): with
+    with the mean as the gate (docs/experiments/simulator.md, "Why the held-out cells fail"): with
     ~30-token answers the mean is 1-6, so a busy instance counted as full at once and
     prompts went to endpoints whose first token was later, or to a slower mode.
 
