@@ -41,7 +41,7 @@ def start_engine_and_agent(
     engine = procs.joulepool(f"fake-engine-{tag}", [
         "fake-engine", "--host", "127.0.0.1", "--port", str(engine_port),
         "--gpu-state", str(state), "--gpu-index", "0", "--node", node])
-    engine.wait_log(f"at {url}", timeout=60)
+    engine.wait_log(f"listening on {url}", timeout=60)
     agent = procs.joulepool(f"node-agent-{tag}", [
         "node-agent", "--backend", "simulated", "--gpu-state", str(state),
         "--product", product, "--count", "1", "--kubernetes", "on",
