@@ -75,21 +75,24 @@ def test_markdown_links_resolve_inside_the_repository() -> None:
 #: sub-folders included) and a section of it, named in prose, code comments and
 #: docstrings (the section's heading or bold lead starts so)
 _SECTION_REF = re.compile(
-    r'(?:docs/)?((?:[\w.-]+/)*[\w.-]+\.md),?:?\s+\(?(?:sections?\s+)?"([^"]+)"')
+    r'(docs/)?((?:[\w.-]+/)*[\w.-]+\.md),?:?\s+\(?(?:sections?\s+)?"([^"]+)"')
 
 
 def test_sections_named_with_their_doc_exist() -> None:
-    """A section that code, tests or docs name beside its doc (``docs/X.md, "Heading"``)
-    is a heading of that doc or a paragraph's bold lead in it: moving or renaming a
-    section must update what points at it."""
+    """A section that code, tests or docs name beside its doc (``docs/<page>.md, "Heading"``)
+    is a heading of that doc or a paragraph's bold lead in it, and a doc named with its
+    ``docs/`` path exists: moving or renaming a section or a page must update what points
+    at it."""
     bad = []
     sources = [p for p in _files() if p.suffix in {".py", ".md"}]
     sources += [*(ROOT / "tests").rglob("*.py"), *(ROOT / "native").glob("*.cc")]
     for source in sources:
         text = re.sub(r"\s*\n\s*(?:#+|//)?\s*", " ", source.read_text(errors="replace"))
-        for name, section in _SECTION_REF.findall(text):
+        for prefix, name, section in _SECTION_REF.findall(text):
             doc = ROOT / "docs" / name
             if not doc.exists():
+                if prefix:  # named as a doc of docs/: a moved or deleted page
+                    bad.append(f"{source.relative_to(ROOT)}: docs/{name} does not exist")
                 continue
             target = doc.read_text()
             if not any(h.strip("`").startswith(section) for h in _headings(target)) \

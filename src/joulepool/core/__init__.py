@@ -3,7 +3,8 @@
 The operator, scheduler extender, router, node agent and simulator are thin shells
 around this package; ``core`` imports nothing else of joulepool and no Kubernetes,
 HTTP, gRPC, Prometheus or pydantic (import-linter contracts in ``pyproject.toml``).
-Time comes in as arguments (``now``, seconds), never from a clock read here.
+Simulated and wall time come in as arguments (``now``, seconds); the only clock read
+here is ``time.perf_counter()`` for the planner's and the sizing's solve-time budgets.
 
 Where things are (rationale in ``docs/architecture.md`` and the pages it links):
 

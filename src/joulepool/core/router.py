@@ -35,7 +35,8 @@ by default: core.routing's rule). Per endpoint:
     engine's waiting and running counts; plus a wait for a batch slot when the
     requests in flight fill the engine's batch. Endpoints predicted to miss the
     request's TTFT (or with no batch room) rank after the rest; among them those
-    within their TPOT batch first, then the soonest first token
+    within their TPOT batch first or, when none is, by least-loaded's score
+    ((outstanding + 1) / capacity), ties to the soonest first token
     (:func:`core.routing.overflow_rank`, docs/routing.md "Overflow").
 
 Per pool: the sliding-window miss ratio (:class:`core.online.SlidingWindowRate`)

@@ -55,7 +55,8 @@ Endpoint scoring rule (request routing):
     late_n  = first_n > TTFT SLO, or no room within b*_n   (:func:`slo_infeasible`)
     choice  = among the endpoints not late: lowest cost, then lowest ETA, then lowest
               index; when all are late: the endpoints within their TPOT batch first
-              (borrowed shared instances of a tighter TTFT after the rest), then the
+              (borrowed shared instances of a tighter TTFT after the rest), or, when
+              none is, least-loaded's score (outstanding + 1) / capacity; ties to the
               soonest first token        (:func:`overflow_rank`, :func:`rank_endpoints`)
 
 Why above idle: an instance holds its GPUs whether or not it serves, so what a
