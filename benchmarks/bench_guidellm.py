@@ -176,7 +176,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     if args.venv is None:
-        args.venv = default_venv(args.guidellm)
+        try:
+            args.venv = default_venv(args.guidellm)
+        except SetupError as exc:
+            ap.error(str(exc))
     return args
 
 

@@ -137,7 +137,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     if args.venv is None:
-        args.venv = toolenv.default_venv(TOOL, args.requirement)
+        try:
+            args.venv = toolenv.default_venv(TOOL, args.requirement)
+        except SetupError as exc:
+            ap.error(str(exc))
     return args
 
 

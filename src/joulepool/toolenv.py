@@ -24,12 +24,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 #: file in the venv recording the requirements and the Python version it was made with
 MARKER = "joulepool-requirements.txt"
 UNKNOWN_TOKEN = "[UNK]"
+#: the most seconds ``python -m venv`` or ``pip install`` may take
+INSTALL_TIMEOUT_S = 900.0
+#: the most seconds a short setup step in the venv (a probe, a tokenizer check) may take
+STEP_TIMEOUT_S = 300.0
+#: set for every tool process: nothing may be fetched from a model hub
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 class SetupError(Exception):
@@ -41,16 +47,35 @@ def tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def setup_step(cmd: Sequence[str], what: str, timeout_s: float = STEP_TIMEOUT_S,
+               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``cmd`` run to its end with its output captured (text), within ``timeout_s``
+    seconds; SetupError naming ``what`` when it cannot start or runs out of time (a
+    non-zero exit is the caller's to judge)."""
+    try:
+        return subprocess.run(list(cmd), capture_output=True, text=True, check=False,
+                              timeout=timeout_s, env=None if env is None else dict(env))
+    except subprocess.TimeoutExpired:
+        raise SetupError(f"{what} took more than {timeout_s:.0f} s: {cmd[0]} stopped") \
+            from None
+    except OSError as exc:
+        raise SetupError(f"{what}: cannot run {cmd[0]}: {exc}") from None
+
+
 def _dotted(version: tuple[int, int]) -> str:
     return ".".join(map(str, version))
 
 
 def default_venv(tool: str, requirement: str) -> Path:
     """``$XDG_CACHE_HOME`` (else ``~/.cache``) ``/joulepool/<tool>-<version>``, the
-    version from ``requirement``'s ``==`` pin, else ``latest``."""
+    version from ``requirement``'s ``==`` pin, else ``latest``. SetupError for a pinned
+    version that is not ``[\\w.+!-]+`` (it could lead out of the cache, e.g. ``../x``)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     _, pinned, version = requirement.rpartition("==")
     version = version.strip() if pinned and version.strip() else "latest"
+    if not re.fullmatch(r"[\w.+!-]+", version):
+        raise SetupError(f"{requirement!r}: the pinned version {version!r} is not letters, "
+                         f"digits and . + ! - _ (it names the venv's folder)")
     return cache / "joulepool" / f"{tool}-{version}"
 
 
@@ -121,35 +146,53 @@ def ensure_venv(venv: Path, python: str, requirements: Sequence[str], executable
                 tool: str, minimum: tuple[int, int], size_note: str = "") -> Path:
     """The ``executable`` of ``venv`` (``bin/<executable>``), made with ``python -m
     venv`` and ``pip install *requirements`` unless the venv records exactly these
-    requirements and ``python``'s version (:data:`MARKER`). A folder there that is not
-    empty and not a venv is left alone. Progress on stdout (``size_note``: what the
-    install weighs, said before it starts); SetupError when it cannot be set up."""
+    requirements and ``python``'s version (:data:`MARKER`) and its own ``bin/python``
+    runs. Only a venv this function made (it carries :data:`MARKER`) is ever rebuilt: a
+    folder there that is not empty and has no marker (another venv, the project's own,
+    anything else) is refused and left as it is. Progress on stdout (``size_note``: what
+    the install weighs, said before it starts); SetupError when it cannot be set up
+    (each command within :data:`INSTALL_TIMEOUT_S`)."""
     major, minor = python_version(python, minimum, tool)
     marker = venv / MARKER
     wanted = "\n".join([*requirements, f"python {major}.{minor}"]) + "\n"
     program = venv / "bin" / executable
-    if program.exists() and marker.exists() and marker.read_text() == wanted:
-        print(f"{tool}: reusing {venv} ({', '.join(requirements)})", flush=True)
-        return program
-    if venv.exists() and any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
-        raise SetupError(f"{venv} is not empty and not a virtual environment (--venv)")
+    if marker.is_file():
+        if marker.read_text() == wanted and program.exists() and _runs(venv):
+            print(f"{tool}: reusing {venv} ({', '.join(requirements)})", flush=True)
+            return program
+    elif venv.exists() and (not venv.is_dir() or any(venv.iterdir())):
+        raise SetupError(f"{venv} exists and is not a virtual environment joulepool made "
+                         f"(no {MARKER} in it), so it is left alone: give --venv a new or "
+                         f"empty folder, or remove {venv} yourself")
     note = f" ({size_note})" if size_note else ""
     print(f"{tool}: creating {venv} with Python {major}.{minor}: pip install "
           f"{' '.join(requirements)}{note}", flush=True)
     t0 = time.monotonic()
-    made = subprocess.run([python, "-m", "venv", "--clear", str(venv)],
-                          capture_output=True, text=True, check=False)
+    made = setup_step([python, "-m", "venv", "--clear", str(venv)],
+                      f"python -m venv {venv}", INSTALL_TIMEOUT_S)
     if made.returncode != 0:
         raise SetupError(f"python -m venv {venv} failed:\n{tail(made.stderr)}")
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install",
-                          "--disable-pip-version-check", "-q", *requirements],
-                         capture_output=True, text=True, check=False)
+    marker.write_text("incomplete\n")  # ours from now on: a failed install is rebuilt
+    pip = setup_step([str(venv / "bin" / "python"), "-m", "pip", "install",
+                      "--disable-pip-version-check", "-q", *requirements],
+                     f"pip install {' '.join(requirements)}", INSTALL_TIMEOUT_S)
     if pip.returncode != 0 or not program.exists():
         raise SetupError(f"pip install {' '.join(requirements)} into {venv} failed "
                          f"(exit {pip.returncode}):\n{tail(pip.stdout + pip.stderr)}")
     marker.write_text(wanted)
     print(f"{tool}: installed in {time.monotonic() - t0:.0f} s", flush=True)
     return program
+
+
+def _runs(venv: Path) -> bool:
+    """Whether ``venv``'s own ``bin/python`` starts (it does not when the interpreter it
+    was made from is gone)."""
+    try:
+        probe = subprocess.run([str(venv / "bin" / "python"), "-c", "pass"],
+                               capture_output=True, check=False, timeout=STEP_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
 
 
 def tokenizer_files(words: Iterable[str]) -> dict[str, str]:

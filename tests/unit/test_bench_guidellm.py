@@ -37,7 +37,8 @@ def test_arguments_parse_rates_and_default_to_a_cache_venv(bench, monkeypatch,
 @pytest.mark.parametrize("flags", [["--rates", "0"], ["--rates", "5,x"], ["--rates", "5,5"],
                                    ["--rates", "nan"], ["--rates", "-1"], ["--runs", "0"],
                                    ["--seconds", "inf"], ["--warmup", "1"],
-                                   ["--profile", "sweep"], ["--output-tokens", "0"]])
+                                   ["--profile", "sweep"], ["--output-tokens", "0"],
+                                   ["--guidellm", "guidellm==../../x"]])
 def test_bad_arguments_exit_2(bench, flags: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(flags)
@@ -190,6 +191,7 @@ def test_a_venv_recording_the_same_requirements_is_reused(bench, tmp_path, capsy
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "guidellm").write_text("")
+    _fake_python(venv / "bin" / "python", "")  # the venv's own interpreter runs
     major, minor = sys.version_info[:2]
     (venv / "joulepool-requirements.txt").write_text(
         f"torch==1\nguidellm==2\npython {major}.{minor}\n")

@@ -37,7 +37,8 @@ def test_arguments_default_to_a_cache_venv_and_found_python(bench, monkeypatch,
 
 @pytest.mark.parametrize("flags", [["--rates", "0"], ["--rates", "5,5"], ["--seconds", "1.5"],
                                    ["--seconds", "0"], ["--workers", "0"],
-                                   ["--profile", "sweep"], ["--prompt-tokens", "x"]])
+                                   ["--profile", "sweep"], ["--prompt-tokens", "x"],
+                                   ["--inference-perf", "inference-perf==../x"]])
 def test_bad_arguments_exit_2(bench, flags: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(flags)

@@ -72,3 +72,87 @@ def test_no_pyenv_and_nothing_on_path_leaves_this_interpreter(monkeypatch, tmp_p
     monkeypatch.setenv("PATH", str(tmp_path))
     assert toolenv.python_candidates((3, 12), pyenv_root=tmp_path / "none") == \
         [sys.executable]
+
+
+def test_a_pinned_version_that_is_not_a_plain_name_is_refused(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for requirement in ("guidellm==../../x", "guidellm==1/2", "guidellm==1 ; os"):
+        with pytest.raises(toolenv.SetupError, match="is not letters"):
+            toolenv.default_venv("guidellm", requirement)
+    assert toolenv.default_venv("torch", "torch==2.13.0+cpu") == \
+        tmp_path / "joulepool" / "torch-2.13.0+cpu"
+
+
+def _record_commands(monkeypatch) -> list[list[str]]:
+    """Stand-ins for ``python -m venv`` and pip: each call recorded; the venv's folder,
+    its ``bin/python`` (a copy of nothing: a script that exits 0) and ``bin/tool``
+    written as they would be."""
+    calls: list[list[str]] = []
+    real_run = toolenv.subprocess.run
+
+    def fake_run(cmd, *args, **kwargs):
+        cmd = [str(c) for c in cmd]
+        if cmd[1:3] == ["-m", "venv"] or cmd[1:4] == ["-m", "pip", "install"]:
+            calls.append(cmd)
+            if cmd[1:3] == ["-m", "venv"]:
+                venv = Path(cmd[-1])
+                if venv.exists():
+                    for entry in venv.iterdir():  # --clear
+                        entry.unlink() if entry.is_file() else None
+                _fake_python(venv / "bin" / "python", "")
+            else:
+                _fake_python(Path(cmd[0]).parent / "tool", "")
+            return toolenv.subprocess.CompletedProcess(cmd, 0, "", "")
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(toolenv.subprocess, "run", fake_run)
+    return calls
+
+
+@pytest.mark.parametrize("with_cfg", [True, False])
+def test_a_venv_not_made_here_is_refused_and_left_untouched(monkeypatch, tmp_path,
+                                                             with_cfg: bool) -> None:
+    calls = _record_commands(monkeypatch)
+    venv = tmp_path / ".venv"
+    _fake_python(venv / "bin" / "python", "")
+    if with_cfg:
+        (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    before = sorted(p.relative_to(venv) for p in venv.rglob("*"))
+    with pytest.raises(toolenv.SetupError) as exc:
+        toolenv.ensure_venv(venv, sys.executable, ["tool==1"], "tool", "tool", (3, 0))
+    assert "not a virtual environment joulepool made" in str(exc.value)
+    assert toolenv.MARKER in str(exc.value) and "--venv" in str(exc.value)
+    assert calls == []
+    assert sorted(p.relative_to(venv) for p in venv.rglob("*")) == before
+
+
+def test_our_venv_with_other_requirements_is_rebuilt_and_the_same_reused(monkeypatch,
+                                                                         tmp_path, capsys
+                                                                         ) -> None:
+    calls = _record_commands(monkeypatch)
+    venv = tmp_path / "venv"
+    _fake_python(venv / "bin" / "python", "")
+    _fake_python(venv / "bin" / "tool", "")
+    (venv / toolenv.MARKER).write_text("tool==0\npython 3.0\n")
+    program = toolenv.ensure_venv(venv, sys.executable, ["tool==1"], "tool", "tool", (3, 0))
+    assert program == venv / "bin" / "tool"
+    assert [c[1:3] for c in calls] == [["-m", "venv"], ["-m", "pip"]]
+    assert "--clear" in calls[0] and calls[1][-1] == "tool==1"
+    major, minor = sys.version_info[:2]
+    assert (venv / toolenv.MARKER).read_text() == f"tool==1\npython {major}.{minor}\n"
+    calls.clear()
+    capsys.readouterr()
+    assert toolenv.ensure_venv(venv, sys.executable, ["tool==1"], "tool", "tool",
+                               (3, 0)) == program
+    assert calls == [] and "reusing" in capsys.readouterr().out
+
+
+def test_our_venv_whose_python_no_longer_runs_is_rebuilt(monkeypatch, tmp_path) -> None:
+    calls = _record_commands(monkeypatch)
+    venv = tmp_path / "venv"
+    _fake_python(venv / "bin" / "python", "", ok=False)  # its base interpreter is gone
+    _fake_python(venv / "bin" / "tool", "")
+    major, minor = sys.version_info[:2]
+    (venv / toolenv.MARKER).write_text(f"tool==1\npython {major}.{minor}\n")
+    toolenv.ensure_venv(venv, sys.executable, ["tool==1"], "tool", "tool", (3, 0))
+    assert [c[1:3] for c in calls] == [["-m", "venv"], ["-m", "pip"]]
