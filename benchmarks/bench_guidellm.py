@@ -54,7 +54,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -219,20 +218,27 @@ def build_tokenizer(venv: Path, directory: Path) -> int:
     ``directory`` and check there that transformers loads it and that Faker text has no
     unknown token; the vocabulary size. SetupError when either fails."""
     python = str(_venv_bin(venv, "python"))
-    words = subprocess.run([python, "-c", _FAKER_WORDS], capture_output=True, text=True,
-                           check=False)
+    words = toolenv.setup_step([python, "-c", _FAKER_WORDS], "reading Faker's word list")
     if words.returncode != 0:
         raise SetupError(f"cannot read Faker's word list in {venv}:\n{tail(words.stderr)}")
+    try:
+        files = tokenizer_files(words.stdout.split())
+    except ValueError as exc:
+        raise SetupError(f"no tokenizer over Faker's word list in {venv}: {exc}") from None
     directory.mkdir(parents=True, exist_ok=True)
-    for name, content in tokenizer_files(words.stdout.split()).items():
+    for name, content in files.items():
         (directory / name).write_text(content)
-    check = subprocess.run([python, "-c", _CHECK_TOKENIZER, str(directory)],
-                           capture_output=True, text=True, check=False,
-                           env={**os.environ, **OFFLINE_ENV})
+    check = toolenv.setup_step([python, "-c", _CHECK_TOKENIZER, str(directory)],
+                               "checking the local tokenizer",
+                               env={**os.environ, **OFFLINE_ENV})
     if check.returncode != 0:
         raise SetupError(f"transformers cannot load the local tokenizer {directory}:\n"
                          f"{tail(check.stderr)}")
-    size, tokens, unknown = (int(x) for x in check.stdout.split()[-3:])
+    try:
+        size, tokens, unknown = (int(x) for x in check.stdout.split()[-3:])
+    except ValueError:
+        raise SetupError(f"the tokenizer check printed {check.stdout!r}, not three "
+                         f"counts") from None
     if unknown:
         raise SetupError(f"the local tokenizer leaves {unknown} of {tokens} tokens of "
                          f"Faker text unknown")
@@ -283,6 +289,8 @@ def read_figures(report: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
     (None where the report has no such figure, e.g. TTFT without streaming) and the
     request counts (``completed``, ``errored``). ValueError for a report without
     benchmarks or a benchmark without a rate."""
+    if not isinstance(report, Mapping):
+        raise ValueError("GuideLLM's report is not a JSON object")
     benchmarks = report.get("benchmarks") or []
     if not benchmarks:
         raise ValueError("GuideLLM's report has no benchmarks")
@@ -353,24 +361,24 @@ def _requests(row: Mapping[str, Any]) -> str:
 
 
 def run_guidellm(guidellm: Path, spec: dict[str, Any], workdir: Path, name: str,
-                 quiet: bool) -> dict[float, dict[str, Any]]:
+                 quiet: bool, timeout_s: float) -> dict[float, dict[str, Any]]:
     """One ``guidellm run`` of ``spec`` (written to ``workdir/<name>.json``), its
-    console shown unless ``quiet``; :func:`read_figures` of its report. RuntimeError
-    when GuideLLM fails."""
+    console shown unless ``quiet``, within ``timeout_s`` seconds
+    (:func:`joulepool.toolenv.run_tool`); :func:`read_figures` of its report.
+    RuntimeError when GuideLLM fails or runs out of time, or its report is missing or
+    unreadable."""
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(spec, indent=1))
     cmd = [str(guidellm), "run", "--scenario", str(path), "--disable-console-interactive"]
     if quiet:
         cmd.append("--disable-console")
     print(f"guidellm: {name}: {' '.join(cmd)}", flush=True)
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env, check=False, text=True,
-                          capture_output=quiet)
-    if done.returncode != 0:
-        detail = f":\n{tail(done.stdout + done.stderr)}" if quiet else ""
-        raise RuntimeError(f"guidellm run ({name}) failed with exit {done.returncode}"
-                           f"{detail}")
-    return read_figures(json.loads(Path(spec["spec"]["outputs"][0]["path"]).read_text()))
+    toolenv.run_tool(cmd, f"guidellm run ({name})", quiet, timeout_s)
+    report = Path(spec["spec"]["outputs"][0]["path"])
+    try:
+        return read_figures(json.loads(report.read_text()))
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"guidellm run ({name}): report {report}: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             def run_one(target: str, label: str) -> dict[float, dict[str, Any]]:
                 spec = scenario(target, proxy_bench.MODEL, args, work / "tokenizer",
                                 work / f"{label}-report.json")
-                return run_guidellm(guidellm, spec, work, label, args.quiet)
+                return run_guidellm(guidellm, spec, work, label, args.quiet,
+                                    toolenv.run_timeout_s(len(args.rates), args.seconds))
 
             runs = proxy_bench.proxy_and_direct(args.engines, args.output_tokens, work,
                                                 args.runs, "guidellm", run_one)

@@ -48,7 +48,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -181,12 +180,15 @@ def build_corpus_and_tokenizer(venv: Path, directory: Path, prompt_tokens: int
     tokens (inference-perf cuts prompts so). (corpus file, tokenizer folder);
     SetupError when a step fails."""
     python = str(venv / "bin" / "python")
-    found = subprocess.run([python, "-c", _BUNDLED_CORPUS], capture_output=True,
-                           text=True, check=False)
+    found = toolenv.setup_step([python, "-c", _BUNDLED_CORPUS],
+                               "finding inference-perf's corpus")
     if found.returncode != 0:
         raise SetupError(f"cannot find inference-perf's corpus in {venv}:\n"
                          f"{tail(found.stderr)}")
-    words = corpus_words(Path(found.stdout.strip()).read_text(encoding="utf-8"))
+    try:
+        words = corpus_words(Path(found.stdout.strip()).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"cannot read inference-perf's corpus in {venv}: {exc}") from None
     if len(words) < 2 * prompt_tokens:
         raise SetupError(f"inference-perf's corpus has {len(words)} words, fewer than "
                          f"twice --prompt-tokens ({prompt_tokens})")
@@ -197,13 +199,17 @@ def build_corpus_and_tokenizer(venv: Path, directory: Path, prompt_tokens: int
     tokenizer.mkdir(exist_ok=True)
     for name, content in tokenizer_files(words).items():
         (tokenizer / name).write_text(content)
-    check = subprocess.run([python, "-c", _CHECK_TOKENIZER, str(tokenizer), str(corpus),
-                            str(prompt_tokens)], capture_output=True, text=True,
-                           check=False, env={**os.environ, **OFFLINE_ENV})
+    check = toolenv.setup_step([python, "-c", _CHECK_TOKENIZER, str(tokenizer), str(corpus),
+                                str(prompt_tokens)], "checking the local tokenizer",
+                               env={**os.environ, **OFFLINE_ENV})
     if check.returncode != 0:
         raise SetupError(f"transformers cannot load the local tokenizer {tokenizer}:\n"
                          f"{tail(check.stderr)}")
-    size, tokens, unknown, cut = (int(x) for x in check.stdout.split()[-4:])
+    try:
+        size, tokens, unknown, cut = (int(x) for x in check.stdout.split()[-4:])
+    except ValueError:
+        raise SetupError(f"the tokenizer check printed {check.stdout!r}, not four "
+                         f"counts") from None
     if unknown or cut != prompt_tokens:
         raise SetupError(f"the local tokenizer leaves {unknown} of {tokens} corpus tokens "
                          f"unknown, or a {prompt_tokens}-token cut encodes to {cut}")
@@ -284,21 +290,17 @@ def read_reports(folder: Path) -> dict[float, dict[str, Any]]:
 
 
 def run_inference_perf(program: Path, cfg: dict[str, Any], workdir: Path, name: str,
-                       quiet: bool) -> dict[float, dict[str, Any]]:
+                       quiet: bool, timeout_s: float) -> dict[float, dict[str, Any]]:
     """One ``inference-perf --config_file`` run of ``cfg`` (written to
-    ``workdir/<name>.yaml``), its console shown unless ``quiet``; :func:`read_reports`
-    of its report folder. RuntimeError when it fails or writes no stage report."""
+    ``workdir/<name>.yaml``), its console shown unless ``quiet``, within ``timeout_s``
+    seconds (:func:`joulepool.toolenv.run_tool`); :func:`read_reports` of its report
+    folder. RuntimeError when it fails, runs out of time or writes no stage report."""
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(cfg, indent=1))
     cmd = [str(program), "--config_file", str(path), "--log-level",
            "WARNING" if quiet else "INFO"]
     print(f"{TOOL}: {name}: {' '.join(cmd)}", flush=True)
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env, check=False, text=True, capture_output=quiet)
-    if done.returncode != 0:
-        detail = f":\n{tail(done.stdout + done.stderr)}" if quiet else ""
-        raise RuntimeError(f"inference-perf ({name}) failed with exit {done.returncode}"
-                           f"{detail}")
+    toolenv.run_tool(cmd, f"inference-perf ({name})", quiet, timeout_s)
     try:
         return read_reports(Path(cfg["storage"]["local_storage"]["path"]))
     except (OSError, ValueError) as exc:
@@ -332,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             def run_one(target: str, label: str) -> dict[float, dict[str, Any]]:
                 reports = work / f"{label}-reports"
                 cfg = config(target, proxy_bench.MODEL, args, corpus, tokenizer, reports)
-                figures = run_inference_perf(program, cfg, work, label, args.quiet)
+                figures = run_inference_perf(program, cfg, work, label, args.quiet,
+                                             toolenv.run_timeout_s(len(args.rates),
+                                                                   args.seconds + 1))
                 if args.reports:
                     shutil.copytree(reports, args.reports / label, dirs_exist_ok=True)
                 return figures

@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,17 +116,29 @@ def serve_engine(stream_tokens: int) -> None:
     asyncio.run(main())
 
 
-def spawn(args: list[str], env: dict[str, str] | None = None
+def spawn(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120.0
           ) -> tuple[subprocess.Popen[str], str]:
-    """Start ``args`` and wait for its first line, ``listening on HOST:PORT``; (process,
-    ``HOST:PORT``). RuntimeError (the process killed) when the line says otherwise."""
+    """Start ``args`` and wait for its first line, ``listening on HOST:PORT``, at most
+    ``timeout_s`` seconds; (process, ``HOST:PORT``). RuntimeError (the process killed)
+    when the line says otherwise or does not come in time."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "listening on" not in line:
-        err = proc.stderr.read() if proc.stderr else ""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()
+                                                          if proc.stdout else ""),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if reader.is_alive():
         proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{args[:4]} printed no start-up line in {timeout_s:.0f} s: "
+                           f"killed")
+    line = lines[0]
+    if "listening on" not in line:
+        proc.kill()
+        _, err = proc.communicate()
         raise RuntimeError(f"{args[:4]} did not start: {line}{err}")
     return proc, line.split()[-1].removeprefix("http://")
 
@@ -143,12 +156,17 @@ def start_engines(n: int, stream_tokens: int, procs: list[subprocess.Popen[str]]
     return engines
 
 
-def stop_all(procs: list[subprocess.Popen[str]]) -> None:
-    """Terminate the processes and wait for each (10 s at most)."""
+def stop_all(procs: list[subprocess.Popen[str]], grace_s: float = 10.0) -> None:
+    """Terminate the processes and reap each: one still running ``grace_s`` seconds
+    later is killed (SIGKILL) and reaped, and the rest are still stopped."""
     for p in procs:
         p.terminate()
     for p in procs:
-        p.wait(timeout=10)
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def proxy_and_direct(engines: int, stream_tokens: int, workdir: Path, runs: int, tool: str,
@@ -158,7 +176,7 @@ def proxy_and_direct(engines: int, stream_tokens: int, workdir: Path, runs: int,
     Starts ``engines`` instant engines (``stream_tokens`` chunks each) and the routing
     service over them (endpoints file in ``workdir``), then calls ``run_one(target,
     label)`` ``runs`` times for each target, alternating which goes first in each run so
-    that neither always meets a warmer machine; ``target`` is ``http://host:port``,
+    that neither always meets a warmer machine; ``target`` is ``HOST:PORT`` (no scheme),
     ``label`` ``direct-run1``, ``proxy-run1`` .... Returns each target's results in run
     order, ``{"direct": [...], "proxy": [...]}``. Every process it started is stopped
     before it returns or raises."""

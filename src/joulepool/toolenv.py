@@ -17,10 +17,12 @@ token.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +36,10 @@ UNKNOWN_TOKEN = "[UNK]"
 INSTALL_TIMEOUT_S = 900.0
 #: the most seconds a short setup step in the venv (a probe, a tokenizer check) may take
 STEP_TIMEOUT_S = 300.0
+#: what a tool run may take beyond its load stages: its start (imports, workers) once,
+#: and each stage's own start and drain
+RUN_MARGIN_S = 120.0
+STAGE_MARGIN_S = 30.0
 #: set for every tool process: nothing may be fetched from a model hub
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -60,6 +66,46 @@ def setup_step(cmd: Sequence[str], what: str, timeout_s: float = STEP_TIMEOUT_S,
             from None
     except OSError as exc:
         raise SetupError(f"{what}: cannot run {cmd[0]}: {exc}") from None
+
+
+def run_timeout_s(stages: int, seconds: float) -> float:
+    """The most seconds a tool run of ``stages`` load stages of ``seconds`` each may take:
+    ``stages * (seconds + STAGE_MARGIN_S) + RUN_MARGIN_S``."""
+    return stages * (seconds + STAGE_MARGIN_S) + RUN_MARGIN_S
+
+
+def run_tool(cmd: Sequence[str], name: str, quiet: bool, timeout_s: float) -> None:
+    """Run the tool command ``cmd`` to its end in a session of its own, with
+    :data:`OFFLINE_ENV` and unbuffered Python output; its console shown unless
+    ``quiet`` (then captured, its tail given when it fails). RuntimeError naming
+    ``name`` when it cannot start, exits non-zero or runs past ``timeout_s`` seconds
+    (then its whole process group, its worker processes too, is killed first)."""
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
+    pipe = subprocess.PIPE if quiet else None
+    try:
+        proc = subprocess.Popen(list(cmd), env=env, text=True, stdout=pipe, stderr=pipe,
+                                start_new_session=True)
+    except OSError as exc:
+        raise RuntimeError(f"{name}: cannot run {cmd[0]}: {exc}") from None
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise RuntimeError(f"{name} ran past {timeout_s:.0f} s: stopped, its processes "
+                           f"killed") from None
+    except BaseException:
+        _kill_group(proc)
+        raise
+    if proc.returncode != 0:
+        detail = f":\n{tail((out or '') + (err or ''))}" if quiet else ""
+        raise RuntimeError(f"{name} failed with exit {proc.returncode}{detail}")
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL ``proc``'s process group (it leads one: ``start_new_session``) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
 
 
 def _dotted(version: tuple[int, int]) -> str:

@@ -206,3 +206,32 @@ def test_setup_failure_exits_2_with_the_reason(bench, tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "GuideLLM cannot be set up" in err and str(missing) in err
     assert not os.path.exists(tmp_path / "v")
+
+
+def _fake_venv_python(venv: Path, script: str) -> None:
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f"#!/bin/sh\n{script}\n")
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.mark.parametrize("check_output", ["", "12 40"])
+def test_a_tokenizer_check_without_its_counts_is_a_setup_error(bench, tmp_path,
+                                                               check_output: str) -> None:
+    venv = tmp_path / "venv"
+    _fake_venv_python(venv, f'case "$2" in *get_words_list*) echo alpha beta;; '
+                            f'*) echo "{check_output}";; esac')
+    with pytest.raises(bench.SetupError, match="not three counts"):
+        bench.build_tokenizer(venv, tmp_path / "tok")
+
+
+@pytest.mark.parametrize("report", [None, "not json", "[]", '{"benchmarks": []}'])
+def test_a_missing_or_bad_report_is_a_failed_run(bench, tmp_path, report: str | None) -> None:
+    program = tmp_path / "guidellm"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(program.stat().st_mode | stat.S_IXUSR)
+    if report is not None:
+        (tmp_path / "r.json").write_text(report)
+    spec = {"spec": {"outputs": [{"kind": "json", "path": str(tmp_path / "r.json")}]}}
+    with pytest.raises(RuntimeError, match=r"guidellm run \(direct-run1\): report"):
+        bench.run_guidellm(program, spec, tmp_path, "direct-run1", True, 60)

@@ -159,3 +159,20 @@ def test_an_old_given_python_exits_2_naming_it(bench, tmp_path, capsys) -> None:
     assert "inference-perf cannot be set up" in err and "needs >= 3.12" in err
     assert str(old) in err
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("echo /no/such/corpus.txt", "cannot read inference-perf's corpus"),
+    ('case "$2" in *shakespeare*) echo "$CORPUS";; *) echo 1 2;; esac', "not four counts"),
+])
+def test_a_missing_corpus_or_a_short_check_is_a_setup_error(bench, tmp_path, monkeypatch,
+                                                            script: str, message: str) -> None:
+    corpus = tmp_path / "shakespeare.txt"
+    corpus.write_text("to be or not to be that is the question " * 20)
+    monkeypatch.setenv("CORPUS", str(corpus))
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\n{script}\n")
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    with pytest.raises(bench.SetupError, match=message):
+        bench.build_corpus_and_tokenizer(tmp_path / "venv", tmp_path / "work", 4)

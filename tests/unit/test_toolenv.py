@@ -156,3 +156,29 @@ def test_our_venv_whose_python_no_longer_runs_is_rebuilt(monkeypatch, tmp_path) 
     (venv / toolenv.MARKER).write_text(f"tool==1\npython {major}.{minor}\n")
     toolenv.ensure_venv(venv, sys.executable, ["tool==1"], "tool", "tool", (3, 0))
     assert [c[1:3] for c in calls] == [["-m", "venv"], ["-m", "pip"]]
+
+
+def test_a_tool_run_past_its_time_is_stopped_with_its_workers(tmp_path) -> None:
+    pid_file = tmp_path / "worker.pid"
+    script = f"sleep 600 & echo $! > {pid_file}; wait"
+    with pytest.raises(RuntimeError, match=r"tool \(x\) ran past 1 s"):
+        toolenv.run_tool(["sh", "-c", script], "tool (x)", quiet=True, timeout_s=1)
+    worker = int(pid_file.read_text())
+    try:
+        state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z")  # killed (a zombie until init reaps it)
+
+
+def test_a_failing_tool_run_gives_its_exit_and_output_tail() -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)tool failed with exit 3:\nboom"):
+        toolenv.run_tool(["sh", "-c", "echo boom; exit 3"], "tool", quiet=True, timeout_s=60)
+    toolenv.run_tool(["sh", "-c", "exit 0"], "tool", quiet=True, timeout_s=60)
+
+
+def test_a_setup_step_past_its_time_or_missing_is_a_setup_error(tmp_path) -> None:
+    with pytest.raises(toolenv.SetupError, match="probe took more than 0 s"):
+        toolenv.setup_step(["sleep", "5"], "probe", timeout_s=0.2)
+    with pytest.raises(toolenv.SetupError, match="probe: cannot run"):
+        toolenv.setup_step([str(tmp_path / "missing")], "probe")
