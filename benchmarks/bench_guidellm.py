@@ -53,11 +53,11 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from joulepool import toolenv
@@ -83,38 +83,11 @@ FIGURES: tuple[tuple[str, str, str, float], ...] = (
     ("latency p99 ms", "request_latency", "p99", 1e3),
 )
 LABELS = tuple(label for label, *_ in FIGURES)
-#: Set for every GuideLLM process: nothing may be fetched from a model hub.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 # --------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------
-def positive_rates(text: str) -> list[float]:
-    """``"5,20"`` -> [5.0, 20.0]: requests per second, each finite and > 0, no repeats.
-    argparse.ArgumentTypeError otherwise."""
-    try:
-        rates = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rates must be numbers separated by commas: "
-                                         f"{text!r}") from None
-    if not all(math.isfinite(r) and r > 0 for r in rates):
-        raise argparse.ArgumentTypeError(f"rates must be finite and > 0: {text!r}")
-    if len(set(rates)) != len(rates):
-        raise argparse.ArgumentTypeError(f"rates repeat: {text!r}")
-    return rates
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -135,6 +108,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _proxy_bench() -> ModuleType:
+    """``benchmarks/bench_proxy.py``: the engines, the router and the tool-neutral
+    pieces (argument types, medians, the side-by-side table) both tool benches share."""
+    from joulepool.bench import load_benchmark
+
+    return load_benchmark("proxy")
+
+
 def default_venv(guidellm_requirement: str = GUIDELLM_REQUIREMENT) -> Path:
     """GuideLLM's cached venv for this pin (:func:`joulepool.toolenv.default_venv`)."""
     return toolenv.default_venv("guidellm", guidellm_requirement)
@@ -142,6 +123,8 @@ def default_venv(guidellm_requirement: str = GUIDELLM_REQUIREMENT) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (module docstring); argparse exits 2 on a bad argument."""
+    shared = _proxy_bench()
+    positive_rates, positive_int = shared.positive_rates, shared.positive_int
     ap = argparse.ArgumentParser(prog="bench_guidellm",
                                  description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--rates", type=positive_rates, default=[5.0, 20.0],
@@ -153,12 +136,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=_fraction, default=0.1,
                     help="share of each benchmark's duration GuideLLM leaves out of its "
                          "figures at the start, in [0, 1) (default 0.1)")
-    ap.add_argument("--runs", type=_positive_int, default=1,
+    ap.add_argument("--runs", type=positive_int, default=1,
                     help="runs per target, alternating the targets' order (medians)")
-    ap.add_argument("--engines", type=_positive_int, default=2,
+    ap.add_argument("--engines", type=positive_int, default=2,
                     help="instant engines behind the proxy (direct: the first)")
-    ap.add_argument("--prompt-tokens", type=_positive_int, default=128)
-    ap.add_argument("--output-tokens", type=_positive_int, default=32,
+    ap.add_argument("--prompt-tokens", type=positive_int, default=128)
+    ap.add_argument("--output-tokens", type=positive_int, default=32,
                     help="tokens asked for; the instant engines stream that many chunks")
     ap.add_argument("--no-stream", dest="stream", action="store_false",
                     help="non-streaming requests (no TTFT or ITL then)")
@@ -230,7 +213,7 @@ def build_tokenizer(venv: Path, directory: Path) -> int:
         (directory / name).write_text(content)
     check = toolenv.setup_step([python, "-c", _CHECK_TOKENIZER, str(directory)],
                                "checking the local tokenizer",
-                               env={**os.environ, **OFFLINE_ENV})
+                               env={**os.environ, **toolenv.OFFLINE_ENV})
     if check.returncode != 0:
         raise SetupError(f"transformers cannot load the local tokenizer {directory}:\n"
                          f"{tail(check.stderr)}")
@@ -311,55 +294,6 @@ def read_figures(report: Mapping[str, Any]) -> dict[float, dict[str, Any]]:
     return out
 
 
-def median_figures(runs: Sequence[Mapping[float, Mapping[str, Any]]],
-                   labels: Sequence[str] = LABELS) -> dict[float, dict[str, Any]]:
-    """Per rate and figure (``labels``, default GuideLLM's), the median over ``runs``
-    (of :func:`read_figures`) of the values present (None when none is); request
-    counts (``completed``, ``errored``) summed."""
-    rates = sorted({rate for run in runs for rate in run})
-    out: dict[float, dict[str, Any]] = {}
-    for rate in rates:
-        rows = [run[rate] for run in runs if rate in run]
-        merged: dict[str, Any] = {}
-        for label in labels:
-            values = [row[label] for row in rows if row.get(label) is not None]
-            merged[label] = statistics.median(values) if values else None
-        for count in ("completed", "errored"):
-            merged[count] = sum(int(row.get(count, 0)) for row in rows)
-        out[rate] = merged
-    return out
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
-
-
-def comparison_table(direct: Mapping[float, Mapping[str, Any]],
-                     proxied: Mapping[float, Mapping[str, Any]],
-                     labels: Sequence[str] = LABELS) -> str:
-    """The figures (``labels``, default GuideLLM's) side by side, one line per rate and
-    figure: direct, proxy, proxy / direct (``-`` where either is missing or direct is
-    0), then each target's completed and errored requests."""
-    header = f"{'rate':>7}  {'figure':<15} {'direct':>10} {'proxy':>10} {'proxy/direct':>13}"
-    lines = [header, "-" * len(header)]
-    for rate in sorted(set(direct) | set(proxied)):
-        d, p = direct.get(rate, {}), proxied.get(rate, {})
-        for label in labels:
-            dv, pv = d.get(label), p.get(label)
-            ratio = "-" if dv is None or pv is None or dv == 0 else f"{pv / dv:.2f}x"
-            lines.append(f"{rate:>7g}  {label:<15} {_cell(dv):>10} {_cell(pv):>10} "
-                         f"{ratio:>13}")
-        lines.append(f"{rate:>7g}  {'requests':<15} {_requests(d):>10} {_requests(p):>10}")
-    return "\n".join(lines)
-
-
-def _requests(row: Mapping[str, Any]) -> str:
-    if not row:
-        return "-"
-    errored = int(row.get("errored", 0))
-    return f"{int(row.get('completed', 0))}" + (f" ({errored} err)" if errored else "")
-
-
 def run_guidellm(guidellm: Path, spec: dict[str, Any], workdir: Path, name: str,
                  quiet: bool, timeout_s: float) -> dict[float, dict[str, Any]]:
     """One ``guidellm run`` of ``spec`` (written to ``workdir/<name>.json``), its
@@ -383,9 +317,7 @@ def run_guidellm(guidellm: Path, spec: dict[str, Any], workdir: Path, name: str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from joulepool.bench import load_benchmark
-
-    proxy_bench = load_benchmark("proxy")
+    proxy_bench = _proxy_bench()
     load = os.getloadavg()[0]
     try:
         guidellm = ensure_guidellm(args.venv, args.python, [args.torch, args.guidellm])
@@ -412,14 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bench guidellm: {exc}", file=sys.stderr)
         return 1
-    direct, proxied = median_figures(runs["direct"]), median_figures(runs["proxy"])
+    direct = proxy_bench.median_figures(runs["direct"], LABELS)
+    proxied = proxy_bench.median_figures(runs["proxy"], LABELS)
     print(f"\nGuideLLM ({args.guidellm}) against the proxy and one engine directly: "
           f"{args.profile} rates {','.join(f'{r:g}' for r in args.rates)} req/s, "
           f"{args.seconds:g} s each, prompts {args.prompt_tokens} tokens, "
           f"{args.output_tokens} output tokens, {'streaming' if args.stream else 'not streaming'}, "
           f"{args.engines} instant engine(s), medians of {args.runs} run(s); load average "
           f"{load:.1f} at the start")
-    print(comparison_table(direct, proxied))
+    print(proxy_bench.comparison_table(direct, proxied, LABELS))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({

@@ -82,42 +82,32 @@ FIGURES: tuple[tuple[str, tuple[str, ...], float], ...] = (
     ("latency p99 ms", ("latency", "request_latency", "p99"), 1e3),
 )
 LABELS = tuple(label for label, *_ in FIGURES)
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 _STAGE_REPORT = re.compile(r"stage_(\d+)_lifecycle_metrics\.json")
 
 
 # --------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (module docstring); argparse exits 2 on a bad argument."""
-    rates = load_benchmark("guidellm").positive_rates
+    shared = load_benchmark("proxy")
+    positive_rates, positive_int = shared.positive_rates, shared.positive_int
     ap = argparse.ArgumentParser(prog="bench_inference_perf",
                                  description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--rates", type=rates, default=[5.0, 20.0],
+    ap.add_argument("--rates", type=positive_rates, default=[5.0, 20.0],
                     help="requests per second, one inference-perf stage each (default 5,20)")
     ap.add_argument("--profile", choices=("constant", "poisson"), default="constant",
                     help="arrivals at each rate: evenly spaced or Poisson")
-    ap.add_argument("--seconds", type=_positive_int, default=10,
+    ap.add_argument("--seconds", type=positive_int, default=10,
                     help="duration of each stage, whole seconds (inference-perf's unit)")
-    ap.add_argument("--runs", type=_positive_int, default=1,
+    ap.add_argument("--runs", type=positive_int, default=1,
                     help="runs per target, alternating the targets' order (medians)")
-    ap.add_argument("--engines", type=_positive_int, default=2,
+    ap.add_argument("--engines", type=positive_int, default=2,
                     help="instant engines behind the proxy (direct: the first)")
-    ap.add_argument("--prompt-tokens", type=_positive_int, default=128)
-    ap.add_argument("--output-tokens", type=_positive_int, default=32,
+    ap.add_argument("--prompt-tokens", type=positive_int, default=128)
+    ap.add_argument("--output-tokens", type=positive_int, default=32,
                     help="tokens asked for; the instant engines stream that many chunks")
-    ap.add_argument("--workers", type=_positive_int, default=1,
+    ap.add_argument("--workers", type=positive_int, default=1,
                     help="inference-perf's worker processes (default 1)")
     ap.add_argument("--no-stream", dest="stream", action="store_false",
                     help="non-streaming requests (no TTFT, ITL or TPOT then)")
@@ -201,7 +191,7 @@ def build_corpus_and_tokenizer(venv: Path, directory: Path, prompt_tokens: int
         (tokenizer / name).write_text(content)
     check = toolenv.setup_step([python, "-c", _CHECK_TOKENIZER, str(tokenizer), str(corpus),
                                 str(prompt_tokens)], "checking the local tokenizer",
-                               env={**os.environ, **OFFLINE_ENV})
+                               env={**os.environ, **toolenv.OFFLINE_ENV})
     if check.returncode != 0:
         raise SetupError(f"transformers cannot load the local tokenizer {tokenizer}:\n"
                          f"{tail(check.stderr)}")
@@ -309,7 +299,6 @@ def run_inference_perf(program: Path, cfg: dict[str, Any], workdir: Path, name: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    guidellm_bench = load_benchmark("guidellm")  # median_figures, comparison_table
     proxy_bench = load_benchmark("proxy")
     load = os.getloadavg()[0]
     try:
@@ -346,8 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bench inference_perf: {exc}", file=sys.stderr)
         return 1
-    direct = guidellm_bench.median_figures(runs["direct"], LABELS)
-    proxied = guidellm_bench.median_figures(runs["proxy"], LABELS)
+    direct = proxy_bench.median_figures(runs["direct"], LABELS)
+    proxied = proxy_bench.median_figures(runs["proxy"], LABELS)
     version = ".".join(map(str, toolenv.python_version(python, MIN_PYTHON, TOOL)))
     print(f"\ninference-perf ({args.requirement}, Python {version}) against the proxy "
           f"and one engine directly: {args.profile} rates "
@@ -356,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'streaming' if args.stream else 'not streaming'}, {args.workers} worker(s), "
           f"{args.engines} instant engine(s), medians of {args.runs} run(s); load average "
           f"{load:.1f} at the start")
-    print(guidellm_bench.comparison_table(direct, proxied, LABELS))
+    print(proxy_bench.comparison_table(direct, proxied, LABELS))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({

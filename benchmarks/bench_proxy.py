@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,84 @@ def start_router(ep_file: Path, src: Path | None, procs: list[subprocess.Popen[s
         "--scrape-interval-seconds", "0", "--file-poll-seconds", "0"], env)
     procs.append(router)
     return addr, router.pid
+
+
+# --------------------------------------------------------------------------
+# Shared by the published load generators' benches (bench guidellm, inference_perf)
+# --------------------------------------------------------------------------
+def positive_rates(text: str) -> list[float]:
+    """``"5,20"`` -> [5.0, 20.0]: requests per second, each finite and > 0, no repeats.
+    argparse.ArgumentTypeError otherwise."""
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rates must be numbers separated by commas: "
+                                         f"{text!r}") from None
+    if not all(math.isfinite(r) and r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be finite and > 0: {text!r}")
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"rates repeat: {text!r}")
+    return rates
+
+
+def positive_int(text: str) -> int:
+    """``text`` as an integer >= 1; argparse.ArgumentTypeError otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def median_figures(runs: Sequence[Mapping[float, Mapping[str, Any]]],
+                   labels: Sequence[str]) -> dict[float, dict[str, Any]]:
+    """Per rate and figure (``labels``), the median over ``runs`` (a load generator's
+    figures per rate, one mapping per run) of the values present (None when none is);
+    request counts (``completed``, ``errored``) summed."""
+    rates = sorted({rate for run in runs for rate in run})
+    out: dict[float, dict[str, Any]] = {}
+    for rate in rates:
+        rows = [run[rate] for run in runs if rate in run]
+        merged: dict[str, Any] = {}
+        for label in labels:
+            values = [row[label] for row in rows if row.get(label) is not None]
+            merged[label] = statistics.median(values) if values else None
+        for count in ("completed", "errored"):
+            merged[count] = sum(int(row.get(count, 0)) for row in rows)
+        out[rate] = merged
+    return out
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+
+
+def comparison_table(direct: Mapping[float, Mapping[str, Any]],
+                     proxied: Mapping[float, Mapping[str, Any]],
+                     labels: Sequence[str]) -> str:
+    """The figures (``labels``) side by side, one line per rate and
+    figure: direct, proxy, proxy / direct (``-`` where either is missing or direct is
+    0), then each target's completed and errored requests."""
+    header = f"{'rate':>7}  {'figure':<15} {'direct':>10} {'proxy':>10} {'proxy/direct':>13}"
+    lines = [header, "-" * len(header)]
+    for rate in sorted(set(direct) | set(proxied)):
+        d, p = direct.get(rate, {}), proxied.get(rate, {})
+        for label in labels:
+            dv, pv = d.get(label), p.get(label)
+            ratio = "-" if dv is None or pv is None or dv == 0 else f"{pv / dv:.2f}x"
+            lines.append(f"{rate:>7g}  {label:<15} {_cell(dv):>10} {_cell(pv):>10} "
+                         f"{ratio:>13}")
+        lines.append(f"{rate:>7g}  {'requests':<15} {_requests(d):>10} {_requests(p):>10}")
+    return "\n".join(lines)
+
+
+def _requests(row: Mapping[str, Any]) -> str:
+    if not row:
+        return "-"
+    errored = int(row.get("errored", 0))
+    return f"{int(row.get('completed', 0))}" + (f" ({errored} err)" if errored else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -131,37 +131,6 @@ def test_a_missing_figure_is_none_and_an_empty_report_an_error(bench) -> None:
         bench.read_figures({"benchmarks": []})
 
 
-def _row(bench, value: float | None, completed: int = 10, errored: int = 0) -> dict:
-    row = {label: value for label, *_ in bench.FIGURES}
-    row.update(completed=completed, errored=errored)
-    return row
-
-
-def test_medians_over_runs_skip_missing_values_and_sum_requests(bench) -> None:
-    runs = [{5.0: _row(bench, 1.0)}, {5.0: _row(bench, 9.0, errored=1)},
-            {5.0: _row(bench, 2.0)}, {20.0: _row(bench, None)}]
-    merged = bench.median_figures(runs)
-    assert merged[5.0]["req/s"] == 2.0
-    assert merged[5.0]["completed"] == 30 and merged[5.0]["errored"] == 1
-    assert merged[20.0]["TTFT p50 ms"] is None
-
-
-def test_table_gives_the_ratio_proxy_over_direct(bench) -> None:
-    direct = {5.0: _row(bench, 2.0)}
-    proxied = {5.0: _row(bench, 3.0, errored=2)}
-    proxied[5.0]["ITL p50 ms"] = None
-    direct[5.0]["TTFT p99 ms"] = 0.0
-    lines = bench.comparison_table(direct, proxied).splitlines()
-    latency = next(line for line in lines if "latency p50 ms" in line)
-    assert latency.split()[-3:] == ["2", "3", "1.50x"]
-    itl = next(line for line in lines if "ITL p50 ms" in line)
-    assert itl.split()[-2:] == ["-", "-"]
-    ttft = next(line for line in lines if "TTFT p99 ms" in line)
-    assert ttft.split()[-1] == "-"  # direct 0: no ratio
-    requests = next(line for line in lines if "requests" in line)
-    assert "10 (2 err)" in requests
-
-
 # --------------------------------------------------------------------------
 # Setting GuideLLM up
 # --------------------------------------------------------------------------

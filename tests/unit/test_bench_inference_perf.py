@@ -137,10 +137,10 @@ def test_table_puts_proxy_beside_direct_with_the_ratio(bench, tmp_path) -> None:
     stage["successes"]["latency"]["time_to_first_token"]["median"] /= 2
     (tmp_path / "direct" / "stage_0_lifecycle_metrics.json").write_text(json.dumps(stage))
     direct = bench.read_reports(tmp_path / "direct")
-    guidellm = load_benchmark("guidellm")
-    table = guidellm.comparison_table(guidellm.median_figures([direct], bench.LABELS),
-                                      guidellm.median_figures([proxied], bench.LABELS),
-                                      bench.LABELS)
+    shared = load_benchmark("proxy")
+    table = shared.comparison_table(shared.median_figures([direct], bench.LABELS),
+                                    shared.median_figures([proxied], bench.LABELS),
+                                    bench.LABELS)
     ttft = next(line for line in table.splitlines()
                 if line.split()[:3] == ["5", "TTFT", "p50"])
     assert ttft.endswith("2.00x")
