@@ -101,23 +101,20 @@ def test_scenario_names_the_target_rates_tokenizer_and_report(bench, tmp_path) -
 
 
 def test_figures_read_from_a_real_guidellm_report(bench) -> None:
-    report = json.loads(REPORT.read_text())
-    figures = bench.read_figures(report)
-    for bench_report in report["benchmarks"]:
-        rate = bench_report["config"]["strategy"]["rate"]
-        metrics = bench_report["metrics"]
-        row = figures[rate]
-        assert row["req/s"] == metrics["requests_per_second"]["successful"]["mean"]
-        assert row["TTFT p99 ms"] == \
-            metrics["time_to_first_token_ms"]["successful"]["percentiles"]["p99"]
-        assert row["ITL p50 ms"] == \
-            metrics["inter_token_latency_ms"]["successful"]["percentiles"]["p50"]
-        # GuideLLM reports request latency in seconds; the table in ms
-        assert row["latency p50 ms"] == pytest.approx(
-            1e3 * metrics["request_latency"]["successful"]["percentiles"]["p50"])
-        assert row["completed"] == metrics["request_totals"]["successful"] > 0
-    assert sorted(figures) == sorted(b["config"]["strategy"]["rate"]
-                                     for b in report["benchmarks"])
+    """The values are the trimmed 0.8.1 report's own (rates 5 and 10), so a figure read
+    from the wrong key or statistic, or scaled wrongly, fails."""
+    figures = bench.read_figures(json.loads(REPORT.read_text()))
+    assert sorted(figures) == [5.0, 10.0]
+    five, ten = figures[5.0], figures[10.0]
+    assert five["req/s"] == 5.125 and ten["req/s"] == 10.125  # mean, not median
+    assert five["TTFT p99 ms"] == pytest.approx(22.478342056274414)
+    assert ten["TTFT p99 ms"] == pytest.approx(15.889167785644531)
+    assert five["ITL p50 ms"] == pytest.approx(0.013166858303931451)
+    # GuideLLM reports request latency in seconds; the table in ms
+    assert five["latency p50 ms"] == pytest.approx(5.0814151763916016)
+    assert ten["latency p50 ms"] == pytest.approx(5.435943603515625)
+    assert (five["completed"], five["errored"]) == (41, 0)
+    assert (ten["completed"], ten["errored"]) == (81, 0)
 
 
 def test_a_missing_figure_is_none_and_an_empty_report_an_error(bench) -> None:

@@ -100,17 +100,21 @@ def test_config_names_the_target_stages_prompts_tokenizer_and_reports(bench, tmp
 # Reports and figures
 # --------------------------------------------------------------------------
 def test_figures_read_from_real_inference_perf_stage_reports(bench) -> None:
+    """The values are the stage reports' own (a 0.7.0 run at 5 and 20 req/s), so a
+    figure read from the wrong key or statistic, or not scaled to ms, fails."""
     figures = bench.read_reports(REPORTS)
     assert sorted(figures) == [5.0, 20.0]
-    stage0 = json.loads((REPORTS / "stage_0_lifecycle_metrics.json").read_text())
-    row = figures[5.0]
-    assert row["completed"] == stage0["successes"]["count"] == 50 and row["errored"] == 0
-    latency = stage0["successes"]["latency"]
-    assert row["TTFT p50 ms"] == pytest.approx(latency["time_to_first_token"]["median"] * 1e3)
-    assert row["latency p99 ms"] == pytest.approx(latency["request_latency"]["p99"] * 1e3)
-    assert row["req/s"] == pytest.approx(stage0["successes"]["throughput"]["requests_per_sec"])
-    assert figures[20.0]["completed"] == 200
-    assert set(row) == set(bench.LABELS) | {"completed", "errored"}
+    five, twenty = figures[5.0], figures[20.0]
+    assert (five["completed"], five["errored"]) == (50, 0)
+    assert (twenty["completed"], twenty["errored"]) == (200, 0)
+    assert five["req/s"] == pytest.approx(5.396447000016775)
+    assert twenty["req/s"] == pytest.approx(19.992794710745798)
+    assert five["TTFT p50 ms"] == pytest.approx(2.883240000301157)
+    assert five["latency p99 ms"] == pytest.approx(15.201109350036834)
+    assert twenty["latency p99 ms"] == pytest.approx(103.67113631949901)
+    assert five["ITL p99 ms"] == pytest.approx(0.1457193497481057)
+    assert five["TPOT p50 ms"] == pytest.approx(0.005676209653874168)
+    assert set(five) == set(bench.LABELS) | {"completed", "errored"}
 
 
 def test_a_missing_figure_is_none_and_a_folder_without_stages_an_error(bench,
