@@ -326,8 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 figures = run_inference_perf(program, cfg, work, label, args.quiet,
                                              toolenv.run_timeout_s(len(args.rates),
                                                                    args.seconds + 1))
-                if args.reports:
-                    shutil.copytree(reports, args.reports / label, dirs_exist_ok=True)
+                if args.reports:  # this run's reports only, none of an earlier run's
+                    shutil.rmtree(args.reports / label, ignore_errors=True)
+                    shutil.copytree(reports, args.reports / label)
                 return figures
 
             runs = proxy_bench.proxy_and_direct(args.engines, args.output_tokens, work,
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     direct = proxy_bench.median_figures(runs["direct"], LABELS)
     proxied = proxy_bench.median_figures(runs["proxy"], LABELS)
-    version = ".".join(map(str, toolenv.python_version(python, MIN_PYTHON, TOOL)))
+    version = toolenv.recorded_python(args.venv)
     print(f"\ninference-perf ({args.requirement}, Python {version}) against the proxy "
           f"and one engine directly: {args.profile} rates "
           f"{','.join(f'{r:g}' for r in args.rates)} req/s, {args.seconds} s each, prompts "

@@ -230,6 +230,17 @@ def ensure_venv(venv: Path, python: str, requirements: Sequence[str], executable
     return program
 
 
+def recorded_python(venv: Path) -> str:
+    """The Python version (``X.Y``) :func:`ensure_venv` recorded in ``venv``'s
+    :data:`MARKER` when it made it; ``unknown`` when there is no such record."""
+    try:
+        lines = (venv / MARKER).read_text().splitlines()
+    except OSError:
+        return "unknown"
+    versions = [line.removeprefix("python ") for line in lines if line.startswith("python ")]
+    return versions[-1] if versions else "unknown"
+
+
 def _runs(venv: Path) -> bool:
     """Whether ``venv``'s own ``bin/python`` starts (it does not when the interpreter it
     was made from is gone)."""

@@ -146,6 +146,8 @@ def test_our_venv_with_other_requirements_is_rebuilt_and_the_same_reused(monkeyp
     assert toolenv.ensure_venv(venv, sys.executable, ["tool==1"], "tool", "tool",
                                (3, 0)) == program
     assert calls == [] and "reusing" in capsys.readouterr().out
+    assert toolenv.recorded_python(venv) == f"{major}.{minor}"
+    assert toolenv.recorded_python(tmp_path / "none") == "unknown"
 
 
 def test_our_venv_whose_python_no_longer_runs_is_rebuilt(monkeypatch, tmp_path) -> None:
