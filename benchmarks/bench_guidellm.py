@@ -124,27 +124,14 @@ def default_venv(guidellm_requirement: str = GUIDELLM_REQUIREMENT) -> Path:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (module docstring); argparse exits 2 on a bad argument."""
     shared = _proxy_bench()
-    positive_rates, positive_int = shared.positive_rates, shared.positive_int
     ap = argparse.ArgumentParser(prog="bench_guidellm",
                                  description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--rates", type=positive_rates, default=[5.0, 20.0],
-                    help="requests per second, one GuideLLM benchmark each (default 5,20)")
-    ap.add_argument("--profile", choices=("constant", "poisson"), default="constant",
-                    help="arrivals at each rate: evenly spaced or Poisson")
+    shared.load_generator_arguments(ap, "GuideLLM", "GuideLLM benchmark")
     ap.add_argument("--seconds", type=_positive_float, default=10.0,
                     help="duration of each rate's benchmark")
     ap.add_argument("--warmup", type=_fraction, default=0.1,
                     help="share of each benchmark's duration GuideLLM leaves out of its "
                          "figures at the start, in [0, 1) (default 0.1)")
-    ap.add_argument("--runs", type=positive_int, default=1,
-                    help="runs per target, alternating the targets' order (medians)")
-    ap.add_argument("--engines", type=positive_int, default=2,
-                    help="instant engines behind the proxy (direct: the first)")
-    ap.add_argument("--prompt-tokens", type=positive_int, default=128)
-    ap.add_argument("--output-tokens", type=positive_int, default=32,
-                    help="tokens asked for; the instant engines stream that many chunks")
-    ap.add_argument("--no-stream", dest="stream", action="store_false",
-                    help="non-streaming requests (no TTFT or ITL then)")
     ap.add_argument("--venv", type=Path, default=None,
                     help="GuideLLM's virtual environment (default: under ~/.cache/joulepool)")
     ap.add_argument("--python", default=sys.executable,
@@ -154,8 +141,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--torch", default=TORCH_REQUIREMENT,
                     help=f"pip requirement for torch, installed with it (default "
                          f"{TORCH_REQUIREMENT})")
-    ap.add_argument("--quiet", action="store_true", help="hide GuideLLM's console output")
-    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     if args.venv is None:
         try:

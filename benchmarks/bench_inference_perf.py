@@ -91,26 +91,14 @@ _STAGE_REPORT = re.compile(r"stage_(\d+)_lifecycle_metrics\.json")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (module docstring); argparse exits 2 on a bad argument."""
     shared = load_benchmark("proxy")
-    positive_rates, positive_int = shared.positive_rates, shared.positive_int
+    positive_int = shared.positive_int
     ap = argparse.ArgumentParser(prog="bench_inference_perf",
                                  description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--rates", type=positive_rates, default=[5.0, 20.0],
-                    help="requests per second, one inference-perf stage each (default 5,20)")
-    ap.add_argument("--profile", choices=("constant", "poisson"), default="constant",
-                    help="arrivals at each rate: evenly spaced or Poisson")
+    shared.load_generator_arguments(ap, TOOL, "inference-perf stage")
     ap.add_argument("--seconds", type=positive_int, default=10,
                     help="duration of each stage, whole seconds (inference-perf's unit)")
-    ap.add_argument("--runs", type=positive_int, default=1,
-                    help="runs per target, alternating the targets' order (medians)")
-    ap.add_argument("--engines", type=positive_int, default=2,
-                    help="instant engines behind the proxy (direct: the first)")
-    ap.add_argument("--prompt-tokens", type=positive_int, default=128)
-    ap.add_argument("--output-tokens", type=positive_int, default=32,
-                    help="tokens asked for; the instant engines stream that many chunks")
     ap.add_argument("--workers", type=positive_int, default=1,
                     help="inference-perf's worker processes (default 1)")
-    ap.add_argument("--no-stream", dest="stream", action="store_false",
-                    help="non-streaming requests (no TTFT, ITL or TPOT then)")
     ap.add_argument("--venv", type=Path, default=None,
                     help="inference-perf's virtual environment (default: under "
                          "~/.cache/joulepool)")
@@ -119,11 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--inference-perf", dest="requirement",
                     default=INFERENCE_PERF_REQUIREMENT,
                     help=f"pip requirement (default {INFERENCE_PERF_REQUIREMENT})")
-    ap.add_argument("--quiet", action="store_true",
-                    help="hide inference-perf's console output")
     ap.add_argument("--reports", type=Path, default=None,
                     help="keep inference-perf's report folders here (one per run)")
-    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = ap.parse_args(argv)
     if args.venv is None:
         try:

@@ -353,6 +353,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def load_generator_arguments(ap: argparse.ArgumentParser, tool: str, stage: str) -> None:
+    """The options every published load generator's bench takes, added to ``ap``:
+    ``--rates`` (one ``stage`` each), ``--profile``, ``--runs``, ``--engines``,
+    ``--prompt-tokens``, ``--output-tokens``, ``--no-stream``, ``--quiet`` (hide
+    ``tool``'s console output) and ``--out``. Each bench adds its own after them."""
+    ap.add_argument("--rates", type=positive_rates, default=[5.0, 20.0],
+                    help=f"requests per second, one {stage} each (default 5,20)")
+    ap.add_argument("--profile", choices=("constant", "poisson"), default="constant",
+                    help="arrivals at each rate: evenly spaced or Poisson")
+    ap.add_argument("--runs", type=positive_int, default=1,
+                    help="runs per target, alternating the targets' order (medians)")
+    ap.add_argument("--engines", type=positive_int, default=2,
+                    help="instant engines behind the proxy (direct: the first)")
+    ap.add_argument("--prompt-tokens", type=positive_int, default=128)
+    ap.add_argument("--output-tokens", type=positive_int, default=32,
+                    help="tokens asked for; the instant engines stream that many chunks")
+    ap.add_argument("--no-stream", dest="stream", action="store_false",
+                    help="non-streaming requests (no time to first token or between "
+                         "tokens then)")
+    ap.add_argument("--quiet", action="store_true", help=f"hide {tool}'s console output")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+
+
 def median_figures(runs: Sequence[Mapping[float, Mapping[str, Any]]],
                    labels: Sequence[str]) -> dict[float, dict[str, Any]]:
     """Per rate and figure (``labels``), the median over ``runs`` (a load generator's
