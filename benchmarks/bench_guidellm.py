@@ -52,7 +52,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -329,34 +328,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bench guidellm: {exc}", file=sys.stderr)
         return 1
-    direct = proxy_bench.median_figures(runs["direct"], LABELS)
-    proxied = proxy_bench.median_figures(runs["proxy"], LABELS)
-    print(f"\nGuideLLM ({args.guidellm}) against the proxy and one engine directly: "
-          f"{args.profile} rates {','.join(f'{r:g}' for r in args.rates)} req/s, "
-          f"{args.seconds:g} s each, prompts {args.prompt_tokens} tokens, "
-          f"{args.output_tokens} output tokens, {'streaming' if args.stream else 'not streaming'}, "
-          f"{args.engines} instant engine(s), medians of {args.runs} run(s); load average "
-          f"{load:.1f} at the start")
-    print(proxy_bench.comparison_table(direct, proxied, LABELS))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "load_average": load},
-            "guidellm": args.guidellm, "profile": args.profile, "rates": args.rates,
-            "seconds": args.seconds, "runs": args.runs, "stream": args.stream,
-            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-            "direct": {f"{r:g}": v for r, v in direct.items()},
-            "proxy": {f"{r:g}": v for r, v in proxied.items()},
-            "each_run": {name: [{f"{r:g}": v for r, v in run.items()} for run in side]
-                         for name, side in runs.items()},
-        }, indent=2))
-    errored = sum(row["errored"] for side in (direct, proxied) for row in side.values())
-    if errored:
-        print(f"bench guidellm: {errored} request(s) failed (see GuideLLM's output)",
-              file=sys.stderr)
-        return 1
-    return 0
+    headline = (f"GuideLLM ({args.guidellm}) against the proxy and one engine directly: "
+                f"{args.profile} rates {','.join(f'{r:g}' for r in args.rates)} req/s, "
+                f"{args.seconds:g} s each, prompts {args.prompt_tokens} tokens, "
+                f"{args.output_tokens} output tokens, "
+                f"{'streaming' if args.stream else 'not streaming'}, {args.engines} instant "
+                f"engine(s), medians of {args.runs} run(s); load average {load:.1f} at the "
+                f"start")
+    settings = {"guidellm": args.guidellm, "profile": args.profile, "rates": args.rates,
+                "seconds": args.seconds, "runs": args.runs, "stream": args.stream,
+                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens}
+    return int(proxy_bench.report_side_by_side(runs, LABELS, "guidellm", headline,
+                                               settings, args.out, load))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import sys
@@ -321,37 +320,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bench inference_perf: {exc}", file=sys.stderr)
         return 1
-    direct = proxy_bench.median_figures(runs["direct"], LABELS)
-    proxied = proxy_bench.median_figures(runs["proxy"], LABELS)
     version = toolenv.recorded_python(args.venv)
-    print(f"\ninference-perf ({args.requirement}, Python {version}) against the proxy "
-          f"and one engine directly: {args.profile} rates "
-          f"{','.join(f'{r:g}' for r in args.rates)} req/s, {args.seconds} s each, prompts "
-          f"{args.prompt_tokens} tokens, {args.output_tokens} output tokens, "
-          f"{'streaming' if args.stream else 'not streaming'}, {args.workers} worker(s), "
-          f"{args.engines} instant engine(s), medians of {args.runs} run(s); load average "
-          f"{load:.1f} at the start")
-    print(proxy_bench.comparison_table(direct, proxied, LABELS))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "load_average": load},
-            "inference_perf": args.requirement, "profile": args.profile,
-            "rates": args.rates, "seconds": args.seconds, "runs": args.runs,
-            "stream": args.stream, "workers": args.workers,
-            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-            "direct": {f"{r:g}": v for r, v in direct.items()},
-            "proxy": {f"{r:g}": v for r, v in proxied.items()},
-            "each_run": {name: [{f"{r:g}": v for r, v in run.items()} for run in side]
-                         for name, side in runs.items()},
-        }, indent=2))
-    errored = sum(row["errored"] for side in (direct, proxied) for row in side.values())
-    if errored:
-        print(f"bench inference_perf: {errored} request(s) failed (see inference-perf's "
-              f"output)", file=sys.stderr)
-        return 1
-    return 0
+    headline = (f"inference-perf ({args.requirement}, Python {version}) against the proxy "
+                f"and one engine directly: {args.profile} rates "
+                f"{','.join(f'{r:g}' for r in args.rates)} req/s, {args.seconds} s each, "
+                f"prompts {args.prompt_tokens} tokens, {args.output_tokens} output tokens, "
+                f"{'streaming' if args.stream else 'not streaming'}, {args.workers} "
+                f"worker(s), {args.engines} instant engine(s), medians of {args.runs} "
+                f"run(s); load average {load:.1f} at the start")
+    settings = {"inference_perf": args.requirement, "profile": args.profile,
+                "rates": args.rates, "seconds": args.seconds, "runs": args.runs,
+                "stream": args.stream, "workers": args.workers,
+                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens}
+    return int(proxy_bench.report_side_by_side(runs, LABELS, "inference_perf", headline, settings,
+                                               args.out, load))
 
 
 if __name__ == "__main__":

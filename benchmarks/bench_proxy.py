@@ -418,6 +418,37 @@ def comparison_table(direct: Mapping[float, Mapping[str, Any]],
     return "\n".join(lines)
 
 
+def report_side_by_side(runs: Mapping[str, Sequence[Mapping[float, Mapping[str, Any]]]],
+                        labels: Sequence[str], bench: str, headline: str,
+                        settings: Mapping[str, Any], out: Path | None, load: float) -> int:
+    """Print and keep a load generator's figures, proxy against direct: ``runs`` as
+    :func:`proxy_and_direct` returns them, reduced to medians (:func:`median_figures`),
+    printed after ``headline`` as :func:`comparison_table`; with ``out``, written as
+    JSON (the machine, ``settings``, both targets' medians and every run). Exit code:
+    1 when any request errored (the message names ``joulepool bench <bench>``), else 0."""
+    direct = median_figures(runs["direct"], labels)
+    proxied = median_figures(runs["proxy"], labels)
+    print(f"\n{headline}")
+    print(comparison_table(direct, proxied, labels))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_average": load},
+            **settings,
+            "direct": {f"{r:g}": v for r, v in direct.items()},
+            "proxy": {f"{r:g}": v for r, v in proxied.items()},
+            "each_run": {name: [{f"{r:g}": v for r, v in run.items()} for run in side]
+                         for name, side in runs.items()},
+        }, indent=2))
+    errored = sum(row["errored"] for side in (direct, proxied) for row in side.values())
+    if errored:
+        print(f"bench {bench}: {errored} request(s) failed (see the load generator's "
+              f"output above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _requests(row: Mapping[str, Any]) -> str:
     if not row:
         return "-"

@@ -92,3 +92,24 @@ def test_table_gives_the_ratio_proxy_over_direct(bench) -> None:
     assert ttft.split()[-1] == "-"  # direct 0: no ratio
     requests = next(line for line in lines if "requests" in line)
     assert "10 (2 err)" in requests
+
+
+def test_the_report_keeps_settings_medians_and_every_run_and_fails_on_errors(
+        bench, tmp_path, capsys) -> None:
+    import json
+
+    runs = {"direct": [{5.0: _row(bench, 2.0)}, {5.0: _row(bench, 4.0)}],
+            "proxy": [{5.0: _row(bench, 3.0)}, {5.0: _row(bench, 5.0, errored=1)}]}
+    out = tmp_path / "figures" / "run.json"
+    rc = bench.report_side_by_side(runs, LABELS, "guidellm", "the headline",
+                                   {"rates": [5.0]}, out, 1.5)
+    assert rc == 1  # one proxied request errored
+    printed = capsys.readouterr()
+    assert "the headline" in printed.out and "1.33x" in printed.out  # medians 3 and 4
+    assert "bench guidellm: 1 request(s) failed" in printed.err
+    kept = json.loads(out.read_text())
+    assert kept["rates"] == [5.0] and kept["machine"]["load_average"] == 1.5
+    assert kept["direct"]["5"]["req/s"] == 3.0 and kept["proxy"]["5"]["req/s"] == 4.0
+    assert len(kept["each_run"]["proxy"]) == 2
+    runs["proxy"][1][5.0]["errored"] = 0
+    assert bench.report_side_by_side(runs, LABELS, "guidellm", "h", {}, None, 0.0) == 0
